@@ -1,0 +1,318 @@
+//! `#[repr(C)]` types and constants shared by the segbpf eBPF programs and
+//! userspace: map keys and values, the configuration record, the list of
+//! verdict reasons (one list for kernel and CLI) and map names/sizes.
+//!
+//! Every type is plain old data (`bytemuck::Pod`) with explicit padding and a
+//! compile-time size check, so both sides agree on the byte layout. Fields in
+//! network byte order carry a `_be` suffix. The `user` feature adds
+//! `aya::Pod` so userspace can use the types with aya's typed maps.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+// ---------------------------------------------------------------------------
+// Map names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1).
+// ---------------------------------------------------------------------------
+
+/// LPM trie: IPv4 peer address -> [`PeerClass`].
+pub const MAP_PEER_V4: &str = "SEG_PEER_V4";
+/// LPM trie: IPv6 peer address -> [`PeerClass`].
+pub const MAP_PEER_V6: &str = "SEG_PEER_V6";
+/// LPM trie: (class, protocol, destination port prefix) -> [`RuleRef`].
+pub const MAP_PORTS: &str = "SEG_PORTS";
+/// Array, one entry: [`Config`] (defaults and active slot).
+pub const MAP_CONFIG: &str = "SEG_CONFIG";
+/// Per-CPU array of u64 packet counters indexed by [`reason`] code.
+pub const MAP_STATS: &str = "SEG_STATS";
+/// Array, one entry: [`TraceResult`] written only by a dry-run (trace) instance.
+pub const MAP_TRACE: &str = "SEG_TRACE";
+
+/// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
+pub const PINNED_MAPS: [&str; 5] = [MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_CONFIG, MAP_STATS];
+
+/// Name of the XDP program in the object file.
+pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
+/// Name of the read-only global that turns an instance into a dry run.
+pub const GLOBAL_DRY_RUN: &str = "SEGBPF_DRY_RUN";
+
+// ---------------------------------------------------------------------------
+// Default capacities. The LPM tries are created with BPF_F_NO_PREALLOC, so a
+// large max_entries costs no memory until entries are inserted.
+// ---------------------------------------------------------------------------
+
+/// Default capacity of each peer trie (both directions and both slots share it).
+pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
+/// Default capacity of the port trie.
+pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
+/// Number of counters in `SEG_STATS` (one per reason code).
+pub const STATS_LEN: u32 = 64;
+/// Largest number of rules per direction the compiler accepts.
+pub const MAX_RULES_PER_DIRECTION: usize = 4096;
+
+// ---------------------------------------------------------------------------
+// Directions, actions, protocols.
+// ---------------------------------------------------------------------------
+
+/// Direction byte in keys: traffic entering the host (peer = source address).
+pub const DIR_INGRESS: u8 = 0;
+/// Direction byte in keys: traffic leaving the host (peer = destination address).
+pub const DIR_EGRESS: u8 = 1;
+
+/// Default action: drop.
+pub const ACTION_DROP: u8 = 0;
+/// Default action: allow.
+pub const ACTION_ALLOW: u8 = 1;
+
+/// IP protocol numbers the datapath understands.
+pub const IPPROTO_ICMP: u8 = 1;
+/// TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Rule id meaning "no rule" in [`TraceResult`].
+pub const NO_RULE: u32 = u32::MAX;
+
+// ---------------------------------------------------------------------------
+// Verdict reasons: one shared list. Codes below `REASON_FIRST_DROP` pass.
+// ---------------------------------------------------------------------------
+
+/// Reason codes: why a packet passed or was dropped. They index `SEG_STATS`.
+pub mod reason {
+    /// Allowed by a policy rule.
+    pub const PASS_RULE: u8 = 0;
+    /// No rule matched and the direction's default is allow.
+    pub const PASS_DEFAULT: u8 = 1;
+    /// ARP: always allowed.
+    pub const PASS_ARP: u8 = 2;
+    /// IPv6 neighbour discovery / router advertisement / MLD: always allowed.
+    pub const PASS_ND: u8 = 3;
+    /// ICMP echo or error allowed by `defaults.icmp`.
+    pub const PASS_ICMP: u8 = 4;
+
+    /// First drop reason; every code from here on drops.
+    pub const FIRST_DROP: u8 = 16;
+    /// No rule matched and the direction's default is drop.
+    pub const DROP_DEFAULT: u8 = 16;
+    /// Frame shorter than an Ethernet header or a VLAN tag.
+    pub const DROP_TRUNC_ETH: u8 = 17;
+    /// More than two VLAN tags.
+    pub const DROP_VLAN_DEPTH: u8 = 18;
+    /// EtherType that is neither IPv4, IPv6 nor ARP.
+    pub const DROP_ETHERTYPE: u8 = 19;
+    /// IP header shorter than its minimum, or total/payload length beyond the frame.
+    pub const DROP_TRUNC_IP: u8 = 20;
+    /// Malformed IPv4 header: wrong version, IHL < 5, total length < IHL.
+    pub const DROP_BAD_IPV4: u8 = 21;
+    /// Malformed IPv6 header: wrong version.
+    pub const DROP_BAD_IPV6: u8 = 22;
+    /// IPv6 extension header chain truncated or longer than the parser's bound.
+    pub const DROP_IPV6_EXT: u8 = 23;
+    /// Non-first fragment (fragment tracking is not enabled).
+    pub const DROP_FRAGMENT: u8 = 24;
+    /// Transport header truncated.
+    pub const DROP_TRUNC_L4: u8 = 25;
+    /// Malformed transport header: TCP data offset < 5, UDP length < 8.
+    pub const DROP_BAD_L4: u8 = 26;
+    /// Malformed ARP (truncated).
+    pub const DROP_BAD_ARP: u8 = 27;
+
+    /// Number of codes in use (for iteration in userspace).
+    pub const ALL: [u8; 17] = [
+        PASS_RULE,
+        PASS_DEFAULT,
+        PASS_ARP,
+        PASS_ND,
+        PASS_ICMP,
+        DROP_DEFAULT,
+        DROP_TRUNC_ETH,
+        DROP_VLAN_DEPTH,
+        DROP_ETHERTYPE,
+        DROP_TRUNC_IP,
+        DROP_BAD_IPV4,
+        DROP_BAD_IPV6,
+        DROP_IPV6_EXT,
+        DROP_FRAGMENT,
+        DROP_TRUNC_L4,
+        DROP_BAD_L4,
+        DROP_BAD_ARP,
+    ];
+
+    /// Whether a packet with this reason is passed.
+    pub const fn passes(code: u8) -> bool {
+        code < FIRST_DROP
+    }
+
+    /// Stable machine name of a reason (used in CLI and JSON output).
+    pub const fn name(code: u8) -> &'static str {
+        match code {
+            PASS_RULE => "rule",
+            PASS_DEFAULT => "default-allow",
+            PASS_ARP => "arp",
+            PASS_ND => "ipv6-nd",
+            PASS_ICMP => "icmp-default",
+            DROP_DEFAULT => "default-drop",
+            DROP_TRUNC_ETH => "truncated-ethernet",
+            DROP_VLAN_DEPTH => "vlan-too-deep",
+            DROP_ETHERTYPE => "unsupported-ethertype",
+            DROP_TRUNC_IP => "truncated-ip",
+            DROP_BAD_IPV4 => "malformed-ipv4",
+            DROP_BAD_IPV6 => "malformed-ipv6",
+            DROP_IPV6_EXT => "ipv6-ext-chain",
+            DROP_FRAGMENT => "fragment",
+            DROP_TRUNC_L4 => "truncated-l4",
+            DROP_BAD_L4 => "malformed-l4",
+            DROP_BAD_ARP => "malformed-arp",
+            _ => "unknown",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Map keys and values.
+// ---------------------------------------------------------------------------
+
+/// Data part of an IPv4 peer-trie key (the kernel's LPM key is
+/// `{ prefixlen: u32, data }`). Bytes are matched in order, so `slot` and
+/// `dir` are always fully covered by the prefix: prefixlen = 16 + CIDR length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PeerKeyV4 {
+    /// Policy slot (double buffer index, see [`Config::active_slot`]).
+    pub slot: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+    /// Peer address, network order.
+    pub addr_be: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PeerKeyV4>() == 6);
+
+/// Data part of an IPv6 peer-trie key; prefixlen = 16 + CIDR length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PeerKeyV6 {
+    /// Policy slot.
+    pub slot: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+    /// Peer address, network order.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PeerKeyV6>() == 18);
+
+/// Bits of the peer keys before the address.
+pub const PEER_KEY_HEADER_BITS: u32 = 16;
+
+/// Value of the peer tries: the address class (the set of rules whose peer
+/// list contains the address, numbered by the compiler).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PeerClass {
+    /// Class id (unique across directions within one compiled policy).
+    pub class_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerClass>() == 4);
+
+/// Data part of a port-trie key: prefixlen = 8 + 32 + 8 + port prefix
+/// length (0..=16). Protocols without ports use `port_be = 0` with a port
+/// prefix of 0; a rule with `proto = "any"` is stored with prefixlen 40
+/// (class only), so it matches every protocol and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PortKey {
+    /// Policy slot.
+    pub slot: u8,
+    /// Class id, network order (so LPM bits follow its significance).
+    pub class_be: [u8; 4],
+    /// IP protocol number.
+    pub proto: u8,
+    /// Destination port, network order (0 for protocols without ports).
+    pub port_be: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+
+/// Bits of a port key up to and including the class.
+pub const PORT_KEY_CLASS_BITS: u32 = 40;
+/// Bits of a port key up to and including the protocol.
+pub const PORT_KEY_PROTO_BITS: u32 = 48;
+
+/// Value of the port trie: the rule that allows this (class, proto, port).
+/// When several rules match, the compiler stores the lowest rule id, so
+/// kernel and reference evaluator attribute a packet to the same rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RuleRef {
+    /// Rule id (index into the compiled rule table).
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleRef>() == 4);
+
+/// Configuration record (`SEG_CONFIG[0]`), written by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Config {
+    /// Policy generation (increases with every applied policy).
+    pub generation: u64,
+    /// Default for ingress when no rule matches: [`ACTION_DROP`] or [`ACTION_ALLOW`].
+    pub ingress_default: u8,
+    /// Default for egress when no rule matches.
+    pub egress_default: u8,
+    /// 1 when ICMP echo and error messages pass by default.
+    pub icmp: u8,
+    /// 1 when replies to allowed flows pass (connection tracking).
+    pub established: u8,
+    /// Slot of the peer/port maps in force (0 or 1).
+    pub active_slot: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+    /// Drop events per second (0 = none).
+    pub log_rate: u32,
+    /// Explicit padding.
+    pub _pad2: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
+
+/// What a dry-run instance records about the last packet (`SEG_TRACE[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct TraceResult {
+    /// Rule id that allowed the packet, or [`NO_RULE`].
+    pub rule_id: u32,
+    /// Peer class found for the packet's peer address, or `u32::MAX`.
+    pub class_id: u32,
+    /// Reason code (see [`reason`]).
+    pub reason: u8,
+    /// IP protocol seen (0 for non-IP).
+    pub proto: u8,
+    /// Destination port seen, host order.
+    pub dport: u16,
+    /// Set to 1 by the program (distinguishes "not run" from "run").
+    pub valid: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<TraceResult>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    //! `aya::Pod` for the shared types (aya's typed maps need it).
+    use super::*;
+
+    // SAFETY: all types are #[repr(C)], have no padding holes (explicit
+    // `_pad` fields) and are `bytemuck::Pod`.
+    unsafe impl aya::Pod for PeerKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PeerKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PeerClass {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleRef {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TraceResult {}
+}

@@ -1,0 +1,4 @@
+//! Library target so that `segbpf` can name this crate as a build dependency
+//! (cargo then rebuilds the eBPF object when it changes). The programs live in
+//! `main.rs` and the modules it declares.
+#![no_std]

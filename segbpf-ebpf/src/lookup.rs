@@ -1,0 +1,63 @@
+//! Policy lookups: two per packet whatever the number of rules.
+//! 1. peer trie (v4 or v6): (slot, direction, peer address) -> class id;
+//! 2. port trie: (slot, class, protocol, destination port) -> rule id.
+//! Port ranges are stored as port prefixes, so a range costs a handful of
+//! trie entries and never a loop in the kernel.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use segbpf_common::{
+    Config, PEER_KEY_HEADER_BITS, PeerKeyV4, PeerKeyV6, PortKey, PORT_KEY_PROTO_BITS,
+};
+
+use crate::{
+    maps::{SEG_CONFIG, SEG_PEER_V4, SEG_PEER_V6, SEG_PORTS},
+    parse::{L3_IPV4, Parsed},
+};
+
+/// The configuration record; `None` only if the map is unreadable.
+#[inline(always)]
+pub fn config() -> Option<Config> {
+    SEG_CONFIG.get(0).copied()
+}
+
+/// Class of the packet's peer (source on ingress, destination on egress).
+#[inline(always)]
+pub fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Option<u32> {
+    let addr = if peer_is_src { &p.src } else { &p.dst };
+    if p.l3 == L3_IPV4 {
+        let key = Key::new(
+            PEER_KEY_HEADER_BITS + 32,
+            PeerKeyV4 {
+                slot,
+                dir,
+                addr_be: [addr[0], addr[1], addr[2], addr[3]],
+            },
+        );
+        SEG_PEER_V4.get(&key).map(|c| c.class_id)
+    } else {
+        let key = Key::new(
+            PEER_KEY_HEADER_BITS + 128,
+            PeerKeyV6 {
+                slot,
+                dir,
+                addr_be: *addr,
+            },
+        );
+        SEG_PEER_V6.get(&key).map(|c| c.class_id)
+    }
+}
+
+/// The rule allowing (class, protocol, destination port), if any.
+#[inline(always)]
+pub fn port_rule(slot: u8, class_id: u32, proto: u8, dport: u16) -> Option<u32> {
+    let key = Key::new(
+        PORT_KEY_PROTO_BITS + 16,
+        PortKey {
+            slot,
+            class_be: class_id.to_be_bytes(),
+            proto,
+            port_be: dport.to_be_bytes(),
+        },
+    );
+    SEG_PORTS.get(&key).map(|r| r.rule_id)
+}

@@ -1,0 +1,47 @@
+//! Every map of the datapath. Names are `SEG_*` (at most 15 characters) and
+//! match the constants in `segbpf_common`; docs/architecture.md has the
+//! catalogue with key/value layouts and sizes.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, LpmTrie, PerCpuArray},
+};
+use segbpf_common::{
+    Config, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
+    RuleRef, STATS_LEN, TraceResult,
+};
+
+/// IPv4 peer address (with slot and direction) -> address class.
+#[map]
+pub static SEG_PEER_V4: LpmTrie<PeerKeyV4, PeerClass> =
+    LpmTrie::with_max_entries(DEFAULT_PEER_ENTRIES, 0);
+
+/// IPv6 peer address (with slot and direction) -> address class.
+#[map]
+pub static SEG_PEER_V6: LpmTrie<PeerKeyV6, PeerClass> =
+    LpmTrie::with_max_entries(DEFAULT_PEER_ENTRIES, 0);
+
+/// (slot, class, protocol, destination-port prefix) -> allowing rule.
+#[map]
+pub static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
+    LpmTrie::with_max_entries(DEFAULT_PORT_ENTRIES, 0);
+
+/// Index 0: defaults, active slot, generation.
+#[map]
+pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU packet counters, indexed by reason code.
+#[map]
+pub static SEG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Index 0: the decision of the last packet, written only by dry-run instances.
+#[map]
+pub static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
+
+/// Non-zero in instances loaded by `segbpf trace`: they share the live
+/// policy maps but write no counters and record their decision in
+/// `SEG_TRACE`. A frozen read-only global, so the verifier removes the
+/// untaken branch from the live program.
+#[unsafe(no_mangle)]
+pub static SEGBPF_DRY_RUN: Global<u8> = Global::new(0);

@@ -1,0 +1,226 @@
+//! `segbpf attach`: validate and compile the policy, load the program, fill
+//! its maps, pin program, maps and link under bpffs, attach at XDP, then
+//! stay in the foreground until SIGINT/SIGTERM. Enforcement stays in place
+//! after the process exits; `segbpf detach` removes it.
+//!
+//! Everything that can fail on bad input (policy, interface, roles,
+//! capacity) is checked before the kernel is touched; a failure after that
+//! removes whatever was pinned, so nothing is left half-applied.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{XdpMode, links::FdLink};
+use tracing::{info, warn};
+
+use crate::{
+    compile::{self, Capacity},
+    loader, maps, netif,
+    pins::{self, Attachment},
+    policy::{Policy, roles},
+    state::State,
+};
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Native (driver) mode when the driver supports it, else generic (skb).
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+}
+
+/// Arguments of `segbpf attach`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface to protect.
+    pub iface: String,
+    /// Policy file (roles.toml).
+    #[arg(long, short = 'p', value_name = "FILE")]
+    pub policy: PathBuf,
+    /// The host's role (repeatable); default: roles whose `hosts` contain an address of IFACE.
+    #[arg(long, value_name = "ROLE")]
+    pub role: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// Runs `segbpf attach`.
+pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    let att = apply(&args, netns)?;
+    if args.no_wait {
+        return Ok(());
+    }
+    info!(
+        "enforcing on {}; press Ctrl-C to leave the foreground (enforcement stays until `segbpf detach {}`)",
+        args.iface, args.iface
+    );
+    wait_for_exit(&att).await?;
+    Ok(())
+}
+
+/// Applies the policy to the interface and returns its attachment.
+pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
+    // 1. Everything that depends only on input: no kernel change yet.
+    let policy = Policy::load(&args.policy)?;
+    let ifindex = netif::ifindex(&args.iface)?;
+    let addrs = netif::addresses(&args.iface)?;
+    let roles = roles::resolve(&policy, &args.role, &args.iface, &addrs)?;
+    let generation = 1;
+    let compiled = compile::compile(
+        &policy,
+        &roles,
+        Some(&args.iface),
+        0,
+        generation,
+        Capacity::default(),
+    )
+    .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;
+    let att = Attachment::new(&args.iface, netns);
+    if att.is_attached() {
+        bail!(
+            "segbpf is already attached to {} ({}); run `segbpf detach {}` first",
+            args.iface,
+            att.dir.display(),
+            args.iface
+        );
+    }
+
+    // 2. Kernel: load, fill, pin, attach. Undo on any failure.
+    pins::ensure_bpffs().context("mounting bpffs")?;
+    if att.dir.exists() {
+        warn!("removing stale pins in {}", att.dir.display());
+        att.remove()?;
+    }
+    let result = load_and_attach(&att, &compiled, args.mode);
+    let (prog_id, mode) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            if let Err(cleanup) = att.remove() {
+                warn!("cleaning up {}: {cleanup}", att.dir.display());
+            }
+            return Err(e);
+        }
+    };
+    let state = State {
+        iface: args.iface.clone(),
+        netns: netns.map(str::to_string),
+        ifindex,
+        policy: std::fs::canonicalize(&args.policy)
+            .unwrap_or_else(|_| args.policy.clone())
+            .display()
+            .to_string(),
+        roles: roles.clone(),
+        mode: mode.to_string(),
+        generation,
+        prog_id,
+        attached_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        entries: [
+            compiled.peers_v4.len(),
+            compiled.peers_v6.len(),
+            compiled.ports.len(),
+        ],
+        classes: compiled.classes,
+        rules: compiled.rules.clone(),
+    };
+    if let Err(e) = state.write(&att.state) {
+        let _ = att.remove();
+        return Err(e);
+    }
+    println!(
+        "attached segbpf to {} (xdp {}, prog id {}): policy {}, roles {}, {} rules, {} classes",
+        args.iface,
+        mode,
+        prog_id,
+        policy.source,
+        roles.join(","),
+        compiled.rules.len(),
+        compiled.classes
+    );
+    Ok(att)
+}
+
+fn load_and_attach(
+    att: &Attachment,
+    compiled: &compile::Compiled,
+    mode: Mode,
+) -> anyhow::Result<(u32, &'static str)> {
+    let mut ebpf = loader::load(Capacity::default())?;
+    maps::write_policy(&mut ebpf, compiled)?;
+    std::fs::create_dir_all(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
+    maps::pin_all(&mut ebpf, att)?;
+    let prog = loader::xdp(&mut ebpf)?;
+    prog.pin(att.prog_xdp())
+        .with_context(|| format!("pinning program at {}", att.prog_xdp().display()))?;
+    let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    let attempts: &[(XdpMode, &'static str)] = match mode {
+        Mode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
+        Mode::Native => &[(XdpMode::Driver, "native")],
+        Mode::Skb => &[(XdpMode::Skb, "skb")],
+    };
+    let mut last_err = None;
+    for (xdp_mode, name) in attempts {
+        match prog.attach(&att.iface, *xdp_mode) {
+            Ok(link_id) => {
+                let link = prog.take_link(link_id)?;
+                let fd_link = FdLink::try_from(link).context(
+                    "the kernel attached XDP without a bpf_link, which cannot be pinned (kernel >= 5.9 needed)",
+                )?;
+                fd_link
+                    .pin(att.link_xdp())
+                    .with_context(|| format!("pinning link at {}", att.link_xdp().display()))?;
+                return Ok((prog_id, name));
+            }
+            Err(e) => {
+                tracing::debug!("xdp {name} attach on {} failed: {e}", att.iface);
+                last_err = Some((name, e));
+            }
+        }
+    }
+    match last_err {
+        Some((name, e)) => Err(anyhow::Error::new(e)
+            .context(format!("attaching XDP ({name} mode) to {}", att.iface))),
+        None => bail!("no XDP mode to try"),
+    }
+}
+
+/// Waits for SIGINT/SIGTERM, or for the attachment to be removed by
+/// `segbpf detach`, then says how enforcement can be removed.
+async fn wait_for_exit(att: &Attachment) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                if !att.is_attached() {
+                    info!("segbpf was detached from {}; exiting", att.iface);
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let ns = att
+        .netns
+        .as_deref()
+        .map(|n| format!(" --netns {n}"))
+        .unwrap_or_default();
+    info!(
+        "leaving; segbpf stays attached to {} and keeps enforcing. Remove it with: segbpf{ns} detach {}",
+        att.iface, att.iface
+    );
+    Ok(())
+}

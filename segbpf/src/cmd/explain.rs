@@ -1,0 +1,158 @@
+//! `segbpf explain`: the verdict for a packet from the policy alone, by the
+//! reference evaluator (no kernel involved).
+
+use std::{net::IpAddr, path::PathBuf};
+
+use segbpf_common::reason;
+use serde::Serialize;
+
+use crate::{
+    cmd::{Output, UsageError, parse_proto, proto_name},
+    policy::{
+        Direction, Policy,
+        eval::{self, Packet},
+        roles,
+    },
+};
+
+/// Direction argument.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirArg {
+    /// Entering the host.
+    #[default]
+    Ingress,
+    /// Leaving the host.
+    Egress,
+}
+
+impl From<DirArg> for Direction {
+    fn from(d: DirArg) -> Self {
+        match d {
+            DirArg::Ingress => Direction::Ingress,
+            DirArg::Egress => Direction::Egress,
+        }
+    }
+}
+
+/// Arguments of `segbpf explain`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Policy file (roles.toml).
+    #[arg(long, short = 'p', value_name = "FILE")]
+    pub policy: PathBuf,
+    /// The host's role (repeatable).
+    #[arg(long, value_name = "ROLE", required = true)]
+    pub role: Vec<String>,
+    /// Source address.
+    #[arg(long)]
+    pub src: IpAddr,
+    /// Destination address.
+    #[arg(long)]
+    pub dst: IpAddr,
+    /// Protocol: tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: u8,
+    /// Destination port (TCP/UDP).
+    #[arg(long)]
+    pub dport: Option<u16>,
+    /// ICMP type (default: echo request).
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    /// Direction of the packet relative to the host.
+    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
+    pub direction: DirArg,
+    /// Interface the packet crosses (for rules with `interfaces`).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Serialize)]
+struct Explained {
+    verdict: &'static str,
+    reason: &'static str,
+    rule: Option<RuleOut>,
+    packet: Packet,
+    direction: Direction,
+    roles: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RuleOut {
+    id: u32,
+    label: String,
+    line: u32,
+    peer: String,
+    services: String,
+}
+
+/// Runs `segbpf explain`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.src.is_ipv4() != args.dst.is_ipv4() {
+        return Err(UsageError("--src and --dst must be the same address family".into()).into());
+    }
+    if args.dport.is_none() && matches!(args.proto, 6 | 17) {
+        return Err(UsageError("--dport is required for tcp and udp".into()).into());
+    }
+    let policy = Policy::load(&args.policy)?;
+    let roles = roles::resolve(&policy, &args.role, "-", &[])?;
+    let default_icmp_type = if args.src.is_ipv4() { 8 } else { 128 };
+    let pkt = Packet {
+        src: args.src,
+        dst: args.dst,
+        proto: args.proto,
+        dport: args.dport.unwrap_or(0),
+        icmp_type: args.icmp_type.unwrap_or(default_icmp_type),
+        hop_limit: 64,
+    };
+    let dir: Direction = args.direction.into();
+    let v = eval::evaluate(&policy, &roles, args.iface.as_deref(), dir, &pkt);
+    let rule = v.rule.map(|id| {
+        let r = &policy.rules[id as usize];
+        RuleOut {
+            id,
+            label: r.label(),
+            line: r.loc.line,
+            peer: r.peer_text.clone(),
+            services: r.services(),
+        }
+    });
+    let out = Explained {
+        verdict: if v.passes() { "allow" } else { "drop" },
+        reason: reason::name(v.reason),
+        rule,
+        packet: pkt,
+        direction: dir,
+        roles,
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+        Output::Text => {
+            println!(
+                "{} {} {} -> {} {}/{}: {} ({})",
+                out.direction,
+                out.roles.join("+"),
+                pkt.src,
+                pkt.dst,
+                proto_name(pkt.proto),
+                pkt.dport,
+                out.verdict.to_uppercase(),
+                out.reason
+            );
+            match &out.rule {
+                Some(r) => println!(
+                    "  rule #{} {} ({}:{}): {} {}",
+                    r.id, r.label, policy.source, r.line, r.peer, r.services
+                ),
+                None if !v.passes() => println!(
+                    "  no rule matches; defaults.{} = drop",
+                    out.direction
+                ),
+                None => {}
+            }
+        }
+    }
+    Ok(())
+}

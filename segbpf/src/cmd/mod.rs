@@ -1,0 +1,97 @@
+//! The `segbpf` command line: one file per subcommand. Results go to
+//! stdout, logs to stderr; exit status 0 ok, 1 failure, 2 usage.
+
+pub mod attach;
+pub mod check;
+pub mod detach;
+pub mod explain;
+pub mod status;
+pub mod trace;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Host microsegmentation firewall on eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "segbpf", version, about, long_about = None)]
+pub struct Cli {
+    /// Run in the named network namespace (/run/netns/NAME, as made by `ip netns add`).
+    #[arg(long, global = true, env = "SEGBPF_NETNS", value_name = "NAME")]
+    pub netns: Option<String>,
+    /// More logs on stderr (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a policy and compile it for each role, changing nothing.
+    Check(check::Args),
+    /// Enforce a policy on an interface (XDP ingress); stays in the foreground.
+    Attach(attach::Args),
+    /// Remove segbpf from an interface.
+    Detach(detach::Args),
+    /// Show attachments, their policy and counters.
+    Status(status::Args),
+    /// Explain the verdict for a packet from the policy alone (reference evaluator).
+    Explain(explain::Args),
+    /// Run a packet through the program loaded on an interface, changing nothing.
+    Trace(trace::Args),
+}
+
+/// Output format of results on stdout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// JSON (one document).
+    Json,
+}
+
+/// A usage error found after argument parsing (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let netns = cli.netns.as_deref();
+    match cli.command {
+        Command::Check(a) => check::run(a),
+        Command::Attach(a) => attach::run(a, netns).await,
+        Command::Detach(a) => detach::run(a, netns),
+        Command::Status(a) => status::run(a, netns),
+        Command::Explain(a) => explain::run(a),
+        Command::Trace(a) => trace::run(a, netns),
+    }
+}
+
+/// Parses a protocol name or number (`tcp`, `udp`, `icmp`, `icmpv6`, `6`).
+pub fn parse_proto(s: &str) -> Result<u8, String> {
+    use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(IPPROTO_TCP),
+        "udp" => Ok(IPPROTO_UDP),
+        "icmp" => Ok(IPPROTO_ICMP),
+        "icmpv6" | "ipv6-icmp" => Ok(IPPROTO_ICMPV6),
+        other => other
+            .parse::<u8>()
+            .map_err(|_| format!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6 or a number)")),
+    }
+}
+
+/// Name of a protocol number for output.
+pub fn proto_name(p: u8) -> String {
+    use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+    match p {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}

@@ -1,0 +1,160 @@
+//! `segbpf trace`: build a packet and run it through the program loaded on
+//! an interface with BPF_PROG_TEST_RUN. The run uses a dry-run instance of
+//! the program that shares the live maps but writes no counters (and, from
+//! the connection-tracking issue on, no state), so tracing changes nothing.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NO_RULE, reason};
+use serde::Serialize;
+
+use crate::{
+    cmd::{Output, UsageError, parse_proto, proto_name},
+    loader, maps,
+    packet::PacketSpec,
+    pins::Attachment,
+    state::State,
+};
+
+/// Arguments of `segbpf trace`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface whose loaded program judges the packet.
+    pub iface: String,
+    /// Source address.
+    #[arg(long)]
+    pub src: IpAddr,
+    /// Destination address.
+    #[arg(long)]
+    pub dst: IpAddr,
+    /// Protocol: tcp, udp, icmp (icmpv6 for IPv6 echo) or a number.
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: u8,
+    /// Source port.
+    #[arg(long, default_value_t = 40000)]
+    pub sport: u16,
+    /// Destination port (required for tcp and udp).
+    #[arg(long)]
+    pub dport: Option<u16>,
+    /// ICMP type (default: echo request).
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// What the program decided for the traced packet.
+#[derive(Debug, Serialize)]
+pub struct Traced {
+    /// `allow` or `drop`.
+    pub verdict: &'static str,
+    /// Reason name.
+    pub reason: &'static str,
+    /// XDP return code.
+    pub xdp_action: u32,
+    /// Rule id, label and line, if a rule allowed the packet.
+    pub rule: Option<serde_json::Value>,
+    /// Address class of the peer, if the peer is in any rule's peers.
+    pub class: Option<u32>,
+}
+
+/// Runs `segbpf trace`.
+pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    if args.src.is_ipv4() != args.dst.is_ipv4() {
+        return Err(UsageError("--src and --dst must be the same address family".into()).into());
+    }
+    let spec = match args.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let Some(dport) = args.dport else {
+                return Err(UsageError("--dport is required for tcp and udp".into()).into());
+            };
+            if args.proto == IPPROTO_TCP {
+                PacketSpec::tcp(args.src, args.dst, args.sport, dport)
+            } else {
+                PacketSpec::udp(args.src, args.dst, args.sport, dport)
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let mut s = PacketSpec::echo(args.src, args.dst);
+            if let Some(t) = args.icmp_type {
+                s.icmp_type = t;
+            }
+            s
+        }
+        p => PacketSpec::new(args.src, args.dst, p),
+    };
+    let att = Attachment::new(&args.iface, netns);
+    let traced = trace_packet(&att, &spec.build().bytes)?;
+    let state = State::read(&att.state).ok();
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&traced)?),
+        Output::Text => {
+            println!(
+                "{} {} -> {} {}/{}: {} ({})",
+                args.iface,
+                args.src,
+                args.dst,
+                proto_name(args.proto),
+                args.dport.unwrap_or(0),
+                traced.verdict.to_uppercase(),
+                traced.reason
+            );
+            if let Some(r) = &traced.rule {
+                println!(
+                    "  rule #{} {} (line {})",
+                    r["id"],
+                    r["label"].as_str().unwrap_or("?"),
+                    r["line"]
+                );
+            }
+            if let Some(s) = state {
+                println!("  policy {} generation {}", s.policy, s.generation);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `frame` through a dry-run instance sharing `att`'s maps.
+pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
+    if !att.is_attached() {
+        bail!("segbpf is not attached to {}", att.iface);
+    }
+    for m in segbpf_common::PINNED_MAPS {
+        if !att.map(m).exists() {
+            bail!("{} is missing: the attachment is incomplete; detach and attach again", att.map(m).display());
+        }
+    }
+    let mut ebpf = loader::load_dry_run(att).context("loading a dry-run instance")?;
+    let result = {
+        let prog = loader::xdp(&mut ebpf)?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).context("BPF_PROG_TEST_RUN")?
+    };
+    let t = maps::take_trace(&mut ebpf)?;
+    if t.valid == 0 {
+        bail!("the program did not record a decision");
+    }
+    let state = State::read(&att.state).ok();
+    let rule = (t.rule_id != NO_RULE).then(|| {
+        let info = state.as_ref().and_then(|s| s.rule(t.rule_id));
+        serde_json::json!({
+            "id": t.rule_id,
+            "label": info.map(|i| i.label.clone()),
+            "line": info.map(|i| i.line),
+            "peer": info.map(|i| i.peer.clone()),
+            "services": info.map(|i| i.services.clone()),
+        })
+    });
+    Ok(Traced {
+        verdict: if reason::passes(t.reason) { "allow" } else { "drop" },
+        reason: reason::name(t.reason),
+        xdp_action: result.return_value,
+        rule,
+        class: (t.class_id != u32::MAX).then_some(t.class_id),
+    })
+}

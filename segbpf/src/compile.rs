@@ -1,0 +1,519 @@
+//! Policy compiler: (policy, host roles, interface) -> kernel map contents.
+//!
+//! Design (Cilium-style address classes, see docs/architecture.md):
+//! - For each direction, the address space of each family is cut into
+//!   elementary intervals by every rule's peer ranges. Each interval's
+//!   *class* is the set of rules whose peers contain it; equal sets share one
+//!   class id. Maximal intervals of one class become minimal CIDRs in the
+//!   peer trie, so the tries hold non-overlapping prefixes and one lookup
+//!   finds the class.
+//! - For each class, the port trie maps (class, protocol, port prefix) to
+//!   the lowest rule id among the class's rules that allow that port. Port
+//!   ranges become port prefixes; `proto = "any"` becomes a class-only
+//!   prefix that every protocol and port falls back to.
+//!
+//! The kernel therefore does exactly two lookups per packet whatever the
+//! number of rules, and the rule it finds is the lowest-id matching rule,
+//! the same one the reference evaluator reports.
+
+use std::collections::HashMap;
+
+use segbpf_common::{
+    ACTION_ALLOW, ACTION_DROP, Config, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_RULES_PER_DIRECTION, PEER_KEY_HEADER_BITS, PORT_KEY_CLASS_BITS, PORT_KEY_PROTO_BITS,
+    PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Action, AddrRange, Direction, Policy, PortRange, Rule, addr::range_to_prefixes};
+
+/// Map capacities the compiled policy must fit in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// `SEG_PEER_V4` max entries.
+    pub peer_v4: u32,
+    /// `SEG_PEER_V6` max entries.
+    pub peer_v6: u32,
+    /// `SEG_PORTS` max entries.
+    pub ports: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            peer_v4: segbpf_common::DEFAULT_PEER_ENTRIES,
+            peer_v6: segbpf_common::DEFAULT_PEER_ENTRIES,
+            ports: segbpf_common::DEFAULT_PORT_ENTRIES,
+        }
+    }
+}
+
+/// Why a policy cannot be compiled for a host.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    /// More rules in one direction than the compiler supports.
+    #[error("{count} {direction} rules apply to this host; the limit is {limit}")]
+    TooManyRules {
+        /// Direction.
+        direction: Direction,
+        /// Rules that apply.
+        count: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// A map would overflow.
+    #[error(
+        "the compiled policy needs {count} entries in {map}, which holds at most {limit} (both directions share it)"
+    )]
+    Capacity {
+        /// Map name.
+        map: &'static str,
+        /// Entries needed.
+        count: usize,
+        /// Capacity.
+        limit: u32,
+    },
+}
+
+/// A compiled rule's description, kept beside the maps for status and trace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleInfo {
+    /// Rule id (the value stored in the port trie).
+    pub id: u32,
+    /// Label such as `roles.web.ingress[0]`.
+    pub label: String,
+    /// Direction.
+    pub direction: String,
+    /// Peer as written.
+    pub peer: String,
+    /// Services, e.g. `tcp/80,443`.
+    pub services: String,
+    /// Line of the rule in the policy file.
+    pub line: u32,
+}
+
+impl RuleInfo {
+    /// Describes a policy rule.
+    pub fn from_rule(r: &Rule) -> Self {
+        RuleInfo {
+            id: r.id,
+            label: r.label(),
+            direction: r.direction.as_str().to_string(),
+            peer: r.peer_text.clone(),
+            services: r.services(),
+            line: r.loc.line,
+        }
+    }
+}
+
+/// One LPM entry: full key prefix length (header bits included), key data, value.
+pub type LpmEntry<K, V> = (u32, K, V);
+
+/// Map contents for one attachment.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    /// `SEG_PEER_V4` entries.
+    pub peers_v4: Vec<LpmEntry<PeerKeyV4, PeerClass>>,
+    /// `SEG_PEER_V6` entries.
+    pub peers_v6: Vec<LpmEntry<PeerKeyV6, PeerClass>>,
+    /// `SEG_PORTS` entries.
+    pub ports: Vec<LpmEntry<PortKey, RuleRef>>,
+    /// `SEG_CONFIG[0]`.
+    pub config: Config,
+    /// The rules that apply to this host (both directions), by id.
+    pub rules: Vec<RuleInfo>,
+    /// Number of address classes.
+    pub classes: u32,
+}
+
+/// Compiles the rules that apply to a host with `roles` on `iface` into
+/// map contents for `slot`.
+pub fn compile(
+    policy: &Policy,
+    roles: &[String],
+    iface: Option<&str>,
+    slot: u8,
+    generation: u64,
+    capacity: Capacity,
+) -> Result<Compiled, CompileError> {
+    let mut out = Compiled {
+        config: Config {
+            generation,
+            ingress_default: action_byte(policy.defaults.ingress),
+            egress_default: action_byte(policy.defaults.egress),
+            icmp: policy.defaults.icmp as u8,
+            established: policy.defaults.established as u8,
+            active_slot: slot,
+            log_rate: policy.defaults.log_rate,
+            ..Config::default()
+        },
+        ..Compiled::default()
+    };
+    let mut next_class: u32 = 0;
+    for dir in Direction::ALL {
+        let rules: Vec<&Rule> = policy.rules_for(roles, iface, dir).collect();
+        if rules.len() > MAX_RULES_PER_DIRECTION {
+            return Err(CompileError::TooManyRules {
+                direction: dir,
+                count: rules.len(),
+                limit: MAX_RULES_PER_DIRECTION,
+            });
+        }
+        out.rules.extend(rules.iter().map(|r| RuleInfo::from_rule(r)));
+        compile_direction(&rules, dir, slot, &mut next_class, &mut out);
+    }
+    out.rules.sort_by_key(|r| r.id);
+    out.classes = next_class;
+    check(MAP_V4, out.peers_v4.len(), capacity.peer_v4)?;
+    check(MAP_V6, out.peers_v6.len(), capacity.peer_v6)?;
+    check(MAP_PORTS, out.ports.len(), capacity.ports)?;
+    Ok(out)
+}
+
+const MAP_V4: &str = segbpf_common::MAP_PEER_V4;
+const MAP_V6: &str = segbpf_common::MAP_PEER_V6;
+const MAP_PORTS: &str = segbpf_common::MAP_PORTS;
+
+fn check(map: &'static str, count: usize, limit: u32) -> Result<(), CompileError> {
+    if count > limit as usize {
+        return Err(CompileError::Capacity { map, count, limit });
+    }
+    Ok(())
+}
+
+fn action_byte(a: Action) -> u8 {
+    match a {
+        Action::Drop => ACTION_DROP,
+        Action::Allow => ACTION_ALLOW,
+    }
+}
+
+/// A set of rules, as a bitset over the direction's local rule indexes
+/// (which are in rule-id order, so the lowest set bit is the lowest id).
+type RuleSet = Vec<u64>;
+
+fn compile_direction(
+    rules: &[&Rule],
+    dir: Direction,
+    slot: u8,
+    next_class: &mut u32,
+    out: &mut Compiled,
+) {
+    let words = rules.len().div_ceil(64).max(1);
+    let mut classes: HashMap<RuleSet, u32> = HashMap::new();
+    let mut class_sets: Vec<(u32, RuleSet)> = Vec::new();
+    let mut intern = |set: RuleSet| -> u32 {
+        if let Some(id) = classes.get(&set) {
+            return *id;
+        }
+        let id = *next_class;
+        *next_class += 1;
+        classes.insert(set.clone(), id);
+        class_sets.push((id, set));
+        id
+    };
+
+    for v6 in [false, true] {
+        let bits = if v6 { 128 } else { 32 };
+        let max = if v6 { u128::MAX } else { u32::MAX as u128 };
+        let ranges: Vec<(u128, u128, usize)> = rules
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.peers.iter().filter_map(move |p| match (p, v6) {
+                    (AddrRange::V4 { start, end }, false) => Some((*start as u128, *end as u128, i)),
+                    (AddrRange::V6 { start, end }, true) => Some((*start, *end, i)),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (start, end, set) in sweep(&ranges, max, words) {
+            let class_id = intern(set);
+            for (prefix, len) in range_to_prefixes(start, end, bits) {
+                let value = PeerClass { class_id };
+                if v6 {
+                    let key = PeerKeyV6 {
+                        slot,
+                        dir: dir.key_byte(),
+                        addr_be: prefix.to_be_bytes(),
+                    };
+                    out.peers_v6.push((PEER_KEY_HEADER_BITS + len, key, value));
+                } else {
+                    let key = PeerKeyV4 {
+                        slot,
+                        dir: dir.key_byte(),
+                        addr_be: (prefix as u32).to_be_bytes(),
+                    };
+                    out.peers_v4.push((PEER_KEY_HEADER_BITS + len, key, value));
+                }
+            }
+        }
+    }
+
+    for (class_id, set) in &class_sets {
+        let members: Vec<usize> = iter_bits(set).collect();
+        compile_class_ports(rules, &members, *class_id, slot, words, &mut out.ports);
+    }
+}
+
+/// Port-trie entries of one class.
+fn compile_class_ports(
+    rules: &[&Rule],
+    members: &[usize],
+    class_id: u32,
+    slot: u8,
+    words: usize,
+    out: &mut Vec<LpmEntry<PortKey, RuleRef>>,
+) {
+    let key = |proto: u8, port: u16| PortKey {
+        slot,
+        class_be: class_id.to_be_bytes(),
+        proto,
+        port_be: port.to_be_bytes(),
+    };
+    // `proto = "any"`: class-only prefix, the fallback for every protocol.
+    let any_min = members.iter().copied().find(|&i| rules[i].any_proto);
+    if let Some(i) = any_min {
+        out.push((PORT_KEY_CLASS_BITS, key(0, 0), RuleRef { rule_id: rules[i].id }));
+    }
+    // Protocols without ports: one protocol-wide prefix.
+    for (proto, allowed) in [
+        (IPPROTO_ICMP, (|r: &Rule| r.icmp) as fn(&Rule) -> bool),
+        (IPPROTO_ICMPV6, |r: &Rule| r.icmpv6),
+    ] {
+        let first = members
+            .iter()
+            .copied()
+            .find(|&i| allowed(rules[i]) || rules[i].any_proto);
+        if let Some(i) = first
+            && Some(i) != any_min
+        {
+            out.push((PORT_KEY_PROTO_BITS, key(proto, 0), RuleRef { rule_id: rules[i].id }));
+        }
+    }
+    // TCP and UDP: the lowest rule per port, as non-overlapping port prefixes.
+    for (proto, ports) in [
+        (IPPROTO_TCP, (|r: &Rule| &r.tcp[..]) as fn(&Rule) -> &[PortRange]),
+        (IPPROTO_UDP, |r: &Rule| &r.udp[..]),
+    ] {
+        let mut ranges: Vec<(u128, u128, usize)> = Vec::new();
+        for &i in members {
+            for p in ports(rules[i]) {
+                ranges.push((p.lo as u128, p.hi as u128, i));
+            }
+        }
+        if ranges.is_empty() {
+            continue;
+        }
+        if let Some(i) = any_min {
+            ranges.push((0, u16::MAX as u128, i));
+        }
+        for (start, end, set) in sweep(&ranges, u16::MAX as u128, words) {
+            let Some(i) = iter_bits(&set).next() else {
+                continue;
+            };
+            if Some(i) == any_min {
+                continue; // the class-only prefix already answers this
+            }
+            for (prefix, len) in range_to_prefixes(start, end, 16) {
+                out.push((
+                    PORT_KEY_PROTO_BITS + len,
+                    key(proto, prefix as u16),
+                    RuleRef { rule_id: rules[i].id },
+                ));
+            }
+        }
+    }
+}
+
+/// Sweeps inclusive ranges `(start, end, item)` over `0..=max` and returns
+/// the maximal intervals covered by at least one range, each with the set
+/// of items covering it. Adjacent intervals with equal sets are merged.
+pub(crate) fn sweep(
+    ranges: &[(u128, u128, usize)],
+    max: u128,
+    words: usize,
+) -> Vec<(u128, u128, RuleSet)> {
+    // Events: (position, +1/-1, item); a range ending at `max` has no end event.
+    let mut events: Vec<(u128, bool, usize)> = Vec::with_capacity(ranges.len() * 2);
+    for &(s, e, i) in ranges {
+        events.push((s, true, i));
+        if e < max {
+            events.push((e + 1, false, i));
+        }
+    }
+    events.sort_unstable();
+    let mut count: HashMap<usize, u32> = HashMap::new();
+    let mut active: RuleSet = vec![0; words];
+    let mut active_n = 0usize;
+    let mut out: Vec<(u128, u128, RuleSet)> = Vec::new();
+    let mut k = 0;
+    while k < events.len() {
+        let pos = events[k].0;
+        while k < events.len() && events[k].0 == pos {
+            let (_, add, i) = events[k];
+            let c = count.entry(i).or_insert(0);
+            if add {
+                *c += 1;
+                if *c == 1 {
+                    active[i / 64] |= 1 << (i % 64);
+                    active_n += 1;
+                }
+            } else {
+                *c -= 1;
+                if *c == 0 {
+                    active[i / 64] &= !(1 << (i % 64));
+                    active_n -= 1;
+                }
+            }
+            k += 1;
+        }
+        let end = if k < events.len() { events[k].0 - 1 } else { max };
+        if active_n == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == active => last.1 = end,
+            _ => out.push((pos, end, active.clone())),
+        }
+    }
+    out
+}
+
+fn iter_bits(set: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    set.iter().enumerate().flat_map(|(w, &bits)| {
+        let mut b = bits;
+        std::iter::from_fn(move || {
+            if b == 0 {
+                return None;
+            }
+            let t = b.trailing_zeros() as usize;
+            b &= b - 1;
+            Some(w * 64 + t)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_str(text, "test.toml").expect("policy parses")
+    }
+
+    fn roles(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sweep_merges_and_splits() {
+        let r = sweep(&[(0, 9, 0), (5, 14, 1), (15, 20, 1)], 100, 1);
+        assert_eq!(
+            r,
+            vec![(0, 4, vec![1]), (5, 9, vec![3]), (10, 20, vec![2])]
+        );
+    }
+
+    #[test]
+    fn sweep_handles_full_u128_space() {
+        let r = sweep(&[(0, u128::MAX, 0), (10, 10, 1)], u128::MAX, 1);
+        assert_eq!(
+            r,
+            vec![
+                (0, 9, vec![1]),
+                (10, 10, vec![3]),
+                (11, u128::MAX, vec![1])
+            ]
+        );
+    }
+
+    const SMALL: &str = r#"
+version = 1
+[sets]
+a = ["10.0.0.0/24"]
+b = ["10.0.0.128/25", "fd00::/64"]
+[defaults]
+ingress = "drop"
+egress = "allow"
+[[base.ingress]]
+from = "a"
+tcp = [22]
+[roles.r]
+hosts = "a"
+[[roles.r.ingress]]
+from = "b"
+tcp = ["20-30", 443]
+[[roles.r.ingress]]
+from = "any"
+proto = "any"
+"#;
+
+    #[test]
+    fn classes_cover_overlaps_and_ports_take_lowest_rule() {
+        let p = policy(SMALL);
+        let c = compile(&p, &roles(&["r"]), None, 0, 1, Capacity::default()).unwrap();
+        // Ingress v4 intervals: any\a (two sides), a\b, a∩b -> 3 classes in v4,
+        // v6: fd00::/64 and the rest of any -> 1 more class.
+        assert_eq!(c.classes, 4);
+        // a∩b = 10.0.0.128/25 must map to a class whose tcp/22 is rule 0 and
+        // tcp/25 is rule 1 (lowest id), and udp/9 falls back to the any rule (2).
+        let find_v4 = |addr: [u8; 4]| {
+            c.peers_v4
+                .iter()
+                .filter(|(len, k, _)| {
+                    let plen = len - PEER_KEY_HEADER_BITS;
+                    let a = u32::from_be_bytes(k.addr_be);
+                    let x = u32::from_be_bytes(addr);
+                    let mask = if plen == 0 { 0 } else { u32::MAX << (32 - plen) };
+                    x & mask == a
+                })
+                .map(|(_, _, v)| v.class_id)
+                .collect::<Vec<_>>()
+        };
+        let class = find_v4([10, 0, 0, 200]);
+        assert_eq!(class.len(), 1, "non-overlapping prefixes");
+        let lookup = |class: u32, proto: u8, port: u16| {
+            c.ports
+                .iter()
+                .filter(|(len, k, _)| {
+                    k.class_be == class.to_be_bytes()
+                        && (*len == PORT_KEY_CLASS_BITS
+                            || (k.proto == proto && {
+                                let plen = len - PORT_KEY_PROTO_BITS;
+                                let mask = if plen == 0 { 0 } else { u16::MAX << (16 - plen) };
+                                port & mask == u16::from_be_bytes(k.port_be)
+                            }))
+                })
+                .max_by_key(|(len, _, _)| *len)
+                .map(|(_, _, v)| v.rule_id)
+        };
+        assert_eq!(lookup(class[0], IPPROTO_TCP, 22), Some(0));
+        assert_eq!(lookup(class[0], IPPROTO_TCP, 25), Some(1));
+        assert_eq!(lookup(class[0], IPPROTO_TCP, 443), Some(1));
+        assert_eq!(lookup(class[0], IPPROTO_UDP, 9), Some(2));
+        let outside = find_v4([192, 0, 2, 1]);
+        assert_eq!(lookup(outside[0], IPPROTO_TCP, 22), Some(2));
+        assert_eq!(c.config.ingress_default, ACTION_DROP);
+        assert_eq!(c.config.egress_default, ACTION_ALLOW);
+    }
+
+    #[test]
+    fn rules_of_other_roles_are_not_compiled() {
+        let p = policy(SMALL);
+        let c = compile(&p, &[], None, 0, 1, Capacity::default()).unwrap();
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.classes, 1);
+    }
+
+    #[test]
+    fn capacity_is_enforced() {
+        let p = policy(SMALL);
+        let cap = Capacity {
+            peer_v4: 1,
+            ..Capacity::default()
+        };
+        let err = compile(&p, &roles(&["r"]), None, 0, 1, cap).unwrap_err();
+        assert!(matches!(err, CompileError::Capacity { map: "SEG_PEER_V4", .. }));
+    }
+}

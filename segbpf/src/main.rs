@@ -1,0 +1,52 @@
+//! The `segbpf` command. See `segbpf --help` and README.md.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use segbpf::{
+    cmd::{self, Cli, UsageError},
+    netif,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits 2 on usage errors
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    // setns() changes only the calling thread: enter the namespace before
+    // the runtime starts any thread.
+    if let Some(ns) = &cli.netns
+        && let Err(e) = netif::enter_netns(ns)
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(cmd::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Where an attachment lives: its bpffs pin directory (program, link, maps)
+//! and its state file (policy path, roles, rule table) under /run.
+//!
+//! Layout, with `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`) and
+//! `STATE` = `$SEGBPF_STATE_DIR` (default `/run/segbpf`):
+//! - `ROOT/ifaces/IFACE/` for interfaces of the initial network namespace,
+//!   `ROOT/netns/NAME/IFACE/` with `--netns NAME`;
+//!   inside: `prog_xdp`, `link_xdp` and one file per map (`SEG_*`);
+//! - `STATE/ifaces/IFACE.json` or `STATE/netns/NAME/IFACE.json`.
+
+use std::path::{Path, PathBuf};
+
+/// Default bpffs directory for segbpf's pins.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
+/// Default directory for state files.
+pub const DEFAULT_STATE_DIR: &str = "/run/segbpf";
+
+/// The paths of one attachment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Interface name.
+    pub iface: String,
+    /// Network namespace name (`--netns`), if any.
+    pub netns: Option<String>,
+    /// Pin directory.
+    pub dir: PathBuf,
+    /// State file.
+    pub state: PathBuf,
+}
+
+impl Attachment {
+    /// The attachment of `iface` (in `netns`, if given).
+    pub fn new(iface: &str, netns: Option<&str>) -> Self {
+        let (bpffs, state) = roots();
+        let (dir, state) = match netns {
+            None => (bpffs.join("ifaces").join(iface), state.join("ifaces")),
+            Some(ns) => (
+                bpffs.join("netns").join(ns).join(iface),
+                state.join("netns").join(ns),
+            ),
+        };
+        Attachment {
+            iface: iface.to_string(),
+            netns: netns.map(str::to_string),
+            dir,
+            state: state.join(format!("{iface}.json")),
+        }
+    }
+
+    /// Every attachment that has a pin directory (of `netns`, if given).
+    pub fn list(netns: Option<&str>) -> Vec<Attachment> {
+        let (bpffs, _) = roots();
+        let parent = match netns {
+            None => bpffs.join("ifaces"),
+            Some(ns) => bpffs.join("netns").join(ns),
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&parent)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.iter().map(|n| Attachment::new(n, netns)).collect()
+    }
+
+    /// Pin path of a map.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Pin path of the XDP program.
+    pub fn prog_xdp(&self) -> PathBuf {
+        self.dir.join("prog_xdp")
+    }
+
+    /// Pin path of the XDP link.
+    pub fn link_xdp(&self) -> PathBuf {
+        self.dir.join("link_xdp")
+    }
+
+    /// Whether the attachment exists (its link is pinned).
+    pub fn is_attached(&self) -> bool {
+        self.link_xdp().exists()
+    }
+
+    /// Removes the pin directory and state file (detaching the program when
+    /// no process holds the link). Missing files are not an error.
+    pub fn remove(&self) -> std::io::Result<()> {
+        remove_dir_if_exists(&self.dir)?;
+        match std::fs::remove_file(&self.state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // Tidy empty parents (netns directories); ignore failures.
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn roots() -> (PathBuf, PathBuf) {
+    let bpffs = std::env::var_os("SEGBPF_BPFFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
+    let state = std::env::var_os("SEGBPF_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    (bpffs, state)
+}
+
+/// Makes sure a bpffs is mounted at (or above) `path`'s root, mounting one
+/// at `/sys/fs/bpf` if nothing is mounted there.
+pub fn ensure_bpffs() -> std::io::Result<()> {
+    let (bpffs, _) = roots();
+    let base = Path::new("/sys/fs/bpf");
+    if bpffs.starts_with(base) && !is_bpffs(base) {
+        nix::mount::mount(
+            Some("bpf"),
+            base,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    std::fs::create_dir_all(&bpffs)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}

@@ -1,0 +1,285 @@
+//! The roles.toml policy: data model, loading and validation entry points.
+//!
+//! `parse` turns TOML text into a validated [`Policy`] (errors carry
+//! file:line:column and the field), `addr` holds address/CIDR/range math,
+//! `ports` port ranges, `roles` picks the host's roles and `eval` is the pure
+//! reference evaluator that the kernel program is tested against.
+
+pub mod addr;
+pub mod error;
+pub mod eval;
+pub mod parse;
+pub mod ports;
+pub mod roles;
+
+use std::{fmt, path::Path};
+
+pub use addr::AddrRange;
+pub use error::{PolicyError, PolicyErrorKind};
+pub use ports::PortRange;
+use serde::Serialize;
+
+/// A position in the policy file (1-based line and column).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Loc {
+    /// 1-based line.
+    pub line: u32,
+    /// 1-based column (in characters).
+    pub column: u32,
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// What happens to a packet that no rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Drop the packet.
+    Drop,
+    /// Let the packet pass.
+    Allow,
+}
+
+/// Direction of traffic relative to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Entering the host: the peer is the source address.
+    Ingress,
+    /// Leaving the host: the peer is the destination address.
+    Egress,
+}
+
+impl Direction {
+    /// Both directions, ingress first.
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The lowercase name used in roles.toml and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    /// The direction byte used in kernel map keys.
+    pub fn key_byte(self) -> u8 {
+        match self {
+            Direction::Ingress => segbpf_common::DIR_INGRESS,
+            Direction::Egress => segbpf_common::DIR_EGRESS,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[defaults]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Defaults {
+    /// Ingress default (omitted: drop).
+    pub ingress: Action,
+    /// Egress default (omitted: allow, so a policy that only writes ingress
+    /// rules does not cut the host off; write `egress = "drop"` for
+    /// default-deny outbound).
+    pub egress: Action,
+    /// Replies to allowed flows pass (omitted: true).
+    pub established: bool,
+    /// ICMP echo and error messages pass (omitted: true).
+    pub icmp: bool,
+    /// Drop events per second per interface, 0 = none (omitted: 10).
+    pub log_rate: u32,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            ingress: Action::Drop,
+            egress: Action::Allow,
+            established: true,
+            icmp: true,
+            log_rate: 10,
+        }
+    }
+}
+
+impl Defaults {
+    /// The default action of a direction.
+    pub fn action(&self, dir: Direction) -> Action {
+        match dir {
+            Direction::Ingress => self.ingress,
+            Direction::Egress => self.egress,
+        }
+    }
+}
+
+/// A named address set from `[sets]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AddrSet {
+    /// Set name.
+    pub name: String,
+    /// Members as inclusive address ranges, as written (not merged).
+    pub ranges: Vec<AddrRange>,
+    /// Where the set is defined.
+    pub loc: Loc,
+}
+
+/// Who a rule belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Owner {
+    /// `[[base.ingress]]` / `[[base.egress]]`: applies to every role.
+    Base,
+    /// `[[roles.NAME.ingress]]` / `[[roles.NAME.egress]]`.
+    Role(String),
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Base => f.write_str("base"),
+            Owner::Role(r) => write!(f, "roles.{r}"),
+        }
+    }
+}
+
+/// One allow rule. Its id is its index in [`Policy::rules`] (file order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    /// Index in [`Policy::rules`]; the lowest matching id is the one reported.
+    pub id: u32,
+    /// Base or role.
+    pub owner: Owner,
+    /// Ingress or egress.
+    pub direction: Direction,
+    /// Index of the rule within its `[[...]]` array (for labels like `roles.web.ingress[1]`).
+    pub index: usize,
+    /// The peer as written (`"any"`, set names, literals), for display.
+    pub peer_text: String,
+    /// Peer addresses, resolved from sets and literals (`any` = both whole families).
+    pub peers: Vec<AddrRange>,
+    /// Allowed TCP destination ports.
+    pub tcp: Vec<PortRange>,
+    /// Allowed UDP destination ports.
+    pub udp: Vec<PortRange>,
+    /// `icmp = true`: ICMP (IPv4) from/to the peers.
+    pub icmp: bool,
+    /// `icmpv6 = true`: ICMPv6 from/to the peers.
+    pub icmpv6: bool,
+    /// `proto = "any"`: every protocol and port.
+    pub any_proto: bool,
+    /// `interfaces = [...]`: only on these interfaces (None = all).
+    pub interfaces: Option<Vec<String>>,
+    /// Where the rule's table header (`[[...]]`) is.
+    pub loc: Loc,
+}
+
+impl Rule {
+    /// A label such as `roles.web.ingress[1]` or `base.egress[0]`.
+    pub fn label(&self) -> String {
+        format!("{}.{}[{}]", self.owner, self.direction, self.index)
+    }
+
+    /// Whether the rule applies on a host with `roles` on interface `iface`.
+    pub fn applies(&self, roles: &[String], iface: Option<&str>) -> bool {
+        let owner_ok = match &self.owner {
+            Owner::Base => true,
+            Owner::Role(r) => roles.iter().any(|x| x == r),
+        };
+        let iface_ok = match (&self.interfaces, iface) {
+            (None, _) => true,
+            (Some(list), Some(i)) => list.iter().any(|x| x == i),
+            (Some(_), None) => false,
+        };
+        owner_ok && iface_ok
+    }
+
+    /// A short description of what the rule allows, e.g. `tcp/80,443 udp/53`.
+    pub fn services(&self) -> String {
+        let mut parts = Vec::new();
+        if self.any_proto {
+            parts.push("any".to_string());
+        }
+        let join = |v: &[PortRange]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        if !self.tcp.is_empty() {
+            parts.push(format!("tcp/{}", join(&self.tcp)));
+        }
+        if !self.udp.is_empty() {
+            parts.push(format!("udp/{}", join(&self.udp)));
+        }
+        if self.icmp {
+            parts.push("icmp".to_string());
+        }
+        if self.icmpv6 {
+            parts.push("icmpv6".to_string());
+        }
+        parts.join(" ")
+    }
+}
+
+/// A role from `[roles.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Role {
+    /// Role name.
+    pub name: String,
+    /// `hosts` as written, if any.
+    pub hosts_text: Option<String>,
+    /// Addresses of hosts that take this role (empty when `hosts` is absent).
+    pub hosts: Vec<AddrRange>,
+    /// Where `[roles.NAME]` is.
+    pub loc: Loc,
+}
+
+/// A parsed and validated roles.toml.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// File the policy came from (as given), used in messages.
+    pub source: String,
+    /// `version` (always 1 today).
+    pub version: u32,
+    /// `[sets]`, file order.
+    pub sets: Vec<AddrSet>,
+    /// `[defaults]`.
+    pub defaults: Defaults,
+    /// Every rule (base and roles, both directions), file order; `rules[i].id == i`.
+    pub rules: Vec<Rule>,
+    /// Roles, file order.
+    pub roles: Vec<Role>,
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
+        parse::parse_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates policy text; `source` names it in errors.
+    pub fn from_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
+        parse::parse_str(text, source)
+    }
+
+    /// Looks a role up by name.
+    pub fn role(&self, name: &str) -> Option<&Role> {
+        self.roles.iter().find(|r| r.name == name)
+    }
+
+    /// The rules that apply to a host with `roles` on `iface`, in one direction.
+    pub fn rules_for<'a>(
+        &'a self,
+        roles: &'a [String],
+        iface: Option<&'a str>,
+        dir: Direction,
+    ) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.rules
+            .iter()
+            .filter(move |r| r.direction == dir && r.applies(roles, iface))
+    }
+}

@@ -1,0 +1,74 @@
+//! The state file of an attachment: what was applied (policy file, roles,
+//! generation, mode) and the compiled rule table that `status` and `trace`
+//! use to name rules. Written atomically (temp file + rename).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::compile::RuleInfo;
+
+/// What `attach` applied to an interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Interface name.
+    pub iface: String,
+    /// Network namespace (`--netns`), if any.
+    pub netns: Option<String>,
+    /// Interface index at attach time.
+    pub ifindex: u32,
+    /// Absolute path of the policy file.
+    pub policy: String,
+    /// The host's roles.
+    pub roles: Vec<String>,
+    /// XDP mode in use: `native` or `skb`.
+    pub mode: String,
+    /// Policy generation.
+    pub generation: u64,
+    /// Kernel id of the XDP program.
+    pub prog_id: u32,
+    /// Unix time of the attach.
+    pub attached_at: u64,
+    /// Entries written: IPv4 prefixes, IPv6 prefixes, port prefixes.
+    pub entries: [usize; 3],
+    /// Number of address classes.
+    pub classes: u32,
+    /// Rules that apply to this host.
+    pub rules: Vec<RuleInfo>,
+}
+
+impl State {
+    /// Reads a state file.
+    pub fn read(path: &Path) -> anyhow::Result<State> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading state file {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing state file {}", path.display()))
+    }
+
+    /// Writes the state file atomically (mode 0600).
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = path.parent().context("state path has no parent")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            serde_json::to_writer_pretty(&mut f, self)?;
+            std::io::Write::write_all(&mut f, b"\n")?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The rule with id `id`, if it applies to this host.
+    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+}
