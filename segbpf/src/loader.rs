@@ -23,12 +23,15 @@ pub enum LoadError {
     MissingProgram(&'static str),
 }
 
-/// Loads a fresh instance with its own maps sized by `capacity`.
-pub fn load(capacity: Capacity) -> Result<Ebpf, LoadError> {
+/// Loads a fresh instance with its own maps sized by `capacity`. A
+/// `dry_run` instance writes no counters and records each decision in
+/// `SEG_TRACE` (used by tests that need the reason and rule of a packet).
+pub fn load(capacity: Capacity, dry_run: bool) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_PEER_V4, capacity.peer_v4)
         .map_max_entries(MAP_PEER_V6, capacity.peer_v6)
         .map_max_entries(MAP_PORTS, capacity.ports)
+        .override_global(GLOBAL_DRY_RUN, &(dry_run as u8), true)
         .load(EBPF_OBJECT)?;
     load_xdp(&mut ebpf)?;
     Ok(ebpf)

@@ -15,6 +15,86 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
 /// Default directory for state files.
 pub const DEFAULT_STATE_DIR: &str = "/run/segbpf";
 
+/// The two roots: bpffs directory for pins and directory for state files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Roots {
+    /// bpffs directory (`$SEGBPF_BPFFS`, default [`DEFAULT_BPFFS`]).
+    pub bpffs: PathBuf,
+    /// State directory (`$SEGBPF_STATE_DIR`, default [`DEFAULT_STATE_DIR`]).
+    pub state: PathBuf,
+}
+
+impl Roots {
+    /// Roots from the environment, or the defaults.
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        Roots {
+            bpffs: var("SEGBPF_BPFFS", DEFAULT_BPFFS),
+            state: var("SEGBPF_STATE_DIR", DEFAULT_STATE_DIR),
+        }
+    }
+
+    /// The attachment of `iface` (in `netns`, if given).
+    pub fn attachment(&self, iface: &str, netns: Option<&str>) -> Attachment {
+        let (dir, state) = match netns {
+            None => (
+                self.bpffs.join("ifaces").join(iface),
+                self.state.join("ifaces"),
+            ),
+            Some(ns) => (
+                self.bpffs.join("netns").join(ns).join(iface),
+                self.state.join("netns").join(ns),
+            ),
+        };
+        Attachment {
+            iface: iface.to_string(),
+            netns: netns.map(str::to_string),
+            dir,
+            state: state.join(format!("{iface}.json")),
+            bpffs_root: self.bpffs.clone(),
+        }
+    }
+
+    /// Every attachment that has a pin directory (of `netns`, if given).
+    pub fn list(&self, netns: Option<&str>) -> Vec<Attachment> {
+        let parent = match netns {
+            None => self.bpffs.join("ifaces"),
+            Some(ns) => self.bpffs.join("netns").join(ns),
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&parent)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.iter().map(|n| self.attachment(n, netns)).collect()
+    }
+
+    /// Makes sure a bpffs is mounted at `/sys/fs/bpf` when the pin root is
+    /// under it, and creates the pin root.
+    pub fn ensure_bpffs(&self) -> std::io::Result<()> {
+        let base = Path::new("/sys/fs/bpf");
+        if self.bpffs.starts_with(base) && !is_bpffs(base) {
+            nix::mount::mount(
+                Some("bpf"),
+                base,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(std::io::Error::from)?;
+        }
+        std::fs::create_dir_all(&self.bpffs)
+    }
+}
+
 /// The paths of one attachment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -26,44 +106,14 @@ pub struct Attachment {
     pub dir: PathBuf,
     /// State file.
     pub state: PathBuf,
+    /// The bpffs root (empty parent directories are removed up to and including it).
+    pub bpffs_root: PathBuf,
 }
 
 impl Attachment {
-    /// The attachment of `iface` (in `netns`, if given).
+    /// The attachment of `iface` under the roots from the environment.
     pub fn new(iface: &str, netns: Option<&str>) -> Self {
-        let (bpffs, state) = roots();
-        let (dir, state) = match netns {
-            None => (bpffs.join("ifaces").join(iface), state.join("ifaces")),
-            Some(ns) => (
-                bpffs.join("netns").join(ns).join(iface),
-                state.join("netns").join(ns),
-            ),
-        };
-        Attachment {
-            iface: iface.to_string(),
-            netns: netns.map(str::to_string),
-            dir,
-            state: state.join(format!("{iface}.json")),
-        }
-    }
-
-    /// Every attachment that has a pin directory (of `netns`, if given).
-    pub fn list(netns: Option<&str>) -> Vec<Attachment> {
-        let (bpffs, _) = roots();
-        let parent = match netns {
-            None => bpffs.join("ifaces"),
-            Some(ns) => bpffs.join("netns").join(ns),
-        };
-        let mut names: Vec<String> = std::fs::read_dir(&parent)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.path().is_dir())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names.iter().map(|n| Attachment::new(n, netns)).collect()
+        Roots::from_env().attachment(iface, netns)
     }
 
     /// Pin path of a map.
@@ -94,9 +144,13 @@ impl Attachment {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        // Tidy empty parents (netns directories); ignore failures.
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent);
+        // Tidy empty parents up to the root; remove_dir fails on non-empty ones.
+        let mut parent = self.dir.parent();
+        while let Some(p) = parent {
+            if !p.starts_with(&self.bpffs_root) || std::fs::remove_dir(p).is_err() {
+                break;
+            }
+            parent = p.parent();
         }
         Ok(())
     }
@@ -107,34 +161,6 @@ fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-fn roots() -> (PathBuf, PathBuf) {
-    let bpffs = std::env::var_os("SEGBPF_BPFFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
-    let state = std::env::var_os("SEGBPF_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    (bpffs, state)
-}
-
-/// Makes sure a bpffs is mounted at (or above) `path`'s root, mounting one
-/// at `/sys/fs/bpf` if nothing is mounted there.
-pub fn ensure_bpffs() -> std::io::Result<()> {
-    let (bpffs, _) = roots();
-    let base = Path::new("/sys/fs/bpf");
-    if bpffs.starts_with(base) && !is_bpffs(base) {
-        nix::mount::mount(
-            Some("bpf"),
-            base,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(std::io::Error::from)?;
-    }
-    std::fs::create_dir_all(&bpffs)
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -1,1 +1,116 @@
-fn main(){}
+//! `cargo xtask`: developer tasks for segbpf.
+//!
+//! - `setup`: install what building and testing need, only what is missing
+//!   (nightly rust-src, LLVM 22 dev packages, bpf-linker built against
+//!   LLVM 22, iproute2, bpffs mount). Fast when everything is present.
+//! - `test`: setup, build, then every test including the privileged ones
+//!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
+//! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).
+//! - `demo`: a three-host lab from `examples/roles.toml` with a
+//!   connectivity matrix, torn down at the end.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "segbpf developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing build/test dependencies (idempotent).
+    Setup,
+    /// Setup, build, and run all tests (unit + privileged kernel tests).
+    Test {
+        /// Extra arguments passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt --check and clippy -D warnings on every crate.
+    Lint,
+    /// Build a three-host lab, enforce examples/roles.toml, show the matrix, tear down.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Lint => lint(),
+        Cmd::Demo => {
+            setup::run()?;
+            build_segbpf()?;
+            demo::run()
+        }
+    }
+}
+
+/// Runs a command, failing when it fails.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the segbpf binary (and with it the eBPF object).
+fn build_segbpf() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--package", "segbpf", "--bin", "segbpf"]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    build_segbpf()?;
+    let bin = segbpf_tests::lab::segbpf_bin();
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "segbpf-ebpf", "--", "--include-ignored"])
+        .args(extra)
+        .env("SEGBPF_BIN", &bin);
+    run(&mut cmd)
+}
+
+fn lint() -> anyhow::Result<()> {
+    setup::run()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "segbpf-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo")
+        .current_dir("segbpf-ebpf")
+        .args([
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO"))
+}

@@ -94,7 +94,9 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
     }
 
     // 2. Kernel: load, fill, pin, attach. Undo on any failure.
-    pins::ensure_bpffs().context("mounting bpffs")?;
+    pins::Roots::from_env()
+        .ensure_bpffs()
+        .context("mounting bpffs")?;
     if att.dir.exists() {
         warn!("removing stale pins in {}", att.dir.display());
         att.remove()?;
@@ -155,7 +157,7 @@ fn load_and_attach(
     compiled: &compile::Compiled,
     mode: Mode,
 ) -> anyhow::Result<(u32, &'static str)> {
-    let mut ebpf = loader::load(Capacity::default())?;
+    let mut ebpf = loader::load(Capacity::default(), false)?;
     maps::write_policy(&mut ebpf, compiled)?;
     std::fs::create_dir_all(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
     maps::pin_all(&mut ebpf, att)?;

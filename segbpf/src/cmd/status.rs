@@ -71,7 +71,7 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
             }
             vec![att]
         }
-        None => Attachment::list(netns),
+        None => crate::pins::Roots::from_env().list(netns),
     };
     let reports = atts.iter().map(report).collect::<anyhow::Result<Vec<_>>>()?;
     match args.output {

@@ -139,9 +139,7 @@ impl AddrRange {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (*self, ip) {
             (AddrRange::V4 { start, end }, IpAddr::V4(a)) => (start..=end).contains(&u32::from(a)),
-            (AddrRange::V6 { start, end }, IpAddr::V6(a)) => {
-                (start..=end).contains(&u128::from(a))
-            }
+            (AddrRange::V6 { start, end }, IpAddr::V6(a)) => (start..=end).contains(&u128::from(a)),
             _ => false,
         }
     }
@@ -149,13 +147,15 @@ impl AddrRange {
     /// The minimal list of CIDRs covering exactly this range, in address order.
     pub fn to_cidrs(&self) -> Vec<IpNet> {
         match *self {
-            AddrRange::V4 { start, end } => range_to_prefixes(u128::from(start), u128::from(end), 32)
-                .into_iter()
-                .filter_map(|(s, len)| {
-                    let a = Ipv4Addr::from(u32::try_from(s).ok()?);
-                    Ipv4Net::new(a, u8::try_from(len).ok()?).ok().map(IpNet::V4)
-                })
-                .collect(),
+            AddrRange::V4 { start, end } => {
+                range_to_prefixes(u128::from(start), u128::from(end), 32)
+                    .into_iter()
+                    .filter_map(|(s, len)| {
+                        let a = Ipv4Addr::from(u32::try_from(s).ok()?);
+                        Ipv4Net::new(a, u8::try_from(len).ok()?).ok().map(IpNet::V4)
+                    })
+                    .collect()
+            }
             AddrRange::V6 { start, end } => range_to_prefixes(start, end, 128)
                 .into_iter()
                 .filter_map(|(s, len)| {
@@ -241,9 +241,7 @@ fn parse_ip(s: &str, whole: &str) -> Result<IpAddr, AddrParseError> {
         if s == whole {
             AddrParseError::Bad(format!("`{s}` is not an IPv4 or IPv6 address"))
         } else {
-            AddrParseError::Bad(format!(
-                "`{whole}`: `{s}` is not an IPv4 or IPv6 address"
-            ))
+            AddrParseError::Bad(format!("`{whole}`: `{s}` is not an IPv4 or IPv6 address"))
         }
     })
 }
@@ -274,7 +272,11 @@ pub fn range_to_prefixes(start: u128, end: u128, bits: u32) -> Vec<(u128, u32)> 
         };
         let k = align.min(fit);
         out.push((cur, bits - k));
-        let mask = if k >= 128 { u128::MAX } else { (1u128 << k) - 1 };
+        let mask = if k >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << k) - 1
+        };
         let last = cur | mask;
         if last >= end {
             break;
@@ -309,7 +311,10 @@ mod tests {
         assert!(!r.family_is_v4());
         assert_eq!(nets(&r), ["fd00::1/128"]);
         assert_eq!(r.to_string(), "fd00::1");
-        assert_eq!(nets(&parse_item(" 10.0.0.1 ").expect("v4")), ["10.0.0.1/32"]);
+        assert_eq!(
+            nets(&parse_item(" 10.0.0.1 ").expect("v4")),
+            ["10.0.0.1/32"]
+        );
     }
 
     #[test]
@@ -339,11 +344,23 @@ mod tests {
                 "10.0.0.1/24 has host bits set; did you mean 10.0.0.0/24?".into()
             ))
         );
-        assert!(matches!(parse_item("10.0.0.0/33"), Err(AddrParseError::Bad(m)) if m.contains("too long")));
-        assert!(matches!(parse_item("10.0.0.0/x"), Err(AddrParseError::Bad(m)) if m.contains("not a number")));
-        assert!(matches!(parse_item("fd00::1/64"), Err(AddrParseError::Bad(m)) if m.contains("fd00::/64")));
-        assert!(matches!(parse_item("10.0.0.256"), Err(AddrParseError::Bad(_))));
-        assert!(matches!(parse_item("web_nodes"), Err(AddrParseError::Bad(_))));
+        assert!(
+            matches!(parse_item("10.0.0.0/33"), Err(AddrParseError::Bad(m)) if m.contains("too long"))
+        );
+        assert!(
+            matches!(parse_item("10.0.0.0/x"), Err(AddrParseError::Bad(m)) if m.contains("not a number"))
+        );
+        assert!(
+            matches!(parse_item("fd00::1/64"), Err(AddrParseError::Bad(m)) if m.contains("fd00::/64"))
+        );
+        assert!(matches!(
+            parse_item("10.0.0.256"),
+            Err(AddrParseError::Bad(_))
+        ));
+        assert!(matches!(
+            parse_item("web_nodes"),
+            Err(AddrParseError::Bad(_))
+        ));
         assert!(matches!(parse_item(""), Err(AddrParseError::Bad(_))));
     }
 
@@ -370,7 +387,10 @@ mod tests {
         );
         assert_eq!(parse_item("10.0.0.1-"), Err(AddrParseError::Empty));
         assert_eq!(parse_item("-10.0.0.1"), Err(AddrParseError::Empty));
-        assert!(matches!(parse_item("10.0.0.1-10.0.0.0/24"), Err(AddrParseError::Bad(_))));
+        assert!(matches!(
+            parse_item("10.0.0.1-10.0.0.0/24"),
+            Err(AddrParseError::Bad(_))
+        ));
         // A range of one address is that address.
         assert_eq!(parse_item("10.0.0.7-10.0.0.7"), parse_item("10.0.0.7"));
         // A range that is exactly one CIDR displays as it.

@@ -155,7 +155,10 @@ mod tests {
     fn display_with_position_and_field() {
         let e = PolicyError::new(
             "roles.toml",
-            Some(Loc { line: 3, column: 14 }),
+            Some(Loc {
+                line: 3,
+                column: 14,
+            }),
             "sets.web_nodes[0]",
             PolicyErrorKind::ReversedRange,
         );

@@ -35,7 +35,10 @@ pub enum PortParseError {
 
 impl PortRange {
     /// Every port, `0-65535`.
-    pub const ALL: PortRange = PortRange { lo: 0, hi: u16::MAX };
+    pub const ALL: PortRange = PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    };
 
     /// The range holding only `port`.
     pub fn single(port: u16) -> Self {
@@ -134,8 +137,14 @@ mod tests {
         assert_eq!(PortRange::parse("65536"), Err(PortParseError::OutOfRange));
         assert_eq!(PortRange::parse("1-70000"), Err(PortParseError::OutOfRange));
         assert_eq!(PortRange::parse("80-"), Err(PortParseError::Empty));
-        assert!(matches!(PortRange::parse("http"), Err(PortParseError::Bad(_))));
-        assert!(matches!(PortRange::parse("+80"), Err(PortParseError::Bad(_))));
+        assert!(matches!(
+            PortRange::parse("http"),
+            Err(PortParseError::Bad(_))
+        ));
+        assert!(matches!(
+            PortRange::parse("+80"),
+            Err(PortParseError::Bad(_))
+        ));
         assert!(matches!(PortRange::parse(""), Err(PortParseError::Bad(_))));
         assert_eq!(PortRange::new(2, 1), None);
     }
@@ -176,7 +185,13 @@ mod tests {
 
     #[test]
     fn prefixes_cover_exactly() {
-        for (lo, hi) in [(0u16, 0u16), (1, 1), (80, 443), (1024, 65535), (65535, 65535)] {
+        for (lo, hi) in [
+            (0u16, 0u16),
+            (1, 1),
+            (80, 443),
+            (1024, 65535),
+            (65535, 65535),
+        ] {
             let r = PortRange { lo, hi };
             let mut covered = Vec::new();
             for (s, len) in r.to_prefixes() {

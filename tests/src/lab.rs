@@ -1,0 +1,183 @@
+//! A lab: hosts in network namespaces on one bridge (in a "switch"
+//! namespace), and the `segbpf` binary run in them with private pin and
+//! state roots. Dropping the lab detaches segbpf, removes its pins and
+//! state and deletes every namespace (and with them every veth).
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+/// A host of the lab.
+#[derive(Debug)]
+pub struct Host {
+    /// Logical name (`web`, `db`, ...).
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its interface towards the switch.
+    pub iface: String,
+    /// Its addresses.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// A set of hosts on one L2 segment.
+pub struct Lab {
+    /// Unique id of this lab (prefix of its namespace names).
+    pub id: String,
+    /// Pin root given to segbpf (`SEGBPF_BPFFS`).
+    pub bpffs: PathBuf,
+    /// State root given to segbpf (`SEGBPF_STATE_DIR`).
+    pub state: PathBuf,
+    bin: PathBuf,
+    hosts: Vec<Host>,
+    switch: Option<Netns>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The `segbpf` binary: `$SEGBPF_BIN`, else `target/debug/segbpf` of this workspace.
+pub fn segbpf_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEGBPF_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/segbpf")
+}
+
+impl Lab {
+    /// Creates an empty lab (the switch namespace with its bridge).
+    pub fn new(tag: &str) -> anyhow::Result<Lab> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{tag}{}x{n}", std::process::id());
+        let bin = segbpf_bin();
+        if !bin.exists() {
+            bail!(
+                "segbpf binary not found at {} (build it first: cargo build -p segbpf, or set SEGBPF_BIN)",
+                bin.display()
+            );
+        }
+        let switch = Netns::create(&format!("{id}-sw"))?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        Ok(Lab {
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/segbpf-lab-{id}")),
+            state: std::env::temp_dir().join(format!("segbpf-lab-{id}")),
+            id,
+            bin,
+            hosts: Vec::new(),
+            switch: Some(switch),
+        })
+    }
+
+    /// Adds a host with addresses in CIDR form (e.g. `10.10.1.30/16`,
+    /// `fd00:10:1::30/64`) on interface `eth0`, plugged into the bridge.
+    pub fn add_host(&mut self, name: &str, cidrs: &[&str]) -> anyhow::Result<&Host> {
+        let ns = Netns::create(&format!("{}-{name}", self.id))?;
+        let switch = self.switch.as_ref().context("lab has no switch")?;
+        let port = format!("p{}", self.hosts.len());
+        ip_ok(&[
+            "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &port,
+            "netns", &switch.name,
+        ])?;
+        switch.ip(&["link", "set", &port, "master", "br0"])?;
+        switch.ip(&["link", "set", &port, "up"])?;
+        let mut addrs = Vec::new();
+        for c in cidrs {
+            let mut args = vec!["addr", "add", c, "dev", "eth0"];
+            if c.contains(':') {
+                args.push("nodad");
+            }
+            ns.ip(&args)?;
+            let a: IpAddr = c
+                .split('/')
+                .next()
+                .unwrap_or(c)
+                .parse()
+                .with_context(|| format!("address {c}"))?;
+            addrs.push(a);
+        }
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        self.hosts.push(Host {
+            name: name.to_string(),
+            ns,
+            iface: "eth0".to_string(),
+            addrs,
+        });
+        Ok(self.hosts.last().expect("just pushed"))
+    }
+
+    /// The host called `name`.
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name} in lab"))
+    }
+
+    /// Runs `segbpf --netns HOST ARGS...` with the lab's roots.
+    pub fn segbpf(&self, host: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let h = self.host(host);
+        Command::new(&self.bin)
+            .arg("--netns")
+            .arg(&h.ns.name)
+            .args(args)
+            .env("SEGBPF_BPFFS", &self.bpffs)
+            .env("SEGBPF_STATE_DIR", &self.state)
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))
+    }
+
+    /// Like [`Lab::segbpf`] but fails unless the exit status is 0; returns stdout.
+    pub fn segbpf_ok(&self, host: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.segbpf(host, args)?;
+        if !out.status.success() {
+            bail!(
+                "segbpf {} on {host} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Attaches segbpf on `host` with `policy` (extra args appended) and returns stdout.
+    pub fn attach(&self, host: &str, policy: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let iface = self.host(host).iface.clone();
+        let mut args = vec!["attach", iface.as_str(), "--policy", policy, "--no-wait"];
+        args.extend_from_slice(extra);
+        self.segbpf_ok(host, &args)
+    }
+
+    /// `segbpf status --output json` of `host`, parsed.
+    pub fn status_json(&self, host: &str) -> anyhow::Result<serde_json::Value> {
+        let iface = self.host(host).iface.clone();
+        let out = self.segbpf_ok(host, &["status", &iface, "--output", "json"])?;
+        serde_json::from_str(&out).context("status JSON")
+    }
+}
+
+fn ip_ok(args: &[&str]) -> anyhow::Result<()> {
+    crate::netns::ip(args).map(|_| ())
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = self.segbpf(&h.name, &["detach", &h.iface]);
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.state);
+        self.hosts.clear(); // deletes host namespaces
+        self.switch = None;
+    }
+}

@@ -1,0 +1,141 @@
+//! Installs what segbpf needs to build and test, skipping what is present.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::run as run_cmd;
+
+/// Debian packages needed to build bpf-linker against LLVM 22.
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+
+/// Installs what is missing. Safe to run repeatedly.
+pub fn run() -> anyhow::Result<()> {
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_tools()?;
+    ensure_bpffs()?;
+    Ok(())
+}
+
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rustup() -> Command {
+    let mut c = Command::new("rustup");
+    // Inside `cargo xtask` the stable toolchain is selected through these;
+    // rustup must see the user's view.
+    c.env_remove("RUSTUP_TOOLCHAIN");
+    c
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = output_ok(rustup().args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain (eBPF build)");
+        run_cmd(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let comps = output_ok(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to nightly");
+        run_cmd(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn bpf_linker_works() -> bool {
+    let path = cargo_bin_dir().join("bpf-linker");
+    let cmd = if path.exists() { path } else { PathBuf::from("bpf-linker") };
+    output_ok(Command::new(cmd).arg("--version")).is_some()
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    output_ok(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !deb_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("missing Debian packages {missing:?}; run as root or install them");
+    }
+    eprintln!("setup: apt-get install {}", missing.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nix_is_root() -> bool {
+    output_ok(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    apt_install(LLVM_PACKAGES)?;
+    eprintln!("setup: building bpf-linker against LLVM 22 (about a minute)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run_cmd(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            // The release checked to build with this machine's toolchains.
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO"))
+    .context("installing bpf-linker")?;
+    if !bpf_linker_works() {
+        bail!("bpf-linker was installed but does not run (is libllvm22 installed?)");
+    }
+    Ok(())
+}
+
+fn ensure_tools() -> anyhow::Result<()> {
+    if output_ok(Command::new("ip").arg("-V")).is_none() {
+        apt_install(&["iproute2"])?;
+    }
+    Ok(())
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        return Ok(());
+    }
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+    if !mounted {
+        eprintln!("setup: mounting bpffs on /sys/fs/bpf");
+        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
