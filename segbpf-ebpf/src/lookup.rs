@@ -1,12 +1,13 @@
 //! Policy lookups: two per packet whatever the number of rules.
 //! 1. peer trie (v4 or v6): (slot, direction, peer address) -> class id;
 //! 2. port trie: (slot, class, protocol, destination port) -> rule id.
+//!
 //! Port ranges are stored as port prefixes, so a range costs a handful of
 //! trie entries and never a loop in the kernel.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use segbpf_common::{
-    Config, PEER_KEY_HEADER_BITS, PeerKeyV4, PeerKeyV6, PortKey, PORT_KEY_PROTO_BITS,
+    Config, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
 };
 
 use crate::{

@@ -247,7 +247,9 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
 fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Parsed, u8> {
     match p.proto {
         IPPROTO_TCP => {
-            let h = pkt.bytes::<TCP_MIN_HLEN>(off).ok_or(reason::DROP_TRUNC_L4)?;
+            let h = pkt
+                .bytes::<TCP_MIN_HLEN>(off)
+                .ok_or(reason::DROP_TRUNC_L4)?;
             let doff = ((h[12] >> 4) as usize) * 4;
             if doff < TCP_MIN_HLEN {
                 return Err(reason::DROP_BAD_L4);

@@ -2,9 +2,7 @@
 //! defaults. Order: always-allowed L2 control traffic, policy rules (lowest
 //! matching rule id), the ICMP default, the direction's default.
 
-use segbpf_common::{
-    ACTION_ALLOW, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason,
-};
+use segbpf_common::{ACTION_ALLOW, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason};
 
 use crate::{
     lookup,

@@ -25,7 +25,9 @@ use segbpf_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Action, AddrRange, Direction, Policy, PortRange, Rule, addr::range_to_prefixes};
+use crate::policy::{
+    Action, AddrRange, Direction, Policy, PortRange, Rule, addr::range_to_prefixes,
+};
 
 /// Map capacities the compiled policy must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,7 +161,8 @@ pub fn compile(
                 limit: MAX_RULES_PER_DIRECTION,
             });
         }
-        out.rules.extend(rules.iter().map(|r| RuleInfo::from_rule(r)));
+        out.rules
+            .extend(rules.iter().map(|r| RuleInfo::from_rule(r)));
         compile_direction(&rules, dir, slot, &mut next_class, &mut out);
     }
     out.rules.sort_by_key(|r| r.id);
@@ -221,7 +224,9 @@ fn compile_direction(
             .enumerate()
             .flat_map(|(i, r)| {
                 r.peers.iter().filter_map(move |p| match (p, v6) {
-                    (AddrRange::V4 { start, end }, false) => Some((*start as u128, *end as u128, i)),
+                    (AddrRange::V4 { start, end }, false) => {
+                        Some((*start as u128, *end as u128, i))
+                    }
                     (AddrRange::V6 { start, end }, true) => Some((*start, *end, i)),
                     _ => None,
                 })
@@ -274,7 +279,13 @@ fn compile_class_ports(
     // `proto = "any"`: class-only prefix, the fallback for every protocol.
     let any_min = members.iter().copied().find(|&i| rules[i].any_proto);
     if let Some(i) = any_min {
-        out.push((PORT_KEY_CLASS_BITS, key(0, 0), RuleRef { rule_id: rules[i].id }));
+        out.push((
+            PORT_KEY_CLASS_BITS,
+            key(0, 0),
+            RuleRef {
+                rule_id: rules[i].id,
+            },
+        ));
     }
     // Protocols without ports: one protocol-wide prefix.
     for (proto, allowed) in [
@@ -288,12 +299,21 @@ fn compile_class_ports(
         if let Some(i) = first
             && Some(i) != any_min
         {
-            out.push((PORT_KEY_PROTO_BITS, key(proto, 0), RuleRef { rule_id: rules[i].id }));
+            out.push((
+                PORT_KEY_PROTO_BITS,
+                key(proto, 0),
+                RuleRef {
+                    rule_id: rules[i].id,
+                },
+            ));
         }
     }
     // TCP and UDP: the lowest rule per port, as non-overlapping port prefixes.
     for (proto, ports) in [
-        (IPPROTO_TCP, (|r: &Rule| &r.tcp[..]) as fn(&Rule) -> &[PortRange]),
+        (
+            IPPROTO_TCP,
+            (|r: &Rule| &r.tcp[..]) as fn(&Rule) -> &[PortRange],
+        ),
         (IPPROTO_UDP, |r: &Rule| &r.udp[..]),
     ] {
         let mut ranges: Vec<(u128, u128, usize)> = Vec::new();
@@ -319,7 +339,9 @@ fn compile_class_ports(
                 out.push((
                     PORT_KEY_PROTO_BITS + len,
                     key(proto, prefix as u16),
-                    RuleRef { rule_id: rules[i].id },
+                    RuleRef {
+                        rule_id: rules[i].id,
+                    },
                 ));
             }
         }
@@ -368,7 +390,11 @@ pub(crate) fn sweep(
             }
             k += 1;
         }
-        let end = if k < events.len() { events[k].0 - 1 } else { max };
+        let end = if k < events.len() {
+            events[k].0 - 1
+        } else {
+            max
+        };
         if active_n == 0 {
             continue;
         }
@@ -409,10 +435,7 @@ mod tests {
     #[test]
     fn sweep_merges_and_splits() {
         let r = sweep(&[(0, 9, 0), (5, 14, 1), (15, 20, 1)], 100, 1);
-        assert_eq!(
-            r,
-            vec![(0, 4, vec![1]), (5, 9, vec![3]), (10, 20, vec![2])]
-        );
+        assert_eq!(r, vec![(0, 4, vec![1]), (5, 9, vec![3]), (10, 20, vec![2])]);
     }
 
     #[test]
@@ -420,11 +443,7 @@ mod tests {
         let r = sweep(&[(0, u128::MAX, 0), (10, 10, 1)], u128::MAX, 1);
         assert_eq!(
             r,
-            vec![
-                (0, 9, vec![1]),
-                (10, 10, vec![3]),
-                (11, u128::MAX, vec![1])
-            ]
+            vec![(0, 9, vec![1]), (10, 10, vec![3]), (11, u128::MAX, vec![1])]
         );
     }
 
@@ -465,7 +484,11 @@ proto = "any"
                     let plen = len - PEER_KEY_HEADER_BITS;
                     let a = u32::from_be_bytes(k.addr_be);
                     let x = u32::from_be_bytes(addr);
-                    let mask = if plen == 0 { 0 } else { u32::MAX << (32 - plen) };
+                    let mask = if plen == 0 {
+                        0
+                    } else {
+                        u32::MAX << (32 - plen)
+                    };
                     x & mask == a
                 })
                 .map(|(_, _, v)| v.class_id)
@@ -481,7 +504,11 @@ proto = "any"
                         && (*len == PORT_KEY_CLASS_BITS
                             || (k.proto == proto && {
                                 let plen = len - PORT_KEY_PROTO_BITS;
-                                let mask = if plen == 0 { 0 } else { u16::MAX << (16 - plen) };
+                                let mask = if plen == 0 {
+                                    0
+                                } else {
+                                    u16::MAX << (16 - plen)
+                                };
                                 port & mask == u16::from_be_bytes(k.port_be)
                             }))
                 })
@@ -514,6 +541,12 @@ proto = "any"
             ..Capacity::default()
         };
         let err = compile(&p, &roles(&["r"]), None, 0, 1, cap).unwrap_err();
-        assert!(matches!(err, CompileError::Capacity { map: "SEG_PEER_V4", .. }));
+        assert!(matches!(
+            err,
+            CompileError::Capacity {
+                map: "SEG_PEER_V4",
+                ..
+            }
+        ));
     }
 }

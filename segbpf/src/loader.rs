@@ -2,7 +2,9 @@
 //! attachment's maps, and program lookup.
 
 use aya::{Ebpf, EbpfLoader, programs::Xdp};
-use segbpf_common::{GLOBAL_DRY_RUN, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, PINNED_MAPS, PROG_XDP_INGRESS};
+use segbpf_common::{
+    GLOBAL_DRY_RUN, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, PINNED_MAPS, PROG_XDP_INGRESS,
+};
 
 use crate::{compile::Capacity, pins::Attachment};
 

@@ -4,8 +4,8 @@
 
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
-    Config, MAP_CONFIG, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_STATS, MAP_TRACE, STATS_LEN,
-    TraceResult,
+    Config, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_STATS, MAP_TRACE, PeerClass,
+    PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
 };
 
 use crate::{compile::Compiled, pins::Attachment};
@@ -35,30 +35,41 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 /// the policy's slot the active one), into a loaded instance.
 pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError> {
     {
-        let map = ebpf.map_mut(MAP_PEER_V4).ok_or(MapsError::Missing(MAP_PEER_V4))?;
+        let map = ebpf
+            .map_mut(MAP_PEER_V4)
+            .ok_or(MapsError::Missing(MAP_PEER_V4))?;
         let mut trie: LpmTrie<&mut MapData, PeerKeyV4, PeerClass> =
             LpmTrie::try_from(map).map_err(err(MAP_PEER_V4))?;
         for (len, k, v) in &c.peers_v4 {
-            trie.insert(&Key::new(*len, *k), v, 0).map_err(err(MAP_PEER_V4))?;
+            trie.insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PEER_V4))?;
         }
     }
     {
-        let map = ebpf.map_mut(MAP_PEER_V6).ok_or(MapsError::Missing(MAP_PEER_V6))?;
+        let map = ebpf
+            .map_mut(MAP_PEER_V6)
+            .ok_or(MapsError::Missing(MAP_PEER_V6))?;
         let mut trie: LpmTrie<&mut MapData, PeerKeyV6, PeerClass> =
             LpmTrie::try_from(map).map_err(err(MAP_PEER_V6))?;
         for (len, k, v) in &c.peers_v6 {
-            trie.insert(&Key::new(*len, *k), v, 0).map_err(err(MAP_PEER_V6))?;
+            trie.insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PEER_V6))?;
         }
     }
     {
-        let map = ebpf.map_mut(MAP_PORTS).ok_or(MapsError::Missing(MAP_PORTS))?;
+        let map = ebpf
+            .map_mut(MAP_PORTS)
+            .ok_or(MapsError::Missing(MAP_PORTS))?;
         let mut trie: LpmTrie<&mut MapData, PortKey, RuleRef> =
             LpmTrie::try_from(map).map_err(err(MAP_PORTS))?;
         for (len, k, v) in &c.ports {
-            trie.insert(&Key::new(*len, *k), v, 0).map_err(err(MAP_PORTS))?;
+            trie.insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PORTS))?;
         }
     }
-    let map = ebpf.map_mut(MAP_CONFIG).ok_or(MapsError::Missing(MAP_CONFIG))?;
+    let map = ebpf
+        .map_mut(MAP_CONFIG)
+        .ok_or(MapsError::Missing(MAP_CONFIG))?;
     let mut cfg: Array<&mut MapData, Config> = Array::try_from(map).map_err(err(MAP_CONFIG))?;
     cfg.set(0, c.config, 0).map_err(err(MAP_CONFIG))?;
     Ok(())
@@ -97,10 +108,13 @@ pub fn pinned_config(att: &Attachment) -> Result<Config, MapsError> {
 
 /// Reads and clears the dry-run record of a loaded dry-run instance.
 pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
-    let map = ebpf.map_mut(MAP_TRACE).ok_or(MapsError::Missing(MAP_TRACE))?;
+    let map = ebpf
+        .map_mut(MAP_TRACE)
+        .ok_or(MapsError::Missing(MAP_TRACE))?;
     let mut arr: Array<&mut MapData, TraceResult> = Array::try_from(map).map_err(err(MAP_TRACE))?;
     let t = arr.get(&0, 0).map_err(err(MAP_TRACE))?;
-    arr.set(0, TraceResult::default(), 0).map_err(err(MAP_TRACE))?;
+    arr.set(0, TraceResult::default(), 0)
+        .map_err(err(MAP_TRACE))?;
     Ok(t)
 }
 

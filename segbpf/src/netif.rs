@@ -34,7 +34,8 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
         bail!("invalid network namespace name {name:?}");
     }
     let path = format!("/run/netns/{name}");
-    let f = std::fs::File::open(&path).with_context(|| format!("network namespace {name} ({path})"))?;
+    let f =
+        std::fs::File::open(&path).with_context(|| format!("network namespace {name} ({path})"))?;
     nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("entering network namespace {name}"))?;
     Ok(())

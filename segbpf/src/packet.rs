@@ -168,7 +168,7 @@ impl PacketSpec {
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let mut opts = self.ipv4_options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(0);
                 }
                 let ihl = 5 + opts.len() / 4;
@@ -274,8 +274,13 @@ mod tests {
 
     #[test]
     fn ipv4_tcp_layout() {
-        let b = PacketSpec::tcp("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap(), 1000, 80)
-            .build();
+        let b = PacketSpec::tcp(
+            "198.18.0.1".parse().unwrap(),
+            "198.18.0.2".parse().unwrap(),
+            1000,
+            80,
+        )
+        .build();
         assert_eq!(b.l3, 14);
         assert_eq!(b.l4, 34);
         assert_eq!(b.bytes.len(), 54);
@@ -285,7 +290,12 @@ mod tests {
 
     #[test]
     fn ipv6_ext_chain_links_next_headers() {
-        let mut s = PacketSpec::udp("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap(), 5, 53);
+        let mut s = PacketSpec::udp(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            5,
+            53,
+        );
         s.ipv6_ext = vec![Ext::options(0), Ext::fragment(0, true, 7)];
         s.vlans = vec![10, 20];
         let b = s.build();

@@ -165,6 +165,8 @@ fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    // The field's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
         .unwrap_or(false)

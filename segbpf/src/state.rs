@@ -43,7 +43,8 @@ impl State {
     pub fn read(path: &Path) -> anyhow::Result<State> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading state file {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing state file {}", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing state file {}", path.display()))
     }
 
     /// Writes the state file atomically (mode 0600).

@@ -85,8 +85,18 @@ impl Lab {
         let switch = self.switch.as_ref().context("lab has no switch")?;
         let port = format!("p{}", self.hosts.len());
         ip_ok(&[
-            "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &port,
-            "netns", &switch.name,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &switch.name,
         ])?;
         switch.ip(&["link", "set", &port, "master", "br0"])?;
         switch.ip(&["link", "set", &port, "up"])?;

@@ -96,7 +96,8 @@ pub fn tcp_connect(
         } else {
             socket2::Domain::IPV6
         };
-        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
         sock.bind(&SocketAddr::new(src, 0).into())
             .with_context(|| format!("bind {src}"))?;
         let ok = sock

@@ -23,7 +23,10 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
     let mut lab = Lab::new("db")?;
     lab.add_host("db", &["10.10.1.30/16", "fd00:10:1::30/64"])?;
     // One client namespace holding an app-tier and a web-tier address.
-    lab.add_host("client", &["10.10.1.25/16", "10.10.1.15/16", "fd00:10:1::99/64"])?;
+    lab.add_host(
+        "client",
+        &["10.10.1.25/16", "10.10.1.15/16", "fd00:10:1::99/64"],
+    )?;
     let db_ns = lab.host("db").ns.name.clone();
     let client_ns = lab.host("client").ns.name.clone();
     let db: IpAddr = "10.10.1.30".parse()?;
@@ -33,14 +36,23 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
     let t = Duration::from_secs(2);
 
     // Before segbpf: both connect (the test can fail for the right reason).
-    assert!(net::tcp_connect(&client_ns, web, db, 5432, t)?, "lab broken: web cannot reach db without segbpf");
+    assert!(
+        net::tcp_connect(&client_ns, web, db, 5432, t)?,
+        "lab broken: web cannot reach db without segbpf"
+    );
 
     let out = lab.attach("db", &example_policy(), &[])?;
-    assert!(out.contains("roles db"), "role from the host's address: {out}");
+    assert!(
+        out.contains("roles db"),
+        "role from the host's address: {out}"
+    );
     let before = lab.status_json("db")?;
     let (rule0, drop0) = (counter(&before, "rule"), counter(&before, "default-drop"));
 
-    assert!(net::tcp_connect(&client_ns, app, db, 5432, t)?, "app tier must reach db:5432");
+    assert!(
+        net::tcp_connect(&client_ns, app, db, 5432, t)?,
+        "app tier must reach db:5432"
+    );
     assert!(
         !net::tcp_connect(&client_ns, web, db, 5432, t)?,
         "web tier must not reach db:5432"
@@ -49,22 +61,39 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
         !net::tcp_connect(&client_ns, app, db, 22, t)?,
         "ssh from outside admin_net must be blocked"
     );
-    assert_eq!(listener.accepted(), 2, "exactly the pre-attach and the app connection were accepted");
+    assert_eq!(
+        listener.accepted(),
+        2,
+        "exactly the pre-attach and the app connection were accepted"
+    );
 
     let after = lab.status_json("db")?;
     let rule1 = counter(&after, "rule");
     let drop1 = counter(&after, "default-drop");
     // The app handshake sends at least SYN and ACK through the rule.
-    assert!(rule1 >= rule0 + 2, "rule counter must move: {rule0} -> {rule1}");
+    assert!(
+        rule1 >= rule0 + 2,
+        "rule counter must move: {rule0} -> {rule1}"
+    );
     // The web SYN is retried, and the ssh SYN too: at least 2 drops.
-    assert!(drop1 >= drop0 + 2, "default-drop counter must move: {drop0} -> {drop1}");
+    assert!(
+        drop1 >= drop0 + 2,
+        "default-drop counter must move: {drop0} -> {drop1}"
+    );
     assert_eq!(after["attachments"][0]["attached"], true);
 
     // Detach restores connectivity and removes the pins.
     lab.segbpf_ok("db", &["detach", "eth0"])?;
-    assert!(net::tcp_connect(&client_ns, web, db, 5432, t)?, "after detach web reaches db again");
+    assert!(
+        net::tcp_connect(&client_ns, web, db, 5432, t)?,
+        "after detach web reaches db again"
+    );
     let status = lab.segbpf("db", &["status", "eth0"])?;
-    assert_eq!(status.status.code(), Some(1), "status of a detached interface fails");
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "status of a detached interface fails"
+    );
     Ok(())
 }
 
@@ -77,11 +106,26 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "version = 1\n[sets]\ndb = [\"10.10.1.300\"]\n")?;
-    let out = lab.segbpf("db", &["attach", "eth0", "--policy", bad.to_str().unwrap(), "--no-wait"])?;
+    let out = lab.segbpf(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--no-wait",
+        ],
+    )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("bad.toml:3:"), "error names file and line: {stderr}");
-    assert!(!lab.bpffs.join("netns").exists(), "nothing pinned after a rejected policy");
+    assert!(
+        stderr.contains("bad.toml:3:"),
+        "error names file and line: {stderr}"
+    );
+    assert!(
+        !lab.bpffs.join("netns").exists(),
+        "nothing pinned after a rejected policy"
+    );
     let usage = lab.segbpf("db", &["attach"])?;
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
     std::fs::remove_dir_all(&dir)?;

@@ -17,21 +17,64 @@ struct Check {
 }
 
 const MATRIX: &[Check] = &[
-    Check { from: "app", to: "db", port: 5432, allowed: true, why: "db accepts tcp/5432 from app_nodes" },
-    Check { from: "app", to: "db", port: 3306, allowed: true, why: "db accepts tcp/3306 from app_nodes" },
-    Check { from: "web", to: "db", port: 5432, allowed: false, why: "web_nodes are not app_nodes" },
-    Check { from: "web", to: "db", port: 3306, allowed: false, why: "web_nodes are not app_nodes" },
-    Check { from: "app", to: "db", port: 22, allowed: false, why: "ssh only from admin_net" },
-    Check { from: "web", to: "db", port: 8080, allowed: false, why: "db does not serve tcp/8080" },
+    Check {
+        from: "app",
+        to: "db",
+        port: 5432,
+        allowed: true,
+        why: "db accepts tcp/5432 from app_nodes",
+    },
+    Check {
+        from: "app",
+        to: "db",
+        port: 3306,
+        allowed: true,
+        why: "db accepts tcp/3306 from app_nodes",
+    },
+    Check {
+        from: "web",
+        to: "db",
+        port: 5432,
+        allowed: false,
+        why: "web_nodes are not app_nodes",
+    },
+    Check {
+        from: "web",
+        to: "db",
+        port: 3306,
+        allowed: false,
+        why: "web_nodes are not app_nodes",
+    },
+    Check {
+        from: "app",
+        to: "db",
+        port: 22,
+        allowed: false,
+        why: "ssh only from admin_net",
+    },
+    Check {
+        from: "web",
+        to: "db",
+        port: 8080,
+        allowed: false,
+        why: "db does not serve tcp/8080",
+    },
 ];
 
 /// Runs the demo.
 pub fn run() -> anyhow::Result<()> {
-    let policy = std::fs::canonicalize(format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR")))?
-        .display()
-        .to_string();
+    let policy = std::fs::canonicalize(format!(
+        "{}/../examples/roles.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))?
+    .display()
+    .to_string();
     let mut lab = Lab::new("demo")?;
-    for (name, addr) in [("web", "10.10.1.10/16"), ("app", "10.10.1.20/16"), ("db", "10.10.1.30/16")] {
+    for (name, addr) in [
+        ("web", "10.10.1.10/16"),
+        ("app", "10.10.1.20/16"),
+        ("db", "10.10.1.30/16"),
+    ] {
         lab.add_host(name, &[addr])?;
     }
     println!("lab: web 10.10.1.10, app 10.10.1.20, db 10.10.1.30 on one bridge; policy {policy}\n");
@@ -70,7 +113,18 @@ pub fn run() -> anyhow::Result<()> {
         "{}",
         lab.segbpf_ok(
             "db",
-            &["trace", "eth0", "--src", "10.10.1.10", "--dst", "10.10.1.30", "--proto", "tcp", "--dport", "5432"]
+            &[
+                "trace",
+                "eth0",
+                "--src",
+                "10.10.1.10",
+                "--dst",
+                "10.10.1.30",
+                "--proto",
+                "tcp",
+                "--dport",
+                "5432"
+            ]
         )?
     );
     drop(listeners);

@@ -78,9 +78,16 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build_segbpf()?;
     let bin = segbpf_tests::lab::segbpf_bin();
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--exclude", "segbpf-ebpf", "--", "--include-ignored"])
-        .args(extra)
-        .env("SEGBPF_BIN", &bin);
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "segbpf-ebpf",
+        "--",
+        "--include-ignored",
+    ])
+    .args(extra)
+    .env("SEGBPF_BIN", &bin);
     run(&mut cmd)
 }
 

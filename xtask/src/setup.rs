@@ -39,8 +39,9 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
         eprintln!("setup: installing the nightly toolchain (eBPF build)");
         run_cmd(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let comps = output_ok(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .unwrap_or_default();
+    let comps =
+        output_ok(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .unwrap_or_default();
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
         run_cmd(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
@@ -58,7 +59,11 @@ fn cargo_bin_dir() -> PathBuf {
 
 fn bpf_linker_works() -> bool {
     let path = cargo_bin_dir().join("bpf-linker");
-    let cmd = if path.exists() { path } else { PathBuf::from("bpf-linker") };
+    let cmd = if path.exists() {
+        path
+    } else {
+        PathBuf::from("bpf-linker")
+    };
     output_ok(Command::new(cmd).arg("--version")).is_some()
 }
 
@@ -77,10 +82,12 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     }
     eprintln!("setup: apt-get install {}", missing.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn nix_is_root() -> bool {
@@ -97,20 +104,22 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         "/usr/lib/llvm-22/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    run_cmd(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            // The release checked to build with this machine's toolchains.
-            "--version",
-            "0.13.0",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
-        .env("PATH", path)
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO"))
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                // The release checked to build with this machine's toolchains.
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+    )
     .context("installing bpf-linker")?;
     if !bpf_linker_works() {
         bail!("bpf-linker was installed but does not run (is libllvm22 installed?)");

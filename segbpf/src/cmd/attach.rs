@@ -190,8 +190,10 @@ fn load_and_attach(
         }
     }
     match last_err {
-        Some((name, e)) => Err(anyhow::Error::new(e)
-            .context(format!("attaching XDP ({name} mode) to {}", att.iface))),
+        Some((name, e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("attaching XDP ({name} mode) to {}", att.iface)))
+        }
         None => bail!("no XDP mode to try"),
     }
 }

@@ -39,8 +39,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         policy.rules.len()
     );
     for roles in hosts {
-        let c = compile::compile(&policy, &roles, None, 0, 1, Capacity::default())
-            .with_context(|| format!("{}: compiling for role {}", policy.source, roles.join("+")))?;
+        let c = compile::compile(&policy, &roles, None, 0, 1, Capacity::default()).with_context(
+            || format!("{}: compiling for role {}", policy.source, roles.join("+")),
+        )?;
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
         println!(
             "  role {}: {} ingress + {} egress rules -> {} classes, {} IPv4 / {} IPv6 prefixes, {} port prefixes",

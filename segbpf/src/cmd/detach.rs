@@ -16,7 +16,11 @@ pub struct Args {
 pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, netns);
     if !att.dir.exists() {
-        bail!("segbpf is not attached to {} (no {})", args.iface, att.dir.display());
+        bail!(
+            "segbpf is not attached to {} (no {})",
+            args.iface,
+            att.dir.display()
+        );
     }
     let was_attached = att.is_attached();
     att.remove()

@@ -146,10 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "  rule #{} {} ({}:{}): {} {}",
                     r.id, r.label, policy.source, r.line, r.peer, r.services
                 ),
-                None if !v.passes() => println!(
-                    "  no rule matches; defaults.{} = drop",
-                    out.direction
-                ),
+                None if !v.passes() => {
+                    println!("  no rule matches; defaults.{} = drop", out.direction)
+                }
                 None => {}
             }
         }

@@ -73,7 +73,10 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         }
         None => crate::pins::Roots::from_env().list(netns),
     };
-    let reports = atts.iter().map(report).collect::<anyhow::Result<Vec<_>>>()?;
+    let reports = atts
+        .iter()
+        .map(report)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     match args.output {
         Output::Json => {
             println!(
@@ -94,8 +97,16 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn print_text(r: &Report) {
-    let ns = r.netns.as_deref().map(|n| format!(" (netns {n})")).unwrap_or_default();
-    let link = if r.attached { "enforcing" } else { "NOT ATTACHED (stale pins)" };
+    let ns = r
+        .netns
+        .as_deref()
+        .map(|n| format!(" (netns {n})"))
+        .unwrap_or_default();
+    let link = if r.attached {
+        "enforcing"
+    } else {
+        "NOT ATTACHED (stale pins)"
+    };
     match &r.state {
         Some(s) => {
             println!(

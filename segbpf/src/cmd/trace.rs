@@ -125,7 +125,10 @@ pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
     }
     for m in segbpf_common::PINNED_MAPS {
         if !att.map(m).exists() {
-            bail!("{} is missing: the attachment is incomplete; detach and attach again", att.map(m).display());
+            bail!(
+                "{} is missing: the attachment is incomplete; detach and attach again",
+                att.map(m).display()
+            );
         }
     }
     let mut ebpf = loader::load_dry_run(att).context("loading a dry-run instance")?;
@@ -151,7 +154,11 @@ pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
         })
     });
     Ok(Traced {
-        verdict: if reason::passes(t.reason) { "allow" } else { "drop" },
+        verdict: if reason::passes(t.reason) {
+            "allow"
+        } else {
+            "drop"
+        },
         reason: reason::name(t.reason),
         xdp_action: result.return_value,
         rule,

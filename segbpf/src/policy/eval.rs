@@ -149,19 +149,58 @@ mod tests {
     fn three_tier_ingress_matrix() {
         let p = example();
         let db = roles(&["db"]);
-        let v = evaluate(&p, &db, None, Direction::Ingress, &tcp("10.10.1.25", "10.10.1.30", 5432));
+        let v = evaluate(
+            &p,
+            &db,
+            None,
+            Direction::Ingress,
+            &tcp("10.10.1.25", "10.10.1.30", 5432),
+        );
         assert!(v.passes());
-        assert_eq!(p.rules[v.rule.unwrap() as usize].label(), "roles.db.ingress[0]");
-        let v = evaluate(&p, &db, None, Direction::Ingress, &tcp("10.10.1.15", "10.10.1.30", 5432));
-        assert_eq!(v, Verdict { reason: reason::DROP_DEFAULT, rule: None });
+        assert_eq!(
+            p.rules[v.rule.unwrap() as usize].label(),
+            "roles.db.ingress[0]"
+        );
+        let v = evaluate(
+            &p,
+            &db,
+            None,
+            Direction::Ingress,
+            &tcp("10.10.1.15", "10.10.1.30", 5432),
+        );
+        assert_eq!(
+            v,
+            Verdict {
+                reason: reason::DROP_DEFAULT,
+                rule: None
+            }
+        );
         // SSH from admin_net only.
-        let v = evaluate(&p, &db, None, Direction::Ingress, &tcp("10.10.0.5", "10.10.1.30", 22));
+        let v = evaluate(
+            &p,
+            &db,
+            None,
+            Direction::Ingress,
+            &tcp("10.10.0.5", "10.10.1.30", 22),
+        );
         assert_eq!(p.rules[v.rule.unwrap() as usize].label(), "base.ingress[0]");
-        let v = evaluate(&p, &db, None, Direction::Ingress, &tcp("10.10.0.64", "10.10.1.30", 22));
+        let v = evaluate(
+            &p,
+            &db,
+            None,
+            Direction::Ingress,
+            &tcp("10.10.0.64", "10.10.1.30", 22),
+        );
         assert!(!v.passes());
         // web takes 80 from anywhere, v6 too.
         let web = roles(&["web"]);
-        let v = evaluate(&p, &web, None, Direction::Ingress, &tcp("fd00::99", "fd00::1", 443));
+        let v = evaluate(
+            &p,
+            &web,
+            None,
+            Direction::Ingress,
+            &tcp("fd00::99", "fd00::1", 443),
+        );
         assert!(v.passes());
     }
 
@@ -170,7 +209,13 @@ mod tests {
         let p = example();
         let app = roles(&["app"]);
         for (port, ok) in [(2499, false), (2500, true), (3300, true), (3301, false)] {
-            let v = evaluate(&p, &app, None, Direction::Egress, &tcp("10.10.1.20", "10.10.2.50", port));
+            let v = evaluate(
+                &p,
+                &app,
+                None,
+                Direction::Egress,
+                &tcp("10.10.1.20", "10.10.2.50", port),
+            );
             assert_eq!(v.passes(), ok, "port {port}");
         }
         let ping = Packet {
@@ -180,7 +225,10 @@ mod tests {
         };
         let v = evaluate(&p, &app, None, Direction::Ingress, &ping);
         assert_eq!(v.reason, reason::PASS_ICMP);
-        let redirect = Packet { icmp_type: 5, ..ping };
+        let redirect = Packet {
+            icmp_type: 5,
+            ..ping
+        };
         assert!(!evaluate(&p, &app, None, Direction::Ingress, &redirect).passes());
     }
 
@@ -193,8 +241,17 @@ mod tests {
             hop_limit: 255,
             ..tcp("fe80::1", "ff02::1:ff00:1", 0)
         };
-        assert_eq!(evaluate(&p, &[], None, Direction::Ingress, &ns).reason, reason::PASS_ND);
-        let forged = Packet { hop_limit: 64, ..ns };
-        assert_ne!(evaluate(&p, &[], None, Direction::Ingress, &forged).reason, reason::PASS_ND);
+        assert_eq!(
+            evaluate(&p, &[], None, Direction::Ingress, &ns).reason,
+            reason::PASS_ND
+        );
+        let forged = Packet {
+            hop_limit: 64,
+            ..ns
+        };
+        assert_ne!(
+            evaluate(&p, &[], None, Direction::Ingress, &forged).reason,
+            reason::PASS_ND
+        );
     }
 }

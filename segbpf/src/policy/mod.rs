@@ -207,7 +207,12 @@ impl Rule {
         if self.any_proto {
             parts.push("any".to_string());
         }
-        let join = |v: &[PortRange]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        let join = |v: &[PortRange]| {
+            v.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         if !self.tcp.is_empty() {
             parts.push(format!("tcp/{}", join(&self.tcp)));
         }

@@ -76,7 +76,11 @@ pub fn resolve(
             addrs: if addrs.is_empty() {
                 "none".to_string()
             } else {
-                addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             },
             roles: policy
                 .roles
@@ -118,7 +122,10 @@ mod tests {
     #[test]
     fn explicit_roles_are_checked() {
         let p = example();
-        assert_eq!(resolve(&p, &["app".into()], "x", &[]).unwrap(), vec!["app".to_string()]);
+        assert_eq!(
+            resolve(&p, &["app".into()], "x", &[]).unwrap(),
+            vec!["app".to_string()]
+        );
         assert!(matches!(
             resolve(&p, &["nope".into()], "x", &[]),
             Err(RoleError::Unknown { .. })
