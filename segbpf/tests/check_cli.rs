@@ -17,7 +17,12 @@ fn segbpf(args: &[&str]) -> std::process::Output {
 fn example_policy_checks_ok() {
     let out = segbpf(&["check", "--policy", "../examples/roles.toml"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("9 rules"), "{stdout}");
     assert!(stdout.contains("role db"), "{stdout}");
 }
@@ -25,19 +30,59 @@ fn example_policy_checks_ok() {
 /// (file, expected `line:col`, expected field, a word of the message).
 const BAD: &[(&str, &str, &str, &str)] = &[
     ("bad-address.toml", "3:8", "sets.web[0]", "bad address"),
-    ("reversed-range.toml", "3:8", "sets.web[0]", "reversed range"),
+    (
+        "reversed-range.toml",
+        "3:8",
+        "sets.web[0]",
+        "reversed range",
+    ),
     ("empty-range.toml", "3:8", "sets.web[0]", "empty range"),
-    ("unknown-set.toml", "5:8", "base.ingress[0].from", "unknown set `webb`"),
-    ("port-out-of-range.toml", "4:8", "base.ingress[0].tcp[0]", "out of range"),
-    ("reversed-ports.toml", "4:8", "base.ingress[0].tcp[0]", "reversed port range"),
-    ("unknown-key.toml", "4:1", "base.ingress[0].ports", "unknown key `ports`"),
-    ("to-in-ingress.toml", "3:1", "base.ingress[0].to", "unknown key `to`"),
+    (
+        "unknown-set.toml",
+        "5:8",
+        "base.ingress[0].from",
+        "unknown set `webb`",
+    ),
+    (
+        "port-out-of-range.toml",
+        "4:8",
+        "base.ingress[0].tcp[0]",
+        "out of range",
+    ),
+    (
+        "reversed-ports.toml",
+        "4:8",
+        "base.ingress[0].tcp[0]",
+        "reversed port range",
+    ),
+    (
+        "unknown-key.toml",
+        "4:1",
+        "base.ingress[0].ports",
+        "unknown key `ports`",
+    ),
+    (
+        "to-in-ingress.toml",
+        "3:1",
+        "base.ingress[0].to",
+        "unknown key `to`",
+    ),
     ("duplicate-set.toml", "4:1", "sets.a", "defined twice"),
     ("duplicate-role.toml", "4:8", "roles.web", "defined twice"),
-    ("empty-role.toml", "2:1", "roles.empty", "no `hosts` and no rules"),
+    (
+        "empty-role.toml",
+        "2:1",
+        "roles.empty",
+        "no `hosts` and no rules",
+    ),
     ("version-missing.toml", "1:1", "version", "missing"),
     ("no-protocol.toml", "2:1", "base.ingress[0]", "no protocol"),
-    ("bad-default.toml", "3:11", "defaults.ingress", "\"drop\" or \"allow\""),
+    (
+        "bad-default.toml",
+        "3:11",
+        "defaults.ingress",
+        "\"drop\" or \"allow\"",
+    ),
     ("toml-syntax.toml", "3:6", "", "invalid TOML"),
 ];
 
@@ -64,17 +109,45 @@ fn usage_errors_exit_2() {
     assert_eq!(segbpf(&["check"]).status.code(), Some(2));
     assert_eq!(segbpf(&["no-such-command"]).status.code(), Some(2));
     let out = segbpf(&[
-        "explain", "--policy", "../examples/roles.toml", "--role", "db", "--src", "10.0.0.1", "--dst",
-        "fd00::1", "--proto", "tcp", "--dport", "5432",
+        "explain",
+        "--policy",
+        "../examples/roles.toml",
+        "--role",
+        "db",
+        "--src",
+        "10.0.0.1",
+        "--dst",
+        "fd00::1",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
     ]);
-    assert_eq!(out.status.code(), Some(2), "mixed families are a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "mixed families are a usage error"
+    );
 }
 
 #[test]
 fn explain_names_the_rule_and_its_line() {
     let out = segbpf(&[
-        "explain", "--policy", "../examples/roles.toml", "--role", "db", "--src", "10.10.1.25", "--dst",
-        "10.10.1.30", "--proto", "tcp", "--dport", "5432", "--output", "json",
+        "explain",
+        "--policy",
+        "../examples/roles.toml",
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
+        "--output",
+        "json",
     ]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -82,8 +155,19 @@ fn explain_names_the_rule_and_its_line() {
     assert_eq!(v["rule"]["label"], "roles.db.ingress[0]");
     assert_eq!(v["rule"]["line"], 59);
     let out = segbpf(&[
-        "explain", "--policy", "../examples/roles.toml", "--role", "db", "--src", "10.10.1.15", "--dst",
-        "10.10.1.30", "--proto", "tcp", "--dport", "5432",
+        "explain",
+        "--policy",
+        "../examples/roles.toml",
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.15",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("DROP (default-drop)"), "{stdout}");

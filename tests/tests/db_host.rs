@@ -131,3 +131,55 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn foreground_attach_leaves_enforcement_in_place_on_sigterm() -> anyhow::Result<()> {
+    let mut lab = Lab::new("fg")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let ns = lab.host("db").ns.name.clone();
+    let mut child = std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+        .args([
+            "--netns",
+            &ns,
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+        ])
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Wait until the attachment is visible, then stop the process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        child.try_wait()?.is_none(),
+        "attach stays in the foreground"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("detach eth0"),
+        "says how to remove it: {stderr}"
+    );
+    let status = lab.status_json("db")?;
+    assert_eq!(
+        status["attachments"][0]["attached"], true,
+        "still enforcing after exit"
+    );
+    Ok(())
+}

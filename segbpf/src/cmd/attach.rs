@@ -54,6 +54,12 @@ pub struct Args {
 
 /// Runs `segbpf attach`.
 pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first, so a signal that arrives while applying is not fatal.
+    let signals = (
+        signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        signal(SignalKind::interrupt()).context("SIGINT handler")?,
+    );
     let att = apply(&args, netns)?;
     if args.no_wait {
         return Ok(());
@@ -62,7 +68,7 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         "enforcing on {}; press Ctrl-C to leave the foreground (enforcement stays until `segbpf detach {}`)",
         args.iface, args.iface
     );
-    wait_for_exit(&att).await?;
+    wait_for_exit(&att, signals).await?;
     Ok(())
 }
 
@@ -200,10 +206,10 @@ fn load_and_attach(
 
 /// Waits for SIGINT/SIGTERM, or for the attachment to be removed by
 /// `segbpf detach`, then says how enforcement can be removed.
-async fn wait_for_exit(att: &Attachment) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+async fn wait_for_exit(
+    att: &Attachment,
+    (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
