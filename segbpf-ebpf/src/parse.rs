@@ -140,7 +140,10 @@ pub fn parse(pkt: &Bounds) -> Result<Parsed, u8> {
         ETH_P_IP => parse_ipv4(pkt, off),
         ETH_P_IPV6 => parse_ipv6(pkt, off),
         ETH_P_ARP => {
-            if pkt.ptr_at::<[u8; ARP_HLEN]>(off).is_none() {
+            // Fixed part, then sender/target hardware and protocol addresses.
+            let h = pkt.bytes::<ARP_HLEN>(off).ok_or(reason::DROP_BAD_ARP)?;
+            let len = ARP_HLEN + 2 * (h[4] as usize + h[5] as usize);
+            if off + len > pkt.len() {
                 return Err(reason::DROP_BAD_ARP);
             }
             Ok(Parsed::empty(L3_ARP))
@@ -202,8 +205,16 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
     let mut nexthdr = hdr[6];
     let mut l4 = off + IPV6_HLEN;
     let mut done = false;
-    // Bounded walk over the extension headers.
-    for _ in 0..MAX_IPV6_EXT {
+    // Bounded walk over at most MAX_IPV6_EXT extension headers; the last
+    // pass only recognises the transport header.
+    for i in 0..=MAX_IPV6_EXT {
+        let is_ext = matches!(
+            nexthdr,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+        );
+        if is_ext && i == MAX_IPV6_EXT {
+            return Err(reason::DROP_IPV6_EXT);
+        }
         match nexthdr {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
                 let ext = pkt.bytes::<2>(l4).ok_or(reason::DROP_IPV6_EXT)?;

@@ -144,6 +144,12 @@ impl Attachment {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+        // An empty per-netns state directory goes too.
+        if self.netns.is_some()
+            && let Some(dir) = self.state.parent()
+        {
+            let _ = std::fs::remove_dir(dir);
+        }
         // Tidy empty parents up to the root; remove_dir fails on non-empty ones.
         let mut parent = self.dir.parent();
         while let Some(p) = parent {

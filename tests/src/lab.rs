@@ -125,6 +125,30 @@ impl Lab {
         Ok(self.hosts.last().expect("just pushed"))
     }
 
+    /// Stops the switch namespace's own traffic (IGMP reports from the
+    /// bridge, IPv6 router solicitations and MLD reports), for tests that
+    /// expect counters to stay still. Call before adding hosts.
+    pub fn quiet_switch(&self) -> anyhow::Result<()> {
+        let switch = self.switch.as_ref().context("lab has no switch")?;
+        crate::netns::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &switch.name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "-w",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "-w",
+                "net.ipv4.igmp_link_local_mcast_reports=0",
+            ],
+        )
+        .map(|_| ())
+    }
+
     /// The host called `name`.
     pub fn host(&self, name: &str) -> &Host {
         self.hosts

@@ -98,7 +98,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let policy = Policy::load(&args.policy)?;
     let roles = roles::resolve(&policy, &args.role, "-", &[])?;
-    let default_icmp_type = if args.src.is_ipv4() { 8 } else { 128 };
+    let default_icmp_type = if args.proto == segbpf_common::IPPROTO_ICMP {
+        8
+    } else {
+        128
+    };
     let pkt = Packet {
         src: args.src,
         dst: args.dst,

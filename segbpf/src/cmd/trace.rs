@@ -78,10 +78,13 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // The protocol asked for, whatever the family (ICMP in IPv6 is
+            // judged as protocol 1, as `explain` does).
             let mut s = PacketSpec::echo(args.src, args.dst);
-            if let Some(t) = args.icmp_type {
-                s.icmp_type = t;
-            }
+            s.proto = args.proto;
+            s.icmp_type =
+                args.icmp_type
+                    .unwrap_or(if args.proto == IPPROTO_ICMP { 8 } else { 128 });
             s
         }
         p => PacketSpec::new(args.src, args.dst, p),
