@@ -24,16 +24,39 @@ pub const MAP_PORTS: &str = "SEG_PORTS";
 pub const MAP_CONFIG: &str = "SEG_CONFIG";
 /// Per-CPU array of u64 packet counters indexed by [`reason`] code.
 pub const MAP_STATS: &str = "SEG_STATS";
-/// Array, one entry: [`TraceResult`] written only by a dry-run (trace) instance.
+/// Array, one entry: [`TraceResult`] written only by trace/record instances.
 pub const MAP_TRACE: &str = "SEG_TRACE";
+/// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table.
+pub const MAP_CT: &str = "SEG_CT";
+/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment passed.
+pub const MAP_FRAG: &str = "SEG_FRAG";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 5] = [MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_CONFIG, MAP_STATS];
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_PEER_V4,
+    MAP_PEER_V6,
+    MAP_PORTS,
+    MAP_CONFIG,
+    MAP_STATS,
+    MAP_CT,
+    MAP_FRAG,
+];
 
-/// Name of the XDP program in the object file.
+/// Name of the XDP (ingress) program in the object file.
 pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
-/// Name of the read-only global that turns an instance into a dry run.
-pub const GLOBAL_DRY_RUN: &str = "SEGBPF_DRY_RUN";
+/// Name of the TC (egress) program in the object file.
+pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
+/// Name of the read-only global that selects the run mode ([`RUN_LIVE`], ...).
+pub const GLOBAL_RUN_MODE: &str = "SEGBPF_RUN_MODE";
+
+/// Run mode of a loaded instance: enforce, count, track state.
+pub const RUN_LIVE: u8 = 0;
+/// Run mode: judge with the shared maps but write nothing (no counters, no
+/// connection or fragment state); record the decision in `SEG_TRACE`.
+pub const RUN_DRY: u8 = 1;
+/// Run mode: like live (state is tracked, counters move) and also record
+/// each decision in `SEG_TRACE` (tests of stateful sequences).
+pub const RUN_RECORD: u8 = 2;
 
 // ---------------------------------------------------------------------------
 // Default capacities. The LPM tries are created with BPF_F_NO_PREALLOC, so a
@@ -44,6 +67,10 @@ pub const GLOBAL_DRY_RUN: &str = "SEGBPF_DRY_RUN";
 pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
 /// Default capacity of the port trie.
 pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
+/// Default capacity of the connection table (`--ct-size`).
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// Default capacity of the fragment table.
+pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
 /// Number of counters in `SEG_STATS` (one per reason code).
 pub const STATS_LEN: u32 = 64;
 /// Largest number of rules per direction the compiler accepts.
@@ -89,8 +116,14 @@ pub mod reason {
     pub const PASS_ARP: u8 = 2;
     /// IPv6 neighbour discovery / router advertisement / MLD: always allowed.
     pub const PASS_ND: u8 = 3;
-    /// ICMP echo or error allowed by `defaults.icmp`.
+    /// ICMP echo allowed by `defaults.icmp`.
     pub const PASS_ICMP: u8 = 4;
+    /// Part of a tracked connection (a reply, or the originator going on).
+    pub const PASS_CT: u8 = 5;
+    /// ICMP error about a tracked connection (`defaults.icmp`).
+    pub const PASS_RELATED: u8 = 6;
+    /// Non-first fragment of a datagram whose first fragment passed.
+    pub const PASS_FRAG: u8 = 7;
 
     /// First drop reason; every code from here on drops.
     pub const FIRST_DROP: u8 = 16;
@@ -110,7 +143,7 @@ pub mod reason {
     pub const DROP_BAD_IPV6: u8 = 22;
     /// IPv6 extension header chain truncated or longer than the parser's bound.
     pub const DROP_IPV6_EXT: u8 = 23;
-    /// Non-first fragment (fragment tracking is not enabled).
+    /// Non-first fragment whose first fragment was not seen or not allowed.
     pub const DROP_FRAGMENT: u8 = 24;
     /// Transport header truncated.
     pub const DROP_TRUNC_L4: u8 = 25;
@@ -120,12 +153,15 @@ pub mod reason {
     pub const DROP_BAD_ARP: u8 = 27;
 
     /// Number of codes in use (for iteration in userspace).
-    pub const ALL: [u8; 17] = [
+    pub const ALL: [u8; 20] = [
         PASS_RULE,
         PASS_DEFAULT,
         PASS_ARP,
         PASS_ND,
         PASS_ICMP,
+        PASS_CT,
+        PASS_RELATED,
+        PASS_FRAG,
         DROP_DEFAULT,
         DROP_TRUNC_ETH,
         DROP_VLAN_DEPTH,
@@ -153,6 +189,9 @@ pub mod reason {
             PASS_ARP => "arp",
             PASS_ND => "ipv6-nd",
             PASS_ICMP => "icmp-default",
+            PASS_CT => "established",
+            PASS_RELATED => "icmp-related",
+            PASS_FRAG => "fragment-of-allowed",
             DROP_DEFAULT => "default-drop",
             DROP_TRUNC_ETH => "truncated-ethernet",
             DROP_VLAN_DEPTH => "vlan-too-deep",
@@ -161,7 +200,7 @@ pub mod reason {
             DROP_BAD_IPV4 => "malformed-ipv4",
             DROP_BAD_IPV6 => "malformed-ipv6",
             DROP_IPV6_EXT => "ipv6-ext-chain",
-            DROP_FRAGMENT => "fragment",
+            DROP_FRAGMENT => "fragment-no-leader",
             DROP_TRUNC_L4 => "truncated-l4",
             DROP_BAD_L4 => "malformed-l4",
             DROP_BAD_ARP => "malformed-arp",
@@ -259,7 +298,7 @@ pub struct Config {
     pub ingress_default: u8,
     /// Default for egress when no rule matches.
     pub egress_default: u8,
-    /// 1 when ICMP echo and error messages pass by default.
+    /// 1 when ICMP echo, and errors about tracked flows, pass by default.
     pub icmp: u8,
     /// 1 when replies to allowed flows pass (connection tracking).
     pub established: u8,
@@ -269,10 +308,127 @@ pub struct Config {
     pub _pad: [u8; 3],
     /// Drop events per second (0 = none).
     pub log_rate: u32,
-    /// Explicit padding.
-    pub _pad2: [u8; 4],
+    /// Connection-tracking timeouts, seconds: TCP before the reply.
+    pub ct_tcp_syn_s: u32,
+    /// TCP after the reply (established).
+    pub ct_tcp_est_s: u32,
+    /// TCP after RST or FIN from both sides.
+    pub ct_tcp_close_s: u32,
+    /// UDP (and other tracked protocols) before the reply.
+    pub ct_udp_s: u32,
+    /// UDP after the reply.
+    pub ct_udp_est_s: u32,
+    /// ICMP echo.
+    pub ct_icmp_s: u32,
+    /// Fragment table entries, seconds after the first fragment.
+    pub frag_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// Default connection-tracking timeouts (seconds), as in [`Config`].
+pub mod ct_timeout {
+    /// TCP before the reply (SYN sent).
+    pub const TCP_SYN: u32 = 60;
+    /// TCP established.
+    pub const TCP_EST: u32 = 6 * 3600;
+    /// TCP after RST, or FIN from both sides.
+    pub const TCP_CLOSE: u32 = 10;
+    /// UDP before the reply.
+    pub const UDP: u32 = 30;
+    /// UDP after the reply.
+    pub const UDP_EST: u32 = 120;
+    /// ICMP echo.
+    pub const ICMP: u32 = 30;
+    /// Fragments of one datagram.
+    pub const FRAG: u32 = 30;
+}
+
+/// Connection-table key, from the host's point of view: the same key for
+/// both directions of a flow. ICMP echo uses the echo id as `local_port`
+/// and 0 as `remote_port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// Port on this host (host order).
+    pub local_port: u16,
+    /// Port of the peer (host order).
+    pub remote_port: u16,
+    /// Address on this host (IPv4 in the first 4 bytes), network order.
+    pub local: [u8; 16],
+    /// Address of the peer, network order.
+    pub remote: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+/// Connection state: opened, no reply seen yet.
+pub const CT_NEW: u8 = 1;
+/// Connection state: a reply was seen.
+pub const CT_ESTABLISHED: u8 = 2;
+/// Connection state: TCP RST, or FIN from both sides.
+pub const CT_CLOSING: u8 = 3;
+/// `CtEntry::fin` bit: FIN seen from the originator.
+pub const CT_FIN_ORIG: u8 = 1;
+/// `CtEntry::fin` bit: FIN seen from the replier.
+pub const CT_FIN_REPLY: u8 = 2;
+
+/// Connection-table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_boot_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// Rule that allowed the first packet ([`NO_RULE`] for a default allow).
+    pub rule_id: u32,
+    /// Direction of the first packet ([`DIR_INGRESS`] / [`DIR_EGRESS`]).
+    pub origin: u8,
+    /// [`CT_NEW`], [`CT_ESTABLISHED`] or [`CT_CLOSING`].
+    pub state: u8,
+    /// FIN bits ([`CT_FIN_ORIG`], [`CT_FIN_REPLY`]).
+    pub fin: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+
+/// Fragment-table key: one IP datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol of the datagram.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// IPv4 identification (16 bits) or IPv6 fragment id.
+    pub id: u32,
+    /// Source address, network order.
+    pub src: [u8; 16],
+    /// Destination address, network order.
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Fragment-table value: the first fragment passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragEntry {
+    /// `bpf_ktime_get_boot_ns` of the first fragment.
+    pub first_seen_ns: u64,
+    /// Rule that allowed the first fragment ([`NO_RULE`] if none).
+    pub rule_id: u32,
+    /// Reason the first fragment passed.
+    pub reason: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
 
 /// What a dry-run instance records about the last packet (`SEG_TRACE[0]`).
 #[repr(C)]
@@ -315,4 +471,12 @@ mod user {
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceResult {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragEntry {}
 }

@@ -15,10 +15,11 @@ use crate::{
     parse::{L3_IPV4, Parsed},
 };
 
-/// The configuration record; `None` only if the map is unreadable.
+/// The configuration record (a reference into the map, not a copy);
+/// `None` only if the map is unreadable.
 #[inline(always)]
-pub fn config() -> Option<Config> {
-    SEG_CONFIG.get(0).copied()
+pub fn config() -> Option<&'static Config> {
+    SEG_CONFIG.get(0)
 }
 
 /// Class of the packet's peer (source on ingress, destination on egress).

@@ -8,25 +8,53 @@
 #![no_std]
 #![no_main]
 
+mod ct;
+mod frag;
 mod lookup;
 mod maps;
 mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use segbpf_common::{DIR_INGRESS, reason};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use segbpf_common::{DIR_EGRESS, DIR_INGRESS, reason};
+
+/// Bytes of a TC skb made linear before parsing (every header we read
+/// lies within them; the IPv6 extension walk is bounded to 1 KiB).
+const TC_PULL_LEN: u32 = 1280;
 
 /// XDP ingress: parse, look the peer up, apply the verdict.
 #[xdp]
 pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
-    let pkt = parse::Bounds::new(ctx.data(), ctx.data_end());
+    let len = ctx.data_end() - ctx.data();
+    let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
     let decision = verdict::decide(&pkt, DIR_INGRESS);
     stats::record(&decision);
     if reason::passes(decision.reason) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
+    }
+}
+
+/// TC egress: the same parser and verdict, with the destination as the peer.
+#[classifier]
+pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    // Make the headers linear; if that fails the parser sees fewer bytes
+    // and drops the packet as truncated rather than judging it unread.
+    let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
+    let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len as usize);
+    let decision = verdict::decide(&pkt, DIR_EGRESS);
+    stats::record(&decision);
+    if reason::passes(decision.reason) {
+        TC_ACT_OK as i32
+    } else {
+        TC_ACT_SHOT as i32
     }
 }
 

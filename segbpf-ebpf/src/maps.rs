@@ -5,11 +5,12 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use segbpf_common::{
-    Config, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
-    RuleRef, STATS_LEN, TraceResult,
+    Config, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES,
+    DEFAULT_PORT_ENTRIES, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef,
+    STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -35,13 +36,24 @@ pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 pub static SEG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
-/// Index 0: the decision of the last packet, written only by dry-run instances.
+/// Index 0: the decision of the last packet, written only by trace/record instances.
 #[map]
 pub static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
-/// Non-zero in instances loaded by `segbpf trace`: they share the live
-/// policy maps but write no counters and record their decision in
-/// `SEG_TRACE`. A frozen read-only global, so the verifier removes the
-/// untaken branch from the live program.
+/// Connection table, shared by both directions (size: `attach --ct-size`).
+#[map]
+pub static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// Datagrams whose first fragment passed.
+#[map]
+pub static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
+
+/// Run mode (`segbpf_common::RUN_*`): live instances enforce, count and
+/// track; `segbpf trace` loads a dry-run instance that shares the live maps
+/// but changes nothing and records its decision in `SEG_TRACE`; tests may
+/// load a record instance (live behaviour plus `SEG_TRACE`). A frozen
+/// read-only global, so the verifier prunes the untaken branches from the
+/// live program.
 #[unsafe(no_mangle)]
-pub static SEGBPF_DRY_RUN: Global<u8> = Global::new(0);
+pub static SEGBPF_RUN_MODE: Global<u8> = Global::new(0);

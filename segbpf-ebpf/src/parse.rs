@@ -41,17 +41,26 @@ pub const L3_IPV4: u8 = 4;
 /// IPv6.
 pub const L3_IPV6: u8 = 6;
 
-/// The packet's start and end, as the program context gives them.
+/// The packet's start and end as the program context gives them, and its
+/// length on the wire. XDP frames are linear (`wire_len == end - start`);
+/// a TC skb may carry more bytes than its linear part, so IP and transport
+/// length fields are checked against `wire_len` while every read is
+/// checked against `end`.
 pub struct Bounds {
     start: usize,
     end: usize,
+    wire_len: usize,
 }
 
 impl Bounds {
-    /// Wraps `data`/`data_end` of an XDP or TC context.
+    /// Wraps `data`/`data_end` of an XDP or TC context and the packet's full length.
     #[inline(always)]
-    pub fn new(start: usize, end: usize) -> Self {
-        Bounds { start, end }
+    pub fn new(start: usize, end: usize, wire_len: usize) -> Self {
+        Bounds {
+            start,
+            end,
+            wire_len,
+        }
     }
 
     /// A pointer to a `T` at `offset`, if the whole `T` lies inside the packet.
@@ -78,9 +87,10 @@ impl Bounds {
         Some(u16::from_be_bytes(self.bytes::<2>(offset)?))
     }
 
+    /// Length of the packet on the wire (length fields are checked against it).
     #[inline(always)]
     fn len(&self) -> usize {
-        self.end - self.start
+        self.wire_len
     }
 }
 
@@ -102,7 +112,26 @@ pub struct Parsed {
     pub icmp_type: u8,
     /// IPv4 TTL or IPv6 hop limit.
     pub hop_limit: u8,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub frag: u8,
+    /// IPv4 identification or IPv6 fragment id (fragments only).
+    pub frag_id: u32,
+    /// ICMP/ICMPv6 echo id (the echo's "port").
+    pub echo_id: u16,
+    /// Offset of the transport header (for ICMP errors: where the quoted packet starts - 8).
+    pub l4_off: usize,
+    /// End of the IP datagram (offset).
+    pub limit: usize,
 }
+
+/// Not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// First fragment of a fragmented datagram (offset 0, more fragments).
+pub const FRAG_FIRST: u8 = 1;
+/// Non-first fragment: no transport header, ports unknown.
+pub const FRAG_LATER: u8 = 2;
 
 impl Parsed {
     fn empty(l3: u8) -> Self {
@@ -115,6 +144,12 @@ impl Parsed {
             dport: 0,
             icmp_type: 0,
             hop_limit: 0,
+            tcp_flags: 0,
+            frag: FRAG_NONE,
+            frag_id: 0,
+            echo_id: 0,
+            l4_off: 0,
+            limit: 0,
         }
     }
 }
@@ -174,15 +209,20 @@ fn parse_ipv4(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
         return Err(reason::DROP_TRUNC_IP);
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    if frag & 0x1fff != 0 {
-        // A non-first fragment carries no transport header to judge.
-        return Err(reason::DROP_FRAGMENT);
-    }
     let mut p = Parsed::empty(L3_IPV4);
     p.proto = hdr[9];
     p.hop_limit = hdr[8];
     p.src[..4].copy_from_slice(&hdr[12..16]);
     p.dst[..4].copy_from_slice(&hdr[16..20]);
+    if frag & 0x3fff != 0 {
+        p.frag_id = u16::from_be_bytes([hdr[4], hdr[5]]) as u32;
+        if frag & 0x1fff != 0 {
+            // A non-first fragment carries no transport header to judge.
+            p.frag = FRAG_LATER;
+            return Ok(p);
+        }
+        p.frag = FRAG_FIRST;
+    }
     parse_l4(pkt, off + ihl, off + tot_len, p)
 }
 
@@ -230,11 +270,19 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
                 let ext = pkt
                     .bytes::<IPV6_FRAG_HLEN>(l4)
                     .ok_or(reason::DROP_IPV6_EXT)?;
-                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
-                    return Err(reason::DROP_FRAGMENT);
-                }
+                let off_m = u16::from_be_bytes([ext[2], ext[3]]);
                 nexthdr = ext[0];
                 l4 += IPV6_FRAG_HLEN;
+                if off_m & 0xfff9 != 0 {
+                    p.frag_id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+                    if off_m & 0xfff8 != 0 {
+                        // Non-first fragment: no transport header to judge.
+                        p.proto = nexthdr;
+                        p.frag = FRAG_LATER;
+                        return Ok(p);
+                    }
+                    p.frag = FRAG_FIRST;
+                }
             }
             _ => {
                 done = true;
@@ -256,6 +304,8 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
 /// datagram (the header must lie inside it, not just inside the frame).
 #[inline(always)]
 fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Parsed, u8> {
+    p.l4_off = off;
+    p.limit = limit;
     match p.proto {
         IPPROTO_TCP => {
             let h = pkt
@@ -270,6 +320,7 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
             }
             p.sport = u16::from_be_bytes([h[0], h[1]]);
             p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.tcp_flags = h[13];
         }
         IPPROTO_UDP => {
             let h = pkt.bytes::<UDP_HLEN>(off).ok_or(reason::DROP_TRUNC_L4)?;
@@ -292,8 +343,87 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
                 return Err(reason::DROP_TRUNC_L4);
             }
             p.icmp_type = h[0];
+            p.echo_id = u16::from_be_bytes([h[4], h[5]]);
         }
         _ => {}
     }
     Ok(p)
+}
+
+/// ICMP destination unreachable / time exceeded / parameter problem, and
+/// ICMPv6 destination unreachable / packet too big / time exceeded /
+/// parameter problem: the messages that quote a packet.
+#[inline(always)]
+pub fn is_icmp_error(l3: u8, proto: u8, icmp_type: u8) -> bool {
+    if l3 == L3_IPV4 && proto == IPPROTO_ICMP {
+        matches!(icmp_type, 3 | 11 | 12)
+    } else if l3 == L3_IPV6 && proto == IPPROTO_ICMPV6 {
+        matches!(icmp_type, 1..=4)
+    } else {
+        false
+    }
+}
+
+/// The packet quoted by an ICMP error: protocol, addresses and the first
+/// 4 bytes after its IP header (ports, or type/code/checksum of an echo
+/// followed by its id at +4).
+pub struct Quoted {
+    /// Protocol of the quoted packet.
+    pub proto: u8,
+    /// Quoted source address.
+    pub src: [u8; 16],
+    /// Quoted destination address.
+    pub dst: [u8; 16],
+    /// Quoted source port (echo id for a quoted echo).
+    pub sport: u16,
+    /// Quoted destination port (0 for a quoted echo).
+    pub dport: u16,
+}
+
+/// Parses the packet quoted by the ICMP error `p` (IP header without
+/// extension headers, then 8 bytes). None if anything does not fit: the
+/// error then relates to no flow (the outer packet itself was valid).
+#[inline(always)]
+pub fn quoted(pkt: &Bounds, p: &Parsed) -> Option<Quoted> {
+    let off = p.l4_off + ICMP_HLEN;
+    let mut q = Quoted {
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+    };
+    let l4 = if p.l3 == L3_IPV4 {
+        let h = pkt.bytes::<IPV4_MIN_HLEN>(off)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if h[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+            return None;
+        }
+        q.proto = h[9];
+        q.src[..4].copy_from_slice(&h[12..16]);
+        q.dst[..4].copy_from_slice(&h[16..20]);
+        off + ihl
+    } else {
+        let h = pkt.bytes::<IPV6_HLEN>(off)?;
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        q.proto = h[6];
+        q.src.copy_from_slice(&h[8..24]);
+        q.dst.copy_from_slice(&h[24..40]);
+        off + IPV6_HLEN
+    };
+    if l4 + 8 > p.limit {
+        return None;
+    }
+    let b = pkt.bytes::<8>(l4)?;
+    match q.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            q.sport = u16::from_be_bytes([b[0], b[1]]);
+            q.dport = u16::from_be_bytes([b[2], b[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => q.sport = u16::from_be_bytes([b[4], b[5]]),
+        _ => return None,
+    }
+    Some(q)
 }

@@ -1,16 +1,18 @@
 //! Counters and the dry-run trace record.
 
-use segbpf_common::TraceResult;
+use segbpf_common::{RUN_DRY, RUN_LIVE, TraceResult};
 
 use crate::{
-    maps::{SEG_STATS, SEG_TRACE, SEGBPF_DRY_RUN},
+    maps::{SEG_STATS, SEG_TRACE, SEGBPF_RUN_MODE},
     verdict::Decision,
 };
 
-/// Counts the decision, or in a dry-run instance records it for `segbpf trace`.
+/// Counts the decision (live and record instances) and records it in
+/// `SEG_TRACE` (trace and record instances).
 #[inline(always)]
 pub fn record(d: &Decision) {
-    if SEGBPF_DRY_RUN.load() != 0 {
+    let mode = SEGBPF_RUN_MODE.load();
+    if mode != RUN_LIVE {
         if let Some(slot) = SEG_TRACE.get_ptr_mut(0) {
             // SAFETY: `slot` points at the map's only value, valid for the
             // program's run; TraceResult is plain data.
@@ -26,7 +28,9 @@ pub fn record(d: &Decision) {
                 };
             }
         }
-        return;
+        if mode == RUN_DRY {
+            return;
+        }
     }
     if let Some(counter) = SEG_STATS.get_ptr_mut(d.reason as u32) {
         // SAFETY: per-CPU slot of this CPU; the program is not preempted

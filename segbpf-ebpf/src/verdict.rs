@@ -1,12 +1,19 @@
-//! The verdict: combines the parse result, the two policy lookups and the
-//! defaults. Order: always-allowed L2 control traffic, policy rules (lowest
-//! matching rule id), the ICMP default, the direction's default.
+//! The verdict: combines the parse result, connection and fragment state,
+//! the two policy lookups and the defaults. Order: always-allowed L2
+//! control traffic; later fragments (pass only after their first fragment
+//! passed); tracked connections; policy rules (lowest matching rule id);
+//! the ICMP default (echo, and errors about tracked flows); the
+//! direction's default. A packet that passes and opens a flow makes a
+//! connection entry; a first fragment that passes makes a fragment entry.
 
-use segbpf_common::{ACTION_ALLOW, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason};
+use segbpf_common::{
+    ACTION_ALLOW, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, RUN_DRY, reason,
+};
 
 use crate::{
-    lookup,
-    parse::{self, Bounds, L3_ARP, L3_IPV4, L3_IPV6, Parsed},
+    ct, frag, lookup,
+    maps::SEGBPF_RUN_MODE,
+    parse::{self, Bounds, FRAG_FIRST, FRAG_LATER, L3_ARP, L3_IPV4, L3_IPV6, Parsed},
 };
 
 /// The outcome for one packet.
@@ -56,27 +63,92 @@ pub fn decide(pkt: &Bounds, dir: u8) -> Decision {
         // Unreadable configuration: fail closed.
         return d;
     };
-    if let Some(class_id) = lookup::peer_class(cfg.active_slot, dir, &p, dir == DIR_INGRESS) {
+    // Trace instances judge with the live state but never change it.
+    let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
+    let now = ct::now();
+
+    if p.frag == FRAG_LATER {
+        if let Some(e) = frag::leader(cfg, &p, now) {
+            d.reason = reason::PASS_FRAG;
+            d.rule_id = e.rule_id;
+        } else {
+            d.reason = reason::DROP_FRAGMENT;
+        }
+        return d;
+    }
+
+    let ct_key = if cfg.established != 0 {
+        ct::key(dir, &p)
+    } else {
+        None
+    };
+    if let Some(k) = &ct_key
+        && let Some(e) = ct::lookup(cfg, k, now)
+    {
+        // SAFETY: `e` points at a live map value (see ct::lookup).
+        d.rule_id = unsafe { (*e).rule_id };
+        d.reason = reason::PASS_CT;
+        if writes {
+            ct::update(e, dir, &p, now);
+        }
+    } else {
+        judge_policy(pkt, cfg, dir, &p, now, &mut d);
+        if writes
+            && reason::passes(d.reason)
+            && let Some(k) = &ct_key
+            && ct::opens_flow(&p)
+        {
+            ct::create(k, dir, d.rule_id, now);
+        }
+    }
+    if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {
+        frag::remember(&p, d.reason, d.rule_id, now);
+    }
+    d
+}
+
+/// Policy rules, then the ICMP default, then the direction's default.
+#[inline(always)]
+fn judge_policy(
+    pkt: &Bounds,
+    cfg: &segbpf_common::Config,
+    dir: u8,
+    p: &Parsed,
+    now: u64,
+    d: &mut Decision,
+) {
+    if let Some(class_id) = lookup::peer_class(cfg.active_slot, dir, p, dir == DIR_INGRESS) {
         d.class_id = class_id;
         if let Some(rule_id) = lookup::port_rule(cfg.active_slot, class_id, p.proto, p.dport) {
             d.rule_id = rule_id;
             d.reason = reason::PASS_RULE;
-            return d;
+            return;
         }
     }
-    if cfg.icmp != 0 && is_default_icmp(&p) {
-        d.reason = reason::PASS_ICMP;
-        return d;
+    if cfg.icmp != 0 {
+        if is_echo(p) {
+            d.reason = reason::PASS_ICMP;
+            return;
+        }
+        if cfg.established != 0
+            && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
+            && let Some(k) = ct::related_key(pkt, dir, p)
+            && ct::lookup(cfg, &k, now).is_some()
+        {
+            d.reason = reason::PASS_RELATED;
+            return;
+        }
     }
     let default = if dir == DIR_INGRESS {
         cfg.ingress_default
     } else {
         cfg.egress_default
     };
-    if default == ACTION_ALLOW {
-        d.reason = reason::PASS_DEFAULT;
-    }
-    d
+    d.reason = if default == ACTION_ALLOW {
+        reason::PASS_DEFAULT
+    } else {
+        reason::DROP_DEFAULT
+    };
 }
 
 /// IPv6 neighbour discovery (RS/RA/NS/NA, hop limit 255) and MLD (hop
@@ -93,16 +165,9 @@ fn is_neighbour_discovery(p: &Parsed) -> bool {
     }
 }
 
-/// ICMP echo and error messages that `defaults.icmp = true` lets through.
+/// ICMP echo request/reply of the packet's own family.
 #[inline(always)]
-fn is_default_icmp(p: &Parsed) -> bool {
-    if p.l3 == L3_IPV4 && p.proto == IPPROTO_ICMP {
-        // echo reply, destination unreachable, echo request, time exceeded, parameter problem
-        matches!(p.icmp_type, 0 | 3 | 8 | 11 | 12)
-    } else if p.l3 == L3_IPV6 && p.proto == IPPROTO_ICMPV6 {
-        // unreachable, packet too big, time exceeded, parameter problem, echo request/reply
-        matches!(p.icmp_type, 1..=4 | 128 | 129)
-    } else {
-        false
-    }
+fn is_echo(p: &Parsed) -> bool {
+    (p.l3 == L3_IPV4 && p.proto == IPPROTO_ICMP && matches!(p.icmp_type, 0 | 8))
+        || (p.l3 == L3_IPV6 && p.proto == IPPROTO_ICMPV6 && matches!(p.icmp_type, 128 | 129))
 }

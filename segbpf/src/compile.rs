@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use segbpf_common::{
     ACTION_ALLOW, ACTION_DROP, Config, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     MAX_RULES_PER_DIRECTION, PEER_KEY_HEADER_BITS, PORT_KEY_CLASS_BITS, PORT_KEY_PROTO_BITS,
-    PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef,
+    PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, ct_timeout,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,10 @@ pub struct Capacity {
     pub peer_v6: u32,
     /// `SEG_PORTS` max entries.
     pub ports: u32,
+    /// `SEG_CT` max entries (connection table).
+    pub ct: u32,
+    /// `SEG_FRAG` max entries.
+    pub frag: u32,
 }
 
 impl Default for Capacity {
@@ -46,6 +50,8 @@ impl Default for Capacity {
             peer_v4: segbpf_common::DEFAULT_PEER_ENTRIES,
             peer_v6: segbpf_common::DEFAULT_PEER_ENTRIES,
             ports: segbpf_common::DEFAULT_PORT_ENTRIES,
+            ct: segbpf_common::DEFAULT_CT_ENTRIES,
+            frag: segbpf_common::DEFAULT_FRAG_ENTRIES,
         }
     }
 }
@@ -147,6 +153,13 @@ pub fn compile(
             established: policy.defaults.established as u8,
             active_slot: slot,
             log_rate: policy.defaults.log_rate,
+            ct_tcp_syn_s: ct_timeout::TCP_SYN,
+            ct_tcp_est_s: ct_timeout::TCP_EST,
+            ct_tcp_close_s: ct_timeout::TCP_CLOSE,
+            ct_udp_s: ct_timeout::UDP,
+            ct_udp_est_s: ct_timeout::UDP_EST,
+            ct_icmp_s: ct_timeout::ICMP,
+            frag_s: ct_timeout::FRAG,
             ..Config::default()
         },
         ..Compiled::default()

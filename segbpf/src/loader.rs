@@ -1,9 +1,14 @@
-//! Loading the eBPF object: map sizes, dry-run instances that share a live
-//! attachment's maps, and program lookup.
+//! Loading the eBPF object: map sizes, run modes (live, dry run for trace,
+//! record for tests), instances that share a live attachment's maps, and
+//! program lookup.
 
-use aya::{Ebpf, EbpfLoader, programs::Xdp};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
 use segbpf_common::{
-    GLOBAL_DRY_RUN, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, PINNED_MAPS, PROG_XDP_INGRESS,
+    GLOBAL_RUN_MODE, MAP_CT, MAP_FRAG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, PINNED_MAPS,
+    PROG_TC_EGRESS, PROG_XDP_INGRESS, RUN_DRY,
 };
 
 use crate::{compile::Capacity, pins::Attachment};
@@ -17,46 +22,48 @@ pub enum LoadError {
     /// The kernel or aya refused the object.
     #[error("loading the eBPF object failed: {0}")]
     Ebpf(#[from] aya::EbpfError),
-    /// The XDP program could not be loaded (verifier).
-    #[error("loading the XDP program failed: {0}")]
+    /// A program could not be loaded (verifier).
+    #[error("loading a program failed: {0}")]
     Program(#[from] aya::programs::ProgramError),
-    /// The object lacks the program.
+    /// The object lacks a program.
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
 }
 
-/// Loads a fresh instance with its own maps sized by `capacity`. A
-/// `dry_run` instance writes no counters and records each decision in
-/// `SEG_TRACE` (used by tests that need the reason and rule of a packet).
-pub fn load(capacity: Capacity, dry_run: bool) -> Result<Ebpf, LoadError> {
+/// Loads a fresh instance with its own maps sized by `capacity`, in run
+/// mode `mode` (`segbpf_common::RUN_LIVE`, `RUN_DRY` or `RUN_RECORD`).
+pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_PEER_V4, capacity.peer_v4)
         .map_max_entries(MAP_PEER_V6, capacity.peer_v6)
         .map_max_entries(MAP_PORTS, capacity.ports)
-        .override_global(GLOBAL_DRY_RUN, &(dry_run as u8), true)
+        .map_max_entries(MAP_CT, capacity.ct)
+        .map_max_entries(MAP_FRAG, capacity.frag)
+        .override_global(GLOBAL_RUN_MODE, &mode, true)
         .load(EBPF_OBJECT)?;
-    load_xdp(&mut ebpf)?;
+    load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
 
 /// Loads a dry-run instance that shares every pinned map of `att` (policy,
-/// config, counters) but writes no counters and records its decision in its
-/// private `SEG_TRACE`. Running packets through it changes nothing live.
+/// config, counters, connection and fragment state) but changes none of
+/// them, and records its decision in its private `SEG_TRACE`.
 pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let paths: Vec<(&str, std::path::PathBuf)> =
         PINNED_MAPS.iter().map(|m| (*m, att.map(m))).collect();
     let mut loader = EbpfLoader::new();
-    loader.override_global(GLOBAL_DRY_RUN, &1u8, true);
+    loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    load_xdp(&mut ebpf)?;
+    load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
 
-fn load_xdp(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     xdp(ebpf)?.load()?;
+    tc(ebpf)?.load()?;
     Ok(())
 }
 
@@ -65,5 +72,13 @@ pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     let prog = ebpf
         .program_mut(PROG_XDP_INGRESS)
         .ok_or(LoadError::MissingProgram(PROG_XDP_INGRESS))?;
+    Ok(prog.try_into()?)
+}
+
+/// The egress TC program of a loaded instance.
+pub fn tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let prog = ebpf
+        .program_mut(PROG_TC_EGRESS)
+        .ok_or(LoadError::MissingProgram(PROG_TC_EGRESS))?;
     Ok(prog.try_into()?)
 }

@@ -5,7 +5,8 @@
 //! `STATE` = `$SEGBPF_STATE_DIR` (default `/run/segbpf`):
 //! - `ROOT/ifaces/IFACE/` for interfaces of the initial network namespace,
 //!   `ROOT/netns/NAME/IFACE/` with `--netns NAME`;
-//!   inside: `prog_xdp`, `link_xdp` and one file per map (`SEG_*`);
+//!   inside: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and one file per
+//!   map (`SEG_*`);
 //! - `STATE/ifaces/IFACE.json` or `STATE/netns/NAME/IFACE.json`.
 
 use std::path::{Path, PathBuf};
@@ -129,6 +130,16 @@ impl Attachment {
     /// Pin path of the XDP link.
     pub fn link_xdp(&self) -> PathBuf {
         self.dir.join("link_xdp")
+    }
+
+    /// Pin path of the TC egress program.
+    pub fn prog_tc(&self) -> PathBuf {
+        self.dir.join("prog_tc")
+    }
+
+    /// Pin path of the TC egress (TCX) link.
+    pub fn link_tc(&self) -> PathBuf {
+        self.dir.join("link_tc")
     }
 
     /// Whether the attachment exists (its link is pinned).

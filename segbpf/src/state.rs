@@ -24,6 +24,15 @@ pub struct State {
     pub roles: Vec<String>,
     /// XDP mode in use: `native` or `skb`.
     pub mode: String,
+    /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).
+    #[serde(default)]
+    pub tc_mode: String,
+    /// Kernel id of the TC egress program.
+    #[serde(default)]
+    pub tc_prog_id: u32,
+    /// Connection table capacity.
+    #[serde(default)]
+    pub ct_size: u32,
     /// Policy generation.
     pub generation: u64,
     /// Kernel id of the XDP program.

@@ -130,23 +130,14 @@ impl Lab {
     /// expect counters to stay still. Call before adding hosts.
     pub fn quiet_switch(&self) -> anyhow::Result<()> {
         let switch = self.switch.as_ref().context("lab has no switch")?;
-        crate::netns::sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &switch.name,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "-w",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "-w",
-                "net.ipv4.igmp_link_local_mcast_reports=0",
-            ],
-        )
-        .map(|_| ())
+        quiet(&switch.name)
+    }
+
+    /// Stops a host's own background traffic (IPv6 is disabled in its
+    /// namespace, link-local IGMP reports are off), for tests that expect
+    /// its counters to stay still. Give such a host IPv4 addresses only.
+    pub fn quiet_host(&self, name: &str) -> anyhow::Result<()> {
+        quiet(&self.host(name).ns.name)
     }
 
     /// The host called `name`.
@@ -198,6 +189,26 @@ impl Lab {
         let out = self.segbpf_ok(host, &["status", &iface, "--output", "json"])?;
         serde_json::from_str(&out).context("status JSON")
     }
+}
+
+fn quiet(ns: &str) -> anyhow::Result<()> {
+    crate::netns::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "-w",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            "-w",
+            "net.ipv4.igmp_link_local_mcast_reports=0",
+        ],
+    )
+    .map(|_| ())
 }
 
 fn ip_ok(args: &[&str]) -> anyhow::Result<()> {

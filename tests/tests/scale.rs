@@ -74,7 +74,7 @@ fn one_million_prefixes_per_family() -> anyhow::Result<()> {
     assert_eq!(c.peers_v4.len(), 1_000_000);
     assert_eq!(c.peers_v6.len(), 1_000_000);
     let t1 = Instant::now();
-    let mut ebpf = loader::load(Capacity::default(), true)?;
+    let mut ebpf = loader::load(Capacity::default(), segbpf_common::RUN_DRY)?;
     maps::write_policy(&mut ebpf, &c)?;
     eprintln!(
         "compile {:?}, load + 2,000,000 trie inserts {:?}",
@@ -129,7 +129,7 @@ fn rules_1024_per_direction() -> anyhow::Result<()> {
     let roles = vec!["r".to_string()];
     let c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
     assert_eq!(c.rules.len(), 2048);
-    let mut ebpf = loader::load(Capacity::default(), true)?;
+    let mut ebpf = loader::load(Capacity::default(), segbpf_common::RUN_DRY)?;
     maps::write_policy(&mut ebpf, &c)?;
     let host: IpAddr = "192.0.2.1".parse()?;
     // Deterministic spread over rules, peers and ports (edges included).

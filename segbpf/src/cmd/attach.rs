@@ -10,7 +10,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use aya::programs::{XdpMode, links::FdLink};
+use aya::programs::{TcAttachType, XdpMode, links::FdLink, tc};
 use tracing::{info, warn};
 
 use crate::{
@@ -47,6 +47,10 @@ pub struct Args {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+    /// Connection-table capacity (entries; least recently used are evicted when full).
+    #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_CT_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+    pub ct_size: u32,
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
@@ -80,15 +84,12 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
     let addrs = netif::addresses(&args.iface)?;
     let roles = roles::resolve(&policy, &args.role, &args.iface, &addrs)?;
     let generation = 1;
-    let compiled = compile::compile(
-        &policy,
-        &roles,
-        Some(&args.iface),
-        0,
-        generation,
-        Capacity::default(),
-    )
-    .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;
+    let capacity = Capacity {
+        ct: args.ct_size,
+        ..Capacity::default()
+    };
+    let compiled = compile::compile(&policy, &roles, Some(&args.iface), 0, generation, capacity)
+        .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;
     let att = Attachment::new(&args.iface, netns);
     if att.is_attached() {
         bail!(
@@ -107,8 +108,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
         warn!("removing stale pins in {}", att.dir.display());
         att.remove()?;
     }
-    let result = load_and_attach(&att, &compiled, args.mode);
-    let (prog_id, mode) = match result {
+    let result = load_and_attach(&att, &compiled, capacity, args.mode);
+    let attached = match result {
         Ok(v) => v,
         Err(e) => {
             if let Err(cleanup) = att.remove() {
@@ -126,9 +127,12 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
             .display()
             .to_string(),
         roles: roles.clone(),
-        mode: mode.to_string(),
+        mode: attached.xdp_mode.to_string(),
+        tc_mode: attached.tc_mode.to_string(),
+        tc_prog_id: attached.tc_prog_id,
+        ct_size: capacity.ct,
         generation,
-        prog_id,
+        prog_id: attached.xdp_prog_id,
         attached_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -146,10 +150,12 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
         return Err(e);
     }
     println!(
-        "attached segbpf to {} (xdp {}, prog id {}): policy {}, roles {}, {} rules, {} classes",
+        "attached segbpf to {} (xdp {} prog {}, tc {} prog {}): policy {}, roles {}, {} rules, {} classes",
         args.iface,
-        mode,
-        prog_id,
+        attached.xdp_mode,
+        attached.xdp_prog_id,
+        attached.tc_mode,
+        attached.tc_prog_id,
         policy.source,
         roles.join(","),
         compiled.rules.len(),
@@ -158,19 +164,60 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
     Ok(att)
 }
 
+/// What was attached.
+struct Attached {
+    xdp_prog_id: u32,
+    xdp_mode: &'static str,
+    tc_prog_id: u32,
+    tc_mode: &'static str,
+}
+
 fn load_and_attach(
     att: &Attachment,
     compiled: &compile::Compiled,
+    capacity: Capacity,
     mode: Mode,
-) -> anyhow::Result<(u32, &'static str)> {
-    let mut ebpf = loader::load(Capacity::default(), false)?;
+) -> anyhow::Result<Attached> {
+    let mut ebpf = loader::load(capacity, segbpf_common::RUN_LIVE)?;
     maps::write_policy(&mut ebpf, compiled)?;
     std::fs::create_dir_all(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
     maps::pin_all(&mut ebpf, att)?;
+
+    // Egress first: replies to what the host sends must be tracked before
+    // ingress starts dropping what is not.
+    let prog = loader::tc(&mut ebpf)?;
+    prog.pin(att.prog_tc())
+        .with_context(|| format!("pinning program at {}", att.prog_tc().display()))?;
+    let tc_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    use aya::util::KernelVersion;
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        // Older kernels: a netlink filter under the clsact qdisc.
+        let _ = tc::qdisc_add_clsact(&att.iface);
+    }
+    let link_id = prog
+        .attach(&att.iface, TcAttachType::Egress)
+        .with_context(|| format!("attaching TC egress to {}", att.iface))?;
+    let link = prog.take_link(link_id)?;
+    let tc_mode = match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            fd_link
+                .pin(att.link_tc())
+                .with_context(|| format!("pinning link at {}", att.link_tc().display()))?;
+            "tcx"
+        }
+        Err(e) => {
+            // A netlink filter is not an fd-based link and cannot be pinned;
+            // it stays in the kernel until `detach` removes it by name.
+            tracing::debug!("TC link is not pinnable ({e}); kept as a clsact filter");
+            "clsact"
+        }
+    };
+
     let prog = loader::xdp(&mut ebpf)?;
     prog.pin(att.prog_xdp())
         .with_context(|| format!("pinning program at {}", att.prog_xdp().display()))?;
-    let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    let xdp_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
     let attempts: &[(XdpMode, &'static str)] = match mode {
         Mode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
         Mode::Native => &[(XdpMode::Driver, "native")],
@@ -187,13 +234,25 @@ fn load_and_attach(
                 fd_link
                     .pin(att.link_xdp())
                     .with_context(|| format!("pinning link at {}", att.link_xdp().display()))?;
-                return Ok((prog_id, name));
+                return Ok(Attached {
+                    xdp_prog_id,
+                    xdp_mode: name,
+                    tc_prog_id,
+                    tc_mode,
+                });
             }
             Err(e) => {
                 tracing::debug!("xdp {name} attach on {} failed: {e}", att.iface);
                 last_err = Some((name, e));
             }
         }
+    }
+    if tc_mode == "clsact" {
+        let _ = tc::qdisc_detach_program(
+            &att.iface,
+            TcAttachType::Egress,
+            segbpf_common::PROG_TC_EGRESS,
+        );
     }
     match last_err {
         Some((name, e)) => {

@@ -1,5 +1,5 @@
-//! `segbpf detach`: remove the pinned link (which detaches the program),
-//! the program, map pins and the state file of an interface.
+//! `segbpf detach`: remove the pinned links (which detaches the programs),
+//! the programs, map pins and the state file of an interface.
 
 use anyhow::{Context as _, bail};
 
@@ -23,6 +23,17 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         );
     }
     let was_attached = att.is_attached();
+    // A clsact (netlink) egress filter is not a pinned link: remove it by name.
+    if let Ok(state) = crate::state::State::read(&att.state)
+        && state.tc_mode == "clsact"
+        && let Err(e) = aya::programs::tc::qdisc_detach_program(
+            &args.iface,
+            aya::programs::TcAttachType::Egress,
+            segbpf_common::PROG_TC_EGRESS,
+        )
+    {
+        tracing::warn!("removing the TC egress filter of {}: {e}", args.iface);
+    }
     att.remove()
         .with_context(|| format!("removing {}", att.dir.display()))?;
     if was_attached {

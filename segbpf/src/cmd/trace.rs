@@ -1,7 +1,8 @@
 //! `segbpf trace`: build a packet and run it through the program loaded on
 //! an interface with BPF_PROG_TEST_RUN. The run uses a dry-run instance of
-//! the program that shares the live maps but writes no counters (and, from
-//! the connection-tracking issue on, no state), so tracing changes nothing.
+//! the program that shares the live maps but writes no counters and no
+//! connection or fragment state, so tracing changes nothing. It reports
+//! whether the packet matched a tracked connection.
 
 use std::net::IpAddr;
 
@@ -11,10 +12,11 @@ use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NO_R
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, UsageError, parse_proto, proto_name},
+    cmd::{Output, UsageError, explain::DirArg, parse_proto, proto_name},
     loader, maps,
     packet::PacketSpec,
     pins::Attachment,
+    policy::Direction,
     state::State,
 };
 
@@ -41,6 +43,9 @@ pub struct Args {
     /// ICMP type (default: echo request).
     #[arg(long)]
     pub icmp_type: Option<u8>,
+    /// Direction: ingress runs the XDP program, egress the TC program.
+    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
+    pub direction: DirArg,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -53,8 +58,12 @@ pub struct Traced {
     pub verdict: &'static str,
     /// Reason name.
     pub reason: &'static str,
-    /// XDP return code.
-    pub xdp_action: u32,
+    /// Direction judged.
+    pub direction: Direction,
+    /// The program's return code (XDP action, or TC action for egress).
+    pub action: u32,
+    /// Whether the packet matched a tracked connection.
+    pub ct_hit: bool,
     /// Rule id, label and line, if a rule allowed the packet.
     pub rule: Option<serde_json::Value>,
     /// Address class of the peer, if the peer is in any rule's peers.
@@ -90,14 +99,15 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         p => PacketSpec::new(args.src, args.dst, p),
     };
     let att = Attachment::new(&args.iface, netns);
-    let traced = trace_packet(&att, &spec.build().bytes)?;
+    let traced = trace_packet(&att, args.direction.into(), &spec.build().bytes)?;
     let state = State::read(&att.state).ok();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&traced)?),
         Output::Text => {
             println!(
-                "{} {} -> {} {}/{}: {} ({})",
+                "{} {} {} -> {} {}/{}: {} ({})",
                 args.iface,
+                traced.direction,
                 args.src,
                 args.dst,
                 proto_name(args.proto),
@@ -105,6 +115,9 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
                 traced.verdict.to_uppercase(),
                 traced.reason
             );
+            if traced.ct_hit {
+                println!("  part of a tracked connection (established)");
+            }
             if let Some(r) = &traced.rule {
                 println!(
                     "  rule #{} {} (line {})",
@@ -121,8 +134,9 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `frame` through a dry-run instance sharing `att`'s maps.
-pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
+/// Runs `frame` through a dry-run instance sharing `att`'s maps: the XDP
+/// program for ingress, the TC program for egress.
+pub fn trace_packet(att: &Attachment, dir: Direction, frame: &[u8]) -> anyhow::Result<Traced> {
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.iface);
     }
@@ -135,12 +149,13 @@ pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
         }
     }
     let mut ebpf = loader::load_dry_run(att).context("loading a dry-run instance")?;
-    let result = {
-        let prog = loader::xdp(&mut ebpf)?;
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        prog.test_run(opts).context("BPF_PROG_TEST_RUN")?
-    };
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    let result = match dir {
+        Direction::Ingress => loader::xdp(&mut ebpf)?.test_run(opts),
+        Direction::Egress => loader::tc(&mut ebpf)?.test_run(opts),
+    }
+    .context("BPF_PROG_TEST_RUN")?;
     let t = maps::take_trace(&mut ebpf)?;
     if t.valid == 0 {
         bail!("the program did not record a decision");
@@ -163,7 +178,9 @@ pub fn trace_packet(att: &Attachment, frame: &[u8]) -> anyhow::Result<Traced> {
             "drop"
         },
         reason: reason::name(t.reason),
-        xdp_action: result.return_value,
+        direction: dir,
+        action: result.return_value,
+        ct_hit: t.reason == reason::PASS_CT,
         rule,
         class: (t.class_id != u32::MAX).then_some(t.class_id),
     })

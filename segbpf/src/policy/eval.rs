@@ -1,6 +1,9 @@
 //! The reference evaluator: the verdict of (policy, host roles, interface,
 //! direction, packet) computed directly from the policy's semantics, with
-//! no kernel and no compiled maps. It is the oracle the kernel program is
+//! no kernel and no compiled maps. It is stateless: it gives the verdict of
+//! a packet that opens a flow (or belongs to none); replies of tracked
+//! connections, ICMP errors about them and later fragments depend on the
+//! datapath's state and are tested as sequences against the kernel. It is the oracle the kernel program is
 //! tested against, and what `segbpf explain` prints.
 
 use std::net::IpAddr;
@@ -110,12 +113,14 @@ pub fn evaluate(
     Verdict { reason, rule: None }
 }
 
-/// ICMP echo and error messages that `defaults.icmp = true` lets through.
+/// ICMP echo request/reply, which `defaults.icmp = true` lets through from
+/// anyone. (ICMP errors pass only when they quote a tracked connection:
+/// that is state, which this stateless evaluator does not model.)
 fn is_default_icmp(v6: bool, pkt: &Packet) -> bool {
     if !v6 && pkt.proto == IPPROTO_ICMP {
-        matches!(pkt.icmp_type, 0 | 3 | 8 | 11 | 12)
+        matches!(pkt.icmp_type, 0 | 8)
     } else if v6 && pkt.proto == IPPROTO_ICMPV6 {
-        matches!(pkt.icmp_type, 1..=4 | 128 | 129)
+        matches!(pkt.icmp_type, 128 | 129)
     } else {
         false
     }
