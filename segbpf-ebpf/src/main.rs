@@ -52,9 +52,9 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     let decision = verdict::decide(&pkt, DIR_EGRESS);
     stats::record(&decision);
     if reason::passes(decision.reason) {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     } else {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     }
 }
 
