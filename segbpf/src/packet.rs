@@ -76,6 +76,8 @@ pub struct PacketSpec {
     pub ipv4_options: Vec<u8>,
     /// IPv4 fragment fields.
     pub frag4: Frag4,
+    /// IPv4 identification.
+    pub ipv4_id: u16,
     /// IPv6 extension headers, in order.
     pub ipv6_ext: Vec<Ext>,
     /// Transport payload.
@@ -108,6 +110,7 @@ impl PacketSpec {
             ttl: 64,
             ipv4_options: Vec::new(),
             frag4: Frag4::default(),
+            ipv4_id: 0x1234,
             ipv6_ext: Vec::new(),
             payload: Vec::new(),
         }
@@ -176,7 +179,7 @@ impl PacketSpec {
                 let frag = (self.frag4.offset & 0x1fff) | if self.frag4.more { 0x2000 } else { 0 };
                 let mut h = vec![(4 << 4) | ihl as u8, 0];
                 h.extend_from_slice(&(tot as u16).to_be_bytes());
-                h.extend_from_slice(&0x1234u16.to_be_bytes());
+                h.extend_from_slice(&self.ipv4_id.to_be_bytes());
                 h.extend_from_slice(&frag.to_be_bytes());
                 h.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
                 h.extend_from_slice(&s.octets());
@@ -237,6 +240,14 @@ impl PacketSpec {
         }
         t.extend_from_slice(&self.payload);
         t
+    }
+}
+
+impl Built {
+    /// The IP packet (the frame without its Ethernet header and VLAN tags),
+    /// e.g. to quote it in an ICMP error.
+    pub fn ip_packet(&self) -> &[u8] {
+        &self.bytes[self.l3..]
     }
 }
 
