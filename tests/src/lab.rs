@@ -140,6 +140,41 @@ impl Lab {
         quiet(&self.host(name).ns.name)
     }
 
+    /// Makes the switch namespace a router too: it takes `gateways`
+    /// (CIDRs on its bridge, one per subnet) and forwards between them,
+    /// without ICMP redirects (hosts of several subnets share the bridge).
+    pub fn route(&self, gateways: &[&str]) -> anyhow::Result<()> {
+        let switch = self.switch.as_ref().context("lab has no switch")?;
+        for g in gateways {
+            switch.ip(&["addr", "add", g, "dev", "br0"])?;
+        }
+        crate::netns::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &switch.name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "-w",
+                "net.ipv4.conf.all.send_redirects=0",
+                "-w",
+                "net.ipv4.conf.br0.send_redirects=0",
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Gives a host a default route via `gateway`.
+    pub fn default_route(&self, host: &str, gateway: &str) -> anyhow::Result<()> {
+        self.host(host)
+            .ns
+            .ip(&["route", "add", "default", "via", gateway])
+            .map(|_| ())
+    }
+
     /// The host called `name`.
     pub fn host(&self, name: &str) -> &Host {
         self.hosts

@@ -14,7 +14,22 @@ use anyhow::Context as _;
 
 use crate::netns;
 
-/// A TCP listener running in a namespace; stops when dropped.
+/// Echoes what the peer sends first (if anything arrives within a
+/// second), then closes.
+fn echo_once(mut c: TcpStream) {
+    use std::io::{Read as _, Write as _};
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 512];
+    if let Ok(n) = c.read(&mut buf)
+        && n > 0
+    {
+        let _ = c.write_all(&buf[..n]);
+    }
+}
+
+/// A TCP listener running in a namespace that echoes the first message of
+/// each connection; stops when dropped.
 pub struct Listener {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
@@ -50,7 +65,7 @@ impl Listener {
                 match l.accept() {
                     Ok((c, _)) => {
                         a.fetch_add(1, Ordering::Relaxed);
-                        drop(c);
+                        echo_once(c);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -111,4 +126,134 @@ pub fn tcp_connect(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
+/// A full TCP exchange from `src` in namespace `ns` to `dst:port`: the
+/// handshake, a message out and its echo back. True only if all of it
+/// happened within `timeout` (so both directions were let through).
+pub fn tcp_exchange(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    use std::io::{Read as _, Write as _};
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<bool> {
+        netns::enter(&path)?;
+        let domain = if src.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        sock.bind(&SocketAddr::new(src, 0).into())
+            .with_context(|| format!("bind {src}"))?;
+        if sock
+            .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(timeout))?;
+        let msg = b"segbpf-ping";
+        if s.write_all(msg).is_err() {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while got < msg.len() {
+            match s.read(&mut buf[got..]) {
+                Ok(0) | Err(_) => return Ok(false),
+                Ok(n) => got += n,
+            }
+        }
+        Ok(&buf[..got] == msg)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("exchange thread panicked"))?
+}
+
+/// A UDP echo server in a namespace (DNS-style request/response); stops
+/// when dropped.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    /// Serves on `addr:port` inside namespace `ns`.
+    pub fn start(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let path = format!("/run/netns/{ns}");
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let sock = netns::enter(&path).and_then(|_| {
+                let u = std::net::UdpSocket::bind(SocketAddr::new(addr, port))
+                    .with_context(|| format!("bind udp {addr}:{port}"))?;
+                u.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(u)
+            });
+            let sock = match sock {
+                Ok(u) => {
+                    let _ = tx.send(Ok(()));
+                    u
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        rx.recv().context("udp echo thread")??;
+        Ok(UdpEcho {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP request from `src` in namespace `ns` to `dst:port`; true when
+/// the echoed response arrives within `timeout`.
+pub fn udp_exchange(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<bool> {
+        netns::enter(&path)?;
+        let sock = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+        sock.set_read_timeout(Some(timeout))?;
+        let msg = b"segbpf-query";
+        sock.send_to(msg, SocketAddr::new(dst, port))?;
+        let mut buf = [0u8; 64];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => Ok(&buf[..n] == msg && from.ip() == dst),
+            Err(_) => Ok(false),
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("udp thread panicked"))?
 }
