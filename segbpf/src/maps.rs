@@ -129,3 +129,14 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Entries in an attachment's connection table (live and not yet evicted;
+/// expired entries count until the LRU reuses them).
+pub fn pinned_ct_fill(att: &Attachment) -> Result<u64, MapsError> {
+    use segbpf_common::{CtEntry, CtKey, MAP_CT};
+    let data = MapData::from_pin(att.map(MAP_CT)).map_err(err(MAP_CT))?;
+    let map = Map::LruHashMap(data);
+    let ct: aya::maps::HashMap<&MapData, CtKey, CtEntry> =
+        aya::maps::HashMap::try_from(&map).map_err(err(MAP_CT))?;
+    Ok(ct.keys().filter(Result::is_ok).count() as u64)
+}

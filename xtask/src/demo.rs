@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: three hosts (web, app, db) on one bridge; segbpf
-//! enforces `examples/roles.toml` on db, which picks its role from its own
-//! address; a connectivity matrix of real TCP connections from web and app;
-//! then everything is torn down.
+//! `cargo xtask demo`: web, app and db on one network, each running segbpf
+//! with the same `examples/roles.toml` and picking its role from its own
+//! address (default-deny in and out, replies by connection tracking); an
+//! outside host behind the lab's router; a connectivity matrix of real TCP
+//! exchanges; then everything is torn down.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -18,32 +19,53 @@ struct Check {
 
 const MATRIX: &[Check] = &[
     Check {
-        from: "app",
-        to: "db",
-        port: 5432,
+        from: "web",
+        to: "app",
+        port: 8080,
         allowed: true,
-        why: "db accepts tcp/5432 from app_nodes",
+        why: "web may call app on 8080",
     },
     Check {
         from: "app",
         to: "db",
-        port: 3306,
+        port: 5432,
         allowed: true,
-        why: "db accepts tcp/3306 from app_nodes",
+        why: "app may call db on 5432",
     },
     Check {
         from: "web",
         to: "db",
         port: 5432,
         allowed: false,
-        why: "web_nodes are not app_nodes",
+        why: "web may not reach db",
     },
     Check {
-        from: "web",
-        to: "db",
-        port: 3306,
+        from: "outside",
+        to: "web",
+        port: 80,
+        allowed: true,
+        why: "web serves tcp/80 to anyone",
+    },
+    Check {
+        from: "outside",
+        to: "app",
+        port: 8080,
         allowed: false,
-        why: "web_nodes are not app_nodes",
+        why: "app only serves web_nodes",
+    },
+    Check {
+        from: "outside",
+        to: "db",
+        port: 5432,
+        allowed: false,
+        why: "db only serves app_nodes",
+    },
+    Check {
+        from: "app",
+        to: "outside",
+        port: 25,
+        allowed: false,
+        why: "no egress rule for tcp/25",
     },
     Check {
         from: "app",
@@ -51,13 +73,6 @@ const MATRIX: &[Check] = &[
         port: 22,
         allowed: false,
         why: "ssh only from admin_net",
-    },
-    Check {
-        from: "web",
-        to: "db",
-        port: 8080,
-        allowed: false,
-        why: "db does not serve tcp/8080",
     },
 ];
 
@@ -70,39 +85,53 @@ pub fn run() -> anyhow::Result<()> {
     .display()
     .to_string();
     let mut lab = Lab::new("demo")?;
+    lab.route(&["10.10.255.254/16", "198.18.0.1/24"])?;
     for (name, addr) in [
         ("web", "10.10.1.10/16"),
         ("app", "10.10.1.20/16"),
         ("db", "10.10.1.30/16"),
     ] {
         lab.add_host(name, &[addr])?;
+        lab.default_route(name, "10.10.255.254")?;
     }
-    println!("lab: web 10.10.1.10, app 10.10.1.20, db 10.10.1.30 on one bridge; policy {policy}\n");
+    lab.add_host("outside", &["198.18.0.10/24"])?;
+    lab.default_route("outside", "198.18.0.1")?;
+    println!("lab: web 10.10.1.10, app 10.10.1.20, db 10.10.1.30, outside 198.18.0.10 (routed)");
+    println!("policy: {policy}\n");
+
+    let any: IpAddr = "0.0.0.0".parse()?;
     let mut listeners = Vec::new();
-    let db_ns = lab.host("db").ns.name.clone();
-    for port in [5432u16, 3306, 22, 8080] {
-        listeners.push(net::Listener::start(&db_ns, "0.0.0.0".parse()?, port)?);
+    for (host, ports) in [
+        ("web", &[80u16][..]),
+        ("app", &[8080]),
+        ("db", &[5432, 22]),
+        ("outside", &[25]),
+    ] {
+        let ns = lab.host(host).ns.name.clone();
+        for p in ports {
+            listeners.push(net::Listener::start(&ns, any, *p)?);
+        }
     }
-    // This slice enforces ingress only, without connection tracking: a
-    // protected host would drop the replies to connections it opens itself,
-    // so the demo protects the server tier (db) and uses web and app as
-    // clients. The role comes from db's own address.
-    let out = lab.attach("db", &policy, &[]).context("attach on db")?;
-    print!("db: {out}");
-    println!("\nconnectivity to db (real TCP handshakes, ingress enforced at XDP on db):");
+    for host in ["web", "app", "db"] {
+        let out = lab
+            .attach(host, &policy, &[])
+            .with_context(|| format!("attach on {host}"))?;
+        print!("{host}: {out}");
+    }
+    println!("\nconnectivity (real TCP exchanges; segbpf on web, app and db):");
     let mut wrong = 0;
     for c in MATRIX {
         let from = lab.host(c.from);
         let to = lab.host(c.to);
-        let (src, dst): (IpAddr, IpAddr) = (from.addrs[0], to.addrs[0]);
-        let ok = net::tcp_connect(&from.ns.name, src, dst, c.port, Duration::from_millis(1500))?;
+        let (src, dst) = (from.addrs[0], to.addrs[0]);
+        let ok = net::tcp_exchange(&from.ns.name, src, dst, c.port, Duration::from_millis(1500))?;
         let verdict = if ok { "ALLOWED" } else { "BLOCKED" };
         let mark = if ok == c.allowed { "ok" } else { "UNEXPECTED" };
         if ok != c.allowed {
             wrong += 1;
         }
         println!(
-            "  {verdict:<8} {:>3} ({src}) -> {:>3} ({dst}) tcp/{:<5} {mark:<10} {}",
+            "  {verdict:<8} {:>7} -> {:<7} tcp/{:<5} {mark:<10} {}",
             c.from, c.to, c.port, c.why
         );
     }

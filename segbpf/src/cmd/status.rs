@@ -34,6 +34,17 @@ pub struct Report {
     pub passed: u64,
     /// Packets dropped.
     pub dropped: u64,
+    /// Connection table: capacity and entries in use.
+    pub conntrack: Conntrack,
+}
+
+/// Connection-table size and fill level.
+#[derive(Debug, Serialize)]
+pub struct Conntrack {
+    /// Capacity (entries).
+    pub size: u32,
+    /// Entries in use.
+    pub entries: u64,
 }
 
 /// Builds the report of one attachment.
@@ -50,14 +61,20 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
             dropped += n;
         }
     }
+    let state = State::read(&att.state).ok();
+    let conntrack = Conntrack {
+        size: state.as_ref().map(|s| s.ct_size).unwrap_or(0),
+        entries: maps::pinned_ct_fill(att).unwrap_or(0),
+    };
     Ok(Report {
         iface: att.iface.clone(),
         netns: att.netns.clone(),
         attached: att.is_attached(),
-        state: State::read(&att.state).ok(),
+        state,
         counters,
         passed,
         dropped,
+        conntrack,
     })
 }
 
@@ -110,8 +127,8 @@ fn print_text(r: &Report) {
     match &r.state {
         Some(s) => {
             println!(
-                "{}{ns}: {link}, xdp {}, prog id {}, generation {}",
-                r.iface, s.mode, s.prog_id, s.generation
+                "{}{ns}: {link}, ingress xdp {} (prog {}), egress tc {} (prog {}), generation {}",
+                r.iface, s.mode, s.prog_id, s.tc_mode, s.tc_prog_id, s.generation
             );
             println!("  policy:   {}", s.policy);
             println!("  roles:    {}", s.roles.join(", "));
@@ -126,6 +143,10 @@ fn print_text(r: &Report) {
         }
         None => println!("{}{ns}: {link} (state file missing)", r.iface),
     }
+    println!(
+        "  conntrack: {} of {} entries",
+        r.conntrack.entries, r.conntrack.size
+    );
     println!("  passed:   {}", r.passed);
     println!("  dropped:  {}", r.dropped);
     for (name, n) in &r.counters {
