@@ -1,5 +1,8 @@
 //! `segbpf explain`: the verdict for a packet from the policy alone, by the
-//! reference evaluator (no kernel involved).
+//! reference evaluator (no kernel involved). The evaluator is stateless: it
+//! judges a packet that opens a flow, and says whether the flow's replies
+//! will pass by connection tracking. `segbpf trace` shows live state (a
+//! packet that matches a tracked connection).
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -77,6 +80,9 @@ struct Explained {
     packet: Packet,
     direction: Direction,
     roles: Vec<String>,
+    /// Whether, once this packet passes, the flow's replies pass by
+    /// connection tracking (`defaults.established` and a tracked protocol).
+    replies_tracked: bool,
 }
 
 #[derive(Serialize)]
@@ -123,7 +129,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             services: r.services(),
         }
     });
+    let tracked_proto = matches!(pkt.proto, 6 | 17)
+        || (pkt.proto == 1 && pkt.icmp_type == 8)
+        || (pkt.proto == 58 && pkt.icmp_type == 128);
     let out = Explained {
+        replies_tracked: v.passes() && policy.defaults.established && tracked_proto,
         verdict: if v.passes() { "allow" } else { "drop" },
         reason: reason::name(v.reason),
         rule,
@@ -154,6 +164,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     println!("  no rule matches; defaults.{} = drop", out.direction)
                 }
                 None => {}
+            }
+            if out.replies_tracked {
+                println!("  replies pass by connection tracking (defaults.established = true)");
             }
         }
     }
