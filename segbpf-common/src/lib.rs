@@ -22,8 +22,10 @@ pub const MAP_PEER_V6: &str = "SEG_PEER_V6";
 pub const MAP_PORTS: &str = "SEG_PORTS";
 /// Array, one entry: [`Config`] (defaults and active slot).
 pub const MAP_CONFIG: &str = "SEG_CONFIG";
-/// Per-CPU array of u64 packet counters indexed by [`reason`] code.
+/// Per-CPU array of [`Counter`]s indexed by `direction * STATS_LEN + reason`.
 pub const MAP_STATS: &str = "SEG_STATS";
+/// Per-CPU array of [`Counter`]s indexed by rule id: what each rule allowed.
+pub const MAP_RULE_STATS: &str = "SEG_RULE_STATS";
 /// Array, one entry: [`TraceResult`] written only by trace/record instances.
 pub const MAP_TRACE: &str = "SEG_TRACE";
 /// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table.
@@ -32,12 +34,13 @@ pub const MAP_CT: &str = "SEG_CT";
 pub const MAP_FRAG: &str = "SEG_FRAG";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
     MAP_CONFIG,
     MAP_STATS,
+    MAP_RULE_STATS,
     MAP_CT,
     MAP_FRAG,
 ];
@@ -71,8 +74,11 @@ pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 /// Default capacity of the fragment table.
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
-/// Number of counters in `SEG_STATS` (one per reason code).
+/// Counters per direction in `SEG_STATS` (one per reason code).
 pub const STATS_LEN: u32 = 64;
+/// Default number of per-rule counters (`SEG_RULE_STATS`); attach sizes the
+/// map to the policy's rule count.
+pub const DEFAULT_RULE_STATS: u32 = 8192;
 /// Largest number of rules per direction the compiler accepts.
 pub const MAX_RULES_PER_DIRECTION: usize = 4096;
 
@@ -98,6 +104,17 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// ICMPv6.
 pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// A packet and byte counter (one per CPU in the per-CPU maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (length of the frame as the program saw it).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 /// Rule id meaning "no rule" in [`TraceResult`].
 pub const NO_RULE: u32 = u32::MAX;
@@ -471,6 +488,8 @@ mod user {
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceResult {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.

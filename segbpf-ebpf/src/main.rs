@@ -33,7 +33,7 @@ pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
     let decision = verdict::decide(&pkt, DIR_INGRESS);
-    stats::record(&decision);
+    stats::record(&decision, DIR_INGRESS, len as u64);
     if reason::passes(decision.reason) {
         xdp_action::XDP_PASS
     } else {
@@ -50,7 +50,7 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len as usize);
     let decision = verdict::decide(&pkt, DIR_EGRESS);
-    stats::record(&decision);
+    stats::record(&decision, DIR_EGRESS, len as u64);
     if reason::passes(decision.reason) {
         TC_ACT_OK
     } else {

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use segbpf_common::{
-    Config, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES,
-    DEFAULT_PORT_ENTRIES, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef,
-    STATS_LEN, TraceResult,
+    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES,
+    DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, FragEntry, FragKey, PeerClass,
+    PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -32,9 +32,14 @@ pub static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
 #[map]
 pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Per-CPU packet counters, indexed by reason code.
+/// Per-CPU packet/byte counters, indexed by direction * STATS_LEN + reason code.
 #[map]
-pub static SEG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+pub static SEG_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * STATS_LEN, 0);
+
+/// Per-CPU packet/byte counters of what each rule allowed, indexed by rule id.
+#[map]
+pub static SEG_RULE_STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(DEFAULT_RULE_STATS, 0);
 
 /// Index 0: the decision of the last packet, written only by trace/record instances.
 #[map]

@@ -1,16 +1,30 @@
 //! Counters and the dry-run trace record.
 
-use segbpf_common::{RUN_DRY, RUN_LIVE, TraceResult};
+use segbpf_common::{Counter, RUN_DRY, RUN_LIVE, STATS_LEN, TraceResult, reason};
 
 use crate::{
-    maps::{SEG_STATS, SEG_TRACE, SEGBPF_RUN_MODE},
+    maps::{SEG_RULE_STATS, SEG_STATS, SEG_TRACE, SEGBPF_RUN_MODE},
     verdict::Decision,
 };
 
-/// Counts the decision (live and record instances) and records it in
-/// `SEG_TRACE` (trace and record instances).
+/// Adds one packet of `bytes` to a per-CPU counter.
 #[inline(always)]
-pub fn record(d: &Decision) {
+fn bump(counter: Option<*mut Counter>, bytes: u64) {
+    if let Some(c) = counter {
+        // SAFETY: this CPU's slot of a per-CPU array; the program is not
+        // preempted while it runs, so plain increments are race free.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Counts the decision per direction and reason, and per rule when a rule
+/// judged it (live and record instances); records it in `SEG_TRACE`
+/// (trace and record instances).
+#[inline(always)]
+pub fn record(d: &Decision, dir: u8, bytes: u64) {
     let mode = SEGBPF_RUN_MODE.load();
     if mode != RUN_LIVE {
         if let Some(slot) = SEG_TRACE.get_ptr_mut(0) {
@@ -32,9 +46,11 @@ pub fn record(d: &Decision) {
             return;
         }
     }
-    if let Some(counter) = SEG_STATS.get_ptr_mut(d.reason as u32) {
-        // SAFETY: per-CPU slot of this CPU; the program is not preempted
-        // while it runs, so a plain increment is race free.
-        unsafe { *counter += 1 };
+    bump(
+        SEG_STATS.get_ptr_mut(dir as u32 * STATS_LEN + d.reason as u32),
+        bytes,
+    );
+    if d.reason == reason::PASS_RULE {
+        bump(SEG_RULE_STATS.get_ptr_mut(d.rule_id), bytes);
     }
 }

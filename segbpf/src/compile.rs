@@ -42,6 +42,18 @@ pub struct Capacity {
     pub ct: u32,
     /// `SEG_FRAG` max entries.
     pub frag: u32,
+    /// `SEG_RULE_STATS` entries (rule ids must be below it).
+    pub rule_stats: u32,
+}
+
+impl Capacity {
+    /// The default capacities with per-rule counters sized for `policy`.
+    pub fn for_policy(policy: &Policy) -> Self {
+        Capacity {
+            rule_stats: (policy.rules.len() as u32).max(64),
+            ..Capacity::default()
+        }
+    }
 }
 
 impl Default for Capacity {
@@ -52,6 +64,7 @@ impl Default for Capacity {
             ports: segbpf_common::DEFAULT_PORT_ENTRIES,
             ct: segbpf_common::DEFAULT_CT_ENTRIES,
             frag: segbpf_common::DEFAULT_FRAG_ENTRIES,
+            rule_stats: segbpf_common::DEFAULT_RULE_STATS,
         }
     }
 }
@@ -183,6 +196,13 @@ pub fn compile(
     check(MAP_V4, out.peers_v4.len(), capacity.peer_v4)?;
     check(MAP_V6, out.peers_v6.len(), capacity.peer_v6)?;
     check(MAP_PORTS, out.ports.len(), capacity.ports)?;
+    let max_id = out
+        .rules
+        .iter()
+        .map(|r| r.id as usize + 1)
+        .max()
+        .unwrap_or(0);
+    check(segbpf_common::MAP_RULE_STATS, max_id, capacity.rule_stats)?;
     Ok(out)
 }
 

@@ -7,8 +7,8 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    GLOBAL_RUN_MODE, MAP_CT, MAP_FRAG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, PINNED_MAPS,
-    PROG_TC_EGRESS, PROG_XDP_INGRESS, RUN_DRY,
+    GLOBAL_RUN_MODE, MAP_CT, MAP_FRAG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS,
+    PINNED_MAPS, PROG_TC_EGRESS, PROG_XDP_INGRESS, RUN_DRY,
 };
 
 use crate::{compile::Capacity, pins::Attachment};
@@ -39,6 +39,7 @@ pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
         .map_max_entries(MAP_PORTS, capacity.ports)
         .map_max_entries(MAP_CT, capacity.ct)
         .map_max_entries(MAP_FRAG, capacity.frag)
+        .map_max_entries(MAP_RULE_STATS, capacity.rule_stats)
         .override_global(GLOBAL_RUN_MODE, &mode, true)
         .load(EBPF_OBJECT)?;
     load_programs(&mut ebpf)?;

@@ -4,8 +4,8 @@
 
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
-    Config, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_STATS, MAP_TRACE, PeerClass,
-    PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
+    Config, Counter, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_STATS,
+    MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
 };
 
 use crate::{compile::Compiled, pins::Attachment};
@@ -75,27 +75,51 @@ pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError>
     Ok(())
 }
 
-/// Sums the per-CPU counters of a `SEG_STATS` map.
-fn sum_stats(map: &Map) -> Result<Vec<u64>, MapsError> {
-    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(err(MAP_STATS))?;
-    (0..STATS_LEN)
+/// Sums a per-CPU array of [`Counter`]s over CPUs, entry by entry.
+fn sum_counters(map: &Map, name: &'static str) -> Result<Vec<Counter>, MapsError> {
+    let arr: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map).map_err(err(name))?;
+    (0..arr.len())
         .map(|i| {
-            arr.get(&i, 0)
-                .map(|v| v.iter().sum::<u64>())
-                .map_err(err(MAP_STATS))
+            arr.get(&i, 0).map_err(err(name)).map(|v| {
+                v.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                })
+            })
         })
         .collect()
 }
 
-/// Counters (one per reason code) of a loaded instance.
-pub fn stats(ebpf: &aya::Ebpf) -> Result<Vec<u64>, MapsError> {
-    sum_stats(ebpf.map(MAP_STATS).ok_or(MapsError::Missing(MAP_STATS))?)
+/// Counters per direction and reason: `[ingress, egress]`, each indexed by
+/// reason code.
+pub type ReasonCounters = [Vec<Counter>; 2];
+
+fn split_directions(all: Vec<Counter>) -> ReasonCounters {
+    let n = STATS_LEN as usize;
+    let ingress = all.iter().take(n).copied().collect();
+    let egress = all.iter().skip(n).take(n).copied().collect();
+    [ingress, egress]
 }
 
-/// Counters (one per reason code) of an attachment, from its pins.
-pub fn pinned_stats(att: &Attachment) -> Result<Vec<u64>, MapsError> {
+/// Counters per direction and reason of a loaded instance.
+pub fn stats(ebpf: &aya::Ebpf) -> Result<ReasonCounters, MapsError> {
+    let map = ebpf.map(MAP_STATS).ok_or(MapsError::Missing(MAP_STATS))?;
+    Ok(split_directions(sum_counters(map, MAP_STATS)?))
+}
+
+/// Counters per direction and reason of an attachment, from its pins.
+pub fn pinned_stats(att: &Attachment) -> Result<ReasonCounters, MapsError> {
     let data = MapData::from_pin(att.map(MAP_STATS)).map_err(err(MAP_STATS))?;
-    sum_stats(&Map::PerCpuArray(data))
+    Ok(split_directions(sum_counters(
+        &Map::PerCpuArray(data),
+        MAP_STATS,
+    )?))
+}
+
+/// Per-rule counters (indexed by rule id) of an attachment, from its pins.
+pub fn pinned_rule_stats(att: &Attachment) -> Result<Vec<Counter>, MapsError> {
+    let data = MapData::from_pin(att.map(MAP_RULE_STATS)).map_err(err(MAP_RULE_STATS))?;
+    sum_counters(&Map::PerCpuArray(data), MAP_RULE_STATS)
 }
 
 /// The configuration record of an attachment, from its pins.

@@ -86,6 +86,29 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
     );
     assert_eq!(after["attachments"][0]["attached"], true);
 
+    // Per-rule counters: each connection's SYN is judged by the db rule
+    // (the rest rides on the connection table), so the rule counts exactly
+    // the connections made.
+    let rule_packets = |status: &serde_json::Value| -> u64 {
+        status["attachments"][0]["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|r| r["label"] == "roles.db.ingress[0]")
+            .and_then(|r| r["packets"].as_u64())
+            .expect("db rule counter")
+    };
+    let n0 = rule_packets(&after);
+    for _ in 0..5 {
+        assert!(net::tcp_connect(&client_ns, app, db, 5432, t)?);
+    }
+    let n1 = rule_packets(&lab.status_json("db")?);
+    assert_eq!(
+        n1 - n0,
+        5,
+        "the rule counted exactly the 5 connections sent through it"
+    );
+
     // Detach restores connectivity and removes the pins.
     lab.segbpf_ok("db", &["detach", "eth0"])?;
     assert!(

@@ -86,7 +86,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
     let generation = 1;
     let capacity = Capacity {
         ct: args.ct_size,
-        ..Capacity::default()
+        ..Capacity::for_policy(&policy)
     };
     let compiled = compile::compile(&policy, &roles, Some(&args.iface), 0, generation, capacity)
         .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;

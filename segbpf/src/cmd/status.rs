@@ -1,8 +1,11 @@
-//! `segbpf status`: attachments, their policy, and counters per verdict
-//! and drop reason (summed over CPUs), as text or JSON.
+//! `segbpf status`: attachments, their policy, the connection table's fill
+//! level, counters per direction and reason, and per-rule counters with the
+//! rule's line in roles.toml (like `nft -a list`), as text or JSON.
+
+use std::collections::BTreeMap;
 
 use anyhow::bail;
-use segbpf_common::reason;
+use segbpf_common::{Counter, reason};
 use serde::Serialize;
 
 use crate::{cmd::Output, maps, pins::Attachment, state::State};
@@ -17,6 +20,46 @@ pub struct Args {
     pub output: Output,
 }
 
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl From<Counter> for Count {
+    fn from(c: Counter) -> Self {
+        Count {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// What one rule allowed.
+#[derive(Debug, Serialize)]
+pub struct RuleCount {
+    /// Rule id.
+    pub id: u32,
+    /// Label such as `roles.db.ingress[0]`.
+    pub label: String,
+    /// Direction.
+    pub direction: String,
+    /// Line in the policy file.
+    pub line: u32,
+    /// Peer as written.
+    pub peer: String,
+    /// Services.
+    pub services: String,
+    /// Packets and bytes the rule allowed (connection openers; later
+    /// packets of the connection count as `established`).
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
 /// One attachment as `status` reports it.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -28,8 +71,12 @@ pub struct Report {
     pub attached: bool,
     /// What was applied (None if the state file is missing).
     pub state: Option<State>,
-    /// Packets per reason name.
-    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Packets per reason name, both directions together.
+    pub counters: BTreeMap<String, u64>,
+    /// Packets and bytes per direction and reason name.
+    pub directions: BTreeMap<String, BTreeMap<String, Count>>,
+    /// Per-rule counters, by rule id.
+    pub rules: Vec<RuleCount>,
     /// Packets passed.
     pub passed: u64,
     /// Packets dropped.
@@ -50,18 +97,46 @@ pub struct Conntrack {
 /// Builds the report of one attachment.
 pub fn report(att: &Attachment) -> anyhow::Result<Report> {
     let stats = maps::pinned_stats(att)?;
-    let mut counters = std::collections::BTreeMap::new();
+    let mut counters = BTreeMap::new();
+    let mut directions = BTreeMap::new();
     let (mut passed, mut dropped) = (0, 0);
-    for code in reason::ALL {
-        let n = stats.get(code as usize).copied().unwrap_or(0);
-        counters.insert(reason::name(code).to_string(), n);
-        if reason::passes(code) {
-            passed += n;
-        } else {
-            dropped += n;
+    for (dir, per_reason) in ["ingress", "egress"].iter().zip(stats.iter()) {
+        let mut by_reason = BTreeMap::new();
+        for code in reason::ALL {
+            let c: Count = per_reason
+                .get(code as usize)
+                .copied()
+                .unwrap_or_default()
+                .into();
+            by_reason.insert(reason::name(code).to_string(), c);
+            *counters.entry(reason::name(code).to_string()).or_insert(0) += c.packets;
+            if reason::passes(code) {
+                passed += c.packets;
+            } else {
+                dropped += c.packets;
+            }
         }
+        directions.insert(dir.to_string(), by_reason);
     }
     let state = State::read(&att.state).ok();
+    let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
+    let rules = state
+        .iter()
+        .flat_map(|s| s.rules.iter())
+        .map(|r| {
+            let c = rule_stats.get(r.id as usize).copied().unwrap_or_default();
+            RuleCount {
+                id: r.id,
+                label: r.label.clone(),
+                direction: r.direction.clone(),
+                line: r.line,
+                peer: r.peer.clone(),
+                services: r.services.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            }
+        })
+        .collect();
     let conntrack = Conntrack {
         size: state.as_ref().map(|s| s.ct_size).unwrap_or(0),
         entries: maps::pinned_ct_fill(att).unwrap_or(0),
@@ -72,6 +147,8 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         attached: att.is_attached(),
         state,
         counters,
+        directions,
+        rules,
         passed,
         dropped,
         conntrack,
@@ -130,10 +207,10 @@ fn print_text(r: &Report) {
                 "{}{ns}: {link}, ingress xdp {} (prog {}), egress tc {} (prog {}), generation {}",
                 r.iface, s.mode, s.prog_id, s.tc_mode, s.tc_prog_id, s.generation
             );
-            println!("  policy:   {}", s.policy);
-            println!("  roles:    {}", s.roles.join(", "));
+            println!("  policy:    {}", s.policy);
+            println!("  roles:     {}", s.roles.join(", "));
             println!(
-                "  compiled: {} rules, {} classes, {} IPv4 / {} IPv6 / {} port prefixes",
+                "  compiled:  {} rules, {} classes, {} IPv4 / {} IPv6 / {} port prefixes",
                 s.rules.len(),
                 s.classes,
                 s.entries[0],
@@ -147,11 +224,30 @@ fn print_text(r: &Report) {
         "  conntrack: {} of {} entries",
         r.conntrack.entries, r.conntrack.size
     );
-    println!("  passed:   {}", r.passed);
-    println!("  dropped:  {}", r.dropped);
-    for (name, n) in &r.counters {
-        if *n > 0 {
-            println!("    {name:<24} {n}");
+    println!("  passed:    {} packets", r.passed);
+    println!("  dropped:   {} packets", r.dropped);
+    if !r.rules.is_empty() {
+        println!("  rules (connection openers each rule allowed):");
+        println!(
+            "    {:>4}  {:<24} {:>5}  {:<40} {:>10} {:>12}",
+            "id", "rule", "line", "match", "packets", "bytes"
+        );
+        for rule in &r.rules {
+            let what = format!("{} {} {}", rule.direction, rule.peer, rule.services);
+            println!(
+                "    {:>4}  {:<24} {:>5}  {:<40} {:>10} {:>12}",
+                rule.id, rule.label, rule.line, what, rule.packets, rule.bytes
+            );
+        }
+    }
+    for (dir, by_reason) in &r.directions {
+        let nonzero: Vec<String> = by_reason
+            .iter()
+            .filter(|(_, c)| c.packets > 0)
+            .map(|(name, c)| format!("{name} {} ({} B)", c.packets, c.bytes))
+            .collect();
+        if !nonzero.is_empty() {
+            println!("  {dir:<8} {}", nonzero.join(", "));
         }
     }
 }
