@@ -28,13 +28,20 @@ pub const MAP_STATS: &str = "SEG_STATS";
 pub const MAP_RULE_STATS: &str = "SEG_RULE_STATS";
 /// Array, one entry: [`TraceResult`] written only by trace/record instances.
 pub const MAP_TRACE: &str = "SEG_TRACE";
+/// Ring buffer of [`Event`]s (drops, and audit-mode would-be drops).
+pub const MAP_EVENTS: &str = "SEG_EVENTS";
+/// Array, one entry: [`RateState`], the kernel's event rate limiter.
+pub const MAP_RATE: &str = "SEG_RATE";
+/// Per-CPU array of u64: events emitted, suppressed by the rate limit,
+/// lost because the ring was full ([`EV_EMITTED`], ...).
+pub const MAP_EVSTATS: &str = "SEG_EVSTATS";
 /// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table.
 pub const MAP_CT: &str = "SEG_CT";
 /// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment passed.
 pub const MAP_FRAG: &str = "SEG_FRAG";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -43,6 +50,9 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_RULE_STATS,
     MAP_CT,
     MAP_FRAG,
+    MAP_EVENTS,
+    MAP_RATE,
+    MAP_EVSTATS,
 ];
 
 /// Name of the XDP (ingress) program in the object file.
@@ -72,6 +82,14 @@ pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
 pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
 /// Default capacity of the connection table (`--ct-size`).
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// Default size of the event ring buffer in bytes (a power of two).
+pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 20;
+/// Index in `SEG_EVSTATS`: events written to the ring.
+pub const EV_EMITTED: u32 = 0;
+/// Index in `SEG_EVSTATS`: events not written because of the rate limit.
+pub const EV_SUPPRESSED: u32 = 1;
+/// Index in `SEG_EVSTATS`: events lost because the ring was full.
+pub const EV_LOST: u32 = 2;
 /// Default capacity of the fragment table.
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
 /// Counters per direction in `SEG_STATS` (one per reason code).
@@ -339,8 +357,78 @@ pub struct Config {
     pub ct_icmp_s: u32,
     /// Fragment table entries, seconds after the first fragment.
     pub frag_s: u32,
+    /// Events allowed in one burst (the rate limiter's bucket size).
+    pub log_burst: u32,
+    /// 1 in audit mode: packets the policy would drop pass, each reported
+    /// as an `audit` event.
+    pub audit: u8,
+    /// Explicit padding.
+    pub _pad3: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
+
+/// The event rate limiter's state (`SEG_RATE[0]`): fixed windows of
+/// `log_burst / log_rate` seconds, each allowing `log_burst` events, so
+/// over any span T at most `log_rate * T + log_burst` events are written
+/// (plus, at most, one per other CPU racing at a window's last slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RateState {
+    /// Start of the current window (`bpf_ktime_get_boot_ns`).
+    pub window_start_ns: u64,
+    /// Events written in the current window.
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+
+/// Version of [`Event`]'s layout; bumped on any change.
+pub const EVENT_VERSION: u8 = 1;
+/// [`Event::kind`]: the packet was dropped.
+pub const EVENT_DROP: u8 = 1;
+/// [`Event::kind`]: audit mode, the packet would have been dropped and passed.
+pub const EVENT_AUDIT: u8 = 2;
+
+/// A drop (or audit) event in the ring buffer. Versioned: readers check
+/// [`Event::version`] before reading the rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Event {
+    /// [`EVENT_VERSION`].
+    pub version: u8,
+    /// [`EVENT_DROP`] or [`EVENT_AUDIT`].
+    pub kind: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+    /// 4, 6, or 0 when the packet was not IP (or not parsed that far).
+    pub family: u8,
+    /// IP protocol (0 when unknown).
+    pub proto: u8,
+    /// Reason code (see [`reason`]).
+    pub reason: u8,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+    /// Interface index the program runs on.
+    pub ifindex: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+    /// `bpf_ktime_get_boot_ns` when the packet was judged.
+    pub ts_ns: u64,
+    /// Policy generation in force.
+    pub generation: u64,
+    /// Source port, host order (ICMP: echo id).
+    pub sport: u16,
+    /// Destination port, host order (ICMP: type in the low byte).
+    pub dport: u16,
+    /// Explicit padding.
+    pub _pad2: [u8; 4],
+    /// Source address (IPv4 in the first 4 bytes), network order.
+    pub src: [u8; 16],
+    /// Destination address, network order.
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
 
 /// Default connection-tracking timeouts (seconds), as in [`Config`].
 pub mod ct_timeout {
@@ -490,6 +578,10 @@ mod user {
     unsafe impl aya::Pod for TraceResult {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RateState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod ct;
+mod events;
 mod frag;
 mod lookup;
 mod maps;
@@ -21,7 +22,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use segbpf_common::{DIR_EGRESS, DIR_INGRESS, reason};
+use segbpf_common::{DIR_EGRESS, DIR_INGRESS};
 
 /// Bytes of a TC skb made linear before parsing (every header we read
 /// lies within them; the IPv6 extension walk is bounded to 1 KiB).
@@ -32,9 +33,11 @@ const TC_PULL_LEN: u32 = 1280;
 pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
-    let decision = verdict::decide(&pkt, DIR_INGRESS);
+    // SAFETY: reading a field of the kernel-provided context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let decision = verdict::decide(&pkt, DIR_INGRESS, ifindex, len as u32);
     stats::record(&decision, DIR_INGRESS, len as u64);
-    if reason::passes(decision.reason) {
+    if decision.lets_through() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -49,9 +52,11 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     // and drops the packet as truncated rather than judging it unread.
     let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len as usize);
-    let decision = verdict::decide(&pkt, DIR_EGRESS);
+    // SAFETY: reading a field of the kernel-provided context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let decision = verdict::decide(&pkt, DIR_EGRESS, ifindex, len);
     stats::record(&decision, DIR_EGRESS, len as u64);
-    if reason::passes(decision.reason) {
+    if decision.lets_through() {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

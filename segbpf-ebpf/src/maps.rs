@@ -5,12 +5,13 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use segbpf_common::{
-    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_FRAG_ENTRIES,
-    DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, FragEntry, FragKey, PeerClass,
-    PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
+    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
+    DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
+    FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RateState, RuleRef, STATS_LEN,
+    TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -53,6 +54,18 @@ pub static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEF
 #[map]
 pub static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
     LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
+
+/// Drop/audit events for userspace (`segbpf attach`, `segbpf monitor`).
+#[map]
+pub static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENT_RING_BYTES, 0);
+
+/// Index 0: the event rate limiter's window.
+#[map]
+pub static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
+
+/// Per-CPU: events emitted, suppressed by the rate limit, lost to a full ring.
+#[map]
+pub static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Run mode (`segbpf_common::RUN_*`): live instances enforce, count and
 /// track; `segbpf trace` loads a dry-run instance that shares the live maps

@@ -5,13 +5,14 @@
 //! the ICMP default (echo, and errors about tracked flows); the
 //! direction's default. A packet that passes and opens a flow makes a
 //! connection entry; a first fragment that passes makes a fragment entry.
+//! A drop is reported as a rate-limited event (`events`).
 
 use segbpf_common::{
-    ACTION_ALLOW, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, RUN_DRY, reason,
+    ACTION_ALLOW, Config, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, RUN_DRY, reason,
 };
 
 use crate::{
-    ct, frag, lookup,
+    ct, events, frag, lookup,
     maps::SEGBPF_RUN_MODE,
     parse::{self, Bounds, FRAG_FIRST, FRAG_LATER, L3_ARP, L3_IPV4, L3_IPV6, Parsed},
 };
@@ -28,6 +29,16 @@ pub struct Decision {
     pub proto: u8,
     /// Destination port (0 when none).
     pub dport: u16,
+    /// Audit mode: a drop that is let through (reported as an audit event).
+    pub audit: bool,
+}
+
+impl Decision {
+    /// Whether the packet goes on: it passes, or audit mode lets a drop through.
+    #[inline(always)]
+    pub fn lets_through(&self) -> bool {
+        reason::passes(self.reason) || self.audit
+    }
 }
 
 impl Decision {
@@ -39,36 +50,61 @@ impl Decision {
             class_id: u32::MAX,
             proto: 0,
             dport: 0,
+            audit: false,
         }
     }
 }
 
-/// Decides the fate of the packet in `pkt` travelling in direction `dir`.
+/// Decides the fate of the packet in `pkt` travelling in direction `dir`
+/// on interface `ifindex`, and reports a drop as a rate-limited event. In
+/// audit mode a drop is turned into a pass marked `audit` (its reason is
+/// still the drop reason, so counters show what enforcement would do).
 #[inline(always)]
-pub fn decide(pkt: &Bounds, dir: u8) -> Decision {
-    let p = match parse::parse(pkt) {
-        Ok(p) => p,
-        Err(r) => return Decision::early(r),
+pub fn decide(pkt: &Bounds, dir: u8, ifindex: u32, len: u32) -> Decision {
+    let Some(cfg) = lookup::config() else {
+        // Unreadable configuration: fail closed.
+        return Decision::early(reason::DROP_DEFAULT);
     };
+    // Trace instances judge with the live state but never change it.
+    let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
+    let now = ct::now();
+    match parse::parse(pkt) {
+        Ok(p) => {
+            let mut d = judge(pkt, cfg, dir, &p, now, writes);
+            if !reason::passes(d.reason) {
+                d.audit = cfg.audit != 0;
+                if writes {
+                    events::report(cfg, dir, ifindex, len, Some(&p), &d, now);
+                }
+            }
+            d
+        }
+        Err(r) => {
+            let mut d = Decision::early(r);
+            d.audit = cfg.audit != 0;
+            if writes {
+                events::report(cfg, dir, ifindex, len, None, &d, now);
+            }
+            d
+        }
+    }
+}
+
+/// The verdict of a packet the parser fully validated.
+#[inline(always)]
+fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool) -> Decision {
     if p.l3 == L3_ARP {
         return Decision::early(reason::PASS_ARP);
     }
-    if is_neighbour_discovery(&p) {
+    if is_neighbour_discovery(p) {
         return Decision::early(reason::PASS_ND);
     }
     let mut d = Decision::early(reason::DROP_DEFAULT);
     d.proto = p.proto;
     d.dport = p.dport;
-    let Some(cfg) = lookup::config() else {
-        // Unreadable configuration: fail closed.
-        return d;
-    };
-    // Trace instances judge with the live state but never change it.
-    let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
-    let now = ct::now();
 
     if p.frag == FRAG_LATER {
-        if let Some(e) = frag::leader(cfg, &p, now) {
+        if let Some(e) = frag::leader(cfg, p, now) {
             d.reason = reason::PASS_FRAG;
             d.rule_id = e.rule_id;
         } else {
@@ -78,7 +114,7 @@ pub fn decide(pkt: &Bounds, dir: u8) -> Decision {
     }
 
     let ct_key = if cfg.established != 0 {
-        ct::key(dir, &p)
+        ct::key(dir, p)
     } else {
         None
     };
@@ -89,34 +125,27 @@ pub fn decide(pkt: &Bounds, dir: u8) -> Decision {
         d.rule_id = unsafe { (*e).rule_id };
         d.reason = reason::PASS_CT;
         if writes {
-            ct::update(e, dir, &p, now);
+            ct::update(e, dir, p, now);
         }
     } else {
-        judge_policy(pkt, cfg, dir, &p, now, &mut d);
+        judge_policy(pkt, cfg, dir, p, now, &mut d);
         if writes
             && reason::passes(d.reason)
             && let Some(k) = &ct_key
-            && ct::opens_flow(&p)
+            && ct::opens_flow(p)
         {
             ct::create(k, dir, d.rule_id, now);
         }
     }
     if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {
-        frag::remember(&p, d.reason, d.rule_id, now);
+        frag::remember(p, d.reason, d.rule_id, now);
     }
     d
 }
 
 /// Policy rules, then the ICMP default, then the direction's default.
 #[inline(always)]
-fn judge_policy(
-    pkt: &Bounds,
-    cfg: &segbpf_common::Config,
-    dir: u8,
-    p: &Parsed,
-    now: u64,
-    d: &mut Decision,
-) {
+fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &mut Decision) {
     if let Some(class_id) = lookup::peer_class(cfg.active_slot, dir, p, dir == DIR_INGRESS) {
         d.class_id = class_id;
         if let Some(rule_id) = lookup::port_rule(cfg.active_slot, class_id, p.proto, p.dport) {

@@ -14,3 +14,4 @@ pub mod packet;
 pub mod pins;
 pub mod policy;
 pub mod state;
+pub mod telemetry;

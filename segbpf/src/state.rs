@@ -33,6 +33,15 @@ pub struct State {
     /// Connection table capacity.
     #[serde(default)]
     pub ct_size: u32,
+    /// Audit mode (nothing enforced, would-be drops reported).
+    #[serde(default)]
+    pub audit: bool,
+    /// Drop events per second.
+    #[serde(default)]
+    pub log_rate: u32,
+    /// Event burst.
+    #[serde(default)]
+    pub log_burst: u32,
     /// Policy generation.
     pub generation: u64,
     /// Kernel id of the XDP program.

@@ -257,3 +257,32 @@ pub fn udp_exchange(
     .join()
     .map_err(|_| anyhow::anyhow!("udp thread panicked"))?
 }
+
+/// Sends UDP datagrams from `src` in namespace `ns` to `dst:port` as fast
+/// as it can for `duration`; returns how many were sent.
+pub fn udp_flood(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<u64> {
+        netns::enter(&path)?;
+        let sock = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+        let payload = [0u8; 32];
+        let end = std::time::Instant::now() + duration;
+        let mut sent = 0u64;
+        while std::time::Instant::now() < end {
+            for _ in 0..64 {
+                if sock.send_to(&payload, SocketAddr::new(dst, port)).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
+}

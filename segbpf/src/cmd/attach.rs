@@ -19,6 +19,7 @@ use crate::{
     pins::{self, Attachment},
     policy::{Policy, roles},
     state::State,
+    telemetry::{self, LogFormat, Reader},
 };
 
 /// XDP attach mode.
@@ -51,6 +52,16 @@ pub struct Args {
     #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_CT_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
     pub ct_size: u32,
+    /// Audit mode: enforce nothing; packets the policy would drop pass and
+    /// are reported as `audit` events.
+    #[arg(long)]
+    pub audit: bool,
+    /// Events allowed in one burst by the kernel rate limiter (default: `log_rate`).
+    #[arg(long, value_name = "EVENTS", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub log_burst: Option<u32>,
+    /// Format of the event lines printed on stdout while attach runs.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
@@ -64,20 +75,24 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
-    let att = apply(&args, netns)?;
+    let (att, summary) = apply(&args, netns)?;
     if args.no_wait {
+        // Nothing streams: the summary is the result.
+        println!("{summary}");
         return Ok(());
     }
+    // stdout carries the event stream; the summary is a log line.
+    info!("{summary}");
     info!(
-        "enforcing on {}; press Ctrl-C to leave the foreground (enforcement stays until `segbpf detach {}`)",
+        "enforcing on {}; drop events follow on stdout; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach {}`)",
         args.iface, args.iface
     );
-    wait_for_exit(&att, signals).await?;
+    wait_for_exit(&att, signals, args.log_format).await?;
     Ok(())
 }
 
-/// Applies the policy to the interface and returns its attachment.
-pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
+/// Applies the policy to the interface; returns the attachment and a one-line summary.
+pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, String)> {
     // 1. Everything that depends only on input: no kernel change yet.
     let policy = Policy::load(&args.policy)?;
     let ifindex = netif::ifindex(&args.iface)?;
@@ -88,8 +103,11 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
         ct: args.ct_size,
         ..Capacity::for_policy(&policy)
     };
-    let compiled = compile::compile(&policy, &roles, Some(&args.iface), 0, generation, capacity)
-        .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;
+    let mut compiled =
+        compile::compile(&policy, &roles, Some(&args.iface), 0, generation, capacity)
+            .with_context(|| format!("{}: compiling for {}", policy.source, args.iface))?;
+    compiled.config.audit = args.audit as u8;
+    compiled.config.log_burst = args.log_burst.unwrap_or(policy.defaults.log_rate.max(1));
     let att = Attachment::new(&args.iface, netns);
     if att.is_attached() {
         bail!(
@@ -131,6 +149,9 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
         ct_size: capacity.ct,
+        audit: args.audit,
+        log_rate: compiled.config.log_rate,
+        log_burst: compiled.config.log_burst,
         generation,
         prog_id: attached.xdp_prog_id,
         attached_at: std::time::SystemTime::now()
@@ -149,19 +170,20 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<Attachment> {
         let _ = att.remove();
         return Err(e);
     }
-    println!(
-        "attached segbpf to {} (xdp {} prog {}, tc {} prog {}): policy {}, roles {}, {} rules, {} classes",
+    let summary = format!(
+        "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",
         args.iface,
         attached.xdp_mode,
         attached.xdp_prog_id,
         attached.tc_mode,
         attached.tc_prog_id,
+        if args.audit { " in AUDIT mode" } else { "" },
         policy.source,
         roles.join(","),
         compiled.rules.len(),
         compiled.classes
     );
-    Ok(att)
+    Ok((att, summary))
 }
 
 /// What was attached.
@@ -263,24 +285,29 @@ fn load_and_attach(
     }
 }
 
-/// Waits for SIGINT/SIGTERM, or for the attachment to be removed by
-/// `segbpf detach`, then says how enforcement can be removed.
+/// Streams events until SIGINT/SIGTERM, or until the attachment is
+/// removed by `segbpf detach`, then says how enforcement can be removed.
 async fn wait_for_exit(
     att: &Attachment,
     (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    format: LogFormat,
 ) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = tick.tick() => {
-                if !att.is_attached() {
-                    info!("segbpf was detached from {}; exiting", att.iface);
-                    return Ok(());
-                }
+    let mut signalled = false;
+    {
+        let stop = async {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-        }
+        };
+        let stop = async {
+            stop.await;
+            signalled = true;
+        };
+        telemetry::stream(att, format, Reader::Attach, Duration::from_secs(5), stop).await?;
+    }
+    if !signalled {
+        return Ok(()); // detached by another command
     }
     let ns = att
         .netns

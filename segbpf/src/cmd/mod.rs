@@ -5,6 +5,7 @@ pub mod attach;
 pub mod check;
 pub mod detach;
 pub mod explain;
+pub mod monitor;
 pub mod status;
 pub mod trace;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Attach(attach::Args),
     /// Remove segbpf from an interface.
     Detach(detach::Args),
+    /// Stream the drop events of an interface that is already enforcing.
+    Monitor(monitor::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),
     /// Explain the verdict for a packet from the policy alone (reference evaluator).
@@ -64,6 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => check::run(a),
         Command::Attach(a) => attach::run(a, netns).await,
         Command::Detach(a) => detach::run(a, netns),
+        Command::Monitor(a) => monitor::run(a, netns).await,
         Command::Status(a) => status::run(a, netns),
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, netns),

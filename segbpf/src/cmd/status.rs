@@ -83,6 +83,8 @@ pub struct Report {
     pub dropped: u64,
     /// Connection table: capacity and entries in use.
     pub conntrack: Conntrack,
+    /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
+    pub events: crate::telemetry::EventStats,
 }
 
 /// Connection-table size and fill level.
@@ -152,6 +154,7 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         passed,
         dropped,
         conntrack,
+        events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
     })
 }
 
@@ -223,6 +226,22 @@ fn print_text(r: &Report) {
     println!(
         "  conntrack: {} of {} entries",
         r.conntrack.entries, r.conntrack.size
+    );
+    if let Some(s) = &r.state {
+        println!(
+            "  mode:      {}; events {}/s, burst {}",
+            if s.audit {
+                "AUDIT (nothing enforced)"
+            } else {
+                "enforcing"
+            },
+            s.log_rate,
+            s.log_burst
+        );
+    }
+    println!(
+        "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full)",
+        r.events.emitted, r.events.suppressed, r.events.lost
     );
     println!("  passed:    {} packets", r.passed);
     println!("  dropped:   {} packets", r.dropped);

@@ -1,0 +1,255 @@
+//! Drop telemetry end to end: rate-limited JSON Lines events from a
+//! foreground `attach` under a flood (allowed connections still complete),
+//! suppressed and lost events counted and reported, `monitor` reading the
+//! events of a host whose `attach` has exited, and audit mode.
+
+use std::{
+    io::Read as _,
+    net::IpAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use segbpf_tests::{Lab, lab::segbpf_bin, net};
+
+fn example_policy() -> String {
+    format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sigterm(child: &std::process::Child) -> anyhow::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    Ok(())
+}
+
+fn spawn_segbpf(lab: &Lab, host: &str, args: &[&str]) -> anyhow::Result<std::process::Child> {
+    Ok(Command::new(segbpf_bin())
+        .arg("--netns")
+        .arg(&lab.host(host).ns.name)
+        .args(args)
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+fn wait_attached(lab: &Lab, host: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab.segbpf(host, &["status", "eth0"])?.status.code() != Some(0) {
+        anyhow::ensure!(Instant::now() < deadline, "attach did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn lab() -> anyhow::Result<Lab> {
+    let mut lab = Lab::new("tel")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    lab.add_host("client", &["10.10.1.25/16", "10.10.1.15/16"])?;
+    Ok(lab)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let (db_ns, client_ns) = (
+        lab.host("db").ns.name.clone(),
+        lab.host("client").ns.name.clone(),
+    );
+    let db: IpAddr = "10.10.1.30".parse()?;
+    let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
+    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    // examples/roles.toml: log_rate = 10; burst 5.
+    let mut attach = spawn_segbpf(
+        &lab,
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--log-format",
+            "json",
+            "--log-burst",
+            "5",
+        ],
+    )?;
+    wait_attached(&lab, "db")?;
+
+    let flood_secs = 4;
+    let flood = {
+        let ns = client_ns.clone();
+        std::thread::spawn(move || {
+            net::udp_flood(&ns, web, db, 9999, Duration::from_secs(flood_secs))
+        })
+    };
+    // Allowed connections complete during the flood.
+    let mut connected = 0;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(400));
+        if net::tcp_exchange(&client_ns, app, db, 5432, Duration::from_secs(2))? {
+            connected += 1;
+        }
+    }
+    let sent = flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("flood panicked"))??;
+    assert!(sent > 1000, "the flood sent only {sent} datagrams");
+    assert_eq!(
+        connected, 5,
+        "allowed TCP exchanges complete during the flood"
+    );
+    std::thread::sleep(Duration::from_secs(6)); // one summary period
+    sigterm(&attach)?;
+    let mut stdout = String::new();
+    attach
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)?;
+    let status = attach.wait()?;
+    assert_eq!(status.code(), Some(0));
+
+    let mut events = Vec::new();
+    let mut summaries = Vec::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {line:?}: {e}"))?;
+        match v["type"].as_str() {
+            Some("event") => events.push(v),
+            Some("summary") => summaries.push(v),
+            other => anyhow::bail!("unknown line type {other:?}: {line}"),
+        }
+    }
+    let flood_events: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["dport"] == 9999 && e["proto"] == "udp")
+        .collect();
+    assert!(
+        !flood_events.is_empty(),
+        "flood drops were reported: {stdout}"
+    );
+    for e in &flood_events {
+        assert_eq!(e["action"], "drop");
+        assert_eq!(e["reason"], "default-drop");
+        assert_eq!(e["src"], "10.10.1.15");
+        assert_eq!(e["direction"], "ingress");
+    }
+    // Within rate * span + burst (+1 per CPU racing at a window edge).
+    let ts: Vec<u64> = events.iter().filter_map(|e| e["ts_ns"].as_u64()).collect();
+    let span = (ts.iter().max().unwrap() - ts.iter().min().unwrap()) as f64 / 1e9;
+    let cpus = std::thread::available_parallelism()?.get() as f64;
+    let bound = 10.0 * span + 5.0 + cpus * (span / 0.5 + 1.0);
+    assert!(
+        (events.len() as f64) <= bound,
+        "{} events in {span:.1}s exceeds the limit (bound {bound:.0})",
+        events.len()
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s["suppressed"].as_u64().unwrap_or(0) > 0),
+        "a summary line reports suppressed events: {summaries:?}"
+    );
+    let st = lab.status_json("db")?;
+    let suppressed = st["attachments"][0]["events"]["suppressed"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        suppressed > 1000,
+        "status reports suppressed events: {suppressed}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn lost_events_are_counted_and_monitor_reads_after_attach_exited() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let client_ns = lab.host("client").ns.name.clone();
+    let db: IpAddr = "10.10.1.30".parse()?;
+    let web: IpAddr = "10.10.1.15".parse()?;
+    // A policy that asks for every drop, and no reader: the ring fills.
+    let dir = std::env::temp_dir().join(format!("segbpf-tel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let loud = dir.join("loud.toml");
+    let text =
+        std::fs::read_to_string(example_policy())?.replace("log_rate = 10 ", "log_rate = 1000000 ");
+    anyhow::ensure!(text.contains("log_rate = 1000000"), "policy edit failed");
+    std::fs::write(&loud, text)?;
+    lab.attach("db", loud.to_str().unwrap(), &["--log-burst", "1000000"])?;
+    net::udp_flood(&client_ns, web, db, 9999, Duration::from_secs(2))?;
+    let st = lab.status_json("db")?;
+    let ev = &st["attachments"][0]["events"];
+    assert!(ev["emitted"].as_u64().unwrap_or(0) > 1000, "{ev}");
+    assert!(
+        ev["lost"].as_u64().unwrap_or(0) > 0,
+        "a full ring loses events, counted: {ev}"
+    );
+
+    // No attach process runs: monitor drains what the ring holds.
+    let mut monitor = spawn_segbpf(&lab, "db", &["monitor", "eth0", "--log-format", "json"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&monitor)?;
+    let mut out = String::new();
+    monitor
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)?;
+    assert_eq!(monitor.wait()?.code(), Some(0));
+    let n = out
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .map(|v| v["type"] == "event" && v["dport"] == 9999)
+                .unwrap_or(false)
+        })
+        .count();
+    assert!(n > 1000, "monitor received the events ({n})");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let (db_ns, client_ns) = (
+        lab.host("db").ns.name.clone(),
+        lab.host("client").ns.name.clone(),
+    );
+    let db: IpAddr = "10.10.1.30".parse()?;
+    let web: IpAddr = "10.10.1.15".parse()?;
+    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    lab.attach("db", &example_policy(), &["--audit"])?;
+    let mut monitor = spawn_segbpf(&lab, "db", &["monitor", "eth0", "--log-format", "json"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        net::tcp_exchange(&client_ns, web, db, 5432, Duration::from_secs(2))?,
+        "in audit mode the denied connection succeeds"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(&monitor)?;
+    let mut out = String::new();
+    monitor
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)?;
+    monitor.wait()?;
+    let audit = out.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["action"] == "audit" && v["dport"] == 5432 && v["src"] == "10.10.1.15").then_some(v)
+    });
+    let audit =
+        audit.ok_or_else(|| anyhow::anyhow!("no audit event for web -> db:5432 in {out}"))?;
+    assert_eq!(audit["reason"], "default-drop");
+    let st = lab.segbpf_ok("db", &["status", "eth0"])?;
+    assert!(st.contains("AUDIT"), "status shows the mode: {st}");
+    Ok(())
+}
