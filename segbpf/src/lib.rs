@@ -9,6 +9,7 @@ pub mod cmd;
 pub mod compile;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod netif;
 pub mod packet;
 pub mod pins;

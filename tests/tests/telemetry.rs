@@ -46,9 +46,14 @@ fn wait_attached(lab: &Lab, host: &str) -> anyhow::Result<()> {
 }
 
 fn lab() -> anyhow::Result<Lab> {
+    // Quiet hosts (IPv4 only, no IGMP/MLD of their own): the counters
+    // compared below move only with the test's traffic.
     let mut lab = Lab::new("tel")?;
+    lab.quiet_switch()?;
     lab.add_host("db", &["10.10.1.30/16"])?;
     lab.add_host("client", &["10.10.1.25/16", "10.10.1.15/16"])?;
+    lab.quiet_host("db")?;
+    lab.quiet_host("client")?;
     Ok(lab)
 }
 
@@ -251,5 +256,122 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
     assert_eq!(audit["reason"], "default-drop");
     let st = lab.segbpf_ok("db", &["status", "eth0"])?;
     assert!(st.contains("AUDIT"), "status shows the mode: {st}");
+    Ok(())
+}
+
+/// The value of the sample `name{...}` whose labels include all of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let (head, value) = l.rsplit_once(' ')?;
+        (head.starts_with(&format!("{name}{{")) && labels.iter().all(|x| head.contains(x)))
+            .then(|| value.parse().ok())?
+    })
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let (db_ns, client_ns) = (
+        lab.host("db").ns.name.clone(),
+        lab.host("client").ns.name.clone(),
+    );
+    let db: IpAddr = "10.10.1.30".parse()?;
+    let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
+    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let mut attach = spawn_segbpf(
+        &lab,
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--metrics",
+            "127.0.0.1:9469",
+        ],
+    )?;
+    wait_attached(&lab, "db")?;
+    for _ in 0..3 {
+        assert!(net::tcp_exchange(
+            &client_ns,
+            app,
+            db,
+            5432,
+            Duration::from_secs(2)
+        )?);
+    }
+    assert!(!net::tcp_exchange(
+        &client_ns,
+        web,
+        db,
+        5432,
+        Duration::from_millis(500)
+    )?);
+    std::thread::sleep(Duration::from_millis(300));
+    // Quiesce: compare a snapshot of status with a scrape taken right after.
+    let status = lab.status_json("db")?;
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &db_ns,
+            "curl",
+            "-sf",
+            "http://127.0.0.1:9469/metrics",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = String::from_utf8(out.stdout)?;
+    sigterm(&attach)?;
+    attach.wait()?;
+
+    let a = &status["attachments"][0];
+    let rule = a["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["label"] == "roles.db.ingress[0]")
+        .expect("db rule");
+    assert_eq!(rule["packets"], 3);
+    assert_eq!(
+        sample(
+            &metrics,
+            "segbpf_rule_packets_total",
+            &["label=\"roles.db.ingress[0]\""]
+        ),
+        rule["packets"].as_u64(),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "segbpf_rule_bytes_total",
+            &["label=\"roles.db.ingress[0]\""]
+        ),
+        rule["bytes"].as_u64()
+    );
+    let drops = a["directions"]["ingress"]["default-drop"]["packets"].as_u64();
+    assert!(drops.unwrap_or(0) > 0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "segbpf_packets_total",
+            &["direction=\"ingress\"", "reason=\"default-drop\""]
+        ),
+        drops
+    );
+    assert_eq!(
+        sample(&metrics, "segbpf_events_total", &["outcome=\"emitted\""]),
+        a["events"]["emitted"].as_u64()
+    );
+    assert_eq!(
+        sample(&metrics, "segbpf_conntrack_size", &["iface=\"eth0\""]),
+        a["conntrack"]["size"].as_u64()
+    );
     Ok(())
 }

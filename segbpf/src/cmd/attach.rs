@@ -62,6 +62,9 @@ pub struct Args {
     /// Format of the event lines printed on stdout while attach runs.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469) while attach runs.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
@@ -75,6 +78,16 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
+    let listener = match args.metrics {
+        Some(addr) if !args.no_wait => Some(crate::metrics::bind(addr).await?),
+        Some(_) => {
+            return Err(crate::cmd::UsageError(
+                "--metrics needs attach to stay in the foreground (drop --no-wait)".into(),
+            )
+            .into());
+        }
+        None => None,
+    };
     let (att, summary) = apply(&args, netns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
@@ -83,6 +96,14 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     }
     // stdout carries the event stream; the summary is a log line.
     info!("{summary}");
+    let _metrics = listener.map(|listener| {
+        let att = att.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, att).await {
+                tracing::error!("{e:#}");
+            }
+        })
+    });
     info!(
         "enforcing on {}; drop events follow on stdout; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach {}`)",
         args.iface, args.iface
