@@ -20,8 +20,11 @@ pub const MAP_PEER_V4: &str = "SEG_PEER_V4";
 pub const MAP_PEER_V6: &str = "SEG_PEER_V6";
 /// LPM trie: (class, protocol, destination port prefix) -> [`RuleRef`].
 pub const MAP_PORTS: &str = "SEG_PORTS";
-/// Array, one entry: [`Config`] (defaults and active slot).
+/// Array, two entries: the [`Config`] of each policy slot.
 pub const MAP_CONFIG: &str = "SEG_CONFIG";
+/// Array, one u32: the policy slot in force (0 or 1). Flipping it is the
+/// one atomic write that switches policies.
+pub const MAP_ACTIVE: &str = "SEG_ACTIVE";
 /// Per-CPU array of [`Counter`]s indexed by `direction * STATS_LEN + reason`.
 pub const MAP_STATS: &str = "SEG_STATS";
 /// Per-CPU array of [`Counter`]s indexed by rule id: what each rule allowed.
@@ -41,11 +44,12 @@ pub const MAP_CT: &str = "SEG_CT";
 pub const MAP_FRAG: &str = "SEG_FRAG";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
     MAP_CONFIG,
+    MAP_ACTIVE,
     MAP_STATS,
     MAP_RULE_STATS,
     MAP_CT,

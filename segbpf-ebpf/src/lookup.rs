@@ -11,15 +11,17 @@ use segbpf_common::{
 };
 
 use crate::{
-    maps::{SEG_CONFIG, SEG_PEER_V4, SEG_PEER_V6, SEG_PORTS},
+    maps::{SEG_ACTIVE, SEG_CONFIG, SEG_PEER_V4, SEG_PEER_V6, SEG_PORTS},
     parse::{L3_IPV4, Parsed},
 };
 
-/// The configuration record (a reference into the map, not a copy);
-/// `None` only if the map is unreadable.
+/// The configuration of the policy slot in force (a reference into the
+/// map, not a copy). The slot is read once per packet, so every lookup of
+/// the packet uses one policy. `None` only if a map is unreadable.
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
-    SEG_CONFIG.get(0)
+    let slot = *SEG_ACTIVE.get(0)? & 1;
+    SEG_CONFIG.get(slot)
 }
 
 /// Class of the packet's peer (source on ingress, destination on egress).

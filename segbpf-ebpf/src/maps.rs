@@ -29,9 +29,14 @@ pub static SEG_PEER_V6: LpmTrie<PeerKeyV6, PeerClass> =
 pub static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
     LpmTrie::with_max_entries(DEFAULT_PORT_ENTRIES, 0);
 
-/// Index 0: defaults, active slot, generation.
+/// One configuration per policy slot: defaults, generation, limits.
 #[map]
-pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(2, 0);
+
+/// Index 0: the slot in force. Userspace fills the other slot, then flips
+/// this one u32: a packet reads it once and sees one whole policy.
+#[map]
+pub static SEG_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU packet/byte counters, indexed by direction * STATS_LEN + reason code.
 #[map]

@@ -111,6 +111,11 @@ pub struct RuleInfo {
     pub services: String,
     /// Line of the rule in the policy file.
     pub line: u32,
+    /// The rule's slot in `SEG_RULE_STATS`, which is also the value the
+    /// kernel reports for it. Equal to `id` on a fresh attach; kept across
+    /// reloads for a rule that still exists, so its counters carry over.
+    #[serde(default)]
+    pub counter: u32,
 }
 
 impl RuleInfo {
@@ -123,8 +128,67 @@ impl RuleInfo {
             peer: r.peer_text.clone(),
             services: r.services(),
             line: r.loc.line,
+            counter: r.id,
         }
     }
+
+    /// What makes two rules of successive policies "the same rule": owner,
+    /// direction, peer and services (not the position in the file).
+    pub fn identity(&self) -> String {
+        let owner = self.label.rsplit_once('[').map_or(&*self.label, |(a, _)| a);
+        format!("{owner}|{}|{}", self.peer, self.services)
+    }
+}
+
+/// Gives the rules of `c` their counter slots: a rule that also exists in
+/// `previous` keeps its slot (its counters carry over), a new rule takes
+/// the lowest slot no rule uses. Rewrites the port trie's values to the
+/// slots and returns the slots of `previous` no longer used (to be zeroed
+/// once the new policy is in force).
+pub fn carry_counters(
+    c: &mut Compiled,
+    previous: &[RuleInfo],
+    limit: u32,
+) -> Result<Vec<u32>, CompileError> {
+    let mut old: Vec<(String, u32)> = previous.iter().map(|r| (r.identity(), r.counter)).collect();
+    let mut used = std::collections::BTreeSet::new();
+    let mut pending = Vec::new();
+    for (i, r) in c.rules.iter_mut().enumerate() {
+        let key = r.identity();
+        if let Some(pos) = old.iter().position(|(k, _)| *k == key) {
+            r.counter = old.remove(pos).1;
+            used.insert(r.counter);
+        } else {
+            pending.push(i);
+        }
+    }
+    // Fresh slots avoid every slot the previous policy still uses, so no
+    // counter is shared while both policies are in the kernel.
+    let busy: std::collections::BTreeSet<u32> = previous
+        .iter()
+        .map(|r| r.counter)
+        .chain(used.iter().copied())
+        .collect();
+    let mut next = 0u32;
+    for i in pending {
+        while busy.contains(&next) || used.contains(&next) {
+            next += 1;
+        }
+        if next >= limit {
+            return Err(CompileError::Capacity {
+                map: segbpf_common::MAP_RULE_STATS,
+                count: next as usize + 1,
+                limit,
+            });
+        }
+        c.rules[i].counter = next;
+        used.insert(next);
+    }
+    let by_id: HashMap<u32, u32> = c.rules.iter().map(|r| (r.id, r.counter)).collect();
+    for (_, _, v) in c.ports.iter_mut() {
+        v.rule_id = by_id[&v.rule_id];
+    }
+    Ok(old.into_iter().map(|(_, slot)| slot).collect())
 }
 
 /// One LPM entry: full key prefix length (header bits included), key data, value.

@@ -4,8 +4,9 @@
 
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
-    Config, Counter, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_STATS,
-    MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
+    Config, Counter, MAP_ACTIVE, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS,
+    MAP_STATS, MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN,
+    TraceResult,
 };
 
 use crate::{compile::Compiled, pins::Attachment};
@@ -31,48 +32,146 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
     move |source| MapsError::Map { map, source }
 }
 
-/// Writes a compiled policy's tries, then its configuration (which makes
-/// the policy's slot the active one), into a loaded instance.
-pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError> {
-    {
-        let map = ebpf
-            .map_mut(MAP_PEER_V4)
-            .ok_or(MapsError::Missing(MAP_PEER_V4))?;
-        let mut trie: LpmTrie<&mut MapData, PeerKeyV4, PeerClass> =
-            LpmTrie::try_from(map).map_err(err(MAP_PEER_V4))?;
+/// The maps that make up one policy (both slots), opened from a loaded
+/// instance or from an attachment's pins. A policy is installed by filling
+/// the slot not in force (`write_slot`), then flipping `SEG_ACTIVE`
+/// (`activate`): one atomic u32 write, after which every packet is judged
+/// by the new slot whole. The old slot is then emptied (`clear_slot`).
+pub struct PolicyMaps {
+    v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
+    v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,
+    ports: LpmTrie<MapData, PortKey, RuleRef>,
+    config: Array<MapData, Config>,
+    active: Array<MapData, u32>,
+}
+
+fn pinned(att: &Attachment, name: &'static str) -> Result<MapData, MapsError> {
+    MapData::from_pin(att.map(name)).map_err(err(name))
+}
+
+impl PolicyMaps {
+    /// Opens the policy maps of an attachment from its pins.
+    pub fn from_pins(att: &Attachment) -> Result<Self, MapsError> {
+        Ok(PolicyMaps {
+            v4: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V4)?))
+                .map_err(err(MAP_PEER_V4))?,
+            v6: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V6)?))
+                .map_err(err(MAP_PEER_V6))?,
+            ports: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PORTS)?))
+                .map_err(err(MAP_PORTS))?,
+            config: Array::try_from(Map::Array(pinned(att, MAP_CONFIG)?))
+                .map_err(err(MAP_CONFIG))?,
+            active: Array::try_from(Map::Array(pinned(att, MAP_ACTIVE)?))
+                .map_err(err(MAP_ACTIVE))?,
+        })
+    }
+
+    /// The slot in force.
+    pub fn active_slot(&self) -> Result<u8, MapsError> {
+        Ok((self.active.get(&0, 0).map_err(err(MAP_ACTIVE))? & 1) as u8)
+    }
+
+    /// The configuration of a slot.
+    pub fn config(&self, slot: u8) -> Result<Config, MapsError> {
+        self.config.get(&(slot as u32), 0).map_err(err(MAP_CONFIG))
+    }
+
+    /// Removes every trie entry of `slot`; returns how many.
+    pub fn clear_slot(&mut self, slot: u8) -> Result<usize, MapsError> {
+        let mut n = 0;
+        let v4: Vec<_> = self
+            .v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &v4 {
+            self.v4.remove(k).map_err(err(MAP_PEER_V4))?;
+        }
+        n += v4.len();
+        let v6: Vec<_> = self
+            .v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &v6 {
+            self.v6.remove(k).map_err(err(MAP_PEER_V6))?;
+        }
+        n += v6.len();
+        let ports: Vec<_> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &ports {
+            self.ports.remove(k).map_err(err(MAP_PORTS))?;
+        }
+        Ok(n + ports.len())
+    }
+
+    /// Writes a compiled policy's tries and configuration into its slot
+    /// (`c.config.active_slot`), which must not be the slot in force.
+    pub fn write_slot(&mut self, c: &Compiled) -> Result<(), MapsError> {
         for (len, k, v) in &c.peers_v4 {
-            trie.insert(&Key::new(*len, *k), v, 0)
+            self.v4
+                .insert(&Key::new(*len, *k), v, 0)
                 .map_err(err(MAP_PEER_V4))?;
         }
-    }
-    {
-        let map = ebpf
-            .map_mut(MAP_PEER_V6)
-            .ok_or(MapsError::Missing(MAP_PEER_V6))?;
-        let mut trie: LpmTrie<&mut MapData, PeerKeyV6, PeerClass> =
-            LpmTrie::try_from(map).map_err(err(MAP_PEER_V6))?;
         for (len, k, v) in &c.peers_v6 {
-            trie.insert(&Key::new(*len, *k), v, 0)
+            self.v6
+                .insert(&Key::new(*len, *k), v, 0)
                 .map_err(err(MAP_PEER_V6))?;
         }
-    }
-    {
-        let map = ebpf
-            .map_mut(MAP_PORTS)
-            .ok_or(MapsError::Missing(MAP_PORTS))?;
-        let mut trie: LpmTrie<&mut MapData, PortKey, RuleRef> =
-            LpmTrie::try_from(map).map_err(err(MAP_PORTS))?;
         for (len, k, v) in &c.ports {
-            trie.insert(&Key::new(*len, *k), v, 0)
+            self.ports
+                .insert(&Key::new(*len, *k), v, 0)
                 .map_err(err(MAP_PORTS))?;
         }
+        self.config
+            .set(c.config.active_slot as u32, c.config, 0)
+            .map_err(err(MAP_CONFIG))
     }
-    let map = ebpf
-        .map_mut(MAP_CONFIG)
-        .ok_or(MapsError::Missing(MAP_CONFIG))?;
-    let mut cfg: Array<&mut MapData, Config> = Array::try_from(map).map_err(err(MAP_CONFIG))?;
-    cfg.set(0, c.config, 0).map_err(err(MAP_CONFIG))?;
-    Ok(())
+
+    /// Puts `slot` in force (the one atomic switch).
+    pub fn activate(&mut self, slot: u8) -> Result<(), MapsError> {
+        self.active.set(0, slot as u32, 0).map_err(err(MAP_ACTIVE))
+    }
+}
+
+/// Writes a compiled policy into a freshly loaded instance (its slot, then
+/// puts that slot in force). Attach and in-process tests use it.
+pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError> {
+    fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<MapData, MapsError> {
+        let map = ebpf.map(name).ok_or(MapsError::Missing(name))?;
+        let fd = match map {
+            Map::LpmTrie(d) | Map::Array(d) => {
+                use std::os::fd::AsFd as _;
+                d.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| MapsError::Map {
+                        map: name,
+                        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error: e,
+                        }),
+                    })?
+            }
+            _ => return Err(MapsError::Missing(name)),
+        };
+        MapData::from_fd(fd).map_err(err(name))
+    }
+    let mut m = PolicyMaps {
+        v4: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PEER_V4)?)).map_err(err(MAP_PEER_V4))?,
+        v6: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PEER_V6)?)).map_err(err(MAP_PEER_V6))?,
+        ports: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PORTS)?)).map_err(err(MAP_PORTS))?,
+        config: Array::try_from(Map::Array(take(ebpf, MAP_CONFIG)?)).map_err(err(MAP_CONFIG))?,
+        active: Array::try_from(Map::Array(take(ebpf, MAP_ACTIVE)?)).map_err(err(MAP_ACTIVE))?,
+    };
+    m.write_slot(c)?;
+    m.activate(c.config.active_slot)
 }
 
 /// Sums a per-CPU array of [`Counter`]s over CPUs, entry by entry.
@@ -122,12 +221,10 @@ pub fn pinned_rule_stats(att: &Attachment) -> Result<Vec<Counter>, MapsError> {
     sum_counters(&Map::PerCpuArray(data), MAP_RULE_STATS)
 }
 
-/// The configuration record of an attachment, from its pins.
+/// The configuration in force of an attachment, from its pins.
 pub fn pinned_config(att: &Attachment) -> Result<Config, MapsError> {
-    let data = MapData::from_pin(att.map(MAP_CONFIG)).map_err(err(MAP_CONFIG))?;
-    let map = Map::Array(data);
-    let arr: Array<&MapData, Config> = Array::try_from(&map).map_err(err(MAP_CONFIG))?;
-    arr.get(&0, 0).map_err(err(MAP_CONFIG))
+    let m = PolicyMaps::from_pins(att)?;
+    m.config(m.active_slot()?)
 }
 
 /// Reads and clears the dry-run record of a loaded dry-run instance.

@@ -86,8 +86,8 @@ impl State {
         Ok(())
     }
 
-    /// The rule with id `id`, if it applies to this host.
-    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
-        self.rules.iter().find(|r| r.id == id)
+    /// The rule the kernel reports as `counter` (see `RuleInfo::counter`).
+    pub fn rule(&self, counter: u32) -> Option<&RuleInfo> {
+        self.rules.iter().find(|r| r.counter == counter)
     }
 }

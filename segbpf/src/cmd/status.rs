@@ -126,7 +126,10 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         .iter()
         .flat_map(|s| s.rules.iter())
         .map(|r| {
-            let c = rule_stats.get(r.id as usize).copied().unwrap_or_default();
+            let c = rule_stats
+                .get(r.counter as usize)
+                .copied()
+                .unwrap_or_default();
             RuleCount {
                 id: r.id,
                 label: r.label.clone(),

@@ -164,7 +164,7 @@ pub fn trace_packet(att: &Attachment, dir: Direction, frame: &[u8]) -> anyhow::R
     let rule = (t.rule_id != NO_RULE).then(|| {
         let info = state.as_ref().and_then(|s| s.rule(t.rule_id));
         serde_json::json!({
-            "id": t.rule_id,
+            "id": info.map_or(t.rule_id, |i| i.id),
             "label": info.map(|i| i.label.clone()),
             "line": info.map(|i| i.line),
             "peer": info.map(|i| i.peer.clone()),
