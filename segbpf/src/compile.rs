@@ -47,10 +47,11 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    /// The default capacities with per-rule counters sized for `policy`.
+    /// The default capacities with per-rule counters sized for `policy`
+    /// and room for reloads to grow it (twice its rules, at least 1,024).
     pub fn for_policy(policy: &Policy) -> Self {
         Capacity {
-            rule_stats: (policy.rules.len() as u32).max(64),
+            rule_stats: (2 * policy.rules.len() as u32).max(1024),
             ..Capacity::default()
         }
     }

@@ -155,6 +155,9 @@ impl Attachment {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+        for ext in ["next.json", "reader.lock", "update.lock"] {
+            let _ = std::fs::remove_file(self.state.with_extension(ext));
+        }
         // An empty per-netns state directory goes too.
         if self.netns.is_some()
             && let Some(dir) = self.state.parent()

@@ -22,6 +22,13 @@ pub struct State {
     pub policy: String,
     /// The host's roles.
     pub roles: Vec<String>,
+    /// The `--role` arguments given to attach (empty: roles come from the
+    /// interface's addresses, again at each reload).
+    #[serde(default)]
+    pub role_args: Vec<String>,
+    /// Size of the per-rule counter map.
+    #[serde(default)]
+    pub rule_slots: u32,
     /// XDP mode in use: `native` or `skb`.
     pub mode: String,
     /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).
@@ -86,8 +93,30 @@ impl State {
         Ok(())
     }
 
+    /// The state of `att` as the kernel runs it: the state file, or the
+    /// pending one (`IFACE.next.json`) if a reload put that generation in
+    /// force and stopped before renaming it (which this completes).
+    pub fn current(att: &crate::pins::Attachment) -> anyhow::Result<State> {
+        let next = next_path(&att.state);
+        if let Ok(pending) = State::read(&next) {
+            let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
+            if live == Some(pending.generation) {
+                std::fs::rename(&next, &att.state)
+                    .with_context(|| format!("completing {}", next.display()))?;
+                return Ok(pending);
+            }
+            let _ = std::fs::remove_file(&next);
+        }
+        State::read(&att.state)
+    }
+
     /// The rule the kernel reports as `counter` (see `RuleInfo::counter`).
     pub fn rule(&self, counter: u32) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.counter == counter)
     }
+}
+
+/// Where a reload writes the state it is about to put in force.
+pub fn next_path(state: &Path) -> std::path::PathBuf {
+    state.with_extension("next.json")
 }

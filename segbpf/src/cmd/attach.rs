@@ -78,6 +78,7 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
+    let hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let listener = match args.metrics {
         Some(addr) if !args.no_wait => Some(crate::metrics::bind(addr).await?),
         Some(_) => {
@@ -108,7 +109,7 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         "enforcing on {}; drop events follow on stdout; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach {}`)",
         args.iface, args.iface
     );
-    wait_for_exit(&att, signals, args.log_format).await?;
+    wait_for_exit(&att, signals, hup, args.log_format).await?;
     Ok(())
 }
 
@@ -166,6 +167,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
             .display()
             .to_string(),
         roles: roles.clone(),
+        role_args: args.role.clone(),
+        rule_slots: capacity.rule_stats,
         mode: attached.xdp_mode.to_string(),
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
@@ -306,11 +309,45 @@ fn load_and_attach(
     }
 }
 
+/// Reloads the policy on SIGHUP, or when the policy file changes (checked
+/// every 2 seconds). A policy that fails validation changes nothing; the
+/// reason is logged. Never returns.
+async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
+    let mtime = |att: &Attachment| {
+        State::current(att)
+            .ok()
+            .and_then(|s| std::fs::metadata(&s.policy).ok())
+            .and_then(|m| m.modified().ok())
+    };
+    let mut seen = mtime(att);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = mtime(att);
+                if now == seen || now.is_none() {
+                    continue;
+                }
+                "the policy file changed"
+            }
+        };
+        match crate::cmd::reload::reload(att, None) {
+            Ok(msg) => info!("{why}: {msg}"),
+            Err(e) => {
+                tracing::error!("{why}: reload refused, the policy in force is unchanged: {e:#}")
+            }
+        }
+        seen = mtime(att);
+    }
+}
+
 /// Streams events until SIGINT/SIGTERM, or until the attachment is
 /// removed by `segbpf detach`, then says how enforcement can be removed.
 async fn wait_for_exit(
     att: &Attachment,
     (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    hup: tokio::signal::unix::Signal,
     format: LogFormat,
 ) -> anyhow::Result<()> {
     let mut signalled = false;
@@ -319,6 +356,7 @@ async fn wait_for_exit(
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
+                _ = watch_policy(att, hup) => {},
             }
         };
         let stop = async {

@@ -6,6 +6,7 @@ pub mod check;
 pub mod detach;
 pub mod explain;
 pub mod monitor;
+pub mod reload;
 pub mod status;
 pub mod trace;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Check(check::Args),
     /// Enforce a policy on an interface (XDP ingress); stays in the foreground.
     Attach(attach::Args),
+    /// Replace an attachment's policy atomically, without reloading the programs.
+    Reload(reload::Args),
     /// Remove segbpf from an interface.
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
@@ -66,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check(a) => check::run(a),
         Command::Attach(a) => attach::run(a, netns).await,
+        Command::Reload(a) => reload::run(a, netns),
         Command::Detach(a) => detach::run(a, netns),
         Command::Monitor(a) => monitor::run(a, netns).await,
         Command::Status(a) => status::run(a, netns),

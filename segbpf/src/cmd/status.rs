@@ -120,7 +120,7 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         }
         directions.insert(dir.to_string(), by_reason);
     }
-    let state = State::read(&att.state).ok();
+    let state = State::current(att).ok();
     let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
     let rules = state
         .iter()

@@ -100,7 +100,7 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     };
     let att = Attachment::new(&args.iface, netns);
     let traced = trace_packet(&att, args.direction.into(), &spec.build().bytes)?;
-    let state = State::read(&att.state).ok();
+    let state = State::current(&att).ok();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&traced)?),
         Output::Text => {
@@ -160,7 +160,7 @@ pub fn trace_packet(att: &Attachment, dir: Direction, frame: &[u8]) -> anyhow::R
     if t.valid == 0 {
         bail!("the program did not record a decision");
     }
-    let state = State::read(&att.state).ok();
+    let state = State::current(att).ok();
     let rule = (t.rule_id != NO_RULE).then(|| {
         let info = state.as_ref().and_then(|s| s.rule(t.rule_id));
         serde_json::json!({

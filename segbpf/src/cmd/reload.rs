@@ -1,0 +1,240 @@
+//! `segbpf reload`: swap an attachment's policy without reloading or
+//! re-attaching its programs.
+//!
+//! The new policy is parsed, validated and compiled first (a bad policy
+//! changes nothing and says why). It is written into the policy slot not in
+//! force, where no packet looks; then one atomic u32 write (`SEG_ACTIVE`)
+//! switches every later packet to it whole — a packet reads the slot once,
+//! so no packet is judged by a mix of old and new rules. After a short
+//! grace period the old slot is emptied, connection-table entries of flows
+//! the new policy does not allow are removed (the others survive), and
+//! counters of rules that no longer exist are cleared (rules that still
+//! exist keep their counter slots, so their counts carry over).
+//!
+//! Crash safety: the state of the new generation is written to
+//! `IFACE.next.json` before the switch and renamed after it; a reload
+//! killed at any point leaves the kernel on the old or the new policy, and
+//! the next command reconciles the state file with the generation the
+//! kernel runs. Reloads of one attachment are serialised by a lock file.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use segbpf_common::{
+    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_RULE_STATS,
+};
+
+use crate::{
+    compile::{self, Capacity},
+    maps::PolicyMaps,
+    netif,
+    pins::Attachment,
+    policy::{Direction, Policy, eval, roles},
+    state::{self, State},
+};
+
+/// Arguments of `segbpf reload`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface whose policy to replace.
+    pub iface: String,
+    /// Policy file (default: the file the attachment was last given).
+    #[arg(long, short = 'p', value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+/// Runs `segbpf reload`.
+pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    let att = Attachment::new(&args.iface, netns);
+    let out = reload(&att, args.policy.as_deref())?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Time given to packets that read the old slot before the switch to
+/// finish their lookups (programs run for microseconds).
+const GRACE: Duration = Duration::from_millis(5);
+
+/// Replaces the policy of `att` with the one in `policy` (default: the
+/// attachment's current file). Returns a one-line summary.
+pub fn reload(att: &Attachment, policy: Option<&Path>) -> anyhow::Result<String> {
+    if !att.is_attached() {
+        bail!("segbpf is not attached to {}", att.iface);
+    }
+    let _lock = Lock::take(att)?;
+    let old = State::current(att).context("reading the attachment's state")?;
+    let path = policy
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(&old.policy));
+
+    // Everything that depends on input first: nothing in the kernel yet.
+    let policy = Policy::load(&path)?;
+    let addrs = if old.role_args.is_empty() {
+        netif::addresses(&att.iface)?
+    } else {
+        Vec::new()
+    };
+    let roles = roles::resolve(&policy, &old.role_args, &att.iface, &addrs)?;
+    let mut maps = PolicyMaps::from_pins(att)?;
+    let current = maps.active_slot()?;
+    let next = 1 - current;
+    let generation = maps.config(current)?.generation.max(old.generation) + 1;
+    let capacity = Capacity {
+        ct: old.ct_size,
+        rule_stats: old.rule_slots,
+        ..Capacity::default()
+    };
+    let mut c = compile::compile(
+        &policy,
+        &roles,
+        Some(&att.iface),
+        next,
+        generation,
+        capacity,
+    )
+    .with_context(|| format!("{}: compiling for {}", policy.source, att.iface))?;
+    c.config.audit = old.audit as u8;
+    c.config.log_burst = old.log_burst.max(1);
+    let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots)?;
+
+    // Fill the slot no packet looks at (emptying leftovers of a reload that
+    // was killed), record the new state as pending, then switch.
+    maps.clear_slot(next)?;
+    maps.write_slot(&c)?;
+    let new = State {
+        policy: std::fs::canonicalize(&path)
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string(),
+        roles: roles.clone(),
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        rules: c.rules.clone(),
+        ..old.clone()
+    };
+    new.write(&state::next_path(&att.state))?;
+    maps.activate(next)?;
+    std::fs::rename(state::next_path(&att.state), &att.state)
+        .with_context(|| format!("writing {}", att.state.display()))?;
+
+    // Tidy up after the switch.
+    std::thread::sleep(GRACE);
+    maps.clear_slot(current)?;
+    clear_counters(att, &freed)?;
+    let pruned = prune_conntrack(att, &policy, &roles)?;
+    Ok(format!(
+        "reloaded {} on {}: generation {generation}, roles {}, {} rules; {} connections no longer allowed were removed",
+        policy.source,
+        att.iface,
+        roles.join(","),
+        c.rules.len(),
+        pruned
+    ))
+}
+
+/// Zeroes the per-rule counters of slots no rule uses any more.
+fn clear_counters(att: &Attachment, slots: &[u32]) -> anyhow::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let data = MapData::from_pin(att.map(MAP_RULE_STATS))?;
+    let mut arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for &slot in slots {
+        arr.set(
+            slot,
+            PerCpuValues::try_from(vec![Counter::default(); cpus])?,
+            0,
+        )?;
+    }
+    Ok(())
+}
+
+/// The packet that opened a tracked flow, for the reference evaluator.
+fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
+    let addr = |b: [u8; 16]| -> IpAddr {
+        if k.family == 4 {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    };
+    let (local, remote) = (addr(k.local), addr(k.remote));
+    let ingress = e.origin == segbpf_common::DIR_INGRESS;
+    let icmp_type = match k.proto {
+        IPPROTO_ICMP => 8,
+        IPPROTO_ICMPV6 => 128,
+        _ => 0,
+    };
+    let (src, dst, dport) = if ingress {
+        (remote, local, k.local_port)
+    } else {
+        (local, remote, k.remote_port)
+    };
+    let dir = if ingress {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    (
+        dir,
+        eval::Packet {
+            src,
+            dst,
+            proto: k.proto,
+            dport,
+            icmp_type,
+            hop_limit: 64,
+        },
+    )
+}
+
+/// Removes the connection-table entries of flows the new policy would not
+/// let open; returns how many.
+fn prune_conntrack(att: &Attachment, policy: &Policy, roles: &[String]) -> anyhow::Result<usize> {
+    let data = MapData::from_pin(att.map(MAP_CT))?;
+    let mut ct: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+    let gone: Vec<CtKey> = ct
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, e)| {
+            let (dir, pkt) = opener(k, e);
+            !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in &gone {
+        let _ = ct.remove(k); // may have expired or been evicted meanwhile
+    }
+    Ok(gone.len())
+}
+
+/// The attachment's update lock (one policy change at a time); held while
+/// the file stays open.
+struct Lock {
+    _file: std::fs::File,
+}
+
+impl Lock {
+    fn take(att: &Attachment) -> anyhow::Result<Lock> {
+        let path = att.state.with_extension("update.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; released when it is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the attachment");
+        }
+        Ok(Lock { _file: f })
+    }
+}

@@ -1,0 +1,325 @@
+//! Policy swaps without reload: 1,000 swaps between two policies under a
+//! steady stream of packets judged by the live maps, SIGKILLed reloads that
+//! must leave exactly the old or the new policy in force, and a policy that
+//! fails validation changing nothing.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use segbpf::{
+    cmd::reload::reload,
+    loader, maps,
+    packet::PacketSpec,
+    pins::{Attachment, Roots},
+};
+use segbpf_common::reason;
+use segbpf_tests::{Lab, lab::segbpf_bin};
+
+const POLICY_A: &str = r#"
+version = 1
+[sets]
+x = ["198.18.1.0/24"]
+y = ["198.18.2.0/24"]
+[defaults]
+ingress = "drop"
+egress = "allow"
+[[base.ingress]]
+from = "any"
+udp = [53]
+[roles.db]
+hosts = "any"
+[[roles.db.ingress]]
+from = "x"
+tcp = [80]
+[[roles.db.ingress]]
+from = "y"
+tcp = [443]
+"#;
+
+/// B swaps the two services between the sets and keeps the base rule.
+fn policy_b() -> String {
+    POLICY_A
+        .replace("tcp = [80]", "tcp = [TMP]")
+        .replace("tcp = [443]", "tcp = [80]")
+        .replace("tcp = [TMP]", "tcp = [443]")
+}
+
+struct Probe {
+    name: &'static str,
+    frame: Vec<u8>,
+    a: bool,
+    b: bool,
+}
+
+fn probes() -> Vec<Probe> {
+    let host: IpAddr = "10.10.1.30".parse().unwrap();
+    let tcp = |src: &str, port| {
+        PacketSpec::tcp(src.parse().unwrap(), host, 40000, port)
+            .build()
+            .bytes
+    };
+    let udp = |src: &str, port| {
+        PacketSpec::udp(src.parse().unwrap(), host, 40000, port)
+            .build()
+            .bytes
+    };
+    vec![
+        Probe {
+            name: "x:80",
+            frame: tcp("198.18.1.5", 80),
+            a: true,
+            b: false,
+        },
+        Probe {
+            name: "x:443",
+            frame: tcp("198.18.1.5", 443),
+            a: false,
+            b: true,
+        },
+        Probe {
+            name: "y:80",
+            frame: tcp("198.18.2.5", 80),
+            a: false,
+            b: true,
+        },
+        Probe {
+            name: "y:443",
+            frame: tcp("198.18.2.5", 443),
+            a: true,
+            b: false,
+        },
+        Probe {
+            name: "any udp/53 (both allow)",
+            frame: udp("192.0.2.1", 53),
+            a: true,
+            b: true,
+        },
+        Probe {
+            name: "x:22 (both drop)",
+            frame: tcp("198.18.1.5", 22),
+            a: false,
+            b: false,
+        },
+        Probe {
+            name: "z:80 (both drop)",
+            frame: tcp("192.0.2.1", 80),
+            a: false,
+            b: false,
+        },
+    ]
+}
+
+struct Setup {
+    lab: Lab,
+    att: Attachment,
+    a: PathBuf,
+    b: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup(tag: &str) -> anyhow::Result<Setup> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
+    std::fs::write(&a, POLICY_A)?;
+    std::fs::write(&b, policy_b())?;
+    lab.attach("db", a.to_str().unwrap(), &["--role", "db"])?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", Some(&lab.host("db").ns.name));
+    Ok(Setup {
+        lab,
+        att,
+        a,
+        b,
+        dir,
+    })
+}
+
+/// Verdicts (pass?) of every probe through a dry-run instance on the live maps.
+fn verdicts(ebpf: &mut aya::Ebpf, probes: &[Probe]) -> anyhow::Result<Vec<bool>> {
+    probes
+        .iter()
+        .map(|p| {
+            loader::xdp(ebpf)?.test_run(TestRunOptions {
+                data_in: Some(&p.frame),
+                ..TestRunOptions::new()
+            })?;
+            Ok(reason::passes(maps::take_trace(ebpf)?.reason))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
+    let s = setup("swap")?;
+    let probes = Arc::new(probes());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (judged, wrong) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (dropped_both, passed_neither) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let runner = {
+        let (att, probes, stop) = (s.att.clone(), probes.clone(), stop.clone());
+        let (judged, wrong) = (judged.clone(), wrong.clone());
+        let (dropped_both, passed_neither) = (dropped_both.clone(), passed_neither.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut ebpf = loader::load_dry_run(&att)?;
+            while !stop.load(Ordering::Relaxed) {
+                for (p, pass) in probes.iter().zip(verdicts(&mut ebpf, &probes)?) {
+                    judged.fetch_add(1, Ordering::Relaxed);
+                    if pass != p.a && pass != p.b {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                        if p.a && p.b {
+                            dropped_both.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            passed_neither.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    let mut generations = Vec::new();
+    for i in 0..1000 {
+        let file = if i % 2 == 0 { &s.b } else { &s.a };
+        reload(&s.att, Some(file))?;
+        generations.push(segbpf::maps::pinned_config(&s.att)?.generation);
+    }
+    stop.store(true, Ordering::Relaxed);
+    runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("runner panicked"))??;
+    let judged = judged.load(Ordering::Relaxed);
+    eprintln!("1000 swaps, {judged} packets judged during them");
+    assert!(judged > 5000, "the stream kept flowing ({judged} packets)");
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "packets judged by neither policy"
+    );
+    assert_eq!(
+        dropped_both.load(Ordering::Relaxed),
+        0,
+        "allowed-by-both packets dropped"
+    );
+    assert_eq!(passed_neither.load(Ordering::Relaxed), 0);
+    assert!(
+        generations.windows(2).all(|w| w[1] == w[0] + 1),
+        "one generation per swap"
+    );
+    // After an even number of swaps policy A is back, whole.
+    let mut ebpf = loader::load_dry_run(&s.att)?;
+    let want: Vec<bool> = probes.iter().map(|p| p.a).collect();
+    assert_eq!(verdicts(&mut ebpf, &probes)?, want);
+    // The program was never replaced.
+    let status = s.lab.status_json("db")?;
+    let st = &status["attachments"][0]["state"];
+    assert_eq!(st["generation"], 1001);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
+    let s = setup("kill")?;
+    let probes = probes();
+    let all_a: Vec<bool> = probes.iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes.iter().map(|p| p.b).collect();
+    let prog_id = s.lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone();
+    let mut ebpf = loader::load_dry_run(&s.att)?;
+    let mut seed: u64 = 0x5eed;
+    let mut outcomes = [0u32; 2];
+    for i in 0..40 {
+        let file: &Path = if i % 2 == 0 { &s.b } else { &s.a };
+        let mut child = Command::new(segbpf_bin())
+            .args([
+                "--netns",
+                &s.lab.host("db").ns.name,
+                "reload",
+                "eth0",
+                "--policy",
+            ])
+            .arg(file)
+            .env("SEGBPF_BPFFS", &s.lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &s.lab.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_micros((seed >> 33) % 40_000));
+        let _ = child.kill(); // SIGKILL, wherever it is
+        let _ = child.wait();
+        let got = verdicts(&mut ebpf, &probes)?;
+        assert!(
+            got == all_a || got == all_b,
+            "after kill {i}: a mix of policies: {:?}",
+            probes
+                .iter()
+                .zip(&got)
+                .map(|(p, v)| (p.name, *v))
+                .collect::<Vec<_>>()
+        );
+        outcomes[(got == all_b) as usize] += 1;
+        // The state the next command sees names the policy in force.
+        let state = segbpf::state::State::current(&s.att)?;
+        let expect = if got == all_a { &s.a } else { &s.b };
+        assert_eq!(
+            Path::new(&state.policy),
+            std::fs::canonicalize(expect)?,
+            "state file agrees with the kernel after kill {i}"
+        );
+    }
+    eprintln!("old/new policy in force after kills: {outcomes:?}");
+    // The attachment still works normally afterwards.
+    reload(&s.att, Some(&s.a))?;
+    assert_eq!(verdicts(&mut ebpf, &probes)?, all_a);
+    let after = s.lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone();
+    assert_eq!(prog_id, after, "no program reload");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
+    let s = setup("bad")?;
+    let probes = probes();
+    let mut ebpf = loader::load_dry_run(&s.att)?;
+    let before = verdicts(&mut ebpf, &probes)?;
+    let gen_before = segbpf::maps::pinned_config(&s.att)?.generation;
+    let bad = s.dir.join("bad.toml");
+    std::fs::write(&bad, POLICY_A.replace("198.18.2.0/24", "198.18.2.0/33"))?;
+    let out = s
+        .lab
+        .segbpf("db", &["reload", "eth0", "--policy", bad.to_str().unwrap()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:5:"),
+        "names file and line: {stderr}"
+    );
+    assert_eq!(verdicts(&mut ebpf, &probes)?, before);
+    assert_eq!(segbpf::maps::pinned_config(&s.att)?.generation, gen_before);
+    Ok(())
+}
