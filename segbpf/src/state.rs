@@ -29,6 +29,11 @@ pub struct State {
     /// Size of the per-rule counter map.
     #[serde(default)]
     pub rule_slots: u32,
+    /// Live set edits (`segbpf set add/del`): set name → members in force,
+    /// replacing the file's. Non-empty means the live state has drifted
+    /// from the policy file; `segbpf reload` resolves it by the file.
+    #[serde(default)]
+    pub set_overrides: std::collections::BTreeMap<String, Vec<String>>,
     /// XDP mode in use: `native` or `skb`.
     pub mode: String,
     /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).

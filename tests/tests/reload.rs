@@ -323,3 +323,73 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
     assert_eq!(segbpf::maps::pinned_config(&s.att)?.generation, gen_before);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn set_add_lets_a_blocked_peer_in_without_reloading_the_program() -> anyhow::Result<()> {
+    use segbpf_tests::net;
+    let mut lab = Lab::new("set")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    lab.add_host("client", &["10.10.1.15/16"])?;
+    let (db_ns, client_ns) = (
+        lab.host("db").ns.name.clone(),
+        lab.host("client").ns.name.clone(),
+    );
+    let policy = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    lab.attach("db", &policy, &[])?;
+    let (web, db): (IpAddr, IpAddr) = ("10.10.1.15".parse()?, "10.10.1.30".parse()?);
+    let t = Duration::from_secs(2);
+    let prog = |lab: &Lab| -> anyhow::Result<serde_json::Value> {
+        Ok(lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone())
+    };
+    let prog0 = prog(&lab)?;
+    assert!(
+        !net::tcp_exchange(&client_ns, web, db, 5432, t)?,
+        "web tier blocked"
+    );
+
+    lab.segbpf_ok("db", &["set", "add", "eth0", "app_nodes", "10.10.1.15"])?;
+    assert!(
+        net::tcp_exchange(&client_ns, web, db, 5432, t)?,
+        "added peer connects at once"
+    );
+    assert_eq!(prog(&lab)?, prog0, "program not reloaded");
+    let list = lab.segbpf_ok("db", &["set", "list", "eth0", "app_nodes"])?;
+    assert!(
+        list.contains("10.10.1.15") && list.contains("edited live"),
+        "{list}"
+    );
+    let st = lab.status_json("db")?;
+    assert_eq!(
+        st["attachments"][0]["drift"],
+        serde_json::json!(["app_nodes"])
+    );
+
+    // A member that is not there is an error and changes nothing.
+    let out = lab.segbpf("db", &["set", "del", "eth0", "app_nodes", "10.99.0.1"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let out = lab.segbpf("db", &["set", "add", "eth0", "no_such_set", "10.99.0.1"])?;
+    assert_eq!(out.status.code(), Some(1));
+
+    lab.segbpf_ok("db", &["set", "del", "eth0", "app_nodes", "10.10.1.15"])?;
+    assert!(
+        !net::tcp_exchange(&client_ns, web, db, 5432, t)?,
+        "removed peer blocked again"
+    );
+
+    lab.segbpf_ok("db", &["set", "add", "eth0", "app_nodes", "10.10.1.15"])?;
+    lab.segbpf_ok("db", &["reload", "eth0"])?;
+    let st = lab.status_json("db")?;
+    assert_eq!(
+        st["attachments"][0]["drift"],
+        serde_json::json!([]),
+        "reload resolves drift by the file"
+    );
+    assert!(
+        !net::tcp_exchange(&client_ns, web, db, 5432, t)?,
+        "the file's sets are back"
+    );
+    assert_eq!(prog(&lab)?, prog0);
+    Ok(())
+}

@@ -168,6 +168,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
             .to_string(),
         roles: roles.clone(),
         role_args: args.role.clone(),
+        set_overrides: Default::default(),
         rule_slots: capacity.rule_stats,
         mode: attached.xdp_mode.to_string(),
         tc_mode: attached.tc_mode.to_string(),

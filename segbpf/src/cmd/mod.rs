@@ -7,6 +7,7 @@ pub mod detach;
 pub mod explain;
 pub mod monitor;
 pub mod reload;
+pub mod set;
 pub mod status;
 pub mod trace;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Attach(attach::Args),
     /// Replace an attachment's policy atomically, without reloading the programs.
     Reload(reload::Args),
+    /// Add, remove or list members of a named set on a live attachment.
+    Set(set::Args),
     /// Remove segbpf from an interface.
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
@@ -70,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => check::run(a),
         Command::Attach(a) => attach::run(a, netns).await,
         Command::Reload(a) => reload::run(a, netns),
+        Command::Set(a) => set::run(a, netns),
         Command::Detach(a) => detach::run(a, netns),
         Command::Monitor(a) => monitor::run(a, netns).await,
         Command::Status(a) => status::run(a, netns),

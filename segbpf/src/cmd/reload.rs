@@ -18,6 +18,7 @@
 //! kernel runs. Reloads of one attachment are serialised by a lock file.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
@@ -35,7 +36,7 @@ use crate::{
     maps::PolicyMaps,
     netif,
     pins::Attachment,
-    policy::{Direction, Policy, eval, roles},
+    policy::{AddrRange, Direction, Policy, addr::parse_item, eval, roles},
     state::{self, State},
 };
 
@@ -62,19 +63,48 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
 const GRACE: Duration = Duration::from_millis(5);
 
 /// Replaces the policy of `att` with the one in `policy` (default: the
-/// attachment's current file). Returns a one-line summary.
+/// attachment's current file), dropping live set edits (the file wins).
+/// Returns a one-line summary.
 pub fn reload(att: &Attachment, policy: Option<&Path>) -> anyhow::Result<String> {
+    swap(att, |old| {
+        let path = policy
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        Ok((path, BTreeMap::new()))
+    })
+}
+
+/// Live set overrides as the state file stores them (text) and as the
+/// parser takes them (ranges).
+pub fn parse_overrides(
+    text: &BTreeMap<String, Vec<String>>,
+) -> anyhow::Result<BTreeMap<String, Vec<AddrRange>>> {
+    text.iter()
+        .map(|(set, members)| {
+            let ranges = members
+                .iter()
+                .map(|m| parse_item(m).map_err(|e| anyhow::anyhow!("set {set}: {m}: {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((set.clone(), ranges))
+        })
+        .collect()
+}
+
+/// Swaps in the policy that `choose` picks from the current state: a file
+/// and live set overrides. Under the attachment's update lock.
+pub fn swap(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> anyhow::Result<(PathBuf, BTreeMap<String, Vec<String>>)>,
+) -> anyhow::Result<String> {
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.iface);
     }
     let _lock = Lock::take(att)?;
     let old = State::current(att).context("reading the attachment's state")?;
-    let path = policy
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(&old.policy));
+    let (path, overrides) = choose(&old)?;
 
     // Everything that depends on input first: nothing in the kernel yet.
-    let policy = Policy::load(&path)?;
+    let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
     let addrs = if old.role_args.is_empty() {
         netif::addresses(&att.iface)?
     } else {
@@ -117,6 +147,7 @@ pub fn reload(att: &Attachment, policy: Option<&Path>) -> anyhow::Result<String>
         entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
         classes: c.classes,
         rules: c.rules.clone(),
+        set_overrides: overrides,
         ..old.clone()
     };
     new.write(&state::next_path(&att.state))?;

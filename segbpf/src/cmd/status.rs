@@ -85,6 +85,8 @@ pub struct Report {
     pub conntrack: Conntrack,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
     pub events: crate::telemetry::EventStats,
+    /// Sets edited live, differing from the policy file (`reload` resolves it).
+    pub drift: Vec<String>,
 }
 
 /// Connection-table size and fill level.
@@ -121,6 +123,10 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         directions.insert(dir.to_string(), by_reason);
     }
     let state = State::current(att).ok();
+    let state_sets: Vec<String> = state
+        .iter()
+        .flat_map(|s| s.set_overrides.keys().cloned())
+        .collect();
     let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
     let rules = state
         .iter()
@@ -158,6 +164,7 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         dropped,
         conntrack,
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
+        drift: state_sets,
     })
 }
 
@@ -215,6 +222,17 @@ fn print_text(r: &Report) {
             );
             println!("  policy:    {}", s.policy);
             println!("  roles:     {}", s.roles.join(", "));
+            if !s.set_overrides.is_empty() {
+                println!(
+                    "  DRIFT:     sets edited live: {} (`segbpf reload {}` restores the file's)",
+                    s.set_overrides
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.iface
+                );
+            }
             println!(
                 "  compiled:  {} rules, {} classes, {} IPv4 / {} IPv6 / {} port prefixes",
                 s.rules.len(),

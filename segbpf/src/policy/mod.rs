@@ -266,6 +266,16 @@ impl Policy {
         parse::parse_str(&text, &path.display().to_string())
     }
 
+    /// Reads a policy file with the members of some sets replaced (live
+    /// set edits, see `segbpf set`).
+    pub fn load_with_sets(
+        path: &Path,
+        sets: &std::collections::BTreeMap<String, Vec<AddrRange>>,
+    ) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
+        parse::parse_str_with_sets(&text, &path.display().to_string(), sets)
+    }
+
     /// Parses and validates policy text; `source` names it in errors.
     pub fn from_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
         parse::parse_str(text, source)

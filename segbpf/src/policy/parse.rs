@@ -7,7 +7,10 @@
 //! sets, bad addresses and ports, empty lists, empty roles and rules without
 //! a protocol are errors, never silently ignored.
 
-use std::{collections::HashMap, ops::Range};
+use std::{
+    collections::{BTreeMap, HashMap},
+    ops::Range,
+};
 
 use toml::{
     Spanned,
@@ -36,7 +39,19 @@ const MAX_IFNAME: usize = 15;
 
 /// Parses and validates roles.toml text; `source` names the file in errors.
 pub fn parse_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
-    let cx = Cx::new(text, source);
+    parse_str_with_sets(text, source, &BTreeMap::new())
+}
+
+/// Like [`parse_str`], with the members of some sets replaced (live set
+/// edits): every rule and role naming such a set sees the new members.
+/// Naming a set the file does not define is an error.
+pub fn parse_str_with_sets(
+    text: &str,
+    source: &str,
+    overrides: &BTreeMap<String, Vec<AddrRange>>,
+) -> Result<Policy, PolicyError> {
+    let mut cx = Cx::new(text, source);
+    cx.overrides = overrides.clone();
     let doc = DeTable::parse(text).map_err(|e| cx.toml_error(&e))?;
     cx.policy(doc.get_ref())
 }
@@ -59,6 +74,8 @@ struct Cx<'a> {
     line_starts: Vec<usize>,
     /// Set name → its ranges, for resolving peers and hosts.
     sets: HashMap<String, Vec<AddrRange>>,
+    /// Live set edits replacing the members of these sets.
+    overrides: BTreeMap<String, Vec<AddrRange>>,
 }
 
 /// A rule before ids are assigned, with its byte position in the file.
@@ -76,6 +93,7 @@ impl<'a> Cx<'a> {
             source,
             line_starts,
             sets: HashMap::new(),
+            overrides: BTreeMap::new(),
         }
     }
 
@@ -196,10 +214,21 @@ impl<'a> Cx<'a> {
             return Err(self.err(0..0, "version", PolicyErrorKind::VersionMissing));
         };
         let version = self.version(version)?;
-        let sets = match sets {
+        let mut sets = match sets {
             Some(v) => self.sets(v)?,
             None => Vec::new(),
         };
+        for (name, ranges) in &self.overrides {
+            let Some(set) = sets.iter_mut().find(|s| &s.name == name) else {
+                return Err(PolicyError::new(
+                    self.source,
+                    None,
+                    format!("sets.{name}"),
+                    PolicyErrorKind::UnknownSet(name.clone()),
+                ));
+            };
+            set.ranges = ranges.clone();
+        }
         for s in &sets {
             self.sets.insert(s.name.clone(), s.ranges.clone());
         }

@@ -1,0 +1,199 @@
+//! `segbpf set add|del|list`: edit a named address set of a live
+//! attachment (like `nft add element` / `delete element`). Each edit is a
+//! full atomic policy swap (the same path as `segbpf reload`): it takes
+//! effect for the next packet, the programs are not reloaded, and flows the
+//! edited policy still allows keep their connection-table entries. Edits
+//! are recorded in the attachment's state; `segbpf status` reports the
+//! drift from the policy file and `segbpf reload` resolves it by the file.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::bail;
+use serde::Serialize;
+
+use crate::{
+    cmd::{Output, UsageError, reload},
+    pins::Attachment,
+    policy::{AddrRange, Policy, addr::parse_item},
+    state::State,
+};
+
+/// Arguments of `segbpf set`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to do.
+    #[command(subcommand)]
+    pub op: Op,
+}
+
+/// Set operations.
+#[derive(Debug, clap::Subcommand)]
+pub enum Op {
+    /// Add addresses, CIDRs or ranges to a set.
+    Add {
+        /// Interface.
+        iface: String,
+        /// Set name (as in roles.toml).
+        set: String,
+        /// Members to add.
+        #[arg(required = true)]
+        addrs: Vec<String>,
+    },
+    /// Remove members (as listed by `set list`) from a set.
+    Del {
+        /// Interface.
+        iface: String,
+        /// Set name.
+        set: String,
+        /// Members to remove.
+        #[arg(required = true)]
+        addrs: Vec<String>,
+    },
+    /// List the members in force of one set or of all sets.
+    List {
+        /// Interface.
+        iface: String,
+        /// Only this set.
+        set: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Serialize)]
+struct SetView {
+    name: String,
+    members: Vec<String>,
+    edited: bool,
+}
+
+/// Runs `segbpf set`.
+pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    match args.op {
+        Op::Add { iface, set, addrs } => edit(&iface, netns, &set, &addrs, true),
+        Op::Del { iface, set, addrs } => edit(&iface, netns, &set, &addrs, false),
+        Op::List { iface, set, output } => list(&iface, netns, set.as_deref(), output),
+    }
+}
+
+fn parse_members(addrs: &[String]) -> anyhow::Result<Vec<AddrRange>> {
+    addrs
+        .iter()
+        .map(|a| {
+            parse_item(a.trim())
+                .map_err(|e| UsageError(format!("{a}: not an address, CIDR or range: {e}")).into())
+        })
+        .collect()
+}
+
+/// Members in force of every set: the file's, with live edits applied.
+fn members_in_force(state: &State) -> anyhow::Result<(Policy, BTreeMap<String, Vec<String>>)> {
+    let policy = Policy::load_with_sets(
+        &PathBuf::from(&state.policy),
+        &reload::parse_overrides(&state.set_overrides)?,
+    )?;
+    let sets = policy
+        .sets
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.ranges.iter().map(|r| r.to_string()).collect(),
+            )
+        })
+        .collect();
+    Ok((policy, sets))
+}
+
+fn edit(
+    iface: &str,
+    netns: Option<&str>,
+    set: &str,
+    addrs: &[String],
+    add: bool,
+) -> anyhow::Result<()> {
+    let att = Attachment::new(iface, netns);
+    let members = parse_members(addrs)?;
+    let mut changed = 0;
+    let msg = reload::swap(&att, |state| {
+        let (_, sets) = members_in_force(state)?;
+        let Some(current) = sets.get(set) else {
+            bail!(
+                "{}: no set named `{set}` (sets: {})",
+                state.policy,
+                sets.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        };
+        let mut next = current.clone();
+        for m in &members {
+            let text = m.to_string();
+            if add {
+                if !next.contains(&text) {
+                    next.push(text);
+                    changed += 1;
+                }
+            } else if let Some(pos) = next.iter().position(|x| *x == text) {
+                next.remove(pos);
+                changed += 1;
+            } else {
+                bail!("{text} is not a member of `{set}` (see `segbpf set list {iface} {set}`)");
+            }
+        }
+        let mut overrides = state.set_overrides.clone();
+        overrides.insert(set.to_string(), next);
+        Ok((PathBuf::from(&state.policy), overrides))
+    })?;
+    println!(
+        "{} {changed} member(s) {} set {set} on {iface}; {msg}",
+        if add { "added" } else { "removed" },
+        if add { "to" } else { "from" }
+    );
+    Ok(())
+}
+
+fn list(
+    iface: &str,
+    netns: Option<&str>,
+    only: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let att = Attachment::new(iface, netns);
+    if !att.is_attached() {
+        bail!("segbpf is not attached to {iface}");
+    }
+    let state = State::current(&att)?;
+    let (_, sets) = members_in_force(&state)?;
+    if let Some(name) = only
+        && !sets.contains_key(name)
+    {
+        bail!("no set named `{name}`");
+    }
+    let views: Vec<SetView> = sets
+        .into_iter()
+        .filter(|(n, _)| only.is_none_or(|o| o == n))
+        .map(|(name, members)| SetView {
+            edited: state.set_overrides.contains_key(&name),
+            name,
+            members,
+        })
+        .collect();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&views)?),
+        Output::Text => {
+            for v in &views {
+                println!(
+                    "{}{}: {}",
+                    v.name,
+                    if v.edited { " (edited live)" } else { "" },
+                    if v.members.is_empty() {
+                        "(empty)".to_string()
+                    } else {
+                        v.members.join(", ")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
