@@ -7,6 +7,7 @@
 
 pub mod cmd;
 pub mod compile;
+pub mod history;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

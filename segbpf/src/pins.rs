@@ -155,7 +155,7 @@ impl Attachment {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        for ext in ["next.json", "reader.lock", "update.lock"] {
+        for ext in ["next.json", "reader.lock", "update.lock", "confirm.json"] {
             let _ = std::fs::remove_file(self.state.with_extension(ext));
         }
         // An empty per-netns state directory goes too.

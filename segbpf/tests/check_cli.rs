@@ -172,3 +172,29 @@ fn explain_names_the_rule_and_its_line() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("DROP (default-drop)"), "{stdout}");
 }
+
+fn check_with_ssh(conn: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_segbpf"))
+        .args(["check", "--policy", "../examples/roles.toml"])
+        .env("SSH_CONNECTION", conn)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run segbpf")
+}
+
+#[test]
+fn check_warns_when_the_policy_would_cut_the_current_ssh_session() {
+    // From outside admin_net to a db host: blocked, so a warning.
+    let out = check_with_ssh("192.0.2.7 51000 10.10.1.30 22");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("would block your SSH session from 192.0.2.7"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("roles: db"), "{stderr}");
+    // From admin_net: allowed, no warning.
+    let out = check_with_ssh("10.10.0.5 51000 10.10.1.30 22");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

@@ -393,3 +393,187 @@ fn set_add_lets_a_blocked_peer_in_without_reloading_the_program() -> anyhow::Res
     assert_eq!(prog(&lab)?, prog0);
     Ok(())
 }
+
+fn current_verdicts(s: &Setup) -> anyhow::Result<Vec<bool>> {
+    let mut ebpf = loader::load_dry_run(&s.att)?;
+    verdicts(&mut ebpf, &probes())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn unconfirmed_change_is_rolled_back_after_the_deadline() -> anyhow::Result<()> {
+    let s = setup("cfm")?;
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+    // The applying process exits at once; only the guard remains.
+    s.lab.segbpf_ok(
+        "db",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            s.b.to_str().unwrap(),
+            "--confirm",
+            "3",
+        ],
+    )?;
+    assert_eq!(current_verdicts(&s)?, all_b, "the change is in force");
+    let status = s.lab.segbpf_ok("db", &["status", "eth0"])?;
+    assert!(status.contains("PENDING"), "{status}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        current_verdicts(&s)?,
+        all_a,
+        "previous policy back after the deadline"
+    );
+    let status = s.lab.segbpf_ok("db", &["status", "eth0"])?;
+    assert!(!status.contains("PENDING"), "{status}");
+
+    // Confirmed in time: the change stays.
+    s.lab.segbpf_ok(
+        "db",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            s.b.to_str().unwrap(),
+            "--confirm",
+            "3",
+        ],
+    )?;
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(current_verdicts(&s)?, all_b, "a confirmed change stays");
+
+    // rollback restores the previous policy from the history, whatever the file says now.
+    std::fs::write(&s.a, "this file was broken after it was applied")?;
+    let out = s.lab.segbpf_ok("db", &["rollback", "eth0"])?;
+    assert!(out.contains("rolled back"), "{out}");
+    assert_eq!(current_verdicts(&s)?, all_a);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn unconfirmed_attach_detaches_even_if_attach_was_killed() -> anyhow::Result<()> {
+    let mut lab = Lab::new("cfa")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let policy = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let mut attach = Command::new(segbpf_bin())
+        .args([
+            "--netns",
+            &lab.host("db").ns.name,
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--confirm",
+            "3",
+        ])
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    attach.kill()?; // SIGKILL the applying process
+    attach.wait()?;
+    assert_eq!(
+        lab.segbpf("db", &["status", "eth0"])?.status.code(),
+        Some(0),
+        "still attached"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        lab.segbpf("db", &["status", "eth0"])?.status.code(),
+        Some(1),
+        "detached by the guard after the deadline"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
+    let mut lab = Lab::new("hup")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let mut attach = Command::new(segbpf_bin())
+        .args([
+            "--netns",
+            &lab.host("db").ns.name,
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--policy",
+        ])
+        .arg(&file)
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", Some(&lab.host("db").ns.name)),
+        a: file.clone(),
+        b: file.clone(),
+        dir: dir.clone(),
+        lab,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+    assert_eq!(current_verdicts(&s)?, all_a);
+    // Editing the file is picked up (checked every 2 s).
+    std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
+    std::fs::write(&file, policy_b())?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(current_verdicts(&s)?, all_b, "file change reloaded");
+    // A broken file on SIGHUP changes nothing.
+    std::fs::write(&file, "version = 1\n[sets]\nx = [\"not an address\"]\n")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(attach.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        current_verdicts(&s)?,
+        all_b,
+        "a refused reload changes nothing"
+    );
+    assert!(attach.try_wait()?.is_none(), "attach survives SIGHUP");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(attach.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let out = attach.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reload refused"), "{stderr}");
+    assert!(
+        stderr.contains("live.toml:3:"),
+        "the refusal names file and line: {stderr}"
+    );
+    Ok(())
+}

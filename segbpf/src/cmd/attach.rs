@@ -65,6 +65,10 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469) while attach runs.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Detach again after SECS seconds unless `segbpf confirm IFACE` runs
+    /// (a guard in its own process undoes it even if attach is killed).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub confirm: Option<u64>,
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
@@ -194,6 +198,13 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
     if let Err(e) = state.write(&att.state) {
         let _ = att.remove();
         return Err(e);
+    }
+    let canonical = std::path::PathBuf::from(&state.policy);
+    if let Err(e) = crate::history::record(&att, generation, &canonical, &Default::default()) {
+        tracing::warn!("policy history not updated: {e:#}");
+    }
+    if let Some(secs) = args.confirm {
+        crate::cmd::confirm::arm(&att, generation, secs, None)?;
     }
     let summary = format!(
         "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",

@@ -54,5 +54,60 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             c.ports.len()
         );
     }
+    ssh_session_warning(&policy, &args.role);
     Ok(())
+}
+
+/// Warns (on stderr) when the policy would cut the SSH session `check`
+/// runs in: `SSH_CONNECTION` is "client-ip client-port server-ip
+/// server-port"; the host's roles are `--role`, or those whose `hosts`
+/// contain the server address. Returns whether it warned.
+pub fn ssh_session_warning(policy: &Policy, roles_arg: &[String]) -> bool {
+    let Ok(conn) = std::env::var("SSH_CONNECTION") else {
+        return false;
+    };
+    let parts: Vec<&str> = conn.split_whitespace().collect();
+    let (Some(client), Some(server), Some(port)) = (
+        parts
+            .first()
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
+        parts
+            .get(2)
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
+        parts.get(3).and_then(|p| p.parse::<u16>().ok()),
+    ) else {
+        return false;
+    };
+    let roles = if roles_arg.is_empty() {
+        policy
+            .roles
+            .iter()
+            .filter(|r| r.hosts.iter().any(|h| h.contains(server)))
+            .map(|r| r.name.clone())
+            .collect()
+    } else {
+        roles_arg.to_vec()
+    };
+    let pkt = crate::policy::eval::Packet {
+        src: client,
+        dst: server,
+        proto: segbpf_common::IPPROTO_TCP,
+        dport: port,
+        icmp_type: 0,
+        hop_limit: 64,
+    };
+    let v = crate::policy::eval::evaluate(policy, &roles, None, Direction::Ingress, &pkt);
+    if v.passes() {
+        return false;
+    }
+    eprintln!(
+        "warning: {}: this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
+        policy.source,
+        if roles.is_empty() {
+            "none".to_string()
+        } else {
+            roles.join(", ")
+        }
+    );
+    true
 }

@@ -34,6 +34,8 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     {
         tracing::warn!("removing the TC egress filter of {}: {e}", args.iface);
     }
+    crate::history::remove(&att);
+    let _ = std::fs::remove_file(att.state.with_extension("confirm.json"));
     att.remove()
         .with_context(|| format!("removing {}", att.dir.display()))?;
     if was_attached {

@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod check;
+pub mod confirm;
 pub mod detach;
 pub mod explain;
 pub mod monitor;
@@ -39,6 +40,13 @@ pub enum Command {
     Reload(reload::Args),
     /// Add, remove or list members of a named set on a live attachment.
     Set(set::Args),
+    /// Keep a change applied with --confirm (cancel its automatic rollback).
+    Confirm(confirm::Args),
+    /// Restore the policy in force before the current one (from the history).
+    Rollback(reload::RollbackArgs),
+    /// Internal: the --confirm guard process.
+    #[command(hide = true)]
+    Guard(confirm::GuardArgs),
     /// Remove segbpf from an interface.
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
@@ -74,6 +82,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(a) => attach::run(a, netns).await,
         Command::Reload(a) => reload::run(a, netns),
         Command::Set(a) => set::run(a, netns),
+        Command::Confirm(a) => confirm::run(a, netns),
+        Command::Rollback(a) => reload::rollback(a, netns),
+        Command::Guard(a) => confirm::guard(a, netns),
         Command::Detach(a) => detach::run(a, netns),
         Command::Monitor(a) => monitor::run(a, netns).await,
         Command::Status(a) => status::run(a, netns),

@@ -33,6 +33,7 @@ use segbpf_common::{
 
 use crate::{
     compile::{self, Capacity},
+    history,
     maps::PolicyMaps,
     netif,
     pins::Attachment,
@@ -48,13 +49,56 @@ pub struct Args {
     /// Policy file (default: the file the attachment was last given).
     #[arg(long, short = 'p', value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Undo the change after SECS seconds unless `segbpf confirm IFACE` runs.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub confirm: Option<u64>,
+}
+
+/// Arguments of `segbpf rollback`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// Interface whose previous policy to restore.
+    pub iface: String,
 }
 
 /// Runs `segbpf reload`.
 pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, netns);
+    let before = State::current(&att).ok().map(|s| s.generation);
     let out = reload(&att, args.policy.as_deref())?;
+    if let Some(secs) = args.confirm {
+        arm_after_change(&att, before, secs)?;
+    }
     println!("{out}");
+    Ok(())
+}
+
+/// Arms the --confirm guard for the generation now in force, restoring
+/// the history entry of `before`.
+fn arm_after_change(att: &Attachment, before: Option<u64>, secs: u64) -> anyhow::Result<()> {
+    let now = State::current(att)?.generation;
+    let restore = before.and_then(|g| history::list(att).into_iter().find(|e| e.generation == g));
+    crate::cmd::confirm::arm(att, now, secs, restore)
+}
+
+/// Runs `segbpf rollback`: the history entry before the one in force.
+pub fn rollback(args: RollbackArgs, netns: Option<&str>) -> anyhow::Result<()> {
+    let att = Attachment::new(&args.iface, netns);
+    let state = State::current(&att)?;
+    let Some(prev) = history::previous(&att, state.generation) else {
+        bail!(
+            "no earlier policy in the history of {} (generation {} is the oldest kept)",
+            args.iface,
+            state.generation
+        );
+    };
+    let msg = swap(&att, |_| {
+        Ok((prev.copy.clone(), prev.set_overrides.clone()))
+    })?;
+    println!(
+        "rolled back to the policy of generation {} ({}): {msg}",
+        prev.generation, prev.source
+    );
     Ok(())
 }
 
@@ -154,6 +198,9 @@ pub fn swap(
     maps.activate(next)?;
     std::fs::rename(state::next_path(&att.state), &att.state)
         .with_context(|| format!("writing {}", att.state.display()))?;
+    if let Err(e) = history::record(att, generation, Path::new(&new.policy), &new.set_overrides) {
+        tracing::warn!("policy history not updated: {e:#}");
+    }
 
     // Tidy up after the switch.
     std::thread::sleep(GRACE);

@@ -222,6 +222,14 @@ fn print_text(r: &Report) {
             );
             println!("  policy:    {}", s.policy);
             println!("  roles:     {}", s.roles.join(", "));
+            if let Some(p) =
+                crate::cmd::confirm::pending(&Attachment::new(&r.iface, r.netns.as_deref()))
+            {
+                println!(
+                    "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {}`)",
+                    p.generation, p.deadline, r.iface
+                );
+            }
             if !s.set_overrides.is_empty() {
                 println!(
                     "  DRIFT:     sets edited live: {} (`segbpf reload {}` restores the file's)",

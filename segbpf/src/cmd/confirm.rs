@@ -1,0 +1,161 @@
+//! The lockout guard, like `commit confirmed` on routers: `attach` or
+//! `reload` with `--confirm SECS` arms a guard that restores the previous
+//! policy (or detaches, if there was none) unless `segbpf confirm IFACE`
+//! runs within SECS. The guard is a separate process in its own session,
+//! started by the command that applied the change, so it acts even if that
+//! command is killed. The pending confirmation is a file
+//! (`IFACE.confirm.json`) naming the generation to confirm; `confirm`
+//! removes it; a later policy change supersedes it.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{history, pins::Attachment, state::State};
+
+/// Arguments of `segbpf confirm`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface whose pending change to keep.
+    pub iface: String,
+}
+
+/// Arguments of the hidden `segbpf guard` (started by `--confirm`).
+#[derive(Debug, clap::Args)]
+pub struct GuardArgs {
+    /// Interface.
+    pub iface: String,
+    /// Generation that must be confirmed.
+    #[arg(long)]
+    pub generation: u64,
+}
+
+/// A pending confirmation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pending {
+    /// Generation applied with `--confirm`.
+    pub generation: u64,
+    /// Unix time after which it is undone.
+    pub deadline: u64,
+    /// What to restore (None: detach).
+    pub restore: Option<history::Entry>,
+}
+
+fn path(att: &Attachment) -> PathBuf {
+    att.state.with_extension("confirm.json")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The pending confirmation of `att`, if any.
+pub fn pending(att: &Attachment) -> Option<Pending> {
+    let text = std::fs::read_to_string(path(att)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Arms the guard for `generation`: unless confirmed within `secs`, the
+/// policy before it (`restore`) comes back, or segbpf detaches.
+pub fn arm(
+    att: &Attachment,
+    generation: u64,
+    secs: u64,
+    restore: Option<history::Entry>,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let p = Pending {
+        generation,
+        deadline: now() + secs,
+        restore,
+    };
+    std::fs::write(path(att), serde_json::to_vec_pretty(&p)?)
+        .with_context(|| format!("writing {}", path(att).display()))?;
+    let exe = std::env::current_exe().context("locating the segbpf binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(ns) = &att.netns {
+        cmd.args(["--netns", ns]);
+    }
+    cmd.args(["guard", &att.iface, "--generation", &generation.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid() is async-signal-safe; the child leaves our session
+    // and process group, so signals to the applying command miss it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().context("starting the confirmation guard")?;
+    tracing::warn!(
+        "change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
+        att.iface,
+        att.netns
+            .as_deref()
+            .map(|n| format!(" --netns {n}"))
+            .unwrap_or_default(),
+        att.iface
+    );
+    Ok(())
+}
+
+/// Runs `segbpf confirm`.
+pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+    let att = Attachment::new(&args.iface, netns);
+    let Some(p) = pending(&att) else {
+        bail!("no change is waiting for confirmation on {}", args.iface);
+    };
+    std::fs::remove_file(path(&att)).context("removing the pending confirmation")?;
+    println!("confirmed generation {} on {}", p.generation, args.iface);
+    Ok(())
+}
+
+/// Runs the guard: waits for the deadline, then undoes the change unless it
+/// was confirmed or superseded.
+pub fn guard(args: GuardArgs, netns: Option<&str>) -> anyhow::Result<()> {
+    let att = Attachment::new(&args.iface, netns);
+    loop {
+        let Some(p) = pending(&att) else {
+            return Ok(()); // confirmed
+        };
+        if p.generation != args.generation {
+            return Ok(()); // superseded by another --confirm change
+        }
+        let left = p.deadline.saturating_sub(now());
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis((left * 1000).min(500)));
+    }
+    let Some(p) = pending(&att) else {
+        return Ok(());
+    };
+    let live = crate::maps::pinned_config(&att).map(|c| c.generation).ok();
+    if live != Some(p.generation) {
+        let _ = std::fs::remove_file(path(&att));
+        return Ok(()); // a later change is in force
+    }
+    match p.restore {
+        Some(entry) => {
+            crate::cmd::reload::swap(&att, |_| {
+                Ok((entry.copy.clone(), entry.set_overrides.clone()))
+            })?;
+        }
+        None => {
+            let _ = State::current(&att);
+            att.remove()?;
+            history::remove(&att);
+        }
+    }
+    let _ = std::fs::remove_file(path(&att));
+    Ok(())
+}

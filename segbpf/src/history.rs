@@ -1,0 +1,98 @@
+//! Policy history: a copy of every policy an attachment put in force (the
+//! file's text and any live set edits), newest last, so `segbpf rollback`
+//! and the `--confirm` guard can restore the previous one even after the
+//! original file was edited. Kept under `$SEGBPF_HISTORY_DIR` (default: the
+//! state directory's `history/`), the last `$SEGBPF_HISTORY` entries
+//! (default 10) per attachment.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::pins::Attachment;
+
+/// Default number of policies kept per attachment.
+pub const DEFAULT_KEEP: usize = 10;
+
+/// One applied policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Generation it was applied as.
+    pub generation: u64,
+    /// The file it came from.
+    pub source: String,
+    /// The copy of the file's text kept in the history.
+    pub copy: PathBuf,
+    /// Live set edits in force with it.
+    pub set_overrides: BTreeMap<String, Vec<String>>,
+}
+
+fn dir(att: &Attachment) -> PathBuf {
+    let base = std::env::var_os("SEGBPF_HISTORY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| att.state.parent().unwrap_or(Path::new(".")).join("history"));
+    base.join(&att.iface)
+}
+
+fn keep() -> usize {
+    std::env::var("SEGBPF_HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 2)
+        .unwrap_or(DEFAULT_KEEP)
+}
+
+/// The attachment's history, oldest first.
+pub fn list(att: &Attachment) -> Vec<Entry> {
+    let index = dir(att).join("index.json");
+    std::fs::read_to_string(index)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Records that generation `generation` of `source` (with `overrides`) is
+/// in force, dropping the oldest entries beyond the limit.
+pub fn record(
+    att: &Attachment,
+    generation: u64,
+    source: &Path,
+    overrides: &BTreeMap<String, Vec<String>>,
+) -> anyhow::Result<()> {
+    let d = dir(att);
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    let copy = d.join(format!("{generation}.toml"));
+    std::fs::copy(source, &copy).with_context(|| format!("saving {}", copy.display()))?;
+    let mut entries = list(att);
+    entries.retain(|e| e.generation != generation);
+    entries.push(Entry {
+        generation,
+        source: source.display().to_string(),
+        copy,
+        set_overrides: overrides.clone(),
+    });
+    while entries.len() > keep() {
+        let old = entries.remove(0);
+        let _ = std::fs::remove_file(old.copy);
+    }
+    let tmp = d.join("index.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&entries)?)?;
+    std::fs::rename(tmp, d.join("index.json"))?;
+    Ok(())
+}
+
+/// The entry before the one of `generation` (what a rollback restores).
+pub fn previous(att: &Attachment, generation: u64) -> Option<Entry> {
+    let entries = list(att);
+    let pos = entries.iter().position(|e| e.generation == generation)?;
+    pos.checked_sub(1).map(|p| entries[p].clone())
+}
+
+/// Removes an attachment's history.
+pub fn remove(att: &Attachment) {
+    let _ = std::fs::remove_dir_all(dir(att));
+}
