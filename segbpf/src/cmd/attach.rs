@@ -152,10 +152,16 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
         warn!("removing stale pins in {}", att.dir.display());
         att.remove()?;
     }
+    // The guard starts before the kernel changes, so no moment exists
+    // where the change is in force without its guard.
+    if let Some(secs) = args.confirm {
+        crate::cmd::confirm::arm(&att, generation, secs, None)?;
+    }
     let result = load_and_attach(&att, &compiled, capacity, args.mode);
     let attached = match result {
         Ok(v) => v,
         Err(e) => {
+            crate::cmd::confirm::disarm(&att);
             if let Err(cleanup) = att.remove() {
                 warn!("cleaning up {}: {cleanup}", att.dir.display());
             }
@@ -203,9 +209,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
     if let Err(e) = crate::history::record(&att, generation, &canonical, &Default::default()) {
         tracing::warn!("policy history not updated: {e:#}");
     }
-    if let Some(secs) = args.confirm {
-        crate::cmd::confirm::arm(&att, generation, secs, None)?;
-    }
+
     let summary = format!(
         "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",
         args.iface,

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{history, pins::Attachment, state::State};
+use crate::{history, pins::Attachment};
 
 /// Arguments of `segbpf confirm`.
 #[derive(Debug, clap::Args)]
@@ -76,6 +76,9 @@ pub fn arm(
         deadline: now() + secs,
         restore,
     };
+    if let Some(dir) = path(att).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     std::fs::write(path(att), serde_json::to_vec_pretty(&p)?)
         .with_context(|| format!("writing {}", path(att).display()))?;
     let exe = std::env::current_exe().context("locating the segbpf binary")?;
@@ -97,7 +100,7 @@ pub fn arm(
     }
     cmd.spawn().context("starting the confirmation guard")?;
     tracing::warn!(
-        "change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
+        "the change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
         att.iface,
         att.netns
             .as_deref()
@@ -106,6 +109,11 @@ pub fn arm(
         att.iface
     );
     Ok(())
+}
+
+/// Cancels a guard armed for a change that then failed.
+pub fn disarm(att: &Attachment) {
+    let _ = std::fs::remove_file(path(att));
 }
 
 /// Runs `segbpf confirm`.
@@ -139,10 +147,18 @@ pub fn guard(args: GuardArgs, netns: Option<&str>) -> anyhow::Result<()> {
     let Some(p) = pending(&att) else {
         return Ok(());
     };
-    let live = crate::maps::pinned_config(&att).map(|c| c.generation).ok();
-    if live != Some(p.generation) {
+    let live = if att.is_attached() {
+        crate::maps::pinned_config(&att).map(|c| c.generation).ok()
+    } else {
+        None
+    };
+    // A first attach that was killed half-way leaves pins but no link:
+    // remove them too. Otherwise undo only the generation armed for (a
+    // failed reload never reached the kernel; a later change supersedes).
+    let half_applied = p.restore.is_none() && att.dir.exists() && !att.is_attached();
+    if live != Some(p.generation) && !half_applied {
         let _ = std::fs::remove_file(path(&att));
-        return Ok(()); // a later change is in force
+        return Ok(());
     }
     match p.restore {
         Some(entry) => {
@@ -151,7 +167,6 @@ pub fn guard(args: GuardArgs, netns: Option<&str>) -> anyhow::Result<()> {
             })?;
         }
         None => {
-            let _ = State::current(&att);
             att.remove()?;
             history::remove(&att);
         }

@@ -64,21 +64,26 @@ pub struct RollbackArgs {
 /// Runs `segbpf reload`.
 pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, netns);
-    let before = State::current(&att).ok().map(|s| s.generation);
-    let out = reload(&att, args.policy.as_deref())?;
     if let Some(secs) = args.confirm {
-        arm_after_change(&att, before, secs)?;
+        // Armed before the change: the guard undoes generation `next`
+        // (restoring the current one) unless confirmed.
+        let current = State::current(&att)?.generation;
+        let live = crate::maps::pinned_config(&att)
+            .map(|c| c.generation)
+            .unwrap_or(0);
+        let next = current.max(live) + 1;
+        let restore = history::list(&att)
+            .into_iter()
+            .find(|e| e.generation == current);
+        crate::cmd::confirm::arm(&att, next, secs, restore)?;
     }
+    let out = reload(&att, args.policy.as_deref()).inspect_err(|_| {
+        if args.confirm.is_some() {
+            crate::cmd::confirm::disarm(&att);
+        }
+    })?;
     println!("{out}");
     Ok(())
-}
-
-/// Arms the --confirm guard for the generation now in force, restoring
-/// the history entry of `before`.
-fn arm_after_change(att: &Attachment, before: Option<u64>, secs: u64) -> anyhow::Result<()> {
-    let now = State::current(att)?.generation;
-    let restore = before.and_then(|g| history::list(att).into_iter().find(|e| e.generation == g));
-    crate::cmd::confirm::arm(att, now, secs, restore)
 }
 
 /// Runs `segbpf rollback`: the history entry before the one in force.
