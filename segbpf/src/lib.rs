@@ -7,6 +7,7 @@
 
 pub mod cmd;
 pub mod compile;
+pub mod export;
 pub mod history;
 pub mod loader;
 pub mod maps;

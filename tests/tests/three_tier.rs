@@ -17,9 +17,27 @@ fn example_policy() -> String {
     format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// What enforces the policy on web, app and db.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Enforcer {
+    Segbpf,
+    /// `segbpf export nft` loaded with `nft -f` in each host's namespace.
+    Nftables,
+}
+
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn three_tier_functional_test() -> anyhow::Result<()> {
+    matrix(Enforcer::Segbpf)
+}
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn nft_export_gives_the_same_verdicts() -> anyhow::Result<()> {
+    matrix(Enforcer::Nftables)
+}
+
+fn matrix(enforcer: Enforcer) -> anyhow::Result<()> {
     let mut lab = Lab::new("tt")?;
     lab.route(&["10.10.255.254/16", "198.18.0.1/24"])?;
     for (name, addr) in [
@@ -135,6 +153,9 @@ fn three_tier_functional_test() -> anyhow::Result<()> {
         wrong.join("\n  ")
     );
 
+    if enforcer == Enforcer::Nftables {
+        return Ok(());
+    }
     // Counters show the connection table at work on db.
     let status = lab.status_json("db")?;
     let established = status["attachments"][0]["counters"]["established"]

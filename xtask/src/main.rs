@@ -2,7 +2,8 @@
 //!
 //! - `setup`: install what building and testing need, only what is missing
 //!   (nightly rust-src, LLVM 22 dev packages, bpf-linker built against
-//!   LLVM 22, iproute2, bpffs mount). Fast when everything is present.
+//!   LLVM 22, iproute2, nftables, iptables, curl, bpffs mount). Fast when
+//!   everything is present.
 //! - `test`: setup, build, then every test including the privileged ones
 //!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
 //! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).

@@ -127,11 +127,23 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Commands the tests and the demo run, and the Debian package of each:
+/// iproute2 (namespaces, veth), nftables and iptables (reference
+/// firewalls), curl (metrics scrape).
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("ip", "-V", "iproute2"),
+    ("nft", "--version", "nftables"),
+    ("iptables", "--version", "iptables"),
+    ("curl", "--version", "curl"),
+];
+
 fn ensure_tools() -> anyhow::Result<()> {
-    if output_ok(Command::new("ip").arg("-V")).is_none() {
-        apt_install(&["iproute2"])?;
-    }
-    Ok(())
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(cmd, arg, _)| output_ok(Command::new(cmd).arg(arg)).is_none())
+        .map(|(_, _, pkg)| *pkg)
+        .collect();
+    apt_install(&missing)
 }
 
 fn ensure_bpffs() -> anyhow::Result<()> {

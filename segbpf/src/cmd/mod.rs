@@ -6,6 +6,7 @@ pub mod check;
 pub mod confirm;
 pub mod detach;
 pub mod explain;
+pub mod export;
 pub mod monitor;
 pub mod reload;
 pub mod set;
@@ -55,6 +56,8 @@ pub enum Command {
     Status(status::Args),
     /// Explain the verdict for a packet from the policy alone (reference evaluator).
     Explain(explain::Args),
+    /// Export a host's view of the policy in another firewall's language (nftables).
+    Export(export::Args),
     /// Run a packet through the program loaded on an interface, changing nothing.
     Trace(trace::Args),
 }
@@ -90,6 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a, netns),
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, netns),
+        Command::Export(a) => export::run(a),
     }
 }
 
