@@ -63,6 +63,8 @@ pub const PINNED_MAPS: [&str; 12] = [
 pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
 /// Name of the TC (egress) program in the object file.
 pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
+/// Name of the empty XDP program (the benchmarks' floor; never attached).
+pub const PROG_XDP_EMPTY: &str = "segbpf_xdp_empty";
 /// Name of the read-only global that selects the run mode ([`RUN_LIVE`], ...).
 pub const GLOBAL_RUN_MODE: &str = "SEGBPF_RUN_MODE";
 
@@ -102,7 +104,7 @@ pub const STATS_LEN: u32 = 64;
 /// map to the policy's rule count.
 pub const DEFAULT_RULE_STATS: u32 = 8192;
 /// Largest number of rules per direction the compiler accepts.
-pub const MAX_RULES_PER_DIRECTION: usize = 4096;
+pub const MAX_RULES_PER_DIRECTION: usize = 16384;
 
 // ---------------------------------------------------------------------------
 // Directions, actions, protocols.

@@ -7,7 +7,7 @@
 //! from `Config` and depend on the protocol and the TCP state; RST, or FIN
 //! from both sides, shortens the entry's life to the closing timeout.
 
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, Config, CtEntry, CtKey,
     DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -28,7 +28,7 @@ const NS_PER_S: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_boot_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

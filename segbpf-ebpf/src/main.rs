@@ -63,6 +63,13 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// The floor for benchmarks: an XDP program that only passes. Never
+/// attached by segbpf; `cargo xtask bench` measures against it.
+#[xdp]
+pub fn segbpf_xdp_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -7,6 +7,7 @@
 //! - `test`: setup, build, then every test including the privileged ones
 //!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
 //! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).
+//! - `bench [--quick]`: benchmarks, see BENCHMARKS.md.
 //! - `demo`: a three-host lab from `examples/roles.toml` with a
 //!   connectivity matrix, torn down at the end.
 
@@ -39,6 +40,12 @@ enum Cmd {
     Lint,
     /// Build a three-host lab, enforce examples/roles.toml, show the matrix, tear down.
     Demo,
+    /// Benchmarks (BENCHMARKS.md): per-packet cost, rule scaling, update cost, events.
+    Bench {
+        /// Fewer sizes and rounds (a few minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +53,23 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::Bench { quick } => {
+            setup::run()?;
+            let mut cmd = cargo();
+            cmd.args([
+                "run",
+                "--release",
+                "--package",
+                "segbpf",
+                "--example",
+                "bench",
+                "--",
+            ]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
+        }
         Cmd::Demo => {
             setup::run()?;
             build_segbpf()?;

@@ -1,0 +1,401 @@
+//! segbpf benchmarks (run by `cargo xtask bench [--quick]`, as root).
+//!
+//! * Per-packet cost through BPF_PROG_TEST_RUN: the empty XDP program (the
+//!   floor) and segbpf on each path (allowed by a rule, connection-table
+//!   hit, default drop, drop with its event suppressed, IPv6 allowed), for
+//!   policies of 10 / 100 / 1,000 / 10,000 rules and 1,000 / 100,000 /
+//!   1,000,000 prefixes. Every round runs every case once (interleaved);
+//!   medians and spreads over the rounds are reported, and ratios to the
+//!   floor measured in the same round.
+//! * Update cost: compiling and swapping in a 10,000-rule policy, and a
+//!   policy that differs by one set element; kernel memory of the maps.
+//! * Event pipeline: the cost of a dropped packet with events off and with
+//!   events on (rate-limited, so suppressed).
+//!
+//! Prints a table and writes bench/results.json.
+
+use std::{fmt::Write as _, net::IpAddr, os::fd::AsRawFd as _, time::Instant};
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use segbpf::{
+    compile::{self, Capacity, Compiled},
+    loader, maps,
+    packet::PacketSpec,
+    policy::Policy,
+};
+use segbpf_common::{PROG_XDP_EMPTY, RUN_LIVE};
+use serde_json::json;
+
+struct Opts {
+    quick: bool,
+    rounds: usize,
+    repeat: u32,
+}
+
+fn opts() -> Opts {
+    let quick = std::env::args().any(|a| a == "--quick");
+    Opts {
+        quick,
+        rounds: if quick { 5 } else { 9 },
+        repeat: 1_000_000,
+    }
+}
+
+/// A policy with `rules` ingress rules and about `prefixes` peer prefixes:
+/// rule i allows tcp/(1000+i) from its own /32s; rule 0 also holds the bulk
+/// prefixes; udp/53 from any; ingress default drop; events at 1/s.
+fn policy_text(rules: usize, prefixes: usize) -> String {
+    let mut t = String::from(
+        "version = 1\n[defaults]\ningress = \"drop\"\negress = \"allow\"\nlog_rate = 1\n[roles.r]\nhosts = \"any\"\n",
+    );
+    let per_rule = (prefixes / rules.max(1)).max(1);
+    let mut next: u32 = 0x0a00_0000; // 10.0.0.0, every other address
+    for i in 0..rules {
+        let mut peers = Vec::with_capacity(per_rule);
+        for _ in 0..per_rule {
+            peers.push(format!("\"{}\"", std::net::Ipv4Addr::from(next)));
+            next += 2;
+        }
+        if i == 0 {
+            peers.push("\"198.18.0.0/24\"".into());
+            peers.push("\"fd00:18::/64\"".into());
+        }
+        let _ = write!(
+            t,
+            "[[roles.r.ingress]]\nfrom = [{}]\ntcp = [{}]\n",
+            peers.join(","),
+            1000 + i
+        );
+    }
+    t.push_str("[[roles.r.ingress]]\nfrom = \"any\"\nudp = [53]\n");
+    t
+}
+
+fn compile(rules: usize, prefixes: usize) -> anyhow::Result<(Policy, Compiled)> {
+    let policy = Policy::from_str(&policy_text(rules, prefixes), "bench.toml")?;
+    let roles = vec!["r".to_string()];
+    let c = compile::compile(
+        &policy,
+        &roles,
+        Some("eth0"),
+        0,
+        1,
+        Capacity::for_policy(&policy),
+    )?;
+    Ok((policy, c))
+}
+
+/// Nanoseconds per packet of one BPF_PROG_TEST_RUN with `repeat` (the
+/// kernel reports the mean time of one repetition).
+fn ns_per_packet(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::new()
+    })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Case {
+    name: String,
+    frame: Vec<u8>,
+    /// Index of the loaded instance it runs on.
+    inst: usize,
+    samples: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+fn memlock(ebpf: &aya::Ebpf) -> u64 {
+    let mut total = 0;
+    for (_, map) in ebpf.maps() {
+        let fd = match map {
+            aya::maps::Map::LpmTrie(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::RingBuf(d) => d.fd().as_fd().as_raw_fd(),
+            _ => continue,
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        total += info
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("memlock:")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+    }
+    total
+}
+
+use std::os::fd::AsFd as _;
+
+fn main() -> anyhow::Result<()> {
+    let o = opts();
+    let host: IpAddr = "192.0.2.1".parse()?;
+    let host6: IpAddr = "2001:db8::1".parse()?;
+    let sizes: Vec<(usize, usize)> = if o.quick {
+        vec![
+            (10, 1_000),
+            (1_000, 1_000),
+            (10_000, 10_000),
+            (10, 1_000_000),
+        ]
+    } else {
+        vec![
+            (10, 1_000),
+            (100, 1_000),
+            (1_000, 1_000),
+            (10_000, 10_000),
+            (10, 100_000),
+            (10, 1_000_000),
+        ]
+    };
+
+    // The floor: an XDP program that only passes.
+    let mut floor_ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
+    {
+        let p: &mut Xdp = floor_ebpf
+            .program_mut(PROG_XDP_EMPTY)
+            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_EMPTY}"))?
+            .try_into()?;
+        p.load()?;
+    }
+
+    let mut instances: Vec<aya::Ebpf> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
+    let mut sizes_out = Vec::new();
+    for &(rules, prefixes) in &sizes {
+        let t0 = Instant::now();
+        let (_, c) = compile(rules, prefixes)?;
+        let compile_s = t0.elapsed().as_secs_f64();
+        let mut ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
+        let t1 = Instant::now();
+        maps::write_policy(&mut ebpf, &c)?;
+        let load_s = t1.elapsed().as_secs_f64();
+        // A connection-table entry for the CT-hit path: the host opened
+        // tcp 192.0.2.1:40000 -> 198.18.0.9:443 (egress default allow).
+        let syn = PacketSpec::tcp(host, "198.18.0.9".parse()?, 40000, 443)
+            .build()
+            .bytes;
+        loader::tc(&mut ebpf)?.test_run(TestRunOptions {
+            data_in: Some(&syn),
+            ..TestRunOptions::new()
+        })?;
+        let inst = instances.len();
+        let mem = memlock(&ebpf);
+        instances.push(ebpf);
+        let label = format!("{rules} rules / {prefixes} prefixes");
+        let src_allowed = "198.18.0.7";
+        let mk = |name: &str, frame: Vec<u8>| Case {
+            name: format!("{name} [{label}]"),
+            frame,
+            inst,
+            samples: Vec::new(),
+            ratios: Vec::new(),
+        };
+        cases.push(mk(
+            "allowed tcp",
+            PacketSpec::tcp(src_allowed.parse()?, host, 40000, 1000)
+                .build()
+                .bytes,
+        ));
+        cases.push(mk(
+            "ct hit",
+            PacketSpec {
+                tcp_flags: 0x12,
+                ..PacketSpec::tcp("198.18.0.9".parse()?, host, 443, 40000)
+            }
+            .build()
+            .bytes,
+        ));
+        cases.push(mk(
+            "default drop (event suppressed)",
+            PacketSpec::tcp("203.0.113.9".parse()?, host, 40000, 22)
+                .build()
+                .bytes,
+        ));
+        cases.push(mk(
+            "ipv6 allowed",
+            PacketSpec::tcp("fd00:18::7".parse()?, host6, 40000, 1000)
+                .build()
+                .bytes,
+        ));
+        sizes_out.push(json!({
+            "rules": rules, "prefixes": prefixes,
+            "entries": { "peer_v4": c.peers_v4.len(), "peer_v6": c.peers_v6.len(), "ports": c.ports.len() },
+            "classes": c.classes,
+            "compile_s": compile_s, "write_maps_s": load_s, "map_memlock_bytes": mem,
+        }));
+        eprintln!(
+            "prepared {label}: compile {compile_s:.2}s, maps {load_s:.2}s, {} KiB locked",
+            mem / 1024
+        );
+    }
+
+    // Event pipeline: the same drop with events off.
+    let (_, mut quiet) = compile(10, 1_000)?;
+    quiet.config.log_rate = 0;
+    let mut quiet_ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
+    maps::write_policy(&mut quiet_ebpf, &quiet)?;
+    let quiet_inst = instances.len();
+    instances.push(quiet_ebpf);
+    cases.push(Case {
+        name: "default drop (events off) [10 rules / 1000 prefixes]".into(),
+        frame: PacketSpec::tcp("203.0.113.9".parse()?, host, 40000, 22)
+            .build()
+            .bytes,
+        inst: quiet_inst,
+        samples: Vec::new(),
+        ratios: Vec::new(),
+    });
+
+    let floor_frame = PacketSpec::tcp("198.18.0.7".parse()?, host, 40000, 1000)
+        .build()
+        .bytes;
+    let mut floor_samples = Vec::new();
+    for round in 0..o.rounds {
+        let floor_prog: &Xdp = floor_ebpf
+            .program(PROG_XDP_EMPTY)
+            .expect("floor")
+            .try_into()?;
+        let floor = ns_per_packet(floor_prog, &floor_frame, o.repeat)?;
+        floor_samples.push(floor);
+        for c in cases.iter_mut() {
+            let prog = loader::xdp(&mut instances[c.inst])?;
+            let ns = ns_per_packet(prog, &c.frame, o.repeat)?;
+            c.samples.push(ns);
+            c.ratios.push(ns / floor);
+        }
+        eprintln!(
+            "round {}/{} done (floor {floor:.1} ns)",
+            round + 1,
+            o.rounds
+        );
+    }
+
+    // Update cost: swap in a 10,000-rule policy, and one that differs by a set element.
+    let (_, big) = compile(10_000, 10_000)?;
+    let mut upd = loader::load(Capacity::default(), RUN_LIVE)?;
+    maps::write_policy(&mut upd, &big)?;
+    let t = Instant::now();
+    let (_, mut big2) = compile(10_000, 10_000)?;
+    big2.config.active_slot = 1;
+    for e in big2.peers_v4.iter_mut() {
+        e.1.slot = 1;
+    }
+    for e in big2.peers_v6.iter_mut() {
+        e.1.slot = 1;
+    }
+    for e in big2.ports.iter_mut() {
+        e.1.slot = 1;
+    }
+    maps::write_policy(&mut upd, &big2)?;
+    let swap_10k_s = t.elapsed().as_secs_f64();
+    // One more set element on the 10,000-rule policy: what `segbpf set add`
+    // does (recompile, write the other slot, flip), without process start.
+    let plus_text = policy_text(10_000, 10_000).replacen(
+        "\"198.18.0.0/24\"",
+        "\"198.18.0.0/24\",\"198.51.100.1\"",
+        1,
+    );
+    let t = Instant::now();
+    let plus = Policy::from_str(&plus_text, "b.toml")?;
+    let c = compile::compile(
+        &plus,
+        &["r".to_string()],
+        Some("eth0"),
+        0,
+        3,
+        Capacity::for_policy(&plus),
+    )?;
+    maps::write_policy(&mut upd, &c)?;
+    let set_add_s = t.elapsed().as_secs_f64();
+
+    // Report.
+    let floor_med = median(&mut floor_samples.clone());
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<62} {:>10} {:>14} {:>10}",
+        "case", "ns/pkt", "spread", "x floor"
+    );
+    let _ = writeln!(
+        table,
+        "{:<62} {:>10.1} {:>14} {:>10}",
+        "empty XDP program (floor)",
+        floor_med,
+        format!("{:.1}-{:.1}", min(&floor_samples), max(&floor_samples)),
+        "1.00"
+    );
+    let mut rows = Vec::new();
+    for c in &mut cases {
+        let med = median(&mut c.samples.clone());
+        let ratio = median(&mut c.ratios.clone());
+        let _ = writeln!(
+            table,
+            "{:<62} {:>10.1} {:>14} {:>10.2}",
+            c.name,
+            med,
+            format!("{:.1}-{:.1}", min(&c.samples), max(&c.samples)),
+            ratio
+        );
+        rows.push(json!({"case": c.name, "median_ns": med, "min_ns": min(&c.samples), "max_ns": max(&c.samples), "ratio_to_floor": ratio, "samples_ns": c.samples}));
+    }
+    let _ = writeln!(
+        table,
+        "\nupdate: swap in a 10,000-rule policy (compile + write other slot + flip): {swap_10k_s:.3} s"
+    );
+    let _ = writeln!(
+        table,
+        "update: one more set element in the 10,000-rule policy (compile + write + flip): {set_add_s:.3} s"
+    );
+    print!("{table}");
+    let results = json!({
+        "machine": machine(),
+        "command": if o.quick { "cargo xtask bench --quick" } else { "cargo xtask bench" },
+        "rounds": o.rounds,
+        "repeat": o.repeat,
+        "floor": {"median_ns": floor_med, "samples_ns": floor_samples},
+        "per_packet": rows,
+        "sizes": sizes_out,
+        "update": {"swap_10k_rules_s": swap_10k_s, "set_element_s": set_add_s},
+    });
+    std::fs::create_dir_all("bench")?;
+    std::fs::write(
+        "bench/results.json",
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    eprintln!("wrote bench/results.json");
+    Ok(())
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+    })
+}
