@@ -380,7 +380,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 56);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct RateState {
-    /// Start of the current window (`bpf_ktime_get_boot_ns`).
+    /// Start of the current window (`bpf_ktime_get_coarse_ns`).
     pub window_start_ns: u64,
     /// Events written in the current window.
     pub count: u64,
@@ -419,7 +419,7 @@ pub struct Event {
     pub ifindex: u32,
     /// Frame length in bytes.
     pub len: u32,
-    /// `bpf_ktime_get_boot_ns` when the packet was judged.
+    /// `bpf_ktime_get_coarse_ns` when the packet was judged.
     pub ts_ns: u64,
     /// Policy generation in force.
     pub generation: u64,
@@ -492,7 +492,7 @@ pub const CT_FIN_REPLY: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_boot_ns` of the last packet.
+    /// `bpf_ktime_get_coarse_ns` of the last packet.
     pub last_seen_ns: u64,
     /// Rule that allowed the first packet ([`NO_RULE`] for a default allow).
     pub rule_id: u32,
@@ -530,7 +530,7 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragEntry {
-    /// `bpf_ktime_get_boot_ns` of the first fragment.
+    /// `bpf_ktime_get_coarse_ns` of the first fragment.
     pub first_seen_ns: u64,
     /// Rule that allowed the first fragment ([`NO_RULE`] if none).
     pub rule_id: u32,

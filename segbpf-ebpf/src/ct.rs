@@ -24,7 +24,9 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// Current time for connection tracking (includes suspend).
+/// Current time for connection tracking, rate limiting and events: the
+/// coarse monotonic clock (tick resolution, a few ms: ample for timeouts of
+/// seconds, and much cheaper than a precise clock read in a VM).
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.

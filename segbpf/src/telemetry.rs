@@ -45,7 +45,7 @@ pub struct EventRecord {
     pub r#type: &'static str,
     /// `drop` or `audit` (audit: would have been dropped, was let through).
     pub action: &'static str,
-    /// Kernel boot-time clock of the verdict, nanoseconds.
+    /// Kernel coarse monotonic clock (CLOCK_MONOTONIC_COARSE) of the verdict, ns.
     pub ts_ns: u64,
     /// Interface name (as the reader knows it).
     pub iface: String,
