@@ -286,3 +286,66 @@ pub fn udp_flood(
     .join()
     .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
 }
+
+/// Sends small UDP datagrams from `src` in namespace `ns` to `dst:port` as
+/// fast as one thread can for `duration`; returns packets per second.
+pub fn udp_rate(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let sent = udp_flood(ns, src, dst, port, duration)?;
+    Ok(sent as f64 / duration.as_secs_f64())
+}
+
+/// A UDP socket that reads and discards datagrams (so allowed traffic
+/// reaches an application and draws no ICMP errors); stops when dropped.
+pub struct UdpSink {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpSink {
+    /// Binds `addr:port` inside namespace `ns`.
+    pub fn start(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let path = format!("/run/netns/{ns}");
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let sock = netns::enter(&path).and_then(|_| {
+                let u = std::net::UdpSocket::bind(SocketAddr::new(addr, port))?;
+                u.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(u)
+            });
+            match sock {
+                Ok(u) => {
+                    let _ = tx.send(Ok(()));
+                    let mut buf = [0u8; 2048];
+                    while !s.load(Ordering::Relaxed) {
+                        let _ = u.recv_from(&mut buf);
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        rx.recv().context("udp sink thread")??;
+        Ok(UdpSink {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
