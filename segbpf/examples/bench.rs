@@ -14,7 +14,9 @@
 //! * Throughput side by side: a sender namespace pushes small UDP datagrams
 //!   over veth (and a bridge) into a receiver namespace that runs nothing,
 //!   segbpf, the nftables ruleset from `segbpf export nft`, or an iptables
-//!   ruleset with one rule per (source prefix, port), at 10 and 1,000
+//!   ruleset with one rule per (source prefix, port) — and segbpf again
+//!   with drop events off (`segbpf-noev`), for the event pipeline's cost
+//!   under a flood of denied traffic — at 10 and 1,000
 //!   rules, for allowed and denied traffic. The sender and the receiver
 //!   share the softirq work of one CPU, so the sender's rate measures the
 //!   whole path's cost. Rounds interleave the enforcers; medians and the
@@ -372,7 +374,7 @@ fn main() -> anyhow::Result<()> {
     for row in &throughput {
         let _ = writeln!(
             table,
-            "  {:<10} {:>5} rules {:<8} {:>10.0} pps {:>6.2}x",
+            "  {:<12} {:>5} rules {:<8} {:>10.0} pps {:>6.2}x",
             row["enforcer"].as_str().unwrap_or(""),
             row["rules"],
             row["traffic"].as_str().unwrap_or(""),
@@ -492,6 +494,11 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
     for &rules in &[10usize, 1000] {
         let policy = dir.join(format!("p{rules}.toml"));
         std::fs::write(&policy, throughput_policy(rules))?;
+        let quiet = dir.join(format!("q{rules}.toml"));
+        std::fs::write(
+            &quiet,
+            throughput_policy(rules).replace("log_rate = 10", "log_rate = 0"),
+        )?;
         let last = rules - 1;
         let src = format!("10.{}.{}.5", 100 + last / 256, last % 256);
         let mut lab = Lab::new("bn")?;
@@ -519,10 +526,13 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
         // Warm up ARP and caches.
         let _ = net::udp_rate(&tx_ns, tx, rx, port_ok, Duration::from_millis(200))?;
         for round in 0..rounds {
-            for enforcer in ["none", "segbpf", "nftables", "iptables"] {
+            for enforcer in ["none", "segbpf", "segbpf-noev", "nftables", "iptables"] {
                 match enforcer {
                     "segbpf" => {
                         lab.attach("rx", policy.to_str().unwrap_or(""), &["--role", "rx"])?;
+                    }
+                    "segbpf-noev" => {
+                        lab.attach("rx", quiet.to_str().unwrap_or(""), &["--role", "rx"])?;
                     }
                     "nftables" => {
                         sh_stdin(&["ip", "netns", "exec", &rx_ns, "nft", "-f", "-"], &nft)?
@@ -541,7 +551,7 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
                         .push(pps);
                 }
                 match enforcer {
-                    "segbpf" => {
+                    "segbpf" | "segbpf-noev" => {
                         lab.segbpf_ok("rx", &["detach", "eth0"])?;
                     }
                     "nftables" => sh_stdin(
