@@ -140,36 +140,47 @@ impl PolicyMaps {
     }
 }
 
+impl PolicyMaps {
+    /// Opens the policy maps of a loaded instance (duplicating their file
+    /// descriptors, so the instance keeps its own).
+    pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self, MapsError> {
+        fn dup(ebpf: &aya::Ebpf, name: &'static str) -> Result<MapData, MapsError> {
+            use std::os::fd::AsFd as _;
+            let map = ebpf.map(name).ok_or(MapsError::Missing(name))?;
+            let fd = match map {
+                Map::LpmTrie(d) | Map::Array(d) => {
+                    d.fd()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| MapsError::Map {
+                            map: name,
+                            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                                call: "dup",
+                                io_error: e,
+                            }),
+                        })?
+                }
+                _ => return Err(MapsError::Missing(name)),
+            };
+            MapData::from_fd(fd).map_err(err(name))
+        }
+        Ok(PolicyMaps {
+            v4: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V4)?))
+                .map_err(err(MAP_PEER_V4))?,
+            v6: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V6)?))
+                .map_err(err(MAP_PEER_V6))?,
+            ports: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PORTS)?))
+                .map_err(err(MAP_PORTS))?,
+            config: Array::try_from(Map::Array(dup(ebpf, MAP_CONFIG)?)).map_err(err(MAP_CONFIG))?,
+            active: Array::try_from(Map::Array(dup(ebpf, MAP_ACTIVE)?)).map_err(err(MAP_ACTIVE))?,
+        })
+    }
+}
+
 /// Writes a compiled policy into a freshly loaded instance (its slot, then
 /// puts that slot in force). Attach and in-process tests use it.
 pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError> {
-    fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<MapData, MapsError> {
-        let map = ebpf.map(name).ok_or(MapsError::Missing(name))?;
-        let fd = match map {
-            Map::LpmTrie(d) | Map::Array(d) => {
-                use std::os::fd::AsFd as _;
-                d.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| MapsError::Map {
-                        map: name,
-                        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                            call: "dup",
-                            io_error: e,
-                        }),
-                    })?
-            }
-            _ => return Err(MapsError::Missing(name)),
-        };
-        MapData::from_fd(fd).map_err(err(name))
-    }
-    let mut m = PolicyMaps {
-        v4: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PEER_V4)?)).map_err(err(MAP_PEER_V4))?,
-        v6: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PEER_V6)?)).map_err(err(MAP_PEER_V6))?,
-        ports: LpmTrie::try_from(Map::LpmTrie(take(ebpf, MAP_PORTS)?)).map_err(err(MAP_PORTS))?,
-        config: Array::try_from(Map::Array(take(ebpf, MAP_CONFIG)?)).map_err(err(MAP_CONFIG))?,
-        active: Array::try_from(Map::Array(take(ebpf, MAP_ACTIVE)?)).map_err(err(MAP_ACTIVE))?,
-    };
+    let mut m = PolicyMaps::from_ebpf(ebpf)?;
     m.write_slot(c)?;
     m.activate(c.config.active_slot)
 }

@@ -4,6 +4,7 @@
 //! private pin/state roots. Everything a lab creates is removed when the
 //! lab is dropped, also when a test fails.
 
+pub mod generate;
 pub mod lab;
 pub mod net;
 pub mod netns;

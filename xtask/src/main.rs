@@ -8,6 +8,8 @@
 //!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
 //! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).
 //! - `bench [--quick]`: benchmarks, see BENCHMARKS.md.
+//! - `fuzz-diff --cases N --seed S`: differential testing, kernel against
+//!   the reference evaluator, on random policies and packets.
 //! - `demo`: a three-host lab from `examples/roles.toml` with a
 //!   connectivity matrix, torn down at the end.
 
@@ -40,6 +42,16 @@ enum Cmd {
     Lint,
     /// Build a three-host lab, enforce examples/roles.toml, show the matrix, tear down.
     Demo,
+    /// Differential testing with more cases: reference evaluator vs kernel
+    /// on random policies and packets (any mismatch prints a reproducer).
+    FuzzDiff {
+        /// Number of kernel cases.
+        #[arg(long, default_value_t = 200_000)]
+        cases: u64,
+        /// Generator seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Benchmarks (BENCHMARKS.md): per-packet cost, rule scaling, update cost, events.
     Bench {
         /// Fewer sizes and rounds (a few minutes).
@@ -53,6 +65,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::FuzzDiff { cases, seed } => {
+            setup::run()?;
+            build_segbpf()?;
+            run(cargo()
+                .args([
+                    "test",
+                    "--package",
+                    "segbpf-tests",
+                    "--test",
+                    "differential",
+                    "--",
+                    "--include-ignored",
+                    "--nocapture",
+                ])
+                .env("SEGBPF_DIFF_CASES", cases.to_string())
+                .env("SEGBPF_DIFF_SEED", seed.to_string())
+                .env("SEGBPF_BIN", segbpf_tests::lab::segbpf_bin()))
+        }
         Cmd::Bench { quick } => {
             setup::run()?;
             let mut cmd = cargo();
