@@ -63,7 +63,10 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
             "        type filter hook {hook} priority filter; policy {policy_word};"
         );
         if policy.defaults.established {
-            let _ = writeln!(out, "        ct state established,related accept");
+            let _ = writeln!(
+                out,
+                "        ct state established,related counter accept comment \"established\""
+            );
         }
         let lo = if dir == Direction::Ingress {
             "iif"
@@ -73,11 +76,11 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
         let _ = writeln!(out, "        {lo} lo accept");
         let _ = writeln!(
             out,
-            "        icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept"
+            "        icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 counter accept comment \"ipv6-nd\""
         );
         let _ = writeln!(
             out,
-            "        icmpv6 type {{ mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report }} ip6 hoplimit 1 accept"
+            "        icmpv6 type {{ mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report }} ip6 hoplimit 1 counter accept comment \"ipv6-nd\""
         );
         for r in policy.rules_for(roles, iface_filter(iface), dir) {
             let _ = writeln!(
@@ -127,7 +130,7 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
                 policy.defaults.log_rate.max(1)
             );
         }
-        let _ = writeln!(out, "        counter comment \"default {policy_word}\"");
+        let _ = writeln!(out, "        counter comment \"default-{policy_word}\"");
         let _ = writeln!(out, "    }}");
     }
     let _ = writeln!(out, "}}");
@@ -207,7 +210,7 @@ mod tests {
         let out = nft(&p, &["db".to_string()], None, "segbpf");
         assert!(out.contains("table inet segbpf {"), "{out}");
         assert!(out.contains("type filter hook input priority filter; policy drop;"));
-        assert!(out.contains("ct state established,related accept"));
+        assert!(out.contains("ct state established,related counter accept"));
         // app_nodes as an interval set, the non-aligned range as CIDRs.
         assert!(out.contains("set rule8_v4 {"));
         assert!(out.contains("10.10.1.20/30"), "{out}");

@@ -349,3 +349,75 @@ impl Drop for UdpSink {
         }
     }
 }
+
+/// An AF_PACKET socket on an interface of a namespace, to put hand-built
+/// Ethernet frames on the wire (any source address, any protocol).
+pub struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl RawSender {
+    /// Opens the socket inside namespace `ns` on `iface`.
+    pub fn open(ns: &str, iface: &str) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        let path = format!("/run/netns/{ns}");
+        let iface = iface.to_string();
+        std::thread::spawn(move || -> anyhow::Result<RawSender> {
+            netns::enter(&path)?;
+            let ifindex = nix::net::if_::if_nametoindex(iface.as_str())? as i32;
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            anyhow::ensure!(
+                raw >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` is a fresh descriptor nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            Ok(RawSender { fd, ifindex })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw socket thread panicked"))?
+    }
+
+    /// Sends one frame.
+    pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and address are valid for the call.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(
+            n == frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+}
+
+/// The MAC address of `iface` in namespace `ns`.
+pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
+    let out = crate::netns::ip(&["-n", ns, "-j", "link", "show", iface])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = v[0]["address"].as_str().context("no address")?;
+    let mut m = [0u8; 6];
+    for (i, part) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(m)
+}
