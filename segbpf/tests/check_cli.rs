@@ -198,3 +198,28 @@ fn check_warns_when_the_policy_would_cut_the_current_ssh_session() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+#[test]
+fn lint_warnings_and_deny_warnings() {
+    // The example defines `lb` but never uses it.
+    let out = segbpf(&["check", "--policy", "../examples/roles.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains(
+            "examples/roles.toml:8:1: sets.lb: set `lb` is used by no rule and no role [unused-set]"
+        ),
+        "{stderr}"
+    );
+    let out = segbpf(&[
+        "check",
+        "--policy",
+        "../examples/roles.toml",
+        "--deny-warnings",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "--deny-warnings makes them errors"
+    );
+}

@@ -19,6 +19,9 @@ pub struct Args {
     /// Compile only for these roles (repeatable); default: each role in turn.
     #[arg(long, value_name = "ROLE")]
     pub role: Vec<String>,
+    /// Treat lint warnings as errors (exit 1).
+    #[arg(long)]
+    pub deny_warnings: bool,
 }
 
 /// Runs `segbpf check`.
@@ -54,7 +57,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             c.ports.len()
         );
     }
-    ssh_session_warning(&policy, &args.role);
+    let mut warnings = crate::policy::lint::lint(&policy);
+    warnings.retain(|w| !(args.deny_warnings && w.lint == "asymmetric-defaults"));
+    for w in &warnings {
+        eprintln!("warning: {}:{w}", policy.source);
+    }
+    let ssh = ssh_session_warning(&policy, &args.role);
+    if args.deny_warnings && (!warnings.is_empty() || ssh) {
+        anyhow::bail!(
+            "{}: {} warning(s) and --deny-warnings",
+            policy.source,
+            warnings.len() + ssh as usize
+        );
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod error;
 pub mod eval;
+pub mod lint;
 pub mod parse;
 pub mod ports;
 pub mod roles;

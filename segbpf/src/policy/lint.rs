@@ -1,0 +1,372 @@
+//! Policy lint (`segbpf check`): automated checks the cloud guides
+//! recommend, as warnings with the file, line and field
+//! (`--deny-warnings` makes them errors).
+//!
+//! * `any-to-sensitive`: a rule lets anyone reach SSH or a database port, or
+//!   every port;
+//! * `shadowed`: a rule allows nothing that another rule applying at least
+//!   as widely does not already allow;
+//! * `unused-set`: a set no rule or role uses;
+//! * `role-without-hosts`: a role no host takes unless named with `--role`;
+//! * `overlapping-roles`: the `hosts` of two roles overlap, so such hosts
+//!   take both roles' rules;
+//! * `no-ssh-path`: no ingress rule allows SSH (tcp/22) from a specific set,
+//!   so a lockout needs console access;
+//! * `asymmetric-defaults`: ingress and egress defaults differ (a note).
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{Action, AddrRange, Direction, Loc, Owner, Policy, PortRange, Rule};
+
+/// Ports that should never be open to `any`.
+pub const SENSITIVE_PORTS: &[(u16, &str)] = &[
+    (22, "ssh"),
+    (23, "telnet"),
+    (1433, "mssql"),
+    (1521, "oracle"),
+    (3306, "mysql"),
+    (5432, "postgresql"),
+    (6379, "redis"),
+    (9200, "elasticsearch"),
+    (11211, "memcached"),
+    (27017, "mongodb"),
+];
+
+/// One finding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// Stable lint name.
+    pub lint: &'static str,
+    /// Where (None: the whole file).
+    pub loc: Option<Loc>,
+    /// Field path, e.g. `roles.web.ingress[0]`.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.loc {
+            Some(l) => write!(f, "{}: {}: {} [{}]", l, self.field, self.message, self.lint),
+            None => write!(f, "{}: {} [{}]", self.field, self.message, self.lint),
+        }
+    }
+}
+
+fn is_any(peers: &[AddrRange]) -> bool {
+    peers.contains(&AddrRange::any_v4()) || peers.contains(&AddrRange::any_v6())
+}
+
+/// Whether the union of `outer` covers every address of `inner`.
+fn covers(outer: &[AddrRange], inner: &[AddrRange]) -> bool {
+    inner.iter().all(|r| {
+        let (v4, start, end) = match *r {
+            AddrRange::V4 { start, end } => (true, start as u128, end as u128),
+            AddrRange::V6 { start, end } => (false, start, end),
+        };
+        let mut segs: Vec<(u128, u128)> = outer
+            .iter()
+            .filter_map(|o| match (*o, v4) {
+                (AddrRange::V4 { start, end }, true) => Some((start as u128, end as u128)),
+                (AddrRange::V6 { start, end }, false) => Some((start, end)),
+                _ => None,
+            })
+            .collect();
+        segs.sort_unstable();
+        let mut next = start;
+        for (s, e) in segs {
+            if s > next {
+                break;
+            }
+            if e >= next {
+                if e >= end {
+                    return true;
+                }
+                next = e + 1;
+            }
+        }
+        false
+    })
+}
+
+fn ports_cover(outer: &[PortRange], inner: &[PortRange]) -> bool {
+    let as_ranges = |v: &[PortRange]| -> Vec<AddrRange> {
+        v.iter()
+            .map(|p| AddrRange::V4 {
+                start: p.lo as u32,
+                end: p.hi as u32,
+            })
+            .collect()
+    };
+    covers(&as_ranges(outer), &as_ranges(inner))
+}
+
+/// Whether `a` allows everything `b` allows (peers, services, interfaces).
+fn rule_covers(a: &Rule, b: &Rule) -> bool {
+    if a.direction != b.direction || !covers(&a.peers, &b.peers) {
+        return false;
+    }
+    let ifaces_ok = match (&a.interfaces, &b.interfaces) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(x), Some(y)) => y.iter().all(|i| x.contains(i)),
+    };
+    if !ifaces_ok {
+        return false;
+    }
+    if a.any_proto {
+        return true;
+    }
+    !b.any_proto
+        && ports_cover(&a.tcp, &b.tcp)
+        && ports_cover(&a.udp, &b.udp)
+        && (a.icmp || !b.icmp)
+        && (a.icmpv6 || !b.icmpv6)
+}
+
+/// Whether `a` applies on every host `b` applies on (base covers all).
+fn scope_covers(a: &Rule, b: &Rule) -> bool {
+    match (&a.owner, &b.owner) {
+        (Owner::Base, _) => true,
+        (Owner::Role(x), Owner::Role(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn mentions(text: &str, name: &str) -> bool {
+    text.trim_matches(['[', ']'])
+        .split(',')
+        .any(|part| part.trim().trim_matches('"') == name)
+}
+
+/// Runs every lint.
+pub fn lint(policy: &Policy) -> Vec<Warning> {
+    let mut out = Vec::new();
+    for r in &policy.rules {
+        if r.direction != Direction::Ingress || !is_any(&r.peers) {
+            continue;
+        }
+        let open_all = r.any_proto || r.tcp.iter().any(|p| p.lo == 0 && p.hi == 65535);
+        if open_all {
+            out.push(Warning {
+                lint: "any-to-sensitive",
+                loc: Some(r.loc),
+                field: r.label(),
+                message: "allows every port from any address; name the peers or the ports".into(),
+            });
+            continue;
+        }
+        for (port, what) in SENSITIVE_PORTS {
+            if r.tcp.iter().any(|p| p.contains(*port)) {
+                out.push(Warning {
+                    lint: "any-to-sensitive",
+                    loc: Some(r.loc),
+                    field: r.label(),
+                    message: format!("allows {what} (tcp/{port}) from any address; allow it from a set (an admin or app network) instead"),
+                });
+            }
+        }
+    }
+    for b in &policy.rules {
+        if let Some(a) = policy.rules.iter().find(|a| {
+            a.id != b.id
+                && scope_covers(a, b)
+                && rule_covers(a, b)
+                && !(rule_covers(b, a) && scope_covers(b, a) && a.id > b.id)
+        }) {
+            out.push(Warning {
+                lint: "shadowed",
+                loc: Some(b.loc),
+                field: b.label(),
+                message: format!(
+                    "allows nothing that {} (line {}) does not already allow; remove one of them",
+                    a.label(),
+                    a.loc.line
+                ),
+            });
+        }
+    }
+    for s in &policy.sets {
+        let used = policy.rules.iter().any(|r| mentions(&r.peer_text, &s.name))
+            || policy.roles.iter().any(|r| {
+                r.hosts_text
+                    .as_deref()
+                    .is_some_and(|h| mentions(h, &s.name))
+            });
+        if !used {
+            out.push(Warning {
+                lint: "unused-set",
+                loc: Some(s.loc),
+                field: format!("sets.{}", s.name),
+                message: format!("set `{}` is used by no rule and no role", s.name),
+            });
+        }
+    }
+    for r in &policy.roles {
+        if r.hosts.is_empty() {
+            out.push(Warning {
+                lint: "role-without-hosts",
+                loc: Some(r.loc),
+                field: format!("roles.{}", r.name),
+                message: format!(
+                    "no host takes role `{}` from its addresses (no `hosts`); only `--role {}` applies it",
+                    r.name, r.name
+                ),
+            });
+        }
+    }
+    for (i, a) in policy.roles.iter().enumerate() {
+        for b in &policy.roles[i + 1..] {
+            let overlap = a.hosts.iter().any(|x| {
+                b.hosts.iter().any(|y| match (*x, *y) {
+                    (
+                        AddrRange::V4 { start: s1, end: e1 },
+                        AddrRange::V4 { start: s2, end: e2 },
+                    ) => s1 <= e2 && s2 <= e1,
+                    (
+                        AddrRange::V6 { start: s1, end: e1 },
+                        AddrRange::V6 { start: s2, end: e2 },
+                    ) => s1 <= e2 && s2 <= e1,
+                    _ => false,
+                })
+            });
+            if overlap {
+                out.push(Warning {
+                    lint: "overlapping-roles",
+                    loc: Some(b.loc),
+                    field: format!("roles.{}.hosts", b.name),
+                    message: format!(
+                        "hosts of roles `{}` and `{}` overlap: such hosts take both roles' rules",
+                        a.name, b.name
+                    ),
+                });
+            }
+        }
+    }
+    let ssh_from_set = policy.rules.iter().any(|r| {
+        r.direction == Direction::Ingress
+            && !is_any(&r.peers)
+            && (r.any_proto || r.tcp.iter().any(|p| p.contains(22)))
+    });
+    if !ssh_from_set && policy.defaults.ingress == Action::Drop {
+        out.push(Warning {
+            lint: "no-ssh-path",
+            loc: None,
+            field: policy.source.clone(),
+            message: "no ingress rule allows SSH (tcp/22) from a specific set of admin addresses: a mistake needs console access to recover".into(),
+        });
+    }
+    if policy.defaults.ingress != policy.defaults.egress {
+        out.push(Warning {
+            lint: "asymmetric-defaults",
+            loc: None,
+            field: "defaults".into(),
+            message: format!(
+                "note: ingress defaults to {:?} and egress to {:?}",
+                policy.defaults.ingress, policy.defaults.egress
+            )
+            .to_lowercase(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lints(text: &str) -> Vec<&'static str> {
+        let p = Policy::from_str(text, "t.toml").expect("valid policy");
+        lint(&p).into_iter().map(|w| w.lint).collect()
+    }
+
+    const HEAD: &str = "version = 1\n[sets]\nadmin = [\"10.0.0.0/24\"]\napp = [\"10.1.0.0/24\"]\n[defaults]\ningress = \"drop\"\negress = \"drop\"\n[[base.ingress]]\nfrom = \"admin\"\ntcp = [22]\n";
+
+    #[test]
+    fn clean_policy_has_no_warnings() {
+        let t = format!(
+            "{HEAD}[roles.db]\nhosts = \"10.2.0.0/24\"\n[[roles.db.ingress]]\nfrom = \"app\"\ntcp = [5432]\n"
+        );
+        assert_eq!(lints(&t), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn any_to_sensitive() {
+        let bad = format!(
+            "{HEAD}[roles.db]\nhosts = \"app\"\n[[roles.db.ingress]]\nfrom = \"any\"\ntcp = [5432]\n"
+        );
+        assert!(lints(&bad).contains(&"any-to-sensitive"));
+        let all = format!(
+            "{HEAD}[roles.db]\nhosts = \"app\"\n[[roles.db.ingress]]\nfrom = \"any\"\nproto = \"any\"\n"
+        );
+        assert!(lints(&all).contains(&"any-to-sensitive"));
+        let ok = format!(
+            "{HEAD}[roles.web]\nhosts = \"app\"\n[[roles.web.ingress]]\nfrom = \"any\"\ntcp = [80, 443]\n"
+        );
+        assert!(!lints(&ok).contains(&"any-to-sensitive"));
+    }
+
+    #[test]
+    fn shadowed() {
+        let bad = format!(
+            "{HEAD}[roles.db]\nhosts = \"app\"\n[[roles.db.ingress]]\nfrom = \"10.0.0.5\"\ntcp = [22]\n"
+        );
+        assert!(
+            lints(&bad).contains(&"shadowed"),
+            "base admin ssh covers it"
+        );
+        let ok = format!(
+            "{HEAD}[roles.db]\nhosts = \"app\"\n[[roles.db.ingress]]\nfrom = \"10.0.0.5\"\ntcp = [23]\n"
+        );
+        assert!(!lints(&ok).contains(&"shadowed"));
+    }
+
+    #[test]
+    fn unused_set() {
+        assert!(lints(HEAD).contains(&"unused-set"), "app is unused");
+        let ok = format!(
+            "{HEAD}[roles.r]\nhosts = \"app\"\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n"
+        );
+        assert!(!lints(&ok).contains(&"unused-set"));
+    }
+
+    #[test]
+    fn role_without_hosts() {
+        let bad = format!("{HEAD}[roles.r]\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n");
+        assert!(lints(&bad).contains(&"role-without-hosts"));
+        let ok = format!(
+            "{HEAD}[roles.r]\nhosts = \"app\"\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n"
+        );
+        assert!(!lints(&ok).contains(&"role-without-hosts"));
+    }
+
+    #[test]
+    fn overlapping_roles() {
+        let bad = format!(
+            "{HEAD}[roles.a]\nhosts = \"10.1.0.0/24\"\n[[roles.a.ingress]]\nfrom = \"app\"\ntcp = [80]\n[roles.b]\nhosts = \"10.1.0.128/25\"\n[[roles.b.ingress]]\nfrom = \"app\"\ntcp = [81]\n"
+        );
+        assert!(lints(&bad).contains(&"overlapping-roles"));
+        let ok = bad.replace("10.1.0.128/25", "10.9.0.0/24");
+        assert!(!lints(&ok).contains(&"overlapping-roles"));
+    }
+
+    #[test]
+    fn no_ssh_path() {
+        let bad = "version = 1\n[sets]\napp = [\"10.1.0.0/24\"]\n[roles.r]\nhosts = \"app\"\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n";
+        assert!(lints(bad).contains(&"no-ssh-path"));
+        let t = format!(
+            "{HEAD}[roles.r]\nhosts = \"app\"\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n"
+        );
+        assert!(!lints(&t).contains(&"no-ssh-path"));
+    }
+
+    #[test]
+    fn asymmetric_defaults() {
+        let bad = HEAD.replace("egress = \"drop\"", "egress = \"allow\"");
+        assert!(lints(&bad).contains(&"asymmetric-defaults"));
+        assert!(!lints(HEAD).contains(&"asymmetric-defaults"));
+    }
+}
