@@ -29,6 +29,12 @@ pub struct State {
     /// Size of the per-rule counter map.
     #[serde(default)]
     pub rule_slots: u32,
+    /// Capacity of each peer trie.
+    #[serde(default)]
+    pub peer_entries: u32,
+    /// Capacity of the port trie.
+    #[serde(default)]
+    pub port_entries: u32,
     /// Live set edits (`segbpf set add/del`): set name → members in force,
     /// replacing the file's. Non-empty means the live state has drifted
     /// from the policy file; `segbpf reload` resolves it by the file.

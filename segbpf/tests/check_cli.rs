@@ -223,3 +223,24 @@ fn lint_warnings_and_deny_warnings() {
         "--deny-warnings makes them errors"
     );
 }
+
+#[test]
+fn over_capacity_policy_is_rejected_with_limit_and_count() {
+    let out = segbpf(&[
+        "check",
+        "--policy",
+        "../examples/roles.toml",
+        "--peer-entries",
+        "4",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SEG_PEER_V4, which holds at most 4"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("needs 60 entries"),
+        "names the count: {stderr}"
+    );
+}

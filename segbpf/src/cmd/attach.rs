@@ -69,6 +69,9 @@ pub struct Args {
     /// (a guard in its own process undoes it even if attach is killed).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub confirm: Option<u64>,
+    /// Map sizes.
+    #[command(flatten)]
+    pub sizes: crate::cmd::MapSizes,
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
@@ -127,7 +130,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
     let generation = 1;
     let capacity = Capacity {
         ct: args.ct_size,
-        ..Capacity::for_policy(&policy)
+        ..args.sizes.capacity(&policy)
     };
     let mut compiled =
         compile::compile(&policy, &roles, Some(&args.iface), 0, generation, capacity)
@@ -180,6 +183,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
         role_args: args.role.clone(),
         set_overrides: Default::default(),
         rule_slots: capacity.rule_stats,
+        peer_entries: capacity.peer_v4,
+        port_entries: capacity.ports,
         mode: attached.xdp_mode.to_string(),
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,

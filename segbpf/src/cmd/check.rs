@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use crate::{
-    compile::{self, Capacity},
+    compile,
     policy::{Direction, Policy},
 };
 
@@ -22,6 +22,9 @@ pub struct Args {
     /// Treat lint warnings as errors (exit 1).
     #[arg(long)]
     pub deny_warnings: bool,
+    /// Map sizes to check the policy against (as given to attach).
+    #[command(flatten)]
+    pub sizes: crate::cmd::MapSizes,
 }
 
 /// Runs `segbpf check`.
@@ -42,9 +45,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         policy.rules.len()
     );
     for roles in hosts {
-        let c = compile::compile(&policy, &roles, None, 0, 1, Capacity::default()).with_context(
-            || format!("{}: compiling for role {}", policy.source, roles.join("+")),
-        )?;
+        let c = compile::compile(&policy, &roles, None, 0, 1, args.sizes.capacity(&policy))
+            .with_context(|| {
+                format!("{}: compiling for role {}", policy.source, roles.join("+"))
+            })?;
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
         println!(
             "  role {}: {} ingress + {} egress rules -> {} classes, {} IPv4 / {} IPv6 prefixes, {} port prefixes",

@@ -72,6 +72,31 @@ pub enum Output {
     Json,
 }
 
+/// Map sizes an operator can set (the kernel allocates trie entries on
+/// demand, so generous limits cost nothing until used).
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct MapSizes {
+    /// Capacity of each peer trie (IPv4 and IPv6; both directions and both
+    /// policy slots share it).
+    #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_PEER_ENTRIES)]
+    pub peer_entries: u32,
+    /// Capacity of the port trie.
+    #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_PORT_ENTRIES)]
+    pub port_entries: u32,
+}
+
+impl MapSizes {
+    /// The compiler's capacity for `policy` with these sizes.
+    pub fn capacity(&self, policy: &crate::policy::Policy) -> crate::compile::Capacity {
+        crate::compile::Capacity {
+            peer_v4: self.peer_entries,
+            peer_v6: self.peer_entries,
+            ports: self.port_entries,
+            ..crate::compile::Capacity::for_policy(policy)
+        }
+    }
+}
+
 /// A usage error found after argument parsing (exit status 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -164,11 +164,18 @@ pub fn swap(
     let current = maps.active_slot()?;
     let next = 1 - current;
     let generation = maps.config(current)?.generation.max(old.generation) + 1;
-    let capacity = Capacity {
+    let mut capacity = Capacity {
         ct: old.ct_size,
         rule_stats: old.rule_slots,
         ..Capacity::default()
     };
+    if old.peer_entries > 0 {
+        capacity.peer_v4 = old.peer_entries;
+        capacity.peer_v6 = old.peer_entries;
+    }
+    if old.port_entries > 0 {
+        capacity.ports = old.port_entries;
+    }
     let mut c = compile::compile(
         &policy,
         &roles,
