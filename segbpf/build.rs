@@ -1,10 +1,15 @@
 //! Builds the eBPF object (`segbpf-ebpf`) with aya-build so that a plain
-//! `cargo build` produces a complete binary. Set `AYA_BUILD_SKIP=1` to skip.
+//! `cargo build` produces a complete binary. Set `AYA_BUILD_SKIP=1` to skip;
+//! without the `ebpf` feature nothing is built or embedded.
 use std::path::Path;
 
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        // Built without the `ebpf` feature: no object to embed.
+        return Ok(());
+    }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
     let root = Path::new(&manifest_dir)
         .parent()

@@ -14,7 +14,11 @@ use segbpf_common::{
 use crate::{compile::Capacity, pins::Attachment};
 
 /// The eBPF object built by build.rs (aya-build).
+#[cfg(feature = "ebpf")]
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/segbpf"));
+/// Built without the `ebpf` feature: no object (loading fails cleanly).
+#[cfg(not(feature = "ebpf"))]
+pub static EBPF_OBJECT: &[u8] = &[];
 
 /// Errors while loading.
 #[derive(Debug, thiserror::Error)]

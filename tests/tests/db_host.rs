@@ -156,12 +156,23 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
     // Over capacity: rejected with the limit, before the kernel changes.
     let out = lab.segbpf(
         "db",
-        &["attach", "eth0", "--policy", &example_policy(), "--peer-entries", "2", "--no-wait"],
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--peer-entries",
+            "2",
+            "--no-wait",
+        ],
     )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("holds at most 2"), "{stderr}");
-    assert!(!lab.bpffs.join("netns").exists(), "nothing pinned after a rejected capacity");
+    assert!(
+        !lab.bpffs.join("netns").exists(),
+        "nothing pinned after a rejected capacity"
+    );
     let usage = lab.segbpf("db", &["attach"])?;
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
     std::fs::remove_dir_all(&dir)?;

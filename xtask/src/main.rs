@@ -8,6 +8,8 @@
 //!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
 //! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).
 //! - `bench [--quick]`: benchmarks, see BENCHMARKS.md.
+//! - `fuzz [--seconds N] [--target T]`: cargo-fuzz targets (policy
+//!   parser/compiler, event decoder) from the checked-in corpus.
 //! - `fuzz-diff --cases N --seed S`: differential testing, kernel against
 //!   the reference evaluator, on random policies and packets.
 //! - `demo`: a three-host lab from `examples/roles.toml` with a
@@ -52,6 +54,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Coverage-guided fuzzing (cargo-fuzz) of the policy parser/compiler
+    /// and of the event decoder, each for the given time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only this target (`policy` or `event`).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks (BENCHMARKS.md): per-packet cost, rule scaling, update cost, events.
     Bench {
         /// Fewer sizes and rounds (a few minutes).
@@ -82,6 +94,34 @@ fn main() -> anyhow::Result<()> {
                 .env("SEGBPF_DIFF_CASES", cases.to_string())
                 .env("SEGBPF_DIFF_SEED", seed.to_string())
                 .env("SEGBPF_BIN", segbpf_tests::lab::segbpf_bin()))
+        }
+        Cmd::Fuzz { seconds, target } => {
+            setup::run()?;
+            setup::ensure_cargo_fuzz()?;
+            let fuzz_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+            let targets: Vec<String> = match target {
+                Some(t) => vec![t],
+                None => vec!["policy".into(), "event".into()],
+            };
+            for t in targets {
+                // The checked-in corpus is the seed; new inputs go to a
+                // scratch directory so the repository stays clean.
+                let scratch = std::env::temp_dir().join(format!("segbpf-fuzz-{t}"));
+                std::fs::create_dir_all(&scratch)?;
+                run(Command::new("cargo")
+                    .current_dir(&fuzz_dir)
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("CARGO")
+                    .args(["+nightly", "fuzz", "run", &t])
+                    .arg(&scratch)
+                    .arg(format!("corpus/{t}"))
+                    .args([
+                        "--",
+                        &format!("-max_total_time={seconds}"),
+                        "-print_final_stats=1",
+                    ]))?;
+            }
+            Ok(())
         }
         Cmd::Bench { quick } => {
             setup::run()?;

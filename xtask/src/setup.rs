@@ -160,3 +160,23 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Installs cargo-fuzz if it is missing (only `cargo xtask fuzz` needs it).
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if output_ok(
+        Command::new("cargo")
+            .args(["fuzz", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+    .is_some()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz");
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", "0.13.2"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+    )
+}
