@@ -204,7 +204,7 @@ pub struct Compiled {
     pub peers_v6: Vec<LpmEntry<PeerKeyV6, PeerClass>>,
     /// `SEG_PORTS` entries.
     pub ports: Vec<LpmEntry<PortKey, RuleRef>>,
-    /// `SEG_CONFIG[0]`.
+    /// The `SEG_CONFIG` record of the policy slot (`config.active_slot`).
     pub config: Config,
     /// The rules that apply to this host (both directions), by id.
     pub rules: Vec<RuleInfo>,

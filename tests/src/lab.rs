@@ -210,6 +210,42 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Starts `segbpf --netns HOST ARGS...` with the lab's roots in the
+    /// background (stdout and stderr piped), e.g. a foreground attach.
+    pub fn spawn(&self, host: &str, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        Command::new(&self.bin)
+            .arg("--netns")
+            .arg(&self.host(host).ns.name)
+            .args(args)
+            .env("SEGBPF_BPFFS", &self.bpffs)
+            .env("SEGBPF_STATE_DIR", &self.state)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))
+    }
+
+    /// Waits (up to 20 s) until segbpf enforces on `host`'s eth0: pinned
+    /// programs, maps and links, as `status` reports.
+    pub fn wait_enforcing(&self, host: &str) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let enforcing = self
+                .segbpf(host, &["status", "eth0", "--output", "json"])
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .is_some_and(|v| v["attachments"][0]["attached"] == true);
+            if enforcing {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "segbpf did not come up on {host}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Attaches segbpf on `host` with `policy` (extra args appended) and returns stdout.
     pub fn attach(&self, host: &str, policy: &str, extra: &[&str]) -> anyhow::Result<String> {
         let iface = self.host(host).iface.clone();

@@ -94,6 +94,19 @@ impl Drop for Listener {
     }
 }
 
+/// A TCP socket bound to `src` (any port), in the calling thread's namespace.
+fn tcp_socket_bound_to(src: IpAddr) -> anyhow::Result<socket2::Socket> {
+    let domain = if src.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.bind(&SocketAddr::new(src, 0).into())
+        .with_context(|| format!("bind {src}"))?;
+    Ok(sock)
+}
+
 /// Tries a TCP connection from `src` (bound) inside namespace `ns` to
 /// `dst:port`; true when the handshake completes within `timeout`.
 pub fn tcp_connect(
@@ -106,15 +119,7 @@ pub fn tcp_connect(
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || -> anyhow::Result<bool> {
         netns::enter(&path)?;
-        let domain = if src.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-        sock.bind(&SocketAddr::new(src, 0).into())
-            .with_context(|| format!("bind {src}"))?;
+        let sock = tcp_socket_bound_to(src)?;
         let ok = sock
             .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
             .is_ok();
@@ -142,15 +147,7 @@ pub fn tcp_exchange(
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || -> anyhow::Result<bool> {
         netns::enter(&path)?;
-        let domain = if src.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-        sock.bind(&SocketAddr::new(src, 0).into())
-            .with_context(|| format!("bind {src}"))?;
+        let sock = tcp_socket_bound_to(src)?;
         if sock
             .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
             .is_err()

@@ -184,30 +184,9 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
 fn foreground_attach_leaves_enforcement_in_place_on_sigterm() -> anyhow::Result<()> {
     let mut lab = Lab::new("fg")?;
     lab.add_host("db", &["10.10.1.30/16"])?;
-    let ns = lab.host("db").ns.name.clone();
-    let mut child = std::process::Command::new(segbpf_tests::lab::segbpf_bin())
-        .args([
-            "--netns",
-            &ns,
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-        ])
-        .env("SEGBPF_BPFFS", &lab.bpffs)
-        .env("SEGBPF_STATE_DIR", &lab.state)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    // Wait until the attachment is visible, then stop the process.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attach did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut child = lab.spawn("db", &["attach", "eth0", "--policy", &example_policy()])?;
+    // Wait until it enforces, then stop the process.
+    lab.wait_enforcing("db")?;
     assert!(
         child.try_wait()?.is_none(),
         "attach stays in the foreground"

@@ -3,14 +3,9 @@
 //! suppressed and lost events counted and reported, `monitor` reading the
 //! events of a host whose `attach` has exited, and audit mode.
 
-use std::{
-    io::Read as _,
-    net::IpAddr,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{io::Read as _, net::IpAddr, process::Command, time::Duration};
 
-use segbpf_tests::{Lab, lab::segbpf_bin, net};
+use segbpf_tests::{Lab, net};
 
 fn example_policy() -> String {
     format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"))
@@ -21,27 +16,6 @@ fn sigterm(child: &std::process::Child) -> anyhow::Result<()> {
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )?;
-    Ok(())
-}
-
-fn spawn_segbpf(lab: &Lab, host: &str, args: &[&str]) -> anyhow::Result<std::process::Child> {
-    Ok(Command::new(segbpf_bin())
-        .arg("--netns")
-        .arg(&lab.host(host).ns.name)
-        .args(args)
-        .env("SEGBPF_BPFFS", &lab.bpffs)
-        .env("SEGBPF_STATE_DIR", &lab.state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?)
-}
-
-fn wait_attached(lab: &Lab, host: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lab.segbpf(host, &["status", "eth0"])?.status.code() != Some(0) {
-        anyhow::ensure!(Instant::now() < deadline, "attach did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     Ok(())
 }
 
@@ -69,8 +43,7 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
     let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
     // examples/roles.toml: log_rate = 10; burst 5.
-    let mut attach = spawn_segbpf(
-        &lab,
+    let mut attach = lab.spawn(
         "db",
         &[
             "attach",
@@ -83,7 +56,7 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
             "5",
         ],
     )?;
-    wait_attached(&lab, "db")?;
+    lab.wait_enforcing("db")?;
 
     let flood_secs = 4;
     let flood = {
@@ -197,7 +170,7 @@ fn lost_events_are_counted_and_monitor_reads_after_attach_exited() -> anyhow::Re
     );
 
     // No attach process runs: monitor drains what the ring holds.
-    let mut monitor = spawn_segbpf(&lab, "db", &["monitor", "eth0", "--log-format", "json"])?;
+    let mut monitor = lab.spawn("db", &["monitor", "eth0", "--log-format", "json"])?;
     std::thread::sleep(Duration::from_secs(2));
     sigterm(&monitor)?;
     let mut out = String::new();
@@ -232,7 +205,7 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
     let web: IpAddr = "10.10.1.15".parse()?;
     let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
     lab.attach("db", &example_policy(), &["--audit"])?;
-    let mut monitor = spawn_segbpf(&lab, "db", &["monitor", "eth0", "--log-format", "json"])?;
+    let mut monitor = lab.spawn("db", &["monitor", "eth0", "--log-format", "json"])?;
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         net::tcp_exchange(&client_ns, web, db, 5432, Duration::from_secs(2))?,
@@ -279,8 +252,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
     let db: IpAddr = "10.10.1.30".parse()?;
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
     let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
-    let mut attach = spawn_segbpf(
-        &lab,
+    let mut attach = lab.spawn(
         "db",
         &[
             "attach",
@@ -291,7 +263,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
             "127.0.0.1:9469",
         ],
     )?;
-    wait_attached(&lab, "db")?;
+    lab.wait_enforcing("db")?;
     for _ in 0..3 {
         assert!(net::tcp_exchange(
             &client_ns,
