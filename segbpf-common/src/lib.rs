@@ -329,7 +329,7 @@ pub struct RuleRef {
 }
 const _: () = assert!(core::mem::size_of::<RuleRef>() == 4);
 
-/// Configuration record (`SEG_CONFIG[0]`), written by userspace.
+/// Configuration record, one per policy slot (`SEG_CONFIG[slot]`), written by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Config {
