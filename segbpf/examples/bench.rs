@@ -509,7 +509,7 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
         let rx: IpAddr = "10.99.0.1".parse()?;
         let tx: IpAddr = src.parse()?;
         let port_ok = 2000 + last as u16;
-        let _sink = net::UdpSink::start(&rx_ns, "0.0.0.0".parse()?, port_ok)?;
+        let _sink = net::Server::udp(&rx_ns, "0.0.0.0".parse()?, port_ok, false)?;
         let nft = lab.segbpf_ok(
             "rx",
             &[

@@ -1,4 +1,5 @@
-//! Real traffic inside namespaces: TCP listeners and connection attempts.
+//! Real traffic inside namespaces: servers (TCP echo, UDP echo and sink),
+//! TCP and UDP exchanges, floods, and raw frames.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -28,33 +29,35 @@ fn echo_once(mut c: TcpStream) {
     }
 }
 
-/// A TCP listener running in a namespace that echoes the first message of
-/// each connection; stops when dropped.
-pub struct Listener {
+/// A server thread inside a namespace: binds on start (a bind error is
+/// returned to the caller), then serves until dropped. One mechanism for
+/// the TCP echo, UDP echo and UDP sink servers the tests need.
+pub struct Server {
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
+    handled: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Listener {
-    /// Listens on `addr:port` inside the namespace `ns` (a name under /run/netns).
-    pub fn start(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+impl Server {
+    /// Runs `bind` inside namespace `ns`, then calls `serve` until the
+    /// server is dropped; `serve` returns whether it handled a request
+    /// (counted) and must not block for long (a timeout or non-blocking
+    /// socket), so the server stops promptly.
+    fn spawn<S: 'static>(
+        ns: &str,
+        bind: impl FnOnce() -> anyhow::Result<S> + Send + 'static,
+        mut serve: impl FnMut(&S) -> bool + Send + 'static,
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
+        let handled = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let path = format!("/run/netns/{ns}");
-        let (s, a) = (stop.clone(), accepted.clone());
+        let (s, h) = (stop.clone(), handled.clone());
         let thread = std::thread::spawn(move || {
-            let l = netns::enter(&path).and_then(|_| {
-                let l = TcpListener::bind(SocketAddr::new(addr, port))
-                    .with_context(|| format!("bind {addr}:{port}"))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            });
-            let l = match l {
-                Ok(l) => {
+            let sock = match netns::enter(&path).and_then(|_| bind()) {
+                Ok(sock) => {
                     let _ = tx.send(Ok(()));
-                    l
+                    sock
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -62,30 +65,78 @@ impl Listener {
                 }
             };
             while !s.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        a.fetch_add(1, Ordering::Relaxed);
-                        echo_once(c);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                if serve(&sock) {
+                    h.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
-        rx.recv().context("listener thread")??;
-        Ok(Listener {
+        rx.recv().context("server thread")??;
+        Ok(Server {
             stop,
-            accepted,
+            handled,
             thread: Some(thread),
         })
     }
 
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+    /// A TCP listener on `addr:port` that echoes the first message of each
+    /// connection; `handled` counts accepted connections.
+    pub fn tcp_echo(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+        Self::spawn(
+            ns,
+            move || {
+                let l = TcpListener::bind(SocketAddr::new(addr, port))
+                    .with_context(|| format!("bind {addr}:{port}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            },
+            |l: &TcpListener| match l.accept() {
+                Ok((c, _)) => {
+                    echo_once(c);
+                    true
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    false
+                }
+            },
+        )
+    }
+
+    /// A UDP server on `addr:port` that answers each datagram with itself
+    /// (DNS-style request/response), or with nothing when `echo` is false
+    /// (a sink: allowed traffic reaches an application and draws no ICMP
+    /// errors).
+    pub fn udp(ns: &str, addr: IpAddr, port: u16, echo: bool) -> anyhow::Result<Self> {
+        Self::spawn(
+            ns,
+            move || {
+                let u = std::net::UdpSocket::bind(SocketAddr::new(addr, port))
+                    .with_context(|| format!("bind udp {addr}:{port}"))?;
+                u.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(u)
+            },
+            move |u: &std::net::UdpSocket| {
+                let mut buf = [0u8; 2048];
+                match u.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        if echo {
+                            let _ = u.send_to(&buf[..n], peer);
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                }
+            },
+        )
+    }
+
+    /// Requests handled so far (TCP: connections accepted).
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for Listener {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -174,61 +225,6 @@ pub fn tcp_exchange(
     .map_err(|_| anyhow::anyhow!("exchange thread panicked"))?
 }
 
-/// A UDP echo server in a namespace (DNS-style request/response); stops
-/// when dropped.
-pub struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    /// Serves on `addr:port` inside namespace `ns`.
-    pub fn start(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
-        let path = format!("/run/netns/{ns}");
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let sock = netns::enter(&path).and_then(|_| {
-                let u = std::net::UdpSocket::bind(SocketAddr::new(addr, port))
-                    .with_context(|| format!("bind udp {addr}:{port}"))?;
-                u.set_read_timeout(Some(Duration::from_millis(50)))?;
-                Ok(u)
-            });
-            let sock = match sock {
-                Ok(u) => {
-                    let _ = tx.send(Ok(()));
-                    u
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut buf = [0u8; 512];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], peer);
-                }
-            }
-        });
-        rx.recv().context("udp echo thread")??;
-        Ok(UdpEcho {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A UDP request from `src` in namespace `ns` to `dst:port`; true when
 /// the echoed response arrives within `timeout`.
 pub fn udp_exchange(
@@ -295,56 +291,6 @@ pub fn udp_rate(
 ) -> anyhow::Result<f64> {
     let sent = udp_flood(ns, src, dst, port, duration)?;
     Ok(sent as f64 / duration.as_secs_f64())
-}
-
-/// A UDP socket that reads and discards datagrams (so allowed traffic
-/// reaches an application and draws no ICMP errors); stops when dropped.
-pub struct UdpSink {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpSink {
-    /// Binds `addr:port` inside namespace `ns`.
-    pub fn start(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
-        let path = format!("/run/netns/{ns}");
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let sock = netns::enter(&path).and_then(|_| {
-                let u = std::net::UdpSocket::bind(SocketAddr::new(addr, port))?;
-                u.set_read_timeout(Some(Duration::from_millis(50)))?;
-                Ok(u)
-            });
-            match sock {
-                Ok(u) => {
-                    let _ = tx.send(Ok(()));
-                    let mut buf = [0u8; 2048];
-                    while !s.load(Ordering::Relaxed) {
-                        let _ = u.recv_from(&mut buf);
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        });
-        rx.recv().context("udp sink thread")??;
-        Ok(UdpSink {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpSink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// An AF_PACKET socket on an interface of a namespace, to put hand-built

@@ -32,7 +32,7 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
     let db: IpAddr = "10.10.1.30".parse()?;
     let app: IpAddr = "10.10.1.25".parse()?;
     let web: IpAddr = "10.10.1.15".parse()?;
-    let listener = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let listener = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
     let t = Duration::from_secs(2);
 
     // Before segbpf: both connect (the test can fail for the right reason).
@@ -63,7 +63,7 @@ fn db_accepts_app_tier_and_blocks_web_tier() -> anyhow::Result<()> {
         "ssh from outside admin_net must be blocked"
     );
     assert_eq!(
-        listener.accepted(),
+        listener.handled(),
         2,
         "exactly the pre-attach and the app connection were accepted"
     );

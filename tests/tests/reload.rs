@@ -336,7 +336,7 @@ fn set_add_lets_a_blocked_peer_in_without_reloading_the_program() -> anyhow::Res
         lab.host("client").ns.name.clone(),
     );
     let policy = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
-    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
     lab.attach("db", &policy, &[])?;
     let (web, db): (IpAddr, IpAddr) = ("10.10.1.15".parse()?, "10.10.1.30".parse()?);
     let t = Duration::from_secs(2);

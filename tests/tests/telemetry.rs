@@ -41,7 +41,7 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
     );
     let db: IpAddr = "10.10.1.30".parse()?;
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
-    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
     // examples/roles.toml: log_rate = 10; burst 5.
     let mut attach = lab.spawn(
         "db",
@@ -203,7 +203,7 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
     );
     let db: IpAddr = "10.10.1.30".parse()?;
     let web: IpAddr = "10.10.1.15".parse()?;
-    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
     lab.attach("db", &example_policy(), &["--audit"])?;
     let mut monitor = lab.spawn("db", &["monitor", "eth0", "--log-format", "json"])?;
     std::thread::sleep(Duration::from_millis(500));
@@ -251,7 +251,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
     );
     let db: IpAddr = "10.10.1.30".parse()?;
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
-    let _pg = net::Listener::start(&db_ns, "0.0.0.0".parse()?, 5432)?;
+    let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
     let mut attach = lab.spawn(
         "db",
         &[

@@ -63,10 +63,10 @@ fn matrix(enforcer: Enforcer) -> anyhow::Result<()> {
         ("outside", &[25, 80]),
     ] {
         for p in ports {
-            servers.push(net::Listener::start(&ns(host), any, *p)?);
+            servers.push(net::Server::tcp_echo(&ns(host), any, *p)?);
         }
     }
-    let _dns = net::UdpEcho::start(&ns("outside"), any, 53)?;
+    let _dns = net::Server::udp(&ns("outside"), any, 53, true)?;
 
     // The lab works without segbpf (so a failure below is segbpf's doing).
     assert!(net::tcp_exchange(

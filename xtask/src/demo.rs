@@ -109,7 +109,7 @@ pub fn run() -> anyhow::Result<()> {
     ] {
         let ns = lab.host(host).ns.name.clone();
         for p in ports {
-            listeners.push(net::Listener::start(&ns, any, *p)?);
+            listeners.push(net::Server::tcp_echo(&ns, any, *p)?);
         }
     }
     for host in ["web", "app", "db"] {
