@@ -38,13 +38,21 @@ pub const MAP_RATE: &str = "SEG_RATE";
 /// Per-CPU array of u64: events emitted, suppressed by the rate limit,
 /// lost because the ring was full ([`EV_EMITTED`], ...).
 pub const MAP_EVSTATS: &str = "SEG_EVSTATS";
-/// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table.
+/// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table of assured
+/// flows (both sides spoke, and the originator spoke again after the reply).
 pub const MAP_CT: &str = "SEG_CT";
-/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment passed.
+/// LRU hash: [`CtKey`] -> [`CtEntry`], half-open flows (an opener seen,
+/// not yet assured). A flood of openers can only evict entries here.
+pub const MAP_CT_NEW: &str = "SEG_CT_NEW";
+/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
+/// passed on an assured flow.
 pub const MAP_FRAG: &str = "SEG_FRAG";
+/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
+/// passed on anything else (a rule, a half-open flow, a default).
+pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -53,7 +61,9 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_STATS,
     MAP_RULE_STATS,
     MAP_CT,
+    MAP_CT_NEW,
     MAP_FRAG,
+    MAP_FRAG_NEW,
     MAP_EVENTS,
     MAP_RATE,
     MAP_EVSTATS,
@@ -67,6 +77,16 @@ pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
 pub const PROG_XDP_EMPTY: &str = "segbpf_xdp_empty";
 /// Name of the read-only global that selects the run mode ([`RUN_LIVE`], ...).
 pub const GLOBAL_RUN_MODE: &str = "SEGBPF_RUN_MODE";
+/// Name of the read-only global that gives the device's link layer
+/// ([`LINK_ETHERNET`] or [`LINK_RAW_IP`]), set at load from its ARPHRD type.
+pub const GLOBAL_LINK: &str = "SEGBPF_LINK";
+
+/// Link layer: frames start with an Ethernet header (Ethernet, veth,
+/// bridge, tap, vxlan, bond, loopback, ...).
+pub const LINK_ETHERNET: u8 = 0;
+/// Link layer: none, packets start at the IP header (tun, WireGuard, ipip,
+/// gre, sit, ip6tnl, ppp, raw IP).
+pub const LINK_RAW_IP: u8 = 1;
 
 /// Run mode of a loaded instance: enforce, count, track state.
 pub const RUN_LIVE: u8 = 0;
@@ -96,8 +116,21 @@ pub const EV_EMITTED: u32 = 0;
 pub const EV_SUPPRESSED: u32 = 1;
 /// Index in `SEG_EVSTATS`: events lost because the ring was full.
 pub const EV_LOST: u32 = 2;
-/// Default capacity of the fragment table.
+/// Default capacity of each fragment table (assured and other).
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
+/// Smallest capacity of the half-open connection table.
+pub const MIN_CT_NEW_ENTRIES: u32 = 1024;
+
+/// Capacity of the half-open connection table for an assured table of
+/// `ct` entries: a quarter of it, at least [`MIN_CT_NEW_ENTRIES`].
+pub const fn ct_new_entries(ct: u32) -> u32 {
+    let q = ct / 4;
+    if q < MIN_CT_NEW_ENTRIES {
+        MIN_CT_NEW_ENTRIES
+    } else {
+        q
+    }
+}
 /// Counters per direction in `SEG_STATS` (one per reason code).
 pub const STATS_LEN: u32 = 64;
 /// Default number of per-rule counters (`SEG_RULE_STATS`); attach sizes the
@@ -165,6 +198,9 @@ pub mod reason {
     pub const PASS_RELATED: u8 = 6;
     /// Non-first fragment of a datagram whose first fragment passed.
     pub const PASS_FRAG: u8 = 7;
+    /// Non-IP frame to an IEEE 802.1 link-local group address
+    /// (01:80:c2:00:00:00-0f: STP, LACP, LLDP, 802.1X), `defaults.link_local`.
+    pub const PASS_LINK_LOCAL: u8 = 8;
 
     /// First drop reason; every code from here on drops.
     pub const FIRST_DROP: u8 = 16;
@@ -192,9 +228,16 @@ pub mod reason {
     pub const DROP_BAD_L4: u8 = 26;
     /// Malformed ARP (truncated).
     pub const DROP_BAD_ARP: u8 = 27;
+    /// Link-local control frame while `defaults.link_local = false`.
+    pub const DROP_LINK_LOCAL: u8 = 28;
+    /// TCP RST of a tracked flow whose sequence number is outside the
+    /// window seen for its direction (a blind reset); the flow is unchanged.
+    pub const DROP_INVALID_RST: u8 = 29;
+    /// TCP FIN of a tracked flow outside the window seen for its direction.
+    pub const DROP_INVALID_FIN: u8 = 30;
 
-    /// Number of codes in use (for iteration in userspace).
-    pub const ALL: [u8; 20] = [
+    /// Every code in use (for iteration in userspace).
+    pub const ALL: [u8; 24] = [
         PASS_RULE,
         PASS_DEFAULT,
         PASS_ARP,
@@ -203,6 +246,7 @@ pub mod reason {
         PASS_CT,
         PASS_RELATED,
         PASS_FRAG,
+        PASS_LINK_LOCAL,
         DROP_DEFAULT,
         DROP_TRUNC_ETH,
         DROP_VLAN_DEPTH,
@@ -215,6 +259,9 @@ pub mod reason {
         DROP_TRUNC_L4,
         DROP_BAD_L4,
         DROP_BAD_ARP,
+        DROP_LINK_LOCAL,
+        DROP_INVALID_RST,
+        DROP_INVALID_FIN,
     ];
 
     /// Whether a packet with this reason is passed.
@@ -233,6 +280,7 @@ pub mod reason {
             PASS_CT => "established",
             PASS_RELATED => "icmp-related",
             PASS_FRAG => "fragment-of-allowed",
+            PASS_LINK_LOCAL => "link-local",
             DROP_DEFAULT => "default-drop",
             DROP_TRUNC_ETH => "truncated-ethernet",
             DROP_VLAN_DEPTH => "vlan-too-deep",
@@ -245,6 +293,9 @@ pub mod reason {
             DROP_TRUNC_L4 => "truncated-l4",
             DROP_BAD_L4 => "malformed-l4",
             DROP_BAD_ARP => "malformed-arp",
+            DROP_LINK_LOCAL => "link-local-denied",
+            DROP_INVALID_RST => "invalid-rst",
+            DROP_INVALID_FIN => "invalid-fin",
             _ => "unknown",
         }
     }
@@ -368,8 +419,11 @@ pub struct Config {
     /// 1 in audit mode: packets the policy would drop pass, each reported
     /// as an `audit` event.
     pub audit: u8,
+    /// 1 when non-IP frames to the IEEE 802.1 link-local group addresses
+    /// pass (`defaults.link_local`).
+    pub link_local: u8,
     /// Explicit padding.
-    pub _pad3: [u8; 3],
+    pub _pad3: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
 
@@ -488,6 +542,13 @@ pub const CT_FIN_ORIG: u8 = 1;
 /// `CtEntry::fin` bit: FIN seen from the replier.
 pub const CT_FIN_REPLY: u8 = 2;
 
+/// `CtEntry::seen` bit / index of the originator's side in the per-side arrays.
+pub const CT_SIDE_ORIG: usize = 0;
+/// Index of the replier's side in the per-side arrays.
+pub const CT_SIDE_REPLY: usize = 1;
+/// `CtEntry::wscale` of a side that sent no window-scale option.
+pub const CT_NO_WSCALE: u8 = 0xff;
+
 /// Connection-table value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -502,10 +563,19 @@ pub struct CtEntry {
     pub state: u8,
     /// FIN bits ([`CT_FIN_ORIG`], [`CT_FIN_REPLY`]).
     pub fin: u8,
+    /// TCP: bit `1 << side` once a segment of that side was seen.
+    pub seen: u8,
+    /// TCP, per side ([`CT_SIDE_ORIG`], [`CT_SIDE_REPLY`]): the highest
+    /// sequence number sent plus one (`seq + len`, SYN and FIN count one).
+    pub seq_end: [u32; 2],
+    /// TCP, per side: the largest window that side advertised (scaled).
+    pub max_win: [u32; 2],
+    /// TCP, per side: the window-scale option of its SYN ([`CT_NO_WSCALE`] if none).
+    pub wscale: [u8; 2],
     /// Explicit padding.
-    pub _pad: u8,
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
 /// Fragment-table key: one IP datagram.
 #[repr(C)]

@@ -1,20 +1,35 @@
-//! Connection tracking of our own: an LRU hash keyed by the flow as the
-//! host sees it (local/remote address and port), so both directions of a
-//! flow find the same entry. TCP, UDP and ICMP echo are tracked. An entry
-//! is made when a packet that opens a flow (TCP SYN without ACK, any UDP
-//! datagram, an echo request) passes the policy; later packets of the flow
-//! in either direction pass on the entry until it expires. Timeouts come
-//! from `Config` and depend on the protocol and the TCP state; RST, or FIN
-//! from both sides, shortens the entry's life to the closing timeout.
+//! Connection tracking of our own, keyed by the flow as the host sees it
+//! (local/remote address and port), so both directions of a flow find the
+//! same entry. TCP, UDP and ICMP echo are tracked. An entry is made when a
+//! packet that opens a flow (TCP SYN without ACK, any UDP datagram, an echo
+//! request) passes the policy; later packets of the flow in either
+//! direction pass on the entry until it expires. Timeouts come from
+//! `Config` and depend on the protocol and the TCP state; RST, or FIN from
+//! both sides, shortens the entry's life to the closing timeout.
+//!
+//! Two LRU tables, so a flood cannot push out the flows that matter (as
+//! netfilter's early drop spares assured entries): a new entry goes into
+//! the half-open table `SEG_CT_NEW`; it moves to the assured table `SEG_CT`
+//! when the originator speaks again after a reply (for TCP, the handshake's
+//! last ACK). A spoofed source never sees the reply, so a flood of openers
+//! only evicts other half-open entries.
+//!
+//! TCP RST and FIN change a tracked flow only when their sequence number
+//! lies in the window seen for their side (RFC 5961's in-window check,
+//! reduced to what a host firewall needs): within the receiver's largest
+//! advertised window of the sender's highest sequence, or, from a side that
+//! has not spoken yet, acknowledging exactly what the other side sent (a
+//! RST answering a SYN). Anything else is dropped as `invalid-rst` /
+//! `invalid-fin` and changes nothing.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
-    CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, Config, CtEntry, CtKey,
-    DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, CT_NO_WSCALE, Config, CtEntry,
+    CtKey, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason,
 };
 
 use crate::{
-    maps::SEG_CT,
+    maps::{SEG_CT, SEG_CT_NEW},
     parse::{self, Bounds, L3_IPV4, Parsed},
 };
 
@@ -137,40 +152,148 @@ fn timeout_s(cfg: &Config, proto: u8, state: u8) -> u32 {
     }
 }
 
-/// The live (not expired) entry of `key`, as a pointer into the map.
+/// A live entry: where it is, and whether it is in the assured table.
+pub struct Tracked {
+    /// The entry, a pointer into its map (valid during this program run).
+    pub entry: *mut CtEntry,
+    /// In `SEG_CT` (assured) rather than `SEG_CT_NEW` (half-open).
+    pub assured: bool,
+}
+
+/// The live (not expired) entry of `key`: the assured table first (most
+/// packets belong to assured flows), then the half-open table.
 #[inline(always)]
-pub fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<*mut CtEntry> {
-    let e = SEG_CT.get_ptr_mut(key)?;
-    // SAFETY: `e` points at a value of the map, valid during this program
-    // run; concurrent writers only store whole integer fields.
-    let (last, state) = unsafe { ((*e).last_seen_ns, (*e).state) };
+pub fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
+    let (entry, assured) = match SEG_CT.get_ptr_mut(key) {
+        Some(e) => (e, true),
+        None => (SEG_CT_NEW.get_ptr_mut(key)?, false),
+    };
+    // SAFETY: `entry` points at a value of the map, valid during this
+    // program run; concurrent writers only store whole integer fields.
+    let (last, state) = unsafe { ((*entry).last_seen_ns, (*entry).state) };
     let ttl = timeout_s(cfg, key.proto, state) as u64 * NS_PER_S;
     if now.saturating_sub(last) > ttl {
         return None;
     }
-    Some(e)
+    Some(Tracked { entry, assured })
 }
 
-/// Updates an entry for a packet of its flow travelling in `dir`.
+/// 0 for the originator's side of the flow, 1 for the replier's.
 #[inline(always)]
-pub fn update(e: *mut CtEntry, dir: u8, p: &Parsed, now: u64) {
-    // SAFETY: `e` comes from `lookup` in this run; plain stores of integer
-    // fields (a racing CPU can at worst overwrite a timestamp or state).
-    unsafe {
-        (*e).last_seen_ns = now;
-        let reply = dir != (*e).origin;
-        if reply && (*e).state == CT_NEW {
-            (*e).state = CT_ESTABLISHED;
+fn side(e: &CtEntry, dir: u8) -> usize {
+    if dir == e.origin { 0 } else { 1 }
+}
+
+/// Whether a TCP RST or FIN from `side` is believable for the entry (see
+/// the module docs).
+#[inline(always)]
+fn in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
+    let other = side ^ 1;
+    if e.seen & (1 << side) == 0 {
+        return p.tcp_flags & TCP_ACK != 0 && p.tcp_ack == e.seq_end[other & 1];
+    }
+    let win = if e.max_win[other & 1] == 0 {
+        1
+    } else {
+        e.max_win[other & 1]
+    };
+    let d = p.tcp_seq.wrapping_sub(e.seq_end[side & 1]) as i32;
+    d.unsigned_abs() <= win
+}
+
+/// The verdict for a packet of a tracked flow: `PASS_CT`, or for a TCP
+/// RST/FIN outside the window `DROP_INVALID_RST` / `DROP_INVALID_FIN`.
+/// Reads the entry only (trace instances judge without writing).
+#[inline(always)]
+pub fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
+    if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+        return reason::PASS_CT;
+    }
+    // SAFETY: `t.entry` points at a live map value (see `lookup`); the
+    // copy may mix fields of a racing update, which at worst misjudges
+    // one RST/FIN as in or out of window.
+    let e = unsafe { *t.entry };
+    if in_window(&e, side(&e, dir), p) {
+        reason::PASS_CT
+    } else if p.tcp_flags & TCP_RST != 0 {
+        reason::DROP_INVALID_RST
+    } else {
+        reason::DROP_INVALID_FIN
+    }
+}
+
+/// Sequence end of a TCP segment: `seq + payload`, SYN and FIN count one.
+#[inline(always)]
+fn seq_end(p: &Parsed) -> u32 {
+    p.tcp_seq
+        .wrapping_add(p.tcp_len)
+        .wrapping_add((p.tcp_flags & TCP_SYN != 0) as u32)
+        .wrapping_add((p.tcp_flags & TCP_FIN != 0) as u32)
+}
+
+/// Records a TCP segment of `side` in the entry: highest sequence end,
+/// largest window (scaled once both SYNs offered scaling), window scale.
+#[inline(always)]
+fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
+    let s = side & 1;
+    let end = seq_end(p);
+    if p.tcp_flags & TCP_SYN != 0 {
+        e.wscale[s] = p.tcp_wscale;
+    }
+    if e.seen & (1 << s) == 0 || (end.wrapping_sub(e.seq_end[s]) as i32) > 0 {
+        e.seq_end[s] = end;
+    }
+    e.seen |= 1 << s;
+    let scaled =
+        p.tcp_flags & TCP_SYN == 0 && e.wscale[0] != CT_NO_WSCALE && e.wscale[1] != CT_NO_WSCALE;
+    let win = if scaled {
+        (p.tcp_win as u32) << (e.wscale[s] & 15)
+    } else {
+        p.tcp_win as u32
+    };
+    if win > e.max_win[s] {
+        e.max_win[s] = win;
+    }
+}
+
+/// Updates an entry for a packet of its flow travelling in `dir` (a packet
+/// `check` passed), and moves a half-open entry to the assured table when
+/// the originator speaks after a reply.
+#[inline(always)]
+pub fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
+    // SAFETY: `t.entry` comes from `lookup` in this run; plain stores of
+    // integer fields (a racing CPU can at worst overwrite a timestamp,
+    // a state or a sequence end).
+    let e = unsafe { &mut *t.entry };
+    e.last_seen_ns = now;
+    let side = side(e, dir);
+    let reply = side == 1;
+    let replied = e.state != CT_NEW;
+    if reply && e.state == CT_NEW {
+        e.state = CT_ESTABLISHED;
+    }
+    if p.proto == IPPROTO_TCP {
+        if !reply && e.state == CT_CLOSING && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // The tuple is reused by a new connection: track it afresh.
+            *e = new_entry(e.rule_id, dir, p, now);
+            return;
         }
-        if p.proto == IPPROTO_TCP {
-            if p.tcp_flags & TCP_RST != 0 {
-                (*e).state = CT_CLOSING;
-            } else if p.tcp_flags & TCP_FIN != 0 {
-                (*e).fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
-                if (*e).fin == CT_FIN_ORIG | CT_FIN_REPLY {
-                    (*e).state = CT_CLOSING;
-                }
+        track_tcp(e, side, p);
+        if p.tcp_flags & TCP_RST != 0 {
+            e.state = CT_CLOSING;
+        } else if p.tcp_flags & TCP_FIN != 0 {
+            e.fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+            if e.fin == CT_FIN_ORIG | CT_FIN_REPLY {
+                e.state = CT_CLOSING;
             }
+        }
+    }
+    if !t.assured && !reply && replied && e.state == CT_ESTABLISHED {
+        // Both sides spoke and the originator again: assured. Insert the
+        // copy first, so the flow is never in neither table.
+        let copy = *e;
+        if SEG_CT.insert(key, copy, 0).is_ok() {
+            let _ = SEG_CT_NEW.remove(key);
         }
     }
 }
@@ -187,18 +310,32 @@ pub fn opens_flow(p: &Parsed) -> bool {
     }
 }
 
-/// Records a new flow opened by a packet travelling in `dir`.
+/// A fresh entry for the flow opened by `p` travelling in `dir`.
 #[inline(always)]
-pub fn create(key: &CtKey, dir: u8, rule_id: u32, now: u64) {
-    let entry = CtEntry {
+fn new_entry(rule_id: u32, dir: u8, p: &Parsed, now: u64) -> CtEntry {
+    let mut e = CtEntry {
         last_seen_ns: now,
         rule_id,
         origin: dir,
         state: CT_NEW,
         fin: 0,
-        _pad: 0,
+        seen: 0,
+        seq_end: [0; 2],
+        max_win: [0; 2],
+        wscale: [CT_NO_WSCALE; 2],
+        _pad: [0; 6],
     };
+    if p.proto == IPPROTO_TCP {
+        track_tcp(&mut e, 0, p);
+    }
+    e
+}
+
+/// Records a new flow opened by a packet travelling in `dir`, in the
+/// half-open table.
+#[inline(always)]
+pub fn create(key: &CtKey, dir: u8, p: &Parsed, rule_id: u32, now: u64) {
     // A full table evicts its least recently used entry (LRU map); a
     // failed insert only means the replies will be judged by the policy.
-    let _ = SEG_CT.insert(key, entry, 0);
+    let _ = SEG_CT_NEW.insert(key, new_entry(rule_id, dir, p, now), 0);
 }

@@ -3,11 +3,17 @@
 //! LRU map; the datagram's later fragments pass only if they find it.
 //! Later fragments that arrive before their first fragment, or whose first
 //! fragment was dropped, are dropped and counted as `fragment-no-leader`.
+//!
+//! The protocol in the key is the one both the leader and its followers
+//! carry (for IPv6, the fragment header's next header). Like connection
+//! tracking, two tables keep a flood from evicting what matters: datagrams
+//! of assured flows go to `SEG_FRAG`, all others to `SEG_FRAG_NEW`, so a
+//! flood of spoofed leading fragments only evicts entries of the latter.
 
 use segbpf_common::{Config, FragEntry, FragKey};
 
 use crate::{
-    maps::SEG_FRAG,
+    maps::{SEG_FRAG, SEG_FRAG_NEW},
     parse::{L3_IPV4, Parsed},
 };
 
@@ -15,7 +21,7 @@ use crate::{
 fn key(p: &Parsed) -> FragKey {
     FragKey {
         family: if p.l3 == L3_IPV4 { 4 } else { 6 },
-        proto: p.proto,
+        proto: p.frag_proto,
         _pad: [0; 2],
         id: p.frag_id,
         src: p.src,
@@ -27,7 +33,11 @@ fn key(p: &Parsed) -> FragKey {
 /// passed less than `cfg.frag_s` seconds ago.
 #[inline(always)]
 pub fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
-    let e = SEG_FRAG.get_ptr(key(p))?;
+    let k = key(p);
+    let e = match SEG_FRAG.get_ptr(k) {
+        Some(e) => e,
+        None => SEG_FRAG_NEW.get_ptr(k)?,
+    };
     // SAFETY: points at a map value, valid during this program run.
     let e = unsafe { *e };
     if now.saturating_sub(e.first_seen_ns) > cfg.frag_s as u64 * 1_000_000_000 {
@@ -36,14 +46,20 @@ pub fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
     Some(e)
 }
 
-/// Remembers that the first fragment of `p`'s datagram passed.
+/// Remembers that the first fragment of `p`'s datagram passed, in the
+/// assured table when it passed on an assured flow.
 #[inline(always)]
-pub fn remember(p: &Parsed, reason: u8, rule_id: u32, now: u64) {
+pub fn remember(p: &Parsed, reason: u8, rule_id: u32, now: u64, assured: bool) {
     let e = FragEntry {
         first_seen_ns: now,
         rule_id,
         reason,
         _pad: [0; 3],
     };
-    let _ = SEG_FRAG.insert(key(p), e, 0);
+    let k = key(p);
+    let _ = if assured {
+        SEG_FRAG.insert(k, e, 0)
+    } else {
+        SEG_FRAG_NEW.insert(k, e, 0)
+    };
 }

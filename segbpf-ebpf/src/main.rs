@@ -22,7 +22,9 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use segbpf_common::{DIR_EGRESS, DIR_INGRESS};
+use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP};
+
+use crate::maps::SEGBPF_LINK;
 
 /// Bytes of a TC skb made linear before parsing (every header we read
 /// lies within them; the IPv6 extension walk is bounded to 1 KiB).
@@ -33,9 +35,16 @@ const TC_PULL_LEN: u32 = 1280;
 pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
+    // Without a link layer the frame starts at the IP header: its version
+    // says which.
+    let raw = if SEGBPF_LINK.load() == LINK_RAW_IP {
+        Some(parse::raw_ip_ethertype(&pkt))
+    } else {
+        None
+    };
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let decision = verdict::decide(&pkt, DIR_INGRESS, ifindex, len as u32);
+    let decision = verdict::decide(&pkt, raw, DIR_INGRESS, ifindex, len as u32);
     stats::record(&decision, DIR_INGRESS, len as u64);
     if decision.lets_through() {
         xdp_action::XDP_PASS
@@ -52,9 +61,16 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     // and drops the packet as truncated rather than judging it unread.
     let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len as usize);
+    // Without a link layer the skb starts at the IP header: its protocol
+    // field (an EtherType, network order) says which.
+    let raw = if SEGBPF_LINK.load() == LINK_RAW_IP {
+        Some(u16::from_be(ctx.skb.protocol() as u16))
+    } else {
+        None
+    };
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let decision = verdict::decide(&pkt, DIR_EGRESS, ifindex, len);
+    let decision = verdict::decide(&pkt, raw, DIR_EGRESS, ifindex, len);
     stats::record(&decision, DIR_EGRESS, len as u64);
     if decision.lets_through() {
         TC_ACT_OK

@@ -51,13 +51,24 @@ pub static SEG_RULE_STATS: PerCpuArray<Counter> =
 #[map]
 pub static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
-/// Connection table, shared by both directions (size: `attach --ct-size`).
+/// Connection table of assured flows, shared by both directions (size:
+/// `attach --ct-size`).
 #[map]
 pub static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
-/// Datagrams whose first fragment passed.
+/// Connection table of half-open flows (size: a quarter of `--ct-size`).
+#[map]
+pub static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
+
+/// Datagrams whose first fragment passed on an assured flow.
 #[map]
 pub static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
+
+/// Datagrams whose first fragment passed otherwise (rule, half-open flow, default).
+#[map]
+pub static SEG_FRAG_NEW: LruHashMap<FragKey, FragEntry> =
     LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
 
 /// Drop/audit events for userspace (`segbpf attach`, `segbpf monitor`).
@@ -80,3 +91,9 @@ pub static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 /// live program.
 #[unsafe(no_mangle)]
 pub static SEGBPF_RUN_MODE: Global<u8> = Global::new(0);
+
+/// Link layer of the device (`segbpf_common::LINK_ETHERNET` or
+/// `LINK_RAW_IP`), set at load from the device's ARPHRD type; frozen, so
+/// the verifier drops the other parser entry from the program.
+#[unsafe(no_mangle)]
+pub static SEGBPF_LINK: Global<u8> = Global::new(0);

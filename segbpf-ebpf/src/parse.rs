@@ -1,12 +1,19 @@
-//! Packet parsing: Ethernet, up to two VLAN tags, ARP, IPv4 (IHL and total
-//! length checked), IPv6 (bounded extension-header walk), TCP, UDP, ICMP,
-//! ICMPv6. Every read is bounds-checked against the end of the packet;
-//! anything that cannot be fully validated yields a drop reason, never a
-//! pass. Fields are read as integers, never as Rust enums.
+//! Packet parsing: Ethernet, up to two VLAN tags, ARP, IEEE 802.1
+//! link-local control frames, IPv4 (IHL and total length checked), IPv6
+//! (bounded extension-header walk), TCP (sequence, window, window-scale
+//! option), UDP, ICMP, ICMPv6. On devices without a link-layer header (tun,
+//! WireGuard, ip tunnels, ppp) the packet starts at the IP header and the
+//! program names its EtherType. Every read is bounds-checked against the
+//! end of the packet; anything that cannot be fully validated yields a drop
+//! reason, never a pass. Fields are read as integers, never as Rust enums.
+//!
+//! A leading fragment is judged on what it carries: its transport header
+//! must be whole inside the fragment, but lengths that describe the whole
+//! datagram (the UDP length) are not checked against the fragment.
 
 use core::mem::size_of;
 
-use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason};
+use segbpf_common::{CT_NO_WSCALE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -22,6 +29,17 @@ const IPV6_FRAG_HLEN: usize = 8;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
+/// TCP option kinds: end of list, no-operation, window scale.
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WSCALE: u8 = 3;
+/// Largest number of TCP options (NOPs included) walked looking for the
+/// window scale: Linux puts it 5th, Windows 3rd, macOS 3rd of 8.
+const MAX_TCP_OPTS: usize = 8;
+/// Largest window-scale shift (RFC 7323).
+const MAX_WSCALE: u8 = 14;
+/// TCP SYN flag.
+const TCP_SYN: u8 = 0x02;
 
 /// Largest number of IPv6 extension headers walked before giving up.
 pub const MAX_IPV6_EXT: usize = 8;
@@ -34,8 +52,10 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
-/// Layer-3 kind of a parsed packet.
+/// Layer-3 kind of a parsed packet: ARP.
 pub const L3_ARP: u8 = 1;
+/// A non-IP frame to an IEEE 802.1 link-local group address.
+pub const L2_LINK_LOCAL: u8 = 2;
 /// IPv4.
 pub const L3_IPV4: u8 = 4;
 /// IPv6.
@@ -116,10 +136,24 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
     pub frag: u8,
+    /// Protocol that keys the fragment table: the IPv4 protocol, or the
+    /// next header of the IPv6 fragment header (the same for the leading
+    /// fragment and its followers whatever headers follow it).
+    pub frag_proto: u8,
     /// IPv4 identification or IPv6 fragment id (fragments only).
     pub frag_id: u32,
     /// ICMP/ICMPv6 echo id (the echo's "port").
     pub echo_id: u16,
+    /// TCP sequence number.
+    pub tcp_seq: u32,
+    /// TCP acknowledgement number.
+    pub tcp_ack: u32,
+    /// TCP window field (unscaled).
+    pub tcp_win: u16,
+    /// TCP window-scale option of a SYN (`CT_NO_WSCALE` when absent).
+    pub tcp_wscale: u8,
+    /// TCP payload bytes in this packet.
+    pub tcp_len: u32,
     /// Offset of the transport header (for ICMP errors: where the quoted packet starts - 8).
     pub l4_off: usize,
     /// End of the IP datagram (offset).
@@ -146,17 +180,66 @@ impl Parsed {
             hop_limit: 0,
             tcp_flags: 0,
             frag: FRAG_NONE,
+            frag_proto: 0,
             frag_id: 0,
             echo_id: 0,
+            tcp_seq: 0,
+            tcp_ack: 0,
+            tcp_win: 0,
+            tcp_wscale: CT_NO_WSCALE,
+            tcp_len: 0,
             l4_off: 0,
             limit: 0,
         }
     }
 }
 
-/// Parses a packet from its Ethernet header on. `Err` carries the drop reason.
+/// The EtherType of a packet that starts at its IP header, from the IP
+/// version nibble (XDP on a device without a link-layer header). A packet
+/// too short to tell is handed to the IPv4 parser, which reports it
+/// truncated.
 #[inline(always)]
-pub fn parse(pkt: &Bounds) -> Result<Parsed, u8> {
+pub fn raw_ip_ethertype(pkt: &Bounds) -> u16 {
+    // Two bytes: every IP header is longer, and see `tcp_wscale`.
+    match pkt.bytes::<2>(0) {
+        Some(b) if b[0] >> 4 == 6 => ETH_P_IPV6,
+        Some(b) if b[0] >> 4 != 4 => ETH_P_UNKNOWN,
+        _ => ETH_P_IP,
+    }
+}
+
+/// Not an EtherType the parser knows (never matches).
+const ETH_P_UNKNOWN: u16 = 0xffff;
+
+/// Whether the frame goes to an IEEE 802.1 link-local group address,
+/// 01:80:c2:00:00:00 to 01:80:c2:00:00:0f (STP, LACP, LLDP, 802.1X...).
+#[inline(always)]
+fn to_link_local_group(pkt: &Bounds) -> bool {
+    match pkt.bytes::<6>(0) {
+        Some(d) => {
+            d[0] == 0x01
+                && d[1] == 0x80
+                && d[2] == 0xc2
+                && d[3] == 0
+                && d[4] == 0
+                && d[5] & 0xf0 == 0
+        }
+        None => false,
+    }
+}
+
+/// Parses a packet. `raw` is `None` when it begins with an Ethernet
+/// header, else the EtherType of the IP header it begins with (devices
+/// without a link layer). `Err` carries the drop reason.
+#[inline(always)]
+pub fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
+    if let Some(ethertype) = raw {
+        return match ethertype {
+            ETH_P_IP => parse_ipv4(pkt, 0),
+            ETH_P_IPV6 => parse_ipv6(pkt, 0),
+            _ => Err(reason::DROP_ETHERTYPE),
+        };
+    }
     let mut ethertype = pkt.be16_at(12).ok_or(reason::DROP_TRUNC_ETH)?;
     let mut off = ETH_HLEN;
     // Up to two VLAN tags (802.1Q, and 802.1ad outer tag for QinQ).
@@ -183,6 +266,10 @@ pub fn parse(pkt: &Bounds) -> Result<Parsed, u8> {
             }
             Ok(Parsed::empty(L3_ARP))
         }
+        // Bridges never forward frames to these addresses: they stay on
+        // one link. STP BPDUs carry an 802.3 length here, not an
+        // EtherType. Anything else fails closed.
+        _ if to_link_local_group(pkt) => Ok(Parsed::empty(L2_LINK_LOCAL)),
         _ => Err(reason::DROP_ETHERTYPE),
     }
 }
@@ -211,6 +298,7 @@ fn parse_ipv4(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
     let mut p = Parsed::empty(L3_IPV4);
     p.proto = hdr[9];
+    p.frag_proto = hdr[9];
     p.hop_limit = hdr[8];
     p.src[..4].copy_from_slice(&hdr[12..16]);
     p.dst[..4].copy_from_slice(&hdr[16..20]);
@@ -272,6 +360,7 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
                     .ok_or(reason::DROP_IPV6_EXT)?;
                 let off_m = u16::from_be_bytes([ext[2], ext[3]]);
                 nexthdr = ext[0];
+                p.frag_proto = nexthdr;
                 l4 += IPV6_FRAG_HLEN;
                 if off_m & 0xfff9 != 0 {
                     p.frag_id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
@@ -320,7 +409,14 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
             }
             p.sport = u16::from_be_bytes([h[0], h[1]]);
             p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.tcp_seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            p.tcp_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
             p.tcp_flags = h[13];
+            p.tcp_win = u16::from_be_bytes([h[14], h[15]]);
+            p.tcp_len = (limit - off - doff) as u32;
+            if p.tcp_flags & TCP_SYN != 0 {
+                p.tcp_wscale = tcp_wscale(pkt, off, doff);
+            }
         }
         IPPROTO_UDP => {
             let h = pkt.bytes::<UDP_HLEN>(off).ok_or(reason::DROP_TRUNC_L4)?;
@@ -331,7 +427,9 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
             if len < UDP_HLEN {
                 return Err(reason::DROP_BAD_L4);
             }
-            if off + len > limit {
+            // The UDP length covers the whole datagram: only an unfragmented
+            // one must fit in this packet (a leading fragment carries part).
+            if p.frag == FRAG_NONE && off + len > limit {
                 return Err(reason::DROP_TRUNC_L4);
             }
             p.sport = u16::from_be_bytes([h[0], h[1]]);
@@ -348,6 +446,50 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
         _ => {}
     }
     Ok(p)
+}
+
+/// The window-scale option among the options of the TCP header at `off`
+/// of `doff` bytes (a SYN's),
+/// or `CT_NO_WSCALE`. A malformed option list ends the walk: the flow is
+/// then tracked without scaling, which only narrows the RST window.
+#[inline(always)]
+fn tcp_wscale(pkt: &Bounds, off: usize, doff: usize) -> u8 {
+    // `rel` is the offset inside the TCP header, masked to 0..=63 at every
+    // step: the verifier then sees the same bounds on every path through
+    // the walk and prunes them, instead of exploring each NOP/option mix.
+    let mut rel = TCP_MIN_HLEN;
+    for _ in 0..MAX_TCP_OPTS {
+        rel &= 63;
+        // Read first, then check against the header's end: had the header
+        // check come first, the compiler (which knows the header lies in
+        // an XDP frame) would drop the read's own bounds check, which the
+        // verifier needs. Two bytes at a time (kind and length); a lone
+        // EOL/NOP in the last byte holds no scale anyway.
+        let Some(o) = pkt.bytes::<2>(off + rel) else {
+            break;
+        };
+        if rel + 2 > doff || o[0] == TCPOPT_EOL {
+            break;
+        }
+        if o[0] == TCPOPT_NOP {
+            rel += 1;
+            continue;
+        }
+        if o[0] == TCPOPT_WSCALE && o[1] == 3 {
+            let Some(v) = pkt.bytes::<3>(off + rel) else {
+                break;
+            };
+            if rel + 3 > doff {
+                break;
+            }
+            return if v[2] > MAX_WSCALE { MAX_WSCALE } else { v[2] };
+        }
+        if o[1] < 2 {
+            break;
+        }
+        rel += o[1] as usize;
+    }
+    CT_NO_WSCALE
 }
 
 /// ICMP destination unreachable / time exceeded / parameter problem, and

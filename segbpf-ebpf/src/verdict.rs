@@ -1,6 +1,7 @@
 //! The verdict: combines the parse result, connection and fragment state,
 //! the two policy lookups and the defaults. Order: always-allowed L2
-//! control traffic; later fragments (pass only after their first fragment
+//! control traffic (ARP, IPv6 ND/MLD, and link-local control frames unless
+//! `defaults.link_local = false`); later fragments (pass only after their first fragment
 //! passed); tracked connections; policy rules (lowest matching rule id);
 //! the ICMP default (echo, and errors about tracked flows); the
 //! direction's default. A packet that passes and opens a flow makes a
@@ -14,7 +15,9 @@ use segbpf_common::{
 use crate::{
     ct, events, frag, lookup,
     maps::SEGBPF_RUN_MODE,
-    parse::{self, Bounds, FRAG_FIRST, FRAG_LATER, L3_ARP, L3_IPV4, L3_IPV6, Parsed},
+    parse::{
+        self, Bounds, FRAG_FIRST, FRAG_LATER, L2_LINK_LOCAL, L3_ARP, L3_IPV4, L3_IPV6, Parsed,
+    },
 };
 
 /// The outcome for one packet.
@@ -56,11 +59,12 @@ impl Decision {
 }
 
 /// Decides the fate of the packet in `pkt` travelling in direction `dir`
-/// on interface `ifindex`, and reports a drop as a rate-limited event. In
-/// audit mode a drop is turned into a pass marked `audit` (its reason is
-/// still the drop reason, so counters show what enforcement would do).
+/// on interface `ifindex`, and reports a drop as a rate-limited event.
+/// `raw` says where the packet begins (`parse::parse`). In audit mode a
+/// drop is turned into a pass marked `audit` (its reason is still the drop
+/// reason, so counters show what enforcement would do).
 #[inline(always)]
-pub fn decide(pkt: &Bounds, dir: u8, ifindex: u32, len: u32) -> Decision {
+pub fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len: u32) -> Decision {
     let Some(cfg) = lookup::config() else {
         // Unreadable configuration: fail closed.
         return Decision::early(reason::DROP_DEFAULT);
@@ -68,7 +72,7 @@ pub fn decide(pkt: &Bounds, dir: u8, ifindex: u32, len: u32) -> Decision {
     // Trace instances judge with the live state but never change it.
     let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
     let now = ct::now();
-    match parse::parse(pkt) {
+    match parse::parse(pkt, raw) {
         Ok(p) => {
             let mut d = judge(pkt, cfg, dir, &p, now, writes);
             if !reason::passes(d.reason) {
@@ -96,6 +100,13 @@ fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool
     if p.l3 == L3_ARP {
         return Decision::early(reason::PASS_ARP);
     }
+    if p.l3 == L2_LINK_LOCAL {
+        return Decision::early(if cfg.link_local != 0 {
+            reason::PASS_LINK_LOCAL
+        } else {
+            reason::DROP_LINK_LOCAL
+        });
+    }
     if is_neighbour_discovery(p) {
         return Decision::early(reason::PASS_ND);
     }
@@ -118,14 +129,16 @@ fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool
     } else {
         None
     };
+    let mut assured = false;
     if let Some(k) = &ct_key
-        && let Some(e) = ct::lookup(cfg, k, now)
+        && let Some(t) = ct::lookup(cfg, k, now)
     {
-        // SAFETY: `e` points at a live map value (see ct::lookup).
-        d.rule_id = unsafe { (*e).rule_id };
-        d.reason = reason::PASS_CT;
-        if writes {
-            ct::update(e, dir, p, now);
+        // SAFETY: `t.entry` points at a live map value (see ct::lookup).
+        d.rule_id = unsafe { (*t.entry).rule_id };
+        d.reason = ct::check(&t, dir, p);
+        assured = t.assured;
+        if writes && reason::passes(d.reason) {
+            ct::update(&t, k, dir, p, now);
         }
     } else {
         judge_policy(pkt, cfg, dir, p, now, &mut d);
@@ -134,11 +147,11 @@ fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool
             && let Some(k) = &ct_key
             && ct::opens_flow(p)
         {
-            ct::create(k, dir, d.rule_id, now);
+            ct::create(k, dir, p, d.rule_id, now);
         }
     }
     if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {
-        frag::remember(p, d.reason, d.rule_id, now);
+        frag::remember(p, d.reason, d.rule_id, now, assured);
     }
     d
 }

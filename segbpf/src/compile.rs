@@ -38,9 +38,10 @@ pub struct Capacity {
     pub peer_v6: u32,
     /// `SEG_PORTS` max entries.
     pub ports: u32,
-    /// `SEG_CT` max entries (connection table).
+    /// `SEG_CT` max entries (connection table of assured flows); the
+    /// half-open table `SEG_CT_NEW` gets `segbpf_common::ct_new_entries(ct)`.
     pub ct: u32,
-    /// `SEG_FRAG` max entries.
+    /// `SEG_FRAG` and `SEG_FRAG_NEW` max entries (each).
     pub frag: u32,
     /// `SEG_RULE_STATS` entries (rule ids must be below it).
     pub rule_stats: u32,
@@ -238,6 +239,7 @@ pub fn compile(
             ct_udp_est_s: ct_timeout::UDP_EST,
             ct_icmp_s: ct_timeout::ICMP,
             frag_s: ct_timeout::FRAG,
+            link_local: policy.defaults.link_local as u8,
             ..Config::default()
         },
         ..Compiled::default()

@@ -262,13 +262,34 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Entries in an attachment's connection table (live and not yet evicted;
-/// expired entries count until the LRU reuses them).
-pub fn pinned_ct_fill(att: &Attachment) -> Result<u64, MapsError> {
-    use segbpf_common::{CtEntry, CtKey, MAP_CT};
-    let data = MapData::from_pin(att.map(MAP_CT)).map_err(err(MAP_CT))?;
+/// Entries in one of an attachment's LRU tables (`SEG_CT`, `SEG_CT_NEW`,
+/// `SEG_FRAG`, `SEG_FRAG_NEW`): live and not yet evicted; expired entries
+/// count until the LRU reuses them.
+pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
+    att: &Attachment,
+    name: &'static str,
+) -> Result<u64, MapsError> {
+    let data = MapData::from_pin(att.map(name)).map_err(err(name))?;
     let map = Map::LruHashMap(data);
-    let ct: aya::maps::HashMap<&MapData, CtKey, CtEntry> =
-        aya::maps::HashMap::try_from(&map).map_err(err(MAP_CT))?;
-    Ok(ct.keys().filter(Result::is_ok).count() as u64)
+    let table: aya::maps::HashMap<&MapData, K, V> =
+        aya::maps::HashMap::try_from(&map).map_err(err(name))?;
+    Ok(table.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Entries in an attachment's connection tables: (assured, half-open).
+pub fn pinned_ct_fill(att: &Attachment) -> Result<(u64, u64), MapsError> {
+    use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
+    Ok((
+        pinned_fill::<CtKey, CtEntry>(att, MAP_CT)?,
+        pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW)?,
+    ))
+}
+
+/// Entries in an attachment's fragment tables: (assured, other).
+pub fn pinned_frag_fill(att: &Attachment) -> Result<(u64, u64), MapsError> {
+    use segbpf_common::{FragEntry, FragKey, MAP_FRAG, MAP_FRAG_NEW};
+    Ok((
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG)?,
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG_NEW)?,
+    ))
 }

@@ -107,6 +107,38 @@ pub fn render(att: &Attachment) -> anyhow::Result<String> {
     ct_size
         .get_or_create(&vec![iface()])
         .set(r.conntrack.size as i64);
+    let half_open = Family::<Labels, Gauge>::default();
+    registry.register(
+        "conntrack_half_open_entries",
+        "Half-open connection-table entries in use (openers without a reply; a flood evicts only these)",
+        half_open.clone(),
+    );
+    half_open
+        .get_or_create(&vec![iface()])
+        .set(r.conntrack.half_open_entries as i64);
+    let half_open_size = Family::<Labels, Gauge>::default();
+    registry.register(
+        "conntrack_half_open_size",
+        "Half-open connection-table capacity",
+        half_open_size.clone(),
+    );
+    half_open_size
+        .get_or_create(&vec![iface()])
+        .set(r.conntrack.half_open_size as i64);
+    let frags = Family::<Labels, Gauge>::default();
+    registry.register(
+        "fragment_entries",
+        "Fragment-table entries in use (table: assured or other)",
+        frags.clone(),
+    );
+    for (table, n) in [
+        ("assured", r.fragments.assured_entries),
+        ("other", r.fragments.other_entries),
+    ] {
+        frags
+            .get_or_create(&vec![iface(), ("table".into(), table.into())])
+            .set(n as i64);
+    }
 
     let mut out = String::new();
     encode(&mut out, &registry).context("encoding metrics")?;

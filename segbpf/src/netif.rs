@@ -40,3 +40,168 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
         .with_context(|| format!("entering network namespace {name}"))?;
     Ok(())
 }
+
+/// How segbpf reads a device's packets, from its ARPHRD type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkLayer {
+    /// The device's `ARPHRD_*` type (linux/if_arp.h), as the kernel reports it.
+    pub arphrd: u16,
+    /// `segbpf_common::LINK_ETHERNET` or `LINK_RAW_IP`.
+    pub link: u8,
+}
+
+impl LinkLayer {
+    /// A name for the device type (`ether`, `none`, `ipip`, ...), as iproute2 prints it.
+    pub fn type_name(&self) -> String {
+        arphrd_name(self.arphrd)
+    }
+
+    /// Whether packets start at the IP header (no link-layer header).
+    pub fn is_raw_ip(&self) -> bool {
+        self.link == segbpf_common::LINK_RAW_IP
+    }
+}
+
+/// `ARPHRD_*` values segbpf knows (linux/if_arp.h).
+mod arphrd {
+    pub const ETHER: u16 = 1;
+    pub const INFINIBAND: u16 = 32;
+    pub const CAN: u16 = 280;
+    pub const PPP: u16 = 512;
+    pub const RAWIP: u16 = 519;
+    pub const TUNNEL: u16 = 768;
+    pub const TUNNEL6: u16 = 769;
+    pub const LOOPBACK: u16 = 772;
+    pub const SIT: u16 = 776;
+    pub const IPGRE: u16 = 778;
+    pub const IEEE80211_RADIOTAP: u16 = 803;
+    pub const IP6GRE: u16 = 823;
+    pub const NETLINK: u16 = 824;
+    pub const NONE: u16 = 0xfffe;
+    pub const VOID: u16 = 0xffff;
+}
+
+fn arphrd_name(t: u16) -> String {
+    match t {
+        arphrd::ETHER => "ether",
+        arphrd::INFINIBAND => "infiniband",
+        arphrd::CAN => "can",
+        arphrd::PPP => "ppp",
+        arphrd::RAWIP => "rawip",
+        arphrd::TUNNEL => "ipip",
+        arphrd::TUNNEL6 => "tunnel6",
+        arphrd::LOOPBACK => "loopback",
+        arphrd::SIT => "sit",
+        arphrd::IPGRE => "gre",
+        arphrd::IEEE80211_RADIOTAP => "ieee802.11/radiotap",
+        arphrd::IP6GRE => "ip6gre",
+        arphrd::NETLINK => "netlink",
+        arphrd::NONE => "none",
+        arphrd::VOID => "void",
+        _ => return format!("unknown ({t})"),
+    }
+    .to_string()
+}
+
+/// How packets of a device of type `arphrd` start, or `None` when segbpf
+/// has no parser for it. Ethernet-framed: Ethernet, veth, bridge, bond,
+/// tap, vxlan, macvlan, loopback. No link layer: tun, WireGuard (`none`),
+/// ipip, ip6tnl, sit, gre, ip6gre, ppp, raw IP.
+pub fn classify(arphrd: u16) -> Option<LinkLayer> {
+    let link = match arphrd {
+        arphrd::ETHER | arphrd::LOOPBACK => segbpf_common::LINK_ETHERNET,
+        arphrd::NONE
+        | arphrd::TUNNEL
+        | arphrd::TUNNEL6
+        | arphrd::SIT
+        | arphrd::IPGRE
+        | arphrd::IP6GRE
+        | arphrd::PPP
+        | arphrd::RAWIP => segbpf_common::LINK_RAW_IP,
+        _ => return None,
+    };
+    Some(LinkLayer { arphrd, link })
+}
+
+/// The device type (`ARPHRD_*`) of `iface` in the calling thread's network
+/// namespace, asked of the kernel (SIOCGIFHWADDR), never guessed from the name.
+pub fn device_type(iface: &str) -> anyhow::Result<u16> {
+    use std::os::fd::AsRawFd as _;
+    let name = iface.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("invalid interface name {iface:?}");
+    }
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket for SIOCGIFHWADDR")?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of the
+    // ifreq we own; the socket is open for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the device type of {iface}"));
+    }
+    // SAFETY: after a successful SIOCGIFHWADDR the union holds ifr_hwaddr.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// How segbpf must read `iface`'s packets; an error naming the device and
+/// its type when segbpf has no parser for that type.
+pub fn link_layer(iface: &str) -> anyhow::Result<LinkLayer> {
+    let t = device_type(iface)?;
+    classify(t).with_context(|| {
+        format!(
+            "{iface} is a device of link type {} (ARPHRD {t}), whose frames segbpf cannot parse; \
+             supported: Ethernet-framed devices (ethernet, veth, bridge, bond, tap, vxlan, loopback) \
+             and devices without a link-layer header (tun, wireguard, ipip, ip6tnl, sit, gre, ppp)",
+            arphrd_name(t)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_types_are_classified_or_refused() {
+        assert_eq!(
+            classify(1).map(|l| l.link),
+            Some(segbpf_common::LINK_ETHERNET)
+        );
+        assert_eq!(
+            classify(772).map(|l| l.link),
+            Some(segbpf_common::LINK_ETHERNET)
+        );
+        for t in [0xfffe, 768, 769, 776, 778, 823, 512, 519] {
+            assert_eq!(
+                classify(t).map(|l| l.link),
+                Some(segbpf_common::LINK_RAW_IP),
+                "type {t}"
+            );
+        }
+        for t in [32, 280, 803, 824, 0xffff, 0, 2] {
+            assert_eq!(classify(t), None, "type {t} must be refused");
+        }
+        assert_eq!(arphrd_name(0xfffe), "none");
+        assert_eq!(arphrd_name(4242), "unknown (4242)");
+    }
+
+    #[test]
+    fn loopback_is_ethernet_framed() {
+        // The test process's own namespace always has `lo`.
+        let l = link_layer("lo").expect("lo");
+        assert_eq!(l.arphrd, 772);
+        assert!(!l.is_raw_ip());
+        assert!(link_layer("no-such-if0").is_err());
+    }
+}

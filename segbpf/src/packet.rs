@@ -66,6 +66,14 @@ pub struct PacketSpec {
     pub dport: u16,
     /// TCP flags.
     pub tcp_flags: u8,
+    /// TCP sequence number.
+    pub tcp_seq: u32,
+    /// TCP acknowledgement number.
+    pub tcp_ack: u32,
+    /// TCP window field.
+    pub tcp_window: u16,
+    /// TCP options (padded with NOPs to 4 bytes by the builder).
+    pub tcp_options: Vec<u8>,
     /// ICMP/ICMPv6 type.
     pub icmp_type: u8,
     /// VLAN ids, outermost first (two tags: 802.1ad outer, 802.1Q inner).
@@ -105,6 +113,10 @@ impl PacketSpec {
             sport: 0,
             dport: 0,
             tcp_flags: 0,
+            tcp_seq: 1,
+            tcp_ack: 0,
+            tcp_window: 65535,
+            tcp_options: Vec::new(),
             icmp_type: 0,
             vlans: Vec::new(),
             ttl: 64,
@@ -217,13 +229,18 @@ impl PacketSpec {
         let mut t = Vec::new();
         match self.proto {
             IPPROTO_TCP => {
+                let mut opts = self.tcp_options.clone();
+                while !opts.len().is_multiple_of(4) {
+                    opts.push(1); // NOP
+                }
                 t.extend_from_slice(&self.sport.to_be_bytes());
                 t.extend_from_slice(&self.dport.to_be_bytes());
-                t.extend_from_slice(&1u32.to_be_bytes()); // seq
-                t.extend_from_slice(&0u32.to_be_bytes()); // ack
-                t.extend_from_slice(&[5 << 4, self.tcp_flags]);
-                t.extend_from_slice(&65535u16.to_be_bytes());
+                t.extend_from_slice(&self.tcp_seq.to_be_bytes());
+                t.extend_from_slice(&self.tcp_ack.to_be_bytes());
+                t.extend_from_slice(&[((5 + opts.len() / 4) as u8) << 4, self.tcp_flags]);
+                t.extend_from_slice(&self.tcp_window.to_be_bytes());
                 t.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                t.extend_from_slice(&opts);
             }
             IPPROTO_UDP => {
                 t.extend_from_slice(&self.sport.to_be_bytes());
@@ -240,6 +257,81 @@ impl PacketSpec {
         }
         t.extend_from_slice(&self.payload);
         t
+    }
+}
+
+impl PacketSpec {
+    /// The datagram this spec builds, cut into fragments as an IP stack
+    /// cuts it: the transport header keeps the whole datagram's lengths
+    /// (a UDP length covers every fragment), and only the first fragment
+    /// carries it. `cuts` are the offsets into the fragmentable part where
+    /// a new fragment starts (multiples of 8, increasing, inside it).
+    ///
+    /// IPv4: the fragmentable part is the IP payload; the id is
+    /// `ipv4_id`, and `frag4` is ignored. IPv6: the first `unfragmentable`
+    /// headers of `ipv6_ext` stay in every fragment, then comes a fragment
+    /// header with `id`; the remaining extension headers and the transport
+    /// are fragmentable (`ipv6_ext` must not hold a fragment header).
+    pub fn fragments(&self, unfragmentable: usize, cuts: &[usize], id: u32) -> Vec<Built> {
+        let whole = PacketSpec {
+            frag4: Frag4::default(),
+            ..self.clone()
+        }
+        .build();
+        let f = &whole.bytes;
+        let l3 = whole.l3;
+        let v4 = self.src.is_ipv4();
+        // Start of the fragmentable part, and where the next-header byte
+        // that must point at the fragment header is (IPv6).
+        let (unfrag_end, next_at) = if v4 {
+            (l3 + usize::from(f[l3] & 0x0f) * 4, 0)
+        } else {
+            let mut at = l3 + 40;
+            let mut next_at = l3 + 6;
+            for e in &self.ipv6_ext[..unfragmentable] {
+                next_at = at;
+                at += 1 + e.body.len();
+            }
+            (at, next_at)
+        };
+        let part = &f[unfrag_end..];
+        let mut bounds: Vec<usize> = cuts.to_vec();
+        bounds.insert(0, 0);
+        bounds.push(part.len());
+        bounds
+            .windows(2)
+            .map(|w| {
+                let (a, b) = (w[0], w[1]);
+                let more = b < part.len();
+                let mut out = f[..unfrag_end].to_vec();
+                let l4;
+                if v4 {
+                    let ihl = unfrag_end - l3;
+                    let tot = (ihl + b - a) as u16;
+                    out[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+                    out[l3 + 4..l3 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+                    let off = ((a / 8) as u16 & 0x1fff) | if more { 0x2000 } else { 0 };
+                    out[l3 + 6..l3 + 8].copy_from_slice(&off.to_be_bytes());
+                    out[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+                    let csum = checksum(&out[l3..l3 + ihl]);
+                    out[l3 + 10..l3 + 12].copy_from_slice(&csum.to_be_bytes());
+                    l4 = out.len();
+                } else {
+                    let inner_next = out[next_at];
+                    out[next_at] = 44;
+                    let off = (((a / 8) as u16) << 3) | more as u16;
+                    out.push(inner_next);
+                    out.push(0);
+                    out.extend_from_slice(&off.to_be_bytes());
+                    out.extend_from_slice(&id.to_be_bytes());
+                    let plen = (out.len() - l3 - 40 + b - a) as u16;
+                    out[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+                    l4 = out.len();
+                }
+                out.extend_from_slice(&part[a..b]);
+                Built { bytes: out, l3, l4 }
+            })
+            .collect()
     }
 }
 
@@ -297,6 +389,77 @@ mod tests {
         assert_eq!(b.bytes.len(), 54);
         assert_eq!(checksum(&b.bytes[14..34]), 0, "valid IPv4 header checksum");
         assert_eq!(u16::from_be_bytes([b.bytes[36], b.bytes[37]]), 80);
+    }
+
+    #[test]
+    fn fragments_carry_the_datagram_udp_length() {
+        let mut s = PacketSpec::udp(
+            "198.18.0.1".parse().unwrap(),
+            "198.18.0.2".parse().unwrap(),
+            5,
+            53,
+        );
+        s.payload = vec![7; 3000];
+        let frags = s.fragments(0, &[1480, 2960], 0x77);
+        assert_eq!(frags.len(), 3);
+        let first = &frags[0].bytes;
+        assert_eq!(
+            u16::from_be_bytes([first[38], first[39]]),
+            3008,
+            "UDP length of the datagram"
+        );
+        assert_eq!(
+            u16::from_be_bytes([first[16], first[17]]),
+            1500,
+            "IPv4 total length"
+        );
+        assert_eq!(&first[20..22], &[0x20, 0], "more fragments, offset 0");
+        assert_eq!(checksum(&first[14..34]), 0);
+        let last = &frags[2].bytes;
+        assert_eq!(
+            u16::from_be_bytes([last[20], last[21]]),
+            2960 / 8,
+            "offset, no MF"
+        );
+        let total: usize = frags.iter().map(|b| b.bytes.len() - 34).sum();
+        assert_eq!(total, 3008);
+
+        let mut s6 = PacketSpec::udp(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            5,
+            53,
+        );
+        s6.payload = vec![7; 100];
+        s6.ipv6_ext = vec![Ext::options(0), Ext::options(60)];
+        let frags = s6.fragments(1, &[64], 9);
+        let first = &frags[0].bytes;
+        assert_eq!(
+            first[14 + 40],
+            44,
+            "hop-by-hop points to the fragment header"
+        );
+        assert_eq!(
+            first[14 + 48],
+            60,
+            "fragment header points to destination options"
+        );
+        assert_eq!(&first[14 + 50..14 + 52], &[0, 1], "offset 0, more");
+        assert_eq!(first[14 + 56], 17, "destination options point to UDP");
+        assert_eq!(
+            u16::from_be_bytes([first[14 + 64 + 4], first[14 + 64 + 5]]),
+            108
+        );
+        let second = &frags[1].bytes;
+        assert_eq!(
+            &second[14 + 50..14 + 52],
+            &[0, 8 << 3],
+            "offset 64 bytes, last"
+        );
+        assert_eq!(
+            u16::from_be_bytes([second[18], second[19]]) as usize,
+            second.len() - 54
+        );
     }
 
     #[test]

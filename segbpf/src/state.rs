@@ -42,6 +42,12 @@ pub struct State {
     pub set_overrides: std::collections::BTreeMap<String, Vec<String>>,
     /// XDP mode in use: `native` or `skb`.
     pub mode: String,
+    /// The device's `ARPHRD_*` type at attach (1 = Ethernet).
+    #[serde(default = "ethernet")]
+    pub link_type: u16,
+    /// The device has no link-layer header: packets start at the IP header.
+    #[serde(default)]
+    pub raw_ip: bool,
     /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).
     #[serde(default)]
     pub tc_mode: String,
@@ -74,7 +80,21 @@ pub struct State {
     pub rules: Vec<RuleInfo>,
 }
 
+fn ethernet() -> u16 {
+    1
+}
+
 impl State {
+    /// `segbpf_common::LINK_RAW_IP` or `LINK_ETHERNET`: how the attached
+    /// program reads packets.
+    pub fn link(&self) -> u8 {
+        if self.raw_ip {
+            segbpf_common::LINK_RAW_IP
+        } else {
+            segbpf_common::LINK_ETHERNET
+        }
+    }
+
     /// Reads a state file.
     pub fn read(path: &Path) -> anyhow::Result<State> {
         let text = std::fs::read_to_string(path)

@@ -8,5 +8,6 @@ pub mod generate;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod tun;
 
 pub use lab::{Host, Lab};

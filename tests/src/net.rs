@@ -364,3 +364,354 @@ pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
     }
     Ok(m)
 }
+
+/// A UDP socket bound to `addr` with a receive buffer large enough for
+/// several 64 KiB datagrams, in the calling thread's namespace.
+fn udp_socket_large(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Capped by net.core.rmem_max; the default cap (2 x 208 KiB) holds a
+    // reassembled 65,000-byte datagram with room to spare.
+    let _ = sock.set_recv_buffer_size(1 << 20);
+    let _ = sock.set_send_buffer_size(1 << 20);
+    sock.bind(&addr.into())
+        .with_context(|| format!("bind udp {addr}"))?;
+    Ok(sock.into())
+}
+
+impl Server {
+    /// Like [`Server::udp`], for datagrams of any size up to 65,535 bytes
+    /// (a 64 KiB buffer, a large receive buffer): an echo answers each
+    /// datagram with itself, whole, so datagrams above the MTU are
+    /// fragmented by the kernel in both directions.
+    pub fn udp_large(ns: &str, addr: IpAddr, port: u16, echo: bool) -> anyhow::Result<Self> {
+        let mut buf = vec![0u8; 65536];
+        Self::spawn(
+            ns,
+            move || {
+                let u = udp_socket_large(SocketAddr::new(addr, port))?;
+                u.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(u)
+            },
+            move |u: &std::net::UdpSocket| match u.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    if echo {
+                        let _ = u.send_to(&buf[..n], peer);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+        )
+    }
+
+    /// A TCP listener on `addr:port` that sends `bytes` bytes of
+    /// [`bulk_pattern`] on each accepted connection, then closes it; each
+    /// connection may take up to 30 s (a stalled one gives up after 3 s
+    /// without progress). `handled` counts accepted connections.
+    pub fn tcp_source(ns: &str, addr: IpAddr, port: u16, bytes: u64) -> anyhow::Result<Self> {
+        Self::spawn(
+            ns,
+            move || {
+                let l = TcpListener::bind(SocketAddr::new(addr, port))
+                    .with_context(|| format!("bind {addr}:{port}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            },
+            move |l: &TcpListener| match l.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let _ = write_pattern(&mut c, bytes, deadline);
+                    true
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    false
+                }
+            },
+        )
+    }
+
+    /// A TCP listener on `addr:port` that reads each accepted connection to
+    /// its end (up to 30 s; a stalled one gives up after 3 s without
+    /// progress), checks it against [`bulk_pattern`], then answers with the
+    /// number of bytes that arrived in order and intact (8 bytes, big
+    /// endian) and closes. `handled` counts accepted connections.
+    pub fn tcp_sink(ns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+        Self::spawn(
+            ns,
+            move || {
+                let l = TcpListener::bind(SocketAddr::new(addr, port))
+                    .with_context(|| format!("bind {addr}:{port}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            },
+            move |l: &TcpListener| match l.accept() {
+                Ok((mut c, _)) => {
+                    use std::io::Write as _;
+                    let _ = c.set_nonblocking(false);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let (n, _) = read_pattern(&mut c, deadline);
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(3)));
+                    let _ = c.write_all(&n.to_be_bytes());
+                    true
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    false
+                }
+            },
+        )
+    }
+}
+
+/// The byte at offset `i` of a bulk TCP transfer: `i % 251` (a period
+/// prime to every segment and buffer size, so a lost, duplicated or
+/// reordered chunk shows).
+pub fn bulk_pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// 64 KiB of [`bulk_pattern`] plus one period, so any offset's next 64 KiB
+/// is one slice of it.
+fn pattern_block() -> Vec<u8> {
+    (0..65536 + 251).map(bulk_pattern).collect()
+}
+
+/// Writes `bytes` bytes of [`bulk_pattern`] to `s` until `deadline`;
+/// returns how many were written. Gives up after 3 s without progress.
+fn write_pattern(s: &mut TcpStream, bytes: u64, deadline: std::time::Instant) -> u64 {
+    use std::io::Write as _;
+    let block = pattern_block();
+    let _ = s.set_write_timeout(Some(Duration::from_secs(3)));
+    let mut sent = 0u64;
+    while sent < bytes && std::time::Instant::now() < deadline {
+        let start = (sent % 251) as usize;
+        let n = (bytes - sent).min(65536) as usize;
+        match s.write(&block[start..start + n]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => sent += k as u64,
+        }
+    }
+    sent
+}
+
+/// Reads `s` to its end (or `deadline`, or 3 s without progress) and
+/// returns how many bytes arrived matching [`bulk_pattern`] from offset 0,
+/// and whether the stream ended cleanly with nothing that did not match.
+fn read_pattern(s: &mut TcpStream, deadline: std::time::Instant) -> (u64, bool) {
+    use std::io::Read as _;
+    let block = pattern_block();
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0u64;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return (got, false);
+        }
+        let _ = s.set_read_timeout(Some(left.min(Duration::from_secs(3))));
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => {
+                let start = (got % 251) as usize;
+                if buf[..n] != block[start..start + n] {
+                    let ok = buf[..n]
+                        .iter()
+                        .zip(&block[start..start + n])
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    return (got + ok as u64, false);
+                }
+                got += n as u64;
+            }
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// What a bulk TCP transfer achieved (see [`tcp_fetch`], [`tcp_push`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// The handshake completed.
+    pub connected: bool,
+    /// Bytes the receiving side counted, in order and matching
+    /// [`bulk_pattern`].
+    pub received: u64,
+    /// Time from the connection attempt to the end of the transfer.
+    pub elapsed: Duration,
+}
+
+/// Connects from `src` in namespace `ns` to a [`Server::tcp_source`] at
+/// `dst:port` and reads until the server closes or `timeout` (counted from
+/// the connection attempt) runs out; the peer sends, this side receives.
+pub fn tcp_fetch(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<Transfer> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<Transfer> {
+        netns::enter(&path)?;
+        let start = std::time::Instant::now();
+        let deadline = start + timeout;
+        let sock = tcp_socket_bound_to(src)?;
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        if sock
+            .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
+            .is_err()
+        {
+            return Ok(Transfer {
+                connected: false,
+                received: 0,
+                elapsed: start.elapsed(),
+            });
+        }
+        let mut s: TcpStream = sock.into();
+        let (received, _) = read_pattern(&mut s, deadline);
+        Ok(Transfer {
+            connected: true,
+            received,
+            elapsed: start.elapsed(),
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("fetch thread panicked"))?
+}
+
+/// Connects from `src` in namespace `ns` to a [`Server::tcp_sink`] at
+/// `dst:port`, sends `bytes` bytes of [`bulk_pattern`], closes its sending
+/// side and reads the count the sink reports, all within `timeout`
+/// (counted from the connection attempt); this side sends. `received` is
+/// the sink's count (0 when no count came back).
+pub fn tcp_push(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    bytes: u64,
+    timeout: Duration,
+) -> anyhow::Result<Transfer> {
+    use std::io::Read as _;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<Transfer> {
+        netns::enter(&path)?;
+        let start = std::time::Instant::now();
+        let deadline = start + timeout;
+        let sock = tcp_socket_bound_to(src)?;
+        let _ = sock.set_send_buffer_size(4 << 20);
+        if sock
+            .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
+            .is_err()
+        {
+            return Ok(Transfer {
+                connected: false,
+                received: 0,
+                elapsed: start.elapsed(),
+            });
+        }
+        let mut s: TcpStream = sock.into();
+        let sent = write_pattern(&mut s, bytes, deadline);
+        let mut count = [0u8; 8];
+        let mut received = 0;
+        if sent == bytes && s.shutdown(std::net::Shutdown::Write).is_ok() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            if s.read_exact(&mut count).is_ok() {
+                received = u64::from_be_bytes(count);
+            }
+        }
+        Ok(Transfer {
+            connected: true,
+            received,
+            elapsed: start.elapsed(),
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("push thread panicked"))?
+}
+
+/// Sends `payload` as one UDP datagram from `src` in namespace `ns` to
+/// `dst:port` (a [`Server::udp_large`] echo) and waits up to `timeout` for
+/// a datagram back from `dst:port`. Returns it, or `None` when nothing
+/// came back in time or the send itself was refused (a local firewall
+/// dropping on output may make `sendto` fail: that is "not delivered"
+/// too).
+pub fn udp_echo_payload(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<Option<Vec<u8>>> {
+        netns::enter(&path)?;
+        let sock = udp_socket_large(SocketAddr::new(src, 0))?;
+        let to = SocketAddr::new(dst, port);
+        sock.connect(to)?; // only datagrams from dst:port are received
+        if sock.send(&payload).is_err() {
+            return Ok(None);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            sock.set_read_timeout(Some(left))?;
+            match sock.recv(&mut buf) {
+                Ok(n) => return Ok(Some(buf[..n].to_vec())),
+                // ICMP errors (port unreachable) surface as ECONNREFUSED on
+                // a connected socket: keep waiting for a datagram.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(_) => return Ok(None),
+            }
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("udp thread panicked"))?
+}
+
+/// Runs `ping` inside namespace `ns`: `count` echo requests of `size`
+/// bytes of payload to `dst` (IPv4 or IPv6 by the address), 200 ms apart,
+/// waiting up to `wait` for a reply when none came. Returns how many
+/// replies arrived (a local firewall refusing the send counts as no
+/// reply); an error when ping printed no statistics. The ping process
+/// ends by itself (bounded by `count` and `wait`).
+pub fn ping(ns: &str, dst: IpAddr, size: u32, count: u32, wait: Duration) -> anyhow::Result<u32> {
+    let family = if dst.is_ipv4() { "-4" } else { "-6" };
+    let wait_s = wait.as_secs().max(1).to_string();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ping", family, "-n", "-q"])
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", &wait_s])
+        .args(["-s", &size.to_string(), &dst.to_string()])
+        .output()
+        .context("running ping (Debian package iputils-ping; `cargo xtask setup` installs it)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // "2 packets transmitted, 2 received, 0% packet loss, time 201ms"
+    let received = stdout
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|part| part.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    // No statistics line: ping did not run at all (bad arguments, no
+    // route): a broken lab, not a verdict.
+    received.with_context(|| {
+        format!(
+            "ping in {ns} to {dst} ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}

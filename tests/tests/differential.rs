@@ -8,7 +8,9 @@
 //!
 //! Also here: a truncation sweep — well-formed frames cut at every length
 //! from the Ethernet header on must never pass (nothing the parser cannot
-//! fully validate is allowed).
+//! fully validate is allowed) — and its counterpart, a fragmentation sweep:
+//! every way of fragmenting an allowed datagram passes whole, and no
+//! fragment of a denied one passes.
 
 use std::net::IpAddr;
 
@@ -20,7 +22,7 @@ use segbpf::{
     packet::{Ext, PacketSpec},
     policy::{Direction, Policy, eval},
 };
-use segbpf_common::{NO_RULE, RUN_DRY, reason};
+use segbpf_common::{NO_RULE, RUN_DRY, RUN_RECORD, reason};
 use segbpf_tests::generate::{self, Rng};
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -197,6 +199,167 @@ fn truncated_frames_never_pass() -> anyhow::Result<()> {
         passed.is_empty(),
         "truncated frames passed:\n{}",
         passed.join("\n")
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn every_fragmentation_of_an_allowed_datagram_passes() -> anyhow::Result<()> {
+    // Only udp/53, tcp/80 and ICMP echo are allowed: a passing follower
+    // passes because its leader did, never by default.
+    let policy = Policy::from_str(
+        "version = 1\n[defaults]\ningress = \"drop\"\nestablished = false\n[roles.r]\nhosts = \"any\"\n\
+         [[roles.r.ingress]]\nfrom = \"any\"\nudp = [53]\ntcp = [80]\n",
+        "frag.toml",
+    )?;
+    let c = compile::compile(
+        &policy,
+        &["r".to_string()],
+        Some("eth0"),
+        0,
+        1,
+        Capacity::default(),
+    )?;
+    // A record instance: it remembers leading fragments like a live one.
+    let mut ebpf = loader::load(Capacity::default(), RUN_RECORD)?;
+    maps::write_policy(&mut ebpf, &c)?;
+    let a4: IpAddr = "198.18.0.2".parse()?;
+    let a6: IpAddr = "fd00:18::2".parse()?;
+    let h4: IpAddr = "198.18.0.1".parse()?;
+    let h6: IpAddr = "fd00:18::1".parse()?;
+    let with = |mut s: PacketSpec, len: usize, ext: Vec<Ext>| {
+        s.payload = (0..len).map(|i| i as u8).collect();
+        s.ipv6_ext = ext;
+        s
+    };
+    let dest = || Ext::options(60);
+    let hop = || Ext::options(0);
+    // (name, datagram, unfragmentable IPv6 headers, allowed)
+    let datagrams = [
+        (
+            "ipv4 udp 3000",
+            with(PacketSpec::udp(a4, h4, 1, 53), 3000, vec![]),
+            0,
+            true,
+        ),
+        (
+            "ipv4 tcp 2000",
+            with(PacketSpec::tcp(a4, h4, 1, 80), 2000, vec![]),
+            0,
+            true,
+        ),
+        (
+            "ipv4 echo 4000",
+            with(PacketSpec::echo(a4, h4), 4000, vec![]),
+            0,
+            true,
+        ),
+        (
+            "ipv6 udp 3000",
+            with(PacketSpec::udp(a6, h6, 1, 53), 3000, vec![]),
+            0,
+            true,
+        ),
+        (
+            "ipv6 udp 3000, hop-by-hop before and destination options after the fragment header",
+            with(PacketSpec::udp(a6, h6, 1, 53), 3000, vec![hop(), dest()]),
+            1,
+            true,
+        ),
+        (
+            "ipv6 echo 4000",
+            with(PacketSpec::echo(a6, h6), 4000, vec![]),
+            0,
+            true,
+        ),
+        (
+            "ipv4 udp 3000 to a closed port",
+            with(PacketSpec::udp(a4, h4, 1, 54), 3000, vec![]),
+            0,
+            false,
+        ),
+        (
+            "ipv6 udp 3000 to a closed port",
+            with(PacketSpec::udp(a6, h6, 1, 54), 3000, vec![dest()]),
+            0,
+            false,
+        ),
+    ];
+    let mut id = 0x1000u32;
+    let (mut runs, mut ways) = (0usize, 0usize);
+    let mut wrong = Vec::new();
+    for (name, spec, unfrag, allowed) in &datagrams {
+        // The fragmentable part: IPv4 payload, or what follows the
+        // unfragmentable IPv6 headers.
+        let whole = spec.build();
+        let unfrag_len: usize = spec.ipv6_ext[..*unfrag]
+            .iter()
+            .map(|e| 1 + e.body.len())
+            .sum();
+        let part = if spec.src.is_ipv4() {
+            whole.bytes.len() - whole.l3 - 20
+        } else {
+            whole.bytes.len() - whole.l3 - 40 - unfrag_len
+        };
+        // The leading fragment must hold the transport header (and any
+        // fragmentable extension headers before it); smaller ones are the
+        // tiny-fragment attack and must be dropped (checked below).
+        let header = whole.l4
+            - whole.l3
+            - if spec.src.is_ipv4() {
+                20
+            } else {
+                40 + unfrag_len
+            }
+            + if spec.proto == segbpf_common::IPPROTO_TCP {
+                20
+            } else {
+                8
+            };
+        for first in (8..part.min(1480)).step_by(8) {
+            // Followers as a path's MTU cuts them (BPF_PROG_TEST_RUN hands
+            // an XDP program at most a page, like a driver).
+            for chunk in [1480usize, 1232, 512] {
+                let mut cuts = vec![first];
+                while cuts.last().is_some_and(|&c| c + chunk < part) {
+                    cuts.push(cuts.last().copied().unwrap_or(0) + chunk);
+                }
+                id += 1;
+                ways += 1;
+                let frags = spec.fragments(*unfrag, &cuts, id);
+                for (i, f) in frags.iter().enumerate() {
+                    let (r, _) = run(&mut ebpf, &f.bytes)?;
+                    runs += 1;
+                    let want_pass = *allowed && first >= header;
+                    let ok = if i == 0 {
+                        reason::passes(r) == want_pass
+                    } else if want_pass {
+                        r == reason::PASS_FRAG
+                    } else {
+                        r == reason::DROP_FRAGMENT
+                    };
+                    if !ok {
+                        wrong.push(format!(
+                            "{name}: first fragment {first} bytes, then {chunk}: fragment {i} of {} got {}",
+                            frags.len(),
+                            reason::name(r)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{ways} ways of fragmenting, {runs} fragments, {} wrong",
+        wrong.len()
+    );
+    assert!(ways > 3000, "only {ways} fragmentations tried");
+    wrong.truncate(40);
+    assert!(
+        wrong.is_empty(),
+        "fragments misjudged:\n{}",
+        wrong.join("\n")
     );
     Ok(())
 }

@@ -13,7 +13,8 @@
 //!   and for always-allowed L2 traffic (ARP).
 //!
 //! The written rule the table checks: **nothing the parser cannot fully
-//! validate is allowed, except ARP and IPv6 ND/MLD.** Every malformed IP
+//! validate is allowed, except ARP, IPv6 ND/MLD and IEEE 802.1 link-local
+//! control frames.** Every malformed IP
 //! frame is cut or patched (through the header offsets `Built { l3, l4 }`)
 //! from a packet the policy *allows*, so a drop shows that the parser, not
 //! the policy, rejected it. Where a case aims at a later check, the earlier
@@ -275,15 +276,60 @@ fn padded(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
     frame
 }
 
-/// An LLDP frame (EtherType 0x88cc): chassis id, port id, TTL, end.
-fn lldp() -> Vec<u8> {
-    let mut f = vec![
-        0x01, 0x80, 0xc2, 0, 0, 0x0e, 0x02, 0, 0, 0, 0, 0x01, 0x88, 0xcc,
-    ];
+/// An Ethernet header to `dst` from a local MAC with `ethertype` (an
+/// EtherType, or an 802.3 length below 0x600).
+fn ether(dst: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// The IEEE 802.1 link-local group address 01:80:c2:00:00:`last`.
+fn link_local(last: u8) -> [u8; 6] {
+    [0x01, 0x80, 0xc2, 0, 0, last]
+}
+
+/// An LLDP frame (EtherType 0x88cc) to `dst`: chassis id, port id, TTL, end.
+fn lldp_to(dst: [u8; 6]) -> Vec<u8> {
+    let mut f = ether(dst, 0x88cc);
     f.extend_from_slice(&[0x02, 0x07, 0x04, 0x02, 0, 0, 0, 0, 0x01]);
     f.extend_from_slice(&[0x04, 0x03, 0x05, b'p', b'0']);
     f.extend_from_slice(&[0x06, 0x02, 0x00, 0x78]);
     f.extend_from_slice(&[0x00, 0x00]);
+    f
+}
+
+/// LLDP to its usual group address, nearest bridge (01:80:c2:00:00:0e).
+fn lldp() -> Vec<u8> {
+    lldp_to(link_local(0x0e))
+}
+
+/// An LACPDU (slow protocols, EtherType 0x8809, subtype 1) to
+/// 01:80:c2:00:00:02, padded to the 128-byte PDU.
+fn lacpdu() -> Vec<u8> {
+    let mut f = ether(link_local(0x02), 0x8809);
+    f.extend_from_slice(&[0x01, 0x01]); // subtype LACP, version 1
+    f.extend_from_slice(&[0x01, 0x14, 0x80, 0x00, 0x02, 0, 0, 0, 0, 0x01]); // actor TLV (start)
+    f.resize(14 + 110, 0);
+    f
+}
+
+/// An STP configuration BPDU: 802.3 length, LLC 42-42-03, 35 bytes of BPDU,
+/// to 01:80:c2:00:00:00.
+fn stp_bpdu() -> Vec<u8> {
+    let mut f = ether(link_local(0x00), 3 + 35);
+    f.extend_from_slice(&[0x42, 0x42, 0x03]);
+    f.extend_from_slice(&[0, 0, 0, 0, 0]); // protocol id, version, type, flags
+    f.extend_from_slice(&[0x80, 0, 0x02, 0, 0, 0, 0, 0x01]); // root id
+    f.resize(14 + 3 + 35, 0);
+    f
+}
+
+/// An EAPOL-Start (802.1X, EtherType 0x888e) to the PAE group 01:80:c2:00:00:03.
+fn eapol_start() -> Vec<u8> {
+    let mut f = ether(link_local(0x03), 0x888e);
+    f.extend_from_slice(&[0x02, 0x01, 0x00, 0x00]);
     f
 }
 
@@ -512,8 +558,61 @@ fn link_layer_cases() -> Vec<Case> {
             arp[..14 + 8 + 6].to_vec(),
             reason::DROP_BAD_ARP,
         ),
-        Case::reason("lldp_ethertype_88cc", lldp(), reason::DROP_ETHERTYPE),
-        Case::reason("lldp_in_vlan", tagged(&lldp(), 100), reason::DROP_ETHERTYPE),
+        // IEEE 802.1 link-local control frames pass (defaults.link_local):
+        // bridges never forward them, they stay on the link.
+        Case::reason("lldp_to_nearest_bridge", lldp(), reason::PASS_LINK_LOCAL),
+        Case::reason(
+            "lldp_in_vlan",
+            tagged(&lldp(), 100),
+            reason::PASS_LINK_LOCAL,
+        ),
+        Case::reason("lacpdu", lacpdu(), reason::PASS_LINK_LOCAL),
+        Case::reason("stp_bpdu_802_3_llc", stp_bpdu(), reason::PASS_LINK_LOCAL),
+        Case::reason("eapol_start", eapol_start(), reason::PASS_LINK_LOCAL),
+        Case::reason(
+            "lldp_to_group_0f_last_of_the_range",
+            lldp_to(link_local(0x0f)),
+            reason::PASS_LINK_LOCAL,
+        ),
+        // Anything else that is not IP or ARP fails closed.
+        Case::reason(
+            "lldp_to_group_10_outside_the_range",
+            lldp_to(link_local(0x10)),
+            reason::DROP_ETHERTYPE,
+        ),
+        Case::reason(
+            "lldp_to_a_unicast_address",
+            lldp_to([0x02, 0, 0, 0, 0, 0x02]),
+            reason::DROP_ETHERTYPE,
+        ),
+        Case::reason(
+            "lacp_ethertype_to_broadcast",
+            {
+                let mut f = lacpdu();
+                f[..6].copy_from_slice(&[0xff; 6]);
+                f
+            },
+            reason::DROP_ETHERTYPE,
+        ),
+        // IP to a link-local group address is still judged as IP: no bypass.
+        Case::policy_frame(
+            "tcp4_ssh_from_client_to_link_local_mac_denied",
+            &tcp(CLIENT4, 22),
+            {
+                let mut f = tcp(CLIENT4, 22).build().bytes;
+                f[..6].copy_from_slice(&link_local(0x0e));
+                f
+            },
+        ),
+        Case::policy_frame(
+            "tcp4_http_from_client_to_link_local_mac",
+            &tcp(CLIENT4, 80),
+            {
+                let mut f = tcp(CLIENT4, 80).build().bytes;
+                f[..6].copy_from_slice(&link_local(0x02));
+                f
+            },
+        ),
         // One tag and QinQ (802.1ad outer, 802.1Q inner) are looked through.
         Case::policy(
             "vlan_tcp4_http_from_client",
@@ -920,7 +1019,7 @@ fn describe(code: u8, rule: Option<u32>, xdp: u32) -> String {
 
 /// Checks the table itself: enough cases, unique names, policy cases named
 /// `*_denied` exactly when the evaluator drops them, fixed reasons that pass
-/// only for ARP (the written rule), and every reason an ingress-drop policy
+/// only for ARP and link-local frames (the written rule), and every reason an ingress-drop policy
 /// can produce expected at least once.
 fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
     assert!(
@@ -941,8 +1040,8 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
                 reason::name(want.reason)
             ),
             Expect::Reason(r) => assert!(
-                r == reason::PASS_ARP || !reason::passes(r),
-                "{}: only ARP may pass without the policy's say",
+                r == reason::PASS_ARP || r == reason::PASS_LINK_LOCAL || !reason::passes(r),
+                "{}: only ARP and link-local control frames may pass without the policy's say",
                 c.name
             ),
         }
@@ -955,12 +1054,19 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
         .iter()
         // default-allow cannot happen with ingress = "drop"; the
         // stateful reasons (a tracked connection, an ICMP error about one,
-        // a later fragment of an allowed datagram) need sequences: see
-        // tests/tests/stateful.rs.
+        // a later fragment of an allowed datagram, a RST or FIN outside a
+        // tracked flow's window) need sequences, and link-local-denied
+        // needs `link_local = false`: see tests/tests/stateful.rs.
         .filter(|&&r| {
             !matches!(
                 r,
-                reason::PASS_DEFAULT | reason::PASS_CT | reason::PASS_RELATED | reason::PASS_FRAG
+                reason::PASS_DEFAULT
+                    | reason::PASS_CT
+                    | reason::PASS_RELATED
+                    | reason::PASS_FRAG
+                    | reason::DROP_INVALID_RST
+                    | reason::DROP_INVALID_FIN
+                    | reason::DROP_LINK_LOCAL
             ) && !seen.contains(&r)
         })
         .map(|&r| reason::name(r))
@@ -1004,24 +1110,20 @@ fn run_frame(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<aya::programs
     Ok(loader::xdp(ebpf)?.test_run(opts)?)
 }
 
-#[test]
-#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn fixture_table_matches_reference_evaluator() -> anyhow::Result<()> {
-    let policy = load_policy()?;
-    let roles = roles();
-    let cases = cases();
-    check_table(&policy, &roles, &cases);
-
-    let mut ebpf = loader::load(Capacity::default(), segbpf_common::RUN_DRY)?;
-    let compiled = compile::compile(&policy, &roles, Some(IFACE), 0, 1, Capacity::default())?;
-    maps::write_policy(&mut ebpf, &compiled)?;
-
+/// Runs every case through `ebpf` (a dry-run instance holding the fixture
+/// policy) and returns the mismatches and the cases the kernel refused.
+fn judge_all(
+    ebpf: &mut aya::Ebpf,
+    policy: &Policy,
+    roles: &[String],
+    cases: &[Case],
+) -> anyhow::Result<(Vec<String>, Vec<&'static str>)> {
     let mut failures = Vec::new();
     let mut refused = Vec::new();
-    for case in &cases {
-        let want = expected(&policy, &roles, case);
+    for case in cases {
+        let want = expected(policy, roles, case);
         let want_text = describe(want.reason, want.rule, xdp_action(want.reason));
-        let run = match run_frame(&mut ebpf, &case.frame) {
+        let run = match run_frame(ebpf, &case.frame) {
             Ok(r) => r,
             Err(e) if refused_short_frame(&case.frame, &e) => {
                 refused.push(case.name);
@@ -1035,7 +1137,7 @@ fn fixture_table_matches_reference_evaluator() -> anyhow::Result<()> {
                 continue;
             }
         };
-        let t = maps::take_trace(&mut ebpf)?;
+        let t = maps::take_trace(ebpf)?;
         if t.valid != 1 {
             failures.push(format!(
                 "{}: expected {want_text}, got no trace record",
@@ -1056,8 +1158,137 @@ fn fixture_table_matches_reference_evaluator() -> anyhow::Result<()> {
             ));
         }
     }
+    Ok((failures, refused))
+}
+
+/// A dry-run instance for a device of link layer `link` with the fixture
+/// policy written to its maps.
+fn fixture_instance(policy: &Policy, roles: &[String], link: u8) -> anyhow::Result<aya::Ebpf> {
+    let mut ebpf = loader::load_for_link(Capacity::default(), segbpf_common::RUN_DRY, link)?;
+    let compiled = compile::compile(policy, roles, Some(IFACE), 0, 1, Capacity::default())?;
+    maps::write_policy(&mut ebpf, &compiled)?;
+    Ok(ebpf)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn fixture_table_matches_reference_evaluator() -> anyhow::Result<()> {
+    let policy = load_policy()?;
+    let roles = roles();
+    let cases = cases();
+    check_table(&policy, &roles, &cases);
+    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_ETHERNET)?;
+    let (failures, refused) = judge_all(&mut ebpf, &policy, &roles, &cases)?;
     println!("refused by BPF_PROG_TEST_RUN (shorter than {TEST_RUN_MIN} bytes): {refused:?}");
     report("in-process dry run", cases.len(), &failures);
+    Ok(())
+}
+
+/// The table as a device without a link layer (tun, WireGuard, ip
+/// tunnels) sees it: every untagged IP case without its Ethernet header,
+/// expecting the same verdict, plus packets whose first bytes an Ethernet
+/// parser would misread: a SYN from 8.6.x.x (bytes 12-13 of its IP header
+/// are 0x0806, ARP's EtherType) and an IP header that starts like an
+/// Ethernet broadcast.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn raw_ip_device_table_matches_reference_evaluator() -> anyhow::Result<()> {
+    let policy = load_policy()?;
+    let roles = roles();
+    let link_level = [
+        reason::DROP_TRUNC_ETH,
+        reason::DROP_VLAN_DEPTH,
+        reason::DROP_ETHERTYPE,
+        reason::DROP_BAD_ARP,
+        reason::PASS_ARP,
+        reason::PASS_LINK_LOCAL,
+    ];
+    let mut raw: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.frame.len() >= 14 + TEST_RUN_MIN)
+        .filter_map(|c| {
+            let ethertype = u16::from_be_bytes([c.frame[12], c.frame[13]]);
+            let version = c.frame.get(14).map(|b| b >> 4);
+            let ip = matches!((ethertype, version), (0x0800, Some(4)) | (0x86dd, Some(6)));
+            let keep = ip
+                && match c.expect {
+                    Expect::Policy(_) => true,
+                    Expect::Reason(r) => !link_level.contains(&r),
+                };
+            keep.then(|| Case {
+                frame: c.frame[14..].to_vec(),
+                ..c
+            })
+        })
+        .collect();
+    let strip = |spec: &PacketSpec| {
+        let b = spec.build();
+        b.bytes[b.l3..].to_vec()
+    };
+    let from_8_6_closed = tcp("8.6.1.2", 8080);
+    let from_8_6_web = tcp("8.6.1.2", 80);
+    raw.extend([
+        Case::policy_frame(
+            "raw_tcp4_from_8_6_to_closed_port_denied",
+            &from_8_6_closed,
+            strip(&from_8_6_closed),
+        ),
+        Case::policy_frame(
+            "raw_tcp4_from_8_6_to_web_denied",
+            &from_8_6_web,
+            strip(&from_8_6_web),
+        ),
+        Case::reason(
+            "raw_version_15",
+            {
+                let mut f = strip(&tcp(CLIENT4, 80));
+                f[0] = 0xff;
+                f
+            },
+            reason::DROP_ETHERTYPE,
+        ),
+        Case::reason(
+            "raw_arp_request_bytes",
+            arp_request(),
+            reason::DROP_ETHERTYPE,
+        ),
+    ]);
+    assert!(raw.len() >= 60, "only {} raw cases", raw.len());
+    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_RAW_IP)?;
+    let (failures, refused) = judge_all(&mut ebpf, &policy, &roles, &raw)?;
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    report("raw IP device", raw.len(), &failures);
+    Ok(())
+}
+
+/// `defaults.link_local = false`: the IEEE 802.1 control frames are
+/// dropped (and counted apart), ARP and IPv6 ND still pass, other non-IP
+/// frames still fail closed.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn link_local_false_drops_control_frames() -> anyhow::Result<()> {
+    let policy = Policy::from_str(
+        "version = 1\n[defaults]\nlink_local = false\n[roles.srv]\nhosts = \"198.18.0.1\"\n\
+         [[roles.srv.ingress]]\nfrom = \"any\"\ntcp = [80]\n",
+        "no-link-local.toml",
+    )?;
+    let roles = roles();
+    let cases = vec![
+        Case::reason("lldp", lldp(), reason::DROP_LINK_LOCAL),
+        Case::reason("lacpdu", lacpdu(), reason::DROP_LINK_LOCAL),
+        Case::reason("stp_bpdu", stp_bpdu(), reason::DROP_LINK_LOCAL),
+        Case::reason("eapol_start", eapol_start(), reason::DROP_LINK_LOCAL),
+        Case::reason(
+            "lldp_to_a_unicast_address",
+            lldp_to([0x02, 0, 0, 0, 0, 0x02]),
+            reason::DROP_ETHERTYPE,
+        ),
+        Case::reason("arp_request", arp_request(), reason::PASS_ARP),
+        Case::policy("tcp4_http_from_client", &tcp(CLIENT4, 80)),
+    ];
+    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_ETHERNET)?;
+    let (failures, _) = judge_all(&mut ebpf, &policy, &roles, &cases)?;
+    report("link_local = false", cases.len(), &failures);
     Ok(())
 }
 

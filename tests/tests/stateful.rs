@@ -1,6 +1,8 @@
 //! Stateful sequences through the real programs with BPF_PROG_TEST_RUN:
 //! connection tracking (replies pass, unsolicited look-alike replies do
-//! not, entries expire, RST closes), ICMP echo and errors related to
+//! not, entries expire, RST closes, but only a RST or FIN inside the
+//! window seen for its side; a flow moves from the half-open to the
+//! assured table when the originator speaks after the reply), ICMP echo and errors related to
 //! tracked flows (PMTU), and fragments (a leading fragment that passes lets
 //! its followers through; a follower without an allowed leader is dropped).
 //!
@@ -22,6 +24,7 @@ use segbpf::{
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, RUN_RECORD, reason};
 
 const TCP_RST: u8 = 0x04;
+const TCP_FIN: u8 = 0x01;
 
 #[derive(Clone, Copy)]
 enum Dir {
@@ -62,6 +65,34 @@ fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> PacketSpec {
         tcp_flags: flags,
         ..PacketSpec::tcp(ip(src), ip(dst), sport, dport)
     }
+}
+
+/// A TCP segment with explicit sequence, acknowledgement, window and
+/// payload length.
+#[allow(clippy::too_many_arguments)]
+fn seg(
+    src: &str,
+    dst: &str,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    len: usize,
+) -> PacketSpec {
+    PacketSpec {
+        tcp_seq: seq,
+        tcp_ack: ack,
+        tcp_window: window,
+        payload: vec![0x5e; len],
+        ..tcp(src, dst, sport, dport, flags)
+    }
+}
+
+/// A SYN's options: MSS 1460, SACK permitted, window scale `shift` (Linux's order, no timestamps).
+fn syn_options(shift: u8) -> Vec<u8> {
+    vec![2, 4, 0x05, 0xb4, 4, 2, 1, 3, 3, shift]
 }
 
 fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> PacketSpec {
@@ -419,6 +450,144 @@ fn sequences() -> Vec<Sequence> {
                 ),
             ],
         },
+        Sequence {
+            name: "blind_rst_and_fin_change_nothing_in_window_rst_closes",
+            steps: {
+                // web:40020 -> app:8080, both sides offer window scale 7.
+                let syn = PacketSpec {
+                    tcp_options: syn_options(7),
+                    ..seg(WEB, APP, 40020, 8080, TCP_SYN, 1000, 0, 64000, 0)
+                };
+                let syn_ack = PacketSpec {
+                    tcp_options: syn_options(7),
+                    ..seg(
+                        APP,
+                        WEB,
+                        8080,
+                        40020,
+                        TCP_SYN | TCP_ACK,
+                        5000,
+                        1001,
+                        64000,
+                        0,
+                    )
+                };
+                let web = |flags, seq| seg(WEB, APP, 40020, 8080, flags, seq, 5101, 500, 0);
+                vec![
+                    pkt("SYN in, wscale 7", In, &syn, PASS_RULE),
+                    pkt("SYN-ACK out, wscale 7", Out, &syn_ack, PASS_CT),
+                    pkt("ACK in", In, &web(TCP_ACK, 1001), PASS_CT),
+                    // App's window: 1000 << 7 = 128,000 bytes.
+                    pkt(
+                        "100 bytes out, window 1000 (scaled: 128000)",
+                        Out,
+                        &seg(APP, WEB, 8080, 40020, TCP_ACK, 5001, 1001, 1000, 100),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "RST in, 3,000,000 ahead",
+                        In,
+                        &web(TCP_RST, 1001 + 3_000_000),
+                        DROP_INVALID_RST,
+                    ),
+                    pkt(
+                        "RST in, 200,000 ahead (beyond the scaled window)",
+                        In,
+                        &web(TCP_RST, 1001 + 200_000),
+                        DROP_INVALID_RST,
+                    ),
+                    pkt(
+                        "RST in, 200,000 behind",
+                        In,
+                        &web(TCP_RST, 1001u32.wrapping_sub(200_000)),
+                        DROP_INVALID_RST,
+                    ),
+                    pkt(
+                        "FIN in, 3,000,000 ahead",
+                        In,
+                        &web(TCP_FIN | TCP_ACK, 1001 + 3_000_000),
+                        DROP_INVALID_FIN,
+                    ),
+                    pkt(
+                        "data in: the flow is untouched",
+                        In,
+                        &web(TCP_ACK, 1001),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "data out",
+                        Out,
+                        &seg(APP, WEB, 8080, 40020, TCP_ACK, 5101, 1001, 1000, 0),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "RST in, 100,000 ahead (inside the scaled window)",
+                        In,
+                        &web(TCP_RST, 1001 + 100_000),
+                        PASS_CT,
+                    ),
+                    Step::Sleep(Duration::from_millis(1300)),
+                    pkt(
+                        "after the close timeout the flow is gone",
+                        Out,
+                        &seg(APP, WEB, 8080, 40020, TCP_ACK, 5101, 1001, 1000, 0),
+                        DROP_DEFAULT,
+                    ),
+                ]
+            },
+        },
+        Sequence {
+            name: "rst_answering_a_syn_must_acknowledge_it",
+            steps: vec![
+                pkt(
+                    "SYN app->db:5432, seq 7000",
+                    Out,
+                    &seg(APP, DB, 40030, 5432, TCP_SYN, 7000, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "RST+ACK in acknowledging 12345: not an answer to our SYN",
+                    In,
+                    &seg(DB, APP, 5432, 40030, TCP_RST | TCP_ACK, 0, 12345, 0, 0),
+                    DROP_INVALID_RST,
+                ),
+                pkt(
+                    "RST without ACK from a side that never spoke",
+                    In,
+                    &seg(DB, APP, 5432, 40030, TCP_RST, 0, 7001, 0, 0),
+                    DROP_INVALID_RST,
+                ),
+                pkt(
+                    "RST+ACK in acknowledging 7001: connection refused",
+                    In,
+                    &seg(DB, APP, 5432, 40030, TCP_RST | TCP_ACK, 0, 7001, 0, 0),
+                    PASS_CT,
+                ),
+            ],
+        },
+        Sequence {
+            name: "own_rst_at_the_sequence_sent_closes",
+            steps: vec![
+                pkt(
+                    "SYN app->db:3306",
+                    Out,
+                    &seg(APP, DB, 40031, 3306, TCP_SYN, 900, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "SYN-ACK in",
+                    In,
+                    &seg(DB, APP, 3306, 40031, TCP_SYN | TCP_ACK, 300, 901, 64000, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "RST out at 901",
+                    Out,
+                    &seg(APP, DB, 40031, 3306, TCP_RST, 901, 0, 0, 0),
+                    PASS_CT,
+                ),
+            ],
+        },
     ]
 }
 
@@ -484,5 +653,90 @@ fn stateful_sequences() -> anyhow::Result<()> {
         failures.len(),
         failures.join("\n  ")
     );
+    Ok(())
+}
+
+/// Runs one packet through the instance; returns its reason.
+fn send_one(ebpf: &mut aya::Ebpf, dir: Dir, spec: &PacketSpec) -> anyhow::Result<u8> {
+    let frame = spec.build().bytes;
+    let opts = TestRunOptions {
+        data_in: Some(&frame),
+        ..TestRunOptions::new()
+    };
+    match dir {
+        Dir::In => loader::xdp(ebpf)?.test_run(opts)?,
+        Dir::Out => loader::tc(ebpf)?.test_run(opts)?,
+    };
+    Ok(maps::take_trace(ebpf)?.reason)
+}
+
+/// Keys in one of the instance's connection tables.
+fn table_keys(ebpf: &aya::Ebpf, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
+    let table: aya::maps::HashMap<_, segbpf_common::CtKey, segbpf_common::CtEntry> =
+        aya::maps::HashMap::try_from(map)?;
+    Ok(table.keys().filter_map(Result::ok).collect())
+}
+
+/// A flow starts in the half-open table and moves to the assured table
+/// only when its originator speaks after the reply (the handshake's last
+/// ACK); a query answered once (UDP) and an unanswered SYN stay half-open,
+/// so a flood of openers can never evict an assured flow.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn handshake_moves_a_flow_to_the_assured_table() -> anyhow::Result<()> {
+    use segbpf_common::{MAP_CT, MAP_CT_NEW};
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    let roles: Vec<String> = ["web", "app", "db"].iter().map(|s| s.to_string()).collect();
+    let c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
+    let mut ebpf = loader::load(Capacity::default(), RUN_RECORD)?;
+    maps::write_policy(&mut ebpf, &c)?;
+    use reason::{PASS_CT, PASS_RULE};
+    assert_eq!(
+        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40100, 8080, TCP_SYN))?,
+        PASS_RULE
+    );
+    assert_eq!(
+        send_one(
+            &mut ebpf,
+            Dir::Out,
+            &tcp(APP, WEB, 8080, 40100, TCP_SYN | TCP_ACK)
+        )?,
+        PASS_CT
+    );
+    // A spoofed SYN nobody completes, and a DNS query with its answer.
+    assert_eq!(
+        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40101, 8080, TCP_SYN))?,
+        PASS_RULE
+    );
+    assert_eq!(
+        send_one(&mut ebpf, Dir::Out, &udp(APP, OUT, 40102, 53))?,
+        PASS_RULE
+    );
+    assert_eq!(
+        send_one(&mut ebpf, Dir::In, &udp(OUT, APP, 53, 40102))?,
+        PASS_CT
+    );
+    assert_eq!(table_keys(&ebpf, MAP_CT)?.len(), 0, "nothing assured yet");
+    assert_eq!(
+        table_keys(&ebpf, MAP_CT_NEW)?.len(),
+        3,
+        "three half-open flows"
+    );
+
+    assert_eq!(
+        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40100, 8080, TCP_ACK))?,
+        PASS_CT
+    );
+    let assured = table_keys(&ebpf, MAP_CT)?;
+    assert_eq!(assured.len(), 1, "the completed handshake is assured");
+    assert_eq!(
+        (assured[0].local_port, assured[0].remote_port),
+        (8080, 40100)
+    );
+    assert_eq!(table_keys(&ebpf, MAP_CT_NEW)?.len(), 2, "moved, not copied");
     Ok(())
 }

@@ -129,12 +129,14 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// Commands the tests and the demo run, and the Debian package of each:
 /// iproute2 (namespaces, veth), nftables and iptables (reference
-/// firewalls), curl (metrics scrape).
+/// firewalls), curl (metrics scrape), iputils-ping (ICMP echo from the
+/// kernel's own stack in `tests/tests/real_traffic.rs`).
 const TOOLS: &[(&str, &str, &str)] = &[
     ("ip", "-V", "iproute2"),
     ("nft", "--version", "nftables"),
     ("iptables", "--version", "iptables"),
     ("curl", "--version", "curl"),
+    ("ping", "-V", "iputils-ping"),
 ];
 
 fn ensure_tools() -> anyhow::Result<()> {

@@ -125,6 +125,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
     // 1. Everything that depends only on input: no kernel change yet.
     let policy = Policy::load(&args.policy)?;
     let ifindex = netif::ifindex(&args.iface)?;
+    // The device type decides where packets start; refuse what we cannot parse.
+    let link = netif::link_layer(&args.iface)?;
     let addrs = netif::addresses(&args.iface)?;
     let roles = roles::resolve(&policy, &args.role, &args.iface, &addrs)?;
     let generation = 1;
@@ -160,7 +162,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
     if let Some(secs) = args.confirm {
         crate::cmd::confirm::arm(&att, generation, secs, None)?;
     }
-    let result = load_and_attach(&att, &compiled, capacity, args.mode);
+    let result = load_and_attach(&att, &compiled, capacity, link.link, args.mode);
     let attached = match result {
         Ok(v) => v,
         Err(e) => {
@@ -186,6 +188,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
         peer_entries: capacity.peer_v4,
         port_entries: capacity.ports,
         mode: attached.xdp_mode.to_string(),
+        link_type: link.arphrd,
+        raw_ip: link.is_raw_ip(),
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
         ct_size: capacity.ct,
@@ -243,9 +247,10 @@ fn load_and_attach(
     att: &Attachment,
     compiled: &compile::Compiled,
     capacity: Capacity,
+    link: u8,
     mode: Mode,
 ) -> anyhow::Result<Attached> {
-    let mut ebpf = loader::load(capacity, segbpf_common::RUN_LIVE)?;
+    let mut ebpf = loader::load_for_link(capacity, segbpf_common::RUN_LIVE, link)?;
     maps::write_policy(&mut ebpf, compiled)?;
     std::fs::create_dir_all(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
     maps::pin_all(&mut ebpf, att)?;

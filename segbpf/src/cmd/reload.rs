@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use segbpf_common::{
-    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_RULE_STATS,
+    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_CT_NEW, MAP_RULE_STATS,
 };
 
 use crate::{
@@ -286,24 +286,29 @@ fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
     )
 }
 
-/// Removes the connection-table entries of flows the new policy would not
-/// let open; returns how many.
+/// Removes the connection-table entries (assured and half-open) of flows
+/// the new policy would not let open; returns how many.
 fn prune_conntrack(att: &Attachment, policy: &Policy, roles: &[String]) -> anyhow::Result<usize> {
-    let data = MapData::from_pin(att.map(MAP_CT))?;
-    let mut ct: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(data))?;
-    let gone: Vec<CtKey> = ct
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, e)| {
-            let (dir, pkt) = opener(k, e);
-            !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
-        })
-        .map(|(k, _)| k)
-        .collect();
-    for k in &gone {
-        let _ = ct.remove(k); // may have expired or been evicted meanwhile
+    let mut pruned = 0;
+    for name in [MAP_CT, MAP_CT_NEW] {
+        let data = MapData::from_pin(att.map(name))?;
+        let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
+            BpfHashMap::try_from(Map::LruHashMap(data))?;
+        let gone: Vec<CtKey> = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                let (dir, pkt) = opener(k, e);
+                !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = ct.remove(k); // may have expired, moved or been evicted meanwhile
+        }
+        pruned += gone.len();
     }
-    Ok(gone.len())
+    Ok(pruned)
 }
 
 /// The attachment's update lock (one policy change at a time); held while

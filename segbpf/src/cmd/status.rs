@@ -83,19 +83,39 @@ pub struct Report {
     pub dropped: u64,
     /// Connection table: capacity and entries in use.
     pub conntrack: Conntrack,
+    /// Fragment tables.
+    pub fragments: Fragments,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
     pub events: crate::telemetry::EventStats,
     /// Sets edited live, differing from the policy file (`reload` resolves it).
     pub drift: Vec<String>,
 }
 
-/// Connection-table size and fill level.
+/// Connection-table sizes and fill levels: the assured table (flows where
+/// both sides spoke) and the half-open table (openers without a reply yet;
+/// a flood evicts only these).
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
-    /// Capacity (entries).
+    /// Capacity of the assured table (entries).
     pub size: u32,
-    /// Entries in use.
+    /// Entries in use in the assured table.
     pub entries: u64,
+    /// Capacity of the half-open table.
+    pub half_open_size: u32,
+    /// Entries in use in the half-open table.
+    pub half_open_entries: u64,
+}
+
+/// Fragment-table size and fill levels (datagrams whose first fragment
+/// passed, on an assured flow or otherwise).
+#[derive(Debug, Serialize)]
+pub struct Fragments {
+    /// Capacity of each table.
+    pub size: u32,
+    /// Entries of datagrams on assured flows.
+    pub assured_entries: u64,
+    /// Entries of other datagrams.
+    pub other_entries: u64,
 }
 
 /// Builds the report of one attachment.
@@ -148,9 +168,23 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
             }
         })
         .collect();
+    let ct_size = state.as_ref().map(|s| s.ct_size).unwrap_or(0);
+    let (entries, half_open_entries) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
     let conntrack = Conntrack {
-        size: state.as_ref().map(|s| s.ct_size).unwrap_or(0),
-        entries: maps::pinned_ct_fill(att).unwrap_or(0),
+        size: ct_size,
+        entries,
+        half_open_size: if ct_size == 0 {
+            0
+        } else {
+            segbpf_common::ct_new_entries(ct_size)
+        },
+        half_open_entries,
+    };
+    let (assured_entries, other_entries) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
+    let fragments = Fragments {
+        size: segbpf_common::DEFAULT_FRAG_ENTRIES,
+        assured_entries,
+        other_entries,
     };
     Ok(Report {
         iface: att.iface.clone(),
@@ -163,6 +197,7 @@ pub fn report(att: &Attachment) -> anyhow::Result<Report> {
         passed,
         dropped,
         conntrack,
+        fragments,
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
         drift: state_sets,
     })
@@ -253,8 +288,14 @@ fn print_text(r: &Report) {
         None => println!("{}{ns}: {link} (state file missing)", r.iface),
     }
     println!(
-        "  conntrack: {} of {} entries",
-        r.conntrack.entries, r.conntrack.size
+        "  conntrack: {} of {} entries assured, {} of {} half-open; fragments: {} + {} of {} each",
+        r.conntrack.entries,
+        r.conntrack.size,
+        r.conntrack.half_open_entries,
+        r.conntrack.half_open_size,
+        r.fragments.assured_entries,
+        r.fragments.other_entries,
+        r.fragments.size
     );
     if let Some(s) = &r.state {
         println!(

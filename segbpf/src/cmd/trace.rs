@@ -99,8 +99,15 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         p => PacketSpec::new(args.src, args.dst, p),
     };
     let att = Attachment::new(&args.iface, netns);
-    let traced = trace_packet(&att, args.direction.into(), &spec.build().bytes)?;
     let state = State::current(&att).ok();
+    let built = spec.build();
+    // A device without a link layer sees the packet from its IP header on.
+    let frame = if state.as_ref().is_some_and(|s| s.raw_ip) {
+        &built.bytes[built.l3..]
+    } else {
+        &built.bytes[..]
+    };
+    let traced = trace_packet(&att, args.direction.into(), frame)?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&traced)?),
         Output::Text => {

@@ -97,6 +97,9 @@ pub struct Defaults {
     pub icmp: bool,
     /// Drop events per second per interface, 0 = none (omitted: 10).
     pub log_rate: u32,
+    /// Non-IP control frames to the IEEE 802.1 link-local group addresses
+    /// (STP, LACP, LLDP, 802.1X) pass (omitted: true).
+    pub link_local: bool,
 }
 
 impl Default for Defaults {
@@ -107,6 +110,7 @@ impl Default for Defaults {
             established: true,
             icmp: true,
             log_rate: 10,
+            link_local: true,
         }
     }
 }

@@ -425,6 +425,7 @@ impl<'a> Cx<'a> {
                 "established" => d.established = self.boolean(val, &field, key)?,
                 "icmp" => d.icmp = self.boolean(val, &field, key)?,
                 "log_rate" => d.log_rate = self.log_rate(val, &field)?,
+                "link_local" => d.link_local = self.boolean(val, &field, key)?,
                 _ => return Err(self.unknown_key(k, "defaults")),
             }
         }
@@ -985,6 +986,7 @@ mod tests {
                 established: true,
                 icmp: true,
                 log_rate: 10,
+                link_local: true,
             }
         );
         let roles: Vec<_> = p
@@ -1088,7 +1090,7 @@ mod tests {
         assert_eq!(p.defaults.egress, Action::Drop);
         assert_eq!(p.defaults.log_rate, 0);
         let p = parse(
-            "version = 1\n[defaults]\ningress = \"allow\"\nestablished = false\nicmp = false\nlog_rate = 1_000_000\n",
+            "version = 1\n[defaults]\ningress = \"allow\"\nestablished = false\nicmp = false\nlog_rate = 1_000_000\nlink_local = false\n",
         );
         assert_eq!(
             p.defaults,
@@ -1098,6 +1100,7 @@ mod tests {
                 established: false,
                 icmp: false,
                 log_rate: 1_000_000,
+                link_local: false,
             }
         );
         assert!(parse("version = 1\n").rules.is_empty());
