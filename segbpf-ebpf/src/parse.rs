@@ -454,12 +454,8 @@ fn parse_l4(pkt: &Bounds, off: usize, limit: usize, mut p: Parsed) -> Result<Par
 /// then tracked without scaling, which only narrows the RST window.
 #[inline(always)]
 fn tcp_wscale(pkt: &Bounds, off: usize, doff: usize) -> u8 {
-    // `rel` is the offset inside the TCP header, masked to 0..=63 at every
-    // step: the verifier then sees the same bounds on every path through
-    // the walk and prunes them, instead of exploring each NOP/option mix.
     let mut rel = TCP_MIN_HLEN;
     for _ in 0..MAX_TCP_OPTS {
-        rel &= 63;
         // Read first, then check against the header's end: had the header
         // check come first, the compiler (which knows the header lies in
         // an XDP frame) would drop the read's own bounds check, which the
@@ -471,10 +467,6 @@ fn tcp_wscale(pkt: &Bounds, off: usize, doff: usize) -> u8 {
         if rel + 2 > doff || o[0] == TCPOPT_EOL {
             break;
         }
-        if o[0] == TCPOPT_NOP {
-            rel += 1;
-            continue;
-        }
         if o[0] == TCPOPT_WSCALE && o[1] == 3 {
             let Some(v) = pkt.bytes::<3>(off + rel) else {
                 break;
@@ -484,10 +476,18 @@ fn tcp_wscale(pkt: &Bounds, off: usize, doff: usize) -> u8 {
             }
             return if v[2] > MAX_WSCALE { MAX_WSCALE } else { v[2] };
         }
-        if o[1] < 2 {
+        let step = match (o[0], o[1]) {
+            (TCPOPT_NOP, _) => 1,
+            (_, len) if len < 2 => 0, // malformed: stop
+            (_, len) => len as usize,
+        };
+        if step == 0 || rel + step >= doff {
             break;
         }
-        rel += o[1] as usize;
+        // `rel` < `doff` <= 60, so the mask changes nothing; it gives
+        // every path the same bounds at the loop head, so the verifier
+        // prunes them instead of exploring each mix of NOPs and options.
+        rel = (rel + step) & 63;
     }
     CT_NO_WSCALE
 }

@@ -197,6 +197,41 @@ fn main() -> anyhow::Result<()> {
             data_in: Some(&syn),
             ..TestRunOptions::new()
         })?;
+        // An assured flow for the assured CT-hit and blind-RST paths: the
+        // host opened 192.0.2.1:40001 -> 198.18.0.9:443 and the handshake
+        // completed (SYN out, SYN-ACK in, ACK out).
+        let peer: IpAddr = "198.18.0.9".parse()?;
+        for (egress, spec) in [
+            (true, PacketSpec::tcp(host, peer, 40001, 443)),
+            (
+                false,
+                PacketSpec {
+                    tcp_flags: 0x12,
+                    tcp_ack: 2,
+                    ..PacketSpec::tcp(peer, host, 443, 40001)
+                },
+            ),
+            (
+                true,
+                PacketSpec {
+                    tcp_flags: 0x10,
+                    tcp_seq: 2,
+                    tcp_ack: 2,
+                    ..PacketSpec::tcp(host, peer, 40001, 443)
+                },
+            ),
+        ] {
+            let frame = spec.build().bytes;
+            let opts = TestRunOptions {
+                data_in: Some(&frame),
+                ..TestRunOptions::new()
+            };
+            if egress {
+                loader::tc(&mut ebpf)?.test_run(opts)?;
+            } else {
+                loader::xdp(&mut ebpf)?.test_run(opts)?;
+            }
+        }
         let inst = instances.len();
         let mem = memlock(&ebpf);
         instances.push(ebpf);
@@ -216,10 +251,31 @@ fn main() -> anyhow::Result<()> {
                 .bytes,
         ));
         cases.push(mk(
-            "ct hit",
+            "ct hit, half-open",
             PacketSpec {
                 tcp_flags: 0x12,
                 ..PacketSpec::tcp("198.18.0.9".parse()?, host, 443, 40000)
+            }
+            .build()
+            .bytes,
+        ));
+        cases.push(mk(
+            "ct hit, assured",
+            PacketSpec {
+                tcp_flags: 0x10,
+                tcp_seq: 2,
+                tcp_ack: 2,
+                ..PacketSpec::tcp(peer, host, 443, 40001)
+            }
+            .build()
+            .bytes,
+        ));
+        cases.push(mk(
+            "blind rst, out of window (dropped)",
+            PacketSpec {
+                tcp_flags: 0x04,
+                tcp_seq: 3_000_000,
+                ..PacketSpec::tcp(peer, host, 443, 40001)
             }
             .build()
             .bytes,

@@ -214,6 +214,10 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
         let _ = att.remove();
         return Err(e);
     }
+    if let Some(secs) = args.confirm {
+        // In force now: the confirmation time starts.
+        crate::cmd::confirm::start_clock(&att, generation, secs)?;
+    }
     let canonical = std::path::PathBuf::from(&state.policy);
     if let Err(e) = crate::history::record(&att, generation, &canonical, &Default::default()) {
         tracing::warn!("policy history not updated: {e:#}");

@@ -6,6 +6,13 @@
 //! command is killed. The pending confirmation is a file
 //! (`IFACE.confirm.json`) naming the generation to confirm; `confirm`
 //! removes it; a later policy change supersedes it.
+//!
+//! The SECS count from the moment the change is in force, not from when
+//! the guard was armed: loading and verifying the programs of a first
+//! attach can take seconds on a busy host. While the applying process is
+//! alive and has not said the change is in force ([`start_clock`]), the
+//! guard waits; once that process is gone, the clock runs from arming (a
+//! killed attach is cleaned up after SECS).
 
 use std::{
     path::PathBuf,
@@ -43,6 +50,31 @@ pub struct Pending {
     pub deadline: u64,
     /// What to restore (None: detach).
     pub restore: Option<history::Entry>,
+    /// PID of the process applying the change.
+    #[serde(default)]
+    pub applier: Option<u32>,
+    /// The change is in force and `deadline` counts from then.
+    #[serde(default)]
+    pub started: bool,
+}
+
+impl Pending {
+    /// Whether the change is still being applied by a live process (the
+    /// guard then waits, whatever the deadline).
+    fn applying(&self) -> bool {
+        !self.started
+            && self.applier.is_some_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+            })
+    }
+}
+
+fn write(att: &Attachment, p: &Pending) -> anyhow::Result<()> {
+    let target = path(att);
+    let tmp = target.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(p)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("writing {}", target.display()))
 }
 
 fn path(att: &Attachment) -> PathBuf {
@@ -75,12 +107,13 @@ pub fn arm(
         generation,
         deadline: now() + secs,
         restore,
+        applier: Some(std::process::id()),
+        started: false,
     };
     if let Some(dir) = path(att).parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(path(att), serde_json::to_vec_pretty(&p)?)
-        .with_context(|| format!("writing {}", path(att).display()))?;
+    write(att, &p)?;
     let exe = std::env::current_exe().context("locating the segbpf binary")?;
     let mut cmd = std::process::Command::new(exe);
     if let Some(ns) = &att.netns {
@@ -111,6 +144,19 @@ pub fn arm(
     Ok(())
 }
 
+/// Says that the change armed for `generation` is in force: its `secs`
+/// start now. A no-op when nothing (or another generation) is pending.
+pub fn start_clock(att: &Attachment, generation: u64, secs: u64) -> anyhow::Result<()> {
+    match pending(att) {
+        Some(mut p) if p.generation == generation => {
+            p.deadline = now() + secs;
+            p.started = true;
+            write(att, &p)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Cancels a guard armed for a change that then failed.
 pub fn disarm(att: &Attachment) {
     let _ = std::fs::remove_file(path(att));
@@ -139,10 +185,10 @@ pub fn guard(args: GuardArgs, netns: Option<&str>) -> anyhow::Result<()> {
             return Ok(()); // superseded by another --confirm change
         }
         let left = p.deadline.saturating_sub(now());
-        if left == 0 {
+        if left == 0 && !p.applying() {
             break;
         }
-        std::thread::sleep(Duration::from_millis((left * 1000).min(500)));
+        std::thread::sleep(Duration::from_millis((left * 1000).clamp(100, 500)));
     }
     let Some(p) = pending(&att) else {
         return Ok(());

@@ -82,6 +82,11 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
             crate::cmd::confirm::disarm(&att);
         }
     })?;
+    if let Some(secs) = args.confirm {
+        // In force now: the confirmation time starts.
+        let generation = State::current(&att)?.generation;
+        crate::cmd::confirm::start_clock(&att, generation, secs)?;
+    }
     println!("{out}");
     Ok(())
 }
