@@ -392,6 +392,29 @@ fn tun_device_is_enforced_with_a_userspace_peer() -> anyhow::Result<()> {
         arp, 0,
         "a tun device carries no ARP: no packet passes as ARP"
     );
+    // `trace` runs its packet as the tun device sees it (no Ethernet header).
+    for (src, dport, verdict) in [
+        ("8.6.1.2", "8080", "drop"),
+        ("198.18.50.2", "8080", "drop"),
+        ("198.18.50.2", "22", "allow"),
+    ] {
+        let out = segbpf.ok(&[
+            "trace",
+            "tun0",
+            "--src",
+            src,
+            "--dst",
+            "198.18.50.1",
+            "--proto",
+            "tcp",
+            "--dport",
+            dport,
+            "--output",
+            "json",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("trace JSON")?;
+        assert_eq!(v["verdict"], verdict, "trace {src} -> :{dport}: {out}");
+    }
     drop(segbpf);
     drop(listeners);
     drop(tun);
