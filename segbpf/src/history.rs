@@ -64,7 +64,7 @@ pub fn record(
     overrides: &BTreeMap<String, Vec<String>>,
 ) -> anyhow::Result<()> {
     let d = dir(att);
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    crate::pins::private_dir(&d).with_context(|| format!("creating {}", d.display()))?;
     let copy = d.join(format!("{generation}.toml"));
     std::fs::copy(source, &copy).with_context(|| format!("saving {}", copy.display()))?;
     let mut entries = list(att);

@@ -18,3 +18,4 @@ pub mod pins;
 pub mod policy;
 pub mod state;
 pub mod telemetry;
+pub mod trust;

@@ -10,6 +10,9 @@ use segbpf::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Everything segbpf writes (state, history, locks, pins) is private:
+    // files 0600, directories 0700 (see `segbpf::pins::private_dir`).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse(); // exits 2 on usage errors
     let level = match cli.verbose {
         0 => "info",

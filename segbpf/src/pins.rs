@@ -8,6 +8,11 @@
 //!   inside: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and one file per
 //!   map (`SEG_*`);
 //! - `STATE/ifaces/IFACE.json` or `STATE/netns/NAME/IFACE.json`.
+//!
+//! Every directory segbpf makes is private ([`private_dir`]: mode 0700,
+//! owned by the user running segbpf, normally root) and `segbpf` runs with
+//! umask 077, so its state, history, lock files and pins are 0600: no other
+//! local user can read them or take their locks.
 
 use std::path::{Path, PathBuf};
 
@@ -92,7 +97,7 @@ impl Roots {
             )
             .map_err(std::io::Error::from)?;
         }
-        std::fs::create_dir_all(&self.bpffs)
+        private_dir(&self.bpffs)
     }
 }
 
@@ -174,6 +179,34 @@ impl Attachment {
         }
         Ok(())
     }
+}
+
+/// Makes `dir` and any missing parents with mode 0700, then checks that
+/// `dir` belongs to the effective user and sets its mode to 0700 (a
+/// directory left by an older version, or made by someone else, is
+/// refused rather than trusted).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {}, not to uid {me} that runs segbpf; refusing to keep state there",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {

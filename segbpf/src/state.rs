@@ -48,6 +48,10 @@ pub struct State {
     /// The device has no link-layer header: packets start at the IP header.
     #[serde(default)]
     pub raw_ip: bool,
+    /// `attach --insecure-policy`: the policy file's ownership and
+    /// permissions are not checked, at attach or at later reloads.
+    #[serde(default)]
+    pub insecure_policy: bool,
     /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).
     #[serde(default)]
     pub tc_mode: String,
@@ -107,7 +111,7 @@ impl State {
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let dir = path.parent().context("state path has no parent")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::pins::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()

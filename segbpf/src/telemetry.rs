@@ -250,7 +250,7 @@ pub async fn stream(
     let ring = RingBuf::try_from(Map::RingBuf(data))?;
     let mut fd = register(ring)?;
     if let Some(dir) = lock_path(att).parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::pins::private_dir(dir)?;
     }
     let lock_file = std::fs::OpenOptions::new()
         .create(true)

@@ -75,6 +75,11 @@ pub struct Args {
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
+    /// Accept a policy file that is writable by users other than root, or
+    /// owned by one (refused by default, as sshd's StrictModes does); holds
+    /// for this attachment's later reloads too.
+    #[arg(long)]
+    pub insecure_policy: bool,
 }
 
 /// Runs `segbpf attach`.
@@ -123,6 +128,9 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
 /// Applies the policy to the interface; returns the attachment and a one-line summary.
 pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, String)> {
     // 1. Everything that depends only on input: no kernel change yet.
+    if !args.insecure_policy {
+        crate::trust::check_policy_file(&args.policy)?;
+    }
     let policy = Policy::load(&args.policy)?;
     let ifindex = netif::ifindex(&args.iface)?;
     // The device type decides where packets start; refuse what we cannot parse.
@@ -190,6 +198,7 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
         mode: attached.xdp_mode.to_string(),
         link_type: link.arphrd,
         raw_ip: link.is_raw_ip(),
+        insecure_policy: args.insecure_policy,
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
         ct_size: capacity.ct,
@@ -256,7 +265,7 @@ fn load_and_attach(
 ) -> anyhow::Result<Attached> {
     let mut ebpf = loader::load_for_link(capacity, segbpf_common::RUN_LIVE, link)?;
     maps::write_policy(&mut ebpf, compiled)?;
-    std::fs::create_dir_all(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
+    pins::private_dir(&att.dir).with_context(|| format!("creating {}", att.dir.display()))?;
     maps::pin_all(&mut ebpf, att)?;
 
     // Egress first: replies to what the host sends must be tracked before

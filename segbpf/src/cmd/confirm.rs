@@ -111,7 +111,7 @@ pub fn arm(
         started: false,
     };
     if let Some(dir) = path(att).parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::pins::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     write(att, &p)?;
     let exe = std::env::current_exe().context("locating the segbpf binary")?;

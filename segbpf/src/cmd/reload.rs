@@ -158,6 +158,9 @@ pub fn swap(
     let (path, overrides) = choose(&old)?;
 
     // Everything that depends on input first: nothing in the kernel yet.
+    if !old.insecure_policy {
+        crate::trust::check_policy_file(&path)?;
+    }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
     let addrs = if old.role_args.is_empty() {
         netif::addresses(&att.iface)?

@@ -1,0 +1,181 @@
+//! segbpf's files are root's alone, and the policy must be too.
+//!
+//! * Run as `nobody`, no file or directory that segbpf keeps for an
+//!   attachment (state, history, lock files, pins) can be opened or
+//!   listed, so no local user can read the state or take a lock that
+//!   `reload`, `set`, the guard or the event reader wait for.
+//! * A policy file writable by group or others is refused at attach, and
+//!   so is one in a directory others can write (without the sticky bit),
+//!   changing nothing in the kernel; `--insecure-policy` overrides it.
+
+use std::{os::unix::fs::PermissionsExt as _, os::unix::process::CommandExt as _, path::Path};
+
+use segbpf_tests::Lab;
+
+/// uid/gid of `nobody` / `nogroup` on Debian.
+const NOBODY: u32 = 65534;
+
+fn example() -> String {
+    format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every path under `root` (itself included).
+fn walk(root: &Path, out: &mut Vec<std::path::PathBuf>) {
+    out.push(root.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn nobody_can_open_no_file_segbpf_keeps() -> anyhow::Result<()> {
+    let mut lab = Lab::new("perm")?;
+    lab.add_host("db", &["198.18.70.30/24"])?;
+    lab.attach("db", &example(), &["--role", "db"])?;
+    // A reload makes the update lock and the history's second entry.
+    lab.segbpf_ok("db", &["reload", "eth0"])?;
+    let mut paths = Vec::new();
+    walk(&lab.state, &mut paths);
+    walk(&lab.bpffs, &mut paths);
+    let files = paths.iter().filter(|p| p.is_file()).count();
+    assert!(files >= 15, "only {files} files under the roots: {paths:?}");
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with("update.lock")),
+        "no update lock among {paths:?}"
+    );
+    for root in [&lab.state, &lab.bpffs] {
+        let mode = std::fs::metadata(root)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} has mode {mode:o}", root.display());
+    }
+    // As nobody (its own group; the test runs as root, whose supplementary
+    // groups stay, but none of segbpf's files grants anything to a group):
+    // try to read, write and list every path.
+    let mut script = String::from("for p in \"$@\"; do\n");
+    script.push_str("  if [ -d \"$p\" ]; then ls \"$p\" >/dev/null 2>&1 && echo \"listed $p\";\n");
+    script.push_str("  else (exec 3<\"$p\") 2>/dev/null && echo \"read $p\";\n");
+    script.push_str("       (exec 3>>\"$p\") 2>/dev/null && echo \"wrote $p\"; fi\n");
+    script.push_str("done\n");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg("sh")
+        .args(&paths)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()?;
+    let opened = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        opened.trim().is_empty(),
+        "nobody could open segbpf's files:\n{opened}"
+    );
+    // The check can fail: nobody does read a file it may read.
+    let probe = std::env::temp_dir().join(format!("segbpf-perm-probe-{}", std::process::id()));
+    std::fs::write(&probe, "x")?;
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o644))?;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg("sh")
+        .arg(&probe)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()?;
+    let _ = std::fs::remove_file(&probe);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read "),
+        "the probe must be readable by nobody: {out:?}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_policy_others_can_write_is_refused() -> anyhow::Result<()> {
+    let mut lab = Lab::new("pol")?;
+    lab.add_host("db", &["198.18.71.30/24"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-pol-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = Cleanup(dir.clone());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let file = dir.join("roles.toml");
+    std::fs::copy(example(), &file)?;
+    let policy = file.to_string_lossy().to_string();
+    let attach = |extra: &[&str]| {
+        let mut args = vec![
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--role",
+            "db",
+            "--no-wait",
+        ];
+        args.extend_from_slice(extra);
+        lab.segbpf("db", &args)
+    };
+
+    for (file_mode, dir_mode, why) in [
+        (0o666, 0o755, "writable by group and others"),
+        (0o620, 0o755, "writable by group"),
+        (0o644, 0o777, "writable by group and others"),
+    ] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(file_mode))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(dir_mode))?;
+        let out = attach(&[])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "file {file_mode:o}, dir {dir_mode:o}: {err}"
+        );
+        assert!(
+            err.contains(why),
+            "file {file_mode:o}, dir {dir_mode:o}: {err}"
+        );
+        let status = lab.segbpf("db", &["status", "eth0"])?;
+        assert_ne!(
+            status.status.code(),
+            Some(0),
+            "nothing attached after a refusal"
+        );
+    }
+    // A sticky directory (like /tmp) is fine; so is the override.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))?;
+    let out = attach(&[])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.segbpf_ok("db", &["detach", "eth0"])?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
+    let out = attach(&["--insecure-policy"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The override holds for the attachment's reloads.
+    lab.segbpf_ok("db", &["reload", "eth0"])?;
+    Ok(())
+}
+
+/// Removes a directory when dropped (also when the test fails).
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
