@@ -128,10 +128,27 @@ impl State {
         Ok(())
     }
 
-    /// The state of `att` as the kernel runs it: the state file, or the
-    /// pending one (`IFACE.next.json`) if a reload put that generation in
-    /// force and stopped before renaming it (which this completes).
+    /// The state of `att` as the kernel runs it: the pending state
+    /// (`IFACE.next.json`) if a reload put that generation in force and
+    /// stopped before renaming it, else the state file. Reads only, so any
+    /// command may call it while a reload is under way; completing or
+    /// discarding a pending state is [`State::repair`]'s job.
     pub fn current(att: &crate::pins::Attachment) -> anyhow::Result<State> {
+        if let Ok(pending) = State::read(&next_path(&att.state)) {
+            let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
+            if live == Some(pending.generation) {
+                return Ok(pending);
+            }
+        }
+        State::read(&att.state)
+    }
+
+    /// Like [`State::current`], and completes the rename a killed reload
+    /// left undone, or removes a pending state whose generation never came
+    /// into force. Call only under the attachment's update lock: outside
+    /// it, a reload between writing its pending state and the switch would
+    /// lose that file.
+    pub fn repair(att: &crate::pins::Attachment) -> anyhow::Result<State> {
         let next = next_path(&att.state);
         if let Ok(pending) = State::read(&next) {
             let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();

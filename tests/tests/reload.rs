@@ -577,3 +577,59 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A reload writes its pending state (`IFACE.next.json`) before the
+/// switch. A command that only reads (status, trace, a metrics scrape, the
+/// file watcher) must not remove it meanwhile, or the reload would switch
+/// and then fail to record what it switched to. Only a change under the
+/// update lock completes or discards a pending state.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn readers_never_touch_a_reload_in_progress() -> anyhow::Result<()> {
+    let s = setup("rip")?;
+    let next = s.att.state.with_extension("next.json");
+    // What a reload has written just before its switch: the next
+    // generation, not yet live.
+    let mut pending: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.att.state)?)?;
+    let live = pending["generation"].as_u64().unwrap_or(0);
+    pending["generation"] = (live + 1).into();
+    std::fs::write(&next, serde_json::to_vec(&pending)?)?;
+
+    for args in [
+        &["status", "eth0", "--output", "json"][..],
+        &["status"][..],
+        &[
+            "trace",
+            "eth0",
+            "--src",
+            "10.10.1.20",
+            "--dst",
+            "10.10.1.30",
+            "--proto",
+            "tcp",
+            "--dport",
+            "5432",
+        ][..],
+    ] {
+        s.lab.segbpf_ok("db", args)?;
+        assert!(
+            next.exists(),
+            "`segbpf {}` removed the pending state",
+            args.join(" ")
+        );
+    }
+    let status = s.lab.status_json("db")?;
+    assert_eq!(
+        status["attachments"][0]["state"]["generation"].as_u64(),
+        Some(live),
+        "readers report the generation in force"
+    );
+    // A change under the lock discards the stale pending state and applies.
+    let out = s
+        .lab
+        .segbpf_ok("db", &["reload", "eth0", "--policy", s.b.to_str().unwrap()])?;
+    assert!(out.contains("applied"), "{out}");
+    assert!(!next.exists(), "the reload cleared the pending state");
+    Ok(())
+}

@@ -154,7 +154,7 @@ pub fn swap(
         bail!("segbpf is not attached to {}", att.iface);
     }
     let _lock = Lock::take(att)?;
-    let old = State::current(att).context("reading the attachment's state")?;
+    let old = State::repair(att).context("reading the attachment's state")?;
     let (path, overrides) = choose(&old)?;
 
     // Everything that depends on input first: nothing in the kernel yet.
@@ -216,25 +216,51 @@ pub fn swap(
     };
     new.write(&state::next_path(&att.state))?;
     maps.activate(next)?;
-    std::fs::rename(state::next_path(&att.state), &att.state)
-        .with_context(|| format!("writing {}", att.state.display()))?;
-    if let Err(e) = history::record(att, generation, Path::new(&new.policy), &new.set_overrides) {
-        tracing::warn!("policy history not updated: {e:#}");
-    }
 
-    // Tidy up after the switch.
+    // The new policy is in force: nothing after this point is a failure
+    // (the caller would undo a guard or report a change that happened).
+    // What goes wrong is a warning in the result.
+    let mut warnings = Vec::new();
+    let mut warn = |what: &str, e: anyhow::Error| {
+        tracing::warn!("{what}: {e:#}");
+        warnings.push(format!("{what}: {e:#}"));
+    };
+    if let Err(e) = std::fs::rename(state::next_path(&att.state), &att.state) {
+        // State::current still finds the pending file (its generation is live).
+        warn(
+            &format!("renaming the state to {}", att.state.display()),
+            e.into(),
+        );
+    }
+    if let Err(e) = history::record(att, generation, Path::new(&new.policy), &new.set_overrides) {
+        warn("policy history not updated", e);
+    }
+    // Let packets that read the old slot finish, prune the connections the
+    // new policy would not open (including any opened in that window), and
+    // only then empty the old slot.
     std::thread::sleep(GRACE);
-    maps.clear_slot(current)?;
-    clear_counters(att, &freed)?;
-    let pruned = prune_conntrack(att, &policy, &roles)?;
-    Ok(format!(
-        "reloaded {} on {}: generation {generation}, roles {}, {} rules; {} connections no longer allowed were removed",
+    let pruned = prune_conntrack(att, &policy, &roles).unwrap_or_else(|e| {
+        warn("pruning the connection table", e);
+        0
+    });
+    if let Err(e) = maps.clear_slot(current) {
+        warn("emptying the previous policy slot", e.into());
+    }
+    if let Err(e) = clear_counters(att, &freed) {
+        warn("zeroing unused rule counters", e);
+    }
+    let mut out = format!(
+        "reloaded {} on {}: generation {generation} applied, roles {}, {} rules; {} connections no longer allowed were removed",
         policy.source,
         att.iface,
         roles.join(","),
         c.rules.len(),
         pruned
-    ))
+    );
+    if !warnings.is_empty() {
+        out.push_str(&format!(" (warnings: {})", warnings.join("; ")));
+    }
+    Ok(out)
 }
 
 /// Zeroes the per-rule counters of slots no rule uses any more.
