@@ -38,6 +38,11 @@ fn dir(att: &Attachment) -> PathBuf {
     base.join(&att.iface)
 }
 
+/// Where `att`'s history is kept (for messages).
+pub fn dir_of(att: &Attachment) -> PathBuf {
+    dir(att)
+}
+
 fn keep() -> usize {
     std::env::var("SEGBPF_HISTORY")
         .ok()

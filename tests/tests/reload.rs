@@ -633,3 +633,146 @@ fn readers_never_touch_a_reload_in_progress() -> anyhow::Result<()> {
     assert!(!next.exists(), "the reload cleared the pending state");
     Ok(())
 }
+
+/// The guard's table, with a foreground `attach` watching its file:
+///
+/// | situation during a pending `--confirm` | outcome |
+/// |---|---|
+/// | the policy file (path) changes, SIGHUP | the automatic reload waits, logged |
+/// | an explicit `reload` or `set` | refused; `reload --force` supersedes |
+/// | not confirmed by the deadline | the previous policy is back, kept by the watcher |
+/// | no history entry for the policy in force | the `--confirm` change is refused |
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::Result<()> {
+    let s = setup("gtab")?;
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+    // The same attachment, now with a foreground attach watching policy A.
+    s.lab.segbpf_ok("db", &["detach", "eth0"])?;
+    let mut attach = s.lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--policy",
+            s.a.to_str().unwrap(),
+        ],
+    )?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(current_verdicts(&s)?, all_a);
+
+    // No history for the policy in force: the guard could not restore it,
+    // so the change is refused and nothing moves.
+    let empty = s.dir.join("no-history");
+    let out = std::process::Command::new(segbpf_bin())
+        .args([
+            "--netns",
+            &s.lab.host("db").ns.name,
+            "reload",
+            "eth0",
+            "--policy",
+        ])
+        .arg(&s.b)
+        .args(["--confirm", "3"])
+        .env("SEGBPF_BPFFS", &s.lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &s.lab.state)
+        .env("SEGBPF_HISTORY_DIR", &empty)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not in the history"), "{err}");
+    assert_eq!(
+        current_verdicts(&s)?,
+        all_a,
+        "a refused change changes nothing"
+    );
+
+    // A guarded change: policy B (another file) until confirmed.
+    let b = s.b.to_str().unwrap();
+    s.lab
+        .segbpf_ok("db", &["reload", "eth0", "--policy", b, "--confirm", "4"])?;
+    assert_eq!(current_verdicts(&s)?, all_b);
+    // The watcher sees the state's file change and a SIGHUP: it waits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(attach.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    // Explicit changes are refused while the confirmation is pending.
+    let out = s.lab.segbpf("db", &["reload", "eth0", "--policy", b])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waits for `segbpf confirm"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s
+        .lab
+        .segbpf("db", &["set", "add", "eth0", "web_nodes", "10.10.9.9"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "set during a pending confirmation"
+    );
+    // Not confirmed: A comes back at the deadline and stays (the watcher's
+    // deferred reload re-applies what is in force, not B).
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        current_verdicts(&s)?,
+        all_a,
+        "previous policy back and kept"
+    );
+    assert!(attach.try_wait()?.is_none(), "attach still runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(attach.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    stop.0 = None; // reaped below: its PID must not be signalled again
+    let out = attach.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the automatic reload waits"),
+        "the wait is logged: {stderr}"
+    );
+
+    // --force supersedes a pending change.
+    s.lab
+        .segbpf_ok("db", &["reload", "eth0", "--policy", b, "--confirm", "30"])?;
+    s.lab.segbpf_ok(
+        "db",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            s.a.to_str().unwrap(),
+            "--force",
+        ],
+    )?;
+    assert_eq!(current_verdicts(&s)?, all_a);
+    Ok(())
+}
+
+/// Sends SIGKILL to a process we started, not yet reaped, when dropped (a
+/// failing test leaves no foreground attach behind).
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -349,8 +349,11 @@ fn load_and_attach(
 }
 
 /// Reloads the policy on SIGHUP, or when the policy file changes (checked
-/// every 2 seconds). A policy that fails validation changes nothing; the
-/// reason is logged. Never returns.
+/// every 2 seconds), keeping live set edits. A policy that fails
+/// validation changes nothing; the reason is logged. While a change waits
+/// for `segbpf confirm`, automatic reloads wait too (logged once): they
+/// would supersede the unconfirmed change and its guard would stand down.
+/// Never returns.
 async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
     let mtime = |att: &Attachment| {
         State::current(att)
@@ -359,19 +362,33 @@ async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
             .and_then(|m| m.modified().ok())
     };
     let mut seen = mtime(att);
+    let mut deferred: Option<&'static str> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick() => {
                 let now = mtime(att);
-                if now == seen || now.is_none() {
-                    continue;
+                match deferred {
+                    Some(why) if crate::cmd::confirm::pending(att).is_none() => why,
+                    _ if now == seen || now.is_none() => continue,
+                    _ => "the policy file changed",
                 }
-                "the policy file changed"
             }
         };
-        match crate::cmd::reload::reload(att, None) {
+        if let Some(p) = crate::cmd::confirm::pending(att) {
+            if deferred.is_none() {
+                warn!(
+                    "{why}: generation {} waits for `segbpf confirm {}`; the automatic reload waits until it is confirmed or undone",
+                    p.generation, att.iface
+                );
+            }
+            deferred = Some(why);
+            seen = mtime(att);
+            continue;
+        }
+        deferred = None;
+        match crate::cmd::reload::reload_keeping_sets(att) {
             Ok(msg) => info!("{why}: {msg}"),
             Err(e) => {
                 tracing::error!("{why}: reload refused, the policy in force is unchanged: {e:#}")

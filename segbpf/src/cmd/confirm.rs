@@ -50,6 +50,11 @@ pub struct Pending {
     pub deadline: u64,
     /// What to restore (None: detach).
     pub restore: Option<history::Entry>,
+    /// The text of the policy to restore, copied from the history when
+    /// the guard was armed: the guard restores it whatever the history
+    /// holds by the deadline.
+    #[serde(default)]
+    pub restore_text: Option<String>,
     /// PID of the process applying the change.
     #[serde(default)]
     pub applier: Option<u32>,
@@ -103,10 +108,20 @@ pub fn arm(
     restore: Option<history::Entry>,
 ) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
+    let restore_text = match &restore {
+        Some(entry) => Some(std::fs::read_to_string(&entry.copy).with_context(|| {
+            format!(
+                "reading the policy in force from the history ({}); without it the change cannot be guarded",
+                entry.copy.display()
+            )
+        })?),
+        None => None,
+    };
     let p = Pending {
         generation,
         deadline: now() + secs,
         restore,
+        restore_text,
         applier: Some(std::process::id()),
         started: false,
     };
@@ -155,6 +170,30 @@ pub fn start_clock(att: &Attachment, generation: u64, secs: u64) -> anyhow::Resu
         }
         _ => Ok(()),
     }
+}
+
+/// Refuses an explicit change of `att` while a change waits for
+/// confirmation (unless `force`): the guard would otherwise give up on the
+/// unconfirmed change, superseded, and leave it in force.
+pub fn refuse_while_pending(att: &Attachment, force: bool) -> anyhow::Result<()> {
+    if let Some(p) = pending(att) {
+        if force {
+            tracing::warn!(
+                "generation {} on {} was waiting for confirmation; --force: this change supersedes it and its guard stands down",
+                p.generation,
+                att.iface
+            );
+            return Ok(());
+        }
+        bail!(
+            "generation {} on {} waits for `segbpf confirm {}` (undone in {}s otherwise); confirm it or let it be undone first, or pass --force to supersede it (its guard then stands down)",
+            p.generation,
+            att.iface,
+            att.iface,
+            p.deadline.saturating_sub(now())
+        );
+    }
+    Ok(())
 }
 
 /// Cancels a guard armed for a change that then failed.
@@ -206,15 +245,23 @@ pub fn guard(args: GuardArgs, netns: Option<&str>) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path(&att));
         return Ok(());
     }
-    match p.restore {
-        Some(entry) => {
+    match (p.restore, p.restore_text) {
+        (Some(entry), Some(text)) => {
+            // What the guard recorded when armed, not what the history
+            // holds now (it may have been pruned, moved or removed).
+            let copy = att.state.with_extension("confirm.restore.toml");
+            std::fs::write(&copy, text).with_context(|| format!("writing {}", copy.display()))?;
+            crate::cmd::reload::swap(&att, |_| Ok((copy.clone(), entry.set_overrides.clone())))?;
+        }
+        (Some(entry), None) => {
+            // Armed by an older version: only the history copy is known.
             crate::cmd::reload::swap(&att, |_| {
                 Ok((entry.copy.clone(), entry.set_overrides.clone()))
             })?;
         }
-        None => {
-            att.remove()?;
-            history::remove(&att);
+        (None, _) => {
+            // A first attach: remove segbpf exactly as `segbpf detach` does.
+            crate::cmd::detach::remove(&att)?;
         }
     }
     let _ = std::fs::remove_file(path(&att));

@@ -52,6 +52,10 @@ pub struct Args {
     /// Undo the change after SECS seconds unless `segbpf confirm IFACE` runs.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub confirm: Option<u64>,
+    /// Apply even though an earlier change waits for `segbpf confirm`
+    /// (that change's guard then stands down).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `segbpf rollback`.
@@ -64,6 +68,7 @@ pub struct RollbackArgs {
 /// Runs `segbpf reload`.
 pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, netns);
+    crate::cmd::confirm::refuse_while_pending(&att, args.force)?;
     if let Some(secs) = args.confirm {
         // Armed before the change: the guard undoes generation `next`
         // (restoring the current one) unless confirmed.
@@ -72,10 +77,20 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
             .map(|c| c.generation)
             .unwrap_or(0);
         let next = current.max(live) + 1;
-        let restore = history::list(&att)
+        // The guard restores the policy in force, copied from the history
+        // now; without a record of it the change cannot be guarded, and is
+        // refused rather than applied unguarded (or undone by detaching).
+        let Some(restore) = history::list(&att)
             .into_iter()
-            .find(|e| e.generation == current);
-        crate::cmd::confirm::arm(&att, next, secs, restore)?;
+            .find(|e| e.generation == current)
+        else {
+            bail!(
+                "--confirm: the policy in force on {} (generation {current}) is not in the history ({}), so the guard could not restore it; apply without --confirm, or reload once without it to record the policy in force",
+                att.iface,
+                history::dir_of(&att).display()
+            );
+        };
+        crate::cmd::confirm::arm(&att, next, secs, Some(restore))?;
     }
     let out = reload(&att, args.policy.as_deref()).inspect_err(|_| {
         if args.confirm.is_some() {
@@ -125,6 +140,26 @@ pub fn reload(att: &Attachment, policy: Option<&Path>) -> anyhow::Result<String>
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&old.policy));
         Ok((path, BTreeMap::new()))
+    })
+}
+
+/// Reloads `att`'s current file keeping its live set edits (the automatic
+/// reloads of a running `attach`: a file change must not silently undo a
+/// `segbpf set`). Edits of sets the file no longer has fail the reload.
+pub fn reload_keeping_sets(att: &Attachment) -> anyhow::Result<String> {
+    swap(att, |old| {
+        if !old.set_overrides.is_empty() {
+            tracing::warn!(
+                "keeping the live edits of set(s) {} over the file; `segbpf reload {}` goes back to the file",
+                old.set_overrides
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                att.iface
+            );
+        }
+        Ok((PathBuf::from(&old.policy), old.set_overrides.clone()))
     })
 }
 

@@ -114,6 +114,7 @@ fn edit(
     add: bool,
 ) -> anyhow::Result<()> {
     let att = Attachment::new(iface, netns);
+    crate::cmd::confirm::refuse_while_pending(&att, false)?;
     let members = parse_members(addrs)?;
     let mut changed = 0;
     let msg = reload::swap(&att, |state| {
