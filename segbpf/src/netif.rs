@@ -27,6 +27,115 @@ pub fn addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The addresses of `iface` an administrator configured: flagged
+/// permanent by the kernel, so not SLAAC or temporary (privacy) IPv6
+/// addresses made from a router advertisement, nor addresses with a
+/// lifetime as DHCP clients add them. Asked of the kernel over rtnetlink
+/// (an `RTM_GETADDR` dump), in the caller's network namespace.
+pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
+    const RTM_NEWADDR: u16 = 20;
+    const RTM_GETADDR: u16 = 22;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    const IFA_FLAGS: u16 = 8;
+    const IFA_F_TEMPORARY: u32 = 0x01;
+    const IFA_F_PERMANENT: u32 = 0x80;
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd as _;
+
+    let index = ifindex(iface)?;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .context("rtnetlink socket")?;
+    // nlmsghdr (16 bytes) + ifaddrmsg (8 bytes, family AF_UNSPEC).
+    let mut req = [0u8; 24];
+    req[0..4].copy_from_slice(&24u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .context("RTM_GETADDR")?;
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    'dump: loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).context("reading RTM_GETADDR")?;
+        if n == 0 {
+            break;
+        }
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32_at(&buf, at) as usize;
+            let kind = u16_at(&buf, at + 4);
+            if len < 16 || at + len > n {
+                bail!("malformed rtnetlink reply");
+            }
+            match kind {
+                NLMSG_DONE => break 'dump,
+                NLMSG_ERROR => bail!("RTM_GETADDR failed"),
+                RTM_NEWADDR if len >= 24 => {
+                    let msg = &buf[at + 16..at + len];
+                    let family = msg[0];
+                    let mut flags = u32::from(msg[2]);
+                    let msg_index = u32_at(msg, 4);
+                    let (mut address, mut local) = (None, None);
+                    let mut a = 8;
+                    while a + 4 <= msg.len() {
+                        let alen = u16_at(msg, a) as usize;
+                        let atype = u16_at(msg, a + 2) & 0x3fff;
+                        if alen < 4 || a + alen > msg.len() {
+                            break;
+                        }
+                        let data = &msg[a + 4..a + alen];
+                        let ip = match (family as i32, data.len()) {
+                            (libc::AF_INET, 4) => {
+                                Some(IpAddr::from(<[u8; 4]>::try_from(data).unwrap_or_default()))
+                            }
+                            (libc::AF_INET6, 16) => {
+                                Some(IpAddr::from(<[u8; 16]>::try_from(data).unwrap_or_default()))
+                            }
+                            _ => None,
+                        };
+                        match atype {
+                            IFA_ADDRESS => address = ip,
+                            IFA_LOCAL => local = ip,
+                            IFA_FLAGS if data.len() == 4 => flags = u32_at(data, 0),
+                            _ => {}
+                        }
+                        a += (alen + 3) & !3;
+                    }
+                    if msg_index == index
+                        && flags & IFA_F_PERMANENT != 0
+                        && flags & IFA_F_TEMPORARY == 0
+                        && let Some(ip) = local.or(address)
+                    {
+                        out.push(ip);
+                    }
+                }
+                _ => {}
+            }
+            at += (len + 3) & !3;
+        }
+    }
+    Ok(out)
+}
+
 /// Moves the calling thread into the network namespace `/run/netns/NAME`
 /// (as created by `ip netns add`). Call before starting any other thread.
 pub fn enter_netns(name: &str) -> anyhow::Result<()> {
@@ -171,6 +280,12 @@ pub fn link_layer(iface: &str) -> anyhow::Result<LinkLayer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_addresses_are_permanent() {
+        let addrs = permanent_addresses("lo").expect("lo");
+        assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
+    }
 
     #[test]
     fn device_types_are_classified_or_refused() {

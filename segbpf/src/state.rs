@@ -22,10 +22,17 @@ pub struct State {
     pub policy: String,
     /// The host's roles.
     pub roles: Vec<String>,
-    /// The `--role` arguments given to attach (empty: roles come from the
-    /// interface's addresses, again at each reload).
+    /// The `--role` arguments given to attach (empty: roles came from the
+    /// interface's addresses at attach; reloads keep them unless
+    /// `reload --redetect-roles`).
     #[serde(default)]
     pub role_args: Vec<String>,
+    /// The roles before the last change of roles (empty: never changed).
+    #[serde(default)]
+    pub previous_roles: Vec<String>,
+    /// Generation that changed the roles last (0: never).
+    #[serde(default)]
+    pub roles_changed_at: u64,
     /// Size of the per-rule counter map.
     #[serde(default)]
     pub rule_slots: u32,

@@ -24,6 +24,7 @@ use crate::netns;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags (the rest
 /// of the union is unused here).
@@ -153,7 +154,7 @@ fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Fills in the TCP or UDP checksum (pseudo-header included) of an IP
+/// Fills in the TCP, UDP or ICMPv6 checksum (pseudo-header included) of an IP
 /// packet (`ip` starts at the IPv4 or IPv6 header; `l4` is the offset of
 /// the transport header in it; `proto` its protocol, which for IPv6 with
 /// extension headers differs from the first next-header byte). The
@@ -162,6 +163,7 @@ pub fn fill_transport_checksum(ip: &mut [u8], l4: usize, proto: u8) -> anyhow::R
     let at = match proto {
         IPPROTO_TCP => 16,
         IPPROTO_UDP => 6,
+        IPPROTO_ICMPV6 => 2,
         _ => anyhow::bail!("no checksum for protocol {proto}"),
     };
     anyhow::ensure!(ip.len() >= l4 + at + 2, "packet too short");

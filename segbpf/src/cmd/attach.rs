@@ -191,6 +191,8 @@ pub fn apply(args: &Args, netns: Option<&str>) -> anyhow::Result<(Attachment, St
             .to_string(),
         roles: roles.clone(),
         role_args: args.role.clone(),
+        previous_roles: Vec::new(),
+        roles_changed_at: 0,
         set_overrides: Default::default(),
         rule_slots: capacity.rule_stats,
         peer_entries: capacity.peer_v4,

@@ -56,6 +56,12 @@ pub struct Args {
     /// (that change's guard then stands down).
     #[arg(long)]
     pub force: bool,
+    /// Work the host's roles out again (roles are otherwise kept from
+    /// attach): from the interface's permanent addresses only, never from
+    /// SLAAC, temporary or DHCP-dynamic ones; `--role` names given to
+    /// attach stay.
+    #[arg(long)]
+    pub redetect_roles: bool,
 }
 
 /// Arguments of `segbpf rollback`.
@@ -92,7 +98,7 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         };
         crate::cmd::confirm::arm(&att, next, secs, Some(restore))?;
     }
-    let out = reload(&att, args.policy.as_deref()).inspect_err(|_| {
+    let out = reload_with(&att, args.policy.as_deref(), args.redetect_roles).inspect_err(|_| {
         if args.confirm.is_some() {
             crate::cmd::confirm::disarm(&att);
         }
@@ -135,7 +141,16 @@ const GRACE: Duration = Duration::from_millis(5);
 /// attachment's current file), dropping live set edits (the file wins).
 /// Returns a one-line summary.
 pub fn reload(att: &Attachment, policy: Option<&Path>) -> anyhow::Result<String> {
-    swap(att, |old| {
+    reload_with(att, policy, false)
+}
+
+/// [`reload`], working the roles out again when `redetect` (see [`swap_with`]).
+pub fn reload_with(
+    att: &Attachment,
+    policy: Option<&Path>,
+    redetect: bool,
+) -> anyhow::Result<String> {
+    swap_with(att, redetect, |old| {
         let path = policy
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&old.policy));
@@ -185,6 +200,20 @@ pub fn swap(
     att: &Attachment,
     choose: impl FnOnce(&State) -> anyhow::Result<(PathBuf, BTreeMap<String, Vec<String>>)>,
 ) -> anyhow::Result<String> {
+    swap_with(att, false, choose)
+}
+
+/// Like [`swap`]. The host keeps the roles decided at attach (so an
+/// address that appears later, for example from a router advertisement,
+/// cannot add a role's rules); with `redetect`, roles given with `--role`
+/// at attach stay, and auto-detected ones are worked out again from the
+/// interface's permanent addresses only. A change of roles is logged as a
+/// warning and kept in the state (`status` shows it).
+pub fn swap_with(
+    att: &Attachment,
+    redetect: bool,
+    choose: impl FnOnce(&State) -> anyhow::Result<(PathBuf, BTreeMap<String, Vec<String>>)>,
+) -> anyhow::Result<String> {
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.iface);
     }
@@ -197,12 +226,23 @@ pub fn swap(
         crate::trust::check_policy_file(&path)?;
     }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
-    let addrs = if old.role_args.is_empty() {
-        netif::addresses(&att.iface)?
+    let roles = if redetect && old.role_args.is_empty() {
+        let addrs = netif::permanent_addresses(&att.iface)?;
+        roles::resolve(&policy, &[], &att.iface, &addrs)?
+    } else if redetect {
+        roles::resolve(&policy, &old.role_args, &att.iface, &[])?
     } else {
-        Vec::new()
+        roles::resolve(&policy, &old.roles, &att.iface, &[])?
     };
-    let roles = roles::resolve(&policy, &old.role_args, &att.iface, &addrs)?;
+    let roles_changed = roles != old.roles;
+    if roles_changed {
+        tracing::warn!(
+            "roles of {} change from {} to {}",
+            att.iface,
+            old.roles.join(","),
+            roles.join(",")
+        );
+    }
     let mut maps = PolicyMaps::from_pins(att)?;
     let current = maps.active_slot()?;
     let next = 1 - current;
@@ -247,6 +287,16 @@ pub fn swap(
         classes: c.classes,
         rules: c.rules.clone(),
         set_overrides: overrides,
+        previous_roles: if roles_changed {
+            old.roles.clone()
+        } else {
+            old.previous_roles.clone()
+        },
+        roles_changed_at: if roles_changed {
+            generation
+        } else {
+            old.roles_changed_at
+        },
         ..old.clone()
     };
     new.write(&state::next_path(&att.state))?;

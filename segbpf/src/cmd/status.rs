@@ -257,6 +257,13 @@ fn print_text(r: &Report) {
             );
             println!("  policy:    {}", s.policy);
             println!("  roles:     {}", s.roles.join(", "));
+            if s.roles_changed_at > 0 {
+                println!(
+                    "  ROLES CHANGED at generation {} (were: {})",
+                    s.roles_changed_at,
+                    s.previous_roles.join(", ")
+                );
+            }
             if let Some(p) =
                 crate::cmd::confirm::pending(&Attachment::new(&r.iface, r.netns.as_deref()))
             {
