@@ -546,23 +546,25 @@ pub struct Transfer {
     pub elapsed: Duration,
 }
 
-/// Connects from `src` in namespace `ns` to a [`Server::tcp_source`] at
-/// `dst:port` and reads until the server closes or `timeout` (counted from
-/// the connection attempt) runs out; the peer sends, this side receives.
-pub fn tcp_fetch(
+/// Connects from `src` in namespace `ns` to `dst:port` within `timeout`,
+/// with socket buffers of 4 MiB, and runs `body` on the connection with
+/// the deadline (the connection attempt plus `timeout`); `body` returns
+/// the byte count of the transfer.
+fn transfer(
     ns: &str,
     src: IpAddr,
     dst: IpAddr,
     port: u16,
     timeout: Duration,
+    body: impl FnOnce(&mut TcpStream, std::time::Instant) -> u64 + Send + 'static,
 ) -> anyhow::Result<Transfer> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || -> anyhow::Result<Transfer> {
         netns::enter(&path)?;
         let start = std::time::Instant::now();
-        let deadline = start + timeout;
         let sock = tcp_socket_bound_to(src)?;
         let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
         if sock
             .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
             .is_err()
@@ -574,7 +576,7 @@ pub fn tcp_fetch(
             });
         }
         let mut s: TcpStream = sock.into();
-        let (received, _) = read_pattern(&mut s, deadline);
+        let received = body(&mut s, start + timeout);
         Ok(Transfer {
             connected: true,
             received,
@@ -582,7 +584,22 @@ pub fn tcp_fetch(
         })
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("fetch thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("transfer thread panicked"))?
+}
+
+/// Connects from `src` in namespace `ns` to a [`Server::tcp_source`] at
+/// `dst:port` and reads until the server closes or `timeout` (counted from
+/// the connection attempt) runs out; the peer sends, this side receives.
+pub fn tcp_fetch(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<Transfer> {
+    transfer(ns, src, dst, port, timeout, |s, deadline| {
+        read_pattern(s, deadline).0
+    })
 }
 
 /// Connects from `src` in namespace `ns` to a [`Server::tcp_sink`] at
@@ -599,42 +616,18 @@ pub fn tcp_push(
     timeout: Duration,
 ) -> anyhow::Result<Transfer> {
     use std::io::Read as _;
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || -> anyhow::Result<Transfer> {
-        netns::enter(&path)?;
-        let start = std::time::Instant::now();
-        let deadline = start + timeout;
-        let sock = tcp_socket_bound_to(src)?;
-        let _ = sock.set_send_buffer_size(4 << 20);
-        if sock
-            .connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
-            .is_err()
-        {
-            return Ok(Transfer {
-                connected: false,
-                received: 0,
-                elapsed: start.elapsed(),
-            });
-        }
-        let mut s: TcpStream = sock.into();
-        let sent = write_pattern(&mut s, bytes, deadline);
+    transfer(ns, src, dst, port, timeout, move |s, deadline| {
+        let sent = write_pattern(s, bytes, deadline);
         let mut count = [0u8; 8];
-        let mut received = 0;
         if sent == bytes && s.shutdown(std::net::Shutdown::Write).is_ok() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
             if s.read_exact(&mut count).is_ok() {
-                received = u64::from_be_bytes(count);
+                return u64::from_be_bytes(count);
             }
         }
-        Ok(Transfer {
-            connected: true,
-            received,
-            elapsed: start.elapsed(),
-        })
+        0
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("push thread panicked"))?
 }
 
 /// Sends `payload` as one UDP datagram from `src` in namespace `ns` to

@@ -40,7 +40,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    cmd::trace::trace_packet,
+    cmd::trace::{dry_run_instance, trace_with},
     compile::{self, Capacity},
     loader, maps,
     packet::{Built, Ext, Frag4, PacketSpec, arp_request},
@@ -1406,13 +1406,21 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
     }
     .attachment(IFACE, Some(&ns));
     let before = counters(&lab.status_json(ROLE)?);
+    // One dry-run instance on the live maps for every frame (`segbpf trace`
+    // loads one per packet; its command line is checked below).
+    let mut dry = dry_run_instance(&att)?;
 
     let mut failures = Vec::new();
     let mut refused = Vec::new();
     for case in &cases {
         let want = expected(&policy, &roles, case);
         let want_text = describe(want.reason, want.rule, xdp_action(want.reason));
-        let traced = match trace_packet(&att, segbpf::policy::Direction::Ingress, &case.frame) {
+        let traced = match trace_with(
+            &mut dry,
+            &att,
+            segbpf::policy::Direction::Ingress,
+            &case.frame,
+        ) {
             Ok(t) => t,
             Err(e) if refused_short_frame(&case.frame, &e) => {
                 refused.push(case.name);

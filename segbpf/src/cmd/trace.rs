@@ -144,6 +144,14 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
 /// Runs `frame` through a dry-run instance sharing `att`'s maps: the XDP
 /// program for ingress, the TC program for egress.
 pub fn trace_packet(att: &Attachment, dir: Direction, frame: &[u8]) -> anyhow::Result<Traced> {
+    let mut ebpf = dry_run_instance(att)?;
+    trace_with(&mut ebpf, att, dir, frame)
+}
+
+/// Loads the dry-run instance `trace_packet` uses for `att` (verifying the
+/// programs takes a second or two; [`trace_with`] reuses one instance for
+/// many packets).
+pub fn dry_run_instance(att: &Attachment) -> anyhow::Result<aya::Ebpf> {
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.iface);
     }
@@ -155,15 +163,24 @@ pub fn trace_packet(att: &Attachment, dir: Direction, frame: &[u8]) -> anyhow::R
             );
         }
     }
-    let mut ebpf = loader::load_dry_run(att).context("loading a dry-run instance")?;
+    loader::load_dry_run(att).context("loading a dry-run instance")
+}
+
+/// Runs `frame` through `ebpf`, a [`dry_run_instance`] of `att`.
+pub fn trace_with(
+    ebpf: &mut aya::Ebpf,
+    att: &Attachment,
+    dir: Direction,
+    frame: &[u8],
+) -> anyhow::Result<Traced> {
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     let result = match dir {
-        Direction::Ingress => loader::xdp(&mut ebpf)?.test_run(opts),
-        Direction::Egress => loader::tc(&mut ebpf)?.test_run(opts),
+        Direction::Ingress => loader::xdp(ebpf)?.test_run(opts),
+        Direction::Egress => loader::tc(ebpf)?.test_run(opts),
     }
     .context("BPF_PROG_TEST_RUN")?;
-    let t = maps::take_trace(&mut ebpf)?;
+    let t = maps::take_trace(ebpf)?;
     if t.valid == 0 {
         bail!("the program did not record a decision");
     }
