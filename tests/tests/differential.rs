@@ -42,6 +42,21 @@ fn run(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<(u8, u32)> {
     Ok((t.reason, t.rule_id))
 }
 
+/// An instance in run `mode` with `policy` (role `r` on eth0) in its maps.
+fn instance(policy: &Policy, mode: u8) -> anyhow::Result<aya::Ebpf> {
+    let c = compile::compile(
+        policy,
+        &["r".to_string()],
+        Some("eth0"),
+        0,
+        1,
+        Capacity::default(),
+    )?;
+    let mut ebpf = loader::load(Capacity::default(), mode)?;
+    maps::write_policy(&mut ebpf, &c)?;
+    Ok(ebpf)
+}
+
 fn host_of(src: IpAddr) -> IpAddr {
     if src.is_ipv4() {
         "10.0.0.1".parse().unwrap()
@@ -136,16 +151,7 @@ fn truncated_frames_never_pass() -> anyhow::Result<()> {
         "version = 1\n[defaults]\ningress = \"allow\"\n[roles.r]\nhosts = \"any\"\n[[roles.r.ingress]]\nfrom = \"any\"\nproto = \"any\"\n",
         "open.toml",
     )?;
-    let c = compile::compile(
-        &policy,
-        &["r".to_string()],
-        Some("eth0"),
-        0,
-        1,
-        Capacity::default(),
-    )?;
-    let mut ebpf = loader::load(Capacity::default(), RUN_DRY)?;
-    maps::write_policy(&mut ebpf, &c)?;
+    let mut ebpf = instance(&policy, RUN_DRY)?;
     let a4: IpAddr = "198.18.0.2".parse()?;
     let a6: IpAddr = "fd00:18::2".parse()?;
     let h4: IpAddr = "198.18.0.1".parse()?;
@@ -213,17 +219,8 @@ fn every_fragmentation_of_an_allowed_datagram_passes() -> anyhow::Result<()> {
          [[roles.r.ingress]]\nfrom = \"any\"\nudp = [53]\ntcp = [80]\n",
         "frag.toml",
     )?;
-    let c = compile::compile(
-        &policy,
-        &["r".to_string()],
-        Some("eth0"),
-        0,
-        1,
-        Capacity::default(),
-    )?;
     // A record instance: it remembers leading fragments like a live one.
-    let mut ebpf = loader::load(Capacity::default(), RUN_RECORD)?;
-    maps::write_policy(&mut ebpf, &c)?;
+    let mut ebpf = instance(&policy, RUN_RECORD)?;
     let a4: IpAddr = "198.18.0.2".parse()?;
     let a6: IpAddr = "fd00:18::2".parse()?;
     let h4: IpAddr = "198.18.0.1".parse()?;

@@ -553,10 +553,7 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
     assert_eq!(current_verdicts(&s)?, all_b, "file change reloaded");
     // A broken file on SIGHUP changes nothing.
     std::fs::write(&file, "version = 1\n[sets]\nx = [\"not an address\"]\n")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(attach.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         current_verdicts(&s)?,
@@ -564,10 +561,7 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
         "a refused reload changes nothing"
     );
     assert!(attach.try_wait()?.is_none(), "attach survives SIGHUP");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(attach.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
     let out = attach.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("reload refused"), "{stderr}");
@@ -704,10 +698,7 @@ fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::
         .segbpf_ok("db", &["reload", "eth0", "--policy", b, "--confirm", "4"])?;
     assert_eq!(current_verdicts(&s)?, all_b);
     // The watcher sees the state's file change and a SIGHUP: it waits.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(attach.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
     // Explicit changes are refused while the confirmation is pending.
     let out = s.lab.segbpf("db", &["reload", "eth0", "--policy", b])?;
     assert_eq!(out.status.code(), Some(1));
@@ -733,10 +724,7 @@ fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::
         "previous policy back and kept"
     );
     assert!(attach.try_wait()?.is_none(), "attach still runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(attach.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
     stop.0 = None; // reaped below: its PID must not be signalled again
     let out = attach.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -760,6 +748,11 @@ fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::
     )?;
     assert_eq!(current_verdicts(&s)?, all_a);
     Ok(())
+}
+
+/// Sends `sig` to a child we started and have not reaped.
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
 }
 
 /// Sends SIGKILL to a process we started, not yet reaped, when dropped (a
