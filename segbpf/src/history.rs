@@ -2,18 +2,35 @@
 //! file's text and any live set edits), newest last, so `segbpf rollback`
 //! and the `--confirm` guard can restore the previous one even after the
 //! original file was edited. Kept under `$SEGBPF_HISTORY_DIR` (default: the
-//! state directory's `history/`), the last `$SEGBPF_HISTORY` entries
-//! (default 10) per attachment.
+//! state directory's `history/`) in `net/NS/IFACE/`, keyed like every other
+//! file by the network namespace's inode; the last `$SEGBPF_HISTORY`
+//! entries (default 10) per attachment.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::pins::Attachment;
+
+/// A history entry could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {source}", path.display())]
+pub struct HistoryError {
+    /// What was being done.
+    what: &'static str,
+    /// The file or directory.
+    path: PathBuf,
+    /// Why it failed.
+    source: std::io::Error,
+}
+
+fn failed(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HistoryError {
+    let path = path.to_path_buf();
+    move |source| HistoryError { what, path, source }
+}
 
 /// Default number of policies kept per attachment.
 pub const DEFAULT_KEEP: usize = 10;
@@ -34,8 +51,8 @@ pub struct Entry {
 fn dir(att: &Attachment) -> PathBuf {
     let base = std::env::var_os("SEGBPF_HISTORY_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| att.state.parent().unwrap_or(Path::new(".")).join("history"));
-    base.join(&att.iface)
+        .unwrap_or_else(|| crate::pins::Roots::from_env().state.join("history"));
+    base.join("net").join(att.netns.key()).join(&att.iface)
 }
 
 /// Where `att`'s history is kept (for messages).
@@ -67,11 +84,11 @@ pub fn record(
     generation: u64,
     source: &Path,
     overrides: &BTreeMap<String, Vec<String>>,
-) -> anyhow::Result<()> {
+) -> Result<(), HistoryError> {
     let d = dir(att);
-    crate::pins::private_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+    crate::pins::private_dir(&d).map_err(failed("creating", &d))?;
     let copy = d.join(format!("{generation}.toml"));
-    std::fs::copy(source, &copy).with_context(|| format!("saving {}", copy.display()))?;
+    std::fs::copy(source, &copy).map_err(failed("saving", &copy))?;
     let mut entries = list(att);
     entries.retain(|e| e.generation != generation);
     entries.push(Entry {
@@ -85,9 +102,11 @@ pub fn record(
         let _ = std::fs::remove_file(old.copy);
     }
     let tmp = d.join("index.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&entries)?)?;
-    std::fs::rename(tmp, d.join("index.json"))?;
-    Ok(())
+    let text = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::from);
+    text.and_then(|t| std::fs::write(&tmp, t))
+        .map_err(failed("writing", &tmp))?;
+    let index = d.join("index.json");
+    std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
 }
 
 /// The entry before the one of `generation` (what a rollback restores).

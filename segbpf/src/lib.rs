@@ -2,20 +2,33 @@
 //!
 //! One roles.toml for the whole fleet ([`policy`]), compiled into kernel map
 //! contents ([`compile`]) whose per-packet cost does not grow with the number
-//! of rules, loaded and pinned ([`loader`], [`pins`], [`maps`]) and driven by
-//! the `segbpf` command ([`cmd`]).
+//! of rules, loaded and pinned ([`loader`], [`pins`], [`maps`]).
+//!
+//! The engines live here, each with its own error type: [`attach`] (attach
+//! and detach), [`swap`] (reload, rollback, set edits), [`guard`] (the
+//! lockout guard), [`report`] (status), [`telemetry`] (events) and
+//! [`metrics`]. An attachment is identified by the kernel's network
+//! namespace ([`netns`]) and interface. The `segbpf` command ([`cmd`]) only
+//! parses arguments, calls them and prints; no other module uses it.
 
+pub mod attach;
 pub mod cmd;
 pub mod compile;
 pub mod export;
+pub mod guard;
 pub mod history;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod netif;
+pub mod netns;
 pub mod packet;
 pub mod pins;
 pub mod policy;
+pub mod proto;
+pub mod report;
 pub mod state;
+pub mod swap;
 pub mod telemetry;
+pub mod trace;
 pub mod trust;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use segbpf::{
     cmd::{self, Cli, UsageError},
-    netif,
+    netns,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     // setns() changes only the calling thread: enter the namespace before
     // the runtime starts any thread.
     if let Some(ns) = &cli.netns
-        && let Err(e) = netif::enter_netns(ns)
+        && let Err(e) = netns::enter(ns)
     {
         eprintln!("error: {e:#}");
         return ExitCode::from(1);

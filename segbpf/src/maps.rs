@@ -26,6 +26,17 @@ pub enum MapsError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// A map could not be pinned.
+    #[error("pinning {map} at {}: {source}", path.display())]
+    Pin {
+        /// Map name.
+        map: &'static str,
+        /// Where.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: aya::pin::PinError,
+    },
 }
 
 fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
@@ -251,13 +262,17 @@ pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
 }
 
 /// Pins every shared map of a loaded instance into the attachment's directory.
-pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> anyhow::Result<()> {
+pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
     for name in segbpf_common::PINNED_MAPS {
         let path = att.map(name);
         ebpf.map_mut(name)
             .ok_or(MapsError::Missing(name))?
             .pin(&path)
-            .map_err(|e| anyhow::anyhow!("pinning {name} at {}: {e}", path.display()))?;
+            .map_err(|e| MapsError::Pin {
+                map: name,
+                path: path.clone(),
+                source: e,
+            })?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use prometheus_client::{
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{cmd::status, pins::Attachment};
+use crate::{pins::Attachment, report};
 
 type Labels = Vec<(String, String)>;
 
@@ -26,7 +26,7 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
 
 /// The attachment's metrics in the Prometheus text format.
 pub fn render(att: &Attachment) -> anyhow::Result<String> {
-    let r = status::report(att)?;
+    let r = report::report(att)?;
     let mut registry = Registry::with_prefix("segbpf");
     let iface = || ("iface".to_string(), att.iface.clone());
 

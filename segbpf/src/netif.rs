@@ -1,19 +1,67 @@
-//! Network interfaces: index and addresses of an interface, and entering a
-//! named network namespace (`--netns`).
+//! Network interfaces, as the kernel of the calling thread's network
+//! namespace reports them: index, addresses (all, or permanent only) and
+//! device type.
 
-use std::{net::IpAddr, os::fd::AsFd};
+use std::net::IpAddr;
 
-use anyhow::{Context as _, bail};
+/// Errors asking the kernel about an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetifError {
+    /// No interface of that name in this network namespace.
+    #[error("no interface named {iface} in this network namespace")]
+    NoSuchInterface {
+        /// The name.
+        iface: String,
+    },
+    /// A name that cannot be an interface name.
+    #[error("invalid interface name {0:?}")]
+    InvalidName(String),
+    /// A device type segbpf has no parser for.
+    #[error(
+        "{iface} is a device of link type {type_name} (ARPHRD {arphrd}), whose frames segbpf cannot parse; \
+         supported: Ethernet-framed devices (ethernet, veth, bridge, bond, tap, vxlan, loopback) \
+         and devices without a link-layer header (tun, wireguard, ipip, ip6tnl, sit, gre, ppp)"
+    )]
+    Unsupported {
+        /// The interface.
+        iface: String,
+        /// The type's name.
+        type_name: String,
+        /// The `ARPHRD_*` value.
+        arphrd: u16,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was asked.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The kernel's rtnetlink reply could not be read.
+    #[error("rtnetlink: {0}")]
+    Netlink(&'static str),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> NetifError {
+    let what = what.into();
+    move |e| NetifError::Io {
+        what,
+        source: e.into(),
+    }
+}
 
 /// The interface index of `iface`, or an error naming it.
-pub fn ifindex(iface: &str) -> anyhow::Result<u32> {
-    nix::net::if_::if_nametoindex(iface).with_context(|| format!("no interface named {iface}"))
+pub fn ifindex(iface: &str) -> Result<u32, NetifError> {
+    nix::net::if_::if_nametoindex(iface).map_err(|_| NetifError::NoSuchInterface {
+        iface: iface.to_string(),
+    })
 }
 
 /// The IPv4 and IPv6 addresses configured on `iface`.
-pub fn addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
+pub fn addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
     let mut out = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io("getifaddrs"))? {
         if ifa.interface_name != iface {
             continue;
         }
@@ -32,7 +80,7 @@ pub fn addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
 /// addresses made from a router advertisement, nor addresses with a
 /// lifetime as DHCP clients add them. Asked of the kernel over rtnetlink
 /// (an `RTM_GETADDR` dump), in the caller's network namespace.
-pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
+pub fn permanent_addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
     const RTM_NEWADDR: u16 = 20;
     const RTM_GETADDR: u16 = 22;
     const NLMSG_ERROR: u16 = 2;
@@ -56,7 +104,7 @@ pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkRoute,
     )
-    .context("rtnetlink socket")?;
+    .map_err(io("rtnetlink socket"))?;
     // nlmsghdr (16 bytes) + ifaddrmsg (8 bytes, family AF_UNSPEC).
     let mut req = [0u8; 24];
     req[0..4].copy_from_slice(&24u32.to_ne_bytes());
@@ -69,13 +117,14 @@ pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
         &NetlinkAddr::new(0, 0),
         MsgFlags::empty(),
     )
-    .context("RTM_GETADDR")?;
+    .map_err(io("RTM_GETADDR"))?;
     let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
     let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     'dump: loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).context("reading RTM_GETADDR")?;
+        let n =
+            recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(io("reading RTM_GETADDR"))?;
         if n == 0 {
             break;
         }
@@ -84,11 +133,11 @@ pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
             let len = u32_at(&buf, at) as usize;
             let kind = u16_at(&buf, at + 4);
             if len < 16 || at + len > n {
-                bail!("malformed rtnetlink reply");
+                return Err(NetifError::Netlink("malformed reply"));
             }
             match kind {
                 NLMSG_DONE => break 'dump,
-                NLMSG_ERROR => bail!("RTM_GETADDR failed"),
+                NLMSG_ERROR => return Err(NetifError::Netlink("RTM_GETADDR failed")),
                 RTM_NEWADDR if len >= 24 => {
                     let msg = &buf[at + 16..at + len];
                     let family = msg[0];
@@ -134,20 +183,6 @@ pub fn permanent_addresses(iface: &str) -> anyhow::Result<Vec<IpAddr>> {
         }
     }
     Ok(out)
-}
-
-/// Moves the calling thread into the network namespace `/run/netns/NAME`
-/// (as created by `ip netns add`). Call before starting any other thread.
-pub fn enter_netns(name: &str) -> anyhow::Result<()> {
-    if name.contains('/') || name.is_empty() || name == "." || name == ".." {
-        bail!("invalid network namespace name {name:?}");
-    }
-    let path = format!("/run/netns/{name}");
-    let f =
-        std::fs::File::open(&path).with_context(|| format!("network namespace {name} ({path})"))?;
-    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("entering network namespace {name}"))?;
-    Ok(())
 }
 
 /// How segbpf reads a device's packets, from its ARPHRD type.
@@ -234,11 +269,11 @@ pub fn classify(arphrd: u16) -> Option<LinkLayer> {
 
 /// The device type (`ARPHRD_*`) of `iface` in the calling thread's network
 /// namespace, asked of the kernel (SIOCGIFHWADDR), never guessed from the name.
-pub fn device_type(iface: &str) -> anyhow::Result<u16> {
+pub fn device_type(iface: &str) -> Result<u16, NetifError> {
     use std::os::fd::AsRawFd as _;
     let name = iface.as_bytes();
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        bail!("invalid interface name {iface:?}");
+        return Err(NetifError::InvalidName(iface.to_string()));
     }
     let sock = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
@@ -246,7 +281,7 @@ pub fn device_type(iface: &str) -> anyhow::Result<u16> {
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .context("socket for SIOCGIFHWADDR")?;
+    .map_err(io("socket for SIOCGIFHWADDR"))?;
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(name) {
@@ -256,8 +291,16 @@ pub fn device_type(iface: &str) -> anyhow::Result<u16> {
     // ifreq we own; the socket is open for the whole call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("reading the device type of {iface}"));
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENODEV) {
+            return Err(NetifError::NoSuchInterface {
+                iface: iface.to_string(),
+            });
+        }
+        return Err(NetifError::Io {
+            what: format!("reading the device type of {iface}"),
+            source,
+        });
     }
     // SAFETY: after a successful SIOCGIFHWADDR the union holds ifr_hwaddr.
     Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
@@ -265,15 +308,12 @@ pub fn device_type(iface: &str) -> anyhow::Result<u16> {
 
 /// How segbpf must read `iface`'s packets; an error naming the device and
 /// its type when segbpf has no parser for that type.
-pub fn link_layer(iface: &str) -> anyhow::Result<LinkLayer> {
+pub fn link_layer(iface: &str) -> Result<LinkLayer, NetifError> {
     let t = device_type(iface)?;
-    classify(t).with_context(|| {
-        format!(
-            "{iface} is a device of link type {} (ARPHRD {t}), whose frames segbpf cannot parse; \
-             supported: Ethernet-framed devices (ethernet, veth, bridge, bond, tap, vxlan, loopback) \
-             and devices without a link-layer header (tun, wireguard, ipip, ip6tnl, sit, gre, ppp)",
-            arphrd_name(t)
-        )
+    classify(t).ok_or_else(|| NetifError::Unsupported {
+        iface: iface.to_string(),
+        type_name: arphrd_name(t),
+        arphrd: t,
     })
 }
 

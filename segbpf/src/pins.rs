@@ -1,13 +1,17 @@
 //! Where an attachment lives: its bpffs pin directory (program, link, maps)
-//! and its state file (policy path, roles, rule table) under /run.
+//! and its state file (policy path, roles, rule table) under /run, with the
+//! sidecar files next to it.
 //!
-//! Layout, with `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`) and
-//! `STATE` = `$SEGBPF_STATE_DIR` (default `/run/segbpf`):
-//! - `ROOT/ifaces/IFACE/` for interfaces of the initial network namespace,
-//!   `ROOT/netns/NAME/IFACE/` with `--netns NAME`;
-//!   inside: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and one file per
-//!   map (`SEG_*`);
-//! - `STATE/ifaces/IFACE.json` or `STATE/netns/NAME/IFACE.json`.
+//! An attachment is (network namespace, interface); the namespace is the
+//! kernel's ([`crate::netns::Netns`]), keyed by its inode. Layout, with
+//! `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`), `STATE` =
+//! `$SEGBPF_STATE_DIR` (default `/run/segbpf`) and `NS` the namespace's inode:
+//! - `ROOT/net/NS/IFACE/`: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and
+//!   one file per map (`SEG_*`);
+//! - `STATE/net/NS/IFACE.json`, the state, and beside it
+//!   `IFACE.update.lock` (one change at a time), `IFACE.reader.lock` (one
+//!   event reader), `IFACE.next.json` (a swap in progress),
+//!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard).
 //!
 //! Every directory segbpf makes is private ([`private_dir`]: mode 0700,
 //! owned by the user running segbpf, normally root) and `segbpf` runs with
@@ -16,10 +20,33 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::netns::Netns;
+
 /// Default bpffs directory for segbpf's pins.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
 /// Default directory for state files.
 pub const DEFAULT_STATE_DIR: &str = "/run/segbpf";
+
+/// Errors about where pins live.
+#[derive(Debug, thiserror::Error)]
+pub enum PinsError {
+    /// The pin root is not on a bpffs, and mounting one here would not outlive this command.
+    #[error(
+        "{0} is not on a bpffs in this mount namespace, and a bpffs mounted here would vanish with it \
+         (and the firewall with it); `ip netns exec` gives commands a private /sys. \
+         Use `segbpf --netns NAME ...` or `nsenter --net=/run/netns/NAME segbpf ...`, \
+         or set SEGBPF_BPFFS to a bpffs shared with the host"
+    )]
+    PrivateMountNamespace(PathBuf),
+    /// Mounting or creating the pin root failed.
+    #[error("preparing the pin root {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// The two roots: bpffs directory for pins and directory for state files.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,33 +71,25 @@ impl Roots {
         }
     }
 
-    /// The attachment of `iface` (in `netns`, if given).
-    pub fn attachment(&self, iface: &str, netns: Option<&str>) -> Attachment {
-        let (dir, state) = match netns {
-            None => (
-                self.bpffs.join("ifaces").join(iface),
-                self.state.join("ifaces"),
-            ),
-            Some(ns) => (
-                self.bpffs.join("netns").join(ns).join(iface),
-                self.state.join("netns").join(ns),
-            ),
-        };
+    /// The attachment of `iface` in `netns`.
+    pub fn attachment(&self, iface: &str, netns: &Netns) -> Attachment {
+        let key = netns.key();
         Attachment {
             iface: iface.to_string(),
-            netns: netns.map(str::to_string),
-            dir,
-            state: state.join(format!("{iface}.json")),
+            netns: netns.clone(),
+            dir: self.bpffs.join("net").join(&key).join(iface),
+            state: self
+                .state
+                .join("net")
+                .join(&key)
+                .join(format!("{iface}.json")),
             bpffs_root: self.bpffs.clone(),
         }
     }
 
-    /// Every attachment that has a pin directory (of `netns`, if given).
-    pub fn list(&self, netns: Option<&str>) -> Vec<Attachment> {
-        let parent = match netns {
-            None => self.bpffs.join("ifaces"),
-            Some(ns) => self.bpffs.join("netns").join(ns),
-        };
+    /// Every attachment of `netns` that has a pin directory.
+    pub fn list(&self, netns: &Netns) -> Vec<Attachment> {
+        let parent = self.bpffs.join("net").join(netns.key());
         let mut names: Vec<String> = std::fs::read_dir(&parent)
             .map(|rd| {
                 rd.filter_map(Result::ok)
@@ -83,11 +102,31 @@ impl Roots {
         names.iter().map(|n| self.attachment(n, netns)).collect()
     }
 
+    /// Pin directories left by segbpf versions that keyed attachments by
+    /// name (`ROOT/ifaces`, `ROOT/netns`): detach them with that version.
+    pub fn legacy_layout(&self) -> Vec<PathBuf> {
+        ["ifaces", "netns"]
+            .iter()
+            .map(|d| self.bpffs.join(d))
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
     /// Makes sure a bpffs is mounted at `/sys/fs/bpf` when the pin root is
-    /// under it, and creates the pin root.
-    pub fn ensure_bpffs(&self) -> std::io::Result<()> {
+    /// under it, and creates the pin root. Outside the initial mount
+    /// namespace (`ip netns exec`, containers) a missing bpffs is an error,
+    /// not a mount: a bpffs mounted there would be released, and with it
+    /// every pinned link, when that namespace goes away.
+    pub fn ensure_bpffs(&self) -> Result<(), PinsError> {
         let base = Path::new("/sys/fs/bpf");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PinsError::Io { path, source }
+        };
         if self.bpffs.starts_with(base) && !is_bpffs(base) {
+            if !crate::netns::in_initial_mount_namespace() {
+                return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
+            }
             nix::mount::mount(
                 Some("bpf"),
                 base,
@@ -95,9 +134,23 @@ impl Roots {
                 nix::mount::MsFlags::empty(),
                 None::<&str>,
             )
-            .map_err(std::io::Error::from)?;
+            .map_err(std::io::Error::from)
+            .map_err(io(base))?;
         }
-        private_dir(&self.bpffs)
+        private_dir(&self.bpffs).map_err(io(&self.bpffs))
+    }
+
+    /// Whether this command can see the pins: false only where a missing
+    /// bpffs would be private to this mount namespace ([`Self::ensure_bpffs`]).
+    pub fn check_visible(&self) -> Result<(), PinsError> {
+        let base = Path::new("/sys/fs/bpf");
+        if self.bpffs.starts_with(base)
+            && !is_bpffs(base)
+            && !crate::netns::in_initial_mount_namespace()
+        {
+            return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -106,8 +159,8 @@ impl Roots {
 pub struct Attachment {
     /// Interface name.
     pub iface: String,
-    /// Network namespace name (`--netns`), if any.
-    pub netns: Option<String>,
+    /// The network namespace it lives in.
+    pub netns: Netns,
     /// Pin directory.
     pub dir: PathBuf,
     /// State file.
@@ -116,10 +169,28 @@ pub struct Attachment {
     pub bpffs_root: PathBuf,
 }
 
+/// Which of an attachment's exclusive locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// One change at a time: attach, reload, set, rollback, the guard's restore, detach.
+    Update,
+    /// One reader of the event ring at a time.
+    Reader,
+}
+
 impl Attachment {
-    /// The attachment of `iface` under the roots from the environment.
-    pub fn new(iface: &str, netns: Option<&str>) -> Self {
+    /// The attachment of `iface` in `netns` under the roots from the environment.
+    pub fn new(iface: &str, netns: &Netns) -> Self {
         Roots::from_env().attachment(iface, netns)
+    }
+
+    /// How messages name it: `eth1` or `eth1 (netns NAME)`.
+    pub fn describe(&self) -> String {
+        if self.netns.is_initial() {
+            self.iface.clone()
+        } else {
+            format!("{} ({})", self.iface, self.netns.describe())
+        }
     }
 
     /// Pin path of a map.
@@ -147,37 +218,111 @@ impl Attachment {
         self.dir.join("link_tc")
     }
 
-    /// Whether the attachment exists (its link is pinned).
-    pub fn is_attached(&self) -> bool {
-        self.link_xdp().exists()
+    /// A sidecar file next to the state file (`IFACE.EXT`).
+    fn sidecar(&self, ext: &str) -> PathBuf {
+        self.state.with_extension(ext)
     }
 
-    /// Removes the pin directory and state file (detaching the program when
-    /// no process holds the link). Missing files are not an error.
+    /// The state written by a swap in progress (`IFACE.next.json`).
+    pub fn next_state(&self) -> PathBuf {
+        self.sidecar("next.json")
+    }
+
+    /// The guard's record of a change awaiting confirmation.
+    pub fn confirm_record(&self) -> PathBuf {
+        self.sidecar("confirm.json")
+    }
+
+    /// The policy text the guard restores.
+    pub fn confirm_restore(&self) -> PathBuf {
+        self.sidecar("confirm.restore.toml")
+    }
+
+    /// Path of one of the attachment's lock files.
+    pub fn lock_path(&self, kind: LockKind) -> PathBuf {
+        self.sidecar(match kind {
+            LockKind::Update => "update.lock",
+            LockKind::Reader => "reader.lock",
+        })
+    }
+
+    /// Opens (creating it and its private directory) one of the
+    /// attachment's lock files, unlocked.
+    pub fn lock_file(&self, kind: LockKind) -> std::io::Result<std::fs::File> {
+        if let Some(dir) = self.state.parent() {
+            private_dir(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(self.lock_path(kind))
+    }
+
+    /// Takes one of the attachment's locks, waiting for it; released when
+    /// the returned file is dropped (or the process dies).
+    pub fn lock(&self, kind: LockKind) -> std::io::Result<std::fs::File> {
+        let f = self.lock_file(kind)?;
+        f.lock()?;
+        Ok(f)
+    }
+
+    /// Whether the attachment exists: its link is pinned, and its state
+    /// (if any) belongs to this namespace, not to a dead one that had the
+    /// same inode.
+    pub fn is_attached(&self) -> bool {
+        self.link_xdp().exists() && !self.is_stale()
+    }
+
+    /// Whether the files belong to a namespace that is gone: the state
+    /// records another namespace cookie.
+    pub fn is_stale(&self) -> bool {
+        crate::state::State::netns_cookie(&self.state).is_some_and(|c| c != self.netns.cookie)
+    }
+
+    /// Removes the pin directory, state file and sidecars (detaching the
+    /// program when no process holds the link). Missing files are not an error.
     pub fn remove(&self) -> std::io::Result<()> {
         remove_dir_if_exists(&self.dir)?;
         match std::fs::remove_file(&self.state) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        for ext in ["next.json", "reader.lock", "update.lock", "confirm.json"] {
-            let _ = std::fs::remove_file(self.state.with_extension(ext));
+        for path in [
+            self.next_state(),
+            self.lock_path(LockKind::Reader),
+            self.confirm_record(),
+            self.confirm_restore(),
+        ] {
+            let _ = std::fs::remove_file(path);
         }
-        // An empty per-netns state directory goes too.
-        if self.netns.is_some()
-            && let Some(dir) = self.state.parent()
+        // The update lock stays: a command waiting on it must find the
+        // same file, or two could hold "the" lock at once.
+        // Tidy empty parents up to the roots; remove_dir fails on non-empty ones.
+        tidy_parents(&self.dir, &self.bpffs_root, true);
+        if let Some(root) = self
+            .state
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
         {
-            let _ = std::fs::remove_dir(dir);
-        }
-        // Tidy empty parents up to the root; remove_dir fails on non-empty ones.
-        let mut parent = self.dir.parent();
-        while let Some(p) = parent {
-            if !p.starts_with(&self.bpffs_root) || std::fs::remove_dir(p).is_err() {
-                break;
-            }
-            parent = p.parent();
+            tidy_parents(&self.state, root, false);
         }
         Ok(())
+    }
+}
+
+/// Removes the empty parents of `path` that lie under `root` (and `root`
+/// itself when `inclusive`); stops at the first one that is not empty.
+fn tidy_parents(path: &Path, root: &Path, inclusive: bool) {
+    let mut parent = path.parent();
+    while let Some(p) = parent {
+        let inside = p.starts_with(root) && (inclusive || p != root);
+        if !inside || std::fs::remove_dir(p).is_err() {
+            break;
+        }
+        parent = p.parent();
     }
 }
 

@@ -4,18 +4,60 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::compile::RuleInfo;
+
+/// Errors reading or writing a state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file could not be read.
+    #[error("reading state file {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a state file.
+    #[error("parsing state file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// What `attach` applied to an interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Interface name.
     pub iface: String,
-    /// Network namespace (`--netns`), if any.
+    /// The network namespace's label (`ip netns` name, `host`), if known.
     pub netns: Option<String>,
+    /// The network namespace's inode (the key of this file's directory).
+    #[serde(default)]
+    pub netns_inode: u64,
+    /// The network namespace's cookie: files whose cookie is not the
+    /// namespace's own were left by a namespace that is gone.
+    #[serde(default)]
+    pub netns_cookie: u64,
     /// Interface index at attach time.
     pub ifindex: u32,
     /// Absolute path of the policy file.
@@ -107,18 +149,34 @@ impl State {
     }
 
     /// Reads a state file.
-    pub fn read(path: &Path) -> anyhow::Result<State> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading state file {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing state file {}", path.display()))
+    pub fn read(path: &Path) -> Result<State, StateError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| StateError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The namespace cookie recorded in a state file, if it has one.
+    pub fn netns_cookie(path: &Path) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            netns_cookie: u64,
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let head: Head = serde_json::from_str(&text).ok()?;
+        (head.netns_cookie != 0).then_some(head.netns_cookie)
     }
 
     /// Writes the state file atomically (mode 0600).
-    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn write(&self, path: &Path) -> Result<(), StateError> {
         use std::os::unix::fs::OpenOptionsExt as _;
-        let dir = path.parent().context("state path has no parent")?;
-        crate::pins::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        crate::pins::private_dir(dir).map_err(write_err(dir))?;
         let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()
@@ -127,12 +185,13 @@ impl State {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            serde_json::to_writer_pretty(&mut f, self)?;
-            std::io::Write::write_all(&mut f, b"\n")?;
+                .map_err(write_err(&tmp))?;
+            serde_json::to_writer_pretty(&mut f, self)
+                .map_err(std::io::Error::from)
+                .map_err(write_err(&tmp))?;
+            std::io::Write::write_all(&mut f, b"\n").map_err(write_err(&tmp))?;
         }
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        std::fs::rename(&tmp, path).map_err(write_err(path))
     }
 
     /// The state of `att` as the kernel runs it: the pending state
@@ -140,8 +199,8 @@ impl State {
     /// stopped before renaming it, else the state file. Reads only, so any
     /// command may call it while a reload is under way; completing or
     /// discarding a pending state is [`State::repair`]'s job.
-    pub fn current(att: &crate::pins::Attachment) -> anyhow::Result<State> {
-        if let Ok(pending) = State::read(&next_path(&att.state)) {
+    pub fn current(att: &crate::pins::Attachment) -> Result<State, StateError> {
+        if let Ok(pending) = State::read(&att.next_state()) {
             let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
             if live == Some(pending.generation) {
                 return Ok(pending);
@@ -155,13 +214,12 @@ impl State {
     /// into force. Call only under the attachment's update lock: outside
     /// it, a reload between writing its pending state and the switch would
     /// lose that file.
-    pub fn repair(att: &crate::pins::Attachment) -> anyhow::Result<State> {
-        let next = next_path(&att.state);
+    pub fn repair(att: &crate::pins::Attachment) -> Result<State, StateError> {
+        let next = att.next_state();
         if let Ok(pending) = State::read(&next) {
             let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
             if live == Some(pending.generation) {
-                std::fs::rename(&next, &att.state)
-                    .with_context(|| format!("completing {}", next.display()))?;
+                std::fs::rename(&next, &att.state).map_err(write_err(&att.state))?;
                 return Ok(pending);
             }
             let _ = std::fs::remove_file(&next);
@@ -173,9 +231,4 @@ impl State {
     pub fn rule(&self, counter: u32) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.counter == counter)
     }
-}
-
-/// Where a reload writes the state it is about to put in force.
-pub fn next_path(state: &Path) -> std::path::PathBuf {
-    state.with_extension("next.json")
 }

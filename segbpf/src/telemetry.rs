@@ -11,12 +11,9 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd as _,
-    path::PathBuf,
     time::Duration,
 };
 
-use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
 use segbpf_common::{
     EV_EMITTED, EV_LOST, EV_SUPPRESSED, EVENT_AUDIT, EVENT_VERSION, Event, MAP_EVENTS, MAP_EVSTATS,
@@ -25,7 +22,41 @@ use segbpf_common::{
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use crate::{cmd::proto_name, pins::Attachment};
+use crate::{
+    pins::{Attachment, LockKind},
+    proto::proto_name,
+};
+
+/// Errors reading an attachment's events.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A pinned map could not be opened or read.
+    #[error("{what}: {source}")]
+    Map {
+        /// Which map, and what was done.
+        what: String,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// Writing the stream, polling the ring or taking the reader lock failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> TelemetryError {
+    let what = what.into();
+    move |source| TelemetryError::Map { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TelemetryError {
+    let what = what.into();
+    move |source| TelemetryError::Io { what, source }
+}
 
 /// Why an event record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -209,11 +240,14 @@ pub struct EventStats {
 }
 
 /// Reads an attachment's event counters from its pins.
-pub fn pinned_event_stats(att: &Attachment) -> anyhow::Result<EventStats> {
-    let data = MapData::from_pin(att.map(MAP_EVSTATS)).context("event counters")?;
+pub fn pinned_event_stats(att: &Attachment) -> Result<EventStats, TelemetryError> {
+    let what = || format!("event counters ({})", att.map(MAP_EVSTATS).display());
+    let data = MapData::from_pin(att.map(MAP_EVSTATS)).map_err(map_err(what()))?;
     let map = Map::PerCpuArray(data);
-    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map)?;
-    let sum = |i: u32| -> anyhow::Result<u64> { Ok(arr.get(&i, 0)?.iter().sum()) };
+    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(map_err(what()))?;
+    let sum = |i: u32| -> Result<u64, TelemetryError> {
+        Ok(arr.get(&i, 0).map_err(map_err(what()))?.iter().sum())
+    };
     Ok(EventStats {
         emitted: sum(EV_EMITTED)?,
         suppressed: sum(EV_SUPPRESSED)?,
@@ -230,10 +264,6 @@ pub enum Reader {
     Monitor,
 }
 
-fn lock_path(att: &Attachment) -> PathBuf {
-    att.state.with_extension("reader.lock")
-}
-
 /// Streams an attachment's events to stdout until `stop` resolves or the
 /// attachment goes away. Every `summary_every`, a summary line reports
 /// events suppressed and lost since the last one (when there are any).
@@ -243,25 +273,24 @@ pub async fn stream(
     reader: Reader,
     summary_every: Duration,
     stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), TelemetryError> {
     use std::io::Write as _;
-    let data = MapData::from_pin(att.map(MAP_EVENTS))
-        .with_context(|| format!("opening {}", att.map(MAP_EVENTS).display()))?;
-    let ring = RingBuf::try_from(Map::RingBuf(data))?;
+    let ring_path = att.map(MAP_EVENTS);
+    let what = || format!("opening {}", ring_path.display());
+    let data = MapData::from_pin(&ring_path).map_err(map_err(what()))?;
+    let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(map_err(what()))?;
     let mut fd = register(ring)?;
-    if let Some(dir) = lock_path(att).parent() {
-        crate::pins::private_dir(dir)?;
-    }
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path(att))
-        .with_context(|| format!("opening {}", lock_path(att).display()))?;
+    let lock_path = att.lock_path(LockKind::Reader);
+    let lock_file = att
+        .lock_file(LockKind::Reader)
+        .map_err(io_err(format!("opening {}", lock_path.display())))?;
     if reader == Reader::Monitor {
         // Blocks only while an attach process is in the middle of a batch.
-        flock(&lock_file, libc::LOCK_EX)?;
+        lock_file
+            .lock()
+            .map_err(io_err(format!("locking {}", lock_path.display())))?;
     }
+    let out_err = || io_err("writing events to stdout");
     let mut last = pinned_event_stats(att).unwrap_or_default();
     let mut tick = tokio::time::interval(summary_every);
     tick.tick().await;
@@ -290,25 +319,25 @@ pub async fn stream(
                             att.iface, now.suppressed, now.lost
                         ),
                     };
-                    writeln!(stdout.lock(), "{line}")?;
+                    writeln!(stdout.lock(), "{line}").map_err(out_err())?;
                 }
                 last = now;
             }
             guard = fd.readable_mut() => {
-                let mut guard = guard?;
-                let locked = reader == Reader::Monitor || try_flock(&lock_file);
+                let mut guard = guard.map_err(io_err("polling the event ring"))?;
+                let locked = reader == Reader::Monitor || lock_file.try_lock().is_ok();
                 if locked {
                     let ring = guard.get_inner_mut();
                     let mut out = stdout.lock();
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
-                            Ok(ev) => writeln!(out, "{}", ev.line(format))?,
+                            Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),
                         }
                     }
-                    out.flush()?;
+                    out.flush().map_err(out_err())?;
                     if reader == Reader::Attach {
-                        let _ = flock(&lock_file, libc::LOCK_UN);
+                        let _ = lock_file.unlock();
                     }
                     guard.clear_ready();
                 } else {
@@ -323,25 +352,16 @@ pub async fn stream(
 }
 
 /// Registers the ring with the runtime for readability.
-fn register(ring: RingBuf<MapData>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+fn register(ring: RingBuf<MapData>) -> Result<AsyncFd<RingBuf<MapData>>, TelemetryError> {
     // SAFETY: the ring owns its map fd, which stays open (and is what
     // `as_raw_fd` returns) for as long as the ring, and so the AsyncFd,
     // lives.
-    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the event ring: {e}"))
-}
-
-fn flock(f: &std::fs::File, op: i32) -> anyhow::Result<()> {
-    // SAFETY: flock on a file descriptor we own.
-    let r = unsafe { libc::flock(f.as_raw_fd(), op) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("flock");
-    }
-    Ok(())
-}
-
-fn try_flock(f: &std::fs::File) -> bool {
-    flock(f, libc::LOCK_EX | libc::LOCK_NB).is_ok()
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(|e| {
+        TelemetryError::Io {
+            what: "polling the event ring".into(),
+            source: e.into(),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -150,7 +150,7 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
         "error names file and line: {stderr}"
     );
     assert!(
-        !lab.bpffs.join("netns").exists(),
+        !lab.bpffs.join("net").exists(),
         "nothing pinned after a rejected policy"
     );
     // Over capacity: rejected with the limit, before the kernel changes.
@@ -170,7 +170,7 @@ fn bad_policy_changes_nothing_and_names_line() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("holds at most 2"), "{stderr}");
     assert!(
-        !lab.bpffs.join("netns").exists(),
+        !lab.bpffs.join("net").exists(),
         "nothing pinned after a rejected capacity"
     );
     let usage = lab.segbpf("db", &["attach"])?;

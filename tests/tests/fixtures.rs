@@ -40,15 +40,16 @@ use std::{collections::BTreeSet, net::IpAddr};
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    cmd::trace::{dry_run_instance, trace_with},
     compile::{self, Capacity},
     loader, maps,
+    netns::Netns,
     packet::{Built, Ext, Frag4, PacketSpec, arp_request},
     pins::Roots,
     policy::{
         Direction, Policy,
         eval::{self, Packet, Verdict},
     },
+    trace::{dry_run_instance, trace_with},
 };
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NO_RULE, reason};
 use segbpf_tests::Lab;
@@ -1404,7 +1405,7 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
         bpffs: lab.bpffs.clone(),
         state: lab.state.clone(),
     }
-    .attachment(IFACE, Some(&ns));
+    .attachment(IFACE, &Netns::named(&ns)?);
     let before = counters(&lab.status_json(ROLE)?);
     // One dry-run instance on the live maps for every frame (`segbpf trace`
     // loads one per packet; its command line is checked below).
@@ -1420,7 +1421,9 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
             &att,
             segbpf::policy::Direction::Ingress,
             &case.frame,
-        ) {
+        )
+        .map_err(anyhow::Error::from)
+        {
             Ok(t) => t,
             Err(e) if refused_short_frame(&case.frame, &e) => {
                 refused.push(case.name);

@@ -16,10 +16,11 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    cmd::reload::reload,
     loader, maps,
+    netns::Netns,
     packet::PacketSpec,
     pins::{Attachment, Roots},
+    swap::reload_with,
 };
 use segbpf_common::reason;
 use segbpf_tests::{Lab, lab::segbpf_bin};
@@ -145,7 +146,7 @@ fn setup(tag: &str) -> anyhow::Result<Setup> {
         bpffs: lab.bpffs.clone(),
         state: lab.state.clone(),
     }
-    .attachment("eth0", Some(&lab.host("db").ns.name));
+    .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?);
     Ok(Setup {
         lab,
         att,
@@ -202,7 +203,7 @@ fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
     let mut generations = Vec::new();
     for i in 0..1000 {
         let file = if i % 2 == 0 { &s.b } else { &s.a };
-        reload(&s.att, Some(file))?;
+        reload_with(&s.att, Some(file), false)?;
         generations.push(segbpf::maps::pinned_config(&s.att)?.generation);
     }
     stop.store(true, Ordering::Relaxed);
@@ -293,7 +294,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
     }
     eprintln!("old/new policy in force after kills: {outcomes:?}");
     // The attachment still works normally afterwards.
-    reload(&s.att, Some(&s.a))?;
+    reload_with(&s.att, Some(&s.a), false)?;
     assert_eq!(verdicts(&mut ebpf, &probes)?, all_a);
     let after = s.lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone();
     assert_eq!(prog_id, after, "no program reload");
@@ -529,7 +530,7 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
             bpffs: lab.bpffs.clone(),
             state: lab.state.clone(),
         }
-        .attachment("eth0", Some(&lab.host("db").ns.name)),
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
         a: file.clone(),
         b: file.clone(),
         dir: dir.clone(),
@@ -695,7 +696,7 @@ fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::
     // A guarded change: policy B (another file) until confirmed.
     let b = s.b.to_str().unwrap();
     s.lab
-        .segbpf_ok("db", &["reload", "eth0", "--policy", b, "--confirm", "4"])?;
+        .segbpf_ok("db", &["reload", "eth0", "--policy", b, "--confirm", "10"])?;
     assert_eq!(current_verdicts(&s)?, all_b);
     // The watcher sees the state's file change and a SIGHUP: it waits.
     signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
@@ -717,7 +718,16 @@ fn pending_confirmation_holds_against_watcher_and_explicit_changes() -> anyhow::
     );
     // Not confirmed: A comes back at the deadline and stays (the watcher's
     // deferred reload re-applies what is in force, not B).
-    std::thread::sleep(Duration::from_secs(8));
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while !s.lab.status_json("db")?["attachments"][0]["pending"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard never acted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_a, "previous policy back");
+    std::thread::sleep(Duration::from_secs(3)); // the watcher's deferred reload
     assert_eq!(
         current_verdicts(&s)?,
         all_a,

@@ -1,9 +1,10 @@
-//! `segbpf detach`: remove the pinned links (which detaches the programs),
-//! the programs, map pins and the state file of an interface.
+//! `segbpf detach`: remove segbpf from an interface: the pinned links
+//! (which detaches the programs), programs, map pins, state and history
+//! ([`crate::attach::detach`]).
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
-use crate::pins::Attachment;
+use crate::{attach, netns::Netns, pins::Attachment};
 
 /// Arguments of `segbpf detach`.
 #[derive(Debug, clap::Args)]
@@ -13,44 +14,20 @@ pub struct Args {
 }
 
 /// Runs `segbpf detach`.
-pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
-    let att = Attachment::new(&args.iface, netns);
-    if !att.dir.exists() {
+pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
+    crate::pins::Roots::from_env().check_visible()?;
+    let att = Attachment::new(&args.iface, ns);
+    if !att.dir.exists() && !att.state.exists() {
         bail!(
             "segbpf is not attached to {} (no {})",
-            args.iface,
+            att.describe(),
             att.dir.display()
         );
     }
-    let was_attached = remove(&att)?;
-    if was_attached {
-        println!("detached segbpf from {}", args.iface);
+    if attach::detach(&att)? {
+        println!("detached segbpf from {}", att.describe());
     } else {
-        println!("removed stale segbpf pins of {}", args.iface);
+        println!("removed stale segbpf files of {}", att.describe());
     }
     Ok(())
-}
-
-/// Removes segbpf from `att`: the clsact egress filter when TCX was not
-/// available (not a pinned link: removed by name), the history, a pending
-/// confirmation, then every pin and the state. Returns whether it was
-/// attached (not only stale pins). The guard undoes a first attach with it.
-pub fn remove(att: &Attachment) -> anyhow::Result<bool> {
-    let was_attached = att.is_attached();
-    if let Ok(state) = crate::state::State::read(&att.state)
-        && state.tc_mode == "clsact"
-        && let Err(e) = aya::programs::tc::qdisc_detach_program(
-            &att.iface,
-            aya::programs::TcAttachType::Egress,
-            segbpf_common::PROG_TC_EGRESS,
-        )
-    {
-        tracing::warn!("removing the TC egress filter of {}: {e}", att.iface);
-    }
-    crate::history::remove(att);
-    let _ = std::fs::remove_file(att.state.with_extension("confirm.json"));
-    let _ = std::fs::remove_file(att.state.with_extension("confirm.restore.toml"));
-    att.remove()
-        .with_context(|| format!("removing {}", att.dir.display()))?;
-    Ok(was_attached)
 }

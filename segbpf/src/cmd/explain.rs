@@ -4,38 +4,20 @@
 //! will pass by connection tracking. `segbpf trace` shows live state (a
 //! packet that matches a tracked connection).
 
-use std::{net::IpAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use segbpf_common::reason;
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, UsageError, parse_proto, proto_name},
+    cmd::{Output, PacketArgs, UsageError},
     policy::{
         Direction, Policy,
         eval::{self, Packet},
         roles,
     },
+    proto::proto_name,
 };
-
-/// Direction argument.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum DirArg {
-    /// Entering the host.
-    #[default]
-    Ingress,
-    /// Leaving the host.
-    Egress,
-}
-
-impl From<DirArg> for Direction {
-    fn from(d: DirArg) -> Self {
-        match d {
-            DirArg::Ingress => Direction::Ingress,
-            DirArg::Egress => Direction::Egress,
-        }
-    }
-}
 
 /// Arguments of `segbpf explain`.
 #[derive(Debug, clap::Args)]
@@ -46,24 +28,9 @@ pub struct Args {
     /// The host's role (repeatable).
     #[arg(long, value_name = "ROLE", required = true)]
     pub role: Vec<String>,
-    /// Source address.
-    #[arg(long)]
-    pub src: IpAddr,
-    /// Destination address.
-    #[arg(long)]
-    pub dst: IpAddr,
-    /// Protocol: tcp, udp, icmp, icmpv6 or a number.
-    #[arg(long, value_parser = parse_proto)]
-    pub proto: u8,
-    /// Destination port (TCP/UDP).
-    #[arg(long)]
-    pub dport: Option<u16>,
-    /// ICMP type (default: echo request).
-    #[arg(long)]
-    pub icmp_type: Option<u8>,
-    /// Direction of the packet relative to the host.
-    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
-    pub direction: DirArg,
+    /// The packet, and its direction relative to the host.
+    #[command(flatten)]
+    pub packet: PacketArgs,
     /// Interface the packet crosses (for rules with `interfaces`).
     #[arg(long)]
     pub iface: Option<String>,
@@ -96,28 +63,28 @@ struct RuleOut {
 
 /// Runs `segbpf explain`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.src.is_ipv4() != args.dst.is_ipv4() {
+    if args.packet.src.is_ipv4() != args.packet.dst.is_ipv4() {
         return Err(UsageError("--src and --dst must be the same address family".into()).into());
     }
-    if args.dport.is_none() && matches!(args.proto, 6 | 17) {
+    if args.packet.dport.is_none() && matches!(args.packet.proto, 6 | 17) {
         return Err(UsageError("--dport is required for tcp and udp".into()).into());
     }
     let policy = Policy::load(&args.policy)?;
     let roles = roles::resolve(&policy, &args.role, "-", &[])?;
-    let default_icmp_type = if args.proto == segbpf_common::IPPROTO_ICMP {
+    let default_icmp_type = if args.packet.proto == segbpf_common::IPPROTO_ICMP {
         8
     } else {
         128
     };
     let pkt = Packet {
-        src: args.src,
-        dst: args.dst,
-        proto: args.proto,
-        dport: args.dport.unwrap_or(0),
-        icmp_type: args.icmp_type.unwrap_or(default_icmp_type),
+        src: args.packet.src,
+        dst: args.packet.dst,
+        proto: args.packet.proto,
+        dport: args.packet.dport.unwrap_or(0),
+        icmp_type: args.packet.icmp_type.unwrap_or(default_icmp_type),
         hop_limit: 64,
     };
-    let dir: Direction = args.direction.into();
+    let dir: Direction = args.packet.direction.into();
     let v = eval::evaluate(&policy, &roles, args.iface.as_deref(), dir, &pkt);
     let rule = v.rule.map(|id| {
         let r = &policy.rules[id as usize];

@@ -7,13 +7,19 @@ pub mod confirm;
 pub mod detach;
 pub mod explain;
 pub mod export;
+pub mod guard;
 pub mod monitor;
 pub mod reload;
+pub mod rollback;
 pub mod set;
 pub mod status;
 pub mod trace;
 
+use std::net::IpAddr;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{policy::Direction, proto::parse_proto};
 
 /// Host microsegmentation firewall on eBPF.
 #[derive(Debug, Parser)]
@@ -44,10 +50,10 @@ pub enum Command {
     /// Keep a change applied with --confirm (cancel its automatic rollback).
     Confirm(confirm::Args),
     /// Restore the policy in force before the current one (from the history).
-    Rollback(reload::RollbackArgs),
+    Rollback(rollback::Args),
     /// Internal: the --confirm guard process.
     #[command(hide = true)]
-    Guard(confirm::GuardArgs),
+    Guard(guard::Args),
     /// Remove segbpf from an interface.
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
@@ -70,6 +76,48 @@ pub enum Output {
     Text,
     /// JSON (one document).
     Json,
+}
+
+/// A packet to judge: the arguments `explain` and `trace` share.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PacketArgs {
+    /// Source address.
+    #[arg(long)]
+    pub src: IpAddr,
+    /// Destination address.
+    #[arg(long)]
+    pub dst: IpAddr,
+    /// Protocol: tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: u8,
+    /// Destination port (required for tcp and udp).
+    #[arg(long)]
+    pub dport: Option<u16>,
+    /// ICMP type (default: echo request).
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    /// Direction of the packet relative to the host.
+    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
+    pub direction: DirArg,
+}
+
+/// Direction argument.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DirArg {
+    /// Entering the host.
+    #[default]
+    Ingress,
+    /// Leaving the host.
+    Egress,
+}
+
+impl From<DirArg> for Direction {
+    fn from(d: DirArg) -> Self {
+        match d {
+            DirArg::Ingress => Direction::Ingress,
+            DirArg::Egress => Direction::Egress,
+        }
+    }
 }
 
 /// Map sizes an operator can set (the kernel allocates trie entries on
@@ -104,46 +152,22 @@ pub struct UsageError(pub String);
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let netns = cli.netns.as_deref();
+    // Where this runs, as the kernel says (`--netns` was entered in main);
+    // commands that only read files do not ask.
+    let ns = crate::netns::Netns::current;
     match cli.command {
         Command::Check(a) => check::run(a),
-        Command::Attach(a) => attach::run(a, netns).await,
-        Command::Reload(a) => reload::run(a, netns),
-        Command::Set(a) => set::run(a, netns),
-        Command::Confirm(a) => confirm::run(a, netns),
-        Command::Rollback(a) => reload::rollback(a, netns),
-        Command::Guard(a) => confirm::guard(a, netns),
-        Command::Detach(a) => detach::run(a, netns),
-        Command::Monitor(a) => monitor::run(a, netns).await,
-        Command::Status(a) => status::run(a, netns),
+        Command::Attach(a) => attach::run(a, &ns()?).await,
+        Command::Reload(a) => reload::run(a, &ns()?),
+        Command::Set(a) => set::run(a, &ns()?),
+        Command::Confirm(a) => confirm::run(a, &ns()?),
+        Command::Rollback(a) => rollback::run(a, &ns()?),
+        Command::Guard(a) => guard::run(a, &ns()?),
+        Command::Detach(a) => detach::run(a, &ns()?),
+        Command::Monitor(a) => monitor::run(a, &ns()?).await,
+        Command::Status(a) => status::run(a, &ns()?),
         Command::Explain(a) => explain::run(a),
-        Command::Trace(a) => trace::run(a, netns),
+        Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),
-    }
-}
-
-/// Parses a protocol name or number (`tcp`, `udp`, `icmp`, `icmpv6`, `6`).
-pub fn parse_proto(s: &str) -> Result<u8, String> {
-    use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(IPPROTO_TCP),
-        "udp" => Ok(IPPROTO_UDP),
-        "icmp" => Ok(IPPROTO_ICMP),
-        "icmpv6" | "ipv6-icmp" => Ok(IPPROTO_ICMPV6),
-        other => other
-            .parse::<u8>()
-            .map_err(|_| format!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6 or a number)")),
-    }
-}
-
-/// Name of a protocol number for output.
-pub fn proto_name(p: u8) -> String {
-    use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
-    match p {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_ICMP => "icmp".into(),
-        IPPROTO_ICMPV6 => "icmpv6".into(),
-        n => n.to_string(),
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::{
+    netns::Netns,
     pins::Attachment,
     telemetry::{self, LogFormat, Reader},
 };
@@ -26,11 +27,11 @@ pub struct Args {
 }
 
 /// Runs `segbpf monitor`.
-pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let att = Attachment::new(&args.iface, netns);
+    let att = Attachment::new(&args.iface, ns);
     if !att.is_attached() {
-        bail!("segbpf is not attached to {}", args.iface);
+        bail!("segbpf is not attached to {}", att.describe());
     }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -48,5 +49,6 @@ pub async fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
         Duration::from_secs(args.summary_secs),
         stop,
     )
-    .await
+    .await?;
+    Ok(())
 }

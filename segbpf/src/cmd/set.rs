@@ -6,16 +6,16 @@
 //! are recorded in the attachment's state; `segbpf status` reports the
 //! drift from the policy file and `segbpf reload` resolves it by the file.
 
-use std::{collections::BTreeMap, path::PathBuf};
-
 use anyhow::bail;
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, UsageError, reload},
+    cmd::{Output, UsageError},
+    netns::Netns,
     pins::Attachment,
-    policy::{AddrRange, Policy, addr::parse_item},
+    policy::{AddrRange, addr::parse_item},
     state::State,
+    swap,
 };
 
 /// Arguments of `segbpf set`.
@@ -69,11 +69,11 @@ struct SetView {
 }
 
 /// Runs `segbpf set`.
-pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     match args.op {
-        Op::Add { iface, set, addrs } => edit(&iface, netns, &set, &addrs, true),
-        Op::Del { iface, set, addrs } => edit(&iface, netns, &set, &addrs, false),
-        Op::List { iface, set, output } => list(&iface, netns, set.as_deref(), output),
+        Op::Add { iface, set, addrs } => edit(&iface, ns, &set, &addrs, true),
+        Op::Del { iface, set, addrs } => edit(&iface, ns, &set, &addrs, false),
+        Op::List { iface, set, output } => list(&iface, ns, set.as_deref(), output),
     }
 }
 
@@ -87,84 +87,26 @@ fn parse_members(addrs: &[String]) -> anyhow::Result<Vec<AddrRange>> {
         .collect()
 }
 
-/// Members in force of every set: the file's, with live edits applied.
-fn members_in_force(state: &State) -> anyhow::Result<(Policy, BTreeMap<String, Vec<String>>)> {
-    let policy = Policy::load_with_sets(
-        &PathBuf::from(&state.policy),
-        &reload::parse_overrides(&state.set_overrides)?,
-    )?;
-    let sets = policy
-        .sets
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.ranges.iter().map(|r| r.to_string()).collect(),
-            )
-        })
-        .collect();
-    Ok((policy, sets))
-}
-
-fn edit(
-    iface: &str,
-    netns: Option<&str>,
-    set: &str,
-    addrs: &[String],
-    add: bool,
-) -> anyhow::Result<()> {
-    let att = Attachment::new(iface, netns);
-    crate::cmd::confirm::refuse_while_pending(&att, false)?;
+fn edit(iface: &str, ns: &Netns, set: &str, addrs: &[String], add: bool) -> anyhow::Result<()> {
+    let att = Attachment::new(iface, ns);
     let members = parse_members(addrs)?;
-    let mut changed = 0;
-    let msg = reload::swap(&att, |state| {
-        let (_, sets) = members_in_force(state)?;
-        let Some(current) = sets.get(set) else {
-            bail!(
-                "{}: no set named `{set}` (sets: {})",
-                state.policy,
-                sets.keys().cloned().collect::<Vec<_>>().join(", ")
-            );
-        };
-        let mut next = current.clone();
-        for m in &members {
-            let text = m.to_string();
-            if add {
-                if !next.contains(&text) {
-                    next.push(text);
-                    changed += 1;
-                }
-            } else if let Some(pos) = next.iter().position(|x| *x == text) {
-                next.remove(pos);
-                changed += 1;
-            } else {
-                bail!("{text} is not a member of `{set}` (see `segbpf set list {iface} {set}`)");
-            }
-        }
-        let mut overrides = state.set_overrides.clone();
-        overrides.insert(set.to_string(), next);
-        Ok((PathBuf::from(&state.policy), overrides))
-    })?;
+    let (changed, msg) = swap::edit_set(&att, set, &members, add)?;
     println!(
-        "{} {changed} member(s) {} set {set} on {iface}; {msg}",
+        "{} {changed} member(s) {} set {set} on {}; {msg}",
         if add { "added" } else { "removed" },
-        if add { "to" } else { "from" }
+        if add { "to" } else { "from" },
+        att.describe()
     );
     Ok(())
 }
 
-fn list(
-    iface: &str,
-    netns: Option<&str>,
-    only: Option<&str>,
-    output: Output,
-) -> anyhow::Result<()> {
-    let att = Attachment::new(iface, netns);
+fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let att = Attachment::new(iface, ns);
     if !att.is_attached() {
-        bail!("segbpf is not attached to {iface}");
+        bail!("segbpf is not attached to {}", att.describe());
     }
     let state = State::current(&att)?;
-    let (_, sets) = members_in_force(&state)?;
+    let sets = swap::sets_in_force(&state)?;
     if let Some(name) = only
         && !sets.contains_key(name)
     {

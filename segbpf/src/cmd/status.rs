@@ -1,14 +1,16 @@
-//! `segbpf status`: attachments, their policy, the connection table's fill
-//! level, counters per direction and reason, and per-rule counters with the
-//! rule's line in roles.toml (like `nft -a list`), as text or JSON.
-
-use std::collections::BTreeMap;
+//! `segbpf status`: attachments of this network namespace, their policy,
+//! the connection table's fill level, counters per direction and reason,
+//! and per-rule counters with the rule's line in roles.toml (like
+//! `nft -a list`), as text or JSON ([`crate::report`]).
 
 use anyhow::bail;
-use segbpf_common::{Counter, reason};
-use serde::Serialize;
 
-use crate::{cmd::Output, maps, pins::Attachment, state::State};
+use crate::{
+    cmd::Output,
+    netns::Netns,
+    pins::Roots,
+    report::{self, Report},
+};
 
 /// Arguments of `segbpf status`.
 #[derive(Debug, clap::Args)]
@@ -20,205 +22,30 @@ pub struct Args {
     pub output: Output,
 }
 
-/// Packets and bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Count {
-    /// Packets.
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-impl From<Counter> for Count {
-    fn from(c: Counter) -> Self {
-        Count {
-            packets: c.packets,
-            bytes: c.bytes,
-        }
-    }
-}
-
-/// What one rule allowed.
-#[derive(Debug, Serialize)]
-pub struct RuleCount {
-    /// Rule id.
-    pub id: u32,
-    /// Label such as `roles.db.ingress[0]`.
-    pub label: String,
-    /// Direction.
-    pub direction: String,
-    /// Line in the policy file.
-    pub line: u32,
-    /// Peer as written.
-    pub peer: String,
-    /// Services.
-    pub services: String,
-    /// Packets and bytes the rule allowed (connection openers; later
-    /// packets of the connection count as `established`).
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-/// One attachment as `status` reports it.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// Interface.
-    pub iface: String,
-    /// Network namespace, if any.
-    pub netns: Option<String>,
-    /// Whether the link is pinned (enforcing).
-    pub attached: bool,
-    /// What was applied (None if the state file is missing).
-    pub state: Option<State>,
-    /// Packets per reason name, both directions together.
-    pub counters: BTreeMap<String, u64>,
-    /// Packets and bytes per direction and reason name.
-    pub directions: BTreeMap<String, BTreeMap<String, Count>>,
-    /// Per-rule counters, by rule id.
-    pub rules: Vec<RuleCount>,
-    /// Packets passed.
-    pub passed: u64,
-    /// Packets dropped.
-    pub dropped: u64,
-    /// Connection table: capacity and entries in use.
-    pub conntrack: Conntrack,
-    /// Fragment tables.
-    pub fragments: Fragments,
-    /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
-    pub events: crate::telemetry::EventStats,
-    /// Sets edited live, differing from the policy file (`reload` resolves it).
-    pub drift: Vec<String>,
-}
-
-/// Connection-table sizes and fill levels: the assured table (flows where
-/// both sides spoke) and the half-open table (openers without a reply yet;
-/// a flood evicts only these).
-#[derive(Debug, Serialize)]
-pub struct Conntrack {
-    /// Capacity of the assured table (entries).
-    pub size: u32,
-    /// Entries in use in the assured table.
-    pub entries: u64,
-    /// Capacity of the half-open table.
-    pub half_open_size: u32,
-    /// Entries in use in the half-open table.
-    pub half_open_entries: u64,
-}
-
-/// Fragment-table size and fill levels (datagrams whose first fragment
-/// passed, on an assured flow or otherwise).
-#[derive(Debug, Serialize)]
-pub struct Fragments {
-    /// Capacity of each table.
-    pub size: u32,
-    /// Entries of datagrams on assured flows.
-    pub assured_entries: u64,
-    /// Entries of other datagrams.
-    pub other_entries: u64,
-}
-
-/// Builds the report of one attachment.
-pub fn report(att: &Attachment) -> anyhow::Result<Report> {
-    let stats = maps::pinned_stats(att)?;
-    let mut counters = BTreeMap::new();
-    let mut directions = BTreeMap::new();
-    let (mut passed, mut dropped) = (0, 0);
-    for (dir, per_reason) in ["ingress", "egress"].iter().zip(stats.iter()) {
-        let mut by_reason = BTreeMap::new();
-        for code in reason::ALL {
-            let c: Count = per_reason
-                .get(code as usize)
-                .copied()
-                .unwrap_or_default()
-                .into();
-            by_reason.insert(reason::name(code).to_string(), c);
-            *counters.entry(reason::name(code).to_string()).or_insert(0) += c.packets;
-            if reason::passes(code) {
-                passed += c.packets;
-            } else {
-                dropped += c.packets;
-            }
-        }
-        directions.insert(dir.to_string(), by_reason);
-    }
-    let state = State::current(att).ok();
-    let state_sets: Vec<String> = state
-        .iter()
-        .flat_map(|s| s.set_overrides.keys().cloned())
-        .collect();
-    let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
-    let rules = state
-        .iter()
-        .flat_map(|s| s.rules.iter())
-        .map(|r| {
-            let c = rule_stats
-                .get(r.counter as usize)
-                .copied()
-                .unwrap_or_default();
-            RuleCount {
-                id: r.id,
-                label: r.label.clone(),
-                direction: r.direction.clone(),
-                line: r.line,
-                peer: r.peer.clone(),
-                services: r.services.clone(),
-                packets: c.packets,
-                bytes: c.bytes,
-            }
-        })
-        .collect();
-    let ct_size = state.as_ref().map(|s| s.ct_size).unwrap_or(0);
-    let (entries, half_open_entries) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
-    let conntrack = Conntrack {
-        size: ct_size,
-        entries,
-        half_open_size: if ct_size == 0 {
-            0
-        } else {
-            segbpf_common::ct_new_entries(ct_size)
-        },
-        half_open_entries,
-    };
-    let (assured_entries, other_entries) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
-    let fragments = Fragments {
-        size: segbpf_common::DEFAULT_FRAG_ENTRIES,
-        assured_entries,
-        other_entries,
-    };
-    Ok(Report {
-        iface: att.iface.clone(),
-        netns: att.netns.clone(),
-        attached: att.is_attached(),
-        state,
-        counters,
-        directions,
-        rules,
-        passed,
-        dropped,
-        conntrack,
-        fragments,
-        events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
-        drift: state_sets,
-    })
-}
-
 /// Runs `segbpf status`.
-pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
+pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
+    let roots = Roots::from_env();
+    roots.check_visible()?;
+    for old in roots.legacy_layout() {
+        tracing::warn!(
+            "{} holds pins of an older segbpf that named attachments by interface; detach them with that version",
+            old.display()
+        );
+    }
     let atts = match &args.iface {
         Some(i) => {
-            let att = Attachment::new(i, netns);
+            let att = roots.attachment(i, ns);
             if !att.dir.exists() {
-                bail!("segbpf is not attached to {i}");
+                bail!("segbpf is not attached to {}", att.describe());
             }
             vec![att]
         }
-        None => crate::pins::Roots::from_env().list(netns),
+        None => roots.list(ns),
     };
     let reports = atts
         .iter()
-        .map(report)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(report::report)
+        .collect::<Result<Vec<_>, _>>()?;
     match args.output {
         Output::Json => {
             println!(
@@ -239,11 +66,11 @@ pub fn run(args: Args, netns: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn print_text(r: &Report) {
-    let ns = r
-        .netns
-        .as_deref()
-        .map(|n| format!(" (netns {n})"))
-        .unwrap_or_default();
+    let ns = match &r.netns {
+        _ if r.netns_inode == crate::netns::INIT_NET_INODE => String::new(),
+        Some(l) => format!(" (netns {l})"),
+        None => format!(" (netns net:[{}])", r.netns_inode),
+    };
     let link = if r.attached {
         "enforcing"
     } else {
@@ -264,9 +91,7 @@ fn print_text(r: &Report) {
                     s.previous_roles.join(", ")
                 );
             }
-            if let Some(p) =
-                crate::cmd::confirm::pending(&Attachment::new(&r.iface, r.netns.as_deref()))
-            {
+            if let Some(p) = &r.pending {
                 println!(
                     "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {}`)",
                     p.generation, p.deadline, r.iface

@@ -1,0 +1,524 @@
+//! Attaching segbpf to an interface, and removing it again.
+//!
+//! [`apply`] validates and compiles the policy, loads the programs, fills
+//! their maps, pins programs, maps and links under bpffs and attaches TC
+//! egress then XDP ingress. Everything that can fail on bad input (policy,
+//! interface, roles, capacity) is checked before the kernel is touched; a
+//! failure after that removes whatever was pinned, so nothing is left
+//! half-applied. The whole attach runs under the attachment's update lock:
+//! of two attaches of one (namespace, interface) at once, exactly one
+//! attaches and the other reports that it is attached.
+//!
+//! [`detach`] removes it the same way for `segbpf detach` and for the
+//! guard undoing an unconfirmed first attach.
+
+use std::{path::PathBuf, time::Duration};
+
+use aya::programs::{TcAttachType, XdpMode, links::FdLink, tc};
+use tracing::{info, warn};
+
+use crate::{
+    compile::{self, Capacity, CompileError},
+    guard::{self, GuardError},
+    history, loader,
+    maps::{self, MapsError},
+    netif::{self, NetifError},
+    netns::Netns,
+    pins::{self, Attachment, LockKind, PinsError},
+    policy::{Policy, PolicyError, roles},
+    state::{State, StateError},
+    trust::UntrustedFile,
+};
+
+/// Errors attaching or detaching.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The policy file is writable or owned by someone other than root.
+    #[error(transparent)]
+    Untrusted(#[from] UntrustedFile),
+    /// The policy does not parse or validate.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The interface is missing or of a type segbpf cannot parse.
+    #[error(transparent)]
+    Interface(#[from] NetifError),
+    /// The host's roles cannot be decided.
+    #[error(transparent)]
+    Roles(#[from] roles::RoleError),
+    /// The policy does not fit the maps.
+    #[error("{policy}: compiling for {iface}: {source}")]
+    Compile {
+        /// Policy file.
+        policy: String,
+        /// Interface.
+        iface: String,
+        /// Why.
+        source: CompileError,
+    },
+    /// The attachment exists already.
+    #[error(
+        "segbpf is already attached to {which} ({dir}); `segbpf{cli} reload {iface}` changes its policy, `segbpf{cli} detach {iface}` removes it"
+    )]
+    AlreadyAttached {
+        /// Interface and namespace, for people.
+        which: String,
+        /// Interface.
+        iface: String,
+        /// Pin directory.
+        dir: String,
+        /// The `--netns` option to repeat, if any.
+        cli: String,
+    },
+    /// The pin root cannot be used from here.
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+    /// The programs could not be loaded.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// A map could not be written or pinned.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The kernel refused a program, link or pin.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file could not be written or removed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The lockout guard could not be armed.
+    #[error(transparent)]
+    Guard(#[from] Box<GuardError>),
+}
+
+fn kernel<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> AttachError {
+    let what = what.into();
+    move |e| AttachError::Kernel {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AttachError {
+    let what = what.into();
+    move |source| AttachError::Io { what, source }
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Native (driver) mode when the driver supports it, else generic (skb).
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+}
+
+/// What to attach, and how.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Interface to protect.
+    pub iface: String,
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Roles given explicitly (empty: from the interface's addresses).
+    pub roles: Vec<String>,
+    /// XDP attach mode.
+    pub mode: Mode,
+    /// Connection-table capacity.
+    pub ct_size: u32,
+    /// Audit mode: nothing enforced, would-be drops reported.
+    pub audit: bool,
+    /// Event burst (default: the policy's `log_rate`).
+    pub log_burst: Option<u32>,
+    /// Seconds after which an unconfirmed attach is undone.
+    pub confirm: Option<u64>,
+    /// Capacity of each peer trie.
+    pub peer_entries: u32,
+    /// Capacity of the port trie.
+    pub port_entries: u32,
+    /// Accept a policy file others can write.
+    pub insecure_policy: bool,
+}
+
+/// An attach that happened.
+#[derive(Debug)]
+pub struct Applied {
+    /// The attachment.
+    pub att: Attachment,
+    /// One line for people.
+    pub summary: String,
+}
+
+/// Attaches segbpf to `req.iface` in the namespace `ns` (the caller's).
+pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
+    // 1. Everything that depends only on input: no kernel change yet.
+    if !req.insecure_policy {
+        crate::trust::check_policy_file(&req.policy)?;
+    }
+    let policy = Policy::load(&req.policy)?;
+    let ifindex = netif::ifindex(&req.iface)?;
+    // The device type decides where packets start; refuse what we cannot parse.
+    let link = netif::link_layer(&req.iface)?;
+    let addrs = netif::addresses(&req.iface)?;
+    let roles = roles::resolve(&policy, &req.roles, &req.iface, &addrs)?;
+    let generation = 1;
+    let capacity = Capacity {
+        ct: req.ct_size,
+        peer_v4: req.peer_entries,
+        peer_v6: req.peer_entries,
+        ports: req.port_entries,
+        ..Capacity::for_policy(&policy)
+    };
+    let mut compiled = compile::compile(&policy, &roles, Some(&req.iface), 0, generation, capacity)
+        .map_err(|source| AttachError::Compile {
+            policy: policy.source.clone(),
+            iface: req.iface.clone(),
+            source,
+        })?;
+    compiled.config.audit = u8::from(req.audit);
+    compiled.config.log_burst = req.log_burst.unwrap_or(policy.defaults.log_rate.max(1));
+
+    // 2. One attach (or change) of this attachment at a time.
+    let roots = pins::Roots::from_env();
+    roots.check_visible()?;
+    let att = roots.attachment(&req.iface, ns);
+    let _lock = take_update_lock(&att).map_err(io(format!(
+        "locking {}",
+        att.lock_path(LockKind::Update).display()
+    )))?;
+    if att.is_attached() {
+        return Err(AttachError::AlreadyAttached {
+            which: att.describe(),
+            iface: att.iface.clone(),
+            dir: att.dir.display().to_string(),
+            cli: ns.cli_option(),
+        });
+    }
+
+    // 3. Kernel: load, fill, pin, attach. Undo on any failure.
+    roots.ensure_bpffs()?;
+    if att.dir.exists() || att.state.exists() {
+        warn!(
+            "removing stale segbpf files of {} ({}; left by a crash, or by a network namespace that is gone)",
+            att.describe(),
+            att.dir.display()
+        );
+        att.remove()
+            .map_err(io(format!("removing {}", att.dir.display())))?;
+    }
+    // The guard starts before the kernel changes, so no moment exists
+    // where the change is in force without its guard.
+    if let Some(secs) = req.confirm {
+        guard::arm(&att, generation, secs, None).map_err(Box::new)?;
+    }
+    let attached = match load_and_attach(&att, &compiled, capacity, link.link, req.mode) {
+        Ok(v) => v,
+        Err(e) => {
+            guard::disarm(&att);
+            undo(&att);
+            return Err(e);
+        }
+    };
+    let state = State {
+        iface: req.iface.clone(),
+        netns: ns.label.clone(),
+        netns_inode: ns.inode,
+        netns_cookie: ns.cookie,
+        ifindex,
+        policy: std::fs::canonicalize(&req.policy)
+            .unwrap_or_else(|_| req.policy.clone())
+            .display()
+            .to_string(),
+        roles: roles.clone(),
+        role_args: req.roles.clone(),
+        previous_roles: Vec::new(),
+        roles_changed_at: 0,
+        set_overrides: std::collections::BTreeMap::default(),
+        rule_slots: capacity.rule_stats,
+        peer_entries: capacity.peer_v4,
+        port_entries: capacity.ports,
+        mode: attached.xdp_mode.to_string(),
+        link_type: link.arphrd,
+        raw_ip: link.is_raw_ip(),
+        insecure_policy: req.insecure_policy,
+        tc_mode: attached.tc_mode.to_string(),
+        tc_prog_id: attached.tc_prog_id,
+        ct_size: capacity.ct,
+        audit: req.audit,
+        log_rate: compiled.config.log_rate,
+        log_burst: compiled.config.log_burst,
+        generation,
+        prog_id: attached.xdp_prog_id,
+        attached_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        entries: [
+            compiled.peers_v4.len(),
+            compiled.peers_v6.len(),
+            compiled.ports.len(),
+        ],
+        classes: compiled.classes,
+        rules: compiled.rules.clone(),
+    };
+    if let Err(e) = state.write(&att.state) {
+        guard::disarm(&att);
+        undo(&att);
+        return Err(e.into());
+    }
+    if let Some(secs) = req.confirm {
+        // In force now: the confirmation time starts.
+        guard::start_clock(&att, generation, secs).map_err(Box::new)?;
+    }
+    let canonical = PathBuf::from(&state.policy);
+    if let Err(e) = history::record(&att, generation, &canonical, &state.set_overrides) {
+        warn!("policy history not updated: {e}");
+    }
+
+    let summary = format!(
+        "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",
+        att.describe(),
+        attached.xdp_mode,
+        attached.xdp_prog_id,
+        attached.tc_mode,
+        attached.tc_prog_id,
+        if req.audit { " in AUDIT mode" } else { "" },
+        policy.source,
+        roles.join(","),
+        compiled.rules.len(),
+        compiled.classes
+    );
+    Ok(Applied { att, summary })
+}
+
+/// Takes the update lock, saying so when another command holds it.
+fn take_update_lock(att: &Attachment) -> std::io::Result<std::fs::File> {
+    let f = att.lock_file(LockKind::Update)?;
+    match f.try_lock() {
+        Ok(()) => return Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    info!(
+        "another segbpf command is changing {}; waiting for it",
+        att.describe()
+    );
+    f.lock()?;
+    Ok(f)
+}
+
+/// Removes what a failed attach left (the caller holds the update lock).
+fn undo(att: &Attachment) {
+    if let Err(e) = remove_attachment(att) {
+        warn!("cleaning up {}: {e}", att.dir.display());
+    }
+}
+
+/// Removes segbpf from `att` under its update lock: see [`remove_attachment`].
+/// Returns whether it was attached (not only stale files).
+pub fn detach(att: &Attachment) -> Result<bool, AttachError> {
+    let _lock = att.lock(LockKind::Update).map_err(io(format!(
+        "locking {}",
+        att.lock_path(LockKind::Update).display()
+    )))?;
+    remove_attachment(att)
+}
+
+/// Removes segbpf from `att`: the clsact egress filter when TCX was not
+/// available (not a pinned link: removed by name), the history, a pending
+/// confirmation, then every pin and the state. Returns whether it was
+/// attached. The caller holds the update lock.
+fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
+    let was_attached = att.is_attached();
+    if let Ok(state) = State::read(&att.state)
+        && state.tc_mode == "clsact"
+        && !att.is_stale()
+        && let Err(e) = tc::qdisc_detach_program(
+            &att.iface,
+            TcAttachType::Egress,
+            segbpf_common::PROG_TC_EGRESS,
+        )
+    {
+        warn!("removing the TC egress filter of {}: {e}", att.describe());
+    }
+    history::remove(att);
+    att.remove()
+        .map_err(io(format!("removing {}", att.dir.display())))?;
+    Ok(was_attached)
+}
+
+/// What was attached.
+struct Attached {
+    xdp_prog_id: u32,
+    xdp_mode: &'static str,
+    tc_prog_id: u32,
+    tc_mode: &'static str,
+}
+
+fn load_and_attach(
+    att: &Attachment,
+    compiled: &compile::Compiled,
+    capacity: Capacity,
+    link: u8,
+    mode: Mode,
+) -> Result<Attached, AttachError> {
+    let mut ebpf = loader::load_for_link(capacity, segbpf_common::RUN_LIVE, link)?;
+    maps::write_policy(&mut ebpf, compiled)?;
+    pins::private_dir(&att.dir).map_err(io(format!("creating {}", att.dir.display())))?;
+    maps::pin_all(&mut ebpf, att)?;
+
+    // Egress first: replies to what the host sends must be tracked before
+    // ingress starts dropping what is not.
+    let prog = loader::tc(&mut ebpf)?;
+    prog.pin(att.prog_tc()).map_err(kernel(format!(
+        "pinning program at {}",
+        att.prog_tc().display()
+    )))?;
+    let tc_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    use aya::util::KernelVersion;
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        // Older kernels: a netlink filter under the clsact qdisc.
+        let _ = tc::qdisc_add_clsact(&att.iface);
+    }
+    let link_id = prog
+        .attach(&att.iface, TcAttachType::Egress)
+        .map_err(kernel(format!("attaching TC egress to {}", att.iface)))?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(kernel("taking the TC link"))?;
+    let tc_mode = match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            fd_link.pin(att.link_tc()).map_err(kernel(format!(
+                "pinning link at {}",
+                att.link_tc().display()
+            )))?;
+            "tcx"
+        }
+        Err(e) => {
+            // A netlink filter is not an fd-based link and cannot be pinned;
+            // it stays in the kernel until `detach` removes it by name.
+            tracing::debug!("TC link is not pinnable ({e}); kept as a clsact filter");
+            "clsact"
+        }
+    };
+
+    let prog = loader::xdp(&mut ebpf)?;
+    prog.pin(att.prog_xdp()).map_err(kernel(format!(
+        "pinning program at {}",
+        att.prog_xdp().display()
+    )))?;
+    let xdp_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    let attempts: &[(XdpMode, &'static str)] = match mode {
+        Mode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
+        Mode::Native => &[(XdpMode::Driver, "native")],
+        Mode::Skb => &[(XdpMode::Skb, "skb")],
+    };
+    let mut last_err = None;
+    for (xdp_mode, name) in attempts {
+        match prog.attach(&att.iface, *xdp_mode) {
+            Ok(link_id) => {
+                let link = prog
+                    .take_link(link_id)
+                    .map_err(kernel("taking the XDP link"))?;
+                let fd_link = FdLink::try_from(link).map_err(kernel(
+                    "the kernel attached XDP without a bpf_link, which cannot be pinned (kernel >= 5.9 needed)",
+                ))?;
+                fd_link.pin(att.link_xdp()).map_err(kernel(format!(
+                    "pinning link at {}",
+                    att.link_xdp().display()
+                )))?;
+                return Ok(Attached {
+                    xdp_prog_id,
+                    xdp_mode: name,
+                    tc_prog_id,
+                    tc_mode,
+                });
+            }
+            Err(e) => {
+                tracing::debug!("xdp {name} attach on {} failed: {e}", att.iface);
+                last_err = Some((name, e));
+            }
+        }
+    }
+    if tc_mode == "clsact" {
+        let _ = tc::qdisc_detach_program(
+            &att.iface,
+            TcAttachType::Egress,
+            segbpf_common::PROG_TC_EGRESS,
+        );
+    }
+    Err(match last_err {
+        Some((name, e)) => kernel(format!("attaching XDP ({name} mode) to {}", att.iface))(e),
+        None => AttachError::Kernel {
+            what: "attaching XDP".into(),
+            source: "no XDP mode to try".into(),
+        },
+    })
+}
+
+/// Reloads the policy on SIGHUP, or when the policy file changes (checked
+/// every 2 seconds), keeping live set edits. A policy that fails
+/// validation changes nothing; the reason is logged. While a change waits
+/// for `segbpf confirm`, automatic reloads wait too (logged once): they
+/// would supersede the unconfirmed change and its guard would stand down.
+/// Never returns.
+pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
+    let mtime = |att: &Attachment| {
+        State::current(att)
+            .ok()
+            .and_then(|s| std::fs::metadata(&s.policy).ok())
+            .and_then(|m| m.modified().ok())
+    };
+    let mut seen = mtime(att);
+    let mut deferred: Option<&'static str> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = mtime(att);
+                match deferred {
+                    Some(why) if guard::pending(att).is_none() => why,
+                    _ if now == seen || now.is_none() => continue,
+                    _ => "the policy file changed",
+                }
+            }
+        };
+        if let Some(p) = guard::pending(att) {
+            if deferred.is_none() {
+                warn!(
+                    "{why}: generation {} waits for `segbpf confirm {}`; the automatic reload waits until it is confirmed or undone",
+                    p.generation, att.iface
+                );
+            }
+            deferred = Some(why);
+            seen = mtime(att);
+            continue;
+        }
+        deferred = None;
+        match crate::swap::reload_keeping_sets(att) {
+            Ok(msg) => info!("{why}: {msg}"),
+            Err(e) => {
+                tracing::error!("{why}: reload refused, the policy in force is unchanged: {e}");
+            }
+        }
+        seen = mtime(att);
+    }
+}

@@ -1,0 +1,326 @@
+//! The lockout guard, like `commit confirmed` on routers: `attach` or
+//! `reload` with `--confirm SECS` arms a guard that restores the previous
+//! policy (or detaches, if there was none) unless `segbpf confirm IFACE`
+//! runs within SECS. The guard is a separate process in its own session,
+//! started by the command that applied the change, so it acts even if that
+//! command is killed. The pending confirmation is a file
+//! (`IFACE.confirm.json`) naming the generation to confirm; `confirm`
+//! removes it; a later policy change supersedes it.
+//!
+//! The SECS count from the moment the change is in force, not from when
+//! the guard was armed: loading and verifying the programs of a first
+//! attach can take seconds on a busy host. While the applying process is
+//! alive and has not said the change is in force ([`start_clock`]), the
+//! guard waits; once that process is gone, the clock runs from arming (a
+//! killed attach is cleaned up after SECS).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    history,
+    pins::Attachment,
+    state::{State, StateError},
+};
+
+/// Errors of the lockout guard.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// A file of the guard could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guard process could not be started.
+    #[error("starting the confirmation guard: {0}")]
+    Spawn(std::io::Error),
+    /// The policy in force has no history record to restore.
+    #[error(
+        "--confirm: the policy in force on {which} (generation {generation}) is not in the history ({dir}), so the guard could not restore it; apply without --confirm, or reload once without it to record the policy in force"
+    )]
+    NotInHistory {
+        /// Interface and namespace.
+        which: String,
+        /// Generation in force.
+        generation: u64,
+        /// The history directory.
+        dir: String,
+    },
+    /// A change waits for confirmation.
+    #[error(
+        "generation {generation} on {which} waits for `segbpf confirm {iface}` (undone in {left}s otherwise); confirm it or let it be undone first, or pass --force to supersede it (its guard then stands down)"
+    )]
+    Pending {
+        /// Interface and namespace.
+        which: String,
+        /// Interface.
+        iface: String,
+        /// The generation waiting.
+        generation: u64,
+        /// Seconds left.
+        left: u64,
+    },
+    /// Nothing to confirm.
+    #[error("no change is waiting for confirmation on {0}")]
+    NothingPending(String),
+    /// The state could not be read.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Restoring the previous policy failed (the guard retries).
+    #[error("restoring the previous policy: {0}")]
+    Restore(Box<crate::swap::SwapError>),
+    /// Removing a first attach failed.
+    #[error("removing the unconfirmed attach: {0}")]
+    Detach(Box<crate::attach::AttachError>),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuardError {
+    let what = what.into();
+    move |source| GuardError::Io { what, source }
+}
+
+/// A pending confirmation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pending {
+    /// Generation applied with `--confirm`.
+    pub generation: u64,
+    /// Unix time after which it is undone.
+    pub deadline: u64,
+    /// What to restore (None: detach).
+    pub restore: Option<history::Entry>,
+    /// The text of the policy to restore, copied from the history when
+    /// the guard was armed: the guard restores it whatever the history
+    /// holds by the deadline.
+    #[serde(default)]
+    pub restore_text: Option<String>,
+    /// PID of the process applying the change.
+    #[serde(default)]
+    pub applier: Option<u32>,
+    /// The change is in force and `deadline` counts from then.
+    #[serde(default)]
+    pub started: bool,
+}
+
+impl Pending {
+    /// Whether the change is still being applied by a live process (the
+    /// guard then waits, whatever the deadline).
+    fn applying(&self) -> bool {
+        !self.started
+            && self.applier.is_some_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+            })
+    }
+}
+
+fn write(att: &Attachment, p: &Pending) -> Result<(), GuardError> {
+    let target = att.confirm_record();
+    let tmp = target.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(p).map_err(std::io::Error::from);
+    text.and_then(|t| std::fs::write(&tmp, t))
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &target).map_err(io(format!("writing {}", target.display())))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The pending confirmation of `att`, if any.
+pub fn pending(att: &Attachment) -> Option<Pending> {
+    let text = std::fs::read_to_string(att.confirm_record()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Arms the guard for `generation`: unless confirmed within `secs`, the
+/// policy before it (`restore`) comes back, or segbpf detaches.
+pub fn arm(
+    att: &Attachment,
+    generation: u64,
+    secs: u64,
+    restore: Option<history::Entry>,
+) -> Result<(), GuardError> {
+    use std::os::unix::process::CommandExt as _;
+    let restore_text = match &restore {
+        Some(entry) => Some(std::fs::read_to_string(&entry.copy).map_err(io(format!(
+            "reading the policy in force from the history ({}); without it the change cannot be guarded",
+            entry.copy.display()
+        )))?),
+        None => None,
+    };
+    let p = Pending {
+        generation,
+        deadline: now() + secs,
+        restore,
+        restore_text,
+        applier: Some(std::process::id()),
+        started: false,
+    };
+    if let Some(dir) = att.confirm_record().parent() {
+        crate::pins::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    write(att, &p)?;
+    let exe = std::env::current_exe().map_err(GuardError::Spawn)?;
+    // The guard inherits this process's network namespace, so it finds
+    // the same attachment however this command got there.
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["guard", &att.iface, "--generation", &generation.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid() is async-signal-safe; the child leaves our session
+    // and process group, so signals to the applying command miss it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    if let Err(e) = cmd.spawn() {
+        disarm(att);
+        return Err(GuardError::Spawn(e));
+    }
+    tracing::warn!(
+        "the change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
+        att.describe(),
+        att.netns.cli_option(),
+        att.iface
+    );
+    Ok(())
+}
+
+/// Says that the change armed for `generation` is in force: its `secs`
+/// start now. A no-op when nothing (or another generation) is pending.
+pub fn start_clock(att: &Attachment, generation: u64, secs: u64) -> Result<(), GuardError> {
+    match pending(att) {
+        Some(mut p) if p.generation == generation => {
+            p.deadline = now() + secs;
+            p.started = true;
+            write(att, &p)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses an explicit change of `att` while a change waits for
+/// confirmation (unless `force`): the guard would otherwise give up on the
+/// unconfirmed change, superseded, and leave it in force.
+pub fn refuse_while_pending(att: &Attachment, force: bool) -> Result<(), GuardError> {
+    if let Some(p) = pending(att) {
+        if force {
+            tracing::warn!(
+                "generation {} on {} was waiting for confirmation; --force: this change supersedes it and its guard stands down",
+                p.generation,
+                att.iface
+            );
+            return Ok(());
+        }
+        return Err(GuardError::Pending {
+            which: att.describe(),
+            iface: att.iface.clone(),
+            generation: p.generation,
+            left: p.deadline.saturating_sub(now()),
+        });
+    }
+    Ok(())
+}
+
+/// Cancels a guard armed for a change that then failed.
+pub fn disarm(att: &Attachment) {
+    let _ = std::fs::remove_file(att.confirm_record());
+}
+
+/// `segbpf confirm`: keeps the pending change; returns its generation.
+pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
+    let Some(p) = pending(att) else {
+        return Err(GuardError::NothingPending(att.describe()));
+    };
+    std::fs::remove_file(att.confirm_record()).map_err(io("removing the pending confirmation"))?;
+    Ok(p.generation)
+}
+
+/// Arms the guard for the next generation of a reload: it restores the
+/// policy in force, copied from the history now. Without a record of it
+/// the change cannot be guarded, and is refused rather than applied
+/// unguarded (or undone by detaching).
+pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
+    let current = State::current(att)?.generation;
+    let live = crate::maps::pinned_config(att)
+        .map(|c| c.generation)
+        .unwrap_or(0);
+    let next = current.max(live) + 1;
+    let Some(restore) = history::list(att)
+        .into_iter()
+        .find(|e| e.generation == current)
+    else {
+        return Err(GuardError::NotInHistory {
+            which: att.describe(),
+            generation: current,
+            dir: history::dir_of(att).display().to_string(),
+        });
+    };
+    arm(att, next, secs, Some(restore))
+}
+
+/// The guard process: waits for the deadline, then undoes the change to
+/// `generation` unless it was confirmed or superseded.
+pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+    loop {
+        let Some(p) = pending(att) else {
+            return Ok(()); // confirmed
+        };
+        if p.generation != generation {
+            return Ok(()); // superseded by another --confirm change
+        }
+        let left = p.deadline.saturating_sub(now());
+        if left == 0 && !p.applying() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis((left * 1000).clamp(100, 500)));
+    }
+    let Some(p) = pending(att) else {
+        return Ok(());
+    };
+    let live = if att.is_attached() {
+        crate::maps::pinned_config(att).map(|c| c.generation).ok()
+    } else {
+        None
+    };
+    // A first attach that was killed half-way leaves pins but no link:
+    // remove them too. Otherwise undo only the generation armed for (a
+    // failed reload never reached the kernel; a later change supersedes).
+    let half_applied = p.restore.is_none() && att.dir.exists() && !att.is_attached();
+    if live != Some(p.generation) && !half_applied {
+        let _ = std::fs::remove_file(att.confirm_record());
+        return Ok(());
+    }
+    match (p.restore, p.restore_text) {
+        (Some(entry), Some(text)) => {
+            // What the guard recorded when armed, not what the history
+            // holds now (it may have been pruned, moved or removed).
+            let copy = att.confirm_restore();
+            std::fs::write(&copy, text).map_err(io(format!("writing {}", copy.display())))?;
+            crate::swap::swap(att, |_| Ok((copy.clone(), entry.set_overrides.clone())))
+                .map_err(|e| GuardError::Restore(Box::new(e)))?;
+        }
+        (Some(entry), None) => {
+            // Armed by an older version: only the history copy is known.
+            crate::swap::swap(att, |_| {
+                Ok((entry.copy.clone(), entry.set_overrides.clone()))
+            })
+            .map_err(|e| GuardError::Restore(Box::new(e)))?;
+        }
+        (None, _) => {
+            // A first attach: remove segbpf exactly as `segbpf detach` does.
+            crate::attach::detach(att).map_err(|e| GuardError::Detach(Box::new(e)))?;
+        }
+    }
+    let _ = std::fs::remove_file(att.confirm_record());
+    Ok(())
+}

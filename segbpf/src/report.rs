@@ -1,0 +1,216 @@
+//! The status report of an attachment: what was applied, the counters per
+//! direction and reason, per rule (with the rule's line in roles.toml, like
+//! `nft -a list`), the connection and fragment tables' fill and the event
+//! counters. `segbpf status` prints it; the metrics endpoint serves it.
+
+use std::collections::BTreeMap;
+
+use segbpf_common::{Counter, reason};
+use serde::Serialize;
+
+use crate::{
+    maps::{self, MapsError},
+    pins::Attachment,
+    state::State,
+};
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl From<Counter> for Count {
+    fn from(c: Counter) -> Self {
+        Count {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// What one rule allowed.
+#[derive(Debug, Serialize)]
+pub struct RuleCount {
+    /// Rule id.
+    pub id: u32,
+    /// Label such as `roles.db.ingress[0]`.
+    pub label: String,
+    /// Direction.
+    pub direction: String,
+    /// Line in the policy file.
+    pub line: u32,
+    /// Peer as written.
+    pub peer: String,
+    /// Services.
+    pub services: String,
+    /// Packets and bytes the rule allowed (connection openers; later
+    /// packets of the connection count as `established`).
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// One attachment as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Interface.
+    pub iface: String,
+    /// The network namespace's label (`ip netns` name, `host`), if known.
+    pub netns: Option<String>,
+    /// The network namespace's inode.
+    pub netns_inode: u64,
+    /// Whether the link is pinned (enforcing).
+    pub attached: bool,
+    /// What was applied (None if the state file is missing).
+    pub state: Option<State>,
+    /// Packets per reason name, both directions together.
+    pub counters: BTreeMap<String, u64>,
+    /// Packets and bytes per direction and reason name.
+    pub directions: BTreeMap<String, BTreeMap<String, Count>>,
+    /// Per-rule counters, by rule id.
+    pub rules: Vec<RuleCount>,
+    /// Packets passed.
+    pub passed: u64,
+    /// Packets dropped.
+    pub dropped: u64,
+    /// Connection table: capacity and entries in use.
+    pub conntrack: Conntrack,
+    /// Fragment tables.
+    pub fragments: Fragments,
+    /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
+    pub events: crate::telemetry::EventStats,
+    /// Sets edited live, differing from the policy file (`reload` resolves it).
+    pub drift: Vec<String>,
+    /// A change waiting for `segbpf confirm`.
+    pub pending: Option<Awaiting>,
+}
+
+/// A change applied with `--confirm` that is not confirmed yet.
+#[derive(Debug, Serialize)]
+pub struct Awaiting {
+    /// Its generation.
+    pub generation: u64,
+    /// Unix time at which the guard undoes it.
+    pub deadline: u64,
+}
+
+/// Connection-table sizes and fill levels: the assured table (flows where
+/// both sides spoke) and the half-open table (openers without a reply yet;
+/// a flood evicts only these).
+#[derive(Debug, Serialize)]
+pub struct Conntrack {
+    /// Capacity of the assured table (entries).
+    pub size: u32,
+    /// Entries in use in the assured table.
+    pub entries: u64,
+    /// Capacity of the half-open table.
+    pub half_open_size: u32,
+    /// Entries in use in the half-open table.
+    pub half_open_entries: u64,
+}
+
+/// Fragment-table size and fill levels (datagrams whose first fragment
+/// passed, on an assured flow or otherwise).
+#[derive(Debug, Serialize)]
+pub struct Fragments {
+    /// Capacity of each table.
+    pub size: u32,
+    /// Entries of datagrams on assured flows.
+    pub assured_entries: u64,
+    /// Entries of other datagrams.
+    pub other_entries: u64,
+}
+
+/// Builds the report of one attachment.
+pub fn report(att: &Attachment) -> Result<Report, MapsError> {
+    let stats = maps::pinned_stats(att)?;
+    let mut counters = BTreeMap::new();
+    let mut directions = BTreeMap::new();
+    let (mut passed, mut dropped) = (0, 0);
+    for (dir, per_reason) in ["ingress", "egress"].iter().zip(stats.iter()) {
+        let mut by_reason = BTreeMap::new();
+        for code in reason::ALL {
+            let c: Count = per_reason
+                .get(code as usize)
+                .copied()
+                .unwrap_or_default()
+                .into();
+            by_reason.insert(reason::name(code).to_string(), c);
+            *counters.entry(reason::name(code).to_string()).or_insert(0) += c.packets;
+            if reason::passes(code) {
+                passed += c.packets;
+            } else {
+                dropped += c.packets;
+            }
+        }
+        directions.insert(dir.to_string(), by_reason);
+    }
+    let state = State::current(att).ok();
+    let state_sets: Vec<String> = state
+        .iter()
+        .flat_map(|s| s.set_overrides.keys().cloned())
+        .collect();
+    let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
+    let rules = state
+        .iter()
+        .flat_map(|s| s.rules.iter())
+        .map(|r| {
+            let c = rule_stats
+                .get(r.counter as usize)
+                .copied()
+                .unwrap_or_default();
+            RuleCount {
+                id: r.id,
+                label: r.label.clone(),
+                direction: r.direction.clone(),
+                line: r.line,
+                peer: r.peer.clone(),
+                services: r.services.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            }
+        })
+        .collect();
+    let ct_size = state.as_ref().map(|s| s.ct_size).unwrap_or(0);
+    let (entries, half_open_entries) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
+    let conntrack = Conntrack {
+        size: ct_size,
+        entries,
+        half_open_size: if ct_size == 0 {
+            0
+        } else {
+            segbpf_common::ct_new_entries(ct_size)
+        },
+        half_open_entries,
+    };
+    let (assured_entries, other_entries) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
+    let fragments = Fragments {
+        size: segbpf_common::DEFAULT_FRAG_ENTRIES,
+        assured_entries,
+        other_entries,
+    };
+    Ok(Report {
+        iface: att.iface.clone(),
+        netns: att.netns.label.clone(),
+        netns_inode: att.netns.inode,
+        attached: att.is_attached(),
+        state,
+        counters,
+        directions,
+        rules,
+        passed,
+        dropped,
+        conntrack,
+        fragments,
+        events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
+        drift: state_sets,
+        pending: crate::guard::pending(att).map(|p| Awaiting {
+            generation: p.generation,
+            deadline: p.deadline,
+        }),
+    })
+}

@@ -1,0 +1,550 @@
+//! Swapping an attachment's policy without reloading or re-attaching its
+//! programs: `segbpf reload`, `rollback`, `set`, the watcher of a running
+//! `attach` and the guard's restore all come here.
+//!
+//! The new policy is parsed, validated and compiled first (a bad policy
+//! changes nothing and says why). It is written into the policy slot not in
+//! force, where no packet looks; then one atomic u32 write (`SEG_ACTIVE`)
+//! switches every later packet to it whole — a packet reads the slot once,
+//! so no packet is judged by a mix of old and new rules. After a short
+//! grace period, connection-table entries of flows the new policy does not
+//! allow are removed (the others survive), the old slot is emptied, and
+//! counters of rules that no longer exist are cleared (rules that still
+//! exist keep their counter slots, so their counts carry over).
+//!
+//! Crash safety: the state of the new generation is written to
+//! `IFACE.next.json` before the switch and renamed after it; a swap killed
+//! at any point leaves the kernel on the old or the new policy, and the
+//! next change reconciles the state file with the generation the kernel
+//! runs ([`State::repair`], under the lock). Changes of one attachment are
+//! serialised by its update lock.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use segbpf_common::{
+    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_CT_NEW, MAP_RULE_STATS,
+};
+
+use crate::{
+    compile::{self, Capacity, CompileError},
+    guard::{self, GuardError},
+    history,
+    maps::{MapsError, PolicyMaps},
+    netif::{self, NetifError},
+    pins::{Attachment, LockKind},
+    policy::{AddrRange, Direction, Policy, PolicyError, addr::parse_item, eval, roles},
+    state::{State, StateError},
+    trust::UntrustedFile,
+};
+
+/// Errors changing an attachment's policy. Every one of them leaves the
+/// policy in force unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// Nothing to change.
+    #[error("segbpf is not attached to {0}")]
+    NotAttached(String),
+    /// The update lock could not be taken.
+    #[error("locking {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file is unreadable.
+    #[error("reading the attachment's state: {0}")]
+    State(#[from] StateError),
+    /// The policy file is writable or owned by someone other than root.
+    #[error(transparent)]
+    Untrusted(#[from] UntrustedFile),
+    /// The policy does not parse or validate.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Live set edits that no longer parse.
+    #[error("live set edit: set {set}: {member}: {reason}")]
+    Override {
+        /// Set.
+        set: String,
+        /// Member as stored.
+        member: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The interface could not be asked for its addresses.
+    #[error(transparent)]
+    Interface(#[from] NetifError),
+    /// The host's roles cannot be decided.
+    #[error(transparent)]
+    Roles(#[from] roles::RoleError),
+    /// The policy does not fit the maps.
+    #[error("{policy}: compiling for {iface}: {source}")]
+    Compile {
+        /// Policy file.
+        policy: String,
+        /// Interface.
+        iface: String,
+        /// Why.
+        source: CompileError,
+    },
+    /// A map could not be read or written before the switch.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The change was refused (a set edit that makes no sense, a pending
+    /// confirmation, no earlier policy, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// The lockout guard could not be armed.
+    #[error(transparent)]
+    Guard(#[from] Box<GuardError>),
+}
+
+/// Live set edits (set name → members as text), as the state keeps them.
+pub type Overrides = BTreeMap<String, Vec<String>>;
+
+/// What a reload should apply.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadRequest {
+    /// Policy file (default: the file in force).
+    pub policy: Option<PathBuf>,
+    /// Undo after SECS unless confirmed.
+    pub confirm: Option<u64>,
+    /// Supersede a change that waits for confirmation.
+    pub force: bool,
+    /// Work the roles out again from permanent addresses.
+    pub redetect_roles: bool,
+}
+
+/// `segbpf reload`: applies `req` (guarded when `req.confirm`). Refused
+/// while a change waits for confirmation, unless `req.force`.
+pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<String, SwapError> {
+    guard::refuse_while_pending(att, req.force).map_err(Box::new)?;
+    if let Some(secs) = req.confirm {
+        guard::arm_for_reload(att, secs).map_err(Box::new)?;
+    }
+    let out = reload_with(att, req.policy.as_deref(), req.redetect_roles).inspect_err(|_| {
+        if req.confirm.is_some() {
+            guard::disarm(att);
+        }
+    })?;
+    if let Some(secs) = req.confirm {
+        // In force now: the confirmation time starts.
+        let generation = State::current(att)?.generation;
+        guard::start_clock(att, generation, secs).map_err(Box::new)?;
+    }
+    Ok(out)
+}
+
+/// `segbpf rollback`: the history entry before the one in force.
+pub fn rollback(att: &Attachment) -> Result<String, SwapError> {
+    let state = State::current(att)?;
+    let Some(prev) = history::previous(att, state.generation) else {
+        return Err(SwapError::Refused(format!(
+            "no earlier policy in the history of {} (generation {} is the oldest kept)",
+            att.describe(),
+            state.generation
+        )));
+    };
+    let msg = swap(att, |_| Ok((prev.copy.clone(), prev.set_overrides.clone())))?;
+    Ok(format!(
+        "rolled back to the policy of generation {} ({}): {msg}",
+        prev.generation, prev.source
+    ))
+}
+
+/// Members in force of every set: the file's, with live edits applied.
+pub fn sets_in_force(state: &State) -> Result<Overrides, SwapError> {
+    let policy = Policy::load_with_sets(
+        &PathBuf::from(&state.policy),
+        &parse_overrides(&state.set_overrides)?,
+    )?;
+    Ok(policy
+        .sets
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.ranges.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect())
+}
+
+/// `segbpf set add|del`: adds or removes `members` of `set` in force, as
+/// one swap. Returns how many members changed and the swap's summary.
+pub fn edit_set(
+    att: &Attachment,
+    set: &str,
+    members: &[AddrRange],
+    add: bool,
+) -> Result<(usize, String), SwapError> {
+    guard::refuse_while_pending(att, false).map_err(Box::new)?;
+    let mut changed = 0;
+    let msg = swap(att, |state| {
+        let sets = sets_in_force(state)?;
+        let Some(current) = sets.get(set) else {
+            return Err(SwapError::Refused(format!(
+                "{}: no set named `{set}` (sets: {})",
+                state.policy,
+                sets.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let mut next = current.clone();
+        for m in members {
+            let text = m.to_string();
+            if add {
+                if !next.contains(&text) {
+                    next.push(text);
+                    changed += 1;
+                }
+            } else if let Some(pos) = next.iter().position(|x| *x == text) {
+                next.remove(pos);
+                changed += 1;
+            } else {
+                return Err(SwapError::Refused(format!(
+                    "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
+                    att.iface
+                )));
+            }
+        }
+        let mut overrides = state.set_overrides.clone();
+        overrides.insert(set.to_string(), next);
+        Ok((PathBuf::from(&state.policy), overrides))
+    })?;
+    Ok((changed, msg))
+}
+
+/// Time given to packets that read the old slot before the switch to
+/// finish their lookups (programs run for microseconds).
+const GRACE: Duration = Duration::from_millis(5);
+
+/// Replaces the policy of `att` with the one in `policy` (default: the
+/// attachment's current file), dropping live set edits (the file wins),
+/// and works the roles out again when `redetect` (see [`swap_with`]).
+/// Returns a one-line summary.
+pub fn reload_with(
+    att: &Attachment,
+    policy: Option<&Path>,
+    redetect: bool,
+) -> Result<String, SwapError> {
+    swap_with(att, redetect, |old| {
+        let path = policy
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        Ok((path, BTreeMap::new()))
+    })
+}
+
+/// Reloads `att`'s current file keeping its live set edits (the automatic
+/// reloads of a running `attach`: a file change must not silently undo a
+/// `segbpf set`). Edits of sets the file no longer has fail the reload.
+pub fn reload_keeping_sets(att: &Attachment) -> Result<String, SwapError> {
+    swap(att, |old| {
+        if !old.set_overrides.is_empty() {
+            tracing::warn!(
+                "keeping the live edits of set(s) {} over the file; `segbpf reload {}` goes back to the file",
+                old.set_overrides
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                att.iface
+            );
+        }
+        Ok((PathBuf::from(&old.policy), old.set_overrides.clone()))
+    })
+}
+
+/// Live set overrides as the state file stores them (text) and as the
+/// parser takes them (ranges).
+pub fn parse_overrides(text: &Overrides) -> Result<BTreeMap<String, Vec<AddrRange>>, SwapError> {
+    text.iter()
+        .map(|(set, members)| {
+            let ranges = members
+                .iter()
+                .map(|m| {
+                    parse_item(m).map_err(|e| SwapError::Override {
+                        set: set.clone(),
+                        member: m.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((set.clone(), ranges))
+        })
+        .collect()
+}
+
+/// Swaps in the policy that `choose` picks from the current state: a file
+/// and live set overrides. Under the attachment's update lock.
+pub fn swap(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> Result<(PathBuf, Overrides), SwapError>,
+) -> Result<String, SwapError> {
+    swap_with(att, false, choose)
+}
+
+/// Like [`swap`]. The host keeps the roles decided at attach (so an
+/// address that appears later, for example from a router advertisement,
+/// cannot add a role's rules); with `redetect`, roles given with `--role`
+/// at attach stay, and auto-detected ones are worked out again from the
+/// interface's permanent addresses only. A change of roles is logged as a
+/// warning and kept in the state (`status` shows it).
+pub fn swap_with(
+    att: &Attachment,
+    redetect: bool,
+    choose: impl FnOnce(&State) -> Result<(PathBuf, Overrides), SwapError>,
+) -> Result<String, SwapError> {
+    if !att.is_attached() {
+        return Err(SwapError::NotAttached(att.describe()));
+    }
+    let _lock = att
+        .lock(LockKind::Update)
+        .map_err(|source| SwapError::Lock {
+            path: att.lock_path(LockKind::Update),
+            source,
+        })?;
+    let old = State::repair(att)?;
+    let (path, overrides) = choose(&old)?;
+
+    // Everything that depends on input first: nothing in the kernel yet.
+    if !old.insecure_policy {
+        crate::trust::check_policy_file(&path)?;
+    }
+    let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
+    let roles = if redetect && old.role_args.is_empty() {
+        let addrs = netif::permanent_addresses(&att.iface)?;
+        roles::resolve(&policy, &[], &att.iface, &addrs)?
+    } else if redetect {
+        roles::resolve(&policy, &old.role_args, &att.iface, &[])?
+    } else {
+        roles::resolve(&policy, &old.roles, &att.iface, &[])?
+    };
+    let roles_changed = roles != old.roles;
+    if roles_changed {
+        tracing::warn!(
+            "roles of {} change from {} to {}",
+            att.iface,
+            old.roles.join(","),
+            roles.join(",")
+        );
+    }
+    let mut maps = PolicyMaps::from_pins(att)?;
+    let current = maps.active_slot()?;
+    let next = 1 - current;
+    let generation = maps.config(current)?.generation.max(old.generation) + 1;
+    let mut capacity = Capacity {
+        ct: old.ct_size,
+        rule_stats: old.rule_slots,
+        ..Capacity::default()
+    };
+    if old.peer_entries > 0 {
+        capacity.peer_v4 = old.peer_entries;
+        capacity.peer_v6 = old.peer_entries;
+    }
+    if old.port_entries > 0 {
+        capacity.ports = old.port_entries;
+    }
+    let mut c = compile::compile(
+        &policy,
+        &roles,
+        Some(&att.iface),
+        next,
+        generation,
+        capacity,
+    )
+    .map_err(|source| SwapError::Compile {
+        policy: policy.source.clone(),
+        iface: att.iface.clone(),
+        source,
+    })?;
+    c.config.audit = u8::from(old.audit);
+    c.config.log_burst = old.log_burst.max(1);
+    let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
+        SwapError::Compile {
+            policy: policy.source.clone(),
+            iface: att.iface.clone(),
+            source,
+        }
+    })?;
+
+    // Fill the slot no packet looks at (emptying leftovers of a reload that
+    // was killed), record the new state as pending, then switch.
+    maps.clear_slot(next)?;
+    maps.write_slot(&c)?;
+    let new = State {
+        policy: std::fs::canonicalize(&path)
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string(),
+        roles: roles.clone(),
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        rules: c.rules.clone(),
+        set_overrides: overrides,
+        previous_roles: if roles_changed {
+            old.roles.clone()
+        } else {
+            old.previous_roles.clone()
+        },
+        roles_changed_at: if roles_changed {
+            generation
+        } else {
+            old.roles_changed_at
+        },
+        ..old.clone()
+    };
+    new.write(&att.next_state())?;
+    maps.activate(next)?;
+
+    // The new policy is in force: nothing after this point is a failure
+    // (the caller would undo a guard or report a change that happened).
+    // What goes wrong is a warning in the result.
+    let mut warnings = Vec::new();
+    let mut warn = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!("{what}: {e}");
+        warnings.push(format!("{what}: {e}"));
+    };
+    if let Err(e) = std::fs::rename(att.next_state(), &att.state) {
+        // State::current still finds the pending file (its generation is live).
+        warn(
+            &format!("renaming the state to {}", att.state.display()),
+            &e,
+        );
+    }
+    if let Err(e) = history::record(att, generation, Path::new(&new.policy), &new.set_overrides) {
+        warn("policy history not updated", &e);
+    }
+    // Let packets that read the old slot finish, prune the connections the
+    // new policy would not open (including any opened in that window), and
+    // only then empty the old slot.
+    std::thread::sleep(GRACE);
+    let pruned = prune_conntrack(att, &policy, &roles).unwrap_or_else(|e| {
+        warn("pruning the connection table", &e);
+        0
+    });
+    if let Err(e) = maps.clear_slot(current) {
+        warn("emptying the previous policy slot", &e);
+    }
+    if let Err(e) = clear_counters(att, &freed) {
+        warn("zeroing unused rule counters", &e);
+    }
+    let mut out = format!(
+        "reloaded {} on {}: generation {generation} applied, roles {}, {} rules; {} connections no longer allowed were removed",
+        policy.source,
+        att.iface,
+        roles.join(","),
+        c.rules.len(),
+        pruned
+    );
+    if !warnings.is_empty() {
+        out.push_str(&format!(" (warnings: {})", warnings.join("; ")));
+    }
+    Ok(out)
+}
+
+/// Zeroes the per-rule counters of slots no rule uses any more.
+fn clear_counters(att: &Attachment, slots: &[u32]) -> Result<(), MapsError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let err = |source| MapsError::Map {
+        map: MAP_RULE_STATS,
+        source,
+    };
+    let data = MapData::from_pin(att.map(MAP_RULE_STATS)).map_err(err)?;
+    let mut arr: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(err)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+        err(aya::maps::MapError::from(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }))
+    })?;
+    for &slot in slots {
+        let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
+            err(aya::maps::MapError::from(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error: e,
+            }))
+        })?;
+        arr.set(slot, zero, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The packet that opened a tracked flow, for the reference evaluator.
+fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
+    let addr = |b: [u8; 16]| -> IpAddr {
+        if k.family == 4 {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    };
+    let (local, remote) = (addr(k.local), addr(k.remote));
+    let ingress = e.origin == segbpf_common::DIR_INGRESS;
+    let icmp_type = match k.proto {
+        IPPROTO_ICMP => 8,
+        IPPROTO_ICMPV6 => 128,
+        _ => 0,
+    };
+    let (src, dst, dport) = if ingress {
+        (remote, local, k.local_port)
+    } else {
+        (local, remote, k.remote_port)
+    };
+    let dir = if ingress {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    (
+        dir,
+        eval::Packet {
+            src,
+            dst,
+            proto: k.proto,
+            dport,
+            icmp_type,
+            hop_limit: 64,
+        },
+    )
+}
+
+/// Removes the connection-table entries (assured and half-open) of flows
+/// the new policy would not let open; returns how many.
+fn prune_conntrack(
+    att: &Attachment,
+    policy: &Policy,
+    roles: &[String],
+) -> Result<usize, MapsError> {
+    let mut pruned = 0;
+    for name in [MAP_CT, MAP_CT_NEW] {
+        let err = |source| MapsError::Map { map: name, source };
+        let data = MapData::from_pin(att.map(name)).map_err(err)?;
+        let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
+            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
+        let gone: Vec<CtKey> = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                let (dir, pkt) = opener(k, e);
+                !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = ct.remove(k); // may have expired, moved or been evicted meanwhile
+        }
+        pruned += gone.len();
+    }
+    Ok(pruned)
+}
