@@ -1,0 +1,128 @@
+//! Connection tracking: the connection-table key and value, their states
+//! and default timeouts, and the fragment table of IP datagrams whose first
+//! fragment passed.
+
+#[cfg(doc)]
+use crate::{Config, DIR_EGRESS, DIR_INGRESS, NO_RULE};
+use bytemuck::{Pod, Zeroable};
+
+/// Default connection-tracking timeouts (seconds), as in [`Config`].
+pub mod ct_timeout {
+    /// TCP before the reply (SYN sent).
+    pub const TCP_SYN: u32 = 60;
+    /// TCP established.
+    pub const TCP_EST: u32 = 6 * 3600;
+    /// TCP after RST, or FIN from both sides.
+    pub const TCP_CLOSE: u32 = 10;
+    /// UDP before the reply.
+    pub const UDP: u32 = 30;
+    /// UDP after the reply.
+    pub const UDP_EST: u32 = 120;
+    /// ICMP echo.
+    pub const ICMP: u32 = 30;
+    /// Fragments of one datagram.
+    pub const FRAG: u32 = 30;
+}
+
+/// Connection-table key, from the host's point of view: the same key for
+/// both directions of a flow. ICMP echo uses the echo id as `local_port`
+/// and 0 as `remote_port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// Port on this host (host order).
+    pub local_port: u16,
+    /// Port of the peer (host order).
+    pub remote_port: u16,
+    /// Address on this host (IPv4 in the first 4 bytes), network order.
+    pub local: [u8; 16],
+    /// Address of the peer, network order.
+    pub remote: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+/// Connection state: opened, no reply seen yet.
+pub const CT_NEW: u8 = 1;
+/// Connection state: a reply was seen.
+pub const CT_ESTABLISHED: u8 = 2;
+/// Connection state: TCP RST, or FIN from both sides.
+pub const CT_CLOSING: u8 = 3;
+/// `CtEntry::fin` bit: FIN seen from the originator.
+pub const CT_FIN_ORIG: u8 = 1;
+/// `CtEntry::fin` bit: FIN seen from the replier.
+pub const CT_FIN_REPLY: u8 = 2;
+
+/// `CtEntry::seen` bit / index of the originator's side in the per-side arrays.
+pub const CT_SIDE_ORIG: usize = 0;
+/// Index of the replier's side in the per-side arrays.
+pub const CT_SIDE_REPLY: usize = 1;
+/// `CtEntry::wscale` of a side that sent no window-scale option.
+pub const CT_NO_WSCALE: u8 = 0xff;
+
+/// Connection-table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_coarse_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// Rule that allowed the first packet ([`NO_RULE`] for a default allow).
+    pub rule_id: u32,
+    /// Direction of the first packet ([`DIR_INGRESS`] / [`DIR_EGRESS`]).
+    pub origin: u8,
+    /// [`CT_NEW`], [`CT_ESTABLISHED`] or [`CT_CLOSING`].
+    pub state: u8,
+    /// FIN bits ([`CT_FIN_ORIG`], [`CT_FIN_REPLY`]).
+    pub fin: u8,
+    /// TCP: bit `1 << side` once a segment of that side was seen.
+    pub seen: u8,
+    /// TCP, per side ([`CT_SIDE_ORIG`], [`CT_SIDE_REPLY`]): the highest
+    /// sequence number sent plus one (`seq + len`, SYN and FIN count one).
+    pub seq_end: [u32; 2],
+    /// TCP, per side: the largest window that side advertised (scaled).
+    pub max_win: [u32; 2],
+    /// TCP, per side: the window-scale option of its SYN ([`CT_NO_WSCALE`] if none).
+    pub wscale: [u8; 2],
+    /// Explicit padding.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+
+/// Fragment-table key: one IP datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol of the datagram.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// IPv4 identification (16 bits) or IPv6 fragment id.
+    pub id: u32,
+    /// Source address, network order.
+    pub src: [u8; 16],
+    /// Destination address, network order.
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Fragment-table value: the first fragment passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragEntry {
+    /// `bpf_ktime_get_coarse_ns` of the first fragment.
+    pub first_seen_ns: u64,
+    /// Rule that allowed the first fragment ([`NO_RULE`] if none).
+    pub rule_id: u32,
+    /// Reason the first fragment passed.
+    pub reason: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);

@@ -1,0 +1,109 @@
+//! Map and program names, and the maps' default capacities.
+
+#[cfg(doc)]
+use crate::{
+    Config, Counter, CtEntry, CtKey, EV_EMITTED, Event, FragEntry, FragKey, PeerClass, RateState,
+    RuleRef, TraceResult,
+};
+
+// ---------------------------------------------------------------------------
+// Map names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1).
+// ---------------------------------------------------------------------------
+
+/// LPM trie: IPv4 peer address -> [`PeerClass`].
+pub const MAP_PEER_V4: &str = "SEG_PEER_V4";
+/// LPM trie: IPv6 peer address -> [`PeerClass`].
+pub const MAP_PEER_V6: &str = "SEG_PEER_V6";
+/// LPM trie: (class, protocol, destination port prefix) -> [`RuleRef`].
+pub const MAP_PORTS: &str = "SEG_PORTS";
+/// Array, two entries: the [`Config`] of each policy slot.
+pub const MAP_CONFIG: &str = "SEG_CONFIG";
+/// Array, one u32: the policy slot in force (0 or 1). Flipping it is the
+/// one atomic write that switches policies.
+pub const MAP_ACTIVE: &str = "SEG_ACTIVE";
+/// Per-CPU array of [`Counter`]s indexed by `direction * STATS_LEN + reason`.
+pub const MAP_STATS: &str = "SEG_STATS";
+/// Per-CPU array of [`Counter`]s indexed by rule id: what each rule allowed.
+pub const MAP_RULE_STATS: &str = "SEG_RULE_STATS";
+/// Array, one entry: [`TraceResult`] written only by trace/record instances.
+pub const MAP_TRACE: &str = "SEG_TRACE";
+/// Ring buffer of [`Event`]s (drops, and audit-mode would-be drops).
+pub const MAP_EVENTS: &str = "SEG_EVENTS";
+/// Array, one entry: [`RateState`], the kernel's event rate limiter.
+pub const MAP_RATE: &str = "SEG_RATE";
+/// Per-CPU array of u64: events emitted, suppressed by the rate limit,
+/// lost because the ring was full ([`EV_EMITTED`], ...).
+pub const MAP_EVSTATS: &str = "SEG_EVSTATS";
+/// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table of assured
+/// flows (both sides spoke, and the originator spoke again after the reply).
+pub const MAP_CT: &str = "SEG_CT";
+/// LRU hash: [`CtKey`] -> [`CtEntry`], half-open flows (an opener seen,
+/// not yet assured). A flood of openers can only evict entries here.
+pub const MAP_CT_NEW: &str = "SEG_CT_NEW";
+/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
+/// passed on an assured flow.
+pub const MAP_FRAG: &str = "SEG_FRAG";
+/// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
+/// passed on anything else (a rule, a half-open flow, a default).
+pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
+
+/// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
+pub const PINNED_MAPS: [&str; 14] = [
+    MAP_PEER_V4,
+    MAP_PEER_V6,
+    MAP_PORTS,
+    MAP_CONFIG,
+    MAP_ACTIVE,
+    MAP_STATS,
+    MAP_RULE_STATS,
+    MAP_CT,
+    MAP_CT_NEW,
+    MAP_FRAG,
+    MAP_FRAG_NEW,
+    MAP_EVENTS,
+    MAP_RATE,
+    MAP_EVSTATS,
+];
+
+/// Name of the XDP (ingress) program in the object file.
+pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
+/// Name of the TC (egress) program in the object file.
+pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
+/// Name of the empty XDP program (the benchmarks' floor; never attached).
+pub const PROG_XDP_EMPTY: &str = "segbpf_xdp_empty";
+
+// ---------------------------------------------------------------------------
+// Default capacities. The LPM tries are created with BPF_F_NO_PREALLOC, so a
+// large max_entries costs no memory until entries are inserted.
+// ---------------------------------------------------------------------------
+
+/// Default capacity of each peer trie (both directions and both slots share it).
+pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
+/// Default capacity of the port trie.
+pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
+/// Default capacity of the connection table (`--ct-size`).
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// Default size of the event ring buffer in bytes (a power of two).
+pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 20;
+
+/// Default capacity of each fragment table (assured and other).
+pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
+/// Smallest capacity of the half-open connection table.
+pub const MIN_CT_NEW_ENTRIES: u32 = 1024;
+
+/// Capacity of the half-open connection table for an assured table of
+/// `ct` entries: a quarter of it, at least [`MIN_CT_NEW_ENTRIES`].
+pub const fn ct_new_entries(ct: u32) -> u32 {
+    let q = ct / 4;
+    if q < MIN_CT_NEW_ENTRIES {
+        MIN_CT_NEW_ENTRIES
+    } else {
+        q
+    }
+}
+
+/// Default number of per-rule counters (`SEG_RULE_STATS`); attach sizes the
+/// map to the policy's rule count.
+pub const DEFAULT_RULE_STATS: u32 = 8192;
+/// Largest number of rules per direction the compiler accepts.
+pub const MAX_RULES_PER_DIRECTION: usize = 16384;
