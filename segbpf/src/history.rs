@@ -118,5 +118,12 @@ pub fn previous(att: &Attachment, generation: u64) -> Option<Entry> {
 
 /// Removes an attachment's history.
 pub fn remove(att: &Attachment) {
-    let _ = std::fs::remove_dir_all(dir(att));
+    let d = dir(att);
+    let _ = std::fs::remove_dir_all(&d);
+    // `net/NS/` and `net/` go too when nothing else is kept there.
+    for parent in d.ancestors().skip(1).take(2) {
+        if std::fs::remove_dir(parent).is_err() {
+            break;
+        }
+    }
 }

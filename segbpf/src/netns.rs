@@ -158,7 +158,12 @@ pub fn enter(name: &str) -> Result<(), NetnsError> {
 /// inside `ip netns exec`, which gives its command a private /sys, and in
 /// most containers).
 pub fn in_initial_mount_namespace() -> bool {
-    std::fs::metadata("/proc/thread-self/ns/mnt").is_ok_and(|m| m.ino() == INIT_MNT_INODE)
+    let Ok(mine) = std::fs::metadata("/proc/thread-self/ns/mnt").map(|m| m.ino()) else {
+        return false;
+    };
+    // Kernels since 6.15 give the initial namespace a fixed inode; older
+    // ones are compared with PID 1's (readable by root on most hosts).
+    mine == INIT_MNT_INODE || std::fs::metadata("/proc/1/ns/mnt").is_ok_and(|m| m.ino() == mine)
 }
 
 /// The namespace's cookie, from a socket made in it.
