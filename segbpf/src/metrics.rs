@@ -1,20 +1,74 @@
 //! Prometheus metrics (`segbpf attach --metrics ADDR`): per-rule packets
 //! and bytes, packets and bytes per direction and reason, events emitted /
-//! suppressed / lost, and connection-table size and fill. Values are read
+//! suppressed / lost, and connection-table size and fill. Counters are read
 //! from the attachment's pinned maps on each scrape (the same numbers
 //! `segbpf status --output json` shows) and encoded by `prometheus-client`.
+//!
+//! The server is hyper's HTTP/1 server on a thread and runtime of its own,
+//! off the event path: a slow or hostile client never delays the event
+//! stream or a reload. Connections are bounded ([`MAX_CONNECTIONS`]; more
+//! are closed at once), a request head must arrive within
+//! [`HEADER_TIMEOUT`], a connection lives at most [`CONNECTION_TIMEOUT`],
+//! and only `GET /metrics` is answered (anything else: 404). The table fill
+//! levels, which take a walk of each table, are sampled every
+//! [`FILL_EVERY`] in the background, never by a scrape.
 
-use std::net::SocketAddr;
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{pins::Attachment, report};
+use crate::{maps::MapsError, pins::Attachment, report};
+
+/// At most this many connections at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time a client has to send a request head (on every request of a kept-alive connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may live, reads and writes included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the connection and fragment tables' fill is sampled.
+pub const FILL_EVERY: Duration = Duration::from_secs(10);
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address could not be bound.
+    #[error("--metrics: binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server thread could not start.
+    #[error("starting the metrics server: {0}")]
+    Start(std::io::Error),
+    /// The counters could not be read.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The text could not be encoded.
+    #[error("encoding metrics: {0}")]
+    Encode(#[from] std::fmt::Error),
+}
+
+/// Table fill levels, sampled in the background.
+#[derive(Clone, Copy, Debug, Default)]
+struct Fill {
+    ct: u64,
+    half_open: u64,
+    frag_assured: u64,
+    frag_other: u64,
+}
 
 type Labels = Vec<(String, String)>;
 
@@ -24,9 +78,27 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     f
 }
 
-/// The attachment's metrics in the Prometheus text format.
-pub fn render(att: &Attachment) -> anyhow::Result<String> {
-    let r = report::report(att)?;
+/// The attachment's metrics in the Prometheus text format, counting the
+/// tables' entries now.
+pub fn render(att: &Attachment) -> Result<String, MetricsError> {
+    let (ct, half_open, frag_assured, frag_other) = report::table_fill(att);
+    render_with(
+        att,
+        Fill {
+            ct,
+            half_open,
+            frag_assured,
+            frag_other,
+        },
+    )
+}
+
+fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
+    let mut r = report::build(att, false)?;
+    r.conntrack.entries = fill.ct;
+    r.conntrack.half_open_entries = fill.half_open;
+    r.fragments.assured_entries = fill.frag_assured;
+    r.fragments.other_entries = fill.frag_other;
     let mut registry = Registry::with_prefix("segbpf");
     let iface = || ("iface".to_string(), att.iface.clone());
 
@@ -141,7 +213,7 @@ pub fn render(att: &Attachment) -> anyhow::Result<String> {
     }
 
     let mut out = String::new();
-    encode(&mut out, &registry).context("encoding metrics")?;
+    encode(&mut out, &registry)?;
     Ok(out)
 }
 
@@ -152,43 +224,135 @@ fn is_pass(reason_name: &str) -> bool {
         .is_some_and(|&c| segbpf_common::reason::passes(c))
 }
 
-/// Binds the metrics address (before anything is applied, so a bad
-/// address changes nothing).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics: binding {addr}"))
+/// A bound metrics address, not serving yet.
+#[derive(Debug)]
+pub struct Server {
+    listener: std::net::TcpListener,
 }
 
-/// Serves the metrics (any path answers) until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, att: Attachment) -> anyhow::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+impl Server {
+    /// Binds the metrics address (before anything is applied, so a bad
+    /// address changes nothing).
+    pub fn bind(addr: SocketAddr) -> Result<Server, MetricsError> {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(Server { listener })
     }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves `att`'s metrics from a thread of its own for as long as the
+    /// process runs.
+    pub fn start(self, att: Attachment) -> Result<(), MetricsError> {
+        if let Some(addr) = self.local_addr() {
+            tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+        }
+        std::thread::Builder::new()
+            .name("segbpf-metrics".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => rt.block_on(serve(self.listener, att)),
+                    Err(e) => tracing::error!("metrics server: {e}"),
+                }
+            })
+            .map(drop)
+            .map_err(MetricsError::Start)
+    }
+}
+
+/// Accepts connections until the process ends.
+async fn serve(listener: std::net::TcpListener, att: Attachment) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics server: {e}");
+            return;
+        }
+    };
+    let att = Arc::new(att);
+    let fill = Arc::new(Mutex::new(Fill::default()));
+    {
+        let (att, fill) = (att.clone(), fill.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FILL_EVERY);
+            loop {
+                tick.tick().await;
+                let (ct, half_open, frag_assured, frag_other) = report::table_fill(&att);
+                if let Ok(mut f) = fill.lock() {
+                    *f = Fill {
+                        ct,
+                        half_open,
+                        frag_assured,
+                        frag_other,
+                    };
+                }
+            }
+        });
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut sock, _) = listener.accept().await?;
-        let body = render(&att);
-        // Read (and ignore) the request head; answer and close.
-        let mut buf = [0u8; 1024];
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sock.read(&mut buf)).await;
-        let (status, ctype, body) = match body {
-            Ok(b) => (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                b,
-            ),
-            Err(e) => (
-                "500 Internal Server Error",
-                "text/plain",
-                format!("{e:#}\n"),
-            ),
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or memory: back off, never spin.
+                tracing::warn!("metrics server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream); // at the limit: closed at once
+            continue;
+        };
+        let (att, fill) = (att.clone(), fill.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (att, fill) = (att.clone(), fill.clone());
+                async move { Ok::<_, Infallible>(answer(&req, &att, &fill)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The response to one request: the metrics for `GET /metrics`, 404 else.
+fn answer<B>(req: &Request<B>, att: &Attachment, fill: &Mutex<Fill>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(ctype),
         );
-        let _ = sock.write_all(head.as_bytes()).await;
-        let _ = sock.write_all(body.as_bytes()).await;
-        let _ = sock.shutdown().await;
+        r
+    };
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+    }
+    let sample = fill.lock().map(|f| *f).unwrap_or_default();
+    match render_with(att, sample) {
+        Ok(body) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
     }
 }

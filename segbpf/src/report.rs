@@ -125,8 +125,24 @@ pub struct Fragments {
     pub other_entries: u64,
 }
 
-/// Builds the report of one attachment.
+/// Builds the report of one attachment, counting the connection and
+/// fragment tables' entries (a walk of each table).
 pub fn report(att: &Attachment) -> Result<Report, MapsError> {
+    build(att, true)
+}
+
+/// The fill levels of an attachment's connection and fragment tables:
+/// assured, half-open, fragments on assured flows, other fragments. Each
+/// is a walk of the table.
+pub fn table_fill(att: &Attachment) -> (u64, u64, u64, u64) {
+    let (ct, half_open) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
+    let (frag_assured, frag_other) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
+    (ct, half_open, frag_assured, frag_other)
+}
+
+/// Builds the report; the table fill levels are left at 0 unless `fill`
+/// (the metrics endpoint samples them apart, see [`table_fill`]).
+pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     let stats = maps::pinned_stats(att)?;
     let mut counters = BTreeMap::new();
     let mut directions = BTreeMap::new();
@@ -176,7 +192,8 @@ pub fn report(att: &Attachment) -> Result<Report, MapsError> {
         })
         .collect();
     let ct_size = state.as_ref().map(|s| s.ct_size).unwrap_or(0);
-    let (entries, half_open_entries) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
+    let (entries, half_open_entries, assured_entries, other_entries) =
+        if fill { table_fill(att) } else { (0, 0, 0, 0) };
     let conntrack = Conntrack {
         size: ct_size,
         entries,
@@ -187,7 +204,6 @@ pub fn report(att: &Attachment) -> Result<Report, MapsError> {
         },
         half_open_entries,
     };
-    let (assured_entries, other_entries) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
     let fragments = Fragments {
         size: segbpf_common::DEFAULT_FRAG_ENTRIES,
         assured_entries,

@@ -297,3 +297,41 @@ impl Drop for Lab {
         self.switch = None;
     }
 }
+
+/// A child process we started (a foreground `segbpf attach`), killed and
+/// reaped when dropped unless [`Running::wait`] reaped it first: a failing
+/// test leaves no process behind.
+pub struct Running(Option<std::process::Child>);
+
+impl Running {
+    /// Takes ownership of `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        Running(Some(child))
+    }
+
+    /// Sends SIGTERM (the child is still ours: not yet reaped).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        if let Some(c) = &self.0 {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the child to exit and returns its output.
+    pub fn wait(mut self) -> anyhow::Result<Output> {
+        let child = self.0.take().context("already reaped")?;
+        Ok(child.wait_with_output()?)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

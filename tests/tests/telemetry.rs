@@ -252,7 +252,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
     let db: IpAddr = "10.10.1.30".parse()?;
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
     let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
-    let mut attach = lab.spawn(
+    let attach = segbpf_tests::lab::Running::new(lab.spawn(
         "db",
         &[
             "attach",
@@ -262,7 +262,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
             "--metrics",
             "127.0.0.1:9469",
         ],
-    )?;
+    )?);
     lab.wait_enforcing("db")?;
     for _ in 0..3 {
         assert!(net::tcp_exchange(
@@ -299,7 +299,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let metrics = String::from_utf8(out.stdout)?;
-    sigterm(&attach)?;
+    attach.terminate()?;
     attach.wait()?;
 
     let a = &status["attachments"][0];
@@ -345,5 +345,84 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         sample(&metrics, "segbpf_conntrack_size", &["iface=\"eth0\""]),
         a["conntrack"]["size"].as_u64()
     );
+    Ok(())
+}
+
+/// One HTTP/1.1 request on a fresh connection from inside `ns`; the
+/// status line, or an error (a read timeout of `within` included).
+fn http(
+    ns: &segbpf_tests::netns::Netns,
+    request: &'static str,
+    within: Duration,
+) -> anyhow::Result<String> {
+    ns.run(move || -> anyhow::Result<String> {
+        use std::io::Write as _;
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9470")?;
+        s.set_read_timeout(Some(within))?;
+        s.write_all(request.as_bytes())?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    })?
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn metrics_server_stays_up_under_idle_connections_and_answers_only_get_metrics()
+-> anyhow::Result<()> {
+    let lab = lab()?;
+    let attach = segbpf_tests::lab::Running::new(lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--metrics",
+            "127.0.0.1:9470",
+        ],
+    )?);
+    lab.wait_enforcing("db")?;
+    let ns = &lab.host("db").ns;
+    // 200 connections that never send a byte.
+    let idle = ns.run(|| {
+        (0..200)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:9470"))
+            .collect::<Result<Vec<_>, _>>()
+    })??;
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let status = http(ns, get, Duration::from_secs(1))?;
+    assert_eq!(status, "HTTP/1.1 200 OK", "a scrape answers within 1 s");
+    for other in [
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /metrics/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ] {
+        let status = http(ns, other, Duration::from_secs(1))?;
+        assert_eq!(status, "HTTP/1.1 404 Not Found", "{other:?}");
+    }
+    // The idle connections are closed once the header timeout passes.
+    let mut first = idle.into_iter().next().expect("an idle connection");
+    first.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut buf = [0u8; 16];
+    let n = first.read(&mut buf);
+    assert!(
+        matches!(n, Ok(0))
+            || n.is_err()
+                && !matches!(
+                    n.as_ref().map_err(std::io::Error::kind),
+                    Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                ),
+        "an idle connection is closed by the server: {n:?}"
+    );
+    // Scrapes keep working.
+    assert_eq!(http(ns, get, Duration::from_secs(1))?, "HTTP/1.1 200 OK");
+    attach.terminate()?;
+    attach.wait()?;
     Ok(())
 }

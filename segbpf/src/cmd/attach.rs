@@ -93,8 +93,8 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
     let hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let listener = match args.metrics {
-        Some(addr) if !args.no_wait => Some(crate::metrics::bind(addr).await?),
+    let metrics = match args.metrics {
+        Some(addr) if !args.no_wait => Some(crate::metrics::Server::bind(addr)?),
         Some(_) => {
             return Err(UsageError(
                 "--metrics needs attach to stay in the foreground (drop --no-wait)".into(),
@@ -112,14 +112,9 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     // stdout carries the event stream; the summary is a log line.
     info!("{}", applied.summary);
     let att = applied.att;
-    let _metrics = listener.map(|listener| {
-        let att = att.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, att).await {
-                tracing::error!("{e}");
-            }
-        })
-    });
+    if let Some(server) = metrics {
+        server.start(att.clone())?;
+    }
     info!(
         "enforcing on {}; drop events follow on stdout; Ctrl-C leaves the foreground (enforcement stays until `segbpf{} detach {}`)",
         att.describe(),
