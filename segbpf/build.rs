@@ -1,6 +1,10 @@
 //! Builds the eBPF object (`segbpf-ebpf`) with aya-build so that a plain
 //! `cargo build` produces a complete binary. Set `AYA_BUILD_SKIP=1` to skip;
 //! without the `ebpf` feature nothing is built or embedded.
+#![allow(
+    unused_crate_dependencies,
+    reason = "segbpf-ebpf is a build dependency only so that cargo reruns this script when it changes"
+)]
 use std::path::Path;
 
 use anyhow::Context as _;

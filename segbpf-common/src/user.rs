@@ -1,5 +1,8 @@
 //! `aya::Pod` for the shared types (aya's typed maps need it).
-use super::*;
+use super::{
+    Config, Counter, CtEntry, CtKey, Event, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
+    PortKey, RateState, RuleRef, TraceResult,
+};
 
 // SAFETY: all types are #[repr(C)], have no padding holes (explicit
 // `_pad` fields) and are `bytemuck::Pod`.

@@ -43,7 +43,7 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// coarse monotonic clock (tick resolution, a few ms: ample for timeouts of
 /// seconds, and much cheaper than a precise clock read in a VM).
 #[inline(always)]
-pub fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -64,7 +64,7 @@ fn is_echo(proto: u8, icmp_type: u8) -> bool {
 /// The key of the packet's flow as seen from the host, or None if the
 /// packet's protocol is not tracked.
 #[inline(always)]
-pub fn key(dir: u8, p: &Parsed) -> Option<CtKey> {
+pub(crate) fn key(dir: u8, p: &Parsed) -> Option<CtKey> {
     let (sport, dport) = match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => (p.sport, p.dport),
         _ if is_echo(p.proto, p.icmp_type) => (p.echo_id, 0),
@@ -84,7 +84,7 @@ pub fn key(dir: u8, p: &Parsed) -> Option<CtKey> {
 /// The key of the flow quoted by the ICMP error `p` travelling in `dir`
 /// (the quoted packet went the other way), if it quotes a tracked protocol.
 #[inline(always)]
-pub fn related_key(pkt: &Bounds, dir: u8, p: &Parsed) -> Option<CtKey> {
+pub(crate) fn related_key(pkt: &Bounds, dir: u8, p: &Parsed) -> Option<CtKey> {
     let q = parse::quoted(pkt, p)?;
     let quoted_dir = if dir == DIR_INGRESS {
         DIR_EGRESS
@@ -153,7 +153,7 @@ fn timeout_s(cfg: &Config, proto: u8, state: u8) -> u32 {
 }
 
 /// A live entry: where it is, and whether it is in the assured table.
-pub struct Tracked {
+pub(crate) struct Tracked {
     /// The entry, a pointer into its map (valid during this program run).
     pub entry: *mut CtEntry,
     /// In `SEG_CT` (assured) rather than `SEG_CT_NEW` (half-open).
@@ -163,7 +163,7 @@ pub struct Tracked {
 /// The live (not expired) entry of `key`: the assured table first (most
 /// packets belong to assured flows), then the half-open table.
 #[inline(always)]
-pub fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
+pub(crate) fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
     let (entry, assured) = match SEG_CT.get_ptr_mut(key) {
         Some(e) => (e, true),
         None => (SEG_CT_NEW.get_ptr_mut(key)?, false),
@@ -171,7 +171,7 @@ pub fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
     // SAFETY: `entry` points at a value of the map, valid during this
     // program run; concurrent writers only store whole integer fields.
     let (last, state) = unsafe { ((*entry).last_seen_ns, (*entry).state) };
-    let ttl = timeout_s(cfg, key.proto, state) as u64 * NS_PER_S;
+    let ttl = u64::from(timeout_s(cfg, key.proto, state)) * NS_PER_S;
     if now.saturating_sub(last) > ttl {
         return None;
     }
@@ -181,7 +181,7 @@ pub fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
 /// 0 for the originator's side of the flow, 1 for the replier's.
 #[inline(always)]
 fn side(e: &CtEntry, dir: u8) -> usize {
-    if dir == e.origin { 0 } else { 1 }
+    usize::from(dir != e.origin)
 }
 
 /// Whether a TCP RST or FIN from `side` is believable for the entry (see
@@ -205,7 +205,7 @@ fn in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
 /// RST/FIN outside the window `DROP_INVALID_RST` / `DROP_INVALID_FIN`.
 /// Reads the entry only (trace instances judge without writing).
 #[inline(always)]
-pub fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
+pub(crate) fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
     if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
         return reason::PASS_CT;
     }
@@ -227,8 +227,8 @@ pub fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
 fn seq_end(p: &Parsed) -> u32 {
     p.tcp_seq
         .wrapping_add(p.tcp_len)
-        .wrapping_add((p.tcp_flags & TCP_SYN != 0) as u32)
-        .wrapping_add((p.tcp_flags & TCP_FIN != 0) as u32)
+        .wrapping_add(u32::from(p.tcp_flags & TCP_SYN != 0))
+        .wrapping_add(u32::from(p.tcp_flags & TCP_FIN != 0))
 }
 
 /// Records a TCP segment of `side` in the entry: highest sequence end,
@@ -247,9 +247,9 @@ fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
     let scaled =
         p.tcp_flags & TCP_SYN == 0 && e.wscale[0] != CT_NO_WSCALE && e.wscale[1] != CT_NO_WSCALE;
     let win = if scaled {
-        (p.tcp_win as u32) << (e.wscale[s] & 15)
+        u32::from(p.tcp_win) << (e.wscale[s] & 15)
     } else {
-        p.tcp_win as u32
+        u32::from(p.tcp_win)
     };
     if win > e.max_win[s] {
         e.max_win[s] = win;
@@ -260,7 +260,7 @@ fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
 /// `check` passed), and moves a half-open entry to the assured table when
 /// the originator speaks after a reply.
 #[inline(always)]
-pub fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
+pub(crate) fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
     // SAFETY: `t.entry` comes from `lookup` in this run; plain stores of
     // integer fields (a racing CPU can at worst overwrite a timestamp,
     // a state or a sequence end).
@@ -300,7 +300,7 @@ pub fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
 
 /// Whether this packet, once allowed, opens a flow (makes an entry).
 #[inline(always)]
-pub fn opens_flow(p: &Parsed) -> bool {
+pub(crate) fn opens_flow(p: &Parsed) -> bool {
     match p.proto {
         IPPROTO_TCP => p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
         IPPROTO_UDP => true,
@@ -334,7 +334,7 @@ fn new_entry(rule_id: u32, dir: u8, p: &Parsed, now: u64) -> CtEntry {
 /// Records a new flow opened by a packet travelling in `dir`, in the
 /// half-open table.
 #[inline(always)]
-pub fn create(key: &CtKey, dir: u8, p: &Parsed, rule_id: u32, now: u64) {
+pub(crate) fn create(key: &CtKey, dir: u8, p: &Parsed, rule_id: u32, now: u64) {
     // A full table evicts its least recently used entry (LRU map); a
     // failed insert only means the replies will be judged by the policy.
     let _ = SEG_CT_NEW.insert(key, new_entry(rule_id, dir, p, now), 0);

@@ -30,8 +30,8 @@ fn admit(cfg: &Config, now: u64) -> bool {
     let Some(st) = SEG_RATE.get_ptr_mut(0) else {
         return false;
     };
-    let burst = if cfg.log_burst == 0 { 1 } else { cfg.log_burst } as u64;
-    let window_ns = burst * 1_000_000_000 / cfg.log_rate as u64;
+    let burst = u64::from(if cfg.log_burst == 0 { 1 } else { cfg.log_burst });
+    let window_ns = burst * 1_000_000_000 / u64::from(cfg.log_rate);
     // SAFETY: the map's only value, valid for this run. CPUs racing here
     // can at worst let one extra event each through at a window's edge.
     unsafe {
@@ -49,7 +49,7 @@ fn admit(cfg: &Config, now: u64) -> bool {
 
 /// Reports a dropped packet (`p` is None when parsing failed).
 #[inline(always)]
-pub fn report(
+pub(crate) fn report(
     cfg: &Config,
     dir: u8,
     ifindex: u32,
@@ -84,33 +84,30 @@ pub fn report(
         (*e).ts_ns = now;
         (*e).generation = cfg.generation;
         (*e)._pad2 = [0; 4];
-        match p {
-            Some(p) => {
-                (*e).family = match p.l3 {
-                    L3_IPV4 => 4,
-                    L3_IPV6 => 6,
-                    _ => 0,
-                };
-                (*e).proto = p.proto;
-                (*e).tcp_flags = p.tcp_flags;
-                (*e).src = p.src;
-                (*e).dst = p.dst;
-                (*e).sport = if p.sport == 0 { p.echo_id } else { p.sport };
-                (*e).dport = if p.dport == 0 {
-                    p.icmp_type as u16
-                } else {
-                    p.dport
-                };
-            }
-            None => {
-                (*e).family = 0;
-                (*e).proto = 0;
-                (*e).tcp_flags = 0;
-                (*e).src = [0; 16];
-                (*e).dst = [0; 16];
-                (*e).sport = 0;
-                (*e).dport = 0;
-            }
+        if let Some(p) = p {
+            (*e).family = match p.l3 {
+                L3_IPV4 => 4,
+                L3_IPV6 => 6,
+                _ => 0,
+            };
+            (*e).proto = p.proto;
+            (*e).tcp_flags = p.tcp_flags;
+            (*e).src = p.src;
+            (*e).dst = p.dst;
+            (*e).sport = if p.sport == 0 { p.echo_id } else { p.sport };
+            (*e).dport = if p.dport == 0 {
+                u16::from(p.icmp_type)
+            } else {
+                p.dport
+            };
+        } else {
+            (*e).family = 0;
+            (*e).proto = 0;
+            (*e).tcp_flags = 0;
+            (*e).src = [0; 16];
+            (*e).dst = [0; 16];
+            (*e).sport = 0;
+            (*e).dport = 0;
         }
     }
     entry.submit(0);

@@ -32,7 +32,7 @@ fn key(p: &Parsed) -> FragKey {
 /// The entry of the datagram of a later fragment, if its first fragment
 /// passed less than `cfg.frag_s` seconds ago.
 #[inline(always)]
-pub fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
+pub(crate) fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
     let k = key(p);
     let e = match SEG_FRAG.get_ptr(k) {
         Some(e) => e,
@@ -40,7 +40,7 @@ pub fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
     };
     // SAFETY: points at a map value, valid during this program run.
     let e = unsafe { *e };
-    if now.saturating_sub(e.first_seen_ns) > cfg.frag_s as u64 * 1_000_000_000 {
+    if now.saturating_sub(e.first_seen_ns) > u64::from(cfg.frag_s) * 1_000_000_000 {
         return None;
     }
     Some(e)
@@ -49,7 +49,7 @@ pub fn leader(cfg: &Config, p: &Parsed, now: u64) -> Option<FragEntry> {
 /// Remembers that the first fragment of `p`'s datagram passed, in the
 /// assured table when it passed on an assured flow.
 #[inline(always)]
-pub fn remember(p: &Parsed, reason: u8, rule_id: u32, now: u64, assured: bool) {
+pub(crate) fn remember(p: &Parsed, reason: u8, rule_id: u32, now: u64, assured: bool) {
     let e = FragEntry {
         first_seen_ns: now,
         rule_id,

@@ -19,14 +19,14 @@ use crate::{
 /// map, not a copy). The slot is read once per packet, so every lookup of
 /// the packet uses one policy. `None` only if a map is unreadable.
 #[inline(always)]
-pub fn config() -> Option<&'static Config> {
+pub(crate) fn config() -> Option<&'static Config> {
     let slot = *SEG_ACTIVE.get(0)? & 1;
     SEG_CONFIG.get(slot)
 }
 
 /// Class of the packet's peer (source on ingress, destination on egress).
 #[inline(always)]
-pub fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Option<u32> {
+pub(crate) fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Option<u32> {
     let addr = if peer_is_src { &p.src } else { &p.dst };
     if p.l3 == L3_IPV4 {
         let key = Key::new(
@@ -53,7 +53,7 @@ pub fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Option<u3
 
 /// The rule allowing (class, protocol, destination port), if any.
 #[inline(always)]
-pub fn port_rule(slot: u8, class_id: u32, proto: u8, dport: u16) -> Option<u32> {
+pub(crate) fn port_rule(slot: u8, class_id: u32, proto: u8, dport: u16) -> Option<u32> {
     let key = Key::new(
         PORT_KEY_PROTO_BITS + 16,
         PortKey {

@@ -7,6 +7,14 @@
 //! trace record), `maps` (every map definition).
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::inline_always,
+    reason = "BPF: helpers are inlined into the two programs so the verifier sees one function each, with packet bounds it can follow"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "the library target (lib.rs) exists only so segbpf can depend on this crate"
+)]
 
 mod ct;
 mod events;
@@ -32,7 +40,7 @@ const TC_PULL_LEN: u32 = 1280;
 
 /// XDP ingress: parse, look the peer up, apply the verdict.
 #[xdp]
-pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
+pub(crate) fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
     // Without a link layer the frame starts at the IP header: its version
@@ -55,7 +63,7 @@ pub fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
 
 /// TC egress: the same parser and verdict, with the destination as the peer.
 #[classifier]
-pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
+pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Make the headers linear; if that fails the parser sees fewer bytes
     // and drops the packet as truncated rather than judging it unread.
@@ -71,7 +79,7 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let decision = verdict::decide(&pkt, raw, DIR_EGRESS, ifindex, len);
-    stats::record(&decision, DIR_EGRESS, len as u64);
+    stats::record(&decision, DIR_EGRESS, u64::from(len));
     if decision.lets_through() {
         TC_ACT_OK
     } else {
@@ -82,7 +90,7 @@ pub fn segbpf_tc_egress(ctx: TcContext) -> i32 {
 /// The floor for benchmarks: an XDP program that only passes. Never
 /// attached by segbpf; `cargo xtask bench` measures against it.
 #[xdp]
-pub fn segbpf_xdp_empty(_ctx: XdpContext) -> u32 {
+pub(crate) fn segbpf_xdp_empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 

@@ -16,72 +16,72 @@ use segbpf_common::{
 
 /// IPv4 peer address (with slot and direction) -> address class.
 #[map]
-pub static SEG_PEER_V4: LpmTrie<PeerKeyV4, PeerClass> =
+pub(crate) static SEG_PEER_V4: LpmTrie<PeerKeyV4, PeerClass> =
     LpmTrie::with_max_entries(DEFAULT_PEER_ENTRIES, 0);
 
 /// IPv6 peer address (with slot and direction) -> address class.
 #[map]
-pub static SEG_PEER_V6: LpmTrie<PeerKeyV6, PeerClass> =
+pub(crate) static SEG_PEER_V6: LpmTrie<PeerKeyV6, PeerClass> =
     LpmTrie::with_max_entries(DEFAULT_PEER_ENTRIES, 0);
 
 /// (slot, class, protocol, destination-port prefix) -> allowing rule.
 #[map]
-pub static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
+pub(crate) static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
     LpmTrie::with_max_entries(DEFAULT_PORT_ENTRIES, 0);
 
 /// One configuration per policy slot: defaults, generation, limits.
 #[map]
-pub static SEG_CONFIG: Array<Config> = Array::with_max_entries(2, 0);
+pub(crate) static SEG_CONFIG: Array<Config> = Array::with_max_entries(2, 0);
 
 /// Index 0: the slot in force. Userspace fills the other slot, then flips
 /// this one u32: a packet reads it once and sees one whole policy.
 #[map]
-pub static SEG_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+pub(crate) static SEG_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU packet/byte counters, indexed by direction * STATS_LEN + reason code.
 #[map]
-pub static SEG_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * STATS_LEN, 0);
+pub(crate) static SEG_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * STATS_LEN, 0);
 
 /// Per-CPU packet/byte counters of what each rule allowed, indexed by rule id.
 #[map]
-pub static SEG_RULE_STATS: PerCpuArray<Counter> =
+pub(crate) static SEG_RULE_STATS: PerCpuArray<Counter> =
     PerCpuArray::with_max_entries(DEFAULT_RULE_STATS, 0);
 
 /// Index 0: the decision of the last packet, written only by trace/record instances.
 #[map]
-pub static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
+pub(crate) static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
 /// Connection table of assured flows, shared by both directions (size:
 /// `attach --ct-size`).
 #[map]
-pub static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// Connection table of half-open flows (size: a quarter of `--ct-size`).
 #[map]
-pub static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
+pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
 /// Datagrams whose first fragment passed on an assured flow.
 #[map]
-pub static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
+pub(crate) static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
     LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
 
 /// Datagrams whose first fragment passed otherwise (rule, half-open flow, default).
 #[map]
-pub static SEG_FRAG_NEW: LruHashMap<FragKey, FragEntry> =
+pub(crate) static SEG_FRAG_NEW: LruHashMap<FragKey, FragEntry> =
     LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
 
 /// Drop/audit events for userspace (`segbpf attach`, `segbpf monitor`).
 #[map]
-pub static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENT_RING_BYTES, 0);
+pub(crate) static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENT_RING_BYTES, 0);
 
 /// Index 0: the event rate limiter's window.
 #[map]
-pub static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
+pub(crate) static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
 
 /// Per-CPU: events emitted, suppressed by the rate limit, lost to a full ring.
 #[map]
-pub static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+pub(crate) static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Run mode (`segbpf_common::RUN_*`): live instances enforce, count and
 /// track; `segbpf trace` loads a dry-run instance that shares the live maps
@@ -90,10 +90,10 @@ pub static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 /// read-only global, so the verifier prunes the untaken branches from the
 /// live program.
 #[unsafe(no_mangle)]
-pub static SEGBPF_RUN_MODE: Global<u8> = Global::new(0);
+pub(crate) static SEGBPF_RUN_MODE: Global<u8> = Global::new(0);
 
 /// Link layer of the device (`segbpf_common::LINK_ETHERNET` or
 /// `LINK_RAW_IP`), set at load from the device's ARPHRD type; frozen, so
 /// the verifier drops the other parser entry from the program.
 #[unsafe(no_mangle)]
-pub static SEGBPF_LINK: Global<u8> = Global::new(0);
+pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);

@@ -42,7 +42,7 @@ const MAX_WSCALE: u8 = 14;
 const TCP_SYN: u8 = 0x02;
 
 /// Largest number of IPv6 extension headers walked before giving up.
-pub const MAX_IPV6_EXT: usize = 8;
+pub(crate) const MAX_IPV6_EXT: usize = 8;
 /// Largest IPv6 extension-header chain (bytes) accepted.
 const MAX_IPV6_EXT_BYTES: usize = 1024;
 
@@ -53,20 +53,20 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
 /// Layer-3 kind of a parsed packet: ARP.
-pub const L3_ARP: u8 = 1;
+pub(crate) const L3_ARP: u8 = 1;
 /// A non-IP frame to an IEEE 802.1 link-local group address.
-pub const L2_LINK_LOCAL: u8 = 2;
+pub(crate) const L2_LINK_LOCAL: u8 = 2;
 /// IPv4.
-pub const L3_IPV4: u8 = 4;
+pub(crate) const L3_IPV4: u8 = 4;
 /// IPv6.
-pub const L3_IPV6: u8 = 6;
+pub(crate) const L3_IPV6: u8 = 6;
 
 /// The packet's start and end as the program context gives them, and its
 /// length on the wire. XDP frames are linear (`wire_len == end - start`);
 /// a TC skb may carry more bytes than its linear part, so IP and transport
 /// length fields are checked against `wire_len` while every read is
 /// checked against `end`.
-pub struct Bounds {
+pub(crate) struct Bounds {
     start: usize,
     end: usize,
     wire_len: usize,
@@ -75,7 +75,7 @@ pub struct Bounds {
 impl Bounds {
     /// Wraps `data`/`data_end` of an XDP or TC context and the packet's full length.
     #[inline(always)]
-    pub fn new(start: usize, end: usize, wire_len: usize) -> Self {
+    pub(crate) fn new(start: usize, end: usize, wire_len: usize) -> Self {
         Bounds {
             start,
             end,
@@ -115,7 +115,7 @@ impl Bounds {
 }
 
 /// What the parser learned about a packet it could fully validate.
-pub struct Parsed {
+pub(crate) struct Parsed {
     /// [`L3_ARP`], [`L3_IPV4`] or [`L3_IPV6`].
     pub l3: u8,
     /// IP protocol of the transport header (0 for ARP).
@@ -161,11 +161,11 @@ pub struct Parsed {
 }
 
 /// Not a fragment.
-pub const FRAG_NONE: u8 = 0;
+pub(crate) const FRAG_NONE: u8 = 0;
 /// First fragment of a fragmented datagram (offset 0, more fragments).
-pub const FRAG_FIRST: u8 = 1;
+pub(crate) const FRAG_FIRST: u8 = 1;
 /// Non-first fragment: no transport header, ports unknown.
-pub const FRAG_LATER: u8 = 2;
+pub(crate) const FRAG_LATER: u8 = 2;
 
 impl Parsed {
     fn empty(l3: u8) -> Self {
@@ -199,7 +199,7 @@ impl Parsed {
 /// too short to tell is handed to the IPv4 parser, which reports it
 /// truncated.
 #[inline(always)]
-pub fn raw_ip_ethertype(pkt: &Bounds) -> u16 {
+pub(crate) fn raw_ip_ethertype(pkt: &Bounds) -> u16 {
     // Two bytes: every IP header is longer, and see `tcp_wscale`.
     match pkt.bytes::<2>(0) {
         Some(b) if b[0] >> 4 == 6 => ETH_P_IPV6,
@@ -232,7 +232,7 @@ fn to_link_local_group(pkt: &Bounds) -> bool {
 /// header, else the EtherType of the IP header it begins with (devices
 /// without a link layer). `Err` carries the drop reason.
 #[inline(always)]
-pub fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
+pub(crate) fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
     if let Some(ethertype) = raw {
         return match ethertype {
             ETH_P_IP => parse_ipv4(pkt, 0),
@@ -303,7 +303,7 @@ fn parse_ipv4(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
     p.src[..4].copy_from_slice(&hdr[12..16]);
     p.dst[..4].copy_from_slice(&hdr[16..20]);
     if frag & 0x3fff != 0 {
-        p.frag_id = u16::from_be_bytes([hdr[4], hdr[5]]) as u32;
+        p.frag_id = u32::from(u16::from_be_bytes([hdr[4], hdr[5]]));
         if frag & 0x1fff != 0 {
             // A non-first fragment carries no transport header to judge.
             p.frag = FRAG_LATER;
@@ -496,7 +496,7 @@ fn tcp_wscale(pkt: &Bounds, off: usize, doff: usize) -> u8 {
 /// ICMPv6 destination unreachable / packet too big / time exceeded /
 /// parameter problem: the messages that quote a packet.
 #[inline(always)]
-pub fn is_icmp_error(l3: u8, proto: u8, icmp_type: u8) -> bool {
+pub(crate) fn is_icmp_error(l3: u8, proto: u8, icmp_type: u8) -> bool {
     if l3 == L3_IPV4 && proto == IPPROTO_ICMP {
         matches!(icmp_type, 3 | 11 | 12)
     } else if l3 == L3_IPV6 && proto == IPPROTO_ICMPV6 {
@@ -509,7 +509,7 @@ pub fn is_icmp_error(l3: u8, proto: u8, icmp_type: u8) -> bool {
 /// The packet quoted by an ICMP error: protocol, addresses and the first
 /// 4 bytes after its IP header (ports, or type/code/checksum of an echo
 /// followed by its id at +4).
-pub struct Quoted {
+pub(crate) struct Quoted {
     /// Protocol of the quoted packet.
     pub proto: u8,
     /// Quoted source address.
@@ -526,7 +526,7 @@ pub struct Quoted {
 /// extension headers, then 8 bytes). None if anything does not fit: the
 /// error then relates to no flow (the outer packet itself was valid).
 #[inline(always)]
-pub fn quoted(pkt: &Bounds, p: &Parsed) -> Option<Quoted> {
+pub(crate) fn quoted(pkt: &Bounds, p: &Parsed) -> Option<Quoted> {
     let off = p.l4_off + ICMP_HLEN;
     let mut q = Quoted {
         proto: 0,

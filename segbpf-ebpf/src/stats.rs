@@ -24,7 +24,7 @@ fn bump(counter: Option<*mut Counter>, bytes: u64) {
 /// judged it (live and record instances); records it in `SEG_TRACE`
 /// (trace and record instances).
 #[inline(always)]
-pub fn record(d: &Decision, dir: u8, bytes: u64) {
+pub(crate) fn record(d: &Decision, dir: u8, bytes: u64) {
     let mode = SEGBPF_RUN_MODE.load();
     if mode != RUN_LIVE {
         if let Some(slot) = SEG_TRACE.get_ptr_mut(0) {
@@ -47,7 +47,7 @@ pub fn record(d: &Decision, dir: u8, bytes: u64) {
         }
     }
     bump(
-        SEG_STATS.get_ptr_mut(dir as u32 * STATS_LEN + d.reason as u32),
+        SEG_STATS.get_ptr_mut(u32::from(dir) * STATS_LEN + u32::from(d.reason)),
         bytes,
     );
     if d.reason == reason::PASS_RULE {

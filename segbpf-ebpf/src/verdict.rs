@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// The outcome for one packet.
-pub struct Decision {
+pub(crate) struct Decision {
     /// Reason code (passes when below `reason::FIRST_DROP`).
     pub reason: u8,
     /// Allowing rule id or `NO_RULE`.
@@ -39,7 +39,7 @@ pub struct Decision {
 impl Decision {
     /// Whether the packet goes on: it passes, or audit mode lets a drop through.
     #[inline(always)]
-    pub fn lets_through(&self) -> bool {
+    pub(crate) fn lets_through(&self) -> bool {
         reason::passes(self.reason) || self.audit
     }
 }
@@ -64,7 +64,7 @@ impl Decision {
 /// drop is turned into a pass marked `audit` (its reason is still the drop
 /// reason, so counters show what enforcement would do).
 #[inline(always)]
-pub fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len: u32) -> Decision {
+pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len: u32) -> Decision {
     let Some(cfg) = lookup::config() else {
         // Unreadable configuration: fail closed.
         return Decision::early(reason::DROP_DEFAULT);

@@ -23,6 +23,10 @@
 //!   ratio to "nothing" are reported.
 //!
 //! Prints a table and writes bench/results.json.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an example sees every dependency of the package and uses a few"
+)]
 
 use std::{fmt::Write as _, net::IpAddr, os::fd::AsRawFd as _, time::Instant};
 
@@ -107,7 +111,7 @@ fn ns_per_packet(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -332,7 +336,7 @@ fn main() -> anyhow::Result<()> {
             .try_into()?;
         let floor = ns_per_packet(floor_prog, &floor_frame, o.repeat)?;
         floor_samples.push(floor);
-        for c in cases.iter_mut() {
+        for c in &mut cases {
             let prog = loader::xdp(&mut instances[c.inst])?;
             let ns = ns_per_packet(prog, &c.frame, o.repeat)?;
             c.samples.push(ns);
@@ -352,13 +356,13 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let (_, mut big2) = compile(10_000, 10_000)?;
     big2.config.active_slot = 1;
-    for e in big2.peers_v4.iter_mut() {
+    for e in &mut big2.peers_v4 {
         e.1.slot = 1;
     }
-    for e in big2.peers_v6.iter_mut() {
+    for e in &mut big2.peers_v6 {
         e.1.slot = 1;
     }
-    for e in big2.ports.iter_mut() {
+    for e in &mut big2.ports {
         e.1.slot = 1;
     }
     maps::write_policy(&mut upd, &big2)?;
@@ -479,7 +483,7 @@ fn machine() -> serde_json::Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({
         "cpu": cpu,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "kernel": kernel.trim(),
     })
 }
@@ -546,7 +550,7 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
     let dir = std::env::temp_dir().join(format!("segbpf-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut results: std::collections::BTreeMap<(String, usize, &str), Vec<f64>> =
-        Default::default();
+        std::collections::BTreeMap::default();
     for &rules in &[10usize, 1000] {
         let policy = dir.join(format!("p{rules}.toml"));
         std::fs::write(&policy, throughput_policy(rules))?;
@@ -591,7 +595,7 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
                         lab.attach("rx", quiet.to_str().unwrap_or(""), &["--role", "rx"])?;
                     }
                     "nftables" => {
-                        sh_stdin(&["ip", "netns", "exec", &rx_ns, "nft", "-f", "-"], &nft)?
+                        sh_stdin(&["ip", "netns", "exec", &rx_ns, "nft", "-f", "-"], &nft)?;
                     }
                     "iptables" => sh_stdin(
                         &["ip", "netns", "exec", &rx_ns, "iptables-restore"],
@@ -630,8 +634,7 @@ fn throughput(o: &Opts) -> anyhow::Result<Vec<serde_json::Value>> {
     for ((enforcer, rules, traffic), v) in &results {
         let none = results
             .get(&("none".to_string(), *rules, *traffic))
-            .map(med)
-            .unwrap_or(1.0);
+            .map_or(1.0, med);
         rows.push(json!({
             "enforcer": enforcer, "rules": rules, "traffic": traffic,
             "median_pps": med(v), "ratio_to_none": med(v) / none, "samples_pps": v,

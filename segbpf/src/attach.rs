@@ -14,7 +14,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use aya::programs::{TcAttachType, XdpMode, links::FdLink, tc};
+use aya::{
+    programs::{TcAttachType, XdpMode, links::FdLink, tc},
+    util::KernelVersion,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -267,8 +270,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         prog_id: attached.xdp_prog_id,
         attached_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+            .map_or(0, |d| d.as_secs()),
         entries: [
             compiled.peers_v4.len(),
             compiled.peers_v6.len(),
@@ -390,8 +392,7 @@ fn load_and_attach(
         "pinning program at {}",
         att.prog_tc().display()
     )))?;
-    let tc_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
-    use aya::util::KernelVersion;
+    let tc_prog_id = prog.info().map_or(0, |i| i.id());
     let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     if !tcx {
         // Older kernels: a netlink filter under the clsact qdisc.
@@ -424,7 +425,7 @@ fn load_and_attach(
         "pinning program at {}",
         att.prog_xdp().display()
     )))?;
-    let xdp_prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+    let xdp_prog_id = prog.info().map_or(0, |i| i.id());
     let attempts: &[(XdpMode, &'static str)] = match mode {
         Mode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
         Mode::Native => &[(XdpMode::Driver, "native")],

@@ -187,7 +187,7 @@ pub fn carry_counters(
         used.insert(next);
     }
     let by_id: HashMap<u32, u32> = c.rules.iter().map(|r| (r.id, r.counter)).collect();
-    for (_, _, v) in c.ports.iter_mut() {
+    for (_, _, v) in &mut c.ports {
         v.rule_id = by_id[&v.rule_id];
     }
     Ok(old.into_iter().map(|(_, slot)| slot).collect())
@@ -228,8 +228,8 @@ pub fn compile(
             generation,
             ingress_default: action_byte(policy.defaults.ingress),
             egress_default: action_byte(policy.defaults.egress),
-            icmp: policy.defaults.icmp as u8,
-            established: policy.defaults.established as u8,
+            icmp: u8::from(policy.defaults.icmp),
+            established: u8::from(policy.defaults.established),
             active_slot: slot,
             log_rate: policy.defaults.log_rate,
             ct_tcp_syn_s: ct_timeout::TCP_SYN,
@@ -239,7 +239,7 @@ pub fn compile(
             ct_udp_est_s: ct_timeout::UDP_EST,
             ct_icmp_s: ct_timeout::ICMP,
             frag_s: ct_timeout::FRAG,
-            link_local: policy.defaults.link_local as u8,
+            link_local: u8::from(policy.defaults.link_local),
             ..Config::default()
         },
         ..Compiled::default()
@@ -318,14 +318,14 @@ fn compile_direction(
 
     for v6 in [false, true] {
         let bits = if v6 { 128 } else { 32 };
-        let max = if v6 { u128::MAX } else { u32::MAX as u128 };
+        let max = if v6 { u128::MAX } else { u128::from(u32::MAX) };
         let ranges: Vec<(u128, u128, usize)> = rules
             .iter()
             .enumerate()
             .flat_map(|(i, r)| {
                 r.peers.iter().filter_map(move |p| match (p, v6) {
                     (AddrRange::V4 { start, end }, false) => {
-                        Some((*start as u128, *end as u128, i))
+                        Some((u128::from(*start), u128::from(*end), i))
                     }
                     (AddrRange::V6 { start, end }, true) => Some((*start, *end, i)),
                     _ => None,
@@ -419,16 +419,16 @@ fn compile_class_ports(
         let mut ranges: Vec<(u128, u128, usize)> = Vec::new();
         for &i in members {
             for p in ports(rules[i]) {
-                ranges.push((p.lo as u128, p.hi as u128, i));
+                ranges.push((u128::from(p.lo), u128::from(p.hi), i));
             }
         }
         if ranges.is_empty() {
             continue;
         }
         if let Some(i) = any_min {
-            ranges.push((0, u16::MAX as u128, i));
+            ranges.push((0, u128::from(u16::MAX), i));
         }
-        for (start, end, set) in sweep(&ranges, u16::MAX as u128, words) {
+        for (start, end, set) in sweep(&ranges, u128::from(u16::MAX), words) {
             let Some(i) = iter_bits(&set).next() else {
                 continue;
             };
@@ -529,7 +529,7 @@ mod tests {
     }
 
     fn roles(r: &[&str]) -> Vec<String> {
-        r.iter().map(|s| s.to_string()).collect()
+        r.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

@@ -165,13 +165,13 @@ fn elements(peers: &[AddrRange], v6: bool) -> Vec<String> {
     peers
         .iter()
         .filter(|p| p.family_is_v4() != v6)
-        .flat_map(|p| p.to_cidrs())
+        .flat_map(super::policy::addr::AddrRange::to_cidrs)
         .map(|n| n.to_string())
         .collect()
 }
 
 fn ports(list: &[PortRange]) -> String {
-    let items: Vec<String> = list.iter().map(|p| p.to_string()).collect();
+    let items: Vec<String> = list.iter().map(std::string::ToString::to_string).collect();
     if items.len() == 1 {
         items[0].clone()
     } else {

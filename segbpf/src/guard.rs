@@ -128,8 +128,7 @@ fn write(att: &Attachment, p: &Pending) -> Result<(), GuardError> {
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The pending confirmation of `att`, if any.
@@ -251,9 +250,7 @@ pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
 /// unguarded (or undone by detaching).
 pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
     let current = State::current(att)?.generation;
-    let live = crate::maps::pinned_config(att)
-        .map(|c| c.generation)
-        .unwrap_or(0);
+    let live = crate::maps::pinned_config(att).map_or(0, |c| c.generation);
     let next = current.max(live) + 1;
     let Some(restore) = history::list(att)
         .into_iter()

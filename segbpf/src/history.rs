@@ -49,9 +49,10 @@ pub struct Entry {
 }
 
 fn dir(att: &Attachment) -> PathBuf {
-    let base = std::env::var_os("SEGBPF_HISTORY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::pins::Roots::from_env().state.join("history"));
+    let base = std::env::var_os("SEGBPF_HISTORY_DIR").map_or_else(
+        || crate::pins::Roots::from_env().state.join("history"),
+        PathBuf::from,
+    );
     base.join("net").join(att.netns.key()).join(&att.iface)
 }
 

@@ -11,6 +11,12 @@
 //! namespace ([`netns`]) and interface. The `segbpf` command ([`cmd`]) only
 //! parses arguments, calls them and prints; no other module uses it.
 
+#![deny(missing_docs)]
+
+// The package's examples use this dev-dependency; the unit tests do not.
+#[cfg(test)]
+use segbpf_tests as _;
+
 pub mod attach;
 pub mod cmd;
 pub mod compile;
@@ -18,6 +24,7 @@ pub mod export;
 pub mod guard;
 pub mod history;
 pub mod loader;
+pub mod logging;
 pub mod maps;
 pub mod metrics;
 pub mod netif;

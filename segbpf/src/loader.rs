@@ -66,9 +66,8 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
 /// them, and records its decision in its private `SEG_TRACE`. It reads
 /// packets as the live program does (the link layer recorded at attach).
 pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
-    let link = crate::state::State::read(&att.state)
-        .map(|s| s.link())
-        .unwrap_or(segbpf_common::LINK_ETHERNET);
+    let link =
+        crate::state::State::read(&att.state).map_or(segbpf_common::LINK_ETHERNET, |s| s.link());
     let paths: Vec<(&str, std::path::PathBuf)> =
         PINNED_MAPS.iter().map(|m| (*m, att.map(m))).collect();
     let mut loader = EbpfLoader::new();

@@ -1,31 +1,23 @@
 //! The `segbpf` command. See `segbpf --help` and README.md.
+#![allow(
+    unused_crate_dependencies,
+    reason = "the library uses the dependencies; the binary only calls it"
+)]
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use segbpf::{
     cmd::{self, Cli, UsageError},
-    netns,
+    logging, netns,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // Everything segbpf writes (state, history, locks, pins) is private:
     // files 0600, directories 0700 (see `segbpf::pins::private_dir`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse(); // exits 2 on usage errors
-    let level = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    logging::init(cli.verbose);
     // setns() changes only the calling thread: enter the namespace before
     // the runtime starts any thread.
     if let Some(ns) = &cli.netns

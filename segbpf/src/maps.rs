@@ -84,7 +84,9 @@ impl PolicyMaps {
 
     /// The configuration of a slot.
     pub fn config(&self, slot: u8) -> Result<Config, MapsError> {
-        self.config.get(&(slot as u32), 0).map_err(err(MAP_CONFIG))
+        self.config
+            .get(&u32::from(slot), 0)
+            .map_err(err(MAP_CONFIG))
     }
 
     /// Removes every trie entry of `slot`; returns how many.
@@ -141,13 +143,15 @@ impl PolicyMaps {
                 .map_err(err(MAP_PORTS))?;
         }
         self.config
-            .set(c.config.active_slot as u32, c.config, 0)
+            .set(u32::from(c.config.active_slot), c.config, 0)
             .map_err(err(MAP_CONFIG))
     }
 
     /// Puts `slot` in force (the one atomic switch).
     pub fn activate(&mut self, slot: u8) -> Result<(), MapsError> {
-        self.active.set(0, slot as u32, 0).map_err(err(MAP_ACTIVE))
+        self.active
+            .set(0, u32::from(slot), 0)
+            .map_err(err(MAP_ACTIVE))
     }
 }
 
@@ -288,7 +292,7 @@ pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
     let map = Map::LruHashMap(data);
     let table: aya::maps::HashMap<&MapData, K, V> =
         aya::maps::HashMap::try_from(&map).map_err(err(name))?;
-    Ok(table.keys().filter(Result::is_ok).count() as u64)
+    Ok(table.keys().flatten().count() as u64)
 }
 
 /// Entries in an attachment's connection tables: (assured, half-open).

@@ -178,7 +178,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     );
     ct_size
         .get_or_create(&vec![iface()])
-        .set(r.conntrack.size as i64);
+        .set(i64::from(r.conntrack.size));
     let half_open = Family::<Labels, Gauge>::default();
     registry.register(
         "conntrack_half_open_entries",
@@ -196,7 +196,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     );
     half_open_size
         .get_or_create(&vec![iface()])
-        .set(r.conntrack.half_open_size as i64);
+        .set(i64::from(r.conntrack.half_open_size));
     let frags = Family::<Labels, Gauge>::default();
     registry.register(
         "fragment_entries",

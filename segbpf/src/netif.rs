@@ -152,7 +152,7 @@ pub fn permanent_addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
                             break;
                         }
                         let data = &msg[a + 4..a + alen];
-                        let ip = match (family as i32, data.len()) {
+                        let ip = match (i32::from(family), data.len()) {
                             (libc::AF_INET, 4) => {
                                 Some(IpAddr::from(<[u8; 4]>::try_from(data).unwrap_or_default()))
                             }
@@ -208,21 +208,21 @@ impl LinkLayer {
 
 /// `ARPHRD_*` values segbpf knows (linux/if_arp.h).
 mod arphrd {
-    pub const ETHER: u16 = 1;
-    pub const INFINIBAND: u16 = 32;
-    pub const CAN: u16 = 280;
-    pub const PPP: u16 = 512;
-    pub const RAWIP: u16 = 519;
-    pub const TUNNEL: u16 = 768;
-    pub const TUNNEL6: u16 = 769;
-    pub const LOOPBACK: u16 = 772;
-    pub const SIT: u16 = 776;
-    pub const IPGRE: u16 = 778;
-    pub const IEEE80211_RADIOTAP: u16 = 803;
-    pub const IP6GRE: u16 = 823;
-    pub const NETLINK: u16 = 824;
-    pub const NONE: u16 = 0xfffe;
-    pub const VOID: u16 = 0xffff;
+    pub(super) const ETHER: u16 = 1;
+    pub(super) const INFINIBAND: u16 = 32;
+    pub(super) const CAN: u16 = 280;
+    pub(super) const PPP: u16 = 512;
+    pub(super) const RAWIP: u16 = 519;
+    pub(super) const TUNNEL: u16 = 768;
+    pub(super) const TUNNEL6: u16 = 769;
+    pub(super) const LOOPBACK: u16 = 772;
+    pub(super) const SIT: u16 = 776;
+    pub(super) const IPGRE: u16 = 778;
+    pub(super) const IEEE80211_RADIOTAP: u16 = 803;
+    pub(super) const IP6GRE: u16 = 823;
+    pub(super) const NETLINK: u16 = 824;
+    pub(super) const NONE: u16 = 0xfffe;
+    pub(super) const VOID: u16 = 0xffff;
 }
 
 fn arphrd_name(t: u16) -> String {

@@ -34,7 +34,7 @@ impl Ext {
 
     /// A fragment header with `offset` in 8-byte units.
     pub fn fragment(offset: u16, more: bool, id: u32) -> Self {
-        let off = (offset << 3) | more as u16;
+        let off = (offset << 3) | u16::from(more);
         let mut body = vec![0];
         body.extend_from_slice(&off.to_be_bytes());
         body.extend_from_slice(&id.to_be_bytes());
@@ -163,6 +163,10 @@ impl PacketSpec {
     }
 
     /// Builds the frame.
+    ///
+    /// # Panics
+    ///
+    /// If the source and destination addresses are of different families.
     pub fn build(&self) -> Built {
         let mut f = Vec::with_capacity(128);
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
@@ -319,7 +323,7 @@ impl PacketSpec {
                 } else {
                     let inner_next = out[next_at];
                     out[next_at] = 44;
-                    let off = (((a / 8) as u16) << 3) | more as u16;
+                    let off = (((a / 8) as u16) << 3) | u16::from(more);
                     out.push(inner_next);
                     out.push(0);
                     out.extend_from_slice(&off.to_be_bytes());
@@ -352,7 +356,7 @@ pub fn checksum(data: &[u8]) -> u16 {
         } else {
             u16::from_be_bytes([c[0], 0])
         };
-        sum += w as u32;
+        sum += u32::from(w);
     }
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);

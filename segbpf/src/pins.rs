@@ -61,9 +61,7 @@ impl Roots {
     /// Roots from the environment, or the defaults.
     pub fn from_env() -> Self {
         let var = |name: &str, default: &str| {
-            std::env::var_os(name)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(default))
+            std::env::var_os(name).map_or_else(|| PathBuf::from(default), PathBuf::from)
         };
         Roots {
             bpffs: var("SEGBPF_BPFFS", DEFAULT_BPFFS),
@@ -362,10 +360,10 @@ fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    // The field's integer type differs between architectures.
-    #[allow(clippy::unnecessary_cast)]
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false)
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "the field's integer type differs between architectures"
+    )]
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }

@@ -191,7 +191,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
             }
         })
         .collect();
-    let ct_size = state.as_ref().map(|s| s.ct_size).unwrap_or(0);
+    let ct_size = state.as_ref().map_or(0, |s| s.ct_size);
     let (entries, half_open_entries, assured_entries, other_entries) =
         if fill { table_fill(att) } else { (0, 0, 0, 0) };
     let conntrack = Conntrack {

@@ -234,9 +234,7 @@ pub fn reload_with(
     redetect: bool,
 ) -> Result<String, SwapError> {
     swap_with(att, redetect, |old| {
-        let path = policy
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        let path = policy.map_or_else(|| PathBuf::from(&old.policy), Path::to_path_buf);
         Ok((path, BTreeMap::new()))
     })
 }
@@ -445,7 +443,7 @@ pub fn swap_with(
         pruned
     );
     if !warnings.is_empty() {
-        out.push_str(&format!(" (warnings: {})", warnings.join("; ")));
+        out = format!("{out} (warnings: {})", warnings.join("; "));
     }
     Ok(out)
 }

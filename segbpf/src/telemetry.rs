@@ -299,7 +299,7 @@ pub async fn stream(
     let stdout = std::io::stdout();
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            () = &mut stop => break,
             _ = tick.tick() => {
                 if !att.is_attached() {
                     tracing::info!("segbpf was detached from {}; stopping the event stream", att.iface);

@@ -2,6 +2,10 @@
 //! malformed policy in `bad-policies/` fails with exit 1 and an error that
 //! names the file, line, column and field, and usage errors exit 2.
 //! No privileges needed: `check` never touches the kernel.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test sees every dependency of the package; it runs the binary"
+)]
 
 use std::process::Command;
 

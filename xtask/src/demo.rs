@@ -77,7 +77,7 @@ const MATRIX: &[Check] = &[
 ];
 
 /// Runs the demo.
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     let policy = std::fs::canonicalize(format!(
         "{}/../examples/roles.toml",
         env!("CARGO_MANIFEST_DIR")

@@ -152,7 +152,7 @@ fn main() -> anyhow::Result<()> {
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+        .with_context(|| format!("running {}", cmd.get_program().display()))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

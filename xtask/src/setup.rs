@@ -10,7 +10,7 @@ use crate::run as run_cmd;
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
 
 /// Installs what is missing. Safe to run repeatedly.
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     ensure_tools()?;
@@ -164,7 +164,7 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 }
 
 /// Installs cargo-fuzz if it is missing (only `cargo xtask fuzz` needs it).
-pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+pub(crate) fn ensure_cargo_fuzz() -> anyhow::Result<()> {
     if output_ok(
         Command::new("cargo")
             .args(["fuzz", "--version"])

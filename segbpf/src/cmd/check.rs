@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!(
             "{}: {} warning(s) and --deny-warnings",
             policy.source,
-            warnings.len() + ssh as usize
+            warnings.len() + usize::from(ssh)
         );
     }
     Ok(())

@@ -128,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     r.id, r.label, policy.source, r.line, r.peer, r.services
                 ),
                 None if !v.passes() => {
-                    println!("  no rule matches; defaults.{} = drop", out.direction)
+                    println!("  no rule matches; defaults.{} = drop", out.direction);
                 }
                 None => {}
             }

@@ -268,7 +268,7 @@ pub fn range_to_prefixes(start: u128, end: u128, bits: u32) -> Vec<(u128, u32)> 
         let remaining = end - cur;
         let fit = match remaining.checked_add(1) {
             None => 128,
-            Some(count) => 127 - count.leading_zeros(),
+            Some(count) => count.ilog2(),
         };
         let k = align.min(fit);
         out.push((cur, bits - k));
@@ -295,7 +295,10 @@ mod tests {
     }
 
     fn nets(r: &AddrRange) -> Vec<String> {
-        r.to_cidrs().iter().map(|n| n.to_string()).collect()
+        r.to_cidrs()
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect()
     }
 
     #[test]

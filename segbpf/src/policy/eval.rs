@@ -147,7 +147,7 @@ mod tests {
     }
 
     fn roles(r: &[&str]) -> Vec<String> {
-        r.iter().map(|s| s.to_string()).collect()
+        r.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

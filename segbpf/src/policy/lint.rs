@@ -64,13 +64,13 @@ fn is_any(peers: &[AddrRange]) -> bool {
 fn covers(outer: &[AddrRange], inner: &[AddrRange]) -> bool {
     inner.iter().all(|r| {
         let (v4, start, end) = match *r {
-            AddrRange::V4 { start, end } => (true, start as u128, end as u128),
+            AddrRange::V4 { start, end } => (true, u128::from(start), u128::from(end)),
             AddrRange::V6 { start, end } => (false, start, end),
         };
         let mut segs: Vec<(u128, u128)> = outer
             .iter()
             .filter_map(|o| match (*o, v4) {
-                (AddrRange::V4 { start, end }, true) => Some((start as u128, end as u128)),
+                (AddrRange::V4 { start, end }, true) => Some((u128::from(start), u128::from(end))),
                 (AddrRange::V6 { start, end }, false) => Some((start, end)),
                 _ => None,
             })
@@ -96,8 +96,8 @@ fn ports_cover(outer: &[PortRange], inner: &[PortRange]) -> bool {
     let as_ranges = |v: &[PortRange]| -> Vec<AddrRange> {
         v.iter()
             .map(|p| AddrRange::V4 {
-                start: p.lo as u32,
-                end: p.hi as u32,
+                start: u32::from(p.lo),
+                end: u32::from(p.hi),
             })
             .collect()
     };

@@ -214,7 +214,7 @@ impl Rule {
         }
         let join = |v: &[PortRange]| {
             v.iter()
-                .map(|p| p.to_string())
+                .map(std::string::ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(",")
         };

@@ -78,7 +78,7 @@ pub fn resolve(
             } else {
                 addrs
                     .iter()
-                    .map(|a| a.to_string())
+                    .map(std::string::ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             },

@@ -56,7 +56,7 @@ impl Cx<'_> {
                     PolicyErrorKind::UnknownSet(name.clone()),
                 ));
             };
-            set.ranges = ranges.clone();
+            set.ranges.clone_from(ranges);
         }
         for s in &sets {
             self.sets.insert(s.name.clone(), s.ranges.clone());
