@@ -54,7 +54,8 @@ pub(crate) static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 /// Connection table of assured flows, shared by both directions (size:
 /// `attach --ct-size`).
 #[map]
-pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// Connection table of half-open flows (size: a quarter of `--ct-size`).
 #[map]

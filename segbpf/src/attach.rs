@@ -289,7 +289,13 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         guard::start_clock(&att, generation, secs).map_err(Box::new)?;
     }
     let canonical = PathBuf::from(&state.policy);
-    if let Err(e) = history::record(&att, generation, &canonical, &state.set_overrides) {
+    if let Err(e) = history::record(
+        &att,
+        generation,
+        &canonical,
+        &canonical,
+        &state.set_overrides,
+    ) {
         warn!("policy history not updated: {e}");
     }
 

@@ -14,7 +14,10 @@
 //! guard waits; once that process is gone, the clock runs from arming (a
 //! killed attach is cleaned up after SECS).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -303,13 +306,23 @@ pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
             // holds now (it may have been pruned, moved or removed).
             let copy = att.confirm_restore();
             std::fs::write(&copy, text).map_err(io(format!("writing {}", copy.display())))?;
-            crate::swap::swap(att, |_| Ok((copy.clone(), entry.set_overrides.clone())))
-                .map_err(|e| GuardError::Restore(Box::new(e)))?;
+            crate::swap::swap(att, |_| {
+                Ok(crate::swap::Choice::copy_of(
+                    copy.clone(),
+                    PathBuf::from(&entry.source),
+                    entry.set_overrides.clone(),
+                ))
+            })
+            .map_err(|e| GuardError::Restore(Box::new(e)))?;
         }
         (Some(entry), None) => {
             // Armed by an older version: only the history copy is known.
             crate::swap::swap(att, |_| {
-                Ok((entry.copy.clone(), entry.set_overrides.clone()))
+                Ok(crate::swap::Choice::copy_of(
+                    entry.copy.clone(),
+                    PathBuf::from(&entry.source),
+                    entry.set_overrides.clone(),
+                ))
             })
             .map_err(|e| GuardError::Restore(Box::new(e)))?;
         }

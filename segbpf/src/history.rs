@@ -78,18 +78,21 @@ pub fn list(att: &Attachment) -> Vec<Entry> {
         .unwrap_or_default()
 }
 
-/// Records that generation `generation` of `source` (with `overrides`) is
-/// in force, dropping the oldest entries beyond the limit.
+/// Records that generation `generation` (with `overrides`) is in force:
+/// the text of `text`, which stands for the policy file `source` (the same
+/// file, or a copy of an earlier version of it). Drops the oldest entries
+/// beyond the limit.
 pub fn record(
     att: &Attachment,
     generation: u64,
+    text: &Path,
     source: &Path,
     overrides: &BTreeMap<String, Vec<String>>,
 ) -> Result<(), HistoryError> {
     let d = dir(att);
     crate::pins::private_dir(&d).map_err(failed("creating", &d))?;
     let copy = d.join(format!("{generation}.toml"));
-    std::fs::copy(source, &copy).map_err(failed("saving", &copy))?;
+    std::fs::copy(text, &copy).map_err(failed("saving", &copy))?;
     let mut entries = list(att);
     entries.retain(|e| e.generation != generation);
     entries.push(Entry {

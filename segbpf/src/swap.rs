@@ -108,6 +108,39 @@ pub enum SwapError {
 /// Live set edits (set name → members as text), as the state keeps them.
 pub type Overrides = BTreeMap<String, Vec<String>>;
 
+/// The policy a swap applies.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    /// The file whose text is applied.
+    pub text: PathBuf,
+    /// The policy file the text stands for, when `text` is a copy (the
+    /// history's, or the guard's): the state and the history name it, so
+    /// `reload` and the watcher of `attach` go on with the operator's file.
+    pub source: Option<PathBuf>,
+    /// Live set edits applied over the file's sets.
+    pub overrides: Overrides,
+}
+
+impl Choice {
+    /// The text of `path`, standing for itself.
+    pub fn file(path: PathBuf, overrides: Overrides) -> Self {
+        Choice {
+            text: path,
+            source: None,
+            overrides,
+        }
+    }
+
+    /// The text of `copy`, standing for the policy file `source`.
+    pub fn copy_of(copy: PathBuf, source: PathBuf, overrides: Overrides) -> Self {
+        Choice {
+            text: copy,
+            source: Some(source),
+            overrides,
+        }
+    }
+}
+
 /// What a reload should apply.
 #[derive(Clone, Debug, Default)]
 pub struct ReloadRequest {
@@ -151,7 +184,13 @@ pub fn rollback(att: &Attachment) -> Result<String, SwapError> {
             state.generation
         )));
     };
-    let msg = swap(att, |_| Ok((prev.copy.clone(), prev.set_overrides.clone())))?;
+    let msg = swap(att, |_| {
+        Ok(Choice::copy_of(
+            prev.copy.clone(),
+            PathBuf::from(&prev.source),
+            prev.set_overrides.clone(),
+        ))
+    })?;
     Ok(format!(
         "rolled back to the policy of generation {} ({}): {msg}",
         prev.generation, prev.source
@@ -215,7 +254,7 @@ pub fn edit_set(
         }
         let mut overrides = state.set_overrides.clone();
         overrides.insert(set.to_string(), next);
-        Ok((PathBuf::from(&state.policy), overrides))
+        Ok(Choice::file(PathBuf::from(&state.policy), overrides))
     })?;
     Ok((changed, msg))
 }
@@ -235,7 +274,7 @@ pub fn reload_with(
 ) -> Result<String, SwapError> {
     swap_with(att, redetect, |old| {
         let path = policy.map_or_else(|| PathBuf::from(&old.policy), Path::to_path_buf);
-        Ok((path, BTreeMap::new()))
+        Ok(Choice::file(path, BTreeMap::new()))
     })
 }
 
@@ -255,7 +294,10 @@ pub fn reload_keeping_sets(att: &Attachment) -> Result<String, SwapError> {
                 att.iface
             );
         }
-        Ok((PathBuf::from(&old.policy), old.set_overrides.clone()))
+        Ok(Choice::file(
+            PathBuf::from(&old.policy),
+            old.set_overrides.clone(),
+        ))
     })
 }
 
@@ -280,10 +322,10 @@ pub fn parse_overrides(text: &Overrides) -> Result<BTreeMap<String, Vec<AddrRang
 }
 
 /// Swaps in the policy that `choose` picks from the current state: a file
-/// and live set overrides. Under the attachment's update lock.
+/// (or a copy standing for one) and live set overrides. Under the attachment's update lock.
 pub fn swap(
     att: &Attachment,
-    choose: impl FnOnce(&State) -> Result<(PathBuf, Overrides), SwapError>,
+    choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
 ) -> Result<String, SwapError> {
     swap_with(att, false, choose)
 }
@@ -297,7 +339,7 @@ pub fn swap(
 pub fn swap_with(
     att: &Attachment,
     redetect: bool,
-    choose: impl FnOnce(&State) -> Result<(PathBuf, Overrides), SwapError>,
+    choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
 ) -> Result<String, SwapError> {
     if !att.is_attached() {
         return Err(SwapError::NotAttached(att.describe()));
@@ -309,7 +351,11 @@ pub fn swap_with(
             source,
         })?;
     let old = State::repair(att)?;
-    let (path, overrides) = choose(&old)?;
+    let Choice {
+        text: path,
+        source,
+        overrides,
+    } = choose(&old)?;
 
     // Everything that depends on input first: nothing in the kernel yet.
     if !old.insecure_policy {
@@ -377,10 +423,15 @@ pub fn swap_with(
     maps.clear_slot(next)?;
     maps.write_slot(&c)?;
     let new = State {
-        policy: std::fs::canonicalize(&path)
-            .unwrap_or_else(|_| path.clone())
-            .display()
-            .to_string(),
+        policy: source.as_ref().map_or_else(
+            || {
+                std::fs::canonicalize(&path)
+                    .unwrap_or_else(|_| path.clone())
+                    .display()
+                    .to_string()
+            },
+            |s| s.display().to_string(),
+        ),
         roles: roles.clone(),
         generation,
         entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
@@ -417,7 +468,13 @@ pub fn swap_with(
             &e,
         );
     }
-    if let Err(e) = history::record(att, generation, Path::new(&new.policy), &new.set_overrides) {
+    if let Err(e) = history::record(
+        att,
+        generation,
+        &path,
+        Path::new(&new.policy),
+        &new.set_overrides,
+    ) {
         warn("policy history not updated", &e);
     }
     // Let packets that read the old slot finish, prune the connections the
