@@ -30,6 +30,7 @@ use crate::{
     pins::{self, Attachment, LockKind, PinsError},
     policy::{Policy, PolicyError, roles},
     state::{State, StateError},
+    swap,
     trust::UntrustedFile,
 };
 
@@ -57,20 +58,6 @@ pub enum AttachError {
         iface: String,
         /// Why.
         source: CompileError,
-    },
-    /// The attachment exists already.
-    #[error(
-        "segbpf is already attached to {which} ({dir}); `segbpf{cli} reload {iface}` changes its policy, `segbpf{cli} detach {iface}` removes it"
-    )]
-    AlreadyAttached {
-        /// Interface and namespace, for people.
-        which: String,
-        /// Interface.
-        iface: String,
-        /// Pin directory.
-        dir: String,
-        /// The `--netns` option to repeat, if any.
-        cli: String,
     },
     /// The pin root cannot be used from here.
     #[error(transparent)]
@@ -103,6 +90,10 @@ pub enum AttachError {
     /// The lockout guard could not be armed.
     #[error(transparent)]
     Guard(#[from] Box<GuardError>),
+    /// Adopting a live attachment: its policy could not be swapped (the
+    /// policy in force is unchanged).
+    #[error(transparent)]
+    Swap(#[from] swap::SwapError),
 }
 
 fn kernel<E: std::error::Error + Send + Sync + 'static>(
@@ -178,6 +169,33 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     let ifindex = netif::ifindex(&req.iface)?;
     // The device type decides where packets start; refuse what we cannot parse.
     let link = netif::link_layer(&req.iface)?;
+
+    // 2. One attach (or change) of this attachment at a time. A live
+    //    attachment is adopted: restarting `attach` (a crash, `kill -9`, a
+    //    service restart) never leaves a moment without enforcement.
+    let roots = pins::Roots::from_env();
+    roots.check_visible()?;
+    let att = roots.attachment(&req.iface, ns);
+    let _lock = take_update_lock(&att).map_err(io(format!(
+        "locking {}",
+        att.lock_path(LockKind::Update).display()
+    )))?;
+    if att.is_attached() {
+        match State::repair(&att) {
+            Ok(old) if old.ifindex == ifindex => return adopt(req, &att, &old, &policy),
+            Ok(old) => warn!(
+                "{} was re-created (interface index {} is now {ifindex}): its old attachment enforces nothing; attaching again",
+                att.describe(),
+                old.ifindex
+            ),
+            Err(e) => warn!(
+                "{}: the attachment's state is unreadable ({e}); attaching again",
+                att.describe()
+            ),
+        }
+    }
+
+    // 3. A new attachment: roles, compile, then the kernel.
     let addrs = netif::addresses(&req.iface)?;
     let roles = roles::resolve(&policy, &req.roles, &req.iface, &addrs)?;
     let generation = 1;
@@ -197,24 +215,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     compiled.config.audit = u8::from(req.audit);
     compiled.config.log_burst = req.log_burst.unwrap_or(policy.defaults.log_rate.max(1));
 
-    // 2. One attach (or change) of this attachment at a time.
-    let roots = pins::Roots::from_env();
-    roots.check_visible()?;
-    let att = roots.attachment(&req.iface, ns);
-    let _lock = take_update_lock(&att).map_err(io(format!(
-        "locking {}",
-        att.lock_path(LockKind::Update).display()
-    )))?;
-    if att.is_attached() {
-        return Err(AttachError::AlreadyAttached {
-            which: att.describe(),
-            iface: att.iface.clone(),
-            dir: att.dir.display().to_string(),
-            cli: ns.cli_option(),
-        });
-    }
-
-    // 3. Kernel: load, fill, pin, attach. Undo on any failure.
+    // Kernel: load, fill, pin, attach. Undo on any failure.
     roots.ensure_bpffs()?;
     if att.dir.exists() || att.state.exists() {
         warn!(
@@ -313,6 +314,114 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         compiled.classes
     );
     Ok(Applied { att, summary })
+}
+
+/// Takes over a live attachment (the caller holds its update lock): the
+/// programs, maps, connections and counters stay; the requested policy is
+/// swapped in atomically, or kept when it is the one in force. While a
+/// change waits for confirmation, the policy in force stays (as automatic
+/// reloads wait) and its guard is started again.
+fn adopt(
+    req: &Request,
+    att: &Attachment,
+    old: &State,
+    policy: &Policy,
+) -> Result<Applied, AttachError> {
+    let fixed = [
+        ("--ct-size", u64::from(req.ct_size), u64::from(old.ct_size)),
+        (
+            "--peer-entries",
+            u64::from(req.peer_entries),
+            u64::from(old.peer_entries),
+        ),
+        (
+            "--port-entries",
+            u64::from(req.port_entries),
+            u64::from(old.port_entries),
+        ),
+    ];
+    for (flag, asked, kept) in fixed {
+        if asked != kept && kept != 0 {
+            warn!(
+                "{flag} {asked} differs from the live attachment's {kept}: kept (map sizes change only with `segbpf detach` and a new attach)"
+            );
+        }
+    }
+    let mode_asked = match req.mode {
+        Mode::Auto => None,
+        Mode::Native => Some("native"),
+        Mode::Skb => Some("skb"),
+    };
+    if mode_asked.is_some_and(|m| m != old.mode) {
+        warn!(
+            "--mode differs from the live attachment's XDP mode {}: kept",
+            old.mode
+        );
+    }
+    let which = att.describe();
+    if let Some(p) = guard::pending(att) {
+        warn!(
+            "{which}: generation {} waits for `segbpf confirm {}`; the policy in force stays until it is confirmed or undone",
+            p.generation, att.iface
+        );
+        guard::respawn(att, p.generation).map_err(Box::new)?;
+        return Ok(Applied {
+            att: att.clone(),
+            summary: format!(
+                "adopted segbpf on {which} (generation {}, awaiting confirmation): policy {} kept",
+                old.generation, old.policy
+            ),
+        });
+    }
+    let canonical = std::fs::canonicalize(&req.policy).unwrap_or_else(|_| req.policy.clone());
+    let same_roles = req.roles.is_empty() || req.roles == old.role_args;
+    let log_burst = req.log_burst.unwrap_or(policy.defaults.log_rate.max(1));
+    let unchanged = canonical.display().to_string() == old.policy
+        && same_roles
+        && req.audit == old.audit
+        && log_burst == old.log_burst
+        && history::list(att)
+            .iter()
+            .find(|e| e.generation == old.generation)
+            .and_then(|e| std::fs::read(&e.copy).ok())
+            .is_some_and(|text| std::fs::read(&canonical).is_ok_and(|now| now == text));
+    if unchanged {
+        return Ok(Applied {
+            att: att.clone(),
+            summary: format!(
+                "adopted segbpf on {which} (xdp {} prog {}, generation {}): policy {} unchanged, roles {}",
+                old.mode,
+                old.prog_id,
+                old.generation,
+                old.policy,
+                old.roles.join(",")
+            ),
+        });
+    }
+    if let Some(secs) = req.confirm {
+        guard::arm_for_reload(att, secs).map_err(Box::new)?;
+    }
+    let settings = swap::Settings {
+        roles: (!same_roles).then(|| req.roles.clone()),
+        audit: Some(req.audit),
+        log_burst: Some(log_burst),
+        ..swap::Settings::default()
+    };
+    // Live set edits stay, as the watcher of a running attach keeps them.
+    let choice = swap::Choice::file(canonical, old.set_overrides.clone());
+    let msg = swap::swap_locked(att, old, &settings, choice).inspect_err(|_| {
+        if req.confirm.is_some() {
+            guard::disarm(att);
+        }
+    })?;
+    if let Some(secs) = req.confirm {
+        let generation = State::current(att)?.generation;
+        guard::start_clock(att, generation, secs).map_err(Box::new)?;
+    }
+    Ok(Applied {
+        att: att.clone(),
+        summary: format!("adopted segbpf on {which}: {msg}"),
+    })
 }
 
 /// Takes the update lock, saying so when another command holds it.
@@ -520,10 +629,17 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             continue;
         }
         deferred = None;
+        crate::service::reloading(why);
         match crate::swap::reload_keeping_sets(att) {
-            Ok(msg) => info!("{why}: {msg}"),
+            Ok(msg) => {
+                info!("{why}: {msg}");
+                crate::service::ready(&msg);
+            }
             Err(e) => {
                 tracing::error!("{why}: reload refused, the policy in force is unchanged: {e}");
+                crate::service::ready(&format!(
+                    "reload refused, the policy in force is unchanged: {e}"
+                ));
             }
         }
         seen = mtime(att);

@@ -148,7 +148,6 @@ pub fn arm(
     secs: u64,
     restore: Option<history::Entry>,
 ) -> Result<(), GuardError> {
-    use std::os::unix::process::CommandExt as _;
     let restore_text = match &restore {
         Some(entry) => Some(std::fs::read_to_string(&entry.copy).map_err(io(format!(
             "reading the policy in force from the history ({}); without it the change cannot be guarded",
@@ -168,6 +167,22 @@ pub fn arm(
         crate::pins::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
     write(att, &p)?;
+    if let Err(e) = spawn(att, generation) {
+        disarm(att);
+        return Err(e);
+    }
+    tracing::warn!(
+        "the change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
+        att.describe(),
+        att.netns.cli_option(),
+        att.iface
+    );
+    Ok(())
+}
+
+/// Starts a guard process for `generation` of `att`, in its own session.
+fn spawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().map_err(GuardError::Spawn)?;
     // The guard inherits this process's network namespace, so it finds
     // the same attachment however this command got there.
@@ -184,17 +199,15 @@ pub fn arm(
             Ok(())
         });
     }
-    if let Err(e) = cmd.spawn() {
-        disarm(att);
-        return Err(GuardError::Spawn(e));
-    }
-    tracing::warn!(
-        "the change to generation {generation} on {} is undone in {secs}s unless you run: segbpf{} confirm {}",
-        att.describe(),
-        att.netns.cli_option(),
-        att.iface
-    );
-    Ok(())
+    cmd.spawn().map(drop).map_err(GuardError::Spawn)
+}
+
+/// Starts the guard of a pending change again (an `attach` adopting the
+/// attachment after a restart: the guard may have died with the previous
+/// process's service). Two guards of one change are harmless: the first
+/// to act settles it, the other then finds nothing to do.
+pub fn respawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+    spawn(att, generation)
 }
 
 /// Says that the change armed for `generation` is in force: its `secs`

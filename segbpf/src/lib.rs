@@ -34,6 +34,7 @@ pub mod pins;
 pub mod policy;
 pub mod proto;
 pub mod report;
+pub mod service;
 pub mod state;
 pub mod swap;
 pub mod telemetry;

@@ -351,18 +351,63 @@ pub fn swap_with(
             source,
         })?;
     let old = State::repair(att)?;
+    let choice = choose(&old)?;
+    swap_locked(
+        att,
+        &old,
+        &Settings {
+            redetect,
+            ..Settings::default()
+        },
+        choice,
+    )
+}
+
+/// What a swap may change besides the policy (the defaults keep
+/// everything as it is).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Work the auto-detected roles out again from permanent addresses.
+    pub redetect: bool,
+    /// New `--role` arguments (`None`: keep the roles in force).
+    pub roles: Option<Vec<String>>,
+    /// Audit mode (`None`: keep).
+    pub audit: Option<bool>,
+    /// Event burst (`None`: keep).
+    pub log_burst: Option<u32>,
+}
+
+/// The swap itself, for a caller that holds the update lock and has read
+/// (and repaired) the state `old`.
+pub fn swap_locked(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+) -> Result<String, SwapError> {
+    let redetect = settings.redetect;
     let Choice {
         text: path,
         source,
         overrides,
-    } = choose(&old)?;
+    } = choice;
 
     // Everything that depends on input first: nothing in the kernel yet.
     if !old.insecure_policy {
         crate::trust::check_policy_file(&path)?;
     }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
-    let roles = if redetect && old.role_args.is_empty() {
+    let role_args = settings
+        .roles
+        .clone()
+        .unwrap_or_else(|| old.role_args.clone());
+    let roles = if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
+        roles::resolve(&policy, explicit, &att.iface, &[])?
+    } else if settings.roles.is_some() {
+        // Roles asked to follow the addresses again: permanent ones only.
+        let addrs = netif::permanent_addresses(&att.iface)?;
+        roles::resolve(&policy, &[], &att.iface, &addrs)?
+    } else if redetect && old.role_args.is_empty() {
         let addrs = netif::permanent_addresses(&att.iface)?;
         roles::resolve(&policy, &[], &att.iface, &addrs)?
     } else if redetect {
@@ -408,8 +453,10 @@ pub fn swap_with(
         iface: att.iface.clone(),
         source,
     })?;
-    c.config.audit = u8::from(old.audit);
-    c.config.log_burst = old.log_burst.max(1);
+    let audit = settings.audit.unwrap_or(old.audit);
+    let log_burst = settings.log_burst.unwrap_or(old.log_burst).max(1);
+    c.config.audit = u8::from(audit);
+    c.config.log_burst = log_burst;
     let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
         SwapError::Compile {
             policy: policy.source.clone(),
@@ -448,6 +495,10 @@ pub fn swap_with(
         } else {
             old.roles_changed_at
         },
+        role_args,
+        audit,
+        log_rate: c.config.log_rate,
+        log_burst,
         ..old.clone()
     };
     new.write(&att.next_state())?;

@@ -311,13 +311,23 @@ impl Running {
 
     /// Sends SIGTERM (the child is still ours: not yet reaped).
     pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `sig` (the child is still ours: not yet reaped).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
         if let Some(c) = &self.0 {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)?;
         }
         Ok(())
+    }
+
+    /// Whether the child has exited (without reaping it for good).
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match &mut self.0 {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
     }
 
     /// Waits for the child to exit and returns its output.

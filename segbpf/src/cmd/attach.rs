@@ -111,6 +111,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     }
     // stdout carries the event stream; the summary is a log line.
     info!("{}", applied.summary);
+    crate::service::ready(&applied.summary);
     let att = applied.att;
     if let Some(server) = metrics {
         server.start(att.clone())?;
@@ -148,6 +149,7 @@ async fn wait_for_exit(
         };
         telemetry::stream(att, format, Reader::Attach, Duration::from_secs(5), stop).await?;
     }
+    crate::service::stopping();
     if !signalled {
         return Ok(()); // detached by another command
     }
