@@ -74,6 +74,8 @@ pub enum DecodeError {
 pub struct EventRecord {
     /// `"event"` (summaries say `"summary"`).
     pub r#type: &'static str,
+    /// Wall-clock time of the verdict, RFC 3339 UTC (from `ts_ns`).
+    pub time: String,
     /// `drop` or `audit` (audit: would have been dropped, was let through).
     pub action: &'static str,
     /// Kernel coarse monotonic clock (CLOCK_MONOTONIC_COARSE) of the verdict, ns.
@@ -135,6 +137,7 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         } else {
             "drop"
         },
+        time: crate::clock::rfc3339(crate::clock::wall_of_monotonic(e.ts_ns)),
         ts_ns: e.ts_ns,
         iface: iface.to_string(),
         ifindex: e.ifindex,
@@ -201,7 +204,8 @@ impl EventRecord {
                     None => "?".into(),
                 };
                 format!(
-                    "{} {} {} {} {} -> {} {}{} reason={} len={} gen={}",
+                    "{} {} {} {} {} {} -> {} {}{} reason={} len={} gen={}",
+                    self.time,
                     self.action.to_uppercase(),
                     self.iface,
                     self.direction,
@@ -310,12 +314,15 @@ pub async fn stream(
                 if sup > 0 || lost > 0 {
                     let line = match format {
                         LogFormat::Json => serde_json::json!({
-                            "type": "summary", "iface": att.iface,
+                            "type": "summary",
+                            "time": crate::clock::rfc3339(std::time::SystemTime::now()),
+                            "iface": att.iface,
                             "suppressed": sup, "lost": lost,
                             "suppressed_total": now.suppressed, "lost_total": now.lost,
                         }).to_string(),
                         LogFormat::Text => format!(
-                            "SUMMARY {} suppressed={sup} lost={lost} (totals {} / {})",
+                            "{} SUMMARY {} suppressed={sup} lost={lost} (totals {} / {})",
+                            crate::clock::rfc3339(std::time::SystemTime::now()),
                             att.iface, now.suppressed, now.lost
                         ),
                     };
@@ -404,9 +411,16 @@ mod tests {
         assert_eq!(v["tcp_flags"], "S");
         assert_eq!(v["reason"], "default-drop");
         assert_eq!(v["direction"], "ingress");
+        let time = v["time"].as_str().unwrap();
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{time}"
+        );
         let text = r.line(LogFormat::Text);
         assert!(
-            text.starts_with("DROP eth0 ingress tcp 10.10.1.15:40000 -> 10.10.1.30:5432"),
+            text.starts_with(&format!(
+                "{time} DROP eth0 ingress tcp 10.10.1.15:40000 -> 10.10.1.30:5432"
+            )),
             "{text}"
         );
     }

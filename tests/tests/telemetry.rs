@@ -111,6 +111,19 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
         !flood_events.is_empty(),
         "flood drops were reported: {stdout}"
     );
+    // Every record carries its wall-clock time, RFC 3339 UTC, today.
+    let today = segbpf::clock::rfc3339(std::time::SystemTime::now())[..10].to_string();
+    for r in events.iter().chain(&summaries) {
+        let t = r["time"].as_str().unwrap_or_default();
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "not RFC 3339: {r}"
+        );
+        assert!(
+            t.starts_with(&today) || t < today.as_str(),
+            "time from the future: {r}"
+        );
+    }
     for e in &flood_events {
         assert_eq!(e["action"], "drop");
         assert_eq!(e["reason"], "default-drop");
