@@ -118,6 +118,12 @@ pub struct RuleInfo {
     /// reloads for a rule that still exists, so its counters carry over.
     #[serde(default)]
     pub counter: u32,
+    /// The rule's `name`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The rule's `description`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl RuleInfo {
@@ -131,14 +137,25 @@ impl RuleInfo {
             services: r.services(),
             line: r.loc.line,
             counter: r.id,
+            name: r.name.clone(),
+            description: r.description.clone(),
         }
     }
 
-    /// What makes two rules of successive policies "the same rule": owner,
-    /// direction, peer and services (not the position in the file).
+    /// What makes two rules of successive policies "the same rule": its
+    /// name when it has one, else owner, direction, peer and services (not
+    /// the position in the file).
     pub fn identity(&self) -> String {
+        if let Some(name) = &self.name {
+            return format!("name:{name}");
+        }
         let owner = self.label.rsplit_once('[').map_or(&*self.label, |(a, _)| a);
         format!("{owner}|{}|{}", self.peer, self.services)
+    }
+
+    /// The rule's name, else its label: how metrics and events name it.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.label)
     }
 }
 

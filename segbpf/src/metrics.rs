@@ -113,12 +113,15 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
         "Bytes allowed by each rule (connection openers)",
     );
     for rule in &r.rules {
+        // The rule's name, else its label (`roles.db.ingress[0]`): both
+        // survive edits that move lines, so series keep their identity.
         let labels = vec![
             iface(),
-            ("rule".into(), rule.id.to_string()),
-            ("label".into(), rule.label.clone()),
+            (
+                "rule".into(),
+                rule.name.clone().unwrap_or_else(|| rule.label.clone()),
+            ),
             ("direction".into(), rule.direction.clone()),
-            ("line".into(), rule.line.to_string()),
         ];
         rule_packets.get_or_create(&labels).inc_by(rule.packets);
         rule_bytes.get_or_create(&labels).inc_by(rule.bytes);
@@ -210,6 +213,43 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
         frags
             .get_or_create(&vec![iface(), ("table".into(), table.into())])
             .set(n as i64);
+    }
+
+    let info = Family::<Labels, Gauge>::default();
+    registry.register(
+        "build_info",
+        "The segbpf build serving these metrics (value 1)",
+        info.clone(),
+    );
+    info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+        .set(1);
+    let generation = Family::<Labels, Gauge>::default();
+    registry.register(
+        "policy_generation",
+        "Generation of the policy in force (1 at attach, +1 per change)",
+        generation.clone(),
+    );
+    if let Some(s) = &r.state {
+        generation
+            .get_or_create(&vec![iface()])
+            .set(i64::try_from(s.generation).unwrap_or(i64::MAX));
+    }
+    if let Some(last) = crate::swap::LastChange::read(att) {
+        let ok = Family::<Labels, Gauge>::default();
+        registry.register(
+            "last_reload_success",
+            "Whether the last policy change (reload, set, rollback, guard) was applied (1) or refused (0)",
+            ok.clone(),
+        );
+        ok.get_or_create(&vec![iface()]).set(i64::from(last.ok));
+        let at = Family::<Labels, Gauge>::default();
+        registry.register(
+            "last_reload_timestamp_seconds",
+            "Unix time of the last policy change attempt",
+            at.clone(),
+        );
+        at.get_or_create(&vec![iface()])
+            .set(i64::try_from(last.at).unwrap_or(i64::MAX));
     }
 
     let mut out = String::new();

@@ -226,6 +226,11 @@ impl Attachment {
         self.sidecar("next.json")
     }
 
+    /// The outcome of the last policy change (for the metrics).
+    pub fn last_change(&self) -> PathBuf {
+        self.sidecar("reload.json")
+    }
+
     /// The guard's record of a change awaiting confirmation.
     pub fn confirm_record(&self) -> PathBuf {
         self.sidecar("confirm.json")
@@ -289,6 +294,7 @@ impl Attachment {
         }
         for path in [
             self.next_state(),
+            self.last_change(),
             self.lock_path(LockKind::Reader),
             self.confirm_record(),
             self.confirm_restore(),

@@ -39,6 +39,12 @@ pub struct RuleCount {
     pub id: u32,
     /// Label such as `roles.db.ingress[0]`.
     pub label: String,
+    /// The rule's `name`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The rule's `description`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// Direction.
     pub direction: String,
     /// Line in the policy file.
@@ -182,6 +188,8 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
             RuleCount {
                 id: r.id,
                 label: r.label.clone(),
+                name: r.name.clone(),
+                description: r.description.clone(),
                 direction: r.direction.clone(),
                 line: r.line,
                 peer: r.peer.clone(),

@@ -377,9 +377,56 @@ pub struct Settings {
     pub log_burst: Option<u32>,
 }
 
+/// The outcome of the last policy change, kept next to the state
+/// (`IFACE.reload.json`) for the metrics.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct LastChange {
+    /// Unix time of the attempt.
+    pub at: u64,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// Why not, if it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl LastChange {
+    /// The attachment's last change, if any was recorded.
+    pub fn read(att: &Attachment) -> Option<LastChange> {
+        let text = std::fs::read_to_string(att.last_change()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
 /// The swap itself, for a caller that holds the update lock and has read
-/// (and repaired) the state `old`.
+/// (and repaired) the state `old`. Its outcome is recorded for the metrics.
 pub fn swap_locked(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+) -> Result<String, SwapError> {
+    let result = swap_in_force(att, old, settings, choice);
+    let record = LastChange {
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        ok: result.is_ok(),
+        error: result.as_ref().err().map(ToString::to_string),
+    };
+    let path = att.last_change();
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_vec(&record)
+        .map_err(std::io::Error::from)
+        .and_then(|t| std::fs::write(&tmp, t))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::debug!("recording the outcome in {}: {e}", path.display());
+    }
+    result
+}
+
+fn swap_in_force(
     att: &Attachment,
     old: &State,
     settings: &Settings,

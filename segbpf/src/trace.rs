@@ -103,6 +103,7 @@ pub fn trace_with(
         serde_json::json!({
             "id": info.map_or(t.rule_id, |i| i.id),
             "label": info.map(|i| i.label.clone()),
+            "name": info.and_then(|i| i.name.clone()),
             "line": info.map(|i| i.line),
             "peer": info.map(|i| i.peer.clone()),
             "services": info.map(|i| i.services.clone()),

@@ -294,6 +294,19 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         Duration::from_millis(500)
     )?);
     std::thread::sleep(Duration::from_millis(300));
+    // A refused change (a policy that does not parse) is in the metrics.
+    let bad = lab.state.join("bad.toml");
+    std::fs::write(&bad, "version = 1\n[defaults]\ningress = \"sometimes\"\n")?;
+    let refused = lab.segbpf(
+        "db",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            bad.to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert_eq!(refused.status.code(), Some(1));
     // Quiesce: compare a snapshot of status with a scrape taken right after.
     let status = lab.status_json("db")?;
     let out = Command::new("ip")
@@ -327,7 +340,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         sample(
             &metrics,
             "segbpf_rule_packets_total",
-            &["label=\"roles.db.ingress[0]\""]
+            &["rule=\"roles.db.ingress[0]\""]
         ),
         rule["packets"].as_u64(),
         "{metrics}"
@@ -336,7 +349,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         sample(
             &metrics,
             "segbpf_rule_bytes_total",
-            &["label=\"roles.db.ingress[0]\""]
+            &["rule=\"roles.db.ingress[0]\""]
         ),
         rule["bytes"].as_u64()
     );
@@ -358,6 +371,29 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
         sample(&metrics, "segbpf_conntrack_size", &["iface=\"eth0\""]),
         a["conntrack"]["size"].as_u64()
     );
+    assert_eq!(
+        sample(&metrics, "segbpf_build_info", &["version="]),
+        Some(1)
+    );
+    assert_eq!(
+        sample(&metrics, "segbpf_policy_generation", &["iface=\"eth0\""]),
+        a["state"]["generation"].as_u64()
+    );
+    assert_eq!(
+        sample(&metrics, "segbpf_last_reload_success", &["iface=\"eth0\""]),
+        Some(0),
+        "the refused reload: {metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "segbpf_last_reload_timestamp_seconds",
+            &["iface=\"eth0\""]
+        )
+        .unwrap_or(0)
+            > 1_700_000_000
+    );
+    assert!(!metrics.contains("line=\""), "no line labels: {metrics}");
     Ok(())
 }
 

@@ -56,6 +56,8 @@ struct Explained {
 struct RuleOut {
     id: u32,
     label: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     line: u32,
     peer: String,
     services: String,
@@ -91,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         RuleOut {
             id,
             label: r.label(),
+            name: r.name.clone(),
             line: r.loc.line,
             peer: r.peer_text.clone(),
             services: r.services(),
@@ -125,7 +128,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             match &out.rule {
                 Some(r) => println!(
                     "  rule #{} {} ({}:{}): {} {}",
-                    r.id, r.label, policy.source, r.line, r.peer, r.services
+                    r.id,
+                    r.name.as_deref().unwrap_or(&r.label),
+                    policy.source,
+                    r.line,
+                    r.peer,
+                    r.services
                 ),
                 None if !v.passes() => {
                     println!("  no rule matches; defaults.{} = drop", out.direction);

@@ -155,9 +155,10 @@ fn print_text(r: &Report) {
         );
         for rule in &r.rules {
             let what = format!("{} {} {}", rule.direction, rule.peer, rule.services);
+            let name = rule.name.as_deref().unwrap_or(&rule.label);
             println!(
                 "    {:>4}  {:<24} {:>5}  {:<40} {:>10} {:>12}",
-                rule.id, rule.label, rule.line, what, rule.packets, rule.bytes
+                rule.id, name, rule.line, what, rule.packets, rule.bytes
             );
         }
     }

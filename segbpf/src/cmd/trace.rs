@@ -93,7 +93,10 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
                 println!(
                     "  rule #{} {} (line {})",
                     r["id"],
-                    r["label"].as_str().unwrap_or("?"),
+                    r["name"]
+                        .as_str()
+                        .or_else(|| r["label"].as_str())
+                        .unwrap_or("?"),
                     r["line"]
                 );
             }

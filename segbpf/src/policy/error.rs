@@ -119,6 +119,9 @@ pub enum PolicyErrorKind {
     /// A role defined twice (its name).
     #[error("role `{0}` is defined twice")]
     DuplicateRole(String),
+    /// A rule name used twice (the name and the line of its first use).
+    #[error("rule name `{0}` is already used by the rule at line {1}; names must be unique")]
+    DuplicateRuleName(String, u32),
     /// A role with neither `hosts` nor rules (its name).
     #[error("role `{0}` has no `hosts` and no rules")]
     RoleEmpty(String),

@@ -184,12 +184,22 @@ pub struct Rule {
     pub interfaces: Option<Vec<String>>,
     /// Where the rule's table header (`[[...]]`) is.
     pub loc: Loc,
+    /// `name = "..."`: a name unique in the policy, shown by `status`,
+    /// `explain`, `trace` and the metrics (whose series keep it across edits).
+    pub name: Option<String>,
+    /// `description = "..."`: free text for people.
+    pub description: Option<String>,
 }
 
 impl Rule {
     /// A label such as `roles.web.ingress[1]` or `base.egress[0]`.
     pub fn label(&self) -> String {
         format!("{}.{}[{}]", self.owner, self.direction, self.index)
+    }
+
+    /// The rule's name, else its label.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.label())
     }
 
     /// Whether the rule applies on a host with `roles` on interface `iface`.

@@ -74,6 +74,19 @@ impl Cx<'_> {
             None => Vec::new(),
         };
         pending.sort_by_key(|p| p.pos);
+        let mut names: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+        for p in &pending {
+            if let (Some(name), Some(span)) = (&p.rule.name, &p.name_span) {
+                if let Some(first) = names.get(name.as_str()) {
+                    return Err(self.err(
+                        span.clone(),
+                        &format!("{}.name", p.rule.label()),
+                        PolicyErrorKind::DuplicateRuleName(name.clone(), *first),
+                    ));
+                }
+                names.insert(name, p.rule.loc.line);
+            }
+        }
         let mut rules = Vec::with_capacity(pending.len());
         for (id, p) in pending.into_iter().enumerate() {
             let mut rule = p.rule;

@@ -18,11 +18,15 @@ use crate::policy::{
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
+/// Longest rule name (it becomes a metric label value).
+pub(super) const MAX_RULE_NAME: usize = 64;
 
-/// A rule before ids are assigned, with its byte position in the file.
+/// A rule before ids are assigned, with its byte position in the file
+/// and that of its `name` value, if it has one.
 pub(super) struct Pending {
     pub(super) pos: usize,
     pub(super) rule: Rule,
+    pub(super) name_span: Option<Range<usize>>,
 }
 
 impl Cx<'_> {
@@ -55,10 +59,11 @@ impl Cx<'_> {
                     format!("expected a rule table, found {}", describe(item.get_ref())),
                 ));
             };
-            let rule = self.rule(t, item.span(), owner, dir, i, &f)?;
+            let (rule, name_span) = self.rule(t, item.span(), owner, dir, i, &f)?;
             out.push(Pending {
                 pos: item.span().start,
                 rule,
+                name_span,
             });
         }
         Ok(())
@@ -72,7 +77,7 @@ impl Cx<'_> {
         direction: Direction,
         idx: usize,
         field: &str,
-    ) -> Res<Rule> {
+    ) -> Res<(Rule, Option<Range<usize>>)> {
         let peer_key = match direction {
             Direction::Ingress => "from",
             Direction::Egress => "to",
@@ -84,6 +89,7 @@ impl Cx<'_> {
         let mut icmpv6 = false;
         let mut any_proto = false;
         let mut interfaces = None;
+        let (mut name, mut name_span, mut description) = (None, None, None);
         for (k, v) in sorted(t) {
             let key: &str = k.get_ref();
             let f = child(field, key);
@@ -107,6 +113,32 @@ impl Cx<'_> {
                     }
                 },
                 "interfaces" => interfaces = Some(self.interfaces(v, &f)?),
+                "name" => match v.get_ref().as_str() {
+                    Some(s) if is_valid_name(s) && s.len() <= MAX_RULE_NAME => {
+                        name = Some(s.to_string());
+                        name_span = Some(v.span());
+                    }
+                    _ => {
+                        return Err(self.bad_value(
+                            v,
+                            &f,
+                            format!(
+                                "a rule name is a string of letters, digits, `_` and `-` starting with a letter or `_`, at most {MAX_RULE_NAME} bytes, found {}",
+                                describe(v.get_ref())
+                            ),
+                        ));
+                    }
+                },
+                "description" => match v.get_ref().as_str() {
+                    Some(s) => description = Some(s.to_string()),
+                    None => {
+                        return Err(self.bad_value(
+                            v,
+                            &f,
+                            format!("expected a string, found {}", describe(v.get_ref())),
+                        ));
+                    }
+                },
                 _ => return Err(self.unknown_key(k, field)),
             }
         }
@@ -122,21 +154,26 @@ impl Cx<'_> {
         if tcp.is_empty() && udp.is_empty() && !icmp && !icmpv6 && !any_proto {
             return Err(self.err(span, field, PolicyErrorKind::NoProtocol));
         }
-        Ok(Rule {
-            id: 0,
-            owner: owner.clone(),
-            direction,
-            index: idx,
-            peer_text,
-            peers,
-            tcp,
-            udp,
-            icmp,
-            icmpv6,
-            any_proto,
-            interfaces,
-            loc: self.loc(span.start),
-        })
+        Ok((
+            Rule {
+                id: 0,
+                owner: owner.clone(),
+                direction,
+                index: idx,
+                peer_text,
+                peers,
+                tcp,
+                udp,
+                icmp,
+                icmpv6,
+                any_proto,
+                interfaces,
+                loc: self.loc(span.start),
+                name,
+                description,
+            },
+            name_span,
+        ))
     }
 
     /// A peer or `hosts`: `"any"`, a set name, a literal, or a list of those.

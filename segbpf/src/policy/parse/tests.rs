@@ -941,3 +941,89 @@ fn error_display_format() {
         "t.toml:3:14: sets.web_nodes[0]: reversed range: the first address is above the last"
     );
 }
+
+// ----- rule names ----------------------------------------------------
+
+#[test]
+fn rules_may_have_a_unique_name_and_a_description() {
+    let p = parse(
+        r#"version = 1
+[[base.ingress]]
+name = "ssh-from-admin"
+description = "SSH, admins only"
+from = "10.0.0.0/8"
+tcp = [22]
+[[base.ingress]]
+from = "any"
+tcp = [80]
+"#,
+    );
+    assert_eq!(p.rules[0].name.as_deref(), Some("ssh-from-admin"));
+    assert_eq!(p.rules[0].description.as_deref(), Some("SSH, admins only"));
+    assert_eq!(p.rules[0].display_name(), "ssh-from-admin");
+    assert_eq!(p.rules[1].name, None);
+    assert_eq!(p.rules[1].display_name(), "base.ingress[1]");
+}
+
+#[test]
+fn a_rule_name_used_twice_names_both_lines() {
+    check(
+        r#"version = 1
+[[base.ingress]]
+name = "web"
+from = "any"
+tcp = [80]
+[roles.web]
+hosts = "any"
+[[roles.web.ingress]]
+name = "web"
+from = "any"
+tcp = [443]
+"#,
+        9,
+        8,
+        "roles.web.ingress[0].name",
+        PolicyErrorKind::DuplicateRuleName("web".into(), 2),
+    );
+}
+
+#[test]
+fn bad_rule_names_and_descriptions_are_refused() {
+    let rule =
+        |kv: &str| format!("version = 1\n[[base.ingress]]\n{kv}\nfrom = \"any\"\ntcp = [80]\n");
+    check_msg(
+        &rule("name = \"has space\""),
+        3,
+        8,
+        "base.ingress[0].name",
+        "letters, digits",
+    );
+    check_msg(
+        &rule("name = \"9lives\""),
+        3,
+        8,
+        "base.ingress[0].name",
+        "starting with a letter",
+    );
+    check_msg(
+        &rule("name = 7"),
+        3,
+        8,
+        "base.ingress[0].name",
+        "found integer 7",
+    );
+    check_msg(
+        &rule(&format!("name = \"{}\"", "x".repeat(65))),
+        3,
+        8,
+        "base.ingress[0].name",
+        "at most 64",
+    );
+    check_msg(
+        &rule("description = [\"a\"]"),
+        3,
+        15,
+        "base.ingress[0].description",
+        "expected a string",
+    );
+}
