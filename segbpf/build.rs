@@ -20,6 +20,11 @@ fn main() -> anyhow::Result<()> {
         .context("segbpf has no parent directory")?
         .join("segbpf-ebpf");
     let root = root.to_str().context("non-UTF-8 path to segbpf-ebpf")?;
+    // aya-build relays every line the eBPF sub-build prints as a cargo
+    // warning; a quiet sub-build prints only real diagnostics (and errors).
+    // SAFETY: the build script is single-threaded; nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "segbpf-ebpf",

@@ -125,7 +125,24 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { quick } => {
             setup::run()?;
+            // The veth comparisons run the segbpf binary: build the one
+            // they use, whatever else the checkout holds.
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "segbpf",
+                "--bin",
+                "segbpf",
+            ]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+                || std::path::PathBuf::from("target"),
+                std::path::PathBuf::from,
+            );
+            let bin = std::fs::canonicalize(target.join("release/segbpf"))
+                .context("locating the release segbpf binary")?;
             let mut cmd = cargo();
+            cmd.env("SEGBPF_BIN", bin);
             cmd.args([
                 "run",
                 "--release",
