@@ -193,6 +193,29 @@ pub enum LogFormat {
 }
 
 impl EventRecord {
+    /// Writes the record as a journal entry of its own, with structured
+    /// fields (`SEGBPF_IFACE`, `SEGBPF_REASON`, `SEGBPF_SRC`, ...).
+    pub fn to_journal(&self) {
+        let addr = |a: Option<IpAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        tracing::warn!(
+            target: "segbpf::event",
+            action = self.action,
+            iface = %self.iface,
+            direction = self.direction,
+            proto = %self.proto,
+            src = %addr(self.src),
+            sport = self.sport,
+            dst = %addr(self.dst),
+            dport = self.dport,
+            reason = self.reason,
+            tcp_flags = %self.tcp_flags,
+            generation = self.generation,
+            time = %self.time,
+            "{}",
+            self.line(LogFormat::Text)
+        );
+    }
+
     /// The event as one line in `format`.
     pub fn line(&self, format: LogFormat) -> String {
         match format {
@@ -338,6 +361,7 @@ pub async fn stream(
                     let mut out = stdout.lock();
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
+                            Ok(ev) if crate::logging::to_journal() => ev.to_journal(),
                             Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),
                         }

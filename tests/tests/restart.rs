@@ -131,6 +131,10 @@ fn sigkilled_enforcer_restarted_five_times_never_misjudges() -> anyhow::Result<(
     let out = attach.wait()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("adopted"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "logs to a pipe carry no escape codes: {stderr:?}"
+    );
     Ok(())
 }
 
