@@ -633,7 +633,7 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
         match crate::swap::reload_keeping_sets(att) {
             Ok(msg) => {
                 info!("{why}: {msg}");
-                crate::service::ready(&msg);
+                crate::service::ready(&msg.to_string());
             }
             Err(e) => {
                 tracing::error!("{why}: reload refused, the policy in force is unchanged: {e}");

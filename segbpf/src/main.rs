@@ -38,6 +38,16 @@ fn main() -> ExitCode {
     };
     match rt.block_on(cmd::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`segbpf status | head -1`): end
+        // quietly with status 0, as the issue asks, rather than panicking
+        // in println! or reporting an error. Rust ignores SIGPIPE, so a
+        // write to a closed pipe fails with EPIPE; results are written with
+        // `cmd::print_line`, which returns that error, and the event stream
+        // returns it too. Restoring SIGPIPE's default action instead would
+        // kill the process (status 141 under `set -o pipefail`). segbpf
+        // writes to no other pipe (the guard's stdio is /dev/null), so a
+        // broken pipe is stdout's.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -47,4 +57,12 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Whether `e` comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

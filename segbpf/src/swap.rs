@@ -21,6 +21,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
@@ -30,6 +31,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use segbpf_common::{
     Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_CT_NEW, MAP_RULE_STATS,
 };
+use serde::Serialize;
 
 use crate::{
     compile::{self, Capacity, CompileError},
@@ -154,9 +156,71 @@ pub struct ReloadRequest {
     pub redetect_roles: bool,
 }
 
+/// What a swap applied: the policy now in force. Everything after the
+/// switch that went wrong is in `warnings` (the change is in force anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Swapped {
+    /// Interface.
+    pub iface: String,
+    /// The policy file applied, as given.
+    pub policy: String,
+    /// Generation now in force.
+    pub generation: u64,
+    /// The host's roles.
+    pub roles: Vec<String>,
+    /// Rules compiled for the host.
+    pub rules: usize,
+    /// Connection-table entries removed (flows the policy no longer allows).
+    pub pruned: usize,
+    /// What went wrong after the switch (state rename, history, prune,
+    /// emptying the old slot, counters).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for Swapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "reloaded {} on {}: generation {} applied, roles {}, {} rules; {} connections no longer allowed were removed",
+            self.policy,
+            self.iface,
+            self.generation,
+            self.roles.join(","),
+            self.rules,
+            self.pruned
+        )?;
+        if !self.warnings.is_empty() {
+            write!(f, " (warnings: {})", self.warnings.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What `rollback` restored: the history entry and the swap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RolledBack {
+    /// Generation of the history entry restored.
+    pub restored_generation: u64,
+    /// The policy file that entry stands for.
+    pub source: String,
+    /// The swap that restored it (a new generation).
+    #[serde(flatten)]
+    pub swap: Swapped,
+}
+
+impl fmt::Display for RolledBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rolled back to the policy of generation {} ({}): {}",
+            self.restored_generation, self.source, self.swap
+        )
+    }
+}
+
 /// `segbpf reload`: applies `req` (guarded when `req.confirm`). Refused
 /// while a change waits for confirmation, unless `req.force`.
-pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<String, SwapError> {
+pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<Swapped, SwapError> {
     guard::refuse_while_pending(att, req.force).map_err(Box::new)?;
     if let Some(secs) = req.confirm {
         guard::arm_for_reload(att, secs).map_err(Box::new)?;
@@ -175,7 +239,7 @@ pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<String, SwapError
 }
 
 /// `segbpf rollback`: the history entry before the one in force.
-pub fn rollback(att: &Attachment) -> Result<String, SwapError> {
+pub fn rollback(att: &Attachment) -> Result<RolledBack, SwapError> {
     let state = State::current(att)?;
     let Some(prev) = history::previous(att, state.generation) else {
         return Err(SwapError::Refused(format!(
@@ -184,17 +248,18 @@ pub fn rollback(att: &Attachment) -> Result<String, SwapError> {
             state.generation
         )));
     };
-    let msg = swap(att, |_| {
+    let swapped = swap(att, |_| {
         Ok(Choice::copy_of(
             prev.copy.clone(),
             PathBuf::from(&prev.source),
             prev.set_overrides.clone(),
         ))
     })?;
-    Ok(format!(
-        "rolled back to the policy of generation {} ({}): {msg}",
-        prev.generation, prev.source
-    ))
+    Ok(RolledBack {
+        restored_generation: prev.generation,
+        source: prev.source,
+        swap: swapped,
+    })
 }
 
 /// Members in force of every set: the file's, with live edits applied.
@@ -216,16 +281,16 @@ pub fn sets_in_force(state: &State) -> Result<Overrides, SwapError> {
 }
 
 /// `segbpf set add|del`: adds or removes `members` of `set` in force, as
-/// one swap. Returns how many members changed and the swap's summary.
+/// one swap. Returns how many members changed and what the swap applied.
 pub fn edit_set(
     att: &Attachment,
     set: &str,
     members: &[AddrRange],
     add: bool,
-) -> Result<(usize, String), SwapError> {
+) -> Result<(usize, Swapped), SwapError> {
     guard::refuse_while_pending(att, false).map_err(Box::new)?;
     let mut changed = 0;
-    let msg = swap(att, |state| {
+    let swapped = swap(att, |state| {
         let sets = sets_in_force(state)?;
         let Some(current) = sets.get(set) else {
             return Err(SwapError::Refused(format!(
@@ -256,7 +321,7 @@ pub fn edit_set(
         overrides.insert(set.to_string(), next);
         Ok(Choice::file(PathBuf::from(&state.policy), overrides))
     })?;
-    Ok((changed, msg))
+    Ok((changed, swapped))
 }
 
 /// Time given to packets that read the old slot before the switch to
@@ -266,12 +331,12 @@ const GRACE: Duration = Duration::from_millis(5);
 /// Replaces the policy of `att` with the one in `policy` (default: the
 /// attachment's current file), dropping live set edits (the file wins),
 /// and works the roles out again when `redetect` (see [`swap_with`]).
-/// Returns a one-line summary.
+/// Returns what was applied (its `Display` is a one-line summary).
 pub fn reload_with(
     att: &Attachment,
     policy: Option<&Path>,
     redetect: bool,
-) -> Result<String, SwapError> {
+) -> Result<Swapped, SwapError> {
     swap_with(att, redetect, |old| {
         let path = policy.map_or_else(|| PathBuf::from(&old.policy), Path::to_path_buf);
         Ok(Choice::file(path, BTreeMap::new()))
@@ -281,7 +346,7 @@ pub fn reload_with(
 /// Reloads `att`'s current file keeping its live set edits (the automatic
 /// reloads of a running `attach`: a file change must not silently undo a
 /// `segbpf set`). Edits of sets the file no longer has fail the reload.
-pub fn reload_keeping_sets(att: &Attachment) -> Result<String, SwapError> {
+pub fn reload_keeping_sets(att: &Attachment) -> Result<Swapped, SwapError> {
     swap(att, |old| {
         if !old.set_overrides.is_empty() {
             tracing::warn!(
@@ -326,7 +391,7 @@ pub fn parse_overrides(text: &Overrides) -> Result<BTreeMap<String, Vec<AddrRang
 pub fn swap(
     att: &Attachment,
     choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
-) -> Result<String, SwapError> {
+) -> Result<Swapped, SwapError> {
     swap_with(att, false, choose)
 }
 
@@ -340,7 +405,7 @@ pub fn swap_with(
     att: &Attachment,
     redetect: bool,
     choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
-) -> Result<String, SwapError> {
+) -> Result<Swapped, SwapError> {
     if !att.is_attached() {
         return Err(SwapError::NotAttached(att.describe()));
     }
@@ -405,7 +470,7 @@ pub fn swap_locked(
     old: &State,
     settings: &Settings,
     choice: Choice,
-) -> Result<String, SwapError> {
+) -> Result<Swapped, SwapError> {
     let result = swap_in_force(att, old, settings, choice);
     let record = LastChange {
         at: std::time::SystemTime::now()
@@ -431,7 +496,7 @@ fn swap_in_force(
     old: &State,
     settings: &Settings,
     choice: Choice,
-) -> Result<String, SwapError> {
+) -> Result<Swapped, SwapError> {
     let redetect = settings.redetect;
     let Choice {
         text: path,
@@ -589,18 +654,15 @@ fn swap_in_force(
     if let Err(e) = clear_counters(att, &freed) {
         warn("zeroing unused rule counters", &e);
     }
-    let mut out = format!(
-        "reloaded {} on {}: generation {generation} applied, roles {}, {} rules; {} connections no longer allowed were removed",
-        policy.source,
-        att.iface,
-        roles.join(","),
-        c.rules.len(),
-        pruned
-    );
-    if !warnings.is_empty() {
-        out = format!("{out} (warnings: {})", warnings.join("; "));
-    }
-    Ok(out)
+    Ok(Swapped {
+        iface: att.iface.clone(),
+        policy: policy.source.clone(),
+        generation,
+        roles,
+        rules: c.rules.len(),
+        pruned,
+        warnings,
+    })
 }
 
 /// Zeroes the per-rule counters of slots no rule uses any more.
@@ -700,4 +762,43 @@ fn prune_conntrack(
         pruned += gone.len();
     }
     Ok(pruned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_read_as_before() {
+        let mut s = Swapped {
+            iface: "eth1".into(),
+            policy: "/etc/segbpf/roles.toml".into(),
+            generation: 3,
+            roles: vec!["db".into(), "web".into()],
+            rules: 9,
+            pruned: 2,
+            warnings: Vec::new(),
+        };
+        assert_eq!(
+            s.to_string(),
+            "reloaded /etc/segbpf/roles.toml on eth1: generation 3 applied, roles db,web, 9 rules; 2 connections no longer allowed were removed"
+        );
+        s.warnings = vec!["a: x".into(), "b: y".into()];
+        assert!(
+            s.to_string()
+                .ends_with("were removed (warnings: a: x; b: y)")
+        );
+        let r = RolledBack {
+            restored_generation: 2,
+            source: "/etc/segbpf/roles.toml".into(),
+            swap: s,
+        };
+        assert!(r.to_string().starts_with(
+            "rolled back to the policy of generation 2 (/etc/segbpf/roles.toml): reloaded "
+        ));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["restored_generation"], 2);
+        assert_eq!(v["generation"], 3);
+        assert_eq!(v["warnings"][1], "b: y");
+    }
 }

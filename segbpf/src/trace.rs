@@ -53,8 +53,10 @@ pub struct Traced {
     /// Whether the packet matched a tracked connection.
     pub ct_hit: bool,
     /// Rule id, label and line, if a rule allowed the packet.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<serde_json::Value>,
     /// Address class of the peer, if the peer is in any rule's peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<u32>,
 }
 

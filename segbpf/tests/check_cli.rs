@@ -1,7 +1,9 @@
 //! `segbpf check` as a user runs it: the example passes (exit 0), every
 //! malformed policy in `bad-policies/` fails with exit 1 and an error that
-//! names the file, line, column and field, and usage errors exit 2.
-//! No privileges needed: `check` never touches the kernel.
+//! names the file, line, column and field, and usage errors exit 2. Also
+//! the JSON of `check` and `explain`, nothing on stdout when a command
+//! fails, and a closed stdout (`| head -1`) ending a command quietly.
+//! No privileges needed: `check` and `explain` never touch the kernel.
 #![allow(
     unused_crate_dependencies,
     reason = "an integration test sees every dependency of the package; it runs the binary"
@@ -211,7 +213,7 @@ fn lint_warnings_and_deny_warnings() {
     assert_eq!(out.status.code(), Some(0));
     assert!(
         stderr.contains(
-            "examples/roles.toml:8:1: sets.lb: set `lb` is used by no rule and no role [unused-set]"
+            "examples/roles.toml:8:1: warning: sets.lb: set `lb` is used by no rule and no role [unused-set]"
         ),
         "{stderr}"
     );
@@ -246,5 +248,264 @@ fn over_capacity_policy_is_rejected_with_limit_and_count() {
     assert!(
         stderr.contains("needs 60 entries"),
         "names the count: {stderr}"
+    );
+}
+
+/// A scratch directory under the system's temp dir, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("segbpf-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write scratch file");
+        path.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A policy with a lint warning at a line (`unused-set`) and one about the
+/// whole file (`no-ssh-path`: nothing allows SSH from a specific set).
+const LINTED: &str = r#"version = 1
+
+[sets]
+unused = ["10.0.0.0/8"]
+
+[[base.ingress]]
+from = "any"
+tcp = [80]
+"#;
+
+#[test]
+fn check_json_has_the_results_and_the_lint_warnings() {
+    let dir = Scratch::new("json");
+    let policy = dir.file("linted.toml", LINTED);
+    let out = segbpf(&["check", "--policy", &policy, "--output", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(v["policy"], policy.as_str());
+    assert_eq!(v["rules"], 1);
+    let warnings = v["warnings"].as_array().expect("warnings");
+    let unused = warnings
+        .iter()
+        .find(|w| w["kind"] == "unused-set")
+        .expect("unused-set");
+    assert_eq!(unused["file"], policy.as_str());
+    assert_eq!(unused["line"], 4);
+    assert_eq!(unused["column"], 1);
+    assert_eq!(unused["field"], "sets.unused");
+    assert!(
+        unused["message"]
+            .as_str()
+            .unwrap()
+            .contains("used by no rule"),
+        "{unused}"
+    );
+    let ssh = warnings
+        .iter()
+        .find(|w| w["kind"] == "no-ssh-path")
+        .expect("no-ssh-path");
+    assert_eq!(ssh["file"], policy.as_str());
+    for absent in ["line", "column", "field"] {
+        assert!(ssh.get(absent).is_none(), "{absent} in {ssh}");
+    }
+    // -o and the example: its one warning is in the document too.
+    let out = segbpf(&["check", "-p", "../examples/roles.toml", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(v["compiled"].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(v["compiled"][2]["roles"][0], "db");
+    assert_eq!(v["warnings"][0]["kind"], "unused-set");
+    assert_eq!(v["warnings"][0]["line"], 8);
+}
+
+#[test]
+fn each_lint_line_names_the_file_once() {
+    let dir = Scratch::new("lint");
+    let policy = dir.file("ok.toml", LINTED);
+    let out = segbpf(&["check", "--policy", &policy]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("warning:")).collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for l in &lines {
+        assert!(l.starts_with(&format!("{policy}:")), "{l}");
+        assert_eq!(l.matches("ok.toml").count(), 1, "{l}");
+    }
+    assert!(
+        lines.contains(&format!("{policy}:4:1: warning: sets.unused: set `unused` is used by no rule and no role [unused-set]").as_str()),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{policy}: warning: no ingress rule allows SSH"))),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_failed_check_prints_nothing_on_stdout() {
+    let out = segbpf(&[
+        "check",
+        "--peer-entries",
+        "10",
+        "--policy",
+        "../examples/roles.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds at most 10"));
+    for output in ["text", "json"] {
+        let out = segbpf(&[
+            "check",
+            "--policy",
+            "../examples/roles.toml",
+            "--deny-warnings",
+            "--output",
+            output,
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty(), "{output}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("warning: sets.lb"), "{output}: {stderr}");
+    }
+}
+
+const EXPLAIN_DB: &[&str] = &[
+    "explain",
+    "--policy",
+    "../examples/roles.toml",
+    "--role",
+    "db",
+    "--src",
+    "10.10.1.25",
+    "--dst",
+    "10.10.1.30",
+    "-o",
+    "json",
+];
+
+#[test]
+fn explain_json_names_the_protocol_and_leaves_out_what_does_not_apply() {
+    let out = segbpf(&[EXPLAIN_DB, &["--proto", "tcp", "--dport", "5432"]].concat());
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = &v["packet"];
+    assert_eq!(p["proto"], "tcp", "{v}");
+    assert_eq!(p["dport"], 5432);
+    assert!(p.get("icmp_type").is_none(), "{v}");
+    let out = segbpf(&[EXPLAIN_DB, &["--proto", "icmp"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = &v["packet"];
+    assert_eq!(p["proto"], "icmp", "{v}");
+    assert_eq!(p["icmp_type"], 8);
+    assert!(p.get("dport").is_none(), "{v}");
+    assert!(v.get("rule").is_none(), "no rule allowed it: {v}");
+    let out = segbpf(&[EXPLAIN_DB, &["--proto", "47"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["packet"]["proto"], "47", "{v}");
+    assert!(v["packet"].get("dport").is_none(), "{v}");
+    assert!(v["packet"].get("icmp_type").is_none(), "{v}");
+}
+
+/// Runs segbpf with a stdout whose reader is already gone: every write
+/// fails with EPIPE (Rust ignores SIGPIPE).
+fn segbpf_closed_stdout(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_segbpf"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run segbpf")
+}
+
+/// State and pin roots of a host with no attachment (`status` reads
+/// them unprivileged).
+fn empty_roots(dir: &Scratch) -> [(String, String); 2] {
+    let bpffs = dir.0.join("bpffs");
+    let state = dir.0.join("state");
+    std::fs::create_dir_all(&bpffs).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    [
+        ("SEGBPF_BPFFS".into(), bpffs.display().to_string()),
+        ("SEGBPF_STATE_DIR".into(), state.display().to_string()),
+    ]
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_with_status_0() {
+    let dir = Scratch::new("epipe");
+    let roots = empty_roots(&dir);
+    let env: Vec<(&str, &str)> = roots
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let explain = [EXPLAIN_DB, &["--proto", "tcp", "--dport", "5432"]].concat();
+    for args in [
+        &["check", "--policy", "../examples/roles.toml"][..],
+        &["check", "--policy", "../examples/roles.toml", "-o", "json"],
+        &explain,
+        &["status"],
+        &["status", "-o", "json"],
+        &[
+            "export",
+            "nft",
+            "--policy",
+            "../examples/roles.toml",
+            "--role",
+            "db",
+        ],
+    ] {
+        let out = segbpf_closed_stdout(args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn status_piped_into_head_exits_0_without_a_panic() {
+    let dir = Scratch::new("head");
+    let roots = empty_roots(&dir);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' status | head -1",
+            env!("CARGO_BIN_EXE_segbpf")
+        ))
+        .envs(roots.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "segbpf is not attached to any interface"
     );
 }

@@ -106,7 +106,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let applied = attach::apply(&args.request(), ns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
-        println!("{}", applied.summary);
+        crate::cmd::print_line(&applied.summary)?;
         return Ok(());
     }
     // stdout carries the event stream; the summary is a log line.

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use serde::Serialize;
 
 use crate::{
+    cmd::{Output, print_json, print_line},
     compile,
-    policy::{Direction, Policy},
+    policy::{Direction, Policy, lint::Warning},
 };
 
 /// Arguments of `segbpf check`.
@@ -25,9 +27,78 @@ pub struct Args {
     /// Map sizes to check the policy against (as given to attach).
     #[command(flatten)]
     pub sizes: crate::cmd::MapSizes,
+    /// Output format (JSON carries the lint warnings; text prints them on stderr).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
-/// Runs `segbpf check`.
+/// The result of `check`.
+#[derive(Serialize)]
+struct Checked {
+    policy: String,
+    version: u32,
+    sets: usize,
+    roles: usize,
+    rules: usize,
+    /// One entry per host compiled for (each role, or the `--role` set).
+    compiled: Vec<Compiled>,
+    warnings: Vec<WarningOut>,
+}
+
+#[derive(Serialize)]
+struct Compiled {
+    roles: Vec<String>,
+    ingress_rules: usize,
+    egress_rules: usize,
+    classes: u32,
+    ipv4_prefixes: usize,
+    ipv6_prefixes: usize,
+    port_prefixes: usize,
+}
+
+/// A warning as JSON shows it.
+#[derive(Serialize)]
+struct WarningOut {
+    file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<u32>,
+    /// The lint's name (`unused-set`, ...), or `ssh-session`.
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    message: String,
+}
+
+impl WarningOut {
+    fn lint(file: &str, w: &Warning) -> Self {
+        WarningOut {
+            file: file.to_string(),
+            line: w.loc.map(|l| l.line),
+            column: w.loc.map(|l| l.column),
+            kind: w.lint,
+            field: (!w.field.is_empty()).then(|| w.field.clone()),
+            message: w.message.clone(),
+        }
+    }
+
+    /// `FILE:LINE:COLUMN: warning: field: message [kind]`, the file named once.
+    fn line(&self) -> String {
+        let mut at = self.file.clone();
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            at = format!("{at}:{l}:{c}");
+        }
+        let field = self
+            .field
+            .as_ref()
+            .map_or_else(String::new, |f| format!("{f}: "));
+        format!("{at}: warning: {field}{} [{}]", self.message, self.kind)
+    }
+}
+
+/// Runs `segbpf check`. Everything is worked out before anything is
+/// printed: a failure prints nothing on stdout.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let policy = Policy::load(&args.policy)?;
     let hosts: Vec<Vec<String>> = if args.role.is_empty() {
@@ -36,67 +107,96 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let roles = crate::policy::roles::resolve(&policy, &args.role, "-", &[])?;
         vec![roles]
     };
-    println!(
-        "{}: ok: version {}, {} sets, {} roles, {} rules",
-        policy.source,
-        policy.version,
-        policy.sets.len(),
-        policy.roles.len(),
-        policy.rules.len()
-    );
+    let mut compiled = Vec::new();
     for roles in hosts {
         let c = compile::compile(&policy, &roles, None, 0, 1, args.sizes.capacity(&policy))
             .with_context(|| {
                 format!("{}: compiling for role {}", policy.source, roles.join("+"))
             })?;
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
-        println!(
-            "  role {}: {} ingress + {} egress rules -> {} classes, {} IPv4 / {} IPv6 prefixes, {} port prefixes",
-            roles.join("+"),
-            count(Direction::Ingress),
-            count(Direction::Egress),
-            c.classes,
-            c.peers_v4.len(),
-            c.peers_v6.len(),
-            c.ports.len()
-        );
+        compiled.push(Compiled {
+            ingress_rules: count(Direction::Ingress),
+            egress_rules: count(Direction::Egress),
+            classes: c.classes,
+            ipv4_prefixes: c.peers_v4.len(),
+            ipv6_prefixes: c.peers_v6.len(),
+            port_prefixes: c.ports.len(),
+            roles,
+        });
     }
-    let mut warnings = crate::policy::lint::lint(&policy);
-    warnings.retain(|w| !(args.deny_warnings && w.lint == "asymmetric-defaults"));
-    for w in &warnings {
-        eprintln!("warning: {}:{w}", policy.source);
+    let mut lints = crate::policy::lint::lint(&policy);
+    lints.retain(|w| !(args.deny_warnings && w.lint == "asymmetric-defaults"));
+    let mut warnings: Vec<WarningOut> = lints
+        .iter()
+        .map(|w| WarningOut::lint(&policy.source, w))
+        .collect();
+    if let Some(message) = ssh_session_warning(&policy, &args.role) {
+        warnings.push(WarningOut {
+            file: policy.source.clone(),
+            line: None,
+            column: None,
+            kind: "ssh-session",
+            field: None,
+            message,
+        });
     }
-    let ssh = ssh_session_warning(&policy, &args.role);
-    if args.deny_warnings && (!warnings.is_empty() || ssh) {
+    // Text: the warnings go to stderr first (also when stdout is closed);
+    // JSON carries them in the document, unless nothing is printed.
+    if args.output == Output::Text || (args.deny_warnings && !warnings.is_empty()) {
+        for w in &warnings {
+            eprintln!("{}", w.line());
+        }
+    }
+    if args.deny_warnings && !warnings.is_empty() {
         anyhow::bail!(
             "{}: {} warning(s) and --deny-warnings",
             policy.source,
-            warnings.len() + usize::from(ssh)
+            warnings.len()
         );
+    }
+    let out = Checked {
+        policy: policy.source.clone(),
+        version: policy.version,
+        sets: policy.sets.len(),
+        roles: policy.roles.len(),
+        rules: policy.rules.len(),
+        compiled,
+        warnings,
+    };
+    match args.output {
+        Output::Json => print_json(&out)?,
+        Output::Text => {
+            print_line(format_args!(
+                "{}: ok: version {}, {} sets, {} roles, {} rules",
+                out.policy, out.version, out.sets, out.roles, out.rules
+            ))?;
+            for c in &out.compiled {
+                print_line(format_args!(
+                    "  role {}: {} ingress + {} egress rules -> {} classes, {} IPv4 / {} IPv6 prefixes, {} port prefixes",
+                    c.roles.join("+"),
+                    c.ingress_rules,
+                    c.egress_rules,
+                    c.classes,
+                    c.ipv4_prefixes,
+                    c.ipv6_prefixes,
+                    c.port_prefixes
+                ))?;
+            }
+        }
     }
     Ok(())
 }
 
-/// Warns (on stderr) when the policy would cut the SSH session `check`
+/// The warning to give when the policy would cut the SSH session `check`
 /// runs in: `SSH_CONNECTION` is "client-ip client-port server-ip
 /// server-port"; the host's roles are `--role`, or those whose `hosts`
-/// contain the server address. Returns whether it warned.
-pub fn ssh_session_warning(policy: &Policy, roles_arg: &[String]) -> bool {
-    let Ok(conn) = std::env::var("SSH_CONNECTION") else {
-        return false;
-    };
+/// contain the server address.
+pub fn ssh_session_warning(policy: &Policy, roles_arg: &[String]) -> Option<String> {
+    let conn = std::env::var("SSH_CONNECTION").ok()?;
     let parts: Vec<&str> = conn.split_whitespace().collect();
-    let (Some(client), Some(server), Some(port)) = (
-        parts
-            .first()
-            .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
-        parts
-            .get(2)
-            .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
-        parts.get(3).and_then(|p| p.parse::<u16>().ok()),
-    ) else {
-        return false;
-    };
+    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
+    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
+    let port = parts.get(3)?.parse::<u16>().ok()?;
     let roles = if roles_arg.is_empty() {
         policy
             .roles
@@ -117,16 +217,14 @@ pub fn ssh_session_warning(policy: &Policy, roles_arg: &[String]) -> bool {
     };
     let v = crate::policy::eval::evaluate(policy, &roles, None, Direction::Ingress, &pkt);
     if v.passes() {
-        return false;
+        return None;
     }
-    eprintln!(
-        "warning: {}: this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
-        policy.source,
+    Some(format!(
+        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
         if roles.is_empty() {
             "none".to_string()
         } else {
             roles.join(", ")
         }
-    );
-    true
+    ))
 }

@@ -1,19 +1,50 @@
 //! `segbpf confirm`: keep a change applied with `--confirm`, cancelling its
 //! automatic rollback ([`crate::guard`]).
 
-use crate::{guard, netns::Netns, pins::Attachment};
+use serde::Serialize;
+
+use crate::{
+    cmd::{Output, Target, print_json, print_line},
+    guard,
+    netns::Netns,
+    pins::Attachment,
+};
 
 /// Arguments of `segbpf confirm`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Interface whose pending change to keep.
     pub iface: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// The result of `confirm` in JSON.
+#[derive(Serialize)]
+struct ConfirmOut {
+    #[serde(flatten)]
+    target: Target,
+    /// The generation kept.
+    generation: u64,
+    /// Always true: nothing to confirm is an error.
+    confirmed: bool,
 }
 
 /// Runs `segbpf confirm`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, ns);
     let generation = guard::confirm(&att)?;
-    println!("confirmed generation {generation} on {}", att.describe());
+    match args.output {
+        Output::Json => print_json(&ConfirmOut {
+            target: Target::of(&att),
+            generation,
+            confirmed: true,
+        })?,
+        Output::Text => print_line(format_args!(
+            "confirmed generation {generation} on {}",
+            att.describe()
+        ))?,
+    }
     Ok(())
 }

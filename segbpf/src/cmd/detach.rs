@@ -3,14 +3,34 @@
 //! ([`crate::attach::detach`]).
 
 use anyhow::bail;
+use serde::Serialize;
 
-use crate::{attach, netns::Netns, pins::Attachment};
+use crate::{
+    attach,
+    cmd::{Output, Target, print_json, print_line},
+    netns::Netns,
+    pins::Attachment,
+};
 
 /// Arguments of `segbpf detach`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Interface to remove segbpf from.
     pub iface: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// The result of `detach` in JSON.
+#[derive(Serialize)]
+struct DetachOut {
+    #[serde(flatten)]
+    target: Target,
+    /// Always true: files that could not be removed are an error.
+    detached: bool,
+    /// Whether programs were attached (false: only stale files were removed).
+    was_attached: bool,
 }
 
 /// Runs `segbpf detach`.
@@ -24,10 +44,22 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             att.dir.display()
         );
     }
-    if attach::detach(&att)? {
-        println!("detached segbpf from {}", att.describe());
-    } else {
-        println!("removed stale segbpf files of {}", att.describe());
+    let was_attached = attach::detach(&att)?;
+    match args.output {
+        Output::Json => print_json(&DetachOut {
+            target: Target::of(&att),
+            detached: true,
+            was_attached,
+        })?,
+        Output::Text if was_attached => {
+            print_line(format_args!("detached segbpf from {}", att.describe()))?;
+        }
+        Output::Text => {
+            print_line(format_args!(
+                "removed stale segbpf files of {}",
+                att.describe()
+            ))?;
+        }
     }
     Ok(())
 }

@@ -6,11 +6,11 @@
 
 use std::path::PathBuf;
 
-use segbpf_common::reason;
+use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason};
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, PacketArgs, UsageError},
+    cmd::{Output, PacketArgs, UsageError, print_json, print_line},
     policy::{
         Direction, Policy,
         eval::{self, Packet},
@@ -43,13 +43,44 @@ pub struct Args {
 struct Explained {
     verdict: &'static str,
     reason: &'static str,
+    /// The rule that allows the packet (none: a default or a built-in reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<RuleOut>,
-    packet: Packet,
+    packet: PacketOut,
     direction: Direction,
     roles: Vec<String>,
     /// Whether, once this packet passes, the flow's replies pass by
     /// connection tracking (`defaults.established` and a tracked protocol).
     replies_tracked: bool,
+}
+
+/// The packet judged, with only the fields that apply to its protocol.
+#[derive(Serialize)]
+struct PacketOut {
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or the number ([`proto_name`]).
+    proto: String,
+    /// TCP and UDP only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dport: Option<u16>,
+    /// ICMP and ICMPv6 only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icmp_type: Option<u8>,
+    hop_limit: u8,
+}
+
+impl From<&Packet> for PacketOut {
+    fn from(p: &Packet) -> Self {
+        PacketOut {
+            src: p.src,
+            dst: p.dst,
+            proto: proto_name(p.proto),
+            dport: matches!(p.proto, IPPROTO_TCP | IPPROTO_UDP).then_some(p.dport),
+            icmp_type: matches!(p.proto, IPPROTO_ICMP | IPPROTO_ICMPV6).then_some(p.icmp_type),
+            hop_limit: p.hop_limit,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -68,12 +99,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.packet.src.is_ipv4() != args.packet.dst.is_ipv4() {
         return Err(UsageError("--src and --dst must be the same address family".into()).into());
     }
-    if args.packet.dport.is_none() && matches!(args.packet.proto, 6 | 17) {
+    if args.packet.dport.is_none() && matches!(args.packet.proto, IPPROTO_TCP | IPPROTO_UDP) {
         return Err(UsageError("--dport is required for tcp and udp".into()).into());
     }
     let policy = Policy::load(&args.policy)?;
     let roles = roles::resolve(&policy, &args.role, "-", &[])?;
-    let default_icmp_type = if args.packet.proto == segbpf_common::IPPROTO_ICMP {
+    let default_icmp_type = if args.packet.proto == IPPROTO_ICMP {
         8
     } else {
         128
@@ -99,22 +130,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             services: r.services(),
         }
     });
-    let tracked_proto = matches!(pkt.proto, 6 | 17)
-        || (pkt.proto == 1 && pkt.icmp_type == 8)
-        || (pkt.proto == 58 && pkt.icmp_type == 128);
+    let tracked_proto = matches!(pkt.proto, IPPROTO_TCP | IPPROTO_UDP)
+        || (pkt.proto == IPPROTO_ICMP && pkt.icmp_type == 8)
+        || (pkt.proto == IPPROTO_ICMPV6 && pkt.icmp_type == 128);
     let out = Explained {
         replies_tracked: v.passes() && policy.defaults.established && tracked_proto,
         verdict: if v.passes() { "allow" } else { "drop" },
         reason: reason::name(v.reason),
         rule,
-        packet: pkt,
+        packet: (&pkt).into(),
         direction: dir,
         roles,
     };
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+        Output::Json => print_json(&out)?,
         Output::Text => {
-            println!(
+            print_line(format_args!(
                 "{} {} {} -> {} {}/{}: {} ({})",
                 out.direction,
                 out.roles.join("+"),
@@ -124,9 +155,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 pkt.dport,
                 out.verdict.to_uppercase(),
                 out.reason
-            );
+            ))?;
             match &out.rule {
-                Some(r) => println!(
+                Some(r) => print_line(format_args!(
                     "  rule #{} {} ({}:{}): {} {}",
                     r.id,
                     r.name.as_deref().unwrap_or(&r.label),
@@ -134,14 +165,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     r.line,
                     r.peer,
                     r.services
-                ),
-                None if !v.passes() => {
-                    println!("  no rule matches; defaults.{} = drop", out.direction);
-                }
+                ))?,
+                None if !v.passes() => print_line(format_args!(
+                    "  no rule matches; defaults.{} = drop",
+                    out.direction
+                ))?,
                 None => {}
             }
             if out.replies_tracked {
-                println!("  replies pass by connection tracking (defaults.established = true)");
+                print_line("  replies pass by connection tracking (defaults.established = true)")?;
             }
         }
     }

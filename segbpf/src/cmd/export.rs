@@ -2,7 +2,7 @@
 //! the policy, for `nft -f` (fallback, cross-check, migration, and the peer
 //! in benchmarks). See `crate::export` for what it contains.
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
 use crate::policy::{Policy, roles};
 
@@ -50,10 +50,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 roles::resolve(&policy, &role, "-", &[])?
             };
-            print!(
-                "{}",
-                crate::export::nft(&policy, &roles, iface.as_deref(), &table)
-            );
+            // Not println!: a closed stdout is an error main handles (see
+            // `cmd::print_line`), not a panic.
+            let text = crate::export::nft(&policy, &roles, iface.as_deref(), &table);
+            std::io::stdout().lock().write_all(text.as_bytes())?;
         }
     }
     Ok(())

@@ -78,6 +78,60 @@ pub enum Output {
     Json,
 }
 
+/// Writes one line of a result to stdout. Unlike `println!`, a write
+/// error (a closed pipe: `segbpf status | head -1`) is returned rather than
+/// a panic; `main` ends quietly with status 0 on a broken pipe.
+pub fn print_line(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write as _;
+    writeln!(std::io::stdout().lock(), "{text}")
+}
+
+/// Prints `value` on stdout as one JSON document (see [`print_line`]).
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    print_line(serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+/// The attachment a JSON result is about, named as `status` names it.
+#[derive(Debug, serde::Serialize)]
+pub struct Target {
+    /// Interface.
+    pub iface: String,
+    /// Its network namespace.
+    #[serde(flatten)]
+    pub netns: NetnsOut,
+}
+
+impl Target {
+    /// The target of `att`.
+    pub fn of(att: &crate::pins::Attachment) -> Self {
+        Target {
+            iface: att.iface.clone(),
+            netns: NetnsOut::of(att),
+        }
+    }
+}
+
+/// An attachment's network namespace in JSON results.
+#[derive(Debug, serde::Serialize)]
+pub struct NetnsOut {
+    /// The namespace's label (`ip netns` name, `host`), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The namespace's inode.
+    pub netns_inode: u64,
+}
+
+impl NetnsOut {
+    /// The namespace of `att`.
+    pub fn of(att: &crate::pins::Attachment) -> Self {
+        NetnsOut {
+            netns: att.netns.label.clone(),
+            netns_inode: att.netns.inode,
+        }
+    }
+}
+
 /// A packet to judge: the arguments `explain` and `trace` share.
 #[derive(Clone, Debug, clap::Args)]
 pub struct PacketArgs {

@@ -3,10 +3,13 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
+
 use crate::{
+    cmd::{NetnsOut, Output, print_json, print_line},
     netns::Netns,
     pins::Attachment,
-    swap::{self, ReloadRequest},
+    swap::{self, ReloadRequest, Swapped},
 };
 
 /// Arguments of `segbpf reload`.
@@ -30,12 +33,29 @@ pub struct Args {
     /// attach stay.
     #[arg(long)]
     pub redetect_roles: bool,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// The result of `reload` in JSON.
+#[derive(Serialize)]
+struct Reloaded<'a> {
+    #[serde(flatten)]
+    swap: &'a Swapped,
+    #[serde(flatten)]
+    netns: NetnsOut,
+    /// Always true: a change that was not applied is an error.
+    applied: bool,
+    /// Seconds until the change is undone unless confirmed (`--confirm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    confirm_secs: Option<u64>,
 }
 
 /// Runs `segbpf reload`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, ns);
-    let out = swap::reload(
+    let swapped = swap::reload(
         &att,
         &ReloadRequest {
             policy: args.policy,
@@ -44,6 +64,14 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             redetect_roles: args.redetect_roles,
         },
     )?;
-    println!("{out}");
+    match args.output {
+        Output::Json => print_json(&Reloaded {
+            swap: &swapped,
+            netns: NetnsOut::of(&att),
+            applied: true,
+            confirm_secs: args.confirm,
+        })?,
+        Output::Text => print_line(&swapped)?,
+    }
     Ok(())
 }

@@ -10,12 +10,12 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, UsageError},
+    cmd::{NetnsOut, Output, UsageError, print_json, print_line},
     netns::Netns,
     pins::Attachment,
     policy::{AddrRange, addr::parse_item},
     state::State,
-    swap,
+    swap::{self, Swapped},
 };
 
 /// Arguments of `segbpf set`.
@@ -38,6 +38,9 @@ pub enum Op {
         /// Members to add.
         #[arg(required = true)]
         addrs: Vec<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Remove members (as listed by `set list`) from a set.
     Del {
@@ -48,6 +51,9 @@ pub enum Op {
         /// Members to remove.
         #[arg(required = true)]
         addrs: Vec<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// List the members in force of one set or of all sets.
     List {
@@ -71,8 +77,18 @@ struct SetView {
 /// Runs `segbpf set`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     match args.op {
-        Op::Add { iface, set, addrs } => edit(&iface, ns, &set, &addrs, true),
-        Op::Del { iface, set, addrs } => edit(&iface, ns, &set, &addrs, false),
+        Op::Add {
+            iface,
+            set,
+            addrs,
+            output,
+        } => edit(&iface, ns, &set, &addrs, true, output),
+        Op::Del {
+            iface,
+            set,
+            addrs,
+            output,
+        } => edit(&iface, ns, &set, &addrs, false, output),
         Op::List { iface, set, output } => list(&iface, ns, set.as_deref(), output),
     }
 }
@@ -87,16 +103,50 @@ fn parse_members(addrs: &[String]) -> anyhow::Result<Vec<AddrRange>> {
         .collect()
 }
 
-fn edit(iface: &str, ns: &Netns, set: &str, addrs: &[String], add: bool) -> anyhow::Result<()> {
+/// The result of `set add|del` in JSON.
+#[derive(Serialize)]
+struct Edited<'a> {
+    /// `add` or `del`.
+    op: &'static str,
+    set: &'a str,
+    /// Members added or removed (members already in, on add, are not counted).
+    changed: usize,
+    /// The swap that applied the edit.
+    #[serde(flatten)]
+    swap: &'a Swapped,
+    #[serde(flatten)]
+    netns: NetnsOut,
+    /// Always true: an edit that was not applied is an error.
+    applied: bool,
+}
+
+fn edit(
+    iface: &str,
+    ns: &Netns,
+    set: &str,
+    addrs: &[String],
+    add: bool,
+    output: Output,
+) -> anyhow::Result<()> {
     let att = Attachment::new(iface, ns);
     let members = parse_members(addrs)?;
-    let (changed, msg) = swap::edit_set(&att, set, &members, add)?;
-    println!(
-        "{} {changed} member(s) {} set {set} on {}; {msg}",
-        if add { "added" } else { "removed" },
-        if add { "to" } else { "from" },
-        att.describe()
-    );
+    let (changed, swapped) = swap::edit_set(&att, set, &members, add)?;
+    match output {
+        Output::Json => print_json(&Edited {
+            op: if add { "add" } else { "del" },
+            set,
+            changed,
+            swap: &swapped,
+            netns: NetnsOut::of(&att),
+            applied: true,
+        })?,
+        Output::Text => print_line(format_args!(
+            "{} {changed} member(s) {} set {set} on {}; {swapped}",
+            if add { "added" } else { "removed" },
+            if add { "to" } else { "from" },
+            att.describe()
+        ))?,
+    }
     Ok(())
 }
 
@@ -122,10 +172,10 @@ fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::
         })
         .collect();
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&views)?),
+        Output::Json => print_json(&views)?,
         Output::Text => {
             for v in &views {
-                println!(
+                print_line(format_args!(
                     "{}{}: {}",
                     v.name,
                     if v.edited { " (edited live)" } else { "" },
@@ -134,7 +184,7 @@ fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::
                     } else {
                         v.members.join(", ")
                     }
-                );
+                ))?;
             }
         }
     }

@@ -3,10 +3,12 @@
 //! and per-rule counters with the rule's line in roles.toml (like
 //! `nft -a list`), as text or JSON ([`crate::report`]).
 
+use std::io::Write;
+
 use anyhow::bail;
 
 use crate::{
-    cmd::Output,
+    cmd::{Output, print_json},
     netns::Netns,
     pins::Roots,
     report::{self, Report},
@@ -47,25 +49,21 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         .map(report::report)
         .collect::<Result<Vec<_>, _>>()?;
     match args.output {
-        Output::Json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "attachments": reports }))?
-            );
-        }
+        Output::Json => print_json(&serde_json::json!({ "attachments": reports }))?,
         Output::Text => {
+            let mut o = std::io::stdout().lock();
             if reports.is_empty() {
-                println!("segbpf is not attached to any interface");
+                writeln!(o, "segbpf is not attached to any interface")?;
             }
             for r in &reports {
-                print_text(r);
+                print_text(&mut o, r)?;
             }
         }
     }
     Ok(())
 }
 
-fn print_text(r: &Report) {
+fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let ns = match &r.netns {
         _ if r.netns_inode == crate::netns::INIT_NET_INODE => String::new(),
         Some(l) => format!(" (netns {l})"),
@@ -78,27 +76,31 @@ fn print_text(r: &Report) {
     };
     match &r.state {
         Some(s) => {
-            println!(
+            writeln!(
+                o,
                 "{}{ns}: {link}, ingress xdp {} (prog {}), egress tc {} (prog {}), generation {}",
                 r.iface, s.mode, s.prog_id, s.tc_mode, s.tc_prog_id, s.generation
-            );
-            println!("  policy:    {}", s.policy);
-            println!("  roles:     {}", s.roles.join(", "));
+            )?;
+            writeln!(o, "  policy:    {}", s.policy)?;
+            writeln!(o, "  roles:     {}", s.roles.join(", "))?;
             if s.roles_changed_at > 0 {
-                println!(
+                writeln!(
+                    o,
                     "  ROLES CHANGED at generation {} (were: {})",
                     s.roles_changed_at,
                     s.previous_roles.join(", ")
-                );
+                )?;
             }
             if let Some(p) = &r.pending {
-                println!(
+                writeln!(
+                    o,
                     "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {}`)",
                     p.generation, p.deadline, r.iface
-                );
+                )?;
             }
             if !s.set_overrides.is_empty() {
-                println!(
+                writeln!(
+                    o,
                     "  DRIFT:     sets edited live: {} (`segbpf reload {}` restores the file's)",
                     s.set_overrides
                         .keys()
@@ -106,20 +108,22 @@ fn print_text(r: &Report) {
                         .collect::<Vec<_>>()
                         .join(", "),
                     r.iface
-                );
+                )?;
             }
-            println!(
+            writeln!(
+                o,
                 "  compiled:  {} rules, {} classes, {} IPv4 / {} IPv6 / {} port prefixes",
                 s.rules.len(),
                 s.classes,
                 s.entries[0],
                 s.entries[1],
                 s.entries[2]
-            );
+            )?;
         }
-        None => println!("{}{ns}: {link} (state file missing)", r.iface),
+        None => writeln!(o, "{}{ns}: {link} (state file missing)", r.iface)?,
     }
-    println!(
+    writeln!(
+        o,
         "  conntrack: {} of {} entries assured, {} of {} half-open; fragments: {} + {} of {} each",
         r.conntrack.entries,
         r.conntrack.size,
@@ -128,9 +132,10 @@ fn print_text(r: &Report) {
         r.fragments.assured_entries,
         r.fragments.other_entries,
         r.fragments.size
-    );
+    )?;
     if let Some(s) = &r.state {
-        println!(
+        writeln!(
+            o,
             "  mode:      {}; events {}/s, burst {}",
             if s.audit {
                 "AUDIT (nothing enforced)"
@@ -139,27 +144,30 @@ fn print_text(r: &Report) {
             },
             s.log_rate,
             s.log_burst
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        o,
         "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full)",
         r.events.emitted, r.events.suppressed, r.events.lost
-    );
-    println!("  passed:    {} packets", r.passed);
-    println!("  dropped:   {} packets", r.dropped);
+    )?;
+    writeln!(o, "  passed:    {} packets", r.passed)?;
+    writeln!(o, "  dropped:   {} packets", r.dropped)?;
     if !r.rules.is_empty() {
-        println!("  rules (connection openers each rule allowed):");
-        println!(
+        writeln!(o, "  rules (connection openers each rule allowed):")?;
+        writeln!(
+            o,
             "    {:>4}  {:<24} {:>5}  {:<40} {:>10} {:>12}",
             "id", "rule", "line", "match", "packets", "bytes"
-        );
+        )?;
         for rule in &r.rules {
             let what = format!("{} {} {}", rule.direction, rule.peer, rule.services);
             let name = rule.name.as_deref().unwrap_or(&rule.label);
-            println!(
+            writeln!(
+                o,
                 "    {:>4}  {:<24} {:>5}  {:<40} {:>10} {:>12}",
                 rule.id, name, rule.line, what, rule.packets, rule.bytes
-            );
+            )?;
         }
     }
     for (dir, by_reason) in &r.directions {
@@ -169,7 +177,8 @@ fn print_text(r: &Report) {
             .map(|(name, c)| format!("{name} {} ({} B)", c.packets, c.bytes))
             .collect();
         if !nonzero.is_empty() {
-            println!("  {dir:<8} {}", nonzero.join(", "));
+            writeln!(o, "  {dir:<8} {}", nonzero.join(", "))?;
         }
     }
+    Ok(())
 }

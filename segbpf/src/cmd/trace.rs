@@ -4,7 +4,7 @@
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    cmd::{Output, PacketArgs, UsageError},
+    cmd::{Output, PacketArgs, UsageError, print_json, print_line},
     netns::Netns,
     packet::PacketSpec,
     pins::Attachment,
@@ -73,9 +73,9 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
     };
     let traced = trace::trace_packet(&att, args.packet.direction.into(), frame)?;
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&traced)?),
+        Output::Json => print_json(&traced)?,
         Output::Text => {
-            println!(
+            print_line(format_args!(
                 "{} {} {} -> {} {}/{}: {} ({})",
                 args.iface,
                 traced.direction,
@@ -85,12 +85,12 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
                 args.packet.dport.unwrap_or(0),
                 traced.verdict.to_uppercase(),
                 traced.reason
-            );
+            ))?;
             if traced.ct_hit {
-                println!("  part of a tracked connection (established)");
+                print_line("  part of a tracked connection (established)")?;
             }
             if let Some(r) = &traced.rule {
-                println!(
+                print_line(format_args!(
                     "  rule #{} {} (line {})",
                     r["id"],
                     r["name"]
@@ -98,10 +98,13 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
                         .or_else(|| r["label"].as_str())
                         .unwrap_or("?"),
                     r["line"]
-                );
+                ))?;
             }
             if let Some(s) = state {
-                println!("  policy {} generation {}", s.policy, s.generation);
+                print_line(format_args!(
+                    "  policy {} generation {}",
+                    s.policy, s.generation
+                ))?;
             }
         }
     }

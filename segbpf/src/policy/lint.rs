@@ -41,18 +41,23 @@ pub struct Warning {
     pub lint: &'static str,
     /// Where (None: the whole file).
     pub loc: Option<Loc>,
-    /// Field path, e.g. `roles.web.ingress[0]`.
+    /// Field path, e.g. `roles.web.ingress[0]` (empty: the whole file).
     pub field: String,
     /// What is wrong and what to do.
     pub message: String,
 }
 
+/// `line:column: field: message [lint]`, without the file (`segbpf
+/// check` prints `FILE:LINE:COLUMN: warning: field: message [lint]`).
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.loc {
-            Some(l) => write!(f, "{}: {}: {} [{}]", l, self.field, self.message, self.lint),
-            None => write!(f, "{}: {} [{}]", self.field, self.message, self.lint),
+        if let Some(l) = self.loc {
+            write!(f, "{l}: ")?;
         }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        write!(f, "{} [{}]", self.message, self.lint)
     }
 }
 
@@ -255,7 +260,7 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
         out.push(Warning {
             lint: "no-ssh-path",
             loc: None,
-            field: policy.source.clone(),
+            field: String::new(),
             message: "no ingress rule allows SSH (tcp/22) from a specific set of admin addresses: a mistake needs console access to recover".into(),
         });
     }
