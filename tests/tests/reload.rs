@@ -406,6 +406,11 @@ fn unconfirmed_change_is_rolled_back_after_the_deadline() -> anyhow::Result<()> 
     let s = setup("cfm")?;
     let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
     let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+    // One dry-run instance, loaded before the clock runs: it shares the
+    // live maps, so it judges with whatever policy is in force when asked
+    // (loading one takes seconds on a busy host, longer than a short
+    // confirmation window).
+    let mut dry = loader::load_dry_run(&s.att)?;
     // The applying process exits at once; only the guard remains.
     s.lab.segbpf_ok(
         "db",
@@ -418,12 +423,23 @@ fn unconfirmed_change_is_rolled_back_after_the_deadline() -> anyhow::Result<()> 
             "3",
         ],
     )?;
-    assert_eq!(current_verdicts(&s)?, all_b, "the change is in force");
+    assert_eq!(
+        verdicts(&mut dry, &probes())?,
+        all_b,
+        "the change is in force"
+    );
     let status = s.lab.segbpf_ok("db", &["status", "eth0"])?;
     assert!(status.contains("PENDING"), "{status}");
-    std::thread::sleep(Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.lab.status_json("db")?["attachments"][0]["pending"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard never acted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
-        current_verdicts(&s)?,
+        verdicts(&mut dry, &probes())?,
         all_a,
         "previous policy back after the deadline"
     );
