@@ -2,9 +2,13 @@
 //! network namespaces joined by a bridge, TCP listeners and connection
 //! attempts inside namespaces, and running the `segbpf` binary against
 //! private pin/state roots. Everything a lab creates is removed when the
-//! lab is dropped, also when a test fails.
+//! lab is dropped, also when a test fails. With the `harness` feature (on
+//! for this crate's tests), the `harness` module loads the real eBPF
+//! program and runs frames through it with BPF_PROG_TEST_RUN.
 
 pub mod generate;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod lab;
 pub mod net;
 pub mod netns;
