@@ -92,7 +92,7 @@ fn v4_item(rng: &mut Rng, edges: &mut Vec<u32>) -> String {
 }
 
 fn v6_item(rng: &mut Rng, edges: &mut Vec<u128>) -> String {
-    let base = V6_BASE + rng.below(1 << 16) as u128;
+    let base = V6_BASE + u128::from(rng.below(1 << 16));
     if rng.chance(1, 2) {
         let len = 112 + rng.below(17) as u32;
         let mask = if len == 128 {
@@ -105,7 +105,7 @@ fn v6_item(rng: &mut Rng, edges: &mut Vec<u128>) -> String {
         edges.extend([net.wrapping_sub(1), net, end, end.wrapping_add(1)]);
         format!("{}/{len}", Ipv6Addr::from(net))
     } else {
-        let end = base + rng.below(3000) as u128;
+        let end = base + u128::from(rng.below(3000));
         edges.extend([base.wrapping_sub(1), base, end, end.wrapping_add(1)]);
         format!("{}-{}", Ipv6Addr::from(base), Ipv6Addr::from(end))
     }
@@ -136,7 +136,7 @@ pub fn policy(rng: &mut Rng) -> GenPolicy {
     let mut t = String::from("version = 1\n[sets]\n");
     let nsets = 2 + rng.below(4);
     for i in 0..nsets {
-        let items: Vec<String> = (0..1 + rng.below(4))
+        let items: Vec<String> = (0..=rng.below(4))
             .map(|_| {
                 if rng.chance(1, 3) {
                     format!("\"{}\"", v6_item(rng, &mut edges6))
@@ -181,15 +181,11 @@ pub fn policy(rng: &mut Rng) -> GenPolicy {
             any = true;
         }
         if rng.chance(2, 3) || !any {
-            let list: Vec<String> = (0..1 + rng.below(3))
-                .map(|_| port_item(rng, ports))
-                .collect();
+            let list: Vec<String> = (0..=rng.below(3)).map(|_| port_item(rng, ports)).collect();
             let _ = writeln!(t, "tcp = [{}]", list.join(", "));
         }
         if rng.chance(1, 3) {
-            let list: Vec<String> = (0..1 + rng.below(2))
-                .map(|_| port_item(rng, ports))
-                .collect();
+            let list: Vec<String> = (0..=rng.below(2)).map(|_| port_item(rng, ports)).collect();
             let _ = writeln!(t, "udp = [{}]", list.join(", "));
         }
         if rng.chance(1, 5) {
@@ -214,7 +210,7 @@ pub fn policy(rng: &mut Rng) -> GenPolicy {
     for r in 0..nroles {
         let name = format!("r{r}");
         let _ = writeln!(t, "[roles.{name}]\nhosts = \"any\"");
-        for _ in 0..1 + rng.below(4) {
+        for _ in 0..=rng.below(4) {
             rule(
                 rng,
                 &mut t,
@@ -242,7 +238,7 @@ pub fn packet(rng: &mut Rng, p: &GenPolicy) -> (IpAddr, u8, u16, u8) {
         let a = if rng.chance(4, 5) {
             *rng.pick(&p.edges6)
         } else {
-            V6_BASE + rng.below(1 << 17) as u128
+            V6_BASE + u128::from(rng.below(1 << 17))
         };
         IpAddr::V6(Ipv6Addr::from(a))
     } else {

@@ -54,7 +54,7 @@ impl Server {
         let path = format!("/run/netns/{ns}");
         let (s, h) = (stop.clone(), handled.clone());
         let thread = std::thread::spawn(move || {
-            let sock = match netns::enter(&path).and_then(|_| bind()) {
+            let sock = match netns::enter(&path).and_then(|()| bind()) {
                 Ok(sock) => {
                     let _ = tx.send(Ok(()));
                     sock
@@ -89,12 +89,11 @@ impl Server {
                 l.set_nonblocking(true)?;
                 Ok(l)
             },
-            |l: &TcpListener| match l.accept() {
-                Ok((c, _)) => {
+            |l: &TcpListener| {
+                if let Ok((c, _)) = l.accept() {
                     echo_once(c);
                     true
-                }
-                Err(_) => {
+                } else {
                     std::thread::sleep(Duration::from_millis(5));
                     false
                 }
@@ -340,7 +339,7 @@ impl RawSender {
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
-                (&addr as *const libc::sockaddr_ll).cast(),
+                (&raw const addr).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
@@ -422,14 +421,13 @@ impl Server {
                 l.set_nonblocking(true)?;
                 Ok(l)
             },
-            move |l: &TcpListener| match l.accept() {
-                Ok((mut c, _)) => {
+            move |l: &TcpListener| {
+                if let Ok((mut c, _)) = l.accept() {
                     let _ = c.set_nonblocking(false);
                     let deadline = std::time::Instant::now() + Duration::from_secs(30);
                     let _ = write_pattern(&mut c, bytes, deadline);
                     true
-                }
-                Err(_) => {
+                } else {
                     std::thread::sleep(Duration::from_millis(5));
                     false
                 }
@@ -451,8 +449,8 @@ impl Server {
                 l.set_nonblocking(true)?;
                 Ok(l)
             },
-            move |l: &TcpListener| match l.accept() {
-                Ok((mut c, _)) => {
+            move |l: &TcpListener| {
+                if let Ok((mut c, _)) = l.accept() {
                     use std::io::Write as _;
                     let _ = c.set_nonblocking(false);
                     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -460,8 +458,7 @@ impl Server {
                     let _ = c.set_write_timeout(Some(Duration::from_secs(3)));
                     let _ = c.write_all(&n.to_be_bytes());
                     true
-                }
-                Err(_) => {
+                } else {
                     std::thread::sleep(Duration::from_millis(5));
                     false
                 }
@@ -665,7 +662,7 @@ pub fn udp_echo_payload(
                 Ok(n) => return Ok(Some(buf[..n].to_vec())),
                 // ICMP errors (port unreachable) surface as ECONNREFUSED on
                 // a connected socket: keep waiting for a datagram.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 Err(_) => return Ok(None),
             }
         }

@@ -121,7 +121,7 @@ impl Tun {
         };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
         anyhow::ensure!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
         if rc == 0 {
             return Ok(None);
@@ -269,7 +269,7 @@ impl StreamEcho {
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            let bound = netns::enter(&path).and_then(|_| {
+            let bound = netns::enter(&path).and_then(|()| {
                 let l = TcpListener::bind(SocketAddr::new(addr, port))
                     .with_context(|| format!("bind {addr}:{port}"))?;
                 l.set_nonblocking(true)?;
@@ -376,7 +376,7 @@ impl Conversation {
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let (s, k, r) = (stop.clone(), ok.clone(), report.clone());
         let thread = std::thread::spawn(move || {
-            let mut c = match netns::enter(&path).and_then(|_| connect(src, dst, timeout)) {
+            let mut c = match netns::enter(&path).and_then(|()| connect(src, dst, timeout)) {
                 Ok(c) => {
                     let _ = tx.send(Ok(()));
                     c
@@ -461,7 +461,7 @@ pub fn connect_in(
     timeout: Duration,
 ) -> anyhow::Result<TcpStream> {
     let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || netns::enter(&path).and_then(|_| connect(src, dst, timeout)))
+    std::thread::spawn(move || netns::enter(&path).and_then(|()| connect(src, dst, timeout)))
         .join()
         .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
 }

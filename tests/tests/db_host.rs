@@ -2,6 +2,10 @@
 //! (role picked from its own address) in a network namespace. Real TCP
 //! connections from an app-tier address reach tcp/5432; from a web-tier
 //! address they do not; `segbpf status` counters move accordingly.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{net::IpAddr, time::Duration};
 

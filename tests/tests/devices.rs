@@ -24,6 +24,10 @@
 //!   keeps exchanging data every 50 ms during and after it, one that was
 //!   idle during the flood still works after it (the replies of both pass
 //!   only as long as the table remembers them), and new connections work.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -567,8 +571,8 @@ fn conntrack(status: &serde_json::Value) -> String {
     let ct = &status["conntrack"];
     let mut s = format!("conntrack {} of {}", ct["entries"], ct["size"]);
     if ct.get("half_open_size").is_some() {
-        s += &format!(
-            ", half-open {} of {}",
+        s = format!(
+            "{s}, half-open {} of {}",
             ct["half_open_entries"], ct["half_open_size"]
         );
     }

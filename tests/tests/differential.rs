@@ -11,50 +11,30 @@
 //! fully validate is allowed) — and its counterpart, a fragmentation sweep:
 //! every way of fragmenting an allowed datagram passes whole, and no
 //! fragment of a denied one passes.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::net::IpAddr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
     compile::{self, Capacity},
-    loader,
-    maps::{self, PolicyMaps},
+    maps::PolicyMaps,
     packet::{Ext, PacketSpec},
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{NO_RULE, RUN_DRY, RUN_RECORD, reason};
-use segbpf_tests::generate::{self, Rng};
+use segbpf_tests::{
+    generate::{self, Rng},
+    harness::Instance,
+};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn run(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<(u8, u32)> {
-    loader::xdp(ebpf)?.test_run(TestRunOptions {
-        data_in: Some(frame),
-        ..TestRunOptions::new()
-    })?;
-    let t = maps::take_trace(ebpf)?;
-    anyhow::ensure!(t.valid == 1, "no decision recorded");
-    Ok((t.reason, t.rule_id))
-}
-
-/// An instance in run `mode` with `policy` (role `r` on eth0) in its maps.
-fn instance(policy: &Policy, mode: u8) -> anyhow::Result<aya::Ebpf> {
-    let c = compile::compile(
-        policy,
-        &["r".to_string()],
-        Some("eth0"),
-        0,
-        1,
-        Capacity::default(),
-    )?;
-    let mut ebpf = loader::load(Capacity::default(), mode)?;
-    maps::write_policy(&mut ebpf, &c)?;
-    Ok(ebpf)
 }
 
 fn host_of(src: IpAddr) -> IpAddr {
@@ -72,8 +52,8 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() -> anyhow::Result
     let seed = env_u64("SEGBPF_DIFF_SEED", 0x5e9b_f00d);
     let per_policy = 60;
     let mut rng = Rng::new(seed);
-    let mut ebpf = loader::load(Capacity::default(), RUN_DRY)?;
-    let mut pm = PolicyMaps::from_ebpf(&ebpf)?;
+    let mut instance = Instance::load(RUN_DRY)?;
+    let mut pm = PolicyMaps::from_ebpf(instance.ebpf())?;
     let (mut done, mut policies, mut mismatches) = (0u64, 0u64, Vec::new());
     let mut passes = 0u64;
     while done < cases {
@@ -112,7 +92,8 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() -> anyhow::Result
                 hop_limit: 64,
             };
             let want = eval::evaluate(&policy, &roles, Some("eth0"), Direction::Ingress, &pkt);
-            let got = run(&mut ebpf, &spec.build().bytes)?;
+            let got = instance.ingress(spec.build().bytes)?.ensure_recorded()?;
+            let got = (got.reason, got.rule_id);
             let want_pair = (want.reason, want.rule.unwrap_or(NO_RULE));
             if want.passes() {
                 passes += 1;
@@ -151,7 +132,7 @@ fn truncated_frames_never_pass() -> anyhow::Result<()> {
         "version = 1\n[defaults]\ningress = \"allow\"\n[roles.r]\nhosts = \"any\"\n[[roles.r.ingress]]\nfrom = \"any\"\nproto = \"any\"\n",
         "open.toml",
     )?;
-    let mut ebpf = instance(&policy, RUN_DRY)?;
+    let mut instance = Instance::with_policy(&policy, &["r".to_string()], "eth0", RUN_DRY)?;
     let a4: IpAddr = "198.18.0.2".parse()?;
     let a6: IpAddr = "fd00:18::2".parse()?;
     let h4: IpAddr = "198.18.0.1".parse()?;
@@ -181,14 +162,14 @@ fn truncated_frames_never_pass() -> anyhow::Result<()> {
     let mut passed = Vec::new();
     for (name, spec) in frames {
         let full = spec.build().bytes;
-        let (r, _) = run(&mut ebpf, &full)?;
+        let r = instance.ingress(&full)?.ensure_recorded()?.reason;
         assert!(
             reason::passes(r),
             "{name}: the whole frame passes ({})",
             reason::name(r)
         );
         for len in 14..full.len() {
-            let (r, _) = run(&mut ebpf, &full[..len])?;
+            let r = instance.ingress(&full[..len])?.ensure_recorded()?.reason;
             checked += 1;
             if reason::passes(r) {
                 passed.push(format!(
@@ -220,7 +201,7 @@ fn every_fragmentation_of_an_allowed_datagram_passes() -> anyhow::Result<()> {
         "frag.toml",
     )?;
     // A record instance: it remembers leading fragments like a live one.
-    let mut ebpf = instance(&policy, RUN_RECORD)?;
+    let mut instance = Instance::with_policy(&policy, &["r".to_string()], "eth0", RUN_RECORD)?;
     let a4: IpAddr = "198.18.0.2".parse()?;
     let a6: IpAddr = "fd00:18::2".parse()?;
     let h4: IpAddr = "198.18.0.1".parse()?;
@@ -326,7 +307,7 @@ fn every_fragmentation_of_an_allowed_datagram_passes() -> anyhow::Result<()> {
                 ways += 1;
                 let frags = spec.fragments(*unfrag, &cuts, id);
                 for (i, f) in frags.iter().enumerate() {
-                    let (r, _) = run(&mut ebpf, &f.bytes)?;
+                    let r = instance.ingress(&f.bytes)?.ensure_recorded()?.reason;
                     runs += 1;
                     let want_pass = *allowed && first >= header;
                     let ok = if i == 0 {

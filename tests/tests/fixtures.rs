@@ -34,14 +34,15 @@
 //!   namespace, every frame through `segbpf trace`'s code path, a few
 //!   `segbpf trace` / `segbpf explain` command lines compared, and the live
 //!   counters checked to be untouched by tracing.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context as _;
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    compile::{self, Capacity},
-    loader, maps,
     netns::Netns,
     packet::{Built, Ext, Frag4, PacketSpec, arp_request},
     pins::Roots,
@@ -49,10 +50,10 @@ use segbpf::{
         Direction, Policy,
         eval::{self, Packet, Verdict},
     },
-    trace::{dry_run_instance, trace_with},
+    trace::trace_with,
 };
-use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NO_RULE, reason};
-use segbpf_tests::Lab;
+use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RUN_DRY, reason};
+use segbpf_tests::{Lab, harness::Instance};
 
 /// The fixture policy.
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fixture.toml");
@@ -1102,19 +1103,15 @@ fn refused_short_frame(frame: &[u8], e: &anyhow::Error) -> bool {
         })
 }
 
-/// Runs one frame through a loaded instance with BPF_PROG_TEST_RUN.
-fn run_frame(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<aya::programs::TestRunResult> {
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        ..TestRunOptions::new()
-    };
-    Ok(loader::xdp(ebpf)?.test_run(opts)?)
-}
-
-/// Runs every case through `ebpf` (a dry-run instance holding the fixture
-/// policy) and returns the mismatches and the cases the kernel refused.
+/// Runs every case through `instance` (a dry-run instance holding the
+/// fixture policy) and returns the mismatches and the cases the kernel
+/// refused.
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "callers chain it with `?` like the other judging helpers"
+)]
 fn judge_all(
-    ebpf: &mut aya::Ebpf,
+    instance: &mut Instance,
     policy: &Policy,
     roles: &[String],
     cases: &[Case],
@@ -1124,8 +1121,8 @@ fn judge_all(
     for case in cases {
         let want = expected(policy, roles, case);
         let want_text = describe(want.reason, want.rule, xdp_action(want.reason));
-        let run = match run_frame(ebpf, &case.frame) {
-            Ok(r) => r,
+        let got = match instance.ingress(&case.frame) {
+            Ok(v) => v,
             Err(e) if refused_short_frame(&case.frame, &e) => {
                 refused.push(case.name);
                 continue;
@@ -1138,37 +1135,27 @@ fn judge_all(
                 continue;
             }
         };
-        let t = maps::take_trace(ebpf)?;
-        if t.valid != 1 {
+        if !got.recorded {
             failures.push(format!(
                 "{}: expected {want_text}, got no trace record",
                 case.name
             ));
             continue;
         }
-        let rule = (t.rule_id != NO_RULE).then_some(t.rule_id);
-        let ok = t.reason == want.reason
+        let rule = got.rule();
+        let ok = got.reason == want.reason
             && rule == want.rule
-            && run.return_value == xdp_action(t.reason)
-            && run.return_value == xdp_action(want.reason);
+            && got.action == xdp_action(got.reason)
+            && got.action == xdp_action(want.reason);
         if !ok {
             failures.push(format!(
                 "{}: expected {want_text}, got {}",
                 case.name,
-                describe(t.reason, rule, run.return_value)
+                describe(got.reason, rule, got.action)
             ));
         }
     }
     Ok((failures, refused))
-}
-
-/// A dry-run instance for a device of link layer `link` with the fixture
-/// policy written to its maps.
-fn fixture_instance(policy: &Policy, roles: &[String], link: u8) -> anyhow::Result<aya::Ebpf> {
-    let mut ebpf = loader::load_for_link(Capacity::default(), segbpf_common::RUN_DRY, link)?;
-    let compiled = compile::compile(policy, roles, Some(IFACE), 0, 1, Capacity::default())?;
-    maps::write_policy(&mut ebpf, &compiled)?;
-    Ok(ebpf)
 }
 
 #[test]
@@ -1178,8 +1165,8 @@ fn fixture_table_matches_reference_evaluator() -> anyhow::Result<()> {
     let roles = roles();
     let cases = cases();
     check_table(&policy, &roles, &cases);
-    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_ETHERNET)?;
-    let (failures, refused) = judge_all(&mut ebpf, &policy, &roles, &cases)?;
+    let mut instance = Instance::with_policy(&policy, &roles, IFACE, RUN_DRY)?;
+    let (failures, refused) = judge_all(&mut instance, &policy, &roles, &cases)?;
     println!("refused by BPF_PROG_TEST_RUN (shorter than {TEST_RUN_MIN} bytes): {refused:?}");
     report("in-process dry run", cases.len(), &failures);
     Ok(())
@@ -1255,8 +1242,14 @@ fn raw_ip_device_table_matches_reference_evaluator() -> anyhow::Result<()> {
         ),
     ]);
     assert!(raw.len() >= 60, "only {} raw cases", raw.len());
-    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_RAW_IP)?;
-    let (failures, refused) = judge_all(&mut ebpf, &policy, &roles, &raw)?;
+    let mut instance = Instance::with_policy_for_link(
+        &policy,
+        &roles,
+        IFACE,
+        RUN_DRY,
+        segbpf_common::LINK_RAW_IP,
+    )?;
+    let (failures, refused) = judge_all(&mut instance, &policy, &roles, &raw)?;
     assert!(refused.is_empty(), "refused: {refused:?}");
     report("raw IP device", raw.len(), &failures);
     Ok(())
@@ -1287,8 +1280,8 @@ fn link_local_false_drops_control_frames() -> anyhow::Result<()> {
         Case::reason("arp_request", arp_request(), reason::PASS_ARP),
         Case::policy("tcp4_http_from_client", &tcp(CLIENT4, 80)),
     ];
-    let mut ebpf = fixture_instance(&policy, &roles, segbpf_common::LINK_ETHERNET)?;
-    let (failures, _) = judge_all(&mut ebpf, &policy, &roles, &cases)?;
+    let mut instance = Instance::with_policy(&policy, &roles, IFACE, RUN_DRY)?;
+    let (failures, _) = judge_all(&mut instance, &policy, &roles, &cases)?;
     report("link_local = false", cases.len(), &failures);
     Ok(())
 }
@@ -1409,7 +1402,7 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
     let before = counters(&lab.status_json(ROLE)?);
     // One dry-run instance on the live maps for every frame (`segbpf trace`
     // loads one per packet; its command line is checked below).
-    let mut dry = dry_run_instance(&att)?;
+    let mut dry = Instance::trace(&att)?;
 
     let mut failures = Vec::new();
     let mut refused = Vec::new();
@@ -1417,7 +1410,7 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
         let want = expected(&policy, &roles, case);
         let want_text = describe(want.reason, want.rule, xdp_action(want.reason));
         let traced = match trace_with(
-            &mut dry,
+            dry.ebpf_mut(),
             &att,
             segbpf::policy::Direction::Ingress,
             &case.frame,
@@ -1464,7 +1457,7 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
                 traced
                     .rule
                     .as_ref()
-                    .map_or_else(|| "none".to_string(), |r| r.to_string()),
+                    .map_or_else(|| "none".to_string(), std::string::ToString::to_string),
                 traced.action,
             ));
         }

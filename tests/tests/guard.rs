@@ -3,6 +3,10 @@
 //! the applier dies at, after the deadline the previous policy is in force
 //! (the watcher does not re-apply the unconfirmed one), and the interface is
 //! never left open on the way. Checked with real TCP handshakes.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{path::Path, time::Duration};
 

@@ -11,6 +11,10 @@
 //!   one clear outcome: exactly one attaches, the other then adopts that
 //!   attachment (as a restarted `attach` does) and swaps its own policy in,
 //!   and each says which it did.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{
     net::IpAddr,

@@ -2,15 +2,17 @@
 //! enforces each interface's view. Each attachment is compiled for its own
 //! interface, so a rule with `interfaces = ["eth1"]` exists only in eth1's
 //! maps. Checked through the real program with BPF_PROG_TEST_RUN.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    compile::{self, Capacity},
-    loader, maps,
     packet::PacketSpec,
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{IPPROTO_TCP, NO_RULE, RUN_DRY, reason};
+use segbpf_tests::harness::Instance;
 
 const POLICY: &str = r#"
 version = 1
@@ -44,16 +46,10 @@ fn each_interface_enforces_its_own_view() -> anyhow::Result<()> {
         ("192.0.2.9", 22, "eth1", false),
     ];
     for iface in ["eth0", "eth1"] {
-        let c = compile::compile(&policy, &roles, Some(iface), 0, 1, Capacity::default())?;
-        let mut ebpf = loader::load(Capacity::default(), RUN_DRY)?;
-        maps::write_policy(&mut ebpf, &c)?;
+        let mut instance = Instance::with_policy(&policy, &roles, iface, RUN_DRY)?;
         for (src, port, on, allowed) in cases.iter().filter(|c| c.2 == iface) {
             let spec = PacketSpec::tcp(src.parse()?, "10.0.0.50".parse()?, 40000, *port);
-            loader::xdp(&mut ebpf)?.test_run(TestRunOptions {
-                data_in: Some(&spec.build().bytes),
-                ..TestRunOptions::new()
-            })?;
-            let t = maps::take_trace(&mut ebpf)?;
+            let t = instance.ingress(spec.build().bytes)?;
             assert_eq!(
                 reason::passes(t.reason),
                 *allowed,

@@ -7,6 +7,10 @@
 //! * A policy file writable by group or others is refused at attach, and
 //!   so is one in a directory others can write (without the sticky bit),
 //!   changing nothing in the kernel; `--insecure-policy` overrides it.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{os::unix::fs::PermissionsExt as _, os::unix::process::CommandExt as _, path::Path};
 

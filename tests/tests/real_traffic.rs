@@ -35,6 +35,10 @@
 //! Every lab is made of network namespaces (removed on drop, also when a
 //! test fails) with addresses in 198.18.0.0/15 and fd00::/8 only (besides
 //! the IPv6 link-local addresses the kernel gives every interface).
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -227,8 +231,7 @@ impl UdpServers {
         self.0
             .iter()
             .find(|(x, p, _)| *x == a && *p == port)
-            .map(|(_, _, s)| s)
-            .unwrap_or_else(|| panic!("no UDP server on {a}:{port}"))
+            .map_or_else(|| panic!("no UDP server on {a}:{port}"), |(_, _, s)| s)
     }
 }
 

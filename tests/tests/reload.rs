@@ -2,6 +2,10 @@
 //! steady stream of packets judged by the live maps, SIGKILLed reloads that
 //! must leave exactly the old or the new policy in force, and a policy that
 //! fails validation changing nothing.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{
     net::IpAddr,
@@ -14,16 +18,13 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    loader, maps,
     netns::Netns,
     packet::PacketSpec,
     pins::{Attachment, Roots},
     swap::reload_with,
 };
-use segbpf_common::reason;
-use segbpf_tests::{Lab, lab::segbpf_bin};
+use segbpf_tests::{Lab, harness::Instance, lab::segbpf_bin};
 
 const POLICY_A: &str = r#"
 version = 1
@@ -157,16 +158,10 @@ fn setup(tag: &str) -> anyhow::Result<Setup> {
 }
 
 /// Verdicts (pass?) of every probe through a dry-run instance on the live maps.
-fn verdicts(ebpf: &mut aya::Ebpf, probes: &[Probe]) -> anyhow::Result<Vec<bool>> {
+fn verdicts(instance: &mut Instance, probes: &[Probe]) -> anyhow::Result<Vec<bool>> {
     probes
         .iter()
-        .map(|p| {
-            loader::xdp(ebpf)?.test_run(TestRunOptions {
-                data_in: Some(&p.frame),
-                ..TestRunOptions::new()
-            })?;
-            Ok(reason::passes(maps::take_trace(ebpf)?.reason))
-        })
+        .map(|p| Ok(instance.ingress(&p.frame)?.passes()))
         .collect()
 }
 
@@ -183,9 +178,9 @@ fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
         let (judged, wrong) = (judged.clone(), wrong.clone());
         let (dropped_both, passed_neither) = (dropped_both.clone(), passed_neither.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut ebpf = loader::load_dry_run(&att)?;
+            let mut instance = Instance::dry_run(&att)?;
             while !stop.load(Ordering::Relaxed) {
-                for (p, pass) in probes.iter().zip(verdicts(&mut ebpf, &probes)?) {
+                for (p, pass) in probes.iter().zip(verdicts(&mut instance, &probes)?) {
                     judged.fetch_add(1, Ordering::Relaxed);
                     if pass != p.a && pass != p.b {
                         wrong.fetch_add(1, Ordering::Relaxed);
@@ -229,9 +224,9 @@ fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
         "one generation per swap"
     );
     // After an even number of swaps policy A is back, whole.
-    let mut ebpf = loader::load_dry_run(&s.att)?;
+    let mut instance = Instance::dry_run(&s.att)?;
     let want: Vec<bool> = probes.iter().map(|p| p.a).collect();
-    assert_eq!(verdicts(&mut ebpf, &probes)?, want);
+    assert_eq!(verdicts(&mut instance, &probes)?, want);
     // The program was never replaced.
     let status = s.lab.status_json("db")?;
     let st = &status["attachments"][0]["state"];
@@ -247,7 +242,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
     let all_a: Vec<bool> = probes.iter().map(|p| p.a).collect();
     let all_b: Vec<bool> = probes.iter().map(|p| p.b).collect();
     let prog_id = s.lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone();
-    let mut ebpf = loader::load_dry_run(&s.att)?;
+    let mut instance = Instance::dry_run(&s.att)?;
     let mut seed: u64 = 0x5eed;
     let mut outcomes = [0u32; 2];
     for i in 0..40 {
@@ -267,12 +262,12 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
             .stderr(std::process::Stdio::null())
             .spawn()?;
         seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         std::thread::sleep(Duration::from_micros((seed >> 33) % 40_000));
         let _ = child.kill(); // SIGKILL, wherever it is
         let _ = child.wait();
-        let got = verdicts(&mut ebpf, &probes)?;
+        let got = verdicts(&mut instance, &probes)?;
         assert!(
             got == all_a || got == all_b,
             "after kill {i}: a mix of policies: {:?}",
@@ -282,7 +277,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
                 .map(|(p, v)| (p.name, *v))
                 .collect::<Vec<_>>()
         );
-        outcomes[(got == all_b) as usize] += 1;
+        outcomes[usize::from(got == all_b)] += 1;
         // The state the next command sees names the policy in force.
         let state = segbpf::state::State::current(&s.att)?;
         let expect = if got == all_a { &s.a } else { &s.b };
@@ -295,7 +290,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
     eprintln!("old/new policy in force after kills: {outcomes:?}");
     // The attachment still works normally afterwards.
     reload_with(&s.att, Some(&s.a), false)?;
-    assert_eq!(verdicts(&mut ebpf, &probes)?, all_a);
+    assert_eq!(verdicts(&mut instance, &probes)?, all_a);
     let after = s.lab.status_json("db")?["attachments"][0]["state"]["prog_id"].clone();
     assert_eq!(prog_id, after, "no program reload");
     Ok(())
@@ -306,8 +301,8 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
 fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
     let s = setup("bad")?;
     let probes = probes();
-    let mut ebpf = loader::load_dry_run(&s.att)?;
-    let before = verdicts(&mut ebpf, &probes)?;
+    let mut instance = Instance::dry_run(&s.att)?;
+    let before = verdicts(&mut instance, &probes)?;
     let gen_before = segbpf::maps::pinned_config(&s.att)?.generation;
     let bad = s.dir.join("bad.toml");
     std::fs::write(&bad, POLICY_A.replace("198.18.2.0/24", "198.18.2.0/33"))?;
@@ -320,7 +315,7 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
         stderr.contains("bad.toml:5:"),
         "names file and line: {stderr}"
     );
-    assert_eq!(verdicts(&mut ebpf, &probes)?, before);
+    assert_eq!(verdicts(&mut instance, &probes)?, before);
     assert_eq!(segbpf::maps::pinned_config(&s.att)?.generation, gen_before);
     Ok(())
 }
@@ -396,8 +391,8 @@ fn set_add_lets_a_blocked_peer_in_without_reloading_the_program() -> anyhow::Res
 }
 
 fn current_verdicts(s: &Setup) -> anyhow::Result<Vec<bool>> {
-    let mut ebpf = loader::load_dry_run(&s.att)?;
-    verdicts(&mut ebpf, &probes())
+    let mut instance = Instance::dry_run(&s.att)?;
+    verdicts(&mut instance, &probes())
 }
 
 #[test]
@@ -410,7 +405,7 @@ fn unconfirmed_change_is_rolled_back_after_the_deadline() -> anyhow::Result<()> 
     // live maps, so it judges with whatever policy is in force when asked
     // (loading one takes seconds on a busy host, longer than a short
     // confirmation window).
-    let mut dry = loader::load_dry_run(&s.att)?;
+    let mut dry = Instance::dry_run(&s.att)?;
     // The applying process exits at once; only the guard remains.
     s.lab.segbpf_ok(
         "db",

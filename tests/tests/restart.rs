@@ -8,6 +8,10 @@
 //!   attachment each time instead of failing with "already attached").
 //! * With `NOTIFY_SOCKET` set, `READY=1` arrives only once the policy is in
 //!   force, and a SIGHUP reload is framed by `RELOADING=1` and `READY=1`.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{
     os::unix::net::UnixDatagram,

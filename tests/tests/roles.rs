@@ -4,6 +4,10 @@
 //! `hosts` — adds no role's rules at a reload. `reload --redetect-roles`
 //! works them out again from permanent addresses only; a change of roles is
 //! logged and shown in `status`.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -1,32 +1,22 @@
 //! Capacity in the real kernel: 1,000,000 prefixes per family and 1,024
 //! rules per direction load, and packets still get the evaluator's verdict
 //! through BPF_PROG_TEST_RUN (the per-packet work stays two lookups).
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    compile::{self, Capacity},
-    loader, maps,
     packet::PacketSpec,
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{IPPROTO_TCP, NO_RULE};
-
-/// Runs `frame` through a dry-run instance; returns (reason, rule id).
-fn judge(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<(u8, u32)> {
-    let prog = loader::xdp(ebpf)?;
-    prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        ..TestRunOptions::new()
-    })?;
-    let t = maps::take_trace(ebpf)?;
-    anyhow::ensure!(t.valid == 1, "no decision recorded");
-    Ok((t.reason, t.rule_id))
-}
+use segbpf_tests::harness::{self, Instance};
 
 fn check(
-    ebpf: &mut aya::Ebpf,
+    instance: &mut Instance,
     policy: &Policy,
     roles: &[String],
     dir: Direction,
@@ -35,7 +25,8 @@ fn check(
     dport: u16,
 ) -> anyhow::Result<()> {
     let frame = PacketSpec::tcp(src, dst, 40000, dport).build().bytes;
-    let (reason, rule) = judge(ebpf, &frame)?;
+    let got = instance.ingress(&frame)?.ensure_recorded()?;
+    let (reason, rule) = (got.reason, got.rule_id);
     let pkt = eval::Packet {
         src,
         dst,
@@ -60,8 +51,9 @@ fn one_million_prefixes_per_family() -> anyhow::Result<()> {
     let mut text = String::from("version = 1\n[sets]\nbig = [");
     for i in 0..1_000_000u32 {
         let v4 = std::net::Ipv4Addr::from(0x0a00_0000 + 2 * i);
-        let v6 =
-            std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + 2 * i as u128);
+        let v6 = std::net::Ipv6Addr::from(
+            0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + 2 * u128::from(i),
+        );
         write!(text, "\"{v4}\",\"{v6}\",")?;
     }
     text.push_str(
@@ -70,12 +62,11 @@ fn one_million_prefixes_per_family() -> anyhow::Result<()> {
     let policy = Policy::from_str(&text, "big.toml")?;
     let roles = vec!["r".to_string()];
     let t0 = Instant::now();
-    let c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
+    let c = harness::compile(&policy, &roles, "eth0")?;
     assert_eq!(c.peers_v4.len(), 1_000_000);
     assert_eq!(c.peers_v6.len(), 1_000_000);
     let t1 = Instant::now();
-    let mut ebpf = loader::load(Capacity::default(), segbpf_common::RUN_DRY)?;
-    maps::write_policy(&mut ebpf, &c)?;
+    let mut instance = Instance::with_compiled(&c, segbpf_common::RUN_DRY)?;
     eprintln!(
         "compile {:?}, load + 2,000,000 trie inserts {:?}",
         t1 - t0,
@@ -94,7 +85,7 @@ fn one_million_prefixes_per_family() -> anyhow::Result<()> {
         ("fd00::1e:8480", host6),
     ] {
         check(
-            &mut ebpf,
+            &mut instance,
             &policy,
             &roles,
             Direction::Ingress,
@@ -127,10 +118,9 @@ fn rules_1024_per_direction() -> anyhow::Result<()> {
     }
     let policy = Policy::from_str(&text, "rules.toml")?;
     let roles = vec!["r".to_string()];
-    let c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
+    let c = harness::compile(&policy, &roles, "eth0")?;
     assert_eq!(c.rules.len(), 2048);
-    let mut ebpf = loader::load(Capacity::default(), segbpf_common::RUN_DRY)?;
-    maps::write_policy(&mut ebpf, &c)?;
+    let mut instance = Instance::with_compiled(&c, segbpf_common::RUN_DRY)?;
     let host: IpAddr = "192.0.2.1".parse()?;
     // Deterministic spread over rules, peers and ports (edges included).
     let mut x: u32 = 12345;
@@ -150,7 +140,7 @@ fn rules_1024_per_direction() -> anyhow::Result<()> {
             _ => 65000,
         };
         check(
-            &mut ebpf,
+            &mut instance,
             &policy,
             &roles,
             Direction::Ingress,

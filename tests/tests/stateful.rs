@@ -11,31 +11,27 @@
 //! The instance runs in record mode: it tracks state like a live one and
 //! also records each decision. The host takes the web, app and db roles of
 //! `examples/roles.toml` at once, with short timeouts so expiry is quick.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{net::IpAddr, time::Duration};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use segbpf::{
-    compile::{self, Capacity},
-    loader, maps,
     packet::{Ext, Frag4, PacketSpec, TCP_ACK, TCP_SYN},
-    policy::Policy,
+    policy::{Direction, Policy},
 };
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, RUN_RECORD, reason};
+use segbpf_tests::harness::{self, Instance};
 
 const TCP_RST: u8 = 0x04;
 const TCP_FIN: u8 = 0x01;
 
-#[derive(Clone, Copy)]
-enum Dir {
-    In,
-    Out,
-}
-
 enum Step {
     Packet {
         what: &'static str,
-        dir: Dir,
+        dir: Direction,
         frame: Vec<u8>,
         want: u8,
     },
@@ -51,7 +47,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("address")
 }
 
-fn pkt(what: &'static str, dir: Dir, spec: &PacketSpec, want: u8) -> Step {
+fn pkt(what: &'static str, dir: Direction, spec: &PacketSpec, want: u8) -> Step {
     Step::Packet {
         what,
         dir,
@@ -69,7 +65,10 @@ fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> PacketSpec {
 
 /// A TCP segment with explicit sequence, acknowledgement, window and
 /// payload length.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a TCP segment has that many fields a test sets"
+)]
 fn seg(
     src: &str,
     dst: &str,
@@ -142,7 +141,7 @@ const OUT: &str = "198.51.100.7";
 const OUT6: &str = "2001:db8::7";
 
 fn sequences() -> Vec<Sequence> {
-    use Dir::{In, Out};
+    use Direction::{Egress as Out, Ingress as In};
     use reason::*;
     let syn_to_db = tcp(APP, DB, 40000, 5432, TCP_SYN);
     let dns = udp(APP, OUT, 40001, 53);
@@ -596,14 +595,16 @@ fn sequences() -> Vec<Sequence> {
 fn stateful_sequences() -> anyhow::Result<()> {
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles: Vec<String> = ["web", "app", "db"].iter().map(|s| s.to_string()).collect();
-    let mut c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
+    let roles: Vec<String> = ["web", "app", "db"]
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
+    let mut c = harness::compile(&policy, &roles, "eth0")?;
     // Short timeouts so expiry shows within the test.
     c.config.ct_udp_s = 2;
     c.config.ct_udp_est_s = 2;
     c.config.ct_tcp_close_s = 1;
-    let mut ebpf = loader::load(Capacity::default(), RUN_RECORD)?;
-    maps::write_policy(&mut ebpf, &c)?;
+    let mut instance = Instance::with_compiled(&c, RUN_RECORD)?;
 
     let mut failures = Vec::new();
     let mut count = 0;
@@ -622,26 +623,19 @@ fn stateful_sequences() -> anyhow::Result<()> {
                 } => (what, dir, frame, want),
             };
             count += 1;
-            let opts = TestRunOptions {
-                data_in: Some(&frame),
-                ..TestRunOptions::new()
-            };
-            let ret = match dir {
-                Dir::In => loader::xdp(&mut ebpf)?.test_run(opts)?.return_value,
-                Dir::Out => loader::tc(&mut ebpf)?.test_run(opts)?.return_value,
-            };
-            let t = maps::take_trace(&mut ebpf)?;
+            let got = instance.run(dir, &frame)?;
+            let ret = got.action;
             // XDP: 2 pass, 1 drop. TC: 0 ok, 2 shot.
             let passed = match dir {
-                Dir::In => ret == 2,
-                Dir::Out => ret == 0,
+                Direction::Ingress => ret == 2,
+                Direction::Egress => ret == 0,
             };
-            if t.valid != 1 || t.reason != want || passed != reason::passes(want) {
+            if !got.recorded || got.reason != want || passed != reason::passes(want) {
                 failures.push(format!(
                     "{}: {what}: want {}, got {} (return {ret})",
                     seq.name,
                     reason::name(want),
-                    reason::name(t.reason)
+                    reason::name(got.reason)
                 ));
             }
         }
@@ -656,23 +650,10 @@ fn stateful_sequences() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one packet through the instance; returns its reason.
-fn send_one(ebpf: &mut aya::Ebpf, dir: Dir, spec: &PacketSpec) -> anyhow::Result<u8> {
-    let frame = spec.build().bytes;
-    let opts = TestRunOptions {
-        data_in: Some(&frame),
-        ..TestRunOptions::new()
-    };
-    match dir {
-        Dir::In => loader::xdp(ebpf)?.test_run(opts)?,
-        Dir::Out => loader::tc(ebpf)?.test_run(opts)?,
-    };
-    Ok(maps::take_trace(ebpf)?.reason)
-}
-
 /// Keys in one of the instance's connection tables.
-fn table_keys(ebpf: &aya::Ebpf, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
-    let map = ebpf
+fn table_keys(instance: &Instance, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
+    let map = instance
+        .ebpf()
         .map(name)
         .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
     let table: aya::maps::HashMap<_, segbpf_common::CtKey, segbpf_common::CtEntry> =
@@ -690,53 +671,69 @@ fn handshake_moves_a_flow_to_the_assured_table() -> anyhow::Result<()> {
     use segbpf_common::{MAP_CT, MAP_CT_NEW};
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles: Vec<String> = ["web", "app", "db"].iter().map(|s| s.to_string()).collect();
-    let c = compile::compile(&policy, &roles, Some("eth0"), 0, 1, Capacity::default())?;
-    let mut ebpf = loader::load(Capacity::default(), RUN_RECORD)?;
-    maps::write_policy(&mut ebpf, &c)?;
-    use reason::{PASS_CT, PASS_RULE};
+    let roles: Vec<String> = ["web", "app", "db"]
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
+    let mut instance = Instance::with_policy(&policy, &roles, "eth0", RUN_RECORD)?;
     assert_eq!(
-        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40100, 8080, TCP_SYN))?,
-        PASS_RULE
+        instance
+            .ingress(tcp(WEB, APP, 40100, 8080, TCP_SYN).build().bytes)?
+            .reason,
+        reason::PASS_RULE
     );
     assert_eq!(
-        send_one(
-            &mut ebpf,
-            Dir::Out,
-            &tcp(APP, WEB, 8080, 40100, TCP_SYN | TCP_ACK)
-        )?,
-        PASS_CT
+        instance
+            .egress(tcp(APP, WEB, 8080, 40100, TCP_SYN | TCP_ACK).build().bytes)?
+            .reason,
+        reason::PASS_CT
     );
     // A spoofed SYN nobody completes, and a DNS query with its answer.
     assert_eq!(
-        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40101, 8080, TCP_SYN))?,
-        PASS_RULE
+        instance
+            .ingress(tcp(WEB, APP, 40101, 8080, TCP_SYN).build().bytes)?
+            .reason,
+        reason::PASS_RULE
     );
     assert_eq!(
-        send_one(&mut ebpf, Dir::Out, &udp(APP, OUT, 40102, 53))?,
-        PASS_RULE
+        instance
+            .egress(udp(APP, OUT, 40102, 53).build().bytes)?
+            .reason,
+        reason::PASS_RULE
     );
     assert_eq!(
-        send_one(&mut ebpf, Dir::In, &udp(OUT, APP, 53, 40102))?,
-        PASS_CT
+        instance
+            .ingress(udp(OUT, APP, 53, 40102).build().bytes)?
+            .reason,
+        reason::PASS_CT
     );
-    assert_eq!(table_keys(&ebpf, MAP_CT)?.len(), 0, "nothing assured yet");
     assert_eq!(
-        table_keys(&ebpf, MAP_CT_NEW)?.len(),
+        table_keys(&instance, MAP_CT)?.len(),
+        0,
+        "nothing assured yet"
+    );
+    assert_eq!(
+        table_keys(&instance, MAP_CT_NEW)?.len(),
         3,
         "three half-open flows"
     );
 
     assert_eq!(
-        send_one(&mut ebpf, Dir::In, &tcp(WEB, APP, 40100, 8080, TCP_ACK))?,
-        PASS_CT
+        instance
+            .ingress(tcp(WEB, APP, 40100, 8080, TCP_ACK).build().bytes)?
+            .reason,
+        reason::PASS_CT
     );
-    let assured = table_keys(&ebpf, MAP_CT)?;
+    let assured = table_keys(&instance, MAP_CT)?;
     assert_eq!(assured.len(), 1, "the completed handshake is assured");
     assert_eq!(
         (assured[0].local_port, assured[0].remote_port),
         (8080, 40100)
     );
-    assert_eq!(table_keys(&ebpf, MAP_CT_NEW)?.len(), 2, "moved, not copied");
+    assert_eq!(
+        table_keys(&instance, MAP_CT_NEW)?.len(),
+        2,
+        "moved, not copied"
+    );
     Ok(())
 }

@@ -2,6 +2,10 @@
 //! foreground `attach` under a flood (allowed connections still complete),
 //! suppressed and lost events counted and reported, `monitor` reading the
 //! events of a host whose `attach` has exited, and audit mode.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{io::Read as _, net::IpAddr, process::Command, time::Duration};
 
@@ -197,8 +201,7 @@ fn lost_events_are_counted_and_monitor_reads_after_attach_exited() -> anyhow::Re
         .lines()
         .filter(|l| {
             serde_json::from_str::<serde_json::Value>(l)
-                .map(|v| v["type"] == "event" && v["dport"] == 9999)
-                .unwrap_or(false)
+                .is_ok_and(|v| v["type"] == "event" && v["dport"] == 9999)
         })
         .count();
     assert!(n > 1000, "monitor received the events ({n})");

@@ -6,6 +6,10 @@
 //! tracking). Every check is a real exchange: a TCP handshake plus a
 //! message and its echo, or a UDP request and its response; what must
 //! work is asserted to work and what must be blocked to fail.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{net::IpAddr, time::Duration};
 
