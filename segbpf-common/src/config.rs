@@ -72,7 +72,10 @@ pub struct Config {
     /// 1 when non-IP frames to the IEEE 802.1 link-local group addresses
     /// pass (`defaults.link_local`).
     pub link_local: u8,
+    /// 1 when connection-table entries count packets, bytes and TCP flags
+    /// per direction (flow accounting); 0 with `attach --flow-log off`.
+    pub flow_acct: u8,
     /// Explicit padding.
-    pub _pad3: [u8; 2],
+    pub _pad3: [u8; 1],
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 56);

@@ -88,10 +88,19 @@ pub struct CtEntry {
     pub max_win: [u32; 2],
     /// TCP, per side: the window-scale option of its SYN ([`CT_NO_WSCALE`] if none).
     pub wscale: [u8; 2],
+    /// Flow accounting: the OR of the TCP flags seen, both sides.
+    pub tcp_flags: u8,
     /// Explicit padding.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 5],
+    /// Flow accounting: `bpf_ktime_get_coarse_ns` of the first packet.
+    pub first_seen_ns: u64,
+    /// Flow accounting, per side ([`CT_SIDE_ORIG`], [`CT_SIDE_REPLY`]):
+    /// packets that passed on this entry (the first one included).
+    pub packets: [u64; 2],
+    /// Flow accounting, per side: bytes (frame lengths) of those packets.
+    pub bytes: [u64; 2],
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 80);
 
 /// Fragment-table key: one IP datagram.
 #[repr(C)]

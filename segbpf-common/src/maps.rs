@@ -27,6 +27,8 @@ pub const MAP_STATS: &str = "SEG_STATS";
 pub const MAP_RULE_STATS: &str = "SEG_RULE_STATS";
 /// Array, one entry: [`TraceResult`] written only by trace/record instances.
 pub const MAP_TRACE: &str = "SEG_TRACE";
+/// Per-CPU scratch entry for building a new connection-table entry (not pinned).
+pub const MAP_CT_SCRATCH: &str = "SEG_CT_SCRATCH";
 /// Ring buffer of [`Event`]s (drops, and audit-mode would-be drops).
 pub const MAP_EVENTS: &str = "SEG_EVENTS";
 /// Array, one entry: [`RateState`], the kernel's event rate limiter.

@@ -29,7 +29,7 @@ use segbpf_common::{
 };
 
 use crate::{
-    maps::{SEG_CT, SEG_CT_NEW},
+    maps::{SEG_CT, SEG_CT_NEW, SEG_CT_SCRATCH},
     parse::{self, Bounds, L3_IPV4, Parsed},
 };
 
@@ -209,11 +209,11 @@ pub(crate) fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
     if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
         return reason::PASS_CT;
     }
-    // SAFETY: `t.entry` points at a live map value (see `lookup`); the
-    // copy may mix fields of a racing update, which at worst misjudges
-    // one RST/FIN as in or out of window.
-    let e = unsafe { *t.entry };
-    if in_window(&e, side(&e, dir), p) {
+    // SAFETY: `t.entry` points at a live map value (see `lookup`); read in
+    // place (no stack copy), a racing update can at worst make this
+    // misjudge one RST/FIN as in or out of window.
+    let e = unsafe { &*t.entry };
+    if in_window(e, side(e, dir), p) {
         reason::PASS_CT
     } else if p.tcp_flags & TCP_RST != 0 {
         reason::DROP_INVALID_RST
@@ -256,17 +256,45 @@ fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
     }
 }
 
+/// Flow accounting: one packet of `len` bytes from `side`, and its TCP
+/// flags. Each side has its own counters, so ingress and egress of one
+/// flow never race; two CPUs handling the same side of one flow at the same
+/// instant (rare: a NIC steers a flow to one queue) can lose one count.
+#[inline(always)]
+fn account(e: *mut CtEntry, side: usize, len: u32, tcp_flags: u8) {
+    let s = side & 1;
+    // SAFETY: `e` points at a live map value for this program run; plain
+    // stores of integer fields.
+    unsafe {
+        (*e).packets[s] = (*e).packets[s].wrapping_add(1);
+        (*e).bytes[s] = (*e).bytes[s].wrapping_add(u64::from(len));
+        (*e).tcp_flags |= tcp_flags;
+    }
+}
+
 /// Updates an entry for a packet of its flow travelling in `dir` (a packet
 /// `check` passed), and moves a half-open entry to the assured table when
-/// the originator speaks after a reply.
+/// the originator speaks after a reply. With flow accounting (`acct`), the
+/// packet is counted in the entry.
 #[inline(always)]
-pub(crate) fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
+pub(crate) fn update(
+    t: &Tracked,
+    key: &CtKey,
+    dir: u8,
+    p: &Parsed,
+    now: u64,
+    len: u32,
+    acct: bool,
+) {
     // SAFETY: `t.entry` comes from `lookup` in this run; plain stores of
     // integer fields (a racing CPU can at worst overwrite a timestamp,
     // a state or a sequence end).
     let e = unsafe { &mut *t.entry };
     e.last_seen_ns = now;
     let side = side(e, dir);
+    if acct {
+        account(t.entry, side, len, p.tcp_flags);
+    }
     let reply = side == 1;
     let replied = e.state != CT_NEW;
     if reply && e.state == CT_NEW {
@@ -275,7 +303,8 @@ pub(crate) fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
     if p.proto == IPPROTO_TCP {
         if !reply && e.state == CT_CLOSING && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             // The tuple is reused by a new connection: track it afresh.
-            *e = new_entry(e.rule_id, dir, p, now);
+            let rule_id = e.rule_id;
+            fill_new(e, rule_id, dir, p, now, len, acct);
             return;
         }
         track_tcp(e, side, p);
@@ -289,10 +318,10 @@ pub(crate) fn update(t: &Tracked, key: &CtKey, dir: u8, p: &Parsed, now: u64) {
         }
     }
     if !t.assured && !reply && replied && e.state == CT_ESTABLISHED {
-        // Both sides spoke and the originator again: assured. Insert the
-        // copy first, so the flow is never in neither table.
-        let copy = *e;
-        if SEG_CT.insert(key, copy, 0).is_ok() {
+        // Both sides spoke and the originator again: assured. Insert a
+        // copy (straight from the map value, not through the stack) first,
+        // so the flow is never in neither table.
+        if SEG_CT.insert(key, &*e, 0).is_ok() {
             let _ = SEG_CT_NEW.remove(key);
         }
     }
@@ -310,32 +339,58 @@ pub(crate) fn opens_flow(p: &Parsed) -> bool {
     }
 }
 
-/// A fresh entry for the flow opened by `p` travelling in `dir`.
+/// Writes a fresh entry for the flow opened by `p` travelling in `dir`
+/// into `e`, field by field (an entry is too large to copy around on the
+/// BPF stack).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the entry, the flow's opening packet and the accounting switch"
+)]
 #[inline(always)]
-fn new_entry(rule_id: u32, dir: u8, p: &Parsed, now: u64) -> CtEntry {
-    let mut e = CtEntry {
-        last_seen_ns: now,
-        rule_id,
-        origin: dir,
-        state: CT_NEW,
-        fin: 0,
-        seen: 0,
-        seq_end: [0; 2],
-        max_win: [0; 2],
-        wscale: [CT_NO_WSCALE; 2],
-        _pad: [0; 6],
-    };
+fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u32, acct: bool) {
+    e.last_seen_ns = now;
+    e.rule_id = rule_id;
+    e.origin = dir;
+    e.state = CT_NEW;
+    e.fin = 0;
+    e.seen = 0;
+    e.seq_end = [0; 2];
+    e.max_win = [0; 2];
+    e.wscale = [CT_NO_WSCALE; 2];
+    e.tcp_flags = if acct { p.tcp_flags } else { 0 };
+    e._pad = [0; 5];
+    e.first_seen_ns = now;
+    e.packets = [u64::from(acct), 0];
+    e.bytes = [if acct { u64::from(len) } else { 0 }, 0];
     if p.proto == IPPROTO_TCP {
-        track_tcp(&mut e, 0, p);
+        track_tcp(e, 0, p);
     }
-    e
 }
 
 /// Records a new flow opened by a packet travelling in `dir`, in the
 /// half-open table.
 #[inline(always)]
-pub(crate) fn create(key: &CtKey, dir: u8, p: &Parsed, rule_id: u32, now: u64) {
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the flow's key, its opening packet and the accounting switch"
+)]
+pub(crate) fn create(
+    key: &CtKey,
+    dir: u8,
+    p: &Parsed,
+    rule_id: u32,
+    now: u64,
+    len: u32,
+    acct: bool,
+) {
     // A full table evicts its least recently used entry (LRU map); a
     // failed insert only means the replies will be judged by the policy.
-    let _ = SEG_CT_NEW.insert(key, new_entry(rule_id, dir, p, now), 0);
+    let Some(e) = SEG_CT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program
+    // run; nothing else uses it while this program runs on this CPU.
+    let e = unsafe { &mut *e };
+    fill_new(e, rule_id, dir, p, now, len, acct);
+    let _ = SEG_CT_NEW.insert(key, &*e, 0);
 }

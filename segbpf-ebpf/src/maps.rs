@@ -62,6 +62,12 @@ pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
 pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
+/// Per-CPU scratch space for a new connection-table entry: built here,
+/// then inserted (an entry is too large for the 512-byte BPF stack next to
+/// the parser's state). Not pinned: each instance has its own.
+#[map]
+pub(crate) static SEG_CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
 /// Datagrams whose first fragment passed on an assured flow.
 #[map]
 pub(crate) static SEG_FRAG: LruHashMap<FragKey, FragEntry> =

@@ -74,7 +74,7 @@ pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len:
     let now = ct::now();
     match parse::parse(pkt, raw) {
         Ok(p) => {
-            let mut d = judge(pkt, cfg, dir, &p, now, writes);
+            let mut d = judge(pkt, cfg, dir, &p, now, writes, len);
             if !reason::passes(d.reason) {
                 d.audit = cfg.audit != 0;
                 if writes {
@@ -96,7 +96,16 @@ pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len:
 
 /// The verdict of a packet the parser fully validated.
 #[inline(always)]
-fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool) -> Decision {
+fn judge(
+    pkt: &Bounds,
+    cfg: &Config,
+    dir: u8,
+    p: &Parsed,
+    now: u64,
+    writes: bool,
+    len: u32,
+) -> Decision {
+    let acct = cfg.flow_acct != 0;
     if p.l3 == L3_ARP {
         return Decision::early(reason::PASS_ARP);
     }
@@ -138,7 +147,7 @@ fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool
         d.reason = ct::check(&t, dir, p);
         assured = t.assured;
         if writes && reason::passes(d.reason) {
-            ct::update(&t, k, dir, p, now);
+            ct::update(&t, k, dir, p, now, len, acct);
         }
     } else {
         judge_policy(pkt, cfg, dir, p, now, &mut d);
@@ -147,7 +156,7 @@ fn judge(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, writes: bool
             && let Some(k) = &ct_key
             && ct::opens_flow(p)
         {
-            ct::create(k, dir, p, d.rule_id, now);
+            ct::create(k, dir, p, d.rule_id, now, len, acct);
         }
     }
     if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {

@@ -257,6 +257,7 @@ pub fn compile(
             ct_icmp_s: ct_timeout::ICMP,
             frag_s: ct_timeout::FRAG,
             link_local: u8::from(policy.defaults.link_local),
+            flow_acct: 1,
             ..Config::default()
         },
         ..Compiled::default()

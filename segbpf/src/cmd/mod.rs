@@ -7,6 +7,7 @@ pub mod confirm;
 pub mod detach;
 pub mod explain;
 pub mod export;
+pub mod flows;
 pub mod guard;
 pub mod monitor;
 pub mod reload;
@@ -58,6 +59,8 @@ pub enum Command {
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
     Monitor(monitor::Args),
+    /// List the tracked flows of an interface with their counters (like `conntrack -L`).
+    Flows(flows::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),
     /// Explain the verdict for a packet from the policy alone (reference evaluator).
@@ -220,6 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Detach(a) => detach::run(a, &ns()?),
         Command::Monitor(a) => monitor::run(a, &ns()?).await,
         Command::Status(a) => status::run(a, &ns()?),
+        Command::Flows(a) => flows::run(a, &ns()?),
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),

@@ -1,0 +1,238 @@
+//! Flows: a snapshot of an attachment's connection tables with each
+//! flow's accounting, like `conntrack -L`, for `segbpf flows`.
+//!
+//! The kernel counts, in each connection-table entry, the packets and bytes
+//! of each direction (the originator's and the replier's), the OR of the
+//! TCP flags seen, the first and last packet times, and the rule that let
+//! the first packet through. Entries whose timeout has passed are left out.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use segbpf_common::{
+    CT_CLOSING, CT_ESTABLISHED, CT_NEW, Config, CtEntry, CtKey, DIR_INGRESS, IPPROTO_TCP,
+    IPPROTO_UDP, MAP_CT, MAP_CT_NEW, NO_RULE,
+};
+use serde::Serialize;
+
+use crate::{
+    clock,
+    maps::{self, MapsError},
+    pins::Attachment,
+    proto::proto_name,
+    state::State,
+};
+
+/// Errors reading the flows.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    /// Nothing to read.
+    #[error("segbpf is not attached to {0}")]
+    NotAttached(String),
+    /// A table could not be read.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// One tracked flow.
+#[derive(Clone, Debug, Serialize)]
+pub struct Flow {
+    /// Protocol name (`tcp`, `udp`, `icmp`, `icmpv6`) or number.
+    pub proto: String,
+    /// The side that sent the first packet.
+    pub src: IpAddr,
+    /// Its port (ICMP echo: the echo id).
+    pub sport: u16,
+    /// The other side.
+    pub dst: IpAddr,
+    /// Its port (0 for ICMP echo).
+    pub dport: u16,
+    /// `ingress` (a peer opened it) or `egress` (this host opened it).
+    pub opened_by: &'static str,
+    /// `new` (no reply yet), `established` or `closing`.
+    pub state: &'static str,
+    /// `assured` (both sides spoke, then the originator again) or `half-open`.
+    pub table: &'static str,
+    /// Packets from the originator.
+    pub packets_orig: u64,
+    /// Bytes (frame lengths) from the originator.
+    pub bytes_orig: u64,
+    /// Packets from the replier.
+    pub packets_reply: u64,
+    /// Bytes from the replier.
+    pub bytes_reply: u64,
+    /// Time of the first packet, RFC 3339.
+    pub first_seen: String,
+    /// Time of the last packet, RFC 3339.
+    pub last_seen: String,
+    /// TCP flags seen, as letters (`S`, `A`, `F`, `R`, `P`, `U`), both sides.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tcp_flags: String,
+    /// The rule that let the first packet through: its name, else its
+    /// label; absent when a default let it through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// The live flows of `att`, oldest first.
+pub fn snapshot(att: &Attachment) -> Result<Vec<Flow>, FlowsError> {
+    if !att.is_attached() {
+        return Err(FlowsError::NotAttached(att.describe()));
+    }
+    let cfg = maps::pinned_config(att)?;
+    let state = State::current(att).ok();
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    for (name, table) in [(MAP_CT, "assured"), (MAP_CT_NEW, "half-open")] {
+        let err = |source| MapsError::Map { map: name, source };
+        let data = MapData::from_pin(att.map(name)).map_err(err)?;
+        let ct: BpfHashMap<MapData, CtKey, CtEntry> =
+            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
+        for (k, e) in ct.iter().flatten() {
+            if now.saturating_sub(e.last_seen_ns) > ttl_ns(&cfg, k.proto, e.state) {
+                continue;
+            }
+            out.push(flow(&k, &e, table, state.as_ref()));
+        }
+    }
+    out.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
+    Ok(out)
+}
+
+fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> Flow {
+    let addr = |b: [u8; 16]| -> IpAddr {
+        if k.family == 4 {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    };
+    let (local, remote) = (addr(k.local), addr(k.remote));
+    let ingress = e.origin == DIR_INGRESS;
+    let (src, sport, dst, dport) = if ingress {
+        (remote, k.remote_port, local, k.local_port)
+    } else {
+        (local, k.local_port, remote, k.remote_port)
+    };
+    let (src, sport, dst, dport) = if matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        (src, sport, dst, dport)
+    } else {
+        // ICMP echo: the id is the local "port" whichever side asked.
+        (src, k.local_port, dst, 0)
+    };
+    let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
+    let rule = (e.rule_id != NO_RULE).then(|| {
+        state.and_then(|s| s.rule(e.rule_id)).map_or_else(
+            || format!("#{}", e.rule_id),
+            |r| r.display_name().to_string(),
+        )
+    });
+    Flow {
+        proto: proto_name(k.proto),
+        src,
+        sport,
+        dst,
+        dport,
+        opened_by: if ingress { "ingress" } else { "egress" },
+        state: match e.state {
+            CT_NEW => "new",
+            CT_ESTABLISHED => "established",
+            CT_CLOSING => "closing",
+            _ => "unknown",
+        },
+        table,
+        packets_orig: e.packets[0],
+        bytes_orig: e.bytes[0],
+        packets_reply: e.packets[1],
+        bytes_reply: e.bytes[1],
+        first_seen: wall(e.first_seen_ns),
+        last_seen: wall(e.last_seen_ns),
+        tcp_flags: if k.proto == IPPROTO_TCP {
+            tcp_flag_letters(e.tcp_flags)
+        } else {
+            String::new()
+        },
+        rule,
+    }
+}
+
+/// TCP flags as letters, in the order events use.
+pub fn tcp_flag_letters(flags: u8) -> String {
+    [
+        (0x02, 'S'),
+        (0x10, 'A'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x08, 'P'),
+        (0x20, 'U'),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, c)| *c)
+    .collect()
+}
+
+/// The kernel's timeout of an entry (as the datapath applies it), ns.
+fn ttl_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
+    let s = match (proto, state) {
+        (IPPROTO_TCP, CT_NEW) => cfg.ct_tcp_syn_s,
+        (IPPROTO_TCP, CT_ESTABLISHED) => cfg.ct_tcp_est_s,
+        (IPPROTO_TCP, _) => cfg.ct_tcp_close_s,
+        (IPPROTO_UDP, CT_NEW) => cfg.ct_udp_s,
+        (IPPROTO_UDP, _) => cfg.ct_udp_est_s,
+        _ => cfg.ct_icmp_s,
+    };
+    u64::from(s) * 1_000_000_000
+}
+
+/// `CLOCK_MONOTONIC` now, ns (the base of the kernel's coarse stamps).
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_read_as_letters() {
+        assert_eq!(tcp_flag_letters(0x12), "SA");
+        assert_eq!(tcp_flag_letters(0x1b), "SAFP");
+        assert_eq!(tcp_flag_letters(0), "");
+    }
+
+    #[test]
+    fn a_flow_reads_from_its_originator() {
+        let mut k = CtKey {
+            family: 4,
+            proto: IPPROTO_TCP,
+            local_port: 8080,
+            remote_port: 40000,
+            ..CtKey::default()
+        };
+        k.local[..4].copy_from_slice(&[198, 18, 0, 10]);
+        k.remote[..4].copy_from_slice(&[198, 18, 0, 5]);
+        let e = CtEntry {
+            origin: DIR_INGRESS,
+            state: CT_ESTABLISHED,
+            rule_id: NO_RULE,
+            packets: [3, 2],
+            bytes: [200, 9000],
+            tcp_flags: 0x12,
+            ..CtEntry::default()
+        };
+        let f = flow(&k, &e, "assured", None);
+        assert_eq!(
+            (f.src.to_string(), f.sport, f.dst.to_string(), f.dport),
+            ("198.18.0.5".into(), 40000, "198.18.0.10".into(), 8080)
+        );
+        assert_eq!(
+            (f.opened_by, f.state, f.bytes_reply),
+            ("ingress", "established", 9000)
+        );
+        assert_eq!((f.tcp_flags.as_str(), f.rule), ("SA", None));
+    }
+}

@@ -1,0 +1,110 @@
+//! Flow accounting with real traffic: a TCP transfer of a known size and a
+//! UDP exchange through an enforcing host, then `segbpf flows --output
+//! json` must show each flow once, from its originator, with packets and
+//! bytes in each direction at least what the kernel's stacks moved, the TCP
+//! flags of a handshake, and the name of the rule that opened it.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::time::Duration;
+
+use segbpf_tests::{Lab, net};
+
+const POLICY: &str = r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+name = "bulk-in"
+from = "any"
+tcp = [8080]
+[[roles.srv.egress]]
+name = "dns-out"
+to = "any"
+udp = [5353]
+"#;
+
+const BYTES: u64 = 3_000_000;
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
+    let mut lab = Lab::new("flows")?;
+    lab.add_host("srv", &["198.18.86.10/24"])?;
+    lab.add_host("client", &["198.18.86.5/24"])?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let dir = lab.state.join("policies");
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, POLICY)?;
+    let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
+    let _echo = net::Server::udp(&lab.host("client").ns.name, client, 5353, true)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+
+    // The client fetches BYTES from the server (the replier sends them).
+    let t = net::tcp_fetch(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        8080,
+        Duration::from_secs(20),
+    )?;
+    assert!(t.connected && t.received == BYTES, "{t:?}");
+    // The server asks the client over UDP (this host opens the flow).
+    assert!(net::udp_exchange(
+        &lab.host("srv").ns.name,
+        srv,
+        client,
+        5353,
+        Duration::from_secs(2)
+    )?);
+
+    let out = lab.segbpf_ok("srv", &["flows", "eth0", "--output", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let flows = v["flows"].as_array().cloned().unwrap_or_default();
+    let tcp: Vec<&serde_json::Value> = flows
+        .iter()
+        .filter(|f| f["proto"] == "tcp" && f["dport"] == 8080)
+        .collect();
+    assert_eq!(tcp.len(), 1, "one TCP flow: {v}");
+    let f = tcp[0];
+    assert_eq!(f["src"], client.to_string(), "{f}");
+    assert_eq!(f["dst"], srv.to_string(), "{f}");
+    assert_eq!(f["opened_by"], "ingress", "{f}");
+    assert_eq!(f["rule"], "bulk-in", "{f}");
+    let num = |k: &str| f[k].as_u64().unwrap_or(0);
+    // Frame lengths include the headers: at least the payload moved.
+    assert!(num("bytes_reply") >= BYTES, "{f}");
+    assert!(num("packets_reply") >= BYTES / 65_536, "{f}");
+    assert!(num("packets_orig") >= 3, "handshake, ACKs: {f}");
+    assert!(num("bytes_orig") >= 3 * 54, "{f}");
+    assert!(num("bytes_orig") < BYTES, "the client sent ACKs only: {f}");
+    let flags = f["tcp_flags"].as_str().unwrap_or_default();
+    assert!(flags.contains('S') && flags.contains('A'), "{f}");
+    assert!(f["first_seen"].as_str() <= f["last_seen"].as_str(), "{f}");
+
+    let udp: Vec<&serde_json::Value> = flows
+        .iter()
+        .filter(|f| f["proto"] == "udp" && f["dport"] == 5353)
+        .collect();
+    assert_eq!(udp.len(), 1, "one UDP flow: {v}");
+    let u = udp[0];
+    assert_eq!(u["opened_by"], "egress", "{u}");
+    assert_eq!(u["src"], srv.to_string(), "{u}");
+    assert_eq!(u["rule"], "dns-out", "{u}");
+    assert!(u["packets_orig"].as_u64() >= Some(1), "{u}");
+    assert!(u["packets_reply"].as_u64() >= Some(1), "{u}");
+    assert!(u.get("tcp_flags").is_none(), "no TCP flags on UDP: {u}");
+
+    // Text output names the same flows.
+    let text = lab.segbpf_ok("srv", &["flows", "eth0"])?;
+    assert!(
+        text.contains("rule bulk-in") && text.contains("rule dns-out"),
+        "{text}"
+    );
+    Ok(())
+}
