@@ -189,3 +189,27 @@ pub(crate) fn ensure_cargo_fuzz() -> anyhow::Result<()> {
             .env_remove("CARGO"),
     )
 }
+
+/// What `cargo xtask dist` needs besides the build: cargo-deb, and
+/// dpkg-shlibdeps (dpkg-dev) for the package's computed Depends; dpkg-deb
+/// and gzip are part of every Debian system.
+pub(crate) fn ensure_dist_tools() -> anyhow::Result<()> {
+    apt_install(&["dpkg-dev"])?;
+    if output_ok(
+        Command::new("cargo")
+            .args(["deb", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+    .is_some()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb (a few minutes)");
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "cargo-deb", "--version", "3.8.0", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+    )
+    .context("installing cargo-deb")
+}
