@@ -25,20 +25,13 @@ use crate::{cargo, run, setup};
 const PACKAGE: &str = "segbpf";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Shells whose completions are packaged: (shell, file name in
-/// `target/release/dist-gen/completions`, installed path).
-const COMPLETIONS: &[(&str, &str, &str)] = &[
-    (
-        "bash",
-        "segbpf",
-        "usr/share/bash-completion/completions/segbpf",
-    ),
-    ("zsh", "_segbpf", "usr/share/zsh/vendor-completions/_segbpf"),
-    (
-        "fish",
-        "segbpf.fish",
-        "usr/share/fish/vendor_completions.d/segbpf.fish",
-    ),
+/// Shells whose completions are packaged, and the file name of each in
+/// `target/release/dist-gen/completions` (the names the shells look for;
+/// `[package.metadata.deb]` installs them).
+const COMPLETIONS: &[(&str, &str)] = &[
+    ("bash", "segbpf"),
+    ("zsh", "_segbpf"),
+    ("fish", "segbpf.fish"),
 ];
 
 /// Files every package must hold (besides one manual page per command).
@@ -119,7 +112,7 @@ pub(crate) fn run_dist(check: bool) -> anyhow::Result<PathBuf> {
     Ok(deb)
 }
 
-/// Writes the manual pages (gzip'd) and completions of `bin` into `gen`.
+/// Writes the manual pages (gzip'd) and completions of `bin` into `gen_dir`.
 fn generate(bin: &Path, gen_dir: &Path) -> anyhow::Result<()> {
     if gen_dir.exists() {
         std::fs::remove_dir_all(gen_dir)
@@ -136,7 +129,7 @@ fn generate(bin: &Path, gen_dir: &Path) -> anyhow::Result<()> {
     run(Command::new("gzip").args(["-9", "-n", "-f"]).args(&pages))?;
     let completions = gen_dir.join("completions");
     std::fs::create_dir_all(&completions)?;
-    for (shell, file, _) in COMPLETIONS {
+    for (shell, file) in COMPLETIONS {
         let script = Command::new(bin)
             .args(["completions", shell])
             .output()
