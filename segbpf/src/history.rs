@@ -1,10 +1,13 @@
 //! Policy history: a copy of every policy an attachment put in force (the
 //! file's text and any live set edits), newest last, so `segbpf rollback`
 //! and the `--confirm` guard can restore the previous one even after the
-//! original file was edited. Kept under `$SEGBPF_HISTORY_DIR` (default: the
-//! state directory's `history/`) in `net/NS/IFACE/`, keyed like every other
-//! file by the network namespace's inode; the last `$SEGBPF_HISTORY`
-//! entries (default 10) per attachment.
+//! original file was edited. Kept under `$SEGBPF_HISTORY_DIR` in
+//! `net/NS/IFACE/`, keyed like every other file by the network namespace's
+//! inode; the last `$SEGBPF_HISTORY` entries (default 10) per attachment.
+//! Without `$SEGBPF_HISTORY_DIR` the history is [`DEFAULT_DIR`] (it
+//! survives reboots, and the systemd service and commands typed by hand
+//! share it), or the state directory's `history/` when
+//! `$SEGBPF_STATE_DIR` moves the state elsewhere (tests, private roots).
 
 use std::{
     collections::BTreeMap,
@@ -48,10 +51,21 @@ pub struct Entry {
     pub set_overrides: BTreeMap<String, Vec<String>>,
 }
 
+/// Where histories are kept by default (see the module's documentation).
+pub const DEFAULT_DIR: &str = "/var/lib/segbpf/history";
+
+/// The history root for these values of `$SEGBPF_HISTORY_DIR` and
+/// `$SEGBPF_STATE_DIR`.
+fn root(history_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> PathBuf {
+    history_dir
+        .or_else(|| state_dir.map(|s| s.join("history")))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
 fn dir(att: &Attachment) -> PathBuf {
-    let base = std::env::var_os("SEGBPF_HISTORY_DIR").map_or_else(
-        || crate::pins::Roots::from_env().state.join("history"),
-        PathBuf::from,
+    let base = root(
+        std::env::var_os("SEGBPF_HISTORY_DIR").map(PathBuf::from),
+        std::env::var_os("SEGBPF_STATE_DIR").map(PathBuf::from),
     );
     base.join("net").join(att.netns.key()).join(&att.iface)
 }
@@ -129,5 +143,19 @@ pub fn remove(att: &Attachment) {
         if std::fs::remove_dir(parent).is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_root_follows_the_environment() {
+        let p = PathBuf::from;
+        assert_eq!(root(None, None), p("/var/lib/segbpf/history"));
+        assert_eq!(root(None, Some(p("/tmp/s"))), p("/tmp/s/history"));
+        assert_eq!(root(Some(p("/h")), Some(p("/tmp/s"))), p("/h"));
+        assert_eq!(root(Some(p("/h")), None), p("/h"));
     }
 }

@@ -14,8 +14,12 @@
 //!   the reference evaluator, on random policies and packets.
 //! - `demo`: a three-host lab from `examples/roles.toml` with a
 //!   connectivity matrix, torn down at the end.
+//! - `dist [--check]`: the Debian package `target/dist/segbpf_VERSION_ARCH.deb`
+//!   (cargo-deb), and with `--check` an inspection of it (contents, control
+//!   fields, the packaged unit verified, the packaged binary attached).
 
 mod demo;
+mod dist;
 mod setup;
 
 use std::process::Command;
@@ -69,6 +73,13 @@ enum Cmd {
         /// Fewer sizes and rounds (a few minutes).
         #[arg(long)]
         quick: bool,
+    },
+    /// Build the Debian package target/dist/segbpf_VERSION_ARCH.deb (release build, cargo-deb).
+    Dist {
+        /// Then check the package: contents, control fields, the packaged
+        /// unit (systemd-analyze verify) and binary (attached, as root).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -162,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             build_segbpf()?;
             demo::run()
         }
+        Cmd::Dist { check } => dist::run_dist(check).map(|_| ()),
     }
 }
 

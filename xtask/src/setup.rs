@@ -130,13 +130,20 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 /// Commands the tests and the demo run, and the Debian package of each:
 /// iproute2 (namespaces, veth), nftables and iptables (reference
 /// firewalls), curl (metrics scrape), iputils-ping (ICMP echo from the
-/// kernel's own stack in `tests/tests/real_traffic.rs`).
+/// kernel's own stack in `tests/tests/real_traffic.rs`), and the tools of
+/// the service tests.
 const TOOLS: &[(&str, &str, &str)] = &[
     ("ip", "-V", "iproute2"),
     ("nft", "--version", "nftables"),
     ("iptables", "--version", "iptables"),
     ("curl", "--version", "curl"),
     ("ping", "-V", "iputils-ping"),
+    // `tests/tests/service.rs`: the unit is checked with systemd-analyze
+    // (and `man` for its Documentation=), its sandbox with setpriv and strace.
+    ("systemd-analyze", "--version", "systemd"),
+    ("man", "--version", "man-db"),
+    ("setpriv", "--version", "util-linux"),
+    ("strace", "-V", "strace"),
 ];
 
 fn ensure_tools() -> anyhow::Result<()> {
@@ -181,4 +188,28 @@ pub(crate) fn ensure_cargo_fuzz() -> anyhow::Result<()> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO"),
     )
+}
+
+/// What `cargo xtask dist` needs besides the build: cargo-deb, and
+/// dpkg-shlibdeps (dpkg-dev) for the package's computed Depends; dpkg-deb
+/// and gzip are part of every Debian system.
+pub(crate) fn ensure_dist_tools() -> anyhow::Result<()> {
+    apt_install(&["dpkg-dev"])?;
+    if output_ok(
+        Command::new("cargo")
+            .args(["deb", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+    .is_some()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb (a few minutes)");
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "cargo-deb", "--version", "3.8.0", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+    )
+    .context("installing cargo-deb")
 }

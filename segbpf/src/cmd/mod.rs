@@ -3,12 +3,14 @@
 
 pub mod attach;
 pub mod check;
+pub mod completions;
 pub mod confirm;
 pub mod detach;
 pub mod explain;
 pub mod export;
 pub mod flows;
 pub mod guard;
+pub mod man;
 pub mod monitor;
 pub mod reload;
 pub mod rollback;
@@ -69,6 +71,11 @@ pub enum Command {
     Export(export::Args),
     /// Run a packet through the program loaded on an interface, changing nothing.
     Trace(trace::Args),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions(completions::Args),
+    /// Internal: write the manual pages into a directory (the package build).
+    #[command(hide = true)]
+    Man(man::Args),
 }
 
 /// Output format of results on stdout.
@@ -227,5 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),
+        Command::Completions(a) => completions::run(a),
+        Command::Man(a) => man::run(a),
     }
 }
