@@ -11,6 +11,10 @@
 //!   it), every socket family its RestrictAddressFamilies, and every file
 //!   it wrote must lie under the directories the unit leaves writable
 //!   (ProtectSystem=strict).
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
 
 use std::{
     collections::BTreeSet,

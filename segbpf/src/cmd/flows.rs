@@ -41,7 +41,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             for f in &flows {
                 let side = |a: std::net::IpAddr, p: u16| match a {
                     std::net::IpAddr::V6(v6) => format!("[{v6}]:{p}"),
-                    v4 => format!("{v4}:{p}"),
+                    v4 @ std::net::IpAddr::V4(_) => format!("{v4}:{p}"),
                 };
                 print_line(format_args!(
                     "{} {} -> {} {} {} {} orig {} pkts {} B reply {} pkts {} B{}{} first {} last {}",
