@@ -277,6 +277,10 @@ fn account(e: *mut CtEntry, side: usize, len: u32, tcp_flags: u8) {
 /// the originator speaks after a reply. With flow accounting (`acct`), the
 /// packet is counted in the entry.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "insert from the map value itself: a by-value entry would be copied onto the BPF stack"
+)]
 pub(crate) fn update(
     t: &Tracked,
     key: &CtKey,
@@ -373,6 +377,10 @@ fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u
 #[allow(
     clippy::too_many_arguments,
     reason = "the flow's key, its opening packet and the accounting switch"
+)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "insert from the scratch map value itself: a by-value entry would be copied onto the BPF stack"
 )]
 pub(crate) fn create(
     key: &CtKey,
