@@ -148,6 +148,8 @@ pub struct Request {
     pub port_entries: u32,
     /// Accept a policy file others can write.
     pub insecure_policy: bool,
+    /// Flow accounting in the connection table (`--flow-log on|off`).
+    pub flow_acct: bool,
 }
 
 /// An attach that happened.
@@ -213,6 +215,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
             source,
         })?;
     compiled.config.audit = u8::from(req.audit);
+    compiled.config.flow_acct = u8::from(req.flow_acct);
     compiled.config.log_burst = req.log_burst.unwrap_or(policy.defaults.log_rate.max(1));
 
     // Kernel: load, fill, pin, attach. Undo on any failure.
@@ -261,6 +264,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         link_type: link.arphrd,
         raw_ip: link.is_raw_ip(),
         insecure_policy: req.insecure_policy,
+        flow_acct: req.flow_acct,
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
         ct_size: capacity.ct,
@@ -379,6 +383,7 @@ fn adopt(
     let unchanged = canonical.display().to_string() == old.policy
         && same_roles
         && req.audit == old.audit
+        && req.flow_acct == old.flow_acct
         && log_burst == old.log_burst
         && history::list(att)
             .iter()
@@ -405,6 +410,7 @@ fn adopt(
         roles: (!same_roles).then(|| req.roles.clone()),
         audit: Some(req.audit),
         log_burst: Some(log_burst),
+        flow_acct: Some(req.flow_acct),
         ..swap::Settings::default()
     };
     // Live set edits stay, as the watcher of a running attach keeps them.

@@ -45,6 +45,10 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 /// What `attach` applied to an interface.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "a record of independent on/off settings, stored as JSON"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Interface name.
@@ -101,6 +105,9 @@ pub struct State {
     /// permissions are not checked, at attach or at later reloads.
     #[serde(default)]
     pub insecure_policy: bool,
+    /// Flow accounting in the connection table (`attach --flow-log`).
+    #[serde(default = "yes")]
+    pub flow_acct: bool,
     /// TC egress attachment: `tcx` (pinned link) or `clsact` (netlink filter).
     #[serde(default)]
     pub tc_mode: String,
@@ -131,6 +138,10 @@ pub struct State {
     pub classes: u32,
     /// Rules that apply to this host.
     pub rules: Vec<RuleInfo>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn ethernet() -> u16 {

@@ -440,6 +440,8 @@ pub struct Settings {
     pub audit: Option<bool>,
     /// Event burst (`None`: keep).
     pub log_burst: Option<u32>,
+    /// Flow accounting (`None`: keep).
+    pub flow_acct: Option<bool>,
 }
 
 /// The outcome of the last policy change, kept next to the state
@@ -568,6 +570,8 @@ fn swap_in_force(
     let audit = settings.audit.unwrap_or(old.audit);
     let log_burst = settings.log_burst.unwrap_or(old.log_burst).max(1);
     c.config.audit = u8::from(audit);
+    let flow_acct = settings.flow_acct.unwrap_or(old.flow_acct);
+    c.config.flow_acct = u8::from(flow_acct);
     c.config.log_burst = log_burst;
     let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
         SwapError::Compile {
@@ -609,6 +613,7 @@ fn swap_in_force(
         },
         role_args,
         audit,
+        flow_acct,
         log_rate: c.config.log_rate,
         log_burst,
         ..old.clone()

@@ -106,5 +106,37 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
         text.contains("rule bulk-in") && text.contains("rule dns-out"),
         "{text}"
     );
+    // --flow-log off (applied by an adopting attach): new flows are tracked
+    // but not counted.
+    let out = lab.attach(
+        "srv",
+        policy.to_str().unwrap_or_default(),
+        &["--flow-log", "off"],
+    )?;
+    assert!(out.starts_with("adopted"), "{out}");
+    assert_eq!(
+        lab.status_json("srv")?["attachments"][0]["state"]["flow_acct"],
+        false
+    );
+    let t = net::tcp_fetch(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        8080,
+        Duration::from_secs(20),
+    )?;
+    assert!(t.connected && t.received == BYTES, "{t:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.segbpf_ok("srv", &["flows", "eth0", "--output", "json"])?)?;
+    let tcp: Vec<&serde_json::Value> = v["flows"]
+        .as_array()
+        .map(|a| a.iter().filter(|f| f["proto"] == "tcp").collect())
+        .unwrap_or_default();
+    // The first flow may have expired by now (closed TCP: 10 s).
+    let uncounted = tcp
+        .iter()
+        .filter(|f| f["bytes_reply"] == 0 && f["packets_orig"] == 0)
+        .count();
+    assert_eq!(uncounted, 1, "the new flow is not counted: {v}");
     Ok(())
 }

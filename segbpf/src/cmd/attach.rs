@@ -63,6 +63,21 @@ pub struct Args {
     /// for this attachment's later reloads too.
     #[arg(long)]
     pub insecure_policy: bool,
+    /// Flow accounting in the connection table (`segbpf flows`): `on`
+    /// (default) or `off`, which removes its per-packet cost. Kept by
+    /// reloads; an adopting attach applies it.
+    #[arg(long, value_enum, default_value_t = FlowLog::On)]
+    pub flow_log: FlowLog,
+}
+
+/// `--flow-log`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowLog {
+    /// Count packets, bytes and TCP flags per flow.
+    #[default]
+    On,
+    /// No flow accounting.
+    Off,
 }
 
 impl Args {
@@ -80,6 +95,7 @@ impl Args {
             peer_entries: self.sizes.peer_entries,
             port_entries: self.sizes.port_entries,
             insecure_policy: self.insecure_policy,
+            flow_acct: self.flow_log == FlowLog::On,
         }
     }
 }

@@ -136,14 +136,15 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     if let Some(s) = &r.state {
         writeln!(
             o,
-            "  mode:      {}; events {}/s, burst {}",
+            "  mode:      {}; events {}/s, burst {}; flow accounting {}",
             if s.audit {
                 "AUDIT (nothing enforced)"
             } else {
                 "enforcing"
             },
             s.log_rate,
-            s.log_burst
+            s.log_burst,
+            if s.flow_acct { "on" } else { "off" }
         )?;
     }
     writeln!(
