@@ -49,7 +49,9 @@ pub struct Flow {
     pub dport: u16,
     /// `ingress` (a peer opened it) or `egress` (this host opened it).
     pub opened_by: &'static str,
-    /// `new` (no reply yet), `established` or `closing`.
+    /// Connection state: `new` (no reply yet), `established` or `closing`
+    /// (`ct_state`: a flow record's `state` is the record's kind).
+    #[serde(rename = "ct_state")]
     pub state: &'static str,
     /// `assured` (both sides spoke, then the originator again) or `half-open`.
     pub table: &'static str,
@@ -76,6 +78,19 @@ pub struct Flow {
 
 /// The live flows of `att`, oldest first.
 pub fn snapshot(att: &Attachment) -> Result<Vec<Flow>, FlowsError> {
+    Ok(snapshot_keyed(att)?.into_iter().map(|(_, f)| f).collect())
+}
+
+/// What identifies one flow over time: its key and its first packet's
+/// time (a tuple reused by a new connection is a new flow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    key: CtKey,
+    first_seen_ns: u64,
+}
+
+/// Like [`snapshot`], with each flow's identity.
+pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsError> {
     if !att.is_attached() {
         return Err(FlowsError::NotAttached(att.describe()));
     }
@@ -92,11 +107,123 @@ pub fn snapshot(att: &Attachment) -> Result<Vec<Flow>, FlowsError> {
             if now.saturating_sub(e.last_seen_ns) > ttl_ns(&cfg, k.proto, e.state) {
                 continue;
             }
-            out.push(flow(&k, &e, table, state.as_ref()));
+            let id = FlowId {
+                key: k,
+                first_seen_ns: e.first_seen_ns,
+            };
+            out.push((id, flow(&k, &e, table, state.as_ref())));
         }
     }
-    out.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
+    out.sort_by(|a, b| a.1.first_seen.cmp(&b.1.first_seen));
     Ok(out)
+}
+
+/// One flow record of `segbpf flows --follow` (JSON Lines).
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    /// When the record was made, RFC 3339.
+    pub time: String,
+    /// The interface.
+    pub iface: String,
+    /// `start` (a new flow), `active` (periodic, while it lives) or `end`
+    /// (closed by FIN/RST, expired, evicted or pruned).
+    pub state: &'static str,
+    /// `accept`: the flow was let through.
+    pub action: &'static str,
+    /// The flow and its counters.
+    #[serde(flatten)]
+    pub flow: Flow,
+}
+
+/// How [`Follower`] reports.
+#[derive(Clone, Copy, Debug)]
+pub struct FollowOptions {
+    /// A record when a flow is first seen.
+    pub start: bool,
+    /// An `active` record of each live flow this often.
+    pub active_every: std::time::Duration,
+}
+
+/// Turns successive snapshots into flow records.
+#[derive(Debug)]
+pub struct Follower {
+    opts: FollowOptions,
+    iface: String,
+    seen: std::collections::HashMap<FlowId, (Flow, std::time::Instant)>,
+}
+
+impl Follower {
+    /// A follower of `att`'s flows.
+    pub fn new(att: &Attachment, opts: FollowOptions) -> Self {
+        Follower {
+            opts,
+            iface: att.iface.clone(),
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The records due since the last call, given the flows now.
+    pub fn step(&mut self, now: Vec<(FlowId, Flow)>) -> Vec<Record> {
+        let t = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        for (id, f) in now {
+            live.insert(id);
+            let closing = f.state == "closing";
+            match self.seen.get_mut(&id) {
+                None => {
+                    if self.opts.start {
+                        out.push(self.record("start", &f));
+                    }
+                    if closing {
+                        out.push(self.record("end", &f));
+                    }
+                    self.seen.insert(id, (f, t));
+                }
+                Some((last, _)) if last.state == "closing" => *last = f,
+                Some((last, emitted)) => {
+                    if closing {
+                        *last = f;
+                        let f = last.clone();
+                        out.push(self.record("end", &f));
+                    } else if t.duration_since(*emitted) >= self.opts.active_every {
+                        *emitted = t;
+                        *last = f;
+                        let f = last.clone();
+                        out.push(self.record("active", &f));
+                    } else {
+                        *last = f;
+                    }
+                }
+            }
+        }
+        // Gone from the tables (expired, evicted, pruned): an end record
+        // with the last counters, unless one was given at its close.
+        let gone: Vec<FlowId> = self
+            .seen
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some((f, _)) = self.seen.remove(&id)
+                && f.state != "closing"
+            {
+                out.push(self.record("end", &f));
+            }
+        }
+        out
+    }
+
+    fn record(&self, state: &'static str, f: &Flow) -> Record {
+        Record {
+            time: clock::rfc3339(std::time::SystemTime::now()),
+            iface: self.iface.clone(),
+            state,
+            action: "accept",
+            flow: f.clone(),
+        }
+    }
 }
 
 fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> Flow {
@@ -196,6 +323,69 @@ fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(state: CtEntry) -> (FlowId, Flow) {
+        let k = CtKey {
+            family: 4,
+            proto: IPPROTO_TCP,
+            local_port: 80,
+            remote_port: 4000,
+            ..CtKey::default()
+        };
+        let id = FlowId {
+            key: k,
+            first_seen_ns: state.first_seen_ns,
+        };
+        (id, flow(&k, &state, "assured", None))
+    }
+
+    #[test]
+    fn a_follower_starts_reports_and_ends_each_flow_once() {
+        let att = crate::pins::Roots {
+            bpffs: "/nonexistent".into(),
+            state: "/nonexistent".into(),
+        }
+        .attachment(
+            "eth0",
+            &crate::netns::Netns {
+                inode: 1,
+                cookie: 1,
+                label: None,
+            },
+        );
+        let mut f = Follower::new(
+            &att,
+            FollowOptions {
+                start: true,
+                active_every: std::time::Duration::ZERO,
+            },
+        );
+        let open = CtEntry {
+            state: CT_ESTABLISHED,
+            first_seen_ns: 5,
+            packets: [1, 1],
+            ..CtEntry::default()
+        };
+        let closing = CtEntry {
+            state: CT_CLOSING,
+            packets: [4, 3],
+            ..open
+        };
+        let states = |rs: Vec<Record>| rs.iter().map(|r| r.state).collect::<Vec<_>>();
+        assert_eq!(states(f.step(vec![sample(open)])), ["start"]);
+        assert_eq!(states(f.step(vec![sample(open)])), ["active"]);
+        let end = f.step(vec![sample(closing)]);
+        assert_eq!(states(end.clone()), ["end"]);
+        assert_eq!(end[0].flow.packets_orig, 4);
+        assert!(f.step(vec![sample(closing)]).is_empty(), "one end per flow");
+        assert!(
+            f.step(vec![]).is_empty(),
+            "its disappearance says nothing more"
+        );
+        // A flow that leaves the table without a close ends too.
+        assert_eq!(states(f.step(vec![sample(open)])), ["start"]);
+        assert_eq!(states(f.step(vec![])), ["end"]);
+    }
 
     #[test]
     fn flags_read_as_letters() {

@@ -140,3 +140,70 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
     assert_eq!(uncounted, 1, "the new flow is not counted: {v}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<()> {
+    let mut lab = Lab::new("flowf")?;
+    lab.add_host("srv", &["198.18.87.10/24"])?;
+    lab.add_host("client", &["198.18.87.5/24"])?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let dir = lab.state.join("policies");
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, POLICY)?;
+    let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    let follower = segbpf_tests::lab::Running::new(lab.spawn(
+        "srv",
+        &[
+            "flows",
+            "eth0",
+            "--follow",
+            "--start",
+            "--output",
+            "json",
+            "--active-secs",
+            "1",
+        ],
+    )?);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = net::tcp_fetch(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        8080,
+        Duration::from_secs(20),
+    )?;
+    assert!(t.connected && t.received == BYTES, "{t:?}");
+    // The close (FIN from both sides) is seen within a poll or two.
+    std::thread::sleep(Duration::from_secs(4));
+    follower.terminate()?;
+    let out = follower.wait()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let ours: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["proto"] == "tcp" && r["dport"] == 8080)
+        .collect();
+    let states: Vec<&str> = ours.iter().filter_map(|r| r["state"].as_str()).collect();
+    assert_eq!(states.first(), Some(&"start"), "{stdout}");
+    assert_eq!(
+        states.iter().filter(|s| **s == "end").count(),
+        1,
+        "one end record: {stdout}"
+    );
+    let end = ours.iter().find(|r| r["state"] == "end").expect("end");
+    assert!(end["bytes_reply"].as_u64() >= Some(BYTES), "{end}");
+    assert_eq!(end["rule"], "bulk-in", "{end}");
+    assert_eq!(end["action"], "accept", "{end}");
+    assert_eq!(end["iface"], "eth0", "{end}");
+    assert!(
+        end["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{end}"
+    );
+    Ok(())
+}
