@@ -6,8 +6,8 @@
 //! inode; the last `$SEGBPF_HISTORY` entries (default 10) per attachment.
 //! Without `$SEGBPF_HISTORY_DIR` the history is [`DEFAULT_DIR`] (it
 //! survives reboots, and the systemd service and commands typed by hand
-//! share it), or the state directory's `history/` when
-//! `$SEGBPF_STATE_DIR` moves the state elsewhere (tests, private roots).
+//! share it), or the state directory's `history/` for attachments whose
+//! state is elsewhere (`$SEGBPF_STATE_DIR`, private roots in tests).
 
 use std::{
     collections::BTreeMap,
@@ -54,18 +54,30 @@ pub struct Entry {
 /// Where histories are kept by default (see the module's documentation).
 pub const DEFAULT_DIR: &str = "/var/lib/segbpf/history";
 
-/// The history root for these values of `$SEGBPF_HISTORY_DIR` and
-/// `$SEGBPF_STATE_DIR`.
-fn root(history_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> PathBuf {
-    history_dir
-        .or_else(|| state_dir.map(|s| s.join("history")))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+/// The history root: `$SEGBPF_HISTORY_DIR` (`history_dir`), else
+/// [`DEFAULT_DIR`] for attachments under the default state directory, else
+/// that state directory's `history/` (private roots keep their history
+/// with them).
+fn root(history_dir: Option<PathBuf>, state_root: &Path) -> PathBuf {
+    history_dir.unwrap_or_else(|| {
+        if state_root == Path::new(crate::pins::DEFAULT_STATE_DIR) {
+            PathBuf::from(DEFAULT_DIR)
+        } else {
+            state_root.join("history")
+        }
+    })
+}
+
+/// The state directory `att` lives under (its state file is
+/// `STATE/net/NS/IFACE.json`).
+fn state_root(att: &Attachment) -> &Path {
+    att.state.ancestors().nth(3).unwrap_or(Path::new("/"))
 }
 
 fn dir(att: &Attachment) -> PathBuf {
     let base = root(
         std::env::var_os("SEGBPF_HISTORY_DIR").map(PathBuf::from),
-        std::env::var_os("SEGBPF_STATE_DIR").map(PathBuf::from),
+        state_root(att),
     );
     base.join("net").join(att.netns.key()).join(&att.iface)
 }
@@ -151,11 +163,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn history_root_follows_the_environment() {
+    fn history_root_follows_the_environment_and_the_state_root() {
         let p = PathBuf::from;
-        assert_eq!(root(None, None), p("/var/lib/segbpf/history"));
-        assert_eq!(root(None, Some(p("/tmp/s"))), p("/tmp/s/history"));
-        assert_eq!(root(Some(p("/h")), Some(p("/tmp/s"))), p("/h"));
-        assert_eq!(root(Some(p("/h")), None), p("/h"));
+        let run = Path::new("/run/segbpf");
+        assert_eq!(root(None, run), p("/var/lib/segbpf/history"));
+        assert_eq!(root(None, Path::new("/tmp/s")), p("/tmp/s/history"));
+        assert_eq!(root(Some(p("/h")), Path::new("/tmp/s")), p("/h"));
+        assert_eq!(root(Some(p("/h")), run), p("/h"));
+    }
+
+    #[test]
+    fn the_state_root_is_found_from_the_attachment() {
+        let ns = crate::netns::Netns::current().unwrap();
+        for state in ["/tmp/private-state", "/run/segbpf"] {
+            let roots = crate::pins::Roots {
+                bpffs: PathBuf::from("/sys/fs/bpf/x"),
+                state: PathBuf::from(state),
+            };
+            assert_eq!(state_root(&roots.attachment("eth9", &ns)), Path::new(state));
+        }
     }
 }
