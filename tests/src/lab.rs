@@ -255,6 +255,16 @@ impl Lab {
         self.segbpf_ok(host, &args)
     }
 
+    /// Writes a policy file `name` with `text` under the lab's state root
+    /// (removed with the lab) and returns its path.
+    pub fn write_policy(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.state.join("policies");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// `segbpf status --output json` of `host`, parsed.
     pub fn status_json(&self, host: &str) -> anyhow::Result<serde_json::Value> {
         let iface = self.host(host).iface.clone();
@@ -297,6 +307,23 @@ impl Drop for Lab {
         self.hosts.clear(); // deletes host namespaces
         self.switch = None;
     }
+}
+
+/// A policy for a role `srv` on any host that opens one TCP port
+/// (ingress) and drops everything else coming in.
+pub fn one_tcp_port_policy(port: u16) -> String {
+    format!(
+        r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+from = "any"
+tcp = [{port}]
+"#
+    )
 }
 
 /// A child process we started (a foreground `segbpf attach`), killed and

@@ -37,10 +37,7 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
     lab.add_host("srv", &["198.18.86.10/24"])?;
     lab.add_host("client", &["198.18.86.5/24"])?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let policy = dir.join("p.toml");
-    std::fs::write(&policy, POLICY)?;
+    let policy = lab.write_policy("p.toml", POLICY)?;
     let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
     let _echo = net::Server::udp(&lab.host("client").ns.name, client, 5353, true)?;
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
@@ -148,10 +145,7 @@ fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<(
     lab.add_host("srv", &["198.18.87.10/24"])?;
     lab.add_host("client", &["198.18.87.5/24"])?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let policy = dir.join("p.toml");
-    std::fs::write(&policy, POLICY)?;
+    let policy = lab.write_policy("p.toml", POLICY)?;
     let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
     let follower = segbpf_tests::lab::Running::new(lab.spawn(

@@ -12,25 +12,9 @@ use std::{path::Path, time::Duration};
 
 use segbpf_tests::{
     Lab,
-    lab::{Running, segbpf_bin},
+    lab::{Running, one_tcp_port_policy, segbpf_bin},
     net,
 };
-
-/// Opens one TCP port (ingress); everything else is dropped.
-fn policy(port: u16) -> String {
-    format!(
-        r#"version = 1
-[defaults]
-ingress = "drop"
-egress = "allow"
-[roles.srv]
-hosts = "any"
-[[roles.srv.ingress]]
-from = "any"
-tcp = [{port}]
-"#
-    )
-}
 
 fn reachable(lab: &Lab, port: u16) -> anyhow::Result<bool> {
     let client = lab.host("client");
@@ -58,11 +42,8 @@ fn killed_applier_under_a_foreground_attach_ends_on_the_previous_policy() -> any
         .into_iter()
         .map(|p| net::Server::tcp_echo(&lab.host("srv").ns.name, srv, p))
         .collect::<Result<Vec<_>, _>>()?;
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
-    std::fs::write(&a, policy(8080))?;
-    std::fs::write(&b, policy(9090))?;
+    let a = lab.write_policy("a.toml", &one_tcp_port_policy(8080))?;
+    let b = lab.write_policy("b.toml", &one_tcp_port_policy(9090))?;
     let attach = Running::new(lab.spawn("srv", &["attach", "eth0", "--policy", path(&a)])?);
     lab.wait_enforcing("srv")?;
     assert!(reachable(&lab, 8080)? && !reachable(&lab, 9090)?);

@@ -18,28 +18,16 @@
 
 use std::{
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     time::Duration,
 };
 
-use segbpf_tests::{Lab, lab::segbpf_bin, net};
-
-/// Opens one TCP port (ingress) to anyone; everything else is dropped.
-fn policy(port: u16) -> String {
-    format!(
-        r#"version = 1
-[defaults]
-ingress = "drop"
-egress = "allow"
-[roles.srv]
-hosts = "any"
-[[roles.srv.ingress]]
-from = "any"
-tcp = [{port}]
-"#
-    )
-}
+use segbpf_tests::{
+    Lab,
+    lab::{one_tcp_port_policy, segbpf_bin},
+    net,
+};
 
 /// `nsenter --net=/run/netns/NS segbpf ARGS...`, with the lab's roots and
 /// no `--netns`: segbpf must find the namespace itself.
@@ -80,12 +68,6 @@ fn open(lab: &Lab, dst: IpAddr, port: u16) -> anyhow::Result<bool> {
     )
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
-    let p = dir.join(name);
-    std::fs::write(&p, text)?;
-    Ok(p)
-}
-
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn same_interface_name_in_two_namespaces_entered_with_nsenter() -> anyhow::Result<()> {
@@ -100,10 +82,8 @@ fn same_interface_name_in_two_namespaces_entered_with_nsenter() -> anyhow::Resul
             servers.push(net::Server::tcp_echo(&lab.host(host).ns.name, addr, port)?);
         }
     }
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let pa = write(&dir, "a.toml", &policy(8080))?;
-    let pb = write(&dir, "b.toml", &policy(9090))?;
+    let pa = lab.write_policy("a.toml", &one_tcp_port_policy(8080))?;
+    let pb = lab.write_policy("b.toml", &one_tcp_port_policy(9090))?;
 
     // Both at the same moment, each from inside its own namespace.
     let spawn = |host: &str, p: &Path| {
@@ -225,11 +205,9 @@ fn concurrent_attaches_of_one_interface_have_one_clear_outcome() -> anyhow::Resu
         net::Server::tcp_echo(&lab.host("a").ns.name, a, 8080)?,
         net::Server::tcp_echo(&lab.host("a").ns.name, a, 9090)?,
     ];
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
     let files = [
-        write(&dir, "p8080.toml", &policy(8080))?,
-        write(&dir, "p9090.toml", &policy(9090))?,
+        lab.write_policy("p8080.toml", &one_tcp_port_policy(8080))?,
+        lab.write_policy("p9090.toml", &one_tcp_port_policy(9090))?,
     ];
     for round in 0..3 {
         let children = files
@@ -291,9 +269,7 @@ fn ip_netns_exec_is_refused_before_anything_is_pinned() -> anyhow::Result<()> {
     // the firewall with them. segbpf says so and changes nothing.
     let mut lab = Lab::new("ipexec")?;
     lab.add_host("a", &["198.18.83.10/24"])?;
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let p = write(&dir, "p.toml", &policy(8080))?;
+    let p = lab.write_policy("p.toml", &one_tcp_port_policy(8080))?;
     let o = Command::new("ip")
         .args(["netns", "exec", &lab.host("a").ns.name])
         .arg(segbpf_bin())

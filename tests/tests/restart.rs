@@ -22,28 +22,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use segbpf_tests::{Lab, lab::Running, net};
-
-/// Opens TCP 8080 (ingress); everything else is dropped.
-const POLICY: &str = r#"version = 1
-[defaults]
-ingress = "drop"
-egress = "allow"
-[roles.srv]
-hosts = "any"
-[[roles.srv.ingress]]
-from = "any"
-tcp = [8080]
-"#;
+use segbpf_tests::{
+    Lab,
+    lab::{Running, one_tcp_port_policy},
+    net,
+};
 
 fn lab(tag: &str) -> anyhow::Result<(Lab, String)> {
     let mut lab = Lab::new(tag)?;
     lab.add_host("srv", &["198.18.85.10/24"])?;
     lab.add_host("client", &["198.18.85.5/24"])?;
-    let dir = lab.state.join("policies");
-    std::fs::create_dir_all(&dir)?;
-    let policy = dir.join("p.toml");
-    std::fs::write(&policy, POLICY)?;
+    let policy = lab.write_policy("p.toml", &one_tcp_port_policy(8080))?;
     let policy = policy.to_str().unwrap_or_default().to_string();
     Ok((lab, policy))
 }

@@ -24,7 +24,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use segbpf_tests::{Lab, lab::segbpf_bin, net};
+use segbpf_tests::{
+    Lab,
+    lab::{one_tcp_port_policy, segbpf_bin},
+    net,
+};
 
 const UNIT: &str = include_str!("../../dist/systemd/segbpf@.service");
 
@@ -124,22 +128,6 @@ fn unit_keeps_what_the_service_relies_on() {
     ] {
         assert!(directive(key).is_empty(), "{key}= breaks segbpf");
     }
-}
-
-/// One TCP port open (ingress); everything else dropped.
-fn policy(port: u16) -> String {
-    format!(
-        r#"version = 1
-[defaults]
-ingress = "drop"
-egress = "allow"
-[roles.srv]
-hosts = "any"
-[[roles.srv.ingress]]
-from = "any"
-tcp = [{port}]
-"#
-    )
 }
 
 /// Where the sandboxed segbpf keeps things: the lab's roots stand for
@@ -383,7 +371,7 @@ fn the_units_sandbox_lets_segbpf_enforce_reload_and_guard() -> anyhow::Result<()
     let etc = scratch.0.join("etc");
     std::fs::create_dir_all(&etc)?;
     let file = etc.join("roles.toml");
-    std::fs::write(&file, policy(8080))?;
+    std::fs::write(&file, one_tcp_port_policy(8080))?;
     let file_arg = file.display().to_string();
 
     // The service's main process: enforce, stay in the foreground.
@@ -406,7 +394,7 @@ fn the_units_sandbox_lets_segbpf_enforce_reload_and_guard() -> anyhow::Result<()
     assert!(!reachable(&lab, 9090)?, "9090 dropped");
 
     // ExecReload: SIGHUP after the file changed.
-    std::fs::write(&file, policy(9090))?;
+    std::fs::write(&file, one_tcp_port_policy(9090))?;
     let main = child_of(attach.id()?)?;
     signal(main, nix::sys::signal::Signal::SIGHUP)?;
     wait_for(20, "the SIGHUP reload", || {
