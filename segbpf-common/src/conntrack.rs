@@ -102,6 +102,22 @@ pub struct CtEntry {
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 80);
 
+/// Seconds an entry in `state` of protocol `proto` lives after its last
+/// packet, from the configuration in force: the datapath expires entries
+/// by it and `segbpf flows` leaves expired ones out by the same rule.
+#[inline(always)]
+pub fn ct_timeout_s(cfg: &crate::Config, proto: u8, state: u8) -> u32 {
+    use crate::{IPPROTO_TCP, IPPROTO_UDP};
+    match (proto, state) {
+        (IPPROTO_TCP, CT_NEW) => cfg.ct_tcp_syn_s,
+        (IPPROTO_TCP, CT_ESTABLISHED) => cfg.ct_tcp_est_s,
+        (IPPROTO_TCP, _) => cfg.ct_tcp_close_s,
+        (IPPROTO_UDP, CT_NEW) => cfg.ct_udp_s,
+        (IPPROTO_UDP, _) => cfg.ct_udp_est_s,
+        _ => cfg.ct_icmp_s,
+    }
+}
+
 /// Fragment-table key: one IP datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]

@@ -25,7 +25,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, CT_NO_WSCALE, Config, CtEntry,
-    CtKey, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason,
+    CtKey, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    ct_timeout_s, reason,
 };
 
 use crate::{
@@ -139,19 +140,6 @@ fn make_key(
     }
 }
 
-/// Seconds an entry in `state` of protocol `proto` lives after its last packet.
-#[inline(always)]
-fn timeout_s(cfg: &Config, proto: u8, state: u8) -> u32 {
-    match (proto, state) {
-        (IPPROTO_TCP, CT_NEW) => cfg.ct_tcp_syn_s,
-        (IPPROTO_TCP, CT_ESTABLISHED) => cfg.ct_tcp_est_s,
-        (IPPROTO_TCP, _) => cfg.ct_tcp_close_s,
-        (IPPROTO_UDP, CT_NEW) => cfg.ct_udp_s,
-        (IPPROTO_UDP, _) => cfg.ct_udp_est_s,
-        _ => cfg.ct_icmp_s,
-    }
-}
-
 /// A live entry: where it is, and whether it is in the assured table.
 pub(crate) struct Tracked {
     /// The entry, a pointer into its map (valid during this program run).
@@ -171,7 +159,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
     // SAFETY: `entry` points at a value of the map, valid during this
     // program run; concurrent writers only store whole integer fields.
     let (last, state) = unsafe { ((*entry).last_seen_ns, (*entry).state) };
-    let ttl = u64::from(timeout_s(cfg, key.proto, state)) * NS_PER_S;
+    let ttl = u64::from(ct_timeout_s(cfg, key.proto, state)) * NS_PER_S;
     if now.saturating_sub(last) > ttl {
         return None;
     }

@@ -7,13 +7,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// timestamp, from the offset between the two clocks now.
 pub fn wall_of_monotonic(ts_ns: u64) -> SystemTime {
     let now_wall = SystemTime::now();
-    let Ok(mono) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) else {
-        return now_wall;
-    };
-    let mono_ns = u64::try_from(mono.tv_sec()).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(mono.tv_nsec()).unwrap_or(0);
-    let age = Duration::from_nanos(mono_ns.saturating_sub(ts_ns));
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns));
     now_wall.checked_sub(age).unwrap_or(now_wall)
+}
+
+/// `CLOCK_MONOTONIC` now, ns: the base of the kernel's (coarse) stamps.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
 }
 
 /// `t` as RFC 3339 in UTC with milliseconds: `2026-11-22T06:30:00.123Z`.
@@ -61,9 +64,7 @@ mod tests {
 
     #[test]
     fn a_fresh_monotonic_stamp_is_now() {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-        let ts = mono.tv_sec() as u64 * 1_000_000_000 + mono.tv_nsec() as u64;
-        let wall = wall_of_monotonic(ts);
+        let wall = wall_of_monotonic(monotonic_ns());
         let skew = SystemTime::now().duration_since(wall).unwrap_or_default();
         assert!(skew < Duration::from_secs(1), "{skew:?}");
     }

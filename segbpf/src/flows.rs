@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use segbpf_common::{
-    CT_CLOSING, CT_ESTABLISHED, CT_NEW, Config, CtEntry, CtKey, DIR_INGRESS, IPPROTO_TCP,
-    IPPROTO_UDP, MAP_CT, MAP_CT_NEW, NO_RULE,
+    CT_CLOSING, CT_ESTABLISHED, CT_NEW, CtEntry, CtKey, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP,
+    MAP_CT, MAP_CT_NEW, NO_RULE, ct_timeout_s,
 };
 use serde::Serialize;
 
@@ -96,7 +96,7 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
     }
     let cfg = maps::pinned_config(att)?;
     let state = State::current(att).ok();
-    let now = monotonic_ns();
+    let now = clock::monotonic_ns();
     let mut out = Vec::new();
     for (name, table) in [(MAP_CT, "assured"), (MAP_CT_NEW, "half-open")] {
         let err = |source| MapsError::Map { map: name, source };
@@ -104,7 +104,8 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
         let ct: BpfHashMap<MapData, CtKey, CtEntry> =
             BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
         for (k, e) in ct.iter().flatten() {
-            if now.saturating_sub(e.last_seen_ns) > ttl_ns(&cfg, k.proto, e.state) {
+            let ttl_ns = u64::from(ct_timeout_s(&cfg, k.proto, e.state)) * 1_000_000_000;
+            if now.saturating_sub(e.last_seen_ns) > ttl_ns {
                 continue;
             }
             let id = FlowId {
@@ -275,49 +276,12 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
         first_seen: wall(e.first_seen_ns),
         last_seen: wall(e.last_seen_ns),
         tcp_flags: if k.proto == IPPROTO_TCP {
-            tcp_flag_letters(e.tcp_flags)
+            crate::proto::tcp_flag_letters(e.tcp_flags)
         } else {
             String::new()
         },
         rule,
     }
-}
-
-/// TCP flags as letters, in the order events use.
-pub fn tcp_flag_letters(flags: u8) -> String {
-    [
-        (0x02, 'S'),
-        (0x10, 'A'),
-        (0x01, 'F'),
-        (0x04, 'R'),
-        (0x08, 'P'),
-        (0x20, 'U'),
-    ]
-    .iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, c)| *c)
-    .collect()
-}
-
-/// The kernel's timeout of an entry (as the datapath applies it), ns.
-fn ttl_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
-    let s = match (proto, state) {
-        (IPPROTO_TCP, CT_NEW) => cfg.ct_tcp_syn_s,
-        (IPPROTO_TCP, CT_ESTABLISHED) => cfg.ct_tcp_est_s,
-        (IPPROTO_TCP, _) => cfg.ct_tcp_close_s,
-        (IPPROTO_UDP, CT_NEW) => cfg.ct_udp_s,
-        (IPPROTO_UDP, _) => cfg.ct_udp_est_s,
-        _ => cfg.ct_icmp_s,
-    };
-    u64::from(s) * 1_000_000_000
-}
-
-/// `CLOCK_MONOTONIC` now, ns (the base of the kernel's coarse stamps).
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    })
 }
 
 #[cfg(test)]
@@ -385,13 +349,6 @@ mod tests {
         // A flow that leaves the table without a close ends too.
         assert_eq!(states(f.step(vec![sample(open)])), ["start"]);
         assert_eq!(states(f.step(vec![])), ["end"]);
-    }
-
-    #[test]
-    fn flags_read_as_letters() {
-        assert_eq!(tcp_flag_letters(0x12), "SA");
-        assert_eq!(tcp_flag_letters(0x1b), "SAFP");
-        assert_eq!(tcp_flag_letters(0), "");
     }
 
     #[test]

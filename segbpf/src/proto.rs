@@ -27,6 +27,23 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
+/// TCP flags as letters (`S`, `A`, `F`, `R`, `P`, `U`, in that order), as
+/// events and flows print them.
+pub fn tcp_flag_letters(flags: u8) -> String {
+    [
+        (0x02, 'S'),
+        (0x10, 'A'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x08, 'P'),
+        (0x20, 'U'),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, c)| *c)
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +55,8 @@ mod tests {
         }
         assert_eq!(parse_proto("TCP"), Ok(IPPROTO_TCP));
         assert!(parse_proto("tcpp").is_err());
+        assert_eq!(tcp_flag_letters(0x12), "SA");
+        assert_eq!(tcp_flag_letters(0x1b), "SAFP");
+        assert_eq!(tcp_flag_letters(0), "");
     }
 }

@@ -157,7 +157,7 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         sport: e.sport,
         dport: e.dport,
         tcp_flags: if e.proto == segbpf_common::IPPROTO_TCP {
-            tcp_flags(e.tcp_flags)
+            crate::proto::tcp_flag_letters(e.tcp_flags)
         } else {
             String::new()
         },
@@ -165,21 +165,6 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         len: e.len,
         generation: e.generation,
     })
-}
-
-fn tcp_flags(f: u8) -> String {
-    [
-        (0x02, 'S'),
-        (0x10, 'A'),
-        (0x01, 'F'),
-        (0x04, 'R'),
-        (0x08, 'P'),
-        (0x20, 'U'),
-    ]
-    .iter()
-    .filter(|(bit, _)| f & bit != 0)
-    .map(|(_, c)| *c)
-    .collect()
 }
 
 /// Output format of streamed events.

@@ -255,6 +255,19 @@ impl Lab {
         self.segbpf_ok(host, &args)
     }
 
+    /// Whether a TCP handshake from `from`'s first address reaches `to`'s
+    /// first address on `port` within 400 ms.
+    pub fn tcp_reachable(&self, from: &str, to: &str, port: u16) -> anyhow::Result<bool> {
+        let src = self.host(from);
+        crate::net::tcp_connect(
+            &src.ns.name,
+            src.addrs[0],
+            self.host(to).addrs[0],
+            port,
+            std::time::Duration::from_millis(400),
+        )
+    }
+
     /// Writes a policy file `name` with `text` under the lab's state root
     /// (removed with the lab) and returns its path.
     pub fn write_policy(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {

@@ -30,15 +30,27 @@ udp = [5353]
 
 const BYTES: u64 = 3_000_000;
 
+/// A server host `srv` (`NET.10`) sending BYTES to whoever connects on TCP
+/// 8080, a `client` (`NET.5`), and the policy file.
+fn setup(tag: &str, net: &str) -> anyhow::Result<(Lab, std::path::PathBuf, net::Server)> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("srv", &[&format!("{net}.10/24")])?;
+    lab.add_host("client", &[&format!("{net}.5/24")])?;
+    let policy = lab.write_policy("p.toml", POLICY)?;
+    let source = net::Server::tcp_source(
+        &lab.host("srv").ns.name,
+        lab.host("srv").addrs[0],
+        8080,
+        BYTES,
+    )?;
+    Ok((lab, policy, source))
+}
+
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
-    let mut lab = Lab::new("flows")?;
-    lab.add_host("srv", &["198.18.86.10/24"])?;
-    lab.add_host("client", &["198.18.86.5/24"])?;
+    let (lab, policy, _source) = setup("flows", "198.18.86")?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
-    let policy = lab.write_policy("p.toml", POLICY)?;
-    let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
     let _echo = net::Server::udp(&lab.host("client").ns.name, client, 5353, true)?;
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
 
@@ -141,12 +153,8 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<()> {
-    let mut lab = Lab::new("flowf")?;
-    lab.add_host("srv", &["198.18.87.10/24"])?;
-    lab.add_host("client", &["198.18.87.5/24"])?;
+    let (lab, policy, _source) = setup("flowf", "198.18.87")?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
-    let policy = lab.write_policy("p.toml", POLICY)?;
-    let _source = net::Server::tcp_source(&lab.host("srv").ns.name, srv, 8080, BYTES)?;
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
     let follower = segbpf_tests::lab::Running::new(lab.spawn(
         "srv",

@@ -17,14 +17,7 @@ use segbpf_tests::{
 };
 
 fn reachable(lab: &Lab, port: u16) -> anyhow::Result<bool> {
-    let client = lab.host("client");
-    net::tcp_connect(
-        &client.ns.name,
-        client.addrs[0],
-        lab.host("srv").addrs[0],
-        port,
-        Duration::from_millis(400),
-    )
+    lab.tcp_reachable("client", "srv", port)
 }
 
 fn pending(lab: &Lab) -> anyhow::Result<bool> {

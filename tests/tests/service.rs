@@ -168,14 +168,7 @@ impl Sandbox<'_> {
 }
 
 fn reachable(lab: &Lab, port: u16) -> anyhow::Result<bool> {
-    let client = lab.host("client");
-    net::tcp_connect(
-        &client.ns.name,
-        client.addrs[0],
-        lab.host("srv").addrs[0],
-        port,
-        Duration::from_millis(400),
-    )
+    lab.tcp_reachable("client", "srv", port)
 }
 
 /// Waits until `check` holds, up to `secs` seconds.
