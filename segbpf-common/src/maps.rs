@@ -73,6 +73,11 @@ pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
 /// Name of the empty XDP program (the benchmarks' floor; never attached).
 pub const PROG_XDP_EMPTY: &str = "segbpf_xdp_empty";
+/// Name of the benchmark traffic generator (XDP, run in live-frames mode
+/// by `cargo xtask bench`; never attached).
+pub const PROG_XDP_GEN: &str = "segbpf_xdp_gen";
+/// Name of the traffic generator's state map (never pinned).
+pub const MAP_GEN: &str = "SEG_GEN";
 
 // ---------------------------------------------------------------------------
 // Default capacities. The LPM tries are created with BPF_F_NO_PREALLOC, so a

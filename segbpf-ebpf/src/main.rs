@@ -23,6 +23,7 @@ mod lookup;
 mod maps;
 mod parse;
 mod stats;
+mod trafficgen;
 mod verdict;
 
 use aya_ebpf::{
@@ -92,6 +93,13 @@ pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub(crate) fn segbpf_xdp_empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Benchmark traffic generator, run only by `cargo xtask bench` through
+/// BPF_PROG_TEST_RUN in live-frames mode (see `trafficgen`). Never attached.
+#[xdp]
+pub(crate) fn segbpf_xdp_gen(ctx: XdpContext) -> u32 {
+    trafficgen::next(&ctx)
 }
 
 #[cfg(not(test))]

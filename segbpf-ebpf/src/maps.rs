@@ -90,6 +90,12 @@ pub(crate) static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
+/// Benchmark traffic generator state (see `trafficgen`): packet counter, first
+/// source address, varying address bits, varying port bits. Used only by
+/// `segbpf_xdp_gen`.
+#[map]
+pub(crate) static SEG_GEN: Array<u32> = Array::with_max_entries(4, 0);
+
 /// Run mode (`segbpf_common::RUN_*`): live instances enforce, count and
 /// track; `segbpf trace` loads a dry-run instance that shares the live maps
 /// but changes nothing and records its decision in `SEG_TRACE`; tests may

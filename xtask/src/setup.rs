@@ -136,6 +136,10 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("ip", "-V", "iproute2"),
     ("nft", "--version", "nftables"),
     ("iptables", "--version", "iptables"),
+    // `cargo xtask bench`: iptables with an ipset, and GRO on the
+    // receiver's veth (so it takes the generator's XDP frames).
+    ("ipset", "--version", "ipset"),
+    ("ethtool", "--version", "ethtool"),
     ("curl", "--version", "curl"),
     ("ping", "-V", "iputils-ping"),
     // `tests/tests/service.rs`: the unit is checked with systemd-analyze

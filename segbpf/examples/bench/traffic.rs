@@ -1,0 +1,530 @@
+//! Traffic at Mpps: a generator namespace joined by one veth pair to a
+//! receiver namespace. The generator is segbpf's `segbpf_xdp_gen` run with
+//! BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES, as
+//! xdp-tools' xdp-trafficgen does): every repetition rewrites the template
+//! UDP frame with the next source address and port and transmits it
+//! (`XDP_TX`) into the veth. The generator thread is pinned to one CPU and
+//! the receiver's veth NAPI runs in the softirq of that same CPU, so the
+//! rate measures generation plus the receiver's whole path on one core.
+//!
+//! The receiver runs nothing, segbpf (events on, rate-limited; and off),
+//! the nftables ruleset of `segbpf export nft`, a best-case nftables
+//! ruleset (one concatenated-key interval verdict map), or iptables with an
+//! ipset (`hash:net,port`). Rounds interleave the enforcers. The packets
+//! the receiver handled are counted from its veth's counters, so frames
+//! the veth ring refused (the receiver was too slow) are not counted.
+//!
+//! Addresses: rule i allows udp/(2000+i) from 198.18.0.0 + 8i /29; the
+//! receiver is 198.19.255.1/15; traffic comes from the **last** rule's /29
+//! (8 addresses x 1,024 source ports = 8,192 flows), to the rule's port
+//! (allowed) or to port 9 (denied: a known source to a closed port).
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::{maps::Array, programs::Xdp};
+use segbpf::loader;
+use segbpf_common::{MAP_GEN, PROG_XDP_GEN};
+use segbpf_tests::{Lab, netns::Netns};
+use serde_json::json;
+
+/// Receiver address (outside every rule's prefix).
+const RX_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+/// First rule prefix.
+const BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+/// Source-address bits that vary (a /29).
+const ADDR_BITS: u32 = 3;
+/// Source-port bits that vary.
+const PORT_BITS: u32 = 10;
+/// Closed port for denied traffic.
+const DENIED_PORT: u16 = 9;
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// `union bpf_attr` as BPF_PROG_TEST_RUN reads it.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `struct xdp_md` as the test run's context.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// One live-frames run of `prog_fd` with `repeat` repetitions of `frame`,
+/// transmitted on `ifindex` (of the calling thread's namespace).
+fn live_run(prog_fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<()> {
+    let ctx = XdpMd {
+        data_end: frame.len() as u32,
+        ingress_ifindex: ifindex,
+        ..XdpMd::default()
+    };
+    let attr = TestRunAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of::<XdpMd>() as u32,
+        ctx_in: std::ptr::from_ref(&ctx) as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: bpf(2) with a fully initialised attribute block of its size;
+    // the kernel only reads `frame` and `ctx`, which outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            std::ptr::from_ref(&attr),
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+fn mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let out = segbpf_tests::netns::ip(&["-j", "-n", ns, "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = v[0]["address"].as_str().unwrap_or_default();
+    let mut m = [0u8; 6];
+    for (i, b) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(b, 16)?;
+    }
+    Ok(m)
+}
+
+fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
+    let out = segbpf_tests::netns::ip(&["-j", "-n", ns, "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["ifindex"]
+        .as_u64()
+        .map(|i| i as u32)
+        .ok_or_else(|| anyhow::anyhow!("no ifindex for {dev} in {ns}"))
+}
+
+/// Packets the device received (stats64 rx packets + dropped).
+fn rx_handled(ns: &str, dev: &str) -> anyhow::Result<u64> {
+    let out = segbpf_tests::netns::ip(&["-j", "-s", "-n", ns, "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let rx = &v[0]["stats64"]["rx"];
+    Ok(rx["packets"].as_u64().unwrap_or(0) + rx["dropped"].as_u64().unwrap_or(0))
+}
+
+/// The template frame: Ethernet, IPv4 (source filled by the generator),
+/// UDP to `dport`, padded to 60 bytes.
+fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], dport: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total: u16 = 46;
+    f.extend_from_slice(&[0x45, 0, 0, 0]);
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&BASE.to_be_bytes());
+    f.extend_from_slice(&RX_ADDR.octets());
+    f.extend_from_slice(&1024u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&26u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(60, 0);
+    f
+}
+
+fn prefix(i: usize) -> String {
+    format!("{}/29", Ipv4Addr::from(BASE + 8 * i as u32))
+}
+
+fn policy(rules: usize, log_rate: u32) -> String {
+    let mut t = format!(
+        "version = 1\n[defaults]\ningress = \"drop\"\negress = \"allow\"\nlog_rate = {log_rate}\n[roles.rx]\nhosts = \"any\"\n"
+    );
+    for i in 0..rules {
+        let _ = write!(
+            t,
+            "[[roles.rx.ingress]]\nfrom = \"{}\"\nudp = [{}]\n",
+            prefix(i),
+            2000 + i
+        );
+    }
+    t
+}
+
+/// Best-case nftables: one interval verdict map keyed by (source, protocol,
+/// destination port), after the usual conntrack shortcut.
+fn nft_best(rules: usize) -> String {
+    let mut t = String::from(
+        "table inet segbench\ndelete table inet segbench\ntable inet segbench {\n  map allow4 {\n    type ipv4_addr . inet_proto . inet_service : verdict\n    flags interval\n    elements = { ",
+    );
+    for i in 0..rules {
+        if i > 0 {
+            t.push_str(",\n      ");
+        }
+        let _ = write!(t, "{} . udp . {} : accept", prefix(i), 2000 + i);
+    }
+    t.push_str(
+        " }\n  }\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    iif lo accept\n    ip saddr . meta l4proto . th dport vmap @allow4\n  }\n}\n",
+    );
+    t
+}
+
+fn ipset_restore(rules: usize) -> String {
+    let mut t = String::from("create segbench hash:net,port family inet maxelem 65536\n");
+    for i in 0..rules {
+        let _ = writeln!(t, "add segbench {},udp:{}", prefix(i), 2000 + i);
+    }
+    t
+}
+
+const IPTABLES_IPSET: &str = "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A INPUT -m set --match-set segbench src,dst -j ACCEPT\nCOMMIT\n";
+const IPTABLES_OPEN: &str =
+    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+
+fn ns_stdin(ns: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut c = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    c.stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(input.as_bytes())?;
+    drop(c.stdin.take());
+    let out = c.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} in {ns} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The generator: the loaded program and its state map.
+struct Generator {
+    ebpf: aya::Ebpf,
+    tx_ns: String,
+    ifindex: u32,
+}
+
+impl Generator {
+    fn new(tx_ns: &str, dev: &str) -> anyhow::Result<Self> {
+        let mut ebpf = loader::load(
+            segbpf::compile::Capacity::default(),
+            segbpf_common::RUN_LIVE,
+        )?;
+        let p: &mut Xdp = ebpf
+            .program_mut(PROG_XDP_GEN)
+            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
+            .try_into()?;
+        p.load()?;
+        Ok(Generator {
+            ebpf,
+            tx_ns: tx_ns.to_string(),
+            ifindex: ifindex(tx_ns, dev)?,
+        })
+    }
+
+    /// Sends `frame` with sources from `base` from one pinned CPU and
+    /// returns the packets per second the receiver (`rx_ns`'s eth0)
+    /// handled over `secs`, after a short warm-up.
+    fn rate(
+        &mut self,
+        frame: &[u8],
+        base: u32,
+        rx_ns: &str,
+        secs: Duration,
+    ) -> anyhow::Result<f64> {
+        let mut st: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_GEN)
+                .ok_or_else(|| anyhow::anyhow!("no {MAP_GEN}"))?,
+        )?;
+        st.set(0, 0, 0)?;
+        st.set(1, base, 0)?;
+        st.set(2, ADDR_BITS, 0)?;
+        st.set(3, PORT_BITS, 0)?;
+        let p: &Xdp = self
+            .ebpf
+            .program(PROG_XDP_GEN)
+            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
+            .try_into()?;
+        let fd = p.fd()?.as_fd().as_raw_fd();
+        let path = format!("/run/netns/{}", self.tx_ns);
+        let frame = frame.to_vec();
+        let ifindex = self.ifindex;
+        let done = AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| -> anyhow::Result<f64> {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let done = &done;
+            let stop = &stop;
+            let generator = s.spawn(move || -> anyhow::Result<()> {
+                let r = (|| -> anyhow::Result<()> {
+                    segbpf_tests::netns::enter(&path)?;
+                    let mut cpus = nix::sched::CpuSet::new();
+                    cpus.set(0)?;
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+                    // SAFETY: pthread_self has no preconditions.
+                    let _ = tid_tx.send(unsafe { libc::pthread_self() });
+                    // Long runs, ended by a signal (the kernel checks for one
+                    // between batches and returns EINTR) once `stop` is set;
+                    // a run that ends early for another reason is restarted.
+                    while !stop.load(Ordering::SeqCst) {
+                        match live_run(fd, &frame, ifindex, u32::MAX) {
+                            Err(e)
+                                if e.downcast_ref::<std::io::Error>()
+                                    .and_then(std::io::Error::raw_os_error)
+                                    == Some(libc::EINTR) => {}
+                            Err(e) => return Err(e),
+                            Ok(()) => {}
+                        }
+                    }
+                    Ok(())
+                })();
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            let tid = tid_rx
+                .recv()
+                .map_err(|_| anyhow::anyhow!("generator did not start"))?;
+            let measured = (|| -> anyhow::Result<f64> {
+                std::thread::sleep(Duration::from_millis(100));
+                let c1 = rx_handled(rx_ns, "eth0")?;
+                let t1 = Instant::now();
+                std::thread::sleep(secs);
+                let c2 = rx_handled(rx_ns, "eth0")?;
+                let el = t1.elapsed().as_secs_f64();
+                if std::env::var_os("SEGBPF_BENCH_DEBUG").is_some() {
+                    eprintln!(
+                        "  rx {c1} -> {c2} in {el:.3}s, generator done early: {}",
+                        done.load(Ordering::SeqCst)
+                    );
+                }
+                Ok((c2 - c1) as f64 / el)
+            })();
+            stop.store(true, Ordering::SeqCst);
+            while !done.load(Ordering::SeqCst) {
+                // SAFETY: the thread is alive until `done`; SIGUSR1 has a
+                // no-op handler (see `throughput`).
+                unsafe { libc::pthread_kill(tid, libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            generator
+                .join()
+                .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+            measured
+        })
+    }
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+/// The Mpps comparison; rows of `enforcer`, `rules`, `traffic`,
+/// `median_pps` (packets the receiver handled per second), `ratio_to_none`.
+pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    let rounds = if quick { 2 } else { 5 };
+    let secs = Duration::from_millis(if quick { 300 } else { 1000 });
+    let sizes: &[usize] = if quick {
+        &[10, 1000]
+    } else {
+        &[10, 1000, 10_000]
+    };
+    let enforcers = [
+        "none",
+        "segbpf",
+        "segbpf-noev",
+        "nft-export",
+        "nft-best",
+        "iptables-ipset",
+    ];
+
+    let mut lab = Lab::new("bt")?;
+    lab.add_host("rx", &[&format!("{RX_ADDR}/15")])?;
+    let rx_ns = lab.host("rx").ns.name.clone();
+    // The generator's namespace takes the switch end of rx's veth: one
+    // veth pair, generator to receiver, no bridge.
+    let tx = Netns::create(&format!("{}-gen", lab.id))?;
+    segbpf_tests::netns::ip(&[
+        "-n",
+        &format!("{}-sw", lab.id),
+        "link",
+        "set",
+        "p0",
+        "netns",
+        &tx.name,
+    ])?;
+    tx.ip(&["link", "set", "p0", "up"])?;
+    for (k, v) in [
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.eth0.rp_filter", "0"),
+        ("net.ipv4.icmp_ratelimit", "1000"),
+    ] {
+        segbpf_tests::netns::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &rx_ns,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("{k}={v}"),
+            ],
+        )?;
+    }
+    // veth delivers XDP-transmitted frames only to a peer running NAPI:
+    // with an XDP program attached, or with GRO on (for every enforcer).
+    segbpf_tests::netns::sh(
+        "ip",
+        &[
+            "netns", "exec", &rx_ns, "ethtool", "-K", "eth0", "gro", "on",
+        ],
+    )?;
+    // A socket on every allowed port would make the stack's delivery part
+    // of the cost; one socket (never read) on the last rule's port.
+    let rx_mac = mac(&rx_ns, "eth0")?;
+    let tx_mac = mac(&tx.name, "p0")?;
+    let mut generator = Generator::new(&tx.name, "p0")?;
+    // The generator is stopped with SIGUSR1: a handler that does nothing,
+    // without SA_RESTART, so the test run returns EINTR.
+    // SAFETY: installing a handler that touches nothing.
+    unsafe {
+        nix::sys::signal::sigaction(
+            nix::sys::signal::Signal::SIGUSR1,
+            &nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::Handler(on_sigusr1),
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            ),
+        )?;
+    }
+
+    let mut results: std::collections::BTreeMap<(String, usize, &str), Vec<f64>> =
+        std::collections::BTreeMap::default();
+    for &rules in sizes {
+        let pol = lab.write_policy(&format!("t{rules}.toml"), &policy(rules, 10))?;
+        let quiet = lab.write_policy(&format!("q{rules}.toml"), &policy(rules, 0))?;
+        let pol = pol.to_str().unwrap_or_default().to_string();
+        let quiet = quiet.to_str().unwrap_or_default().to_string();
+        let nft_export = lab.segbpf_ok(
+            "rx",
+            &[
+                "export", "nft", "--policy", &pol, "--role", "rx", "--iface", "eth0",
+            ],
+        )?;
+        let last = rules - 1;
+        let base = BASE + 8 * last as u32;
+        let port_ok = 2000 + last as u16;
+        let rx_port = port_ok;
+        let sink = lab
+            .host("rx")
+            .ns
+            .run(move || std::net::UdpSocket::bind((RX_ADDR, rx_port)))??;
+        for round in 0..rounds {
+            for enforcer in enforcers {
+                match enforcer {
+                    "segbpf" => {
+                        lab.attach("rx", &pol, &["--role", "rx"])?;
+                    }
+                    "segbpf-noev" => {
+                        lab.attach("rx", &quiet, &["--role", "rx"])?;
+                    }
+                    "nft-export" => ns_stdin(&rx_ns, &["nft", "-f", "-"], &nft_export)?,
+                    "nft-best" => ns_stdin(&rx_ns, &["nft", "-f", "-"], &nft_best(rules))?,
+                    "iptables-ipset" => {
+                        ns_stdin(
+                            &rx_ns,
+                            &["ipset", "restore", "-exist"],
+                            &ipset_restore(rules),
+                        )?;
+                        ns_stdin(&rx_ns, &["iptables-restore"], IPTABLES_IPSET)?;
+                    }
+                    _ => {}
+                }
+                for (traffic, port) in [("allowed", port_ok), ("denied", DENIED_PORT)] {
+                    let f = frame(rx_mac, tx_mac, port);
+                    let pps = generator.rate(&f, base, &rx_ns, secs)?;
+                    results
+                        .entry((enforcer.to_string(), rules, traffic))
+                        .or_default()
+                        .push(pps);
+                }
+                match enforcer {
+                    "segbpf" | "segbpf-noev" => {
+                        lab.segbpf_ok("rx", &["detach", "eth0"])?;
+                    }
+                    "nft-export" => ns_stdin(
+                        &rx_ns,
+                        &["nft", "-f", "-"],
+                        "table inet segbpf\ndelete table inet segbpf\n",
+                    )?,
+                    "nft-best" => ns_stdin(
+                        &rx_ns,
+                        &["nft", "-f", "-"],
+                        "table inet segbench\ndelete table inet segbench\n",
+                    )?,
+                    "iptables-ipset" => {
+                        ns_stdin(&rx_ns, &["iptables-restore"], IPTABLES_OPEN)?;
+                        ns_stdin(&rx_ns, &["ipset", "destroy", "segbench"], "")?;
+                    }
+                    _ => {}
+                }
+            }
+            eprintln!("throughput {rules} rules: round {}/{rounds}", round + 1);
+        }
+        drop(sink);
+    }
+    drop(generator);
+    drop(tx);
+    drop(lab);
+    let med = |v: &Vec<f64>| crate::median(&mut v.clone());
+    let mut rows = Vec::new();
+    for ((enforcer, rules, traffic), v) in &results {
+        let none = results
+            .get(&("none".to_string(), *rules, *traffic))
+            .map_or(1.0, med);
+        rows.push(json!({
+            "enforcer": enforcer, "rules": rules, "traffic": traffic,
+            "median_pps": med(v), "min_pps": crate::min(v), "max_pps": crate::max(v),
+            "ratio_to_none": med(v) / none, "samples_pps": v,
+        }));
+    }
+    Ok(rows)
+}
