@@ -149,7 +149,10 @@ use std::os::fd::AsFd as _;
 
 fn main() -> anyhow::Result<()> {
     let o = opts();
-    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("traffic") {
+    if matches!(
+        std::env::var("SEGBPF_BENCH_ONLY").as_deref(),
+        Ok("traffic" | "cold")
+    ) {
         // Debugging the traffic lab alone: print its rows, write nothing.
         for row in traffic::throughput(o.quick)? {
             println!("{row}");
@@ -354,6 +357,21 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    // Debugging: SEGBPF_BENCH_ONLY=packet stops after the per-packet cases.
+    let packet_only = std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("packet");
+    if packet_only {
+        let floor_med = median(&mut floor_samples.clone());
+        println!("{:<62} {floor_med:>8.1}", "empty XDP program (floor)");
+        for c in &mut cases {
+            println!(
+                "{:<62} {:>8.1} {:>6.2}",
+                c.name,
+                median(&mut c.samples.clone()),
+                median(&mut c.ratios.clone())
+            );
+        }
+        return Ok(());
+    }
     // Update cost: swap in a 10,000-rule policy, and one that differs by a set element.
     let (_, big) = compile(10_000, 10_000)?;
     let mut upd = loader::load(Capacity::default(), RUN_LIVE)?;

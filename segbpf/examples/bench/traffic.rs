@@ -264,10 +264,15 @@ impl Generator {
     /// Sends `frame` with sources from `base` from one pinned CPU and
     /// returns the packets per second the receiver (`rx_ns`'s eth0)
     /// handled over `secs`, after a short warm-up.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the frame, its flows and the receiver"
+    )]
     fn rate(
         &mut self,
         frame: &[u8],
         base: u32,
+        bits: (u32, u32),
         rx_ns: &str,
         secs: Duration,
     ) -> anyhow::Result<f64> {
@@ -278,8 +283,8 @@ impl Generator {
         )?;
         st.set(0, 0, 0)?;
         st.set(1, base, 0)?;
-        st.set(2, ADDR_BITS, 0)?;
-        st.set(3, PORT_BITS, 0)?;
+        st.set(2, bits.0, 0)?;
+        st.set(3, bits.1, 0)?;
         let p: &Xdp = self
             .ebpf
             .program(PROG_XDP_GEN)
@@ -355,6 +360,90 @@ impl Generator {
 }
 
 extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+/// Cache-cold: 262,144 flows (every address of 198.18.0.0/16, four
+/// source ports each) against a 10-rule policy whose first rule holds
+/// those sources as one /16 (plus 1,000 other prefixes), or as 65,536 /32s
+/// among 1,000,000 prefixes; segbpf and no firewall, rounds interleaved.
+fn cold(
+    lab: &Lab,
+    rx_ns: &str,
+    generator: &mut Generator,
+    macs: ([u8; 6], [u8; 6]),
+    secs: Duration,
+    results: &mut std::collections::BTreeMap<(String, usize, &'static str), Vec<f64>>,
+) -> anyhow::Result<()> {
+    let base = BASE;
+    let bits = (16, 2);
+    let _sink = lab
+        .host("rx")
+        .ns
+        .run(move || std::net::UdpSocket::bind((RX_ADDR, 2000)))??;
+    let mut pols = Vec::new();
+    for (label, big) in [("1k", false), ("1m", true)] {
+        let mut t = String::from(
+            "version = 1\n[defaults]\ningress = \"drop\"\negress = \"allow\"\nlog_rate = 10\n[roles.rx]\nhosts = \"any\"\n[[roles.rx.ingress]]\nfrom = [",
+        );
+        let mut n = 0usize;
+        if big {
+            for k in 0..65_536u32 {
+                let _ = write!(t, "\"{}\",", Ipv4Addr::from(BASE + k));
+                n += 1;
+            }
+        } else {
+            t.push_str("\"198.18.0.0/16\",");
+            n += 1;
+        }
+        let total = if big { 1_000_000 } else { 1_000 };
+        // Filler /32s, every other address of 10.0.0.0/8, so none merge.
+        let mut next: u32 = 0x0a00_0000;
+        while n < total {
+            let _ = write!(t, "\"{}\",", Ipv4Addr::from(next));
+            next += 2;
+            n += 1;
+        }
+        t.pop();
+        t.push_str("]\nudp = [2000]\n");
+        for i in 1..10 {
+            let _ = write!(
+                t,
+                "[[roles.rx.ingress]]\nfrom = \"10.{i}.0.0/16\"\nudp = [{}]\n",
+                2000 + i
+            );
+        }
+        let path = lab.write_policy(&format!("cold-{label}.toml"), &t)?;
+        pols.push((label, path.to_str().unwrap_or_default().to_string()));
+    }
+    let rounds = 3;
+    for round in 0..rounds {
+        for (label, pol) in &pols {
+            for enforcer in ["none", "segbpf"] {
+                if enforcer == "segbpf" {
+                    lab.attach("rx", pol, &["--role", "rx"])?;
+                }
+                for (traffic, port) in [("allowed", 2000), ("denied", DENIED_PORT)] {
+                    let name: &'static str = match (traffic, *label) {
+                        ("allowed", "1k") => "allowed-cold-1k-prefixes",
+                        ("allowed", _) => "allowed-cold-1m-prefixes",
+                        (_, "1k") => "denied-cold-1k-prefixes",
+                        _ => "denied-cold-1m-prefixes",
+                    };
+                    let f = frame(macs.0, macs.1, port);
+                    let pps = generator.rate(&f, base, bits, rx_ns, secs)?;
+                    results
+                        .entry((enforcer.to_string(), 10, name))
+                        .or_default()
+                        .push(pps);
+                }
+                if enforcer == "segbpf" {
+                    lab.segbpf_ok("rx", &["detach", "eth0"])?;
+                }
+            }
+        }
+        eprintln!("throughput, cache-cold: round {}/{rounds}", round + 1);
+    }
+    Ok(())
+}
 
 /// The Mpps comparison; rows of `enforcer`, `rules`, `traffic`,
 /// `median_pps` (packets the receiver handled per second), `ratio_to_none`.
@@ -438,7 +527,9 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
 
     let mut results: std::collections::BTreeMap<(String, usize, &str), Vec<f64>> =
         std::collections::BTreeMap::default();
-    for &rules in sizes {
+    // Debugging: SEGBPF_BENCH_ONLY=cold runs the cache-cold part alone.
+    let only_cold = std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("cold");
+    for &rules in if only_cold { &[] } else { sizes } {
         let pol = lab.write_policy(&format!("t{rules}.toml"), &policy(rules, 10))?;
         let quiet = lab.write_policy(&format!("q{rules}.toml"), &policy(rules, 0))?;
         let pol = pol.to_str().unwrap_or_default().to_string();
@@ -480,7 +571,7 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                 }
                 for (traffic, port) in [("allowed", port_ok), ("denied", DENIED_PORT)] {
                     let f = frame(rx_mac, tx_mac, port);
-                    let pps = generator.rate(&f, base, &rx_ns, secs)?;
+                    let pps = generator.rate(&f, base, (ADDR_BITS, PORT_BITS), &rx_ns, secs)?;
                     results
                         .entry((enforcer.to_string(), rules, traffic))
                         .or_default()
@@ -510,6 +601,16 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
             eprintln!("throughput {rules} rules: round {}/{rounds}", round + 1);
         }
         drop(sink);
+    }
+    if !quick || only_cold {
+        cold(
+            &lab,
+            &rx_ns,
+            &mut generator,
+            (rx_mac, tx_mac),
+            secs,
+            &mut results,
+        )?;
     }
     drop(generator);
     drop(tx);
