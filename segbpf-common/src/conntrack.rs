@@ -26,8 +26,9 @@ pub mod ct_timeout {
 
 /// Connection-table key, from the host's point of view: the same key for
 /// both directions of a flow. ICMP echo uses the echo id as `local_port`
-/// and 0 as `remote_port`.
-#[repr(C)]
+/// and 0 as `remote_port`. 8-byte aligned so the datapath builds and
+/// hashes it with word loads and stores.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey {
     /// 4 or 6.
@@ -46,6 +47,7 @@ pub struct CtKey {
     pub remote: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::align_of::<CtKey>() == 8);
 
 /// Connection state: opened, no reply seen yet.
 pub const CT_NEW: u8 = 1;

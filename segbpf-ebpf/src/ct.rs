@@ -344,13 +344,20 @@ fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u
     e.rule_id = rule_id;
     e.origin = dir;
     e.state = CT_NEW;
-    e.fin = 0;
-    e.seen = 0;
-    e.seq_end = [0; 2];
-    e.max_win = [0; 2];
+    // Volatile stores: LLVM merges adjacent plain zero stores into a
+    // byte-at-a-time `memset` call on BPF (fields of 2-byte alignment).
+    // SAFETY: plain stores to fields of `e`, a valid exclusive reference.
+    unsafe {
+        core::ptr::write_volatile(&raw mut e.fin, 0);
+        core::ptr::write_volatile(&raw mut e.seen, 0);
+        core::ptr::write_volatile(&raw mut e.seq_end, [0; 2]);
+        core::ptr::write_volatile(&raw mut e.max_win, [0; 2]);
+        for i in 0..5 {
+            core::ptr::write_volatile(&raw mut e._pad[i], 0);
+        }
+    }
     e.wscale = [CT_NO_WSCALE; 2];
     e.tcp_flags = if acct { p.tcp_flags } else { 0 };
-    e._pad = [0; 5];
     e.first_seen_ns = now;
     e.packets = [u64::from(acct), 0];
     e.bytes = [if acct { u64::from(len) } else { 0 }, 0];

@@ -161,23 +161,26 @@ fn main() -> anyhow::Result<()> {
     }
     let host: IpAddr = "192.0.2.1".parse()?;
     let host6: IpAddr = "2001:db8::1".parse()?;
-    let sizes: Vec<(usize, usize)> = if o.quick {
-        vec![
-            (10, 1_000),
-            (1_000, 1_000),
-            (10_000, 10_000),
-            (10, 1_000_000),
-        ]
-    } else {
-        vec![
-            (10, 1_000),
-            (100, 1_000),
-            (1_000, 1_000),
-            (10_000, 10_000),
-            (10, 100_000),
-            (10, 1_000_000),
-        ]
-    };
+    let sizes: Vec<(usize, usize)> =
+        if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("packet") {
+            vec![(10, 1_000), (10_000, 10_000)]
+        } else if o.quick {
+            vec![
+                (10, 1_000),
+                (1_000, 1_000),
+                (10_000, 10_000),
+                (10, 1_000_000),
+            ]
+        } else {
+            vec![
+                (10, 1_000),
+                (100, 1_000),
+                (1_000, 1_000),
+                (10_000, 10_000),
+                (10, 100_000),
+                (10, 1_000_000),
+            ]
+        };
 
     // The floor: an XDP program that only passes.
     let mut floor_ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
