@@ -25,6 +25,7 @@ pub mod export;
 pub mod flows;
 pub mod guard;
 pub mod history;
+pub mod import;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod export;
 pub mod flows;
 pub mod guard;
+pub mod import;
 pub mod man;
 pub mod monitor;
 pub mod reload;
@@ -71,6 +72,8 @@ pub enum Command {
     Export(export::Args),
     /// Run a packet through the program loaded on an interface, changing nothing.
     Trace(trace::Args),
+    /// Turn per-host nftables or iptables rulesets into one roles.toml (stdout).
+    Import(import::Args),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::Args),
     /// Internal: write the manual pages into a directory (the package build).
@@ -234,6 +237,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Completions(a) => completions::run(a),
         Command::Man(a) => man::run(a),
     }
