@@ -171,14 +171,21 @@ pub fn verify_host(
     }
     let fams = families(rs);
     let own = super::role_addresses(policy, role);
+    // A host address: the first of each family in the role's `hosts` (past
+    // a network's first address when it has more than one).
+    let pick = |r: &AddrRange| match *r {
+        AddrRange::V4 { start, end } if end > start => IpAddr::V4(Ipv4Addr::from(start + 1)),
+        AddrRange::V6 { start, end } if end > start => IpAddr::V6(Ipv6Addr::from(start + 1)),
+        _ => r.first(),
+    };
     let host4 = own
         .iter()
-        .map(AddrRange::first)
+        .map(pick)
         .find(|a| a.is_ipv4() && usable(*a))
         .unwrap_or(IpAddr::V4(Ipv4Addr::new(198, 19, 255, 254)));
     let host6 = own
         .iter()
-        .map(AddrRange::first)
+        .map(pick)
         .find(|a| a.is_ipv6() && usable(*a))
         .unwrap_or(IpAddr::V6(Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 0xfffe)));
     let mut peers: BTreeSet<IpAddr> = BTreeSet::new();
