@@ -28,11 +28,15 @@ use segbpf::{
 use segbpf_tests::{lab::segbpf_bin, netns::Netns};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/import").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/import")
+        .join(name)
 }
 
 fn segbpf(args: &[&str]) -> anyhow::Result<Output> {
-    Ok(std::process::Command::new(segbpf_bin()).args(args).output()?)
+    Ok(std::process::Command::new(segbpf_bin())
+        .args(args)
+        .output()?)
 }
 
 fn text(b: &[u8]) -> String {
@@ -75,7 +79,10 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
     let mut args: Vec<String> = vec!["import".into(), "nft".into()];
     for t in TIERS {
         args.push("--host".into());
-        args.push(format!("{t}={}", fixture(&format!("nft/{t}.nft")).display()));
+        args.push(format!(
+            "{t}={}",
+            fixture(&format!("nft/{t}.nft")).display()
+        ));
         args.push("--hosts".into());
         args.push(format!("{t}={t}_nodes"));
     }
@@ -92,7 +99,10 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
         );
     }
     assert!(!stderr.contains("difference:"), "{stderr}");
-    assert!(!stderr.contains(": warning:"), "a clean ruleset imports cleanly: {stderr}");
+    assert!(
+        !stderr.contains(": warning:"),
+        "a clean ruleset imports cleanly: {stderr}"
+    );
     let imported = tmp.0.join("roles.toml");
     std::fs::write(&imported, &out.stdout)?;
     let toml = text(&out.stdout);
@@ -107,7 +117,13 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
 
     // What it says: sets kept, base rules common to all, per-role rules.
     let policy = Policy::load(&imported)?;
-    for s in ["admin_net", "web_nodes", "app_nodes", "db_nodes", "db_nodes6"] {
+    for s in [
+        "admin_net",
+        "web_nodes",
+        "app_nodes",
+        "db_nodes",
+        "db_nodes6",
+    ] {
         assert!(policy.sets.iter().any(|x| x.name == s), "set {s}:\n{toml}");
     }
     let ssh = policy
@@ -181,7 +197,10 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
 fn iptables_saved(host: &str, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     let ns = Netns::create(&format!("segbpf-ipt-{host}-{}", std::process::id()))?;
     let script = std::fs::read_to_string(fixture(&format!("iptables/{host}.sh")))?;
-    for line in script.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+    for line in script
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
         let mut args = vec!["netns", "exec", ns.name.as_str(), "iptables"];
         args.extend(line.split_whitespace());
         segbpf_tests::netns::sh("ip", &args)?;
@@ -222,7 +241,9 @@ fn private_network_iptables_import_reproduces_new_connection_verdicts() -> anyho
     assert_eq!(sport[0].origin.line, Some(u32::try_from(sport_line)?));
     assert!(sport[0].origin.file.ends_with("private.rules"));
     assert!(
-        imported.text.contains(&format!("private.rules:{sport_line}")),
+        imported
+            .text
+            .contains(&format!("private.rules:{sport_line}")),
         "the flagged rule is a comment in the output:\n{}",
         imported.text
     );
@@ -231,9 +252,11 @@ fn private_network_iptables_import_reproduces_new_connection_verdicts() -> anyho
     let p = &imported.policy;
     assert_eq!(p.defaults.egress, segbpf::policy::Action::Drop);
     assert!(
-        p.rules.iter().any(|r| r.label().starts_with("roles.lb.egress")
-            && r.any_proto
-            && r.peers.contains(&segbpf::policy::AddrRange::any_v4())),
+        p.rules
+            .iter()
+            .any(|r| r.label().starts_with("roles.lb.egress")
+                && r.any_proto
+                && r.peers.contains(&segbpf::policy::AddrRange::any_v4())),
         "lb gets an allow-any egress rule:\n{}",
         imported.text
     );
@@ -333,13 +356,30 @@ fn broken_input_names_file_and_line() -> anyhow::Result<()> {
         &bad,
         "*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A INPUT -p tcp --dportx 80 -j ACCEPT\nCOMMIT\n",
     )?;
-    let out = segbpf(&["import", "iptables", "--host", &format!("x={}", bad.display())])?;
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("x={}", bad.display()),
+    ])?;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("{}:4:", bad.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:4:", bad.display())),
+        "{stderr}"
+    );
     let missing = tmp.0.join("missing.nft");
-    let out = segbpf(&["import", "nft", "--host", &format!("x={}", missing.display())])?;
+    let out = segbpf(&[
+        "import",
+        "nft",
+        "--host",
+        &format!("x={}", missing.display()),
+    ])?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("cannot read"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
     Ok(())
 }

@@ -66,14 +66,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut failed = Vec::new();
     if c.strict && !imported.warnings.is_empty() {
-        failed.push(format!(
-            "{} warnings and --strict",
-            imported.warnings.len()
-        ));
+        failed.push(format!("{} warnings and --strict", imported.warnings.len()));
     }
     if c.verify {
         for r in import::verify::verify(&imported)? {
-            let unreported = r.differences.iter().filter(|d| d.reported.is_none()).count();
+            let unreported = r
+                .differences
+                .iter()
+                .filter(|d| d.reported.is_none())
+                .count();
             eprintln!(
                 "verify {} ({}): {} new connections probed, {} accepted by the original, {} differences ({unreported} not reported by a warning)",
                 r.file,

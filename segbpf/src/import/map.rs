@@ -53,13 +53,7 @@ pub struct Cond {
 
 impl Cond {
     /// Whether a packet of family `v6`, peer, protocol, port and interface matches.
-    pub fn matches(
-        &self,
-        peer: std::net::IpAddr,
-        proto: u8,
-        dport: u16,
-        iface: &str,
-    ) -> bool {
+    pub fn matches(&self, peer: std::net::IpAddr, proto: u8, dport: u16, iface: &str) -> bool {
         self.v6.is_none_or(|v| v == peer.is_ipv6())
             && self
                 .peers
@@ -108,7 +102,9 @@ impl Cond {
             .is_none_or(|p| p.iter().any(|x| matches!(x, 6 | 17)));
         let ports = match (&self.dports, &o.dports) {
             (Some(a), Some(b)) => {
-                port_proto && a.iter().any(|x| b.iter().any(|y| x.lo <= y.hi && y.lo <= x.hi))
+                port_proto
+                    && a.iter()
+                        .any(|x| b.iter().any(|y| x.lo <= y.hi && y.lo <= x.hi))
             }
             (Some(_), None) | (None, Some(_)) => port_proto,
             (None, None) => true,
@@ -149,7 +145,8 @@ impl Cond {
                 (Some(a), Some(b)) => Some(
                     a.iter()
                         .flat_map(|x| {
-                            b.iter().filter_map(move |y| PortRange::new(x.lo.max(y.lo), x.hi.min(y.hi)))
+                            b.iter()
+                                .filter_map(move |y| PortRange::new(x.lo.max(y.lo), x.hi.min(y.hi)))
                         })
                         .collect(),
                 ),
@@ -354,14 +351,14 @@ fn parse_rule(rs: &Ruleset, chain: &Chain, r: &super::ruleset::RawRule, dir: Dir
                 f.verdict = Verdict::Jump(v["target"].as_str().unwrap_or("").to_string());
             }
             "return" => f.verdict = Verdict::Return,
-            "snat" | "dnat" | "masquerade" | "redirect" => f.issues.push((
-                WarningKind::Nat,
-                format!("{k} (address translation)"),
-            )),
+            "snat" | "dnat" | "masquerade" | "redirect" => f
+                .issues
+                .push((WarningKind::Nat, format!("{k} (address translation)"))),
             "mangle" => {
                 let key = &v["key"];
                 if key["meta"]["key"] == "mark" || key["ct"]["key"] == "mark" {
-                    f.issues.push((WarningKind::Mark, "sets a mark".to_string()));
+                    f.issues
+                        .push((WarningKind::Mark, "sets a mark".to_string()));
                 } else if key["ct"]["key"] == "helper" {
                     f.issues
                         .push((WarningKind::Helper, "sets a conntrack helper".to_string()));
@@ -391,13 +388,7 @@ fn parse_rule(rs: &Ruleset, chain: &Chain, r: &super::ruleset::RawRule, dir: Dir
     f
 }
 
-fn parse_match(
-    f: &mut Flat,
-    m: &Value,
-    dir: Direction,
-    rs: &Ruleset,
-    chain: &Chain,
-) {
+fn parse_match(f: &mut Flat, m: &Value, dir: Direction, rs: &Ruleset, chain: &Chain) {
     let op = m["op"].as_str().unwrap_or("==");
     let neg = op == "!=";
     let left = &m["left"];
@@ -423,10 +414,17 @@ fn parse_match(
                     Some(name) => match set_of(name).and_then(|s| s.addrs.clone()) {
                         Some(a) => (
                             a,
-                            vec![PeerItem::Set(chain.family, chain.table.clone(), name.to_string())],
+                            vec![PeerItem::Set(
+                                chain.family,
+                                chain.table.clone(),
+                                name.to_string(),
+                            )],
                         ),
                         None => {
-                            unsupported(f, format!("address set @{name} of a type segbpf cannot read"));
+                            unsupported(
+                                f,
+                                format!("address set @{name} of a type segbpf cannot read"),
+                            );
                             return;
                         }
                     },
@@ -540,7 +538,9 @@ fn parse_match(
                 }
                 f.cond.ifaces = Some(names);
             }
-            "mark" => f.issues.push((WarningKind::Mark, "matches a mark".to_string())),
+            "mark" => f
+                .issues
+                .push((WarningKind::Mark, "matches a mark".to_string())),
             key => unsupported(f, format!("match on meta {key}")),
         }
     } else if let Some(ct) = left.get("ct") {
@@ -556,10 +556,13 @@ fn parse_match(
                     f.ct = Some(states);
                 }
             }
-            "mark" => f.issues.push((WarningKind::Mark, "matches a conntrack mark".to_string())),
-            "helper" => f
+            "mark" => f
                 .issues
-                .push((WarningKind::Helper, "matches a conntrack helper".to_string())),
+                .push((WarningKind::Mark, "matches a conntrack mark".to_string())),
+            "helper" => f.issues.push((
+                WarningKind::Helper,
+                "matches a conntrack helper".to_string(),
+            )),
             key => unsupported(f, format!("match on ct {key}")),
         }
     } else {
@@ -608,24 +611,20 @@ fn walk(
             }
         }
         match &f.verdict {
-            Verdict::Jump(target) => {
-                match rs.chain(chain.family, &chain.table, target) {
-                    Some(c) if depth < 16 => walk(rs, c, dir, Some(&f), depth + 1, out),
-                    _ => {
-                        f.issues.push((
-                            WarningKind::Unsupported,
-                            format!("jump to {target} (not found or too deep)"),
-                        ));
-                        out.push(f);
-                    }
-                }
-            }
-            Verdict::Return => {
-                if f.cond != Cond::default() || f.ct.is_some() {
+            Verdict::Jump(target) => match rs.chain(chain.family, &chain.table, target) {
+                Some(c) if depth < 16 => walk(rs, c, dir, Some(&f), depth + 1, out),
+                _ => {
                     f.issues.push((
                         WarningKind::Unsupported,
-                        "a conditional return".to_string(),
+                        format!("jump to {target} (not found or too deep)"),
                     ));
+                    out.push(f);
+                }
+            },
+            Verdict::Return => {
+                if f.cond != Cond::default() || f.ct.is_some() {
+                    f.issues
+                        .push((WarningKind::Unsupported, "a conditional return".to_string()));
                     out.push(f);
                 }
                 return;
@@ -843,21 +842,37 @@ fn analyse(host: &Host) -> HostResult {
                     let nat = f.issues.iter().find(|(k, _)| *k == WarningKind::Nat);
                     let mark = f.issues.iter().find(|(k, _)| *k == WarningKind::Mark);
                     let (k, msg, instead) = if let Some((_, m)) = nat {
-                        (WarningKind::Nat, m.clone(), "no address translation (segbpf filters, it does not rewrite)")
+                        (
+                            WarningKind::Nat,
+                            m.clone(),
+                            "no address translation (segbpf filters, it does not rewrite)",
+                        )
                     } else if let Some((_, m)) = mark {
                         (WarningKind::Mark, m.clone(), "no marks")
                     } else if let Some((k, m)) = f.issues.first() {
                         (*k, m.clone(), "not imported")
-                    } else if f.verdict == Verdict::Drop || (f.verdict == Verdict::Accept && chain.policy.as_deref() == Some("drop")) {
+                    } else if f.verdict == Verdict::Drop
+                        || (f.verdict == Verdict::Accept && chain.policy.as_deref() == Some("drop"))
+                    {
                         (
                             WarningKind::Ignored,
-                            format!("{} in a {kind} chain on hook {hook} of table {} {}", if f.verdict == Verdict::Drop { "drops" } else { "accepts" }, chain.family_name, chain.table),
+                            format!(
+                                "{} in a {kind} chain on hook {hook} of table {} {}",
+                                if f.verdict == Verdict::Drop {
+                                    "drops"
+                                } else {
+                                    "accepts"
+                                },
+                                chain.family_name,
+                                chain.table
+                            ),
                             "not imported (segbpf judges the host's own traffic on its input and output)",
                         )
                     } else {
                         continue;
                     };
-                    res.warnings.push(warn(host, &f.origin, k, msg, instead, None));
+                    res.warnings
+                        .push(warn(host, &f.origin, k, msg, instead, None));
                 }
                 continue;
             }
@@ -896,7 +911,13 @@ fn analyse(host: &Host) -> HostResult {
     res
 }
 
-fn chain_rules(host: &Host, flats: &[Flat], dir: Direction, policy_accept: bool, res: &mut HostResult) {
+fn chain_rules(
+    host: &Host,
+    flats: &[Flat],
+    dir: Direction,
+    policy_accept: bool,
+    res: &mut HostResult,
+) {
     // First pass: which accepts become rules.
     let emitted: Vec<bool> = flats
         .iter()
@@ -958,11 +979,14 @@ fn chain_rules(host: &Host, flats: &[Flat], dir: Direction, policy_accept: bool,
             }
             for (k, m) in &f.issues {
                 let instead = match k {
-                    WarningKind::Nat => "no address translation (segbpf filters, it does not rewrite)",
+                    WarningKind::Nat => {
+                        "no address translation (segbpf filters, it does not rewrite)"
+                    }
                     WarningKind::Mark => "no marks",
                     _ => "not imported",
                 };
-                res.warnings.push(warn(host, &f.origin, *k, m.clone(), instead, None));
+                res.warnings
+                    .push(warn(host, &f.origin, *k, m.clone(), instead, None));
             }
             continue;
         }
@@ -970,9 +994,15 @@ fn chain_rules(host: &Host, flats: &[Flat], dir: Direction, policy_accept: bool,
             let accept = f.verdict == Verdict::Accept;
             for (k, m) in &f.issues {
                 let instead = match (k, accept) {
-                    (WarningKind::Nat, _) => "no address translation (segbpf filters, it does not rewrite)",
-                    (_, true) => "the rule is left out: what it accepts gets the other rules and the default",
-                    (_, false) => "the rule is left out: what it drops gets the other rules and the default",
+                    (WarningKind::Nat, _) => {
+                        "no address translation (segbpf filters, it does not rewrite)"
+                    }
+                    (_, true) => {
+                        "the rule is left out: what it accepts gets the other rules and the default"
+                    }
+                    (_, false) => {
+                        "the rule is left out: what it drops gets the other rules and the default"
+                    }
                 };
                 res.warnings
                     .push(warn(host, &f.origin, *k, m.clone(), instead, scope.clone()));
@@ -1075,7 +1105,11 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
     if f.cond.peers.as_ref().is_some_and(Vec::is_empty) {
         return None;
     }
-    let ports = f.cond.dports.clone().unwrap_or_else(|| vec![PortRange::ALL]);
+    let ports = f
+        .cond
+        .dports
+        .clone()
+        .unwrap_or_else(|| vec![PortRange::ALL]);
     match &f.cond.protos {
         None if f.cond.dports.is_none() => o.any_proto = true,
         None => {
@@ -1149,7 +1183,13 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
 fn sanitize(name: &str) -> String {
     let mut s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if !s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
         s.insert(0, '_');
@@ -1204,7 +1244,11 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
         if sets.contains_key(&key) {
             continue;
         }
-        let Some(elems) = hosts[hi].ruleset.set(f, &t, &n).and_then(|s| s.addrs.clone()) else {
+        let Some(elems) = hosts[hi]
+            .ruleset
+            .set(f, &t, &n)
+            .and_then(|s| s.addrs.clone())
+        else {
             continue;
         };
         let mut elems_sorted = elems.clone();
@@ -1266,7 +1310,8 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
                 roles: vec![h.input.role.clone()],
                 kind: WarningKind::Approximation,
                 message: "has no `ct state established,related accept`".to_string(),
-                instead: "established = true for every host: replies to allowed flows pass".to_string(),
+                instead: "established = true for every host: replies to allowed flows pass"
+                    .to_string(),
                 scope: None,
             });
         }
@@ -1455,19 +1500,24 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
     }
     for role in &roles {
         let rules = by_role.get(role).cloned().unwrap_or_default();
-        let hosts_line = hosts_args.iter().rev().find(|a| a.role == *role).map(|a| match &a.value {
-            HostsValue::Set(n) => {
-                let name = sets
-                    .iter()
-                    .find(|((_, _, _, orig), _)| orig == n)
-                    .map_or_else(|| n.clone(), |(_, v)| v.clone());
-                q(&name)
-            }
-            HostsValue::Addresses(v) => format!(
-                "[{}]",
-                v.iter().map(|x| q(x)).collect::<Vec<_>>().join(", ")
-            ),
-        });
+        let hosts_line =
+            hosts_args
+                .iter()
+                .rev()
+                .find(|a| a.role == *role)
+                .map(|a| match &a.value {
+                    HostsValue::Set(n) => {
+                        let name = sets
+                            .iter()
+                            .find(|((_, _, _, orig), _)| orig == n)
+                            .map_or_else(|| n.clone(), |(_, v)| v.clone());
+                        q(&name)
+                    }
+                    HostsValue::Addresses(v) => format!(
+                        "[{}]",
+                        v.iter().map(|x| q(x)).collect::<Vec<_>>().join(", ")
+                    ),
+                });
         if hosts_line.is_none() && rules.is_empty() {
             let _ = writeln!(
                 t,
@@ -1512,7 +1562,9 @@ mod tests {
     #[test]
     fn overlap_needs_peer_proto_and_port_in_common() {
         let a = Cond {
-            peers: Some(vec![crate::policy::addr::parse_item("198.18.0.0/24").unwrap()]),
+            peers: Some(vec![
+                crate::policy::addr::parse_item("198.18.0.0/24").unwrap(),
+            ]),
             protos: Some(vec![6]),
             dports: Some(vec![PortRange::single(22)]),
             ..Cond::default()

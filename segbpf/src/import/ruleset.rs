@@ -208,7 +208,10 @@ pub fn is_ip6tables(text: &str) -> bool {
             && (l.contains("icmpv6")
                 || l.contains("ipv6-icmp")
                 || l.split_whitespace().any(|w| {
-                    w.contains(':') && w.split('/').next().is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+                    w.contains(':')
+                        && w.split('/')
+                            .next()
+                            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
                 }))
     })
 }
@@ -258,7 +261,8 @@ fn interface_names(path: &Path) -> Vec<String> {
                     if !n.is_empty()
                         && n.len() <= 15
                         && n != "lo"
-                        && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                        && n.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
                         && !names.iter().any(|x| x == n)
                     {
                         names.push(n.to_string());
@@ -306,10 +310,7 @@ pub fn parse_json(file: &str, json: &Value, lines: &Lines) -> Result<Ruleset, Im
                         Some(elems.iter().filter_map(addr_elem).flatten().collect()),
                         None,
                     ),
-                    "inet_service" => (
-                        None,
-                        Some(elems.iter().filter_map(port_elem).collect()),
-                    ),
+                    "inet_service" => (None, Some(elems.iter().filter_map(port_elem).collect())),
                     _ => (None, None),
                 };
                 rs.sets.push(NamedSet {

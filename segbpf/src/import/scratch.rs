@@ -26,7 +26,10 @@ impl ScratchNs {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run_ok(Command::new("ip").args(["netns", "add", &name]), "ip netns add")?;
+        run_ok(
+            Command::new("ip").args(["netns", "add", &name]),
+            "ip netns add",
+        )?;
         let ns = ScratchNs { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)

@@ -69,7 +69,10 @@ fn nft_file(path: &Path, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
         let first = s.split_whitespace().next().unwrap_or("");
         match stack.last() {
             Some(Ctx::Chain(t, c)) => {
-                if !matches!(first, "type" | "policy" | "comment" | "devices" | "priority") {
+                if !matches!(
+                    first,
+                    "type" | "policy" | "comment" | "devices" | "priority"
+                ) {
                     out.entry((t.clone(), c.clone()))
                         .or_default()
                         .push(SourceRule {

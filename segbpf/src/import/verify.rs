@@ -187,7 +187,9 @@ pub fn verify_host(
         .iter()
         .map(pick)
         .find(|a| a.is_ipv6() && usable(*a))
-        .unwrap_or(IpAddr::V6(Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 0xfffe)));
+        .unwrap_or(IpAddr::V6(Ipv6Addr::new(
+            0xfd00, 0xffff, 0, 0, 0, 0, 0, 0xfffe,
+        )));
     let mut peers: BTreeSet<IpAddr> = BTreeSet::new();
     for r in &ranges {
         for a in boundaries(r) {
@@ -257,7 +259,10 @@ pub fn verify_host(
     }
     // Source ports that identify probes: none that a rule or probe names.
     let excluded = |p: u16| {
-        ports.contains(&p) || port_ranges.iter().any(|r| r.contains(p) && *r != PortRange::ALL)
+        ports.contains(&p)
+            || port_ranges
+                .iter()
+                .any(|r| r.contains(p) && *r != PortRange::ALL)
     };
     let ids: Vec<u16> = (20000..=65535)
         .chain(1024..20000)
@@ -277,7 +282,16 @@ pub fn verify_host(
     for (i, name) in ifaces.iter().enumerate() {
         let peer = format!("p{i}");
         p.ip(&[
-            "link", "add", &peer, "type", "veth", "peer", "name", name, "netns", h.name(),
+            "link",
+            "add",
+            &peer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            h.name(),
         ])?;
         p.ip(&["link", "set", &peer, "up"])?;
         h.ip(&["link", "set", name, "up"])?;
@@ -307,17 +321,52 @@ pub fn verify_host(
     }
     let (h4, h6) = (host4.to_string(), host6.to_string());
     h.ip(&["addr", "add", &format!("{h4}/32"), "dev", "lo"])?;
-    h.ip(&["-6", "addr", "add", &format!("{h6}/128"), "dev", "lo", "nodad"])?;
+    h.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{h6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
     for (i, name) in ifaces.iter().enumerate() {
         let metric = (i + 1).to_string();
         let peer = format!("p{i}");
         h.ip(&["route", "add", "default", "dev", name, "metric", &metric])?;
-        h.ip(&["-6", "route", "add", "default", "dev", name, "metric", &metric])?;
-        p.ip(&["route", "add", &format!("{h4}/32"), "dev", &peer, "metric", &metric])?;
-        p.ip(&["-6", "route", "add", &format!("{h6}/128"), "dev", &peer, "metric", &metric])?;
+        h.ip(&[
+            "-6", "route", "add", "default", "dev", name, "metric", &metric,
+        ])?;
+        p.ip(&[
+            "route",
+            "add",
+            &format!("{h4}/32"),
+            "dev",
+            &peer,
+            "metric",
+            &metric,
+        ])?;
+        p.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{h6}/128"),
+            "dev",
+            &peer,
+            "metric",
+            &metric,
+        ])?;
         for a in [&h4, &h6] {
             p.ip(&[
-                "neigh", "replace", a, "lladdr", &macs[i], "dev", &peer, "nud", "permanent",
+                "neigh",
+                "replace",
+                a,
+                "lladdr",
+                &macs[i],
+                "dev",
+                &peer,
+                "nud",
+                "permanent",
             ])?;
         }
     }
@@ -328,7 +377,9 @@ pub fn verify_host(
 
     let mut got = vec![false; probes.len()];
     for dir in Direction::ALL {
-        let idx: Vec<usize> = (0..probes.len()).filter(|i| probes[*i].dir == dir).collect();
+        let idx: Vec<usize> = (0..probes.len())
+            .filter(|i| probes[*i].dir == dir)
+            .collect();
         for chunk in idx.chunks(ids.len().min(20000)) {
             for attempt in 0..2 {
                 let todo: Vec<usize> = chunk
@@ -339,7 +390,12 @@ pub fn verify_host(
                 if todo.is_empty() {
                     break;
                 }
-                h.exec("nft", &["flush", "set", "inet", "segbpf_probe", "seen"], None, None)?;
+                h.exec(
+                    "nft",
+                    &["flush", "set", "inet", "segbpf_probe", "seen"],
+                    None,
+                    None,
+                )?;
                 let packets: Vec<(usize, IpAddr, Vec<u8>)> = todo
                     .iter()
                     .enumerate()
@@ -361,7 +417,9 @@ pub fn verify_host(
                     })
                     .collect();
                 let (ns, names): (&ScratchNs, Vec<String>) = match dir {
-                    Direction::Ingress => (&p, (0..ifaces.len()).map(|i| format!("p{i}")).collect()),
+                    Direction::Ingress => {
+                        (&p, (0..ifaces.len()).map(|i| format!("p{i}")).collect())
+                    }
                     Direction::Egress => (&h, ifaces.clone()),
                 };
                 send(ns.name(), &names, &packets)?;
@@ -527,7 +585,11 @@ fn seen_ports(h: &ScratchNs) -> Result<BTreeSet<u16>, ImportError> {
 /// Sends raw IP packets from namespace `ns`, each bound to interface
 /// `names[iface]` (the kernel's IP stack routes them, so the namespace's
 /// output hook sees them).
-fn send(ns: &str, names: &[String], packets: &[(usize, IpAddr, Vec<u8>)]) -> Result<(), ImportError> {
+fn send(
+    ns: &str,
+    names: &[String],
+    packets: &[(usize, IpAddr, Vec<u8>)],
+) -> Result<(), ImportError> {
     let ns = ns.to_string();
     let names = names.to_vec();
     let packets = packets.to_vec();
@@ -643,7 +705,9 @@ fn send_one(fd: &std::os::fd::OwnedFd, dst: IpAddr, bytes: &[u8]) -> Result<(), 
     if e.raw_os_error() == Some(libc::EPERM) {
         return Ok(());
     }
-    Err(ImportError::Scratch(format!("sending a probe to {dst}: {e}")))
+    Err(ImportError::Scratch(format!(
+        "sending a probe to {dst}: {e}"
+    )))
 }
 
 /// Whether an address can be a probe's peer or host (not unspecified,
@@ -667,16 +731,26 @@ fn usable(a: IpAddr) -> bool {
 
 fn boundaries(r: &AddrRange) -> Vec<IpAddr> {
     match *r {
-        AddrRange::V4 { start, end } => [start.checked_sub(1), Some(start), Some(end), end.checked_add(1)]
-            .into_iter()
-            .flatten()
-            .map(|x| IpAddr::V4(Ipv4Addr::from(x)))
-            .collect(),
-        AddrRange::V6 { start, end } => [start.checked_sub(1), Some(start), Some(end), end.checked_add(1)]
-            .into_iter()
-            .flatten()
-            .map(|x| IpAddr::V6(Ipv6Addr::from(x)))
-            .collect(),
+        AddrRange::V4 { start, end } => [
+            start.checked_sub(1),
+            Some(start),
+            Some(end),
+            end.checked_add(1),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|x| IpAddr::V4(Ipv4Addr::from(x)))
+        .collect(),
+        AddrRange::V6 { start, end } => [
+            start.checked_sub(1),
+            Some(start),
+            Some(end),
+            end.checked_add(1),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|x| IpAddr::V6(Ipv6Addr::from(x)))
+        .collect(),
     }
 }
 
@@ -776,7 +850,11 @@ fn collect_ifaces(v: &Value, out: &mut Vec<String>) {
                         None => vec![r.clone()],
                     };
                     for i in items.iter().filter_map(Value::as_str) {
-                        if i != "lo" && !i.contains('*') && i.len() <= 15 && !out.iter().any(|x| x == i) {
+                        if i != "lo"
+                            && !i.contains('*')
+                            && i.len() <= 15
+                            && !out.iter().any(|x| x == i)
+                        {
                             out.push(i.to_string());
                         }
                     }
