@@ -255,6 +255,10 @@ enum Verdict {
 
 /// One rule of a chain after parsing (a jump's conditions folded in).
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent facts about one rule, each checked on its own"
+)]
 struct Flat {
     origin: Origin,
     comment: Option<String>,
@@ -411,33 +415,33 @@ fn parse_match(f: &mut Flat, m: &Value, dir: Direction, rs: &Ruleset, chain: &Ch
                     return;
                 }
                 let (ranges, items) = match right.as_str().and_then(|s| s.strip_prefix('@')) {
-                    Some(name) => match set_of(name).and_then(|s| s.addrs.clone()) {
-                        Some(a) => (
-                            a,
-                            vec![PeerItem::Set(
-                                chain.family,
-                                chain.table.clone(),
-                                name.to_string(),
-                            )],
-                        ),
-                        None => {
+                    Some(name) => {
+                        if let Some(a) = set_of(name).and_then(|s| s.addrs.clone()) {
+                            (
+                                a,
+                                vec![PeerItem::Set(
+                                    chain.family,
+                                    chain.table.clone(),
+                                    name.to_string(),
+                                )],
+                            )
+                        } else {
                             unsupported(
                                 f,
                                 format!("address set @{name} of a type segbpf cannot read"),
                             );
                             return;
                         }
-                    },
-                    None => match addr_elem(right) {
-                        Some(a) => {
+                    }
+                    None => {
+                        if let Some(a) = addr_elem(right) {
                             let items = a.iter().map(|r| PeerItem::Lit(r.to_string())).collect();
                             (a, items)
-                        }
-                        None => {
+                        } else {
                             unsupported(f, format!("address match {}", describe(right)));
                             return;
                         }
-                    },
+                    }
                 };
                 if neg {
                     let c = complement(&ranges, v6);
@@ -961,19 +965,18 @@ fn chain_rules(
         }
         if f.verdict == Verdict::None {
             if f.log {
-                let rate = match &f.limit {
-                    Some((r, per)) => per_second(*r, per),
-                    None => {
-                        res.warnings.push(warn(
-                            host,
-                            &f.origin,
-                            WarningKind::Approximation,
-                            "logs without a rate limit".to_string(),
-                            "drop events at log_rate = 10 per second",
-                            None,
-                        ));
-                        10
-                    }
+                let rate = if let Some((r, per)) = &f.limit {
+                    per_second(*r, per)
+                } else {
+                    res.warnings.push(warn(
+                        host,
+                        &f.origin,
+                        WarningKind::Approximation,
+                        "logs without a rate limit".to_string(),
+                        "drop events at log_rate = 10 per second",
+                        None,
+                    ));
+                    10
                 };
                 res.log_rate = Some(res.log_rate.unwrap_or(0).max(rate));
             }
@@ -1414,11 +1417,11 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
                 let mut merged = o.clone();
                 merged.origins.clear();
                 for r in &roles {
-                    if let Some(v) = by_role.get_mut(r) {
-                        if let Some(pos) = v.iter().position(|(kk, x)| *kk == k && x.dir == o.dir) {
-                            let (_, x) = v.remove(pos);
-                            merged.origins.extend(x.origins);
-                        }
+                    if let Some(v) = by_role.get_mut(r)
+                        && let Some(pos) = v.iter().position(|(kk, x)| *kk == k && x.dir == o.dir)
+                    {
+                        let (_, x) = v.remove(pos);
+                        merged.origins.extend(x.origins);
                     }
                 }
                 base.push((k, merged));

@@ -269,10 +269,10 @@ fn interface_names(path: &Path) -> Vec<String> {
                     }
                 }
             }
-            if *w == "include" {
-                if let Some(n) = words.get(i + 1) {
-                    todo.push(dir.join(n.trim_matches('"')));
-                }
+            if *w == "include"
+                && let Some(n) = words.get(i + 1)
+            {
+                todo.push(dir.join(n.trim_matches('"')));
             }
         }
     }

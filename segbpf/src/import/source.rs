@@ -68,19 +68,19 @@ fn nft_file(path: &Path, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
         }
         let first = s.split_whitespace().next().unwrap_or("");
         match stack.last() {
-            Some(Ctx::Chain(t, c)) => {
+            Some(Ctx::Chain(t, c))
                 if !matches!(
                     first,
                     "type" | "policy" | "comment" | "devices" | "priority"
-                ) {
-                    out.entry((t.clone(), c.clone()))
-                        .or_default()
-                        .push(SourceRule {
-                            file: file.clone(),
-                            line: stmt_line,
-                            text: s,
-                        });
-                }
+                ) =>
+            {
+                out.entry((t.clone(), c.clone()))
+                    .or_default()
+                    .push(SourceRule {
+                        file: file.clone(),
+                        line: stmt_line,
+                        text: s,
+                    });
             }
             None => {
                 let words: Vec<&str> = s.split_whitespace().collect();

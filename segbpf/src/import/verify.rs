@@ -776,18 +776,18 @@ fn families(rs: &Ruleset) -> Vec<bool> {
 fn collect_addrs(v: &Value, out: &mut Vec<AddrRange>) {
     match v {
         Value::String(s) => {
-            if s.contains(['.', ':']) {
-                if let Ok(a) = s.parse::<IpAddr>() {
-                    out.push(AddrRange::single(a));
-                }
+            if s.contains(['.', ':'])
+                && let Ok(a) = s.parse::<IpAddr>()
+            {
+                out.push(AddrRange::single(a));
             }
         }
         Value::Object(o) => {
-            if o.contains_key("prefix") || o.contains_key("range") {
-                if let Some(r) = super::ruleset::addr_elem(v) {
-                    out.extend(r);
-                    return;
-                }
+            if (o.contains_key("prefix") || o.contains_key("range"))
+                && let Some(r) = super::ruleset::addr_elem(v)
+            {
+                out.extend(r);
+                return;
             }
             for x in o.values() {
                 collect_addrs(x, out);
@@ -817,11 +817,11 @@ fn collect_ports(v: &Value, out: &mut Vec<PortRange>) {
                     out.extend(items.iter().filter_map(super::ruleset::port_elem));
                 }
             }
-            if let Some(s) = o.get("set") {
-                if s["type"] == "inet_service" {
-                    for e in s["elem"].as_array().into_iter().flatten() {
-                        out.extend(super::ruleset::port_elem(e));
-                    }
+            if let Some(s) = o.get("set")
+                && s["type"] == "inet_service"
+            {
+                for e in s["elem"].as_array().into_iter().flatten() {
+                    out.extend(super::ruleset::port_elem(e));
                 }
             }
             for x in o.values() {
