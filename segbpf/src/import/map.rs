@@ -1032,10 +1032,9 @@ fn chain_rules(
                         WarningKind::SourcePort,
                         "accepts by source port (the stateless reply idiom); it also lets in new connections from that port".to_string(),
                         "left out: connection tracking (established = true) lets replies pass",
-                        Some(Scope {
-                            direction: dir,
-                            cond: f.cond.clone(),
-                        }),
+                        // `--verify` probes come from source ports no rule
+                        // names, so this rule explains no difference.
+                        None,
                     ));
                     continue;
                 }
@@ -1550,6 +1549,137 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(role: &str, json: &str) -> Host {
+        let v: Value = serde_json::from_str(json).unwrap();
+        let file = format!("{role}.json");
+        let mut ruleset =
+            super::super::ruleset::parse_json(&file, &v, &super::super::source::Lines::new())
+                .unwrap();
+        ruleset.json = v;
+        Host {
+            input: super::super::HostFile {
+                role: role.to_string(),
+                file: file.clone().into(),
+            },
+            file,
+            ruleset,
+        }
+    }
+
+    fn rule(chain: &str, expr: &str) -> String {
+        format!(
+            r#"{{"rule": {{"family": "inet", "table": "f", "chain": "{chain}", "expr": {expr}}}}}"#
+        )
+    }
+
+    fn ruleset(input_policy: &str, output_policy: &str, rules: &[String], extra: &str) -> String {
+        format!(
+            r#"{{"nftables": [{{"table": {{"family": "inet", "name": "f"}}}},
+{{"chain": {{"family": "inet", "table": "f", "name": "in", "type": "filter", "hook": "input", "prio": 0, "policy": "{input_policy}"}}}},
+{{"chain": {{"family": "inet", "table": "f", "name": "out", "type": "filter", "hook": "output", "prio": 0, "policy": "{output_policy}"}}}},
+{}{extra}]}}"#,
+            rules.join(",\n")
+        )
+    }
+
+    const EST: &str = r#"[{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}]"#;
+    const SSH_NET: &str = r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "198.18.0.0", "len": 24}}}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}, {"accept": null}]"#;
+
+    #[test]
+    fn hosts_map_to_defaults_base_rules_and_warnings() {
+        let a = host(
+            "a",
+            &ruleset(
+                "drop",
+                "accept",
+                &[
+                    rule("in", EST),
+                    rule(
+                        "in",
+                        r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "198.18.0.66"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}, {"drop": null}]"#,
+                    ),
+                    rule("in", SSH_NET),
+                    rule(
+                        "in",
+                        r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 53}}, {"accept": null}]"#,
+                    ),
+                    rule(
+                        "in",
+                        r#"[{"limit": {"rate": 6, "per": "minute"}}, {"log": {"prefix": "x"}}]"#,
+                    ),
+                ],
+                "",
+            ),
+        );
+        let b = host(
+            "b",
+            &ruleset(
+                "drop",
+                "drop",
+                &[
+                    rule("in", EST),
+                    rule("in", SSH_NET),
+                    rule(
+                        "in",
+                        r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"limit": {"rate": 10, "per": "second"}}, {"accept": null}]"#,
+                    ),
+                    rule(
+                        "out",
+                        r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": {"set": [53, {"range": [5000, 5010]}]}}}, {"accept": null}]"#,
+                    ),
+                ],
+                r#",
+{"chain": {"family": "inet", "table": "f", "name": "pre", "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+{"rule": {"family": "inet", "table": "f", "chain": "pre", "expr": [{"dnat": {"addr": "198.18.0.5"}}]}}"#,
+            ),
+        );
+        let (text, warnings) = map(&[a, b], &[]).unwrap();
+        let p = crate::policy::Policy::from_str(&text, "t.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(p.defaults.ingress, crate::policy::Action::Drop);
+        assert_eq!(p.defaults.egress, crate::policy::Action::Drop, "{text}");
+        assert!(p.defaults.established);
+        assert_eq!(p.defaults.log_rate, 1, "6/minute rounds up to 1/s");
+        let labels: Vec<String> = p
+            .rules
+            .iter()
+            .map(|r| format!("{} {}", r.label(), r.services()))
+            .collect();
+        assert!(
+            labels.contains(&"base.ingress[0] tcp/22".to_string()),
+            "{labels:?}\n{text}"
+        );
+        assert!(
+            labels.contains(&"roles.a.egress[0] any".to_string()),
+            "{labels:?}"
+        );
+        assert!(
+            labels.contains(&"roles.b.ingress[0] tcp/80".to_string()),
+            "{labels:?}"
+        );
+        assert!(
+            labels.contains(&"roles.b.egress[0] udp/53,5000-5010".to_string()),
+            "{labels:?}"
+        );
+        assert_eq!(p.rules.len(), 4, "{text}");
+        let kinds: Vec<(&str, WarningKind)> = warnings
+            .iter()
+            .map(|w| (w.roles[0].as_str(), w.kind))
+            .collect();
+        for k in [
+            ("a", WarningKind::DropBeforeAccept),
+            ("a", WarningKind::SourcePort),
+            ("b", WarningKind::RateLimit),
+            ("b", WarningKind::Nat),
+        ] {
+            assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
+        }
+        // Each is a comment in the output.
+        for k in ["drop-before-accept", "source-port", "rate-limit", "nat"] {
+            assert!(text.contains(&format!("[{k}]")), "{k}\n{text}");
+        }
+    }
 
     #[test]
     fn complement_of_one_address_and_of_nothing() {

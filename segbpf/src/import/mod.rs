@@ -307,6 +307,15 @@ pub fn import(
             "no --host ROLE=FILE given".to_string(),
         ));
     }
+    if let Some(a) = hosts_args
+        .iter()
+        .find(|a| !hosts.iter().any(|h| h.role == a.role))
+    {
+        return Err(ImportError::Argument(format!(
+            "--hosts {}=...: no --host {}=FILE",
+            a.role, a.role
+        )));
+    }
     let mut read = Vec::new();
     for h in hosts {
         let ruleset = ruleset::read(flavor, &h.file)?;
