@@ -329,6 +329,36 @@ fn nat_and_drop_before_accept_are_warned_and_strict_fails() -> anyhow::Result<()
     let stdout = text(&out.stdout);
     assert!(stdout.contains("[drop-before-accept]") && stdout.contains("[nat]"));
 
+    // The same for a machine: one JSON document.
+    let json = segbpf(&["import", "nft", "--host", &host, "--verify", "-o", "json"])?;
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let lines: Vec<(String, u64)> = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            (
+                w["kind"].as_str().unwrap_or("").to_string(),
+                w["origin"]["line"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        lines.contains(&("nat".to_string(), u64::try_from(nat)?)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("drop-before-accept".to_string(), u64::try_from(drop)?)),
+        "{lines:?}"
+    );
+    assert_eq!(v["verify"][0]["differences"][0]["original"], false);
+    assert!(
+        v["policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("version = 1"))
+    );
+
     let strict = segbpf(&["import", "nft", "--host", &host, "--strict"])?;
     assert_eq!(strict.status.code(), Some(1), "{}", text(&strict.stderr));
     assert!(strict.stdout.is_empty(), "nothing on stdout under --strict");

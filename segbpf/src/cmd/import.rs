@@ -2,8 +2,10 @@
 //! stdout, warnings on stderr; `--verify` runs the differential test (see
 //! `crate::import`).
 
+use serde::Serialize;
+
 use crate::{
-    cmd::print_line,
+    cmd::{Output, print_json, print_line},
     import::{self, Flavor, HostFile, HostsArg},
 };
 
@@ -44,6 +46,19 @@ pub struct Common {
     /// Warnings are errors (exit 1, nothing on stdout).
     #[arg(long)]
     pub strict: bool,
+    /// Output format: the roles.toml text, or one JSON document with the
+    /// policy text, the warnings and the verification (nothing on stderr).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// The result of `import --output json`.
+#[derive(Serialize)]
+struct Imported<'a> {
+    policy: &'a str,
+    warnings: &'a [import::Warning],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verify: Option<&'a [import::verify::HostReport]>,
 }
 
 fn parse_host(s: &str) -> Result<HostFile, String> {
@@ -61,20 +76,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Format::Iptables(c) => (Flavor::Iptables, c),
     };
     let imported = import::import(flavor, &c.hosts, &c.hosts_of)?;
-    for w in &imported.warnings {
-        eprintln!("{w}");
+    let text_out = c.output == Output::Text;
+    if text_out {
+        for w in &imported.warnings {
+            eprintln!("{w}");
+        }
     }
     let mut failed = Vec::new();
     if c.strict && !imported.warnings.is_empty() {
         failed.push(format!("{} warnings and --strict", imported.warnings.len()));
     }
-    if c.verify {
-        for r in import::verify::verify(&imported)? {
-            let unreported = r
-                .differences
-                .iter()
-                .filter(|d| d.reported.is_none())
-                .count();
+    let reports = if c.verify {
+        Some(import::verify::verify(&imported)?)
+    } else {
+        None
+    };
+    for r in reports.iter().flatten() {
+        let unreported = r
+            .differences
+            .iter()
+            .filter(|d| d.reported.is_none())
+            .count();
+        if text_out {
             eprintln!(
                 "verify {} ({}): {} new connections probed, {} accepted by the original, {} differences ({unreported} not reported by a warning)",
                 r.file,
@@ -86,17 +109,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for d in &r.differences {
                 eprintln!("  difference: {d}");
             }
-            if unreported > 0 {
-                failed.push(format!(
-                    "{}: {unreported} differences no warning reported",
-                    r.file
-                ));
-            }
+        }
+        if unreported > 0 {
+            failed.push(format!(
+                "{}: {unreported} differences no warning reported",
+                r.file
+            ));
         }
     }
     if !failed.is_empty() {
+        if !text_out {
+            // The details, for the machine, on stderr: stdout stays empty on failure.
+            eprintln!(
+                "{}",
+                serde_json::to_string(&Imported {
+                    policy: &imported.text,
+                    warnings: &imported.warnings,
+                    verify: reports.as_deref(),
+                })?
+            );
+        }
         anyhow::bail!("import failed: {}", failed.join("; "));
     }
-    print_line(imported.text.trim_end())?;
+    if text_out {
+        print_line(imported.text.trim_end())?;
+    } else {
+        print_json(&Imported {
+            policy: &imported.text,
+            warnings: &imported.warnings,
+            verify: reports.as_deref(),
+        })?;
+    }
     Ok(())
 }
