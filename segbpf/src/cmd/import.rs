@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::{
-    cmd::{Output, print_json, print_line},
+    cmd::{Output, UsageError, print_json, print_line},
     import::{self, Flavor, HostFile, HostsArg},
 };
 
@@ -75,7 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Format::Nft(c) => (Flavor::Nft, c),
         Format::Iptables(c) => (Flavor::Iptables, c),
     };
-    let imported = import::import(flavor, &c.hosts, &c.hosts_of)?;
+    let imported = match import::import(flavor, &c.hosts, &c.hosts_of) {
+        Err(import::ImportError::Argument(m)) => return Err(UsageError(m).into()),
+        other => other?,
+    };
     let text_out = c.output == Output::Text;
     if text_out {
         for w in &imported.warnings {

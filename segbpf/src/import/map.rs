@@ -1019,7 +1019,7 @@ fn chain_rules(
                 WarningKind::Approximation,
                 "matches the host's own address".to_string(),
                 "that match is left out (the rule applies to every address of the host)",
-                None,
+                scope.clone(),
             ));
         }
         match f.verdict {
