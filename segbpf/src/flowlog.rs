@@ -576,6 +576,152 @@ impl FlowLog {
     }
 }
 
+/// A flow-log file: appended to, reopened on request (after logrotate
+/// moved it away). Mode 0640: the records name hosts and ports.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl FileSink {
+    /// Opens (creating) `path` for appending.
+    pub fn open(path: PathBuf) -> Result<Self, FlowLogError> {
+        let file = Self::open_file(&path)?;
+        Ok(FileSink { path, file })
+    }
+
+    fn open_file(path: &std::path::Path) -> Result<std::fs::File, FlowLogError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|source| FlowLogError::Io {
+                what: "opening flow log",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Opens the path again (the old file may have been renamed).
+    pub fn reopen(&mut self) -> Result<(), FlowLogError> {
+        self.file = Self::open_file(&self.path)?;
+        Ok(())
+    }
+
+    /// Appends `lines` in one write.
+    pub fn write(&mut self, lines: &[Line]) -> Result<(), FlowLogError> {
+        use std::io::Write as _;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for l in lines {
+            if let Ok(j) = serde_json::to_string(l) {
+                text.push_str(&j);
+                text.push('\n');
+            }
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|source| FlowLogError::Io {
+                what: "writing flow log",
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// A flow log running on its own thread (`segbpf attach`): it steps
+/// every second, writes to its file if it has one, and stops with a last
+/// drain.
+#[derive(Debug)]
+pub struct Runner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Runner {
+    /// Starts a flow log of `att`; with `sink`, every line goes to it.
+    pub fn spawn(
+        att: &Attachment,
+        opts: Options,
+        sink: Option<FileSink>,
+    ) -> Result<Self, FlowLogError> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        let mut log = FlowLog::open(att, opts)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (stop2, reopen2) = (stop.clone(), reopen.clone());
+        let mut sink = sink;
+        let thread = std::thread::Builder::new()
+            .name("flow-log".into())
+            .spawn(move || {
+                let write = |sink: &mut Option<FileSink>, lines: Vec<Line>| {
+                    if let Some(s) = sink
+                        && let Err(e) = s.write(&lines)
+                    {
+                        tracing::warn!("{e}; {} flow records lost", lines.len());
+                    }
+                };
+                loop {
+                    if reopen2.swap(false, Ordering::Relaxed)
+                        && let Some(s) = &mut sink
+                        && let Err(e) = s.reopen()
+                    {
+                        tracing::warn!("{e}; still writing to the old file");
+                    }
+                    match log.step() {
+                        Ok(lines) => write(&mut sink, lines),
+                        Err(FlowLogError::Flows(FlowsError::NotAttached(_))) => return,
+                        Err(e) => tracing::warn!("flow log: {e}"),
+                    }
+                    for _ in 0..10 {
+                        if stop2.load(Ordering::Relaxed) {
+                            match log.finish() {
+                                Ok(lines) => write(&mut sink, lines),
+                                Err(e) => tracing::warn!("flow log: {e}"),
+                            }
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|source| FlowLogError::Io {
+                what: "starting the flow log thread for",
+                path: att.state.clone(),
+                source,
+            })?;
+        Ok(Runner {
+            stop,
+            reopen,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Reopens the file at its next step (SIGHUP, after logrotate).
+    pub fn reopen(&self) {
+        self.reopen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops after a last drain, and waits for it.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
