@@ -69,7 +69,7 @@ pub struct Options {
 }
 
 /// Default interval of `active` records.
-pub const ACTIVE_EVERY: Duration = Duration::from_secs(60);
+pub const ACTIVE_EVERY: Duration = Duration::from_mins(1);
 /// Default (and longest) interval of `denied` aggregates.
 pub const DENIED_EVERY: Duration = Duration::from_secs(10);
 

@@ -41,6 +41,7 @@ pub mod proto;
 pub mod report;
 pub mod service;
 pub mod state;
+pub mod suggest;
 pub mod swap;
 pub mod telemetry;
 pub mod trace;
