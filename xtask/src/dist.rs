@@ -38,6 +38,7 @@ const COMPLETIONS: &[(&str, &str)] = &[
 const REQUIRED: &[&str] = &[
     "usr/sbin/segbpf",
     "usr/lib/systemd/system/segbpf@.service",
+    "etc/logrotate.d/segbpf",
     "usr/share/doc/segbpf/examples/roles.toml",
     "usr/share/doc/segbpf/copyright",
     "usr/share/doc/segbpf/docs/service.md",

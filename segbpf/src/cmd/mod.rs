@@ -17,6 +17,7 @@ pub mod reload;
 pub mod rollback;
 pub mod set;
 pub mod status;
+pub mod suggest;
 pub mod trace;
 
 use std::net::IpAddr;
@@ -64,6 +65,9 @@ pub enum Command {
     Monitor(monitor::Args),
     /// List the tracked flows of an interface with their counters (like `conntrack -L`).
     Flows(flows::Args),
+    /// Print a roles.toml that allows exactly what an interface's policy
+    /// denied (audit mode: would have denied): audit, suggest, review, enforce.
+    Suggest(suggest::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),
     /// Explain the verdict for a packet from the policy alone (reference evaluator).
@@ -234,6 +238,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Monitor(a) => monitor::run(a, &ns()?).await,
         Command::Status(a) => status::run(a, &ns()?),
         Command::Flows(a) => flows::run(a, &ns()?),
+        Command::Suggest(a) => suggest::run(a, &ns()?),
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),
