@@ -380,6 +380,21 @@ fn broken_input_names_file_and_line() -> anyhow::Result<()> {
             "{name}: the error names the file and line:\n{stderr}"
         );
     }
+    let family = fixture("bad_family.nft");
+    let out = segbpf(&[
+        "import",
+        "nft",
+        "--host",
+        &format!("x={}", family.display()),
+    ])?;
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "{}:1: unknown table family `inet6`",
+            family.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
     let tmp = TempDir::new("broken")?;
     let bad = tmp.0.join("bad.rules");
     std::fs::write(

@@ -2,7 +2,7 @@
 //! namespace, list it as JSON, keep its tables, sets and chains with each
 //! rule's source line.
 
-use std::path::Path;
+use std::{fmt::Write as _, path::Path};
 
 use serde_json::Value;
 
@@ -146,10 +146,14 @@ pub fn read(flavor: super::Flavor, path: &Path) -> Result<Ruleset, ImportError> 
             args.extend(["-f", file.as_str()]);
             let out = ns.exec("nft", &args, None, None)?;
             if !out.status.success() {
+                let mut message = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+                if !is_json {
+                    message.push_str(&family_hint(&file, &text, &message));
+                }
                 return Err(ImportError::Refused {
                     file,
                     tool: "nft".to_string(),
-                    message: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+                    message,
                 });
             }
             let lines = if is_json {
@@ -230,6 +234,30 @@ fn with_line(file: &str, msg: &str) -> String {
         Some(n) => format!("{file}:{n}: {msg}"),
         None => format!("{file}: {msg}"),
     }
+}
+
+/// A note for nft's syntax error on `table FAMILY NAME {` with a family nft
+/// does not know (it reads the family as the table's name and stumbles on
+/// the next word).
+fn family_hint(file: &str, text: &str, message: &str) -> String {
+    let mut out = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let named = w.len() >= 3 && w[2] != "{" && !w[2].starts_with('{');
+        if w.first() == Some(&"table")
+            && named
+            && !matches!(w[1], "ip" | "ip6" | "inet" | "arp" | "bridge" | "netdev")
+            && message.contains(&format!("{file}:{}:", i + 1))
+        {
+            let _ = write!(
+                out,
+                "\n{file}:{}: unknown table family `{}`: nftables knows ip, ip6, inet, arp, bridge and netdev",
+                i + 1,
+                w[1]
+            );
+        }
+    }
+    out
 }
 
 /// Interface names after `iif`/`oif` in a file and its includes.
