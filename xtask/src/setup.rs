@@ -136,6 +136,9 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("ip", "-V", "iproute2"),
     ("nft", "--version", "nftables"),
     ("iptables", "--version", "iptables"),
+    // `segbpf import` reads iptables-save files through the nf_tables backend.
+    ("iptables-nft-restore", "--version", "iptables"),
+    ("sysctl", "--version", "procps"),
     // `cargo xtask bench`: iptables with an ipset, and GRO on the
     // receiver's veth (so it takes the generator's XDP frames).
     ("ipset", "--version", "ipset"),
