@@ -14,7 +14,7 @@ use crate::{DIR_EGRESS, DIR_INGRESS, EVENT_AUDIT, EVENT_DROP, reason};
 use bytemuck::{Pod, Zeroable};
 
 /// Key of a denied aggregate.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct DeniedKey {
     /// 4, 6, or 0 when the packet was not parsed as IP.
@@ -38,6 +38,7 @@ pub struct DeniedKey {
     pub dst: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<DeniedKey>() == 40);
+const _: () = assert!(core::mem::align_of::<DeniedKey>() == 8);
 
 /// Value of a denied aggregate (one per CPU).
 #[repr(C)]

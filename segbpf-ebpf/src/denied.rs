@@ -24,33 +24,41 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
     if cfg.flow_acct == 0 {
         return;
     }
-    let mut key = DeniedKey {
-        family: 0,
-        proto: 0,
-        dir,
-        reason: d.reason,
-        kind: if d.audit { EVENT_AUDIT } else { EVENT_DROP },
-        opens: 0,
-        dport: 0,
-        src: [0; 16],
-        dst: [0; 16],
+    let kind = if d.audit { EVENT_AUDIT } else { EVENT_DROP };
+    // Built in one literal per case (not zeroed, then overwritten): LLVM
+    // turns the zeroing of the address bytes into a byte-loop `memset`.
+    let key = match p {
+        Some(p) => DeniedKey {
+            family: match p.l3 {
+                L3_IPV4 => 4,
+                L3_IPV6 => 6,
+                _ => 0,
+            },
+            proto: p.proto,
+            dir,
+            reason: d.reason,
+            kind,
+            opens: u8::from(ct::opens_flow(p)),
+            dport: if p.dport == 0 {
+                u16::from(p.icmp_type)
+            } else {
+                p.dport
+            },
+            src: p.src,
+            dst: p.dst,
+        },
+        None => DeniedKey {
+            family: 0,
+            proto: 0,
+            dir,
+            reason: d.reason,
+            kind,
+            opens: 0,
+            dport: 0,
+            src: [0; 16],
+            dst: [0; 16],
+        },
     };
-    if let Some(p) = p {
-        key.family = match p.l3 {
-            L3_IPV4 => 4,
-            L3_IPV6 => 6,
-            _ => 0,
-        };
-        key.proto = p.proto;
-        key.dport = if p.dport == 0 {
-            u16::from(p.icmp_type)
-        } else {
-            p.dport
-        };
-        key.src = p.src;
-        key.dst = p.dst;
-        key.opens = u8::from(ct::opens_flow(p));
-    }
     let flags = p.map_or(0, |p| p.tcp_flags);
     let second = matches!(SEG_DENY_SEL.get(0), Some(&1));
     let slot = if second {
