@@ -19,8 +19,9 @@ pub const EV_LOST: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct RateState {
-    /// Start of the current window (`bpf_ktime_get_coarse_ns`).
-    pub window_start_ns: u64,
+    /// End of the current window (`bpf_ktime_get_coarse_ns`), set when
+    /// the window opens, so a packet compares instead of dividing.
+    pub window_end_ns: u64,
     /// Events written in the current window.
     pub count: u64,
 }

@@ -448,7 +448,7 @@ fn cold(
 /// The Mpps comparison; rows of `enforcer`, `rules`, `traffic`,
 /// `median_pps` (packets the receiver handled per second), `ratio_to_none`.
 pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
-    let rounds = if quick { 2 } else { 5 };
+    let rounds = if quick { 1 } else { 5 };
     let secs = Duration::from_millis(if quick { 300 } else { 1000 });
     let sizes: &[usize] = if quick {
         &[10, 1000]
