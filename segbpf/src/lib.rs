@@ -22,6 +22,7 @@ pub mod clock;
 pub mod cmd;
 pub mod compile;
 pub mod export;
+pub mod fleet;
 pub mod flows;
 pub mod guard;
 pub mod history;

@@ -22,9 +22,18 @@ use crate::{
 pub struct Args {
     /// Interface to protect.
     pub iface: String,
-    /// Policy file (roles.toml).
-    #[arg(long, short = 'p', value_name = "FILE")]
-    pub policy: PathBuf,
+    /// Policy file (roles.toml); or --etcd.
+    #[arg(
+        long,
+        short = 'p',
+        value_name = "FILE",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    pub policy: Option<PathBuf>,
+    /// Fleet mode: the policy comes from etcd (docs/fleet.md).
+    #[command(flatten)]
+    pub fleet: crate::cmd::fleet::AgentArgs,
     /// The host's role (repeatable); default: roles whose `hosts` contain an address of IFACE.
     #[arg(long, value_name = "ROLE")]
     pub role: Vec<String>,
@@ -82,10 +91,10 @@ pub enum FlowLog {
 
 impl Args {
     /// The library's request for these arguments.
-    fn request(&self) -> Request {
+    fn request(&self, policy: PathBuf) -> Request {
         Request {
             iface: self.iface.clone(),
-            policy: self.policy.clone(),
+            policy,
             roles: self.role.clone(),
             mode: self.mode,
             ct_size: self.ct_size,
@@ -104,7 +113,7 @@ impl Args {
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first, so a signal that arrives while applying is not fatal.
-    let signals = (
+    let mut signals = (
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
@@ -119,7 +128,21 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let applied = attach::apply(&args.request(), ns)?;
+    let fleet = args.fleet.config()?;
+    let policy = match (&fleet, &args.policy) {
+        (Some(cfg), _) => {
+            // The cache at once, or the store's revision once it answers.
+            let att = Attachment::new(&args.iface, ns);
+            tokio::select! {
+                r = crate::fleet::agent::initial_policy(&att, cfg) => r?.0,
+                _ = signals.0.recv() => return Ok(()),
+                _ = signals.1.recv() => return Ok(()),
+            }
+        }
+        (None, Some(p)) => p.clone(),
+        (None, None) => return Err(UsageError("--policy FILE or --etcd ENDPOINTS".into()).into()),
+    };
+    let applied = attach::apply(&args.request(policy), ns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
         crate::cmd::print_line(&applied.summary)?;
@@ -138,7 +161,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         ns.cli_option(),
         args.iface
     );
-    wait_for_exit(&att, signals, hup, args.log_format).await?;
+    wait_for_exit(&att, signals, hup, args.log_format, fleet.as_ref()).await?;
     Ok(())
 }
 
@@ -149,6 +172,7 @@ async fn wait_for_exit(
     (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
     hup: tokio::signal::unix::Signal,
     format: LogFormat,
+    fleet: Option<&crate::fleet::agent::AgentConfig>,
 ) -> anyhow::Result<()> {
     let mut signalled = false;
     {
@@ -156,7 +180,7 @@ async fn wait_for_exit(
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
-                () = attach::watch_policy(att, hup) => {},
+                () = follow(att, hup, fleet) => {},
             }
         };
         let stop = async {
@@ -176,4 +200,16 @@ async fn wait_for_exit(
         att.iface
     );
     Ok(())
+}
+
+/// Follows the policy file, or the fleet's store with `--etcd`. Never returns.
+async fn follow(
+    att: &Attachment,
+    hup: tokio::signal::unix::Signal,
+    fleet: Option<&crate::fleet::agent::AgentConfig>,
+) {
+    match fleet {
+        Some(cfg) => crate::fleet::agent::run(att, cfg, hup).await,
+        None => attach::watch_policy(att, hup).await,
+    }
 }

@@ -56,9 +56,9 @@ struct Compiled {
     port_prefixes: usize,
 }
 
-/// A warning as JSON shows it.
+/// A warning as JSON shows it (`fleet push` prints them the same way).
 #[derive(Serialize)]
-struct WarningOut {
+pub struct WarningOut {
     file: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     line: Option<u32>,
@@ -72,7 +72,8 @@ struct WarningOut {
 }
 
 impl WarningOut {
-    fn lint(file: &str, w: &Warning) -> Self {
+    /// The warning `w` about `file`.
+    pub fn lint(file: &str, w: &Warning) -> Self {
         WarningOut {
             file: file.to_string(),
             line: w.loc.map(|l| l.line),
@@ -84,7 +85,7 @@ impl WarningOut {
     }
 
     /// `FILE:LINE:COLUMN: warning: field: message [kind]`, the file named once.
-    fn line(&self) -> String {
+    pub fn line(&self) -> String {
         let mut at = self.file.clone();
         if let (Some(l), Some(c)) = (self.line, self.column) {
             at = format!("{at}:{l}:{c}");
