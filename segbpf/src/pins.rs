@@ -298,10 +298,6 @@ impl Attachment {
             self.lock_path(LockKind::Reader),
             self.confirm_record(),
             self.confirm_restore(),
-            // Fleet mode's cache (`crate::fleet::agent`).
-            self.sidecar("fleet.toml"),
-            self.sidecar("fleet.json"),
-            self.sidecar("fleet.next.toml"),
         ] {
             let _ = std::fs::remove_file(path);
         }

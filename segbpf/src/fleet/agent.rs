@@ -9,8 +9,8 @@
 //! again after the switch, so a revision that cuts the host off from the
 //! control plane is undone by the guard.
 //!
-//! Fail static: the last revision applied is cached in the attachment's
-//! state directory (`IFACE.fleet.toml`, its revision in `IFACE.fleet.json`).
+//! Fail static: the last revision applied is cached on disk ([`cache_dir`]:
+//! `IFACE.toml`, its revision in `IFACE.json`; `detach` keeps it).
 //! While etcd is unreachable the agent keeps enforcing it and retries with
 //! backoff; an agent started while etcd is down enforces the cache at once.
 //! A revision that fails on this host changes nothing, is reported, and is
@@ -58,17 +58,34 @@ pub fn system_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// The cached policy of `att` (the last revision it applied).
+/// Where the fleet cache of the default state directory is kept: on disk,
+/// not in /run, so that it survives a reboot.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/segbpf/fleet";
+
+/// The directory of `att`'s cache: [`DEFAULT_CACHE_DIR`] for attachments
+/// under the default state directory, else `fleet/` in their own state
+/// directory (private roots, as tests use); then `net/NETNS/`.
+pub fn cache_dir(att: &Attachment) -> PathBuf {
+    let state_root = att.state.ancestors().nth(3).unwrap_or(Path::new("/"));
+    let base = if state_root == Path::new(crate::pins::DEFAULT_STATE_DIR) {
+        PathBuf::from(DEFAULT_CACHE_DIR)
+    } else {
+        state_root.join("fleet")
+    };
+    base.join("net").join(att.netns.key())
+}
+
+/// The cached policy of `att` (the last revision it applied): `IFACE.toml`.
 pub fn cache_path(att: &Attachment) -> PathBuf {
-    att.state.with_extension("fleet.toml")
+    cache_dir(att).join(format!("{}.toml", att.iface))
 }
 
 fn cache_meta_path(att: &Attachment) -> PathBuf {
-    att.state.with_extension("fleet.json")
+    cache_dir(att).join(format!("{}.json", att.iface))
 }
 
 fn next_path(att: &Attachment) -> PathBuf {
-    att.state.with_extension("fleet.next.toml")
+    cache_dir(att).join(format!("{}.next.toml", att.iface))
 }
 
 /// What the cache holds.

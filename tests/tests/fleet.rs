@@ -1,0 +1,368 @@
+//! Fleet mode against a real etcd (Debian's etcd-server) running in a lab
+//! namespace: three agent hosts (`segbpf attach eth0 --etcd ...`) and a
+//! client host that pushes policies and probes the agents with real TCP
+//! handshakes. Policy N opens port 800N only.
+//!
+//! One lab, in order: push 1 (all enforce it, `fleet status` says 3 of 3);
+//! push 2 (all converge within 5 s); etcd killed (all keep enforcing 2);
+//! one agent killed and its host detached, as after a reboot, then started
+//! again while etcd is down (it enforces 2 from its cache at once); etcd
+//! back, push 3 (all converge); a broken policy is refused with its line
+//! and changes nothing; a canary push whose canary cannot apply (its
+//! address is in no role of the new policy) stops after the canary and
+//! leaves every host on 3.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use segbpf_tests::{Lab, lab::Running, lab::segbpf_bin, net};
+
+const ETCD_ADDR: &str = "198.18.91.2";
+const AGENTS: [&str; 3] = ["a1", "a2", "a3"];
+const PORTS: [u16; 4] = [8001, 8002, 8003, 8004];
+
+fn endpoint() -> String {
+    format!("http://{ETCD_ADDR}:2379")
+}
+
+/// A policy whose role `srv` holds `hosts` and opens `port` (TCP, ingress).
+fn policy(hosts: &[String], port: u16) -> String {
+    let hosts = hosts
+        .iter()
+        .map(|h| format!("\"{h}/32\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.srv]
+hosts = [{hosts}]
+[[roles.srv.ingress]]
+from = "any"
+tcp = [{port}]
+"#
+    )
+}
+
+struct Fleet {
+    lab: Lab,
+    logs: PathBuf,
+    etcd: Option<Running>,
+    agents: BTreeMap<String, Running>,
+}
+
+fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(logs)?;
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{name}.log")))?)
+}
+
+impl Fleet {
+    fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let ep = endpoint();
+        let data = self.lab.state.join("etcd");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.host("etcd").ns.name, "etcd"])
+            .args(["--name", "fleet", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "fleet=http://127.0.0.1:2380"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.logs, "etcd")?)
+            .spawn()
+            .context("starting etcd (cargo xtask setup installs etcd-server)")?;
+        self.etcd = Some(Running::new(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.fleet(&["status"])?.status.success() {
+            ensure!(
+                Instant::now() < deadline,
+                "etcd did not answer: {}",
+                self.log("etcd")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let child = Command::new(segbpf_bin())
+            .args(["--netns", &self.lab.host(name).ns.name])
+            .args(["attach", "eth0", "--etcd", &endpoint(), "--fleet-host", name])
+            .args(["--etcd-retry-max", "1", "--etcd-lease-ttl", "3"])
+            .env("SEGBPF_BPFFS", &self.lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &self.lab.state)
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.logs, name)?)
+            .spawn()?;
+        self.agents.insert(name.to_string(), Running::new(child));
+        Ok(())
+    }
+
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    fn logs(&self) -> String {
+        AGENTS
+            .iter()
+            .map(|a| format!("--- {a}:\n{}", self.log(a)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `segbpf fleet ARGS --etcd EP` on the client host.
+    fn fleet(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let ep = endpoint();
+        let mut full = vec!["fleet"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--etcd", &ep]);
+        self.lab.segbpf("client", &full)
+    }
+
+    fn push(&self, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut args = vec!["push", file.to_str().unwrap_or_default()];
+        args.extend_from_slice(extra);
+        self.fleet(&args)
+    }
+
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.fleet(&["status", "--output", "json"])?;
+        ensure!(
+            out.status.success(),
+            "fleet status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until every agent reports `revision` without error.
+    fn wait_reported(&self, revision: u64, within: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.status()?;
+            let ok = st["agents"].as_array().is_some_and(|a| {
+                a.len() == AGENTS.len()
+                    && a.iter()
+                        .all(|x| x["revision"] == revision && x["error"].is_null())
+            });
+            if ok {
+                return Ok(st);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agents did not report revision {revision}: {st}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Which of PORTS the client reaches on `agent`.
+    fn open_ports(&self, agent: &str) -> anyhow::Result<Vec<u16>> {
+        let mut open = Vec::new();
+        for p in PORTS {
+            if self.lab.tcp_reachable("client", agent, p)? {
+                open.push(p);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Waits until the client reaches exactly `port` of PORTS on every
+    /// agent; returns how long that took.
+    fn converge(&self, port: u16, within: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut pending: Vec<&str> = AGENTS.to_vec();
+        loop {
+            let mut still = Vec::new();
+            for a in pending {
+                // The new port first: a quick answer once it is open.
+                if !self.lab.tcp_reachable("client", a, port)? || self.open_ports(a)? != [port] {
+                    still.push(a);
+                }
+            }
+            if still.is_empty() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                let seen = still
+                    .iter()
+                    .map(|a| Ok(format!("{a}: open {:?}", self.open_ports(a)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                bail!(
+                    "not converged to port {port} within {within:?}: {}\n{}",
+                    seen.join("; "),
+                    self.logs()
+                );
+            }
+            pending = still;
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
+    let mut lab = Lab::new("fleet")?;
+    lab.add_host("etcd", &[&format!("{ETCD_ADDR}/24")])?;
+    lab.add_host("client", &["198.18.91.5/24"])?;
+    let mut addrs = Vec::new();
+    for (i, a) in AGENTS.iter().enumerate() {
+        let addr = format!("198.18.91.{}", 11 + i);
+        lab.add_host(a, &[&format!("{addr}/24")])?;
+        addrs.push(addr);
+    }
+    let mut servers = Vec::new();
+    for a in AGENTS {
+        let h = lab.host(a);
+        for p in PORTS {
+            servers.push(net::Server::tcp_echo(&h.ns.name, h.addrs[0], p)?);
+        }
+    }
+    let files: Vec<PathBuf> = PORTS
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, p)| lab.write_policy(&format!("p{}.toml", i + 1), &policy(&addrs, *p)))
+        .collect::<anyhow::Result<_>>()?;
+    let logs = lab.state.join("logs");
+    let mut f = Fleet {
+        lab,
+        logs,
+        etcd: None,
+        agents: BTreeMap::new(),
+    };
+    f.start_etcd()?;
+
+    // Push 1 before any agent runs: agents start from the store.
+    let out = f.push(&files[0], &[])?;
+    ensure!(out.status.success(), "push 1: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "revision 1",
+        "push 1 printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for a in AGENTS {
+        f.start_agent(a)?;
+    }
+    f.wait_reported(1, Duration::from_secs(20))?;
+    f.converge(8001, Duration::from_secs(5))?;
+    let text = f.fleet(&["status"])?;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    ensure!(
+        text.contains("3 of 3 at the latest revision (1)"),
+        "fleet status: {text}"
+    );
+    for a in AGENTS {
+        ensure!(text.contains(a), "fleet status lacks {a}: {text}");
+    }
+
+    // Push 2: every host converges within 5 s, checked with connections.
+    let out = f.push(&files[1], &[])?;
+    ensure!(out.status.success(), "push 2: {}", String::from_utf8_lossy(&out.stderr));
+    let took = f.converge(8002, Duration::from_secs(5))?;
+    eprintln!("push 2 converged on 3 hosts in {took:?}");
+    f.wait_reported(2, Duration::from_secs(5))?;
+
+    // etcd goes away: every host keeps enforcing 2.
+    drop(f.etcd.take());
+    std::thread::sleep(Duration::from_secs(2));
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8002], "{a} after etcd died: {:?}", f.open_ports(a)?);
+    }
+    // a1 as after a reboot: its agent killed and its enforcement gone;
+    // started again while etcd is down, it enforces 2 from its cache.
+    drop(f.agents.remove("a1"));
+    f.lab.segbpf_ok("a1", &["detach", "eth0"])?;
+    ensure!(
+        f.lab.tcp_reachable("client", "a1", 8001)?,
+        "a1 still enforces after detach"
+    );
+    f.start_agent("a1")?;
+    f.lab.wait_enforcing("a1")?;
+    ensure!(f.open_ports("a1")? == [8002], "a1 from its cache: {:?}\n{}", f.open_ports("a1")?, f.log("a1"));
+
+    // etcd back, push 3: all converge.
+    f.start_etcd()?;
+    let out = f.push(&files[2], &[])?;
+    ensure!(out.status.success(), "push 3: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 3");
+    f.converge(8003, Duration::from_secs(15))?;
+    let st = f.wait_reported(3, Duration::from_secs(10))?;
+    ensure!(st["at_latest"] == 3 && st["total"] == 3, "{st}");
+
+    // A broken policy: refused with its line, nothing stored, no host changes.
+    let bad = f.lab.write_policy(
+        "bad.toml",
+        &policy(&addrs, 8004).replace("tcp = [8004]", "tcp = [80040]"),
+    )?;
+    let out = f.push(&bad, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a broken policy was pushed");
+    ensure!(err.contains("bad.toml:9:"), "no file:line in {err:?}");
+    let st = f.status()?;
+    ensure!(st["current"]["revision"] == 3, "{st}");
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the broken push");
+    }
+
+    // Canary: the canary's address is in no role of revision 4, so it
+    // cannot apply it; the push stops there and every host stays on 3.
+    let ids: Vec<String> = AGENTS.iter().map(|a| format!("{a}/eth0")).collect();
+    let canary = segbpf::fleet::choose_canaries(&ids, 1);
+    let canary_host = canary[0].split('/').next().unwrap_or_default().to_string();
+    let others: Vec<String> = AGENTS
+        .iter()
+        .zip(&addrs)
+        .filter(|(a, _)| **a != canary_host)
+        .map(|(_, addr)| addr.clone())
+        .collect();
+    let p4 = f.lab.write_policy("p4.toml", &policy(&others, 8004))?;
+    let dry = f.push(&p4, &["--dry-run"])?;
+    let dry_out = String::from_utf8_lossy(&dry.stdout);
+    ensure!(
+        dry.status.success() && dry_out.contains(&format!("{}: cannot apply", canary[0])),
+        "dry run: {dry_out} {}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let out = f.push(&p4, &["--canary", "1", "--wait", "20"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the canary push went through: {err}");
+    ensure!(
+        err.contains(&format!("canary {} could not apply revision 4", canary[0]))
+            && err.contains("no role matches"),
+        "canary failure not reported: {err}"
+    );
+    let st = f.status()?;
+    ensure!(st["current"]["revision"] == 3, "pointer not restored: {st}");
+    for agent in st["agents"].as_array().context("agents")? {
+        ensure!(agent["revision"] == 3, "{agent}");
+        if agent["host"] == canary_host.as_str() {
+            ensure!(agent["failed_revision"] == 4, "{agent}");
+        } else {
+            ensure!(agent["error"].is_null() && agent["failed_revision"].is_null(), "{agent}");
+        }
+    }
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the stopped canary");
+    }
+    drop(servers);
+    Ok(())
+}
