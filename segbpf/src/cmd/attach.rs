@@ -134,7 +134,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             // The cache at once, or the store's revision once it answers.
             let att = Attachment::new(&args.iface, ns);
             tokio::select! {
-                r = crate::fleet::agent::initial_policy(&att, cfg) => r?.0,
+                r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
                 _ = signals.0.recv() => return Ok(()),
                 _ = signals.1.recv() => return Ok(()),
             }
@@ -209,7 +209,8 @@ async fn follow(
     fleet: Option<&crate::fleet::agent::AgentConfig>,
 ) {
     match fleet {
-        Some(cfg) => crate::fleet::agent::run(att, cfg, hup).await,
+        // Boxed: the etcd client's futures are large.
+        Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
         None => attach::watch_policy(att, hup).await,
     }
 }

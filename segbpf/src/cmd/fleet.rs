@@ -238,8 +238,6 @@ fn print_plan(changes: &[fleet::RoleChange], output: Output) -> anyhow::Result<(
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let store = args.etcd.store()?;
-    let st = fleet::status(&store).await?;
     #[derive(Serialize)]
     struct Row<'a> {
         #[serde(flatten)]
@@ -253,6 +251,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         at_latest: usize,
         total: usize,
     }
+    let store = args.etcd.store()?;
+    let st = fleet::status(&store).await?;
     let out = Out {
         current: st.current.as_ref(),
         agents: st

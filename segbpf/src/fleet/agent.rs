@@ -255,7 +255,7 @@ pub async fn run(att: &Attachment, cfg: &AgentConfig, mut hup: tokio::signal::un
     };
     let mut delay = cfg.retry_min;
     loop {
-        let err = session(att, cfg, &mut local, &mut hup, &mut delay).await;
+        let err = Box::pin(session(att, cfg, &mut local, &mut hup, &mut delay)).await;
         warn!(
             "{err}; {} stays in force; retrying in {} ms",
             local.applied.map_or_else(
@@ -364,11 +364,9 @@ async fn session_inner(
             }
             _ = retry.tick() => {
                 // A revision that waited for a pending confirmation.
-                if local.current.as_ref().is_some_and(|c| wants(local, c)) {
-                    if let Some(c) = local.current.clone() {
-                        follow(att, cfg, &mut client, local, c).await;
-                        report(att, cfg, &mut client, local, lease).await?;
-                    }
+                if let Some(c) = local.current.clone().filter(|c| wants(local, c)) {
+                    follow(att, cfg, &mut client, local, c).await;
+                    report(att, cfg, &mut client, local, lease).await?;
                 }
             }
             _ = hup.recv() => {

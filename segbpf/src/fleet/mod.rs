@@ -237,7 +237,8 @@ impl Store {
         what: &str,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, FleetError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        // Boxed: the client's futures are large (clippy::large_futures).
+        match tokio::time::timeout(self.timeout, Box::pin(fut)).await {
             Ok(r) => r.map_err(self.etcd(what)),
             Err(_) => Err(FleetError::Timeout {
                 endpoints: self.describe(),
