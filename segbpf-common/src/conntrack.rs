@@ -90,8 +90,12 @@ pub struct CtEntry {
     pub wscale: [u8; 2],
     /// Flow accounting: the OR of the TCP flags seen, both sides.
     pub tcp_flags: u8,
+    /// 1 when audit mode let the flow's first packet through although the
+    /// policy would have dropped it: the flow is tracked (so its replies
+    /// are not reported again), and forgotten once enforcement resumes.
+    pub audit: u8,
     /// Explicit padding.
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 4],
     /// Flow accounting: `bpf_ktime_get_coarse_ns` of the first packet.
     pub first_seen_ns: u64,
     /// Flow accounting, per side ([`CT_SIDE_ORIG`], [`CT_SIDE_REPLY`]):

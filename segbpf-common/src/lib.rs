@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod conntrack;
+pub mod denied;
 pub mod events;
 pub mod keys;
 pub mod maps;
@@ -21,6 +22,7 @@ mod user;
 
 pub use config::*;
 pub use conntrack::*;
+pub use denied::*;
 pub use events::*;
 pub use keys::*;
 pub use maps::*;

@@ -1,7 +1,7 @@
 //! `aya::Pod` for the shared types (aya's typed maps need it).
 use super::{
-    Config, Counter, CtEntry, CtKey, Event, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
-    PortKey, RateState, RuleRef, TraceResult,
+    Config, Counter, CtEntry, CtKey, DeniedKey, DeniedStat, Event, FragEntry, FragKey, PeerClass,
+    PeerKeyV4, PeerKeyV6, PortKey, RateState, RuleRef, TraceResult,
 };
 
 // SAFETY: all types are #[repr(C)], have no padding holes (explicit
@@ -33,3 +33,7 @@ unsafe impl aya::Pod for CtEntry {}
 unsafe impl aya::Pod for FragKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FragEntry {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DeniedKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DeniedStat {}

@@ -158,7 +158,12 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
     };
     // SAFETY: `entry` points at a value of the map, valid during this
     // program run; concurrent writers only store whole integer fields.
-    let (last, state) = unsafe { ((*entry).last_seen_ns, (*entry).state) };
+    let (last, state, audit) = unsafe { ((*entry).last_seen_ns, (*entry).state, (*entry).audit) };
+    // A flow audit mode let through against the policy is not a flow
+    // once enforcement resumes: its packets are judged by the policy.
+    if audit != 0 && cfg.audit == 0 {
+        return None;
+    }
     let ttl = u64::from(ct_timeout_s(cfg, key.proto, state)) * NS_PER_S;
     if now.saturating_sub(last) > ttl {
         return None;
@@ -295,8 +300,8 @@ pub(crate) fn update(
     if p.proto == IPPROTO_TCP {
         if !reply && e.state == CT_CLOSING && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             // The tuple is reused by a new connection: track it afresh.
-            let rule_id = e.rule_id;
-            fill_new(e, rule_id, dir, p, now, len, acct);
+            let (rule_id, audit) = (e.rule_id, e.audit != 0);
+            fill_new(e, rule_id, dir, p, now, len, acct, audit);
             return;
         }
         track_tcp(e, side, p);
@@ -336,10 +341,19 @@ pub(crate) fn opens_flow(p: &Parsed) -> bool {
 /// BPF stack).
 #[allow(
     clippy::too_many_arguments,
-    reason = "the entry, the flow's opening packet and the accounting switch"
+    reason = "the entry, the flow's opening packet, the accounting switch and the audit mark"
 )]
 #[inline(always)]
-fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u32, acct: bool) {
+fn fill_new(
+    e: &mut CtEntry,
+    rule_id: u32,
+    dir: u8,
+    p: &Parsed,
+    now: u64,
+    len: u32,
+    acct: bool,
+    audit: bool,
+) {
     e.last_seen_ns = now;
     e.rule_id = rule_id;
     e.origin = dir;
@@ -350,7 +364,8 @@ fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u
     e.max_win = [0; 2];
     e.wscale = [CT_NO_WSCALE; 2];
     e.tcp_flags = if acct { p.tcp_flags } else { 0 };
-    e._pad = [0; 5];
+    e.audit = u8::from(audit);
+    e._pad = [0; 4];
     e.first_seen_ns = now;
     e.packets = [u64::from(acct), 0];
     e.bytes = [if acct { u64::from(len) } else { 0 }, 0];
@@ -364,7 +379,7 @@ fn fill_new(e: &mut CtEntry, rule_id: u32, dir: u8, p: &Parsed, now: u64, len: u
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
-    reason = "the flow's key, its opening packet and the accounting switch"
+    reason = "the flow's key, its opening packet, the accounting switch and the audit mark"
 )]
 #[allow(
     clippy::needless_borrows_for_generic_args,
@@ -378,6 +393,7 @@ pub(crate) fn create(
     now: u64,
     len: u32,
     acct: bool,
+    audit: bool,
 ) {
     // A full table evicts its least recently used entry (LRU map); a
     // failed insert only means the replies will be judged by the policy.
@@ -387,6 +403,6 @@ pub(crate) fn create(
     // SAFETY: this CPU's slot of a per-CPU array, valid for the program
     // run; nothing else uses it while this program runs on this CPU.
     let e = unsafe { &mut *e };
-    fill_new(e, rule_id, dir, p, now, len, acct);
+    fill_new(e, rule_id, dir, p, now, len, acct, audit);
     let _ = SEG_CT_NEW.insert(key, &*e, 0);
 }

@@ -17,6 +17,7 @@
 )]
 
 mod ct;
+mod denied;
 mod events;
 mod frag;
 mod lookup;

@@ -5,13 +5,13 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use segbpf_common::{
-    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
-    DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
-    FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RateState, RuleRef, STATS_LEN,
-    TraceResult,
+    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_DENIED_ENTRIES,
+    DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES,
+    DEFAULT_RULE_STATS, DeniedKey, DeniedStat, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
+    PortKey, RateState, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -89,6 +89,25 @@ pub(crate) static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
 /// Per-CPU: events emitted, suppressed by the rate limit, lost to a full ring.
 #[map]
 pub(crate) static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Denied aggregates, first table (see `segbpf_common::denied`).
+#[map]
+pub(crate) static SEG_DENIED0: PerCpuHashMap<DeniedKey, DeniedStat> =
+    PerCpuHashMap::with_max_entries(DEFAULT_DENIED_ENTRIES, 0);
+
+/// Denied aggregates, second table.
+#[map]
+pub(crate) static SEG_DENIED1: PerCpuHashMap<DeniedKey, DeniedStat> =
+    PerCpuHashMap::with_max_entries(DEFAULT_DENIED_ENTRIES, 0);
+
+/// Index 0: the denied table (0 or 1) the datapath counts into; userspace
+/// flips it before it empties the other one.
+#[map]
+pub(crate) static SEG_DENY_SEL: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU: denied packets whose aggregate found its table full.
+#[map]
+pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Run mode (`segbpf_common::RUN_*`): live instances enforce, count and
 /// track; `segbpf trace` loads a dry-run instance that shares the live maps

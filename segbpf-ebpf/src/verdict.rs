@@ -5,15 +5,17 @@
 //! passed); tracked connections; policy rules (lowest matching rule id);
 //! the ICMP default (echo, and errors about tracked flows); the
 //! direction's default. A packet that passes and opens a flow makes a
-//! connection entry; a first fragment that passes makes a fragment entry.
-//! A drop is reported as a rate-limited event (`events`).
+//! connection entry (in audit mode, so does one the policy would drop,
+//! marked as audited); a first fragment that passes makes a fragment entry.
+//! A drop is reported as a rate-limited event (`events`) and added to its
+//! denied aggregate (`denied`).
 
 use segbpf_common::{
     ACTION_ALLOW, Config, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, RUN_DRY, reason,
 };
 
 use crate::{
-    ct, events, frag, lookup,
+    ct, denied, events, frag, lookup,
     maps::SEGBPF_RUN_MODE,
     parse::{
         self, Bounds, FRAG_FIRST, FRAG_LATER, L2_LINK_LOCAL, L3_ARP, L3_IPV4, L3_IPV6, Parsed,
@@ -79,6 +81,7 @@ pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len:
                 d.audit = cfg.audit != 0;
                 if writes {
                     events::report(cfg, dir, ifindex, len, Some(&p), &d, now);
+                    denied::record(cfg, dir, len, Some(&p), &d, now);
                 }
             }
             d
@@ -88,6 +91,7 @@ pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len:
             d.audit = cfg.audit != 0;
             if writes {
                 events::report(cfg, dir, ifindex, len, None, &d, now);
+                denied::record(cfg, dir, len, None, &d, now);
             }
             d
         }
@@ -151,12 +155,15 @@ fn judge(
         }
     } else {
         judge_policy(pkt, cfg, dir, p, now, &mut d);
+        // Audit mode tracks the flows it lets through against the policy,
+        // marked, so their replies are not reported as well.
+        let audited = !reason::passes(d.reason) && cfg.audit != 0;
         if writes
-            && reason::passes(d.reason)
+            && (reason::passes(d.reason) || audited)
             && let Some(k) = &ct_key
             && ct::opens_flow(p)
         {
-            ct::create(k, dir, p, d.rule_id, now, len, acct);
+            ct::create(k, dir, p, d.rule_id, now, len, acct, audited);
         }
     }
     if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {

@@ -153,6 +153,13 @@ impl RuleInfo {
         format!("{owner}|{}|{}", self.peer, self.services)
     }
 
+    /// The role the rule belongs to (`base` for a base rule), from its label.
+    pub fn owner_role(&self) -> &str {
+        let owner = self.label.rsplit_once('[').map_or(&*self.label, |(a, _)| a);
+        let owner = owner.rsplit_once('.').map_or(owner, |(a, _)| a);
+        owner.strip_prefix("roles.").unwrap_or(owner)
+    }
+
     /// The rule's name, else its label: how metrics and events name it.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.label)

@@ -67,13 +67,25 @@ pub struct Flow {
     pub first_seen: String,
     /// Time of the last packet, RFC 3339.
     pub last_seen: String,
-    /// TCP flags seen, as letters (`S`, `A`, `F`, `R`, `P`, `U`), both sides.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub tcp_flags: String,
+    /// The same, monotonic ns (for the follower).
+    #[serde(skip)]
+    pub last_seen_ns: u64,
+    /// TCP flags seen, both sides, by name (`SYN`, `ACK`, `FIN`, `RST`,
+    /// `PSH`, `URG`, `ECE`, `CWR`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp_flags: Vec<&'static str>,
     /// The rule that let the first packet through: its name, else its
     /// label; absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// The role whose rule let the first packet through (`base` for a
+    /// base rule); absent when a default let it through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Audit mode let the flow through although the policy would have
+    /// dropped its first packet.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 /// The live flows of `att`, oldest first.
@@ -119,23 +131,6 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
     Ok(out)
 }
 
-/// One flow record of `segbpf flows --follow` (JSON Lines).
-#[derive(Clone, Debug, Serialize)]
-pub struct Record {
-    /// When the record was made, RFC 3339.
-    pub time: String,
-    /// The interface.
-    pub iface: String,
-    /// `start` (a new flow), `active` (periodic, while it lives) or `end`
-    /// (closed by FIN/RST, expired, evicted or pruned).
-    pub state: &'static str,
-    /// `accept`: the flow was let through.
-    pub action: &'static str,
-    /// The flow and its counters.
-    #[serde(flatten)]
-    pub flow: Flow,
-}
-
 /// How [`Follower`] reports.
 #[derive(Clone, Copy, Debug)]
 pub struct FollowOptions {
@@ -145,55 +140,69 @@ pub struct FollowOptions {
     pub active_every: std::time::Duration,
 }
 
-/// Turns successive snapshots into flow records.
+/// How long a closed flow stays quiet before its `end` record (the
+/// closing table timeout is 10 s, so it ends before it expires).
+const CLOSE_SETTLE_NS: u64 = 3_000_000_000;
+
+/// Which record a flow is due: `start`, `active` or `end` (see
+/// `docs/flows.md`), with the flow as it is now.
+pub type Due = (&'static str, Flow);
+
+/// Turns successive snapshots into the records due.
 #[derive(Debug)]
 pub struct Follower {
     opts: FollowOptions,
-    iface: String,
-    seen: std::collections::HashMap<FlowId, (Flow, std::time::Instant)>,
+    /// Each flow seen: as last seen, its last record's time, and whether it ended.
+    seen: std::collections::HashMap<FlowId, (Flow, std::time::Instant, bool)>,
 }
 
 impl Follower {
-    /// A follower of `att`'s flows.
-    pub fn new(att: &Attachment, opts: FollowOptions) -> Self {
+    /// A follower reporting by `opts`.
+    pub fn new(opts: FollowOptions) -> Self {
         Follower {
             opts,
-            iface: att.iface.clone(),
             seen: std::collections::HashMap::new(),
         }
     }
 
     /// The records due since the last call, given the flows now.
-    pub fn step(&mut self, now: Vec<(FlowId, Flow)>) -> Vec<Record> {
+    pub fn step(&mut self, now: Vec<(FlowId, Flow)>) -> Vec<Due> {
+        self.step_at(now, clock::monotonic_ns())
+    }
+
+    /// [`Follower::step`] at monotonic time `mono_ns`.
+    fn step_at(&mut self, now: Vec<(FlowId, Flow)>, mono_ns: u64) -> Vec<Due> {
         let t = std::time::Instant::now();
         let mut out = Vec::new();
         let mut live = std::collections::HashSet::new();
         for (id, f) in now {
             live.insert(id);
-            let closing = f.state == "closing";
+            // A closed flow ends once its last packets (the final ACKs)
+            // are behind it, so the end record has its final counters.
+            let settled =
+                f.state == "closing" && mono_ns.saturating_sub(f.last_seen_ns) >= CLOSE_SETTLE_NS;
             match self.seen.get_mut(&id) {
                 None => {
                     if self.opts.start {
                         out.push(self.record("start", &f));
                     }
-                    if closing {
+                    if settled {
                         out.push(self.record("end", &f));
                     }
-                    self.seen.insert(id, (f, t));
+                    self.seen.insert(id, (f, t, settled));
                 }
-                Some((last, _)) if last.state == "closing" => *last = f,
-                Some((last, emitted)) => {
-                    if closing {
-                        *last = f;
+                Some((last, _, true)) => *last = f,
+                Some((last, emitted, ended)) => {
+                    let closing = f.state == "closing";
+                    *last = f;
+                    if settled {
+                        *ended = true;
                         let f = last.clone();
                         out.push(self.record("end", &f));
-                    } else if t.duration_since(*emitted) >= self.opts.active_every {
+                    } else if !closing && t.duration_since(*emitted) >= self.opts.active_every {
                         *emitted = t;
-                        *last = f;
                         let f = last.clone();
                         out.push(self.record("active", &f));
-                    } else {
-                        *last = f;
                     }
                 }
             }
@@ -207,23 +216,19 @@ impl Follower {
             .copied()
             .collect();
         for id in gone {
-            if let Some((f, _)) = self.seen.remove(&id)
-                && f.state != "closing"
-            {
+            if let Some((f, _, false)) = self.seen.remove(&id) {
                 out.push(self.record("end", &f));
             }
         }
         out
     }
 
-    fn record(&self, state: &'static str, f: &Flow) -> Record {
-        Record {
-            time: clock::rfc3339(std::time::SystemTime::now()),
-            iface: self.iface.clone(),
-            state,
-            action: "accept",
-            flow: f.clone(),
-        }
+    #[allow(
+        clippy::unused_self,
+        reason = "kept a method so every record is made one way"
+    )]
+    fn record(&self, state: &'static str, f: &Flow) -> Due {
+        (state, f.clone())
     }
 }
 
@@ -249,12 +254,14 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
         (src, k.local_port, dst, 0)
     };
     let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
+    let info = state.and_then(|s| s.rule(e.rule_id));
     let rule = (e.rule_id != NO_RULE).then(|| {
-        state.and_then(|s| s.rule(e.rule_id)).map_or_else(
+        info.map_or_else(
             || format!("#{}", e.rule_id),
             |r| r.display_name().to_string(),
         )
     });
+    let role = info.map(|r| r.owner_role().to_string());
     Flow {
         proto: proto_name(k.proto),
         src,
@@ -275,12 +282,15 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
         bytes_reply: e.bytes[1],
         first_seen: wall(e.first_seen_ns),
         last_seen: wall(e.last_seen_ns),
+        last_seen_ns: e.last_seen_ns,
         tcp_flags: if k.proto == IPPROTO_TCP {
-            crate::proto::tcp_flag_letters(e.tcp_flags)
+            crate::proto::tcp_flag_names(e.tcp_flags)
         } else {
-            String::new()
+            Vec::new()
         },
         rule,
+        role,
+        audit: e.audit != 0,
     }
 }
 
@@ -305,25 +315,10 @@ mod tests {
 
     #[test]
     fn a_follower_starts_reports_and_ends_each_flow_once() {
-        let att = crate::pins::Roots {
-            bpffs: "/nonexistent".into(),
-            state: "/nonexistent".into(),
-        }
-        .attachment(
-            "eth0",
-            &crate::netns::Netns {
-                inode: 1,
-                cookie: 1,
-                label: None,
-            },
-        );
-        let mut f = Follower::new(
-            &att,
-            FollowOptions {
-                start: true,
-                active_every: std::time::Duration::ZERO,
-            },
-        );
+        let mut f = Follower::new(FollowOptions {
+            start: true,
+            active_every: std::time::Duration::ZERO,
+        });
         let open = CtEntry {
             state: CT_ESTABLISHED,
             first_seen_ns: 5,
@@ -333,22 +328,35 @@ mod tests {
         let closing = CtEntry {
             state: CT_CLOSING,
             packets: [4, 3],
+            last_seen_ns: 10 * 1_000_000_000,
             ..open
         };
-        let states = |rs: Vec<Record>| rs.iter().map(|r| r.state).collect::<Vec<_>>();
-        assert_eq!(states(f.step(vec![sample(open)])), ["start"]);
-        assert_eq!(states(f.step(vec![sample(open)])), ["active"]);
-        let end = f.step(vec![sample(closing)]);
-        assert_eq!(states(end.clone()), ["end"]);
-        assert_eq!(end[0].flow.packets_orig, 4);
-        assert!(f.step(vec![sample(closing)]).is_empty(), "one end per flow");
+        let last_ack = CtEntry {
+            packets: [5, 3],
+            ..closing
+        };
+        let at = |s: u64| 10 * 1_000_000_000 + s * 1_000_000_000;
+        let states = |rs: Vec<Due>| rs.iter().map(|r| r.0).collect::<Vec<_>>();
+        assert_eq!(states(f.step_at(vec![sample(open)], at(0))), ["start"]);
+        assert_eq!(states(f.step_at(vec![sample(open)], at(0))), ["active"]);
         assert!(
-            f.step(vec![]).is_empty(),
+            f.step_at(vec![sample(closing)], at(0)).is_empty(),
+            "a flow just closed waits for its last packets"
+        );
+        let end = f.step_at(vec![sample(last_ack)], at(4));
+        assert_eq!(states(end.clone()), ["end"]);
+        assert_eq!(end[0].1.packets_orig, 5, "the final counters");
+        assert!(
+            f.step_at(vec![sample(last_ack)], at(5)).is_empty(),
+            "one end per flow"
+        );
+        assert!(
+            f.step_at(vec![], at(6)).is_empty(),
             "its disappearance says nothing more"
         );
-        // A flow that leaves the table without a close ends too.
-        assert_eq!(states(f.step(vec![sample(open)])), ["start"]);
-        assert_eq!(states(f.step(vec![])), ["end"]);
+        // A flow that leaves the table without a settled close ends too.
+        assert_eq!(states(f.step_at(vec![sample(open)], at(7))), ["start"]);
+        assert_eq!(states(f.step_at(vec![], at(7))), ["end"]);
     }
 
     #[test]
@@ -380,6 +388,6 @@ mod tests {
             (f.opened_by, f.state, f.bytes_reply),
             ("ingress", "established", 9000)
         );
-        assert_eq!((f.tcp_flags.as_str(), f.rule), ("SA", None));
+        assert_eq!((f.tcp_flags, f.rule), (vec!["SYN", "ACK"], None));
     }
 }

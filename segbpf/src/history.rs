@@ -104,6 +104,11 @@ pub fn list(att: &Attachment) -> Vec<Entry> {
         .unwrap_or_default()
 }
 
+/// The entry of generation `generation`, if the history keeps it.
+pub fn at(att: &Attachment, generation: u64) -> Option<Entry> {
+    list(att).into_iter().find(|e| e.generation == generation)
+}
+
 /// Records that generation `generation` (with `overrides`) is in force:
 /// the text of `text`, which stands for the policy file `source` (the same
 /// file, or a copy of an earlier version of it). Drops the oldest entries

@@ -174,6 +174,9 @@ pub enum LockKind {
     Update,
     /// One reader of the event ring at a time.
     Reader,
+    /// One drainer of the denied tables (and writer of the observed
+    /// store and the pairs file) at a time: the flow log's primary.
+    FlowLog,
 }
 
 impl Attachment {
@@ -241,11 +244,24 @@ impl Attachment {
         self.sidecar("confirm.restore.toml")
     }
 
+    /// The observed store: hourly files of denied and audit records
+    /// (`IFACE.observed/`), for `segbpf suggest`.
+    pub fn observed_dir(&self) -> PathBuf {
+        self.sidecar("observed")
+    }
+
+    /// The (peer, protocol, port) pairs the flow log has seen, for its
+    /// `new_pair` field.
+    pub fn pairs_file(&self) -> PathBuf {
+        self.sidecar("pairs.json")
+    }
+
     /// Path of one of the attachment's lock files.
     pub fn lock_path(&self, kind: LockKind) -> PathBuf {
         self.sidecar(match kind {
             LockKind::Update => "update.lock",
             LockKind::Reader => "reader.lock",
+            LockKind::FlowLog => "flowlog.lock",
         })
     }
 
@@ -296,11 +312,14 @@ impl Attachment {
             self.next_state(),
             self.last_change(),
             self.lock_path(LockKind::Reader),
+            self.lock_path(LockKind::FlowLog),
+            self.pairs_file(),
             self.confirm_record(),
             self.confirm_restore(),
         ] {
             let _ = std::fs::remove_file(path);
         }
+        remove_dir_if_exists(&self.observed_dir())?;
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.
         // Tidy empty parents up to the roots; remove_dir fails on non-empty ones.

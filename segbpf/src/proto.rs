@@ -44,6 +44,17 @@ pub fn tcp_flag_letters(flags: u8) -> String {
     .collect()
 }
 
+/// TCP flags by name, in header bit order (`FIN`, `SYN`, `RST`, `PSH`,
+/// `ACK`, `URG`, `ECE`, `CWR`), as flow records carry them.
+pub fn tcp_flag_names(flags: u8) -> Vec<&'static str> {
+    ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"]
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| flags & (1 << bit) != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use tracing::info;
 use crate::{
     attach::{self, Mode, Request},
     cmd::{MapSizes, UsageError},
+    flowlog,
     netns::Netns,
     pins::Attachment,
     telemetry::{self, LogFormat, Reader},
@@ -72,21 +73,37 @@ pub struct Args {
     /// for this attachment's later reloads too.
     #[arg(long)]
     pub insecure_policy: bool,
-    /// Flow accounting in the connection table (`segbpf flows`): `on`
-    /// (default) or `off`, which removes its per-packet cost. Kept by
-    /// reloads; an adopting attach applies it.
-    #[arg(long, value_enum, default_value_t = FlowLog::On)]
+    /// Flow accounting and logs (docs/flows.md): `on` (default: flows are
+    /// counted, denied traffic is aggregated for `segbpf flows` and
+    /// `segbpf suggest`), `off` (neither, and no per-packet cost), or a
+    /// file PATH to which attach also appends every flow record as JSON
+    /// Lines, reopened on SIGHUP (for logrotate). Kept by reloads; an
+    /// adopting attach applies it.
+    #[arg(long, value_name = "on|off|PATH", default_value = "on", value_parser = parse_flow_log)]
     pub flow_log: FlowLog,
 }
 
 /// `--flow-log`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum FlowLog {
-    /// Count packets, bytes and TCP flags per flow.
+    /// Count packets, bytes and TCP flags per flow; aggregate denials.
     #[default]
     On,
     /// No flow accounting.
     Off,
+    /// As `On`, and append every record to this file.
+    File(PathBuf),
+}
+
+fn parse_flow_log(s: &str) -> Result<FlowLog, String> {
+    match s {
+        "on" => Ok(FlowLog::On),
+        "off" => Ok(FlowLog::Off),
+        "" => Err("expected on, off or a file path".into()),
+        path => std::path::absolute(path)
+            .map(FlowLog::File)
+            .map_err(|e| format!("{path}: {e}")),
+    }
 }
 
 impl Args {
@@ -104,7 +121,7 @@ impl Args {
             peer_entries: self.sizes.peer_entries,
             port_entries: self.sizes.port_entries,
             insecure_policy: self.insecure_policy,
-            flow_acct: self.flow_log == FlowLog::On,
+            flow_acct: self.flow_log != FlowLog::Off,
         }
     }
 }
@@ -118,6 +135,18 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
     let hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    if args.no_wait && matches!(args.flow_log, FlowLog::File(_)) {
+        return Err(UsageError(
+            "--flow-log PATH needs attach to stay in the foreground (drop --no-wait)".into(),
+        )
+        .into());
+    }
+    // Opened before anything is applied: a path that cannot be written is
+    // a usage mistake, found before the kernel changes.
+    let sink = match &args.flow_log {
+        FlowLog::File(path) => Some(flowlog::FileSink::open(path.clone())?),
+        _ => None,
+    };
     let metrics = match args.metrics {
         Some(addr) if !args.no_wait => Some(crate::metrics::Server::bind(addr)?),
         Some(_) => {
@@ -161,8 +190,37 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         ns.cli_option(),
         args.iface
     );
-    wait_for_exit(&att, signals, hup, args.log_format, fleet.as_ref()).await?;
-    Ok(())
+    let flow_log = if args.flow_log == FlowLog::Off {
+        None
+    } else {
+        let opts = flowlog::Options {
+            flows: sink.is_some(),
+            start: false,
+            active_every: flowlog::ACTIVE_EVERY,
+            denied_every: flowlog::DENIED_EVERY,
+        };
+        match flowlog::Runner::spawn(&att, opts, sink) {
+            Ok(r) => Some(std::sync::Arc::new(r)),
+            Err(e) => {
+                tracing::warn!("flow log of {}: {e}", att.describe());
+                None
+            }
+        }
+    };
+    // SIGHUP also reopens the flow-log file.
+    if let Some(r) = flow_log.clone() {
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                r.reopen();
+            }
+        });
+    }
+    let result = wait_for_exit(&att, signals, hup, args.log_format, fleet.as_ref()).await;
+    if let Some(r) = flow_log {
+        r.stop();
+    }
+    result
 }
 
 /// Streams events until SIGINT/SIGTERM, or until the attachment is

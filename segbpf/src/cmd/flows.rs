@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::{
     cmd::{Output, Target, print_json, print_line},
-    flows::{self, Flow, FollowOptions, Follower},
+    flowlog::{FlowLog, FlowLogError, Line, Options},
+    flows::{self, Flow},
     netns::Netns,
     pins::Attachment,
 };
@@ -20,7 +21,8 @@ pub struct Args {
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
     /// Stream flow records instead of one snapshot: `end` when a flow
-    /// closes (FIN/RST) or leaves the table, `active` while it lives.
+    /// closes (FIN/RST) or leaves the table, `active` while it lives,
+    /// `denied` aggregates of what the policy dropped.
     #[arg(long)]
     pub follow: bool,
     /// With --follow: seconds between `active` records of a live flow.
@@ -30,6 +32,10 @@ pub struct Args {
     /// With --follow: also a `start` record when a flow is first seen.
     #[arg(long)]
     pub start: bool,
+    /// With --follow: seconds between `denied` aggregates (at most 10).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=10))]
+    pub denied_secs: u64,
 }
 
 #[derive(Serialize)]
@@ -72,7 +78,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
                     if f.tcp_flags.is_empty() {
                         String::new()
                     } else {
-                        format!(" flags {}", f.tcp_flags)
+                        format!(" flags {}", f.tcp_flags.join(","))
                     },
                     f.rule
                         .as_ref()
@@ -90,50 +96,94 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Polls the connection tables every second and prints the records due,
-/// until the attachment goes away (or a signal ends the process).
+/// Polls every second and prints the lines due, until the attachment
+/// goes away (or a signal ends the process).
 fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
-    let mut follower = Follower::new(
+    let mut log = FlowLog::open(
         att,
-        FollowOptions {
+        Options {
+            flows: true,
             start: args.start,
             active_every: std::time::Duration::from_secs(args.active_secs),
+            denied_every: std::time::Duration::from_secs(args.denied_secs),
         },
-    );
+    )?;
+    if !log.is_primary() {
+        tracing::info!(
+            "another process drains the denied tables of {}: denied records come from its store",
+            att.describe()
+        );
+    }
     loop {
-        let now = match flows::snapshot_keyed(att) {
-            Ok(now) => now,
-            Err(flows::FlowsError::NotAttached(which)) => {
+        let lines = match log.step() {
+            Ok(lines) => lines,
+            Err(FlowLogError::Flows(flows::FlowsError::NotAttached(which))) => {
                 tracing::info!("segbpf was detached from {which}; stopping");
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
-        for r in follower.step(now) {
+        for l in &lines {
             match args.output {
-                Output::Json => print_line(serde_json::to_string(&r)?)?,
-                Output::Text => print_line(format_args!(
-                    "{} {} {} {} {}:{} -> {}:{} orig {} pkts {} B reply {} pkts {} B{}",
-                    r.time,
-                    r.state.to_uppercase(),
-                    r.iface,
-                    r.flow.proto,
-                    r.flow.src,
-                    r.flow.sport,
-                    r.flow.dst,
-                    r.flow.dport,
-                    r.flow.packets_orig,
-                    r.flow.bytes_orig,
-                    r.flow.packets_reply,
-                    r.flow.bytes_reply,
-                    r.flow
-                        .rule
-                        .as_ref()
-                        .map(|x| format!(" rule {x}"))
-                        .unwrap_or_default()
-                ))?,
+                Output::Json => print_line(serde_json::to_string(l)?)?,
+                Output::Text => print_line(text_line(l))?,
             }
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// A flow-log line as one line of text.
+pub fn text_line(l: &Line) -> String {
+    let r = match l {
+        Line::Lost(lost) => {
+            return format!(
+                "{} LOST {} {} {} packets not aggregated (table full)",
+                lost.time, lost.iface, lost.packets, lost.what
+            );
+        }
+        Line::Record(r) => r,
+    };
+    let side = |a: Option<std::net::IpAddr>, p: Option<u16>| {
+        let a = a.map_or_else(
+            || "?".to_string(),
+            |a| match a {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 @ std::net::IpAddr::V4(_) => v4.to_string(),
+            },
+        );
+        p.map_or(a.clone(), |p| format!("{a}:{p}"))
+    };
+    let mut t = format!(
+        "{} {} {} {} {} -> {} {} orig {} pkts {} B",
+        r.time,
+        r.state.to_uppercase(),
+        r.iface,
+        r.proto,
+        side(r.src, r.sport),
+        side(r.dst, Some(r.dport)),
+        r.action,
+        r.packets_orig,
+        r.bytes_orig,
+    );
+    if r.state != "denied" {
+        t.push_str(&format!(
+            " reply {} pkts {} B",
+            r.packets_reply, r.bytes_reply
+        ));
+    }
+    for (k, v) in [
+        ("rule", &r.rule),
+        ("reason", &r.reason),
+        ("peer", &r.peer_set),
+        ("role", &r.role),
+    ] {
+        if let Some(v) = v {
+            t.push_str(&format!(" {k} {v}"));
+        }
+    }
+    if r.new_pair {
+        t.push_str(" NEW");
+    }
+    t
 }

@@ -1,0 +1,356 @@
+//! Flow logs with real traffic from the kernel's stack: `end` records whose
+//! packet counts equal the interface counters, `denied` aggregates of a
+//! 100,000-datagram flood that add up to what was sent, `active` records
+//! of a long flow, `new_pair` once per pair, and `attach --flow-log PATH`
+//! reopening its file on SIGHUP.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::Context as _;
+
+use segbpf_tests::{
+    Lab,
+    lab::Running,
+    net::{self, Server},
+};
+
+const POLICY: &str = r#"version = 1
+[sets]
+clients = ["198.18.0.0/15"]
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+name = "echo-in"
+from = "clients"
+tcp = [8080, 8081]
+"#;
+
+/// A quiet lab (no background traffic, static neighbours) with `srv`
+/// (`NET.10`, a TCP echo on 8080) and `client` (`NET.5`).
+fn setup(tag: &str, net: &str) -> anyhow::Result<(Lab, std::path::PathBuf, Server)> {
+    let mut lab = Lab::new(tag)?;
+    lab.quiet_switch()?;
+    lab.add_host("srv", &[&format!("{net}.10/24")])?;
+    lab.add_host("client", &[&format!("{net}.5/24")])?;
+    for (a, b) in [("srv", "client"), ("client", "srv")] {
+        lab.quiet_host(a)?;
+        let mac = net::mac(&lab.host(b).ns.name, "eth0")?;
+        let mac = mac
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let addr = lab.host(b).addrs[0].to_string();
+        lab.host(a).ns.ip(&[
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    let policy = lab.write_policy("p.toml", POLICY)?;
+    let echo = Server::tcp_echo(&lab.host("srv").ns.name, lab.host("srv").addrs[0], 8080)?;
+    Ok((lab, policy, echo))
+}
+
+/// `(rx_packets, tx_packets, tx_dropped)` of eth0 in namespace `ns`.
+fn counters(ns: &str) -> anyhow::Result<(u64, u64, u64)> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", "eth0"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let s = &v[0]["stats64"];
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    Ok((
+        n(&s["rx"]["packets"]),
+        n(&s["tx"]["packets"]),
+        n(&s["tx"]["dropped"]),
+    ))
+}
+
+fn records(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits up to `secs` for `f` to hold.
+fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    f()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn five_exchanges_give_five_end_records_counted_like_the_interface() -> anyhow::Result<()> {
+    let (lab, policy, _echo) = setup("flend", "198.18.88")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    std::fs::create_dir_all(&lab.state)?;
+    let log = lab.state.join("flows.jsonl");
+    let attach = Running::new(lab.spawn(
+        "srv",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            policy.to_str().unwrap_or_default(),
+            "--flow-log",
+            log.to_str().unwrap_or_default(),
+        ],
+    )?);
+    lab.wait_enforcing("srv")?;
+    let before = counters(&lab.host("srv").ns.name)?;
+    for _ in 0..5 {
+        assert!(net::tcp_exchange(
+            &lab.host("client").ns.name,
+            client,
+            srv,
+            8080,
+            Duration::from_secs(10)
+        )?);
+    }
+    let ends = || -> Vec<serde_json::Value> {
+        records(&std::fs::read_to_string(&log).unwrap_or_default())
+            .into_iter()
+            .filter(|r| r["state"] == "end" && r["dport"] == 8080)
+            .collect()
+    };
+    assert!(
+        wait_for(30, || ends().len() >= 5),
+        "five end records: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let after = counters(&lab.host("srv").ns.name)?;
+    let five = ends();
+    assert_eq!(five.len(), 5, "{five:?}");
+    let sum = |k: &str| five.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    // Everything srv received and sent on eth0 was these five exchanges.
+    assert_eq!(sum("packets_orig"), after.0 - before.0, "{five:?}");
+    assert_eq!(sum("packets_reply"), after.1 - before.1, "{five:?}");
+    for r in &five {
+        assert!(r["bytes_orig"].as_u64() > Some(0), "{r}");
+        assert!(r["bytes_reply"].as_u64() > Some(0), "{r}");
+        assert_eq!(r["rule"], "echo-in", "{r}");
+        assert_eq!(r["role"], "srv", "{r}");
+        assert_eq!(r["peer_set"], "clients", "{r}");
+        assert_eq!(r["action"], "accept", "{r}");
+        assert_eq!(r["src"], client.to_string(), "{r}");
+    }
+    let new_pairs = five.iter().filter(|r| r["new_pair"] == true).count();
+    assert_eq!(new_pairs, 1, "the pair is new once: {five:?}");
+
+    // logrotate: move the file away, SIGHUP, and the next records go to a
+    // new file at the same path.
+    let rotated = log.with_extension("jsonl.1");
+    std::fs::rename(&log, &rotated)?;
+    attach.signal(nix::sys::signal::Signal::SIGHUP)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(net::tcp_exchange(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        8080,
+        Duration::from_secs(10)
+    )?);
+    assert!(
+        wait_for(30, || !ends().is_empty()),
+        "the end record of the exchange after SIGHUP is in the reopened file"
+    );
+    assert_eq!(
+        records(&std::fs::read_to_string(&rotated)?)
+            .iter()
+            .filter(|r| r["state"] == "end")
+            .count(),
+        5,
+        "the rotated file keeps what it had"
+    );
+    attach.terminate()?;
+    attach.wait()?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result<()> {
+    let (lab, policy, _echo) = setup("flden", "198.18.89")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    let follower = Running::new(lab.spawn(
+        "srv",
+        &[
+            "flows",
+            "eth0",
+            "--follow",
+            "--output",
+            "json",
+            "--denied-secs",
+            "1",
+        ],
+    )?);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ns = lab.host("client").ns.name.clone();
+    let before = counters(&ns)?;
+    // 100,000 datagrams to 10 closed ports, in two bursts a few drains apart.
+    let mut sent = 0;
+    for _ in 0..2 {
+        sent += paced_udp(&ns, client, srv, 9000..9010, 50_000)?;
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let after = counters(&ns)?;
+    let wire = sent - (after.2 - before.2);
+    std::thread::sleep(Duration::from_secs(2));
+    follower.terminate()?;
+    let out = follower.wait()?;
+    let all = records(&String::from_utf8_lossy(&out.stdout));
+    let ours: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["state"] == "denied" && r["proto"] == "udp" && r["src"] == client.to_string())
+        .collect();
+    let lost: u64 = all
+        .iter()
+        .filter(|r| r["state"] == "lost")
+        .map(|r| r["packets"].as_u64().unwrap_or(0))
+        .sum();
+    let counted: u64 = ours
+        .iter()
+        .map(|r| r["packets_orig"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(sent, 100_000);
+    assert_eq!(
+        counted + lost,
+        wire,
+        "aggregates {counted} + lost {lost} = sent on the wire {wire}"
+    );
+    for r in &ours {
+        assert_eq!(r["action"], "reject", "{r}");
+        assert_eq!(r["reason"], "default-drop", "{r}");
+        assert_eq!(r["opens_flow"], true, "{r}");
+        assert_eq!(r["peer_set"], "clients", "{r}");
+        assert_eq!(r["opened_by"], "ingress", "{r}");
+    }
+    // One aggregate per port and drain: each port's pair is new once.
+    for port in 9000..9010 {
+        let of_port: Vec<_> = ours.iter().filter(|r| r["dport"] == port).collect();
+        assert!(
+            of_port.len() >= 2,
+            "two bursts, two drains at least: {of_port:?}"
+        );
+        assert_eq!(of_port[0]["new_pair"], true, "{of_port:?}");
+        assert!(
+            of_port[1..].iter().all(|r| r["new_pair"] == false),
+            "{of_port:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Sends `count` 32-byte datagrams from `src` in `ns` to `dst`, cycling
+/// over `ports`, paced so the veth never has to drop; returns how many
+/// `sendto` accepted.
+fn paced_udp(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    ports: std::ops::Range<u16>,
+    count: u64,
+) -> anyhow::Result<u64> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<u64> {
+        segbpf_tests::netns::enter(&path)?;
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0))?;
+        let ports: Vec<u16> = ports.collect();
+        let mut sent = 0;
+        for i in 0..count {
+            let port = ports[(i as usize) % ports.len()];
+            if sock
+                .send_to(&[0u8; 32], std::net::SocketAddr::new(dst, port))
+                .is_ok()
+            {
+                sent += 1;
+            }
+            if i % 256 == 255 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_long_flow_gives_active_records() -> anyhow::Result<()> {
+    let (lab, policy, _echo) = setup("flact", "198.18.90")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let _sink = Server::tcp_sink(&lab.host("srv").ns.name, srv, 8081)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    let follower = Running::new(lab.spawn(
+        "srv",
+        &[
+            "flows",
+            "eth0",
+            "--follow",
+            "--output",
+            "json",
+            "--active-secs",
+            "1",
+        ],
+    )?);
+    std::thread::sleep(Duration::from_millis(1500));
+    let path = format!("/run/netns/{}", lab.host("client").ns.name);
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        use std::io::{Read as _, Write as _};
+        segbpf_tests::netns::enter(&path)?;
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(srv, 8081),
+            Duration::from_secs(5),
+        )
+        .context("connect")?;
+        for tick in 0..4u64 {
+            let chunk: Vec<u8> = (tick * 4..tick * 4 + 4).map(net::bulk_pattern).collect();
+            s.write_all(&chunk)?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).context("read count")?;
+        anyhow::ensure!(u64::from_be_bytes(count) == 16, "the sink got every tick");
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    std::thread::sleep(Duration::from_secs(5));
+    follower.terminate()?;
+    let out = follower.wait()?;
+    let all = records(&String::from_utf8_lossy(&out.stdout));
+    let states: Vec<&str> = all
+        .iter()
+        .filter(|r| r["dport"] == 8081 && r["src"] == client.to_string())
+        .filter_map(|r| r["state"].as_str())
+        .collect();
+    assert!(
+        states.iter().filter(|s| **s == "active").count() >= 2,
+        "{states:?}"
+    );
+    assert_eq!(states.last(), Some(&"end"), "{states:?}");
+    Ok(())
+}
