@@ -777,3 +777,107 @@ async fn wait_for_canaries(
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(host: &str, addr: &str, roles: &[&str]) -> AgentStatus {
+        AgentStatus {
+            host: host.into(),
+            iface: "eth0".into(),
+            roles: roles.iter().map(ToString::to_string).collect(),
+            role_args: Vec::new(),
+            addresses: vec![addr.into()],
+            revision: Some(1),
+            hash: None,
+            generation: 1,
+            error: None,
+            failed_revision: None,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn canaries_are_stable_and_independent_of_order() {
+        let a: Vec<String> = (0..20).map(|i| format!("h{i}/eth0")).collect();
+        let mut b = a.clone();
+        b.reverse();
+        let first = choose_canaries(&a, 3);
+        assert_eq!(first.len(), 3);
+        assert_eq!(first, choose_canaries(&b, 3));
+        // More canaries keep the first ones.
+        assert_eq!(choose_canaries(&a, 5)[..3], first[..]);
+        assert_eq!(choose_canaries(&a, 50).len(), 20);
+    }
+
+    #[test]
+    fn canary_stage_sends_only_canaries_to_the_new_revision() {
+        let mut c = Current {
+            revision: 7,
+            hash: String::new(),
+            confirm: None,
+            canary: Some(Canary {
+                agents: vec!["a/eth0".into()],
+                previous: Some(6),
+            }),
+            pushed_at: 0,
+        };
+        assert_eq!(c.target_for("a/eth0"), Some(7));
+        assert_eq!(c.target_for("b/eth0"), Some(6));
+        c.canary = None;
+        assert_eq!(c.target_for("b/eth0"), Some(7));
+    }
+
+    #[test]
+    fn plan_names_role_changes_and_hosts_that_cannot_apply() {
+        let policy = Policy::from_str(
+            r#"version = 1
+[roles.web]
+hosts = ["198.18.0.0/24"]
+[roles.db]
+hosts = ["198.18.1.0/24", "198.18.0.9/32"]
+"#,
+            "p.toml",
+        )
+        .expect("policy");
+        let agents = [
+            agent("w1", "198.18.0.5", &["web"]),
+            agent("w9", "198.18.0.9", &["web"]),
+            agent("x", "198.18.7.1", &["web"]),
+        ];
+        let plan = plan(&policy, &agents);
+        assert_eq!(plan[0].to, ["web"]);
+        // 198.18.0.9 is in both roles now.
+        assert!(plan[1].to.contains(&"db".to_string()) && plan[1].to.contains(&"web".to_string()));
+        assert!(
+            plan[2]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("no role matches"))
+        );
+    }
+
+    #[test]
+    fn store_checks_its_arguments() {
+        let tls = TlsFiles::default();
+        assert!(Store::new(vec![], "/segbpf", tls.clone()).is_err());
+        assert!(Store::new(vec!["e:2379".into()], "segbpf", tls.clone()).is_err());
+        let s = Store::new(vec!["e:2379".into()], "/fleet/a/", tls).expect("store");
+        assert_eq!(s.current_key(), "/fleet/a/policy/current");
+        assert_eq!(s.revision_key(42), "/fleet/a/policy/revisions/0000000042");
+        assert_eq!(s.status_key("web1", "eth0"), "/fleet/a/status/web1/eth0");
+        let half = TlsFiles {
+            cert: Some("c.pem".into()),
+            ..TlsFiles::default()
+        };
+        assert!(Store::new(vec!["e:2379".into()], "/s", half).is_err());
+    }
+
+    #[test]
+    fn hash_tells_texts_apart() {
+        assert_eq!(hash(b"a"), hash(b"a"));
+        assert_ne!(hash(b"a"), hash(b"b"));
+        assert_eq!(hash(b"").len(), 16);
+    }
+}
