@@ -10,7 +10,8 @@
 //! back, push 3 (all converge); a broken policy is refused with its line
 //! and changes nothing; a canary push whose canary cannot apply (its
 //! address is in no role of the new policy) stops after the canary and
-//! leaves every host on 3.
+//! leaves every host on 3; a revision pushed with `--confirm` that cuts
+//! the hosts off from etcd is undone by the lockout guard on every host.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -391,6 +392,50 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
     }
     for a in AGENTS {
         ensure!(f.open_ports(a)? == [8003], "{a} after the stopped canary");
+    }
+
+    // --confirm: a revision that cuts the hosts off from etcd (egress
+    // dropped) is undone by the lockout guard, and reported as failed.
+    let p5 = f.lab.write_policy(
+        "p5.toml",
+        &policy(&addrs, 8004).replace(r#"egress = "allow""#, r#"egress = "drop""#),
+    )?;
+    let out = f.push(&p5, &["--confirm", "3"])?;
+    ensure!(
+        out.status.success(),
+        "push 5: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 5");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = f.status()?;
+        let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        if agents.len() == AGENTS.len()
+            && agents
+                .iter()
+                .all(|a| a["failed_revision"] == 5 && a["revision"] == 3)
+        {
+            ensure!(
+                agents.iter().all(|a| a["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("cut this host off from etcd"))),
+                "{st}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "revision 5 not undone: {st}\n{}",
+            f.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for a in AGENTS {
+        ensure!(
+            f.open_ports(a)? == [8003],
+            "{a} after the guard undid revision 5"
+        );
     }
     drop(servers);
     Ok(())
