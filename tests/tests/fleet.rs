@@ -12,6 +12,10 @@
 //! address is in no role of the new policy) stops after the canary and
 //! leaves every host on 3; a revision pushed with `--confirm` that cuts
 //! the hosts off from etcd is undone by the lockout guard on every host.
+//!
+//! Over TLS: etcd with a server certificate and `--client-cert-auth`;
+//! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
+//! work, and etcd refuses a client without a certificate.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -438,5 +442,194 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
         );
     }
     drop(servers);
+    Ok(())
+}
+
+/// Runs `openssl ARGS` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for `server_ip` and a client certificate,
+/// all P-256, in `dir`: ca.pem, server.pem/server.key, client.pem/client.key.
+fn make_certs(dir: &Path, server_ip: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=segbpf test CA"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
+    ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE"]);
+    ca.extend_from_slice(&["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &ca)?;
+    for (name, ext) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+    ] {
+        let csr = format!("{name}.csr");
+        let key = format!("{name}.key");
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req", "-new", "-subj", &subj];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+        openssl(dir, &req)?;
+        let extfile = format!("{name}.ext");
+        std::fs::write(dir.join(&extfile), ext)?;
+        let pem = format!("{name}.pem");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+                "-out",
+                &pem,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn fleet_over_tls_with_client_certificates() -> anyhow::Result<()> {
+    const ADDR: &str = "198.18.92.2";
+    let mut lab = Lab::new("fleettls")?;
+    lab.add_host("etcd", &[&format!("{ADDR}/24")])?;
+    lab.add_host("client", &["198.18.92.5/24"])?;
+    lab.add_host("a1", &["198.18.92.11/24"])?;
+    let certs = lab.state.join("certs");
+    make_certs(&certs, ADDR)?;
+    let logs = lab.state.join("logs");
+    let file = |n: &str| certs.join(n).to_str().unwrap_or_default().to_string();
+    let ep = format!("https://{ADDR}:2379");
+    let _etcd = Running::new(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.host("etcd").ns.name, "etcd"])
+            .args(["--name", "tls", "--data-dir"])
+            .arg(lab.state.join("etcd"))
+            .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "tls=http://127.0.0.1:2380"])
+            .args([
+                "--cert-file",
+                &file("server.pem"),
+                "--key-file",
+                &file("server.key"),
+            ])
+            .args(["--trusted-ca-file", &file("ca.pem"), "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "etcd")?)
+            .spawn()
+            .context("starting etcd")?,
+    );
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let tls: Vec<&str> = vec![
+        "--etcd",
+        &ep,
+        "--etcd-ca",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let policy_file = lab.write_policy("p.toml", &policy(&["198.18.92.11".into()], 8001))?;
+    let policy_file = policy_file.to_str().unwrap_or_default();
+
+    // etcd takes a moment to come up: push until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["fleet", "push", policy_file];
+        args.extend_from_slice(&tls);
+        let out = lab.segbpf("client", &args)?;
+        if out.status.success() {
+            ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 1");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "push over TLS: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Without the client certificate etcd refuses.
+    let out = lab.segbpf(
+        "client",
+        &["fleet", "status", "--etcd", &ep, "--etcd-ca", &ca],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "etcd answered without a client certificate"
+    );
+
+    // An agent over TLS applies revision 1 and reports it.
+    let mut agent_args = vec!["--netns", &lab.host("a1").ns.name, "attach", "eth0"];
+    agent_args.extend_from_slice(&tls);
+    agent_args.extend_from_slice(&["--fleet-host", "a1", "--etcd-retry-max", "1"]);
+    let a1 = lab.host("a1");
+    let _servers = [8001, 8002]
+        .into_iter()
+        .map(|p| net::Server::tcp_echo(&a1.ns.name, a1.addrs[0], p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let _agent = Running::new(
+        Command::new(segbpf_bin())
+            .args(&agent_args)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "a1")?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["fleet", "status"];
+        args.extend_from_slice(&tls);
+        let out = lab.segbpf("client", &args)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("1 of 1 at the latest revision (1)") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "agent over TLS: {text} {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(logs.join("a1.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(lab.tcp_reachable("client", "a1", 8001)?);
+    ensure!(!lab.tcp_reachable("client", "a1", 8002)?);
     Ok(())
 }

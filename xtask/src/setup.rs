@@ -151,8 +151,10 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("man", "--version", "man-db"),
     ("setpriv", "--version", "util-linux"),
     ("strace", "-V", "strace"),
-    // `tests/tests/fleet.rs`: a real etcd for fleet mode.
+    // `tests/tests/fleet.rs`: a real etcd for fleet mode, and openssl for
+    // its TLS certificates.
     ("etcd", "--version", "etcd-server"),
+    ("openssl", "version", "openssl"),
 ];
 
 fn ensure_tools() -> anyhow::Result<()> {
