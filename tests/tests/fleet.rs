@@ -11,7 +11,8 @@
 //! and changes nothing; a canary push whose canary cannot apply (its
 //! address is in no role of the new policy) stops after the canary and
 //! leaves every host on 3; a revision pushed with `--confirm` that cuts
-//! the hosts off from etcd is undone by the lockout guard on every host.
+//! the hosts off from etcd is undone by the lockout guard on every host;
+//! an agent killed disappears from `fleet status` when its lease expires.
 //!
 //! Over TLS: etcd with a server certificate and `--client-cert-auth`;
 //! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
