@@ -1,6 +1,7 @@
 //! `segbpf attach`: enforce a policy on an interface ([`crate::attach`]),
 //! then stay in the foreground: stream drop events to stdout, serve
-//! metrics, reload on SIGHUP or when the policy file changes, until
+//! metrics, reload on SIGHUP or when the policy file changes (with
+//! `--etcd`: follow the fleet's store instead, [`crate::fleet::agent`]), until
 //! SIGINT/SIGTERM. Enforcement stays in place after the process exits;
 //! `segbpf detach` removes it.
 

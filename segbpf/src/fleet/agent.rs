@@ -452,7 +452,14 @@ async fn follow(
         );
         return;
     }
-    match apply(att, &text, current.confirm) {
+    // Under systemd (Type=notify) a revision is framed as a reload is.
+    crate::service::reloading(&format!("fleet revision {target}"));
+    let applied = apply(att, &text, current.confirm);
+    crate::service::ready(&match &applied {
+        Ok(_) => format!("fleet revision {target} applied"),
+        Err(e) => format!("fleet revision {target} refused, the policy in force is unchanged: {e}"),
+    });
+    match applied {
         Ok(swapped) => {
             if let Some(secs) = current.confirm {
                 // The guard undoes the change after `secs` unless confirmed:
