@@ -318,7 +318,7 @@ async fn session_inner(
         }
         None => get_current_rev(store, &mut client).await?,
     };
-    report(att, cfg, &mut client, local, lease).await?;
+    report(att, cfg, &mut client, local, lease).await;
     let mut stream = store
         .timed(
             "watching the current revision",
@@ -351,7 +351,7 @@ async fn session_inner(
                         follow(att, cfg, &mut client, local, current).await;
                     }
                 }
-                report(att, cfg, &mut client, local, lease).await?;
+                report(att, cfg, &mut client, local, lease).await;
             }
             _ = keepalive.tick() => {
                 store.timed("keeping the lease alive", keeper.keep_alive()).await?;
@@ -366,7 +366,7 @@ async fn session_inner(
                 // A revision that waited for a pending confirmation.
                 if let Some(c) = local.current.clone().filter(|c| wants(local, c)) {
                     follow(att, cfg, &mut client, local, c).await;
-                    report(att, cfg, &mut client, local, lease).await?;
+                    report(att, cfg, &mut client, local, lease).await;
                 }
             }
             _ = hup.recv() => {
@@ -374,7 +374,7 @@ async fn session_inner(
                     local.failed = None; // SIGHUP: try the revision again
                     follow(att, cfg, &mut client, local, current).await;
                 }
-                report(att, cfg, &mut client, local, lease).await?;
+                report(att, cfg, &mut client, local, lease).await;
             }
         }
     }
@@ -546,8 +546,23 @@ fn commit(
     )
 }
 
-/// Writes this agent's status under its lease.
+/// Writes this agent's status under its lease. A failure is logged, not
+/// fatal: an agent that may not write its status (etcd permissions) still
+/// follows the policy; a lost connection ends the session through the
+/// watch or the lease keep-alive.
 async fn report(
+    att: &Attachment,
+    cfg: &AgentConfig,
+    client: &mut Client,
+    local: &Local,
+    lease: i64,
+) {
+    if let Err(e) = try_report(att, cfg, client, local, lease).await {
+        warn!("{e}");
+    }
+}
+
+async fn try_report(
     att: &Attachment,
     cfg: &AgentConfig,
     client: &mut Client,
