@@ -70,7 +70,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub fleet_host: Option<String>,
     /// Longest wait between attempts to reach etcd (the wait doubles from
-    /// 0.5 s after each failure).
+    /// 0.5 s after each failure; each is between half and all of it).
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "etcd",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub etcd_retry_max: u64,

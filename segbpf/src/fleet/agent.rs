@@ -148,7 +148,9 @@ pub async fn initial_policy(
     }
     let id = agent_id(&cfg.host, &att.iface);
     let mut delay = cfg.retry_min;
+    let mut attempt = 0u64;
     loop {
+        attempt += 1;
         let fetched = async {
             let mut client = cfg.store.connect().await?;
             let Some((current, _)) = get_current(&cfg.store, &mut client).await? else {
@@ -176,16 +178,16 @@ pub async fn initial_policy(
                 return Ok((path, revision));
             }
             Ok(None) => warn!(
-                "no policy pushed under {} yet (segbpf fleet push); nothing is enforced until one is; asking again in {} ms",
+                "no policy pushed under {} yet (segbpf fleet push); nothing is enforced until one is; asking again in at most {} ms",
                 cfg.store.prefix,
                 delay.as_millis()
             ),
             Err(e) => warn!(
-                "{e}; no cached policy: nothing is enforced until etcd answers; retrying in {} ms",
+                "{e}; no cached policy: nothing is enforced until etcd answers; retrying in at most {} ms",
                 delay.as_millis()
             ),
         }
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(jitter(delay, &id, attempt)).await;
         delay = (delay * 2).min(cfg.retry_max);
     }
 }
@@ -254,19 +256,31 @@ pub async fn run(att: &Attachment, cfg: &AgentConfig, mut hup: tokio::signal::un
         current: None,
     };
     let mut delay = cfg.retry_min;
+    let mut attempt = 0u64;
     loop {
+        attempt += 1;
         let err = Box::pin(session(att, cfg, &mut local, &mut hup, &mut delay)).await;
         warn!(
-            "{err}; {} stays in force; retrying in {} ms",
+            "{err}; {} stays in force; retrying in at most {} ms",
             local.applied.map_or_else(
                 || "the policy applied at attach".to_string(),
                 |r| format!("revision {r}")
             ),
             delay.as_millis()
         );
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(jitter(delay, &local.id, attempt)).await;
         delay = (delay * 2).min(cfg.retry_max);
     }
+}
+
+/// Between half of `delay` and all of it, spread by agent and attempt:
+/// hundreds of agents that lost etcd together do not all come back in the
+/// same instant.
+fn jitter(delay: Duration, id: &str, attempt: u64) -> Duration {
+    let half = delay / 2;
+    let spread = u64::try_from(half.as_millis()).unwrap_or(u64::MAX).max(1);
+    let h = super::fnv1a(format!("{id}#{attempt}").as_bytes());
+    half + Duration::from_millis(h % spread)
 }
 
 /// One connection to etcd: returns why it ended.
@@ -602,4 +616,21 @@ async fn try_report(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_between_half_and_all_of_the_delay_and_spreads() {
+        let d = Duration::from_secs(8);
+        let waits: Vec<Duration> = (0..50)
+            .map(|i| jitter(d, &format!("h{i}/eth0"), 1))
+            .collect();
+        assert!(waits.iter().all(|w| *w >= d / 2 && *w <= d));
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 40, "{distinct:?}");
+        assert_eq!(jitter(Duration::ZERO, "h/eth0", 1), Duration::ZERO);
+    }
 }
