@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::{
@@ -103,17 +102,13 @@ impl WarningOut {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let policy = Policy::load(&args.policy)?;
     let hosts: Vec<Vec<String>> = if args.role.is_empty() {
-        policy.roles.iter().map(|r| vec![r.name.clone()]).collect()
+        compile::one_host_per_role(&policy)
     } else {
         let roles = crate::policy::roles::resolve(&policy, &args.role, "-", &[])?;
         vec![roles]
     };
     let mut compiled = Vec::new();
-    for roles in hosts {
-        let c = compile::compile(&policy, &roles, None, 0, 1, args.sizes.capacity(&policy))
-            .with_context(|| {
-                format!("{}: compiling for role {}", policy.source, roles.join("+"))
-            })?;
+    for (roles, c) in compile::compile_hosts(&policy, hosts, args.sizes.capacity(&policy))? {
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
         compiled.push(Compiled {
             ingress_rules: count(Direction::Ingress),

@@ -28,7 +28,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{self, Capacity, CompileError},
+    compile::{self, Capacity},
     policy::{Policy, PolicyError, lint::Warning, roles},
 };
 
@@ -67,15 +67,8 @@ pub enum FleetError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The policy does not compile for one of its roles.
-    #[error("{policy}: compiling for role {role}: {source}")]
-    Compile {
-        /// Policy file.
-        policy: String,
-        /// The role.
-        role: String,
-        /// Why.
-        source: CompileError,
-    },
+    #[error(transparent)]
+    Compile(#[from] compile::HostCompileError),
     /// A value in etcd is not what segbpf writes there.
     #[error("etcd key {key}: {reason}")]
     Malformed {
@@ -406,21 +399,11 @@ pub struct Checked {
 pub fn check(path: &Path) -> Result<Checked, FleetError> {
     let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
     let policy = Policy::from_str(&text, &path.display().to_string())?;
-    for role in &policy.roles {
-        compile::compile(
-            &policy,
-            std::slice::from_ref(&role.name),
-            None,
-            0,
-            1,
-            Capacity::for_policy(&policy),
-        )
-        .map_err(|source| FleetError::Compile {
-            policy: policy.source.clone(),
-            role: role.name.clone(),
-            source,
-        })?;
-    }
+    compile::compile_hosts(
+        &policy,
+        compile::one_host_per_role(&policy),
+        Capacity::for_policy(&policy),
+    )?;
     let warnings = crate::policy::lint::lint(&policy);
     Ok(Checked {
         text,
