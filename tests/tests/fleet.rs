@@ -3,16 +3,17 @@
 //! client host that pushes policies and probes the agents with real TCP
 //! handshakes. Policy N opens port 800N only.
 //!
-//! One lab, in order: push 1 (all enforce it, `fleet status` says 3 of 3);
-//! push 2 (all converge within 5 s); etcd killed (all keep enforcing 2);
-//! one agent killed and its host detached, as after a reboot, then started
-//! again while etcd is down (it enforces 2 from its cache at once); etcd
-//! back, push 3 (all converge); a broken policy is refused with its line
-//! and changes nothing; a canary push whose canary cannot apply (its
-//! address is in no role of the new policy) stops after the canary and
-//! leaves every host on 3; a revision pushed with `--confirm` that cuts
-//! the hosts off from etcd is undone by the lockout guard on every host;
-//! an agent killed disappears from `fleet status` when its lease expires.
+//! One lab, in order: push 1 (all enforce it, `fleet status` says 3 of
+//! 3); push 2 (all converge within 5 s); etcd killed (all keep enforcing
+//! 2); one agent killed and its host detached, as after a reboot, then
+//! started again while etcd is down (it enforces 2 from its cache at
+//! once); etcd back, push 3 through two canaries (all converge); a broken
+//! policy is refused with its line and changes nothing; a canary push
+//! whose canary cannot apply (its address is in no role of the new
+//! policy) stops after the canary and leaves every host on 3; a revision
+//! pushed with `--confirm` that cuts the hosts off from etcd is undone by
+//! the lockout guard on every host; an agent killed disappears from
+//! `fleet status` when its lease expires.
 //!
 //! Over TLS: etcd with a server certificate and `--client-cert-auth`;
 //! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
@@ -329,9 +330,9 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
         f.log("a1")
     );
 
-    // etcd back, push 3: all converge.
+    // etcd back, push 3 with two canaries first: all converge.
     f.start_etcd()?;
-    let out = f.push(&files[2], &[])?;
+    let out = f.push(&files[2], &["--canary", "2", "--wait", "20"])?;
     ensure!(
         out.status.success(),
         "push 3: {}",
