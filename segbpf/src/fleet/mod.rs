@@ -166,8 +166,7 @@ impl Store {
         if endpoints.is_empty() {
             return Err(FleetError::Usage("--etcd: no endpoint given".into()));
         }
-        let trimmed = prefix.trim_end_matches('/');
-        if !trimmed.starts_with('/') {
+        if !prefix.starts_with('/') {
             return Err(FleetError::Usage(format!(
                 "--prefix {prefix}: must start with `/` (e.g. /segbpf)"
             )));
@@ -179,7 +178,8 @@ impl Store {
         }
         Ok(Store {
             endpoints,
-            prefix: trimmed.to_string(),
+            // `/` is the root: keys are `/policy/...`, `/status/...`.
+            prefix: prefix.trim_end_matches('/').to_string(),
             tls,
             timeout: Duration::from_secs(5),
         })
@@ -850,6 +850,8 @@ hosts = ["198.18.1.0/24", "198.18.0.9/32"]
         assert_eq!(s.current_key(), "/fleet/a/policy/current");
         assert_eq!(s.revision_key(42), "/fleet/a/policy/revisions/0000000042");
         assert_eq!(s.status_key("web1", "eth0"), "/fleet/a/status/web1/eth0");
+        let root = Store::new(vec!["e:2379".into()], "/", TlsFiles::default()).expect("root");
+        assert_eq!(root.current_key(), "/policy/current");
         let half = TlsFiles {
             cert: Some("c.pem".into()),
             ..TlsFiles::default()
