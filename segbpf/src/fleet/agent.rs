@@ -153,7 +153,7 @@ pub async fn initial_policy(
         attempt += 1;
         let fetched = async {
             let mut client = cfg.store.connect().await?;
-            let Some((current, _)) = get_current(&cfg.store, &mut client).await? else {
+            let (Some(current), _) = get_current(&cfg.store, &mut client).await? else {
                 return Ok(None);
             };
             let Some(target) = current.target_for(&id) else {
@@ -192,10 +192,11 @@ pub async fn initial_policy(
     }
 }
 
+/// The pointer (if any) and the store's revision it was read at.
 async fn get_current(
     store: &Store,
     client: &mut Client,
-) -> Result<Option<(Current, i64)>, FleetError> {
+) -> Result<(Option<Current>, i64), FleetError> {
     let key = store.current_key();
     let resp = store
         .timed(
@@ -207,8 +208,8 @@ async fn get_current(
         .header()
         .map_or(0, etcd_client::ResponseHeader::revision);
     match resp.kvs().first() {
-        Some(kv) => Ok(Some((Current::parse(&key, kv.value())?, header_rev))),
-        None => Ok(None),
+        Some(kv) => Ok((Some(Current::parse(&key, kv.value())?), header_rev)),
+        None => Ok((None, header_rev)),
     }
 }
 
@@ -325,13 +326,10 @@ async fn session_inner(
         store.current_key()
     );
 
-    let from = match get_current(store, &mut client).await? {
-        Some((current, rev)) => {
-            follow(att, cfg, &mut client, local, current).await;
-            rev
-        }
-        None => get_current_rev(store, &mut client).await?,
-    };
+    let (current, from) = get_current(store, &mut client).await?;
+    if let Some(current) = current {
+        follow(att, cfg, &mut client, local, current).await;
+    }
     report(att, cfg, &mut client, local, lease).await;
     let mut stream = store
         .timed(
@@ -384,7 +382,7 @@ async fn session_inner(
                 }
             }
             _ = hup.recv() => {
-                if let Some((current, _)) = get_current(store, &mut client).await? {
+                if let (Some(current), _) = get_current(store, &mut client).await? {
                     local.failed = None; // SIGHUP: try the revision again
                     follow(att, cfg, &mut client, local, current).await;
                 }
@@ -392,18 +390,6 @@ async fn session_inner(
             }
         }
     }
-}
-
-async fn get_current_rev(store: &Store, client: &mut Client) -> Result<i64, FleetError> {
-    let resp = store
-        .timed(
-            "reading the store revision",
-            client.get(store.current_key(), None),
-        )
-        .await?;
-    Ok(resp
-        .header()
-        .map_or(0, etcd_client::ResponseHeader::revision))
 }
 
 fn store_err(store: &Store, what: &str) -> impl FnOnce(etcd_client::Error) -> FleetError {
