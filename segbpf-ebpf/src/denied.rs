@@ -16,6 +16,10 @@ use crate::{
 
 /// Adds the packet (`p` is None when parsing failed) to its aggregate.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference: a by-value key or value would be copied again onto the BPF stack"
+)]
 pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &Decision, now: u64) {
     if cfg.flow_acct == 0 {
         return;

@@ -69,7 +69,7 @@ pub struct Options {
 }
 
 /// Default interval of `active` records.
-pub const ACTIVE_EVERY: Duration = Duration::from_secs(60);
+pub const ACTIVE_EVERY: Duration = Duration::from_mins(1);
 /// Default (and longest) interval of `denied` aggregates.
 pub const DENIED_EVERY: Duration = Duration::from_secs(10);
 
@@ -670,6 +670,7 @@ impl Runner {
                         tracing::warn!("{e}; {} flow records lost", lines.len());
                     }
                 };
+                let mut last_error: Option<String> = None;
                 loop {
                     if reopen2.swap(false, Ordering::Relaxed)
                         && let Some(s) = &mut sink
@@ -680,7 +681,14 @@ impl Runner {
                     match log.step() {
                         Ok(lines) => write(&mut sink, lines),
                         Err(FlowLogError::Flows(FlowsError::NotAttached(_))) => return,
-                        Err(e) => tracing::warn!("flow log: {e}"),
+                        Err(e) => {
+                            // Once per distinct failure, not every second.
+                            let text = e.to_string();
+                            if last_error.as_deref() != Some(&text) {
+                                tracing::warn!("flow log: {text}");
+                                last_error = Some(text);
+                            }
+                        }
                     }
                     for _ in 0..10 {
                         if stop2.load(Ordering::Relaxed) {

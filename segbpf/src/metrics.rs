@@ -165,6 +165,13 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
             .get_or_create(&vec![iface(), ("outcome".into(), outcome.into())])
             .inc_by(n);
     }
+    counter_family(
+        &mut registry,
+        "denied_lost",
+        "Denied packets not aggregated for the flow log (a denied table was full)",
+    )
+    .get_or_create(&vec![iface()])
+    .inc_by(r.denied_lost);
     let ct = Family::<Labels, Gauge>::default();
     registry.register(
         "conntrack_entries",

@@ -36,7 +36,7 @@ fn files(dir: &Path) -> Vec<String> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.len() == 16 && n.ends_with(".jsonl"))
+        .filter(|n| n.len() == 16 && n.is_char_boundary(10) && &n[10..] == ".jsonl")
         .collect();
     names.sort();
     names
@@ -199,7 +199,7 @@ mod tests {
         assert!(tail.read_new().is_empty());
         f.write_all(b":4}\n").expect("write");
         assert_eq!(tail.read_new(), ["{\"d\":4}"]);
-        let all = read_since(&dir, SystemTime::now() - Duration::from_secs(3600)).expect("read");
+        let all = read_since(&dir, SystemTime::now() - Duration::from_hours(1)).expect("read");
         assert_eq!(all.len(), 4);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
@@ -208,7 +208,7 @@ mod tests {
     fn hour_files_sort_by_time() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
         let a = hour_file(t);
-        let b = hour_file(t + Duration::from_secs(3600));
+        let b = hour_file(t + Duration::from_hours(1));
         assert_eq!(a.len(), 16);
         assert!(a < b);
     }

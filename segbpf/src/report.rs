@@ -89,6 +89,10 @@ pub struct Report {
     pub fragments: Fragments,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
     pub events: crate::telemetry::EventStats,
+    /// Denied packets the kernel could not aggregate for the flow log (a
+    /// denied table was full: nobody drained it, or a flood of distinct
+    /// aggregates), since attach.
+    pub denied_lost: u64,
     /// Sets edited live, differing from the policy file (`reload` resolves it).
     pub drift: Vec<String>,
     /// A change waiting for `segbpf confirm`.
@@ -231,6 +235,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         conntrack,
         fragments,
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
+        denied_lost: crate::denied::pinned_lost(att).unwrap_or(0),
         drift: state_sets,
         pending: crate::guard::pending(att).map(|p| Awaiting {
             generation: p.generation,

@@ -354,3 +354,95 @@ fn a_long_flow_gives_active_records() -> anyhow::Result<()> {
     assert_eq!(states.last(), Some(&"end"), "{states:?}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn audit_then_suggest_gives_a_policy_that_allows_exactly_what_was_seen() -> anyhow::Result<()> {
+    let mut lab = Lab::new("flsug")?;
+    lab.add_host("srv", &["198.18.91.10/24"])?;
+    lab.add_host("client", &["198.18.91.5/24"])?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let policy = lab.write_policy(
+        "p.toml",
+        r#"version = 1
+[sets]
+admins = ["198.18.91.200"]
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.db]
+hosts = "198.18.91.10"
+[[roles.db.ingress]]
+from = "admins"
+tcp = [22]
+"#,
+    )?;
+    let srv_ns = lab.host("srv").ns.name.clone();
+    let _pg = Server::tcp_echo(&srv_ns, srv, 5432)?;
+    let _my = Server::tcp_echo(&srv_ns, srv, 3306)?;
+    let _dns = Server::udp(&srv_ns, srv, 5353, true)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &["--audit"])?;
+    let cns = lab.host("client").ns.name.clone();
+    // Audit mode lets it all through, replies included.
+    for port in [5432, 3306] {
+        assert!(net::tcp_exchange(
+            &cns,
+            client,
+            srv,
+            port,
+            Duration::from_secs(10)
+        )?);
+    }
+    assert!(net::udp_exchange(
+        &cns,
+        client,
+        srv,
+        5353,
+        Duration::from_secs(10)
+    )?);
+    // The audited flows are tracked and marked as such.
+    let flows: serde_json::Value =
+        serde_json::from_str(&lab.segbpf_ok("srv", &["flows", "eth0", "--output", "json"])?)?;
+    let audited = flows["flows"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|f| f["audit"] == true).count());
+    assert!(audited >= 3, "{flows}");
+
+    let out = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    let suggested = lab.write_policy("suggested.toml", &out)?;
+    let s = suggested.to_str().unwrap_or_default();
+    lab.segbpf_ok("srv", &["check", "--policy", s])?;
+    let explain = |proto: &str, port: u16| -> anyhow::Result<String> {
+        let v: serde_json::Value = serde_json::from_str(&lab.segbpf_ok(
+            "srv",
+            &[
+                "explain",
+                "--policy",
+                s,
+                "--role",
+                "db",
+                "--src",
+                &client.to_string(),
+                "--dst",
+                &srv.to_string(),
+                "--proto",
+                proto,
+                "--dport",
+                &port.to_string(),
+                "--output",
+                "json",
+            ],
+        )?)?;
+        Ok(v["verdict"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(explain("tcp", 5432)?, "allow", "{out}");
+    assert_eq!(explain("tcp", 3306)?, "allow", "{out}");
+    assert_eq!(explain("udp", 5353)?, "allow", "{out}");
+    assert_eq!(explain("tcp", 5433)?, "drop", "an unseen port: {out}");
+    assert_eq!(explain("tcp", 22)?, "drop", "{out}");
+    assert!(
+        !out.contains("[[roles.db.egress]]"),
+        "the replies were tracked, not suggested: {out}"
+    );
+    Ok(())
+}

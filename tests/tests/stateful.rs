@@ -737,3 +737,46 @@ fn handshake_moves_a_flow_to_the_assured_table() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Audit mode tracks a flow the policy would drop (marked as audited), so
+/// its replies pass as replies; once enforcement resumes the mark makes
+/// the entry void and the flow's packets are judged by the policy again.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn audited_flows_are_tracked_then_void_when_enforcement_resumes() -> anyhow::Result<()> {
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    let roles = vec!["app".to_string()];
+    let mut c = harness::compile(&policy, &roles, "eth0")?;
+    c.config.audit = 1;
+    let mut instance = Instance::with_compiled(&c, RUN_RECORD)?;
+    let syn = tcp(WEB, APP, 40300, 9999, TCP_SYN).build().bytes;
+    let v = instance.ingress(&syn)?;
+    assert_eq!(
+        (v.reason, v.action),
+        (reason::DROP_DEFAULT, 2),
+        "audited: passes"
+    );
+    let reply = tcp(APP, WEB, 9999, 40300, TCP_SYN | TCP_ACK).build().bytes;
+    assert_eq!(
+        instance.egress(&reply)?.reason,
+        reason::PASS_CT,
+        "its reply is a reply"
+    );
+    c.config.audit = 0;
+    instance.write_policy(&c)?;
+    let v = instance.egress(&reply)?;
+    assert_eq!(
+        (v.reason, v.action),
+        (reason::DROP_DEFAULT, 2),
+        "enforcing: TC_ACT_SHOT"
+    );
+    let ack = tcp(WEB, APP, 40300, 9999, TCP_ACK).build().bytes;
+    let v = instance.ingress(&ack)?;
+    assert_eq!(
+        (v.reason, v.action),
+        (reason::DROP_DEFAULT, 1),
+        "enforcing: XDP_DROP"
+    );
+    Ok(())
+}

@@ -143,6 +143,9 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("ip", "-V", "iproute2"),
     ("nft", "--version", "nftables"),
     ("iptables", "--version", "iptables"),
+    // `segbpf import` reads iptables-save files through the nf_tables backend.
+    ("iptables-nft-restore", "--version", "iptables"),
+    ("sysctl", "--version", "procps"),
     ("curl", "--version", "curl"),
     ("ping", "-V", "iputils-ping"),
     // `tests/tests/service.rs`: the unit is checked with systemd-analyze

@@ -2,6 +2,8 @@
 //! byte counters per direction, TCP flags and the rule that opened them,
 //! like `conntrack -L` ([`crate::flows`]).
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use crate::{
@@ -167,10 +169,7 @@ pub fn text_line(l: &Line) -> String {
         r.bytes_orig,
     );
     if r.state != "denied" {
-        t.push_str(&format!(
-            " reply {} pkts {} B",
-            r.packets_reply, r.bytes_reply
-        ));
+        let _ = write!(t, " reply {} pkts {} B", r.packets_reply, r.bytes_reply);
     }
     for (k, v) in [
         ("rule", &r.rule),
@@ -179,7 +178,7 @@ pub fn text_line(l: &Line) -> String {
         ("role", &r.role),
     ] {
         if let Some(v) = v {
-            t.push_str(&format!(" {k} {v}"));
+            let _ = write!(t, " {k} {v}");
         }
     }
     if r.new_pair {

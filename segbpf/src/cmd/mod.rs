@@ -11,12 +11,14 @@ pub mod export;
 pub mod fleet;
 pub mod flows;
 pub mod guard;
+pub mod import;
 pub mod man;
 pub mod monitor;
 pub mod reload;
 pub mod rollback;
 pub mod set;
 pub mod status;
+pub mod suggest;
 pub mod trace;
 
 use std::net::IpAddr;
@@ -64,6 +66,9 @@ pub enum Command {
     Monitor(monitor::Args),
     /// List the tracked flows of an interface with their counters (like `conntrack -L`).
     Flows(flows::Args),
+    /// Print a roles.toml that allows exactly what an interface's policy
+    /// denied (audit mode: would have denied): audit, suggest, review, enforce.
+    Suggest(suggest::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),
     /// Fleet mode on etcd: push a policy to every agent, see who enforces what.
@@ -74,6 +79,8 @@ pub enum Command {
     Export(export::Args),
     /// Run a packet through the program loaded on an interface, changing nothing.
     Trace(trace::Args),
+    /// Turn per-host nftables or iptables rulesets into one roles.toml (stdout).
+    Import(import::Args),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::Args),
     /// Internal: write the manual pages into a directory (the package build).
@@ -235,9 +242,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a, &ns()?),
         Command::Fleet(a) => fleet::run(a).await,
         Command::Flows(a) => flows::run(a, &ns()?),
+        Command::Suggest(a) => suggest::run(a, &ns()?),
         Command::Explain(a) => explain::run(a),
         Command::Trace(a) => trace::run(a, &ns()?),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Completions(a) => completions::run(a),
         Command::Man(a) => man::run(a),
     }

@@ -149,8 +149,8 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     }
     writeln!(
         o,
-        "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full)",
-        r.events.emitted, r.events.suppressed, r.events.lost
+        "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full); {} denied packets not aggregated (table full)",
+        r.events.emitted, r.events.suppressed, r.events.lost, r.denied_lost
     )?;
     writeln!(o, "  passed:    {} packets", r.passed)?;
     writeln!(o, "  dropped:   {} packets", r.dropped)?;

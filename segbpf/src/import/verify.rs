@@ -1,0 +1,874 @@
+//! `--verify`: a differential test of each original ruleset against the
+//! imported policy's reference evaluator ([`crate::policy::eval`]).
+//!
+//! For each host, a scratch namespace `H` gets one veth per interface the
+//! rulesets or the policy name (`eth0` when none), whose peers are in a
+//! second namespace `P`, and the ORIGINAL file loaded as the tools load it
+//! (`nft -f`, `iptables-nft-restore`). An observer table
+//! (`inet segbpf_probe`) with chains at the last priority of the `input` and
+//! `output` hooks records, in a dynamic set, the source port of every
+//! TCP/UDP packet that the original ruleset let through (a packet
+//! accepted by every earlier base chain reaches it; a dropped one does not).
+//! Each probe is a new connection (a TCP SYN or a UDP datagram) with its
+//! own source port, sent as a raw IP packet: from `P` over the veth of an
+//! interface for ingress, from `H` bound to the interface for egress. The
+//! probes are every combination of the boundaries (first-1, first, last,
+//! last+1) of every address range and port range in either the ruleset or
+//! the policy, TCP and UDP, both directions, on each interface. Each
+//! verdict is compared with [`crate::policy::eval::evaluate`] for the
+//! host's role on that interface.
+//!
+//! This is the machinery the tests use to check `segbpf export nft`
+//! (an nftables ruleset judged by real packets against the evaluator),
+//! applied to any ruleset.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{ImportError, Warning, map::Cond, ruleset::Ruleset, scratch::ScratchNs};
+use crate::{
+    packet::PacketSpec,
+    policy::{AddrRange, Direction, Policy, PortRange, eval},
+};
+
+/// The packets a warning is about.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// Direction.
+    pub direction: Direction,
+    /// What the warned rule matches.
+    pub cond: Cond,
+}
+
+impl Scope {
+    /// Whether the probe is one of these packets.
+    pub fn covers(&self, d: &Difference) -> bool {
+        self.direction == d.direction && self.cond.matches(d.peer, d.proto, d.dport, &d.iface)
+    }
+}
+
+/// A probe whose verdicts differ.
+#[derive(Clone, Debug, Serialize)]
+pub struct Difference {
+    /// The host's role.
+    pub role: String,
+    /// Its ruleset file.
+    pub file: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Interface.
+    pub iface: String,
+    /// 6 or 17.
+    pub proto: u8,
+    /// The peer (source on ingress, destination on egress).
+    pub peer: IpAddr,
+    /// The host's address used.
+    pub host: IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// The original ruleset lets it through.
+    pub original: bool,
+    /// The imported policy lets it through.
+    pub imported: bool,
+    /// The warning that already reported it, if any (`FILE:LINE [kind]`).
+    pub reported: Option<String>,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = |b: bool| if b { "accept" } else { "drop" };
+        let p = if self.proto == 6 { "tcp" } else { "udp" };
+        let (src, dst) = match self.direction {
+            Direction::Ingress => (self.peer, self.host),
+            Direction::Egress => (self.host, self.peer),
+        };
+        write!(
+            f,
+            "{} ({}) {} {}: {p} {src} -> {}: original {}, imported {}",
+            self.file,
+            self.role,
+            self.direction,
+            self.iface,
+            sock(dst, self.dport),
+            v(self.original),
+            v(self.imported)
+        )?;
+        if let Some(r) = &self.reported {
+            write!(f, " (reported: {r})")?;
+        }
+        Ok(())
+    }
+}
+
+fn sock(a: IpAddr, p: u16) -> String {
+    match a {
+        IpAddr::V4(_) => format!("{a}:{p}"),
+        IpAddr::V6(_) => format!("[{a}]:{p}"),
+    }
+}
+
+/// The result of verifying one host.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostReport {
+    /// Role.
+    pub role: String,
+    /// File.
+    pub file: String,
+    /// Probes sent.
+    pub probes: usize,
+    /// Probes the original let through.
+    pub original_accepts: usize,
+    /// The differences.
+    pub differences: Vec<Difference>,
+}
+
+struct Probe {
+    dir: Direction,
+    iface: usize,
+    proto: u8,
+    peer: IpAddr,
+    dport: u16,
+}
+
+/// Verifies every host of an import.
+pub fn verify(imported: &super::Imported) -> Result<Vec<HostReport>, ImportError> {
+    let mut out = Vec::new();
+    for h in &imported.hosts {
+        out.push(verify_host(
+            &h.input.file,
+            &h.ruleset,
+            &imported.policy,
+            &h.input.role,
+            &imported.warnings,
+        )?);
+    }
+    Ok(out)
+}
+
+/// Verifies one ruleset file (read as `rs`) against the policy for `role`.
+pub fn verify_host(
+    path: &Path,
+    rs: &Ruleset,
+    policy: &Policy,
+    role: &str,
+    warnings: &[Warning],
+) -> Result<HostReport, ImportError> {
+    let roles = vec![role.to_string()];
+    // What to probe.
+    let mut ranges: Vec<AddrRange> = Vec::new();
+    collect_addrs(&rs.json, &mut ranges);
+    for s in &policy.sets {
+        ranges.extend(s.ranges.iter().copied());
+    }
+    for r in &policy.rules {
+        ranges.extend(r.peers.iter().copied());
+    }
+    let fams = families(rs);
+    let own = super::role_addresses(policy, role);
+    // A host address: the first of each family in the role's `hosts` (past
+    // a network's first address when it has more than one).
+    let pick = |r: &AddrRange| match *r {
+        AddrRange::V4 { start, end } if end > start => IpAddr::V4(Ipv4Addr::from(start + 1)),
+        AddrRange::V6 { start, end } if end > start => IpAddr::V6(Ipv6Addr::from(start + 1)),
+        _ => r.first(),
+    };
+    let host4 = own
+        .iter()
+        .map(pick)
+        .find(|a| a.is_ipv4() && usable(*a))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::new(198, 19, 255, 254)));
+    let host6 = own
+        .iter()
+        .map(pick)
+        .find(|a| a.is_ipv6() && usable(*a))
+        .unwrap_or(IpAddr::V6(Ipv6Addr::new(
+            0xfd00, 0xffff, 0, 0, 0, 0, 0, 0xfffe,
+        )));
+    let mut peers: BTreeSet<IpAddr> = BTreeSet::new();
+    for r in &ranges {
+        for a in boundaries(r) {
+            peers.insert(a);
+        }
+    }
+    peers.insert(IpAddr::V4(Ipv4Addr::new(198, 19, 254, 1)));
+    peers.insert(IpAddr::V6(Ipv6Addr::new(0xfd00, 0xfffe, 0, 0, 0, 0, 0, 1)));
+    peers.retain(|a| usable(*a) && *a != host4 && *a != host6 && fams.contains(&a.is_ipv6()));
+    let mut ports_mentioned: BTreeSet<u16> = BTreeSet::new();
+    let mut port_ranges: Vec<PortRange> = Vec::new();
+    collect_ports(&rs.json, &mut port_ranges);
+    for r in &policy.rules {
+        port_ranges.extend(r.tcp.iter().chain(&r.udp).copied());
+    }
+    let mut ports: BTreeSet<u16> = BTreeSet::new();
+    for p in &port_ranges {
+        if *p == PortRange::ALL {
+            continue;
+        }
+        for x in [
+            p.lo.checked_sub(1),
+            Some(p.lo),
+            Some(p.hi),
+            p.hi.checked_add(1),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if x != 0 {
+                ports.insert(x);
+            }
+        }
+        ports_mentioned.insert(p.lo);
+        ports_mentioned.insert(p.hi);
+    }
+    ports.insert(9);
+    let mut ifaces: Vec<String> = Vec::new();
+    collect_ifaces(&rs.json, &mut ifaces);
+    for r in &policy.rules {
+        for i in r.interfaces.iter().flatten() {
+            if !ifaces.contains(i) {
+                ifaces.push(i.clone());
+            }
+        }
+    }
+    if ifaces.is_empty() {
+        ifaces.push("eth0".to_string());
+    }
+    let mut probes = Vec::new();
+    for dir in Direction::ALL {
+        for i in 0..ifaces.len() {
+            for proto in [6u8, 17] {
+                for peer in &peers {
+                    for dport in &ports {
+                        probes.push(Probe {
+                            dir,
+                            iface: i,
+                            proto,
+                            peer: *peer,
+                            dport: *dport,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    // Source ports that identify probes: none that a rule or probe names.
+    let excluded = |p: u16| {
+        ports.contains(&p)
+            || port_ranges
+                .iter()
+                .any(|r| r.contains(p) && *r != PortRange::ALL)
+    };
+    let ids: Vec<u16> = (20000..=65535)
+        .chain(1024..20000)
+        .filter(|p| !excluded(*p))
+        .collect();
+    if ids.len() < 100 {
+        return Err(ImportError::Scratch(
+            "the rulesets name almost every port: no source ports left to tell probes apart"
+                .to_string(),
+        ));
+    }
+
+    // The lab.
+    let h = ScratchNs::new("h")?;
+    let p = ScratchNs::new("p")?;
+    let mut macs = Vec::new();
+    for (i, name) in ifaces.iter().enumerate() {
+        let peer = format!("p{i}");
+        p.ip(&[
+            "link",
+            "add",
+            &peer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            h.name(),
+        ])?;
+        p.ip(&["link", "set", &peer, "up"])?;
+        h.ip(&["link", "set", name, "up"])?;
+        let js = h.ip(&["-j", "link", "show", name])?;
+        let v: Value = serde_json::from_str(&js)
+            .map_err(|e| ImportError::Scratch(format!("ip -j link: {e}")))?;
+        macs.push(v[0]["address"].as_str().unwrap_or("").to_string());
+    }
+    let mut sysctl = vec![
+        "-q".to_string(),
+        "-w".to_string(),
+        "net.ipv4.conf.all.rp_filter=0".to_string(),
+        "-w".to_string(),
+        "net.ipv4.conf.default.rp_filter=0".to_string(),
+    ];
+    for name in &ifaces {
+        sysctl.push("-w".to_string());
+        sysctl.push(format!("net.ipv4.conf.{name}.rp_filter=0"));
+    }
+    let sargs: Vec<&str> = sysctl.iter().map(String::as_str).collect();
+    let out = h.exec("sysctl", &sargs, None, None)?;
+    if !out.status.success() {
+        return Err(ImportError::Scratch(format!(
+            "sysctl: {}",
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        )));
+    }
+    let (h4, h6) = (host4.to_string(), host6.to_string());
+    h.ip(&["addr", "add", &format!("{h4}/32"), "dev", "lo"])?;
+    h.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{h6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
+    for (i, name) in ifaces.iter().enumerate() {
+        let metric = (i + 1).to_string();
+        let peer = format!("p{i}");
+        h.ip(&["route", "add", "default", "dev", name, "metric", &metric])?;
+        h.ip(&[
+            "-6", "route", "add", "default", "dev", name, "metric", &metric,
+        ])?;
+        p.ip(&[
+            "route",
+            "add",
+            &format!("{h4}/32"),
+            "dev",
+            &peer,
+            "metric",
+            &metric,
+        ])?;
+        p.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{h6}/128"),
+            "dev",
+            &peer,
+            "metric",
+            &metric,
+        ])?;
+        for a in [&h4, &h6] {
+            p.ip(&[
+                "neigh",
+                "replace",
+                a,
+                "lladdr",
+                &macs[i],
+                "dev",
+                &peer,
+                "nud",
+                "permanent",
+            ])?;
+        }
+    }
+    load_original(&h, rs, path)?;
+    h.nft_load_str(
+        "table inet segbpf_probe {\n  set seen { type inet_service; flags dynamic; size 65536; }\n  chain in { type filter hook input priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport }; }\n  chain out { type filter hook output priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport }; }\n}\n",
+    )?;
+
+    let mut got = vec![false; probes.len()];
+    for dir in Direction::ALL {
+        let idx: Vec<usize> = (0..probes.len())
+            .filter(|i| probes[*i].dir == dir)
+            .collect();
+        for chunk in idx.chunks(ids.len().min(20000)) {
+            for attempt in 0..2 {
+                let todo: Vec<usize> = chunk
+                    .iter()
+                    .copied()
+                    .filter(|i| attempt == 0 || !got[*i])
+                    .collect();
+                if todo.is_empty() {
+                    break;
+                }
+                h.exec(
+                    "nft",
+                    &["flush", "set", "inet", "segbpf_probe", "seen"],
+                    None,
+                    None,
+                )?;
+                let packets: Vec<(usize, IpAddr, Vec<u8>)> = todo
+                    .iter()
+                    .enumerate()
+                    .map(|(k, i)| {
+                        let pr = &probes[*i];
+                        let host = if pr.peer.is_ipv4() { host4 } else { host6 };
+                        let (src, dst) = match dir {
+                            Direction::Ingress => (pr.peer, host),
+                            Direction::Egress => (host, pr.peer),
+                        };
+                        let spec = if pr.proto == 6 {
+                            PacketSpec::tcp(src, dst, ids[k], pr.dport)
+                        } else {
+                            PacketSpec::udp(src, dst, ids[k], pr.dport)
+                        };
+                        let mut bytes = spec.build().ip_packet().to_vec();
+                        fill_l4_checksum(&mut bytes, src, dst, pr.proto);
+                        (pr.iface, dst, bytes)
+                    })
+                    .collect();
+                let (ns, names): (&ScratchNs, Vec<String>) = match dir {
+                    Direction::Ingress => {
+                        (&p, (0..ifaces.len()).map(|i| format!("p{i}")).collect())
+                    }
+                    Direction::Egress => (&h, ifaces.clone()),
+                };
+                send(ns.name(), &names, &packets)?;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let seen = seen_ports(&h)?;
+                for (k, i) in todo.iter().enumerate() {
+                    if seen.contains(&ids[k]) {
+                        got[*i] = true;
+                    }
+                }
+            }
+        }
+    }
+    drop(h);
+    drop(p);
+
+    let mut report = HostReport {
+        role: role.to_string(),
+        file: path.display().to_string(),
+        probes: probes.len(),
+        original_accepts: got.iter().filter(|x| **x).count(),
+        differences: Vec::new(),
+    };
+    for (i, pr) in probes.iter().enumerate() {
+        let host = if pr.peer.is_ipv4() { host4 } else { host6 };
+        let (src, dst) = match pr.dir {
+            Direction::Ingress => (pr.peer, host),
+            Direction::Egress => (host, pr.peer),
+        };
+        let pkt = eval::Packet {
+            src,
+            dst,
+            proto: pr.proto,
+            dport: pr.dport,
+            icmp_type: 0,
+            hop_limit: 64,
+        };
+        let want = eval::evaluate(policy, &roles, Some(&ifaces[pr.iface]), pr.dir, &pkt).passes();
+        if want != got[i] {
+            let mut d = Difference {
+                role: role.to_string(),
+                file: path.display().to_string(),
+                direction: pr.dir,
+                iface: ifaces[pr.iface].clone(),
+                proto: pr.proto,
+                peer: pr.peer,
+                host,
+                dport: pr.dport,
+                original: got[i],
+                imported: want,
+                reported: None,
+            };
+            d.reported = warnings
+                .iter()
+                .filter(|w| w.roles.iter().any(|r| r == role))
+                .find(|w| w.scope.as_ref().is_some_and(|s| s.covers(&d)))
+                .map(|w| format!("{} [{}]", w.origin, w.kind.as_str()));
+            report.differences.push(d);
+        }
+    }
+    Ok(report)
+}
+
+/// Writes the TCP or UDP checksum of an IP packet without extension
+/// headers (the kernel's stack checks it on input).
+fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
+    let hl = if src.is_ipv4() { 20 } else { 40 };
+    let off = hl + if proto == 6 { 16 } else { 6 };
+    if bytes.len() < off + 2 {
+        return;
+    }
+    let len = bytes.len() - hl;
+    let mut pseudo = Vec::with_capacity(40 + len);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, proto]);
+            pseudo.extend_from_slice(&u16::try_from(len).unwrap_or(0).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&u32::try_from(len).unwrap_or(0).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => return,
+    }
+    bytes[off] = 0;
+    bytes[off + 1] = 0;
+    pseudo.extend_from_slice(&bytes[hl..]);
+    let mut c = crate::packet::checksum(&pseudo);
+    if c == 0 && proto == 17 {
+        c = 0xffff;
+    }
+    bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Loads the original file into `ns` with the tool that reads it.
+fn load_original(ns: &ScratchNs, rs: &Ruleset, path: &Path) -> Result<(), ImportError> {
+    let file = path.display().to_string();
+    let out = if rs.iptables {
+        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let tool = if super::ruleset::is_ip6tables(&text) {
+            "ip6tables-nft-restore"
+        } else {
+            "iptables-nft-restore"
+        };
+        ns.exec(tool, &[], Some(path), None)?
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .display()
+            .to_string();
+        let mut args = vec!["-I", dir.as_str()];
+        if text.trim_start().starts_with('{') {
+            args.push("-j");
+        }
+        args.extend(["-f", file.as_str()]);
+        ns.exec("nft", &args, None, None)?
+    };
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ImportError::Refused {
+            file,
+            tool: "the firewall tool".to_string(),
+            message: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+        })
+    }
+}
+
+fn seen_ports(h: &ScratchNs) -> Result<BTreeSet<u16>, ImportError> {
+    let out = h.exec(
+        "nft",
+        &["-j", "list", "set", "inet", "segbpf_probe", "seen"],
+        None,
+        None,
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| ImportError::Scratch(format!("nft list set: {e}")))?;
+    let mut s = BTreeSet::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            let n = e.as_u64().or_else(|| e["elem"]["val"].as_u64());
+            if let Some(n) = n.and_then(|n| u16::try_from(n).ok()) {
+                s.insert(n);
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// Sends raw IP packets from namespace `ns`, each bound to interface
+/// `names[iface]` (the kernel's IP stack routes them, so the namespace's
+/// output hook sees them).
+fn send(
+    ns: &str,
+    names: &[String],
+    packets: &[(usize, IpAddr, Vec<u8>)],
+) -> Result<(), ImportError> {
+    let ns = ns.to_string();
+    let names = names.to_vec();
+    let packets = packets.to_vec();
+    std::thread::spawn(move || -> Result<(), ImportError> {
+        crate::netns::enter(&ns).map_err(|e| ImportError::Scratch(e.to_string()))?;
+        let mut socks: Vec<[std::os::fd::OwnedFd; 2]> = Vec::new();
+        for n in &names {
+            socks.push([raw_socket(false, n)?, raw_socket(true, n)?]);
+        }
+        for (k, (iface, dst, bytes)) in packets.iter().enumerate() {
+            let fd = &socks[*iface][usize::from(dst.is_ipv6())];
+            send_one(fd, *dst, bytes)?;
+            if k % 256 == 255 {
+                // Let the receiving side's backlog drain.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| ImportError::Scratch("the sending thread panicked".to_string()))?
+}
+
+fn raw_socket(v6: bool, iface: &str) -> Result<std::os::fd::OwnedFd, ImportError> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let raw = unsafe { libc::socket(fam, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if raw < 0 {
+        return Err(ImportError::Scratch(format!(
+            "raw socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    if v6 {
+        let one: libc::c_int = 1;
+        // SAFETY: valid descriptor, option value and length.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_HDRINCL,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    // SAFETY: valid descriptor; the name buffer outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            iface.as_ptr().cast(),
+            libc::socklen_t::try_from(iface.len()).unwrap_or(0),
+        )
+    };
+    if rc != 0 {
+        return Err(ImportError::Scratch(format!(
+            "binding a raw socket to {iface}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(fd)
+}
+
+fn send_one(fd: &std::os::fd::OwnedFd, dst: IpAddr, bytes: &[u8]) -> Result<(), ImportError> {
+    use std::os::fd::AsRawFd as _;
+    let n = match dst {
+        IpAddr::V4(a) => {
+            // SAFETY: zeroed sockaddr_in is valid; fields set below.
+            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from(a).to_be();
+            // SAFETY: buffer and address valid for the call.
+            unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: zeroed sockaddr_in6 is valid; fields set below.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_addr.s6_addr = a.octets();
+            // SAFETY: buffer and address valid for the call.
+            unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if n >= 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    // A ruleset that drops the packet in the output hook makes sendto fail
+    // with EPERM: that is a verdict, not an error.
+    if e.raw_os_error() == Some(libc::EPERM) {
+        return Ok(());
+    }
+    Err(ImportError::Scratch(format!(
+        "sending a probe to {dst}: {e}"
+    )))
+}
+
+/// Whether an address can be a probe's peer or host (not unspecified,
+/// loopback, multicast, broadcast or link-local).
+fn usable(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            !(o[0] == 0 || o[0] == 127 || o[0] >= 224 || (o[0] == 169 && o[1] == 254))
+        }
+        IpAddr::V6(v) => {
+            let s = v.segments();
+            !(v.is_unspecified()
+                || v.is_loopback()
+                || s[0] & 0xff00 == 0xff00
+                || s[0] & 0xffc0 == 0xfe80
+                || v.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+fn boundaries(r: &AddrRange) -> Vec<IpAddr> {
+    match *r {
+        AddrRange::V4 { start, end } => [
+            start.checked_sub(1),
+            Some(start),
+            Some(end),
+            end.checked_add(1),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|x| IpAddr::V4(Ipv4Addr::from(x)))
+        .collect(),
+        AddrRange::V6 { start, end } => [
+            start.checked_sub(1),
+            Some(start),
+            Some(end),
+            end.checked_add(1),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|x| IpAddr::V6(Ipv6Addr::from(x)))
+        .collect(),
+    }
+}
+
+/// The families the ruleset filters (false = IPv4, true = IPv6).
+fn families(rs: &Ruleset) -> Vec<bool> {
+    use super::ruleset::Family;
+    let mut out = Vec::new();
+    for c in &rs.chains {
+        match c.family {
+            Family::Ip => out.push(false),
+            Family::Ip6 => out.push(true),
+            Family::Inet => out.extend([false, true]),
+            Family::Other => {}
+        }
+    }
+    if out.is_empty() {
+        out.extend([false, true]);
+    }
+    out
+}
+
+/// Every address, prefix or range in the JSON.
+fn collect_addrs(v: &Value, out: &mut Vec<AddrRange>) {
+    match v {
+        Value::String(s) => {
+            if s.contains(['.', ':'])
+                && let Ok(a) = s.parse::<IpAddr>()
+            {
+                out.push(AddrRange::single(a));
+            }
+        }
+        Value::Object(o) => {
+            if (o.contains_key("prefix") || o.contains_key("range"))
+                && let Some(r) = super::ruleset::addr_elem(v)
+            {
+                out.extend(r);
+                return;
+            }
+            for x in o.values() {
+                collect_addrs(x, out);
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                collect_addrs(x, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every port or port range in port matches and port sets of the JSON.
+fn collect_ports(v: &Value, out: &mut Vec<PortRange>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(m) = o.get("match") {
+                let field = m["left"]["payload"]["field"].as_str().unwrap_or("");
+                if matches!(field, "dport" | "sport") {
+                    let r = &m["right"];
+                    let items = match r.get("set").and_then(Value::as_array) {
+                        Some(a) => a.clone(),
+                        None => vec![r.clone()],
+                    };
+                    out.extend(items.iter().filter_map(super::ruleset::port_elem));
+                }
+            }
+            if let Some(s) = o.get("set")
+                && s["type"] == "inet_service"
+            {
+                for e in s["elem"].as_array().into_iter().flatten() {
+                    out.extend(super::ruleset::port_elem(e));
+                }
+            }
+            for x in o.values() {
+                collect_ports(x, out);
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                collect_ports(x, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Interface names in `iif`/`iifname`/`oif`/`oifname` matches.
+fn collect_ifaces(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(m) = o.get("match") {
+                let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
+                if matches!(key, "iif" | "iifname" | "oif" | "oifname") {
+                    let r = &m["right"];
+                    let items = match r.get("set").and_then(Value::as_array) {
+                        Some(a) => a.clone(),
+                        None => vec![r.clone()],
+                    };
+                    for i in items.iter().filter_map(Value::as_str) {
+                        if i != "lo"
+                            && !i.contains('*')
+                            && i.len() <= 15
+                            && !out.iter().any(|x| x == i)
+                        {
+                            out.push(i.to_string());
+                        }
+                    }
+                }
+            }
+            for x in o.values() {
+                collect_ifaces(x, out);
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                collect_ifaces(x, out);
+            }
+        }
+        _ => {}
+    }
+}

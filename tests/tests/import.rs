@@ -1,0 +1,430 @@
+//! `segbpf import`: real nftables and iptables rulesets (fixtures under
+//! `tests/fixtures/import/`) read by the real tools, mapped to roles.toml,
+//! and checked by `--verify`'s differential test (real packets through the
+//! original ruleset in scratch namespaces against the reference evaluator):
+//!
+//! * a three-tier nftables setup (a base file included by per-role files,
+//!   interval sets, admin SSH): the import passes `check`, `--verify` finds
+//!   no difference, `export nft` of the result judges the same again, and a
+//!   policy with one rule taken out is caught;
+//! * a private-network iptables setup applied with `iptables` in namespaces
+//!   and saved with `iptables-save`: every new-connection verdict is
+//!   reproduced and the stateless `--sport` rule is flagged with its line;
+//! * NAT and a drop-before-accept exception are warned about with their
+//!   lines, `--verify` attributes the difference to the warning, `--strict`
+//!   fails;
+//! * broken input names the file and the line, exit 1.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::{path::PathBuf, process::Output};
+
+use segbpf::{
+    import::{self, Flavor, HostFile, HostsArg, ruleset, verify},
+    policy::Policy,
+};
+use segbpf_tests::{lab::segbpf_bin, netns::Netns};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/import")
+        .join(name)
+}
+
+fn segbpf(args: &[&str]) -> anyhow::Result<Output> {
+    Ok(std::process::Command::new(segbpf_bin())
+        .args(args)
+        .output()?)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let p = std::env::temp_dir().join(format!("segbpf-import-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The line (1-based) of the first line of `file` containing `needle`.
+fn line_of(file: &std::path::Path, needle: &str) -> anyhow::Result<usize> {
+    let t = std::fs::read_to_string(file)?;
+    t.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .ok_or_else(|| anyhow::anyhow!("{needle} not in {}", file.display()))
+}
+
+const TIERS: [&str; 3] = ["web", "app", "db"];
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::Result<()> {
+    let tmp = TempDir::new("tiers")?;
+    let mut args: Vec<String> = vec!["import".into(), "nft".into()];
+    for t in TIERS {
+        args.push("--host".into());
+        args.push(format!(
+            "{t}={}",
+            fixture(&format!("nft/{t}.nft")).display()
+        ));
+        args.push("--hosts".into());
+        args.push(format!("{t}={t}_nodes"));
+    }
+    args.push("--verify".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = segbpf(&args)?;
+    let stderr = text(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "import --verify failed:\n{stderr}");
+    for t in TIERS {
+        assert!(
+            stderr.contains(&format!("{t}.nft ({t}): ")) && stderr.contains("0 differences"),
+            "{stderr}"
+        );
+    }
+    assert!(!stderr.contains("difference:"), "{stderr}");
+    assert!(
+        !stderr.contains(": warning:"),
+        "a clean ruleset imports cleanly: {stderr}"
+    );
+    let imported = tmp.0.join("roles.toml");
+    std::fs::write(&imported, &out.stdout)?;
+    let toml = text(&out.stdout);
+
+    // The import passes `check`.
+    let check = segbpf(&["check", "--policy", &imported.display().to_string()])?;
+    assert!(
+        check.status.success(),
+        "check: {}\n{toml}",
+        text(&check.stderr)
+    );
+
+    // What it says: sets kept, base rules common to all, per-role rules.
+    let policy = Policy::load(&imported)?;
+    for s in [
+        "admin_net",
+        "web_nodes",
+        "app_nodes",
+        "db_nodes",
+        "db_nodes6",
+    ] {
+        assert!(policy.sets.iter().any(|x| x.name == s), "set {s}:\n{toml}");
+    }
+    let ssh = policy
+        .rules
+        .iter()
+        .find(|r| r.peer_text.contains("admin_net"))
+        .expect("the admin SSH rule");
+    assert_eq!(ssh.label(), "base.ingress[0]", "{toml}");
+    assert_eq!(ssh.tcp.len(), 1);
+    assert_eq!(
+        policy.defaults.ingress,
+        segbpf::policy::Action::Drop,
+        "{toml}"
+    );
+    assert!(policy.defaults.established && policy.defaults.icmp);
+    let ssh_line = line_of(&fixture("nft/base.nft"), "admin ssh")?;
+    assert!(
+        toml.contains(&format!("base.nft:{ssh_line}: ip saddr @admin_net")),
+        "lines of included files:\n{toml}"
+    );
+
+    // `export nft` of the import judges every probe as the import does:
+    // the same differential test, with the exported ruleset as the original.
+    for t in TIERS {
+        let ex = segbpf(&[
+            "export",
+            "nft",
+            "--policy",
+            &imported.display().to_string(),
+            "--role",
+            t,
+        ])?;
+        assert!(ex.status.success(), "export: {}", text(&ex.stderr));
+        let file = tmp.0.join(format!("{t}.export.nft"));
+        std::fs::write(&file, &ex.stdout)?;
+        let rs = ruleset::read(Flavor::Nft, &file)?;
+        let r = verify::verify_host(&file, &rs, &policy, t, &[])?;
+        let diffs: Vec<String> = r.differences.iter().map(ToString::to_string).collect();
+        assert!(
+            diffs.is_empty(),
+            "export nft of {t} differs:\n{}",
+            diffs.join("\n")
+        );
+        assert!(r.original_accepts > 0 && r.original_accepts < r.probes);
+    }
+
+    // The test can fail: without app's egress rule to db_nodes, the
+    // original app ruleset differs from the policy.
+    let broken = std::fs::read_to_string(&imported)?.replacen(
+        "to = \"db_nodes\"\ntcp = [3306, 5432]",
+        "to = \"db_nodes\"\ntcp = [3306]",
+        1,
+    );
+    assert_ne!(broken, toml, "the mutation applies");
+    let broken = Policy::from_str(&broken, "broken.toml")?;
+    let app = fixture("nft/app.nft");
+    let rs = ruleset::read(Flavor::Nft, &app)?;
+    let r = verify::verify_host(&app, &rs, &broken, "app", &[])?;
+    assert!(
+        r.differences
+            .iter()
+            .any(|d| d.dport == 5432 && d.original && !d.imported),
+        "verify catches a missing rule: {:?}",
+        r.differences
+    );
+    Ok(())
+}
+
+/// Applies the `iptables` commands of a fixture in a fresh namespace and
+/// returns what `iptables-save` prints.
+fn iptables_saved(host: &str, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let ns = Netns::create(&format!("segbpf-ipt-{host}-{}", std::process::id()))?;
+    let script = std::fs::read_to_string(fixture(&format!("iptables/{host}.sh")))?;
+    for line in script
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
+        let mut args = vec!["netns", "exec", ns.name.as_str(), "iptables"];
+        args.extend(line.split_whitespace());
+        segbpf_tests::netns::sh("ip", &args)?;
+    }
+    let saved = segbpf_tests::netns::sh("ip", &["netns", "exec", &ns.name, "iptables-save"])?;
+    let file = dir.join(format!("{host}.rules"));
+    std::fs::write(&file, saved)?;
+    Ok(file)
+}
+
+#[test]
+#[ignore = "needs root and iptables: run `cargo xtask test`"]
+fn private_network_iptables_import_reproduces_new_connection_verdicts() -> anyhow::Result<()> {
+    let tmp = TempDir::new("ipt")?;
+    let lb = iptables_saved("lb", &tmp.0)?;
+    let private = iptables_saved("private", &tmp.0)?;
+    let hosts = [
+        HostFile::parse(&format!("lb={}", lb.display()))?,
+        HostFile::parse(&format!("private={}", private.display()))?,
+    ];
+    let hosts_of = [
+        HostsArg::parse("lb=198.18.10.1")?,
+        HostsArg::parse("private=198.18.20.0/24")?,
+    ];
+    let imported = import::import(Flavor::Iptables, &hosts, &hosts_of)?;
+    eprintln!("{}", imported.text);
+    for w in &imported.warnings {
+        eprintln!("{w}");
+    }
+    // The stateless DNS-reply rule is flagged, with its line in the saved file.
+    let sport_line = line_of(&private, "--sport 53")?;
+    let sport: Vec<_> = imported
+        .warnings
+        .iter()
+        .filter(|w| w.kind == import::WarningKind::SourcePort)
+        .collect();
+    assert_eq!(sport.len(), 1, "{:?}", imported.warnings);
+    assert_eq!(sport[0].origin.line, Some(u32::try_from(sport_line)?));
+    assert!(sport[0].origin.file.ends_with("private.rules"));
+    assert!(
+        imported
+            .text
+            .contains(&format!("private.rules:{sport_line}")),
+        "the flagged rule is a comment in the output:\n{}",
+        imported.text
+    );
+    // Interfaces, and the hosts' different output policies: the load
+    // balancer's egress accepts by default, the private hosts' drops.
+    let p = &imported.policy;
+    assert_eq!(p.defaults.egress, segbpf::policy::Action::Drop);
+    assert!(
+        p.rules
+            .iter()
+            .any(|r| r.label().starts_with("roles.lb.egress")
+                && r.any_proto
+                && r.peers.contains(&segbpf::policy::AddrRange::any_v4())),
+        "lb gets an allow-any egress rule:\n{}",
+        imported.text
+    );
+    let on = |iface: &str| {
+        p.rules
+            .iter()
+            .filter(|r| r.interfaces.as_deref() == Some(&[iface.to_string()][..]))
+            .count()
+    };
+    assert!(on("eth0") >= 1 && on("eth1") >= 3, "{}", imported.text);
+
+    // Every new-connection verdict of the original, in both directions on
+    // each interface, is the policy's.
+    let reports = verify::verify(&imported)?;
+    for r in &reports {
+        let diffs: Vec<String> = r.differences.iter().map(ToString::to_string).collect();
+        eprintln!(
+            "{}: {} probes, {} accepted by the original",
+            r.file, r.probes, r.original_accepts
+        );
+        assert!(diffs.is_empty(), "{}:\n{}", r.file, diffs.join("\n"));
+        assert!(r.original_accepts > 0 && r.original_accepts < r.probes);
+    }
+
+    // The command: exit 0 with warnings, the TOML on stdout.
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("lb={}", lb.display()),
+        "--host",
+        &format!("private={}", private.display()),
+        "--hosts",
+        "lb=198.18.10.1",
+        "--hosts",
+        "private=198.18.20.0/24",
+    ])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("private.rules:{sport_line}: warning:")));
+    assert!(text(&out.stdout).contains("version = 1"));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn nat_and_drop_before_accept_are_warned_and_strict_fails() -> anyhow::Result<()> {
+    let file = fixture("nat_exception.nft");
+    let host = format!("gw={}", file.display());
+    let out = segbpf(&["import", "nft", "--host", &host, "--verify"])?;
+    let stderr = text(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "warnings alone exit 0: {stderr}");
+    let nat = line_of(&file, "dnat to")?;
+    let drop = line_of(&file, "198.18.20.66")?;
+    let name = file.display().to_string();
+    assert!(
+        stderr.contains(&format!("{name}:{nat}: warning:")) && stderr.contains("[nat]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{name}:{drop}: warning:"))
+            && stderr.contains("[drop-before-accept]"),
+        "{stderr}"
+    );
+    // The difference the exception makes is found, and attributed to it.
+    assert!(
+        stderr.contains("198.18.20.66") && stderr.contains(&format!("(reported: {name}:{drop}")),
+        "{stderr}"
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("[drop-before-accept]") && stdout.contains("[nat]"));
+
+    // The same for a machine: one JSON document.
+    let json = segbpf(&["import", "nft", "--host", &host, "--verify", "-o", "json"])?;
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let lines: Vec<(String, u64)> = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            (
+                w["kind"].as_str().unwrap_or("").to_string(),
+                w["origin"]["line"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        lines.contains(&("nat".to_string(), u64::try_from(nat)?)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("drop-before-accept".to_string(), u64::try_from(drop)?)),
+        "{lines:?}"
+    );
+    assert_eq!(v["verify"][0]["differences"][0]["original"], false);
+    assert!(
+        v["policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("version = 1"))
+    );
+
+    let strict = segbpf(&["import", "nft", "--host", &host, "--strict"])?;
+    assert_eq!(strict.status.code(), Some(1), "{}", text(&strict.stderr));
+    assert!(strict.stdout.is_empty(), "nothing on stdout under --strict");
+    assert!(text(&strict.stderr).contains("--strict"));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn broken_input_names_file_and_line() -> anyhow::Result<()> {
+    for (name, line) in [("bad_syntax.nft", 4), ("bad_family.nft", 1)] {
+        let file = fixture(name);
+        let out = segbpf(&["import", "nft", "--host", &format!("x={}", file.display())])?;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(out.stdout.is_empty());
+        assert!(
+            stderr.contains(&format!("{}:{line}:", file.display())),
+            "{name}: the error names the file and line:\n{stderr}"
+        );
+    }
+    let family = fixture("bad_family.nft");
+    let out = segbpf(&[
+        "import",
+        "nft",
+        "--host",
+        &format!("x={}", family.display()),
+    ])?;
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "{}:1: unknown table family `inet6`",
+            family.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    let tmp = TempDir::new("broken")?;
+    let bad = tmp.0.join("bad.rules");
+    std::fs::write(
+        &bad,
+        "*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A INPUT -p tcp --dportx 80 -j ACCEPT\nCOMMIT\n",
+    )?;
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("x={}", bad.display()),
+    ])?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:4:", bad.display())),
+        "{stderr}"
+    );
+    let missing = tmp.0.join("missing.nft");
+    let out = segbpf(&[
+        "import",
+        "nft",
+        "--host",
+        &format!("x={}", missing.display()),
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
