@@ -12,8 +12,9 @@
 //! whose canary cannot apply (its address is in no role of the new
 //! policy) stops after the canary and leaves every host on 3; a revision
 //! pushed with `--confirm` that cuts the hosts off from etcd is undone by
-//! the lockout guard on every host; an agent killed disappears from
-//! `fleet status` when its lease expires.
+//! the lockout guard on every host; a revision whose source does not
+//! match the pointer's hash (written by hand) is refused; an agent killed
+//! disappears from `fleet status` when its lease expires.
 //!
 //! Over TLS: etcd with a server certificate and `--client-cert-auth`;
 //! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
@@ -149,6 +150,23 @@ impl Fleet {
         full.extend_from_slice(args);
         full.extend_from_slice(&["--etcd", &ep]);
         self.lab.segbpf("client", &full)
+    }
+
+    /// `etcdctl --endpoints EP ARGS` on the client host.
+    fn etcdctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.host("client").ns.name, "etcdctl"])
+            .args(["--endpoints", &endpoint()])
+            .args(args)
+            .output()
+            .context("running etcdctl (cargo xtask setup installs etcd-client)")?;
+        ensure!(
+            out.status.success(),
+            "etcdctl {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     fn push(&self, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Output> {
@@ -444,6 +462,52 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
             f.open_ports(a)? == [8003],
             "{a} after the guard undid revision 5"
         );
+    }
+
+    // A revision whose stored source does not match the hash the pointer
+    // records (written by hand with etcdctl) is refused by every agent.
+    let forged = policy(&addrs, 8004);
+    let pointer = format!(
+        r#"{{"revision":6,"hash":"{}"}}"#,
+        segbpf::fleet::hash(policy(&addrs, 8003).as_bytes())
+    );
+    f.etcdctl(&["put", "/segbpf/policy/revisions/0000000006", &forged])?;
+    f.etcdctl(&["put", "/segbpf/policy/current", &pointer])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.status()?;
+        let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        if agents.len() == AGENTS.len() && agents.iter().all(|a| a["failed_revision"] == 6) {
+            ensure!(
+                agents.iter().all(|a| a["revision"] == 3
+                    && a["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("does not match the hash"))),
+                "{st}"
+            );
+            break;
+        }
+        ensure!(Instant::now() < deadline, "forged revision 6: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the forged revision");
+    }
+
+    // An agent dies: its status key goes with its lease (TTL 3 s).
+    drop(f.agents.remove("a3"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.status()?;
+        let hosts: Vec<&str> = st["agents"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["host"].as_str()).collect())
+            .unwrap_or_default();
+        if hosts == ["a1", "a2"] {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "a3's status stayed: {st}");
+        std::thread::sleep(Duration::from_millis(200));
     }
     drop(servers);
     Ok(())

@@ -154,9 +154,10 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("man", "--version", "man-db"),
     ("setpriv", "--version", "util-linux"),
     ("strace", "-V", "strace"),
-    // `tests/tests/fleet.rs`: a real etcd for fleet mode, and openssl for
-    // its TLS certificates.
+    // `tests/tests/fleet.rs`: a real etcd for fleet mode, etcdctl to
+    // write keys by hand, and openssl for TLS certificates.
     ("etcd", "--version", "etcd-server"),
+    ("etcdctl", "version", "etcd-client"),
     ("openssl", "version", "openssl"),
 ];
 

@@ -442,6 +442,15 @@ async fn follow(
             return;
         }
     };
+    if target == current.revision && hash(text.as_bytes()) != current.hash {
+        let e = format!(
+            "revision {target}: its source in {} does not match the hash the push recorded (changed after the push?); not applied",
+            cfg.store.revision_key(target)
+        );
+        tracing::error!("{e}");
+        local.failed = Some((target, e));
+        return;
+    }
     if guard::pending(att).is_some() {
         // A change of this host waits for `segbpf confirm`: the revision
         // waits too (the retry tick comes back to it).
