@@ -380,15 +380,8 @@ impl<'a> Additions<'a> {
             },
             members.len(),
         );
-        for (key, proto) in [("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)] {
-            let ports: Vec<u16> = services
-                .iter()
-                .filter(|s| s.proto == proto)
-                .map(|s| s.port)
-                .collect();
-            if !ports.is_empty() {
-                let _ = writeln!(self.rules, "{key} = [{}]", port_list(&ports));
-            }
+        for (key, ports) in port_lists(services) {
+            let _ = writeln!(self.rules, "{key} = [{ports}]");
         }
         if services.iter().any(|s| s.proto == IPPROTO_ICMP) {
             let _ = writeln!(self.rules, "icmp = true");
@@ -453,21 +446,30 @@ impl<'a> Additions<'a> {
     }
 }
 
-/// `tcp/5432, udp/53` style description.
+/// The TCP and UDP ports of `services` as TOML list bodies, by protocol
+/// name (protocols without ports left out).
+fn port_lists(services: &[Service]) -> Vec<(&'static str, String)> {
+    [("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)]
+        .into_iter()
+        .filter_map(|(name, proto)| {
+            let ports: Vec<u16> = services
+                .iter()
+                .filter(|s| s.proto == proto)
+                .map(|s| s.port)
+                .collect();
+            (!ports.is_empty()).then(|| (name, port_list(&ports)))
+        })
+        .collect()
+}
+
+/// `tcp/5432 udp/53` style description.
 fn describe(services: &[Service]) -> String {
     let mut parts = Vec::new();
-    for (name, proto) in [("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)] {
-        let ports: Vec<u16> = services
-            .iter()
-            .filter(|s| s.proto == proto)
-            .map(|s| s.port)
-            .collect();
-        if !ports.is_empty() {
-            parts.push(format!(
-                "{name}/{}",
-                port_list(&ports).replace('"', "").replace(", ", ",")
-            ));
-        }
+    for (name, ports) in port_lists(services) {
+        parts.push(format!(
+            "{name}/{}",
+            ports.replace('"', "").replace(", ", ",")
+        ));
     }
     if services.iter().any(|s| s.proto == IPPROTO_ICMP) {
         parts.push("icmp".into());

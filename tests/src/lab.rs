@@ -226,6 +226,17 @@ impl Lab {
             .with_context(|| format!("starting {}", self.bin.display()))
     }
 
+    /// Starts `segbpf flows eth0 --follow --output json EXTRA...` on `host`
+    /// and gives it a moment to take its first look at the tables; stop it
+    /// with [`Running::json_lines`].
+    pub fn follow_flows(&self, host: &str, extra: &[&str]) -> anyhow::Result<Running> {
+        let mut args = vec!["flows", "eth0", "--follow", "--output", "json"];
+        args.extend_from_slice(extra);
+        let follower = Running::new(self.spawn(host, &args)?);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        Ok(follower)
+    }
+
     /// Waits (up to 20 s) until segbpf enforces on `host`'s eth0: pinned
     /// programs, maps and links, as `status` reports.
     pub fn wait_enforcing(&self, host: &str) -> anyhow::Result<()> {
@@ -369,6 +380,17 @@ impl Running {
             Some(c) => Ok(c.try_wait()?),
             None => Ok(None),
         }
+    }
+
+    /// Ends the child (SIGTERM) and parses its stdout as JSON Lines
+    /// (lines that are not JSON are left out).
+    pub fn json_lines(self) -> anyhow::Result<Vec<serde_json::Value>> {
+        self.terminate()?;
+        let out = self.wait()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
     }
 
     /// Waits for the child to exit and returns its output.

@@ -193,19 +193,7 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
     let (lab, policy, _echo) = setup("flden", "198.18.89")?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
-    let follower = Running::new(lab.spawn(
-        "srv",
-        &[
-            "flows",
-            "eth0",
-            "--follow",
-            "--output",
-            "json",
-            "--denied-secs",
-            "1",
-        ],
-    )?);
-    std::thread::sleep(Duration::from_millis(1500));
+    let follower = lab.follow_flows("srv", &["--denied-secs", "1"])?;
     let ns = lab.host("client").ns.name.clone();
     let before = counters(&ns)?;
     // 100,000 datagrams to 10 closed ports, in two bursts a few drains apart.
@@ -217,9 +205,7 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
     let after = counters(&ns)?;
     let wire = sent - (after.2 - before.2);
     std::thread::sleep(Duration::from_secs(2));
-    follower.terminate()?;
-    let out = follower.wait()?;
-    let all = records(&String::from_utf8_lossy(&out.stdout));
+    let all = follower.json_lines()?;
     let ours: Vec<&serde_json::Value> = all
         .iter()
         .filter(|r| r["state"] == "denied" && r["proto"] == "udp" && r["src"] == client.to_string())
@@ -303,19 +289,7 @@ fn a_long_flow_gives_active_records() -> anyhow::Result<()> {
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
     let _sink = Server::tcp_sink(&lab.host("srv").ns.name, srv, 8081)?;
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
-    let follower = Running::new(lab.spawn(
-        "srv",
-        &[
-            "flows",
-            "eth0",
-            "--follow",
-            "--output",
-            "json",
-            "--active-secs",
-            "1",
-        ],
-    )?);
-    std::thread::sleep(Duration::from_millis(1500));
+    let follower = lab.follow_flows("srv", &["--active-secs", "1"])?;
     let path = format!("/run/netns/{}", lab.host("client").ns.name);
     std::thread::spawn(move || -> anyhow::Result<()> {
         use std::io::{Read as _, Write as _};
@@ -339,9 +313,7 @@ fn a_long_flow_gives_active_records() -> anyhow::Result<()> {
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     std::thread::sleep(Duration::from_secs(5));
-    follower.terminate()?;
-    let out = follower.wait()?;
-    let all = records(&String::from_utf8_lossy(&out.stdout));
+    let all = follower.json_lines()?;
     let states: Vec<&str> = all
         .iter()
         .filter(|r| r["dport"] == 8081 && r["src"] == client.to_string())

@@ -159,20 +159,7 @@ fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<(
     let (lab, policy, _source) = setup("flowf", "198.18.87")?;
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
-    let follower = segbpf_tests::lab::Running::new(lab.spawn(
-        "srv",
-        &[
-            "flows",
-            "eth0",
-            "--follow",
-            "--start",
-            "--output",
-            "json",
-            "--active-secs",
-            "1",
-        ],
-    )?);
-    std::thread::sleep(Duration::from_millis(1500));
+    let follower = lab.follow_flows("srv", &["--start", "--active-secs", "1"])?;
     let t = net::tcp_fetch(
         &lab.host("client").ns.name,
         client,
@@ -181,15 +168,11 @@ fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<(
         Duration::from_secs(20),
     )?;
     assert!(t.connected && t.received == BYTES, "{t:?}");
-    // The close (FIN from both sides) is seen within a poll or two.
-    std::thread::sleep(Duration::from_secs(4));
-    follower.terminate()?;
-    let out = follower.wait()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let records: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    // The close (FIN from both sides) ends the flow once its last packets
+    // are 3 s old, seen within a poll.
+    std::thread::sleep(Duration::from_secs(6));
+    let records = follower.json_lines()?;
+    let stdout = format!("{records:?}");
     let ours: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["proto"] == "tcp" && r["dport"] == 8080)
