@@ -237,6 +237,48 @@ pub struct Compiled {
     pub classes: u32,
 }
 
+/// A policy that does not compile for one of the hosts that `check` and
+/// `fleet push` try.
+#[derive(Debug, thiserror::Error)]
+#[error("{policy}: compiling for role {roles}: {reason}")]
+pub struct HostCompileError {
+    /// Policy file.
+    pub policy: String,
+    /// The host's roles, joined by `+`.
+    pub roles: String,
+    /// Why (in the message, not a source: printed once).
+    pub reason: CompileError,
+}
+
+/// One host per role of `policy` (what `check` and `fleet push` compile
+/// for by default).
+pub fn one_host_per_role(policy: &Policy) -> Vec<Vec<String>> {
+    policy.roles.iter().map(|r| vec![r.name.clone()]).collect()
+}
+
+/// Compiles `policy` for each host of `hosts` (a host is a set of roles)
+/// with `capacity`, as a first attach would (no interface: rules limited
+/// to interfaces are left out). `check` and `fleet push` validate with it.
+pub fn compile_hosts(
+    policy: &Policy,
+    hosts: Vec<Vec<String>>,
+    capacity: Capacity,
+) -> Result<Vec<(Vec<String>, Compiled)>, HostCompileError> {
+    hosts
+        .into_iter()
+        .map(|roles| {
+            let c = compile(policy, &roles, None, 0, 1, capacity).map_err(|reason| {
+                HostCompileError {
+                    policy: policy.source.clone(),
+                    roles: roles.join("+"),
+                    reason,
+                }
+            })?;
+            Ok((roles, c))
+        })
+        .collect()
+}
+
 /// Compiles the rules that apply to a host with `roles` on `iface` into
 /// map contents for `slot`.
 pub fn compile(

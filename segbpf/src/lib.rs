@@ -23,6 +23,7 @@ pub mod cmd;
 pub mod compile;
 pub mod denied;
 pub mod export;
+pub mod fleet;
 pub mod flowlog;
 pub mod flows;
 pub mod guard;

@@ -9,11 +9,18 @@ use crate::run as run_cmd;
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
 
+/// Debian packages segbpf's build needs: the etcd client's build script
+/// runs protoc on etcd's .proto files, which import protobuf's well-known
+/// types (libprotobuf-dev). xtask itself does not depend on that crate, so
+/// it builds before these are installed.
+const BUILD_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev"];
+
 /// Installs what is missing. Safe to run repeatedly.
 pub(crate) fn run() -> anyhow::Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     ensure_tools()?;
+    apt_install(BUILD_PACKAGES)?;
     ensure_bpffs()?;
     Ok(())
 }
@@ -151,6 +158,11 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("man", "--version", "man-db"),
     ("setpriv", "--version", "util-linux"),
     ("strace", "-V", "strace"),
+    // `tests/tests/fleet.rs`: a real etcd for fleet mode, etcdctl to
+    // write keys by hand, and openssl for TLS certificates.
+    ("etcd", "--version", "etcd-server"),
+    ("etcdctl", "version", "etcd-client"),
+    ("openssl", "version", "openssl"),
 ];
 
 fn ensure_tools() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! `segbpf attach`: enforce a policy on an interface ([`crate::attach`]),
 //! then stay in the foreground: stream drop events to stdout, serve
-//! metrics, reload on SIGHUP or when the policy file changes, until
+//! metrics, reload on SIGHUP or when the policy file changes (with
+//! `--etcd`: follow the fleet's store instead, [`crate::fleet::agent`]), until
 //! SIGINT/SIGTERM. Enforcement stays in place after the process exits;
 //! `segbpf detach` removes it.
 
@@ -23,9 +24,18 @@ use crate::{
 pub struct Args {
     /// Interface to protect.
     pub iface: String,
-    /// Policy file (roles.toml).
-    #[arg(long, short = 'p', value_name = "FILE")]
-    pub policy: PathBuf,
+    /// Policy file (roles.toml); or --etcd.
+    #[arg(
+        long,
+        short = 'p',
+        value_name = "FILE",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    pub policy: Option<PathBuf>,
+    /// Fleet mode: the policy comes from etcd (docs/fleet.md).
+    #[command(flatten)]
+    pub fleet: crate::cmd::fleet::AgentArgs,
     /// The host's role (repeatable); default: roles whose `hosts` contain an address of IFACE.
     #[arg(long, value_name = "ROLE")]
     pub role: Vec<String>,
@@ -99,10 +109,10 @@ fn parse_flow_log(s: &str) -> Result<FlowLog, String> {
 
 impl Args {
     /// The library's request for these arguments.
-    fn request(&self) -> Request {
+    fn request(&self, policy: PathBuf) -> Request {
         Request {
             iface: self.iface.clone(),
-            policy: self.policy.clone(),
+            policy,
             roles: self.role.clone(),
             mode: self.mode,
             ct_size: self.ct_size,
@@ -121,7 +131,7 @@ impl Args {
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first, so a signal that arrives while applying is not fatal.
-    let signals = (
+    let mut signals = (
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
         signal(SignalKind::interrupt()).context("SIGINT handler")?,
     );
@@ -148,7 +158,29 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let applied = attach::apply(&args.request(), ns)?;
+    let fleet = args.fleet.config()?;
+    let policy = match (&fleet, &args.policy) {
+        (Some(cfg), _) => {
+            // The cache at once, or the store's revision once it answers.
+            let att = Attachment::new(&args.iface, ns);
+            if crate::fleet::agent::cached(&att).is_none() {
+                // The unit runs before the network is configured: waiting
+                // for etcd there would hold the boot. Nothing was ever
+                // enforced here, so nothing is lost by going on.
+                crate::service::ready(
+                    "no cached fleet policy: waiting for etcd, nothing enforced yet",
+                );
+            }
+            tokio::select! {
+                r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
+                _ = signals.0.recv() => return Ok(()),
+                _ = signals.1.recv() => return Ok(()),
+            }
+        }
+        (None, Some(p)) => p.clone(),
+        (None, None) => return Err(UsageError("--policy FILE or --etcd ENDPOINTS".into()).into()),
+    };
+    let applied = attach::apply(&args.request(policy), ns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
         crate::cmd::print_line(&applied.summary)?;
@@ -193,7 +225,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             }
         });
     }
-    let result = wait_for_exit(&att, signals, hup, args.log_format).await;
+    let result = wait_for_exit(&att, signals, hup, args.log_format, fleet.as_ref()).await;
     if let Some(r) = flow_log {
         r.stop();
     }
@@ -207,6 +239,7 @@ async fn wait_for_exit(
     (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
     hup: tokio::signal::unix::Signal,
     format: LogFormat,
+    fleet: Option<&crate::fleet::agent::AgentConfig>,
 ) -> anyhow::Result<()> {
     let mut signalled = false;
     {
@@ -214,7 +247,7 @@ async fn wait_for_exit(
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
-                () = attach::watch_policy(att, hup) => {},
+                () = follow(att, hup, fleet) => {},
             }
         };
         let stop = async {
@@ -234,4 +267,17 @@ async fn wait_for_exit(
         att.iface
     );
     Ok(())
+}
+
+/// Follows the policy file, or the fleet's store with `--etcd`. Never returns.
+async fn follow(
+    att: &Attachment,
+    hup: tokio::signal::unix::Signal,
+    fleet: Option<&crate::fleet::agent::AgentConfig>,
+) {
+    match fleet {
+        // Boxed: the etcd client's futures are large.
+        Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
+        None => attach::watch_policy(att, hup).await,
+    }
 }

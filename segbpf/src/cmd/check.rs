@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::{
@@ -56,9 +55,9 @@ struct Compiled {
     port_prefixes: usize,
 }
 
-/// A warning as JSON shows it.
+/// A warning as JSON shows it (`fleet push` prints them the same way).
 #[derive(Serialize)]
-struct WarningOut {
+pub struct WarningOut {
     file: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     line: Option<u32>,
@@ -72,7 +71,8 @@ struct WarningOut {
 }
 
 impl WarningOut {
-    fn lint(file: &str, w: &Warning) -> Self {
+    /// The warning `w` about `file`.
+    pub fn lint(file: &str, w: &Warning) -> Self {
         WarningOut {
             file: file.to_string(),
             line: w.loc.map(|l| l.line),
@@ -84,7 +84,7 @@ impl WarningOut {
     }
 
     /// `FILE:LINE:COLUMN: warning: field: message [kind]`, the file named once.
-    fn line(&self) -> String {
+    pub fn line(&self) -> String {
         let mut at = self.file.clone();
         if let (Some(l), Some(c)) = (self.line, self.column) {
             at = format!("{at}:{l}:{c}");
@@ -102,17 +102,13 @@ impl WarningOut {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let policy = Policy::load(&args.policy)?;
     let hosts: Vec<Vec<String>> = if args.role.is_empty() {
-        policy.roles.iter().map(|r| vec![r.name.clone()]).collect()
+        compile::one_host_per_role(&policy)
     } else {
         let roles = crate::policy::roles::resolve(&policy, &args.role, "-", &[])?;
         vec![roles]
     };
     let mut compiled = Vec::new();
-    for roles in hosts {
-        let c = compile::compile(&policy, &roles, None, 0, 1, args.sizes.capacity(&policy))
-            .with_context(|| {
-                format!("{}: compiling for role {}", policy.source, roles.join("+"))
-            })?;
+    for (roles, c) in compile::compile_hosts(&policy, hosts, args.sizes.capacity(&policy))? {
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
         compiled.push(Compiled {
             ingress_rules: count(Direction::Ingress),

@@ -8,6 +8,7 @@ pub mod confirm;
 pub mod detach;
 pub mod explain;
 pub mod export;
+pub mod fleet;
 pub mod flows;
 pub mod guard;
 pub mod import;
@@ -70,6 +71,8 @@ pub enum Command {
     Suggest(suggest::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),
+    /// Fleet mode on etcd: push a policy to every agent, see who enforces what.
+    Fleet(fleet::Args),
     /// Explain the verdict for a packet from the policy alone (reference evaluator).
     Explain(explain::Args),
     /// Export a host's view of the policy in another firewall's language (nftables).
@@ -237,6 +240,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Detach(a) => detach::run(a, &ns()?),
         Command::Monitor(a) => monitor::run(a, &ns()?).await,
         Command::Status(a) => status::run(a, &ns()?),
+        Command::Fleet(a) => fleet::run(a).await,
         Command::Flows(a) => flows::run(a, &ns()?),
         Command::Suggest(a) => suggest::run(a, &ns()?),
         Command::Explain(a) => explain::run(a),

@@ -1,0 +1,703 @@
+//! Fleet mode against a real etcd (Debian's etcd-server) running in a lab
+//! namespace: three agent hosts (`segbpf attach eth0 --etcd ...`) and a
+//! client host that pushes policies and probes the agents with real TCP
+//! handshakes. Policy N opens port 800N only.
+//!
+//! One lab, in order: push 1 (all enforce it, `fleet status` says 3 of
+//! 3); push 2 (all converge within 5 s); etcd killed (all keep enforcing
+//! 2); one agent killed and its host detached, as after a reboot, then
+//! started again while etcd is down (it enforces 2 from its cache at
+//! once); etcd back, push 3 through two canaries (all converge); a broken
+//! policy is refused with its line and changes nothing; a canary push
+//! whose canary cannot apply (its address is in no role of the new
+//! policy) stops after the canary and leaves every host on 3; a revision
+//! pushed with `--confirm` that cuts the hosts off from etcd is undone by
+//! the lockout guard on every host; a revision whose source does not
+//! match the pointer's hash (written by hand) is refused; an agent killed
+//! disappears from `fleet status` when its lease expires.
+//!
+//! Over TLS: etcd with a server certificate and `--client-cert-auth`;
+//! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
+//! work, and etcd refuses a client without a certificate.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use segbpf_tests::{Lab, lab::Running, lab::segbpf_bin, net};
+
+const ETCD_ADDR: &str = "198.18.91.2";
+const AGENTS: [&str; 3] = ["a1", "a2", "a3"];
+const PORTS: [u16; 4] = [8001, 8002, 8003, 8004];
+
+fn endpoint() -> String {
+    format!("http://{ETCD_ADDR}:2379")
+}
+
+/// A policy whose role `srv` holds `hosts` and opens `port` (TCP, ingress).
+fn policy(hosts: &[String], port: u16) -> String {
+    let hosts = hosts
+        .iter()
+        .map(|h| format!("\"{h}/32\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.srv]
+hosts = [{hosts}]
+[[roles.srv.ingress]]
+from = "any"
+tcp = [{port}]
+"#
+    )
+}
+
+struct Fleet {
+    lab: Lab,
+    logs: PathBuf,
+    etcd: Option<Running>,
+    agents: BTreeMap<String, Running>,
+}
+
+fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(logs)?;
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{name}.log")))?)
+}
+
+impl Fleet {
+    fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let ep = endpoint();
+        let data = self.lab.state.join("etcd");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.host("etcd").ns.name, "etcd"])
+            .args(["--name", "fleet", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "fleet=http://127.0.0.1:2380"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.logs, "etcd")?)
+            .spawn()
+            .context("starting etcd (cargo xtask setup installs etcd-server)")?;
+        self.etcd = Some(Running::new(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.fleet(&["status"])?.status.success() {
+            ensure!(
+                Instant::now() < deadline,
+                "etcd did not answer: {}",
+                self.log("etcd")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let child = Command::new(segbpf_bin())
+            .args(["--netns", &self.lab.host(name).ns.name])
+            .args([
+                "attach",
+                "eth0",
+                "--etcd",
+                &endpoint(),
+                "--fleet-host",
+                name,
+            ])
+            .args(["--etcd-retry-max", "1", "--etcd-lease-ttl", "3"])
+            .env("SEGBPF_BPFFS", &self.lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &self.lab.state)
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.logs, name)?)
+            .spawn()?;
+        self.agents.insert(name.to_string(), Running::new(child));
+        Ok(())
+    }
+
+    fn log(&self, name: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    fn logs(&self) -> String {
+        AGENTS
+            .iter()
+            .map(|a| format!("--- {a}:\n{}", self.log(a)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `segbpf fleet ARGS --etcd EP` on the client host.
+    fn fleet(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let ep = endpoint();
+        let mut full = vec!["fleet"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--etcd", &ep]);
+        self.lab.segbpf("client", &full)
+    }
+
+    /// `etcdctl --endpoints EP ARGS` on the client host.
+    fn etcdctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.host("client").ns.name, "etcdctl"])
+            .args(["--endpoints", &endpoint()])
+            .args(args)
+            .output()
+            .context("running etcdctl (cargo xtask setup installs etcd-client)")?;
+        ensure!(
+            out.status.success(),
+            "etcdctl {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn push(&self, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut args = vec!["push", file.to_str().unwrap_or_default()];
+        args.extend_from_slice(extra);
+        self.fleet(&args)
+    }
+
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.fleet(&["status", "--output", "json"])?;
+        ensure!(
+            out.status.success(),
+            "fleet status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until every agent reports `revision` without error.
+    fn wait_reported(&self, revision: u64, within: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.status()?;
+            let ok = st["agents"].as_array().is_some_and(|a| {
+                a.len() == AGENTS.len()
+                    && a.iter()
+                        .all(|x| x["revision"] == revision && x["error"].is_null())
+            });
+            if ok {
+                return Ok(st);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agents did not report revision {revision}: {st}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Which of PORTS the client reaches on `agent`.
+    fn open_ports(&self, agent: &str) -> anyhow::Result<Vec<u16>> {
+        let mut open = Vec::new();
+        for p in PORTS {
+            if self.lab.tcp_reachable("client", agent, p)? {
+                open.push(p);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Waits until the client reaches `port` on every agent, and returns
+    /// how long that took; then checks it reaches no other of PORTS (one
+    /// swap opens the new port and closes the old one).
+    fn converge(&self, port: u16, within: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut pending: Vec<&str> = AGENTS.to_vec();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for a in pending {
+                if !self.lab.tcp_reachable("client", a, port)? {
+                    still.push(a);
+                }
+            }
+            ensure!(
+                still.is_empty() || start.elapsed() < within,
+                "port {port} not open on {still:?} within {within:?}\n{}",
+                self.logs()
+            );
+            pending = still;
+        }
+        let took = start.elapsed();
+        for a in AGENTS {
+            let open = self.open_ports(a)?;
+            ensure!(open == [port], "{a}: open {open:?}, expected only {port}");
+        }
+        Ok(took)
+    }
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
+    let mut lab = Lab::new("fleet")?;
+    lab.add_host("etcd", &[&format!("{ETCD_ADDR}/24")])?;
+    lab.add_host("client", &["198.18.91.5/24"])?;
+    let mut addrs = Vec::new();
+    for (i, a) in AGENTS.iter().enumerate() {
+        let addr = format!("198.18.91.{}", 11 + i);
+        lab.add_host(a, &[&format!("{addr}/24")])?;
+        addrs.push(addr);
+    }
+    let mut servers = Vec::new();
+    for a in AGENTS {
+        let h = lab.host(a);
+        for p in PORTS {
+            servers.push(net::Server::tcp_echo(&h.ns.name, h.addrs[0], p)?);
+        }
+    }
+    let files: Vec<PathBuf> = PORTS
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, p)| lab.write_policy(&format!("p{}.toml", i + 1), &policy(&addrs, *p)))
+        .collect::<anyhow::Result<_>>()?;
+    let logs = lab.state.join("logs");
+    let mut f = Fleet {
+        lab,
+        logs,
+        etcd: None,
+        agents: BTreeMap::new(),
+    };
+    f.start_etcd()?;
+
+    // Push 1 before any agent runs: agents start from the store.
+    let out = f.push(&files[0], &[])?;
+    ensure!(
+        out.status.success(),
+        "push 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "revision 1",
+        "push 1 printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for a in AGENTS {
+        f.start_agent(a)?;
+    }
+    f.wait_reported(1, Duration::from_secs(20))?;
+    f.converge(8001, Duration::from_secs(5))?;
+    let text = f.fleet(&["status"])?;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    ensure!(
+        text.contains("3 of 3 at the latest revision (1)"),
+        "fleet status: {text}"
+    );
+    for a in AGENTS {
+        ensure!(text.contains(a), "fleet status lacks {a}: {text}");
+    }
+
+    // Push 2: every host converges within 5 s, checked with connections.
+    let out = f.push(&files[1], &[])?;
+    ensure!(
+        out.status.success(),
+        "push 2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = f.converge(8002, Duration::from_secs(5))?;
+    eprintln!("push 2 in force on 3 hosts after {took:?}");
+    f.wait_reported(2, Duration::from_secs(5))?;
+
+    // etcd goes away: every host keeps enforcing 2.
+    drop(f.etcd.take());
+    std::thread::sleep(Duration::from_secs(2));
+    for a in AGENTS {
+        ensure!(
+            f.open_ports(a)? == [8002],
+            "{a} after etcd died: {:?}",
+            f.open_ports(a)?
+        );
+    }
+    // a1 as after a reboot: its agent killed and its enforcement gone;
+    // started again while etcd is down, it enforces 2 from its cache.
+    drop(f.agents.remove("a1"));
+    f.lab.segbpf_ok("a1", &["detach", "eth0"])?;
+    // The kernel releases the links a moment after the pins go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f.lab.tcp_reachable("client", "a1", 8001)? {
+        ensure!(Instant::now() < deadline, "a1 still enforces after detach");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.start_agent("a1")?;
+    f.lab.wait_enforcing("a1")?;
+    ensure!(
+        f.open_ports("a1")? == [8002],
+        "a1 from its cache: {:?}\n{}",
+        f.open_ports("a1")?,
+        f.log("a1")
+    );
+
+    // etcd back, push 3 with two canaries first: all converge.
+    f.start_etcd()?;
+    let out = f.push(&files[2], &["--canary", "2", "--wait", "20"])?;
+    ensure!(
+        out.status.success(),
+        "push 3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 3");
+    f.converge(8003, Duration::from_secs(15))?;
+    let st = f.wait_reported(3, Duration::from_secs(10))?;
+    ensure!(st["at_latest"] == 3 && st["total"] == 3, "{st}");
+
+    // A broken policy: refused with its line, nothing stored, no host changes.
+    let bad = f.lab.write_policy(
+        "bad.toml",
+        &policy(&addrs, 8004).replace("tcp = [8004]", "tcp = [80040]"),
+    )?;
+    let out = f.push(&bad, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a broken policy was pushed");
+    ensure!(err.contains("bad.toml:9:"), "no file:line in {err:?}");
+    let st = f.status()?;
+    ensure!(st["current"]["revision"] == 3, "{st}");
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the broken push");
+    }
+
+    // Canary: the canary's address is in no role of revision 4, so it
+    // cannot apply it; the push stops there and every host stays on 3.
+    let ids: Vec<String> = AGENTS.iter().map(|a| format!("{a}/eth0")).collect();
+    let canary = segbpf::fleet::choose_canaries(&ids, 1);
+    let canary_host = canary[0].split('/').next().unwrap_or_default().to_string();
+    let others: Vec<String> = AGENTS
+        .iter()
+        .zip(&addrs)
+        .filter(|(a, _)| **a != canary_host)
+        .map(|(_, addr)| addr.clone())
+        .collect();
+    let p4 = f.lab.write_policy("p4.toml", &policy(&others, 8004))?;
+    let dry = f.push(&p4, &["--dry-run"])?;
+    let dry_out = String::from_utf8_lossy(&dry.stdout);
+    ensure!(
+        dry.status.success() && dry_out.contains(&format!("{}: cannot apply", canary[0])),
+        "dry run: {dry_out} {}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let out = f.push(&p4, &["--canary", "1", "--wait", "20"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the canary push went through: {err}");
+    ensure!(
+        err.contains(&format!("canary {} could not apply revision 4", canary[0]))
+            && err.contains("no role matches"),
+        "canary failure not reported: {err}"
+    );
+    let st = f.status()?;
+    ensure!(st["current"]["revision"] == 3, "pointer not restored: {st}");
+    for agent in st["agents"].as_array().context("agents")? {
+        ensure!(agent["revision"] == 3, "{agent}");
+        if agent["host"] == canary_host.as_str() {
+            ensure!(agent["failed_revision"] == 4, "{agent}");
+        } else {
+            ensure!(
+                agent["error"].is_null() && agent["failed_revision"].is_null(),
+                "{agent}"
+            );
+        }
+    }
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the stopped canary");
+    }
+
+    // --confirm: a revision that cuts the hosts off from etcd (egress
+    // dropped) is undone by the lockout guard, and reported as failed.
+    let p5 = f.lab.write_policy(
+        "p5.toml",
+        &policy(&addrs, 8004).replace(r#"egress = "allow""#, r#"egress = "drop""#),
+    )?;
+    let out = f.push(&p5, &["--confirm", "3"])?;
+    ensure!(
+        out.status.success(),
+        "push 5: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 5");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = f.status()?;
+        let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        if agents.len() == AGENTS.len()
+            && agents
+                .iter()
+                .all(|a| a["failed_revision"] == 5 && a["revision"] == 3)
+        {
+            ensure!(
+                agents.iter().all(|a| a["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("cut this host off from etcd"))),
+                "{st}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "revision 5 not undone: {st}\n{}",
+            f.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for a in AGENTS {
+        ensure!(
+            f.open_ports(a)? == [8003],
+            "{a} after the guard undid revision 5"
+        );
+    }
+
+    // A revision whose stored source does not match the hash the pointer
+    // records (written by hand with etcdctl) is refused by every agent.
+    let forged = policy(&addrs, 8004);
+    let pointer = format!(
+        r#"{{"revision":6,"hash":"{}"}}"#,
+        segbpf::fleet::hash(policy(&addrs, 8003).as_bytes())
+    );
+    f.etcdctl(&["put", "/segbpf/policy/revisions/0000000006", &forged])?;
+    f.etcdctl(&["put", "/segbpf/policy/current", &pointer])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.status()?;
+        let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        if agents.len() == AGENTS.len() && agents.iter().all(|a| a["failed_revision"] == 6) {
+            ensure!(
+                agents.iter().all(|a| a["revision"] == 3
+                    && a["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("does not match the hash"))),
+                "{st}"
+            );
+            break;
+        }
+        ensure!(Instant::now() < deadline, "forged revision 6: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after the forged revision");
+    }
+
+    // An agent dies: its status key goes with its lease (TTL 3 s).
+    drop(f.agents.remove("a3"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.status()?;
+        let hosts: Vec<&str> = st["agents"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["host"].as_str()).collect())
+            .unwrap_or_default();
+        if hosts == ["a1", "a2"] {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "a3's status stayed: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// Runs `openssl ARGS` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for `server_ip` and a client certificate,
+/// all P-256, in `dir`: ca.pem, server.pem/server.key, client.pem/client.key.
+fn make_certs(dir: &Path, server_ip: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=segbpf test CA"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
+    ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE"]);
+    ca.extend_from_slice(&["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &ca)?;
+    for (name, ext) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+    ] {
+        let csr = format!("{name}.csr");
+        let key = format!("{name}.key");
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req", "-new", "-subj", &subj];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+        openssl(dir, &req)?;
+        let extfile = format!("{name}.ext");
+        std::fs::write(dir.join(&extfile), ext)?;
+        let pem = format!("{name}.pem");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+                "-out",
+                &pem,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn fleet_over_tls_with_client_certificates() -> anyhow::Result<()> {
+    const ADDR: &str = "198.18.92.2";
+    let mut lab = Lab::new("fleettls")?;
+    lab.add_host("etcd", &[&format!("{ADDR}/24")])?;
+    lab.add_host("client", &["198.18.92.5/24"])?;
+    lab.add_host("a1", &["198.18.92.11/24"])?;
+    let certs = lab.state.join("certs");
+    make_certs(&certs, ADDR)?;
+    let logs = lab.state.join("logs");
+    let file = |n: &str| certs.join(n).to_str().unwrap_or_default().to_string();
+    let ep = format!("https://{ADDR}:2379");
+    let _etcd = Running::new(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.host("etcd").ns.name, "etcd"])
+            .args(["--name", "tls", "--data-dir"])
+            .arg(lab.state.join("etcd"))
+            .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "tls=http://127.0.0.1:2380"])
+            .args([
+                "--cert-file",
+                &file("server.pem"),
+                "--key-file",
+                &file("server.key"),
+            ])
+            .args(["--trusted-ca-file", &file("ca.pem"), "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "etcd")?)
+            .spawn()
+            .context("starting etcd")?,
+    );
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let tls: Vec<&str> = vec![
+        "--etcd",
+        &ep,
+        "--etcd-ca",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let policy_file = lab.write_policy("p.toml", &policy(&["198.18.92.11".into()], 8001))?;
+    let policy_file = policy_file.to_str().unwrap_or_default();
+
+    // etcd takes a moment to come up: push until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["fleet", "push", policy_file];
+        args.extend_from_slice(&tls);
+        let out = lab.segbpf("client", &args)?;
+        if out.status.success() {
+            ensure!(String::from_utf8_lossy(&out.stdout).trim() == "revision 1");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "push over TLS: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Without the client certificate etcd refuses.
+    let out = lab.segbpf(
+        "client",
+        &["fleet", "status", "--etcd", &ep, "--etcd-ca", &ca],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "etcd answered without a client certificate"
+    );
+
+    // An agent over TLS applies revision 1 and reports it.
+    let mut agent_args = vec!["--netns", &lab.host("a1").ns.name, "attach", "eth0"];
+    agent_args.extend_from_slice(&tls);
+    agent_args.extend_from_slice(&["--fleet-host", "a1", "--etcd-retry-max", "1"]);
+    let a1 = lab.host("a1");
+    let _servers = [8001, 8002]
+        .into_iter()
+        .map(|p| net::Server::tcp_echo(&a1.ns.name, a1.addrs[0], p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let _agent = Running::new(
+        Command::new(segbpf_bin())
+            .args(&agent_args)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "a1")?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["fleet", "status"];
+        args.extend_from_slice(&tls);
+        let out = lab.segbpf("client", &args)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("1 of 1 at the latest revision (1)") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "agent over TLS: {text} {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(logs.join("a1.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(lab.tcp_reachable("client", "a1", 8001)?);
+    ensure!(!lab.tcp_reachable("client", "a1", 8002)?);
+    Ok(())
+}
