@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     if let Some(ns) = &cli.netns
         && let Err(e) = netns::enter(ns)
     {
-        eprintln!("error: {}", cmd::error_text(&e));
+        eprintln!("error: {}", cmd::error_text(&e.into()));
         return ExitCode::from(1);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
