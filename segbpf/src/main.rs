@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     if let Some(ns) = &cli.netns
         && let Err(e) = netns::enter(ns)
     {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cmd::error_text(&e.into()));
         return ExitCode::from(1);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -49,11 +49,11 @@ fn main() -> ExitCode {
         // broken pipe is stdout's.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cmd::error_text(&e));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cmd::error_text(&e));
             ExitCode::from(1)
         }
     }

@@ -6,7 +6,8 @@
 //! is described in `[package.metadata.deb]` of `segbpf/Cargo.toml`.
 //!
 //! `--check` then inspects the package as an installer would see it:
-//! `dpkg-deb --contents` and `--field`, no conffile, the packaged binary
+//! `dpkg-deb --contents` and `--field`, no conffile but the logrotate
+//! rules, the packaged binary
 //! runs and checks the packaged example, the packaged unit passes
 //! `systemd-analyze verify` against the packaged binary and manual pages,
 //! and (as root) the packaged binary enforces the example on a veth
@@ -181,7 +182,8 @@ fn content_problems(contents: &[(String, String)], pages: &[String]) -> Vec<Stri
         _ => {}
     }
     for (path, mode) in contents {
-        if path.starts_with("etc/") && path != "etc/logrotate.d/segbpf" {
+        let is_dir = mode.starts_with('d');
+        if path.starts_with("etc/") && path != "etc/logrotate.d/segbpf" && !is_dir {
             problems.push(format!(
                 "/{path}: the package ships no file under /etc but its logrotate rules (the unit makes /etc/segbpf; the policy is the operator's)"
             ));
@@ -270,7 +272,20 @@ fn check_package(deb: &Path, arch: &str) -> anyhow::Result<()> {
     problems.extend(field_problems(&fields, arch, &synopsis()?));
     let info = output(Command::new("dpkg-deb").arg("--info").arg(deb))?;
     if info.contains("conffiles") {
-        problems.push("the package has conffiles".into());
+        let conffiles = output(
+            Command::new("dpkg-deb")
+                .arg("--info")
+                .arg(deb)
+                .arg("conffiles"),
+        )?;
+        for c in conffiles
+            .lines()
+            .filter(|l| *l != "/etc/logrotate.d/segbpf")
+        {
+            problems.push(format!(
+                "conffile {c}: the only conffile is /etc/logrotate.d/segbpf"
+            ));
+        }
     }
     for script in ["postinst", "prerm", "postrm"] {
         if !info.contains(script) {

@@ -251,3 +251,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man(a) => man::run(a),
     }
 }
+
+/// The text of an error and its causes, as `{:#}` gives it, but without a
+/// cause the message before it already quotes (library errors put their
+/// source in their own message, so the plain chain would say it twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if out.contains(&t) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&t);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_the_message_quotes_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let state = crate::state::StateError::Read {
+            path: "/run/segbpf/net/1/eth0.json".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(state).context("status of eth0");
+        assert_eq!(
+            super::error_text(&e),
+            "status of eth0: reading state file /run/segbpf/net/1/eth0.json: no such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_text(&plain), "outer: inner");
+    }
+}
