@@ -65,6 +65,11 @@ pub const MAP_DENIED0: &str = "SEG_DENIED0";
 pub const MAP_DENIED1: &str = "SEG_DENIED1";
 /// Array, one u32: which table (0 or 1) the kernel counts into.
 pub const MAP_DENY_SEL: &str = "SEG_DENY_SEL";
+/// Array, two u32: 1 once an insert into that table failed (it is full):
+/// until userspace empties it, a new aggregate is counted as lost at once
+/// instead of trying (and failing) another insert. Userspace clears it
+/// after emptying the table.
+pub const MAP_DENY_FULL: &str = "SEG_DENY_FULL";
 /// Per-CPU array, one u64: packets whose aggregate found its table full.
 pub const MAP_DENY_LOST: &str = "SEG_DENY_LOST";
 /// Capacity of each denied table (distinct aggregates between two flushes).

@@ -50,7 +50,7 @@ pub const MAP_FRAG: &str = "SEG_FRAG";
 pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 
 /// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 19] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -68,6 +68,7 @@ pub const PINNED_MAPS: [&str; 18] = [
     crate::MAP_DENIED0,
     crate::MAP_DENIED1,
     crate::MAP_DENY_SEL,
+    crate::MAP_DENY_FULL,
     crate::MAP_DENY_LOST,
 ];
 

@@ -3,13 +3,15 @@
 //! port, reason) aggregate in the per-CPU table `SEG_DENY_SEL` names, so a
 //! flood costs a hash update, not a record. Off with flow accounting
 //! (`attach --flow-log off`). A full table counts the packet in
-//! `SEG_DENY_LOST` (see `segbpf_common::denied`).
+//! `SEG_DENY_LOST` and is marked in `SEG_DENY_FULL`, so later new
+//! aggregates skip the insert until userspace empties it (see
+//! `segbpf_common::denied`).
 
 use segbpf_common::{Config, DeniedKey, DeniedStat, EVENT_AUDIT, EVENT_DROP};
 
 use crate::{
     ct,
-    maps::{SEG_DENIED0, SEG_DENIED1, SEG_DENY_LOST, SEG_DENY_SEL},
+    maps::{SEG_DENIED0, SEG_DENIED1, SEG_DENY_FULL, SEG_DENY_LOST, SEG_DENY_SEL},
     parse::{L3_IPV4, L3_IPV6, Parsed},
     verdict::Decision,
 };
@@ -77,6 +79,14 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
         }
         return;
     }
+    // A table that was full stays full until userspace empties it: count
+    // the packet as lost without another insert that would fail (a
+    // spoofed flood of new aggregates then costs a lookup, not two).
+    let table = u32::from(second);
+    if matches!(SEG_DENY_FULL.get(table), Some(&1)) {
+        lost();
+        return;
+    }
     let v = DeniedStat {
         packets: 1,
         bytes: u64::from(len),
@@ -92,9 +102,20 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
     } else {
         SEG_DENIED0.insert(&key, &v, 0)
     };
-    if inserted.is_err()
-        && let Some(c) = SEG_DENY_LOST.get_ptr_mut(0)
-    {
+    if inserted.is_err() {
+        if let Some(full) = SEG_DENY_FULL.get_ptr_mut(table) {
+            // SAFETY: a value of an array map, valid for this run; a u32
+            // store (CPUs racing here all store 1).
+            unsafe { *full = 1 };
+        }
+        lost();
+    }
+}
+
+/// Counts one denied packet that could not be aggregated.
+#[inline(always)]
+fn lost() {
+    if let Some(c) = SEG_DENY_LOST.get_ptr_mut(0) {
         // SAFETY: this CPU's slot of a per-CPU array; no preemption.
         unsafe { *c += 1 };
     }

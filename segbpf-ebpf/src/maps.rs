@@ -105,6 +105,11 @@ pub(crate) static SEG_DENIED1: PerCpuHashMap<DeniedKey, DeniedStat> =
 #[map]
 pub(crate) static SEG_DENY_SEL: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Per denied table: 1 once an insert into it failed (full), until
+/// userspace empties it.
+#[map]
+pub(crate) static SEG_DENY_FULL: Array<u32> = Array::with_max_entries(2, 0);
+
 /// Per-CPU: denied packets whose aggregate found its table full.
 #[map]
 pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -15,7 +15,9 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap};
-use segbpf_common::{DeniedKey, DeniedStat, MAP_DENIED0, MAP_DENIED1, MAP_DENY_LOST, MAP_DENY_SEL};
+use segbpf_common::{
+    DeniedKey, DeniedStat, MAP_DENIED0, MAP_DENIED1, MAP_DENY_FULL, MAP_DENY_LOST, MAP_DENY_SEL,
+};
 
 use crate::{maps::MapsError, pins::Attachment};
 
@@ -83,6 +85,7 @@ pub struct Drained {
 /// each see part of the traffic.
 pub struct Drainer {
     sel: Array<MapData, u32>,
+    full: Array<MapData, u32>,
     tables: [PerCpuHashMap<MapData, DeniedKey, DeniedStat>; 2],
     lost: PerCpuArray<MapData, u64>,
     lost_seen: u64,
@@ -114,6 +117,8 @@ impl Drainer {
         let mut d = Drainer {
             sel: Array::try_from(Map::Array(open(att, MAP_DENY_SEL)?))
                 .map_err(err(MAP_DENY_SEL))?,
+            full: Array::try_from(Map::Array(open(att, MAP_DENY_FULL)?))
+                .map_err(err(MAP_DENY_FULL))?,
             tables: [table(MAP_DENIED0)?, table(MAP_DENIED1)?],
             lost: PerCpuArray::try_from(Map::PerCpuArray(open(att, MAP_DENY_LOST)?))
                 .map_err(err(MAP_DENY_LOST))?,
@@ -170,6 +175,8 @@ impl Drainer {
                 aggregates.push(a);
             }
         }
+        // Emptied: the kernel may insert into it again once it is current.
+        self.full.set(current, 0, 0).map_err(err(MAP_DENY_FULL))?;
         let total = self.lost_total()?;
         let lost = total.saturating_sub(self.lost_seen);
         self.lost_seen = total;

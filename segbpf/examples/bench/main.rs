@@ -147,6 +147,58 @@ fn memlock(ebpf: &aya::Ebpf) -> u64 {
 
 use std::os::fd::AsFd as _;
 
+/// Opens the flows the connection-table cases hit: a half-open one
+/// (tcp HOST:40000 -> 198.18.0.9:443, the host's SYN; egress default
+/// allow) and an assured one (HOST:40001 -> 198.18.0.9:443, SYN out,
+/// SYN-ACK in, ACK out).
+fn open_flows(ebpf: &mut aya::Ebpf, host: IpAddr) -> anyhow::Result<()> {
+    // A connection-table entry for the CT-hit path: the host opened
+    // tcp 192.0.2.1:40000 -> 198.18.0.9:443 (egress default allow).
+    let syn = PacketSpec::tcp(host, "198.18.0.9".parse()?, 40000, 443)
+        .build()
+        .bytes;
+    loader::tc(ebpf)?.test_run(TestRunOptions {
+        data_in: Some(&syn),
+        ..TestRunOptions::new()
+    })?;
+    // An assured flow for the assured CT-hit and blind-RST paths: the
+    // host opened 192.0.2.1:40001 -> 198.18.0.9:443 and the handshake
+    // completed (SYN out, SYN-ACK in, ACK out).
+    let peer: IpAddr = "198.18.0.9".parse()?;
+    for (egress, spec) in [
+        (true, PacketSpec::tcp(host, peer, 40001, 443)),
+        (
+            false,
+            PacketSpec {
+                tcp_flags: 0x12,
+                tcp_ack: 2,
+                ..PacketSpec::tcp(peer, host, 443, 40001)
+            },
+        ),
+        (
+            true,
+            PacketSpec {
+                tcp_flags: 0x10,
+                tcp_seq: 2,
+                tcp_ack: 2,
+                ..PacketSpec::tcp(host, peer, 40001, 443)
+            },
+        ),
+    ] {
+        let frame = spec.build().bytes;
+        let opts = TestRunOptions {
+            data_in: Some(&frame),
+            ..TestRunOptions::new()
+        };
+        if egress {
+            loader::tc(ebpf)?.test_run(opts)?;
+        } else {
+            loader::xdp(ebpf)?.test_run(opts)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let o = opts();
     if matches!(
@@ -203,50 +255,8 @@ fn main() -> anyhow::Result<()> {
         let t1 = Instant::now();
         maps::write_policy(&mut ebpf, &c)?;
         let load_s = t1.elapsed().as_secs_f64();
-        // A connection-table entry for the CT-hit path: the host opened
-        // tcp 192.0.2.1:40000 -> 198.18.0.9:443 (egress default allow).
-        let syn = PacketSpec::tcp(host, "198.18.0.9".parse()?, 40000, 443)
-            .build()
-            .bytes;
-        loader::tc(&mut ebpf)?.test_run(TestRunOptions {
-            data_in: Some(&syn),
-            ..TestRunOptions::new()
-        })?;
-        // An assured flow for the assured CT-hit and blind-RST paths: the
-        // host opened 192.0.2.1:40001 -> 198.18.0.9:443 and the handshake
-        // completed (SYN out, SYN-ACK in, ACK out).
+        open_flows(&mut ebpf, host)?;
         let peer: IpAddr = "198.18.0.9".parse()?;
-        for (egress, spec) in [
-            (true, PacketSpec::tcp(host, peer, 40001, 443)),
-            (
-                false,
-                PacketSpec {
-                    tcp_flags: 0x12,
-                    tcp_ack: 2,
-                    ..PacketSpec::tcp(peer, host, 443, 40001)
-                },
-            ),
-            (
-                true,
-                PacketSpec {
-                    tcp_flags: 0x10,
-                    tcp_seq: 2,
-                    tcp_ack: 2,
-                    ..PacketSpec::tcp(host, peer, 40001, 443)
-                },
-            ),
-        ] {
-            let frame = spec.build().bytes;
-            let opts = TestRunOptions {
-                data_in: Some(&frame),
-                ..TestRunOptions::new()
-            };
-            if egress {
-                loader::tc(&mut ebpf)?.test_run(opts)?;
-            } else {
-                loader::xdp(&mut ebpf)?.test_run(opts)?;
-            }
-        }
         let inst = instances.len();
         let mem = memlock(&ebpf);
         instances.push(ebpf);
@@ -335,6 +345,40 @@ fn main() -> anyhow::Result<()> {
         samples: Vec::new(),
         ratios: Vec::new(),
     });
+
+    // Flow accounting off (`attach --flow-log off`): what counting flows
+    // and aggregating denials costs on the tracked and the drop path.
+    let (_, mut unaccounted) = compile(10, 1_000)?;
+    unaccounted.config.flow_acct = 0;
+    unaccounted.config.log_rate = 0;
+    let mut plain_ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
+    maps::write_policy(&mut plain_ebpf, &unaccounted)?;
+    open_flows(&mut plain_ebpf, host)?;
+    let plain_inst = instances.len();
+    instances.push(plain_ebpf);
+    for (name, frame) in [
+        (
+            "ct hit, assured (flow accounting off)",
+            PacketSpec {
+                tcp_flags: 0x10,
+                tcp_seq: 2,
+                tcp_ack: 2,
+                ..PacketSpec::tcp("198.18.0.9".parse()?, host, 443, 40001)
+            },
+        ),
+        (
+            "default drop (events off, flow accounting off)",
+            PacketSpec::tcp("203.0.113.9".parse()?, host, 40000, 22),
+        ),
+    ] {
+        cases.push(Case {
+            name: format!("{name} [10 rules / 1000 prefixes]"),
+            frame: frame.build().bytes,
+            inst: plain_inst,
+            samples: Vec::new(),
+            ratios: Vec::new(),
+        });
+    }
 
     let floor_frame = PacketSpec::tcp("198.18.0.7".parse()?, host, 40000, 1000)
         .build()

@@ -116,6 +116,16 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             att.describe()
         );
     }
+    let stop = on_stop_signals()?;
+    let print = |lines: &[Line]| -> anyhow::Result<()> {
+        for l in lines {
+            match args.output {
+                Output::Json => print_line(serde_json::to_string(l)?)?,
+                Output::Text => print_line(text_line(l))?,
+            }
+        }
+        Ok(())
+    };
     loop {
         let lines = match log.step() {
             Ok(lines) => lines,
@@ -125,14 +135,34 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        for l in &lines {
-            match args.output {
-                Output::Json => print_line(serde_json::to_string(l)?)?,
-                Output::Text => print_line(text_line(l))?,
+        print(&lines)?;
+        for _ in 0..10 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // What waits in the denied tables is drained and printed
+                // before leaving: a drained aggregate is never dropped.
+                return print(&log.finish()?);
             }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop_handler(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM set a flag (async-signal-safe) instead of ending
+/// the process at once.
+fn on_stop_signals() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { signal(sig, SigHandler::Handler(stop_handler)) }?;
+    }
+    Ok(&STOP)
 }
 
 /// A flow-log line as one line of text.
