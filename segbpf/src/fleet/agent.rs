@@ -197,20 +197,8 @@ async fn get_current(
     store: &Store,
     client: &mut Client,
 ) -> Result<(Option<Current>, i64), FleetError> {
-    let key = store.current_key();
-    let resp = store
-        .timed(
-            "reading the current revision",
-            client.get(key.clone(), None),
-        )
-        .await?;
-    let header_rev = resp
-        .header()
-        .map_or(0, etcd_client::ResponseHeader::revision);
-    match resp.kvs().first() {
-        Some(kv) => Ok((Some(Current::parse(&key, kv.value())?), header_rev)),
-        None => Ok((None, header_rev)),
-    }
+    let p = super::read_pointer(store, client).await?;
+    Ok((p.current, p.store_revision))
 }
 
 async fn get_revision(store: &Store, client: &mut Client, n: u64) -> Result<String, FleetError> {

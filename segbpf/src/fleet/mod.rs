@@ -504,11 +504,21 @@ async fn read_status(store: &Store, client: &mut Client) -> Result<FleetStatus, 
     Ok(FleetStatus { current, agents })
 }
 
-/// The pointer and its mod revision (0: absent).
-async fn read_current(
+/// The pointer as read now.
+pub(crate) struct Pointer {
+    /// The pointer, if any.
+    pub(crate) current: Option<Current>,
+    /// Its mod revision (0: absent): what a push compares against.
+    pub(crate) mod_revision: i64,
+    /// The store's revision at the read: where a watch starts.
+    pub(crate) store_revision: i64,
+}
+
+/// Reads the pointer.
+pub(crate) async fn read_pointer(
     store: &Store,
     client: &mut Client,
-) -> Result<(Option<Current>, i64), FleetError> {
+) -> Result<Pointer, FleetError> {
     let key = store.current_key();
     let resp = store
         .timed(
@@ -516,10 +526,30 @@ async fn read_current(
             client.get(key.clone(), None),
         )
         .await?;
-    match resp.kvs().first() {
-        Some(kv) => Ok((Some(Current::parse(&key, kv.value())?), kv.mod_revision())),
-        None => Ok((None, 0)),
-    }
+    let store_revision = resp
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
+    Ok(match resp.kvs().first() {
+        Some(kv) => Pointer {
+            current: Some(Current::parse(&key, kv.value())?),
+            mod_revision: kv.mod_revision(),
+            store_revision,
+        },
+        None => Pointer {
+            current: None,
+            mod_revision: 0,
+            store_revision,
+        },
+    })
+}
+
+/// The pointer and its mod revision (0: absent).
+async fn read_current(
+    store: &Store,
+    client: &mut Client,
+) -> Result<(Option<Current>, i64), FleetError> {
+    let p = read_pointer(store, client).await?;
+    Ok((p.current, p.mod_revision))
 }
 
 /// What to push.
