@@ -772,103 +772,93 @@ fn families(rs: &Ruleset) -> Vec<bool> {
     out
 }
 
+/// Calls `visit` on every value of the JSON, depth first; `visit`
+/// returns whether to look inside the value.
+fn walk(v: &Value, visit: &mut impl FnMut(&Value) -> bool) {
+    if !visit(v) {
+        return;
+    }
+    match v {
+        Value::Object(o) => o.values().for_each(|x| walk(x, visit)),
+        Value::Array(a) => a.iter().for_each(|x| walk(x, visit)),
+        _ => {}
+    }
+}
+
+/// The right-hand side of a match: the elements of its set, or itself.
+fn set_or_one(right: &Value) -> Vec<Value> {
+    match right.get("set").and_then(Value::as_array) {
+        Some(a) => a.clone(),
+        None => vec![right.clone()],
+    }
+}
+
 /// Every address, prefix or range in the JSON.
 fn collect_addrs(v: &Value, out: &mut Vec<AddrRange>) {
-    match v {
+    walk(v, &mut |n| match n {
         Value::String(s) => {
             if s.contains(['.', ':'])
                 && let Ok(a) = s.parse::<IpAddr>()
             {
                 out.push(AddrRange::single(a));
             }
+            false
         }
-        Value::Object(o) => {
-            if (o.contains_key("prefix") || o.contains_key("range"))
-                && let Some(r) = super::ruleset::addr_elem(v)
-            {
-                out.extend(r);
-                return;
-            }
-            for x in o.values() {
-                collect_addrs(x, out);
-            }
-        }
-        Value::Array(a) => {
-            for x in a {
-                collect_addrs(x, out);
+        Value::Object(o) if o.contains_key("prefix") || o.contains_key("range") => {
+            match super::ruleset::addr_elem(n) {
+                Some(r) => {
+                    out.extend(r);
+                    false
+                }
+                None => true,
             }
         }
-        _ => {}
-    }
+        _ => true,
+    });
 }
 
 /// Every port or port range in port matches and port sets of the JSON.
 fn collect_ports(v: &Value, out: &mut Vec<PortRange>) {
-    match v {
-        Value::Object(o) => {
-            if let Some(m) = o.get("match") {
-                let field = m["left"]["payload"]["field"].as_str().unwrap_or("");
-                if matches!(field, "dport" | "sport") {
-                    let r = &m["right"];
-                    let items = match r.get("set").and_then(Value::as_array) {
-                        Some(a) => a.clone(),
-                        None => vec![r.clone()],
-                    };
-                    out.extend(items.iter().filter_map(super::ruleset::port_elem));
-                }
-            }
-            if let Some(s) = o.get("set")
-                && s["type"] == "inet_service"
-            {
-                for e in s["elem"].as_array().into_iter().flatten() {
-                    out.extend(super::ruleset::port_elem(e));
-                }
-            }
-            for x in o.values() {
-                collect_ports(x, out);
+    walk(v, &mut |n| {
+        if let Some(m) = n.get("match") {
+            let field = m["left"]["payload"]["field"].as_str().unwrap_or("");
+            if matches!(field, "dport" | "sport") {
+                out.extend(
+                    set_or_one(&m["right"])
+                        .iter()
+                        .filter_map(super::ruleset::port_elem),
+                );
             }
         }
-        Value::Array(a) => {
-            for x in a {
-                collect_ports(x, out);
+        if let Some(s) = n.get("set")
+            && s["type"] == "inet_service"
+        {
+            for e in s["elem"].as_array().into_iter().flatten() {
+                out.extend(super::ruleset::port_elem(e));
             }
         }
-        _ => {}
-    }
+        true
+    });
 }
 
 /// Interface names in `iif`/`iifname`/`oif`/`oifname` matches.
 fn collect_ifaces(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(o) => {
-            if let Some(m) = o.get("match") {
-                let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
-                if matches!(key, "iif" | "iifname" | "oif" | "oifname") {
-                    let r = &m["right"];
-                    let items = match r.get("set").and_then(Value::as_array) {
-                        Some(a) => a.clone(),
-                        None => vec![r.clone()],
-                    };
-                    for i in items.iter().filter_map(Value::as_str) {
-                        if i != "lo"
-                            && !i.contains('*')
-                            && i.len() <= 15
-                            && !out.iter().any(|x| x == i)
-                        {
-                            out.push(i.to_string());
-                        }
+    walk(v, &mut |n| {
+        if let Some(m) = n.get("match") {
+            let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
+            if matches!(key, "iif" | "iifname" | "oif" | "oifname") {
+                for item in set_or_one(&m["right"]) {
+                    if let Some(i) = item.as_str()
+                        && i != "lo"
+                        && !i.contains('*')
+                        && i.len() <= 15
+                        && !out.iter().any(|x| x == i)
+                    {
+                        out.push(i.to_string());
                     }
                 }
             }
-            for x in o.values() {
-                collect_ifaces(x, out);
-            }
         }
-        Value::Array(a) => {
-            for x in a {
-                collect_ifaces(x, out);
-            }
-        }
-        _ => {}
-    }
+        true
+    });
 }
