@@ -50,7 +50,7 @@ const REQUIRED: &[&str] = &[
     "usr/share/fish/vendor_completions.d/segbpf.fish",
 ];
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -318,6 +318,7 @@ fn check_package(deb: &Path, arch: &str) -> anyhow::Result<()> {
     verify_unit(&root, &scratch.0.join("man"))?;
     if nix_is_root() {
         enforce_example(&bin, &example, &scratch.0)?;
+        crate::boot::check(deb, &scratch.0.join("boot"))?;
     } else {
         eprintln!("dist: not root: the packaged binary was not attached (run as root for that)");
     }

@@ -18,6 +18,7 @@
 //!   (cargo-deb), and with `--check` an inspection of it (contents, control
 //!   fields, the packaged unit verified, the packaged binary attached).
 
+mod boot;
 mod demo;
 mod dist;
 mod setup;

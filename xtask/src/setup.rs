@@ -79,6 +79,11 @@ fn deb_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
+/// Installs the Debian packages of `pkgs` that are missing.
+pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+    apt_install(pkgs)
+}
+
 fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !deb_installed(p)).collect();
     if missing.is_empty() {
