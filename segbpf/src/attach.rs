@@ -177,6 +177,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     //    service restart) never leaves a moment without enforcement.
     let roots = pins::Roots::from_env();
     roots.check_visible()?;
+    crate::gone::prune(&roots, ns);
     let att = roots.attachment(&req.iface, ns);
     let _lock = take_update_lock(&att).map_err(io(format!(
         "locking {}",

@@ -26,6 +26,7 @@ pub mod export;
 pub mod fleet;
 pub mod flowlog;
 pub mod flows;
+pub mod gone;
 pub mod guard;
 pub mod history;
 pub mod import;

@@ -295,3 +295,58 @@ fn ip_netns_exec_is_refused_before_anything_is_pinned() -> anyhow::Result<()> {
     assert_eq!(v["attachments"].as_array().map(Vec::len), Some(0), "{v}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn files_of_a_namespace_that_is_gone_are_removed_at_the_next_attach() -> anyhow::Result<()> {
+    // A namespace with an attachment goes away (a container stops) with
+    // nothing run to detach: its pins and state stay behind, keyed by its
+    // inode. The next attach anywhere removes them, and only them: a live
+    // namespace's attachment keeps its files and keeps enforcing.
+    use std::os::unix::fs::MetadataExt as _;
+    let mut lab = Lab::new("gone")?;
+    lab.add_host("a", &["198.18.84.10/24"])?;
+    lab.add_host("b", &["198.18.84.20/24"])?;
+    lab.add_host("client", &["198.18.84.30/24"])?;
+    let p = lab.write_policy("p.toml", &one_tcp_port_policy(8080))?;
+    let p = p.display().to_string();
+    let b_addr = lab.host("b").addrs[0];
+    let _servers = [
+        net::Server::tcp_echo(&lab.host("b").ns.name, b_addr, 8080)?,
+        net::Server::tcp_echo(&lab.host("b").ns.name, b_addr, 9090)?,
+    ];
+    lab.attach("a", &p, &[])?;
+    lab.attach("b", &p, &[])?;
+    let inode = |host: &str| -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(format!("/run/netns/{}", lab.host(host).ns.name))?.ino())
+    };
+    let (a, b) = (inode("a")?, inode("b")?);
+    let a_pins = lab.bpffs.join("net").join(a.to_string());
+    let a_state = lab.state.join("net").join(a.to_string());
+    let b_pins = lab.bpffs.join("net").join(b.to_string());
+    let b_state = lab.state.join("net").join(b.to_string());
+    assert!(a_pins.is_dir() && a_state.is_dir(), "a's files exist");
+    // Namespace a goes away (its veth with it); the lab's own delete
+    // later finds nothing.
+    segbpf_tests::netns::ip(&["netns", "del", &lab.host("a").ns.name])?;
+    assert!(a_pins.is_dir() && a_state.is_dir(), "left behind");
+
+    // The kernel frees the namespace and detaches its links a moment
+    // later; each attach of b (an adoption) prunes what is gone by then.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a_pins.exists() || a_state.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the files of gone namespace net:[{a}] are still there: {} {}",
+            a_pins.display(),
+            a_state.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        lab.attach("b", &p, &[])?;
+    }
+    assert!(b_pins.is_dir() && b_state.is_dir(), "b's files stay");
+    assert!(lab.status_json("b")?["attachments"][0]["attached"] == true);
+    assert!(open(&lab, b_addr, 8080)?, "b still lets 8080 in");
+    assert!(!open(&lab, b_addr, 9090)?, "b still enforces");
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! Files left by network namespaces that are gone: the pin and state
+//! directories `net/INODE/` of a namespace that no longer exists (a
+//! container that stopped, `ip netns del`) stay until the machine reboots,
+//! as nothing runs in that namespace to detach. [`prune`] removes them.
+//!
+//! Liveness comes from the kernel, never from a file:
+//! - a namespace is alive while something refers to it: a task that runs
+//!   in it (`/proc/PID/task/TID/ns/net`), an open descriptor
+//!   (`/proc/PID/fd/*` reading `net:[INODE]`) or a bind mount in any mount
+//!   namespace (`nsfs` lines of `/proc/PID/mountinfo`, as `ip netns add`
+//!   makes). Any of these, seen or not, keeps the files;
+//! - even with no reference found, the files of a namespace stay while
+//!   any of its pinned links is still attached to an interface
+//!   (`BPF_OBJ_GET_INFO_BY_FD` gives its ifindex, 0 once the kernel
+//!   detached it): removing that pin could detach a program that still
+//!   enforces somewhere (a reference this process cannot see, or a
+//!   physical device moved back to the initial namespace). Removing the
+//!   pins of detached links changes nothing in the kernel's filtering.
+
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use tracing::{debug, info, warn};
+
+use crate::{netns::Netns, pins::Roots};
+
+/// Removes the pin and state directories of every network namespace
+/// that is gone (see the module's documentation); `current` is the
+/// caller's namespace (never touched). Returns the inodes removed.
+/// Failures are logged: nothing here may stop an attach.
+pub fn prune(roots: &Roots, current: &Netns) -> Vec<u64> {
+    let keys = namespace_keys(roots, current);
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let live = live_namespaces();
+    let mut removed = Vec::new();
+    for inode in keys {
+        if live.contains(&inode) {
+            continue;
+        }
+        let pins = roots.bpffs.join("net").join(inode.to_string());
+        if let Some(link) = attached_link(&pins) {
+            debug!(
+                "network namespace net:[{inode}] has no reference left, but {} is still attached: its files stay",
+                link.display()
+            );
+            continue;
+        }
+        let state = roots.state.join("net").join(inode.to_string());
+        let mut ok = true;
+        for dir in [&pins, &state] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    warn!("removing {}: {e}", dir.display());
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+        if ok {
+            info!(
+                "removed the segbpf files of network namespace net:[{inode}], which is gone ({}, {})",
+                pins.display(),
+                state.display()
+            );
+            removed.push(inode);
+        }
+    }
+    removed
+}
+
+/// The namespace inodes that have a directory under either root's
+/// `net/`, but the caller's.
+fn namespace_keys(roots: &Roots, current: &Netns) -> BTreeSet<u64> {
+    [&roots.bpffs, &roots.state]
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root.join("net")).ok())
+        .flat_map(|rd| rd.filter_map(Result::ok))
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|&inode| inode != current.inode)
+        .collect()
+}
+
+/// Every network namespace something on this machine refers to, as far
+/// as this process can see.
+fn live_namespaces() -> BTreeSet<u64> {
+    let mut live = BTreeSet::new();
+    let mut mount_namespaces = BTreeSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return live;
+    };
+    for pid in procs.filter_map(Result::ok) {
+        if !pid
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
+            continue;
+        }
+        let dir = pid.path();
+        for task in std::fs::read_dir(dir.join("task"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            if let Ok(m) = std::fs::metadata(task.path().join("ns/net")) {
+                live.insert(m.ino());
+            }
+        }
+        for fd in std::fs::read_dir(dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            if let Some(inode) = std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|t| net_inode(&t.to_string_lossy()))
+            {
+                live.insert(inode);
+            }
+        }
+        // Bind mounts: once per mount namespace.
+        let mnt = std::fs::metadata(dir.join("ns/mnt")).map_or(0, |m| m.ino());
+        if mount_namespaces.insert(mnt)
+            && let Ok(mountinfo) = std::fs::read_to_string(dir.join("mountinfo"))
+        {
+            live.extend(mountinfo.lines().filter_map(nsfs_mount_inode));
+        }
+    }
+    live
+}
+
+/// `net:[INODE]`, the target of a namespace file's link.
+fn net_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The namespace of an `nsfs` bind mount line of `mountinfo`
+/// (`... 4 ... nsfs net:[4026532290] ... - nsfs nsfs rw`).
+fn nsfs_mount_inode(line: &str) -> Option<u64> {
+    let (fields, fs) = line.split_once(" - ")?;
+    if fs.split_whitespace().next() != Some("nsfs") {
+        return None;
+    }
+    // The root field (4th) names the namespace.
+    net_inode(fields.split_whitespace().nth(3)?)
+}
+
+/// The first pinned link under `pins` (`IFACE/link_*`) that the kernel
+/// still has attached to an interface, or that cannot be read (kept, to
+/// be safe).
+fn attached_link(pins: &Path) -> Option<PathBuf> {
+    let links = std::fs::read_dir(pins)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .flat_map(|iface| {
+            std::fs::read_dir(iface.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+        })
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("link_"))
+        });
+    for link in links {
+        match link_ifindex(&link) {
+            Ok(0) => {}
+            Ok(_) => return Some(link),
+            Err(e) => {
+                warn!("reading the pinned link {}: {e}", link.display());
+                return Some(link);
+            }
+        }
+    }
+    None
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjGet {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct GetInfo {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The start of `struct bpf_link_info`: the per-type union begins at
+/// offset 16 (it holds 64-bit members), and its `xdp` and `tcx` members
+/// both begin with the interface index.
+#[repr(C)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    _rest: [u32; 11],
+}
+
+/// The interface index a pinned XDP or TCX link is attached to (0: the
+/// kernel detached it, for instance when its interface was destroyed).
+fn link_ifindex(pin: &Path) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` is a bpf_attr of the size passed, with a pointer to a
+    // NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = LinkInfo {
+        link_type: 0,
+        id: 0,
+        prog_id: 0,
+        _pad: 0,
+        ifindex: 0,
+        _rest: [0; 11],
+    };
+    let mut attr = GetInfo {
+        bpf_fd: fd.as_raw_fd().cast_unsigned(),
+        info_len: u32::try_from(std::mem::size_of::<LinkInfo>()).map_err(std::io::Error::other)?,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` is a bpf_attr of the size passed; the kernel writes
+    // at most `info_len` bytes into `info`, which has that size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            std::mem::size_of::<GetInfo>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.ifindex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_references_are_read() {
+        assert_eq!(net_inode("net:[4026532290]"), Some(4_026_532_290));
+        assert_eq!(net_inode("mnt:[4026532290]"), None);
+        assert_eq!(net_inode("socket:[12]"), None);
+        let line = "812 29 0:4 net:[4026532290] /run/netns/a rw shared:1 - nsfs nsfs rw";
+        assert_eq!(nsfs_mount_inode(line), Some(4_026_532_290));
+        let other = "30 29 0:26 / /sys/fs/bpf rw shared:2 - bpf bpf rw";
+        assert_eq!(nsfs_mount_inode(other), None);
+    }
+
+    #[test]
+    fn this_processs_namespace_is_live() {
+        let me = Netns::current().unwrap();
+        assert!(live_namespaces().contains(&me.inode));
+    }
+}
