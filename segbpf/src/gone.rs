@@ -15,7 +15,8 @@
 //!   detached it): removing that pin could detach a program that still
 //!   enforces somewhere (a reference this process cannot see, or a
 //!   physical device moved back to the initial namespace). Removing the
-//!   pins of detached links changes nothing in the kernel's filtering.
+//!   pins of detached links changes nothing in the kernel's filtering;
+//! - a change in progress there (its update lock held) keeps them too.
 
 use std::{
     collections::BTreeSet,
@@ -51,6 +52,11 @@ pub fn prune(roots: &Roots, current: &Netns) -> Vec<u64> {
             continue;
         }
         let state = roots.state.join("net").join(inode.to_string());
+        // A change in progress there holds its update lock: leave it be.
+        let Some(_locks) = take_locks(&state) else {
+            debug!("network namespace net:[{inode}]: a change holds its lock; its files stay");
+            continue;
+        };
         let mut ok = true;
         for dir in [&pins, &state] {
             match std::fs::remove_dir_all(dir) {
@@ -71,6 +77,21 @@ pub fn prune(roots: &Roots, current: &Netns) -> Vec<u64> {
         }
     }
     removed
+}
+
+/// Every update lock of the attachments under `state` (`*.update.lock`),
+/// taken without waiting; `None` when one is held.
+fn take_locks(state: &Path) -> Option<Vec<std::fs::File>> {
+    let mut held = Vec::new();
+    for entry in std::fs::read_dir(state).into_iter().flatten().filter_map(Result::ok) {
+        if !entry.file_name().to_string_lossy().ends_with(".update.lock") {
+            continue;
+        }
+        let file = std::fs::File::open(entry.path()).ok()?;
+        file.try_lock().ok()?;
+        held.push(file);
+    }
+    Some(held)
 }
 
 /// The namespace inodes that have a directory under either root's

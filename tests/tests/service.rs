@@ -2,7 +2,8 @@
 //! - `systemd-analyze verify` has nothing to say about it (verify exits 0
 //!   on warnings, so any message fails), its Documentation= pages included;
 //! - its sandbox lets segbpf do a service's work. systemd is not PID 1
-//!   here, so the sandbox is reproduced piece by piece: segbpf runs with
+//!   here (`cargo xtask dist --check` runs the packaged unit under a real
+//!   one, xtask/src/boot.rs), so the sandbox is reproduced piece by piece: segbpf runs with
 //!   exactly the unit's CapabilityBoundingSet and no_new_privs (setpriv),
 //!   under strace, while it enforces, reloads on SIGHUP, exits on SIGTERM
 //!   with enforcement kept, and while a `--confirm` guard undoes an

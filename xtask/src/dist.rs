@@ -11,7 +11,9 @@
 //! runs and checks the packaged example, the packaged unit passes
 //! `systemd-analyze verify` against the packaged binary and manual pages,
 //! and (as root) the packaged binary enforces the example on a veth
-//! interface in a scratch network namespace.
+//! interface in a scratch network namespace, and the package is installed,
+//! used as the README says and removed under a real systemd as PID 1
+//! ([`crate::boot`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -241,6 +243,20 @@ fn field_problems(fields: &str, arch: &str, synopsis: &str) -> Vec<String> {
     if !field("Depends").is_some_and(|d| d.contains("libc6")) {
         problems.push(format!("Depends: {:?}, want libc6", field("Depends")));
     }
+    // `import --verify` runs nft and iptables-restore.
+    let recommends: Vec<&str> = field("Recommends")
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for want in ["nftables", "iptables"] {
+        if !recommends.contains(&want) {
+            problems.push(format!(
+                "Recommends: {:?}, want {want}",
+                field("Recommends")
+            ));
+        }
+    }
     problems
 }
 
@@ -267,6 +283,7 @@ fn check_package(deb: &Path, arch: &str) -> anyhow::Result<()> {
         "Version",
         "Architecture",
         "Depends",
+        "Recommends",
         "Description",
     ]))?;
     problems.extend(field_problems(&fields, arch, &synopsis()?));
@@ -495,7 +512,7 @@ lrwxrwxrwx 0/0               0 2024-01-01 00:00 ./usr/bin/segbpf -> ../sbin/segb
     #[test]
     fn control_fields_are_checked() {
         let good = format!(
-            "Package: segbpf\nVersion: {VERSION}\nArchitecture: amd64\nDepends: libc6 (>= 2.34), libgcc-s1 (>= 4.2)\nDescription: A firewall\n more text\n"
+            "Package: segbpf\nVersion: {VERSION}\nArchitecture: amd64\nDepends: libc6 (>= 2.34), libgcc-s1 (>= 4.2)\nRecommends: nftables, iptables\nDescription: A firewall\n more text\n"
         );
         assert!(field_problems(&good, "amd64", "A firewall").is_empty());
         let problems = field_problems(
@@ -503,7 +520,8 @@ lrwxrwxrwx 0/0               0 2024-01-01 00:00 ./usr/bin/segbpf -> ../sbin/segb
             "amd64",
             "A fire wall",
         );
-        assert_eq!(problems.len(), 4, "{problems:#?}");
+        // Version, Architecture, Description, Depends, and both Recommends.
+        assert_eq!(problems.len(), 6, "{problems:#?}");
         assert!(synopsis().unwrap().len() <= 79);
     }
 }
