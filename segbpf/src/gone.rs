@@ -83,8 +83,16 @@ pub fn prune(roots: &Roots, current: &Netns) -> Vec<u64> {
 /// taken without waiting; `None` when one is held.
 fn take_locks(state: &Path) -> Option<Vec<std::fs::File>> {
     let mut held = Vec::new();
-    for entry in std::fs::read_dir(state).into_iter().flatten().filter_map(Result::ok) {
-        if !entry.file_name().to_string_lossy().ends_with(".update.lock") {
+    for entry in std::fs::read_dir(state)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".update.lock")
+        {
             continue;
         }
         let file = std::fs::File::open(entry.path()).ok()?;
@@ -115,10 +123,10 @@ fn live_namespaces() -> BTreeSet<u64> {
         return live;
     };
     for pid in procs.filter_map(Result::ok) {
-        if !pid
+        if pid
             .file_name()
             .to_str()
-            .is_some_and(|n| n.parse::<u32>().is_ok())
+            .is_none_or(|n| n.parse::<u32>().is_err())
         {
             continue;
         }
