@@ -24,8 +24,9 @@
 //!   stays closed at every sample taken while the restart runs), stop (the
 //!   policy stays in force), the interface going away (the instance
 //!   stops) and coming back (it starts again and enforces);
-//! - `apt remove segbpf`: says which interfaces it left open, and leaves
-//!   no program attached.
+//! - `apt remove segbpf`: says which interfaces it left open (`eth1`, and
+//!   one attached by hand in another network namespace), and leaves no
+//!   program attached.
 //!
 //! The container is powered off (SIGTERM to nspawn, SIGKILL if it does not
 //! go), the bpffs unmounted and the client namespace deleted also when a
@@ -141,7 +142,13 @@ impl Container {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(work.join("console.log"))?)
             .stderr(std::fs::File::create(work.join("nspawn.log"))?);
-        let nspawn = cmd.spawn().context("running systemd-nspawn")?;
+        let nspawn = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = Command::new("umount").arg(&bpffs).status();
+                return Err(e).context("running systemd-nspawn");
+            }
+        };
         let mut container = Container {
             nspawn,
             pid1: 0,
@@ -333,7 +340,9 @@ fn reloaded_policy_enforced(client: &Netns, what: &str) -> anyhow::Result<()> {
 /// Runs the whole check; `work` is a scratch directory (removed by the caller).
 pub(crate) fn check(deb: &Path, work: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    crate::setup::ensure_packages(&["systemd-container"])?;
+    // nftables and iptables: the package recommends them, and the
+    // container has no network to fetch them from.
+    crate::setup::ensure_packages(&["systemd-container", "nftables", "iptables"])?;
     let share = work.join("share");
     std::fs::create_dir_all(&share)?;
     download_udev(&share)?;
@@ -469,11 +478,23 @@ pub(crate) fn check(deb: &Path, work: &Path) -> anyhow::Result<()> {
         "dist: eth1 removed: instance stopped after {gone:.1?}; re-created: enforcing after {back:.1?}"
     );
 
-    // apt remove: segbpf is taken off every interface, and says so.
+    // apt remove: segbpf is taken off every interface, also one in
+    // another network namespace (attached by hand), and says so.
+    c.sh(
+        "ip netns add inner && ip -n inner link add v0 type veth peer name v1 \
+         && ip -n inner link set v0 up && ip -n inner link set v1 up \
+         && segbpf --netns inner attach v0 --policy /etc/segbpf/roles.toml --role db --no-wait",
+    )?;
     let said = c.sh("apt-get remove -y segbpf 2>&1")?;
+    for iface in ["eth1;", "v0 (netns"] {
+        ensure!(
+            said.contains(&format!("detached segbpf from {iface}")),
+            "apt remove did not say it took segbpf off {iface}:\n{said}"
+        );
+    }
     ensure!(
-        said.contains("detached segbpf from eth1"),
-        "apt remove did not say it took segbpf off eth1:\n{said}"
+        !c.sh("ip -n inner -d link show v0")?.contains("prog/xdp"),
+        "after apt remove v0 (netns inner) still has an XDP program"
     );
     ensure!(
         c.xdp_prog()?.is_none(),
@@ -491,22 +512,31 @@ pub(crate) fn check(deb: &Path, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `apt-get download udev` into `dir` (as `udev.deb`).
+/// `apt-get download udev` into `dir` (as `udev.deb`): the version of
+/// the installed libudev1, which udev depends on exactly, else the
+/// candidate.
 fn download_udev(dir: &Path) -> anyhow::Result<()> {
-    let fetch = || {
+    let libudev = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "libudev1"])
+        .output()?;
+    let pinned = format!("udev={}", String::from_utf8_lossy(&libudev.stdout).trim());
+    let fetch = |what: &str| {
         Command::new("apt-get")
-            .args(["download", "-qq", "udev"])
+            .args(["download", "-qq", what])
             .current_dir(dir)
             .output()
     };
-    if !fetch()?.status.success() {
+    let ok = |what: &str| fetch(what).is_ok_and(|o| o.status.success());
+    if !ok(&pinned) && !ok("udev") {
         crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-        let out = fetch()?;
-        ensure!(
-            out.status.success(),
-            "apt-get download udev: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !ok(&pinned) {
+            let out = fetch("udev")?;
+            ensure!(
+                out.status.success(),
+                "apt-get download udev: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
     let deb = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
