@@ -19,8 +19,9 @@
 //!   other end lives in a client namespace made here; the policy must be
 //!   enforced (a connection to a closed port dropped) the moment
 //!   `systemctl enable --now` returns;
-//! - reload (a policy that opens a port: open when `systemctl reload`
-//!   returns), restart (the XDP program stays attached and a closed port
+//! - reload (a policy that opens a port: open within seconds of
+//!   `systemctl reload`; `ExecReload=` only signals, so systemctl does
+//!   not wait for the swap), restart (the XDP program stays attached and a closed port
 //!   stays closed at every sample taken while the restart runs), stop (the
 //!   policy stays in force), the interface going away (the instance
 //!   stops) and coming back (it starts again and enforces);
@@ -396,7 +397,8 @@ pub(crate) fn check(deb: &Path, work: &Path) -> anyhow::Result<()> {
         "no XDP program on eth1 after the README's steps"
     );
 
-    // Reload: the new policy is in force when `systemctl reload` returns.
+    // Reload: the new policy is in force (within the connect's 3 s:
+    // `ExecReload=` only signals, so systemctl does not wait for it).
     ensure!(
         !opens(&client, OPENED, Duration::from_secs(1))?,
         "port {OPENED} answers under the example policy"
