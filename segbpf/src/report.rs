@@ -106,6 +106,34 @@ pub struct Awaiting {
     pub generation: u64,
     /// Unix time at which the guard undoes it.
     pub deadline: u64,
+    /// The deadline has passed and the change is still in force.
+    pub overdue: bool,
+    /// Whether a guard process for it runs (checked by its pid; unknown
+    /// before the deadline, when the guard has not written its record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_running: Option<bool>,
+    /// Failed restore attempts so far.
+    pub restore_attempts: u32,
+    /// Why the last restore attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_error: Option<String>,
+}
+
+impl Awaiting {
+    fn of(att: &Attachment, p: &crate::guard::Pending) -> Awaiting {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let progress = crate::guard::Progress::read(att).filter(|g| g.generation == p.generation);
+        Awaiting {
+            generation: p.generation,
+            deadline: p.deadline,
+            overdue: now > p.deadline,
+            guard_running: progress.as_ref().map(crate::guard::Progress::running),
+            restore_attempts: progress.as_ref().map_or(0, |g| g.attempts),
+            restore_error: progress.and_then(|g| g.last_error),
+        }
+    }
 }
 
 /// Connection-table sizes and fill levels: the assured table (flows where
@@ -237,9 +265,6 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
         denied_lost: crate::denied::pinned_lost(att).unwrap_or(0),
         drift: state_sets,
-        pending: crate::guard::pending(att).map(|p| Awaiting {
-            generation: p.generation,
-            deadline: p.deadline,
-        }),
+        pending: crate::guard::pending(att).map(|p| Awaiting::of(att, &p)),
     })
 }

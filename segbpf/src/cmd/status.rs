@@ -92,11 +92,7 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
                 )?;
             }
             if let Some(p) = &r.pending {
-                writeln!(
-                    o,
-                    "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {}`)",
-                    p.generation, p.deadline, r.iface
-                )?;
+                print_pending(o, p, &r.iface)?;
             }
             if !s.set_overrides.is_empty() {
                 writeln!(
@@ -182,4 +178,43 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The pending-confirmation line: before the deadline, when it is undone;
+/// past it, why it is still in force (the restore failing and why, or no
+/// guard running).
+fn print_pending(
+    o: &mut impl Write,
+    p: &crate::report::Awaiting,
+    iface: &str,
+) -> std::io::Result<()> {
+    if !p.overdue {
+        return writeln!(
+            o,
+            "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {iface}`)",
+            p.generation, p.deadline
+        );
+    }
+    let last = p
+        .restore_error
+        .as_ref()
+        .map_or_else(String::new, |e| format!(" (its last restore failed: {e})"));
+    let why = match (&p.restore_error, p.guard_running) {
+        (_, Some(false)) => format!(
+            "NO GUARD RUNNING to undo it{last}; `segbpf attach {iface} ...` starts it again"
+        ),
+        (Some(e), _) => format!(
+            "RESTORE FAILING ({} attempts, the guard keeps trying): {e}",
+            p.restore_attempts
+        ),
+        (None, Some(true)) => "the guard is undoing it now".to_string(),
+        (None, None) => format!(
+            "no guard has reported on it; `segbpf attach {iface} ...` starts one again"
+        ),
+    };
+    writeln!(
+        o,
+        "  PENDING:   generation {} is still in force past its deadline (unix time {}): {why}",
+        p.generation, p.deadline
+    )
 }
