@@ -69,8 +69,11 @@ pub struct Report {
     pub netns: Option<String>,
     /// The network namespace's inode.
     pub netns_inode: u64,
-    /// Whether the link is pinned (enforcing).
+    /// Whether segbpf enforces: its links are pinned and the kernel runs
+    /// them on this interface ([`crate::liveness`]).
     pub attached: bool,
+    /// Each hook as the kernel has it (empty when nothing is pinned).
+    pub links: Vec<crate::liveness::Hook>,
     /// What was applied (None if the state file is missing).
     pub state: Option<State>,
     /// Packets per reason name, both directions together.
@@ -249,11 +252,17 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         assured_entries,
         other_entries,
     };
+    let links = if att.is_attached() {
+        crate::liveness::check(att, state.as_ref())
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         iface: att.iface.clone(),
         netns: att.netns.label.clone(),
         netns_inode: att.netns.inode,
-        attached: att.is_attached(),
+        attached: att.is_attached() && crate::liveness::all_live(&links),
+        links,
         state,
         counters,
         directions,

@@ -930,8 +930,10 @@ fn unconfirmed_change_that_renamed_the_role_is_undone_whole() -> anyhow::Result<
     assert!(!text.contains("PENDING"), "{text}");
     // The change is over: later reloads (the watcher's, the fleet
     // agent's) are not held waiting for a confirmation.
-    r.lab
-        .segbpf_ok("srv", &["reload", "eth0", "--policy", r.old.to_str().unwrap()])?;
+    r.lab.segbpf_ok(
+        "srv",
+        &["reload", "eth0", "--policy", r.old.to_str().unwrap()],
+    )?;
     Ok(())
 }
 

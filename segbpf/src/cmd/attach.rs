@@ -269,15 +269,22 @@ async fn wait_for_exit(
     Ok(())
 }
 
-/// Follows the policy file, or the fleet's store with `--etcd`. Never returns.
+/// Follows the policy file, or the fleet's store with `--etcd`, and
+/// re-attaches a link detached behind segbpf's back. Never returns.
 async fn follow(
     att: &Attachment,
     hup: tokio::signal::unix::Signal,
     fleet: Option<&crate::fleet::agent::AgentConfig>,
 ) {
-    match fleet {
-        // Boxed: the etcd client's futures are large.
-        Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
-        None => attach::watch_policy(att, hup).await,
+    let policy = async {
+        match fleet {
+            // Boxed: the etcd client's futures are large.
+            Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
+            None => attach::watch_policy(att, hup).await,
+        }
+    };
+    tokio::select! {
+        () = policy => {},
+        () = attach::watch_links(att) => {},
     }
 }

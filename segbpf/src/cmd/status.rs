@@ -69,10 +69,21 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         Some(l) => format!(" (netns {l})"),
         None => format!(" (netns net:[{}])", r.netns_inode),
     };
+    let dead: Vec<String> = r
+        .links
+        .iter()
+        .filter(|h| !h.live)
+        .map(|h| format!("{}: {}", h.hook, h.problem.as_deref().unwrap_or("not live")))
+        .collect();
     let link = if r.attached {
-        "enforcing"
+        "enforcing".to_string()
+    } else if !dead.is_empty() && r.links.iter().any(|h| h.link_id != 0) {
+        format!(
+            "NOT ENFORCING ({}; `segbpf attach` attaches it again)",
+            dead.join("; ")
+        )
     } else {
-        "NOT ATTACHED (stale pins)"
+        "NOT ATTACHED (stale pins)".to_string()
     };
     match &r.state {
         Some(s) => {
@@ -135,8 +146,10 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
             "  mode:      {}; events {}/s, burst {}; flow accounting {}",
             if s.audit {
                 "AUDIT (nothing enforced)"
-            } else {
+            } else if r.attached {
                 "enforcing"
+            } else {
+                "NOT ENFORCING (see above)"
             },
             s.log_rate,
             s.log_burst,
@@ -208,9 +221,9 @@ fn print_pending(
             p.restore_attempts
         ),
         (None, Some(true)) => "the guard is undoing it now".to_string(),
-        (None, None) => format!(
-            "no guard has reported on it; `segbpf attach {iface} ...` starts one again"
-        ),
+        (None, None) => {
+            format!("no guard has reported on it; `segbpf attach {iface} ...` starts one again")
+        }
     };
     writeln!(
         o,
