@@ -11,8 +11,8 @@
 //! policy is refused with its line and changes nothing; a canary push
 //! whose canary cannot apply (its address is in no role of the new
 //! policy) stops after the canary and leaves every host on 3; a revision
-//! pushed with `--confirm` that cuts the hosts off from etcd is undone by
-//! the lockout guard on every host; a revision whose source does not
+//! pushed with `--confirm` that cuts the hosts off from etcd and renames
+//! their role is undone by the lockout guard on every host; a revision whose source does not
 //! match the pointer's hash (written by hand) is refused; an agent killed
 //! disappears from `fleet status` when its lease expires.
 //!
@@ -421,10 +421,14 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
     }
 
     // --confirm: a revision that cuts the hosts off from etcd (egress
-    // dropped) is undone by the lockout guard, and reported as failed.
+    // dropped) is undone by the lockout guard, and reported as failed. It
+    // also renames the hosts' role (agents work roles out again): the
+    // guard restores revision 3 with its own role, not the new name.
     let p5 = f.lab.write_policy(
         "p5.toml",
-        &policy(&addrs, 8004).replace(r#"egress = "allow""#, r#"egress = "drop""#),
+        &policy(&addrs, 8004)
+            .replace(r#"egress = "allow""#, r#"egress = "drop""#)
+            .replace("roles.srv", "roles.front"),
     )?;
     let out = f.push(&p5, &["--confirm", "3"])?;
     ensure!(
