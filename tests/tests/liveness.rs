@@ -152,9 +152,37 @@ fn links_detached_behind_segbpfs_back_are_reported_and_attached_again() -> anyho
     let metrics = segbpf::metrics::render(&att)?;
     assert_eq!(attached_metric(&metrics, "xdp"), Some(1), "{metrics}");
 
-    // A running attach (the service) notices by itself, both hooks.
-    let running = Running::new(lab.spawn("srv", &["attach", "eth0", "--policy", &policy])?);
-    std::thread::sleep(Duration::from_millis(500));
+    // A running attach (the service) notices by itself, both hooks. Its
+    // metrics endpoint answers once it has adopted the attachment: from
+    // then on only its watch can put the links back.
+    let running = Running::new(lab.spawn(
+        "srv",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--metrics",
+            "127.0.0.1:9471",
+        ],
+    )?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let scraped = loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "curl", "-sf"])
+            .arg("http://127.0.0.1:9471/metrics")
+            .output()?;
+        if out.status.success() {
+            break String::from_utf8(out.stdout)?;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the running attach never served its metrics"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(attached_metric(&scraped, "xdp"), Some(1), "{scraped}");
+    assert_eq!(attached_metric(&scraped, "tc"), Some(1), "{scraped}");
     detach_behind_segbpfs_back(&att.link_tc())?;
     detach_behind_segbpfs_back(&att.link_xdp())?;
     let status = wait_enforcing_again(&lab)?;

@@ -231,3 +231,47 @@ fn print_pending(
         p.generation, p.deadline
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Awaiting;
+
+    fn line(p: &Awaiting) -> String {
+        let mut out = Vec::new();
+        print_pending(&mut out, p, "eth1").unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn pending_past_its_deadline_says_why() {
+        let mut p = Awaiting {
+            generation: 4,
+            deadline: 100,
+            overdue: false,
+            guard_running: None,
+            restore_attempts: 0,
+            restore_error: None,
+        };
+        assert!(line(&p).contains("is undone at unix time 100 unless confirmed"));
+        p.overdue = true;
+        assert!(line(&p).contains("no guard has reported"), "{}", line(&p));
+        p.guard_running = Some(true);
+        assert!(line(&p).contains("the guard is undoing it now"));
+        p.restore_attempts = 3;
+        p.restore_error = Some("roles.toml: unknown role".into());
+        let l = line(&p);
+        assert!(
+            l.contains("still in force past its deadline")
+                && l.contains("RESTORE FAILING (3 attempts")
+                && l.contains("unknown role"),
+            "{l}"
+        );
+        p.guard_running = Some(false);
+        let l = line(&p);
+        assert!(
+            l.contains("NO GUARD RUNNING") && l.contains("its last restore failed: roles.toml"),
+            "{l}"
+        );
+    }
+}
