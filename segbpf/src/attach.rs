@@ -468,10 +468,12 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
 /// Watches that the kernel still runs the attachment's programs (checked
 /// every 2 seconds, [`crate::liveness`]): a link detached by another tool
 /// is attached again at once, logged as a warning, and the service status
-/// says so; a failure is logged as an error and tried again at the next
-/// check. A `segbpf detach` (pins removed) is left alone. Never returns.
+/// says so; a failure is logged as an error (once while it lasts) and
+/// tried again at the next check. A `segbpf detach` (pins removed) is left alone. Never returns.
 pub async fn watch_links(att: &Attachment) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // The same failure is logged once, not every 2 seconds.
+    let mut failing: Option<String> = None;
     loop {
         tick.tick().await;
         if !att.is_attached() {
@@ -497,12 +499,20 @@ pub async fn watch_links(att: &Attachment) {
             });
         match result {
             Ok(done) if !done.is_empty() => {
+                failing = None;
                 crate::service::ready(&format!("enforcing again: {}", done.join("; ")));
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::error!("{} is NOT ENFORCING: {e}", att.describe());
-                crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    tracing::error!(
+                        "{} is NOT ENFORCING: {e} (tried again every 2 s)",
+                        att.describe()
+                    );
+                    crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                }
+                failing = Some(e);
             }
         }
     }
