@@ -469,7 +469,8 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
 /// every 2 seconds, [`crate::liveness`]): a link detached by another tool
 /// is attached again at once, logged as a warning, and the service status
 /// says so; a failure is logged as an error (once while it lasts) and
-/// tried again at the next check. A `segbpf detach` (pins removed) is left alone. Never returns.
+/// tried again at the next check. A `segbpf detach` (pins removed) is
+/// left alone. Never returns.
 pub async fn watch_links(att: &Attachment) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     // The same failure is logged once, not every 2 seconds.
