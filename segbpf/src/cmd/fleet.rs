@@ -250,6 +250,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         agents: Vec<Row<'a>>,
         at_latest: usize,
         total: usize,
+        name_collisions: Vec<fleet::NameCollision>,
     }
     let store = args.etcd.store()?;
     let st = fleet::status(&store).await?;
@@ -265,6 +266,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             .collect(),
         at_latest: st.at_latest(),
         total: st.agents.len(),
+        name_collisions: st.name_collisions(),
     };
     if args.output == Output::Json {
         return print_json(&out);
@@ -294,5 +296,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "{} of {} at the latest revision ({latest})",
         out.at_latest, out.total
     ))?;
+    for c in &out.name_collisions {
+        print_line(format_args!(
+            "NAME COLLISION: {} agents were given the host name {} for {}: {} (cloned images or namespaces sharing a host name: give each its own --fleet-host)",
+            c.agents.len(),
+            c.name,
+            c.iface,
+            c.agents.join(", ")
+        ))?;
+    }
     Ok(())
 }
