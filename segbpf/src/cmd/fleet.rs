@@ -66,7 +66,8 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// This host's name in the fleet's status keys (default: the system's
-    /// host name).
+    /// host name). While another live agent holds that name, this one
+    /// reports as NAME~MACHINEID-NETNS and warns.
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub fleet_host: Option<String>,
     /// Longest wait between attempts to reach etcd (the wait doubles from
