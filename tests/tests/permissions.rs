@@ -235,8 +235,30 @@ fn a_policy_below_a_directory_another_user_owns_is_refused() -> anyhow::Result<(
     // A trusted path attaches (in the foreground: it reloads by itself
     // when the policy file changes).
     std::fs::set_permissions(&gp, std::fs::Permissions::from_mode(0o755))?;
-    let attach = Running::new(lab.spawn("srv", &args)?);
-    lab.wait_enforcing("srv")?;
+    // Its log goes to a file: waiting for "enforcing" there allows for a
+    // slow start on a loaded machine, and the watch starts right after.
+    let log_path = root.join("attach.log");
+    let attach = Running::new(
+        std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["--netns", &lab.host("srv").ns.name])
+            .args(args)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()?,
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !log().contains("enforcing on eth0") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
     assert!(lab.tcp_reachable("cli", "srv", 8080)?);
     assert!(!lab.tcp_reachable("cli", "srv", 8081)?);
 
@@ -264,8 +286,8 @@ fn a_policy_below_a_directory_another_user_owns_is_refused() -> anyhow::Result<(
     assert!(lab.tcp_reachable("cli", "srv", 8080)?);
     assert!(!lab.tcp_reachable("cli", "srv", 8081)?);
     attach.terminate()?;
-    let out = attach.wait()?;
-    let log = String::from_utf8_lossy(&out.stderr);
+    attach.wait()?;
+    let log = log();
     for why in ["the policy file changed", "SIGHUP"] {
         assert!(
             log.lines()
