@@ -70,8 +70,9 @@ pub struct Args {
     #[arg(long)]
     pub no_wait: bool,
     /// Accept a policy file that is writable by users other than root, or
-    /// owned by one (refused by default, as sshd's StrictModes does); holds
-    /// for this attachment's later reloads too.
+    /// owned by one, or below such a directory (refused by default, as
+    /// sshd's StrictModes does); holds for this attachment's later reloads
+    /// too.
     #[arg(long)]
     pub insecure_policy: bool,
     /// Flow accounting and logs (docs/flows.md): `on` (default: flows are
