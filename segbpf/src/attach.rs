@@ -185,7 +185,16 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     )))?;
     if att.is_attached() {
         match State::repair(&att) {
-            Ok(old) if old.ifindex == ifindex => return adopt(req, &att, &old, &policy),
+            Ok(old) if old.ifindex == ifindex => {
+                // Pins say nothing about the kernel: a link detached by
+                // another tool is attached again before anything else.
+                let relinked = relink_dead(&att, &old)?;
+                let mut applied = adopt(req, &att, &old, &policy)?;
+                if !relinked.is_empty() {
+                    applied.summary = format!("{}; {}", relinked.join("; "), applied.summary);
+                }
+                return Ok(applied);
+            }
             Ok(old) => warn!(
                 "{} was re-created (interface index {} is now {ifindex}): its old attachment enforces nothing; attaching again",
                 att.describe(),
@@ -429,6 +438,86 @@ fn adopt(
         att: att.clone(),
         summary: format!("adopted segbpf on {which}: {msg}"),
     })
+}
+
+/// Re-attaches the hooks of `att` that the kernel no longer runs (a link
+/// detached by another tool), logging each; the caller holds the update
+/// lock. Returns one line per hook re-attached.
+fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachError> {
+    let hooks = crate::liveness::check(att, Some(state));
+    for h in hooks.iter().filter(|h| !h.live) {
+        warn!(
+            "{}: {} is not enforcing: {}; attaching it again",
+            att.describe(),
+            h.hook,
+            h.problem.as_deref().unwrap_or("not live")
+        );
+    }
+    if crate::liveness::all_live(&hooks) {
+        return Ok(Vec::new());
+    }
+    let done = crate::liveness::relink(att, state).map_err(io(format!(
+        "re-attaching the detached programs of {}",
+        att.describe()
+    )))?;
+    for line in &done {
+        warn!("{}: {line}", att.describe());
+    }
+    Ok(done)
+}
+
+/// Watches that the kernel still runs the attachment's programs (checked
+/// every 2 seconds, [`crate::liveness`]): a link detached by another tool
+/// is attached again at once, logged as a warning, and the service status
+/// says so; a failure is logged as an error (once while it lasts) and
+/// tried again at the next check. A `segbpf detach` (pins removed) is
+/// left alone. Never returns.
+pub async fn watch_links(att: &Attachment) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // The same failure is logged once, not every 2 seconds.
+    let mut failing: Option<String> = None;
+    loop {
+        tick.tick().await;
+        if !att.is_attached() {
+            continue;
+        }
+        let hooks = crate::liveness::check(att, State::current(att).ok().as_ref());
+        if crate::liveness::all_live(&hooks) {
+            continue;
+        }
+        let result = att
+            .lock(LockKind::Update)
+            .map_err(io(format!(
+                "locking {}",
+                att.lock_path(LockKind::Update).display()
+            )))
+            .and_then(|_lock| {
+                // Under the lock: a `segbpf detach` may have removed it meanwhile.
+                if !att.is_attached() {
+                    return Ok(Vec::new());
+                }
+                let state = State::repair(att)?;
+                relink_dead(att, &state)
+            });
+        match result {
+            Ok(done) if !done.is_empty() => {
+                failing = None;
+                crate::service::ready(&format!("enforcing again: {}", done.join("; ")));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    tracing::error!(
+                        "{} is NOT ENFORCING: {e} (tried again every 2 s)",
+                        att.describe()
+                    );
+                    crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                }
+                failing = Some(e);
+            }
+        }
+    }
 }
 
 /// Takes the update lock, saying so when another command holds it.

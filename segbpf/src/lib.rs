@@ -30,6 +30,7 @@ pub mod gone;
 pub mod guard;
 pub mod history;
 pub mod import;
+pub mod liveness;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -11,7 +11,9 @@
 //! - `STATE/net/NS/IFACE.json`, the state, and beside it
 //!   `IFACE.update.lock` (one change at a time), `IFACE.reader.lock` (one
 //!   event reader), `IFACE.next.json` (a swap in progress),
-//!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard).
+//!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard),
+//!   `IFACE.guard.json` (how the guard's restore goes) and `IFACE.guard.log`
+//!   (its log lines, outside systemd).
 //!
 //! Every directory segbpf makes is private ([`private_dir`]: mode 0700,
 //! owned by the user running segbpf, normally root) and `segbpf` runs with
@@ -244,6 +246,16 @@ impl Attachment {
         self.sidecar("confirm.restore.toml")
     }
 
+    /// How the guard's restore goes (its pid, attempts, last error), for `status`.
+    pub fn guard_record(&self) -> PathBuf {
+        self.sidecar("guard.json")
+    }
+
+    /// The guard's log lines when it has no journal to write to.
+    pub fn guard_log(&self) -> PathBuf {
+        self.sidecar("guard.log")
+    }
+
     /// The observed store: hourly files of denied and audit records
     /// (`IFACE.observed/`), for `segbpf suggest`.
     pub fn observed_dir(&self) -> PathBuf {
@@ -316,6 +328,8 @@ impl Attachment {
             self.pairs_file(),
             self.confirm_record(),
             self.confirm_restore(),
+            self.guard_record(),
+            self.guard_log(),
         ] {
             let _ = std::fs::remove_file(path);
         }

@@ -442,6 +442,36 @@ pub struct Settings {
     pub log_burst: Option<u32>,
     /// Flow accounting (`None`: keep).
     pub flow_acct: Option<bool>,
+    /// Roles and `--role` arguments put back as they were (the guard's
+    /// restore): the roles are checked against the policy, never worked
+    /// out again (`None`: as `redetect` and `roles` say).
+    pub exact_roles: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// Puts back the whole state `prev` that was in force before a guarded
+/// change: the policy text in `choice`, its live set edits, the roles and
+/// `--role` arguments exactly as they were (not the roles of the change,
+/// which the old policy may not know), audit mode, event burst and flow
+/// accounting. Under the attachment's update lock.
+pub fn restore(att: &Attachment, choice: Choice, prev: &State) -> Result<Swapped, SwapError> {
+    if !att.is_attached() {
+        return Err(SwapError::NotAttached(att.describe()));
+    }
+    let _lock = att
+        .lock(LockKind::Update)
+        .map_err(|source| SwapError::Lock {
+            path: att.lock_path(LockKind::Update),
+            source,
+        })?;
+    let old = State::repair(att)?;
+    let settings = Settings {
+        exact_roles: Some((prev.roles.clone(), prev.role_args.clone())),
+        audit: Some(prev.audit),
+        log_burst: Some(prev.log_burst),
+        flow_acct: Some(prev.flow_acct),
+        ..Settings::default()
+    };
+    swap_locked(att, &old, &settings, choice)
 }
 
 /// The outcome of the last policy change, kept next to the state
@@ -511,11 +541,16 @@ fn swap_in_force(
         crate::trust::check_policy_file(&path)?;
     }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
-    let role_args = settings
-        .roles
-        .clone()
-        .unwrap_or_else(|| old.role_args.clone());
-    let roles = if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
+    let role_args = match &settings.exact_roles {
+        Some((_, args)) => args.clone(),
+        None => settings
+            .roles
+            .clone()
+            .unwrap_or_else(|| old.role_args.clone()),
+    };
+    let roles = if let Some((exact, _)) = &settings.exact_roles {
+        roles::resolve(&policy, exact, &att.iface, &[])?
+    } else if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
         roles::resolve(&policy, explicit, &att.iface, &[])?
     } else if settings.roles.is_some() {
         // Roles asked to follow the addresses again: permanent ones only.

@@ -1,8 +1,9 @@
 //! Flow logs with real traffic from the kernel's stack: `end` records whose
 //! packet counts equal the interface counters, `denied` aggregates of a
 //! 100,000-datagram flood that add up to what was sent, `active` records
-//! of a long flow, `new_pair` once per pair, and `attach --flow-log PATH`
-//! reopening its file on SIGHUP.
+//! of a long flow, `new_pair` once per pair, `attach --flow-log PATH`
+//! reopening its file on SIGHUP, and the observed store kept within its
+//! cap under a flood of spoofed sources within one hour.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -255,6 +256,116 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
         );
     }
     Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_spoofed_flood_keeps_the_observed_store_within_its_cap() -> anyhow::Result<()> {
+    const CAP: u64 = 256 << 10;
+    let (lab, policy, _echo) = setup("flcap", "198.18.94")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    // The primary, which writes the store, with a small cap.
+    let follower = Running::new(
+        std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["--netns", &lab.host("srv").ns.name])
+            .args(["flows", "eth0", "--follow", "--output", "json"])
+            .args(["--denied-secs", "1"])
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .env("SEGBPF_OBSERVED_MAX_BYTES", CAP.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    // Made on the first write.
+    let store = || find_dir(&lab.state, ".observed");
+    // Spoofed datagrams from distinct sources (198.19.x.y) to a closed
+    // port, each its own denied aggregate: 2,000 a second for 4 s.
+    let ns = lab.host("client").ns.name.clone();
+    let sender = net::RawSender::open(&ns, "eth0")?;
+    let (srv_mac, client_mac) = (
+        net::mac(&lab.host("srv").ns.name, "eth0")?,
+        net::mac(&ns, "eth0")?,
+    );
+    let size = |dir: Option<std::path::PathBuf>| -> u64 {
+        dir.and_then(|d| std::fs::read_dir(d).ok())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let mut largest = 0;
+    let mut n: u32 = 0;
+    for _ in 0..40 {
+        for _ in 0..200 {
+            n += 1;
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0xc613_0000 | (n & 0xffff)));
+            let mut frame = segbpf::packet::PacketSpec::udp(src, srv, 40_000, 9000)
+                .build()
+                .bytes;
+            frame[..6].copy_from_slice(&srv_mac);
+            frame[6..12].copy_from_slice(&client_mac);
+            sender.send(&frame)?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        largest = largest.max(size(store()));
+    }
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        largest = largest.max(size(store()));
+    }
+    let all = follower.json_lines()?;
+    let denied: Vec<_> = all
+        .iter()
+        .filter(|r| r["state"] == "denied" && r["dport"] == 9000 && r["src"] != client.to_string())
+        .collect();
+    let produced: u64 = denied.iter().map(|r| r.to_string().len() as u64 + 1).sum();
+    assert!(
+        produced > 8 * CAP,
+        "the flood gave {} records, {produced} bytes: not enough to test a cap of {CAP}",
+        denied.len()
+    );
+    assert!(
+        largest <= CAP,
+        "the observed store reached {largest} bytes, over its cap of {CAP} ({produced} bytes of records)"
+    );
+    // What is kept is the newest: the last record printed is there.
+    let store =
+        store().with_context(|| format!("no observed store under {}", lab.state.display()))?;
+    let kept = std::fs::read_dir(&store)?
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    let last = denied.last().map(|r| r["src"].clone()).unwrap_or_default();
+    assert!(
+        kept.contains(&format!("\"src\":{last}")),
+        "the newest record ({last}) was not kept"
+    );
+    assert!(
+        size(Some(store)) > CAP / 2,
+        "the store keeps close to its cap"
+    );
+    Ok(())
+}
+
+/// The first directory under `root` whose name ends with `suffix`.
+fn find_dir(root: &std::path::Path, suffix: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.to_string_lossy().ends_with(suffix) {
+                return Some(p);
+            }
+            if let Some(found) = find_dir(&p, suffix) {
+                return Some(found);
+            }
+        }
+    }
+    None
 }
 
 /// Sends `count` 32-byte datagrams from `src` in `ns` to `dst`, cycling

@@ -790,3 +790,205 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Policies for the guard's tests: the host's role is found from its
+/// address (no `--role`). OLD calls it `web` and opens tcp/8080; NEW calls
+/// it `front` and opens tcp/9090 only, so the old policy does not know the
+/// new role and the new one does not know the old.
+fn renamed_role_policies(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let policy = |role: &str, port: u16| {
+        format!(
+            r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.{role}]
+hosts = "198.18.7.0/24"
+[[roles.{role}.ingress]]
+from = "any"
+tcp = [{port}]
+"#
+        )
+    };
+    let (old, new) = (dir.join("old.toml"), dir.join("new.toml"));
+    std::fs::write(&old, policy("web", 8080))?;
+    std::fs::write(&new, policy("front", 9090))?;
+    Ok((old, new))
+}
+
+/// A lab with `srv` (198.18.7.10, role found from its address) serving
+/// tcp/8080 and tcp/9090, and a client `cli`; segbpf attached to `srv`
+/// with OLD.
+struct Renamed {
+    lab: Lab,
+    att: Attachment,
+    old: PathBuf,
+    new: PathBuf,
+    _servers: Vec<segbpf_tests::net::Server>,
+    dir: PathBuf,
+}
+
+impl Drop for Renamed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn renamed_setup(tag: &str) -> anyhow::Result<Renamed> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("srv", &["198.18.7.10/24"])?;
+    lab.add_host("cli", &["198.18.7.20/24"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (old, new) = renamed_role_policies(&dir)?;
+    let ns = lab.host("srv").ns.name.clone();
+    let addr = lab.host("srv").addrs[0];
+    let servers = vec![
+        segbpf_tests::net::Server::tcp_echo(&ns, addr, 8080)?,
+        segbpf_tests::net::Server::tcp_echo(&ns, addr, 9090)?,
+    ];
+    lab.attach("srv", old.to_str().unwrap(), &[])?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&ns)?);
+    Ok(Renamed {
+        lab,
+        att,
+        old,
+        new,
+        _servers: servers,
+        dir,
+    })
+}
+
+/// Which of tcp/8080 (OLD's) and tcp/9090 (NEW's) a real client reaches.
+fn open_ports(r: &Renamed) -> anyhow::Result<(bool, bool)> {
+    Ok((
+        r.lab.tcp_reachable("cli", "srv", 8080)?,
+        r.lab.tcp_reachable("cli", "srv", 9090)?,
+    ))
+}
+
+/// Waits (up to `secs`) until no change is pending on `srv`.
+fn wait_not_pending(r: &Renamed, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let status = r.lab.status_json("srv")?;
+        if status["attachments"][0]["pending"].is_null() {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "still pending {secs}s later: {}",
+            r.lab.segbpf_ok("srv", &["status", "eth0"])?
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Finding: `reload --policy NEW --redetect-roles --confirm 3`, where NEW
+/// renames the host's role, was never undone (the guard tried the old
+/// policy with the new role, failed and exited). The guard restores the
+/// whole previous state: OLD's text with the role `web`, and the traffic
+/// OLD allows.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn unconfirmed_change_that_renamed_the_role_is_undone_whole() -> anyhow::Result<()> {
+    let r = renamed_setup("gren")?;
+    assert_eq!(open_ports(&r)?, (true, false), "OLD in force");
+    let before = r.lab.status_json("srv")?["attachments"][0]["state"].clone();
+    assert_eq!(before["roles"], serde_json::json!(["web"]));
+    r.lab.segbpf_ok(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            r.new.to_str().unwrap(),
+            "--redetect-roles",
+            "--confirm",
+            "3",
+        ],
+    )?;
+    let during = r.lab.status_json("srv")?["attachments"][0].clone();
+    assert_eq!(during["state"]["roles"], serde_json::json!(["front"]));
+    assert!(!during["pending"].is_null(), "{during}");
+    assert_eq!(open_ports(&r)?, (false, true), "NEW in force");
+
+    let after = wait_not_pending(&r, 30)?["attachments"][0]["state"].clone();
+    assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
+    assert_eq!(after["role_args"], before["role_args"]);
+    assert_eq!(after["policy"], before["policy"]);
+    assert!(
+        after["generation"].as_u64() > during["state"]["generation"].as_u64(),
+        "{after}"
+    );
+    assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
+    let text = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
+    assert!(!text.contains("PENDING"), "{text}");
+    // The change is over: later reloads (the watcher's, the fleet
+    // agent's) are not held waiting for a confirmation.
+    r.lab.segbpf_ok(
+        "srv",
+        &["reload", "eth0", "--policy", r.old.to_str().unwrap()],
+    )?;
+    Ok(())
+}
+
+/// A restore that fails is tried again until it succeeds, and meanwhile
+/// `status` says past the deadline that the restore is failing, and why
+/// (text and JSON). The failure is real: the guard's copy of the old
+/// policy is made writable by others, which the policy-file check refuses.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let r = renamed_setup("gfail")?;
+    r.lab.segbpf_ok(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            r.new.to_str().unwrap(),
+            "--redetect-roles",
+            "--confirm",
+            "2",
+        ],
+    )?;
+    // The guard writes its copy at the deadline; a copy others can write
+    // is refused by every restore attempt.
+    let copy = r.att.confirm_restore();
+    std::fs::write(&copy, "")?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o666))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        let p = r.lab.status_json("srv")?["attachments"][0]["pending"].clone();
+        if p["restore_attempts"].as_u64().unwrap_or(0) >= 2 {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed attempts reported: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(pending["overdue"], true, "{pending}");
+    assert_eq!(pending["guard_running"], true, "{pending}");
+    let why = pending["restore_error"].as_str().unwrap_or_default();
+    assert!(why.contains("writable"), "{pending}");
+    let text = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
+    assert!(
+        text.contains("RESTORE FAILING") && text.contains("writable"),
+        "{text}"
+    );
+    assert_eq!(open_ports(&r)?, (false, true), "NEW still in force");
+    // Fixed: the next attempt (at most 30 s later) restores OLD.
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
+    let after = wait_not_pending(&r, 40)?["attachments"][0]["state"].clone();
+    assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
+    assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
+    Ok(())
+}

@@ -70,8 +70,9 @@ pub struct Args {
     #[arg(long)]
     pub no_wait: bool,
     /// Accept a policy file that is writable by users other than root, or
-    /// owned by one (refused by default, as sshd's StrictModes does); holds
-    /// for this attachment's later reloads too.
+    /// owned by one, or below such a directory (refused by default, as
+    /// sshd's StrictModes does); holds for this attachment's later reloads
+    /// too.
     #[arg(long)]
     pub insecure_policy: bool,
     /// Flow accounting and logs (docs/flows.md): `on` (default: flows are
@@ -269,15 +270,22 @@ async fn wait_for_exit(
     Ok(())
 }
 
-/// Follows the policy file, or the fleet's store with `--etcd`. Never returns.
+/// Follows the policy file, or the fleet's store with `--etcd`, and
+/// re-attaches a link detached behind segbpf's back. Never returns.
 async fn follow(
     att: &Attachment,
     hup: tokio::signal::unix::Signal,
     fleet: Option<&crate::fleet::agent::AgentConfig>,
 ) {
-    match fleet {
-        // Boxed: the etcd client's futures are large.
-        Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
-        None => attach::watch_policy(att, hup).await,
+    let policy = async {
+        match fleet {
+            // Boxed: the etcd client's futures are large.
+            Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
+            None => attach::watch_policy(att, hup).await,
+        }
+    };
+    tokio::select! {
+        () = policy => {},
+        () = attach::watch_links(att) => {},
     }
 }
