@@ -11,7 +11,7 @@
 //!   makes). Any of these, seen or not, keeps the files;
 //! - even with no reference found, the files of a namespace stay while
 //!   any of its pinned links is still attached to an interface
-//!   (`BPF_OBJ_GET_INFO_BY_FD` gives its ifindex, 0 once the kernel
+//!   ([`crate::liveness::pinned_link_ifindex`]: 0 once the kernel
 //!   detached it): removing that pin could detach a program that still
 //!   enforces somewhere (a reference this process cannot see, or a
 //!   physical device moved back to the initial namespace). Removing the
@@ -204,7 +204,7 @@ fn attached_link(pins: &Path) -> Option<PathBuf> {
                 .is_some_and(|n| n.starts_with("link_"))
         });
     for link in links {
-        match link_ifindex(&link) {
+        match crate::liveness::pinned_link_ifindex(&link) {
             Ok(0) => {}
             Ok(_) => return Some(link),
             Err(e) => {
@@ -214,93 +214,6 @@ fn attached_link(pins: &Path) -> Option<PathBuf> {
         }
     }
     None
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET`.
-#[repr(C)]
-struct ObjGet {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-struct GetInfo {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The start of `struct bpf_link_info`: the per-type union begins at
-/// offset 16 (it holds 64-bit members), and its `xdp` and `tcx` members
-/// both begin with the interface index.
-#[repr(C)]
-struct LinkInfo {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    ifindex: u32,
-    _rest: [u32; 11],
-}
-
-/// The interface index a pinned XDP or TCX link is attached to (0: the
-/// kernel detached it, for instance when its interface was destroyed).
-fn link_ifindex(pin: &Path) -> std::io::Result<u32> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    let mut get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `get` is a bpf_attr of the size passed, with a pointer to a
-    // NUL-terminated path that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut info = LinkInfo {
-        link_type: 0,
-        id: 0,
-        prog_id: 0,
-        _pad: 0,
-        ifindex: 0,
-        _rest: [0; 11],
-    };
-    let mut attr = GetInfo {
-        bpf_fd: fd.as_raw_fd().cast_unsigned(),
-        info_len: u32::try_from(std::mem::size_of::<LinkInfo>()).map_err(std::io::Error::other)?,
-        info: (&raw mut info) as u64,
-    };
-    // SAFETY: `attr` is a bpf_attr of the size passed; the kernel writes
-    // at most `info_len` bytes into `info`, which has that size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            std::mem::size_of::<GetInfo>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(info.ifindex)
 }
 
 #[cfg(test)]

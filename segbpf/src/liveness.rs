@@ -138,6 +138,12 @@ fn link_info(fd: &OwnedFd) -> std::io::Result<LinkInfo> {
     Ok(info)
 }
 
+/// The interface a pinned XDP or TCX link is attached to, as the kernel
+/// says (0: detached, for instance with its interface destroyed).
+pub fn pinned_link_ifindex(pin: &Path) -> std::io::Result<u32> {
+    Ok(link_info(&obj_get(pin)?)?.ifindex)
+}
+
 /// One hook of an attachment as the kernel has it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Hook {
