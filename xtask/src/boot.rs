@@ -164,10 +164,15 @@ impl Container {
                 "systemd-nspawn started no container: {}",
                 std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
             );
+            // nspawn's children: a short-lived helper, then the
+            // container's PID 1 once it runs systemd.
             if let Some(pid) = std::fs::read_to_string(&children)
                 .unwrap_or_default()
                 .split_whitespace()
-                .next()
+                .find(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "systemd")
+                })
             {
                 container.pid1 = pid.parse()?;
             } else {
