@@ -159,7 +159,7 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
         assert!(ex.status.success(), "export: {}", text(&ex.stderr));
         let file = tmp.0.join(format!("{t}.export.nft"));
         std::fs::write(&file, &ex.stdout)?;
-        let rs = ruleset::read(Flavor::Nft, &file)?;
+        let rs = ruleset::read(Flavor::Nft, &file, &import::read_input(&file)?)?;
         let r = verify::verify_host(&file, &rs, &policy, t, &[])?;
         let diffs: Vec<String> = r.differences.iter().map(ToString::to_string).collect();
         assert!(
@@ -180,7 +180,7 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
     assert_ne!(broken, toml, "the mutation applies");
     let broken = Policy::from_str(&broken, "broken.toml")?;
     let app = fixture("nft/app.nft");
-    let rs = ruleset::read(Flavor::Nft, &app)?;
+    let rs = ruleset::read(Flavor::Nft, &app, &import::read_input(&app)?)?;
     let r = verify::verify_host(&app, &rs, &broken, "app", &[])?;
     assert!(
         r.differences

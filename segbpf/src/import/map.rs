@@ -915,6 +915,17 @@ fn analyse(host: &Host) -> HostResult {
     res
 }
 
+/// Whether a `ct state` match admits new connections and otherwise only
+/// packets of connections (`new`, or `new,established[,related]`, the
+/// common idiom for opening a port): the rule is an allow rule, and
+/// segbpf's own tracking takes care of the rest of the flow.
+fn opens_new(states: &[String]) -> bool {
+    states.iter().any(|s| s == "new")
+        && states
+            .iter()
+            .all(|s| matches!(s.as_str(), "new" | "established" | "related"))
+}
+
 fn chain_rules(
     host: &Host,
     flats: &[Flat],
@@ -931,7 +942,7 @@ fn chain_rules(
                 && !f.lo
                 && !f.sport
                 && f.issues.is_empty()
-                && f.ct.as_ref().is_none_or(|s| s.iter().all(|x| x == "new"))
+                && f.ct.as_ref().is_none_or(|s| opens_new(s))
         })
         .collect();
     for (i, f) in flats.iter().enumerate() {
@@ -951,7 +962,7 @@ fn chain_rules(
             if states.iter().all(|s| s == "invalid") && f.verdict == Verdict::Drop {
                 continue;
             }
-            if !states.iter().all(|s| s == "new") && f.verdict != Verdict::None {
+            if !opens_new(states) && f.verdict != Verdict::None {
                 res.warnings.push(warn(
                     host,
                     &f.origin,

@@ -312,7 +312,7 @@ pub fn verify_host(
         sysctl.push(format!("net.ipv4.conf.{name}.rp_filter=0"));
     }
     let sargs: Vec<&str> = sysctl.iter().map(String::as_str).collect();
-    let out = h.exec("sysctl", &sargs, None, None)?;
+    let out = h.exec("sysctl", &sargs)?;
     if !out.status.success() {
         return Err(ImportError::Scratch(format!(
             "sysctl: {}",
@@ -393,8 +393,6 @@ pub fn verify_host(
                 h.exec(
                     "nft",
                     &["flush", "set", "inet", "segbpf_probe", "seen"],
-                    None,
-                    None,
                 )?;
                 let packets: Vec<(usize, IpAddr, Vec<u8>)> = todo
                     .iter()
@@ -518,45 +516,33 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-/// Loads the original file into `ns` with the tool that reads it.
+/// Loads the original ruleset into `ns` with the tool that reads it: the
+/// bytes that were imported (`rs.text`, read once), never the file again.
 fn load_original(ns: &ScratchNs, rs: &Ruleset, path: &Path) -> Result<(), ImportError> {
     let file = path.display().to_string();
     let out = if rs.iptables {
-        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let tool = if super::ruleset::is_ip6tables(&text) {
+        let tool = if super::ruleset::is_ip6tables(&rs.text) {
             "ip6tables-nft-restore"
         } else {
             "iptables-nft-restore"
         };
-        ns.exec(tool, &[], Some(path), None)?
+        ns.exec_input(tool, &[], rs.text.as_bytes())?
     } else {
-        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .display()
-            .to_string();
+        let dir = super::ruleset::include_dir(path);
         let mut args = vec!["-I", dir.as_str()];
-        if text.trim_start().starts_with('{') {
+        if rs.text.trim_start().starts_with('{') {
             args.push("-j");
         }
-        args.extend(["-f", file.as_str()]);
-        ns.exec("nft", &args, None, None)?
+        args.extend(["-f", "-"]);
+        ns.exec_input("nft", &args, rs.text.as_bytes())?
     };
     if out.status.success() {
         Ok(())
     } else {
         Err(ImportError::Refused {
-            file,
+            file: file.clone(),
             tool: "the firewall tool".to_string(),
-            message: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+            message: super::ruleset::stdin_named(&file, &String::from_utf8_lossy(&out.stderr)),
         })
     }
 }
@@ -565,8 +551,6 @@ fn seen_ports(h: &ScratchNs) -> Result<BTreeSet<u16>, ImportError> {
     let out = h.exec(
         "nft",
         &["-j", "list", "set", "inet", "segbpf_probe", "seen"],
-        None,
-        None,
     )?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| ImportError::Scratch(format!("nft list set: {e}")))?;
