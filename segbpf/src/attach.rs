@@ -480,10 +480,31 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
     {
         warn!("removing the TC egress filter of {}: {e}", att.describe());
     }
+    keep_observed(att);
     history::remove(att);
     att.remove()
         .map_err(io(format!("removing {}", att.dir.display())))?;
     Ok(was_attached)
+}
+
+/// Keeps the state and policy in force with the observed store, which
+/// outlives the attachment until it expires (`suggest` after `detach`).
+fn keep_observed(att: &Attachment) {
+    let dir = att.observed_dir();
+    if !dir.exists() || att.is_stale() {
+        return;
+    }
+    let Ok(state) = State::current(att) else {
+        return;
+    };
+    let path = history::at(att, state.generation)
+        .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
+    let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {
+        return;
+    };
+    if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
+        warn!("keeping the policy with the observed store {}: {e}", dir.display());
+    }
 }
 
 /// What was attached.

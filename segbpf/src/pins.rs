@@ -301,7 +301,8 @@ impl Attachment {
     }
 
     /// Removes the pin directory, state file and sidecars (detaching the
-    /// program when no process holds the link). Missing files are not an error.
+    /// program when no process holds the link), but not the observed store
+    /// before it expires. Missing files are not an error.
     pub fn remove(&self) -> std::io::Result<()> {
         remove_dir_if_exists(&self.dir)?;
         match std::fs::remove_file(&self.state) {
@@ -319,7 +320,9 @@ impl Attachment {
         ] {
             let _ = std::fs::remove_file(path);
         }
-        remove_dir_if_exists(&self.observed_dir())?;
+        // The observed store stays until it expires (`suggest` after a
+        // detach); what has expired goes now.
+        crate::observed::expire(&self.observed_dir())?;
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.
         // Tidy empty parents up to the roots; remove_dir fails on non-empty ones.
