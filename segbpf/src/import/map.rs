@@ -764,6 +764,9 @@ struct HostResult {
     log_rate: Option<u32>,
     /// Ingress accepts ICMP echo from any peer (or its policy accepts).
     echo_any: bool,
+    /// Echo requests accepted from (to) anyone, by direction and family
+    /// (`[direction][0]` IPv4, `[direction][1]` IPv6).
+    echo: [[bool; 2]; 2],
     sport_rules: bool,
     warnings: Vec<Warning>,
 }
@@ -946,10 +949,7 @@ fn chain_rules(
         })
         .collect();
     for (i, f) in flats.iter().enumerate() {
-        let scope = Some(Scope {
-            direction: dir,
-            cond: f.cond.clone(),
-        });
+        let scope = Some(Scope::of(dir, f.cond.clone()));
         if f.lo {
             continue;
         }
@@ -1142,10 +1142,7 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
                         WarningKind::Unsupported,
                         format!("accepts IP protocol {other}"),
                         "left out: a rule allows tcp, udp, icmp, icmpv6 or every protocol",
-                        Some(Scope {
-                            direction: dir,
-                            cond: f.cond.clone(),
-                        }),
+                        Some(Scope::of(dir, f.cond.clone())),
                     )),
                 }
             }
@@ -1186,6 +1183,16 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
         if dir == Direction::Ingress && f.cond.peers.is_none() && f.cond.ifaces.is_none() {
             res.echo_any = true;
         }
+    }
+    // Echo requests from (to) anyone, per family.
+    let echo = f
+        .icmp_types
+        .as_ref()
+        .is_none_or(|t| t.iter().any(|x| x == "echo-request"));
+    if f.cond.peers.is_none() && f.cond.ifaces.is_none() {
+        let d = dir_index(dir);
+        res.echo[d][0] |= o.any_proto || (o.icmp && echo);
+        res.echo[d][1] |= o.any_proto || (o.icmpv6 && echo);
     }
     if !(o.any_proto || o.icmp || o.icmpv6 || !o.tcp.is_empty() || !o.udp.is_empty()) {
         return None;
@@ -1313,6 +1320,36 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
     let log_rate = results.iter().filter_map(|r| r.log_rate).max().unwrap_or(0);
     for (h, r) in hosts.iter().zip(&results) {
         warnings.extend(r.warnings.iter().cloned());
+        // `icmp = true` passes echo requests both ways, in both families.
+        let fams = super::verify::families(&h.ruleset);
+        for (d, dir) in Direction::ALL.into_iter().enumerate() {
+            for (f, v6) in [false, true].into_iter().enumerate() {
+                if !icmp || r.accept[d] || r.echo[d][f] || !fams.contains(&v6) {
+                    continue;
+                }
+                let (name, proto) = if v6 { ("ICMPv6", 58) } else { ("ICMP", 1) };
+                warnings.push(Warning {
+                    origin: Origin {
+                        file: h.file.clone(),
+                        line: None,
+                        text: "ruleset".to_string(),
+                    },
+                    roles: vec![h.input.role.clone()],
+                    kind: WarningKind::Approximation,
+                    message: format!("does not accept {name} echo requests on {dir}"),
+                    instead: "icmp = true: echo requests pass in both directions and families"
+                        .to_string(),
+                    scope: Some(Scope::of(
+                        dir,
+                        Cond {
+                            protos: Some(vec![proto]),
+                            v6: Some(v6),
+                            ..Cond::default()
+                        },
+                    )),
+                });
+            }
+        }
         if established && !r.established && !(r.accept[0] && r.accept[1]) {
             warnings.push(Warning {
                 origin: Origin {
@@ -1325,7 +1362,7 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
                 message: "has no `ct state established,related accept`".to_string(),
                 instead: "established = true for every host: replies to allowed flows pass"
                     .to_string(),
-                scope: None,
+                scope: Some(Scope::replies()),
             });
         }
     }
