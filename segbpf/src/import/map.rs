@@ -1730,6 +1730,46 @@ mod tests {
     }
 
     #[test]
+    fn new_established_accept_is_the_allow_rule_it_is() {
+        let ct = |states: &str, port: u16| {
+            rule(
+                "in",
+                &format!(
+                    r#"[{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "tcp", "field": "dport"}}}}, "right": {port}}}}}, {{"match": {{"op": "in", "left": {{"ct": {{"key": "state"}}}}, "right": [{states}]}}}}, {{"accept": null}}]"#
+                ),
+            )
+        };
+        let a = host(
+            "a",
+            &ruleset(
+                "drop",
+                "accept",
+                &[
+                    rule("in", EST),
+                    ct(r#""new", "established""#, 80),
+                    ct(r#""established", "new", "related""#, 443),
+                    ct(r#""new", "invalid""#, 8080),
+                ],
+                "",
+            ),
+        );
+        let (text, warnings) = map(&[a], &[]).unwrap();
+        let p = crate::policy::Policy::from_str(&text, "t.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let services: Vec<String> = p.rules.iter().map(|r| r.services()).collect();
+        assert!(services.contains(&"tcp/80".to_string()), "{services:?}\n{text}");
+        assert!(services.contains(&"tcp/443".to_string()), "{services:?}\n{text}");
+        assert!(!services.iter().any(|s| s.contains("8080")), "{services:?}");
+        // Only the `new,invalid` rule is left out, and said so.
+        let unsupported: Vec<&Warning> = warnings
+            .iter()
+            .filter(|w| w.kind == WarningKind::Unsupported)
+            .collect();
+        assert_eq!(unsupported.len(), 1, "{warnings:?}");
+        assert!(unsupported[0].message.contains("new,invalid"), "{warnings:?}");
+    }
+
+    #[test]
     fn complement_of_one_address_and_of_nothing() {
         let one = crate::policy::addr::parse_item("198.18.0.1").unwrap();
         let c = complement(&[one], false);
