@@ -503,7 +503,10 @@ fn keep_observed(att: &Attachment) {
         return;
     };
     if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
-        warn!("keeping the policy with the observed store {}: {e}", dir.display());
+        warn!(
+            "keeping the policy with the observed store {}: {e}",
+            dir.display()
+        );
     }
 }
 
@@ -629,6 +632,19 @@ pub enum Watch {
     Confirm(u64),
 }
 
+/// The `ssh-session` lint for a policy about to be put in force on `iface`
+/// (of the current network namespace) for a host with `roles`: a message
+/// when it would block the SSH session this process runs in. Only a
+/// session that reaches this host through `iface` (its server address is
+/// one of the interface's) can be cut by the interface's policy.
+pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
+    let (_, server, _) = crate::policy::lint::ssh_connection()?;
+    if !netif::addresses(iface).is_ok_and(|a| a.contains(&server)) {
+        return None;
+    }
+    crate::policy::lint::ssh_session(policy, roles, Some(iface))
+}
+
 /// Why an automatic reload must not apply what the file now says, or None.
 /// The same checks as an explicit `reload`: the text is what is in force
 /// already (a reload would only make a new generation), or the policy
@@ -653,7 +669,7 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
     }
     let overrides = swap::parse_overrides(&state.set_overrides).ok()?;
     let policy = Policy::load_with_sets(&path, &overrides).ok()?;
-    crate::policy::lint::ssh_session(&policy, &state.roles, Some(&att.iface)).map(|m| {
+    cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
         format!(
             "{}: {m} [ssh-session]; an automatic reload never applies it: run `segbpf reload {} --confirm SECS` (or --force)",
             path.display(),

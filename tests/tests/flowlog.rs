@@ -460,7 +460,7 @@ fn a_denied_aggregate_hit_from_two_cpus_keeps_its_first_time() -> anyhow::Result
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
     let follower = lab.follow_flows("srv", &["--denied-secs", "3"])?;
     let ns = lab.host("client").ns.name.clone();
-    let start = segbpf::clock::rfc3339(std::time::SystemTime::now() - Duration::from_secs(60));
+    let start = segbpf::clock::rfc3339(std::time::SystemTime::now() - Duration::from_mins(1));
     // Each port's aggregate: made by CPU 0, then counted by CPU 1 into its
     // slot, which the kernel never gave a first time.
     for port in 9100..9104 {

@@ -608,18 +608,14 @@ fn verify_probes_echo_requests_and_established_traffic() -> anyhow::Result<()> {
         "verify catches lost replies: {:?}",
         r.differences
     );
-    let r = verify::verify_host(
-        &file,
-        rs,
-        &cut("icmp = true", "icmp = false")?,
-        "web",
-        &[],
-    )?;
+    let r = verify::verify_host(&file, rs, &cut("icmp = true", "icmp = false")?, "web", &[])?;
     assert!(
-        r.differences.iter().any(|d| d.traffic == verify::Traffic::Echo
-            && d.direction == segbpf::policy::Direction::Ingress
-            && d.original
-            && !d.imported),
+        r.differences
+            .iter()
+            .any(|d| d.traffic == verify::Traffic::Echo
+                && d.direction == segbpf::policy::Direction::Ingress
+                && d.original
+                && !d.imported),
         "verify catches echo requests: {:?}",
         r.differences
     );

@@ -873,7 +873,10 @@ fn reloads_refuse_a_policy_that_cuts_the_ssh_session_and_the_watcher_skips_no_op
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("ssh-session") && err.contains("--confirm"), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("--confirm"),
+        "{err}"
+    );
     assert_eq!(generation(&s.lab)?, g0, "a refused reload changes nothing");
 
     // Saving the cutting policy to the watched file: never applied.

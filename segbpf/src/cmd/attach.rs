@@ -21,6 +21,10 @@ use crate::{
 
 /// Arguments of `segbpf attach`.
 #[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags: each bool is one independent switch"
+)]
 pub struct Args {
     /// Interface to protect.
     pub iface: String,
@@ -211,7 +215,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         && args.confirm.is_none()
         && !args.force
         && let Ok(p) = crate::policy::Policy::load(&policy)
-        && let Some(m) = crate::policy::lint::ssh_session(&p, &args.role, Some(&args.iface))
+        && let Some(m) = attach::cuts_ssh_session(&p, &args.role, &args.iface)
     {
         anyhow::bail!(
             "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",

@@ -9,7 +9,7 @@ use crate::{
     cmd::{NetnsOut, Output, print_json, print_line},
     netns::Netns,
     pins::Attachment,
-    policy::{Policy, lint},
+    policy::Policy,
     state::State,
     swap::{self, ReloadRequest, Swapped},
 };
@@ -76,7 +76,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(&state.policy));
         if let Ok(policy) = Policy::load(&path)
-            && let Some(m) = lint::ssh_session(&policy, &state.roles, Some(&args.iface))
+            && let Some(m) = crate::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
             && args.confirm.is_none()
             && !args.force
         {

@@ -1756,9 +1756,15 @@ mod tests {
         let (text, warnings) = map(&[a], &[]).unwrap();
         let p = crate::policy::Policy::from_str(&text, "t.toml")
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let services: Vec<String> = p.rules.iter().map(|r| r.services()).collect();
-        assert!(services.contains(&"tcp/80".to_string()), "{services:?}\n{text}");
-        assert!(services.contains(&"tcp/443".to_string()), "{services:?}\n{text}");
+        let services: Vec<String> = p.rules.iter().map(crate::policy::Rule::services).collect();
+        assert!(
+            services.contains(&"tcp/80".to_string()),
+            "{services:?}\n{text}"
+        );
+        assert!(
+            services.contains(&"tcp/443".to_string()),
+            "{services:?}\n{text}"
+        );
         assert!(!services.iter().any(|s| s.contains("8080")), "{services:?}");
         // Only the `new,invalid` rule is left out, and said so.
         let unsupported: Vec<&Warning> = warnings
@@ -1766,7 +1772,10 @@ mod tests {
             .filter(|w| w.kind == WarningKind::Unsupported)
             .collect();
         assert_eq!(unsupported.len(), 1, "{warnings:?}");
-        assert!(unsupported[0].message.contains("new,invalid"), "{warnings:?}");
+        assert!(
+            unsupported[0].message.contains("new,invalid"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

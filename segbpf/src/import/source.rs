@@ -39,25 +39,18 @@ enum Ctx {
     Other,
 }
 
-fn nft_file(
-    path: &Path,
-    text: Option<&str>,
-    out: &mut Lines,
-    seen: &mut Vec<PathBuf>,
-    depth: u32,
-) {
+fn nft_file(path: &Path, text: Option<&str>, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
     if depth > 16 || seen.iter().any(|p| p == path) {
         return;
     }
     seen.push(path.to_path_buf());
-    let text = match text {
-        Some(t) => t.to_string(),
-        None => {
-            let Ok(t) = std::fs::read_to_string(path) else {
-                return;
-            };
-            t
-        }
+    let text = if let Some(t) = text {
+        t.to_string()
+    } else {
+        let Ok(t) = std::fs::read_to_string(path) else {
+            return;
+        };
+        t
     };
     let file = path.display().to_string();
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();

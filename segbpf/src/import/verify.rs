@@ -691,11 +691,12 @@ pub fn verify_host(
 /// headers (the kernel's stack checks it on input).
 fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     let hl = if src.is_ipv4() { 20 } else { 40 };
-    let off = hl + match proto {
-        6 => 16,
-        17 => 6,
-        _ => 2,
-    };
+    let off = hl
+        + match proto {
+            6 => 16,
+            17 => 6,
+            _ => 2,
+        };
     if proto == 1 {
         // ICMP: over the message only, no pseudo header.
         if bytes.len() < off + 2 {

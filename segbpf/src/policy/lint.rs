@@ -282,6 +282,56 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
     out
 }
 
+/// The SSH session this process runs in, from `SSH_CONNECTION`: client
+/// address, server address, server port.
+pub fn ssh_connection() -> Option<(std::net::IpAddr, std::net::IpAddr, u16)> {
+    let conn = std::env::var("SSH_CONNECTION").ok()?;
+    let parts: Vec<&str> = conn.split_whitespace().collect();
+    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
+    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
+    let port = parts.get(3)?.parse::<u16>().ok()?;
+    Some((client, server, port))
+}
+
+/// The `ssh-session` lint: a message when `policy` would block the SSH
+/// session this process runs in (`SSH_CONNECTION` is "client-ip
+/// client-port server-ip server-port"), for a host with `roles` (empty:
+/// the roles whose `hosts` contain the server address) on `iface` (None:
+/// any interface). None when there is no session or it passes.
+pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Option<String> {
+    let (client, server, port) = ssh_connection()?;
+    let roles = if roles.is_empty() {
+        policy
+            .roles
+            .iter()
+            .filter(|r| r.hosts.iter().any(|h| h.contains(server)))
+            .map(|r| r.name.clone())
+            .collect()
+    } else {
+        roles.to_vec()
+    };
+    let pkt = super::eval::Packet {
+        src: client,
+        dst: server,
+        proto: segbpf_common::IPPROTO_TCP,
+        dport: port,
+        icmp_type: 0,
+        hop_limit: 64,
+    };
+    let v = super::eval::evaluate(policy, &roles, iface, Direction::Ingress, &pkt);
+    if v.passes() {
+        return None;
+    }
+    Some(format!(
+        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
+        if roles.is_empty() {
+            "none".to_string()
+        } else {
+            roles.join(", ")
+        }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,47 +427,4 @@ mod tests {
         assert!(lints(&bad).contains(&"asymmetric-defaults"));
         assert!(!lints(HEAD).contains(&"asymmetric-defaults"));
     }
-}
-
-/// The `ssh-session` lint: a message when `policy` would block the SSH
-/// session this process runs in (`SSH_CONNECTION` is "client-ip
-/// client-port server-ip server-port"), for a host with `roles` (empty:
-/// the roles whose `hosts` contain the server address) on `iface` (None:
-/// any interface). None when there is no session or it passes.
-pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Option<String> {
-    let conn = std::env::var("SSH_CONNECTION").ok()?;
-    let parts: Vec<&str> = conn.split_whitespace().collect();
-    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
-    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
-    let port = parts.get(3)?.parse::<u16>().ok()?;
-    let roles = if roles.is_empty() {
-        policy
-            .roles
-            .iter()
-            .filter(|r| r.hosts.iter().any(|h| h.contains(server)))
-            .map(|r| r.name.clone())
-            .collect()
-    } else {
-        roles.to_vec()
-    };
-    let pkt = super::eval::Packet {
-        src: client,
-        dst: server,
-        proto: segbpf_common::IPPROTO_TCP,
-        dport: port,
-        icmp_type: 0,
-        hop_limit: 64,
-    };
-    let v = super::eval::evaluate(policy, &roles, iface, Direction::Ingress, &pkt);
-    if v.passes() {
-        return None;
-    }
-    Some(format!(
-        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
-        if roles.is_empty() {
-            "none".to_string()
-        } else {
-            roles.join(", ")
-        }
-    ))
 }
