@@ -118,7 +118,9 @@ pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestE
         // policy that were in force.
         let _ = observed::expire(&store);
         let kept = observed::detached_state(&store);
-        if !kept.exists() {
+        // Only this namespace's store (the kernel's cookie, not the inode
+        // a dead namespace may have left to a new one).
+        if State::netns_cookie(&kept) != Some(att.netns.cookie) {
             return Err(SuggestError::NotAttached(att.describe()));
         }
         let state = State::read(&kept)?;
