@@ -948,3 +948,87 @@ fn reload_names_dropped_set_edits_or_keeps_them_and_a_no_op_set_add_keeps_the_ge
     assert!(!list(&s.lab)?.contains("198.18.9.9"), "the file won");
     Ok(())
 }
+
+/// Starts a foreground `attach eth0 --role db --policy FILE EXTRA...` on
+/// `db` and waits until it enforces.
+fn foreground(lab: &Lab, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Child> {
+    let mut args = vec!["attach", "eth0", "--role", "db", "--policy"];
+    let f = file.to_str().unwrap_or_default();
+    args.push(f);
+    args.extend_from_slice(extra);
+    let child = lab.spawn("db", &args)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn watch_off_reloads_on_sighup_only_and_watch_confirm_guards_each_reload() -> anyhow::Result<()> {
+    let mut lab = Lab::new("wmode")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-wmode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: file.clone(),
+        b: file.clone(),
+        dir,
+        lab,
+    };
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+
+    // --watch off: a saved edit waits for SIGHUP.
+    let attach = foreground(&s.lab, &file, &["--watch", "off"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let g0 = generation(&s.lab)?;
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, policy_b())?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0, "not watched");
+    assert_eq!(current_verdicts(&s)?, all_a);
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while generation(&s.lab)? == g0 {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP reloads");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_b);
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+
+    // --watch confirm:SECS: a saved edit is applied under the guard.
+    let attach = foreground(&s.lab, &file, &["--watch", "confirm:600"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, POLICY_A)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.lab.status_json("db")?["attachments"][0]["pending"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the automatic reload waits for confirmation"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_a, "applied, guarded");
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
+    assert!(s.lab.status_json("db")?["attachments"][0]["pending"].is_null());
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+    Ok(())
+}
