@@ -570,10 +570,34 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
     {
         warn!("removing the TC egress filter of {}: {e}", att.describe());
     }
+    keep_observed(att);
     history::remove(att);
     att.remove()
         .map_err(io(format!("removing {}", att.dir.display())))?;
     Ok(was_attached)
+}
+
+/// Keeps the state and policy in force with the observed store, which
+/// outlives the attachment until it expires (`suggest` after `detach`).
+fn keep_observed(att: &Attachment) {
+    let dir = att.observed_dir();
+    if !dir.exists() || att.is_stale() {
+        return;
+    }
+    let Ok(state) = State::current(att) else {
+        return;
+    };
+    let path = history::at(att, state.generation)
+        .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
+    let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {
+        return;
+    };
+    if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
+        warn!(
+            "keeping the policy with the observed store {}: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// What was attached.
@@ -685,13 +709,76 @@ fn load_and_attach(
     })
 }
 
-/// Reloads the policy on SIGHUP, or when the policy file changes (checked
-/// every 2 seconds), keeping live set edits. A policy that fails
-/// validation changes nothing; the reason is logged. While a change waits
-/// for `segbpf confirm`, automatic reloads wait too (logged once): they
-/// would supersede the unconfirmed change and its guard would stand down.
-/// Never returns.
-pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
+/// How a running `attach` follows its policy file (`--watch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Watch {
+    /// Reload when the file changes (checked every 2 seconds) or on SIGHUP.
+    #[default]
+    On,
+    /// Reload on SIGHUP only.
+    Off,
+    /// As `On`, each automatic reload guarded like `reload --confirm SECS`:
+    /// undone unless `segbpf confirm IFACE` runs within SECS seconds.
+    Confirm(u64),
+}
+
+/// The `ssh-session` lint for a policy about to be put in force on `iface`
+/// (of the current network namespace) for a host with `roles`: a message
+/// when it would block the SSH session this process runs in. Only a
+/// session that reaches this host through `iface` (its server address is
+/// one of the interface's) can be cut by the interface's policy.
+pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
+    let (_, server, _) = crate::policy::lint::ssh_connection()?;
+    if !netif::addresses(iface).is_ok_and(|a| a.contains(&server)) {
+        return None;
+    }
+    crate::policy::lint::ssh_session(policy, roles, Some(iface))
+}
+
+/// Why an automatic reload must not apply what the file now says, or None.
+/// The same checks as an explicit `reload`: the text is what is in force
+/// already (a reload would only make a new generation), or the policy
+/// would cut the SSH session `attach` runs in (the `ssh-session` lint),
+/// which only a guarded reload may apply.
+fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
+    let state = State::current(att).ok()?;
+    let path = PathBuf::from(&state.policy);
+    let text = std::fs::read_to_string(&path).ok()?;
+    if let Some(e) = history::at(att, state.generation)
+        && std::fs::read_to_string(&e.copy).is_ok_and(|t| t == text)
+        && e.set_overrides == state.set_overrides
+    {
+        return Some(format!(
+            "{} is what generation {} applied already: nothing to reload",
+            path.display(),
+            state.generation
+        ));
+    }
+    if guarded {
+        return None;
+    }
+    let overrides = swap::parse_overrides(&state.set_overrides).ok()?;
+    let policy = Policy::load_with_sets(&path, &overrides).ok()?;
+    cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
+        format!(
+            "{}: {m} [ssh-session]; an automatic reload never applies it: run `segbpf reload {} --confirm SECS` (or --force)",
+            path.display(),
+            att.iface
+        )
+    })
+}
+
+/// Reloads the policy on SIGHUP, or (unless `watch` is [`Watch::Off`])
+/// when the policy file changes (checked every 2 seconds), keeping live
+/// set edits. An automatic reload never applies what an explicit `reload`
+/// would refuse ([`refuse_automatic`]: a policy that cuts the SSH session
+/// attach runs in, unless guarded by `Watch::Confirm`), and makes no new
+/// generation for a file whose text is already in force; a policy that
+/// fails validation changes nothing. Each refusal is logged and the
+/// previous policy stays. While a change waits for `segbpf confirm`,
+/// automatic reloads wait too (logged once): they would supersede the
+/// unconfirmed change and its guard would stand down. Never returns.
+pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal, watch: Watch) {
     let mtime = |att: &Attachment| {
         State::current(att)
             .ok()
@@ -708,7 +795,7 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                 let now = mtime(att);
                 match deferred {
                     Some(why) if guard::pending(att).is_none() => why,
-                    _ if now == seen || now.is_none() => continue,
+                    _ if watch == Watch::Off || now == seen || now.is_none() => continue,
                     _ => "the policy file changed",
                 }
             }
@@ -725,10 +812,43 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             continue;
         }
         deferred = None;
+        let confirm = match watch {
+            Watch::Confirm(secs) => Some(secs),
+            _ => None,
+        };
+        seen = mtime(att);
+        if let Some(m) = refuse_automatic(att, confirm.is_some()) {
+            if m.contains("[ssh-session]") {
+                tracing::error!("{why}: reload refused, the policy in force is unchanged: {m}");
+            } else {
+                info!("{why}: {m}");
+            }
+            // A reload asked for (`systemctl reload`) gets its answer.
+            crate::service::reloading(why);
+            crate::service::ready(&m);
+            continue;
+        }
         crate::service::reloading(why);
-        match crate::swap::reload_keeping_sets(att) {
+        let result = match confirm {
+            None => crate::swap::reload_keeping_sets(att),
+            Some(secs) => crate::swap::reload(
+                att,
+                &crate::swap::ReloadRequest {
+                    confirm: Some(secs),
+                    keep_set_edits: true,
+                    ..crate::swap::ReloadRequest::default()
+                },
+            ),
+        };
+        match result {
             Ok(msg) => {
                 info!("{why}: {msg}");
+                if let Some(secs) = confirm {
+                    warn!(
+                        "{why}: undone in {secs} s unless `segbpf confirm {}` runs",
+                        att.iface
+                    );
+                }
                 crate::service::ready(&msg.to_string());
             }
             Err(e) => {

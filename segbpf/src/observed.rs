@@ -13,6 +13,13 @@
 //! [`MAX_BYTES`] unless `SEGBPF_OBSERVED_MAX_BYTES` says otherwise
 //! ([`cap_from_env`]). Only the flow log's primary (the holder of the
 //! attachment's flow-log lock) writes.
+//!
+//! The store lives next to the attachment's state file (by default
+//! `/run/segbpf/net/NETNS/IFACE.observed/`). `detach` keeps it until its
+//! files expire, with a copy of the state and policy that were in force
+//! ([`keep_policy`]), so `suggest` still works on what was observed (audit,
+//! detach, suggest); the expired files go when the attachment's files are
+//! next removed or read.
 
 use std::{
     cmp::Ordering,
@@ -218,6 +225,44 @@ impl Writer {
             }
         }
     }
+}
+
+/// The state of the attachment when it was detached, in the store.
+pub fn detached_state(dir: &Path) -> PathBuf {
+    dir.join("detached.state.json")
+}
+
+/// The policy text in force when the attachment was detached, in the store.
+pub fn detached_policy(dir: &Path) -> PathBuf {
+    dir.join("detached.policy.toml")
+}
+
+/// Keeps, in the store `dir` (if it has records), the state and the policy
+/// text in force, for `suggest` after a detach.
+pub fn keep_policy(dir: &Path, state: &[u8], policy: &str) -> std::io::Result<()> {
+    if files(dir).is_empty() {
+        return Ok(());
+    }
+    std::fs::write(detached_state(dir), state)?;
+    std::fs::write(detached_policy(dir), policy)
+}
+
+/// Removes the files older than [`KEEP_HOURS`]; the whole store when none
+/// is left.
+pub fn expire(dir: &Path) -> std::io::Result<()> {
+    let oldest_kept = hour_of(SystemTime::now() - Duration::from_secs(KEEP_HOURS * 3600));
+    let expired = |n: &String| key(n).is_some_and(|(h, _)| h < oldest_kept.as_str());
+    let names = files(dir);
+    for n in names.iter().filter(|n| expired(n)) {
+        let _ = std::fs::remove_file(dir.join(n));
+    }
+    if names.iter().all(expired) {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Follows the store: the records appended since it was opened.

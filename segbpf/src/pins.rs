@@ -313,8 +313,12 @@ impl Attachment {
     }
 
     /// Removes the pin directory, state file and sidecars (detaching the
-    /// program when no process holds the link). Missing files are not an error.
+    /// program when no process holds the link), but not the observed store
+    /// before it expires. Missing files are not an error.
     pub fn remove(&self) -> std::io::Result<()> {
+        // Files of a namespace that is gone: its store goes too (a new
+        // namespace with the same inode must not inherit what it observed).
+        let stale = self.is_stale();
         remove_dir_if_exists(&self.dir)?;
         match std::fs::remove_file(&self.state) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -333,7 +337,13 @@ impl Attachment {
         ] {
             let _ = std::fs::remove_file(path);
         }
-        remove_dir_if_exists(&self.observed_dir())?;
+        // The observed store stays until it expires (`suggest` after a
+        // detach); what has expired goes now.
+        if stale {
+            remove_dir_if_exists(&self.observed_dir())?;
+        } else {
+            crate::observed::expire(&self.observed_dir())?;
+        }
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.
         // Tidy empty parents up to the roots; remove_dir fails on non-empty ones.

@@ -102,6 +102,9 @@ pub enum SwapError {
     /// confirmation, no earlier policy, ...).
     #[error("{0}")]
     Refused(String),
+    /// The change would change nothing (no swap was made).
+    #[error("{0}")]
+    Unchanged(String),
     /// The lockout guard could not be armed.
     #[error(transparent)]
     Guard(#[from] Box<GuardError>),
@@ -154,6 +157,8 @@ pub struct ReloadRequest {
     pub force: bool,
     /// Work the roles out again from permanent addresses.
     pub redetect_roles: bool,
+    /// Keep live set edits over the file's sets (default: the file wins).
+    pub keep_set_edits: bool,
 }
 
 /// What a swap applied: the policy now in force. Everything after the
@@ -225,7 +230,19 @@ pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<Swapped, SwapErro
     if let Some(secs) = req.confirm {
         guard::arm_for_reload(att, secs).map_err(Box::new)?;
     }
-    let out = reload_with(att, req.policy.as_deref(), req.redetect_roles).inspect_err(|_| {
+    let out = swap_with(att, req.redetect_roles, |old| {
+        let path = req
+            .policy
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        let overrides = if req.keep_set_edits {
+            old.set_overrides.clone()
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Choice::file(path, overrides))
+    })
+    .inspect_err(|_| {
         if req.confirm.is_some() {
             guard::disarm(att);
         }
@@ -316,6 +333,18 @@ pub fn edit_set(
                     att.iface
                 )));
             }
+        }
+        if changed == 0 {
+            // Nothing to swap: no new generation for an edit that changes nothing.
+            return Err(SwapError::Unchanged(format!(
+                "set `{set}` already has {}: nothing changed, generation {} stays in force",
+                members
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                state.generation
+            )));
         }
         let mut overrides = state.set_overrides.clone();
         overrides.insert(set.to_string(), next);

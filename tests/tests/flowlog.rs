@@ -539,3 +539,110 @@ tcp = [22]
     );
     Ok(())
 }
+
+/// Sends one 32-byte datagram from `src` in `ns` to `dst:port` from a
+/// thread pinned to `cpu` (on a veth the receiver's program runs on the
+/// sender's CPU).
+fn udp_from_cpu(ns: &str, cpu: usize, src: IpAddr, dst: IpAddr, port: u16) -> anyhow::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        segbpf_tests::netns::enter(&path)?;
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0))?;
+        sock.send_to(&[0u8; 32], std::net::SocketAddr::new(dst, port))?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_denied_aggregate_hit_from_two_cpus_keeps_its_first_time() -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("one CPU: nothing to test");
+        return Ok(());
+    }
+    let (lab, policy, _echo) = setup("fl2cpu", "198.18.92")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    let follower = lab.follow_flows("srv", &["--denied-secs", "3"])?;
+    let ns = lab.host("client").ns.name.clone();
+    let start = segbpf::clock::rfc3339(std::time::SystemTime::now() - Duration::from_mins(1));
+    // Each port's aggregate: made by CPU 0, then counted by CPU 1 into its
+    // slot, which the kernel never gave a first time.
+    for port in 9100..9104 {
+        udp_from_cpu(&ns, 0, client, srv, port)?;
+        udp_from_cpu(&ns, 1, client, srv, port)?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let all = follower.json_lines()?;
+    let ours: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["state"] == "denied" && r["src"] == client.to_string())
+        .collect();
+    assert!(
+        ours.iter()
+            .map(|r| r["packets_orig"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 8,
+        "eight datagrams in aggregates: {ours:?}"
+    );
+    assert!(
+        ours.iter().any(|r| r["packets_orig"] == 2),
+        "some aggregate was hit from both CPUs in one drain: {ours:?}"
+    );
+    for r in &ours {
+        let first = r["first_seen"].as_str().unwrap_or_default();
+        assert!(
+            first >= start.as_str() && first <= r["last_seen"].as_str().unwrap_or_default(),
+            "first_seen is when the first datagram came, not boot time: {r}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn detach_keeps_the_observed_store_for_suggest() -> anyhow::Result<()> {
+    let mut lab = Lab::new("fldet")?;
+    lab.add_host("srv", &["198.18.93.10/24"])?;
+    lab.add_host("client", &["198.18.93.5/24"])?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let policy = lab.write_policy(
+        "p.toml",
+        r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.db]
+hosts = "198.18.93.10"
+[[roles.db.ingress]]
+from = "198.18.93.200"
+tcp = [22]
+"#,
+    )?;
+    let srv_ns = lab.host("srv").ns.name.clone();
+    let _pg = Server::tcp_echo(&srv_ns, srv, 5432)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &["--audit"])?;
+    assert!(net::tcp_exchange(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        5432,
+        Duration::from_secs(10)
+    )?);
+    // Drained into the store (suggest drains on demand while attached).
+    let before = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    assert!(before.contains("5432"), "{before}");
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    let after = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    assert!(
+        after.contains("tcp = [5432]") && after.contains(&client.to_string()),
+        "suggest after detach still sees what was observed:\n{after}"
+    );
+    Ok(())
+}

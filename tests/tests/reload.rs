@@ -992,3 +992,245 @@ fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
     assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
     Ok(())
 }
+
+/// The generation in force on `db`.
+fn generation(lab: &Lab) -> anyhow::Result<u64> {
+    let st = lab.status_json("db")?;
+    st["attachments"][0]["state"]["generation"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no generation in {st}"))
+}
+
+/// `segbpf --netns db ARGS` with the lab's roots, run as if from an SSH
+/// session of `10.10.1.15` to the host's port 22.
+fn from_ssh(lab: &Lab) -> Command {
+    let mut c = Command::new(segbpf_bin());
+    c.args(["--netns", &lab.host("db").ns.name])
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .env("SSH_CONNECTION", "10.10.1.15 50022 10.10.1.30 22");
+    c
+}
+
+/// Policy A plus SSH from the session's network.
+fn with_ssh() -> String {
+    format!("{POLICY_A}[[roles.db.ingress]]\nfrom = \"10.10.0.0/16\"\ntcp = [22]\n")
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reloads_refuse_a_policy_that_cuts_the_ssh_session_and_the_watcher_skips_no_ops()
+-> anyhow::Result<()> {
+    let mut lab = Lab::new("sshc")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-sshc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: dir.join("live.toml"),
+        b: dir.join("cut.toml"),
+        dir: dir.clone(),
+        lab,
+    };
+    std::fs::write(&s.a, with_ssh())?;
+    std::fs::write(&s.b, POLICY_A)?;
+    // attach refuses a policy that cuts the session it runs in.
+    let out = from_ssh(&s.lab)
+        .args(["attach", "eth0", "--role", "db", "--no-wait", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ssh-session"), "{err}");
+    assert!(
+        s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0),
+        "nothing attached"
+    );
+    // A foreground attach from the SSH session, watching live.toml.
+    let attach = from_ssh(&s.lab)
+        .args(["attach", "eth0", "--role", "db", "--policy"])
+        .arg(&s.a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let g0 = generation(&s.lab)?;
+
+    // An explicit reload from the session: refused, nothing changes.
+    let out = from_ssh(&s.lab)
+        .args(["reload", "eth0", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("--confirm"),
+        "{err}"
+    );
+    assert_eq!(generation(&s.lab)?, g0, "a refused reload changes nothing");
+
+    // Saving the cutting policy to the watched file: never applied.
+    std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
+    std::fs::write(&s.a, POLICY_A)?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0, "the watcher refuses it too");
+    // Back to the text in force, a touch, a SIGHUP: nothing to reload.
+    std::fs::write(&s.a, with_ssh())?;
+    std::thread::sleep(Duration::from_secs(5));
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(generation(&s.lab)?, g0, "no generation for no change");
+    // A real edit still goes through.
+    std::fs::write(&s.a, with_ssh().replace("udp = [53]", "udp = [54]"))?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0 + 1, "an edit is applied");
+
+    // --force applies the cutting policy when asked to.
+    let out = from_ssh(&s.lab)
+        .args(["reload", "eth0", "--force", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generation(&s.lab)?, g0 + 2);
+
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    let out = attach.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("an automatic reload never applies it"),
+        "the refusal is logged: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reload_names_dropped_set_edits_or_keeps_them_and_a_no_op_set_add_keeps_the_generation()
+-> anyhow::Result<()> {
+    let s = setup("keep")?;
+    s.lab
+        .segbpf_ok("db", &["set", "add", "eth0", "x", "198.18.9.9"])?;
+    let g = generation(&s.lab)?;
+    let out = s
+        .lab
+        .segbpf_ok("db", &["set", "add", "eth0", "x", "198.18.9.9"])?;
+    assert!(out.contains("nothing changed"), "{out}");
+    assert_eq!(generation(&s.lab)?, g, "an add of a member already in");
+    let list = |lab: &Lab| lab.segbpf_ok("db", &["set", "list", "eth0", "x"]);
+
+    s.lab
+        .segbpf_ok("db", &["reload", "eth0", "--keep-set-edits"])?;
+    assert!(list(&s.lab)?.contains("198.18.9.9"), "kept on request");
+    let out = s.lab.segbpf("db", &["reload", "eth0", "-o", "json"])?;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["dropped_set_edits"], serde_json::json!(["x"]), "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dropped the live edits of set(s) x") && err.contains("--keep-set-edits"),
+        "{err}"
+    );
+    assert!(!list(&s.lab)?.contains("198.18.9.9"), "the file won");
+    Ok(())
+}
+
+/// Starts a foreground `attach eth0 --role db --policy FILE EXTRA...` on
+/// `db` and waits until it enforces.
+fn foreground(lab: &Lab, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Child> {
+    let mut args = vec!["attach", "eth0", "--role", "db", "--policy"];
+    let f = file.to_str().unwrap_or_default();
+    args.push(f);
+    args.extend_from_slice(extra);
+    let child = lab.spawn("db", &args)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn watch_off_reloads_on_sighup_only_and_watch_confirm_guards_each_reload() -> anyhow::Result<()> {
+    let mut lab = Lab::new("wmode")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-wmode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: file.clone(),
+        b: file.clone(),
+        dir,
+        lab,
+    };
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+
+    // --watch off: a saved edit waits for SIGHUP.
+    let attach = foreground(&s.lab, &file, &["--watch", "off"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let g0 = generation(&s.lab)?;
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, policy_b())?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0, "not watched");
+    assert_eq!(current_verdicts(&s)?, all_a);
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while generation(&s.lab)? == g0 {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP reloads");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_b);
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+
+    // --watch confirm:SECS: a saved edit is applied under the guard.
+    let attach = foreground(&s.lab, &file, &["--watch", "confirm:600"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, POLICY_A)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.lab.status_json("db")?["attachments"][0]["pending"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the automatic reload waits for confirmation"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_a, "applied, guarded");
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
+    assert!(s.lab.status_json("db")?["attachments"][0]["pending"].is_null());
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+    Ok(())
+}
