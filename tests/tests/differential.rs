@@ -378,10 +378,12 @@ const HOST_MARK: u32 = 0x5e9b;
 
 /// The harness's own table in the enforcing namespace: `seen` counters
 /// before any other hook (prerouting, output) count every test packet
-/// that reached nftables at all, and the namespace's own answers to the
-/// test packets (RSTs, port unreachables, echo replies of its stack) are
-/// dropped before conntrack and the exported ruleset see them: the
-/// harness sends every reply of the host itself, marked.
+/// that reached nftables at all, and every IP packet of the namespace's
+/// own (answers to the test packets: RSTs, port unreachables, echo
+/// replies; router solicitations, MLD reports) is dropped before conntrack
+/// and the exported ruleset see it: the harness sends every packet of the
+/// host itself, marked. (IPv4 neighbours are found with ARP, outside
+/// `inet`; the IPv6 next hop is a permanent neighbour entry.)
 fn harness_table(tx_mac: [u8; 6]) -> String {
     let mac: Vec<String> = tx_mac.iter().map(|b| format!("{b:02x}")).collect();
     let mac = mac.join(":");
@@ -389,7 +391,7 @@ fn harness_table(tx_mac: [u8; 6]) -> String {
         "table inet segbpf_harness\ndelete table inet segbpf_harness\n\
          table inet segbpf_harness {{\n\
          chain pre {{ type filter hook prerouting priority -400; policy accept; ether saddr {mac} counter comment \"seen\"; }}\n\
-         chain quiet {{ type filter hook output priority -500; policy accept; oifname \"eth0\" meta mark != {HOST_MARK:#x} ip daddr != 10.0.0.0/8 drop; oifname \"eth0\" meta mark != {HOST_MARK:#x} ip6 daddr != {{ fe80::/10, ff00::/8, fd00:99::/64 }} drop; }}\n\
+         chain quiet {{ type filter hook output priority -500; policy accept; oifname \"eth0\" meta mark != {HOST_MARK:#x} drop; }}\n\
          chain out {{ type filter hook output priority -400; policy accept; meta mark {HOST_MARK:#x} counter comment \"seen\"; }}\n\
          }}\n"
     )
