@@ -647,7 +647,7 @@ fn nftables_export_agrees_on_sampled_cases_with_real_packets() -> anyhow::Result
 fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
     use segbpf_tests::{Lab, net};
     let want_cases = env_u64("SEGBPF_DIFF_NFT_CASES", 240);
-    let per_policy = 30;
+    let per_policy = 10;
     let mut lab = Lab::new("dn")?;
     lab.quiet_switch()?;
     lab.add_host("rx", &["10.0.0.1/8", "fd00:99::1/64"])?;
@@ -735,10 +735,10 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
     let mut seen_verdicts = std::collections::BTreeSet::new();
     let mut counters: std::collections::BTreeMap<String, u64>;
     while done < want_cases {
-        let g = generate::policy(&mut rng);
-        let policy = Policy::from_str(&g.text, "generated.toml")?;
-        let n = 1 + rng.below(g.roles.len() as u64) as usize;
-        let roles: Vec<String> = g.roles[..n].to_vec();
+        let generated = generate::policy(&mut rng);
+        let policy = Policy::from_str(&generated.text, "generated.toml")?;
+        let nroles = 1 + rng.below(generated.roles.len() as u64) as usize;
+        let roles: Vec<String> = generated.roles[..nroles].to_vec();
         nft_load(&segbpf::export::nft(
             &policy,
             &roles,
@@ -746,7 +746,7 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
             "segbpf",
         ))?;
         let slot = (policies % 2) as u8;
-        let c = compile::compile(
+        let compiled = compile::compile(
             &policy,
             &roles,
             Some("eth0"),
@@ -755,14 +755,14 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
             Capacity::default(),
         )?;
         pm.clear_slot(slot)?;
-        pm.write_slot(&c)?;
+        pm.write_slot(&compiled)?;
         pm.activate(slot)?;
         policies += 1;
         counters = nft_counters(&rx_ns)?;
         let mut tracked = std::collections::BTreeSet::new();
         let mut here = 0;
         while here < per_policy {
-            let (src, proto, dport, icmp_type) = generate::packet(&mut rng, &g);
+            let (src, proto, dport, icmp_type) = generate::packet(&mut rng, &generated);
             // ICMP of the other family is judged by number in segbpf and by
             // family in nftables' `icmp type`: not a comparable case.
             if (proto == 1 && src.is_ipv6()) || (proto == 58 && src.is_ipv4()) {
@@ -776,7 +776,7 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
             let opener = |rng: &mut Rng, sport: u16| {
                 let mut best = None;
                 for _ in 0..20 {
-                    let (src, proto, dport, _) = generate::packet(rng, &g);
+                    let (src, proto, dport, _) = generate::packet(rng, &generated);
                     if src.is_ipv6() != v6 || !matches!(proto, 6 | 17 | 1 | 58) {
                         continue;
                     }
@@ -785,9 +785,10 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                     } else {
                         proto
                     };
-                    let s = first_packet(src, proto, sport, dport, echo_types(v6).0);
-                    let passes = model_label(&policy, &roles, &Default::default(), &s).1;
-                    best = Some(s);
+                    let first = first_packet(src, proto, sport, dport, echo_types(v6).0);
+                    let untracked = std::collections::BTreeSet::new();
+                    let passes = model_label(&policy, &roles, &untracked, &first).1;
+                    best = Some(first);
                     if passes {
                         break;
                     }
@@ -800,46 +801,46 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                     let Some(p1) = opener(&mut rng, next_port()) else {
                         continue;
                     };
-                    let r = next_in_flow(&p1, Direction::Egress);
-                    let p2 = next_in_flow(&r, Direction::Ingress);
-                    vec![p1, r, p2]
+                    let reply = next_in_flow(&p1, Direction::Egress);
+                    let p2 = next_in_flow(&reply, Direction::Ingress);
+                    vec![p1, reply, p2]
                 }
                 // The host opens, the peer answers.
                 2 | 3 => {
-                    let Some(p) = opener(&mut rng, next_port()) else {
+                    let Some(opened) = opener(&mut rng, next_port()) else {
                         continue;
                     };
                     // The same flow the other way round: the host opens it.
-                    let mut h1 = next_in_flow(&p, Direction::Egress);
+                    let mut h1 = next_in_flow(&opened, Direction::Egress);
                     h1.spec.tcp_flags = 0x02;
                     h1.spec.tcp_seq = 7000;
                     h1.spec.tcp_ack = 0;
                     h1.spec.icmp_type = echo_types(v6).0;
-                    let peer = p.spec.src;
+                    let peer = opened.spec.src;
                     h1.flow = match h1.spec.proto {
                         6 | 17 => Some((h1.spec.proto, peer, h1.spec.sport, h1.spec.dport)),
                         _ => Some((h1.spec.proto, peer, h1.spec.sport, 0)),
                     };
-                    let q = next_in_flow(&h1, Direction::Ingress);
-                    vec![h1, q]
+                    let answer = next_in_flow(&h1, Direction::Ingress);
+                    vec![h1, answer]
                 }
                 // An ICMP error quoting a flow: one the peer opened (and
                 // the host answered, the packet quoted), or one nobody
                 // opened.
-                4 | 5 => {
+                4..=6 => {
                     let Some(p1) = opener(&mut rng, next_port()) else {
                         continue;
                     };
-                    let r = next_in_flow(&p1, Direction::Egress);
+                    let reply = next_in_flow(&p1, Direction::Egress);
                     let from = if rng.chance(2, 3) {
                         p1.spec.src
                     } else {
-                        generate::packet(&mut rng, &g).0
+                        generate::packet(&mut rng, &generated).0
                     };
                     if from.is_ipv6() != v6 {
                         continue;
                     }
-                    let t = if rng.chance(3, 4) {
+                    let err_type = if rng.chance(3, 4) {
                         *rng.pick(if v6 {
                             &[1u8, 2, 3, 4][..]
                         } else {
@@ -848,29 +849,29 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                     } else {
                         generate::icmp_type(&mut rng, v6)
                     };
-                    let e = error_quoting(from, t, &r);
+                    let error = error_quoting(from, err_type, &reply);
                     if rng.chance(1, 3) {
-                        vec![e]
+                        vec![error]
                     } else {
-                        vec![p1, r, e]
+                        vec![p1, reply, error]
                     }
                 }
                 _ => vec![first_packet(src, proto, next_port(), dport, icmp_type)],
             };
             let mut trail = Vec::new();
-            for s in &steps {
-                let (want, want_passes) = model_label(&policy, &roles, &tracked, s);
+            for step in &steps {
+                let (want, want_passes) = model_label(&policy, &roles, &tracked, step);
                 // segbpf
-                let frame = s.spec.build().bytes;
-                let v = instance.run(s.dir, &frame)?.ensure_recorded()?;
-                let got = segbpf_label(&policy, v.reason, v.rule(), s.dir);
+                let frame = step.spec.build().bytes;
+                let verdict = instance.run(step.dir, &frame)?.ensure_recorded()?;
+                let got = segbpf_label(&policy, verdict.reason, verdict.rule(), step.dir);
                 // nftables, with a real packet
-                let chain = match s.dir {
+                let chain = match step.dir {
                     Direction::Ingress => {
-                        let mut f = frame.clone();
-                        f[..6].copy_from_slice(&rx_mac);
-                        f[6..12].copy_from_slice(&tx_mac);
-                        sender.send(&f)?;
+                        let mut wire = frame.clone();
+                        wire[..6].copy_from_slice(&rx_mac);
+                        wire[6..12].copy_from_slice(&tx_mac);
+                        sender.send(&wire)?;
                         std::thread::sleep(std::time::Duration::from_millis(10));
                         "segbpf/input/"
                     }
@@ -878,7 +879,7 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                         let ip = &frame[14..];
                         // False when the output chain dropped it (EPERM):
                         // the counters say which rule did.
-                        let _ = if v6 { &out6 } else { &out4 }.send(s.spec.dst, ip)?;
+                        let _ = if v6 { &out6 } else { &out4 }.send(step.spec.dst, ip)?;
                         std::thread::sleep(std::time::Duration::from_millis(2));
                         "segbpf/output/"
                     }
@@ -887,12 +888,12 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                 let moved: Vec<(String, u64)> = after
                     .iter()
                     .filter_map(|(k, v)| {
-                        let d = v - counters.get(k).copied().unwrap_or(0);
-                        (d > 0).then(|| (k.clone(), d))
+                        let delta = v - counters.get(k).copied().unwrap_or(0);
+                        (delta > 0).then(|| (k.clone(), delta))
                     })
                     .collect();
                 counters = after;
-                let seen_key = match s.dir {
+                let seen_key = match step.dir {
                     Direction::Ingress => "segbpf_harness/pre/seen",
                     Direction::Egress => "segbpf_harness/out/seen",
                 };
@@ -913,28 +914,28 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
                 seen_verdicts.insert(want.clone());
                 trail.push(format!(
                     "  {:?} {} -> {} proto {} ports {}->{} flags {:#x} icmp {}: model `{want}`, segbpf `{got}`, nftables `{nft}`",
-                    s.dir,
-                    s.spec.src,
-                    s.spec.dst,
-                    s.spec.proto,
-                    s.spec.sport,
-                    s.spec.dport,
-                    s.spec.tcp_flags,
-                    s.spec.icmp_type
+                    step.dir,
+                    step.spec.src,
+                    step.spec.dst,
+                    step.spec.proto,
+                    step.spec.sport,
+                    step.spec.dport,
+                    step.spec.tcp_flags,
+                    step.spec.icmp_type
                 ));
                 if (want != got || want != nft) && mismatches.len() < 5 {
                     mismatches.push(format!(
                         "seed {seed} (reproduce: cargo xtask fuzz-diff --seed {seed}), roles {roles:?}, case:\n{}\n--- policy ---\n{}",
                         trail.join("\n"),
-                        g.text
+                        generated.text
                     ));
                 }
                 if want_passes
                     && policy.defaults.established
-                    && let Some(f) = s.flow
-                    && opens(&s.spec)
+                    && let Some(flow) = step.flow
+                    && opens(&step.spec)
                 {
-                    tracked.insert(f);
+                    tracked.insert(flow);
                 }
             }
             here += 1;
