@@ -1,7 +1,8 @@
 //! Packet parsing: Ethernet, up to two VLAN tags, ARP, IEEE 802.1
-//! link-local control frames (STP, LACP/Marker, EAPOL, LLDP, PTP only), IPv4 (IHL and total length checked), IPv6
-//! (bounded extension-header walk), TCP (sequence, window, window-scale
-//! option), UDP, ICMP, ICMPv6. On devices without a link-layer header (tun,
+//! link-local control frames (STP, LACP/Marker, EAPOL, LLDP, PTP only),
+//! IPv4 (IHL and total length checked), IPv6 (bounded extension-header
+//! walk), TCP (sequence, window, window-scale option), UDP, ICMP, ICMPv6.
+//! On devices without a link-layer header (tun,
 //! WireGuard, ip tunnels, ppp) the packet starts at the IP header and the
 //! program names its EtherType. Every read is bounds-checked against the
 //! end of the packet; anything that cannot be fully validated yields a drop

@@ -3,14 +3,24 @@
 //! kernel program through BPF_PROG_TEST_RUN must agree on the verdict,
 //! the reason and the rule. Every mismatch prints a reproducer (seed,
 //! policy text, roles, packet). CI runs a fixed seed with at least 10,000
-//! cases; `cargo xtask fuzz-diff --cases N --seed S` runs more
-//! (`SEGBPF_DIFF_CASES`, `SEGBPF_DIFF_SEED`).
+//! cases, and `cargo xtask test` adds a fresh random seed every run
+//! (`SEGBPF_DIFF_FRESH_SEED`, printed); `cargo xtask fuzz-diff --cases N
+//! --seed S` runs one seed with more cases (`SEGBPF_DIFF_CASES`,
+//! `SEGBPF_DIFF_SEED`, `SEGBPF_DIFF_NFT_CASES`).
+//!
+//! Then the same with state and a second implementation: segbpf, the
+//! evaluator plus the flows the harness tracks, and `segbpf export nft`
+//! loaded in a namespace and fed real packets, on first packets, on
+//! established traffic and on ICMP errors quoting tracked and untracked
+//! flows; every packet must be accounted for by exactly one nftables
+//! counter (see `nftables_export_agrees`).
 //!
 //! Also here: a truncation sweep — well-formed frames cut at every length
 //! from the Ethernet header on must never pass (nothing the parser cannot
 //! fully validate is allowed) — and its counterpart, a fragmentation sweep:
 //! every way of fragmenting an allowed datagram passes whole, and no
-//! fragment of a denied one passes.
+//! fragment of a denied one passes. Both are exhaustive over their lengths
+//! and cut points, not random, so they need no seed.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
