@@ -267,4 +267,22 @@ mod tests {
         // Rules of other roles are not exported.
         assert!(!out.contains("8080"));
     }
+
+    #[test]
+    fn without_tracking_echo_replies_pass_and_nothing_is_related() {
+        let p = Policy::from_str(
+            "version = 1\n[defaults]\nestablished = false\n[roles.r]\nhosts = \"any\"\n\
+             [[roles.r.ingress]]\nfrom = \"any\"\ntcp = [22]\n",
+            "stateless.toml",
+        )
+        .unwrap();
+        let out = nft(&p, &["r".to_string()], None, "segbpf");
+        assert!(!out.contains("ct state"), "{out}");
+        assert!(out.contains(
+            "icmp type { echo-request, echo-reply } counter accept comment \"icmp-default\""
+        ));
+        assert!(out.contains(
+            "icmpv6 type { echo-request, echo-reply } counter accept comment \"icmp-default\""
+        ));
+    }
 }
