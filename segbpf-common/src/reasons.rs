@@ -28,8 +28,10 @@ pub mod reason {
     pub const PASS_RELATED: u8 = 6;
     /// Non-first fragment of a datagram whose first fragment passed.
     pub const PASS_FRAG: u8 = 7;
-    /// Non-IP frame to an IEEE 802.1 link-local group address
-    /// (01:80:c2:00:00:00-0f: STP, LACP, LLDP, 802.1X), `defaults.link_local`.
+    /// Link-layer control frame to an IEEE 802.1 link-local group address
+    /// (01:80:c2:00:00:00-0f) of a protocol that needs it: STP BPDU (802.3
+    /// length + LLC 42-42-03), LACP/Marker (0x8809), EAPOL (0x888e), LLDP
+    /// (0x88cc), PTP (0x88f7); `defaults.link_local`.
     pub const PASS_LINK_LOCAL: u8 = 8;
 
     /// First drop reason; every code from here on drops.
@@ -58,7 +60,9 @@ pub mod reason {
     pub const DROP_BAD_L4: u8 = 26;
     /// Malformed ARP (truncated).
     pub const DROP_BAD_ARP: u8 = 27;
-    /// Link-local control frame while `defaults.link_local = false`.
+    /// Non-IP frame to a link-local group address that is not one of the
+    /// control protocols of `PASS_LINK_LOCAL` (MPLS, PPPoE, MACsec, ...),
+    /// or any link-local control frame while `defaults.link_local = false`.
     pub const DROP_LINK_LOCAL: u8 = 28;
     /// TCP RST of a tracked flow whose sequence number is outside the
     /// window seen for its direction (a blind reset); the flow is unchanged.

@@ -1,7 +1,8 @@
 //! Packet parsing: Ethernet, up to two VLAN tags, ARP, IEEE 802.1
-//! link-local control frames, IPv4 (IHL and total length checked), IPv6
-//! (bounded extension-header walk), TCP (sequence, window, window-scale
-//! option), UDP, ICMP, ICMPv6. On devices without a link-layer header (tun,
+//! link-local control frames (STP, LACP/Marker, EAPOL, LLDP, PTP only),
+//! IPv4 (IHL and total length checked), IPv6 (bounded extension-header
+//! walk), TCP (sequence, window, window-scale option), UDP, ICMP, ICMPv6.
+//! On devices without a link-layer header (tun,
 //! WireGuard, ip tunnels, ppp) the packet starts at the IP header and the
 //! program names its EtherType. Every read is bounds-checked against the
 //! end of the packet; anything that cannot be fully validated yields a drop
@@ -23,6 +24,17 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ARP_HLEN: usize = 8;
+/// Link-layer control protocols that may use the IEEE 802.1 link-local
+/// group addresses (see `is_link_control`): slow protocols (LACP, Marker,
+/// 802.3ah OAM), 802.1X PAE (EAPOL, MACsec key agreement), LLDP, PTP.
+const ETH_P_SLOW: u16 = 0x8809;
+const ETH_P_PAE: u16 = 0x888e;
+const ETH_P_LLDP: u16 = 0x88cc;
+const ETH_P_1588: u16 = 0x88f7;
+/// Largest 802.3 length field; larger values are EtherTypes.
+const ETH_MAX_LEN: u16 = 1500;
+/// LLC header of a spanning-tree BPDU: DSAP and SSAP 0x42, UI frame.
+const LLC_STP: [u8; 3] = [0x42, 0x42, 0x03];
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPV6_FRAG_HLEN: usize = 8;
@@ -246,6 +258,20 @@ fn to_link_local_group(pkt: &Bounds) -> bool {
     }
 }
 
+/// Whether a frame to a link-local group address is one of the control
+/// protocols allowed there: an STP/RSTP/MSTP BPDU (an 802.3 length, then
+/// LLC 42-42-03), LACP/Marker/OAM (0x8809), EAPOL (0x888e), LLDP (0x88cc)
+/// or PTP (0x88f7). `off` is where the frame's payload starts, after the
+/// EtherType or length field.
+#[inline(always)]
+fn is_link_control(pkt: &Bounds, off: usize, ethertype: u16) -> bool {
+    match ethertype {
+        ETH_P_SLOW | ETH_P_PAE | ETH_P_LLDP | ETH_P_1588 => true,
+        len if (3..=ETH_MAX_LEN).contains(&len) => pkt.bytes::<3>(off) == Some(LLC_STP),
+        _ => false,
+    }
+}
+
 /// Parses a packet. `raw` is `None` when it begins with an Ethernet
 /// header, else the EtherType of the IP header it begins with (devices
 /// without a link layer). `Err` carries the drop reason.
@@ -285,9 +311,16 @@ pub(crate) fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
             Ok(Parsed::empty(L3_ARP))
         }
         // Bridges never forward frames to these addresses: they stay on
-        // one link. STP BPDUs carry an 802.3 length here, not an
-        // EtherType. Anything else fails closed.
-        _ if to_link_local_group(pkt) => Ok(Parsed::empty(L2_LINK_LOCAL)),
+        // one link. Only the control protocols that need them are link
+        // control frames; anything else sent there (MPLS, PPPoE, MACsec
+        // data, an unknown EtherType) is dropped as link-local-denied.
+        _ if to_link_local_group(pkt) => {
+            if is_link_control(pkt, off, ethertype) {
+                Ok(Parsed::empty(L2_LINK_LOCAL))
+            } else {
+                Err(reason::DROP_LINK_LOCAL)
+            }
+        }
         _ => Err(reason::DROP_ETHERTYPE),
     }
 }

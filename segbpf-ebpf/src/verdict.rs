@@ -3,7 +3,8 @@
 //! control traffic (ARP, IPv6 ND/MLD, and link-local control frames unless
 //! `defaults.link_local = false`); later fragments (pass only after their first fragment
 //! passed); tracked connections; policy rules (lowest matching rule id);
-//! the ICMP default (echo, and errors about tracked flows); the
+//! the ICMP default (echo requests, echo replies only when nothing is
+//! tracked, and errors about tracked flows); the
 //! direction's default. A packet that passes and opens a flow makes a
 //! connection entry (in audit mode, so does one the policy would drop,
 //! marked as audited); a first fragment that passes makes a fragment entry.
@@ -184,7 +185,7 @@ fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &m
         }
     }
     if cfg.icmp != 0 {
-        if is_echo(p) {
+        if is_default_echo(p, cfg.established != 0) {
             d.reason = reason::PASS_ICMP;
             return;
         }
@@ -223,9 +224,17 @@ fn is_neighbour_discovery(p: &Parsed) -> bool {
     }
 }
 
-/// ICMP echo request/reply of the packet's own family.
+/// The echo messages of the packet's own family that `defaults.icmp`
+/// passes from anyone: requests always; replies only when nothing is
+/// tracked (`established = false`). With tracking on, an echo reply
+/// passes only as the reply of a tracked request (`ct`), so unsolicited
+/// replies (scans, reflection, ICMP tunnels) meet the default.
 #[inline(always)]
-fn is_echo(p: &Parsed) -> bool {
-    (p.l3 == L3_IPV4 && p.proto == IPPROTO_ICMP && matches!(p.icmp_type, 0 | 8))
-        || (p.l3 == L3_IPV6 && p.proto == IPPROTO_ICMPV6 && matches!(p.icmp_type, 128 | 129))
+fn is_default_echo(p: &Parsed, tracking: bool) -> bool {
+    (p.l3 == L3_IPV4
+        && p.proto == IPPROTO_ICMP
+        && (p.icmp_type == 8 || (p.icmp_type == 0 && !tracking)))
+        || (p.l3 == L3_IPV6
+            && p.proto == IPPROTO_ICMPV6
+            && (p.icmp_type == 128 || (p.icmp_type == 129 && !tracking)))
 }

@@ -1,14 +1,27 @@
 //! `roles.toml` -> an equivalent nftables ruleset for one host, written the
 //! way the operators' guides write it: an `inet` table, interval sets per
-//! rule, `ct state established,related accept`, the always-allowed ICMPv6
-//! neighbour discovery and MLD, the ICMP echo default, one counted rule per
-//! policy rule (commented with its label and line), and a rate-limited log
-//! before the chain's default policy.
+//! rule, `ct state established accept`, the always-allowed ICMPv6
+//! neighbour discovery and MLD, one counted rule per policy rule
+//! (commented with its label and line), the ICMP default (echo requests;
+//! echo replies only when nothing is tracked; errors about tracked flows),
+//! and a rate-limited log before the chain's default policy. Every rule
+//! that decides a packet has a counter and a comment naming it in segbpf's
+//! terms (`established`, `loopback`, `ipv6-nd`, the rule's label,
+//! `icmp-default`, `icmp-related`, `default-accept`/`default-drop`), so
+//! where each packet went can be read back.
+//!
+//! The order is segbpf's: tracked flows, policy rules, then the ICMP
+//! default, then the default. ICMP errors are accepted as `related` only
+//! for the types segbpf relates (destination unreachable, time exceeded,
+//! parameter problem, and ICMPv6 packet too big), after the rules, so a
+//! redirect or source quench about a tracked flow is not let in by
+//! conntrack's wider notion of `related`.
 //!
 //! Differences that stem from nftables itself: it reassembles fragments
 //! before filtering (segbpf tracks them instead), it sees ARP outside the
-//! `inet` family (so ARP is not filtered at all), and its conntrack decides
-//! what is `related`.
+//! `inet` family (so ARP is not filtered at all), and its conntrack, not
+//! segbpf's, decides what is `established`: a second packet of a flow is
+//! `established` in nftables only once the other side has answered.
 
 use std::fmt::Write as _;
 
@@ -65,7 +78,7 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
         if policy.defaults.established {
             let _ = writeln!(
                 out,
-                "        ct state established,related counter accept comment \"established\""
+                "        ct state established counter accept comment \"established\""
             );
         }
         let lo = if dir == Direction::Ingress {
@@ -73,7 +86,7 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
         } else {
             "oif"
         };
-        let _ = writeln!(out, "        {lo} lo accept");
+        let _ = writeln!(out, "        {lo} lo counter accept comment \"loopback\"");
         let _ = writeln!(
             out,
             "        icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 counter accept comment \"ipv6-nd\""
@@ -113,14 +126,35 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
             }
         }
         if policy.defaults.icmp {
+            // Echo replies pass as part of a tracked request when flows
+            // are tracked (an unsolicited reply meets the default), from
+            // anyone when nothing is tracked.
+            let (echo4, echo6) = if policy.defaults.established {
+                ("echo-request", "echo-request")
+            } else {
+                (
+                    "{ echo-request, echo-reply }",
+                    "{ echo-request, echo-reply }",
+                )
+            };
             let _ = writeln!(
                 out,
-                "        icmp type {{ echo-request, echo-reply }} accept"
+                "        icmp type {echo4} counter accept comment \"icmp-default\""
             );
             let _ = writeln!(
                 out,
-                "        icmpv6 type {{ echo-request, echo-reply }} accept"
+                "        icmpv6 type {echo6} counter accept comment \"icmp-default\""
             );
+            if policy.defaults.established {
+                let _ = writeln!(
+                    out,
+                    "        ct state related icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} counter accept comment \"icmp-related\""
+                );
+                let _ = writeln!(
+                    out,
+                    "        ct state related icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} counter accept comment \"icmp-related\""
+                );
+            }
         }
         if policy.defaults.action(dir) == Action::Drop && policy.defaults.log_rate > 0 {
             let _ = writeln!(
@@ -210,7 +244,15 @@ mod tests {
         let out = nft(&p, &["db".to_string()], None, "segbpf");
         assert!(out.contains("table inet segbpf {"), "{out}");
         assert!(out.contains("type filter hook input priority filter; policy drop;"));
-        assert!(out.contains("ct state established,related counter accept"));
+        assert!(out.contains("ct state established counter accept"));
+        // Every deciding rule is counted: the ICMP default (echo requests
+        // only, as flows are tracked), errors about tracked flows of
+        // segbpf's types only, loopback and the default.
+        assert!(out.contains("icmp type echo-request counter accept comment \"icmp-default\""));
+        assert!(!out.contains("echo-reply"), "{out}");
+        assert!(out.contains("ct state related icmp type { destination-unreachable, time-exceeded, parameter-problem } counter accept comment \"icmp-related\""));
+        assert!(out.contains("iif lo counter accept comment \"loopback\""));
+        assert!(out.contains("counter comment \"default-drop\""));
         // app_nodes as an interval set, the non-aligned range as CIDRs.
         assert!(out.contains("set rule8_v4 {"));
         assert!(out.contains("10.10.1.20/30"), "{out}");
@@ -224,5 +266,23 @@ mod tests {
         assert!(out.contains("limit rate 10/second burst 10 packets log prefix"));
         // Rules of other roles are not exported.
         assert!(!out.contains("8080"));
+    }
+
+    #[test]
+    fn without_tracking_echo_replies_pass_and_nothing_is_related() {
+        let p = Policy::from_str(
+            "version = 1\n[defaults]\nestablished = false\n[roles.r]\nhosts = \"any\"\n\
+             [[roles.r.ingress]]\nfrom = \"any\"\ntcp = [22]\n",
+            "stateless.toml",
+        )
+        .unwrap();
+        let out = nft(&p, &["r".to_string()], None, "segbpf");
+        assert!(!out.contains("ct state"), "{out}");
+        assert!(out.contains(
+            "icmp type { echo-request, echo-reply } counter accept comment \"icmp-default\""
+        ));
+        assert!(out.contains(
+            "icmpv6 type { echo-request, echo-reply } counter accept comment \"icmp-default\""
+        ));
     }
 }

@@ -1,8 +1,9 @@
 //! Seeded generators for differential testing: random roles.toml policies
 //! (overlapping prefixes and ranges, IPv4 and IPv6, ports and port ranges
 //! near their edges, several roles, base rules, any-protocol and ICMP
-//! rules, both defaults) and random packets aimed at the policy's address
-//! and port boundaries. Deterministic for a seed, so any mismatch can be
+//! rules, both defaults, with and without connection tracking and the ICMP
+//! default) and random packets aimed at the policy's address and port
+//! boundaries, with ICMP types of both families. Deterministic for a seed, so any mismatch can be
 //! reproduced from the seed alone.
 
 use std::{
@@ -149,9 +150,11 @@ pub fn policy(rng: &mut Rng) -> GenPolicy {
     }
     let _ = writeln!(
         t,
-        "[defaults]\ningress = \"{}\"\negress = \"drop\"\nicmp = {}\nlog_rate = 0",
+        "[defaults]\ningress = \"{}\"\negress = \"{}\"\nicmp = {}\nestablished = {}\nlog_rate = 0",
         if rng.chance(1, 5) { "allow" } else { "drop" },
-        rng.chance(1, 2)
+        if rng.chance(1, 2) { "allow" } else { "drop" },
+        rng.chance(1, 2),
+        rng.chance(3, 4)
     );
     let rule = |rng: &mut Rng,
                 t: &mut String,
@@ -255,6 +258,20 @@ pub fn packet(rng: &mut Rng, p: &GenPolicy) -> (IpAddr, u8, u16, u8) {
     } else {
         rng.below(65536) as u16
     };
-    let icmp_type = *rng.pick(&[0u8, 8, 3, 5, 128, 129, 1]);
-    (src, proto, dport, icmp_type)
+    (src, proto, dport, icmp_type(rng, v6))
+}
+
+/// A random ICMP type, most often one of the packet's family: echo
+/// request and reply, the errors (destination unreachable, source quench,
+/// redirect, time exceeded, parameter problem, packet too big), timestamp
+/// and information requests, router and neighbour messages, and now and
+/// then one of the other family or an unassigned one.
+pub fn icmp_type(rng: &mut Rng, v6: bool) -> u8 {
+    const V4: [u8; 10] = [0, 8, 3, 4, 5, 11, 12, 13, 14, 9];
+    const V6: [u8; 11] = [128, 129, 1, 2, 3, 4, 133, 134, 135, 137, 130];
+    match rng.below(10) {
+        0 => *rng.pick(if v6 { &V4[..] } else { &V6[..] }),
+        1 => rng.below(256) as u8,
+        _ => *rng.pick(if v6 { &V6[..] } else { &V4[..] }),
+    }
 }

@@ -352,6 +352,94 @@ impl RawSender {
     }
 }
 
+/// A raw IP socket (`IPPROTO_RAW`, the packet's own IP header) inside a
+/// namespace: hand-built IP packets sent by the namespace's own stack, so
+/// they leave through its routing, netfilter output hooks and conntrack,
+/// as a host's own packets do (unlike [`RawSender`], which puts frames on
+/// the wire below all of that).
+pub struct RawIpSender {
+    fd: std::os::fd::OwnedFd,
+    v6: bool,
+}
+
+impl RawIpSender {
+    /// Opens the socket (IPv6 when `v6`) inside namespace `ns`; its
+    /// packets carry the netfilter mark `mark` (`meta mark`), so rules can
+    /// tell them from the namespace's own.
+    pub fn open(ns: &str, v6: bool, mark: u32) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || -> anyhow::Result<RawIpSender> {
+            netns::enter(&path)?;
+            let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let raw = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            anyhow::ensure!(
+                raw >= 0,
+                "raw IP socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` is a fresh descriptor nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Mark, &mark)?;
+            Ok(RawIpSender { fd, v6 })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw socket thread panicked"))?
+    }
+
+    /// Sends one IP packet (starting at its IP header) to `dst`. False
+    /// when the namespace's own netfilter dropped it on its way out
+    /// (`EPERM`).
+    pub fn send(&self, dst: IpAddr, packet: &[u8]) -> anyhow::Result<bool> {
+        use std::os::fd::AsRawFd as _;
+        let n = match dst {
+            IpAddr::V4(a) if !self.v6 => {
+                // SAFETY: zeroed sockaddr_in is valid; fields set below.
+                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                sa.sin_family = libc::AF_INET as u16;
+                sa.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+                // SAFETY: the buffer and address are valid for the call.
+                unsafe {
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&raw const sa).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    )
+                }
+            }
+            IpAddr::V6(a) if self.v6 => {
+                // SAFETY: zeroed sockaddr_in6 is valid; fields set below.
+                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                sa.sin6_family = libc::AF_INET6 as u16;
+                sa.sin6_addr.s6_addr = a.octets();
+                // SAFETY: the buffer and address are valid for the call.
+                unsafe {
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&raw const sa).cast(),
+                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                    )
+                }
+            }
+            _ => anyhow::bail!("{dst}: not the family of this raw socket"),
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            anyhow::ensure!(e.raw_os_error() == Some(libc::EPERM), "sendto {dst}: {e}");
+            return Ok(false);
+        }
+        anyhow::ensure!(n == packet.len() as isize, "sendto {dst}: short write");
+        Ok(true)
+    }
+}
+
 /// The MAC address of `iface` in namespace `ns`.
 pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
     let out = crate::netns::ip(&["-n", ns, "-j", "link", "show", iface])?;

@@ -335,6 +335,23 @@ fn eapol_start() -> Vec<u8> {
     f
 }
 
+/// A PTP peer-delay request (IEEE 1588 over Ethernet, EtherType 0x88f7) to
+/// 01:80:c2:00:00:0e.
+fn ptp() -> Vec<u8> {
+    let mut f = ether(link_local(0x0e), 0x88f7);
+    f.extend_from_slice(&[0x02, 0x02, 0x00, 0x36]); // Pdelay_Req, v2, length 54
+    f.resize(14 + 54, 0);
+    f
+}
+
+/// A frame of `ethertype` to 01:80:c2:00:00:`last` with 46 bytes of
+/// payload (the minimum Ethernet frame).
+fn link_local_frame(last: u8, ethertype: u16) -> Vec<u8> {
+    let mut f = ether(link_local(last), ethertype);
+    f.resize(60, 0x5a);
+    f
+}
+
 /// A hop-by-hop header carrying the router alert option (as MLD uses).
 fn router_alert() -> Ext {
     Ext {
@@ -440,10 +457,16 @@ fn icmp_cases() -> Vec<Case> {
     let ns_body = [&[0u8; 4][..], &target.octets()[..]].concat();
     let mld_body = [0u8; 8];
     vec![
-        // defaults.icmp: echo from anyone; errors only about tracked flows
-        // (none here: this table is stateless, see tests/tests/stateful.rs).
+        // defaults.icmp: echo requests from anyone; echo replies only as
+        // the reply of a tracked request and errors only about tracked
+        // flows (none here: this table is stateless, see
+        // tests/tests/stateful.rs), so an unsolicited reply is denied.
         Case::policy("icmp4_echo_from_outsider", &icmp(OUTSIDE4, 8)),
-        Case::policy("icmp4_echo_reply_from_outsider", &icmp(OUTSIDE4, 0)),
+        Case::policy("icmp4_echo_reply_from_outsider_denied", &icmp(OUTSIDE4, 0)),
+        Case::policy(
+            "icmp6_echo_reply_from_outsider_denied",
+            &icmp(OUTSIDE6, 129),
+        ),
         Case::policy("icmp4_unreachable_unrelated_denied", &icmp(OUTSIDE4, 3)),
         Case::policy("icmp4_time_exceeded_unrelated_denied", &icmp(OUTSIDE4, 11)),
         Case::policy("icmp4_redirect_from_outsider_denied", &icmp(OUTSIDE4, 5)),
@@ -575,6 +598,78 @@ fn link_layer_cases() -> Vec<Case> {
             "lldp_to_group_0f_last_of_the_range",
             lldp_to(link_local(0x0f)),
             reason::PASS_LINK_LOCAL,
+        ),
+        Case::reason("ptp_peer_delay", ptp(), reason::PASS_LINK_LOCAL),
+        Case::reason(
+            "lacp_marker",
+            {
+                let mut f = lacpdu();
+                f[14] = 0x02; // subtype Marker
+                f
+            },
+            reason::PASS_LINK_LOCAL,
+        ),
+        // Only those control protocols: anything else to a link-local
+        // group address is dropped, whatever it carries.
+        Case::reason(
+            "mpls_to_link_local_group_denied",
+            link_local_frame(0x00, 0x8847),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "pppoe_session_to_link_local_group_denied",
+            link_local_frame(0x03, 0x8864),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "pppoe_discovery_to_link_local_group_denied",
+            link_local_frame(0x03, 0x8863),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "macsec_to_link_local_group_denied",
+            link_local_frame(0x03, 0x88e5),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "ethertype_1234_to_link_local_group_denied",
+            link_local_frame(0x0e, 0x1234),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "pause_frame_denied",
+            link_local_frame(0x01, 0x8808),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "mpls_in_vlan_to_link_local_group_denied",
+            tagged(&link_local_frame(0x0e, 0x8847), 100),
+            reason::DROP_LINK_LOCAL,
+        ),
+        // An 802.3 length with another LLC (SNAP) is no BPDU; nor is a
+        // length too short to hold the LLC header, nor a frame cut before it.
+        Case::reason(
+            "llc_snap_to_link_local_group_denied",
+            {
+                let mut f = stp_bpdu();
+                f[14..17].copy_from_slice(&[0xaa, 0xaa, 0x03]);
+                f
+            },
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "stp_bpdu_cut_inside_llc_denied",
+            stp_bpdu()[..16].to_vec(),
+            reason::DROP_LINK_LOCAL,
+        ),
+        Case::reason(
+            "length_1501_to_link_local_group_denied",
+            {
+                let mut f = stp_bpdu();
+                set_be16(&mut f, 12, 1501);
+                f
+            },
+            reason::DROP_LINK_LOCAL,
         ),
         // Anything else that is not IP or ARP fails closed.
         Case::reason(
@@ -1057,8 +1152,7 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
         // default-allow cannot happen with ingress = "drop"; the
         // stateful reasons (a tracked connection, an ICMP error about one,
         // a later fragment of an allowed datagram, a RST or FIN outside a
-        // tracked flow's window) need sequences, and link-local-denied
-        // needs `link_local = false`: see tests/tests/stateful.rs.
+        // tracked flow's window) need sequences: see tests/tests/stateful.rs.
         .filter(|&&r| {
             !matches!(
                 r,
@@ -1068,7 +1162,6 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
                     | reason::PASS_FRAG
                     | reason::DROP_INVALID_RST
                     | reason::DROP_INVALID_FIN
-                    | reason::DROP_LINK_LOCAL
             ) && !seen.contains(&r)
         })
         .map(|&r| reason::name(r))
@@ -1272,6 +1365,12 @@ fn link_local_false_drops_control_frames() -> anyhow::Result<()> {
         Case::reason("lacpdu", lacpdu(), reason::DROP_LINK_LOCAL),
         Case::reason("stp_bpdu", stp_bpdu(), reason::DROP_LINK_LOCAL),
         Case::reason("eapol_start", eapol_start(), reason::DROP_LINK_LOCAL),
+        Case::reason("ptp", ptp(), reason::DROP_LINK_LOCAL),
+        Case::reason(
+            "mpls_to_link_local_group",
+            link_local_frame(0x00, 0x8847),
+            reason::DROP_LINK_LOCAL,
+        ),
         Case::reason(
             "lldp_to_a_unicast_address",
             lldp_to([0x02, 0, 0, 0, 0, 0x02]),

@@ -5,13 +5,17 @@
 //!   LLVM 22, iproute2, nftables, iptables, curl, bpffs mount). Fast when
 //!   everything is present.
 //! - `test`: setup, build, then every test including the privileged ones
-//!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests).
+//!   (BPF_PROG_TEST_RUN fixtures, namespace end-to-end tests). The
+//!   differential tests run their fixed seed plus a fresh random one,
+//!   printed so a failure can be reproduced with `fuzz-diff --seed`.
 //! - `lint`: rustfmt check and clippy (host crates and the eBPF crate).
 //! - `bench [--quick]`: benchmarks, see BENCHMARKS.md.
 //! - `fuzz [--seconds N] [--target T]`: cargo-fuzz targets (policy
 //!   parser/compiler, event decoder) from the checked-in corpus.
-//! - `fuzz-diff --cases N --seed S`: differential testing, kernel against
-//!   the reference evaluator, on random policies and packets.
+//! - `fuzz-diff --cases N --seed S [--nft-cases M]`: differential testing
+//!   on random policies and packets with one seed: kernel against the
+//!   reference evaluator (N cases), and segbpf, the evaluator and
+//!   `export nft` with real packets (M cases).
 //! - `demo`: a three-host lab from `examples/roles.toml` with a
 //!   connectivity matrix, torn down at the end.
 //! - `dist [--check]`: the Debian package `target/dist/segbpf_VERSION_ARCH.deb`
@@ -58,6 +62,10 @@ enum Cmd {
         /// Generator seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Number of nftables cases (packets sent for real through
+        /// `export nft` and segbpf).
+        #[arg(long, default_value_t = 240)]
+        nft_cases: u64,
     },
     /// Coverage-guided fuzzing (cargo-fuzz) of the policy parser/compiler
     /// and of the event decoder, each for the given time.
@@ -89,7 +97,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::FuzzDiff { cases, seed } => {
+        Cmd::FuzzDiff {
+            cases,
+            seed,
+            nft_cases,
+        } => {
             setup::run()?;
             build_segbpf()?;
             run(cargo()
@@ -105,6 +117,7 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .env("SEGBPF_DIFF_CASES", cases.to_string())
                 .env("SEGBPF_DIFF_SEED", seed.to_string())
+                .env("SEGBPF_DIFF_NFT_CASES", nft_cases.to_string())
                 .env("SEGBPF_BIN", segbpf_tests::lab::segbpf_bin()))
         }
         Cmd::Fuzz { seconds, target } => {
@@ -202,7 +215,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     build_segbpf()?;
     let bin = segbpf_tests::lab::segbpf_bin();
+    // The differential tests run their fixed seed and one drawn now, a
+    // new one every run; printed so a failure can be reproduced.
+    let fresh = fresh_seed();
+    eprintln!(
+        "xtask: differential tests with the fixed seed and fresh seed {fresh} (reproduce a failure: cargo xtask fuzz-diff --seed {fresh})"
+    );
     let mut cmd = cargo();
+    cmd.env("SEGBPF_DIFF_FRESH_SEED", fresh.to_string());
     cmd.args([
         "test",
         "--workspace",
@@ -214,6 +234,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     .args(extra)
     .env("SEGBPF_BIN", &bin);
     run(&mut cmd)
+}
+
+/// A seed nobody chose: from the kernel's random pool, else the clock.
+fn fresh_seed() -> u64 {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let seed = if random.is_ok() {
+        u64::from_ne_bytes(b)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    // Below 2^53, so it survives any tool that reads it as a float.
+    seed >> 11
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -100,7 +100,7 @@ pub fn evaluate(
             rule: Some(id),
         };
     }
-    if policy.defaults.icmp && is_default_icmp(v6, pkt) {
+    if policy.defaults.icmp && is_default_icmp(v6, policy.defaults.established, pkt) {
         return Verdict {
             reason: reason::PASS_ICMP,
             rule: None,
@@ -113,14 +113,17 @@ pub fn evaluate(
     Verdict { reason, rule: None }
 }
 
-/// ICMP echo request/reply, which `defaults.icmp = true` lets through from
-/// anyone. (ICMP errors pass only when they quote a tracked connection:
-/// that is state, which this stateless evaluator does not model.)
-fn is_default_icmp(v6: bool, pkt: &Packet) -> bool {
+/// ICMP echo that `defaults.icmp = true` lets through from anyone:
+/// requests, and replies only when nothing is tracked (`established =
+/// false`); with tracking, a reply passes only as the reply of a tracked
+/// request, which is state. (ICMP errors pass only when they quote a
+/// tracked connection: state too, which this stateless evaluator does not
+/// model.)
+fn is_default_icmp(v6: bool, tracking: bool, pkt: &Packet) -> bool {
     if !v6 && pkt.proto == IPPROTO_ICMP {
-        matches!(pkt.icmp_type, 0 | 8)
+        pkt.icmp_type == 8 || (pkt.icmp_type == 0 && !tracking)
     } else if v6 && pkt.proto == IPPROTO_ICMPV6 {
-        matches!(pkt.icmp_type, 128 | 129)
+        pkt.icmp_type == 128 || (pkt.icmp_type == 129 && !tracking)
     } else {
         false
     }
@@ -235,6 +238,23 @@ mod tests {
             ..ping
         };
         assert!(!evaluate(&p, &app, None, Direction::Ingress, &redirect).passes());
+        // An unsolicited echo reply meets the default while flows are
+        // tracked (a real reply passes as part of its tracked request);
+        // with nothing tracked, the ICMP default passes it.
+        let reply = Packet {
+            icmp_type: 0,
+            ..ping
+        };
+        assert_eq!(
+            evaluate(&p, &app, None, Direction::Ingress, &reply).reason,
+            reason::DROP_DEFAULT
+        );
+        let mut stateless = p.clone();
+        stateless.defaults.established = false;
+        assert_eq!(
+            evaluate(&stateless, &app, None, Direction::Ingress, &reply).reason,
+            reason::PASS_ICMP
+        );
     }
 
     #[test]
