@@ -637,3 +637,132 @@ fn status_piped_into_head_exits_0_without_a_panic() {
         "segbpf is not attached to any interface"
     );
 }
+
+fn explain_json(args: &[&str]) -> serde_json::Value {
+    let out = segbpf(
+        &[
+            &["explain", "../examples/roles.toml"][..],
+            args,
+            &["-o", "json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn explain_infers_the_role_and_the_direction_from_the_addresses() {
+    // app -> db: judged where it arrives, on a db host (its `hosts`).
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
+    ]);
+    assert_eq!(
+        (&v["direction"], &v["roles"], &v["verdict"]),
+        (
+            &serde_json::json!("ingress"),
+            &serde_json::json!(["db"]),
+            &serde_json::json!("allow")
+        ),
+        "{v}"
+    );
+    // db -> backup (no role holds 10.10.2.50): leaves a db host.
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.30",
+        "--dst",
+        "10.10.2.50",
+        "--proto",
+        "tcp",
+        "--dport",
+        "873",
+    ]);
+    assert_eq!(
+        (&v["direction"], &v["roles"]),
+        (&serde_json::json!("egress"), &serde_json::json!(["db"])),
+        "{v}"
+    );
+    // The same with --role: the role's hosts say which end the host is.
+    let v = explain_json(&[
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.30",
+        "--dst",
+        "10.10.2.50",
+        "--proto",
+        "tcp",
+        "--dport",
+        "873",
+    ]);
+    assert_eq!(v["direction"], "egress", "{v}");
+    // --direction egress judges app -> db where it leaves, on the app host.
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
+        "--direction",
+        "egress",
+    ]);
+    assert_eq!(v["roles"], serde_json::json!(["app"]), "{v}");
+    // Neither address has a role: say so and ask for --role.
+    let out = segbpf(&[
+        "explain",
+        "../examples/roles.toml",
+        "--src",
+        "192.0.2.1",
+        "--dst",
+        "192.0.2.2",
+        "--proto",
+        "udp",
+        "--dport",
+        "53",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--role"));
+}
+
+#[test]
+fn explain_text_shows_the_icmp_type_it_was_given() {
+    let out = segbpf(&[
+        "explain",
+        "../examples/roles.toml",
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "icmp",
+        "--icmp-type",
+        "13",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("icmp type 13")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("icmp/0"), "{stdout}");
+}

@@ -170,9 +170,10 @@ pub struct PacketArgs {
     /// ICMP type (default: echo request).
     #[arg(long)]
     pub icmp_type: Option<u8>,
-    /// Direction of the packet relative to the host.
-    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
-    pub direction: DirArg,
+    /// Direction of the packet relative to the host (`explain`: inferred
+    /// from the roles' hosts when left out; `trace`: ingress).
+    #[arg(long, value_enum)]
+    pub direction: Option<DirArg>,
 }
 
 /// Direction argument.
