@@ -49,6 +49,20 @@ pub struct Entry {
     pub copy: PathBuf,
     /// Live set edits in force with it.
     pub set_overrides: BTreeMap<String, Vec<String>>,
+    /// The generation whose policy a rollback restored as this one (its
+    /// original, when that was itself restored): a second rollback goes on
+    /// from there, further back, rather than undoing the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<u64>,
+}
+
+impl Entry {
+    /// When the entry was recorded (its copy's modification time).
+    pub fn recorded_at(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.copy)
+            .and_then(|m| m.modified())
+            .ok()
+    }
 }
 
 /// Where histories are kept by default (see the module's documentation).
@@ -131,6 +145,7 @@ pub fn record(
         source: source.display().to_string(),
         copy,
         set_overrides: overrides.clone(),
+        restored: None,
     });
     while entries.len() > keep() {
         let old = entries.remove(0);
@@ -142,6 +157,66 @@ pub fn record(
         .map_err(failed("writing", &tmp))?;
     let index = d.join("index.json");
     std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
+}
+
+/// Notes that generation `generation` restored the policy of generation
+/// `restored` (see [`Entry::restored`]).
+pub fn mark_restored(att: &Attachment, generation: u64, restored: u64) -> Result<(), HistoryError> {
+    let d = dir(att);
+    let mut entries = list(att);
+    let Some(e) = entries.iter_mut().find(|e| e.generation == generation) else {
+        return Ok(());
+    };
+    e.restored = Some(restored);
+    let tmp = d.join("index.json.tmp");
+    let text = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::from);
+    text.and_then(|t| std::fs::write(&tmp, t))
+        .map_err(failed("writing", &tmp))?;
+    let index = d.join("index.json");
+    std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
+}
+
+/// What a rollback from generation `current` restores: generation `to`
+/// when given, else the entry before the one `current` stands for (a
+/// generation made by a rollback stands for the one it restored, so
+/// rolling back twice goes two steps back). Errors say why not.
+pub fn rollback_target(entries: &[Entry], current: u64, to: Option<u64>) -> Result<Entry, String> {
+    let kept = || {
+        entries
+            .iter()
+            .map(|e| e.generation.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(to) = to {
+        if to == current {
+            return Err(format!("generation {to} is already in force"));
+        }
+        return entries
+            .iter()
+            .find(|e| e.generation == to)
+            .cloned()
+            .ok_or_else(|| format!("generation {to} is not in the history (kept: {})", kept()));
+    }
+    let stands_for = entries
+        .iter()
+        .find(|e| e.generation == current)
+        .map_or(current, |e| e.restored.unwrap_or(current));
+    let pos = entries
+        .iter()
+        .position(|e| e.generation == stands_for)
+        .ok_or_else(|| {
+            format!(
+                "generation {stands_for} is not in the history (kept: {})",
+                kept()
+            )
+        })?;
+    match pos.checked_sub(1) {
+        Some(p) => Ok(entries[p].clone()),
+        None => Err(format!(
+            "no earlier policy in the history (generation {stands_for} is the oldest kept)"
+        )),
+    }
 }
 
 /// The entry before the one of `generation` (what a rollback restores).
@@ -166,6 +241,39 @@ pub fn remove(att: &Attachment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(generation: u64, restored: Option<u64>) -> Entry {
+        Entry {
+            generation,
+            source: "p.toml".into(),
+            copy: PathBuf::from(format!("{generation}.toml")),
+            set_overrides: BTreeMap::new(),
+            restored,
+        }
+    }
+
+    #[test]
+    fn a_second_rollback_goes_further_back() {
+        // 1, 2, 3 applied; a rollback from 3 restored 2 as 4.
+        let mut h = vec![entry(1, None), entry(2, None), entry(3, None)];
+        assert_eq!(rollback_target(&h, 3, None).unwrap().generation, 2);
+        h.push(entry(4, Some(2)));
+        assert_eq!(rollback_target(&h, 4, None).unwrap().generation, 1);
+        h.push(entry(5, Some(1)));
+        assert!(
+            rollback_target(&h, 5, None)
+                .unwrap_err()
+                .contains("oldest kept")
+        );
+        // --to picks any kept generation, not the one in force.
+        assert_eq!(rollback_target(&h, 5, Some(3)).unwrap().generation, 3);
+        assert!(
+            rollback_target(&h, 5, Some(9))
+                .unwrap_err()
+                .contains("kept: 1, 2, 3, 4, 5")
+        );
+        assert!(rollback_target(&h, 5, Some(5)).is_err());
+    }
 
     #[test]
     fn history_root_follows_the_environment_and_the_state_root() {

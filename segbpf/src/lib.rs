@@ -48,5 +48,6 @@ pub mod state;
 pub mod suggest;
 pub mod swap;
 pub mod telemetry;
+pub mod timeline;
 pub mod trace;
 pub mod trust;

@@ -55,6 +55,58 @@ pub fn tcp_flag_names(flags: u8) -> Vec<&'static str> {
         .collect()
 }
 
+/// Parses TCP flags written as letters (`S`, `SA`, `FA`: `S` `A` `F` `R`
+/// `P` `U`, as events print them), names (`SYN,ACK`, any case), or a number
+/// (`0x12`, `18`). `none` is no flag.
+pub fn parse_tcp_flags(s: &str) -> Result<u8, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(0);
+    }
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u8::from_str_radix(hex, 16).map_err(|_| format!("bad TCP flags `{s}`"));
+    }
+    if let Ok(n) = t.parse::<u8>() {
+        return Ok(n);
+    }
+    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    if t.contains(',') || names.iter().any(|n| n.eq_ignore_ascii_case(t)) {
+        let mut flags = 0;
+        for part in t.split(',') {
+            let bit = names
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(part.trim()))
+                .ok_or_else(|| {
+                    format!(
+                        "unknown TCP flag `{}` (FIN, SYN, RST, PSH, ACK, URG, ECE, CWR)",
+                        part.trim()
+                    )
+                })?;
+            flags |= 1 << bit;
+        }
+        return Ok(flags);
+    }
+    let mut flags = 0;
+    for c in t.chars() {
+        flags |= match c.to_ascii_uppercase() {
+            'F' => 0x01,
+            'S' => 0x02,
+            'R' => 0x04,
+            'P' => 0x08,
+            'A' => 0x10,
+            'U' => 0x20,
+            'E' => 0x40,
+            'C' => 0x80,
+            _ => {
+                return Err(format!(
+                    "bad TCP flags `{s}`: letters S A F R P U E C, names such as SYN,ACK, or a number"
+                ));
+            }
+        };
+    }
+    Ok(flags)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +121,17 @@ mod tests {
         assert_eq!(tcp_flag_letters(0x12), "SA");
         assert_eq!(tcp_flag_letters(0x1b), "SAFP");
         assert_eq!(tcp_flag_letters(0), "");
+    }
+
+    #[test]
+    fn tcp_flags_parse_as_letters_names_or_numbers() {
+        assert_eq!(parse_tcp_flags("SA"), Ok(0x12));
+        assert_eq!(parse_tcp_flags("syn,ack"), Ok(0x12));
+        assert_eq!(parse_tcp_flags("ACK"), Ok(0x10));
+        assert_eq!(parse_tcp_flags("RST"), Ok(0x04));
+        assert_eq!(parse_tcp_flags("0x11"), Ok(0x11));
+        assert_eq!(parse_tcp_flags("none"), Ok(0));
+        assert!(parse_tcp_flags("SX").is_err());
+        assert!(parse_tcp_flags("SYN,FOO").is_err());
     }
 }

@@ -385,10 +385,138 @@ fn a_failed_check_prints_nothing_on_stdout() {
             output,
         ]);
         assert_eq!(out.status.code(), Some(1));
-        assert!(out.stdout.is_empty(), "{output}");
+        if output == "text" {
+            assert!(out.stdout.is_empty(), "{output}");
+        } else {
+            // Under -o json the failure is a JSON error object on stdout.
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            assert_eq!(v["ok"], false, "{v}");
+            assert!(
+                v["errors"][0]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("--deny-warnings")),
+                "{v}"
+            );
+        }
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("warning: sets.lb"), "{output}: {stderr}");
     }
+}
+
+/// `many-errors.toml` has five mistakes: `check` reports each, with file,
+/// line, column and field, and a hint where one helps (issue 22).
+const MANY: &[(&str, &str)] = &[
+    ("4:8: sets.web[0]: bad address", ""),
+    (
+        "6:1: defaults.ingres: unknown key `ingres`",
+        "did you mean `ingress`?",
+    ),
+    (
+        "9:13: roles.web.ingres: unknown key `ingres`",
+        "did you mean `ingress`?",
+    ),
+    (
+        "13:8: roles.web.ingress[0].from: unknown set `admin`",
+        "did you mean `admins`?",
+    ),
+    (
+        "14:8: roles.web.ingress[0].tcp[0]: bad port",
+        "`ssh` is a service name; write its port number: 22",
+    ),
+];
+
+#[test]
+fn check_reports_every_error_with_hints() {
+    let path = "tests/bad-policies/many-errors.toml";
+    let out = segbpf(&["check", path]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    let lines: Vec<&str> = stderr.lines().collect();
+    for (at, hint) in MANY {
+        let want = format!("{path}:{at}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&want) && l.contains(hint)),
+            "want `{want}` … `{hint}` in:\n{stderr}"
+        );
+    }
+    // Nothing reported twice or as a consequence of another mistake (the
+    // broken set `web` is not also "unknown" where `hosts` names it).
+    assert_eq!(lines.len(), MANY.len() + 1, "{stderr}");
+    assert!(stderr.contains("5 error(s)"), "{stderr}");
+}
+
+#[test]
+fn check_json_on_a_bad_file_is_an_error_object_on_stdout() {
+    let path = "tests/bad-policies/many-errors.toml";
+    let out = segbpf(&["check", "-p", path, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON document");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["policy"], path);
+    let errors = v["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), MANY.len(), "{v}");
+    let e = &errors[3];
+    assert_eq!(
+        (
+            &e["file"],
+            &e["line"],
+            &e["column"],
+            &e["field"],
+            &e["hint"]
+        ),
+        (
+            &serde_json::json!(path),
+            &serde_json::json!(13),
+            &serde_json::json!(8),
+            &serde_json::json!("roles.web.ingress[0].from"),
+            &serde_json::json!("did you mean `admins`?")
+        ),
+        "{v}"
+    );
+    // A file that cannot be read is an error object too.
+    let out = segbpf(&["check", "no-such.toml", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON document");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot read")),
+        "{v}"
+    );
+}
+
+#[test]
+fn check_takes_the_policy_as_a_positional_argument() {
+    let out = segbpf(&["check", "../examples/roles.toml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("9 rules"));
+    // Both forms at once is a usage error.
+    let out = segbpf(&[
+        "check",
+        "../examples/roles.toml",
+        "-p",
+        "../examples/roles.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn unknown_role_says_which_was_meant() {
+    let out = segbpf(&["check", "../examples/roles.toml", "--role", "dbs"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unknown role `dbs`; did you mean `db`?"),
+        "{stderr}"
+    );
 }
 
 const EXPLAIN_DB: &[&str] = &[
@@ -508,4 +636,133 @@ fn status_piped_into_head_exits_0_without_a_panic() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "segbpf is not attached to any interface"
     );
+}
+
+fn explain_json(args: &[&str]) -> serde_json::Value {
+    let out = segbpf(
+        &[
+            &["explain", "../examples/roles.toml"][..],
+            args,
+            &["-o", "json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn explain_infers_the_role_and_the_direction_from_the_addresses() {
+    // app -> db: judged where it arrives, on a db host (its `hosts`).
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
+    ]);
+    assert_eq!(
+        (&v["direction"], &v["roles"], &v["verdict"]),
+        (
+            &serde_json::json!("ingress"),
+            &serde_json::json!(["db"]),
+            &serde_json::json!("allow")
+        ),
+        "{v}"
+    );
+    // db -> backup (no role holds 10.10.2.50): leaves a db host.
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.30",
+        "--dst",
+        "10.10.2.50",
+        "--proto",
+        "tcp",
+        "--dport",
+        "873",
+    ]);
+    assert_eq!(
+        (&v["direction"], &v["roles"]),
+        (&serde_json::json!("egress"), &serde_json::json!(["db"])),
+        "{v}"
+    );
+    // The same with --role: the role's hosts say which end the host is.
+    let v = explain_json(&[
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.30",
+        "--dst",
+        "10.10.2.50",
+        "--proto",
+        "tcp",
+        "--dport",
+        "873",
+    ]);
+    assert_eq!(v["direction"], "egress", "{v}");
+    // --direction egress judges app -> db where it leaves, on the app host.
+    let v = explain_json(&[
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5432",
+        "--direction",
+        "egress",
+    ]);
+    assert_eq!(v["roles"], serde_json::json!(["app"]), "{v}");
+    // Neither address has a role: say so and ask for --role.
+    let out = segbpf(&[
+        "explain",
+        "../examples/roles.toml",
+        "--src",
+        "192.0.2.1",
+        "--dst",
+        "192.0.2.2",
+        "--proto",
+        "udp",
+        "--dport",
+        "53",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--role"));
+}
+
+#[test]
+fn explain_text_shows_the_icmp_type_it_was_given() {
+    let out = segbpf(&[
+        "explain",
+        "../examples/roles.toml",
+        "--role",
+        "db",
+        "--src",
+        "10.10.1.25",
+        "--dst",
+        "10.10.1.30",
+        "--proto",
+        "icmp",
+        "--icmp-type",
+        "13",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("icmp type 13")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("icmp/0"), "{stdout}");
 }

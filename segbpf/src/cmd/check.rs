@@ -1,5 +1,7 @@
 //! `segbpf check`: parse, validate and compile a policy without touching
-//! the kernel (like `nft -c -f`).
+//! the kernel (like `nft -c -f`). Every error in the file is reported, each
+//! naming file, line, column and field; under `-o json` they are a JSON
+//! object on stdout (exit 1).
 
 use std::path::PathBuf;
 
@@ -8,15 +10,25 @@ use serde::Serialize;
 use crate::{
     cmd::{Output, print_json, print_line},
     compile,
-    policy::{Direction, Policy, lint::Warning},
+    policy::{Direction, Policy, PolicyError, lint::Warning},
 };
 
 /// Arguments of `segbpf check`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  segbpf check /etc/segbpf/roles.toml\n  segbpf check -p roles.toml --role web --deny-warnings\n  segbpf check roles.toml -o json"
+)]
 pub struct Args {
+    /// Policy file (roles.toml); the same as --policy.
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "policy",
+        conflicts_with = "policy"
+    )]
+    pub file: Option<PathBuf>,
     /// Policy file (roles.toml).
     #[arg(long, short = 'p', value_name = "FILE")]
-    pub policy: PathBuf,
+    pub policy: Option<PathBuf>,
     /// Compile only for these roles (repeatable); default: each role in turn.
     #[arg(long, value_name = "ROLE")]
     pub role: Vec<String>,
@@ -97,18 +109,98 @@ impl WarningOut {
     }
 }
 
+/// An error as JSON shows it.
+#[derive(Serialize)]
+struct ErrorOut {
+    file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+impl From<&PolicyError> for ErrorOut {
+    fn from(e: &PolicyError) -> Self {
+        ErrorOut {
+            file: e.source.clone(),
+            line: e.loc.map(|l| l.line),
+            column: e.loc.map(|l| l.column),
+            field: (!e.field.is_empty()).then(|| e.field.clone()),
+            message: e.kind.to_string(),
+            hint: e.hint.clone(),
+        }
+    }
+}
+
+/// What `check -o json` prints when the policy is bad.
+#[derive(Serialize)]
+struct Failed {
+    policy: String,
+    ok: bool,
+    errors: Vec<ErrorOut>,
+}
+
 /// Runs `segbpf check`. Everything is worked out before anything is
-/// printed: a failure prints nothing on stdout.
+/// printed: a failure prints nothing on stdout, except the JSON error
+/// object under `-o json`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let policy = Policy::load(&args.policy)?;
+    let path = args.file.clone().or_else(|| args.policy.clone());
+    let path = path.ok_or_else(|| crate::cmd::UsageError("give the policy file".into()))?;
+    let file = path.display().to_string();
+    let json = args.output == Output::Json;
+    let failed = |errors: Vec<ErrorOut>| -> anyhow::Result<()> {
+        if json {
+            print_json(&Failed {
+                policy: file.clone(),
+                ok: false,
+                errors,
+            })?;
+        }
+        Ok(())
+    };
+    let policy = match Policy::load_all(&path) {
+        Ok(p) => p,
+        Err(errors) => {
+            // Every error on stderr, one a line; the last line (main's)
+            // counts them.
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            failed(errors.iter().map(ErrorOut::from).collect())?;
+            anyhow::bail!("{file}: {} error(s)", errors.len());
+        }
+    };
+    match checked(args, &policy) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            failed(vec![ErrorOut {
+                file: file.clone(),
+                line: None,
+                column: None,
+                field: None,
+                message: crate::cmd::error_text(&e),
+                hint: None,
+            }])?;
+            Err(e)
+        }
+    }
+}
+
+/// Compiles and lints a policy that parsed, and prints the result.
+fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
     let hosts: Vec<Vec<String>> = if args.role.is_empty() {
-        compile::one_host_per_role(&policy)
+        compile::one_host_per_role(policy)
     } else {
-        let roles = crate::policy::roles::resolve(&policy, &args.role, "-", &[])?;
+        let roles = crate::policy::roles::resolve(policy, &args.role, "-", &[])?;
         vec![roles]
     };
     let mut compiled = Vec::new();
-    for (roles, c) in compile::compile_hosts(&policy, hosts, args.sizes.capacity(&policy))? {
+    for (roles, c) in compile::compile_hosts(policy, hosts, args.sizes.capacity(policy))? {
         let count = |d: Direction| c.rules.iter().filter(|r| r.direction == d.as_str()).count();
         compiled.push(Compiled {
             ingress_rules: count(Direction::Ingress),
@@ -120,13 +212,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             roles,
         });
     }
-    let mut lints = crate::policy::lint::lint(&policy);
+    let mut lints = crate::policy::lint::lint(policy);
     lints.retain(|w| !(args.deny_warnings && w.lint == "asymmetric-defaults"));
     let mut warnings: Vec<WarningOut> = lints
         .iter()
         .map(|w| WarningOut::lint(&policy.source, w))
         .collect();
-    if let Some(message) = ssh_session_warning(&policy, &args.role) {
+    if let Some(message) = ssh_session_warning(policy, &args.role) {
         warnings.push(WarningOut {
             file: policy.source.clone(),
             line: None,

@@ -3,6 +3,14 @@
 //! judges a packet that opens a flow, and says whether the flow's replies
 //! will pass by connection tracking. `segbpf trace` shows live state (a
 //! packet that matches a tracked connection).
+//!
+//! Without `--role` the host's roles are inferred from the addresses as
+//! `attach` infers them from an interface's: the roles whose `hosts`
+//! contain the host's address. Without `--direction` the host is the
+//! address a role's `hosts` contain: the destination (ingress) when it is,
+//! else the source (egress). A packet between two hosts with roles is
+//! judged where it arrives, on the destination; `--direction egress` judges
+//! it where it leaves.
 
 use std::path::PathBuf;
 
@@ -21,12 +29,24 @@ use crate::{
 
 /// Arguments of `segbpf explain`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  segbpf explain roles.toml --src 10.10.1.25 --dst 10.10.1.30 --proto tcp --dport 5432\n  segbpf explain roles.toml --role db --src 10.10.1.30 --dst 10.10.2.50 --proto tcp --dport 873 --direction egress\n  segbpf explain roles.toml --src 10.10.0.5 --dst 10.10.1.30 --proto icmp --icmp-type 13"
+)]
 pub struct Args {
+    /// Policy file (roles.toml); the same as --policy.
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "policy",
+        conflicts_with = "policy"
+    )]
+    pub file: Option<PathBuf>,
     /// Policy file (roles.toml).
     #[arg(long, short = 'p', value_name = "FILE")]
-    pub policy: PathBuf,
-    /// The host's role (repeatable).
-    #[arg(long, value_name = "ROLE", required = true)]
+    pub policy: Option<PathBuf>,
+    /// The host's role (repeatable); default: the roles whose `hosts`
+    /// contain the host's address (the destination for ingress, the source
+    /// for egress).
+    #[arg(long, value_name = "ROLE")]
     pub role: Vec<String>,
     /// The packet, and its direction relative to the host.
     #[command(flatten)]
@@ -83,6 +103,68 @@ impl From<&Packet> for PacketOut {
     }
 }
 
+/// The direction and the host's roles: as given, or inferred from the
+/// addresses (see the module's documentation).
+fn host_view(policy: &Policy, args: &Args) -> anyhow::Result<(Direction, Vec<String>)> {
+    let (src, dst) = (args.packet.src, args.packet.dst);
+    let holding = |a: std::net::IpAddr| -> Vec<String> {
+        policy
+            .roles
+            .iter()
+            .filter(|r| r.hosts.iter().any(|h| h.contains(a)))
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    let given: Option<Direction> = args.packet.direction.map(Into::into);
+    if !args.role.is_empty() {
+        let roles = roles::resolve(policy, &args.role, "-", &[])?;
+        let dir = given.unwrap_or_else(|| {
+            // The given roles' hosts say which end the host is.
+            let is_host = |a| holding(a).iter().any(|r| roles.contains(r));
+            if !is_host(dst) && is_host(src) {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            }
+        });
+        return Ok((dir, roles));
+    }
+    let dir = given.unwrap_or_else(|| {
+        if holding(dst).is_empty() && !holding(src).is_empty() {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    });
+    let host = match dir {
+        Direction::Ingress => dst,
+        Direction::Egress => src,
+    };
+    let roles = holding(host);
+    if roles.is_empty() {
+        return Err(UsageError(format!(
+            "no role's `hosts` in {} contains {src} or {dst}; pass --role NAME",
+            policy.source
+        ))
+        .into());
+    }
+    Ok((dir, roles))
+}
+
+/// What a packet is, for text output: `tcp/22 [S]`, `udp/53`, `icmp type
+/// 8`, or the protocol.
+pub fn describe(proto: u8, dport: u16, icmp_type: u8, tcp_flags: Option<u8>) -> String {
+    match proto {
+        IPPROTO_TCP => match tcp_flags {
+            Some(f) => format!("tcp/{dport} [{}]", crate::proto::tcp_flag_letters(f)),
+            None => format!("tcp/{dport}"),
+        },
+        IPPROTO_UDP => format!("udp/{dport}"),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => format!("{} type {icmp_type}", proto_name(proto)),
+        p => proto_name(p),
+    }
+}
+
 #[derive(Serialize)]
 struct RuleOut {
     id: u32,
@@ -102,8 +184,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.packet.dport.is_none() && matches!(args.packet.proto, IPPROTO_TCP | IPPROTO_UDP) {
         return Err(UsageError("--dport is required for tcp and udp".into()).into());
     }
-    let policy = Policy::load(&args.policy)?;
-    let roles = roles::resolve(&policy, &args.role, "-", &[])?;
+    let path = args.file.as_ref().or(args.policy.as_ref());
+    let path = path.ok_or_else(|| UsageError("give the policy file".into()))?;
+    let policy = Policy::load(path)?;
+    let (dir, roles) = host_view(&policy, &args)?;
     let default_icmp_type = if args.packet.proto == IPPROTO_ICMP {
         8
     } else {
@@ -117,7 +201,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         icmp_type: args.packet.icmp_type.unwrap_or(default_icmp_type),
         hop_limit: 64,
     };
-    let dir: Direction = args.packet.direction.into();
     let v = eval::evaluate(&policy, &roles, args.iface.as_deref(), dir, &pkt);
     let rule = v.rule.map(|id| {
         let r = &policy.rules[id as usize];
@@ -146,13 +229,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Output::Json => print_json(&out)?,
         Output::Text => {
             print_line(format_args!(
-                "{} {} {} -> {} {}/{}: {} ({})",
+                "{} {} {} -> {} {}: {} ({})",
                 out.direction,
                 out.roles.join("+"),
                 pkt.src,
                 pkt.dst,
-                proto_name(pkt.proto),
-                pkt.dport,
+                describe(pkt.proto, pkt.dport, pkt.icmp_type, None),
                 out.verdict.to_uppercase(),
                 out.reason
             ))?;

@@ -6,11 +6,13 @@ pub mod check;
 pub mod completions;
 pub mod confirm;
 pub mod detach;
+pub mod diff;
 pub mod explain;
 pub mod export;
 pub mod fleet;
 pub mod flows;
 pub mod guard;
+pub mod history;
 pub mod import;
 pub mod man;
 pub mod monitor;
@@ -55,8 +57,13 @@ pub enum Command {
     Set(set::Args),
     /// Keep a change applied with --confirm (cancel its automatic rollback).
     Confirm(confirm::Args),
-    /// Restore the policy in force before the current one (from the history).
+    /// Restore the policy in force before the current one, or generation
+    /// --to N (from the history); a second rollback goes further back.
     Rollback(rollback::Args),
+    /// List the generations of an interface's policy kept in the history.
+    History(history::Args),
+    /// Show what changed between two generations, or a file and the policy in force.
+    Diff(diff::Args),
     /// Internal: the --confirm guard process.
     #[command(hide = true)]
     Guard(guard::Args),
@@ -172,9 +179,10 @@ pub struct PacketArgs {
     /// ICMP type (default: echo request).
     #[arg(long)]
     pub icmp_type: Option<u8>,
-    /// Direction of the packet relative to the host.
-    #[arg(long, value_enum, default_value_t = DirArg::Ingress)]
-    pub direction: DirArg,
+    /// Direction of the packet relative to the host (`explain`: inferred
+    /// from the roles' hosts when left out; `trace`: ingress).
+    #[arg(long, value_enum)]
+    pub direction: Option<DirArg>,
 }
 
 /// Direction argument.
@@ -238,6 +246,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Set(a) => set::run(a, &ns()?),
         Command::Confirm(a) => confirm::run(a, &ns()?),
         Command::Rollback(a) => rollback::run(a, &ns()?),
+        Command::History(a) => history::run(a, &ns()?),
+        Command::Diff(a) => diff::run(a, &ns()?),
         Command::Guard(a) => guard::run(a, &ns()?),
         Command::Detach(a) => detach::run(a, &ns()?),
         Command::Monitor(a) => monitor::run(a, &ns()?).await,

@@ -8,7 +8,6 @@ use crate::{
     netns::Netns,
     packet::PacketSpec,
     pins::Attachment,
-    proto::proto_name,
     state::State,
     trace,
 };
@@ -24,6 +23,10 @@ pub struct Args {
     /// Source port.
     #[arg(long, default_value_t = 40000)]
     pub sport: u16,
+    /// TCP flags of the packet (default SYN, a new connection): letters
+    /// (`S`, `SA`, `A`, `FA`, `R`), names (`SYN,ACK`) or a number.
+    #[arg(long, value_name = "FLAGS", value_parser = crate::proto::parse_tcp_flags)]
+    pub tcp_flags: Option<u8>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -34,13 +37,20 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
     if args.packet.src.is_ipv4() != args.packet.dst.is_ipv4() {
         return Err(UsageError("--src and --dst must be the same address family".into()).into());
     }
+    if args.tcp_flags.is_some() && args.packet.proto != IPPROTO_TCP {
+        return Err(UsageError("--tcp-flags needs --proto tcp".into()).into());
+    }
     let spec = match args.packet.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let Some(dport) = args.packet.dport else {
                 return Err(UsageError("--dport is required for tcp and udp".into()).into());
             };
             if args.packet.proto == IPPROTO_TCP {
-                PacketSpec::tcp(args.packet.src, args.packet.dst, args.sport, dport)
+                let mut s = PacketSpec::tcp(args.packet.src, args.packet.dst, args.sport, dport);
+                if let Some(f) = args.tcp_flags {
+                    s.tcp_flags = f;
+                }
+                s
             } else {
                 PacketSpec::udp(args.packet.src, args.packet.dst, args.sport, dport)
             }
@@ -71,18 +81,26 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
     } else {
         &built.bytes[..]
     };
-    let traced = trace::trace_packet(&att, args.packet.direction.into(), frame)?;
+    let traced = trace::trace_packet(
+        &att,
+        args.packet.direction.unwrap_or_default().into(),
+        frame,
+    )?;
     match args.output {
         Output::Json => print_json(&traced)?,
         Output::Text => {
             print_line(format_args!(
-                "{} {} {} -> {} {}/{}: {} ({})",
+                "{} {} {} -> {} {}: {} ({})",
                 args.iface,
                 traced.direction,
                 args.packet.src,
                 args.packet.dst,
-                proto_name(args.packet.proto),
-                args.packet.dport.unwrap_or(0),
+                crate::cmd::explain::describe(
+                    spec.proto,
+                    spec.dport,
+                    spec.icmp_type,
+                    Some(spec.tcp_flags)
+                ),
                 traced.verdict.to_uppercase(),
                 traced.reason
             ))?;

@@ -3,7 +3,9 @@
 //!
 //! [`PolicyError`] displays as `FILE:LINE:COL: FIELD: MESSAGE`; the position
 //! is left out when it is unknown (I/O errors) and the field when there is
-//! none (TOML syntax errors).
+//! none (TOML syntax errors). A hint (`did you mean `ingress`?`) follows
+//! the message when there is one. [`did_you_mean`] picks the closest known
+//! name for such hints.
 
 use std::{fmt, path::Path};
 
@@ -25,6 +27,8 @@ pub struct PolicyError {
     pub field: String,
     /// What went wrong.
     pub kind: PolicyErrorKind,
+    /// A suggestion appended to the message (`did you mean `admins`?`).
+    pub hint: Option<String>,
 }
 
 impl PolicyError {
@@ -40,7 +44,15 @@ impl PolicyError {
             loc,
             field: field.into(),
             kind,
+            hint: None,
         }
+    }
+
+    /// The same error with a hint appended to its message.
+    #[must_use]
+    pub fn with_hint(mut self, hint: Option<String>) -> Self {
+        self.hint = hint;
+        self
     }
 
     /// The policy file at `path` could not be read.
@@ -50,6 +62,7 @@ impl PolicyError {
             loc: None,
             field: String::new(),
             kind: PolicyErrorKind::Io(e.to_string()),
+            hint: None,
         }
     }
 
@@ -68,8 +81,45 @@ impl fmt::Display for PolicyError {
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
         }
-        write!(f, ": {}", self.kind)
+        write!(f, ": {}", self.kind)?;
+        if let Some(h) = &self.hint {
+            write!(f, "; {h}")?;
+        }
+        Ok(())
     }
+}
+
+/// `did you mean `x`?` for the name in `known` closest to `given`, when one
+/// is close enough to be a typo (a small edit distance, or one is the other
+/// with a letter or two added: `admin` / `admins`, `ingres` / `ingress`).
+pub fn did_you_mean<'a>(given: &str, known: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let given_l = given.to_ascii_lowercase();
+    let best = known
+        .into_iter()
+        .filter(|k| *k != given)
+        .map(|k| (edit_distance(&given_l, &k.to_ascii_lowercase()), k))
+        .min_by_key(|(d, k)| (*d, k.len()))?;
+    let limit = match given.chars().count() {
+        0..=3 => 1,
+        4..=7 => 2,
+        _ => 3,
+    };
+    (best.0 <= limit).then(|| format!("did you mean `{}`?", best.1))
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 impl std::error::Error for PolicyError {}
@@ -190,6 +240,22 @@ mod tests {
             PolicyErrorKind::Toml("duplicate key".into()),
         );
         assert_eq!(e.to_string(), "p.toml:1:5: invalid TOML: duplicate key");
+    }
+
+    #[test]
+    fn did_you_mean_picks_a_close_name_only() {
+        let keys = ["hosts", "ingress", "egress"];
+        assert_eq!(
+            did_you_mean("ingres", keys).as_deref(),
+            Some("did you mean `ingress`?")
+        );
+        assert_eq!(
+            did_you_mean("admin", ["web", "admins"]).as_deref(),
+            Some("did you mean `admins`?")
+        );
+        assert_eq!(did_you_mean("colour", keys), None);
+        assert_eq!(did_you_mean("db", ["web", "app"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -272,11 +272,13 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
             lint: "asymmetric-defaults",
             loc: None,
             field: "defaults".into(),
+            // Whether written or left out, say what happens: calling a
+            // value the file sets explicitly a "default" misleads.
             message: format!(
-                "note: ingress defaults to {:?} and egress to {:?}",
-                policy.defaults.ingress, policy.defaults.egress
-            )
-            .to_lowercase(),
+                "note: what no rule matches is {} on ingress and {} on egress",
+                verb(policy.defaults.ingress),
+                verb(policy.defaults.egress)
+            ),
         });
     }
     out
@@ -330,6 +332,14 @@ pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Op
             roles.join(", ")
         }
     ))
+}
+
+/// `dropped` / `allowed`.
+fn verb(a: Action) -> &'static str {
+    match a {
+        Action::Drop => "dropped",
+        Action::Allow => "allowed",
+    }
 }
 
 #[cfg(test)]
@@ -426,5 +436,18 @@ mod tests {
         let bad = HEAD.replace("egress = \"drop\"", "egress = \"allow\"");
         assert!(lints(&bad).contains(&"asymmetric-defaults"));
         assert!(!lints(HEAD).contains(&"asymmetric-defaults"));
+        // Both set explicitly: the note does not call them defaults.
+        let p = Policy::from_str(&bad, "t.toml").expect("valid policy");
+        let w = lint(&p)
+            .into_iter()
+            .find(|w| w.lint == "asymmetric-defaults")
+            .expect("the note");
+        assert!(!w.message.contains("default"), "{}", w.message);
+        assert!(
+            w.message
+                .contains("dropped on ingress and allowed on egress"),
+            "{}",
+            w.message
+        );
     }
 }

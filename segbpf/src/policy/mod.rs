@@ -281,6 +281,13 @@ impl Policy {
         parse::parse_str(&text, &path.display().to_string())
     }
 
+    /// Reads and validates a policy file, returning every error found (in
+    /// file order) rather than the first.
+    pub fn load_all(path: &Path) -> Result<Policy, Vec<PolicyError>> {
+        let text = std::fs::read_to_string(path).map_err(|e| vec![PolicyError::io(path, e)])?;
+        parse::parse_str_all(&text, &path.display().to_string())
+    }
+
     /// Reads a policy file with the members of some sets replaced (live
     /// set edits, see `segbpf set`).
     pub fn load_with_sets(

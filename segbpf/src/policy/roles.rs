@@ -9,12 +9,14 @@ use super::Policy;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RoleError {
     /// `--role` named a role the policy does not define.
-    #[error("{file}: unknown role `{name}` (roles defined: {known})")]
+    #[error("{file}: unknown role `{name}`{hint} (roles defined: {known})")]
     Unknown {
         /// Policy file.
         file: String,
         /// The name given.
         name: String,
+        /// `; did you mean `admins`?` when a defined role is close, else empty.
+        hint: String,
         /// Defined roles, comma separated.
         known: String,
     },
@@ -46,9 +48,12 @@ pub fn resolve(
         let mut out = Vec::new();
         for name in explicit {
             if policy.role(name).is_none() {
+                let hint =
+                    super::error::did_you_mean(name, policy.roles.iter().map(|r| r.name.as_str()));
                 return Err(RoleError::Unknown {
                     file: policy.source.clone(),
                     name: name.clone(),
+                    hint: hint.map(|h| format!("; {h}")).unwrap_or_default(),
                     known: policy
                         .roles
                         .iter()
@@ -130,5 +135,12 @@ mod tests {
             resolve(&p, &["nope".into()], "x", &[]),
             Err(RoleError::Unknown { .. })
         ));
+        let msg = resolve(&p, &["ap".into()], "x", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("unknown role `ap`; did you mean `app`?"),
+            "{msg}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::ops::Range;
 use toml::de::DeValue;
 
 use super::{Cx, Key, Val};
-use crate::policy::{Loc, PolicyError, PolicyErrorKind, addr::AddrParseError};
+use crate::policy::{Loc, PolicyError, PolicyErrorKind, addr::AddrParseError, error::did_you_mean};
 
 impl Cx<'_> {
     /// The 1-based line and column (in characters) of a byte offset.
@@ -110,13 +110,19 @@ impl Cx<'_> {
         Vec::new()
     }
 
-    pub(super) fn unknown_key(&self, k: &Key<'_>, parent: &str) -> PolicyError {
+    /// `k` is not one of `known`, the keys allowed under `parent`; the
+    /// message says which one was probably meant.
+    pub(super) fn unknown_key(&self, k: &Key<'_>, parent: &str, known: &[&str]) -> PolicyError {
         let key: &str = k.get_ref();
-        self.err(
-            k.span(),
-            &child(parent, key),
-            PolicyErrorKind::UnknownKey(key.to_string()),
-        )
+        let kind = PolicyErrorKind::UnknownKey(key.to_string());
+        // A specific hint (`to` in an ingress rule) says more than a guess.
+        let hint = if kind.to_string().contains(';') {
+            None
+        } else {
+            did_you_mean(key, known.iter().copied())
+        };
+        self.err(k.span(), &child(parent, key), kind)
+            .with_hint(hint)
     }
 
     pub(super) fn bad_value(&self, v: &Val<'_>, field: &str, msg: String) -> PolicyError {

@@ -19,10 +19,24 @@ use crate::policy::{
     addr::{AddrParseError, parse_item},
 };
 
+/// The top-level keys.
+const TOP_KEYS: [&str; 5] = ["version", "sets", "defaults", "base", "roles"];
+/// The keys of `[defaults]`.
+const DEFAULTS_KEYS: [&str; 6] = [
+    "ingress",
+    "egress",
+    "established",
+    "icmp",
+    "log_rate",
+    "link_local",
+];
+/// The keys of a `[roles.NAME]` table.
+const ROLE_KEYS: [&str; 3] = ["hosts", "ingress", "egress"];
+
 impl Cx<'_> {
     // ----- document -----------------------------------------------------
 
-    pub(super) fn policy(mut self, root: &DeTable<'_>) -> Res<Policy> {
+    pub(super) fn policy(&mut self, root: &DeTable<'_>) -> Res<Policy> {
         let mut version = None;
         let mut sets = None;
         let mut defaults = None;
@@ -36,15 +50,23 @@ impl Cx<'_> {
                 "defaults" => defaults = Some(v),
                 "base" => base = Some(v),
                 "roles" => roles = Some(v),
-                _ => return Err(self.unknown_key(k, "")),
+                _ => {
+                    self.keep::<()>(Err(self.unknown_key(k, "", &TOP_KEYS)));
+                }
             }
         }
-        let Some(version) = version else {
-            return Err(self.err(0..0, "version", PolicyErrorKind::VersionMissing));
+        let version = if let Some(v) = version {
+            self.keep(self.version(v)).unwrap_or(VERSION)
+        } else {
+            self.keep::<()>(Err(self.err(
+                0..0,
+                "version",
+                PolicyErrorKind::VersionMissing,
+            )));
+            VERSION
         };
-        let version = self.version(version)?;
         let mut sets = match sets {
-            Some(v) => self.sets(v)?,
+            Some(v) => self.keep(self.sets(v)).unwrap_or_default(),
             None => Vec::new(),
         };
         for (name, ranges) in &self.overrides {
@@ -62,15 +84,15 @@ impl Cx<'_> {
             self.sets.insert(s.name.clone(), s.ranges.clone());
         }
         let defaults = match defaults {
-            Some(v) => self.defaults(v)?,
+            Some(v) => self.keep(self.defaults(v)).unwrap_or_default(),
             None => Defaults::default(),
         };
         let mut pending = Vec::new();
         if let Some(v) = base {
-            self.base(v, &mut pending)?;
+            self.keep(self.base(v, &mut pending));
         }
         let roles = match roles {
-            Some(v) => self.roles(v, &mut pending)?,
+            Some(v) => self.keep(self.roles(v, &mut pending)).unwrap_or_default(),
             None => Vec::new(),
         };
         pending.sort_by_key(|p| p.pos);
@@ -78,11 +100,12 @@ impl Cx<'_> {
         for p in &pending {
             if let (Some(name), Some(span)) = (&p.rule.name, &p.name_span) {
                 if let Some(first) = names.get(name.as_str()) {
-                    return Err(self.err(
+                    self.keep::<()>(Err(self.err(
                         span.clone(),
                         &format!("{}.name", p.rule.label()),
                         PolicyErrorKind::DuplicateRuleName(name.clone(), *first),
-                    ));
+                    )));
+                    continue;
                 }
                 names.insert(name, p.rule.loc.line);
             }
@@ -144,8 +167,12 @@ impl Cx<'_> {
         for (k, val) in sorted(t) {
             let name: &str = k.get_ref();
             let field = child("sets", name);
-            self.check_name(k, &field, "set")?;
-            let ranges = self.addr_list(val, &field)?;
+            if self.keep(self.check_name(k, &field, "set")).is_none() {
+                continue;
+            }
+            // A set with a bad member is still defined (with no members):
+            // rules naming it are not also reported as naming an unknown set.
+            let ranges = self.keep(self.addr_list(val, &field)).unwrap_or_default();
             out.push(AddrSet {
                 name: name.to_string(),
                 ranges,
@@ -187,21 +214,24 @@ impl Cx<'_> {
                     return Err(self.err(v.span(), field, PolicyErrorKind::EmptyList));
                 }
                 let mut out = Vec::with_capacity(a.len());
+                let errors = self.error_count();
                 for (i, item) in a.iter().enumerate() {
                     let f = index(field, i);
-                    match item.get_ref() {
-                        DeValue::String(s) => out.push(self.set_member(s, item.span(), &f)?),
-                        other => {
-                            return Err(self.bad_value(
-                                item,
-                                &f,
-                                format!(
-                                    "expected an address, CIDR or range string, found {}",
-                                    describe(other)
-                                ),
-                            ));
-                        }
-                    }
+                    let member = match item.get_ref() {
+                        DeValue::String(s) => self.set_member(s, item.span(), &f),
+                        other => Err(self.bad_value(
+                            item,
+                            &f,
+                            format!(
+                                "expected an address, CIDR or range string, found {}",
+                                describe(other)
+                            ),
+                        )),
+                    };
+                    out.extend(self.keep(member));
+                }
+                if self.error_count() > errors {
+                    out.clear();
                 }
                 Ok(out)
             }
@@ -248,15 +278,16 @@ impl Cx<'_> {
         for (k, val) in sorted(t) {
             let key: &str = k.get_ref();
             let field = child("defaults", key);
-            match key {
-                "ingress" => d.ingress = self.action(val, &field, key)?,
-                "egress" => d.egress = self.action(val, &field, key)?,
-                "established" => d.established = self.boolean(val, &field, key)?,
-                "icmp" => d.icmp = self.boolean(val, &field, key)?,
-                "log_rate" => d.log_rate = self.log_rate(val, &field)?,
-                "link_local" => d.link_local = self.boolean(val, &field, key)?,
-                _ => return Err(self.unknown_key(k, "defaults")),
-            }
+            let set = match key {
+                "ingress" => self.action(val, &field, key).map(|a| d.ingress = a),
+                "egress" => self.action(val, &field, key).map(|a| d.egress = a),
+                "established" => self.boolean(val, &field, key).map(|b| d.established = b),
+                "icmp" => self.boolean(val, &field, key).map(|b| d.icmp = b),
+                "log_rate" => self.log_rate(val, &field).map(|n| d.log_rate = n),
+                "link_local" => self.boolean(val, &field, key).map(|b| d.link_local = b),
+                _ => Err(self.unknown_key(k, "defaults", &DEFAULTS_KEYS)),
+            };
+            self.keep(set);
         }
         Ok(d)
     }
@@ -326,9 +357,12 @@ impl Cx<'_> {
             let dir = match key {
                 "ingress" => Direction::Ingress,
                 "egress" => Direction::Egress,
-                _ => return Err(self.unknown_key(k, "base")),
+                _ => {
+                    self.keep::<()>(Err(self.unknown_key(k, "base", &["ingress", "egress"])));
+                    continue;
+                }
             };
-            self.rules(val, &Owner::Base, dir, &child("base", key), out)?;
+            self.keep(self.rules(val, &Owner::Base, dir, &child("base", key), out));
         }
         Ok(())
     }
@@ -348,36 +382,47 @@ impl Cx<'_> {
         for (k, val) in sorted(t) {
             let name: &str = k.get_ref();
             let field = child("roles", name);
-            self.check_name(k, &field, "role")?;
+            if self.keep(self.check_name(k, &field, "role")).is_none() {
+                continue;
+            }
             let Some(rt) = val.get_ref().as_table() else {
-                return Err(self.bad_value(
+                self.keep::<()>(Err(self.bad_value(
                     val,
                     &field,
                     format!(
                         "role `{name}` must be a table ([roles.{name}]), found {}",
                         describe(val.get_ref())
                     ),
-                ));
+                )));
+                continue;
             };
             let owner = Owner::Role(name.to_string());
             let mut hosts = None;
             let before = out.len();
+            let errors = self.error_count();
             for (rk, rv) in sorted(rt) {
                 let key: &str = rk.get_ref();
                 let f = child(&field, key);
                 match key {
-                    "hosts" => hosts = Some(self.peer(rv, &f)?),
-                    "ingress" => self.rules(rv, &owner, Direction::Ingress, &f, out)?,
-                    "egress" => self.rules(rv, &owner, Direction::Egress, &f, out)?,
-                    _ => return Err(self.unknown_key(rk, &field)),
+                    "hosts" => hosts = self.keep(self.peer(rv, &f)),
+                    "ingress" => {
+                        self.keep(self.rules(rv, &owner, Direction::Ingress, &f, out));
+                    }
+                    "egress" => {
+                        self.keep(self.rules(rv, &owner, Direction::Egress, &f, out));
+                    }
+                    _ => {
+                        self.keep::<()>(Err(self.unknown_key(rk, &field, &ROLE_KEYS)));
+                    }
                 }
             }
-            if hosts.is_none() && out.len() == before {
-                return Err(self.err(
+            // A role whose keys were all wrong is not also reported empty.
+            if hosts.is_none() && out.len() == before && self.error_count() == errors {
+                self.keep::<()>(Err(self.err(
                     val.span(),
                     &field,
                     PolicyErrorKind::RoleEmpty(name.to_string()),
-                ));
+                )));
             }
             let (hosts_text, hosts) = match hosts {
                 Some((text, ranges)) => (Some(text), ranges),

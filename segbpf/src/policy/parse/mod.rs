@@ -12,6 +12,13 @@
 //! level (`version`, `[sets]`, `[defaults]`, `[base]`, `[roles]`) and
 //! `rules` reads one direction's rules with their peers, ports and
 //! interfaces.
+//!
+//! Every error is collected, not only the first: a bad key, value, set,
+//! role or rule is recorded and the parser goes on with the next one
+//! ([`parse_str_all`]). An item that failed is left out of what follows, so
+//! one mistake is not reported again as a consequence (a set with a bad
+//! address is not also an "unknown set" where a rule names it). Only a TOML
+//! syntax error stops the parse: the file has no structure to go on with.
 
 mod diagnostics;
 mod document;
@@ -39,8 +46,14 @@ pub const VERSION: u32 = 1;
 pub const MAX_LOG_RATE: u32 = 1_000_000;
 
 /// Parses and validates roles.toml text; `source` names the file in errors.
+/// The error reported is the first in the file; [`parse_str_all`] gives all.
 pub fn parse_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
     parse_str_with_sets(text, source, &BTreeMap::new())
+}
+
+/// Like [`parse_str`], returning every error found, in file order.
+pub fn parse_str_all(text: &str, source: &str) -> Result<Policy, Vec<PolicyError>> {
+    parse_all(text, source, &BTreeMap::new())
 }
 
 /// Like [`parse_str`], with the members of some sets replaced (live set
@@ -51,10 +64,36 @@ pub fn parse_str_with_sets(
     source: &str,
     overrides: &BTreeMap<String, Vec<AddrRange>>,
 ) -> Result<Policy, PolicyError> {
+    parse_all(text, source, overrides).map_err(|mut errors| errors.swap_remove(0))
+}
+
+/// Parses with every error collected (never an empty list on failure),
+/// sorted by position.
+fn parse_all(
+    text: &str,
+    source: &str,
+    overrides: &BTreeMap<String, Vec<AddrRange>>,
+) -> Result<Policy, Vec<PolicyError>> {
     let mut cx = Cx::new(text, source);
     cx.overrides = overrides.clone();
-    let doc = DeTable::parse(text).map_err(|e| cx.toml_error(&e))?;
-    cx.policy(doc.get_ref())
+    let doc = DeTable::parse(text).map_err(|e| vec![cx.toml_error(&e)])?;
+    let policy = cx.policy(doc.get_ref());
+    let mut errors = cx.errors.into_inner();
+    match policy {
+        Ok(p) if errors.is_empty() => Ok(p),
+        Ok(_) => Err(sorted_errors(errors)),
+        Err(e) => {
+            errors.push(e);
+            Err(sorted_errors(errors))
+        }
+    }
+}
+
+/// Errors in file order (those without a position first), each once.
+fn sorted_errors(mut errors: Vec<PolicyError>) -> Vec<PolicyError> {
+    errors.sort_by_key(|e| e.loc.map(|l| (l.line, l.column)));
+    errors.dedup();
+    errors
 }
 
 /// Whether `name` is a valid set or role name: `[A-Za-z_][A-Za-z0-9_-]*`.
@@ -77,6 +116,8 @@ struct Cx<'a> {
     sets: HashMap<String, Vec<AddrRange>>,
     /// Live set edits replacing the members of these sets.
     overrides: BTreeMap<String, Vec<AddrRange>>,
+    /// Errors recorded so far (the parser goes on after each).
+    errors: std::cell::RefCell<Vec<PolicyError>>,
 }
 
 impl<'a> Cx<'a> {
@@ -89,7 +130,24 @@ impl<'a> Cx<'a> {
             line_starts,
             sets: HashMap::new(),
             overrides: BTreeMap::new(),
+            errors: std::cell::RefCell::new(Vec::new()),
         }
+    }
+
+    /// The value of `r`, or None with its error recorded.
+    fn keep<T>(&self, r: Res<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.borrow_mut().push(e);
+                None
+            }
+        }
+    }
+
+    /// How many errors have been recorded (to see whether a part failed).
+    fn error_count(&self) -> usize {
+        self.errors.borrow().len()
     }
 }
 

@@ -13,13 +13,68 @@ use super::{
 };
 use crate::policy::{
     AddrRange, Direction, Owner, PolicyErrorKind, PortRange, Rule, addr::parse_item,
-    ports::PortParseError,
+    error::did_you_mean, ports::PortParseError,
 };
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
 /// Longest rule name (it becomes a metric label value).
 pub(super) const MAX_RULE_NAME: usize = 64;
+
+/// The keys of a rule whose peer key is `peer_key` (`from` or `to`).
+fn rule_keys(peer_key: &'static str) -> [&'static str; 9] {
+    [
+        peer_key,
+        "tcp",
+        "udp",
+        "icmp",
+        "icmpv6",
+        "proto",
+        "interfaces",
+        "name",
+        "description",
+    ]
+}
+
+/// The port of a well-known service name, for the hint given when a port
+/// list names a service (`tcp = ["ssh"]`). Names are not accepted as ports:
+/// what a policy means must not depend on each machine's /etc/services,
+/// and `status`, `export` and the kernel show numbers.
+pub(super) fn service_port(name: &str) -> Option<u16> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "ftp" => 21,
+        "ssh" => 22,
+        "telnet" => 23,
+        "smtp" => 25,
+        "domain" | "dns" => 53,
+        "bootps" | "dhcp" => 67,
+        "tftp" => 69,
+        "http" | "www" => 80,
+        "kerberos" => 88,
+        "pop3" => 110,
+        "ntp" => 123,
+        "imap" => 143,
+        "snmp" => 161,
+        "ldap" => 389,
+        "https" => 443,
+        "smtps" | "submissions" => 465,
+        "syslog" => 514,
+        "submission" => 587,
+        "ldaps" => 636,
+        "imaps" => 993,
+        "pop3s" => 995,
+        "mssql" => 1433,
+        "etcd" => 2379,
+        "mysql" => 3306,
+        "rdp" => 3389,
+        "postgresql" | "postgres" => 5432,
+        "amqp" => 5672,
+        "redis" => 6379,
+        "http-alt" => 8080,
+        "mongodb" => 27017,
+        _ => return None,
+    })
+}
 
 /// A rule before ids are assigned, with its byte position in the file
 /// and that of its `name` value, if it has one.
@@ -53,13 +108,16 @@ impl Cx<'_> {
         for (i, item) in a.iter().enumerate() {
             let f = index(field, i);
             let Some(t) = item.get_ref().as_table() else {
-                return Err(self.bad_value(
+                self.keep::<()>(Err(self.bad_value(
                     item,
                     &f,
                     format!("expected a rule table, found {}", describe(item.get_ref())),
-                ));
+                )));
+                continue;
             };
-            let (rule, name_span) = self.rule(t, item.span(), owner, dir, i, &f)?;
+            let Some((rule, name_span)) = self.rule(t, item.span(), owner, dir, i, &f) else {
+                continue;
+            };
             out.push(Pending {
                 pos: item.span().start,
                 rule,
@@ -69,6 +127,7 @@ impl Cx<'_> {
         Ok(())
     }
 
+    /// One rule; None when it has errors (all of them recorded).
     fn rule(
         &self,
         t: &DeTable<'_>,
@@ -77,7 +136,8 @@ impl Cx<'_> {
         direction: Direction,
         idx: usize,
         field: &str,
-    ) -> Res<(Rule, Option<Range<usize>>)> {
+    ) -> Option<(Rule, Option<Range<usize>>)> {
+        let errors = self.error_count();
         let peer_key = match direction {
             Direction::Ingress => "from",
             Direction::Egress => "to",
@@ -93,68 +153,76 @@ impl Cx<'_> {
         for (k, v) in sorted(t) {
             let key: &str = k.get_ref();
             let f = child(field, key);
-            match key {
-                _ if key == peer_key => peer = Some(self.peer(v, &f)?),
-                "tcp" => tcp = self.ports(v, &f)?,
-                "udp" => udp = self.ports(v, &f)?,
-                "icmp" => icmp = self.boolean(v, &f, key)?,
-                "icmpv6" => icmpv6 = self.boolean(v, &f, key)?,
+            let read: Res<()> = match key {
+                _ if key == peer_key => self.peer(v, &f).map(|p| peer = Some(p)),
+                "tcp" => self.ports(v, &f).map(|p| tcp = p),
+                "udp" => self.ports(v, &f).map(|p| udp = p),
+                "icmp" => self.boolean(v, &f, key).map(|b| icmp = b),
+                "icmpv6" => self.boolean(v, &f, key).map(|b| icmpv6 = b),
                 "proto" => match v.get_ref().as_str() {
-                    Some("any") => any_proto = true,
-                    _ => {
-                        return Err(self.bad_value(
+                    Some("any") => {
+                        any_proto = true;
+                        Ok(())
+                    }
+                    _ => Err(self.bad_value(
                             v,
                             &f,
                             format!(
                                 "`proto` only accepts \"any\" (list ports with `tcp`/`udp`, or use `icmp`/`icmpv6`), found {}",
                                 describe(v.get_ref())
                             ),
-                        ));
-                    }
+                        )),
                 },
-                "interfaces" => interfaces = Some(self.interfaces(v, &f)?),
+                "interfaces" => self.interfaces(v, &f).map(|i| interfaces = Some(i)),
                 "name" => match v.get_ref().as_str() {
                     Some(s) if is_valid_name(s) && s.len() <= MAX_RULE_NAME => {
                         name = Some(s.to_string());
                         name_span = Some(v.span());
+                        Ok(())
                     }
-                    _ => {
-                        return Err(self.bad_value(
-                            v,
-                            &f,
-                            format!(
-                                "a rule name is a string of letters, digits, `_` and `-` starting with a letter or `_`, at most {MAX_RULE_NAME} bytes, found {}",
-                                describe(v.get_ref())
-                            ),
-                        ));
-                    }
+                    _ => Err(self.bad_value(
+                        v,
+                        &f,
+                        format!(
+                            "a rule name is a string of letters, digits, `_` and `-` starting with a letter or `_`, at most {MAX_RULE_NAME} bytes, found {}",
+                            describe(v.get_ref())
+                        ),
+                    )),
                 },
                 "description" => match v.get_ref().as_str() {
-                    Some(s) => description = Some(s.to_string()),
-                    None => {
-                        return Err(self.bad_value(
-                            v,
-                            &f,
-                            format!("expected a string, found {}", describe(v.get_ref())),
-                        ));
+                    Some(s) => {
+                        description = Some(s.to_string());
+                        Ok(())
                     }
+                    None => Err(self.bad_value(
+                        v,
+                        &f,
+                        format!("expected a string, found {}", describe(v.get_ref())),
+                    )),
                 },
-                _ => return Err(self.unknown_key(k, field)),
-            }
+                _ => Err(self.unknown_key(k, field, &rule_keys(peer_key))),
+            };
+            self.keep(read);
+        }
+        // A rule with a bad key is not also missing its peer or protocol.
+        if self.error_count() > errors {
+            return None;
         }
         let Some((peer_text, peers)) = peer else {
-            return Err(self.err(
+            self.keep::<()>(Err(self.err(
                 span,
                 field,
                 PolicyErrorKind::BadValue(format!(
                     "missing `{peer_key}`: name the peer with `{peer_key} = \"any\"`, a set name, an address or a list of those"
                 )),
-            ));
+            )));
+            return None;
         };
         if tcp.is_empty() && udp.is_empty() && !icmp && !icmpv6 && !any_proto {
-            return Err(self.err(span, field, PolicyErrorKind::NoProtocol));
+            self.keep::<()>(Err(self.err(span, field, PolicyErrorKind::NoProtocol)));
+            return None;
         }
-        Ok((
+        Some((
             Rule {
                 id: 0,
                 owner: owner.clone(),
@@ -176,6 +244,28 @@ impl Cx<'_> {
         ))
     }
 
+    /// A list's items, each read by `item`; every bad item is recorded and
+    /// the first error returned (the list as a whole is bad).
+    fn each<'v, 'i: 'v, T>(
+        &self,
+        items: impl Iterator<Item = &'v Val<'i>>,
+        field: &str,
+        item: impl Fn(&Val<'i>, &str) -> Res<T>,
+    ) -> Res<Vec<T>> {
+        let mut out = Vec::new();
+        let mut first = None;
+        for (i, v) in items.enumerate() {
+            match item(v, &index(field, i)) {
+                Ok(x) => out.push(x),
+                Err(e) if first.is_none() => first = Some(e),
+                Err(e) => {
+                    self.keep::<()>(Err(e));
+                }
+            }
+        }
+        first.map_or(Ok(out), Err)
+    }
+
     /// A peer or `hosts`: `"any"`, a set name, a literal, or a list of those.
     /// Returns the text as written and the resolved ranges.
     pub(super) fn peer(&self, v: &Val<'_>, field: &str) -> Res<(String, Vec<AddrRange>)> {
@@ -185,23 +275,21 @@ impl Cx<'_> {
                 if a.is_empty() {
                     return Err(self.err(v.span(), field, PolicyErrorKind::EmptyList));
                 }
-                let mut texts = Vec::with_capacity(a.len());
-                let mut ranges = Vec::new();
-                for (i, item) in a.iter().enumerate() {
-                    let f = index(field, i);
+                let items = self.each(a.iter(), field, |item, f| {
                     let DeValue::String(s) = item.get_ref() else {
                         return Err(self.bad_value(
                             item,
-                            &f,
+                            f,
                             format!(
                                 "expected \"any\", a set name or an address string, found {}",
                                 describe(item.get_ref())
                             ),
                         ));
                     };
-                    ranges.extend(self.peer_item(s, item.span(), &f)?);
-                    texts.push(s.to_string());
-                }
+                    Ok((s.to_string(), self.peer_item(s, item.span(), f)?))
+                })?;
+                let texts: Vec<String> = items.iter().map(|(t, _)| t.clone()).collect();
+                let ranges = items.into_iter().flat_map(|(_, r)| r).collect();
                 Ok((format!("[{}]", texts.join(", ")), ranges))
             }
             other => Err(self.bad_value(
@@ -221,10 +309,19 @@ impl Cx<'_> {
             return Ok(vec![AddrRange::any_v4(), AddrRange::any_v6()]);
         }
         if is_valid_name(t) {
-            return match self.sets.get(t) {
-                Some(r) => Ok(r.clone()),
-                None => Err(self.err(span, field, PolicyErrorKind::UnknownSet(t.to_string()))),
-            };
+            if let Some(r) = self.sets.get(t) {
+                return Ok(r.clone());
+            }
+            let hint = did_you_mean(
+                t,
+                self.sets
+                    .keys()
+                    .map(String::as_str)
+                    .chain(std::iter::once("any")),
+            );
+            return Err(self
+                .err(span, field, PolicyErrorKind::UnknownSet(t.to_string()))
+                .with_hint(hint));
         }
         parse_item(t)
             .map(|r| vec![r])
@@ -239,10 +336,7 @@ impl Cx<'_> {
                 if a.is_empty() {
                     return Err(self.err(v.span(), field, PolicyErrorKind::EmptyList));
                 }
-                a.iter()
-                    .enumerate()
-                    .map(|(i, item)| self.port(item, &index(field, i)))
-                    .collect()
+                self.each(a.iter(), field, |item, f| self.port(item, f))
             }
             DeValue::Integer(_) | DeValue::String(_) => Ok(vec![self.port(v, field)?]),
             other => Err(self.bad_value(
@@ -264,7 +358,19 @@ impl Cx<'_> {
             },
             DeValue::String(s) => match PortRange::parse(s) {
                 Ok(r) => return Ok(r),
-                Err(PortParseError::Bad(m)) => PolicyErrorKind::BadPort(m),
+                Err(PortParseError::Bad(m)) => {
+                    // A service name: say its number rather than guess from
+                    // /etc/services (see `service_port`).
+                    let hint = service_port(s.trim()).map(|p| {
+                        format!(
+                            "`{}` is a service name; write its port number: {p}",
+                            s.trim()
+                        )
+                    });
+                    return Err(self
+                        .err(v.span(), field, PolicyErrorKind::BadPort(m))
+                        .with_hint(hint));
+                }
                 Err(PortParseError::OutOfRange) => PolicyErrorKind::PortOutOfRange,
                 Err(PortParseError::Reversed) => PolicyErrorKind::ReversedPortRange,
                 Err(PortParseError::Empty) => PolicyErrorKind::EmptyRange,

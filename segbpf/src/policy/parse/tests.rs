@@ -1027,3 +1027,37 @@ fn bad_rule_names_and_descriptions_are_refused() {
         "expected a string",
     );
 }
+
+#[test]
+fn every_error_is_collected_in_file_order() {
+    let text = "version = 1\n[sets]\nadmins = [\"10.0.0.0/24\"]\nbad = [\"10.0.0.1\", \"x-y\", 5]\n[defaults]\ningres = \"drop\"\negress = \"maybe\"\n[[base.ingress]]\nfrom = \"admin\"\ntcp = [70000, \"ssh\"]\n[[base.ingress]]\nfrom = \"bad\"\n";
+    let errors = super::parse_str_all(text, "t.toml").unwrap_err();
+    let got: Vec<(u32, &str)> = errors
+        .iter()
+        .map(|e| (e.loc.map_or(0, |l| l.line), e.field.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (4, "sets.bad[1]"),
+            (4, "sets.bad[2]"),
+            (6, "defaults.ingres"),
+            (7, "defaults.egress"),
+            (9, "base.ingress[0].from"),
+            (10, "base.ingress[0].tcp[0]"),
+            (10, "base.ingress[0].tcp[1]"),
+            (11, "base.ingress[1]"),
+        ]
+    );
+    // parse_str reports the first of them.
+    let first = parse_str(text, "t.toml").unwrap_err();
+    assert_eq!(first, errors[0]);
+    // Hints: a close key, a close set, a service name.
+    let hints: Vec<Option<&str>> = errors.iter().map(|e| e.hint.as_deref()).collect();
+    assert_eq!(hints[2], Some("did you mean `ingress`?"));
+    assert_eq!(hints[4], Some("did you mean `admins`?"));
+    assert_eq!(
+        hints[6],
+        Some("`ssh` is a service name; write its port number: 22")
+    );
+}
