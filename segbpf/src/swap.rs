@@ -98,6 +98,17 @@ pub enum SwapError {
     /// A map could not be read or written before the switch.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The next policy could not be written into the slot not in force
+    /// (what was written was removed again).
+    #[error(
+        "{policy}: writing the next policy: {source}; nothing of it was left in the kernel, the policy in force is unchanged (a full map: see `--peer-entries` / `--port-entries` of `segbpf attach`, which need twice the entries of a policy)"
+    )]
+    Write {
+        /// Policy file.
+        policy: String,
+        /// Why.
+        source: MapsError,
+    },
     /// The change was refused (a set edit that makes no sense, a pending
     /// confirmation, no earlier policy, ...).
     #[error("{0}")]
@@ -584,7 +595,19 @@ fn swap_in_force(
     // Fill the slot no packet looks at (emptying leftovers of a reload that
     // was killed), record the new state as pending, then switch.
     maps.clear_slot(next)?;
-    maps.write_slot(&c)?;
+    if let Err(e) = maps.write_slot(&c) {
+        // A map refused an entry (full: a policy in force from a version
+        // that did not keep room for both slots, or a kernel that ran out
+        // of memory). Leave no half-written slot behind: the policy in
+        // force stays whole and alone in the kernel.
+        if let Err(undo) = maps.clear_slot(next) {
+            tracing::warn!("emptying the partly written policy slot: {undo}");
+        }
+        return Err(SwapError::Write {
+            policy: policy.source.clone(),
+            source: e,
+        });
+    }
     let new = State {
         policy: source.as_ref().map_or_else(
             || {
