@@ -32,6 +32,7 @@ pub mod import;
 pub mod loader;
 pub mod logging;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod netif;
 pub mod netns;

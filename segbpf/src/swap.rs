@@ -672,7 +672,7 @@ fn swap_in_force(
     // new policy would not open (including any opened in that window), and
     // only then empty the old slot.
     std::thread::sleep(GRACE);
-    let pruned = prune_conntrack(att, &policy, &roles).unwrap_or_else(|e| {
+    let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
         0
     });
@@ -762,10 +762,13 @@ fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
     )
 }
 
-/// Removes the connection-table entries (assured and half-open) of flows
-/// the new policy would not let open; returns how many.
+/// Removes the connection-table entries (assured and half-open) of the
+/// interface `ifindex` whose flows the new policy would not let open
+/// (the tables are shared with the namespace's other attachments, whose
+/// entries this policy does not judge); returns how many.
 fn prune_conntrack(
     att: &Attachment,
+    ifindex: u32,
     policy: &Policy,
     roles: &[String],
 ) -> Result<usize, MapsError> {
@@ -779,6 +782,9 @@ fn prune_conntrack(
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, e)| {
+                if k.ifindex != ifindex {
+                    return false;
+                }
                 let (dir, pkt) = opener(k, e);
                 !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
             })
