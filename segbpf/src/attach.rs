@@ -507,10 +507,7 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
                 warn!("removing the connection tables of {}: {e}", att.describe());
             }
         }
-        Err(e) => warn!(
-            "locking the connection tables of {}: {e}",
-            att.describe()
-        ),
+        Err(e) => warn!("locking the connection tables of {}: {e}", att.describe()),
     }
     Ok(was_attached)
 }

@@ -89,7 +89,9 @@ pub enum CompileError {
     /// next policy beside the one in force, so a policy that fills more
     /// than half of one could attach and then never be reloaded.
     #[error(
-        "the compiled policy needs {count} entries in {map}, which holds at most {limit}: {map} must hold {needed}{why}; raise it with {hint}"
+        "the compiled policy needs {count} entries in {map}, which holds at most {limit}: {map} must hold {needed}{}; raise it with {}",
+        if .needed > .count { " (twice that: a reload writes the next policy beside the one in force, and both slots share it)" } else { "" },
+        capacity_hint(.map, *.needed)
     )]
     Capacity {
         /// Map name.
@@ -100,36 +102,30 @@ pub enum CompileError {
         needed: usize,
         /// Capacity.
         limit: u32,
-        /// Why `needed` differs from `count` (empty when it does not).
-        why: &'static str,
-        /// How to raise the capacity (the flag, with the value needed).
-        hint: String,
     },
+}
+
+/// How to give `map` room for `needed` entries.
+fn capacity_hint(map: &str, needed: usize) -> String {
+    match map {
+        segbpf_common::MAP_PEER_V4 | segbpf_common::MAP_PEER_V6 => {
+            format!("`--peer-entries {needed}` (attach and check)")
+        }
+        segbpf_common::MAP_PORTS => format!("`--port-entries {needed}` (attach and check)"),
+        _ => "a new attach (`segbpf detach`, then `segbpf attach`), which sizes it for the policy"
+            .to_string(),
+    }
 }
 
 impl CompileError {
     /// The capacity error for `map`, which must hold `needed` entries for a
     /// policy of `count` and holds `limit`.
     fn capacity(map: &'static str, count: usize, needed: usize, limit: u32) -> Self {
-        let why = if needed > count {
-            " (twice that: a reload writes the next policy beside the one in force, and both slots share it)"
-        } else {
-            ""
-        };
-        let hint = match map {
-            segbpf_common::MAP_PEER_V4 | segbpf_common::MAP_PEER_V6 => {
-                format!("`--peer-entries {needed}` (attach and check)")
-            }
-            segbpf_common::MAP_PORTS => format!("`--port-entries {needed}` (attach and check)"),
-            _ => "a new attach (`segbpf detach`, then `segbpf attach`), which sizes it for the policy".to_string(),
-        };
         CompileError::Capacity {
             map,
             count,
             needed,
             limit,
-            why,
-            hint,
         }
     }
 }

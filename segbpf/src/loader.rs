@@ -8,8 +8,9 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4,
-    MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, PINNED_MAPS, PROG_TC_EGRESS, PROG_XDP_INGRESS, RUN_DRY,
+    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW,
+    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, PINNED_MAPS, PROG_TC_EGRESS,
+    PROG_XDP_INGRESS, RUN_DRY,
 };
 
 use crate::{compile::Capacity, pins::Attachment};
@@ -162,9 +163,7 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
             source,
         })?;
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
-        if found_type != LRU_HASH
-            || info.key_size() != want_key
-            || info.value_size() != want_value
+        if found_type != LRU_HASH || info.key_size() != want_key || info.value_size() != want_value
         {
             return Err(LoadError::SharedLayout {
                 path,

@@ -226,8 +226,14 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     // --ct-size may be an older request).
     let info = |m: &str| aya::maps::MapInfo::from_pin(att.map(m)).ok();
     let size = |m: &str| info(m).map_or(0, |i| i.max_entries());
-    let [(entries, half_open_entries), (table_entries, table_half_open_entries)] =
-        if fill { ct_fill(att) } else { Default::default() };
+    let [
+        (entries, half_open_entries),
+        (table_entries, table_half_open_entries),
+    ] = if fill {
+        ct_fill(att)
+    } else {
+        Default::default()
+    };
     let (assured_entries, other_entries) = if fill {
         maps::pinned_frag_fill(att).unwrap_or((0, 0))
     } else {

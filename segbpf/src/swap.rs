@@ -107,7 +107,7 @@ pub enum SwapError {
         /// Policy file.
         policy: String,
         /// Why.
-        source: MapsError,
+        source: Box<MapsError>,
     },
     /// The change was refused (a set edit that makes no sense, a pending
     /// confirmation, no earlier policy, ...).
@@ -605,7 +605,7 @@ fn swap_in_force(
         }
         return Err(SwapError::Write {
             policy: policy.source.clone(),
-            source: e,
+            source: Box::new(e),
         });
     }
     let new = State {

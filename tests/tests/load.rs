@@ -137,7 +137,15 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
         netns::ip(&["-n", &ns, "link", "set", &peer, "up"])?;
         lab.segbpf_ok(
             "web",
-            &["attach", v, "--policy", &policy, "--role", "web", "--no-wait"],
+            &[
+                "attach",
+                v,
+                "--policy",
+                &policy,
+                "--role",
+                "web",
+                "--no-wait",
+            ],
         )?;
     }
     let all = held(&lab.bpffs)?;
@@ -169,12 +177,11 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
             .iter()
             .copied()
             .filter(|id| MapInfo::from_id(*id).is_ok())
-            .chain(
-                all.progs
-                    .iter()
-                    .copied()
-                    .filter(|id| aya::programs::loaded_programs().flatten().any(|p| p.id() == *id)),
-            )
+            .chain(all.progs.iter().copied().filter(|id| {
+                aya::programs::loaded_programs()
+                    .flatten()
+                    .any(|p| p.id() == *id)
+            }))
             .collect();
         if alive.is_empty() {
             break;
@@ -194,8 +201,8 @@ fn echo_server(ns: &str, addr: IpAddr, port: u16, stop: Arc<AtomicBool>) -> anyh
     let path = format!("/run/netns/{ns}");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let listener = netns::enter(&path)
-            .and_then(|()| Ok(TcpListener::bind(SocketAddr::new(addr, port))?));
+        let listener =
+            netns::enter(&path).and_then(|()| Ok(TcpListener::bind(SocketAddr::new(addr, port))?));
         let listener = match listener {
             Ok(l) => {
                 let _ = tx.send(Ok(()));
@@ -310,7 +317,10 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     lab.add_host("srv", &["198.18.0.10/24"])?;
     lab.add_host("cli", &["198.18.0.20/24"])?;
     let (srv, cli) = (lab.host("srv").addrs[0], lab.host("cli").addrs[0]);
-    let (srv_ns, cli_ns) = (lab.host("srv").ns.name.clone(), lab.host("cli").ns.name.clone());
+    let (srv_ns, cli_ns) = (
+        lab.host("srv").ns.name.clone(),
+        lab.host("cli").ns.name.clone(),
+    );
     // 8443 is open to all but has no listener: the host's own TCP stack
     // stays out of the SYN flood (a SYN queue filled with spoofed sources
     // would refuse new connections by itself).
@@ -343,10 +353,7 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     // tables, evicting each other) and datagrams to a closed one (drops, events, denied
     // aggregates), from the client's side of the wire.
     let flooding = Arc::new(AtomicBool::new(false));
-    let macs = (
-        net::mac(&cli_ns, "eth0")?,
-        net::mac(&srv_ns, "eth0")?,
-    );
+    let macs = (net::mac(&cli_ns, "eth0")?, net::mac(&srv_ns, "eth0")?);
     let syn = syn_flood(&cli_ns, macs, srv, 8443, Arc::clone(&flooding))?;
     let udp = {
         let ns = cli_ns.clone();
@@ -354,20 +361,26 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     };
     std::thread::sleep(Duration::from_secs(3));
     // Reloads in the middle of it, each applied.
-    let gen0 = segbpf::maps::pinned_config(&segbpf::pins::Roots {
-        bpffs: lab.bpffs.clone(),
-        state: lab.state.clone(),
-    }
-    .attachment("eth0", &segbpf::netns::Netns::named(&srv_ns)?))?
+    let gen0 = segbpf::maps::pinned_config(
+        &segbpf::pins::Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &segbpf::netns::Netns::named(&srv_ns)?),
+    )?
     .generation;
     for i in 0..10 {
         let p = if i % 2 == 0 { &b } else { &a };
         lab.segbpf_ok("srv", &["reload", "eth0", "--policy", p.to_str().unwrap()])?;
         std::thread::sleep(Duration::from_millis(300));
     }
-    let sent_udp = udp.join().map_err(|_| anyhow::anyhow!("udp flood panicked"))??;
+    let sent_udp = udp
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp flood panicked"))??;
     flooding.store(true, Ordering::Relaxed);
-    let sent_syn = syn.join().map_err(|_| anyhow::anyhow!("syn flood panicked"))??;
+    let sent_syn = syn
+        .join()
+        .map_err(|_| anyhow::anyhow!("syn flood panicked"))??;
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     flow.join()
@@ -378,7 +391,10 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert_eq!(failed, 0, "{failed} of {} exchanges failed", ok + failed);
     assert!(ok > 200, "only {ok} exchanges");
-    assert!(sent_udp > 10_000 && sent_syn > 10_000, "{sent_udp} / {sent_syn} sent");
+    assert!(
+        sent_udp > 10_000 && sent_syn > 10_000,
+        "{sent_udp} / {sent_syn} sent"
+    );
     let st = lab.status_json("srv")?;
     let att = &st["attachments"][0];
     assert_eq!(att["state"]["generation"].as_u64(), Some(gen0 + 10));
