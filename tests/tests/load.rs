@@ -418,3 +418,76 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_flow_of_one_interface_opens_nothing_on_another() -> anyhow::Result<()> {
+    let mut lab = Lab::new("iso")?;
+    lab.add_host("srv", &["198.18.0.10/24"])?;
+    lab.add_host("cli", &["198.18.0.20/24"])?;
+    let (srv, cli) = (lab.host("srv").addrs[0], lab.host("cli").addrs[0]);
+    let ns = lab.host("srv").ns.name.clone();
+    netns::ip(&[
+        "-n", &ns, "link", "add", "v1", "type", "veth", "peer", "name", "w1",
+    ])?;
+    netns::ip(&["-n", &ns, "link", "set", "v1", "up"])?;
+    netns::ip(&["-n", &ns, "link", "set", "w1", "up"])?;
+    let policy = lab.write_policy("p.toml", &one_tcp_port_policy(8080))?;
+    for iface in ["eth0", "v1"] {
+        lab.segbpf_ok(
+            "srv",
+            &[
+                "attach",
+                iface,
+                "--policy",
+                policy.to_str().unwrap(),
+                "--role",
+                "srv",
+                "--no-wait",
+            ],
+        )?;
+    }
+    // The host opens a UDP flow to the client through eth0 (egress allowed).
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        netns::enter(&path)?;
+        let s = std::net::UdpSocket::bind(SocketAddr::new(srv, 5353))?;
+        s.send_to(b"query", SocketAddr::new(cli, 9999))?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+
+    // Its reply passes on eth0's entry; on v1, whose programs share the
+    // namespace's tables, the same 4-tuple is no flow: the policy drops it.
+    let reply = PacketSpec::udp(cli, srv, 9999, 5353).build().bytes;
+    let target = segbpf::netns::Netns::named(&ns)?;
+    let roots = segbpf::pins::Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    };
+    let mut verdicts = Vec::new();
+    for iface in ["eth0", "v1"] {
+        let att = roots.attachment(iface, &target);
+        let mut dry = segbpf_tests::harness::Instance::dry_run(&att)?;
+        let v = dry.ingress(&reply)?;
+        verdicts.push((iface, segbpf_common::reason::name(v.reason)));
+    }
+    assert_eq!(
+        verdicts,
+        vec![("eth0", "established"), ("v1", "default-drop")]
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&lab.segbpf_ok("srv", &["status", "--output", "json"])?)?;
+    let ct = |i: usize| st["attachments"][i]["conntrack"].clone();
+    // `status` lists attachments by name: eth0, then v1.
+    assert!(ct(0)["half_open_entries"].as_u64() >= Some(1), "{}", ct(0));
+    assert_eq!(ct(1)["half_open_entries"].as_u64(), Some(0), "{}", ct(1));
+    assert_eq!(
+        ct(0)["table_half_open_entries"],
+        ct(1)["table_half_open_entries"]
+    );
+    assert_eq!(ct(0)["shared_by"].as_u64(), Some(2));
+    Ok(())
+}
