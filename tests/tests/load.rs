@@ -382,6 +382,11 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
         .join()
         .map_err(|_| anyhow::anyhow!("syn flood panicked"))??;
     std::thread::sleep(Duration::from_millis(500));
+    // New connections still open (the server runs until `stop`).
+    assert!(
+        lab.tcp_reachable("cli", "srv", 8080)?,
+        "a new connection after the flood"
+    );
     stop.store(true, Ordering::Relaxed);
     flow.join()
         .map_err(|_| anyhow::anyhow!("held flow panicked"))??;
