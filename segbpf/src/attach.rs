@@ -184,7 +184,16 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     )))?;
     if att.is_attached() {
         match State::repair(&att) {
-            Ok(old) if old.ifindex == ifindex => return adopt(req, &att, &old, &policy),
+            Ok(old) if old.ifindex == ifindex => {
+                // Pins say nothing about the kernel: a link detached by
+                // another tool is attached again before anything else.
+                let relinked = relink_dead(&att, &old)?;
+                let mut applied = adopt(req, &att, &old, &policy)?;
+                if !relinked.is_empty() {
+                    applied.summary = format!("{}; {}", relinked.join("; "), applied.summary);
+                }
+                return Ok(applied);
+            }
             Ok(old) => warn!(
                 "{} was re-created (interface index {} is now {ifindex}): its old attachment enforces nothing; attaching again",
                 att.describe(),
@@ -447,6 +456,86 @@ fn adopt(
     })
 }
 
+/// Re-attaches the hooks of `att` that the kernel no longer runs (a link
+/// detached by another tool), logging each; the caller holds the update
+/// lock. Returns one line per hook re-attached.
+fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachError> {
+    let hooks = crate::liveness::check(att, Some(state));
+    for h in hooks.iter().filter(|h| !h.live) {
+        warn!(
+            "{}: {} is not enforcing: {}; attaching it again",
+            att.describe(),
+            h.hook,
+            h.problem.as_deref().unwrap_or("not live")
+        );
+    }
+    if crate::liveness::all_live(&hooks) {
+        return Ok(Vec::new());
+    }
+    let done = crate::liveness::relink(att, state).map_err(io(format!(
+        "re-attaching the detached programs of {}",
+        att.describe()
+    )))?;
+    for line in &done {
+        warn!("{}: {line}", att.describe());
+    }
+    Ok(done)
+}
+
+/// Watches that the kernel still runs the attachment's programs (checked
+/// every 2 seconds, [`crate::liveness`]): a link detached by another tool
+/// is attached again at once, logged as a warning, and the service status
+/// says so; a failure is logged as an error (once while it lasts) and
+/// tried again at the next check. A `segbpf detach` (pins removed) is
+/// left alone. Never returns.
+pub async fn watch_links(att: &Attachment) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // The same failure is logged once, not every 2 seconds.
+    let mut failing: Option<String> = None;
+    loop {
+        tick.tick().await;
+        if !att.is_attached() {
+            continue;
+        }
+        let hooks = crate::liveness::check(att, State::current(att).ok().as_ref());
+        if crate::liveness::all_live(&hooks) {
+            continue;
+        }
+        let result = att
+            .lock(LockKind::Update)
+            .map_err(io(format!(
+                "locking {}",
+                att.lock_path(LockKind::Update).display()
+            )))
+            .and_then(|_lock| {
+                // Under the lock: a `segbpf detach` may have removed it meanwhile.
+                if !att.is_attached() {
+                    return Ok(Vec::new());
+                }
+                let state = State::repair(att)?;
+                relink_dead(att, &state)
+            });
+        match result {
+            Ok(done) if !done.is_empty() => {
+                failing = None;
+                crate::service::ready(&format!("enforcing again: {}", done.join("; ")));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    tracing::error!(
+                        "{} is NOT ENFORCING: {e} (tried again every 2 s)",
+                        att.describe()
+                    );
+                    crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                }
+                failing = Some(e);
+            }
+        }
+    }
+}
+
 /// Takes the update lock, saying so when another command holds it.
 fn take_update_lock(att: &Attachment) -> std::io::Result<std::fs::File> {
     let f = att.lock_file(LockKind::Update)?;
@@ -497,6 +586,7 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
     {
         warn!("removing the TC egress filter of {}: {e}", att.describe());
     }
+    keep_observed(att);
     history::remove(att);
     att.remove()
         .map_err(io(format!("removing {}", att.dir.display())))?;
@@ -510,6 +600,29 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
         Err(e) => warn!("locking the connection tables of {}: {e}", att.describe()),
     }
     Ok(was_attached)
+}
+
+/// Keeps the state and policy in force with the observed store, which
+/// outlives the attachment until it expires (`suggest` after `detach`).
+fn keep_observed(att: &Attachment) {
+    let dir = att.observed_dir();
+    if !dir.exists() || att.is_stale() {
+        return;
+    }
+    let Ok(state) = State::current(att) else {
+        return;
+    };
+    let path = history::at(att, state.generation)
+        .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
+    let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {
+        return;
+    };
+    if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
+        warn!(
+            "keeping the policy with the observed store {}: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// What was attached.
@@ -622,13 +735,76 @@ fn load_and_attach(
     })
 }
 
-/// Reloads the policy on SIGHUP, or when the policy file changes (checked
-/// every 2 seconds), keeping live set edits. A policy that fails
-/// validation changes nothing; the reason is logged. While a change waits
-/// for `segbpf confirm`, automatic reloads wait too (logged once): they
-/// would supersede the unconfirmed change and its guard would stand down.
-/// Never returns.
-pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal) {
+/// How a running `attach` follows its policy file (`--watch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Watch {
+    /// Reload when the file changes (checked every 2 seconds) or on SIGHUP.
+    #[default]
+    On,
+    /// Reload on SIGHUP only.
+    Off,
+    /// As `On`, each automatic reload guarded like `reload --confirm SECS`:
+    /// undone unless `segbpf confirm IFACE` runs within SECS seconds.
+    Confirm(u64),
+}
+
+/// The `ssh-session` lint for a policy about to be put in force on `iface`
+/// (of the current network namespace) for a host with `roles`: a message
+/// when it would block the SSH session this process runs in. Only a
+/// session that reaches this host through `iface` (its server address is
+/// one of the interface's) can be cut by the interface's policy.
+pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
+    let (_, server, _) = crate::policy::lint::ssh_connection()?;
+    if !netif::addresses(iface).is_ok_and(|a| a.contains(&server)) {
+        return None;
+    }
+    crate::policy::lint::ssh_session(policy, roles, Some(iface))
+}
+
+/// Why an automatic reload must not apply what the file now says, or None.
+/// The same checks as an explicit `reload`: the text is what is in force
+/// already (a reload would only make a new generation), or the policy
+/// would cut the SSH session `attach` runs in (the `ssh-session` lint),
+/// which only a guarded reload may apply.
+fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
+    let state = State::current(att).ok()?;
+    let path = PathBuf::from(&state.policy);
+    let text = std::fs::read_to_string(&path).ok()?;
+    if let Some(e) = history::at(att, state.generation)
+        && std::fs::read_to_string(&e.copy).is_ok_and(|t| t == text)
+        && e.set_overrides == state.set_overrides
+    {
+        return Some(format!(
+            "{} is what generation {} applied already: nothing to reload",
+            path.display(),
+            state.generation
+        ));
+    }
+    if guarded {
+        return None;
+    }
+    let overrides = swap::parse_overrides(&state.set_overrides).ok()?;
+    let policy = Policy::load_with_sets(&path, &overrides).ok()?;
+    cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
+        format!(
+            "{}: {m} [ssh-session]; an automatic reload never applies it: run `segbpf reload {} --confirm SECS` (or --force)",
+            path.display(),
+            att.iface
+        )
+    })
+}
+
+/// Reloads the policy on SIGHUP, or (unless `watch` is [`Watch::Off`])
+/// when the policy file changes (checked every 2 seconds), keeping live
+/// set edits. An automatic reload never applies what an explicit `reload`
+/// would refuse ([`refuse_automatic`]: a policy that cuts the SSH session
+/// attach runs in, unless guarded by `Watch::Confirm`), and makes no new
+/// generation for a file whose text is already in force; a policy that
+/// fails validation changes nothing. Each refusal is logged and the
+/// previous policy stays. While a change waits for `segbpf confirm`,
+/// automatic reloads wait too (logged once): they would supersede the
+/// unconfirmed change and its guard would stand down. Never returns.
+pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal, watch: Watch) {
     let mtime = |att: &Attachment| {
         State::current(att)
             .ok()
@@ -645,7 +821,7 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                 let now = mtime(att);
                 match deferred {
                     Some(why) if guard::pending(att).is_none() => why,
-                    _ if now == seen || now.is_none() => continue,
+                    _ if watch == Watch::Off || now == seen || now.is_none() => continue,
                     _ => "the policy file changed",
                 }
             }
@@ -662,10 +838,43 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             continue;
         }
         deferred = None;
+        let confirm = match watch {
+            Watch::Confirm(secs) => Some(secs),
+            _ => None,
+        };
+        seen = mtime(att);
+        if let Some(m) = refuse_automatic(att, confirm.is_some()) {
+            if m.contains("[ssh-session]") {
+                tracing::error!("{why}: reload refused, the policy in force is unchanged: {m}");
+            } else {
+                info!("{why}: {m}");
+            }
+            // A reload asked for (`systemctl reload`) gets its answer.
+            crate::service::reloading(why);
+            crate::service::ready(&m);
+            continue;
+        }
         crate::service::reloading(why);
-        match crate::swap::reload_keeping_sets(att) {
+        let result = match confirm {
+            None => crate::swap::reload_keeping_sets(att),
+            Some(secs) => crate::swap::reload(
+                att,
+                &crate::swap::ReloadRequest {
+                    confirm: Some(secs),
+                    keep_set_edits: true,
+                    ..crate::swap::ReloadRequest::default()
+                },
+            ),
+        };
+        match result {
             Ok(msg) => {
                 info!("{why}: {msg}");
+                if let Some(secs) = confirm {
+                    warn!(
+                        "{why}: undone in {secs} s unless `segbpf confirm {}` runs",
+                        att.iface
+                    );
+                }
                 crate::service::ready(&msg.to_string());
             }
             Err(e) => {

@@ -70,6 +70,42 @@ fn addr(family: u8, b: [u8; 16]) -> Option<IpAddr> {
     }
 }
 
+/// One aggregate from its per-CPU values. A CPU whose slot the kernel
+/// never wrote (zeros: the element was made on another CPU) adds nothing;
+/// a CPU that found the element made by another counts into its slot
+/// without a first time (0, "never written"), so `first_ns` is the
+/// earliest nonzero one: 0 would read as the machine's boot time.
+pub fn merge<'a>(key: DeniedKey, values: impl Iterator<Item = &'a DeniedStat>) -> Denied {
+    let mut a = Denied {
+        key,
+        packets: 0,
+        bytes: 0,
+        first_ns: u64::MAX,
+        last_ns: 0,
+        tcp_flags: 0,
+    };
+    let mut earliest_last = u64::MAX;
+    for v in values.filter(|v| v.packets > 0) {
+        a.packets += v.packets;
+        a.bytes += v.bytes;
+        if v.first_ns != 0 {
+            a.first_ns = a.first_ns.min(v.first_ns);
+        }
+        earliest_last = earliest_last.min(v.last_ns);
+        a.last_ns = a.last_ns.max(v.last_ns);
+        a.tcp_flags |= v.tcp_flags;
+    }
+    if a.first_ns == u64::MAX {
+        // No CPU has a first time: the earliest last time is the best known.
+        a.first_ns = if earliest_last == u64::MAX {
+            0
+        } else {
+            earliest_last
+        };
+    }
+    a
+}
+
 /// What one drain found.
 #[derive(Clone, Debug, Default)]
 pub struct Drained {
@@ -152,21 +188,7 @@ impl Drainer {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(err(name)(e)),
             };
-            let mut a = Denied {
-                key,
-                packets: 0,
-                bytes: 0,
-                first_ns: u64::MAX,
-                last_ns: 0,
-                tcp_flags: 0,
-            };
-            for v in values.iter().filter(|v| v.packets > 0) {
-                a.packets += v.packets;
-                a.bytes += v.bytes;
-                a.first_ns = a.first_ns.min(v.first_ns);
-                a.last_ns = a.last_ns.max(v.last_ns);
-                a.tcp_flags |= v.tcp_flags;
-            }
+            let a = merge(key, values.iter());
             match table.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(err(name)(e)),
@@ -181,5 +203,39 @@ impl Drainer {
         let lost = total.saturating_sub(self.lost_seen);
         self.lost_seen = total;
         Ok(Drained { aggregates, lost })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(packets: u64, first_ns: u64, last_ns: u64) -> DeniedStat {
+        DeniedStat {
+            packets,
+            bytes: packets * 60,
+            first_ns,
+            last_ns,
+            tcp_flags: 0,
+            _pad: [0; 7],
+        }
+    }
+
+    #[test]
+    fn first_seen_ignores_slots_without_a_first_time() {
+        let key = DeniedKey::default();
+        // CPU 0 made the element at 5000; CPU 1 counted into its empty slot
+        // (first 0); CPU 2 never saw the aggregate.
+        let values = [stat(2, 5000, 6000), stat(3, 0, 7000), stat(0, 0, 0)];
+        let a = merge(key, values.iter());
+        assert_eq!(a.packets, 5);
+        assert_eq!(a.bytes, 300);
+        assert_eq!(a.first_ns, 5000, "not 0 (boot time)");
+        assert_eq!(a.last_ns, 7000);
+        // Only slots without a first time: the earliest last time.
+        let a = merge(key, [stat(1, 0, 9000), stat(1, 0, 8000)].iter());
+        assert_eq!(a.first_ns, 8000);
+        let a = merge(key, [stat(1, 4000, 4000), stat(1, 3000, 3500)].iter());
+        assert_eq!((a.first_ns, a.last_ns), (3000, 4000));
     }
 }

@@ -42,6 +42,9 @@ pub enum FlowLogError {
     /// Reading the denied tables failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The observed store's cap is not a size (`SEGBPF_OBSERVED_MAX_BYTES`).
+    #[error("observed store cap: {0}")]
+    Cap(String),
     /// A file could not be opened or written.
     #[error("{what} {path}: {source}")]
     Io {
@@ -298,6 +301,7 @@ pub struct FlowLog {
     ctx: Context,
     pairs: Pairs,
     next_denied: Instant,
+    store_cap: u64,
 }
 
 impl std::fmt::Debug for FlowLog {
@@ -329,6 +333,7 @@ impl FlowLog {
             ctx: Context::default(),
             pairs: Pairs::load(&att.pairs_file()),
             next_denied: Instant::now() + opts.denied_every.min(DENIED_EVERY),
+            store_cap: observed::cap_from_env().map_err(FlowLogError::Cap)?,
         };
         log.try_become_primary()?;
         if log.primary.is_none() {
@@ -370,7 +375,7 @@ impl FlowLog {
         self.primary = Some(Primary {
             _lock: lock,
             drainer,
-            store: observed::Writer::new(self.att.observed_dir()),
+            store: observed::Writer::new(self.att.observed_dir(), self.store_cap),
         });
         Ok(())
     }

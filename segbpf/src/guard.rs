@@ -13,6 +13,18 @@
 //! alive and has not said the change is in force ([`start_clock`]), the
 //! guard waits; once that process is gone, the clock runs from arming (a
 //! killed attach is cleaned up after SECS).
+//!
+//! What comes back is the whole state that was in force when the guard
+//! was armed, kept in the pending record: the policy text, its live set
+//! edits, the roles and `--role` arguments exactly as they were (a change
+//! made with `--redetect-roles`, or a fleet revision, may have renamed
+//! them), audit mode, event burst and flow accounting. A restore that
+//! fails is tried again, with a log line each time, after 1 s, 2 s, 4 s
+//! ... up to every 30 s, until it succeeds or the change is confirmed or
+//! superseded: the guard never leaves a change pending. How it goes (its
+//! pid, attempts, last error) is in `IFACE.guard.json`, which `status`
+//! reads; its log lines go to the journal under systemd, else to
+//! `IFACE.guard.log` next to the state.
 
 use std::{
     path::PathBuf,
@@ -106,6 +118,55 @@ pub struct Pending {
     /// The change is in force and `deadline` counts from then.
     #[serde(default)]
     pub started: bool,
+    /// The whole state in force when the guard was armed: its roles,
+    /// `--role` arguments and settings come back with the policy text.
+    #[serde(default)]
+    pub previous: Option<Box<State>>,
+}
+
+/// How the guard's work on a pending change goes (`IFACE.guard.json`,
+/// written by the guard only): `status` reads it to say why a change is
+/// still pending past its deadline.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// The generation the guard is undoing.
+    pub generation: u64,
+    /// PID of the guard process.
+    pub pid: u32,
+    /// Failed restore attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix time of the next attempt.
+    #[serde(default)]
+    pub next_attempt: u64,
+}
+
+impl Progress {
+    /// The guard's record for `att`, if one is there.
+    pub fn read(att: &Attachment) -> Option<Progress> {
+        let text = std::fs::read_to_string(att.guard_record()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Whether the guard that wrote it still runs.
+    pub fn running(&self) -> bool {
+        self.pid != 0
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok()
+    }
+
+    fn write(&self, att: &Attachment) {
+        let target = att.guard_record();
+        let tmp = target.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::from)
+            .and_then(|t| std::fs::write(&tmp, t))
+            .and_then(|()| std::fs::rename(&tmp, &target));
+        if let Err(e) = written {
+            tracing::warn!("writing {}: {e}", target.display());
+        }
+    }
 }
 
 impl Pending {
@@ -148,6 +209,16 @@ pub fn arm(
     secs: u64,
     restore: Option<history::Entry>,
 ) -> Result<(), GuardError> {
+    arm_with(att, generation, secs, restore, None)
+}
+
+fn arm_with(
+    att: &Attachment,
+    generation: u64,
+    secs: u64,
+    restore: Option<history::Entry>,
+    previous: Option<State>,
+) -> Result<(), GuardError> {
     let restore_text = match &restore {
         Some(entry) => Some(std::fs::read_to_string(&entry.copy).map_err(io(format!(
             "reading the policy in force from the history ({}); without it the change cannot be guarded",
@@ -162,6 +233,7 @@ pub fn arm(
         restore_text,
         applier: Some(std::process::id()),
         started: false,
+        previous: previous.map(Box::new),
     };
     if let Some(dir) = att.confirm_record().parent() {
         crate::pins::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -190,7 +262,7 @@ fn spawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
     cmd.args(["guard", &att.iface, "--generation", &generation.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(log_stream(att));
     // SAFETY: setsid() is async-signal-safe; the child leaves our session
     // and process group, so signals to the applying command miss it.
     unsafe {
@@ -200,6 +272,28 @@ fn spawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         });
     }
     cmd.spawn().map(drop).map_err(GuardError::Spawn)
+}
+
+/// Where the guard's log lines go: the journal when this command's stderr
+/// is systemd's journal stream, else `IFACE.guard.log` (appended; a
+/// terminal or pipe would keep the applying command's caller waiting, or
+/// be gone when the guard speaks).
+fn log_stream(att: &Attachment) -> std::process::Stdio {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if crate::logging::is_journal_stream(std::io::stderr()) {
+        return std::process::Stdio::inherit();
+    }
+    let path = att.guard_log();
+    // Started afresh when it has grown large: only the last change matters.
+    let big = std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(!big)
+        .write(true)
+        .truncate(big)
+        .mode(0o600)
+        .open(&path)
+        .map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from)
 }
 
 /// Starts the guard of a pending change again (an `attach` adopting the
@@ -265,7 +359,8 @@ pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
 /// the change cannot be guarded, and is refused rather than applied
 /// unguarded (or undone by detaching).
 pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
-    let current = State::current(att)?.generation;
+    let previous = State::current(att)?;
+    let current = previous.generation;
     let live = crate::maps::pinned_config(att).map_or(0, |c| c.generation);
     let next = current.max(live) + 1;
     let Some(restore) = history::list(att)
@@ -278,17 +373,34 @@ pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
             dir: history::dir_of(att).display().to_string(),
         });
     };
-    arm(att, next, secs, Some(restore))
+    arm_with(att, next, secs, Some(restore), Some(previous))
 }
 
+/// Shortest and longest wait between restore attempts.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// The guard process: waits for the deadline, then undoes the change to
-/// `generation` unless it was confirmed or superseded.
+/// `generation` unless it was confirmed or superseded. A failed restore is
+/// tried again (1 s, 2 s, ... every 30 s at most), with a log line and the
+/// reason in `IFACE.guard.json` each time, until it succeeds or the change
+/// is confirmed or superseded: it returns only when nothing is pending.
 pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+    let mut progress = Progress {
+        generation,
+        pid: std::process::id(),
+        ..Progress::default()
+    };
+    if pending(att).is_some_and(|p| p.generation == generation) {
+        progress.write(att);
+    }
     loop {
         let Some(p) = pending(att) else {
+            forget(att, generation);
             return Ok(()); // confirmed
         };
         if p.generation != generation {
+            forget(att, generation);
             return Ok(()); // superseded by another --confirm change
         }
         let left = p.deadline.saturating_sub(now());
@@ -297,9 +409,48 @@ pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         }
         std::thread::sleep(Duration::from_millis((left * 1000).clamp(100, 500)));
     }
+    let mut delay = RETRY_FIRST;
+    loop {
+        match undo(att, generation) {
+            Ok(()) => {
+                forget(att, generation);
+                return Ok(());
+            }
+            Err(e) => {
+                progress.attempts += 1;
+                progress.last_error = Some(e.to_string());
+                progress.next_attempt = now() + delay.as_secs();
+                progress.write(att);
+                tracing::error!(
+                    "undoing the unconfirmed generation {generation} on {} failed (attempt {}), trying again in {}s: {e}",
+                    att.describe(),
+                    progress.attempts,
+                    delay.as_secs()
+                );
+            }
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+/// Removes the guard's record of `generation` (not a newer guard's).
+fn forget(att: &Attachment, generation: u64) {
+    if Progress::read(att).is_some_and(|g| g.generation == generation) {
+        let _ = std::fs::remove_file(att.guard_record());
+    }
+}
+
+/// One attempt to undo the change to `generation`: Ok once nothing is
+/// pending for it any more (undone now, or confirmed, superseded or
+/// removed meanwhile).
+fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
     let Some(p) = pending(att) else {
         return Ok(());
     };
+    if p.generation != generation {
+        return Ok(());
+    }
     let live = if att.is_attached() {
         crate::maps::pinned_config(att).map(|c| c.generation).ok()
     } else {
@@ -313,22 +464,37 @@ pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         let _ = std::fs::remove_file(att.confirm_record());
         return Ok(());
     }
-    match (p.restore, p.restore_text) {
-        (Some(entry), Some(text)) => {
+    let restore_err = |e| GuardError::Restore(Box::new(e));
+    match (p.restore, p.restore_text, p.previous) {
+        (Some(entry), Some(text), previous) => {
             // What the guard recorded when armed, not what the history
             // holds now (it may have been pruned, moved or removed).
             let copy = att.confirm_restore();
             std::fs::write(&copy, text).map_err(io(format!("writing {}", copy.display())))?;
-            crate::swap::swap(att, |_| {
-                Ok(crate::swap::Choice::copy_of(
-                    copy.clone(),
-                    PathBuf::from(&entry.source),
-                    entry.set_overrides.clone(),
-                ))
-            })
-            .map_err(|e| GuardError::Restore(Box::new(e)))?;
+            match previous {
+                // The whole state in force before the change.
+                Some(prev) => {
+                    let choice = crate::swap::Choice::copy_of(
+                        copy,
+                        PathBuf::from(&entry.source),
+                        prev.set_overrides.clone(),
+                    );
+                    crate::swap::restore(att, choice, &prev).map_err(restore_err)?;
+                }
+                // Armed by an older version: the policy only.
+                None => {
+                    crate::swap::swap(att, |_| {
+                        Ok(crate::swap::Choice::copy_of(
+                            copy.clone(),
+                            PathBuf::from(&entry.source),
+                            entry.set_overrides.clone(),
+                        ))
+                    })
+                    .map_err(restore_err)?;
+                }
+            }
         }
-        (Some(entry), None) => {
+        (Some(entry), None, _) => {
             // Armed by an older version: only the history copy is known.
             crate::swap::swap(att, |_| {
                 Ok(crate::swap::Choice::copy_of(
@@ -337,9 +503,9 @@ pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
                     entry.set_overrides.clone(),
                 ))
             })
-            .map_err(|e| GuardError::Restore(Box::new(e)))?;
+            .map_err(restore_err)?;
         }
-        (None, _) => {
+        (None, _, _) => {
             // A first attach: remove segbpf exactly as `segbpf detach` does.
             crate::attach::detach(att).map_err(|e| GuardError::Detach(Box::new(e)))?;
         }

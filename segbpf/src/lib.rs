@@ -29,6 +29,7 @@ pub mod flows;
 pub mod guard;
 pub mod history;
 pub mod import;
+pub mod liveness;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -1,6 +1,7 @@
 //! Prometheus metrics (`segbpf attach --metrics ADDR`): per-rule packets
 //! and bytes, packets and bytes per direction and reason, events emitted /
-//! suppressed / lost, and connection-table size and fill. Counters are read
+//! suppressed / lost, connection-table size and fill, and whether the
+//! kernel runs segbpf's programs (`segbpf_attached{iface,hook}`). Counters are read
 //! from the attachment's pinned maps on each scrape (the same numbers
 //! `segbpf status --output json` shows) and encoded by `prometheus-client`.
 //!
@@ -222,6 +223,17 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
             .set(n as i64);
     }
 
+    let attached = Family::<Labels, Gauge>::default();
+    registry.register(
+        "attached",
+        "Whether the kernel runs segbpf's program on the interface at this hook (1) or not (0: its link was detached)",
+        attached.clone(),
+    );
+    for h in &r.links {
+        attached
+            .get_or_create(&vec![iface(), ("hook".into(), h.hook.into())])
+            .set(i64::from(h.live));
+    }
     let info = Family::<Labels, Gauge>::default();
     registry.register(
         "build_info",

@@ -16,9 +16,10 @@
 //! - `STATE/net/NS/IFACE.json`, the state, and beside it
 //!   `IFACE.update.lock` (one change at a time), `IFACE.reader.lock` (one
 //!   event reader), `IFACE.next.json` (a swap in progress),
-//!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard);
-//!   `STATE/net/NS/conntrack.lock` serialises creating, joining and
-//!   removing the namespace's shared tables.
+//!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard),
+//!   `IFACE.guard.json` (how the guard's restore goes) and `IFACE.guard.log`
+//!   (its log lines, outside systemd); `STATE/net/NS/conntrack.lock`
+//!   serialises creating, joining and removing the namespace's shared tables.
 //!
 //! Every directory segbpf makes is private ([`private_dir`]: mode 0700,
 //! owned by the user running segbpf, normally root) and `segbpf` runs with
@@ -335,6 +336,16 @@ impl Attachment {
         self.sidecar("confirm.restore.toml")
     }
 
+    /// How the guard's restore goes (its pid, attempts, last error), for `status`.
+    pub fn guard_record(&self) -> PathBuf {
+        self.sidecar("guard.json")
+    }
+
+    /// The guard's log lines when it has no journal to write to.
+    pub fn guard_log(&self) -> PathBuf {
+        self.sidecar("guard.log")
+    }
+
     /// The observed store: hourly files of denied and audit records
     /// (`IFACE.observed/`), for `segbpf suggest`.
     pub fn observed_dir(&self) -> PathBuf {
@@ -392,8 +403,12 @@ impl Attachment {
     }
 
     /// Removes the pin directory, state file and sidecars (detaching the
-    /// program when no process holds the link). Missing files are not an error.
+    /// program when no process holds the link), but not the observed store
+    /// before it expires. Missing files are not an error.
     pub fn remove(&self) -> std::io::Result<()> {
+        // Files of a namespace that is gone: its store goes too (a new
+        // namespace with the same inode must not inherit what it observed).
+        let stale = self.is_stale();
         remove_dir_if_exists(&self.dir)?;
         match std::fs::remove_file(&self.state) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -407,10 +422,18 @@ impl Attachment {
             self.pairs_file(),
             self.confirm_record(),
             self.confirm_restore(),
+            self.guard_record(),
+            self.guard_log(),
         ] {
             let _ = std::fs::remove_file(path);
         }
-        remove_dir_if_exists(&self.observed_dir())?;
+        // The observed store stays until it expires (`suggest` after a
+        // detach); what has expired goes now.
+        if stale {
+            remove_dir_if_exists(&self.observed_dir())?;
+        } else {
+            crate::observed::expire(&self.observed_dir())?;
+        }
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.
         // Tidy empty parents up to the roots; remove_dir fails on non-empty ones.

@@ -69,8 +69,11 @@ pub struct Report {
     pub netns: Option<String>,
     /// The network namespace's inode.
     pub netns_inode: u64,
-    /// Whether the link is pinned (enforcing).
+    /// Whether segbpf enforces: its links are pinned and the kernel runs
+    /// them on this interface ([`crate::liveness`]).
     pub attached: bool,
+    /// Each hook as the kernel has it (empty when nothing is pinned).
+    pub links: Vec<crate::liveness::Hook>,
     /// What was applied (None if the state file is missing).
     pub state: Option<State>,
     /// Packets per reason name, both directions together.
@@ -108,6 +111,34 @@ pub struct Awaiting {
     pub generation: u64,
     /// Unix time at which the guard undoes it.
     pub deadline: u64,
+    /// The deadline has passed and the change is still in force.
+    pub overdue: bool,
+    /// Whether a guard process for it runs (checked by its pid; unknown
+    /// before the deadline, when the guard has not written its record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_running: Option<bool>,
+    /// Failed restore attempts so far.
+    pub restore_attempts: u32,
+    /// Why the last restore attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_error: Option<String>,
+}
+
+impl Awaiting {
+    fn of(att: &Attachment, p: &crate::guard::Pending) -> Awaiting {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let progress = crate::guard::Progress::read(att).filter(|g| g.generation == p.generation);
+        Awaiting {
+            generation: p.generation,
+            deadline: p.deadline,
+            overdue: now > p.deadline,
+            guard_running: progress.as_ref().map(crate::guard::Progress::running),
+            restore_attempts: progress.as_ref().map_or(0, |g| g.attempts),
+            restore_error: progress.and_then(|g| g.last_error),
+        }
+    }
 }
 
 /// Connection-table sizes and fill levels: the assured table (flows where
@@ -255,11 +286,17 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         assured_entries,
         other_entries,
     };
+    let links = if att.is_attached() {
+        crate::liveness::check(att, state.as_ref())
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         iface: att.iface.clone(),
         netns: att.netns.label.clone(),
         netns_inode: att.netns.inode,
-        attached: att.is_attached(),
+        attached: att.is_attached() && crate::liveness::all_live(&links),
+        links,
         state,
         counters,
         directions,
@@ -272,9 +309,6 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
         denied_lost: crate::denied::pinned_lost(att).unwrap_or(0),
         drift: state_sets,
-        pending: crate::guard::pending(att).map(|p| Awaiting {
-            generation: p.generation,
-            deadline: p.deadline,
-        }),
+        pending: crate::guard::pending(att).map(|p| Awaiting::of(att, &p)),
     })
 }

@@ -107,12 +107,29 @@ struct Seen {
 /// When no other process drains the attachment's denied tables, this
 /// drains them first, so nothing waiting in the kernel is missed.
 pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestError> {
-    if !att.is_attached() {
-        return Err(SuggestError::NotAttached(att.describe()));
-    }
-    drain_pending(att);
-    let state = State::current(att)?;
-    let (text, source) = applied_text(att, &state)?;
+    let store = att.observed_dir();
+    let (state, text, source) = if att.is_attached() {
+        drain_pending(att);
+        let state = State::current(att)?;
+        let (text, source) = applied_text(att, &state)?;
+        (state, text, source)
+    } else {
+        // Detached: the store outlives the attachment with the state and
+        // policy that were in force.
+        let _ = observed::expire(&store);
+        let kept = observed::detached_state(&store);
+        // Only this namespace's store (the kernel's cookie, not the inode
+        // a dead namespace may have left to a new one).
+        if State::netns_cookie(&kept) != Some(att.netns.cookie) {
+            return Err(SuggestError::NotAttached(att.describe()));
+        }
+        let state = State::read(&kept)?;
+        let path = observed::detached_policy(&store);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| SuggestError::PolicyText { path, source })?;
+        let source = state.policy.clone();
+        (state, text, source)
+    };
     let overrides = crate::swap::parse_overrides(&state.set_overrides)
         .map_err(|e| SuggestError::Compile(e.to_string()))?;
     let policy = Policy::load_with_sets(std::path::Path::new(&source), &overrides)

@@ -113,6 +113,9 @@ pub enum SwapError {
     /// confirmation, no earlier policy, ...).
     #[error("{0}")]
     Refused(String),
+    /// The change would change nothing (no swap was made).
+    #[error("{0}")]
+    Unchanged(String),
     /// The lockout guard could not be armed.
     #[error(transparent)]
     Guard(#[from] Box<GuardError>),
@@ -165,6 +168,8 @@ pub struct ReloadRequest {
     pub force: bool,
     /// Work the roles out again from permanent addresses.
     pub redetect_roles: bool,
+    /// Keep live set edits over the file's sets (default: the file wins).
+    pub keep_set_edits: bool,
 }
 
 /// What a swap applied: the policy now in force. Everything after the
@@ -236,7 +241,19 @@ pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<Swapped, SwapErro
     if let Some(secs) = req.confirm {
         guard::arm_for_reload(att, secs).map_err(Box::new)?;
     }
-    let out = reload_with(att, req.policy.as_deref(), req.redetect_roles).inspect_err(|_| {
+    let out = swap_with(att, req.redetect_roles, |old| {
+        let path = req
+            .policy
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        let overrides = if req.keep_set_edits {
+            old.set_overrides.clone()
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Choice::file(path, overrides))
+    })
+    .inspect_err(|_| {
         if req.confirm.is_some() {
             guard::disarm(att);
         }
@@ -327,6 +344,18 @@ pub fn edit_set(
                     att.iface
                 )));
             }
+        }
+        if changed == 0 {
+            // Nothing to swap: no new generation for an edit that changes nothing.
+            return Err(SwapError::Unchanged(format!(
+                "set `{set}` already has {}: nothing changed, generation {} stays in force",
+                members
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                state.generation
+            )));
         }
         let mut overrides = state.set_overrides.clone();
         overrides.insert(set.to_string(), next);
@@ -453,6 +482,36 @@ pub struct Settings {
     pub log_burst: Option<u32>,
     /// Flow accounting (`None`: keep).
     pub flow_acct: Option<bool>,
+    /// Roles and `--role` arguments put back as they were (the guard's
+    /// restore): the roles are checked against the policy, never worked
+    /// out again (`None`: as `redetect` and `roles` say).
+    pub exact_roles: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// Puts back the whole state `prev` that was in force before a guarded
+/// change: the policy text in `choice`, its live set edits, the roles and
+/// `--role` arguments exactly as they were (not the roles of the change,
+/// which the old policy may not know), audit mode, event burst and flow
+/// accounting. Under the attachment's update lock.
+pub fn restore(att: &Attachment, choice: Choice, prev: &State) -> Result<Swapped, SwapError> {
+    if !att.is_attached() {
+        return Err(SwapError::NotAttached(att.describe()));
+    }
+    let _lock = att
+        .lock(LockKind::Update)
+        .map_err(|source| SwapError::Lock {
+            path: att.lock_path(LockKind::Update),
+            source,
+        })?;
+    let old = State::repair(att)?;
+    let settings = Settings {
+        exact_roles: Some((prev.roles.clone(), prev.role_args.clone())),
+        audit: Some(prev.audit),
+        log_burst: Some(prev.log_burst),
+        flow_acct: Some(prev.flow_acct),
+        ..Settings::default()
+    };
+    swap_locked(att, &old, &settings, choice)
 }
 
 /// The outcome of the last policy change, kept next to the state
@@ -522,11 +581,16 @@ fn swap_in_force(
         crate::trust::check_policy_file(&path)?;
     }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
-    let role_args = settings
-        .roles
-        .clone()
-        .unwrap_or_else(|| old.role_args.clone());
-    let roles = if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
+    let role_args = match &settings.exact_roles {
+        Some((_, args)) => args.clone(),
+        None => settings
+            .roles
+            .clone()
+            .unwrap_or_else(|| old.role_args.clone()),
+    };
+    let roles = if let Some((exact, _)) = &settings.exact_roles {
+        roles::resolve(&policy, exact, &att.iface, &[])?
+    } else if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
         roles::resolve(&policy, explicit, &att.iface, &[])?
     } else if settings.roles.is_some() {
         // Roles asked to follow the addresses again: permanent ones only.

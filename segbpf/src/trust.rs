@@ -1,20 +1,28 @@
 //! Whether a policy file may be trusted to decide what the firewall lets
 //! through, as sshd's `StrictModes` decides for `authorized_keys`: the file
-//! must belong to root (or the user running segbpf) and be writable by
-//! nobody else, and so must the directory that holds it, unless that
-//! directory has the sticky bit (as /tmp has: others cannot replace a file
-//! they do not own there). `attach --insecure-policy` overrides the check
-//! for an attachment and its later reloads.
+//! and every directory on its path up to `/` must belong to root (or the
+//! user running segbpf) and be writable by nobody else; a directory may be
+//! writable by others only with the sticky bit (as /tmp: others cannot
+//! replace an entry they do not own there). A symbolic link on the way must
+//! belong to root (or that user) too, and the walk follows it, checking the
+//! directories of its target the same way: whoever could rename a directory
+//! anywhere on the path could swap the policy for another file. `attach
+//! --insecure-policy` overrides the check for an attachment and its later
+//! reloads.
 
 use std::{
+    ffi::OsString,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
+
+/// Symbolic links followed before giving up (Linux's own limit).
+const MAX_LINKS: u32 = 40;
 
 /// Why a policy file is not trusted.
 #[derive(Debug, thiserror::Error)]
 pub enum UntrustedFile {
-    /// The file or its directory cannot be inspected.
+    /// The file or a directory on its path cannot be inspected.
     #[error("{path}: {source}")]
     Io {
         /// The path.
@@ -24,23 +32,27 @@ pub enum UntrustedFile {
     },
     /// Owned by another user.
     #[error(
-        "{path} belongs to uid {uid}: a policy file must belong to root (or the user running segbpf); \
-         chown it, or attach with --insecure-policy"
+        "{path}{what} belongs to uid {uid}: a policy file and every directory above it must belong to root \
+         (or the user running segbpf); chown it, or attach with --insecure-policy"
     )]
     Owner {
         /// The path.
         path: PathBuf,
+        /// Empty for the file itself, else what `path` is to it.
+        what: &'static str,
         /// Its owner.
         uid: u32,
     },
     /// Writable by others.
     #[error(
-        "{path} is writable by {who} (mode {mode:04o}): anyone who can write it decides what this firewall \
+        "{path}{what} is writable by {who} (mode {mode:04o}): anyone who can write it decides what this firewall \
          lets through; run `chmod go-w {path}`, or attach with --insecure-policy"
     )]
     Writable {
         /// The path.
         path: PathBuf,
+        /// Empty for the file itself, else what `path` is to it.
+        what: &'static str,
         /// `group`, `others` or `group and others`.
         who: &'static str,
         /// Its permission bits.
@@ -48,35 +60,115 @@ pub enum UntrustedFile {
     },
 }
 
-/// Checks `path` and the directory holding it (see the module docs).
+/// What a path on the way is to the policy file, for the messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Link,
+}
+
+impl Kind {
+    fn what(self) -> &'static str {
+        match self {
+            Kind::File => "",
+            Kind::Dir => " (a directory on the policy file's path)",
+            Kind::Link => " (a symbolic link on the policy file's path)",
+        }
+    }
+}
+
+/// Checks `path`, every directory from it up to `/` and every symbolic link
+/// on the way (see the module docs).
 pub fn check_policy_file(path: &Path) -> Result<(), UntrustedFile> {
-    let file = std::fs::canonicalize(path).map_err(|source| UntrustedFile::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    check(&file, false)?;
-    if let Some(dir) = file.parent() {
-        check(dir, true)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| UntrustedFile::Io { path, source }
+    };
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        // getcwd(3) names the directory without symbolic links.
+        std::env::current_dir().map_err(io(path))?.join(path)
+    };
+    // Components still to walk, the next one last.
+    let mut todo: Vec<OsString> = Vec::new();
+    push_components(&mut todo, &abs);
+    let mut at = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        match name.to_str() {
+            Some("/") => {
+                at = PathBuf::from("/");
+                let meta = std::fs::metadata(&at).map_err(io(&at))?;
+                check(&at, &meta, Kind::Dir)?;
+                continue;
+            }
+            Some(".") => continue,
+            Some("..") => {
+                // `at` never holds a symbolic link: its parent is its parent.
+                at.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let next = at.join(&name);
+        let meta = std::fs::symlink_metadata(&next).map_err(io(&next))?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(UntrustedFile::Io {
+                    path: next,
+                    source: std::io::Error::from_raw_os_error(nix::libc::ELOOP),
+                });
+            }
+            check(&next, &meta, Kind::Link)?;
+            let target = std::fs::read_link(&next).map_err(io(&next))?;
+            push_components(&mut todo, &target);
+            continue;
+        }
+        let kind = if todo.is_empty() {
+            Kind::File
+        } else {
+            Kind::Dir
+        };
+        check(&next, &meta, kind)?;
+        at = next;
     }
     Ok(())
 }
 
-fn check(path: &Path, is_dir: bool) -> Result<(), UntrustedFile> {
-    let meta = std::fs::metadata(path).map_err(|source| UntrustedFile::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// Pushes `path`'s components so that the first is popped first (`/` for
+/// an absolute path, which restarts the walk at the root).
+fn push_components(todo: &mut Vec<OsString>, path: &Path) {
+    for c in path.components().rev() {
+        todo.push(match c {
+            Component::RootDir | Component::Prefix(_) => OsString::from("/"),
+            Component::CurDir => OsString::from("."),
+            Component::ParentDir => OsString::from(".."),
+            Component::Normal(n) => n.to_os_string(),
+        });
+    }
+}
+
+fn check(path: &Path, meta: &std::fs::Metadata, kind: Kind) -> Result<(), UntrustedFile> {
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(UntrustedFile::Owner {
             path: path.to_path_buf(),
+            what: kind.what(),
             uid: meta.uid(),
         });
+    }
+    if kind == Kind::Link {
+        // A link's own mode means nothing; who may replace it is decided
+        // by the directory holding it, checked already.
+        return Ok(());
     }
     let mode = meta.permissions().mode() & 0o7777;
     let sticky = mode & 0o1000 != 0;
     let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
-        _ if is_dir && sticky => return Ok(()),
+        _ if kind == Kind::Dir && sticky => return Ok(()),
         (true, true) => "group and others",
         (true, false) => "group",
         (false, true) => "others",
@@ -84,6 +176,7 @@ fn check(path: &Path, is_dir: bool) -> Result<(), UntrustedFile> {
     };
     Err(UntrustedFile::Writable {
         path: path.to_path_buf(),
+        what: kind.what(),
         who,
         mode,
     })
@@ -119,6 +212,43 @@ mod tests {
             check_policy_file(&file).is_ok(),
             "a sticky directory is fine"
         );
+
+        // Every directory up to `/` counts, and so does a link's target.
+        let mid = dir.join("mid");
+        let pol = mid.join("pol");
+        std::fs::create_dir_all(&pol).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&pol, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let deep = pol.join("roles.toml");
+        std::fs::write(&deep, "version = 1\n").unwrap();
+        std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("mid/pol", &link).unwrap();
+        let via_link = link.join("roles.toml");
+        std::fs::set_permissions(&mid, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_policy_file(&deep).is_ok());
+        assert!(check_policy_file(&via_link).is_ok());
+        std::fs::set_permissions(&mid, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for p in [&deep, &via_link] {
+            let e = check_policy_file(p).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{} (a directory", mid.display()))
+                    && e.contains("writable by group and others"),
+                "{e}"
+            );
+        }
+        // `..` after a link is the link target's parent, as the kernel has it.
+        let dotdot = link.join("..").join("pol").join("roles.toml");
+        assert!(check_policy_file(&dotdot).is_err());
+        std::fs::set_permissions(&mid, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_policy_file(&deep).is_ok());
+        assert!(check_policy_file(&dotdot).is_ok());
+        // A loop of links ends.
+        std::os::unix::fs::symlink("loop", dir.join("loop")).unwrap();
+        assert!(matches!(
+            check_policy_file(&dir.join("loop")),
+            Err(UntrustedFile::Io { .. })
+        ));
 
         assert!(matches!(
             check_policy_file(&dir.join("missing.toml")),

@@ -11,10 +11,18 @@
 //! policy is refused with its line and changes nothing; a canary push
 //! whose canary cannot apply (its address is in no role of the new
 //! policy) stops after the canary and leaves every host on 3; a revision
-//! pushed with `--confirm` that cuts the hosts off from etcd is undone by
-//! the lockout guard on every host; a revision whose source does not
+//! pushed with `--confirm` that cuts the hosts off from etcd and renames
+//! their role is undone by the lockout guard on every host; a revision whose source does not
 //! match the pointer's hash (written by hand) is refused; an agent killed
 //! disappears from `fleet status` when its lease expires.
+//!
+//! Integrity on every path: a revision changed by hand after its push is
+//! refused at an agent's first fetch (no cache: nothing enforced), as a
+//! canary stage's `previous`, and as the pointer's own revision.
+//!
+//! One host name, two namespaces: the second agent reports under its own
+//! name, warns, `fleet status` shows both and flags the collision, and
+//! once the first agent is gone the second takes the name back.
 //!
 //! Over TLS: etcd with a server certificate and `--client-cert-auth`;
 //! push, status and an agent with `--etcd-ca/--etcd-cert/--etcd-key`
@@ -108,6 +116,11 @@ impl Fleet {
     }
 
     fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        self.start_agent_as(name, name)
+    }
+
+    /// Starts the agent of lab host `name`, reporting as `fleet_host`.
+    fn start_agent_as(&mut self, name: &str, fleet_host: &str) -> anyhow::Result<()> {
         let child = Command::new(segbpf_bin())
             .args(["--netns", &self.lab.host(name).ns.name])
             .args([
@@ -116,7 +129,7 @@ impl Fleet {
                 "--etcd",
                 &endpoint(),
                 "--fleet-host",
-                name,
+                fleet_host,
             ])
             .args(["--etcd-retry-max", "1", "--etcd-lease-ttl", "3"])
             .env("SEGBPF_BPFFS", &self.lab.bpffs)
@@ -421,10 +434,14 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
     }
 
     // --confirm: a revision that cuts the hosts off from etcd (egress
-    // dropped) is undone by the lockout guard, and reported as failed.
+    // dropped) is undone by the lockout guard, and reported as failed. It
+    // also renames the hosts' role (agents work roles out again): the
+    // guard restores revision 3 with its own role, not the new name.
     let p5 = f.lab.write_policy(
         "p5.toml",
-        &policy(&addrs, 8004).replace(r#"egress = "allow""#, r#"egress = "drop""#),
+        &policy(&addrs, 8004)
+            .replace(r#"egress = "allow""#, r#"egress = "drop""#)
+            .replace("roles.srv", "roles.front"),
     )?;
     let out = f.push(&p5, &["--confirm", "3"])?;
     ensure!(
@@ -510,6 +527,239 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(servers);
+    Ok(())
+}
+
+/// A lab with etcd, the client and agent hosts `names` (not started),
+/// each with TCP servers on every port of PORTS; returns the fleet, the
+/// agents' addresses and the servers.
+fn small_fleet(
+    tag: &str,
+    names: &[(&str, &str)],
+) -> anyhow::Result<(Fleet, Vec<String>, Vec<net::Server>)> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("etcd", &[&format!("{ETCD_ADDR}/24")])?;
+    lab.add_host("client", &["198.18.91.5/24"])?;
+    let mut addrs = Vec::new();
+    let mut servers = Vec::new();
+    for (name, addr) in names {
+        lab.add_host(name, &[&format!("{addr}/24")])?;
+        addrs.push((*addr).to_string());
+        let h = lab.host(name);
+        for p in PORTS {
+            servers.push(net::Server::tcp_echo(&h.ns.name, h.addrs[0], p)?);
+        }
+    }
+    let logs = lab.state.join("logs");
+    let mut f = Fleet {
+        lab,
+        logs,
+        etcd: None,
+        agents: BTreeMap::new(),
+    };
+    f.start_etcd()?;
+    Ok((f, addrs, servers))
+}
+
+/// Waits up to `secs` until `f` holds of `fleet status --output json`;
+/// returns that status.
+fn wait_status(
+    f: &Fleet,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = f.status()?;
+        if ok(&st) {
+            return Ok(st);
+        }
+        ensure!(Instant::now() < deadline, "{what}: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The report of agent `host` (the name it reports under) in `st`.
+fn report<'a>(st: &'a serde_json::Value, host: &str) -> Option<&'a serde_json::Value> {
+    st["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["host"] == host))
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn every_revision_an_agent_applies_is_checked_against_its_push() -> anyhow::Result<()> {
+    let (mut f, addrs, _servers) =
+        small_fleet("fint", &[("a1", "198.18.91.11"), ("a2", "198.18.91.12")])?;
+    let text = |port| policy(&addrs, port);
+    let files: Vec<PathBuf> = [8001, 8002]
+        .iter()
+        .map(|p| f.lab.write_policy(&format!("p{p}.toml"), &text(*p)))
+        .collect::<anyhow::Result<_>>()?;
+    let hash = |port| segbpf::fleet::hash(text(port).as_bytes());
+    let rev_key = |n: u64| format!("/segbpf/policy/revisions/{n:010}");
+
+    // First fetch, no cache: revision 1 was changed after its push (it
+    // opens 8004 instead of 8001). The agent enforces nothing.
+    let out = f.push(&files[0], &[])?;
+    ensure!(out.status.success(), "push 1: {out:?}");
+    f.etcdctl(&["put", &rev_key(1), &text(8004)])?;
+    f.start_agent("a1")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f.log("a1").contains("does not match the hash") {
+        ensure!(
+            Instant::now() < deadline,
+            "a1 did not refuse the changed revision 1:\n{}",
+            f.log("a1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let attached = f.lab.segbpf("a1", &["status", "eth0"])?;
+    ensure!(
+        !attached.status.success(),
+        "a1 enforces a revision whose source is not what was pushed: {}\n{}",
+        String::from_utf8_lossy(&attached.stdout),
+        f.log("a1")
+    );
+    // The source put back: a1 enforces it (and a2, also from no cache).
+    f.etcdctl(&["put", &rev_key(1), &text(8001)])?;
+    f.start_agent("a2")?;
+    wait_status(&f, 20, "a1 and a2 at revision 1", |st| {
+        ["a1", "a2"]
+            .iter()
+            .all(|a| report(st, a).is_some_and(|r| r["revision"] == 1))
+    })?;
+    for a in ["a1", "a2"] {
+        ensure!(f.open_ports(a)? == [8001], "{a}: {:?}", f.open_ports(a)?);
+    }
+
+    // A canary stage's `previous`: a2 stops (its cache holds 1), a1 goes
+    // to 2, revision 2 is then changed by hand, and a canary stage for 3
+    // (a1 the canary) tells everyone else to keep 2. a2, started again,
+    // must fetch 2: refused, it stays on 1.
+    drop(f.agents.remove("a2"));
+    let out = f.push(&files[1], &[])?;
+    ensure!(out.status.success(), "push 2: {out:?}");
+    wait_status(&f, 20, "a1 at revision 2", |st| {
+        report(st, "a1").is_some_and(|r| r["revision"] == 2)
+    })?;
+    f.etcdctl(&["put", &rev_key(2), &text(8004)])?;
+    f.etcdctl(&["put", &rev_key(3), &text(8003)])?;
+    let pointer = format!(
+        r#"{{"revision":3,"hash":"{}","canary":{{"agents":["a1/eth0"],"previous":2,"previous_hash":"{}"}}}}"#,
+        hash(8003),
+        hash(8002)
+    );
+    f.etcdctl(&["put", "/segbpf/policy/current", &pointer])?;
+    wait_status(&f, 20, "a1 (the canary) at revision 3", |st| {
+        report(st, "a1").is_some_and(|r| r["revision"] == 3)
+    })?;
+    f.start_agent("a2")?;
+    let st = wait_status(&f, 20, "a2 refuses the changed revision 2", |st| {
+        report(st, "a2").is_some_and(|r| r["failed_revision"] == 2 || r["revision"] == 2)
+    })?;
+    let a2 = report(&st, "a2").context("a2")?;
+    ensure!(
+        a2["revision"] == 1
+            && a2["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("does not match the hash")),
+        "a2 applied a revision whose source is not what was pushed: {a2}"
+    );
+    ensure!(
+        f.open_ports("a2")? == [8001],
+        "a2: {:?}",
+        f.open_ports("a2")?
+    );
+    ensure!(
+        f.open_ports("a1")? == [8003],
+        "a1: {:?}",
+        f.open_ports("a1")?
+    );
+
+    // The pointer's own revision: 4, changed by hand, refused by both.
+    f.etcdctl(&["put", &rev_key(4), &text(8004)])?;
+    let pointer = format!(r#"{{"revision":4,"hash":"{}"}}"#, hash(8002));
+    f.etcdctl(&["put", "/segbpf/policy/current", &pointer])?;
+    wait_status(&f, 20, "both refuse the changed revision 4", |st| {
+        ["a1", "a2"]
+            .iter()
+            .all(|a| report(st, a).is_some_and(|r| r["failed_revision"] == 4))
+    })?;
+    ensure!(
+        f.open_ports("a2")? == [8001],
+        "a2: {:?}",
+        f.open_ports("a2")?
+    );
+    ensure!(
+        f.open_ports("a1")? == [8003],
+        "a1: {:?}",
+        f.open_ports("a1")?
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, a kernel with BPF and etcd: run `cargo xtask test`"]
+fn agents_given_one_host_name_report_apart() -> anyhow::Result<()> {
+    let (mut f, addrs, _servers) =
+        small_fleet("fname", &[("n1", "198.18.91.21"), ("n2", "198.18.91.22")])?;
+    let file = f.lab.write_policy("p.toml", &policy(&addrs, 8001))?;
+    let out = f.push(&file, &[])?;
+    ensure!(out.status.success(), "push: {out:?}");
+    // Two namespaces, one host name, as cloned hosts have.
+    f.start_agent_as("n1", "twin")?;
+    wait_status(&f, 20, "n1 reports as twin", |st| {
+        report(st, "twin").is_some_and(|r| r["revision"] == 1)
+    })?;
+    f.start_agent_as("n2", "twin")?;
+    let st = wait_status(&f, 20, "two agents report", |st| {
+        st["agents"].as_array().is_some_and(|a| {
+            a.len() == 2 && a.iter().all(|x| x["revision"] == 1 && x["name"] == "twin")
+        })
+    })?;
+    let agents = st["agents"].as_array().context("agents")?;
+    let second = agents
+        .iter()
+        .find(|a| a["host"] != "twin")
+        .context("the second agent")?;
+    let second_host = second["host"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        second_host.starts_with("twin~"),
+        "the second agent's name: {second}"
+    );
+    ensure!(
+        report(&st, "twin").is_some_and(|r| r["owner"] != second["owner"]),
+        "{st}"
+    );
+    ensure!(
+        st["name_collisions"][0]["name"] == "twin"
+            && st["name_collisions"][0]["agents"].as_array().map(Vec::len) == Some(2),
+        "{st}"
+    );
+    let text = f.fleet(&["status"])?;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    ensure!(
+        text.contains("2 of 2 at the latest revision (1)")
+            && text.contains("NAME COLLISION: 2 agents were given the host name twin"),
+        "fleet status: {text}"
+    );
+    ensure!(
+        f.log("n2")
+            .contains("another live agent reports as twin/eth0"),
+        "n2 did not warn:\n{}",
+        f.log("n2")
+    );
+    // The first agent dies: once its lease expires, the second reports
+    // under the name it was given, and only there.
+    drop(f.agents.remove("n1"));
+    wait_status(&f, 15, "n2 takes its own name back", |st| {
+        st["agents"].as_array().is_some_and(|a| {
+            a.len() == 1 && a[0]["host"] == "twin" && a[0]["owner"] == second["owner"]
+        })
+    })?;
     Ok(())
 }
 

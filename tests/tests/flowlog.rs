@@ -1,8 +1,9 @@
 //! Flow logs with real traffic from the kernel's stack: `end` records whose
 //! packet counts equal the interface counters, `denied` aggregates of a
 //! 100,000-datagram flood that add up to what was sent, `active` records
-//! of a long flow, `new_pair` once per pair, and `attach --flow-log PATH`
-//! reopening its file on SIGHUP.
+//! of a long flow, `new_pair` once per pair, `attach --flow-log PATH`
+//! reopening its file on SIGHUP, and the observed store kept within its
+//! cap under a flood of spoofed sources within one hour.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -257,6 +258,116 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
     Ok(())
 }
 
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_spoofed_flood_keeps_the_observed_store_within_its_cap() -> anyhow::Result<()> {
+    const CAP: u64 = 256 << 10;
+    let (lab, policy, _echo) = setup("flcap", "198.18.94")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    // The primary, which writes the store, with a small cap.
+    let follower = Running::new(
+        std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["--netns", &lab.host("srv").ns.name])
+            .args(["flows", "eth0", "--follow", "--output", "json"])
+            .args(["--denied-secs", "1"])
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .env("SEGBPF_OBSERVED_MAX_BYTES", CAP.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    // Made on the first write.
+    let store = || find_dir(&lab.state, ".observed");
+    // Spoofed datagrams from distinct sources (198.19.x.y) to a closed
+    // port, each its own denied aggregate: 2,000 a second for 4 s.
+    let ns = lab.host("client").ns.name.clone();
+    let sender = net::RawSender::open(&ns, "eth0")?;
+    let (srv_mac, client_mac) = (
+        net::mac(&lab.host("srv").ns.name, "eth0")?,
+        net::mac(&ns, "eth0")?,
+    );
+    let size = |dir: Option<std::path::PathBuf>| -> u64 {
+        dir.and_then(|d| std::fs::read_dir(d).ok())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let mut largest = 0;
+    let mut n: u32 = 0;
+    for _ in 0..40 {
+        for _ in 0..200 {
+            n += 1;
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0xc613_0000 | (n & 0xffff)));
+            let mut frame = segbpf::packet::PacketSpec::udp(src, srv, 40_000, 9000)
+                .build()
+                .bytes;
+            frame[..6].copy_from_slice(&srv_mac);
+            frame[6..12].copy_from_slice(&client_mac);
+            sender.send(&frame)?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        largest = largest.max(size(store()));
+    }
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        largest = largest.max(size(store()));
+    }
+    let all = follower.json_lines()?;
+    let denied: Vec<_> = all
+        .iter()
+        .filter(|r| r["state"] == "denied" && r["dport"] == 9000 && r["src"] != client.to_string())
+        .collect();
+    let produced: u64 = denied.iter().map(|r| r.to_string().len() as u64 + 1).sum();
+    assert!(
+        produced > 8 * CAP,
+        "the flood gave {} records, {produced} bytes: not enough to test a cap of {CAP}",
+        denied.len()
+    );
+    assert!(
+        largest <= CAP,
+        "the observed store reached {largest} bytes, over its cap of {CAP} ({produced} bytes of records)"
+    );
+    // What is kept is the newest: the last record printed is there.
+    let store =
+        store().with_context(|| format!("no observed store under {}", lab.state.display()))?;
+    let kept = std::fs::read_dir(&store)?
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    let last = denied.last().map(|r| r["src"].clone()).unwrap_or_default();
+    assert!(
+        kept.contains(&format!("\"src\":{last}")),
+        "the newest record ({last}) was not kept"
+    );
+    assert!(
+        size(Some(store)) > CAP / 2,
+        "the store keeps close to its cap"
+    );
+    Ok(())
+}
+
+/// The first directory under `root` whose name ends with `suffix`.
+fn find_dir(root: &std::path::Path, suffix: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.to_string_lossy().ends_with(suffix) {
+                return Some(p);
+            }
+            if let Some(found) = find_dir(&p, suffix) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
 /// Sends `count` 32-byte datagrams from `src` in `ns` to `dst`, cycling
 /// over `ports`, paced (so the veth never has to drop) or as fast as it
 /// can; returns how many `sendto` accepted.
@@ -425,6 +536,113 @@ tcp = [22]
     assert!(
         !out.contains("[[roles.db.egress]]"),
         "the replies were tracked, not suggested: {out}"
+    );
+    Ok(())
+}
+
+/// Sends one 32-byte datagram from `src` in `ns` to `dst:port` from a
+/// thread pinned to `cpu` (on a veth the receiver's program runs on the
+/// sender's CPU).
+fn udp_from_cpu(ns: &str, cpu: usize, src: IpAddr, dst: IpAddr, port: u16) -> anyhow::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        segbpf_tests::netns::enter(&path)?;
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0))?;
+        sock.send_to(&[0u8; 32], std::net::SocketAddr::new(dst, port))?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_denied_aggregate_hit_from_two_cpus_keeps_its_first_time() -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("one CPU: nothing to test");
+        return Ok(());
+    }
+    let (lab, policy, _echo) = setup("fl2cpu", "198.18.92")?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
+    let follower = lab.follow_flows("srv", &["--denied-secs", "3"])?;
+    let ns = lab.host("client").ns.name.clone();
+    let start = segbpf::clock::rfc3339(std::time::SystemTime::now() - Duration::from_mins(1));
+    // Each port's aggregate: made by CPU 0, then counted by CPU 1 into its
+    // slot, which the kernel never gave a first time.
+    for port in 9100..9104 {
+        udp_from_cpu(&ns, 0, client, srv, port)?;
+        udp_from_cpu(&ns, 1, client, srv, port)?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let all = follower.json_lines()?;
+    let ours: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["state"] == "denied" && r["src"] == client.to_string())
+        .collect();
+    assert!(
+        ours.iter()
+            .map(|r| r["packets_orig"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 8,
+        "eight datagrams in aggregates: {ours:?}"
+    );
+    assert!(
+        ours.iter().any(|r| r["packets_orig"] == 2),
+        "some aggregate was hit from both CPUs in one drain: {ours:?}"
+    );
+    for r in &ours {
+        let first = r["first_seen"].as_str().unwrap_or_default();
+        assert!(
+            first >= start.as_str() && first <= r["last_seen"].as_str().unwrap_or_default(),
+            "first_seen is when the first datagram came, not boot time: {r}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn detach_keeps_the_observed_store_for_suggest() -> anyhow::Result<()> {
+    let mut lab = Lab::new("fldet")?;
+    lab.add_host("srv", &["198.18.93.10/24"])?;
+    lab.add_host("client", &["198.18.93.5/24"])?;
+    let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
+    let policy = lab.write_policy(
+        "p.toml",
+        r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.db]
+hosts = "198.18.93.10"
+[[roles.db.ingress]]
+from = "198.18.93.200"
+tcp = [22]
+"#,
+    )?;
+    let srv_ns = lab.host("srv").ns.name.clone();
+    let _pg = Server::tcp_echo(&srv_ns, srv, 5432)?;
+    lab.attach("srv", policy.to_str().unwrap_or_default(), &["--audit"])?;
+    assert!(net::tcp_exchange(
+        &lab.host("client").ns.name,
+        client,
+        srv,
+        5432,
+        Duration::from_secs(10)
+    )?);
+    // Drained into the store (suggest drains on demand while attached).
+    let before = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    assert!(before.contains("5432"), "{before}");
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    let after = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    assert!(
+        after.contains("tcp = [5432]") && after.contains(&client.to_string()),
+        "suggest after detach still sees what was observed:\n{after}"
     );
     Ok(())
 }

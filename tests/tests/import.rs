@@ -159,7 +159,7 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
         assert!(ex.status.success(), "export: {}", text(&ex.stderr));
         let file = tmp.0.join(format!("{t}.export.nft"));
         std::fs::write(&file, &ex.stdout)?;
-        let rs = ruleset::read(Flavor::Nft, &file)?;
+        let rs = ruleset::read(Flavor::Nft, &file, &import::read_input(&file)?)?;
         let r = verify::verify_host(&file, &rs, &policy, t, &[])?;
         let diffs: Vec<String> = r.differences.iter().map(ToString::to_string).collect();
         assert!(
@@ -180,7 +180,7 @@ fn three_tier_nftables_import_checks_verifies_and_exports_the_same() -> anyhow::
     assert_ne!(broken, toml, "the mutation applies");
     let broken = Policy::from_str(&broken, "broken.toml")?;
     let app = fixture("nft/app.nft");
-    let rs = ruleset::read(Flavor::Nft, &app)?;
+    let rs = ruleset::read(Flavor::Nft, &app, &import::read_input(&app)?)?;
     let r = verify::verify_host(&app, &rs, &broken, "app", &[])?;
     assert!(
         r.differences
@@ -425,6 +425,199 @@ fn broken_input_names_file_and_line() -> anyhow::Result<()> {
         text(&out.stderr).contains("cannot read"),
         "{}",
         text(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A web server's ruleset: drop by default, replies tracked, two ports
+/// opened (one with the `new,established` idiom), echo from anyone.
+const WEB_NFT: &str = "table inet f {
+  chain in {
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    tcp dport 80 ct state new,established accept
+    tcp dport 443 accept
+    icmp type echo-request accept
+    icmpv6 type echo-request accept
+  }
+  chain out {
+    type filter hook output priority 0; policy accept;
+  }
+}
+";
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn piped_input_is_read_once_and_verified_as_imported() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = TempDir::new("pipe")?;
+    let file = tmp.0.join("web.nft");
+    std::fs::write(&file, WEB_NFT)?;
+    let check = |out: &Output, how: &str| {
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{how}: {stderr}");
+        // The ruleset that was piped in, not an empty one (allow-all).
+        assert!(stdout.contains("ingress = \"drop\""), "{how}:\n{stdout}");
+        assert!(stdout.contains("established = true"), "{how}:\n{stdout}");
+        assert!(stdout.contains("icmp = true"), "{how}:\n{stdout}");
+        // `ct state new,established accept` is the allow rule it is.
+        assert!(stdout.contains("tcp = [80]"), "{how}:\n{stdout}");
+        assert!(stdout.contains("tcp = [443]"), "{how}:\n{stdout}");
+        assert!(!stderr.contains("warning:"), "{how}: {stderr}");
+        // --verify loaded the same bytes: the original drops what the
+        // policy drops.
+        assert!(
+            stderr.contains("0 differences") && !stderr.contains(" 0 accepted by the original"),
+            "{how}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("probed, 0 accepted") && stderr.contains("echo requests"),
+            "{how}: {stderr}"
+        );
+    };
+    // `cat web.nft | segbpf import nft --host web=/dev/stdin --verify`
+    let mut child = std::process::Command::new(segbpf_bin())
+        .args(["import", "nft", "--host", "web=/dev/stdin", "--verify"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdin"))?
+        .write_all(WEB_NFT.as_bytes())?;
+    check(&child.wait_with_output()?, "/dev/stdin");
+    // `--host web=<(cat web.nft)`: a pipe under /dev/fd.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "'{}' import nft --host web=<(cat '{}') --verify",
+            segbpf_bin().display(),
+            file.display()
+        ))
+        .output()?;
+    check(&out, "<(cat ...)");
+    // An empty pipe is refused, not read as "no rules".
+    let out = std::process::Command::new(segbpf_bin())
+        .args(["import", "nft", "--host", "web=/dev/stdin"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty());
+    assert!(
+        text(&out.stderr).contains("/dev/stdin: the input is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and iptables: run `cargo xtask test`"]
+fn one_untranslatable_iptables_rule_touches_only_itself() -> anyhow::Result<()> {
+    let tmp = TempDir::new("recent")?;
+    let file = tmp.0.join("db.rules");
+    std::fs::write(
+        &file,
+        "*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -p icmp -m icmp --icmp-type 8 -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 22 -m recent --set --name ssh
+-A INPUT -p tcp -m tcp --dport 80 -m state --state NEW,ESTABLISHED -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 5432 -j ACCEPT
+-A INPUT -m limit --limit 5/min -j LOG --log-prefix \"drop: \"
+COMMIT
+",
+    )?;
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("db={}", file.display()),
+        "--verify",
+        "-o",
+        "json",
+    ])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let policy = v["policy"].as_str().unwrap_or_default();
+    // The conntrack, ICMP echo and LOG rules on other lines are imported.
+    for want in [
+        "established = true",
+        "icmp = true",
+        "log_rate = 1",
+        "tcp = [80]",
+        "tcp = [5432]",
+    ] {
+        assert!(policy.contains(want), "{want}:\n{policy}");
+    }
+    // Only the `-m recent` line is warned about.
+    let unsupported: Vec<&serde_json::Value> = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["kind"] == "unsupported")
+        .collect();
+    assert_eq!(unsupported.len(), 1, "{}", v["warnings"]);
+    assert_eq!(unsupported[0]["origin"]["line"], 8, "{}", v["warnings"]);
+    // --verify probed echo requests and established traffic too.
+    let r = &v["verify"][0];
+    assert!(r["echo_probes"].as_u64() > Some(0), "{r}");
+    assert!(r["reply_probes"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["differences"], serde_json::json!([]), "{r}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and nftables: run `cargo xtask test`"]
+fn verify_probes_echo_requests_and_established_traffic() -> anyhow::Result<()> {
+    let tmp = TempDir::new("estab")?;
+    let file = tmp.0.join("web.nft");
+    std::fs::write(&file, WEB_NFT)?;
+    let imported = import::import(
+        Flavor::Nft,
+        &[HostFile::parse(&format!("web={}", file.display()))?],
+        &[],
+    )?;
+    let rs = &imported.hosts[0].ruleset;
+    let r = verify::verify_host(&file, rs, &imported.policy, "web", &[])?;
+    assert!(r.differences.is_empty(), "{:?}", r.differences);
+    // Without connection tracking the replies of allowed connections
+    // differ; without `icmp` the echo requests do.
+    let cut = |from: &str, to: &str| -> anyhow::Result<Policy> {
+        let t = imported.text.replacen(from, to, 1);
+        assert_ne!(t, imported.text, "{from}");
+        Ok(Policy::from_str(&t, "mutated.toml")?)
+    };
+    let r = verify::verify_host(
+        &file,
+        rs,
+        &cut("established = true", "established = false")?,
+        "web",
+        &[],
+    )?;
+    assert!(
+        r.differences
+            .iter()
+            .any(|d| d.traffic == verify::Traffic::Reply && d.original && !d.imported),
+        "verify catches lost replies: {:?}",
+        r.differences
+    );
+    let r = verify::verify_host(&file, rs, &cut("icmp = true", "icmp = false")?, "web", &[])?;
+    assert!(
+        r.differences
+            .iter()
+            .any(|d| d.traffic == verify::Traffic::Echo
+                && d.direction == segbpf::policy::Direction::Ingress
+                && d.original
+                && !d.imported),
+        "verify catches echo requests: {:?}",
+        r.differences
     );
     Ok(())
 }

@@ -7,6 +7,10 @@
 //! * A policy file writable by group or others is refused at attach, and
 //!   so is one in a directory others can write (without the sticky bit),
 //!   changing nothing in the kernel; `--insecure-policy` overrides it.
+//! * So is one below a directory another user owns anywhere up to `/`:
+//!   that user could swap the policy's directory for a symbolic link. A
+//!   reload (by hand or automatic) refuses it too, naming the directory,
+//!   and the policy in force stays.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -172,6 +176,126 @@ fn a_policy_others_can_write_is_refused() -> anyhow::Result<()> {
     );
     // The override holds for the attachment's reloads.
     lab.segbpf_ok("db", &["reload", "eth0"])?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_policy_below_a_directory_another_user_owns_is_refused() -> anyhow::Result<()> {
+    use segbpf_tests::lab::{Running, one_tcp_port_policy};
+    let mut lab = Lab::new("gp")?;
+    lab.add_host("srv", &["198.18.72.30/24"])?;
+    lab.add_host("cli", &["198.18.72.31/24"])?;
+    let srv = lab.host("srv").addrs[0];
+    let _servers = [8080, 8081]
+        .into_iter()
+        .map(|p| segbpf_tests::net::Server::tcp_echo(&lab.host("srv").ns.name, srv, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    // ROOT/gp/pol/roles.toml, all root's and 0755 but for gp.
+    let root = std::env::temp_dir().join(format!("segbpf-gp-{}", std::process::id()));
+    let _cleanup = Cleanup(root.clone());
+    let gp = root.join("gp");
+    let pol = gp.join("pol");
+    let other = root.join("other");
+    std::fs::create_dir_all(&pol)?;
+    std::fs::create_dir_all(&other)?;
+    for d in [&root, &gp, &pol, &other] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let file = pol.join("roles.toml");
+    std::fs::write(&file, one_tcp_port_policy(8080))?;
+    let policy = file.to_string_lossy().to_string();
+    let gp_named = format!("{} (a directory on the policy file's path)", gp.display());
+
+    // Owned by nobody, or writable by all without the sticky bit: refused.
+    std::os::unix::fs::chown(&gp, Some(NOBODY), Some(NOBODY))?;
+    let args = ["attach", "eth0", "--policy", &policy, "--role", "srv"];
+    let out = lab.segbpf("srv", &[&args[..], &["--no-wait"]].concat())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&gp_named) && err.contains("belongs to uid 65534"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&gp, Some(0), Some(0))?;
+    std::fs::set_permissions(&gp, std::fs::Permissions::from_mode(0o777))?;
+    let out = lab.segbpf("srv", &[&args[..], &["--no-wait"]].concat())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&gp_named) && err.contains("writable by group and others"),
+        "{err}"
+    );
+    assert_ne!(
+        lab.segbpf("srv", &["status", "eth0"])?.status.code(),
+        Some(0),
+        "nothing attached after a refusal"
+    );
+
+    // A trusted path attaches (in the foreground: it reloads by itself
+    // when the policy file changes).
+    std::fs::set_permissions(&gp, std::fs::Permissions::from_mode(0o755))?;
+    // Its log goes to a file: waiting for "enforcing" there allows for a
+    // slow start on a loaded machine, and the watch starts right after.
+    let log_path = root.join("attach.log");
+    let attach = Running::new(
+        std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["--netns", &lab.host("srv").ns.name])
+            .args(args)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()?,
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !log().contains("enforcing on eth0") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(lab.tcp_reachable("cli", "srv", 8080)?);
+    assert!(!lab.tcp_reachable("cli", "srv", 8081)?);
+
+    // gp passes to nobody, who swaps the policy's directory for a link to
+    // another root-owned policy.
+    std::os::unix::fs::chown(&gp, Some(NOBODY), Some(NOBODY))?;
+    std::fs::write(other.join("roles.toml"), one_tcp_port_policy(8081))?;
+    std::fs::rename(&pol, gp.join("pol.old"))?;
+    std::os::unix::fs::symlink(&other, &pol)?;
+    // The automatic reload (it looks every 2 s) and a SIGHUP are refused...
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    attach.signal(nix::sys::signal::Signal::SIGHUP)?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // ...and so is a reload by hand, naming the directory.
+    let out = lab.segbpf("srv", &["reload", "eth0"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&gp_named), "{err}");
+    // The policy in force is the first one, generation 1.
+    let status = lab.status_json("srv")?;
+    assert_eq!(
+        status["attachments"][0]["state"]["generation"], 1,
+        "{status}"
+    );
+    assert!(lab.tcp_reachable("cli", "srv", 8080)?);
+    assert!(!lab.tcp_reachable("cli", "srv", 8081)?);
+    attach.terminate()?;
+    attach.wait()?;
+    let log = log();
+    for why in ["the policy file changed", "SIGHUP"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("{why}: reload refused")) && l.contains(&gp_named)),
+            "no refused automatic reload ({why}) naming {}:\n{log}",
+            gp.display()
+        );
+    }
     Ok(())
 }
 

@@ -791,6 +791,450 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Policies for the guard's tests: the host's role is found from its
+/// address (no `--role`). OLD calls it `web` and opens tcp/8080; NEW calls
+/// it `front` and opens tcp/9090 only, so the old policy does not know the
+/// new role and the new one does not know the old.
+fn renamed_role_policies(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let policy = |role: &str, port: u16| {
+        format!(
+            r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.{role}]
+hosts = "198.18.7.0/24"
+[[roles.{role}.ingress]]
+from = "any"
+tcp = [{port}]
+"#
+        )
+    };
+    let (old, new) = (dir.join("old.toml"), dir.join("new.toml"));
+    std::fs::write(&old, policy("web", 8080))?;
+    std::fs::write(&new, policy("front", 9090))?;
+    Ok((old, new))
+}
+
+/// A lab with `srv` (198.18.7.10, role found from its address) serving
+/// tcp/8080 and tcp/9090, and a client `cli`; segbpf attached to `srv`
+/// with OLD.
+struct Renamed {
+    lab: Lab,
+    att: Attachment,
+    old: PathBuf,
+    new: PathBuf,
+    _servers: Vec<segbpf_tests::net::Server>,
+    dir: PathBuf,
+}
+
+impl Drop for Renamed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn renamed_setup(tag: &str) -> anyhow::Result<Renamed> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("srv", &["198.18.7.10/24"])?;
+    lab.add_host("cli", &["198.18.7.20/24"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (old, new) = renamed_role_policies(&dir)?;
+    let ns = lab.host("srv").ns.name.clone();
+    let addr = lab.host("srv").addrs[0];
+    let servers = vec![
+        segbpf_tests::net::Server::tcp_echo(&ns, addr, 8080)?,
+        segbpf_tests::net::Server::tcp_echo(&ns, addr, 9090)?,
+    ];
+    lab.attach("srv", old.to_str().unwrap(), &[])?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&ns)?);
+    Ok(Renamed {
+        lab,
+        att,
+        old,
+        new,
+        _servers: servers,
+        dir,
+    })
+}
+
+/// Which of tcp/8080 (OLD's) and tcp/9090 (NEW's) a real client reaches.
+fn open_ports(r: &Renamed) -> anyhow::Result<(bool, bool)> {
+    Ok((
+        r.lab.tcp_reachable("cli", "srv", 8080)?,
+        r.lab.tcp_reachable("cli", "srv", 9090)?,
+    ))
+}
+
+/// Waits (up to `secs`) until no change is pending on `srv`.
+fn wait_not_pending(r: &Renamed, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let status = r.lab.status_json("srv")?;
+        if status["attachments"][0]["pending"].is_null() {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "still pending {secs}s later: {}",
+            r.lab.segbpf_ok("srv", &["status", "eth0"])?
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Finding: `reload --policy NEW --redetect-roles --confirm 3`, where NEW
+/// renames the host's role, was never undone (the guard tried the old
+/// policy with the new role, failed and exited). The guard restores the
+/// whole previous state: OLD's text with the role `web`, and the traffic
+/// OLD allows.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn unconfirmed_change_that_renamed_the_role_is_undone_whole() -> anyhow::Result<()> {
+    let r = renamed_setup("gren")?;
+    assert_eq!(open_ports(&r)?, (true, false), "OLD in force");
+    let before = r.lab.status_json("srv")?["attachments"][0]["state"].clone();
+    assert_eq!(before["roles"], serde_json::json!(["web"]));
+    r.lab.segbpf_ok(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            r.new.to_str().unwrap(),
+            "--redetect-roles",
+            "--confirm",
+            "3",
+        ],
+    )?;
+    let during = r.lab.status_json("srv")?["attachments"][0].clone();
+    assert_eq!(during["state"]["roles"], serde_json::json!(["front"]));
+    assert!(!during["pending"].is_null(), "{during}");
+    assert_eq!(open_ports(&r)?, (false, true), "NEW in force");
+
+    let after = wait_not_pending(&r, 30)?["attachments"][0]["state"].clone();
+    assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
+    assert_eq!(after["role_args"], before["role_args"]);
+    assert_eq!(after["policy"], before["policy"]);
+    assert!(
+        after["generation"].as_u64() > during["state"]["generation"].as_u64(),
+        "{after}"
+    );
+    assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
+    let text = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
+    assert!(!text.contains("PENDING"), "{text}");
+    // The change is over: later reloads (the watcher's, the fleet
+    // agent's) are not held waiting for a confirmation.
+    r.lab.segbpf_ok(
+        "srv",
+        &["reload", "eth0", "--policy", r.old.to_str().unwrap()],
+    )?;
+    Ok(())
+}
+
+/// A restore that fails is tried again until it succeeds, and meanwhile
+/// `status` says past the deadline that the restore is failing, and why
+/// (text and JSON). The failure is real: the guard's copy of the old
+/// policy is made writable by others, which the policy-file check refuses.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let r = renamed_setup("gfail")?;
+    r.lab.segbpf_ok(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            r.new.to_str().unwrap(),
+            "--redetect-roles",
+            "--confirm",
+            "2",
+        ],
+    )?;
+    // The guard writes its copy at the deadline; a copy others can write
+    // is refused by every restore attempt.
+    let copy = r.att.confirm_restore();
+    std::fs::write(&copy, "")?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o666))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        let p = r.lab.status_json("srv")?["attachments"][0]["pending"].clone();
+        if p["restore_attempts"].as_u64().unwrap_or(0) >= 2 {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed attempts reported: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(pending["overdue"], true, "{pending}");
+    assert_eq!(pending["guard_running"], true, "{pending}");
+    let why = pending["restore_error"].as_str().unwrap_or_default();
+    assert!(why.contains("writable"), "{pending}");
+    let text = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
+    assert!(
+        text.contains("RESTORE FAILING") && text.contains("writable"),
+        "{text}"
+    );
+    assert_eq!(open_ports(&r)?, (false, true), "NEW still in force");
+    // Fixed: the next attempt (at most 30 s later) restores OLD.
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
+    let after = wait_not_pending(&r, 40)?["attachments"][0]["state"].clone();
+    assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
+    assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
+    Ok(())
+}
+
+/// The generation in force on `db`.
+fn generation(lab: &Lab) -> anyhow::Result<u64> {
+    let st = lab.status_json("db")?;
+    st["attachments"][0]["state"]["generation"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no generation in {st}"))
+}
+
+/// `segbpf --netns db ARGS` with the lab's roots, run as if from an SSH
+/// session of `10.10.1.15` to the host's port 22.
+fn from_ssh(lab: &Lab) -> Command {
+    let mut c = Command::new(segbpf_bin());
+    c.args(["--netns", &lab.host("db").ns.name])
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .env("SSH_CONNECTION", "10.10.1.15 50022 10.10.1.30 22");
+    c
+}
+
+/// Policy A plus SSH from the session's network.
+fn with_ssh() -> String {
+    format!("{POLICY_A}[[roles.db.ingress]]\nfrom = \"10.10.0.0/16\"\ntcp = [22]\n")
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reloads_refuse_a_policy_that_cuts_the_ssh_session_and_the_watcher_skips_no_ops()
+-> anyhow::Result<()> {
+    let mut lab = Lab::new("sshc")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-sshc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: dir.join("live.toml"),
+        b: dir.join("cut.toml"),
+        dir: dir.clone(),
+        lab,
+    };
+    std::fs::write(&s.a, with_ssh())?;
+    std::fs::write(&s.b, POLICY_A)?;
+    // attach refuses a policy that cuts the session it runs in.
+    let out = from_ssh(&s.lab)
+        .args(["attach", "eth0", "--role", "db", "--no-wait", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ssh-session"), "{err}");
+    assert!(
+        s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0),
+        "nothing attached"
+    );
+    // A foreground attach from the SSH session, watching live.toml.
+    let attach = from_ssh(&s.lab)
+        .args(["attach", "eth0", "--role", "db", "--policy"])
+        .arg(&s.a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let g0 = generation(&s.lab)?;
+
+    // An explicit reload from the session: refused, nothing changes.
+    let out = from_ssh(&s.lab)
+        .args(["reload", "eth0", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("--confirm"),
+        "{err}"
+    );
+    assert_eq!(generation(&s.lab)?, g0, "a refused reload changes nothing");
+
+    // Saving the cutting policy to the watched file: never applied.
+    std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
+    std::fs::write(&s.a, POLICY_A)?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0, "the watcher refuses it too");
+    // Back to the text in force, a touch, a SIGHUP: nothing to reload.
+    std::fs::write(&s.a, with_ssh())?;
+    std::thread::sleep(Duration::from_secs(5));
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(generation(&s.lab)?, g0, "no generation for no change");
+    // A real edit still goes through.
+    std::fs::write(&s.a, with_ssh().replace("udp = [53]", "udp = [54]"))?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0 + 1, "an edit is applied");
+
+    // --force applies the cutting policy when asked to.
+    let out = from_ssh(&s.lab)
+        .args(["reload", "eth0", "--force", "--policy"])
+        .arg(&s.b)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generation(&s.lab)?, g0 + 2);
+
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    let out = attach.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("an automatic reload never applies it"),
+        "the refusal is logged: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reload_names_dropped_set_edits_or_keeps_them_and_a_no_op_set_add_keeps_the_generation()
+-> anyhow::Result<()> {
+    let s = setup("keep")?;
+    s.lab
+        .segbpf_ok("db", &["set", "add", "eth0", "x", "198.18.9.9"])?;
+    let g = generation(&s.lab)?;
+    let out = s
+        .lab
+        .segbpf_ok("db", &["set", "add", "eth0", "x", "198.18.9.9"])?;
+    assert!(out.contains("nothing changed"), "{out}");
+    assert_eq!(generation(&s.lab)?, g, "an add of a member already in");
+    let list = |lab: &Lab| lab.segbpf_ok("db", &["set", "list", "eth0", "x"]);
+
+    s.lab
+        .segbpf_ok("db", &["reload", "eth0", "--keep-set-edits"])?;
+    assert!(list(&s.lab)?.contains("198.18.9.9"), "kept on request");
+    let out = s.lab.segbpf("db", &["reload", "eth0", "-o", "json"])?;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["dropped_set_edits"], serde_json::json!(["x"]), "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dropped the live edits of set(s) x") && err.contains("--keep-set-edits"),
+        "{err}"
+    );
+    assert!(!list(&s.lab)?.contains("198.18.9.9"), "the file won");
+    Ok(())
+}
+
+/// Starts a foreground `attach eth0 --role db --policy FILE EXTRA...` on
+/// `db` and waits until it enforces.
+fn foreground(lab: &Lab, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Child> {
+    let mut args = vec!["attach", "eth0", "--role", "db", "--policy"];
+    let f = file.to_str().unwrap_or_default();
+    args.push(f);
+    args.extend_from_slice(extra);
+    let child = lab.spawn("db", &args)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn watch_off_reloads_on_sighup_only_and_watch_confirm_guards_each_reload() -> anyhow::Result<()> {
+    let mut lab = Lab::new("wmode")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-wmode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: file.clone(),
+        b: file.clone(),
+        dir,
+        lab,
+    };
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+
+    // --watch off: a saved edit waits for SIGHUP.
+    let attach = foreground(&s.lab, &file, &["--watch", "off"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    let g0 = generation(&s.lab)?;
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, policy_b())?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&s.lab)?, g0, "not watched");
+    assert_eq!(current_verdicts(&s)?, all_a);
+    signal(&attach, nix::sys::signal::Signal::SIGHUP)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while generation(&s.lab)? == g0 {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP reloads");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_b);
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+
+    // --watch confirm:SECS: a saved edit is applied under the guard.
+    let attach = foreground(&s.lab, &file, &["--watch", "confirm:600"])?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&file, POLICY_A)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.lab.status_json("db")?["attachments"][0]["pending"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the automatic reload waits for confirmation"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(current_verdicts(&s)?, all_a, "applied, guarded");
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
+    assert!(s.lab.status_json("db")?["attachments"][0]["pending"].is_null());
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    attach.wait_with_output()?;
+    Ok(())
+}
+
 /// A policy for role `srv` whose ingress rule allows tcp/80 from `n`
 /// single addresses that never merge (every other address of
 /// 198.19.0.0/16): about `n` IPv4 prefixes in the peer trie.

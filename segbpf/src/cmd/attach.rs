@@ -21,6 +21,10 @@ use crate::{
 
 /// Arguments of `segbpf attach`.
 #[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags: each bool is one independent switch"
+)]
 pub struct Args {
     /// Interface to protect.
     pub iface: String,
@@ -71,9 +75,26 @@ pub struct Args {
     /// Apply and exit at once (enforcement stays in place) instead of staying in the foreground.
     #[arg(long)]
     pub no_wait: bool,
+    /// How the running attach follows the policy file. `on` (default):
+    /// an edit saved to the file is applied within about 4 seconds (and on
+    /// SIGHUP), keeping live set edits; `off`: only on SIGHUP;
+    /// `confirm:SECS`: as `on`, each automatic reload guarded like `reload
+    /// --confirm SECS` (undone unless `segbpf confirm IFACE`). An automatic
+    /// reload never applies what an explicit `reload` would refuse: a
+    /// policy that cuts the SSH session attach runs in (`ssh-session`) is
+    /// logged and not applied unless guarded, and a file whose text is
+    /// already in force makes no new generation.
+    #[arg(long, value_name = "on|off|confirm:SECS", default_value = "on", value_parser = parse_watch)]
+    pub watch: attach::Watch,
+    /// Attach even though the policy would cut the SSH session this
+    /// command runs in (the `ssh-session` lint of `segbpf check`; refused
+    /// otherwise, unless --confirm guards it).
+    #[arg(long)]
+    pub force: bool,
     /// Accept a policy file that is writable by users other than root, or
-    /// owned by one (refused by default, as sshd's StrictModes does); holds
-    /// for this attachment's later reloads too.
+    /// owned by one, or below such a directory (refused by default, as
+    /// sshd's StrictModes does); holds for this attachment's later reloads
+    /// too.
     #[arg(long)]
     pub insecure_policy: bool,
     /// Flow accounting and logs (docs/flows.md): `on` (default: flows are
@@ -106,6 +127,17 @@ fn parse_flow_log(s: &str) -> Result<FlowLog, String> {
         path => std::path::absolute(path)
             .map(FlowLog::File)
             .map_err(|e| format!("{path}: {e}")),
+    }
+}
+
+fn parse_watch(s: &str) -> Result<attach::Watch, String> {
+    match s {
+        "on" => Ok(attach::Watch::On),
+        "off" => Ok(attach::Watch::Off),
+        _ => match s.strip_prefix("confirm:").map(str::parse::<u64>) {
+            Some(Ok(secs)) if (1..=86_400).contains(&secs) => Ok(attach::Watch::Confirm(secs)),
+            _ => Err("expected on, off or confirm:SECS (1 to 86400)".into()),
+        },
     }
 }
 
@@ -182,6 +214,17 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         (None, Some(p)) => p.clone(),
         (None, None) => return Err(UsageError("--policy FILE or --etcd ENDPOINTS".into()).into()),
     };
+    if fleet.is_none()
+        && args.confirm.is_none()
+        && !args.force
+        && let Ok(p) = crate::policy::Policy::load(&policy)
+        && let Some(m) = attach::cuts_ssh_session(&p, &args.role, &args.iface)
+    {
+        anyhow::bail!(
+            "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",
+            policy.display()
+        );
+    }
     let applied = attach::apply(&args.request(policy), ns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
@@ -227,7 +270,15 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             }
         });
     }
-    let result = wait_for_exit(&att, signals, hup, args.log_format, fleet.as_ref()).await;
+    let result = wait_for_exit(
+        &att,
+        signals,
+        hup,
+        args.log_format,
+        fleet.as_ref(),
+        args.watch,
+    )
+    .await;
     if let Some(r) = flow_log {
         r.stop();
     }
@@ -242,6 +293,7 @@ async fn wait_for_exit(
     hup: tokio::signal::unix::Signal,
     format: LogFormat,
     fleet: Option<&crate::fleet::agent::AgentConfig>,
+    watch: attach::Watch,
 ) -> anyhow::Result<()> {
     let mut signalled = false;
     {
@@ -249,7 +301,7 @@ async fn wait_for_exit(
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
-                () = follow(att, hup, fleet) => {},
+                () = follow(att, hup, fleet, watch) => {},
             }
         };
         let stop = async {
@@ -271,15 +323,23 @@ async fn wait_for_exit(
     Ok(())
 }
 
-/// Follows the policy file, or the fleet's store with `--etcd`. Never returns.
+/// Follows the policy file, or the fleet's store with `--etcd`, and
+/// re-attaches a link detached behind segbpf's back. Never returns.
 async fn follow(
     att: &Attachment,
     hup: tokio::signal::unix::Signal,
     fleet: Option<&crate::fleet::agent::AgentConfig>,
+    watch: attach::Watch,
 ) {
-    match fleet {
-        // Boxed: the etcd client's futures are large.
-        Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
-        None => attach::watch_policy(att, hup).await,
+    let policy = async {
+        match fleet {
+            // Boxed: the etcd client's futures are large.
+            Some(cfg) => Box::pin(crate::fleet::agent::run(att, cfg, hup)).await,
+            None => attach::watch_policy(att, hup, watch).await,
+        }
+    };
+    tokio::select! {
+        () = policy => {},
+        () = attach::watch_links(att) => {},
     }
 }

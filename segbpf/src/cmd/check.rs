@@ -184,43 +184,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The warning to give when the policy would cut the SSH session `check`
-/// runs in: `SSH_CONNECTION` is "client-ip client-port server-ip
-/// server-port"; the host's roles are `--role`, or those whose `hosts`
-/// contain the server address.
+/// runs in ([`crate::policy::lint::ssh_session`]); the host's roles are
+/// `--role`, or those whose `hosts` contain the server address.
 pub fn ssh_session_warning(policy: &Policy, roles_arg: &[String]) -> Option<String> {
-    let conn = std::env::var("SSH_CONNECTION").ok()?;
-    let parts: Vec<&str> = conn.split_whitespace().collect();
-    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
-    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
-    let port = parts.get(3)?.parse::<u16>().ok()?;
-    let roles = if roles_arg.is_empty() {
-        policy
-            .roles
-            .iter()
-            .filter(|r| r.hosts.iter().any(|h| h.contains(server)))
-            .map(|r| r.name.clone())
-            .collect()
-    } else {
-        roles_arg.to_vec()
-    };
-    let pkt = crate::policy::eval::Packet {
-        src: client,
-        dst: server,
-        proto: segbpf_common::IPPROTO_TCP,
-        dport: port,
-        icmp_type: 0,
-        hop_limit: 64,
-    };
-    let v = crate::policy::eval::evaluate(policy, &roles, None, Direction::Ingress, &pkt);
-    if v.passes() {
-        return None;
-    }
-    Some(format!(
-        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
-        if roles.is_empty() {
-            "none".to_string()
-        } else {
-            roles.join(", ")
-        }
-    ))
+    crate::policy::lint::ssh_session(policy, roles_arg, None)
 }

@@ -1,6 +1,7 @@
 //! `segbpf detach`: remove segbpf from an interface: the pinned links
 //! (which detaches the programs), programs, map pins, state and history
-//! ([`crate::attach::detach`]).
+//! ([`crate::attach::detach`]); the observed store stays until it expires
+//! ([`crate::observed`]).
 
 use anyhow::bail;
 use serde::Serialize;

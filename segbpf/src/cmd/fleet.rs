@@ -66,7 +66,8 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// This host's name in the fleet's status keys (default: the system's
-    /// host name).
+    /// host name). While another live agent holds that name, this one
+    /// reports as NAME~MACHINEID-NETNS and warns.
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub fleet_host: Option<String>,
     /// Longest wait between attempts to reach etcd (the wait doubles from
@@ -250,6 +251,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         agents: Vec<Row<'a>>,
         at_latest: usize,
         total: usize,
+        name_collisions: Vec<fleet::NameCollision>,
     }
     let store = args.etcd.store()?;
     let st = fleet::status(&store).await?;
@@ -265,6 +267,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             .collect(),
         at_latest: st.at_latest(),
         total: st.agents.len(),
+        name_collisions: st.name_collisions(),
     };
     if args.output == Output::Json {
         return print_json(&out);
@@ -294,5 +297,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "{} of {} at the latest revision ({latest})",
         out.at_latest, out.total
     ))?;
+    for c in &out.name_collisions {
+        print_line(format_args!(
+            "NAME COLLISION: {} agents were given the host name {} for {}: {} (cloned images or namespaces sharing a host name: give each its own --fleet-host)",
+            c.agents.len(),
+            c.name,
+            c.iface,
+            c.agents.join(", ")
+        ))?;
+    }
     Ok(())
 }

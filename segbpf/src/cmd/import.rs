@@ -39,8 +39,9 @@ pub struct Common {
     #[arg(long = "hosts", value_name = "ROLE=SET|ADDRESSES", value_parser = parse_hosts)]
     pub hosts_of: Vec<HostsArg>,
     /// Load each original ruleset into a scratch namespace and compare its
-    /// verdicts on new connections with the imported policy's; exit 1 on a
-    /// difference no warning reported.
+    /// verdicts with the imported policy's: new TCP/UDP connections, ICMP
+    /// echo requests, and the replies of connections both accept
+    /// (established traffic); exit 1 on a difference no warning reported.
     #[arg(long)]
     pub verify: bool,
     /// Warnings are errors (exit 1, nothing on stdout).
@@ -102,11 +103,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .count();
         if text_out {
             eprintln!(
-                "verify {} ({}): {} new connections probed, {} accepted by the original, {} differences ({unreported} not reported by a warning)",
+                "verify {} ({}): {} new connections probed, {} accepted by the original; {} echo requests; {} replies of accepted connections; {} differences ({unreported} not reported by a warning)",
                 r.file,
                 r.role,
                 r.probes,
                 r.original_accepts,
+                r.echo_probes,
+                r.reply_probes,
                 r.differences.len()
             );
             for d in &r.differences {

@@ -60,7 +60,8 @@ pub enum Command {
     /// Internal: the --confirm guard process.
     #[command(hide = true)]
     Guard(guard::Args),
-    /// Remove segbpf from an interface.
+    /// Remove segbpf from an interface (the observed store of denied
+    /// traffic stays until it expires, for `segbpf suggest`).
     Detach(detach::Args),
     /// Stream the drop events of an interface that is already enforcing.
     Monitor(monitor::Args),
@@ -68,6 +69,7 @@ pub enum Command {
     Flows(flows::Args),
     /// Print a roles.toml that allows exactly what an interface's policy
     /// denied (audit mode: would have denied): audit, suggest, review, enforce.
+    /// Also after `detach`, from the store and the policy then in force.
     Suggest(suggest::Args),
     /// Show attachments, their policy and counters.
     Status(status::Args),

@@ -9,6 +9,8 @@ use crate::{
     cmd::{NetnsOut, Output, print_json, print_line},
     netns::Netns,
     pins::Attachment,
+    policy::Policy,
+    state::State,
     swap::{self, ReloadRequest, Swapped},
 };
 
@@ -24,9 +26,16 @@ pub struct Args {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub confirm: Option<u64>,
     /// Apply even though an earlier change waits for `segbpf confirm`
-    /// (that change's guard then stands down).
+    /// (that change's guard then stands down), or though the policy would
+    /// cut the SSH session this command runs in (the `ssh-session` lint of
+    /// `segbpf check`; refused otherwise, unless --confirm guards it).
     #[arg(long)]
     pub force: bool,
+    /// Keep live set edits (`segbpf set add|del`) over the file's sets.
+    /// Without it the file wins and the edits are dropped, with a warning
+    /// naming them.
+    #[arg(long)]
+    pub keep_set_edits: bool,
     /// Work the host's roles out again (roles are otherwise kept from
     /// attach): from the interface's permanent addresses only, never from
     /// SLAAC, temporary or DHCP-dynamic ones; `--role` names given to
@@ -50,11 +59,37 @@ struct Reloaded<'a> {
     /// Seconds until the change is undone unless confirmed (`--confirm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     confirm_secs: Option<u64>,
+    /// Sets whose live edits the reload dropped (the file won).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dropped_set_edits: Vec<String>,
 }
 
 /// Runs `segbpf reload`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, ns);
+    let before = State::current(&att).ok();
+    if let Some(state) = &before {
+        // The lockout check: a policy that cuts the SSH session this runs
+        // in is refused unless guarded (--confirm) or forced.
+        let path = args
+            .policy
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&state.policy));
+        if let Ok(policy) = Policy::load(&path)
+            && let Some(m) = crate::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
+            && args.confirm.is_none()
+            && !args.force
+        {
+            anyhow::bail!(
+                "{}: refused: {m} [ssh-session]; nothing was changed (reload with --confirm SECS to apply it guarded, or --force)",
+                path.display()
+            );
+        }
+    }
+    let dropped_set_edits: Vec<String> = match &before {
+        Some(s) if !args.keep_set_edits => s.set_overrides.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
     let swapped = swap::reload(
         &att,
         &ReloadRequest {
@@ -62,14 +97,23 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             confirm: args.confirm,
             force: args.force,
             redetect_roles: args.redetect_roles,
+            keep_set_edits: args.keep_set_edits,
         },
     )?;
+    if !dropped_set_edits.is_empty() {
+        tracing::warn!(
+            "dropped the live edits of set(s) {} on {}: the file's members are in force (`segbpf reload --keep-set-edits` keeps them)",
+            dropped_set_edits.join(", "),
+            att.describe()
+        );
+    }
     match args.output {
         Output::Json => print_json(&Reloaded {
             swap: &swapped,
             netns: NetnsOut::of(&att),
             applied: true,
             confirm_secs: args.confirm,
+            dropped_set_edits,
         })?,
         Output::Text => print_line(&swapped)?,
     }

@@ -120,6 +120,18 @@ struct Edited<'a> {
     applied: bool,
 }
 
+/// `set add` of members already in: nothing applied.
+#[derive(Serialize)]
+struct Unchanged<'a> {
+    op: &'static str,
+    set: &'a str,
+    changed: usize,
+    #[serde(flatten)]
+    netns: NetnsOut,
+    /// False: no swap was made, the generation in force stays.
+    applied: bool,
+}
+
 fn edit(
     iface: &str,
     ns: &Netns,
@@ -130,7 +142,23 @@ fn edit(
 ) -> anyhow::Result<()> {
     let att = Attachment::new(iface, ns);
     let members = parse_members(addrs)?;
-    let (changed, swapped) = swap::edit_set(&att, set, &members, add)?;
+    let (changed, swapped) = match swap::edit_set(&att, set, &members, add) {
+        Err(swap::SwapError::Unchanged(m)) => {
+            // Nothing to do is not a failure; no new generation was made.
+            match output {
+                Output::Json => print_json(&Unchanged {
+                    op: if add { "add" } else { "del" },
+                    set,
+                    changed: 0,
+                    netns: NetnsOut::of(&att),
+                    applied: false,
+                })?,
+                Output::Text => print_line(&m)?,
+            }
+            return Ok(());
+        }
+        other => other?,
+    };
     match output {
         Output::Json => print_json(&Edited {
             op: if add { "add" } else { "del" },

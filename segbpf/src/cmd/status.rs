@@ -69,10 +69,21 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         Some(l) => format!(" (netns {l})"),
         None => format!(" (netns net:[{}])", r.netns_inode),
     };
+    let dead: Vec<String> = r
+        .links
+        .iter()
+        .filter(|h| !h.live)
+        .map(|h| format!("{}: {}", h.hook, h.problem.as_deref().unwrap_or("not live")))
+        .collect();
     let link = if r.attached {
-        "enforcing"
+        "enforcing".to_string()
+    } else if !dead.is_empty() && r.links.iter().any(|h| h.link_id != 0) {
+        format!(
+            "NOT ENFORCING ({}; `segbpf attach` attaches it again)",
+            dead.join("; ")
+        )
     } else {
-        "NOT ATTACHED (stale pins)"
+        "NOT ATTACHED (stale pins)".to_string()
     };
     match &r.state {
         Some(s) => {
@@ -92,11 +103,7 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
                 )?;
             }
             if let Some(p) = &r.pending {
-                writeln!(
-                    o,
-                    "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {}`)",
-                    p.generation, p.deadline, r.iface
-                )?;
+                print_pending(o, p, &r.iface)?;
             }
             if !s.set_overrides.is_empty() {
                 writeln!(
@@ -153,8 +160,10 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
             "  mode:      {}; events {}/s, burst {}; flow accounting {}",
             if s.audit {
                 "AUDIT (nothing enforced)"
-            } else {
+            } else if r.attached {
                 "enforcing"
+            } else {
+                "NOT ENFORCING (see above)"
             },
             s.log_rate,
             s.log_burst,
@@ -196,4 +205,87 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The pending-confirmation line: before the deadline, when it is undone;
+/// past it, why it is still in force (the restore failing and why, or no
+/// guard running).
+fn print_pending(
+    o: &mut impl Write,
+    p: &crate::report::Awaiting,
+    iface: &str,
+) -> std::io::Result<()> {
+    if !p.overdue {
+        return writeln!(
+            o,
+            "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {iface}`)",
+            p.generation, p.deadline
+        );
+    }
+    let last = p
+        .restore_error
+        .as_ref()
+        .map_or_else(String::new, |e| format!(" (its last restore failed: {e})"));
+    let why = match (&p.restore_error, p.guard_running) {
+        (_, Some(false)) => format!(
+            "NO GUARD RUNNING to undo it{last}; `segbpf attach {iface} ...` starts it again"
+        ),
+        (Some(e), _) => format!(
+            "RESTORE FAILING ({} attempts, the guard keeps trying): {e}",
+            p.restore_attempts
+        ),
+        (None, Some(true)) => "the guard is undoing it now".to_string(),
+        (None, None) => {
+            format!("no guard has reported on it; `segbpf attach {iface} ...` starts one again")
+        }
+    };
+    writeln!(
+        o,
+        "  PENDING:   generation {} is still in force past its deadline (unix time {}): {why}",
+        p.generation, p.deadline
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Awaiting;
+
+    fn line(p: &Awaiting) -> String {
+        let mut out = Vec::new();
+        print_pending(&mut out, p, "eth1").unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn pending_past_its_deadline_says_why() {
+        let mut p = Awaiting {
+            generation: 4,
+            deadline: 100,
+            overdue: false,
+            guard_running: None,
+            restore_attempts: 0,
+            restore_error: None,
+        };
+        assert!(line(&p).contains("is undone at unix time 100 unless confirmed"));
+        p.overdue = true;
+        assert!(line(&p).contains("no guard has reported"), "{}", line(&p));
+        p.guard_running = Some(true);
+        assert!(line(&p).contains("the guard is undoing it now"));
+        p.restore_attempts = 3;
+        p.restore_error = Some("roles.toml: unknown role".into());
+        let l = line(&p);
+        assert!(
+            l.contains("still in force past its deadline")
+                && l.contains("RESTORE FAILING (3 attempts")
+                && l.contains("unknown role"),
+            "{l}"
+        );
+        p.guard_running = Some(false);
+        let l = line(&p);
+        assert!(
+            l.contains("NO GUARD RUNNING") && l.contains("its last restore failed: roles.toml"),
+            "{l}"
+        );
+    }
 }

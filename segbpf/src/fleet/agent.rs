@@ -9,6 +9,21 @@
 //! again after the switch, so a revision that cuts the host off from the
 //! control plane is undone by the guard.
 //!
+//! Every revision the agent applies, on every path (the pointer's own
+//! revision, a canary stage's `previous`, the first fetch of an agent with
+//! no cache, the cache itself), is checked against the hash its push
+//! recorded ([`super::Current::verify`]); one that does not match is not
+//! applied, and is reported.
+//!
+//! A status key held by another live agent is never overwritten: each
+//! report is a transaction that writes the key only if it is absent or was
+//! written by this same agent ([`owner`]: the kernel's boot id and the
+//! network namespace's inode, never a name). Two agents with one host name
+//! (cloned images, namespaces on one machine) therefore do not overwrite
+//! each other: the second reports as `HOST~MACHINEID-NETNS` (or
+//! `HOST~BOOTID-NETNS`), warns, and takes its own name back once the other
+//! agent's key is gone; `fleet status` flags the collision.
+//!
 //! Fail static: the last revision applied is cached on disk ([`cache_dir`]:
 //! `IFACE.toml`, its revision in `IFACE.json`; `detach` keeps it).
 //! While etcd is unreachable the agent keeps enforcing it and retries with
@@ -22,7 +37,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -140,11 +155,19 @@ pub async fn initial_policy(
     cfg: &AgentConfig,
 ) -> Result<(PathBuf, u64), FleetError> {
     if let Some(meta) = cached(att) {
-        info!(
-            "enforcing the cached revision {} of {} at once; etcd is asked next",
-            meta.revision, meta.prefix
+        let text = std::fs::read(cache_path(att)).unwrap_or_default();
+        if hash(&text) == meta.hash {
+            info!(
+                "enforcing the cached revision {} of {} at once; etcd is asked next",
+                meta.revision, meta.prefix
+            );
+            return Ok((cache_path(att), meta.revision));
+        }
+        tracing::error!(
+            "the cached revision {} in {} does not match its recorded hash; not enforced, etcd is asked",
+            meta.revision,
+            cache_path(att).display()
         );
-        return Ok((cache_path(att), meta.revision));
     }
     let id = agent_id(&cfg.host, &att.iface);
     let mut delay = cfg.retry_min;
@@ -160,6 +183,7 @@ pub async fn initial_policy(
                 return Ok(None);
             };
             let text = get_revision(&cfg.store, &mut client, target).await?;
+            current.verify(target, &cfg.store.revision_key(target), &text)?;
             Ok::<_, FleetError>(Some((target, text)))
         }
         .await;
@@ -180,6 +204,10 @@ pub async fn initial_policy(
             Ok(None) => warn!(
                 "no policy pushed under {} yet (segbpf fleet push); nothing is enforced until one is; asking again in at most {} ms",
                 cfg.store.prefix,
+                delay.as_millis()
+            ),
+            Err(e @ FleetError::Tampered { .. }) => tracing::error!(
+                "{e}; no cached policy: nothing is enforced until a revision that matches is pushed; asking again in at most {} ms",
                 delay.as_millis()
             ),
             Err(e) => warn!(
@@ -221,9 +249,55 @@ async fn get_revision(store: &Store, client: &mut Client, n: u64) -> Result<Stri
         })
 }
 
+/// Who runs an agent, from the kernel: the boot id (random at each boot,
+/// so cloned images differ) and the inode of the attachment's network
+/// namespace. Written in the agent's status; a key whose owner differs is
+/// another agent's.
+pub fn owner(att: &Attachment) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{}/net:[{}]", boot.trim(), att.netns.inode)
+}
+
+/// The names this agent may report under, in order of preference: the
+/// host name, then the host name with the machine id and the namespace's
+/// inode, then with the boot id instead of the machine id (cloned images
+/// can share a machine id).
+fn identities(host: &str, att: &Attachment) -> Vec<String> {
+    let short = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| {
+                t.trim()
+                    .replace('-', "")
+                    .chars()
+                    .take(8)
+                    .collect::<String>()
+            })
+            .filter(|t| !t.is_empty())
+    };
+    let ino = att.netns.inode;
+    let mut out = vec![host.to_string()];
+    for id in [
+        short("/etc/machine-id"),
+        short("/proc/sys/kernel/random/boot_id"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let name = format!("{host}~{id}-{ino}");
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// What the agent knows between sessions.
 struct Local {
+    /// `HOST/IFACE` as this agent reports (what canaries are chosen by).
     id: String,
+    /// The name its status key holds under the current lease, if any.
+    claimed: Option<String>,
     /// The revision in force (from the cache).
     applied: Option<u64>,
     applied_hash: Option<String>,
@@ -239,6 +313,7 @@ pub async fn run(att: &Attachment, cfg: &AgentConfig, mut hup: tokio::signal::un
     let meta = cached(att);
     let mut local = Local {
         id: agent_id(&cfg.host, &att.iface),
+        claimed: None,
         applied: meta.as_ref().map(|m| m.revision),
         applied_hash: meta.map(|m| m.hash),
         failed: None,
@@ -313,6 +388,10 @@ async fn session_inner(
         store.endpoints.join(","),
         store.current_key()
     );
+    // A new lease: the status key is claimed again (and with it the name
+    // canaries know this agent by) before the pointer is followed.
+    local.claimed = None;
+    report(att, cfg, &mut client, local, lease).await;
 
     let (current, from) = get_current(store, &mut client).await?;
     if let Some(current) = current {
@@ -366,6 +445,10 @@ async fn session_inner(
                 // A revision that waited for a pending confirmation.
                 if let Some(c) = local.current.clone().filter(|c| wants(local, c)) {
                     follow(att, cfg, &mut client, local, c).await;
+                    report(att, cfg, &mut client, local, lease).await;
+                } else if local.claimed.as_deref() != Some(cfg.host.as_str()) {
+                    // Reporting under another name (or none): its own
+                    // name may be free again.
                     report(att, cfg, &mut client, local, lease).await;
                 }
             }
@@ -430,11 +513,8 @@ async fn follow(
             return;
         }
     };
-    if target == current.revision && hash(text.as_bytes()) != current.hash {
-        let e = format!(
-            "revision {target}: its source in {} does not match the hash the push recorded (changed after the push?); not applied",
-            cfg.store.revision_key(target)
-        );
+    if let Err(e) = current.verify(target, &cfg.store.revision_key(target), &text) {
+        let e = e.to_string();
         tracing::error!("{e}");
         local.failed = Some((target, e));
         return;
@@ -551,7 +631,7 @@ async fn report(
     att: &Attachment,
     cfg: &AgentConfig,
     client: &mut Client,
-    local: &Local,
+    local: &mut Local,
     lease: i64,
 ) {
     if let Err(e) = try_report(att, cfg, client, local, lease).await {
@@ -563,12 +643,15 @@ async fn try_report(
     att: &Attachment,
     cfg: &AgentConfig,
     client: &mut Client,
-    local: &Local,
+    local: &mut Local,
     lease: i64,
 ) -> Result<(), FleetError> {
     let state = State::current(att).ok();
-    let status = AgentStatus {
-        host: cfg.host.clone(),
+    let me = owner(att);
+    let status = |host: &str| AgentStatus {
+        host: host.to_string(),
+        name: Some(cfg.host.clone()),
+        owner: Some(me.clone()),
         iface: att.iface.clone(),
         roles: state.as_ref().map(|s| s.roles.clone()).unwrap_or_default(),
         role_args: state
@@ -587,18 +670,81 @@ async fn try_report(
         failed_revision: local.failed.as_ref().map(|(r, _)| *r),
         updated_at: now(),
     };
-    let key = cfg.store.status_key(&cfg.host, &att.iface);
-    cfg.store
-        .timed(
-            "writing the agent's status",
-            client.put(
-                key,
-                serde_json::to_string(&status).unwrap_or_default(),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
-    Ok(())
+    let store = &cfg.store;
+    let mut held_by = Vec::new();
+    for name in identities(&cfg.host, att) {
+        let key = store.status_key(&name, &att.iface);
+        let resp = store
+            .timed(
+                "reading the agent's status key",
+                client.get(key.clone(), None),
+            )
+            .await?;
+        // Written only if absent, or if this agent wrote what is there.
+        let when = match resp.kvs().first() {
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Some(kv) => {
+                let theirs = serde_json::from_slice::<AgentStatus>(kv.value())
+                    .ok()
+                    .and_then(|s| s.owner);
+                if theirs.as_deref() != Some(me.as_str()) {
+                    held_by.push(format!(
+                        "{key} (owner {})",
+                        theirs.as_deref().unwrap_or("unknown: an older segbpf")
+                    ));
+                    continue;
+                }
+                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
+            }
+        };
+        let value = serde_json::to_string(&status(&name)).unwrap_or_default();
+        let txn = Txn::new().when([when]).and_then([TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let resp = store
+            .timed("writing the agent's status", client.txn(txn))
+            .await?;
+        if !resp.succeeded() {
+            // Another agent wrote it in between: theirs.
+            held_by.push(format!("{key} (written by another agent just now)"));
+            continue;
+        }
+        if local.claimed.as_deref() != Some(name.as_str()) {
+            if let Some(old) = local.claimed.take() {
+                // Back to a better name: the old key goes (if still ours).
+                let old_key = store.status_key(&old, &att.iface);
+                let txn = Txn::new()
+                    .when([Compare::lease(old_key.clone(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(old_key, None)]);
+                store
+                    .timed("removing the agent's previous status key", client.txn(txn))
+                    .await?;
+            }
+            if name == cfg.host {
+                info!("reporting as {}", agent_id(&name, &att.iface));
+            } else {
+                warn!(
+                    "another live agent reports as {} ({}): this one reports as {} instead; give each host its own name (--fleet-host)",
+                    agent_id(&cfg.host, &att.iface),
+                    held_by.join(", "),
+                    agent_id(&name, &att.iface)
+                );
+            }
+            local.claimed = Some(name.clone());
+            local.id = agent_id(&name, &att.iface);
+        }
+        return Ok(());
+    }
+    local.claimed = None;
+    Err(FleetError::Malformed {
+        key: store.status_key(&cfg.host, &att.iface),
+        reason: format!(
+            "every name this agent may report under is held by another live agent: {}; no status reported",
+            held_by.join(", ")
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -119,6 +119,16 @@ pub enum FleetError {
     /// The swap of a revision failed (the policy in force is unchanged).
     #[error(transparent)]
     Swap(#[from] crate::swap::SwapError),
+    /// A revision's stored source is not what the push recorded.
+    #[error("revision {revision}: its source in {key} {reason}; not applied")]
+    Tampered {
+        /// The revision.
+        revision: u64,
+        /// Its key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A canary rollout was asked for with no agent reporting.
     #[error("--canary {0}: no agent reports under the prefix; push without --canary")]
     NoAgents(usize),
@@ -327,6 +337,10 @@ pub struct Canary {
     pub agents: Vec<String>,
     /// The revision every other agent keeps (none: the first push).
     pub previous: Option<u64>,
+    /// Its hash, as the push that made it recorded it (every revision an
+    /// agent applies is checked against the hash its push recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_hash: Option<String>,
 }
 
 impl Current {
@@ -335,6 +349,39 @@ impl Current {
         match &self.canary {
             Some(c) if !c.agents.iter().any(|a| a == id) => c.previous,
             _ => Some(self.revision),
+        }
+    }
+
+    /// The hash the push recorded for `revision`, if this pointer holds
+    /// one: the pointer's own revision, or during a canary stage the
+    /// revision the others keep.
+    pub fn hash_of(&self, revision: u64) -> Option<&str> {
+        if revision == self.revision {
+            return Some(&self.hash);
+        }
+        self.canary
+            .as_ref()
+            .filter(|c| c.previous == Some(revision))
+            .and_then(|c| c.previous_hash.as_deref())
+    }
+
+    /// Checks `text`, the stored source of `revision` (at `key`), against
+    /// the hash the push recorded ([`Current::hash_of`]).
+    pub fn verify(&self, revision: u64, key: &str, text: &str) -> Result<(), FleetError> {
+        let tampered = |reason: String| FleetError::Tampered {
+            revision,
+            key: key.to_string(),
+            reason,
+        };
+        match self.hash_of(revision) {
+            Some(h) if h == hash(text.as_bytes()) => Ok(()),
+            Some(_) => Err(tampered(
+                "does not match the hash the push recorded (changed after the push?)".into(),
+            )),
+            None => Err(tampered(
+                "has no hash recorded by a push in the pointer (a pointer written by an older segbpf, or by hand?)"
+                    .into(),
+            )),
         }
     }
 
@@ -349,8 +396,16 @@ impl Current {
 /// What an agent reports under `PREFIX/status/HOST/IFACE`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
-    /// Host name (`--fleet-host`, default the system's).
+    /// The name the agent reports under: its host name, or when another
+    /// live agent holds that, `HOST~MACHINEID-NETNS` (or `HOST~BOOTID-NETNS`).
     pub host: String,
+    /// The host name it was given (`--fleet-host`, default the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Who wrote the report: the kernel's boot id and the network
+    /// namespace's inode ([`agent::owner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Interface.
     pub iface: String,
     /// Roles in force.
@@ -464,7 +519,41 @@ pub struct FleetStatus {
     pub agents: Vec<AgentStatus>,
 }
 
+/// Agents that were given one host name for one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NameCollision {
+    /// The host name they share.
+    pub name: String,
+    /// The interface.
+    pub iface: String,
+    /// The names they report under (`HOST/IFACE`).
+    pub agents: Vec<String>,
+}
+
 impl FleetStatus {
+    /// Host names more than one live agent was given for one interface
+    /// (cloned images, namespaces on one machine).
+    pub fn name_collisions(&self) -> Vec<NameCollision> {
+        let mut by_name: std::collections::BTreeMap<(&str, &str), Vec<String>> =
+            std::collections::BTreeMap::new();
+        for a in &self.agents {
+            let name = a.name.as_deref().unwrap_or(&a.host);
+            by_name
+                .entry((name, &a.iface))
+                .or_default()
+                .push(agent_id(&a.host, &a.iface));
+        }
+        by_name
+            .into_iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|((name, iface), agents)| NameCollision {
+                name: name.to_string(),
+                iface: iface.to_string(),
+                agents,
+            })
+            .collect()
+    }
+
     /// Agents at the latest revision without an error.
     pub fn at_latest(&self) -> usize {
         self.agents.iter().filter(|a| self.is_latest(a)).count()
@@ -624,10 +713,11 @@ pub async fn push(
     let revision = last.max(current.as_ref().map_or(0, |c| c.revision)) + 1;
     // What the fleet enforces now (a canary stage left by a push that was
     // killed: the revision the others kept).
-    let previous = current.as_ref().and_then(|c| match &c.canary {
-        Some(k) => k.previous,
-        None => Some(c.revision),
-    });
+    let (previous, previous_hash) = match current.as_ref().map(|c| (c, &c.canary)) {
+        Some((_, Some(k))) => (k.previous, k.previous_hash.clone()),
+        Some((c, None)) => (Some(c.revision), Some(c.hash.clone())),
+        None => (None, None),
+    };
     let canaries = match req.canary {
         Some((n, _)) => {
             let st = read_status(store, &mut client).await?;
@@ -651,6 +741,7 @@ pub async fn push(
         canary: (!canaries.is_empty()).then(|| Canary {
             agents: canaries.clone(),
             previous,
+            previous_hash,
         }),
         pushed_at: now(),
     };
@@ -798,6 +889,8 @@ mod tests {
     fn agent(host: &str, addr: &str, roles: &[&str]) -> AgentStatus {
         AgentStatus {
             host: host.into(),
+            name: None,
+            owner: None,
             iface: "eth0".into(),
             roles: roles.iter().map(ToString::to_string).collect(),
             role_args: Vec::new(),
@@ -833,11 +926,24 @@ mod tests {
             canary: Some(Canary {
                 agents: vec!["a/eth0".into()],
                 previous: Some(6),
+                previous_hash: Some(hash(b"six")),
             }),
             pushed_at: 0,
         };
+        c.hash = hash(b"seven");
         assert_eq!(c.target_for("a/eth0"), Some(7));
         assert_eq!(c.target_for("b/eth0"), Some(6));
+        // Each revision is checked against its own recorded hash.
+        let key = "/segbpf/policy/revisions/x";
+        assert!(c.verify(7, key, "seven").is_ok());
+        assert!(c.verify(6, key, "six").is_ok());
+        assert!(c.verify(6, key, "seven").is_err());
+        assert!(c.verify(7, key, "six").is_err());
+        assert!(c.verify(5, key, "five").is_err(), "no hash recorded");
+        if let Some(k) = c.canary.as_mut() {
+            k.previous_hash = None;
+        }
+        assert!(c.verify(6, key, "six").is_err(), "no hash recorded");
         c.canary = None;
         assert_eq!(c.target_for("b/eth0"), Some(7));
     }
@@ -887,6 +993,33 @@ hosts = ["198.18.1.0/24", "198.18.0.9/32"]
             ..TlsFiles::default()
         };
         assert!(Store::new(vec!["e:2379".into()], "/s", half).is_err());
+    }
+
+    #[test]
+    fn agents_given_one_name_are_flagged() {
+        let mut second = agent("w1~0123abcd-4026532000", "198.18.0.6", &["web"]);
+        second.name = Some("w1".into());
+        let mut first = agent("w1", "198.18.0.5", &["web"]);
+        first.name = Some("w1".into());
+        let mut other_iface = agent("w1", "198.18.0.7", &["web"]);
+        other_iface.iface = "eth1".into();
+        let st = FleetStatus {
+            current: None,
+            agents: vec![
+                first,
+                second,
+                agent("w2", "198.18.0.8", &["web"]),
+                other_iface,
+            ],
+        };
+        assert_eq!(
+            st.name_collisions(),
+            [NameCollision {
+                name: "w1".into(),
+                iface: "eth0".into(),
+                agents: vec!["w1/eth0".into(), "w1~0123abcd-4026532000/eth0".into()],
+            }]
+        );
     }
 
     #[test]

@@ -764,6 +764,9 @@ struct HostResult {
     log_rate: Option<u32>,
     /// Ingress accepts ICMP echo from any peer (or its policy accepts).
     echo_any: bool,
+    /// Echo requests accepted from (to) anyone, by direction and family
+    /// (`[direction][0]` IPv4, `[direction][1]` IPv6).
+    echo: [[bool; 2]; 2],
     sport_rules: bool,
     warnings: Vec<Warning>,
 }
@@ -915,6 +918,17 @@ fn analyse(host: &Host) -> HostResult {
     res
 }
 
+/// Whether a `ct state` match admits new connections and otherwise only
+/// packets of connections (`new`, or `new,established[,related]`, the
+/// common idiom for opening a port): the rule is an allow rule, and
+/// segbpf's own tracking takes care of the rest of the flow.
+fn opens_new(states: &[String]) -> bool {
+    states.iter().any(|s| s == "new")
+        && states
+            .iter()
+            .all(|s| matches!(s.as_str(), "new" | "established" | "related"))
+}
+
 fn chain_rules(
     host: &Host,
     flats: &[Flat],
@@ -931,14 +945,11 @@ fn chain_rules(
                 && !f.lo
                 && !f.sport
                 && f.issues.is_empty()
-                && f.ct.as_ref().is_none_or(|s| s.iter().all(|x| x == "new"))
+                && f.ct.as_ref().is_none_or(|s| opens_new(s))
         })
         .collect();
     for (i, f) in flats.iter().enumerate() {
-        let scope = Some(Scope {
-            direction: dir,
-            cond: f.cond.clone(),
-        });
+        let scope = Some(Scope::of(dir, f.cond.clone()));
         if f.lo {
             continue;
         }
@@ -951,7 +962,7 @@ fn chain_rules(
             if states.iter().all(|s| s == "invalid") && f.verdict == Verdict::Drop {
                 continue;
             }
-            if !states.iter().all(|s| s == "new") && f.verdict != Verdict::None {
+            if !opens_new(states) && f.verdict != Verdict::None {
                 res.warnings.push(warn(
                     host,
                     &f.origin,
@@ -1131,10 +1142,7 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
                         WarningKind::Unsupported,
                         format!("accepts IP protocol {other}"),
                         "left out: a rule allows tcp, udp, icmp, icmpv6 or every protocol",
-                        Some(Scope {
-                            direction: dir,
-                            cond: f.cond.clone(),
-                        }),
+                        Some(Scope::of(dir, f.cond.clone())),
                     )),
                 }
             }
@@ -1175,6 +1183,16 @@ fn to_out(host: &Host, f: &Flat, dir: Direction, res: &mut HostResult) -> Option
         if dir == Direction::Ingress && f.cond.peers.is_none() && f.cond.ifaces.is_none() {
             res.echo_any = true;
         }
+    }
+    // Echo requests from (to) anyone, per family.
+    let echo = f
+        .icmp_types
+        .as_ref()
+        .is_none_or(|t| t.iter().any(|x| x == "echo-request"));
+    if f.cond.peers.is_none() && f.cond.ifaces.is_none() {
+        let d = dir_index(dir);
+        res.echo[d][0] |= o.any_proto || (o.icmp && echo);
+        res.echo[d][1] |= o.any_proto || (o.icmpv6 && echo);
     }
     if !(o.any_proto || o.icmp || o.icmpv6 || !o.tcp.is_empty() || !o.udp.is_empty()) {
         return None;
@@ -1302,6 +1320,36 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
     let log_rate = results.iter().filter_map(|r| r.log_rate).max().unwrap_or(0);
     for (h, r) in hosts.iter().zip(&results) {
         warnings.extend(r.warnings.iter().cloned());
+        // `icmp = true` passes echo requests both ways, in both families.
+        let fams = super::verify::families(&h.ruleset);
+        for (d, dir) in Direction::ALL.into_iter().enumerate() {
+            for (f, v6) in [false, true].into_iter().enumerate() {
+                if !icmp || r.accept[d] || r.echo[d][f] || !fams.contains(&v6) {
+                    continue;
+                }
+                let (name, proto) = if v6 { ("ICMPv6", 58) } else { ("ICMP", 1) };
+                warnings.push(Warning {
+                    origin: Origin {
+                        file: h.file.clone(),
+                        line: None,
+                        text: "ruleset".to_string(),
+                    },
+                    roles: vec![h.input.role.clone()],
+                    kind: WarningKind::Approximation,
+                    message: format!("does not accept {name} echo requests on {dir}"),
+                    instead: "icmp = true: echo requests pass in both directions and families"
+                        .to_string(),
+                    scope: Some(Scope::of(
+                        dir,
+                        Cond {
+                            protos: Some(vec![proto]),
+                            v6: Some(v6),
+                            ..Cond::default()
+                        },
+                    )),
+                });
+            }
+        }
         if established && !r.established && !(r.accept[0] && r.accept[1]) {
             warnings.push(Warning {
                 origin: Origin {
@@ -1314,7 +1362,7 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
                 message: "has no `ct state established,related accept`".to_string(),
                 instead: "established = true for every host: replies to allowed flows pass"
                     .to_string(),
-                scope: None,
+                scope: Some(Scope::replies()),
             });
         }
     }
@@ -1679,6 +1727,55 @@ mod tests {
         for k in ["drop-before-accept", "source-port", "rate-limit", "nat"] {
             assert!(text.contains(&format!("[{k}]")), "{k}\n{text}");
         }
+    }
+
+    #[test]
+    fn new_established_accept_is_the_allow_rule_it_is() {
+        let ct = |states: &str, port: u16| {
+            rule(
+                "in",
+                &format!(
+                    r#"[{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "tcp", "field": "dport"}}}}, "right": {port}}}}}, {{"match": {{"op": "in", "left": {{"ct": {{"key": "state"}}}}, "right": [{states}]}}}}, {{"accept": null}}]"#
+                ),
+            )
+        };
+        let a = host(
+            "a",
+            &ruleset(
+                "drop",
+                "accept",
+                &[
+                    rule("in", EST),
+                    ct(r#""new", "established""#, 80),
+                    ct(r#""established", "new", "related""#, 443),
+                    ct(r#""new", "invalid""#, 8080),
+                ],
+                "",
+            ),
+        );
+        let (text, warnings) = map(&[a], &[]).unwrap();
+        let p = crate::policy::Policy::from_str(&text, "t.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let services: Vec<String> = p.rules.iter().map(crate::policy::Rule::services).collect();
+        assert!(
+            services.contains(&"tcp/80".to_string()),
+            "{services:?}\n{text}"
+        );
+        assert!(
+            services.contains(&"tcp/443".to_string()),
+            "{services:?}\n{text}"
+        );
+        assert!(!services.iter().any(|s| s.contains("8080")), "{services:?}");
+        // Only the `new,invalid` rule is left out, and said so.
+        let unsupported: Vec<&Warning> = warnings
+            .iter()
+            .filter(|w| w.kind == WarningKind::Unsupported)
+            .collect();
+        assert_eq!(unsupported.len(), 1, "{warnings:?}");
+        assert!(
+            unsupported[0].message.contains("new,invalid"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub enum ImportError {
         /// Why.
         source: std::io::Error,
     },
+    /// An input is empty (a pipe already read, an empty file).
+    #[error(
+        "{file}: the input is empty: no ruleset to import (a pipe or /dev/stdin can be read only once: give each --host its own)"
+    )]
+    Empty {
+        /// The file.
+        file: String,
+    },
     /// The firewall tool refused the file (its messages name the lines).
     #[error("{file}: {tool} refused the ruleset:\n{message}")]
     Refused {
@@ -318,7 +326,8 @@ pub fn import(
     }
     let mut read = Vec::new();
     for h in hosts {
-        let ruleset = ruleset::read(flavor, &h.file)?;
+        let text = read_input(&h.file)?;
+        let ruleset = ruleset::read(flavor, &h.file, &text)?;
         read.push(Host {
             input: h.clone(),
             file: h.file.display().to_string(),
@@ -333,6 +342,22 @@ pub fn import(
         warnings,
         hosts: read,
     })
+}
+
+/// Reads one input once, into memory: everything after (the tools, the
+/// source lines, `--verify`) works on these bytes, so a pipe or
+/// `/dev/stdin` gives the same ruleset to each. An empty input is refused:
+/// read as a ruleset it would be "no rules, accept everything".
+pub fn read_input(path: &std::path::Path) -> Result<String, ImportError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Err(ImportError::Empty { file });
+    }
+    Ok(text)
 }
 
 /// The addresses a role's hosts have in the imported policy (first of each

@@ -101,6 +101,8 @@ pub struct Ruleset {
     pub iptables: bool,
     /// The ruleset as JSON (as the tools listed it).
     pub json: Value,
+    /// The file's content as it was read (once) and given to the tools.
+    pub text: String,
 }
 
 impl Ruleset {
@@ -119,36 +121,32 @@ impl Ruleset {
     }
 }
 
-/// Reads `path` with the real tools.
-pub fn read(flavor: super::Flavor, path: &Path) -> Result<Ruleset, ImportError> {
+/// Reads one host's ruleset with the real tools: `text` is the file's
+/// content, read once by the caller ([`super::read_input`]); the tools get
+/// these bytes on their stdin, never the file again (a pipe or
+/// `/dev/stdin` can be read only once). `path` names the file in messages
+/// and is where relative includes are looked for.
+pub fn read(flavor: super::Flavor, path: &Path, text: &str) -> Result<Ruleset, ImportError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-        file: file.clone(),
-        source,
-    })?;
     let ns = ScratchNs::new("r")?;
     let (json, lines, iptables) = match flavor {
         super::Flavor::Nft => {
             let is_json = text.trim_start().starts_with('{');
-            for name in interface_names(path) {
+            for name in interface_names(path, text) {
                 // `iif NAME` needs the interface to exist; a dummy does.
                 let _ = ns.ip(&["link", "add", &name, "type", "dummy"]);
             }
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let dir = dir.display().to_string();
+            let dir = include_dir(path);
             let mut args = vec!["-I", dir.as_str()];
             if is_json {
                 args.push("-j");
             }
-            args.extend(["-f", file.as_str()]);
-            let out = ns.exec("nft", &args, None, None)?;
+            args.extend(["-f", "-"]);
+            let out = ns.exec_input("nft", &args, text.as_bytes())?;
             if !out.status.success() {
-                let mut message = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+                let mut message = stdin_named(&file, &String::from_utf8_lossy(&out.stderr));
                 if !is_json {
-                    message.push_str(&family_hint(&file, &text, &message));
+                    message.push_str(&family_hint(&file, text, &message));
                 }
                 return Err(ImportError::Refused {
                     file,
@@ -159,18 +157,18 @@ pub fn read(flavor: super::Flavor, path: &Path) -> Result<Ruleset, ImportError> 
             let lines = if is_json {
                 Lines::new()
             } else {
-                source::nft_lines(path)
+                source::nft_lines(path, text)
             };
             (ns.nft_json()?, lines, false)
         }
         super::Flavor::Iptables => {
-            let v6 = is_ip6tables(&text);
+            let v6 = is_ip6tables(text);
             let tool = if v6 {
                 "ip6tables-nft-restore"
             } else {
                 "iptables-nft-restore"
             };
-            let out = ns.exec(tool, &[], Some(path), None)?;
+            let out = ns.exec_input(tool, &[], text.as_bytes())?;
             if !out.status.success() {
                 return Err(ImportError::Refused {
                     file: file.clone(),
@@ -178,24 +176,133 @@ pub fn read(flavor: super::Flavor, path: &Path) -> Result<Ruleset, ImportError> 
                     message: with_line(&file, &String::from_utf8_lossy(&out.stderr)),
                 });
             }
-            // The xtables matches show as opaque `xt` objects in JSON, but
-            // nft lists them translated: load the listing into a second
-            // namespace and take its JSON (native expressions).
-            let listed = ns.exec("nft", &["list", "ruleset"], None, None)?;
-            let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
-            let ns2 = ScratchNs::new("t")?;
-            let json = match ns2.nft_load_str(&listed) {
-                Ok(()) => ns2.nft_json()?,
-                Err(_) => ns.nft_json()?,
-            };
-            (json, source::iptables_lines(path), true)
+            (translated(&ns)?, source::iptables_lines(path, text), true)
         }
     };
     drop(ns);
     let mut rs = parse_json(&file, &json, &lines)?;
     rs.iptables = iptables;
     rs.json = json;
+    rs.text = text.to_string();
     Ok(rs)
+}
+
+/// The JSON of an iptables-nft ruleset loaded in `ns`, its xtables
+/// matches in native expressions. In JSON they show as opaque `xt`
+/// objects, but nft lists them translated: the listing is loaded into a
+/// second namespace and its JSON taken. When the listing does not load as
+/// a whole (an extension nft cannot translate, such as `-m recent`, lists
+/// as `xt match recent`), each rule is translated on its own, so that one
+/// rule's failure touches only that rule: it keeps its `xt` expression,
+/// which the mapping reports as unsupported.
+fn translated(ns: &ScratchNs) -> Result<Value, ImportError> {
+    let listed = ns.exec("nft", &["list", "ruleset"])?;
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let ns2 = ScratchNs::new("t")?;
+    if ns2.nft_load_str(&listed).is_ok() {
+        return ns2.nft_json();
+    }
+    let mut json = ns.nft_json()?;
+    let handles = ns.exec("nft", &["-a", "list", "ruleset"])?;
+    let texts = rule_texts(&String::from_utf8_lossy(&handles.stdout));
+    let Some(items) = json["nftables"].as_array_mut() else {
+        return Ok(json);
+    };
+    // The tables, chains and sets, without rules: what a rule may refer to.
+    let skeleton: Vec<Value> = items
+        .iter()
+        .filter(|i| i.get("rule").is_none() && i.get("metainfo").is_none())
+        .cloned()
+        .collect();
+    let skeleton = serde_json::json!({ "nftables": skeleton }).to_string();
+    let out = ns2.exec_input("nft", &["-j", "-f", "-"], skeleton.as_bytes())?;
+    if !out.status.success() {
+        return Ok(json);
+    }
+    for item in items.iter_mut() {
+        let Some(rule) = item.get_mut("rule") else {
+            continue;
+        };
+        let has_xt = rule["expr"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x.get("xt").is_some()));
+        if !has_xt {
+            continue;
+        }
+        let key = (
+            rule["family"].as_str().unwrap_or("").to_string(),
+            rule["table"].as_str().unwrap_or("").to_string(),
+            rule["chain"].as_str().unwrap_or("").to_string(),
+            rule["handle"].as_u64().unwrap_or(0),
+        );
+        let Some(text) = texts.get(&key) else {
+            continue;
+        };
+        let cmd = format!("add rule {} {} {} {text}", key.0, key.1, key.2);
+        let Ok(out) = ns2.exec("nft", &["-e", "-j", &cmd]) else {
+            continue;
+        };
+        if !out.status.success() {
+            continue;
+        }
+        let Ok(echo) = serde_json::from_slice::<Value>(&out.stdout) else {
+            continue;
+        };
+        let expr = &echo["nftables"][0]["add"]["rule"]["expr"];
+        if expr.is_array() {
+            rule["expr"] = expr.clone();
+        }
+    }
+    Ok(json)
+}
+
+/// The rules of an `nft -a list ruleset` listing by (family, table,
+/// chain, handle): each rule is listed on one line ending in `# handle N`.
+fn rule_texts(listing: &str) -> std::collections::BTreeMap<(String, String, String, u64), String> {
+    let mut out = std::collections::BTreeMap::new();
+    let (mut family, mut table, mut chain) = (String::new(), String::new(), None::<String>);
+    for line in listing.lines() {
+        let l = line.trim();
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if w.first() == Some(&"table") && w.len() >= 3 {
+            family = w[1].to_string();
+            table = w[2].to_string();
+            chain = None;
+        } else if w.first() == Some(&"chain") && w.len() >= 2 {
+            chain = Some(w[1].to_string());
+        } else if l == "}" {
+            chain = None;
+        } else if let (Some(c), Some((rule, handle))) = (&chain, l.rsplit_once(" # handle "))
+            && let Ok(h) = handle.trim().parse::<u64>()
+        {
+            out.insert(
+                (family.clone(), table.clone(), c.clone(), h),
+                rule.trim().to_string(),
+            );
+        }
+    }
+    out
+}
+
+/// The directory relative includes of `path` are looked for in.
+pub fn include_dir(path: &Path) -> String {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .display()
+        .to_string()
+}
+
+/// A tool's messages about its stdin, naming the user's file instead.
+pub fn stdin_named(file: &str, msg: &str) -> String {
+    msg.trim_end()
+        .lines()
+        .map(|l| match l.strip_prefix("/dev/stdin:") {
+            Some(rest) => format!("{file}:{rest}"),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether an iptables-save file is IPv6 (`ip6tables-save` header, or IPv6
@@ -260,8 +367,9 @@ fn family_hint(file: &str, text: &str, message: &str) -> String {
     out
 }
 
-/// Interface names after `iif`/`oif` in a file and its includes.
-fn interface_names(path: &Path) -> Vec<String> {
+/// Interface names after `iif`/`oif` in a file (`text`, as read) and its
+/// includes.
+fn interface_names(path: &Path, top: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut todo = vec![path.to_path_buf()];
     let mut done = Vec::new();
@@ -269,8 +377,13 @@ fn interface_names(path: &Path) -> Vec<String> {
         if done.contains(&p) || done.len() > 64 {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&p) else {
-            continue;
+        let text = if done.is_empty() {
+            top.to_string()
+        } else {
+            let Ok(t) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            t
         };
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
         done.push(p);

@@ -3,7 +3,6 @@
 //! the guard is dropped (also on errors and panics).
 
 use std::{
-    path::Path,
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -54,33 +53,46 @@ impl ScratchNs {
         c
     }
 
-    /// Runs `program args` inside, with `stdin` from a file if given.
-    pub fn exec(
+    /// Runs `program args` inside, stdin empty.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, ImportError> {
+        let mut c = self.command(program);
+        c.args(args).stdin(Stdio::null());
+        c.output()
+            .map_err(|e| ImportError::Scratch(format!("running {program}: {e}")))
+    }
+
+    /// Runs `program args` inside with `input` on its stdin (the bytes read
+    /// once from the user's file: a pipe cannot be read twice).
+    pub fn exec_input(
         &self,
         program: &str,
         args: &[&str],
-        stdin: Option<&Path>,
-        dir: Option<&Path>,
+        input: &[u8],
     ) -> Result<Output, ImportError> {
+        use std::io::Write as _;
         let mut c = self.command(program);
-        c.args(args);
-        if let Some(d) = dir {
-            c.current_dir(d);
+        c.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .map_err(|e| ImportError::Scratch(format!("running {program}: {e}")))?;
+        let writer = child.stdin.take().map(|mut stdin| {
+            let input = input.to_vec();
+            // A thread: the tool may print more than a pipe holds before it
+            // has read all its input.
+            std::thread::spawn(move || stdin.write_all(&input))
+        });
+        let out = child
+            .wait_with_output()
+            .map_err(|e| ImportError::Scratch(format!("running {program}: {e}")))?;
+        if let Some(w) = writer {
+            // A tool that stops reading early (an error) breaks the pipe:
+            // its exit status and messages say why.
+            let _ = w.join();
         }
-        match stdin {
-            Some(p) => {
-                let f = std::fs::File::open(p).map_err(|source| ImportError::Read {
-                    file: p.display().to_string(),
-                    source,
-                })?;
-                c.stdin(Stdio::from(f));
-            }
-            None => {
-                c.stdin(Stdio::null());
-            }
-        }
-        c.output()
-            .map_err(|e| ImportError::Scratch(format!("running {program}: {e}")))
+        Ok(out)
     }
 
     /// Loads an nftables ruleset text from a string (`nft -f -`).
@@ -114,7 +126,7 @@ impl ScratchNs {
 
     /// `nft -j list ruleset` inside, parsed.
     pub fn nft_json(&self) -> Result<serde_json::Value, ImportError> {
-        let out = self.exec("nft", &["-j", "list", "ruleset"], None, None)?;
+        let out = self.exec("nft", &["-j", "list", "ruleset"])?;
         if !out.status.success() {
             return Err(ImportError::Scratch(format!(
                 "nft -j list ruleset: {}",

@@ -23,11 +23,12 @@ pub struct SourceRule {
 /// Rules by (table name, chain name), in file order.
 pub type Lines = BTreeMap<(String, String), Vec<SourceRule>>;
 
-/// The rule statements of an nftables file and the files it includes.
-pub fn nft_lines(path: &Path) -> Lines {
+/// The rule statements of an nftables file (`text`, its content as read)
+/// and the files it includes.
+pub fn nft_lines(path: &Path, text: &str) -> Lines {
     let mut out = Lines::new();
     let mut seen = Vec::new();
-    nft_file(path, &mut out, &mut seen, 0);
+    nft_file(path, Some(text), &mut out, &mut seen, 0);
     out
 }
 
@@ -38,13 +39,18 @@ enum Ctx {
     Other,
 }
 
-fn nft_file(path: &Path, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
+fn nft_file(path: &Path, text: Option<&str>, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
     if depth > 16 || seen.iter().any(|p| p == path) {
         return;
     }
     seen.push(path.to_path_buf());
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return;
+    let text = if let Some(t) = text {
+        t.to_string()
+    } else {
+        let Ok(t) = std::fs::read_to_string(path) else {
+            return;
+        };
+        t
     };
     let file = path.display().to_string();
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -91,7 +97,7 @@ fn nft_file(path: &Path, out: &mut Lines, seen: &mut Vec<PathBuf>, depth: u32) {
                     } else {
                         dir.join(name)
                     };
-                    nft_file(&p, out, seen, depth + 1);
+                    nft_file(&p, None, out, seen, depth + 1);
                 } else if matches!(first, "add" | "insert") && words.get(1) == Some(&"rule") {
                     // add rule [family] table chain STATEMENTS
                     let rest = &words[2..];
@@ -198,12 +204,10 @@ fn is_family(w: &str) -> bool {
     matches!(w, "ip" | "ip6" | "inet" | "arp" | "bridge" | "netdev")
 }
 
-/// The rules of an `iptables-save` file: `-A CHAIN ...` lines per table.
-pub fn iptables_lines(path: &Path) -> Lines {
+/// The rules of an `iptables-save` file (`text`, its content as read):
+/// `-A CHAIN ...` lines per table.
+pub fn iptables_lines(path: &Path, text: &str) -> Lines {
     let mut out = Lines::new();
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return out;
-    };
     let file = path.display().to_string();
     let mut table = String::new();
     for (i, l) in text.lines().enumerate() {
@@ -242,7 +246,8 @@ mod tests {
             "define x = { 1, 2 }\ntable inet filter {\n  set s { type ipv4_addr; elements = { 1.2.3.4 } }\n  chain input {\n    type filter hook input priority 0; policy drop;\n    ct state established,related accept # replies\n    udp dport {\n      53, 123\n    } accept; tcp dport 22 accept\n  }\n}\ninclude \"inc.nft\"\nadd rule inet filter input icmp type echo-request accept\nadd rule inet filter input udp dport { 1, 2 } accept\n",
         )
         .unwrap();
-        let l = nft_lines(&dir.join("main.nft"));
+        let main = dir.join("main.nft");
+        let l = nft_lines(&main, &std::fs::read_to_string(&main).unwrap());
         let input = &l[&("filter".to_string(), "input".to_string())];
         let got: Vec<(u32, &str)> = input.iter().map(|r| (r.line, r.text.as_str())).collect();
         assert_eq!(got[0], (6, "ct state established,related accept"));

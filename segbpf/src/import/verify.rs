@@ -44,18 +44,58 @@ pub struct Scope {
     pub direction: Direction,
     /// What the warned rule matches.
     pub cond: Cond,
+    /// The warning is about the replies of allowed connections (any
+    /// direction and connection), not about what `cond` matches.
+    pub replies: bool,
 }
 
 impl Scope {
+    /// The packets `cond` matches in `direction` (new connections, echo requests).
+    pub fn of(direction: Direction, cond: Cond) -> Self {
+        Scope {
+            direction,
+            cond,
+            replies: false,
+        }
+    }
+
+    /// Every reply of an allowed connection.
+    pub fn replies() -> Self {
+        Scope {
+            direction: Direction::Ingress,
+            cond: Cond::default(),
+            replies: true,
+        }
+    }
+
     /// Whether the probe is one of these packets.
     pub fn covers(&self, d: &Difference) -> bool {
+        if d.traffic == Traffic::Reply || self.replies {
+            return self.replies && d.traffic == Traffic::Reply;
+        }
         self.direction == d.direction && self.cond.matches(d.peer, d.proto, d.dport, &d.iface)
     }
+}
+
+/// What a probe is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Traffic {
+    /// A new connection: a TCP SYN or a UDP datagram.
+    New,
+    /// An ICMP or ICMPv6 echo request.
+    Echo,
+    /// The reply to a new connection that both let through (a TCP SYN-ACK
+    /// or RST, a UDP datagram back): the established traffic.
+    Reply,
 }
 
 /// A probe whose verdicts differ.
 #[derive(Clone, Debug, Serialize)]
 pub struct Difference {
+    /// What was probed: a new connection, an echo request, or the reply
+    /// to a new connection (which `direction`, `peer` and `dport` describe).
+    pub traffic: Traffic,
     /// The host's role.
     pub role: String,
     /// Its ruleset file.
@@ -64,7 +104,7 @@ pub struct Difference {
     pub direction: Direction,
     /// Interface.
     pub iface: String,
-    /// 6 or 17.
+    /// 6, 17, 1 or 58.
     pub proto: u8,
     /// The peer (source on ingress, destination on egress).
     pub peer: IpAddr,
@@ -83,19 +123,32 @@ pub struct Difference {
 impl std::fmt::Display for Difference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v = |b: bool| if b { "accept" } else { "drop" };
-        let p = if self.proto == 6 { "tcp" } else { "udp" };
+        let p = match self.proto {
+            6 => "tcp",
+            17 => "udp",
+            _ => "echo request",
+        };
         let (src, dst) = match self.direction {
             Direction::Ingress => (self.peer, self.host),
             Direction::Egress => (self.host, self.peer),
         };
+        let dst = if self.traffic == Traffic::Echo {
+            dst.to_string()
+        } else {
+            sock(dst, self.dport)
+        };
+        let what = if self.traffic == Traffic::Reply {
+            "the reply to "
+        } else {
+            ""
+        };
         write!(
             f,
-            "{} ({}) {} {}: {p} {src} -> {}: original {}, imported {}",
+            "{} ({}) {} {}: {what}{p} {src} -> {dst}: original {}, imported {}",
             self.file,
             self.role,
             self.direction,
             self.iface,
-            sock(dst, self.dport),
             v(self.original),
             v(self.imported)
         )?;
@@ -120,15 +173,20 @@ pub struct HostReport {
     pub role: String,
     /// File.
     pub file: String,
-    /// Probes sent.
+    /// New-connection probes sent.
     pub probes: usize,
-    /// Probes the original let through.
+    /// New-connection probes the original let through.
     pub original_accepts: usize,
+    /// Echo-request probes sent.
+    pub echo_probes: usize,
+    /// Replies probed (to new connections both let through).
+    pub reply_probes: usize,
     /// The differences.
     pub differences: Vec<Difference>,
 }
 
 struct Probe {
+    traffic: Traffic,
     dir: Direction,
     iface: usize,
     proto: u8,
@@ -246,6 +304,7 @@ pub fn verify_host(
                 for peer in &peers {
                     for dport in &ports {
                         probes.push(Probe {
+                            traffic: Traffic::New,
                             dir,
                             iface: i,
                             proto,
@@ -257,7 +316,23 @@ pub fn verify_host(
             }
         }
     }
-    // Source ports that identify probes: none that a rule or probe names.
+    // An echo request from (to) each peer on each interface.
+    for dir in Direction::ALL {
+        for i in 0..ifaces.len() {
+            for peer in &peers {
+                probes.push(Probe {
+                    traffic: Traffic::Echo,
+                    dir,
+                    iface: i,
+                    proto: if peer.is_ipv4() { 1 } else { 58 },
+                    peer: *peer,
+                    dport: 0,
+                });
+            }
+        }
+    }
+    // Source ports (and echo ids) that identify probes: none that a rule
+    // or probe names.
     let excluded = |p: u16| {
         ports.contains(&p)
             || port_ranges
@@ -312,7 +387,7 @@ pub fn verify_host(
         sysctl.push(format!("net.ipv4.conf.{name}.rp_filter=0"));
     }
     let sargs: Vec<&str> = sysctl.iter().map(String::as_str).collect();
-    let out = h.exec("sysctl", &sargs, None, None)?;
+    let out = h.exec("sysctl", &sargs)?;
     if !out.status.success() {
         return Err(ImportError::Scratch(format!(
             "sysctl: {}",
@@ -371,9 +446,7 @@ pub fn verify_host(
         }
     }
     load_original(&h, rs, path)?;
-    h.nft_load_str(
-        "table inet segbpf_probe {\n  set seen { type inet_service; flags dynamic; size 65536; }\n  chain in { type filter hook input priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport }; }\n  chain out { type filter hook output priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport }; }\n}\n",
-    )?;
+    h.nft_load_str(OBSERVER)?;
 
     let mut got = vec![false; probes.len()];
     for dir in Direction::ALL {
@@ -390,12 +463,7 @@ pub fn verify_host(
                 if todo.is_empty() {
                     break;
                 }
-                h.exec(
-                    "nft",
-                    &["flush", "set", "inet", "segbpf_probe", "seen"],
-                    None,
-                    None,
-                )?;
+                flush_observer(&h)?;
                 let packets: Vec<(usize, IpAddr, Vec<u8>)> = todo
                     .iter()
                     .enumerate()
@@ -406,10 +474,13 @@ pub fn verify_host(
                             Direction::Ingress => (pr.peer, host),
                             Direction::Egress => (host, pr.peer),
                         };
-                        let spec = if pr.proto == 6 {
-                            PacketSpec::tcp(src, dst, ids[k], pr.dport)
-                        } else {
-                            PacketSpec::udp(src, dst, ids[k], pr.dport)
+                        let spec = match pr.proto {
+                            6 => PacketSpec::tcp(src, dst, ids[k], pr.dport),
+                            17 => PacketSpec::udp(src, dst, ids[k], pr.dport),
+                            _ => PacketSpec {
+                                sport: ids[k], // the echo id
+                                ..PacketSpec::echo(src, dst)
+                            },
                         };
                         let mut bytes = spec.build().ip_packet().to_vec();
                         fill_l4_checksum(&mut bytes, src, dst, pr.proto);
@@ -424,42 +495,175 @@ pub fn verify_host(
                 };
                 send(ns.name(), &names, &packets)?;
                 std::thread::sleep(std::time::Duration::from_millis(50));
-                let seen = seen_ports(&h)?;
+                let seen = seen_ports(&h, "seen")?;
+                let echo = seen_ports(&h, "echo")?;
                 for (k, i) in todo.iter().enumerate() {
-                    if seen.contains(&ids[k]) {
+                    let set = if probes[*i].traffic == Traffic::Echo {
+                        &echo
+                    } else {
+                        &seen
+                    };
+                    if set.contains(&ids[k]) {
                         got[*i] = true;
                     }
                 }
             }
         }
     }
+    let host_of = |a: IpAddr| if a.is_ipv4() { host4 } else { host6 };
+    let wants: Vec<bool> = probes
+        .iter()
+        .map(|pr| {
+            let host = host_of(pr.peer);
+            let (src, dst) = match pr.dir {
+                Direction::Ingress => (pr.peer, host),
+                Direction::Egress => (host, pr.peer),
+            };
+            let pkt = eval::Packet {
+                src,
+                dst,
+                proto: pr.proto,
+                dport: pr.dport,
+                icmp_type: match (pr.traffic, pr.proto) {
+                    (Traffic::Echo, 1) => 8,
+                    (Traffic::Echo, _) => 128,
+                    _ => 0,
+                },
+                hop_limit: 64,
+            };
+            eval::evaluate(policy, &roles, Some(&ifaces[pr.iface]), pr.dir, &pkt).passes()
+        })
+        .collect();
+
+    // Established traffic: new connections both let through, a few of each
+    // direction, interface, protocol and family, again; then their replies
+    // (the host's own RST to a SYN it has no socket for is one too).
+    let mut picked: std::collections::BTreeMap<(Direction, usize, u8, bool), usize> =
+        std::collections::BTreeMap::new();
+    let chosen: Vec<usize> = (0..probes.len())
+        .filter(|i| probes[*i].traffic == Traffic::New && got[*i] && wants[*i])
+        .filter(|i| {
+            let pr = &probes[*i];
+            let n = picked
+                .entry((pr.dir, pr.iface, pr.proto, pr.peer.is_ipv6()))
+                .or_insert(0);
+            *n += 1;
+            *n <= REPLIES_PER_KIND
+        })
+        .collect();
+    let mut replied = vec![false; chosen.len()];
+    let mut reply_ids = vec![0u16; chosen.len()];
+    for dir in Direction::ALL {
+        let todo: Vec<usize> = (0..chosen.len())
+            .filter(|c| probes[chosen[*c]].dir == dir)
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        flush_observer(&h)?;
+        let mut first = Vec::new();
+        let mut back = Vec::new();
+        for (k, c) in todo.iter().enumerate() {
+            let pr = &probes[chosen[*c]];
+            let host = host_of(pr.peer);
+            let (src, dst) = match dir {
+                Direction::Ingress => (pr.peer, host),
+                Direction::Egress => (host, pr.peer),
+            };
+            let id = ids[k];
+            let (out, reply) = if pr.proto == 6 {
+                (
+                    PacketSpec::tcp(src, dst, id, pr.dport),
+                    PacketSpec {
+                        tcp_flags: crate::packet::TCP_SYN | crate::packet::TCP_ACK,
+                        tcp_seq: 1000,
+                        tcp_ack: 2,
+                        ..PacketSpec::tcp(dst, src, pr.dport, id)
+                    },
+                )
+            } else {
+                (
+                    PacketSpec::udp(src, dst, id, pr.dport),
+                    PacketSpec::udp(dst, src, pr.dport, id),
+                )
+            };
+            let mut b = out.build().ip_packet().to_vec();
+            fill_l4_checksum(&mut b, src, dst, pr.proto);
+            first.push((pr.iface, dst, b));
+            let mut b = reply.build().ip_packet().to_vec();
+            fill_l4_checksum(&mut b, dst, src, pr.proto);
+            back.push((pr.iface, src, b));
+            reply_ids[*c] = id;
+        }
+        let (there, back_ns, there_names, back_names) = match dir {
+            Direction::Ingress => (&p, &h, p_names(ifaces.len()), ifaces.clone()),
+            Direction::Egress => (&h, &p, ifaces.clone(), p_names(ifaces.len())),
+        };
+        send(there.name(), &there_names, &first)?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        send(back_ns.name(), &back_names, &back)?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let rep = seen_ports(&h, "rep")?;
+        for (k, c) in todo.iter().enumerate() {
+            replied[*c] = rep.contains(&ids[k]);
+        }
+    }
     drop(h);
     drop(p);
 
+    let count = |t: Traffic| probes.iter().filter(|p| p.traffic == t).count();
     let mut report = HostReport {
         role: role.to_string(),
         file: path.display().to_string(),
-        probes: probes.len(),
-        original_accepts: got.iter().filter(|x| **x).count(),
+        probes: count(Traffic::New),
+        original_accepts: (0..probes.len())
+            .filter(|i| got[*i] && probes[*i].traffic == Traffic::New)
+            .count(),
+        echo_probes: count(Traffic::Echo),
+        reply_probes: chosen.len(),
         differences: Vec::new(),
     };
-    for (i, pr) in probes.iter().enumerate() {
-        let host = if pr.peer.is_ipv4() { host4 } else { host6 };
+    // A reply passes the imported policy when it tracks connections, or
+    // when its rules let the reply in as if it were new.
+    let reply_wanted = |pr: &Probe, id: u16| {
+        let host = host_of(pr.peer);
         let (src, dst) = match pr.dir {
-            Direction::Ingress => (pr.peer, host),
-            Direction::Egress => (host, pr.peer),
+            Direction::Ingress => (host, pr.peer),
+            Direction::Egress => (pr.peer, host),
+        };
+        let back = match pr.dir {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
         };
         let pkt = eval::Packet {
             src,
             dst,
             proto: pr.proto,
-            dport: pr.dport,
+            dport: id,
             icmp_type: 0,
             hop_limit: 64,
         };
-        let want = eval::evaluate(policy, &roles, Some(&ifaces[pr.iface]), pr.dir, &pkt).passes();
-        if want != got[i] {
+        policy.defaults.established
+            || eval::evaluate(policy, &roles, Some(&ifaces[pr.iface]), back, &pkt).passes()
+    };
+    let outcomes = (0..probes.len())
+        .map(|i| (i, probes[i].traffic, got[i], wants[i]))
+        .chain((0..chosen.len()).map(|c| {
+            let i = chosen[c];
+            (
+                i,
+                Traffic::Reply,
+                replied[c],
+                reply_wanted(&probes[i], reply_ids[c]),
+            )
+        }))
+        .collect::<Vec<_>>();
+    for (i, traffic, got_i, want) in outcomes {
+        let pr = &probes[i];
+        let host = host_of(pr.peer);
+        if want != got_i {
             let mut d = Difference {
+                traffic,
                 role: role.to_string(),
                 file: path.display().to_string(),
                 direction: pr.dir,
@@ -468,7 +672,7 @@ pub fn verify_host(
                 peer: pr.peer,
                 host,
                 dport: pr.dport,
-                original: got[i],
+                original: got_i,
                 imported: want,
                 reported: None,
             };
@@ -487,7 +691,23 @@ pub fn verify_host(
 /// headers (the kernel's stack checks it on input).
 fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     let hl = if src.is_ipv4() { 20 } else { 40 };
-    let off = hl + if proto == 6 { 16 } else { 6 };
+    let off = hl
+        + match proto {
+            6 => 16,
+            17 => 6,
+            _ => 2,
+        };
+    if proto == 1 {
+        // ICMP: over the message only, no pseudo header.
+        if bytes.len() < off + 2 {
+            return;
+        }
+        bytes[off] = 0;
+        bytes[off + 1] = 0;
+        let c = crate::packet::checksum(&bytes[hl..]);
+        bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
+        return;
+    }
     if bytes.len() < off + 2 {
         return;
     }
@@ -518,56 +738,67 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-/// Loads the original file into `ns` with the tool that reads it.
+/// Replies probed per direction, interface, protocol and family.
+const REPLIES_PER_KIND: usize = 3;
+
+/// The observer: at the last priority of `input` and `output`, the source
+/// ports of TCP/UDP packets (`seen`), their destination ports (`rep`: the
+/// replies, whose destination is a probe's source port) and the ids of
+/// echo requests (`echo`) that the original ruleset let through.
+const OBSERVER: &str = "table inet segbpf_probe {
+  set seen { type inet_service; flags dynamic; size 65536; }
+  set rep { type inet_service; flags dynamic; size 65536; }
+  set echo { typeof icmp id; flags dynamic; size 65536; }
+  chain in { type filter hook input priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport } add @rep { th dport }; icmp type echo-request add @echo { icmp id }; icmpv6 type echo-request add @echo { icmpv6 id }; }
+  chain out { type filter hook output priority 2147483647; policy accept; meta l4proto { tcp, udp } add @seen { th sport } add @rep { th dport }; icmp type echo-request add @echo { icmp id }; icmpv6 type echo-request add @echo { icmpv6 id }; }
+}
+";
+
+fn flush_observer(h: &ScratchNs) -> Result<(), ImportError> {
+    for set in ["seen", "rep", "echo"] {
+        h.exec("nft", &["flush", "set", "inet", "segbpf_probe", set])?;
+    }
+    Ok(())
+}
+
+/// The names of the peer ends of the veths in `P`.
+fn p_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("p{i}")).collect()
+}
+
+/// Loads the original ruleset into `ns` with the tool that reads it: the
+/// bytes that were imported (`rs.text`, read once), never the file again.
 fn load_original(ns: &ScratchNs, rs: &Ruleset, path: &Path) -> Result<(), ImportError> {
     let file = path.display().to_string();
     let out = if rs.iptables {
-        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let tool = if super::ruleset::is_ip6tables(&text) {
+        let tool = if super::ruleset::is_ip6tables(&rs.text) {
             "ip6tables-nft-restore"
         } else {
             "iptables-nft-restore"
         };
-        ns.exec(tool, &[], Some(path), None)?
+        ns.exec_input(tool, &[], rs.text.as_bytes())?
     } else {
-        let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .display()
-            .to_string();
+        let dir = super::ruleset::include_dir(path);
         let mut args = vec!["-I", dir.as_str()];
-        if text.trim_start().starts_with('{') {
+        if rs.text.trim_start().starts_with('{') {
             args.push("-j");
         }
-        args.extend(["-f", file.as_str()]);
-        ns.exec("nft", &args, None, None)?
+        args.extend(["-f", "-"]);
+        ns.exec_input("nft", &args, rs.text.as_bytes())?
     };
     if out.status.success() {
         Ok(())
     } else {
         Err(ImportError::Refused {
-            file,
+            file: file.clone(),
             tool: "the firewall tool".to_string(),
-            message: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+            message: super::ruleset::stdin_named(&file, &String::from_utf8_lossy(&out.stderr)),
         })
     }
 }
 
-fn seen_ports(h: &ScratchNs) -> Result<BTreeSet<u16>, ImportError> {
-    let out = h.exec(
-        "nft",
-        &["-j", "list", "set", "inet", "segbpf_probe", "seen"],
-        None,
-        None,
-    )?;
+fn seen_ports(h: &ScratchNs, set: &str) -> Result<BTreeSet<u16>, ImportError> {
+    let out = h.exec("nft", &["-j", "list", "set", "inet", "segbpf_probe", set])?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| ImportError::Scratch(format!("nft list set: {e}")))?;
     let mut s = BTreeSet::new();
@@ -755,7 +986,7 @@ fn boundaries(r: &AddrRange) -> Vec<IpAddr> {
 }
 
 /// The families the ruleset filters (false = IPv4, true = IPv6).
-fn families(rs: &Ruleset) -> Vec<bool> {
+pub fn families(rs: &Ruleset) -> Vec<bool> {
     use super::ruleset::Family;
     let mut out = Vec::new();
     for c in &rs.chains {

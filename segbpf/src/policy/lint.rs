@@ -12,7 +12,10 @@
 //!   take both roles' rules;
 //! * `no-ssh-path`: no ingress rule allows SSH (tcp/22) from a specific set,
 //!   so a lockout needs console access;
-//! * `asymmetric-defaults`: ingress and egress defaults differ (a note).
+//! * `asymmetric-defaults`: ingress and egress defaults differ (a note);
+//! * `ssh-session` ([`ssh_session`]): the policy would cut the SSH session
+//!   the command runs in (`SSH_CONNECTION`); `reload`, `attach` and the
+//!   policy file watcher refuse such a policy.
 
 use std::fmt;
 
@@ -277,6 +280,56 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
         });
     }
     out
+}
+
+/// The SSH session this process runs in, from `SSH_CONNECTION`: client
+/// address, server address, server port.
+pub fn ssh_connection() -> Option<(std::net::IpAddr, std::net::IpAddr, u16)> {
+    let conn = std::env::var("SSH_CONNECTION").ok()?;
+    let parts: Vec<&str> = conn.split_whitespace().collect();
+    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
+    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
+    let port = parts.get(3)?.parse::<u16>().ok()?;
+    Some((client, server, port))
+}
+
+/// The `ssh-session` lint: a message when `policy` would block the SSH
+/// session this process runs in (`SSH_CONNECTION` is "client-ip
+/// client-port server-ip server-port"), for a host with `roles` (empty:
+/// the roles whose `hosts` contain the server address) on `iface` (None:
+/// any interface). None when there is no session or it passes.
+pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Option<String> {
+    let (client, server, port) = ssh_connection()?;
+    let roles = if roles.is_empty() {
+        policy
+            .roles
+            .iter()
+            .filter(|r| r.hosts.iter().any(|h| h.contains(server)))
+            .map(|r| r.name.clone())
+            .collect()
+    } else {
+        roles.to_vec()
+    };
+    let pkt = super::eval::Packet {
+        src: client,
+        dst: server,
+        proto: segbpf_common::IPPROTO_TCP,
+        dport: port,
+        icmp_type: 0,
+        hop_limit: 64,
+    };
+    let v = super::eval::evaluate(policy, &roles, iface, Direction::Ingress, &pkt);
+    if v.passes() {
+        return None;
+    }
+    Some(format!(
+        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
+        if roles.is_empty() {
+            "none".to_string()
+        } else {
+            roles.join(", ")
+        }
+    ))
 }
 
 #[cfg(test)]
