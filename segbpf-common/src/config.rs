@@ -1,5 +1,5 @@
 //! The per-slot configuration record ([`Config`]), the default actions,
-//! and the read-only globals set at load: run mode and link layer.
+//! and the read-only globals set at load: run mode, link layer and interface.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -8,6 +8,10 @@ pub const GLOBAL_RUN_MODE: &str = "SEGBPF_RUN_MODE";
 /// Name of the read-only global that gives the device's link layer
 /// ([`LINK_ETHERNET`] or [`LINK_RAW_IP`]), set at load from its ARPHRD type.
 pub const GLOBAL_LINK: &str = "SEGBPF_LINK";
+/// Name of the read-only global that gives the index of the interface an
+/// instance is attached to (0 for instances attached nowhere): the
+/// connection-table keys carry it ([`crate::CtKey::ifindex`]).
+pub const GLOBAL_IFINDEX: &str = "SEGBPF_IFINDEX";
 
 /// Link layer: frames start with an Ethernet header (Ethernet, veth,
 /// bridge, tap, vxlan, bond, loopback, ...).

@@ -26,8 +26,11 @@ pub mod ct_timeout {
 
 /// Connection-table key, from the host's point of view: the same key for
 /// both directions of a flow. ICMP echo uses the echo id as `local_port`
-/// and 0 as `remote_port`. 8-byte aligned so the datapath builds and
-/// hashes it with word loads and stores.
+/// and 0 as `remote_port`. The connection tables are shared by every
+/// attachment of a network namespace, so the key holds the interface the
+/// flow was seen on (`ifindex`, set at load from the kernel): a flow
+/// opened on one interface never lets packets pass on another. 8-byte
+/// aligned so the datapath builds and hashes it with word loads and stores.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey {
@@ -41,12 +44,16 @@ pub struct CtKey {
     pub local_port: u16,
     /// Port of the peer (host order).
     pub remote_port: u16,
+    /// Index of the interface whose attachment tracks the flow.
+    pub ifindex: u32,
+    /// Explicit padding.
+    pub _pad2: [u8; 4],
     /// Address on this host (IPv4 in the first 4 bytes), network order.
     pub local: [u8; 16],
     /// Address of the peer, network order.
     pub remote: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::align_of::<CtKey>() == 8);
 
 /// Connection state: opened, no reply seen yet.

@@ -49,7 +49,13 @@ pub const MAP_FRAG: &str = "SEG_FRAG";
 /// passed on anything else (a rule, a half-open flow, a default).
 pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 
-/// Every map an attachment pins (`SEG_TRACE` is private to each loaded instance).
+/// The maps shared by every attachment of a network namespace (the
+/// connection tables), pinned once per namespace and reused by each
+/// attachment's programs; their keys carry the interface.
+pub const SHARED_MAPS: [&str; 2] = [MAP_CT, MAP_CT_NEW];
+
+/// Every map an attachment pins or uses from its namespace
+/// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
 pub const PINNED_MAPS: [&str; 19] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
@@ -93,8 +99,11 @@ pub const MAP_GEN: &str = "SEG_GEN";
 pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
 /// Default capacity of the port trie.
 pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
-/// Default capacity of the connection table (`--ct-size`).
-pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// Default capacity of the connection table of assured flows
+/// (`--ct-size`), shared by every attachment of a network namespace. The
+/// kernel preallocates LRU tables: about 190 bytes per entry, 12 MiB here
+/// plus a quarter of it for the half-open table.
+pub const DEFAULT_CT_ENTRIES: u32 = 65_536;
 /// Default size of the event ring buffer in bytes (a power of two).
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 20;
 

@@ -30,7 +30,7 @@ use segbpf_common::{
 };
 
 use crate::{
-    maps::{SEG_CT, SEG_CT_NEW, SEG_CT_SCRATCH},
+    maps::{SEG_CT, SEG_CT_NEW, SEG_CT_SCRATCH, SEGBPF_IFINDEX},
     parse::{self, Bounds, L3_IPV4, Parsed},
 };
 
@@ -137,6 +137,8 @@ fn make_key(
         },
         local: if ingress { *dst } else { *src },
         remote: if ingress { *src } else { *dst },
+        ifindex: SEGBPF_IFINDEX.load(),
+        _pad2: [0; 4],
     }
 }
 

@@ -51,13 +51,14 @@ pub(crate) static SEG_RULE_STATS: PerCpuArray<Counter> =
 #[map]
 pub(crate) static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
-/// Connection table of assured flows, shared by both directions (size:
-/// `attach --ct-size`).
+/// Connection table of assured flows, shared by both directions and by
+/// every attachment of the network namespace (size: `attach --ct-size`).
 #[map]
 pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
-/// Connection table of half-open flows (size: a quarter of `--ct-size`).
+/// Connection table of half-open flows (size: a quarter of `--ct-size`),
+/// shared like `SEG_CT`.
 #[map]
 pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
@@ -134,3 +135,9 @@ pub(crate) static SEGBPF_RUN_MODE: Global<u8> = Global::new(0);
 /// the verifier drops the other parser entry from the program.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);
+
+/// Index of the interface the instance is attached to, set at load (0 for
+/// instances attached nowhere); frozen. Connection-table keys carry it,
+/// since the tables are shared by every attachment of the namespace.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_IFINDEX: Global<u32> = Global::new(0);

@@ -244,7 +244,17 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     if let Some(secs) = req.confirm {
         guard::arm(&att, generation, secs, None).map_err(Box::new)?;
     }
-    let attached = match load_and_attach(&att, &compiled, capacity, link.link, req.mode) {
+    // The namespace's connection tables are made, or joined, under its
+    // lock: a detach of its last other attachment cannot remove them
+    // meanwhile.
+    let shared = att.lock_shared().map_err(io(format!(
+        "locking the connection tables of {}",
+        ns.describe()
+    )))?;
+    let loaded = load_and_attach(&att, &compiled, capacity, link.link, ifindex, req.mode);
+    let ct_size = loader::shared_ct_size(&att).unwrap_or(capacity.ct);
+    drop(shared);
+    let attached = match loaded {
         Ok(v) => v,
         Err(e) => {
             guard::disarm(&att);
@@ -252,6 +262,13 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
             return Err(e);
         }
     };
+    if ct_size != capacity.ct {
+        warn!(
+            "--ct-size {}: the connection tables of {} already hold {ct_size} entries and are shared by its attachments: kept (they are made again with the new size once every attachment of the namespace is detached)",
+            capacity.ct,
+            ns.describe()
+        );
+    }
     let state = State {
         iface: req.iface.clone(),
         netns: ns.label.clone(),
@@ -277,7 +294,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         flow_acct: req.flow_acct,
         tc_mode: attached.tc_mode.to_string(),
         tc_prog_id: attached.tc_prog_id,
-        ct_size: capacity.ct,
+        ct_size,
         audit: req.audit,
         log_rate: compiled.config.log_rate,
         log_burst: compiled.config.log_burst,
@@ -574,6 +591,15 @@ fn remove_attachment(att: &Attachment) -> Result<bool, AttachError> {
     history::remove(att);
     att.remove()
         .map_err(io(format!("removing {}", att.dir.display())))?;
+    // The namespace's connection tables go with its last attachment.
+    match att.lock_shared() {
+        Ok(_lock) => {
+            if let Err(e) = att.release_shared() {
+                warn!("removing the connection tables of {}: {e}", att.describe());
+            }
+        }
+        Err(e) => warn!("locking the connection tables of {}: {e}", att.describe()),
+    }
     Ok(was_attached)
 }
 
@@ -613,9 +639,10 @@ fn load_and_attach(
     compiled: &compile::Compiled,
     capacity: Capacity,
     link: u8,
+    ifindex: u32,
     mode: Mode,
 ) -> Result<Attached, AttachError> {
-    let mut ebpf = loader::load_for_link(capacity, segbpf_common::RUN_LIVE, link)?;
+    let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
     maps::write_policy(&mut ebpf, compiled)?;
     pins::private_dir(&att.dir).map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;

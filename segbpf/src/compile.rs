@@ -84,18 +84,50 @@ pub enum CompileError {
         /// Limit.
         limit: usize,
     },
-    /// A map would overflow.
+    /// A map would overflow. A policy must fit twice in the maps that both
+    /// policy slots share (the peer and port tries): a reload writes the
+    /// next policy beside the one in force, so a policy that fills more
+    /// than half of one could attach and then never be reloaded.
     #[error(
-        "the compiled policy needs {count} entries in {map}, which holds at most {limit} (both directions share it)"
+        "the compiled policy needs {count} entries in {map}, which holds at most {limit}: {map} must hold {needed}{}; raise it with {}",
+        if .needed > .count { " (twice that: a reload writes the next policy beside the one in force, and both slots share it)" } else { "" },
+        capacity_hint(.map, *.needed)
     )]
     Capacity {
         /// Map name.
         map: &'static str,
-        /// Entries needed.
+        /// Entries the policy needs.
         count: usize,
+        /// Entries the map must hold for the policy to attach and reload.
+        needed: usize,
         /// Capacity.
         limit: u32,
     },
+}
+
+/// How to give `map` room for `needed` entries.
+fn capacity_hint(map: &str, needed: usize) -> String {
+    match map {
+        segbpf_common::MAP_PEER_V4 | segbpf_common::MAP_PEER_V6 => {
+            format!("`--peer-entries {needed}` (attach and check)")
+        }
+        segbpf_common::MAP_PORTS => format!("`--port-entries {needed}` (attach and check)"),
+        _ => "a new attach (`segbpf detach`, then `segbpf attach`), which sizes it for the policy"
+            .to_string(),
+    }
+}
+
+impl CompileError {
+    /// The capacity error for `map`, which must hold `needed` entries for a
+    /// policy of `count` and holds `limit`.
+    fn capacity(map: &'static str, count: usize, needed: usize, limit: u32) -> Self {
+        CompileError::Capacity {
+            map,
+            count,
+            needed,
+            limit,
+        }
+    }
 }
 
 /// A compiled rule's description, kept beside the maps for status and trace.
@@ -201,11 +233,12 @@ pub fn carry_counters(
             next += 1;
         }
         if next >= limit {
-            return Err(CompileError::Capacity {
-                map: segbpf_common::MAP_RULE_STATS,
-                count: next as usize + 1,
+            return Err(CompileError::capacity(
+                segbpf_common::MAP_RULE_STATS,
+                next as usize + 1,
+                next as usize + 1,
                 limit,
-            });
+            ));
         }
         c.rules[i].counter = next;
         used.insert(next);
@@ -327,16 +360,24 @@ pub fn compile(
     }
     out.rules.sort_by_key(|r| r.id);
     out.classes = next_class;
-    check(MAP_V4, out.peers_v4.len(), capacity.peer_v4)?;
-    check(MAP_V6, out.peers_v6.len(), capacity.peer_v6)?;
-    check(MAP_PORTS, out.ports.len(), capacity.ports)?;
+    // The tries hold both policy slots: the policy must fit twice.
+    fits_twice(MAP_V4, out.peers_v4.len(), capacity.peer_v4)?;
+    fits_twice(MAP_V6, out.peers_v6.len(), capacity.peer_v6)?;
+    fits_twice(MAP_PORTS, out.ports.len(), capacity.ports)?;
     let max_id = out
         .rules
         .iter()
         .map(|r| r.id as usize + 1)
         .max()
         .unwrap_or(0);
-    check(segbpf_common::MAP_RULE_STATS, max_id, capacity.rule_stats)?;
+    if max_id > capacity.rule_stats as usize {
+        return Err(CompileError::capacity(
+            segbpf_common::MAP_RULE_STATS,
+            max_id,
+            max_id,
+            capacity.rule_stats,
+        ));
+    }
     Ok(out)
 }
 
@@ -344,9 +385,16 @@ const MAP_V4: &str = segbpf_common::MAP_PEER_V4;
 const MAP_V6: &str = segbpf_common::MAP_PEER_V6;
 const MAP_PORTS: &str = segbpf_common::MAP_PORTS;
 
-fn check(map: &'static str, count: usize, limit: u32) -> Result<(), CompileError> {
-    if count > limit as usize {
-        return Err(CompileError::Capacity { map, count, limit });
+/// Entries a map shared by both policy slots must hold for a policy of
+/// `count` entries: the slot in force and the one a reload fills.
+pub fn both_slots(count: usize) -> usize {
+    count.saturating_mul(2)
+}
+
+fn fits_twice(map: &'static str, count: usize, limit: u32) -> Result<(), CompileError> {
+    let needed = both_slots(count);
+    if needed > limit as usize {
+        return Err(CompileError::capacity(map, count, needed, limit));
     }
     Ok(())
 }
@@ -715,5 +763,46 @@ proto = "any"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_policy_must_fit_both_slots_of_the_shared_tries() {
+        let p = policy(SMALL);
+        let c = compile(&p, &roles(&["r"]), None, 0, 1, Capacity::default()).unwrap();
+        let n = c.peers_v4.len();
+        assert!(n > 1);
+        // Exactly twice its prefixes: it attaches, and a reload has room.
+        let cap = |v4: usize| Capacity {
+            peer_v4: v4 as u32,
+            ..Capacity::default()
+        };
+        compile(&p, &roles(&["r"]), None, 0, 1, cap(2 * n)).unwrap();
+        // One less: it would fit one slot, but a reload never could.
+        let err = compile(&p, &roles(&["r"]), None, 0, 1, cap(2 * n - 1)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("needs {n} entries in SEG_PEER_V4"))
+                && text.contains(&format!("holds at most {}", 2 * n - 1))
+                && text.contains(&format!("--peer-entries {}", 2 * n)),
+            "{text}"
+        );
+        let ports = c.ports.len();
+        let err = compile(
+            &p,
+            &roles(&["r"]),
+            None,
+            0,
+            1,
+            Capacity {
+                ports: (2 * ports - 1) as u32,
+                ..Capacity::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("--port-entries {}", 2 * ports)),
+            "{err}"
+        );
     }
 }

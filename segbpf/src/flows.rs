@@ -116,6 +116,11 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
         let ct: BpfHashMap<MapData, CtKey, CtEntry> =
             BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
         for (k, e) in ct.iter().flatten() {
+            // The tables are the namespace's: this interface's flows only
+            // (none when the state, which names the interface, is unreadable).
+            if state.as_ref().is_none_or(|s| s.ifindex != k.ifindex) {
+                continue;
+            }
             let ttl_ns = u64::from(ct_timeout_s(&cfg, k.proto, e.state)) * 1_000_000_000;
             if now.saturating_sub(e.last_seen_ns) > ttl_ns {
                 continue;

@@ -34,6 +34,7 @@ pub mod liveness;
 pub mod loader;
 pub mod logging;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod netif;
 pub mod netns;

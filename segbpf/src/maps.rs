@@ -265,9 +265,14 @@ pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
     Ok(t)
 }
 
-/// Pins every shared map of a loaded instance into the attachment's directory.
+/// Pins every map of a loaded instance that userspace shares into the
+/// attachment's directory (the namespace's shared connection tables were
+/// pinned when they were made, see [`crate::loader::load_attachment`]).
 pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
     for name in segbpf_common::PINNED_MAPS {
+        if segbpf_common::SHARED_MAPS.contains(&name) {
+            continue;
+        }
         let path = att.map(name);
         ebpf.map_mut(name)
             .ok_or(MapsError::Missing(name))?
@@ -282,33 +287,42 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> 
 }
 
 /// Entries in one of an attachment's LRU tables (`SEG_CT`, `SEG_CT_NEW`,
-/// `SEG_FRAG`, `SEG_FRAG_NEW`): live and not yet evicted; expired entries
-/// count until the LRU reuses them.
+/// `SEG_FRAG`, `SEG_FRAG_NEW`) for which `mine` holds: live and not yet
+/// evicted; expired entries count until the LRU reuses them. Also returns
+/// the entries of every attachment (the table's fill).
 pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
     att: &Attachment,
     name: &'static str,
-) -> Result<u64, MapsError> {
+    mine: impl Fn(&K) -> bool,
+) -> Result<(u64, u64), MapsError> {
     let data = MapData::from_pin(att.map(name)).map_err(err(name))?;
     let map = Map::LruHashMap(data);
     let table: aya::maps::HashMap<&MapData, K, V> =
         aya::maps::HashMap::try_from(&map).map_err(err(name))?;
-    Ok(table.keys().flatten().count() as u64)
+    let (mut own, mut all) = (0, 0);
+    for k in table.keys().flatten() {
+        all += 1;
+        own += u64::from(mine(&k));
+    }
+    Ok((own, all))
 }
 
-/// Entries in an attachment's connection tables: (assured, half-open).
-pub fn pinned_ct_fill(att: &Attachment) -> Result<(u64, u64), MapsError> {
+/// Entries of the interface `ifindex` in its namespace's shared connection
+/// tables, and of every interface: ((assured, half-open), (assured,
+/// half-open)).
+pub fn pinned_ct_fill(att: &Attachment, ifindex: u32) -> Result<[(u64, u64); 2], MapsError> {
     use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
-    Ok((
-        pinned_fill::<CtKey, CtEntry>(att, MAP_CT)?,
-        pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW)?,
-    ))
+    let mine = |k: &CtKey| k.ifindex == ifindex;
+    let assured = pinned_fill::<CtKey, CtEntry>(att, MAP_CT, mine)?;
+    let half_open = pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW, mine)?;
+    Ok([(assured.0, half_open.0), (assured.1, half_open.1)])
 }
 
 /// Entries in an attachment's fragment tables: (assured, other).
 pub fn pinned_frag_fill(att: &Attachment) -> Result<(u64, u64), MapsError> {
     use segbpf_common::{FragEntry, FragKey, MAP_FRAG, MAP_FRAG_NEW};
     Ok((
-        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG)?,
-        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG_NEW)?,
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG, |_| true)?.0,
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG_NEW, |_| true)?.0,
     ))
 }

@@ -7,13 +7,19 @@
 //! `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`), `STATE` =
 //! `$SEGBPF_STATE_DIR` (default `/run/segbpf`) and `NS` the namespace's inode:
 //! - `ROOT/net/NS/IFACE/`: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and
-//!   one file per map (`SEG_*`);
+//!   one file per map (`SEG_*`) except the connection tables;
+//! - `ROOT/net/NS/conntrack:COOKIE/`: the connection tables
+//!   (`segbpf_common::SHARED_MAPS`), shared by every attachment of the
+//!   namespace whose `SO_NETNS_COOKIE` is `COOKIE` (so a namespace that
+//!   reuses a dead one's inode never finds its tables; `:` is never in an
+//!   interface name); removed with the namespace's last attachment;
 //! - `STATE/net/NS/IFACE.json`, the state, and beside it
 //!   `IFACE.update.lock` (one change at a time), `IFACE.reader.lock` (one
 //!   event reader), `IFACE.next.json` (a swap in progress),
 //!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard),
 //!   `IFACE.guard.json` (how the guard's restore goes) and `IFACE.guard.log`
-//!   (its log lines, outside systemd).
+//!   (its log lines, outside systemd); `STATE/net/NS/conntrack.lock`
+//!   serialises creating, joining and removing the namespace's shared tables.
 //!
 //! Every directory segbpf makes is private ([`private_dir`]: mode 0700,
 //! owned by the user running segbpf, normally root) and `segbpf` runs with
@@ -23,6 +29,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::netns::Netns;
+
+/// Name prefix of a namespace's shared-tables directory (then its cookie).
+const SHARED_PREFIX: &str = "conntrack:";
 
 /// Default bpffs directory for segbpf's pins.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
@@ -95,6 +104,8 @@ impl Roots {
                 rd.filter_map(Result::ok)
                     .filter(|e| e.path().is_dir())
                     .filter_map(|e| e.file_name().into_string().ok())
+                    // Interface names never hold `:`; the shared tables' directory does.
+                    .filter(|n| !n.contains(':'))
                     .collect()
             })
             .unwrap_or_default();
@@ -196,9 +207,88 @@ impl Attachment {
         }
     }
 
-    /// Pin path of a map.
+    /// Pin path of a map: in the attachment's directory, or in its
+    /// namespace's shared directory for the connection tables.
     pub fn map(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        if segbpf_common::SHARED_MAPS.contains(&name) {
+            self.shared_dir().join(name)
+        } else {
+            self.dir.join(name)
+        }
+    }
+
+    /// The directory of the namespace's shared connection tables
+    /// (`ROOT/net/NS/conntrack:COOKIE`).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.ns_dir()
+            .join(format!("{SHARED_PREFIX}{}", self.netns.cookie))
+    }
+
+    /// The namespace's pin directory (`ROOT/net/NS`).
+    fn ns_dir(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .map_or_else(|| self.dir.clone(), Path::to_path_buf)
+    }
+
+    /// Takes the namespace's lock on its shared tables (creating, joining
+    /// and removing them), waiting for it; released when dropped.
+    pub fn lock_shared(&self) -> std::io::Result<std::fs::File> {
+        let dir = self.state.parent().unwrap_or(Path::new("/"));
+        private_dir(dir)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("conntrack.lock"))?;
+        f.lock()?;
+        Ok(f)
+    }
+
+    /// The live attachments of the namespace that use its shared tables.
+    pub fn sharing(&self) -> Vec<Attachment> {
+        Roots {
+            bpffs: self.bpffs_root.clone(),
+            state: self
+                .state
+                .ancestors()
+                .nth(3)
+                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+        }
+        .list(&self.netns)
+        .into_iter()
+        .filter(Attachment::is_attached)
+        .collect()
+    }
+
+    /// Removes the namespace's shared tables once no live attachment of
+    /// the namespace uses them, and any left by a dead namespace that had
+    /// the same inode. The caller holds [`Self::lock_shared`]. Returns
+    /// whether this namespace's tables were removed.
+    pub fn release_shared(&self) -> std::io::Result<bool> {
+        let mine = self.shared_dir();
+        let mut removed = false;
+        let entries = match std::fs::read_dir(self.ns_dir()) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let in_use = !self.sharing().is_empty();
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            let name = e.file_name();
+            if !name.to_string_lossy().starts_with(SHARED_PREFIX) {
+                continue;
+            }
+            if path == mine && in_use {
+                continue;
+            }
+            remove_dir_if_exists(&path)?;
+            removed |= path == mine;
+        }
+        tidy_parents(&mine, &self.bpffs_root, true);
+        Ok(removed)
     }
 
     /// Pin path of the XDP program.

@@ -1,7 +1,7 @@
 //! The status report of an attachment: what was applied, the counters per
 //! direction and reason, per rule (with the rule's line in roles.toml, like
-//! `nft -a list`), the connection and fragment tables' fill and the event
-//! counters. `segbpf status` prints it; the metrics endpoint serves it.
+//! `nft -a list`), the connection and fragment tables' fill, the kernel
+//! memory held and the event counters. `segbpf status` prints it; the metrics endpoint serves it.
 
 use std::collections::BTreeMap;
 
@@ -90,6 +90,8 @@ pub struct Report {
     pub conntrack: Conntrack,
     /// Fragment tables.
     pub fragments: Fragments,
+    /// Kernel memory held (programs and maps, the shared tables apart).
+    pub memory: crate::memory::Memory,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
     pub events: crate::telemetry::EventStats,
     /// Denied packets the kernel could not aggregate for the flow log (a
@@ -141,17 +143,25 @@ impl Awaiting {
 
 /// Connection-table sizes and fill levels: the assured table (flows where
 /// both sides spoke) and the half-open table (openers without a reply yet;
-/// a flood evicts only these).
+/// a flood evicts only these). The tables are shared by every attachment
+/// of the network namespace: `entries` are this interface's, the
+/// `table_*` fields count every interface's against the capacity.
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
-    /// Capacity of the assured table (entries).
+    /// Capacity of the assured table (entries), as the kernel made it.
     pub size: u32,
-    /// Entries in use in the assured table.
+    /// Entries of this interface in the assured table.
     pub entries: u64,
     /// Capacity of the half-open table.
     pub half_open_size: u32,
-    /// Entries in use in the half-open table.
+    /// Entries of this interface in the half-open table.
     pub half_open_entries: u64,
+    /// Entries of every attachment of the namespace in the assured table.
+    pub table_entries: u64,
+    /// Entries of every attachment of the namespace in the half-open table.
+    pub table_half_open_entries: u64,
+    /// Live attachments of the namespace that share the tables.
+    pub shared_by: usize,
 }
 
 /// Fragment-table size and fill levels (datagrams whose first fragment
@@ -176,9 +186,18 @@ pub fn report(att: &Attachment) -> Result<Report, MapsError> {
 /// assured, half-open, fragments on assured flows, other fragments. Each
 /// is a walk of the table.
 pub fn table_fill(att: &Attachment) -> (u64, u64, u64, u64) {
-    let (ct, half_open) = maps::pinned_ct_fill(att).unwrap_or((0, 0));
+    let [(ct, half_open), _] = ct_fill(att);
     let (frag_assured, frag_other) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
     (ct, half_open, frag_assured, frag_other)
+}
+
+/// This interface's entries in the shared connection tables, and every
+/// interface's: ((assured, half-open), (assured, half-open)).
+fn ct_fill(att: &Attachment) -> [(u64, u64); 2] {
+    State::current(att)
+        .ok()
+        .and_then(|s| maps::pinned_ct_fill(att, s.ifindex).ok())
+        .unwrap_or_default()
 }
 
 /// Builds the report; the table fill levels are left at 0 unless `fill`
@@ -234,21 +253,36 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
             }
         })
         .collect();
-    let ct_size = state.as_ref().map_or(0, |s| s.ct_size);
-    let (entries, half_open_entries, assured_entries, other_entries) =
-        if fill { table_fill(att) } else { (0, 0, 0, 0) };
+    // The sizes the kernel made the shared tables with (the state's
+    // --ct-size may be an older request).
+    let info = |m: &str| aya::maps::MapInfo::from_pin(att.map(m)).ok();
+    let size = |m: &str| info(m).map_or(0, |i| i.max_entries());
+    let [
+        (entries, half_open_entries),
+        (table_entries, table_half_open_entries),
+    ] = if fill {
+        ct_fill(att)
+    } else {
+        Default::default()
+    };
+    let (assured_entries, other_entries) = if fill {
+        maps::pinned_frag_fill(att).unwrap_or((0, 0))
+    } else {
+        (0, 0)
+    };
+    let memory = crate::memory::of(att);
     let conntrack = Conntrack {
-        size: ct_size,
+        size: size(segbpf_common::MAP_CT),
         entries,
-        half_open_size: if ct_size == 0 {
-            0
-        } else {
-            segbpf_common::ct_new_entries(ct_size)
-        },
+        half_open_size: size(segbpf_common::MAP_CT_NEW),
         half_open_entries,
+        table_entries,
+        table_half_open_entries,
+        shared_by: memory.shared_by,
     };
     let fragments = Fragments {
-        size: segbpf_common::DEFAULT_FRAG_ENTRIES,
+        size: info(segbpf_common::MAP_FRAG)
+            .map_or(segbpf_common::DEFAULT_FRAG_ENTRIES, |i| i.max_entries()),
         assured_entries,
         other_entries,
     };
@@ -271,6 +305,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         dropped,
         conntrack,
         fragments,
+        memory,
         events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
         denied_lost: crate::denied::pinned_lost(att).unwrap_or(0),
         drift: state_sets,

@@ -98,6 +98,17 @@ pub enum SwapError {
     /// A map could not be read or written before the switch.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The next policy could not be written into the slot not in force
+    /// (what was written was removed again).
+    #[error(
+        "{policy}: writing the next policy: {source}; nothing of it was left in the kernel, the policy in force is unchanged (a full map: see `--peer-entries` / `--port-entries` of `segbpf attach`, which need twice the entries of a policy)"
+    )]
+    Write {
+        /// Policy file.
+        policy: String,
+        /// Why.
+        source: Box<MapsError>,
+    },
     /// The change was refused (a set edit that makes no sense, a pending
     /// confirmation, no earlier policy, ...).
     #[error("{0}")]
@@ -648,7 +659,19 @@ fn swap_in_force(
     // Fill the slot no packet looks at (emptying leftovers of a reload that
     // was killed), record the new state as pending, then switch.
     maps.clear_slot(next)?;
-    maps.write_slot(&c)?;
+    if let Err(e) = maps.write_slot(&c) {
+        // A map refused an entry (full: a policy in force from a version
+        // that did not keep room for both slots, or a kernel that ran out
+        // of memory). Leave no half-written slot behind: the policy in
+        // force stays whole and alone in the kernel.
+        if let Err(undo) = maps.clear_slot(next) {
+            tracing::warn!("emptying the partly written policy slot: {undo}");
+        }
+        return Err(SwapError::Write {
+            policy: policy.source.clone(),
+            source: Box::new(e),
+        });
+    }
     let new = State {
         policy: source.as_ref().map_or_else(
             || {
@@ -713,7 +736,7 @@ fn swap_in_force(
     // new policy would not open (including any opened in that window), and
     // only then empty the old slot.
     std::thread::sleep(GRACE);
-    let pruned = prune_conntrack(att, &policy, &roles).unwrap_or_else(|e| {
+    let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
         0
     });
@@ -803,10 +826,13 @@ fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
     )
 }
 
-/// Removes the connection-table entries (assured and half-open) of flows
-/// the new policy would not let open; returns how many.
+/// Removes the connection-table entries (assured and half-open) of the
+/// interface `ifindex` whose flows the new policy would not let open
+/// (the tables are shared with the namespace's other attachments, whose
+/// entries this policy does not judge); returns how many.
 fn prune_conntrack(
     att: &Attachment,
+    ifindex: u32,
     policy: &Policy,
     roles: &[String],
 ) -> Result<usize, MapsError> {
@@ -820,6 +846,9 @@ fn prune_conntrack(
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, e)| {
+                if k.ifindex != ifindex {
+                    return false;
+                }
                 let (dir, pkt) = opener(k, e);
                 !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
             })

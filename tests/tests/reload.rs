@@ -1234,3 +1234,132 @@ fn watch_off_reloads_on_sighup_only_and_watch_confirm_guards_each_reload() -> an
     attach.wait_with_output()?;
     Ok(())
 }
+
+/// A policy for role `srv` whose ingress rule allows tcp/80 from `n`
+/// single addresses that never merge (every other address of
+/// 198.19.0.0/16): about `n` IPv4 prefixes in the peer trie.
+fn spread_policy(n: u32) -> String {
+    let peers: Vec<String> = (0..n)
+        .map(|i| {
+            let a = 2 * i;
+            format!("\"198.19.{}.{}\"", a / 256, a % 256)
+        })
+        .collect();
+    format!(
+        "version = 1\n[defaults]\ningress = \"drop\"\negress = \"allow\"\n[roles.srv]\nhosts = \"any\"\n[[roles.srv.ingress]]\nfrom = [{}]\ntcp = [80]\n",
+        peers.join(", ")
+    )
+}
+
+/// IPv4 prefixes the `srv` host of `policy` compiles to (`segbpf check`).
+fn ipv4_prefixes(lab: &Lab, policy: &Path) -> anyhow::Result<u64> {
+    let out = lab.segbpf_ok(
+        "db",
+        &[
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--role",
+            "srv",
+            "--output",
+            "json",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["compiled"][0]["ipv4_prefixes"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no ipv4_prefixes in {out}"))
+}
+
+/// Entries of the attachment's IPv4 peer trie in the kernel, per policy slot.
+fn peer_v4_entries(att: &Attachment) -> anyhow::Result<[usize; 2]> {
+    use aya::maps::{LpmTrie, Map, MapData};
+    let data = MapData::from_pin(att.map(segbpf_common::MAP_PEER_V4))?;
+    let trie: LpmTrie<MapData, segbpf_common::PeerKeyV4, segbpf_common::PeerClass> =
+        LpmTrie::try_from(Map::LpmTrie(data))?;
+    let mut n = [0; 2];
+    for k in trie.keys() {
+        n[usize::from(k?.data().slot & 1)] += 1;
+    }
+    Ok(n)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::Result<()> {
+    let mut lab = Lab::new("cap")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let big = lab.write_policy("big.toml", &spread_policy(200))?;
+    let small = lab.write_policy("small.toml", &spread_policy(4))?;
+    let (p, s) = (ipv4_prefixes(&lab, &big)?, ipv4_prefixes(&lab, &small)?);
+    assert!(p >= 200 && (2..50).contains(&s), "{p} / {s} prefixes");
+    // Room for the big policy once, not for it beside the small one, nor twice.
+    let limit = (p + s - 1).to_string();
+    let sizes = ["--role", "srv", "--peer-entries", limit.as_str()];
+    let needed = format!("--peer-entries {}", 2 * p);
+
+    // `check` and `attach` refuse a policy that could attach but never be
+    // reloaded, naming the count, the limit and the flag; nothing is pinned.
+    for cmd in ["check", "attach"] {
+        let mut args = vec![cmd];
+        if cmd == "attach" {
+            args.extend(["eth0", "--no-wait"]);
+        }
+        args.extend(["--policy", big.to_str().unwrap()]);
+        args.extend(sizes);
+        let out = lab.segbpf("db", &args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains(&format!("needs {p} entries in SEG_PEER_V4"))
+                && stderr.contains(&format!("holds at most {limit}"))
+                && stderr.contains(&needed),
+            "{cmd}: {stderr}"
+        );
+    }
+    assert!(
+        !lab.bpffs.join("net").exists(),
+        "nothing pinned after a refused attach"
+    );
+
+    // A reload that does not fit changes nothing: no half-written slot,
+    // the previous policy in force and reloadable.
+    lab.attach("db", small.to_str().unwrap(), &sizes)?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?);
+    let gen_before = segbpf::maps::pinned_config(&att)?.generation;
+    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let in_force = peer_v4_entries(&att)?;
+    assert_eq!(in_force[active] as u64, s);
+    assert_eq!(in_force[1 - active], 0);
+    let out = lab.segbpf("db", &["reload", "eth0", "--policy", big.to_str().unwrap()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&needed), "names the flag: {stderr}");
+    assert_eq!(
+        peer_v4_entries(&att)?,
+        in_force,
+        "the refused reload left entries in the kernel"
+    );
+    assert_eq!(segbpf::maps::pinned_config(&att)?.generation, gen_before);
+    lab.segbpf_ok("db", &["reload", "eth0"])?;
+    lab.segbpf_ok("db", &["detach", "eth0"])?;
+
+    // A policy that attaches can always be reloaded, again and again.
+    let exact = (2 * p).to_string();
+    lab.attach(
+        "db",
+        big.to_str().unwrap(),
+        &["--role", "srv", "--peer-entries", &exact],
+    )?;
+    for _ in 0..3 {
+        lab.segbpf_ok("db", &["reload", "eth0"])?;
+    }
+    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let n = peer_v4_entries(&att)?;
+    assert_eq!((n[active] as u64, n[1 - active]), (p, 0));
+    Ok(())
+}

@@ -130,6 +130,8 @@ fn memlock(ebpf: &aya::Ebpf) -> u64 {
             | aya::maps::Map::Array(d)
             | aya::maps::Map::PerCpuArray(d)
             | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::PerCpuHashMap(d)
             | aya::maps::Map::RingBuf(d) => d.fd().as_fd().as_raw_fd(),
             _ => continue,
         };
@@ -209,6 +211,10 @@ fn main() -> anyhow::Result<()> {
         for row in traffic::throughput(o.quick)? {
             println!("{row}");
         }
+        return Ok(());
+    }
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("memory") {
+        println!("{}", attachments_memory()?);
         return Ok(());
     }
     let host: IpAddr = "192.0.2.1".parse()?;
@@ -457,6 +463,7 @@ fn main() -> anyhow::Result<()> {
     maps::write_policy(&mut upd, &c)?;
     let set_add_s = t.elapsed().as_secs_f64();
 
+    let attachments = attachments_memory()?;
     let throughput = traffic::throughput(o.quick)?;
 
     // Report.
@@ -523,6 +530,7 @@ fn main() -> anyhow::Result<()> {
         "sizes": sizes_out,
         "update": {"swap_10k_rules_s": swap_10k_s, "set_element_s": set_add_s},
         "throughput": throughput,
+        "attachments_memory": attachments,
     });
     std::fs::create_dir_all("bench")?;
     std::fs::write(
@@ -531,6 +539,64 @@ fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("wrote bench/results.json");
     Ok(())
+}
+
+/// Kernel memory (`memlock` of programs and maps, as `segbpf status`
+/// reports it) of `examples/roles.toml` attached to 1 and to 20 interfaces
+/// of one network namespace: the connection tables are the namespace's.
+fn attachments_memory() -> anyhow::Result<serde_json::Value> {
+    let policy = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let mut lab = segbpf_tests::Lab::new("bmem")?;
+    lab.add_host("web", &["10.10.1.10/16"])?;
+    let ns = lab.host("web").ns.name.clone();
+    let total = |lab: &segbpf_tests::Lab| -> anyhow::Result<(u64, u64)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.segbpf_ok("web", &["status", "--output", "json"])?)?;
+        let atts = v["attachments"].as_array().cloned().unwrap_or_default();
+        let own: u64 = atts
+            .iter()
+            .map(|a| a["memory"]["attachment_bytes"].as_u64().unwrap_or(0))
+            .sum();
+        let shared = atts
+            .first()
+            .and_then(|a| a["memory"]["shared_bytes"].as_u64())
+            .unwrap_or(0);
+        Ok((own + shared, shared))
+    };
+    let mut rows = Vec::new();
+    lab.attach("web", &policy, &["--role", "web"])?;
+    for n in [1usize, 20] {
+        for i in rows.len().max(1)..n {
+            let (v, w) = (format!("v{i}"), format!("w{i}"));
+            segbpf_tests::netns::ip(&[
+                "-n", &ns, "link", "add", &v, "type", "veth", "peer", "name", &w,
+            ])?;
+            segbpf_tests::netns::ip(&["-n", &ns, "link", "set", &v, "up"])?;
+            segbpf_tests::netns::ip(&["-n", &ns, "link", "set", &w, "up"])?;
+            lab.segbpf_ok(
+                "web",
+                &[
+                    "attach",
+                    &v,
+                    "--policy",
+                    &policy,
+                    "--role",
+                    "web",
+                    "--no-wait",
+                ],
+            )?;
+        }
+        let (bytes, shared) = total(&lab)?;
+        eprintln!(
+            "examples/roles.toml on {n} interface(s) of one namespace: {} MiB in the kernel ({} MiB shared connection tables)",
+            bytes / (1024 * 1024),
+            shared / (1024 * 1024)
+        );
+        rows.push(
+            json!({"interfaces": n, "kernel_bytes": bytes, "shared_conntrack_bytes": shared}),
+        );
+    }
+    Ok(serde_json::Value::Array(rows))
 }
 
 fn min(v: &[f64]) -> f64 {

@@ -209,10 +209,11 @@ impl From<DirArg> for Direction {
 #[derive(Clone, Copy, Debug, clap::Args)]
 pub struct MapSizes {
     /// Capacity of each peer trie (IPv4 and IPv6; both directions and both
-    /// policy slots share it).
+    /// policy slots share it, so a policy may fill at most half of it).
     #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_PEER_ENTRIES)]
     pub peer_entries: u32,
-    /// Capacity of the port trie.
+    /// Capacity of the port trie (both policy slots share it: a policy may
+    /// fill at most half of it).
     #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_PORT_ENTRIES)]
     pub port_entries: u32,
 }

@@ -140,6 +140,20 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         r.fragments.other_entries,
         r.fragments.size
     )?;
+    if r.conntrack.shared_by > 1 {
+        writeln!(
+            o,
+            "             tables shared by {} attachments of the namespace: {} assured, {} half-open in all",
+            r.conntrack.shared_by, r.conntrack.table_entries, r.conntrack.table_half_open_entries
+        )?;
+    }
+    writeln!(
+        o,
+        "  memory:    {} in the kernel (programs and maps), + {} of connection tables shared by {} attachment(s) of the namespace",
+        crate::memory::human(r.memory.attachment_bytes),
+        crate::memory::human(r.memory.shared_bytes),
+        r.memory.shared_by
+    )?;
     if let Some(s) = &r.state {
         writeln!(
             o,
