@@ -246,9 +246,11 @@ fn tcp_in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
             return flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
         }
     }
-    if acks && e.seen & (1 << o) != 0 {
+    if acks {
+        // An acknowledgement of a side that never spoke acknowledges
+        // nothing that was sent.
         let a = dist(p.tcp_ack, e.seq_end[o]);
-        if a > 0 || a < -i64::from(e.max_win[s]).max(MIN_BACK) {
+        if e.seen & (1 << o) == 0 || a > 0 || a < -i64::from(e.max_win[s]).max(MIN_BACK) {
             return false;
         }
     }
