@@ -109,8 +109,9 @@ pub struct Awaiting {
 }
 
 /// Connection-table sizes and fill levels: the assured table (flows where
-/// both sides spoke) and the half-open table (openers without a reply yet;
-/// a flood evicts only these).
+/// both sides spoke and the originator acknowledged the reply, not
+/// closing) and the half-open table (openers without an acknowledged reply
+/// yet, and closing flows; a flood evicts only these).
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
     /// Capacity of the assured table (entries).

@@ -1,8 +1,10 @@
 //! Stateful sequences through the real programs with BPF_PROG_TEST_RUN:
 //! connection tracking (replies pass, unsolicited look-alike replies do
 //! not, entries expire, RST closes, but only a RST or FIN inside the
-//! window seen for its side; a flow moves from the half-open to the
-//! assured table when the originator speaks after the reply), ICMP echo and errors related to
+//! window seen for its side, and no TCP segment outside the window changes
+//! anything (blind ACKs); a SYN on a closing tuple is a new connection; a
+//! flow moves from the half-open to the assured table when the originator
+//! acknowledges the reply), ICMP echo and errors related to
 //! tracked flows (PMTU), and fragments (a leading fragment that passes lets
 //! its followers through; a follower without an allowed leader is dropped).
 //!
