@@ -189,11 +189,21 @@ fn count(lab: &Lab, direction: &str, code: u8) -> anyhow::Result<u64> {
     )
 }
 
-/// A frame from cli's MAC to srv's MAC.
+/// A frame from cli's MAC to srv's MAC of the IPv4 TCP segment `spec`,
+/// with its TCP checksum (srv's stack drops a segment without one).
 fn frame(lab: &Lab, spec: &PacketSpec) -> anyhow::Result<Vec<u8>> {
     let mut f = spec.build().bytes;
     f[..6].copy_from_slice(&net::mac(&lab.host("srv").ns.name, "eth0")?);
     f[6..12].copy_from_slice(&net::mac(&lab.host("cli").ns.name, "eth0")?);
+    // Ethernet 14 bytes, IPv4 header 20 (no options), then TCP.
+    let tcp = f[34..].to_vec();
+    let mut pseudo = Vec::with_capacity(12 + tcp.len());
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&u16::try_from(tcp.len())?.to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let csum = segbpf::packet::checksum(&pseudo);
+    f[50..52].copy_from_slice(&csum.to_be_bytes());
     Ok(f)
 }
 
