@@ -40,6 +40,13 @@ use segbpf_common::reason;
 use segbpf_tests::{Lab, net, netns};
 
 const PORT: u16 = 8080;
+/// Spoofed SYN + blind ACK pairs.
+const PAIRS: u16 = 50;
+/// Source ports the port-reuse matrix cycles through.
+const PORTS: u16 = 20;
+/// Held connections and short-lived ones in the eviction test.
+const HELD: u16 = 400;
+const SHORT: u32 = 3000;
 const TCP_RST: u8 = 0x04;
 
 /// srv drops everything it sends and accepts TCP 8080 only.
@@ -130,7 +137,7 @@ impl Drop for Echo {
 
 fn serve(mut c: TcpStream) {
     let _ = c.set_nonblocking(false);
-    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = c.set_read_timeout(Some(Duration::from_mins(1)));
     let mut buf = [0u8; 256];
     loop {
         match c.read(&mut buf) {
@@ -296,7 +303,6 @@ fn spoofed_syn_and_blind_ack_make_no_assured_entry() -> anyhow::Result<()> {
         "eth0",
     ])?;
     let sender = net::RawSender::open(&cli.ns.name, "eth0")?;
-    const PAIRS: u16 = 50;
     for i in 0..PAIRS {
         let seq = 1_000_000 * u32::from(i) + 17;
         let sport = 41000 + i;
@@ -351,12 +357,11 @@ fn reused_source_ports_reconnect() -> anyhow::Result<()> {
     let (lab, _echo) = setup("tcpreuse", "198.18.123", &[])?;
     let (cli, srv) = (lab.host("cli"), lab.host("srv"));
     let (src, dst) = (cli.addrs[0], srv.addrs[0]);
-    const PORTS: u16 = 20;
     let round = move |r: u32| -> anyhow::Result<Vec<String>> {
         let mut failed = Vec::new();
         for i in 0..PORTS {
             let sport = 40600 + i;
-            let rst = (r + u32::from(i)) % 2 == 0;
+            let rst = (r + u32::from(i)).is_multiple_of(2);
             let what = format!(
                 "round {r}, port {sport}, {}",
                 if rst { "RST" } else { "FIN" }
@@ -418,8 +423,6 @@ fn established_flows_outlive_short_lived_ones() -> anyhow::Result<()> {
     let (lab, _echo) = setup("tcpevict", "198.18.124", &["--ct-size", "1024"])?;
     let (cli, srv) = (lab.host("cli"), lab.host("srv"));
     let (src, dst) = (cli.addrs[0], srv.addrs[0]);
-    const HELD: u16 = 400;
-    const SHORT: u32 = 3000;
     let mut held = in_ns(&cli.ns.name, move || {
         let mut v = Vec::new();
         for i in 0..HELD {
@@ -468,7 +471,7 @@ fn established_flows_outlive_short_lived_ones() -> anyhow::Result<()> {
             }
         }
         rounds += 1;
-        if last || start.elapsed() > Duration::from_secs(60) {
+        if last || start.elapsed() > Duration::from_mins(1) {
             break;
         }
         std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
