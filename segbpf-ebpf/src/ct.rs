@@ -227,19 +227,19 @@ fn dist(a: u32, b: u32) -> i64 {
 /// seen for it (see the module docs).
 #[inline(always)]
 fn tcp_in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
-    let s = side & 1;
-    let o = s ^ 1;
+    let me = side & 1;
+    let other = me ^ 1;
     let flags = p.tcp_flags;
     let acks = flags & TCP_ACK != 0;
-    if e.seen & (1 << s) == 0 {
+    if e.seen & (1 << me) == 0 {
         // This side's first segment answers the other side's opener.
-        if !acks || (flags & TCP_RST != 0 && p.tcp_ack != e.seq_end[o]) {
+        if !acks || (flags & TCP_RST != 0 && p.tcp_ack != e.seq_end[other]) {
             return false;
         }
     } else {
-        let rwin = i64::from(e.max_win[o]);
-        if dist(p.tcp_seq, e.seq_end[s]) > rwin.max(1)
-            || dist(seq_end(p), e.seq_end[s]) < -rwin.max(MIN_BACK)
+        let rwin = i64::from(e.max_win[other]);
+        if dist(p.tcp_seq, e.seq_end[me]) > rwin.max(1)
+            || dist(seq_end(p), e.seq_end[me]) < -rwin.max(MIN_BACK)
         {
             // A SYN from a side that spoke: a peer reusing the tuple (see
             // the module docs); it passes, and `update` ignores it.
@@ -249,8 +249,11 @@ fn tcp_in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
     if acks {
         // An acknowledgement of a side that never spoke acknowledges
         // nothing that was sent.
-        let a = dist(p.tcp_ack, e.seq_end[o]);
-        if e.seen & (1 << o) == 0 || a > 0 || a < -i64::from(e.max_win[s]).max(MIN_BACK) {
+        let acked = dist(p.tcp_ack, e.seq_end[other]);
+        if e.seen & (1 << other) == 0
+            || acked > 0
+            || acked < -i64::from(e.max_win[me]).max(MIN_BACK)
+        {
             return false;
         }
     }
