@@ -60,7 +60,9 @@ const _: () = assert!(core::mem::align_of::<CtKey>() == 8);
 pub const CT_NEW: u8 = 1;
 /// Connection state: a reply was seen.
 pub const CT_ESTABLISHED: u8 = 2;
-/// Connection state: TCP RST, or FIN from both sides.
+/// Connection state: TCP RST, or FIN from both sides. A closing flow
+/// lives in the half-open table (it leaves the assured table), so it is
+/// evicted before any established one.
 pub const CT_CLOSING: u8 = 3;
 /// `CtEntry::fin` bit: FIN seen from the originator.
 pub const CT_FIN_ORIG: u8 = 1;
@@ -103,8 +105,10 @@ pub struct CtEntry {
     /// policy would have dropped it: the flow is tracked (so its replies
     /// are not reported again), and forgotten once enforcement resumes.
     pub audit: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 4],
+    /// TCP: the initial sequence number of the replier's SYN (valid once
+    /// the replier's side is seen): the handshake's last ACK must
+    /// acknowledge it before the flow is assured.
+    pub isn_reply: u32,
     /// Flow accounting: `bpf_ktime_get_coarse_ns` of the first packet.
     pub first_seen_ns: u64,
     /// Flow accounting, per side ([`CT_SIDE_ORIG`], [`CT_SIDE_REPLY`]):

@@ -69,9 +69,13 @@ pub mod reason {
     pub const DROP_INVALID_RST: u8 = 29;
     /// TCP FIN of a tracked flow outside the window seen for its direction.
     pub const DROP_INVALID_FIN: u8 = 30;
+    /// Any other TCP segment of a tracked flow whose sequence or
+    /// acknowledgement number lies outside the window seen for it (a blind
+    /// segment); the flow is unchanged.
+    pub const DROP_INVALID_SEQ: u8 = 31;
 
     /// Every code in use (for iteration in userspace).
-    pub const ALL: [u8; 24] = [
+    pub const ALL: [u8; 25] = [
         PASS_RULE,
         PASS_DEFAULT,
         PASS_ARP,
@@ -96,6 +100,7 @@ pub mod reason {
         DROP_LINK_LOCAL,
         DROP_INVALID_RST,
         DROP_INVALID_FIN,
+        DROP_INVALID_SEQ,
     ];
 
     /// Whether a packet with this reason is passed.
@@ -130,6 +135,7 @@ pub mod reason {
             DROP_LINK_LOCAL => "link-local-denied",
             DROP_INVALID_RST => "invalid-rst",
             DROP_INVALID_FIN => "invalid-fin",
+            DROP_INVALID_SEQ => "invalid-seq",
             _ => "unknown",
         }
     }

@@ -10,17 +10,28 @@
 //! Two LRU tables, so a flood cannot push out the flows that matter (as
 //! netfilter's early drop spares assured entries): a new entry goes into
 //! the half-open table `SEG_CT_NEW`; it moves to the assured table `SEG_CT`
-//! when the originator speaks again after a reply (for TCP, the handshake's
-//! last ACK). A spoofed source never sees the reply, so a flood of openers
-//! only evicts other half-open entries.
+//! when the originator speaks again after a reply (for TCP, an ACK that
+//! acknowledges the replier's SYN: a spoofed source never sees that SYN,
+//! so a flood of openers only evicts other half-open entries). A flow that
+//! closes (TCP RST, or FIN from both sides) moves back to the half-open
+//! table, so closing flows are evicted before established ones.
 //!
-//! TCP RST and FIN change a tracked flow only when their sequence number
-//! lies in the window seen for their side (RFC 5961's in-window check,
-//! reduced to what a host firewall needs): within the receiver's largest
-//! advertised window of the sender's highest sequence, or, from a side that
-//! has not spoken yet, acknowledging exactly what the other side sent (a
-//! RST answering a SYN). Anything else is dropped as `invalid-rst` /
-//! `invalid-fin` and changes nothing.
+//! Every TCP segment of a tracked flow is checked against the window seen
+//! for it before it changes anything (netfilter's `tcp_in_window`, reduced
+//! to what a host firewall needs; RFC 5961's blind attacks): its sequence
+//! number must not be beyond the sender's highest sequence plus the
+//! receiver's largest window, its end not further back than that window
+//! (at least 66,000 bytes: retransmissions, keep-alives, window probes),
+//! and its acknowledgement must not be beyond what the other side sent nor
+//! further back than the sender's largest window (at least 66,000). The
+//! first segment of a side that has not spoken yet must acknowledge what
+//! the other side sent (a RST exactly: the RST that refuses a SYN).
+//! Anything else is dropped as `invalid-rst` / `invalid-fin` /
+//! `invalid-seq` and changes nothing. One exception, as in netfilter: a
+//! SYN outside the window from a side that spoke passes unchanged, so a
+//! peer that lost its connection (a reboot) and reuses the port gets the
+//! host's challenge ACK and can reset the stale flow. A SYN on a closing
+//! flow is a new connection: judged by the policy.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
@@ -39,6 +50,9 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_S: u64 = 1_000_000_000;
+/// Least slack (bytes) below a side's highest sequence for
+/// acknowledgements and retransmissions (netfilter's `MAXACKWINDOW` floor).
+const MIN_BACK: i64 = 66_000;
 
 /// Current time for connection tracking, rate limiting and events: the
 /// coarse monotonic clock (tick resolution, a few ms: ample for timeouts of
@@ -150,70 +164,125 @@ pub(crate) struct Tracked {
     pub assured: bool,
 }
 
-/// The live (not expired) entry of `key`: the assured table first (most
-/// packets belong to assured flows), then the half-open table.
+/// The live entry of `key` for the packet `p`: the assured table first
+/// (most packets belong to assured flows), then the half-open table. An
+/// entry is dead when it expired, when it is a flow audit mode let through
+/// while enforcement is on, and for a TCP SYN when it is closing (the SYN
+/// opens a new connection on the tuple: judged by the policy, its entry
+/// replaces the closing one). A dead assured entry does not hide a live
+/// half-open one (a new connection on a reused tuple).
 #[inline(always)]
-pub(crate) fn lookup(cfg: &Config, key: &CtKey, now: u64) -> Option<Tracked> {
-    let (entry, assured) = match SEG_CT.get_ptr_mut(key) {
-        Some(e) => (e, true),
-        None => (SEG_CT_NEW.get_ptr_mut(key)?, false),
-    };
+pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<Tracked> {
+    let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+    if let Some(e) = SEG_CT.get_ptr_mut(key)
+        && live(cfg, key, e, now, syn)
+    {
+        return Some(Tracked {
+            entry: e,
+            assured: true,
+        });
+    }
+    let e = SEG_CT_NEW.get_ptr_mut(key)?;
+    if live(cfg, key, e, now, syn) {
+        Some(Tracked {
+            entry: e,
+            assured: false,
+        })
+    } else {
+        None
+    }
+}
+
+/// Whether `entry` (of `key`) is in force for a packet (`syn`: a TCP SYN
+/// without ACK) at `now` (see `lookup`).
+#[inline(always)]
+fn live(cfg: &Config, key: &CtKey, entry: *mut CtEntry, now: u64, syn: bool) -> bool {
     // SAFETY: `entry` points at a value of the map, valid during this
     // program run; concurrent writers only store whole integer fields.
     let (last, state, audit) = unsafe { ((*entry).last_seen_ns, (*entry).state, (*entry).audit) };
     // A flow audit mode let through against the policy is not a flow
     // once enforcement resumes: its packets are judged by the policy.
     if audit != 0 && cfg.audit == 0 {
-        return None;
+        return false;
+    }
+    if syn && state == CT_CLOSING {
+        return false;
     }
     let ttl = u64::from(ct_timeout_s(cfg, key.proto, state)) * NS_PER_S;
-    if now.saturating_sub(last) > ttl {
-        return None;
-    }
-    Some(Tracked { entry, assured })
+    now.saturating_sub(last) <= ttl
 }
 
 /// 0 for the originator's side of the flow, 1 for the replier's.
 #[inline(always)]
 fn side(e: &CtEntry, dir: u8) -> usize {
-    usize::from(dir != e.origin)
+    // Directions are 0 and 1: no branch (one verifier path for both sides).
+    usize::from((dir ^ e.origin) & 1)
 }
 
-/// Whether a TCP RST or FIN from `side` is believable for the entry (see
-/// the module docs).
+/// Signed distance from `b` to `a` in sequence space.
 #[inline(always)]
-fn in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
-    let other = side ^ 1;
-    if e.seen & (1 << side) == 0 {
-        return p.tcp_flags & TCP_ACK != 0 && p.tcp_ack == e.seq_end[other & 1];
-    }
-    let win = if e.max_win[other & 1] == 0 {
-        1
+fn dist(a: u32, b: u32) -> i64 {
+    i64::from(a.wrapping_sub(b) as i32)
+}
+
+/// Whether a TCP segment from `side` of the flow `e` lies in the window
+/// seen for it (see the module docs).
+#[inline(always)]
+fn tcp_in_window(e: &CtEntry, side: usize, p: &Parsed) -> bool {
+    let me = side & 1;
+    let other = me ^ 1;
+    let flags = p.tcp_flags;
+    let acks = flags & TCP_ACK != 0;
+    if e.seen & (1 << me) == 0 {
+        // This side's first segment answers the other side's opener.
+        if !acks || (flags & TCP_RST != 0 && p.tcp_ack != e.seq_end[other]) {
+            return false;
+        }
     } else {
-        e.max_win[other & 1]
-    };
-    let d = p.tcp_seq.wrapping_sub(e.seq_end[side & 1]) as i32;
-    d.unsigned_abs() <= win
+        let rwin = i64::from(e.max_win[other]);
+        if dist(p.tcp_seq, e.seq_end[me]) > rwin.max(1)
+            || dist(seq_end(p), e.seq_end[me]) < -rwin.max(MIN_BACK)
+        {
+            // A SYN from a side that spoke: a peer reusing the tuple (see
+            // the module docs); it passes, and `update` ignores it.
+            return flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+        }
+    }
+    if acks {
+        // An acknowledgement of a side that never spoke acknowledges
+        // nothing that was sent.
+        let acked = dist(p.tcp_ack, e.seq_end[other]);
+        if e.seen & (1 << other) == 0
+            || acked > 0
+            || acked < -i64::from(e.max_win[me]).max(MIN_BACK)
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// The verdict for a packet of a tracked flow: `PASS_CT`, or for a TCP
-/// RST/FIN outside the window `DROP_INVALID_RST` / `DROP_INVALID_FIN`.
-/// Reads the entry only (trace instances judge without writing).
+/// segment outside the window `DROP_INVALID_RST` / `DROP_INVALID_FIN` /
+/// `DROP_INVALID_SEQ`. Reads the entry only (trace instances judge
+/// without writing).
 #[inline(always)]
 pub(crate) fn check(t: &Tracked, dir: u8, p: &Parsed) -> u8 {
-    if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+    if p.proto != IPPROTO_TCP {
         return reason::PASS_CT;
     }
     // SAFETY: `t.entry` points at a live map value (see `lookup`); read in
     // place (no stack copy), a racing update can at worst make this
-    // misjudge one RST/FIN as in or out of window.
+    // misjudge one segment as in or out of window.
     let e = unsafe { &*t.entry };
-    if in_window(e, side(e, dir), p) {
+    if tcp_in_window(e, side(e, dir), p) {
         reason::PASS_CT
     } else if p.tcp_flags & TCP_RST != 0 {
         reason::DROP_INVALID_RST
-    } else {
+    } else if p.tcp_flags & TCP_FIN != 0 {
         reason::DROP_INVALID_FIN
+    } else {
+        reason::DROP_INVALID_SEQ
     }
 }
 
@@ -234,6 +303,9 @@ fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
     let end = seq_end(p);
     if p.tcp_flags & TCP_SYN != 0 {
         e.wscale[s] = p.tcp_wscale;
+        if s == 1 {
+            e.isn_reply = p.tcp_seq;
+        }
     }
     if e.seen & (1 << s) == 0 || (end.wrapping_sub(e.seq_end[s]) as i32) > 0 {
         e.seq_end[s] = end;
@@ -242,7 +314,7 @@ fn track_tcp(e: &mut CtEntry, side: usize, p: &Parsed) {
     let scaled =
         p.tcp_flags & TCP_SYN == 0 && e.wscale[0] != CT_NO_WSCALE && e.wscale[1] != CT_NO_WSCALE;
     let win = if scaled {
-        u32::from(p.tcp_win) << (e.wscale[s] & 15)
+        u32::from(p.tcp_win) << e.wscale[s].min(14)
     } else {
         u32::from(p.tcp_win)
     };
@@ -268,8 +340,9 @@ fn account(e: *mut CtEntry, side: usize, len: u32, tcp_flags: u8) {
 }
 
 /// Updates an entry for a packet of its flow travelling in `dir` (a packet
-/// `check` passed), and moves a half-open entry to the assured table when
-/// the originator speaks after a reply. With flow accounting (`acct`), the
+/// `check` passed and let change the flow), moves a half-open entry to the
+/// assured table when the originator speaks after a reply, and a closing
+/// one out of it. With flow accounting (`acct`), the
 /// packet is counted in the entry.
 #[inline(always)]
 #[allow(
@@ -289,8 +362,15 @@ pub(crate) fn update(
     // integer fields (a racing CPU can at worst overwrite a timestamp,
     // a state or a sequence end).
     let e = unsafe { &mut *t.entry };
-    e.last_seen_ns = now;
     let side = side(e, dir);
+    if p.proto == IPPROTO_TCP
+        && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        && e.seen & (1 << side) != 0
+    {
+        // A SYN from a side that spoke changes nothing (see `tcp_in_window`).
+        return;
+    }
+    e.last_seen_ns = now;
     if acct {
         account(t.entry, side, len, p.tcp_flags);
     }
@@ -299,14 +379,12 @@ pub(crate) fn update(
     if reply && e.state == CT_NEW {
         e.state = CT_ESTABLISHED;
     }
+    // The originator's TCP segment assures the flow only if it
+    // acknowledges the replier's SYN (a spoofed opener never saw it).
+    let mut assures = !reply && replied;
     if p.proto == IPPROTO_TCP {
-        if !reply && e.state == CT_CLOSING && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            // The tuple is reused by a new connection: track it afresh.
-            let (rule_id, audit) = (e.rule_id, e.audit != 0);
-            fill_new(e, rule_id, dir, p, now, len, acct, audit);
-            return;
-        }
         track_tcp(e, side, p);
+        assures = assures && p.tcp_flags & TCP_ACK != 0 && dist(p.tcp_ack, e.isn_reply) >= 1;
         if p.tcp_flags & TCP_RST != 0 {
             e.state = CT_CLOSING;
         } else if p.tcp_flags & TCP_FIN != 0 {
@@ -315,8 +393,16 @@ pub(crate) fn update(
                 e.state = CT_CLOSING;
             }
         }
+        if t.assured && e.state == CT_CLOSING {
+            // A closing flow leaves the assured table (copied first): under
+            // pressure it goes before any established flow, and a new
+            // connection on its tuple replaces it in the half-open table.
+            let _ = SEG_CT_NEW.insert(key, &*e, 0);
+            let _ = SEG_CT.remove(key);
+            return;
+        }
     }
-    if !t.assured && !reply && replied && e.state == CT_ESTABLISHED {
+    if !t.assured && assures && e.state == CT_ESTABLISHED {
         // Both sides spoke and the originator again: assured. Insert a
         // copy (straight from the map value, not through the stack) first,
         // so the flow is never in neither table.
@@ -368,9 +454,7 @@ fn fill_new(
         core::ptr::write_volatile(&raw mut e.seen, 0);
         core::ptr::write_volatile(&raw mut e.seq_end, [0; 2]);
         core::ptr::write_volatile(&raw mut e.max_win, [0; 2]);
-        for i in 0..4 {
-            core::ptr::write_volatile(&raw mut e._pad[i], 0);
-        }
+        core::ptr::write_volatile(&raw mut e.isn_reply, 0);
     }
     e.wscale = [CT_NO_WSCALE; 2];
     e.tcp_flags = if acct { p.tcp_flags } else { 0 };

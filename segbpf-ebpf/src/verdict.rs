@@ -145,7 +145,7 @@ fn judge(
     };
     let mut assured = false;
     if let Some(k) = &ct_key
-        && let Some(t) = ct::lookup(cfg, k, now)
+        && let Some(t) = ct::lookup(cfg, k, p, now)
     {
         // SAFETY: `t.entry` points at a live map value (see ct::lookup).
         d.rule_id = unsafe { (*t.entry).rule_id };
@@ -192,7 +192,7 @@ fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &m
         if cfg.established != 0
             && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
             && let Some(k) = ct::related_key(pkt, dir, p)
-            && ct::lookup(cfg, &k, now).is_some()
+            && ct::lookup(cfg, &k, p, now).is_some()
         {
             d.reason = reason::PASS_RELATED;
             return;

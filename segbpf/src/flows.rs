@@ -53,7 +53,8 @@ pub struct Flow {
     /// (`ct_state`: a flow record's `state` is the record's kind).
     #[serde(rename = "ct_state")]
     pub state: &'static str,
-    /// `assured` (both sides spoke, then the originator again) or `half-open`.
+    /// `assured` (both sides spoke, then the originator acknowledged the
+    /// reply) or `half-open` (no acknowledged reply yet, or closing).
     pub table: &'static str,
     /// Packets from the originator.
     pub packets_orig: u64,

@@ -142,10 +142,12 @@ impl Awaiting {
 }
 
 /// Connection-table sizes and fill levels: the assured table (flows where
-/// both sides spoke) and the half-open table (openers without a reply yet;
-/// a flood evicts only these). The tables are shared by every attachment
-/// of the network namespace: `entries` are this interface's, the
-/// `table_*` fields count every interface's against the capacity.
+/// both sides spoke and the originator acknowledged the reply, not
+/// closing) and the half-open table (openers without an acknowledged reply
+/// yet, and closing flows; a flood evicts only these). The tables are
+/// shared by every attachment of the network namespace: `entries` are this
+/// interface's, the `table_*` fields count every interface's against the
+/// capacity.
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
     /// Capacity of the assured table (entries), as the kernel made it.

@@ -1151,7 +1151,7 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
         .iter()
         // default-allow cannot happen with ingress = "drop"; the
         // stateful reasons (a tracked connection, an ICMP error about one,
-        // a later fragment of an allowed datagram, a RST or FIN outside a
+        // a later fragment of an allowed datagram, a TCP segment outside a
         // tracked flow's window) need sequences: see tests/tests/stateful.rs.
         .filter(|&&r| {
             !matches!(
@@ -1162,6 +1162,7 @@ fn check_table(policy: &Policy, roles: &[String], cases: &[Case]) {
                     | reason::PASS_FRAG
                     | reason::DROP_INVALID_RST
                     | reason::DROP_INVALID_FIN
+                    | reason::DROP_INVALID_SEQ
             ) && !seen.contains(&r)
         })
         .map(|&r| reason::name(r))

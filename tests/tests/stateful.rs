@@ -1,8 +1,10 @@
 //! Stateful sequences through the real programs with BPF_PROG_TEST_RUN:
 //! connection tracking (replies pass, unsolicited look-alike replies do
 //! not, entries expire, RST closes, but only a RST or FIN inside the
-//! window seen for its side; a flow moves from the half-open to the
-//! assured table when the originator speaks after the reply), ICMP echo and errors related to
+//! window seen for its side, and no TCP segment outside the window changes
+//! anything (blind ACKs); a SYN on a closing tuple is a new connection; a
+//! flow moves from the half-open to the assured table when the originator
+//! acknowledges the reply), ICMP echo and errors related to
 //! tracked flows (PMTU), and fragments (a leading fragment that passes lets
 //! its followers through; a follower without an allowed leader is dropped).
 //!
@@ -475,7 +477,12 @@ fn sequences() -> Vec<Sequence> {
                 vec![
                     pkt("SYN in, wscale 7", In, &syn, PASS_RULE),
                     pkt("SYN-ACK out, wscale 7", Out, &syn_ack, PASS_CT),
-                    pkt("ACK in", In, &web(TCP_ACK, 1001), PASS_CT),
+                    pkt(
+                        "ACK in",
+                        In,
+                        &seg(WEB, APP, 40020, 8080, TCP_ACK, 1001, 5001, 500, 0),
+                        PASS_CT,
+                    ),
                     // App's window: 1000 << 7 = 128,000 bytes.
                     pkt(
                         "100 bytes out, window 1000 (scaled: 128000)",
@@ -561,6 +568,285 @@ fn sequences() -> Vec<Sequence> {
                     In,
                     &seg(DB, APP, 5432, 40030, TCP_RST | TCP_ACK, 0, 7001, 0, 0),
                     PASS_CT,
+                ),
+            ],
+        },
+        Sequence {
+            // RFC 5961 / the outside review: four blind ACKs spread over the
+            // sequence space, then a RST at 0. Without a window check on
+            // every segment the ACKs drag the highest sequence round to 0
+            // and the RST lands "in window".
+            name: "blind_acks_change_nothing_then_blind_rst_is_dropped",
+            steps: {
+                let web =
+                    |flags, seq, ack, len| seg(WEB, APP, 40040, 8080, flags, seq, ack, 500, len);
+                let app =
+                    |flags, seq, ack, len| seg(APP, WEB, 8080, 40040, flags, seq, ack, 1000, len);
+                let mut steps = vec![
+                    pkt(
+                        "SYN in",
+                        In,
+                        &seg(WEB, APP, 40040, 8080, TCP_SYN, 77_000, 0, 64000, 0),
+                        PASS_RULE,
+                    ),
+                    pkt(
+                        "SYN-ACK out",
+                        Out,
+                        &app(TCP_SYN | TCP_ACK, 900_000, 77_001, 0),
+                        PASS_CT,
+                    ),
+                    pkt("ACK in", In, &web(TCP_ACK, 77_001, 900_001, 0), PASS_CT),
+                    pkt(
+                        "10 bytes in",
+                        In,
+                        &web(TCP_ACK, 77_001, 900_001, 10),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "10 bytes out",
+                        Out,
+                        &app(TCP_ACK, 900_001, 77_011, 10),
+                        PASS_CT,
+                    ),
+                ];
+                for (what, k) in [
+                    ("ACK seq 1<<30", 1u32),
+                    ("ACK seq 2<<30", 2),
+                    ("ACK seq 3<<30", 3),
+                    ("ACK seq 4<<30 (0)", 4),
+                ] {
+                    steps.push(pkt(
+                        what,
+                        In,
+                        &web(TCP_ACK, k.wrapping_shl(30), 0, 0),
+                        DROP_INVALID_SEQ,
+                    ));
+                }
+                steps.extend([
+                    pkt("RST seq 0", In, &web(TCP_RST, 0, 0, 0), DROP_INVALID_RST),
+                    pkt(
+                        "data at the right sequence, acknowledging unsent data",
+                        In,
+                        &web(TCP_ACK, 77_011, 950_000, 1),
+                        DROP_INVALID_SEQ,
+                    ),
+                    pkt(
+                        "data far beyond the window",
+                        In,
+                        &web(TCP_ACK, 77_011 + 5_000_000, 900_011, 1),
+                        DROP_INVALID_SEQ,
+                    ),
+                    pkt(
+                        "data out far beyond the window",
+                        Out,
+                        &app(TCP_ACK, 900_011 + 5_000_000, 77_011, 1),
+                        DROP_INVALID_SEQ,
+                    ),
+                    pkt(
+                        "a retransmission passes",
+                        In,
+                        &web(TCP_ACK, 77_001, 900_001, 10),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "data in: the flow is untouched",
+                        In,
+                        &web(TCP_ACK, 77_011, 900_011, 5),
+                        PASS_CT,
+                    ),
+                    pkt("data out", Out, &app(TCP_ACK, 900_011, 77_016, 5), PASS_CT),
+                    pkt(
+                        "a SYN from a side that spoke passes (challenge ACK) and changes nothing",
+                        In,
+                        &seg(WEB, APP, 40040, 8080, TCP_SYN, 5, 0, 64000, 0),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "RST in at the sequence sent closes",
+                        In,
+                        &web(TCP_RST, 77_016, 0, 0),
+                        PASS_CT,
+                    ),
+                ]);
+                steps
+            },
+        },
+        Sequence {
+            // A reply that does not acknowledge the opener is not a reply.
+            name: "first_reply_must_acknowledge_the_opener",
+            steps: vec![
+                pkt(
+                    "SYN out",
+                    Out,
+                    &seg(APP, DB, 40041, 5432, TCP_SYN, 3000, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "SYN-ACK acknowledging nothing we sent",
+                    In,
+                    &seg(
+                        DB,
+                        APP,
+                        5432,
+                        40041,
+                        TCP_SYN | TCP_ACK,
+                        8000,
+                        99_999,
+                        64000,
+                        0,
+                    ),
+                    DROP_INVALID_SEQ,
+                ),
+                pkt(
+                    "SYN without ACK from the other side",
+                    In,
+                    &seg(DB, APP, 5432, 40041, TCP_SYN, 8000, 0, 64000, 0),
+                    DROP_INVALID_SEQ,
+                ),
+                pkt(
+                    "the real SYN-ACK",
+                    In,
+                    &seg(
+                        DB,
+                        APP,
+                        5432,
+                        40041,
+                        TCP_SYN | TCP_ACK,
+                        8000,
+                        3001,
+                        64000,
+                        0,
+                    ),
+                    PASS_CT,
+                ),
+                pkt(
+                    "ACK out",
+                    Out,
+                    &seg(APP, DB, 40041, 5432, TCP_ACK, 3001, 8001, 64000, 0),
+                    PASS_CT,
+                ),
+            ],
+        },
+        Sequence {
+            // The host's own RST answering an unacceptable ACK (RFC 793:
+            // seq = the segment's ack) is not dropped.
+            name: "own_rst_answering_an_unacceptable_ack_passes",
+            steps: vec![
+                pkt(
+                    "SYN in",
+                    In,
+                    &seg(WEB, APP, 40042, 8080, TCP_SYN, 500, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "SYN-ACK out",
+                    Out,
+                    &seg(
+                        APP,
+                        WEB,
+                        8080,
+                        40042,
+                        TCP_SYN | TCP_ACK,
+                        70_000,
+                        501,
+                        64000,
+                        0,
+                    ),
+                    PASS_CT,
+                ),
+                pkt(
+                    "ACK in acknowledging 40,000 before our SYN",
+                    In,
+                    &seg(WEB, APP, 40042, 8080, TCP_ACK, 501, 30_000, 500, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "our RST at seq 30,000",
+                    Out,
+                    &seg(APP, WEB, 8080, 40042, TCP_RST, 30_000, 0, 0, 0),
+                    PASS_CT,
+                ),
+            ],
+        },
+        Sequence {
+            // Port reuse: a SYN on a closing flow's tuple is a new
+            // connection, judged by the policy (here denied), and its
+            // replies pass when allowed.
+            name: "syn_on_a_closing_tuple_is_a_new_connection",
+            steps: vec![
+                pkt(
+                    "SYN in",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_SYN, 100, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "SYN-ACK out",
+                    Out,
+                    &seg(
+                        APP,
+                        WEB,
+                        8080,
+                        40043,
+                        TCP_SYN | TCP_ACK,
+                        9000,
+                        101,
+                        64000,
+                        0,
+                    ),
+                    PASS_CT,
+                ),
+                pkt(
+                    "ACK in",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_ACK, 101, 9001, 500, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "RST in",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_RST, 101, 0, 0, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "new SYN, other ISN: a rule allows it",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_SYN, 7_000_000, 0, 64000, 0),
+                    PASS_RULE,
+                ),
+                pkt(
+                    "its SYN-ACK",
+                    Out,
+                    &seg(
+                        APP,
+                        WEB,
+                        8080,
+                        40043,
+                        TCP_SYN | TCP_ACK,
+                        123_456,
+                        7_000_001,
+                        64000,
+                        0,
+                    ),
+                    PASS_CT,
+                ),
+                pkt(
+                    "its ACK",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_ACK, 7_000_001, 123_457, 500, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "RST in",
+                    In,
+                    &seg(WEB, APP, 40043, 8080, TCP_RST, 7_000_001, 0, 0, 0),
+                    PASS_CT,
+                ),
+                pkt(
+                    "SYN out on the closing tuple: the policy denies it",
+                    Out,
+                    &seg(APP, WEB, 8080, 40043, TCP_SYN, 1, 0, 64000, 0),
+                    DROP_DEFAULT,
                 ),
             ],
         },
@@ -718,9 +1004,31 @@ fn handshake_moves_a_flow_to_the_assured_table() -> anyhow::Result<()> {
         "three half-open flows"
     );
 
+    // An ACK in the window that does not acknowledge app's SYN (a blind
+    // guess) passes but assures nothing.
     assert_eq!(
         instance
-            .ingress(tcp(WEB, APP, 40100, 8080, TCP_ACK).build().bytes)?
+            .ingress(
+                seg(WEB, APP, 40100, 8080, TCP_ACK, 2, 1, 65535, 0)
+                    .build()
+                    .bytes
+            )?
+            .reason,
+        reason::PASS_CT
+    );
+    assert_eq!(
+        table_keys(&instance, MAP_CT)?.len(),
+        0,
+        "an ACK that does not acknowledge the SYN assures nothing"
+    );
+    // The builder's segments start at sequence 1: the SYN-ACK's ISN is 1.
+    assert_eq!(
+        instance
+            .ingress(
+                seg(WEB, APP, 40100, 8080, TCP_ACK, 2, 2, 65535, 0)
+                    .build()
+                    .bytes
+            )?
             .reason,
         reason::PASS_CT
     );

@@ -1,0 +1,495 @@
+//! TCP connection tracking against real sockets of the kernel's stack and
+//! packets an off-path attacker forges, on a live attachment: state only
+//! the endpoints can steer, port reuse, and eviction order under pressure.
+//!
+//! The host under test is `srv`, its peer `cli`; segbpf enforces on srv a
+//! policy that drops everything leaving srv and lets in only TCP 8080, so
+//! every reply srv sends rides on a connection entry (issue 28's setup):
+//! a flow whose entry is lost or hidden cannot talk any more.
+//!
+//! * `blind_acks_and_rst_leave_a_real_flow_alone`: four ACKs with sequence
+//!   numbers 1<<30 .. 4<<30 and a RST at 0, forged with the 4-tuple of a
+//!   real connection; the flow stays established and carries data.
+//! * `spoofed_syn_and_blind_ack_make_no_assured_entry`: spoofed SYNs to the
+//!   open port and a blind ACK each; srv's stack answers, none of them is
+//!   assured, and no RST of srv's is dropped.
+//! * `reused_source_ports_reconnect`: a few hundred connections over 20
+//!   source ports, closed by RST and by FIN, reused at once and after the
+//!   closing timeout: every one connects and exchanges.
+//! * `established_flows_outlive_short_lived_ones`: `--ct-size 1024`, 400
+//!   held connections with traffic and 3,000 short-lived ones: no held
+//!   flow breaks.
+#![allow(
+    unused_crate_dependencies,
+    reason = "each test file is a crate that sees every dependency of the tests package"
+)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use segbpf::packet::{PacketSpec, TCP_ACK, TCP_SYN};
+use segbpf_common::reason;
+use segbpf_tests::{Lab, net, netns};
+
+const PORT: u16 = 8080;
+/// Spoofed SYN + blind ACK pairs.
+const PAIRS: u16 = 50;
+/// Source ports the port-reuse matrix cycles through.
+const PORTS: u16 = 20;
+/// Held connections and short-lived ones in the eviction test.
+const HELD: u16 = 400;
+const SHORT: u32 = 3000;
+const TCP_RST: u8 = 0x04;
+
+/// srv drops everything it sends and accepts TCP 8080 only.
+const POLICY: &str = r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+from = "any"
+tcp = [8080]
+"#;
+
+/// A lab with srv (`{prefix}.1`) and cli (`{prefix}.2`), segbpf attached
+/// on srv with `extra` arguments, and the echo server running.
+fn setup(tag: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<(Lab, Echo)> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("srv", &[&format!("{prefix}.1/24")])?;
+    lab.add_host("cli", &[&format!("{prefix}.2/24")])?;
+    lab.quiet_switch()?;
+    let policy = lab.write_policy("srv.toml", POLICY)?;
+    let mut args = vec!["--role", "srv"];
+    args.extend_from_slice(extra);
+    lab.attach("srv", policy.to_str().expect("UTF-8 path"), &args)?;
+    let srv = lab.host("srv");
+    let echo = Echo::start(&srv.ns.name, srv.addrs[0])?;
+    Ok((lab, echo))
+}
+
+/// Runs `f` on a thread inside namespace `ns` (sockets it makes stay in
+/// that namespace wherever they are used afterwards).
+fn in_ns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<R> + Send + 'static,
+) -> anyhow::Result<R> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        netns::enter(&path)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+}
+
+/// A TCP echo server on srv: each connection echoes every message; a
+/// message starting with `Q` is echoed and then the server closes first
+/// (FIN from srv).
+struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(ns: &str, addr: IpAddr) -> anyhow::Result<Echo> {
+        let listener = in_ns(ns, move || {
+            let l = TcpListener::bind(SocketAddr::new(addr, PORT))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((c, _)) => {
+                        std::thread::spawn(move || serve(c));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(Echo {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut c: TcpStream) {
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_mins(1)));
+    let mut buf = [0u8; 256];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() || buf[0] == b'Q' {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A TCP socket from `src:sport` (0: any port) with `SO_REUSEADDR`,
+/// connected to `dst:PORT` within `timeout`, or None.
+fn connect_from(src: IpAddr, sport: u16, dst: IpAddr, timeout: Duration) -> Option<TcpStream> {
+    let domain = if src.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock =
+        socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).ok()?;
+    sock.set_reuse_address(true).ok()?;
+    sock.bind(&SocketAddr::new(src, sport).into()).ok()?;
+    sock.connect_timeout(&SocketAddr::new(dst, PORT).into(), timeout)
+        .ok()?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(timeout)).ok()?;
+    Some(s)
+}
+
+/// Sends `msg` on `s` and reads its echo back.
+fn exchange(s: &mut TcpStream, msg: &[u8]) -> bool {
+    if s.write_all(msg).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).is_ok() && buf == msg
+}
+
+/// srv's flows (`segbpf flows --output json`).
+fn flows(lab: &Lab) -> anyhow::Result<Vec<serde_json::Value>> {
+    let out = lab.segbpf_ok("srv", &["flows", "eth0", "--output", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["flows"].as_array().cloned().unwrap_or_default())
+}
+
+/// Packets counted under `code` in `direction` on srv.
+fn count(lab: &Lab, direction: &str, code: u8) -> anyhow::Result<u64> {
+    let status = lab.status_json("srv")?;
+    Ok(
+        status["attachments"][0]["directions"][direction][reason::name(code)]["packets"]
+            .as_u64()
+            .unwrap_or(0),
+    )
+}
+
+/// A frame from cli's MAC to srv's MAC of the IPv4 TCP segment `spec`,
+/// with its TCP checksum (srv's stack drops a segment without one).
+fn frame(lab: &Lab, spec: &PacketSpec) -> anyhow::Result<Vec<u8>> {
+    let mut f = spec.build().bytes;
+    f[..6].copy_from_slice(&net::mac(&lab.host("srv").ns.name, "eth0")?);
+    f[6..12].copy_from_slice(&net::mac(&lab.host("cli").ns.name, "eth0")?);
+    // Ethernet 14 bytes, IPv4 header 20 (no options), then TCP.
+    let tcp = f[34..].to_vec();
+    let mut pseudo = Vec::with_capacity(12 + tcp.len());
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&u16::try_from(tcp.len())?.to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let csum = segbpf::packet::checksum(&pseudo);
+    f[50..52].copy_from_slice(&csum.to_be_bytes());
+    Ok(f)
+}
+
+fn tcp_spec(src: IpAddr, dst: IpAddr, sport: u16, flags: u8, seq: u32, ack: u32) -> PacketSpec {
+    PacketSpec {
+        tcp_flags: flags,
+        tcp_seq: seq,
+        tcp_ack: ack,
+        ..PacketSpec::tcp(src, dst, sport, PORT)
+    }
+}
+
+/// Issue 21, finding 1: an attacker who knows the 4-tuple but sees no
+/// packet sends four ACKs spread over the sequence space and a RST at 0.
+/// Without a window check on every segment the ACKs drag the flow's
+/// highest sequence round to 0, the RST is "in window" and the flow goes
+/// to closing (gone 10 s later). With it, all five are dropped and the
+/// flow is untouched.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn blind_acks_and_rst_leave_a_real_flow_alone() -> anyhow::Result<()> {
+    let (lab, _echo) = setup("tcpblind", "198.18.121", &[])?;
+    let (cli, srv) = (lab.host("cli"), lab.host("srv"));
+    let (src, dst) = (cli.addrs[0], srv.addrs[0]);
+    let sport = 40500;
+    let mut s = in_ns(&cli.ns.name, move || {
+        connect_from(src, sport, dst, Duration::from_secs(3))
+            .ok_or_else(|| anyhow::anyhow!("connect"))
+    })?;
+    assert!(
+        exchange(&mut s, b"P-before"),
+        "the flow works before the attack"
+    );
+
+    let sender = net::RawSender::open(&cli.ns.name, "eth0")?;
+    for k in 1u32..=4 {
+        sender.send(&frame(
+            &lab,
+            &tcp_spec(src, dst, sport, TCP_ACK, k.wrapping_shl(30), 0),
+        )?)?;
+    }
+    sender.send(&frame(&lab, &tcp_spec(src, dst, sport, TCP_RST, 0, 0))?)?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let flow = flows(&lab)?
+        .into_iter()
+        .find(|f| f["sport"] == sport)
+        .ok_or_else(|| anyhow::anyhow!("the flow has no entry"))?;
+    assert_eq!(
+        flow["ct_state"], "established",
+        "blind ACKs and a blind RST changed the flow: {flow}"
+    );
+    assert_eq!(flow["table"], "assured", "{flow}");
+    assert!(
+        count(&lab, "ingress", reason::DROP_INVALID_SEQ)? >= 4,
+        "the four blind ACKs are dropped as invalid-seq"
+    );
+    assert!(count(&lab, "ingress", reason::DROP_INVALID_RST)? >= 1);
+    assert!(exchange(&mut s, b"P-after"), "the flow still carries data");
+    Ok(())
+}
+
+/// Issue 21, finding 2: spoofed SYNs to the open port, each followed by a
+/// blind ACK (the attacker knows its own sequence, not srv's). srv's stack
+/// answers the SYNs; the ACKs acknowledge nothing srv sent, so none is
+/// assured (they cannot evict established flows) and srv's stack never
+/// sees them, so it sends no RST that would be dropped as `invalid-rst`.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn spoofed_syn_and_blind_ack_make_no_assured_entry() -> anyhow::Result<()> {
+    let (lab, _echo) = setup("tcpspoof", "198.18.122", &[])?;
+    let (cli, srv) = (lab.host("cli"), lab.host("srv"));
+    let spoofed: IpAddr = "198.18.122.77".parse()?;
+    let dst = srv.addrs[0];
+    // srv's answers go to cli's MAC, whose stack ignores them (not its
+    // address): the attacker never sees them.
+    let cli_mac = net::mac(&cli.ns.name, "eth0")?;
+    let lladdr = cli_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    srv.ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.122.77",
+        "lladdr",
+        &lladdr,
+        "dev",
+        "eth0",
+    ])?;
+    let sender = net::RawSender::open(&cli.ns.name, "eth0")?;
+    for i in 0..PAIRS {
+        let seq = 1_000_000 * u32::from(i) + 17;
+        let sport = 41000 + i;
+        sender.send(&frame(
+            &lab,
+            &tcp_spec(spoofed, dst, sport, TCP_SYN, seq, 0),
+        )?)?;
+        std::thread::sleep(Duration::from_millis(5));
+        let guess = 0x5eed_0000 ^ (u32::from(i) << 20);
+        sender.send(&frame(
+            &lab,
+            &tcp_spec(spoofed, dst, sport, TCP_ACK, seq + 1, guess),
+        )?)?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let spoofed_flows: Vec<_> = flows(&lab)?
+        .into_iter()
+        .filter(|f| f["src"] == "198.18.122.77")
+        .collect();
+    assert_eq!(
+        spoofed_flows.len(),
+        usize::from(PAIRS),
+        "every spoofed SYN passed the policy and is tracked"
+    );
+    let assured: Vec<_> = spoofed_flows
+        .iter()
+        .filter(|f| f["table"] == "assured")
+        .collect();
+    assert!(assured.is_empty(), "spoofed flows assured: {assured:?}");
+    assert_eq!(
+        count(&lab, "egress", reason::DROP_INVALID_RST)?,
+        0,
+        "a RST of srv's own was dropped"
+    );
+    let invalid = count(&lab, "ingress", reason::DROP_INVALID_SEQ)?;
+    assert!(
+        invalid >= u64::from(PAIRS),
+        "only {invalid} blind ACKs dropped as invalid-seq; ingress: {}",
+        lab.status_json("srv")?["attachments"][0]["directions"]["ingress"]
+    );
+    Ok(())
+}
+
+/// Issue 28, finding 1: a client reusing its source port. 20 ports, each
+/// used in turn, closed alternately by RST (cli aborts) and by FIN (srv
+/// closes first); reused at once (the old flow is closing) and again after
+/// the closing timeout (the old entry expired). Every connection must
+/// connect and exchange: srv's SYN-ACK is a reply of the new flow.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reused_source_ports_reconnect() -> anyhow::Result<()> {
+    let (lab, _echo) = setup("tcpreuse", "198.18.123", &[])?;
+    let (cli, srv) = (lab.host("cli"), lab.host("srv"));
+    let (src, dst) = (cli.addrs[0], srv.addrs[0]);
+    let round = move |r: u32| -> anyhow::Result<Vec<String>> {
+        let mut failed = Vec::new();
+        for i in 0..PORTS {
+            let sport = 40600 + i;
+            let rst = (r + u32::from(i)).is_multiple_of(2);
+            let what = format!(
+                "round {r}, port {sport}, {}",
+                if rst { "RST" } else { "FIN" }
+            );
+            let Some(mut s) = connect_from(src, sport, dst, Duration::from_secs(1)) else {
+                failed.push(format!("{what}: no connection"));
+                continue;
+            };
+            if rst {
+                if !exchange(&mut s, b"P-reuse") {
+                    failed.push(format!("{what}: no echo"));
+                }
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            } else {
+                let mut rest = [0u8; 1];
+                if !exchange(&mut s, b"Q-reuse") || s.read(&mut rest).ok() != Some(0) {
+                    failed.push(format!("{what}: no echo and close"));
+                }
+            }
+            drop(s);
+        }
+        Ok(failed)
+    };
+    let mut failed = Vec::new();
+    // At once: each port's previous flow is closing.
+    for r in 0..10 {
+        failed.extend(in_ns(&cli.ns.name, move || round(r))?);
+        if failed.len() > 5 {
+            break;
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "reuse of closing tuples failed: {failed:#?}"
+    );
+    // After the closing timeout (10 s): each port's previous entry expired.
+    std::thread::sleep(Duration::from_secs(11));
+    for r in 10..12 {
+        failed.extend(in_ns(&cli.ns.name, move || round(r))?);
+        if failed.len() > 5 {
+            break;
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "reuse of expired tuples failed: {failed:#?}"
+    );
+    Ok(())
+}
+
+/// Issue 28, finding 2: under table pressure closing flows go first.
+/// `--ct-size 1024`; 400 held connections exchange about every second
+/// while 3,000 short-lived ones open, exchange and close by RST. Closing
+/// flows leave the assured table, so it never fills and no held flow is
+/// evicted (with egress drop an evicted flow could never talk again).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn established_flows_outlive_short_lived_ones() -> anyhow::Result<()> {
+    let (lab, _echo) = setup("tcpevict", "198.18.124", &["--ct-size", "1024"])?;
+    let (cli, srv) = (lab.host("cli"), lab.host("srv"));
+    let (src, dst) = (cli.addrs[0], srv.addrs[0]);
+    let mut held = in_ns(&cli.ns.name, move || {
+        let mut v = Vec::new();
+        for i in 0..HELD {
+            let mut s = connect_from(src, 42000 + i, dst, Duration::from_secs(2))
+                .ok_or_else(|| anyhow::anyhow!("held connection {i}"))?;
+            anyhow::ensure!(exchange(&mut s, b"P-held"), "held connection {i}: no echo");
+            v.push(s);
+        }
+        Ok(v)
+    })?;
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let churn = std::thread::spawn({
+        let ns = cli.ns.name.clone();
+        move || {
+            let r = in_ns(&ns, move || {
+                let mut failed = 0u32;
+                for _ in 0..SHORT {
+                    match connect_from(src, 0, dst, Duration::from_secs(1)) {
+                        Some(mut s) => {
+                            if !exchange(&mut s, b"P-short") {
+                                failed += 1;
+                            }
+                            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        }
+                        None => failed += 1,
+                    }
+                }
+                Ok(failed)
+            });
+            d.store(true, Ordering::Relaxed);
+            r
+        }
+    });
+    let mut broken = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let mut rounds = 0;
+    // Traffic on every held flow about every second while the churn runs,
+    // and once more after it.
+    loop {
+        let last = done.load(Ordering::Relaxed);
+        let t = Instant::now();
+        for (i, s) in held.iter_mut().enumerate() {
+            if !broken.contains(&i) && !exchange(s, b"P-tick") {
+                broken.insert(i);
+            }
+        }
+        rounds += 1;
+        if last || start.elapsed() > Duration::from_mins(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+    }
+    let short_failed = churn
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+    let fill = lab.status_json("srv")?;
+    println!(
+        "{rounds} rounds of held traffic; short-lived failures {short_failed}; conntrack {}",
+        fill["attachments"][0]["conntrack"]
+    );
+    assert!(
+        broken.is_empty(),
+        "{} of {HELD} held flows broke: {:?}",
+        broken.len(),
+        broken.iter().take(20).collect::<Vec<_>>()
+    );
+    assert_eq!(short_failed, 0, "short-lived connections failed");
+    Ok(())
+}
