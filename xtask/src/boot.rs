@@ -561,19 +561,6 @@ fn download_udev(dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// The check alone, on the package at `$SEGBPF_DEB` (as root):
-    /// `SEGBPF_DEB=... cargo test -p xtask -- --ignored boot`.
-    #[test]
-    #[ignore = "boots a container; needs root and a package"]
-    fn boot_check_of_a_given_package() {
-        let deb = PathBuf::from(std::env::var("SEGBPF_DEB").expect("SEGBPF_DEB"));
-        let work = std::env::temp_dir().join(format!("segbpf-boot-{}", std::process::id()));
-        std::fs::create_dir_all(&work).unwrap();
-        let result = check(&deb, &work);
-        let _ = std::fs::remove_dir_all(&work);
-        result.unwrap();
-    }
-
     #[test]
     fn the_readme_has_install_steps() {
         let readme = std::fs::read_to_string(crate::dist::workspace().join("README.md")).unwrap();
