@@ -32,6 +32,14 @@
 //! peer that lost its connection (a reboot) and reuses the port gets the
 //! host's challenge ACK and can reset the stale flow. A SYN on a closing
 //! flow is a new connection: judged by the policy.
+//!
+//! A RST in the window closes the flow only at the exact sequence the
+//! receiver expects next (the highest sequence end seen from its sender),
+//! or as the first segment of a side, answering the other side's opener.
+//! A RST elsewhere in the window passes but changes nothing, as in
+//! netfilter since Linux 5.19 (RFC 5961 3.2): the endpoint answers it with
+//! a challenge ACK and a genuine peer resets again at the exact sequence,
+//! so a blind attacker must hit the sequence exactly, not just the window.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
@@ -364,10 +372,14 @@ pub(crate) fn update(
     let e = unsafe { &mut *t.entry };
     let side = side(e, dir);
     if p.proto == IPPROTO_TCP
-        && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
         && e.seen & (1 << side) != 0
+        && (p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+            || (p.tcp_flags & TCP_RST != 0 && p.tcp_seq != e.seq_end[side]))
     {
-        // A SYN from a side that spoke changes nothing (see `tcp_in_window`).
+        // A SYN from a side that spoke changes nothing (see
+        // `tcp_in_window`), nor does a RST in the window but not at the
+        // sequence the receiver expects (RFC 5961: it answers with a
+        // challenge ACK; a genuine peer then resets at the exact sequence).
         return;
     }
     e.last_seen_ns = now;

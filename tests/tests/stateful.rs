@@ -1,7 +1,9 @@
 //! Stateful sequences through the real programs with BPF_PROG_TEST_RUN:
 //! connection tracking (replies pass, unsolicited look-alike replies do
-//! not, entries expire, RST closes, but only a RST or FIN inside the
-//! window seen for its side, and no TCP segment outside the window changes
+//! not, entries expire, RST closes, but only a RST at the exact sequence
+//! expected (one elsewhere in the window passes and changes nothing, RFC
+//! 5961), no RST or FIN outside the window seen for its side passes, and
+//! no TCP segment outside the window changes
 //! anything (blind ACKs); a SYN on a closing tuple is a new connection; a
 //! flow moves from the half-open to the assured table when the originator
 //! acknowledges the reply), ICMP echo and errors related to
@@ -247,7 +249,12 @@ fn sequences() -> Vec<Sequence> {
                     &tcp(DB, APP, 3306, 42000, TCP_SYN | TCP_ACK),
                     PASS_CT,
                 ),
-                pkt("RST out", Out, &tcp(APP, DB, 42000, 3306, TCP_RST), PASS_CT),
+                pkt(
+                    "RST out at the sequence sent (SYN at 1: 2)",
+                    Out,
+                    &seg(APP, DB, 42000, 3306, TCP_RST, 2, 0, 0, 0),
+                    PASS_CT,
+                ),
                 Step::Sleep(Duration::from_millis(1300)),
                 pkt(
                     "late segment after close timeout",
@@ -452,7 +459,7 @@ fn sequences() -> Vec<Sequence> {
             ],
         },
         Sequence {
-            name: "blind_rst_and_fin_change_nothing_in_window_rst_closes",
+            name: "blind_rst_and_fin_change_nothing_exact_rst_closes",
             steps: {
                 // web:40020 -> app:8080, both sides offer window scale 7.
                 let syn = PacketSpec {
@@ -526,10 +533,32 @@ fn sequences() -> Vec<Sequence> {
                         &seg(APP, WEB, 8080, 40020, TCP_ACK, 5101, 1001, 1000, 0),
                         PASS_CT,
                     ),
+                    // RFC 5961: a RST in the window but not at the
+                    // sequence expected (1001) passes for the endpoint to
+                    // answer with a challenge ACK, and closes nothing.
                     pkt(
                         "RST in, 100,000 ahead (inside the scaled window)",
                         In,
                         &web(TCP_RST, 1001 + 100_000),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "RST in, 3,000 ahead (inside the window)",
+                        In,
+                        &web(TCP_RST, 1001 + 3_000),
+                        PASS_CT,
+                    ),
+                    Step::Sleep(Duration::from_millis(1300)),
+                    pkt(
+                        "after the close timeout the flow still carries data",
+                        Out,
+                        &seg(APP, WEB, 8080, 40020, TCP_ACK, 5101, 1001, 1000, 0),
+                        PASS_CT,
+                    ),
+                    pkt(
+                        "RST in at the sequence expected (1001) closes",
+                        In,
+                        &web(TCP_RST, 1001),
                         PASS_CT,
                     ),
                     Step::Sleep(Duration::from_millis(1300)),
@@ -1043,6 +1072,48 @@ fn handshake_moves_a_flow_to_the_assured_table() -> anyhow::Result<()> {
         2,
         "moved, not copied"
     );
+    Ok(())
+}
+
+/// Review finding C (UDP): an originator that speaks again and again with
+/// no reply in between (a spoofed source) is never assured; the flow is
+/// assured only when the originator speaks after a reply was seen.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn udp_is_assured_only_after_a_reply() -> anyhow::Result<()> {
+    use segbpf_common::{MAP_CT, MAP_CT_NEW};
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    let roles = vec!["app".to_owned()];
+    let mut instance = Instance::with_policy(&policy, &roles, "eth0", RUN_RECORD)?;
+    let query = udp(APP, OUT, 40200, 53).build().bytes;
+    assert_eq!(instance.egress(query.clone())?.reason, reason::PASS_RULE);
+    for _ in 0..3 {
+        assert_eq!(instance.egress(query.clone())?.reason, reason::PASS_CT);
+    }
+    assert_eq!(
+        table_keys(&instance, MAP_CT)?.len(),
+        0,
+        "the originator alone assured the flow"
+    );
+    assert_eq!(
+        instance
+            .ingress(udp(OUT, APP, 53, 40200).build().bytes)?
+            .reason,
+        reason::PASS_CT
+    );
+    assert_eq!(
+        table_keys(&instance, MAP_CT)?.len(),
+        0,
+        "a reply alone assured the flow"
+    );
+    assert_eq!(instance.egress(query)?.reason, reason::PASS_CT);
+    assert_eq!(
+        table_keys(&instance, MAP_CT)?.len(),
+        1,
+        "the originator speaking after the reply assures the flow"
+    );
+    assert_eq!(table_keys(&instance, MAP_CT_NEW)?.len(), 0, "moved");
     Ok(())
 }
 
