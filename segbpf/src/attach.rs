@@ -755,7 +755,7 @@ pub enum Watch {
 /// session that reaches this host through `iface` (its server address is
 /// one of the interface's) can be cut by the interface's policy.
 pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
-    let (_, server, _) = crate::policy::lint::ssh_connection()?;
+    let (_, _, server, _) = crate::policy::lint::ssh_connection()?;
     if !netif::addresses(iface).is_ok_and(|a| a.contains(&server)) {
         return None;
     }
