@@ -327,6 +327,10 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         &canonical,
         &canonical,
         &state.set_overrides,
+        history::Roles {
+            roles: state.roles.clone(),
+            role_args: state.role_args.clone(),
+        },
     ) {
         warn!("policy history not updated: {e}");
     }

@@ -524,6 +524,23 @@ pub fn swap_with(
     redetect: bool,
     choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
 ) -> Result<Swapped, SwapError> {
+    swap_choosing(att, |old| {
+        Ok((
+            choose(old)?,
+            Settings {
+                redetect,
+                ..Settings::default()
+            },
+        ))
+    })
+}
+
+/// Like [`swap`], with the [`Settings`] chosen from the state too (a
+/// rollback puts back the roles of the generation it restores).
+pub fn swap_choosing(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> Result<(Choice, Settings), SwapError>,
+) -> Result<Swapped, SwapError> {
     if !att.is_attached() {
         return Err(SwapError::NotAttached(att.describe()));
     }
@@ -534,16 +551,8 @@ pub fn swap_with(
             source,
         })?;
     let old = State::repair(att)?;
-    let choice = choose(&old)?;
-    swap_locked(
-        att,
-        &old,
-        &Settings {
-            redetect,
-            ..Settings::default()
-        },
-        choice,
-    )
+    let (choice, settings) = choose(&old)?;
+    swap_locked(att, &old, &settings, choice)
 }
 
 /// What a swap may change besides the policy (the defaults keep
@@ -807,6 +816,10 @@ fn swap_in_force(
         &path,
         Path::new(&new.policy),
         &new.set_overrides,
+        history::Roles {
+            roles: new.roles.clone(),
+            role_args: new.role_args.clone(),
+        },
     ) {
         warn("policy history not updated", &e);
     }

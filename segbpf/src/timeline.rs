@@ -13,13 +13,14 @@ use crate::{
     history::{self, Entry},
     pins::Attachment,
     state::State,
-    swap::{self, Choice, Guarded, RolledBack, SwapError},
+    swap::{self, Choice, Guarded, RolledBack, Settings, SwapError},
 };
 
 /// Restores generation `to`, or (None) the policy before the one in
 /// force; a generation made by a rollback stands for the one it restored,
 /// so a second rollback goes further back rather than undoing the first.
-/// Refused like a reload when it would cut the SSH session this runs in,
+/// The roles (and `--role` arguments) recorded with the entry are put
+/// back with its policy. Refused like a reload when it would cut the SSH session this runs in,
 /// unless `guarded` says `--confirm` or `--force`.
 pub fn rollback(
     att: &Attachment,
@@ -28,7 +29,7 @@ pub fn rollback(
 ) -> Result<RolledBack, SwapError> {
     let mut target: Option<Entry> = None;
     let swapped = guarded.run(att, || {
-        swap::swap(att, |state| {
+        swap::swap_choosing(att, |state| {
             let entries = history::list(att);
             let e = history::rollback_target(&entries, state.generation, to)
                 .map_err(|m| SwapError::Refused(format!("{}: {m}", att.describe())))?;
@@ -38,17 +39,27 @@ pub fn rollback(
                 PathBuf::from(&e.source),
                 e.set_overrides.clone(),
             );
+            // The roles in force with it, when the entry recorded them
+            // (older entries did not: the roles in force stay).
+            let settings = Settings {
+                exact_roles: e
+                    .roles
+                    .as_ref()
+                    .map(|r| (r.roles.clone(), r.role_args.clone())),
+                ..Settings::default()
+            };
+            let roles = e.roles.as_ref().map_or(&state.roles, |r| &r.roles);
             guarded.refuse_lockout(
                 att,
                 &choice,
-                &state.roles,
+                roles,
                 &format!(
                     "rollback of {} to generation {}",
                     att.describe(),
                     e.generation
                 ),
             )?;
-            Ok(choice)
+            Ok((choice, settings))
         })
     })?;
     let Some(prev) = target else {

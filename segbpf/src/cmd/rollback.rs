@@ -17,7 +17,7 @@ use crate::{
 /// Arguments of `segbpf rollback`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Each rollback is a new generation that stands for the one it restored: a second `rollback` goes one step further back, it does not undo the first. `segbpf history IFACE` lists the generations kept. Like `reload`, a rollback that would cut the SSH session the command runs in (SSH_CONNECTION) is refused unless --confirm SECS guards it or --force.\n\nExamples:\n  segbpf rollback eth0\n  segbpf rollback eth0 --to 3"
+    after_help = "Each rollback is a new generation that stands for the one it restored, with the roles recorded with it (entries from versions that did not record roles keep the roles in force): a second `rollback` goes one step further back, it does not undo the first. `segbpf history IFACE` lists the generations kept. Like `reload`, a rollback that would cut the SSH session the command runs in (SSH_CONNECTION) is refused unless --confirm SECS guards it or --force.\n\nExamples:\n  segbpf rollback eth0\n  segbpf rollback eth0 --to 3"
 )]
 pub struct Args {
     /// Interface whose previous policy to restore.
