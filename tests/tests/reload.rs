@@ -1455,3 +1455,36 @@ fn the_lockout_check_refuses_a_set_edit_that_cuts_the_session() -> anyhow::Resul
     assert_eq!(generation(&s.lab)?, g + 2);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_lockout_check_covers_sessions_routed_through_the_interface() -> anyhow::Result<()> {
+    let s = setup("sshx")?;
+    let b = s.b.display().to_string();
+    let reload = |conn: &str| -> anyhow::Result<(Option<i32>, String)> {
+        let out = from_ssh(&s.lab)
+            .env("SSH_CONNECTION", conn)
+            .args(["reload", "eth0", "--policy", &b])
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let g = generation(&s.lab)?;
+    // To another address of the host (not eth0's), the client reached
+    // through eth0: B has no SSH rule, refused. Mapped forms too.
+    for conn in [
+        "10.10.1.15 50022 198.18.77.1 22",
+        "::ffff:10.10.1.15 50022 ::ffff:10.10.1.30 22",
+    ] {
+        let (code, err) = reload(conn)?;
+        assert_eq!(code, Some(1), "{conn}: {err}");
+        assert!(err.contains("ssh-session"), "{err}");
+    }
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied");
+    // A client the host has no route to cannot be behind eth0.
+    let (code, err) = reload("198.19.200.9 50022 198.18.77.1 22")?;
+    assert_eq!(code, Some(0), "{err}");
+    Ok(())
+}
