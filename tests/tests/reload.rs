@@ -1430,9 +1430,16 @@ fn the_lockout_check_refuses_a_rollback_that_cuts_the_session() -> anyhow::Resul
         assert!(err.contains("ssh-session"), "{err}");
     }
     assert_eq!(generation(&s.lab)?, g, "nothing was applied");
-    let (code, err) = ssh_run(&s.lab, &["rollback", "eth0", "--to", "1", "--force"])?;
+    // Guarded: applied, waiting for `segbpf confirm`.
+    let (code, err) = ssh_run(
+        &s.lab,
+        &["rollback", "eth0", "--to", "1", "--confirm", "60"],
+    )?;
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(generation(&s.lab)?, g + 1);
+    let pending = s.lab.status_json("db")?["attachments"][0]["pending"].clone();
+    assert!(!pending.is_null(), "guarded: {pending}");
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
     Ok(())
 }
 
