@@ -327,6 +327,10 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         &canonical,
         &canonical,
         &state.set_overrides,
+        history::Roles {
+            roles: state.roles.clone(),
+            role_args: state.role_args.clone(),
+        },
     ) {
         warn!("policy history not updated: {e}");
     }
@@ -751,12 +755,26 @@ pub enum Watch {
 
 /// The `ssh-session` lint for a policy about to be put in force on `iface`
 /// (of the current network namespace) for a host with `roles`: a message
-/// when it would block the SSH session this process runs in. Only a
-/// session that reaches this host through `iface` (its server address is
-/// one of the interface's) can be cut by the interface's policy.
+/// when it would block the SSH session this process runs in. The
+/// interface's policy can cut a session that reaches this host through
+/// `iface`: one whose server address is one of the interface's, or whose
+/// client the kernel routes to out of `iface` (an `RTM_GETROUTE` lookup of
+/// the client address, as `ip route get` does: a session to another
+/// address of the host, routed through this interface). When the route
+/// cannot be looked up, the session is taken to go through `iface` (the
+/// check runs rather than being skipped).
 pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
-    let (_, server, _) = crate::policy::lint::ssh_connection()?;
-    if !netif::addresses(iface).is_ok_and(|a| a.contains(&server)) {
+    let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
+    let on_iface = netif::addresses(iface).is_ok_and(|a| a.contains(&server));
+    let through = match netif::route_oif(client) {
+        Ok(Some(oif)) => netif::ifindex(iface).is_ok_and(|i| i == oif),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::debug!("looking up the route to the SSH client {client}: {e}");
+            true
+        }
+    };
+    if !on_iface && !through {
         return None;
     }
     crate::policy::lint::ssh_session(policy, roles, Some(iface))

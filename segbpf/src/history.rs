@@ -54,6 +54,22 @@ pub struct Entry {
     /// from there, further back, rather than undoing the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored: Option<u64>,
+    /// The host's roles and `--role` arguments in force with it, which a
+    /// rollback puts back (a later `reload --redetect-roles` may have
+    /// renamed them). None in entries of versions that did not record
+    /// them: a rollback then keeps the roles in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Roles>,
+}
+
+/// The roles recorded with a history entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roles {
+    /// The host's roles.
+    pub roles: Vec<String>,
+    /// The `--role` arguments they were decided from (empty: from the
+    /// interface's addresses).
+    pub role_args: Vec<String>,
 }
 
 impl Entry {
@@ -123,7 +139,7 @@ pub fn at(att: &Attachment, generation: u64) -> Option<Entry> {
     list(att).into_iter().find(|e| e.generation == generation)
 }
 
-/// Records that generation `generation` (with `overrides`) is in force:
+/// Records that generation `generation` (with `overrides` and `roles`) is in force:
 /// the text of `text`, which stands for the policy file `source` (the same
 /// file, or a copy of an earlier version of it). Drops the oldest entries
 /// beyond the limit.
@@ -133,6 +149,7 @@ pub fn record(
     text: &Path,
     source: &Path,
     overrides: &BTreeMap<String, Vec<String>>,
+    roles: Roles,
 ) -> Result<(), HistoryError> {
     let d = dir(att);
     crate::pins::private_dir(&d).map_err(failed("creating", &d))?;
@@ -146,6 +163,7 @@ pub fn record(
         copy,
         set_overrides: overrides.clone(),
         restored: None,
+        roles: Some(roles),
     });
     while entries.len() > keep() {
         let old = entries.remove(0);
@@ -249,6 +267,7 @@ mod tests {
             copy: PathBuf::from(format!("{generation}.toml")),
             set_overrides: BTreeMap::new(),
             restored,
+            roles: None,
         }
     }
 

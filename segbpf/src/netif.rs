@@ -185,6 +185,90 @@ pub fn permanent_addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
     Ok(out)
 }
 
+/// The interface index the kernel routes packets to `dst` out of (an
+/// `RTM_GETROUTE` lookup over rtnetlink, as `ip route get` does, in the
+/// caller's network namespace), or None when it has no route to `dst`.
+pub fn route_oif(dst: IpAddr) -> Result<Option<u32>, NetifError> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_GETROUTE: u16 = 26;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd as _;
+
+    let (family, addr): (u8, Vec<u8>) = match dst.to_canonical() {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .map_err(io("rtnetlink socket"))?;
+    // nlmsghdr (16 bytes) + rtmsg (12 bytes) + RTA_DST.
+    let len = 16 + 12 + 4 + addr.len();
+    let mut req = vec![0u8; len];
+    req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = family;
+    req[17] = (addr.len() * 8) as u8; // rtm_dst_len
+    req[28..30].copy_from_slice(&((4 + addr.len()) as u16).to_ne_bytes());
+    req[30..32].copy_from_slice(&RTA_DST.to_ne_bytes());
+    req[32..].copy_from_slice(&addr);
+    sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(io("RTM_GETROUTE"))?;
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut buf = vec![0u8; 16 * 1024];
+    let n =
+        recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(io("reading RTM_GETROUTE"))?;
+    if n < 16 {
+        return Err(NetifError::Netlink("short reply"));
+    }
+    let len = (u32_at(&buf, 0) as usize).min(n);
+    match u16_at(&buf, 4) {
+        // An error reply: no route (ENETUNREACH, EHOSTUNREACH, ...).
+        NLMSG_ERROR if len >= 20 => {
+            let errno = -(u32_at(&buf, 16) as i32);
+            match errno {
+                libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL => Ok(None),
+                _ => Err(NetifError::Netlink("RTM_GETROUTE failed")),
+            }
+        }
+        RTM_NEWROUTE if len >= 28 => {
+            let msg = &buf[16..len];
+            let mut a = 12;
+            while a + 4 <= msg.len() {
+                let alen = u16_at(msg, a) as usize;
+                let atype = u16_at(msg, a + 2) & 0x3fff;
+                if alen < 4 || a + alen > msg.len() {
+                    break;
+                }
+                if atype == RTA_OIF && alen == 8 {
+                    return Ok(Some(u32_at(msg, a + 4)));
+                }
+                a += (alen + 3) & !3;
+            }
+            Ok(None)
+        }
+        _ => Err(NetifError::Netlink("unexpected RTM_GETROUTE reply")),
+    }
+}
+
 /// How segbpf reads a device's packets, from its ARPHRD type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkLayer {

@@ -172,6 +172,71 @@ pub struct ReloadRequest {
     pub keep_set_edits: bool,
 }
 
+/// How an explicit change other than a reload (`set add|del`,
+/// `rollback`) is let through: like `reload`, refused while a change waits
+/// for confirmation or when it would cut the SSH session the command runs
+/// in (the `ssh-session` lint), unless guarded or forced.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guarded {
+    /// Undo after SECS unless confirmed.
+    pub confirm: Option<u64>,
+    /// Supersede a change that waits for confirmation, and apply a change
+    /// that cuts the SSH session unguarded.
+    pub force: bool,
+}
+
+impl Guarded {
+    /// Runs the change `f` as `self` says: refused while another change
+    /// waits for confirmation (unless forced), armed and its clock started
+    /// when `--confirm`, the guard disarmed when it fails.
+    pub fn run<T>(
+        self,
+        att: &Attachment,
+        f: impl FnOnce() -> Result<T, SwapError>,
+    ) -> Result<T, SwapError> {
+        guard::refuse_while_pending(att, self.force).map_err(Box::new)?;
+        if let Some(secs) = self.confirm {
+            guard::arm_for_reload(att, secs).map_err(Box::new)?;
+        }
+        let out = f().inspect_err(|_| {
+            if self.confirm.is_some() {
+                guard::disarm(att);
+            }
+        })?;
+        if let Some(secs) = self.confirm {
+            let generation = State::current(att)?.generation;
+            guard::start_clock(att, generation, secs).map_err(Box::new)?;
+        }
+        Ok(out)
+    }
+
+    /// The lockout check of a change about to apply `choice` with `roles`:
+    /// refused when it would cut the SSH session this process runs in
+    /// ([`crate::attach::cuts_ssh_session`]), unless guarded or forced.
+    /// A policy that does not load is left to the swap to report.
+    pub fn refuse_lockout(
+        self,
+        att: &Attachment,
+        choice: &Choice,
+        roles: &[String],
+        what: &str,
+    ) -> Result<(), SwapError> {
+        if self.force || self.confirm.is_some() {
+            return Ok(());
+        }
+        let Ok(policy) = Policy::load_with_sets(&choice.text, &parse_overrides(&choice.overrides)?)
+        else {
+            return Ok(());
+        };
+        match crate::attach::cuts_ssh_session(&policy, roles, &att.iface) {
+            Some(m) => Err(SwapError::Refused(format!(
+                "{what}: refused: {m} [ssh-session]; nothing was changed (run it with --confirm SECS to apply it guarded, or --force)"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What a swap applied: the policy now in force. Everything after the
 /// switch that went wrong is in `warnings` (the change is in force anyway).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -315,51 +380,64 @@ pub fn edit_set(
     set: &str,
     members: &[AddrRange],
     add: bool,
+    guarded: Guarded,
 ) -> Result<(usize, Swapped), SwapError> {
-    guard::refuse_while_pending(att, false).map_err(Box::new)?;
     let mut changed = 0;
-    let swapped = swap(att, |state| {
-        let sets = sets_in_force(state)?;
-        let Some(current) = sets.get(set) else {
-            return Err(SwapError::Refused(format!(
-                "{}: no set named `{set}` (sets: {})",
-                state.policy,
-                sets.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        };
-        let mut next = current.clone();
-        for m in members {
-            let text = m.to_string();
-            if add {
-                if !next.contains(&text) {
-                    next.push(text);
-                    changed += 1;
-                }
-            } else if let Some(pos) = next.iter().position(|x| *x == text) {
-                next.remove(pos);
-                changed += 1;
-            } else {
+    let swapped = guarded.run(att, || {
+        swap(att, |state| {
+            let sets = sets_in_force(state)?;
+            let Some(current) = sets.get(set) else {
                 return Err(SwapError::Refused(format!(
-                    "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
-                    att.iface
+                    "{}: no set named `{set}` (sets: {})",
+                    state.policy,
+                    sets.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            };
+            let mut next = current.clone();
+            for m in members {
+                let text = m.to_string();
+                if add {
+                    if !next.contains(&text) {
+                        next.push(text);
+                        changed += 1;
+                    }
+                } else if let Some(pos) = next.iter().position(|x| *x == text) {
+                    next.remove(pos);
+                    changed += 1;
+                } else {
+                    return Err(SwapError::Refused(format!(
+                        "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
+                        att.iface
+                    )));
+                }
+            }
+            if changed == 0 {
+                // Nothing to swap: no new generation for an edit that changes nothing.
+                return Err(SwapError::Unchanged(format!(
+                    "set `{set}` already has {}: nothing changed, generation {} stays in force",
+                    members
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    state.generation
                 )));
             }
-        }
-        if changed == 0 {
-            // Nothing to swap: no new generation for an edit that changes nothing.
-            return Err(SwapError::Unchanged(format!(
-                "set `{set}` already has {}: nothing changed, generation {} stays in force",
-                members
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                state.generation
-            )));
-        }
-        let mut overrides = state.set_overrides.clone();
-        overrides.insert(set.to_string(), next);
-        Ok(Choice::file(PathBuf::from(&state.policy), overrides))
+            let mut overrides = state.set_overrides.clone();
+            overrides.insert(set.to_string(), next);
+            let choice = Choice::file(PathBuf::from(&state.policy), overrides);
+            guarded.refuse_lockout(
+                att,
+                &choice,
+                &state.roles,
+                &format!(
+                    "set {} {set} on {}",
+                    if add { "add" } else { "del" },
+                    att.describe()
+                ),
+            )?;
+            Ok(choice)
+        })
     })?;
     Ok((changed, swapped))
 }
@@ -446,6 +524,23 @@ pub fn swap_with(
     redetect: bool,
     choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
 ) -> Result<Swapped, SwapError> {
+    swap_choosing(att, |old| {
+        Ok((
+            choose(old)?,
+            Settings {
+                redetect,
+                ..Settings::default()
+            },
+        ))
+    })
+}
+
+/// Like [`swap`], with the [`Settings`] chosen from the state too (a
+/// rollback puts back the roles of the generation it restores).
+pub fn swap_choosing(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> Result<(Choice, Settings), SwapError>,
+) -> Result<Swapped, SwapError> {
     if !att.is_attached() {
         return Err(SwapError::NotAttached(att.describe()));
     }
@@ -456,16 +551,8 @@ pub fn swap_with(
             source,
         })?;
     let old = State::repair(att)?;
-    let choice = choose(&old)?;
-    swap_locked(
-        att,
-        &old,
-        &Settings {
-            redetect,
-            ..Settings::default()
-        },
-        choice,
-    )
+    let (choice, settings) = choose(&old)?;
+    swap_locked(att, &old, &settings, choice)
 }
 
 /// What a swap may change besides the policy (the defaults keep
@@ -729,6 +816,10 @@ fn swap_in_force(
         &path,
         Path::new(&new.policy),
         &new.set_overrides,
+        history::Roles {
+            roles: new.roles.clone(),
+            role_args: new.role_args.clone(),
+        },
     ) {
         warn("policy history not updated", &e);
     }

@@ -13,24 +13,54 @@ use crate::{
     history::{self, Entry},
     pins::Attachment,
     state::State,
-    swap::{self, Choice, RolledBack, SwapError},
+    swap::{self, Choice, Guarded, RolledBack, Settings, SwapError},
 };
 
 /// Restores generation `to`, or (None) the policy before the one in
 /// force; a generation made by a rollback stands for the one it restored,
 /// so a second rollback goes further back rather than undoing the first.
-pub fn rollback(att: &Attachment, to: Option<u64>) -> Result<RolledBack, SwapError> {
+/// The roles (and `--role` arguments) recorded with the entry are put
+/// back with its policy. Refused like a reload when it would cut the SSH session this runs in,
+/// unless `guarded` says `--confirm` or `--force`.
+pub fn rollback(
+    att: &Attachment,
+    to: Option<u64>,
+    guarded: Guarded,
+) -> Result<RolledBack, SwapError> {
     let mut target: Option<Entry> = None;
-    let swapped = swap::swap(att, |state| {
-        let entries = history::list(att);
-        let e = history::rollback_target(&entries, state.generation, to)
-            .map_err(|m| SwapError::Refused(format!("{}: {m}", att.describe())))?;
-        target = Some(e.clone());
-        Ok(Choice::copy_of(
-            e.copy.clone(),
-            PathBuf::from(&e.source),
-            e.set_overrides.clone(),
-        ))
+    let swapped = guarded.run(att, || {
+        swap::swap_choosing(att, |state| {
+            let entries = history::list(att);
+            let e = history::rollback_target(&entries, state.generation, to)
+                .map_err(|m| SwapError::Refused(format!("{}: {m}", att.describe())))?;
+            target = Some(e.clone());
+            let choice = Choice::copy_of(
+                e.copy.clone(),
+                PathBuf::from(&e.source),
+                e.set_overrides.clone(),
+            );
+            // The roles in force with it, when the entry recorded them
+            // (older entries did not: the roles in force stay).
+            let settings = Settings {
+                exact_roles: e
+                    .roles
+                    .as_ref()
+                    .map(|r| (r.roles.clone(), r.role_args.clone())),
+                ..Settings::default()
+            };
+            let roles = e.roles.as_ref().map_or(&state.roles, |r| &r.roles);
+            guarded.refuse_lockout(
+                att,
+                &choice,
+                roles,
+                &format!(
+                    "rollback of {} to generation {}",
+                    att.describe(),
+                    e.generation
+                ),
+            )?;
+            Ok((choice, settings))
+        })
     })?;
     let Some(prev) = target else {
         return Err(SwapError::Refused("no history entry was chosen".into()));

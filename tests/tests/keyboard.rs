@@ -255,3 +255,24 @@ fn trace_sets_the_tcp_flags_it_was_given() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn rollback_puts_back_the_roles_of_the_generation_it_restores() -> anyhow::Result<()> {
+    let mut lab = Lab::new("kbroles")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    let a = lab.write_policy("a.toml", &one_tcp_port_policy(81))?;
+    let b = one_tcp_port_policy(82).replace("roles.srv", "roles.web");
+    let b = lab.write_policy("b.toml", &b)?;
+    // Roles from the addresses: srv, then renamed web by --redetect-roles.
+    lab.attach("srv", &a.display().to_string(), &[])?;
+    let b = b.display().to_string();
+    lab.segbpf_ok(
+        "srv",
+        &["reload", "eth0", "--policy", &b, "--redetect-roles"],
+    )?;
+    let v = json(&lab, &["rollback", "eth0", "--to", "1", "-o", "json"])?;
+    assert_eq!(v["roles"], serde_json::json!(["srv"]), "{v}");
+    assert_eq!(open_port(&lab)?, vec![81]);
+    Ok(())
+}

@@ -1363,3 +1363,135 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
     assert_eq!((n[active] as u64, n[1 - active]), (p, 0));
     Ok(())
 }
+
+/// Runs `segbpf ARGS` from the simulated SSH session; Ok(exit code, stderr).
+fn ssh_run(lab: &Lab, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
+    let out = from_ssh(lab).args(args).output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `setup(tag)`, then from the SSH session a reload of a policy that lets
+/// the session in through set `x` (its file's path, the generation).
+fn ssh_live(tag: &str) -> anyhow::Result<(Setup, String, u64)> {
+    let s = setup(tag)?;
+    let live = with_ssh()
+        .replace("from = \"10.10.0.0/16\"", "from = \"x\"")
+        .replace(
+            "x = [\"198.18.1.0/24\"]",
+            "x = [\"198.18.1.0/24\", \"10.10.0.0/16\"]",
+        );
+    let path = s.dir.join("live.toml");
+    std::fs::write(&path, live)?;
+    let path = path.display().to_string();
+    let (code, err) = ssh_run(&s.lab, &["reload", "eth0", "--policy", &path])?;
+    assert_eq!(code, Some(0), "{err}");
+    let g = generation(&s.lab)?;
+    Ok((s, path, g))
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_lockout_check_refuses_a_policy_that_drops_the_replies() -> anyhow::Result<()> {
+    let (s, live, g) = ssh_live("sshr")?;
+    // Untracked, egress dropped: the server's replies are cut.
+    let cut = s.dir.join("noreply.toml");
+    std::fs::write(
+        &cut,
+        std::fs::read_to_string(&live)?.replace(
+            "egress = \"allow\"",
+            "egress = \"drop\"\nestablished = false",
+        ),
+    )?;
+    let cut = cut.display().to_string();
+    let (code, err) = ssh_run(&s.lab, &["reload", "eth0", "--policy", &cut])?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("replies"),
+        "{err}"
+    );
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_lockout_check_refuses_a_rollback_that_cuts_the_session() -> anyhow::Result<()> {
+    let (s, _, g) = ssh_live("sshb")?;
+    // Generation 1 is POLICY_A: no SSH rule.
+    for args in [
+        &["rollback", "eth0"][..],
+        &["rollback", "eth0", "--to", "1"],
+    ] {
+        let (code, err) = ssh_run(&s.lab, args)?;
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("ssh-session"), "{err}");
+    }
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied");
+    // Guarded: applied, waiting for `segbpf confirm`.
+    let (code, err) = ssh_run(
+        &s.lab,
+        &["rollback", "eth0", "--to", "1", "--confirm", "60"],
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(generation(&s.lab)?, g + 1);
+    let pending = s.lab.status_json("db")?["attachments"][0]["pending"].clone();
+    assert!(!pending.is_null(), "guarded: {pending}");
+    s.lab.segbpf_ok("db", &["confirm", "eth0"])?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_lockout_check_refuses_a_set_edit_that_cuts_the_session() -> anyhow::Result<()> {
+    let (s, _, g) = ssh_live("sshs")?;
+    let (code, err) = ssh_run(&s.lab, &["set", "del", "eth0", "x", "10.10.0.0/16"])?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ssh-session"), "{err}");
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied");
+    // Another member, or forced: applied.
+    let (code, err) = ssh_run(&s.lab, &["set", "del", "eth0", "x", "198.18.1.0/24"])?;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = ssh_run(
+        &s.lab,
+        &["set", "del", "eth0", "x", "10.10.0.0/16", "--force"],
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(generation(&s.lab)?, g + 2);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_lockout_check_covers_sessions_routed_through_the_interface() -> anyhow::Result<()> {
+    let s = setup("sshx")?;
+    let b = s.b.display().to_string();
+    let reload = |conn: &str| -> anyhow::Result<(Option<i32>, String)> {
+        let out = from_ssh(&s.lab)
+            .env("SSH_CONNECTION", conn)
+            .args(["reload", "eth0", "--policy", &b])
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let g = generation(&s.lab)?;
+    // To another address of the host (not eth0's), the client reached
+    // through eth0: B has no SSH rule, refused. Mapped forms too.
+    for conn in [
+        "10.10.1.15 50022 198.18.77.1 22",
+        "::ffff:10.10.1.15 50022 ::ffff:10.10.1.30 22",
+    ] {
+        let (code, err) = reload(conn)?;
+        assert_eq!(code, Some(1), "{conn}: {err}");
+        assert!(err.contains("ssh-session"), "{err}");
+    }
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied");
+    // A client the host has no route to cannot be behind eth0.
+    let (code, err) = reload("198.19.200.9 50022 198.18.77.1 22")?;
+    assert_eq!(code, Some(0), "{err}");
+    Ok(())
+}

@@ -87,8 +87,9 @@ pub struct Args {
     #[arg(long, value_name = "on|off|confirm:SECS", default_value = "on", value_parser = parse_watch)]
     pub watch: attach::Watch,
     /// Attach even though the policy would cut the SSH session this
-    /// command runs in (the `ssh-session` lint of `segbpf check`; refused
-    /// otherwise, unless --confirm guards it).
+    /// command runs in (the `ssh-session` lint of `segbpf check`, for a
+    /// session whose server address is on IFACE or whose client is routed
+    /// out of IFACE; refused otherwise, unless --confirm guards it).
     #[arg(long)]
     pub force: bool,
     /// Accept a policy file that is writable by users other than root, or

@@ -28,7 +28,9 @@ pub struct Args {
     /// Apply even though an earlier change waits for `segbpf confirm`
     /// (that change's guard then stands down), or though the policy would
     /// cut the SSH session this command runs in (the `ssh-session` lint of
-    /// `segbpf check`; refused otherwise, unless --confirm guards it).
+    /// `segbpf check`, for a session whose server address is on IFACE or
+    /// whose client is routed out of IFACE; refused otherwise, unless
+    /// --confirm guards it).
     #[arg(long)]
     pub force: bool,
     /// Keep live set edits (`segbpf set add|del`) over the file's sets.

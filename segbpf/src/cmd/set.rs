@@ -5,6 +5,8 @@
 //! edited policy still allows keep their connection-table entries. Edits
 //! are recorded in the attachment's state; `segbpf status` reports the
 //! drift from the policy file and `segbpf reload` resolves it by the file.
+//! Like `reload`, an edit that would cut the SSH session the command runs
+//! in is refused unless `--confirm SECS` guards it or `--force`.
 
 use anyhow::bail;
 use serde::Serialize;
@@ -15,11 +17,14 @@ use crate::{
     pins::Attachment,
     policy::{AddrRange, addr::parse_item},
     state::State,
-    swap::{self, Swapped},
+    swap::{self, Guarded, Swapped},
 };
 
 /// Arguments of `segbpf set`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "An edit that would cut the SSH session the command runs in (SSH_CONNECTION; see `segbpf reload --help`) is refused, unless --confirm SECS guards it or --force."
+)]
 pub struct Args {
     /// What to do.
     #[command(subcommand)]
@@ -38,6 +43,15 @@ pub enum Op {
         /// Members to add.
         #[arg(required = true)]
         addrs: Vec<String>,
+        /// Undo the edit after SECS seconds unless `segbpf confirm IFACE`
+        /// runs.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        confirm: Option<u64>,
+        /// Apply even though an earlier change waits for `segbpf confirm`,
+        /// or though the edit would cut the SSH session this command runs
+        /// in (refused otherwise, unless --confirm guards it).
+        #[arg(long)]
+        force: bool,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -51,6 +65,15 @@ pub enum Op {
         /// Members to remove.
         #[arg(required = true)]
         addrs: Vec<String>,
+        /// Undo the edit after SECS seconds unless `segbpf confirm IFACE`
+        /// runs.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        confirm: Option<u64>,
+        /// Apply even though an earlier change waits for `segbpf confirm`,
+        /// or though the edit would cut the SSH session this command runs
+        /// in (refused otherwise, unless --confirm guards it).
+        #[arg(long)]
+        force: bool,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -81,14 +104,34 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             iface,
             set,
             addrs,
+            confirm,
+            force,
             output,
-        } => edit(&iface, ns, &set, &addrs, true, output),
+        } => edit(
+            &iface,
+            ns,
+            &set,
+            &addrs,
+            true,
+            Guarded { confirm, force },
+            output,
+        ),
         Op::Del {
             iface,
             set,
             addrs,
+            confirm,
+            force,
             output,
-        } => edit(&iface, ns, &set, &addrs, false, output),
+        } => edit(
+            &iface,
+            ns,
+            &set,
+            &addrs,
+            false,
+            Guarded { confirm, force },
+            output,
+        ),
         Op::List { iface, set, output } => list(&iface, ns, set.as_deref(), output),
     }
 }
@@ -138,11 +181,12 @@ fn edit(
     set: &str,
     addrs: &[String],
     add: bool,
+    guarded: Guarded,
     output: Output,
 ) -> anyhow::Result<()> {
     let att = Attachment::new(iface, ns);
     let members = parse_members(addrs)?;
-    let (changed, swapped) = match swap::edit_set(&att, set, &members, add) {
+    let (changed, swapped) = match swap::edit_set(&att, set, &members, add, guarded) {
         Err(swap::SwapError::Unchanged(m)) => {
             // Nothing to do is not a failure; no new generation was made.
             match output {

@@ -285,23 +285,50 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
 }
 
 /// The SSH session this process runs in, from `SSH_CONNECTION`: client
-/// address, server address, server port.
-pub fn ssh_connection() -> Option<(std::net::IpAddr, std::net::IpAddr, u16)> {
+/// address, client port, server address, server port. IPv4-mapped IPv6
+/// forms (`::ffff:a.b.c.d`) are taken as the IPv4 address they stand for.
+pub fn ssh_connection() -> Option<(std::net::IpAddr, u16, std::net::IpAddr, u16)> {
     let conn = std::env::var("SSH_CONNECTION").ok()?;
+    parse_ssh_connection(&conn)
+}
+
+/// Parses `SSH_CONNECTION` ("client-ip client-port server-ip server-port").
+fn parse_ssh_connection(conn: &str) -> Option<(std::net::IpAddr, u16, std::net::IpAddr, u16)> {
     let parts: Vec<&str> = conn.split_whitespace().collect();
-    let client = parts.first()?.parse::<std::net::IpAddr>().ok()?;
-    let server = parts.get(2)?.parse::<std::net::IpAddr>().ok()?;
-    let port = parts.get(3)?.parse::<u16>().ok()?;
-    Some((client, server, port))
+    let addr = |i: usize| {
+        parts
+            .get(i)?
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|a| a.to_canonical())
+    };
+    let port = |i: usize| parts.get(i)?.parse::<u16>().ok();
+    Some((addr(0)?, port(1)?, addr(2)?, port(3)?))
 }
 
 /// The `ssh-session` lint: a message when `policy` would block the SSH
 /// session this process runs in (`SSH_CONNECTION` is "client-ip
 /// client-port server-ip server-port"), for a host with `roles` (empty:
 /// the roles whose `hosts` contain the server address) on `iface` (None:
-/// any interface). None when there is no session or it passes.
+/// any interface). Both directions are checked: the client's packets to
+/// the server port (ingress), and the server's replies (egress), which
+/// pass as replies of an allowed flow when `established = true` and
+/// otherwise only if an egress rule or the egress default allows them.
+/// None when there is no session or it passes.
 pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Option<String> {
-    let (client, server, port) = ssh_connection()?;
+    let (client, cport, server, port) = ssh_connection()?;
+    ssh_session_of(policy, roles, iface, (client, cport, server, port))
+}
+
+/// [`ssh_session`] for the session `conn` (client, client port, server,
+/// server port).
+fn ssh_session_of(
+    policy: &Policy,
+    roles: &[String],
+    iface: Option<&str>,
+    conn: (std::net::IpAddr, u16, std::net::IpAddr, u16),
+) -> Option<String> {
+    let (client, cport, server, port) = conn;
     let roles = if roles.is_empty() {
         policy
             .roles
@@ -312,20 +339,40 @@ pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Op
     } else {
         roles.to_vec()
     };
-    let pkt = super::eval::Packet {
-        src: client,
-        dst: server,
+    let tcp = |src, dst, dport| super::eval::Packet {
+        src,
+        dst,
         proto: segbpf_common::IPPROTO_TCP,
-        dport: port,
+        dport,
         icmp_type: 0,
         hop_limit: 64,
     };
-    let v = super::eval::evaluate(policy, &roles, iface, Direction::Ingress, &pkt);
-    if v.passes() {
+    let ingress = super::eval::evaluate(
+        policy,
+        &roles,
+        iface,
+        Direction::Ingress,
+        &tcp(client, server, port),
+    );
+    let what = if !ingress.passes() {
+        "your SSH session's packets"
+    } else if !policy.defaults.established
+        && !super::eval::evaluate(
+            policy,
+            &roles,
+            iface,
+            Direction::Egress,
+            &tcp(server, client, cport),
+        )
+        .passes()
+    {
+        // Without connection tracking the replies are judged on their own.
+        "the replies of your SSH session (established = false, and no egress rule allows them)"
+    } else {
         return None;
-    }
+    };
     Some(format!(
-        "this policy would block your SSH session from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
+        "this policy would block {what} from {client} to {server}:{port} on this host (roles: {}); add a rule before attaching, or attach with --confirm SECS",
         if roles.is_empty() {
             "none".to_string()
         } else {
@@ -429,6 +476,31 @@ mod tests {
             "{HEAD}[roles.r]\nhosts = \"app\"\n[[roles.r.ingress]]\nfrom = \"app\"\ntcp = [80]\n"
         );
         assert!(!lints(&t).contains(&"no-ssh-path"));
+    }
+
+    #[test]
+    fn ssh_session_checks_both_directions() {
+        let conn =
+            parse_ssh_connection("::ffff:10.0.0.5 50000 ::ffff:10.1.0.1 22").expect("parses");
+        assert_eq!(
+            conn.0,
+            "10.0.0.5".parse::<std::net::IpAddr>().expect("addr")
+        );
+        let p = |t: &str| Policy::from_str(t, "t.toml").expect("valid policy");
+        // Tracked: the reply of an allowed flow passes whatever egress says.
+        assert_eq!(ssh_session_of(&p(HEAD), &[], None, conn), None);
+        // Untracked: the reply is judged by the egress rules and default.
+        let untracked = HEAD.replace(
+            "egress = \"drop\"\n",
+            "egress = \"drop\"\nestablished = false\n",
+        );
+        let m = ssh_session_of(&p(&untracked), &[], None, conn).expect("replies cut");
+        assert!(m.contains("replies"), "{m}");
+        let with_egress = format!("{untracked}[[base.egress]]\nto = \"admin\"\nproto = \"any\"\n");
+        assert_eq!(ssh_session_of(&p(&with_egress), &[], None, conn), None);
+        // No ingress rule: the session's own packets are cut.
+        let closed = HEAD.replace("tcp = [22]", "tcp = [23]");
+        assert!(ssh_session_of(&p(&closed), &[], None, conn).is_some());
     }
 
     #[test]
