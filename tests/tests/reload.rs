@@ -547,14 +547,7 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
         dir: dir.clone(),
         lab,
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attach did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_in_force(&s.lab)?;
     let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
     let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
     assert_eq!(current_verdicts(&s)?, all_a);
@@ -1058,14 +1051,7 @@ fn reloads_refuse_a_policy_that_cuts_the_ssh_session_and_the_watcher_skips_no_op
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let mut stop = KillOnDrop(Some(attach.id()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while s.lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attach did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_in_force(&s.lab)?;
     let g0 = generation(&s.lab)?;
 
     // An explicit reload from the session: refused, nothing changes.
@@ -1153,20 +1139,34 @@ fn reload_names_dropped_set_edits_or_keeps_them_and_a_no_op_set_add_keeps_the_ge
 
 /// Starts a foreground `attach eth0 --role db --policy FILE EXTRA...` on
 /// `db` and waits until it enforces.
-fn foreground(lab: &Lab, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Child> {
-    let mut args = vec!["attach", "eth0", "--role", "db", "--policy"];
-    let f = file.to_str().unwrap_or_default();
-    args.push(f);
-    args.extend_from_slice(extra);
-    let child = lab.spawn("db", &args)?;
+/// Waits (up to 30 s) until `db`'s attachment is enforcing with a
+/// generation in force: `status` can answer while an attach is still
+/// writing its state.
+fn wait_in_force(lab: &Lab) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while lab.segbpf("db", &["status", "eth0"])?.status.code() != Some(0) {
+    loop {
+        let up = lab.status_json("db").is_ok_and(|st| {
+            st["attachments"][0]["attached"] == true
+                && st["attachments"][0]["state"]["generation"].is_u64()
+        });
+        if up {
+            return Ok(());
+        }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "attach did not come up"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn foreground(lab: &Lab, file: &Path, extra: &[&str]) -> anyhow::Result<std::process::Child> {
+    let mut args = vec!["attach", "eth0", "--role", "db", "--policy"];
+    let f = file.to_str().unwrap_or_default();
+    args.push(f);
+    args.extend_from_slice(extra);
+    let child = lab.spawn("db", &args)?;
+    wait_in_force(lab)?;
     Ok(child)
 }
 
