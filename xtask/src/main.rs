@@ -186,8 +186,8 @@ fn main() -> anyhow::Result<()> {
             }
             // The load cases of issue 28 at full size: the bench-size
             // variants in tests/tests/tcp_tracking.rs (real sockets between
-            // namespaces), which the suite skips. A few minutes; not with
-            // --quick.
+            // namespaces), which the suite skips. About a minute; not
+            // with --quick.
             if (only.is_none() && !quick) || only.as_deref() == Some("load") {
                 run(cargo()
                     .env("SEGBPF_BIN", &bin)
