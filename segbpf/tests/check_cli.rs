@@ -195,7 +195,7 @@ fn check_warns_when_the_policy_would_cut_the_current_ssh_session() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        stderr.contains("would block your SSH session from 192.0.2.7"),
+        stderr.contains("would block your SSH session's packets from 192.0.2.7"),
         "{stderr}"
     );
     assert!(stderr.contains("roles: db"), "{stderr}");
