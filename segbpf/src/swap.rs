@@ -581,16 +581,6 @@ pub struct Settings {
 /// which the old policy may not know), audit mode, event burst and flow
 /// accounting. Under the attachment's update lock.
 pub fn restore(att: &Attachment, choice: Choice, prev: &State) -> Result<Swapped, SwapError> {
-    if !att.is_attached() {
-        return Err(SwapError::NotAttached(att.describe()));
-    }
-    let _lock = att
-        .lock(LockKind::Update)
-        .map_err(|source| SwapError::Lock {
-            path: att.lock_path(LockKind::Update),
-            source,
-        })?;
-    let old = State::repair(att)?;
     let settings = Settings {
         exact_roles: Some((prev.roles.clone(), prev.role_args.clone())),
         audit: Some(prev.audit),
@@ -598,7 +588,7 @@ pub fn restore(att: &Attachment, choice: Choice, prev: &State) -> Result<Swapped
         flow_acct: Some(prev.flow_acct),
         ..Settings::default()
     };
-    swap_locked(att, &old, &settings, choice)
+    swap_choosing(att, |_| Ok((choice, settings)))
 }
 
 /// The outcome of the last policy change, kept next to the state
