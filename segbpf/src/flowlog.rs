@@ -80,15 +80,31 @@ pub const DENIED_EVERY: Duration = Duration::from_secs(10);
 /// Logs and OCSF counterparts).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    #[serde(default)]
+    pub schema: u32,
     /// When the record was made, RFC 3339.
     pub time: String,
+    /// The host's name.
+    #[serde(default)]
+    pub host: String,
     /// The interface.
     pub iface: String,
+    /// The interface's network namespace: its label (`ip netns` name,
+    /// `host`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The namespace's inode.
+    #[serde(default)]
+    pub netns_inode: u64,
     /// `start`, `active`, `end` or `denied`.
     pub state: String,
-    /// `accept`, `reject` (dropped) or `audit` (the policy would have
-    /// dropped it; audit mode let it through).
-    pub action: String,
+    /// The policy's verdict: `allow` (flows) or `drop` (denied packets).
+    #[serde(default)]
+    pub verdict: String,
+    /// True when audit mode let through what the policy would have dropped.
+    #[serde(default)]
+    pub audit: bool,
     /// Protocol name (`tcp`, `udp`, `icmp`, `icmpv6`) or number.
     pub proto: String,
     /// The side that sent the first packet (absent for a packet that was
@@ -119,9 +135,14 @@ pub struct Record {
     /// TCP flags seen, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp_flags: Vec<String>,
-    /// The rule that let the flow through: its name, else its label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    /// The rule that let the flow through (docs/json.md's rule object;
+    /// records of older versions named it by a string, read as its name).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::compile::RuleJson::deserialize_compat"
+    )]
+    pub rule: Option<crate::compile::RuleJson>,
     /// `denied`: why the packets were dropped (`default`, `invalid-rst`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -144,6 +165,18 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record's word in text lines (and in AWS VPC Flow Logs):
+    /// `accept`, `reject` (dropped) or `audit`.
+    pub fn action_word(&self) -> &'static str {
+        if self.audit {
+            "audit"
+        } else if self.verdict == "allow" {
+            "accept"
+        } else {
+            "reject"
+        }
+    }
+
     /// The peer: the source of what came in, the destination of what went out.
     pub fn peer(&self) -> Option<IpAddr> {
         if self.opened_by == "ingress" {
@@ -159,6 +192,8 @@ impl Record {
 /// lost silently.
 #[derive(Clone, Debug, Serialize)]
 pub struct Lost {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    pub schema: u32,
     /// When, RFC 3339.
     pub time: String,
     /// The interface.
@@ -185,6 +220,8 @@ pub enum Line {
 /// as of the policy generation in force.
 #[derive(Debug, Default)]
 struct Context {
+    /// The host's name, for every record.
+    host: String,
     generation: Option<u64>,
     sets: Vec<(String, Vec<AddrRange>)>,
     roles: Option<String>,
@@ -193,6 +230,9 @@ struct Context {
 
 impl Context {
     fn refresh(&mut self, att: &Attachment) {
+        if self.host.is_empty() {
+            self.host = crate::fleet::agent::system_hostname();
+        }
         let state = State::current(att).ok();
         let generation = state.as_ref().map(|s| s.generation);
         if generation == self.generation && self.state.is_some() {
@@ -451,6 +491,7 @@ impl FlowLog {
                 self.att.describe()
             );
             out.push(Line::Lost(Lost {
+                schema: crate::JSON_SCHEMA,
                 time: clock::rfc3339(SystemTime::now()),
                 iface: self.att.iface.clone(),
                 state: "lost",
@@ -500,10 +541,15 @@ impl FlowLog {
             f.dport,
         );
         Record {
+            schema: crate::JSON_SCHEMA,
             time: clock::rfc3339(SystemTime::now()),
+            host: self.ctx.host.clone(),
             iface: self.att.iface.clone(),
+            netns: self.att.netns.label.clone(),
+            netns_inode: self.att.netns.inode,
             state: state.to_string(),
-            action: if f.audit { "audit" } else { "accept" }.to_string(),
+            verdict: if f.audit { "drop" } else { "allow" }.to_string(),
+            audit: f.audit,
             proto: f.proto,
             src: Some(f.src),
             sport: Some(f.sport),
@@ -541,15 +587,15 @@ impl FlowLog {
         let new_pair = self.pair(dir, peer, peer_set.as_deref(), &proto, k.dport);
         let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
         Record {
+            schema: crate::JSON_SCHEMA,
             time: clock::rfc3339(SystemTime::now()),
+            host: self.ctx.host.clone(),
             iface: self.att.iface.clone(),
+            netns: self.att.netns.label.clone(),
+            netns_inode: self.att.netns.inode,
             state: "denied".to_string(),
-            action: if k.kind == EVENT_AUDIT {
-                "audit"
-            } else {
-                "reject"
-            }
-            .to_string(),
+            verdict: "drop".to_string(),
+            audit: k.kind == EVENT_AUDIT,
             proto,
             src,
             sport: None,

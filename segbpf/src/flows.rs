@@ -75,10 +75,10 @@ pub struct Flow {
     /// `PSH`, `URG`, `ECE`, `CWR`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tcp_flags: Vec<&'static str>,
-    /// The rule that let the first packet through: its name, else its
-    /// label; absent when a default let it through.
+    /// The rule that let the first packet through (docs/json.md's rule
+    /// object); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<crate::compile::RuleJson>,
     /// The role whose rule let the first packet through (`base` for a
     /// base rule); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -261,12 +261,7 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
     };
     let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
     let info = state.and_then(|s| s.rule(e.rule_id));
-    let rule = (e.rule_id != NO_RULE).then(|| {
-        info.map_or_else(
-            || format!("#{}", e.rule_id),
-            |r| r.display_name().to_string(),
-        )
-    });
+    let rule = (e.rule_id != NO_RULE).then(|| crate::compile::RuleJson::new(e.rule_id, info));
     let role = info.map(|r| r.owner_role().to_string());
     Flow {
         proto: proto_name(k.proto),

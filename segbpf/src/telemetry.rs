@@ -72,12 +72,20 @@ pub enum DecodeError {
 /// A decoded event, with the stable field names of docs/events.md.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EventRecord {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    pub schema: u32,
     /// `"event"` (summaries say `"summary"`).
     pub r#type: &'static str,
     /// Wall-clock time of the verdict, RFC 3339 UTC (from `ts_ns`).
     pub time: String,
-    /// `drop` or `audit` (audit: would have been dropped, was let through).
+    /// `drop` or `audit` (audit: would have been dropped, was let through):
+    /// the text line's word; JSON says `verdict` and `audit`.
+    #[serde(skip)]
     pub action: &'static str,
+    /// The policy's verdict: always `drop` (events are about drops).
+    pub verdict: &'static str,
+    /// True when audit mode let the packet through.
+    pub audit: bool,
     /// Kernel coarse monotonic clock (CLOCK_MONOTONIC_COARSE) of the verdict, ns.
     pub ts_ns: u64,
     /// Interface name (as the reader knows it).
@@ -98,8 +106,14 @@ pub struct EventRecord {
     pub sport: u16,
     /// Destination port (ICMP: type).
     pub dport: u16,
-    /// TCP flags as letters (`S`, `SA`, `F`, `R`, `P`, `A`, `U`), empty otherwise.
+    /// TCP flags as letters (`S`, `SA`, `F`, `R`, `P`, `A`, `U`), empty
+    /// otherwise: the text line's form.
+    #[serde(skip)]
     pub tcp_flags: String,
+    /// TCP flags by name (`["SYN", "ACK"]`), as in flow records; empty for
+    /// other protocols.
+    #[serde(rename = "tcp_flags")]
+    pub tcp_flag_names: Vec<&'static str>,
     /// Reason name (docs/events.md lists them).
     pub reason: &'static str,
     /// Frame length, bytes.
@@ -131,12 +145,15 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         _ => ("unknown", None, None),
     };
     Ok(EventRecord {
+        schema: crate::JSON_SCHEMA,
         r#type: "event",
         action: if e.kind == EVENT_AUDIT {
             "audit"
         } else {
             "drop"
         },
+        verdict: "drop",
+        audit: e.kind == EVENT_AUDIT,
         time: crate::clock::rfc3339(crate::clock::wall_of_monotonic(e.ts_ns)),
         ts_ns: e.ts_ns,
         iface: iface.to_string(),
@@ -160,6 +177,11 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
             crate::proto::tcp_flag_letters(e.tcp_flags)
         } else {
             String::new()
+        },
+        tcp_flag_names: if e.proto == segbpf_common::IPPROTO_TCP {
+            crate::proto::tcp_flag_names(e.tcp_flags)
+        } else {
+            Vec::new()
         },
         reason: reason::name(e.reason),
         len: e.len,
@@ -322,6 +344,7 @@ pub async fn stream(
                 if sup > 0 || lost > 0 {
                     let line = match format {
                         LogFormat::Json => serde_json::json!({
+                            "schema": crate::JSON_SCHEMA,
                             "type": "summary",
                             "time": crate::clock::rfc3339(std::time::SystemTime::now()),
                             "iface": att.iface,
@@ -413,11 +436,14 @@ mod tests {
         let r = decode(bytemuck::bytes_of(&sample()), "eth0").unwrap();
         let v: serde_json::Value = serde_json::from_str(&r.line(LogFormat::Json)).unwrap();
         assert_eq!(v["type"], "event");
-        assert_eq!(v["action"], "drop");
+        assert_eq!(v["schema"], crate::JSON_SCHEMA);
+        assert_eq!(v["verdict"], "drop");
+        assert_eq!(v["audit"], false);
+        assert!(v.get("action").is_none(), "{v}");
         assert_eq!(v["src"], "10.10.1.15");
         assert_eq!(v["dport"], 5432);
         assert_eq!(v["proto"], "tcp");
-        assert_eq!(v["tcp_flags"], "S");
+        assert_eq!(v["tcp_flags"], serde_json::json!(["SYN"]));
         assert_eq!(v["reason"], "default-drop");
         assert_eq!(v["direction"], "ingress");
         let time = v["time"].as_str().unwrap();

@@ -158,6 +158,16 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
+impl Args {
+    /// Whether the result is JSON.
+    pub fn json_output(&self) -> bool {
+        match &self.command {
+            FleetCommand::Push(a) => a.output == Output::Json,
+            FleetCommand::Status(a) => a.output == Output::Json,
+        }
+    }
+}
+
 /// Runs `segbpf fleet`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {

@@ -84,7 +84,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
                     },
                     f.rule
                         .as_ref()
-                        .map(|r| format!(" rule {r}"))
+                        .map(|r| format!(" rule {}", r.display_name()))
                         .unwrap_or_default(),
                     f.first_seen,
                     f.last_seen
@@ -120,7 +120,7 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
     let print = |lines: &[Line]| -> anyhow::Result<()> {
         for l in lines {
             match args.output {
-                Output::Json => print_line(serde_json::to_string(l)?)?,
+                Output::Json => print_line(crate::cmd::json_line(l)?)?,
                 Output::Text => print_line(text_line(l))?,
             }
         }
@@ -194,15 +194,16 @@ pub fn text_line(l: &Line) -> String {
         r.proto,
         side(r.src, r.sport),
         side(r.dst, Some(r.dport)),
-        r.action,
+        r.action_word(),
         r.packets_orig,
         r.bytes_orig,
     );
     if r.state != "denied" {
         let _ = write!(t, " reply {} pkts {} B", r.packets_reply, r.bytes_reply);
     }
+    let rule = r.rule.as_ref().map(crate::compile::RuleJson::display_name);
     for (k, v) in [
-        ("rule", &r.rule),
+        ("rule", &rule),
         ("reason", &r.reason),
         ("peer", &r.peer_set),
         ("role", &r.role),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::{
+    cmd::Output,
     netns::Netns,
     pins::Attachment,
     telemetry::{self, LogFormat, Reader},
@@ -18,12 +19,23 @@ use crate::{
 pub struct Args {
     /// Interface whose events to stream.
     pub iface: String,
-    /// Format of the event lines on stdout.
+    /// Format of the event lines on stdout (`-o json` is the same as
+    /// `--log-format json`: JSON Lines, one object per event or summary).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Output format: `json` streams JSON Lines (docs/json.md).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     /// Seconds between summary lines of suppressed/lost events (when non-zero).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub summary_secs: u64,
+}
+
+impl Args {
+    /// Whether the events are printed as JSON Lines.
+    pub fn json_output(&self) -> bool {
+        self.output == Output::Json || self.log_format == LogFormat::Json
+    }
 }
 
 /// Runs `segbpf monitor`.
@@ -44,7 +56,11 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     tracing::info!("streaming events of {}", args.iface);
     telemetry::stream(
         &att,
-        args.log_format,
+        if args.json_output() {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        },
         Reader::Monitor,
         Duration::from_secs(args.summary_secs),
         stop,
