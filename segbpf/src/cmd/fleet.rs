@@ -280,7 +280,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         name_collisions: st.name_collisions(),
     };
     if args.output == Output::Json {
-        return print_json(&out);
+        let mut v = serde_json::to_value(&out)?;
+        crate::cmd::times_as_rfc3339(&mut v, &["pushed_at", "updated_at"]);
+        return print_json(&v);
     }
     print_line(format_args!(
         "{:<20} {:<8} {:<20} {:>8} {:<6} ERROR",

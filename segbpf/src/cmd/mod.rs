@@ -134,6 +134,29 @@ pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rewrites the unix-time integers named `keys` anywhere in `v` as RFC
+/// 3339 UTC strings: docs/json.md has one type for times, and files and
+/// etcd keep integers.
+pub fn times_as_rfc3339(v: &mut serde_json::Value, keys: &[&str]) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                match x.as_u64() {
+                    Some(t) if keys.contains(&k.as_str()) => {
+                        *x = crate::clock::rfc3339(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                        )
+                        .into();
+                    }
+                    _ => times_as_rfc3339(x, keys),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| times_as_rfc3339(x, keys)),
+        _ => {}
+    }
+}
+
 /// `value` as one JSON Lines record with the dialect's version.
 pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<String> {
     serde_json::to_string(&versioned(value)?)

@@ -66,8 +66,31 @@ struct Reloaded<'a> {
     dropped_set_edits: Vec<String>,
 }
 
+/// `p` as an absolute path, `.` and `..` resolved by name (symbolic links
+/// stay: a link the operator re-points is still the file followed).
+pub fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in std::path::absolute(p)?.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `segbpf reload`.
-pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
+pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
+    // The policy by its absolute path: the state (and `status`, and the
+    // JSON result) name it so, and a later reload from another directory
+    // finds it.
+    if let Some(p) = &args.policy {
+        args.policy = Some(absolute(p)?);
+    }
     let att = Attachment::new(&args.iface, ns);
     let before = State::current(&att).ok();
     if let Some(state) = &before {

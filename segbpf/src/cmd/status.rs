@@ -175,16 +175,7 @@ fn mode(r: &Report) -> &'static str {
 fn report_json(r: &Report) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(r)?;
     v["mode"] = mode(r).into();
-    if let Some(s) = v.get_mut("state").and_then(|s| s.as_object_mut())
-        && let Some(t) = s.get("attached_at").and_then(serde_json::Value::as_u64)
-    {
-        s.insert("attached_at".into(), rfc3339(t).into());
-    }
-    if let Some(p) = v.get_mut("pending").and_then(|s| s.as_object_mut())
-        && let Some(t) = p.get("deadline").and_then(serde_json::Value::as_u64)
-    {
-        p.insert("deadline".into(), rfc3339(t).into());
-    }
+    crate::cmd::times_as_rfc3339(&mut v, &["attached_at", "deadline"]);
     Ok(v)
 }
 
