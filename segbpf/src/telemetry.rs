@@ -301,11 +301,13 @@ pub enum Reader {
 /// Streams an attachment's events to stdout until `stop` resolves or the
 /// attachment goes away. Every `summary_every`, a summary line reports
 /// events suppressed and lost since the last one (when there are any).
+/// Only the events `filter` selects are written (`monitor --port ...`).
 pub async fn stream(
     att: &Attachment,
     format: LogFormat,
     reader: Reader,
     summary_every: Duration,
+    filter: &crate::flows::Filter,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), TelemetryError> {
     use std::io::Write as _;
@@ -369,6 +371,7 @@ pub async fn stream(
                     let mut out = stdout.lock();
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
+                            Ok(ev) if !filter.event(&ev) => {}
                             Ok(ev) if crate::logging::to_journal() => ev.to_journal(),
                             Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),

@@ -544,3 +544,105 @@ fn status_sees_every_namespace_names_audit_and_says_when() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Two named rules: tcp/81 (`web-in`) and tcp/82 (`alt-in`).
+const TWO_RULES: &str = r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+name = "web-in"
+from = "any"
+tcp = [81]
+[[roles.srv.ingress]]
+name = "alt-in"
+from = "any"
+tcp = [82]
+"#;
+
+/// The destination ports of `flows -o json FILTER...`'s flows, sorted.
+fn flow_ports(lab: &Lab, filter: &[&str]) -> anyhow::Result<Vec<u64>> {
+    let v = json(lab, &[&["flows", "eth0", "-o", "json"][..], filter].concat())?;
+    let mut ports: Vec<u64> = v["flows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["dport"].as_u64())
+        .collect();
+    ports.sort_unstable();
+    Ok(ports)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()> {
+    let mut lab = Lab::new("filter")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    lab.add_host("c1", &["198.18.5.3/24"])?;
+    lab.add_host("c2", &["198.18.5.4/24"])?;
+    let policy = lab.write_policy("two.toml", TWO_RULES)?;
+    lab.attach("srv", &policy.display().to_string(), &["--role", "srv"])?;
+    let ns = lab.host("srv").ns.name.clone();
+    let _s81 = segbpf_tests::net::Server::tcp_echo(&ns, HOST.parse()?, 81)?;
+    let _s82 = segbpf_tests::net::Server::tcp_echo(&ns, HOST.parse()?, 82)?;
+
+    let monitor = Running::new(lab.spawn(
+        "srv",
+        &["monitor", "eth0", "-o", "json", "--port", "9999", "--peer", "198.18.5.4"],
+    )?);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(lab.tcp_reachable("c1", "srv", 81)?);
+    assert!(lab.tcp_reachable("c2", "srv", 82)?);
+    for (c, port) in [("c1", 9999), ("c2", 9999), ("c2", 9998)] {
+        assert!(!lab.tcp_reachable(c, "srv", port)?, "{c} tcp/{port}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let events = monitor.json_lines()?;
+    let shown: Vec<(String, u64)> = events
+        .iter()
+        .filter(|e| e["type"] == "event")
+        .map(|e| (e["src"].as_str().unwrap_or("").to_string(), e["dport"].as_u64().unwrap_or(0)))
+        .collect();
+    assert!(!shown.is_empty(), "c2's drops to tcp/9999 are shown: {events:?}");
+    assert!(
+        shown.iter().all(|(src, port)| src == "198.18.5.4" && *port == 9999),
+        "only c2's drops to tcp/9999: {shown:?}"
+    );
+
+    assert_eq!(flow_ports(&lab, &[])?, vec![81, 82]);
+    assert_eq!(flow_ports(&lab, &["--port", "81"])?, vec![81]);
+    assert_eq!(flow_ports(&lab, &["--port", "81", "--port", "82"])?, vec![81, 82]);
+    assert_eq!(flow_ports(&lab, &["--peer", "198.18.5.4"])?, vec![82]);
+    assert_eq!(flow_ports(&lab, &["--peer", "198.18.5.4/31"])?, vec![82]);
+    assert_eq!(flow_ports(&lab, &["--rule", "alt-in"])?, vec![82]);
+    assert_eq!(flow_ports(&lab, &["--rule", "roles.srv.ingress[0]"])?, vec![81]);
+    assert_eq!(flow_ports(&lab, &["--verdict", "allow"])?, vec![81, 82]);
+    assert!(flow_ports(&lab, &["--verdict", "drop"])?.is_empty());
+    assert!(flow_ports(&lab, &["--rule", "web-in", "--port", "82"])?.is_empty());
+
+    // Events are drops no rule made: --rule is a usage error with a pointer.
+    let out = lab.segbpf("srv", &["monitor", "eth0", "--rule", "web-in"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("segbpf flows IFACE --follow --rule"));
+
+    // flows --follow --denied-secs, while another process drains: says why
+    // it is ignored.
+    let first = lab.follow_flows("srv", &[])?;
+    let mut second = Running::new(lab.spawn(
+        "srv",
+        &["flows", "eth0", "--follow", "-o", "json", "--denied-secs", "2"],
+    )?);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(second.try_wait()?.is_none(), "the second follower runs");
+    second.terminate()?;
+    let out = second.wait()?;
+    drop(first);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--denied-secs 2 is ignored") && stderr.contains("drains the denied tables"),
+        "{stderr}"
+    );
+    Ok(())
+}

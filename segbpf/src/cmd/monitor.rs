@@ -26,6 +26,10 @@ pub struct Args {
     /// Output format: `json` streams JSON Lines (docs/json.md).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Which events to show (`--rule` shows none: events are drops, which
+    /// no rule made; `segbpf flows --rule` follows a rule's flows).
+    #[command(flatten)]
+    pub filter: crate::cmd::flows::FilterArgs,
     /// Seconds between summary lines of suppressed/lost events (when non-zero).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub summary_secs: u64,
@@ -41,6 +45,18 @@ impl Args {
 /// Runs `segbpf monitor`.
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    if !args.filter.rules.is_empty() {
+        return Err(crate::cmd::UsageError(
+            "--rule: monitor streams drop events, which no rule made; `segbpf flows IFACE --follow --rule RULE` follows the flows a rule let through".into(),
+        )
+        .into());
+    }
+    if args.filter.verdict == Some(crate::flows::FilterVerdict::Allow) {
+        return Err(crate::cmd::UsageError(
+            "--verdict allow: monitor streams drop events only; `segbpf flows IFACE --follow --verdict allow` follows allowed flows".into(),
+        )
+        .into());
+    }
     let att = Attachment::new(&args.iface, ns);
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.describe());
@@ -63,6 +79,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         },
         Reader::Monitor,
         Duration::from_secs(args.summary_secs),
+        &args.filter.filter(),
         stop,
     )
     .await?;
