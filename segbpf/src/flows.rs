@@ -69,11 +69,8 @@ impl Filter {
         audit: bool,
         rule: Option<&crate::compile::RuleJson>,
     ) -> bool {
-        let port_ok = self.ports.is_empty()
-            || ports
-                .iter()
-                .flatten()
-                .any(|p| self.ports.contains(p));
+        let port_ok =
+            self.ports.is_empty() || ports.iter().flatten().any(|p| self.ports.contains(p));
         let peer_ok = self.peers.is_empty()
             || addrs
                 .iter()
@@ -562,7 +559,11 @@ mod tests {
                 verdict: Some(v),
                 ..Filter::default()
             };
-            assert_eq!((f.flow(&web), f.flow(&audited)), (web_ok, audited_ok), "{v:?}");
+            assert_eq!(
+                (f.flow(&web), f.flow(&audited)),
+                (web_ok, audited_ok),
+                "{v:?}"
+            );
         }
         for want in ["web-in", "roles.web.ingress[0]", "3", "#3"] {
             let f = Filter {

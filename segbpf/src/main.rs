@@ -73,7 +73,8 @@ fn main() -> ExitCode {
             // Under -o json the error is a JSON document on stdout as well
             // (docs/json.md), unless the command printed its own.
             let reported = e.downcast_ref::<cmd::JsonReported>();
-            let usage = reported.map_or_else(|| e.downcast_ref::<UsageError>().is_some(), |r| r.usage);
+            let usage =
+                reported.map_or_else(|| e.downcast_ref::<UsageError>().is_some(), |r| r.usage);
             let text = cmd::error_text(&e);
             if json && reported.is_none() {
                 let _ = cmd::print_line(cmd::error_json(&text, usage));

@@ -816,13 +816,26 @@ fn json_of_the_file_commands_follows_docs_json() {
     assert!(v.get("ok").is_none() && v["compiled"].is_array(), "{v}");
     let out = segbpf(&["check", "tests/bad-policies/many-errors.toml", "-o", "json"]);
     let v = assert_json_error(&out, "failure", 1);
-    assert!(v["errors"].as_array().is_some_and(|e| e.len() == MANY.len()), "{v}");
+    assert!(
+        v["errors"]
+            .as_array()
+            .is_some_and(|e| e.len() == MANY.len()),
+        "{v}"
+    );
 
     // explain: verdict and the rule object.
-    let v = json_doc(&segbpf(&[EXPLAIN_DB, &["--proto", "tcp", "--dport", "5432"]].concat()));
+    let v = json_doc(&segbpf(
+        &[EXPLAIN_DB, &["--proto", "tcp", "--dport", "5432"]].concat(),
+    ));
     assert_eq!(v["verdict"], "allow", "{v}");
-    assert!(v["rule"]["id"].is_u64() && v["rule"]["line"].is_u64(), "{v}");
-    assert!(v["rule"]["label"].is_string() && v["rule"]["services"].is_string(), "{v}");
+    assert!(
+        v["rule"]["id"].is_u64() && v["rule"]["line"].is_u64(),
+        "{v}"
+    );
+    assert!(
+        v["rule"]["label"].is_string() && v["rule"]["services"].is_string(),
+        "{v}"
+    );
 
     // export: the ruleset in a document, and the rules left out named by
     // their name (text: at the top of the ruleset, and on stderr).
@@ -873,7 +886,15 @@ fn json_of_the_file_commands_follows_docs_json() {
 
     // Errors: usage (while parsing, and after), failure.
     assert_json_error(
-        &segbpf(&["explain", "-p", "../examples/roles.toml", "--src", "10.10.1.25", "-o", "json"]),
+        &segbpf(&[
+            "explain",
+            "-p",
+            "../examples/roles.toml",
+            "--src",
+            "10.10.1.25",
+            "-o",
+            "json",
+        ]),
         "usage",
         2,
     );

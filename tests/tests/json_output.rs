@@ -116,8 +116,9 @@ fn changing_commands_print_one_json_document() -> anyhow::Result<()> {
     ] {
         let out = lab.segbpf("db", args)?;
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| anyhow::anyhow!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        })?;
         assert_eq!(v["schema"], 1, "{v}");
         assert_eq!(v["ok"], false, "{v}");
         assert_eq!(v["error"]["kind"], "failure", "{v}");

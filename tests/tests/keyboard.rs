@@ -361,17 +361,28 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert_eq!(a["mode"], "enforcing", "{a}");
     assert!(is_time(&a["state"]["attached_at"]), "{a}");
     assert!(a["state"]["generation"].as_u64() == Some(1), "{a}");
-    assert!(a["rules"].as_array().is_some_and(|r| r
-        .iter()
-        .any(|r| r["name"] == "web-in" && r["packets"].is_u64())));
+    assert!(a["rules"].as_array().is_some_and(|r| {
+        r.iter()
+            .any(|r| r["name"] == "web-in" && r["packets"].is_u64())
+    }));
 
     // trace: the attachment, the generation, the packet with its flags by
     // name, the rule object; no numeric `action`.
     let v = json(
         &lab,
         &[
-            "trace", "eth0", "--src", "198.18.5.3", "--dst", HOST, "--proto", "tcp", "--dport",
-            "81", "-o", "json",
+            "trace",
+            "eth0",
+            "--src",
+            "198.18.5.3",
+            "--dst",
+            HOST,
+            "--proto",
+            "tcp",
+            "--dport",
+            "81",
+            "-o",
+            "json",
         ],
     )?;
     assert_doc(&v, &ns);
@@ -380,7 +391,10 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert_eq!(v["packet"]["tcp_flags"], serde_json::json!(["SYN"]), "{v}");
     assert_eq!(v["packet"]["proto"], "tcp", "{v}");
     assert_eq!(v["packet"]["dport"], 81, "{v}");
-    assert!(v["return_value"].is_u64() && v.get("action").is_none(), "{v}");
+    assert!(
+        v["return_value"].is_u64() && v.get("action").is_none(),
+        "{v}"
+    );
     assert_web_in(&v["rule"]);
 
     // monitor -o json: one object per line, flags by name, verdict + audit.
@@ -388,7 +402,10 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let follower = lab.follow_flows("srv", &["--start"])?;
     let _server = segbpf_tests::net::Server::tcp_echo(&ns, HOST.parse()?, 81)?;
-    assert!(!lab.tcp_reachable("cli", "srv", 9999)?, "tcp/9999 is closed");
+    assert!(
+        !lab.tcp_reachable("cli", "srv", 9999)?,
+        "tcp/9999 is closed"
+    );
     assert!(lab.tcp_reachable("cli", "srv", 81)?, "tcp/81 is open");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let events = monitor.json_lines()?;
@@ -425,15 +442,27 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
         .and_then(|f| f.iter().find(|f| f["dport"] == 81))
         .ok_or_else(|| anyhow::anyhow!("no flow to tcp/81: {v}"))?;
     assert_web_in(&f["rule"]);
-    assert!(f["tcp_flags"].as_array().is_some_and(|a| a.contains(&"SYN".into())), "{f}");
+    assert!(
+        f["tcp_flags"]
+            .as_array()
+            .is_some_and(|a| a.contains(&"SYN".into())),
+        "{f}"
+    );
 
     // set list: an object, not a bare array.
     let v = json(&lab, &["set", "list", "eth0", "-o", "json"])?;
     assert_doc(&v, &ns);
     assert_eq!(v["generation"], 1, "{v}");
     assert_eq!(v["sets"][0]["name"], "admins", "{v}");
-    assert_eq!(v["sets"][0]["members"], serde_json::json!(["198.18.5.200"]), "{v}");
-    let v = json(&lab, &["set", "add", "eth0", "admins", "198.18.5.201", "-o", "json"])?;
+    assert_eq!(
+        v["sets"][0]["members"],
+        serde_json::json!(["198.18.5.200"]),
+        "{v}"
+    );
+    let v = json(
+        &lab,
+        &["set", "add", "eth0", "admins", "198.18.5.201", "-o", "json"],
+    )?;
     assert_doc(&v, &ns);
     assert_eq!(v["generation"], 2, "{v}");
 
@@ -444,7 +473,10 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
         "../".repeat(cwd.components().count() - 1),
         file.trim_start_matches('/')
     );
-    let v = json(&lab, &["reload", "eth0", "--policy", &relative, "-o", "json"])?;
+    let v = json(
+        &lab,
+        &["reload", "eth0", "--policy", &relative, "-o", "json"],
+    )?;
     assert_doc(&v, &ns);
     assert_eq!(v["policy"], file.as_str(), "{v}");
     assert_eq!(v["generation"], 3, "{v}");
@@ -459,14 +491,25 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     let v = json(&lab, &["history", "eth0", "-o", "json"])?;
     assert_doc(&v, &ns);
     let gens = v["generations"].as_array().cloned().unwrap_or_default();
-    assert!(gens.len() >= 3 && gens.iter().all(|g| is_time(&g["recorded"])), "{v}");
+    assert!(
+        gens.len() >= 3 && gens.iter().all(|g| is_time(&g["recorded"])),
+        "{v}"
+    );
     let v = json(&lab, &["diff", "eth0", "1", "2", "-o", "json"])?;
     assert_doc(&v, &ns);
     assert!(v["differ"].is_boolean(), "{v}");
 
     // Errors: a document on stdout, the exit status as ever.
-    assert_error(&lab.segbpf("srv", &["status", "eth9", "-o", "json"])?, "failure", 1);
-    assert_error(&lab.segbpf("srv", &["confirm", "eth0", "-o", "json"])?, "failure", 1);
+    assert_error(
+        &lab.segbpf("srv", &["status", "eth9", "-o", "json"])?,
+        "failure",
+        1,
+    );
+    assert_error(
+        &lab.segbpf("srv", &["confirm", "eth0", "-o", "json"])?,
+        "failure",
+        1,
+    );
     assert_error(
         &lab.segbpf("srv", &["trace", "eth0", "--src", HOST, "-o", "json"])?,
         "usage",
@@ -476,7 +519,15 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
         &lab.segbpf(
             "srv",
             &[
-                "trace", "eth0", "--src", "198.18.5.3", "--dst", HOST, "--proto", "tcp", "-o",
+                "trace",
+                "eth0",
+                "--src",
+                "198.18.5.3",
+                "--dst",
+                HOST,
+                "--proto",
+                "tcp",
+                "-o",
                 "json",
             ],
         )?,
@@ -564,7 +615,10 @@ tcp = [82]
 
 /// The destination ports of `flows -o json FILTER...`'s flows, sorted.
 fn flow_ports(lab: &Lab, filter: &[&str]) -> anyhow::Result<Vec<u64>> {
-    let v = json(lab, &[&["flows", "eth0", "-o", "json"][..], filter].concat())?;
+    let v = json(
+        lab,
+        &[&["flows", "eth0", "-o", "json"][..], filter].concat(),
+    )?;
     let mut ports: Vec<u64> = v["flows"]
         .as_array()
         .into_iter()
@@ -590,7 +644,16 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
 
     let monitor = Running::new(lab.spawn(
         "srv",
-        &["monitor", "eth0", "-o", "json", "--port", "9999", "--peer", "198.18.5.4"],
+        &[
+            "monitor",
+            "eth0",
+            "-o",
+            "json",
+            "--port",
+            "9999",
+            "--peer",
+            "198.18.5.4",
+        ],
     )?);
     std::thread::sleep(std::time::Duration::from_millis(1000));
     assert!(lab.tcp_reachable("c1", "srv", 81)?);
@@ -603,21 +666,37 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
     let shown: Vec<(String, u64)> = events
         .iter()
         .filter(|e| e["type"] == "event")
-        .map(|e| (e["src"].as_str().unwrap_or("").to_string(), e["dport"].as_u64().unwrap_or(0)))
+        .map(|e| {
+            (
+                e["src"].as_str().unwrap_or("").to_string(),
+                e["dport"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
-    assert!(!shown.is_empty(), "c2's drops to tcp/9999 are shown: {events:?}");
     assert!(
-        shown.iter().all(|(src, port)| src == "198.18.5.4" && *port == 9999),
+        !shown.is_empty(),
+        "c2's drops to tcp/9999 are shown: {events:?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .all(|(src, port)| src == "198.18.5.4" && *port == 9999),
         "only c2's drops to tcp/9999: {shown:?}"
     );
 
     assert_eq!(flow_ports(&lab, &[])?, vec![81, 82]);
     assert_eq!(flow_ports(&lab, &["--port", "81"])?, vec![81]);
-    assert_eq!(flow_ports(&lab, &["--port", "81", "--port", "82"])?, vec![81, 82]);
+    assert_eq!(
+        flow_ports(&lab, &["--port", "81", "--port", "82"])?,
+        vec![81, 82]
+    );
     assert_eq!(flow_ports(&lab, &["--peer", "198.18.5.4"])?, vec![82]);
     assert_eq!(flow_ports(&lab, &["--peer", "198.18.5.4/31"])?, vec![82]);
     assert_eq!(flow_ports(&lab, &["--rule", "alt-in"])?, vec![82]);
-    assert_eq!(flow_ports(&lab, &["--rule", "roles.srv.ingress[0]"])?, vec![81]);
+    assert_eq!(
+        flow_ports(&lab, &["--rule", "roles.srv.ingress[0]"])?,
+        vec![81]
+    );
     assert_eq!(flow_ports(&lab, &["--verdict", "allow"])?, vec![81, 82]);
     assert!(flow_ports(&lab, &["--verdict", "drop"])?.is_empty());
     assert!(flow_ports(&lab, &["--rule", "web-in", "--port", "82"])?.is_empty());
@@ -632,7 +711,15 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
     let first = lab.follow_flows("srv", &[])?;
     let mut second = Running::new(lab.spawn(
         "srv",
-        &["flows", "eth0", "--follow", "-o", "json", "--denied-secs", "2"],
+        &[
+            "flows",
+            "eth0",
+            "--follow",
+            "-o",
+            "json",
+            "--denied-secs",
+            "2",
+        ],
     )?);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(second.try_wait()?.is_none(), "the second follower runs");
@@ -641,7 +728,8 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
     drop(first);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--denied-secs 2 is ignored") && stderr.contains("drains the denied tables"),
+        stderr.contains("--denied-secs 2 is ignored")
+            && stderr.contains("drains the denied tables"),
         "{stderr}"
     );
     Ok(())

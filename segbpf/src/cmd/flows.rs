@@ -155,7 +155,8 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             start: args.start,
             active_every: std::time::Duration::from_secs(args.active_secs),
             denied_every: std::time::Duration::from_secs(
-                args.denied_secs.unwrap_or(crate::flowlog::DENIED_EVERY.as_secs()),
+                args.denied_secs
+                    .unwrap_or(crate::flowlog::DENIED_EVERY.as_secs()),
             ),
         },
     )?;
