@@ -92,6 +92,9 @@ pub enum Command {
     Import(import::Args),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::Args),
+    /// Internal: the names the completion scripts offer for a word.
+    #[command(hide = true)]
+    CompleteNames(completions::NamesArgs),
     /// Internal: write the manual pages into a directory (the package build).
     #[command(hide = true)]
     Man(man::Args),
@@ -350,9 +353,11 @@ impl Command {
         let json = |o: Output| o == Output::Json;
         match self {
             Command::Check(a) => json(a.output),
-            Command::Attach(_) | Command::Guard(_) | Command::Completions(_) | Command::Man(_) => {
-                false
-            }
+            Command::Attach(_)
+            | Command::Guard(_)
+            | Command::Completions(_)
+            | Command::CompleteNames(_)
+            | Command::Man(_) => false,
             Command::Reload(a) => json(a.output),
             Command::Set(a) => a.json_output(),
             Command::Confirm(a) => json(a.output),
@@ -399,6 +404,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Completions(a) => completions::run(a),
+        Command::CompleteNames(a) => completions::names(a),
         Command::Man(a) => man::run(a),
     }
 }
