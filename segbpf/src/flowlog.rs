@@ -324,6 +324,75 @@ impl Pairs {
     }
 }
 
+/// Where a process that is not the primary asks it to drain now (a token).
+fn drain_request_path(att: &Attachment) -> std::path::PathBuf {
+    att.observed_dir().with_extension("drain")
+}
+
+/// Where the primary writes the token of the last request it answered.
+fn drain_done_path(att: &Attachment) -> std::path::PathBuf {
+    att.observed_dir().with_extension("drained")
+}
+
+/// The token of a drain request not answered yet.
+fn pending_drain_request(att: &Attachment) -> Option<String> {
+    let token = std::fs::read_to_string(drain_request_path(att)).ok()?;
+    let done = std::fs::read_to_string(drain_done_path(att)).unwrap_or_default();
+    (!token.is_empty() && token != done).then_some(token)
+}
+
+/// How [`drain_now`] went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// This process was the primary and drained the tables itself.
+    Here,
+    /// The primary drained them at this process's request.
+    ByPrimary,
+    /// The primary did not answer within the wait (an older segbpf, or
+    /// a primary that is stuck): the store may lack the last interval.
+    NoAnswer,
+}
+
+/// Makes what waits in the kernel's denied tables reach the observed
+/// store now (`suggest`: data no older than the last second): drained
+/// here when no other process is the primary, else the primary is asked
+/// (it steps every second) and this waits up to `wait` for its answer.
+pub fn drain_now(att: &Attachment, wait: Duration) -> Result<Drained, FlowLogError> {
+    let opts = Options {
+        flows: false,
+        start: false,
+        active_every: ACTIVE_EVERY,
+        denied_every: DENIED_EVERY,
+    };
+    let mut log = FlowLog::open(att, opts)?;
+    if log.is_primary() {
+        log.finish()?;
+        return Ok(Drained::Here);
+    }
+    drop(log);
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let path = drain_request_path(att);
+    std::fs::write(&path, &token).map_err(|source| FlowLogError::Io {
+        what: "asking the primary to drain",
+        path: path.clone(),
+        source,
+    })?;
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(drain_done_path(att)).is_ok_and(|d| d == token) {
+            return Ok(Drained::ByPrimary);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Drained::NoAnswer)
+}
+
 /// The primary's part: the lock, the drainer and the store.
 struct Primary {
     _lock: std::fs::File,
@@ -441,9 +510,21 @@ impl FlowLog {
             }
             self.try_become_primary()?;
         }
-        if self.primary.is_some() && Instant::now() >= self.next_denied {
+        // A drain request (`suggest` while this process is the primary)
+        // is answered at once rather than at the next interval.
+        let requested = self
+            .primary
+            .is_some()
+            .then(|| pending_drain_request(&self.att))
+            .flatten();
+        if self.primary.is_some() && (Instant::now() >= self.next_denied || requested.is_some()) {
             self.next_denied = Instant::now() + self.opts.denied_every.min(DENIED_EVERY);
             out.extend(self.drain()?);
+            if let Some(token) = requested
+                && let Err(e) = std::fs::write(drain_done_path(&self.att), token)
+            {
+                tracing::warn!("answering a drain request of {}: {e}", self.att.describe());
+            }
         }
         if self.primary.is_some() {
             let path = self.att.pairs_file();

@@ -734,3 +734,46 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn suggest_sees_the_last_second_while_attach_drains() -> anyhow::Result<()> {
+    let mut lab = Lab::new("drainnow")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    lab.add_host("cli", &["198.18.5.3/24"])?;
+    let policy = lab.write_policy("p.toml", &one_tcp_port_policy(81))?;
+    // attach in the foreground is the flow log's primary: it drains the
+    // denied tables every 10 s.
+    let attach = Running::new(lab.spawn(
+        "srv",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            policy.to_str().unwrap_or_default(),
+            "--role",
+            "srv",
+        ],
+    )?);
+    lab.wait_enforcing("srv")?;
+    let started = std::time::Instant::now();
+    assert!(
+        !lab.tcp_reachable("cli", "srv", 7777)?,
+        "tcp/7777 is closed"
+    );
+    // Within attach's first interval: only a drain on demand brings the
+    // attempt to the store before suggest reads it.
+    let out = lab.segbpf_ok("srv", &["suggest", "eth0"])?;
+    let took = started.elapsed();
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("tcp") && l.contains("7777")),
+        "the attempt of {took:?} ago is suggested:\n{out}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(9),
+        "{took:?}: the test raced attach's own drain"
+    );
+    drop(attach);
+    Ok(())
+}
