@@ -356,14 +356,14 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     // status: times are RFC 3339 strings, the mode is named.
     let v = json(&lab, &["status", "-o", "json"])?;
     assert_eq!(v["schema"], 1, "{v}");
-    let a = &v["attachments"][0];
-    assert_eq!(a["iface"], "eth0", "{a}");
-    assert_eq!(a["mode"], "enforcing", "{a}");
-    assert!(is_time(&a["state"]["attached_at"]), "{a}");
-    assert!(a["state"]["generation"].as_u64() == Some(1), "{a}");
-    assert!(a["rules"].as_array().is_some_and(|r| {
+    let att = &v["attachments"][0];
+    assert_eq!(att["iface"], "eth0", "{att}");
+    assert_eq!(att["mode"], "enforcing", "{att}");
+    assert!(is_time(&att["state"]["attached_at"]), "{att}");
+    assert!(att["state"]["generation"].as_u64() == Some(1), "{att}");
+    assert!(att["rules"].as_array().is_some_and(|r| {
         r.iter()
-            .any(|r| r["name"] == "web-in" && r["packets"].is_u64())
+            .any(|x| x["name"] == "web-in" && x["packets"].is_u64())
     }));
 
     // trace: the attachment, the generation, the packet with its flags by
@@ -399,7 +399,7 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
 
     // monitor -o json: one object per line, flags by name, verdict + audit.
     let monitor = Running::new(lab.spawn("srv", &["monitor", "eth0", "-o", "json"])?);
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let follower = lab.follow_flows("srv", &["--start"])?;
     let _server = segbpf_tests::net::Server::tcp_echo(&ns, HOST.parse()?, 81)?;
     assert!(
@@ -409,30 +409,33 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert!(lab.tcp_reachable("cli", "srv", 81)?, "tcp/81 is open");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let events = monitor.json_lines()?;
-    let e = events
+    let ev = events
         .iter()
-        .find(|e| e["type"] == "event" && e["dport"] == 9999)
+        .find(|x| x["type"] == "event" && x["dport"] == 9999)
         .ok_or_else(|| anyhow::anyhow!("no event for tcp/9999: {events:?}"))?;
-    assert_eq!(e["schema"], 1, "{e}");
-    assert_eq!(e["verdict"], "drop", "{e}");
-    assert_eq!(e["audit"], false, "{e}");
-    assert!(e.get("action").is_none(), "{e}");
-    assert!(is_time(&e["time"]), "{e}");
-    assert_eq!(e["tcp_flags"], serde_json::json!(["SYN"]), "{e}");
+    assert_eq!(ev["schema"], 1, "{ev}");
+    assert_eq!(ev["verdict"], "drop", "{ev}");
+    assert_eq!(ev["audit"], false, "{ev}");
+    assert!(ev.get("action").is_none(), "{ev}");
+    assert!(is_time(&ev["time"]), "{ev}");
+    assert_eq!(ev["tcp_flags"], serde_json::json!(["SYN"]), "{ev}");
 
     // flows --follow -o json: records with the version, host, namespace,
     // verdict and the rule object.
     let records = follower.json_lines()?;
-    let r = records
+    let rec = records
         .iter()
-        .find(|r| r["state"] == "start" && r["dport"] == 81)
+        .find(|x| x["state"] == "start" && x["dport"] == 81)
         .ok_or_else(|| anyhow::anyhow!("no start record for tcp/81: {records:?}"))?;
-    assert_doc(r, &ns);
-    assert!(r["host"].as_str().is_some_and(|h| !h.is_empty()), "{r}");
-    assert_eq!(r["verdict"], "allow", "{r}");
-    assert_eq!(r["audit"], false, "{r}");
-    assert!(is_time(&r["first_seen"]) && is_time(&r["time"]), "{r}");
-    assert_web_in(&r["rule"]);
+    assert_doc(rec, &ns);
+    assert!(rec["host"].as_str().is_some_and(|h| !h.is_empty()), "{rec}");
+    assert_eq!(rec["verdict"], "allow", "{rec}");
+    assert_eq!(rec["audit"], false, "{rec}");
+    assert!(
+        is_time(&rec["first_seen"]) && is_time(&rec["time"]),
+        "{rec}"
+    );
+    assert_web_in(&rec["rule"]);
 
     // flows snapshot: the same rule object and flags.
     let v = json(&lab, &["flows", "eth0", "-o", "json"])?;
@@ -655,13 +658,13 @@ fn flows_and_monitor_filter_by_port_peer_verdict_and_rule() -> anyhow::Result<()
             "198.18.5.4",
         ],
     )?);
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(std::time::Duration::from_secs(1));
     assert!(lab.tcp_reachable("c1", "srv", 81)?);
     assert!(lab.tcp_reachable("c2", "srv", 82)?);
     for (c, port) in [("c1", 9999), ("c2", 9999), ("c2", 9998)] {
         assert!(!lab.tcp_reachable(c, "srv", port)?, "{c} tcp/{port}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let events = monitor.json_lines()?;
     let shown: Vec<(String, u64)> = events
         .iter()

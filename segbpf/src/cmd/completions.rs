@@ -85,8 +85,16 @@ pub fn wanted(words: &[String], index: usize) -> Option<Want> {
             .map(|w| w[1].clone())
     };
     if prev == "--role" {
-        let policy = value_of("--policy", "-p")
-            .or_else(|| before.iter().find(|w| w.ends_with(".toml")).cloned());
+        let policy = value_of("--policy", "-p").or_else(|| {
+            before
+                .iter()
+                .find(|w| {
+                    std::path::Path::new(w)
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+                })
+                .cloned()
+        });
         return Some(Want::Role(policy));
     }
     if cur.starts_with('-') {

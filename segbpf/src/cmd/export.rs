@@ -5,7 +5,7 @@
 //! by their `name` when they have one: as comments at the top of the
 //! ruleset, and in `left_out` under `-o json`.
 
-use std::{io::Write as _, path::PathBuf};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf};
 
 use serde::Serialize;
 
@@ -142,10 +142,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for l in &left {
             let label = l.rule.label.as_deref().unwrap_or("?");
             let line = l.rule.line.unwrap_or(0);
-            notes.push_str(&match &l.rule.name {
-                Some(name) => format!("#   {name} ({label}, line {line}): {}\n", l.why),
-                None => format!("#   {label} (line {line}): {}\n", l.why),
-            });
+            let _ = match &l.rule.name {
+                Some(name) => writeln!(notes, "#   {name} ({label}, line {line}): {}", l.why),
+                None => writeln!(notes, "#   {label} (line {line}): {}", l.why),
+            };
         }
         let at = text.find('\n').map_or(0, |i| i + 1);
         text.insert_str(at, &notes);

@@ -161,16 +161,17 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
         },
     )?;
     if !log.is_primary() {
-        match args.denied_secs {
-            Some(secs) => tracing::warn!(
+        if let Some(secs) = args.denied_secs {
+            tracing::warn!(
                 "--denied-secs {secs} is ignored: another process (`segbpf attach`) drains the denied tables of {} and writes the aggregates at its own pace (every {} s at most); this command reads them from its store as they are written",
                 att.describe(),
                 crate::flowlog::DENIED_EVERY.as_secs()
-            ),
-            None => tracing::info!(
+            );
+        } else {
+            tracing::info!(
                 "another process drains the denied tables of {}: denied records come from its store",
                 att.describe()
-            ),
+            );
         }
     }
     let filter = args.filter.filter();

@@ -6,6 +6,7 @@
 //! pages, gzip'd, under `/usr/share/man/man8/` and `man5/`. Section 8:
 //! segbpf is an administrator's command.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -76,20 +77,15 @@ fn inline(t: &str) -> String {
         })
         .collect::<String>();
     let mut bold = false;
-    roff_escape(&out)
-        .split('`')
-        .enumerate()
-        .map(|(i, part)| {
-            if i == 0 {
-                return part.to_string();
-            }
+    let mut text = String::new();
+    for (i, part) in roff_escape(&out).split('`').enumerate() {
+        if i > 0 {
             bold = !bold;
-            format!("{}{part}", if bold { "\\fB" } else { "\\fR" })
-        })
-        .collect::<String>()
-        .replace('\u{1}', "\\fB")
-        .replace('\u{2}', "\\fR")
-        + if bold { "\\fR" } else { "" }
+            text.push_str(if bold { "\\fB" } else { "\\fR" });
+        }
+        text.push_str(part);
+    }
+    text.replace('\u{1}', "\\fB").replace('\u{2}', "\\fR") + if bold { "\\fR" } else { "" }
 }
 
 /// `roles.toml(5)` from docs/policy.md: `##` headings become sections,
@@ -120,21 +116,18 @@ pub fn roles_toml_page(md: &str) -> String {
                 out.push_str(&text);
                 out.push('\n');
             } else {
-                out.push_str(&format!(".nf\n{text}\n.fi\n"));
+                let _ = write!(out, ".nf\n{text}\n.fi\n");
             }
             continue;
         }
         if let Some(h) = line.strip_prefix("### ") {
-            out.push_str(&format!(".SS {}\n", inline(h)));
+            let _ = writeln!(out, ".SS {}", inline(h));
         } else if let Some(h) = line.strip_prefix("## ") {
-            out.push_str(&format!(
-                ".SH {}\n",
-                inline(&h.replace('`', "")).to_uppercase()
-            ));
+            let _ = writeln!(out, ".SH {}", inline(&h.replace('`', "")).to_uppercase());
         } else if line.starts_with("# ") {
             // The title: the page's NAME says it.
         } else if let Some(item) = line.strip_prefix("* ").or_else(|| line.strip_prefix("- ")) {
-            out.push_str(&format!(".IP \\(bu 2\n{}\n", inline(item)));
+            let _ = write!(out, ".IP \\(bu 2\n{}\n", inline(item));
         } else if line.trim().is_empty() {
             out.push_str(".PP\n");
         } else {
@@ -291,26 +284,28 @@ fn extra_sections(name: &str) -> String {
     let ex = examples(name);
     if ex.is_empty() {
         let cmd = name.replace('-', " ");
-        out.push_str(&format!(".nf\n{} \\-\\-help\n.fi\n", roff_escape(&cmd)));
+        let _ = write!(out, ".nf\n{} \\-\\-help\n.fi\n", roff_escape(&cmd));
     }
     for e in ex {
-        out.push_str(&format!(".PP\n.nf\n{}\n.fi\n", roff_escape(e)));
+        let _ = write!(out, ".PP\n.nf\n{}\n.fi\n", roff_escape(e));
     }
     out.push_str(".SH FILES\n");
     for (f, what) in FILES {
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             ".TP\n\\fI{}\\fR\n{}\n",
             roff_escape(f),
             roff_escape(what)
-        ));
+        );
     }
     out.push_str(".SH ENVIRONMENT\n");
     for (v, what) in ENVIRONMENT {
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             ".TP\n\\fB{}\\fR\n{}\n",
             roff_escape(v),
             roff_escape(what)
-        ));
+        );
     }
     out.push_str(".SH SEE ALSO\nroles.toml(5), segbpf(8)\n");
     out
