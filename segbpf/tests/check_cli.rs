@@ -908,6 +908,27 @@ fn json_of_the_file_commands_follows_docs_json() {
         "failure",
         1,
     );
+    // import: the policy text and the warnings.
+    let rules = dir.file(
+        "web.rules",
+        "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n",
+    );
+    let v = json_doc(&segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("web={rules}"),
+        "-o",
+        "json",
+    ]));
+    assert!(
+        v["policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("tcp = [22]")),
+        "{v}"
+    );
+    assert!(v["warnings"].is_array(), "{v}");
+
     // Without -o json, nothing on stdout.
     let out = segbpf(&["export", "nft", "-p", "no-such.toml"]);
     assert_eq!(out.status.code(), Some(1));

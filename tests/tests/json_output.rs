@@ -25,6 +25,7 @@ fn json(lab: &Lab, args: &[&str]) -> anyhow::Result<serde_json::Value> {
 
 /// The JSON fields every swap result has, checked against `generation`.
 fn assert_swap(v: &serde_json::Value, generation: u64, ns: &str) {
+    assert_eq!(v["schema"], 1, "docs/json.md's version: {v}");
     assert_eq!(v["iface"], "eth0", "{v}");
     assert_eq!(v["netns"], ns, "{v}");
     assert!(v["netns_inode"].as_u64().is_some(), "{v}");
@@ -85,6 +86,7 @@ fn changing_commands_print_one_json_document() -> anyhow::Result<()> {
     assert_eq!(v["netns"], ns.as_str());
     assert_eq!(v["generation"], 6);
     assert_eq!(v["confirmed"], true);
+    assert_eq!(v["schema"], 1, "{v}");
 
     let v = json(&lab, &["rollback", "eth0", "-o", "json"])?;
     assert_swap(&v, 7, &ns);
