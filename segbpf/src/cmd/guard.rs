@@ -1,7 +1,7 @@
 //! `segbpf guard` (hidden): the lockout guard process that `--confirm`
-//! starts in its own session ([`crate::guard::run_guard`]).
+//! starts in its own session ([`crate::attachment::guard::run_guard`]).
 
-use crate::{guard, netns::Netns, pins::Attachment};
+use crate::{attachment::guard, attachment::pins::Attachment, host::netns::Netns};
 
 /// Arguments of the hidden `segbpf guard`.
 #[derive(Debug, clap::Args)]

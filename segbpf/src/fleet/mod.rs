@@ -28,7 +28,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{self, Capacity},
+    policy::compile::{self, Capacity},
     policy::{Policy, PolicyError, lint::Warning, roles},
 };
 
@@ -118,7 +118,7 @@ pub enum FleetError {
     },
     /// The swap of a revision failed (the policy in force is unchanged).
     #[error(transparent)]
-    Swap(#[from] crate::swap::SwapError),
+    Swap(#[from] crate::attachment::swap::SwapError),
     /// A revision's stored source is not what the push recorded.
     #[error("revision {revision}: its source in {key} {reason}; not applied")]
     Tampered {

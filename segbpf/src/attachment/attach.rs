@@ -21,17 +21,18 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
-    compile::{self, Capacity, CompileError},
-    guard::{self, GuardError},
-    history, loader,
-    maps::{self, MapsError},
-    netif::{self, NetifError},
-    netns::Netns,
-    pins::{self, Attachment, LockKind, PinsError},
+    attachment::guard::{self, GuardError},
+    attachment::history,
+    attachment::loader,
+    attachment::maps::{self, MapsError},
+    attachment::pins::{self, Attachment, LockKind, PinsError},
+    attachment::state::{State, StateError},
+    attachment::swap,
+    attachment::trust::UntrustedFile,
+    host::netif::{self, NetifError},
+    host::netns::Netns,
+    policy::compile::{self, Capacity, CompileError},
     policy::{Policy, PolicyError, roles},
-    state::{State, StateError},
-    swap,
-    trust::UntrustedFile,
 };
 
 /// Errors attaching or detaching.
@@ -165,7 +166,7 @@ pub struct Applied {
 pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     // 1. Everything that depends only on input: no kernel change yet.
     if !req.insecure_policy {
-        crate::trust::check_policy_file(&req.policy)?;
+        crate::attachment::trust::check_policy_file(&req.policy)?;
     }
     let policy = Policy::load(&req.policy)?;
     let ifindex = netif::ifindex(&req.iface)?;
@@ -177,7 +178,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     //    service restart) never leaves a moment without enforcement.
     let roots = pins::Roots::from_env();
     roots.check_visible()?;
-    crate::gone::prune(&roots, ns);
+    crate::attachment::gone::prune(&roots, ns);
     let att = roots.attachment(&req.iface, ns);
     let _lock = take_update_lock(&att).map_err(io(format!(
         "locking {}",
@@ -465,7 +466,7 @@ fn adopt(
 /// detached by another tool), logging each; the caller holds the update
 /// lock. Returns one line per hook re-attached.
 fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachError> {
-    let hooks = crate::liveness::check(att, Some(state));
+    let hooks = crate::attachment::liveness::check(att, Some(state));
     for h in hooks.iter().filter(|h| !h.live) {
         warn!(
             "{}: {} is not enforcing: {}; attaching it again",
@@ -474,10 +475,10 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
             h.problem.as_deref().unwrap_or("not live")
         );
     }
-    if crate::liveness::all_live(&hooks) {
+    if crate::attachment::liveness::all_live(&hooks) {
         return Ok(Vec::new());
     }
-    let done = crate::liveness::relink(att, state).map_err(io(format!(
+    let done = crate::attachment::liveness::relink(att, state).map_err(io(format!(
         "re-attaching the detached programs of {}",
         att.describe()
     )))?;
@@ -488,7 +489,7 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
 }
 
 /// Watches that the kernel still runs the attachment's programs (checked
-/// every 2 seconds, [`crate::liveness`]): a link detached by another tool
+/// every 2 seconds, [`crate::attachment::liveness`]): a link detached by another tool
 /// is attached again at once, logged as a warning, and the service status
 /// says so; a failure is logged as an error (once while it lasts) and
 /// tried again at the next check. A `segbpf detach` (pins removed) is
@@ -502,8 +503,8 @@ pub async fn watch_links(att: &Attachment) {
         if !att.is_attached() {
             continue;
         }
-        let hooks = crate::liveness::check(att, State::current(att).ok().as_ref());
-        if crate::liveness::all_live(&hooks) {
+        let hooks = crate::attachment::liveness::check(att, State::current(att).ok().as_ref());
+        if crate::attachment::liveness::all_live(&hooks) {
             continue;
         }
         let result = att
@@ -523,7 +524,7 @@ pub async fn watch_links(att: &Attachment) {
         match result {
             Ok(done) if !done.is_empty() => {
                 failing = None;
-                crate::service::ready(&format!("enforcing again: {}", done.join("; ")));
+                crate::host::service::ready(&format!("enforcing again: {}", done.join("; ")));
             }
             Ok(_) => {}
             Err(e) => {
@@ -533,7 +534,7 @@ pub async fn watch_links(att: &Attachment) {
                         "{} is NOT ENFORCING: {e} (tried again every 2 s)",
                         att.describe()
                     );
-                    crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                    crate::host::service::ready(&format!("NOT ENFORCING: {e}"));
                 }
                 failing = Some(e);
             }
@@ -622,7 +623,7 @@ fn keep_observed(att: &Attachment) {
     let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {
         return;
     };
-    if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
+    if let Err(e) = crate::attachment::observed::keep_policy(&dir, &json, &text) {
         warn!(
             "keeping the policy with the observed store {}: {e}",
             dir.display()
@@ -869,19 +870,19 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                 info!("{why}: {m}");
             }
             // A reload asked for (`systemctl reload`) gets its answer.
-            crate::service::reloading(why);
-            crate::service::ready(&m);
+            crate::host::service::reloading(why);
+            crate::host::service::ready(&m);
             continue;
         }
-        crate::service::reloading(why);
+        crate::host::service::reloading(why);
         let result = match confirm {
-            None => crate::swap::reload_keeping_sets(att),
-            Some(secs) => crate::swap::reload(
+            None => crate::attachment::swap::reload_keeping_sets(att),
+            Some(secs) => crate::attachment::swap::reload(
                 att,
-                &crate::swap::ReloadRequest {
+                &crate::attachment::swap::ReloadRequest {
                     confirm: Some(secs),
                     keep_set_edits: true,
-                    ..crate::swap::ReloadRequest::default()
+                    ..crate::attachment::swap::ReloadRequest::default()
                 },
             ),
         };
@@ -894,11 +895,11 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                         att.iface
                     );
                 }
-                crate::service::ready(&msg.to_string());
+                crate::host::service::ready(&msg.to_string());
             }
             Err(e) => {
                 tracing::error!("{why}: reload refused, the policy in force is unchanged: {e}");
-                crate::service::ready(&format!(
+                crate::host::service::ready(&format!(
                     "reload refused, the policy in force is unchanged: {e}"
                 ));
             }

@@ -3,7 +3,7 @@
 //! sidecar files next to it.
 //!
 //! An attachment is (network namespace, interface); the namespace is the
-//! kernel's ([`crate::netns::Netns`]), keyed by its inode. Layout, with
+//! kernel's ([`crate::host::netns::Netns`]), keyed by its inode. Layout, with
 //! `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`), `STATE` =
 //! `$SEGBPF_STATE_DIR` (default `/run/segbpf`) and `NS` the namespace's inode:
 //! - `ROOT/net/NS/IFACE/`: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and
@@ -28,7 +28,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::netns::Netns;
+use crate::host::netns::Netns;
 
 /// Name prefix of a namespace's shared-tables directory (then its cookie).
 const SHARED_PREFIX: &str = "conntrack:";
@@ -135,7 +135,7 @@ impl Roots {
             move |source| PinsError::Io { path, source }
         };
         if self.bpffs.starts_with(base) && !is_bpffs(base) {
-            if !crate::netns::in_initial_mount_namespace() {
+            if !crate::host::netns::in_initial_mount_namespace() {
                 return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
             }
             nix::mount::mount(
@@ -157,7 +157,7 @@ impl Roots {
         let base = Path::new("/sys/fs/bpf");
         if self.bpffs.starts_with(base)
             && !is_bpffs(base)
-            && !crate::netns::in_initial_mount_namespace()
+            && !crate::host::netns::in_initial_mount_namespace()
         {
             return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
         }
@@ -399,7 +399,8 @@ impl Attachment {
     /// Whether the files belong to a namespace that is gone: the state
     /// records another namespace cookie.
     pub fn is_stale(&self) -> bool {
-        crate::state::State::netns_cookie(&self.state).is_some_and(|c| c != self.netns.cookie)
+        crate::attachment::state::State::netns_cookie(&self.state)
+            .is_some_and(|c| c != self.netns.cookie)
     }
 
     /// Removes the pin directory, state file and sidecars (detaching the
@@ -432,7 +433,7 @@ impl Attachment {
         if stale {
             remove_dir_if_exists(&self.observed_dir())?;
         } else {
-            crate::observed::expire(&self.observed_dir())?;
+            crate::attachment::observed::expire(&self.observed_dir())?;
         }
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.

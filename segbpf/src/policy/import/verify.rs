@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use super::{ImportError, Warning, map::Cond, ruleset::Ruleset, scratch::ScratchNs};
 use crate::{
-    packet::PacketSpec,
+    host::packet::PacketSpec,
     policy::{AddrRange, Direction, Policy, PortRange, eval},
 };
 
@@ -575,7 +575,7 @@ pub fn verify_host(
                 (
                     PacketSpec::tcp(src, dst, id, pr.dport),
                     PacketSpec {
-                        tcp_flags: crate::packet::TCP_SYN | crate::packet::TCP_ACK,
+                        tcp_flags: crate::host::packet::TCP_SYN | crate::host::packet::TCP_ACK,
                         tcp_seq: 1000,
                         tcp_ack: 2,
                         ..PacketSpec::tcp(dst, src, pr.dport, id)
@@ -704,7 +704,7 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
         }
         bytes[off] = 0;
         bytes[off + 1] = 0;
-        let c = crate::packet::checksum(&bytes[hl..]);
+        let c = crate::host::packet::checksum(&bytes[hl..]);
         bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
         return;
     }
@@ -731,7 +731,7 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     bytes[off] = 0;
     bytes[off + 1] = 0;
     pseudo.extend_from_slice(&bytes[hl..]);
-    let mut c = crate::packet::checksum(&pseudo);
+    let mut c = crate::host::packet::checksum(&pseudo);
     if c == 0 && proto == 17 {
         c = 0xffff;
     }
@@ -825,7 +825,7 @@ fn send(
     let names = names.to_vec();
     let packets = packets.to_vec();
     std::thread::spawn(move || -> Result<(), ImportError> {
-        crate::netns::enter(&ns).map_err(|e| ImportError::Scratch(e.to_string()))?;
+        crate::host::netns::enter(&ns).map_err(|e| ImportError::Scratch(e.to_string()))?;
         let mut socks: Vec<[std::os::fd::OwnedFd; 2]> = Vec::new();
         for n in &names {
             socks.push([raw_socket(false, n)?, raw_socket(true, n)?]);

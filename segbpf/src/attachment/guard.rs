@@ -34,9 +34,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    history,
-    pins::Attachment,
-    state::{State, StateError},
+    attachment::history,
+    attachment::pins::Attachment,
+    attachment::state::{State, StateError},
 };
 
 /// Errors of the lockout guard.
@@ -87,10 +87,10 @@ pub enum GuardError {
     State(#[from] StateError),
     /// Restoring the previous policy failed (the guard retries).
     #[error("restoring the previous policy: {0}")]
-    Restore(Box<crate::swap::SwapError>),
+    Restore(Box<crate::attachment::swap::SwapError>),
     /// Removing a first attach failed.
     #[error("removing the unconfirmed attach: {0}")]
-    Detach(Box<crate::attach::AttachError>),
+    Detach(Box<crate::attachment::attach::AttachError>),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuardError {
@@ -236,7 +236,8 @@ fn arm_with(
         previous: previous.map(Box::new),
     };
     if let Some(dir) = att.confirm_record().parent() {
-        crate::pins::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+        crate::attachment::pins::private_dir(dir)
+            .map_err(io(format!("creating {}", dir.display())))?;
     }
     write(att, &p)?;
     if let Err(e) = spawn(att, generation) {
@@ -280,7 +281,7 @@ fn spawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
 /// be gone when the guard speaks).
 fn log_stream(att: &Attachment) -> std::process::Stdio {
     use std::os::unix::fs::OpenOptionsExt as _;
-    if crate::logging::is_journal_stream(std::io::stderr()) {
+    if crate::host::logging::is_journal_stream(std::io::stderr()) {
         return std::process::Stdio::inherit();
     }
     let path = att.guard_log();
@@ -361,7 +362,7 @@ pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
 pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
     let previous = State::current(att)?;
     let current = previous.generation;
-    let live = crate::maps::pinned_config(att).map_or(0, |c| c.generation);
+    let live = crate::attachment::maps::pinned_config(att).map_or(0, |c| c.generation);
     let next = current.max(live) + 1;
     let Some(restore) = history::list(att)
         .into_iter()
@@ -452,7 +453,9 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         return Ok(());
     }
     let live = if att.is_attached() {
-        crate::maps::pinned_config(att).map(|c| c.generation).ok()
+        crate::attachment::maps::pinned_config(att)
+            .map(|c| c.generation)
+            .ok()
     } else {
         None
     };
@@ -474,17 +477,17 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
             match previous {
                 // The whole state in force before the change.
                 Some(prev) => {
-                    let choice = crate::swap::Choice::copy_of(
+                    let choice = crate::attachment::swap::Choice::copy_of(
                         copy,
                         PathBuf::from(&entry.source),
                         prev.set_overrides.clone(),
                     );
-                    crate::swap::restore(att, choice, &prev).map_err(restore_err)?;
+                    crate::attachment::swap::restore(att, choice, &prev).map_err(restore_err)?;
                 }
                 // Armed by an older version: the policy only.
                 None => {
-                    crate::swap::swap(att, |_| {
-                        Ok(crate::swap::Choice::copy_of(
+                    crate::attachment::swap::swap(att, |_| {
+                        Ok(crate::attachment::swap::Choice::copy_of(
                             copy.clone(),
                             PathBuf::from(&entry.source),
                             entry.set_overrides.clone(),
@@ -496,8 +499,8 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         }
         (Some(entry), None, _) => {
             // Armed by an older version: only the history copy is known.
-            crate::swap::swap(att, |_| {
-                Ok(crate::swap::Choice::copy_of(
+            crate::attachment::swap::swap(att, |_| {
+                Ok(crate::attachment::swap::Choice::copy_of(
                     entry.copy.clone(),
                     PathBuf::from(&entry.source),
                     entry.set_overrides.clone(),
@@ -507,7 +510,7 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         }
         (None, _, _) => {
             // A first attach: remove segbpf exactly as `segbpf detach` does.
-            crate::attach::detach(att).map_err(|e| GuardError::Detach(Box::new(e)))?;
+            crate::attachment::attach::detach(att).map_err(|e| GuardError::Detach(Box::new(e)))?;
         }
     }
     let _ = std::fs::remove_file(att.confirm_record());
