@@ -28,7 +28,7 @@ use crate::{
     attachment::pins::{self, Attachment, LockKind, PinsError},
     attachment::state::{State, StateError},
     attachment::swap,
-    attachment::trust::UntrustedFile,
+    attachment::trust::{self, UntrustedFile},
     host::netif::{self, NetifError},
     host::netns::Netns,
     policy::compile::{self, Capacity, CompileError},
@@ -575,6 +575,32 @@ pub fn detach(att: &Attachment) -> Result<bool, AttachError> {
     remove_attachment(att)
 }
 
+/// How the lockout guard undoes an unconfirmed change: a restore is a
+/// swap to the policy (and, when recorded, the whole state) that was in
+/// force; a first attach is removed as `segbpf detach` does.
+#[derive(Debug)]
+pub struct GuardUndo;
+
+impl guard::Undo for GuardUndo {
+    fn restore(
+        &self,
+        att: &Attachment,
+        r: guard::Restore,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let choice = swap::Choice::copy_of(r.copy, r.source, r.set_overrides);
+        match &r.previous {
+            Some(prev) => swap::restore(att, choice, prev)?,
+            None => swap::swap(att, |_| Ok(choice))?,
+        };
+        Ok(())
+    }
+
+    fn remove(&self, att: &Attachment) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        detach(att)?;
+        Ok(())
+    }
+}
+
 /// Removes segbpf from `att`: the clsact egress filter when TCX was not
 /// available (not a pinned link: removed by name), the history, a pending
 /// confirmation, then every pin and the state. Returns whether it was
@@ -754,33 +780,6 @@ pub enum Watch {
     Confirm(u64),
 }
 
-/// The `ssh-session` lint for a policy about to be put in force on `iface`
-/// (of the current network namespace) for a host with `roles`: a message
-/// when it would block the SSH session this process runs in. The
-/// interface's policy can cut a session that reaches this host through
-/// `iface`: one whose server address is one of the interface's, or whose
-/// client the kernel routes to out of `iface` (an `RTM_GETROUTE` lookup of
-/// the client address, as `ip route get` does: a session to another
-/// address of the host, routed through this interface). When the route
-/// cannot be looked up, the session is taken to go through `iface` (the
-/// check runs rather than being skipped).
-pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
-    let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
-    let on_iface = netif::addresses(iface).is_ok_and(|a| a.contains(&server));
-    let through = match netif::route_oif(client) {
-        Ok(Some(oif)) => netif::ifindex(iface).is_ok_and(|i| i == oif),
-        Ok(None) => false,
-        Err(e) => {
-            tracing::debug!("looking up the route to the SSH client {client}: {e}");
-            true
-        }
-    };
-    if !on_iface && !through {
-        return None;
-    }
-    crate::policy::lint::ssh_session(policy, roles, Some(iface))
-}
-
 /// Why an automatic reload must not apply what the file now says, or None.
 /// The same checks as an explicit `reload`: the text is what is in force
 /// already (a reload would only make a new generation), or the policy
@@ -805,7 +804,7 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
     }
     let overrides = swap::parse_overrides(&state.set_overrides).ok()?;
     let policy = Policy::load_with_sets(&path, &overrides).ok()?;
-    cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
+    trust::cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
         format!(
             "{}: {m} [ssh-session]; an automatic reload never applies it: run `segbpf reload {} --confirm SECS` (or --force)",
             path.display(),

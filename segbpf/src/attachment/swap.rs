@@ -212,7 +212,7 @@ impl Guarded {
 
     /// The lockout check of a change about to apply `choice` with `roles`:
     /// refused when it would cut the SSH session this process runs in
-    /// ([`crate::attachment::attach::cuts_ssh_session`]), unless guarded or forced.
+    /// ([`crate::attachment::trust::cuts_ssh_session`]), unless guarded or forced.
     /// A policy that does not load is left to the swap to report.
     pub fn refuse_lockout(
         self,
@@ -228,7 +228,7 @@ impl Guarded {
         else {
             return Ok(());
         };
-        match crate::attachment::attach::cuts_ssh_session(&policy, roles, &att.iface) {
+        match crate::attachment::trust::cuts_ssh_session(&policy, roles, &att.iface) {
             Some(m) => Err(SwapError::Refused(format!(
                 "{what}: refused: {m} [ssh-session]; nothing was changed (run it with --confirm SECS to apply it guarded, or --force)"
             ))),

@@ -219,7 +219,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         && args.confirm.is_none()
         && !args.force
         && let Ok(p) = crate::policy::Policy::load(&policy)
-        && let Some(m) = attach::cuts_ssh_session(&p, &args.role, &args.iface)
+        && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, &args.iface)
     {
         anyhow::bail!(
             "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",

@@ -79,7 +79,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from(&state.policy));
         if let Ok(policy) = Policy::load(&path)
             && let Some(m) =
-                crate::attachment::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
+                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
             && args.confirm.is_none()
             && !args.force
         {
