@@ -675,7 +675,8 @@ fn load_and_attach(
 ) -> Result<Attached, AttachError> {
     let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
     maps::write_policy(&mut ebpf, compiled)?;
-    pins::private_dir(&att.dir).map_err(io(format!("creating {}", att.dir.display())))?;
+    crate::host::files::private_dir(&att.dir)
+        .map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;
 
     // Egress first: replies to what the host sends must be tracked before

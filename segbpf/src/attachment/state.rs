@@ -171,23 +171,11 @@ impl State {
         })
     }
 
-    /// The namespace cookie recorded in a state file, if it has one.
-    pub fn netns_cookie(path: &Path) -> Option<u64> {
-        #[derive(Deserialize)]
-        struct Head {
-            #[serde(default)]
-            netns_cookie: u64,
-        }
-        let text = std::fs::read_to_string(path).ok()?;
-        let head: Head = serde_json::from_str(&text).ok()?;
-        (head.netns_cookie != 0).then_some(head.netns_cookie)
-    }
-
     /// Writes the state file atomically (mode 0600).
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let dir = path.parent().unwrap_or(Path::new("."));
-        crate::attachment::pins::private_dir(dir).map_err(write_err(dir))?;
+        crate::host::files::private_dir(dir).map_err(write_err(dir))?;
         let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()

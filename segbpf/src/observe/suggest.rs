@@ -120,7 +120,7 @@ pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestE
         let kept = observed::detached_state(&store);
         // Only this namespace's store (the kernel's cookie, not the inode
         // a dead namespace may have left to a new one).
-        if State::netns_cookie(&kept) != Some(att.netns.cookie) {
+        if crate::attachment::pins::recorded_netns_cookie(&kept) != Some(att.netns.cookie) {
             return Err(SuggestError::NotAttached(att.describe()));
         }
         let state = State::read(&kept)?;
