@@ -198,14 +198,6 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         (Some(cfg), _) => {
             // The cache at once, or the store's revision once it answers.
             let att = Attachment::new(&args.iface, ns);
-            if crate::fleet::agent::cached(&att).is_none() {
-                // The unit runs before the network is configured: waiting
-                // for etcd there would hold the boot. Nothing was ever
-                // enforced here, so nothing is lost by going on.
-                crate::host::service::ready(
-                    "no cached fleet policy: waiting for etcd, nothing enforced yet",
-                );
-            }
             tokio::select! {
                 r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
                 _ = signals.0.recv() => return Ok(()),

@@ -150,11 +150,19 @@ fn write_meta(att: &Attachment, meta: &CacheMeta) -> Result<(), FleetError> {
 /// one (enforced at once, whether etcd is up or not), else the revision
 /// etcd points this agent at, fetched with retries until etcd answers and
 /// a policy has been pushed (nothing is enforced before: never an empty
-/// policy). Returns the file and the revision in it.
+/// policy). Returns the file and the revision in it. Without a cache it
+/// first tells the service manager it is ready: the unit runs before the
+/// network is configured, and waiting for etcd there would hold the boot
+/// (nothing was ever enforced here, so nothing is lost by going on).
 pub async fn initial_policy(
     att: &Attachment,
     cfg: &AgentConfig,
 ) -> Result<(PathBuf, u64), FleetError> {
+    if cached(att).is_none() {
+        crate::host::service::ready(
+            "no cached fleet policy: waiting for etcd, nothing enforced yet",
+        );
+    }
     if let Some(meta) = cached(att) {
         let text = std::fs::read(cache_path(att)).unwrap_or_default();
         if hash(&text) == meta.hash {
