@@ -675,7 +675,7 @@ fn load_and_attach(
 ) -> Result<Attached, AttachError> {
     let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
     maps::write_policy(&mut ebpf, compiled)?;
-    crate::host::files::private_dir(&att.dir)
+    crate::attachment::dirs::private_dir(&att.dir)
         .map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;
 

@@ -272,7 +272,8 @@ fn arm_with(
         previous: previous.map(Box::new),
     };
     if let Some(dir) = att.confirm_record().parent() {
-        crate::host::files::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+        crate::attachment::dirs::private_dir(dir)
+            .map_err(io(format!("creating {}", dir.display())))?;
     }
     write(att, &p)?;
     if let Err(e) = spawn(att, generation) {

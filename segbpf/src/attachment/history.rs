@@ -152,7 +152,7 @@ pub fn record(
     roles: Roles,
 ) -> Result<(), HistoryError> {
     let d = dir(att);
-    crate::host::files::private_dir(&d).map_err(failed("creating", &d))?;
+    crate::attachment::dirs::private_dir(&d).map_err(failed("creating", &d))?;
     let copy = d.join(format!("{generation}.toml"));
     std::fs::copy(text, &copy).map_err(failed("saving", &copy))?;
     let mut entries = list(att);

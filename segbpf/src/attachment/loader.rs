@@ -104,7 +104,7 @@ pub fn load_attachment(
         .map(|m| (*m, att.map(m)))
         .collect();
     if !att.shared_dir().exists() {
-        crate::host::files::private_dir(&att.shared_dir()).map_err(|e| LoadError::Shared {
+        crate::attachment::dirs::private_dir(&att.shared_dir()).map_err(|e| LoadError::Shared {
             path: att.shared_dir(),
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "mkdir",

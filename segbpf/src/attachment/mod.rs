@@ -7,6 +7,7 @@
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
 pub mod attach;
+pub mod dirs;
 pub mod gone;
 pub mod guard;
 pub mod history;

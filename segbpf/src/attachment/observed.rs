@@ -141,7 +141,7 @@ impl Writer {
         if lines.is_empty() {
             return Ok(());
         }
-        crate::host::files::private_dir(&self.dir)?;
+        crate::attachment::dirs::private_dir(&self.dir)?;
         let hour = hour_of(SystemTime::now());
         let part_max = (self.cap / PARTS).max(1);
         let mut rest = lines;

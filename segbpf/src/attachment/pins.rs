@@ -34,7 +34,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::host::{files::private_dir, netns::Netns};
+use crate::{attachment::dirs::private_dir, host::netns::Netns};
 
 /// Name prefix of a namespace's shared-tables directory (then its cookie).
 const SHARED_PREFIX: &str = "conntrack:";

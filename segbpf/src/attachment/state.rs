@@ -175,7 +175,7 @@ impl State {
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let dir = path.parent().unwrap_or(Path::new("."));
-        crate::host::files::private_dir(dir).map_err(write_err(dir))?;
+        crate::attachment::dirs::private_dir(dir).map_err(write_err(dir))?;
         let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()

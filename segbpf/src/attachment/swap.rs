@@ -665,22 +665,25 @@ fn swap_in_force(
             .clone()
             .unwrap_or_else(|| old.role_args.clone()),
     };
-    let roles = if let Some((exact, _)) = &settings.exact_roles {
-        roles::resolve(&policy, exact, &att.iface, &[])?
+    // The role names given (this change's, or those in force), or none:
+    // then the roles follow the interface's permanent addresses again.
+    let (names, detect): (&[String], bool) = if let Some((exact, _)) = &settings.exact_roles {
+        (exact, false)
     } else if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
-        roles::resolve(&policy, explicit, &att.iface, &[])?
-    } else if settings.roles.is_some() {
-        // Roles asked to follow the addresses again: permanent ones only.
-        let addrs = netif::permanent_addresses(&att.iface)?;
-        roles::resolve(&policy, &[], &att.iface, &addrs)?
-    } else if redetect && old.role_args.is_empty() {
-        let addrs = netif::permanent_addresses(&att.iface)?;
-        roles::resolve(&policy, &[], &att.iface, &addrs)?
+        (explicit, false)
+    } else if settings.roles.is_some() || (redetect && old.role_args.is_empty()) {
+        (&[], true)
     } else if redetect {
-        roles::resolve(&policy, &old.role_args, &att.iface, &[])?
+        (&old.role_args, false)
     } else {
-        roles::resolve(&policy, &old.roles, &att.iface, &[])?
+        (&old.roles, false)
     };
+    let addrs = if detect {
+        netif::permanent_addresses(&att.iface)?
+    } else {
+        Vec::new()
+    };
+    let roles = roles::resolve(&policy, names, &att.iface, &addrs)?;
     let roles_changed = roles != old.roles;
     if roles_changed {
         tracing::warn!(

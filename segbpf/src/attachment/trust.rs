@@ -201,6 +201,10 @@ pub fn cuts_ssh_session(
     iface: &str,
 ) -> Option<String> {
     let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
+    // What the policy does to the session first (pure), then whether the
+    // session comes through `iface` at all (the kernel's addresses and
+    // routes).
+    let cut = crate::policy::lint::ssh_session(policy, roles, Some(iface))?;
     let on_iface = crate::host::netif::addresses(iface).is_ok_and(|a| a.contains(&server));
     let through = match crate::host::netif::route_oif(client) {
         Ok(Some(oif)) => crate::host::netif::ifindex(iface).is_ok_and(|i| i == oif),
@@ -210,10 +214,7 @@ pub fn cuts_ssh_session(
             true
         }
     };
-    if !on_iface && !through {
-        return None;
-    }
-    crate::policy::lint::ssh_session(policy, roles, Some(iface))
+    (on_iface || through).then_some(cut)
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
 /// Writes `text` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, text: &[u8]) -> Result<(), FleetError> {
     if let Some(dir) = path.parent() {
-        crate::host::files::private_dir(dir).map_err(io(dir))?;
+        crate::attachment::dirs::private_dir(dir).map_err(io(dir))?;
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(io(&tmp))?;
