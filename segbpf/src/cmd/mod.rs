@@ -1,5 +1,8 @@
 //! The `segbpf` command line: one file per subcommand. Results go to
 //! stdout, logs to stderr; exit status 0 ok, 1 failure, 2 usage.
+//!
+//! The command layer: it may import every layer of the library, and no
+//! library module imports it.
 
 pub mod attach;
 pub mod check;

@@ -13,6 +13,9 @@
 //! [`push`] validates a policy as `segbpf check` does, then writes the
 //! revision and the pointer in one transaction; [`status`] reads the
 //! reports; [`agent`] is the side that runs in `segbpf attach --etcd`.
+//!
+//! The fleet layer may import `attachment`, `policy` and `host`; never
+//! `observe` or `cmd`.
 
 pub mod agent;
 
