@@ -145,7 +145,7 @@ pub fn wanted(words: &[String], index: usize) -> Option<Want> {
 
 /// The candidates for `want` (none when they cannot be read: the shell
 /// then completes as clap's script does).
-fn candidates(want: &Want, ns: &crate::netns::Netns) -> Vec<String> {
+fn candidates(want: &Want, ns: &crate::host::netns::Netns) -> Vec<String> {
     match want {
         Want::Iface => {
             let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
@@ -159,10 +159,10 @@ fn candidates(want: &Want, ns: &crate::netns::Netns) -> Vec<String> {
             names
         }
         Want::Set(iface) => {
-            let att = crate::pins::Attachment::new(iface, ns);
-            crate::state::State::current(&att)
+            let att = crate::attachment::pins::Attachment::new(iface, ns);
+            crate::attachment::state::State::current(&att)
                 .ok()
-                .and_then(|s| crate::swap::sets_in_force(&s).ok())
+                .and_then(|s| crate::attachment::swap::sets_in_force(&s).ok())
                 .map(|sets| sets.into_keys().collect())
                 .unwrap_or_default()
         }
@@ -182,7 +182,7 @@ pub fn names(args: NamesArgs) -> anyhow::Result<()> {
     let Some(want) = wanted(&args.words, args.index) else {
         return Ok(());
     };
-    let ns = crate::netns::Netns::current()?;
+    let ns = crate::host::netns::Netns::current()?;
     for c in candidates(&want, &ns) {
         crate::cmd::print_line(c)?;
     }

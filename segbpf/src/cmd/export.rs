@@ -1,6 +1,6 @@
 //! `segbpf export nft`: the nftables ruleset equivalent to a host's view of
 //! the policy, for `nft -f` (fallback, cross-check, migration, and the peer
-//! in benchmarks). See `crate::export` for what it contains. The rules the
+//! in benchmarks). See `crate::policy::export` for what it contains. The rules the
 //! host's view leaves out (roles not given, other interfaces) are named,
 //! by their `name` when they have one: as comments at the top of the
 //! ruleset, and in `left_out` under `-o json`.
@@ -11,8 +11,11 @@ use serde::Serialize;
 
 use crate::{
     cmd::{Output, print_json},
-    compile::{RuleInfo, RuleJson},
-    policy::{Owner, Policy, Rule, roles},
+    policy::{
+        Owner, Policy, Rule,
+        compile::{RuleInfo, RuleJson},
+        roles,
+    },
 };
 
 /// Arguments of `segbpf export`.
@@ -115,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         roles::resolve(&policy, &role, "-", &[])?
     };
-    let mut text = crate::export::nft(&policy, &roles, iface.as_deref(), &table);
+    let mut text = crate::policy::export::nft(&policy, &roles, iface.as_deref(), &table);
     let left = left_out(&policy, &roles, iface.as_deref());
     if output == Output::Json {
         return print_json(&Exported {

@@ -428,10 +428,10 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no revision is in force"))?,
     };
     let (a, b) = (find(&revisions, from)?, find(&revisions, to)?);
-    let all = crate::timeline::diff_lines(&a.text, &b.text);
+    let all = crate::attachment::timeline::diff_lines(&a.text, &b.text);
     let differ = all
         .iter()
-        .any(|l| !matches!(l, crate::timeline::Line::Same(_)));
+        .any(|l| !matches!(l, crate::attachment::timeline::Line::Same(_)));
     if args.output == Output::Json {
         return print_json(&serde_json::json!({
             "from": a.revision,
@@ -439,7 +439,7 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
             "differ": differ,
             "lines": all
                 .iter()
-                .filter(|l| !matches!(l, crate::timeline::Line::Same(_)))
+                .filter(|l| !matches!(l, crate::attachment::timeline::Line::Same(_)))
                 .collect::<Vec<_>>(),
         }));
     }

@@ -1,17 +1,17 @@
 //! `segbpf flows`: the tracked flows of an interface with their packet and
 //! byte counters per direction, TCP flags and the rule that opened them,
-//! like `conntrack -L` ([`crate::flows`]).
+//! like `conntrack -L` ([`crate::observe::flows`]).
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
     cmd::{Output, Target, print_json, print_line},
-    flowlog::{FlowLog, FlowLogError, Line, Options},
-    flows::{self, Flow},
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
+    observe::flowlog::{FlowLog, FlowLogError, Line, Options},
+    observe::flows::{self, Flow},
 };
 
 /// The filters of `flows` and `monitor` (like `hubble observe`'s): a
@@ -156,7 +156,7 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             active_every: std::time::Duration::from_secs(args.active_secs),
             denied_every: std::time::Duration::from_secs(
                 args.denied_secs
-                    .unwrap_or(crate::flowlog::DENIED_EVERY.as_secs()),
+                    .unwrap_or(crate::observe::flowlog::DENIED_EVERY.as_secs()),
             ),
         },
     )?;
@@ -165,7 +165,7 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             tracing::warn!(
                 "--denied-secs {secs} is ignored: another process (`segbpf attach`) drains the denied tables of {} and writes the aggregates at its own pace (every {} s at most); this command reads them from its store as they are written",
                 att.describe(),
-                crate::flowlog::DENIED_EVERY.as_secs()
+                crate::observe::flowlog::DENIED_EVERY.as_secs()
             );
         } else {
             tracing::info!(
@@ -265,7 +265,10 @@ pub fn text_line(l: &Line) -> String {
     if r.state != "denied" {
         let _ = write!(t, " reply {} pkts {} B", r.packets_reply, r.bytes_reply);
     }
-    let rule = r.rule.as_ref().map(crate::compile::RuleJson::display_name);
+    let rule = r
+        .rule
+        .as_ref()
+        .map(crate::policy::compile::RuleJson::display_name);
     for (k, v) in [
         ("rule", &rule),
         ("reason", &r.reason),

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::{
+    attachment::pins::Attachment,
     cmd::Output,
-    netns::Netns,
-    pins::Attachment,
-    telemetry::{self, LogFormat, Reader},
+    host::netns::Netns,
+    observe::telemetry::{self, LogFormat, Reader},
 };
 
 /// Arguments of `segbpf monitor`.
@@ -51,7 +51,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         )
         .into());
     }
-    if args.filter.verdict == Some(crate::flows::FilterVerdict::Allow) {
+    if args.filter.verdict == Some(crate::observe::flows::FilterVerdict::Allow) {
         return Err(crate::cmd::UsageError(
             "--verdict allow: monitor streams drop events only; `segbpf flows IFACE --follow --verdict allow` follows allowed flows".into(),
         )

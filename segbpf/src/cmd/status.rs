@@ -1,17 +1,17 @@
 //! `segbpf status`: attachments of this network namespace, their policy,
 //! the connection table's fill level, counters per direction and reason,
 //! and per-rule counters with the rule's line in roles.toml (like
-//! `nft -a list`), as text or JSON ([`crate::report`]).
+//! `nft -a list`), as text or JSON ([`crate::observe::report`]).
 
 use std::io::Write;
 
 use anyhow::bail;
 
 use crate::{
+    attachment::pins::Roots,
     cmd::{Output, print_json},
-    netns::Netns,
-    pins::Roots,
-    report::{self, Report},
+    host::netns::Netns,
+    observe::report::{self, Report},
 };
 
 /// Arguments of `segbpf status`.
@@ -34,7 +34,10 @@ pub struct Args {
 
 /// The attachments of the other network namespaces: the namespaces whose
 /// pin directories hold any, as `(namespace, attachments)`.
-fn other_namespaces(roots: &Roots, ns: &Netns) -> Vec<(Netns, Vec<crate::pins::Attachment>)> {
+fn other_namespaces(
+    roots: &Roots,
+    ns: &Netns,
+) -> Vec<(Netns, Vec<crate::attachment::pins::Attachment>)> {
     let mut inodes: Vec<u64> = std::fs::read_dir(roots.bpffs.join("net"))
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -59,7 +62,7 @@ fn other_namespaces(roots: &Roots, ns: &Netns) -> Vec<(Netns, Vec<crate::pins::A
             // The name people know it by, as its attachments recorded it.
             other.label = atts
                 .iter()
-                .find_map(|a| crate::state::State::current(a).ok()?.netns);
+                .find_map(|a| crate::attachment::state::State::current(a).ok()?.netns);
             let atts = roots.list(&other);
             Some((other, atts))
         })
@@ -75,7 +78,7 @@ fn other_namespaces(roots: &Roots, ns: &Netns) -> Vec<(Netns, Vec<crate::pins::A
 fn reports_in(
     roots: &Roots,
     other: &Netns,
-    atts: &[crate::pins::Attachment],
+    atts: &[crate::attachment::pins::Attachment],
 ) -> anyhow::Result<Vec<Report>> {
     use std::os::fd::AsFd as _;
     let path = if other.is_initial() {
@@ -118,7 +121,7 @@ fn reports_in(
 
 /// Unix time `t` as RFC 3339 UTC.
 fn rfc3339(t: u64) -> String {
-    crate::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+    crate::host::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
 }
 
 /// How long ago (or, for a time to come, in how long) unix time `t` is,
@@ -269,7 +272,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
 
 fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let ns = match &r.netns {
-        _ if r.netns_inode == crate::netns::INIT_NET_INODE => String::new(),
+        _ if r.netns_inode == crate::host::netns::INIT_NET_INODE => String::new(),
         Some(l) => format!(" (netns {l})"),
         None => format!(" (netns net:[{}])", r.netns_inode),
     };
@@ -361,8 +364,8 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     writeln!(
         o,
         "  memory:    {} in the kernel (programs and maps), + {} of connection tables shared by {} attachment(s) of the namespace",
-        crate::memory::human(r.memory.attachment_bytes),
-        crate::memory::human(r.memory.shared_bytes),
+        crate::attachment::memory::human(r.memory.attachment_bytes),
+        crate::attachment::memory::human(r.memory.shared_bytes),
         r.memory.shared_by
     )?;
     if let Some(s) = &r.state {
@@ -423,7 +426,7 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
 /// guard running).
 fn print_pending(
     o: &mut impl Write,
-    p: &crate::report::Awaiting,
+    p: &crate::observe::report::Awaiting,
     iface: &str,
 ) -> std::io::Result<()> {
     if !p.overdue {
@@ -462,7 +465,7 @@ fn print_pending(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::Awaiting;
+    use crate::observe::report::Awaiting;
 
     #[test]
     fn times_for_people() {

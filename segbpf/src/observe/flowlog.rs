@@ -3,9 +3,9 @@
 //! flows --follow` and `segbpf attach --flow-log PATH` (docs/flows.md).
 //!
 //! One process per attachment is the *primary*: it holds the attachment's
-//! flow-log lock, drains the kernel's denied tables ([`crate::denied`]),
+//! flow-log lock, drains the kernel's denied tables ([`crate::observe::denied`]),
 //! appends the `denied` records to the observed store
-//! ([`crate::observed`], which `segbpf suggest` reads) and keeps the
+//! ([`crate::attachment::observed`], which `segbpf suggest` reads) and keeps the
 //! pairs file behind `new_pair`. Any other follower reads the `denied`
 //! records from the store, and takes over as primary when the primary
 //! goes away. Flow records come from each process's own walk of the
@@ -22,15 +22,15 @@ use segbpf_common::{DIR_INGRESS, EVENT_AUDIT, IPPROTO_TCP, reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock,
-    denied::{Denied, Drainer},
-    flows::{self, Flow, FlowsError, FollowOptions, Follower},
-    maps::MapsError,
-    observed,
-    pins::{Attachment, LockKind},
+    attachment::maps::MapsError,
+    attachment::observed,
+    attachment::pins::{Attachment, LockKind},
+    attachment::state::State,
+    host::clock,
+    host::proto::{proto_name, tcp_flag_names},
+    observe::denied::{Denied, Drainer},
+    observe::flows::{self, Flow, FlowsError, FollowOptions, Follower},
     policy::{AddrRange, Policy},
-    proto::{proto_name, tcp_flag_names},
-    state::State,
 };
 
 /// Errors of the flow log.
@@ -140,9 +140,9 @@ pub struct Record {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "crate::compile::RuleJson::deserialize_compat"
+        deserialize_with = "crate::policy::compile::RuleJson::deserialize_compat"
     )]
-    pub rule: Option<crate::compile::RuleJson>,
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// `denied`: why the packets were dropped (`default`, `invalid-rst`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -231,7 +231,10 @@ struct Context {
 impl Context {
     fn refresh(&mut self, att: &Attachment) {
         if self.host.is_empty() {
-            self.host = crate::fleet::agent::system_hostname();
+            // The UTS namespace's host name, as `hostname` prints it.
+            self.host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
         }
         let state = State::current(att).ok();
         let generation = state.as_ref().map(|s| s.generation);
@@ -266,8 +269,8 @@ impl Context {
 /// The policy in force on `att` (the history's copy of the applied text
 /// with its set edits, else the policy file), if it can be read.
 pub fn applied_policy(att: &Attachment, state: &State) -> Option<Policy> {
-    let overrides = crate::swap::parse_overrides(&state.set_overrides).ok()?;
-    let path = crate::history::at(att, state.generation)
+    let overrides = crate::attachment::swap::parse_overrides(&state.set_overrides).ok()?;
+    let path = crate::attachment::history::at(att, state.generation)
         .map_or_else(|| PathBuf::from(&state.policy), |e| e.copy);
     Policy::load_with_sets(&path, &overrides).ok()
 }
@@ -321,6 +324,19 @@ impl Pairs {
         std::fs::rename(&tmp, path)?;
         self.dirty = false;
         Ok(())
+    }
+}
+
+impl crate::observe::flows::Filter {
+    /// Whether a flow record (`flows --follow`) is shown.
+    pub fn record(&self, r: &Record) -> bool {
+        self.matches(
+            [r.sport, Some(r.dport)],
+            [r.src, r.dst],
+            r.verdict != "allow",
+            r.audit,
+            r.rule.as_ref(),
+        )
     }
 }
 

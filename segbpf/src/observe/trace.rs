@@ -9,11 +9,11 @@ use segbpf_common::{NO_RULE, reason};
 use serde::Serialize;
 
 use crate::{
-    loader::{self, LoadError},
-    maps::{self, MapsError},
-    pins::Attachment,
+    attachment::loader::{self, LoadError},
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
     policy::Direction,
-    state::State,
 };
 
 /// Errors tracing a packet.
@@ -55,7 +55,7 @@ pub struct Traced {
     pub ct_hit: bool,
     /// Rule id, label and line, if a rule allowed the packet.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<crate::compile::RuleJson>,
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// Address class of the peer, if the peer is in any rule's peers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<u32>,
@@ -103,7 +103,7 @@ pub fn trace_with(
     let state = State::current(att).ok();
     let rule = (t.rule_id != NO_RULE).then(|| {
         let info = state.as_ref().and_then(|s| s.rule(t.rule_id));
-        crate::compile::RuleJson::new(t.rule_id, info)
+        crate::policy::compile::RuleJson::new(t.rule_id, info)
     });
     Ok(Traced {
         verdict: if reason::passes(t.reason) {

@@ -23,8 +23,8 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    pins::{Attachment, LockKind},
-    proto::proto_name,
+    attachment::pins::{Attachment, LockKind},
+    host::proto::proto_name,
 };
 
 /// Errors reading an attachment's events.
@@ -154,7 +154,7 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         },
         verdict: "drop",
         audit: e.kind == EVENT_AUDIT,
-        time: crate::clock::rfc3339(crate::clock::wall_of_monotonic(e.ts_ns)),
+        time: crate::host::clock::rfc3339(crate::host::clock::wall_of_monotonic(e.ts_ns)),
         ts_ns: e.ts_ns,
         iface: iface.to_string(),
         ifindex: e.ifindex,
@@ -174,12 +174,12 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         sport: e.sport,
         dport: e.dport,
         tcp_flags: if e.proto == segbpf_common::IPPROTO_TCP {
-            crate::proto::tcp_flag_letters(e.tcp_flags)
+            crate::host::proto::tcp_flag_letters(e.tcp_flags)
         } else {
             String::new()
         },
         tcp_flag_names: if e.proto == segbpf_common::IPPROTO_TCP {
-            crate::proto::tcp_flag_names(e.tcp_flags)
+            crate::host::proto::tcp_flag_names(e.tcp_flags)
         } else {
             Vec::new()
         },
@@ -187,6 +187,20 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         len: e.len,
         generation: e.generation,
     })
+}
+
+impl crate::observe::flows::Filter {
+    /// Whether a drop event (`monitor`) is shown: events are drops, which
+    /// no rule made, so `--rule` shows none.
+    pub fn event(&self, e: &EventRecord) -> bool {
+        self.matches(
+            [Some(e.sport), Some(e.dport)],
+            [e.src, e.dst],
+            true,
+            e.audit,
+            None,
+        )
+    }
 }
 
 /// Output format of streamed events.
@@ -307,7 +321,7 @@ pub async fn stream(
     format: LogFormat,
     reader: Reader,
     summary_every: Duration,
-    filter: &crate::flows::Filter,
+    filter: &crate::observe::flows::Filter,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), TelemetryError> {
     use std::io::Write as _;
@@ -348,14 +362,14 @@ pub async fn stream(
                         LogFormat::Json => serde_json::json!({
                             "schema": crate::JSON_SCHEMA,
                             "type": "summary",
-                            "time": crate::clock::rfc3339(std::time::SystemTime::now()),
+                            "time": crate::host::clock::rfc3339(std::time::SystemTime::now()),
                             "iface": att.iface,
                             "suppressed": sup, "lost": lost,
                             "suppressed_total": now.suppressed, "lost_total": now.lost,
                         }).to_string(),
                         LogFormat::Text => format!(
                             "{} SUMMARY {} suppressed={sup} lost={lost} (totals {} / {})",
-                            crate::clock::rfc3339(std::time::SystemTime::now()),
+                            crate::host::clock::rfc3339(std::time::SystemTime::now()),
                             att.iface, now.suppressed, now.lost
                         ),
                     };
@@ -372,7 +386,7 @@ pub async fn stream(
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
                             Ok(ev) if !filter.event(&ev) => {}
-                            Ok(ev) if crate::logging::to_journal() => ev.to_journal(),
+                            Ok(ev) if crate::host::logging::to_journal() => ev.to_journal(),
                             Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),
                         }

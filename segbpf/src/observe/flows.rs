@@ -16,11 +16,11 @@ use segbpf_common::{
 use serde::Serialize;
 
 use crate::{
-    clock,
-    maps::{self, MapsError},
-    pins::Attachment,
-    proto::proto_name,
-    state::State,
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
+    host::clock,
+    host::proto::proto_name,
 };
 
 /// What `flows` and `monitor` show (`--port`, `--peer`, `--verdict`,
@@ -61,13 +61,15 @@ impl Filter {
 
     /// The common test: ports, addresses, verdict (`drop`, `allow`) with
     /// audit, and the rule.
-    fn matches(
+    /// The common test of [`Filter::flow`] and of flow records' and
+    /// events' own (`flowlog`, `telemetry`).
+    pub fn matches(
         &self,
         ports: [Option<u16>; 2],
         addrs: [Option<IpAddr>; 2],
         verdict_drop: bool,
         audit: bool,
-        rule: Option<&crate::compile::RuleJson>,
+        rule: Option<&crate::policy::compile::RuleJson>,
     ) -> bool {
         let port_ok =
             self.ports.is_empty() || ports.iter().flatten().any(|p| self.ports.contains(p));
@@ -101,29 +103,6 @@ impl Filter {
             f.audit,
             f.audit,
             f.rule.as_ref(),
-        )
-    }
-
-    /// Whether a flow record (`flows --follow`) is shown.
-    pub fn record(&self, r: &crate::flowlog::Record) -> bool {
-        self.matches(
-            [r.sport, Some(r.dport)],
-            [r.src, r.dst],
-            r.verdict != "allow",
-            r.audit,
-            r.rule.as_ref(),
-        )
-    }
-
-    /// Whether a drop event (`monitor`) is shown: events are drops, which
-    /// no rule made, so `--rule` shows none.
-    pub fn event(&self, e: &crate::telemetry::EventRecord) -> bool {
-        self.matches(
-            [Some(e.sport), Some(e.dport)],
-            [e.src, e.dst],
-            true,
-            e.audit,
-            None,
         )
     }
 }
@@ -183,7 +162,7 @@ pub struct Flow {
     /// The rule that let the first packet through (docs/json.md's rule
     /// object); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<crate::compile::RuleJson>,
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// The role whose rule let the first packet through (`base` for a
     /// base rule); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -366,7 +345,8 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
     };
     let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
     let info = state.and_then(|s| s.rule(e.rule_id));
-    let rule = (e.rule_id != NO_RULE).then(|| crate::compile::RuleJson::new(e.rule_id, info));
+    let rule =
+        (e.rule_id != NO_RULE).then(|| crate::policy::compile::RuleJson::new(e.rule_id, info));
     let role = info.map(|r| r.owner_role().to_string());
     Flow {
         proto: proto_name(k.proto),
@@ -390,7 +370,7 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
         last_seen: wall(e.last_seen_ns),
         last_seen_ns: e.last_seen_ns,
         tcp_flags: if k.proto == IPPROTO_TCP {
-            crate::proto::tcp_flag_names(e.tcp_flags)
+            crate::host::proto::tcp_flag_names(e.tcp_flags)
         } else {
             Vec::new()
         },
@@ -500,7 +480,7 @@ mod tests {
     #[test]
     fn filters_select_by_port_peer_verdict_and_rule() {
         use super::{Filter, FilterVerdict};
-        use crate::compile::RuleJson;
+        use crate::policy::compile::RuleJson;
         let flow = |dport: u16, audit: bool, rule: Option<&str>| super::Flow {
             proto: "tcp".into(),
             src: "198.18.0.9".parse().unwrap(),

@@ -9,7 +9,7 @@ use segbpf_common::{
     TraceResult,
 };
 
-use crate::{compile::Compiled, pins::Attachment};
+use crate::{attachment::pins::Attachment, policy::compile::Compiled};
 
 /// Errors while reading or writing maps.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +267,7 @@ pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
 
 /// Pins every map of a loaded instance that userspace shares into the
 /// attachment's directory (the namespace's shared connection tables were
-/// pinned when they were made, see [`crate::loader::load_attachment`]).
+/// pinned when they were made, see [`crate::attachment::loader::load_attachment`]).
 pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
     for name in segbpf_common::PINNED_MAPS {
         if segbpf_common::SHARED_MAPS.contains(&name) {
