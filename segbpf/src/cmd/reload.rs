@@ -66,10 +66,15 @@ struct Reloaded<'a> {
     dropped_set_edits: Vec<String>,
 }
 
-/// `p` as an absolute path, `.` and `..` resolved by name (symbolic links
-/// stay: a link the operator re-points is still the file followed).
+/// `p` as the state names it: canonical, as `attach` and the swap record
+/// it (status, the JSON result and the state agree); a file that cannot be
+/// resolved (missing: the reload then fails naming it) absolute, `.` and
+/// `..` resolved by name.
 pub fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
     use std::path::Component;
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Ok(c);
+    }
     let mut out = PathBuf::new();
     for c in std::path::absolute(p)?.components() {
         match c {
@@ -85,9 +90,8 @@ pub fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
 
 /// Runs `segbpf reload`.
 pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
-    // The policy by its absolute path: the state (and `status`, and the
-    // JSON result) name it so, and a later reload from another directory
-    // finds it.
+    // The policy by its canonical path, as the state records it: the JSON
+    // result and `status` name the same file.
     if let Some(p) = &args.policy {
         args.policy = Some(absolute(p)?);
     }
