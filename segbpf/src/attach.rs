@@ -316,6 +316,15 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         undo(&att);
         return Err(e.into());
     }
+    // What the slot in force holds, so the first change writes only what
+    // it changes there (see `crate::delta`); without it, it writes whole.
+    if let Err(e) = maps::PolicyMaps::from_pins(&att).and_then(|m| {
+        crate::delta::Snapshot::of(&compiled, m.map_id())
+            .write(&att.snapshot())
+            .map_err(|e| maps::MapsError::Snapshot(e.to_string()))
+    }) {
+        warn!("recording the policy slot: {e} (the first change writes the policy whole)");
+    }
     if let Some(secs) = req.confirm {
         // In force now: the confirmation time starts.
         guard::start_clock(&att, generation, secs).map_err(Box::new)?;

@@ -208,13 +208,18 @@ pub fn carry_counters(
     previous: &[RuleInfo],
     limit: u32,
 ) -> Result<Vec<u32>, CompileError> {
-    let mut old: Vec<(String, u32)> = previous.iter().map(|r| (r.identity(), r.counter)).collect();
+    // Identity -> the previous slots of rules with that identity, first
+    // rule first (equal rules keep their slots in order).
+    let mut old: HashMap<String, std::collections::VecDeque<u32>> = HashMap::new();
+    for r in previous {
+        old.entry(r.identity()).or_default().push_back(r.counter);
+    }
     let mut used = std::collections::BTreeSet::new();
     let mut pending = Vec::new();
     for (i, r) in c.rules.iter_mut().enumerate() {
         let key = r.identity();
-        if let Some(pos) = old.iter().position(|(k, _)| *k == key) {
-            r.counter = old.remove(pos).1;
+        if let Some(slot) = old.get_mut(&key).and_then(std::collections::VecDeque::pop_front) {
+            r.counter = slot;
             used.insert(r.counter);
         } else {
             pending.push(i);
@@ -247,7 +252,12 @@ pub fn carry_counters(
     for (_, _, v) in &mut c.ports {
         v.rule_id = by_id[&v.rule_id];
     }
-    Ok(old.into_iter().map(|(_, slot)| slot).collect())
+    // The slots no rule kept, in the order of `previous`.
+    Ok(previous
+        .iter()
+        .map(|r| r.counter)
+        .filter(|slot| !used.contains(slot))
+        .collect())
 }
 
 /// One LPM entry: full key prefix length (header bits included), key data, value.

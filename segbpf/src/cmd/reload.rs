@@ -77,10 +77,12 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             .policy
             .clone()
             .unwrap_or_else(|| PathBuf::from(&state.policy));
-        if let Ok(policy) = Policy::load(&path)
-            && let Some(m) = crate::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
-            && args.confirm.is_none()
+        // (Parsed only when it can matter: unguarded, from an SSH session.)
+        if args.confirm.is_none()
             && !args.force
+            && crate::policy::lint::ssh_connection().is_some()
+            && let Ok(policy) = Policy::load(&path)
+            && let Some(m) = crate::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
         {
             anyhow::bail!(
                 "{}: refused: {m} [ssh-session]; nothing was changed (reload with --confirm SECS to apply it guarded, or --force)",
