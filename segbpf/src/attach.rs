@@ -752,7 +752,8 @@ fn load_and_attach(
 /// How a running `attach` follows its policy file (`--watch`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Watch {
-    /// Reload when the file changes (checked every 2 seconds) or on SIGHUP.
+    /// Reload when the file changes (inotify, see [`crate::watch`]) or on
+    /// SIGHUP.
     #[default]
     On,
     /// Reload on SIGHUP only.
@@ -823,7 +824,8 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
 }
 
 /// Reloads the policy on SIGHUP, or (unless `watch` is [`Watch::Off`])
-/// when the policy file changes (checked every 2 seconds), keeping live
+/// when the policy file changes (inotify: written and closed, or renamed
+/// over, see [`crate::watch`]; polled every 2 s where inotify fails), keeping live
 /// set edits. An automatic reload never applies what an explicit `reload`
 /// would refuse ([`refuse_automatic`]: a policy that cuts the SSH session
 /// attach runs in, unless guarded by `Watch::Confirm`), and makes no new
@@ -839,21 +841,62 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             .and_then(|s| std::fs::metadata(&s.policy).ok())
             .and_then(|m| m.modified().ok())
     };
+    let policy_file = |att: &Attachment| State::current(att).ok().map(|s| PathBuf::from(s.policy));
+    // The file is followed with inotify ([`crate::watch`]); only where that
+    // cannot be set up is its modification time polled every 2 seconds.
+    let mut watcher = match (watch, policy_file(att)) {
+        (Watch::Off, _) | (_, None) => None,
+        (_, Some(file)) => crate::watch::FileWatch::new(&file)
+            .inspect_err(|e| {
+                warn!(
+                    "watching {} with inotify: {e}; checking it every 2 s instead",
+                    file.display()
+                );
+            })
+            .ok(),
+    };
     let mut seen = mtime(att);
     let mut deferred: Option<&'static str> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
+            changed = async {
+                match watcher.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = changed {
+                    warn!("watching the policy file with inotify: {e}; checking it every 2 s instead");
+                    watcher = None;
+                    continue;
+                }
+                "the policy file changed"
+            }
             _ = tick.tick() => {
                 let now = mtime(att);
                 match deferred {
                     Some(why) if guard::pending(att).is_none() => why,
-                    _ if watch == Watch::Off || now == seen || now.is_none() => continue,
+                    _ if watch == Watch::Off
+                        || watcher.is_some()
+                        || now == seen
+                        || now.is_none() => continue,
                     _ => "the policy file changed",
                 }
             }
         };
+        // A reload may have named another file: follow it.
+        if let (Some(w), Some(file)) = (watcher.as_mut(), policy_file(att))
+            && w.file() != file
+            && let Err(e) = w.retarget(&file)
+        {
+            warn!(
+                "watching {} with inotify: {e}; checking it every 2 s instead",
+                file.display()
+            );
+            watcher = None;
+        }
         if let Some(p) = guard::pending(att) {
             if deferred.is_none() {
                 warn!(

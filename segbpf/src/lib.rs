@@ -54,3 +54,4 @@ pub mod telemetry;
 pub mod timeline;
 pub mod trace;
 pub mod trust;
+pub mod watch;

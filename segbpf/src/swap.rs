@@ -927,7 +927,13 @@ fn swap_in_force(
     let mirror = maps.invalidate(current).and_then(|()| match &delta {
         Some(d) => {
             maps.apply_delta(current, d)?;
-            maps.set_config(current, delta::moved(&c, current).config)
+            maps.set_config(
+                current,
+                segbpf_common::Config {
+                    active_slot: current,
+                    ..c.config
+                },
+            )
         }
         None => {
             maps.clear_slot(current)?;

@@ -551,7 +551,7 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
     let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
     let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
     assert_eq!(current_verdicts(&s)?, all_a);
-    // Editing the file is picked up (checked every 2 s).
+    // Editing the file is picked up (inotify).
     std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
     std::fs::write(&file, policy_b())?;
     std::thread::sleep(Duration::from_secs(4));
@@ -574,6 +574,82 @@ fn attach_reloads_on_file_change_and_sighup() -> anyhow::Result<()> {
         stderr.contains("live.toml:3:"),
         "the refusal names file and line: {stderr}"
     );
+    Ok(())
+}
+
+/// Waits (up to 10 s) until the verdicts on `s`'s live maps are `want`.
+fn wait_verdicts(s: &Setup, want: &[bool]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while current_verdicts(s)? != want {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "verdicts still {:?}, want {want:?}",
+            current_verdicts(s)?
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The watcher of a running attach follows its file with inotify: an
+/// editor's save (a new file renamed over the old one) is applied, and a
+/// file still being written is never applied, even when what has been
+/// written so far is a valid policy (here: the file cut before its last
+/// rule, held open longer than the old 2 s poll).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_watcher_applies_a_renamed_file_and_never_a_half_written_one() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut lab = Lab::new("inot")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-inot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: file.clone(),
+        b: file.clone(),
+        dir: dir.clone(),
+        lab,
+    };
+    // Dropped (killed) before the lab, also on failure.
+    let attach = segbpf_tests::lab::Running::new(foreground(&s.lab, &file, &[])?);
+    wait_in_force(&s.lab)?;
+    let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
+    let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
+    assert_eq!(current_verdicts(&s)?, all_a);
+
+    // An editor's save: write a new file, rename it over the policy.
+    let tmp = dir.join(".live.toml.swp");
+    std::fs::write(&tmp, policy_b())?;
+    std::fs::rename(&tmp, &file)?;
+    wait_verdicts(&s, &all_b)?;
+    let g = generation(&s.lab)?;
+
+    // A slow writer: policy A up to its last rule (a valid policy by
+    // itself), the file held open, then the rest.
+    let cut = POLICY_A.rfind("[[roles.db.ingress]]").unwrap();
+    let mut f = std::fs::File::create(&file)?;
+    f.write_all(&POLICY_A.as_bytes()[..cut])?;
+    f.flush()?;
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        current_verdicts(&s)?,
+        all_b,
+        "a file still being written was applied"
+    );
+    assert_eq!(generation(&s.lab)?, g);
+    f.write_all(&POLICY_A.as_bytes()[cut..])?;
+    drop(f);
+    wait_verdicts(&s, &all_a)?;
+    assert_eq!(generation(&s.lab)?, g + 1, "one reload for the whole write");
+    attach.terminate()?;
+    attach.wait()?;
     Ok(())
 }
 
