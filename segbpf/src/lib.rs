@@ -18,6 +18,7 @@
 use segbpf_tests as _;
 
 pub mod attach;
+pub mod batch;
 pub mod clock;
 pub mod cmd;
 pub mod compile;
