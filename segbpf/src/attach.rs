@@ -163,11 +163,23 @@ pub struct Applied {
 
 /// Attaches segbpf to `req.iface` in the namespace `ns` (the caller's).
 pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
+    let mut phases = crate::phases::Phases::start("attach");
+    let out = apply_timed(req, ns, &mut phases);
+    phases.log();
+    out
+}
+
+fn apply_timed(
+    req: &Request,
+    ns: &Netns,
+    phases: &mut crate::phases::Phases,
+) -> Result<Applied, AttachError> {
     // 1. Everything that depends only on input: no kernel change yet.
     if !req.insecure_policy {
         crate::trust::check_policy_file(&req.policy)?;
     }
     let policy = Policy::load(&req.policy)?;
+    phases.mark("parse");
     let ifindex = netif::ifindex(&req.iface)?;
     // The device type decides where packets start; refuse what we cannot parse.
     let link = netif::link_layer(&req.iface)?;
@@ -207,6 +219,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         }
     }
 
+    phases.mark("lock+prune");
     // 3. A new attachment: roles, compile, then the kernel.
     let addrs = netif::addresses(&req.iface)?;
     let roles = roles::resolve(&policy, &req.roles, &req.iface, &addrs)?;
@@ -251,7 +264,9 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         "locking the connection tables of {}",
         ns.describe()
     )))?;
+    phases.mark("roles+compile");
     let loaded = load_and_attach(&att, &compiled, capacity, link.link, ifindex, req.mode);
+    phases.mark("load+write+pin+attach");
     let ct_size = loader::shared_ct_size(&att).unwrap_or(capacity.ct);
     drop(shared);
     let attached = match loaded {
@@ -316,6 +331,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         undo(&att);
         return Err(e.into());
     }
+    phases.mark("state");
     // What the slot in force holds, so the first change writes only what
     // it changes there (see `crate::delta`); without it, it writes whole.
     if let Err(e) = maps::PolicyMaps::from_pins(&att).and_then(|m| {
@@ -325,6 +341,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     }) {
         warn!("recording the policy slot: {e} (the first change writes the policy whole)");
     }
+    phases.mark("snapshot");
     if let Some(secs) = req.confirm {
         // In force now: the confirmation time starts.
         guard::start_clock(&att, generation, secs).map_err(Box::new)?;
@@ -343,6 +360,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     ) {
         warn!("policy history not updated: {e}");
     }
+    phases.mark("history");
 
     let summary = format!(
         "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",
@@ -655,10 +673,14 @@ fn load_and_attach(
     ifindex: u32,
     mode: Mode,
 ) -> Result<Attached, AttachError> {
+    let mut phases = crate::phases::Phases::start("attach kernel");
     let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
+    phases.mark("load");
     maps::write_policy(&mut ebpf, compiled)?;
+    phases.mark("write-policy");
     pins::private_dir(&att.dir).map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;
+    phases.mark("pin-maps");
 
     // Egress first: replies to what the host sends must be tracked before
     // ingress starts dropping what is not.
@@ -720,6 +742,8 @@ fn load_and_attach(
                     "pinning link at {}",
                     att.link_xdp().display()
                 )))?;
+                phases.mark("attach-tc+xdp");
+                phases.log();
                 return Ok(Attached {
                     xdp_prog_id,
                     xdp_mode: name,
