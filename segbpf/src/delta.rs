@@ -23,7 +23,7 @@ use std::{collections::HashMap, hash::Hash, io::Write as _, path::Path};
 use bytemuck::{Pod, Zeroable};
 use segbpf_common::{PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef};
 
-use crate::compile::{Compiled, LpmEntry};
+use crate::compile::{Compiled, FastMap, LpmEntry};
 
 /// The entries of one trie that change: keys to delete, entries to write.
 /// Keys carry slot 0; [`crate::maps::PolicyMaps::apply_delta`] sets the slot.
@@ -119,11 +119,12 @@ fn diff_trie<K: Slotted, V: Copy + Eq>(
     old: &[LpmEntry<K, V>],
     new: &[LpmEntry<K, V>],
 ) -> TrieDelta<K, V> {
-    let before: HashMap<(u32, K), V> = old
+    let before: FastMap<(u32, K), V> = old
         .iter()
         .map(|&(l, k, v)| ((l, k.with_slot(0)), v))
         .collect();
-    let mut after: HashMap<(u32, K), V> = HashMap::with_capacity(new.len());
+    let mut after: FastMap<(u32, K), V> =
+        FastMap::with_capacity_and_hasher(new.len(), Default::default());
     let mut put = Vec::new();
     for &(l, k, v) in new {
         let key = (l, k.with_slot(0));
