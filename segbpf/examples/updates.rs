@@ -59,7 +59,11 @@ fn policy(bump: bool) -> String {
     t.push_str("]\n[defaults]\ningress = \"drop\"\negress = \"allow\"\nlog_rate = 1\n[roles.r]\nhosts = \"any\"\n");
     t.push_str("[[roles.r.ingress]]\nfrom = \"peers\"\ntcp = [22]\n");
     for i in 1..RULES {
-        let port = if bump && i == RULES / 2 { 60_001 } else { 1000 + i };
+        let port = if bump && i == RULES / 2 {
+            60_001
+        } else {
+            1000 + i
+        };
         let _ = write!(
             t,
             "[[roles.r.ingress]]\nfrom = [\"{}\"]\ntcp = [{port}]\n",
@@ -71,13 +75,19 @@ fn policy(bump: bool) -> String {
 
 /// The equivalent nftables ruleset (replacing the table atomically).
 fn ruleset(bump: bool) -> String {
-    let mut t = String::from("table inet segbench\ndelete table inet segbench\ntable inet segbench {\n  set peers {\n    type ipv4_addr; flags interval;\n    elements = { ");
+    let mut t = String::from(
+        "table inet segbench\ndelete table inet segbench\ntable inet segbench {\n  set peers {\n    type ipv4_addr; flags interval;\n    elements = { ",
+    );
     for i in 0..RULES {
         let _ = write!(t, "{}{}", if i == 0 { "" } else { ", " }, peer(i));
     }
     t.push_str(" }\n  }\n  map rules {\n    type ipv4_addr . inet_service : verdict; flags interval;\n    elements = { ");
     for i in 1..RULES {
-        let port = if bump && i == RULES / 2 { 60_001 } else { 1000 + i };
+        let port = if bump && i == RULES / 2 {
+            60_001
+        } else {
+            1000 + i
+        };
         let _ = write!(
             t,
             "{}{} . {port} : accept",
@@ -145,7 +155,9 @@ fn kernel_ms(stderr: &str) -> Option<f64> {
         let at = line.find(&format!(" {name}="))? + name.len() + 2;
         line[at..].split("ms").next()?.parse().ok()
     };
-    Some(get("write-delta").or_else(|| get("write-whole"))? + get("flip")? + get("mirror-old-slot")?)
+    Some(
+        get("write-delta").or_else(|| get("write-whole"))? + get("flip")? + get("mirror-old-slot")?,
+    )
 }
 
 #[allow(clippy::too_many_lines, reason = "one benchmark, in order")]
@@ -159,7 +171,9 @@ fn main() -> anyhow::Result<()> {
     for i in 0..10 {
         let (a, b) = (format!("att{i}"), format!("att{i}p"));
         let ok = Command::new("ip")
-            .args(["-n", &seg_ns, "link", "add", &a, "type", "veth", "peer", "name", &b])
+            .args([
+                "-n", &seg_ns, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ])
             .status()?
             .success()
             && Command::new("ip")
@@ -189,10 +203,13 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let example = lab.write_policy(
         "roles.toml",
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/roles.toml"))?,
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/roles.toml"),
+        )?,
     )?;
     let p0 = files[0].to_str().unwrap_or_default();
-    let (attach_10k_ms, _) = timed(b.segbpf(&["attach", "eth0", "--role", "r", "--no-wait", "-p", p0]))?;
+    let (attach_10k_ms, _) =
+        timed(b.segbpf(&["attach", "eth0", "--role", "r", "--no-wait", "-p", p0]))?;
     // `nft -f` of a file whose first lines delete the table needs it to exist.
     timed(b.nft(&["add", "table", "inet", "segbench"]))?;
     timed(b.nft(&["-f", nft_files[0].to_str().unwrap_or_default()]))?;
@@ -207,11 +224,14 @@ fn main() -> anyhow::Result<()> {
         let mut batch_args = vec!["set", "add", "eth0", "peers"];
         batch_args.extend(batch.iter().map(String::as_str));
 
-        let (ms, out) = timed(b.segbpf(&["-v", "set", "add", "eth0", "peers", &one, "-o", "json"]))?;
+        let (ms, out) =
+            timed(b.segbpf(&["-v", "set", "add", "eth0", "peers", &one, "-o", "json"]))?;
         s.entry("segbpf set add one").or_default().push(ms);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if let Some(k) = kernel_ms(&stderr) {
-            s.entry("segbpf set add one, kernel side").or_default().push(k);
+            s.entry("segbpf set add one, kernel side")
+                .or_default()
+                .push(k);
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         written.push(v["written"].as_u64().unwrap_or(0));
@@ -230,33 +250,50 @@ fn main() -> anyhow::Result<()> {
         batch_args[1] = "del";
         let (ms, _) = timed(b.segbpf(&batch_args))?;
         s.entry("segbpf set del 10,000").or_default().push(ms);
-        let (ms, _) = timed(b.nft(&["delete", "element", "inet", "segbench", "peers", &batch_nft]))?;
+        let (ms, _) =
+            timed(b.nft(&["delete", "element", "inet", "segbench", "peers", &batch_nft]))?;
         s.entry("nft delete element 10,000").or_default().push(ms);
 
         let f = files[(round + 1) % 2].to_str().unwrap_or_default();
         let (ms, _) = timed(b.segbpf(&["reload", "eth0", "-p", f]))?;
-        s.entry("segbpf reload, one rule changed").or_default().push(ms);
+        s.entry("segbpf reload, one rule changed")
+            .or_default()
+            .push(ms);
         let nf = nft_files[(round + 1) % 2].to_str().unwrap_or_default();
         let (ms, _) = timed(b.nft(&["-f", nf]))?;
         s.entry("nft -f, one rule changed").or_default().push(ms);
 
         let ex = example.to_str().unwrap_or_default();
         let (ms, _) = timed(b.segbpf(&["attach", "att0", "--role", "web", "--no-wait", "-p", ex]))?;
-        s.entry("segbpf attach example policy").or_default().push(ms);
+        s.entry("segbpf attach example policy")
+            .or_default()
+            .push(ms);
         timed(b.segbpf(&["detach", "att0"]))?;
 
         let t = Instant::now();
         let children: Vec<_> = (0..10)
             .map(|i| {
-                b.segbpf(&["attach", &format!("att{i}"), "--role", "web", "--no-wait", "-p", ex])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
+                b.segbpf(&[
+                    "attach",
+                    &format!("att{i}"),
+                    "--role",
+                    "web",
+                    "--no-wait",
+                    "-p",
+                    ex,
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
             })
             .collect::<Result<_, _>>()?;
         for c in children {
             let out = c.wait_with_output()?;
-            ensure!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
+            ensure!(
+                out.status.success(),
+                "attach: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         s.entry("segbpf attach example policy x10 at once")
             .or_default()
@@ -269,9 +306,14 @@ fn main() -> anyhow::Result<()> {
     let _ = timed(b.segbpf(&["detach", "eth0"]));
 
     println!("\nUpdates at {RULES} rules ({rounds} rounds, medians; whole processes):");
-    println!("{:<44} {:>10} {:>10} {:>10}", "operation", "median ms", "min", "max");
+    println!(
+        "{:<44} {:>10} {:>10} {:>10}",
+        "operation", "median ms", "min", "max"
+    );
     for (name, v) in &s {
-        let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
         println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
     }
     println!("attach at {RULES} rules (once): {attach_10k_ms:.0} ms");
@@ -281,7 +323,10 @@ fn main() -> anyhow::Result<()> {
         ("segbpf set del one", "nft delete element one"),
         ("segbpf set add 10,000", "nft add element 10,000"),
         ("segbpf set del 10,000", "nft delete element 10,000"),
-        ("segbpf reload, one rule changed", "nft -f, one rule changed"),
+        (
+            "segbpf reload, one rule changed",
+            "nft -f, one rule changed",
+        ),
     ];
     for (a, n) in pairs {
         println!("{a} / {n}: {:.2}x", median(&s[a]) / median(&s[n]));

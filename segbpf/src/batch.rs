@@ -76,11 +76,7 @@ pub fn read_all<K: Pod, V: Pod>(
         let mut keys = vec![0u8; key_size * count as usize];
         let mut values = vec![0u8; per_key * count as usize];
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                token_in.as_ptr() as u64
-            },
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
             out_batch: token_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -115,7 +111,9 @@ pub fn read_all<K: Pod, V: Pod>(
                 continue;
             }
             Some(e) if e.raw_os_error() != Some(libc::ENOENT) => {
-                return Err(std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
+                return Err(std::io::Error::from_raw_os_error(
+                    e.raw_os_error().unwrap_or(0),
+                ));
             }
             _ => {}
         }
@@ -155,8 +153,12 @@ mod tests {
 
     #[test]
     fn unsupported_covers_old_kernels_only() {
-        assert!(unsupported(&std::io::Error::from_raw_os_error(libc::EINVAL)));
+        assert!(unsupported(&std::io::Error::from_raw_os_error(
+            libc::EINVAL
+        )));
         assert!(unsupported(&std::io::Error::from_raw_os_error(524)));
-        assert!(!unsupported(&std::io::Error::from_raw_os_error(libc::EPERM)));
+        assert!(!unsupported(&std::io::Error::from_raw_os_error(
+            libc::EPERM
+        )));
     }
 }

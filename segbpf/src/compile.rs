@@ -265,7 +265,10 @@ pub fn carry_counters(
     let mut pending = Vec::new();
     for (i, r) in c.rules.iter_mut().enumerate() {
         let key = r.identity();
-        if let Some(slot) = old.get_mut(&key).and_then(std::collections::VecDeque::pop_front) {
+        if let Some(slot) = old
+            .get_mut(&key)
+            .and_then(std::collections::VecDeque::pop_front)
+        {
             r.counter = slot;
             used.insert(r.counter);
         } else {

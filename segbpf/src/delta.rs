@@ -303,8 +303,10 @@ impl Snapshot {
 
     /// The entries sorted, for comparing two snapshots as sets.
     pub fn sorted(mut self) -> Self {
-        self.peers_v4.sort_by_key(|&(l, k, _)| (l, k.dir, k.addr_be));
-        self.peers_v6.sort_by_key(|&(l, k, _)| (l, k.dir, k.addr_be));
+        self.peers_v4
+            .sort_by_key(|&(l, k, _)| (l, k.dir, k.addr_be));
+        self.peers_v6
+            .sort_by_key(|&(l, k, _)| (l, k.dir, k.addr_be));
         self.ports
             .sort_by_key(|&(l, k, _)| (l, k.class_be, k.proto, k.port_be));
         self
@@ -383,7 +385,12 @@ tcp = [5432]
     ) -> Compiled {
         let parsed: BTreeMap<String, Vec<AddrRange>> = sets
             .iter()
-            .map(|(k, v)| (k.clone(), v.iter().map(|m| parse_item(m).unwrap()).collect()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter().map(|m| parse_item(m).unwrap()).collect(),
+                )
+            })
             .collect();
         let p: Policy = parse_str_with_sets(POLICY, "t.toml", &parsed).expect("parses");
         let roles = vec!["web".to_string()];

@@ -136,13 +136,13 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
                     ct.iter().flatten().collect()
                 }
                 Err(e) => {
-                    return Err(err(aya::maps::MapError::SyscallError(
-                        aya::sys::SyscallError {
+                    return Err(
+                        err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                             call: "bpf_map_lookup_batch",
                             io_error: e,
-                        },
-                    ))
-                    .into());
+                        }))
+                        .into(),
+                    );
                 }
             }
         };

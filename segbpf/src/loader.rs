@@ -125,7 +125,11 @@ pub fn load_attachment(
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     load_programs(&mut ebpf)?;
-    log_verified(&mut ebpf, maps_ms, t.elapsed().as_secs_f64() * 1e3 - maps_ms);
+    log_verified(
+        &mut ebpf,
+        maps_ms,
+        t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+    );
     Ok(ebpf)
 }
 
@@ -221,10 +225,13 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     load_programs(&mut ebpf)?;
-    log_verified(&mut ebpf, maps_ms, t.elapsed().as_secs_f64() * 1e3 - maps_ms);
+    log_verified(
+        &mut ebpf,
+        maps_ms,
+        t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+    );
     Ok(ebpf)
 }
-
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     xdp(ebpf)?.load()?;

@@ -125,15 +125,21 @@ impl PolicyMaps {
     pub fn apply_delta(&mut self, slot: u8, d: &crate::delta::Delta) -> Result<usize, MapsError> {
         for &(len, mut k) in &d.v4.delete {
             k.slot = slot;
-            self.v4.remove(&Key::new(len, k)).map_err(err(MAP_PEER_V4))?;
+            self.v4
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PEER_V4))?;
         }
         for &(len, mut k) in &d.v6.delete {
             k.slot = slot;
-            self.v6.remove(&Key::new(len, k)).map_err(err(MAP_PEER_V6))?;
+            self.v6
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PEER_V6))?;
         }
         for &(len, mut k) in &d.ports.delete {
             k.slot = slot;
-            self.ports.remove(&Key::new(len, k)).map_err(err(MAP_PORTS))?;
+            self.ports
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PORTS))?;
         }
         for &(len, mut k, v) in &d.v4.put {
             k.slot = slot;

@@ -1046,11 +1046,22 @@ fn prune_conntrack(
     for name in [MAP_CT, MAP_CT_NEW] {
         let err = |source| MapsError::Map { map: name, source };
         let data = MapData::from_pin(att.map(name)).map_err(err)?;
+        // One batched read of the table where the kernel does them.
+        let batched = {
+            use std::os::fd::AsFd as _;
+            crate::batch::read_all::<CtKey, CtEntry>(data.fd().as_fd(), 1, false)
+        };
         let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
             BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
-        let gone: Vec<CtKey> = ct
-            .iter()
-            .filter_map(Result::ok)
+        let entries: Vec<(CtKey, CtEntry)> = match batched {
+            Ok((entries, _)) => entries
+                .into_iter()
+                .filter_map(|(k, mut v)| Some((k, v.pop()?)))
+                .collect(),
+            Err(_) => ct.iter().filter_map(Result::ok).collect(),
+        };
+        let gone: Vec<CtKey> = entries
+            .into_iter()
             .filter(|(k, e)| {
                 if k.ifindex != ifindex {
                     return false;

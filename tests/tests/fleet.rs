@@ -985,12 +985,18 @@ fn bench_fleet_push_enforced_by_every_agent() -> anyhow::Result<()> {
         .enumerate()
         .map(|(i, a)| ((*a).to_string(), format!("198.18.91.{}", 11 + i)))
         .collect();
-    let refs: Vec<(&str, &str)> = names.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let refs: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let (mut f, addrs, _servers) = small_fleet("fbench", &refs)?;
     let files: Vec<PathBuf> = PORTS
         .iter()
         .take(2)
-        .map(|p| f.lab.write_policy(&format!("p{p}.toml"), &policy(&addrs, *p)))
+        .map(|p| {
+            f.lab
+                .write_policy(&format!("p{p}.toml"), &policy(&addrs, *p))
+        })
         .collect::<anyhow::Result<_>>()?;
     ensure!(f.push(&files[0], &[])?.status.success(), "first push");
     for a in AGENTS {

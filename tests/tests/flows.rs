@@ -239,7 +239,10 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
     let mut seen: Vec<u64> = got.iter().map(|(_, v)| v[0].first_seen_ns).collect();
     seen.sort_unstable();
     assert_eq!(seen, (1..=5_000).collect::<Vec<u64>>());
-    assert!(got.iter().all(|(k, v)| *k == key(v[0].first_seen_ns as u32 - 1)));
+    assert!(
+        got.iter()
+            .all(|(k, v)| *k == key(v[0].first_seen_ns as u32 - 1))
+    );
     assert!(cost.calls <= 4, "{cost:?}");
     eprintln!("5,000 connection-table entries: {cost:?}");
 

@@ -1650,8 +1650,7 @@ fn fresh_and_in_force(
 /// mirror), and an edit wrote only the entries that changed.
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> anyhow::Result<()>
-{
+fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> anyhow::Result<()> {
     let s = setup("delta")?;
     let mut seed: u64 = std::env::var("SEGBPF_DELTA_SEED")
         .ok()
