@@ -108,9 +108,7 @@ fn median(v: &[f64]) -> f64 {
 /// Milliseconds `cmd` took as a whole process; fails when it fails.
 fn timed(mut cmd: Command) -> anyhow::Result<(f64, std::process::Output)> {
     let t = Instant::now();
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(
         out.status.success(),

@@ -955,15 +955,15 @@ fn fleet_over_tls_with_client_certificates() -> anyhow::Result<()> {
 /// The generation in force on each agent's eth0, read from the kernel
 /// (`SEG_CONFIG` of the slot in force) through the lab's pins.
 fn generations(f: &Fleet) -> anyhow::Result<Vec<u64>> {
-    let roots = segbpf::pins::Roots {
+    let roots = segbpf::attachment::pins::Roots {
         bpffs: f.lab.bpffs.clone(),
         state: f.lab.state.clone(),
     };
     AGENTS
         .iter()
         .map(|a| {
-            let ns = segbpf::netns::Netns::named(&f.lab.host(a).ns.name)?;
-            Ok(segbpf::maps::pinned_config(&roots.attachment("eth0", &ns))?.generation)
+            let ns = segbpf::host::netns::Netns::named(&f.lab.host(a).ns.name)?;
+            Ok(segbpf::attachment::maps::pinned_config(&roots.attachment("eth0", &ns))?.generation)
         })
         .collect()
 }

@@ -234,7 +234,7 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
         aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d.fd().as_fd(),
         other => anyhow::bail!("{MAP_CT} is {other:?}"),
     };
-    let (got, cost) = segbpf::batch::read_all::<CtKey, CtEntry>(fd, 1, false)?;
+    let (got, cost) = segbpf::attachment::batch::read_all::<CtKey, CtEntry>(fd, 1, false)?;
     assert_eq!(got.len(), 5_000);
     let mut seen: Vec<u64> = got.iter().map(|(_, v)| v[0].first_seen_ns).collect();
     seen.sort_unstable();
@@ -270,7 +270,7 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
         aya::maps::Map::PerCpuHashMap(d) => d.fd().as_fd(),
         other => anyhow::bail!("{MAP_DENIED0} is {other:?}"),
     };
-    let (got, cost) = segbpf::batch::read_all::<DeniedKey, DeniedStat>(fd, cpus, true)?;
+    let (got, cost) = segbpf::attachment::batch::read_all::<DeniedKey, DeniedStat>(fd, cpus, true)?;
     assert_eq!(got.len(), 3_000);
     for (k, v) in &got {
         let i = u64::from(k.dport - 1);

@@ -19,10 +19,10 @@ use std::{
 };
 
 use segbpf::{
-    netns::Netns,
-    packet::PacketSpec,
-    pins::{Attachment, Roots},
-    swap::reload_with,
+    attachment::pins::{Attachment, Roots},
+    attachment::swap::reload_with,
+    host::netns::Netns,
+    host::packet::PacketSpec,
 };
 use segbpf_tests::{Lab, harness::Instance, lab::segbpf_bin};
 
@@ -199,7 +199,7 @@ fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
     for i in 0..1000 {
         let file = if i % 2 == 0 { &s.b } else { &s.a };
         reload_with(&s.att, Some(file), false)?;
-        generations.push(segbpf::maps::pinned_config(&s.att)?.generation);
+        generations.push(segbpf::attachment::maps::pinned_config(&s.att)?.generation);
     }
     stop.store(true, Ordering::Relaxed);
     runner
@@ -279,7 +279,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
         );
         outcomes[usize::from(got == all_b)] += 1;
         // The state the next command sees names the policy in force.
-        let state = segbpf::state::State::current(&s.att)?;
+        let state = segbpf::attachment::state::State::current(&s.att)?;
         let expect = if got == all_a { &s.a } else { &s.b };
         assert_eq!(
             Path::new(&state.policy),
@@ -303,7 +303,7 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
     let probes = probes();
     let mut instance = Instance::dry_run(&s.att)?;
     let before = verdicts(&mut instance, &probes)?;
-    let gen_before = segbpf::maps::pinned_config(&s.att)?.generation;
+    let gen_before = segbpf::attachment::maps::pinned_config(&s.att)?.generation;
     let bad = s.dir.join("bad.toml");
     std::fs::write(&bad, POLICY_A.replace("198.18.2.0/24", "198.18.2.0/33"))?;
     let out = s
@@ -316,7 +316,10 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
         "names file and line: {stderr}"
     );
     assert_eq!(verdicts(&mut instance, &probes)?, before);
-    assert_eq!(segbpf::maps::pinned_config(&s.att)?.generation, gen_before);
+    assert_eq!(
+        segbpf::attachment::maps::pinned_config(&s.att)?.generation,
+        gen_before
+    );
     Ok(())
 }
 
@@ -1406,8 +1409,8 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
         state: lab.state.clone(),
     }
     .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?);
-    let gen_before = segbpf::maps::pinned_config(&att)?.generation;
-    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let gen_before = segbpf::attachment::maps::pinned_config(&att)?.generation;
+    let active = usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
     let in_force = peer_v4_entries(&att)?;
     assert_eq!(in_force[active] as u64, s);
     assert_eq!(in_force[1 - active], 0);
@@ -1420,7 +1423,10 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
         in_force,
         "the refused reload left entries in the kernel"
     );
-    assert_eq!(segbpf::maps::pinned_config(&att)?.generation, gen_before);
+    assert_eq!(
+        segbpf::attachment::maps::pinned_config(&att)?.generation,
+        gen_before
+    );
     lab.segbpf_ok("db", &["reload", "eth0"])?;
     lab.segbpf_ok("db", &["detach", "eth0"])?;
 
@@ -1434,7 +1440,7 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
     for _ in 0..3 {
         lab.segbpf_ok("db", &["reload", "eth0"])?;
     }
-    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let active = usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
     let n = peer_v4_entries(&att)?;
     // The slot not in force mirrors the one in force (the next change
     // writes only its difference there).
@@ -1576,10 +1582,10 @@ fn the_lockout_check_covers_sessions_routed_through_the_interface() -> anyhow::R
 
 /// The policy tries of an attachment in the kernel, one snapshot per slot
 /// (keys at slot 0, so the two compare as sets).
-fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::delta::Snapshot; 2]> {
+fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::attachment::delta::Snapshot; 2]> {
     use aya::maps::{LpmTrie, Map, MapData};
     use segbpf_common::{MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS};
-    let mut out: [segbpf::delta::Snapshot; 2] = Default::default();
+    let mut out: [segbpf::attachment::delta::Snapshot; 2] = Default::default();
     let v4: LpmTrie<MapData, segbpf_common::PeerKeyV4, segbpf_common::PeerClass> =
         LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(att.map(MAP_PEER_V4))?))?;
     for e in v4.iter() {
@@ -1615,19 +1621,22 @@ fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::delta::Snapshot;
 /// counter slots mapped back to ids by the state's rules.
 fn fresh_and_in_force(
     att: &Attachment,
-) -> anyhow::Result<(segbpf::delta::Snapshot, [segbpf::delta::Snapshot; 2])> {
-    let state = segbpf::state::State::current(att)?;
+) -> anyhow::Result<(
+    segbpf::attachment::delta::Snapshot,
+    [segbpf::attachment::delta::Snapshot; 2],
+)> {
+    let state = segbpf::attachment::state::State::current(att)?;
     let policy = segbpf::policy::Policy::load_with_sets(
         Path::new(&state.policy),
-        &segbpf::swap::parse_overrides(&state.set_overrides)?,
+        &segbpf::attachment::swap::parse_overrides(&state.set_overrides)?,
     )?;
-    let c = segbpf::compile::compile(
+    let c = segbpf::policy::compile::compile(
         &policy,
         &state.roles,
         Some("eth0"),
         0,
         state.generation,
-        segbpf::compile::Capacity::default(),
+        segbpf::policy::compile::Capacity::default(),
     )?;
     let id_of: std::collections::HashMap<u32, u32> =
         state.rules.iter().map(|r| (r.counter, r.id)).collect();
@@ -1637,7 +1646,7 @@ fn fresh_and_in_force(
             v.rule_id = id_of[&v.rule_id];
         }
     }
-    let mut fresh = segbpf::delta::Snapshot::of(&c, 0);
+    let mut fresh = segbpf::attachment::delta::Snapshot::of(&c, 0);
     fresh.generation = 0;
     Ok((fresh, slots))
 }
@@ -1666,7 +1675,8 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
     let mut members: Vec<(String, String)> = Vec::new();
     for step in 0..24 {
         let before = slots_in_kernel(&s.att)?;
-        let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&s.att)?.active_slot()?);
+        let active =
+            usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&s.att)?.active_slot()?);
         let op = rnd(8);
         let out = if op == 0 {
             members.clear();
@@ -1709,9 +1719,9 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
             // the difference between what that slot held and holds now.
             let now = slots_in_kernel(&s.att)?;
             let next = 1 - active;
-            let changed = segbpf::delta::diff(
+            let changed = segbpf::attachment::delta::diff(
                 &before[next],
-                &segbpf::compile::Compiled {
+                &segbpf::policy::compile::Compiled {
                     peers_v4: now[next].peers_v4.clone(),
                     peers_v6: now[next].peers_v6.clone(),
                     ports: now[next].ports.clone(),
