@@ -227,7 +227,7 @@ fn main() -> anyhow::Result<()> {
 
     let batch: Vec<String> = (0..10_000).map(|i| batch_member(i).to_string()).collect();
     let batch_nft = format!("{{ {} }}", batch.join(", "));
-    let mut s: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    let mut samples: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
     let mut written = Vec::new();
     for round in 0..rounds {
         let one = Ipv4Addr::from(0xc612_6000 + round as u32).to_string(); // 198.18.96.x
@@ -237,32 +237,40 @@ fn main() -> anyhow::Result<()> {
 
         let (ms, out) =
             timed(b.segbpf(&["-v", "set", "add", "eth0", "peers", &one, "-o", "json"]))?;
-        s.entry("segbpf set add one").or_default().push(ms);
+        samples.entry("segbpf set add one").or_default().push(ms);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if let Some(k) = kernel_ms(&stderr) {
-            s.entry("segbpf set add one, kernel side")
+            samples
+                .entry("segbpf set add one, kernel side")
                 .or_default()
                 .push(k);
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         written.push(v["written"].as_u64().unwrap_or(0));
         let (ms, _) = timed(b.nft(&["add", "element", "inet", "segbench", "peers", &one_nft]))?;
-        s.entry("nft add element one").or_default().push(ms);
+        samples.entry("nft add element one").or_default().push(ms);
 
         let (ms, _) = timed(b.segbpf(&["set", "del", "eth0", "peers", &one]))?;
-        s.entry("segbpf set del one").or_default().push(ms);
+        samples.entry("segbpf set del one").or_default().push(ms);
         let (ms, _) = timed(b.nft(&["delete", "element", "inet", "segbench", "peers", &one_nft]))?;
-        s.entry("nft delete element one").or_default().push(ms);
+        samples
+            .entry("nft delete element one")
+            .or_default()
+            .push(ms);
 
         // The batches run in the first rounds only.
         if round < batch_rounds {
             let (ms, _) = timed(b.segbpf(&batch_args))?;
-            s.entry("segbpf set add 10,000").or_default().push(ms);
-            let (ms, _) = timed(b.nft(&["add", "element", "inet", "segbench", "peers", &batch_nft]))?;
-            s.entry("nft add element 10,000").or_default().push(ms);
+            samples.entry("segbpf set add 10,000").or_default().push(ms);
+            let (ms, _) =
+                timed(b.nft(&["add", "element", "inet", "segbench", "peers", &batch_nft]))?;
+            samples
+                .entry("nft add element 10,000")
+                .or_default()
+                .push(ms);
             batch_args[1] = "del";
             let (ms, _) = timed(b.segbpf(&batch_args))?;
-            s.entry("segbpf set del 10,000").or_default().push(ms);
+            samples.entry("segbpf set del 10,000").or_default().push(ms);
             // Deleting 10,000 members of the interval set took nft more
             // than three minutes here: the members go with a reload of the
             // table instead (not timed).
@@ -270,16 +278,21 @@ fn main() -> anyhow::Result<()> {
         }
         let f = files[(round + 1) % 2].to_str().unwrap_or_default();
         let (ms, _) = timed(b.segbpf(&["reload", "eth0", "-p", f]))?;
-        s.entry("segbpf reload, one rule changed")
+        samples
+            .entry("segbpf reload, one rule changed")
             .or_default()
             .push(ms);
         let nf = nft_files[(round + 1) % 2].to_str().unwrap_or_default();
         let (ms, _) = timed(b.nft(&["-f", nf]))?;
-        s.entry("nft -f, one rule changed").or_default().push(ms);
+        samples
+            .entry("nft -f, one rule changed")
+            .or_default()
+            .push(ms);
 
         let ex = example.to_str().unwrap_or_default();
         let (ms, _) = timed(b.segbpf(&["attach", "att0", "--role", "web", "--no-wait", "-p", ex]))?;
-        s.entry("segbpf attach example policy")
+        samples
+            .entry("segbpf attach example policy")
             .or_default()
             .push(ms);
         timed(b.segbpf(&["detach", "att0"]))?;
@@ -314,7 +327,8 @@ fn main() -> anyhow::Result<()> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        s.entry("segbpf attach example policy x10 at once")
+        samples
+            .entry("segbpf attach example policy x10 at once")
             .or_default()
             .push(t.elapsed().as_secs_f64() * 1e3);
         for i in 0..10 {
@@ -329,7 +343,7 @@ fn main() -> anyhow::Result<()> {
         "{:<44} {:>10} {:>10} {:>10}",
         "operation", "median ms", "min", "max"
     );
-    for (name, v) in &s {
+    for (name, v) in &samples {
         let (lo, hi) = v
             .iter()
             .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
@@ -347,7 +361,10 @@ fn main() -> anyhow::Result<()> {
         ),
     ];
     for (a, n) in pairs {
-        println!("{a} / {n}: {:.2}x", median(&s[a]) / median(&s[n]));
+        println!(
+            "{a} / {n}: {:.2}x",
+            median(&samples[a]) / median(&samples[n])
+        );
     }
     let json = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -361,8 +378,8 @@ fn main() -> anyhow::Result<()> {
         "rounds": rounds,
         "attach_10k_ms": attach_10k_ms,
         "set_add_written": written,
-        "samples_ms": s,
-        "medians_ms": s.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),
+        "samples_ms": samples,
+        "medians_ms": samples.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/updates.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;

@@ -1588,7 +1588,7 @@ fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::attachment::delt
     let mut out: [segbpf::attachment::delta::Snapshot; 2] = Default::default();
     let v4: LpmTrie<MapData, segbpf_common::PeerKeyV4, segbpf_common::PeerClass> =
         LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(att.map(MAP_PEER_V4))?))?;
-    for e in v4.iter() {
+    for e in &v4 {
         let (k, v) = e?;
         let mut d = k.data();
         let slot = usize::from(d.slot & 1);
@@ -1597,7 +1597,7 @@ fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::attachment::delt
     }
     let v6: LpmTrie<MapData, segbpf_common::PeerKeyV6, segbpf_common::PeerClass> =
         LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(att.map(MAP_PEER_V6))?))?;
-    for e in v6.iter() {
+    for e in &v6 {
         let (k, v) = e?;
         let mut d = k.data();
         let slot = usize::from(d.slot & 1);
@@ -1606,7 +1606,7 @@ fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::attachment::delt
     }
     let ports: LpmTrie<MapData, segbpf_common::PortKey, segbpf_common::RuleRef> =
         LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(att.map(MAP_PORTS))?))?;
-    for e in ports.iter() {
+    for e in &ports {
         let (k, v) = e?;
         let mut d = k.data();
         let slot = usize::from(d.slot & 1);

@@ -49,6 +49,10 @@ pub fn unsupported(e: &std::io::Error) -> bool {
     ) || e.raw_os_error() == Some(524) // ENOTSUPP (kernel-internal)
 }
 
+/// Entries read by [`read_all`]: each key with its value (one per CPU for
+/// a per-CPU map).
+pub type Entries<K, V> = Vec<(K, Vec<V>)>;
+
 /// Reads every entry of the hash map `fd` (keys `K`, values `V`; a per-CPU
 /// map gives `cpus` values per key, else pass 1), deleting what it reads
 /// when `delete`. Entries come in the map's bucket order.
@@ -56,7 +60,7 @@ pub fn read_all<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     cpus: usize,
     delete: bool,
-) -> std::io::Result<(Vec<(K, Vec<V>)>, Cost)> {
+) -> std::io::Result<(Entries<K, V>, Cost)> {
     let key_size = size_of::<K>();
     // Per-CPU values are laid out 8-byte aligned, one per possible CPU.
     let stride = if cpus > 1 {

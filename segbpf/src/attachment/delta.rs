@@ -124,7 +124,7 @@ fn diff_trie<K: Slotted, V: Copy + Eq>(
         .map(|&(l, k, v)| ((l, k.with_slot(0)), v))
         .collect();
     let mut after: FastMap<(u32, K), V> =
-        FastMap::with_capacity_and_hasher(new.len(), Default::default());
+        FastMap::with_capacity_and_hasher(new.len(), std::hash::BuildHasherDefault::default());
     let mut put = Vec::new();
     for &(l, k, v) in new {
         let key = (l, k.with_slot(0));
@@ -302,6 +302,7 @@ impl Snapshot {
     }
 
     /// The entries sorted, for comparing two snapshots as sets.
+    #[must_use]
     pub fn sorted(mut self) -> Self {
         self.peers_v4
             .sort_by_key(|&(l, k, _)| (l, k.dir, k.addr_be));
@@ -446,22 +447,21 @@ tcp = [5432]
             let mut prev = compiled(&sets, 0, 1, &[]);
             let mut slot = Snapshot::of(&prev, 9);
             for step in 0..25u64 {
-                match rng.below(6) {
-                    0 => sets.clear(), // reload: the file wins
-                    _ => {
-                        let name = ["a", "b", "c"][rng.below(3) as usize].to_string();
-                        let file: Vec<String> = match name.as_str() {
-                            "a" => vec!["10.0.0.0/28".into(), "fd00:1::/64".into()],
-                            "b" => vec!["10.0.1.0/24".into()],
-                            _ => vec!["10.0.0.8/29".into(), "10.0.2.0/25".into()],
-                        };
-                        let members = sets.entry(name).or_insert(file);
-                        if rng.below(3) == 0 && !members.is_empty() {
-                            let i = rng.below(members.len() as u64) as usize;
-                            members.remove(i);
-                        } else {
-                            members.push(member(&mut rng));
-                        }
+                if rng.below(6) == 0 {
+                    sets.clear(); // reload: the file wins
+                } else {
+                    let name = ["a", "b", "c"][rng.below(3) as usize].to_string();
+                    let file: Vec<String> = match name.as_str() {
+                        "a" => vec!["10.0.0.0/28".into(), "fd00:1::/64".into()],
+                        "b" => vec!["10.0.1.0/24".into()],
+                        _ => vec!["10.0.0.8/29".into(), "10.0.2.0/25".into()],
+                    };
+                    let members = sets.entry(name).or_insert(file);
+                    if rng.below(3) == 0 && !members.is_empty() {
+                        let i = rng.below(members.len() as u64) as usize;
+                        members.remove(i);
+                    } else {
+                        members.push(member(&mut rng));
                     }
                 }
                 let next = compiled(&sets, (step % 2) as u8, step + 2, &prev.rules);

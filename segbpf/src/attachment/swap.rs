@@ -398,19 +398,18 @@ pub fn edit_set(
             // A set edited live before: its members in force are the
             // state's (no need to parse the file for them; the swap parses
             // it once and fails if the file no longer has the set).
-            let current = match state.set_overrides.get(set) {
-                Some(members) => members.clone(),
-                None => {
-                    let mut sets = sets_in_force(state)?;
-                    let Some(current) = sets.remove(set) else {
-                        return Err(SwapError::Refused(format!(
-                            "{}: no set named `{set}` (sets: {})",
-                            state.policy,
-                            sets.keys().cloned().collect::<Vec<_>>().join(", ")
-                        )));
-                    };
-                    current
-                }
+            let current = if let Some(members) = state.set_overrides.get(set) {
+                members.clone()
+            } else {
+                let mut sets = sets_in_force(state)?;
+                let Some(current) = sets.remove(set) else {
+                    return Err(SwapError::Refused(format!(
+                        "{}: no set named `{set}` (sets: {})",
+                        state.policy,
+                        sets.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                };
+                current
             };
             let mut next = current;
             let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
@@ -927,8 +926,8 @@ fn swap_in_force(
     phases.mark("prune-ct");
     // The old slot becomes the mirror of the new policy: the same delta
     // when it held the snapshot's policy, else emptied and written whole.
-    let mirror = maps.invalidate(current).and_then(|()| match &delta {
-        Some(d) => {
+    let mirror = maps.invalidate(current).and_then(|()| {
+        if let Some(d) = &delta {
             maps.apply_delta(current, d)?;
             maps.set_config(
                 current,
@@ -937,8 +936,7 @@ fn swap_in_force(
                     ..c.config
                 },
             )
-        }
-        None => {
+        } else {
             maps.clear_slot(current)?;
             maps.write_slot(&delta::moved(&c, current))
         }

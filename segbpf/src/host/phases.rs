@@ -35,14 +35,12 @@ impl Phases {
 
     /// The phases so far, as `name=1.23ms ...`, and the total.
     pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
         let mut s = String::new();
         for (name, d) in &self.marks {
-            s.push_str(&format!("{name}={:.2}ms ", d.as_secs_f64() * 1e3));
+            let _ = write!(s, "{name}={:.2}ms ", d.as_secs_f64() * 1e3);
         }
-        s.push_str(&format!(
-            "total={:.2}ms",
-            self.start.elapsed().as_secs_f64() * 1e3
-        ));
+        let _ = write!(s, "total={:.2}ms", self.start.elapsed().as_secs_f64() * 1e3);
         s
     }
 
