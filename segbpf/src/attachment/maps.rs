@@ -50,7 +50,9 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 /// instance or from an attachment's pins. A policy is installed by filling
 /// the slot not in force (`write_slot`), then flipping `SEG_ACTIVE`
 /// (`activate`): one atomic u32 write, after which every packet is judged
-/// by the new slot whole. The old slot is then emptied (`clear_slot`).
+/// by the new slot whole. The old slot is then made its mirror
+/// (`apply_delta`, see [`crate::attachment::delta`]), or emptied
+/// (`clear_slot`) and written whole.
 pub struct PolicyMaps {
     v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
     v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,

@@ -4,13 +4,16 @@
 //!
 //! The new policy is parsed, validated and compiled first (a bad policy
 //! changes nothing and says why). It is written into the policy slot not in
-//! force, where no packet looks; then one atomic u32 write (`SEG_ACTIVE`)
-//! switches every later packet to it whole — a packet reads the slot once,
-//! so no packet is judged by a mix of old and new rules. After a short
-//! grace period, connection-table entries of flows the new policy does not
-//! allow are removed (the others survive), the old slot is emptied, and
-//! counters of rules that no longer exist are cleared (rules that still
-//! exist keep their counter slots, so their counts carry over).
+//! force, where no packet looks — only the entries that differ from what
+//! that slot holds when it mirrors the policy in force (see
+//! [`crate::attachment::delta`]), else the whole policy; then one atomic
+//! u32 write (`SEG_ACTIVE`) switches every later packet to it whole — a
+//! packet reads the slot once, so no packet is judged by a mix of old and
+//! new rules. After a short grace period, connection-table entries of flows
+//! the new policy does not allow are removed (the others survive), the old
+//! slot is made the mirror of the new policy (the same delta), and counters
+//! of rules that no longer exist are cleared (rules that still exist keep
+//! their counter slots, so their counts carry over).
 //!
 //! Crash safety: the state of the new generation is written to
 //! `IFACE.next.json` before the switch and renamed after it; a swap killed
@@ -264,7 +267,7 @@ pub struct Swapped {
     /// else the whole policy (see `crate::attachment::delta`).
     pub written: usize,
     /// What went wrong after the switch (state rename, history, prune,
-    /// emptying the old slot, counters).
+    /// mirroring the new policy into the old slot, counters).
     pub warnings: Vec<String>,
 }
 
@@ -916,7 +919,7 @@ fn swap_in_force(
     phases.mark("rename-state+history");
     // Let packets that read the old slot finish, prune the connections the
     // new policy would not open (including any opened in that window), and
-    // only then empty the old slot.
+    // only then touch the old slot.
     std::thread::sleep(GRACE);
     phases.mark("grace");
     let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
