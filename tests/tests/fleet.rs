@@ -1024,3 +1024,89 @@ fn fleet_over_tls_with_client_certificates() -> anyhow::Result<()> {
     ensure!(!lab.tcp_reachable("client", "a1", 8002)?);
     Ok(())
 }
+
+/// The generation in force on each agent's eth0, read from the kernel
+/// (`SEG_CONFIG` of the slot in force) through the lab's pins.
+fn generations(f: &Fleet) -> anyhow::Result<Vec<u64>> {
+    let roots = segbpf::attachment::pins::Roots {
+        bpffs: f.lab.bpffs.clone(),
+        state: f.lab.state.clone(),
+    };
+    AGENTS
+        .iter()
+        .map(|a| {
+            let ns = segbpf::host::netns::Netns::named(&f.lab.host(a).ns.name)?;
+            Ok(segbpf::attachment::maps::pinned_config(&roots.attachment("eth0", &ns))?.generation)
+        })
+        .collect()
+}
+
+/// Fleet push latency for `cargo xtask bench` (SEGBPF_BENCH_UPDATES=1; the
+/// suite skips it): three agents on a real etcd; each round, from the
+/// start of `segbpf fleet push` until every agent's kernel has the new
+/// generation in force (polled every 2 ms from the pins). Prints one JSON
+/// line (`fleet_push_ms`, every round and the median).
+#[test]
+#[ignore = "a benchmark: run by `cargo xtask bench` (SEGBPF_BENCH_ONLY=updates)"]
+fn bench_fleet_push_enforced_by_every_agent() -> anyhow::Result<()> {
+    if std::env::var_os("SEGBPF_BENCH_UPDATES").is_none() {
+        eprintln!("skipped: set SEGBPF_BENCH_UPDATES=1 (cargo xtask bench)");
+        return Ok(());
+    }
+    let names: Vec<(String, String)> = AGENTS
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ((*a).to_string(), format!("198.18.91.{}", 11 + i)))
+        .collect();
+    let refs: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let (mut f, addrs, _servers) = small_fleet("fbench", &refs)?;
+    let files: Vec<PathBuf> = PORTS
+        .iter()
+        .take(2)
+        .map(|p| {
+            f.lab
+                .write_policy(&format!("p{p}.toml"), &policy(&addrs, *p))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(f.push(&files[0], &[])?.status.success(), "first push");
+    for a in AGENTS {
+        f.start_agent(a)?;
+    }
+    f.wait_reported(1, Duration::from_secs(30))?;
+    let mut ms = Vec::new();
+    for round in 0..9 {
+        let before = generations(&f)?;
+        let start = Instant::now();
+        let out = f.push(&files[(round + 1) % 2], &[])?;
+        ensure!(
+            out.status.success(),
+            "push: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        loop {
+            let now = generations(&f)?;
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "not enforced everywhere: {now:?}\n{}",
+                f.logs()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "fleet_push_ms": { "agents": AGENTS.len(), "rounds": ms, "median": sorted[sorted.len() / 2] }
+        })
+    );
+    Ok(())
+}

@@ -197,3 +197,94 @@ fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// The drains read the kernel's hash maps in batches: every entry of a
+/// connection table of 5,000 flows comes back (values intact) in a few
+/// `BPF_MAP_LOOKUP_BATCH` calls, and a per-CPU denied table of 3,000
+/// aggregates is read and emptied by a few `BPF_MAP_LOOKUP_AND_DELETE_BATCH`
+/// calls, each CPU's values apart (iterating cost 2 and 3 calls per entry).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues};
+    use segbpf_common::{CtEntry, CtKey, DeniedKey, DeniedStat, MAP_CT, MAP_DENIED0};
+
+    let mut instance = segbpf_tests::harness::Instance::load(segbpf_common::RUN_DRY)?;
+    let ebpf = instance.ebpf_mut();
+    let key = |i: u32| CtKey {
+        family: 4,
+        proto: 6,
+        local_port: 8080,
+        remote_port: (i % 60_000) as u16 + 1,
+        ifindex: 7 + i / 60_000,
+        ..CtKey::default()
+    };
+    {
+        let mut ct: BpfHashMap<&mut MapData, CtKey, CtEntry> =
+            BpfHashMap::try_from(ebpf.map_mut(MAP_CT).unwrap())?;
+        for i in 0..5_000u32 {
+            let e = CtEntry {
+                first_seen_ns: u64::from(i) + 1,
+                ..CtEntry::default()
+            };
+            ct.insert(key(i), e, 0)?;
+        }
+    }
+    let fd = match ebpf.map(MAP_CT).unwrap() {
+        aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d.fd().as_fd(),
+        other => anyhow::bail!("{MAP_CT} is {other:?}"),
+    };
+    let (got, cost) = segbpf::attachment::batch::read_all::<CtKey, CtEntry>(fd, 1, false)?;
+    assert_eq!(got.len(), 5_000);
+    let mut seen: Vec<u64> = got.iter().map(|(_, v)| v[0].first_seen_ns).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=5_000).collect::<Vec<u64>>());
+    assert!(
+        got.iter()
+            .all(|(k, v)| *k == key(v[0].first_seen_ns as u32 - 1))
+    );
+    assert!(cost.calls <= 4, "{cost:?}");
+    eprintln!("5,000 connection-table entries: {cost:?}");
+
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    {
+        let mut denied: PerCpuHashMap<&mut MapData, DeniedKey, DeniedStat> =
+            PerCpuHashMap::try_from(ebpf.map_mut(MAP_DENIED0).unwrap())?;
+        for i in 0..3_000u16 {
+            let k = DeniedKey {
+                family: 4,
+                proto: 6,
+                dport: i + 1,
+                ..DeniedKey::default()
+            };
+            let values: Vec<DeniedStat> = (0..cpus)
+                .map(|c| DeniedStat {
+                    packets: u64::from(i) * 100 + c as u64,
+                    ..DeniedStat::default()
+                })
+                .collect();
+            denied.insert(k, PerCpuValues::try_from(values)?, 0)?;
+        }
+    }
+    let fd = match ebpf.map(MAP_DENIED0).unwrap() {
+        aya::maps::Map::PerCpuHashMap(d) => d.fd().as_fd(),
+        other => anyhow::bail!("{MAP_DENIED0} is {other:?}"),
+    };
+    let (got, cost) = segbpf::attachment::batch::read_all::<DeniedKey, DeniedStat>(fd, cpus, true)?;
+    assert_eq!(got.len(), 3_000);
+    for (k, v) in &got {
+        let i = u64::from(k.dport - 1);
+        assert_eq!(
+            v.iter().map(|s| s.packets).collect::<Vec<_>>(),
+            (0..cpus as u64).map(|c| i * 100 + c).collect::<Vec<_>>()
+        );
+    }
+    assert!(cost.calls <= 3, "{cost:?}");
+    eprintln!("3,000 per-CPU denied aggregates ({cpus} CPUs), drained: {cost:?}");
+    let left: PerCpuHashMap<&MapData, DeniedKey, DeniedStat> =
+        PerCpuHashMap::try_from(ebpf.map(MAP_DENIED0).unwrap())?;
+    assert_eq!(left.keys().count(), 0, "the drain emptied the table");
+    Ok(())
+}

@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             let bin = std::fs::canonicalize(target.join("release/segbpf"))
                 .context("locating the release segbpf binary")?;
             let only = std::env::var("SEGBPF_BENCH_ONLY").ok();
-            if only.as_deref() != Some("load") {
+            if !matches!(only.as_deref(), Some("load" | "updates")) {
                 let mut cmd = cargo();
                 cmd.env("SEGBPF_BIN", &bin);
                 cmd.args([
@@ -188,6 +188,39 @@ fn main() -> anyhow::Result<()> {
             // variants in tests/tests/tcp_tracking.rs (real sockets between
             // namespaces), which the suite skips. About a minute; not
             // with --quick.
+            // The updates table (issue 25): live edits, reloads and attach
+            // time against nftables (examples/updates.rs), then the fleet
+            // push latency with three agents and a real etcd.
+            if only.is_none() || only.as_deref() == Some("updates") {
+                let mut cmd = cargo();
+                cmd.env("SEGBPF_BIN", &bin).args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "segbpf",
+                    "--example",
+                    "updates",
+                    "--",
+                ]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                run(&mut cmd)?;
+                run(cargo()
+                    .env("SEGBPF_BIN", &bin)
+                    .env("SEGBPF_BENCH_UPDATES", "1")
+                    .args([
+                        "test",
+                        "--package",
+                        "segbpf-tests",
+                        "--test",
+                        "fleet",
+                        "--",
+                        "--ignored",
+                        "--nocapture",
+                        "bench_fleet",
+                    ]))?;
+            }
             if (only.is_none() && !quick) || only.as_deref() == Some("load") {
                 run(cargo()
                     .env("SEGBPF_BIN", &bin)

@@ -164,11 +164,23 @@ pub struct Applied {
 
 /// Attaches segbpf to `req.iface` in the namespace `ns` (the caller's).
 pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
+    let mut phases = crate::host::phases::Phases::start("attach");
+    let out = apply_timed(req, ns, &mut phases);
+    phases.log();
+    out
+}
+
+fn apply_timed(
+    req: &Request,
+    ns: &Netns,
+    phases: &mut crate::host::phases::Phases,
+) -> Result<Applied, AttachError> {
     // 1. Everything that depends only on input: no kernel change yet.
     if !req.insecure_policy {
         crate::attachment::trust::check_policy_file(&req.policy)?;
     }
     let policy = Policy::load(&req.policy)?;
+    phases.mark("parse");
     let ifindex = netif::ifindex(&req.iface)?;
     // The device type decides where packets start; refuse what we cannot parse.
     let link = netif::link_layer(&req.iface)?;
@@ -208,6 +220,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         }
     }
 
+    phases.mark("lock+prune");
     // 3. A new attachment: roles, compile, then the kernel.
     let addrs = netif::addresses(&req.iface)?;
     let roles = roles::resolve(&policy, &req.roles, &req.iface, &addrs)?;
@@ -252,7 +265,9 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         "locking the connection tables of {}",
         ns.describe()
     )))?;
+    phases.mark("roles+compile");
     let loaded = load_and_attach(&att, &compiled, capacity, link.link, ifindex, req.mode);
+    phases.mark("load+write+pin+attach");
     let ct_size = loader::shared_ct_size(&att).unwrap_or(capacity.ct);
     drop(shared);
     let attached = match loaded {
@@ -317,6 +332,17 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
         undo(&att);
         return Err(e.into());
     }
+    phases.mark("state");
+    // What the slot in force holds, so the first change writes only what
+    // it changes there (see `crate::attachment::delta`); without it, it writes whole.
+    if let Err(e) = maps::PolicyMaps::from_pins(&att).and_then(|m| {
+        crate::attachment::delta::Snapshot::of(&compiled, m.map_id())
+            .write(&att.snapshot())
+            .map_err(|e| maps::MapsError::Snapshot(e.to_string()))
+    }) {
+        warn!("recording the policy slot: {e} (the first change writes the policy whole)");
+    }
+    phases.mark("snapshot");
     if let Some(secs) = req.confirm {
         // In force now: the confirmation time starts.
         guard::start_clock(&att, generation, secs).map_err(Box::new)?;
@@ -335,6 +361,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     ) {
         warn!("policy history not updated: {e}");
     }
+    phases.mark("history");
 
     let summary = format!(
         "attached segbpf to {} (xdp {} prog {}, tc {} prog {}){}: policy {}, roles {}, {} rules, {} classes",
@@ -673,11 +700,15 @@ fn load_and_attach(
     ifindex: u32,
     mode: Mode,
 ) -> Result<Attached, AttachError> {
+    let mut phases = crate::host::phases::Phases::start("attach kernel");
     let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
+    phases.mark("load");
     maps::write_policy(&mut ebpf, compiled)?;
+    phases.mark("write-policy");
     crate::attachment::dirs::private_dir(&att.dir)
         .map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;
+    phases.mark("pin-maps");
 
     // Egress first: replies to what the host sends must be tracked before
     // ingress starts dropping what is not.
@@ -739,6 +770,8 @@ fn load_and_attach(
                     "pinning link at {}",
                     att.link_xdp().display()
                 )))?;
+                phases.mark("attach-tc+xdp");
+                phases.log();
                 return Ok(Attached {
                     xdp_prog_id,
                     xdp_mode: name,
@@ -771,7 +804,8 @@ fn load_and_attach(
 /// How a running `attach` follows its policy file (`--watch`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Watch {
-    /// Reload when the file changes (checked every 2 seconds) or on SIGHUP.
+    /// Reload when the file changes (inotify, see [`crate::host::watch`]) or on
+    /// SIGHUP.
     #[default]
     On,
     /// Reload on SIGHUP only.
@@ -815,7 +849,8 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
 }
 
 /// Reloads the policy on SIGHUP, or (unless `watch` is [`Watch::Off`])
-/// when the policy file changes (checked every 2 seconds), keeping live
+/// when the policy file changes (inotify: written and closed, or renamed
+/// over, see [`crate::host::watch`]; polled every 2 s where inotify fails), keeping live
 /// set edits. An automatic reload never applies what an explicit `reload`
 /// would refuse ([`refuse_automatic`]: a policy that cuts the SSH session
 /// attach runs in, unless guarded by `Watch::Confirm`), and makes no new
@@ -831,21 +866,62 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             .and_then(|s| std::fs::metadata(&s.policy).ok())
             .and_then(|m| m.modified().ok())
     };
+    let policy_file = |att: &Attachment| State::current(att).ok().map(|s| PathBuf::from(s.policy));
+    // The file is followed with inotify ([`crate::host::watch`]); only where that
+    // cannot be set up is its modification time polled every 2 seconds.
+    let mut watcher = match (watch, policy_file(att)) {
+        (Watch::Off, _) | (_, None) => None,
+        (_, Some(file)) => crate::host::watch::FileWatch::new(&file)
+            .inspect_err(|e| {
+                warn!(
+                    "watching {} with inotify: {e}; checking it every 2 s instead",
+                    file.display()
+                );
+            })
+            .ok(),
+    };
     let mut seen = mtime(att);
     let mut deferred: Option<&'static str> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
+            changed = async {
+                match watcher.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = changed {
+                    warn!("watching the policy file with inotify: {e}; checking it every 2 s instead");
+                    watcher = None;
+                    continue;
+                }
+                "the policy file changed"
+            }
             _ = tick.tick() => {
                 let now = mtime(att);
                 match deferred {
                     Some(why) if guard::pending(att).is_none() => why,
-                    _ if watch == Watch::Off || now == seen || now.is_none() => continue,
+                    _ if watch == Watch::Off
+                        || watcher.is_some()
+                        || now == seen
+                        || now.is_none() => continue,
                     _ => "the policy file changed",
                 }
             }
         };
+        // A reload may have named another file: follow it.
+        if let (Some(w), Some(file)) = (watcher.as_mut(), policy_file(att))
+            && w.file() != file
+            && let Err(e) = w.retarget(&file)
+        {
+            warn!(
+                "watching {} with inotify: {e}; checking it every 2 s instead",
+                file.display()
+            );
+            watcher = None;
+        }
         if let Some(p) = guard::pending(att) {
             if deferred.is_none() {
                 warn!(

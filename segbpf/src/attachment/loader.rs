@@ -121,9 +121,30 @@ pub fn load_attachment(
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     load_programs(&mut ebpf)?;
+    log_verified(
+        &mut ebpf,
+        maps_ms,
+        t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+    );
     Ok(ebpf)
+}
+
+/// Logs (debug) what loading cost: object and maps, then the programs'
+/// load with the kernel's verification and their verified instructions.
+fn log_verified(ebpf: &mut Ebpf, maps_ms: f64, programs_ms: f64) {
+    let insns = |prog: Option<aya::programs::ProgramInfo>| {
+        prog.and_then(|i| i.verified_instruction_count())
+            .map_or_else(|| "?".to_string(), |n| n.to_string())
+    };
+    let xdp = insns(xdp(ebpf).ok().and_then(|p| p.info().ok()));
+    let tc = insns(tc(ebpf).ok().and_then(|p| p.info().ok()));
+    tracing::debug!(
+        "load: object and maps {maps_ms:.1} ms; programs (load and verification) {programs_ms:.1} ms; verified instructions: xdp {xdp}, tc {tc}"
+    );
 }
 
 fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
@@ -201,8 +222,15 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     load_programs(&mut ebpf)?;
+    log_verified(
+        &mut ebpf,
+        maps_ms,
+        t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+    );
     Ok(ebpf)
 }
 

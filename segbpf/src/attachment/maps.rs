@@ -26,6 +26,9 @@ pub enum MapsError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The record of what a policy slot holds could not be written.
+    #[error("recording the policy slot: {0}")]
+    Snapshot(String),
     /// A map could not be pinned.
     #[error("pinning {map} at {}: {source}", path.display())]
     Pin {
@@ -47,13 +50,18 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 /// instance or from an attachment's pins. A policy is installed by filling
 /// the slot not in force (`write_slot`), then flipping `SEG_ACTIVE`
 /// (`activate`): one atomic u32 write, after which every packet is judged
-/// by the new slot whole. The old slot is then emptied (`clear_slot`).
+/// by the new slot whole. The old slot is then made its mirror
+/// (`apply_delta`, see [`crate::attachment::delta`]), or emptied
+/// (`clear_slot`) and written whole.
 pub struct PolicyMaps {
     v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
     v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,
     ports: LpmTrie<MapData, PortKey, RuleRef>,
     config: Array<MapData, Config>,
     active: Array<MapData, u32>,
+    /// Kernel id of the peer trie (names these maps in a
+    /// [`crate::attachment::delta::Snapshot`]).
+    map_id: u32,
 }
 
 fn pinned(att: &Attachment, name: &'static str) -> Result<MapData, MapsError> {
@@ -63,9 +71,11 @@ fn pinned(att: &Attachment, name: &'static str) -> Result<MapData, MapsError> {
 impl PolicyMaps {
     /// Opens the policy maps of an attachment from its pins.
     pub fn from_pins(att: &Attachment) -> Result<Self, MapsError> {
+        let v4 = pinned(att, MAP_PEER_V4)?;
+        let map_id = v4.info().map_err(err(MAP_PEER_V4))?.id();
         Ok(PolicyMaps {
-            v4: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V4)?))
-                .map_err(err(MAP_PEER_V4))?,
+            map_id,
+            v4: LpmTrie::try_from(Map::LpmTrie(v4)).map_err(err(MAP_PEER_V4))?,
             v6: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V6)?))
                 .map_err(err(MAP_PEER_V6))?,
             ports: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PORTS)?))
@@ -87,6 +97,75 @@ impl PolicyMaps {
         self.config
             .get(&u32::from(slot), 0)
             .map_err(err(MAP_CONFIG))
+    }
+
+    /// Kernel id of the peer trie.
+    pub fn map_id(&self) -> u32 {
+        self.map_id
+    }
+
+    /// Writes the configuration record of `slot` (never the slot in force:
+    /// packets read it).
+    pub fn set_config(&mut self, slot: u8, config: Config) -> Result<(), MapsError> {
+        self.config
+            .set(u32::from(slot), config, 0)
+            .map_err(err(MAP_CONFIG))
+    }
+
+    /// Marks `slot` as being edited (its record's generation 0): until its
+    /// record is written again, no swap takes it for a mirror.
+    pub fn invalidate(&mut self, slot: u8) -> Result<(), MapsError> {
+        let mut c = self.config(slot)?;
+        c.generation = 0;
+        self.set_config(slot, c)
+    }
+
+    /// Applies `d` to the tries of `slot` (deletes first, so the maps never
+    /// hold more than the larger of the two policies in that slot) and
+    /// returns the entries written or deleted. A key to delete that is
+    /// missing is an error: the slot did not hold what the delta assumed.
+    pub fn apply_delta(
+        &mut self,
+        slot: u8,
+        d: &crate::attachment::delta::Delta,
+    ) -> Result<usize, MapsError> {
+        for &(len, mut k) in &d.v4.delete {
+            k.slot = slot;
+            self.v4
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PEER_V4))?;
+        }
+        for &(len, mut k) in &d.v6.delete {
+            k.slot = slot;
+            self.v6
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PEER_V6))?;
+        }
+        for &(len, mut k) in &d.ports.delete {
+            k.slot = slot;
+            self.ports
+                .remove(&Key::new(len, k))
+                .map_err(err(MAP_PORTS))?;
+        }
+        for &(len, mut k, v) in &d.v4.put {
+            k.slot = slot;
+            self.v4
+                .insert(&Key::new(len, k), v, 0)
+                .map_err(err(MAP_PEER_V4))?;
+        }
+        for &(len, mut k, v) in &d.v6.put {
+            k.slot = slot;
+            self.v6
+                .insert(&Key::new(len, k), v, 0)
+                .map_err(err(MAP_PEER_V6))?;
+        }
+        for &(len, mut k, v) in &d.ports.put {
+            k.slot = slot;
+            self.ports
+                .insert(&Key::new(len, k), v, 0)
+                .map_err(err(MAP_PORTS))?;
+        }
+        Ok(d.len())
     }
 
     /// Removes every trie entry of `slot`; returns how many.
@@ -179,9 +258,11 @@ impl PolicyMaps {
             };
             MapData::from_fd(fd).map_err(err(name))
         }
+        let v4 = dup(ebpf, MAP_PEER_V4)?;
+        let map_id = v4.info().map_err(err(MAP_PEER_V4))?.id();
         Ok(PolicyMaps {
-            v4: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V4)?))
-                .map_err(err(MAP_PEER_V4))?,
+            map_id,
+            v4: LpmTrie::try_from(Map::LpmTrie(v4)).map_err(err(MAP_PEER_V4))?,
             v6: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V6)?))
                 .map_err(err(MAP_PEER_V6))?,
             ports: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PORTS)?))

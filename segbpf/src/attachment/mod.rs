@@ -7,6 +7,8 @@
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
 pub mod attach;
+pub mod batch;
+pub mod delta;
 pub mod dirs;
 pub mod gone;
 pub mod guard;

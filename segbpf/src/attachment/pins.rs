@@ -15,7 +15,8 @@
 //!   interface name); removed with the namespace's last attachment;
 //! - `STATE/net/NS/IFACE.json`, the state, and beside it
 //!   `IFACE.update.lock` (one change at a time), `IFACE.reader.lock` (one
-//!   event reader), `IFACE.next.json` (a swap in progress),
+//!   event reader), `IFACE.next.json` (a swap in progress), `IFACE.maps`
+//!   (what the policy slot in force holds, for incremental writes),
 //!   `IFACE.confirm.json` and `IFACE.confirm.restore.toml` (the guard),
 //!   `IFACE.guard.json` (how the guard's restore goes) and `IFACE.guard.log`
 //!   (its log lines, outside systemd); `STATE/net/NS/conntrack.lock`
@@ -327,6 +328,12 @@ impl Attachment {
         self.sidecar("next.json")
     }
 
+    /// What the policy slot in force holds (`IFACE.maps`, see
+    /// [`crate::attachment::delta::Snapshot`]).
+    pub fn snapshot(&self) -> PathBuf {
+        self.sidecar("maps")
+    }
+
     /// The outcome of the last policy change (for the metrics).
     pub fn last_change(&self) -> PathBuf {
         self.sidecar("reload.json")
@@ -422,6 +429,7 @@ impl Attachment {
         }
         for path in [
             self.next_state(),
+            self.snapshot(),
             self.last_change(),
             self.lock_path(LockKind::Reader),
             self.lock_path(LockKind::FlowLog),

@@ -4,13 +4,16 @@
 //!
 //! The new policy is parsed, validated and compiled first (a bad policy
 //! changes nothing and says why). It is written into the policy slot not in
-//! force, where no packet looks; then one atomic u32 write (`SEG_ACTIVE`)
-//! switches every later packet to it whole — a packet reads the slot once,
-//! so no packet is judged by a mix of old and new rules. After a short
-//! grace period, connection-table entries of flows the new policy does not
-//! allow are removed (the others survive), the old slot is emptied, and
-//! counters of rules that no longer exist are cleared (rules that still
-//! exist keep their counter slots, so their counts carry over).
+//! force, where no packet looks — only the entries that differ from what
+//! that slot holds when it mirrors the policy in force (see
+//! [`crate::attachment::delta`]), else the whole policy; then one atomic
+//! u32 write (`SEG_ACTIVE`) switches every later packet to it whole — a
+//! packet reads the slot once, so no packet is judged by a mix of old and
+//! new rules. After a short grace period, connection-table entries of flows
+//! the new policy does not allow are removed (the others survive), the old
+//! slot is made the mirror of the new policy (the same delta), and counters
+//! of rules that no longer exist are cleared (rules that still exist keep
+//! their counter slots, so their counts carry over).
 //!
 //! Crash safety: the state of the new generation is written to
 //! `IFACE.next.json` before the switch and renamed after it; a swap killed
@@ -34,6 +37,7 @@ use segbpf_common::{
 use serde::Serialize;
 
 use crate::{
+    attachment::delta::{self, Snapshot},
     attachment::guard::{self, GuardError},
     attachment::history,
     attachment::maps::{MapsError, PolicyMaps},
@@ -41,6 +45,7 @@ use crate::{
     attachment::state::{State, StateError},
     attachment::trust::UntrustedFile,
     host::netif::{self, NetifError},
+    host::phases::Phases,
     policy::compile::{self, Capacity, CompileError},
     policy::{AddrRange, Direction, Policy, PolicyError, addr::parse_item, eval, roles},
 };
@@ -224,6 +229,10 @@ impl Guarded {
         if self.force || self.confirm.is_some() {
             return Ok(());
         }
+        if crate::policy::lint::ssh_connection().is_none() {
+            // Not run from an SSH session: nothing to cut, nothing to parse.
+            return Ok(());
+        }
         let Ok(policy) = Policy::load_with_sets(&choice.text, &parse_overrides(&choice.overrides)?)
         else {
             return Ok(());
@@ -253,8 +262,12 @@ pub struct Swapped {
     pub rules: usize,
     /// Connection-table entries removed (flows the policy no longer allows).
     pub pruned: usize,
+    /// Policy map entries written or deleted in the slot put in force: only
+    /// those that change when the slots mirrored the policy in force,
+    /// else the whole policy (see `crate::attachment::delta`).
+    pub written: usize,
     /// What went wrong after the switch (state rename, history, prune,
-    /// emptying the old slot, counters).
+    /// mirroring the new policy into the old slot, counters).
     pub warnings: Vec<String>,
 }
 
@@ -385,24 +398,34 @@ pub fn edit_set(
     let mut changed = 0;
     let swapped = guarded.run(att, || {
         swap(att, |state| {
-            let sets = sets_in_force(state)?;
-            let Some(current) = sets.get(set) else {
-                return Err(SwapError::Refused(format!(
-                    "{}: no set named `{set}` (sets: {})",
-                    state.policy,
-                    sets.keys().cloned().collect::<Vec<_>>().join(", ")
-                )));
+            // A set edited live before: its members in force are the
+            // state's (no need to parse the file for them; the swap parses
+            // it once and fails if the file no longer has the set).
+            let current = if let Some(members) = state.set_overrides.get(set) {
+                members.clone()
+            } else {
+                let mut sets = sets_in_force(state)?;
+                let Some(current) = sets.remove(set) else {
+                    return Err(SwapError::Refused(format!(
+                        "{}: no set named `{set}` (sets: {})",
+                        state.policy,
+                        sets.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                };
+                current
             };
-            let mut next = current.clone();
+            let mut next = current;
+            let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
+            let mut removed = std::collections::HashSet::new();
             for m in members {
                 let text = m.to_string();
                 if add {
-                    if !next.contains(&text) {
+                    if present.insert(text.clone()) {
                         next.push(text);
                         changed += 1;
                     }
-                } else if let Some(pos) = next.iter().position(|x| *x == text) {
-                    next.remove(pos);
+                } else if present.remove(&text) {
+                    removed.insert(text);
                     changed += 1;
                 } else {
                     return Err(SwapError::Refused(format!(
@@ -422,6 +445,9 @@ pub fn edit_set(
                         .join(", "),
                     state.generation
                 )));
+            }
+            if !removed.is_empty() {
+                next.retain(|m| !removed.contains(m));
             }
             let mut overrides = state.set_overrides.clone();
             overrides.insert(set.to_string(), next);
@@ -544,15 +570,21 @@ pub fn swap_choosing(
     if !att.is_attached() {
         return Err(SwapError::NotAttached(att.describe()));
     }
+    let mut phases = Phases::start("swap");
     let _lock = att
         .lock(LockKind::Update)
         .map_err(|source| SwapError::Lock {
             path: att.lock_path(LockKind::Update),
             source,
         })?;
+    phases.mark("lock");
     let old = State::repair(att)?;
+    phases.mark("read-state");
     let (choice, settings) = choose(&old)?;
-    swap_locked(att, &old, &settings, choice)
+    phases.mark("choose");
+    let out = swap_recorded(att, &old, &settings, choice, &mut phases);
+    phases.log();
+    out
 }
 
 /// What a swap may change besides the policy (the defaults keep
@@ -620,7 +652,20 @@ pub fn swap_locked(
     settings: &Settings,
     choice: Choice,
 ) -> Result<Swapped, SwapError> {
-    let result = swap_in_force(att, old, settings, choice);
+    let mut phases = Phases::start("swap");
+    let out = swap_recorded(att, old, settings, choice, &mut phases);
+    phases.log();
+    out
+}
+
+fn swap_recorded(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+    phases: &mut Phases,
+) -> Result<Swapped, SwapError> {
+    let result = swap_in_force(att, old, settings, choice, phases);
     let record = LastChange {
         at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -637,6 +682,7 @@ pub fn swap_locked(
     if let Err(e) = written {
         tracing::debug!("recording the outcome in {}: {e}", path.display());
     }
+    phases.mark("record-outcome");
     result
 }
 
@@ -645,6 +691,7 @@ fn swap_in_force(
     old: &State,
     settings: &Settings,
     choice: Choice,
+    phases: &mut Phases,
 ) -> Result<Swapped, SwapError> {
     let redetect = settings.redetect;
     let Choice {
@@ -657,7 +704,9 @@ fn swap_in_force(
     if !old.insecure_policy {
         crate::attachment::trust::check_policy_file(&path)?;
     }
+    phases.mark("trust");
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
+    phases.mark("parse");
     let role_args = match &settings.exact_roles {
         Some((_, args)) => args.clone(),
         None => settings
@@ -693,8 +742,10 @@ fn swap_in_force(
             roles.join(",")
         );
     }
+    phases.mark("roles");
     let mut maps = PolicyMaps::from_pins(att)?;
     let current = maps.active_slot()?;
+    phases.mark("open-maps");
     let next = 1 - current;
     let generation = maps.config(current)?.generation.max(old.generation) + 1;
     let mut capacity = Capacity {
@@ -728,6 +779,7 @@ fn swap_in_force(
     let flow_acct = settings.flow_acct.unwrap_or(old.flow_acct);
     c.config.flow_acct = u8::from(flow_acct);
     c.config.log_burst = log_burst;
+    phases.mark("compile");
     let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
         SwapError::Compile {
             policy: policy.source.clone(),
@@ -736,22 +788,58 @@ fn swap_in_force(
         }
     })?;
 
-    // Fill the slot no packet looks at (emptying leftovers of a reload that
-    // was killed), record the new state as pending, then switch.
-    maps.clear_slot(next)?;
-    if let Err(e) = maps.write_slot(&c) {
-        // A map refused an entry (full: a policy in force from a version
-        // that did not keep room for both slots, or a kernel that ran out
-        // of memory). Leave no half-written slot behind: the policy in
-        // force stays whole and alone in the kernel.
-        if let Err(undo) = maps.clear_slot(next) {
-            tracing::warn!("emptying the partly written policy slot: {undo}");
+    // Fill the slot no packet looks at, record the new state as pending,
+    // then switch. When the slots mirror the policy in force (see
+    // `crate::attachment::delta`), only the entries that change are written; else the
+    // slot is emptied (leftovers of a swap that was killed) and written whole.
+    phases.mark("carry-counters");
+    let in_force = Snapshot::read(&att.snapshot()).filter(|s| {
+        s.generation != 0
+            && s.map_id == maps.map_id()
+            && maps
+                .config(current)
+                .is_ok_and(|cfg| cfg.generation == s.generation)
+    });
+    let mirrored = in_force.as_ref().is_some_and(|s| {
+        maps.config(next)
+            .is_ok_and(|cfg| cfg.generation == s.generation)
+    });
+    let delta = in_force.as_ref().map(|s| delta::diff(s, &c));
+    phases.mark("diff");
+    let written = maps.invalidate(next).and_then(|()| match &delta {
+        Some(d) if mirrored => {
+            let n = maps.apply_delta(next, d)?;
+            maps.set_config(next, c.config)?;
+            Ok(n)
         }
-        return Err(SwapError::Write {
-            policy: policy.source.clone(),
-            source: Box::new(e),
-        });
-    }
+        _ => {
+            maps.clear_slot(next)?;
+            maps.write_slot(&c)?;
+            Ok(c.peers_v4.len() + c.peers_v6.len() + c.ports.len())
+        }
+    });
+    let written = match written {
+        Ok(n) => n,
+        Err(e) => {
+            // A map refused an entry (full: a policy in force from a version
+            // that did not keep room for both slots, or a kernel that ran
+            // out of memory). Leave no half-written slot behind: the policy
+            // in force stays whole in the kernel (the emptied slot is no
+            // mirror: the next swap writes it whole).
+            if let Err(undo) = maps.clear_slot(next) {
+                tracing::warn!("emptying the partly written policy slot: {undo}");
+            }
+            return Err(SwapError::Write {
+                policy: policy.source.clone(),
+                source: Box::new(e),
+            });
+        }
+    };
+    phases.mark(if mirrored && delta.is_some() {
+        "write-delta"
+    } else {
+        "write-whole"
+    });
     let new = State {
         policy: source.as_ref().map_or_else(
             || {
@@ -786,7 +874,19 @@ fn swap_in_force(
         ..old.clone()
     };
     new.write(&att.next_state())?;
+    phases.mark("write-pending-state");
+    // What the slot about to be in force holds. A snapshot that never comes
+    // into force (a failed switch) names a generation the kernel does not
+    // run, and is ignored.
+    if let Err(e) = Snapshot::of(&c, maps.map_id()).write(&att.snapshot()) {
+        tracing::warn!(
+            "recording the policy slot in {}: {e} (the next change writes the policy whole)",
+            att.snapshot().display()
+        );
+    }
+    phases.mark("write-snapshot");
     maps.activate(next)?;
+    phases.mark("flip");
 
     // The new policy is in force: nothing after this point is a failure
     // (the caller would undo a guard or report a change that happened).
@@ -816,20 +916,45 @@ fn swap_in_force(
     ) {
         warn("policy history not updated", &e);
     }
+    phases.mark("rename-state+history");
     // Let packets that read the old slot finish, prune the connections the
     // new policy would not open (including any opened in that window), and
-    // only then empty the old slot.
+    // only then touch the old slot.
     std::thread::sleep(GRACE);
+    phases.mark("grace");
     let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
         0
     });
-    if let Err(e) = maps.clear_slot(current) {
-        warn("emptying the previous policy slot", &e);
+    phases.mark("prune-ct");
+    // The old slot becomes the mirror of the new policy: the same delta
+    // when it held the snapshot's policy, else emptied and written whole.
+    let mirror = maps.invalidate(current).and_then(|()| {
+        if let Some(d) = &delta {
+            maps.apply_delta(current, d)?;
+            maps.set_config(
+                current,
+                segbpf_common::Config {
+                    active_slot: current,
+                    ..c.config
+                },
+            )
+        } else {
+            maps.clear_slot(current)?;
+            maps.write_slot(&delta::moved(&c, current))
+        }
+    });
+    if let Err(e) = mirror {
+        warn("mirroring the policy into the previous slot", &e);
+        if let Err(e) = maps.clear_slot(current) {
+            warn("emptying the previous policy slot", &e);
+        }
     }
+    phases.mark("mirror-old-slot");
     if let Err(e) = clear_counters(att, &freed) {
         warn("zeroing unused rule counters", &e);
     }
+    phases.mark("clear-counters");
     Ok(Swapped {
         iface: att.iface.clone(),
         policy: policy.source.clone(),
@@ -837,6 +962,7 @@ fn swap_in_force(
         roles,
         rules: c.rules.len(),
         pruned,
+        written,
         warnings,
     })
 }
@@ -924,11 +1050,22 @@ fn prune_conntrack(
     for name in [MAP_CT, MAP_CT_NEW] {
         let err = |source| MapsError::Map { map: name, source };
         let data = MapData::from_pin(att.map(name)).map_err(err)?;
+        // One batched read of the table where the kernel does them.
+        let batched = {
+            use std::os::fd::AsFd as _;
+            crate::attachment::batch::read_all::<CtKey, CtEntry>(data.fd().as_fd(), 1, false)
+        };
         let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
             BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
-        let gone: Vec<CtKey> = ct
-            .iter()
-            .filter_map(Result::ok)
+        let entries: Vec<(CtKey, CtEntry)> = match batched {
+            Ok((entries, _)) => entries
+                .into_iter()
+                .filter_map(|(k, mut v)| Some((k, v.pop()?)))
+                .collect(),
+            Err(_) => ct.iter().filter_map(Result::ok).collect(),
+        };
+        let gone: Vec<CtKey> = entries
+            .into_iter()
             .filter(|(k, e)| {
                 if k.ifindex != ifindex {
                     return false;
@@ -959,6 +1096,7 @@ mod tests {
             roles: vec!["db".into(), "web".into()],
             rules: 9,
             pruned: 2,
+            written: 4,
             warnings: Vec::new(),
         };
         assert_eq!(

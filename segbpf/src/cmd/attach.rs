@@ -76,8 +76,9 @@ pub struct Args {
     #[arg(long)]
     pub no_wait: bool,
     /// How the running attach follows the policy file. `on` (default):
-    /// an edit saved to the file is applied within about 4 seconds (and on
-    /// SIGHUP), keeping live set edits; `off`: only on SIGHUP;
+    /// an edit saved to the file is applied once the writer closes it or
+    /// renames it into place (inotify; never a file still being written),
+    /// and on SIGHUP, keeping live set edits; `off`: only on SIGHUP;
     /// `confirm:SECS`: as `on`, each automatic reload guarded like `reload
     /// --confirm SECS` (undone unless `segbpf confirm IFACE`). An automatic
     /// reload never applies what an explicit `reload` would refuse: a

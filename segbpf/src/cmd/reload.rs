@@ -104,11 +104,13 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
             .policy
             .clone()
             .unwrap_or_else(|| PathBuf::from(&state.policy));
-        if let Ok(policy) = Policy::load(&path)
+        // (Parsed only when it can matter: unguarded, from an SSH session.)
+        if args.confirm.is_none()
+            && !args.force
+            && crate::policy::lint::ssh_connection().is_some()
+            && let Ok(policy) = Policy::load(&path)
             && let Some(m) =
                 crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
-            && args.confirm.is_none()
-            && !args.force
         {
             anyhow::bail!(
                 "{}: refused: {m} [ssh-session]; nothing was changed (reload with --confirm SECS to apply it guarded, or --force)",

@@ -1,6 +1,7 @@
 //! `segbpf set add|del|list`: edit a named address set of a live
-//! attachment (like `nft add element` / `delete element`). Each edit is a
-//! full atomic policy swap (the same path as `segbpf reload`): it takes
+//! attachment (like `nft add element` / `delete element`). Each edit is an
+//! atomic policy swap (the same path as `segbpf reload`, which writes only
+//! the map entries that change): it takes
 //! effect for the next packet, the programs are not reloaded, and flows the
 //! edited policy still allows keep their connection-table entries. Edits
 //! are recorded in the attachment's state; `segbpf status` reports the

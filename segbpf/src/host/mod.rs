@@ -10,5 +10,7 @@ pub mod logging;
 pub mod netif;
 pub mod netns;
 pub mod packet;
+pub mod phases;
 pub mod proto;
 pub mod service;
+pub mod watch;

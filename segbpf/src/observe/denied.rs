@@ -123,6 +123,12 @@ pub struct Drainer {
     sel: Array<MapData, u32>,
     full: Array<MapData, u32>,
     tables: [PerCpuHashMap<MapData, DeniedKey, DeniedStat>; 2],
+    /// The tables' descriptors, for batched reads ([`crate::attachment::batch`]).
+    fds: [std::os::fd::OwnedFd; 2],
+    /// Possible CPUs (values per key of the per-CPU tables).
+    cpus: usize,
+    /// Whether the kernel does batched reads of the tables.
+    batches: bool,
     lost: PerCpuArray<MapData, u64>,
     lost_seen: u64,
 }
@@ -150,7 +156,29 @@ impl Drainer {
         let table = |name| -> Result<PerCpuHashMap<MapData, DeniedKey, DeniedStat>, MapsError> {
             PerCpuHashMap::try_from(Map::PerCpuHashMap(open(att, name)?)).map_err(err(name))
         };
+        let fd = |name| -> Result<std::os::fd::OwnedFd, MapsError> {
+            use std::os::fd::AsFd as _;
+            open(att, name)?
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| {
+                    err(name)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error: e,
+                    }))
+                })
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            err(MAP_DENIED0)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }))
+        })?;
         let mut d = Drainer {
+            fds: [fd(MAP_DENIED0)?, fd(MAP_DENIED1)?],
+            cpus,
+            batches: true,
             sel: Array::try_from(Map::Array(open(att, MAP_DENY_SEL)?))
                 .map_err(err(MAP_DENY_SEL))?,
             full: Array::try_from(Map::Array(open(att, MAP_DENY_FULL)?))
@@ -179,6 +207,40 @@ impl Drainer {
         } else {
             MAP_DENIED1
         };
+        if self.batches {
+            use std::os::fd::AsFd as _;
+            match crate::attachment::batch::read_all::<DeniedKey, DeniedStat>(
+                self.fds[current as usize].as_fd(),
+                self.cpus,
+                true,
+            ) {
+                Ok((entries, cost)) => {
+                    tracing::debug!(
+                        "drained {name}: {} aggregates in {} bpf calls",
+                        cost.entries,
+                        cost.calls
+                    );
+                    let aggregates = entries
+                        .into_iter()
+                        .map(|(k, v)| merge(k, v.iter()))
+                        .filter(|a| a.packets > 0)
+                        .collect();
+                    return self.finish(current, aggregates);
+                }
+                Err(e) if crate::attachment::batch::unsupported(&e) => {
+                    tracing::debug!("batched reads of {name}: {e}; reading entry by entry");
+                    self.batches = false;
+                }
+                Err(e) => {
+                    return Err(err(name)(aya::maps::MapError::SyscallError(
+                        aya::sys::SyscallError {
+                            call: "bpf_map_lookup_and_delete_batch",
+                            io_error: e,
+                        },
+                    )));
+                }
+            }
+        }
         let table = &mut self.tables[current as usize];
         let keys: Vec<DeniedKey> = table.keys().filter_map(Result::ok).collect();
         let mut aggregates = Vec::with_capacity(keys.len());
@@ -197,6 +259,12 @@ impl Drainer {
                 aggregates.push(a);
             }
         }
+        self.finish(current, aggregates)
+    }
+
+    /// After the table `current` was emptied: lets the kernel insert into
+    /// it again and counts what was lost.
+    fn finish(&mut self, current: u32, aggregates: Vec<Denied>) -> Result<Drained, MapsError> {
         // Emptied: the kernel may insert into it again once it is current.
         self.full.set(current, 0, 0).map_err(err(MAP_DENY_FULL))?;
         let total = self.lost_total()?;

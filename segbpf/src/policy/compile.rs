@@ -16,7 +16,10 @@
 //! number of rules, and the rule it finds is the lowest-id matching rule,
 //! the same one the reference evaluator reports.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+};
 
 use segbpf_common::{
     ACTION_ALLOW, ACTION_DROP, Config, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -28,6 +31,50 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{
     Action, AddrRange, Direction, Policy, PortRange, Rule, addr::range_to_prefixes,
 };
+
+/// A fast hasher for the compiler's own tables (address-class sets, map
+/// keys), whose keys come from the policy, not from packets: the
+/// multiply-rotate hash of rustc (FxHash) instead of SipHash, which cost a
+/// tenth of a 10,000-rule compile.
+#[derive(Clone, Copy, Default)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_u32(&mut self, w: u32) {
+        self.write_u64(u64::from(w));
+    }
+
+    fn write_u8(&mut self, w: u8) {
+        self.write_u64(u64::from(w));
+    }
+
+    fn write_usize(&mut self, w: usize) {
+        self.write_u64(w as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `HashMap` with [`FastHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 /// Map capacities the compiled policy must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,13 +333,21 @@ pub fn carry_counters(
     previous: &[RuleInfo],
     limit: u32,
 ) -> Result<Vec<u32>, CompileError> {
-    let mut old: Vec<(String, u32)> = previous.iter().map(|r| (r.identity(), r.counter)).collect();
+    // Identity -> the previous slots of rules with that identity, first
+    // rule first (equal rules keep their slots in order).
+    let mut old: HashMap<String, std::collections::VecDeque<u32>> = HashMap::new();
+    for r in previous {
+        old.entry(r.identity()).or_default().push_back(r.counter);
+    }
     let mut used = std::collections::BTreeSet::new();
     let mut pending = Vec::new();
     for (i, r) in c.rules.iter_mut().enumerate() {
         let key = r.identity();
-        if let Some(pos) = old.iter().position(|(k, _)| *k == key) {
-            r.counter = old.remove(pos).1;
+        if let Some(slot) = old
+            .get_mut(&key)
+            .and_then(std::collections::VecDeque::pop_front)
+        {
+            r.counter = slot;
             used.insert(r.counter);
         } else {
             pending.push(i);
@@ -325,7 +380,12 @@ pub fn carry_counters(
     for (_, _, v) in &mut c.ports {
         v.rule_id = by_id[&v.rule_id];
     }
-    Ok(old.into_iter().map(|(_, slot)| slot).collect())
+    // The slots no rule kept, in the order of `previous`.
+    Ok(previous
+        .iter()
+        .map(|r| r.counter)
+        .filter(|slot| !used.contains(slot))
+        .collect())
 }
 
 /// One LPM entry: full key prefix length (header bits included), key data, value.
@@ -496,7 +556,7 @@ fn compile_direction(
     out: &mut Compiled,
 ) {
     let words = rules.len().div_ceil(64).max(1);
-    let mut classes: HashMap<RuleSet, u32> = HashMap::new();
+    let mut classes: FastMap<RuleSet, u32> = FastMap::default();
     let mut class_sets: Vec<(u32, RuleSet)> = Vec::new();
     let mut intern = |set: RuleSet| -> u32 {
         if let Some(id) = classes.get(&set) {
@@ -658,7 +718,7 @@ pub(crate) fn sweep(
         }
     }
     events.sort_unstable();
-    let mut count: HashMap<usize, u32> = HashMap::new();
+    let mut count: FastMap<usize, u32> = FastMap::default();
     let mut active: RuleSet = vec![0; words];
     let mut active_n = 0usize;
     let mut out: Vec<(u128, u128, RuleSet)> = Vec::new();
