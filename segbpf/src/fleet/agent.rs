@@ -589,26 +589,18 @@ async fn follow(
 fn apply(att: &Attachment, text: &str, confirm: Option<u64>) -> Result<swap::Swapped, FleetError> {
     let next = next_path(att);
     write_atomic(&next, text.as_bytes())?;
-    guard::refuse_while_pending(att, false)
-        .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
-    if let Some(secs) = confirm {
-        guard::arm_for_reload(att, secs)
-            .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
-    }
     let cache = cache_path(att);
-    let out = swap::swap_with(att, true, |_| {
-        Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
-    })
-    .inspect_err(|_| {
-        if confirm.is_some() {
-            guard::disarm(att);
-        }
+    // One entry point: refused while a change waits, armed, swapped,
+    // disarmed on failure, the clock started, as `reload` does.
+    let guarded = swap::Guarded {
+        confirm,
+        force: false,
+    };
+    let out = guarded.run(att, || {
+        swap::swap_with(att, true, |_| {
+            Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
+        })
     })?;
-    if let Some(secs) = confirm {
-        let generation = State::current(att).map_or(out.generation, |s| s.generation);
-        guard::start_clock(att, generation, secs)
-            .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
-    }
     Ok(out)
 }
 
@@ -655,8 +647,16 @@ async fn try_report(
     local: &mut Local,
     lease: i64,
 ) -> Result<(), FleetError> {
-    let state = State::current(att).ok();
+    // Who this agent is first, then what the attachment and the kernel
+    // say (each asked once for every name it reports under).
     let me = owner(att);
+    let names = identities(&cfg.host, att);
+    let state = State::current(att).ok();
+    let addresses: Vec<String> = netif::permanent_addresses(&att.iface)
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let status = |host: &str| AgentStatus {
         host: host.to_string(),
         name: Some(cfg.host.clone()),
@@ -667,11 +667,7 @@ async fn try_report(
             .as_ref()
             .map(|s| s.role_args.clone())
             .unwrap_or_default(),
-        addresses: netif::permanent_addresses(&att.iface)
-            .unwrap_or_default()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        addresses: addresses.clone(),
         revision: local.applied,
         hash: local.applied_hash.clone(),
         generation: state.as_ref().map_or(0, |s| s.generation),
@@ -681,7 +677,7 @@ async fn try_report(
     };
     let store = &cfg.store;
     let mut held_by = Vec::new();
-    for name in identities(&cfg.host, att) {
+    for name in names {
         let key = store.status_key(&name, &att.iface);
         let resp = store
             .timed(
