@@ -528,19 +528,9 @@ async fn follow(
         local.failed = Some((target, e));
         return;
     }
-    if guard::pending(att).is_some() {
-        // A change of this host waits for `segbpf confirm`: the revision
-        // waits too (the retry tick comes back to it).
-        warn!(
-            "revision {target}: a change of {} waits for `segbpf confirm {}`; the revision is applied after it",
-            att.describe(),
-            att.iface
-        );
+    let Some(applied) = apply(att, target, &text, current.confirm) else {
         return;
-    }
-    // Under systemd (Type=notify) a revision is framed as a reload is.
-    crate::host::service::reloading(&format!("fleet revision {target}"));
-    let applied = apply(att, &text, current.confirm);
+    };
     crate::host::service::ready(&match &applied {
         Ok(_) => format!("fleet revision {target} applied"),
         Err(e) => format!("fleet revision {target} refused, the policy in force is unchanged: {e}"),
@@ -584,24 +574,42 @@ async fn follow(
     }
 }
 
-/// Swaps `text` in as `reload` does (guarded when `confirm`); the state
-/// names the cache file.
-fn apply(att: &Attachment, text: &str, confirm: Option<u64>) -> Result<swap::Swapped, FleetError> {
+/// Stages revision `target` (`text`) in the cache, then swaps it in as
+/// `reload` does, through one guarded swap (guarded when `confirm`); the
+/// state names the cache file. `None` while a change of this host waits for
+/// `segbpf confirm`: the revision waits too (the retry tick comes back to it).
+fn apply(
+    att: &Attachment,
+    target: u64,
+    text: &str,
+    confirm: Option<u64>,
+) -> Option<Result<swap::Swapped, FleetError>> {
     let next = next_path(att);
-    write_atomic(&next, text.as_bytes())?;
     let cache = cache_path(att);
-    // One entry point: refused while a change waits, armed, swapped,
-    // disarmed on failure, the clock started, as `reload` does.
+    let staged = write_atomic(&next, text.as_bytes());
+    if guard::pending(att).is_some() {
+        warn!(
+            "revision {target}: a change of {} waits for `segbpf confirm {}`; the revision is applied after it",
+            att.describe(),
+            att.iface
+        );
+        return None;
+    }
+    // Under systemd (Type=notify) a revision is framed as a reload is.
+    crate::host::service::reloading(&format!("fleet revision {target}"));
     let guarded = swap::Guarded {
         confirm,
         force: false,
     };
-    let out = guarded.run(att, || {
-        swap::swap_with(att, true, |_| {
-            Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
-        })
-    })?;
-    Ok(out)
+    Some(staged.and_then(|()| {
+        guarded
+            .run(att, || {
+                swap::swap_with(att, true, |_| {
+                    Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
+                })
+            })
+            .map_err(FleetError::from)
+    }))
 }
 
 /// The revision is in force (and confirmed): it becomes the cache.
