@@ -30,6 +30,12 @@
 #[cfg(test)]
 use segbpf_tests as _;
 
+/// The version of segbpf's JSON dialect (docs/json.md): every JSON
+/// document and JSON Lines record carries it as `"schema"`. It goes up when
+/// a field is removed or changes its type or meaning; new fields do not
+/// change it.
+pub const JSON_SCHEMA: u32 = 1;
+
 pub mod attachment;
 pub mod cmd;
 pub mod fleet;

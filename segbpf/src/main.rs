@@ -17,14 +17,35 @@ fn main() -> ExitCode {
     // Everything segbpf writes (state, history, locks, pins) is private:
     // files 0600, directories 0700 (see `segbpf::attachment::dirs::private_dir`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let cli = Cli::parse(); // exits 2 on usage errors
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let json = cmd::args_ask_json(&argv);
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        // A usage error of a command line that asks for JSON: the error
+        // document on stdout too (docs/json.md), then clap's text and
+        // status 2 as always. --help and --version are not errors.
+        Err(e) => {
+            if json && e.use_stderr() {
+                let full = e.to_string();
+                let first = full.lines().next().unwrap_or_default();
+                let text = first.strip_prefix("error: ").unwrap_or(first);
+                let _ = cmd::print_line(cmd::error_json(text, true));
+            }
+            e.exit()
+        }
+    };
+    let json = cli.command.json_output();
     logging::init(cli.verbose);
     // setns() changes only the calling thread: enter the namespace before
     // the runtime starts any thread.
     if let Some(ns) = &cli.netns
         && let Err(e) = netns::enter(ns)
     {
-        eprintln!("error: {}", cmd::error_text(&e.into()));
+        let text = cmd::error_text(&e.into());
+        if json {
+            let _ = cmd::print_line(cmd::error_json(&text, false));
+        }
+        eprintln!("error: {text}");
         return ExitCode::from(1);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -49,13 +70,18 @@ fn main() -> ExitCode {
         // writes to no other pipe (the guard's stdio is /dev/null), so a
         // broken pipe is stdout's.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
-            eprintln!("error: {}", cmd::error_text(&e));
-            ExitCode::from(2)
-        }
         Err(e) => {
-            eprintln!("error: {}", cmd::error_text(&e));
-            ExitCode::from(1)
+            // Under -o json the error is a JSON document on stdout as well
+            // (docs/json.md), unless the command printed its own.
+            let reported = e.downcast_ref::<cmd::JsonReported>();
+            let usage =
+                reported.map_or_else(|| e.downcast_ref::<UsageError>().is_some(), |r| r.usage);
+            let text = cmd::error_text(&e);
+            if json && reported.is_none() {
+                let _ = cmd::print_line(cmd::error_json(&text, usage));
+            }
+            eprintln!("error: {text}");
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

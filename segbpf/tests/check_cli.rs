@@ -766,3 +766,171 @@ fn explain_text_shows_the_icmp_type_it_was_given() {
     );
     assert!(!stdout.contains("icmp/0"), "{stdout}");
 }
+
+/// A JSON document of docs/json.md on stdout: parsed, with its version.
+fn json_doc(out: &std::process::Output) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["schema"], 1, "{v}");
+    v
+}
+
+/// docs/json.md's error document: kind, message (as on stderr), status.
+fn assert_json_error(out: &std::process::Output, kind: &str, status: i32) -> serde_json::Value {
+    let v = json_doc(out);
+    assert_eq!(out.status.code(), Some(status), "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["kind"], kind, "{v}");
+    let message = v["error"]["message"].as_str().expect("a message");
+    assert!(
+        !message.is_empty() && String::from_utf8_lossy(&out.stderr).contains(message),
+        "{v}"
+    );
+    v
+}
+
+/// A policy whose web rule has a name, for `export`.
+const NAMED: &str = r#"version = 1
+[sets]
+web_nodes = ["198.18.1.10"]
+[roles.web]
+hosts = "web_nodes"
+[[roles.web.ingress]]
+name = "web-in"
+from = "any"
+tcp = [443]
+[[base.ingress]]
+from = "any"
+tcp = [22]
+"#;
+
+#[test]
+fn json_of_the_file_commands_follows_docs_json() {
+    // check: the result, then a bad file's error document.
+    let v = json_doc(&segbpf(&["check", "../examples/roles.toml", "-o", "json"]));
+    assert!(v.get("ok").is_none() && v["compiled"].is_array(), "{v}");
+    let out = segbpf(&["check", "tests/bad-policies/many-errors.toml", "-o", "json"]);
+    let v = assert_json_error(&out, "failure", 1);
+    assert!(
+        v["errors"]
+            .as_array()
+            .is_some_and(|e| e.len() == MANY.len()),
+        "{v}"
+    );
+
+    // explain: verdict and the rule object.
+    let v = json_doc(&segbpf(
+        &[EXPLAIN_DB, &["--proto", "tcp", "--dport", "5432"]].concat(),
+    ));
+    assert_eq!(v["verdict"], "allow", "{v}");
+    assert!(
+        v["rule"]["id"].is_u64() && v["rule"]["line"].is_u64(),
+        "{v}"
+    );
+    assert!(
+        v["rule"]["label"].is_string() && v["rule"]["services"].is_string(),
+        "{v}"
+    );
+
+    // export: the ruleset in a document, and the rules left out named by
+    // their name (text: at the top of the ruleset, and on stderr).
+    let dir = Scratch::new("export");
+    let policy = dir.file("named.toml", NAMED);
+    let out = segbpf(&["export", "nft", "-p", &policy, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_doc(&out);
+    assert_eq!(v["format"], "nft", "{v}");
+    assert_eq!(v["roles"], serde_json::json!([]), "{v}");
+    assert!(
+        v["ruleset"]
+            .as_str()
+            .is_some_and(|r| r.contains("table inet segbpf {")),
+        "{v}"
+    );
+    let left = v["left_out"].as_array().expect("left_out");
+    assert_eq!(left.len(), 1, "{v}");
+    assert_eq!(left[0]["rule"]["name"], "web-in", "{v}");
+    assert_eq!(left[0]["rule"]["label"], "roles.web.ingress[0]", "{v}");
+    assert_eq!(left[0]["why"], "role web not given", "{v}");
+    let out = segbpf(&["export", "nft", "-p", &policy]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("#   web-in (roles.web.ingress[0], line 6): role web not given"),
+        "{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("left out 1 rule(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_doc(&segbpf(&[
+        "export", "nft", "-p", &policy, "--role", "web", "-o", "json",
+    ]));
+    assert_eq!(v["left_out"], serde_json::json!([]), "{v}");
+
+    // status with nothing attached: an object, other namespaces listed.
+    let roots = empty_roots(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_segbpf"))
+        .args(["status", "-o", "json"])
+        .envs(roots.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run segbpf");
+    let v = json_doc(&out);
+    assert_eq!(v["attachments"], serde_json::json!([]), "{v}");
+    assert_eq!(v["other_netns"], serde_json::json!([]), "{v}");
+
+    // Errors: usage (while parsing, and after), failure.
+    assert_json_error(
+        &segbpf(&[
+            "explain",
+            "-p",
+            "../examples/roles.toml",
+            "--src",
+            "10.10.1.25",
+            "-o",
+            "json",
+        ]),
+        "usage",
+        2,
+    );
+    assert_json_error(
+        &segbpf(&[EXPLAIN_DB, &["--proto", "tcp"]].concat()),
+        "usage",
+        2,
+    );
+    assert_json_error(
+        &segbpf(&["export", "nft", "-p", "no-such.toml", "--output=json"]),
+        "failure",
+        1,
+    );
+    // import: the policy text and the warnings.
+    let rules = dir.file(
+        "web.rules",
+        "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n",
+    );
+    let v = json_doc(&segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("web={rules}"),
+        "-o",
+        "json",
+    ]));
+    assert!(
+        v["policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("tcp = [22]")),
+        "{v}"
+    );
+    assert!(v["warnings"].is_array(), "{v}");
+
+    // Without -o json, nothing on stdout.
+    let out = segbpf(&["export", "nft", "-p", "no-such.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+}

@@ -1530,17 +1530,13 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
                 continue;
             }
         };
-        let rule = traced
-            .rule
-            .as_ref()
-            .and_then(|r| r["id"].as_u64())
-            .map(|id| id as u32);
+        let rule = traced.rule.as_ref().map(|r| r.id);
         let verdict = if want.passes() { "allow" } else { "drop" };
         let label_ok = match (rule, &traced.rule) {
             (Some(id), Some(r)) => policy
                 .rules
                 .get(id as usize)
-                .is_some_and(|p| r["label"].as_str() == Some(p.label().as_str())),
+                .is_some_and(|p| r.label.as_deref() == Some(p.label().as_str())),
             _ => true,
         };
         if traced.verdict != verdict
@@ -1557,7 +1553,7 @@ fn trace_agrees_with_explain_on_every_fixture() -> anyhow::Result<()> {
                 traced
                     .rule
                     .as_ref()
-                    .map_or_else(|| "none".to_string(), std::string::ToString::to_string),
+                    .map_or_else(|| "none".to_string(), |r| format!("{r:?}")),
                 traced.action,
             ));
         }

@@ -401,14 +401,25 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
         .map(|(_, addr)| addr.clone())
         .collect();
     let p4 = f.lab.write_policy("p4.toml", &policy(&others, 8004))?;
+    // The dry run shows it and exits 1; a push is refused unless --force.
     let dry = f.push(&p4, &["--dry-run"])?;
     let dry_out = String::from_utf8_lossy(&dry.stdout);
     ensure!(
-        dry.status.success() && dry_out.contains(&format!("{}: cannot apply", canary[0])),
+        dry.status.code() == Some(1) && dry_out.contains(&format!("{}: cannot apply", canary[0])),
         "dry run: {dry_out} {}",
         String::from_utf8_lossy(&dry.stderr)
     );
-    let out = f.push(&p4, &["--canary", "1", "--wait", "20"])?;
+    let out = f.push(&p4, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && err.contains("refused: 1 of 3 agents could not apply it")
+            && err.contains(&canary[0])
+            && err.contains("--force"),
+        "a push an agent cannot apply is refused: {err}"
+    );
+    ensure!(f.status()?["current"]["revision"] == 3, "nothing stored");
+    let out = f.push(&p4, &["--canary", "1", "--wait", "20", "--force"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "the canary push went through: {err}");
     ensure!(
@@ -454,17 +465,17 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
     loop {
         let st = f.status()?;
         let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        // Once the guard acted, the row says so (no "restores ... within").
         if agents.len() == AGENTS.len()
-            && agents
-                .iter()
-                .all(|a| a["failed_revision"] == 5 && a["revision"] == 3)
+            && agents.iter().all(|a| {
+                a["failed_revision"] == 5
+                    && a["revision"] == 3
+                    && a["error"].as_str().is_some_and(|e| {
+                        e.contains("cut this host off from etcd")
+                            && e.contains("the lockout guard restored")
+                    })
+            })
         {
-            ensure!(
-                agents.iter().all(|a| a["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("cut this host off from etcd"))),
-                "{st}"
-            );
             break;
         }
         ensure!(
@@ -510,6 +521,68 @@ fn fleet_converges_fails_static_and_stops_a_bad_canary() -> anyhow::Result<()> {
     for a in AGENTS {
         ensure!(f.open_ports(a)? == [8003], "{a} after the forged revision");
     }
+
+    // fleet history, diff and rollback, with the endpoint from SEGBPF_ETCD.
+    let with_env = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(segbpf_bin())
+            .args(["--netns", &f.lab.host("client").ns.name, "fleet"])
+            .args(args)
+            .env("SEGBPF_ETCD", endpoint())
+            .env("SEGBPF_BPFFS", &f.lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &f.lab.state)
+            .output()?)
+    };
+    let out = with_env(&["history", "-o", "json"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let revs: Vec<u64> = v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["revision"].as_u64())
+        .collect();
+    ensure!(revs == [1, 2, 3, 4, 5, 6], "{v}");
+    ensure!(
+        v["schema"] == 1 && v["revisions"][5]["current"] == true,
+        "{v}"
+    );
+    let out = with_env(&["diff", "2", "3"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("-tcp = [8002]") && text.contains("+tcp = [8003]"),
+        "fleet diff: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rollback to 3: its source again, as revision 7, which every agent
+    // applies (they refused the forged 6).
+    let out = with_env(&["rollback", "--to", "3"])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "revision 7",
+        "fleet rollback: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.wait_reported(7, Duration::from_secs(10))?;
+    for a in AGENTS {
+        ensure!(f.open_ports(a)? == [8003], "{a} after fleet rollback");
+    }
+    // etcd errors in plain words, not a transport dump.
+    let out = f.lab.segbpf(
+        "client",
+        &["fleet", "status", "--etcd", "http://198.18.91.5:1"],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && err.contains("Connection refused")
+            && !err.contains("tonic")
+            && !err.contains("Os {"),
+        "{err}"
+    );
 
     // An agent dies: its status key goes with its lease (TTL 3 s).
     drop(f.agents.remove("a3"));

@@ -149,10 +149,10 @@ fn five_exchanges_give_five_end_records_counted_like_the_interface() -> anyhow::
     for r in &five {
         assert!(r["bytes_orig"].as_u64() > Some(0), "{r}");
         assert!(r["bytes_reply"].as_u64() > Some(0), "{r}");
-        assert_eq!(r["rule"], "echo-in", "{r}");
+        assert_eq!(r["rule"]["name"], "echo-in", "{r}");
         assert_eq!(r["role"], "srv", "{r}");
         assert_eq!(r["peer_set"], "clients", "{r}");
-        assert_eq!(r["action"], "accept", "{r}");
+        assert_eq!(r["verdict"], "allow", "{r}");
         assert_eq!(r["src"], client.to_string(), "{r}");
     }
     let new_pairs = five.iter().filter(|r| r["new_pair"] == true).count();
@@ -236,7 +236,8 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
         "aggregates {counted} + lost {lost} = sent on the wire {wire}"
     );
     for r in &ours {
-        assert_eq!(r["action"], "reject", "{r}");
+        assert_eq!(r["verdict"], "drop", "{r}");
+        assert_eq!(r["audit"], false, "{r}");
         assert_eq!(r["reason"], "default-drop", "{r}");
         assert_eq!(r["opens_flow"], true, "{r}");
         assert_eq!(r["peer_set"], "clients", "{r}");

@@ -84,7 +84,7 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
     assert_eq!(f["src"], client.to_string(), "{f}");
     assert_eq!(f["dst"], srv.to_string(), "{f}");
     assert_eq!(f["opened_by"], "ingress", "{f}");
-    assert_eq!(f["rule"], "bulk-in", "{f}");
+    assert_eq!(f["rule"]["name"], "bulk-in", "{f}");
     let num = |k: &str| f[k].as_u64().unwrap_or(0);
     // Frame lengths include the headers: at least the payload moved.
     assert!(num("bytes_reply") >= BYTES, "{f}");
@@ -107,7 +107,7 @@ fn flows_count_both_directions_with_the_opening_rule() -> anyhow::Result<()> {
     let u = udp[0];
     assert_eq!(u["opened_by"], "egress", "{u}");
     assert_eq!(u["src"], srv.to_string(), "{u}");
-    assert_eq!(u["rule"], "dns-out", "{u}");
+    assert_eq!(u["rule"]["name"], "dns-out", "{u}");
     assert!(u["packets_orig"].as_u64() >= Some(1), "{u}");
     assert!(u["packets_reply"].as_u64() >= Some(1), "{u}");
     assert!(u.get("tcp_flags").is_none(), "no TCP flags on UDP: {u}");
@@ -186,8 +186,10 @@ fn follow_streams_start_and_end_records_of_a_real_transfer() -> anyhow::Result<(
     );
     let end = ours.iter().find(|r| r["state"] == "end").expect("end");
     assert!(end["bytes_reply"].as_u64() >= Some(BYTES), "{end}");
-    assert_eq!(end["rule"], "bulk-in", "{end}");
-    assert_eq!(end["action"], "accept", "{end}");
+    assert_eq!(end["rule"]["name"], "bulk-in", "{end}");
+    assert_eq!(end["verdict"], "allow", "{end}");
+    assert_eq!(end["audit"], false, "{end}");
+    assert_eq!(end["schema"], 1, "{end}");
     assert_eq!(end["iface"], "eth0", "{end}");
     assert!(
         end["time"].as_str().is_some_and(|t| t.ends_with('Z')),

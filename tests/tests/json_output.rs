@@ -2,7 +2,8 @@
 //! (with and without `--confirm`), `confirm`, `set add|del`, `rollback`
 //! and `detach` each print one JSON document with the attachment, the
 //! generation in force and what changed; the text forms are unchanged. A
-//! command that fails prints nothing on stdout, and `status` with a closed
+//! command that fails prints nothing on stdout, or under `-o json` the
+//! error document of docs/json.md, and `status` with a closed
 //! stdout (`| head -1`) ends quietly with status 0.
 #![allow(
     unused_crate_dependencies,
@@ -24,6 +25,7 @@ fn json(lab: &Lab, args: &[&str]) -> anyhow::Result<serde_json::Value> {
 
 /// The JSON fields every swap result has, checked against `generation`.
 fn assert_swap(v: &serde_json::Value, generation: u64, ns: &str) {
+    assert_eq!(v["schema"], 1, "docs/json.md's version: {v}");
     assert_eq!(v["iface"], "eth0", "{v}");
     assert_eq!(v["netns"], ns, "{v}");
     assert!(v["netns_inode"].as_u64().is_some(), "{v}");
@@ -84,6 +86,7 @@ fn changing_commands_print_one_json_document() -> anyhow::Result<()> {
     assert_eq!(v["netns"], ns.as_str());
     assert_eq!(v["generation"], 6);
     assert_eq!(v["confirmed"], true);
+    assert_eq!(v["schema"], 1, "{v}");
 
     let v = json(&lab, &["rollback", "eth0", "-o", "json"])?;
     assert_swap(&v, 7, &ns);
@@ -95,11 +98,10 @@ fn changing_commands_print_one_json_document() -> anyhow::Result<()> {
         "{v}"
     );
 
-    // Failures print nothing on stdout.
+    // Failures print nothing on stdout as text; under -o json, the error
+    // document of docs/json.md (the same message as stderr's).
     for args in [
-        &["confirm", "eth0", "-o", "json"][..],
-        &["confirm", "eth0"],
-        &["set", "del", "eth0", "admin_net", "10.99.0.2", "-o", "json"],
+        &["confirm", "eth0"][..],
         &["set", "add", "eth0", "no_such_set", "10.99.0.2"],
     ] {
         let out = lab.segbpf("db", args)?;
@@ -108,6 +110,24 @@ fn changing_commands_print_one_json_document() -> anyhow::Result<()> {
             out.stdout.is_empty(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for args in [
+        &["confirm", "eth0", "-o", "json"][..],
+        &["set", "del", "eth0", "admin_net", "10.99.0.2", "-o", "json"],
+    ] {
+        let out = lab.segbpf("db", args)?;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        })?;
+        assert_eq!(v["schema"], 1, "{v}");
+        assert_eq!(v["ok"], false, "{v}");
+        assert_eq!(v["error"]["kind"], "failure", "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty() && String::from_utf8_lossy(&out.stderr).contains(message),
+            "{args:?}: {v}"
         );
     }
 

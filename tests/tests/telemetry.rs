@@ -129,7 +129,8 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
         );
     }
     for e in &flood_events {
-        assert_eq!(e["action"], "drop");
+        assert_eq!(e["verdict"], "drop");
+        assert_eq!(e["audit"], false);
         assert_eq!(e["reason"], "default-drop");
         assert_eq!(e["src"], "10.10.1.15");
         assert_eq!(e["direction"], "ingress");
@@ -238,7 +239,7 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
     monitor.wait()?;
     let audit = out.lines().find_map(|l| {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
-        (v["action"] == "audit" && v["dport"] == 5432 && v["src"] == "10.10.1.15").then_some(v)
+        (v["audit"] == true && v["dport"] == 5432 && v["src"] == "10.10.1.15").then_some(v)
     });
     let audit =
         audit.ok_or_else(|| anyhow::anyhow!("no audit event for web -> db:5432 in {out}"))?;

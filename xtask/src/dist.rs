@@ -165,7 +165,9 @@ fn content_problems(contents: &[(String, String)], pages: &[String]) -> Vec<Stri
         .map(|p| format!("missing /{p}"))
         .collect();
     for page in pages {
-        let path = format!("usr/share/man/man8/{page}.gz");
+        // The section is the name's last extension (roles.toml.5: man5).
+        let section = page.rsplit('.').next().unwrap_or("8");
+        let path = format!("usr/share/man/man{section}/{page}.gz");
         if !has(&path) {
             problems.push(format!("missing /{path}"));
         }

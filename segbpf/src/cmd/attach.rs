@@ -302,7 +302,15 @@ async fn wait_for_exit(
             stop.await;
             signalled = true;
         };
-        telemetry::stream(att, format, Reader::Attach, Duration::from_secs(5), stop).await?;
+        telemetry::stream(
+            att,
+            format,
+            Reader::Attach,
+            Duration::from_secs(5),
+            &crate::observe::flows::Filter::default(),
+            stop,
+        )
+        .await?;
     }
     crate::host::service::stopping();
     if !signalled {

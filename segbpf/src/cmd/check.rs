@@ -142,6 +142,8 @@ impl From<&PolicyError> for ErrorOut {
 struct Failed {
     policy: String,
     ok: bool,
+    /// The error as every command's JSON error document has it.
+    error: crate::cmd::ErrorBody,
     errors: Vec<ErrorOut>,
 }
 
@@ -153,15 +155,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let path = path.ok_or_else(|| crate::cmd::UsageError("give the policy file".into()))?;
     let file = path.display().to_string();
     let json = args.output == Output::Json;
-    let failed = |errors: Vec<ErrorOut>| -> anyhow::Result<()> {
-        if json {
-            print_json(&Failed {
-                policy: file.clone(),
-                ok: false,
-                errors,
-            })?;
+    // Under -o json the document lists every error; main then only
+    // reports on stderr (JsonReported).
+    let failed = |errors: Vec<ErrorOut>, e: anyhow::Error| -> anyhow::Error {
+        if !json {
+            return e;
         }
-        Ok(())
+        let error = crate::cmd::ErrorBody::of(&e);
+        let reported = crate::cmd::JsonReported {
+            message: error.message.clone(),
+            usage: error.kind == "usage",
+        };
+        match print_json(&Failed {
+            policy: file.clone(),
+            ok: false,
+            error,
+            errors,
+        }) {
+            Ok(()) => reported.into(),
+            Err(p) => p,
+        }
     };
     let policy = match Policy::load_all(&path) {
         Ok(p) => p,
@@ -171,22 +184,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for e in &errors {
                 eprintln!("{e}");
             }
-            failed(errors.iter().map(ErrorOut::from).collect())?;
-            anyhow::bail!("{file}: {} error(s)", errors.len());
+            let e = anyhow::anyhow!("{file}: {} error(s)", errors.len());
+            return Err(failed(errors.iter().map(ErrorOut::from).collect(), e));
         }
     };
     match checked(args, &policy) {
         Ok(()) => Ok(()),
         Err(e) => {
-            failed(vec![ErrorOut {
+            let one = ErrorOut {
                 file: file.clone(),
                 line: None,
                 column: None,
                 field: None,
                 message: crate::cmd::error_text(&e),
                 hint: None,
-            }])?;
-            Err(e)
+            };
+            Err(failed(vec![one], e))
         }
     }
 }

@@ -106,7 +106,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
 
 /// Changed lines with up to 3 lines of context, `@@ line N` before each
 /// group (the line in the first text).
-fn print_hunks(lines: &[Line]) -> std::io::Result<()> {
+pub(crate) fn print_hunks(lines: &[Line]) -> std::io::Result<()> {
     const CONTEXT: usize = 3;
     let changed: Vec<usize> = lines
         .iter()

@@ -1,5 +1,6 @@
-//! `segbpf fleet push|status`: the operator's side of fleet mode
-//! ([`crate::fleet`]); agents are `segbpf attach IFACE --etcd ...`.
+//! `segbpf fleet push|status|history|diff|rollback`: the operator's side
+//! of fleet mode ([`crate::fleet`]); agents are `segbpf attach IFACE
+//! --etcd ...`.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,8 +15,13 @@ use crate::{
 #[derive(Clone, Debug, clap::Args)]
 pub struct EtcdArgs {
     /// etcd client endpoints, comma-separated (`host:port`, `http://...`,
-    /// `https://...`).
-    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
+    /// `https://...`); default: $SEGBPF_ETCD.
+    #[arg(
+        long,
+        value_name = "ENDPOINTS",
+        value_delimiter = ',',
+        env = "SEGBPF_ETCD"
+    )]
     pub etcd: Vec<String>,
     /// Key prefix of this fleet in etcd.
     #[arg(long, value_name = "PREFIX", default_value = "/segbpf")]
@@ -41,7 +47,7 @@ impl EtcdArgs {
     /// The store these arguments name.
     pub fn store(&self) -> anyhow::Result<Store> {
         if self.etcd.is_empty() {
-            return Err(UsageError("--etcd ENDPOINTS is required".into()).into());
+            return Err(UsageError("--etcd ENDPOINTS (or SEGBPF_ETCD) is required".into()).into());
         }
         Store::new(
             self.etcd.clone(),
@@ -116,6 +122,40 @@ pub enum FleetCommand {
     Push(PushArgs),
     /// One row per agent: the revision it enforces, its roles, its last error.
     Status(StatusArgs),
+    /// List the stored revisions, the one in force marked.
+    History(StatusArgs),
+    /// Show what changed between two stored revisions (default: the one
+    /// before the current and the current).
+    Diff(DiffArgs),
+    /// Push a stored revision again as the next revision (default: the one
+    /// before the current), with push's checks and options.
+    Rollback(RollbackArgs),
+}
+
+/// Arguments of `segbpf fleet diff`.
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// The first revision (default: the one before the current).
+    pub from: Option<u64>,
+    /// The second revision (default: the current).
+    pub to: Option<u64>,
+    /// The store.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Arguments of `segbpf fleet rollback`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The revision to push again (default: the one before the current).
+    #[arg(long, value_name = "N")]
+    pub to: Option<u64>,
+    /// push's options.
+    #[command(flatten)]
+    pub push: PushOptions,
 }
 
 /// Arguments of `segbpf fleet push`.
@@ -123,12 +163,25 @@ pub enum FleetCommand {
 pub struct PushArgs {
     /// Policy file (roles.toml).
     pub policy: PathBuf,
+    /// The options shared with `fleet rollback`.
+    #[command(flatten)]
+    pub opts: PushOptions,
+}
+
+/// The options of `fleet push` and `fleet rollback`.
+#[derive(Debug, clap::Args)]
+pub struct PushOptions {
     /// The store.
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Store nothing: show which hosts' roles would change.
+    /// Store nothing: show which hosts' roles would change (exit 1 when
+    /// an agent could not apply it).
     #[arg(long)]
     pub dry_run: bool,
+    /// Push even though reporting agents could not apply the policy (they
+    /// keep the policy in force and report the error).
+    #[arg(long)]
+    pub force: bool,
     /// Agents apply the revision under the lockout guard: undone after SECS
     /// unless the agent reaches etcd again through the new policy.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -158,24 +211,64 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-/// Runs `segbpf fleet`.
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    match args.command {
-        FleetCommand::Push(a) => push(a).await,
-        FleetCommand::Status(a) => status(a).await,
+impl Args {
+    /// Whether the result is JSON.
+    pub fn json_output(&self) -> bool {
+        Output::Json
+            == match &self.command {
+                FleetCommand::Push(a) => a.opts.output,
+                FleetCommand::Rollback(a) => a.push.output,
+                FleetCommand::Status(a) | FleetCommand::History(a) => a.output,
+                FleetCommand::Diff(a) => a.output,
+            }
     }
 }
 
-async fn push(args: PushArgs) -> anyhow::Result<()> {
+/// Runs `segbpf fleet`.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        FleetCommand::Push(a) => {
+            let checked = fleet::check(&a.policy)?;
+            push(checked, a.opts).await
+        }
+        FleetCommand::Status(a) => status(a).await,
+        FleetCommand::History(a) => history(a).await,
+        FleetCommand::Diff(a) => diff(a).await,
+        FleetCommand::Rollback(a) => rollback(a).await,
+    }
+}
+
+/// The agents of `changes` that could not apply the policy, one a line.
+fn cannot_apply(changes: &[fleet::RoleChange]) -> Vec<String> {
+    changes
+        .iter()
+        .filter_map(|c| Some(format!("{}: {}", c.agent, c.error.as_ref()?)))
+        .collect()
+}
+
+async fn push(checked: fleet::Checked, args: PushOptions) -> anyhow::Result<()> {
     let store = args.etcd.store()?;
-    // Everything is checked before etcd is asked anything.
-    let checked = fleet::check(&args.policy)?;
     for w in &checked.warnings {
         eprintln!("{}", WarningOut::lint(&checked.policy.source, w).line());
     }
     if args.dry_run {
         let changes = fleet::dry_run(&store, &checked.policy).await?;
         return print_plan(&changes, args.output);
+    }
+    // A revision a reporting agent cannot apply (no role matches it, a
+    // role it was given is gone) is refused unless --force.
+    if !args.force {
+        let changes = fleet::dry_run(&store, &checked.policy).await?;
+        let failing = cannot_apply(&changes);
+        if !failing.is_empty() {
+            anyhow::bail!(
+                "{}: refused: {} of {} agents could not apply it ({}); nothing was stored (`--dry-run` shows the plan; `--force` pushes it anyway, and those agents keep the policy in force and report the error)",
+                checked.policy.source,
+                failing.len(),
+                changes.len(),
+                failing.join("; ")
+            );
+        }
     }
     let req = fleet::PushRequest {
         source: checked.policy.source.clone(),
@@ -187,8 +280,10 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
             .map(|(n, w)| (n as usize, Duration::from_secs(w))),
     };
     let pushed = fleet::push(&store, &req, |msg| tracing::info!("{msg}")).await?;
+    let mut v = serde_json::to_value(&pushed)?;
+    v["source"] = checked.policy.source.clone().into();
     match args.output {
-        Output::Json => print_json(&pushed),
+        Output::Json => print_json(&v),
         Output::Text => Ok(print_line(format_args!("revision {}", pushed.revision))?),
     }
 }
@@ -198,17 +293,43 @@ fn print_plan(changes: &[fleet::RoleChange], output: Output) -> anyhow::Result<(
     struct Plan<'a> {
         changes: Vec<&'a fleet::RoleChange>,
         unchanged: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ok: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<crate::cmd::ErrorBody>,
     }
     let changed: Vec<&fleet::RoleChange> = changes
         .iter()
         .filter(|c| c.error.is_some() || c.from != c.to)
         .collect();
     let unchanged = changes.len() - changed.len();
+    // Exit 1 when an agent could not apply it: what a real push refuses.
+    let failing = cannot_apply(changes);
+    let failed = (!failing.is_empty()).then(|| {
+        anyhow::anyhow!(
+            "dry run: {} of {} agents could not apply it; a push is refused unless --force",
+            failing.len(),
+            changes.len()
+        )
+    });
     match output {
-        Output::Json => print_json(&Plan {
-            changes: changed,
-            unchanged,
-        }),
+        Output::Json => {
+            let error = failed.as_ref().map(crate::cmd::ErrorBody::of);
+            print_json(&Plan {
+                changes: changed,
+                unchanged,
+                ok: failed.as_ref().map(|_| false),
+                error,
+            })?;
+            match failed {
+                Some(e) => Err(crate::cmd::JsonReported {
+                    message: crate::cmd::error_text(&e),
+                    usage: false,
+                }
+                .into()),
+                None => Ok(()),
+            }
+        }
         Output::Text => {
             let none = |r: &[String]| {
                 if r.is_empty() {
@@ -233,9 +354,115 @@ fn print_plan(changes: &[fleet::RoleChange], output: Output) -> anyhow::Result<(
                 changed.len(),
                 changes.len()
             ))?;
-            Ok(())
+            failed.map_or(Ok(()), Err)
         }
     }
+}
+
+async fn history(args: StatusArgs) -> anyhow::Result<()> {
+    let store = args.etcd.store()?;
+    let revisions = fleet::revisions(&store).await?;
+    if args.output == Output::Json {
+        return print_json(&serde_json::json!({ "revisions": revisions }));
+    }
+    if revisions.is_empty() {
+        print_line("no revision stored")?;
+    }
+    print_line(format_args!(
+        "  {:>8}  {:<16}  {:>5}",
+        "REVISION", "HASH", "LINES"
+    ))?;
+    for r in &revisions {
+        print_line(format_args!(
+            "{} {:>8}  {:<16}  {:>5}",
+            if r.current { "*" } else { " " },
+            r.revision,
+            r.hash,
+            r.lines
+        ))?;
+    }
+    Ok(())
+}
+
+/// The revision before the current one among `revisions`.
+fn before_current(revisions: &[fleet::Revision]) -> anyhow::Result<u64> {
+    let current = revisions
+        .iter()
+        .find(|r| r.current)
+        .map(|r| r.revision)
+        .ok_or_else(|| anyhow::anyhow!("no revision is in force"))?;
+    revisions
+        .iter()
+        .map(|r| r.revision)
+        .filter(|&n| n < current)
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("revision {current} is the first stored: nothing before it"))
+}
+
+fn find(revisions: &[fleet::Revision], n: u64) -> anyhow::Result<&fleet::Revision> {
+    revisions.iter().find(|r| r.revision == n).ok_or_else(|| {
+        anyhow::anyhow!(
+            "revision {n} is not stored (stored: {})",
+            revisions
+                .iter()
+                .map(|r| r.revision.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+async fn diff(args: DiffArgs) -> anyhow::Result<()> {
+    let store = args.etcd.store()?;
+    let revisions = fleet::revisions(&store).await?;
+    let from = match args.from {
+        Some(n) => n,
+        None => before_current(&revisions)?,
+    };
+    let to = match args.to {
+        Some(n) => n,
+        None => revisions
+            .iter()
+            .find(|r| r.current)
+            .map(|r| r.revision)
+            .ok_or_else(|| anyhow::anyhow!("no revision is in force"))?,
+    };
+    let (a, b) = (find(&revisions, from)?, find(&revisions, to)?);
+    let all = crate::attachment::timeline::diff_lines(&a.text, &b.text);
+    let differ = all
+        .iter()
+        .any(|l| !matches!(l, crate::attachment::timeline::Line::Same(_)));
+    if args.output == Output::Json {
+        return print_json(&serde_json::json!({
+            "from": a.revision,
+            "to": b.revision,
+            "differ": differ,
+            "lines": all
+                .iter()
+                .filter(|l| !matches!(l, crate::attachment::timeline::Line::Same(_)))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    print_line(format_args!("--- revision {}", a.revision))?;
+    print_line(format_args!("+++ revision {}", b.revision))?;
+    crate::cmd::diff::print_hunks(&all)?;
+    Ok(())
+}
+
+async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+    let store = args.push.etcd.store()?;
+    let revisions = fleet::revisions(&store).await?;
+    let n = match args.to {
+        Some(n) => n,
+        None => before_current(&revisions)?,
+    };
+    let r = find(&revisions, n)?;
+    let source = format!("revision {n}");
+    // Checked as a pushed file is: the stored text is parsed, compiled and
+    // linted again before anything is written.
+    let checked = fleet::check_text(&r.text, &source)?;
+    tracing::info!("pushing the source of {source} again");
+    push(checked, args.push).await
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -270,7 +497,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         name_collisions: st.name_collisions(),
     };
     if args.output == Output::Json {
-        return print_json(&out);
+        let mut v = serde_json::to_value(&out)?;
+        crate::cmd::times_as_rfc3339(&mut v, &["pushed_at", "updated_at"]);
+        return print_json(&v);
     }
     print_line(format_args!(
         "{:<20} {:<8} {:<20} {:>8} {:<6} ERROR",

@@ -14,6 +14,44 @@ use crate::{
     observe::flows::{self, Flow},
 };
 
+/// The filters of `flows` and `monitor` (like `hubble observe`'s): a
+/// record is shown when it matches every filter given; a filter given
+/// more than once matches any of its values.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only flows with this port at either end (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Only flows with an address at either end in ADDR (an address, CIDR
+    /// or range; repeatable).
+    #[arg(long = "peer", value_name = "ADDR", value_parser = parse_peer)]
+    pub peers: Vec<crate::policy::AddrRange>,
+    /// Only this verdict: allow, drop, or audit (what audit mode let
+    /// through although the policy drops it).
+    #[arg(long, value_enum, value_name = "VERDICT")]
+    pub verdict: Option<flows::FilterVerdict>,
+    /// Only flows a rule let through, by its name, label
+    /// (`roles.web.ingress[0]`) or id (repeatable).
+    #[arg(long = "rule", value_name = "RULE")]
+    pub rules: Vec<String>,
+}
+
+fn parse_peer(s: &str) -> Result<crate::policy::AddrRange, String> {
+    crate::policy::addr::parse_item(s).map_err(|e| e.to_string())
+}
+
+impl FilterArgs {
+    /// The library's filter.
+    pub fn filter(&self) -> flows::Filter {
+        flows::Filter {
+            ports: self.ports.clone(),
+            peers: self.peers.clone(),
+            verdict: self.verdict,
+            rules: self.rules.clone(),
+        }
+    }
+}
+
 /// Arguments of `segbpf flows`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,10 +72,15 @@ pub struct Args {
     /// With --follow: also a `start` record when a flow is first seen.
     #[arg(long)]
     pub start: bool,
-    /// With --follow: seconds between `denied` aggregates (at most 10).
-    #[arg(long, value_name = "SECS", default_value_t = 10,
+    /// With --follow: seconds between `denied` aggregates (at most 10;
+    /// default 10). Only the process that drains the denied tables sets
+    /// it: while `segbpf attach` drains them, records come at its pace.
+    #[arg(long, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=10))]
-    pub denied_secs: u64,
+    pub denied_secs: Option<u64>,
+    /// Which flows and records to show.
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Serialize)]
@@ -53,7 +96,11 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     if args.follow {
         return follow(&args, &att);
     }
-    let flows = flows::snapshot(&att)?;
+    let filter = args.filter.filter();
+    let flows: Vec<Flow> = flows::snapshot(&att)?
+        .into_iter()
+        .filter(|f| filter.flow(f))
+        .collect();
     match args.output {
         Output::Json => print_json(&FlowsOut {
             target: Target::of(&att),
@@ -84,7 +131,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
                     },
                     f.rule
                         .as_ref()
-                        .map(|r| format!(" rule {r}"))
+                        .map(|r| format!(" rule {}", r.display_name()))
                         .unwrap_or_default(),
                     f.first_seen,
                     f.last_seen
@@ -107,20 +154,37 @@ fn follow(args: &Args, att: &Attachment) -> anyhow::Result<()> {
             flows: true,
             start: args.start,
             active_every: std::time::Duration::from_secs(args.active_secs),
-            denied_every: std::time::Duration::from_secs(args.denied_secs),
+            denied_every: std::time::Duration::from_secs(
+                args.denied_secs
+                    .unwrap_or(crate::observe::flowlog::DENIED_EVERY.as_secs()),
+            ),
         },
     )?;
     if !log.is_primary() {
-        tracing::info!(
-            "another process drains the denied tables of {}: denied records come from its store",
-            att.describe()
-        );
+        if let Some(secs) = args.denied_secs {
+            tracing::warn!(
+                "--denied-secs {secs} is ignored: another process (`segbpf attach`) drains the denied tables of {} and writes the aggregates at its own pace (every {} s at most); this command reads them from its store as they are written",
+                att.describe(),
+                crate::observe::flowlog::DENIED_EVERY.as_secs()
+            );
+        } else {
+            tracing::info!(
+                "another process drains the denied tables of {}: denied records come from its store",
+                att.describe()
+            );
+        }
     }
+    let filter = args.filter.filter();
     let stop = on_stop_signals()?;
     let print = |lines: &[Line]| -> anyhow::Result<()> {
         for l in lines {
+            if let Line::Record(r) = l
+                && !filter.record(r)
+            {
+                continue;
+            }
             match args.output {
-                Output::Json => print_line(serde_json::to_string(l)?)?,
+                Output::Json => print_line(crate::cmd::json_line(l)?)?,
                 Output::Text => print_line(text_line(l))?,
             }
         }
@@ -194,15 +258,19 @@ pub fn text_line(l: &Line) -> String {
         r.proto,
         side(r.src, r.sport),
         side(r.dst, Some(r.dport)),
-        r.action,
+        r.action_word(),
         r.packets_orig,
         r.bytes_orig,
     );
     if r.state != "denied" {
         let _ = write!(t, " reply {} pkts {} B", r.packets_reply, r.bytes_reply);
     }
+    let rule = r
+        .rule
+        .as_ref()
+        .map(crate::policy::compile::RuleJson::display_name);
     for (k, v) in [
-        ("rule", &r.rule),
+        ("rule", &rule),
         ("reason", &r.reason),
         ("peer", &r.peer_set),
         ("role", &r.role),

@@ -53,6 +53,14 @@ pub struct Common {
     pub output: Output,
 }
 
+impl Args {
+    /// Whether the result is JSON.
+    pub fn json_output(&self) -> bool {
+        let (Format::Nft(c) | Format::Iptables(c)) = &self.format;
+        c.output == Output::Json
+    }
+}
+
 /// The result of `import --output json`.
 #[derive(Serialize)]
 struct Imported<'a> {
@@ -124,18 +132,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if !failed.is_empty() {
+        let e = anyhow::anyhow!("import failed: {}", failed.join("; "));
         if !text_out {
-            // The details, for the machine, on stderr: stdout stays empty on failure.
-            eprintln!(
-                "{}",
-                serde_json::to_string(&Imported {
+            // The error document of docs/json.md, with the details.
+            #[derive(Serialize)]
+            struct Failed<'a> {
+                ok: bool,
+                error: crate::cmd::ErrorBody,
+                #[serde(flatten)]
+                imported: Imported<'a>,
+            }
+            let error = crate::cmd::ErrorBody::of(&e);
+            let message = error.message.clone();
+            print_json(&Failed {
+                ok: false,
+                error,
+                imported: Imported {
                     policy: &imported.text,
                     warnings: &imported.warnings,
                     verify: reports.as_deref(),
-                })?
-            );
+                },
+            })?;
+            return Err(crate::cmd::JsonReported {
+                message,
+                usage: false,
+            }
+            .into());
         }
-        anyhow::bail!("import failed: {}", failed.join("; "));
+        return Err(e);
     }
     if text_out {
         print_line(imported.text.trim_end())?;

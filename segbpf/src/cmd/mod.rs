@@ -95,6 +95,9 @@ pub enum Command {
     Import(import::Args),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::Args),
+    /// Internal: the names the completion scripts offer for a word.
+    #[command(hide = true)]
+    CompleteNames(completions::NamesArgs),
     /// Internal: write the manual pages into a directory (the package build).
     #[command(hide = true)]
     Man(man::Args),
@@ -118,10 +121,118 @@ pub fn print_line(text: impl std::fmt::Display) -> std::io::Result<()> {
     writeln!(std::io::stdout().lock(), "{text}")
 }
 
-/// Prints `value` on stdout as one JSON document (see [`print_line`]).
+pub use crate::JSON_SCHEMA;
+
+/// `value` as JSON with the dialect's version (`"schema"`) added to it when
+/// it is an object (every document and record of docs/json.md is).
+pub fn versioned(value: &impl serde::Serialize) -> serde_json::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(value)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("schema".into(), JSON_SCHEMA.into());
+    }
+    Ok(v)
+}
+
+/// Prints `value` on stdout as one JSON document with the dialect's
+/// version (see [`print_line`], [`versioned`]).
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    print_line(serde_json::to_string_pretty(value)?)?;
+    print_line(serde_json::to_string_pretty(&versioned(value)?)?)?;
     Ok(())
+}
+
+/// Rewrites the unix-time integers named `keys` anywhere in `v` as RFC
+/// 3339 UTC strings: docs/json.md has one type for times, and files and
+/// etcd keep integers.
+pub fn times_as_rfc3339(v: &mut serde_json::Value, keys: &[&str]) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                match x.as_u64() {
+                    Some(t) if keys.contains(&k.as_str()) => {
+                        *x = crate::host::clock::rfc3339(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                        )
+                        .into();
+                    }
+                    _ => times_as_rfc3339(x, keys),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| times_as_rfc3339(x, keys)),
+        _ => {}
+    }
+}
+
+/// `value` as one JSON Lines record with the dialect's version.
+pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<String> {
+    serde_json::to_string(&versioned(value)?)
+}
+
+/// The JSON document of a failed command under `-o json` (docs/json.md):
+/// `{"schema": 1, "error": {"kind": "usage"|"failure", "message": "..."}}`,
+/// printed on stdout; the exit status stays 2 for usage, 1 otherwise.
+pub fn error_json(message: &str, usage: bool) -> String {
+    let doc = serde_json::json!({
+        "schema": JSON_SCHEMA,
+        "ok": false,
+        "error": {
+            "kind": if usage { "usage" } else { "failure" },
+            "message": message,
+        },
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// An error whose JSON document the command printed itself (`check -o
+/// json` lists every error of the file in it); `main` only reports it on
+/// stderr and sets the exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct JsonReported {
+    /// The error's text.
+    pub message: String,
+    /// A usage error (exit status 2).
+    pub usage: bool,
+}
+
+/// The `"error"` object of a failed command's JSON document.
+#[derive(Debug, serde::Serialize)]
+pub struct ErrorBody {
+    /// `usage` (exit status 2) or `failure` (exit status 1).
+    pub kind: &'static str,
+    /// What went wrong, as stderr says it.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// The error object of `e`.
+    pub fn of(e: &anyhow::Error) -> Self {
+        ErrorBody {
+            kind: if e.downcast_ref::<UsageError>().is_some() {
+                "usage"
+            } else {
+                "failure"
+            },
+            message: error_text(e),
+        }
+    }
+}
+
+/// Whether a command line asks for JSON (`-o json`, `--output json`,
+/// `--output=json`, `-ojson`; `monitor --log-format json`): for errors
+/// found before or while parsing it, which then print as JSON too.
+pub fn args_ask_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> bool {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    args.iter().enumerate().any(|(i, a)| {
+        let next_json = args.get(i + 1).is_some_and(|n| n == "json");
+        a == "-ojson"
+            || a == "--output=json"
+            || a == "--log-format=json"
+            || ((a == "-o" || a == "--output" || a == "--log-format") && next_json)
+    })
 }
 
 /// The attachment a JSON result is about, named as `status` names it.
@@ -238,6 +349,38 @@ impl MapSizes {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+impl Command {
+    /// Whether the command's results are JSON (`-o json`), so that its
+    /// errors are printed as JSON on stdout too.
+    pub fn json_output(&self) -> bool {
+        let json = |o: Output| o == Output::Json;
+        match self {
+            Command::Check(a) => json(a.output),
+            Command::Attach(_)
+            | Command::Guard(_)
+            | Command::Completions(_)
+            | Command::CompleteNames(_)
+            | Command::Man(_) => false,
+            Command::Reload(a) => json(a.output),
+            Command::Set(a) => a.json_output(),
+            Command::Confirm(a) => json(a.output),
+            Command::Rollback(a) => json(a.output),
+            Command::History(a) => json(a.output),
+            Command::Diff(a) => json(a.output),
+            Command::Detach(a) => json(a.output),
+            Command::Monitor(a) => a.json_output(),
+            Command::Flows(a) => json(a.output),
+            Command::Suggest(a) => json(a.output),
+            Command::Status(a) => json(a.output),
+            Command::Fleet(a) => a.json_output(),
+            Command::Explain(a) => json(a.output),
+            Command::Export(a) => a.json_output(),
+            Command::Trace(a) => json(a.output),
+            Command::Import(a) => a.json_output(),
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Where this runs, as the kernel says (`--netns` was entered in main);
@@ -264,6 +407,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Completions(a) => completions::run(a),
+        Command::CompleteNames(a) => completions::names(a),
         Command::Man(a) => man::run(a),
     }
 }

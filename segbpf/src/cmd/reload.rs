@@ -66,8 +66,35 @@ struct Reloaded<'a> {
     dropped_set_edits: Vec<String>,
 }
 
+/// `p` as the state names it: canonical, as `attach` and the swap record
+/// it (status, the JSON result and the state agree); a file that cannot be
+/// resolved (missing: the reload then fails naming it) absolute, `.` and
+/// `..` resolved by name.
+pub fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Ok(c);
+    }
+    let mut out = PathBuf::new();
+    for c in std::path::absolute(p)?.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `segbpf reload`.
-pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
+pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
+    // The policy by its canonical path, as the state records it: the JSON
+    // result and `status` name the same file.
+    if let Some(p) = &args.policy {
+        args.policy = Some(absolute(p)?);
+    }
     let att = Attachment::new(&args.iface, ns);
     let before = State::current(&att).ok();
     if let Some(state) = &before {

@@ -63,11 +63,19 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         },
     )?;
     match args.output {
-        Output::Json => print_json(&RollbackOut {
-            rolled: &rolled,
-            netns: NetnsOut::of(&att),
-            applied: true,
-        })?,
+        Output::Json => {
+            // `policy` is the file as the operator knows it (as in reload
+            // and status); the history's copy that was applied is
+            // `history_file`.
+            let mut v = serde_json::to_value(RollbackOut {
+                rolled: &rolled,
+                netns: NetnsOut::of(&att),
+                applied: true,
+            })?;
+            v["history_file"] = v["policy"].take();
+            v["policy"] = rolled.source.clone().into();
+            print_json(&v)?;
+        }
         Output::Text => print_line(&rolled)?,
     }
     Ok(())

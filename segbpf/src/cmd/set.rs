@@ -97,6 +97,23 @@ struct SetView {
     edited: bool,
 }
 
+/// What `set list -o json` prints.
+#[derive(Serialize)]
+struct SetList {
+    #[serde(flatten)]
+    target: crate::cmd::Target,
+    generation: u64,
+    sets: Vec<SetView>,
+}
+
+impl Args {
+    /// Whether the results are JSON.
+    pub fn json_output(&self) -> bool {
+        let (Op::Add { output, .. } | Op::Del { output, .. } | Op::List { output, .. }) = &self.op;
+        *output == Output::Json
+    }
+}
+
 /// Runs `segbpf set`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     match args.op {
@@ -244,7 +261,14 @@ fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::
         })
         .collect();
     match output {
-        Output::Json => print_json(&views)?,
+        // One object, as every command's JSON (docs/json.md), not a bare
+        // array: the attachment, the generation the members are in force
+        // in, and the sets.
+        Output::Json => print_json(&SetList {
+            target: crate::cmd::Target::of(&att),
+            generation: state.generation,
+            sets: views,
+        })?,
         Output::Text => {
             for v in &views {
                 print_line(format_args!(

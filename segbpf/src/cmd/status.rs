@@ -16,12 +16,170 @@ use crate::{
 
 /// Arguments of `segbpf status`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Times are shown both ways: \"attached 3m ago (2026-12-06T09:50:40Z)\"; JSON has RFC 3339 times (docs/json.md).\n\nExamples:\n  segbpf status\n  segbpf status eth0 -o json\n  segbpf status --all-netns"
+)]
 pub struct Args {
     /// Only this interface (default: every attached interface).
+    #[arg(conflicts_with = "all_netns")]
     pub iface: Option<String>,
+    /// Every attachment on the machine, in every network namespace (not
+    /// only this one's).
+    #[arg(long)]
+    pub all_netns: bool,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
+}
+
+/// The attachments of the other network namespaces: the namespaces whose
+/// pin directories hold any, as `(namespace, attachments)`.
+fn other_namespaces(
+    roots: &Roots,
+    ns: &Netns,
+) -> Vec<(Netns, Vec<crate::attachment::pins::Attachment>)> {
+    let mut inodes: Vec<u64> = std::fs::read_dir(roots.bpffs.join("net"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|&i| i != ns.inode)
+                .collect()
+        })
+        .unwrap_or_default();
+    inodes.sort_unstable();
+    inodes
+        .into_iter()
+        .filter_map(|inode| {
+            let mut other = Netns {
+                inode,
+                cookie: 0,
+                label: None,
+            };
+            let atts = roots.list(&other);
+            if atts.is_empty() {
+                return None;
+            }
+            // The name people know it by, as its attachments recorded it.
+            other.label = atts
+                .iter()
+                .find_map(|a| crate::attachment::state::State::current(a).ok()?.netns);
+            let atts = roots.list(&other);
+            Some((other, atts))
+        })
+        .collect()
+}
+
+/// The reports of another namespace's attachments, made from a thread in
+/// that namespace (the links' interfaces and the shared tables are looked
+/// up where they are): entered by its `ip netns` name (the initial one by
+/// PID 1's), and only when the kernel confirms it is that namespace.
+/// Otherwise they are made from here, and may miss what only the
+/// namespace sees.
+fn reports_in(
+    roots: &Roots,
+    other: &Netns,
+    atts: &[crate::attachment::pins::Attachment],
+) -> anyhow::Result<Vec<Report>> {
+    use std::os::fd::AsFd as _;
+    let path = if other.is_initial() {
+        Some("/proc/1/ns/net".to_string())
+    } else {
+        other.label.as_ref().map(|l| format!("/run/netns/{l}"))
+    };
+    let (inode, roots_in, ifaces) = (
+        other.inode,
+        roots.clone(),
+        atts.iter().map(|a| a.iface.clone()).collect::<Vec<_>>(),
+    );
+    let inside = path.and_then(|path| {
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).ok()?;
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let here = Netns::current().ok()?;
+            if here.inode != inode {
+                return None;
+            }
+            Some(
+                ifaces
+                    .iter()
+                    .map(|i| report::report(&roots_in.attachment(i, &here)))
+                    .collect::<Result<Vec<_>, _>>(),
+            )
+        })
+        .join()
+        .ok()
+        .flatten()
+    });
+    match inside {
+        Some(r) => Ok(r?),
+        None => Ok(atts
+            .iter()
+            .map(report::report)
+            .collect::<Result<Vec<_>, _>>()?),
+    }
+}
+
+/// Unix time `t` as RFC 3339 UTC.
+fn rfc3339(t: u64) -> String {
+    crate::host::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+}
+
+/// How long ago (or, for a time to come, in how long) unix time `t` is,
+/// for people: `3m ago`, `in 45s`, `2h 5m ago`, `4d 2h ago`.
+pub fn human_since(t: u64, now: u64) -> String {
+    let (secs, future) = if t > now {
+        (t - now, true)
+    } else {
+        (now - t, false)
+    };
+    let span = match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => match (s / 3600, s % 3600 / 60) {
+            (h, 0) => format!("{h}h"),
+            (h, m) => format!("{h}h {m}m"),
+        },
+        s => match (s / 86_400, s % 86_400 / 3600) {
+            (d, 0) => format!("{d}d"),
+            (d, h) => format!("{d}d {h}h"),
+        },
+    };
+    if future {
+        format!("in {span}")
+    } else {
+        format!("{span} ago")
+    }
+}
+
+/// A time for people: `3m ago (2026-12-06T09:50:40Z)`.
+fn when(t: u64) -> String {
+    format!("{} ({})", human_since(t, unix_now()), rfc3339(t))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `enforcing`, `audit` (the program runs, nothing is enforced) or
+/// `not-enforcing` (links gone or stale pins): what the status line and
+/// the JSON `mode` say.
+fn mode(r: &Report) -> &'static str {
+    match (&r.state, r.attached) {
+        (_, false) => "not-enforcing",
+        (Some(s), true) if s.audit => "audit",
+        _ => "enforcing",
+    }
+}
+
+/// A report as docs/json.md has it: times as RFC 3339 strings, and the
+/// mode.
+fn report_json(r: &Report) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(r)?;
+    v["mode"] = mode(r).into();
+    crate::cmd::times_as_rfc3339(&mut v, &["attached_at", "deadline"]);
+    Ok(v)
 }
 
 /// Runs `segbpf status`.
@@ -44,12 +202,41 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         }
         None => roots.list(ns),
     };
-    let reports = atts
+    let others = if args.iface.is_none() {
+        other_namespaces(&roots, ns)
+    } else {
+        Vec::new()
+    };
+    let mut reports = atts
         .iter()
         .map(report::report)
         .collect::<Result<Vec<_>, _>>()?;
+    if args.all_netns {
+        for (other, atts) in &others {
+            reports.extend(reports_in(&roots, other, atts)?);
+        }
+    }
     match args.output {
-        Output::Json => print_json(&serde_json::json!({ "attachments": reports }))?,
+        Output::Json => {
+            let attachments = reports
+                .iter()
+                .map(report_json)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut doc = serde_json::json!({ "attachments": attachments });
+            if !args.all_netns && args.iface.is_none() {
+                doc["other_netns"] = others
+                    .iter()
+                    .map(|(n, atts)| {
+                        serde_json::json!({
+                            "netns": n.label,
+                            "netns_inode": n.inode,
+                            "ifaces": atts.iter().map(|a| a.iface.clone()).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+            }
+            print_json(&doc)?;
+        }
         Output::Text => {
             let mut o = std::io::stdout().lock();
             if reports.is_empty() {
@@ -57,6 +244,26 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             }
             for r in &reports {
                 print_text(&mut o, r)?;
+            }
+            if !args.all_netns && !others.is_empty() {
+                let list: Vec<String> = others
+                    .iter()
+                    .map(|(n, atts)| {
+                        format!(
+                            "{}: {}",
+                            n.describe(),
+                            atts.iter()
+                                .map(|a| a.iface.clone())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })
+                    .collect();
+                writeln!(
+                    o,
+                    "other network namespaces have attachments ({}); `segbpf status --all-netns` shows them",
+                    list.join("; ")
+                )?;
             }
         }
     }
@@ -76,7 +283,11 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         .map(|h| format!("{}: {}", h.hook, h.problem.as_deref().unwrap_or("not live")))
         .collect();
     let link = if r.attached {
-        "enforcing".to_string()
+        if mode(r) == "audit" {
+            "AUDIT (nothing enforced)".to_string()
+        } else {
+            "enforcing".to_string()
+        }
     } else if !dead.is_empty() && r.links.iter().any(|h| h.link_id != 0) {
         format!(
             "NOT ENFORCING ({}; `segbpf attach` attaches it again)",
@@ -93,6 +304,9 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
                 r.iface, s.mode, s.prog_id, s.tc_mode, s.tc_prog_id, s.generation
             )?;
             writeln!(o, "  policy:    {}", s.policy)?;
+            if s.attached_at > 0 {
+                writeln!(o, "  attached:  {}", when(s.attached_at))?;
+            }
             writeln!(o, "  roles:     {}", s.roles.join(", "))?;
             if s.roles_changed_at > 0 {
                 writeln!(
@@ -218,8 +432,9 @@ fn print_pending(
     if !p.overdue {
         return writeln!(
             o,
-            "  PENDING:   generation {} is undone at unix time {} unless confirmed (`segbpf confirm {iface}`)",
-            p.generation, p.deadline
+            "  PENDING:   generation {} is undone {} unless confirmed (`segbpf confirm {iface}`)",
+            p.generation,
+            when(p.deadline)
         );
     }
     let last = p
@@ -241,8 +456,9 @@ fn print_pending(
     };
     writeln!(
         o,
-        "  PENDING:   generation {} is still in force past its deadline (unix time {}): {why}",
-        p.generation, p.deadline
+        "  PENDING:   generation {} is still in force past its deadline ({}): {why}",
+        p.generation,
+        when(p.deadline)
     )
 }
 
@@ -250,6 +466,17 @@ fn print_pending(
 mod tests {
     use super::*;
     use crate::observe::report::Awaiting;
+
+    #[test]
+    fn times_for_people() {
+        assert_eq!(human_since(1000, 1000), "0s ago");
+        assert_eq!(human_since(1000, 1059), "59s ago");
+        assert_eq!(human_since(1000, 1000 + 180), "3m ago");
+        assert_eq!(human_since(0, 2 * 3600 + 5 * 60), "2h 5m ago");
+        assert_eq!(human_since(0, 3600), "1h ago");
+        assert_eq!(human_since(0, 4 * 86_400 + 2 * 3600 + 7), "4d 2h ago");
+        assert_eq!(human_since(1045, 1000), "in 45s");
+    }
 
     fn line(p: &Awaiting) -> String {
         let mut out = Vec::new();
@@ -267,7 +494,11 @@ mod tests {
             restore_attempts: 0,
             restore_error: None,
         };
-        assert!(line(&p).contains("is undone at unix time 100 unless confirmed"));
+        assert!(
+            line(&p).contains(" ago (1970-01-01T00:01:40") && line(&p).contains("is undone "),
+            "{}",
+            line(&p)
+        );
         p.overdue = true;
         assert!(line(&p).contains("no guard has reported"), "{}", line(&p));
         p.guard_running = Some(true);

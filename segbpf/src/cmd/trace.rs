@@ -32,6 +32,36 @@ pub struct Args {
     pub output: Output,
 }
 
+/// What `trace -o json` prints (docs/json.md): the attachment, the
+/// generation whose program judged, the packet, and the decision.
+#[derive(serde::Serialize)]
+struct TraceOut<'a> {
+    #[serde(flatten)]
+    target: crate::cmd::Target,
+    /// Absent when the state file is unreadable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
+    packet: PacketOut,
+    #[serde(flatten)]
+    traced: &'a trace::Traced,
+}
+
+/// The traced packet, with the field names of `explain`'s packet.
+#[derive(serde::Serialize)]
+struct PacketOut {
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    proto: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_flags: Option<Vec<&'static str>>,
+}
+
 /// Runs `segbpf trace`.
 pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
     if args.packet.src.is_ipv4() != args.packet.dst.is_ipv4() {
@@ -87,7 +117,22 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
         frame,
     )?;
     match args.output {
-        Output::Json => print_json(&traced)?,
+        Output::Json => print_json(&TraceOut {
+            target: crate::cmd::Target::of(&att),
+            generation: state.as_ref().map(|s| s.generation),
+            packet: PacketOut {
+                src: args.packet.src,
+                dst: args.packet.dst,
+                proto: crate::host::proto::proto_name(spec.proto),
+                sport: matches!(spec.proto, IPPROTO_TCP | IPPROTO_UDP).then_some(args.sport),
+                dport: matches!(spec.proto, IPPROTO_TCP | IPPROTO_UDP).then_some(spec.dport),
+                icmp_type: matches!(spec.proto, IPPROTO_ICMP | IPPROTO_ICMPV6)
+                    .then_some(spec.icmp_type),
+                tcp_flags: (spec.proto == IPPROTO_TCP)
+                    .then(|| crate::host::proto::tcp_flag_names(spec.tcp_flags)),
+            },
+            traced: &traced,
+        })?,
         Output::Text => {
             print_line(format_args!(
                 "{} {} {} -> {} {}: {} ({})",
@@ -110,12 +155,9 @@ pub fn run(args: Args, netns: &Netns) -> anyhow::Result<()> {
             if let Some(r) = &traced.rule {
                 print_line(format_args!(
                     "  rule #{} {} (line {})",
-                    r["id"],
-                    r["name"]
-                        .as_str()
-                        .or_else(|| r["label"].as_str())
-                        .unwrap_or("?"),
-                    r["line"]
+                    r.id,
+                    r.display_name(),
+                    r.line.map_or_else(|| "?".to_string(), |l| l.to_string())
                 ))?;
             }
             if let Some(s) = state {

@@ -475,10 +475,10 @@ async fn session_inner(
 fn store_err(store: &Store, what: &str) -> impl FnOnce(etcd_client::Error) -> FleetError {
     let endpoints = store.endpoints.join(",");
     let what = what.to_string();
-    move |source| FleetError::Etcd {
+    move |cause| FleetError::Etcd {
         endpoints,
         what,
-        source,
+        cause,
     }
 }
 
@@ -486,7 +486,7 @@ fn watch_ended(store: &Store, why: &str) -> FleetError {
     FleetError::Etcd {
         endpoints: store.endpoints.join(","),
         what: "following the pointer".into(),
-        source: etcd_client::Error::WatchError(why.to_string()),
+        cause: etcd_client::Error::WatchError(why.to_string()),
     }
 }
 
@@ -545,9 +545,7 @@ async fn follow(
                     .await
                     .is_ok_and(|r| r.is_ok());
                 if !reached {
-                    let e = format!(
-                        "revision {target} cut this host off from etcd; the lockout guard restores the previous policy within {secs} s"
-                    );
+                    let e = format!("revision {target} {CUT_OFF} within {secs} s");
                     warn!("{e}");
                     local.failed = Some((target, e));
                     return;
@@ -648,6 +646,17 @@ async fn report(
     }
 }
 
+/// What a status row says while the lockout guard has yet to undo a
+/// revision that cut the host off (followed by `within N s`).
+const CUT_OFF: &str = "cut this host off from etcd; the lockout guard restores the previous policy";
+
+/// The row's text once the guard acted: the future tense is gone.
+fn guard_acted(revision: u64) -> String {
+    format!(
+        "revision {revision} cut this host off from etcd; the lockout guard restored the policy in force before it"
+    )
+}
+
 async fn try_report(
     att: &Attachment,
     cfg: &AgentConfig,
@@ -659,6 +668,14 @@ async fn try_report(
     // say (each asked once for every name it reports under).
     let me = owner(att);
     let names = identities(&cfg.host, att);
+    // The guard's announcement is replaced once it acted (nothing waits
+    // for confirmation any more): the row says what happened.
+    if let Some((revision, e)) = &mut local.failed
+        && e.contains(CUT_OFF)
+        && guard::pending(att).is_none()
+    {
+        *e = guard_acted(*revision);
+    }
     let state = State::current(att).ok();
     let addresses: Vec<String> = netif::permanent_addresses(&att.iface)
         .unwrap_or_default()

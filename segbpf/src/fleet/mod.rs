@@ -38,15 +38,17 @@ use crate::{
 /// Errors of fleet mode. None of them changes a host's policy in force.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    /// etcd could not be reached, or refused a request.
-    #[error("etcd ({endpoints}): {what}: {source}")]
+    /// etcd could not be reached, or refused a request. Said in plain
+    /// words ([`plain`]): the client's transport dump is not a cause in the
+    /// chain, so it is not printed.
+    #[error("etcd ({endpoints}): {what}: {}", plain(.cause))]
     Etcd {
         /// The endpoints asked.
         endpoints: String,
         /// What was attempted.
         what: String,
         /// Why.
-        source: etcd_client::Error,
+        cause: etcd_client::Error,
     },
     /// etcd did not answer in time.
     #[error("etcd ({endpoints}): {what}: no answer within {secs} s")]
@@ -135,6 +137,101 @@ pub enum FleetError {
     /// A canary rollout was asked for with no agent reporting.
     #[error("--canary {0}: no agent reports under the prefix; push without --canary")]
     NoAgents(usize),
+}
+
+/// An etcd client error in plain words: gRPC's message and the deepest
+/// cause (`tcp connect error: Connection refused (os error 111)`), with a
+/// hint where one helps, instead of the transport's debug dump.
+pub fn plain(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let mut root: Option<String> = None;
+    let mut cur = match e {
+        etcd_client::Error::GRpcStatus(s) => s.source(),
+        other => other.source(),
+    };
+    while let Some(c) = cur {
+        root = Some(c.to_string());
+        cur = c.source();
+    }
+    let (msg, unavailable) = match e {
+        etcd_client::Error::GRpcStatus(s) => (
+            s.message().to_string(),
+            // gRPC's UNAVAILABLE (14): nothing answered.
+            s.code() as i32 == 14,
+        ),
+        other => (other.to_string(), false),
+    };
+    let msg = if msg.contains("mapped from HTTP status code") {
+        format!("not an etcd v3 endpoint ({msg})")
+    } else {
+        msg
+    };
+    let text = match root {
+        Some(r) if !msg.contains(&r) && !r.contains("Status {") => format!("{msg}: {r}"),
+        _ => msg,
+    };
+    if unavailable {
+        format!("{text} (is etcd running and reachable at that address?)")
+    } else {
+        text
+    }
+}
+
+/// A stored revision (`fleet history`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Revision {
+    /// Its number.
+    pub revision: u64,
+    /// The hash of its source.
+    pub hash: String,
+    /// Lines of its source.
+    pub lines: usize,
+    /// The pointer names it (to every agent, or to the canaries).
+    pub current: bool,
+    /// The source.
+    #[serde(skip)]
+    pub text: String,
+}
+
+/// Every stored revision, oldest first.
+pub async fn revisions(store: &Store) -> Result<Vec<Revision>, FleetError> {
+    let mut client = store.connect().await?;
+    let (current, _) = read_current(store, &mut client).await?;
+    let resp = store
+        .timed(
+            "reading the revisions",
+            client.get(
+                store.revisions_prefix(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Ascend),
+                ),
+            ),
+        )
+        .await?;
+    let mut out = Vec::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let Some(n) = key.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        let text = kv
+            .value_str()
+            .map_err(|e| FleetError::Malformed {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?
+            .to_string();
+        out.push(Revision {
+            revision: n,
+            hash: hash(text.as_bytes()),
+            lines: text.lines().count(),
+            current: current.as_ref().is_some_and(|c| c.revision == n),
+            text,
+        });
+    }
+    Ok(out)
 }
 
 /// TLS material for etcd (PEM files).
@@ -230,10 +327,10 @@ impl Store {
     fn etcd(&self, what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> FleetError {
         let endpoints = self.describe();
         let what = what.into();
-        move |source| FleetError::Etcd {
+        move |cause| FleetError::Etcd {
             endpoints,
             what,
-            source,
+            cause,
         }
     }
 
@@ -456,7 +553,14 @@ pub struct Checked {
 /// (errors name `file:line:col`), compile for every role, lint.
 pub fn check(path: &Path) -> Result<Checked, FleetError> {
     let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
-    let policy = Policy::from_str(&text, &path.display().to_string())?;
+    check_text(&text, &path.display().to_string())
+}
+
+/// [`check`] of a policy's text (`fleet rollback`: a stored revision),
+/// named `source` in messages.
+pub fn check_text(text: &str, source: &str) -> Result<Checked, FleetError> {
+    let text = text.to_string();
+    let policy = Policy::from_str(&text, source)?;
     compile::compile_hosts(
         &policy,
         compile::one_host_per_role(&policy),

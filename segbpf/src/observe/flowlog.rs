@@ -80,15 +80,31 @@ pub const DENIED_EVERY: Duration = Duration::from_secs(10);
 /// Logs and OCSF counterparts).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    #[serde(default)]
+    pub schema: u32,
     /// When the record was made, RFC 3339.
     pub time: String,
+    /// The host's name.
+    #[serde(default)]
+    pub host: String,
     /// The interface.
     pub iface: String,
+    /// The interface's network namespace: its label (`ip netns` name,
+    /// `host`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The namespace's inode.
+    #[serde(default)]
+    pub netns_inode: u64,
     /// `start`, `active`, `end` or `denied`.
     pub state: String,
-    /// `accept`, `reject` (dropped) or `audit` (the policy would have
-    /// dropped it; audit mode let it through).
-    pub action: String,
+    /// The policy's verdict: `allow` (flows) or `drop` (denied packets).
+    #[serde(default)]
+    pub verdict: String,
+    /// True when audit mode let through what the policy would have dropped.
+    #[serde(default)]
+    pub audit: bool,
     /// Protocol name (`tcp`, `udp`, `icmp`, `icmpv6`) or number.
     pub proto: String,
     /// The side that sent the first packet (absent for a packet that was
@@ -119,9 +135,14 @@ pub struct Record {
     /// TCP flags seen, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp_flags: Vec<String>,
-    /// The rule that let the flow through: its name, else its label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    /// The rule that let the flow through (docs/json.md's rule object;
+    /// records of older versions named it by a string, read as its name).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::policy::compile::RuleJson::deserialize_compat"
+    )]
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// `denied`: why the packets were dropped (`default`, `invalid-rst`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -144,6 +165,18 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record's word in text lines (and in AWS VPC Flow Logs):
+    /// `accept`, `reject` (dropped) or `audit`.
+    pub fn action_word(&self) -> &'static str {
+        if self.audit {
+            "audit"
+        } else if self.verdict == "allow" {
+            "accept"
+        } else {
+            "reject"
+        }
+    }
+
     /// The peer: the source of what came in, the destination of what went out.
     pub fn peer(&self) -> Option<IpAddr> {
         if self.opened_by == "ingress" {
@@ -159,6 +192,8 @@ impl Record {
 /// lost silently.
 #[derive(Clone, Debug, Serialize)]
 pub struct Lost {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    pub schema: u32,
     /// When, RFC 3339.
     pub time: String,
     /// The interface.
@@ -185,6 +220,8 @@ pub enum Line {
 /// as of the policy generation in force.
 #[derive(Debug, Default)]
 struct Context {
+    /// The host's name, for every record.
+    host: String,
     generation: Option<u64>,
     sets: Vec<(String, Vec<AddrRange>)>,
     roles: Option<String>,
@@ -193,6 +230,12 @@ struct Context {
 
 impl Context {
     fn refresh(&mut self, att: &Attachment) {
+        if self.host.is_empty() {
+            // The UTS namespace's host name, as `hostname` prints it.
+            self.host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+        }
         let state = State::current(att).ok();
         let generation = state.as_ref().map(|s| s.generation);
         if generation == self.generation && self.state.is_some() {
@@ -282,6 +325,88 @@ impl Pairs {
         self.dirty = false;
         Ok(())
     }
+}
+
+impl crate::observe::flows::Filter {
+    /// Whether a flow record (`flows --follow`) is shown.
+    pub fn record(&self, r: &Record) -> bool {
+        self.matches(
+            [r.sport, Some(r.dport)],
+            [r.src, r.dst],
+            r.verdict != "allow",
+            r.audit,
+            r.rule.as_ref(),
+        )
+    }
+}
+
+/// Where a process that is not the primary asks it to drain now (a token).
+fn drain_request_path(att: &Attachment) -> std::path::PathBuf {
+    att.observed_dir().with_extension("drain")
+}
+
+/// Where the primary writes the token of the last request it answered.
+fn drain_done_path(att: &Attachment) -> std::path::PathBuf {
+    att.observed_dir().with_extension("drained")
+}
+
+/// The token of a drain request not answered yet.
+fn pending_drain_request(att: &Attachment) -> Option<String> {
+    let token = std::fs::read_to_string(drain_request_path(att)).ok()?;
+    let done = std::fs::read_to_string(drain_done_path(att)).unwrap_or_default();
+    (!token.is_empty() && token != done).then_some(token)
+}
+
+/// How [`drain_now`] went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// This process was the primary and drained the tables itself.
+    Here,
+    /// The primary drained them at this process's request.
+    ByPrimary,
+    /// The primary did not answer within the wait (an older segbpf, or
+    /// a primary that is stuck): the store may lack the last interval.
+    NoAnswer,
+}
+
+/// Makes what waits in the kernel's denied tables reach the observed
+/// store now (`suggest`: data no older than the last second): drained
+/// here when no other process is the primary, else the primary is asked
+/// (it steps every second) and this waits up to `wait` for its answer.
+pub fn drain_now(att: &Attachment, wait: Duration) -> Result<Drained, FlowLogError> {
+    let opts = Options {
+        flows: false,
+        start: false,
+        active_every: ACTIVE_EVERY,
+        denied_every: DENIED_EVERY,
+    };
+    let mut log = FlowLog::open(att, opts)?;
+    if log.is_primary() {
+        log.finish()?;
+        return Ok(Drained::Here);
+    }
+    drop(log);
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let path = drain_request_path(att);
+    std::fs::write(&path, &token).map_err(|source| FlowLogError::Io {
+        what: "asking the primary to drain",
+        path: path.clone(),
+        source,
+    })?;
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(drain_done_path(att)).is_ok_and(|d| d == token) {
+            return Ok(Drained::ByPrimary);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Drained::NoAnswer)
 }
 
 /// The primary's part: the lock, the drainer and the store.
@@ -401,9 +526,21 @@ impl FlowLog {
             }
             self.try_become_primary()?;
         }
-        if self.primary.is_some() && Instant::now() >= self.next_denied {
+        // A drain request (`suggest` while this process is the primary)
+        // is answered at once rather than at the next interval.
+        let requested = self
+            .primary
+            .is_some()
+            .then(|| pending_drain_request(&self.att))
+            .flatten();
+        if self.primary.is_some() && (Instant::now() >= self.next_denied || requested.is_some()) {
             self.next_denied = Instant::now() + self.opts.denied_every.min(DENIED_EVERY);
             out.extend(self.drain()?);
+            if let Some(token) = requested
+                && let Err(e) = std::fs::write(drain_done_path(&self.att), token)
+            {
+                tracing::warn!("answering a drain request of {}: {e}", self.att.describe());
+            }
         }
         if self.primary.is_some() {
             let path = self.att.pairs_file();
@@ -451,6 +588,7 @@ impl FlowLog {
                 self.att.describe()
             );
             out.push(Line::Lost(Lost {
+                schema: crate::JSON_SCHEMA,
                 time: clock::rfc3339(SystemTime::now()),
                 iface: self.att.iface.clone(),
                 state: "lost",
@@ -500,10 +638,15 @@ impl FlowLog {
             f.dport,
         );
         Record {
+            schema: crate::JSON_SCHEMA,
             time: clock::rfc3339(SystemTime::now()),
+            host: self.ctx.host.clone(),
             iface: self.att.iface.clone(),
+            netns: self.att.netns.label.clone(),
+            netns_inode: self.att.netns.inode,
             state: state.to_string(),
-            action: if f.audit { "audit" } else { "accept" }.to_string(),
+            verdict: if f.audit { "drop" } else { "allow" }.to_string(),
+            audit: f.audit,
             proto: f.proto,
             src: Some(f.src),
             sport: Some(f.sport),
@@ -541,15 +684,15 @@ impl FlowLog {
         let new_pair = self.pair(dir, peer, peer_set.as_deref(), &proto, k.dport);
         let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
         Record {
+            schema: crate::JSON_SCHEMA,
             time: clock::rfc3339(SystemTime::now()),
+            host: self.ctx.host.clone(),
             iface: self.att.iface.clone(),
+            netns: self.att.netns.label.clone(),
+            netns_inode: self.att.netns.inode,
             state: "denied".to_string(),
-            action: if k.kind == EVENT_AUDIT {
-                "audit"
-            } else {
-                "reject"
-            }
-            .to_string(),
+            verdict: "drop".to_string(),
+            audit: k.kind == EVENT_AUDIT,
             proto,
             src,
             sport: None,

@@ -23,6 +23,90 @@ use crate::{
     host::proto::proto_name,
 };
 
+/// What `flows` and `monitor` show (`--port`, `--peer`, `--verdict`,
+/// `--rule`, as `hubble observe` filters): a record is shown when it
+/// matches every filter given, and a filter given more than once matches
+/// any of its values. An empty filter shows everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Either end's port (ICMP: the echo id or type, as the record has it).
+    pub ports: Vec<u16>,
+    /// Either end's address is in one of these.
+    pub peers: Vec<crate::policy::AddrRange>,
+    /// `allow`, `drop` or `audit` (audit mode let through what the policy drops).
+    pub verdict: Option<FilterVerdict>,
+    /// The rule that let the flow through: its name, label or id.
+    pub rules: Vec<String>,
+}
+
+/// The verdicts a [`Filter`] selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FilterVerdict {
+    /// Let through by the policy.
+    Allow,
+    /// Dropped by the policy (in audit mode too).
+    Drop,
+    /// Let through by audit mode although the policy drops it.
+    Audit,
+}
+
+impl Filter {
+    /// Whether no filter is given.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+            && self.peers.is_empty()
+            && self.verdict.is_none()
+            && self.rules.is_empty()
+    }
+
+    /// The common test: ports, addresses, verdict (`drop`, `allow`) with
+    /// audit, and the rule.
+    /// The common test of [`Filter::flow`] and of flow records' and
+    /// events' own (`flowlog`, `telemetry`).
+    pub fn matches(
+        &self,
+        ports: [Option<u16>; 2],
+        addrs: [Option<IpAddr>; 2],
+        verdict_drop: bool,
+        audit: bool,
+        rule: Option<&crate::policy::compile::RuleJson>,
+    ) -> bool {
+        let port_ok =
+            self.ports.is_empty() || ports.iter().flatten().any(|p| self.ports.contains(p));
+        let peer_ok = self.peers.is_empty()
+            || addrs
+                .iter()
+                .flatten()
+                .any(|a| self.peers.iter().any(|r| r.contains(*a)));
+        let verdict_ok = match self.verdict {
+            None => true,
+            Some(FilterVerdict::Allow) => !verdict_drop,
+            Some(FilterVerdict::Drop) => verdict_drop,
+            Some(FilterVerdict::Audit) => audit,
+        };
+        let rule_ok = self.rules.is_empty()
+            || rule.is_some_and(|r| {
+                self.rules.iter().any(|want| {
+                    r.name.as_deref() == Some(want)
+                        || r.label.as_deref() == Some(want)
+                        || want.trim_start_matches('#') == r.id.to_string()
+                })
+            });
+        port_ok && peer_ok && verdict_ok && rule_ok
+    }
+
+    /// Whether a tracked flow is shown.
+    pub fn flow(&self, f: &Flow) -> bool {
+        self.matches(
+            [Some(f.sport), Some(f.dport)],
+            [Some(f.src), Some(f.dst)],
+            f.audit,
+            f.audit,
+            f.rule.as_ref(),
+        )
+    }
+}
+
 /// Errors reading the flows.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowsError {
@@ -75,10 +159,10 @@ pub struct Flow {
     /// `PSH`, `URG`, `ECE`, `CWR`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tcp_flags: Vec<&'static str>,
-    /// The rule that let the first packet through: its name, else its
-    /// label; absent when a default let it through.
+    /// The rule that let the first packet through (docs/json.md's rule
+    /// object); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// The role whose rule let the first packet through (`base` for a
     /// base rule); absent when a default let it through.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -261,12 +345,8 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
     };
     let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
     let info = state.and_then(|s| s.rule(e.rule_id));
-    let rule = (e.rule_id != NO_RULE).then(|| {
-        info.map_or_else(
-            || format!("#{}", e.rule_id),
-            |r| r.display_name().to_string(),
-        )
-    });
+    let rule =
+        (e.rule_id != NO_RULE).then(|| crate::policy::compile::RuleJson::new(e.rule_id, info));
     let role = info.map(|r| r.owner_role().to_string());
     Flow {
         proto: proto_name(k.proto),
@@ -395,5 +475,88 @@ mod tests {
             ("ingress", "established", 9000)
         );
         assert_eq!((f.tcp_flags, f.rule), (vec!["SYN", "ACK"], None));
+    }
+
+    #[test]
+    fn filters_select_by_port_peer_verdict_and_rule() {
+        use super::{Filter, FilterVerdict};
+        use crate::policy::compile::RuleJson;
+        let flow = |dport: u16, audit: bool, rule: Option<&str>| super::Flow {
+            proto: "tcp".into(),
+            src: "198.18.0.9".parse().unwrap(),
+            sport: 40000,
+            dst: "198.18.0.1".parse().unwrap(),
+            dport,
+            opened_by: "ingress",
+            state: "established",
+            table: "assured",
+            packets_orig: 1,
+            bytes_orig: 60,
+            packets_reply: 1,
+            bytes_reply: 60,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            last_seen_ns: 0,
+            tcp_flags: vec!["SYN"],
+            rule: rule.map(|n| RuleJson {
+                id: 3,
+                name: Some(n.into()),
+                label: Some("roles.web.ingress[0]".into()),
+                ..RuleJson::default()
+            }),
+            role: None,
+            audit,
+        };
+        let web = flow(443, false, Some("web-in"));
+        let audited = flow(8080, true, None);
+        assert!(Filter::default().is_empty() && Filter::default().flow(&web));
+        let f = Filter {
+            ports: vec![443],
+            ..Filter::default()
+        };
+        assert!(f.flow(&web) && !f.flow(&audited));
+        let f = Filter {
+            ports: vec![40000],
+            ..Filter::default()
+        };
+        assert!(f.flow(&web), "either end's port");
+        let f = Filter {
+            peers: vec!["198.18.0.8/29".parse().unwrap()],
+            ..Filter::default()
+        };
+        assert!(f.flow(&web));
+        let f = Filter {
+            peers: vec!["198.19.0.0/16".parse().unwrap()],
+            ..Filter::default()
+        };
+        assert!(!f.flow(&web));
+        for (v, web_ok, audited_ok) in [
+            (FilterVerdict::Allow, true, false),
+            (FilterVerdict::Drop, false, true),
+            (FilterVerdict::Audit, false, true),
+        ] {
+            let f = Filter {
+                verdict: Some(v),
+                ..Filter::default()
+            };
+            assert_eq!(
+                (f.flow(&web), f.flow(&audited)),
+                (web_ok, audited_ok),
+                "{v:?}"
+            );
+        }
+        for want in ["web-in", "roles.web.ingress[0]", "3", "#3"] {
+            let f = Filter {
+                rules: vec![want.into()],
+                ..Filter::default()
+            };
+            assert!(f.flow(&web) && !f.flow(&audited), "{want}");
+        }
+        let f = Filter {
+            ports: vec![443],
+            verdict: Some(FilterVerdict::Drop),
+            ..Filter::default()
+        };
+        assert!(!f.flow(&web), "every filter must match");
     }
 }

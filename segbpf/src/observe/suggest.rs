@@ -28,7 +28,7 @@ use crate::{
     attachment::pins::Attachment,
     attachment::state::State,
     host::clock,
-    observe::flowlog::{self, FlowLog, Record},
+    observe::flowlog::{self, Record},
     policy::compile::{self, Capacity},
     policy::{
         Direction, Policy, PolicyError,
@@ -104,8 +104,8 @@ struct Seen {
 }
 
 /// Suggests a policy for `att` from what it denied since `since` ago.
-/// When no other process drains the attachment's denied tables, this
-/// drains them first, so nothing waiting in the kernel is missed.
+/// What waits in the kernel's denied tables is drained first (here, or by
+/// the process that drains them, on request), so nothing is missed.
 pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestError> {
     let store = att.observed_dir();
     let (state, text, source) = if att.is_attached() {
@@ -277,20 +277,18 @@ fn applied_text(att: &Attachment, state: &State) -> Result<(String, String), Sug
     Ok((text, state.policy.clone()))
 }
 
-/// Drains what waits in the kernel into the store, unless another process
-/// is the flow log's primary (it drains at least every 10 s).
+/// Drains what waits in the kernel into the store: here, or by asking the
+/// flow log's primary to drain now ([`flowlog::drain_now`]), so the
+/// suggestion sees attempts up to the last second.
 fn drain_pending(att: &Attachment) {
-    let opts = flowlog::Options {
-        flows: false,
-        start: false,
-        active_every: flowlog::ACTIVE_EVERY,
-        denied_every: flowlog::DENIED_EVERY,
-    };
-    if let Ok(mut log) = FlowLog::open(att, opts)
-        && log.is_primary()
-        && let Err(e) = log.finish()
-    {
-        tracing::warn!("draining the denied tables of {}: {e}", att.describe());
+    match flowlog::drain_now(att, std::time::Duration::from_secs(3)) {
+        Ok(flowlog::Drained::Here | flowlog::Drained::ByPrimary) => {}
+        Ok(flowlog::Drained::NoAnswer) => tracing::warn!(
+            "the process that drains the denied tables of {} did not answer within 3 s: attempts of the last {} s may be missing",
+            att.describe(),
+            flowlog::DENIED_EVERY.as_secs()
+        ),
+        Err(e) => tracing::warn!("draining the denied tables of {}: {e}", att.describe()),
     }
 }
 

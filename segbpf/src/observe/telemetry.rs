@@ -71,12 +71,20 @@ pub enum DecodeError {
 /// A decoded event, with the stable field names of docs/events.md.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EventRecord {
+    /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    pub schema: u32,
     /// `"event"` (summaries say `"summary"`).
     pub r#type: &'static str,
     /// Wall-clock time of the verdict, RFC 3339 UTC (from `ts_ns`).
     pub time: String,
-    /// `drop` or `audit` (audit: would have been dropped, was let through).
+    /// `drop` or `audit` (audit: would have been dropped, was let through):
+    /// the text line's word; JSON says `verdict` and `audit`.
+    #[serde(skip)]
     pub action: &'static str,
+    /// The policy's verdict: always `drop` (events are about drops).
+    pub verdict: &'static str,
+    /// True when audit mode let the packet through.
+    pub audit: bool,
     /// Kernel coarse monotonic clock (CLOCK_MONOTONIC_COARSE) of the verdict, ns.
     pub ts_ns: u64,
     /// Interface name (as the reader knows it).
@@ -97,8 +105,14 @@ pub struct EventRecord {
     pub sport: u16,
     /// Destination port (ICMP: type).
     pub dport: u16,
-    /// TCP flags as letters (`S`, `SA`, `F`, `R`, `P`, `A`, `U`), empty otherwise.
+    /// TCP flags as letters (`S`, `SA`, `F`, `R`, `P`, `A`, `U`), empty
+    /// otherwise: the text line's form.
+    #[serde(skip)]
     pub tcp_flags: String,
+    /// TCP flags by name (`["SYN", "ACK"]`), as in flow records; empty for
+    /// other protocols.
+    #[serde(rename = "tcp_flags")]
+    pub tcp_flag_names: Vec<&'static str>,
     /// Reason name (docs/events.md lists them).
     pub reason: &'static str,
     /// Frame length, bytes.
@@ -130,12 +144,15 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         _ => ("unknown", None, None),
     };
     Ok(EventRecord {
+        schema: crate::JSON_SCHEMA,
         r#type: "event",
         action: if e.kind == EVENT_AUDIT {
             "audit"
         } else {
             "drop"
         },
+        verdict: "drop",
+        audit: e.kind == EVENT_AUDIT,
         time: crate::host::clock::rfc3339(crate::host::clock::wall_of_monotonic(e.ts_ns)),
         ts_ns: e.ts_ns,
         iface: iface.to_string(),
@@ -160,10 +177,29 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         } else {
             String::new()
         },
+        tcp_flag_names: if e.proto == segbpf_common::IPPROTO_TCP {
+            crate::host::proto::tcp_flag_names(e.tcp_flags)
+        } else {
+            Vec::new()
+        },
         reason: reason::name(e.reason),
         len: e.len,
         generation: e.generation,
     })
+}
+
+impl crate::observe::flows::Filter {
+    /// Whether a drop event (`monitor`) is shown: events are drops, which
+    /// no rule made, so `--rule` shows none.
+    pub fn event(&self, e: &EventRecord) -> bool {
+        self.matches(
+            [Some(e.sport), Some(e.dport)],
+            [e.src, e.dst],
+            true,
+            e.audit,
+            None,
+        )
+    }
 }
 
 /// Output format of streamed events.
@@ -250,11 +286,13 @@ pub enum Reader {
 /// Streams an attachment's events to stdout until `stop` resolves or the
 /// attachment goes away. Every `summary_every`, a summary line reports
 /// events suppressed and lost since the last one (when there are any).
+/// Only the events `filter` selects are written (`monitor --port ...`).
 pub async fn stream(
     att: &Attachment,
     format: LogFormat,
     reader: Reader,
     summary_every: Duration,
+    filter: &crate::observe::flows::Filter,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), TelemetryError> {
     use std::io::Write as _;
@@ -293,6 +331,7 @@ pub async fn stream(
                 if sup > 0 || lost > 0 {
                     let line = match format {
                         LogFormat::Json => serde_json::json!({
+                            "schema": crate::JSON_SCHEMA,
                             "type": "summary",
                             "time": crate::host::clock::rfc3339(std::time::SystemTime::now()),
                             "iface": att.iface,
@@ -317,6 +356,7 @@ pub async fn stream(
                     let mut out = stdout.lock();
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
+                            Ok(ev) if !filter.event(&ev) => {}
                             Ok(ev) if crate::host::logging::to_journal() => ev.to_journal(),
                             Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),
@@ -384,11 +424,14 @@ mod tests {
         let r = decode(bytemuck::bytes_of(&sample()), "eth0").unwrap();
         let v: serde_json::Value = serde_json::from_str(&r.line(LogFormat::Json)).unwrap();
         assert_eq!(v["type"], "event");
-        assert_eq!(v["action"], "drop");
+        assert_eq!(v["schema"], crate::JSON_SCHEMA);
+        assert_eq!(v["verdict"], "drop");
+        assert_eq!(v["audit"], false);
+        assert!(v.get("action").is_none(), "{v}");
         assert_eq!(v["src"], "10.10.1.15");
         assert_eq!(v["dport"], 5432);
         assert_eq!(v["proto"], "tcp");
-        assert_eq!(v["tcp_flags"], "S");
+        assert_eq!(v["tcp_flags"], serde_json::json!(["SYN"]));
         assert_eq!(v["reason"], "default-drop");
         assert_eq!(v["direction"], "ingress");
         let time = v["time"].as_str().unwrap();

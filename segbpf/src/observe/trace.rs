@@ -49,12 +49,13 @@ pub struct Traced {
     /// Direction judged.
     pub direction: Direction,
     /// The program's return code (XDP action, or TC action for egress).
+    #[serde(rename = "return_value")]
     pub action: u32,
     /// Whether the packet matched a tracked connection.
     pub ct_hit: bool,
     /// Rule id, label and line, if a rule allowed the packet.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<serde_json::Value>,
+    pub rule: Option<crate::policy::compile::RuleJson>,
     /// Address class of the peer, if the peer is in any rule's peers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<u32>,
@@ -102,14 +103,7 @@ pub fn trace_with(
     let state = State::current(att).ok();
     let rule = (t.rule_id != NO_RULE).then(|| {
         let info = state.as_ref().and_then(|s| s.rule(t.rule_id));
-        serde_json::json!({
-            "id": info.map_or(t.rule_id, |i| i.id),
-            "label": info.map(|i| i.label.clone()),
-            "name": info.and_then(|i| i.name.clone()),
-            "line": info.map(|i| i.line),
-            "peer": info.map(|i| i.peer.clone()),
-            "services": info.map(|i| i.services.clone()),
-        })
+        crate::policy::compile::RuleJson::new(t.rule_id, info)
     });
     Ok(Traced {
         verdict: if reason::passes(t.reason) {

@@ -198,6 +198,84 @@ impl RuleInfo {
     }
 }
 
+/// How JSON results name a rule (docs/json.md): the same object in
+/// `trace`, `explain`, `flows` and flow records. `id` is always there; the
+/// rest when the policy in force describes the rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleJson {
+    /// Rule id (its counter slot as the kernel reports it).
+    pub id: u32,
+    /// The rule's `name`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Label such as `roles.web.ingress[0]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Line of the rule in the policy file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// `ingress` or `egress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// Peer as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Services, e.g. `tcp/80,443`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<String>,
+}
+
+impl RuleJson {
+    /// The rule the kernel reported as `id`, described by `info` if known.
+    pub fn new(id: u32, info: Option<&RuleInfo>) -> Self {
+        match info {
+            Some(i) => RuleJson {
+                id: i.id,
+                name: i.name.clone(),
+                label: Some(i.label.clone()),
+                line: Some(i.line),
+                direction: Some(i.direction.clone()),
+                peer: Some(i.peer.clone()),
+                services: Some(i.services.clone()),
+            },
+            None => RuleJson {
+                id,
+                ..RuleJson::default()
+            },
+        }
+    }
+
+    /// The rule's name, else its label, else `#ID`: how text output names it.
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.label.clone())
+            .unwrap_or_else(|| format!("#{}", self.id))
+    }
+
+    /// Reads a flow record's `rule`: this object, or the bare name of
+    /// records written before the JSON dialect (docs/json.md).
+    pub fn deserialize_compat<'de, D>(d: D) -> Result<Option<RuleJson>, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Object(RuleJson),
+            Name(String),
+        }
+        Ok(match Option::<Either>::deserialize(d)? {
+            Some(Either::Object(r)) => Some(r),
+            Some(Either::Name(n)) => Some(RuleJson {
+                name: Some(n),
+                ..RuleJson::default()
+            }),
+            None => None,
+        })
+    }
+}
+
 /// Gives the rules of `c` their counter slots: a rule that also exists in
 /// `previous` keeps its slot (its counters carry over), a new rule takes
 /// the lowest slot no rule uses. Rewrites the port trie's values to the

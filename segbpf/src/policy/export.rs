@@ -98,8 +98,12 @@ pub fn nft(policy: &Policy, roles: &[String], iface: Option<&str>, table: &str) 
         for r in policy.rules_for(roles, iface_filter(iface), dir) {
             let _ = writeln!(
                 out,
-                "        # rule {} {} (line {})",
+                "        # rule {} {}{} (line {})",
                 r.id,
+                r.name
+                    .as_ref()
+                    .map(|n| format!("{n}, "))
+                    .unwrap_or_default(),
                 r.label(),
                 r.loc.line
             );
