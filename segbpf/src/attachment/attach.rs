@@ -181,9 +181,10 @@ fn apply_timed(
     }
     let policy = Policy::load(&req.policy)?;
     phases.mark("parse");
-    let ifindex = netif::ifindex(&req.iface)?;
+    // Identify: the kernel is asked once; the steps below use this value.
     // The device type decides where packets start; refuse what we cannot parse.
-    let link = netif::link_layer(&req.iface)?;
+    let id = netif::identify(&req.iface)?;
+    let (ifindex, link) = (id.ifindex, id.link);
 
     // 2. One attach (or change) of this attachment at a time. A live
     //    attachment is adopted: restarting `attach` (a crash, `kill -9`, a
@@ -222,8 +223,7 @@ fn apply_timed(
 
     phases.mark("lock+prune");
     // 3. A new attachment: roles, compile, then the kernel.
-    let addrs = netif::addresses(&req.iface)?;
-    let roles = roles::resolve(&policy, &req.roles, &req.iface, &addrs)?;
+    let roles = roles::resolve(&policy, &req.roles, &req.iface, &id.addresses)?;
     let generation = 1;
     let capacity = Capacity {
         ct: req.ct_size,

@@ -4,9 +4,9 @@
 
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
-    Config, Counter, MAP_ACTIVE, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS,
-    MAP_STATS, MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN,
-    TraceResult,
+    Config, Counter, EV_EMITTED, EV_LOST, EV_SUPPRESSED, MAP_ACTIVE, MAP_CONFIG, MAP_DENY_LOST,
+    MAP_EVSTATS, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_STATS, MAP_TRACE,
+    PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Compiled};
@@ -328,6 +328,42 @@ pub fn pinned_rule_stats(att: &Attachment) -> Result<Vec<Counter>, MapsError> {
     sum_counters(&Map::PerCpuArray(data), MAP_RULE_STATS)
 }
 
+/// Event counters of an attachment: emitted, suppressed by the rate limit,
+/// lost because the ring was full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EventStats {
+    /// Events written to the ring.
+    pub emitted: u64,
+    /// Events not written because of the kernel rate limit.
+    pub suppressed: u64,
+    /// Events lost because the ring buffer was full.
+    pub lost: u64,
+}
+
+/// An attachment's event counters, from its pins.
+pub fn pinned_event_stats(att: &Attachment) -> Result<EventStats, MapsError> {
+    let data = MapData::from_pin(att.map(MAP_EVSTATS)).map_err(err(MAP_EVSTATS))?;
+    let map = Map::PerCpuArray(data);
+    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(err(MAP_EVSTATS))?;
+    let sum = |i: u32| -> Result<u64, MapsError> {
+        Ok(arr.get(&i, 0).map_err(err(MAP_EVSTATS))?.iter().sum())
+    };
+    Ok(EventStats {
+        emitted: sum(EV_EMITTED)?,
+        suppressed: sum(EV_SUPPRESSED)?,
+        lost: sum(EV_LOST)?,
+    })
+}
+
+/// Denied packets an attachment's kernel could not aggregate since
+/// attach, from its pins.
+pub fn pinned_denied_lost(att: &Attachment) -> Result<u64, MapsError> {
+    let lost: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(pinned(att, MAP_DENY_LOST)?))
+            .map_err(err(MAP_DENY_LOST))?;
+    Ok(lost.get(&0, 0).map_err(err(MAP_DENY_LOST))?.iter().sum())
+}
+
 /// The configuration in force of an attachment, from its pins.
 pub fn pinned_config(att: &Attachment) -> Result<Config, MapsError> {
     let m = PolicyMaps::from_pins(att)?;
@@ -397,6 +433,18 @@ pub fn pinned_ct_fill(att: &Attachment, ifindex: u32) -> Result<[(u64, u64); 2],
     let assured = pinned_fill::<CtKey, CtEntry>(att, MAP_CT, mine)?;
     let half_open = pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW, mine)?;
     Ok([(assured.0, half_open.0), (assured.1, half_open.1)])
+}
+
+/// The fill levels of an attachment's connection and fragment tables:
+/// the interface `ifindex`'s assured and half-open connections (0 when
+/// the index is not known), fragments on assured flows, other fragments.
+/// Each is a walk of the table.
+pub fn pinned_table_fill(att: &Attachment, ifindex: Option<u32>) -> (u64, u64, u64, u64) {
+    let [(ct, half_open), _] = ifindex
+        .and_then(|i| pinned_ct_fill(att, i).ok())
+        .unwrap_or_default();
+    let (frag_assured, frag_other) = pinned_frag_fill(att).unwrap_or((0, 0));
+    (ct, half_open, frag_assured, frag_other)
 }
 
 /// Entries in an attachment's fragment tables: (assured, other).

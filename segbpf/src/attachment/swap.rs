@@ -315,33 +315,24 @@ impl fmt::Display for RolledBack {
 /// `segbpf reload`: applies `req` (guarded when `req.confirm`). Refused
 /// while a change waits for confirmation, unless `req.force`.
 pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<Swapped, SwapError> {
-    guard::refuse_while_pending(att, req.force).map_err(Box::new)?;
-    if let Some(secs) = req.confirm {
-        guard::arm_for_reload(att, secs).map_err(Box::new)?;
-    }
-    let out = swap_with(att, req.redetect_roles, |old| {
-        let path = req
-            .policy
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(&old.policy));
-        let overrides = if req.keep_set_edits {
-            old.set_overrides.clone()
-        } else {
-            BTreeMap::new()
-        };
-        Ok(Choice::file(path, overrides))
+    let guarded = Guarded {
+        confirm: req.confirm,
+        force: req.force,
+    };
+    guarded.run(att, || {
+        swap_with(att, req.redetect_roles, |old| {
+            let path = req
+                .policy
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(&old.policy));
+            let overrides = if req.keep_set_edits {
+                old.set_overrides.clone()
+            } else {
+                BTreeMap::new()
+            };
+            Ok(Choice::file(path, overrides))
+        })
     })
-    .inspect_err(|_| {
-        if req.confirm.is_some() {
-            guard::disarm(att);
-        }
-    })?;
-    if let Some(secs) = req.confirm {
-        // In force now: the confirmation time starts.
-        let generation = State::current(att)?.generation;
-        guard::start_clock(att, generation, secs).map_err(Box::new)?;
-    }
-    Ok(out)
 }
 
 /// `segbpf rollback`: the history entry before the one in force.

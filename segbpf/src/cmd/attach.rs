@@ -227,7 +227,6 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     }
     // stdout carries the event stream; the summary is a log line.
     info!("{}", applied.summary);
-    crate::host::service::ready(&applied.summary);
     let att = applied.att;
     if let Some(server) = metrics {
         server.start(att.clone())?;
@@ -264,6 +263,8 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             }
         });
     }
+    // Ready once everything that serves the attachment runs.
+    crate::host::service::ready(&applied.summary);
     let result = wait_for_exit(
         &att,
         signals,

@@ -528,19 +528,9 @@ async fn follow(
         local.failed = Some((target, e));
         return;
     }
-    if guard::pending(att).is_some() {
-        // A change of this host waits for `segbpf confirm`: the revision
-        // waits too (the retry tick comes back to it).
-        warn!(
-            "revision {target}: a change of {} waits for `segbpf confirm {}`; the revision is applied after it",
-            att.describe(),
-            att.iface
-        );
+    let Some(applied) = apply(att, target, &text, current.confirm) else {
         return;
-    }
-    // Under systemd (Type=notify) a revision is framed as a reload is.
-    crate::host::service::reloading(&format!("fleet revision {target}"));
-    let applied = apply(att, &text, current.confirm);
+    };
     crate::host::service::ready(&match &applied {
         Ok(_) => format!("fleet revision {target} applied"),
         Err(e) => format!("fleet revision {target} refused, the policy in force is unchanged: {e}"),
@@ -582,32 +572,42 @@ async fn follow(
     }
 }
 
-/// Swaps `text` in as `reload` does (guarded when `confirm`); the state
-/// names the cache file.
-fn apply(att: &Attachment, text: &str, confirm: Option<u64>) -> Result<swap::Swapped, FleetError> {
+/// Stages revision `target` (`text`) in the cache, then swaps it in as
+/// `reload` does, through one guarded swap (guarded when `confirm`); the
+/// state names the cache file. `None` while a change of this host waits for
+/// `segbpf confirm`: the revision waits too (the retry tick comes back to it).
+fn apply(
+    att: &Attachment,
+    target: u64,
+    text: &str,
+    confirm: Option<u64>,
+) -> Option<Result<swap::Swapped, FleetError>> {
     let next = next_path(att);
-    write_atomic(&next, text.as_bytes())?;
-    guard::refuse_while_pending(att, false)
-        .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
-    if let Some(secs) = confirm {
-        guard::arm_for_reload(att, secs)
-            .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
-    }
     let cache = cache_path(att);
-    let out = swap::swap_with(att, true, |_| {
-        Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
-    })
-    .inspect_err(|_| {
-        if confirm.is_some() {
-            guard::disarm(att);
-        }
-    })?;
-    if let Some(secs) = confirm {
-        let generation = State::current(att).map_or(out.generation, |s| s.generation);
-        guard::start_clock(att, generation, secs)
-            .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
+    let staged = write_atomic(&next, text.as_bytes());
+    if guard::pending(att).is_some() {
+        warn!(
+            "revision {target}: a change of {} waits for `segbpf confirm {}`; the revision is applied after it",
+            att.describe(),
+            att.iface
+        );
+        return None;
     }
-    Ok(out)
+    // Under systemd (Type=notify) a revision is framed as a reload is.
+    crate::host::service::reloading(&format!("fleet revision {target}"));
+    let guarded = swap::Guarded {
+        confirm,
+        force: false,
+    };
+    Some(staged.and_then(|()| {
+        guarded
+            .run(att, || {
+                swap::swap_with(att, true, |_| {
+                    Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
+                })
+            })
+            .map_err(FleetError::from)
+    }))
 }
 
 /// The revision is in force (and confirmed): it becomes the cache.
@@ -664,6 +664,10 @@ async fn try_report(
     local: &mut Local,
     lease: i64,
 ) -> Result<(), FleetError> {
+    // Who this agent is first, then what the attachment and the kernel
+    // say (each asked once for every name it reports under).
+    let me = owner(att);
+    let names = identities(&cfg.host, att);
     // The guard's announcement is replaced once it acted (nothing waits
     // for confirmation any more): the row says what happened.
     if let Some((revision, e)) = &mut local.failed
@@ -673,7 +677,11 @@ async fn try_report(
         *e = guard_acted(*revision);
     }
     let state = State::current(att).ok();
-    let me = owner(att);
+    let addresses: Vec<String> = netif::permanent_addresses(&att.iface)
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let status = |host: &str| AgentStatus {
         host: host.to_string(),
         name: Some(cfg.host.clone()),
@@ -684,11 +692,7 @@ async fn try_report(
             .as_ref()
             .map(|s| s.role_args.clone())
             .unwrap_or_default(),
-        addresses: netif::permanent_addresses(&att.iface)
-            .unwrap_or_default()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        addresses: addresses.clone(),
         revision: local.applied,
         hash: local.applied_hash.clone(),
         generation: state.as_ref().map_or(0, |s| s.generation),
@@ -698,7 +702,7 @@ async fn try_report(
     };
     let store = &cfg.store;
     let mut held_by = Vec::new();
-    for name in identities(&cfg.host, att) {
+    for name in names {
         let key = store.status_key(&name, &att.iface);
         let resp = store
             .timed(

@@ -401,6 +401,31 @@ pub fn link_layer(iface: &str) -> Result<LinkLayer, NetifError> {
     })
 }
 
+/// What the kernel says about one interface, asked once: `attach` works
+/// from this value (the `identify` step) and passes it on as data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The interface index.
+    pub ifindex: u32,
+    /// How its packets are read.
+    pub link: LinkLayer,
+    /// Its addresses (all of them, as [`addresses`] reports).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The [`Identity`] of `iface`: its index, then its link layer (an error
+/// for a device type segbpf cannot parse), then its addresses.
+pub fn identify(iface: &str) -> Result<Identity, NetifError> {
+    let ifindex = ifindex(iface)?;
+    let link = link_layer(iface)?;
+    let addresses = addresses(iface)?;
+    Ok(Identity {
+        ifindex,
+        link,
+        addresses,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

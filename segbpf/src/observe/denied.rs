@@ -25,14 +25,6 @@ use crate::{attachment::maps::MapsError, attachment::pins::Attachment};
 /// one BPF program run takes microseconds; this is generous.
 const GRACE: Duration = Duration::from_millis(20);
 
-/// Denied packets `att`'s kernel could not aggregate since attach.
-pub fn pinned_lost(att: &Attachment) -> Result<u64, MapsError> {
-    let lost: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(att, MAP_DENY_LOST)?))
-            .map_err(err(MAP_DENY_LOST))?;
-    Ok(lost.get(&0, 0).map_err(err(MAP_DENY_LOST))?.iter().sum())
-}
-
 /// One aggregate of denied traffic since the previous drain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denied {

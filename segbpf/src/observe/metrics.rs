@@ -29,7 +29,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{attachment::maps::MapsError, attachment::pins::Attachment, observe::report};
+use crate::{
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
+    observe::report,
+};
 
 /// At most this many connections at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -253,7 +258,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
             .get_or_create(&vec![iface()])
             .set(i64::try_from(s.generation).unwrap_or(i64::MAX));
     }
-    if let Some(last) = crate::attachment::swap::LastChange::read(att) {
+    if let Some(last) = &r.last_change {
         let ok = Family::<Labels, Gauge>::default();
         registry.register(
             "last_reload_success",
@@ -326,7 +331,8 @@ impl Server {
     }
 }
 
-/// Accepts connections until the process ends.
+/// Answers requests from a task of its own, and samples the tables' fill
+/// levels every [`FILL_EVERY`], until the process ends.
 async fn serve(listener: std::net::TcpListener, att: Attachment) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -337,24 +343,25 @@ async fn serve(listener: std::net::TcpListener, att: Attachment) {
     };
     let att = Arc::new(att);
     let fill = Arc::new(Mutex::new(Fill::default()));
-    {
-        let (att, fill) = (att.clone(), fill.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FILL_EVERY);
-            loop {
-                tick.tick().await;
-                let (ct, half_open, frag_assured, frag_other) = report::table_fill(&att);
-                if let Ok(mut f) = fill.lock() {
-                    *f = Fill {
-                        ct,
-                        half_open,
-                        frag_assured,
-                        frag_other,
-                    };
-                }
-            }
-        });
+    tokio::spawn(accept(listener, att.clone(), fill.clone()));
+    let mut tick = tokio::time::interval(FILL_EVERY);
+    loop {
+        tick.tick().await;
+        let ifindex = State::current(&att).ok().map(|s| s.ifindex);
+        let (ct, half_open, frag_assured, frag_other) = maps::pinned_table_fill(&att, ifindex);
+        if let Ok(mut f) = fill.lock() {
+            *f = Fill {
+                ct,
+                half_open,
+                frag_assured,
+                frag_other,
+            };
+        }
     }
+}
+
+/// Accepts connections until the process ends.
+async fn accept(listener: tokio::net::TcpListener, att: Arc<Attachment>, fill: Arc<Mutex<Fill>>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {

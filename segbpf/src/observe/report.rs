@@ -102,6 +102,10 @@ pub struct Report {
     pub drift: Vec<String>,
     /// A change waiting for `segbpf confirm`.
     pub pending: Option<Awaiting>,
+    /// The outcome of the last policy change (for the metrics; `status`
+    /// does not print it).
+    #[serde(skip)]
+    pub last_change: Option<crate::attachment::swap::LastChange>,
 }
 
 /// A change applied with `--confirm` that is not confirmed yet.
@@ -187,22 +191,10 @@ pub fn report(att: &Attachment) -> Result<Report, MapsError> {
     build(att, true)
 }
 
-/// The fill levels of an attachment's connection and fragment tables:
-/// assured, half-open, fragments on assured flows, other fragments. Each
-/// is a walk of the table.
+/// The fill levels of an attachment's connection and fragment tables
+/// ([`maps::pinned_table_fill`] for the interface of its state).
 pub fn table_fill(att: &Attachment) -> (u64, u64, u64, u64) {
-    let [(ct, half_open), _] = ct_fill(att);
-    let (frag_assured, frag_other) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
-    (ct, half_open, frag_assured, frag_other)
-}
-
-/// This interface's entries in the shared connection tables, and every
-/// interface's: ((assured, half-open), (assured, half-open)).
-fn ct_fill(att: &Attachment) -> [(u64, u64); 2] {
-    State::current(att)
-        .ok()
-        .and_then(|s| maps::pinned_ct_fill(att, s.ifindex).ok())
-        .unwrap_or_default()
+    maps::pinned_table_fill(att, State::current(att).ok().map(|s| s.ifindex))
 }
 
 /// Builds the report; the table fill levels are left at 0 unless `fill`
@@ -265,10 +257,10 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     let [
         (entries, half_open_entries),
         (table_entries, table_half_open_entries),
-    ] = if fill {
-        ct_fill(att)
-    } else {
-        Default::default()
+    ] = match &state {
+        // The state read above gives the interface index (read once).
+        Some(s) if fill => maps::pinned_ct_fill(att, s.ifindex).unwrap_or_default(),
+        _ => Default::default(),
     };
     let (assured_entries, other_entries) = if fill {
         maps::pinned_frag_fill(att).unwrap_or((0, 0))
@@ -296,6 +288,10 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     } else {
         Vec::new()
     };
+    // The rest of what the attachment's files say, then what the
+    // observers (events, denied aggregates) count.
+    let pending = crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p));
+    let last_change = crate::attachment::swap::LastChange::read(att);
     Ok(Report {
         iface: att.iface.clone(),
         netns: att.netns.label.clone(),
@@ -311,9 +307,10 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         conntrack,
         fragments,
         memory,
-        events: crate::observe::telemetry::pinned_event_stats(att).unwrap_or_default(),
-        denied_lost: crate::observe::denied::pinned_lost(att).unwrap_or(0),
+        events: maps::pinned_event_stats(att).unwrap_or_default(),
+        denied_lost: maps::pinned_denied_lost(att).unwrap_or(0),
         drift: state_sets,
-        pending: crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p)),
+        pending,
+        last_change,
     })
 }

@@ -14,15 +14,14 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
-use segbpf_common::{
-    EV_EMITTED, EV_LOST, EV_SUPPRESSED, EVENT_AUDIT, EVENT_VERSION, Event, MAP_EVENTS, MAP_EVSTATS,
-    reason,
-};
+use aya::maps::{Map, MapData, RingBuf};
+use segbpf_common::{EVENT_AUDIT, EVENT_VERSION, Event, MAP_EVENTS, reason};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
+pub use crate::attachment::maps::EventStats;
 use crate::{
+    attachment::maps::pinned_event_stats,
     attachment::pins::{Attachment, LockKind},
     host::proto::proto_name,
 };
@@ -273,34 +272,6 @@ impl EventRecord {
             }
         }
     }
-}
-
-/// Event counters of an attachment: emitted, suppressed by the rate limit,
-/// lost because the ring was full.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct EventStats {
-    /// Events written to the ring.
-    pub emitted: u64,
-    /// Events not written because of the kernel rate limit.
-    pub suppressed: u64,
-    /// Events lost because the ring buffer was full.
-    pub lost: u64,
-}
-
-/// Reads an attachment's event counters from its pins.
-pub fn pinned_event_stats(att: &Attachment) -> Result<EventStats, TelemetryError> {
-    let what = || format!("event counters ({})", att.map(MAP_EVSTATS).display());
-    let data = MapData::from_pin(att.map(MAP_EVSTATS)).map_err(map_err(what()))?;
-    let map = Map::PerCpuArray(data);
-    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(map_err(what()))?;
-    let sum = |i: u32| -> Result<u64, TelemetryError> {
-        Ok(arr.get(&i, 0).map_err(map_err(what()))?.iter().sum())
-    };
-    Ok(EventStats {
-        emitted: sum(EV_EMITTED)?,
-        suppressed: sum(EV_SUPPRESSED)?,
-        lost: sum(EV_LOST)?,
-    })
 }
 
 /// Who reads the ring.
