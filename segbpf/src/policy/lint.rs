@@ -117,6 +117,9 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
     if a.direction != b.direction || !covers(&a.peers, &b.peers) {
         return false;
     }
+    if !b.peer_services.iter().all(|x| a.peer_services.contains(x)) {
+        return false;
+    }
     let ifaces_ok = match (&a.interfaces, &b.interfaces) {
         (None, _) => true,
         (Some(_), None) => false,
@@ -138,6 +141,8 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
 /// Whether `a` applies on every host `b` applies on (base covers all).
 fn scope_covers(a: &Rule, b: &Rule) -> bool {
     match (&a.owner, &b.owner) {
+        (Owner::Service(x), Owner::Service(y)) => x == y,
+        (_, Owner::Service(_)) => false,
         (Owner::Base, _) => true,
         (Owner::Role(x), Owner::Role(y)) => x == y,
         _ => false,
@@ -153,7 +158,10 @@ fn mentions(text: &str, name: &str) -> bool {
 /// Runs every lint.
 pub fn lint(policy: &Policy) -> Vec<Warning> {
     let mut out = Vec::new();
-    for r in &policy.rules {
+    // Service rules are linted like role rules (their own scope: a rule
+    // covers another only within one service).
+    let all_rules = || policy.rules.iter().chain(&policy.service_rules);
+    for r in all_rules() {
         if r.direction != Direction::Ingress || !is_any(&r.peers) {
             continue;
         }
@@ -178,9 +186,9 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
             }
         }
     }
-    for b in &policy.rules {
-        if let Some(a) = policy.rules.iter().find(|a| {
-            a.id != b.id
+    for b in all_rules() {
+        if let Some(a) = all_rules().find(|a| {
+            !std::ptr::eq(*a, b)
                 && scope_covers(a, b)
                 && rule_covers(a, b)
                 && !(rule_covers(b, a) && scope_covers(b, a) && a.id > b.id)
@@ -198,7 +206,7 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
         }
     }
     for s in &policy.sets {
-        let used = policy.rules.iter().any(|r| mentions(&r.peer_text, &s.name))
+        let used = all_rules().any(|r| mentions(&r.peer_text, &s.name))
             || policy.roles.iter().any(|r| {
                 r.hosts_text
                     .as_deref()
