@@ -45,6 +45,7 @@ pub mod policy;
 pub mod proto;
 pub mod report;
 pub mod service;
+pub mod services;
 pub mod state;
 pub mod suggest;
 pub mod swap;
