@@ -37,7 +37,7 @@ pub const PROG_SVC_EGRESS: &str = "segbpf_svc_egress";
 pub const PROG_SVC_EMPTY: &str = "segbpf_svc_empty";
 
 /// Every map the services attachment pins.
-pub const SVC_PINNED_MAPS: [&str; 8] = [
+pub const SVC_PINNED_MAPS: [&str; 9] = [
     MAP_SVC_CG,
     MAP_SVC_CFG,
     MAP_SVC_ACT,
@@ -46,6 +46,7 @@ pub const SVC_PINNED_MAPS: [&str; 8] = [
     MAP_SVC_PORTS,
     MAP_SVC_PEER,
     MAP_SVC_CT,
+    MAP_SVC_STATS,
 ];
 
 /// Service ids per slot: 1..=`MAX_SERVICES`; the slot byte is

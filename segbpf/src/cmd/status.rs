@@ -17,8 +17,16 @@ use crate::{
 /// Arguments of `segbpf status`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Only this interface (default: every attached interface).
+    /// Only this interface (default: every attached interface, and the
+    /// services attachments).
     pub iface: Option<String>,
+    /// Only the services attachment (docs/services.md).
+    #[arg(long, conflicts_with = "iface")]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -34,6 +42,14 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             old.display()
         );
     }
+    if args.services {
+        return crate::cmd::services::status(args.cgroup_root, args.output);
+    }
+    let services = if args.iface.is_none() {
+        crate::cmd::services::reports(None, true)
+    } else {
+        Vec::new()
+    };
     let atts = match &args.iface {
         Some(i) => {
             let att = roots.attachment(i, ns);
@@ -49,7 +65,12 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         .map(report::report)
         .collect::<Result<Vec<_>, _>>()?;
     match args.output {
-        Output::Json => print_json(&serde_json::json!({ "attachments": reports }))?,
+        Output::Json if services.is_empty() => {
+            print_json(&serde_json::json!({ "attachments": reports }))?;
+        }
+        Output::Json => {
+            print_json(&serde_json::json!({ "attachments": reports, "services": services }))?;
+        }
         Output::Text => {
             let mut o = std::io::stdout().lock();
             if reports.is_empty() {
@@ -58,6 +79,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             for r in &reports {
                 print_text(&mut o, r)?;
             }
+            crate::cmd::services::print_text(&mut o, &services)?;
         }
     }
     Ok(())

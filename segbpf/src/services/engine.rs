@@ -1,6 +1,7 @@
 //! The services attachment: load the cgroup_skb programs, fill their maps
 //! (the policy slot and the cgroup table), attach them once at the cgroup
-//! root with `BPF_F_ALLOW_MULTI` (beside systemd's own programs), pin
+//! root as bpf_links (which the kernel attaches with `BPF_F_ALLOW_MULTI`,
+//! beside systemd's own programs), pin
 //! links and maps, follow the cgroup tree, reload, detach.
 //!
 //! Layout, with `ROOT` the pin root and `STATE` the state directory of
@@ -476,8 +477,10 @@ fn load_and_attach(
             .map_err(kernel(format!("program {prog_name}")))?;
         prog.load()
             .map_err(kernel(format!("loading {prog_name} (verifier)")))?;
+        // A bpf_link on a cgroup is always attached as BPF_F_ALLOW_MULTI
+        // (beside systemd's programs); link_create refuses explicit flags.
         let id = prog
-            .attach(&cgroup, attach_type, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
             .map_err(kernel(format!(
                 "attaching {prog_name} to {}",
                 paths.root.dir.display()

@@ -4,9 +4,12 @@
 //!
 //! `compile` turns the policy's services into map contents, `cgroups`
 //! finds the cgroup v2 mount, reads cgroup ids and classifies the cgroup
-//! tree (service, none, guard) and `engine` loads, attaches, pins, fills
-//! and follows the cgroup tree, and detaches.
+//! tree (service, none, guard), `engine` loads, attaches, pins, fills,
+//! reloads and detaches, `follow` keeps the cgroup table in step with the tree
+//! while the attachment runs, `report` says what is in force.
 
 pub mod cgroups;
 pub mod compile;
 pub mod engine;
+pub mod follow;
+pub mod report;
