@@ -168,6 +168,10 @@ const _: () = assert!(core::mem::size_of::<SvcFlowKey>() == 40);
 /// [`SvcFlow::flags`]: the flow's sender passed its egress only through
 /// `to_services`; the receiver's ingress checks it is one of them.
 pub const SVC_FLOW_NEED_PEER: u32 = 1;
+/// [`SvcFlow::flags`]: the entry was made by a packet the socket received
+/// (its peer's port may be reused by another local process later: over
+/// loopback a later packet must come from the same peer service).
+pub const SVC_FLOW_INBOUND: u32 = 2;
 
 /// A socket side of an allowed flow.
 #[repr(C)]
@@ -180,12 +184,23 @@ pub struct SvcFlow {
     pub svc_cg: u64,
     /// Last packet, ns (`bpf_ktime_get_coarse_ns`).
     pub last_ns: u64,
+    /// Over loopback: the peer's service cgroup when the entry was made
+    /// (0: none or not local). A later packet is part of the flow only
+    /// from the same peer: a local process that reuses the 4-tuple after
+    /// the peer closed is judged anew.
+    pub peer_cg: u64,
     /// `SVC_FLOW_*`.
     pub flags: u32,
     /// Rule that allowed it (`u32::MAX`: a default).
     pub rule: u32,
 }
-const _: () = assert!(core::mem::size_of::<SvcFlow>() == 32);
+const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
+
+/// How recent a sender's egress view must be for its receiver to take the
+/// sender's identity from it: the packet being judged was sent within it
+/// (loopback delivers at once), while a view left by a closed socket is
+/// older. Nanoseconds.
+pub const SVC_SENDER_FRESH_NS: u64 = 100_000_000;
 
 /// Idle timeout of a TCP flow entry, seconds.
 pub const SVC_TCP_IDLE_S: u64 = 7_440;

@@ -27,8 +27,8 @@ use aya_ebpf::{
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SLOT_STRIDE, SVC_TCP_IDLE_S,
-    SVC_UDP_IDLE_S, SvcConfig, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SENDER_FRESH_NS,
+    SVC_SLOT_STRIDE, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SvcConfig, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
@@ -108,7 +108,7 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
                 count(base, dir, false, len);
                 return DROP;
             };
-            if let Some(sender) = sender_view(&p)
+            if let Some(sender) = sender_view(&p, now_ns())
                 && sender.flags & SVC_FLOW_NEED_PEER != 0
                 && globals.audit == 0
             {
@@ -148,24 +148,40 @@ fn judge_service(
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
     let sock_cg = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let now = now_ns();
+    // The peer's service over loopback: the sender's egress view, written
+    // for this very packet (fresh); a view left by a closed socket is not
+    // the sender of this one.
+    let sender = if dir == DIR_INGRESS && lo {
+        sender_view(&p, now)
+    } else {
+        None
+    };
+    let peer_cg = match &sender {
+        Some(s) => s.svc_cg,
+        None => 0,
+    };
     if cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(&own)
     {
         // SAFETY: a valid pointer to the map value returned by the lookup.
         let entry = unsafe { &mut *e };
-        if entry.sock_cg == sock_cg && fresh(entry, p.proto, now) {
+        if entry.sock_cg == sock_cg
+            && fresh(entry, p.proto, now)
+            && (!lo
+                || dir == DIR_EGRESS
+                || entry.flags & SVC_FLOW_INBOUND == 0
+                || entry.peer_cg == peer_cg)
+        {
             entry.last_ns = now;
             return PASS;
         }
     }
-    // The peer's service over loopback: the sender's egress view.
-    let sender = if dir == DIR_INGRESS && lo {
-        sender_view(&p)
-    } else {
-        None
-    };
     let mut rule = addr_rule(slotb, dir, &p);
-    let mut flags = 0u32;
+    let mut flags = if dir == DIR_INGRESS {
+        SVC_FLOW_INBOUND
+    } else {
+        0
+    };
     if lo {
         if dir == DIR_INGRESS {
             if let Some(s) = &sender {
@@ -181,7 +197,7 @@ fn judge_service(
             let r = peer_rule(slotb, DIR_EGRESS, SVC_PEER_ANY, &p);
             if r != NO_RULE {
                 rule = r;
-                flags = SVC_FLOW_NEED_PEER;
+                flags |= SVC_FLOW_NEED_PEER;
             }
         }
     }
@@ -201,9 +217,8 @@ fn judge_service(
     } else {
         cfg.egress_default
     };
-    let allowed = rule != NO_RULE
-        || (cfg.icmp != 0 && p.echo == ECHO_REQUEST)
-        || default == ACTION_ALLOW;
+    let allowed =
+        rule != NO_RULE || (cfg.icmp != 0 && p.echo == ECHO_REQUEST) || default == ACTION_ALLOW;
     if !allowed {
         return fail;
     }
@@ -215,6 +230,7 @@ fn judge_service(
             sock_cg,
             svc_cg,
             last_ns: now,
+            peer_cg,
             flags,
             rule,
         };
@@ -272,13 +288,19 @@ fn service_of(cg: u64, slot: u8) -> u8 {
     }
 }
 
-/// The sender's view of this packet's flow (its egress wrote it), if
-/// the sender is a local socket that passed.
+/// The sender's view of this packet's flow, if the sender is a local
+/// socket of a service whose egress wrote it for this packet (at most
+/// `SVC_SENDER_FRESH_NS` ago).
 #[inline(always)]
-fn sender_view(p: &Pkt) -> Option<SvcFlow> {
+fn sender_view(p: &Pkt, now: u64) -> Option<SvcFlow> {
     let key = view(p, true);
     // SAFETY: the map value is plain data, copied out.
-    SEG_SVC_CT.get_ptr(&key).map(|v| unsafe { *v })
+    let v = SEG_SVC_CT.get_ptr(&key).map(|v| unsafe { *v })?;
+    if now.wrapping_sub(v.last_ns) <= SVC_SENDER_FRESH_NS {
+        Some(v)
+    } else {
+        None
+    }
 }
 
 /// The flow as the local socket sees it: on egress the source is local,

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use segbpf_common::{
     Counter, PeerKeyV4, PeerKeyV6, PortKey, SVC_CFG_ENTRIES, SvcCgroup, SvcClass, SvcConfig,
-    SvcRule, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SvcFlow, SvcFlowKey, SvcPeerKey, SvcRule,
 };
 
 /// cgroup id -> what the cgroup is (service, none, guard) in each slot.

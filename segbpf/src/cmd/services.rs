@@ -85,7 +85,9 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             // SAFETY: setsid is async-signal-safe; nothing else runs in the child.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+                    nix::unistd::setsid()
+                        .map(|_| ())
+                        .map_err(std::io::Error::from)
                 });
             }
             let child = cmd.spawn().context("starting the cgroup follower")?;
@@ -187,13 +189,20 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
 }
 
 /// Prints services reports as text.
-pub fn print_text(o: &mut impl std::io::Write, reports: &[report::SvcReport]) -> std::io::Result<()> {
+pub fn print_text(
+    o: &mut impl std::io::Write,
+    reports: &[report::SvcReport],
+) -> std::io::Result<()> {
     for r in reports {
         writeln!(
             o,
             "services below {}: {}, generation {}{}, policy {}",
             r.cgroup_root,
-            if r.attached { "enforcing" } else { "NOT attached" },
+            if r.attached {
+                "enforcing"
+            } else {
+                "NOT attached"
+            },
             r.generation,
             if r.audit { " (audit mode)" } else { "" },
             r.policy.as_deref().unwrap_or("?")
@@ -204,7 +213,11 @@ pub fn print_text(o: &mut impl std::io::Write, reports: &[report::SvcReport]) ->
                 "  {:<16} {:<40} {:<10} ingress {} ({} rules) egress {} ({} rules)  in {}/{} out {}/{} passed/dropped",
                 s.name,
                 s.cgroup,
-                if s.cgroup_id.is_some() { "present" } else { "absent" },
+                if s.cgroup_id.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                },
                 s.ingress_default,
                 s.ingress_rules,
                 s.egress_default,

@@ -50,10 +50,11 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// The cgroup v2 mount: its mount point and the hierarchy path it shows
 /// (`/` outside a cgroup namespace).
 pub fn cgroup2_mount() -> Result<(PathBuf, String), CgroupError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
-        path: "/proc/self/mountinfo".into(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     for line in text.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER
         let Some((left, right)) = line.split_once(" - ") else {
@@ -122,12 +123,9 @@ impl CgroupRoot {
         }
         let canon = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
         let mount_c = mount.canonicalize().map_err(|e| bad(e.to_string()))?;
-        let rel = canon.strip_prefix(&mount_c).map_err(|_| {
-            bad(format!(
-                "not below the cgroup v2 mount {}",
-                mount.display()
-            ))
-        })?;
+        let rel = canon
+            .strip_prefix(&mount_c)
+            .map_err(|_| bad(format!("not below the cgroup v2 mount {}", mount.display())))?;
         let depth = |p: &str| p.split('/').filter(|c| !c.is_empty()).count() as u32;
         let level = depth(&mount_root) + rel.components().count() as u32;
         let id = cgroup_id(&canon).map_err(|e| bad(e.to_string()))?;

@@ -16,9 +16,7 @@ use segbpf_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{
-        CompileError, Compiled, LpmEntry, RuleInfo, compile_class_ports, compile_direction,
-    },
+    compile::{CompileError, Compiled, LpmEntry, RuleInfo, compile_class_ports, compile_direction},
     policy::{Action, Direction, Policy, Rule},
 };
 
@@ -205,19 +203,39 @@ pub fn compile_services(
     out.peers_v4 = tmp
         .peers_v4
         .into_iter()
-        .map(|(l, k, v)| (l, k, SvcClass { class_id: v.class_id }))
+        .map(|(l, k, v)| {
+            (
+                l,
+                k,
+                SvcClass {
+                    class_id: v.class_id,
+                },
+            )
+        })
         .collect();
     out.peers_v6 = tmp
         .peers_v6
         .into_iter()
-        .map(|(l, k, v)| (l, k, SvcClass { class_id: v.class_id }))
+        .map(|(l, k, v)| {
+            (
+                l,
+                k,
+                SvcClass {
+                    class_id: v.class_id,
+                },
+            )
+        })
         .collect();
     out.ports = tmp
         .ports
         .into_iter()
         .map(|(l, k, v)| (l, k, SvcRule { rule_id: v.rule_id }))
         .collect();
-    out.rules = policy.service_rules.iter().map(RuleInfo::from_rule).collect();
+    out.rules = policy
+        .service_rules
+        .iter()
+        .map(RuleInfo::from_rule)
+        .collect();
     Ok(out)
 }
 
@@ -251,7 +269,10 @@ udp = [53]
         let p = Policy::from_str(P, "p.toml").unwrap();
         let c = compile_services(&p, 1, 7, false).unwrap();
         assert_eq!(
-            c.services.iter().map(|s| (s.name.as_str(), s.id)).collect::<Vec<_>>(),
+            c.services
+                .iter()
+                .map(|s| (s.name.as_str(), s.id))
+                .collect::<Vec<_>>(),
             vec![("app", 1), ("db", 2), ("other", 3)]
         );
         // Globals of slot 1 at 128, then one record per service.
@@ -260,9 +281,11 @@ udp = [53]
         assert_eq!(c.configs[1].1.egress_default, ACTION_DROP);
         assert_eq!(c.configs[2].1.egress_default, ACTION_ALLOW);
         // db's ingress names app (id 1).
-        assert!(c.peer_classes.iter().any(|(k, _)| k.slot == 130
-            && k.dir == DIR_INGRESS
-            && k.peer == 1));
+        assert!(
+            c.peer_classes
+                .iter()
+                .any(|(k, _)| k.slot == 130 && k.dir == DIR_INGRESS && k.peer == 1)
+        );
         // app's egress: the to_services class for db and the ANY class.
         let app_egress: Vec<u8> = c
             .peer_classes
@@ -274,6 +297,10 @@ udp = [53]
         // Address rules of app only in its slot byte.
         assert!(c.peers_v4.iter().all(|(_, k, _)| k.slot == 129));
         assert!(!c.peers_v4.is_empty() && !c.peers_v6.is_empty());
-        assert!(c.ports.iter().all(|(_, k, _)| k.slot == 129 || k.slot == 130));
+        assert!(
+            c.ports
+                .iter()
+                .all(|(_, k, _)| k.slot == 129 || k.slot == 130)
+        );
     }
 }

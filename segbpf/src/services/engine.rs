@@ -443,12 +443,10 @@ fn load_and_attach(
         .map_err(kernel("loading the eBPF object"))?;
     private_dir(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
     for name in SVC_PINNED_MAPS {
-        let map = ebpf
-            .map(name)
-            .ok_or_else(|| ServicesError::Kernel {
-                what: format!("map {name}"),
-                source: "missing from the eBPF object".into(),
-            })?;
+        let map = ebpf.map(name).ok_or_else(|| ServicesError::Kernel {
+            what: format!("map {name}"),
+            source: "missing from the eBPF object".into(),
+        })?;
         map.pin(paths.dir.join(name))
             .map_err(kernel(format!("pinning {name}")))?;
     }
@@ -464,8 +462,16 @@ fn load_and_attach(
     // Egress first: what a service sends is recorded (its identity, its
     // flows) before its peers' ingress looks for it.
     for (prog_name, attach_type, pin) in [
-        (PROG_SVC_EGRESS, CgroupSkbAttachType::Egress, paths.link_egress()),
-        (PROG_SVC_INGRESS, CgroupSkbAttachType::Ingress, paths.link_ingress()),
+        (
+            PROG_SVC_EGRESS,
+            CgroupSkbAttachType::Egress,
+            paths.link_egress(),
+        ),
+        (
+            PROG_SVC_INGRESS,
+            CgroupSkbAttachType::Ingress,
+            paths.link_ingress(),
+        ),
     ] {
         let prog: &mut CgroupSkb = ebpf
             .program_mut(prog_name)

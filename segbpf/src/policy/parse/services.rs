@@ -21,9 +21,7 @@ use crate::policy::{
 /// The keys of a `[services.NAME]` table.
 const SERVICE_KEYS: [&str; 5] = ["cgroup", "unit", "defaults", "ingress", "egress"];
 /// Unit types that have a cgroup of their own.
-const UNIT_SUFFIXES: [&str; 6] = [
-    ".service", ".scope", ".slice", ".socket", ".mount", ".swap",
-];
+const UNIT_SUFFIXES: [&str; 6] = [".service", ".scope", ".slice", ".socket", ".mount", ".swap"];
 
 /// A service name that a rule names, with where, for the check once every
 /// service is known.
@@ -57,7 +55,9 @@ pub fn unit_cgroup(unit: &str) -> String {
 fn cgroup_path(s: &str) -> Result<String, String> {
     let t = s.trim_matches('/');
     if t.is_empty() {
-        return Err("`cgroup` names a cgroup below the root; the root itself cannot be a service".into());
+        return Err(
+            "`cgroup` names a cgroup below the root; the root itself cannot be a service".into(),
+        );
     }
     for part in t.split('/') {
         if part.is_empty() || part == "." || part == ".." {
@@ -217,11 +217,7 @@ impl Cx<'_> {
     }
 
     /// `defaults = { ingress = "drop", egress = "allow" }`.
-    fn service_defaults(
-        &self,
-        v: &Val<'_>,
-        field: &str,
-    ) -> Res<(Option<Action>, Option<Action>)> {
+    fn service_defaults(&self, v: &Val<'_>, field: &str) -> Res<(Option<Action>, Option<Action>)> {
         let Some(t) = v.get_ref().as_table() else {
             return Err(self.bad_value(
                 v,
@@ -296,7 +292,10 @@ impl Cx<'_> {
                 return Err(self.bad_value(
                     item,
                     &f,
-                    format!("expected a service name, found {}", describe(item.get_ref())),
+                    format!(
+                        "expected a service name, found {}",
+                        describe(item.get_ref())
+                    ),
                 ));
             };
             self.svc_refs.borrow_mut().push(ServiceRef {
@@ -402,7 +401,10 @@ tcp = [3306]
     #[test]
     fn bad_services_are_errors() {
         let e = errors("version = 1\n[services.a]\ncgroup = \"x\"\nunit = \"x.service\"\n");
-        assert!(e[0].contains("p.toml:4:8: services.a.unit: a service has one of"), "{e:?}");
+        assert!(
+            e[0].contains("p.toml:4:8: services.a.unit: a service has one of"),
+            "{e:?}"
+        );
         let e = errors("version = 1\n[services.a]\ndefaults = { egress = \"drop\" }\n");
         assert!(e[0].contains("service `a` names no cgroup"), "{e:?}");
         let e = errors("version = 1\n[services.a]\ncgroup = \"../x\"\n");
@@ -413,11 +415,12 @@ tcp = [3306]
             "version = 1\n[services.a]\ncgroup = \"a\"\n[[services.a.ingress]]\nfrom = \"any\"\ntcp = [1]\ninterfaces = [\"eth0\"]\n",
         );
         assert!(e[0].contains("unknown key `interfaces`"), "{e:?}");
-        let e = errors("version = 1\n[services.a]\ncgroup = \"a\"\n[[services.a.ingress]]\ntcp = [1]\n");
-        assert!(e[0].contains("missing `from` or `from_services`"), "{e:?}");
         let e = errors(
-            "version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"/a/\"\n",
+            "version = 1\n[services.a]\ncgroup = \"a\"\n[[services.a.ingress]]\ntcp = [1]\n",
         );
+        assert!(e[0].contains("missing `from` or `from_services`"), "{e:?}");
+        let e =
+            errors("version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"/a/\"\n");
         assert!(e[0].contains("cgroup `a` is already service `a`"), "{e:?}");
         // from_services belongs to services, not roles.
         let e = errors(
