@@ -102,29 +102,59 @@ fn helper_process() {
             }
             0
         }
-        // Probe without pause for MS milliseconds: print "ok NS" for each
-        // exchange that worked (ns since start) and "fail NS" otherwise.
+        // Say "ready", wait for a byte on stdin (the test moves this
+        // process into its cgroup meanwhile), then probe without pause,
+        // with a new socket each time, until stdin is closed (at most 20
+        // s); then print "OK FAIL FIRST": the exchanges that worked and
+        // failed, and the CLOCK_MONOTONIC time (ns) of the first that
+        // worked (0: none).
         "loop-tcp" | "loop-udp" => {
-            let until = Duration::from_millis(a[3].parse().expect("ms"));
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            let mut go = [0u8; 1];
+            let _ = std::io::stdin().read(&mut go);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            std::thread::spawn(move || {
+                let mut rest = Vec::new();
+                let _ = std::io::stdin().read_to_end(&mut rest);
+                s2.store(true, Ordering::Relaxed);
+            });
             let start = Instant::now();
-            while start.elapsed() < until {
-                let ok = if a[0] == "loop-tcp" {
+            let (mut ok, mut fail, mut first) = (0u64, 0u64, 0u128);
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(20) {
+                let worked = if a[0] == "loop-tcp" {
                     tcp_echo_once(addr(1), Duration::from_millis(20))
                 } else {
                     udp_echo_once(addr(1), Duration::from_millis(5))
                 };
-                println!(
-                    "{} {}",
-                    if ok { "ok" } else { "fail" },
-                    start.elapsed().as_nanos()
-                );
+                if worked {
+                    ok += 1;
+                    if first == 0 {
+                        first = mono_ns();
+                    }
+                } else {
+                    fail += 1;
+                }
             }
+            println!("{ok} {fail} {first}");
             0
         }
         other => panic!("unknown op {other}"),
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+/// CLOCK_MONOTONIC in ns (comparable between processes).
+fn mono_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
 fn tcp_echo_once(to: SocketAddr, timeout: Duration) -> bool {
@@ -182,7 +212,7 @@ impl Helper {
             "--test-threads=1",
         ])
         .env(OP_ENV, op)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
         let ns_fd = std::os::fd::AsRawFd::as_raw_fd(&ns);
@@ -218,9 +248,22 @@ impl Helper {
             .as_mut()
             .and_then(|c| c.stdout.as_mut())
             .context("helper stdout")?;
-        let mut buf = [0u8; 6];
-        out.read_exact(&mut buf)
-            .with_context(|| format!("server `{op}` did not start"))?;
+        // libtest prints its own words first ("test helper_process ... "
+        // before the helper's "ready").
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            out.read_exact(&mut byte)
+                .with_context(|| format!("`{op}` did not start"))?;
+            if byte[0] == b'\n' {
+                if line.ends_with(b"ready") {
+                    break;
+                }
+                line.clear();
+            } else {
+                line.push(byte[0]);
+            }
+        }
         Ok(h)
     }
 
@@ -321,7 +364,7 @@ impl SvcLab {
                 &root,
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.state.join("attach.log"))?)
             .spawn()?;
         self.attach = Some(child);
         let start = Instant::now();
@@ -541,77 +584,129 @@ fn traffic_matrix() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a prober's output: (successes, first success ns, last line ns).
+/// Parses a prober's output: (successes, time of the first success, probes).
 fn probes(out: &str) -> (usize, Option<u128>, usize) {
-    let mut ok = 0;
-    let mut first = None;
-    let mut total = 0;
-    for line in out.lines() {
-        let Some((what, ns)) = line.split_once(' ') else {
-            continue;
-        };
-        let Ok(ns) = ns.parse::<u128>() else {
-            continue;
-        };
-        total += 1;
-        if what == "ok" {
-            ok += 1;
-            first.get_or_insert(ns);
-        }
+    let n: Vec<u128> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match n[..] {
+        [ok, fail, first] => (
+            ok as usize,
+            (first > 0).then_some(first),
+            (ok + fail) as usize,
+        ),
+        _ => (0, None, 0),
     }
-    (ok, first, total)
+}
+
+/// A prober (`loop-udp`) started in `stage`, moved into `cgroup` and
+/// let go: returns it running.
+fn prober_in(lab: &SvcLab, cgroup: &str, to: &str) -> anyhow::Result<Helper> {
+    let mut h = Helper::server(&lab.cg("stage"), &lab.ns.name, &format!("loop-udp {to}"))?;
+    let child = h.child.as_mut().context("child")?;
+    std::fs::write(lab.cg(cgroup).join("cgroup.procs"), child.id().to_string())?;
+    child.stdin.as_mut().context("stdin")?.write_all(b"g")?;
+    Ok(h)
+}
+
+/// Waits until every thread of `pid` is stopped (a signal is delivered
+/// asynchronously).
+fn wait_stopped(pid: nix::unistd::Pid) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+        let all = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+                .unwrap_or(false)
+        });
+        if all {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("{pid} did not stop")
+}
+
+/// Stops a prober (closes its stdin) and parses its output.
+fn finish(mut h: Helper) -> anyhow::Result<(usize, Option<u128>, usize)> {
+    let mut c = h.child.take().context("child")?;
+    drop(c.stdin.take());
+    Ok(probes(&String::from_utf8_lossy(
+        &c.wait_with_output()?.stdout,
+    )))
 }
 
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn restart_opens_no_gap() -> anyhow::Result<()> {
-    let mut lab = SvcLab::new("rs", &["app", "db", "other", "none"], 92)?;
+    let mut lab = SvcLab::new("rs", &["app", "db", "other", "none", "stage"], 92)?;
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     let _free = Helper::server(&lab.cg("none"), &ns, "serve-udp 127.0.0.1 9000")?;
     lab.attach(MATRIX)?;
+    let follower =
+        nix::unistd::Pid::from_raw(i32::try_from(lab.attach.as_ref().context("attach")?.id())?);
     let mut delays = Vec::new();
-    for round in 0..5 {
+    for round in 0..6 {
+        // Rounds 0-2: the follower is stopped while the cgroups are made
+        // again, so their sockets wait 300 ms unclassified; rounds 3-5
+        // measure how fast it covers a new cgroup.
+        let stopped = round < 3;
         // app restarts: its new cgroup must never act as "no service"
         // (which could send anywhere): every probe to a port outside its
-        // allow-list fails, before and after its entry is written.
+        // allow-list fails, before and after its entry is written. other
+        // restarts too: db never accepts it.
         remove_cgroups(&lab.cg("app"));
+        remove_cgroups(&lab.cg("other"));
+        if stopped {
+            nix::sys::signal::kill(follower, nix::sys::signal::Signal::SIGSTOP)?;
+            wait_stopped(follower)?;
+        }
         std::fs::create_dir(lab.cg("app"))?;
-        let made = Instant::now();
-        let forbidden = Helper::spawn(&lab.cg("app"), &ns, "loop-udp 127.0.0.1 9000 300")?;
-        let allowed = Helper::spawn(&lab.cg("app"), &ns, "loop-udp 127.0.0.1 3306 300")?;
-        let spawned = made.elapsed();
-        let out = |mut h: Helper| -> anyhow::Result<String> {
-            let c = h.child.take().context("child")?;
-            Ok(String::from_utf8_lossy(&c.wait_with_output()?.stdout).into_owned())
-        };
-        let (bad, _, tries) = probes(&out(forbidden)?);
-        let (good, first, _) = probes(&out(allowed)?);
+        std::fs::create_dir(lab.cg("other"))?;
+        let made = mono_ns();
+        let forbidden = prober_in(&lab, "app", "127.0.0.1 9000");
+        let allowed = prober_in(&lab, "app", "127.0.0.1 3306");
+        let other = prober_in(&lab, "other", "127.0.0.1 3306");
+        if stopped {
+            std::thread::sleep(Duration::from_millis(300));
+            nix::sys::signal::kill(follower, nix::sys::signal::Signal::SIGCONT)?;
+        }
+        let resumed = mono_ns();
+        std::thread::sleep(Duration::from_millis(400));
+        let (bad, _, tries) = finish(forbidden?)?;
+        let (_, first, _) = finish(allowed?)?;
+        let (bad_other, _, _) = finish(other?)?;
         assert_eq!(
             bad, 0,
             "round {round}: app's re-created cgroup sent outside its allow-list"
         );
+        assert_eq!(bad_other, 0, "round {round}: re-created other reached db");
         assert!(tries > 10, "round {round}: the prober ran {tries} times");
-        assert!(
-            good > 0,
-            "round {round}: app never reached db after its restart"
-        );
-        delays.push(spawned + Duration::from_nanos(first.unwrap_or(0) as u64));
-        // other restarts with a client looping towards db: db never
-        // accepts it (nor would it as "no service").
-        remove_cgroups(&lab.cg("other"));
-        std::fs::create_dir(lab.cg("other"))?;
-        let (_, out_other) = Helper::run(&lab.cg("other"), &ns, "loop-udp 127.0.0.1 3306 200")?;
-        assert_eq!(
-            probes(&out_other).0,
-            0,
-            "round {round}: re-created other reached db"
-        );
+        let first = first.with_context(|| {
+            format!(
+                "round {round}: app never reached db after its restart; attach's log:\n{}",
+                std::fs::read_to_string(lab.state.join("attach.log")).unwrap_or_default()
+            )
+        })?;
+        if stopped {
+            assert!(
+                first > resumed,
+                "round {round}: app was covered while its classifier was stopped"
+            );
+        } else {
+            delays.push(Duration::from_nanos(u64::try_from(
+                first.saturating_sub(made),
+            )?));
+        }
     }
     delays.sort();
     eprintln!(
-        "services: a re-created cgroup was covered after {:?} (median of 5; min {:?}, max {:?}; until then its sockets were held)",
-        delays[2], delays[0], delays[4]
+        "services: a re-created cgroup was covered {:?} after its mkdir (median of 3; min {:?}, max {:?}); until then its sockets were held",
+        delays[1], delays[0], delays[2]
     );
     Ok(())
 }
