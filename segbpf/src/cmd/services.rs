@@ -1,6 +1,6 @@
 //! `segbpf attach --services`, `segbpf detach --services` and the services
 //! part of `segbpf status`: argument handling and output around
-//! [`crate::services`].
+//! [`crate::attachment::services`].
 
 use std::{
     path::PathBuf,
@@ -14,15 +14,15 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::{
-    cmd::{Output, UsageError, print_json},
-    pins::Roots,
-    policy::Policy,
-    services::{
-        cgroups::CgroupRoot,
-        engine::{self, SvcPaths},
-        follow::{self, FollowEvent},
-        report,
+    attachment::{
+        cgroup_follow::{self as follow, FollowEvent},
+        pins::Roots,
+        services::{self as engine, SvcPaths},
     },
+    cmd::{Output, UsageError, print_json},
+    host::cgroups::CgroupRoot,
+    observe::services as report,
+    policy::Policy,
 };
 
 fn paths(cgroup_root: Option<&std::path::Path>) -> anyhow::Result<SvcPaths> {
@@ -97,7 +97,7 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        crate::service::ready(&summary);
+        crate::host::service::ready(&summary);
     }
     info!(
         "following the cgroup tree below {}; SIGHUP reloads {}; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach --services`)",

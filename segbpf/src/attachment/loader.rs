@@ -1,0 +1,229 @@
+//! Loading the eBPF object: map sizes, run modes (live, dry run for trace,
+//! record for tests), the interface's index, the connection tables shared
+//! by the attachments of a namespace, instances that share a live
+//! attachment's maps, and program lookup.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
+use segbpf_common::{
+    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW,
+    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, PINNED_MAPS, PROG_TC_EGRESS,
+    PROG_XDP_INGRESS, RUN_DRY,
+};
+
+use crate::{attachment::pins::Attachment, policy::compile::Capacity};
+
+/// The eBPF object built by build.rs (aya-build).
+#[cfg(feature = "ebpf")]
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/segbpf"));
+/// Built without the `ebpf` feature: no object (loading fails cleanly).
+#[cfg(not(feature = "ebpf"))]
+pub static EBPF_OBJECT: &[u8] = &[];
+
+/// Errors while loading.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The kernel or aya refused the object.
+    #[error("loading the eBPF object failed: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    /// A program could not be loaded (verifier).
+    #[error("loading a program failed: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// The object lacks a program.
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    /// The namespace's shared connection tables were made with another
+    /// layout (another segbpf version).
+    #[error(
+        "{} does not fit this segbpf (map type {found_type}, key {key} bytes, value {value} bytes; expected type {want_type}, key {want_key}, value {want_value}): it was made by another segbpf version; detach every attachment of this network namespace, then attach again",
+        path.display()
+    )]
+    SharedLayout {
+        /// The pinned map.
+        path: std::path::PathBuf,
+        /// Its kernel map type.
+        found_type: u32,
+        /// Its key size.
+        key: u32,
+        /// Its value size.
+        value: u32,
+        /// The map type this segbpf uses.
+        want_type: u32,
+        /// The key size this segbpf uses.
+        want_key: u32,
+        /// The value size this segbpf uses.
+        want_value: u32,
+    },
+    /// The namespace's shared connection tables could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Shared {
+        /// The pinned map.
+        path: std::path::PathBuf,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loads a fresh instance for an Ethernet-framed device with its own maps
+/// sized by `capacity`, in run mode `mode` (`segbpf_common::RUN_LIVE`,
+/// `RUN_DRY` or `RUN_RECORD`).
+pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
+    load_for_link(capacity, mode, segbpf_common::LINK_ETHERNET)
+}
+
+/// Like [`load`], for a device whose link layer is `link`
+/// (`segbpf_common::LINK_ETHERNET` or `LINK_RAW_IP`, see
+/// [`crate::host::netif::link_layer`]).
+pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    sized(&mut loader, capacity);
+    let mut ebpf = loader
+        .override_global(GLOBAL_RUN_MODE, &mode, true)
+        .override_global(GLOBAL_LINK, &link, true)
+        .load(EBPF_OBJECT)?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Loads the live instance of the attachment `att` of the interface
+/// `ifindex`: its own maps sized by `capacity`, and its namespace's shared
+/// connection tables, created (and pinned) with `capacity.ct` entries when
+/// the namespace has none yet, else reused whatever their size (see
+/// [`shared_ct_size`]). The caller holds [`Attachment::lock_shared`].
+pub fn load_attachment(
+    att: &Attachment,
+    capacity: Capacity,
+    link: u8,
+    ifindex: u32,
+) -> Result<Ebpf, LoadError> {
+    check_shared(att)?;
+    let paths: Vec<(&str, std::path::PathBuf)> = segbpf_common::SHARED_MAPS
+        .iter()
+        .map(|m| (*m, att.map(m)))
+        .collect();
+    if !att.shared_dir().exists() {
+        crate::attachment::dirs::private_dir(&att.shared_dir()).map_err(|e| LoadError::Shared {
+            path: att.shared_dir(),
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "mkdir",
+                io_error: e,
+            }),
+        })?;
+    }
+    let mut loader = EbpfLoader::new();
+    sized(&mut loader, capacity);
+    loader
+        .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
+        .override_global(GLOBAL_LINK, &link, true)
+        .override_global(GLOBAL_IFINDEX, &ifindex, true);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
+    loader
+        .map_max_entries(MAP_PEER_V4, capacity.peer_v4)
+        .map_max_entries(MAP_PEER_V6, capacity.peer_v6)
+        .map_max_entries(MAP_PORTS, capacity.ports)
+        .map_max_entries(MAP_CT, capacity.ct)
+        .map_max_entries(MAP_CT_NEW, segbpf_common::ct_new_entries(capacity.ct))
+        .map_max_entries(MAP_FRAG, capacity.frag)
+        .map_max_entries(MAP_FRAG_NEW, capacity.frag)
+        .map_max_entries(MAP_RULE_STATS, capacity.rule_stats);
+}
+
+/// The capacity of the namespace's shared table of assured flows, if it
+/// exists (the kernel's `max_entries`).
+pub fn shared_ct_size(att: &Attachment) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(att.map(MAP_CT))
+        .ok()
+        .map(|i| i.max_entries())
+}
+
+/// Refuses shared tables whose type, key or value differ from this
+/// build's: a program would read them with the wrong layout.
+fn check_shared(att: &Attachment) -> Result<(), LoadError> {
+    use aya::maps::MapInfo;
+    const LRU_HASH: u32 = 9; // BPF_MAP_TYPE_LRU_HASH
+    let want_key = size_of::<segbpf_common::CtKey>() as u32;
+    let want_value = size_of::<segbpf_common::CtEntry>() as u32;
+    for name in segbpf_common::SHARED_MAPS {
+        let path = att.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Shared {
+            path: path.clone(),
+            source,
+        })?;
+        let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+        if found_type != LRU_HASH || info.key_size() != want_key || info.value_size() != want_value
+        {
+            return Err(LoadError::SharedLayout {
+                path,
+                found_type,
+                key: info.key_size(),
+                value: info.value_size(),
+                want_type: LRU_HASH,
+                want_key,
+                want_value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads a dry-run instance that shares every pinned map of `att` (policy,
+/// config, counters, connection and fragment state) but changes none of
+/// them, and records its decision in its private `SEG_TRACE`. It reads
+/// packets as the live program does (the link layer recorded at attach).
+pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
+    let state = crate::attachment::state::State::read(&att.state).ok();
+    let link = state.as_ref().map_or(
+        segbpf_common::LINK_ETHERNET,
+        crate::attachment::state::State::link,
+    );
+    // Looks flows up as the live instance does: under its interface.
+    let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
+    check_shared(att)?;
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        PINNED_MAPS.iter().map(|m| (*m, att.map(m))).collect();
+    let mut loader = EbpfLoader::new();
+    loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
+    loader.override_global(GLOBAL_LINK, &link, true);
+    loader.override_global(GLOBAL_IFINDEX, &ifindex, true);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    xdp(ebpf)?.load()?;
+    tc(ebpf)?.load()?;
+    Ok(())
+}
+
+/// The ingress XDP program of a loaded instance.
+pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    let prog = ebpf
+        .program_mut(PROG_XDP_INGRESS)
+        .ok_or(LoadError::MissingProgram(PROG_XDP_INGRESS))?;
+    Ok(prog.try_into()?)
+}
+
+/// The egress TC program of a loaded instance.
+pub fn tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let prog = ebpf
+        .program_mut(PROG_TC_EGRESS)
+        .ok_or(LoadError::MissingProgram(PROG_TC_EGRESS))?;
+    Ok(prog.try_into()?)
+}

@@ -1,0 +1,328 @@
+//! Typed access to the kernel maps: writing a compiled policy, reading
+//! counters and the dry-run trace record, from a loaded instance or from an
+//! attachment's pins.
+
+use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use segbpf_common::{
+    Config, Counter, MAP_ACTIVE, MAP_CONFIG, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS,
+    MAP_STATS, MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN,
+    TraceResult,
+};
+
+use crate::{attachment::pins::Attachment, policy::compile::Compiled};
+
+/// Errors while reading or writing maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A map is missing from the object or the pin directory.
+    #[error("map {0} not found")]
+    Missing(&'static str),
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map could not be pinned.
+    #[error("pinning {map} at {}: {source}", path.display())]
+    Pin {
+        /// Map name.
+        map: &'static str,
+        /// Where.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
+    move |source| MapsError::Map { map, source }
+}
+
+/// The maps that make up one policy (both slots), opened from a loaded
+/// instance or from an attachment's pins. A policy is installed by filling
+/// the slot not in force (`write_slot`), then flipping `SEG_ACTIVE`
+/// (`activate`): one atomic u32 write, after which every packet is judged
+/// by the new slot whole. The old slot is then emptied (`clear_slot`).
+pub struct PolicyMaps {
+    v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
+    v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,
+    ports: LpmTrie<MapData, PortKey, RuleRef>,
+    config: Array<MapData, Config>,
+    active: Array<MapData, u32>,
+}
+
+fn pinned(att: &Attachment, name: &'static str) -> Result<MapData, MapsError> {
+    MapData::from_pin(att.map(name)).map_err(err(name))
+}
+
+impl PolicyMaps {
+    /// Opens the policy maps of an attachment from its pins.
+    pub fn from_pins(att: &Attachment) -> Result<Self, MapsError> {
+        Ok(PolicyMaps {
+            v4: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V4)?))
+                .map_err(err(MAP_PEER_V4))?,
+            v6: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PEER_V6)?))
+                .map_err(err(MAP_PEER_V6))?,
+            ports: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PORTS)?))
+                .map_err(err(MAP_PORTS))?,
+            config: Array::try_from(Map::Array(pinned(att, MAP_CONFIG)?))
+                .map_err(err(MAP_CONFIG))?,
+            active: Array::try_from(Map::Array(pinned(att, MAP_ACTIVE)?))
+                .map_err(err(MAP_ACTIVE))?,
+        })
+    }
+
+    /// The slot in force.
+    pub fn active_slot(&self) -> Result<u8, MapsError> {
+        Ok((self.active.get(&0, 0).map_err(err(MAP_ACTIVE))? & 1) as u8)
+    }
+
+    /// The configuration of a slot.
+    pub fn config(&self, slot: u8) -> Result<Config, MapsError> {
+        self.config
+            .get(&u32::from(slot), 0)
+            .map_err(err(MAP_CONFIG))
+    }
+
+    /// Removes every trie entry of `slot`; returns how many.
+    pub fn clear_slot(&mut self, slot: u8) -> Result<usize, MapsError> {
+        let mut n = 0;
+        let v4: Vec<_> = self
+            .v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &v4 {
+            self.v4.remove(k).map_err(err(MAP_PEER_V4))?;
+        }
+        n += v4.len();
+        let v6: Vec<_> = self
+            .v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &v6 {
+            self.v6.remove(k).map_err(err(MAP_PEER_V6))?;
+        }
+        n += v6.len();
+        let ports: Vec<_> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in &ports {
+            self.ports.remove(k).map_err(err(MAP_PORTS))?;
+        }
+        Ok(n + ports.len())
+    }
+
+    /// Writes a compiled policy's tries and configuration into its slot
+    /// (`c.config.active_slot`), which must not be the slot in force.
+    pub fn write_slot(&mut self, c: &Compiled) -> Result<(), MapsError> {
+        for (len, k, v) in &c.peers_v4 {
+            self.v4
+                .insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PEER_V4))?;
+        }
+        for (len, k, v) in &c.peers_v6 {
+            self.v6
+                .insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PEER_V6))?;
+        }
+        for (len, k, v) in &c.ports {
+            self.ports
+                .insert(&Key::new(*len, *k), v, 0)
+                .map_err(err(MAP_PORTS))?;
+        }
+        self.config
+            .set(u32::from(c.config.active_slot), c.config, 0)
+            .map_err(err(MAP_CONFIG))
+    }
+
+    /// Puts `slot` in force (the one atomic switch).
+    pub fn activate(&mut self, slot: u8) -> Result<(), MapsError> {
+        self.active
+            .set(0, u32::from(slot), 0)
+            .map_err(err(MAP_ACTIVE))
+    }
+}
+
+impl PolicyMaps {
+    /// Opens the policy maps of a loaded instance (duplicating their file
+    /// descriptors, so the instance keeps its own).
+    pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self, MapsError> {
+        fn dup(ebpf: &aya::Ebpf, name: &'static str) -> Result<MapData, MapsError> {
+            use std::os::fd::AsFd as _;
+            let map = ebpf.map(name).ok_or(MapsError::Missing(name))?;
+            let fd = match map {
+                Map::LpmTrie(d) | Map::Array(d) => {
+                    d.fd()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| MapsError::Map {
+                            map: name,
+                            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                                call: "dup",
+                                io_error: e,
+                            }),
+                        })?
+                }
+                _ => return Err(MapsError::Missing(name)),
+            };
+            MapData::from_fd(fd).map_err(err(name))
+        }
+        Ok(PolicyMaps {
+            v4: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V4)?))
+                .map_err(err(MAP_PEER_V4))?,
+            v6: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PEER_V6)?))
+                .map_err(err(MAP_PEER_V6))?,
+            ports: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PORTS)?))
+                .map_err(err(MAP_PORTS))?,
+            config: Array::try_from(Map::Array(dup(ebpf, MAP_CONFIG)?)).map_err(err(MAP_CONFIG))?,
+            active: Array::try_from(Map::Array(dup(ebpf, MAP_ACTIVE)?)).map_err(err(MAP_ACTIVE))?,
+        })
+    }
+}
+
+/// Writes a compiled policy into a freshly loaded instance (its slot, then
+/// puts that slot in force). Attach and in-process tests use it.
+pub fn write_policy(ebpf: &mut aya::Ebpf, c: &Compiled) -> Result<(), MapsError> {
+    let mut m = PolicyMaps::from_ebpf(ebpf)?;
+    m.write_slot(c)?;
+    m.activate(c.config.active_slot)
+}
+
+/// Sums a per-CPU array of [`Counter`]s over CPUs, entry by entry.
+fn sum_counters(map: &Map, name: &'static str) -> Result<Vec<Counter>, MapsError> {
+    let arr: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map).map_err(err(name))?;
+    (0..arr.len())
+        .map(|i| {
+            arr.get(&i, 0).map_err(err(name)).map(|v| {
+                v.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                })
+            })
+        })
+        .collect()
+}
+
+/// Counters per direction and reason: `[ingress, egress]`, each indexed by
+/// reason code.
+pub type ReasonCounters = [Vec<Counter>; 2];
+
+fn split_directions(all: Vec<Counter>) -> ReasonCounters {
+    let n = STATS_LEN as usize;
+    let ingress = all.iter().take(n).copied().collect();
+    let egress = all.iter().skip(n).take(n).copied().collect();
+    [ingress, egress]
+}
+
+/// Counters per direction and reason of a loaded instance.
+pub fn stats(ebpf: &aya::Ebpf) -> Result<ReasonCounters, MapsError> {
+    let map = ebpf.map(MAP_STATS).ok_or(MapsError::Missing(MAP_STATS))?;
+    Ok(split_directions(sum_counters(map, MAP_STATS)?))
+}
+
+/// Counters per direction and reason of an attachment, from its pins.
+pub fn pinned_stats(att: &Attachment) -> Result<ReasonCounters, MapsError> {
+    let data = MapData::from_pin(att.map(MAP_STATS)).map_err(err(MAP_STATS))?;
+    Ok(split_directions(sum_counters(
+        &Map::PerCpuArray(data),
+        MAP_STATS,
+    )?))
+}
+
+/// Per-rule counters (indexed by rule id) of an attachment, from its pins.
+pub fn pinned_rule_stats(att: &Attachment) -> Result<Vec<Counter>, MapsError> {
+    let data = MapData::from_pin(att.map(MAP_RULE_STATS)).map_err(err(MAP_RULE_STATS))?;
+    sum_counters(&Map::PerCpuArray(data), MAP_RULE_STATS)
+}
+
+/// The configuration in force of an attachment, from its pins.
+pub fn pinned_config(att: &Attachment) -> Result<Config, MapsError> {
+    let m = PolicyMaps::from_pins(att)?;
+    m.config(m.active_slot()?)
+}
+
+/// Reads and clears the dry-run record of a loaded dry-run instance.
+pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
+    let map = ebpf
+        .map_mut(MAP_TRACE)
+        .ok_or(MapsError::Missing(MAP_TRACE))?;
+    let mut arr: Array<&mut MapData, TraceResult> = Array::try_from(map).map_err(err(MAP_TRACE))?;
+    let t = arr.get(&0, 0).map_err(err(MAP_TRACE))?;
+    arr.set(0, TraceResult::default(), 0)
+        .map_err(err(MAP_TRACE))?;
+    Ok(t)
+}
+
+/// Pins every map of a loaded instance that userspace shares into the
+/// attachment's directory (the namespace's shared connection tables were
+/// pinned when they were made, see [`crate::attachment::loader::load_attachment`]).
+pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
+    for name in segbpf_common::PINNED_MAPS {
+        if segbpf_common::SHARED_MAPS.contains(&name) {
+            continue;
+        }
+        let path = att.map(name);
+        ebpf.map_mut(name)
+            .ok_or(MapsError::Missing(name))?
+            .pin(&path)
+            .map_err(|e| MapsError::Pin {
+                map: name,
+                path: path.clone(),
+                source: e,
+            })?;
+    }
+    Ok(())
+}
+
+/// Entries in one of an attachment's LRU tables (`SEG_CT`, `SEG_CT_NEW`,
+/// `SEG_FRAG`, `SEG_FRAG_NEW`) for which `mine` holds: live and not yet
+/// evicted; expired entries count until the LRU reuses them. Also returns
+/// the entries of every attachment (the table's fill).
+pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
+    att: &Attachment,
+    name: &'static str,
+    mine: impl Fn(&K) -> bool,
+) -> Result<(u64, u64), MapsError> {
+    let data = MapData::from_pin(att.map(name)).map_err(err(name))?;
+    let map = Map::LruHashMap(data);
+    let table: aya::maps::HashMap<&MapData, K, V> =
+        aya::maps::HashMap::try_from(&map).map_err(err(name))?;
+    let (mut own, mut all) = (0, 0);
+    for k in table.keys().flatten() {
+        all += 1;
+        own += u64::from(mine(&k));
+    }
+    Ok((own, all))
+}
+
+/// Entries of the interface `ifindex` in its namespace's shared connection
+/// tables, and of every interface: ((assured, half-open), (assured,
+/// half-open)).
+pub fn pinned_ct_fill(att: &Attachment, ifindex: u32) -> Result<[(u64, u64); 2], MapsError> {
+    use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
+    let mine = |k: &CtKey| k.ifindex == ifindex;
+    let assured = pinned_fill::<CtKey, CtEntry>(att, MAP_CT, mine)?;
+    let half_open = pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW, mine)?;
+    Ok([(assured.0, half_open.0), (assured.1, half_open.1)])
+}
+
+/// Entries in an attachment's fragment tables: (assured, other).
+pub fn pinned_frag_fill(att: &Attachment) -> Result<(u64, u64), MapsError> {
+    use segbpf_common::{FragEntry, FragKey, MAP_FRAG, MAP_FRAG_NEW};
+    Ok((
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG, |_| true)?.0,
+        pinned_fill::<FragKey, FragEntry>(att, MAP_FRAG_NEW, |_| true)?.0,
+    ))
+}

@@ -1,0 +1,986 @@
+//! Swapping an attachment's policy without reloading or re-attaching its
+//! programs: `segbpf reload`, `rollback`, `set`, the watcher of a running
+//! `attach` and the guard's restore all come here.
+//!
+//! The new policy is parsed, validated and compiled first (a bad policy
+//! changes nothing and says why). It is written into the policy slot not in
+//! force, where no packet looks; then one atomic u32 write (`SEG_ACTIVE`)
+//! switches every later packet to it whole — a packet reads the slot once,
+//! so no packet is judged by a mix of old and new rules. After a short
+//! grace period, connection-table entries of flows the new policy does not
+//! allow are removed (the others survive), the old slot is emptied, and
+//! counters of rules that no longer exist are cleared (rules that still
+//! exist keep their counter slots, so their counts carry over).
+//!
+//! Crash safety: the state of the new generation is written to
+//! `IFACE.next.json` before the switch and renamed after it; a swap killed
+//! at any point leaves the kernel on the old or the new policy, and the
+//! next change reconciles the state file with the generation the kernel
+//! runs ([`State::repair`], under the lock). Changes of one attachment are
+//! serialised by its update lock.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use segbpf_common::{
+    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_CT_NEW, MAP_RULE_STATS,
+};
+use serde::Serialize;
+
+use crate::{
+    attachment::guard::{self, GuardError},
+    attachment::history,
+    attachment::maps::{MapsError, PolicyMaps},
+    attachment::pins::{Attachment, LockKind},
+    attachment::state::{State, StateError},
+    attachment::trust::UntrustedFile,
+    host::netif::{self, NetifError},
+    policy::compile::{self, Capacity, CompileError},
+    policy::{AddrRange, Direction, Policy, PolicyError, addr::parse_item, eval, roles},
+};
+
+/// Errors changing an attachment's policy. Every one of them leaves the
+/// policy in force unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// Nothing to change.
+    #[error("segbpf is not attached to {0}")]
+    NotAttached(String),
+    /// The update lock could not be taken.
+    #[error("locking {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file is unreadable.
+    #[error("reading the attachment's state: {0}")]
+    State(#[from] StateError),
+    /// The policy file is writable or owned by someone other than root.
+    #[error(transparent)]
+    Untrusted(#[from] UntrustedFile),
+    /// The policy does not parse or validate.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Live set edits that no longer parse.
+    #[error("live set edit: set {set}: {member}: {reason}")]
+    Override {
+        /// Set.
+        set: String,
+        /// Member as stored.
+        member: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The interface could not be asked for its addresses.
+    #[error(transparent)]
+    Interface(#[from] NetifError),
+    /// The host's roles cannot be decided.
+    #[error(transparent)]
+    Roles(#[from] roles::RoleError),
+    /// The policy does not fit the maps.
+    #[error("{policy}: compiling for {iface}: {source}")]
+    Compile {
+        /// Policy file.
+        policy: String,
+        /// Interface.
+        iface: String,
+        /// Why.
+        source: CompileError,
+    },
+    /// A map could not be read or written before the switch.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The next policy could not be written into the slot not in force
+    /// (what was written was removed again).
+    #[error(
+        "{policy}: writing the next policy: {source}; nothing of it was left in the kernel, the policy in force is unchanged (a full map: see `--peer-entries` / `--port-entries` of `segbpf attach`, which need twice the entries of a policy)"
+    )]
+    Write {
+        /// Policy file.
+        policy: String,
+        /// Why.
+        source: Box<MapsError>,
+    },
+    /// The change was refused (a set edit that makes no sense, a pending
+    /// confirmation, no earlier policy, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// The change would change nothing (no swap was made).
+    #[error("{0}")]
+    Unchanged(String),
+    /// The lockout guard could not be armed.
+    #[error(transparent)]
+    Guard(#[from] Box<GuardError>),
+}
+
+/// Live set edits (set name → members as text), as the state keeps them.
+pub type Overrides = BTreeMap<String, Vec<String>>;
+
+/// The policy a swap applies.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    /// The file whose text is applied.
+    pub text: PathBuf,
+    /// The policy file the text stands for, when `text` is a copy (the
+    /// history's, or the guard's): the state and the history name it, so
+    /// `reload` and the watcher of `attach` go on with the operator's file.
+    pub source: Option<PathBuf>,
+    /// Live set edits applied over the file's sets.
+    pub overrides: Overrides,
+}
+
+impl Choice {
+    /// The text of `path`, standing for itself.
+    pub fn file(path: PathBuf, overrides: Overrides) -> Self {
+        Choice {
+            text: path,
+            source: None,
+            overrides,
+        }
+    }
+
+    /// The text of `copy`, standing for the policy file `source`.
+    pub fn copy_of(copy: PathBuf, source: PathBuf, overrides: Overrides) -> Self {
+        Choice {
+            text: copy,
+            source: Some(source),
+            overrides,
+        }
+    }
+}
+
+/// What a reload should apply.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadRequest {
+    /// Policy file (default: the file in force).
+    pub policy: Option<PathBuf>,
+    /// Undo after SECS unless confirmed.
+    pub confirm: Option<u64>,
+    /// Supersede a change that waits for confirmation.
+    pub force: bool,
+    /// Work the roles out again from permanent addresses.
+    pub redetect_roles: bool,
+    /// Keep live set edits over the file's sets (default: the file wins).
+    pub keep_set_edits: bool,
+}
+
+/// How an explicit change other than a reload (`set add|del`,
+/// `rollback`) is let through: like `reload`, refused while a change waits
+/// for confirmation or when it would cut the SSH session the command runs
+/// in (the `ssh-session` lint), unless guarded or forced.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guarded {
+    /// Undo after SECS unless confirmed.
+    pub confirm: Option<u64>,
+    /// Supersede a change that waits for confirmation, and apply a change
+    /// that cuts the SSH session unguarded.
+    pub force: bool,
+}
+
+impl Guarded {
+    /// Runs the change `f` as `self` says: refused while another change
+    /// waits for confirmation (unless forced), armed and its clock started
+    /// when `--confirm`, the guard disarmed when it fails.
+    pub fn run<T>(
+        self,
+        att: &Attachment,
+        f: impl FnOnce() -> Result<T, SwapError>,
+    ) -> Result<T, SwapError> {
+        guard::refuse_while_pending(att, self.force).map_err(Box::new)?;
+        if let Some(secs) = self.confirm {
+            guard::arm_for_reload(att, secs).map_err(Box::new)?;
+        }
+        let out = f().inspect_err(|_| {
+            if self.confirm.is_some() {
+                guard::disarm(att);
+            }
+        })?;
+        if let Some(secs) = self.confirm {
+            let generation = State::current(att)?.generation;
+            guard::start_clock(att, generation, secs).map_err(Box::new)?;
+        }
+        Ok(out)
+    }
+
+    /// The lockout check of a change about to apply `choice` with `roles`:
+    /// refused when it would cut the SSH session this process runs in
+    /// ([`crate::attachment::trust::cuts_ssh_session`]), unless guarded or forced.
+    /// A policy that does not load is left to the swap to report.
+    pub fn refuse_lockout(
+        self,
+        att: &Attachment,
+        choice: &Choice,
+        roles: &[String],
+        what: &str,
+    ) -> Result<(), SwapError> {
+        if self.force || self.confirm.is_some() {
+            return Ok(());
+        }
+        let Ok(policy) = Policy::load_with_sets(&choice.text, &parse_overrides(&choice.overrides)?)
+        else {
+            return Ok(());
+        };
+        match crate::attachment::trust::cuts_ssh_session(&policy, roles, &att.iface) {
+            Some(m) => Err(SwapError::Refused(format!(
+                "{what}: refused: {m} [ssh-session]; nothing was changed (run it with --confirm SECS to apply it guarded, or --force)"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a swap applied: the policy now in force. Everything after the
+/// switch that went wrong is in `warnings` (the change is in force anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Swapped {
+    /// Interface.
+    pub iface: String,
+    /// The policy file applied, as given.
+    pub policy: String,
+    /// Generation now in force.
+    pub generation: u64,
+    /// The host's roles.
+    pub roles: Vec<String>,
+    /// Rules compiled for the host.
+    pub rules: usize,
+    /// Connection-table entries removed (flows the policy no longer allows).
+    pub pruned: usize,
+    /// What went wrong after the switch (state rename, history, prune,
+    /// emptying the old slot, counters).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for Swapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "reloaded {} on {}: generation {} applied, roles {}, {} rules; {} connections no longer allowed were removed",
+            self.policy,
+            self.iface,
+            self.generation,
+            self.roles.join(","),
+            self.rules,
+            self.pruned
+        )?;
+        if !self.warnings.is_empty() {
+            write!(f, " (warnings: {})", self.warnings.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What `rollback` restored: the history entry and the swap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RolledBack {
+    /// Generation of the history entry restored.
+    pub restored_generation: u64,
+    /// The policy file that entry stands for.
+    pub source: String,
+    /// The swap that restored it (a new generation).
+    #[serde(flatten)]
+    pub swap: Swapped,
+}
+
+impl fmt::Display for RolledBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rolled back to the policy of generation {} ({}): {}",
+            self.restored_generation, self.source, self.swap
+        )
+    }
+}
+
+/// `segbpf reload`: applies `req` (guarded when `req.confirm`). Refused
+/// while a change waits for confirmation, unless `req.force`.
+pub fn reload(att: &Attachment, req: &ReloadRequest) -> Result<Swapped, SwapError> {
+    guard::refuse_while_pending(att, req.force).map_err(Box::new)?;
+    if let Some(secs) = req.confirm {
+        guard::arm_for_reload(att, secs).map_err(Box::new)?;
+    }
+    let out = swap_with(att, req.redetect_roles, |old| {
+        let path = req
+            .policy
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&old.policy));
+        let overrides = if req.keep_set_edits {
+            old.set_overrides.clone()
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Choice::file(path, overrides))
+    })
+    .inspect_err(|_| {
+        if req.confirm.is_some() {
+            guard::disarm(att);
+        }
+    })?;
+    if let Some(secs) = req.confirm {
+        // In force now: the confirmation time starts.
+        let generation = State::current(att)?.generation;
+        guard::start_clock(att, generation, secs).map_err(Box::new)?;
+    }
+    Ok(out)
+}
+
+/// `segbpf rollback`: the history entry before the one in force.
+pub fn rollback(att: &Attachment) -> Result<RolledBack, SwapError> {
+    let state = State::current(att)?;
+    let Some(prev) = history::previous(att, state.generation) else {
+        return Err(SwapError::Refused(format!(
+            "no earlier policy in the history of {} (generation {} is the oldest kept)",
+            att.describe(),
+            state.generation
+        )));
+    };
+    let swapped = swap(att, |_| {
+        Ok(Choice::copy_of(
+            prev.copy.clone(),
+            PathBuf::from(&prev.source),
+            prev.set_overrides.clone(),
+        ))
+    })?;
+    Ok(RolledBack {
+        restored_generation: prev.generation,
+        source: prev.source,
+        swap: swapped,
+    })
+}
+
+/// Members in force of every set: the file's, with live edits applied.
+pub fn sets_in_force(state: &State) -> Result<Overrides, SwapError> {
+    let policy = Policy::load_with_sets(
+        &PathBuf::from(&state.policy),
+        &parse_overrides(&state.set_overrides)?,
+    )?;
+    Ok(policy
+        .sets
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.ranges.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect())
+}
+
+/// `segbpf set add|del`: adds or removes `members` of `set` in force, as
+/// one swap. Returns how many members changed and what the swap applied.
+pub fn edit_set(
+    att: &Attachment,
+    set: &str,
+    members: &[AddrRange],
+    add: bool,
+    guarded: Guarded,
+) -> Result<(usize, Swapped), SwapError> {
+    let mut changed = 0;
+    let swapped = guarded.run(att, || {
+        swap(att, |state| {
+            let sets = sets_in_force(state)?;
+            let Some(current) = sets.get(set) else {
+                return Err(SwapError::Refused(format!(
+                    "{}: no set named `{set}` (sets: {})",
+                    state.policy,
+                    sets.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            };
+            let mut next = current.clone();
+            for m in members {
+                let text = m.to_string();
+                if add {
+                    if !next.contains(&text) {
+                        next.push(text);
+                        changed += 1;
+                    }
+                } else if let Some(pos) = next.iter().position(|x| *x == text) {
+                    next.remove(pos);
+                    changed += 1;
+                } else {
+                    return Err(SwapError::Refused(format!(
+                        "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
+                        att.iface
+                    )));
+                }
+            }
+            if changed == 0 {
+                // Nothing to swap: no new generation for an edit that changes nothing.
+                return Err(SwapError::Unchanged(format!(
+                    "set `{set}` already has {}: nothing changed, generation {} stays in force",
+                    members
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    state.generation
+                )));
+            }
+            let mut overrides = state.set_overrides.clone();
+            overrides.insert(set.to_string(), next);
+            let choice = Choice::file(PathBuf::from(&state.policy), overrides);
+            guarded.refuse_lockout(
+                att,
+                &choice,
+                &state.roles,
+                &format!(
+                    "set {} {set} on {}",
+                    if add { "add" } else { "del" },
+                    att.describe()
+                ),
+            )?;
+            Ok(choice)
+        })
+    })?;
+    Ok((changed, swapped))
+}
+
+/// Time given to packets that read the old slot before the switch to
+/// finish their lookups (programs run for microseconds).
+const GRACE: Duration = Duration::from_millis(5);
+
+/// Replaces the policy of `att` with the one in `policy` (default: the
+/// attachment's current file), dropping live set edits (the file wins),
+/// and works the roles out again when `redetect` (see [`swap_with`]).
+/// Returns what was applied (its `Display` is a one-line summary).
+pub fn reload_with(
+    att: &Attachment,
+    policy: Option<&Path>,
+    redetect: bool,
+) -> Result<Swapped, SwapError> {
+    swap_with(att, redetect, |old| {
+        let path = policy.map_or_else(|| PathBuf::from(&old.policy), Path::to_path_buf);
+        Ok(Choice::file(path, BTreeMap::new()))
+    })
+}
+
+/// Reloads `att`'s current file keeping its live set edits (the automatic
+/// reloads of a running `attach`: a file change must not silently undo a
+/// `segbpf set`). Edits of sets the file no longer has fail the reload.
+pub fn reload_keeping_sets(att: &Attachment) -> Result<Swapped, SwapError> {
+    swap(att, |old| {
+        if !old.set_overrides.is_empty() {
+            tracing::warn!(
+                "keeping the live edits of set(s) {} over the file; `segbpf reload {}` goes back to the file",
+                old.set_overrides
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                att.iface
+            );
+        }
+        Ok(Choice::file(
+            PathBuf::from(&old.policy),
+            old.set_overrides.clone(),
+        ))
+    })
+}
+
+/// Live set overrides as the state file stores them (text) and as the
+/// parser takes them (ranges).
+pub fn parse_overrides(text: &Overrides) -> Result<BTreeMap<String, Vec<AddrRange>>, SwapError> {
+    text.iter()
+        .map(|(set, members)| {
+            let ranges = members
+                .iter()
+                .map(|m| {
+                    parse_item(m).map_err(|e| SwapError::Override {
+                        set: set.clone(),
+                        member: m.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((set.clone(), ranges))
+        })
+        .collect()
+}
+
+/// Swaps in the policy that `choose` picks from the current state: a file
+/// (or a copy standing for one) and live set overrides. Under the attachment's update lock.
+pub fn swap(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
+) -> Result<Swapped, SwapError> {
+    swap_with(att, false, choose)
+}
+
+/// Like [`swap`]. The host keeps the roles decided at attach (so an
+/// address that appears later, for example from a router advertisement,
+/// cannot add a role's rules); with `redetect`, roles given with `--role`
+/// at attach stay, and auto-detected ones are worked out again from the
+/// interface's permanent addresses only. A change of roles is logged as a
+/// warning and kept in the state (`status` shows it).
+pub fn swap_with(
+    att: &Attachment,
+    redetect: bool,
+    choose: impl FnOnce(&State) -> Result<Choice, SwapError>,
+) -> Result<Swapped, SwapError> {
+    swap_choosing(att, |old| {
+        Ok((
+            choose(old)?,
+            Settings {
+                redetect,
+                ..Settings::default()
+            },
+        ))
+    })
+}
+
+/// Like [`swap`], with the [`Settings`] chosen from the state too (a
+/// rollback puts back the roles of the generation it restores).
+pub fn swap_choosing(
+    att: &Attachment,
+    choose: impl FnOnce(&State) -> Result<(Choice, Settings), SwapError>,
+) -> Result<Swapped, SwapError> {
+    if !att.is_attached() {
+        return Err(SwapError::NotAttached(att.describe()));
+    }
+    let _lock = att
+        .lock(LockKind::Update)
+        .map_err(|source| SwapError::Lock {
+            path: att.lock_path(LockKind::Update),
+            source,
+        })?;
+    let old = State::repair(att)?;
+    let (choice, settings) = choose(&old)?;
+    swap_locked(att, &old, &settings, choice)
+}
+
+/// What a swap may change besides the policy (the defaults keep
+/// everything as it is).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Work the auto-detected roles out again from permanent addresses.
+    pub redetect: bool,
+    /// New `--role` arguments (`None`: keep the roles in force).
+    pub roles: Option<Vec<String>>,
+    /// Audit mode (`None`: keep).
+    pub audit: Option<bool>,
+    /// Event burst (`None`: keep).
+    pub log_burst: Option<u32>,
+    /// Flow accounting (`None`: keep).
+    pub flow_acct: Option<bool>,
+    /// Roles and `--role` arguments put back as they were (the guard's
+    /// restore): the roles are checked against the policy, never worked
+    /// out again (`None`: as `redetect` and `roles` say).
+    pub exact_roles: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// Puts back the whole state `prev` that was in force before a guarded
+/// change: the policy text in `choice`, its live set edits, the roles and
+/// `--role` arguments exactly as they were (not the roles of the change,
+/// which the old policy may not know), audit mode, event burst and flow
+/// accounting. Under the attachment's update lock.
+pub fn restore(att: &Attachment, choice: Choice, prev: &State) -> Result<Swapped, SwapError> {
+    let settings = Settings {
+        exact_roles: Some((prev.roles.clone(), prev.role_args.clone())),
+        audit: Some(prev.audit),
+        log_burst: Some(prev.log_burst),
+        flow_acct: Some(prev.flow_acct),
+        ..Settings::default()
+    };
+    swap_choosing(att, |_| Ok((choice, settings)))
+}
+
+/// The outcome of the last policy change, kept next to the state
+/// (`IFACE.reload.json`) for the metrics.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct LastChange {
+    /// Unix time of the attempt.
+    pub at: u64,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// Why not, if it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl LastChange {
+    /// The attachment's last change, if any was recorded.
+    pub fn read(att: &Attachment) -> Option<LastChange> {
+        let text = std::fs::read_to_string(att.last_change()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// The swap itself, for a caller that holds the update lock and has read
+/// (and repaired) the state `old`. Its outcome is recorded for the metrics.
+pub fn swap_locked(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+) -> Result<Swapped, SwapError> {
+    let result = swap_in_force(att, old, settings, choice);
+    let record = LastChange {
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        ok: result.is_ok(),
+        error: result.as_ref().err().map(ToString::to_string),
+    };
+    let path = att.last_change();
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_vec(&record)
+        .map_err(std::io::Error::from)
+        .and_then(|t| std::fs::write(&tmp, t))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::debug!("recording the outcome in {}: {e}", path.display());
+    }
+    result
+}
+
+fn swap_in_force(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+) -> Result<Swapped, SwapError> {
+    let redetect = settings.redetect;
+    let Choice {
+        text: path,
+        source,
+        overrides,
+    } = choice;
+
+    // Everything that depends on input first: nothing in the kernel yet.
+    if !old.insecure_policy {
+        crate::attachment::trust::check_policy_file(&path)?;
+    }
+    let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
+    let role_args = match &settings.exact_roles {
+        Some((_, args)) => args.clone(),
+        None => settings
+            .roles
+            .clone()
+            .unwrap_or_else(|| old.role_args.clone()),
+    };
+    // The role names given (this change's, or those in force), or none:
+    // then the roles follow the interface's permanent addresses again.
+    let (names, detect): (&[String], bool) = if let Some((exact, _)) = &settings.exact_roles {
+        (exact, false)
+    } else if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
+        (explicit, false)
+    } else if settings.roles.is_some() || (redetect && old.role_args.is_empty()) {
+        (&[], true)
+    } else if redetect {
+        (&old.role_args, false)
+    } else {
+        (&old.roles, false)
+    };
+    let addrs = if detect {
+        netif::permanent_addresses(&att.iface)?
+    } else {
+        Vec::new()
+    };
+    let roles = roles::resolve(&policy, names, &att.iface, &addrs)?;
+    let roles_changed = roles != old.roles;
+    if roles_changed {
+        tracing::warn!(
+            "roles of {} change from {} to {}",
+            att.iface,
+            old.roles.join(","),
+            roles.join(",")
+        );
+    }
+    let mut maps = PolicyMaps::from_pins(att)?;
+    let current = maps.active_slot()?;
+    let next = 1 - current;
+    let generation = maps.config(current)?.generation.max(old.generation) + 1;
+    let mut capacity = Capacity {
+        ct: old.ct_size,
+        rule_stats: old.rule_slots,
+        ..Capacity::default()
+    };
+    if old.peer_entries > 0 {
+        capacity.peer_v4 = old.peer_entries;
+        capacity.peer_v6 = old.peer_entries;
+    }
+    if old.port_entries > 0 {
+        capacity.ports = old.port_entries;
+    }
+    let mut c = compile::compile(
+        &policy,
+        &roles,
+        Some(&att.iface),
+        next,
+        generation,
+        capacity,
+    )
+    .map_err(|source| SwapError::Compile {
+        policy: policy.source.clone(),
+        iface: att.iface.clone(),
+        source,
+    })?;
+    let audit = settings.audit.unwrap_or(old.audit);
+    let log_burst = settings.log_burst.unwrap_or(old.log_burst).max(1);
+    c.config.audit = u8::from(audit);
+    let flow_acct = settings.flow_acct.unwrap_or(old.flow_acct);
+    c.config.flow_acct = u8::from(flow_acct);
+    c.config.log_burst = log_burst;
+    let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
+        SwapError::Compile {
+            policy: policy.source.clone(),
+            iface: att.iface.clone(),
+            source,
+        }
+    })?;
+
+    // Fill the slot no packet looks at (emptying leftovers of a reload that
+    // was killed), record the new state as pending, then switch.
+    maps.clear_slot(next)?;
+    if let Err(e) = maps.write_slot(&c) {
+        // A map refused an entry (full: a policy in force from a version
+        // that did not keep room for both slots, or a kernel that ran out
+        // of memory). Leave no half-written slot behind: the policy in
+        // force stays whole and alone in the kernel.
+        if let Err(undo) = maps.clear_slot(next) {
+            tracing::warn!("emptying the partly written policy slot: {undo}");
+        }
+        return Err(SwapError::Write {
+            policy: policy.source.clone(),
+            source: Box::new(e),
+        });
+    }
+    let new = State {
+        policy: source.as_ref().map_or_else(
+            || {
+                std::fs::canonicalize(&path)
+                    .unwrap_or_else(|_| path.clone())
+                    .display()
+                    .to_string()
+            },
+            |s| s.display().to_string(),
+        ),
+        roles: roles.clone(),
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        rules: c.rules.clone(),
+        set_overrides: overrides,
+        previous_roles: if roles_changed {
+            old.roles.clone()
+        } else {
+            old.previous_roles.clone()
+        },
+        roles_changed_at: if roles_changed {
+            generation
+        } else {
+            old.roles_changed_at
+        },
+        role_args,
+        audit,
+        flow_acct,
+        log_rate: c.config.log_rate,
+        log_burst,
+        ..old.clone()
+    };
+    new.write(&att.next_state())?;
+    maps.activate(next)?;
+
+    // The new policy is in force: nothing after this point is a failure
+    // (the caller would undo a guard or report a change that happened).
+    // What goes wrong is a warning in the result.
+    let mut warnings = Vec::new();
+    let mut warn = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!("{what}: {e}");
+        warnings.push(format!("{what}: {e}"));
+    };
+    if let Err(e) = std::fs::rename(att.next_state(), &att.state) {
+        // State::current still finds the pending file (its generation is live).
+        warn(
+            &format!("renaming the state to {}", att.state.display()),
+            &e,
+        );
+    }
+    if let Err(e) = history::record(
+        att,
+        generation,
+        &path,
+        Path::new(&new.policy),
+        &new.set_overrides,
+        history::Roles {
+            roles: new.roles.clone(),
+            role_args: new.role_args.clone(),
+        },
+    ) {
+        warn("policy history not updated", &e);
+    }
+    // Let packets that read the old slot finish, prune the connections the
+    // new policy would not open (including any opened in that window), and
+    // only then empty the old slot.
+    std::thread::sleep(GRACE);
+    let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
+        warn("pruning the connection table", &e);
+        0
+    });
+    if let Err(e) = maps.clear_slot(current) {
+        warn("emptying the previous policy slot", &e);
+    }
+    if let Err(e) = clear_counters(att, &freed) {
+        warn("zeroing unused rule counters", &e);
+    }
+    Ok(Swapped {
+        iface: att.iface.clone(),
+        policy: policy.source.clone(),
+        generation,
+        roles,
+        rules: c.rules.len(),
+        pruned,
+        warnings,
+    })
+}
+
+/// Zeroes the per-rule counters of slots no rule uses any more.
+fn clear_counters(att: &Attachment, slots: &[u32]) -> Result<(), MapsError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let err = |source| MapsError::Map {
+        map: MAP_RULE_STATS,
+        source,
+    };
+    let data = MapData::from_pin(att.map(MAP_RULE_STATS)).map_err(err)?;
+    let mut arr: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(err)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+        err(aya::maps::MapError::from(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }))
+    })?;
+    for &slot in slots {
+        let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
+            err(aya::maps::MapError::from(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error: e,
+            }))
+        })?;
+        arr.set(slot, zero, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The packet that opened a tracked flow, for the reference evaluator.
+fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
+    let addr = |b: [u8; 16]| -> IpAddr {
+        if k.family == 4 {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    };
+    let (local, remote) = (addr(k.local), addr(k.remote));
+    let ingress = e.origin == segbpf_common::DIR_INGRESS;
+    let icmp_type = match k.proto {
+        IPPROTO_ICMP => 8,
+        IPPROTO_ICMPV6 => 128,
+        _ => 0,
+    };
+    let (src, dst, dport) = if ingress {
+        (remote, local, k.local_port)
+    } else {
+        (local, remote, k.remote_port)
+    };
+    let dir = if ingress {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    (
+        dir,
+        eval::Packet {
+            src,
+            dst,
+            proto: k.proto,
+            dport,
+            icmp_type,
+            hop_limit: 64,
+        },
+    )
+}
+
+/// Removes the connection-table entries (assured and half-open) of the
+/// interface `ifindex` whose flows the new policy would not let open
+/// (the tables are shared with the namespace's other attachments, whose
+/// entries this policy does not judge); returns how many.
+fn prune_conntrack(
+    att: &Attachment,
+    ifindex: u32,
+    policy: &Policy,
+    roles: &[String],
+) -> Result<usize, MapsError> {
+    let mut pruned = 0;
+    for name in [MAP_CT, MAP_CT_NEW] {
+        let err = |source| MapsError::Map { map: name, source };
+        let data = MapData::from_pin(att.map(name)).map_err(err)?;
+        let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
+            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
+        let gone: Vec<CtKey> = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                if k.ifindex != ifindex {
+                    return false;
+                }
+                let (dir, pkt) = opener(k, e);
+                !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = ct.remove(k); // may have expired, moved or been evicted meanwhile
+        }
+        pruned += gone.len();
+    }
+    Ok(pruned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_read_as_before() {
+        let mut s = Swapped {
+            iface: "eth1".into(),
+            policy: "/etc/segbpf/roles.toml".into(),
+            generation: 3,
+            roles: vec!["db".into(), "web".into()],
+            rules: 9,
+            pruned: 2,
+            warnings: Vec::new(),
+        };
+        assert_eq!(
+            s.to_string(),
+            "reloaded /etc/segbpf/roles.toml on eth1: generation 3 applied, roles db,web, 9 rules; 2 connections no longer allowed were removed"
+        );
+        s.warnings = vec!["a: x".into(), "b: y".into()];
+        assert!(
+            s.to_string()
+                .ends_with("were removed (warnings: a: x; b: y)")
+        );
+        let r = RolledBack {
+            restored_generation: 2,
+            source: "/etc/segbpf/roles.toml".into(),
+            swap: s,
+        };
+        assert!(r.to_string().starts_with(
+            "rolled back to the policy of generation 2 (/etc/segbpf/roles.toml): reloaded "
+        ));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["restored_generation"], 2);
+        assert_eq!(v["generation"], 3);
+        assert_eq!(v["warnings"][1], "b: y");
+    }
+}

@@ -1,0 +1,761 @@
+//! The flow log: records of every flow (`start`, `active`, `end`) and
+//! aggregates of denied traffic (`denied`), as JSON Lines, for `segbpf
+//! flows --follow` and `segbpf attach --flow-log PATH` (docs/flows.md).
+//!
+//! One process per attachment is the *primary*: it holds the attachment's
+//! flow-log lock, drains the kernel's denied tables ([`crate::observe::denied`]),
+//! appends the `denied` records to the observed store
+//! ([`crate::attachment::observed`], which `segbpf suggest` reads) and keeps the
+//! pairs file behind `new_pair`. Any other follower reads the `denied`
+//! records from the store, and takes over as primary when the primary
+//! goes away. Flow records come from each process's own walk of the
+//! connection tables.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use segbpf_common::{DIR_INGRESS, EVENT_AUDIT, IPPROTO_TCP, reason};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attachment::maps::MapsError,
+    attachment::observed,
+    attachment::pins::{Attachment, LockKind},
+    attachment::state::State,
+    host::clock,
+    host::proto::{proto_name, tcp_flag_names},
+    observe::denied::{Denied, Drainer},
+    observe::flows::{self, Flow, FlowsError, FollowOptions, Follower},
+    policy::{AddrRange, Policy},
+};
+
+/// Errors of the flow log.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowLogError {
+    /// Reading the connection tables failed (or the attachment is gone).
+    #[error(transparent)]
+    Flows(#[from] FlowsError),
+    /// Reading the denied tables failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The observed store's cap is not a size (`SEGBPF_OBSERVED_MAX_BYTES`).
+    #[error("observed store cap: {0}")]
+    Cap(String),
+    /// A file could not be opened or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How the flow log reports.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Records of flows (`start`, `active`, `end`) from the connection
+    /// tables; without it, only `denied` records.
+    pub flows: bool,
+    /// A `start` record when a flow is first seen.
+    pub start: bool,
+    /// An `active` record of each live flow this often.
+    pub active_every: Duration,
+    /// `denied` aggregates this often (at most 10 s).
+    pub denied_every: Duration,
+}
+
+/// Default interval of `active` records.
+pub const ACTIVE_EVERY: Duration = Duration::from_mins(1);
+/// Default (and longest) interval of `denied` aggregates.
+pub const DENIED_EVERY: Duration = Duration::from_secs(10);
+
+/// One flow record (docs/flows.md has every field and its AWS VPC Flow
+/// Logs and OCSF counterparts).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// When the record was made, RFC 3339.
+    pub time: String,
+    /// The interface.
+    pub iface: String,
+    /// `start`, `active`, `end` or `denied`.
+    pub state: String,
+    /// `accept`, `reject` (dropped) or `audit` (the policy would have
+    /// dropped it; audit mode let it through).
+    pub action: String,
+    /// Protocol name (`tcp`, `udp`, `icmp`, `icmpv6`) or number.
+    pub proto: String,
+    /// The side that sent the first packet (absent for a packet that was
+    /// not parsed as IP).
+    pub src: Option<IpAddr>,
+    /// Its port (ICMP echo: the echo id); absent in `denied` aggregates,
+    /// which are per destination port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    /// The other side.
+    pub dst: Option<IpAddr>,
+    /// Its port (ICMP: the type in `denied` records, 0 for echo flows).
+    pub dport: u16,
+    /// `ingress` (a peer opened it, or the denied packet came in) or `egress`.
+    pub opened_by: String,
+    /// Packets from the originator.
+    pub packets_orig: u64,
+    /// Bytes (frame lengths) from the originator.
+    pub bytes_orig: u64,
+    /// Packets from the replier (0 in `denied` records).
+    pub packets_reply: u64,
+    /// Bytes from the replier.
+    pub bytes_reply: u64,
+    /// Time of the first packet, RFC 3339.
+    pub first_seen: String,
+    /// Time of the last packet, RFC 3339.
+    pub last_seen: String,
+    /// TCP flags seen, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_flags: Vec<String>,
+    /// The rule that let the flow through: its name, else its label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// `denied`: why the packets were dropped (`default`, `invalid-rst`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `denied`: the packets would have opened a flow (TCP SYN, UDP, ICMP
+    /// echo request): connection attempts, not stray packets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens_flow: Option<bool>,
+    /// Flows: the connection state (`new`, `established`, `closing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct_state: Option<String>,
+    /// The policy's named sets that hold the peer, comma-separated;
+    /// absent when none does.
+    pub peer_set: Option<String>,
+    /// The role whose rule let the flow through (`base` for base rules);
+    /// else the roles this interface enforces, comma-separated.
+    pub role: Option<String>,
+    /// True the first time this attachment sees this (direction, peer set
+    /// or peer address, protocol, port).
+    pub new_pair: bool,
+}
+
+impl Record {
+    /// The peer: the source of what came in, the destination of what went out.
+    pub fn peer(&self) -> Option<IpAddr> {
+        if self.opened_by == "ingress" {
+            self.src
+        } else {
+            self.dst
+        }
+    }
+}
+
+/// Denied packets the kernel could not aggregate (a table was full), or
+/// records the flow log could not keep: a line of its own, so nothing is
+/// lost silently.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lost {
+    /// When, RFC 3339.
+    pub time: String,
+    /// The interface.
+    pub iface: String,
+    /// Always `lost`.
+    pub state: &'static str,
+    /// What was lost: `denied` (packets).
+    pub what: &'static str,
+    /// How many.
+    pub packets: u64,
+}
+
+/// One line of the flow log.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Line {
+    /// A flow or denied record.
+    Record(Box<Record>),
+    /// A loss report.
+    Lost(Lost),
+}
+
+/// What the records name: the policy's sets and the interface's roles,
+/// as of the policy generation in force.
+#[derive(Debug, Default)]
+struct Context {
+    generation: Option<u64>,
+    sets: Vec<(String, Vec<AddrRange>)>,
+    roles: Option<String>,
+    state: Option<State>,
+}
+
+impl Context {
+    fn refresh(&mut self, att: &Attachment) {
+        let state = State::current(att).ok();
+        let generation = state.as_ref().map(|s| s.generation);
+        if generation == self.generation && self.state.is_some() {
+            return;
+        }
+        self.generation = generation;
+        self.roles = state
+            .as_ref()
+            .filter(|s| !s.roles.is_empty())
+            .map(|s| s.roles.join(","));
+        self.sets = state
+            .as_ref()
+            .and_then(|s| applied_policy(att, s))
+            .map(|p| p.sets.into_iter().map(|s| (s.name, s.ranges)).collect())
+            .unwrap_or_default();
+        self.state = state;
+    }
+
+    fn peer_set(&self, ip: Option<IpAddr>) -> Option<String> {
+        let ip = ip?;
+        let names: Vec<&str> = self
+            .sets
+            .iter()
+            .filter(|(_, ranges)| ranges.iter().any(|r| r.contains(ip)))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        (!names.is_empty()).then(|| names.join(","))
+    }
+}
+
+/// The policy in force on `att` (the history's copy of the applied text
+/// with its set edits, else the policy file), if it can be read.
+pub fn applied_policy(att: &Attachment, state: &State) -> Option<Policy> {
+    let overrides = crate::attachment::swap::parse_overrides(&state.set_overrides).ok()?;
+    let path = crate::attachment::history::at(att, state.generation)
+        .map_or_else(|| PathBuf::from(&state.policy), |e| e.copy);
+    Policy::load_with_sets(&path, &overrides).ok()
+}
+
+/// Most pairs remembered for `new_pair`; the oldest are forgotten first.
+const MAX_PAIRS: usize = 100_000;
+
+/// The pairs seen, in the order first seen.
+#[derive(Debug)]
+struct Pairs {
+    order: VecDeque<String>,
+    seen: HashSet<String>,
+    dirty: bool,
+}
+
+impl Pairs {
+    fn load(path: &std::path::Path) -> Self {
+        let order: VecDeque<String> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Pairs {
+            seen: order.iter().cloned().collect(),
+            order,
+            dirty: false,
+        }
+    }
+
+    /// Whether `key` is new (and remembers it).
+    fn observe(&mut self, key: String) -> bool {
+        if self.seen.contains(&key) {
+            return false;
+        }
+        if self.order.len() >= MAX_PAIRS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        self.seen.insert(key.clone());
+        self.order.push_back(key);
+        self.dirty = true;
+        true
+    }
+
+    fn save(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&self.order)?)?;
+        std::fs::rename(&tmp, path)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// The primary's part: the lock, the drainer and the store.
+struct Primary {
+    _lock: std::fs::File,
+    drainer: Option<Drainer>,
+    store: observed::Writer,
+}
+
+/// A flow log of one attachment.
+pub struct FlowLog {
+    att: Attachment,
+    opts: Options,
+    follower: Option<Follower>,
+    primary: Option<Primary>,
+    tail: Option<observed::Tail>,
+    ctx: Context,
+    pairs: Pairs,
+    next_denied: Instant,
+    store_cap: u64,
+}
+
+impl std::fmt::Debug for FlowLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowLog")
+            .field("att", &self.att.describe())
+            .field("primary", &self.primary.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowLog {
+    /// A flow log of `att`; it becomes the primary if no other process is.
+    pub fn open(att: &Attachment, opts: Options) -> Result<Self, FlowLogError> {
+        if !att.is_attached() {
+            return Err(FlowsError::NotAttached(att.describe()).into());
+        }
+        let mut log = FlowLog {
+            att: att.clone(),
+            follower: opts.flows.then(|| {
+                Follower::new(FollowOptions {
+                    start: opts.start,
+                    active_every: opts.active_every,
+                })
+            }),
+            opts,
+            primary: None,
+            tail: None,
+            ctx: Context::default(),
+            pairs: Pairs::load(&att.pairs_file()),
+            next_denied: Instant::now() + opts.denied_every.min(DENIED_EVERY),
+            store_cap: observed::cap_from_env().map_err(FlowLogError::Cap)?,
+        };
+        log.try_become_primary()?;
+        if log.primary.is_none() {
+            log.tail = Some(observed::Tail::at_end(att.observed_dir()));
+        }
+        Ok(log)
+    }
+
+    /// Whether this process drains the denied tables.
+    pub fn is_primary(&self) -> bool {
+        self.primary.is_some()
+    }
+
+    fn try_become_primary(&mut self) -> Result<(), FlowLogError> {
+        let io = |what, path: PathBuf| move |source| FlowLogError::Io { what, path, source };
+        let lock = self
+            .att
+            .lock_file(LockKind::FlowLog)
+            .map_err(io("opening", self.att.lock_path(LockKind::FlowLog)))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io("locking", self.att.lock_path(LockKind::FlowLog))(e));
+            }
+        }
+        // Another primary may have remembered pairs since we loaded them.
+        self.pairs = Pairs::load(&self.att.pairs_file());
+        let drainer = match Drainer::open(&self.att) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(
+                    "no denied aggregates for {}: {e} (the running programs predate them; `segbpf detach` and attach again)",
+                    self.att.describe()
+                );
+                None
+            }
+        };
+        self.primary = Some(Primary {
+            _lock: lock,
+            drainer,
+            store: observed::Writer::new(self.att.observed_dir(), self.store_cap),
+        });
+        Ok(())
+    }
+
+    /// The lines due now. Call it about once a second.
+    pub fn step(&mut self) -> Result<Vec<Line>, FlowLogError> {
+        self.ctx.refresh(&self.att);
+        let mut out = Vec::new();
+        if let Some(follower) = &mut self.follower {
+            let now = flows::snapshot_keyed(&self.att)?;
+            for (state, f) in follower.step(now) {
+                let r = self.flow_record(state, f);
+                out.push(Line::Record(Box::new(r)));
+            }
+        }
+        if self.primary.is_none() {
+            if let Some(tail) = &mut self.tail {
+                for l in tail.read_new() {
+                    if let Ok(r) = serde_json::from_str::<Record>(&l) {
+                        out.push(Line::Record(Box::new(r)));
+                    }
+                }
+            }
+            self.try_become_primary()?;
+        }
+        if self.primary.is_some() && Instant::now() >= self.next_denied {
+            self.next_denied = Instant::now() + self.opts.denied_every.min(DENIED_EVERY);
+            out.extend(self.drain()?);
+        }
+        if self.primary.is_some() {
+            let path = self.att.pairs_file();
+            if let Err(e) = self.pairs.save(&path) {
+                tracing::warn!("saving {}: {e}", path.display());
+            }
+        }
+        Ok(out)
+    }
+
+    /// A last drain (the primary's), when the log stops.
+    pub fn finish(&mut self) -> Result<Vec<Line>, FlowLogError> {
+        if self.primary.is_none() || !self.att.is_attached() {
+            return Ok(Vec::new());
+        }
+        self.ctx.refresh(&self.att);
+        let out = self.drain()?;
+        let _ = self.pairs.save(&self.att.pairs_file());
+        Ok(out)
+    }
+
+    fn drain(&mut self) -> Result<Vec<Line>, FlowLogError> {
+        let Some(primary) = &mut self.primary else {
+            return Ok(Vec::new());
+        };
+        let Some(drainer) = &mut primary.drainer else {
+            return Ok(Vec::new());
+        };
+        let drained = drainer.drain()?;
+        let mut aggregates = drained.aggregates;
+        aggregates.sort_by_key(|a| a.first_ns);
+        let mut out = Vec::new();
+        let mut stored = Vec::new();
+        for a in aggregates {
+            let r = self.denied_record(&a);
+            if let Ok(l) = serde_json::to_string(&r) {
+                stored.push(l);
+            }
+            out.push(Line::Record(Box::new(r)));
+        }
+        if drained.lost > 0 {
+            tracing::warn!(
+                "{} denied packets on {} were not aggregated: the kernel's table was full",
+                drained.lost,
+                self.att.describe()
+            );
+            out.push(Line::Lost(Lost {
+                time: clock::rfc3339(SystemTime::now()),
+                iface: self.att.iface.clone(),
+                state: "lost",
+                what: "denied",
+                packets: drained.lost,
+            }));
+        }
+        if let Some(primary) = &mut self.primary
+            && let Err(e) = primary.store.append(&stored)
+        {
+            tracing::warn!(
+                "observed store {}: {e}; {} denied records not kept for `segbpf suggest`",
+                self.att.observed_dir().display(),
+                stored.len()
+            );
+        }
+        Ok(out)
+    }
+
+    fn pair(
+        &mut self,
+        dir: &str,
+        peer: Option<IpAddr>,
+        set: Option<&str>,
+        proto: &str,
+        port: u16,
+    ) -> bool {
+        let who = set.map_or_else(
+            || peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            str::to_string,
+        );
+        self.pairs.observe(format!("{dir}|{who}|{proto}|{port}"))
+    }
+
+    fn flow_record(&mut self, state: &'static str, f: Flow) -> Record {
+        let peer = if f.opened_by == "ingress" {
+            f.src
+        } else {
+            f.dst
+        };
+        let peer_set = self.ctx.peer_set(Some(peer));
+        let new_pair = self.pair(
+            f.opened_by,
+            Some(peer),
+            peer_set.as_deref(),
+            &f.proto,
+            f.dport,
+        );
+        Record {
+            time: clock::rfc3339(SystemTime::now()),
+            iface: self.att.iface.clone(),
+            state: state.to_string(),
+            action: if f.audit { "audit" } else { "accept" }.to_string(),
+            proto: f.proto,
+            src: Some(f.src),
+            sport: Some(f.sport),
+            dst: Some(f.dst),
+            dport: f.dport,
+            opened_by: f.opened_by.to_string(),
+            packets_orig: f.packets_orig,
+            bytes_orig: f.bytes_orig,
+            packets_reply: f.packets_reply,
+            bytes_reply: f.bytes_reply,
+            first_seen: f.first_seen,
+            last_seen: f.last_seen,
+            tcp_flags: f.tcp_flags.iter().map(|s| (*s).to_string()).collect(),
+            rule: f.rule,
+            reason: None,
+            opens_flow: None,
+            ct_state: Some(f.state.to_string()),
+            peer_set,
+            role: f.role.or_else(|| self.ctx.roles.clone()),
+            new_pair,
+        }
+    }
+
+    fn denied_record(&mut self, a: &Denied) -> Record {
+        let k = &a.key;
+        let dir = if k.dir == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        let (src, dst) = (a.src(), a.dst());
+        let peer = if k.dir == DIR_INGRESS { src } else { dst };
+        let peer_set = self.ctx.peer_set(peer);
+        let proto = proto_name(k.proto);
+        let new_pair = self.pair(dir, peer, peer_set.as_deref(), &proto, k.dport);
+        let wall = |ns: u64| clock::rfc3339(clock::wall_of_monotonic(ns));
+        Record {
+            time: clock::rfc3339(SystemTime::now()),
+            iface: self.att.iface.clone(),
+            state: "denied".to_string(),
+            action: if k.kind == EVENT_AUDIT {
+                "audit"
+            } else {
+                "reject"
+            }
+            .to_string(),
+            proto,
+            src,
+            sport: None,
+            dst,
+            dport: k.dport,
+            opened_by: dir.to_string(),
+            packets_orig: a.packets,
+            bytes_orig: a.bytes,
+            packets_reply: 0,
+            bytes_reply: 0,
+            first_seen: wall(a.first_ns),
+            last_seen: wall(a.last_ns),
+            tcp_flags: if k.proto == IPPROTO_TCP {
+                tcp_flag_names(a.tcp_flags)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            rule: None,
+            reason: Some(reason::name(k.reason).to_string()),
+            opens_flow: Some(k.opens != 0),
+            ct_state: None,
+            peer_set,
+            role: self.ctx.roles.clone(),
+            new_pair,
+        }
+    }
+}
+
+/// A flow-log file: appended to, reopened on request (after logrotate
+/// moved it away). Mode 0640: the records name hosts and ports.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl FileSink {
+    /// Opens (creating) `path` for appending.
+    pub fn open(path: PathBuf) -> Result<Self, FlowLogError> {
+        let file = Self::open_file(&path)?;
+        Ok(FileSink { path, file })
+    }
+
+    fn open_file(path: &std::path::Path) -> Result<std::fs::File, FlowLogError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|source| FlowLogError::Io {
+                what: "opening flow log",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Opens the path again (the old file may have been renamed).
+    pub fn reopen(&mut self) -> Result<(), FlowLogError> {
+        self.file = Self::open_file(&self.path)?;
+        Ok(())
+    }
+
+    /// Appends `lines` in one write.
+    pub fn write(&mut self, lines: &[Line]) -> Result<(), FlowLogError> {
+        use std::io::Write as _;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for l in lines {
+            if let Ok(j) = serde_json::to_string(l) {
+                text.push_str(&j);
+                text.push('\n');
+            }
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|source| FlowLogError::Io {
+                what: "writing flow log",
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// A flow log running on its own thread (`segbpf attach`): it steps
+/// every second, writes to its file if it has one, and stops with a last
+/// drain.
+#[derive(Debug)]
+pub struct Runner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Runner {
+    /// Starts a flow log of `att`; with `sink`, every line goes to it.
+    pub fn spawn(
+        att: &Attachment,
+        opts: Options,
+        sink: Option<FileSink>,
+    ) -> Result<Self, FlowLogError> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        let mut log = FlowLog::open(att, opts)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (stop2, reopen2) = (stop.clone(), reopen.clone());
+        let mut sink = sink;
+        let thread = std::thread::Builder::new()
+            .name("flow-log".into())
+            .spawn(move || {
+                let write = |sink: &mut Option<FileSink>, lines: Vec<Line>| {
+                    if let Some(s) = sink
+                        && let Err(e) = s.write(&lines)
+                    {
+                        tracing::warn!("{e}; {} flow records lost", lines.len());
+                    }
+                };
+                let mut last_error: Option<String> = None;
+                loop {
+                    if reopen2.swap(false, Ordering::Relaxed)
+                        && let Some(s) = &mut sink
+                        && let Err(e) = s.reopen()
+                    {
+                        tracing::warn!("{e}; still writing to the old file");
+                    }
+                    match log.step() {
+                        Ok(lines) => write(&mut sink, lines),
+                        Err(FlowLogError::Flows(FlowsError::NotAttached(_))) => return,
+                        Err(e) => {
+                            // Once per distinct failure, not every second.
+                            let text = e.to_string();
+                            if last_error.as_deref() != Some(&text) {
+                                tracing::warn!("flow log: {text}");
+                                last_error = Some(text);
+                            }
+                        }
+                    }
+                    for _ in 0..10 {
+                        if stop2.load(Ordering::Relaxed) {
+                            match log.finish() {
+                                Ok(lines) => write(&mut sink, lines),
+                                Err(e) => tracing::warn!("flow log: {e}"),
+                            }
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|source| FlowLogError::Io {
+                what: "starting the flow log thread for",
+                path: att.state.clone(),
+                source,
+            })?;
+        Ok(Runner {
+            stop,
+            reopen,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Reopens the file at its next step (SIGHUP, after logrotate).
+    pub fn reopen(&self) {
+        self.reopen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops after a last drain, and waits for it.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_new_once_and_bounded() {
+        let mut p = Pairs {
+            order: VecDeque::new(),
+            seen: HashSet::new(),
+            dirty: false,
+        };
+        assert!(p.observe("ingress|app|tcp|5432".into()));
+        assert!(!p.observe("ingress|app|tcp|5432".into()));
+        assert!(p.observe("ingress|app|tcp|3306".into()));
+        for i in 0..MAX_PAIRS {
+            p.observe(format!("k{i}"));
+        }
+        assert_eq!(p.order.len(), MAX_PAIRS);
+        assert!(
+            p.observe("ingress|app|tcp|5432".into()),
+            "the oldest pairs are forgotten first"
+        );
+    }
+}

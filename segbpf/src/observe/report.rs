@@ -1,0 +1,319 @@
+//! The status report of an attachment: what was applied, the counters per
+//! direction and reason, per rule (with the rule's line in roles.toml, like
+//! `nft -a list`), the connection and fragment tables' fill, the kernel
+//! memory held and the event counters. `segbpf status` prints it; the metrics endpoint serves it.
+
+use std::collections::BTreeMap;
+
+use segbpf_common::{Counter, reason};
+use serde::Serialize;
+
+use crate::{
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
+};
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl From<Counter> for Count {
+    fn from(c: Counter) -> Self {
+        Count {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// What one rule allowed.
+#[derive(Debug, Serialize)]
+pub struct RuleCount {
+    /// Rule id.
+    pub id: u32,
+    /// Label such as `roles.db.ingress[0]`.
+    pub label: String,
+    /// The rule's `name`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The rule's `description`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Direction.
+    pub direction: String,
+    /// Line in the policy file.
+    pub line: u32,
+    /// Peer as written.
+    pub peer: String,
+    /// Services.
+    pub services: String,
+    /// Packets and bytes the rule allowed (connection openers; later
+    /// packets of the connection count as `established`).
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// One attachment as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Interface.
+    pub iface: String,
+    /// The network namespace's label (`ip netns` name, `host`), if known.
+    pub netns: Option<String>,
+    /// The network namespace's inode.
+    pub netns_inode: u64,
+    /// Whether segbpf enforces: its links are pinned and the kernel runs
+    /// them on this interface ([`crate::attachment::liveness`]).
+    pub attached: bool,
+    /// Each hook as the kernel has it (empty when nothing is pinned).
+    pub links: Vec<crate::attachment::liveness::Hook>,
+    /// What was applied (None if the state file is missing).
+    pub state: Option<State>,
+    /// Packets per reason name, both directions together.
+    pub counters: BTreeMap<String, u64>,
+    /// Packets and bytes per direction and reason name.
+    pub directions: BTreeMap<String, BTreeMap<String, Count>>,
+    /// Per-rule counters, by rule id.
+    pub rules: Vec<RuleCount>,
+    /// Packets passed.
+    pub passed: u64,
+    /// Packets dropped.
+    pub dropped: u64,
+    /// Connection table: capacity and entries in use.
+    pub conntrack: Conntrack,
+    /// Fragment tables.
+    pub fragments: Fragments,
+    /// Kernel memory held (programs and maps, the shared tables apart).
+    pub memory: crate::attachment::memory::Memory,
+    /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
+    pub events: crate::observe::telemetry::EventStats,
+    /// Denied packets the kernel could not aggregate for the flow log (a
+    /// denied table was full: nobody drained it, or a flood of distinct
+    /// aggregates), since attach.
+    pub denied_lost: u64,
+    /// Sets edited live, differing from the policy file (`reload` resolves it).
+    pub drift: Vec<String>,
+    /// A change waiting for `segbpf confirm`.
+    pub pending: Option<Awaiting>,
+}
+
+/// A change applied with `--confirm` that is not confirmed yet.
+#[derive(Debug, Serialize)]
+pub struct Awaiting {
+    /// Its generation.
+    pub generation: u64,
+    /// Unix time at which the guard undoes it.
+    pub deadline: u64,
+    /// The deadline has passed and the change is still in force.
+    pub overdue: bool,
+    /// Whether a guard process for it runs (checked by its pid; unknown
+    /// before the deadline, when the guard has not written its record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_running: Option<bool>,
+    /// Failed restore attempts so far.
+    pub restore_attempts: u32,
+    /// Why the last restore attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_error: Option<String>,
+}
+
+impl Awaiting {
+    fn of(att: &Attachment, p: &crate::attachment::guard::Pending) -> Awaiting {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let progress =
+            crate::attachment::guard::Progress::read(att).filter(|g| g.generation == p.generation);
+        Awaiting {
+            generation: p.generation,
+            deadline: p.deadline,
+            overdue: now > p.deadline,
+            guard_running: progress
+                .as_ref()
+                .map(crate::attachment::guard::Progress::running),
+            restore_attempts: progress.as_ref().map_or(0, |g| g.attempts),
+            restore_error: progress.and_then(|g| g.last_error),
+        }
+    }
+}
+
+/// Connection-table sizes and fill levels: the assured table (flows where
+/// both sides spoke and the originator acknowledged the reply, not
+/// closing) and the half-open table (openers without an acknowledged reply
+/// yet, and closing flows; a flood evicts only these). The tables are
+/// shared by every attachment of the network namespace: `entries` are this
+/// interface's, the `table_*` fields count every interface's against the
+/// capacity.
+#[derive(Debug, Serialize)]
+pub struct Conntrack {
+    /// Capacity of the assured table (entries), as the kernel made it.
+    pub size: u32,
+    /// Entries of this interface in the assured table.
+    pub entries: u64,
+    /// Capacity of the half-open table.
+    pub half_open_size: u32,
+    /// Entries of this interface in the half-open table.
+    pub half_open_entries: u64,
+    /// Entries of every attachment of the namespace in the assured table.
+    pub table_entries: u64,
+    /// Entries of every attachment of the namespace in the half-open table.
+    pub table_half_open_entries: u64,
+    /// Live attachments of the namespace that share the tables.
+    pub shared_by: usize,
+}
+
+/// Fragment-table size and fill levels (datagrams whose first fragment
+/// passed, on an assured flow or otherwise).
+#[derive(Debug, Serialize)]
+pub struct Fragments {
+    /// Capacity of each table.
+    pub size: u32,
+    /// Entries of datagrams on assured flows.
+    pub assured_entries: u64,
+    /// Entries of other datagrams.
+    pub other_entries: u64,
+}
+
+/// Builds the report of one attachment, counting the connection and
+/// fragment tables' entries (a walk of each table).
+pub fn report(att: &Attachment) -> Result<Report, MapsError> {
+    build(att, true)
+}
+
+/// The fill levels of an attachment's connection and fragment tables:
+/// assured, half-open, fragments on assured flows, other fragments. Each
+/// is a walk of the table.
+pub fn table_fill(att: &Attachment) -> (u64, u64, u64, u64) {
+    let [(ct, half_open), _] = ct_fill(att);
+    let (frag_assured, frag_other) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
+    (ct, half_open, frag_assured, frag_other)
+}
+
+/// This interface's entries in the shared connection tables, and every
+/// interface's: ((assured, half-open), (assured, half-open)).
+fn ct_fill(att: &Attachment) -> [(u64, u64); 2] {
+    State::current(att)
+        .ok()
+        .and_then(|s| maps::pinned_ct_fill(att, s.ifindex).ok())
+        .unwrap_or_default()
+}
+
+/// Builds the report; the table fill levels are left at 0 unless `fill`
+/// (the metrics endpoint samples them apart, see [`table_fill`]).
+pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
+    let stats = maps::pinned_stats(att)?;
+    let mut counters = BTreeMap::new();
+    let mut directions = BTreeMap::new();
+    let (mut passed, mut dropped) = (0, 0);
+    for (dir, per_reason) in ["ingress", "egress"].iter().zip(stats.iter()) {
+        let mut by_reason = BTreeMap::new();
+        for code in reason::ALL {
+            let c: Count = per_reason
+                .get(code as usize)
+                .copied()
+                .unwrap_or_default()
+                .into();
+            by_reason.insert(reason::name(code).to_string(), c);
+            *counters.entry(reason::name(code).to_string()).or_insert(0) += c.packets;
+            if reason::passes(code) {
+                passed += c.packets;
+            } else {
+                dropped += c.packets;
+            }
+        }
+        directions.insert(dir.to_string(), by_reason);
+    }
+    let state = State::current(att).ok();
+    let state_sets: Vec<String> = state
+        .iter()
+        .flat_map(|s| s.set_overrides.keys().cloned())
+        .collect();
+    let rule_stats = maps::pinned_rule_stats(att).unwrap_or_default();
+    let rules = state
+        .iter()
+        .flat_map(|s| s.rules.iter())
+        .map(|r| {
+            let c = rule_stats
+                .get(r.counter as usize)
+                .copied()
+                .unwrap_or_default();
+            RuleCount {
+                id: r.id,
+                label: r.label.clone(),
+                name: r.name.clone(),
+                description: r.description.clone(),
+                direction: r.direction.clone(),
+                line: r.line,
+                peer: r.peer.clone(),
+                services: r.services.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            }
+        })
+        .collect();
+    // The sizes the kernel made the shared tables with (the state's
+    // --ct-size may be an older request).
+    let info = |m: &str| aya::maps::MapInfo::from_pin(att.map(m)).ok();
+    let size = |m: &str| info(m).map_or(0, |i| i.max_entries());
+    let [
+        (entries, half_open_entries),
+        (table_entries, table_half_open_entries),
+    ] = if fill {
+        ct_fill(att)
+    } else {
+        Default::default()
+    };
+    let (assured_entries, other_entries) = if fill {
+        maps::pinned_frag_fill(att).unwrap_or((0, 0))
+    } else {
+        (0, 0)
+    };
+    let memory = crate::attachment::memory::of(att);
+    let conntrack = Conntrack {
+        size: size(segbpf_common::MAP_CT),
+        entries,
+        half_open_size: size(segbpf_common::MAP_CT_NEW),
+        half_open_entries,
+        table_entries,
+        table_half_open_entries,
+        shared_by: memory.shared_by,
+    };
+    let fragments = Fragments {
+        size: info(segbpf_common::MAP_FRAG)
+            .map_or(segbpf_common::DEFAULT_FRAG_ENTRIES, |i| i.max_entries()),
+        assured_entries,
+        other_entries,
+    };
+    let links = if att.is_attached() {
+        crate::attachment::liveness::check(att, state.as_ref())
+    } else {
+        Vec::new()
+    };
+    Ok(Report {
+        iface: att.iface.clone(),
+        netns: att.netns.label.clone(),
+        netns_inode: att.netns.inode,
+        attached: att.is_attached() && crate::attachment::liveness::all_live(&links),
+        links,
+        state,
+        counters,
+        directions,
+        rules,
+        passed,
+        dropped,
+        conntrack,
+        fragments,
+        memory,
+        events: crate::observe::telemetry::pinned_event_stats(att).unwrap_or_default(),
+        denied_lost: crate::observe::denied::pinned_lost(att).unwrap_or(0),
+        drift: state_sets,
+        pending: crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p)),
+    })
+}
