@@ -87,7 +87,8 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
                 .map(|svc| ServiceReport {
                     name: svc.name.clone(),
                     cgroup: svc.cgroup.clone(),
-                    cgroup_id: crate::host::cgroups::cgroup_id(&paths.root.dir.join(&svc.cgroup)).ok(),
+                    cgroup_id: crate::host::cgroups::cgroup_id(&paths.root.dir.join(&svc.cgroup))
+                        .ok(),
                     ingress_default: svc.ingress_default.clone(),
                     egress_default: svc.egress_default.clone(),
                     ingress_rules: svc.ingress_rules,

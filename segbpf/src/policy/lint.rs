@@ -267,7 +267,11 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
             && !is_any(&r.peers)
             && (r.any_proto || r.tcp.iter().any(|p| p.contains(22)))
     });
-    if !ssh_from_set && policy.defaults.ingress == Action::Drop {
+    // A policy of services only is never attached to an interface: no
+    // SSH path to lose.
+    let interfaces =
+        !policy.rules.is_empty() || !policy.roles.is_empty() || policy.services.is_empty();
+    if !ssh_from_set && policy.defaults.ingress == Action::Drop && interfaces {
         out.push(Warning {
             lint: "no-ssh-path",
             loc: None,
