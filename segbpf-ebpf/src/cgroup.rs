@@ -161,7 +161,7 @@ fn judge_service(
         None => 0,
     };
     if cfg.established != 0
-        && let Some(e) = SEG_SVC_CT.get_ptr_mut(&own)
+        && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {
         // SAFETY: a valid pointer to the map value returned by the lookup.
         let entry = unsafe { &mut *e };
@@ -234,7 +234,7 @@ fn judge_service(
             flags,
             rule,
         };
-        let _ = SEG_SVC_CT.insert(&own, &entry, 0);
+        let _ = SEG_SVC_CT.insert(own, entry, 0);
     }
     PASS
 }
@@ -255,7 +255,7 @@ fn identify(ctx: &SkBuffContext, slot: u8, max_level: u8) -> Who {
         if id == 0 {
             break;
         }
-        match SEG_SVC_CG.get_ptr(&id) {
+        match SEG_SVC_CG.get_ptr(id) {
             Some(e) => {
                 // SAFETY: a valid pointer to the map value returned by the lookup.
                 let e = unsafe { &*e };
@@ -281,7 +281,7 @@ fn service_of(cg: u64, slot: u8) -> u8 {
     if cg == 0 {
         return 0;
     }
-    match SEG_SVC_CG.get_ptr(&cg) {
+    match SEG_SVC_CG.get_ptr(cg) {
         // SAFETY: a valid pointer to the map value returned by the lookup.
         Some(e) => unsafe { (*e).svc[(slot & 1) as usize] },
         None => 0,
@@ -295,7 +295,7 @@ fn service_of(cg: u64, slot: u8) -> u8 {
 fn sender_view(p: &Pkt, now: u64) -> Option<SvcFlow> {
     let key = view(p, true);
     // SAFETY: the map value is plain data, copied out.
-    let v = SEG_SVC_CT.get_ptr(&key).map(|v| unsafe { *v })?;
+    let v = SEG_SVC_CT.get_ptr(key).map(|v| unsafe { *v })?;
     if now.wrapping_sub(v.last_ns) <= SVC_SENDER_FRESH_NS {
         Some(v)
     } else {
@@ -363,7 +363,7 @@ fn peer_rule(slotb: u8, dir: u8, peer: u8, p: &Pkt) -> u32 {
         peer,
         _pad: 0,
     };
-    match SEG_SVC_PEER.get_ptr(&key) {
+    match SEG_SVC_PEER.get_ptr(key) {
         // SAFETY: a valid pointer to the map value returned by the lookup.
         Some(c) => port_rule(slotb, unsafe { (*c).class_id }, p),
         None => NO_RULE,

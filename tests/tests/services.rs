@@ -778,3 +778,90 @@ tcp = [3306]
     drop(ctr);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rl", &["app", "db", "other"], 95)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let policy = lab.state.join("roles.toml");
+    let generation = |lab: &SvcLab| -> anyhow::Result<u64> {
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root, "-o", "json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v["services"][0]["generation"]
+            .as_u64()
+            .context("generation")
+    };
+    assert!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "other -> db before the reload"
+    );
+    // `reload --services`: other may now reach db.
+    std::fs::write(
+        &policy,
+        MATRIX.replace(
+            r#"from_services = ["app"]"#,
+            r#"from_services = ["app", "other"]"#,
+        ),
+    )?;
+    let out = lab
+        .segbpf(&["reload", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generation(&lab)?, 2);
+    assert!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "other -> db after the reload"
+    );
+    assert!(
+        lab.connect("app", "127.0.0.1 3306")?,
+        "app -> db after the reload"
+    );
+    // A policy with an error: refused, exit 1, the previous one stays.
+    std::fs::write(
+        &policy,
+        MATRIX.replace(r#"from_services = ["app"]"#, r#"from_services = ["ap"]"#),
+    )?;
+    let out = lab
+        .segbpf(&["reload", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown service `ap`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generation(&lab)?, 2);
+    assert!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "the policy in force stays"
+    );
+    // SIGHUP to the foreground attach: the file again (back to app only).
+    std::fs::write(&policy, MATRIX)?;
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(lab.attach.as_ref().context("attach")?.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+    let start = Instant::now();
+    while generation(&lab)? != 3 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(generation(&lab)?, 3);
+    assert!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "other -> db after SIGHUP"
+    );
+    assert!(
+        lab.connect("app", "127.0.0.1 3306")?,
+        "app -> db after SIGHUP"
+    );
+    Ok(())
+}

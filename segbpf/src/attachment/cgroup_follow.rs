@@ -51,7 +51,8 @@ pub fn follow(
         source,
     })?;
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
-    let mut last = Instant::now() - RESCAN_EVERY;
+    // None: rescan at the next turn.
+    let mut last: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) || !paths.is_attached() {
             return Ok(());
@@ -66,17 +67,17 @@ pub fn follow(
                 Ok(s) => on_event(FollowEvent::Reloaded(s.generation)),
                 Err(e) => on_event(FollowEvent::ReloadFailed(e)),
             }
-            last = Instant::now() - RESCAN_EVERY;
+            last = None;
         }
         // Watch first, then scan: a cgroup made in between is in the scan
         // or raises an event.
         watcher.watch(&engine::guards(paths));
-        if last.elapsed() >= RESCAN_EVERY {
+        if last.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             let (written, removed) = engine::rescan(paths, &mut maps)?;
             if written + removed > 0 {
                 on_event(FollowEvent::Rescanned { written, removed });
             }
-            last = Instant::now();
+            last = Some(Instant::now());
         }
         if watcher.wait(Duration::from_millis(200)) {
             let (written, removed) = engine::rescan(paths, &mut maps)?;

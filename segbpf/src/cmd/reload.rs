@@ -17,8 +17,16 @@ use crate::{
 /// Arguments of `segbpf reload`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Interface whose policy to replace.
-    pub iface: String,
+    /// Interface whose policy to replace (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Replace the services attachment's policy (docs/services.md).
+    #[arg(long, conflicts_with_all = ["iface", "confirm", "force", "keep_set_edits", "redetect_roles"])]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<PathBuf>,
     /// Policy file (default: the file the attachment was last given).
     #[arg(long, short = 'p', value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -68,7 +76,10 @@ struct Reloaded<'a> {
 
 /// Runs `segbpf reload`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.clone() else {
+        return crate::cmd::services::reload(args.cgroup_root, args.policy, args.output);
+    };
+    let att = Attachment::new(&iface, ns);
     let before = State::current(&att).ok();
     if let Some(state) = &before {
         // The lockout check: a policy that cuts the SSH session this runs
@@ -79,7 +90,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from(&state.policy));
         if let Ok(policy) = Policy::load(&path)
             && let Some(m) =
-                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
+                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &iface)
             && args.confirm.is_none()
             && !args.force
         {

@@ -162,6 +162,39 @@ pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
     Ok(())
 }
 
+/// `segbpf reload --services`: the policy file (default: the one in
+/// force) applied to the services attachment; on any error the policy in
+/// force stays.
+pub fn reload(
+    cgroup_root: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let paths = paths(cgroup_root.as_deref())?;
+    let state = paths
+        .read_state()
+        .with_context(|| format!("no services attachment below {}", paths.root.dir.display()))?;
+    let path = policy.unwrap_or(state.policy.clone());
+    let p = Policy::load(&path)?;
+    let s = engine::reload(&paths, &p, &path, state.audit)?;
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "applied": true,
+            "generation": s.generation,
+            "policy": path,
+        }))?,
+        Output::Text => crate::cmd::print_line(format_args!(
+            "services below {}: generation {} in force ({})",
+            paths.root.dir.display(),
+            s.generation,
+            path.display()
+        ))?,
+    }
+    Ok(())
+}
+
 /// Reports of every services attachment (or the one below `cgroup_root`).
 pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::SvcReport> {
     let roots = Roots::from_env();

@@ -141,10 +141,9 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
 /// Whether `a` applies on every host `b` applies on (base covers all).
 fn scope_covers(a: &Rule, b: &Rule) -> bool {
     match (&a.owner, &b.owner) {
-        (Owner::Service(x), Owner::Service(y)) => x == y,
+        (Owner::Service(x), Owner::Service(y)) | (Owner::Role(x), Owner::Role(y)) => x == y,
         (_, Owner::Service(_)) => false,
         (Owner::Base, _) => true,
-        (Owner::Role(x), Owner::Role(y)) => x == y,
         _ => false,
     }
 }

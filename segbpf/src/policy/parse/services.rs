@@ -228,7 +228,7 @@ impl Cx<'_> {
                 ),
             ));
         };
-        let (mut i, mut e) = (None, None);
+        let (mut ingress, mut egress) = (None, None);
         for (k, val) in sorted(t) {
             let key: &str = k.get_ref();
             let f = child(field, key);
@@ -254,12 +254,12 @@ impl Cx<'_> {
                 }
             };
             if key == "ingress" {
-                i = Some(a);
+                ingress = Some(a);
             } else {
-                e = Some(a);
+                egress = Some(a);
             }
         }
-        Ok((i, e))
+        Ok((ingress, egress))
     }
 
     /// `from_services` / `to_services`: a service name or a non-empty
