@@ -16,6 +16,10 @@ use crate::{
 
 /// Arguments of `segbpf reload`.
 #[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags: each bool is one independent switch"
+)]
 pub struct Args {
     /// Interface whose policy to replace (or --services).
     #[arg(required_unless_present = "services")]
