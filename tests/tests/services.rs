@@ -865,3 +865,73 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
+    let lab = SvcLab::new("nw", &["app", "db", "other", "stage"], 96)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
+    let policy = lab.state.join("roles.toml");
+    std::fs::write(&policy, MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--policy",
+            policy.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    // The follower it left names itself; it is ended by PID if the test fails.
+    let pid: i32 = log
+        .split("followed by process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no follower in: {log}"))?;
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let p = nix::unistd::Pid::from_raw(self.0);
+            if std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
+                .is_ok_and(|c| c.contains("--follow-only"))
+            {
+                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    let _kill = Kill(pid);
+    // It classifies a re-created cgroup: app reaches db again.
+    remove_cgroups(&lab.cg("app"));
+    std::fs::create_dir(lab.cg("app"))?;
+    let prober = prober_in(&lab, "app", "127.0.0.1 3306")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, _, _) = finish(prober)?;
+    assert!(ok > 0, "the follower did not classify the re-created app");
+    // detach --services: the follower sees it and exits.
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok()
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        "the follower {pid} outlived the detach"
+    );
+    Ok(())
+}
