@@ -866,6 +866,20 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ends a follower left by `--no-wait` (by its PID, if it is still one).
+struct Kill(i32);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let p = nix::unistd::Pid::from_raw(self.0);
+        if std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
+            .is_ok_and(|c| c.contains("--follow-only"))
+        {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
@@ -895,17 +909,6 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no follower in: {log}"))?;
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let p = nix::unistd::Pid::from_raw(self.0);
-            if std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
-                .is_ok_and(|c| c.contains("--follow-only"))
-            {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
     let _kill = Kill(pid);
     // It classifies a re-created cgroup: app reaches db again.
     remove_cgroups(&lab.cg("app"));
