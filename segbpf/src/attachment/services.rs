@@ -411,11 +411,29 @@ pub fn attach(
     Ok(state)
 }
 
+/// Loads the object with the services maps pinned in `paths.dir` and
+/// filled with `policy` (slot 0), without attaching anything: for
+/// benchmarks (BPF_PROG_TEST_RUN) and tests. The caller removes the pins.
+pub fn load_unattached(paths: &SvcPaths, policy: &Policy) -> Result<aya::Ebpf, ServicesError> {
+    let compiled = compile_services(policy, 0, 1, false)?;
+    let cls = classify(&paths.root, &service_paths(&compiled));
+    load_filled(paths, &compiled, &cls)
+}
+
 fn load_and_attach(
     paths: &SvcPaths,
     compiled: &SvcCompiled,
     cls: &Classification,
 ) -> Result<(), ServicesError> {
+    let mut ebpf = load_filled(paths, compiled, cls)?;
+    attach_programs(paths, &mut ebpf)
+}
+
+fn load_filled(
+    paths: &SvcPaths,
+    compiled: &SvcCompiled,
+    cls: &Classification,
+) -> Result<aya::Ebpf, ServicesError> {
     let mut loader = EbpfLoader::new();
     // The interface maps of the object are unused here: keep them tiny.
     for (name, n) in [
@@ -438,7 +456,7 @@ fn load_and_attach(
     ] {
         loader.map_max_entries(name, n);
     }
-    let mut ebpf = loader
+    let ebpf = loader
         .load(crate::attachment::loader::EBPF_OBJECT)
         .map_err(kernel("loading the eBPF object"))?;
     private_dir(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
@@ -457,6 +475,10 @@ fn load_and_attach(
         // Both slots agree on the cgroups from the start.
         maps.sync_cgroups(cls)?;
     }
+    Ok(ebpf)
+}
+
+fn attach_programs(paths: &SvcPaths, ebpf: &mut aya::Ebpf) -> Result<(), ServicesError> {
     let cgroup = std::fs::File::open(&paths.root.dir)
         .map_err(io(format!("opening {}", paths.root.dir.display())))?;
     // Egress first: what a service sends is recorded (its identity, its
