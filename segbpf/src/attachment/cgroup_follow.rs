@@ -37,11 +37,13 @@ pub enum FollowEvent {
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the tree of the attachment at `paths` until `stop` is set or the
-/// attachment is gone (detached). `hup` set: reload `policy_path`.
+/// attachment is gone (detached). `hup` set: reload `policy_path` (checked
+/// like at attach unless `insecure_policy`).
 pub fn follow(
     paths: &SvcPaths,
     policy_path: &Path,
     audit: bool,
+    insecure_policy: bool,
     stop: &AtomicBool,
     hup: &AtomicBool,
     mut on_event: impl FnMut(FollowEvent),
@@ -58,8 +60,13 @@ pub fn follow(
             return Ok(());
         }
         if hup.swap(false, Ordering::Relaxed) {
-            let applied = Policy::load(policy_path)
-                .map_err(|e| e.to_string())
+            let trusted = if insecure_policy {
+                Ok(())
+            } else {
+                crate::attachment::trust::check_policy_file(policy_path).map_err(|e| e.to_string())
+            };
+            let applied = trusted
+                .and_then(|()| Policy::load(policy_path).map_err(|e| e.to_string()))
                 .and_then(|p| {
                     engine::reload(paths, &p, policy_path, audit).map_err(|e| e.to_string())
                 });

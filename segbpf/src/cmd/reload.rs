@@ -56,6 +56,10 @@ pub struct Args {
     /// attach stay.
     #[arg(long)]
     pub redetect_roles: bool,
+    /// With --services: accept a policy file writable by users other than
+    /// root (refused by default, as at attach).
+    #[arg(long, requires = "services")]
+    pub insecure_policy: bool,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -81,7 +85,12 @@ struct Reloaded<'a> {
 /// Runs `segbpf reload`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let Some(iface) = args.iface.clone() else {
-        return crate::cmd::services::reload(args.cgroup_root, args.policy, args.output);
+        return crate::cmd::services::reload(
+            args.cgroup_root,
+            args.policy,
+            args.insecure_policy,
+            args.output,
+        );
     };
     let att = Attachment::new(&iface, ns);
     let before = State::current(&att).ok();

@@ -48,6 +48,9 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     let roots = Roots::from_env();
     roots.ensure_bpffs()?;
     let paths = paths(args.cgroup_root.as_deref())?;
+    if !args.insecure_policy {
+        crate::attachment::trust::check_policy_file(&policy_path)?;
+    }
     if !args.follow_only {
         let policy = Policy::load(&policy_path)?;
         let state = engine::attach(&paths, &policy, &policy_path, args.audit)?;
@@ -82,6 +85,9 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             if args.audit {
                 cmd.arg("--audit");
             }
+            if args.insecure_policy {
+                cmd.arg("--insecure-policy");
+            }
             // SAFETY: setsid is async-signal-safe; nothing else runs in the child.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -108,9 +114,10 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     let hup = Arc::new(AtomicBool::new(false));
     let (s2, h2) = (stop.clone(), hup.clone());
     let audit = args.audit;
+    let insecure = args.insecure_policy;
     let p2 = paths.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        follow::follow(&p2, &policy_path, audit, &s2, &h2, |ev| match ev {
+        follow::follow(&p2, &policy_path, audit, insecure, &s2, &h2, |ev| match ev {
             FollowEvent::Rescanned { written, removed } => {
                 info!("cgroup tree changed: {written} entries written, {removed} removed");
             }
@@ -168,6 +175,7 @@ pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
 pub fn reload(
     cgroup_root: Option<PathBuf>,
     policy: Option<PathBuf>,
+    insecure_policy: bool,
     output: Output,
 ) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
@@ -175,6 +183,9 @@ pub fn reload(
         .read_state()
         .with_context(|| format!("no services attachment below {}", paths.root.dir.display()))?;
     let path = policy.unwrap_or(state.policy.clone());
+    if !insecure_policy {
+        crate::attachment::trust::check_policy_file(&path)?;
+    }
     let p = Policy::load(&path)?;
     let s = engine::reload(&paths, &p, &path, state.audit)?;
     match output {
