@@ -29,6 +29,16 @@ pub const MAP_SVC_PEER: &str = "SEG_SVC_PEER";
 pub const MAP_SVC_CT: &str = "SEG_SVC_CT";
 /// Per-CPU array of `Counter`s, index `(slot byte) * 4 + dir * 2 + passed`.
 pub const MAP_SVC_STATS: &str = "SEG_SVC_STATS";
+/// Ring buffer of [`SvcEvent`]s: packets of a service dropped (or let
+/// through in audit mode), rate-limited in the kernel.
+pub const MAP_SVC_EVENTS: &str = "SEG_SVC_EVENTS";
+/// Per-CPU array, two u64: the event rate limiter's window start (ns) and
+/// the events emitted in it.
+pub const MAP_SVC_RATE: &str = "SEG_SVC_RATE";
+/// Events per second and CPU the services programs emit at most.
+pub const SVC_EVENTS_PER_SEC: u64 = 100;
+/// Bytes of the services event ring.
+pub const SVC_EVENT_RING_BYTES: u32 = 1 << 18;
 /// Name of the cgroup_skb ingress program.
 pub const PROG_SVC_INGRESS: &str = "segbpf_svc_ingress";
 /// Name of the cgroup_skb egress program.
@@ -37,7 +47,7 @@ pub const PROG_SVC_EGRESS: &str = "segbpf_svc_egress";
 pub const PROG_SVC_EMPTY: &str = "segbpf_svc_empty";
 
 /// Every map the services attachment pins.
-pub const SVC_PINNED_MAPS: [&str; 9] = [
+pub const SVC_PINNED_MAPS: [&str; 10] = [
     MAP_SVC_CG,
     MAP_SVC_CFG,
     MAP_SVC_ACT,
@@ -47,6 +57,7 @@ pub const SVC_PINNED_MAPS: [&str; 9] = [
     MAP_SVC_PEER,
     MAP_SVC_CT,
     MAP_SVC_STATS,
+    MAP_SVC_EVENTS,
 ];
 
 /// Service ids per slot: 1..=`MAX_SERVICES`; the slot byte is
@@ -201,6 +212,42 @@ const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
 /// (loopback delivers at once), while a view left by a closed socket is
 /// older. Nanoseconds.
 pub const SVC_SENDER_FRESH_NS: u64 = 100_000_000;
+
+/// A packet of a service that was dropped (or, `audit = 1`, would have
+/// been and was let through).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SvcEvent {
+    /// `bpf_ktime_get_ns` when it was judged.
+    pub ts_ns: u64,
+    /// Slot byte of the service (`slot * SVC_SLOT_STRIDE + id`).
+    pub slot: u8,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// 1: audit mode, the packet passed.
+    pub audit: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+    /// Source port (ICMP echo: the id), network order.
+    pub sport_be: [u8; 2],
+    /// Destination port, network order.
+    pub dport_be: [u8; 2],
+    /// Explicit padding.
+    pub _pad2: [u8; 4],
+    /// Source address, network order (IPv4: first 4 bytes).
+    pub src_be: [u8; 16],
+    /// Destination address, network order.
+    pub dst_be: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SvcEvent>() == 56);
+
+// SAFETY: #[repr(C)], explicit padding, bytemuck::Pod.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SvcEvent {}
 
 /// Idle timeout of a TCP flow entry, seconds.
 pub const SVC_TCP_IDLE_S: u64 = 7_440;

@@ -27,13 +27,14 @@ use aya_ebpf::{
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SENDER_FRESH_NS,
-    SVC_SLOT_STRIDE, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SvcConfig, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
+    SVC_SENDER_FRESH_NS, SVC_SLOT_STRIDE, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SvcConfig, SvcEvent,
+    SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
-    SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_PEER, SEG_SVC_PORTS, SEG_SVC_STATS,
-    SEG_SVC_V4, SEG_SVC_V6,
+    SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
+    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
 
 /// cgroup_skb: let the packet pass.
@@ -54,6 +55,7 @@ const ECHO_REQUEST: u8 = 1;
 const ECHO_REPLY: u8 = 2;
 
 /// The fields of a packet the programs judge.
+#[derive(Clone, Copy)]
 struct Pkt {
     family: u8,
     proto: u8,
@@ -123,9 +125,46 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
         return DROP;
     };
-    let verdict = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
-    count(slotb, dir, verdict == PASS, len);
+    let (verdict, refused) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    if let Some(p) = refused {
+        emit(slotb, dir, &p, cfg.audit != 0);
+    }
+    count(slotb, dir, verdict == PASS && refused.is_none(), len);
     verdict
+}
+
+/// Reports a refused packet, at most `SVC_EVENTS_PER_SEC` per CPU.
+#[inline(always)]
+fn emit(slotb: u8, dir: u8, p: &Pkt, audit: bool) {
+    let now = now_ns();
+    let (Some(start), Some(n)) = (SEG_SVC_RATE.get_ptr_mut(0), SEG_SVC_RATE.get_ptr_mut(1)) else {
+        return;
+    };
+    // SAFETY: valid per-CPU pointers returned by the lookups.
+    let (start, n) = unsafe { (&mut *start, &mut *n) };
+    if now.wrapping_sub(*start) > 1_000_000_000 {
+        *start = now;
+        *n = 0;
+    }
+    if *n >= SVC_EVENTS_PER_SEC {
+        return;
+    }
+    *n += 1;
+    let ev = SvcEvent {
+        ts_ns: now,
+        slot: slotb,
+        dir,
+        family: p.family,
+        proto: p.proto,
+        audit: u8::from(audit),
+        _pad: [0; 3],
+        sport_be: p.sport.to_be_bytes(),
+        dport_be: p.dport.to_be_bytes(),
+        _pad2: [0; 4],
+        src_be: p.src,
+        dst_be: p.dst,
+    };
+    let _ = SEG_SVC_EVENTS.output::<SvcEvent>(ev, 0);
 }
 
 #[inline(always)]
@@ -139,10 +178,10 @@ fn judge_service(
     svc_cg: u64,
     cfg: &SvcConfig,
     lo: bool,
-) -> i32 {
+) -> (i32, Option<Pkt>) {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
     let Some(p) = parse(ctx) else {
-        return fail;
+        return (fail, None);
     };
     let own = view(&p, dir == DIR_EGRESS);
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
@@ -173,7 +212,7 @@ fn judge_service(
                 || entry.peer_cg == peer_cg)
         {
             entry.last_ns = now;
-            return PASS;
+            return (PASS, None);
         }
     }
     let mut rule = addr_rule(slotb, dir, &p);
@@ -209,7 +248,7 @@ fn judge_service(
         let ok = sender_svc != 0
             && peer_rule(slot * SVC_SLOT_STRIDE + sender_svc, DIR_EGRESS, svc, &p) != NO_RULE;
         if !ok {
-            return fail;
+            return (fail, Some(p));
         }
     }
     let default = if dir == DIR_INGRESS {
@@ -220,7 +259,7 @@ fn judge_service(
     let allowed =
         rule != NO_RULE || (cfg.icmp != 0 && p.echo == ECHO_REQUEST) || default == ACTION_ALLOW;
     if !allowed {
-        return fail;
+        return (fail, Some(p));
     }
     if p.proto == IPPROTO_TCP
         || p.proto == IPPROTO_UDP
@@ -236,7 +275,7 @@ fn judge_service(
         };
         let _ = SEG_SVC_CT.insert(own, entry, 0);
     }
-    PASS
+    (PASS, None)
 }
 
 /// The socket's service from the deepest known ancestor of its cgroup.

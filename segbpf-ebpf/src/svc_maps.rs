@@ -5,11 +5,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use segbpf_common::{
-    Counter, PeerKeyV4, PeerKeyV6, PortKey, SVC_CFG_ENTRIES, SvcCgroup, SvcClass, SvcConfig,
-    SvcFlow, SvcFlowKey, SvcPeerKey, SvcRule,
+    Counter, PeerKeyV4, PeerKeyV6, PortKey, SVC_CFG_ENTRIES, SVC_EVENT_RING_BYTES, SvcCgroup,
+    SvcClass, SvcConfig, SvcFlow, SvcFlowKey, SvcPeerKey, SvcRule,
 };
 
 /// cgroup id -> what the cgroup is (service, none, guard) in each slot.
@@ -48,3 +48,11 @@ pub(crate) static SEG_SVC_CT: LruHashMap<SvcFlowKey, SvcFlow> = LruHashMap::with
 #[map]
 pub(crate) static SEG_SVC_STATS: PerCpuArray<Counter> =
     PerCpuArray::with_max_entries(SVC_CFG_ENTRIES * 4, 0);
+
+/// Dropped (or audited) packets of services, for the foreground attach.
+#[map]
+pub(crate) static SEG_SVC_EVENTS: RingBuf = RingBuf::with_byte_size(SVC_EVENT_RING_BYTES, 0);
+
+/// Per CPU: the event rate limiter's window start (ns) and its count.
+#[map]
+pub(crate) static SEG_SVC_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);

@@ -363,7 +363,7 @@ impl SvcLab {
                 "--cgroup-root",
                 &root,
             ])
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(self.state.join("events.log"))?)
             .stderr(std::fs::File::create(self.state.join("attach.log"))?)
             .spawn()?;
         self.attach = Some(child);

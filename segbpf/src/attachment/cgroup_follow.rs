@@ -31,6 +31,86 @@ pub enum FollowEvent {
     Reloaded(u64),
     /// The policy file could not be applied; the previous one stays.
     ReloadFailed(String),
+    /// A packet of a service was dropped (or let through in audit mode).
+    Refused(Refused),
+}
+
+/// A refused packet of a service, as the kernel reported it.
+#[derive(Debug, serde::Serialize)]
+pub struct Refused {
+    /// The service's name (`?` when its policy is no longer in force).
+    pub service: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// `drop`, or `audit` (audit mode: it passed).
+    pub action: &'static str,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source address.
+    pub src: std::net::IpAddr,
+    /// Source port (ICMP echo: the id).
+    pub sport: u16,
+    /// Destination address.
+    pub dst: std::net::IpAddr,
+    /// Destination port.
+    pub dport: u16,
+}
+
+impl Refused {
+    fn of(ev: &segbpf_common::SvcEvent, state: Option<&engine::SvcState>) -> Self {
+        let ip = |b: [u8; 16]| -> std::net::IpAddr {
+            if ev.family == 4 {
+                std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+            } else {
+                std::net::Ipv6Addr::from(b).into()
+            }
+        };
+        let stride = segbpf_common::SVC_SLOT_STRIDE;
+        let service = state
+            .filter(|s| s.slot == ev.slot / stride)
+            .and_then(|s| s.services.iter().find(|x| x.id == ev.slot % stride))
+            .map_or_else(|| "?".to_string(), |x| x.name.clone());
+        Refused {
+            service,
+            direction: if ev.dir == segbpf_common::DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
+            action: if ev.audit != 0 { "audit" } else { "drop" },
+            proto: ev.proto,
+            src: ip(ev.src_be),
+            sport: u16::from_be_bytes(ev.sport_be),
+            dst: ip(ev.dst_be),
+            dport: u16::from_be_bytes(ev.dport_be),
+        }
+    }
+}
+
+/// Delivers the events waiting in the ring.
+fn drain(
+    ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    paths: &SvcPaths,
+    on_event: &mut impl FnMut(FollowEvent),
+) {
+    let Some(ring) = ring else {
+        return;
+    };
+    let mut state = None;
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<segbpf_common::SvcEvent>() {
+            continue;
+        }
+        let ev: segbpf_common::SvcEvent =
+            bytemuck::pod_read_unaligned(&item[..size_of::<segbpf_common::SvcEvent>()]);
+        if state.is_none() {
+            state = Some(paths.read_state());
+        }
+        on_event(FollowEvent::Refused(Refused::of(
+            &ev,
+            state.as_ref().and_then(Option::as_ref),
+        )));
+    }
 }
 
 /// How often the tree is rescanned without an inotify event.
@@ -53,6 +133,10 @@ pub fn follow(
         source,
     })?;
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
+    // The event ring (absent in an attachment made by an older segbpf).
+    let mut ring = aya::maps::MapData::from_pin(paths.dir.join(segbpf_common::MAP_SVC_EVENTS))
+        .ok()
+        .and_then(|m| aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(m)).ok());
     // None: rescan at the next turn.
     let mut last: Option<Instant> = None;
     loop {
@@ -86,6 +170,7 @@ pub fn follow(
             }
             last = Some(Instant::now());
         }
+        drain(&mut ring, paths, &mut on_event);
         if watcher.wait(Duration::from_millis(200)) {
             let (written, removed) = engine::rescan(paths, &mut maps)?;
             if written + removed > 0 {

@@ -114,18 +114,28 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     let hup = Arc::new(AtomicBool::new(false));
     let (s2, h2) = (stop.clone(), hup.clone());
     let audit = args.audit;
+    let json = args.log_format == crate::observe::telemetry::LogFormat::Json;
     let insecure = args.insecure_policy;
     let p2 = paths.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        follow::follow(&p2, &policy_path, audit, insecure, &s2, &h2, |ev| match ev {
-            FollowEvent::Rescanned { written, removed } => {
-                info!("cgroup tree changed: {written} entries written, {removed} removed");
-            }
-            FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
-            FollowEvent::ReloadFailed(e) => {
-                warn!("reload failed, the previous policy stays in force: {e}");
-            }
-        })
+        follow::follow(
+            &p2,
+            &policy_path,
+            audit,
+            insecure,
+            &s2,
+            &h2,
+            |ev| match ev {
+                FollowEvent::Rescanned { written, removed } => {
+                    info!("cgroup tree changed: {written} entries written, {removed} removed");
+                }
+                FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
+                FollowEvent::ReloadFailed(e) => {
+                    warn!("reload failed, the previous policy stays in force: {e}");
+                }
+                FollowEvent::Refused(r) => print_refused(&r, json),
+            },
+        )
     });
     tokio::pin!(worker);
     loop {
@@ -139,6 +149,36 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// One event line on stdout (a closed stdout is ignored: enforcement goes on).
+fn print_refused(r: &follow::Refused, json: bool) {
+    let line = if json {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["event"] = serde_json::json!(r.action);
+        v.to_string()
+    } else {
+        let proto = match r.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            1 => "icmp".to_string(),
+            58 => "icmpv6".to_string(),
+            n => format!("proto {n}"),
+        };
+        let addr = |a: std::net::IpAddr, p: u16| match a {
+            std::net::IpAddr::V4(a) => format!("{a}:{p}"),
+            std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+        };
+        format!(
+            "{} {} service={} {proto} {} -> {}",
+            r.action,
+            r.direction,
+            r.service,
+            addr(r.src, r.sport),
+            addr(r.dst, r.dport)
+        )
+    };
+    let _ = crate::cmd::print_line(line);
 }
 
 /// `segbpf detach --services`.
