@@ -323,6 +323,48 @@ mod tests {
     }
 
     #[test]
+    fn guards_their_children_and_services_classify() {
+        // Any directory tree has inode numbers: the logic needs no cgroupfs.
+        let base = std::env::temp_dir().join(format!("segbpf-cls-{}", std::process::id()));
+        for d in [
+            "system.slice/app.service/sub",
+            "system.slice/other.service",
+            "user.slice/user-0.slice",
+        ] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        let root = CgroupRoot {
+            dir: base.clone(),
+            id: cgroup_id(&base).unwrap(),
+            level: 0,
+        };
+        let c = classify(&root, &[(3, "system.slice/app.service".into())]);
+        let get = |rel: &str| c.entries.get(&cgroup_id(&base.join(rel)).unwrap()).cloned();
+        let e = |rel: &str, svc: u8, guard: bool| Entry {
+            rel: rel.to_string(),
+            svc,
+            guard,
+        };
+        assert_eq!(get(""), Some(e("", 0, true)));
+        assert_eq!(get("system.slice"), Some(e("system.slice", 0, true)));
+        assert_eq!(
+            get("system.slice/app.service"),
+            Some(e("system.slice/app.service", 3, false))
+        );
+        assert_eq!(
+            get("system.slice/other.service"),
+            Some(e("system.slice/other.service", 0, false))
+        );
+        assert_eq!(get("user.slice"), Some(e("user.slice", 0, false)));
+        // Below a classified cgroup that is no guard: inherited, no entry.
+        assert_eq!(get("system.slice/app.service/sub"), None);
+        assert_eq!(get("user.slice/user-0.slice"), None);
+        assert_eq!(c.max_level, 2);
+        assert_eq!(c.guards, vec![base.clone(), base.join("system.slice")]);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn within_is_by_component() {
         assert!(within("system.slice/app.service", "system.slice"));
         assert!(within("a/b", "a/b"));
