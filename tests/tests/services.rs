@@ -938,3 +938,44 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn to_services_checks_the_receiver() -> anyhow::Result<()> {
+    let policy = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+defaults = { ingress = "allow" }
+[services.other]
+cgroup = "other"
+defaults = { ingress = "allow" }
+[[services.app.egress]]
+to_services = ["db"]
+udp = [5353]
+tcp = [5353]
+"#;
+    let mut lab = SvcLab::new("ts", &["app", "db", "other", "none"], 97)?;
+    let ns = lab.ns.name.clone();
+    let _servers = [
+        Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 5353")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp ::1 5353")?,
+        Helper::server(&lab.cg("other"), &ns, "serve-udp 127.0.0.2 5353")?,
+        Helper::server(&lab.cg("other"), &ns, "serve-tcp 127.0.0.2 5353")?,
+        Helper::server(&lab.cg("none"), &ns, "serve-udp 127.0.0.3 5353")?,
+    ];
+    lab.attach(policy)?;
+    // The named receiver: allowed, both protocols and families.
+    assert!(lab.udp("app", "127.0.0.1 5353")?, "app -> db udp");
+    assert!(lab.connect("app", "::1 5353")?, "app -> db tcp over ::1");
+    // The same port at another service or a process in none: the
+    // receiver's ingress refuses what app may send only to db.
+    assert!(!lab.udp("app", "127.0.0.2 5353")?, "app -> other udp");
+    assert!(!lab.connect("app", "127.0.0.2 5353")?, "app -> other tcp");
+    assert!(!lab.udp("app", "127.0.0.3 5353")?, "app -> none udp");
+    // Others may still reach other (its ingress default is allow).
+    assert!(lab.udp("db", "127.0.0.2 5353")?, "db -> other udp");
+    Ok(())
+}
