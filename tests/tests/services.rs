@@ -20,6 +20,12 @@
 //!   judged as "no service"; the delay until it is covered is measured.
 //! * `container_to_host`: a process in its own network namespace and
 //!   cgroup (`cgroup = "..."`) reaches a host service as its policy says.
+//! * `to_services_checks_the_receiver`: `to_services` lets a service send
+//!   only to the named one (another receiver at that port refuses it).
+//! * `reload_replaces_or_keeps_the_policy`: `reload --services` and SIGHUP
+//!   apply a new policy; a bad one is refused and the old one stays.
+//! * `no_wait_leaves_a_follower_that_detach_ends`: `--no-wait` leaves a
+//!   follower that classifies new cgroups and exits after the detach.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
