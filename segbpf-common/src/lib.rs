@@ -16,6 +16,7 @@ pub mod events;
 pub mod keys;
 pub mod maps;
 pub mod reasons;
+pub mod services;
 pub mod stats;
 #[cfg(feature = "user")]
 mod user;
@@ -27,4 +28,5 @@ pub use events::*;
 pub use keys::*;
 pub use maps::*;
 pub use reasons::*;
+pub use services::*;
 pub use stats::*;

@@ -16,6 +16,7 @@
     reason = "the library target (lib.rs) exists only so segbpf can depend on this crate"
 )]
 
+mod cgroup;
 mod ct;
 mod denied;
 mod events;
@@ -24,13 +25,14 @@ mod lookup;
 mod maps;
 mod parse;
 mod stats;
+mod svc_maps;
 mod trafficgen;
 mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_skb, classifier, xdp},
+    programs::{SkBuffContext, TcContext, XdpContext},
 };
 use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP};
 
@@ -101,6 +103,26 @@ pub(crate) fn segbpf_xdp_empty(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub(crate) fn segbpf_xdp_gen(ctx: XdpContext) -> u32 {
     trafficgen::next(&ctx)
+}
+
+/// Services: every packet a socket receives, judged by its cgroup's
+/// service (attached once at the cgroup v2 root, see `cgroup`).
+#[cgroup_skb(ingress)]
+pub(crate) fn segbpf_svc_ingress(ctx: SkBuffContext) -> i32 {
+    cgroup::judge(&ctx, DIR_INGRESS)
+}
+
+/// Services: every packet a socket sends.
+#[cgroup_skb(egress)]
+pub(crate) fn segbpf_svc_egress(ctx: SkBuffContext) -> i32 {
+    cgroup::judge(&ctx, DIR_EGRESS)
+}
+
+/// The floor for the services benchmark: a cgroup_skb program that only
+/// passes. Never attached by segbpf.
+#[cgroup_skb(ingress)]
+pub(crate) fn segbpf_svc_empty(_ctx: SkBuffContext) -> i32 {
+    cgroup::PASS
 }
 
 #[cfg(not(test))]

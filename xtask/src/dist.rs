@@ -41,10 +41,12 @@ const COMPLETIONS: &[(&str, &str)] = &[
 const REQUIRED: &[&str] = &[
     "usr/sbin/segbpf",
     "usr/lib/systemd/system/segbpf@.service",
+    "usr/lib/systemd/system/segbpf-services.service",
     "etc/logrotate.d/segbpf",
     "usr/share/doc/segbpf/examples/roles.toml",
     "usr/share/doc/segbpf/copyright",
     "usr/share/doc/segbpf/docs/service.md",
+    "usr/share/doc/segbpf/docs/services.md",
     "usr/share/man/man8/segbpf.8.gz",
     "usr/share/man/man8/segbpf-attach.8.gz",
     "usr/share/bash-completion/completions/segbpf",
@@ -337,35 +339,40 @@ fn check_package(deb: &Path, arch: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `systemd-analyze verify` of the packaged unit, its ExecStart pointed at
-/// the packaged binary and `man` at the packaged binary's pages: any
-/// message about the unit is a failure (verify exits 0 on warnings).
+/// `systemd-analyze verify` of the packaged units, their ExecStart pointed
+/// at the packaged binary and `man` at the packaged binary's pages: any
+/// message about a unit is a failure (verify exits 0 on warnings).
 fn verify_unit(root: &Path, manpath: &Path) -> anyhow::Result<()> {
-    let unit = std::fs::read_to_string(root.join("usr/lib/systemd/system/segbpf@.service"))?;
     let bin = root.join("usr/sbin/segbpf");
     let dir = root.join("verify");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("segbpf@.service"),
-        unit.replace("/usr/sbin/segbpf", &bin.display().to_string()),
-    )?;
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=yes"])
-        .arg(dir.join("segbpf@eth0.service"))
-        .env("MANPATH", manpath)
-        .output()
-        .context("running systemd-analyze verify")?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        out.status.success() && said.trim().is_empty(),
-        "systemd-analyze verify of the packaged unit ({}): {said}",
-        out.status
-    );
-    eprintln!("dist: systemd-analyze verify of the packaged unit: clean");
+    for (file, instance) in [
+        ("segbpf@.service", "segbpf@eth0.service"),
+        ("segbpf-services.service", "segbpf-services.service"),
+    ] {
+        let unit = std::fs::read_to_string(root.join("usr/lib/systemd/system").join(file))?;
+        std::fs::write(
+            dir.join(file),
+            unit.replace("/usr/sbin/segbpf", &bin.display().to_string()),
+        )?;
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=yes"])
+            .arg(dir.join(instance))
+            .env("MANPATH", manpath)
+            .output()
+            .context("running systemd-analyze verify")?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success() && said.trim().is_empty(),
+            "systemd-analyze verify of the packaged unit {file} ({}): {said}",
+            out.status
+        );
+        eprintln!("dist: systemd-analyze verify of the packaged unit {file}: clean");
+    }
     Ok(())
 }
 

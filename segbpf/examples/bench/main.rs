@@ -18,12 +18,16 @@
 //!   ipset, at 10 / 1,000 / 10,000 rules, allowed and denied; packets/s
 //!   the receiver handled on one core, rounds interleaved.
 //!
+//! * Services (`services.rs`): the cgroup_skb programs' per-packet cost
+//!   against an empty cgroup_skb program.
+//!
 //! Prints a table and writes bench/results.json.
 #![allow(
     unused_crate_dependencies,
     reason = "an example sees every dependency of the package and uses a few"
 )]
 
+mod services;
 mod traffic;
 
 use std::{fmt::Write as _, net::IpAddr, os::fd::AsRawFd as _, time::Instant};
@@ -211,6 +215,21 @@ fn main() -> anyhow::Result<()> {
         // Debugging the traffic lab alone: print its rows, write nothing.
         for row in traffic::throughput(o.quick)? {
             println!("{row}");
+        }
+        return Ok(());
+    }
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("services") {
+        for row in services::per_packet(o.rounds, o.repeat)?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "{:<62} {:>8.1} ns {:>6.2}x",
+                row["case"].as_str().unwrap_or(""),
+                row["median_ns"].as_f64().unwrap_or(0.0),
+                row["ratio_to_floor"].as_f64().unwrap_or(0.0)
+            );
         }
         return Ok(());
     }
@@ -465,6 +484,7 @@ fn main() -> anyhow::Result<()> {
     let set_add_s = t.elapsed().as_secs_f64();
 
     let attachments = attachments_memory()?;
+    let services_rows = services::per_packet(o.rounds, o.repeat)?;
     let throughput = traffic::throughput(o.quick)?;
 
     // Report.
@@ -497,6 +517,17 @@ fn main() -> anyhow::Result<()> {
         );
         rows.push(json!({"case": c.name, "median_ns": med, "min_ns": min(&c.samples), "max_ns": max(&c.samples), "ratio_to_floor": ratio, "samples_ns": c.samples}));
     }
+    let _ = writeln!(table, "\nservices (cgroup_skb, docs/services.md):");
+    for row in services_rows.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            table,
+            "{:<62} {:>10.1} {:>14} {:>10.2}",
+            row["case"].as_str().unwrap_or(""),
+            row["median_ns"].as_f64().unwrap_or(0.0),
+            "",
+            row["ratio_to_floor"].as_f64().unwrap_or(0.0)
+        );
+    }
     let _ = writeln!(
         table,
         "\nupdate: swap in a 10,000-rule policy (compile + write other slot + flip): {swap_10k_s:.3} s"
@@ -528,6 +559,7 @@ fn main() -> anyhow::Result<()> {
         "repeat": o.repeat,
         "floor": {"median_ns": floor_med, "samples_ns": floor_samples},
         "per_packet": rows,
+        "services_per_packet": services_rows,
         "sizes": sizes_out,
         "update": {"swap_10k_rules_s": swap_10k_s, "set_element_s": set_add_s},
         "throughput": throughput,

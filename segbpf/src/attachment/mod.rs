@@ -3,11 +3,15 @@
 //! pins, state file, history, sidecars), loading the object ([`loader`]),
 //! the kernel maps ([`maps`]), and the lifecycle engines: [`attach`],
 //! [`swap`] (reload, rollback, set edits) and the lockout [`guard`].
+//! The services attachment (`[services.*]` on cgroups, one per cgroup
+//! root) is [`services`], kept in step with the cgroup tree by
+//! [`cgroup_follow`].
 //!
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
 pub mod attach;
 pub mod batch;
+pub mod cgroup_follow;
 pub mod delta;
 pub mod dirs;
 pub mod gone;
@@ -19,6 +23,7 @@ pub mod maps;
 pub mod memory;
 pub mod observed;
 pub mod pins;
+pub mod services;
 pub mod state;
 pub mod swap;
 pub mod timeline;

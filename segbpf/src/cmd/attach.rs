@@ -26,8 +26,22 @@ use crate::{
     reason = "command-line flags: each bool is one independent switch"
 )]
 pub struct Args {
-    /// Interface to protect.
-    pub iface: String,
+    /// Interface to protect (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Enforce the policy's `[services.*]` on the sockets of their cgroups
+    /// (systemd units, containers) instead of an interface: one pair of
+    /// cgroup_skb programs at the cgroup root (docs/services.md).
+    #[arg(long, conflicts_with_all = ["iface", "etcd", "role"])]
+    pub services: bool,
+    /// With --services: the cgroup v2 directory the services' `cgroup`
+    /// paths are below (default: the cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<PathBuf>,
+    /// With --services: only follow the cgroup tree of the attachment in
+    /// force (what `--no-wait` leaves running in the background).
+    #[arg(long, hide = true, requires = "services")]
+    pub follow_only: bool,
     /// Policy file (roles.toml); or --etcd.
     #[arg(
         long,
@@ -144,10 +158,15 @@ fn parse_watch(s: &str) -> Result<attach::Watch, String> {
 }
 
 impl Args {
+    /// The interface ("" with --services).
+    pub fn iface(&self) -> &str {
+        self.iface.as_deref().unwrap_or("")
+    }
+
     /// The library's request for these arguments.
     fn request(&self, policy: PathBuf) -> Request {
         Request {
-            iface: self.iface.clone(),
+            iface: self.iface().to_string(),
             policy,
             roles: self.role.clone(),
             mode: self.mode,
@@ -166,6 +185,9 @@ impl Args {
 /// Runs `segbpf attach`.
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    if args.services {
+        return crate::cmd::services::attach(args).await;
+    }
     // Handlers first, so a signal that arrives while applying is not fatal.
     let mut signals = (
         signal(SignalKind::terminate()).context("SIGTERM handler")?,
@@ -198,7 +220,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let policy = match (&fleet, &args.policy) {
         (Some(cfg), _) => {
             // The cache at once, or the store's revision once it answers.
-            let att = Attachment::new(&args.iface, ns);
+            let att = Attachment::new(args.iface(), ns);
             tokio::select! {
                 r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
                 _ = signals.0.recv() => return Ok(()),
@@ -212,7 +234,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         && args.confirm.is_none()
         && !args.force
         && let Ok(p) = crate::policy::Policy::load(&policy)
-        && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, &args.iface)
+        && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, args.iface())
     {
         anyhow::bail!(
             "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",
@@ -235,7 +257,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         "enforcing on {}; drop events follow on stdout; Ctrl-C leaves the foreground (enforcement stays until `segbpf{} detach {}`)",
         att.describe(),
         ns.cli_option(),
-        args.iface
+        args.iface()
     );
     let flow_log = if args.flow_log == FlowLog::Off {
         None

@@ -51,6 +51,9 @@ struct Checked {
     sets: usize,
     roles: usize,
     rules: usize,
+    /// `[services.*]` and their rules (docs/services.md).
+    services: usize,
+    service_rules: usize,
     /// One entry per host compiled for (each role, or the `--role` set).
     compiled: Vec<Compiled>,
     warnings: Vec<WarningOut>,
@@ -255,12 +258,16 @@ fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
             warnings.len()
         );
     }
+    // The services compile too (their ids and slots fit).
+    crate::policy::services::compile_services(policy, 0, 1, false)?;
     let out = Checked {
         policy: policy.source.clone(),
         version: policy.version,
         sets: policy.sets.len(),
         roles: policy.roles.len(),
         rules: policy.rules.len(),
+        services: policy.services.len(),
+        service_rules: policy.service_rules.len(),
         compiled,
         warnings,
     };
@@ -271,6 +278,12 @@ fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
                 "{}: ok: version {}, {} sets, {} roles, {} rules",
                 out.policy, out.version, out.sets, out.roles, out.rules
             ))?;
+            if out.services > 0 {
+                print_line(format_args!(
+                    "  services: {} with {} rules (attach --services)",
+                    out.services, out.service_rules
+                ))?;
+            }
             for c in &out.compiled {
                 print_line(format_args!(
                     "  role {}: {} ingress + {} egress rules -> {} classes, {} IPv4 / {} IPv6 prefixes, {} port prefixes",

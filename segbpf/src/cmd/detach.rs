@@ -16,8 +16,16 @@ use crate::{
 /// Arguments of `segbpf detach`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Interface to remove segbpf from.
-    pub iface: String,
+    /// Interface to remove segbpf from (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Remove the services attachment (docs/services.md) instead.
+    #[arg(long, conflicts_with = "iface")]
+    pub services: bool,
+    /// With --services: the cgroup root it was attached below (default:
+    /// the cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -37,7 +45,10 @@ struct DetachOut {
 /// Runs `segbpf detach`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     crate::attachment::pins::Roots::from_env().check_visible()?;
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.as_deref() else {
+        return crate::cmd::services::detach(args.cgroup_root, args.output);
+    };
+    let att = Attachment::new(iface, ns);
     if !att.dir.exists() && !att.state.exists() {
         bail!(
             "segbpf is not attached to {} (no {})",

@@ -21,6 +21,7 @@ pub mod man;
 pub mod monitor;
 pub mod reload;
 pub mod rollback;
+pub mod services;
 pub mod set;
 pub mod status;
 pub mod suggest;

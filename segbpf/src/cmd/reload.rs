@@ -16,9 +16,21 @@ use crate::{
 
 /// Arguments of `segbpf reload`.
 #[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags: each bool is one independent switch"
+)]
 pub struct Args {
-    /// Interface whose policy to replace.
-    pub iface: String,
+    /// Interface whose policy to replace (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Replace the services attachment's policy (docs/services.md).
+    #[arg(long, conflicts_with_all = ["iface", "confirm", "force", "keep_set_edits", "redetect_roles"])]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<PathBuf>,
     /// Policy file (default: the file the attachment was last given).
     #[arg(long, short = 'p', value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -44,6 +56,10 @@ pub struct Args {
     /// attach stay.
     #[arg(long)]
     pub redetect_roles: bool,
+    /// With --services: accept a policy file writable by users other than
+    /// root (refused by default, as at attach).
+    #[arg(long, requires = "services")]
+    pub insecure_policy: bool,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -90,12 +106,20 @@ pub fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
 
 /// Runs `segbpf reload`.
 pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
+    let Some(iface) = args.iface.clone() else {
+        return crate::cmd::services::reload(
+            args.cgroup_root,
+            args.policy,
+            args.insecure_policy,
+            args.output,
+        );
+    };
     // The policy by its canonical path, as the state records it: the JSON
     // result and `status` name the same file.
     if let Some(p) = &args.policy {
         args.policy = Some(absolute(p)?);
     }
-    let att = Attachment::new(&args.iface, ns);
+    let att = Attachment::new(&iface, ns);
     let before = State::current(&att).ok();
     if let Some(state) = &before {
         // The lockout check: a policy that cuts the SSH session this runs
@@ -110,7 +134,7 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
             && crate::policy::lint::ssh_connection().is_some()
             && let Ok(policy) = Policy::load(&path)
             && let Some(m) =
-                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
+                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &iface)
         {
             anyhow::bail!(
                 "{}: refused: {m} [ssh-session]; nothing was changed (reload with --confirm SECS to apply it guarded, or --force)",

@@ -20,13 +20,21 @@ use crate::{
     after_help = "Times are shown both ways: \"attached 3m ago (2026-12-06T09:50:40Z)\"; JSON has RFC 3339 times (docs/json.md).\n\nExamples:\n  segbpf status\n  segbpf status eth0 -o json\n  segbpf status --all-netns"
 )]
 pub struct Args {
-    /// Only this interface (default: every attached interface).
+    /// Only this interface (default: every attached interface, and the
+    /// services attachments).
     #[arg(conflicts_with = "all_netns")]
     pub iface: Option<String>,
     /// Every attachment on the machine, in every network namespace (not
     /// only this one's).
     #[arg(long)]
     pub all_netns: bool,
+    /// Only the services attachment (docs/services.md).
+    #[arg(long, conflicts_with_all = ["iface", "all_netns"])]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -192,6 +200,14 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             old.display()
         );
     }
+    if args.services {
+        return crate::cmd::services::status(args.cgroup_root, args.output);
+    }
+    let services = if args.iface.is_none() {
+        crate::cmd::services::reports(None, true)
+    } else {
+        Vec::new()
+    };
     let atts = match &args.iface {
         Some(i) => {
             let att = roots.attachment(i, ns);
@@ -235,6 +251,9 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
                     })
                     .collect();
             }
+            if !services.is_empty() {
+                doc["services"] = serde_json::json!(services);
+            }
             print_json(&doc)?;
         }
         Output::Text => {
@@ -265,6 +284,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
                     list.join("; ")
                 )?;
             }
+            crate::cmd::services::print_text(&mut o, &services)?;
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! The observe layer: what the kernel saw and did, read back for people
 //! and machines: drop events ([`telemetry`]), denied aggregates
 //! ([`denied`]), flows and the flow log, metrics, the status report,
-//! packet traces and policy suggestions from what was observed.
+//! packet traces and policy suggestions from what was observed, and what
+//! the services attachment has in force ([`services`]).
 //!
 //! May import `attachment`, `policy` and `host`; never `fleet` or `cmd`.
 
@@ -10,6 +11,7 @@ pub mod flowlog;
 pub mod flows;
 pub mod metrics;
 pub mod report;
+pub mod services;
 pub mod suggest;
 pub mod telemetry;
 pub mod trace;

@@ -546,9 +546,9 @@ fn action_byte(a: Action) -> u8 {
 
 /// A set of rules, as a bitset over the direction's local rule indexes
 /// (which are in rule-id order, so the lowest set bit is the lowest id).
-type RuleSet = Vec<u64>;
+pub(crate) type RuleSet = Vec<u64>;
 
-fn compile_direction(
+pub(crate) fn compile_direction(
     rules: &[&Rule],
     dir: Direction,
     slot: u8,
@@ -615,7 +615,7 @@ fn compile_direction(
 }
 
 /// Port-trie entries of one class.
-fn compile_class_ports(
+pub(crate) fn compile_class_ports(
     rules: &[&Rule],
     members: &[usize],
     class_id: u32,

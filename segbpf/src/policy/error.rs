@@ -145,6 +145,10 @@ pub enum PolicyErrorKind {
     /// A peer or `hosts` names a set that `[sets]` does not define.
     #[error("unknown set `{0}`; define it under [sets] or write an address, CIDR or range")]
     UnknownSet(String),
+    /// `from_services` / `to_services` names a service that `[services]`
+    /// does not define.
+    #[error("unknown service `{0}`; define it as [services.{0}]")]
+    UnknownService(String),
     /// An address, CIDR or range that does not parse (the reason).
     #[error("bad address: {0}")]
     BadAddress(String),

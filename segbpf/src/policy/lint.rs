@@ -117,6 +117,9 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
     if a.direction != b.direction || !covers(&a.peers, &b.peers) {
         return false;
     }
+    if !b.peer_services.iter().all(|x| a.peer_services.contains(x)) {
+        return false;
+    }
     let ifaces_ok = match (&a.interfaces, &b.interfaces) {
         (None, _) => true,
         (Some(_), None) => false,
@@ -138,8 +141,9 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
 /// Whether `a` applies on every host `b` applies on (base covers all).
 fn scope_covers(a: &Rule, b: &Rule) -> bool {
     match (&a.owner, &b.owner) {
+        (Owner::Service(x), Owner::Service(y)) | (Owner::Role(x), Owner::Role(y)) => x == y,
+        (_, Owner::Service(_)) => false,
         (Owner::Base, _) => true,
-        (Owner::Role(x), Owner::Role(y)) => x == y,
         _ => false,
     }
 }
@@ -153,7 +157,10 @@ fn mentions(text: &str, name: &str) -> bool {
 /// Runs every lint.
 pub fn lint(policy: &Policy) -> Vec<Warning> {
     let mut out = Vec::new();
-    for r in &policy.rules {
+    // Service rules are linted like role rules (their own scope: a rule
+    // covers another only within one service).
+    let all_rules = || policy.rules.iter().chain(&policy.service_rules);
+    for r in all_rules() {
         if r.direction != Direction::Ingress || !is_any(&r.peers) {
             continue;
         }
@@ -178,9 +185,9 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
             }
         }
     }
-    for b in &policy.rules {
-        if let Some(a) = policy.rules.iter().find(|a| {
-            a.id != b.id
+    for b in all_rules() {
+        if let Some(a) = all_rules().find(|a| {
+            !std::ptr::eq(*a, b)
                 && scope_covers(a, b)
                 && rule_covers(a, b)
                 && !(rule_covers(b, a) && scope_covers(b, a) && a.id > b.id)
@@ -198,7 +205,7 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
         }
     }
     for s in &policy.sets {
-        let used = policy.rules.iter().any(|r| mentions(&r.peer_text, &s.name))
+        let used = all_rules().any(|r| mentions(&r.peer_text, &s.name))
             || policy.roles.iter().any(|r| {
                 r.hosts_text
                     .as_deref()
@@ -259,7 +266,11 @@ pub fn lint(policy: &Policy) -> Vec<Warning> {
             && !is_any(&r.peers)
             && (r.any_proto || r.tcp.iter().any(|p| p.contains(22)))
     });
-    if !ssh_from_set && policy.defaults.ingress == Action::Drop {
+    // A policy of services only is never attached to an interface: no
+    // SSH path to lose.
+    let interfaces =
+        !policy.rules.is_empty() || !policy.roles.is_empty() || policy.services.is_empty();
+    if !ssh_from_set && policy.defaults.ingress == Action::Drop && interfaces {
         out.push(Warning {
             lint: "no-ssh-path",
             loc: None,

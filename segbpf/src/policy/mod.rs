@@ -20,6 +20,7 @@ pub mod lint;
 pub mod parse;
 pub mod ports;
 pub mod roles;
+pub mod services;
 
 use std::{fmt, path::Path};
 
@@ -152,6 +153,9 @@ pub enum Owner {
     Base,
     /// `[[roles.NAME.ingress]]` / `[[roles.NAME.egress]]`.
     Role(String),
+    /// `[[services.NAME.ingress]]` / `[[services.NAME.egress]]`: enforced
+    /// on the service's sockets (cgroup), never on an interface.
+    Service(String),
 }
 
 impl fmt::Display for Owner {
@@ -159,6 +163,7 @@ impl fmt::Display for Owner {
         match self {
             Owner::Base => f.write_str("base"),
             Owner::Role(r) => write!(f, "roles.{r}"),
+            Owner::Service(s) => write!(f, "services.{s}"),
         }
     }
 }
@@ -197,6 +202,9 @@ pub struct Rule {
     pub name: Option<String>,
     /// `description = "..."`: free text for people.
     pub description: Option<String>,
+    /// Service rules only: `from_services` / `to_services`, the local
+    /// peers by service name (in addition to the addresses of `peers`).
+    pub peer_services: Vec<String>,
 }
 
 impl Rule {
@@ -215,6 +223,8 @@ impl Rule {
         let owner_ok = match &self.owner {
             Owner::Base => true,
             Owner::Role(r) => roles.iter().any(|x| x == r),
+            // Service rules are enforced on sockets, not on interfaces.
+            Owner::Service(_) => return false,
         };
         let iface_ok = match (&self.interfaces, iface) {
             (None, _) => true,
@@ -265,6 +275,45 @@ pub struct Role {
     pub loc: Loc,
 }
 
+/// Where a service's cgroup is written: `cgroup = "..."` or `unit = "..."`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTarget {
+    /// `cgroup = "system.slice/app.service"`: a path below the cgroup root.
+    Cgroup(String),
+    /// `unit = "mysql.service"`: the unit's cgroup in systemd's layout.
+    Unit(String),
+}
+
+/// A service from `[services.NAME]`: the sockets of one cgroup (a systemd
+/// unit, a container) and its own rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// `cgroup` or `unit` as written.
+    pub target: ServiceTarget,
+    /// The cgroup path below the cgroup root (`unit` resolved with
+    /// systemd's default layout), without leading or trailing `/`.
+    pub cgroup: String,
+    /// `defaults = { ingress = ... }`: this service's own ingress default.
+    pub ingress_default: Option<Action>,
+    /// `defaults = { egress = ... }`: this service's own egress default.
+    pub egress_default: Option<Action>,
+    /// Where `[services.NAME]` is.
+    pub loc: Loc,
+}
+
+impl Service {
+    /// The service's default in `dir`: its own, else the policy's.
+    pub fn default_action(&self, defaults: &Defaults, dir: Direction) -> Action {
+        match dir {
+            Direction::Ingress => self.ingress_default.unwrap_or(defaults.ingress),
+            Direction::Egress => self.egress_default.unwrap_or(defaults.egress),
+        }
+    }
+}
+
 /// A parsed and validated roles.toml.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
@@ -280,6 +329,11 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Roles, file order.
     pub roles: Vec<Role>,
+    /// Services, file order (`[services.NAME]`).
+    pub services: Vec<Service>,
+    /// Every service rule, file order; `service_rules[i].id == i` (their
+    /// own numbering: the interface programs never see them).
+    pub service_rules: Vec<Rule>,
 }
 
 impl Policy {
@@ -309,6 +363,11 @@ impl Policy {
     /// Parses and validates policy text; `source` names it in errors.
     pub fn from_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
         parse::parse_str(text, source)
+    }
+
+    /// Looks a service up by name.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// Looks a role up by name.

@@ -20,7 +20,7 @@ use crate::policy::{
 };
 
 /// The top-level keys.
-const TOP_KEYS: [&str; 5] = ["version", "sets", "defaults", "base", "roles"];
+const TOP_KEYS: [&str; 6] = ["version", "sets", "defaults", "base", "roles", "services"];
 /// The keys of `[defaults]`.
 const DEFAULTS_KEYS: [&str; 6] = [
     "ingress",
@@ -42,6 +42,7 @@ impl Cx<'_> {
         let mut defaults = None;
         let mut base = None;
         let mut roles = None;
+        let mut services = None;
         for (k, v) in sorted(root) {
             let key: &str = k.get_ref();
             match key {
@@ -50,6 +51,7 @@ impl Cx<'_> {
                 "defaults" => defaults = Some(v),
                 "base" => base = Some(v),
                 "roles" => roles = Some(v),
+                "services" => services = Some(v),
                 _ => {
                     self.keep::<()>(Err(self.unknown_key(k, "", &TOP_KEYS)));
                 }
@@ -95,9 +97,31 @@ impl Cx<'_> {
             Some(v) => self.keep(self.roles(v, &mut pending)).unwrap_or_default(),
             None => Vec::new(),
         };
+        let mut svc_pending = Vec::new();
+        let services = match services {
+            Some(v) => self
+                .keep(self.services(v, &mut svc_pending))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        self.check_service_refs(&services);
+        if services.len() > segbpf_common::MAX_SERVICES {
+            self.keep::<()>(Err(self.err(
+                0..0,
+                "services",
+                PolicyErrorKind::BadValue(format!(
+                    "{} services; at most {} fit",
+                    services.len(),
+                    segbpf_common::MAX_SERVICES
+                )),
+            )));
+        }
         pending.sort_by_key(|p| p.pos);
+        svc_pending.sort_by_key(|p| p.pos);
         let mut names: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
-        for p in &pending {
+        let mut by_pos: Vec<_> = pending.iter().chain(&svc_pending).collect();
+        by_pos.sort_by_key(|p| p.pos);
+        for p in by_pos {
             if let (Some(name), Some(span)) = (&p.rule.name, &p.name_span) {
                 if let Some(first) = names.get(name.as_str()) {
                     self.keep::<()>(Err(self.err(
@@ -116,6 +140,12 @@ impl Cx<'_> {
             rule.id = u32::try_from(id).unwrap_or(u32::MAX);
             rules.push(rule);
         }
+        let mut service_rules = Vec::with_capacity(svc_pending.len());
+        for (id, p) in svc_pending.into_iter().enumerate() {
+            let mut rule = p.rule;
+            rule.id = u32::try_from(id).unwrap_or(u32::MAX);
+            service_rules.push(rule);
+        }
         Ok(Policy {
             source: self.source.to_string(),
             version,
@@ -123,6 +153,8 @@ impl Cx<'_> {
             defaults,
             rules,
             roles,
+            services,
+            service_rules,
         })
     }
 

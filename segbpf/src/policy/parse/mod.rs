@@ -23,6 +23,7 @@
 mod diagnostics;
 mod document;
 mod rules;
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -96,6 +97,8 @@ fn sorted_errors(mut errors: Vec<PolicyError>) -> Vec<PolicyError> {
     errors
 }
 
+pub use services::unit_cgroup;
+
 /// Whether `name` is a valid set or role name: `[A-Za-z_][A-Za-z0-9_-]*`.
 pub fn is_valid_name(name: &str) -> bool {
     let mut chars = name.chars();
@@ -118,6 +121,8 @@ struct Cx<'a> {
     overrides: BTreeMap<String, Vec<AddrRange>>,
     /// Errors recorded so far (the parser goes on after each).
     errors: std::cell::RefCell<Vec<PolicyError>>,
+    /// Service names named by rules, checked once every service is known.
+    svc_refs: std::cell::RefCell<Vec<services::ServiceRef>>,
 }
 
 impl<'a> Cx<'a> {
@@ -131,6 +136,7 @@ impl<'a> Cx<'a> {
             sets: HashMap::new(),
             overrides: BTreeMap::new(),
             errors: std::cell::RefCell::new(Vec::new()),
+            svc_refs: std::cell::RefCell::new(Vec::new()),
         }
     }
 

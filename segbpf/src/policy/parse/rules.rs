@@ -36,6 +36,22 @@ fn rule_keys(peer_key: &'static str) -> [&'static str; 9] {
     ]
 }
 
+/// The keys of a service rule (no `interfaces`; `from_services` /
+/// `to_services` name local peers by service).
+fn service_rule_keys(peer_key: &'static str, services_key: &'static str) -> [&'static str; 9] {
+    [
+        peer_key,
+        services_key,
+        "tcp",
+        "udp",
+        "icmp",
+        "icmpv6",
+        "proto",
+        "name",
+        "description",
+    ]
+}
+
 /// The port of a well-known service name, for the hint given when a port
 /// list names a service (`tcp = ["ssh"]`). Names are not accepted as ports:
 /// what a policy means must not depend on each machine's /etc/services,
@@ -142,6 +158,12 @@ impl Cx<'_> {
             Direction::Ingress => "from",
             Direction::Egress => "to",
         };
+        let service = matches!(owner, Owner::Service(_));
+        let services_key = match direction {
+            Direction::Ingress => "from_services",
+            Direction::Egress => "to_services",
+        };
+        let mut peer_services = Vec::new();
         let mut peer = None;
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
@@ -155,6 +177,9 @@ impl Cx<'_> {
             let f = child(field, key);
             let read: Res<()> = match key {
                 _ if key == peer_key => self.peer(v, &f).map(|p| peer = Some(p)),
+                _ if service && key == services_key => {
+                    self.service_refs(v, &f).map(|n| peer_services = n)
+                }
                 "tcp" => self.ports(v, &f).map(|p| tcp = p),
                 "udp" => self.ports(v, &f).map(|p| udp = p),
                 "icmp" => self.boolean(v, &f, key).map(|b| icmp = b),
@@ -173,7 +198,7 @@ impl Cx<'_> {
                             ),
                         )),
                 },
-                "interfaces" => self.interfaces(v, &f).map(|i| interfaces = Some(i)),
+                "interfaces" if !service => self.interfaces(v, &f).map(|i| interfaces = Some(i)),
                 "name" => match v.get_ref().as_str() {
                     Some(s) if is_valid_name(s) && s.len() <= MAX_RULE_NAME => {
                         name = Some(s.to_string());
@@ -200,6 +225,7 @@ impl Cx<'_> {
                         format!("expected a string, found {}", describe(v.get_ref())),
                     )),
                 },
+                _ if service => Err(self.unknown_key(k, field, &service_rule_keys(peer_key, services_key))),
                 _ => Err(self.unknown_key(k, field, &rule_keys(peer_key))),
             };
             self.keep(read);
@@ -208,12 +234,21 @@ impl Cx<'_> {
         if self.error_count() > errors {
             return None;
         }
+        let peer = match peer {
+            None if !peer_services.is_empty() => Some((String::new(), Vec::new())),
+            p => p,
+        };
         let Some((peer_text, peers)) = peer else {
+            let what = if service {
+                format!("`{peer_key}` or `{services_key}`")
+            } else {
+                format!("`{peer_key}`")
+            };
             self.keep::<()>(Err(self.err(
                 span,
                 field,
                 PolicyErrorKind::BadValue(format!(
-                    "missing `{peer_key}`: name the peer with `{peer_key} = \"any\"`, a set name, an address or a list of those"
+                    "missing {what}: name the peer with `{peer_key} = \"any\"`, a set name, an address or a list of those"
                 )),
             )));
             return None;
@@ -239,6 +274,7 @@ impl Cx<'_> {
                 loc: self.loc(span.start),
                 name,
                 description,
+                peer_services,
             },
             name_span,
         ))

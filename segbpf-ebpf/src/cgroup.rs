@@ -1,0 +1,520 @@
+//! Services: the cgroup_skb programs attached once at the cgroup v2 root.
+//!
+//! Per packet of a socket: (1) who the socket is — the deepest ancestor of
+//! its cgroup with an entry in `SEG_SVC_CG` gives its service; a cgroup
+//! below a *guard* (an ancestor of a service's cgroup) that has no entry
+//! yet is held (dropped) until userspace classifies it, so a service whose
+//! cgroup is re-created is never judged as "no service"; (2) a socket in
+//! no service passes (except a loopback packet whose sender allowed it
+//! only for `to_services`); (3) a service's socket: its own view of the
+//! flow in `SEG_SVC_CT` (a reply, or a later packet of an allowed flow)
+//! passes; else its rules — address rules as for roles (peer trie, port
+//! trie), and over loopback the peer's service: on ingress the sender's
+//! egress view of the flow names the sender's service cgroup; on egress
+//! `to_services` rules match and the receiver is checked at its ingress;
+//! then ICMP echo and the service's default. A packet that passes records
+//! the socket's view (its cgroup, its service cgroup).
+//!
+//! cgroup_skb packets start at the IP header; programs return 1 (pass) or
+//! 0 (drop). Everything is read with `bpf_skb_load_bytes`; a header that
+//! cannot be read is a drop.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    maps::lpm_trie::Key,
+    programs::SkBuffContext,
+};
+use segbpf_common::{
+    ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
+    SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
+    SVC_SENDER_FRESH_NS, SVC_SLOT_STRIDE, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SvcConfig, SvcEvent,
+    SvcFlow, SvcFlowKey, SvcPeerKey,
+};
+
+use crate::svc_maps::{
+    SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
+    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
+};
+
+/// cgroup_skb: let the packet pass.
+pub(crate) const PASS: i32 = 1;
+/// cgroup_skb: drop it.
+pub(crate) const DROP: i32 = 0;
+/// The loopback device's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// EtherTypes of `__sk_buff.protocol` (host order after conversion).
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// No rule.
+const NO_RULE: u32 = u32::MAX;
+
+/// Which echo message an ICMP packet is.
+const ECHO_NONE: u8 = 0;
+const ECHO_REQUEST: u8 = 1;
+const ECHO_REPLY: u8 = 2;
+
+/// The fields of a packet the programs judge.
+#[derive(Clone, Copy)]
+struct Pkt {
+    family: u8,
+    proto: u8,
+    echo: u8,
+    /// Source / destination port; ICMP echo: the id as the requester's port.
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// Who a socket is.
+enum Who {
+    /// A cgroup below a guard that userspace has not classified yet.
+    Pending,
+    /// Service id in the slot (0: none) and the cgroup id that made it so.
+    Svc(u8, u64),
+}
+
+/// Judges one packet of `ctx`'s socket in direction `dir`.
+#[inline(always)]
+pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
+    let slot = match SEG_SVC_ACT.get(0) {
+        Some(s) => (*s & 1) as u8,
+        None => return DROP,
+    };
+    let base = slot * SVC_SLOT_STRIDE;
+    let Some(globals) = SEG_SVC_CFG.get(u32::from(base)) else {
+        return DROP;
+    };
+    if globals.present == 0 {
+        // No policy written yet: fail closed.
+        return DROP;
+    }
+    // SAFETY: reading a field of the kernel-provided context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let lo = ifindex == LOOPBACK_IFINDEX;
+    let len = u64::from(ctx.len());
+    let (svc, svc_cg) = match identify(ctx, slot, globals.max_level) {
+        Who::Pending => {
+            let pass = globals.audit != 0;
+            count(base, dir, pass, len);
+            return if pass { PASS } else { DROP };
+        }
+        Who::Svc(s, cg) => (s, cg),
+    };
+    if svc == 0 {
+        // No service: pass, unless its peer over loopback is a service
+        // that may send only to named services.
+        if dir == DIR_INGRESS && lo {
+            let Some(p) = parse(ctx) else {
+                count(base, dir, false, len);
+                return DROP;
+            };
+            if let Some(sender) = sender_view(&p, now_ns())
+                && sender.flags & SVC_FLOW_NEED_PEER != 0
+                && globals.audit == 0
+            {
+                count(base, dir, false, len);
+                return DROP;
+            }
+        }
+        count(base, dir, true, len);
+        return PASS;
+    }
+    let slotb = base + svc;
+    let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
+        return DROP;
+    };
+    let (verdict, refused) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    if let Some(p) = refused {
+        emit(slotb, dir, &p, cfg.audit != 0);
+    }
+    count(slotb, dir, verdict == PASS && refused.is_none(), len);
+    verdict
+}
+
+/// Reports a refused packet, at most `SVC_EVENTS_PER_SEC` per CPU.
+#[inline(always)]
+fn emit(slotb: u8, dir: u8, p: &Pkt, audit: bool) {
+    let now = now_ns();
+    let (Some(start), Some(n)) = (SEG_SVC_RATE.get_ptr_mut(0), SEG_SVC_RATE.get_ptr_mut(1)) else {
+        return;
+    };
+    // SAFETY: valid per-CPU pointers returned by the lookups.
+    let (start, n) = unsafe { (&mut *start, &mut *n) };
+    if now.wrapping_sub(*start) > 1_000_000_000 {
+        *start = now;
+        *n = 0;
+    }
+    if *n >= SVC_EVENTS_PER_SEC {
+        return;
+    }
+    *n += 1;
+    let ev = SvcEvent {
+        ts_ns: now,
+        slot: slotb,
+        dir,
+        family: p.family,
+        proto: p.proto,
+        audit: u8::from(audit),
+        _pad: [0; 3],
+        sport_be: p.sport.to_be_bytes(),
+        dport_be: p.dport.to_be_bytes(),
+        _pad2: [0; 4],
+        src_be: p.src,
+        dst_be: p.dst,
+    };
+    let _ = SEG_SVC_EVENTS.output::<SvcEvent>(ev, 0);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments, reason = "one call site, inlined")]
+fn judge_service(
+    ctx: &SkBuffContext,
+    dir: u8,
+    slot: u8,
+    slotb: u8,
+    svc: u8,
+    svc_cg: u64,
+    cfg: &SvcConfig,
+    lo: bool,
+) -> (i32, Option<Pkt>) {
+    let fail = if cfg.audit != 0 { PASS } else { DROP };
+    let Some(p) = parse(ctx) else {
+        return (fail, None);
+    };
+    let own = view(&p, dir == DIR_EGRESS);
+    // SAFETY: the helper reads the skb's socket; the context is the kernel's.
+    let sock_cg = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let now = now_ns();
+    // The peer's service over loopback: the sender's egress view, written
+    // for this very packet (fresh); a view left by a closed socket is not
+    // the sender of this one.
+    let sender = if dir == DIR_INGRESS && lo {
+        sender_view(&p, now)
+    } else {
+        None
+    };
+    let peer_cg = match &sender {
+        Some(s) => s.svc_cg,
+        None => 0,
+    };
+    if cfg.established != 0
+        && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
+    {
+        // SAFETY: a valid pointer to the map value returned by the lookup.
+        let entry = unsafe { &mut *e };
+        if entry.sock_cg == sock_cg
+            && fresh(entry, p.proto, now)
+            && (!lo
+                || dir == DIR_EGRESS
+                || entry.flags & SVC_FLOW_INBOUND == 0
+                || entry.peer_cg == peer_cg)
+        {
+            entry.last_ns = now;
+            return (PASS, None);
+        }
+    }
+    let mut rule = addr_rule(slotb, dir, &p);
+    let mut flags = if dir == DIR_INGRESS {
+        SVC_FLOW_INBOUND
+    } else {
+        0
+    };
+    if lo {
+        if dir == DIR_INGRESS {
+            if let Some(s) = &sender {
+                let peer = service_of(s.svc_cg, slot);
+                if peer != 0 {
+                    let r = peer_rule(slotb, DIR_INGRESS, peer, &p);
+                    if r < rule {
+                        rule = r;
+                    }
+                }
+            }
+        } else if rule == NO_RULE {
+            let r = peer_rule(slotb, DIR_EGRESS, SVC_PEER_ANY, &p);
+            if r != NO_RULE {
+                rule = r;
+                flags |= SVC_FLOW_NEED_PEER;
+            }
+        }
+    }
+    // A sender allowed only towards named services: this service must be one.
+    if let Some(s) = &sender
+        && s.flags & SVC_FLOW_NEED_PEER != 0
+    {
+        let sender_svc = service_of(s.svc_cg, slot);
+        let ok = sender_svc != 0
+            && peer_rule(slot * SVC_SLOT_STRIDE + sender_svc, DIR_EGRESS, svc, &p) != NO_RULE;
+        if !ok {
+            return (fail, Some(p));
+        }
+    }
+    let default = if dir == DIR_INGRESS {
+        cfg.ingress_default
+    } else {
+        cfg.egress_default
+    };
+    let allowed =
+        rule != NO_RULE || (cfg.icmp != 0 && p.echo == ECHO_REQUEST) || default == ACTION_ALLOW;
+    if !allowed {
+        return (fail, Some(p));
+    }
+    if p.proto == IPPROTO_TCP
+        || p.proto == IPPROTO_UDP
+        || (p.echo != ECHO_NONE && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6))
+    {
+        let entry = SvcFlow {
+            sock_cg,
+            svc_cg,
+            last_ns: now,
+            peer_cg,
+            flags,
+            rule,
+        };
+        let _ = SEG_SVC_CT.insert(own, entry, 0);
+    }
+    (PASS, None)
+}
+
+/// The socket's service from the deepest known ancestor of its cgroup.
+#[inline(always)]
+fn identify(ctx: &SkBuffContext, slot: u8, max_level: u8) -> Who {
+    let mut svc = 0u8;
+    let mut svc_cg = 0u64;
+    let mut guard = false;
+    let s = (slot & 1) as usize;
+    for level in 0..=SVC_MAX_LEVEL {
+        if level > u32::from(max_level) + 1 {
+            break;
+        }
+        // SAFETY: the helper reads the skb's socket; the context is the kernel's.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        match SEG_SVC_CG.get_ptr(id) {
+            Some(e) => {
+                // SAFETY: a valid pointer to the map value returned by the lookup.
+                let e = unsafe { &*e };
+                svc = e.svc[s];
+                svc_cg = if svc != 0 { id } else { 0 };
+                guard = e.guard[s] != 0;
+            }
+            None if guard => return Who::Pending,
+            None => {
+                // Below a classified cgroup: inherits it.
+            }
+        }
+    }
+    // A service's sub-cgroups inherit its entry's cgroup id only when the
+    // entry itself is the service's; userspace writes inherited entries
+    // with the service id, so find the service cgroup from the id.
+    Who::Svc(svc, svc_cg)
+}
+
+/// The service id (in `slot`) of a service cgroup id, 0 if none.
+#[inline(always)]
+fn service_of(cg: u64, slot: u8) -> u8 {
+    if cg == 0 {
+        return 0;
+    }
+    match SEG_SVC_CG.get_ptr(cg) {
+        // SAFETY: a valid pointer to the map value returned by the lookup.
+        Some(e) => unsafe { (*e).svc[(slot & 1) as usize] },
+        None => 0,
+    }
+}
+
+/// The sender's view of this packet's flow, if the sender is a local
+/// socket of a service whose egress wrote it for this packet (at most
+/// `SVC_SENDER_FRESH_NS` ago).
+#[inline(always)]
+fn sender_view(p: &Pkt, now: u64) -> Option<SvcFlow> {
+    let key = view(p, true);
+    // SAFETY: the map value is plain data, copied out.
+    let v = SEG_SVC_CT.get_ptr(key).map(|v| unsafe { *v })?;
+    if now.wrapping_sub(v.last_ns) <= SVC_SENDER_FRESH_NS {
+        Some(v)
+    } else {
+        None
+    }
+}
+
+/// The flow as the local socket sees it: on egress the source is local,
+/// on ingress the destination.
+#[inline(always)]
+fn view(p: &Pkt, src_is_local: bool) -> SvcFlowKey {
+    let (laddr_be, raddr_be, lport, rport) = if src_is_local {
+        (p.src, p.dst, p.sport, p.dport)
+    } else {
+        (p.dst, p.src, p.dport, p.sport)
+    };
+    SvcFlowKey {
+        family: p.family,
+        proto: p.proto,
+        lport_be: lport.to_be_bytes(),
+        rport_be: rport.to_be_bytes(),
+        _pad: [0; 2],
+        laddr_be,
+        raddr_be,
+    }
+}
+
+/// The lowest rule of the service allowing the packet's peer address.
+#[inline(always)]
+fn addr_rule(slotb: u8, dir: u8, p: &Pkt) -> u32 {
+    let addr = if dir == DIR_INGRESS { &p.src } else { &p.dst };
+    let class = if p.family == 4 {
+        let key = Key::new(
+            PEER_KEY_HEADER_BITS + 32,
+            PeerKeyV4 {
+                slot: slotb,
+                dir,
+                addr_be: [addr[0], addr[1], addr[2], addr[3]],
+            },
+        );
+        SEG_SVC_V4.get(&key).map(|c| c.class_id)
+    } else {
+        let key = Key::new(
+            PEER_KEY_HEADER_BITS + 128,
+            PeerKeyV6 {
+                slot: slotb,
+                dir,
+                addr_be: *addr,
+            },
+        );
+        SEG_SVC_V6.get(&key).map(|c| c.class_id)
+    };
+    match class {
+        Some(c) => port_rule(slotb, c, p),
+        None => NO_RULE,
+    }
+}
+
+/// The lowest rule of the service naming `peer` (or any, for `to_services`).
+#[inline(always)]
+fn peer_rule(slotb: u8, dir: u8, peer: u8, p: &Pkt) -> u32 {
+    let key = SvcPeerKey {
+        slot: slotb,
+        dir,
+        peer,
+        _pad: 0,
+    };
+    match SEG_SVC_PEER.get_ptr(key) {
+        // SAFETY: a valid pointer to the map value returned by the lookup.
+        Some(c) => port_rule(slotb, unsafe { (*c).class_id }, p),
+        None => NO_RULE,
+    }
+}
+
+#[inline(always)]
+fn port_rule(slotb: u8, class_id: u32, p: &Pkt) -> u32 {
+    let key = Key::new(
+        PORT_KEY_PROTO_BITS + 16,
+        PortKey {
+            slot: slotb,
+            class_be: class_id.to_be_bytes(),
+            proto: p.proto,
+            port_be: p.dport.to_be_bytes(),
+        },
+    );
+    SEG_SVC_PORTS.get(&key).map_or(NO_RULE, |r| r.rule_id)
+}
+
+/// Whether a flow entry is still live.
+#[inline(always)]
+fn fresh(e: &SvcFlow, proto: u8, now: u64) -> bool {
+    let idle_s = if proto == IPPROTO_TCP {
+        SVC_TCP_IDLE_S
+    } else {
+        SVC_UDP_IDLE_S
+    };
+    now.wrapping_sub(e.last_ns) <= idle_s * 1_000_000_000
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn count(slotb: u8, dir: u8, passed: bool, len: u64) {
+    let idx = u32::from(slotb) * 4 + u32::from(dir) * 2 + u32::from(passed);
+    if let Some(c) = SEG_SVC_STATS.get_ptr_mut(idx) {
+        // SAFETY: a valid per-CPU pointer returned by the lookup.
+        let c: &mut Counter = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += len;
+    }
+}
+
+/// Reads the IP header and the ports (or the ICMP echo id). `None`: a
+/// header that cannot be read (the caller drops the packet).
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let mut p = Pkt {
+        family: 0,
+        proto: 0,
+        echo: ECHO_NONE,
+        sport: 0,
+        dport: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    let l4: usize;
+    if ethertype == ETH_P_IP {
+        let h: [u8; 20] = ctx.load(0).ok()?;
+        if h[0] >> 4 != 4 {
+            return None;
+        }
+        let ihl = usize::from(h[0] & 0x0f) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        p.family = 4;
+        p.proto = h[9];
+        p.src[..4].copy_from_slice(&h[12..16]);
+        p.dst[..4].copy_from_slice(&h[16..20]);
+        // A later fragment has no transport header: judged by protocol.
+        let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+        if frag_off != 0 {
+            return Some(p);
+        }
+        l4 = ihl;
+    } else if ethertype == ETH_P_IPV6 {
+        let h: [u8; 40] = ctx.load(0).ok()?;
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        p.family = 6;
+        p.proto = h[6];
+        p.src.copy_from_slice(&h[8..24]);
+        p.dst.copy_from_slice(&h[24..40]);
+        l4 = 40;
+    } else {
+        return None;
+    }
+    if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
+        let ports: [u8; 4] = ctx.load(l4).ok()?;
+        p.sport = u16::from_be_bytes([ports[0], ports[1]]);
+        p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    } else if (p.proto == IPPROTO_ICMP && p.family == 4)
+        || (p.proto == IPPROTO_ICMPV6 && p.family == 6)
+    {
+        let icmp: [u8; 8] = ctx.load(l4).ok()?;
+        let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+        let (request, reply) = if p.family == 4 { (8, 0) } else { (128, 129) };
+        if icmp[0] == request {
+            p.echo = ECHO_REQUEST;
+            p.sport = id;
+        } else if icmp[0] == reply {
+            p.echo = ECHO_REPLY;
+            p.dport = id;
+        }
+    }
+    Some(p)
+}

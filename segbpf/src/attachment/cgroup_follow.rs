@@ -1,0 +1,181 @@
+//! Following the cgroup tree while a services attachment is in force:
+//! every cgroup made or removed below a guard is classified within
+//! milliseconds (inotify), with a rescan every second as a backstop; a
+//! hangup reloads the policy file. Until a new cgroup's entry is written
+//! the programs hold its sockets (see [`crate::host::cgroups`]), so the delay is a delay
+//! of service, never a gap.
+
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    attachment::services::{self as engine, ServicesError, SvcMaps, SvcPaths},
+    host::cgroups::Watcher,
+    policy::Policy,
+};
+
+/// What happened while following.
+#[derive(Debug)]
+pub enum FollowEvent {
+    /// The cgroup table changed: entries written and removed.
+    Rescanned {
+        /// Entries written.
+        written: usize,
+        /// Entries removed.
+        removed: usize,
+    },
+    /// The policy file was applied (its generation).
+    Reloaded(u64),
+    /// The policy file could not be applied; the previous one stays.
+    ReloadFailed(String),
+    /// A packet of a service was dropped (or let through in audit mode).
+    Refused(Refused),
+}
+
+/// A refused packet of a service, as the kernel reported it.
+#[derive(Debug, serde::Serialize)]
+pub struct Refused {
+    /// The service's name (`?` when its policy is no longer in force).
+    pub service: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// `drop`, or `audit` (audit mode: it passed).
+    pub action: &'static str,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source address.
+    pub src: std::net::IpAddr,
+    /// Source port (ICMP echo: the id).
+    pub sport: u16,
+    /// Destination address.
+    pub dst: std::net::IpAddr,
+    /// Destination port.
+    pub dport: u16,
+}
+
+impl Refused {
+    fn of(ev: &segbpf_common::SvcEvent, state: Option<&engine::SvcState>) -> Self {
+        let ip = |b: [u8; 16]| -> std::net::IpAddr {
+            if ev.family == 4 {
+                std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+            } else {
+                std::net::Ipv6Addr::from(b).into()
+            }
+        };
+        let stride = segbpf_common::SVC_SLOT_STRIDE;
+        let service = state
+            .filter(|s| s.slot == ev.slot / stride)
+            .and_then(|s| s.services.iter().find(|x| x.id == ev.slot % stride))
+            .map_or_else(|| "?".to_string(), |x| x.name.clone());
+        Refused {
+            service,
+            direction: if ev.dir == segbpf_common::DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
+            action: if ev.audit != 0 { "audit" } else { "drop" },
+            proto: ev.proto,
+            src: ip(ev.src_be),
+            sport: u16::from_be_bytes(ev.sport_be),
+            dst: ip(ev.dst_be),
+            dport: u16::from_be_bytes(ev.dport_be),
+        }
+    }
+}
+
+/// Delivers the events waiting in the ring.
+fn drain(
+    ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    paths: &SvcPaths,
+    on_event: &mut impl FnMut(FollowEvent),
+) {
+    let Some(ring) = ring else {
+        return;
+    };
+    let mut state = None;
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<segbpf_common::SvcEvent>() {
+            continue;
+        }
+        let ev: segbpf_common::SvcEvent =
+            bytemuck::pod_read_unaligned(&item[..size_of::<segbpf_common::SvcEvent>()]);
+        if state.is_none() {
+            state = Some(paths.read_state());
+        }
+        on_event(FollowEvent::Refused(Refused::of(
+            &ev,
+            state.as_ref().and_then(Option::as_ref),
+        )));
+    }
+}
+
+/// How often the tree is rescanned without an inotify event.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the tree of the attachment at `paths` until `stop` is set or the
+/// attachment is gone (detached). `hup` set: reload `policy_path` (checked
+/// like at attach unless `insecure_policy`).
+pub fn follow(
+    paths: &SvcPaths,
+    policy_path: &Path,
+    audit: bool,
+    insecure_policy: bool,
+    stop: &AtomicBool,
+    hup: &AtomicBool,
+    mut on_event: impl FnMut(FollowEvent),
+) -> Result<(), ServicesError> {
+    let mut watcher = Watcher::new().map_err(|source| ServicesError::Io {
+        what: "inotify".into(),
+        source,
+    })?;
+    let mut maps = SvcMaps::from_pins(&paths.dir)?;
+    // The event ring (absent in an attachment made by an older segbpf).
+    let mut ring = aya::maps::MapData::from_pin(paths.dir.join(segbpf_common::MAP_SVC_EVENTS))
+        .ok()
+        .and_then(|m| aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(m)).ok());
+    // None: rescan at the next turn.
+    let mut last: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) || !paths.is_attached() {
+            return Ok(());
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            let trusted = if insecure_policy {
+                Ok(())
+            } else {
+                crate::attachment::trust::check_policy_file(policy_path).map_err(|e| e.to_string())
+            };
+            let applied = trusted
+                .and_then(|()| Policy::load(policy_path).map_err(|e| e.to_string()))
+                .and_then(|p| {
+                    engine::reload(paths, &p, policy_path, audit).map_err(|e| e.to_string())
+                });
+            match applied {
+                Ok(s) => on_event(FollowEvent::Reloaded(s.generation)),
+                Err(e) => on_event(FollowEvent::ReloadFailed(e)),
+            }
+            last = None;
+        }
+        // Watch first, then scan: a cgroup made in between is in the scan
+        // or raises an event.
+        watcher.watch(&engine::guards(paths));
+        if last.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
+            let (written, removed) = engine::rescan(paths, &mut maps)?;
+            if written + removed > 0 {
+                on_event(FollowEvent::Rescanned { written, removed });
+            }
+            last = Some(Instant::now());
+        }
+        drain(&mut ring, paths, &mut on_event);
+        if watcher.wait(Duration::from_millis(200)) {
+            let (written, removed) = engine::rescan(paths, &mut maps)?;
+            if written + removed > 0 {
+                on_event(FollowEvent::Rescanned { written, removed });
+            }
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The services attachment: load the cgroup_skb programs, fill their maps
+//! (the policy slot and the cgroup table), attach them once at the cgroup
+//! root as bpf_links (which the kernel attaches with `BPF_F_ALLOW_MULTI`,
+//! beside systemd's own programs), pin
+//! links and maps, follow the cgroup tree, reload, detach.
+//!
+//! Layout, with `ROOT` the pin root and `STATE` the state directory of
+//! [`crate::attachment::pins::Roots`] and `ID` the cgroup root's id: `ROOT/services:ID/`
+//! holds `link_svc_ingress`, `link_svc_egress` and the `SEG_SVC_*` maps
+//! (`:` is never in an interface name, so it cannot collide with an
+//! interface's directory); `STATE/services:ID.json` is the state.
+//!
+//! Order: the maps are complete (policy slot, cgroup entries) before the
+//! programs are attached, and a reload fills the slot not in force and
+//! flips `SEG_SVC_ACT` once, so no packet is judged by half a policy.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, links::FdLink},
+};
+use segbpf_common::{
+    Counter, DEFAULT_SVC_CT_ENTRIES, MAP_SVC_ACT, MAP_SVC_CFG, MAP_SVC_CG, MAP_SVC_CT,
+    MAP_SVC_PEER, MAP_SVC_PORTS, MAP_SVC_STATS, MAP_SVC_V4, MAP_SVC_V6, PROG_SVC_EGRESS,
+    PROG_SVC_INGRESS, PeerKeyV4, PeerKeyV6, PortKey, SVC_CFG_ENTRIES, SVC_PINNED_MAPS,
+    SVC_SLOT_STRIDE, SvcCgroup, SvcClass, SvcConfig, SvcPeerKey, SvcRule,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attachment::{dirs::private_dir, pins::Roots},
+    host::cgroups::{CgroupError, CgroupRoot, Classification, classify},
+    policy::{
+        Policy,
+        compile::{CompileError, RuleInfo},
+        services::{ServiceInfo, SvcCompiled, compile_services},
+    },
+};
+
+/// Errors of the services attachment.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// The cgroup tree.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The policy does not compile.
+    #[error("{0}")]
+    Compile(#[from] CompileError),
+    /// The policy defines no service.
+    #[error("{0}: the policy defines no [services.NAME]; nothing to enforce")]
+    NoServices(String),
+    /// Nothing is attached.
+    #[error("no services attachment at {}", .0.display())]
+    NotAttached(PathBuf),
+    /// A kernel or aya operation failed.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// What was done.
+        what: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn kernel<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> ServicesError {
+    let what = what.into();
+    move |e| ServicesError::Kernel {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServicesError {
+    let what = what.into();
+    move |source| ServicesError::Io { what, source }
+}
+
+/// Where the services attachment of one cgroup root lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPaths {
+    /// The cgroup root.
+    pub root: CgroupRoot,
+    /// Pin directory.
+    pub dir: PathBuf,
+    /// State file.
+    pub state: PathBuf,
+}
+
+/// The directory name prefix of a services attachment under the pin root.
+pub const PIN_PREFIX: &str = "services:";
+
+impl SvcPaths {
+    /// The attachment of `root` under `roots`.
+    pub fn new(roots: &Roots, root: CgroupRoot) -> Self {
+        SvcPaths {
+            dir: roots.bpffs.join(format!("{PIN_PREFIX}{}", root.id)),
+            state: roots.state.join(format!("{PIN_PREFIX}{}.json", root.id)),
+            root,
+        }
+    }
+
+    /// Pin of the ingress link.
+    pub fn link_ingress(&self) -> PathBuf {
+        self.dir.join("link_svc_ingress")
+    }
+
+    /// Pin of the egress link.
+    pub fn link_egress(&self) -> PathBuf {
+        self.dir.join("link_svc_egress")
+    }
+
+    /// Whether the programs are attached (their links are pinned).
+    pub fn is_attached(&self) -> bool {
+        self.link_ingress().exists() && self.link_egress().exists()
+    }
+
+    /// The state, if any.
+    pub fn read_state(&self) -> Option<SvcState> {
+        let text = std::fs::read_to_string(&self.state).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write_state(&self, s: &SvcState) -> Result<(), ServicesError> {
+        if let Some(parent) = self.state.parent() {
+            private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
+        }
+        let tmp = self.state.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(s).unwrap_or_default();
+        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.state).map_err(io(format!("writing {}", self.state.display())))
+    }
+}
+
+/// What is in force, as recorded by the last attach or reload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SvcState {
+    /// The cgroup root.
+    pub cgroup_root: PathBuf,
+    /// Its cgroup id.
+    pub cgroup_root_id: u64,
+    /// The policy file.
+    pub policy: PathBuf,
+    /// Generation (increases with every applied policy).
+    pub generation: u64,
+    /// Slot in force.
+    pub slot: u8,
+    /// Audit mode.
+    pub audit: bool,
+    /// The services.
+    pub services: Vec<ServiceInfo>,
+    /// The service rules.
+    pub rules: Vec<RuleInfo>,
+}
+
+/// The services maps, opened from their pins.
+pub struct SvcMaps {
+    cg: HashMap<MapData, u64, SvcCgroup>,
+    cfg: Array<MapData, SvcConfig>,
+    act: Array<MapData, u32>,
+    v4: LpmTrie<MapData, PeerKeyV4, SvcClass>,
+    v6: LpmTrie<MapData, PeerKeyV6, SvcClass>,
+    ports: LpmTrie<MapData, PortKey, SvcRule>,
+    peer: HashMap<MapData, SvcPeerKey, SvcClass>,
+    stats: PerCpuArray<MapData, Counter>,
+}
+
+fn pinned(dir: &Path, name: &'static str) -> Result<MapData, ServicesError> {
+    MapData::from_pin(dir.join(name)).map_err(kernel(format!("opening pinned map {name}")))
+}
+
+impl SvcMaps {
+    /// Opens the maps pinned in `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self, ServicesError> {
+        Ok(SvcMaps {
+            cg: HashMap::try_from(Map::HashMap(pinned(dir, MAP_SVC_CG)?))
+                .map_err(kernel(MAP_SVC_CG))?,
+            cfg: Array::try_from(Map::Array(pinned(dir, MAP_SVC_CFG)?))
+                .map_err(kernel(MAP_SVC_CFG))?,
+            act: Array::try_from(Map::Array(pinned(dir, MAP_SVC_ACT)?))
+                .map_err(kernel(MAP_SVC_ACT))?,
+            v4: LpmTrie::try_from(Map::LpmTrie(pinned(dir, MAP_SVC_V4)?))
+                .map_err(kernel(MAP_SVC_V4))?,
+            v6: LpmTrie::try_from(Map::LpmTrie(pinned(dir, MAP_SVC_V6)?))
+                .map_err(kernel(MAP_SVC_V6))?,
+            ports: LpmTrie::try_from(Map::LpmTrie(pinned(dir, MAP_SVC_PORTS)?))
+                .map_err(kernel(MAP_SVC_PORTS))?,
+            peer: HashMap::try_from(Map::HashMap(pinned(dir, MAP_SVC_PEER)?))
+                .map_err(kernel(MAP_SVC_PEER))?,
+            stats: PerCpuArray::try_from(Map::PerCpuArray(pinned(dir, MAP_SVC_STATS)?))
+                .map_err(kernel(MAP_SVC_STATS))?,
+        })
+    }
+
+    /// The slot in force.
+    pub fn active(&self) -> Result<u8, ServicesError> {
+        Ok((self.act.get(&0, 0).map_err(kernel("reading SEG_SVC_ACT"))? & 1) as u8)
+    }
+
+    /// Fills `slot` with `c` (policy) and `cls` (cgroup entries), leaving
+    /// the other slot's values in place.
+    fn write_slot(
+        &mut self,
+        c: &SvcCompiled,
+        cls: &Classification,
+        slot: u8,
+    ) -> Result<(), ServicesError> {
+        for (l, k, v) in &c.peers_v4 {
+            self.v4
+                .insert(&Key::new(*l, *k), *v, 0)
+                .map_err(kernel("writing SEG_SVC_V4"))?;
+        }
+        for (l, k, v) in &c.peers_v6 {
+            self.v6
+                .insert(&Key::new(*l, *k), *v, 0)
+                .map_err(kernel("writing SEG_SVC_V6"))?;
+        }
+        for (l, k, v) in &c.ports {
+            self.ports
+                .insert(&Key::new(*l, *k), *v, 0)
+                .map_err(kernel("writing SEG_SVC_PORTS"))?;
+        }
+        for (k, v) in &c.peer_classes {
+            self.peer
+                .insert(k, v, 0)
+                .map_err(kernel("writing SEG_SVC_PEER"))?;
+        }
+        for (i, cfg) in &c.configs {
+            let mut cfg = *cfg;
+            if *i == u32::from(slot * SVC_SLOT_STRIDE) {
+                cfg.max_level = u8::try_from(cls.max_level).unwrap_or(u8::MAX);
+            }
+            self.cfg
+                .set(*i, cfg, 0)
+                .map_err(kernel("writing SEG_SVC_CFG"))?;
+        }
+        self.write_cgroups(cls, &[slot])
+    }
+
+    /// Writes the entries of `cls` for `slots`, keeping other slots' values.
+    fn write_cgroups(&mut self, cls: &Classification, slots: &[u8]) -> Result<(), ServicesError> {
+        for (id, e) in &cls.entries {
+            let mut v = self.cg.get(id, 0).unwrap_or_default();
+            for &s in slots {
+                v.svc[usize::from(s & 1)] = e.svc;
+                v.guard[usize::from(s & 1)] = u8::from(e.guard);
+            }
+            self.cg
+                .insert(id, v, 0)
+                .map_err(kernel("writing SEG_SVC_CG"))?;
+        }
+        // Cgroups this classification does not know: nothing in these slots
+        // (an id of the old policy may name another service in the new one).
+        let others: Vec<(u64, SvcCgroup)> = self
+            .cg
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| !cls.entries.contains_key(k))
+            .collect();
+        for (k, mut v) in others {
+            for &s in slots {
+                v.svc[usize::from(s & 1)] = 0;
+                v.guard[usize::from(s & 1)] = 0;
+            }
+            self.cg
+                .insert(k, v, 0)
+                .map_err(kernel("writing SEG_SVC_CG"))?;
+        }
+        Ok(())
+    }
+
+    /// Puts `slot` in force: one u32 write.
+    fn activate(&mut self, slot: u8) -> Result<(), ServicesError> {
+        self.act
+            .set(0, u32::from(slot & 1), 0)
+            .map_err(kernel("writing SEG_SVC_ACT"))
+    }
+
+    /// Empties the policy entries of `old` (not in force).
+    fn clear_slot(&mut self, old: u8) {
+        let lo = old * SVC_SLOT_STRIDE;
+        let in_old = |b: u8| b >= lo && b < lo.saturating_add(SVC_SLOT_STRIDE);
+        let keys: Vec<_> = self.v4.keys().filter_map(Result::ok).collect();
+        for k in keys.into_iter().filter(|k| in_old(k.data().slot)) {
+            let _ = self.v4.remove(&k);
+        }
+        let keys: Vec<_> = self.v6.keys().filter_map(Result::ok).collect();
+        for k in keys.into_iter().filter(|k| in_old(k.data().slot)) {
+            let _ = self.v6.remove(&k);
+        }
+        let keys: Vec<_> = self.ports.keys().filter_map(Result::ok).collect();
+        for k in keys.into_iter().filter(|k| in_old(k.data().slot)) {
+            let _ = self.ports.remove(&k);
+        }
+        let keys: Vec<_> = self.peer.keys().filter_map(Result::ok).collect();
+        for k in keys.into_iter().filter(|k| in_old(k.slot)) {
+            let _ = self.peer.remove(&k);
+        }
+        for i in u32::from(lo)..u32::from(lo) + u32::from(SVC_SLOT_STRIDE) {
+            let _ = self.cfg.set(i, SvcConfig::default(), 0);
+        }
+    }
+
+    /// Makes the cgroup table exactly `cls` (both slots equal): new
+    /// entries first, then the ones that are gone removed. Returns
+    /// (written, removed).
+    pub fn sync_cgroups(&mut self, cls: &Classification) -> Result<(usize, usize), ServicesError> {
+        let mut written = 0;
+        for (id, e) in &cls.entries {
+            let v = SvcCgroup {
+                svc: [e.svc; 2],
+                guard: [u8::from(e.guard); 2],
+            };
+            if self.cg.get(id, 0).ok() != Some(v) {
+                self.cg
+                    .insert(id, v, 0)
+                    .map_err(kernel("writing SEG_SVC_CG"))?;
+                written += 1;
+            }
+        }
+        let stale: Vec<u64> = self
+            .cg
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !cls.entries.contains_key(k))
+            .collect();
+        for k in &stale {
+            let _ = self.cg.remove(k);
+        }
+        Ok((written, stale.len()))
+    }
+
+    /// Per service id of the slot in force: packets [ingress drop,
+    /// ingress pass, egress drop, egress pass] summed over CPUs; id 0 is
+    /// the sockets in no service (and the held ones, as drops).
+    pub fn counters(&self) -> Result<Vec<[u64; 4]>, ServicesError> {
+        let base = u32::from(self.active()? * SVC_SLOT_STRIDE);
+        let mut out = Vec::new();
+        for id in 0..u32::from(SVC_SLOT_STRIDE) {
+            let mut row = [0u64; 4];
+            for (j, cell) in row.iter_mut().enumerate() {
+                let v = self
+                    .stats
+                    .get(&((base + id) * 4 + j as u32), 0)
+                    .map_err(kernel("reading SEG_SVC_STATS"))?;
+                *cell = v.iter().map(|c| c.packets).sum();
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+}
+
+fn service_paths(c: &SvcCompiled) -> Vec<(u8, String)> {
+    c.services
+        .iter()
+        .map(|s| (s.id, s.cgroup.clone()))
+        .collect()
+}
+
+/// Enforces `policy`'s services below `paths.root`: a fresh attach, or,
+/// when the programs are already attached there (a restarted `attach`),
+/// a reload of the maps they use (no gap).
+pub fn attach(
+    paths: &SvcPaths,
+    policy: &Policy,
+    policy_path: &Path,
+    audit: bool,
+) -> Result<SvcState, ServicesError> {
+    if policy.services.is_empty() {
+        return Err(ServicesError::NoServices(policy.source.clone()));
+    }
+    if paths.is_attached() {
+        return reload(paths, policy, policy_path, audit);
+    }
+    // A partial attachment (a crash between pinning and attaching) is
+    // started over: nothing of it is attached.
+    if paths.dir.exists() {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+    }
+    let generation = 1;
+    let compiled = compile_services(policy, 0, generation, audit)?;
+    let cls = classify(&paths.root, &service_paths(&compiled));
+    let result = load_and_attach(paths, &compiled, &cls);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(e);
+    }
+    let state = SvcState {
+        cgroup_root: paths.root.dir.clone(),
+        cgroup_root_id: paths.root.id,
+        policy: policy_path.to_path_buf(),
+        generation,
+        slot: 0,
+        audit,
+        services: compiled.services,
+        rules: compiled.rules,
+    };
+    paths.write_state(&state)?;
+    Ok(state)
+}
+
+/// Loads the object with the services maps pinned in `paths.dir` and
+/// filled with `policy` (slot 0), without attaching anything: for
+/// benchmarks (BPF_PROG_TEST_RUN) and tests. The caller removes the pins.
+pub fn load_unattached(paths: &SvcPaths, policy: &Policy) -> Result<aya::Ebpf, ServicesError> {
+    let compiled = compile_services(policy, 0, 1, false)?;
+    let cls = classify(&paths.root, &service_paths(&compiled));
+    load_filled(paths, &compiled, &cls)
+}
+
+fn load_and_attach(
+    paths: &SvcPaths,
+    compiled: &SvcCompiled,
+    cls: &Classification,
+) -> Result<(), ServicesError> {
+    let mut ebpf = load_filled(paths, compiled, cls)?;
+    attach_programs(paths, &mut ebpf)
+}
+
+fn load_filled(
+    paths: &SvcPaths,
+    compiled: &SvcCompiled,
+    cls: &Classification,
+) -> Result<aya::Ebpf, ServicesError> {
+    let mut loader = EbpfLoader::new();
+    // The interface maps of the object are unused here: keep them tiny.
+    for (name, n) in [
+        (segbpf_common::MAP_CT, 1),
+        (segbpf_common::MAP_CT_NEW, 1),
+        (segbpf_common::MAP_FRAG, 1),
+        (segbpf_common::MAP_FRAG_NEW, 1),
+        (segbpf_common::MAP_PEER_V4, 1),
+        (segbpf_common::MAP_PEER_V6, 1),
+        (segbpf_common::MAP_PORTS, 1),
+        (segbpf_common::MAP_RULE_STATS, 1),
+        (segbpf_common::MAP_DENIED0, 1),
+        (segbpf_common::MAP_DENIED1, 1),
+        (MAP_SVC_CG, 65_536),
+        (MAP_SVC_V4, 1 << 20),
+        (MAP_SVC_V6, 1 << 20),
+        (MAP_SVC_PORTS, 1 << 20),
+        (MAP_SVC_PEER, 16_384),
+        (MAP_SVC_CT, DEFAULT_SVC_CT_ENTRIES),
+    ] {
+        loader.map_max_entries(name, n);
+    }
+    let ebpf = loader
+        .load(crate::attachment::loader::EBPF_OBJECT)
+        .map_err(kernel("loading the eBPF object"))?;
+    private_dir(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
+    for name in SVC_PINNED_MAPS {
+        let map = ebpf.map(name).ok_or_else(|| ServicesError::Kernel {
+            what: format!("map {name}"),
+            source: "missing from the eBPF object".into(),
+        })?;
+        map.pin(paths.dir.join(name))
+            .map_err(kernel(format!("pinning {name}")))?;
+    }
+    {
+        let mut maps = SvcMaps::from_pins(&paths.dir)?;
+        maps.write_slot(compiled, cls, 0)?;
+        maps.activate(0)?;
+        // Both slots agree on the cgroups from the start.
+        maps.sync_cgroups(cls)?;
+    }
+    Ok(ebpf)
+}
+
+fn attach_programs(paths: &SvcPaths, ebpf: &mut aya::Ebpf) -> Result<(), ServicesError> {
+    let cgroup = std::fs::File::open(&paths.root.dir)
+        .map_err(io(format!("opening {}", paths.root.dir.display())))?;
+    // Egress first: what a service sends is recorded (its identity, its
+    // flows) before its peers' ingress looks for it.
+    for (prog_name, attach_type, pin) in [
+        (
+            PROG_SVC_EGRESS,
+            CgroupSkbAttachType::Egress,
+            paths.link_egress(),
+        ),
+        (
+            PROG_SVC_INGRESS,
+            CgroupSkbAttachType::Ingress,
+            paths.link_ingress(),
+        ),
+    ] {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| ServicesError::Kernel {
+                what: format!("program {prog_name}"),
+                source: "missing from the eBPF object".into(),
+            })?
+            .try_into()
+            .map_err(kernel(format!("program {prog_name}")))?;
+        prog.load()
+            .map_err(kernel(format!("loading {prog_name} (verifier)")))?;
+        // A bpf_link on a cgroup is always attached as BPF_F_ALLOW_MULTI
+        // (beside systemd's programs); link_create refuses explicit flags.
+        let id = prog
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+            .map_err(kernel(format!(
+                "attaching {prog_name} to {}",
+                paths.root.dir.display()
+            )))?;
+        let link = prog
+            .take_link(id)
+            .map_err(kernel(format!("taking the {prog_name} link")))?;
+        let fd_link = FdLink::try_from(link).map_err(kernel(
+            "the kernel attached the cgroup program without a bpf_link (kernel >= 5.7 needed)",
+        ))?;
+        fd_link
+            .pin(&pin)
+            .map_err(kernel(format!("pinning {}", pin.display())))?;
+    }
+    Ok(())
+}
+
+/// Applies `policy` to an attached services attachment: the next slot is
+/// filled and put in force with one write; on any failure the slot in
+/// force is untouched.
+pub fn reload(
+    paths: &SvcPaths,
+    policy: &Policy,
+    policy_path: &Path,
+    audit: bool,
+) -> Result<SvcState, ServicesError> {
+    if !paths.is_attached() {
+        return Err(ServicesError::NotAttached(paths.dir.clone()));
+    }
+    if policy.services.is_empty() {
+        return Err(ServicesError::NoServices(policy.source.clone()));
+    }
+    let mut maps = SvcMaps::from_pins(&paths.dir)?;
+    let cur = maps.active()?;
+    let next = 1 - cur;
+    let generation = paths.read_state().map_or(1, |s| s.generation) + 1;
+    let compiled = compile_services(policy, next, generation, audit)?;
+    let cls = classify(&paths.root, &service_paths(&compiled));
+    // The next slot may hold leftovers of a failed reload: empty it first.
+    maps.clear_slot(next);
+    maps.write_slot(&compiled, &cls, next)?;
+    maps.activate(next)?;
+    maps.clear_slot(cur);
+    maps.sync_cgroups(&cls)?;
+    let state = SvcState {
+        cgroup_root: paths.root.dir.clone(),
+        cgroup_root_id: paths.root.id,
+        policy: policy_path.to_path_buf(),
+        generation,
+        slot: next,
+        audit,
+        services: compiled.services,
+        rules: compiled.rules,
+    };
+    paths.write_state(&state)?;
+    Ok(state)
+}
+
+/// Reclassifies the cgroup tree for the services in force (a cgroup made
+/// or removed). Returns (entries written, entries removed).
+pub fn rescan(paths: &SvcPaths, maps: &mut SvcMaps) -> Result<(usize, usize), ServicesError> {
+    let Some(state) = paths.read_state() else {
+        return Ok((0, 0));
+    };
+    let services: Vec<(u8, String)> = state
+        .services
+        .iter()
+        .map(|s| (s.id, s.cgroup.clone()))
+        .collect();
+    let cls = classify(&paths.root, &services);
+    maps.sync_cgroups(&cls)
+}
+
+/// The guard directories to watch for the services in force.
+pub fn guards(paths: &SvcPaths) -> Vec<PathBuf> {
+    let Some(state) = paths.read_state() else {
+        return Vec::new();
+    };
+    let services: Vec<(u8, String)> = state
+        .services
+        .iter()
+        .map(|s| (s.id, s.cgroup.clone()))
+        .collect();
+    classify(&paths.root, &services).guards
+}
+
+/// Removes the attachment: links (the programs leave the cgroup), maps,
+/// state. Returns whether anything was there.
+pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
+    let existed = paths.dir.exists() || paths.state.exists();
+    for link in [paths.link_ingress(), paths.link_egress()] {
+        if link.exists() {
+            std::fs::remove_file(&link).map_err(io(format!("removing {}", link.display())))?;
+        }
+    }
+    if paths.dir.exists() {
+        std::fs::remove_dir_all(&paths.dir)
+            .map_err(io(format!("removing {}", paths.dir.display())))?;
+    }
+    if paths.state.exists() {
+        std::fs::remove_file(&paths.state)
+            .map_err(io(format!("removing {}", paths.state.display())))?;
+    }
+    Ok(existed)
+}
+
+/// Every services attachment under `roots` (their cgroup root ids).
+pub fn list(roots: &Roots) -> Vec<u64> {
+    std::fs::read_dir(&roots.bpffs)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix(PIN_PREFIX)?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Entries of `SEG_SVC_CFG` (for callers sizing things).
+pub const CFG_ENTRIES: u32 = SVC_CFG_ENTRIES;

@@ -1,0 +1,338 @@
+//! `segbpf attach --services`, `segbpf detach --services` and the services
+//! part of `segbpf status`: argument handling and output around
+//! [`crate::attachment::services`].
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::{
+    attachment::{
+        cgroup_follow::{self as follow, FollowEvent},
+        pins::Roots,
+        services::{self as engine, SvcPaths},
+    },
+    cmd::{Output, UsageError, print_json},
+    host::cgroups::CgroupRoot,
+    observe::services as report,
+    policy::Policy,
+};
+
+fn paths(cgroup_root: Option<&std::path::Path>) -> anyhow::Result<SvcPaths> {
+    let root = CgroupRoot::open(cgroup_root)?;
+    Ok(SvcPaths::new(&Roots::from_env(), root))
+}
+
+/// `segbpf attach --services`.
+pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup_sig = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    if args.confirm.is_some() {
+        return Err(UsageError(
+            "--confirm is not supported with --services yet; attach without it (`segbpf detach --services` undoes it)".into(),
+        )
+        .into());
+    }
+    let Some(policy_path) = args.policy.clone() else {
+        return Err(UsageError("--services needs --policy FILE".into()).into());
+    };
+    let roots = Roots::from_env();
+    roots.ensure_bpffs()?;
+    let paths = paths(args.cgroup_root.as_deref())?;
+    if !args.insecure_policy {
+        crate::attachment::trust::check_policy_file(&policy_path)?;
+    }
+    if !args.follow_only {
+        let policy = Policy::load(&policy_path)?;
+        let state = engine::attach(&paths, &policy, &policy_path, args.audit)?;
+        let summary = format!(
+            "services enforced below {} (generation {}{}): {}",
+            paths.root.dir.display(),
+            state.generation,
+            if state.audit { ", audit mode" } else { "" },
+            state
+                .services
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.cgroup))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        info!("{summary}");
+        if args.no_wait {
+            // The cgroup tree must still be followed: a cgroup made below a
+            // guard is held until classified. A follower stays behind.
+            let exe = std::env::current_exe().context("finding segbpf's own executable")?;
+            let mut cmd = std::process::Command::new(exe);
+            cmd.arg("attach")
+                .arg("--services")
+                .arg("--policy")
+                .arg(&policy_path)
+                .arg("--cgroup-root")
+                .arg(&paths.root.dir)
+                .arg("--follow-only")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            if args.audit {
+                cmd.arg("--audit");
+            }
+            if args.insecure_policy {
+                cmd.arg("--insecure-policy");
+            }
+            // SAFETY: setsid is async-signal-safe; nothing else runs in the child.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    nix::unistd::setsid()
+                        .map(|_| ())
+                        .map_err(std::io::Error::from)
+                });
+            }
+            let child = cmd.spawn().context("starting the cgroup follower")?;
+            info!(
+                "the cgroup tree is followed by process {} until `segbpf detach --services`",
+                child.id()
+            );
+            return Ok(());
+        }
+        crate::host::service::ready(&summary);
+    }
+    info!(
+        "following the cgroup tree below {}; SIGHUP reloads {}; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach --services`)",
+        paths.root.dir.display(),
+        policy_path.display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    let (s2, h2) = (stop.clone(), hup.clone());
+    let audit = args.audit;
+    let json = args.log_format == crate::observe::telemetry::LogFormat::Json;
+    let insecure = args.insecure_policy;
+    let p2 = paths.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        follow::follow(
+            &p2,
+            &policy_path,
+            audit,
+            insecure,
+            &s2,
+            &h2,
+            |ev| match ev {
+                FollowEvent::Rescanned { written, removed } => {
+                    info!("cgroup tree changed: {written} entries written, {removed} removed");
+                }
+                FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
+                FollowEvent::ReloadFailed(e) => {
+                    warn!("reload failed, the previous policy stays in force: {e}");
+                }
+                FollowEvent::Refused(r) => print_refused(&r, json),
+            },
+        )
+    });
+    tokio::pin!(worker);
+    loop {
+        tokio::select! {
+            _ = term.recv() => stop.store(true, Ordering::Relaxed),
+            _ = int.recv() => stop.store(true, Ordering::Relaxed),
+            _ = hup_sig.recv() => hup.store(true, Ordering::Relaxed),
+            r = &mut worker => {
+                r.context("the cgroup follower")??;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One event line on stdout (a closed stdout is ignored: enforcement goes on).
+fn print_refused(r: &follow::Refused, json: bool) {
+    let line = if json {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["event"] = serde_json::json!(r.action);
+        v.to_string()
+    } else {
+        let proto = match r.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            1 => "icmp".to_string(),
+            58 => "icmpv6".to_string(),
+            n => format!("proto {n}"),
+        };
+        let addr = |a: std::net::IpAddr, p: u16| match a {
+            std::net::IpAddr::V4(a) => format!("{a}:{p}"),
+            std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+        };
+        format!(
+            "{} {} service={} {proto} {} -> {}",
+            r.action,
+            r.direction,
+            r.service,
+            addr(r.src, r.sport),
+            addr(r.dst, r.dport)
+        )
+    };
+    let _ = crate::cmd::print_line(line);
+}
+
+/// `segbpf detach --services`.
+pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let paths = paths(cgroup_root.as_deref())?;
+    if !paths.dir.exists() && !paths.state.exists() {
+        anyhow::bail!(
+            "no services attachment below {} (no {})",
+            paths.root.dir.display(),
+            paths.dir.display()
+        );
+    }
+    let was = engine::detach(&paths)?;
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "detached": true,
+            "was_attached": was,
+        }))?,
+        Output::Text => {
+            crate::cmd::print_line(format_args!(
+                "detached the services below {}",
+                paths.root.dir.display()
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `segbpf reload --services`: the policy file (default: the one in
+/// force) applied to the services attachment; on any error the policy in
+/// force stays.
+pub fn reload(
+    cgroup_root: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    insecure_policy: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let paths = paths(cgroup_root.as_deref())?;
+    let state = paths
+        .read_state()
+        .with_context(|| format!("no services attachment below {}", paths.root.dir.display()))?;
+    let path = policy.unwrap_or(state.policy.clone());
+    if !insecure_policy {
+        crate::attachment::trust::check_policy_file(&path)?;
+    }
+    let p = Policy::load(&path)?;
+    let s = engine::reload(&paths, &p, &path, state.audit)?;
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "applied": true,
+            "generation": s.generation,
+            "policy": path,
+        }))?,
+        Output::Text => crate::cmd::print_line(format_args!(
+            "services below {}: generation {} in force ({})",
+            paths.root.dir.display(),
+            s.generation,
+            path.display()
+        ))?,
+    }
+    Ok(())
+}
+
+/// Reports of every services attachment (or the one below `cgroup_root`).
+pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::SvcReport> {
+    let roots = Roots::from_env();
+    if !all {
+        return paths(cgroup_root)
+            .ok()
+            .filter(|p| p.dir.exists())
+            .map(|p| vec![report::report(&p)])
+            .unwrap_or_default();
+    }
+    let mut out = Vec::new();
+    for id in engine::list(&roots) {
+        let state_file = roots.state.join(format!("{}{id}.json", engine::PIN_PREFIX));
+        let dir = std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<engine::SvcState>(&t).ok())
+            .map(|s| s.cgroup_root);
+        let root = dir.and_then(|d| CgroupRoot::open(Some(&d)).ok());
+        match root {
+            Some(r) if r.id == id => out.push(report::report(&SvcPaths::new(&roots, r))),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Prints services reports as text.
+pub fn print_text(
+    o: &mut impl std::io::Write,
+    reports: &[report::SvcReport],
+) -> std::io::Result<()> {
+    for r in reports {
+        writeln!(
+            o,
+            "services below {}: {}, generation {}{}, policy {}",
+            r.cgroup_root,
+            if r.attached {
+                "enforcing"
+            } else {
+                "NOT attached"
+            },
+            r.generation,
+            if r.audit { " (audit mode)" } else { "" },
+            r.policy.as_deref().unwrap_or("?")
+        )?;
+        for s in &r.services {
+            writeln!(
+                o,
+                "  {:<16} {:<40} {:<10} ingress {} ({} rules) egress {} ({} rules)  in {}/{} out {}/{} passed/dropped",
+                s.name,
+                s.cgroup,
+                if s.cgroup_id.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                },
+                s.ingress_default,
+                s.ingress_rules,
+                s.egress_default,
+                s.egress_rules,
+                s.packets.ingress_passed,
+                s.packets.ingress_dropped,
+                s.packets.egress_passed,
+                s.packets.egress_dropped
+            )?;
+        }
+        writeln!(
+            o,
+            "  (no service)     in {}/{} out {}/{} passed/dropped",
+            r.unserviced.ingress_passed,
+            r.unserviced.ingress_dropped,
+            r.unserviced.egress_passed,
+            r.unserviced.egress_dropped
+        )?;
+    }
+    Ok(())
+}
+
+/// `segbpf status --services`.
+pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let reports = reports(cgroup_root.as_deref(), false);
+    if reports.is_empty() {
+        anyhow::bail!("no services attachment");
+    }
+    match output {
+        Output::Json => print_json(&serde_json::json!({ "services": reports }))?,
+        Output::Text => print_text(&mut std::io::stdout().lock(), &reports)?,
+    }
+    Ok(())
+}

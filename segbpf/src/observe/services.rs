@@ -1,0 +1,110 @@
+//! What a services attachment has in force, for `status`: the links, the
+//! policy and generation, and per service its cgroup (whether it exists
+//! now, its id) and packet counters.
+
+use serde::Serialize;
+
+use crate::attachment::services::{SvcMaps, SvcPaths};
+
+/// One service in force.
+#[derive(Debug, Serialize)]
+pub struct ServiceReport {
+    /// Name.
+    pub name: String,
+    /// Path below the cgroup root.
+    pub cgroup: String,
+    /// Its cgroup id, when the cgroup exists now.
+    pub cgroup_id: Option<u64>,
+    /// Ingress default.
+    pub ingress_default: String,
+    /// Egress default.
+    pub egress_default: String,
+    /// Ingress rules.
+    pub ingress_rules: usize,
+    /// Egress rules.
+    pub egress_rules: usize,
+    /// Packets: ingress passed, ingress dropped, egress passed, egress dropped.
+    pub packets: PacketCounts,
+}
+
+/// Packet counters of one service (or of the sockets in none).
+#[derive(Debug, Default, Serialize)]
+pub struct PacketCounts {
+    /// Ingress packets passed.
+    pub ingress_passed: u64,
+    /// Ingress packets dropped.
+    pub ingress_dropped: u64,
+    /// Egress packets passed.
+    pub egress_passed: u64,
+    /// Egress packets dropped.
+    pub egress_dropped: u64,
+}
+
+impl PacketCounts {
+    fn of(row: [u64; 4]) -> Self {
+        PacketCounts {
+            ingress_dropped: row[0],
+            ingress_passed: row[1],
+            egress_dropped: row[2],
+            egress_passed: row[3],
+        }
+    }
+}
+
+/// The services attachment of one cgroup root.
+#[derive(Debug, Serialize)]
+pub struct SvcReport {
+    /// The cgroup root.
+    pub cgroup_root: String,
+    /// Both programs attached (their pinned links are live).
+    pub attached: bool,
+    /// Policy file.
+    pub policy: Option<String>,
+    /// Generation in force.
+    pub generation: u64,
+    /// Audit mode.
+    pub audit: bool,
+    /// The services.
+    pub services: Vec<ServiceReport>,
+    /// Sockets in no service (and held sockets of unclassified cgroups, as drops).
+    pub unserviced: PacketCounts,
+}
+
+/// The report of the attachment at `paths`.
+pub fn report(paths: &SvcPaths) -> SvcReport {
+    let live = |p: &std::path::Path| aya::programs::links::PinnedLink::from_pin(p).is_ok();
+    let attached = live(&paths.link_ingress()) && live(&paths.link_egress());
+    let state = paths.read_state();
+    let counters = SvcMaps::from_pins(&paths.dir)
+        .and_then(|m| m.counters())
+        .unwrap_or_default();
+    let row = |id: usize| counters.get(id).copied().unwrap_or_default();
+    let services = state
+        .as_ref()
+        .map(|s| {
+            s.services
+                .iter()
+                .map(|svc| ServiceReport {
+                    name: svc.name.clone(),
+                    cgroup: svc.cgroup.clone(),
+                    cgroup_id: crate::host::cgroups::cgroup_id(&paths.root.dir.join(&svc.cgroup))
+                        .ok(),
+                    ingress_default: svc.ingress_default.clone(),
+                    egress_default: svc.egress_default.clone(),
+                    ingress_rules: svc.ingress_rules,
+                    egress_rules: svc.egress_rules,
+                    packets: PacketCounts::of(row(usize::from(svc.id))),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    SvcReport {
+        cgroup_root: paths.root.dir.display().to_string(),
+        attached,
+        policy: state.as_ref().map(|s| s.policy.display().to_string()),
+        generation: state.as_ref().map_or(0, |s| s.generation),
+        audit: state.as_ref().is_some_and(|s| s.audit),
+        services,
+        unserviced: PacketCounts::of(row(0)),
+    }
+}
