@@ -272,17 +272,33 @@ fn is_link_control(pkt: &Bounds, off: usize, ethertype: u16) -> bool {
     }
 }
 
+/// Not a reason: what `parse::<false>` returns for an IPv6 packet, which
+/// the IPv6 program judges (the caller hands the packet on; it is never
+/// counted). Above every reason, so it would count as a drop.
+pub(crate) const HAND_OFF_V6: u8 = 0xff;
+
+/// The IP parser of the program's family: `V6` false for the IPv4
+/// program (an IPv6 packet is `Err(HAND_OFF_V6)`), true for the IPv6 one
+/// (which only receives IPv6 packets: an IPv4 one there is refused).
+#[inline(always)]
+fn parse_ip<const V6: bool>(pkt: &Bounds, off: usize, ethertype: u16) -> Result<Parsed, u8> {
+    match ethertype {
+        ETH_P_IP if !V6 => parse_ipv4(pkt, off),
+        ETH_P_IPV6 if V6 => parse_ipv6(pkt, off),
+        ETH_P_IPV6 => Err(HAND_OFF_V6),
+        _ => Err(reason::DROP_ETHERTYPE),
+    }
+}
+
 /// Parses a packet. `raw` is `None` when it begins with an Ethernet
 /// header, else the EtherType of the IP header it begins with (devices
-/// without a link layer). `Err` carries the drop reason.
+/// without a link layer). `Err` carries the drop reason, or
+/// [`HAND_OFF_V6`] (see [`parse_ip`]). Each program is built with one
+/// IP family (`V6`), so the verifier never walks the other's paths.
 #[inline(always)]
-pub(crate) fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
+pub(crate) fn parse<const V6: bool>(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
     if let Some(ethertype) = raw {
-        return match ethertype {
-            ETH_P_IP => parse_ipv4(pkt, 0),
-            ETH_P_IPV6 => parse_ipv6(pkt, 0),
-            _ => Err(reason::DROP_ETHERTYPE),
-        };
+        return parse_ip::<V6>(pkt, 0, ethertype);
     }
     let mut ethertype = pkt.be16_at(12).ok_or(reason::DROP_TRUNC_ETH)?;
     let mut off = ETH_HLEN;
@@ -299,8 +315,7 @@ pub(crate) fn parse(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
         }
     }
     match ethertype {
-        ETH_P_IP => parse_ipv4(pkt, off),
-        ETH_P_IPV6 => parse_ipv6(pkt, off),
+        ETH_P_IP | ETH_P_IPV6 => parse_ip::<V6>(pkt, off, ethertype),
         ETH_P_ARP => {
             // Fixed part, then sender/target hardware and protocol addresses.
             let h = pkt.bytes::<ARP_HLEN>(off).ok_or(reason::DROP_BAD_ARP)?;
@@ -579,7 +594,9 @@ pub(crate) struct Quoted {
 /// error then relates to no flow (the outer packet itself was valid).
 #[inline(always)]
 pub(crate) fn quoted(pkt: &Bounds, p: &Parsed) -> Option<Quoted> {
-    let off = p.l4_off + ICMP_HLEN;
+    // Bounded for the verifier (the IPv6 program reads `l4_off` back from
+    // a map): every transport header starts within the first 2 KiB.
+    let off = (p.l4_off & 0x7ff) + ICMP_HLEN;
     let mut q = Quoted {
         proto: 0,
         src: [0; 16],
