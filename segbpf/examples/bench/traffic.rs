@@ -145,6 +145,15 @@ pub(crate) fn test_run_ns(prog_fd: i32, frame: &[u8], repeat: u32) -> anyhow::Re
     Ok(f64::from(attr.duration))
 }
 
+/// `union bpf_attr` as BPF_PROG_GET_FD_BY_ID reads it.
+#[repr(C)]
+struct GetFd {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    _pad: [u32; 13],
+}
+
 /// xdp-filter (xdp-tools) on `dev` of the namespace `ns`, as its manual
 /// shows it: `xdp-filter load -p deny -m native DEV` (unmatched packets
 /// are dropped), then `xdp-filter port PORT` (destination port PORT, TCP
@@ -179,13 +188,6 @@ impl XdpFilter {
         let id = v[0]["xdp"]["prog"]["id"]
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("no XDP program on {} in {}", self.dev, self.ns))?;
-        #[repr(C)]
-        struct GetFd {
-            id: u32,
-            next_id: u32,
-            open_flags: u32,
-            _pad: [u32; 13],
-        }
         let attr = GetFd {
             id: id as u32,
             next_id: 0,
