@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use segbpf::telemetry::{LogFormat, decode};
+use segbpf::observe::telemetry::{LogFormat, decode};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(ev) = decode(data, "eth0") {

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use segbpf::{
-    compile::{self, Capacity},
+    policy::compile::{self, Capacity},
     policy::{Direction, Policy, eval},
 };
 

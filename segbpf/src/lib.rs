@@ -1,15 +1,28 @@
 //! segbpf: host microsegmentation firewall on eBPF.
 //!
-//! One roles.toml for the whole fleet ([`policy`]), compiled into kernel map
-//! contents ([`compile`]) whose per-packet cost does not grow with the number
-//! of rules, loaded and pinned ([`loader`], [`pins`], [`maps`]).
+//! One folder per layer; each imports only the layers below it:
 //!
-//! The engines live here, each with its own error type: [`attach`] (attach
-//! and detach), [`swap`] (reload, rollback, set edits), [`guard`] (the
-//! lockout guard), [`report`] (status), [`telemetry`] (events) and
-//! [`metrics`]. An attachment is identified by the kernel's network
-//! namespace ([`netns`]) and interface. The `segbpf` command ([`cmd`]) only
-//! parses arguments, calls them and prints; no other module uses it.
+//! ```text
+//! cmd          parse arguments, call the engines, print
+//!  |
+//! fleet        the fleet's store (etcd): canaries, revisions, the agent
+//!  |
+//! observe      events, denied aggregates, flows, metrics, status, trace
+//!  |
+//! attachment   pins and state on disk, load, maps, attach, swap, guard
+//!  |
+//! policy       roles.toml: parse, lint, eval, compile, export, import
+//!  |
+//! host         interfaces, network namespaces, protocols, clock, logs
+//! ```
+//!
+//! A policy ([`policy`]) is compiled into kernel map contents
+//! ([`policy::compile`]) and put in force on an attachment
+//! ([`attachment`]: an interface of a network namespace, identified by the
+//! kernel). What the kernel then sees is read back by [`observe`]; the
+//! fleet ([`fleet`]) drives many hosts from one store. The `segbpf` command
+//! ([`cmd`]) only parses arguments, calls the engines and prints; no other
+//! module uses it.
 
 #![deny(missing_docs)]
 
@@ -17,38 +30,9 @@
 #[cfg(test)]
 use segbpf_tests as _;
 
-pub mod attach;
-pub mod clock;
+pub mod attachment;
 pub mod cmd;
-pub mod compile;
-pub mod denied;
-pub mod export;
 pub mod fleet;
-pub mod flowlog;
-pub mod flows;
-pub mod gone;
-pub mod guard;
-pub mod history;
-pub mod import;
-pub mod liveness;
-pub mod loader;
-pub mod logging;
-pub mod maps;
-pub mod memory;
-pub mod metrics;
-pub mod netif;
-pub mod netns;
-pub mod observed;
-pub mod packet;
-pub mod pins;
+pub mod host;
+pub mod observe;
 pub mod policy;
-pub mod proto;
-pub mod report;
-pub mod service;
-pub mod state;
-pub mod suggest;
-pub mod swap;
-pub mod telemetry;
-pub mod timeline;
-pub mod trace;
-pub mod trust;

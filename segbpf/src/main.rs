@@ -9,12 +9,13 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use segbpf::{
     cmd::{self, Cli, UsageError},
-    logging, netns,
+    host::logging,
+    host::netns,
 };
 
 fn main() -> ExitCode {
     // Everything segbpf writes (state, history, locks, pins) is private:
-    // files 0600, directories 0700 (see `segbpf::pins::private_dir`).
+    // files 0600, directories 0700 (see `segbpf::attachment::dirs::private_dir`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse(); // exits 2 on usage errors
     logging::init(cli.verbose);

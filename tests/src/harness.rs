@@ -24,9 +24,10 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use segbpf::{
-    compile::{self, Capacity, Compiled},
-    loader, maps,
-    pins::Attachment,
+    attachment::loader,
+    attachment::maps,
+    attachment::pins::Attachment,
+    policy::compile::{self, Capacity, Compiled},
     policy::{Direction, Policy},
 };
 use segbpf_common::{LINK_ETHERNET, NO_RULE, reason};
@@ -145,14 +146,14 @@ impl Instance {
     }
 
     /// The dry-run instance `segbpf trace` loads for `att`
-    /// (`segbpf::trace::dry_run_instance`): as [`Instance::dry_run`],
+    /// (`segbpf::observe::trace::dry_run_instance`): as [`Instance::dry_run`],
     /// after `segbpf trace`'s checks that `att`'s link is pinned and every
     /// map it shares is there. Pass [`Instance::ebpf_mut`] to
-    /// `segbpf::trace::trace_with` to judge frames as `segbpf trace`
+    /// `segbpf::observe::trace::trace_with` to judge frames as `segbpf trace`
     /// does.
     pub fn trace(att: &Attachment) -> anyhow::Result<Instance> {
         Ok(Instance {
-            ebpf: segbpf::trace::dry_run_instance(att)?,
+            ebpf: segbpf::observe::trace::dry_run_instance(att)?,
         })
     }
 
@@ -199,7 +200,7 @@ impl Instance {
         &self.ebpf
     }
 
-    /// The loaded object, mutably (map writes, `segbpf::trace::trace_with`).
+    /// The loaded object, mutably (map writes, `segbpf::observe::trace::trace_with`).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }

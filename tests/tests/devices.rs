@@ -38,7 +38,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use segbpf::packet::PacketSpec;
+use segbpf::host::packet::PacketSpec;
 use segbpf_common::{IPPROTO_TCP, reason};
 use segbpf_tests::{
     Lab, net,

@@ -29,9 +29,9 @@
 use std::net::IpAddr;
 
 use segbpf::{
-    compile::{self, Capacity},
-    maps::PolicyMaps,
-    packet::{Ext, PacketSpec},
+    attachment::maps::PolicyMaps,
+    host::packet::{Ext, PacketSpec},
+    policy::compile::{self, Capacity},
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{NO_RULE, RUN_DRY, RUN_RECORD, reason};
@@ -758,7 +758,7 @@ fn nftables_export_agrees(seed: u64) -> anyhow::Result<()> {
         let policy = Policy::from_str(&generated.text, "generated.toml")?;
         let nroles = 1 + rng.below(generated.roles.len() as u64) as usize;
         let roles: Vec<String> = generated.roles[..nroles].to_vec();
-        nft_load(&segbpf::export::nft(
+        nft_load(&segbpf::policy::export::nft(
             &policy,
             &roles,
             Some("eth0"),

@@ -43,14 +43,14 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context as _;
 use segbpf::{
-    netns::Netns,
-    packet::{Built, Ext, Frag4, PacketSpec, arp_request},
-    pins::Roots,
+    attachment::pins::Roots,
+    host::netns::Netns,
+    host::packet::{Built, Ext, Frag4, PacketSpec, arp_request},
+    observe::trace::trace_with,
     policy::{
         Direction, Policy,
         eval::{self, Packet, Verdict},
     },
-    trace::trace_with,
 };
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RUN_DRY, reason};
 use segbpf_tests::{Lab, harness::Instance};
@@ -217,7 +217,7 @@ fn ipv4_reseal(f: &mut [u8], l3: usize) {
     let ihl = usize::from(f[l3] & 0x0f) * 4;
     if ihl >= 20 && l3 + ihl <= f.len() {
         set_be16(f, l3 + 10, 0);
-        let csum = segbpf::packet::checksum(&f[l3..l3 + ihl]);
+        let csum = segbpf::host::packet::checksum(&f[l3..l3 + ihl]);
         set_be16(f, l3 + 10, csum);
     }
 }

@@ -304,7 +304,7 @@ fn a_spoofed_flood_keeps_the_observed_store_within_its_cap() -> anyhow::Result<(
         for _ in 0..200 {
             n += 1;
             let src = IpAddr::V4(std::net::Ipv4Addr::from(0xc613_0000 | (n & 0xffff)));
-            let mut frame = segbpf::packet::PacketSpec::udp(src, srv, 40_000, 9000)
+            let mut frame = segbpf::host::packet::PacketSpec::udp(src, srv, 40_000, 9000)
                 .build()
                 .bytes;
             frame[..6].copy_from_slice(&srv_mac);
@@ -571,7 +571,7 @@ fn a_denied_aggregate_hit_from_two_cpus_keeps_its_first_time() -> anyhow::Result
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
     let follower = lab.follow_flows("srv", &["--denied-secs", "3"])?;
     let ns = lab.host("client").ns.name.clone();
-    let start = segbpf::clock::rfc3339(std::time::SystemTime::now() - Duration::from_mins(1));
+    let start = segbpf::host::clock::rfc3339(std::time::SystemTime::now() - Duration::from_mins(1));
     // Each port's aggregate: made by CPU 0, then counted by CPU 1 into its
     // slot, which the kernel never gave a first time.
     for port in 9100..9104 {

@@ -22,8 +22,8 @@
 use std::{path::PathBuf, process::Output};
 
 use segbpf::{
-    import::{self, Flavor, HostFile, HostsArg, ruleset, verify},
     policy::Policy,
+    policy::import::{self, Flavor, HostFile, HostsArg, ruleset, verify},
 };
 use segbpf_tests::{lab::segbpf_bin, netns::Netns};
 

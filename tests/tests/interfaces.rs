@@ -8,7 +8,7 @@
 )]
 
 use segbpf::{
-    packet::PacketSpec,
+    host::packet::PacketSpec,
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{IPPROTO_TCP, NO_RULE, RUN_DRY, reason};

@@ -14,8 +14,8 @@ use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::Path, time::Duration
 
 use anyhow::ensure;
 use segbpf::{
-    netns::Netns,
-    pins::{Attachment, Roots},
+    attachment::pins::{Attachment, Roots},
+    host::netns::Netns,
 };
 use segbpf_tests::{Lab, lab::Running, net};
 
@@ -137,7 +137,7 @@ fn links_detached_behind_segbpfs_back_are_reported_and_attached_again() -> anyho
         text.contains("NOT ENFORCING") && !text.contains("enforcing"),
         "{text}"
     );
-    let metrics = segbpf::metrics::render(&att)?;
+    let metrics = segbpf::observe::metrics::render(&att)?;
     assert_eq!(attached_metric(&metrics, "xdp"), Some(0), "{metrics}");
     assert_eq!(attached_metric(&metrics, "tc"), Some(1), "{metrics}");
 
@@ -149,7 +149,7 @@ fn links_detached_behind_segbpfs_back_are_reported_and_attached_again() -> anyho
     assert_eq!(hook(&status, "xdp")["live"], true, "{status}");
     assert_eq!(hook(&status, "tc")["live"], true, "{status}");
     assert_eq!(reachable(&lab)?, (true, false), "enforcing again");
-    let metrics = segbpf::metrics::render(&att)?;
+    let metrics = segbpf::observe::metrics::render(&att)?;
     assert_eq!(attached_metric(&metrics, "xdp"), Some(1), "{metrics}");
 
     // A running attach (the service) notices by itself, both hooks. Its

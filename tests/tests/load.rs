@@ -22,7 +22,7 @@ use std::{
 };
 
 use aya::{maps::MapInfo, programs::ProgramInfo};
-use segbpf::packet::PacketSpec;
+use segbpf::host::packet::PacketSpec;
 use segbpf_common::IPPROTO_TCP;
 use segbpf_tests::{Lab, lab::one_tcp_port_policy, net, netns, tun::fill_transport_checksum};
 
@@ -361,12 +361,12 @@ fn flood_with_reloads_in_the_middle_breaks_and_leaks_nothing() -> anyhow::Result
     };
     std::thread::sleep(Duration::from_secs(3));
     // Reloads in the middle of it, each applied.
-    let gen0 = segbpf::maps::pinned_config(
-        &segbpf::pins::Roots {
+    let gen0 = segbpf::attachment::maps::pinned_config(
+        &segbpf::attachment::pins::Roots {
             bpffs: lab.bpffs.clone(),
             state: lab.state.clone(),
         }
-        .attachment("eth0", &segbpf::netns::Netns::named(&srv_ns)?),
+        .attachment("eth0", &segbpf::host::netns::Netns::named(&srv_ns)?),
     )?
     .generation;
     for i in 0..10 {
@@ -467,8 +467,8 @@ fn a_flow_of_one_interface_opens_nothing_on_another() -> anyhow::Result<()> {
     // Its reply passes on eth0's entry; on v1, whose programs share the
     // namespace's tables, the same 4-tuple is no flow: the policy drops it.
     let reply = PacketSpec::udp(cli, srv, 9999, 5353).build().bytes;
-    let target = segbpf::netns::Netns::named(&ns)?;
-    let roots = segbpf::pins::Roots {
+    let target = segbpf::host::netns::Netns::named(&ns)?;
+    let roots = segbpf::attachment::pins::Roots {
         bpffs: lab.bpffs.clone(),
         state: lab.state.clone(),
     };

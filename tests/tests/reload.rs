@@ -19,10 +19,10 @@ use std::{
 };
 
 use segbpf::{
-    netns::Netns,
-    packet::PacketSpec,
-    pins::{Attachment, Roots},
-    swap::reload_with,
+    attachment::pins::{Attachment, Roots},
+    attachment::swap::reload_with,
+    host::netns::Netns,
+    host::packet::PacketSpec,
 };
 use segbpf_tests::{Lab, harness::Instance, lab::segbpf_bin};
 
@@ -199,7 +199,7 @@ fn thousand_swaps_under_traffic_never_misjudge() -> anyhow::Result<()> {
     for i in 0..1000 {
         let file = if i % 2 == 0 { &s.b } else { &s.a };
         reload_with(&s.att, Some(file), false)?;
-        generations.push(segbpf::maps::pinned_config(&s.att)?.generation);
+        generations.push(segbpf::attachment::maps::pinned_config(&s.att)?.generation);
     }
     stop.store(true, Ordering::Relaxed);
     runner
@@ -279,7 +279,7 @@ fn killed_reloads_leave_old_or_new_policy_whole() -> anyhow::Result<()> {
         );
         outcomes[usize::from(got == all_b)] += 1;
         // The state the next command sees names the policy in force.
-        let state = segbpf::state::State::current(&s.att)?;
+        let state = segbpf::attachment::state::State::current(&s.att)?;
         let expect = if got == all_a { &s.a } else { &s.b };
         assert_eq!(
             Path::new(&state.policy),
@@ -303,7 +303,7 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
     let probes = probes();
     let mut instance = Instance::dry_run(&s.att)?;
     let before = verdicts(&mut instance, &probes)?;
-    let gen_before = segbpf::maps::pinned_config(&s.att)?.generation;
+    let gen_before = segbpf::attachment::maps::pinned_config(&s.att)?.generation;
     let bad = s.dir.join("bad.toml");
     std::fs::write(&bad, POLICY_A.replace("198.18.2.0/24", "198.18.2.0/33"))?;
     let out = s
@@ -316,7 +316,10 @@ fn invalid_policy_reload_changes_nothing() -> anyhow::Result<()> {
         "names file and line: {stderr}"
     );
     assert_eq!(verdicts(&mut instance, &probes)?, before);
-    assert_eq!(segbpf::maps::pinned_config(&s.att)?.generation, gen_before);
+    assert_eq!(
+        segbpf::attachment::maps::pinned_config(&s.att)?.generation,
+        gen_before
+    );
     Ok(())
 }
 
@@ -1330,8 +1333,8 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
         state: lab.state.clone(),
     }
     .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?);
-    let gen_before = segbpf::maps::pinned_config(&att)?.generation;
-    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let gen_before = segbpf::attachment::maps::pinned_config(&att)?.generation;
+    let active = usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
     let in_force = peer_v4_entries(&att)?;
     assert_eq!(in_force[active] as u64, s);
     assert_eq!(in_force[1 - active], 0);
@@ -1344,7 +1347,10 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
         in_force,
         "the refused reload left entries in the kernel"
     );
-    assert_eq!(segbpf::maps::pinned_config(&att)?.generation, gen_before);
+    assert_eq!(
+        segbpf::attachment::maps::pinned_config(&att)?.generation,
+        gen_before
+    );
     lab.segbpf_ok("db", &["reload", "eth0"])?;
     lab.segbpf_ok("db", &["detach", "eth0"])?;
 
@@ -1358,7 +1364,7 @@ fn capacity_counts_both_slots_and_a_refused_reload_leaves_nothing() -> anyhow::R
     for _ in 0..3 {
         lab.segbpf_ok("db", &["reload", "eth0"])?;
     }
-    let active = usize::from(segbpf::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+    let active = usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
     let n = peer_v4_entries(&att)?;
     assert_eq!((n[active] as u64, n[1 - active]), (p, 0));
     Ok(())

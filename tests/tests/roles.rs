@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use segbpf::packet::PacketSpec;
+use segbpf::host::packet::PacketSpec;
 use segbpf_tests::{Lab, net, tun::fill_transport_checksum};
 
 const POLICY: &str = r#"version = 1

@@ -9,7 +9,7 @@
 use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
 use segbpf::{
-    packet::PacketSpec,
+    host::packet::PacketSpec,
     policy::{Direction, Policy, eval},
 };
 use segbpf_common::{IPPROTO_TCP, NO_RULE};

@@ -23,7 +23,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use segbpf::{
-    packet::{Ext, Frag4, PacketSpec, TCP_ACK, TCP_SYN},
+    host::packet::{Ext, Frag4, PacketSpec, TCP_ACK, TCP_SYN},
     policy::{Direction, Policy},
 };
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, RUN_RECORD, reason};

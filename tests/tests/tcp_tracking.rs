@@ -45,7 +45,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use segbpf::packet::{PacketSpec, TCP_ACK, TCP_SYN};
+use segbpf::host::packet::{PacketSpec, TCP_ACK, TCP_SYN};
 use segbpf_common::reason;
 use segbpf_tests::{Lab, net, netns};
 
@@ -223,7 +223,7 @@ fn frame(lab: &Lab, spec: &PacketSpec) -> anyhow::Result<Vec<u8>> {
     pseudo.extend_from_slice(&[0, 6]);
     pseudo.extend_from_slice(&u16::try_from(tcp.len())?.to_be_bytes());
     pseudo.extend_from_slice(&tcp);
-    let csum = segbpf::packet::checksum(&pseudo);
+    let csum = segbpf::host::packet::checksum(&pseudo);
     f[50..52].copy_from_slice(&csum.to_be_bytes());
     Ok(f)
 }

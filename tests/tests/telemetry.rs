@@ -116,7 +116,7 @@ fn flood_events_are_rate_limited_json_lines() -> anyhow::Result<()> {
         "flood drops were reported: {stdout}"
     );
     // Every record carries its wall-clock time, RFC 3339 UTC, today.
-    let today = segbpf::clock::rfc3339(std::time::SystemTime::now())[..10].to_string();
+    let today = segbpf::host::clock::rfc3339(std::time::SystemTime::now())[..10].to_string();
     for r in events.iter().chain(&summaries) {
         let t = r["time"].as_str().unwrap_or_default();
         assert!(

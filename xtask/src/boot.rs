@@ -353,7 +353,7 @@ pub(crate) fn check(deb: &Path, work: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&share)?;
     download_udev(&share)?;
     std::fs::write(share.join("reloaded.toml"), RELOADED_POLICY)?;
-    let readme = std::fs::read_to_string(crate::dist::workspace().join("README.md"))?;
+    let readme = std::fs::read_to_string(crate::workspace().join("README.md"))?;
     let steps = readme_steps(&readme)?;
 
     let c = Container::boot(work, &share, deb)?;
@@ -563,7 +563,7 @@ mod tests {
 
     #[test]
     fn the_readme_has_install_steps() {
-        let readme = std::fs::read_to_string(crate::dist::workspace().join("README.md")).unwrap();
+        let readme = std::fs::read_to_string(crate::workspace().join("README.md")).unwrap();
         let steps = readme_steps(&readme).unwrap();
         assert!(
             steps[0].starts_with("apt install ./target/dist/"),

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{cargo, run, setup};
+use crate::{cargo, run, setup, workspace};
 
 /// The package's name and version (the workspace's).
 const PACKAGE: &str = "segbpf";
@@ -51,13 +51,6 @@ const REQUIRED: &[&str] = &[
     "usr/share/zsh/vendor-completions/_segbpf",
     "usr/share/fish/vendor_completions.d/segbpf.fish",
 ];
-
-pub(crate) fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
 
 /// Cargo's target directory (`$CARGO_TARGET_DIR`, else `target/`).
 fn target_dir() -> PathBuf {

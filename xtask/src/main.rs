@@ -217,6 +217,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The workspace root (the parent of xtask/).
+pub(crate) fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
 /// Runs a command, failing when it fails.
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd

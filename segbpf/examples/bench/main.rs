@@ -30,10 +30,11 @@ use std::{fmt::Write as _, net::IpAddr, os::fd::AsRawFd as _, time::Instant};
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use segbpf::{
-    compile::{self, Capacity, Compiled},
-    loader, maps,
-    packet::PacketSpec,
+    attachment::loader,
+    attachment::maps,
+    host::packet::PacketSpec,
     policy::Policy,
+    policy::compile::{self, Capacity, Compiled},
 };
 use segbpf_common::{PROG_XDP_EMPTY, RUN_LIVE};
 use serde_json::json;

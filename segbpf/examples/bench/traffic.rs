@@ -30,7 +30,7 @@ use std::{
 };
 
 use aya::{maps::Array, programs::Xdp};
-use segbpf::loader;
+use segbpf::attachment::loader;
 use segbpf_common::{MAP_GEN, PROG_XDP_GEN};
 use segbpf_tests::{Lab, netns::Netns};
 use serde_json::json;
@@ -350,7 +350,7 @@ struct Generator {
 impl Generator {
     fn new(tx_ns: &str, dev: &str) -> anyhow::Result<Self> {
         let mut ebpf = loader::load(
-            segbpf::compile::Capacity::default(),
+            segbpf::policy::compile::Capacity::default(),
             segbpf_common::RUN_LIVE,
         )?;
         let p: &mut Xdp = ebpf

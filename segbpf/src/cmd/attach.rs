@@ -1,4 +1,4 @@
-//! `segbpf attach`: enforce a policy on an interface ([`crate::attach`]),
+//! `segbpf attach`: enforce a policy on an interface ([`crate::attachment::attach`]),
 //! then stay in the foreground: stream drop events to stdout, serve
 //! metrics, reload on SIGHUP or when the policy file changes (with
 //! `--etcd`: follow the fleet's store instead, [`crate::fleet::agent`]), until
@@ -11,12 +11,12 @@ use anyhow::Context as _;
 use tracing::info;
 
 use crate::{
-    attach::{self, Mode, Request},
+    attachment::attach::{self, Mode, Request},
+    attachment::pins::Attachment,
     cmd::{MapSizes, UsageError},
-    flowlog,
-    netns::Netns,
-    pins::Attachment,
-    telemetry::{self, LogFormat, Reader},
+    host::netns::Netns,
+    observe::flowlog,
+    observe::telemetry::{self, LogFormat, Reader},
 };
 
 /// Arguments of `segbpf attach`.
@@ -184,7 +184,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         _ => None,
     };
     let metrics = match args.metrics {
-        Some(addr) if !args.no_wait => Some(crate::metrics::Server::bind(addr)?),
+        Some(addr) if !args.no_wait => Some(crate::observe::metrics::Server::bind(addr)?),
         Some(_) => {
             return Err(UsageError(
                 "--metrics needs attach to stay in the foreground (drop --no-wait)".into(),
@@ -198,14 +198,6 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         (Some(cfg), _) => {
             // The cache at once, or the store's revision once it answers.
             let att = Attachment::new(&args.iface, ns);
-            if crate::fleet::agent::cached(&att).is_none() {
-                // The unit runs before the network is configured: waiting
-                // for etcd there would hold the boot. Nothing was ever
-                // enforced here, so nothing is lost by going on.
-                crate::service::ready(
-                    "no cached fleet policy: waiting for etcd, nothing enforced yet",
-                );
-            }
             tokio::select! {
                 r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
                 _ = signals.0.recv() => return Ok(()),
@@ -219,7 +211,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         && args.confirm.is_none()
         && !args.force
         && let Ok(p) = crate::policy::Policy::load(&policy)
-        && let Some(m) = attach::cuts_ssh_session(&p, &args.role, &args.iface)
+        && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, &args.iface)
     {
         anyhow::bail!(
             "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",
@@ -234,7 +226,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     }
     // stdout carries the event stream; the summary is a log line.
     info!("{}", applied.summary);
-    crate::service::ready(&applied.summary);
+    crate::host::service::ready(&applied.summary);
     let att = applied.att;
     if let Some(server) = metrics {
         server.start(att.clone())?;
@@ -311,7 +303,7 @@ async fn wait_for_exit(
         };
         telemetry::stream(att, format, Reader::Attach, Duration::from_secs(5), stop).await?;
     }
-    crate::service::stopping();
+    crate::host::service::stopping();
     if !signalled {
         return Ok(()); // detached by another command
     }

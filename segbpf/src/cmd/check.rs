@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     cmd::{Output, print_json, print_line},
-    compile,
+    policy::compile,
     policy::{Direction, Policy, PolicyError, lint::Warning},
 };
 

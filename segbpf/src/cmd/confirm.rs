@@ -1,13 +1,13 @@
 //! `segbpf confirm`: keep a change applied with `--confirm`, cancelling its
-//! automatic rollback ([`crate::guard`]).
+//! automatic rollback ([`crate::attachment::guard`]).
 
 use serde::Serialize;
 
 use crate::{
+    attachment::guard,
+    attachment::pins::Attachment,
     cmd::{Output, Target, print_json, print_line},
-    guard,
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
 };
 
 /// Arguments of `segbpf confirm`.

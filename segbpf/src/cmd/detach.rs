@@ -1,16 +1,16 @@
 //! `segbpf detach`: remove segbpf from an interface: the pinned links
 //! (which detaches the programs), programs, map pins, state and history
-//! ([`crate::attach::detach`]); the observed store stays until it expires
-//! ([`crate::observed`]).
+//! ([`crate::attachment::attach::detach`]); the observed store stays until it expires
+//! ([`crate::attachment::observed`]).
 
 use anyhow::bail;
 use serde::Serialize;
 
 use crate::{
-    attach,
+    attachment::attach,
+    attachment::pins::Attachment,
     cmd::{Output, Target, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
 };
 
 /// Arguments of `segbpf detach`.
@@ -36,7 +36,7 @@ struct DetachOut {
 
 /// Runs `segbpf detach`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
-    crate::pins::Roots::from_env().check_visible()?;
+    crate::attachment::pins::Roots::from_env().check_visible()?;
     let att = Attachment::new(&args.iface, ns);
     if !att.dir.exists() && !att.state.exists() {
         bail!(

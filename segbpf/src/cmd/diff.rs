@@ -1,18 +1,18 @@
 //! `segbpf diff IFACE [A] [B]`: what changed between two policies of an
 //! attachment, each a generation kept in the history or a file; the
 //! default for a side left out is the policy in force
-//! ([`crate::timeline`]). Exit status 0 whether or not they differ (as
+//! ([`crate::attachment::timeline`]). Exit status 0 whether or not they differ (as
 //! `segbpf history` and `status`, it reports); `--exit-code` gives 1 when
 //! they differ, as `git diff --exit-code`.
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
+    attachment::state::State,
+    attachment::timeline::{self, Line, Side, Text},
     cmd::{NetnsOut, Output, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
-    state::State,
-    timeline::{self, Line, Side, Text},
+    host::netns::Netns,
 };
 
 /// Arguments of `segbpf diff`.

@@ -19,12 +19,12 @@ use serde::Serialize;
 
 use crate::{
     cmd::{Output, PacketArgs, UsageError, print_json, print_line},
+    host::proto::proto_name,
     policy::{
         Direction, Policy,
         eval::{self, Packet},
         roles,
     },
-    proto::proto_name,
 };
 
 /// Arguments of `segbpf explain`.
@@ -156,7 +156,7 @@ fn host_view(policy: &Policy, args: &Args) -> anyhow::Result<(Direction, Vec<Str
 pub fn describe(proto: u8, dport: u16, icmp_type: u8, tcp_flags: Option<u8>) -> String {
     match proto {
         IPPROTO_TCP => match tcp_flags {
-            Some(f) => format!("tcp/{dport} [{}]", crate::proto::tcp_flag_letters(f)),
+            Some(f) => format!("tcp/{dport} [{}]", crate::host::proto::tcp_flag_letters(f)),
             None => format!("tcp/{dport}"),
         },
         IPPROTO_UDP => format!("udp/{dport}"),

@@ -1,6 +1,6 @@
 //! `segbpf export nft`: the nftables ruleset equivalent to a host's view of
 //! the policy, for `nft -f` (fallback, cross-check, migration, and the peer
-//! in benchmarks). See `crate::export` for what it contains.
+//! in benchmarks). See `crate::policy::export` for what it contains.
 
 use std::{io::Write as _, path::PathBuf};
 
@@ -52,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             // Not println!: a closed stdout is an error main handles (see
             // `cmd::print_line`), not a panic.
-            let text = crate::export::nft(&policy, &roles, iface.as_deref(), &table);
+            let text = crate::policy::export::nft(&policy, &roles, iface.as_deref(), &table);
             std::io::stdout().lock().write_all(text.as_bytes())?;
         }
     }

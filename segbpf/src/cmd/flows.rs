@@ -1,17 +1,17 @@
 //! `segbpf flows`: the tracked flows of an interface with their packet and
 //! byte counters per direction, TCP flags and the rule that opened them,
-//! like `conntrack -L` ([`crate::flows`]).
+//! like `conntrack -L` ([`crate::observe::flows`]).
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
     cmd::{Output, Target, print_json, print_line},
-    flowlog::{FlowLog, FlowLogError, Line, Options},
-    flows::{self, Flow},
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
+    observe::flowlog::{FlowLog, FlowLogError, Line, Options},
+    observe::flows::{self, Flow},
 };
 
 /// Arguments of `segbpf flows`.

@@ -1,7 +1,11 @@
 //! `segbpf guard` (hidden): the lockout guard process that `--confirm`
-//! starts in its own session ([`crate::guard::run_guard`]).
+//! starts in its own session ([`crate::attachment::guard::run_guard`]).
 
-use crate::{guard, netns::Netns, pins::Attachment};
+use crate::{
+    attachment::pins::Attachment,
+    attachment::{attach, guard},
+    host::netns::Netns,
+};
 
 /// Arguments of the hidden `segbpf guard`.
 #[derive(Debug, clap::Args)]
@@ -16,6 +20,6 @@ pub struct Args {
 /// Runs the guard until the change is confirmed, superseded or undone.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let att = Attachment::new(&args.iface, ns);
-    guard::run_guard(&att, args.generation)?;
+    guard::run_guard(&att, args.generation, &attach::GuardUndo)?;
     Ok(())
 }

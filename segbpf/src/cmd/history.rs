@@ -1,18 +1,18 @@
 //! `segbpf history IFACE`: the generations of an attachment's policy that
 //! the history keeps, oldest first, with the one in force marked
-//! ([`crate::history`]).
+//! ([`crate::attachment::history`]).
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::{
-    clock,
+    attachment::history,
+    attachment::pins::Attachment,
+    attachment::state::State,
     cmd::{NetnsOut, Output, print_json, print_line},
-    history,
-    netns::Netns,
-    pins::Attachment,
-    state::State,
+    host::clock,
+    host::netns::Netns,
 };
 
 /// Arguments of `segbpf history`.

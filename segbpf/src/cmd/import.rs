@@ -1,12 +1,12 @@
 //! `segbpf import nft|iptables`: per-host rulesets -> one roles.toml on
 //! stdout, warnings on stderr; `--verify` runs the differential test (see
-//! `crate::import`).
+//! `crate::policy::import`).
 
 use serde::Serialize;
 
 use crate::{
     cmd::{Output, UsageError, print_json, print_line},
-    import::{self, Flavor, HostFile, HostsArg},
+    policy::import::{self, Flavor, HostFile, HostsArg},
 };
 
 /// Arguments of `segbpf import`.

@@ -1,5 +1,8 @@
 //! The `segbpf` command line: one file per subcommand. Results go to
 //! stdout, logs to stderr; exit status 0 ok, 1 failure, 2 usage.
+//!
+//! The command layer: it may import every layer of the library, and no
+//! library module imports it.
 
 pub mod attach;
 pub mod check;
@@ -27,7 +30,7 @@ use std::net::IpAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{policy::Direction, proto::parse_proto};
+use crate::{host::proto::parse_proto, policy::Direction};
 
 /// Host microsegmentation firewall on eBPF.
 #[derive(Debug, Parser)]
@@ -133,7 +136,7 @@ pub struct Target {
 
 impl Target {
     /// The target of `att`.
-    pub fn of(att: &crate::pins::Attachment) -> Self {
+    pub fn of(att: &crate::attachment::pins::Attachment) -> Self {
         Target {
             iface: att.iface.clone(),
             netns: NetnsOut::of(att),
@@ -153,7 +156,7 @@ pub struct NetnsOut {
 
 impl NetnsOut {
     /// The namespace of `att`.
-    pub fn of(att: &crate::pins::Attachment) -> Self {
+    pub fn of(att: &crate::attachment::pins::Attachment) -> Self {
         NetnsOut {
             netns: att.netns.label.clone(),
             netns_inode: att.netns.inode,
@@ -220,12 +223,12 @@ pub struct MapSizes {
 
 impl MapSizes {
     /// The compiler's capacity for `policy` with these sizes.
-    pub fn capacity(&self, policy: &crate::policy::Policy) -> crate::compile::Capacity {
-        crate::compile::Capacity {
+    pub fn capacity(&self, policy: &crate::policy::Policy) -> crate::policy::compile::Capacity {
+        crate::policy::compile::Capacity {
             peer_v4: self.peer_entries,
             peer_v6: self.peer_entries,
             ports: self.port_entries,
-            ..crate::compile::Capacity::for_policy(policy)
+            ..crate::policy::compile::Capacity::for_policy(policy)
         }
     }
 }
@@ -239,7 +242,7 @@ pub struct UsageError(pub String);
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Where this runs, as the kernel says (`--netns` was entered in main);
     // commands that only read files do not ask.
-    let ns = crate::netns::Netns::current;
+    let ns = crate::host::netns::Netns::current;
     match cli.command {
         Command::Check(a) => check::run(a),
         Command::Attach(a) => attach::run(a, &ns()?).await,
@@ -288,7 +291,7 @@ mod tests {
     #[test]
     fn a_cause_the_message_quotes_is_said_once() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let state = crate::state::StateError::Read {
+        let state = crate::attachment::state::StateError::Read {
             path: "/run/segbpf/net/1/eth0.json".into(),
             source: io,
         };

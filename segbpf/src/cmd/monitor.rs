@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::{
-    netns::Netns,
-    pins::Attachment,
-    telemetry::{self, LogFormat, Reader},
+    attachment::pins::Attachment,
+    host::netns::Netns,
+    observe::telemetry::{self, LogFormat, Reader},
 };
 
 /// Arguments of `segbpf monitor`.

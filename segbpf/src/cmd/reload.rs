@@ -1,17 +1,17 @@
 //! `segbpf reload`: swap an attachment's policy atomically, without
-//! reloading or re-attaching its programs ([`crate::swap`]).
+//! reloading or re-attaching its programs ([`crate::attachment::swap`]).
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
+    attachment::state::State,
+    attachment::swap::{self, ReloadRequest, Swapped},
     cmd::{NetnsOut, Output, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
     policy::Policy,
-    state::State,
-    swap::{self, ReloadRequest, Swapped},
 };
 
 /// Arguments of `segbpf reload`.
@@ -78,7 +78,8 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(&state.policy));
         if let Ok(policy) = Policy::load(&path)
-            && let Some(m) = crate::attach::cuts_ssh_session(&policy, &state.roles, &args.iface)
+            && let Some(m) =
+                crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
             && args.confirm.is_none()
             && !args.force
         {

@@ -1,17 +1,17 @@
 //! `segbpf rollback`: restore the policy in force before the current one,
 //! or generation `--to N`, from the attachment's history
-//! ([`crate::timeline::rollback`]). A second rollback goes further back.
+//! ([`crate::attachment::timeline::rollback`]). A second rollback goes further back.
 //! Like `reload`, one that would cut the SSH session the command runs in
 //! is refused unless `--confirm SECS` guards it or `--force`.
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
+    attachment::swap::{Guarded, RolledBack},
+    attachment::timeline,
     cmd::{NetnsOut, Output, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
-    swap::{Guarded, RolledBack},
-    timeline,
+    host::netns::Netns,
 };
 
 /// Arguments of `segbpf rollback`.

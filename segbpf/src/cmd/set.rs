@@ -12,12 +12,12 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
+    attachment::state::State,
+    attachment::swap::{self, Guarded, Swapped},
     cmd::{NetnsOut, Output, UsageError, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
+    host::netns::Netns,
     policy::{AddrRange, addr::parse_item},
-    state::State,
-    swap::{self, Guarded, Swapped},
 };
 
 /// Arguments of `segbpf set`.

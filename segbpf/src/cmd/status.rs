@@ -1,17 +1,17 @@
 //! `segbpf status`: attachments of this network namespace, their policy,
 //! the connection table's fill level, counters per direction and reason,
 //! and per-rule counters with the rule's line in roles.toml (like
-//! `nft -a list`), as text or JSON ([`crate::report`]).
+//! `nft -a list`), as text or JSON ([`crate::observe::report`]).
 
 use std::io::Write;
 
 use anyhow::bail;
 
 use crate::{
+    attachment::pins::Roots,
     cmd::{Output, print_json},
-    netns::Netns,
-    pins::Roots,
-    report::{self, Report},
+    host::netns::Netns,
+    observe::report::{self, Report},
 };
 
 /// Arguments of `segbpf status`.
@@ -65,7 +65,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
 
 fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let ns = match &r.netns {
-        _ if r.netns_inode == crate::netns::INIT_NET_INODE => String::new(),
+        _ if r.netns_inode == crate::host::netns::INIT_NET_INODE => String::new(),
         Some(l) => format!(" (netns {l})"),
         None => format!(" (netns net:[{}])", r.netns_inode),
     };
@@ -150,8 +150,8 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     writeln!(
         o,
         "  memory:    {} in the kernel (programs and maps), + {} of connection tables shared by {} attachment(s) of the namespace",
-        crate::memory::human(r.memory.attachment_bytes),
-        crate::memory::human(r.memory.shared_bytes),
+        crate::attachment::memory::human(r.memory.attachment_bytes),
+        crate::attachment::memory::human(r.memory.shared_bytes),
         r.memory.shared_by
     )?;
     if let Some(s) = &r.state {
@@ -212,7 +212,7 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
 /// guard running).
 fn print_pending(
     o: &mut impl Write,
-    p: &crate::report::Awaiting,
+    p: &crate::observe::report::Awaiting,
     iface: &str,
 ) -> std::io::Result<()> {
     if !p.overdue {
@@ -249,7 +249,7 @@ fn print_pending(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::Awaiting;
+    use crate::observe::report::Awaiting;
 
     fn line(p: &Awaiting) -> String {
         let mut out = Vec::new();

@@ -1,14 +1,14 @@
 //! `segbpf suggest`: print a roles.toml that allows exactly the connection
 //! attempts an interface's policy denied (or, in audit mode, would have
-//! denied) ([`crate::suggest`]).
+//! denied) ([`crate::observe::suggest`]).
 
 use serde::Serialize;
 
 use crate::{
+    attachment::pins::Attachment,
     cmd::{Output, print_json, print_line},
-    netns::Netns,
-    pins::Attachment,
-    suggest,
+    host::netns::Netns,
+    observe::suggest,
 };
 
 /// Arguments of `segbpf suggest`.

@@ -1,15 +1,15 @@
 //! `segbpf trace`: build a packet and run it through the program loaded on
-//! an interface, changing nothing (see [`crate::trace`]).
+//! an interface, changing nothing (see [`crate::observe::trace`]).
 
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
+    attachment::pins::Attachment,
+    attachment::state::State,
     cmd::{Output, PacketArgs, UsageError, print_json, print_line},
-    netns::Netns,
-    packet::PacketSpec,
-    pins::Attachment,
-    state::State,
-    trace,
+    host::netns::Netns,
+    host::packet::PacketSpec,
+    observe::trace,
 };
 
 /// Arguments of `segbpf trace`.
@@ -25,7 +25,7 @@ pub struct Args {
     pub sport: u16,
     /// TCP flags of the packet (default SYN, a new connection): letters
     /// (`S`, `SA`, `A`, `FA`, `R`), names (`SYN,ACK`) or a number.
-    #[arg(long, value_name = "FLAGS", value_parser = crate::proto::parse_tcp_flags)]
+    #[arg(long, value_name = "FLAGS", value_parser = crate::host::proto::parse_tcp_flags)]
     pub tcp_flags: Option<u8>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]

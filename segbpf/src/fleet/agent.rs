@@ -2,7 +2,7 @@
 //! revision, follows the pointer key, and reports under a lease-bound key.
 //!
 //! Every revision goes through the same atomic swap as `segbpf reload`
-//! ([`crate::swap::swap_with`], roles worked out again from the
+//! ([`crate::attachment::swap::swap_with`], roles worked out again from the
 //! interface's permanent addresses unless `--role` was given), with the
 //! same validation and, when the push asked for `--confirm`, the same
 //! lockout guard: the agent confirms the change itself once it reaches etcd
@@ -43,10 +43,11 @@ use tracing::{info, warn};
 
 use super::{AgentStatus, Current, FleetError, Store, agent_id, hash, now};
 use crate::{
-    guard, netif,
-    pins::Attachment,
-    state::State,
-    swap::{self, Choice},
+    attachment::guard,
+    attachment::pins::Attachment,
+    attachment::state::State,
+    attachment::swap::{self, Choice},
+    host::netif,
 };
 
 /// How an agent runs.
@@ -82,7 +83,7 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/lib/segbpf/fleet";
 /// directory (private roots, as tests use); then `net/NETNS/`.
 pub fn cache_dir(att: &Attachment) -> PathBuf {
     let state_root = att.state.ancestors().nth(3).unwrap_or(Path::new("/"));
-    let base = if state_root == Path::new(crate::pins::DEFAULT_STATE_DIR) {
+    let base = if state_root == Path::new(crate::attachment::pins::DEFAULT_STATE_DIR) {
         PathBuf::from(DEFAULT_CACHE_DIR)
     } else {
         state_root.join("fleet")
@@ -131,7 +132,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
 /// Writes `text` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, text: &[u8]) -> Result<(), FleetError> {
     if let Some(dir) = path.parent() {
-        crate::pins::private_dir(dir).map_err(io(dir))?;
+        crate::attachment::dirs::private_dir(dir).map_err(io(dir))?;
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(io(&tmp))?;
@@ -149,11 +150,19 @@ fn write_meta(att: &Attachment, meta: &CacheMeta) -> Result<(), FleetError> {
 /// one (enforced at once, whether etcd is up or not), else the revision
 /// etcd points this agent at, fetched with retries until etcd answers and
 /// a policy has been pushed (nothing is enforced before: never an empty
-/// policy). Returns the file and the revision in it.
+/// policy). Returns the file and the revision in it. Without a cache it
+/// first tells the service manager it is ready: the unit runs before the
+/// network is configured, and waiting for etcd there would hold the boot
+/// (nothing was ever enforced here, so nothing is lost by going on).
 pub async fn initial_policy(
     att: &Attachment,
     cfg: &AgentConfig,
 ) -> Result<(PathBuf, u64), FleetError> {
+    if cached(att).is_none() {
+        crate::host::service::ready(
+            "no cached fleet policy: waiting for etcd, nothing enforced yet",
+        );
+    }
     if let Some(meta) = cached(att) {
         let text = std::fs::read(cache_path(att)).unwrap_or_default();
         if hash(&text) == meta.hash {
@@ -530,9 +539,9 @@ async fn follow(
         return;
     }
     // Under systemd (Type=notify) a revision is framed as a reload is.
-    crate::service::reloading(&format!("fleet revision {target}"));
+    crate::host::service::reloading(&format!("fleet revision {target}"));
     let applied = apply(att, &text, current.confirm);
-    crate::service::ready(&match &applied {
+    crate::host::service::ready(&match &applied {
         Ok(_) => format!("fleet revision {target} applied"),
         Err(e) => format!("fleet revision {target} refused, the policy in force is unchanged: {e}"),
     });

@@ -13,6 +13,9 @@
 //! [`push`] validates a policy as `segbpf check` does, then writes the
 //! revision and the pointer in one transaction; [`status`] reads the
 //! reports; [`agent`] is the side that runs in `segbpf attach --etcd`.
+//!
+//! The fleet layer may import `attachment`, `policy` and `host`; never
+//! `observe` or `cmd`.
 
 pub mod agent;
 
@@ -28,7 +31,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{self, Capacity},
+    policy::compile::{self, Capacity},
     policy::{Policy, PolicyError, lint::Warning, roles},
 };
 
@@ -118,7 +121,7 @@ pub enum FleetError {
     },
     /// The swap of a revision failed (the policy in force is unchanged).
     #[error(transparent)]
-    Swap(#[from] crate::swap::SwapError),
+    Swap(#[from] crate::attachment::swap::SwapError),
     /// A revision's stored source is not what the push recorded.
     #[error("revision {revision}: its source in {key} {reason}; not applied")]
     Tampered {

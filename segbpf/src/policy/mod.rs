@@ -4,10 +4,18 @@
 //! file:line:column and the field), `addr` holds address/CIDR/range math,
 //! `ports` port ranges, `roles` picks the host's roles and `eval` is the pure
 //! reference evaluator that the kernel program is tested against.
+//! `compile` turns a policy into kernel map contents, `export` into an
+//! nftables ruleset, and `import` an nftables ruleset into a policy.
+//!
+//! The policy layer is pure: it may import `host`, never `attachment`,
+//! `observe`, `fleet` or `cmd`.
 
 pub mod addr;
+pub mod compile;
 pub mod error;
 pub mod eval;
+pub mod export;
+pub mod import;
 pub mod lint;
 pub mod parse;
 pub mod ports;

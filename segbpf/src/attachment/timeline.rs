@@ -1,8 +1,8 @@
 //! Navigating an attachment's policy history: `rollback --to N`, rollbacks
 //! that walk further back one step at a time, and what changed between
 //! two generations, or between a file and the policy in force (`segbpf
-//! diff`). The history itself is [`crate::history`]; a rollback is a swap
-//! ([`crate::swap::swap`]) of a history copy, so it is as atomic and as
+//! diff`). The history itself is [`crate::attachment::history`]; a rollback is a swap
+//! ([`crate::attachment::swap::swap`]) of a history copy, so it is as atomic and as
 //! guarded as any reload.
 
 use std::path::{Path, PathBuf};
@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::{
-    history::{self, Entry},
-    pins::Attachment,
-    state::State,
-    swap::{self, Choice, Guarded, RolledBack, Settings, SwapError},
+    attachment::history::{self, Entry},
+    attachment::pins::Attachment,
+    attachment::state::State,
+    attachment::swap::{self, Choice, Guarded, RolledBack, Settings, SwapError},
 };
 
 /// Restores generation `to`, or (None) the policy before the one in
@@ -86,7 +86,7 @@ pub fn rollback(
 pub enum DiffError {
     /// The attachment has no state: nothing is in force.
     #[error("{0}")]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::attachment::state::StateError),
     /// A generation the history does not keep.
     #[error("generation {generation} of {which} is not in the history (kept: {kept})")]
     NotKept {

@@ -25,8 +25,15 @@
 //! pid, attempts, last error) is in `IFACE.guard.json`, which `status`
 //! reads; its log lines go to the journal under systemd, else to
 //! `IFACE.guard.log` next to the state.
+//!
+//! The guard is a state machine over these files: armed, waiting for the
+//! clock, undoing, done. To undo it asks an [`Undo`] handed in by its
+//! caller (restore the previous policy, or remove segbpf); it never calls
+//! the engines that arm it.
 
 use std::{
+    collections::BTreeMap,
+    error::Error,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -34,9 +41,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    history,
-    pins::Attachment,
-    state::{State, StateError},
+    attachment::history,
+    attachment::pins::Attachment,
+    attachment::state::{State, StateError},
 };
 
 /// Errors of the lockout guard.
@@ -87,10 +94,39 @@ pub enum GuardError {
     State(#[from] StateError),
     /// Restoring the previous policy failed (the guard retries).
     #[error("restoring the previous policy: {0}")]
-    Restore(Box<crate::swap::SwapError>),
+    Restore(Box<dyn Error + Send + Sync>),
     /// Removing a first attach failed.
     #[error("removing the unconfirmed attach: {0}")]
-    Detach(Box<crate::attach::AttachError>),
+    Detach(Box<dyn Error + Send + Sync>),
+}
+
+/// What the guard asks for when a change is not confirmed in time. The
+/// lifecycle engines implement it and hand it to [`run_guard`]; the guard
+/// only decides when, and what to put back.
+pub trait Undo {
+    /// Puts the policy of `restore` back in force on `att`.
+    fn restore(
+        &self,
+        att: &Attachment,
+        restore: Restore,
+    ) -> Result<(), Box<dyn Error + Send + Sync>>;
+    /// Removes segbpf from `att` exactly as `segbpf detach` does (the
+    /// change was a first attach).
+    fn remove(&self, att: &Attachment) -> Result<(), Box<dyn Error + Send + Sync>>;
+}
+
+/// The policy that an unconfirmed change is undone to.
+#[derive(Debug)]
+pub struct Restore {
+    /// A copy of the policy text that was in force.
+    pub copy: PathBuf,
+    /// The file that text was read from.
+    pub source: PathBuf,
+    /// Its live set edits.
+    pub set_overrides: BTreeMap<String, Vec<String>>,
+    /// The whole state that was in force before the change, when the
+    /// guard recorded it (a guard armed by an older version did not).
+    pub previous: Option<State>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuardError {
@@ -236,7 +272,8 @@ fn arm_with(
         previous: previous.map(Box::new),
     };
     if let Some(dir) = att.confirm_record().parent() {
-        crate::pins::private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+        crate::attachment::dirs::private_dir(dir)
+            .map_err(io(format!("creating {}", dir.display())))?;
     }
     write(att, &p)?;
     if let Err(e) = spawn(att, generation) {
@@ -280,7 +317,7 @@ fn spawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
 /// be gone when the guard speaks).
 fn log_stream(att: &Attachment) -> std::process::Stdio {
     use std::os::unix::fs::OpenOptionsExt as _;
-    if crate::logging::is_journal_stream(std::io::stderr()) {
+    if crate::host::logging::is_journal_stream(std::io::stderr()) {
         return std::process::Stdio::inherit();
     }
     let path = att.guard_log();
@@ -361,7 +398,7 @@ pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
 pub fn arm_for_reload(att: &Attachment, secs: u64) -> Result<(), GuardError> {
     let previous = State::current(att)?;
     let current = previous.generation;
-    let live = crate::maps::pinned_config(att).map_or(0, |c| c.generation);
+    let live = crate::attachment::maps::pinned_config(att).map_or(0, |c| c.generation);
     let next = current.max(live) + 1;
     let Some(restore) = history::list(att)
         .into_iter()
@@ -385,7 +422,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// tried again (1 s, 2 s, ... every 30 s at most), with a log line and the
 /// reason in `IFACE.guard.json` each time, until it succeeds or the change
 /// is confirmed or superseded: it returns only when nothing is pending.
-pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<(), GuardError> {
     let mut progress = Progress {
         generation,
         pid: std::process::id(),
@@ -411,7 +448,7 @@ pub fn run_guard(att: &Attachment, generation: u64) -> Result<(), GuardError> {
     }
     let mut delay = RETRY_FIRST;
     loop {
-        match undo(att, generation) {
+        match undo(att, generation, how) {
             Ok(()) => {
                 forget(att, generation);
                 return Ok(());
@@ -444,7 +481,7 @@ fn forget(att: &Attachment, generation: u64) {
 /// One attempt to undo the change to `generation`: Ok once nothing is
 /// pending for it any more (undone now, or confirmed, superseded or
 /// removed meanwhile).
-fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
+fn undo(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<(), GuardError> {
     let Some(p) = pending(att) else {
         return Ok(());
     };
@@ -452,7 +489,9 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         return Ok(());
     }
     let live = if att.is_attached() {
-        crate::maps::pinned_config(att).map(|c| c.generation).ok()
+        crate::attachment::maps::pinned_config(att)
+            .map(|c| c.generation)
+            .ok()
     } else {
         None
     };
@@ -464,51 +503,38 @@ fn undo(att: &Attachment, generation: u64) -> Result<(), GuardError> {
         let _ = std::fs::remove_file(att.confirm_record());
         return Ok(());
     }
-    let restore_err = |e| GuardError::Restore(Box::new(e));
-    match (p.restore, p.restore_text, p.previous) {
+    let restore = match (p.restore, p.restore_text, p.previous) {
+        // What the guard recorded when armed, not what the history holds
+        // now (it may have been pruned, moved or removed); with the whole
+        // state in force before the change, or (armed by an older
+        // version) the policy only.
         (Some(entry), Some(text), previous) => {
-            // What the guard recorded when armed, not what the history
-            // holds now (it may have been pruned, moved or removed).
             let copy = att.confirm_restore();
             std::fs::write(&copy, text).map_err(io(format!("writing {}", copy.display())))?;
-            match previous {
-                // The whole state in force before the change.
-                Some(prev) => {
-                    let choice = crate::swap::Choice::copy_of(
-                        copy,
-                        PathBuf::from(&entry.source),
-                        prev.set_overrides.clone(),
-                    );
-                    crate::swap::restore(att, choice, &prev).map_err(restore_err)?;
-                }
-                // Armed by an older version: the policy only.
-                None => {
-                    crate::swap::swap(att, |_| {
-                        Ok(crate::swap::Choice::copy_of(
-                            copy.clone(),
-                            PathBuf::from(&entry.source),
-                            entry.set_overrides.clone(),
-                        ))
-                    })
-                    .map_err(restore_err)?;
-                }
-            }
-        }
-        (Some(entry), None, _) => {
-            // Armed by an older version: only the history copy is known.
-            crate::swap::swap(att, |_| {
-                Ok(crate::swap::Choice::copy_of(
-                    entry.copy.clone(),
-                    PathBuf::from(&entry.source),
-                    entry.set_overrides.clone(),
-                ))
+            let set_overrides = match &previous {
+                Some(prev) => prev.set_overrides.clone(),
+                None => entry.set_overrides,
+            };
+            Some(Restore {
+                copy,
+                source: PathBuf::from(&entry.source),
+                set_overrides,
+                previous: previous.map(|p| *p),
             })
-            .map_err(restore_err)?;
         }
-        (None, _, _) => {
-            // A first attach: remove segbpf exactly as `segbpf detach` does.
-            crate::attach::detach(att).map_err(|e| GuardError::Detach(Box::new(e)))?;
-        }
+        // Armed by an older version: only the history copy is known.
+        (Some(entry), None, _) => Some(Restore {
+            copy: entry.copy,
+            source: PathBuf::from(&entry.source),
+            set_overrides: entry.set_overrides,
+            previous: None,
+        }),
+        // A first attach: nothing to restore.
+        (None, _, _) => None,
+    };
+    match restore {
+        Some(r) => how.restore(att, r).map_err(GuardError::Restore)?,
+        None => how.remove(att).map_err(GuardError::Detach)?,
     }
     let _ = std::fs::remove_file(att.confirm_record());
     Ok(())

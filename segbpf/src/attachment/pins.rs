@@ -3,7 +3,7 @@
 //! sidecar files next to it.
 //!
 //! An attachment is (network namespace, interface); the namespace is the
-//! kernel's ([`crate::netns::Netns`]), keyed by its inode. Layout, with
+//! kernel's ([`crate::host::netns::Netns`]), keyed by its inode. Layout, with
 //! `ROOT` = `$SEGBPF_BPFFS` (default `/sys/fs/bpf/segbpf`), `STATE` =
 //! `$SEGBPF_STATE_DIR` (default `/run/segbpf`) and `NS` the namespace's inode:
 //! - `ROOT/net/NS/IFACE/`: `prog_xdp`, `link_xdp`, `prog_tc`, `link_tc` and
@@ -25,10 +25,16 @@
 //! owned by the user running segbpf, normally root) and `segbpf` runs with
 //! umask 077, so its state, history, lock files and pins are 0600: no other
 //! local user can read them or take their locks.
+//!
+//! This module is the owner of that layout: other modules ask an
+//! [`Attachment`] for a path, or to remove its files, and never build one
+//! themselves. It reads the state file only for the namespace cookie it
+//! records ([`recorded_netns_cookie`]); what the state says is
+//! [`crate::attachment::state`]'s.
 
 use std::path::{Path, PathBuf};
 
-use crate::netns::Netns;
+use crate::{attachment::dirs::private_dir, host::netns::Netns};
 
 /// Name prefix of a namespace's shared-tables directory (then its cookie).
 const SHARED_PREFIX: &str = "conntrack:";
@@ -135,7 +141,7 @@ impl Roots {
             move |source| PinsError::Io { path, source }
         };
         if self.bpffs.starts_with(base) && !is_bpffs(base) {
-            if !crate::netns::in_initial_mount_namespace() {
+            if !crate::host::netns::in_initial_mount_namespace() {
                 return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
             }
             nix::mount::mount(
@@ -157,7 +163,7 @@ impl Roots {
         let base = Path::new("/sys/fs/bpf");
         if self.bpffs.starts_with(base)
             && !is_bpffs(base)
-            && !crate::netns::in_initial_mount_namespace()
+            && !crate::host::netns::in_initial_mount_namespace()
         {
             return Err(PinsError::PrivateMountNamespace(self.bpffs.clone()));
         }
@@ -399,7 +405,7 @@ impl Attachment {
     /// Whether the files belong to a namespace that is gone: the state
     /// records another namespace cookie.
     pub fn is_stale(&self) -> bool {
-        crate::state::State::netns_cookie(&self.state).is_some_and(|c| c != self.netns.cookie)
+        recorded_netns_cookie(&self.state).is_some_and(|c| c != self.netns.cookie)
     }
 
     /// Removes the pin directory, state file and sidecars (detaching the
@@ -432,7 +438,7 @@ impl Attachment {
         if stale {
             remove_dir_if_exists(&self.observed_dir())?;
         } else {
-            crate::observed::expire(&self.observed_dir())?;
+            crate::attachment::observed::expire(&self.observed_dir())?;
         }
         // The update lock stays: a command waiting on it must find the
         // same file, or two could hold "the" lock at once.
@@ -463,32 +469,18 @@ fn tidy_parents(path: &Path, root: &Path, inclusive: bool) {
     }
 }
 
-/// Makes `dir` and any missing parents with mode 0700, then checks that
-/// `dir` belongs to the effective user and sets its mode to 0700 (a
-/// directory left by an older version, or made by someone else, is
-/// refused rather than trusted).
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::metadata(dir)?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{} belongs to uid {}, not to uid {me} that runs segbpf; refusing to keep state there",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
+/// The namespace cookie recorded in a state file, if it has one: files
+/// whose cookie is not their namespace's own were left by a namespace that
+/// is gone.
+pub fn recorded_netns_cookie(state_file: &Path) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        netns_cookie: u64,
     }
-    if meta.permissions().mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
+    let text = std::fs::read_to_string(state_file).ok()?;
+    let head: Head = serde_json::from_str(&text).ok()?;
+    (head.netns_cookie != 0).then_some(head.netns_cookie)
 }
 
 fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {

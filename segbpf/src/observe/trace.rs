@@ -9,11 +9,11 @@ use segbpf_common::{NO_RULE, reason};
 use serde::Serialize;
 
 use crate::{
-    loader::{self, LoadError},
-    maps::{self, MapsError},
-    pins::Attachment,
+    attachment::loader::{self, LoadError},
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
     policy::Direction,
-    state::State,
 };
 
 /// Errors tracing a packet.

@@ -21,9 +21,40 @@ use serde_json::Value;
 use super::{
     Host, HostsArg, HostsValue, ImportError, Origin, Warning, WarningKind,
     ruleset::{Chain, Family, Ruleset, addr_elem, port_elem},
-    verify::Scope,
 };
 use crate::policy::{AddrRange, Direction, PortRange};
+
+/// The packets a warning is about.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// Direction.
+    pub direction: Direction,
+    /// What the warned rule matches.
+    pub cond: Cond,
+    /// The warning is about the replies of allowed connections (any
+    /// direction and connection), not about what `cond` matches.
+    pub replies: bool,
+}
+
+impl Scope {
+    /// The packets `cond` matches in `direction` (new connections, echo requests).
+    pub fn of(direction: Direction, cond: Cond) -> Self {
+        Scope {
+            direction,
+            cond,
+            replies: false,
+        }
+    }
+
+    /// Every reply of an allowed connection.
+    pub fn replies() -> Self {
+        Scope {
+            direction: Direction::Ingress,
+            cond: Cond::default(),
+            replies: true,
+        }
+    }
+}
 
 /// An item of a rule's peer: a named set of the ruleset, or a literal.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -1321,7 +1352,7 @@ pub fn map(hosts: &[Host], hosts_args: &[HostsArg]) -> Result<(String, Vec<Warni
     for (h, r) in hosts.iter().zip(&results) {
         warnings.extend(r.warnings.iter().cloned());
         // `icmp = true` passes echo requests both ways, in both families.
-        let fams = super::verify::families(&h.ruleset);
+        let fams = super::ruleset::families(&h.ruleset);
         for (d, dir) in Direction::ALL.into_iter().enumerate() {
             for (f, v6) in [false, true].into_iter().enumerate() {
                 if !icmp || r.accept[d] || r.echo[d][f] || !fams.contains(&v6) {

@@ -34,15 +34,15 @@ use segbpf_common::{
 use serde::Serialize;
 
 use crate::{
-    compile::{self, Capacity, CompileError},
-    guard::{self, GuardError},
-    history,
-    maps::{MapsError, PolicyMaps},
-    netif::{self, NetifError},
-    pins::{Attachment, LockKind},
+    attachment::guard::{self, GuardError},
+    attachment::history,
+    attachment::maps::{MapsError, PolicyMaps},
+    attachment::pins::{Attachment, LockKind},
+    attachment::state::{State, StateError},
+    attachment::trust::UntrustedFile,
+    host::netif::{self, NetifError},
+    policy::compile::{self, Capacity, CompileError},
     policy::{AddrRange, Direction, Policy, PolicyError, addr::parse_item, eval, roles},
-    state::{State, StateError},
-    trust::UntrustedFile,
 };
 
 /// Errors changing an attachment's policy. Every one of them leaves the
@@ -212,7 +212,7 @@ impl Guarded {
 
     /// The lockout check of a change about to apply `choice` with `roles`:
     /// refused when it would cut the SSH session this process runs in
-    /// ([`crate::attach::cuts_ssh_session`]), unless guarded or forced.
+    /// ([`crate::attachment::trust::cuts_ssh_session`]), unless guarded or forced.
     /// A policy that does not load is left to the swap to report.
     pub fn refuse_lockout(
         self,
@@ -228,7 +228,7 @@ impl Guarded {
         else {
             return Ok(());
         };
-        match crate::attach::cuts_ssh_session(&policy, roles, &att.iface) {
+        match crate::attachment::trust::cuts_ssh_session(&policy, roles, &att.iface) {
             Some(m) => Err(SwapError::Refused(format!(
                 "{what}: refused: {m} [ssh-session]; nothing was changed (run it with --confirm SECS to apply it guarded, or --force)"
             ))),
@@ -655,7 +655,7 @@ fn swap_in_force(
 
     // Everything that depends on input first: nothing in the kernel yet.
     if !old.insecure_policy {
-        crate::trust::check_policy_file(&path)?;
+        crate::attachment::trust::check_policy_file(&path)?;
     }
     let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
     let role_args = match &settings.exact_roles {
@@ -665,22 +665,25 @@ fn swap_in_force(
             .clone()
             .unwrap_or_else(|| old.role_args.clone()),
     };
-    let roles = if let Some((exact, _)) = &settings.exact_roles {
-        roles::resolve(&policy, exact, &att.iface, &[])?
+    // The role names given (this change's, or those in force), or none:
+    // then the roles follow the interface's permanent addresses again.
+    let (names, detect): (&[String], bool) = if let Some((exact, _)) = &settings.exact_roles {
+        (exact, false)
     } else if let Some(explicit) = settings.roles.as_ref().filter(|r| !r.is_empty()) {
-        roles::resolve(&policy, explicit, &att.iface, &[])?
-    } else if settings.roles.is_some() {
-        // Roles asked to follow the addresses again: permanent ones only.
-        let addrs = netif::permanent_addresses(&att.iface)?;
-        roles::resolve(&policy, &[], &att.iface, &addrs)?
-    } else if redetect && old.role_args.is_empty() {
-        let addrs = netif::permanent_addresses(&att.iface)?;
-        roles::resolve(&policy, &[], &att.iface, &addrs)?
+        (explicit, false)
+    } else if settings.roles.is_some() || (redetect && old.role_args.is_empty()) {
+        (&[], true)
     } else if redetect {
-        roles::resolve(&policy, &old.role_args, &att.iface, &[])?
+        (&old.role_args, false)
     } else {
-        roles::resolve(&policy, &old.roles, &att.iface, &[])?
+        (&old.roles, false)
     };
+    let addrs = if detect {
+        netif::permanent_addresses(&att.iface)?
+    } else {
+        Vec::new()
+    };
+    let roles = roles::resolve(&policy, names, &att.iface, &addrs)?;
     let roles_changed = roles != old.roles;
     if roles_changed {
         tracing::warn!(

@@ -72,7 +72,7 @@ fn parse_cap(v: &str) -> Result<u64, String> {
 
 /// `YYYYMMDDHH` of the UTC hour of `t`.
 fn hour_of(t: SystemTime) -> String {
-    crate::clock::rfc3339(t)
+    crate::host::clock::rfc3339(t)
         .chars()
         .take(13)
         .filter(char::is_ascii_digit)
@@ -141,7 +141,7 @@ impl Writer {
         if lines.is_empty() {
             return Ok(());
         }
-        crate::pins::private_dir(&self.dir)?;
+        crate::attachment::dirs::private_dir(&self.dir)?;
         let hour = hour_of(SystemTime::now());
         let part_max = (self.cap / PARTS).max(1);
         let mut rest = lines;

@@ -262,7 +262,7 @@ pub struct Warning {
     /// The packets the warning is about (for `--verify`: differences on
     /// these were reported); None when it cannot be said.
     #[serde(skip)]
-    pub scope: Option<verify::Scope>,
+    pub scope: Option<map::Scope>,
 }
 
 impl fmt::Display for Warning {

@@ -1,6 +1,6 @@
 //! `segbpf suggest`: a policy that allows exactly the connection attempts
 //! an attachment's policy denied (or, in audit mode, would have denied),
-//! from the `denied` records of its observed store ([`crate::observed`]).
+//! from the `denied` records of its observed store ([`crate::attachment::observed`]).
 //!
 //! The result is the policy in force, unchanged, with sets and rules
 //! added for this host's role: peers that were seen on exactly the same
@@ -24,16 +24,16 @@ use std::{
 use segbpf_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    clock,
-    compile::{self, Capacity},
-    flowlog::{self, FlowLog, Record},
-    observed,
-    pins::Attachment,
+    attachment::observed,
+    attachment::pins::Attachment,
+    attachment::state::State,
+    host::clock,
+    observe::flowlog::{self, FlowLog, Record},
+    policy::compile::{self, Capacity},
     policy::{
         Direction, Policy, PolicyError,
         eval::{Packet, evaluate},
     },
-    state::State,
 };
 
 /// Errors of `suggest`.
@@ -44,7 +44,7 @@ pub enum SuggestError {
     NotAttached(String),
     /// The attachment's state could not be read.
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::attachment::state::StateError),
     /// The policy in force could not be read.
     #[error("reading the policy in force ({path}): {source}")]
     PolicyText {
@@ -120,7 +120,7 @@ pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestE
         let kept = observed::detached_state(&store);
         // Only this namespace's store (the kernel's cookie, not the inode
         // a dead namespace may have left to a new one).
-        if State::netns_cookie(&kept) != Some(att.netns.cookie) {
+        if crate::attachment::pins::recorded_netns_cookie(&kept) != Some(att.netns.cookie) {
             return Err(SuggestError::NotAttached(att.describe()));
         }
         let state = State::read(&kept)?;
@@ -130,7 +130,7 @@ pub fn suggest(att: &Attachment, since: Duration) -> Result<Suggestion, SuggestE
         let source = state.policy.clone();
         (state, text, source)
     };
-    let overrides = crate::swap::parse_overrides(&state.set_overrides)
+    let overrides = crate::attachment::swap::parse_overrides(&state.set_overrides)
         .map_err(|e| SuggestError::Compile(e.to_string()))?;
     let policy = Policy::load_with_sets(std::path::Path::new(&source), &overrides)
         .or_else(|_| Policy::from_str(&text, &source))?;
@@ -246,7 +246,7 @@ fn attempt(r: &Record) -> Option<(Direction, IpAddr, Service)> {
     {
         return None;
     }
-    let proto = crate::proto::parse_proto(&r.proto).ok()?;
+    let proto = crate::host::proto::parse_proto(&r.proto).ok()?;
     if !matches!(
         proto,
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6
@@ -270,7 +270,7 @@ fn attempt(r: &Record) -> Option<(Direction, IpAddr, Service)> {
 
 /// The text of the policy in force and the file it stands for.
 fn applied_text(att: &Attachment, state: &State) -> Result<(String, String), SuggestError> {
-    let path = crate::history::at(att, state.generation)
+    let path = crate::attachment::history::at(att, state.generation)
         .map_or_else(|| PathBuf::from(&state.policy), |e| e.copy);
     let text = std::fs::read_to_string(&path)
         .map_err(|source| SuggestError::PolicyText { path, source })?;
@@ -296,7 +296,7 @@ fn drain_pending(att: &Attachment) {
 
 /// The interface's addresses (for a new role's `hosts`).
 fn local_addresses(state: &State) -> Vec<String> {
-    crate::netif::addresses(&state.iface)
+    crate::host::netif::addresses(&state.iface)
         .unwrap_or_default()
         .iter()
         .map(ToString::to_string)

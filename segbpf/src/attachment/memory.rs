@@ -16,7 +16,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::pins::Attachment;
+use crate::attachment::pins::Attachment;
 
 /// Kernel memory held by one attachment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

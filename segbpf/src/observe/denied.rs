@@ -19,7 +19,7 @@ use segbpf_common::{
     DeniedKey, DeniedStat, MAP_DENIED0, MAP_DENIED1, MAP_DENY_FULL, MAP_DENY_LOST, MAP_DENY_SEL,
 };
 
-use crate::{maps::MapsError, pins::Attachment};
+use crate::{attachment::maps::MapsError, attachment::pins::Attachment};
 
 /// How long programs that read the old selector may still be running:
 /// one BPF program run takes microseconds; this is generous.

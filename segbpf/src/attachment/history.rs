@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::pins::Attachment;
+use crate::attachment::pins::Attachment;
 
 /// A history entry could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ pub const DEFAULT_DIR: &str = "/var/lib/segbpf/history";
 /// with them).
 fn root(history_dir: Option<PathBuf>, state_root: &Path) -> PathBuf {
     history_dir.unwrap_or_else(|| {
-        if state_root == Path::new(crate::pins::DEFAULT_STATE_DIR) {
+        if state_root == Path::new(crate::attachment::pins::DEFAULT_STATE_DIR) {
             PathBuf::from(DEFAULT_DIR)
         } else {
             state_root.join("history")
@@ -152,7 +152,7 @@ pub fn record(
     roles: Roles,
 ) -> Result<(), HistoryError> {
     let d = dir(att);
-    crate::pins::private_dir(&d).map_err(failed("creating", &d))?;
+    crate::attachment::dirs::private_dir(&d).map_err(failed("creating", &d))?;
     let copy = d.join(format!("{generation}.toml"));
     std::fs::copy(text, &copy).map_err(failed("saving", &copy))?;
     let mut entries = list(att);
@@ -306,9 +306,9 @@ mod tests {
 
     #[test]
     fn the_state_root_is_found_from_the_attachment() {
-        let ns = crate::netns::Netns::current().unwrap();
+        let ns = crate::host::netns::Netns::current().unwrap();
         for state in ["/tmp/private-state", "/run/segbpf"] {
-            let roots = crate::pins::Roots {
+            let roots = crate::attachment::pins::Roots {
                 bpffs: PathBuf::from("/sys/fs/bpf/x"),
                 state: PathBuf::from(state),
             };

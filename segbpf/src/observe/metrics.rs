@@ -29,7 +29,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{maps::MapsError, pins::Attachment, report};
+use crate::{attachment::maps::MapsError, attachment::pins::Attachment, observe::report};
 
 /// At most this many connections at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -253,7 +253,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
             .get_or_create(&vec![iface()])
             .set(i64::try_from(s.generation).unwrap_or(i64::MAX));
     }
-    if let Some(last) = crate::swap::LastChange::read(att) {
+    if let Some(last) = crate::attachment::swap::LastChange::read(att) {
         let ok = Family::<Labels, Gauge>::default();
         registry.register(
             "last_reload_success",

@@ -3,9 +3,9 @@
 //! flows --follow` and `segbpf attach --flow-log PATH` (docs/flows.md).
 //!
 //! One process per attachment is the *primary*: it holds the attachment's
-//! flow-log lock, drains the kernel's denied tables ([`crate::denied`]),
+//! flow-log lock, drains the kernel's denied tables ([`crate::observe::denied`]),
 //! appends the `denied` records to the observed store
-//! ([`crate::observed`], which `segbpf suggest` reads) and keeps the
+//! ([`crate::attachment::observed`], which `segbpf suggest` reads) and keeps the
 //! pairs file behind `new_pair`. Any other follower reads the `denied`
 //! records from the store, and takes over as primary when the primary
 //! goes away. Flow records come from each process's own walk of the
@@ -22,15 +22,15 @@ use segbpf_common::{DIR_INGRESS, EVENT_AUDIT, IPPROTO_TCP, reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock,
-    denied::{Denied, Drainer},
-    flows::{self, Flow, FlowsError, FollowOptions, Follower},
-    maps::MapsError,
-    observed,
-    pins::{Attachment, LockKind},
+    attachment::maps::MapsError,
+    attachment::observed,
+    attachment::pins::{Attachment, LockKind},
+    attachment::state::State,
+    host::clock,
+    host::proto::{proto_name, tcp_flag_names},
+    observe::denied::{Denied, Drainer},
+    observe::flows::{self, Flow, FlowsError, FollowOptions, Follower},
     policy::{AddrRange, Policy},
-    proto::{proto_name, tcp_flag_names},
-    state::State,
 };
 
 /// Errors of the flow log.
@@ -226,8 +226,8 @@ impl Context {
 /// The policy in force on `att` (the history's copy of the applied text
 /// with its set edits, else the policy file), if it can be read.
 pub fn applied_policy(att: &Attachment, state: &State) -> Option<Policy> {
-    let overrides = crate::swap::parse_overrides(&state.set_overrides).ok()?;
-    let path = crate::history::at(att, state.generation)
+    let overrides = crate::attachment::swap::parse_overrides(&state.set_overrides).ok()?;
+    let path = crate::attachment::history::at(att, state.generation)
         .map_or_else(|| PathBuf::from(&state.policy), |e| e.copy);
     Policy::load_with_sets(&path, &overrides).ok()
 }

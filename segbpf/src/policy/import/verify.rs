@@ -31,50 +31,23 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ImportError, Warning, map::Cond, ruleset::Ruleset, scratch::ScratchNs};
+use super::{
+    ImportError, Warning,
+    map::Scope,
+    ruleset::{Ruleset, families},
+    scratch::ScratchNs,
+};
 use crate::{
-    packet::PacketSpec,
+    host::packet::PacketSpec,
     policy::{AddrRange, Direction, Policy, PortRange, eval},
 };
 
-/// The packets a warning is about.
-#[derive(Clone, Debug)]
-pub struct Scope {
-    /// Direction.
-    pub direction: Direction,
-    /// What the warned rule matches.
-    pub cond: Cond,
-    /// The warning is about the replies of allowed connections (any
-    /// direction and connection), not about what `cond` matches.
-    pub replies: bool,
-}
-
-impl Scope {
-    /// The packets `cond` matches in `direction` (new connections, echo requests).
-    pub fn of(direction: Direction, cond: Cond) -> Self {
-        Scope {
-            direction,
-            cond,
-            replies: false,
-        }
+/// Whether the probe `d` is one of the packets of `scope`.
+fn covers(scope: &Scope, d: &Difference) -> bool {
+    if d.traffic == Traffic::Reply || scope.replies {
+        return scope.replies && d.traffic == Traffic::Reply;
     }
-
-    /// Every reply of an allowed connection.
-    pub fn replies() -> Self {
-        Scope {
-            direction: Direction::Ingress,
-            cond: Cond::default(),
-            replies: true,
-        }
-    }
-
-    /// Whether the probe is one of these packets.
-    pub fn covers(&self, d: &Difference) -> bool {
-        if d.traffic == Traffic::Reply || self.replies {
-            return self.replies && d.traffic == Traffic::Reply;
-        }
-        self.direction == d.direction && self.cond.matches(d.peer, d.proto, d.dport, &d.iface)
-    }
+    scope.direction == d.direction && scope.cond.matches(d.peer, d.proto, d.dport, &d.iface)
 }
 
 /// What a probe is.
@@ -575,7 +548,7 @@ pub fn verify_host(
                 (
                     PacketSpec::tcp(src, dst, id, pr.dport),
                     PacketSpec {
-                        tcp_flags: crate::packet::TCP_SYN | crate::packet::TCP_ACK,
+                        tcp_flags: crate::host::packet::TCP_SYN | crate::host::packet::TCP_ACK,
                         tcp_seq: 1000,
                         tcp_ack: 2,
                         ..PacketSpec::tcp(dst, src, pr.dport, id)
@@ -679,7 +652,7 @@ pub fn verify_host(
             d.reported = warnings
                 .iter()
                 .filter(|w| w.roles.iter().any(|r| r == role))
-                .find(|w| w.scope.as_ref().is_some_and(|s| s.covers(&d)))
+                .find(|w| w.scope.as_ref().is_some_and(|s| covers(s, &d)))
                 .map(|w| format!("{} [{}]", w.origin, w.kind.as_str()));
             report.differences.push(d);
         }
@@ -704,7 +677,7 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
         }
         bytes[off] = 0;
         bytes[off + 1] = 0;
-        let c = crate::packet::checksum(&bytes[hl..]);
+        let c = crate::host::packet::checksum(&bytes[hl..]);
         bytes[off..off + 2].copy_from_slice(&c.to_be_bytes());
         return;
     }
@@ -731,7 +704,7 @@ fn fill_l4_checksum(bytes: &mut [u8], src: IpAddr, dst: IpAddr, proto: u8) {
     bytes[off] = 0;
     bytes[off + 1] = 0;
     pseudo.extend_from_slice(&bytes[hl..]);
-    let mut c = crate::packet::checksum(&pseudo);
+    let mut c = crate::host::packet::checksum(&pseudo);
     if c == 0 && proto == 17 {
         c = 0xffff;
     }
@@ -825,7 +798,7 @@ fn send(
     let names = names.to_vec();
     let packets = packets.to_vec();
     std::thread::spawn(move || -> Result<(), ImportError> {
-        crate::netns::enter(&ns).map_err(|e| ImportError::Scratch(e.to_string()))?;
+        crate::host::netns::enter(&ns).map_err(|e| ImportError::Scratch(e.to_string()))?;
         let mut socks: Vec<[std::os::fd::OwnedFd; 2]> = Vec::new();
         for n in &names {
             socks.push([raw_socket(false, n)?, raw_socket(true, n)?]);
@@ -983,24 +956,6 @@ fn boundaries(r: &AddrRange) -> Vec<IpAddr> {
         .map(|x| IpAddr::V6(Ipv6Addr::from(x)))
         .collect(),
     }
-}
-
-/// The families the ruleset filters (false = IPv4, true = IPv6).
-pub fn families(rs: &Ruleset) -> Vec<bool> {
-    use super::ruleset::Family;
-    let mut out = Vec::new();
-    for c in &rs.chains {
-        match c.family {
-            Family::Ip => out.push(false),
-            Family::Ip6 => out.push(true),
-            Family::Inet => out.extend([false, true]),
-            Family::Other => {}
-        }
-    }
-    if out.is_empty() {
-        out.extend([false, true]);
-    }
-    out
 }
 
 /// Calls `visit` on every value of the JSON, depth first; `visit`

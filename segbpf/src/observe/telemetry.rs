@@ -23,8 +23,8 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    pins::{Attachment, LockKind},
-    proto::proto_name,
+    attachment::pins::{Attachment, LockKind},
+    host::proto::proto_name,
 };
 
 /// Errors reading an attachment's events.
@@ -137,7 +137,7 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         } else {
             "drop"
         },
-        time: crate::clock::rfc3339(crate::clock::wall_of_monotonic(e.ts_ns)),
+        time: crate::host::clock::rfc3339(crate::host::clock::wall_of_monotonic(e.ts_ns)),
         ts_ns: e.ts_ns,
         iface: iface.to_string(),
         ifindex: e.ifindex,
@@ -157,7 +157,7 @@ pub fn decode(bytes: &[u8], iface: &str) -> Result<EventRecord, DecodeError> {
         sport: e.sport,
         dport: e.dport,
         tcp_flags: if e.proto == segbpf_common::IPPROTO_TCP {
-            crate::proto::tcp_flag_letters(e.tcp_flags)
+            crate::host::proto::tcp_flag_letters(e.tcp_flags)
         } else {
             String::new()
         },
@@ -323,14 +323,14 @@ pub async fn stream(
                     let line = match format {
                         LogFormat::Json => serde_json::json!({
                             "type": "summary",
-                            "time": crate::clock::rfc3339(std::time::SystemTime::now()),
+                            "time": crate::host::clock::rfc3339(std::time::SystemTime::now()),
                             "iface": att.iface,
                             "suppressed": sup, "lost": lost,
                             "suppressed_total": now.suppressed, "lost_total": now.lost,
                         }).to_string(),
                         LogFormat::Text => format!(
                             "{} SUMMARY {} suppressed={sup} lost={lost} (totals {} / {})",
-                            crate::clock::rfc3339(std::time::SystemTime::now()),
+                            crate::host::clock::rfc3339(std::time::SystemTime::now()),
                             att.iface, now.suppressed, now.lost
                         ),
                     };
@@ -346,7 +346,7 @@ pub async fn stream(
                     let mut out = stdout.lock();
                     while let Some(item) = ring.next() {
                         match decode(&item, &att.iface) {
-                            Ok(ev) if crate::logging::to_journal() => ev.to_journal(),
+                            Ok(ev) if crate::host::logging::to_journal() => ev.to_journal(),
                             Ok(ev) => writeln!(out, "{}", ev.line(format)).map_err(out_err())?,
                             Err(e) => tracing::warn!("skipping an event: {e}"),
                         }

@@ -24,7 +24,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{pins::Attachment, state::State};
+use crate::{attachment::pins::Attachment, attachment::state::State};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -264,7 +264,7 @@ fn relink_one(att: &Attachment, state: &State, hook: &str) -> std::io::Result<u3
         ),
         _ => (att.prog_tc(), att.link_tc(), BPF_TCX_EGRESS, 0),
     };
-    let ifindex = crate::netif::ifindex(&att.iface)
+    let ifindex = crate::host::netif::ifindex(&att.iface)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
     if ifindex != state.ifindex {
         return Err(std::io::Error::new(

@@ -593,3 +593,20 @@ pub fn port_elem(v: &Value) -> Option<PortRange> {
     }
     None
 }
+
+/// The families the ruleset filters (false = IPv4, true = IPv6).
+pub fn families(rs: &Ruleset) -> Vec<bool> {
+    let mut out = Vec::new();
+    for c in &rs.chains {
+        match c.family {
+            Family::Ip => out.push(false),
+            Family::Ip6 => out.push(true),
+            Family::Inet => out.extend([false, true]),
+            Family::Other => {}
+        }
+    }
+    if out.is_empty() {
+        out.extend([false, true]);
+    }
+    out
+}

@@ -14,7 +14,7 @@ use segbpf_common::{
     PROG_TC_EGRESS, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
 };
 
-use crate::{compile::Capacity, pins::Attachment};
+use crate::{attachment::pins::Attachment, policy::compile::Capacity};
 
 /// The eBPF object built by build.rs (aya-build).
 #[cfg(feature = "ebpf")]
@@ -82,7 +82,7 @@ pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
 
 /// Like [`load`], for a device whose link layer is `link`
 /// (`segbpf_common::LINK_ETHERNET` or `LINK_RAW_IP`, see
-/// [`crate::netif::link_layer`]).
+/// [`crate::host::netif::link_layer`]).
 pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
@@ -111,7 +111,7 @@ pub fn load_attachment(
         .map(|m| (*m, att.map(m)))
         .collect();
     if !att.shared_dir().exists() {
-        crate::pins::private_dir(&att.shared_dir()).map_err(|e| LoadError::Shared {
+        crate::attachment::dirs::private_dir(&att.shared_dir()).map_err(|e| LoadError::Shared {
             path: att.shared_dir(),
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "mkdir",
@@ -191,10 +191,11 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
 /// them, and records its decision in its private `SEG_TRACE`. It reads
 /// packets as the live program does (the link layer recorded at attach).
 pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
-    let state = crate::state::State::read(&att.state).ok();
-    let link = state
-        .as_ref()
-        .map_or(segbpf_common::LINK_ETHERNET, crate::state::State::link);
+    let state = crate::attachment::state::State::read(&att.state).ok();
+    let link = state.as_ref().map_or(
+        segbpf_common::LINK_ETHERNET,
+        crate::attachment::state::State::link,
+    );
     // Looks flows up as the live instance does: under its interface.
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;

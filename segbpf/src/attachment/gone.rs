@@ -11,7 +11,7 @@
 //!   makes). Any of these, seen or not, keeps the files;
 //! - even with no reference found, the files of a namespace stay while
 //!   any of its pinned links is still attached to an interface
-//!   ([`crate::liveness::pinned_link_ifindex`]: 0 once the kernel
+//!   ([`crate::attachment::liveness::pinned_link_ifindex`]: 0 once the kernel
 //!   detached it): removing that pin could detach a program that still
 //!   enforces somewhere (a reference this process cannot see, or a
 //!   physical device moved back to the initial namespace). Removing the
@@ -26,7 +26,7 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use crate::{netns::Netns, pins::Roots};
+use crate::{attachment::pins::Roots, host::netns::Netns};
 
 /// Removes the pin and state directories of every network namespace
 /// that is gone (see the module's documentation); `current` is the
@@ -204,7 +204,7 @@ fn attached_link(pins: &Path) -> Option<PathBuf> {
                 .is_some_and(|n| n.starts_with("link_"))
         });
     for link in links {
-        match crate::liveness::pinned_link_ifindex(&link) {
+        match crate::attachment::liveness::pinned_link_ifindex(&link) {
             Ok(0) => {}
             Ok(_) => return Some(link),
             Err(e) => {

@@ -21,17 +21,18 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
-    compile::{self, Capacity, CompileError},
-    guard::{self, GuardError},
-    history, loader,
-    maps::{self, MapsError},
-    netif::{self, NetifError},
-    netns::Netns,
-    pins::{self, Attachment, LockKind, PinsError},
+    attachment::guard::{self, GuardError},
+    attachment::history,
+    attachment::loader,
+    attachment::maps::{self, MapsError},
+    attachment::pins::{self, Attachment, LockKind, PinsError},
+    attachment::state::{State, StateError},
+    attachment::swap,
+    attachment::trust::{self, UntrustedFile},
+    host::netif::{self, NetifError},
+    host::netns::Netns,
+    policy::compile::{self, Capacity, CompileError},
     policy::{Policy, PolicyError, roles},
-    state::{State, StateError},
-    swap,
-    trust::UntrustedFile,
 };
 
 /// Errors attaching or detaching.
@@ -165,7 +166,7 @@ pub struct Applied {
 pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     // 1. Everything that depends only on input: no kernel change yet.
     if !req.insecure_policy {
-        crate::trust::check_policy_file(&req.policy)?;
+        crate::attachment::trust::check_policy_file(&req.policy)?;
     }
     let policy = Policy::load(&req.policy)?;
     let ifindex = netif::ifindex(&req.iface)?;
@@ -177,7 +178,7 @@ pub fn apply(req: &Request, ns: &Netns) -> Result<Applied, AttachError> {
     //    service restart) never leaves a moment without enforcement.
     let roots = pins::Roots::from_env();
     roots.check_visible()?;
-    crate::gone::prune(&roots, ns);
+    crate::attachment::gone::prune(&roots, ns);
     let att = roots.attachment(&req.iface, ns);
     let _lock = take_update_lock(&att).map_err(io(format!(
         "locking {}",
@@ -465,7 +466,7 @@ fn adopt(
 /// detached by another tool), logging each; the caller holds the update
 /// lock. Returns one line per hook re-attached.
 fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachError> {
-    let hooks = crate::liveness::check(att, Some(state));
+    let hooks = crate::attachment::liveness::check(att, Some(state));
     for h in hooks.iter().filter(|h| !h.live) {
         warn!(
             "{}: {} is not enforcing: {}; attaching it again",
@@ -474,10 +475,10 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
             h.problem.as_deref().unwrap_or("not live")
         );
     }
-    if crate::liveness::all_live(&hooks) {
+    if crate::attachment::liveness::all_live(&hooks) {
         return Ok(Vec::new());
     }
-    let done = crate::liveness::relink(att, state).map_err(io(format!(
+    let done = crate::attachment::liveness::relink(att, state).map_err(io(format!(
         "re-attaching the detached programs of {}",
         att.describe()
     )))?;
@@ -488,7 +489,7 @@ fn relink_dead(att: &Attachment, state: &State) -> Result<Vec<String>, AttachErr
 }
 
 /// Watches that the kernel still runs the attachment's programs (checked
-/// every 2 seconds, [`crate::liveness`]): a link detached by another tool
+/// every 2 seconds, [`crate::attachment::liveness`]): a link detached by another tool
 /// is attached again at once, logged as a warning, and the service status
 /// says so; a failure is logged as an error (once while it lasts) and
 /// tried again at the next check. A `segbpf detach` (pins removed) is
@@ -502,8 +503,8 @@ pub async fn watch_links(att: &Attachment) {
         if !att.is_attached() {
             continue;
         }
-        let hooks = crate::liveness::check(att, State::current(att).ok().as_ref());
-        if crate::liveness::all_live(&hooks) {
+        let hooks = crate::attachment::liveness::check(att, State::current(att).ok().as_ref());
+        if crate::attachment::liveness::all_live(&hooks) {
             continue;
         }
         let result = att
@@ -523,7 +524,7 @@ pub async fn watch_links(att: &Attachment) {
         match result {
             Ok(done) if !done.is_empty() => {
                 failing = None;
-                crate::service::ready(&format!("enforcing again: {}", done.join("; ")));
+                crate::host::service::ready(&format!("enforcing again: {}", done.join("; ")));
             }
             Ok(_) => {}
             Err(e) => {
@@ -533,7 +534,7 @@ pub async fn watch_links(att: &Attachment) {
                         "{} is NOT ENFORCING: {e} (tried again every 2 s)",
                         att.describe()
                     );
-                    crate::service::ready(&format!("NOT ENFORCING: {e}"));
+                    crate::host::service::ready(&format!("NOT ENFORCING: {e}"));
                 }
                 failing = Some(e);
             }
@@ -572,6 +573,32 @@ pub fn detach(att: &Attachment) -> Result<bool, AttachError> {
         att.lock_path(LockKind::Update).display()
     )))?;
     remove_attachment(att)
+}
+
+/// How the lockout guard undoes an unconfirmed change: a restore is a
+/// swap to the policy (and, when recorded, the whole state) that was in
+/// force; a first attach is removed as `segbpf detach` does.
+#[derive(Debug)]
+pub struct GuardUndo;
+
+impl guard::Undo for GuardUndo {
+    fn restore(
+        &self,
+        att: &Attachment,
+        r: guard::Restore,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let choice = swap::Choice::copy_of(r.copy, r.source, r.set_overrides);
+        match &r.previous {
+            Some(prev) => swap::restore(att, choice, prev)?,
+            None => swap::swap(att, |_| Ok(choice))?,
+        };
+        Ok(())
+    }
+
+    fn remove(&self, att: &Attachment) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        detach(att)?;
+        Ok(())
+    }
 }
 
 /// Removes segbpf from `att`: the clsact egress filter when TCX was not
@@ -622,7 +649,7 @@ fn keep_observed(att: &Attachment) {
     let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {
         return;
     };
-    if let Err(e) = crate::observed::keep_policy(&dir, &json, &text) {
+    if let Err(e) = crate::attachment::observed::keep_policy(&dir, &json, &text) {
         warn!(
             "keeping the policy with the observed store {}: {e}",
             dir.display()
@@ -648,7 +675,8 @@ fn load_and_attach(
 ) -> Result<Attached, AttachError> {
     let mut ebpf = loader::load_attachment(att, capacity, link, ifindex)?;
     maps::write_policy(&mut ebpf, compiled)?;
-    pins::private_dir(&att.dir).map_err(io(format!("creating {}", att.dir.display())))?;
+    crate::attachment::dirs::private_dir(&att.dir)
+        .map_err(io(format!("creating {}", att.dir.display())))?;
     maps::pin_all(&mut ebpf, att)?;
 
     // Egress first: replies to what the host sends must be tracked before
@@ -753,33 +781,6 @@ pub enum Watch {
     Confirm(u64),
 }
 
-/// The `ssh-session` lint for a policy about to be put in force on `iface`
-/// (of the current network namespace) for a host with `roles`: a message
-/// when it would block the SSH session this process runs in. The
-/// interface's policy can cut a session that reaches this host through
-/// `iface`: one whose server address is one of the interface's, or whose
-/// client the kernel routes to out of `iface` (an `RTM_GETROUTE` lookup of
-/// the client address, as `ip route get` does: a session to another
-/// address of the host, routed through this interface). When the route
-/// cannot be looked up, the session is taken to go through `iface` (the
-/// check runs rather than being skipped).
-pub fn cuts_ssh_session(policy: &Policy, roles: &[String], iface: &str) -> Option<String> {
-    let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
-    let on_iface = netif::addresses(iface).is_ok_and(|a| a.contains(&server));
-    let through = match netif::route_oif(client) {
-        Ok(Some(oif)) => netif::ifindex(iface).is_ok_and(|i| i == oif),
-        Ok(None) => false,
-        Err(e) => {
-            tracing::debug!("looking up the route to the SSH client {client}: {e}");
-            true
-        }
-    };
-    if !on_iface && !through {
-        return None;
-    }
-    crate::policy::lint::ssh_session(policy, roles, Some(iface))
-}
-
 /// Why an automatic reload must not apply what the file now says, or None.
 /// The same checks as an explicit `reload`: the text is what is in force
 /// already (a reload would only make a new generation), or the policy
@@ -804,7 +805,7 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
     }
     let overrides = swap::parse_overrides(&state.set_overrides).ok()?;
     let policy = Policy::load_with_sets(&path, &overrides).ok()?;
-    cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
+    trust::cuts_ssh_session(&policy, &state.roles, &att.iface).map(|m| {
         format!(
             "{}: {m} [ssh-session]; an automatic reload never applies it: run `segbpf reload {} --confirm SECS` (or --force)",
             path.display(),
@@ -869,19 +870,19 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                 info!("{why}: {m}");
             }
             // A reload asked for (`systemctl reload`) gets its answer.
-            crate::service::reloading(why);
-            crate::service::ready(&m);
+            crate::host::service::reloading(why);
+            crate::host::service::ready(&m);
             continue;
         }
-        crate::service::reloading(why);
+        crate::host::service::reloading(why);
         let result = match confirm {
-            None => crate::swap::reload_keeping_sets(att),
-            Some(secs) => crate::swap::reload(
+            None => crate::attachment::swap::reload_keeping_sets(att),
+            Some(secs) => crate::attachment::swap::reload(
                 att,
-                &crate::swap::ReloadRequest {
+                &crate::attachment::swap::ReloadRequest {
                     confirm: Some(secs),
                     keep_set_edits: true,
-                    ..crate::swap::ReloadRequest::default()
+                    ..crate::attachment::swap::ReloadRequest::default()
                 },
             ),
         };
@@ -894,11 +895,11 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                         att.iface
                     );
                 }
-                crate::service::ready(&msg.to_string());
+                crate::host::service::ready(&msg.to_string());
             }
             Err(e) => {
                 tracing::error!("{why}: reload refused, the policy in force is unchanged: {e}");
-                crate::service::ready(&format!(
+                crate::host::service::ready(&format!(
                     "reload refused, the policy in force is unchanged: {e}"
                 ));
             }

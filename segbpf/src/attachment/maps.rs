@@ -9,7 +9,7 @@ use segbpf_common::{
     TraceResult,
 };
 
-use crate::{compile::Compiled, pins::Attachment};
+use crate::{attachment::pins::Attachment, policy::compile::Compiled};
 
 /// Errors while reading or writing maps.
 #[derive(Debug, thiserror::Error)]
@@ -266,8 +266,9 @@ pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
 }
 
 /// Pins every map of a loaded instance that userspace shares, and its
-/// tail-call tables, into the attachment's directory (the namespace's shared connection tables were
-/// pinned when they were made, see [`crate::loader::load_attachment`]).
+/// tail-call tables, into the attachment's directory (the namespace's
+/// shared connection tables were pinned when they were made, see
+/// [`crate::attachment::loader::load_attachment`]).
 pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
     // The tail-call tables too: the kernel empties a program array when
     // the last pin or descriptor of it goes, which would leave the

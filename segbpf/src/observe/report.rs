@@ -9,9 +9,9 @@ use segbpf_common::{Counter, reason};
 use serde::Serialize;
 
 use crate::{
-    maps::{self, MapsError},
-    pins::Attachment,
-    state::State,
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
 };
 
 /// Packets and bytes.
@@ -70,10 +70,10 @@ pub struct Report {
     /// The network namespace's inode.
     pub netns_inode: u64,
     /// Whether segbpf enforces: its links are pinned and the kernel runs
-    /// them on this interface ([`crate::liveness`]).
+    /// them on this interface ([`crate::attachment::liveness`]).
     pub attached: bool,
     /// Each hook as the kernel has it (empty when nothing is pinned).
-    pub links: Vec<crate::liveness::Hook>,
+    pub links: Vec<crate::attachment::liveness::Hook>,
     /// What was applied (None if the state file is missing).
     pub state: Option<State>,
     /// Packets per reason name, both directions together.
@@ -91,9 +91,9 @@ pub struct Report {
     /// Fragment tables.
     pub fragments: Fragments,
     /// Kernel memory held (programs and maps, the shared tables apart).
-    pub memory: crate::memory::Memory,
+    pub memory: crate::attachment::memory::Memory,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
-    pub events: crate::telemetry::EventStats,
+    pub events: crate::observe::telemetry::EventStats,
     /// Denied packets the kernel could not aggregate for the flow log (a
     /// denied table was full: nobody drained it, or a flood of distinct
     /// aggregates), since attach.
@@ -125,16 +125,19 @@ pub struct Awaiting {
 }
 
 impl Awaiting {
-    fn of(att: &Attachment, p: &crate::guard::Pending) -> Awaiting {
+    fn of(att: &Attachment, p: &crate::attachment::guard::Pending) -> Awaiting {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let progress = crate::guard::Progress::read(att).filter(|g| g.generation == p.generation);
+        let progress =
+            crate::attachment::guard::Progress::read(att).filter(|g| g.generation == p.generation);
         Awaiting {
             generation: p.generation,
             deadline: p.deadline,
             overdue: now > p.deadline,
-            guard_running: progress.as_ref().map(crate::guard::Progress::running),
+            guard_running: progress
+                .as_ref()
+                .map(crate::attachment::guard::Progress::running),
             restore_attempts: progress.as_ref().map_or(0, |g| g.attempts),
             restore_error: progress.and_then(|g| g.last_error),
         }
@@ -272,7 +275,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     } else {
         (0, 0)
     };
-    let memory = crate::memory::of(att);
+    let memory = crate::attachment::memory::of(att);
     let conntrack = Conntrack {
         size: size(segbpf_common::MAP_CT),
         entries,
@@ -289,7 +292,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         other_entries,
     };
     let links = if att.is_attached() {
-        crate::liveness::check(att, state.as_ref())
+        crate::attachment::liveness::check(att, state.as_ref())
     } else {
         Vec::new()
     };
@@ -297,7 +300,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         iface: att.iface.clone(),
         netns: att.netns.label.clone(),
         netns_inode: att.netns.inode,
-        attached: att.is_attached() && crate::liveness::all_live(&links),
+        attached: att.is_attached() && crate::attachment::liveness::all_live(&links),
         links,
         state,
         counters,
@@ -308,9 +311,9 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         conntrack,
         fragments,
         memory,
-        events: crate::telemetry::pinned_event_stats(att).unwrap_or_default(),
-        denied_lost: crate::denied::pinned_lost(att).unwrap_or(0),
+        events: crate::observe::telemetry::pinned_event_stats(att).unwrap_or_default(),
+        denied_lost: crate::observe::denied::pinned_lost(att).unwrap_or(0),
         drift: state_sets,
-        pending: crate::guard::pending(att).map(|p| Awaiting::of(att, &p)),
+        pending: crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p)),
     })
 }

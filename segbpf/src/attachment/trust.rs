@@ -9,6 +9,9 @@
 //! anywhere on the path could swap the policy for another file. `attach
 //! --insecure-policy` overrides the check for an attachment and its later
 //! reloads.
+//!
+//! And whether a policy would cut the SSH session that applies it
+//! ([`cuts_ssh_session`]): the other check before a change is put in force.
 
 use std::{
     ffi::OsString,
@@ -180,6 +183,38 @@ fn check(path: &Path, meta: &std::fs::Metadata, kind: Kind) -> Result<(), Untrus
         who,
         mode,
     })
+}
+
+/// The `ssh-session` lint for a policy about to be put in force on `iface`
+/// (of the current network namespace) for a host with `roles`: a message
+/// when it would block the SSH session this process runs in. The
+/// interface's policy can cut a session that reaches this host through
+/// `iface`: one whose server address is one of the interface's, or whose
+/// client the kernel routes to out of `iface` (an `RTM_GETROUTE` lookup of
+/// the client address, as `ip route get` does: a session to another
+/// address of the host, routed through this interface). When the route
+/// cannot be looked up, the session is taken to go through `iface` (the
+/// check runs rather than being skipped).
+pub fn cuts_ssh_session(
+    policy: &crate::policy::Policy,
+    roles: &[String],
+    iface: &str,
+) -> Option<String> {
+    let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
+    // What the policy does to the session first (pure), then whether the
+    // session comes through `iface` at all (the kernel's addresses and
+    // routes).
+    let cut = crate::policy::lint::ssh_session(policy, roles, Some(iface))?;
+    let on_iface = crate::host::netif::addresses(iface).is_ok_and(|a| a.contains(&server));
+    let through = match crate::host::netif::route_oif(client) {
+        Ok(Some(oif)) => crate::host::netif::ifindex(iface).is_ok_and(|i| i == oif),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::debug!("looking up the route to the SSH client {client}: {e}");
+            true
+        }
+    };
+    (on_iface || through).then_some(cut)
 }
 
 #[cfg(test)]

@@ -16,11 +16,11 @@ use segbpf_common::{
 use serde::Serialize;
 
 use crate::{
-    clock,
-    maps::{self, MapsError},
-    pins::Attachment,
-    proto::proto_name,
-    state::State,
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+    attachment::state::State,
+    host::clock,
+    host::proto::proto_name,
 };
 
 /// Errors reading the flows.
@@ -290,7 +290,7 @@ fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> F
         last_seen: wall(e.last_seen_ns),
         last_seen_ns: e.last_seen_ns,
         tcp_flags: if k.proto == IPPROTO_TCP {
-            crate::proto::tcp_flag_names(e.tcp_flags)
+            crate::host::proto::tcp_flag_names(e.tcp_flags)
         } else {
             Vec::new()
         },

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compile::RuleInfo;
+use crate::policy::compile::RuleInfo;
 
 /// Errors reading or writing a state file.
 #[derive(Debug, thiserror::Error)]
@@ -171,23 +171,11 @@ impl State {
         })
     }
 
-    /// The namespace cookie recorded in a state file, if it has one.
-    pub fn netns_cookie(path: &Path) -> Option<u64> {
-        #[derive(Deserialize)]
-        struct Head {
-            #[serde(default)]
-            netns_cookie: u64,
-        }
-        let text = std::fs::read_to_string(path).ok()?;
-        let head: Head = serde_json::from_str(&text).ok()?;
-        (head.netns_cookie != 0).then_some(head.netns_cookie)
-    }
-
     /// Writes the state file atomically (mode 0600).
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let dir = path.parent().unwrap_or(Path::new("."));
-        crate::pins::private_dir(dir).map_err(write_err(dir))?;
+        crate::attachment::dirs::private_dir(dir).map_err(write_err(dir))?;
         let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()
@@ -210,9 +198,11 @@ impl State {
     /// stopped before renaming it, else the state file. Reads only, so any
     /// command may call it while a reload is under way; completing or
     /// discarding a pending state is [`State::repair`]'s job.
-    pub fn current(att: &crate::pins::Attachment) -> Result<State, StateError> {
+    pub fn current(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
         if let Ok(pending) = State::read(&att.next_state()) {
-            let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
+            let live = crate::attachment::maps::pinned_config(att)
+                .map(|c| c.generation)
+                .ok();
             if live == Some(pending.generation) {
                 return Ok(pending);
             }
@@ -225,10 +215,12 @@ impl State {
     /// into force. Call only under the attachment's update lock: outside
     /// it, a reload between writing its pending state and the switch would
     /// lose that file.
-    pub fn repair(att: &crate::pins::Attachment) -> Result<State, StateError> {
+    pub fn repair(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
         let next = att.next_state();
         if let Ok(pending) = State::read(&next) {
-            let live = crate::maps::pinned_config(att).map(|c| c.generation).ok();
+            let live = crate::attachment::maps::pinned_config(att)
+                .map(|c| c.generation)
+                .ok();
             if live == Some(pending.generation) {
                 std::fs::rename(&next, &att.state).map_err(write_err(&att.state))?;
                 return Ok(pending);

@@ -199,7 +199,7 @@ fn elements(peers: &[AddrRange], v6: bool) -> Vec<String> {
     peers
         .iter()
         .filter(|p| p.family_is_v4() != v6)
-        .flat_map(super::policy::addr::AddrRange::to_cidrs)
+        .flat_map(crate::policy::addr::AddrRange::to_cidrs)
         .map(|n| n.to_string())
         .collect()
 }
@@ -240,7 +240,8 @@ mod tests {
 
     #[test]
     fn example_db_ruleset_has_sets_rules_ct_and_log() {
-        let p = Policy::from_str(include_str!("../../examples/roles.toml"), "roles.toml").unwrap();
+        let p =
+            Policy::from_str(include_str!("../../../examples/roles.toml"), "roles.toml").unwrap();
         let out = nft(&p, &["db".to_string()], None, "segbpf");
         assert!(out.contains("table inet segbpf {"), "{out}");
         assert!(out.contains("type filter hook input priority filter; policy drop;"));

@@ -1,0 +1,23 @@
+//! The attachment layer: segbpf on one interface of one network namespace,
+//! from the first attach to the detach. What lives on disk ([`pins`]:
+//! pins, state file, history, sidecars), loading the object ([`loader`]),
+//! the kernel maps ([`maps`]), and the lifecycle engines: [`attach`],
+//! [`swap`] (reload, rollback, set edits) and the lockout [`guard`].
+//!
+//! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
+
+pub mod attach;
+pub mod dirs;
+pub mod gone;
+pub mod guard;
+pub mod history;
+pub mod liveness;
+pub mod loader;
+pub mod maps;
+pub mod memory;
+pub mod observed;
+pub mod pins;
+pub mod state;
+pub mod swap;
+pub mod timeline;
+pub mod trust;
