@@ -161,18 +161,25 @@ fn enforce<const V6: bool>(
     ifindex: u32,
     len: u32,
 ) -> Outcome {
-    let parsed = parse::parse::<V6>(pkt, raw);
-    if !V6 && matches!(parsed, Err(parse::HAND_OFF_V6)) {
-        return Outcome::HandOffV6;
-    }
-    // The IPv6 program judges from a per-CPU copy of what the parser
-    // learned: the verifier reads it back as plain numbers, so the paths
-    // of the extension-header walk meet before the verdict instead of
-    // each carrying its own copy of it through the rest of the program
-    // (without it the IPv6 program exceeds the verifier's limit).
+    // The IPv6 program's per-CPU slot: scratch for the parser (see
+    // `parse::parse`), then a copy of what it learned, from which the
+    // verdict judges: the verifier reads it back as plain numbers, so the
+    // paths of the extension-header walk meet before the verdict instead
+    // of each carrying its own copy of it through the rest of the program.
     let Some(slot) = maps::SEG_PARSED.get_ptr_mut(0) else {
         return Outcome::Drop;
     };
+    let scratch = if V6 {
+        // SAFETY: a field of this CPU's slot (not read through `slot`
+        // while the parser uses it).
+        unsafe { &raw mut (*slot).l4_off }
+    } else {
+        core::ptr::null_mut()
+    };
+    let parsed = parse::parse::<V6>(pkt, raw, scratch);
+    if !V6 && matches!(parsed, Err(parse::HAND_OFF_V6)) {
+        return Outcome::HandOffV6;
+    }
     let parsed: Result<&parse::Parsed, u8> = match &parsed {
         Ok(p) if V6 => {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the

@@ -16,8 +16,6 @@ use core::mem::size_of;
 
 use segbpf_common::{CT_NO_WSCALE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, reason};
 
-use crate::maps::SEG_PARSED;
-
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_IP: u16 = 0x0800;
@@ -283,10 +281,15 @@ pub(crate) const HAND_OFF_V6: u8 = 0xff;
 /// program (an IPv6 packet is `Err(HAND_OFF_V6)`), true for the IPv6 one
 /// (which only receives IPv6 packets: an IPv4 one there is refused).
 #[inline(always)]
-fn parse_ip<const V6: bool>(pkt: &Bounds, off: usize, ethertype: u16) -> Result<Parsed, u8> {
+fn parse_ip<const V6: bool>(
+    pkt: &Bounds,
+    off: usize,
+    ethertype: u16,
+    scratch: *mut usize,
+) -> Result<Parsed, u8> {
     match ethertype {
         ETH_P_IP if !V6 => parse_ipv4(pkt, off),
-        ETH_P_IPV6 if V6 => parse_ipv6(pkt, off),
+        ETH_P_IPV6 if V6 => parse_ipv6(pkt, off, scratch),
         ETH_P_IPV6 => Err(HAND_OFF_V6),
         _ => Err(reason::DROP_ETHERTYPE),
     }
@@ -297,10 +300,16 @@ fn parse_ip<const V6: bool>(pkt: &Bounds, off: usize, ethertype: u16) -> Result<
 /// without a link layer). `Err` carries the drop reason, or
 /// [`HAND_OFF_V6`] (see [`parse_ip`]). Each program is built with one
 /// IP family (`V6`), so the verifier never walks the other's paths.
+/// `scratch`: where the IPv6 extension-header walk may park its offset
+/// (a per-CPU map slot, see `opaque`), or null.
 #[inline(always)]
-pub(crate) fn parse<const V6: bool>(pkt: &Bounds, raw: Option<u16>) -> Result<Parsed, u8> {
+pub(crate) fn parse<const V6: bool>(
+    pkt: &Bounds,
+    raw: Option<u16>,
+    scratch: *mut usize,
+) -> Result<Parsed, u8> {
     if let Some(ethertype) = raw {
-        return parse_ip::<V6>(pkt, 0, ethertype);
+        return parse_ip::<V6>(pkt, 0, ethertype, scratch);
     }
     let mut ethertype = pkt.be16_at(12).ok_or(reason::DROP_TRUNC_ETH)?;
     let mut off = ETH_HLEN;
@@ -317,7 +326,7 @@ pub(crate) fn parse<const V6: bool>(pkt: &Bounds, raw: Option<u16>) -> Result<Pa
         }
     }
     match ethertype {
-        ETH_P_IP | ETH_P_IPV6 => parse_ip::<V6>(pkt, off, ethertype),
+        ETH_P_IP | ETH_P_IPV6 => parse_ip::<V6>(pkt, off, ethertype, scratch),
         ETH_P_ARP => {
             // Fixed part, then sender/target hardware and protocol addresses.
             let h = pkt.bytes::<ARP_HLEN>(off).ok_or(reason::DROP_BAD_ARP)?;
@@ -383,7 +392,7 @@ fn parse_ipv4(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
 }
 
 #[inline(always)]
-fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
+fn parse_ipv6(pkt: &Bounds, off: usize, scratch: *mut usize) -> Result<Parsed, u8> {
     let hdr = pkt.bytes::<IPV6_HLEN>(off).ok_or(reason::DROP_TRUNC_IP)?;
     if hdr[0] >> 4 != 6 {
         return Err(reason::DROP_BAD_IPV6);
@@ -447,12 +456,12 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
             }
         }
         // Past an extension header the offset goes through memory the
-        // verifier does not follow and comes back bounded only by the
+        // verifier does not follow (`scratch`) and comes back bounded only by the
         // check below: every mix of header kinds then reaches the next
         // step with the same offset range, so the verifier walks the next
         // step once instead of once per mix (without it this walk alone
         // cost about 170,000 processed instructions).
-        l4 = opaque(l4);
+        l4 = opaque(l4, scratch);
         if l4 > limit || l4 > off + IPV6_HLEN + MAX_IPV6_EXT_BYTES {
             return Err(reason::DROP_IPV6_EXT);
         }
@@ -465,19 +474,19 @@ fn parse_ipv6(pkt: &Bounds, off: usize) -> Result<Parsed, u8> {
 }
 
 /// `v`, as the verifier sees a number read from a map: any value. Stored
-/// in and read back from this CPU's `SEG_PARSED` slot (free while the
-/// parser runs: the caller fills it afterwards).
+/// at `scratch` (a per-CPU map slot the caller hands over) and read back;
+/// `v` itself when there is none.
 #[inline(always)]
-fn opaque(v: usize) -> usize {
-    let Some(slot) = SEG_PARSED.get_ptr_mut(0) else {
+fn opaque(v: usize, scratch: *mut usize) -> usize {
+    if scratch.is_null() {
         return v;
-    };
-    // SAFETY: this CPU's slot of a per-CPU array, valid for the program
-    // run; nothing else uses it while the parser runs on this CPU.
+    }
+    // SAFETY: `scratch` points into this CPU's slot of a per-CPU array,
+    // valid for the program run, used by nothing else while the parser
+    // runs (see `parse`).
     unsafe {
-        let at = &raw mut (*slot).l4_off;
-        core::ptr::write_volatile(at, v);
-        core::ptr::read_volatile(at)
+        core::ptr::write_volatile(scratch, v);
+        core::ptr::read_volatile(scratch)
     }
 }
 
