@@ -82,6 +82,24 @@ pub const PINNED_MAPS: [&str; 19] = [
 pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";
 /// Name of the TC (egress) program in the object file.
 pub const PROG_TC_EGRESS: &str = "segbpf_tc_egress";
+/// Name of the XDP program that judges IPv6 packets: the ingress program
+/// hands them to it through `SEG_TAIL_XDP` (a tail call), so each program
+/// is verified without the other family's paths.
+pub const PROG_XDP_INGRESS_V6: &str = "segbpf_xdp_ingress_v6";
+/// Name of the TC program that judges IPv6 packets (see
+/// [`PROG_XDP_INGRESS_V6`]; through `SEG_TAIL_TC`).
+pub const PROG_TC_EGRESS_V6: &str = "segbpf_tc_egress_v6";
+/// The ingress program's tail-call table: index 0 holds
+/// [`PROG_XDP_INGRESS_V6`].
+pub const MAP_TAIL_XDP: &str = "SEG_TAIL_XDP";
+/// The egress program's tail-call table: index 0 holds [`PROG_TC_EGRESS_V6`].
+pub const MAP_TAIL_TC: &str = "SEG_TAIL_TC";
+/// The tail-call tables. Each loaded instance fills its own; an
+/// attachment pins them (the kernel empties a program array when its last
+/// pin or descriptor goes), but a dry-run instance never shares them, so
+/// it cannot put its programs behind the live ones. Not in
+/// [`PINNED_MAPS`] for that reason.
+pub const TAIL_MAPS: [&str; 2] = [MAP_TAIL_XDP, MAP_TAIL_TC];
 /// Name of the empty XDP program (the benchmarks' floor; never attached).
 pub const PROG_XDP_EMPTY: &str = "segbpf_xdp_empty";
 /// Name of the benchmark traffic generator (XDP, run in live-frames mode

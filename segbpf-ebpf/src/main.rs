@@ -1,6 +1,9 @@
 //! segbpf kernel programs.
 //!
-//! `segbpf_xdp_ingress` judges every packet entering the interface. The work
+//! `segbpf_xdp_ingress` judges every packet entering the interface,
+//! `segbpf_tc_egress` every packet leaving it; each hands IPv6 packets to
+//! its IPv6 twin (`*_v6`) with a tail call, so the verifier checks each
+//! family's program alone (about half the paths each). The work
 //! is split by concern, as in Cilium's bpf/lib: `parse` (headers, bounds,
 //! malformed-packet reasons), `lookup` (policy maps), `verdict` (combine
 //! parse result, lookups and defaults), `stats` (counters and the dry-run
@@ -34,17 +37,52 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
-use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP};
+use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, reason};
 
-use crate::maps::SEGBPF_LINK;
+use crate::maps::{SEG_TAIL_TC, SEG_TAIL_XDP, SEGBPF_LINK, SEGBPF_RUN_MODE};
 
 /// Bytes of a TC skb made linear before parsing (every header we read
 /// lies within them; the IPv6 extension walk is bounded to 1 KiB).
 const TC_PULL_LEN: u32 = 1280;
 
-/// XDP ingress: parse, look the peer up, apply the verdict.
+/// What `enforce` decided.
+enum Outcome {
+    /// The packet goes on.
+    Pass,
+    /// The packet is dropped.
+    Drop,
+    /// An IPv6 packet in an IPv4 program: the IPv6 program judges it.
+    HandOffV6,
+}
+
+/// XDP ingress: IPv4 and everything that is not IP; IPv6 packets go on to
+/// `segbpf_xdp_ingress_v6` (a tail call: each program is verified alone).
 #[xdp]
 pub(crate) fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
+    match xdp_enforce::<false>(&ctx) {
+        Outcome::Pass => xdp_action::XDP_PASS,
+        Outcome::Drop => xdp_action::XDP_DROP,
+        Outcome::HandOffV6 => {
+            // SAFETY: a tail call with this program's own context; it
+            // returns only if the table holds no program.
+            unsafe { SEG_TAIL_XDP.tail_call(&ctx, 0) };
+            hand_off_failed(DIR_INGRESS, (ctx.data_end() - ctx.data()) as u64);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// XDP ingress for IPv6 packets, reached only from `segbpf_xdp_ingress`.
+#[xdp]
+pub(crate) fn segbpf_xdp_ingress_v6(ctx: XdpContext) -> u32 {
+    match xdp_enforce::<true>(&ctx) {
+        Outcome::Pass => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn xdp_enforce<const V6: bool>(ctx: &XdpContext) -> Outcome {
     let len = ctx.data_end() - ctx.data();
     let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
     // Without a link layer the frame starts at the IP header: its version
@@ -56,18 +94,36 @@ pub(crate) fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     };
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let decision = verdict::decide(&pkt, raw, DIR_INGRESS, ifindex, len as u32);
-    stats::record(&decision, DIR_INGRESS, len as u64);
-    if decision.lets_through() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+    enforce::<V6>(&pkt, raw, DIR_INGRESS, ifindex, len as u32)
+}
+
+/// TC egress: the same parser and verdict, with the destination as the
+/// peer; IPv6 packets go on to `segbpf_tc_egress_v6`.
+#[classifier]
+pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
+    match tc_enforce::<false>(&ctx) {
+        Outcome::Pass => TC_ACT_OK,
+        Outcome::Drop => TC_ACT_SHOT,
+        Outcome::HandOffV6 => {
+            // SAFETY: as in `segbpf_xdp_ingress`.
+            unsafe { SEG_TAIL_TC.tail_call(&ctx, 0) };
+            hand_off_failed(DIR_EGRESS, u64::from(ctx.len()));
+            TC_ACT_SHOT
+        }
     }
 }
 
-/// TC egress: the same parser and verdict, with the destination as the peer.
+/// TC egress for IPv6 packets, reached only from `segbpf_tc_egress`.
 #[classifier]
-pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
+pub(crate) fn segbpf_tc_egress_v6(ctx: TcContext) -> i32 {
+    match tc_enforce::<true>(&ctx) {
+        Outcome::Pass => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn tc_enforce<const V6: bool>(ctx: &TcContext) -> Outcome {
     let len = ctx.len();
     // Make the headers linear; if that fails the parser sees fewer bytes
     // and drops the packet as truncated rather than judging it unread.
@@ -82,12 +138,83 @@ pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     };
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let decision = verdict::decide(&pkt, raw, DIR_EGRESS, ifindex, len);
-    stats::record(&decision, DIR_EGRESS, u64::from(len));
-    if decision.lets_through() {
-        TC_ACT_OK
+    enforce::<V6>(&pkt, raw, DIR_EGRESS, ifindex, len)
+}
+
+/// An IPv6 packet whose program was missing from the tail-call table
+/// (never, once userspace loaded the instance): dropped, counted as a
+/// default drop. Fail closed.
+#[inline(always)]
+fn hand_off_failed(dir: u8, bytes: u64) {
+    stats::record(&verdict::unconfigured(), dir, bytes);
+}
+
+/// Judges the packet in `pkt` (`raw`: where it begins, see `parse::parse`)
+/// travelling in `dir` on `ifindex`: parse, decide (`verdict`), then
+/// report a drop (`events`, `denied`; live and record instances) and count
+/// the decision (`stats`). `V6`: the program's IP family (see
+/// `parse::parse`); an IPv4 program hands IPv6 packets on before it reads
+/// the configuration, so each packet reads it once.
+#[inline(always)]
+fn enforce<const V6: bool>(
+    pkt: &parse::Bounds,
+    raw: Option<u16>,
+    dir: u8,
+    ifindex: u32,
+    len: u32,
+) -> Outcome {
+    // The IPv6 program's per-CPU slot: scratch for the parser (see
+    // `parse::parse`), then a copy of what it learned, from which the
+    // verdict judges: the verifier reads it back as plain numbers, so the
+    // paths of the extension-header walk meet before the verdict instead
+    // of each carrying its own copy of it through the rest of the program.
+    let Some(slot) = maps::SEG_PARSED.get_ptr_mut(0) else {
+        return Outcome::Drop;
+    };
+    let scratch = if V6 {
+        // SAFETY: a field of this CPU's slot (not read through `slot`
+        // while the parser uses it).
+        unsafe { &raw mut (*slot).l4_off }
     } else {
-        TC_ACT_SHOT
+        core::ptr::null_mut()
+    };
+    let parsed = parse::parse::<V6>(pkt, raw, scratch);
+    if !V6 && matches!(parsed, Err(parse::HAND_OFF_V6)) {
+        return Outcome::HandOffV6;
+    }
+    let parsed: Result<&parse::Parsed, u8> = match &parsed {
+        Ok(p) if V6 => {
+            // SAFETY: this CPU's slot of a per-CPU array, valid for the
+            // program run; nothing else uses it meanwhile. `black_box`
+            // keeps the compiler from reusing the values it wrote.
+            unsafe {
+                core::ptr::copy_nonoverlapping(p, slot, 1);
+                Ok(&*core::hint::black_box(slot))
+            }
+        }
+        Ok(p) => Ok(p),
+        Err(r) => Err(*r),
+    };
+    let Some(cfg) = lookup::config() else {
+        // Unreadable configuration: fail closed.
+        let d = verdict::unconfigured();
+        stats::record(&d, dir, u64::from(len));
+        return Outcome::Drop;
+    };
+    // Trace instances judge with the live state but never change it.
+    let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
+    let now = ct::now();
+    let d = verdict::decide(pkt, cfg, &parsed, dir, now, writes, len);
+    if writes && !reason::passes(d.reason) {
+        let p = parsed.ok();
+        events::report(cfg, dir, ifindex, len, p, &d, now);
+        denied::record(cfg, dir, len, p, &d, now);
+    }
+    stats::record(&d, dir, u64::from(len));
+    if d.lets_through() {
+        Outcome::Pass
+    } else {
+        Outcome::Drop
     }
 }
 

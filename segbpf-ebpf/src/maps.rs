@@ -5,7 +5,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use segbpf_common::{
     Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_DENIED_ENTRIES,
@@ -69,6 +69,12 @@ pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub(crate) static SEG_CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU: what the parser learned about the IPv6 packet being judged
+/// (see `main::enforce`). Not pinned: each instance has its own.
+#[map]
+pub(crate) static SEG_PARSED: PerCpuArray<crate::parse::Parsed> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Datagrams whose first fragment passed on an assured flow.
 #[map]
 pub(crate) static SEG_FRAG: LruHashMap<FragKey, FragEntry> =
@@ -114,6 +120,15 @@ pub(crate) static SEG_DENY_FULL: Array<u32> = Array::with_max_entries(2, 0);
 /// Per-CPU: denied packets whose aggregate found its table full.
 #[map]
 pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Index 0: the IPv6 ingress program (`segbpf_xdp_ingress_v6`), filled by
+/// userspace at load. The ingress program hands IPv6 packets to it.
+#[map]
+pub(crate) static SEG_TAIL_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Index 0: the IPv6 egress program (`segbpf_tc_egress_v6`).
+#[map]
+pub(crate) static SEG_TAIL_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Benchmark traffic generator state (see `trafficgen`): packet counter, first
 /// source address, varying address bits, varying port bits. Used only by

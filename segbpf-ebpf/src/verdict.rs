@@ -8,16 +8,16 @@
 //! direction's default. A packet that passes and opens a flow makes a
 //! connection entry (in audit mode, so does one the policy would drop,
 //! marked as audited); a first fragment that passes makes a fragment entry.
-//! A drop is reported as a rate-limited event (`events`) and added to its
-//! denied aggregate (`denied`).
+//! The verdict only decides: the program entry (`main.rs`) reports a
+//! drop as a rate-limited event (`events`) and adds it to its denied
+//! aggregate (`denied`) after `decide` returns.
 
 use segbpf_common::{
-    ACTION_ALLOW, Config, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, RUN_DRY, reason,
+    ACTION_ALLOW, Config, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason,
 };
 
 use crate::{
-    ct, denied, events, frag, lookup,
-    maps::SEGBPF_RUN_MODE,
+    ct, frag, lookup,
     parse::{
         self, Bounds, FRAG_FIRST, FRAG_LATER, L2_LINK_LOCAL, L3_ARP, L3_IPV4, L3_IPV6, Parsed,
     },
@@ -61,42 +61,39 @@ impl Decision {
     }
 }
 
-/// Decides the fate of the packet in `pkt` travelling in direction `dir`
-/// on interface `ifindex`, and reports a drop as a rate-limited event.
-/// `raw` says where the packet begins (`parse::parse`). In audit mode a
+/// Decides the fate of the packet `parsed` (the parser's result for the
+/// packet in `pkt`: what it learned, or the drop reason) travelling in
+/// direction `dir`, under the configuration `cfg`, at `now`; `writes`:
+/// whether this instance may change connection and fragment state (live
+/// and record instances; trace instances judge only). In audit mode a
 /// drop is turned into a pass marked `audit` (its reason is still the drop
-/// reason, so counters show what enforcement would do).
+/// reason, so counters show what enforcement would do). Decides and
+/// returns only: the caller reports a drop (`events`, `denied`) and counts
+/// the decision (`stats`).
 #[inline(always)]
-pub(crate) fn decide(pkt: &Bounds, raw: Option<u16>, dir: u8, ifindex: u32, len: u32) -> Decision {
-    let Some(cfg) = lookup::config() else {
-        // Unreadable configuration: fail closed.
-        return Decision::early(reason::DROP_DEFAULT);
+pub(crate) fn decide(
+    pkt: &Bounds,
+    cfg: &Config,
+    parsed: &Result<&Parsed, u8>,
+    dir: u8,
+    now: u64,
+    writes: bool,
+    len: u32,
+) -> Decision {
+    let mut d = match parsed {
+        Ok(p) => judge(pkt, cfg, dir, p, now, writes, len),
+        Err(r) => Decision::early(*r),
     };
-    // Trace instances judge with the live state but never change it.
-    let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
-    let now = ct::now();
-    match parse::parse(pkt, raw) {
-        Ok(p) => {
-            let mut d = judge(pkt, cfg, dir, &p, now, writes, len);
-            if !reason::passes(d.reason) {
-                d.audit = cfg.audit != 0;
-                if writes {
-                    events::report(cfg, dir, ifindex, len, Some(&p), &d, now);
-                    denied::record(cfg, dir, len, Some(&p), &d, now);
-                }
-            }
-            d
-        }
-        Err(r) => {
-            let mut d = Decision::early(r);
-            d.audit = cfg.audit != 0;
-            if writes {
-                events::report(cfg, dir, ifindex, len, None, &d, now);
-                denied::record(cfg, dir, len, None, &d, now);
-            }
-            d
-        }
+    if !reason::passes(d.reason) {
+        d.audit = cfg.audit != 0;
     }
+    d
+}
+
+/// The decision when the configuration cannot be read: fail closed.
+#[inline(always)]
+pub(crate) fn unconfigured() -> Decision {
+    Decision::early(reason::DROP_DEFAULT)
 }
 
 /// The verdict of a packet the parser fully validated.

@@ -51,6 +51,49 @@ fn fd_memlock(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no memlock in fdinfo"))
 }
 
+/// The program at index 0 of the pinned program array at `path`: a lookup
+/// from userspace answers with its id.
+fn prog_in_table(path: &Path) -> anyhow::Result<ProgramInfo> {
+    #[repr(C)]
+    struct Lookup {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let map = aya::maps::MapData::from_pin(path)?;
+    let key = 0u32;
+    let mut id = 0u32;
+    let attr = Lookup {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: std::ptr::from_mut(&mut id) as u64,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) BPF_MAP_LOOKUP_ELEM with an initialised attribute
+    // block; the kernel reads `key` and writes `id`, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            1,
+            std::ptr::from_ref(&attr),
+            size_of::<Lookup>(),
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .ok_or_else(|| anyhow::anyhow!("{}: program {id} is gone", path.display()))
+}
+
 fn held(root: &Path) -> anyhow::Result<Held> {
     let mut h = Held {
         bytes: 0,
@@ -78,6 +121,15 @@ fn held(root: &Path) -> anyhow::Result<Held> {
                 h.maps.extend(info.map_ids()?.unwrap_or_default());
             } else if name.starts_with("SEG_") {
                 h.maps.insert(MapInfo::from_pin(&path)?.id());
+                if segbpf_common::TAIL_MAPS.contains(&name.as_str()) {
+                    // A tail-call table holds a program (the IPv6 half of
+                    // the attached one), which is not pinned.
+                    let info = prog_in_table(&path)?;
+                    if h.progs.insert(info.id()) {
+                        h.bytes += u64::from(info.memory_locked()?);
+                    }
+                    h.maps.extend(info.map_ids()?.unwrap_or_default());
+                }
             }
             h.pins.insert(path);
         }

@@ -467,6 +467,67 @@ fn ping_4000_bytes_both_families() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The IPv6 half of an attachment stays the live one: IPv6 packets are
+/// judged by programs the IPv4 programs reach through a tail-call table,
+/// and `segbpf trace` loads a dry-run instance with IPv6 programs of its
+/// own. Had the trace put its (dry-run: counting and tracking nothing)
+/// IPv6 program into the live table, IPv6 echo requests after it would
+/// pass uncounted. Also: the table outlives `segbpf attach`'s process
+/// (the kernel empties a program array whose last pin and descriptor are
+/// gone), or no IPv6 packet would pass at all.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn ipv6_stays_with_the_live_programs_after_a_trace() -> anyhow::Result<()> {
+    let lab = flat_lab("rt6")?;
+    lab.attach("srv", &policy(), &["--role", ROLE])?;
+    // Every packet the live programs judged, whatever its reason (the
+    // first request passes on the ICMP default, the others and the
+    // replies on the echo's connection entry).
+    let judged = |lab: &Lab| -> anyhow::Result<u64> {
+        let status = lab.status_json("srv")?;
+        Ok(status["attachments"][0]["counters"]
+            .as_object()
+            .map_or(0, |c| {
+                c.values().filter_map(serde_json::Value::as_u64).sum()
+            }))
+    };
+    let cli = addr(&lab, "cli", Family::V6).to_string();
+    let srv = addr(&lab, "srv", Family::V6).to_string();
+    for _ in 0..2 {
+        lab.segbpf_ok(
+            "srv",
+            &[
+                "trace",
+                "eth0",
+                "--src",
+                &cli,
+                "--dst",
+                &srv,
+                "--proto",
+                "icmpv6",
+                "--icmp-type",
+                "128",
+            ],
+        )?;
+    }
+    let before = judged(&lab)?;
+    let replies = net::ping(
+        &ns(&lab, "cli"),
+        addr(&lab, "srv", Family::V6),
+        56,
+        3,
+        ECHO_WAIT,
+    )?;
+    let after = judged(&lab)?;
+    assert_eq!(replies, 3, "IPv6 echo through segbpf after a trace");
+    assert!(
+        after >= before + 6,
+        "the live programs counted {} packets for 3 IPv6 echo requests and their replies after a trace",
+        after - before
+    );
+    Ok(())
+}
+
 /// srv (198.18.1.10, fd00:18:1::10) and cli (198.18.2.10, fd00:18:2::10)
 /// on two subnets, routed by the switch namespace (gateways .1 / ::1). The
 /// router's routes towards cli's subnets carry a locked MTU of 1280, as

@@ -155,6 +155,10 @@ const TOOLS: &[(&str, &str, &str)] = &[
     // receiver's veth (so it takes the generator's XDP frames).
     ("ipset", "--version", "ipset"),
     ("ethtool", "--version", "ethtool"),
+    // `cargo xtask bench`: xdp-filter (xdp-tools), the stateless XDP
+    // filter segbpf's per-packet and traffic rows are compared with.
+    // (`load --version`: only the subcommands know --version.)
+    ("xdp-filter", "load --version", "xdp-tools"),
     ("curl", "--version", "curl"),
     ("ping", "-V", "iputils-ping"),
     // `tests/tests/service.rs`: the unit is checked with systemd-analyze
@@ -173,7 +177,9 @@ const TOOLS: &[(&str, &str, &str)] = &[
 fn ensure_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = TOOLS
         .iter()
-        .filter(|(cmd, arg, _)| output_ok(Command::new(cmd).arg(arg)).is_none())
+        .filter(|(cmd, args, _)| {
+            output_ok(Command::new(cmd).args(args.split_whitespace())).is_none()
+        })
         .map(|(_, _, pkg)| *pkg)
         .collect();
     apt_install(&missing)

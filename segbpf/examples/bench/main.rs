@@ -113,6 +113,61 @@ fn ns_per_packet(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// Other builds of the eBPF object to measure next to this one, in the
+/// same rounds (ablations: "before and after in the same run"):
+/// `SEGBPF_BENCH_ALT=label=path[,label=path...]`. Their per-packet cases
+/// are named `... {label}`; the policy maps must have this build's layout.
+fn alt_objects() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let Ok(spec) = std::env::var("SEGBPF_BENCH_ALT") else {
+        return Ok(Vec::new());
+    };
+    spec.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (label, path) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("SEGBPF_BENCH_ALT: {s}: expected label=path"))?;
+            Ok((label.to_string(), std::fs::read(path)?))
+        })
+        .collect()
+}
+
+/// A live instance of `object` (this build's when None) for an Ethernet
+/// device, default capacities (as `loader::load`).
+fn load_object(object: Option<&[u8]>) -> anyhow::Result<aya::Ebpf> {
+    let Some(bytes) = object else {
+        return Ok(loader::load(Capacity::default(), RUN_LIVE)?);
+    };
+    let c = Capacity::default();
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries(segbpf_common::MAP_PEER_V4, c.peer_v4)
+        .map_max_entries(segbpf_common::MAP_PEER_V6, c.peer_v6)
+        .map_max_entries(segbpf_common::MAP_PORTS, c.ports)
+        .map_max_entries(segbpf_common::MAP_CT, c.ct)
+        .map_max_entries(
+            segbpf_common::MAP_CT_NEW,
+            segbpf_common::ct_new_entries(c.ct),
+        )
+        .map_max_entries(segbpf_common::MAP_FRAG, c.frag)
+        .map_max_entries(segbpf_common::MAP_FRAG_NEW, c.frag)
+        .map_max_entries(segbpf_common::MAP_RULE_STATS, c.rule_stats)
+        .override_global(segbpf_common::GLOBAL_RUN_MODE, &RUN_LIVE, true)
+        .override_global(
+            segbpf_common::GLOBAL_LINK,
+            &segbpf_common::LINK_ETHERNET,
+            true,
+        )
+        .load(bytes)?;
+    if ebpf.program(segbpf_common::PROG_XDP_INGRESS_V6).is_some() {
+        loader::load_programs(&mut ebpf)?;
+    } else {
+        // A build from before the IPv6 programs were split off.
+        loader::xdp(&mut ebpf)?.load()?;
+        loader::tc(&mut ebpf)?.load()?;
+    }
+    Ok(ebpf)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -123,6 +178,8 @@ struct Case {
     frame: Vec<u8>,
     /// Index of the loaded instance it runs on.
     inst: usize,
+    /// Runs this program instead (xdp-filter's), by descriptor.
+    raw_fd: Option<i32>,
     samples: Vec<f64>,
     ratios: Vec<f64>,
 }
@@ -237,6 +294,17 @@ fn main() -> anyhow::Result<()> {
         println!("{}", attachments_memory()?);
         return Ok(());
     }
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("verifier") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&verifier_stats(3, None)?)?
+        );
+        for (label, bytes) in alt_objects()? {
+            eprintln!("{label}:");
+            verifier_stats(3, Some(&bytes))?;
+        }
+        return Ok(());
+    }
     let host: IpAddr = "192.0.2.1".parse()?;
     let host6: IpAddr = "2001:db8::1".parse()?;
     let sizes: Vec<(usize, usize)> =
@@ -273,86 +341,109 @@ fn main() -> anyhow::Result<()> {
     let mut instances: Vec<aya::Ebpf> = Vec::new();
     let mut cases: Vec<Case> = Vec::new();
     let mut sizes_out = Vec::new();
+    let alts = alt_objects()?;
+    let objects: Vec<(String, Option<&[u8]>)> = std::iter::once((String::new(), None))
+        .chain(
+            alts.iter()
+                .map(|(l, b)| (format!(" {{{l}}}"), Some(b.as_slice()))),
+        )
+        .collect();
     for &(rules, prefixes) in &sizes {
-        let t0 = Instant::now();
-        let (_, c) = compile(rules, prefixes)?;
-        let compile_s = t0.elapsed().as_secs_f64();
-        let mut ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
-        let t1 = Instant::now();
-        maps::write_policy(&mut ebpf, &c)?;
-        let load_s = t1.elapsed().as_secs_f64();
-        open_flows(&mut ebpf, host)?;
-        let peer: IpAddr = "198.18.0.9".parse()?;
-        let inst = instances.len();
-        let mem = memlock(&ebpf);
-        instances.push(ebpf);
-        let label = format!("{rules} rules / {prefixes} prefixes");
-        let src_allowed = "198.18.0.7";
-        let mk = |name: &str, frame: Vec<u8>| Case {
-            name: format!("{name} [{label}]"),
-            frame,
-            inst,
-            samples: Vec::new(),
-            ratios: Vec::new(),
-        };
-        cases.push(mk(
-            "allowed tcp",
-            PacketSpec::tcp(src_allowed.parse()?, host, 40000, 1000)
+        for (obj_label, obj) in &objects {
+            if obj.is_some() && (rules, prefixes) != sizes[0] {
+                // Other builds: at the first policy size only.
+                continue;
+            }
+            let t0 = Instant::now();
+            let (_, c) = compile(rules, prefixes)?;
+            let compile_s = t0.elapsed().as_secs_f64();
+            let mut ebpf = load_object(*obj)?;
+            let t1 = Instant::now();
+            maps::write_policy(&mut ebpf, &c)?;
+            let load_s = t1.elapsed().as_secs_f64();
+            open_flows(&mut ebpf, host)?;
+            let peer: IpAddr = "198.18.0.9".parse()?;
+            let inst = instances.len();
+            let mem = memlock(&ebpf);
+            instances.push(ebpf);
+            let label = format!("{rules} rules / {prefixes} prefixes");
+            let src_allowed = "198.18.0.7";
+            let mk = |name: &str, frame: Vec<u8>| Case {
+                name: format!("{name} [{label}]{obj_label}"),
+                frame,
+                inst,
+                raw_fd: None,
+                samples: Vec::new(),
+                ratios: Vec::new(),
+            };
+            cases.push(mk(
+                "allowed tcp",
+                PacketSpec::tcp(src_allowed.parse()?, host, 40000, 1000)
+                    .build()
+                    .bytes,
+            ));
+            cases.push(mk(
+                "ct hit, half-open",
+                PacketSpec {
+                    tcp_flags: 0x12,
+                    ..PacketSpec::tcp("198.18.0.9".parse()?, host, 443, 40000)
+                }
                 .build()
                 .bytes,
-        ));
-        cases.push(mk(
-            "ct hit, half-open",
-            PacketSpec {
-                tcp_flags: 0x12,
-                ..PacketSpec::tcp("198.18.0.9".parse()?, host, 443, 40000)
-            }
-            .build()
-            .bytes,
-        ));
-        cases.push(mk(
-            "ct hit, assured",
-            PacketSpec {
-                tcp_flags: 0x10,
-                tcp_seq: 2,
-                tcp_ack: 2,
-                ..PacketSpec::tcp(peer, host, 443, 40001)
-            }
-            .build()
-            .bytes,
-        ));
-        cases.push(mk(
-            "blind rst, out of window (dropped)",
-            PacketSpec {
-                tcp_flags: 0x04,
-                tcp_seq: 3_000_000,
-                ..PacketSpec::tcp(peer, host, 443, 40001)
-            }
-            .build()
-            .bytes,
-        ));
-        cases.push(mk(
-            "default drop (event suppressed)",
-            PacketSpec::tcp("203.0.113.9".parse()?, host, 40000, 22)
+            ));
+            cases.push(mk(
+                "ct hit, assured",
+                PacketSpec {
+                    tcp_flags: 0x10,
+                    tcp_seq: 2,
+                    tcp_ack: 2,
+                    ..PacketSpec::tcp(peer, host, 443, 40001)
+                }
                 .build()
                 .bytes,
-        ));
-        cases.push(mk(
-            "ipv6 allowed",
-            PacketSpec::tcp("fd00:18::7".parse()?, host6, 40000, 1000)
+            ));
+            cases.push(mk(
+                "blind rst, out of window (dropped)",
+                PacketSpec {
+                    tcp_flags: 0x04,
+                    tcp_seq: 3_000_000,
+                    ..PacketSpec::tcp(peer, host, 443, 40001)
+                }
                 .build()
                 .bytes,
-        ));
-        sizes_out.push(json!({
+            ));
+            cases.push(mk(
+                "default drop (event suppressed)",
+                PacketSpec::tcp("203.0.113.9".parse()?, host, 40000, 22)
+                    .build()
+                    .bytes,
+            ));
+            cases.push(mk(
+                "drop, known source, closed port (event suppressed)",
+                PacketSpec::tcp(src_allowed.parse()?, host, 40000, 22)
+                    .build()
+                    .bytes,
+            ));
+            cases.push(mk(
+                "ipv6 allowed",
+                PacketSpec::tcp("fd00:18::7".parse()?, host6, 40000, 1000)
+                    .build()
+                    .bytes,
+            ));
+            if obj.is_some() {
+                continue;
+            }
+            sizes_out.push(json!({
             "rules": rules, "prefixes": prefixes,
             "entries": { "peer_v4": c.peers_v4.len(), "peer_v6": c.peers_v6.len(), "ports": c.ports.len() },
             "classes": c.classes,
             "compile_s": compile_s, "write_maps_s": load_s, "map_memlock_bytes": mem,
         }));
-        eprintln!(
-            "prepared {label}: compile {compile_s:.2}s, maps {load_s:.2}s, {} KiB locked",
-            mem / 1024
-        );
+            eprintln!(
+                "prepared {label}: compile {compile_s:.2}s, maps {load_s:.2}s, {} KiB locked",
+                mem / 1024
+            );
+        }
     }
 
     // Event pipeline: the same drop with events off.
@@ -368,6 +459,7 @@ fn main() -> anyhow::Result<()> {
             .build()
             .bytes,
         inst: quiet_inst,
+        raw_fd: None,
         samples: Vec::new(),
         ratios: Vec::new(),
     });
@@ -401,6 +493,69 @@ fn main() -> anyhow::Result<()> {
             name: format!("{name} [10 rules / 1000 prefixes]"),
             frame: frame.build().bytes,
             inst: plain_inst,
+            raw_fd: None,
+            samples: Vec::new(),
+            ratios: Vec::new(),
+        });
+    }
+
+    // Connection tracking off as well (`established = false`): the drop
+    // path without its two connection-table misses, i.e. what is left of
+    // a default drop (parse, configuration, clock, the peer lookup,
+    // counters) against xdp-filter's stateless drop.
+    let (_, mut stateless) = compile(10, 1_000)?;
+    stateless.config.flow_acct = 0;
+    stateless.config.log_rate = 0;
+    stateless.config.established = 0;
+    let mut stateless_ebpf = loader::load(Capacity::default(), RUN_LIVE)?;
+    maps::write_policy(&mut stateless_ebpf, &stateless)?;
+    let stateless_inst = instances.len();
+    instances.push(stateless_ebpf);
+    for (name, dport) in [
+        (
+            "default drop (events off, flow accounting off, tracking off)",
+            22,
+        ),
+        (
+            "allowed tcp (events off, flow accounting off, tracking off)",
+            1000,
+        ),
+    ] {
+        let src = if dport == 22 {
+            "203.0.113.9"
+        } else {
+            "198.18.0.7"
+        };
+        cases.push(Case {
+            name: format!("{name} [10 rules / 1000 prefixes]"),
+            frame: PacketSpec::tcp(src.parse()?, host, 40000, dport)
+                .build()
+                .bytes,
+            inst: stateless_inst,
+            raw_fd: None,
+            samples: Vec::new(),
+            ratios: Vec::new(),
+        });
+    }
+
+    // xdp-filter (xdp-tools), stateless, on a device of its own
+    // namespace: deny, with tcp/1000 (the allowed case's port) open.
+    let mut xf_lab = segbpf_tests::Lab::new("bxf")?;
+    xf_lab.add_host("h", &["198.18.5.1/24"])?;
+    let xf_ns = xf_lab.host("h").ns.name.clone();
+    let xf = traffic::XdpFilter::load(&xf_ns, "eth0", 1000)?;
+    let xf_fd = xf.prog_fd()?;
+    for (name, dport) in [
+        ("xdp-filter: pass (open port)", 1000),
+        ("xdp-filter: drop, known source, closed port", 22),
+    ] {
+        cases.push(Case {
+            name: name.into(),
+            frame: PacketSpec::tcp("198.18.0.7".parse()?, host, 40000, dport)
+                .build()
+                .bytes,
+            inst: 0,
+            raw_fd: Some(xf_fd.as_raw_fd()),
             samples: Vec::new(),
             ratios: Vec::new(),
         });
@@ -418,8 +573,12 @@ fn main() -> anyhow::Result<()> {
         let floor = ns_per_packet(floor_prog, &floor_frame, o.repeat)?;
         floor_samples.push(floor);
         for c in &mut cases {
-            let prog = loader::xdp(&mut instances[c.inst])?;
-            let ns = ns_per_packet(prog, &c.frame, o.repeat)?;
+            let ns = if let Some(fd) = c.raw_fd {
+                traffic::test_run_ns(fd, &c.frame, o.repeat)?
+            } else {
+                let prog = loader::xdp(&mut instances[c.inst])?;
+                ns_per_packet(prog, &c.frame, o.repeat)?
+            };
             c.samples.push(ns);
             c.ratios.push(ns / floor);
         }
@@ -429,6 +588,10 @@ fn main() -> anyhow::Result<()> {
             o.rounds
         );
     }
+
+    drop(xf_fd);
+    drop(xf);
+    drop(xf_lab);
 
     // Debugging: SEGBPF_BENCH_ONLY=packet stops after the per-packet cases.
     let packet_only = std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("packet");
@@ -485,6 +648,7 @@ fn main() -> anyhow::Result<()> {
 
     let attachments = attachments_memory()?;
     let services_rows = services::per_packet(o.rounds, o.repeat)?;
+    let verifier = verifier_stats(3, None)?;
     let throughput = traffic::throughput(o.quick)?;
 
     // Report.
@@ -564,6 +728,7 @@ fn main() -> anyhow::Result<()> {
         "update": {"swap_10k_rules_s": swap_10k_s, "set_element_s": set_add_s},
         "throughput": throughput,
         "attachments_memory": attachments,
+        "verifier": verifier,
     });
     std::fs::create_dir_all("bench")?;
     std::fs::write(
@@ -572,6 +737,71 @@ fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("wrote bench/results.json");
     Ok(())
+}
+
+/// What the verifier does with each attached program of a live instance
+/// (Ethernet link): the instructions it processed (`verified_insns` of
+/// the kernel's program info, kernel 5.16+), the program's size after the
+/// kernel's rewrites, and the wall time of its BPF_PROG_LOAD (nearly all
+/// of it verification), median of `loads` loads. `object`: another build
+/// of the eBPF object (see `alt_objects`), else this one.
+fn verifier_stats(loads: usize, object: Option<&[u8]>) -> anyhow::Result<serde_json::Value> {
+    use segbpf_common::{
+        GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, LINK_ETHERNET, PROG_TC_EGRESS,
+        PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6,
+    };
+    let mut rows = Vec::new();
+    for name in [
+        PROG_XDP_INGRESS,
+        PROG_XDP_INGRESS_V6,
+        PROG_TC_EGRESS,
+        PROG_TC_EGRESS_V6,
+    ] {
+        let mut times = Vec::new();
+        let mut insns = 0;
+        let mut xlated = 0;
+        for _ in 0..loads {
+            let mut ebpf = aya::EbpfLoader::new()
+                .override_global(GLOBAL_RUN_MODE, &RUN_LIVE, true)
+                .override_global(GLOBAL_LINK, &LINK_ETHERNET, true)
+                .override_global(GLOBAL_IFINDEX, &1u32, true)
+                .load(object.unwrap_or(loader::EBPF_OBJECT))?;
+            let Some(prog) = ebpf.program_mut(name) else {
+                // An object from before the IPv6 programs were split off.
+                break;
+            };
+            let t = Instant::now();
+            let loaded = match prog {
+                aya::programs::Program::Xdp(p) => p.load().and_then(|()| p.info()),
+                aya::programs::Program::SchedClassifier(p) => p.load().and_then(|()| p.info()),
+                _ => anyhow::bail!("{name}: unexpected program type"),
+            };
+            let info = match loaded {
+                Ok(info) => info,
+                Err(e) => {
+                    // The verifier refused it: say where it stopped.
+                    let text = format!("{e}");
+                    let tail: Vec<&str> = text.lines().rev().take(4).collect();
+                    eprintln!("verifier: {name}: refused: {}", tail.join(" | "));
+                    rows.push(json!({"program": name, "refused": tail.join(" | ")}));
+                    break;
+                }
+            };
+            times.push(t.elapsed().as_secs_f64());
+            insns = info.verified_instruction_count().unwrap_or(0);
+            xlated = info.size_translated().unwrap_or(0) / 8;
+        }
+        if times.is_empty() {
+            continue;
+        }
+        let load_s = median(&mut times.clone());
+        eprintln!(
+            "verifier: {name}: {insns} instructions processed, {xlated} instructions, load {:.0} ms (median of {loads})",
+            load_s * 1e3
+        );
+        rows.push(json!({"program": name, "verified_insns": insns, "xlated_insns": xlated, "load_s": load_s, "load_samples_s": times}));
+    }
+    Ok(serde_json::Value::Array(rows))
 }
 
 /// Kernel memory (`memlock` of programs and maps, as `segbpf status`

@@ -10,7 +10,9 @@
 //! The receiver runs nothing, segbpf (events on, rate-limited; and off),
 //! the nftables ruleset of `segbpf export nft`, a best-case nftables
 //! ruleset (one concatenated-key interval verdict map), or iptables with an
-//! ipset (`hash:net,port`). Rounds interleave the enforcers. The packets
+//! ipset (`hash:net,port`), or xdp-filter of xdp-tools (stateless: deny,
+//! with the allowed port open; see `XdpFilter`). Rounds interleave the
+//! enforcers. The packets
 //! the receiver handled are counted from its veth's counters, so frames
 //! the veth ring refused (the receiver was too slow) are not counted.
 //!
@@ -113,6 +115,108 @@ fn live_run(prog_fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Re
         return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
+}
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+/// Mean nanoseconds of one of `repeat` BPF_PROG_TEST_RUN repetitions of
+/// the program `prog_fd` on `frame` (programs aya did not load: xdp-filter's).
+pub(crate) fn test_run_ns(prog_fd: i32, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: bpf(2) with a fully initialised attribute block of its size;
+    // the kernel reads `frame` and writes `attr`, which outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            std::ptr::from_mut(&mut attr),
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(f64::from(attr.duration))
+}
+
+/// `union bpf_attr` as BPF_PROG_GET_FD_BY_ID reads it.
+#[repr(C)]
+struct GetFd {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    _pad: [u32; 13],
+}
+
+/// xdp-filter (xdp-tools) on `dev` of the namespace `ns`, as its manual
+/// shows it: `xdp-filter load -p deny -m native DEV` (unmatched packets
+/// are dropped), then `xdp-filter port PORT` (destination port PORT, TCP
+/// and UDP, passes). Stateless: it matches ports and addresses one at a
+/// time, never a source with a port. libxdp loads it behind its
+/// dispatcher (a bpffs is mounted for it in the command's own mount
+/// namespace). Removed (the device's XDP program detached) on drop.
+pub(crate) struct XdpFilter {
+    ns: String,
+    dev: String,
+}
+
+impl XdpFilter {
+    pub(crate) fn load(ns: &str, dev: &str, port: u16) -> anyhow::Result<Self> {
+        let script = format!(
+            "mount -t bpf bpf /sys/fs/bpf && xdp-filter load -p deny -m native {dev} && xdp-filter port {port}"
+        );
+        segbpf_tests::netns::sh("ip", &["netns", "exec", ns, "sh", "-c", &script])?;
+        Ok(XdpFilter {
+            ns: ns.to_string(),
+            dev: dev.to_string(),
+        })
+    }
+
+    /// A descriptor of the program attached to the device (libxdp's
+    /// dispatcher, which calls the filter).
+    pub(crate) fn prog_fd(&self) -> anyhow::Result<std::os::fd::OwnedFd> {
+        let out = segbpf_tests::netns::ip(&[
+            "-j", "-d", "-n", &self.ns, "link", "show", "dev", &self.dev,
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let id = v[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no XDP program on {} in {}", self.dev, self.ns))?;
+        let attr = GetFd {
+            id: id as u32,
+            next_id: 0,
+            open_flags: 0,
+            _pad: [0; 13],
+        };
+        // SAFETY: bpf(2) with an initialised attribute block of its size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_GET_FD_BY_ID,
+                std::ptr::from_ref(&attr),
+                size_of::<GetFd>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: the kernel just returned this descriptor to us.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = segbpf_tests::netns::ip(&[
+            "-n", &self.ns, "link", "set", "dev", &self.dev, "xdp", "off",
+        ]);
+    }
 }
 
 fn mac(ns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
@@ -462,6 +566,7 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
         "nft-export",
         "nft-best",
         "iptables-ipset",
+        "xdp-filter",
     ];
 
     let mut lab = Lab::new("bt")?;
@@ -569,6 +674,11 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                     }
                     _ => {}
                 }
+                let filter = if enforcer == "xdp-filter" {
+                    Some(XdpFilter::load(&rx_ns, "eth0", port_ok)?)
+                } else {
+                    None
+                };
                 for (traffic, port) in [("allowed", port_ok), ("denied", DENIED_PORT)] {
                     let f = frame(rx_mac, tx_mac, port);
                     let pps = generator.rate(&f, base, (ADDR_BITS, PORT_BITS), &rx_ns, secs)?;
@@ -597,6 +707,7 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                     }
                     _ => {}
                 }
+                drop(filter);
             }
             eprintln!("throughput {rules} rules: round {}/{rounds}", round + 1);
         }

@@ -5,12 +5,13 @@
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{SchedClassifier, Xdp},
 };
 use segbpf_common::{
     GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW,
-    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, PINNED_MAPS, PROG_TC_EGRESS,
-    PROG_XDP_INGRESS, RUN_DRY,
+    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS,
+    PROG_TC_EGRESS, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -34,6 +35,12 @@ pub enum LoadError {
     /// The object lacks a program.
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
+    /// The object lacks a map.
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    /// A map could not be filled (the tail-call tables).
+    #[error("filling a map failed: {0}")]
+    Map(aya::maps::MapError),
     /// The namespace's shared connection tables were made with another
     /// layout (another segbpf version).
     #[error(
@@ -234,7 +241,32 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     Ok(ebpf)
 }
 
-fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+/// Loads the programs of an instance and fills its tail-call tables: the
+/// IPv6 programs first, so the IPv4 programs never run with an empty
+/// table (they could not: nothing is attached yet, and an empty table
+/// drops, see the kernel crate's `main.rs`).
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for (prog, table, xdp_type) in [
+        (PROG_XDP_INGRESS_V6, MAP_TAIL_XDP, true),
+        (PROG_TC_EGRESS_V6, MAP_TAIL_TC, false),
+    ] {
+        let p = ebpf
+            .program_mut(prog)
+            .ok_or(LoadError::MissingProgram(prog))?;
+        let fd = if xdp_type {
+            let p: &mut Xdp = p.try_into()?;
+            p.load()?;
+            p.fd()?.try_clone()
+        } else {
+            let p: &mut SchedClassifier = p.try_into()?;
+            p.load()?;
+            p.fd()?.try_clone()
+        }
+        .map_err(|e| LoadError::Program(aya::programs::ProgramError::IOError(e)))?;
+        let map = ebpf.map_mut(table).ok_or(LoadError::MissingMap(table))?;
+        let mut tail = ProgramArray::try_from(map).map_err(LoadError::Map)?;
+        tail.set(0, &fd, 0).map_err(LoadError::Map)?;
+    }
     xdp(ebpf)?.load()?;
     tc(ebpf)?.load()?;
     Ok(())

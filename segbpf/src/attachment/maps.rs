@@ -382,11 +382,18 @@ pub fn take_trace(ebpf: &mut aya::Ebpf) -> Result<TraceResult, MapsError> {
     Ok(t)
 }
 
-/// Pins every map of a loaded instance that userspace shares into the
-/// attachment's directory (the namespace's shared connection tables were
-/// pinned when they were made, see [`crate::attachment::loader::load_attachment`]).
+/// Pins every map of a loaded instance that userspace shares, and its
+/// tail-call tables, into the attachment's directory (the namespace's
+/// shared connection tables were pinned when they were made, see
+/// [`crate::attachment::loader::load_attachment`]).
 pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> {
-    for name in segbpf_common::PINNED_MAPS {
+    // The tail-call tables too: the kernel empties a program array when
+    // the last pin or descriptor of it goes, which would leave the
+    // attached programs without their IPv6 half once this process exits.
+    for name in segbpf_common::PINNED_MAPS
+        .into_iter()
+        .chain(segbpf_common::TAIL_MAPS)
+    {
         if segbpf_common::SHARED_MAPS.contains(&name) {
             continue;
         }

@@ -1,6 +1,7 @@
 //! Kernel memory an attachment holds, as the kernel accounts it: the
 //! `memlock` of each program and map (`/proc/self/fdinfo`), found from the
-//! attachment's pinned programs and the map ids the kernel lists for them,
+//! attachment's pinned programs, the IPv6 programs in its pinned
+//! tail-call tables, and the map ids the kernel lists for them,
 //! so maps that are not pinned (scratch space, read-only globals) count
 //! too. The connection tables are shared by every attachment of the
 //! network namespace and are counted apart, once.
@@ -65,10 +66,10 @@ pub fn of(att: &Attachment) -> Memory {
     let shared = shared_ids(att);
     let mut own_maps = BTreeSet::new();
     let mut bytes = 0;
-    for prog in [att.prog_xdp(), att.prog_tc()] {
-        let Ok(info) = ProgramInfo::from_pin(&prog) else {
-            continue;
-        };
+    let attached = [att.prog_xdp(), att.prog_tc()]
+        .into_iter()
+        .filter_map(|prog| ProgramInfo::from_pin(&prog).ok());
+    for info in attached.chain(tail_programs(att)) {
         bytes += info.memory_locked().map_or(0, u64::from);
         if let Ok(Some(ids)) = info.map_ids() {
             own_maps.extend(ids.into_iter().filter(|id| !shared.contains(id)));
@@ -97,6 +98,57 @@ pub fn of(att: &Attachment) -> Memory {
         shared_bytes,
         shared_by: att.sharing().len(),
     }
+}
+
+/// The programs in the attachment's pinned tail-call tables (the IPv6
+/// programs the attached ones hand packets to).
+fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
+    let ids: BTreeSet<u32> = segbpf_common::TAIL_MAPS
+        .iter()
+        .filter_map(|name| MapData::from_pin(att.map(name)).ok())
+        .filter_map(|map| prog_array_first(map.fd().as_fd()))
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .collect()
+}
+
+/// The id of the program at index 0 of a program array: the kernel
+/// answers a lookup from userspace with the program's id.
+fn prog_array_first(map: BorrowedFd<'_>) -> Option<u32> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    #[repr(C)]
+    struct Lookup {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let key = 0u32;
+    let mut id = 0u32;
+    let attr = Lookup {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: std::ptr::from_mut(&mut id) as u64,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) with an initialised attribute block of its size; the
+    // kernel reads `key` and writes the 4-byte `id`, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            std::ptr::from_ref(&attr),
+            size_of::<Lookup>(),
+        )
+    };
+    (rc == 0).then_some(id)
 }
 
 /// Bytes as people read them: `24.3 MiB`.
