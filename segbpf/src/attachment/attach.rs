@@ -860,11 +860,24 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
 /// automatic reloads wait too (logged once): they would supersede the
 /// unconfirmed change and its guard would stand down. Never returns.
 pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal, watch: Watch) {
+    // What the policy's path resolves to: (device, inode, modification
+    // time). inotify watches the file's directory, so it cannot see a
+    // directory higher up the path being swapped; the 2 s tick catches that
+    // by the inode (a file replaced whole is safe to read). Only without
+    // inotify does the tick also compare the modification time (a file
+    // may still be half written when its time changes).
     let mtime = |att: &Attachment| {
+        use std::os::unix::fs::MetadataExt;
         State::current(att)
             .ok()
             .and_then(|s| std::fs::metadata(&s.policy).ok())
-            .and_then(|m| m.modified().ok())
+            .map(|m| (m.dev(), m.ino(), m.modified().ok()))
+    };
+    let same = |a: &Option<(u64, u64, Option<std::time::SystemTime>)>,
+                b: &Option<(u64, u64, Option<std::time::SystemTime>)>,
+                inotify: bool| match (a, b) {
+        (Some(a), Some(b)) if inotify => (a.0, a.1) == (b.0, b.1),
+        _ => a == b,
     };
     let policy_file = |att: &Attachment| State::current(att).ok().map(|s| PathBuf::from(s.policy));
     // The file is followed with inotify ([`crate::host::watch`]); only where that
@@ -904,10 +917,23 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                 match deferred {
                     Some(why) if guard::pending(att).is_none() => why,
                     _ if watch == Watch::Off
-                        || watcher.is_some()
-                        || now == seen
+                        || same(&now, &seen, watcher.is_some())
                         || now.is_none() => continue,
-                    _ => "the policy file changed",
+                    _ => {
+                        // Replaced from above its directory: watch the
+                        // directory the path leads to now.
+                        if let (Some(_), Some(file)) = (watcher.as_ref(), policy_file(att)) {
+                            watcher = crate::host::watch::FileWatch::new(&file)
+                                .inspect_err(|e| {
+                                    warn!(
+                                        "watching {} with inotify: {e}; checking it every 2 s instead",
+                                        file.display()
+                                    );
+                                })
+                                .ok();
+                        }
+                        "the policy file changed"
+                    }
                 }
             }
         };
