@@ -594,8 +594,19 @@ fn apply(att: &Attachment, text: &str, confirm: Option<u64>) -> Result<swap::Swa
             .map_err(|e| FleetError::Swap(swap::SwapError::Guard(Box::new(e))))?;
     }
     let cache = cache_path(att);
-    let out = swap::swap_with(att, true, |_| {
-        Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
+    let out = swap::swap_with(att, true, |old| {
+        let choice = Choice::copy_of(next.clone(), cache, BTreeMap::new());
+        if confirm.is_none() {
+            // An automatic apply never does what an explicit reload would
+            // refuse: cutting a live SSH session (found in the kernel).
+            swap::Guarded::default().refuse_lockout(
+                att,
+                &choice,
+                &old.roles,
+                &format!("fleet revision on {}", att.describe()),
+            )?;
+        }
+        Ok(choice)
     })
     .inspect_err(|_| {
         if confirm.is_some() {
