@@ -361,6 +361,8 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert_eq!(att["mode"], "enforcing", "{att}");
     assert!(is_time(&att["state"]["attached_at"]), "{att}");
     assert!(att["state"]["generation"].as_u64() == Some(1), "{att}");
+    // A generation, not a unix time: null while the roles never changed.
+    assert!(att["state"]["roles_changed_at"].is_null(), "{att}");
     assert!(att["rules"].as_array().is_some_and(|r| {
         r.iter()
             .any(|x| x["name"] == "web-in" && x["packets"].is_u64())
@@ -468,6 +470,13 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     )?;
     assert_doc(&v, &ns);
     assert_eq!(v["generation"], 2, "{v}");
+    // A set add that changes nothing: the attachment still named.
+    let v = json(
+        &lab,
+        &["set", "add", "eth0", "admins", "198.18.5.201", "-o", "json"],
+    )?;
+    assert_doc(&v, &ns);
+    assert_eq!(v["applied"], false, "{v}");
 
     // reload of a relative path: the policy by its absolute path.
     let cwd = std::env::current_dir()?;
@@ -501,6 +510,14 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     let v = json(&lab, &["diff", "eth0", "1", "2", "-o", "json"])?;
     assert_doc(&v, &ns);
     assert!(v["differ"].is_boolean(), "{v}");
+    // --exit-code: one document, the diff; the exit status says they differ.
+    let out = lab.segbpf("srv", &["diff", "eth0", "1", "2", "--exit-code", "-o", "json"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!("one document: {e}: {}", String::from_utf8_lossy(&out.stdout))
+    })?;
+    assert_eq!(v["differ"], true, "{v}");
+    assert!(v.get("error").is_none(), "{v}");
 
     // Errors: a document on stdout, the exit status as ever.
     assert_error(
