@@ -1642,3 +1642,35 @@ fn the_watcher_without_ssh_connection_keeps_a_live_ssh_session_found_in_the_kern
     drop(session);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
+    let mut lab = Lab::new("ssha")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    // POLICY_A has no SSH rule: it cuts the session 10.10.1.15 -> :22.
+    let cut = lab.write_policy("cut.toml", POLICY_A)?;
+    let cut = cut.to_str().unwrap_or_default().to_string();
+    let edited = lab.write_policy("cut2.toml", &POLICY_A.replace("udp = [53]", "udp = [54]"))?;
+    let edited = edited.to_str().unwrap_or_default().to_string();
+    // attach --audit from the session: enforces nothing, so no refusal.
+    let (code, err) = ssh_run(
+        &lab,
+        &["attach", "eth0", "--role", "db", "--audit", "--no-wait", "--policy", &cut],
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    let g = generation(&lab)?;
+    // A reload keeps audit mode: not refused either.
+    let (code, err) = ssh_run(&lab, &["reload", "eth0", "--policy", &edited])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(generation(&lab)?, g + 1);
+    // Audit to enforce (attach without --audit over it) is checked.
+    let (code, err) = ssh_run(
+        &lab,
+        &["attach", "eth0", "--role", "db", "--no-wait", "--policy", &edited],
+    )?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ssh-session"), "{err}");
+    assert_eq!(lab.status_json("db")?["attachments"][0]["mode"], "audit");
+    Ok(())
+}

@@ -224,6 +224,11 @@ impl Guarded {
         if self.force || self.confirm.is_some() {
             return Ok(());
         }
+        // These changes keep the attachment's mode: in audit mode nothing
+        // is enforced, so nothing can be cut.
+        if State::current(att).is_ok_and(|s| s.audit) {
+            return Ok(());
+        }
         let Ok(policy) = Policy::load_with_sets(&choice.text, &parse_overrides(&choice.overrides)?)
         else {
             return Ok(());

@@ -109,6 +109,8 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
                 crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &args.iface)
             && args.confirm.is_none()
             && !args.force
+            // A reload keeps the mode: in audit mode nothing is enforced.
+            && !state.audit
         {
             anyhow::bail!(
                 "{}: refused: {m} [ssh-session]; nothing was changed (reload with --confirm SECS to apply it guarded, or --force)",
