@@ -797,3 +797,43 @@ fn suggest_sees_the_last_second_while_attach_drains() -> anyhow::Result<()> {
     drop(attach);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn completions_offer_the_names_of_the_namespace_on_the_line() -> anyhow::Result<()> {
+    let mut lab = Lab::new("compl")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    let policy = lab.write_policy("json.toml", JSON_POLICY)?;
+    lab.attach("srv", &policy.display().to_string(), &["--role", "srv"])?;
+    let ns = lab.host("srv").ns.name.clone();
+    // An interface only the lab's namespace has.
+    lab.host("srv").ns.ip(&["link", "add", "cmpl0", "type", "veth", "peer", "name", "cmpl1"])?;
+    let names = |index: &str, words: &[&str]| -> anyhow::Result<Vec<String>> {
+        let out = std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["complete-names", "--index", index, "--"])
+            .args(words)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    };
+    // `--netns NS` on the line being completed: that namespace's names.
+    let ifaces = names("4", &["segbpf", "--netns", &ns, "status", ""])?;
+    assert!(
+        ifaces.contains(&"cmpl0".to_string()) && ifaces.contains(&"eth0".to_string()),
+        "{ifaces:?}"
+    );
+    let ifaces = names("3", &["segbpf", "status", &format!("--netns={ns}"), ""])?;
+    assert!(ifaces.contains(&"cmpl0".to_string()), "{ifaces:?}");
+    // The sets in force on the namespace's attachment.
+    let sets = names("6", &["segbpf", "--netns", &ns, "set", "add", "eth0", ""])?;
+    assert_eq!(sets, vec!["admins".to_string()], "{sets:?}");
+    // Without --netns: this namespace's interfaces, not the lab's.
+    let here = names("2", &["segbpf", "status", ""])?;
+    assert!(!here.contains(&"cmpl0".to_string()), "{here:?}");
+    Ok(())
+}
