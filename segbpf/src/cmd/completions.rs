@@ -6,7 +6,7 @@
 //! `/usr/share/fish/vendor_completions.d/segbpf.fish`. The bash, zsh and
 //! fish scripts complete interface, role and set names by asking the
 //! hidden `segbpf complete-names` (the interfaces of the namespace the
-//! line names with `--netns`, else the current one,
+//! line names with `--netns`, else the current one; the
 //! roles of the policy file on the line or /etc/segbpf/roles.toml, the
 //! sets in force on the interface on the line), and fall back to clap's
 //! completion of subcommands and options.
