@@ -957,6 +957,37 @@ fn json_of_the_file_commands_follows_docs_json() {
     );
     assert!(v["warnings"].is_array(), "{v}");
 
+    // A port with a protocol that has none, an ICMP type with tcp: usage.
+    let v = assert_json_error(
+        &segbpf(&[EXPLAIN_DB, &["--proto", "icmp", "--dport", "22"]].concat()),
+        "usage",
+        2,
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--dport")),
+        "{v}"
+    );
+    assert_json_error(
+        &segbpf(
+            &[
+                EXPLAIN_DB,
+                &["--proto", "tcp", "--dport", "22", "--icmp-type", "8"],
+            ]
+            .concat(),
+        ),
+        "usage",
+        2,
+    );
+    // monitor: -o json contradicts --log-format text (a usage error before
+    // anything is looked up).
+    assert_json_error(
+        &segbpf(&["monitor", "eth0", "-o", "json", "--log-format", "text"]),
+        "usage",
+        2,
+    );
+
     // Without -o json, nothing on stdout.
     let out = segbpf(&["export", "nft", "-p", "no-such.toml"]);
     assert_eq!(out.status.code(), Some(1));

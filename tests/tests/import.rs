@@ -433,7 +433,8 @@ fn broken_input_names_file_and_line() -> anyhow::Result<()> {
 #[ignore = "needs root, nftables and iptables: run `cargo xtask test`"]
 fn input_with_nothing_that_filters_is_an_error_not_allow_all() -> anyhow::Result<()> {
     let tmp = TempDir::new("nofilter")?;
-    let legacy = "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n";
+    let legacy =
+        "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n";
     let cases = [
         ("iptables", "legacy.rules", legacy),
         (
@@ -454,8 +455,17 @@ fn input_with_nothing_that_filters_is_an_error_not_allow_all() -> anyhow::Result
         let host = format!("web={}", file.display());
         let out = segbpf(&["import", flavor, "--host", &host, "--verify", "--strict"])?;
         let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}{}", text(&out.stdout));
-        assert!(text(&out.stdout).is_empty(), "{name}: {}", text(&out.stdout));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: {stderr}{}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stdout).is_empty(),
+            "{name}: {}",
+            text(&out.stdout)
+        );
         assert!(
             stderr.contains(&format!("{}: no filter chain", file.display())),
             "{name}: {stderr}"
@@ -482,7 +492,12 @@ fn input_with_nothing_that_filters_is_an_error_not_allow_all() -> anyhow::Result
         &open,
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
     )?;
-    let out = segbpf(&["import", "iptables", "--host", &format!("web={}", open.display())])?;
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("web={}", open.display()),
+    ])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     Ok(())
 }

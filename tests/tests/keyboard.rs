@@ -511,10 +511,21 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert_doc(&v, &ns);
     assert!(v["differ"].is_boolean(), "{v}");
     // --exit-code: one document, the diff; the exit status says they differ.
-    let out = lab.segbpf("srv", &["diff", "eth0", "1", "2", "--exit-code", "-o", "json"])?;
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lab.segbpf(
+        "srv",
+        &["diff", "eth0", "1", "2", "--exit-code", "-o", "json"],
+    )?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow::anyhow!("one document: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        anyhow::anyhow!(
+            "one document: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })?;
     assert_eq!(v["differ"], true, "{v}");
     assert!(v.get("error").is_none(), "{v}");
@@ -807,7 +818,9 @@ fn completions_offer_the_names_of_the_namespace_on_the_line() -> anyhow::Result<
     lab.attach("srv", &policy.display().to_string(), &["--role", "srv"])?;
     let ns = lab.host("srv").ns.name.clone();
     // An interface only the lab's namespace has.
-    lab.host("srv").ns.ip(&["link", "add", "cmpl0", "type", "veth", "peer", "name", "cmpl1"])?;
+    lab.host("srv").ns.ip(&[
+        "link", "add", "cmpl0", "type", "veth", "peer", "name", "cmpl1",
+    ])?;
     let names = |index: &str, words: &[&str]| -> anyhow::Result<Vec<String>> {
         let out = std::process::Command::new(segbpf_tests::lab::segbpf_bin())
             .args(["complete-names", "--index", index, "--"])

@@ -1519,9 +1519,8 @@ impl LiveSession {
         let db_ns = format!("/run/netns/{}", db.ns.name);
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let server = std::thread::spawn(move || {
-            let l = segbpf_tests::netns::enter(&db_ns).and_then(|()| {
-                Ok(std::net::TcpListener::bind((server_addr, 22))?)
-            });
+            let l = segbpf_tests::netns::enter(&db_ns)
+                .and_then(|()| Ok(std::net::TcpListener::bind((server_addr, 22))?));
             let l = match l {
                 Ok(l) => {
                     let _ = tx.send(Ok(()));
@@ -1605,24 +1604,42 @@ fn the_watcher_without_ssh_connection_keeps_a_live_ssh_session_found_in_the_kern
     // As under systemd: no SSH_CONNECTION anywhere (lab.spawn sets none).
     let attach = lab.spawn(
         "db",
-        &["attach", "eth0", "--role", "db", "--policy", file.to_str().unwrap_or_default()],
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--policy",
+            file.to_str().unwrap_or_default(),
+        ],
     )?;
     let mut stop = KillOnDrop(Some(attach.id()));
     wait_in_force(&lab)?;
     let g0 = generation(&lab)?;
     let mut session = LiveSession::open(&lab)?;
-    assert!(session.exchange(), "the session works under the live policy");
+    assert!(
+        session.exchange(),
+        "the session works under the live policy"
+    );
 
     // An explicit reload from a console (no SSH_CONNECTION) is refused:
     // the session is found in the kernel.
     let cut = lab.write_policy("cut.toml", POLICY_A)?;
     let out = lab.segbpf(
         "db",
-        &["reload", "eth0", "--policy", cut.to_str().unwrap_or_default()],
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            cut.to_str().unwrap_or_default(),
+        ],
     )?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("ssh-session") && err.contains("10.10.1.15"), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("10.10.1.15"),
+        "{err}"
+    );
 
     // The watched file saved with the cutting policy: never applied.
     std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
@@ -1656,7 +1673,16 @@ fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
     // attach --audit from the session: enforces nothing, so no refusal.
     let (code, err) = ssh_run(
         &lab,
-        &["attach", "eth0", "--role", "db", "--audit", "--no-wait", "--policy", &cut],
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--audit",
+            "--no-wait",
+            "--policy",
+            &cut,
+        ],
     )?;
     assert_eq!(code, Some(0), "{err}");
     let g = generation(&lab)?;
@@ -1667,7 +1693,15 @@ fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
     // Audit to enforce (attach without --audit over it) is checked.
     let (code, err) = ssh_run(
         &lab,
-        &["attach", "eth0", "--role", "db", "--no-wait", "--policy", &edited],
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--no-wait",
+            "--policy",
+            &edited,
+        ],
     )?;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("ssh-session"), "{err}");

@@ -179,7 +179,10 @@ fn examples(name: &str) -> &'static [&'static str] {
             "segbpf set del eth0 admin_net 10.10.0.77",
             "segbpf set del eth0 admin_net 10.10.2.0/24 -o json",
         ],
-        "segbpf-set-list" => &["segbpf set list eth0", "segbpf set list eth0 admin_net -o json"],
+        "segbpf-set-list" => &[
+            "segbpf set list eth0",
+            "segbpf set list eth0 admin_net -o json",
+        ],
         "segbpf-confirm" => &[
             "segbpf confirm eth0",
             "segbpf reload eth0 --policy new.toml --confirm 60 && segbpf confirm eth0",
@@ -473,7 +476,12 @@ mod tests {
         let names: Vec<String> = pages()
             .unwrap()
             .into_iter()
-            .map(|p| p.name.trim_end_matches(".8").trim_end_matches(".5").to_string())
+            .map(|p| {
+                p.name
+                    .trim_end_matches(".8")
+                    .trim_end_matches(".5")
+                    .to_string()
+            })
             .collect();
         for name in names {
             for e in examples(&name) {
@@ -513,7 +521,10 @@ mod tests {
         for section in [".SH EXAMPLES", ".SH FILES", ".SH ENVIRONMENT"] {
             assert!(text.contains(section), "roles.toml.5: no {section}");
         }
-        assert!(text.contains("segbpf check /etc/segbpf/roles.toml"), "{text}");
+        assert!(
+            text.contains("segbpf check /etc/segbpf/roles.toml"),
+            "{text}"
+        );
         // No line starts a request by accident.
         for l in text.lines() {
             assert!(!l.starts_with('\''), "{l}");
