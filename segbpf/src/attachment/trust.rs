@@ -373,6 +373,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proc_net_tcp_sessions_to_the_ssh_ports() {
+        // A listener on :22, a session from 10.10.1.15:50022 to
+        // 10.10.1.30:22, one on :2222, an outgoing connection to a
+        // remote :22 and a loopback session; IPv6: a session to [fd00::1]:22.
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1
+   1: 1E010A0A:0016 0F010A0A:C3A6 01 00000000:00000000 00:00000000 00000000     0        0 222 1
+   2: 1E010A0A:08AE 0F010A0A:C3A7 01 00000000:00000000 00:00000000 00000000     0        0 333 1
+   3: 1E010A0A:C3A8 0F010A0A:0016 01 00000000:00000000 00:00000000 00000000     0        0 444 1
+   4: 0100007F:0016 0100007F:C3A9 01 00000000:00000000 00:00000000 00000000     0        0 555 1
+";
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 000000FD000000000000000001000000:0016 000000FD000000000000000002000000:C3AA 01 00000000:00000000 00:00000000 00000000     0        0 666 1
+";
+        let mut e = parse_proc_tcp(v4);
+        e.extend(parse_proc_tcp(v6));
+        assert_eq!(e.len(), 6);
+        assert_eq!(e[0].state, TCP_LISTEN);
+        assert_eq!(e[0].inode, 111);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            sessions_of(e.iter(), &[22]),
+            vec![
+                (ip("10.10.1.15"), 50086, ip("10.10.1.30"), 22),
+                (ip("fd00::2"), 50090, ip("fd00::1"), 22),
+            ]
+        );
+        assert_eq!(
+            sessions_of(e.iter(), &[2222]),
+            vec![(ip("10.10.1.15"), 50087, ip("10.10.1.30"), 2222)]
+        );
+    }
+
+    #[test]
     fn writable_files_and_directories_are_refused() {
         let dir = std::env::temp_dir().join(format!("segbpf-trust-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
