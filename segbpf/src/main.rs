@@ -26,9 +26,11 @@ fn main() -> ExitCode {
         // status 2 as always. --help and --version are not errors.
         Err(e) => {
             if json && e.use_stderr() {
+                // clap's whole message: the names of missing or unknown
+                // arguments are on the lines after the first.
                 let full = e.to_string();
-                let first = full.lines().next().unwrap_or_default();
-                let text = first.strip_prefix("error: ").unwrap_or(first);
+                let full = full.trim();
+                let text = full.strip_prefix("error: ").unwrap_or(full);
                 let _ = cmd::print_line(cmd::error_json(text, true));
             }
             e.exit()

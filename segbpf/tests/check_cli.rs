@@ -455,7 +455,9 @@ fn check_json_on_a_bad_file_is_an_error_object_on_stdout() {
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON document");
     assert_eq!(v["ok"], false, "{v}");
-    assert_eq!(v["policy"], path);
+    // The policy by its canonical path (docs/json.md).
+    let canonical = std::fs::canonicalize(path).expect("the file");
+    assert_eq!(v["policy"], canonical.display().to_string().as_str(), "{v}");
     let errors = v["errors"].as_array().expect("errors");
     assert_eq!(errors.len(), MANY.len(), "{v}");
     let e = &errors[3];
@@ -814,6 +816,32 @@ fn json_of_the_file_commands_follows_docs_json() {
     // check: the result, then a bad file's error document.
     let v = json_doc(&segbpf(&["check", "../examples/roles.toml", "-o", "json"]));
     assert!(v.get("ok").is_none() && v["compiled"].is_array(), "{v}");
+    // Policy files by their canonical path, whatever path was given.
+    let example = std::fs::canonicalize(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/roles.toml"
+    ))
+    .expect("the example")
+    .display()
+    .to_string();
+    assert_eq!(v["policy"], example.as_str(), "{v}");
+    let v = json_doc(&segbpf(&[
+        "export",
+        "nft",
+        "-p",
+        "../examples/roles.toml",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v["policy"], example.as_str(), "{v}");
+    // A usage error's document has clap's whole message: the names of the
+    // missing arguments too.
+    let v = assert_json_error(&segbpf(&["export", "nft", "-o", "json"]), "usage", 2);
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("required arguments were not provided") && message.contains("--policy"),
+        "{v}"
+    );
     let out = segbpf(&["check", "tests/bad-policies/many-errors.toml", "-o", "json"]);
     let v = assert_json_error(&out, "failure", 1);
     assert!(
@@ -928,6 +956,37 @@ fn json_of_the_file_commands_follows_docs_json() {
         "{v}"
     );
     assert!(v["warnings"].is_array(), "{v}");
+
+    // A port with a protocol that has none, an ICMP type with tcp: usage.
+    let v = assert_json_error(
+        &segbpf(&[EXPLAIN_DB, &["--proto", "icmp", "--dport", "22"]].concat()),
+        "usage",
+        2,
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--dport")),
+        "{v}"
+    );
+    assert_json_error(
+        &segbpf(
+            &[
+                EXPLAIN_DB,
+                &["--proto", "tcp", "--dport", "22", "--icmp-type", "8"],
+            ]
+            .concat(),
+        ),
+        "usage",
+        2,
+    );
+    // monitor: -o json contradicts --log-format text (a usage error before
+    // anything is looked up).
+    assert_json_error(
+        &segbpf(&["monitor", "eth0", "-o", "json", "--log-format", "text"]),
+        "usage",
+        2,
+    );
 
     // Without -o json, nothing on stdout.
     let out = segbpf(&["export", "nft", "-p", "no-such.toml"]);

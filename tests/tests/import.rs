@@ -429,6 +429,79 @@ fn broken_input_names_file_and_line() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+#[ignore = "needs root, nftables and iptables: run `cargo xtask test`"]
+fn input_with_nothing_that_filters_is_an_error_not_allow_all() -> anyhow::Result<()> {
+    let tmp = TempDir::new("nofilter")?;
+    let legacy =
+        "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n";
+    let cases = [
+        ("iptables", "legacy.rules", legacy),
+        (
+            "iptables",
+            "nat.rules",
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n",
+        ),
+        ("nft", "comment.nft", "# nothing here\n"),
+        (
+            "nft",
+            "meta.json",
+            r#"{"nftables":[{"metainfo":{"version":"1.0.9","release_name":"Old Doc Yak #3","json_schema_version":1}}]}"#,
+        ),
+    ];
+    for (flavor, name, content) in cases {
+        let file = tmp.0.join(name);
+        std::fs::write(&file, content)?;
+        let host = format!("web={}", file.display());
+        let out = segbpf(&["import", flavor, "--host", &host, "--verify", "--strict"])?;
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: {stderr}{}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stdout).is_empty(),
+            "{name}: {}",
+            text(&out.stdout)
+        );
+        assert!(
+            stderr.contains(&format!("{}: no filter chain", file.display())),
+            "{name}: {stderr}"
+        );
+        assert_eq!(
+            stderr.contains("iptables-legacy-save"),
+            name == "legacy.rules",
+            "{name}: the legacy hint: {stderr}"
+        );
+        let out = segbpf(&["import", flavor, "--host", &host, "-o", "json"])?;
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}: {}", text(&out.stdout)))?;
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no filter chain") && m.contains(name)),
+            "{name}: {v}"
+        );
+    }
+    // A filter table with no rules is a real allow-all and still imports.
+    let open = tmp.0.join("open.rules");
+    std::fs::write(
+        &open,
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
+    )?;
+    let out = segbpf(&[
+        "import",
+        "iptables",
+        "--host",
+        &format!("web={}", open.display()),
+    ])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    Ok(())
+}
+
 /// A web server's ruleset: drop by default, replies tracked, two ports
 /// opened (one with the `new,established` idiom), echo from anyone.
 const WEB_NFT: &str = "table inet f {

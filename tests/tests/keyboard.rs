@@ -361,6 +361,8 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     assert_eq!(att["mode"], "enforcing", "{att}");
     assert!(is_time(&att["state"]["attached_at"]), "{att}");
     assert!(att["state"]["generation"].as_u64() == Some(1), "{att}");
+    // A generation, not a unix time: null while the roles never changed.
+    assert!(att["state"]["roles_changed_at"].is_null(), "{att}");
     assert!(att["rules"].as_array().is_some_and(|r| {
         r.iter()
             .any(|x| x["name"] == "web-in" && x["packets"].is_u64())
@@ -468,6 +470,13 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     )?;
     assert_doc(&v, &ns);
     assert_eq!(v["generation"], 2, "{v}");
+    // A set add that changes nothing: the attachment still named.
+    let v = json(
+        &lab,
+        &["set", "add", "eth0", "admins", "198.18.5.201", "-o", "json"],
+    )?;
+    assert_doc(&v, &ns);
+    assert_eq!(v["applied"], false, "{v}");
 
     // reload of a relative path: the policy by its absolute path.
     let cwd = std::env::current_dir()?;
@@ -501,6 +510,25 @@ fn every_command_speaks_one_json_dialect() -> anyhow::Result<()> {
     let v = json(&lab, &["diff", "eth0", "1", "2", "-o", "json"])?;
     assert_doc(&v, &ns);
     assert!(v["differ"].is_boolean(), "{v}");
+    // --exit-code: one document, the diff; the exit status says they differ.
+    let out = lab.segbpf(
+        "srv",
+        &["diff", "eth0", "1", "2", "--exit-code", "-o", "json"],
+    )?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!(
+            "one document: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    assert_eq!(v["differ"], true, "{v}");
+    assert!(v.get("error").is_none(), "{v}");
 
     // Errors: a document on stdout, the exit status as ever.
     assert_error(
@@ -778,5 +806,47 @@ fn suggest_sees_the_last_second_while_attach_drains() -> anyhow::Result<()> {
         "{took:?}: the test raced attach's own drain"
     );
     drop(attach);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn completions_offer_the_names_of_the_namespace_on_the_line() -> anyhow::Result<()> {
+    let mut lab = Lab::new("compl")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    let policy = lab.write_policy("json.toml", JSON_POLICY)?;
+    lab.attach("srv", &policy.display().to_string(), &["--role", "srv"])?;
+    let ns = lab.host("srv").ns.name.clone();
+    // An interface only the lab's namespace has.
+    lab.host("srv").ns.ip(&[
+        "link", "add", "cmpl0", "type", "veth", "peer", "name", "cmpl1",
+    ])?;
+    let names = |index: &str, words: &[&str]| -> anyhow::Result<Vec<String>> {
+        let out = std::process::Command::new(segbpf_tests::lab::segbpf_bin())
+            .args(["complete-names", "--index", index, "--"])
+            .args(words)
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    };
+    // `--netns NS` on the line being completed: that namespace's names.
+    let ifaces = names("4", &["segbpf", "--netns", &ns, "status", ""])?;
+    assert!(
+        ifaces.contains(&"cmpl0".to_string()) && ifaces.contains(&"eth0".to_string()),
+        "{ifaces:?}"
+    );
+    let ifaces = names("3", &["segbpf", "status", &format!("--netns={ns}"), ""])?;
+    assert!(ifaces.contains(&"cmpl0".to_string()), "{ifaces:?}");
+    // The sets in force on the namespace's attachment.
+    let sets = names("6", &["segbpf", "--netns", &ns, "set", "add", "eth0", ""])?;
+    assert_eq!(sets, vec!["admins".to_string()], "{sets:?}");
+    // Without --netns: this namespace's interfaces, not the lab's.
+    let here = names("2", &["segbpf", "status", ""])?;
+    assert!(!here.contains(&"cmpl0".to_string()), "{here:?}");
     Ok(())
 }

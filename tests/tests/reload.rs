@@ -1739,3 +1739,210 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
     }
     Ok(())
 }
+
+/// A real SSH-like session from `admin` to `db`'s port 22: a listener in
+/// `db`'s namespace (not named sshd: the check falls back to port 22)
+/// echoing each message until the client leaves, and the client's
+/// connection. `exchange` sends a message and waits for its echo.
+struct LiveSession {
+    client: std::net::TcpStream,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveSession {
+    fn open(lab: &Lab) -> anyhow::Result<Self> {
+        use std::io::{Read as _, Write as _};
+        let (db, admin) = (lab.host("db"), lab.host("admin"));
+        let (server_addr, client_addr) = (db.addrs[0], admin.addrs[0]);
+        let db_ns = format!("/run/netns/{}", db.ns.name);
+        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let server = std::thread::spawn(move || {
+            let l = segbpf_tests::netns::enter(&db_ns)
+                .and_then(|()| Ok(std::net::TcpListener::bind((server_addr, 22))?));
+            let l = match l {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let Ok((mut c, _)) = l.accept() else { return };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 64];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        rx.recv()??;
+        let admin_ns = format!("/run/netns/{}", admin.ns.name);
+        let client = std::thread::spawn(move || -> anyhow::Result<std::net::TcpStream> {
+            segbpf_tests::netns::enter(&admin_ns)?;
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            sock.bind(&std::net::SocketAddr::new(client_addr, 0).into())?;
+            sock.connect_timeout(
+                &std::net::SocketAddr::new(server_addr, 22).into(),
+                Duration::from_secs(2),
+            )?;
+            Ok(sock.into())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        client.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(LiveSession {
+            client,
+            server: Some(server),
+        })
+    }
+
+    /// Whether a message goes through and its echo comes back.
+    fn exchange(&mut self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let msg = b"still-here";
+        if self.client.write_all(msg).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while got < msg.len() {
+            match self.client.read(&mut buf[got..]) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got += n,
+            }
+        }
+        &buf[..got] == msg
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let _ = self.client.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_watcher_without_ssh_connection_keeps_a_live_ssh_session_found_in_the_kernel()
+-> anyhow::Result<()> {
+    let mut lab = Lab::new("sshk")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    lab.add_host("admin", &["10.10.1.15/16"])?;
+    let file = lab.write_policy("live.toml", &with_ssh())?;
+    // As under systemd: no SSH_CONNECTION anywhere (lab.spawn sets none).
+    let attach = lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--policy",
+            file.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let mut stop = KillOnDrop(Some(attach.id()));
+    wait_in_force(&lab)?;
+    let g0 = generation(&lab)?;
+    let mut session = LiveSession::open(&lab)?;
+    assert!(
+        session.exchange(),
+        "the session works under the live policy"
+    );
+
+    // An explicit reload from a console (no SSH_CONNECTION) is refused:
+    // the session is found in the kernel.
+    let cut = lab.write_policy("cut.toml", POLICY_A)?;
+    let out = lab.segbpf(
+        "db",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            cut.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ssh-session") && err.contains("10.10.1.15"),
+        "{err}"
+    );
+
+    // The watched file saved with the cutting policy: never applied.
+    std::thread::sleep(Duration::from_millis(1100)); // a distinct mtime
+    std::fs::write(&file, POLICY_A)?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(generation(&lab)?, g0, "the watcher refuses it");
+    assert!(session.exchange(), "the live session is not cut");
+
+    signal(&attach, nix::sys::signal::Signal::SIGTERM)?;
+    stop.0 = None;
+    let out = attach.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("an automatic reload never applies it"),
+        "the refusal is logged: {stderr}"
+    );
+    drop(session);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
+    let mut lab = Lab::new("ssha")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    // POLICY_A has no SSH rule: it cuts the session 10.10.1.15 -> :22.
+    let cut = lab.write_policy("cut.toml", POLICY_A)?;
+    let cut = cut.to_str().unwrap_or_default().to_string();
+    let edited = lab.write_policy("cut2.toml", &POLICY_A.replace("udp = [53]", "udp = [54]"))?;
+    let edited = edited.to_str().unwrap_or_default().to_string();
+    // attach --audit from the session: enforces nothing, so no refusal.
+    let (code, err) = ssh_run(
+        &lab,
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--audit",
+            "--no-wait",
+            "--policy",
+            &cut,
+        ],
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    let g = generation(&lab)?;
+    // A reload keeps audit mode: not refused either.
+    let (code, err) = ssh_run(&lab, &["reload", "eth0", "--policy", &edited])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(generation(&lab)?, g + 1);
+    // Audit to enforce (attach without --audit over it) is checked.
+    let (code, err) = ssh_run(
+        &lab,
+        &[
+            "attach",
+            "eth0",
+            "--role",
+            "db",
+            "--no-wait",
+            "--policy",
+            &edited,
+        ],
+    )?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ssh-session"), "{err}");
+    assert_eq!(lab.status_json("db")?["attachments"][0]["mode"], "audit");
+    Ok(())
+}

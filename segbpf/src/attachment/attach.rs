@@ -834,7 +834,8 @@ fn refuse_automatic(att: &Attachment, guarded: bool) -> Option<String> {
             state.generation
         ));
     }
-    if guarded {
+    if guarded || state.audit {
+        // Guarded, or in audit mode (kept by the reload): nothing to cut.
         return None;
     }
     let overrides = swap::parse_overrides(&state.set_overrides).ok()?;

@@ -229,8 +229,14 @@ impl Guarded {
         if self.force || self.confirm.is_some() {
             return Ok(());
         }
-        if crate::policy::lint::ssh_connection().is_none() {
-            // Not run from an SSH session: nothing to cut, nothing to parse.
+        // These changes keep the attachment's mode: in audit mode nothing
+        // is enforced, so nothing can be cut.
+        if State::current(att).is_ok_and(|s| s.audit) {
+            return Ok(());
+        }
+        if !crate::attachment::trust::any_ssh_session() {
+            // No SSH session, in the environment or in the kernel: nothing
+            // to cut, nothing to parse.
             return Ok(());
         }
         let Ok(policy) = Policy::load_with_sets(&choice.text, &parse_overrides(&choice.overrides)?)

@@ -15,6 +15,7 @@
 
 use std::{
     ffi::OsString,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Component, Path, PathBuf},
 };
@@ -185,41 +186,232 @@ fn check(path: &Path, meta: &std::fs::Metadata, kind: Kind) -> Result<(), Untrus
     })
 }
 
-/// The `ssh-session` lint for a policy about to be put in force on `iface`
-/// (of the current network namespace) for a host with `roles`: a message
-/// when it would block the SSH session this process runs in. The
-/// interface's policy can cut a session that reaches this host through
-/// `iface`: one whose server address is one of the interface's, or whose
-/// client the kernel routes to out of `iface` (an `RTM_GETROUTE` lookup of
-/// the client address, as `ip route get` does: a session to another
-/// address of the host, routed through this interface). When the route
-/// cannot be looked up, the session is taken to go through `iface` (the
-/// check runs rather than being skipped).
+/// A message when `policy`, for a host with `roles` on `iface`, would
+/// block a live SSH session: the one this process runs in
+/// (`SSH_CONNECTION`), and every session the kernel knows of in this
+/// network namespace ([`kernel_ssh_sessions`]: established TCP
+/// connections to a port an `sshd` listens on, or to port 22 when no
+/// sshd is visible). The second is what makes the check hold for callers
+/// that run in no session at all (the watcher of an `attach` under
+/// systemd, the fleet agent): a variable of the caller's environment says
+/// nothing about who is logged in. The interface's policy can cut a
+/// session that reaches this host through `iface`: one whose server
+/// address is one of the interface's, or whose client the kernel routes
+/// to out of `iface` (an `RTM_GETROUTE` lookup of the client address, as
+/// `ip route get` does: a session to another address of the host, routed
+/// through this interface). When the route cannot be looked up, the
+/// session is taken to go through `iface` (the check runs rather than
+/// being skipped).
 pub fn cuts_ssh_session(
     policy: &crate::policy::Policy,
     roles: &[String],
     iface: &str,
 ) -> Option<String> {
-    let (client, _, server, _) = crate::policy::lint::ssh_connection()?;
-    // What the policy does to the session first (pure), then whether the
-    // session comes through `iface` at all (the kernel's addresses and
-    // routes).
-    let cut = crate::policy::lint::ssh_session(policy, roles, Some(iface))?;
-    let on_iface = crate::host::netif::addresses(iface).is_ok_and(|a| a.contains(&server));
-    let through = match crate::host::netif::route_oif(client) {
-        Ok(Some(oif)) => crate::host::netif::ifindex(iface).is_ok_and(|i| i == oif),
-        Ok(None) => false,
-        Err(e) => {
-            tracing::debug!("looking up the route to the SSH client {client}: {e}");
-            true
+    let mut sessions: Vec<Session> = crate::policy::lint::ssh_connection().into_iter().collect();
+    for s in kernel_ssh_sessions() {
+        if !sessions.contains(&s) {
+            sessions.push(s);
         }
+    }
+    let addrs = crate::host::netif::addresses(iface).unwrap_or_default();
+    let ifindex = crate::host::netif::ifindex(iface).ok();
+    sessions.into_iter().find_map(|conn| {
+        let (client, _, server, _) = conn;
+        // What the policy does to the session first (pure), then whether
+        // the session comes through `iface` at all (the kernel's
+        // addresses and routes).
+        let cut = crate::policy::lint::ssh_session_of(policy, roles, Some(iface), conn)?;
+        let on_iface = addrs.contains(&server);
+        let through = match crate::host::netif::route_oif(client) {
+            Ok(Some(oif)) => ifindex.is_some_and(|i| i == oif),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!("looking up the route to the SSH client {client}: {e}");
+                true
+            }
+        };
+        (on_iface || through).then_some(cut)
+    })
+}
+
+/// Whether any SSH session is live: the caller's `SSH_CONNECTION`, or one
+/// the kernel has ([`kernel_ssh_sessions`]). Cheap next to parsing a
+/// policy, so callers ask it first.
+pub fn any_ssh_session() -> bool {
+    crate::policy::lint::ssh_connection().is_some() || !kernel_ssh_sessions().is_empty()
+}
+
+/// An SSH session: client address, client port, server address, server port.
+pub type Session = (IpAddr, u16, IpAddr, u16);
+
+/// The SSH sessions the kernel has in the network namespace this thread
+/// runs in: established TCP connections (`/proc/thread-self/net/tcp` and
+/// `tcp6`) whose local port is one that a process named `sshd` listens
+/// on (its listening sockets found by inode among its open files), or
+/// local port 22 when no sshd listens in this namespace (sshd not visible,
+/// or run under another name). Loopback sessions are left out (they never
+/// cross an interface). Nothing here comes from the caller's environment.
+pub fn kernel_ssh_sessions() -> Vec<Session> {
+    let tables: Vec<Vec<TcpEntry>> = ["tcp", "tcp6"]
+        .iter()
+        .map(|t| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{t}"))
+                .map(|text| parse_proc_tcp(&text))
+                .unwrap_or_default()
+        })
+        .collect();
+    let sshd = sshd_socket_inodes();
+    let mut ports: Vec<u16> = tables
+        .iter()
+        .flatten()
+        .filter(|e| e.state == TCP_LISTEN && sshd.contains(&e.inode))
+        .map(|e| e.local.1)
+        .collect();
+    if ports.is_empty() {
+        ports.push(22);
+    }
+    sessions_of(tables.iter().flatten(), &ports)
+}
+
+/// The established connections of `entries` to one of `ports`, as sessions.
+fn sessions_of<'a>(entries: impl Iterator<Item = &'a TcpEntry>, ports: &[u16]) -> Vec<Session> {
+    entries
+        .filter(|e| e.state == TCP_ESTABLISHED && ports.contains(&e.local.1))
+        .filter(|e| !e.remote.0.is_loopback())
+        .map(|e| (e.remote.0, e.remote.1, e.local.0, e.local.1))
+        .collect()
+}
+
+const TCP_ESTABLISHED: u8 = 0x01;
+const TCP_LISTEN: u8 = 0x0A;
+
+/// One line of `/proc/net/tcp` or `tcp6`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TcpEntry {
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+    state: u8,
+    inode: u64,
+}
+
+/// The entries of a `/proc/net/tcp{,6}` table (lines that do not parse
+/// are skipped). Addresses are the kernel's words in host byte order,
+/// printed in hex; IPv4-mapped IPv6 addresses are given as IPv4.
+fn parse_proc_tcp(text: &str) -> Vec<TcpEntry> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(TcpEntry {
+                local: hex_endpoint(f.get(1)?)?,
+                remote: hex_endpoint(f.get(2)?)?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                inode: f.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// `0100007F:0016` (IPv4) or 32 hex digits (IPv6), then the port.
+fn hex_endpoint(s: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(
+            u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
     };
-    (on_iface || through).then_some(cut)
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(b)).to_canonical()
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// The inodes of the sockets open in processes named `sshd` (by their
+/// `comm`, which the kernel keeps), all of them readable by root.
+fn sshd_socket_inodes() -> Vec<u64> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let dir = p.path();
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if std::fs::read_to_string(dir.join("comm")).map_or(true, |c| c.trim_end() != "sshd") {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && let Some(inode) = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok())
+            {
+                out.push(inode);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_net_tcp_sessions_to_the_ssh_ports() {
+        // A listener on :22, a session from 10.10.1.15:50022 to
+        // 10.10.1.30:22, one on :2222, an outgoing connection to a
+        // remote :22 and a loopback session; IPv6: a session to [fd00::1]:22.
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1
+   1: 1E010A0A:0016 0F010A0A:C3A6 01 00000000:00000000 00:00000000 00000000     0        0 222 1
+   2: 1E010A0A:08AE 0F010A0A:C3A7 01 00000000:00000000 00:00000000 00000000     0        0 333 1
+   3: 1E010A0A:C3A8 0F010A0A:0016 01 00000000:00000000 00:00000000 00000000     0        0 444 1
+   4: 0100007F:0016 0100007F:C3A9 01 00000000:00000000 00:00000000 00000000     0        0 555 1
+";
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 000000FD000000000000000001000000:0016 000000FD000000000000000002000000:C3AA 01 00000000:00000000 00:00000000 00000000     0        0 666 1
+";
+        let mut e = parse_proc_tcp(v4);
+        e.extend(parse_proc_tcp(v6));
+        assert_eq!(e.len(), 6);
+        assert_eq!(e[0].state, TCP_LISTEN);
+        assert_eq!(e[0].inode, 111);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            sessions_of(e.iter(), &[22]),
+            vec![
+                (ip("10.10.1.15"), 50086, ip("10.10.1.30"), 22),
+                (ip("fd00::2"), 50090, ip("fd00::1"), 22),
+            ]
+        );
+        assert_eq!(
+            sessions_of(e.iter(), &[2222]),
+            vec![(ip("10.10.1.15"), 50087, ip("10.10.1.30"), 2222)]
+        );
+    }
 
     #[test]
     fn writable_files_and_directories_are_refused() {

@@ -230,9 +230,13 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         (None, Some(p)) => p.clone(),
         (None, None) => return Err(UsageError("--policy FILE or --etcd ENDPOINTS".into()).into()),
     };
+    // Audit mode enforces nothing: it cannot cut a session (attaching
+    // without --audit over an audit attachment, audit to enforce, is
+    // checked).
     if fleet.is_none()
         && args.confirm.is_none()
         && !args.force
+        && !args.audit
         && let Ok(p) = crate::policy::Policy::load(&policy)
         && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, args.iface())
     {

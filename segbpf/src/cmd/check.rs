@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             usage: error.kind == "usage",
         };
         match print_json(&Failed {
-            policy: file.clone(),
+            policy: crate::cmd::canonical_policy(&path),
             ok: false,
             error,
             errors,
@@ -261,7 +261,10 @@ fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
     // The services compile too (their ids and slots fit).
     crate::policy::services::compile_services(policy, 0, 1, false)?;
     let out = Checked {
-        policy: policy.source.clone(),
+        policy: match args.output {
+            Output::Json => crate::cmd::canonical_policy(std::path::Path::new(&policy.source)),
+            Output::Text => policy.source.clone(),
+        },
         version: policy.version,
         sets: policy.sets.len(),
         roles: policy.roles.len(),

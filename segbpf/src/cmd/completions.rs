@@ -5,7 +5,8 @@
 //! `/usr/share/zsh/vendor-completions/_segbpf`, fish
 //! `/usr/share/fish/vendor_completions.d/segbpf.fish`. The bash, zsh and
 //! fish scripts complete interface, role and set names by asking the
-//! hidden `segbpf complete-names` (the interfaces of the namespace, the
+//! hidden `segbpf complete-names` (the interfaces of the namespace the
+//! line names with `--netns`, else the current one; the
 //! roles of the policy file on the line or /etc/segbpf/roles.toml, the
 //! sets in force on the interface on the line), and fall back to clap's
 //! completion of subcommands and options.
@@ -148,12 +149,10 @@ pub fn wanted(words: &[String], index: usize) -> Option<Want> {
 fn candidates(want: &Want, ns: &crate::host::netns::Netns) -> Vec<String> {
     match want {
         Want::Iface => {
-            let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-                .map(|rd| {
-                    rd.filter_map(Result::ok)
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .collect()
-                })
+            // The namespace this thread is in (/sys/class/net would show
+            // the one sysfs was mounted in, whatever --netns says).
+            let mut names = std::fs::read_to_string("/proc/thread-self/net/dev")
+                .map(|t| proc_net_dev_names(&t))
                 .unwrap_or_default();
             names.sort();
             names
@@ -177,11 +176,49 @@ fn candidates(want: &Want, ns: &crate::host::netns::Netns) -> Vec<String> {
     }
 }
 
-/// Runs `segbpf complete-names`: the candidates, one a line.
+/// The interface names of a `/proc/net/dev` table.
+fn proc_net_dev_names(text: &str) -> Vec<String> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// The `--netns NAME` (or `--netns=NAME`) of the command line being
+/// completed, the word being completed left out.
+pub fn netns_of(words: &[String], index: usize) -> Option<String> {
+    let mut found = None;
+    let mut it = words
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(i, _)| *i != index)
+        .map(|(_, w)| w);
+    while let Some(w) = it.next() {
+        if w == "--netns" {
+            found = it.next().cloned();
+        } else if let Some(v) = w.strip_prefix("--netns=") {
+            found = Some(v.to_string());
+        }
+    }
+    found.filter(|n| !n.is_empty())
+}
+
+/// Runs `segbpf complete-names`: the candidates, one a line, from the
+/// network namespace the completed command would run in (its `--netns`,
+/// else the one `segbpf --netns`/`SEGBPF_NETNS` entered, else this one).
 pub fn names(args: NamesArgs) -> anyhow::Result<()> {
     let Some(want) = wanted(&args.words, args.index) else {
         return Ok(());
     };
+    if let Some(name) = netns_of(&args.words, args.index)
+        && crate::host::netns::enter(&name).is_err()
+    {
+        // No such namespace: nothing to offer (never this namespace's).
+        return Ok(());
+    }
     let ns = crate::host::netns::Netns::current()?;
     for c in candidates(&want, &ns) {
         crate::cmd::print_line(c)?;
@@ -308,5 +345,25 @@ mod tests {
         assert_eq!(w("segbpf set add eth0 admins "), None);
         assert_eq!(w("segbpf check "), None);
         assert_eq!(w("segbpf "), None);
+    }
+
+    #[test]
+    fn the_netns_of_the_completed_line_is_found() {
+        let n = |line: &str| {
+            let ws = words(line);
+            netns_of(&ws, ws.len() - 1)
+        };
+        assert_eq!(n("segbpf --netns blue status "), Some("blue".into()));
+        assert_eq!(n("segbpf status --netns=red "), Some("red".into()));
+        assert_eq!(n("segbpf set add eth0 --netns blue "), Some("blue".into()));
+        assert_eq!(n("segbpf status "), None);
+        // The word being completed is not a value yet.
+        assert_eq!(n("segbpf --netns bl"), None);
+    }
+
+    #[test]
+    fn proc_net_dev_lists_the_interfaces() {
+        let t = "Inter-|   Receive\n face |bytes\n    lo: 1 2 3\n  eth0: 4 5 6\n";
+        assert_eq!(proc_net_dev_names(t), vec!["lo", "eth0"]);
     }
 }

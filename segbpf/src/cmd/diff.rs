@@ -99,7 +99,13 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         }
     }
     if args.exit_code && out.differ {
-        anyhow::bail!("the policies differ");
+        // Under -o json the diff is the one document: the exit status
+        // alone says that they differ (no error document after it).
+        return Err(super::JsonReported {
+            message: "the policies differ".to_string(),
+            usage: false,
+        }
+        .into());
     }
     Ok(())
 }

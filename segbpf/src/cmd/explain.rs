@@ -184,6 +184,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.packet.dport.is_none() && matches!(args.packet.proto, IPPROTO_TCP | IPPROTO_UDP) {
         return Err(UsageError("--dport is required for tcp and udp".into()).into());
     }
+    let proto = proto_name(args.packet.proto);
+    if args.packet.dport.is_some() && !matches!(args.packet.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return Err(UsageError(format!(
+            "--dport: {proto} has no ports (ports are for tcp and udp; --icmp-type for icmp)"
+        ))
+        .into());
+    }
+    if args.packet.icmp_type.is_some()
+        && !matches!(args.packet.proto, IPPROTO_ICMP | IPPROTO_ICMPV6)
+    {
+        return Err(UsageError(format!(
+            "--icmp-type: {proto} has no ICMP type (--icmp-type is for icmp and icmpv6)"
+        ))
+        .into());
+    }
     let path = args.file.as_ref().or(args.policy.as_ref());
     let path = path.ok_or_else(|| UsageError("give the policy file".into()))?;
     let policy = Policy::load(path)?;

@@ -123,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if output == Output::Json {
         return print_json(&Exported {
             format: "nft",
-            policy: &policy.source,
+            policy: &crate::cmd::canonical_policy(std::path::Path::new(&policy.source)),
             table: &table,
             roles: &roles,
             iface: iface.as_deref(),

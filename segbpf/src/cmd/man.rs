@@ -135,6 +135,10 @@ pub fn roles_toml_page(md: &str) -> String {
             out.push('\n');
         }
     }
+    let extra = extra_sections("roles.toml");
+    // Its own SEE ALSO, not the commands' (which name this page).
+    let extra = extra.split(".SH SEE ALSO").next().unwrap_or_default();
+    out.push_str(extra);
     out.push_str(".SH SEE ALSO\nsegbpf(8), segbpf\\-check(8), segbpf\\-attach(8)\n");
     out
 }
@@ -162,12 +166,27 @@ fn examples(name: &str) -> &'static [&'static str] {
             "segbpf reload eth0",
             "segbpf reload eth0 --policy new.toml --confirm 60",
         ],
-        "segbpf-set" | "segbpf-set-add" | "segbpf-set-del" | "segbpf-set-list" => &[
+        "segbpf-set" => &[
             "segbpf set add eth0 admin_net 10.10.0.77",
             "segbpf set del eth0 admin_net 10.10.0.77",
             "segbpf set list eth0 -o json",
         ],
-        "segbpf-confirm" => &["segbpf reload eth0 --confirm 60 && segbpf confirm eth0"],
+        "segbpf-set-add" => &[
+            "segbpf set add eth0 admin_net 10.10.0.77",
+            "segbpf set add eth0 admin_net 10.10.2.0/24 --confirm 60",
+        ],
+        "segbpf-set-del" => &[
+            "segbpf set del eth0 admin_net 10.10.0.77",
+            "segbpf set del eth0 admin_net 10.10.2.0/24 -o json",
+        ],
+        "segbpf-set-list" => &[
+            "segbpf set list eth0",
+            "segbpf set list eth0 admin_net -o json",
+        ],
+        "segbpf-confirm" => &[
+            "segbpf confirm eth0",
+            "segbpf reload eth0 --policy new.toml --confirm 60 && segbpf confirm eth0",
+        ],
         "segbpf-rollback" => &["segbpf rollback eth0", "segbpf rollback eth0 --to 3"],
         "segbpf-history" => &["segbpf history eth0", "segbpf history eth0 -o json"],
         "segbpf-diff" => &["segbpf diff eth0 3 4", "segbpf diff eth0 new.toml"],
@@ -191,8 +210,7 @@ fn examples(name: &str) -> &'static [&'static str] {
             "segbpf status --all-netns",
         ],
         "segbpf-fleet" | "segbpf-fleet-push" => &[
-            "export SEGBPF_ETCD=https://etcd1:2379",
-            "segbpf fleet push roles.toml --dry-run",
+            "segbpf fleet push roles.toml --etcd https://etcd1:2379 --dry-run",
             "segbpf fleet push roles.toml --canary 2 --wait 60",
         ],
         "segbpf-fleet-status" => &["segbpf fleet status --etcd https://etcd1:2379"],
@@ -214,11 +232,27 @@ fn examples(name: &str) -> &'static [&'static str] {
             "segbpf trace eth0 --src 10.10.1.20 --dst 10.10.1.30 --proto tcp --dport 5432",
             "segbpf trace eth0 --src 10.10.1.20 --dst 10.10.1.30 --proto tcp --dport 5432 --tcp-flags SA -o json",
         ],
-        "segbpf-import" | "segbpf-import-nft" | "segbpf-import-iptables" => &[
+        "segbpf-import" => &[
             "segbpf import nft --host web=web.nft --host db=db.nft --verify > roles.toml",
             "segbpf import iptables --host web=web.rules --hosts web=10.10.1.10-10.10.1.19",
         ],
-        "segbpf-completions" => &["segbpf completions bash > /etc/bash_completion.d/segbpf"],
+        "segbpf-import-nft" => &[
+            "segbpf import nft --host web=web.nft --host db=db.nft --verify > roles.toml",
+            "segbpf import nft --host web=/dev/stdin --strict -o json",
+        ],
+        "segbpf-import-iptables" => &[
+            "segbpf import iptables --host web=web.rules --hosts web=10.10.1.10-10.10.1.19",
+            "segbpf import iptables --host web=/dev/stdin --verify",
+        ],
+        "segbpf-completions" => &[
+            "segbpf completions bash > /etc/bash_completion.d/segbpf",
+            "segbpf completions zsh > /usr/local/share/zsh/site-functions/_segbpf",
+        ],
+        "roles.toml" => &[
+            "segbpf check /etc/segbpf/roles.toml",
+            "segbpf explain -p /etc/segbpf/roles.toml --src 10.10.1.20 --dst 10.10.1.30 --proto tcp --dport 5432",
+            "segbpf attach eth0 --policy /etc/segbpf/roles.toml",
+        ],
         _ => &[],
     }
 }
@@ -332,7 +366,10 @@ pub fn pages() -> std::io::Result<Vec<Page>> {
         if cmd.get_after_help().is_some() || cmd.get_after_long_help().is_some() {
             man.render_extra_section(&mut text)?;
         }
-        text.extend_from_slice(extra_sections(cmd.get_name()).as_bytes());
+        // The page's name (`segbpf-set-add`), not the command's (`add`).
+        let page = man.get_filename();
+        let page = page.strip_suffix(&format!(".{SECTION}")).unwrap_or(&page);
+        text.extend_from_slice(extra_sections(page).as_bytes());
         if cmd.get_version().is_some() {
             man.render_version_section(&mut text)?;
         }
@@ -408,9 +445,57 @@ mod tests {
                 assert!(text.contains(section), "{}: no {section}", page.name);
             }
             assert!(text.contains("SEGBPF_STATE_DIR"), "{}", page.name);
-            // A real example of the command, not only the --help fallback.
+            // Real examples of the command on the page, not a --help
+            // placeholder: each a segbpf command line that parses.
             let name = page.name.trim_end_matches(".8");
             assert!(!examples(name).is_empty(), "{}: no example", page.name);
+            let section = text
+                .split(".SH EXAMPLES\n")
+                .nth(1)
+                .and_then(|t| t.split(".SH FILES").next())
+                .unwrap_or_default();
+            let lines: Vec<&str> = section.lines().filter(|l| !l.starts_with('.')).collect();
+            assert!(!lines.is_empty(), "{}: empty EXAMPLES", page.name);
+            for l in &lines {
+                assert!(l.starts_with("segbpf "), "{}: example {l}", page.name);
+                assert!(!l.contains("\\-\\-help"), "{}: placeholder {l}", page.name);
+            }
+            // The page's own command is among them.
+            let words = name.replace('-', " ");
+            assert!(
+                lines.iter().any(|l| l.replace("\\-", "-").contains(&words)),
+                "{}: no example of `{words}`: {lines:?}",
+                page.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_example_is_a_command_line_that_parses() {
+        use clap::Parser as _;
+        let names: Vec<String> = pages()
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                p.name
+                    .trim_end_matches(".8")
+                    .trim_end_matches(".5")
+                    .to_string()
+            })
+            .collect();
+        for name in names {
+            for e in examples(&name) {
+                assert!(e.starts_with("segbpf "), "{name}: {e}");
+                for part in e.split("&&") {
+                    let words: Vec<&str> = part
+                        .split_whitespace()
+                        .take_while(|w| *w != ">" && *w != "|")
+                        .collect();
+                    if let Err(err) = Cli::try_parse_from(&words) {
+                        panic!("{name}: `{e}` does not parse: {err}");
+                    }
+                }
+            }
         }
     }
 
@@ -433,6 +518,13 @@ mod tests {
             }
         }
         assert!(text.contains("ingress = \\(dqdrop\\(dq") || text.contains("ingress = \"drop\""));
+        for section in [".SH EXAMPLES", ".SH FILES", ".SH ENVIRONMENT"] {
+            assert!(text.contains(section), "roles.toml.5: no {section}");
+        }
+        assert!(
+            text.contains("segbpf check /etc/segbpf/roles.toml"),
+            "{text}"
+        );
         // No line starts a request by accident.
         for l in text.lines() {
             assert!(!l.starts_with('\''), "{l}");

@@ -196,6 +196,16 @@ pub struct JsonReported {
     pub usage: bool,
 }
 
+/// A policy file as the `policy` field of a JSON document names it: its
+/// canonical path (docs/json.md), or the path as given when it cannot be
+/// resolved (a file that does not exist).
+pub fn canonical_policy(path: &std::path::Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// The `"error"` object of a failed command's JSON document.
 #[derive(Debug, serde::Serialize)]
 pub struct ErrorBody {

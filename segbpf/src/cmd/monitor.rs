@@ -20,9 +20,10 @@ pub struct Args {
     /// Interface whose events to stream.
     pub iface: String,
     /// Format of the event lines on stdout (`-o json` is the same as
-    /// `--log-format json`: JSON Lines, one object per event or summary).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// `--log-format json`: JSON Lines, one object per event or summary;
+    /// default text). `--log-format text` with `-o json` is a usage error.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Output format: `json` streams JSON Lines (docs/json.md).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -38,13 +39,19 @@ pub struct Args {
 impl Args {
     /// Whether the events are printed as JSON Lines.
     pub fn json_output(&self) -> bool {
-        self.output == Output::Json || self.log_format == LogFormat::Json
+        self.output == Output::Json || self.log_format == Some(LogFormat::Json)
     }
 }
 
 /// Runs `segbpf monitor`.
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    if args.output == Output::Json && args.log_format == Some(LogFormat::Text) {
+        return Err(crate::cmd::UsageError(
+            "-o json and --log-format text contradict each other: give one (-o json is --log-format json)".into(),
+        )
+        .into());
+    }
     if !args.filter.rules.is_empty() {
         return Err(crate::cmd::UsageError(
             "--rule: monitor streams drop events, which no rule made; `segbpf flows IFACE --follow --rule RULE` follows the flows a rule let through".into(),

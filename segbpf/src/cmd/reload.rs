@@ -128,10 +128,12 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
             .policy
             .clone()
             .unwrap_or_else(|| PathBuf::from(&state.policy));
-        // (Parsed only when it can matter: unguarded, from an SSH session.)
+        // (Parsed only when it can matter: unguarded, with an SSH session live.)
         if args.confirm.is_none()
             && !args.force
-            && crate::policy::lint::ssh_connection().is_some()
+            // A reload keeps the mode: in audit mode nothing is enforced.
+            && !state.audit
+            && crate::attachment::trust::any_ssh_session()
             && let Ok(policy) = Policy::load(&path)
             && let Some(m) =
                 crate::attachment::trust::cuts_ssh_session(&policy, &state.roles, &iface)

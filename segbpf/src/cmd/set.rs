@@ -184,6 +184,8 @@ struct Edited<'a> {
 /// `set add` of members already in: nothing applied.
 #[derive(Serialize)]
 struct Unchanged<'a> {
+    /// The attachment's interface (as the swap fields of an edit say it).
+    iface: &'a str,
     op: &'static str,
     set: &'a str,
     changed: usize,
@@ -209,6 +211,7 @@ fn edit(
             // Nothing to do is not a failure; no new generation was made.
             match output {
                 Output::Json => print_json(&Unchanged {
+                    iface,
                     op: if add { "add" } else { "del" },
                     set,
                     changed: 0,

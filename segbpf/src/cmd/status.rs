@@ -187,6 +187,16 @@ fn report_json(r: &Report) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(r)?;
     v["mode"] = mode(r).into();
     crate::cmd::times_as_rfc3339(&mut v, &["attached_at", "deadline"]);
+    // A generation, not a time: the one that changed the roles last, null
+    // when they never changed (the state file's 0).
+    if let Some(state) = v.get_mut("state").and_then(|s| s.as_object_mut())
+        && state
+            .get("roles_changed_at")
+            .and_then(serde_json::Value::as_u64)
+            == Some(0)
+    {
+        state.insert("roles_changed_at".to_string(), serde_json::Value::Null);
+    }
     Ok(v)
 }
 

@@ -602,8 +602,20 @@ fn apply(
     Some(staged.and_then(|()| {
         guarded
             .run(att, || {
-                swap::swap_with(att, true, |_| {
-                    Ok(Choice::copy_of(next.clone(), cache, BTreeMap::new()))
+                swap::swap_with(att, true, |old| {
+                    let choice = Choice::copy_of(next.clone(), cache, BTreeMap::new());
+                    if confirm.is_none() {
+                        // An automatic apply never does what an explicit
+                        // reload would refuse: cutting a live SSH session
+                        // (found in the kernel).
+                        swap::Guarded::default().refuse_lockout(
+                            att,
+                            &choice,
+                            &old.roles,
+                            &format!("fleet revision on {}", att.describe()),
+                        )?;
+                    }
+                    Ok(choice)
                 })
             })
             .map_err(FleetError::from)

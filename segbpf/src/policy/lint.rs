@@ -333,7 +333,7 @@ pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Op
 
 /// [`ssh_session`] for the session `conn` (client, client port, server,
 /// server port).
-fn ssh_session_of(
+pub fn ssh_session_of(
     policy: &Policy,
     roles: &[String],
     iface: Option<&str>,

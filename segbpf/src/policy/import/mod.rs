@@ -44,6 +44,18 @@ pub enum ImportError {
         /// The file.
         file: String,
     },
+    /// The input holds no filter chain on the input or output hook:
+    /// nothing that filters this host's traffic. Imported, it would be
+    /// "no rules, accept everything".
+    #[error(
+        "{file}: no filter chain on the input or output hook: nothing that filters, so nothing to import (it would import as allow-all){hint}"
+    )]
+    NoFilter {
+        /// The file.
+        file: String,
+        /// A hint on where the rules may be (empty when none).
+        hint: String,
+    },
     /// The firewall tool refused the file (its messages name the lines).
     #[error("{file}: {tool} refused the ruleset:\n{message}")]
     Refused {

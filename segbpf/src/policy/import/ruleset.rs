@@ -182,9 +182,37 @@ pub fn read(flavor: super::Flavor, path: &Path, text: &str) -> Result<Ruleset, I
     drop(ns);
     let mut rs = parse_json(&file, &json, &lines)?;
     rs.iptables = iptables;
+    if !filters(&rs) {
+        return Err(ImportError::NoFilter {
+            hint: no_filter_hint(text),
+            file,
+        });
+    }
     rs.json = json;
     rs.text = text.to_string();
     Ok(rs)
+}
+
+/// Whether a ruleset has anything that filters this host's traffic: a base
+/// chain of type filter on the input or output hook of an IP family.
+/// Without one (only comments, only `*nat`, only metainfo) the import
+/// would be "no rules, accept everything", so it is refused.
+pub fn filters(rs: &Ruleset) -> bool {
+    rs.chains.iter().any(|c| {
+        c.family != Family::Other
+            && c.kind.as_deref() == Some("filter")
+            && matches!(c.hook.as_deref(), Some("input" | "output"))
+    })
+}
+
+/// Where the rules of an input without a filter chain may be: the warning
+/// `iptables-nft-save` prints when legacy tables hold the rules.
+fn no_filter_hint(text: &str) -> String {
+    if text.contains("iptables-legacy tables present") || text.contains("iptables-legacy-save") {
+        "; the file says iptables-legacy tables are present: save them with `iptables-legacy-save` (and `ip6tables-legacy-save`) and import that".to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// The JSON of an iptables-nft ruleset loaded in `ns`, its xtables
