@@ -26,6 +26,9 @@
 //!   apply a new policy; a bad one is refused and the old one stays.
 //! * `no_wait_leaves_a_follower_that_detach_ends`: `--no-wait` leaves a
 //!   follower that classifies new cgroups and exits after the detach.
+//! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
+//!   is removed after SECS unless `confirm --services` runs; `--confirm`
+//!   over an existing attachment is refused and changes nothing.
 //! * `under_systemd`: this machine's systemd booted by systemd-nspawn
 //!   (`--volatile=yes -D /`) with the package's segbpf-services.service
 //!   and units written for the test: `unit = "..."` resolves, the
@@ -878,14 +881,15 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ends a follower left by `--no-wait` (by its PID, if it is still one).
+/// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
+/// PID, if it is still one).
 struct Kill(i32);
 
 impl Drop for Kill {
     fn drop(&mut self) {
         let p = nix::unistd::Pid::from_raw(self.0);
         if std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
-            .is_ok_and(|c| c.contains("--follow-only"))
+            .is_ok_and(|c| c.contains("--follow-only") || c.contains("guard\0--services"))
         {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
@@ -989,6 +993,145 @@ tcp = [5353]
     assert!(!lab.udp("app", "127.0.0.3 5353")?, "app -> none udp");
     // Others may still reach other (its ingress default is allow).
     assert!(lab.udp("db", "127.0.0.2 5353")?, "db -> other udp");
+    Ok(())
+}
+
+/// `attach --services --confirm SECS` in the background (`--no-wait`):
+/// returns the guard's and the follower's PIDs from its log.
+fn attach_confirm(lab: &SvcLab, secs: &str) -> anyhow::Result<(i32, i32)> {
+    let policy = lab.state.join("roles.toml");
+    std::fs::write(&policy, MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--confirm",
+            secs,
+            "--policy",
+            policy.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    anyhow::ensure!(out.status.success(), "attach --confirm: {log}");
+    let pid_after = |what: &str| -> anyhow::Result<i32> {
+        log.split(what)
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no `{what}` in: {log}"))
+    };
+    Ok((
+        pid_after("guard process ")?,
+        pid_after("followed by process ")?,
+    ))
+}
+
+/// Waits until process `pid` is gone (at most `secs`); whether it is.
+fn gone_within(pid: i32, secs: u64) -> bool {
+    let start = Instant::now();
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok()
+        && start.elapsed() < Duration::from_secs(secs)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::metadata(format!("/proc/{pid}")).is_err()
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
+    let lab = SvcLab::new("cf", &["app", "db", "other"], 97)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let root = lab.root.to_string_lossy().to_string();
+    anyhow::ensure!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "db does not answer before the attach"
+    );
+
+    // Not confirmed: enforced at once, removed after 2 s (programs gone,
+    // db open again; the guard and the follower exit).
+    let (guard, follower) = attach_confirm(&lab, "2")?;
+    let (_g, _f) = (Kill(guard), Kill(follower));
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "not enforced while waiting for confirmation"
+    );
+    anyhow::ensure!(gone_within(guard, 8), "the guard {guard} did not finish");
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        !out.status.success(),
+        "the unconfirmed attach is still there: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    anyhow::ensure!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "db still refuses after the unconfirmed attach was removed"
+    );
+    anyhow::ensure!(
+        gone_within(follower, 5),
+        "the follower outlived the removal"
+    );
+
+    // Confirmed: stays past the deadline; the guard stands down.
+    let (guard, follower) = attach_confirm(&lab, "2")?;
+    let (_g, _f) = (Kill(guard), Kill(follower));
+    let out = lab
+        .segbpf(&["confirm", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("confirmed"),
+        "confirm --services: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(gone_within(guard, 3), "the guard did not stand down");
+    std::thread::sleep(Duration::from_secs(2));
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "the confirmed attach was removed"
+    );
+    // Nothing pending: confirm fails (exit 1). Already attached:
+    // --confirm is refused (exit 2) and the policy stays.
+    let out = lab
+        .segbpf(&["confirm", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        out.status.code() == Some(1),
+        "confirm with nothing pending: {out:?}"
+    );
+    let policy = lab.state.join("roles.toml");
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--confirm",
+            "2",
+            "--policy",
+            policy.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.code() == Some(2),
+        "--confirm over an attach: {out:?}"
+    );
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "the refused --confirm changed the policy in force"
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "detach: {out:?}");
+    anyhow::ensure!(gone_within(follower, 5), "the follower outlived the detach");
     Ok(())
 }
 
