@@ -1083,6 +1083,14 @@ fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
     let (guard, follower) = attach_confirm(&lab, "2")?;
     let (_g, _f) = (Kill(guard), Kill(follower));
     let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        said.contains("PENDING: removed in"),
+        "status does not say the attach waits for confirmation:\n{said}"
+    );
+    let out = lab
         .segbpf(&["confirm", "--services", "--cgroup-root", &root])
         .output()?;
     anyhow::ensure!(
@@ -1091,6 +1099,13 @@ fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     anyhow::ensure!(gone_within(guard, 3), "the guard did not stand down");
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("PENDING"),
+        "status still says pending after the confirm"
+    );
     std::thread::sleep(Duration::from_secs(2));
     anyhow::ensure!(
         !lab.connect("other", "127.0.0.1 3306")?,

@@ -387,6 +387,16 @@ pub fn print_text(
             if r.audit { " (audit mode)" } else { "" },
             r.policy.as_deref().unwrap_or("?")
         )?;
+        if let Some(deadline) = r.confirm_deadline {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            writeln!(
+                o,
+                "  PENDING: removed in {}s unless confirmed (`segbpf confirm --services`)",
+                deadline.saturating_sub(now)
+            )?;
+        }
         for s in &r.services {
             writeln!(
                 o,
