@@ -26,6 +26,15 @@
 //!   apply a new policy; a bad one is refused and the old one stays.
 //! * `no_wait_leaves_a_follower_that_detach_ends`: `--no-wait` leaves a
 //!   follower that classifies new cgroups and exits after the detach.
+//! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
+//!   is removed after SECS unless `confirm --services` runs; `--confirm`
+//!   over an existing attachment is refused and changes nothing.
+//! * `under_systemd`: this machine's systemd booted by systemd-nspawn
+//!   (`--volatile=yes -D /`) with the package's segbpf-services.service
+//!   and units written for the test: `unit = "..."` resolves, the
+//!   package's unit is enforcing before the governed units start, and
+//!   `systemctl restart` of a governed unit (a new cgroup) opens no gap.
+//!   Skipped, saying so, when systemd-nspawn is missing.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -872,14 +881,15 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ends a follower left by `--no-wait` (by its PID, if it is still one).
+/// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
+/// PID, if it is still one).
 struct Kill(i32);
 
 impl Drop for Kill {
     fn drop(&mut self) {
         let p = nix::unistd::Pid::from_raw(self.0);
         if std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
-            .is_ok_and(|c| c.contains("--follow-only"))
+            .is_ok_and(|c| c.contains("--follow-only") || c.contains("guard\0--services"))
         {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
@@ -983,5 +993,568 @@ tcp = [5353]
     assert!(!lab.udp("app", "127.0.0.3 5353")?, "app -> none udp");
     // Others may still reach other (its ingress default is allow).
     assert!(lab.udp("db", "127.0.0.2 5353")?, "db -> other udp");
+    Ok(())
+}
+
+/// `attach --services --confirm SECS` in the background (`--no-wait`):
+/// returns the guard's and the follower's PIDs from its log.
+fn attach_confirm(lab: &SvcLab, secs: &str) -> anyhow::Result<(i32, i32)> {
+    let policy = lab.state.join("roles.toml");
+    std::fs::write(&policy, MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--confirm",
+            secs,
+            "--policy",
+            policy.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    anyhow::ensure!(out.status.success(), "attach --confirm: {log}");
+    let pid_after = |what: &str| -> anyhow::Result<i32> {
+        log.split(what)
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no `{what}` in: {log}"))
+    };
+    Ok((
+        pid_after("guard process ")?,
+        pid_after("followed by process ")?,
+    ))
+}
+
+/// Waits until process `pid` is gone (at most `secs`); whether it is.
+fn gone_within(pid: i32, secs: u64) -> bool {
+    let start = Instant::now();
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok()
+        && start.elapsed() < Duration::from_secs(secs)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::metadata(format!("/proc/{pid}")).is_err()
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
+    let lab = SvcLab::new("cf", &["app", "db", "other"], 97)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let root = lab.root.to_string_lossy().to_string();
+    anyhow::ensure!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "db does not answer before the attach"
+    );
+
+    // Not confirmed: enforced at once, removed after 2 s (programs gone,
+    // db open again; the guard and the follower exit).
+    let (guard, follower) = attach_confirm(&lab, "2")?;
+    let (_g, _f) = (Kill(guard), Kill(follower));
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "not enforced while waiting for confirmation"
+    );
+    anyhow::ensure!(gone_within(guard, 8), "the guard {guard} did not finish");
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        !out.status.success(),
+        "the unconfirmed attach is still there: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    anyhow::ensure!(
+        lab.connect("other", "127.0.0.1 3306")?,
+        "db still refuses after the unconfirmed attach was removed"
+    );
+    anyhow::ensure!(
+        gone_within(follower, 5),
+        "the follower outlived the removal"
+    );
+
+    // Confirmed: stays past the deadline; the guard stands down.
+    let (guard, follower) = attach_confirm(&lab, "2")?;
+    let (_g, _f) = (Kill(guard), Kill(follower));
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        said.contains("PENDING: removed in"),
+        "status does not say the attach waits for confirmation:\n{said}"
+    );
+    let out = lab
+        .segbpf(&["confirm", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("confirmed"),
+        "confirm --services: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(gone_within(guard, 3), "the guard did not stand down");
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("PENDING"),
+        "status still says pending after the confirm"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "the confirmed attach was removed"
+    );
+    // Nothing pending: confirm fails (exit 1). Already attached:
+    // --confirm is refused (exit 2) and the policy stays.
+    let out = lab
+        .segbpf(&["confirm", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(
+        out.status.code() == Some(1),
+        "confirm with nothing pending: {out:?}"
+    );
+    let policy = lab.state.join("roles.toml");
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--confirm",
+            "2",
+            "--policy",
+            policy.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.code() == Some(2),
+        "--confirm over an attach: {out:?}"
+    );
+    anyhow::ensure!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "the refused --confirm changed the policy in force"
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "detach: {out:?}");
+    anyhow::ensure!(gone_within(follower, 5), "the follower outlived the detach");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Under a real systemd: this machine booted by systemd-nspawn.
+// ---------------------------------------------------------------------------
+
+/// The policy of `under_systemd`: `unit = "..."` names units written for
+/// the test. `db` accepts 3306 only from `app`; `app` may send only to
+/// `db`'s 3306; `other` and `web` are in no service (the defaults allow).
+const UNITS_POLICY: &str = r#"version = 1
+[defaults]
+ingress = "allow"
+egress = "allow"
+established = true
+[services.db]
+unit = "db.service"
+defaults = { ingress = "drop" }
+[[services.db.ingress]]
+from_services = ["app"]
+tcp = [3306]
+[services.app]
+unit = "app.service"
+defaults = { egress = "drop" }
+[[services.app.egress]]
+to_services = ["db"]
+tcp = [3306]
+"#;
+
+/// A listener on 127.0.0.1:PORT that accepts and closes (python3 of the
+/// host's /usr, which the container shares).
+fn server_unit(port: u16) -> String {
+    format!(
+        "[Unit]\nDescription=segbpf test listener {port}\n[Service]\n\
+         ExecStart=/usr/bin/python3 -c \"import socket\\n\
+         s=socket.socket()\\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\\n\
+         s.bind(('127.0.0.1',{port}))\\ns.listen(64)\\n\
+         while True: s.accept()[0].close()\"\n"
+    )
+}
+
+/// A client that, from the moment its process starts, tries 3306 and
+/// 8080 on 127.0.0.1 every 20 ms and appends `MONO_NS PORT ok|no` to
+/// /run/NAME.log (`start MONO_NS` first: each restart is visible).
+fn client_unit(name: &str) -> String {
+    format!(
+        "[Unit]\nDescription=segbpf test client {name}\n[Service]\n\
+         ExecStart=/usr/bin/python3 -u -c \"import socket,time\\n\
+         f=open('/run/{name}.log','a',buffering=1)\\n\
+         f.write('start %%d\\\\n' %% time.monotonic_ns())\\n\
+         while True:\\n\
+         \\tfor p in (3306,8080):\\n\
+         \\t\\tc=socket.socket(); c.settimeout(0.2); t=time.monotonic_ns()\\n\
+         \\t\\ttry: c.connect(('127.0.0.1',p)); r='ok'\\n\
+         \\t\\texcept Exception: r='no'\\n\
+         \\t\\tc.close(); f.write('%%d %%d %%s\\\\n' %% (t,p,r))\\n\
+         \\ttime.sleep(0.02)\"\n"
+    )
+}
+
+/// A booted container; powered off (SIGTERM to nspawn, SIGKILL after
+/// 20 s), its bpffs unmounted and its work directory removed on drop.
+struct Booted {
+    nspawn: Child,
+    pid1: u32,
+    work: PathBuf,
+    bpffs_mounted: bool,
+}
+
+impl Booted {
+    /// Runs `script` with `sh -c` in the container's namespaces. Not in a
+    /// unit's cgroup: what it runs is outside the container's cgroup tree.
+    fn sh(&self, script: &str) -> anyhow::Result<String> {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.pid1.to_string(), "-a", "--"])
+            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+            .args(["sh", "-c", script])
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!(
+                "in the container, `{script}` failed ({}):\n{said}",
+                out.status
+            );
+        }
+        Ok(said)
+    }
+
+    /// `systemctl show -p PROP --value UNIT` as a number.
+    fn prop(&self, unit: &str, prop: &str) -> anyhow::Result<u64> {
+        let v = self.sh(&format!("systemctl show -p {prop} --value {unit}"))?;
+        v.trim()
+            .parse()
+            .with_context(|| format!("{unit} {prop} = {v:?}"))
+    }
+
+    fn log(&self, name: &str) -> Vec<(u128, u16, bool)> {
+        let text = std::fs::read_to_string(format!("/proc/{}/root/run/{name}.log", self.pid1))
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split(' ');
+                let t = w.next()?.parse().ok()?;
+                let p = w.next()?.parse().ok()?;
+                Some((t, p, w.next()? == "ok"))
+            })
+            .collect()
+    }
+
+    fn journal(&self) -> String {
+        self.sh("journalctl -b --no-pager -u segbpf-services -u app -u db | tail -40")
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+        let bpffs = self.work.join("bpffs");
+        if self.bpffs_mounted
+            && !Command::new("umount")
+                .arg(&bpffs)
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            eprintln!("could not unmount {}; left in place", bpffs.display());
+            return;
+        }
+        // Only the test's own, absolute, unique directory.
+        if self.work.is_absolute()
+            && self
+                .work
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("segbpf-nspawn-"))
+        {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+/// Boots this machine's systemd with `--volatile=yes -D /` (as
+/// `cargo xtask dist --check` does), the package's unit
+/// segbpf-services.service wanted by sysinit.target, the test's units
+/// wanted by multi-user.target, the policy at /etc/segbpf/roles.toml and
+/// the binary at /usr/sbin/segbpf (all read-only binds).
+fn boot(work: &Path) -> anyhow::Result<Booted> {
+    let share = work.join("share");
+    std::fs::create_dir_all(&share)?;
+    let bpffs = work.join("bpffs");
+    std::fs::create_dir_all(&bpffs)?;
+    let unit_src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist/systemd/segbpf-services.service")
+        .canonicalize()?;
+    let mut files: Vec<(String, String)> = vec![
+        ("roles.toml".into(), UNITS_POLICY.into()),
+        ("db.service".into(), server_unit(3306)),
+        ("web.service".into(), server_unit(8080)),
+        ("app.service".into(), client_unit("app")),
+        ("other.service".into(), client_unit("other")),
+        (
+            "sysinit.conf".into(),
+            "[Unit]\nWants=segbpf-services.service\n".into(),
+        ),
+        (
+            "multi-user.conf".into(),
+            "[Unit]\nWants=db.service web.service app.service other.service\n".into(),
+        ),
+    ];
+    for (name, text) in &mut files {
+        std::fs::write(share.join(&*name), &*text)?;
+    }
+    let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
+    Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&bpffs)
+        .status()?
+        .success()
+        .then_some(())
+        .context("mounting a bpffs for the container")?;
+    let mut cmd = Command::new("systemd-nspawn");
+    cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
+        .args(["--keep-unit", "--private-network", "-q"])
+        .args(["-M", &format!("segbpf-svc-{}", std::process::id())])
+        .args([
+            "--overlay=/usr::/usr",
+            "--overlay=/etc::/etc",
+            "--overlay=/var::/var",
+        ])
+        .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
+        .arg(bind(segbpf_bin(), "/usr/sbin/segbpf"))
+        .arg(bind(
+            unit_src,
+            "/etc/systemd/system/segbpf-services.service",
+        ))
+        .arg(bind(share.join("roles.toml"), "/etc/segbpf/roles.toml"))
+        .arg(bind(
+            share.join("sysinit.conf"),
+            "/etc/systemd/system/sysinit.target.d/segbpf-test.conf",
+        ))
+        .arg(bind(
+            share.join("multi-user.conf"),
+            "/etc/systemd/system/multi-user.target.d/segbpf-test.conf",
+        ))
+        .args([
+            "--capability=CAP_BPF,CAP_PERFMON",
+            "--system-call-filter=bpf",
+        ]);
+    for u in ["db", "web", "app", "other"] {
+        cmd.arg(bind(
+            share.join(format!("{u}.service")),
+            &format!("/etc/systemd/system/{u}.service"),
+        ));
+    }
+    // Units that would change the host's kernel settings, or services of
+    // this machine that have no business in the container.
+    for u in [
+        "systemd-sysctl.service",
+        "systemd-binfmt.service",
+        "systemd-udev-trigger.service",
+        "etcd.service",
+        "etcd2.service",
+        "postgresql.service",
+    ] {
+        cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{u}"));
+    }
+    cmd.arg("systemd.firstboot=off")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(work.join("console.log"))?)
+        .stderr(std::fs::File::create(work.join("nspawn.log"))?);
+    let nspawn = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = Command::new("umount").arg(&bpffs).status();
+            return Err(e).context("running systemd-nspawn");
+        }
+    };
+    let mut b = Booted {
+        nspawn,
+        pid1: 0,
+        work: work.to_path_buf(),
+        bpffs_mounted: true,
+    };
+    let children = format!("/proc/{0}/task/{0}/children", b.nspawn.id());
+    let start = Instant::now();
+    while b.pid1 == 0 {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "systemd-nspawn started no container: {}",
+                std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
+            );
+        }
+        if let Some(pid) = std::fs::read_to_string(&children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "systemd")
+            })
+        {
+            b.pid1 = pid.parse()?;
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    loop {
+        let state = b
+            .sh("systemctl is-system-running || true")
+            .unwrap_or_default();
+        let state = state.trim();
+        if state == "running" || state == "degraded" {
+            return Ok(b);
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            bail!("the container's systemd did not finish booting: {state}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `name`'s log has a line after `since` for `port` with
+/// result `ok`; returns its time.
+fn wait_log(b: &Booted, name: &str, since: u128, port: u16, ok: bool) -> anyhow::Result<u128> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Some(&(t, _, _)) = b
+            .log(name)
+            .iter()
+            .find(|&&(t, p, r)| t > since && p == port && r == ok)
+        {
+            return Ok(t);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "{name}: no {port} {} after {since} in 15 s\n{}",
+        if ok { "ok" } else { "no" },
+        b.journal()
+    )
+}
+
+#[test]
+#[ignore = "needs root, systemd-nspawn and a kernel with BPF: run `cargo xtask test`"]
+fn under_systemd() -> anyhow::Result<()> {
+    if Command::new("systemd-nspawn")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED under_systemd: systemd-nspawn is missing (package systemd-container; `cargo xtask setup` installs it)"
+        );
+        return Ok(());
+    }
+    let work = std::env::temp_dir().join(format!(
+        "segbpf-nspawn-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&work)?;
+    let b = boot(&work)?;
+
+    // The package's unit was active before any governed unit started.
+    ensure_active(&b, "segbpf-services.service")?;
+    let enforced = b.prop("segbpf-services.service", "ActiveEnterTimestampMonotonic")?;
+    for u in ["db.service", "app.service", "other.service"] {
+        ensure_active(&b, u)?;
+        let started = b.prop(u, "ExecMainStartTimestampMonotonic")?;
+        anyhow::ensure!(
+            enforced > 0 && enforced <= started,
+            "{u} started at {started} µs, before segbpf-services was enforcing ({enforced} µs)\n{}",
+            b.journal()
+        );
+    }
+
+    // `unit = "..."` resolved: app reaches db, other does not; app's
+    // egress is an allow-list from its first connection on.
+    wait_log(&b, "app", 0, 3306, true)?;
+    wait_log(&b, "other", 0, 8080, true)?;
+    let status = b.sh("segbpf status --services")?;
+    anyhow::ensure!(
+        status.contains("system.slice/db.service") && status.contains("system.slice/app.service"),
+        "status --services does not show the units' cgroups:\n{status}"
+    );
+
+    // Restarts: each new app process (a new cgroup) and each new db are
+    // governed from their first packet on.
+    for round in 0..3 {
+        let before = mono_ns();
+        b.sh("systemctl restart app.service")?;
+        wait_log(&b, "app", before, 3306, true)?;
+        let before = mono_ns();
+        b.sh("systemctl restart db.service")?;
+        wait_log(&b, "app", before, 3306, true)
+            .with_context(|| format!("round {round}: app after db's restart"))?;
+    }
+    // Let `other` probe once more after the last restart.
+    wait_log(&b, "other", mono_ns(), 3306, false)?;
+
+    let app = b.log("app");
+    let other = b.log("other");
+    let starts = std::fs::read_to_string(format!("/proc/{}/root/run/app.log", b.pid1))?
+        .lines()
+        .filter(|l| l.starts_with("start "))
+        .count();
+    anyhow::ensure!(starts == 4, "app started {starts} times, not 4");
+    let leaks: Vec<_> = app.iter().filter(|&&(_, p, r)| p == 8080 && r).collect();
+    anyhow::ensure!(
+        leaks.is_empty(),
+        "app reached 8080 (not in its allow-list) {} times, first at {:?}",
+        leaks.len(),
+        leaks.first()
+    );
+    let leaks: Vec<_> = other.iter().filter(|&&(_, p, r)| p == 3306 && r).collect();
+    anyhow::ensure!(
+        leaks.is_empty(),
+        "other (no service) reached db's 3306 {} times, first at {:?}",
+        leaks.len(),
+        leaks.first()
+    );
+    let app_probes = app.iter().filter(|&&(_, p, _)| p == 8080).count();
+    let other_probes = other.iter().filter(|&&(_, p, _)| p == 3306).count();
+    eprintln!(
+        "under_systemd: 3 restarts each of app and db; app's 8080 refused {app_probes}/{app_probes}, other's 3306 refused {other_probes}/{other_probes}"
+    );
+    Ok(())
+}
+
+fn ensure_active(b: &Booted, unit: &str) -> anyhow::Result<()> {
+    let state = b
+        .sh(&format!("systemctl is-active {unit} || true"))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(state == "active", "{unit} is {state}\n{}", b.journal());
     Ok(())
 }

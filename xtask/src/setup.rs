@@ -15,12 +15,17 @@ const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"
 /// it builds before these are installed.
 const BUILD_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev"];
 
+/// Debian packages the tests need: systemd-nspawn boots a real systemd
+/// for tests/tests/services.rs `under_systemd` (and `dist --check`).
+const TEST_PACKAGES: &[&str] = &["systemd-container"];
+
 /// Installs what is missing. Safe to run repeatedly.
 pub(crate) fn run() -> anyhow::Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     ensure_tools()?;
     apt_install(BUILD_PACKAGES)?;
+    apt_install(TEST_PACKAGES)?;
     ensure_bpffs()?;
     Ok(())
 }

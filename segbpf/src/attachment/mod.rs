@@ -5,7 +5,7 @@
 //! [`swap`] (reload, rollback, set edits) and the lockout [`guard`].
 //! The services attachment (`[services.*]` on cgroups, one per cgroup
 //! root) is [`services`], kept in step with the cgroup tree by
-//! [`cgroup_follow`].
+//! [`cgroup_follow`], with its lockout guard [`services_guard`].
 //!
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
@@ -24,6 +24,7 @@ pub mod memory;
 pub mod observed;
 pub mod pins;
 pub mod services;
+pub mod services_guard;
 pub mod state;
 pub mod swap;
 pub mod timeline;

@@ -612,6 +612,12 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;
     }
+    // A pending `--confirm` ends with the attachment (its guard stands
+    // down; it must not remove a later attach).
+    let pending = crate::attachment::services_guard::pending_file(paths);
+    if pending.exists() {
+        std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
+    }
     Ok(existed)
 }
 

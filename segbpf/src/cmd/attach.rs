@@ -81,6 +81,7 @@ pub struct Args {
     pub metrics: Option<std::net::SocketAddr>,
     /// Detach again after SECS seconds unless `segbpf confirm IFACE` runs
     /// (a guard in its own process undoes it even if attach is killed).
+    /// With --services: `segbpf confirm --services`, first attach only.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub confirm: Option<u64>,
     /// Map sizes.

@@ -13,8 +13,17 @@ use crate::{
 /// Arguments of `segbpf confirm`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Interface whose pending change to keep.
-    pub iface: String,
+    /// Interface whose pending change to keep (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Keep the services attachment applied with `attach --services
+    /// --confirm` (docs/services.md).
+    #[arg(long, conflicts_with = "iface")]
+    pub services: bool,
+    /// With --services: the cgroup root it was attached below (default:
+    /// the cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -33,7 +42,10 @@ struct ConfirmOut {
 
 /// Runs `segbpf confirm`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.as_deref() else {
+        return crate::cmd::services::confirm(args.cgroup_root, args.output);
+    };
+    let att = Attachment::new(iface, ns);
     let generation = guard::confirm(&att)?;
     match args.output {
         Output::Json => print_json(&ConfirmOut {

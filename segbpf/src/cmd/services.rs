@@ -18,6 +18,7 @@ use crate::{
         cgroup_follow::{self as follow, FollowEvent},
         pins::Roots,
         services::{self as engine, SvcPaths},
+        services_guard as guard_engine,
     },
     cmd::{Output, UsageError, print_json},
     host::cgroups::CgroupRoot,
@@ -36,11 +37,8 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup_sig = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    if args.confirm.is_some() {
-        return Err(UsageError(
-            "--confirm is not supported with --services yet; attach without it (`segbpf detach --services` undoes it)".into(),
-        )
-        .into());
+    if args.confirm.is_some() && args.follow_only {
+        return Err(UsageError("--confirm does not go with --follow-only".into()).into());
     }
     let Some(policy_path) = args.policy.clone() else {
         return Err(UsageError("--services needs --policy FILE".into()).into());
@@ -51,9 +49,19 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     if !args.insecure_policy {
         crate::attachment::trust::check_policy_file(&policy_path)?;
     }
+    if args.confirm.is_some() && paths.is_attached() {
+        return Err(UsageError(format!(
+            "--confirm with --services guards a first attach only; services are already enforced below {} (apply the change with `segbpf reload --services`, or `segbpf detach --services` first)",
+            paths.root.dir.display()
+        ))
+        .into());
+    }
     if !args.follow_only {
         let policy = Policy::load(&policy_path)?;
         let state = engine::attach(&paths, &policy, &policy_path, args.audit)?;
+        if let Some(secs) = args.confirm {
+            arm_guard(&paths, state.generation, secs)?;
+        }
         let summary = format!(
             "services enforced below {} (generation {}{}): {}",
             paths.root.dir.display(),
@@ -149,6 +157,94 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Arms the lockout guard of a first services attach: the record, then
+/// the guard process in its own session. If the guard cannot be started
+/// the attach is undone (never an unguarded change that was asked to be
+/// guarded).
+fn arm_guard(paths: &SvcPaths, generation: u64, secs: u64) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let started = (|| -> anyhow::Result<u32> {
+        guard_engine::arm(paths, generation, secs)?;
+        let exe = std::env::current_exe().context("finding segbpf's own executable")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["guard", "--services", "--cgroup-root"])
+            .arg(&paths.root.dir)
+            .args(["--generation", &generation.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            // Its log: a file next to the state (a terminal or pipe would
+            // keep the caller waiting, or be gone when the guard speaks).
+            .stderr(std::fs::File::create(
+                paths.state.with_extension("guard.log"),
+            )?);
+        // SAFETY: setsid() is async-signal-safe; the child leaves our
+        // session and process group, so signals to the attach miss it.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Ok(cmd.spawn().context("starting the confirmation guard")?.id())
+    })();
+    match started {
+        Ok(pid) => {
+            warn!(
+                "the services below {} are removed in {secs}s unless `segbpf confirm --services{}` runs (guard process {pid})",
+                paths.root.dir.display(),
+                cgroup_root_option(paths)
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = guard_engine::confirm(paths);
+            let _ = engine::detach(paths);
+            Err(e.context("--confirm: the guard could not be armed; the attach was undone"))
+        }
+    }
+}
+
+/// ` --cgroup-root DIR` unless DIR is the default (the cgroup v2 mount).
+fn cgroup_root_option(paths: &SvcPaths) -> String {
+    match CgroupRoot::open(None) {
+        Ok(d) if d.id == paths.root.id => String::new(),
+        _ => format!(" --cgroup-root {}", paths.root.dir.display()),
+    }
+}
+
+/// `segbpf confirm --services`.
+pub fn confirm(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let paths = paths(cgroup_root.as_deref())?;
+    let Some(generation) = guard_engine::confirm(&paths)? else {
+        anyhow::bail!(
+            "no services change below {} is waiting for confirmation",
+            paths.root.dir.display()
+        );
+    };
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "generation": generation,
+            "confirmed": true,
+        }))?,
+        Output::Text => crate::cmd::print_line(format_args!(
+            "confirmed generation {generation} of the services below {}",
+            paths.root.dir.display()
+        ))?,
+    }
+    Ok(())
+}
+
+/// The hidden `segbpf guard --services`.
+pub fn guard(cgroup_root: Option<PathBuf>, generation: u64) -> anyhow::Result<()> {
+    let paths = paths(cgroup_root.as_deref())?;
+    let outcome = guard_engine::run_guard(&paths, generation);
+    info!("services guard of generation {generation}: {outcome:?}");
+    Ok(())
 }
 
 /// One event line on stdout (a closed stdout is ignored: enforcement goes on).
@@ -291,6 +387,16 @@ pub fn print_text(
             if r.audit { " (audit mode)" } else { "" },
             r.policy.as_deref().unwrap_or("?")
         )?;
+        if let Some(deadline) = r.confirm_deadline {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            writeln!(
+                o,
+                "  PENDING: removed in {}s unless confirmed (`segbpf confirm --services`)",
+                deadline.saturating_sub(now)
+            )?;
+        }
         for s in &r.services {
             writeln!(
                 o,

@@ -68,6 +68,10 @@ pub struct SvcReport {
     pub services: Vec<ServiceReport>,
     /// Sockets in no service (and held sockets of unclassified cgroups, as drops).
     pub unserviced: PacketCounts,
+    /// A first attach made with `--confirm` waits for `segbpf confirm
+    /// --services`: the Unix time it is removed at otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_deadline: Option<u64>,
 }
 
 /// The report of the attachment at `paths`.
@@ -106,5 +110,6 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         audit: state.as_ref().is_some_and(|s| s.audit),
         services,
         unserviced: PacketCounts::of(row(0)),
+        confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
     }
 }
