@@ -102,6 +102,12 @@ pub struct SvcPaths {
 pub const PIN_PREFIX: &str = "services:";
 
 impl SvcPaths {
+    /// The file of a first attach's pending confirmation (its guard:
+    /// `crate::attachment::services_guard`).
+    pub fn pending_file(&self) -> PathBuf {
+        self.state.with_extension("confirm.json")
+    }
+
     /// The attachment of `root` under `roots`.
     pub fn new(roots: &Roots, root: CgroupRoot) -> Self {
         SvcPaths {
@@ -614,7 +620,7 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     }
     // A pending `--confirm` ends with the attachment (its guard stands
     // down; it must not remove a later attach).
-    let pending = crate::attachment::services_guard::pending_file(paths);
+    let pending = paths.pending_file();
     if pending.exists() {
         std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
     }

@@ -41,9 +41,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServicesError {
     move |source| ServicesError::Io { what, source }
 }
 
-/// The pending record's file.
-pub fn pending_file(paths: &SvcPaths) -> PathBuf {
-    paths.state.with_extension("confirm.json")
+/// The pending record's file ([`SvcPaths::pending_file`]).
+fn pending_file(paths: &SvcPaths) -> PathBuf {
+    paths.pending_file()
 }
 
 /// The pending confirmation, if any.

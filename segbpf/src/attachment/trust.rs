@@ -213,14 +213,22 @@ pub fn cuts_ssh_session(
             sessions.push(s);
         }
     }
+    // What the policy does to each session first (pure); only for the
+    // sessions it would cut, whether they come through `iface` at all (the
+    // kernel's addresses and routes, asked once).
+    let cut: Vec<(Session, String)> = sessions
+        .into_iter()
+        .filter_map(|conn| {
+            crate::policy::lint::ssh_session_of(policy, roles, Some(iface), conn).map(|m| (conn, m))
+        })
+        .collect();
+    if cut.is_empty() {
+        return None;
+    }
     let addrs = crate::host::netif::addresses(iface).unwrap_or_default();
     let ifindex = crate::host::netif::ifindex(iface).ok();
-    sessions.into_iter().find_map(|conn| {
+    cut.into_iter().find_map(|(conn, cut)| {
         let (client, _, server, _) = conn;
-        // What the policy does to the session first (pure), then whether
-        // the session comes through `iface` at all (the kernel's
-        // addresses and routes).
-        let cut = crate::policy::lint::ssh_session_of(policy, roles, Some(iface), conn)?;
         let on_iface = addrs.contains(&server);
         let through = match crate::host::netif::route_oif(client) {
             Ok(Some(oif)) => ifindex.is_some_and(|i| i == oif),

@@ -183,12 +183,10 @@ impl Args {
     }
 }
 
-/// Runs `segbpf attach`.
+/// Runs `segbpf attach IFACE` (`--services` is dispatched to
+/// `cmd::services` by `cmd::run`).
 pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    if args.services {
-        return crate::cmd::services::attach(args).await;
-    }
     // Handlers first, so a signal that arrives while applying is not fatal.
     let mut signals = (
         signal(SignalKind::terminate()).context("SIGTERM handler")?,

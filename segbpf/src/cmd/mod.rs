@@ -399,6 +399,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ns = crate::host::netns::Netns::current;
     match cli.command {
         Command::Check(a) => check::run(a),
+        Command::Attach(a) if a.services => services::attach(a).await,
         Command::Attach(a) => attach::run(a, &ns()?).await,
         Command::Reload(a) => reload::run(a, &ns()?),
         Command::Set(a) => set::run(a, &ns()?),
