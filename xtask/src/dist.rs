@@ -458,10 +458,12 @@ drwxr-xr-x 0/0               0 2024-01-01 00:00 ./
 drwxr-xr-x 0/0               0 2024-01-01 00:00 ./usr/
 -rwxr-xr-x 0/0         9000000 2024-01-01 00:00 ./usr/sbin/segbpf
 -rw-r--r-- 0/0            2500 2024-01-01 00:00 ./usr/lib/systemd/system/segbpf@.service
+-rw-r--r-- 0/0            1500 2024-01-01 00:00 ./usr/lib/systemd/system/segbpf-services.service
 -rw-r--r-- 0/0             400 2024-01-01 00:00 ./etc/logrotate.d/segbpf
 -rw-r--r-- 0/0            4000 2024-01-01 00:00 ./usr/share/doc/segbpf/examples/roles.toml
 -rw-r--r-- 0/0            1000 2024-01-01 00:00 ./usr/share/doc/segbpf/copyright
 -rw-r--r-- 0/0            1000 2024-01-01 00:00 ./usr/share/doc/segbpf/docs/service.md
+-rw-r--r-- 0/0            1000 2024-01-01 00:00 ./usr/share/doc/segbpf/docs/services.md
 -rw-r--r-- 0/0             900 2024-01-01 00:00 ./usr/share/man/man8/segbpf.8.gz
 -rw-r--r-- 0/0             900 2024-01-01 00:00 ./usr/share/man/man8/segbpf-attach.8.gz
 -rw-r--r-- 0/0            9000 2024-01-01 00:00 ./usr/share/bash-completion/completions/segbpf
