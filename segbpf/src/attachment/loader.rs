@@ -299,7 +299,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 4], LoadError> {
             .collect();
         threads
             .into_iter()
-            .map(|t| t.join().expect("a program load thread panicked"))
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
     let mut ms = [0.0; 4];
