@@ -108,6 +108,24 @@ fn median(v: &[f64]) -> f64 {
     s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// `/proc/loadavg`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The phase timings and the program load line of a `segbpf -v attach`
+/// (the first of them: 10,000 rules; then the example policy per round).
+fn phase_lines(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.contains("phases:") || l.contains("load: object and maps"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Milliseconds `cmd` took as a whole process; fails when it fails.
 fn timed(mut cmd: Command) -> anyhow::Result<(f64, std::process::Output)> {
     let what: Vec<String> = std::iter::once(cmd.get_program())
@@ -219,8 +237,10 @@ fn main() -> anyhow::Result<()> {
         )?,
     )?;
     let p0 = files[0].to_str().unwrap_or_default();
-    let (attach_10k_ms, _) =
-        timed(b.segbpf(&["attach", "eth0", "--role", "r", "--no-wait", "-p", p0]))?;
+    let loadavg_start = loadavg();
+    let (attach_10k_ms, out) =
+        timed(b.segbpf(&["-v", "attach", "eth0", "--role", "r", "--no-wait", "-p", p0]))?;
+    let mut attach_phases = vec![phase_lines(&out.stderr)];
     // `nft -f` of a file whose first lines delete the table needs it to exist.
     timed(b.nft(&["add", "table", "inet", "segbench"]))?;
     timed(b.nft(&["-f", nft_files[0].to_str().unwrap_or_default()]))?;
@@ -290,7 +310,17 @@ fn main() -> anyhow::Result<()> {
             .push(ms);
 
         let ex = example.to_str().unwrap_or_default();
-        let (ms, _) = timed(b.segbpf(&["attach", "att0", "--role", "web", "--no-wait", "-p", ex]))?;
+        let (ms, out) = timed(b.segbpf(&[
+            "-v",
+            "attach",
+            "att0",
+            "--role",
+            "web",
+            "--no-wait",
+            "-p",
+            ex,
+        ]))?;
+        attach_phases.push(phase_lines(&out.stderr));
         samples
             .entry("segbpf attach example policy")
             .or_default()
@@ -350,6 +380,9 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
     }
     println!("attach at {RULES} rules (once): {attach_10k_ms:.0} ms");
+    for lines in &attach_phases {
+        println!("attach phases: {}", lines.join(" | "));
+    }
     println!("entries written by `set add` of one member: {written:?}");
     let pairs = [
         ("segbpf set add one", "nft add element one"),
@@ -371,12 +404,14 @@ fn main() -> anyhow::Result<()> {
         "machine": {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-            "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "loadavg_start": loadavg_start,
+            "loadavg": loadavg(),
             "nft": Command::new("nft").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
         },
         "rules": RULES,
         "rounds": rounds,
         "attach_10k_ms": attach_10k_ms,
+        "attach_phases": attach_phases,
         "set_add_written": written,
         "samples_ms": samples,
         "medians_ms": samples.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),

@@ -333,16 +333,23 @@ fn apply_timed(
         return Err(e.into());
     }
     phases.mark("state");
-    // What the slot in force holds, so the first change writes only what
-    // it changes there (see `crate::attachment::delta`); without it, it writes whole.
-    if let Err(e) = maps::PolicyMaps::from_pins(&att).and_then(|m| {
+    // The policy is in force. The slot no packet looks at becomes its
+    // mirror (its `SEG_CONFIG` record, carrying the generation in force,
+    // written last), and the snapshot records what the slot in force
+    // holds: the first change then writes only what it changes (see
+    // `crate::attachment::delta`). Whatever fails here leaves no mirror
+    // (a slot whose record is not the generation in force): the first
+    // change empties that slot and writes the policy whole.
+    if let Err(e) = maps::PolicyMaps::from_pins(&att).and_then(|mut m| {
+        let other = 1 - compiled.config.active_slot;
+        m.write_slot(&crate::attachment::delta::moved(&compiled, other))?;
         crate::attachment::delta::Snapshot::of(&compiled, m.map_id())
             .write(&att.snapshot())
             .map_err(|e| maps::MapsError::Snapshot(e.to_string()))
     }) {
-        warn!("recording the policy slot: {e} (the first change writes the policy whole)");
+        warn!("mirroring the policy slot: {e} (the first change writes the policy whole)");
     }
-    phases.mark("snapshot");
+    phases.mark("mirror+snapshot");
     if let Some(secs) = req.confirm {
         // In force now: the confirmation time starts.
         guard::start_clock(&att, generation, secs).map_err(Box::new)?;

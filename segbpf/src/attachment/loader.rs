@@ -6,7 +6,7 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::ProgramArray,
-    programs::{SchedClassifier, Xdp},
+    programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
     GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW,
@@ -131,26 +131,35 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
-    load_programs(&mut ebpf)?;
+    let each = load_programs(&mut ebpf)?;
     log_verified(
-        &mut ebpf,
+        &ebpf,
         maps_ms,
         t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+        each,
     );
     Ok(ebpf)
 }
 
 /// Logs (debug) what loading cost: object and maps, then the programs'
-/// load with the kernel's verification and their verified instructions.
-fn log_verified(ebpf: &mut Ebpf, maps_ms: f64, programs_ms: f64) {
-    let insns = |prog: Option<aya::programs::ProgramInfo>| {
-        prog.and_then(|i| i.verified_instruction_count())
-            .map_or_else(|| "?".to_string(), |n| n.to_string())
-    };
-    let xdp = insns(xdp(ebpf).ok().and_then(|p| p.info().ok()));
-    let tc = insns(tc(ebpf).ok().and_then(|p| p.info().ok()));
+/// load with the kernel's verification (all four, in parallel: the wall
+/// time, then each program's) and their verified instructions.
+fn log_verified(ebpf: &Ebpf, maps_ms: f64, programs_ms: f64, each_ms: [f64; 4]) {
+    let each: Vec<String> = PROGRAMS
+        .iter()
+        .zip(each_ms)
+        .map(|(name, ms)| {
+            let insns = ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count())
+                .map_or_else(|| "?".to_string(), |n| n.to_string());
+            format!("{name} {ms:.1} ms, {insns} insns")
+        })
+        .collect();
     tracing::debug!(
-        "load: object and maps {maps_ms:.1} ms; programs (load and verification) {programs_ms:.1} ms; verified instructions: xdp {xdp}, tc {tc}"
+        "load: object and maps {maps_ms:.1} ms; programs (load and verification, in parallel) {programs_ms:.1} ms: {}",
+        each.join("; ")
     );
 }
 
@@ -232,44 +241,86 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
-    load_programs(&mut ebpf)?;
+    let each = load_programs(&mut ebpf)?;
     log_verified(
-        &mut ebpf,
+        &ebpf,
         maps_ms,
         t.elapsed().as_secs_f64() * 1e3 - maps_ms,
+        each,
     );
     Ok(ebpf)
 }
 
-/// Loads the programs of an instance and fills its tail-call tables: the
-/// IPv6 programs first, so the IPv4 programs never run with an empty
-/// table (they could not: nothing is attached yet, and an empty table
-/// drops, see the kernel crate's `main.rs`).
-pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for (prog, table, xdp_type) in [
-        (PROG_XDP_INGRESS_V6, MAP_TAIL_XDP, true),
-        (PROG_TC_EGRESS_V6, MAP_TAIL_TC, false),
+/// The programs of the object, in the order their load times are logged.
+const PROGRAMS: [&str; 4] = [
+    PROG_XDP_INGRESS,
+    PROG_XDP_INGRESS_V6,
+    PROG_TC_EGRESS,
+    PROG_TC_EGRESS_V6,
+];
+
+/// Loads the programs of an instance, each in its own thread (the kernel
+/// verifies each program on the calling thread, and the four do not depend
+/// on each other), then fills its tail-call tables. Nothing is attached
+/// yet, so no packet runs an IPv4 program while its table is empty (an
+/// empty table drops, see the kernel crate's `main.rs`). Returns the wall
+/// time of each program's load and verification, in [`PROGRAMS`] order.
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 4], LoadError> {
+    let mut progs: Vec<(usize, &mut Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, p)| PROGRAMS.iter().position(|n| *n == name).map(|i| (i, p)))
+        .collect();
+    if let Some(missing) = PROGRAMS
+        .iter()
+        .enumerate()
+        .find(|(i, _)| !progs.iter().any(|(j, _)| j == i))
+    {
+        return Err(LoadError::MissingProgram(missing.1));
+    }
+    let loaded: Vec<(usize, Result<f64, LoadError>)> = std::thread::scope(|s| {
+        let threads: Vec<_> = progs
+            .iter_mut()
+            .map(|(i, p)| {
+                let i = *i;
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    let r = match p {
+                        Program::Xdp(p) => p.load(),
+                        Program::SchedClassifier(p) => p.load(),
+                        _ => return (i, Err(LoadError::MissingProgram(PROGRAMS[i]))),
+                    };
+                    (
+                        i,
+                        r.map(|()| t.elapsed().as_secs_f64() * 1e3)
+                            .map_err(LoadError::from),
+                    )
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut ms = [0.0; 4];
+    for (i, r) in loaded {
+        ms[i] = r?;
+    }
+    for (prog, table) in [
+        (PROG_XDP_INGRESS_V6, MAP_TAIL_XDP),
+        (PROG_TC_EGRESS_V6, MAP_TAIL_TC),
     ] {
-        let p = ebpf
-            .program_mut(prog)
-            .ok_or(LoadError::MissingProgram(prog))?;
-        let fd = if xdp_type {
-            let p: &mut Xdp = p.try_into()?;
-            p.load()?;
-            p.fd()?.try_clone()
-        } else {
-            let p: &mut SchedClassifier = p.try_into()?;
-            p.load()?;
-            p.fd()?.try_clone()
-        }
-        .map_err(|e| LoadError::Program(aya::programs::ProgramError::IOError(e)))?;
+        let fd = ebpf
+            .program(prog)
+            .ok_or(LoadError::MissingProgram(prog))?
+            .fd()?
+            .try_clone()
+            .map_err(|e| LoadError::Program(aya::programs::ProgramError::IOError(e)))?;
         let map = ebpf.map_mut(table).ok_or(LoadError::MissingMap(table))?;
         let mut tail = ProgramArray::try_from(map).map_err(LoadError::Map)?;
         tail.set(0, &fd, 0).map_err(LoadError::Map)?;
     }
-    xdp(ebpf)?.load()?;
-    tc(ebpf)?.load()?;
-    Ok(())
+    Ok(ms)
 }
 
 /// The ingress XDP program of a loaded instance.
