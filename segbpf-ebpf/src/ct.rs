@@ -172,13 +172,6 @@ pub(crate) struct Tracked {
     pub assured: bool,
 }
 
-/// Whether `p` is a TCP SYN without ACK (nor RST): an opener, never the
-/// first segment of a flow's reply side (see `tcp_in_window`).
-#[inline(always)]
-pub(crate) fn is_opener_syn(p: &Parsed) -> bool {
-    p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
-}
-
 /// The live entry of `key` for the packet `p`: the assured table first
 /// (most packets belong to assured flows), then the half-open table. An
 /// entry is dead when it expired, when it is a flow audit mode let through
@@ -188,7 +181,7 @@ pub(crate) fn is_opener_syn(p: &Parsed) -> bool {
 /// half-open one (a new connection on a reused tuple).
 #[inline(always)]
 pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<Tracked> {
-    let syn = is_opener_syn(p);
+    let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if let Some(e) = SEG_CT.get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
     {

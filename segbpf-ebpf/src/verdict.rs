@@ -135,24 +135,6 @@ fn judge(
         return d;
     }
 
-    // Cheapest first: an ingress TCP SYN without ACK never answers a flow
-    // the host opened (ct: a side's first segment must acknowledge), so
-    // when its source is in no peer class, the ingress default drops and
-    // audit mode is off, nothing the connection tables hold could let it
-    // through but a flow that source opened under an earlier policy:
-    // it is dropped after the one peer lookup, before the two
-    // connection-table misses. Otherwise its class is kept for the policy.
-    let mut class = None;
-    if dir == DIR_INGRESS
-        && ct::is_opener_syn(p)
-        && cfg.ingress_default != ACTION_ALLOW
-        && cfg.audit == 0
-    {
-        match lookup::peer_class(cfg.active_slot, dir, p, true) {
-            None => return d,
-            c => class = Some(c),
-        }
-    }
     let ct_key = if cfg.established != 0 {
         ct::key(dir, p)
     } else {
@@ -170,7 +152,7 @@ fn judge(
             ct::update(&t, k, dir, p, now, len, acct);
         }
     } else {
-        judge_policy(pkt, cfg, dir, p, now, class, &mut d);
+        judge_policy(pkt, cfg, dir, p, now, &mut d);
         // Audit mode tracks the flows it lets through against the policy,
         // marked, so their replies are not reported as well.
         let audited = !reason::passes(d.reason) && cfg.audit != 0;
@@ -189,20 +171,9 @@ fn judge(
 }
 
 /// Policy rules, then the ICMP default, then the direction's default.
-/// `class`: the peer's class when the caller looked it up already.
 #[inline(always)]
-fn judge_policy(
-    pkt: &Bounds,
-    cfg: &Config,
-    dir: u8,
-    p: &Parsed,
-    now: u64,
-    class: Option<Option<u32>>,
-    d: &mut Decision,
-) {
-    let class =
-        class.unwrap_or_else(|| lookup::peer_class(cfg.active_slot, dir, p, dir == DIR_INGRESS));
-    if let Some(class_id) = class {
+fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &mut Decision) {
+    if let Some(class_id) = lookup::peer_class(cfg.active_slot, dir, p, dir == DIR_INGRESS) {
         d.class_id = class_id;
         if let Some(rule_id) = lookup::port_rule(cfg.active_slot, class_id, p.proto, p.dport) {
             d.rule_id = rule_id;
