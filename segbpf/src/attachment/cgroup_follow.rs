@@ -58,13 +58,7 @@ pub struct Refused {
 
 impl Refused {
     fn of(ev: &segbpf_common::SvcEvent, state: Option<&engine::SvcState>) -> Self {
-        let ip = |b: [u8; 16]| -> std::net::IpAddr {
-            if ev.family == 4 {
-                std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
-            } else {
-                std::net::Ipv6Addr::from(b).into()
-            }
-        };
+        let ip = |b| crate::host::proto::ip_from(ev.family, b);
         let stride = segbpf_common::SVC_SLOT_STRIDE;
         let service = state
             .filter(|s| s.slot == ev.slot / stride)

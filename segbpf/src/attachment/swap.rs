@@ -25,7 +25,6 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -996,13 +995,7 @@ fn clear_counters(att: &Attachment, slots: &[u32]) -> Result<(), MapsError> {
 
 /// The packet that opened a tracked flow, for the reference evaluator.
 fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
-    let addr = |b: [u8; 16]| -> IpAddr {
-        if k.family == 4 {
-            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-    };
+    let addr = |b| crate::host::proto::ip_from(k.family, b);
     let (local, remote) = (addr(k.local), addr(k.remote));
     let ingress = e.origin == segbpf_common::DIR_INGRESS;
     let icmp_type = match k.proto {

@@ -16,6 +16,16 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
     }
 }
 
+/// An address as the kernel's records hold it (16 bytes, an IPv4 address
+/// in the first four): IPv4 for family `4`, else IPv6.
+pub fn ip_from(family: u8, b: [u8; 16]) -> std::net::IpAddr {
+    if family == 4 {
+        std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(b).into()
+    }
+}
+
 /// Name of a protocol number for output.
 pub fn proto_name(p: u8) -> String {
     match p {

@@ -9,10 +9,7 @@
 //! delete. Packets that found the table full are counted by the kernel
 //! (`SEG_DENY_LOST`) and reported as [`Drained::lost`].
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap};
 use segbpf_common::{
@@ -55,11 +52,7 @@ impl Denied {
 }
 
 fn addr(family: u8, b: [u8; 16]) -> Option<IpAddr> {
-    match family {
-        4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
-        6 => Some(IpAddr::V6(Ipv6Addr::from(b))),
-        _ => None,
-    }
+    matches!(family, 4 | 6).then(|| crate::host::proto::ip_from(family, b))
 }
 
 /// One aggregate from its per-CPU values. A CPU whose slot the kernel

@@ -6,7 +6,7 @@
 //! TCP flags seen, the first and last packet times, and the rule that let
 //! the first packet through. Entries whose timeout has passed are left out.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use segbpf_common::{
@@ -354,13 +354,7 @@ impl Follower {
 }
 
 fn flow(k: &CtKey, e: &CtEntry, table: &'static str, state: Option<&State>) -> Flow {
-    let addr = |b: [u8; 16]| -> IpAddr {
-        if k.family == 4 {
-            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-    };
+    let addr = |b| crate::host::proto::ip_from(k.family, b);
     let (local, remote) = (addr(k.local), addr(k.remote));
     let ingress = e.origin == DIR_INGRESS;
     let (src, sport, dst, dport) = if ingress {
