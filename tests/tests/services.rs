@@ -1558,3 +1558,160 @@ fn ensure_active(b: &Booted, unit: &str) -> anyhow::Result<()> {
     anyhow::ensure!(state == "active", "{unit} is {state}\n{}", b.journal());
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Live changes: set edits, rollback, counters of the generation in force.
+// ---------------------------------------------------------------------------
+
+const SETS: &str = r#"version = 1
+[sets]
+peers = ["198.18.96.9"]
+[services.db]
+cgroup = "db"
+defaults = { ingress = "drop" }
+[services.other]
+cgroup = "other"
+
+[[services.db.ingress]]
+name = "db-from-peers"
+from = "peers"
+tcp = [3306]
+"#;
+
+impl SvcLab {
+    /// `segbpf ARGS --cgroup-root ROOT -o json`: exit code and document.
+    fn json(&self, args: &[&str]) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
+        let root = self.root.to_string_lossy().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--cgroup-root", &root, "-o", "json"]);
+        let out = self.segbpf(&all).output()?;
+        let v = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{args:?}: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.code(), v))
+    }
+
+    fn generation(&self) -> anyhow::Result<u64> {
+        let (_, v) = self.json(&["status", "--services"])?;
+        v["services"][0]["generation"]
+            .as_u64()
+            .context("generation")
+    }
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn set_edits_and_rollback() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("se", &["db", "other"], 96)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 198.18.96.1 3306")?;
+    lab.attach(SETS)?;
+    let to_db = "198.18.96.1 3306";
+    // The source of a connection to the host's own address is that
+    // address: 198.18.96.1 is not in `peers`.
+    assert!(!lab.connect("other", to_db)?, "other -> db before the edit");
+    // `set add --services`: the peer is let in, as one new generation.
+    let (code, v) = lab.json(&["set", "add", "--services", "peers", "198.18.96.1"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["applied"], true, "{v}");
+    assert_eq!(v["changed"], 1, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert_eq!(lab.generation()?, 2);
+    assert!(lab.connect("other", to_db)?, "other -> db after set add");
+    let (code, v) = lab.json(&["set", "list", "--services", "peers"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["sets"][0]["edited"], true, "{v}");
+    assert_eq!(
+        v["sets"][0]["members"],
+        serde_json::json!(["198.18.96.9", "198.18.96.1"]),
+        "{v}"
+    );
+    // The same member again: nothing applied, no new generation.
+    let (code, v) = lab.json(&["set", "add", "--services", "peers", "198.18.96.1"])?;
+    assert_eq!((code, &v["applied"]), (Some(0), &serde_json::json!(false)));
+    assert_eq!(lab.generation()?, 2);
+    // Errors change nothing: a member not in the set, a set not in the policy.
+    let (code, v) = lab.json(&["set", "del", "--services", "peers", "198.18.96.7"])?;
+    assert_eq!(code, Some(1), "{v}");
+    let (code, v) = lab.json(&["set", "add", "--services", "nosuch", "198.18.96.7"])?;
+    assert_eq!(code, Some(1), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no set named `nosuch`")),
+        "{v}"
+    );
+    assert_eq!(lab.generation()?, 2);
+    assert!(lab.connect("other", to_db)?, "the edit in force stays");
+    // `set del --services`: shut out again.
+    let (code, v) = lab.json(&["set", "del", "--services", "peers", "198.18.96.1"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(lab.generation()?, 3);
+    assert!(!lab.connect("other", to_db)?, "other -> db after set del");
+    // `rollback --services`: generation 2's policy (peer in) as generation 4.
+    let (code, v) = lab.json(&["rollback", "--services"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["restored_generation"], 2, "{v}");
+    assert_eq!(v["generation"], 4, "{v}");
+    assert!(lab.connect("other", to_db)?, "other -> db after rollback");
+    // A second rollback goes further back (generation 1: out), not undo.
+    let (_, v) = lab.json(&["rollback", "--services"])?;
+    assert_eq!(v["restored_generation"], 1, "{v}");
+    assert!(
+        !lab.connect("other", to_db)?,
+        "other -> db after 2nd rollback"
+    );
+    // `--to` a generation, and one the history does not have.
+    let (code, v) = lab.json(&["rollback", "--services", "--to", "2"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert!(lab.connect("other", to_db)?, "other -> db after --to 2");
+    let (code, _) = lab.json(&["rollback", "--services", "--to", "99"])?;
+    assert_eq!(code, Some(1));
+    assert_eq!(lab.generation()?, 6);
+    // `reload --services` goes back to the file (its sets win), unless
+    // `--keep-set-edits`.
+    let (code, v) = lab.json(&["reload", "--services", "--keep-set-edits"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert!(lab.connect("other", to_db)?, "edits kept");
+    let (code, v) = lab.json(&["reload", "--services"])?;
+    assert_eq!(code, Some(0), "{v}");
+    assert!(!lab.connect("other", to_db)?, "the file's sets");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn status_counts_the_generation_in_force() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("sc", &["db", "other"], 97)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 198.18.97.1 3306")?;
+    lab.attach(SETS)?;
+    let dropped = |lab: &SvcLab| -> anyhow::Result<u64> {
+        let (_, v) = lab.json(&["status", "--services"])?;
+        v["services"][0]["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "db"))
+            .and_then(|s| s["packets"]["ingress_dropped"].as_u64())
+            .context("db's ingress_dropped")
+    };
+    assert!(!lab.connect("other", "198.18.97.1 3306")?);
+    assert!(dropped(&lab)? > 0, "generation 1 counted its drops");
+    // Two reloads: generation 3 uses generation 1's slot again.
+    for g in [2, 3] {
+        let (code, v) = lab.json(&["reload", "--services"])?;
+        assert_eq!(code, Some(0), "{v}");
+        assert_eq!(lab.generation()?, g);
+    }
+    assert_eq!(
+        dropped(&lab)?,
+        0,
+        "generation 3 has dropped nothing yet (not generation 1's counts)"
+    );
+    assert!(!lab.connect("other", "198.18.97.1 3306")?);
+    assert!(dropped(&lab)? > 0, "generation 3 counts its own drops");
+    Ok(())
+}

@@ -14,7 +14,6 @@ use std::{
 use crate::{
     attachment::services::{self as engine, ServicesError, SvcMaps, SvcPaths},
     host::cgroups::Watcher,
-    policy::Policy,
 };
 
 /// What happened while following.
@@ -143,11 +142,11 @@ pub fn follow(
             } else {
                 crate::attachment::trust::check_policy_file(policy_path).map_err(|e| e.to_string())
             };
-            let applied = trusted
-                .and_then(|()| Policy::load(policy_path).map_err(|e| e.to_string()))
-                .and_then(|p| {
-                    engine::reload(paths, &p, policy_path, audit).map_err(|e| e.to_string())
-                });
+            // Live set edits (`segbpf set --services`) stay over the file,
+            // as a running `attach IFACE` keeps them.
+            let applied = trusted.and_then(|()| {
+                engine::reload_file(paths, policy_path, audit, true).map_err(|e| e.to_string())
+            });
             match applied {
                 Ok(s) => on_event(FollowEvent::Reloaded(s.generation)),
                 Err(e) => on_event(FollowEvent::ReloadFailed(e)),

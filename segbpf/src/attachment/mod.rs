@@ -5,7 +5,8 @@
 //! [`swap`] (reload, rollback, set edits) and the lockout [`guard`].
 //! The services attachment (`[services.*]` on cgroups, one per cgroup
 //! root) is [`services`], kept in step with the cgroup tree by
-//! [`cgroup_follow`], with its lockout guard [`services_guard`].
+//! [`cgroup_follow`], with its lockout guard [`services_guard`]; set edits and rollback
+//! are [`services_edit`].
 //!
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod observed;
 pub mod pins;
 pub mod services;
+pub mod services_edit;
 pub mod services_guard;
 pub mod state;
 pub mod swap;

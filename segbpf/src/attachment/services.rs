@@ -62,6 +62,13 @@ pub enum ServicesError {
         /// Why.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The change was refused (an unknown set, a member not in it, no
+    /// earlier policy, a policy that does not load): nothing changed.
+    #[error("{0}")]
+    Refused(String),
+    /// The change would change nothing (no new generation was made).
+    #[error("{0}")]
+    Unchanged(String),
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -168,6 +175,14 @@ pub struct SvcState {
     pub services: Vec<ServiceInfo>,
     /// The service rules.
     pub rules: Vec<RuleInfo>,
+    /// Live set edits (`segbpf set add|del --services`) over the file's
+    /// sets: set name -> members in force.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub set_overrides: crate::attachment::swap::Overrides,
+    /// The generation whose policy a `rollback --services` restored as
+    /// this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<u64>,
 }
 
 /// The services maps, opened from their pins.
@@ -282,6 +297,24 @@ impl SvcMaps {
             self.cg
                 .insert(k, v, 0)
                 .map_err(kernel("writing SEG_SVC_CG"))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the packet counters of `slot` (before it is put in force:
+    /// `status` counts the generation in force, not one two back that used
+    /// the same slot).
+    fn zero_counters(&mut self, slot: u8) -> Result<(), ServicesError> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| kernel("counting CPUs")(e))?
+            .max(1);
+        let lo = u32::from(slot & 1) * u32::from(SVC_SLOT_STRIDE) * 4;
+        for i in lo..lo + u32::from(SVC_SLOT_STRIDE) * 4 {
+            let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
+                .map_err(kernel("zeroing SEG_SVC_STATS"))?;
+            self.stats
+                .set(i, zero, 0)
+                .map_err(kernel("zeroing SEG_SVC_STATS"))?;
         }
         Ok(())
     }
@@ -412,9 +445,41 @@ pub fn attach(
         audit,
         services: compiled.services,
         rules: compiled.rules,
+        set_overrides: crate::attachment::swap::Overrides::new(),
+        restored: None,
     };
     paths.write_state(&state)?;
+    record_history(paths, &state, policy_path);
     Ok(state)
+}
+
+/// Records `state` (applied from the text of `text`) in the history
+/// `rollback --services` restores from. A failure is logged: the policy
+/// is in force either way.
+fn record_history(paths: &SvcPaths, state: &SvcState, text: &Path) {
+    if let Err(e) = record(paths, state, text) {
+        tracing::warn!("the services history was not updated: {e}");
+    }
+}
+
+/// The lock that serialises changes of the services attachment at
+/// `paths` (reload, set edits, rollback, the follower's rescans): released
+/// when the file is dropped or the process dies.
+pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    let path = paths.state.with_extension("lock");
+    if let Some(parent) = path.parent() {
+        private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    f.lock()
+        .map_err(io(format!("locking {}", path.display())))?;
+    Ok(f)
 }
 
 /// Loads the object with the services maps pinned in `paths.dir` and
@@ -532,13 +597,101 @@ fn attach_programs(paths: &SvcPaths, ebpf: &mut aya::Ebpf) -> Result<(), Service
     Ok(())
 }
 
-/// Applies `policy` to an attached services attachment: the next slot is
-/// filled and put in force with one write; on any failure the slot in
-/// force is untouched.
+/// What a change of the services policy applies.
+#[derive(Clone, Debug)]
+pub struct SvcChoice {
+    /// The file whose text is applied (the policy file, or a copy of an
+    /// earlier version of it kept in the history).
+    pub text: PathBuf,
+    /// The policy file it stands for (recorded in the state).
+    pub source: PathBuf,
+    /// Live set edits over the file's sets.
+    pub overrides: crate::attachment::swap::Overrides,
+    /// A rollback: the generation restored.
+    pub restored: Option<u64>,
+}
+
+/// Applies `policy` to an attached services attachment, dropping live set
+/// edits (the file wins): see [`apply`].
 pub fn reload(
     paths: &SvcPaths,
     policy: &Policy,
     policy_path: &Path,
+    audit: bool,
+) -> Result<SvcState, ServicesError> {
+    let _lock = lock(paths)?;
+    apply_locked(
+        paths,
+        policy,
+        &SvcChoice {
+            text: policy_path.to_path_buf(),
+            source: policy_path.to_path_buf(),
+            overrides: crate::attachment::swap::Overrides::new(),
+            restored: None,
+        },
+        audit,
+    )
+}
+
+/// `reload --services` (and a follower's SIGHUP): the file `policy_path`
+/// applied, with the live set edits in force when `keep_set_edits` (the
+/// file wins otherwise; the edits dropped are logged).
+pub fn reload_file(
+    paths: &SvcPaths,
+    policy_path: &Path,
+    audit: bool,
+    keep_set_edits: bool,
+) -> Result<SvcState, ServicesError> {
+    let _lock = lock(paths)?;
+    let overrides = paths
+        .read_state()
+        .map(|s| s.set_overrides)
+        .unwrap_or_default();
+    let overrides = if keep_set_edits {
+        overrides
+    } else {
+        if !overrides.is_empty() {
+            tracing::warn!(
+                "the file's sets replace the live edits of set(s) {}",
+                overrides.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        crate::attachment::swap::Overrides::new()
+    };
+    apply_choice(
+        paths,
+        &SvcChoice {
+            text: policy_path.to_path_buf(),
+            source: policy_path.to_path_buf(),
+            overrides,
+            restored: None,
+        },
+        audit,
+    )
+}
+
+/// Loads `choice` (its text with its set edits) and applies it: see
+/// [`apply_locked`]. The caller holds [`lock`].
+pub fn apply_choice(
+    paths: &SvcPaths,
+    choice: &SvcChoice,
+    audit: bool,
+) -> Result<SvcState, ServicesError> {
+    let sets = crate::attachment::swap::parse_overrides(&choice.overrides)
+        .map_err(|e| ServicesError::Refused(e.to_string()))?;
+    let policy = Policy::load_with_sets(&choice.text, &sets)
+        .map_err(|e| ServicesError::Refused(e.to_string()))?;
+    apply_locked(paths, &policy, choice, audit)
+}
+
+/// Applies `policy` (loaded from `choice`) to an attached services
+/// attachment: the next slot is filled and put in force with one write;
+/// on any failure the slot in force is untouched. The caller holds
+/// [`lock`].
+pub fn apply_locked(
+    paths: &SvcPaths,
+    policy: &Policy,
+    choice: &SvcChoice,
     audit: bool,
 ) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
@@ -556,26 +709,32 @@ pub fn reload(
     // The next slot may hold leftovers of a failed reload: empty it first.
     maps.clear_slot(next);
     maps.write_slot(&compiled, &cls, next)?;
+    maps.zero_counters(next)?;
     maps.activate(next)?;
     maps.clear_slot(cur);
     maps.sync_cgroups(&cls)?;
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
-        policy: policy_path.to_path_buf(),
+        policy: choice.source.clone(),
         generation,
         slot: next,
         audit,
         services: compiled.services,
         rules: compiled.rules,
+        set_overrides: choice.overrides.clone(),
+        restored: choice.restored,
     };
     paths.write_state(&state)?;
+    record_history(paths, &state, &choice.text);
     Ok(state)
 }
 
 /// Reclassifies the cgroup tree for the services in force (a cgroup made
 /// or removed). Returns (entries written, entries removed).
 pub fn rescan(paths: &SvcPaths, maps: &mut SvcMaps) -> Result<(usize, usize), ServicesError> {
+    // Not between a reload's reading of the state and its switch.
+    let _lock = lock(paths)?;
     let Some(state) = paths.read_state() else {
         return Ok((0, 0));
     };
@@ -614,6 +773,8 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         std::fs::remove_dir_all(&paths.dir)
             .map_err(io(format!("removing {}", paths.dir.display())))?;
     }
+    remove_history(paths);
+    let _ = std::fs::remove_file(paths.state.with_extension("lock"));
     if paths.state.exists() {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;
@@ -625,6 +786,62 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
     }
     Ok(existed)
+}
+
+/// The history directory of the attachment at `paths`.
+pub fn history_dir(paths: &SvcPaths) -> PathBuf {
+    paths.state.with_extension("history")
+}
+
+fn keep() -> usize {
+    std::env::var("SEGBPF_HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 2)
+        .unwrap_or(10)
+}
+
+/// The history, oldest first.
+pub fn history(paths: &SvcPaths) -> Vec<crate::attachment::history::Entry> {
+    std::fs::read_to_string(history_dir(paths).join("index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Records `state`, applied from the text of `text`, in the history
+/// `rollback --services` restores from (`STATE/services:ID.history/`).
+pub fn record(paths: &SvcPaths, state: &SvcState, text: &Path) -> Result<(), ServicesError> {
+    let d = history_dir(paths);
+    private_dir(&d).map_err(io(format!("creating {}", d.display())))?;
+    let copy = d.join(format!("{}.toml", state.generation));
+    if text != copy {
+        std::fs::copy(text, &copy).map_err(io(format!("saving {}", copy.display())))?;
+    }
+    let mut entries = history(paths);
+    entries.retain(|e| e.generation < state.generation);
+    entries.push(crate::attachment::history::Entry {
+        generation: state.generation,
+        source: state.policy.display().to_string(),
+        copy,
+        set_overrides: state.set_overrides.clone(),
+        restored: state.restored,
+        roles: None,
+    });
+    while entries.len() > keep() {
+        let old = entries.remove(0);
+        let _ = std::fs::remove_file(old.copy);
+    }
+    let tmp = d.join("index.json.tmp");
+    let body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
+    std::fs::write(&tmp, body).map_err(io(format!("writing {}", tmp.display())))?;
+    let index = d.join("index.json");
+    std::fs::rename(&tmp, &index).map_err(io(format!("writing {}", index.display())))
+}
+
+/// Removes the history (with the attachment).
+pub fn remove_history(paths: &SvcPaths) {
+    let _ = std::fs::remove_dir_all(history_dir(paths));
 }
 
 /// Every services attachment under `roots` (their cgroup root ids).

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(required_unless_present = "services")]
     pub iface: Option<String>,
     /// Replace the services attachment's policy (docs/services.md).
-    #[arg(long, conflicts_with_all = ["iface", "confirm", "force", "keep_set_edits", "redetect_roles"])]
+    #[arg(long, conflicts_with_all = ["iface", "confirm", "force", "redetect_roles"])]
     pub services: bool,
     /// With --services: the cgroup root it is attached below (default: the
     /// cgroup v2 mount).
@@ -111,6 +111,7 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
             args.cgroup_root,
             args.policy,
             args.insecure_policy,
+            args.keep_set_edits,
             args.output,
         );
     };

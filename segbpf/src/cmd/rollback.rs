@@ -20,8 +20,17 @@ use crate::{
     after_help = "Each rollback is a new generation that stands for the one it restored, with the roles recorded with it (entries from versions that did not record roles keep the roles in force): a second `rollback` goes one step further back, it does not undo the first. `segbpf history IFACE` lists the generations kept. Like `reload`, a rollback that would cut the SSH session the command runs in (SSH_CONNECTION) is refused unless --confirm SECS guards it or --force.\n\nExamples:\n  segbpf rollback eth0\n  segbpf rollback eth0 --to 3"
 )]
 pub struct Args {
-    /// Interface whose previous policy to restore.
-    pub iface: String,
+    /// Interface whose previous policy to restore (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Restore the services attachment's previous policy
+    /// (docs/services.md).
+    #[arg(long, conflicts_with_all = ["iface", "confirm", "force"])]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Restore this generation (see `segbpf history IFACE`) rather than the
     /// one before the policy in force.
     #[arg(long, value_name = "GENERATION")]
@@ -53,7 +62,10 @@ struct RollbackOut<'a> {
 
 /// Runs `segbpf rollback`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.as_deref() else {
+        return services(args.cgroup_root.as_deref(), args.to, args.output);
+    };
+    let att = Attachment::new(iface, ns);
     let rolled = timeline::rollback(
         &att,
         args.to,
@@ -77,6 +89,38 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             print_json(&v)?;
         }
         Output::Text => print_line(&rolled)?,
+    }
+    Ok(())
+}
+
+/// `segbpf rollback --services`.
+fn services(
+    cgroup_root: Option<&std::path::Path>,
+    to: Option<u64>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let root = crate::host::cgroups::CgroupRoot::open(cgroup_root)?;
+    let paths = crate::attachment::services::SvcPaths::new(
+        &crate::attachment::pins::Roots::from_env(),
+        root,
+    );
+    let r = crate::attachment::services_edit::rollback(&paths, to)?;
+    match output {
+        Output::Json => {
+            let mut v = serde_json::to_value(&r)?;
+            v["services"] = true.into();
+            v["cgroup_root"] = serde_json::to_value(&paths.root.dir)?;
+            v["source"] = v["policy"].clone();
+            v["applied"] = true.into();
+            print_json(&v)?;
+        }
+        Output::Text => print_line(format_args!(
+            "services below {}: restored the policy of generation {} as generation {} ({})",
+            paths.root.dir.display(),
+            r.restored_generation,
+            r.generation,
+            r.policy.display()
+        ))?,
     }
     Ok(())
 }

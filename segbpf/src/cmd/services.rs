@@ -312,6 +312,7 @@ pub fn reload(
     cgroup_root: Option<PathBuf>,
     policy: Option<PathBuf>,
     insecure_policy: bool,
+    keep_set_edits: bool,
     output: Output,
 ) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
@@ -322,8 +323,7 @@ pub fn reload(
     if !insecure_policy {
         crate::attachment::trust::check_policy_file(&path)?;
     }
-    let p = Policy::load(&path)?;
-    let s = engine::reload(&paths, &p, &path, state.audit)?;
+    let s = engine::reload_file(&paths, &path, state.audit, keep_set_edits)?;
     match output {
         Output::Json => print_json(&serde_json::json!({
             "services": true,

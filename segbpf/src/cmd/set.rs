@@ -37,13 +37,22 @@ pub struct Args {
 pub enum Op {
     /// Add addresses, CIDRs or ranges to a set.
     Add {
-        /// Interface.
+        /// Interface (with --services: none, the first word is the set).
         iface: String,
         /// Set name (as in roles.toml).
         set: String,
         /// Members to add.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "services")]
         addrs: Vec<String>,
+        /// Edit a set of the services attachment (docs/services.md): no
+        /// IFACE, the words are SET MEMBER...
+        #[arg(long, conflicts_with_all = ["confirm", "force"])]
+        services: bool,
+        /// With --services: the cgroup root it is attached below (default:
+        /// the cgroup v2 mount).
+        #[arg(long, value_name = "DIR", requires = "services")]
+        cgroup_root: Option<std::path::PathBuf>,
+
         /// Undo the edit after SECS seconds unless `segbpf confirm IFACE`
         /// runs.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -59,13 +68,22 @@ pub enum Op {
     },
     /// Remove members (as listed by `set list`) from a set.
     Del {
-        /// Interface.
+        /// Interface (with --services: none, the first word is the set).
         iface: String,
         /// Set name.
         set: String,
         /// Members to remove.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "services")]
         addrs: Vec<String>,
+        /// Edit a set of the services attachment (docs/services.md): no
+        /// IFACE, the words are SET MEMBER...
+        #[arg(long, conflicts_with_all = ["confirm", "force"])]
+        services: bool,
+        /// With --services: the cgroup root it is attached below (default:
+        /// the cgroup v2 mount).
+        #[arg(long, value_name = "DIR", requires = "services")]
+        cgroup_root: Option<std::path::PathBuf>,
+
         /// Undo the edit after SECS seconds unless `segbpf confirm IFACE`
         /// runs.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -81,10 +99,18 @@ pub enum Op {
     },
     /// List the members in force of one set or of all sets.
     List {
-        /// Interface.
-        iface: String,
+        /// Interface (with --services: none, the word is the set).
+        #[arg(required_unless_present = "services")]
+        iface: Option<String>,
         /// Only this set.
         set: Option<String>,
+        /// List the sets of the services attachment (docs/services.md).
+        #[arg(long)]
+        services: bool,
+        /// With --services: the cgroup root it is attached below (default:
+        /// the cgroup v2 mount).
+        #[arg(long, value_name = "DIR", requires = "services")]
+        cgroup_root: Option<std::path::PathBuf>,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -117,7 +143,31 @@ impl Args {
 
 /// Runs `segbpf set`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
+    let is_add = matches!(args.op, Op::Add { .. });
     match args.op {
+        Op::Add {
+            iface,
+            set,
+            addrs,
+            services: true,
+            cgroup_root,
+            output,
+            ..
+        }
+        | Op::Del {
+            iface,
+            set,
+            addrs,
+            services: true,
+            cgroup_root,
+            output,
+            ..
+        } => {
+            // `set add --services SET MEMBER...`: the words shift by one.
+            let mut members = vec![set];
+            members.extend(addrs);
+            edit_services(cgroup_root, &iface, &members, is_add, output)
+        }
         Op::Add {
             iface,
             set,
@@ -125,6 +175,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             confirm,
             force,
             output,
+            ..
         } => edit(
             &iface,
             ns,
@@ -141,6 +192,7 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             confirm,
             force,
             output,
+            ..
         } => edit(
             &iface,
             ns,
@@ -150,7 +202,24 @@ pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             Guarded { confirm, force },
             output,
         ),
-        Op::List { iface, set, output } => list(&iface, ns, set.as_deref(), output),
+        Op::List {
+            iface,
+            set,
+            services: true,
+            cgroup_root,
+            output,
+        } => {
+            if set.is_some() {
+                return Err(UsageError(
+                    "set list --services takes at most one set name (no interface)".into(),
+                )
+                .into());
+            }
+            list_services(cgroup_root, iface.as_deref(), output)
+        }
+        Op::List {
+            iface, set, output, ..
+        } => list(&iface.unwrap_or_default(), ns, set.as_deref(), output),
     }
 }
 
@@ -273,20 +342,125 @@ fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::
             generation: state.generation,
             sets: views,
         })?,
-        Output::Text => {
-            for v in &views {
-                print_line(format_args!(
-                    "{}{}: {}",
-                    v.name,
-                    if v.edited { " (edited live)" } else { "" },
-                    if v.members.is_empty() {
-                        "(empty)".to_string()
-                    } else {
-                        v.members.join(", ")
-                    }
-                ))?;
+        Output::Text => print_views(&views)?,
+    }
+    Ok(())
+}
+
+/// The services attachment below `cgroup_root` (default: the cgroup v2
+/// mount).
+fn svc_paths(
+    cgroup_root: Option<&std::path::Path>,
+) -> anyhow::Result<crate::attachment::services::SvcPaths> {
+    let root = crate::host::cgroups::CgroupRoot::open(cgroup_root)?;
+    Ok(crate::attachment::services::SvcPaths::new(
+        &crate::attachment::pins::Roots::from_env(),
+        root,
+    ))
+}
+
+/// `set add|del --services SET MEMBER...`.
+fn edit_services(
+    cgroup_root: Option<std::path::PathBuf>,
+    set: &str,
+    addrs: &[String],
+    add: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    use crate::attachment::services::ServicesError;
+    let members = parse_members(addrs)?;
+    let paths = svc_paths(cgroup_root.as_deref())?;
+    let op = if add { "add" } else { "del" };
+    let (changed, state) =
+        match crate::attachment::services_edit::edit_set(&paths, set, &members, add) {
+            Err(ServicesError::Unchanged(m)) => {
+                match output {
+                    Output::Json => print_json(&serde_json::json!({
+                        "services": true,
+                        "cgroup_root": paths.root.dir,
+                        "op": op,
+                        "set": set,
+                        "changed": 0,
+                        "applied": false,
+                    }))?,
+                    Output::Text => print_line(&m)?,
+                }
+                return Ok(());
             }
-        }
+            other => other?,
+        };
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "policy": state.policy,
+            "generation": state.generation,
+            "rules": state.rules.len(),
+            "op": op,
+            "set": set,
+            "changed": changed,
+            "applied": true,
+        }))?,
+        Output::Text => print_line(format_args!(
+            "{} {changed} member(s) {} set {set} of the services below {}; generation {} in force",
+            if add { "added" } else { "removed" },
+            if add { "to" } else { "from" },
+            paths.root.dir.display(),
+            state.generation
+        ))?,
+    }
+    Ok(())
+}
+
+/// `set list --services [SET]`.
+fn list_services(
+    cgroup_root: Option<std::path::PathBuf>,
+    only: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let paths = svc_paths(cgroup_root.as_deref())?;
+    let Some(state) = paths.read_state().filter(|_| paths.is_attached()) else {
+        bail!("no services attachment below {}", paths.root.dir.display());
+    };
+    let sets = crate::attachment::services_edit::sets_in_force(&state)?;
+    if let Some(name) = only
+        && !sets.contains_key(name)
+    {
+        bail!("no set named `{name}`");
+    }
+    let views: Vec<SetView> = sets
+        .into_iter()
+        .filter(|(n, _)| only.is_none_or(|o| o == n))
+        .map(|(name, members)| SetView {
+            edited: state.set_overrides.contains_key(&name),
+            name,
+            members,
+        })
+        .collect();
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "generation": state.generation,
+            "sets": views,
+        }))?,
+        Output::Text => print_views(&views)?,
+    }
+    Ok(())
+}
+
+fn print_views(views: &[SetView]) -> std::io::Result<()> {
+    for v in views {
+        print_line(format_args!(
+            "{}{}: {}",
+            v.name,
+            if v.edited { " (edited live)" } else { "" },
+            if v.members.is_empty() {
+                "(empty)".to_string()
+            } else {
+                v.members.join(", ")
+            }
+        ))?;
     }
     Ok(())
 }
