@@ -1715,3 +1715,71 @@ fn status_counts_the_generation_in_force() -> anyhow::Result<()> {
     assert!(dropped(&lab)? > 0, "generation 3 counts its own drops");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("ex", &["app", "db", "other"], 98)?;
+    let ns = lab.ns.name.clone();
+    let _s1 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let _s2 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3307")?;
+    lab.attach(MATRIX)?;
+    let policy = lab.state.join("roles.toml");
+    let policy = policy.to_str().context("path")?;
+    let explain =
+        |svc: &str, peer: &str, dir: &str, port: u16| -> anyhow::Result<serde_json::Value> {
+            let out = lab
+                .segbpf(&[
+                    "explain",
+                    policy,
+                    "--services",
+                    "--service",
+                    svc,
+                    "--peer-service",
+                    peer,
+                    "--direction",
+                    dir,
+                    "--src",
+                    "127.0.0.1",
+                    "--dst",
+                    "127.0.0.1",
+                    "--proto",
+                    "tcp",
+                    "--dport",
+                    &port.to_string(),
+                    "-o",
+                    "json",
+                ])
+                .output()?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+    for (from, port) in [
+        ("app", 3306),
+        ("other", 3306),
+        ("app", 3307),
+        ("other", 3307),
+    ] {
+        let out = explain(from, "db", "egress", port)?;
+        let inn = explain("db", from, "ingress", port)?;
+        let allowed = out["verdict"] == "allow" && inn["verdict"] == "allow";
+        let kernel = lab.connect(from, &format!("127.0.0.1 {port}"))?;
+        assert_eq!(
+            allowed, kernel,
+            "{from} -> db:{port}: explain says {out} / {inn}, the kernel {kernel}"
+        );
+        assert_eq!(inn["service"], "db", "{inn}");
+        assert_eq!(inn["peer_service"], from, "{inn}");
+    }
+    // The rule that lets app in is named.
+    let inn = explain("db", "app", "ingress", 3306)?;
+    assert_eq!(inn["rule"]["name"], "db-from-app", "{inn}");
+    assert_eq!(inn["reason"], "rule", "{inn}");
+    let inn = explain("db", "other", "ingress", 3306)?;
+    assert!(inn["rule"].is_null(), "{inn}");
+    Ok(())
+}

@@ -11,6 +11,11 @@
 //! else the source (egress). A packet between two hosts with roles is
 //! judged where it arrives, on the destination; `--direction egress` judges
 //! it where it leaves.
+//!
+//! With `--service NAME` (and `--services`) the packet is judged as the
+//! services programs judge it for a socket of that service
+//! ([`eval::evaluate_service`]; `--direction` default ingress, the
+//! service receives), `--peer-service` naming a local peer's service.
 
 use std::path::PathBuf;
 
@@ -30,7 +35,7 @@ use crate::{
 /// Arguments of `segbpf explain`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  segbpf explain roles.toml --src 10.10.1.25 --dst 10.10.1.30 --proto tcp --dport 5432\n  segbpf explain roles.toml --role db --src 10.10.1.30 --dst 10.10.2.50 --proto tcp --dport 873 --direction egress\n  segbpf explain roles.toml --src 10.10.0.5 --dst 10.10.1.30 --proto icmp --icmp-type 13"
+    after_help = "Examples:\n  segbpf explain roles.toml --src 10.10.1.25 --dst 10.10.1.30 --proto tcp --dport 5432\n  segbpf explain roles.toml --role db --src 10.10.1.30 --dst 10.10.2.50 --proto tcp --dport 873 --direction egress\n  segbpf explain roles.toml --src 10.10.0.5 --dst 10.10.1.30 --proto icmp --icmp-type 13\n  segbpf explain roles.toml --services --service db --peer-service app --src 127.0.0.1 --dst 127.0.0.1 --proto tcp --dport 3306"
 )]
 pub struct Args {
     /// Policy file (roles.toml); the same as --policy.
@@ -54,6 +59,19 @@ pub struct Args {
     /// Interface the packet crosses (for rules with `interfaces`).
     #[arg(long)]
     pub iface: Option<String>,
+    /// Judge the packet as the services programs do (docs/services.md):
+    /// for a socket of the service --service.
+    #[arg(long, requires = "service", conflicts_with_all = ["role", "iface"])]
+    pub services: bool,
+    /// The local service whose socket sends (`--direction egress`) or
+    /// receives (ingress, the default) the packet.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["role", "iface"])]
+    pub service: Option<String>,
+    /// With --service: the peer is a socket of this host in service NAME
+    /// (over loopback or the host's own addresses), for
+    /// `from_services`/`to_services` rules.
+    #[arg(long, value_name = "NAME", requires = "service")]
+    pub peer_service: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -68,7 +86,15 @@ struct Explained {
     rule: Option<RuleOut>,
     packet: PacketOut,
     direction: Direction,
+    /// The host's roles (not with --service).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     roles: Vec<String>,
+    /// With --service: the local service judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    /// With --peer-service: the local peer's service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_service: Option<String>,
     /// Whether, once this packet passes, the flow's replies pass by
     /// connection tracking (`defaults.established` and a tracked protocol).
     replies_tracked: bool,
@@ -202,7 +228,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let path = args.file.as_ref().or(args.policy.as_ref());
     let path = path.ok_or_else(|| UsageError("give the policy file".into()))?;
     let policy = Policy::load(path)?;
-    let (dir, roles) = host_view(&policy, &args)?;
+    let (dir, roles) = match &args.service {
+        Some(name) => {
+            for n in std::iter::once(name).chain(args.peer_service.as_ref()) {
+                if policy.service(n).is_none() {
+                    return Err(UsageError(format!(
+                        "{}: no service named `{n}` (services: {})",
+                        policy.source,
+                        policy
+                            .services
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                    .into());
+                }
+            }
+            (
+                args.packet.direction.map_or(Direction::Ingress, Into::into),
+                Vec::new(),
+            )
+        }
+        None => host_view(&policy, &args)?,
+    };
     let default_icmp_type = if args.packet.proto == IPPROTO_ICMP {
         8
     } else {
@@ -216,9 +265,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         icmp_type: args.packet.icmp_type.unwrap_or(default_icmp_type),
         hop_limit: 64,
     };
-    let v = eval::evaluate(&policy, &roles, args.iface.as_deref(), dir, &pkt);
+    let v = match &args.service {
+        Some(name) => {
+            eval::evaluate_service(&policy, name, args.peer_service.as_deref(), dir, &pkt)
+                .ok_or_else(|| UsageError(format!("no service named `{name}`")))?
+        }
+        None => eval::evaluate(&policy, &roles, args.iface.as_deref(), dir, &pkt),
+    };
     let rule = v.rule.map(|id| {
-        let r = &policy.rules[id as usize];
+        let r = if args.service.is_some() {
+            &policy.service_rules[id as usize]
+        } else {
+            &policy.rules[id as usize]
+        };
         RuleOut {
             id,
             label: r.label(),
@@ -239,6 +298,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         packet: (&pkt).into(),
         direction: dir,
         roles,
+        service: args.service.clone(),
+        peer_service: args.peer_service.clone(),
     };
     match args.output {
         Output::Json => print_json(&out)?,
@@ -246,7 +307,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             print_line(format_args!(
                 "{} {} {} -> {} {}: {} ({})",
                 out.direction,
-                out.roles.join("+"),
+                match &out.service {
+                    Some(s) => format!(
+                        "service={s}{}",
+                        out.peer_service
+                            .as_deref()
+                            .map_or_else(String::new, |p| format!(" peer-service={p}"))
+                    ),
+                    None => out.roles.join("+"),
+                },
                 pkt.src,
                 pkt.dst,
                 describe(pkt.proto, pkt.dport, pkt.icmp_type, None),
@@ -263,10 +332,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     r.peer,
                     r.services
                 ))?,
-                None if !v.passes() => print_line(format_args!(
-                    "  no rule matches; defaults.{} = drop",
-                    out.direction
-                ))?,
+                None if !v.passes() => match &out.service {
+                    Some(s) => print_line(format_args!(
+                        "  no rule of service {s} matches; its {} default is drop",
+                        out.direction
+                    ))?,
+                    None => print_line(format_args!(
+                        "  no rule matches; defaults.{} = drop",
+                        out.direction
+                    ))?,
+                },
                 None => {}
             }
             if out.replies_tracked {

@@ -113,6 +113,61 @@ pub fn evaluate(
     Verdict { reason, rule: None }
 }
 
+/// Evaluates a packet of a socket of service `service` travelling in
+/// `dir` (ingress: the service receives it), as the services programs
+/// judge a packet that opens a flow: the service's rules (an address rule
+/// matches the peer's address; a `from_services`/`to_services` rule the
+/// local peer's service `peer_service`, a socket of the same host over
+/// loopback or the host's own addresses), then ICMP echo requests
+/// (`defaults.icmp`), then the service's default. None: no such service.
+/// A `to_services` rule lets the packet leave; the receiver's ingress then
+/// checks that it is one of the services named (not modelled here: judge
+/// the receiver's ingress too). The rule id indexes `policy.service_rules`.
+pub fn evaluate_service(
+    policy: &Policy,
+    service: &str,
+    peer_service: Option<&str>,
+    dir: Direction,
+    pkt: &Packet,
+) -> Option<Verdict> {
+    let svc = policy.service(service)?;
+    let peer = match dir {
+        Direction::Ingress => pkt.src,
+        Direction::Egress => pkt.dst,
+    };
+    let rule = policy
+        .service_rules
+        .iter()
+        .filter(|r| {
+            r.direction == dir && matches!(&r.owner, super::Owner::Service(n) if *n == svc.name)
+        })
+        .filter(|r| {
+            r.peers.iter().any(|a| a.contains(peer))
+                || peer_service.is_some_and(|p| r.peer_services.iter().any(|n| n == p))
+        })
+        .filter(|r| rule_allows_service(r, pkt))
+        .map(|r| r.id)
+        .min();
+    if let Some(id) = rule {
+        return Some(Verdict {
+            reason: reason::PASS_RULE,
+            rule: Some(id),
+        });
+    }
+    if policy.defaults.icmp && is_default_icmp(pkt.src.is_ipv6(), policy.defaults.established, pkt)
+    {
+        return Some(Verdict {
+            reason: reason::PASS_ICMP,
+            rule: None,
+        });
+    }
+    let reason = match svc.default_action(&policy.defaults, dir) {
+        Action::Allow => reason::PASS_DEFAULT,
+        Action::Drop => reason::DROP_DEFAULT,
+    };
+    Some(Verdict { reason, rule: None })
+}
+
 /// ICMP echo that `defaults.icmp = true` lets through from anyone:
 /// requests, and replies only when nothing is tracked (`established =
 /// false`); with tracking, a reply passes only as the reply of a tracked
@@ -132,6 +187,75 @@ fn is_default_icmp(v6: bool, tracking: bool, pkt: &Packet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_packet_is_judged_by_its_service_rules_then_its_default() {
+        let p = Policy::from_str(
+            r#"version = 1
+[sets]
+nodes = ["10.0.0.0/24"]
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+defaults = { ingress = "drop" }
+[[services.db.ingress]]
+name = "from-app"
+from_services = ["app"]
+tcp = [3306]
+[[services.db.ingress]]
+from = "nodes"
+tcp = [3306]
+[[services.app.egress]]
+to = ["127.0.0.1"]
+tcp = [3306]
+"#,
+            "t.toml",
+        )
+        .expect("parses");
+        let pkt = |src: &str, dst: &str, dport| Packet {
+            src: src.parse().expect("addr"),
+            dst: dst.parse().expect("addr"),
+            proto: IPPROTO_TCP,
+            dport,
+            icmp_type: 0,
+            hop_limit: 64,
+        };
+        let lo = pkt("127.0.0.1", "127.0.0.1", 3306);
+        let from_app = evaluate_service(&p, "db", Some("app"), Direction::Ingress, &lo);
+        let rule = from_app.and_then(|v| v.rule).expect("a rule");
+        assert_eq!(
+            p.service_rules[rule as usize].name.as_deref(),
+            Some("from-app")
+        );
+        let from_other = evaluate_service(&p, "db", Some("other"), Direction::Ingress, &lo);
+        assert_eq!(from_other.map(|v| v.reason), Some(reason::DROP_DEFAULT));
+        let remote = pkt("10.0.0.5", "10.0.0.1", 3306);
+        assert!(
+            evaluate_service(&p, "db", None, Direction::Ingress, &remote)
+                .is_some_and(|v| v.passes())
+        );
+        let wrong_port = pkt("10.0.0.5", "10.0.0.1", 3307);
+        assert!(
+            !evaluate_service(&p, "db", None, Direction::Ingress, &wrong_port)
+                .is_some_and(|v| v.passes())
+        );
+        // app's egress is an allow-list; its ingress keeps `[defaults]`.
+        assert!(
+            evaluate_service(&p, "app", None, Direction::Egress, &lo).is_some_and(|v| v.passes())
+        );
+        let out = pkt("127.0.0.1", "10.0.0.9", 3306);
+        assert_eq!(
+            evaluate_service(&p, "app", None, Direction::Egress, &out).map(|v| v.reason),
+            Some(reason::DROP_DEFAULT)
+        );
+        assert_eq!(
+            evaluate_service(&p, "app", None, Direction::Ingress, &out).map(|v| v.passes()),
+            Some(p.defaults.ingress == Action::Allow)
+        );
+        assert!(evaluate_service(&p, "nosuch", None, Direction::Ingress, &lo).is_none());
+    }
 
     fn example() -> Policy {
         let text = include_str!("../../../examples/roles.toml");
