@@ -1783,3 +1783,53 @@ fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
     assert!(inn["rule"].is_null(), "{inn}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn monitor_shows_drops_with_their_service() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("mo", &["app", "db", "other"], 99)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let log = lab.state.join("monitor.log");
+    let mut mon = lab
+        .segbpf(&[
+            "monitor",
+            "--services",
+            "--cgroup-root",
+            &root,
+            "-o",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(mon.id())?);
+    let result = (|| -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut found = None;
+        while found.is_none() && start.elapsed() < Duration::from_secs(10) {
+            assert!(!lab.connect("other", "127.0.0.1 3306")?, "other -> db");
+            std::thread::sleep(Duration::from_millis(200));
+            found = std::fs::read_to_string(&log)?
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["service"] == "db" && v["dport"] == 3306);
+        }
+        let v = found.context("no drop event of db in monitor --services")?;
+        assert_eq!(v["type"], "event", "{v}");
+        assert_eq!(v["verdict"], "drop", "{v}");
+        assert_eq!(v["direction"], "ingress", "{v}");
+        assert_eq!(v["proto"], "tcp", "{v}");
+        assert_eq!(v["schema"], 1, "{v}");
+        // An allowed connection makes no event.
+        assert!(lab.connect("app", "127.0.0.1 3306")?, "app -> db");
+        Ok(())
+    })();
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let st = mon.wait()?;
+    result?;
+    assert!(st.success(), "monitor ended with {st}");
+    Ok(())
+}

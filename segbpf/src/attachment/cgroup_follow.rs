@@ -56,7 +56,8 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn of(ev: &segbpf_common::SvcEvent, state: Option<&engine::SvcState>) -> Self {
+    /// The event `ev`, its service named by `state` (the policy in force).
+    pub fn of(ev: &segbpf_common::SvcEvent, state: Option<&engine::SvcState>) -> Self {
         let ip = |b| crate::host::proto::ip_from(ev.family, b);
         let stride = segbpf_common::SVC_SLOT_STRIDE;
         let service = state
@@ -80,8 +81,29 @@ impl Refused {
     }
 }
 
+/// The event ring of the attachment at `paths` (None: absent, in an
+/// attachment made by an older segbpf).
+pub fn open_ring(paths: &SvcPaths) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+    aya::maps::MapData::from_pin(paths.dir.join(segbpf_common::MAP_SVC_EVENTS))
+        .ok()
+        .and_then(|m| aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(m)).ok())
+}
+
+/// The file a `monitor --services` holds locked while it reads the ring:
+/// the follower leaves the ring to it meanwhile (one reader loses no
+/// event to another).
+pub fn monitor_lock_path(paths: &SvcPaths) -> std::path::PathBuf {
+    paths.state.with_extension("monitor.lock")
+}
+
+/// Whether a `monitor --services` reads the ring now (holds its lock).
+fn monitor_running(paths: &SvcPaths) -> bool {
+    std::fs::File::open(monitor_lock_path(paths))
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
 /// Delivers the events waiting in the ring.
-fn drain(
+pub fn drain(
     ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>,
     paths: &SvcPaths,
     on_event: &mut impl FnMut(FollowEvent),
@@ -127,9 +149,7 @@ pub fn follow(
     })?;
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
     // The event ring (absent in an attachment made by an older segbpf).
-    let mut ring = aya::maps::MapData::from_pin(paths.dir.join(segbpf_common::MAP_SVC_EVENTS))
-        .ok()
-        .and_then(|m| aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(m)).ok());
+    let mut ring = open_ring(paths);
     // None: rescan at the next turn.
     let mut last: Option<Instant> = None;
     loop {
@@ -163,7 +183,9 @@ pub fn follow(
             }
             last = Some(Instant::now());
         }
-        drain(&mut ring, paths, &mut on_event);
+        if !monitor_running(paths) {
+            drain(&mut ring, paths, &mut on_event);
+        }
         if watcher.wait(Duration::from_millis(200)) {
             let (written, removed) = engine::rescan(paths, &mut maps)?;
             if written + removed > 0 {

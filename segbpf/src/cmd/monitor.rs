@@ -17,8 +17,18 @@ use crate::{
 /// Arguments of `segbpf monitor`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Interface whose events to stream.
-    pub iface: String,
+    /// Interface whose events to stream (or --services).
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// Stream the events of the services attachment (docs/services.md):
+    /// packets of a service dropped (or, in audit mode, let through), each
+    /// with its `service`.
+    #[arg(long, conflicts_with = "iface")]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Format of the event lines on stdout (`-o json` is the same as
     /// `--log-format json`: JSON Lines, one object per event or summary;
     /// default text). `--log-format text` with `-o json` is a usage error.
@@ -64,7 +74,10 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         )
         .into());
     }
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.clone() else {
+        return services(&args).await;
+    };
+    let att = Attachment::new(&iface, ns);
     if !att.is_attached() {
         bail!("segbpf is not attached to {}", att.describe());
     }
@@ -76,7 +89,7 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
             _ = int.recv() => {},
         }
     };
-    tracing::info!("streaming events of {}", args.iface);
+    tracing::info!("streaming events of {iface}");
     telemetry::stream(
         &att,
         if args.json_output() {
@@ -91,4 +104,74 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// `segbpf monitor --services`: the events of the services attachment, in
+/// the format of `attach --services` (text) or as records of
+/// docs/json.md (`-o json`), until SIGINT/SIGTERM or the detach.
+async fn services(args: &Args) -> anyhow::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let f = &args.filter;
+    if !f.ports.is_empty() || !f.peers.is_empty() || !f.rules.is_empty() || f.verdict.is_some() {
+        return Err(crate::cmd::UsageError(
+            "--port, --peer, --rule and --verdict do not apply to monitor --services".into(),
+        )
+        .into());
+    }
+    let root = crate::host::cgroups::CgroupRoot::open(args.cgroup_root.as_deref())?;
+    let paths = crate::attachment::services::SvcPaths::new(
+        &crate::attachment::pins::Roots::from_env(),
+        root,
+    );
+    if !paths.is_attached() {
+        bail!("no services attachment below {}", paths.root.dir.display());
+    }
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let json = args.json_output();
+    tracing::info!(
+        "streaming events of the services below {}",
+        paths.root.dir.display()
+    );
+    let worker = tokio::task::spawn_blocking(move || {
+        crate::observe::services::stream_events(&paths, &s2, |r| {
+            let line = if json {
+                crate::cmd::json_line(&serde_json::json!({
+                    "type": "event",
+                    "time": crate::host::clock::rfc3339(std::time::SystemTime::now()),
+                    "verdict": "drop",
+                    "audit": r.action == "audit",
+                    "service": r.service,
+                    "direction": r.direction,
+                    "proto": crate::host::proto::proto_name(r.proto),
+                    "src": r.src,
+                    "sport": r.sport,
+                    "dst": r.dst,
+                    "dport": r.dport,
+                }))
+                .unwrap_or_default()
+            } else {
+                crate::cmd::services::event_text(&r)
+            };
+            // A closed stdout ends nothing: the next SIGINT does.
+            let _ = crate::cmd::print_line(line);
+        })
+    });
+    tokio::pin!(worker);
+    loop {
+        tokio::select! {
+            _ = term.recv() => stop.store(true, Ordering::Relaxed),
+            _ = int.recv() => stop.store(true, Ordering::Relaxed),
+            r = &mut worker => {
+                r.context("the event reader")??;
+                return Ok(());
+            }
+        }
+    }
 }

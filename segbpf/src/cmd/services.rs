@@ -254,6 +254,14 @@ fn print_refused(r: &follow::Refused, json: bool) {
         v["event"] = serde_json::json!(r.action);
         v.to_string()
     } else {
+        event_text(r)
+    };
+    let _ = crate::cmd::print_line(line);
+}
+
+/// One event as a text line: `drop egress service=app tcp A:P -> B:Q`.
+pub fn event_text(r: &follow::Refused) -> String {
+    {
         let proto = match r.proto {
             6 => "tcp".to_string(),
             17 => "udp".to_string(),
@@ -273,8 +281,7 @@ fn print_refused(r: &follow::Refused, json: bool) {
             addr(r.src, r.sport),
             addr(r.dst, r.dport)
         )
-    };
-    let _ = crate::cmd::print_line(line);
+    }
 }
 
 /// `segbpf detach --services`.

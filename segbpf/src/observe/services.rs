@@ -1,6 +1,7 @@
 //! What a services attachment has in force, for `status`: the links, the
 //! policy and generation, and per service its cgroup (whether it exists
-//! now, its id) and packet counters.
+//! now, its id) and packet counters; and the stream of its events for
+//! `monitor --services`.
 
 use serde::Serialize;
 
@@ -112,4 +113,53 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         unserviced: PacketCounts::of(row(0)),
         confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
     }
+}
+
+/// Streams the events of the attachment at `paths` to `on_event` until
+/// `stop` is set or the attachment is gone. While it runs, it holds the
+/// monitor lock: the follower leaves the ring to it (see
+/// [`crate::attachment::cgroup_follow::monitor_lock_path`]).
+pub fn stream_events(
+    paths: &SvcPaths,
+    stop: &std::sync::atomic::AtomicBool,
+    mut on_event: impl FnMut(crate::attachment::cgroup_follow::Refused),
+) -> Result<(), crate::attachment::services::ServicesError> {
+    use crate::attachment::{
+        cgroup_follow::{self as follow, FollowEvent},
+        services::ServicesError,
+    };
+    if !paths.is_attached() {
+        return Err(ServicesError::NotAttached(paths.dir.clone()));
+    }
+    let lock_path = follow::monitor_lock_path(paths);
+    let io = |what: String| move |source| ServicesError::Io { what, source };
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    lock.try_lock().map_err(|_| {
+        ServicesError::Refused(format!(
+            "another `segbpf monitor --services` reads the events below {}",
+            paths.root.dir.display()
+        ))
+    })?;
+    let mut ring = follow::open_ring(paths);
+    if ring.is_none() {
+        return Err(ServicesError::Refused(format!(
+            "the services attachment below {} has no event ring (attached by an older segbpf: `segbpf detach --services` and attach again)",
+            paths.root.dir.display()
+        )));
+    }
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && paths.is_attached() {
+        follow::drain(&mut ring, paths, &mut |ev| {
+            if let FollowEvent::Refused(r) = ev {
+                on_event(r);
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(lock);
+    Ok(())
 }
