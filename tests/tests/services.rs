@@ -1833,3 +1833,38 @@ fn monitor_shows_drops_with_their_service() -> anyhow::Result<()> {
     assert!(st.success(), "monitor ended with {st}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn flows_carry_their_service() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("fl", &["app", "db", "other"], 100)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    assert!(lab.connect("app", "127.0.0.1 3306")?, "app -> db");
+    assert!(!lab.connect("other", "127.0.0.1 3306")?, "other -> db");
+    let (code, v) = lab.json(&["flows", "--services"])?;
+    assert_eq!(code, Some(0), "{v}");
+    let flows = v["flows"].as_array().context("flows")?;
+    let db = flows
+        .iter()
+        .find(|f| f["service"] == "db" && f["dport"] == 3306)
+        .with_context(|| format!("no flow of db: {v}"))?;
+    assert_eq!(db["peer_service"], "app", "{db}");
+    assert_eq!(db["opened_by"], "ingress", "{db}");
+    assert_eq!(db["proto"], "tcp", "{db}");
+    assert_eq!(db["rule"]["name"], "db-from-app", "{db}");
+    let app = flows
+        .iter()
+        .find(|f| f["service"] == "app" && f["dport"] == 3306)
+        .with_context(|| format!("no flow of app: {v}"))?;
+    assert_eq!(app["opened_by"], "egress", "{app}");
+    // The refused connection left no flow of db with other.
+    assert!(
+        !flows
+            .iter()
+            .any(|f| f["service"] == "db" && f["peer_service"] == "other"),
+        "{v}"
+    );
+    Ok(())
+}

@@ -56,7 +56,16 @@ impl FilterArgs {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Interface whose flows to list.
-    pub iface: String,
+    #[arg(required_unless_present = "services")]
+    pub iface: Option<String>,
+    /// The flows of the services attachment (docs/services.md): each
+    /// socket's view of an allowed flow, with its `service`.
+    #[arg(long, conflicts_with_all = ["iface", "follow", "start", "denied_secs"])]
+    pub services: bool,
+    /// With --services: the cgroup root it is attached below (default: the
+    /// cgroup v2 mount).
+    #[arg(long, value_name = "DIR", requires = "services")]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Output format (with --follow, `json` is JSON Lines).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -92,7 +101,10 @@ struct FlowsOut {
 
 /// Runs `segbpf flows`.
 pub fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
-    let att = Attachment::new(&args.iface, ns);
+    let Some(iface) = args.iface.clone() else {
+        return services(&args);
+    };
+    let att = Attachment::new(&iface, ns);
     if args.follow {
         return follow(&args, &att);
     }
@@ -283,4 +295,56 @@ pub fn text_line(l: &Line) -> String {
         t.push_str(" NEW");
     }
     t
+}
+
+/// `segbpf flows --services`: a snapshot of the services' flow table.
+fn services(args: &Args) -> anyhow::Result<()> {
+    let f = &args.filter;
+    if !f.peers.is_empty() || !f.rules.is_empty() || f.verdict.is_some() {
+        return Err(crate::cmd::UsageError(
+            "--peer, --rule and --verdict do not apply to flows --services (--port does)".into(),
+        )
+        .into());
+    }
+    let root = crate::host::cgroups::CgroupRoot::open(args.cgroup_root.as_deref())?;
+    let paths = crate::attachment::services::SvcPaths::new(
+        &crate::attachment::pins::Roots::from_env(),
+        root,
+    );
+    let flows: Vec<_> = crate::observe::services::flows(&paths)?
+        .into_iter()
+        .filter(|r| f.ports.is_empty() || f.ports.contains(&r.dport) || f.ports.contains(&r.sport))
+        .collect();
+    match args.output {
+        Output::Json => print_json(&serde_json::json!({
+            "services": true,
+            "cgroup_root": paths.root.dir,
+            "flows": flows,
+        }))?,
+        Output::Text => {
+            for r in &flows {
+                let side = |a: std::net::IpAddr, p: u16| match a {
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]:{p}"),
+                    v4 @ std::net::IpAddr::V4(_) => format!("{v4}:{p}"),
+                };
+                print_line(format_args!(
+                    "service={}{} {} {} -> {} opened by {} last {}{}",
+                    r.service.as_deref().unwrap_or("-"),
+                    r.peer_service
+                        .as_deref()
+                        .map_or_else(String::new, |p| format!(" peer-service={p}")),
+                    r.proto,
+                    side(r.src, r.sport),
+                    side(r.dst, r.dport),
+                    r.opened_by,
+                    r.last_seen,
+                    r.rule.as_ref().map_or_else(
+                        || " (default)".to_string(),
+                        |x| format!(" rule {}", x.name.as_deref().unwrap_or(&x.label))
+                    )
+                ))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! What a services attachment has in force, for `status`: the links, the
 //! policy and generation, and per service its cgroup (whether it exists
-//! now, its id) and packet counters; and the stream of its events for
-//! `monitor --services`.
+//! now, its id) and packet counters; the stream of its events for
+//! `monitor --services`; its flow table for `flows --services`.
 
 use serde::Serialize;
 
@@ -162,4 +162,128 @@ pub fn stream_events(
     }
     drop(lock);
     Ok(())
+}
+
+/// The rule of a flow record (docs/json.md's rule object).
+#[derive(Debug, Serialize)]
+pub struct SvcFlowRule {
+    /// The service rule's id.
+    pub id: u32,
+    /// `services.db.ingress[0]`.
+    pub label: String,
+    /// Its `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its line in the policy file.
+    pub line: u32,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// The peer as written.
+    pub peer: String,
+    /// `tcp/3306`, ...
+    pub services: String,
+}
+
+/// One socket's view of an allowed flow (`SEG_SVC_CT`).
+#[derive(Debug, Serialize)]
+pub struct SvcFlowRecord {
+    /// The service of the socket (None: its cgroup is no service of the
+    /// policy in force).
+    pub service: Option<String>,
+    /// Over loopback: the peer socket's service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_service: Option<String>,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or the number.
+    pub proto: String,
+    /// Source of the flow's first packet.
+    pub src: std::net::IpAddr,
+    /// Its source port (ICMP echo: the id).
+    pub sport: u16,
+    /// Destination of the flow's first packet.
+    pub dst: std::net::IpAddr,
+    /// Its destination port.
+    pub dport: u16,
+    /// `ingress` (the service received the first packet) or `egress`.
+    pub opened_by: &'static str,
+    /// The last packet (RFC 3339).
+    pub last_seen: String,
+    /// The rule that allowed the flow (left out: a default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<SvcFlowRule>,
+}
+
+/// The flows of the attachment at `paths`, as its sockets see them.
+pub fn flows(
+    paths: &SvcPaths,
+) -> Result<Vec<SvcFlowRecord>, crate::attachment::services::ServicesError> {
+    use crate::attachment::services::ServicesError;
+    use segbpf_common::{SVC_FLOW_INBOUND, SvcFlow, SvcFlowKey};
+    if !paths.is_attached() {
+        return Err(ServicesError::NotAttached(paths.dir.clone()));
+    }
+    let state = paths.read_state();
+    // Service cgroup id -> name, for the cgroups that exist now.
+    let names: std::collections::HashMap<u64, String> = state
+        .iter()
+        .flat_map(|s| s.services.iter())
+        .filter_map(|svc| {
+            crate::host::cgroups::cgroup_id(&paths.root.dir.join(&svc.cgroup))
+                .ok()
+                .map(|id| (id, svc.name.clone()))
+        })
+        .collect();
+    let map =
+        aya::maps::MapData::from_pin(paths.dir.join(segbpf_common::MAP_SVC_CT)).map_err(|e| {
+            ServicesError::Kernel {
+                what: format!("opening {}", segbpf_common::MAP_SVC_CT),
+                source: Box::new(e),
+            }
+        })?;
+    let ct: aya::maps::HashMap<_, SvcFlowKey, SvcFlow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).map_err(|e| {
+            ServicesError::Kernel {
+                what: format!("opening {}", segbpf_common::MAP_SVC_CT),
+                source: Box::new(e),
+            }
+        })?;
+    let mut out = Vec::new();
+    for (k, v) in ct.iter().filter_map(Result::ok) {
+        let ip = |b| crate::host::proto::ip_from(k.family, b);
+        let (l, r) = (
+            (ip(k.laddr_be), u16::from_be_bytes(k.lport_be)),
+            (ip(k.raddr_be), u16::from_be_bytes(k.rport_be)),
+        );
+        let inbound = v.flags & SVC_FLOW_INBOUND != 0;
+        let ((src, sport), (dst, dport)) = if inbound { (r, l) } else { (l, r) };
+        let rule = state.as_ref().and_then(|s| {
+            s.rules
+                .iter()
+                .find(|x| x.id == v.rule)
+                .map(|x| SvcFlowRule {
+                    id: x.id,
+                    label: x.label.clone(),
+                    name: x.name.clone(),
+                    line: x.line,
+                    direction: x.direction.clone(),
+                    peer: x.peer.clone(),
+                    services: x.services.clone(),
+                })
+        });
+        out.push(SvcFlowRecord {
+            service: names.get(&v.svc_cg).cloned(),
+            peer_service: names.get(&v.peer_cg).cloned(),
+            proto: crate::host::proto::proto_name(k.proto),
+            src,
+            sport,
+            dst,
+            dport,
+            opened_by: if inbound { "ingress" } else { "egress" },
+            last_seen: crate::host::clock::rfc3339(crate::host::clock::wall_of_monotonic(
+                v.last_ns,
+            )),
+            rule,
+        });
+    }
+    out.sort_by(|a, b| (&a.service, a.dport, a.sport).cmp(&(&b.service, b.dport, b.sport)));
+    Ok(out)
 }
