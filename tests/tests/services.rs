@@ -1630,6 +1630,13 @@ fn set_edits_and_rollback() -> anyhow::Result<()> {
         serde_json::json!(["198.18.96.9", "198.18.96.1"]),
         "{v}"
     );
+    // `status` says what is in force: the edit.
+    let (_, st) = lab.json(&["status", "--services"])?;
+    assert_eq!(
+        st["services"][0]["set_overrides"]["peers"],
+        serde_json::json!(["198.18.96.9", "198.18.96.1"]),
+        "{st}"
+    );
     // The same member again: nothing applied, no new generation.
     let (code, v) = lab.json(&["set", "add", "--services", "peers", "198.18.96.1"])?;
     assert_eq!((code, &v["applied"]), (Some(0), &serde_json::json!(false)));
@@ -1658,6 +1665,8 @@ fn set_edits_and_rollback() -> anyhow::Result<()> {
     assert_eq!(v["restored_generation"], 2, "{v}");
     assert_eq!(v["generation"], 4, "{v}");
     assert!(lab.connect("other", to_db)?, "other -> db after rollback");
+    let (_, st) = lab.json(&["status", "--services"])?;
+    assert_eq!(st["services"][0]["restored"], 2, "{st}");
     // A second rollback goes further back (generation 1: out), not undo.
     let (_, v) = lab.json(&["rollback", "--services"])?;
     assert_eq!(v["restored_generation"], 1, "{v}");

@@ -394,6 +394,20 @@ pub fn print_text(
             if r.audit { " (audit mode)" } else { "" },
             r.policy.as_deref().unwrap_or("?")
         )?;
+        if let Some(g) = r.restored {
+            writeln!(o, "  the policy of generation {g}, restored by a rollback")?;
+        }
+        for (set, members) in &r.set_overrides {
+            writeln!(
+                o,
+                "  set {set} edited live: {} (`segbpf reload --services` goes back to the file)",
+                if members.is_empty() {
+                    "(empty)".to_string()
+                } else {
+                    members.join(", ")
+                }
+            )?;
+        }
         if let Some(deadline) = r.confirm_deadline {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -69,6 +69,15 @@ pub struct SvcReport {
     pub services: Vec<ServiceReport>,
     /// Sockets in no service (and held sockets of unclassified cgroups, as drops).
     pub unserviced: PacketCounts,
+    /// Live set edits in force over the file's sets (`segbpf set
+    /// --services`): set name -> members; `reload --services` goes back to
+    /// the file.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub set_overrides: std::collections::BTreeMap<String, Vec<String>>,
+    /// The generation whose policy a `rollback --services` restored as
+    /// the one in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<u64>,
     /// A first attach made with `--confirm` waits for `segbpf confirm
     /// --services`: the Unix time it is removed at otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +120,11 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         audit: state.as_ref().is_some_and(|s| s.audit),
         services,
         unserviced: PacketCounts::of(row(0)),
+        set_overrides: state
+            .as_ref()
+            .map(|s| s.set_overrides.clone())
+            .unwrap_or_default(),
+        restored: state.as_ref().and_then(|s| s.restored),
         confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
     }
 }
