@@ -29,6 +29,17 @@
 //! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
 //!   is removed after SECS unless `confirm --services` runs; `--confirm`
 //!   over an existing attachment is refused and changes nothing.
+//! * `set_edits_and_rollback`: `set add|del --services` lets a peer in
+//!   and shuts it out (one generation each; errors change nothing),
+//!   `rollback --services` walks back, `reload --services` goes back to
+//!   the file unless `--keep-set-edits`, SIGHUP keeps the edits.
+//! * `status_counts_the_generation_in_force`: the counters of a slot used
+//!   again are those of the generation in force.
+//! * `explain_agrees_with_the_kernel`: `explain --services` of both sides
+//!   of a loopback connection gives what the kernel does, and names the
+//!   rule.
+//! * `monitor_shows_drops_with_their_service`, `flows_carry_their_service`:
+//!   `monitor --services` and `flows --services` records carry `service`.
 //! * `under_systemd`: this machine's systemd booted by systemd-nspawn
 //!   (`--volatile=yes -D /`) with the package's segbpf-services.service
 //!   and units written for the test: `unit = "..."` resolves, the
@@ -1689,6 +1700,19 @@ fn set_edits_and_rollback() -> anyhow::Result<()> {
     let (code, v) = lab.json(&["reload", "--services"])?;
     assert_eq!(code, Some(0), "{v}");
     assert!(!lab.connect("other", to_db)?, "the file's sets");
+    // SIGHUP to the running attach applies the file again, keeping edits.
+    let (code, v) = lab.json(&["set", "add", "--services", "peers", "198.18.96.1"])?;
+    assert_eq!(code, Some(0), "{v}");
+    let before = lab.generation()?;
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(lab.attach.as_ref().context("attach")?.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+    let start = Instant::now();
+    while lab.generation()? == before && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lab.generation()?, before + 1, "SIGHUP applied");
+    assert!(lab.connect("other", to_db)?, "the edit survives SIGHUP");
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use crate::{
 /// Arguments of `segbpf set`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "An edit that would cut the SSH session the command runs in (SSH_CONNECTION; see `segbpf reload --help`) is refused, unless --confirm SECS guards it or --force."
+    after_help = "An edit that would cut the SSH session the command runs in (SSH_CONNECTION; see `segbpf reload --help`) is refused, unless --confirm SECS guards it or --force.\n\nThe services attachment (docs/services.md) has no interface: `segbpf set add --services SET MEMBER...`, `segbpf set del --services SET MEMBER...`, `segbpf set list --services [SET]`."
 )]
 pub struct Args {
     /// What to do.
