@@ -221,26 +221,36 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
         .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left: {left:?}");
-    // Programs and maps are freed once unpinned (after an RCU grace period).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Programs and maps are freed once unpinned, by deferred kernel work
+    // after an RCU grace period (a prog array first drops its programs,
+    // then they drop their maps). Under a flood on the other core that
+    // work can lag by seconds; a leak never goes away, so wait long.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let alive: Vec<u32> = all
+        let maps: Vec<String> = all
             .maps
             .iter()
-            .copied()
-            .filter(|id| MapInfo::from_id(*id).is_ok())
-            .chain(all.progs.iter().copied().filter(|id| {
+            .filter_map(|id| {
+                let m = MapInfo::from_id(*id).ok()?;
+                Some(format!("map {id} {:?}", m.name_as_str()))
+            })
+            .collect();
+        let progs: Vec<String> = all
+            .progs
+            .iter()
+            .filter(|id| {
                 aya::programs::loaded_programs()
                     .flatten()
-                    .any(|p| p.id() == *id)
-            }))
+                    .any(|p| p.id() == **id)
+            })
+            .map(|id| format!("prog {id}"))
             .collect();
-        if alive.is_empty() {
+        if maps.is_empty() && progs.is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "programs/maps still in the kernel: {alive:?}"
+            "programs/maps still in the kernel after 60 s: {maps:?} {progs:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
