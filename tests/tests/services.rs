@@ -26,6 +26,13 @@
 //!   apply a new policy; a bad one is refused and the old one stays.
 //! * `no_wait_leaves_a_follower_that_detach_ends`: `--no-wait` leaves a
 //!   follower that classifies new cgroups and exits after the detach.
+//! * `sighup_reloads_the_policy_in_force`: SIGHUP (foreground attach or
+//!   follower) reloads the policy file in force, never undoing a later
+//!   `reload --services -p OTHER`.
+//! * `no_service_cannot_pass_for_a_service`: a process in no service
+//!   cannot pass for `app` at db's ingress: not by reusing a 4-tuple app
+//!   just closed, not by sharing app's live port (SO_REUSEADDR, raw
+//!   socket); TCP and UDP, both families.
 //! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
 //!   is removed after SECS unless `confirm --services` runs; `--confirm`
 //!   over an existing attachment is refused and changes nothing.
@@ -155,10 +162,150 @@ fn helper_process() {
             println!("{ok} {fail} {first}");
             0
         }
+        // A process that may join cgroups (root, as a runtime) plays an
+        // attacker in no service next to a service's socket: "ATTACK
+        // APP_CG NONE_CG ADDR PORT". It prints "legit=L attack=A": whether
+        // the service's own exchange with ADDR:PORT worked (L) and whether
+        // the attacker's did (A).
+        "reuse-tcp" | "reuse-udp" | "share-udp" | "raw-udp" => {
+            let (legit, attack) = impersonate(a[0], a[1], a[2], addr(3));
+            println!("legit={} attack={}", u8::from(legit), u8::from(attack));
+            0
+        }
         other => panic!("unknown op {other}"),
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+/// Moves this process into the cgroup directory `cg`: sockets made from
+/// now on belong to it.
+fn join_cgroup(cg: &str) {
+    std::fs::write(format!("{cg}/cgroup.procs"), "0").expect("joining a cgroup");
+}
+
+/// The attacks on a service's identity over loopback (`to`: db's address
+/// and port, which only `app` may reach). Every socket of the service is
+/// made in `app_cg`, every socket of the attacker in `none_cg` (a cgroup
+/// in no service); the attacker's packets follow the service's within
+/// microseconds, well inside any freshness window.
+///
+/// * `reuse-tcp`: app connects from an ephemeral port, exchanges, closes
+///   with a reset (no TIME_WAIT); the attacker binds that port at once and
+///   connects to `to`: the just-closed 4-tuple.
+/// * `reuse-udp`: the same with UDP (app's socket closed, its port reused).
+/// * `share-udp`: app's UDP socket stays open with SO_REUSEADDR; the
+///   attacker binds the same address and port (SO_REUSEADDR) and sends.
+/// * `raw-udp`: app's UDP socket stays open; the attacker writes a UDP
+///   datagram with app's source port through a raw socket (CAP_NET_RAW);
+///   db's echo, if db took it for app's, reaches app's socket.
+fn impersonate(op: &str, app_cg: &str, none_cg: &str, to: SocketAddr) -> (bool, bool) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let t = Duration::from_millis(400);
+    let domain = if to.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let local = SocketAddr::new(to.ip(), 0);
+    let with_port = |p: u16| SocketAddr::new(to.ip(), p);
+    let recv_is = |s: &Socket, want: &[u8]| -> bool {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        let _ = s.set_read_timeout(Some(t));
+        match s.recv(&mut buf) {
+            // SAFETY: recv initialised the first n bytes.
+            Ok(n) => buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .eq(want.iter().copied()),
+            Err(_) => false,
+        }
+    };
+    let tcp_exchange = |s: &Socket, msg: &[u8]| -> bool {
+        if s.connect_timeout(&SockAddr::from(to), t).is_err() || s.send(msg).is_err() {
+            return false;
+        }
+        recv_is(s, msg)
+    };
+    join_cgroup(app_cg);
+    let kind = if op == "reuse-tcp" {
+        Type::STREAM
+    } else {
+        Type::DGRAM
+    };
+    let app = Socket::new(domain, kind, None).expect("socket");
+    app.set_reuse_address(op == "share-udp")
+        .expect("SO_REUSEADDR");
+    app.bind(&SockAddr::from(local)).expect("bind");
+    let port = app
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or(0, |a| a.port());
+    join_cgroup(none_cg);
+    let attacker = if op == "raw-udp" {
+        let r = Socket::new(domain, Type::RAW, Some(Protocol::UDP)).expect("raw socket");
+        if to.is_ipv6() {
+            // The kernel fills the UDP checksum at offset 6 (mandatory in IPv6).
+            let off: libc::c_int = 6;
+            // SAFETY: a valid socket and option value.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&r),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_CHECKSUM,
+                    (&raw const off).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        r
+    } else {
+        let s = Socket::new(domain, kind, None).expect("socket");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        s
+    };
+    match op {
+        "reuse-tcp" => {
+            let legit = tcp_exchange(&app, b"ping");
+            // A reset: the 4-tuple is free at once.
+            let _ = app.set_linger(Some(Duration::ZERO));
+            drop(app);
+            let attack = attacker.bind(&SockAddr::from(with_port(port))).is_ok()
+                && tcp_exchange(&attacker, b"evil");
+            (legit, attack)
+        }
+        "reuse-udp" => {
+            let legit = app.send_to(b"ping", &SockAddr::from(to)).is_ok() && recv_is(&app, b"ping");
+            drop(app);
+            let attack = attacker.bind(&SockAddr::from(with_port(port))).is_ok()
+                && attacker.send_to(b"evil", &SockAddr::from(to)).is_ok()
+                && recv_is(&attacker, b"evil");
+            (legit, attack)
+        }
+        "share-udp" => {
+            let legit = app.send_to(b"ping", &SockAddr::from(to)).is_ok() && recv_is(&app, b"ping");
+            // Connected: db's echo prefers the attacker's socket.
+            let attack = attacker.bind(&SockAddr::from(with_port(port))).is_ok()
+                && attacker.connect(&SockAddr::from(to)).is_ok()
+                && attacker.send(b"evil").is_ok()
+                && recv_is(&attacker, b"evil");
+            (legit, attack)
+        }
+        _ => {
+            let legit = app.send_to(b"ping", &SockAddr::from(to)).is_ok() && recv_is(&app, b"ping");
+            let mut dgram = Vec::with_capacity(12);
+            dgram.extend_from_slice(&port.to_be_bytes());
+            dgram.extend_from_slice(&to.port().to_be_bytes());
+            dgram.extend_from_slice(&12u16.to_be_bytes());
+            dgram.extend_from_slice(&[0, 0]);
+            dgram.extend_from_slice(b"evil");
+            let sent = attacker
+                .send_to(&dgram, &SockAddr::from(SocketAddr::new(to.ip(), 0)))
+                .is_ok();
+            (legit, sent && recv_is(&app, b"evil"))
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in ns (comparable between processes).
@@ -881,6 +1028,56 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A process in no service cannot pass for `app` at db's ingress over
+/// loopback, whatever 4-tuple it uses: not the one app just closed (TCP,
+/// UDP), not app's live port shared with SO_REUSEADDR, not app's port
+/// written through a raw socket; both families. The sender's identity is
+/// the stamp its own socket's egress put on the packet.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn no_service_cannot_pass_for_a_service() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("im", &["app", "db", "other", "cache", "none"], 98)?;
+    let ns = lab.ns.name.clone();
+    let mut servers = Vec::new();
+    for a in ["127.0.0.1", "::1"] {
+        servers.push(Helper::server(
+            &lab.cg("db"),
+            &ns,
+            &format!("serve-tcp {a} 3306"),
+        )?);
+        servers.push(Helper::server(
+            &lab.cg("db"),
+            &ns,
+            &format!("serve-udp {a} 3306"),
+        )?);
+    }
+    lab.attach(MATRIX)?;
+    let (app, none) = (lab.cg("app"), lab.cg("none"));
+    let (app, none) = (
+        app.to_str().context("cgroup")?,
+        none.to_str().context("cgroup")?,
+    );
+    let mut wrong = Vec::new();
+    for a in ["127.0.0.1", "::1"] {
+        for op in ["reuse-tcp", "reuse-udp", "share-udp", "raw-udp"] {
+            let (ok, out) =
+                Helper::run(&lab.cg("none"), &ns, &format!("{op} {app} {none} {a} 3306"))?;
+            let legit = out.contains("legit=1");
+            let attack = out.contains("attack=1");
+            if !ok || !legit || attack {
+                wrong.push(format!(
+                    "{op} {a}: app's own exchange {}, the attacker's {}",
+                    if legit { "worked" } else { "FAILED" },
+                    if attack { "PASSED" } else { "was refused" }
+                ));
+            }
+        }
+    }
+    drop(servers);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
 /// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
 /// PID, if it is still one).
 struct Kill(i32);
@@ -952,6 +1149,116 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
         std::fs::metadata(format!("/proc/{pid}")).is_err(),
         "the follower {pid} outlived the detach"
     );
+    Ok(())
+}
+
+/// SIGHUP reloads the policy in force (the file the last attach or
+/// reload recorded), not the file the process was started with: a
+/// `reload --services -p OTHER` is not undone, neither by the foreground
+/// attach nor by the `--no-wait` follower.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn sighup_reloads_the_policy_in_force() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("hp", &["app", "db", "other"], 99)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let root = lab.root.to_string_lossy().to_string();
+    let first = lab.state.join("roles.toml");
+    let other = lab.state.join("other.toml");
+    std::fs::write(
+        &other,
+        MATRIX.replace(
+            r#"from_services = ["app"]"#,
+            r#"from_services = ["app", "other"]"#,
+        ),
+    )?;
+    let other_s = other.to_str().context("path")?.to_string();
+    let in_force = |lab: &SvcLab| -> anyhow::Result<(u64, String)> {
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root, "-o", "json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let s = &v["services"][0];
+        Ok((
+            s["generation"].as_u64().context("generation")?,
+            s.to_string(),
+        ))
+    };
+    // Reload OTHER, then SIGHUP `pid`: OTHER stays in force.
+    let check = |lab: &SvcLab, pid: i32, who: &str| -> anyhow::Result<()> {
+        let out = lab
+            .segbpf(&[
+                "reload",
+                "--services",
+                "--cgroup-root",
+                &root,
+                "-p",
+                &other_s,
+            ])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (g, _) = in_force(lab)?;
+        assert!(
+            lab.connect("other", "127.0.0.1 3306")?,
+            "{who}: other -> db after the reload"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        let start = Instant::now();
+        while in_force(lab)?.0 == g && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (g2, status) = in_force(lab)?;
+        assert_eq!(g2, g + 1, "{who}: SIGHUP applied nothing: {status}");
+        assert!(status.contains("other.toml"), "{who}: {status}");
+        assert!(
+            lab.connect("other", "127.0.0.1 3306")?,
+            "{who}: SIGHUP undid the reload (other -> db refused)"
+        );
+        Ok(())
+    };
+    // The foreground attach.
+    lab.attach(MATRIX)?;
+    let fg = i32::try_from(lab.attach.as_ref().context("attach")?.id())?;
+    check(&lab, fg, "foreground attach")?;
+    // The `--no-wait` follower (adopting the attachment with the first file).
+    let mut c = lab.attach.take().context("attach")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fg),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    c.wait()?;
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--no-wait",
+            "--policy",
+            first.to_str().context("policy")?,
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let pid: i32 = log
+        .split("followed by process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no follower in: {log}"))?;
+    let _kill = Kill(pid);
+    assert!(
+        !lab.connect("other", "127.0.0.1 3306")?,
+        "other -> db with the first file"
+    );
+    check(&lab, pid, "--no-wait follower")?;
     Ok(())
 }
 
