@@ -167,8 +167,11 @@ fn helper_process() {
         // APP_CG NONE_CG ADDR PORT". It prints "legit=L attack=A": whether
         // the service's own exchange with ADDR:PORT worked (L) and whether
         // the attacker's did (A).
+        // An optional 6th word: a priority the attacker sets on its socket
+        // (SO_PRIORITY, as root may): app's exact stamp.
         "reuse-tcp" | "reuse-udp" | "share-udp" | "raw-udp" => {
-            let (legit, attack) = impersonate(a[0], a[1], a[2], addr(3));
+            let prio = a.get(5).and_then(|p| p.parse().ok());
+            let (legit, attack) = impersonate(a[0], a[1], a[2], addr(3), prio);
             println!("legit={} attack={}", u8::from(legit), u8::from(attack));
             0
         }
@@ -199,7 +202,15 @@ fn join_cgroup(cg: &str) {
 /// * `raw-udp`: app's UDP socket stays open; the attacker writes a UDP
 ///   datagram with app's source port through a raw socket (CAP_NET_RAW);
 ///   db's echo, if db took it for app's, reaches app's socket.
-fn impersonate(op: &str, app_cg: &str, none_cg: &str, to: SocketAddr) -> (bool, bool) {
+///
+/// `prio`: the attacker's socket also claims this priority (app's stamp).
+fn impersonate(
+    op: &str,
+    app_cg: &str,
+    none_cg: &str,
+    to: SocketAddr,
+    prio: Option<u32>,
+) -> (bool, bool) {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let t = Duration::from_millis(400);
     let domain = if to.is_ipv4() {
@@ -265,6 +276,9 @@ fn impersonate(op: &str, app_cg: &str, none_cg: &str, to: SocketAddr) -> (bool, 
         s.set_reuse_address(true).expect("SO_REUSEADDR");
         s
     };
+    if let Some(p) = prio {
+        attacker.set_priority(p).expect("SO_PRIORITY");
+    }
     match op {
         "reuse-tcp" => {
             let legit = tcp_exchange(&app, b"ping");
@@ -1073,9 +1087,121 @@ fn no_service_cannot_pass_for_a_service() -> anyhow::Result<()> {
             }
         }
     }
+    // Knowing app's exact stamp (read from the loaded programs, as root
+    // may) and claiming it with SO_PRIORITY (root: CAP_NET_ADMIN) gains
+    // nothing: the egress program overwrites the priority of every packet
+    // towards loopback.
+    let stamp = app_stamp(&lab)?;
+    for a in ["127.0.0.1", "::1"] {
+        for op in ["reuse-tcp", "share-udp", "raw-udp"] {
+            let (ok, out) = Helper::run(
+                &lab.cg("none"),
+                &ns,
+                &format!("{op} {app} {none} {a} 3306 {stamp}"),
+            )?;
+            if !ok || !out.contains("legit=1") || out.contains("attack=1") {
+                wrong.push(format!("{op} {a} with app's stamp {stamp:#x}: {out}"));
+            }
+        }
+    }
+    // The stamp is written after netfilter's POSTROUTING: a rule there
+    // that sets every packet's priority changes nothing for app -> db.
+    nft(&ns, "add table inet segbpf_prio")?;
+    nft(
+        &ns,
+        "add chain inet segbpf_prio post { type filter hook postrouting priority 0 ; }",
+    )?;
+    nft(&ns, "add rule inet segbpf_prio post meta priority set 1:2")?;
+    for a in ["127.0.0.1", "::1"] {
+        if !lab.connect("app", &format!("{a} 3306"))? || !lab.udp("app", &format!("{a} 3306"))? {
+            wrong.push(format!(
+                "app -> db {a} with nft setting the priority in POSTROUTING"
+            ));
+        }
+    }
     drop(servers);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
+}
+
+/// `nft CMD` inside the network namespace `ns`.
+fn nft(ns: &str, cmd: &str) -> anyhow::Result<()> {
+    let mut args = vec!["netns", "exec", ns, "nft"];
+    args.extend(cmd.split(' '));
+    let out = Command::new("ip").args(&args).output()?;
+    if !out.status.success() {
+        bail!("nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// `bpftool ARGS -j` as JSON.
+fn bpftool(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new("bpftool").args(args).arg("-j").output()?;
+    if !out.status.success() {
+        bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The stamp app's packets carry now: the nonce from the read-only data
+/// of the loaded egress program (the one non-zero word whose low 9 bits
+/// are 0), app's id and the slot in force from the state.
+fn app_stamp(lab: &SvcLab) -> anyhow::Result<u32> {
+    let dir = std::fs::read_dir(&lab.bpffs)?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("services:"))
+        .context("no services pin directory")?
+        .path();
+    let link = bpftool(&[
+        "link",
+        "show",
+        "pinned",
+        dir.join("link_svc_egress").to_str().context("path")?,
+    ])?;
+    let prog = link["prog_id"].as_u64().context("prog_id")?.to_string();
+    let maps = bpftool(&["prog", "show", "id", &prog])?;
+    let mut words = Vec::new();
+    for id in maps["map_ids"].as_array().context("map_ids")? {
+        let id = id.as_u64().context("map id")?.to_string();
+        if bpftool(&["map", "show", "id", &id])?["name"] != ".rodata" {
+            continue;
+        }
+        let dump = bpftool(&["map", "dump", "id", &id])?;
+        let bytes: Vec<u8> = dump[0]["value"]
+            .as_array()
+            .context("value")?
+            .iter()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect();
+        words.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+                .filter(|w| *w != 0 && w & 0x1ff == 0),
+        );
+    }
+    let [nonce] = words[..] else {
+        bail!("expected one nonce in the program's read-only data, found {words:x?}");
+    };
+    let state_file = std::fs::read_dir(&lab.state)?
+        .flatten()
+        .find(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("services:") && n.ends_with(".json") && !n.contains("confirm")
+        })
+        .context("no services state")?
+        .path();
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(state_file)?)?;
+    let slot = st["slot"].as_u64().context("slot")? as u32;
+    let id = st["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .find(|s| s["name"] == "app")
+        .and_then(|s| s["id"].as_u64())
+        .context("app's id")? as u32;
+    Ok(nonce | (slot << 7) | id)
 }
 
 /// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
