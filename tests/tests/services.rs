@@ -29,6 +29,9 @@
 //! * `sighup_reloads_the_policy_in_force`: SIGHUP (foreground attach or
 //!   follower) reloads the policy file in force, never undoing a later
 //!   `reload --services -p OTHER`.
+//! * `loopback_flows_across_a_reload`: a live app -> db connection goes on
+//!   through reloads that allow it (also with app renumbered) and is cut by
+//!   one that does not.
 //! * `no_service_cannot_pass_for_a_service`: a process in no service
 //!   cannot pass for `app` at db's ingress: not by reusing a 4-tuple app
 //!   just closed, not by sharing app's live port (SO_REUSEADDR, raw
@@ -114,6 +117,24 @@ fn helper_process() {
             }
             0
         }
+        // Echoes every connection until it closes, a thread each.
+        "serve-tcp-stream" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            0
+        }
         "serve-udp" => {
             let u = UdpSocket::bind(addr(1)).expect("bind");
             println!("ready");
@@ -167,6 +188,27 @@ fn helper_process() {
         // APP_CG NONE_CG ADDR PORT". It prints "legit=L attack=A": whether
         // the service's own exchange with ADDR:PORT worked (L) and whether
         // the attacker's did (A).
+        // One TCP connection kept open: "ready" once it exchanged, then
+        // for each byte on stdin one more exchange on it, answered "ok" or
+        // "fail" on a line.
+        "hold-tcp" => {
+            let mut c =
+                TcpStream::connect_timeout(&addr(1), Duration::from_millis(400)).expect("connect");
+            let _ = c.set_read_timeout(Some(Duration::from_millis(400)));
+            let mut exchange = |c: &mut TcpStream| {
+                let mut buf = [0u8; 4];
+                c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"ping"
+            };
+            assert!(exchange(&mut c), "first exchange");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            let mut go = [0u8; 1];
+            while std::io::stdin().read(&mut go).is_ok_and(|n| n == 1) {
+                println!("{}", if exchange(&mut c) { "ok" } else { "fail" });
+                let _ = std::io::stdout().flush();
+            }
+            0
+        }
         // An optional 6th word: a priority the attacker sets on its socket
         // (SO_PRIORITY, as root may): app's exact stamp.
         "reuse-tcp" | "reuse-udp" | "share-udp" | "raw-udp" => {
@@ -1184,6 +1226,12 @@ fn app_stamp(lab: &SvcLab) -> anyhow::Result<u32> {
     let [nonce] = words[..] else {
         bail!("expected one nonce in the program's read-only data, found {words:x?}");
     };
+    let (slot, id) = slot_and_id(lab, "app")?;
+    Ok(nonce | (slot << 7) | id)
+}
+
+/// The slot in force and the id of service `name` in it, from the state.
+fn slot_and_id(lab: &SvcLab, name: &str) -> anyhow::Result<(u32, u32)> {
     let state_file = std::fs::read_dir(&lab.state)?
         .flatten()
         .find(|e| {
@@ -1198,10 +1246,94 @@ fn app_stamp(lab: &SvcLab) -> anyhow::Result<u32> {
         .as_array()
         .context("services")?
         .iter()
-        .find(|s| s["name"] == "app")
+        .find(|s| s["name"] == name)
         .and_then(|s| s["id"].as_u64())
-        .context("app's id")? as u32;
-    Ok(nonce | (slot << 7) | id)
+        .with_context(|| format!("{name}'s id"))? as u32;
+    Ok((slot, id))
+}
+
+/// A connection app opened to db over loopback lives on through a reload
+/// that still allows it (its first packet under the new slot carries a
+/// new stamp and is judged again by the rules), and is cut by a reload
+/// that no longer does: the identity is the packet's stamp, never a
+/// leftover entry.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("fl", &["app", "db", "other"], 100)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp-stream 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let mut held = Helper::server(&lab.cg("app"), &ns, "hold-tcp 127.0.0.1 3306")?;
+    let mut again = |h: &mut Helper| -> anyhow::Result<bool> {
+        let c = h.child.as_mut().context("child")?;
+        c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
+        let out = c.stdout.as_mut().context("stdout")?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            out.read_exact(&mut byte)?;
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        Ok(line.ends_with(b"ok"))
+    };
+    assert!(again(&mut held)?, "the connection before any reload");
+    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
+        std::fs::write(lab.state.join("roles.toml"), policy)?;
+        let out = lab
+            .segbpf(&["reload", "--services", "--cgroup-root", &root])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    // The same policy again (the other slot, the services renumbered the
+    // same way): the connection goes on.
+    reload(&lab, MATRIX)?;
+    assert!(
+        again(&mut held)?,
+        "the connection after a reload that allows it"
+    );
+    // The services in another order (app gets another id): still allowed.
+    let renumbered = MATRIX
+        .replace(
+            "[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n",
+            "",
+        )
+        .replace(
+            "[services.cache]\ncgroup = \"cache\"\n",
+            "[services.cache]\ncgroup = \"cache\"\n[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n",
+        );
+    assert!(
+        !renumbered.starts_with("version = 1\n[services.app]")
+            && renumbered.contains("[services.app]"),
+        "{renumbered}"
+    );
+    let before = slot_and_id(&lab, "app")?.1;
+    reload(&lab, &renumbered)?;
+    assert_ne!(
+        slot_and_id(&lab, "app")?.1,
+        before,
+        "app was not renumbered"
+    );
+    assert!(again(&mut held)?, "the connection after app was renumbered");
+    // db no longer accepts app: the live connection is cut too.
+    reload(
+        &lab,
+        &MATRIX.replace(r#"from_services = ["app"]"#, r#"from_services = ["other"]"#),
+    )?;
+    assert!(
+        !again(&mut held)?,
+        "the connection after a reload that refuses it"
+    );
+    Ok(())
 }
 
 /// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
