@@ -195,7 +195,7 @@ fn helper_process() {
             let mut c =
                 TcpStream::connect_timeout(&addr(1), Duration::from_millis(400)).expect("connect");
             let _ = c.set_read_timeout(Some(Duration::from_millis(400)));
-            let mut exchange = |c: &mut TcpStream| {
+            let exchange = |c: &mut TcpStream| {
                 let mut buf = [0u8; 4];
                 c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"ping"
             };
@@ -1220,7 +1220,7 @@ fn app_stamp(lab: &SvcLab) -> anyhow::Result<u32> {
             bytes
                 .chunks_exact(4)
                 .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-                .filter(|w| *w != 0 && w & 0x1ff == 0),
+                .filter(|w| *w != 0 && w.trailing_zeros() >= 9),
         );
     }
     let [nonce] = words[..] else {
@@ -1235,8 +1235,10 @@ fn slot_and_id(lab: &SvcLab, name: &str) -> anyhow::Result<(u32, u32)> {
     let state_file = std::fs::read_dir(&lab.state)?
         .flatten()
         .find(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("services:") && n.ends_with(".json") && !n.contains("confirm")
+            let p = e.path();
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
+            p.extension().is_some_and(|x| x == "json")
+                && stem.is_some_and(|s| s.starts_with("services:") && !s.contains('.'))
         })
         .context("no services state")?
         .path();
@@ -1266,7 +1268,7 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
     lab.attach(MATRIX)?;
     let root = lab.root.to_string_lossy().to_string();
     let mut held = Helper::server(&lab.cg("app"), &ns, "hold-tcp 127.0.0.1 3306")?;
-    let mut again = |h: &mut Helper| -> anyhow::Result<bool> {
+    let again = |h: &mut Helper| -> anyhow::Result<bool> {
         let c = h.child.as_mut().context("child")?;
         c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
         let out = c.stdout.as_mut().context("stdout")?;
