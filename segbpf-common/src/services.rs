@@ -196,11 +196,12 @@ pub struct SvcFlow {
     /// Last packet, ns (`bpf_ktime_get_coarse_ns`).
     pub last_ns: u64,
     /// Over loopback, an entry made by a received packet: the sender's
-    /// identity from that packet's stamp, [`SVC_STAMP_ID_MASK`] bits (the
-    /// slot bit and the service id; 0: no service or no valid stamp). A
-    /// later packet is part of the flow only with the same stamp: a local
-    /// process that reuses the 4-tuple (closed or shared) is judged anew,
-    /// and so is a flow after a reload put another slot in force.
+    /// identity from that packet's stamp, `generation << 8 | stamp &`
+    /// [`SVC_STAMP_ID_MASK`] (the slot bit and the service id, with the
+    /// policy generation the stamp was made under; 0: no service or no
+    /// valid stamp). A later packet is part of the flow only with the same
+    /// identity: a local process that reuses the 4-tuple (closed or
+    /// shared) is judged anew, and so is a flow after a reload.
     pub peer: u64,
     /// `SVC_FLOW_*`.
     pub flags: u32,

@@ -86,7 +86,18 @@ struct Sender {
     svc: u8,
     /// The sender passed its egress only through `to_services`.
     need_peer: bool,
+    /// The stamp was made under the slot not in force (the previous
+    /// policy: a reload flipped while the packet was in flight).
+    other_slot: bool,
 }
+
+/// No sender: no valid stamp, or not over loopback.
+const NO_SENDER: Sender = Sender {
+    tag: 0,
+    svc: 0,
+    need_peer: false,
+    other_slot: false,
+};
 
 /// Who a socket is.
 enum Who {
@@ -182,11 +193,7 @@ fn stamp_sender(ctx: &SkBuffContext, slot: u8) -> Sender {
     let prio = unsafe { (*ctx.skb.skb).priority };
     let nonce = SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK;
     if nonce == 0 || prio & SVC_STAMP_NONCE_MASK != nonce {
-        return Sender {
-            tag: 0,
-            svc: 0,
-            need_peer: false,
-        };
+        return NO_SENDER;
     }
     let id = (prio & 0x7f) as u8;
     let same_slot = (prio >> 7) & 1 == u32::from(slot & 1);
@@ -198,6 +205,7 @@ fn stamp_sender(ctx: &SkBuffContext, slot: u8) -> Sender {
         },
         svc: if same_slot { id } else { 0 },
         need_peer: prio & SVC_STAMP_NEED_PEER != 0,
+        other_slot: !same_slot,
     }
 }
 
@@ -260,13 +268,17 @@ fn judge_service(
     let sender = if dir == DIR_INGRESS && lo {
         stamp_sender(ctx, slot)
     } else {
-        Sender {
-            tag: 0,
-            svc: 0,
-            need_peer: false,
-        }
+        NO_SENDER
     };
-    let peer = u64::from(sender.tag);
+    // The peer a flow entry remembers: the stamp's identity with the
+    // policy generation it was made under (each reload flips the slot and
+    // adds 1), so an id a later policy gives another service never matches
+    // an older entry.
+    let peer = if sender.tag == 0 {
+        0
+    } else {
+        (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag)
+    };
     if cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {

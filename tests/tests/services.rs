@@ -32,6 +32,8 @@
 //! * `loopback_flows_across_a_reload`: a live app -> db connection goes on
 //!   through reloads that allow it (also with app renumbered) and is cut by
 //!   one that does not.
+//! * `renumbered_service_cannot_reuse_a_flow`: a service given app's old id
+//!   by later reloads is not taken for app on app's old flow.
 //! * `no_service_cannot_pass_for_a_service`: a process in no service
 //!   cannot pass for `app` at db's ingress: not by reusing a 4-tuple app
 //!   just closed, not by sharing app's live port (SO_REUSEADDR, raw
@@ -188,6 +190,25 @@ fn helper_process() {
         // APP_CG NONE_CG ADDR PORT". It prints "legit=L attack=A": whether
         // the service's own exchange with ADDR:PORT worked (L) and whether
         // the attacker's did (A).
+        // "udp-from SPORT ADDR PORT": one exchange from a fixed source port.
+        "udp-from" => {
+            use socket2::{Domain, SockAddr, Socket, Type};
+            let to = addr(2);
+            let domain = if to.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let u = Socket::new(domain, Type::DGRAM, None).expect("socket");
+            let _ = u.set_reuse_address(true);
+            let from = SocketAddr::new(to.ip(), a[1].parse().expect("port"));
+            u.bind(&SockAddr::from(from)).expect("bind");
+            let u: UdpSocket = u.into();
+            let _ = u.set_read_timeout(Some(Duration::from_millis(400)));
+            let mut buf = [0u8; 8];
+            let ok = u.send_to(b"ping", to).is_ok() && matches!(u.recv_from(&mut buf), Ok((4, _)));
+            i32::from(!ok)
+        }
         // One TCP connection kept open: "ready" once it exchanged, then
         // for each byte on stdin one more exchange on it, answered "ok" or
         // "fail" on a line.
@@ -1335,6 +1356,62 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
         !again(&mut held)?,
         "the connection after a reload that refuses it"
     );
+    Ok(())
+}
+
+/// A flow db received from app stays app's: after reloads that give
+/// another service app's old id in the same slot, that service reusing the
+/// flow's 4-tuple is judged by db's rules (refused), not taken for app.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn renumbered_service_cannot_reuse_a_flow() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rn", &["app", "db", "other"], 101)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let from = |lab: &SvcLab, cg: &str, port: u16| -> anyhow::Result<bool> {
+        Ok(Helper::run(&lab.cg(cg), &ns, &format!("udp-from {port} 127.0.0.1 3306"))?.0)
+    };
+    assert!(from(&lab, "app", 40123)?, "app -> db");
+    assert!(!from(&lab, "other", 40124)?, "other -> db");
+    let (slot, app_id) = slot_and_id(&lab, "app")?;
+    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
+        std::fs::write(lab.state.join("roles.toml"), policy)?;
+        let out = lab
+            .segbpf(&["reload", "--services", "--cgroup-root", &root])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    reload(&lab, MATRIX)?;
+    // `other` first: it gets app's old id, in app's old slot.
+    reload(
+        &lab,
+        &MATRIX
+            .replace(
+                "[services.app]\n",
+                "[services.other]\ncgroup = \"other\"\n[services.app]\n",
+            )
+            .replace(
+                "[services.other]\ncgroup = \"other\"\n[services.cache]",
+                "[services.cache]",
+            ),
+    )?;
+    assert_eq!(
+        slot_and_id(&lab, "other")?,
+        (slot, app_id),
+        "other has app's old id and slot"
+    );
+    assert!(
+        !from(&lab, "other", 40123)?,
+        "other reusing app's flow to db"
+    );
+    assert!(from(&lab, "app", 40123)?, "app -> db after the reloads");
     Ok(())
 }
 
