@@ -268,6 +268,63 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `status` while a tail-call table is being retired (its pin removed, as
+/// a detach or a reload does, while the attached program still holds it)
+/// opens it by no id, so the kernel frees it after the detach. The pin is
+/// removed and `status` runs at once on one CPU, at real-time priority
+/// ahead of that CPU's kworker: the kernel's deferred clear of the table
+/// (queued when its last user reference went) is then still pending when
+/// `status` would close a descriptor opened by id, which is what makes the
+/// kernel keep the table forever (see `live_map_ids`).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn status_never_reopens_a_retiring_tail_table() -> anyhow::Result<()> {
+    let mut lab = Lab::new("tailref")?;
+    lab.add_host("web", &["10.10.1.10/16"])?;
+    let ns = lab.host("web").ns.name.clone();
+    lab.attach("web", &example_policy(), &["--role", "web"])?;
+    let mut dirs = vec![lab.bpffs.clone()];
+    let mut pin = None;
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let path = e?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == segbpf_common::MAP_TAIL_XDP) {
+                pin = Some(path);
+            }
+        }
+    }
+    let pin = pin.ok_or_else(|| anyhow::anyhow!("no pinned {}", segbpf_common::MAP_TAIL_XDP))?;
+    // Through the pin, which holds a user reference: safe.
+    let id = MapInfo::from_pin(&pin)?.id();
+    let out = std::process::Command::new("chrt")
+        .args(["-f", "1", "taskset", "-c", "0", "sh", "-c"])
+        .arg(r#"rm -- "$1" && exec "$2" --netns "$3" status --output json"#)
+        .arg("sh")
+        .arg(&pin)
+        .arg(segbpf_tests::lab::segbpf_bin())
+        .arg(&ns)
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "status with the tail-call table unpinned: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.segbpf_ok("web", &["detach", "eth0"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_map_ids()?.contains(&id) {
+        assert!(
+            Instant::now() < deadline,
+            "the retired tail-call table (map {id}) is still in the kernel 30 s after the detach"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 /// The ids of every map in the kernel, listed with `BPF_MAP_GET_NEXT_ID`,
 /// which opens none. Opening a map by id (`MapInfo::from_id`) gives it a
 /// user reference again; a program array whose user references fall to
