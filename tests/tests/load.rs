@@ -237,7 +237,7 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
     // work can lag by seconds; a leak never goes away, so wait long.
     // The ids are listed, never opened: opening a retiring program array
     // by id would itself leak it (see `live_map_ids`).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let live = live_map_ids()?;
         let maps: Vec<String> = all
@@ -290,7 +290,10 @@ fn status_never_reopens_a_retiring_tail_table() -> anyhow::Result<()> {
             let path = e?.path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if path.file_name().is_some_and(|n| n == segbpf_common::MAP_TAIL_XDP) {
+            } else if path
+                .file_name()
+                .is_some_and(|n| n == segbpf_common::MAP_TAIL_XDP)
+            {
                 pin = Some(path);
             }
         }
@@ -335,13 +338,13 @@ fn status_never_reopens_a_retiring_tail_table() -> anyhow::Result<()> {
 fn live_map_ids() -> anyhow::Result<BTreeSet<u32>> {
     const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
     #[repr(C)]
-    struct NextId {
+    struct IdAttr {
         start_id: u32,
         next_id: u32,
         open_flags: u32,
     }
     let mut ids = BTreeSet::new();
-    let mut attr = NextId {
+    let mut attr = IdAttr {
         start_id: 0,
         next_id: 0,
         open_flags: 0,
@@ -354,12 +357,15 @@ fn live_map_ids() -> anyhow::Result<BTreeSet<u32>> {
                 libc::SYS_bpf,
                 BPF_MAP_GET_NEXT_ID,
                 std::ptr::from_mut(&mut attr),
-                size_of::<NextId>(),
+                size_of::<IdAttr>(),
             )
         };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
-            anyhow::ensure!(e.raw_os_error() == Some(libc::ENOENT), "BPF_MAP_GET_NEXT_ID: {e}");
+            anyhow::ensure!(
+                e.raw_os_error() == Some(libc::ENOENT),
+                "BPF_MAP_GET_NEXT_ID: {e}"
+            );
             return Ok(ids);
         }
         ids.insert(attr.next_id);
