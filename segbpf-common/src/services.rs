@@ -190,16 +190,19 @@ pub const SVC_FLOW_INBOUND: u32 = 2;
 pub struct SvcFlow {
     /// The socket's own cgroup id: only sockets of that cgroup use the entry.
     pub sock_cg: u64,
-    /// The service cgroup the socket was in (0: none): the identity a
-    /// local peer learns.
+    /// The service cgroup the socket was in (0: none). A record only: a
+    /// local peer learns who sent a packet from its stamp, never from here.
     pub svc_cg: u64,
     /// Last packet, ns (`bpf_ktime_get_coarse_ns`).
     pub last_ns: u64,
-    /// Over loopback: the peer's service cgroup when the entry was made
-    /// (0: none or not local). A later packet is part of the flow only
-    /// from the same peer: a local process that reuses the 4-tuple after
-    /// the peer closed is judged anew.
-    pub peer_cg: u64,
+    /// Over loopback, an entry made by a received packet: the sender's
+    /// identity from that packet's stamp, `generation << 8 | stamp &`
+    /// [`SVC_STAMP_ID_MASK`] (the slot bit and the service id, with the
+    /// policy generation the stamp was made under; 0: no service or no
+    /// valid stamp). A later packet is part of the flow only with the same
+    /// identity: a local process that reuses the 4-tuple (closed or
+    /// shared) is judged anew, and so is a flow after a reload.
+    pub peer: u64,
     /// `SVC_FLOW_*`.
     pub flags: u32,
     /// Rule that allowed it (`u32::MAX`: a default).
@@ -207,11 +210,26 @@ pub struct SvcFlow {
 }
 const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
 
-/// How recent a sender's egress view must be for its receiver to take the
-/// sender's identity from it: the packet being judged was sent within it
-/// (loopback delivers at once), while a view left by a closed socket is
-/// older. Nanoseconds.
-pub const SVC_SENDER_FRESH_NS: u64 = 100_000_000;
+/// The sender's identity on a loopback packet: the egress program writes
+/// `skb->priority` of every packet a socket sends towards the loopback
+/// device (of a service: the attachment's nonce | [`SVC_STAMP_NEED_PEER`]
+/// | slot << 7 | service id; of anything else: 0), after netfilter's
+/// POSTROUTING, and the ingress program on loopback reads it back: the
+/// same skb, in the same network namespace, nothing in the kernel's
+/// loopback path rewrites it. These bits carry the nonce, a random value
+/// chosen when the programs are loaded (global [`GLOBAL_SVC_NONCE`]),
+/// never 0: a priority a process may set for itself (`SO_PRIORITY` 0..6
+/// without `CAP_NET_ADMIN`/`CAP_NET_RAW`) is never a stamp, and the
+/// stamp of a socket's packets is overwritten anyway.
+pub const SVC_STAMP_NONCE_MASK: u32 = 0xffff_fe00;
+/// Stamp bit: the sender passed its egress only through `to_services`;
+/// the receiver's ingress checks it is one of them.
+pub const SVC_STAMP_NEED_PEER: u32 = 0x100;
+/// Stamp bits naming the sender: the policy slot (bit 7) and the service
+/// id in it (bits 0..6).
+pub const SVC_STAMP_ID_MASK: u32 = 0xff;
+/// Name of the services programs' nonce (a frozen global, set at load).
+pub const GLOBAL_SVC_NONCE: &str = "SEGBPF_SVC_NONCE";
 
 /// A packet of a service that was dropped (or, `audit = 1`, would have
 /// been and was let through).

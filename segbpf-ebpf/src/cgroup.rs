@@ -10,10 +10,18 @@
 //! flow in `SEG_SVC_CT` (a reply, or a later packet of an allowed flow)
 //! passes; else its rules — address rules as for roles (peer trie, port
 //! trie), and over loopback the peer's service: on ingress the sender's
-//! egress view of the flow names the sender's service cgroup; on egress
-//! `to_services` rules match and the receiver is checked at its ingress;
-//! then ICMP echo and the service's default. A packet that passes records
-//! the socket's view (its cgroup, its service cgroup).
+//! stamp (below) names the sender's service; on egress `to_services`
+//! rules match and the receiver is checked at its ingress; then ICMP echo
+//! and the service's default. A packet that passes records the socket's
+//! view (its cgroup, its service cgroup, its loopback peer's stamp).
+//!
+//! The sender's stamp: egress writes `skb->priority` of every packet any
+//! socket sends towards the loopback device — a service's socket: the
+//! attachment's nonce | need-peer bit | slot | service id; anything else
+//! (no service, held): 0 — so a packet carries its own sender, set by the
+//! kernel path it took, and the loopback ingress reads it back from the
+//! same skb. No table keyed by addresses is trusted for who sent a packet
+//! (`segbpf_common::SVC_STAMP_NONCE_MASK` says why it cannot be forged).
 //!
 //! cgroup_skb packets start at the IP header; programs return 1 (pass) or
 //! 0 (drop). Everything is read with `bpf_skb_load_bytes`; a header that
@@ -28,13 +36,13 @@ use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
     SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
-    SVC_SENDER_FRESH_NS, SVC_SLOT_STRIDE, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SvcConfig, SvcEvent,
-    SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_SLOT_STRIDE, SVC_STAMP_ID_MASK, SVC_STAMP_NEED_PEER, SVC_STAMP_NONCE_MASK, SVC_TCP_IDLE_S,
+    SVC_UDP_IDLE_S, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
-    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
+    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6, SEGBPF_SVC_NONCE,
 };
 
 /// cgroup_skb: let the packet pass.
@@ -67,6 +75,30 @@ struct Pkt {
     dst: [u8; 16],
 }
 
+/// The sender of a packet received over loopback, from its stamp.
+#[derive(Clone, Copy)]
+struct Sender {
+    /// The stamp's identity bits (slot << 7 | service id); 0: no service,
+    /// or no valid stamp.
+    tag: u8,
+    /// The sender's service id in the slot in force (0: none or unknown:
+    /// stamped under the other slot, just before a reload's flip).
+    svc: u8,
+    /// The sender passed its egress only through `to_services`.
+    need_peer: bool,
+    /// The stamp was made under the slot not in force (the previous
+    /// policy: a reload flipped while the packet was in flight).
+    other_slot: bool,
+}
+
+/// No sender: no valid stamp, or not over loopback.
+const NO_SENDER: Sender = Sender {
+    tag: 0,
+    svc: 0,
+    need_peer: false,
+    other_slot: false,
+};
+
 /// Who a socket is.
 enum Who {
     /// A cgroup below a guard that userspace has not classified yet.
@@ -94,8 +126,15 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let lo = ifindex == LOOPBACK_IFINDEX;
     let len = u64::from(ctx.len());
+    // Every packet towards loopback leaves with its sender's stamp (0
+    // unless a service's socket sends it): whatever priority the socket
+    // set is overwritten, so no sender chooses its own stamp.
+    let stamp_out = dir == DIR_EGRESS && lo;
     let (svc, svc_cg) = match identify(ctx, slot, globals.max_level) {
         Who::Pending => {
+            if stamp_out {
+                set_stamp(ctx, 0);
+            }
             let pass = globals.audit != 0;
             count(base, dir, pass, len);
             return if pass { PASS } else { DROP };
@@ -103,20 +142,14 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
         Who::Svc(s, cg) => (s, cg),
     };
     if svc == 0 {
+        if stamp_out {
+            set_stamp(ctx, 0);
+        }
         // No service: pass, unless its peer over loopback is a service
         // that may send only to named services.
-        if dir == DIR_INGRESS && lo {
-            let Some(p) = parse(ctx) else {
-                count(base, dir, false, len);
-                return DROP;
-            };
-            if let Some(sender) = sender_view(&p, now_ns())
-                && sender.flags & SVC_FLOW_NEED_PEER != 0
-                && globals.audit == 0
-            {
-                count(base, dir, false, len);
-                return DROP;
-            }
+        if dir == DIR_INGRESS && lo && stamp_sender(ctx, slot).need_peer && globals.audit == 0 {
+            count(base, dir, false, len);
+            return DROP;
         }
         count(base, dir, true, len);
         return PASS;
@@ -125,12 +158,55 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
         return DROP;
     };
-    let (verdict, refused) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    let (verdict, refused, need_peer) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    if stamp_out {
+        let mut stamp = (SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK)
+            | (u32::from(slot) << 7)
+            | u32::from(svc & 0x7f);
+        if need_peer {
+            stamp |= SVC_STAMP_NEED_PEER;
+        }
+        set_stamp(ctx, stamp);
+    }
     if let Some(p) = refused {
         emit(slotb, dir, &p, cfg.audit != 0);
     }
     count(slotb, dir, verdict == PASS && refused.is_none(), len);
     verdict
+}
+
+/// Writes the sender stamp of a packet leaving towards loopback.
+#[inline(always)]
+fn set_stamp(ctx: &SkBuffContext, stamp: u32) {
+    // SAFETY: a write to a field of the kernel-provided context that
+    // cgroup_skb programs may write (the kernel's cg_skb_is_valid_access).
+    unsafe { (*ctx.skb.skb).priority = stamp };
+}
+
+/// The sender of a packet received over loopback, from its stamp: only a
+/// stamp with this attachment's nonce names anyone; one made under the
+/// other slot (a reload flipped while the packet was in flight) names no
+/// service in the slot in force (its need-peer bit still holds).
+#[inline(always)]
+fn stamp_sender(ctx: &SkBuffContext, slot: u8) -> Sender {
+    // SAFETY: reading a field of the kernel-provided context.
+    let prio = unsafe { (*ctx.skb.skb).priority };
+    let nonce = SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK;
+    if nonce == 0 || prio & SVC_STAMP_NONCE_MASK != nonce {
+        return NO_SENDER;
+    }
+    let id = (prio & 0x7f) as u8;
+    let same_slot = (prio >> 7) & 1 == u32::from(slot & 1);
+    Sender {
+        tag: if id != 0 {
+            (prio & SVC_STAMP_ID_MASK) as u8
+        } else {
+            0
+        },
+        svc: if same_slot { id } else { 0 },
+        need_peer: prio & SVC_STAMP_NEED_PEER != 0,
+        other_slot: !same_slot,
+    }
 }
 
 /// Reports a refused packet, at most `SVC_EVENTS_PER_SEC` per CPU.
@@ -178,26 +254,30 @@ fn judge_service(
     svc_cg: u64,
     cfg: &SvcConfig,
     lo: bool,
-) -> (i32, Option<Pkt>) {
+) -> (i32, Option<Pkt>, bool) {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
     let Some(p) = parse(ctx) else {
-        return (fail, None);
+        return (fail, None, false);
     };
     let own = view(&p, dir == DIR_EGRESS);
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
     let sock_cg = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let now = now_ns();
-    // The peer's service over loopback: the sender's egress view, written
-    // for this very packet (fresh); a view left by a closed socket is not
-    // the sender of this one.
+    // The peer's service over loopback: the stamp its socket's egress put
+    // on this very packet.
     let sender = if dir == DIR_INGRESS && lo {
-        sender_view(&p, now)
+        stamp_sender(ctx, slot)
     } else {
-        None
+        NO_SENDER
     };
-    let peer_cg = match &sender {
-        Some(s) => s.svc_cg,
-        None => 0,
+    // The peer a flow entry remembers: the stamp's identity with the
+    // policy generation it was made under (each reload flips the slot and
+    // adds 1), so an id a later policy gives another service never matches
+    // an older entry.
+    let peer = if sender.tag == 0 {
+        0
+    } else {
+        (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag)
     };
     if cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
@@ -209,10 +289,10 @@ fn judge_service(
             && (!lo
                 || dir == DIR_EGRESS
                 || entry.flags & SVC_FLOW_INBOUND == 0
-                || entry.peer_cg == peer_cg)
+                || entry.peer == peer)
         {
             entry.last_ns = now;
-            return (PASS, None);
+            return (PASS, None, entry.flags & SVC_FLOW_NEED_PEER != 0);
         }
     }
     let mut rule = addr_rule(slotb, dir, &p);
@@ -223,13 +303,10 @@ fn judge_service(
     };
     if lo {
         if dir == DIR_INGRESS {
-            if let Some(s) = &sender {
-                let peer = service_of(s.svc_cg, slot);
-                if peer != 0 {
-                    let r = peer_rule(slotb, DIR_INGRESS, peer, &p);
-                    if r < rule {
-                        rule = r;
-                    }
+            if sender.svc != 0 {
+                let r = peer_rule(slotb, DIR_INGRESS, sender.svc, &p);
+                if r < rule {
+                    rule = r;
                 }
             }
         } else if rule == NO_RULE {
@@ -241,14 +318,11 @@ fn judge_service(
         }
     }
     // A sender allowed only towards named services: this service must be one.
-    if let Some(s) = &sender
-        && s.flags & SVC_FLOW_NEED_PEER != 0
-    {
-        let sender_svc = service_of(s.svc_cg, slot);
-        let ok = sender_svc != 0
-            && peer_rule(slot * SVC_SLOT_STRIDE + sender_svc, DIR_EGRESS, svc, &p) != NO_RULE;
+    if sender.need_peer {
+        let ok = sender.svc != 0
+            && peer_rule(slot * SVC_SLOT_STRIDE + sender.svc, DIR_EGRESS, svc, &p) != NO_RULE;
         if !ok {
-            return (fail, Some(p));
+            return (fail, Some(p), false);
         }
     }
     let default = if dir == DIR_INGRESS {
@@ -259,7 +333,7 @@ fn judge_service(
     let allowed =
         rule != NO_RULE || (cfg.icmp != 0 && p.echo == ECHO_REQUEST) || default == ACTION_ALLOW;
     if !allowed {
-        return (fail, Some(p));
+        return (fail, Some(p), false);
     }
     if p.proto == IPPROTO_TCP
         || p.proto == IPPROTO_UDP
@@ -269,13 +343,13 @@ fn judge_service(
             sock_cg,
             svc_cg,
             last_ns: now,
-            peer_cg,
+            peer,
             flags,
             rule,
         };
         let _ = SEG_SVC_CT.insert(own, entry, 0);
     }
-    (PASS, None)
+    (PASS, None, flags & SVC_FLOW_NEED_PEER != 0)
 }
 
 /// The socket's service from the deepest known ancestor of its cgroup.
@@ -312,34 +386,6 @@ fn identify(ctx: &SkBuffContext, slot: u8, max_level: u8) -> Who {
     // entry itself is the service's; userspace writes inherited entries
     // with the service id, so find the service cgroup from the id.
     Who::Svc(svc, svc_cg)
-}
-
-/// The service id (in `slot`) of a service cgroup id, 0 if none.
-#[inline(always)]
-fn service_of(cg: u64, slot: u8) -> u8 {
-    if cg == 0 {
-        return 0;
-    }
-    match SEG_SVC_CG.get_ptr(cg) {
-        // SAFETY: a valid pointer to the map value returned by the lookup.
-        Some(e) => unsafe { (*e).svc[(slot & 1) as usize] },
-        None => 0,
-    }
-}
-
-/// The sender's view of this packet's flow, if the sender is a local
-/// socket of a service whose egress wrote it for this packet (at most
-/// `SVC_SENDER_FRESH_NS` ago).
-#[inline(always)]
-fn sender_view(p: &Pkt, now: u64) -> Option<SvcFlow> {
-    let key = view(p, true);
-    // SAFETY: the map value is plain data, copied out.
-    let v = SEG_SVC_CT.get_ptr(key).map(|v| unsafe { *v })?;
-    if now.wrapping_sub(v.last_ns) <= SVC_SENDER_FRESH_NS {
-        Some(v)
-    } else {
-        None
-    }
 }
 
 /// The flow as the local socket sees it: on egress the source is local,

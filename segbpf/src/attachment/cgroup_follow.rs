@@ -1,12 +1,11 @@
 //! Following the cgroup tree while a services attachment is in force:
 //! every cgroup made or removed below a guard is classified within
 //! milliseconds (inotify), with a rescan every second as a backstop; a
-//! hangup reloads the policy file. Until a new cgroup's entry is written
+//! hangup reloads the policy file in force (recorded in the state). Until a new cgroup's entry is written
 //! the programs hold its sockets (see [`crate::host::cgroups`]), so the delay is a delay
 //! of service, never a gap.
 
 use std::{
-    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -128,16 +127,40 @@ pub fn drain(
     }
 }
 
+/// Applies again the policy file in force, with the audit mode in force:
+/// both as the last attach or reload recorded them in the attachment's
+/// state (whoever made it: this process, a `reload --services -p OTHER`,
+/// another attach), never the file this process was started with, so a
+/// hangup cannot undo a later reload. The file is checked like at attach
+/// unless `insecure_policy`; live set edits are kept. On any error
+/// nothing changes.
+pub fn reload_in_force(
+    paths: &SvcPaths,
+    insecure_policy: bool,
+) -> Result<engine::SvcState, String> {
+    let state = paths.read_state().ok_or_else(|| {
+        format!(
+            "no state of the attachment in force ({}): nothing to reload",
+            paths.state.display()
+        )
+    })?;
+    let policy_path = state.policy.as_path();
+    if !insecure_policy {
+        crate::attachment::trust::check_policy_file(policy_path).map_err(|e| e.to_string())?;
+    }
+    // Live set edits (`segbpf set --services`) stay over the file, as a
+    // running `attach IFACE` keeps them.
+    engine::reload_file(paths, policy_path, state.audit, true).map_err(|e| e.to_string())
+}
+
 /// How often the tree is rescanned without an inotify event.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the tree of the attachment at `paths` until `stop` is set or the
-/// attachment is gone (detached). `hup` set: reload `policy_path` (checked
-/// like at attach unless `insecure_policy`).
+/// attachment is gone (detached). `hup` set: reload the policy in force
+/// (see [`reload_in_force`]).
 pub fn follow(
     paths: &SvcPaths,
-    policy_path: &Path,
-    audit: bool,
     insecure_policy: bool,
     stop: &AtomicBool,
     hup: &AtomicBool,
@@ -157,17 +180,7 @@ pub fn follow(
             return Ok(());
         }
         if hup.swap(false, Ordering::Relaxed) {
-            let trusted = if insecure_policy {
-                Ok(())
-            } else {
-                crate::attachment::trust::check_policy_file(policy_path).map_err(|e| e.to_string())
-            };
-            // Live set edits (`segbpf set --services`) stay over the file,
-            // as a running `attach IFACE` keeps them.
-            let applied = trusted.and_then(|()| {
-                engine::reload_file(paths, policy_path, audit, true).map_err(|e| e.to_string())
-            });
-            match applied {
+            match reload_in_force(paths, insecure_policy) {
                 Ok(s) => on_event(FollowEvent::Reloaded(s.generation)),
                 Err(e) => on_event(FollowEvent::ReloadFailed(e)),
             }

@@ -1,10 +1,23 @@
 //! Kernel memory an attachment holds, as the kernel accounts it: the
 //! `memlock` of each program and map (`/proc/self/fdinfo`), found from the
-//! attachment's pinned programs, the IPv6 programs in its pinned
-//! tail-call tables, and the map ids the kernel lists for them,
-//! so maps that are not pinned (scratch space, read-only globals) count
-//! too. The connection tables are shared by every attachment of the
-//! network namespace and are counted apart, once.
+//! attachment's pinned programs, its pinned maps (the tail-call tables
+//! too), the IPv6 programs in its pinned tail-call tables, and the map ids
+//! the kernel lists for those IPv6 programs, so maps that are not pinned
+//! (scratch space, read-only globals) count too. The connection tables are
+//! shared by every attachment of the network namespace and are counted
+//! apart, once.
+//!
+//! A program array is never opened by id, only through its pin: opening a
+//! map by id gives it a user reference again, and when a program array's
+//! user references fall to zero a second time before the kernel's
+//! deferred clear of the first time has run, the kernel keeps one map
+//! reference forever (`prog_array_map_clear` in `kernel/bpf/arraymap.c`
+//! takes a reference and queues a work item that is already queued, so
+//! only one of the two references is dropped). A `status` while a detach
+//! or a reload retires a tail-call table could otherwise leave that table
+//! in the kernel for good. The IPv6 programs make no tail call, so the ids
+//! they list hold no program array; the ids the attached IPv4 programs
+//! list are not opened.
 
 use std::{
     collections::BTreeSet,
@@ -64,27 +77,47 @@ fn shared_ids(att: &Attachment) -> BTreeSet<u32> {
 /// attachment that is gone).
 pub fn of(att: &Attachment) -> Memory {
     let shared = shared_ids(att);
-    let mut own_maps = BTreeSet::new();
     let mut bytes = 0;
+    // The attachment's own pinned maps (the tail-call tables too), through
+    // their pins: never a program array by id (see the module's doc).
+    let mut pinned = BTreeSet::new();
+    for name in segbpf_common::PINNED_MAPS
+        .iter()
+        .chain(segbpf_common::TAIL_MAPS.iter())
+    {
+        if segbpf_common::SHARED_MAPS.contains(name) {
+            continue;
+        }
+        let Ok(map) = MapData::from_pin(att.map(name)) else {
+            continue;
+        };
+        let Ok(info) = map.info() else {
+            continue;
+        };
+        if pinned.insert(info.id()) {
+            bytes += memlock(map.fd().as_fd()).unwrap_or(0);
+        }
+    }
     let attached = [att.prog_xdp(), att.prog_tc()]
         .into_iter()
         .filter_map(|prog| ProgramInfo::from_pin(&prog).ok());
-    for info in attached.chain(tail_programs(att)) {
+    for info in attached {
+        bytes += info.memory_locked().map_or(0, u64::from);
+    }
+    // The maps that are not pinned (scratch space, read-only globals), as
+    // the IPv6 programs list them: they make no tail call, so no id here
+    // is a program array.
+    let mut unpinned = BTreeSet::new();
+    for info in tail_programs(att) {
         bytes += info.memory_locked().map_or(0, u64::from);
         if let Ok(Some(ids)) = info.map_ids() {
-            own_maps.extend(ids.into_iter().filter(|id| !shared.contains(id)));
+            unpinned.extend(
+                ids.into_iter()
+                    .filter(|id| !shared.contains(id) && !pinned.contains(id)),
+            );
         }
     }
-    // Pinned maps no program uses (none today) still hold memory.
-    for name in segbpf_common::PINNED_MAPS {
-        if segbpf_common::SHARED_MAPS.contains(&name) {
-            continue;
-        }
-        if let Ok(info) = MapInfo::from_pin(att.map(name)) {
-            own_maps.insert(info.id());
-        }
-    }
-    bytes += own_maps
+    bytes += unpinned
         .iter()
         .filter_map(|id| map_memlock(*id))
         .sum::<u64>();

@@ -507,6 +507,10 @@ fn load_filled(
 ) -> Result<aya::Ebpf, ServicesError> {
     let mut loader = EbpfLoader::new();
     // The interface maps of the object are unused here: keep them tiny.
+    // The nonce of the sender stamps on loopback packets: random, never 0
+    // in the stamp's bits (segbpf_common::SVC_STAMP_NONCE_MASK).
+    let nonce = stamp_nonce()?;
+    loader.override_global(segbpf_common::GLOBAL_SVC_NONCE, &nonce, true);
     for (name, n) in [
         (segbpf_common::MAP_CT, 1),
         (segbpf_common::MAP_CT_NEW, 1),
@@ -547,6 +551,20 @@ fn load_filled(
         maps.sync_cgroups(cls)?;
     }
     Ok(ebpf)
+}
+
+/// A random nonce for the sender stamps, with its stamp bits not all 0.
+fn stamp_nonce() -> Result<u32, ServicesError> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open("/dev/urandom").map_err(io("opening /dev/urandom"))?;
+    loop {
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).map_err(io("reading /dev/urandom"))?;
+        let n = u32::from_ne_bytes(b) & segbpf_common::SVC_STAMP_NONCE_MASK;
+        if n != 0 {
+            return Ok(n);
+        }
+    }
 }
 
 fn attach_programs(paths: &SvcPaths, ebpf: &mut aya::Ebpf) -> Result<(), ServicesError> {

@@ -114,36 +114,30 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
         crate::host::service::ready(&summary);
     }
     info!(
-        "following the cgroup tree below {}; SIGHUP reloads {}; Ctrl-C leaves the foreground (enforcement stays until `segbpf detach --services`)",
+        "following the cgroup tree below {}; SIGHUP reloads the policy file in force (now {}); Ctrl-C leaves the foreground (enforcement stays until `segbpf detach --services`)",
         paths.root.dir.display(),
-        policy_path.display()
+        paths
+            .read_state()
+            .map_or_else(|| policy_path.clone(), |s| s.policy)
+            .display()
     );
     let stop = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
     let (s2, h2) = (stop.clone(), hup.clone());
-    let audit = args.audit;
     let json = args.log_format == crate::observe::telemetry::LogFormat::Json;
     let insecure = args.insecure_policy;
     let p2 = paths.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        follow::follow(
-            &p2,
-            &policy_path,
-            audit,
-            insecure,
-            &s2,
-            &h2,
-            |ev| match ev {
-                FollowEvent::Rescanned { written, removed } => {
-                    info!("cgroup tree changed: {written} entries written, {removed} removed");
-                }
-                FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
-                FollowEvent::ReloadFailed(e) => {
-                    warn!("reload failed, the previous policy stays in force: {e}");
-                }
-                FollowEvent::Refused(r) => print_refused(&r, json),
-            },
-        )
+        follow::follow(&p2, insecure, &s2, &h2, |ev| match ev {
+            FollowEvent::Rescanned { written, removed } => {
+                info!("cgroup tree changed: {written} entries written, {removed} removed");
+            }
+            FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
+            FollowEvent::ReloadFailed(e) => {
+                warn!("reload failed, the previous policy stays in force: {e}");
+            }
+            FollowEvent::Refused(r) => print_refused(&r, json),
+        })
     });
     tokio::pin!(worker);
     loop {

@@ -285,7 +285,7 @@ pub fn flows(
         });
         out.push(SvcFlowRecord {
             service: names.get(&v.svc_cg).cloned(),
-            peer_service: names.get(&v.peer_cg).cloned(),
+            peer_service: peer_name(state.as_ref(), v.peer),
             proto: crate::host::proto::proto_name(k.proto),
             src,
             sport,
@@ -300,4 +300,22 @@ pub fn flows(
     }
     out.sort_by(|a, b| (&a.service, a.dport, a.sport).cmp(&(&b.service, b.dport, b.sport)));
     Ok(out)
+}
+
+/// The name of a flow's local peer service from its recorded identity
+/// (`generation << 8 | slot bit << 7 | service id`, see
+/// `segbpf_common::SvcFlow::peer`): known only for the generation in
+/// force; 0 (no service) or an older generation names nobody.
+fn peer_name(state: Option<&crate::attachment::services::SvcState>, peer: u64) -> Option<String> {
+    let state = state?;
+    let id = peer & u64::from(segbpf_common::SVC_STAMP_ID_MASK);
+    if id == 0 || peer >> 8 != state.generation || (id >> 7) as u8 != state.slot & 1 {
+        return None;
+    }
+    let svc = (id & 0x7f) as u8;
+    state
+        .services
+        .iter()
+        .find(|s| s.id == svc)
+        .map(|s| s.name.clone())
 }
