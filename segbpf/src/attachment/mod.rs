@@ -25,6 +25,7 @@ pub mod observed;
 pub mod pins;
 pub mod services;
 pub mod services_guard;
+pub mod setindex;
 pub mod state;
 pub mod swap;
 pub mod timeline;
