@@ -570,6 +570,13 @@ fn fast_set_edit(
     let Some(current_members) = idx.sets.get(set).cloned() else {
         return fallback("no such set in the index");
     };
+    if old
+        .set_overrides
+        .get(set)
+        .is_some_and(|m| *m != current_members)
+    {
+        return fallback("the index's members are not the state's");
+    }
     let (next_text, changed) = next_members(att, old, set, current_members, members, add)?;
     let mut overrides = old.set_overrides.clone();
     overrides.insert(set.to_string(), next_text.clone());
