@@ -21,7 +21,7 @@
 //! edited since, a torn or altered file) means the full path.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     hash::{Hash, Hasher},
     io::Write as _,
     path::Path,
@@ -35,7 +35,7 @@ use crate::{
     policy::{
         AddrRange, Direction, Policy,
         addr::{parse_item, range_to_prefixes},
-        compile::{ClassRules, Compiled, LpmEntry},
+        compile::{ClassRules, Compiled, FastMap, LpmEntry},
     },
 };
 
@@ -423,10 +423,17 @@ impl SetIndex {
     /// The maps in force (`snap`, of this index's generation) with the
     /// members of `set` replaced by `next`. Err says why the edit needs
     /// the full path (nothing is decided wrongly: the caller compiles).
-    pub fn edit(&self, snap: &Snapshot, set: &str, next: &[AddrRange]) -> Result<Edited, String> {
-        let old = self.ranges_of(set)?;
-        let mut by_set: HashMap<(u8, &[u32]), u32> = HashMap::with_capacity(self.classes.len());
-        let mut rules_of: HashMap<u32, &[u32]> = HashMap::with_capacity(self.classes.len());
+    /// `old` are the set's members in force (as parsed from `self.sets`).
+    pub fn edit(
+        &self,
+        snap: &Snapshot,
+        set: &str,
+        old: &[AddrRange],
+        next: &[AddrRange],
+    ) -> Result<Edited, String> {
+        let cap = self.classes.len();
+        let mut by_set: FastMap<(u8, &[u32]), u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
+        let mut rules_of: FastMap<u32, &[u32]> = FastMap::with_capacity_and_hasher(cap, Default::default());
         for c in &self.classes {
             by_set.insert((c.dir, &c.rules), c.id);
             rules_of.insert(c.id, &c.rules);
@@ -451,7 +458,7 @@ impl SetIndex {
         });
         let mut region_out: [Vec<(u128, u128)>; 2] = [Vec::new(), Vec::new()];
         for v6 in [false, true] {
-            let before = normalize(family(&old, v6));
+            let before = normalize(family(old, v6));
             let after = normalize(family(next, v6));
             let gained = subtract(&after, &before);
             let lost = subtract(&before, &after);
@@ -538,7 +545,7 @@ impl SetIndex {
         // first appear (ingress then egress, IPv4 then IPv6, ascending
         // addresses). Classes no address maps to any more go, with their
         // port entries (a fresh compile would not make them).
-        let mut renum: HashMap<u32, u32> = HashMap::with_capacity(self.classes.len());
+        let mut renum: FastMap<u32, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
         for lists in &iv {
             for list in lists {
                 for &(_, _, c) in list {

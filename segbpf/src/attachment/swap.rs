@@ -577,19 +577,26 @@ fn fast_set_edit(
     {
         return fallback("the index's members are not the state's");
     }
+    let current_len = current_members.len();
     let (next_text, changed) = next_members(att, old, set, current_members, members, add)?;
     let mut overrides = old.set_overrides.clone();
     overrides.insert(set.to_string(), next_text.clone());
     let next_ranges = parse_overrides(&BTreeMap::from([(set.to_string(), next_text.clone())]))?
         .remove(set)
         .unwrap_or_default();
+    // The members before: an add appended to them; a removal took some out.
+    let old_ranges: Vec<AddrRange> = if add {
+        next_ranges[..current_len.min(next_ranges.len())].to_vec()
+    } else {
+        next_ranges.iter().chain(members).copied().collect()
+    };
     let choice = Choice::file(path.clone(), overrides.clone());
-    if !add {
+    if !add && !old.audit {
         // Adding members only allows more: it cannot cut a session.
         guarded.refuse_lockout(att, &choice, &old.roles, &edit_what(att, set, add))?;
     }
     phases.mark("choose");
-    let edited = match idx.edit(&snap, set, &next_ranges) {
+    let edited = match idx.edit(&snap, set, &old_ranges, &next_ranges) {
         Ok(e) => e,
         Err(why) => return fallback(&why),
     };
