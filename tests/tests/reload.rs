@@ -1783,8 +1783,10 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
                 "{what}: slot {i} differs from a fresh compile"
             );
         }
-        let list: serde_json::Value =
-            serde_json::from_str(&s.lab.segbpf_ok("db", &["set", "list", "eth0", "x", "-o", "json"])?)?;
+        let list: serde_json::Value = serde_json::from_str(
+            &s.lab
+                .segbpf_ok("db", &["set", "list", "eth0", "x", "-o", "json"])?,
+        )?;
         let got: Vec<&str> = list["sets"][0]["members"]
             .as_array()
             .unwrap()
@@ -1794,7 +1796,10 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
         assert_eq!(got, members, "{what}: set list");
         let state = segbpf::attachment::state::State::current(&s.att)?;
         let cfg = segbpf::attachment::maps::pinned_config(&s.att)?;
-        assert_eq!(state.generation, cfg.generation, "{what}: generation in force");
+        assert_eq!(
+            state.generation, cfg.generation,
+            "{what}: generation in force"
+        );
         Ok(())
     };
     assert!(
@@ -1817,28 +1822,34 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
     )?;
     // The full path wrote a new form: the next edit is fast again.
     assert!(edit(&["del", "eth0", "x", "198.18.9.1"])?);
-    check(
-        "fast del",
-        &["198.18.1.0/24", "198.18.9.2", "198.18.9.3"],
-    )?;
+    check("fast del", &["198.18.1.0/24", "198.18.9.2", "198.18.9.3"])?;
 
     // Altered (a member changed, checksum not) and torn.
     let text = std::fs::read_to_string(&index)?;
     assert!(text.contains("198.18.9.3"));
     std::fs::write(&index, text.replace("198.18.9.3", "198.18.9.7"))?;
-    assert!(!edit(&["del", "eth0", "x", "198.18.9.3"])?, "an altered form");
+    assert!(
+        !edit(&["del", "eth0", "x", "198.18.9.3"])?,
+        "an altered form"
+    );
     check("after an altered form", &["198.18.1.0/24", "198.18.9.2"])?;
     let bytes = std::fs::read(&index)?;
     std::fs::write(&index, &bytes[..bytes.len() / 2])?;
     assert!(!edit(&["add", "eth0", "x", "198.18.9.4"])?, "a torn form");
-    check("after a torn form", &["198.18.1.0/24", "198.18.9.2", "198.18.9.4"])?;
+    check(
+        "after a torn form",
+        &["198.18.1.0/24", "198.18.9.2", "198.18.9.4"],
+    )?;
 
     // The policy file edited since it was compiled: the edit applies the
     // file as it is now (set y grows in the file), as the full path does.
     assert!(edit(&["add", "eth0", "x", "198.18.9.5"])?);
     std::fs::write(
         &s.a,
-        POLICY_A.replace(r#"y = ["198.18.2.0/24"]"#, r#"y = ["198.18.2.0/24", "198.18.7.0/24"]"#),
+        POLICY_A.replace(
+            r#"y = ["198.18.2.0/24"]"#,
+            r#"y = ["198.18.2.0/24", "198.18.7.0/24"]"#,
+        ),
     )?;
     assert!(
         !edit(&["add", "eth0", "x", "198.18.9.6"])?,
@@ -1846,7 +1857,13 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
     );
     check(
         "after the file changed",
-        &["198.18.1.0/24", "198.18.9.2", "198.18.9.4", "198.18.9.5", "198.18.9.6"],
+        &[
+            "198.18.1.0/24",
+            "198.18.9.2",
+            "198.18.9.4",
+            "198.18.9.5",
+            "198.18.9.6",
+        ],
     )?;
 
     // A member inside the other set makes a new address class: the full path.

@@ -432,8 +432,10 @@ impl SetIndex {
         next: &[AddrRange],
     ) -> Result<Edited, String> {
         let cap = self.classes.len();
-        let mut by_set: FastMap<(u8, &[u32]), u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
-        let mut rules_of: FastMap<u32, &[u32]> = FastMap::with_capacity_and_hasher(cap, Default::default());
+        let mut by_set: FastMap<(u8, &[u32]), u32> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
+        let mut rules_of: FastMap<u32, &[u32]> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
         for c in &self.classes {
             by_set.insert((c.dir, &c.rules), c.id);
             rules_of.insert(c.id, &c.rules);
@@ -445,17 +447,15 @@ impl SetIndex {
             .chain(snap.peers_v6.iter().map(|(_, _, c)| c.class_id))
             .find(|c| !rules_of.contains_key(c));
         if let Some(c) = unknown {
-            return Err(format!("class {c} of the maps in force is not in the index"));
+            return Err(format!(
+                "class {c} of the maps in force is not in the index"
+            ));
         }
         let dirs = Direction::ALL.map(Direction::key_byte);
         // The maximal intervals of each direction (ingress, egress) and
         // family (v4, v6), as the compiler's sweep made them.
-        let mut iv: [[Vec<(u128, u128, u32)>; 2]; 2] = dirs.map(|d| {
-            [
-                intervals(&snap.peers_v4, d),
-                intervals(&snap.peers_v6, d),
-            ]
-        });
+        let mut iv: [[Vec<(u128, u128, u32)>; 2]; 2] =
+            dirs.map(|d| [intervals(&snap.peers_v4, d), intervals(&snap.peers_v6, d)]);
         let mut region_out: [Vec<(u128, u128)>; 2] = [Vec::new(), Vec::new()];
         for v6 in [false, true] {
             let before = normalize(family(old, v6));
@@ -545,7 +545,8 @@ impl SetIndex {
         // first appear (ingress then egress, IPv4 then IPv6, ascending
         // addresses). Classes no address maps to any more go, with their
         // port entries (a fresh compile would not make them).
-        let mut renum: FastMap<u32, u32> = FastMap::with_capacity_and_hasher(cap, Default::default());
+        let mut renum: FastMap<u32, u32> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
         for lists in &iv {
             for list in lists {
                 for &(_, _, c) in list {
@@ -612,11 +613,16 @@ mod tests {
     #[test]
     fn overlay_cuts_and_merges() {
         let old = vec![(0, 9, 1), (20, 29, 2)];
-        let got = overlay(&old, &[(5, 24)], 100, |c| Ok(Some(c.map_or(3, |c| c + 10))))
-            .unwrap();
+        let got = overlay(&old, &[(5, 24)], 100, |c| Ok(Some(c.map_or(3, |c| c + 10)))).unwrap();
         assert_eq!(
             got,
-            vec![(0, 4, 1), (5, 9, 11), (10, 19, 3), (20, 24, 12), (25, 29, 2)]
+            vec![
+                (0, 4, 1),
+                (5, 9, 11),
+                (10, 19, 3),
+                (20, 24, 12),
+                (25, 29, 2)
+            ]
         );
         let merged = overlay(&old, &[(10, 19)], 100, |_| Ok(Some(1))).unwrap();
         assert_eq!(merged, vec![(0, 19, 1), (20, 29, 2)]);

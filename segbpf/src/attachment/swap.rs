@@ -37,11 +37,11 @@ use serde::Serialize;
 
 use crate::{
     attachment::delta::{self, Snapshot},
-    attachment::setindex::{self, SetIndex},
     attachment::guard::{self, GuardError},
     attachment::history,
     attachment::maps::{MapsError, PolicyMaps},
     attachment::pins::{Attachment, LockKind},
+    attachment::setindex::{self, SetIndex},
     attachment::state::{State, StateError},
     attachment::trust::UntrustedFile,
     host::netif::{self, NetifError},
@@ -629,7 +629,7 @@ fn fast_set_edit(
     let mut index = idx;
     index.generation = generation;
     index.overrides_hash = setindex::hash_overrides(&overrides);
-    index.classes = c.class_rules.clone();
+    index.classes.clone_from(&c.class_rules);
     index.sets.insert(set.to_string(), next_text);
     let prune = if add {
         Prune::Skip
@@ -1390,12 +1390,10 @@ fn prune_conntrack(
         if policy.is_none() {
             // Connections whose rules changed: judged by the whole policy.
             let Some(choice) = &choice else { continue };
-            let overrides = parse_overrides(&choice.overrides).map_err(|e| {
-                MapsError::Judge(e.to_string())
-            })?;
-            let p = Policy::load_with_sets(&choice.text, &overrides).map_err(|e| {
-                MapsError::Judge(e.to_string())
-            })?;
+            let overrides =
+                parse_overrides(&choice.overrides).map_err(|e| MapsError::Judge(e.to_string()))?;
+            let p = Policy::load_with_sets(&choice.text, &overrides)
+                .map_err(|e| MapsError::Judge(e.to_string()))?;
             policy = Some(std::borrow::Cow::Owned(p));
         }
         let Some(policy) = policy.as_deref() else {
