@@ -628,6 +628,139 @@ mod tests {
         assert_eq!(merged, vec![(0, 19, 1), (20, 29, 2)]);
     }
 
+    const POLICY: &str = r#"
+version = 1
+[sets]
+a = ["10.0.0.0/28", "fd00:1::/64"]
+b = ["10.0.1.0/24"]
+c = ["10.0.0.8/29", "10.0.2.0/25"]
+[defaults]
+ingress = "drop"
+egress = "drop"
+[[base.ingress]]
+from = "a"
+tcp = [22]
+[roles.web]
+hosts = "any"
+[[roles.web.ingress]]
+from = ["b", "c"]
+tcp = [80, 443]
+[[roles.web.ingress]]
+from = "c"
+udp = ["1000-1100"]
+[[roles.web.ingress]]
+from = ["b", "10.0.5.0/24"]
+tcp = [8080]
+[[roles.web.egress]]
+to = "a"
+proto = "any"
+[[roles.web.egress]]
+to = ["b", "10.9.0.0/16"]
+tcp = [5432]
+"#;
+
+    fn compiled(sets: &BTreeMap<String, Vec<String>>) -> (Policy, Compiled) {
+        let parsed: BTreeMap<String, Vec<AddrRange>> = sets
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter().map(|m| parse_item(m).unwrap()).collect(),
+                )
+            })
+            .collect();
+        let p = crate::policy::parse::parse_str_with_sets(POLICY, "t.toml", &parsed).unwrap();
+        let c = crate::policy::compile::compile(
+            &p,
+            &["web".to_string()],
+            None,
+            0,
+            1,
+            crate::policy::compile::Capacity::default(),
+        )
+        .unwrap();
+        (p, c)
+    }
+
+    /// The compiler-level differential test of the fast path: after every
+    /// set edit of a random sequence that the index takes, its maps equal a
+    /// fresh compile of the edited policy (class ids included); edits it
+    /// declines are compiled, and the next index comes from that compile.
+    #[test]
+    fn index_edits_equal_a_fresh_compile() {
+        let mut fast = 0;
+        let mut declined = 0;
+        for seed in 1..=60u64 {
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut below = |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let (p, c) = compiled(&sets);
+            let mut idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &c, 1);
+            let mut snap = Snapshot::of(&c, 1);
+            for _ in 0..30 {
+                let name = ["a", "b", "c"][below(3) as usize].to_string();
+                let old_text = idx.sets[&name].clone();
+                let mut next_text = old_text.clone();
+                let add = next_text.is_empty() || below(3) != 0;
+                if add {
+                    let m = match below(5) {
+                        0 => format!("10.0.{}.{}", below(6), below(256)),
+                        1 => format!("10.0.{}.0/{}", below(6), 24 + below(9)),
+                        2 => format!("fd00:1::{:x}", below(4096)),
+                        3 => format!("10.7.{}.{}", below(4), below(256)),
+                        _ => format!("10.0.3.{}-10.0.3.{}", below(100), 100 + below(100)),
+                    };
+                    if next_text.contains(&m) {
+                        continue;
+                    }
+                    next_text.push(m);
+                } else {
+                    next_text.remove(below(next_text.len() as u64) as usize);
+                }
+                let parse = |t: &[String]| -> Vec<AddrRange> {
+                    t.iter().map(|m| parse_item(m).unwrap()).collect()
+                };
+                sets.insert(name.clone(), next_text.clone());
+                let (p, fresh) = compiled(&sets);
+                match idx.edit(&snap, &name, &parse(&old_text), &parse(&next_text)) {
+                    Ok(e) => {
+                        fast += 1;
+                        let got = Snapshot {
+                            generation: fresh.config.generation,
+                            map_id: 1,
+                            peers_v4: e.peers_v4,
+                            peers_v6: e.peers_v6,
+                            ports: e.ports,
+                        };
+                        assert_eq!(
+                            got.clone().sorted(),
+                            Snapshot::of(&fresh, 1).sorted(),
+                            "seed {seed}: {name} {old_text:?} -> {next_text:?}"
+                        );
+                        assert_eq!(e.classes, fresh.class_rules, "seed {seed}: classes");
+                        snap = got;
+                        idx.classes = e.classes;
+                        idx.sets.insert(name, next_text);
+                    }
+                    Err(_) => {
+                        declined += 1;
+                        idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &fresh, 1);
+                        snap = Snapshot::of(&fresh, 1);
+                    }
+                }
+            }
+        }
+        assert!(
+            fast > 300 && declined > 50,
+            "fast {fast}, declined {declined}"
+        );
+    }
+
     #[test]
     fn a_torn_or_altered_index_is_refused() {
         let idx = SetIndex {
