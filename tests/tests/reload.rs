@@ -1882,6 +1882,80 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
     Ok(())
 }
 
+/// A set removal on the fast path prunes the connections whose peer is
+/// in the removed addresses and that the policy no longer allows, and
+/// judges no other (their rules did not change).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::Result<()> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use segbpf_common::{CtEntry, CtKey, DIR_INGRESS, MAP_CT};
+    let s = setup("setprune")?;
+    s.lab.segbpf_ok(
+        "db",
+        &["set", "add", "eth0", "x", "198.18.9.1", "198.18.9.2"],
+    )?;
+    let ifindex = segbpf::attachment::state::State::current(&s.att)?.ifindex;
+    let key = |remote: [u8; 4]| {
+        let mut k = CtKey {
+            family: 4,
+            proto: 6,
+            local_port: 80,
+            remote_port: 40_000,
+            ifindex,
+            ..CtKey::default()
+        };
+        k.local[..4].copy_from_slice(&[10, 10, 1, 30]);
+        k.remote[..4].copy_from_slice(&remote);
+        k
+    };
+    let keys = [
+        key([198, 18, 9, 1]),
+        key([198, 18, 9, 2]),
+        key([198, 18, 1, 5]),
+    ];
+    let open = || -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
+        let data = MapData::from_pin(s.att.map(MAP_CT))?;
+        Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    };
+    {
+        let mut ct = open()?;
+        for k in &keys {
+            ct.insert(
+                k,
+                CtEntry {
+                    origin: DIR_INGRESS,
+                    ..CtEntry::default()
+                },
+                0,
+            )?;
+        }
+    }
+    let out = s.lab.segbpf(
+        "db",
+        &["-v", "set", "del", "eth0", "x", "198.18.9.1", "-o", "json"],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("edit-classes="), "the fast path: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["pruned"], 1, "{v}");
+    let ct = open()?;
+    assert!(
+        ct.get(&keys[0], 0).is_err(),
+        "the removed peer's connection is pruned"
+    );
+    assert!(
+        ct.get(&keys[1], 0).is_ok(),
+        "a member still in the set keeps its connection"
+    );
+    assert!(
+        ct.get(&keys[2], 0).is_ok(),
+        "a peer outside the edit keeps its connection"
+    );
+    Ok(())
+}
+
 /// A real SSH-like session from `admin` to `db`'s port 22: a listener in
 /// `db`'s namespace (not named sshd: the check falls back to port 22)
 /// echoing each message until the client leaves, and the client's
