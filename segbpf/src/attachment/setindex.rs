@@ -727,31 +727,28 @@ tcp = [5432]
                 };
                 sets.insert(name.clone(), next_text.clone());
                 let (p, fresh) = compiled(&sets);
-                match idx.edit(&snap, &name, &parse(&old_text), &parse(&next_text)) {
-                    Ok(e) => {
-                        fast += 1;
-                        let got = Snapshot {
-                            generation: fresh.config.generation,
-                            map_id: 1,
-                            peers_v4: e.peers_v4,
-                            peers_v6: e.peers_v6,
-                            ports: e.ports,
-                        };
-                        assert_eq!(
-                            got.clone().sorted(),
-                            Snapshot::of(&fresh, 1).sorted(),
-                            "seed {seed}: {name} {old_text:?} -> {next_text:?}"
-                        );
-                        assert_eq!(e.classes, fresh.class_rules, "seed {seed}: classes");
-                        snap = got;
-                        idx.classes = e.classes;
-                        idx.sets.insert(name, next_text);
-                    }
-                    Err(_) => {
-                        declined += 1;
-                        idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &fresh, 1);
-                        snap = Snapshot::of(&fresh, 1);
-                    }
+                if let Ok(e) = idx.edit(&snap, &name, &parse(&old_text), &parse(&next_text)) {
+                    fast += 1;
+                    let got = Snapshot {
+                        generation: fresh.config.generation,
+                        map_id: 1,
+                        peers_v4: e.peers_v4,
+                        peers_v6: e.peers_v6,
+                        ports: e.ports,
+                    };
+                    assert_eq!(
+                        got.clone().sorted(),
+                        Snapshot::of(&fresh, 1).sorted(),
+                        "seed {seed}: {name} {old_text:?} -> {next_text:?}"
+                    );
+                    assert_eq!(e.classes, fresh.class_rules, "seed {seed}: classes");
+                    snap = got;
+                    idx.classes = e.classes;
+                    idx.sets.insert(name, next_text);
+                } else {
+                    declined += 1;
+                    idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &fresh, 1);
+                    snap = Snapshot::of(&fresh, 1);
                 }
             }
         }
