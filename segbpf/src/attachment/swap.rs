@@ -231,7 +231,21 @@ impl Guarded {
         }
         // These changes keep the attachment's mode: in audit mode nothing
         // is enforced, so nothing can be cut.
-        if State::current(att).is_ok_and(|s| s.audit) {
+        let audit = State::current(att).is_ok_and(|s| s.audit);
+        self.refuse_lockout_in(att, choice, roles, what, audit)
+    }
+
+    /// [`Guarded::refuse_lockout`] for a caller that has read the state
+    /// (`audit`: the attachment is in audit mode).
+    pub fn refuse_lockout_in(
+        self,
+        att: &Attachment,
+        choice: &Choice,
+        roles: &[String],
+        what: &str,
+        audit: bool,
+    ) -> Result<(), SwapError> {
+        if self.force || self.confirm.is_some() || audit {
             return Ok(());
         }
         if !crate::attachment::trust::any_ssh_session() {
@@ -591,9 +605,15 @@ fn fast_set_edit(
         next_ranges.iter().chain(members).copied().collect()
     };
     let choice = Choice::file(path.clone(), overrides.clone());
-    if !add && !old.audit {
+    if !add {
         // Adding members only allows more: it cannot cut a session.
-        guarded.refuse_lockout(att, &choice, &old.roles, &edit_what(att, set, add))?;
+        guarded.refuse_lockout_in(
+            att,
+            &choice,
+            &old.roles,
+            &edit_what(att, set, add),
+            old.audit,
+        )?;
     }
     phases.mark("choose");
     let edited = match idx.edit(&snap, set, &old_ranges, &next_ranges) {
