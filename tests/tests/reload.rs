@@ -1750,6 +1750,212 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
     Ok(())
 }
 
+/// Set edits take the fast path (no parse, no compile: the attachment's
+/// compact compiled form, `IFACE.sets`) only while that form is of the
+/// policy in force; a stale one (an earlier generation put back), an
+/// altered or torn one, or a policy file edited since, fall back to the
+/// full compile. After every edit, both slots equal a fresh compile of the
+/// resulting policy and `set list` shows the members in force.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> anyhow::Result<()> {
+    let s = setup("setidx")?;
+    let index = s.att.set_index();
+    // Runs a set edit; whether it took the fast path (its phase line).
+    let edit = |args: &[&str]| -> anyhow::Result<bool> {
+        let mut all = vec!["-v", "set"];
+        all.extend_from_slice(args);
+        let out = s.lab.segbpf("db", &all)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "set {args:?}: {err}");
+        let phases = err
+            .lines()
+            .find(|l| l.contains("swap phases:"))
+            .ok_or_else(|| anyhow::anyhow!("no phase line: {err}"))?;
+        Ok(phases.contains("edit-classes="))
+    };
+    let check = |what: &str, members: &[&str]| -> anyhow::Result<()> {
+        let (fresh, slots) = fresh_and_in_force(&s.att)?;
+        for (i, slot) in slots.iter().enumerate() {
+            assert_eq!(
+                slot.clone().sorted(),
+                fresh.clone().sorted(),
+                "{what}: slot {i} differs from a fresh compile"
+            );
+        }
+        let list: serde_json::Value = serde_json::from_str(
+            &s.lab
+                .segbpf_ok("db", &["set", "list", "eth0", "x", "-o", "json"])?,
+        )?;
+        let got: Vec<&str> = list["sets"][0]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert_eq!(got, members, "{what}: set list");
+        let state = segbpf::attachment::state::State::current(&s.att)?;
+        let cfg = segbpf::attachment::maps::pinned_config(&s.att)?;
+        assert_eq!(
+            state.generation, cfg.generation,
+            "{what}: generation in force"
+        );
+        Ok(())
+    };
+    assert!(
+        edit(&["add", "eth0", "x", "198.18.9.1"])?,
+        "a member beside the set: the fast path"
+    );
+    check("fast add", &["198.18.1.0/24", "198.18.9.1"])?;
+
+    // Stale: the form of an earlier generation put back.
+    let stale = std::fs::read(&index)?;
+    assert!(edit(&["add", "eth0", "x", "198.18.9.2"])?);
+    std::fs::write(&index, &stale)?;
+    assert!(
+        !edit(&["add", "eth0", "x", "198.18.9.3"])?,
+        "a stale compact form must not be used"
+    );
+    check(
+        "after a stale form",
+        &["198.18.1.0/24", "198.18.9.1", "198.18.9.2", "198.18.9.3"],
+    )?;
+    // The full path wrote a new form: the next edit is fast again.
+    assert!(edit(&["del", "eth0", "x", "198.18.9.1"])?);
+    check("fast del", &["198.18.1.0/24", "198.18.9.2", "198.18.9.3"])?;
+
+    // Altered (a member changed, checksum not) and torn.
+    let text = std::fs::read_to_string(&index)?;
+    assert!(text.contains("198.18.9.3"));
+    std::fs::write(&index, text.replace("198.18.9.3", "198.18.9.7"))?;
+    assert!(
+        !edit(&["del", "eth0", "x", "198.18.9.3"])?,
+        "an altered form"
+    );
+    check("after an altered form", &["198.18.1.0/24", "198.18.9.2"])?;
+    let bytes = std::fs::read(&index)?;
+    std::fs::write(&index, &bytes[..bytes.len() / 2])?;
+    assert!(!edit(&["add", "eth0", "x", "198.18.9.4"])?, "a torn form");
+    check(
+        "after a torn form",
+        &["198.18.1.0/24", "198.18.9.2", "198.18.9.4"],
+    )?;
+
+    // The policy file edited since it was compiled: the edit applies the
+    // file as it is now (set y grows in the file), as the full path does.
+    assert!(edit(&["add", "eth0", "x", "198.18.9.5"])?);
+    std::fs::write(
+        &s.a,
+        POLICY_A.replace(
+            r#"y = ["198.18.2.0/24"]"#,
+            r#"y = ["198.18.2.0/24", "198.18.7.0/24"]"#,
+        ),
+    )?;
+    assert!(
+        !edit(&["add", "eth0", "x", "198.18.9.6"])?,
+        "a policy file edited since"
+    );
+    check(
+        "after the file changed",
+        &[
+            "198.18.1.0/24",
+            "198.18.9.2",
+            "198.18.9.4",
+            "198.18.9.5",
+            "198.18.9.6",
+        ],
+    )?;
+
+    // A member inside the other set makes a new address class: the full path.
+    assert!(!edit(&["add", "eth0", "x", "198.18.2.9"])?);
+    check(
+        "a new class",
+        &[
+            "198.18.1.0/24",
+            "198.18.9.2",
+            "198.18.9.4",
+            "198.18.9.5",
+            "198.18.9.6",
+            "198.18.2.9",
+        ],
+    )?;
+    Ok(())
+}
+
+/// A set removal on the fast path prunes the connections whose peer is
+/// in the removed addresses and that the policy no longer allows, and
+/// judges no other (their rules did not change).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::Result<()> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use segbpf_common::{CtEntry, CtKey, DIR_INGRESS, MAP_CT};
+    let s = setup("setprune")?;
+    s.lab.segbpf_ok(
+        "db",
+        &["set", "add", "eth0", "x", "198.18.9.1", "198.18.9.2"],
+    )?;
+    let ifindex = segbpf::attachment::state::State::current(&s.att)?.ifindex;
+    let key = |remote: [u8; 4]| {
+        let mut k = CtKey {
+            family: 4,
+            proto: 6,
+            local_port: 80,
+            remote_port: 40_000,
+            ifindex,
+            ..CtKey::default()
+        };
+        k.local[..4].copy_from_slice(&[10, 10, 1, 30]);
+        k.remote[..4].copy_from_slice(&remote);
+        k
+    };
+    let keys = [
+        key([198, 18, 9, 1]),
+        key([198, 18, 9, 2]),
+        key([198, 18, 1, 5]),
+    ];
+    let open = || -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
+        let data = MapData::from_pin(s.att.map(MAP_CT))?;
+        Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    };
+    {
+        let mut ct = open()?;
+        for k in &keys {
+            ct.insert(
+                k,
+                CtEntry {
+                    origin: DIR_INGRESS,
+                    ..CtEntry::default()
+                },
+                0,
+            )?;
+        }
+    }
+    let out = s.lab.segbpf(
+        "db",
+        &["-v", "set", "del", "eth0", "x", "198.18.9.1", "-o", "json"],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("edit-classes="), "the fast path: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["pruned"], 1, "{v}");
+    let ct = open()?;
+    assert!(
+        ct.get(&keys[0], 0).is_err(),
+        "the removed peer's connection is pruned"
+    );
+    assert!(
+        ct.get(&keys[1], 0).is_ok(),
+        "a member still in the set keeps its connection"
+    );
+    assert!(
+        ct.get(&keys[2], 0).is_ok(),
+        "a peer outside the edit keeps its connection"
+    );
+    Ok(())
+}
+
 /// A real SSH-like session from `admin` to `db`'s port 22: a listener in
 /// `db`'s namespace (not named sshd: the check falls back to port 22)
 /// echoing each message until the client leaves, and the client's

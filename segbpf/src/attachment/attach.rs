@@ -179,7 +179,12 @@ fn apply_timed(
     if !req.insecure_policy {
         crate::attachment::trust::check_policy_file(&req.policy)?;
     }
-    let policy = Policy::load(&req.policy)?;
+    // The text is read once: its hash names what was compiled (the
+    // compact form for set edits, `crate::attachment::setindex`).
+    let text = std::fs::read_to_string(&req.policy).map_err(|e| PolicyError::io(&req.policy, e))?;
+    let policy_hash = crate::attachment::setindex::hash_bytes(text.as_bytes());
+    let policy = crate::policy::parse::parse_str(&text, &req.policy.display().to_string())?;
+    drop(text);
     phases.mark("parse");
     // Identify: the kernel is asked once; the steps below use this value.
     // The device type decides where packets start; refuse what we cannot parse.
@@ -345,7 +350,18 @@ fn apply_timed(
         m.write_slot(&crate::attachment::delta::moved(&compiled, other))?;
         crate::attachment::delta::Snapshot::of(&compiled, m.map_id())
             .write(&att.snapshot())
-            .map_err(|e| maps::MapsError::Snapshot(e.to_string()))
+            .map_err(|e| maps::MapsError::Snapshot(e.to_string()))?;
+        crate::attachment::setindex::SetIndex::build(
+            &policy,
+            &state.policy,
+            policy_hash,
+            &state.set_overrides,
+            &state.roles,
+            &compiled,
+            m.map_id(),
+        )
+        .write(&att.set_index())
+        .map_err(|e| maps::MapsError::Snapshot(e.to_string()))
     }) {
         warn!("mirroring the policy slot: {e} (the first change writes the policy whole)");
     }

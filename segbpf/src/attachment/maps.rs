@@ -29,6 +29,9 @@ pub enum MapsError {
     /// The record of what a policy slot holds could not be written.
     #[error("recording the policy slot: {0}")]
     Snapshot(String),
+    /// The policy to judge connections by could not be read.
+    #[error("judging connections after the edit: {0}")]
+    Judge(String),
     /// A map could not be pinned.
     #[error("pinning {map} at {}: {source}", path.display())]
     Pin {

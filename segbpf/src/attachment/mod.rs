@@ -27,6 +27,7 @@ pub mod pins;
 pub mod services;
 pub mod services_edit;
 pub mod services_guard;
+pub mod setindex;
 pub mod state;
 pub mod swap;
 pub mod timeline;

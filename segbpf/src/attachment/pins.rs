@@ -334,6 +334,12 @@ impl Attachment {
         self.sidecar("maps")
     }
 
+    /// The compact compiled form for fast set edits (`IFACE.sets`, see
+    /// [`crate::attachment::setindex::SetIndex`]).
+    pub fn set_index(&self) -> PathBuf {
+        self.sidecar("sets")
+    }
+
     /// The outcome of the last policy change (for the metrics).
     pub fn last_change(&self) -> PathBuf {
         self.sidecar("reload.json")
@@ -430,6 +436,7 @@ impl Attachment {
         for path in [
             self.next_state(),
             self.snapshot(),
+            self.set_index(),
             self.last_change(),
             self.lock_path(LockKind::Reader),
             self.lock_path(LockKind::FlowLog),

@@ -41,11 +41,12 @@ use crate::{
     attachment::history,
     attachment::maps::{MapsError, PolicyMaps},
     attachment::pins::{Attachment, LockKind},
+    attachment::setindex::{self, SetIndex},
     attachment::state::{State, StateError},
     attachment::trust::UntrustedFile,
     host::netif::{self, NetifError},
     host::phases::Phases,
-    policy::compile::{self, Capacity, CompileError},
+    policy::compile::{self, Capacity, CompileError, Compiled},
     policy::{AddrRange, Direction, Policy, PolicyError, addr::parse_item, eval, roles},
 };
 
@@ -230,7 +231,21 @@ impl Guarded {
         }
         // These changes keep the attachment's mode: in audit mode nothing
         // is enforced, so nothing can be cut.
-        if State::current(att).is_ok_and(|s| s.audit) {
+        let audit = State::current(att).is_ok_and(|s| s.audit);
+        self.refuse_lockout_in(att, choice, roles, what, audit)
+    }
+
+    /// [`Guarded::refuse_lockout`] for a caller that has read the state
+    /// (`audit`: the attachment is in audit mode).
+    pub fn refuse_lockout_in(
+        self,
+        att: &Attachment,
+        choice: &Choice,
+        roles: &[String],
+        what: &str,
+        audit: bool,
+    ) -> Result<(), SwapError> {
+        if self.force || self.confirm.is_some() || audit {
             return Ok(());
         }
         if !crate::attachment::trust::any_ssh_session() {
@@ -382,8 +397,63 @@ pub fn sets_in_force(state: &State) -> Result<Overrides, SwapError> {
         .collect())
 }
 
+/// The members of `set` after adding (`add`) or removing `members` from
+/// `current`, and how many changed; refused when a member to remove is
+/// not in the set, `Unchanged` when nothing changes.
+fn next_members(
+    att: &Attachment,
+    state: &State,
+    set: &str,
+    current: Vec<String>,
+    members: &[AddrRange],
+    add: bool,
+) -> Result<(Vec<String>, usize), SwapError> {
+    let mut changed = 0;
+    let mut next = current;
+    let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
+    let mut removed = std::collections::HashSet::new();
+    for m in members {
+        let text = m.to_string();
+        if add {
+            if present.insert(text.clone()) {
+                next.push(text);
+                changed += 1;
+            }
+        } else if present.remove(&text) {
+            removed.insert(text);
+            changed += 1;
+        } else {
+            return Err(SwapError::Refused(format!(
+                "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
+                att.iface
+            )));
+        }
+    }
+    if changed == 0 {
+        // Nothing to swap: no new generation for an edit that changes nothing.
+        return Err(SwapError::Unchanged(format!(
+            "set `{set}` already has {}: nothing changed, generation {} stays in force",
+            members
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            state.generation
+        )));
+    }
+    if !removed.is_empty() {
+        next.retain(|m| !removed.contains(m));
+    }
+    Ok((next, changed))
+}
+
 /// `segbpf set add|del`: adds or removes `members` of `set` in force, as
 /// one swap. Returns how many members changed and what the swap applied.
+///
+/// The edit is computed from the attachment's compact compiled form
+/// ([`SetIndex`]) when it can be trusted and suffices (no parse, no
+/// compile); else, and on any doubt, by parsing and compiling the policy
+/// with the edit (the full path). Both write only the entries that change.
 pub fn edit_set(
     att: &Attachment,
     set: &str,
@@ -391,77 +461,220 @@ pub fn edit_set(
     add: bool,
     guarded: Guarded,
 ) -> Result<(usize, Swapped), SwapError> {
-    let mut changed = 0;
-    let swapped = guarded.run(att, || {
-        swap(att, |state| {
-            // A set edited live before: its members in force are the
-            // state's (no need to parse the file for them; the swap parses
-            // it once and fails if the file no longer has the set).
-            let current = if let Some(members) = state.set_overrides.get(set) {
-                members.clone()
-            } else {
-                let mut sets = sets_in_force(state)?;
-                let Some(current) = sets.remove(set) else {
-                    return Err(SwapError::Refused(format!(
-                        "{}: no set named `{set}` (sets: {})",
-                        state.policy,
-                        sets.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )));
-                };
-                current
-            };
-            let mut next = current;
-            let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
-            let mut removed = std::collections::HashSet::new();
-            for m in members {
-                let text = m.to_string();
-                if add {
-                    if present.insert(text.clone()) {
-                        next.push(text);
-                        changed += 1;
-                    }
-                } else if present.remove(&text) {
-                    removed.insert(text);
-                    changed += 1;
-                } else {
-                    return Err(SwapError::Refused(format!(
-                        "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
-                        att.iface
-                    )));
-                }
-            }
-            if changed == 0 {
-                // Nothing to swap: no new generation for an edit that changes nothing.
-                return Err(SwapError::Unchanged(format!(
-                    "set `{set}` already has {}: nothing changed, generation {} stays in force",
-                    members
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    state.generation
-                )));
-            }
-            if !removed.is_empty() {
-                next.retain(|m| !removed.contains(m));
-            }
-            let mut overrides = state.set_overrides.clone();
-            overrides.insert(set.to_string(), next);
-            let choice = Choice::file(PathBuf::from(&state.policy), overrides);
-            guarded.refuse_lockout(
-                att,
-                &choice,
-                &state.roles,
-                &format!(
-                    "set {} {set} on {}",
-                    if add { "add" } else { "del" },
-                    att.describe()
-                ),
-            )?;
-            Ok(choice)
-        })
-    })?;
+    guarded.run(att, || {
+        if !att.is_attached() {
+            return Err(SwapError::NotAttached(att.describe()));
+        }
+        let mut phases = Phases::start("swap");
+        let _lock = att
+            .lock(LockKind::Update)
+            .map_err(|source| SwapError::Lock {
+                path: att.lock_path(LockKind::Update),
+                source,
+            })?;
+        phases.mark("lock");
+        let old = State::repair(att)?;
+        phases.mark("read-state");
+        let out = match fast_set_edit(att, &old, set, members, add, guarded, &mut phases) {
+            Ok(Some(done)) => Ok(done),
+            Ok(None) => full_set_edit(att, &old, set, members, add, guarded, &mut phases),
+            Err(e) => Err(e),
+        };
+        phases.log();
+        out
+    })
+}
+
+/// A set edit by parsing and compiling the edited policy.
+fn full_set_edit(
+    att: &Attachment,
+    state: &State,
+    set: &str,
+    members: &[AddrRange],
+    add: bool,
+    guarded: Guarded,
+    phases: &mut Phases,
+) -> Result<(usize, Swapped), SwapError> {
+    // A set edited live before: its members in force are the state's (no
+    // need to parse the file for them; the swap parses it once and fails
+    // if the file no longer has the set).
+    let current = if let Some(members) = state.set_overrides.get(set) {
+        members.clone()
+    } else {
+        let mut sets = sets_in_force(state)?;
+        let Some(current) = sets.remove(set) else {
+            return Err(SwapError::Refused(format!(
+                "{}: no set named `{set}` (sets: {})",
+                state.policy,
+                sets.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        current
+    };
+    let (next, changed) = next_members(att, state, set, current, members, add)?;
+    let mut overrides = state.set_overrides.clone();
+    overrides.insert(set.to_string(), next);
+    let choice = Choice::file(PathBuf::from(&state.policy), overrides);
+    guarded.refuse_lockout(att, &choice, &state.roles, &edit_what(att, set, add))?;
+    phases.mark("choose");
+    let swapped = swap_recorded(att, state, &Settings::default(), choice, phases)?;
     Ok((changed, swapped))
+}
+
+fn edit_what(att: &Attachment, set: &str, add: bool) -> String {
+    format!(
+        "set {} {set} on {}",
+        if add { "add" } else { "del" },
+        att.describe()
+    )
+}
+
+/// A set edit from the compact compiled form: `Ok(None)` when it cannot be
+/// used (nothing was changed; the caller takes the full path).
+fn fast_set_edit(
+    att: &Attachment,
+    old: &State,
+    set: &str,
+    members: &[AddrRange],
+    add: bool,
+    guarded: Guarded,
+    phases: &mut Phases,
+) -> Result<Option<(usize, Swapped)>, SwapError> {
+    let fallback = |why: &str| {
+        tracing::debug!("set edit: the full path: {why}");
+        Ok(None)
+    };
+    let path = PathBuf::from(&old.policy);
+    if !old.insecure_policy {
+        crate::attachment::trust::check_policy_file(&path)?;
+    }
+    let Some(idx) = SetIndex::read(&att.set_index()) else {
+        return fallback("no whole index");
+    };
+    if idx.generation != old.generation
+        || idx.policy != old.policy
+        || idx.roles != old.roles
+        || idx.overrides_hash != setindex::hash_overrides(&old.set_overrides)
+    {
+        return fallback("the index is not of the state in force");
+    }
+    match std::fs::read(&path) {
+        Ok(text) if setindex::hash_bytes(&text) == idx.policy_hash => {}
+        _ => return fallback("the policy file changed since it was compiled"),
+    }
+    phases.mark("read-index");
+    let maps = PolicyMaps::from_pins(att)?;
+    let current = maps.active_slot()?;
+    let next = 1 - current;
+    let cfg = maps.config(current)?;
+    let Some(snap) = Snapshot::read(&att.snapshot()) else {
+        return fallback("no snapshot");
+    };
+    if cfg.generation != old.generation
+        || snap.generation != old.generation
+        || snap.map_id != maps.map_id()
+        || idx.map_id != maps.map_id()
+        || maps
+            .config(next)
+            .map_or(true, |c| c.generation != old.generation)
+    {
+        return fallback("the kernel's slots are not the snapshot's generation");
+    }
+    phases.mark("open-maps");
+    let Some(current_members) = idx.sets.get(set).cloned() else {
+        return fallback("no such set in the index");
+    };
+    if old
+        .set_overrides
+        .get(set)
+        .is_some_and(|m| *m != current_members)
+    {
+        return fallback("the index's members are not the state's");
+    }
+    let current_len = current_members.len();
+    let (next_text, changed) = next_members(att, old, set, current_members, members, add)?;
+    let mut overrides = old.set_overrides.clone();
+    overrides.insert(set.to_string(), next_text.clone());
+    let next_ranges = parse_overrides(&BTreeMap::from([(set.to_string(), next_text.clone())]))?
+        .remove(set)
+        .unwrap_or_default();
+    // The members before: an add appended to them; a removal took some out.
+    let old_ranges: Vec<AddrRange> = if add {
+        next_ranges[..current_len.min(next_ranges.len())].to_vec()
+    } else {
+        next_ranges.iter().chain(members).copied().collect()
+    };
+    let choice = Choice::file(path.clone(), overrides.clone());
+    if !add {
+        // Adding members only allows more: it cannot cut a session.
+        guarded.refuse_lockout_in(
+            att,
+            &choice,
+            &old.roles,
+            &edit_what(att, set, add),
+            old.audit,
+        )?;
+    }
+    phases.mark("choose");
+    let edited = match idx.edit(&snap, set, &old_ranges, &next_ranges) {
+        Ok(e) => e,
+        Err(why) => return fallback(&why),
+    };
+    phases.mark("edit-classes");
+    let generation = cfg.generation.max(old.generation) + 1;
+    let c = delta::moved(
+        &Compiled {
+            peers_v4: edited.peers_v4,
+            peers_v6: edited.peers_v6,
+            ports: edited.ports,
+            config: segbpf_common::Config { generation, ..cfg },
+            rules: old.rules.clone(),
+            classes: edited.classes.len() as u32,
+            class_rules: edited.classes,
+        },
+        next,
+    );
+    compile::check_capacity(&c, capacity_of(old)).map_err(|source| SwapError::Compile {
+        policy: old.policy.clone(),
+        iface: att.iface.clone(),
+        source,
+    })?;
+    let new = State {
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        set_overrides: overrides.clone(),
+        ..old.clone()
+    };
+    let mut index = idx;
+    index.generation = generation;
+    index.overrides_hash = setindex::hash_overrides(&overrides);
+    index.classes.clone_from(&c.class_rules);
+    index.sets.insert(set.to_string(), next_text);
+    let prune = if add {
+        Prune::Skip
+    } else {
+        Prune::Region(edited.region, choice)
+    };
+    let result = commit(
+        att,
+        old,
+        Commit {
+            maps,
+            current,
+            c,
+            in_force: Some(snap),
+            new,
+            index: Some(index),
+            path: &path,
+            policy_name: old.policy.clone(),
+            prune,
+            freed: Vec::new(),
+        },
+        phases,
+    );
+    record_outcome(att, result.as_ref().map(|_| ()));
+    result.map(|s| Some((changed, s)))
 }
 
 /// Time given to packets that read the old slot before the switch to
@@ -662,12 +875,19 @@ fn swap_recorded(
     phases: &mut Phases,
 ) -> Result<Swapped, SwapError> {
     let result = swap_in_force(att, old, settings, choice, phases);
+    record_outcome(att, result.as_ref().map(|_| ()));
+    phases.mark("record-outcome");
+    result
+}
+
+/// Records the outcome of a change for the metrics (`IFACE.reload.json`).
+fn record_outcome(att: &Attachment, result: Result<(), &SwapError>) {
     let record = LastChange {
         at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         ok: result.is_ok(),
-        error: result.as_ref().err().map(ToString::to_string),
+        error: result.err().map(ToString::to_string),
     };
     let path = att.last_change();
     let tmp = path.with_extension("json.tmp");
@@ -678,8 +898,23 @@ fn swap_recorded(
     if let Err(e) = written {
         tracing::debug!("recording the outcome in {}: {e}", path.display());
     }
-    phases.mark("record-outcome");
-    result
+}
+
+/// The map capacities of the attachment `old` describes.
+fn capacity_of(old: &State) -> Capacity {
+    let mut capacity = Capacity {
+        ct: old.ct_size,
+        rule_stats: old.rule_slots,
+        ..Capacity::default()
+    };
+    if old.peer_entries > 0 {
+        capacity.peer_v4 = old.peer_entries;
+        capacity.peer_v6 = old.peer_entries;
+    }
+    if old.port_entries > 0 {
+        capacity.ports = old.port_entries;
+    }
+    capacity
 }
 
 fn swap_in_force(
@@ -701,7 +936,14 @@ fn swap_in_force(
         crate::attachment::trust::check_policy_file(&path)?;
     }
     phases.mark("trust");
-    let policy = Policy::load_with_sets(&path, &parse_overrides(&overrides)?)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::io(&path, e))?;
+    let policy_hash = setindex::hash_bytes(text.as_bytes());
+    let policy = crate::policy::parse::parse_str_with_sets(
+        &text,
+        &path.display().to_string(),
+        &parse_overrides(&overrides)?,
+    )?;
+    drop(text);
     phases.mark("parse");
     let role_args = match &settings.exact_roles {
         Some((_, args)) => args.clone(),
@@ -739,23 +981,12 @@ fn swap_in_force(
         );
     }
     phases.mark("roles");
-    let mut maps = PolicyMaps::from_pins(att)?;
+    let maps = PolicyMaps::from_pins(att)?;
     let current = maps.active_slot()?;
     phases.mark("open-maps");
     let next = 1 - current;
     let generation = maps.config(current)?.generation.max(old.generation) + 1;
-    let mut capacity = Capacity {
-        ct: old.ct_size,
-        rule_stats: old.rule_slots,
-        ..Capacity::default()
-    };
-    if old.peer_entries > 0 {
-        capacity.peer_v4 = old.peer_entries;
-        capacity.peer_v6 = old.peer_entries;
-    }
-    if old.port_entries > 0 {
-        capacity.ports = old.port_entries;
-    }
+    let capacity = capacity_of(old);
     let mut c = compile::compile(
         &policy,
         &roles,
@@ -784,12 +1015,133 @@ fn swap_in_force(
         }
     })?;
 
+    phases.mark("carry-counters");
+    let new = State {
+        policy: source.as_ref().map_or_else(
+            || {
+                std::fs::canonicalize(&path)
+                    .unwrap_or_else(|_| path.clone())
+                    .display()
+                    .to_string()
+            },
+            |s| s.display().to_string(),
+        ),
+        roles: roles.clone(),
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        rules: c.rules.clone(),
+        set_overrides: overrides.clone(),
+        previous_roles: if roles_changed {
+            old.roles.clone()
+        } else {
+            old.previous_roles.clone()
+        },
+        roles_changed_at: if roles_changed {
+            generation
+        } else {
+            old.roles_changed_at
+        },
+        role_args,
+        audit,
+        flow_acct,
+        log_rate: c.config.log_rate,
+        log_burst,
+        ..old.clone()
+    };
+    let index = SetIndex::build(
+        &policy,
+        &new.policy,
+        policy_hash,
+        &overrides,
+        &roles,
+        &c,
+        maps.map_id(),
+    );
+    let in_force = Snapshot::read(&att.snapshot());
+    commit(
+        att,
+        old,
+        Commit {
+            maps,
+            current,
+            c,
+            in_force,
+            new,
+            index: Some(index),
+            path: &path,
+            policy_name: policy.source.clone(),
+            prune: Prune::All(&policy),
+            freed,
+        },
+        phases,
+    )
+}
+
+/// Where the old policy's connections are judged after a swap.
+enum Prune<'a> {
+    /// Every connection of the interface, by this policy.
+    All(&'a Policy),
+    /// None: the change only allows more (a set grows).
+    Skip,
+    /// Connections whose peer is in these ranges (IPv4, IPv6; the only
+    /// addresses whose rules changed), by the policy `Choice` (parsed only
+    /// when there are such connections).
+    Region([Vec<(u128, u128)>; 2], Choice),
+}
+
+/// A compiled policy ready to be put in force.
+struct Commit<'a> {
+    maps: PolicyMaps,
+    /// The slot in force.
+    current: u8,
+    /// The next policy, keys in the other slot.
+    c: Compiled,
+    /// What the slot in force holds, if known (trusted only when the
+    /// kernel agrees).
+    in_force: Option<Snapshot>,
+    /// The state of the next generation.
+    new: State,
+    /// The compact compiled form of the next generation.
+    index: Option<SetIndex>,
+    /// The policy text applied (for the history).
+    path: &'a Path,
+    /// The policy as errors and the result name it.
+    policy_name: String,
+    prune: Prune<'a>,
+    /// Counter slots to zero once in force.
+    freed: Vec<u32>,
+}
+
+/// Writes `k.c` into the slot not in force (its delta from the mirror, or
+/// whole), records the pending state, flips, then prunes, mirrors and
+/// clears counters.
+fn commit(
+    att: &Attachment,
+    old: &State,
+    k: Commit<'_>,
+    phases: &mut Phases,
+) -> Result<Swapped, SwapError> {
+    let Commit {
+        mut maps,
+        current,
+        c,
+        in_force,
+        new,
+        index,
+        path,
+        policy_name,
+        prune,
+        freed,
+    } = k;
+    let next = 1 - current;
+    let generation = new.generation;
+    let roles = new.roles.clone();
     // Fill the slot no packet looks at, record the new state as pending,
     // then switch. When the slots mirror the policy in force (see
     // `crate::attachment::delta`), only the entries that change are written; else the
     // slot is emptied (leftovers of a swap that was killed) and written whole.
-    phases.mark("carry-counters");
-    let in_force = Snapshot::read(&att.snapshot()).filter(|s| {
+    let in_force = in_force.filter(|s| {
         s.generation != 0
             && s.map_id == maps.map_id()
             && maps
@@ -826,7 +1178,7 @@ fn swap_in_force(
                 tracing::warn!("emptying the partly written policy slot: {undo}");
             }
             return Err(SwapError::Write {
-                policy: policy.source.clone(),
+                policy: policy_name.clone(),
                 source: Box::new(e),
             });
         }
@@ -836,39 +1188,6 @@ fn swap_in_force(
     } else {
         "write-whole"
     });
-    let new = State {
-        policy: source.as_ref().map_or_else(
-            || {
-                std::fs::canonicalize(&path)
-                    .unwrap_or_else(|_| path.clone())
-                    .display()
-                    .to_string()
-            },
-            |s| s.display().to_string(),
-        ),
-        roles: roles.clone(),
-        generation,
-        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
-        classes: c.classes,
-        rules: c.rules.clone(),
-        set_overrides: overrides,
-        previous_roles: if roles_changed {
-            old.roles.clone()
-        } else {
-            old.previous_roles.clone()
-        },
-        roles_changed_at: if roles_changed {
-            generation
-        } else {
-            old.roles_changed_at
-        },
-        role_args,
-        audit,
-        flow_acct,
-        log_rate: c.config.log_rate,
-        log_burst,
-        ..old.clone()
-    };
     new.write(&att.next_state())?;
     phases.mark("write-pending-state");
     // What the slot about to be in force holds. A snapshot that never comes
@@ -878,6 +1197,14 @@ fn swap_in_force(
         tracing::warn!(
             "recording the policy slot in {}: {e} (the next change writes the policy whole)",
             att.snapshot().display()
+        );
+    }
+    if let Some(index) = &index
+        && let Err(e) = index.write(&att.set_index())
+    {
+        tracing::warn!(
+            "recording the compact policy in {}: {e} (the next set edit compiles the policy)",
+            att.set_index().display()
         );
     }
     phases.mark("write-snapshot");
@@ -902,7 +1229,7 @@ fn swap_in_force(
     if let Err(e) = history::record(
         att,
         generation,
-        &path,
+        path,
         Path::new(&new.policy),
         &new.set_overrides,
         history::Roles {
@@ -918,7 +1245,7 @@ fn swap_in_force(
     // only then touch the old slot.
     std::thread::sleep(GRACE);
     phases.mark("grace");
-    let pruned = prune_conntrack(att, old.ifindex, &policy, &roles).unwrap_or_else(|e| {
+    let pruned = prune_conntrack(att, old.ifindex, prune, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
         0
     });
@@ -953,7 +1280,7 @@ fn swap_in_force(
     phases.mark("clear-counters");
     Ok(Swapped {
         iface: att.iface.clone(),
-        policy: policy.source.clone(),
+        policy: policy_name,
         generation,
         roles,
         rules: c.rules.len(),
@@ -1029,13 +1356,32 @@ fn opener(k: &CtKey, e: &CtEntry) -> (Direction, eval::Packet) {
 /// Removes the connection-table entries (assured and half-open) of the
 /// interface `ifindex` whose flows the new policy would not let open
 /// (the tables are shared with the namespace's other attachments, whose
-/// entries this policy does not judge); returns how many.
+/// entries this policy does not judge); returns how many. `prune` says
+/// which entries can have changed and by what policy they are judged.
 fn prune_conntrack(
     att: &Attachment,
     ifindex: u32,
-    policy: &Policy,
+    prune: Prune<'_>,
     roles: &[String],
 ) -> Result<usize, MapsError> {
+    let (region, choice, mut policy) = match prune {
+        Prune::Skip => return Ok(0),
+        Prune::All(p) => (None, None, Some(std::borrow::Cow::Borrowed(p))),
+        Prune::Region(r, c) => (Some(r), Some(c), None),
+    };
+    let in_region = |k: &CtKey| {
+        let Some(region) = &region else {
+            return true;
+        };
+        let (ranges, addr) = if k.family == 4 {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&k.remote[..4]);
+            (&region[0], u128::from(u32::from_be_bytes(b)))
+        } else {
+            (&region[1], u128::from_be_bytes(k.remote))
+        };
+        ranges.iter().any(|&(s, e)| s <= addr && addr <= e)
+    };
     let mut pruned = 0;
     for name in [MAP_CT, MAP_CT_NEW] {
         let err = |source| MapsError::Map { map: name, source };
@@ -1054,12 +1400,28 @@ fn prune_conntrack(
                 .collect(),
             Err(_) => ct.iter().filter_map(Result::ok).collect(),
         };
-        let gone: Vec<CtKey> = entries
+        let judged: Vec<(CtKey, CtEntry)> = entries
+            .into_iter()
+            .filter(|(k, _)| k.ifindex == ifindex && in_region(k))
+            .collect();
+        if judged.is_empty() {
+            continue;
+        }
+        if policy.is_none() {
+            // Connections whose rules changed: judged by the whole policy.
+            let Some(choice) = &choice else { continue };
+            let overrides =
+                parse_overrides(&choice.overrides).map_err(|e| MapsError::Judge(e.to_string()))?;
+            let p = Policy::load_with_sets(&choice.text, &overrides)
+                .map_err(|e| MapsError::Judge(e.to_string()))?;
+            policy = Some(std::borrow::Cow::Owned(p));
+        }
+        let Some(policy) = policy.as_deref() else {
+            continue;
+        };
+        let gone: Vec<CtKey> = judged
             .into_iter()
             .filter(|(k, e)| {
-                if k.ifindex != ifindex {
-                    return false;
-                }
                 let (dir, pkt) = opener(k, e);
                 !eval::evaluate(policy, roles, Some(&att.iface), dir, &pkt).passes()
             })

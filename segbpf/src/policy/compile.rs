@@ -406,6 +406,29 @@ pub struct Compiled {
     pub rules: Vec<RuleInfo>,
     /// Number of address classes.
     pub classes: u32,
+    /// Every address class: its direction and the ids of the rules whose
+    /// peers contain it (what a live set edit needs to find the class of
+    /// an address whose rules change, see `crate::attachment::setindex`).
+    pub class_rules: Vec<ClassRules>,
+}
+
+/// One address class of a compiled policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassRules {
+    /// Class id (the value in the peer tries, the class in port keys).
+    pub id: u32,
+    /// Direction key byte (`Direction::key_byte`).
+    pub dir: u8,
+    /// Policy rule ids whose peers contain the class's addresses, ascending.
+    pub rules: Vec<u32>,
+}
+
+/// Checks that `c` fits both slots of the maps `capacity` describes (what
+/// [`compile`] checks, for maps computed without it).
+pub fn check_capacity(c: &Compiled, capacity: Capacity) -> Result<(), CompileError> {
+    fits_twice(MAP_V4, c.peers_v4.len(), capacity.peer_v4)?;
+    fits_twice(MAP_V6, c.peers_v6.len(), capacity.peer_v6)?;
+    fits_twice(MAP_PORTS, c.ports.len(), capacity.ports)
 }
 
 /// A policy that does not compile for one of the hosts that `check` and
@@ -611,6 +634,11 @@ pub(crate) fn compile_direction(
     for (class_id, set) in &class_sets {
         let members: Vec<usize> = iter_bits(set).collect();
         compile_class_ports(rules, &members, *class_id, slot, words, &mut out.ports);
+        out.class_rules.push(ClassRules {
+            id: *class_id,
+            dir: dir.key_byte(),
+            rules: members.iter().map(|&i| rules[i].id).collect(),
+        });
     }
 }
 

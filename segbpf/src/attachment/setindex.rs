@@ -1,0 +1,782 @@
+//! The compact compiled form of an attachment's policy, kept beside its
+//! state (`IFACE.sets`) so that `segbpf set add|del` need not parse and
+//! compile the whole policy: the members in force of every set, which
+//! rules name which set, and the rules of every address class.
+//!
+//! A set edit changes the rules of the addresses in the *changed region*
+//! only (the members added that the set did not cover, or the addresses
+//! the removed members alone covered). [`SetIndex::edit`] recomputes the
+//! address intervals of that region from the peer tries in force (the
+//! [`Snapshot`]) and the class table, and leaves everything else as it is:
+//! the result equals a fresh compile of the edited policy up to the
+//! numbering of the classes. Whatever it cannot do this way (an edit that
+//! needs a class the policy does not have yet, a removed member that a
+//! rule also names in another way) it declines, and the caller takes the
+//! full path (parse and compile).
+//!
+//! The file is trusted only when everything agrees: its checksum, the
+//! generation in force (state, kernel and snapshot), the kernel id of the
+//! peer trie, the hash of the policy file's text as it is now, the live set
+//! edits and roles of the state. Any mismatch (a stale file, a policy file
+//! edited since, a torn or altered file) means the full path.
+
+use std::{
+    collections::BTreeMap,
+    hash::{Hash, Hasher},
+    io::Write as _,
+    path::Path,
+};
+
+use segbpf_common::{PEER_KEY_HEADER_BITS, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attachment::delta::Snapshot,
+    policy::{
+        AddrRange, Direction, Policy,
+        addr::{parse_item, range_to_prefixes},
+        compile::{ClassRules, Compiled, FastMap, LpmEntry},
+    },
+};
+
+const MAGIC: &str = "SEGSETS1";
+
+/// A 64-bit hash of bytes (SipHash with fixed keys): detects a policy file
+/// or index that changed, not a forger (the files are root's, 0600).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    #[allow(deprecated, reason = "SipHasher: fixed keys, the same in every run")]
+    let mut h = std::hash::SipHasher::new_with_keys(0x7365_6762_7066_0001, 0x7365_7473_0000_0001);
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// The hash of live set edits (as the state keeps them).
+pub fn hash_overrides(o: &BTreeMap<String, Vec<String>>) -> u64 {
+    hash_bytes(&serde_json::to_vec(o).unwrap_or_default())
+}
+
+/// A rule that names at least one set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRefs {
+    /// Policy rule id.
+    pub rule: u32,
+    /// Direction key byte.
+    pub dir: u8,
+    /// The sets its peer names.
+    pub sets: Vec<String>,
+    /// Its other peer items: `any` and literals.
+    pub other: Vec<String>,
+}
+
+/// The compact compiled form (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetIndex {
+    /// Generation it describes.
+    pub generation: u64,
+    /// Kernel id of the attachment's `SEG_PEER_V4` map.
+    pub map_id: u32,
+    /// The policy file (as the state names it).
+    pub policy: String,
+    /// [`hash_bytes`] of that file's text when it was compiled.
+    pub policy_hash: u64,
+    /// [`hash_overrides`] of the live set edits compiled in.
+    pub overrides_hash: u64,
+    /// The host's roles it was compiled for.
+    pub roles: Vec<String>,
+    /// Members in force of every set, as `set list` prints them.
+    pub sets: BTreeMap<String, Vec<String>>,
+    /// Rules (that apply to the host) naming sets.
+    pub refs: Vec<SetRefs>,
+    /// Every address class.
+    pub classes: Vec<ClassRules>,
+}
+
+/// The peer items of a rule's `peer_text` (a string, or `[a, b]`).
+fn peer_items(text: &str) -> Vec<&str> {
+    match text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+        Some(inner) => inner.split(", ").map(str::trim).collect(),
+        None => vec![text.trim()],
+    }
+}
+
+/// Maps with their new contents after a set edit (keys at slot 0).
+#[derive(Clone, Debug, Default)]
+pub struct Edited {
+    /// `SEG_PEER_V4` entries.
+    pub peers_v4: Vec<LpmEntry<PeerKeyV4, PeerClass>>,
+    /// `SEG_PEER_V6` entries.
+    pub peers_v6: Vec<LpmEntry<PeerKeyV6, PeerClass>>,
+    /// `SEG_PORTS` entries.
+    pub ports: Vec<LpmEntry<PortKey, RuleRef>>,
+    /// The classes left.
+    pub classes: Vec<ClassRules>,
+    /// Addresses whose rules changed: IPv4 (as u128) and IPv6 ranges.
+    pub region: [Vec<(u128, u128)>; 2],
+}
+
+/// Inclusive ranges sorted and merged.
+fn normalize(mut r: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    r.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(r.len());
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(last) if last.1 == u128::MAX || s <= last.1 + 1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `a` minus `b` (both normalized).
+fn subtract(a: &[(u128, u128)], b: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(s, e) in a {
+        let mut cur = s;
+        while j < b.len() && b[j].1 < cur {
+            j += 1;
+        }
+        let mut k = j;
+        let mut done = false;
+        while k < b.len() && b[k].0 <= e {
+            if b[k].0 > cur {
+                out.push((cur, b[k].0 - 1));
+            }
+            if b[k].1 >= e {
+                done = true;
+                break;
+            }
+            cur = cur.max(b[k].1 + 1);
+            k += 1;
+        }
+        if !done && cur <= e {
+            out.push((cur, e));
+        }
+    }
+    out
+}
+
+fn intersects(a: &[(u128, u128)], b: &[(u128, u128)]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].1 < b[j].0 {
+            i += 1;
+        } else if b[j].1 < a[i].0 {
+            j += 1;
+        } else {
+            return true;
+        }
+    }
+    false
+}
+
+/// The ranges of one family (`v6`) of `ranges`, as u128.
+fn family(ranges: &[AddrRange], v6: bool) -> Vec<(u128, u128)> {
+    ranges
+        .iter()
+        .filter_map(|r| match (r, v6) {
+            (AddrRange::V4 { start, end }, false) => Some((u128::from(*start), u128::from(*end))),
+            (AddrRange::V6 { start, end }, true) => Some((*start, *end)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Peer-trie keys of either family, generic over the two key types.
+trait PeerKey: Copy {
+    const BITS: u32;
+    fn dir(&self) -> u8;
+    fn addr(&self) -> u128;
+    fn make(dir: u8, addr: u128) -> Self;
+}
+
+impl PeerKey for PeerKeyV4 {
+    const BITS: u32 = 32;
+    fn dir(&self) -> u8 {
+        self.dir
+    }
+    fn addr(&self) -> u128 {
+        u128::from(u32::from_be_bytes(self.addr_be))
+    }
+    fn make(dir: u8, addr: u128) -> Self {
+        PeerKeyV4 {
+            slot: 0,
+            dir,
+            addr_be: (addr as u32).to_be_bytes(),
+        }
+    }
+}
+
+impl PeerKey for PeerKeyV6 {
+    const BITS: u32 = 128;
+    fn dir(&self) -> u8 {
+        self.dir
+    }
+    fn addr(&self) -> u128 {
+        u128::from_be_bytes(self.addr_be)
+    }
+    fn make(dir: u8, addr: u128) -> Self {
+        PeerKeyV6 {
+            slot: 0,
+            dir,
+            addr_be: addr.to_be_bytes(),
+        }
+    }
+}
+
+/// The maximal intervals `(start, end, class)` of one direction's entries.
+fn intervals<K: PeerKey>(entries: &[LpmEntry<K, PeerClass>], dir: u8) -> Vec<(u128, u128, u32)> {
+    let max = if K::BITS == 128 {
+        u128::MAX
+    } else {
+        u128::from(u32::MAX)
+    };
+    let mut v: Vec<(u128, u128, u32)> = entries
+        .iter()
+        .filter(|(_, k, _)| k.dir() == dir)
+        .map(|&(len, k, c)| {
+            let plen = len.saturating_sub(PEER_KEY_HEADER_BITS).min(K::BITS);
+            let host = if plen == 0 {
+                max
+            } else {
+                (1u128 << (K::BITS - plen)) - 1
+            };
+            let start = k.addr();
+            (start, start | host, c.class_id)
+        })
+        .collect();
+    v.sort_unstable();
+    merge(v)
+}
+
+fn merge(v: Vec<(u128, u128, u32)>) -> Vec<(u128, u128, u32)> {
+    let mut out: Vec<(u128, u128, u32)> = Vec::with_capacity(v.len());
+    for (s, e, c) in v {
+        match out.last_mut() {
+            Some(last) if last.2 == c && last.1 != u128::MAX && last.1 + 1 == s => last.1 = e,
+            _ => out.push((s, e, c)),
+        }
+    }
+    out
+}
+
+/// `old` with the addresses of `region` given the class `new_class` of
+/// their old class (None: no class), cut at every boundary of both.
+fn overlay(
+    old: &[(u128, u128, u32)],
+    region: &[(u128, u128)],
+    max: u128,
+    mut new_class: impl FnMut(Option<u32>) -> Result<Option<u32>, String>,
+) -> Result<Vec<(u128, u128, u32)>, String> {
+    let mut points: Vec<u128> = Vec::with_capacity(2 * (old.len() + region.len()));
+    for &(s, e, _) in old {
+        points.push(s);
+        if e < max {
+            points.push(e + 1);
+        }
+    }
+    for &(s, e) in region {
+        points.push(s);
+        if e < max {
+            points.push(e + 1);
+        }
+    }
+    points.sort_unstable();
+    points.dedup();
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::with_capacity(old.len() + region.len());
+    for (n, &s) in points.iter().enumerate() {
+        let e = points.get(n + 1).map_or(max, |p| p - 1);
+        while i < old.len() && old[i].1 < s {
+            i += 1;
+        }
+        while j < region.len() && region[j].1 < s {
+            j += 1;
+        }
+        let class = (i < old.len() && old[i].0 <= s).then(|| old[i].2);
+        let in_region = j < region.len() && region[j].0 <= s;
+        let class = if in_region { new_class(class)? } else { class };
+        if let Some(c) = class {
+            out.push((s, e, c));
+        }
+    }
+    Ok(merge(out))
+}
+
+fn entries_of<K: PeerKey>(iv: &[(u128, u128, u32)], dir: u8) -> Vec<LpmEntry<K, PeerClass>> {
+    let mut out = Vec::with_capacity(iv.len());
+    for &(s, e, c) in iv {
+        for (prefix, len) in range_to_prefixes(s, e, K::BITS) {
+            out.push((
+                PEER_KEY_HEADER_BITS + len,
+                K::make(dir, prefix),
+                PeerClass { class_id: c },
+            ));
+        }
+    }
+    out
+}
+
+impl SetIndex {
+    /// The index of `c`, compiled from `policy` (whose text hashes to
+    /// `policy_hash`, with `overrides`) for `roles`, written to the maps
+    /// whose peer trie has kernel id `map_id`.
+    pub fn build(
+        policy: &Policy,
+        state_policy: &str,
+        policy_hash: u64,
+        overrides: &BTreeMap<String, Vec<String>>,
+        roles: &[String],
+        c: &Compiled,
+        map_id: u32,
+    ) -> Self {
+        let names: std::collections::HashSet<&str> =
+            policy.sets.iter().map(|s| s.name.as_str()).collect();
+        let refs = c
+            .rules
+            .iter()
+            .filter_map(|info| {
+                let rule = policy.rules.get(info.id as usize)?;
+                let (sets, other): (Vec<&str>, Vec<&str>) = peer_items(&rule.peer_text)
+                    .into_iter()
+                    .partition(|i| names.contains(i));
+                (!sets.is_empty()).then(|| SetRefs {
+                    rule: info.id,
+                    dir: rule.direction.key_byte(),
+                    sets: sets.into_iter().map(String::from).collect(),
+                    other: other.into_iter().map(String::from).collect(),
+                })
+            })
+            .collect();
+        SetIndex {
+            generation: c.config.generation,
+            map_id,
+            policy: state_policy.to_string(),
+            policy_hash,
+            overrides_hash: hash_overrides(overrides),
+            roles: roles.to_vec(),
+            sets: policy
+                .sets
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        s.ranges.iter().map(ToString::to_string).collect(),
+                    )
+                })
+                .collect(),
+            refs,
+            classes: c.class_rules.clone(),
+        }
+    }
+
+    /// The file's bytes: a line `SEGSETS1 <checksum>`, then JSON.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = format!("{MAGIC} {:016x}\n", hash_bytes(&body)).into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Parses a file's bytes; None unless whole and its checksum holds.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let nl = bytes.iter().position(|&b| b == b'\n')?;
+        let head = std::str::from_utf8(&bytes[..nl]).ok()?;
+        let sum = head.strip_prefix(MAGIC)?.strip_prefix(' ')?;
+        let body = &bytes[nl + 1..];
+        if u64::from_str_radix(sum, 16).ok()? != hash_bytes(body) {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
+    }
+
+    /// Reads the index at `path`, if there is a whole one.
+    pub fn read(path: &Path) -> Option<Self> {
+        Self::from_bytes(&std::fs::read(path).ok()?)
+    }
+
+    /// Writes the index to `path` atomically (mode 0600).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = path.with_extension("sets.tmp");
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&self.to_bytes())?;
+        }
+        std::fs::rename(&tmp, path)
+    }
+
+    fn ranges_of(&self, set: &str) -> Result<Vec<AddrRange>, String> {
+        self.sets
+            .get(set)
+            .ok_or_else(|| format!("no set `{set}` in the index"))?
+            .iter()
+            .map(|m| parse_item(m).map_err(|e| format!("set {set}: {m}: {e}")))
+            .collect()
+    }
+
+    /// The maps in force (`snap`, of this index's generation) with the
+    /// members of `set` replaced by `next`. Err says why the edit needs
+    /// the full path (nothing is decided wrongly: the caller compiles).
+    /// `old` are the set's members in force (as parsed from `self.sets`).
+    pub fn edit(
+        &self,
+        snap: &Snapshot,
+        set: &str,
+        old: &[AddrRange],
+        next: &[AddrRange],
+    ) -> Result<Edited, String> {
+        let cap = self.classes.len();
+        let mut by_set: FastMap<(u8, &[u32]), u32> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
+        let mut rules_of: FastMap<u32, &[u32]> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
+        for c in &self.classes {
+            by_set.insert((c.dir, &c.rules), c.id);
+            rules_of.insert(c.id, &c.rules);
+        }
+        let unknown = snap
+            .peers_v4
+            .iter()
+            .map(|(_, _, c)| c.class_id)
+            .chain(snap.peers_v6.iter().map(|(_, _, c)| c.class_id))
+            .find(|c| !rules_of.contains_key(c));
+        if let Some(c) = unknown {
+            return Err(format!(
+                "class {c} of the maps in force is not in the index"
+            ));
+        }
+        let dirs = Direction::ALL.map(Direction::key_byte);
+        // The maximal intervals of each direction (ingress, egress) and
+        // family (v4, v6), as the compiler's sweep made them.
+        let mut iv: [[Vec<(u128, u128, u32)>; 2]; 2] =
+            dirs.map(|d| [intervals(&snap.peers_v4, d), intervals(&snap.peers_v6, d)]);
+        let mut region_out: [Vec<(u128, u128)>; 2] = [Vec::new(), Vec::new()];
+        for v6 in [false, true] {
+            let before = normalize(family(old, v6));
+            let after = normalize(family(next, v6));
+            let gained = subtract(&after, &before);
+            let lost = subtract(&before, &after);
+            if !gained.is_empty() && !lost.is_empty() {
+                return Err("members both added and removed".into());
+            }
+            let (region, add) = if lost.is_empty() {
+                (gained, true)
+            } else {
+                (lost, false)
+            };
+            if region.is_empty() {
+                continue;
+            }
+            for (di, dir) in dirs.into_iter().enumerate() {
+                let named: Vec<&SetRefs> = self
+                    .refs
+                    .iter()
+                    .filter(|r| r.dir == dir && r.sets.iter().any(|s| s == set))
+                    .collect();
+                if named.is_empty() {
+                    continue;
+                }
+                if !add {
+                    // A rule that also reaches these addresses another way
+                    // keeps them: decided by the full path.
+                    for r in &named {
+                        let mut other = Vec::new();
+                        for s in r.sets.iter().filter(|s| *s != set) {
+                            other.extend(family(&self.ranges_of(s)?, v6));
+                        }
+                        for item in &r.other {
+                            let range = if item == "any" {
+                                if v6 {
+                                    AddrRange::any_v6()
+                                } else {
+                                    AddrRange::any_v4()
+                                }
+                            } else {
+                                parse_item(item).map_err(|e| format!("{item}: {e}"))?
+                            };
+                            other.extend(family(&[range], v6));
+                        }
+                        if intersects(&normalize(other), &region) {
+                            return Err(format!(
+                                "rule {} also names the removed addresses another way",
+                                r.rule
+                            ));
+                        }
+                    }
+                }
+                let a: Vec<u32> = named.iter().map(|r| r.rule).collect();
+                let mut next_class = |class: Option<u32>| -> Result<Option<u32>, String> {
+                    let mut rules: Vec<u32> = match class {
+                        Some(c) => rules_of
+                            .get(&c)
+                            .ok_or_else(|| format!("class {c} is not in the index"))?
+                            .to_vec(),
+                        None => Vec::new(),
+                    };
+                    if add {
+                        rules.extend(&a);
+                        rules.sort_unstable();
+                        rules.dedup();
+                    } else {
+                        rules.retain(|r| !a.contains(r));
+                    }
+                    if rules.is_empty() {
+                        return Ok(None);
+                    }
+                    by_set
+                        .get(&(dir, &rules[..]))
+                        .copied()
+                        .map(Some)
+                        .ok_or_else(|| "the edit needs an address class the policy has not".into())
+                };
+                let max = if v6 { u128::MAX } else { u128::from(u32::MAX) };
+                let list = &mut iv[di][usize::from(v6)];
+                *list = overlay(list, &region, max, &mut next_class)?;
+            }
+            region_out[usize::from(v6)] = region;
+        }
+        // Class ids as a fresh compile gives them: in the order the classes
+        // first appear (ingress then egress, IPv4 then IPv6, ascending
+        // addresses). Classes no address maps to any more go, with their
+        // port entries (a fresh compile would not make them).
+        let mut renum: FastMap<u32, u32> =
+            FastMap::with_capacity_and_hasher(cap, std::hash::BuildHasherDefault::default());
+        for lists in &iv {
+            for list in lists {
+                for &(_, _, c) in list {
+                    let n = renum.len() as u32;
+                    renum.entry(c).or_insert(n);
+                }
+            }
+        }
+        let mut out = Edited {
+            region: region_out,
+            ..Edited::default()
+        };
+        for (di, dir) in dirs.into_iter().enumerate() {
+            let [v4, v6] = &mut iv[di];
+            for l in [&mut *v4, &mut *v6] {
+                for (_, _, c) in l.iter_mut() {
+                    *c = renum[c];
+                }
+            }
+            out.peers_v4.extend(entries_of::<PeerKeyV4>(v4, dir));
+            out.peers_v6.extend(entries_of::<PeerKeyV6>(v6, dir));
+        }
+        out.ports = snap
+            .ports
+            .iter()
+            .filter_map(|&(l, mut k, v)| {
+                let c = renum.get(&u32::from_be_bytes(k.class_be))?;
+                k.class_be = c.to_be_bytes();
+                Some((l, k, v))
+            })
+            .collect();
+        out.classes = self
+            .classes
+            .iter()
+            .filter_map(|c| {
+                Some(ClassRules {
+                    id: *renum.get(&c.id)?,
+                    ..c.clone()
+                })
+            })
+            .collect();
+        out.classes.sort_by_key(|c| c.id);
+        Ok(out)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_sets() {
+        assert_eq!(normalize(vec![(5, 9), (0, 3), (4, 4)]), vec![(0, 9)]);
+        assert_eq!(
+            subtract(&[(0, 100)], &[(10, 20), (50, 200)]),
+            vec![(0, 9), (21, 49)]
+        );
+        assert_eq!(subtract(&[(0, u128::MAX)], &[(0, u128::MAX)]), vec![]);
+        assert!(intersects(&[(0, 5)], &[(5, 9)]));
+        assert!(!intersects(&[(0, 4)], &[(5, 9)]));
+        assert_eq!(peer_items("[a, 10.0.0.1]"), vec!["a", "10.0.0.1"]);
+        assert_eq!(peer_items("any"), vec!["any"]);
+    }
+
+    #[test]
+    fn overlay_cuts_and_merges() {
+        let old = vec![(0, 9, 1), (20, 29, 2)];
+        let got = overlay(&old, &[(5, 24)], 100, |c| Ok(Some(c.map_or(3, |c| c + 10)))).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (0, 4, 1),
+                (5, 9, 11),
+                (10, 19, 3),
+                (20, 24, 12),
+                (25, 29, 2)
+            ]
+        );
+        let merged = overlay(&old, &[(10, 19)], 100, |_| Ok(Some(1))).unwrap();
+        assert_eq!(merged, vec![(0, 19, 1), (20, 29, 2)]);
+    }
+
+    const POLICY: &str = r#"
+version = 1
+[sets]
+a = ["10.0.0.0/28", "fd00:1::/64"]
+b = ["10.0.1.0/24"]
+c = ["10.0.0.8/29", "10.0.2.0/25"]
+[defaults]
+ingress = "drop"
+egress = "drop"
+[[base.ingress]]
+from = "a"
+tcp = [22]
+[roles.web]
+hosts = "any"
+[[roles.web.ingress]]
+from = ["b", "c"]
+tcp = [80, 443]
+[[roles.web.ingress]]
+from = "c"
+udp = ["1000-1100"]
+[[roles.web.ingress]]
+from = ["b", "10.0.5.0/24"]
+tcp = [8080]
+[[roles.web.egress]]
+to = "a"
+proto = "any"
+[[roles.web.egress]]
+to = ["b", "10.9.0.0/16"]
+tcp = [5432]
+"#;
+
+    fn compiled(sets: &BTreeMap<String, Vec<String>>) -> (Policy, Compiled) {
+        let parsed: BTreeMap<String, Vec<AddrRange>> = sets
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter().map(|m| parse_item(m).unwrap()).collect(),
+                )
+            })
+            .collect();
+        let p = crate::policy::parse::parse_str_with_sets(POLICY, "t.toml", &parsed).unwrap();
+        let c = crate::policy::compile::compile(
+            &p,
+            &["web".to_string()],
+            None,
+            0,
+            1,
+            crate::policy::compile::Capacity::default(),
+        )
+        .unwrap();
+        (p, c)
+    }
+
+    /// The compiler-level differential test of the fast path: after every
+    /// set edit of a random sequence that the index takes, its maps equal a
+    /// fresh compile of the edited policy (class ids included); edits it
+    /// declines are compiled, and the next index comes from that compile.
+    #[test]
+    fn index_edits_equal_a_fresh_compile() {
+        let mut fast = 0;
+        let mut declined = 0;
+        for seed in 1..=60u64 {
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut below = |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let (p, c) = compiled(&sets);
+            let mut idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &c, 1);
+            let mut snap = Snapshot::of(&c, 1);
+            for _ in 0..30 {
+                let name = ["a", "b", "c"][below(3) as usize].to_string();
+                let old_text = idx.sets[&name].clone();
+                let mut next_text = old_text.clone();
+                let add = next_text.is_empty() || below(3) != 0;
+                if add {
+                    let m = match below(5) {
+                        0 => format!("10.0.{}.{}", below(6), below(256)),
+                        1 => format!("10.0.{}.0/{}", below(6), 24 + below(9)),
+                        2 => format!("fd00:1::{:x}", below(4096)),
+                        3 => format!("10.7.{}.{}", below(4), below(256)),
+                        _ => format!("10.0.3.{}-10.0.3.{}", below(100), 100 + below(100)),
+                    };
+                    if next_text.contains(&m) {
+                        continue;
+                    }
+                    next_text.push(m);
+                } else {
+                    next_text.remove(below(next_text.len() as u64) as usize);
+                }
+                let parse = |t: &[String]| -> Vec<AddrRange> {
+                    t.iter().map(|m| parse_item(m).unwrap()).collect()
+                };
+                sets.insert(name.clone(), next_text.clone());
+                let (p, fresh) = compiled(&sets);
+                if let Ok(e) = idx.edit(&snap, &name, &parse(&old_text), &parse(&next_text)) {
+                    fast += 1;
+                    let got = Snapshot {
+                        generation: fresh.config.generation,
+                        map_id: 1,
+                        peers_v4: e.peers_v4,
+                        peers_v6: e.peers_v6,
+                        ports: e.ports,
+                    };
+                    assert_eq!(
+                        got.clone().sorted(),
+                        Snapshot::of(&fresh, 1).sorted(),
+                        "seed {seed}: {name} {old_text:?} -> {next_text:?}"
+                    );
+                    assert_eq!(e.classes, fresh.class_rules, "seed {seed}: classes");
+                    snap = got;
+                    idx.classes = e.classes;
+                    idx.sets.insert(name, next_text);
+                } else {
+                    declined += 1;
+                    idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &fresh, 1);
+                    snap = Snapshot::of(&fresh, 1);
+                }
+            }
+        }
+        assert!(
+            fast > 300 && declined > 50,
+            "fast {fast}, declined {declined}"
+        );
+    }
+
+    #[test]
+    fn a_torn_or_altered_index_is_refused() {
+        let idx = SetIndex {
+            generation: 3,
+            map_id: 7,
+            policy: "/p.toml".into(),
+            policy_hash: 1,
+            overrides_hash: 2,
+            roles: vec!["web".into()],
+            sets: BTreeMap::from([("a".to_string(), vec!["10.0.0.1".to_string()])]),
+            refs: Vec::new(),
+            classes: Vec::new(),
+        };
+        let bytes = idx.to_bytes();
+        assert_eq!(SetIndex::from_bytes(&bytes), Some(idx));
+        assert_eq!(SetIndex::from_bytes(&bytes[..bytes.len() - 1]), None);
+        let altered = String::from_utf8(bytes)
+            .unwrap()
+            .replace("10.0.0.1", "10.0.0.2");
+        assert_eq!(SetIndex::from_bytes(altered.as_bytes()), None);
+    }
+}
