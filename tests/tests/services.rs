@@ -1415,6 +1415,112 @@ fn renumbered_service_cannot_reuse_a_flow() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two policies with the same services numbered differently: `db`'s id
+/// under one is `zz`'s (a service whose cgroup does not exist, ingress
+/// allowed) under the other.
+const RACE_A: &str = r#"version = 1
+[defaults]
+ingress = "allow"
+egress = "allow"
+[services.app]
+cgroup = "app"
+[services.db]
+cgroup = "db"
+defaults = { ingress = "drop" }
+[services.other]
+cgroup = "other"
+[[services.db.ingress]]
+from_services = ["app"]
+udp = [3306]
+"#;
+const RACE_B: &str = r#"version = 1
+[defaults]
+ingress = "allow"
+egress = "allow"
+[services.other]
+cgroup = "other"
+[services.zz]
+cgroup = "zz"
+[services.app]
+cgroup = "app"
+[services.db]
+cgroup = "db"
+defaults = { ingress = "drop" }
+[[services.db.ingress]]
+from_services = ["app"]
+udp = [3306]
+"#;
+
+/// Reloads that renumber the services, back to back, while cgroups are
+/// made and removed below the root as fast as the follower can classify
+/// them: a process in no service never reaches db (the follower's
+/// classification never puts an id of the other policy into the slot a
+/// reload fills and puts in force).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn renumbering_reloads_racing_cgroup_churn() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rc", &["app", "db", "other", "nobody", "stage"], 102)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
+    lab.attach(RACE_A)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let (a, b) = (lab.state.join("a.toml"), lab.state.join("b.toml"));
+    std::fs::write(&a, RACE_A)?;
+    std::fs::write(&b, RACE_B)?;
+    assert!(lab.udp("app", "127.0.0.1 3306")?, "app -> db");
+    assert!(!lab.udp("nobody", "127.0.0.1 3306")?, "nobody -> db");
+    let prober = prober_in(&lab, "nobody", "127.0.0.1 3306")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, root) = (stop.clone(), lab.root.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let made: Vec<PathBuf> = (0..100)
+                    .map(|i| root.join(format!("churn{i}")))
+                    .filter(|p| std::fs::create_dir(p).is_ok())
+                    .collect();
+                std::thread::sleep(Duration::from_millis(100));
+                for p in made {
+                    let _ = std::fs::remove_dir(p);
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let start = Instant::now();
+    let mut reloads = 0u32;
+    while start.elapsed() < Duration::from_secs(12) {
+        let file = if reloads % 2 == 0 { &b } else { &a };
+        let out = lab
+            .segbpf(&[
+                "reload",
+                "--services",
+                "--cgroup-root",
+                &root,
+                "-p",
+                file.to_str().context("path")?,
+            ])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reloads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds = churn.join().map_err(|_| anyhow::anyhow!("churn thread"))?;
+    let (ok, _, total) = finish(prober)?;
+    eprintln!("{reloads} reloads, {rounds} churn rounds, {total} probes from no service");
+    assert!(total > 100, "the prober hardly ran: {total}");
+    assert_eq!(ok, 0, "no service reached db {ok} times out of {total}");
+    assert!(lab.udp("app", "127.0.0.1 3306")?, "app -> db after the reloads");
+    assert!(!lab.udp("nobody", "127.0.0.1 3306")?, "nobody -> db after");
+    Ok(())
+}
+
 /// Ends a follower left by `--no-wait` or a `--confirm` guard (by its
 /// PID, if it is still one).
 struct Kill(i32);

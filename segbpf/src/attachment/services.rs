@@ -138,6 +138,30 @@ impl SvcPaths {
         serde_json::from_str(&text).ok()
     }
 
+    /// Takes the attachment's lock (an exclusive `flock` on its pin
+    /// directory, held by the kernel until the returned value is dropped or
+    /// the process dies): a reload and a rescan of the cgroup tree never
+    /// interleave, so no cgroup entry of the slot a reload fills and puts
+    /// in force is computed from another policy's service ids.
+    pub fn lock(&self) -> Result<SvcLock, ServicesError> {
+        let f = std::fs::File::open(&self.dir)
+            .map_err(io(format!("opening {}", self.dir.display())))?;
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(SvcLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(ServicesError::Io {
+                    what: format!("locking {}", self.dir.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+
     fn write_state(&self, s: &SvcState) -> Result<(), ServicesError> {
         if let Some(parent) = self.state.parent() {
             private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -148,6 +172,9 @@ impl SvcPaths {
         std::fs::rename(&tmp, &self.state).map_err(io(format!("writing {}", self.state.display())))
     }
 }
+
+/// The attachment's lock ([`SvcPaths::lock`]); released when dropped.
+pub struct SvcLock(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
 
 /// What is in force, as recorded by the last attach or reload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,6 +311,16 @@ impl SvcMaps {
                 .map_err(kernel("writing SEG_SVC_CG"))?;
         }
         Ok(())
+    }
+
+    /// The generation of the policy in the slot in force.
+    pub fn generation_in_force(&self) -> Result<u64, ServicesError> {
+        let base = u32::from(self.active()? * SVC_SLOT_STRIDE);
+        Ok(self
+            .cfg
+            .get(&base, 0)
+            .map_err(kernel("reading SEG_SVC_CFG"))?
+            .generation)
     }
 
     /// Puts `slot` in force: one u32 write.
@@ -565,6 +602,9 @@ pub fn reload(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    // No rescan of the follower runs from here until the state names the
+    // new policy: it would write the old policy's ids into the new slot.
+    let _lock = paths.lock()?;
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
     let cur = maps.active()?;
     let next = 1 - cur;
@@ -594,9 +634,17 @@ pub fn reload(
 /// Reclassifies the cgroup tree for the services in force (a cgroup made
 /// or removed). Returns (entries written, entries removed).
 pub fn rescan(paths: &SvcPaths, maps: &mut SvcMaps) -> Result<(usize, usize), ServicesError> {
+    // Serialized with reloads: the state and the slot in force agree.
+    let _lock = paths.lock()?;
     let Some(state) = paths.read_state() else {
         return Ok((0, 0));
     };
+    // The state must name the policy in force (a reload that died between
+    // its flip and its state leaves them apart): else nothing is written,
+    // new cgroups stay held until a reload puts things right.
+    if maps.generation_in_force()? != state.generation {
+        return Ok((0, 0));
+    }
     let services: Vec<(u8, String)> = state
         .services
         .iter()
