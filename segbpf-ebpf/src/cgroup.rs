@@ -130,6 +130,17 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     // unless a service's socket sends it): whatever priority the socket
     // set is overwritten, so no sender chooses its own stamp.
     let stamp_out = dir == DIR_EGRESS && lo;
+    // A packet received over loopback: its sender from the stamp, read
+    // once; then the stamp is wiped so no receiver ever reads it
+    // (SO_RCVPRIORITY / SCM_PRIORITY, whatever it is and whatever the
+    // verdict).
+    let sender = if dir == DIR_INGRESS && lo {
+        let s = stamp_sender(ctx, slot);
+        set_stamp(ctx, 0);
+        s
+    } else {
+        NO_SENDER
+    };
     let (svc, svc_cg) = match identify(ctx, slot, globals.max_level) {
         Who::Pending => {
             if stamp_out {
@@ -147,7 +158,7 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
         }
         // No service: pass, unless its peer over loopback is a service
         // that may send only to named services.
-        if dir == DIR_INGRESS && lo && stamp_sender(ctx, slot).need_peer && globals.audit == 0 {
+        if sender.need_peer && globals.audit == 0 {
             count(base, dir, false, len);
             return DROP;
         }
@@ -158,7 +169,8 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
         return DROP;
     };
-    let (verdict, refused, need_peer) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    let (verdict, refused, need_peer) =
+        judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender);
     if stamp_out {
         let mut stamp = (SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK)
             | (u32::from(slot) << 7)
@@ -254,6 +266,7 @@ fn judge_service(
     svc_cg: u64,
     cfg: &SvcConfig,
     lo: bool,
+    sender: Sender,
 ) -> (i32, Option<Pkt>, bool) {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
     let Some(p) = parse(ctx) else {
@@ -263,22 +276,15 @@ fn judge_service(
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
     let sock_cg = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let now = now_ns();
-    // The peer's service over loopback: the stamp its socket's egress put
-    // on this very packet.
-    let sender = if dir == DIR_INGRESS && lo {
-        stamp_sender(ctx, slot)
-    } else {
-        NO_SENDER
-    };
-    // The peer a flow entry remembers: the stamp's identity with the
-    // policy generation it was made under (each reload flips the slot and
-    // adds 1), so an id a later policy gives another service never matches
-    // an older entry.
-    let peer = if sender.tag == 0 {
-        0
-    } else {
-        (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag)
-    };
+    // `sender`: the peer's service over loopback, from the stamp its
+    // socket's egress put on this very packet (read by `judge`).
+    // The peer a flow entry remembers: the stamp's identity (0: no
+    // service) with the policy generation it was made under (each reload
+    // flips the slot and adds 1), so an id a later policy gives another
+    // service never matches an older entry, and every received loopback
+    // flow — also one from no service — is judged again after a reload.
+    let peer = (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8)
+        | u64::from(sender.tag);
     if cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {
