@@ -198,8 +198,8 @@ pub struct SvcFlow {
     /// Over loopback, an entry made by a received packet: the sender's
     /// identity from that packet's stamp, `generation << 8 | stamp &`
     /// [`SVC_STAMP_ID_MASK`] (the slot bit and the service id, with the
-    /// policy generation the stamp was made under; 0: no service or no
-    /// valid stamp). A later packet is part of the flow only with the same
+    /// policy generation the stamp was made under; identity bits 0: no
+    /// service or no valid stamp, still with the generation). A later packet is part of the flow only with the same
     /// identity: a local process that reuses the 4-tuple (closed or
     /// shared) is judged anew, and so is a flow after a reload.
     pub peer: u64,
@@ -220,7 +220,9 @@ const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
 /// chosen when the programs are loaded (global [`GLOBAL_SVC_NONCE`]),
 /// never 0: a priority a process may set for itself (`SO_PRIORITY` 0..6
 /// without `CAP_NET_ADMIN`/`CAP_NET_RAW`) is never a stamp, and the
-/// stamp of a socket's packets is overwritten anyway.
+/// stamp of a socket's packets is overwritten anyway. The ingress
+/// program sets the priority back to 0 once it has read it, so no
+/// receiver below the cgroup root reads a stamp (`SO_RCVPRIORITY`).
 pub const SVC_STAMP_NONCE_MASK: u32 = 0xffff_fe00;
 /// Stamp bit: the sender passed its egress only through `to_services`;
 /// the receiver's ingress checks it is one of them.

@@ -20,7 +20,8 @@
 //! attachment's nonce | need-peer bit | slot | service id; anything else
 //! (no service, held): 0 — so a packet carries its own sender, set by the
 //! kernel path it took, and the loopback ingress reads it back from the
-//! same skb. No table keyed by addresses is trusted for who sent a packet
+//! same skb, then sets it to 0 so no receiver reads it. No table keyed by
+//! addresses is trusted for who sent a packet
 //! (`segbpf_common::SVC_STAMP_NONCE_MASK` says why it cannot be forged).
 //!
 //! cgroup_skb packets start at the IP header; programs return 1 (pass) or

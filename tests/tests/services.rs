@@ -34,6 +34,11 @@
 //!   one that does not.
 //! * `renumbered_service_cannot_reuse_a_flow`: a service given app's old id
 //!   by later reloads is not taken for app on app's old flow.
+//! * `renumbering_reloads_racing_cgroup_churn`: renumbering reloads back
+//!   to back while cgroups are made and removed by the hundred: a process
+//!   in no service never reaches db.
+//! * `no_receiver_reads_the_stamp`: a receiver asking for each datagram's
+//!   priority (`SO_RCVPRIORITY`) gets 0 for a service's datagrams.
 //! * `no_service_cannot_pass_for_a_service`: a process in no service
 //!   cannot pass for `app` at db's ingress: not by reusing a 4-tuple app
 //!   just closed, not by sharing app's live port (SO_REUSEADDR, raw
