@@ -26,6 +26,9 @@
 //!   apply a new policy; a bad one is refused and the old one stays.
 //! * `no_wait_leaves_a_follower_that_detach_ends`: `--no-wait` leaves a
 //!   follower that classifies new cgroups and exits after the detach.
+//! * `no_wait_follower_is_single_and_logs`: a second `--no-wait` starts no
+//!   second follower; the follower logs to a file; the state names the
+//!   policy file absolute; `status --services` names a subtree attachment.
 //! * `sighup_reloads_the_policy_in_force`: SIGHUP (foreground attach or
 //!   follower) reloads the policy file in force, never undoing a later
 //!   `reload --services -p OTHER`.
@@ -1719,6 +1722,117 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `--follow-only` processes following the lab's root.
+fn followers_of(lab: &SvcLab) -> Vec<i32> {
+    let root = lab.root.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        c.contains("--follow-only") && c.split('\0').any(|w| w == root)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `attach --services --no-wait` given a relative policy path: the state
+/// names it absolute (a reload from another directory finds it); run again
+/// while its follower lives, no second follower starts; the follower logs
+/// to `STATE/services:ID.follow.log` (a failed SIGHUP reload is there);
+/// `status --services` without `--cgroup-root` names the subtree
+/// attachment.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn no_wait_follower_is_single_and_logs() -> anyhow::Result<()> {
+    let lab = SvcLab::new("ns", &["app", "db", "other"], 104)?;
+    std::fs::write(lab.state.join("roles.toml"), MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let attach = |lab: &SvcLab| -> anyhow::Result<String> {
+        let out = lab
+            .segbpf(&[
+                "attach",
+                "--services",
+                "--no-wait",
+                "--policy",
+                "roles.toml",
+                "--cgroup-root",
+                &root,
+            ])
+            .current_dir(&lab.state)
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        Ok(log)
+    };
+    let first = attach(&lab)?;
+    let pid: i32 = first
+        .split("followed by process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no follower in: {first}"))?;
+    let _kill = Kill(pid);
+    // Wait until it has claimed the following.
+    let start = Instant::now();
+    while followers_of(&lab) != vec![pid] && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let second = attach(&lab)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let now = followers_of(&lab);
+    let _kill_others: Vec<Kill> = now.iter().filter(|p| **p != pid).map(|p| Kill(*p)).collect();
+    assert_eq!(now, vec![pid], "followers after a second --no-wait: {second}");
+    // A reload from another directory, with the policy in force.
+    let out = lab
+        .segbpf(&["reload", "--services", "--cgroup-root", &root])
+        .current_dir("/")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "reload from /: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A policy that no longer loads, then SIGHUP: the failure is logged.
+    std::fs::write(lab.state.join("roles.toml"), "version = 1\n[services.x\n")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    let log_file = std::fs::read_dir(&lab.state)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".follow.log"));
+    let start = Instant::now();
+    let mut log = String::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        log = log_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default();
+        if log.contains("reload failed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log.contains("reload failed"),
+        "no failed reload in the follower's log ({log_file:?}): {log}"
+    );
+    // status --services at the default root names the subtree attachment.
+    let out = lab.segbpf(&["status", "--services"]).output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains(&root) && said.contains("--cgroup-root"),
+        "status --services without --cgroup-root: {said}"
+    );
+    Ok(())
+}
+
 /// SIGHUP reloads the policy in force (the file the last attach or
 /// reload recorded), not the file the process was started with: a
 /// `reload --services -p OTHER` is not undone, neither by the foreground
@@ -1963,6 +2077,14 @@ fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
     anyhow::ensure!(
         said.contains("PENDING: removed in"),
         "status does not say the attach waits for confirmation:\n{said}"
+    );
+    // The command it names works as shown (the lab's root is not the default).
+    assert!(
+        said.contains(&format!(
+            "segbpf confirm --services --cgroup-root {}",
+            lab.root.display()
+        )),
+        "the PENDING line lacks --cgroup-root:\n{said}"
     );
     let out = lab
         .segbpf(&["confirm", "--services", "--cgroup-root", &root])

@@ -443,7 +443,7 @@ pub fn attach(
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
-        policy: policy_path.to_path_buf(),
+        policy: absolute(policy_path),
         generation,
         slot: 0,
         audit,
@@ -452,6 +452,14 @@ pub fn attach(
     };
     paths.write_state(&state)?;
     Ok(state)
+}
+
+/// `path` made absolute (canonical when it exists), so the state names
+/// the policy file whatever the working directory of a later reload.
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::env::current_dir().map(|d| d.join(path)))
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Loads the object with the services maps pinned in `paths.dir` and
@@ -620,7 +628,7 @@ pub fn reload(
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
-        policy: policy_path.to_path_buf(),
+        policy: absolute(policy_path),
         generation,
         slot: next,
         audit,
@@ -683,6 +691,12 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     if paths.state.exists() {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;
+    }
+    // The follower's claim file (a live follower exits: the attachment is
+    // gone).
+    let claim = paths.state.with_extension("follow.lock");
+    if claim.exists() {
+        let _ = std::fs::remove_file(&claim);
     }
     // A pending `--confirm` ends with the attachment (its guard stands
     // down; it must not remove a later attach).
