@@ -244,9 +244,9 @@ fn helper_process() {
         // "none").
         "recv-prio" => {
             use std::os::fd::AsRawFd as _;
+            const SO_RCVPRIORITY: libc::c_int = 82;
             let u = UdpSocket::bind(addr(1)).expect("bind");
             let fd = u.as_raw_fd();
-            const SO_RCVPRIORITY: libc::c_int = 82;
             let one: libc::c_int = 1;
             // SAFETY: a valid socket and option value.
             let rc = unsafe {
@@ -285,14 +285,18 @@ fn helper_process() {
                 unsafe {
                     let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
                     while !c.is_null() {
-                        if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_PRIORITY
+                        if (*c).cmsg_level == libc::SOL_SOCKET
+                            && (*c).cmsg_type == libc::SO_PRIORITY
                         {
                             prio = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
                         }
                         c = libc::CMSG_NXTHDR(&raw const msg, c);
                     }
                 }
-                println!("prio={}", prio.map_or("none".to_string(), |p| p.to_string()));
+                println!(
+                    "prio={}",
+                    prio.map_or("none".to_string(), |p| p.to_string())
+                );
                 let _ = std::io::stdout().flush();
             }
             0
@@ -1274,48 +1278,42 @@ fn bpftool(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// The stamp app's packets carry now: the nonce from the read-only data
-/// of the loaded egress program (the one non-zero word whose low 9 bits
-/// are 0), app's id and the slot in force from the state.
+/// The stamp app's packets carry now: the nonce of the slot in force
+/// (its globals in the pinned `SEG_SVC_CFG`, bytes 16..20), app's id and
+/// the slot from the state.
 fn app_stamp(lab: &SvcLab) -> anyhow::Result<u32> {
+    let (slot, id) = slot_and_id(lab, "app")?;
+    Ok(slot_nonce(lab, slot)? | (slot << 7) | id)
+}
+
+/// The nonce of slot `slot`'s stamps, from the pinned `SEG_SVC_CFG`.
+fn slot_nonce(lab: &SvcLab, slot: u32) -> anyhow::Result<u32> {
     let dir = std::fs::read_dir(&lab.bpffs)?
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with("services:"))
         .context("no services pin directory")?
         .path();
-    let link = bpftool(&[
-        "link",
-        "show",
-        "pinned",
-        dir.join("link_svc_egress").to_str().context("path")?,
-    ])?;
-    let prog = link["prog_id"].as_u64().context("prog_id")?.to_string();
-    let maps = bpftool(&["prog", "show", "id", &prog])?;
-    let mut words = Vec::new();
-    for id in maps["map_ids"].as_array().context("map_ids")? {
-        let id = id.as_u64().context("map id")?.to_string();
-        if bpftool(&["map", "show", "id", &id])?["name"] != ".rodata" {
-            continue;
-        }
-        let dump = bpftool(&["map", "dump", "id", &id])?;
-        let bytes: Vec<u8> = dump[0]["value"]
-            .as_array()
-            .context("value")?
-            .iter()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect();
-        words.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-                .filter(|w| *w != 0 && w.trailing_zeros() >= 9),
-        );
-    }
-    let [nonce] = words[..] else {
-        bail!("expected one nonce in the program's read-only data, found {words:x?}");
+    let key = (slot * 128).to_le_bytes().map(|b| b.to_string());
+    let mut args = vec!["map", "lookup", "pinned"];
+    let pin = dir.join("SEG_SVC_CFG");
+    args.push(pin.to_str().context("path")?);
+    args.push("key");
+    args.extend(key.iter().map(String::as_str));
+    let v = bpftool(&args)?;
+    let bytes: Vec<u8> = v["value"]
+        .as_array()
+        .context("value")?
+        .iter()
+        .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect();
+    let Some(w) = bytes.get(16..20) else {
+        bail!("SEG_SVC_CFG holds no nonce: {v}");
     };
-    let (slot, id) = slot_and_id(lab, "app")?;
-    Ok(nonce | (slot << 7) | id)
+    let nonce = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+    if nonce == 0 || nonce.trailing_zeros() < 9 {
+        bail!("no valid nonce in slot {slot}: {nonce:#x}");
+    }
+    Ok(nonce)
 }
 
 /// The slot in force and the id of service `name` in it, from the state.
@@ -1559,7 +1557,7 @@ fn renumbering_reloads_racing_cgroup_churn() -> anyhow::Result<()> {
     let start = Instant::now();
     let mut reloads = 0u32;
     while start.elapsed() < Duration::from_secs(12) {
-        let file = if reloads % 2 == 0 { &b } else { &a };
+        let file = if reloads.is_multiple_of(2) { &b } else { &a };
         let out = lab
             .segbpf(&[
                 "reload",
@@ -1583,7 +1581,10 @@ fn renumbering_reloads_racing_cgroup_churn() -> anyhow::Result<()> {
     eprintln!("{reloads} reloads, {rounds} churn rounds, {total} probes from no service");
     assert!(total > 100, "the prober hardly ran: {total}");
     assert_eq!(ok, 0, "no service reached db {ok} times out of {total}");
-    assert!(lab.udp("app", "127.0.0.1 3306")?, "app -> db after the reloads");
+    assert!(
+        lab.udp("app", "127.0.0.1 3306")?,
+        "app -> db after the reloads"
+    );
     assert!(!lab.udp("nobody", "127.0.0.1 3306")?, "nobody -> db after");
     Ok(())
 }
@@ -1622,7 +1623,9 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
     lab.attach(RACE_A)?;
     let root = lab.root.to_string_lossy().to_string();
     let mut seen = Vec::new();
+    let mut nonces = Vec::new();
     for round in 0..2 {
+        nonces.push(slot_nonce(&lab, slot_and_id(&lab, "app")?.0)?);
         for (cg, addr) in [
             ("nobody", "127.0.0.1"),
             ("nobody", "::1"),
@@ -1634,16 +1637,32 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
             let line = read_line(&mut rx)?;
             seen.push(format!("round {round} {cg} {addr}: {line}"));
         }
-        assert!(lab.udp("app", "127.0.0.1 3306")?, "app -> db, round {round}");
-        assert!(!lab.udp("nobody", "127.0.0.1 3306")?, "nobody -> db, round {round}");
+        assert!(
+            lab.udp("app", "127.0.0.1 3306")?,
+            "app -> db, round {round}"
+        );
+        assert!(
+            !lab.udp("nobody", "127.0.0.1 3306")?,
+            "nobody -> db, round {round}"
+        );
         let out = lab
             .segbpf(&["reload", "--services", "--cgroup-root", &root])
             .output()?;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(
         seen.iter().all(|l| l.ends_with("prio=0")),
         "a receiver read a stamp: {seen:#?}"
+    );
+    // Each reload draws a new nonce.
+    nonces.push(slot_nonce(&lab, slot_and_id(&lab, "app")?.0)?);
+    assert!(
+        nonces[0] != nonces[1] && nonces[1] != nonces[2] && nonces[0] != nonces[2],
+        "the nonce did not change with the reloads: {nonces:x?}"
     );
     Ok(())
 }
@@ -1785,8 +1804,16 @@ fn no_wait_follower_is_single_and_logs() -> anyhow::Result<()> {
     let second = attach(&lab)?;
     std::thread::sleep(Duration::from_millis(500));
     let now = followers_of(&lab);
-    let _kill_others: Vec<Kill> = now.iter().filter(|p| **p != pid).map(|p| Kill(*p)).collect();
-    assert_eq!(now, vec![pid], "followers after a second --no-wait: {second}");
+    let _kill_others: Vec<Kill> = now
+        .iter()
+        .filter(|p| **p != pid)
+        .map(|p| Kill(*p))
+        .collect();
+    assert_eq!(
+        now,
+        vec![pid],
+        "followers after a second --no-wait: {second}"
+    );
     // A reload from another directory, with the policy in force.
     let out = lab
         .segbpf(&["reload", "--services", "--cgroup-root", &root])

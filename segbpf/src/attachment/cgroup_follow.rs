@@ -152,7 +152,12 @@ pub fn follower_log_file(paths: &SvcPaths) -> std::path::PathBuf {
 /// A process's start time (clock ticks since boot), from `/proc`.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 fn open_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {

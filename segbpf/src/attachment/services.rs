@@ -273,6 +273,8 @@ impl SvcMaps {
             let mut cfg = *cfg;
             if *i == u32::from(slot * SVC_SLOT_STRIDE) {
                 cfg.max_level = u8::try_from(cls.max_level).unwrap_or(u8::MAX);
+                // A new nonce for the stamps made under this policy.
+                cfg.nonce = stamp_nonce()?;
             }
             self.cfg
                 .set(*i, cfg, 0)
@@ -350,7 +352,20 @@ impl SvcMaps {
         for k in keys.into_iter().filter(|k| in_old(k.slot)) {
             let _ = self.peer.remove(&k);
         }
-        for i in u32::from(lo)..u32::from(lo) + u32::from(SVC_SLOT_STRIDE) {
+        // The globals keep their nonce: a packet stamped under this slot
+        // just before the flip still names its sender (as the other
+        // slot's, so no service of the new policy) and keeps its need-peer
+        // bit. The next reload that fills this slot draws a new one.
+        let nonce = self.cfg.get(&u32::from(lo), 0).map_or(0, |g| g.nonce);
+        let _ = self.cfg.set(
+            u32::from(lo),
+            SvcConfig {
+                nonce,
+                ..SvcConfig::default()
+            },
+            0,
+        );
+        for i in u32::from(lo) + 1..u32::from(lo) + u32::from(SVC_SLOT_STRIDE) {
             let _ = self.cfg.set(i, SvcConfig::default(), 0);
         }
     }
@@ -487,10 +502,6 @@ fn load_filled(
 ) -> Result<aya::Ebpf, ServicesError> {
     let mut loader = EbpfLoader::new();
     // The interface maps of the object are unused here: keep them tiny.
-    // The nonce of the sender stamps on loopback packets: random, never 0
-    // in the stamp's bits (segbpf_common::SVC_STAMP_NONCE_MASK).
-    let nonce = stamp_nonce()?;
-    loader.override_global(segbpf_common::GLOBAL_SVC_NONCE, &nonce, true);
     for (name, n) in [
         (segbpf_common::MAP_CT, 1),
         (segbpf_common::MAP_CT_NEW, 1),
@@ -533,7 +544,8 @@ fn load_filled(
     Ok(ebpf)
 }
 
-/// A random nonce for the sender stamps, with its stamp bits not all 0.
+/// A random nonce for the sender stamps of one policy slot
+/// ([`SvcConfig::nonce`]), with its stamp bits not all 0.
 fn stamp_nonce() -> Result<u32, ServicesError> {
     use std::io::Read as _;
     let mut f = std::fs::File::open("/dev/urandom").map_err(io("opening /dev/urandom"))?;
