@@ -116,8 +116,15 @@ pub struct SvcConfig {
     pub max_level: u8,
     /// Explicit padding.
     pub _pad: u8,
+    /// Globals only: the nonce of the sender stamps made under this slot
+    /// (random, [`SVC_STAMP_NONCE_MASK`] bits, never 0; a new one each
+    /// time a reload fills the slot, kept when the slot leaves force so a
+    /// packet stamped just before a flip still names its sender).
+    pub nonce: u32,
+    /// Explicit padding.
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<SvcConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SvcConfig>() == 24);
 
 /// Value of the services' peer tries and peer table: a class (the
 /// layout of `PeerClass`; its own type so the programs' lookups are their
@@ -198,8 +205,8 @@ pub struct SvcFlow {
     /// Over loopback, an entry made by a received packet: the sender's
     /// identity from that packet's stamp, `generation << 8 | stamp &`
     /// [`SVC_STAMP_ID_MASK`] (the slot bit and the service id, with the
-    /// policy generation the stamp was made under; 0: no service or no
-    /// valid stamp). A later packet is part of the flow only with the same
+    /// policy generation the stamp was made under; identity bits 0: no
+    /// service or no valid stamp, still with the generation). A later packet is part of the flow only with the same
     /// identity: a local process that reuses the 4-tuple (closed or
     /// shared) is judged anew, and so is a flow after a reload.
     pub peer: u64,
@@ -216,11 +223,13 @@ const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
 /// | slot << 7 | service id; of anything else: 0), after netfilter's
 /// POSTROUTING, and the ingress program on loopback reads it back: the
 /// same skb, in the same network namespace, nothing in the kernel's
-/// loopback path rewrites it. These bits carry the nonce, a random value
-/// chosen when the programs are loaded (global [`GLOBAL_SVC_NONCE`]),
-/// never 0: a priority a process may set for itself (`SO_PRIORITY` 0..6
+/// loopback path rewrites it. These bits carry the nonce of the slot the
+/// stamp was made under ([`SvcConfig::nonce`] of the slot's globals), a
+/// random value chosen each time a policy fills the slot, never 0: a priority a process may set for itself (`SO_PRIORITY` 0..6
 /// without `CAP_NET_ADMIN`/`CAP_NET_RAW`) is never a stamp, and the
-/// stamp of a socket's packets is overwritten anyway.
+/// stamp of a socket's packets is overwritten anyway. The ingress
+/// program sets the priority back to 0 once it has read it, so no
+/// receiver below the cgroup root reads a stamp (`SO_RCVPRIORITY`).
 pub const SVC_STAMP_NONCE_MASK: u32 = 0xffff_fe00;
 /// Stamp bit: the sender passed its egress only through `to_services`;
 /// the receiver's ingress checks it is one of them.
@@ -228,8 +237,6 @@ pub const SVC_STAMP_NEED_PEER: u32 = 0x100;
 /// Stamp bits naming the sender: the policy slot (bit 7) and the service
 /// id in it (bits 0..6).
 pub const SVC_STAMP_ID_MASK: u32 = 0xff;
-/// Name of the services programs' nonce (a frozen global, set at load).
-pub const GLOBAL_SVC_NONCE: &str = "SEGBPF_SVC_NONCE";
 
 /// A packet of a service that was dropped (or, `audit = 1`, would have
 /// been and was let through).

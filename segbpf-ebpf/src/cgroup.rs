@@ -17,10 +17,11 @@
 //!
 //! The sender's stamp: egress writes `skb->priority` of every packet any
 //! socket sends towards the loopback device — a service's socket: the
-//! attachment's nonce | need-peer bit | slot | service id; anything else
+//! slot's nonce (new at every reload) | need-peer bit | slot | service id; anything else
 //! (no service, held): 0 — so a packet carries its own sender, set by the
 //! kernel path it took, and the loopback ingress reads it back from the
-//! same skb. No table keyed by addresses is trusted for who sent a packet
+//! same skb, then sets it to 0 so no receiver reads it. No table keyed by
+//! addresses is trusted for who sent a packet
 //! (`segbpf_common::SVC_STAMP_NONCE_MASK` says why it cannot be forged).
 //!
 //! cgroup_skb packets start at the IP header; programs return 1 (pass) or
@@ -42,7 +43,7 @@ use segbpf_common::{
 
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
-    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6, SEGBPF_SVC_NONCE,
+    SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
 
 /// cgroup_skb: let the packet pass.
@@ -130,6 +131,17 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     // unless a service's socket sends it): whatever priority the socket
     // set is overwritten, so no sender chooses its own stamp.
     let stamp_out = dir == DIR_EGRESS && lo;
+    // A packet received over loopback: its sender from the stamp, read
+    // once; then the stamp is wiped so no receiver ever reads it
+    // (SO_RCVPRIORITY / SCM_PRIORITY, whatever it is and whatever the
+    // verdict).
+    let sender = if dir == DIR_INGRESS && lo {
+        let s = stamp_sender(ctx, slot);
+        set_stamp(ctx, 0);
+        s
+    } else {
+        NO_SENDER
+    };
     let (svc, svc_cg) = match identify(ctx, slot, globals.max_level) {
         Who::Pending => {
             if stamp_out {
@@ -147,7 +159,7 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
         }
         // No service: pass, unless its peer over loopback is a service
         // that may send only to named services.
-        if dir == DIR_INGRESS && lo && stamp_sender(ctx, slot).need_peer && globals.audit == 0 {
+        if sender.need_peer && globals.audit == 0 {
             count(base, dir, false, len);
             return DROP;
         }
@@ -158,11 +170,11 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
         return DROP;
     };
-    let (verdict, refused, need_peer) = judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo);
+    let (verdict, refused, need_peer) =
+        judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender);
     if stamp_out {
-        let mut stamp = (SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK)
-            | (u32::from(slot) << 7)
-            | u32::from(svc & 0x7f);
+        let mut stamp =
+            (globals.nonce & SVC_STAMP_NONCE_MASK) | (u32::from(slot) << 7) | u32::from(svc & 0x7f);
         if need_peer {
             stamp |= SVC_STAMP_NEED_PEER;
         }
@@ -184,14 +196,18 @@ fn set_stamp(ctx: &SkBuffContext, stamp: u32) {
 }
 
 /// The sender of a packet received over loopback, from its stamp: only a
-/// stamp with this attachment's nonce names anyone; one made under the
-/// other slot (a reload flipped while the packet was in flight) names no
+/// stamp with the nonce of the slot it names (`SvcConfig::nonce`, new at
+/// every reload) names anyone; one made under the other slot (a reload flipped while the packet was in flight) names no
 /// service in the slot in force (its need-peer bit still holds).
 #[inline(always)]
 fn stamp_sender(ctx: &SkBuffContext, slot: u8) -> Sender {
     // SAFETY: reading a field of the kernel-provided context.
     let prio = unsafe { (*ctx.skb.skb).priority };
-    let nonce = SEGBPF_SVC_NONCE.load() & SVC_STAMP_NONCE_MASK;
+    let stamp_slot = ((prio >> 7) & 1) as u8;
+    let Some(g) = SEG_SVC_CFG.get(u32::from(stamp_slot * SVC_SLOT_STRIDE)) else {
+        return NO_SENDER;
+    };
+    let nonce = g.nonce & SVC_STAMP_NONCE_MASK;
     if nonce == 0 || prio & SVC_STAMP_NONCE_MASK != nonce {
         return NO_SENDER;
     }
@@ -254,6 +270,7 @@ fn judge_service(
     svc_cg: u64,
     cfg: &SvcConfig,
     lo: bool,
+    sender: Sender,
 ) -> (i32, Option<Pkt>, bool) {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
     let Some(p) = parse(ctx) else {
@@ -263,22 +280,15 @@ fn judge_service(
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
     let sock_cg = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let now = now_ns();
-    // The peer's service over loopback: the stamp its socket's egress put
-    // on this very packet.
-    let sender = if dir == DIR_INGRESS && lo {
-        stamp_sender(ctx, slot)
-    } else {
-        NO_SENDER
-    };
-    // The peer a flow entry remembers: the stamp's identity with the
-    // policy generation it was made under (each reload flips the slot and
-    // adds 1), so an id a later policy gives another service never matches
-    // an older entry.
-    let peer = if sender.tag == 0 {
-        0
-    } else {
-        (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag)
-    };
+    // `sender`: the peer's service over loopback, from the stamp its
+    // socket's egress put on this very packet (read by `judge`).
+    // The peer a flow entry remembers: the stamp's identity (0: no
+    // service) with the policy generation it was made under (each reload
+    // flips the slot and adds 1), so an id a later policy gives another
+    // service never matches an older entry, and every received loopback
+    // flow — also one from no service — is judged again after a reload.
+    let peer =
+        (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag);
     if cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {

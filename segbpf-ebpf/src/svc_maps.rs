@@ -1,11 +1,9 @@
-//! The maps of the services programs (`cgroup.rs`) and their load-time
-//! nonce. Names match the `MAP_SVC_*` and `GLOBAL_SVC_NONCE` constants in
-//! `segbpf_common::services`. Sized small here:
+//! The maps of the services programs (`cgroup.rs`). Names match the
+//! `MAP_SVC_*` constants in `segbpf_common::services`. Sized small here:
 //! interface attachments load the same object and never use them; the
 //! services attachment sizes them at load.
 
 use aya_ebpf::{
-    Global,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -58,10 +56,3 @@ pub(crate) static SEG_SVC_EVENTS: RingBuf = RingBuf::with_byte_size(SVC_EVENT_RI
 /// Per CPU: the event rate limiter's window start (ns) and its count.
 #[map]
 pub(crate) static SEG_SVC_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
-
-/// The attachment's nonce, the high bits of a loopback packet's sender
-/// stamp (`segbpf_common::SVC_STAMP_NONCE_MASK`): random, chosen by
-/// userspace when it loads the services programs; frozen. 0 (an object
-/// loaded without one): no stamp is ever valid.
-#[unsafe(no_mangle)]
-pub(crate) static SEGBPF_SVC_NONCE: Global<u32> = Global::new(0);

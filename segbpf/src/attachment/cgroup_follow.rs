@@ -3,7 +3,9 @@
 //! milliseconds (inotify), with a rescan every second as a backstop; a
 //! hangup reloads the policy file in force (recorded in the state). Until a new cgroup's entry is written
 //! the programs hold its sockets (see [`crate::host::cgroups`]), so the delay is a delay
-//! of service, never a gap.
+//! of service, never a gap. One follower per attachment claims it
+//! ([`claim_follower`]; liveness from a kernel-held `flock`, never from a
+//! file alone).
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -151,6 +153,111 @@ pub fn reload_in_force(
     // Live set edits (`segbpf set --services`) stay over the file, as a
     // running `attach IFACE` keeps them.
     engine::reload_file(paths, policy_path, state.audit, true).map_err(|e| e.to_string())
+}
+
+/// The follower's claim on an attachment: an exclusive `flock` on
+/// `STATE/services:ID.follow.lock`, held by the kernel for as long as the
+/// follower lives (its process dies: the lock is gone, whatever file is
+/// left). The file also records the holder's PID and start time (for
+/// messages only; checked against `/proc` before it is shown).
+pub struct FollowerClaim(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
+
+/// The follower lock file of `paths`.
+pub fn follower_lock_file(paths: &SvcPaths) -> std::path::PathBuf {
+    paths.state.with_extension("follow.lock")
+}
+
+/// The log of the `--no-wait` follower: `STATE/services:ID.follow.log`.
+pub fn follower_log_file(paths: &SvcPaths) -> std::path::PathBuf {
+    paths.state.with_extension("follow.log")
+}
+
+/// A process's start time (clock ticks since boot), from `/proc`.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+fn open_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    let file = follower_lock_file(paths);
+    if let Some(parent) = file.parent() {
+        crate::attachment::dirs::private_dir(parent).map_err(|source| ServicesError::Io {
+            what: format!("creating {}", parent.display()),
+            source,
+        })?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&file)
+        .map_err(|source| ServicesError::Io {
+            what: format!("opening {}", file.display()),
+            source,
+        })
+}
+
+/// Tries `flock(LOCK_EX | LOCK_NB)` on `f`: whether it was taken.
+fn try_lock(f: &std::fs::File) -> Result<bool, ServicesError> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        // SAFETY: flock on a file descriptor the caller owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => {}
+            _ => {
+                return Err(ServicesError::Io {
+                    what: "locking the follower claim".into(),
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+/// Claims the following of `paths` for this process: None when another
+/// live process holds the claim.
+pub fn claim_follower(paths: &SvcPaths) -> Result<Option<FollowerClaim>, ServicesError> {
+    use std::io::{Seek as _, Write as _};
+    let mut f = open_lock(paths)?;
+    if !try_lock(&f)? {
+        return Ok(None);
+    }
+    let pid = std::process::id();
+    let record = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
+    let _ = f.set_len(0);
+    let _ = f.seek(std::io::SeekFrom::Start(0));
+    let _ = f.write_all(record.as_bytes());
+    Ok(Some(FollowerClaim(f)))
+}
+
+/// Whether a live process follows `paths` (its claim is held), and its
+/// PID when the record matches a live process's start time.
+pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
+    let f = open_lock(paths)?;
+    if try_lock(&f)? {
+        // Nobody holds it (closing the file drops our lock).
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(follower_lock_file(paths)).unwrap_or_default();
+    let mut w = text.split_whitespace().map(str::parse::<u64>);
+    let pid = match (w.next(), w.next()) {
+        (Some(Ok(pid)), Some(Ok(start))) => u32::try_from(pid)
+            .ok()
+            .filter(|p| start != 0 && start_time(*p) == Some(start)),
+        _ => None,
+    };
+    Ok(Some(pid))
 }
 
 /// How often the tree is rescanned without an inotify event.

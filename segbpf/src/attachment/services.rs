@@ -145,6 +145,30 @@ impl SvcPaths {
         serde_json::from_str(&text).ok()
     }
 
+    /// Takes the attachment's lock (an exclusive `flock` on its pin
+    /// directory, held by the kernel until the returned value is dropped or
+    /// the process dies): a reload and a rescan of the cgroup tree never
+    /// interleave, so no cgroup entry of the slot a reload fills and puts
+    /// in force is computed from another policy's service ids.
+    pub fn lock(&self) -> Result<SvcLock, ServicesError> {
+        let f = std::fs::File::open(&self.dir)
+            .map_err(io(format!("opening {}", self.dir.display())))?;
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(SvcLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(ServicesError::Io {
+                    what: format!("locking {}", self.dir.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+
     fn write_state(&self, s: &SvcState) -> Result<(), ServicesError> {
         if let Some(parent) = self.state.parent() {
             private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -155,6 +179,9 @@ impl SvcPaths {
         std::fs::rename(&tmp, &self.state).map_err(io(format!("writing {}", self.state.display())))
     }
 }
+
+/// The attachment's lock ([`SvcPaths::lock`]); released when dropped.
+pub struct SvcLock(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
 
 /// What is in force, as recorded by the last attach or reload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +288,8 @@ impl SvcMaps {
             let mut cfg = *cfg;
             if *i == u32::from(slot * SVC_SLOT_STRIDE) {
                 cfg.max_level = u8::try_from(cls.max_level).unwrap_or(u8::MAX);
+                // A new nonce for the stamps made under this policy.
+                cfg.nonce = stamp_nonce()?;
             }
             self.cfg
                 .set(*i, cfg, 0)
@@ -319,6 +348,16 @@ impl SvcMaps {
         Ok(())
     }
 
+    /// The generation of the policy in the slot in force.
+    pub fn generation_in_force(&self) -> Result<u64, ServicesError> {
+        let base = u32::from(self.active()? * SVC_SLOT_STRIDE);
+        Ok(self
+            .cfg
+            .get(&base, 0)
+            .map_err(kernel("reading SEG_SVC_CFG"))?
+            .generation)
+    }
+
     /// Puts `slot` in force: one u32 write.
     fn activate(&mut self, slot: u8) -> Result<(), ServicesError> {
         self.act
@@ -346,7 +385,20 @@ impl SvcMaps {
         for k in keys.into_iter().filter(|k| in_old(k.slot)) {
             let _ = self.peer.remove(&k);
         }
-        for i in u32::from(lo)..u32::from(lo) + u32::from(SVC_SLOT_STRIDE) {
+        // The globals keep their nonce: a packet stamped under this slot
+        // just before the flip still names its sender (as the other
+        // slot's, so no service of the new policy) and keeps its need-peer
+        // bit. The next reload that fills this slot draws a new one.
+        let nonce = self.cfg.get(&u32::from(lo), 0).map_or(0, |g| g.nonce);
+        let _ = self.cfg.set(
+            u32::from(lo),
+            SvcConfig {
+                nonce,
+                ..SvcConfig::default()
+            },
+            0,
+        );
+        for i in u32::from(lo) + 1..u32::from(lo) + u32::from(SVC_SLOT_STRIDE) {
             let _ = self.cfg.set(i, SvcConfig::default(), 0);
         }
     }
@@ -439,7 +491,7 @@ pub fn attach(
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
-        policy: policy_path.to_path_buf(),
+        policy: absolute(policy_path),
         generation,
         slot: 0,
         audit,
@@ -482,6 +534,14 @@ pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
     Ok(f)
 }
 
+/// `path` made absolute (canonical when it exists), so the state names
+/// the policy file whatever the working directory of a later reload.
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::env::current_dir().map(|d| d.join(path)))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Loads the object with the services maps pinned in `paths.dir` and
 /// filled with `policy` (slot 0), without attaching anything: for
 /// benchmarks (BPF_PROG_TEST_RUN) and tests. The caller removes the pins.
@@ -507,10 +567,6 @@ fn load_filled(
 ) -> Result<aya::Ebpf, ServicesError> {
     let mut loader = EbpfLoader::new();
     // The interface maps of the object are unused here: keep them tiny.
-    // The nonce of the sender stamps on loopback packets: random, never 0
-    // in the stamp's bits (segbpf_common::SVC_STAMP_NONCE_MASK).
-    let nonce = stamp_nonce()?;
-    loader.override_global(segbpf_common::GLOBAL_SVC_NONCE, &nonce, true);
     for (name, n) in [
         (segbpf_common::MAP_CT, 1),
         (segbpf_common::MAP_CT_NEW, 1),
@@ -553,7 +609,8 @@ fn load_filled(
     Ok(ebpf)
 }
 
-/// A random nonce for the sender stamps, with its stamp bits not all 0.
+/// A random nonce for the sender stamps of one policy slot
+/// ([`SvcConfig::nonce`]), with its stamp bits not all 0.
 fn stamp_nonce() -> Result<u32, ServicesError> {
     use std::io::Read as _;
     let mut f = std::fs::File::open("/dev/urandom").map_err(io("opening /dev/urandom"))?;
@@ -718,6 +775,9 @@ pub fn apply_locked(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    // No rescan of the follower runs from here until the state names the
+    // new policy: it would write the old policy's ids into the new slot.
+    let _lock = paths.lock()?;
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
     let cur = maps.active()?;
     let next = 1 - cur;
@@ -734,7 +794,7 @@ pub fn apply_locked(
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
-        policy: choice.source.clone(),
+        policy: absolute(&choice.source),
         generation,
         slot: next,
         audit,
@@ -751,11 +811,19 @@ pub fn apply_locked(
 /// Reclassifies the cgroup tree for the services in force (a cgroup made
 /// or removed). Returns (entries written, entries removed).
 pub fn rescan(paths: &SvcPaths, maps: &mut SvcMaps) -> Result<(usize, usize), ServicesError> {
-    // Not between a reload's reading of the state and its switch.
+    // Not between a reload's reading of the state and its switch (the
+    // state lock, then the pin directory's: the order every change takes).
     let _lock = lock(paths)?;
+    let _pins = paths.lock()?;
     let Some(state) = paths.read_state() else {
         return Ok((0, 0));
     };
+    // The state must name the policy in force (a reload that died between
+    // its flip and its state leaves them apart): else nothing is written,
+    // new cgroups stay held until a reload puts things right.
+    if maps.generation_in_force()? != state.generation {
+        return Ok((0, 0));
+    }
     let services: Vec<(u8, String)> = state
         .services
         .iter()
@@ -796,6 +864,12 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     if paths.state.exists() {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;
+    }
+    // The follower's claim file (a live follower exits: the attachment is
+    // gone).
+    let claim = paths.state.with_extension("follow.lock");
+    if claim.exists() {
+        let _ = std::fs::remove_file(&claim);
     }
     // A pending `--confirm` ends with the attachment (its guard stands
     // down; it must not remove a later attach).

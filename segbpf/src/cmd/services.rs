@@ -77,7 +77,21 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
         info!("{summary}");
         if args.no_wait {
             // The cgroup tree must still be followed: a cgroup made below a
-            // guard is held until classified. A follower stays behind.
+            // guard is held until classified. A follower stays behind,
+            // unless one lives already (its claim is held in the kernel).
+            if let Some(pid) = follow::live_follower(&paths)? {
+                info!(
+                    "the cgroup tree is already followed by {} until `segbpf detach --services`: no other follower started",
+                    pid.map_or_else(|| "a live process".to_string(), |p| format!("process {p}"))
+                );
+                return Ok(());
+            }
+            let log_file = follow::follower_log_file(&paths);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_file)
+                .with_context(|| format!("opening {}", log_file.display()))?;
             let exe = std::env::current_exe().context("finding segbpf's own executable")?;
             let mut cmd = std::process::Command::new(exe);
             cmd.arg("attach")
@@ -89,7 +103,9 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
                 .arg("--follow-only")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
+                // Its log (cgroup changes, reloads on SIGHUP and their
+                // errors, refused packets go to its stdout: none).
+                .stderr(log);
             if args.audit {
                 cmd.arg("--audit");
             }
@@ -106,12 +122,27 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             }
             let child = cmd.spawn().context("starting the cgroup follower")?;
             info!(
-                "the cgroup tree is followed by process {} until `segbpf detach --services`",
-                child.id()
+                "the cgroup tree is followed by process {} until `segbpf detach --services` (log: {})",
+                child.id(),
+                log_file.display()
             );
             return Ok(());
         }
         crate::host::service::ready(&summary);
+    }
+    // One follower per attachment: a second `--follow-only` (two
+    // `--no-wait` at once) leaves; a foreground attach follows anyway (it
+    // prints the refused packets) and says so.
+    let claim = follow::claim_follower(&paths)?;
+    if claim.is_none() {
+        if args.follow_only {
+            info!(
+                "the cgroup tree below {} is already followed: this follower leaves",
+                paths.root.dir.display()
+            );
+            return Ok(());
+        }
+        warn!("another process follows the cgroup tree too");
     }
     info!(
         "following the cgroup tree below {}; SIGHUP reloads the policy file in force (now {}); Ctrl-C leaves the foreground (enforcement stays until `segbpf detach --services`)",
@@ -147,6 +178,7 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             _ = hup_sig.recv() => hup.store(true, Ordering::Relaxed),
             r = &mut worker => {
                 r.context("the cgroup follower")??;
+                drop(claim);
                 return Ok(());
             }
         }
@@ -203,9 +235,14 @@ fn arm_guard(paths: &SvcPaths, generation: u64, secs: u64) -> anyhow::Result<()>
 
 /// ` --cgroup-root DIR` unless DIR is the default (the cgroup v2 mount).
 fn cgroup_root_option(paths: &SvcPaths) -> String {
-    match CgroupRoot::open(None) {
-        Ok(d) if d.id == paths.root.id => String::new(),
-        _ => format!(" --cgroup-root {}", paths.root.dir.display()),
+    root_option(&paths.root.dir)
+}
+
+/// ` --cgroup-root DIR` unless `dir` is the default cgroup root.
+fn root_option(dir: &std::path::Path) -> String {
+    match (CgroupRoot::open(None), CgroupRoot::open(Some(dir))) {
+        (Ok(d), Ok(r)) if d.id == r.id => String::new(),
+        _ => format!(" --cgroup-root {}", dir.display()),
     }
 }
 
@@ -408,8 +445,9 @@ pub fn print_text(
                 .map_or(0, |d| d.as_secs());
             writeln!(
                 o,
-                "  PENDING: removed in {}s unless confirmed (`segbpf confirm --services`)",
-                deadline.saturating_sub(now)
+                "  PENDING: removed in {}s unless confirmed (`segbpf confirm --services{}`)",
+                deadline.saturating_sub(now),
+                root_option(std::path::Path::new(&r.cgroup_root))
             )?;
         }
         for s in &r.services {
@@ -445,11 +483,34 @@ pub fn print_text(
     Ok(())
 }
 
+/// The cgroup roots of the services attachments other than the one below
+/// `cgroup_root` (default root when None).
+fn reports_elsewhere(cgroup_root: Option<&std::path::Path>) -> Vec<String> {
+    let this = CgroupRoot::open(cgroup_root).ok().map(|r| r.id);
+    reports(None, true)
+        .into_iter()
+        .filter(|r| {
+            CgroupRoot::open(Some(std::path::Path::new(&r.cgroup_root)))
+                .ok()
+                .map(|x| x.id)
+                != this
+        })
+        .map(|r| r.cgroup_root)
+        .collect()
+}
+
 /// `segbpf status --services`.
 pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
     let reports = reports(cgroup_root.as_deref(), false);
     if reports.is_empty() {
-        anyhow::bail!("no services attachment");
+        let elsewhere: Vec<String> = reports_elsewhere(cgroup_root.as_deref());
+        if elsewhere.is_empty() {
+            anyhow::bail!("no services attachment");
+        }
+        anyhow::bail!(
+            "no services attachment below this cgroup root; attached below: {} (add `--cgroup-root DIR`)",
+            elsewhere.join(", ")
+        );
     }
     match output {
         Output::Json => print_json(&serde_json::json!({ "services": reports }))?,
