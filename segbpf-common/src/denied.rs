@@ -52,6 +52,10 @@ const _: () = assert!(core::mem::align_of::<DeniedKey>() == 8);
 impl DeniedKey {
     /// The key as five little 64-bit words (what [`bucket`] hashes and the
     /// kernel compares).
+    #[allow(
+        clippy::inline_always,
+        reason = "the datapath calls it per dropped packet: no BPF-to-BPF call"
+    )]
     #[inline(always)]
     pub fn words(&self) -> [u64; 5] {
         bytemuck::cast(*self)
@@ -103,6 +107,10 @@ pub const GLOBAL_DENY_SEED: &str = "SEGBPF_DENY_SEED";
 
 /// The bucket index of `key` under `seed`: a multiplicative hash of the
 /// key's words, in `0..DENIED_BUCKETS`. The kernel and userspace share it.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per dropped packet: no BPF-to-BPF call"
+)]
 #[inline(always)]
 pub fn bucket(key: &DeniedKey, seed: u64) -> u32 {
     let w = key.words();
