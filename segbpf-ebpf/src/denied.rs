@@ -65,13 +65,13 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
     };
     let flags = p.map_or(0, |p| p.tcp_flags);
     let words = key.words();
-    let i = bucket(&key, SEGBPF_DENY_SEED.load());
+    let index = bucket(&key, SEGBPF_DENY_SEED.load());
     let slot = if matches!(SEG_DENY_SEL.get(0), Some(&1)) {
-        SEG_DENYB1.get_ptr_mut(i)
+        SEG_DENYB1.get_ptr_mut(index)
     } else {
-        SEG_DENYB0.get_ptr_mut(i)
+        SEG_DENYB0.get_ptr_mut(index)
     };
-    let Some(b) = slot else {
+    let Some(cell) = slot else {
         lost();
         return;
     };
@@ -80,31 +80,31 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
     // a table only after the selector left it and running programs ended.
     // `DeniedKey` is 40 bytes, 8-aligned: read as five u64.
     unsafe {
-        if (*b).packets == 0 {
-            (*b).key = key;
-            (*b).packets = 1;
-            (*b).bytes = u64::from(len);
-            (*b).first_ns = now;
-            (*b).last_ns = now;
-            (*b).tcp_flags = flags;
+        if (*cell).packets == 0 {
+            (*cell).key = key;
+            (*cell).packets = 1;
+            (*cell).bytes = u64::from(len);
+            (*cell).first_ns = now;
+            (*cell).last_ns = now;
+            (*cell).tcp_flags = flags;
             return;
         }
         // Word by word, without branches: `==` on arrays becomes a
         // `memcmp`, which the BPF backend expands into a byte loop.
-        let o = (&raw const (*b).key).cast::<u64>();
-        let differ = (*o ^ words[0])
-            | (*o.add(1) ^ words[1])
-            | (*o.add(2) ^ words[2])
-            | (*o.add(3) ^ words[3])
-            | (*o.add(4) ^ words[4]);
+        let owner = (&raw const (*cell).key).cast::<u64>();
+        let differ = (*owner ^ words[0])
+            | (*owner.add(1) ^ words[1])
+            | (*owner.add(2) ^ words[2])
+            | (*owner.add(3) ^ words[3])
+            | (*owner.add(4) ^ words[4]);
         if differ == 0 {
-            (*b).packets += 1;
-            (*b).bytes += u64::from(len);
-            (*b).last_ns = now;
-            (*b).tcp_flags |= flags;
+            (*cell).packets += 1;
+            (*cell).bytes += u64::from(len);
+            (*cell).last_ns = now;
+            (*cell).tcp_flags |= flags;
             return;
         }
-        (*b).shared = 1;
+        (*cell).shared = 1;
     }
     lost();
 }
