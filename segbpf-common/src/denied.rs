@@ -1,13 +1,22 @@
 //! Denied-traffic aggregates: what the datapath dropped (or, in audit
 //! mode, would have dropped), counted per (direction, source, destination,
-//! protocol, destination port, reason) in a per-CPU hash, so a flood costs
-//! a map update per packet, not a record.
+//! protocol, destination port, reason) in per-CPU arrays of buckets, so a
+//! drop costs a hash of its key and an array slot, never a hash-table
+//! insert, and a flood of new sources costs what a flood of one does.
+//!
+//! Each CPU has [`DENIED_BUCKETS`] buckets per table; a packet's key picks
+//! one by a seeded hash ([`bucket`]). The first key to reach an empty
+//! bucket owns it until userspace empties the table: its packets are
+//! counted there exactly. A packet whose bucket another key owns is not
+//! attributed: it is counted in `SEG_DENY_LOST` and the bucket is marked
+//! [`DeniedBucket::shared`], so the owner's record (and any record of the
+//! same index) says its numbers may be incomplete. The exact totals per
+//! direction and reason stay in `SEG_STATS`.
 //!
 //! Two tables take turns: the kernel counts into the one
 //! `SEG_DENY_SEL[0]` names, userspace flips the selector, waits for
 //! programs already running to finish, then reads and empties the other
-//! table. Nothing is lost between a read and a delete. A packet whose
-//! aggregate finds its table full is counted in `SEG_DENY_LOST`.
+//! table. Nothing is lost between a read and a reset.
 
 #[cfg(doc)]
 use crate::{DIR_EGRESS, DIR_INGRESS, EVENT_AUDIT, EVENT_DROP, reason};
@@ -40,37 +49,115 @@ pub struct DeniedKey {
 const _: () = assert!(core::mem::size_of::<DeniedKey>() == 40);
 const _: () = assert!(core::mem::align_of::<DeniedKey>() == 8);
 
-/// Value of a denied aggregate (one per CPU).
+impl DeniedKey {
+    /// The key as five little 64-bit words (what [`bucket`] hashes and the
+    /// kernel compares).
+    #[allow(
+        clippy::inline_always,
+        reason = "the datapath calls it per dropped packet: no BPF-to-BPF call"
+    )]
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        bytemuck::cast(*self)
+    }
+}
+
+/// One bucket of a denied table (one per CPU and index): the key that owns
+/// it and that key's packets on this CPU since the table was emptied.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct DeniedStat {
-    /// Packets.
+pub struct DeniedBucket {
+    /// The owner's key (meaningless while `packets` is 0: the bucket is empty).
+    pub key: DeniedKey,
+    /// Packets of the owner.
     pub packets: u64,
-    /// Bytes (frame lengths).
+    /// Bytes (frame lengths) of the owner.
     pub bytes: u64,
-    /// `bpf_ktime_get_coarse_ns` of the first packet.
+    /// `bpf_ktime_get_coarse_ns` of the owner's first packet.
     pub first_ns: u64,
-    /// `bpf_ktime_get_coarse_ns` of the last packet.
+    /// `bpf_ktime_get_coarse_ns` of the owner's last packet.
     pub last_ns: u64,
-    /// The OR of the TCP flags of the packets (0 for other protocols).
+    /// The OR of the owner's TCP flags (0 for other protocols).
     pub tcp_flags: u8,
+    /// 1 once a packet of another key hashed here and was counted in
+    /// `SEG_DENY_LOST` instead: records of this index are then not exact.
+    pub shared: u8,
     /// Explicit padding.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<DeniedStat>() == 40);
+const _: () = assert!(core::mem::size_of::<DeniedBucket>() == 80);
 
-/// Per-CPU hash: [`DeniedKey`] -> [`DeniedStat`], the first of the two tables.
-pub const MAP_DENIED0: &str = "SEG_DENIED0";
+/// Per-CPU array of [`DENIED_BUCKETS`] [`DeniedBucket`]s, the first of the
+/// two tables.
+pub const MAP_DENIED0: &str = "SEG_DENYB0";
 /// The second table.
-pub const MAP_DENIED1: &str = "SEG_DENIED1";
+pub const MAP_DENIED1: &str = "SEG_DENYB1";
 /// Array, one u32: which table (0 or 1) the kernel counts into.
 pub const MAP_DENY_SEL: &str = "SEG_DENY_SEL";
-/// Array, two u32: 1 once an insert into that table failed (it is full):
-/// until userspace empties it, a new aggregate is counted as lost at once
-/// instead of trying (and failing) another insert. Userspace clears it
-/// after emptying the table.
-pub const MAP_DENY_FULL: &str = "SEG_DENY_FULL";
-/// Per-CPU array, one u64: packets whose aggregate found its table full.
+/// Per-CPU array, one u64: denied packets not attributed to an aggregate
+/// because their bucket was owned by another key.
 pub const MAP_DENY_LOST: &str = "SEG_DENY_LOST";
-/// Capacity of each denied table (distinct aggregates between two flushes).
-pub const DEFAULT_DENIED_ENTRIES: u32 = 16_384;
+/// Buckets per CPU in each denied table (a power of two).
+pub const DENIED_BUCKETS: u32 = 8_192;
+const _: () = assert!(DENIED_BUCKETS.is_power_of_two());
+/// Name of the read-only global that seeds [`bucket`], random per
+/// instance (set at load): which keys share a bucket cannot be chosen
+/// from outside.
+pub const GLOBAL_DENY_SEED: &str = "SEGBPF_DENY_SEED";
+
+/// The bucket index of `key` under `seed`: a multiplicative hash of the
+/// key's words, in `0..DENIED_BUCKETS`. The kernel and userspace share it.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per dropped packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn bucket(key: &DeniedKey, seed: u64) -> u32 {
+    let w = key.words();
+    // Independent multiplies (they pipeline), folded, then one more mix.
+    let h = (w[0] ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ w[1].wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ w[2].wrapping_mul(0x1656_67B1_9E37_79F9)
+        ^ w[3].wrapping_mul(0x85EB_CA77_C2B2_AE63)
+        ^ w[4].wrapping_mul(0x27D4_EB2F_1656_67C5);
+    let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h >> (64 - DENIED_BUCKETS.trailing_zeros())) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    #[test]
+    fn buckets_are_in_range_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4096u32 {
+            let mut k = DeniedKey {
+                family: 4,
+                proto: 6,
+                dport: 22,
+                ..DeniedKey::default()
+            };
+            k.src[..4].copy_from_slice(&(0xC612_0000 + i).to_be_bytes());
+            let b = bucket(&k, 7);
+            assert!(b < DENIED_BUCKETS);
+            seen.insert(b);
+        }
+        // 4,096 sources in 8,192 buckets: about 3,200 distinct by chance;
+        // a poor hash (the source ignored) would give a handful.
+        assert!(seen.len() > 2_900, "{}", seen.len());
+    }
+
+    #[test]
+    fn the_seed_moves_keys() {
+        let k = DeniedKey {
+            family: 4,
+            dport: 80,
+            ..DeniedKey::default()
+        };
+        let moved = (1..64).filter(|s| bucket(&k, *s) != bucket(&k, 0)).count();
+        assert!(moved > 50, "{moved}");
+    }
+}

@@ -56,7 +56,7 @@ pub const SHARED_MAPS: [&str; 2] = [MAP_CT, MAP_CT_NEW];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 19] = [
+pub const PINNED_MAPS: [&str; 18] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -74,7 +74,6 @@ pub const PINNED_MAPS: [&str; 19] = [
     crate::MAP_DENIED0,
     crate::MAP_DENIED1,
     crate::MAP_DENY_SEL,
-    crate::MAP_DENY_FULL,
     crate::MAP_DENY_LOST,
 ];
 

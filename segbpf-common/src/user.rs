@@ -1,6 +1,6 @@
 //! `aya::Pod` for the shared types (aya's typed maps need it).
 use super::{
-    Config, Counter, CtEntry, CtKey, DeniedKey, DeniedStat, Event, FragEntry, FragKey, PeerClass,
+    Config, Counter, CtEntry, CtKey, DeniedBucket, DeniedKey, Event, FragEntry, FragKey, PeerClass,
     PeerKeyV4, PeerKeyV6, PortKey, RateState, RuleRef, TraceResult,
 };
 
@@ -36,4 +36,4 @@ unsafe impl aya::Pod for FragEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DeniedKey {}
 // SAFETY: as above.
-unsafe impl aya::Pod for DeniedStat {}
+unsafe impl aya::Pod for DeniedBucket {}

@@ -1,27 +1,29 @@
 //! Denied aggregates: each dropped (or audit-mode would-be dropped) packet
 //! adds to its (direction, source, destination, protocol, destination
-//! port, reason) aggregate in the per-CPU table `SEG_DENY_SEL` names, so a
-//! flood costs a hash update, not a record. Off with flow accounting
-//! (`attach --flow-log off`). A full table counts the packet in
-//! `SEG_DENY_LOST` and is marked in `SEG_DENY_FULL`, so later new
-//! aggregates skip the insert until userspace empties it (see
-//! `segbpf_common::denied`).
+//! port, reason) aggregate in a bucket of the per-CPU table `SEG_DENY_SEL`
+//! names: a seeded hash of the key picks the bucket, so a drop costs the
+//! hash, an array slot and a key compare, never a hash-table insert, and a
+//! flood of new sources costs what a flood of one does. Off with flow
+//! accounting (`attach --flow-log off`).
+//!
+//! The first key to reach an empty bucket owns it until userspace empties
+//! the table. A packet of another key that hashes there is counted in
+//! `SEG_DENY_LOST` (not attributed) and marks the bucket shared, so its
+//! readers say the numbers of that index are not exact. The exact counts
+//! per direction and reason are `SEG_STATS` (`stats`). See
+//! `segbpf_common::denied`.
 
-use segbpf_common::{Config, DeniedKey, DeniedStat, EVENT_AUDIT, EVENT_DROP};
+use segbpf_common::{Config, DeniedKey, EVENT_AUDIT, EVENT_DROP, bucket};
 
 use crate::{
     ct,
-    maps::{SEG_DENIED0, SEG_DENIED1, SEG_DENY_FULL, SEG_DENY_LOST, SEG_DENY_SEL},
+    maps::{SEG_DENY_LOST, SEG_DENY_SEL, SEG_DENYB0, SEG_DENYB1, SEGBPF_DENY_SEED},
     parse::{L3_IPV4, L3_IPV6, Parsed},
     verdict::Decision,
 };
 
 /// Adds the packet (`p` is None when parsing failed) to its aggregate.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "by reference: a by-value key or value would be copied again onto the BPF stack"
-)]
 pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &Decision, now: u64) {
     if cfg.flow_acct == 0 {
         return;
@@ -62,57 +64,52 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
         },
     };
     let flags = p.map_or(0, |p| p.tcp_flags);
-    let second = matches!(SEG_DENY_SEL.get(0), Some(&1));
-    let slot = if second {
-        SEG_DENIED1.get_ptr_mut(&key)
+    let words = key.words();
+    let index = bucket(&key, SEGBPF_DENY_SEED.load());
+    let slot = if matches!(SEG_DENY_SEL.get(0), Some(&1)) {
+        SEG_DENYB1.get_ptr_mut(index)
     } else {
-        SEG_DENIED0.get_ptr_mut(&key)
+        SEG_DENYB0.get_ptr_mut(index)
     };
-    if let Some(v) = slot {
-        // SAFETY: this CPU's value of a per-CPU hash element, valid for
-        // this program run; the program is not preempted on this CPU.
-        unsafe {
-            (*v).packets += 1;
-            (*v).bytes += u64::from(len);
-            (*v).last_ns = now;
-            (*v).tcp_flags |= flags;
-        }
-        return;
-    }
-    // A table that was full stays full until userspace empties it: count
-    // the packet as lost without another insert that would fail (a
-    // spoofed flood of new aggregates then costs a lookup, not two).
-    let table = u32::from(second);
-    if matches!(SEG_DENY_FULL.get(table), Some(&1)) {
+    let Some(cell) = slot else {
         lost();
         return;
-    }
-    let v = DeniedStat {
-        packets: 1,
-        bytes: u64::from(len),
-        first_ns: now,
-        last_ns: now,
-        tcp_flags: flags,
-        _pad: [0; 7],
     };
-    // BPF_ANY: if another CPU made the element meanwhile, this writes only
-    // this CPU's value, which was empty.
-    let inserted = if second {
-        SEG_DENIED1.insert(&key, &v, 0)
-    } else {
-        SEG_DENIED0.insert(&key, &v, 0)
-    };
-    if inserted.is_err() {
-        if let Some(full) = SEG_DENY_FULL.get_ptr_mut(table) {
-            // SAFETY: a value of an array map, valid for this run; a u32
-            // store (CPUs racing here all store 1).
-            unsafe { *full = 1 };
+    // SAFETY: this CPU's bucket of a per-CPU array, valid for this program
+    // run; the program is not preempted on this CPU, and userspace resets
+    // a table only after the selector left it and running programs ended.
+    // `DeniedKey` is 40 bytes, 8-aligned: read as five u64.
+    unsafe {
+        if (*cell).packets == 0 {
+            (*cell).key = key;
+            (*cell).packets = 1;
+            (*cell).bytes = u64::from(len);
+            (*cell).first_ns = now;
+            (*cell).last_ns = now;
+            (*cell).tcp_flags = flags;
+            return;
         }
-        lost();
+        // Word by word, without branches: `==` on arrays becomes a
+        // `memcmp`, which the BPF backend expands into a byte loop.
+        let owner = (&raw const (*cell).key).cast::<u64>();
+        let differ = (*owner ^ words[0])
+            | (*owner.add(1) ^ words[1])
+            | (*owner.add(2) ^ words[2])
+            | (*owner.add(3) ^ words[3])
+            | (*owner.add(4) ^ words[4]);
+        if differ == 0 {
+            (*cell).packets += 1;
+            (*cell).bytes += u64::from(len);
+            (*cell).last_ns = now;
+            (*cell).tcp_flags |= flags;
+            return;
+        }
+        (*cell).shared = 1;
     }
+    lost();
 }
 
-/// Counts one denied packet that could not be aggregated.
+/// Counts one denied packet that was not attributed to an aggregate.
 #[inline(always)]
 fn lost() {
     if let Some(c) = SEG_DENY_LOST.get_ptr_mut(0) {

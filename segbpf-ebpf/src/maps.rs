@@ -5,13 +5,13 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_DENIED_ENTRIES,
-    DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES,
-    DEFAULT_RULE_STATS, DeniedKey, DeniedStat, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
-    PortKey, RateState, RuleRef, STATS_LEN, TraceResult,
+    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
+    DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
+    DENIED_BUCKETS, DeniedBucket, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
+    RateState, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -97,27 +97,23 @@ pub(crate) static SEG_RATE: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static SEG_EVSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-/// Denied aggregates, first table (see `segbpf_common::denied`).
+/// Denied aggregates, first table of buckets (see `segbpf_common::denied`).
 #[map]
-pub(crate) static SEG_DENIED0: PerCpuHashMap<DeniedKey, DeniedStat> =
-    PerCpuHashMap::with_max_entries(DEFAULT_DENIED_ENTRIES, 0);
+pub(crate) static SEG_DENYB0: PerCpuArray<DeniedBucket> =
+    PerCpuArray::with_max_entries(DENIED_BUCKETS, 0);
 
-/// Denied aggregates, second table.
+/// Denied aggregates, second table of buckets.
 #[map]
-pub(crate) static SEG_DENIED1: PerCpuHashMap<DeniedKey, DeniedStat> =
-    PerCpuHashMap::with_max_entries(DEFAULT_DENIED_ENTRIES, 0);
+pub(crate) static SEG_DENYB1: PerCpuArray<DeniedBucket> =
+    PerCpuArray::with_max_entries(DENIED_BUCKETS, 0);
 
 /// Index 0: the denied table (0 or 1) the datapath counts into; userspace
 /// flips it before it empties the other one.
 #[map]
 pub(crate) static SEG_DENY_SEL: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Per denied table: 1 once an insert into it failed (full), until
-/// userspace empties it.
-#[map]
-pub(crate) static SEG_DENY_FULL: Array<u32> = Array::with_max_entries(2, 0);
-
-/// Per-CPU: denied packets whose aggregate found its table full.
+/// Per-CPU: denied packets not attributed to an aggregate (their bucket
+/// was owned by another key).
 #[map]
 pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -156,3 +152,8 @@ pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);
 /// since the tables are shared by every attachment of the namespace.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_IFINDEX: Global<u32> = Global::new(0);
+
+/// Seed of the denied aggregates' bucket hash (`segbpf_common::bucket`),
+/// random per instance, set at load; frozen.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_DENY_SEED: Global<u64> = Global::new(0);

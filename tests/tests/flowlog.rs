@@ -204,8 +204,9 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
         std::thread::sleep(Duration::from_millis(2500));
     }
     assert_eq!(sent, 100_000);
-    // Then more distinct aggregates at once than a table holds (16,384):
-    // the overflow is counted as lost, never silently dropped.
+    // Then 40,000 distinct aggregates at once, five times a table's
+    // buckets (8,192): packets whose bucket another aggregate owns are
+    // counted as lost (not attributed), never silently dropped.
     let spread = paced_udp(&ns, client, srv, 20_000..60_000, 40_000, true)?;
     std::thread::sleep(Duration::from_millis(2500));
     let after = counters(&ns)?;
@@ -225,6 +226,19 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
         .iter()
         .map(|r| r["packets_orig"].as_u64().unwrap_or(0))
         .sum();
+    // Every denied record says whether its counts are exact; a packet
+    // turned away from a bucket makes that bucket's owner inexact.
+    assert!(
+        all.iter()
+            .filter(|r| r["state"] == "denied")
+            .all(|r| r["exact"].is_boolean()),
+        "every denied record carries \"exact\""
+    );
+    let inexact = ours.iter().filter(|r| r["exact"] == false).count();
+    assert!(
+        lost == 0 || inexact > 0,
+        "{lost} packets lost to shared buckets, yet every record claims exact counts"
+    );
     assert!(
         lost > 0,
         "40,000 new aggregates overflow a table: counted {counted}, lost {lost}, wire {wire}, spread {spread}, aggregates {}",

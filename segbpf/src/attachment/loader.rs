@@ -9,9 +9,9 @@ use aya::{
     programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG, MAP_FRAG_NEW,
-    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS,
-    PROG_TC_EGRESS, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
+    GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG,
+    MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP,
+    PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -84,11 +84,13 @@ pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
 /// (`segbpf_common::LINK_ETHERNET` or `LINK_RAW_IP`, see
 /// [`crate::host::netif::link_layer`]).
 pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, LoadError> {
+    let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
     let mut ebpf = loader
         .override_global(GLOBAL_RUN_MODE, &mode, true)
         .override_global(GLOBAL_LINK, &link, true)
+        .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
     load_programs(&mut ebpf)?;
     Ok(ebpf)
@@ -119,12 +121,14 @@ pub fn load_attachment(
             }),
         })?;
     }
+    let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
     loader
         .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
         .override_global(GLOBAL_LINK, &link, true)
-        .override_global(GLOBAL_IFINDEX, &ifindex, true);
+        .override_global(GLOBAL_IFINDEX, &ifindex, true)
+        .override_global(GLOBAL_DENY_SEED, &seed, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -161,6 +165,26 @@ fn log_verified(ebpf: &Ebpf, maps_ms: f64, programs_ms: f64, each_ms: [f64; 4]) 
         "load: object and maps {maps_ms:.1} ms; programs (load and verification, in parallel) {programs_ms:.1} ms: {}",
         each.join("; ")
     );
+}
+
+/// A random seed for the denied aggregates' bucket hash
+/// (`segbpf_common::bucket`): which keys share a bucket, and so whose
+/// packets go unattributed, cannot be chosen by a sender. Each live
+/// instance has its own denied tables, so one seed per load.
+fn deny_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a writable buffer of 8 bytes for the call's duration.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        // No entropy (never on Linux >= 3.17): the address of a stack
+        // value and the clock; the aggregates stay correct either way,
+        // only which keys share a bucket becomes guessable.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return t ^ (std::ptr::from_ref(&b) as u64);
+    }
+    u64::from_ne_bytes(b)
 }
 
 fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {

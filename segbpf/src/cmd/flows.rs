@@ -246,7 +246,7 @@ pub fn text_line(l: &Line) -> String {
     let r = match l {
         Line::Lost(lost) => {
             return format!(
-                "{} LOST {} {} {} packets not aggregated (table full)",
+                "{} LOST {} {} {} packets not attributed (bucket shared)",
                 lost.time, lost.iface, lost.packets, lost.what
             );
         }

@@ -2,18 +2,25 @@
 //! (and audit-mode would-be dropped) traffic, counted per (direction,
 //! source, destination, protocol, destination port, reason).
 //!
-//! The kernel counts into one of two per-CPU tables. [`Drainer::drain`]
-//! points the kernel at the other table, waits for programs already
-//! running to finish, then reads and empties the one it left: a packet is
-//! either in this drain or in the next, never lost between a read and a
-//! delete. Packets that found the table full are counted by the kernel
-//! (`SEG_DENY_LOST`) and reported as [`Drained::lost`].
+//! The kernel counts into one of two per-CPU tables of buckets (see
+//! `segbpf_common::denied`). [`Drainer::drain`] points the kernel at the
+//! other table, waits for programs already running to finish, then reads
+//! and resets the one it left: a packet is either in this drain or in the
+//! next, never lost between a read and a reset.
+//!
+//! A bucket belongs to the first key that reached it; packets of other
+//! keys that hashed to it were not attributed: the kernel counts them in
+//! `SEG_DENY_LOST` (reported as [`Drained::lost`]) and marks the bucket
+//! shared. Every aggregate read from an index some CPU marked shared is
+//! reported with [`Denied::exact`] false: its key may have had packets
+//! among the unattributed ones, so its counts are a lower bound. The
+//! other aggregates are exact.
 
-use std::{net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use segbpf_common::{
-    DeniedKey, DeniedStat, MAP_DENIED0, MAP_DENIED1, MAP_DENY_FULL, MAP_DENY_LOST, MAP_DENY_SEL,
+    DENIED_BUCKETS, DeniedBucket, DeniedKey, MAP_DENIED0, MAP_DENIED1, MAP_DENY_LOST, MAP_DENY_SEL,
 };
 
 use crate::{attachment::maps::MapsError, attachment::pins::Attachment};
@@ -37,6 +44,10 @@ pub struct Denied {
     pub last_ns: u64,
     /// The OR of the TCP flags seen.
     pub tcp_flags: u8,
+    /// False when the aggregate's bucket was shared with another key on
+    /// some CPU: some of its packets may be among the unattributed ones
+    /// ([`Drained::lost`]), so the counts are a lower bound.
+    pub exact: bool,
 }
 
 impl Denied {
@@ -55,40 +66,36 @@ fn addr(family: u8, b: [u8; 16]) -> Option<IpAddr> {
     matches!(family, 4 | 6).then(|| crate::host::proto::ip_from(family, b))
 }
 
-/// One aggregate from its per-CPU values. A CPU whose slot the kernel
-/// never wrote (zeros: the element was made on another CPU) adds nothing;
-/// a CPU that found the element made by another counts into its slot
-/// without a first time (0, "never written"), so `first_ns` is the
-/// earliest nonzero one: 0 would read as the machine's boot time.
-pub fn merge<'a>(key: DeniedKey, values: impl Iterator<Item = &'a DeniedStat>) -> Denied {
-    let mut a = Denied {
-        key,
-        packets: 0,
-        bytes: 0,
-        first_ns: u64::MAX,
-        last_ns: 0,
-        tcp_flags: 0,
-    };
-    let mut earliest_last = u64::MAX;
-    for v in values.filter(|v| v.packets > 0) {
-        a.packets += v.packets;
-        a.bytes += v.bytes;
-        if v.first_ns != 0 {
-            a.first_ns = a.first_ns.min(v.first_ns);
+/// The aggregates of one table from its buckets: `buckets` gives, per
+/// index, the bucket of each CPU. Buckets of one key (on other CPUs, or at
+/// another index after the instance was replaced) add up; an aggregate is
+/// exact unless some CPU marked one of its indices shared.
+pub fn merge<'a, I>(buckets: I) -> Vec<Denied>
+where
+    I: IntoIterator<Item = &'a [DeniedBucket]>,
+{
+    let mut by_key: HashMap<DeniedKey, Denied> = HashMap::new();
+    for cpus in buckets {
+        let shared = cpus.iter().any(|b| b.shared != 0);
+        for b in cpus.iter().filter(|b| b.packets > 0) {
+            let a = by_key.entry(b.key).or_insert(Denied {
+                key: b.key,
+                packets: 0,
+                bytes: 0,
+                first_ns: u64::MAX,
+                last_ns: 0,
+                tcp_flags: 0,
+                exact: true,
+            });
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.first_ns = a.first_ns.min(b.first_ns);
+            a.last_ns = a.last_ns.max(b.last_ns);
+            a.tcp_flags |= b.tcp_flags;
+            a.exact &= !shared;
         }
-        earliest_last = earliest_last.min(v.last_ns);
-        a.last_ns = a.last_ns.max(v.last_ns);
-        a.tcp_flags |= v.tcp_flags;
     }
-    if a.first_ns == u64::MAX {
-        // No CPU has a first time: the earliest last time is the best known.
-        a.first_ns = if earliest_last == u64::MAX {
-            0
-        } else {
-            earliest_last
-        };
-    }
-    a
+    by_key.into_values().collect()
 }
 
 /// What one drain found.
@@ -96,8 +103,10 @@ pub fn merge<'a>(key: DeniedKey, values: impl Iterator<Item = &'a DeniedStat>) -
 pub struct Drained {
     /// The aggregates, in no particular order.
     pub aggregates: Vec<Denied>,
-    /// Denied packets the kernel could not aggregate since the previous
-    /// drain (a table was full).
+    /// Denied packets the kernel did not attribute to an aggregate since
+    /// the previous drain (their bucket belonged to another key). The
+    /// exact totals per direction and reason are the attachment's
+    /// counters (`segbpf status`).
     pub lost: u64,
 }
 
@@ -106,11 +115,10 @@ pub struct Drained {
 /// each see part of the traffic.
 pub struct Drainer {
     sel: Array<MapData, u32>,
-    full: Array<MapData, u32>,
-    tables: [PerCpuHashMap<MapData, DeniedKey, DeniedStat>; 2],
+    tables: [PerCpuArray<MapData, DeniedBucket>; 2],
     /// The tables' descriptors, for batched reads ([`crate::attachment::batch`]).
     fds: [std::os::fd::OwnedFd; 2],
-    /// Possible CPUs (values per key of the per-CPU tables).
+    /// Possible CPUs (values per index of the per-CPU tables).
     cpus: usize,
     /// Whether the kernel does batched reads of the tables.
     batches: bool,
@@ -130,6 +138,13 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
     move |source| MapsError::Map { map, source }
 }
 
+fn syscall(map: &'static str, call: &'static str, io_error: std::io::Error) -> MapsError {
+    err(map)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+        call,
+        io_error,
+    }))
+}
+
 fn open(att: &Attachment, name: &'static str) -> Result<MapData, MapsError> {
     MapData::from_pin(att.map(name)).map_err(err(name))
 }
@@ -138,8 +153,8 @@ impl Drainer {
     /// Opens the pinned tables of `att`. Packets lost before this call are
     /// not reported again.
     pub fn open(att: &Attachment) -> Result<Self, MapsError> {
-        let table = |name| -> Result<PerCpuHashMap<MapData, DeniedKey, DeniedStat>, MapsError> {
-            PerCpuHashMap::try_from(Map::PerCpuHashMap(open(att, name)?)).map_err(err(name))
+        let table = |name| -> Result<PerCpuArray<MapData, DeniedBucket>, MapsError> {
+            PerCpuArray::try_from(Map::PerCpuArray(open(att, name)?)).map_err(err(name))
         };
         let fd = |name| -> Result<std::os::fd::OwnedFd, MapsError> {
             use std::os::fd::AsFd as _;
@@ -147,27 +162,15 @@ impl Drainer {
                 .fd()
                 .as_fd()
                 .try_clone_to_owned()
-                .map_err(|e| {
-                    err(name)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "dup",
-                        io_error: e,
-                    }))
-                })
+                .map_err(|e| syscall(name, "dup", e))
         };
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
-            err(MAP_DENIED0)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            }))
-        })?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| syscall(MAP_DENIED0, "nr_cpus", e))?;
         let mut d = Drainer {
             fds: [fd(MAP_DENIED0)?, fd(MAP_DENIED1)?],
             cpus,
             batches: true,
             sel: Array::try_from(Map::Array(open(att, MAP_DENY_SEL)?))
                 .map_err(err(MAP_DENY_SEL))?,
-            full: Array::try_from(Map::Array(open(att, MAP_DENY_FULL)?))
-                .map_err(err(MAP_DENY_FULL))?,
             tables: [table(MAP_DENIED0)?, table(MAP_DENIED1)?],
             lost: PerCpuArray::try_from(Map::PerCpuArray(open(att, MAP_DENY_LOST)?))
                 .map_err(err(MAP_DENY_LOST))?,
@@ -182,6 +185,43 @@ impl Drainer {
         Ok(v.iter().sum())
     }
 
+    /// Every bucket of the table `current`: (index, one bucket per CPU).
+    fn read(
+        &mut self,
+        current: u32,
+        name: &'static str,
+    ) -> Result<Vec<(u32, Vec<DeniedBucket>)>, MapsError> {
+        if self.batches {
+            use std::os::fd::AsFd as _;
+            match crate::attachment::batch::read_all::<u32, DeniedBucket>(
+                self.fds[current as usize].as_fd(),
+                self.cpus,
+                false,
+            ) {
+                Ok((entries, cost)) => {
+                    tracing::debug!(
+                        "read {name}: {} buckets in {} bpf calls",
+                        cost.entries,
+                        cost.calls
+                    );
+                    return Ok(entries);
+                }
+                Err(e) if crate::attachment::batch::unsupported(&e) => {
+                    tracing::debug!("batched reads of {name}: {e}; reading bucket by bucket");
+                    self.batches = false;
+                }
+                Err(e) => return Err(syscall(name, "bpf_map_lookup_batch", e)),
+            }
+        }
+        let table = &self.tables[current as usize];
+        (0..DENIED_BUCKETS.min(table.len()))
+            .map(|i| {
+                let v = table.get(&i, 0).map_err(err(name))?;
+                Ok((i, v.iter().copied().collect()))
+            })
+            .collect()
+    }
+
     /// Everything denied since the previous drain.
     pub fn drain(&mut self) -> Result<Drained, MapsError> {
         let current = self.sel.get(&0, 0).map_err(err(MAP_DENY_SEL))? & 1;
@@ -192,66 +232,18 @@ impl Drainer {
         } else {
             MAP_DENIED1
         };
-        if self.batches {
-            use std::os::fd::AsFd as _;
-            match crate::attachment::batch::read_all::<DeniedKey, DeniedStat>(
-                self.fds[current as usize].as_fd(),
-                self.cpus,
-                true,
-            ) {
-                Ok((entries, cost)) => {
-                    tracing::debug!(
-                        "drained {name}: {} aggregates in {} bpf calls",
-                        cost.entries,
-                        cost.calls
-                    );
-                    let aggregates = entries
-                        .into_iter()
-                        .map(|(k, v)| merge(k, v.iter()))
-                        .filter(|a| a.packets > 0)
-                        .collect();
-                    return self.finish(current, aggregates);
-                }
-                Err(e) if crate::attachment::batch::unsupported(&e) => {
-                    tracing::debug!("batched reads of {name}: {e}; reading entry by entry");
-                    self.batches = false;
-                }
-                Err(e) => {
-                    return Err(err(name)(aya::maps::MapError::SyscallError(
-                        aya::sys::SyscallError {
-                            call: "bpf_map_lookup_and_delete_batch",
-                            io_error: e,
-                        },
-                    )));
-                }
-            }
-        }
+        let buckets = self.read(current, name)?;
+        let aggregates = merge(buckets.iter().map(|(_, v)| v.as_slice()));
+        // Reset what the kernel wrote; the table is not current, so no
+        // program writes it meanwhile.
         let table = &mut self.tables[current as usize];
-        let keys: Vec<DeniedKey> = table.keys().filter_map(Result::ok).collect();
-        let mut aggregates = Vec::with_capacity(keys.len());
-        for key in keys {
-            let values = match table.get(&key, 0) {
-                Ok(v) => v,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(err(name)(e)),
-            };
-            let a = merge(key, values.iter());
-            match table.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(err(name)(e)),
-            }
-            if a.packets > 0 {
-                aggregates.push(a);
+        for (i, v) in &buckets {
+            if v.iter().any(|b| b.packets > 0 || b.shared != 0) {
+                let zeros = PerCpuValues::try_from(vec![DeniedBucket::default(); v.len()])
+                    .map_err(|e| syscall(name, "bpf_map_update_elem", e))?;
+                table.set(*i, zeros, 0).map_err(err(name))?;
             }
         }
-        self.finish(current, aggregates)
-    }
-
-    /// After the table `current` was emptied: lets the kernel insert into
-    /// it again and counts what was lost.
-    fn finish(&mut self, current: u32, aggregates: Vec<Denied>) -> Result<Drained, MapsError> {
-        // Emptied: the kernel may insert into it again once it is current.
-        self.full.set(current, 0, 0).map_err(err(MAP_DENY_FULL))?;
         let total = self.lost_total()?;
         let lost = total.saturating_sub(self.lost_seen);
         self.lost_seen = total;
@@ -263,32 +255,64 @@ impl Drainer {
 mod tests {
     use super::*;
 
-    fn stat(packets: u64, first_ns: u64, last_ns: u64) -> DeniedStat {
-        DeniedStat {
+    fn key(port: u16) -> DeniedKey {
+        DeniedKey {
+            family: 4,
+            dport: port,
+            ..DeniedKey::default()
+        }
+    }
+
+    fn b(port: u16, packets: u64, first_ns: u64, last_ns: u64, shared: u8) -> DeniedBucket {
+        DeniedBucket {
+            key: key(port),
             packets,
             bytes: packets * 60,
             first_ns,
             last_ns,
-            tcp_flags: 0,
-            _pad: [0; 7],
+            shared,
+            ..DeniedBucket::default()
         }
     }
 
+    fn find(all: &[Denied], port: u16) -> &Denied {
+        all.iter().find(|a| a.key.dport == port).unwrap()
+    }
+
     #[test]
-    fn first_seen_ignores_slots_without_a_first_time() {
-        let key = DeniedKey::default();
-        // CPU 0 made the element at 5000; CPU 1 counted into its empty slot
-        // (first 0); CPU 2 never saw the aggregate.
-        let values = [stat(2, 5000, 6000), stat(3, 0, 7000), stat(0, 0, 0)];
-        let a = merge(key, values.iter());
-        assert_eq!(a.packets, 5);
-        assert_eq!(a.bytes, 300);
-        assert_eq!(a.first_ns, 5000, "not 0 (boot time)");
-        assert_eq!(a.last_ns, 7000);
-        // Only slots without a first time: the earliest last time.
-        let a = merge(key, [stat(1, 0, 9000), stat(1, 0, 8000)].iter());
-        assert_eq!(a.first_ns, 8000);
-        let a = merge(key, [stat(1, 4000, 4000), stat(1, 3000, 3500)].iter());
-        assert_eq!((a.first_ns, a.last_ns), (3000, 4000));
+    fn one_key_adds_up_over_cpus_and_empty_buckets_add_nothing() {
+        let idx0 = [
+            b(22, 2, 5000, 6000, 0),
+            b(22, 3, 4000, 7000, 0),
+            DeniedBucket::default(),
+        ];
+        let all = merge([&idx0[..]]);
+        assert_eq!(all.len(), 1);
+        let a = &all[0];
+        assert_eq!((a.packets, a.bytes), (5, 300));
+        assert_eq!((a.first_ns, a.last_ns), (4000, 7000));
+        assert!(a.exact);
+    }
+
+    #[test]
+    fn a_shared_index_makes_every_owner_there_inexact() {
+        // Index 0: CPU 0 owned by port 22, CPU 1 by port 80, which also
+        // turned a packet of another key away. Index 1: port 443 alone.
+        let idx0 = [b(22, 1, 10, 10, 0), b(80, 4, 20, 30, 1)];
+        let idx1 = [b(443, 2, 10, 20, 0), DeniedBucket::default()];
+        let all = merge([&idx0[..], &idx1[..]]);
+        assert_eq!(all.len(), 3);
+        assert!(
+            !find(&all, 22).exact,
+            "its packets on CPU 1 may be the lost ones"
+        );
+        assert!(!find(&all, 80).exact);
+        assert!(find(&all, 443).exact);
+        // The same key at two indices: one aggregate, inexact if either
+        // index was shared.
+        let all = merge([&idx0[..], &[b(22, 5, 1, 50, 0)][..]]);
+        let a = find(&all, 22);
+        assert_eq!((a.packets, a.first_ns, a.last_ns), (6, 1, 50));
+        assert!(!a.exact);
     }
 }

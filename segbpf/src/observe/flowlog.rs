@@ -146,6 +146,12 @@ pub struct Record {
     /// `denied`: why the packets were dropped (`default`, `invalid-rst`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `denied`: true when the counts are exact; false when the
+    /// aggregate's kernel bucket was shared with another aggregate, so
+    /// some of its packets may be among the unattributed ones (the
+    /// `lost` line) and the counts are a lower bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<bool>,
     /// `denied`: the packets would have opened a flow (TCP SYN, UDP, ICMP
     /// echo request): connection attempts, not stray packets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,7 +193,8 @@ impl Record {
     }
 }
 
-/// Denied packets the kernel could not aggregate (a table was full), or
+/// Denied packets the kernel did not attribute to an aggregate (their
+/// bucket belonged to another aggregate), or
 /// records the flow log could not keep: a line of its own, so nothing is
 /// lost silently.
 #[derive(Clone, Debug, Serialize)]
@@ -583,7 +590,7 @@ impl FlowLog {
         }
         if drained.lost > 0 {
             tracing::warn!(
-                "{} denied packets on {} were not aggregated: the kernel's table was full",
+                "{} denied packets on {} were not attributed to an aggregate: their kernel bucket belonged to another (the records marked \"exact\": false may be short of them)",
                 drained.lost,
                 self.att.describe()
             );
@@ -662,6 +669,7 @@ impl FlowLog {
             tcp_flags: f.tcp_flags.iter().map(|s| (*s).to_string()).collect(),
             rule: f.rule,
             reason: None,
+            exact: None,
             opens_flow: None,
             ct_state: Some(f.state.to_string()),
             peer_set,
@@ -715,6 +723,7 @@ impl FlowLog {
             },
             rule: None,
             reason: Some(reason::name(k.reason).to_string()),
+            exact: Some(a.exact),
             opens_flow: Some(k.opens != 0),
             ct_state: None,
             peer_set,

@@ -174,7 +174,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     counter_family(
         &mut registry,
         "denied_lost",
-        "Denied packets not aggregated for the flow log (a denied table was full)",
+        "Denied packets not attributed to an aggregate for the flow log (their bucket had another owner)",
     )
     .get_or_create(&vec![iface()])
     .inc_by(r.denied_lost);

@@ -94,9 +94,9 @@ pub struct Report {
     pub memory: crate::attachment::memory::Memory,
     /// Drop events: emitted, suppressed by the rate limit, lost to a full ring.
     pub events: crate::observe::telemetry::EventStats,
-    /// Denied packets the kernel could not aggregate for the flow log (a
-    /// denied table was full: nobody drained it, or a flood of distinct
-    /// aggregates), since attach.
+    /// Denied packets the kernel did not attribute to an aggregate for the
+    /// flow log (their bucket belonged to another aggregate: a flood of
+    /// distinct aggregates), since attach.
     pub denied_lost: u64,
     /// Sets edited live, differing from the policy file (`reload` resolves it).
     pub drift: Vec<String>,
