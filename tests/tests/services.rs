@@ -672,6 +672,12 @@ impl SvcLab {
 
     /// `attach --services` in the foreground, until it enforces.
     fn attach(&mut self, policy: &str) -> anyhow::Result<()> {
+        self.attach_with(policy, &[])
+    }
+
+    /// `attach --services EXTRA...` in the foreground, until it enforces;
+    /// its stdout (the events) goes to `events.log` in the state dir.
+    fn attach_with(&mut self, policy: &str, extra: &[&str]) -> anyhow::Result<()> {
         let path = self.state.join("roles.toml");
         std::fs::write(&path, policy)?;
         let root = self.root.to_str().context("root")?.to_string();
@@ -684,6 +690,7 @@ impl SvcLab {
                 "--cgroup-root",
                 &root,
             ])
+            .args(extra)
             .stdout(std::fs::File::create(self.state.join("events.log"))?)
             .stderr(std::fs::File::create(self.state.join("attach.log"))?)
             .spawn()?;
@@ -2887,6 +2894,85 @@ fn monitor_shows_drops_with_their_service() -> anyhow::Result<()> {
     let st = mon.wait()?;
     result?;
     assert!(st.success(), "monitor ended with {st}");
+    Ok(())
+}
+
+/// Polls `log` (JSON Lines) while `other` knocks on db's 3306 until a
+/// record of db's port appears.
+fn drop_record_of_db(lab: &SvcLab, log: &Path) -> anyhow::Result<serde_json::Value> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        assert!(!lab.connect("other", "127.0.0.1 3306")?, "other -> db");
+        std::thread::sleep(Duration::from_millis(200));
+        let found = std::fs::read_to_string(log)?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["service"] == "db" && v["dport"] == 3306);
+        if let Some(v) = found {
+            return Ok(v);
+        }
+    }
+    bail!("no drop event of db in {}", log.display())
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn attach_log_json_is_the_monitor_dialect() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("lj", &["app", "db", "other"], 101)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    lab.attach_with(MATRIX, &["--log-format", "json"])?;
+    // The foreground attach's own event lines.
+    let attach = drop_record_of_db(&lab, &lab.state.join("events.log"))?;
+    assert_eq!(attach["type"], "event", "{attach}");
+    assert_eq!(attach["schema"], 1, "{attach}");
+    assert_eq!(attach["verdict"], "drop", "{attach}");
+    assert_eq!(attach["audit"], false, "{attach}");
+    assert_eq!(attach["direction"], "ingress", "{attach}");
+    assert_eq!(attach["proto"], "tcp", "{attach}");
+    assert!(attach.get("action").is_none(), "{attach}");
+    assert!(attach.get("event").is_none(), "{attach}");
+    // monitor --services -o json: the same fields.
+    let root = lab.root.to_string_lossy().to_string();
+    let log = lab.state.join("monitor.log");
+    let mut mon = lab
+        .segbpf(&[
+            "monitor",
+            "--services",
+            "--cgroup-root",
+            &root,
+            "-o",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(mon.id())?);
+    let monitor = drop_record_of_db(&lab, &log);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    mon.wait()?;
+    let monitor = monitor?;
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&attach), keys(&monitor), "{attach} / {monitor}");
+    for f in [
+        "type",
+        "verdict",
+        "audit",
+        "service",
+        "direction",
+        "proto",
+        "dst",
+        "dport",
+    ] {
+        assert_eq!(attach[f], monitor[f], "{f}: {attach} / {monitor}");
+    }
     Ok(())
 }
 
