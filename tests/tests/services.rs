@@ -2978,6 +2978,117 @@ fn attach_log_json_is_the_monitor_dialect() -> anyhow::Result<()> {
 
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn trace_judges_as_a_service_and_changes_nothing() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("tr", &["app", "db", "other"], 102)?;
+    let ns = lab.ns.name.clone();
+    let _s1 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let _s2 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3307")?;
+    lab.attach(MATRIX)?;
+    let trace = |svc: &str,
+                 peer: Option<&str>,
+                 dir: &str,
+                 port: u16|
+     -> anyhow::Result<serde_json::Value> {
+        let port = port.to_string();
+        let mut args = vec![
+            "trace",
+            "--services",
+            "--service",
+            svc,
+            "--direction",
+            dir,
+            "--src",
+            "127.0.0.1",
+            "--dst",
+            "127.0.0.1",
+            "--proto",
+            "tcp",
+            "--dport",
+            &port,
+        ];
+        if let Some(p) = peer {
+            args.extend(["--peer-service", p]);
+        }
+        let (code, v) = lab.json(&args)?;
+        assert_eq!(code, Some(0), "{args:?}: {v}");
+        Ok(v)
+    };
+    // Counters, flows and events before any trace: a trace changes none.
+    let snapshot = || -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+        let (_, st) = lab.json(&["status", "--services"])?;
+        let (_, fl) = lab.json(&["flows", "--services"])?;
+        let counts = serde_json::json!([
+            st["services"]
+                .as_array()
+                .context("services")?
+                .iter()
+                .map(|s| s["packets"].clone())
+                .collect::<Vec<_>>(),
+            st["unserviced"]
+        ]);
+        Ok((counts, fl["flows"].clone()))
+    };
+    let events = || std::fs::read_to_string(lab.state.join("events.log"));
+    let before = snapshot()?;
+    let events_before = events()?;
+    let mut traced = Vec::new();
+    for (from, port) in [
+        ("app", 3306),
+        ("other", 3306),
+        ("app", 3307),
+        ("other", 3307),
+    ] {
+        let out = trace(from, None, "egress", port)?;
+        let inn = trace("db", Some(from), "ingress", port)?;
+        assert_eq!(inn["service"], "db", "{inn}");
+        assert_eq!(inn["peer_service"], from, "{inn}");
+        assert_eq!(inn["schema"], 1, "{inn}");
+        traced.push((from, port, out, inn));
+    }
+    // The rule that lets app in is named; other meets db's default.
+    let inn = &traced[0].3;
+    assert_eq!(inn["verdict"], "allow", "{inn}");
+    assert_eq!(inn["reason"], "rule", "{inn}");
+    assert_eq!(inn["rule"]["name"], "db-from-app", "{inn}");
+    let inn = &traced[1].3;
+    assert_eq!(inn["verdict"], "drop", "{inn}");
+    assert!(inn["rule"].is_null(), "{inn}");
+    // A socket in no service sending to db is refused as well.
+    assert_eq!(trace("db", None, "ingress", 3306)?["verdict"], "drop");
+    // An unknown service is an error, nothing else.
+    let (code, v) = lab.json(&[
+        "trace",
+        "--services",
+        "--service",
+        "nosuch",
+        "--src",
+        "127.0.0.1",
+        "--dst",
+        "127.0.0.1",
+        "--proto",
+        "tcp",
+        "--dport",
+        "3306",
+    ])?;
+    assert_eq!(code, Some(1), "{v}");
+    // Nothing of the attachment changed: no counter, no flow, no event.
+    assert_eq!(snapshot()?, before, "a dry run changed the attachment");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(events()?, events_before, "a dry run made an event");
+    // And the kernel agrees with every trace, on real connections.
+    for (from, port, out, inn) in &traced {
+        let allowed = out["verdict"] == "allow" && inn["verdict"] == "allow";
+        let kernel = lab.connect(from, &format!("127.0.0.1 {port}"))?;
+        assert_eq!(
+            allowed, kernel,
+            "{from} -> db:{port}: trace says {out} / {inn}, the kernel {kernel}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn flows_carry_their_service() -> anyhow::Result<()> {
     let mut lab = SvcLab::new("fl", &["app", "db", "other"], 100)?;
     let ns = lab.ns.name.clone();
