@@ -3055,6 +3055,50 @@ fn trace_judges_as_a_service_and_changes_nothing() -> anyhow::Result<()> {
     assert!(inn["rule"].is_null(), "{inn}");
     // A socket in no service sending to db is refused as well.
     assert_eq!(trace("db", None, "ingress", 3306)?["verdict"], "drop");
+    // IPv6, and the host's own address (local, over loopback): app's
+    // egress allow-list names ::1 and 198.18.91.1 only for 3306.
+    for (dst, port, local, verdict) in [
+        ("::1", "3306", false, "allow"),
+        ("::1", "3307", false, "drop"),
+        ("198.18.91.1", "3306", true, "allow"),
+        ("198.18.91.9", "3306", true, "drop"),
+    ] {
+        let src = if dst.contains(':') {
+            "::1"
+        } else {
+            "198.18.102.1"
+        };
+        let mut args = vec![
+            "trace",
+            "--services",
+            "--service",
+            "app",
+            "--direction",
+            "egress",
+            "--src",
+            src,
+            "--dst",
+            dst,
+            "--proto",
+            "tcp",
+            "--dport",
+            port,
+        ];
+        if local {
+            args.push("--loopback");
+        }
+        let (code, v) = lab.json(&args)?;
+        assert_eq!(
+            (code, v["verdict"].as_str()),
+            (Some(0), Some(verdict)),
+            "{args:?}: {v}"
+        );
+        assert_eq!(
+            v["loopback"],
+            serde_json::json!(local || dst == "::1"),
+            "{v}"
+        );
+    }
     // An unknown service is an error, nothing else.
     let (code, v) = lab.json(&[
         "trace",

@@ -153,6 +153,7 @@ pub fn trace(
         Array::try_from(ebpf.map(MAP_SVC_TRC).ok_or_else(missing(MAP_SVC_TRC))?)
             .map_err(kernel(MAP_SVC_TRC))?;
     let t = trc.get(&0, 0).map_err(kernel(MAP_SVC_TRC))?;
+    wrote_nothing(&ebpf)?;
     if t.valid == 0 {
         return Err(ServicesError::Refused(
             "the dry-run program recorded no decision".into(),
@@ -172,6 +173,31 @@ pub fn trace(
         audit: t.audit != 0,
         rule: (t.rule != u32::MAX).then_some(t.rule),
     })
+}
+
+/// Checks that the run left the instance's own flow table and counters
+/// empty, as a dry run must (what it would have written to the live maps).
+fn wrote_nothing(ebpf: &aya::Ebpf) -> Result<(), ServicesError> {
+    use segbpf_common::{Counter, MAP_SVC_CT, MAP_SVC_STATS, SvcFlow, SvcFlowKey};
+    let ct: aya::maps::HashMap<_, SvcFlowKey, SvcFlow> =
+        aya::maps::HashMap::try_from(ebpf.map(MAP_SVC_CT).ok_or_else(missing(MAP_SVC_CT))?)
+            .map_err(kernel(MAP_SVC_CT))?;
+    let flows = ct.keys().count();
+    let stats: aya::maps::PerCpuArray<_, Counter> = aya::maps::PerCpuArray::try_from(
+        ebpf.map(MAP_SVC_STATS).ok_or_else(missing(MAP_SVC_STATS))?,
+    )
+    .map_err(kernel(MAP_SVC_STATS))?;
+    let mut counted = 0u64;
+    for i in 0..stats.len() {
+        let per_cpu = stats.get(&i, 0).map_err(kernel(MAP_SVC_STATS))?;
+        counted += per_cpu.iter().map(|c| c.packets).sum::<u64>();
+    }
+    if flows != 0 || counted != 0 {
+        return Err(ServicesError::Refused(format!(
+            "the dry run wrote state ({flows} flow entries, {counted} packets counted): not trusted"
+        )));
+    }
+    Ok(())
 }
 
 /// The capacity of the live map `name`.

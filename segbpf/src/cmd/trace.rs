@@ -32,6 +32,11 @@ pub struct Args {
     /// service NAME (over loopback or the host's own addresses).
     #[arg(long, value_name = "NAME", requires = "services")]
     pub peer_service: Option<String>,
+    /// With --services: the packet crosses the loopback device (local
+    /// traffic, also to this host's own addresses); implied by a loopback
+    /// address or --peer-service.
+    #[arg(long, requires = "services")]
+    pub loopback: bool,
     /// With --services: the cgroup root it is attached below (default:
     /// the cgroup v2 mount).
     #[arg(long, value_name = "DIR", requires = "services")]
@@ -231,7 +236,8 @@ fn services(args: &Args, spec: &PacketSpec) -> anyhow::Result<()> {
     }
     // Local traffic (loopback, or the host's own addresses with a local
     // peer) crosses the loopback device, where service identities count.
-    let loopback = args.peer_service.is_some()
+    let loopback = args.loopback
+        || args.peer_service.is_some()
         || args.packet.src.is_loopback()
         || args.packet.dst.is_loopback();
     let root = crate::host::cgroups::CgroupRoot::open(args.cgroup_root.as_deref())?;
