@@ -45,6 +45,26 @@ pub const PROG_SVC_INGRESS: &str = "segbpf_svc_ingress";
 pub const PROG_SVC_EGRESS: &str = "segbpf_svc_egress";
 /// Name of the empty cgroup_skb program (the benchmarks' floor).
 pub const PROG_SVC_EMPTY: &str = "segbpf_svc_empty";
+/// Name of the dry-run ingress program (`segbpf trace --services`): the
+/// judgement of [`PROG_SVC_INGRESS`] that writes nothing but its record.
+pub const PROG_SVC_DRY_INGRESS: &str = "segbpf_svc_dry_in";
+/// Name of the dry-run egress program.
+pub const PROG_SVC_DRY_EGRESS: &str = "segbpf_svc_dry_eg";
+/// Whom the dry-run programs judge as (index 0, a [`SvcDry`]); never
+/// pinned, filled in the dry-run instance only.
+pub const MAP_SVC_DRY: &str = "SEG_SVC_DRY";
+/// What the dry-run programs decided (index 0, a [`SvcTrace`]).
+pub const MAP_SVC_TRC: &str = "SEG_SVC_TRC";
+/// [`SvcTrace::reason`]: a rule of the service allowed it.
+pub const SVC_WHY_RULE: u8 = 1;
+/// An ICMP echo request (`icmp = true`).
+pub const SVC_WHY_ICMP: u8 = 2;
+/// The service's default for the direction.
+pub const SVC_WHY_DEFAULT: u8 = 3;
+/// The sender may send only to named services, and this is none of them.
+pub const SVC_WHY_NEED_PEER: u8 = 4;
+/// A header that could not be read.
+pub const SVC_WHY_UNPARSED: u8 = 5;
 
 /// Every map the services attachment pins.
 pub const SVC_PINNED_MAPS: [&str; 10] = [
@@ -301,3 +321,42 @@ unsafe impl aya::Pod for SvcClass {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SvcRule {}
+
+/// Whom a dry-run program judges a packet as (`SEG_SVC_DRY[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcDry {
+    /// The service's id in the slot in force (1..=`MAX_SERVICES`).
+    pub svc: u8,
+    /// Ingress over loopback: the sending socket's service id (0: none).
+    pub peer: u8,
+    /// 1: the packet goes over loopback.
+    pub loopback: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<SvcDry>() == 8);
+
+/// What a dry-run program decided (`SEG_SVC_TRC[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcTrace {
+    /// 1: written by a run (userspace zeroes it before each run).
+    pub valid: u8,
+    /// 1: the policy allows it.
+    pub allowed: u8,
+    /// `SVC_WHY_*`.
+    pub reason: u8,
+    /// 1: audit mode (a drop would pass).
+    pub audit: u8,
+    /// The rule that allowed it (`u32::MAX`: none).
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<SvcTrace>() == 8);
+
+// SAFETY: #[repr(C)], explicit padding, bytemuck::Pod.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SvcDry {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SvcTrace {}

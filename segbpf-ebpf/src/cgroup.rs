@@ -24,6 +24,14 @@
 //! addresses is trusted for who sent a packet
 //! (`segbpf_common::SVC_STAMP_NONCE_MASK` says why it cannot be forged).
 //!
+//! The dry-run programs (`segbpf trace --services`, `DRY = true`) run the
+//! same judgement in an instance of their own: the service (and the
+//! loopback peer) come from `SEG_SVC_DRY` instead of the socket and the
+//! stamp, the flow table is neither read nor written (a new flow is
+//! judged), and nothing is written but the decision in `SEG_SVC_TRC`: no
+//! stamp, no counter, no event. The live programs are `DRY = false`,
+//! where none of this is compiled in.
+//!
 //! cgroup_skb packets start at the IP header; programs return 1 (pass) or
 //! 0 (drop). Everything is read with `bpf_skb_load_bytes`; a header that
 //! cannot be read is a drop.
@@ -38,13 +46,15 @@ use segbpf_common::{
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
     SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
     SVC_SLOT_STRIDE, SVC_STAMP_ID_MASK, SVC_STAMP_NEED_PEER, SVC_STAMP_NONCE_MASK, SVC_TCP_IDLE_S,
-    SVC_UDP_IDLE_S, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
+    SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
+use crate::svc_trace::{dry_who, record};
 
 /// cgroup_skb: let the packet pass.
 pub(crate) const PASS: i32 = 1;
@@ -108,9 +118,10 @@ enum Who {
     Svc(u8, u64),
 }
 
-/// Judges one packet of `ctx`'s socket in direction `dir`.
+/// Judges one packet of `ctx`'s socket in direction `dir` (`DRY`: as the
+/// dry-run programs, see the module doc).
 #[inline(always)]
-pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
+pub(crate) fn judge<const DRY: bool>(ctx: &SkBuffContext, dir: u8) -> i32 {
     let slot = match SEG_SVC_ACT.get(0) {
         Some(s) => (*s & 1) as u8,
         None => return DROP,
@@ -122,6 +133,28 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     if globals.present == 0 {
         // No policy written yet: fail closed.
         return DROP;
+    }
+    if DRY {
+        let Some((svc, peer, lo)) = dry_who() else {
+            return DROP;
+        };
+        let Some(cfg) = SEG_SVC_CFG.get(u32::from(base + svc)) else {
+            return DROP;
+        };
+        let sender = Sender {
+            tag: 0,
+            svc: if dir == DIR_INGRESS && lo { peer } else { 0 },
+            need_peer: false,
+            other_slot: false,
+        };
+        let j = judge_service::<true>(ctx, dir, slot, base + svc, svc, 0, cfg, lo, sender);
+        record(
+            j.verdict == PASS && j.refused.is_none(),
+            j.why,
+            cfg.audit != 0,
+            j.rule,
+        );
+        return j.verdict;
     }
     // SAFETY: reading a field of the kernel-provided context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -170,8 +203,12 @@ pub(crate) fn judge(ctx: &SkBuffContext, dir: u8) -> i32 {
     let Some(cfg) = SEG_SVC_CFG.get(u32::from(slotb)) else {
         return DROP;
     };
-    let (verdict, refused, need_peer) =
-        judge_service(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender);
+    let Judged {
+        verdict,
+        refused,
+        need_peer,
+        ..
+    } = judge_service::<false>(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender);
     if stamp_out {
         let mut stamp =
             (globals.nonce & SVC_STAMP_NONCE_MASK) | (u32::from(slot) << 7) | u32::from(svc & 0x7f);
@@ -259,9 +296,23 @@ fn emit(slotb: u8, dir: u8, p: &Pkt, audit: bool) {
     let _ = SEG_SVC_EVENTS.output::<SvcEvent>(ev, 0);
 }
 
+/// What [`judge_service`] decided.
+struct Judged {
+    /// `PASS` or `DROP`.
+    verdict: i32,
+    /// The packet the policy refuses (audit mode: passed all the same).
+    refused: Option<Pkt>,
+    /// The flow passed only through `to_services`.
+    need_peer: bool,
+    /// The rule that allowed it (`NO_RULE`: none).
+    rule: u32,
+    /// `SVC_WHY_*` (0: the flow table; never in a dry run).
+    why: u8,
+}
+
 #[inline(always)]
-#[allow(clippy::too_many_arguments, reason = "one call site, inlined")]
-fn judge_service(
+#[allow(clippy::too_many_arguments, reason = "two call sites, inlined")]
+fn judge_service<const DRY: bool>(
     ctx: &SkBuffContext,
     dir: u8,
     slot: u8,
@@ -271,10 +322,17 @@ fn judge_service(
     cfg: &SvcConfig,
     lo: bool,
     sender: Sender,
-) -> (i32, Option<Pkt>, bool) {
+) -> Judged {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
+    let refuse = |refused: Option<Pkt>, why: u8| Judged {
+        verdict: fail,
+        refused,
+        need_peer: false,
+        rule: NO_RULE,
+        why,
+    };
     let Some(p) = parse(ctx) else {
-        return (fail, None, false);
+        return refuse(None, SVC_WHY_UNPARSED);
     };
     let own = view(&p, dir == DIR_EGRESS);
     // SAFETY: the helper reads the skb's socket; the context is the kernel's.
@@ -289,7 +347,8 @@ fn judge_service(
     // flow — also one from no service — is judged again after a reload.
     let peer =
         (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag);
-    if cfg.established != 0
+    if !DRY
+        && cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {
         // SAFETY: a valid pointer to the map value returned by the lookup.
@@ -302,7 +361,13 @@ fn judge_service(
                 || entry.peer == peer)
         {
             entry.last_ns = now;
-            return (PASS, None, entry.flags & SVC_FLOW_NEED_PEER != 0);
+            return Judged {
+                verdict: PASS,
+                refused: None,
+                need_peer: entry.flags & SVC_FLOW_NEED_PEER != 0,
+                rule: entry.rule,
+                why: 0,
+            };
         }
     }
     let mut rule = addr_rule(slotb, dir, &p);
@@ -332,7 +397,7 @@ fn judge_service(
         let ok = sender.svc != 0
             && peer_rule(slot * SVC_SLOT_STRIDE + sender.svc, DIR_EGRESS, svc, &p) != NO_RULE;
         if !ok {
-            return (fail, Some(p), false);
+            return refuse(Some(p), SVC_WHY_NEED_PEER);
         }
     }
     let default = if dir == DIR_INGRESS {
@@ -340,14 +405,21 @@ fn judge_service(
     } else {
         cfg.egress_default
     };
-    let allowed =
-        rule != NO_RULE || (cfg.icmp != 0 && p.echo == ECHO_REQUEST) || default == ACTION_ALLOW;
+    let why = if rule != NO_RULE {
+        SVC_WHY_RULE
+    } else if cfg.icmp != 0 && p.echo == ECHO_REQUEST {
+        SVC_WHY_ICMP
+    } else {
+        SVC_WHY_DEFAULT
+    };
+    let allowed = why != SVC_WHY_DEFAULT || default == ACTION_ALLOW;
     if !allowed {
-        return (fail, Some(p), false);
+        return refuse(Some(p), why);
     }
-    if p.proto == IPPROTO_TCP
-        || p.proto == IPPROTO_UDP
-        || (p.echo != ECHO_NONE && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6))
+    if !DRY
+        && (p.proto == IPPROTO_TCP
+            || p.proto == IPPROTO_UDP
+            || (p.echo != ECHO_NONE && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6)))
     {
         let entry = SvcFlow {
             sock_cg,
@@ -359,7 +431,13 @@ fn judge_service(
         };
         let _ = SEG_SVC_CT.insert(own, entry, 0);
     }
-    (PASS, None, flags & SVC_FLOW_NEED_PEER != 0)
+    Judged {
+        verdict: PASS,
+        refused: None,
+        need_peer: flags & SVC_FLOW_NEED_PEER != 0,
+        rule,
+        why,
+    }
 }
 
 /// The socket's service from the deepest known ancestor of its cgroup.

@@ -29,6 +29,7 @@ mod maps;
 mod parse;
 mod stats;
 mod svc_maps;
+mod svc_trace;
 mod trafficgen;
 mod verdict;
 
@@ -236,13 +237,27 @@ pub(crate) fn segbpf_xdp_gen(ctx: XdpContext) -> u32 {
 /// service (attached once at the cgroup v2 root, see `cgroup`).
 #[cgroup_skb(ingress)]
 pub(crate) fn segbpf_svc_ingress(ctx: SkBuffContext) -> i32 {
-    cgroup::judge(&ctx, DIR_INGRESS)
+    cgroup::judge::<false>(&ctx, DIR_INGRESS)
 }
 
 /// Services: every packet a socket sends.
 #[cgroup_skb(egress)]
 pub(crate) fn segbpf_svc_egress(ctx: SkBuffContext) -> i32 {
-    cgroup::judge(&ctx, DIR_EGRESS)
+    cgroup::judge::<false>(&ctx, DIR_EGRESS)
+}
+
+/// `segbpf trace --services`: the ingress judgement, writing nothing but
+/// its record (`cgroup`, `DRY`); loaded only in a dry-run instance of
+/// its own, never attached.
+#[cgroup_skb(ingress)]
+pub(crate) fn segbpf_svc_dry_in(ctx: SkBuffContext) -> i32 {
+    cgroup::judge::<true>(&ctx, DIR_INGRESS)
+}
+
+/// `segbpf trace --services`: the egress judgement (see above).
+#[cgroup_skb(egress)]
+pub(crate) fn segbpf_svc_dry_eg(ctx: SkBuffContext) -> i32 {
+    cgroup::judge::<true>(&ctx, DIR_EGRESS)
 }
 
 /// The floor for the services benchmark: a cgroup_skb program that only

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use segbpf_common::{
     Counter, PeerKeyV4, PeerKeyV6, PortKey, SVC_CFG_ENTRIES, SVC_EVENT_RING_BYTES, SvcCgroup,
-    SvcClass, SvcConfig, SvcFlow, SvcFlowKey, SvcPeerKey, SvcRule,
+    SvcClass, SvcConfig, SvcDry, SvcFlow, SvcFlowKey, SvcPeerKey, SvcRule, SvcTrace,
 };
 
 /// cgroup id -> what the cgroup is (service, none, guard) in each slot.
@@ -56,3 +56,12 @@ pub(crate) static SEG_SVC_EVENTS: RingBuf = RingBuf::with_byte_size(SVC_EVENT_RI
 /// Per CPU: the event rate limiter's window start (ns) and its count.
 #[map]
 pub(crate) static SEG_SVC_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// Dry-run programs only: whom they judge as (filled by `segbpf trace
+/// --services` in its own instance; never pinned).
+#[map]
+pub(crate) static SEG_SVC_DRY: Array<SvcDry> = Array::with_max_entries(1, 0);
+
+/// Dry-run programs only: their decision.
+#[map]
+pub(crate) static SEG_SVC_TRC: Array<SvcTrace> = Array::with_max_entries(1, 0);

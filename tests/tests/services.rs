@@ -672,6 +672,12 @@ impl SvcLab {
 
     /// `attach --services` in the foreground, until it enforces.
     fn attach(&mut self, policy: &str) -> anyhow::Result<()> {
+        self.attach_with(policy, &[])
+    }
+
+    /// `attach --services EXTRA...` in the foreground, until it enforces;
+    /// its stdout (the events) goes to `events.log` in the state dir.
+    fn attach_with(&mut self, policy: &str, extra: &[&str]) -> anyhow::Result<()> {
         let path = self.state.join("roles.toml");
         std::fs::write(&path, policy)?;
         let root = self.root.to_str().context("root")?.to_string();
@@ -684,6 +690,7 @@ impl SvcLab {
                 "--cgroup-root",
                 &root,
             ])
+            .args(extra)
             .stdout(std::fs::File::create(self.state.join("events.log"))?)
             .stderr(std::fs::File::create(self.state.join("attach.log"))?)
             .spawn()?;
@@ -2887,6 +2894,240 @@ fn monitor_shows_drops_with_their_service() -> anyhow::Result<()> {
     let st = mon.wait()?;
     result?;
     assert!(st.success(), "monitor ended with {st}");
+    Ok(())
+}
+
+/// Polls `log` (JSON Lines) while `other` knocks on db's 3306 until a
+/// record of db's port appears.
+fn drop_record_of_db(lab: &SvcLab, log: &Path) -> anyhow::Result<serde_json::Value> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        assert!(!lab.connect("other", "127.0.0.1 3306")?, "other -> db");
+        std::thread::sleep(Duration::from_millis(200));
+        let found = std::fs::read_to_string(log)?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["service"] == "db" && v["dport"] == 3306);
+        if let Some(v) = found {
+            return Ok(v);
+        }
+    }
+    bail!("no drop event of db in {}", log.display())
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn attach_log_json_is_the_monitor_dialect() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("lj", &["app", "db", "other"], 101)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    lab.attach_with(MATRIX, &["--log-format", "json"])?;
+    // The foreground attach's own event lines.
+    let attach = drop_record_of_db(&lab, &lab.state.join("events.log"))?;
+    assert_eq!(attach["type"], "event", "{attach}");
+    assert_eq!(attach["schema"], 1, "{attach}");
+    assert_eq!(attach["verdict"], "drop", "{attach}");
+    assert_eq!(attach["audit"], false, "{attach}");
+    assert_eq!(attach["direction"], "ingress", "{attach}");
+    assert_eq!(attach["proto"], "tcp", "{attach}");
+    assert!(attach.get("action").is_none(), "{attach}");
+    assert!(attach.get("event").is_none(), "{attach}");
+    // monitor --services -o json: the same fields.
+    let root = lab.root.to_string_lossy().to_string();
+    let log = lab.state.join("monitor.log");
+    let mut mon = lab
+        .segbpf(&[
+            "monitor",
+            "--services",
+            "--cgroup-root",
+            &root,
+            "-o",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(mon.id())?);
+    let monitor = drop_record_of_db(&lab, &log);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    mon.wait()?;
+    let monitor = monitor?;
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&attach), keys(&monitor), "{attach} / {monitor}");
+    for f in [
+        "type",
+        "verdict",
+        "audit",
+        "service",
+        "direction",
+        "proto",
+        "dst",
+        "dport",
+    ] {
+        assert_eq!(attach[f], monitor[f], "{f}: {attach} / {monitor}");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn trace_judges_as_a_service_and_changes_nothing() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("tr", &["app", "db", "other"], 102)?;
+    let ns = lab.ns.name.clone();
+    let _s1 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    let _s2 = Helper::server(&lab.cg("db"), &ns, "serve-tcp 127.0.0.1 3307")?;
+    lab.attach(MATRIX)?;
+    let trace = |svc: &str,
+                 peer: Option<&str>,
+                 dir: &str,
+                 port: u16|
+     -> anyhow::Result<serde_json::Value> {
+        let port = port.to_string();
+        let mut args = vec![
+            "trace",
+            "--services",
+            "--service",
+            svc,
+            "--direction",
+            dir,
+            "--src",
+            "127.0.0.1",
+            "--dst",
+            "127.0.0.1",
+            "--proto",
+            "tcp",
+            "--dport",
+            &port,
+        ];
+        if let Some(p) = peer {
+            args.extend(["--peer-service", p]);
+        }
+        let (code, v) = lab.json(&args)?;
+        assert_eq!(code, Some(0), "{args:?}: {v}");
+        Ok(v)
+    };
+    // Counters, flows and events before any trace: a trace changes none.
+    let snapshot = || -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+        let (_, st) = lab.json(&["status", "--services"])?;
+        let (_, fl) = lab.json(&["flows", "--services"])?;
+        let counts = serde_json::json!([
+            st["services"]
+                .as_array()
+                .context("services")?
+                .iter()
+                .map(|s| s["packets"].clone())
+                .collect::<Vec<_>>(),
+            st["unserviced"]
+        ]);
+        Ok((counts, fl["flows"].clone()))
+    };
+    let events = || std::fs::read_to_string(lab.state.join("events.log"));
+    let before = snapshot()?;
+    let events_before = events()?;
+    let mut traced = Vec::new();
+    for (from, port) in [
+        ("app", 3306),
+        ("other", 3306),
+        ("app", 3307),
+        ("other", 3307),
+    ] {
+        let out = trace(from, None, "egress", port)?;
+        let inn = trace("db", Some(from), "ingress", port)?;
+        assert_eq!(inn["service"], "db", "{inn}");
+        assert_eq!(inn["peer_service"], from, "{inn}");
+        assert_eq!(inn["schema"], 1, "{inn}");
+        traced.push((from, port, out, inn));
+    }
+    // The rule that lets app in is named; other meets db's default.
+    let inn = &traced[0].3;
+    assert_eq!(inn["verdict"], "allow", "{inn}");
+    assert_eq!(inn["reason"], "rule", "{inn}");
+    assert_eq!(inn["rule"]["name"], "db-from-app", "{inn}");
+    let inn = &traced[1].3;
+    assert_eq!(inn["verdict"], "drop", "{inn}");
+    assert!(inn["rule"].is_null(), "{inn}");
+    // A socket in no service sending to db is refused as well.
+    assert_eq!(trace("db", None, "ingress", 3306)?["verdict"], "drop");
+    // IPv6, and the host's own address (local, over loopback): app's
+    // egress allow-list names ::1 and 198.18.91.1 only for 3306.
+    for (dst, port, local, verdict) in [
+        ("::1", "3306", false, "allow"),
+        ("::1", "3307", false, "drop"),
+        ("198.18.91.1", "3306", true, "allow"),
+        ("198.18.91.9", "3306", true, "drop"),
+    ] {
+        let src = if dst.contains(':') {
+            "::1"
+        } else {
+            "198.18.102.1"
+        };
+        let mut args = vec![
+            "trace",
+            "--services",
+            "--service",
+            "app",
+            "--direction",
+            "egress",
+            "--src",
+            src,
+            "--dst",
+            dst,
+            "--proto",
+            "tcp",
+            "--dport",
+            port,
+        ];
+        if local {
+            args.push("--loopback");
+        }
+        let (code, v) = lab.json(&args)?;
+        assert_eq!(
+            (code, v["verdict"].as_str()),
+            (Some(0), Some(verdict)),
+            "{args:?}: {v}"
+        );
+        assert_eq!(
+            v["loopback"],
+            serde_json::json!(local || dst == "::1"),
+            "{v}"
+        );
+    }
+    // An unknown service is an error, nothing else.
+    let (code, v) = lab.json(&[
+        "trace",
+        "--services",
+        "--service",
+        "nosuch",
+        "--src",
+        "127.0.0.1",
+        "--dst",
+        "127.0.0.1",
+        "--proto",
+        "tcp",
+        "--dport",
+        "3306",
+    ])?;
+    assert_eq!(code, Some(1), "{v}");
+    // Nothing of the attachment changed: no counter, no flow, no event.
+    assert_eq!(snapshot()?, before, "a dry run changed the attachment");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(events()?, events_before, "a dry run made an event");
+    // And the kernel agrees with every trace, on real connections.
+    for (from, port, out, inn) in &traced {
+        let allowed = out["verdict"] == "allow" && inn["verdict"] == "allow";
+        let kernel = lab.connect(from, &format!("127.0.0.1 {port}"))?;
+        assert_eq!(
+            allowed, kernel,
+            "{from} -> db:{port}: trace says {out} / {inn}, the kernel {kernel}"
+        );
+    }
     Ok(())
 }
 

@@ -35,8 +35,9 @@ pub enum FollowEvent {
     Refused(Refused),
 }
 
-/// A refused packet of a service, as the kernel reported it.
-#[derive(Debug, serde::Serialize)]
+/// A refused packet of a service, as the kernel reported it (its JSON
+/// record is [`crate::observe::services::SvcEventRecord`]).
+#[derive(Debug)]
 pub struct Refused {
     /// The service's name (`?` when its policy is no longer in force).
     pub service: String,

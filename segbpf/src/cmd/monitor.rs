@@ -142,20 +142,8 @@ async fn services(args: &Args) -> anyhow::Result<()> {
     let worker = tokio::task::spawn_blocking(move || {
         crate::observe::services::stream_events(&paths, &s2, |r| {
             let line = if json {
-                crate::cmd::json_line(&serde_json::json!({
-                    "type": "event",
-                    "time": crate::host::clock::rfc3339(std::time::SystemTime::now()),
-                    "verdict": "drop",
-                    "audit": r.action == "audit",
-                    "service": r.service,
-                    "direction": r.direction,
-                    "proto": crate::host::proto::proto_name(r.proto),
-                    "src": r.src,
-                    "sport": r.sport,
-                    "dst": r.dst,
-                    "dport": r.dport,
-                }))
-                .unwrap_or_default()
+                crate::cmd::json_line(&crate::observe::services::SvcEventRecord::of(&r))
+                    .unwrap_or_default()
             } else {
                 crate::cmd::services::event_text(&r)
             };

@@ -281,9 +281,7 @@ pub fn guard(cgroup_root: Option<PathBuf>, generation: u64) -> anyhow::Result<()
 /// One event line on stdout (a closed stdout is ignored: enforcement goes on).
 fn print_refused(r: &follow::Refused, json: bool) {
     let line = if json {
-        let mut v = serde_json::to_value(r).unwrap_or_default();
-        v["event"] = serde_json::json!(r.action);
-        v.to_string()
+        crate::cmd::json_line(&crate::observe::services::SvcEventRecord::of(r)).unwrap_or_default()
     } else {
         event_text(r)
     };

@@ -178,6 +178,56 @@ pub fn stream_events(
     Ok(())
 }
 
+/// One event of the services attachment as a JSON Lines record of
+/// docs/json.md: the one dialect of `monitor --services -o json` and
+/// `attach --services --log-format json` (`verdict` and `audit`, no
+/// `action`).
+#[derive(Debug, Serialize)]
+pub struct SvcEventRecord {
+    /// Always `event`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// When it was read (RFC 3339).
+    pub time: String,
+    /// Always `drop`: the policy's decision.
+    pub verdict: &'static str,
+    /// Audit mode let the packet through.
+    pub audit: bool,
+    /// The service (`?` when its policy is no longer in force).
+    pub service: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or the number.
+    pub proto: String,
+    /// Source address.
+    pub src: std::net::IpAddr,
+    /// Source port (ICMP echo: the id).
+    pub sport: u16,
+    /// Destination address.
+    pub dst: std::net::IpAddr,
+    /// Destination port.
+    pub dport: u16,
+}
+
+impl SvcEventRecord {
+    /// The record of `r`, read now.
+    pub fn of(r: &crate::attachment::cgroup_follow::Refused) -> Self {
+        SvcEventRecord {
+            kind: "event",
+            time: crate::host::clock::rfc3339(std::time::SystemTime::now()),
+            verdict: "drop",
+            audit: r.action == "audit",
+            service: r.service.clone(),
+            direction: r.direction,
+            proto: crate::host::proto::proto_name(r.proto),
+            src: r.src,
+            sport: r.sport,
+            dst: r.dst,
+            dport: r.dport,
+        }
+    }
+}
+
 /// The rule of a flow record (docs/json.md's rule object).
 #[derive(Debug, Serialize)]
 pub struct SvcFlowRule {
