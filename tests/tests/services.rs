@@ -2743,6 +2743,28 @@ fn set_edits_and_rollback() -> anyhow::Result<()> {
     }
     assert_eq!(lab.generation()?, before + 1, "SIGHUP applied");
     assert!(lab.connect("other", to_db)?, "the edit survives SIGHUP");
+    // Running `attach --services` again over the attachment is a reload:
+    // the file's sets win, and it says so (never silently).
+    let path = lab.state.join("roles.toml");
+    let root = lab.root.to_str().context("root")?.to_string();
+    let out = lab
+        .segbpf(&[
+            "attach",
+            "--services",
+            "--policy",
+            path.to_str().context("path")?,
+            "--cgroup-root",
+            &root,
+            "--no-wait",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("replace the live edits of set(s) peers"),
+        "a re-run attach names the set edits it replaces: {stderr}"
+    );
+    assert!(!lab.connect("other", to_db)?, "the file's sets again");
     Ok(())
 }
 

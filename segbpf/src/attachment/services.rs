@@ -695,6 +695,18 @@ pub fn reload(
     audit: bool,
 ) -> Result<SvcState, ServicesError> {
     let _lock = lock(paths)?;
+    if let Some(s) = paths.read_state()
+        && !s.set_overrides.is_empty()
+    {
+        tracing::warn!(
+            "the file's sets replace the live edits of set(s) {} (`segbpf reload --services --keep-set-edits` keeps them)",
+            s.set_overrides
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     apply_locked(
         paths,
         policy,
