@@ -115,6 +115,21 @@ pub fn moved(c: &Compiled, slot: u8) -> Compiled {
     m
 }
 
+/// Like [`moved`], taking `c` (no copy of its entries and rules).
+pub fn into_slot(mut c: Compiled, slot: u8) -> Compiled {
+    for (_, k, _) in &mut c.peers_v4 {
+        *k = k.with_slot(slot);
+    }
+    for (_, k, _) in &mut c.peers_v6 {
+        *k = k.with_slot(slot);
+    }
+    for (_, k, _) in &mut c.ports {
+        *k = k.with_slot(slot);
+    }
+    c.config.active_slot = slot;
+    c
+}
+
 /// The entries at the two ends of `old` and `new` that are the same at
 /// the same positions (slots ignored): how many lead, how many trail.
 /// Keys are unique within a trie, so an entry equal at the same position
