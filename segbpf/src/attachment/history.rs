@@ -8,6 +8,9 @@
 //! survives reboots, and the systemd service and commands typed by hand
 //! share it), or the state directory's `history/` for attachments whose
 //! state is elsewhere (`$SEGBPF_STATE_DIR`, private roots in tests).
+//! Each entry's live set edits are kept in `GENERATION.sets.json`, named
+//! with the hash of its bytes by the compact `index.json`; an entry whose
+//! file is missing or changed is withdrawn with every older one.
 
 use std::{
     collections::BTreeMap,
