@@ -482,15 +482,25 @@ tcp = [5432]
     /// values changed in place and slots differing.
     #[test]
     fn trimmed_diff_equals_the_whole_diff() {
-        fn whole(old: &[LpmEntry<PortKey, u32>], new: &[LpmEntry<PortKey, u32>]) -> (Vec<(u32, PortKey)>, Vec<LpmEntry<PortKey, u32>>) {
+        fn whole(
+            old: &[LpmEntry<PortKey, u32>],
+            new: &[LpmEntry<PortKey, u32>],
+        ) -> (Vec<(u32, PortKey)>, Vec<LpmEntry<PortKey, u32>>) {
             let put = new
                 .iter()
-                .filter(|&&(l, k, v)| !old.iter().any(|&(l2, k2, v2)| l2 == l && k2.with_slot(0) == k.with_slot(0) && v2 == v))
+                .filter(|&&(l, k, v)| {
+                    !old.iter().any(|&(l2, k2, v2)| {
+                        l2 == l && k2.with_slot(0) == k.with_slot(0) && v2 == v
+                    })
+                })
                 .map(|&(l, k, v)| (l, k.with_slot(0), v))
                 .collect();
             let delete = old
                 .iter()
-                .filter(|&&(l, k, _)| !new.iter().any(|&(l2, k2, _)| l2 == l && k2.with_slot(0) == k.with_slot(0)))
+                .filter(|&&(l, k, _)| {
+                    !new.iter()
+                        .any(|&(l2, k2, _)| l2 == l && k2.with_slot(0) == k.with_slot(0))
+                })
                 .map(|&(l, k, _)| (l, k.with_slot(0)))
                 .collect();
             (delete, put)
@@ -503,13 +513,17 @@ tcp = [5432]
         for seed in 1..=200u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let n = rng.below(12) as u32;
-            let old: Vec<LpmEntry<PortKey, u32>> =
-                (0..n).map(|i| (40, key(i * 2, 0), i)).collect();
-            let mut new: Vec<LpmEntry<PortKey, u32>> =
-                old.iter().map(|&(l, k, v)| (l, k.with_slot(1), v)).collect();
+            let old: Vec<LpmEntry<PortKey, u32>> = (0..n).map(|i| (40, key(i * 2, 0), i)).collect();
+            let mut new: Vec<LpmEntry<PortKey, u32>> = old
+                .iter()
+                .map(|&(l, k, v)| (l, k.with_slot(1), v))
+                .collect();
             for _ in 0..rng.below(4) {
                 match rng.below(4) {
-                    0 => new.insert(rng.below(new.len() as u64 + 1) as usize, (40, key(rng.below(40) as u32 * 2 + 1, 1), 7)),
+                    0 => new.insert(
+                        rng.below(new.len() as u64 + 1) as usize,
+                        (40, key(rng.below(40) as u32 * 2 + 1, 1), 7),
+                    ),
                     1 if !new.is_empty() => drop(new.remove(rng.below(new.len() as u64) as usize)),
                     2 if !new.is_empty() => {
                         let i = rng.below(new.len() as u64) as usize;

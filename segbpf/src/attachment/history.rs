@@ -423,19 +423,36 @@ mod tests {
             )])
         };
         for g in 1..=3u64 {
-            let o = if g == 1 { BTreeMap::new() } else { sets(g as usize) };
+            let o = if g == 1 {
+                BTreeMap::new()
+            } else {
+                sets(g as usize)
+            };
             record(&att, g, &policy, &policy, &o, roles()).unwrap();
         }
         let got = list(&att);
-        assert_eq!(got.iter().map(|e| e.generation).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            got.iter().map(|e| e.generation).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert!(got[0].set_overrides.is_empty());
         assert_eq!(got[1].set_overrides, sets(2));
         assert_eq!(got[2].set_overrides, sets(3));
         let index = std::fs::read_to_string(d.join("index.json")).unwrap();
-        assert!(!index.contains("10.0.0.1"), "members not in the index: {index}");
+        assert!(
+            !index.contains("10.0.0.1"),
+            "members not in the index: {index}"
+        );
         // Changed: generation 2 and the older 1 are withdrawn.
-        std::fs::write(d.join("2.sets.json"), r#"{"peers":["10.0.0.0","10.0.0.9"]}"#).unwrap();
-        assert_eq!(list(&att).iter().map(|e| e.generation).collect::<Vec<_>>(), [3]);
+        std::fs::write(
+            d.join("2.sets.json"),
+            r#"{"peers":["10.0.0.0","10.0.0.9"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            list(&att).iter().map(|e| e.generation).collect::<Vec<_>>(),
+            [3]
+        );
         assert!(rollback_target(&list(&att), 3, None).is_err());
         // Missing: nothing is offered.
         std::fs::remove_file(d.join("3.sets.json")).unwrap();
@@ -444,7 +461,10 @@ mod tests {
         record(&att, 4, &policy, &policy, &sets(4), roles()).unwrap();
         mark_restored(&att, 4, 1).unwrap();
         let got = list(&att);
-        assert_eq!(got.last().map(|e| (e.generation, e.restored)), Some((4, Some(1))));
+        assert_eq!(
+            got.last().map(|e| (e.generation, e.restored)),
+            Some((4, Some(1)))
+        );
         assert_eq!(got.last().unwrap().set_overrides, sets(4));
         // The earlier form: members inline in the index.
         let inline = vec![Entry {
