@@ -485,7 +485,7 @@ tcp = [5432]
         fn whole(
             old: &[LpmEntry<PortKey, u32>],
             new: &[LpmEntry<PortKey, u32>],
-        ) -> (Vec<(u32, PortKey)>, Vec<LpmEntry<PortKey, u32>>) {
+        ) -> TrieDelta<PortKey, u32> {
             let put = new
                 .iter()
                 .filter(|&&(l, k, v)| {
@@ -503,7 +503,7 @@ tcp = [5432]
                 })
                 .map(|&(l, k, _)| (l, k.with_slot(0)))
                 .collect();
-            (delete, put)
+            TrieDelta { delete, put }
         }
         let key = |i: u32, slot: u8| {
             let mut k = PortKey::zeroed();
@@ -541,7 +541,7 @@ tcp = [5432]
             let mut seen = std::collections::HashSet::new();
             new.retain(|e| seen.insert(e.1.with_slot(0)));
             let got = diff_trie(&old, &new);
-            let (delete, put) = whole(&old, &new);
+            let TrieDelta { delete, put } = whole(&old, &new);
             assert_eq!(got.delete, delete, "seed {seed}: {old:?} -> {new:?}");
             assert_eq!(got.put, put, "seed {seed}: {old:?} -> {new:?}");
         }

@@ -191,20 +191,19 @@ fn entries_in(d: &Path) -> Vec<Entry> {
     let stored = read_index(d);
     let mut out = Vec::with_capacity(stored.len());
     for s in &stored {
-        match load_sets(d, s) {
-            Some(sets) => out.push(Entry {
+        if let Some(sets) = load_sets(d, s) {
+            out.push(Entry {
                 set_overrides: sets,
                 ..s.entry.clone()
-            }),
-            None => {
-                tracing::warn!(
-                    "history of generation {} in {}: its set edits are missing or changed; \
-                     it and older generations cannot be restored",
-                    s.entry.generation,
-                    d.display()
-                );
-                out.clear();
-            }
+            });
+        } else {
+            tracing::warn!(
+                "history of generation {} in {}: its set edits are missing or changed; \
+                 it and older generations cannot be restored",
+                s.entry.generation,
+                d.display()
+            );
+            out.clear();
         }
     }
     out
