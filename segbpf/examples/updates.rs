@@ -249,6 +249,7 @@ fn main() -> anyhow::Result<()> {
     let batch_nft = format!("{{ {} }}", batch.join(", "));
     let mut samples: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
     let mut written = Vec::new();
+    let mut set_add_phases: Vec<String> = Vec::new();
     for round in 0..rounds {
         let one = Ipv4Addr::from(0xc612_6000 + round as u32).to_string(); // 198.18.96.x
         let one_nft = format!("{{ {one} }}");
@@ -259,6 +260,9 @@ fn main() -> anyhow::Result<()> {
             timed(b.segbpf(&["-v", "set", "add", "eth0", "peers", &one, "-o", "json"]))?;
         samples.entry("segbpf set add one").or_default().push(ms);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        if let Some(line) = stderr.lines().find(|l| l.contains("swap phases:")) {
+            set_add_phases.push(line.to_string());
+        }
         if let Some(k) = kernel_ms(&stderr) {
             samples
                 .entry("segbpf set add one, kernel side")
@@ -384,6 +388,9 @@ fn main() -> anyhow::Result<()> {
         println!("attach phases: {}", lines.join(" | "));
     }
     println!("entries written by `set add` of one member: {written:?}");
+    for line in &set_add_phases {
+        println!("set add {line}");
+    }
     let pairs = [
         ("segbpf set add one", "nft add element one"),
         ("segbpf set del one", "nft delete element one"),
@@ -412,6 +419,7 @@ fn main() -> anyhow::Result<()> {
         "rounds": rounds,
         "attach_10k_ms": attach_10k_ms,
         "attach_phases": attach_phases,
+        "set_add_phases": set_add_phases,
         "set_add_written": written,
         "samples_ms": samples,
         "medians_ms": samples.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),

@@ -7,7 +7,9 @@
 //! program in the kernel (`trace`), not by reading files. Every command's
 //! JSON follows docs/json.md (version, times, rule object, verdict, flags,
 //! error documents), and `status` lists every namespace's attachments
-//! (`--all-netns`), labels audit mode and says how long ago.
+//! (`--all-netns`), labels audit mode and says how long ago. A rollback
+//! across set edits restores their members exactly, or refuses when the
+//! history's record of them is missing or changed.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -848,5 +850,90 @@ fn completions_offer_the_names_of_the_namespace_on_the_line() -> anyhow::Result<
     // Without --netns: this namespace's interfaces, not the lab's.
     let here = names("2", &["segbpf", "status", ""])?;
     assert!(!here.contains(&"cmpl0".to_string()), "{here:?}");
+    Ok(())
+}
+
+/// Whether the program on `srv` lets `src` open tcp/81.
+fn admits(lab: &Lab, src: &str) -> anyhow::Result<bool> {
+    let v = json(
+        lab,
+        &[
+            "trace", "eth0", "--src", src, "--dst", HOST, "--proto", "tcp", "--dport", "81", "-o",
+            "json",
+        ],
+    )?;
+    Ok(v["verdict"] == "allow")
+}
+
+/// A rollback across set edits restores exactly the members in force then
+/// (kept beside the history's index, `GENERATION.sets.json`); a changed or
+/// missing members file withdraws its generation: `rollback` refuses it
+/// and changes nothing, `history` no longer lists it. Judged by the
+/// program in the kernel (`trace`).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_rollback_across_set_edits_restores_the_members_or_refuses() -> anyhow::Result<()> {
+    let mut lab = Lab::new("hsets")?;
+    lab.add_host("srv", &[&format!("{HOST}/24")])?;
+    let p = lab.write_policy(
+        "p.toml",
+        r#"version = 1
+[sets]
+peers = ["198.18.5.9"]
+[defaults]
+ingress = "drop"
+egress = "allow"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+from = "peers"
+tcp = [81]
+"#,
+    )?;
+    lab.attach("srv", &p.display().to_string(), &["--role", "srv"])?;
+    for m in ["198.18.5.10", "198.18.5.11", "198.18.5.12"] {
+        lab.segbpf_ok("srv", &["set", "add", "eth0", "peers", m])?;
+    }
+    // Generations 2, 3, 4; back to 3: .10 and .11, not .12.
+    let v = json(&lab, &["rollback", "eth0", "-o", "json"])?;
+    assert_eq!(restored(&v), Some(3), "{v}");
+    let seen = |lab: &Lab| -> anyhow::Result<Vec<bool>> {
+        ["198.18.5.9", "198.18.5.10", "198.18.5.11", "198.18.5.12"]
+            .iter()
+            .map(|s| admits(lab, s))
+            .collect()
+    };
+    assert_eq!(seen(&lab)?, [true, true, true, false]);
+    let h = json(&lab, &["history", "eth0", "-o", "json"])?;
+    let dir = std::path::PathBuf::from(h["dir"].as_str().expect("dir"));
+    let g2 = &h["generations"][1];
+    assert_eq!(g2["generation"], 2, "{h}");
+    assert_eq!(
+        g2["set_overrides"]["peers"],
+        serde_json::json!(["198.18.5.9", "198.18.5.10"]),
+        "{h}"
+    );
+    // Generation 2's members changed on disk: refused, nothing changes.
+    std::fs::write(
+        dir.join("2.sets.json"),
+        r#"{"peers":["198.18.5.9","198.18.5.12"]}"#,
+    )?;
+    let out = lab.segbpf("srv", &["rollback", "eth0", "--to", "2"])?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(seen(&lab)?, [true, true, true, false]);
+    let h = json(&lab, &["history", "eth0", "-o", "json"])?;
+    let gens: Vec<u64> = h["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .filter_map(|g| g["generation"].as_u64())
+        .collect();
+    assert_eq!(gens, [3, 4, 5], "{h}");
+    // Generation 3's file missing: the rollback from 5 (which stands for
+    // 3) has nothing before it it could restore exactly.
+    std::fs::remove_file(dir.join("3.sets.json"))?;
+    let out = lab.segbpf("srv", &["rollback", "eth0"])?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(seen(&lab)?, [true, true, true, false]);
     Ok(())
 }

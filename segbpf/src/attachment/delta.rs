@@ -115,10 +115,52 @@ pub fn moved(c: &Compiled, slot: u8) -> Compiled {
     m
 }
 
+/// Like [`moved`], taking `c` (no copy of its entries and rules).
+pub fn into_slot(mut c: Compiled, slot: u8) -> Compiled {
+    for (_, k, _) in &mut c.peers_v4 {
+        *k = k.with_slot(slot);
+    }
+    for (_, k, _) in &mut c.peers_v6 {
+        *k = k.with_slot(slot);
+    }
+    for (_, k, _) in &mut c.ports {
+        *k = k.with_slot(slot);
+    }
+    c.config.active_slot = slot;
+    c
+}
+
+/// The entries at the two ends of `old` and `new` that are the same at
+/// the same positions (slots ignored): how many lead, how many trail.
+/// Keys are unique within a trie, so an entry equal at the same position
+/// is in both with the same value and belongs to no delta; and a key at
+/// such a position is at no other position of either side.
+fn common_ends<K: Slotted, V: Copy + Eq>(
+    old: &[LpmEntry<K, V>],
+    new: &[LpmEntry<K, V>],
+) -> (usize, usize) {
+    let same = |a: &LpmEntry<K, V>, b: &LpmEntry<K, V>| {
+        a.0 == b.0 && a.2 == b.2 && a.1.with_slot(0) == b.1.with_slot(0)
+    };
+    let lead = old.iter().zip(new).take_while(|(a, b)| same(a, b)).count();
+    let trail = old[lead..]
+        .iter()
+        .rev()
+        .zip(new[lead..].iter().rev())
+        .take_while(|(a, b)| same(a, b))
+        .count();
+    (lead, trail)
+}
+
 fn diff_trie<K: Slotted, V: Copy + Eq>(
     old: &[LpmEntry<K, V>],
     new: &[LpmEntry<K, V>],
 ) -> TrieDelta<K, V> {
+    // Compilers and the set index emit entries in address order, so an
+    // edit changes a run in the middle: only that run is hashed.
+    let (lead, trail) = common_ends(old, new);
+    let old = &old[lead..old.len() - trail];
+    let new = &new[lead..new.len() - trail];
     let before: FastMap<(u32, K), V> = old
         .iter()
         .map(|&(l, k, v)| ((l, k.with_slot(0)), v))
@@ -433,6 +475,76 @@ tcp = [5432]
         let d = diff(&Snapshot::of(&b, 1), &c);
         assert!(!d.is_empty() && d.len() <= 2, "{d:?}");
         assert!(d.ports.is_empty(), "no new class: {d:?}");
+    }
+
+    /// Trimming the common ends changes no delta: against the whole-trie
+    /// diff, on tries edited in the middle, at the ends, reordered, with
+    /// values changed in place and slots differing.
+    #[test]
+    fn trimmed_diff_equals_the_whole_diff() {
+        fn whole(
+            old: &[LpmEntry<PortKey, u32>],
+            new: &[LpmEntry<PortKey, u32>],
+        ) -> TrieDelta<PortKey, u32> {
+            let put = new
+                .iter()
+                .filter(|&&(l, k, v)| {
+                    !old.iter().any(|&(l2, k2, v2)| {
+                        l2 == l && k2.with_slot(0) == k.with_slot(0) && v2 == v
+                    })
+                })
+                .map(|&(l, k, v)| (l, k.with_slot(0), v))
+                .collect();
+            let delete = old
+                .iter()
+                .filter(|&&(l, k, _)| {
+                    !new.iter()
+                        .any(|&(l2, k2, _)| l2 == l && k2.with_slot(0) == k.with_slot(0))
+                })
+                .map(|&(l, k, _)| (l, k.with_slot(0)))
+                .collect();
+            TrieDelta { delete, put }
+        }
+        let key = |i: u32, slot: u8| {
+            let mut k = PortKey::zeroed();
+            k.class_be = i.to_be_bytes();
+            k.with_slot(slot)
+        };
+        for seed in 1..=200u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let n = rng.below(12) as u32;
+            let old: Vec<LpmEntry<PortKey, u32>> = (0..n).map(|i| (40, key(i * 2, 0), i)).collect();
+            let mut new: Vec<LpmEntry<PortKey, u32>> = old
+                .iter()
+                .map(|&(l, k, v)| (l, k.with_slot(1), v))
+                .collect();
+            for _ in 0..rng.below(4) {
+                match rng.below(4) {
+                    0 => new.insert(
+                        rng.below(new.len() as u64 + 1) as usize,
+                        (40, key(rng.below(40) as u32 * 2 + 1, 1), 7),
+                    ),
+                    1 if !new.is_empty() => drop(new.remove(rng.below(new.len() as u64) as usize)),
+                    2 if !new.is_empty() => {
+                        let i = rng.below(new.len() as u64) as usize;
+                        new[i].2 += 100;
+                    }
+                    3 if new.len() > 1 => {
+                        let i = rng.below(new.len() as u64) as usize;
+                        let j = rng.below(new.len() as u64) as usize;
+                        new.swap(i, j);
+                    }
+                    _ => {}
+                }
+            }
+            new.dedup_by_key(|e| e.1.with_slot(0));
+            let mut seen = std::collections::HashSet::new();
+            new.retain(|e| seen.insert(e.1.with_slot(0)));
+            let got = diff_trie(&old, &new);
+            let TrieDelta { delete, put } = whole(&old, &new);
+            assert_eq!(got.delete, delete, "seed {seed}: {old:?} -> {new:?}");
+            assert_eq!(got.put, put, "seed {seed}: {old:?} -> {new:?}");
+        }
     }
 
     /// The differential edit test over the compiler: after every edit of a

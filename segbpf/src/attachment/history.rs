@@ -8,6 +8,9 @@
 //! survives reboots, and the systemd service and commands typed by hand
 //! share it), or the state directory's `history/` for attachments whose
 //! state is elsewhere (`$SEGBPF_STATE_DIR`, private roots in tests).
+//! Each entry's live set edits are kept in `GENERATION.sets.json`, named
+//! with the hash of its bytes by the compact `index.json`; an entry whose
+//! file is missing or changed is withdrawn with every older one.
 
 use std::{
     collections::BTreeMap,
@@ -125,13 +128,90 @@ fn keep() -> usize {
         .unwrap_or(DEFAULT_KEEP)
 }
 
+/// Where an entry's live set edits are kept: a file beside the index
+/// (`GENERATION.sets.json`) and the hash of its bytes. The index then
+/// holds no members, so recording a set edit writes the new members once
+/// instead of rewriting every kept generation's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SetsFile {
+    /// The file's name in the history directory.
+    name: String,
+    /// [`crate::attachment::setindex::hash_bytes`] of its contents.
+    hash: u64,
+}
+
+/// An entry as the index stores it: its set edits inline (entries of
+/// earlier versions) or in a [`SetsFile`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    entry: Entry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sets_file: Option<SetsFile>,
+}
+
+/// The index as stored (set edits in their files not read).
+fn read_index(d: &Path) -> Vec<Stored> {
+    std::fs::read(d.join("index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default()
+}
+
+fn write_index(d: &Path, entries: &[Stored]) -> Result<(), HistoryError> {
+    let tmp = d.join("index.json.tmp");
+    let text = serde_json::to_vec(entries).map_err(std::io::Error::from);
+    text.and_then(|t| std::fs::write(&tmp, t))
+        .map_err(failed("writing", &tmp))?;
+    let index = d.join("index.json");
+    std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
+}
+
+/// The set edits of a stored entry; None when its file is missing, not
+/// the file recorded (hash) or not readable.
+fn load_sets(d: &Path, s: &Stored) -> Option<BTreeMap<String, Vec<String>>> {
+    let Some(f) = &s.sets_file else {
+        return Some(s.entry.set_overrides.clone());
+    };
+    if f.name.contains('/') {
+        return None;
+    }
+    let bytes = std::fs::read(d.join(&f.name)).ok()?;
+    if crate::attachment::setindex::hash_bytes(&bytes) != f.hash {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The entries of the index in `d`, oldest first. An entry whose set
+/// edits cannot be read back exactly (file missing or changed) is not
+/// offered, nor is anything older: a rollback to it, or past it to an
+/// older one, could not restore what was in force.
+fn entries_in(d: &Path) -> Vec<Entry> {
+    let stored = read_index(d);
+    let mut out = Vec::with_capacity(stored.len());
+    for s in &stored {
+        if let Some(sets) = load_sets(d, s) {
+            out.push(Entry {
+                set_overrides: sets,
+                ..s.entry.clone()
+            });
+        } else {
+            tracing::warn!(
+                "history of generation {} in {}: its set edits are missing or changed; \
+                 it and older generations cannot be restored",
+                s.entry.generation,
+                d.display()
+            );
+            out.clear();
+        }
+    }
+    out
+}
+
 /// The attachment's history, oldest first.
 pub fn list(att: &Attachment) -> Vec<Entry> {
-    let index = dir(att).join("index.json");
-    std::fs::read_to_string(index)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
+    entries_in(&dir(att))
 }
 
 /// The entry of generation `generation`, if the history keeps it.
@@ -155,43 +235,59 @@ pub fn record(
     crate::attachment::dirs::private_dir(&d).map_err(failed("creating", &d))?;
     let copy = d.join(format!("{generation}.toml"));
     std::fs::copy(text, &copy).map_err(failed("saving", &copy))?;
-    let mut entries = list(att);
-    entries.retain(|e| e.generation != generation);
-    entries.push(Entry {
-        generation,
-        source: source.display().to_string(),
-        copy,
-        set_overrides: overrides.clone(),
-        restored: None,
-        roles: Some(roles),
+    let sets_file = if overrides.is_empty() {
+        None
+    } else {
+        let name = format!("{generation}.sets.json");
+        let path = d.join(&name);
+        let tmp = d.join(format!("{name}.tmp"));
+        let bytes = serde_json::to_vec(overrides).map_err(std::io::Error::from);
+        bytes
+            .and_then(|b| std::fs::write(&tmp, &b).map(|()| b))
+            .and_then(|b| std::fs::rename(&tmp, &path).map(|()| b))
+            .map(|b| SetsFile {
+                name,
+                hash: crate::attachment::setindex::hash_bytes(&b),
+            })
+            .map(Some)
+            .map_err(failed("saving", &path))?
+    };
+    let mut entries = read_index(&d);
+    entries.retain(|e| e.entry.generation != generation);
+    entries.push(Stored {
+        entry: Entry {
+            generation,
+            source: source.display().to_string(),
+            copy,
+            set_overrides: BTreeMap::new(),
+            restored: None,
+            roles: Some(roles),
+        },
+        sets_file,
     });
     while entries.len() > keep() {
         let old = entries.remove(0);
-        let _ = std::fs::remove_file(old.copy);
+        let _ = std::fs::remove_file(old.entry.copy);
+        if let Some(f) = old.sets_file.filter(|f| !f.name.contains('/')) {
+            let _ = std::fs::remove_file(d.join(f.name));
+        }
     }
-    let tmp = d.join("index.json.tmp");
-    let text = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::from);
-    text.and_then(|t| std::fs::write(&tmp, t))
-        .map_err(failed("writing", &tmp))?;
-    let index = d.join("index.json");
-    std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
+    write_index(&d, &entries)
 }
 
 /// Notes that generation `generation` restored the policy of generation
 /// `restored` (see [`Entry::restored`]).
 pub fn mark_restored(att: &Attachment, generation: u64, restored: u64) -> Result<(), HistoryError> {
     let d = dir(att);
-    let mut entries = list(att);
-    let Some(e) = entries.iter_mut().find(|e| e.generation == generation) else {
+    let mut entries = read_index(&d);
+    let Some(e) = entries
+        .iter_mut()
+        .find(|e| e.entry.generation == generation)
+    else {
         return Ok(());
     };
-    e.restored = Some(restored);
-    let tmp = d.join("index.json.tmp");
-    let text = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::from);
-    text.and_then(|t| std::fs::write(&tmp, t))
-        .map_err(failed("writing", &tmp))?;
-    let index = d.join("index.json");
-    std::fs::rename(&tmp, &index).map_err(failed("writing", &index))
+    e.entry.restored = Some(restored);
+    write_index(&d, &entries)
 }
 
 /// What a rollback from generation `current` restores: generation `to`
@@ -292,6 +388,91 @@ mod tests {
                 .contains("kept: 1, 2, 3, 4, 5")
         );
         assert!(rollback_target(&h, 5, Some(5)).is_err());
+    }
+
+    /// Set edits are kept beside the index and read back exactly; a
+    /// missing or changed file withdraws its generation and older ones
+    /// (a rollback to them could not restore what was in force), and an
+    /// index of the earlier form (members inline) still reads.
+    #[test]
+    fn set_edits_beside_the_index_read_back_or_withdraw_the_entry() {
+        let root = std::env::temp_dir().join(format!("segbpf-history-test-{}", std::process::id()));
+        let ns = crate::host::netns::Netns::current().unwrap();
+        let roots = crate::attachment::pins::Roots {
+            bpffs: PathBuf::from("/sys/fs/bpf/x"),
+            state: root.clone(),
+        };
+        let att = roots.attachment("eth9", &ns);
+        let d = dir(&att);
+        // `$SEGBPF_HISTORY_DIR` would move the history out of the root.
+        if !d.starts_with(&root) {
+            return;
+        }
+        let policy = root.join("p.toml");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(&policy, "version = 1\n").unwrap();
+        let roles = || Roles {
+            roles: vec!["r".into()],
+            role_args: Vec::new(),
+        };
+        let sets = |n: usize| {
+            BTreeMap::from([(
+                "peers".to_string(),
+                (0..n).map(|i| format!("10.0.0.{i}")).collect::<Vec<_>>(),
+            )])
+        };
+        for g in 1..=3u64 {
+            let o = if g == 1 {
+                BTreeMap::new()
+            } else {
+                sets(g as usize)
+            };
+            record(&att, g, &policy, &policy, &o, roles()).unwrap();
+        }
+        let got = list(&att);
+        assert_eq!(
+            got.iter().map(|e| e.generation).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert!(got[0].set_overrides.is_empty());
+        assert_eq!(got[1].set_overrides, sets(2));
+        assert_eq!(got[2].set_overrides, sets(3));
+        let index = std::fs::read_to_string(d.join("index.json")).unwrap();
+        assert!(
+            !index.contains("10.0.0.1"),
+            "members not in the index: {index}"
+        );
+        // Changed: generation 2 and the older 1 are withdrawn.
+        std::fs::write(
+            d.join("2.sets.json"),
+            r#"{"peers":["10.0.0.0","10.0.0.9"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            list(&att).iter().map(|e| e.generation).collect::<Vec<_>>(),
+            [3]
+        );
+        assert!(rollback_target(&list(&att), 3, None).is_err());
+        // Missing: nothing is offered.
+        std::fs::remove_file(d.join("3.sets.json")).unwrap();
+        assert!(list(&att).is_empty());
+        // A later record keeps working, and the mark of a rollback too.
+        record(&att, 4, &policy, &policy, &sets(4), roles()).unwrap();
+        mark_restored(&att, 4, 1).unwrap();
+        let got = list(&att);
+        assert_eq!(
+            got.last().map(|e| (e.generation, e.restored)),
+            Some((4, Some(1)))
+        );
+        assert_eq!(got.last().unwrap().set_overrides, sets(4));
+        // The earlier form: members inline in the index.
+        let inline = vec![Entry {
+            set_overrides: sets(5),
+            ..entry(5, None)
+        }];
+        std::fs::write(d.join("index.json"), serde_json::to_vec(&inline).unwrap()).unwrap();
+        assert_eq!(list(&att), inline);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -187,8 +187,10 @@ impl State {
                 .map_err(write_err(&tmp))?;
             // One buffer, one write: serde_json writes a File token by
             // token otherwise (hundreds of thousands of syscalls for a
-            // state of 10,000 rules).
-            let mut text = serde_json::to_vec_pretty(self)
+            // state of 10,000 rules). Compact, not pretty-printed: every
+            // edit reads and writes the file whole, and indentation made
+            // it about twice the size.
+            let mut text = serde_json::to_vec(self)
                 .map_err(std::io::Error::from)
                 .map_err(write_err(&tmp))?;
             text.push(b'\n');

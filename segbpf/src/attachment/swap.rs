@@ -622,13 +622,15 @@ fn fast_set_edit(
     };
     phases.mark("edit-classes");
     let generation = cfg.generation.max(old.generation) + 1;
-    let c = delta::moved(
-        &Compiled {
+    let c = delta::into_slot(
+        Compiled {
             peers_v4: edited.peers_v4,
             peers_v6: edited.peers_v6,
             ports: edited.ports,
             config: segbpf_common::Config { generation, ..cfg },
-            rules: old.rules.clone(),
+            // The kernel writes need no rule descriptions (the state
+            // keeps them): 10,000 of them are not copied for nothing.
+            rules: Vec::new(),
             classes: edited.classes.len() as u32,
             class_rules: edited.classes,
         },
@@ -1283,7 +1285,7 @@ fn commit(
         policy: policy_name,
         generation,
         roles,
-        rules: c.rules.len(),
+        rules: new.rules.len(),
         pruned,
         written,
         warnings,
