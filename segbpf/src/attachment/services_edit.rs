@@ -20,7 +20,7 @@ use crate::{
     attachment::{
         history::rollback_target,
         services::{self as engine, ServicesError, SvcChoice, SvcPaths, SvcState, history},
-        swap::{Overrides, parse_overrides},
+        swap::{MemberEdit, Overrides, edit_members, parse_overrides},
     },
     policy::{AddrRange, Policy},
 };
@@ -76,38 +76,20 @@ pub fn edit_set(
             ))
         })?
     };
-    let mut next = current;
-    let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
-    let mut removed = std::collections::HashSet::new();
-    let mut changed = 0;
-    for m in members {
-        let text = m.to_string();
-        if add {
-            if present.insert(text.clone()) {
-                next.push(text);
-                changed += 1;
-            }
-        } else if present.remove(&text) {
-            removed.insert(text);
-            changed += 1;
-        } else {
+    let (next, changed) = match edit_members(current, members, add) {
+        MemberEdit::Next(next, changed) => (next, changed),
+        MemberEdit::NotMember(text) => {
             return Err(ServicesError::Refused(format!(
                 "{text} is not a member of `{set}` (see `segbpf set list --services {set}`)"
             )));
         }
-    }
-    if changed == 0 {
-        return Err(ServicesError::Unchanged(format!(
-            "set `{set}` already has {}: nothing changed, generation {} stays in force",
-            members
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            state.generation
-        )));
-    }
-    next.retain(|m| !removed.contains(m));
+        MemberEdit::Unchanged(listed) => {
+            return Err(ServicesError::Unchanged(format!(
+                "set `{set}` already has {listed}: nothing changed, generation {} stays in force",
+                state.generation
+            )));
+        }
+    };
     let mut overrides = state.set_overrides.clone();
     overrides.insert(set.to_string(), next);
     // The text in force: the history's copy of this generation (the file

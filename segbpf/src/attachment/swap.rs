@@ -397,17 +397,19 @@ pub fn sets_in_force(state: &State) -> Result<Overrides, SwapError> {
         .collect())
 }
 
-/// The members of `set` after adding (`add`) or removing `members` from
-/// `current`, and how many changed; refused when a member to remove is
-/// not in the set, `Unchanged` when nothing changes.
-fn next_members(
-    att: &Attachment,
-    state: &State,
-    set: &str,
-    current: Vec<String>,
-    members: &[AddrRange],
-    add: bool,
-) -> Result<(Vec<String>, usize), SwapError> {
+/// A set edit worked out on the member list (pure: the interface and the
+/// services attachments both use it and word the outcome themselves).
+pub enum MemberEdit {
+    /// The members after the edit and how many changed (at least one).
+    Next(Vec<String>, usize),
+    /// A member to remove is not in the set.
+    NotMember(String),
+    /// Nothing changes: the members, as written.
+    Unchanged(String),
+}
+
+/// The members after adding (`add`) or removing `members` from `current`.
+pub fn edit_members(current: Vec<String>, members: &[AddrRange], add: bool) -> MemberEdit {
     let mut changed = 0;
     let mut next = current;
     let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
@@ -423,28 +425,47 @@ fn next_members(
             removed.insert(text);
             changed += 1;
         } else {
-            return Err(SwapError::Refused(format!(
-                "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
-                att.iface
-            )));
+            return MemberEdit::NotMember(text);
         }
     }
     if changed == 0 {
-        // Nothing to swap: no new generation for an edit that changes nothing.
-        return Err(SwapError::Unchanged(format!(
-            "set `{set}` already has {}: nothing changed, generation {} stays in force",
+        return MemberEdit::Unchanged(
             members
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(", "),
-            state.generation
-        )));
+        );
     }
     if !removed.is_empty() {
         next.retain(|m| !removed.contains(m));
     }
-    Ok((next, changed))
+    MemberEdit::Next(next, changed)
+}
+
+/// The members of `set` after adding (`add`) or removing `members` from
+/// `current`, and how many changed; refused when a member to remove is
+/// not in the set, `Unchanged` when nothing changes.
+fn next_members(
+    att: &Attachment,
+    state: &State,
+    set: &str,
+    current: Vec<String>,
+    members: &[AddrRange],
+    add: bool,
+) -> Result<(Vec<String>, usize), SwapError> {
+    match edit_members(current, members, add) {
+        MemberEdit::Next(next, changed) => Ok((next, changed)),
+        MemberEdit::NotMember(text) => Err(SwapError::Refused(format!(
+            "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
+            att.iface
+        ))),
+        // Nothing to swap: no new generation for an edit that changes nothing.
+        MemberEdit::Unchanged(listed) => Err(SwapError::Unchanged(format!(
+            "set `{set}` already has {listed}: nothing changed, generation {} stays in force",
+            state.generation
+        ))),
+    }
 }
 
 /// `segbpf set add|del`: adds or removes `members` of `set` in force, as
