@@ -60,6 +60,9 @@
 //!   rule.
 //! * `monitor_shows_drops_with_their_service`, `flows_carry_their_service`:
 //!   `monitor --services` and `flows --services` records carry `service`.
+//! * `flows_name_the_rule_of_the_generation_that_judged`: after a reload
+//!   that renumbers the rules, `flows --services` names a flow's rule from
+//!   the policy that judged it, or says that policy is no longer kept.
 //! * `under_systemd`: this machine's systemd booted by systemd-nspawn
 //!   (`--volatile=yes -D /`) with the package's segbpf-services.service
 //!   and units written for the test: `unit = "..."` resolves, the
@@ -3185,5 +3188,98 @@ fn flows_carry_their_service() -> anyhow::Result<()> {
             .any(|f| f["service"] == "db" && f["peer_service"] == "other"),
         "{v}"
     );
+    Ok(())
+}
+
+/// A flow judged before a reload that renumbers the rules keeps the rule
+/// that judged it in `flows --services`: named from the policy of its
+/// generation (kept in the history), and once the history no longer keeps
+/// that generation, `rule: null` with `judged_by_generation`, never the
+/// rule the new policy gave the same number.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn flows_name_the_rule_of_the_generation_that_judged() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("fr", &["app", "db", "other", "cache"], 100)?;
+    let ns = lab.ns.name.clone();
+    let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp-stream 127.0.0.1 3306")?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let mut held = Helper::server(&lab.cg("app"), &ns, "hold-tcp 127.0.0.1 3306")?;
+    {
+        let c = held.child.as_mut().context("child")?;
+        c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
+    }
+    let line = read_line(&mut held)?;
+    assert!(line.ends_with("ok"), "the connection: {line}");
+    // The round trip's delayed ACK goes by before the reloads: from then
+    // on no packet of the connection until the end.
+    std::thread::sleep(Duration::from_millis(500));
+    let db_flow = |lab: &SvcLab| -> anyhow::Result<serde_json::Value> {
+        let (code, v) = lab.json(&["flows", "--services"])?;
+        assert_eq!(code, Some(0), "{v}");
+        v["flows"]
+            .as_array()
+            .context("flows")?
+            .iter()
+            .find(|f| f["service"] == "db" && f["dport"] == 3306)
+            .cloned()
+            .with_context(|| format!("no flow of db: {v}"))
+    };
+    let first = db_flow(&lab)?;
+    assert_eq!(first["rule"]["name"], "db-from-app", "{first}");
+    let id = first["rule"]["id"].clone();
+    // A rule ahead of db-from-app: the new policy gives db-from-app's id
+    // to db-from-cache. No packet of the held connection after it.
+    let renumbered = MATRIX.replace(
+        "[[services.db.ingress]]\nname = \"db-from-app\"",
+        "[[services.db.ingress]]\nname = \"db-from-cache\"\nfrom_services = [\"cache\"]\ntcp = [3306]\n[[services.db.ingress]]\nname = \"db-from-app\"",
+    );
+    assert_ne!(renumbered, MATRIX);
+    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
+        std::fs::write(lab.state.join("roles.toml"), policy)?;
+        let out = lab
+            .segbpf(&["reload", "--services", "--cgroup-root", &root])
+            .env("SEGBPF_HISTORY", "2")
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    reload(&lab, &renumbered)?;
+    let after = db_flow(&lab)?;
+    assert_eq!(
+        after["rule"]["name"], "db-from-app",
+        "the flow judged by generation 1 names generation 2's rule {id}: {after}"
+    );
+    assert_eq!(after["judged_by_generation"], 1, "{after}");
+    assert_eq!(after["peer_service"], "app", "{after}");
+    // Two more reloads with a history of 2: generation 1 is not kept.
+    reload(&lab, &renumbered)?;
+    reload(&lab, &renumbered)?;
+    let gone = db_flow(&lab)?;
+    assert_eq!(gone["judged_by_generation"], 1, "{gone}");
+    assert!(
+        gone.get("rule").is_some_and(serde_json::Value::is_null),
+        "generation 1 is no longer kept: {gone}"
+    );
+    let out = lab
+        .segbpf(&["flows", "--services", "--cgroup-root", &root])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("service=db") && l.contains("rule of generation 1 (not kept)")),
+        "{text} / {gone}"
+    );
+    // The connection itself still works under the new policy.
+    {
+        let c = held.child.as_mut().context("child")?;
+        c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
+    }
+    let line = read_line(&mut held)?;
+    assert!(line.ends_with("ok"), "after the reloads: {line}");
     Ok(())
 }

@@ -922,7 +922,18 @@ pub fn record(paths: &SvcPaths, state: &SvcState, text: &Path) -> Result<(), Ser
     if text != copy {
         std::fs::copy(text, &copy).map_err(io(format!("saving {}", copy.display())))?;
     }
+    // The state as applied (its services and rules with their ids): what
+    // `flows --services` names a flow's rule and peer from while that
+    // flow's entry is older than the policy in force.
+    let judged = judged_file(paths, state.generation);
+    let body = serde_json::to_vec(state).unwrap_or_default();
+    std::fs::write(&judged, body).map_err(io(format!("writing {}", judged.display())))?;
     let mut entries = history(paths);
+    for e in entries.iter().filter(|e| e.generation >= state.generation) {
+        if e.generation > state.generation {
+            let _ = std::fs::remove_file(judged_file(paths, e.generation));
+        }
+    }
     entries.retain(|e| e.generation < state.generation);
     entries.push(crate::attachment::history::Entry {
         generation: state.generation,
@@ -935,12 +946,35 @@ pub fn record(paths: &SvcPaths, state: &SvcState, text: &Path) -> Result<(), Ser
     while entries.len() > keep() {
         let old = entries.remove(0);
         let _ = std::fs::remove_file(old.copy);
+        let _ = std::fs::remove_file(judged_file(paths, old.generation));
     }
     let tmp = d.join("index.json.tmp");
     let body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
     std::fs::write(&tmp, body).map_err(io(format!("writing {}", tmp.display())))?;
     let index = d.join("index.json");
     std::fs::rename(&tmp, &index).map_err(io(format!("writing {}", index.display())))
+}
+
+/// The file keeping the state generation `generation` was applied as.
+fn judged_file(paths: &SvcPaths, generation: u64) -> PathBuf {
+    history_dir(paths).join(format!("{generation}.state.json"))
+}
+
+/// The state generation `generation` was applied as (its services and
+/// rules with their ids): the one in force, or one the history still
+/// keeps. None: not kept (pruned, or recorded by a version that kept only
+/// the policy text).
+pub fn state_of_generation(paths: &SvcPaths, generation: u64) -> Option<SvcState> {
+    if let Some(s) = paths.read_state().filter(|s| s.generation == generation) {
+        return Some(s);
+    }
+    if !history(paths).iter().any(|e| e.generation == generation) {
+        return None;
+    }
+    let text = std::fs::read(judged_file(paths, generation)).ok()?;
+    serde_json::from_slice::<SvcState>(&text)
+        .ok()
+        .filter(|s| s.generation == generation)
 }
 
 /// Removes the history (with the attachment).

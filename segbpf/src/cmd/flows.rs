@@ -338,10 +338,12 @@ fn services(args: &Args) -> anyhow::Result<()> {
                     side(r.dst, r.dport),
                     r.opened_by,
                     r.last_seen,
-                    r.rule.as_ref().map_or_else(
-                        || " (default)".to_string(),
-                        |x| format!(" rule {}", x.name.as_deref().unwrap_or(&x.label))
-                    )
+                    match &r.rule {
+                        None => " (default)".to_string(),
+                        Some(Some(x)) => format!(" rule {}", x.name.as_deref().unwrap_or(&x.label)),
+                        Some(None) =>
+                            format!(" rule of generation {} (not kept)", r.judged_by_generation),
+                    }
                 ))?;
             }
         }

@@ -271,9 +271,15 @@ pub struct SvcFlowRecord {
     pub opened_by: &'static str,
     /// The last packet (RFC 3339).
     pub last_seen: String,
-    /// The rule that allowed the flow (left out: a default).
+    /// The rule that allowed the flow, from the policy of the generation
+    /// that judged it: left out for a default; `Some(None)` (`null`) when
+    /// that generation's policy is no longer kept (`judged_by_generation`
+    /// says which it was), rather than a rule of another policy.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<SvcFlowRule>,
+    pub rule: Option<Option<SvcFlowRule>>,
+    /// The policy generation that judged the flow (its flow entry's
+    /// record).
+    pub judged_by_generation: u64,
 }
 
 /// The flows of the attachment at `paths`, as its sockets see them.
@@ -311,6 +317,9 @@ pub fn flows(
             }
         })?;
     let mut out = Vec::new();
+    // Generation -> its state (None: not kept), read once each.
+    let mut kept: std::collections::HashMap<u64, Option<crate::attachment::services::SvcState>> =
+        std::collections::HashMap::new();
     for (k, v) in ct.iter().filter_map(Result::ok) {
         let ip = |b| crate::host::proto::ip_from(k.family, b);
         let (l, r) = (
@@ -319,23 +328,32 @@ pub fn flows(
         );
         let inbound = v.flags & SVC_FLOW_INBOUND != 0;
         let ((src, sport), (dst, dport)) = if inbound { (r, l) } else { (l, r) };
-        let rule = state.as_ref().and_then(|s| {
-            s.rules
-                .iter()
-                .find(|x| x.id == v.rule)
-                .map(|x| SvcFlowRule {
-                    id: x.id,
-                    label: x.label.clone(),
-                    name: x.name.clone(),
-                    line: x.line,
-                    direction: x.direction.clone(),
-                    peer: x.peer.clone(),
-                    services: x.services.clone(),
-                })
+        // The rule ids and service ids of the entry are those of the
+        // generation that judged it, which a reload may have given to
+        // others: named from that generation's state, or not at all.
+        let judged = v.peer >> 8;
+        let judge = kept
+            .entry(judged)
+            .or_insert_with(|| crate::attachment::services::state_of_generation(paths, judged));
+        let rule = (v.rule != u32::MAX).then(|| {
+            judge.as_ref().and_then(|s| {
+                s.rules
+                    .iter()
+                    .find(|x| x.id == v.rule)
+                    .map(|x| SvcFlowRule {
+                        id: x.id,
+                        label: x.label.clone(),
+                        name: x.name.clone(),
+                        line: x.line,
+                        direction: x.direction.clone(),
+                        peer: x.peer.clone(),
+                        services: x.services.clone(),
+                    })
+            })
         });
         out.push(SvcFlowRecord {
             service: names.get(&v.svc_cg).cloned(),
-            peer_service: peer_name(state.as_ref(), v.peer),
+            peer_service: peer_name(judge.as_ref(), v.peer),
             proto: crate::host::proto::proto_name(k.proto),
             src,
             sport,
@@ -346,6 +364,7 @@ pub fn flows(
                 v.last_ns,
             )),
             rule,
+            judged_by_generation: judged,
         });
     }
     out.sort_by(|a, b| (&a.service, a.dport, a.sport).cmp(&(&b.service, b.dport, b.sport)));
@@ -354,8 +373,8 @@ pub fn flows(
 
 /// The name of a flow's local peer service from its recorded identity
 /// (`generation << 8 | slot bit << 7 | service id`, see
-/// `segbpf_common::SvcFlow::peer`): known only for the generation in
-/// force; 0 (no service) or an older generation names nobody.
+/// `segbpf_common::SvcFlow::peer`), in `state`, the state of the
+/// generation it names (None: not kept); 0 (no service) names nobody.
 fn peer_name(state: Option<&crate::attachment::services::SvcState>, peer: u64) -> Option<String> {
     let state = state?;
     let id = peer & u64::from(segbpf_common::SVC_STAMP_ID_MASK);
