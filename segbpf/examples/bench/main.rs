@@ -19,7 +19,11 @@
 //!   the receiver handled on one core, rounds interleaved.
 //!
 //! * Services (`services.rs`): the cgroup_skb programs' per-packet cost
-//!   against an empty cgroup_skb program.
+//!   against an empty cgroup_skb program; (`svc_traffic.rs`) loopback
+//!   TCP_RR and stream throughput between two services' processes with
+//!   no program, the empty program and segbpf, and
+//!   (`SEGBPF_BENCH_ONLY=services-systemd`, not in the default run) the
+//!   same pair as systemd units with and without `IPAddressAllow=`.
 //!
 //! Prints a table and writes bench/results.json.
 #![allow(
@@ -28,6 +32,7 @@
 )]
 
 mod services;
+mod svc_traffic;
 mod traffic;
 
 use std::{fmt::Write as _, net::IpAddr, os::fd::AsRawFd as _, time::Instant};
@@ -264,7 +269,18 @@ fn open_flows(ebpf: &mut aya::Ebpf, host: IpAddr) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--svc-peer") {
+        // A server or client process of the services loopback rows.
+        return svc_traffic::peer(&args[2..]);
+    }
     let o = opts();
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("services-systemd") {
+        let v =
+            svc_traffic::systemd_ipaddressallow(o.rounds.min(5), if o.quick { 1.0 } else { 2.0 })?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     if matches!(
         std::env::var("SEGBPF_BENCH_ONLY").as_deref(),
         Ok("traffic" | "cold")
@@ -287,6 +303,13 @@ fn main() -> anyhow::Result<()> {
                 row["median_ns"].as_f64().unwrap_or(0.0),
                 row["ratio_to_floor"].as_f64().unwrap_or(0.0)
             );
+        }
+        let lo = svc_traffic::loopback(o.rounds.min(5), if o.quick { 1.0 } else { 2.0 })?;
+        let mut t = String::new();
+        svc_traffic::print_loopback(&lo, &mut t);
+        print!("{t}");
+        if let Ok(f) = std::env::var("SEGBPF_BENCH_JSON") {
+            std::fs::write(f, serde_json::to_string_pretty(&lo)?)?;
         }
         return Ok(());
     }
@@ -648,6 +671,8 @@ fn main() -> anyhow::Result<()> {
 
     let attachments = attachments_memory()?;
     let services_rows = services::per_packet(o.rounds, o.repeat)?;
+    let services_loopback =
+        svc_traffic::loopback(o.rounds.min(5), if o.quick { 1.0 } else { 2.0 })?;
     let verifier = verifier_stats(3, None)?;
     let throughput = traffic::throughput(o.quick)?;
 
@@ -692,6 +717,7 @@ fn main() -> anyhow::Result<()> {
             row["ratio_to_floor"].as_f64().unwrap_or(0.0)
         );
     }
+    svc_traffic::print_loopback(&services_loopback, &mut table);
     let _ = writeln!(
         table,
         "\nupdate: swap in a 10,000-rule policy (compile + write other slot + flip): {swap_10k_s:.3} s"
@@ -724,6 +750,7 @@ fn main() -> anyhow::Result<()> {
         "floor": {"median_ns": floor_med, "samples_ns": floor_samples},
         "per_packet": rows,
         "services_per_packet": services_rows,
+        "services_loopback": services_loopback,
         "sizes": sizes_out,
         "update": {"swap_10k_rules_s": swap_10k_s, "set_element_s": set_add_s},
         "throughput": throughput,
