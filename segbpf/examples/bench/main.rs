@@ -18,6 +18,8 @@
 //!   ipset, at 10 / 1,000 / 10,000 rules, allowed and denied; packets/s
 //!   the receiver handled on one core, rounds interleaved.
 //!
+//! * Lower bounds (`lookups.rs`, `SEGBPF_BENCH_ONLY=lookups` only): one
+//!   lookup of each map kind the datapath uses, in isolation.
 //! * Services (`services.rs`): the cgroup_skb programs' per-packet cost
 //!   against an empty cgroup_skb program.
 //!
@@ -27,6 +29,7 @@
     reason = "an example sees every dependency of the package and uses a few"
 )]
 
+mod lookups;
 mod services;
 mod traffic;
 
@@ -287,6 +290,12 @@ fn main() -> anyhow::Result<()> {
                 row["median_ns"].as_f64().unwrap_or(0.0),
                 row["ratio_to_floor"].as_f64().unwrap_or(0.0)
             );
+        }
+        return Ok(());
+    }
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("lookups") {
+        for (name, ns) in lookups::lower_bounds(o.rounds, o.repeat)? {
+            println!("{name:<62} {ns:>8.1} ns per lookup");
         }
         return Ok(());
     }
