@@ -16,7 +16,8 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use segbpf_common::{DIR_INGRESS, IPPROTO_TCP};
+use segbpf::policy::compile::LpmEntry;
+use segbpf_common::{DIR_INGRESS, IPPROTO_TCP, PEER_KEY_HEADER_BITS, PeerClass, PeerKeyV4};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -88,7 +89,13 @@ fn program(map: &OwnedFd, key: &[u8], lookups: usize) -> anyhow::Result<OwnedFd>
         let mut b = [0u8; 4];
         b[..w.len()].copy_from_slice(w);
         // *(u32 *)(r10 + base + 4i) = imm
-        p.push(insn(0x62, 10, 0, (base + 4 * i as i32) as i16, i32::from_le_bytes(b)));
+        p.push(insn(
+            0x62,
+            10,
+            0,
+            (base + 4 * i as i32) as i16,
+            i32::from_le_bytes(b),
+        ));
     }
     for _ in 0..lookups {
         // r1 = map (ld_imm64, BPF_PSEUDO_MAP_FD)
@@ -132,15 +139,29 @@ fn peer_trie(n: u32) -> anyhow::Result<OwnedFd> {
         let a = (0x0a00_0000u32 + 2 * i).to_be_bytes();
         map_update(&m, &lpm_key(48, &peer_data(a)), &(i % 10).to_ne_bytes())?;
     }
-    map_update(&m, &lpm_key(40, &peer_data([198, 18, 0, 0])), &0u32.to_ne_bytes())?;
+    map_update(
+        &m,
+        &lpm_key(40, &peer_data([198, 18, 0, 0])),
+        &0u32.to_ne_bytes(),
+    )?;
     Ok(m)
 }
 
 /// A port trie of `classes` classes, each allowing tcp/(1000 + class).
 fn port_trie(classes: u32) -> anyhow::Result<OwnedFd> {
-    let m = map_create(BPF_MAP_TYPE_LPM_TRIE, 12, 4, classes + 16, BPF_F_NO_PREALLOC)?;
+    let m = map_create(
+        BPF_MAP_TYPE_LPM_TRIE,
+        12,
+        4,
+        classes + 16,
+        BPF_F_NO_PREALLOC,
+    )?;
     for c in 0..classes {
-        map_update(&m, &lpm_key(64, &port_data(c, 1000 + c as u16)), &c.to_ne_bytes())?;
+        map_update(
+            &m,
+            &lpm_key(64, &port_data(c, 1000 + c as u16)),
+            &c.to_ne_bytes(),
+        )?;
     }
     Ok(m)
 }
@@ -157,65 +178,57 @@ fn lru_hash(key: usize) -> anyhow::Result<OwnedFd> {
     Ok(m)
 }
 
-/// The bench policy's own tries (`compile(rules, prefixes)`, slot 0), to
-/// compare with the synthetic ones: (peer trie, port trie, class of
-/// 198.18.0.7, class of 203.0.113.9).
-fn policy_tries(
-    rules: usize,
-    prefixes: usize,
-) -> anyhow::Result<(OwnedFd, OwnedFd, OwnedFd, Option<u32>, Option<u32>)> {
+/// One compiled policy's tries, written as the bench writes them.
+struct PolicyTries {
+    /// The peer trie as the compiler writes it (`policy::peerdefault`).
+    peers: OwnedFd,
+    /// The same function as the full disjoint tiling (the encoding before).
+    tiled: OwnedFd,
+    ports: OwnedFd,
+    /// Class of 198.18.0.7.
+    known: u32,
+    /// Class of 203.0.113.9.
+    unknown: u32,
+}
+
+fn peer_map(entries: &[LpmEntry<PeerKeyV4, PeerClass>]) -> anyhow::Result<OwnedFd> {
+    let m = map_create(
+        BPF_MAP_TYPE_LPM_TRIE,
+        10,
+        4,
+        entries.len() as u32 + 16,
+        BPF_F_NO_PREALLOC,
+    )?;
+    for (len, k, v) in entries {
+        map_update(
+            &m,
+            &lpm_key(*len, bytemuck::bytes_of(k)),
+            &v.class_id.to_ne_bytes(),
+        )?;
+    }
+    Ok(m)
+}
+
+/// The bench policy's own tries (`compile(rules, prefixes)`, slot 0).
+fn policy_tries(rules: usize, prefixes: usize) -> anyhow::Result<PolicyTries> {
     let (_, c) = crate::compile(rules, prefixes)?;
-    let peers = map_create(
-        BPF_MAP_TYPE_LPM_TRIE,
-        10,
-        4,
-        c.peers_v4.len() as u32 + 16,
-        BPF_F_NO_PREALLOC,
-    )?;
-    // The same function with its most frequent class as one header-only
-    // (/0) entry per (slot, direction) and its other entries left out:
-    // the rest of the tiling is disjoint, so the longest match is the same.
-    let elided = map_create(
-        BPF_MAP_TYPE_LPM_TRIE,
-        10,
-        4,
-        c.peers_v4.len() as u32 + 16,
-        BPF_F_NO_PREALLOC,
-    )?;
-    let mut freq: std::collections::BTreeMap<(u8, u32), usize> = Default::default();
-    for (_, k, v) in &c.peers_v4 {
-        *freq.entry((k.dir, v.class_id)).or_default() += 1;
-    }
-    let mut elided_n = 0;
-    for dir in [0u8, 1] {
-        if let Some((&(_, class), _)) = freq.iter().filter(|((d, _), _)| *d == dir).max_by_key(|(_, n)| **n) {
-            map_update(&elided, &lpm_key(16, &[0, dir, 0, 0, 0, 0]), &class.to_ne_bytes())?;
-            elided_n += 1;
-            for (len, k, v) in &c.peers_v4 {
-                if k.dir == dir && v.class_id != class {
-                    map_update(&elided, &lpm_key(*len, bytemuck::bytes_of(k)), &v.class_id.to_ne_bytes())?;
-                    elided_n += 1;
-                }
-            }
-        }
-    }
-    eprintln!("  with the most frequent class as /0: {elided_n} entries");
-    let mut known = None;
-    let mut unknown = None;
-    for (len, k, v) in &c.peers_v4 {
-        map_update(&peers, &lpm_key(*len, bytemuck::bytes_of(k)), &v.class_id.to_ne_bytes())?;
-        let covers = |a: [u8; 4]| {
-            let bits = len - segbpf_common::PEER_KEY_HEADER_BITS;
-            let m = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
-            k.dir == DIR_INGRESS && u32::from_be_bytes(k.addr_be) & m == u32::from_be_bytes(a) & m
-        };
-        if covers([198, 18, 0, 7]) {
-            known = Some(v.class_id);
-        }
-        if covers([203, 0, 113, 9]) {
-            unknown = Some(v.class_id);
-        }
-    }
+    let mut t = c.clone();
+    crate::retile(&mut t);
+    let class_of = |a: [u8; 4]| {
+        t.peers_v4
+            .iter()
+            .find(|(len, k, _)| {
+                let bits = len - PEER_KEY_HEADER_BITS;
+                let m = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                k.dir == DIR_INGRESS
+                    && u32::from_be_bytes(k.addr_be) & m == u32::from_be_bytes(a) & m
+            })
+            .map_or(u32::MAX, |e| e.2.class_id)
+    };
     let ports = map_create(
         BPF_MAP_TYPE_LPM_TRIE,
         12,
@@ -224,15 +237,26 @@ fn policy_tries(
         BPF_F_NO_PREALLOC,
     )?;
     for (len, k, v) in &c.ports {
-        map_update(&ports, &lpm_key(*len, bytemuck::bytes_of(k)), &v.rule_id.to_ne_bytes())?;
+        map_update(
+            &ports,
+            &lpm_key(*len, bytemuck::bytes_of(k)),
+            &v.rule_id.to_ne_bytes(),
+        )?;
     }
     eprintln!(
-        "policy {rules} rules / {prefixes} prefixes: {} v4 peer entries, {} port entries, {} classes; 198.18.0.7 class {known:?}, 203.0.113.9 class {unknown:?}",
+        "policy {rules} rules / {prefixes} prefixes: {} v4 peer entries ({} tiled), {} port entries, {} classes",
         c.peers_v4.len(),
+        t.peers_v4.len(),
         c.ports.len(),
         c.classes
     );
-    Ok((peers, elided, ports, known, unknown))
+    Ok(PolicyTries {
+        peers: peer_map(&c.peers_v4)?,
+        tiled: peer_map(&t.peers_v4)?,
+        ports,
+        known: class_of([198, 18, 0, 7]),
+        unknown: class_of([203, 0, 113, 9]),
+    })
 }
 
 /// Runs the cases; returns (name, ns per lookup, median over rounds) rows.
@@ -260,37 +284,115 @@ pub(crate) fn lower_bounds(rounds: usize, repeat: u32) -> anyhow::Result<Vec<(St
     hit16[..4].copy_from_slice(&7u32.to_ne_bytes());
     hit16[15] = 4;
     let idx = 17u32.to_ne_bytes().to_vec();
-    let (ppeer, pelided, pport, known, unknown) = policy_tries(10, 1_000)?;
-    let (ppeer10k, pelided10k, pport10k, known10k, _) = policy_tries(10_000, 10_000)?;
-    let kc = known.unwrap_or(0);
-    let kc10k = known10k.unwrap_or(0);
-    let uc = unknown.unwrap_or(u32::MAX);
+    let p1k = policy_tries(10, 1_000)?;
+    let p10k = policy_tries(10_000, 10_000)?;
+    let peer_key = |a: [u8; 4]| lpm_key(48, &peer_data(a));
     let cases: Vec<(&str, &OwnedFd, Vec<u8>)> = vec![
-        ("peer trie (LPM, 10-byte key), 1k prefixes, miss", &peer1k, miss_peer.clone()),
-        ("peer trie (LPM, 10-byte key), 1k prefixes, hit /24", &peer1k, hit_peer.clone()),
-        ("peer trie (LPM, 10-byte key), 10k prefixes, miss", &peer10k, miss_peer),
-        ("peer trie (LPM, 10-byte key), 10k prefixes, hit /24", &peer10k, hit_peer),
-        ("port trie (LPM, 12-byte key), 10 classes, miss", &port10, miss_port.clone()),
-        ("port trie (LPM, 12-byte key), 10 classes, hit", &port10, hit_port.clone()),
-        ("port trie (LPM, 12-byte key), 10k classes, miss", &port10k, miss_port),
-        ("port trie (LPM, 12-byte key), 10k classes, hit", &port10k, hit_port),
+        (
+            "peer trie (LPM, 10-byte key), 1k prefixes, miss",
+            &peer1k,
+            miss_peer.clone(),
+        ),
+        (
+            "peer trie (LPM, 10-byte key), 1k prefixes, hit /24",
+            &peer1k,
+            hit_peer.clone(),
+        ),
+        (
+            "peer trie (LPM, 10-byte key), 10k prefixes, miss",
+            &peer10k,
+            miss_peer,
+        ),
+        (
+            "peer trie (LPM, 10-byte key), 10k prefixes, hit /24",
+            &peer10k,
+            hit_peer,
+        ),
+        (
+            "port trie (LPM, 12-byte key), 10 classes, miss",
+            &port10,
+            miss_port.clone(),
+        ),
+        (
+            "port trie (LPM, 12-byte key), 10 classes, hit",
+            &port10,
+            hit_port.clone(),
+        ),
+        (
+            "port trie (LPM, 12-byte key), 10k classes, miss",
+            &port10k,
+            miss_port,
+        ),
+        (
+            "port trie (LPM, 12-byte key), 10k classes, hit",
+            &port10k,
+            hit_port,
+        ),
         ("LRU hash, 48-byte key (CtKey), miss", &ct48, miss48),
         ("LRU hash, 48-byte key (CtKey), hit", &ct48, hit48),
         ("LRU hash, 16-byte key, miss", &ct16, miss16),
         ("LRU hash, 16-byte key, hit", &ct16, hit16),
         ("array (inlined by the verifier)", &array, idx),
-        ("bench policy 10/1k: peer trie, 198.18.0.7 (known)", &ppeer, lpm_key(48, &peer_data([198, 18, 0, 7]))),
-        ("bench policy 10/1k: peer trie, 203.0.113.9 (unknown)", &ppeer, lpm_key(48, &peer_data([203, 0, 113, 9]))),
-        ("bench policy 10/1k, /0 default class: peer trie, 198.18.0.7", &pelided, lpm_key(48, &peer_data([198, 18, 0, 7]))),
-        ("bench policy 10/1k, /0 default class: peer trie, 203.0.113.9", &pelided, lpm_key(48, &peer_data([203, 0, 113, 9]))),
-        ("bench policy 10/1k, /0 default class: peer trie, 10.0.0.2", &pelided, lpm_key(48, &peer_data([10, 0, 0, 2]))),
-        ("bench policy 10/1k: peer trie, 10.0.0.2", &ppeer, lpm_key(48, &peer_data([10, 0, 0, 2]))),
-        ("bench policy 10/1k: port trie, known class, tcp/22 (miss)", &pport, lpm_key(64, &port_data(kc, 22))),
-        ("bench policy 10/1k: port trie, known class, tcp/1000 (hit)", &pport, lpm_key(64, &port_data(kc, 1000))),
-        ("bench policy 10/1k: port trie, unknown's class, tcp/22", &pport, lpm_key(64, &port_data(uc, 22))),
-        ("bench policy 10k/10k: peer trie, 198.18.0.7 (known)", &ppeer10k, lpm_key(48, &peer_data([198, 18, 0, 7]))),
-        ("bench policy 10k/10k, /0 default class: peer trie, 198.18.0.7", &pelided10k, lpm_key(48, &peer_data([198, 18, 0, 7]))),
-        ("bench policy 10k/10k: port trie, known class, tcp/22 (miss)", &pport10k, lpm_key(64, &port_data(kc10k, 22))),
+        (
+            "bench policy 10/1k, tiled: peer, 198.18.0.7 (known)",
+            &p1k.tiled,
+            peer_key([198, 18, 0, 7]),
+        ),
+        (
+            "bench policy 10/1k, tiled: peer, 203.0.113.9 (unknown)",
+            &p1k.tiled,
+            peer_key([203, 0, 113, 9]),
+        ),
+        (
+            "bench policy 10/1k, tiled: peer, 10.0.0.2 (a /32)",
+            &p1k.tiled,
+            peer_key([10, 0, 0, 2]),
+        ),
+        (
+            "bench policy 10/1k, default entry: peer, 198.18.0.7",
+            &p1k.peers,
+            peer_key([198, 18, 0, 7]),
+        ),
+        (
+            "bench policy 10/1k, default entry: peer, 203.0.113.9",
+            &p1k.peers,
+            peer_key([203, 0, 113, 9]),
+        ),
+        (
+            "bench policy 10/1k, default entry: peer, 10.0.0.2",
+            &p1k.peers,
+            peer_key([10, 0, 0, 2]),
+        ),
+        (
+            "bench policy 10/1k: port, known class, tcp/22 (miss)",
+            &p1k.ports,
+            lpm_key(64, &port_data(p1k.known, 22)),
+        ),
+        (
+            "bench policy 10/1k: port, known class, tcp/1000 (hit)",
+            &p1k.ports,
+            lpm_key(64, &port_data(p1k.known, 1000)),
+        ),
+        (
+            "bench policy 10/1k: port, unknown's class, tcp/22",
+            &p1k.ports,
+            lpm_key(64, &port_data(p1k.unknown, 22)),
+        ),
+        (
+            "bench policy 10k/10k, tiled: peer, 198.18.0.7",
+            &p10k.tiled,
+            peer_key([198, 18, 0, 7]),
+        ),
+        (
+            "bench policy 10k/10k, default entry: peer, 198.18.0.7",
+            &p10k.peers,
+            peer_key([198, 18, 0, 7]),
+        ),
+        (
+            "bench policy 10k/10k: port, known class, tcp/22 (miss)",
+            &p10k.ports,
+            lpm_key(64, &port_data(p10k.known, 22)),
+        ),
     ];
     let mut progs = Vec::new();
     for (name, map, key) in &cases {

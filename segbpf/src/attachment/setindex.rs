@@ -35,8 +35,8 @@ use crate::{
     policy::{
         AddrRange, Direction, Policy,
         addr::{parse_item, range_to_prefixes},
-        peerdefault,
         compile::{ClassRules, Compiled, FastMap, LpmEntry},
+        peerdefault,
     },
 };
 

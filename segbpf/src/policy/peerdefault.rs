@@ -29,11 +29,7 @@ fn host_mask(plen: u32, bits: u32) -> u128 {
     } else {
         (1u128 << bits) - 1
     };
-    if plen >= bits {
-        0
-    } else {
-        max >> plen
-    }
+    if plen >= bits { 0 } else { max >> plen }
 }
 
 /// `entries`: the disjoint tiling of one (slot, direction) of a `bits`-bit
@@ -156,9 +152,9 @@ mod tests {
     fn tiling(iv: &[(u128, u128, u32)]) -> Vec<LpmEntry<u128, PeerClass>> {
         iv.iter()
             .flat_map(|&(s, e, c)| {
-                range_to_prefixes(s, e, 32).into_iter().map(move |(p, l)| {
-                    (PEER_KEY_HEADER_BITS + l, p, PeerClass { class_id: c })
-                })
+                range_to_prefixes(s, e, 32)
+                    .into_iter()
+                    .map(move |(p, l)| (PEER_KEY_HEADER_BITS + l, p, PeerClass { class_id: c }))
             })
             .collect()
     }
@@ -191,10 +187,18 @@ mod tests {
         ];
         let full = tiling(&iv);
         let short = elide(full.clone(), 32, |k| *k, 0);
-        assert!(short.len() < full.len() / 4, "{} of {}", short.len(), full.len());
-        assert_eq!(short[0], (PEER_KEY_HEADER_BITS, 0, PeerClass { class_id: 0 }));
+        assert!(
+            short.len() < full.len() / 4,
+            "{} of {}",
+            short.len(),
+            full.len()
+        );
+        assert_eq!(
+            short[0],
+            (PEER_KEY_HEADER_BITS, 0, PeerClass { class_id: 0 })
+        );
         for &(s, e, _) in &iv {
-            for a in [s, s + 1, (s + e) / 2, e.saturating_sub(1), e] {
+            for a in [s, s + 1, u128::midpoint(s, e), e.saturating_sub(1), e] {
                 let a = a.min(e);
                 assert_eq!(lpm(&short, a), lpm(&full, a), "address {a:#x}");
             }
@@ -220,9 +224,9 @@ mod tests {
         let full: Vec<LpmEntry<u128, PeerClass>> = iv
             .iter()
             .flat_map(|&(s, e, c)| {
-                range_to_prefixes(s, e, 128).into_iter().map(move |(p, l)| {
-                    (PEER_KEY_HEADER_BITS + l, p, PeerClass { class_id: c })
-                })
+                range_to_prefixes(s, e, 128)
+                    .into_iter()
+                    .map(move |(p, l)| (PEER_KEY_HEADER_BITS + l, p, PeerClass { class_id: c }))
             })
             .collect();
         let short = elide(full.clone(), 128, |k| *k, 0);
