@@ -20,7 +20,10 @@
 
 use segbpf_common::{PEER_KEY_HEADER_BITS, PeerClass};
 
-use crate::policy::compile::LpmEntry;
+/// One trie entry: (prefix length, key, class), the compiler's
+/// `LpmEntry` (spelled out here so this module does not import the
+/// compiler that calls it).
+type LpmEntry<K, V> = (u32, K, V);
 
 /// The host-part mask of a prefix of `plen` bits in a `bits`-bit space.
 fn host_mask(plen: u32, bits: u32) -> u128 {
