@@ -18,6 +18,8 @@
 //!   ipset, at 10 / 1,000 / 10,000 rules, allowed and denied; packets/s
 //!   the receiver handled on one core, rounds interleaved.
 //!
+//! * Lower bounds (`lookups.rs`, `SEGBPF_BENCH_ONLY=lookups` only): one
+//!   lookup of each map kind the datapath uses, in isolation.
 //! * Services (`services.rs`): the cgroup_skb programs' per-packet cost
 //!   against an empty cgroup_skb program; (`svc_traffic.rs`) loopback
 //!   TCP_RR and stream throughput between two services' processes with
@@ -31,6 +33,7 @@
     reason = "an example sees every dependency of the package and uses a few"
 )]
 
+mod lookups;
 mod services;
 mod svc_traffic;
 mod traffic;
@@ -91,6 +94,67 @@ fn policy_text(rules: usize, prefixes: usize) -> String {
     }
     t.push_str("[[roles.r.ingress]]\nfrom = \"any\"\nudp = [53]\n");
     t
+}
+
+const TILED: &str = " {tiled}";
+
+/// `c`'s peer tries as the disjoint tiling of each (slot, direction): the
+/// encoding before `policy::peerdefault` (same function, same classes).
+fn retile(c: &mut Compiled) {
+    use segbpf::policy::{addr::range_to_prefixes, peerdefault};
+    use segbpf_common::{PEER_KEY_HEADER_BITS, PeerKeyV4, PeerKeyV6};
+    let mut v4 = Vec::new();
+    for dir in [0u8, 1] {
+        let mine: Vec<_> = c.peers_v4.iter().filter(|e| e.1.dir == dir).collect();
+        let Some(slot) = mine.first().map(|e| e.1.slot) else {
+            continue;
+        };
+        for (s, e, class_id) in
+            peerdefault::expand(&mine, 32, |k| u128::from(u32::from_be_bytes(k.addr_be)))
+        {
+            for (p, len) in range_to_prefixes(s, e, 32) {
+                v4.push((
+                    PEER_KEY_HEADER_BITS + len,
+                    PeerKeyV4 {
+                        slot,
+                        dir,
+                        addr_be: (p as u32).to_be_bytes(),
+                    },
+                    segbpf_common::PeerClass { class_id },
+                ));
+            }
+        }
+    }
+    let mut v6 = Vec::new();
+    for dir in [0u8, 1] {
+        let mine: Vec<_> = c.peers_v6.iter().filter(|e| e.1.dir == dir).collect();
+        let Some(slot) = mine.first().map(|e| e.1.slot) else {
+            continue;
+        };
+        for (s, e, class_id) in peerdefault::expand(&mine, 128, |k| u128::from_be_bytes(k.addr_be))
+        {
+            for (p, len) in range_to_prefixes(s, e, 128) {
+                v6.push((
+                    PEER_KEY_HEADER_BITS + len,
+                    PeerKeyV6 {
+                        slot,
+                        dir,
+                        addr_be: p.to_be_bytes(),
+                    },
+                    segbpf_common::PeerClass { class_id },
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "tiled: {} -> {} v4 peer entries, {} -> {} v6",
+        c.peers_v4.len(),
+        v4.len(),
+        c.peers_v6.len(),
+        v6.len()
+    );
+    c.peers_v4 = v4;
+    c.peers_v6 = v6;
 }
 
 fn compile(rules: usize, prefixes: usize) -> anyhow::Result<(Policy, Compiled)> {
@@ -313,6 +377,12 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("lookups") {
+        for (name, ns) in lookups::lower_bounds(o.rounds, o.repeat)? {
+            println!("{name:<62} {ns:>8.1} ns per lookup");
+        }
+        return Ok(());
+    }
     if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("memory") {
         println!("{}", attachments_memory()?);
         return Ok(());
@@ -370,15 +440,26 @@ fn main() -> anyhow::Result<()> {
             alts.iter()
                 .map(|(l, b)| (format!(" {{{l}}}"), Some(b.as_slice()))),
         )
+        .chain(
+            // `SEGBPF_BENCH_TILED=1`: this build's object with the peer
+            // tries written as the full disjoint tiling (the encoding before
+            // `policy::peerdefault`), at the first policy size.
+            (std::env::var("SEGBPF_BENCH_TILED").as_deref() == Ok("1"))
+                .then(|| (TILED.to_string(), None)),
+        )
         .collect();
     for &(rules, prefixes) in &sizes {
         for (obj_label, obj) in &objects {
-            if obj.is_some() && (rules, prefixes) != sizes[0] {
+            let tiled = obj_label == TILED;
+            if (obj.is_some() || tiled) && (rules, prefixes) != sizes[0] {
                 // Other builds: at the first policy size only.
                 continue;
             }
             let t0 = Instant::now();
-            let (_, c) = compile(rules, prefixes)?;
+            let (_, mut c) = compile(rules, prefixes)?;
+            if tiled {
+                retile(&mut c);
+            }
             let compile_s = t0.elapsed().as_secs_f64();
             let mut ebpf = load_object(*obj)?;
             let t1 = Instant::now();
@@ -453,7 +534,7 @@ fn main() -> anyhow::Result<()> {
                     .build()
                     .bytes,
             ));
-            if obj.is_some() {
+            if obj.is_some() || tiled {
                 continue;
             }
             sizes_out.push(json!({

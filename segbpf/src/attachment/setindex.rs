@@ -36,6 +36,7 @@ use crate::{
         AddrRange, Direction, Policy,
         addr::{parse_item, range_to_prefixes},
         compile::{ClassRules, Compiled, FastMap, LpmEntry},
+        peerdefault,
     },
 };
 
@@ -224,29 +225,13 @@ impl PeerKey for PeerKeyV6 {
     }
 }
 
-/// The maximal intervals `(start, end, class)` of one direction's entries.
+/// The maximal intervals `(start, end, class)` of one direction's entries
+/// (a disjoint tiling, or one with its default class as a header-only
+/// entry, see `peerdefault`).
 fn intervals<K: PeerKey>(entries: &[LpmEntry<K, PeerClass>], dir: u8) -> Vec<(u128, u128, u32)> {
-    let max = if K::BITS == 128 {
-        u128::MAX
-    } else {
-        u128::from(u32::MAX)
-    };
-    let mut v: Vec<(u128, u128, u32)> = entries
-        .iter()
-        .filter(|(_, k, _)| k.dir() == dir)
-        .map(|&(len, k, c)| {
-            let plen = len.saturating_sub(PEER_KEY_HEADER_BITS).min(K::BITS);
-            let host = if plen == 0 {
-                max
-            } else {
-                (1u128 << (K::BITS - plen)) - 1
-            };
-            let start = k.addr();
-            (start, start | host, c.class_id)
-        })
-        .collect();
-    v.sort_unstable();
-    merge(v)
+    let mine: Vec<&LpmEntry<K, PeerClass>> =
+        entries.iter().filter(|(_, k, _)| k.dir() == dir).collect();
+    peerdefault::expand(&mine, K::BITS, PeerKey::addr)
 }
 
 fn merge(v: Vec<(u128, u128, u32)>) -> Vec<(u128, u128, u32)> {
@@ -303,7 +288,13 @@ fn overlay(
     Ok(merge(out))
 }
 
+/// The entries of one direction's intervals, as the compiler writes them
+/// (its default class elided, see `peerdefault`).
 fn entries_of<K: PeerKey>(iv: &[(u128, u128, u32)], dir: u8) -> Vec<LpmEntry<K, PeerClass>> {
+    peerdefault::elide(tiling(iv, dir), K::BITS, PeerKey::addr, K::make(dir, 0))
+}
+
+fn tiling<K: PeerKey>(iv: &[(u128, u128, u32)], dir: u8) -> Vec<LpmEntry<K, PeerClass>> {
     let mut out = Vec::with_capacity(iv.len());
     for &(s, e, c) in iv {
         for (prefix, len) in range_to_prefixes(s, e, K::BITS) {

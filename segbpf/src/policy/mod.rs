@@ -18,6 +18,7 @@ pub mod export;
 pub mod import;
 pub mod lint;
 pub mod parse;
+pub mod peerdefault;
 pub mod ports;
 pub mod roles;
 pub mod services;
