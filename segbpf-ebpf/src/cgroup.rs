@@ -585,6 +585,46 @@ fn count(slotb: u8, dir: u8, passed: bool, len: u64) {
     }
 }
 
+/// IPv6 extension headers walked before the transport header; a packet
+/// with more is not parsed (and so refused).
+const IPV6_MAX_EXT: usize = 8;
+
+/// The transport protocol of an IPv6 packet whose fixed header names
+/// `next`, the offset of its transport header, and whether it is a later
+/// fragment (no transport header: judged by protocol, as IPv4's). Walks
+/// Hop-by-Hop (0), Routing (43), Fragment (44), Destination Options (60)
+/// and AH (51); `None` when a header cannot be read or there are more
+/// than [`IPV6_MAX_EXT`].
+#[inline(always)]
+fn ipv6_transport(ctx: &SkBuffContext, next: u8) -> Option<(u8, usize, bool)> {
+    let mut next = next;
+    let mut off = 40usize;
+    for _ in 0..IPV6_MAX_EXT {
+        match next {
+            0 | 43 | 60 => {
+                let e: [u8; 2] = ctx.load(off).ok()?;
+                next = e[0];
+                off += (usize::from(e[1]) + 1) * 8;
+            }
+            51 => {
+                let e: [u8; 2] = ctx.load(off).ok()?;
+                next = e[0];
+                off += (usize::from(e[1]) + 2) * 4;
+            }
+            44 => {
+                let f: [u8; 4] = ctx.load(off).ok()?;
+                next = f[0];
+                off += 8;
+                if u16::from_be_bytes([f[2], f[3]]) & 0xfff8 != 0 {
+                    return Some((next, off, true));
+                }
+            }
+            _ => return Some((next, off, false)),
+        }
+    }
+    None
+}
+
 /// Reads the IP header and the ports (or the ICMP echo id). `None`: a
 /// header that cannot be read (the caller drops the packet).
 #[inline(always)]
@@ -625,10 +665,17 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
             return None;
         }
         p.family = 6;
-        p.proto = h[6];
         p.src.copy_from_slice(&h[8..24]);
         p.dst.copy_from_slice(&h[24..40]);
-        l4 = 40;
+        // The transport header follows any extension headers (a Hop-by-Hop
+        // header, for one, the kernel itself puts on large GSO packets
+        // over loopback); the protocol is the last header's.
+        let (proto, off, later_fragment) = ipv6_transport(ctx, h[6])?;
+        p.proto = proto;
+        if later_fragment {
+            return Some(p);
+        }
+        l4 = off;
     } else {
         return None;
     }

@@ -159,6 +159,56 @@ fn helper_process() {
             }
             0
         }
+        // Reads every connection to its end, then answers with the
+        // number of bytes it read (8 bytes, big-endian).
+        "serve-tcp-sink" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut total = 0u64;
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    let _ = c.write_all(&total.to_be_bytes());
+                });
+            }
+            0
+        }
+        // "bulk-tcp ADDR PORT BYTES": sends BYTES in 1 MiB writes, closes
+        // its side, and succeeds if the sink counted them all within 20 s
+        // (a stream whose segments are dropped crawls on retransmits).
+        "bulk-tcp" => {
+            let total: u64 = a[3].parse().expect("bytes");
+            let ok = (|| -> std::io::Result<bool> {
+                let mut c = TcpStream::connect_timeout(&addr(1), Duration::from_secs(1))?;
+                c.set_write_timeout(Some(Duration::from_secs(5)))?;
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let chunk = vec![0x5au8; 1 << 20];
+                let start = Instant::now();
+                let mut sent = 0u64;
+                while sent < total {
+                    if start.elapsed() > Duration::from_secs(20) {
+                        return Ok(false);
+                    }
+                    let n = chunk.len().min((total - sent) as usize);
+                    c.write_all(&chunk[..n])?;
+                    sent += n as u64;
+                }
+                c.shutdown(std::net::Shutdown::Write)?;
+                let mut got = [0u8; 8];
+                c.read_exact(&mut got)?;
+                Ok(u64::from_be_bytes(got) == total)
+            })()
+            .unwrap_or(false);
+            i32::from(!ok)
+        }
         "serve-udp" => {
             let u = UdpSocket::bind(addr(1)).expect("bind");
             println!("ready");
@@ -3281,5 +3331,56 @@ fn flows_name_the_rule_of_the_generation_that_judged() -> anyhow::Result<()> {
     }
     let line = read_line(&mut held)?;
     assert!(line.ends_with("ok"), "after the reloads: {line}");
+
+/// A bulk TCP stream between two services over loopback, both families:
+/// nothing of it is dropped. Large GSO packets over `::1` carry a
+/// Hop-by-Hop header the kernel adds, so the transport header is not
+/// right after the fixed IPv6 header (an earlier parser took the
+/// Hop-by-Hop header for the protocol and refused those segments: the
+/// stream then crawled on retransmits).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn bulk_stream_over_loopback_drops_nothing() -> anyhow::Result<()> {
+    let policy = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+defaults = { ingress = "drop" }
+[[services.app.egress]]
+to_services = ["db"]
+tcp = [5454]
+[[services.db.ingress]]
+from_services = ["app"]
+tcp = [5454]
+"#;
+    let mut lab = SvcLab::new("bk", &["app", "db"], 93)?;
+    let ns = lab.ns.name.clone();
+    let _servers = [
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-sink ::1 5454")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-sink 127.0.0.1 5454")?,
+    ];
+    lab.attach(policy)?;
+    let dropped = |lab: &SvcLab| -> anyhow::Result<(u64, u64)> {
+        let (_, v) = lab.json(&["status", "--services"])?;
+        let svc = |name: &str, field: &str| {
+            v["services"][0]["services"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["name"] == name))
+                .and_then(|s| s["packets"][field].as_u64())
+                .with_context(|| format!("{name}'s {field}: {v}"))
+        };
+        Ok((svc("app", "egress_dropped")?, svc("db", "ingress_dropped")?))
+    };
+    for to in ["::1 5454", "127.0.0.1 5454"] {
+        let (ok, _) = Helper::run(&lab.cg("app"), &ns, &format!("bulk-tcp {to} 33554432"))?;
+        assert!(ok, "32 MiB from app to db at {to}");
+        assert_eq!(
+            dropped(&lab)?,
+            (0, 0),
+            "no segment of the stream to {to} dropped (app egress, db ingress)"
+        );
+    }
     Ok(())
 }
