@@ -1250,6 +1250,7 @@ fn commit(
     }
     phases.mark("write-snapshot");
     maps.activate(next)?;
+    let flipped = std::time::Instant::now();
     phases.mark("flip");
 
     // The new policy is in force: nothing after this point is a failure
@@ -1287,8 +1288,9 @@ fn commit(
     phases.mark("rename-state+history");
     // Let packets that read the old slot finish, prune the connections the
     // new policy would not open (including any opened in that window), and
-    // only then touch the old slot.
-    std::thread::sleep(GRACE);
+    // only then touch the old slot. The grace period runs from the flip:
+    // the state rename and the history above already took part of it.
+    std::thread::sleep(GRACE.saturating_sub(flipped.elapsed()));
     phases.mark("grace");
     let pruned = prune_conntrack(att, old.ifindex, prune, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
