@@ -1894,14 +1894,30 @@ fn set_edits_keep_the_rules_file_and_a_rules_file_that_disagrees_names_no_rule()
     use segbpf::attachment::{pins::rules_files, state::State};
     let s = setup("rulesf")?;
     let head: serde_json::Value = serde_json::from_slice(&std::fs::read(&s.att.state)?)?;
-    assert!(
-        head.get("rules").is_none(),
+    assert_eq!(
+        head["rules"],
+        serde_json::json!([]),
         "the state file holds no rule descriptions: {head}"
+    );
+    assert_eq!(head["rules_file"]["count"], 3, "{head}");
+    // `status` still shows them.
+    let status: serde_json::Value =
+        serde_json::from_str(&s.lab.segbpf_ok("db", &["status", "eth0", "-o", "json"])?)?;
+    assert_eq!(
+        status["attachments"][0]["state"]["rules"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{status}"
     );
     let files = rules_files(&s.att.state);
     assert_eq!(files.len(), 1, "one rules file after attach: {files:?}");
     let before = State::current(&s.att)?;
-    assert_eq!(before.rules.len(), 3, "the three rules, read from their file");
+    assert_eq!(
+        before.rules.len(),
+        3,
+        "the three rules, read from their file"
+    );
     let meta = |p: &std::path::Path| -> anyhow::Result<(u64, std::time::SystemTime)> {
         use std::os::unix::fs::MetadataExt as _;
         let m = std::fs::metadata(p)?;
@@ -1949,7 +1965,10 @@ fn set_edits_keep_the_rules_file_and_a_rules_file_that_disagrees_names_no_rule()
     // Torn: cut in half.
     let bytes = std::fs::read(&now[0])?;
     std::fs::write(&now[0], &bytes[..bytes.len() / 2])?;
-    assert!(State::current(&s.att)?.rules.is_empty(), "a torn rules file");
+    assert!(
+        State::current(&s.att)?.rules.is_empty(),
+        "a torn rules file"
+    );
 
     s.lab.segbpf_ok("db", &["detach", "eth0"])?;
     assert!(

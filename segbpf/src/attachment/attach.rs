@@ -697,8 +697,8 @@ fn keep_observed(att: &Attachment) {
     let Ok(mut state) = State::current(att) else {
         return;
     };
-    // The copy names no rules file (that goes with the attachment;
-    // `suggest` names no rules).
+    // The copy holds its rules inline (the rules file goes with the
+    // attachment).
     state.rules_file = None;
     let path = history::at(att, state.generation)
         .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);

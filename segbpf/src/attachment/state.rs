@@ -174,11 +174,12 @@ pub struct State {
     pub entries: [usize; 3],
     /// Number of address classes.
     pub classes: u32,
-    /// Rules that apply to this host. Not in the state file itself (older
-    /// versions kept them inline, which is still read): in the rules file
-    /// that [`State::rules_file`] names, read by [`State::read`] and left
-    /// out by [`State::read_head`].
-    #[serde(default, skip_serializing)]
+    /// Rules that apply to this host. In the state file an empty list
+    /// (older versions kept them inline, which is still read): they are in
+    /// the rules file that [`State::rules_file`] names, read by
+    /// [`State::read`] and left out by [`State::read_head`]. `status`
+    /// shows them.
+    #[serde(default)]
     pub rules: Vec<RuleInfo>,
     /// The rules file of this generation (`None` in memory: [`State::write`]
     /// writes [`State::rules`] to a new one).
@@ -259,7 +260,10 @@ impl State {
         if !self.rules.is_empty() {
             return Ok(());
         }
-        let file = crate::attachment::pins::rules_path(&path.with_file_name(format!("{}.json", self.iface)), r.hash);
+        let file = crate::attachment::pins::rules_path(
+            &path.with_file_name(format!("{}.json", self.iface)),
+            r.hash,
+        );
         let bytes = std::fs::read(&file).map_err(|source| StateError::Read {
             path: file.clone(),
             source,
@@ -269,12 +273,15 @@ impl State {
             why,
         };
         if crate::attachment::setindex::hash_bytes(&bytes) != r.hash {
-            return Err(bad("its bytes do not hash to the value the state names".into()));
+            return Err(bad(
+                "its bytes do not hash to the value the state names".into()
+            ));
         }
-        let rules: Vec<RuleInfo> = serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
-            path: file.clone(),
-            source,
-        })?;
+        let rules: Vec<RuleInfo> =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+                path: file.clone(),
+                source,
+            })?;
         if rules.len() != r.count {
             return Err(bad(format!(
                 "{} rules, the state names {}",
@@ -299,7 +306,10 @@ impl State {
                 .map_err(write_err(path))?;
             text.push(b'\n');
             let hash = crate::attachment::setindex::hash_bytes(&text);
-            let file = crate::attachment::pins::rules_path(&path.with_file_name(format!("{}.json", self.iface)), hash);
+            let file = crate::attachment::pins::rules_path(
+                &path.with_file_name(format!("{}.json", self.iface)),
+                hash,
+            );
             // Same name, same bytes: a file already there is this one
             // unless altered, so it is checked, not trusted.
             let same = std::fs::read(&file).is_ok_and(|b| b == text);
@@ -311,7 +321,12 @@ impl State {
                 count: self.rules.len(),
             });
         }
-        let mut text = serde_json::to_vec(&*self)
+        // The state file names the rules file and holds no rules (an
+        // empty list); the rules stay in memory for the caller.
+        let rules = std::mem::take(&mut self.rules);
+        let text = serde_json::to_vec(&*self);
+        self.rules = rules;
+        let mut text = text
             .map_err(std::io::Error::from)
             .map_err(write_err(path))?;
         text.push(b'\n');

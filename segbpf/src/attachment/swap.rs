@@ -1044,13 +1044,14 @@ fn swap_in_force(
             false
         }
     };
-    let mut freed = compile::carry_counters(&mut c, &previous.rules, old.rule_slots).map_err(
-        |source| SwapError::Compile {
-            policy: policy.source.clone(),
-            iface: att.iface.clone(),
-            source,
-        },
-    )?;
+    let mut freed =
+        compile::carry_counters(&mut c, &previous.rules, old.rule_slots).map_err(|source| {
+            SwapError::Compile {
+                policy: policy.source.clone(),
+                iface: att.iface.clone(),
+                source,
+            }
+        })?;
     if !known {
         freed = (0..old.rule_slots).collect();
     }
