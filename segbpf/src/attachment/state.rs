@@ -340,8 +340,13 @@ impl State {
     /// discarding a pending state is [`State::repair`]'s job.
     pub fn current(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
         let mut state = State::current_head(att)?;
-        if let Err(e) = state.load_rules(&att.state) {
-            tracing::warn!("{e} (rules are not named)");
+        if state.load_rules(&att.state).is_err() {
+            // A change may have put its state in force and removed the
+            // rules file of the one read here in between: read once more.
+            state = State::current_head(att)?;
+            if let Err(e) = state.load_rules(&att.state) {
+                tracing::warn!("{e} (rules are not named)");
+            }
         }
         Ok(state)
     }
