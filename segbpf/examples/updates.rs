@@ -250,6 +250,7 @@ fn main() -> anyhow::Result<()> {
     let mut samples: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
     let mut written = Vec::new();
     let mut set_add_phases: Vec<String> = Vec::new();
+    let mut reload_phases: Vec<String> = Vec::new();
     for round in 0..rounds {
         let one = Ipv4Addr::from(0xc612_6000 + round as u32).to_string(); // 198.18.96.x
         let one_nft = format!("{{ {one} }}");
@@ -301,11 +302,18 @@ fn main() -> anyhow::Result<()> {
             timed(b.nft(&["-f", nft_files[round % 2].to_str().unwrap_or_default()]))?;
         }
         let f = files[(round + 1) % 2].to_str().unwrap_or_default();
-        let (ms, _) = timed(b.segbpf(&["reload", "eth0", "-p", f]))?;
+        let (ms, out) = timed(b.segbpf(&["-v", "reload", "eth0", "-p", f]))?;
         samples
             .entry("segbpf reload, one rule changed")
             .or_default()
             .push(ms);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        reload_phases.extend(
+            stderr
+                .lines()
+                .filter(|l| l.contains("phases:"))
+                .map(str::to_string),
+        );
         let nf = nft_files[(round + 1) % 2].to_str().unwrap_or_default();
         let (ms, _) = timed(b.nft(&["-f", nf]))?;
         samples
@@ -391,6 +399,9 @@ fn main() -> anyhow::Result<()> {
     for line in &set_add_phases {
         println!("set add {line}");
     }
+    for line in &reload_phases {
+        println!("reload {line}");
+    }
     let pairs = [
         ("segbpf set add one", "nft add element one"),
         ("segbpf set del one", "nft delete element one"),
@@ -420,6 +431,7 @@ fn main() -> anyhow::Result<()> {
         "attach_10k_ms": attach_10k_ms,
         "attach_phases": attach_phases,
         "set_add_phases": set_add_phases,
+        "reload_phases": reload_phases,
         "set_add_written": written,
         "samples_ms": samples,
         "medians_ms": samples.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),

@@ -1882,6 +1882,102 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
     Ok(())
 }
 
+/// The rule descriptions live in their own file (`IFACE.rules.HASH`), not
+/// in the state that every set edit reads and writes: a set edit leaves
+/// that file as it is and the new state names it; a rules file that does
+/// not hash to its name names no rule (never the altered text); a reload
+/// writes a new one and removes the old; a detach leaves none.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn set_edits_keep_the_rules_file_and_a_rules_file_that_disagrees_names_no_rule()
+-> anyhow::Result<()> {
+    use segbpf::attachment::{pins::rules_files, state::State};
+    let s = setup("rulesf")?;
+    let head: serde_json::Value = serde_json::from_slice(&std::fs::read(&s.att.state)?)?;
+    assert_eq!(
+        head["rules"],
+        serde_json::json!([]),
+        "the state file holds no rule descriptions: {head}"
+    );
+    assert_eq!(head["rules_file"]["count"], 3, "{head}");
+    // `status` still shows them.
+    let status: serde_json::Value =
+        serde_json::from_str(&s.lab.segbpf_ok("db", &["status", "eth0", "-o", "json"])?)?;
+    assert_eq!(
+        status["attachments"][0]["state"]["rules"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    let files = rules_files(&s.att.state);
+    assert_eq!(files.len(), 1, "one rules file after attach: {files:?}");
+    let before = State::current(&s.att)?;
+    assert_eq!(
+        before.rules.len(),
+        3,
+        "the three rules, read from their file"
+    );
+    let meta = |p: &std::path::Path| -> anyhow::Result<(u64, std::time::SystemTime)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(p)?;
+        Ok((m.ino(), m.modified()?))
+    };
+    let stamp = meta(&files[0])?;
+
+    // A set edit: the same rules file, untouched, named by the new state.
+    let out: serde_json::Value = serde_json::from_str(&s.lab.segbpf_ok(
+        "db",
+        &["set", "add", "eth0", "x", "198.18.9.1", "-o", "json"],
+    )?)?;
+    assert_eq!(out["rules"], 3, "{out}");
+    assert_eq!(rules_files(&s.att.state), files);
+    assert_eq!(meta(&files[0])?, stamp, "the rules file is not rewritten");
+    let after = State::current(&s.att)?;
+    assert_eq!(after.generation, before.generation + 1);
+    assert_eq!(after.rules, before.rules);
+
+    // Altered: a label changed. Its hash no longer matches its name.
+    let text = std::fs::read_to_string(&files[0])?;
+    assert!(text.contains("roles.db.ingress[0]"), "{text}");
+    std::fs::write(
+        &files[0],
+        text.replace("roles.db.ingress[0]", "roles.db.ingress[9]"),
+    )?;
+    let altered = State::current(&s.att)?;
+    assert!(
+        altered.rules.is_empty(),
+        "an altered rules file names no rule: {:?}",
+        altered.rules
+    );
+    // A set edit still works and does not take the altered file for the
+    // rules in force.
+    s.lab
+        .segbpf_ok("db", &["set", "add", "eth0", "x", "198.18.9.2"])?;
+    assert!(State::current(&s.att)?.rules.is_empty());
+
+    // A reload writes the rules anew and removes the file it replaces.
+    s.lab.segbpf_ok("db", &["reload", "eth0"])?;
+    let now = rules_files(&s.att.state);
+    assert_eq!(now.len(), 1, "{now:?}");
+    let labels = |st: &State| st.rules.iter().map(|r| r.label.clone()).collect::<Vec<_>>();
+    assert_eq!(labels(&State::current(&s.att)?), labels(&before));
+    // Torn: cut in half.
+    let bytes = std::fs::read(&now[0])?;
+    std::fs::write(&now[0], &bytes[..bytes.len() / 2])?;
+    assert!(
+        State::current(&s.att)?.rules.is_empty(),
+        "a torn rules file"
+    );
+
+    s.lab.segbpf_ok("db", &["detach", "eth0"])?;
+    assert!(
+        rules_files(&s.att.state).is_empty(),
+        "detach removes the rules files"
+    );
+    Ok(())
+}
+
 /// A set removal on the fast path prunes the connections whose peer is
 /// in the removed addresses and that the policy no longer allows, and
 /// judges no other (their rules did not change).

@@ -331,12 +331,15 @@ fn apply_timed(
         ],
         classes: compiled.classes,
         rules: compiled.rules.clone(),
+        rules_file: None,
     };
+    let mut state = state;
     if let Err(e) = state.write(&att.state) {
         guard::disarm(&att);
         undo(&att);
         return Err(e.into());
     }
+    crate::attachment::state::prune_rules(&att.state, state.rules_file);
     phases.mark("state");
     // The policy is in force. The slot no packet looks at becomes its
     // mirror (its `SEG_CONFIG` record, carrying the generation in force,
@@ -691,9 +694,12 @@ fn keep_observed(att: &Attachment) {
     if !dir.exists() || att.is_stale() {
         return;
     }
-    let Ok(state) = State::current(att) else {
+    let Ok(mut state) = State::current(att) else {
         return;
     };
+    // The copy holds its rules inline (the rules file goes with the
+    // attachment).
+    state.rules_file = None;
     let path = history::at(att, state.generation)
         .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
     let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {

@@ -445,7 +445,10 @@ impl Attachment {
             self.confirm_restore(),
             self.guard_record(),
             self.guard_log(),
-        ] {
+        ]
+        .into_iter()
+        .chain(rules_files(&self.state))
+        {
             let _ = std::fs::remove_file(path);
         }
         // The observed store stays until it expires (`suggest` after a
@@ -469,6 +472,34 @@ impl Attachment {
         }
         Ok(())
     }
+}
+
+/// The rules file with hash `hash` of the attachment whose state file is
+/// `state` (`IFACE.json`): `IFACE.rules.HASH` beside it.
+pub fn rules_path(state: &Path, hash: u64) -> PathBuf {
+    state.with_extension(format!("rules.{hash:016x}"))
+}
+
+/// The rules files beside the state file `state` (any generation's).
+pub fn rules_files(state: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(stem)) = (state.parent(), state.file_stem().and_then(|s| s.to_str()))
+    else {
+        return Vec::new();
+    };
+    let prefix = format!("{stem}.rules.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Removes the empty parents of `path` that lie under `root` (and `root`

@@ -1,6 +1,16 @@
 //! The state file of an attachment: what was applied (policy file, roles,
 //! generation, mode) and the compiled rule table that `status` and `trace`
 //! use to name rules. Written atomically (temp file + rename).
+//!
+//! The rule table is kept in its own file beside the state,
+//! `IFACE.rules.HASH` (HASH: [`crate::attachment::setindex::hash_bytes`]
+//! of its bytes, 16 hex digits), which the state names with its hash and
+//! rule count ([`RulesRef`]). A set edit changes no rule, so it reads and
+//! writes only the small state ([`State::repair_head`]) and the new state
+//! names the same rules file. The rules file is trusted only when its
+//! bytes hash to the name and count the state records; anything else (a
+//! missing, torn or altered file) is reported and treated as no rule
+//! names known, never as another generation's.
 
 use std::path::Path;
 
@@ -27,6 +37,14 @@ pub enum StateError {
         /// Why.
         source: serde_json::Error,
     },
+    /// A rules file that does not match the state naming it.
+    #[error("rules file {path}: {why}")]
+    Rules {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What does not match.
+        why: String,
+    },
     /// The file could not be written.
     #[error("writing {path}: {source}")]
     Write {
@@ -35,6 +53,26 @@ pub enum StateError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename, mode 0600),
+/// in one `write` (serde_json writes a file token by token otherwise).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err(&tmp))?;
+        std::io::Write::write_all(&mut f, bytes).map_err(write_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(write_err(path))
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -136,8 +174,36 @@ pub struct State {
     pub entries: [usize; 3],
     /// Number of address classes.
     pub classes: u32,
-    /// Rules that apply to this host.
+    /// Rules that apply to this host. In the state file an empty list
+    /// (older versions kept them inline, which is still read): they are in
+    /// the rules file that [`State::rules_file`] names, read by
+    /// [`State::read`] and left out by [`State::read_head`]. `status`
+    /// shows them.
+    #[serde(default)]
     pub rules: Vec<RuleInfo>,
+    /// The rules file of this generation (`None` in memory: [`State::write`]
+    /// writes [`State::rules`] to a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_file: Option<RulesRef>,
+}
+
+/// Which rules file holds a state's rules (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesRef {
+    /// [`crate::attachment::setindex::hash_bytes`] of the file's bytes.
+    pub hash: u64,
+    /// How many rules it holds.
+    pub count: usize,
+}
+
+/// Removes the rules files beside `state` other than `keep`'s.
+pub fn prune_rules(state: &Path, keep: Option<RulesRef>) {
+    let keep = keep.map(|r| crate::attachment::pins::rules_path(state, r.hash));
+    for path in crate::attachment::pins::rules_files(state) {
+        if Some(&path) != keep.as_ref() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -159,44 +225,112 @@ impl State {
         }
     }
 
-    /// Reads a state file.
+    /// Reads a state file with its rules (a rules file that does not
+    /// match is logged and leaves [`State::rules`] empty).
     pub fn read(path: &Path) -> Result<State, StateError> {
-        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+        let mut state = State::read_head(path)?;
+        if let Err(e) = state.load_rules(path) {
+            tracing::warn!("{e} (rules are not named)");
+        }
+        Ok(state)
+    }
+
+    /// Reads a state file without the rules of a rules file
+    /// ([`State::rules`] stays empty; [`State::rules_file`] names them).
+    pub fn read_head(path: &Path) -> Result<State, StateError> {
+        let text = std::fs::read(path).map_err(|source| StateError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| StateError::Parse {
+        serde_json::from_slice(&text).map_err(|source| StateError::Parse {
             path: path.to_path_buf(),
             source,
         })
     }
 
-    /// Writes the state file atomically (mode 0600).
-    pub fn write(&self, path: &Path) -> Result<(), StateError> {
-        use std::os::unix::fs::OpenOptionsExt as _;
+    /// Reads the rules [`State::rules_file`] names into [`State::rules`],
+    /// if they are not there yet; `path` is the state file's (or the
+    /// pending state's: both live in one directory). A file whose bytes do
+    /// not hash to the name, or that holds another number of rules, is an
+    /// error and leaves the rules empty.
+    pub fn load_rules(&mut self, path: &Path) -> Result<(), StateError> {
+        let Some(r) = self.rules_file else {
+            return Ok(());
+        };
+        if !self.rules.is_empty() {
+            return Ok(());
+        }
+        let file = crate::attachment::pins::rules_path(
+            &path.with_file_name(format!("{}.json", self.iface)),
+            r.hash,
+        );
+        let bytes = std::fs::read(&file).map_err(|source| StateError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        let bad = |why: String| StateError::Rules {
+            path: file.clone(),
+            why,
+        };
+        if crate::attachment::setindex::hash_bytes(&bytes) != r.hash {
+            return Err(bad(
+                "its bytes do not hash to the value the state names".into()
+            ));
+        }
+        let rules: Vec<RuleInfo> =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+                path: file.clone(),
+                source,
+            })?;
+        if rules.len() != r.count {
+            return Err(bad(format!(
+                "{} rules, the state names {}",
+                rules.len(),
+                r.count
+            )));
+        }
+        self.rules = rules;
+        Ok(())
+    }
+
+    /// Writes the state file atomically (mode 0600). Without a
+    /// [`State::rules_file`], it first writes [`State::rules`] to a rules
+    /// file (content-named, so the file of the state in force is never
+    /// overwritten) and names it.
+    pub fn write(&mut self, path: &Path) -> Result<(), StateError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         crate::attachment::dirs::private_dir(dir).map_err(write_err(dir))?;
-        let tmp = path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(write_err(&tmp))?;
-            // One buffer, one write: serde_json writes a File token by
-            // token otherwise (hundreds of thousands of syscalls for a
-            // state of 10,000 rules). Compact, not pretty-printed: every
-            // edit reads and writes the file whole, and indentation made
-            // it about twice the size.
-            let mut text = serde_json::to_vec(self)
+        if self.rules_file.is_none() {
+            let mut text = serde_json::to_vec(&self.rules)
                 .map_err(std::io::Error::from)
-                .map_err(write_err(&tmp))?;
+                .map_err(write_err(path))?;
             text.push(b'\n');
-            std::io::Write::write_all(&mut f, &text).map_err(write_err(&tmp))?;
+            let hash = crate::attachment::setindex::hash_bytes(&text);
+            let file = crate::attachment::pins::rules_path(
+                &path.with_file_name(format!("{}.json", self.iface)),
+                hash,
+            );
+            // Same name, same bytes: a file already there is this one
+            // unless altered, so it is checked, not trusted.
+            let same = std::fs::read(&file).is_ok_and(|b| b == text);
+            if !same {
+                write_private(&file, &text)?;
+            }
+            self.rules_file = Some(RulesRef {
+                hash,
+                count: self.rules.len(),
+            });
         }
-        std::fs::rename(&tmp, path).map_err(write_err(path))
+        // The state file names the rules file and holds no rules (an
+        // empty list); the rules stay in memory for the caller.
+        let rules = std::mem::take(&mut self.rules);
+        let text = serde_json::to_vec(&*self);
+        self.rules = rules;
+        let mut text = text
+            .map_err(std::io::Error::from)
+            .map_err(write_err(path))?;
+        text.push(b'\n');
+        write_private(path, &text)
     }
 
     /// The state of `att` as the kernel runs it: the pending state
@@ -205,7 +339,21 @@ impl State {
     /// command may call it while a reload is under way; completing or
     /// discarding a pending state is [`State::repair`]'s job.
     pub fn current(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
-        if let Ok(pending) = State::read(&att.next_state()) {
+        let mut state = State::current_head(att)?;
+        if state.load_rules(&att.state).is_err() {
+            // A change may have put its state in force and removed the
+            // rules file of the one read here in between: read once more.
+            state = State::current_head(att)?;
+            if let Err(e) = state.load_rules(&att.state) {
+                tracing::warn!("{e} (rules are not named)");
+            }
+        }
+        Ok(state)
+    }
+
+    /// [`State::current`] without the rules of a rules file.
+    pub fn current_head(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
+        if let Ok(pending) = State::read_head(&att.next_state()) {
             let live = crate::attachment::maps::pinned_config(att)
                 .map(|c| c.generation)
                 .ok();
@@ -213,7 +361,7 @@ impl State {
                 return Ok(pending);
             }
         }
-        State::read(&att.state)
+        State::read_head(&att.state)
     }
 
     /// Like [`State::current`], and completes the rename a killed reload
@@ -222,8 +370,19 @@ impl State {
     /// it, a reload between writing its pending state and the switch would
     /// lose that file.
     pub fn repair(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
+        let mut state = State::repair_head(att)?;
+        if let Err(e) = state.load_rules(&att.state) {
+            tracing::warn!("{e} (rules are not named)");
+        }
+        Ok(state)
+    }
+
+    /// [`State::repair`] without the rules of a rules file (what a change
+    /// reads: only a change that compiles needs the rules in force, for
+    /// their counters, and reads them with [`State::load_rules`]).
+    pub fn repair_head(att: &crate::attachment::pins::Attachment) -> Result<State, StateError> {
         let next = att.next_state();
-        if let Ok(pending) = State::read(&next) {
+        if let Ok(pending) = State::read_head(&next) {
             let live = crate::attachment::maps::pinned_config(att)
                 .map(|c| c.generation)
                 .ok();
@@ -233,7 +392,12 @@ impl State {
             }
             let _ = std::fs::remove_file(&next);
         }
-        State::read(&att.state)
+        State::read_head(&att.state)
+    }
+
+    /// How many rules apply to this host (also when read without them).
+    pub fn rule_count(&self) -> usize {
+        self.rules_file.map_or(self.rules.len(), |r| r.count)
     }
 
     /// The rule the kernel reports as `counter` (see `RuleInfo::counter`).

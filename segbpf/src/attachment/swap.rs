@@ -494,7 +494,7 @@ pub fn edit_set(
                 source,
             })?;
         phases.mark("lock");
-        let old = State::repair(att)?;
+        let old = State::repair_head(att)?;
         phases.mark("read-state");
         let out = match fast_set_edit(att, &old, set, members, add, guarded, &mut phases) {
             Ok(Some(done)) => Ok(done),
@@ -810,7 +810,7 @@ pub fn swap_choosing(
             source,
         })?;
     phases.mark("lock");
-    let old = State::repair(att)?;
+    let old = State::repair_head(att)?;
     phases.mark("read-state");
     let (choice, settings) = choose(&old)?;
     phases.mark("choose");
@@ -1030,13 +1030,31 @@ fn swap_in_force(
     c.config.flow_acct = u8::from(flow_acct);
     c.config.log_burst = log_burst;
     phases.mark("compile");
-    let freed = compile::carry_counters(&mut c, &old.rules, old.rule_slots).map_err(|source| {
-        SwapError::Compile {
-            policy: policy.source.clone(),
-            iface: att.iface.clone(),
-            source,
+    // The rules in force, for their counters: read from their file only
+    // here (a set edit without compile needs none). A rules file that does
+    // not match its state names no rule: every rule then takes a fresh
+    // slot and every slot is zeroed once the new policy is in force, so no
+    // rule inherits counts it did not make.
+    let mut previous = old.clone();
+    let known = match previous.load_rules(&att.state) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("{e}: the rule counters start again from zero");
+            previous.rules.clear();
+            false
         }
-    })?;
+    };
+    let mut freed =
+        compile::carry_counters(&mut c, &previous.rules, old.rule_slots).map_err(|source| {
+            SwapError::Compile {
+                policy: policy.source.clone(),
+                iface: att.iface.clone(),
+                source,
+            }
+        })?;
+    if !known {
+        freed = (0..old.rule_slots).collect();
+    }
 
     phases.mark("carry-counters");
     let new = State {
@@ -1054,6 +1072,7 @@ fn swap_in_force(
         entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
         classes: c.classes,
         rules: c.rules.clone(),
+        rules_file: None,
         set_overrides: overrides.clone(),
         previous_roles: if roles_changed {
             old.roles.clone()
@@ -1150,7 +1169,7 @@ fn commit(
         current,
         c,
         in_force,
-        new,
+        mut new,
         index,
         path,
         policy_name,
@@ -1232,6 +1251,7 @@ fn commit(
     }
     phases.mark("write-snapshot");
     maps.activate(next)?;
+    let flipped = std::time::Instant::now();
     phases.mark("flip");
 
     // The new policy is in force: nothing after this point is a failure
@@ -1248,6 +1268,10 @@ fn commit(
             &format!("renaming the state to {}", att.state.display()),
             &e,
         );
+    } else {
+        // The rules files of earlier generations (and of changes killed
+        // before their switch) go; the state in force names its own.
+        crate::attachment::state::prune_rules(&att.state, new.rules_file);
     }
     if let Err(e) = history::record(
         att,
@@ -1265,8 +1289,9 @@ fn commit(
     phases.mark("rename-state+history");
     // Let packets that read the old slot finish, prune the connections the
     // new policy would not open (including any opened in that window), and
-    // only then touch the old slot.
-    std::thread::sleep(GRACE);
+    // only then touch the old slot. The grace period runs from the flip:
+    // the state rename and the history above already took part of it.
+    std::thread::sleep(GRACE.saturating_sub(flipped.elapsed()));
     phases.mark("grace");
     let pruned = prune_conntrack(att, old.ifindex, prune, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
@@ -1306,7 +1331,7 @@ fn commit(
         policy: policy_name,
         generation,
         roles,
-        rules: new.rules.len(),
+        rules: new.rule_count(),
         pruned,
         written,
         warnings,
