@@ -288,8 +288,8 @@ impl SvcMaps {
             let mut cfg = *cfg;
             if *i == u32::from(slot * SVC_SLOT_STRIDE) {
                 cfg.max_level = u8::try_from(cls.max_level).unwrap_or(u8::MAX);
-                // A new nonce for the stamps made under this policy.
-                cfg.nonce = stamp_nonce()?;
+                // A new secret key for the stamps made under this policy.
+                cfg.stamp_key = stamp_key()?;
             }
             self.cfg
                 .set(*i, cfg, 0)
@@ -385,15 +385,15 @@ impl SvcMaps {
         for k in keys.into_iter().filter(|k| in_old(k.slot)) {
             let _ = self.peer.remove(&k);
         }
-        // The globals keep their nonce: a packet stamped under this slot
-        // just before the flip still names its sender (as the other
+        // The globals keep their stamp key: a packet stamped under this
+        // slot just before the flip still names its sender (as the other
         // slot's, so no service of the new policy) and keeps its need-peer
         // bit. The next reload that fills this slot draws a new one.
-        let nonce = self.cfg.get(&u32::from(lo), 0).map_or(0, |g| g.nonce);
+        let stamp_key = self.cfg.get(&u32::from(lo), 0).map_or([0; 2], |g| g.stamp_key);
         let _ = self.cfg.set(
             u32::from(lo),
             SvcConfig {
-                nonce,
+                stamp_key,
                 ..SvcConfig::default()
             },
             0,
@@ -609,17 +609,21 @@ fn load_filled(
     Ok(ebpf)
 }
 
-/// A random nonce for the sender stamps of one policy slot
-/// ([`SvcConfig::nonce`]), with its stamp bits not all 0.
-fn stamp_nonce() -> Result<u32, ServicesError> {
+/// A random secret key for the sender stamps of one policy slot
+/// ([`SvcConfig::stamp_key`], 128 bits, not all 0).
+fn stamp_key() -> Result<[u64; 2], ServicesError> {
     use std::io::Read as _;
     let mut f = std::fs::File::open("/dev/urandom").map_err(io("opening /dev/urandom"))?;
     loop {
-        let mut b = [0u8; 4];
+        let mut b = [0u8; 16];
         f.read_exact(&mut b).map_err(io("reading /dev/urandom"))?;
-        let n = u32::from_ne_bytes(b) & segbpf_common::SVC_STAMP_NONCE_MASK;
-        if n != 0 {
-            return Ok(n);
+        let (lo, hi) = b.split_at(8);
+        let k = [
+            u64::from_ne_bytes(lo.try_into().unwrap_or([0; 8])),
+            u64::from_ne_bytes(hi.try_into().unwrap_or([0; 8])),
+        ];
+        if k != [0, 0] {
+            return Ok(k);
         }
     }
 }

@@ -477,6 +477,11 @@ pub fn print_text(
             r.unserviced.egress_passed,
             r.unserviced.egress_dropped
         )?;
+        writeln!(
+            o,
+            "  stamps refused   {} (loopback packets with no valid sender stamp for them: judged as from no service)",
+            r.stamps_refused
+        )?;
     }
     Ok(())
 }
