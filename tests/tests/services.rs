@@ -3559,3 +3559,37 @@ fn flows_carry_their_service() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `explain --services --peer-service X` warns on stderr when an address
+/// is not local to the host (a peer's service is known over loopback
+/// only), and not when both are; the verdict is printed either way.
+#[test]
+fn explain_warns_of_a_peer_service_off_the_host() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("roles.toml");
+    std::fs::write(&policy, MATRIX)?;
+    let run = |src: &str, dst: &str| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(segbpf_bin())
+            .args(["explain", policy.to_str().context("path")?])
+            .args(["--services", "--service", "db", "--peer-service", "app"])
+            .args(["--src", src, "--dst", dst, "--proto", "tcp", "--dport", "3306"])
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let local = run("127.0.0.1", "127.0.0.1");
+    // TEST-NET-1 (RFC 5737): on no host's interfaces.
+    let remote = run("192.0.2.1", "127.0.0.1");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, err) = local?;
+    assert!(ok && !err.contains("warning"), "loopback: {err}");
+    let (ok, err) = remote?;
+    assert!(
+        ok && err.contains("warning") && err.contains("192.0.2.1") && !err.contains("127.0.0.1 "),
+        "an address off the host: {err}"
+    );
+    Ok(())
+}
