@@ -326,10 +326,33 @@ pub fn siphash13_40(key: &[u64; 2], m: &[u64; 5]) -> u64 {
     v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
+/// An address (IPv4: the first 4 bytes, the rest 0) as the two words
+/// [`svc_stamp_check`] takes: its bytes read little-endian.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per loopback packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn svc_stamp_addr(a: &[u8; 16]) -> [u64; 2] {
+    let w = |o: usize| {
+        u64::from_le_bytes([
+            a[o],
+            a[o + 1],
+            a[o + 2],
+            a[o + 3],
+            a[o + 4],
+            a[o + 5],
+            a[o + 6],
+            a[o + 7],
+        ])
+    };
+    [w(0), w(8)]
+}
+
 /// The check bits ([`SVC_STAMP_CHECK_MASK`], never all 0) of the stamp
 /// with identity `ident` ([`SVC_STAMP_IDENT_MASK`] bits) on a packet:
-/// family (4 or 6), IP protocol, source and destination address (IPv4:
-/// the first 4 bytes, the rest 0) and the ports as the programs read them
+/// family (4 or 6), IP protocol, source and destination address (as
+/// [`svc_stamp_addr`] gives them) and the ports as the programs read them
 /// (ICMP echo: the id as the requester's port). Both programs compute it
 /// from the same skb; the key never leaves the maps.
 #[allow(
@@ -345,30 +368,18 @@ pub fn svc_stamp_check(
     key: &[u64; 2],
     family: u8,
     proto: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: [u64; 2],
+    dst: [u64; 2],
     sport: u16,
     dport: u16,
     ident: u32,
 ) -> u32 {
-    let w = |a: &[u8; 16], o: usize| {
-        u64::from_le_bytes([
-            a[o],
-            a[o + 1],
-            a[o + 2],
-            a[o + 3],
-            a[o + 4],
-            a[o + 5],
-            a[o + 6],
-            a[o + 7],
-        ])
-    };
     let last = (u64::from(sport) << 48)
         | (u64::from(dport) << 32)
         | (u64::from(proto) << 24)
         | (u64::from(family) << 16)
         | u64::from(ident & SVC_STAMP_IDENT_MASK);
-    let h = siphash13_40(key, &[w(src, 0), w(src, 8), w(dst, 0), w(dst, 8), last]);
+    let h = siphash13_40(key, &[src[0], src[1], dst[0], dst[1], last]);
     let c = ((h >> 32) as u32) & SVC_STAMP_CHECK_MASK;
     if c == 0 { 1 << 9 } else { c }
 }
@@ -446,23 +457,23 @@ mod stamp_tests {
         let key = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
         let mut lo6 = [0u8; 16];
         lo6[15] = 1;
-        let base = svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000, 3306, 0x81);
+        let base = svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81);
         assert_ne!(base, 0);
         assert_eq!(base & !SVC_STAMP_CHECK_MASK, 0);
         let mut other = lo6;
         other[0] = 0xfd;
         let variants = [
-            svc_stamp_check(&[key[0] ^ 1, key[1]], 6, 17, &lo6, &lo6, 40000, 3306, 0x81),
-            svc_stamp_check(&[key[0], key[1] ^ (1 << 63)], 6, 17, &lo6, &lo6, 40000, 3306, 0x81),
-            svc_stamp_check(&key, 4, 17, &lo6, &lo6, 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 6, &lo6, &lo6, 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, &other, &lo6, 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, &lo6, &other, 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40001, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000, 3307, 0x81),
-            svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000, 3306, 0x82),
-            svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000, 3306, 0x01),
-            svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000, 3306, 0x181),
+            svc_stamp_check(&[key[0] ^ 1, key[1]], 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
+            svc_stamp_check(&[key[0], key[1] ^ (1 << 63)], 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
+            svc_stamp_check(&key, 4, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
+            svc_stamp_check(&key, 6, 6, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&other), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&other), 40000, 3306, 0x81),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40001, 3306, 0x81),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3307, 0x81),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x82),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x01),
+            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x181),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i} left the check bits unchanged");
@@ -471,7 +482,7 @@ mod stamp_tests {
         let mut seen_bits = 0u32;
         let mut distinct = [0u32; 64];
         for p in 0..64u16 {
-            let c = svc_stamp_check(&key, 6, 17, &lo6, &lo6, 40000 + p, 3306, 0x81);
+            let c = svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000 + p, 3306, 0x81);
             assert_ne!(c, 0);
             seen_bits |= c;
             distinct[usize::from(p)] = c;

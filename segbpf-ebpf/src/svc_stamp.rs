@@ -60,8 +60,26 @@ pub(crate) fn set_stamp(ctx: &SkBuffContext, stamp: u32) {
 pub(crate) fn make_stamp(key: &[u64; 2], p: &Pkt, ident: u32) -> u32 {
     let ident = ident & SVC_STAMP_IDENT_MASK;
     svc_stamp_check(
-        key, p.family, p.proto, &p.src, &p.dst, p.sport, p.dport, ident,
+        key,
+        p.family,
+        p.proto,
+        words(&p.src),
+        words(&p.dst),
+        p.sport,
+        p.dport,
+        ident,
     ) | ident
+}
+
+/// An address of a [`Pkt`] as two words (`segbpf_common::svc_stamp_addr`:
+/// its bytes read little-endian), read with two 8-byte loads.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u64; 2] {
+    // SAFETY: `a` is `Pkt::src` or `Pkt::dst`: 16 readable bytes at an
+    // 8-aligned offset of a `#[repr(C, align(8))]` struct (checked by the
+    // asserts on `Pkt`); any bit pattern is a valid u64.
+    let w: [u64; 2] = unsafe { core::ptr::read(a.as_ptr().cast::<[u64; 2]>()) };
+    [u64::from_le(w[0]), u64::from_le(w[1])]
 }
 
 /// The sender of a packet received over loopback with priority `prio`

@@ -743,8 +743,8 @@ impl StampSpec {
             &self.key,
             family,
             proto,
-            &bytes(src),
-            &bytes(dst),
+            segbpf_common::svc_stamp_addr(&bytes(src)),
+            segbpf_common::svc_stamp_addr(&bytes(dst)),
             sport,
             dport,
             self.ident,
@@ -3591,5 +3591,47 @@ fn explain_warns_of_a_peer_service_off_the_host() -> anyhow::Result<()> {
         ok && err.contains("warning") && err.contains("192.0.2.1") && !err.contains("127.0.0.1 "),
         "an address off the host: {err}"
     );
+    Ok(())
+}
+
+/// `set`, `rollback`, `flows`, `monitor` and `reload` with `--services`
+/// but without the `--cgroup-root` the attachment was made with fail
+/// with the hint `status` gives (naming the root that has one) and leave
+/// no file behind (no `.lock` of an attachment that does not exist).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn services_commands_name_the_root_in_use() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rt", &["app", "db", "other", "cache"], 106)?;
+    lab.attach(MATRIX)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let files = |lab: &SvcLab| -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(&lab.state)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let before = files(&lab)?;
+    let mut wrong = Vec::new();
+    for args in [
+        &["set", "add", "--services", "peers", "198.18.106.9"][..],
+        &["set", "list", "--services"],
+        &["rollback", "--services"],
+        &["flows", "--services"],
+        &["monitor", "--services"],
+        &["reload", "--services"],
+    ] {
+        let out = lab.segbpf(args).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !err.contains(&root) || !err.contains("--cgroup-root") {
+            wrong.push(format!("{args:?}: exit {:?}, stderr: {err}", out.status.code()));
+        }
+    }
+    let after = files(&lab)?;
+    if before != after {
+        wrong.push(format!("files in the state dir changed: {before:?} -> {after:?}"));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
 }

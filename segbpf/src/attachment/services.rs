@@ -51,9 +51,10 @@ pub enum ServicesError {
     /// The policy defines no service.
     #[error("{0}: the policy defines no [services.NAME]; nothing to enforce")]
     NoServices(String),
-    /// Nothing is attached.
-    #[error("no services attachment at {}", .0.display())]
-    NotAttached(PathBuf),
+    /// Nothing is attached below this cgroup root (the message names the
+    /// roots that have an attachment, [`SvcPaths::not_attached`]).
+    #[error("{0}")]
+    NotAttached(String),
     /// A kernel or aya operation failed.
     #[error("{what}: {source}")]
     Kernel {
@@ -137,6 +138,39 @@ impl SvcPaths {
     /// Whether the programs are attached (their links are pinned).
     pub fn is_attached(&self) -> bool {
         self.link_ingress().exists() && self.link_egress().exists()
+    }
+
+    /// The error for "nothing attached below this root", naming the
+    /// cgroup roots that have a services attachment (their state names
+    /// the root; the pin directory of that root's id exists), so a
+    /// missing or wrong `--cgroup-root` gets the hint `status` gives.
+    pub fn not_attached(&self) -> ServicesError {
+        let roots = Roots {
+            bpffs: self.dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+            state: self.state.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let elsewhere: Vec<String> = list(&roots)
+            .into_iter()
+            .filter(|id| *id != self.root.id)
+            .filter_map(|id| {
+                let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
+                let st: SvcState = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+                let r = CgroupRoot::open(Some(&st.cgroup_root)).ok()?;
+                (r.id == id).then(|| r.dir.display().to_string())
+            })
+            .collect();
+        if elsewhere.is_empty() {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {}",
+                self.root.dir.display()
+            ))
+        } else {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {}; attached below: {} (add `--cgroup-root DIR`)",
+                self.root.dir.display(),
+                elsewhere.join(", ")
+            ))
+        }
     }
 
     /// The state, if any.
@@ -518,6 +552,10 @@ fn record_history(paths: &SvcPaths, state: &SvcState, text: &Path) {
 /// `paths` (reload, set edits, rollback, the follower's rescans): released
 /// when the file is dropped or the process dies.
 pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    // No lock file for an attachment that does not exist.
+    if !paths.state.exists() && !paths.dir.exists() {
+        return Err(paths.not_attached());
+    }
     let path = paths.state.with_extension("lock");
     if let Some(parent) = path.parent() {
         private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -786,7 +824,7 @@ pub fn apply_locked(
     audit: bool,
 ) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));

@@ -420,7 +420,7 @@ fn list_services(
 ) -> anyhow::Result<()> {
     let paths = svc_paths(cgroup_root.as_deref())?;
     let Some(state) = paths.read_state().filter(|_| paths.is_attached()) else {
-        bail!("no services attachment below {}", paths.root.dir.display());
+        return Err(paths.not_attached().into());
     };
     let sets = crate::attachment::services_edit::sets_in_force(&state)?;
     if let Some(name) = only

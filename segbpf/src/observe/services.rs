@@ -149,7 +149,7 @@ pub fn stream_events(
         services::ServicesError,
     };
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     let lock_path = follow::monitor_lock_path(paths);
     let io = |what: String| move |source| ServicesError::Io { what, source };
@@ -289,7 +289,7 @@ pub fn flows(
     use crate::attachment::services::ServicesError;
     use segbpf_common::{SVC_FLOW_INBOUND, SvcFlow, SvcFlowKey};
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     let state = paths.read_state();
     // Service cgroup id -> name, for the cgroups that exist now.
