@@ -394,10 +394,10 @@ mod stamp_tests {
     #[test]
     fn siphash13_matches_a_bytewise_reference() {
         fn reference(k0: u64, k1: u64, msg: &[u8]) -> u64 {
-            let mut v0 = k0 ^ 0x736f6d6570736575;
-            let mut v1 = k1 ^ 0x646f72616e646f6d;
-            let mut v2 = k0 ^ 0x6c7967656e657261;
-            let mut v3 = k1 ^ 0x7465646279746573;
+            let mut v0 = k0 ^ 0x736f_6d65_7073_6575;
+            let mut v1 = k1 ^ 0x646f_7261_6e64_6f6d;
+            let mut v2 = k0 ^ 0x6c79_6765_6e65_7261;
+            let mut v3 = k1 ^ 0x7465_6462_7974_6573;
             let round = |v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64| {
                 *v0 = v0.wrapping_add(*v1);
                 *v1 = v1.rotate_left(13) ^ *v0;
@@ -457,23 +457,131 @@ mod stamp_tests {
         let key = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
         let mut lo6 = [0u8; 16];
         lo6[15] = 1;
-        let base = svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81);
+        let base = svc_stamp_check(
+            &key,
+            6,
+            17,
+            svc_stamp_addr(&lo6),
+            svc_stamp_addr(&lo6),
+            40000,
+            3306,
+            0x81,
+        );
         assert_ne!(base, 0);
         assert_eq!(base & !SVC_STAMP_CHECK_MASK, 0);
         let mut other = lo6;
         other[0] = 0xfd;
         let variants = [
-            svc_stamp_check(&[key[0] ^ 1, key[1]], 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
-            svc_stamp_check(&[key[0], key[1] ^ (1 << 63)], 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
-            svc_stamp_check(&key, 4, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 6, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&other), svc_stamp_addr(&lo6), 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&other), 40000, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40001, 3306, 0x81),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3307, 0x81),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x82),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x01),
-            svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000, 3306, 0x181),
+            svc_stamp_check(
+                &[key[0] ^ 1, key[1]],
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &[key[0], key[1] ^ (1 << 63)],
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                4,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                6,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&other),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&other),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40001,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3307,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x82,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x01,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x181,
+            ),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i} left the check bits unchanged");
@@ -482,7 +590,16 @@ mod stamp_tests {
         let mut seen_bits = 0u32;
         let mut distinct = [0u32; 64];
         for p in 0..64u16 {
-            let c = svc_stamp_check(&key, 6, 17, svc_stamp_addr(&lo6), svc_stamp_addr(&lo6), 40000 + p, 3306, 0x81);
+            let c = svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000 + p,
+                3306,
+                0x81,
+            );
             assert_ne!(c, 0);
             seen_bits |= c;
             distinct[usize::from(p)] = c;

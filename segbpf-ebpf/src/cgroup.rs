@@ -49,8 +49,9 @@ use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
     SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
-    SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
-    SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S,
+    SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE, SVC_WHY_UNPARSED, SvcConfig,
+    SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
@@ -162,12 +163,11 @@ pub(crate) fn judge<const DRY: bool>(ctx: &SkBuffContext, dir: u8) -> i32 {
             NO_SENDER
         } else {
             parsed = parse(ctx);
-            match stamp_sender(prio, parsed.as_ref(), slot) {
-                Some(s) => s,
-                None => {
-                    count(base + SVC_STATS_FORGED, DIR_INGRESS, false, len);
-                    NO_SENDER
-                }
+            if let Some(s) = stamp_sender(prio, parsed.as_ref(), slot) {
+                s
+            } else {
+                count(base + SVC_STATS_FORGED, DIR_INGRESS, false, len);
+                NO_SENDER
             }
         }
     } else {

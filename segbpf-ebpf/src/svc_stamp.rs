@@ -74,6 +74,10 @@ pub(crate) fn make_stamp(key: &[u64; 2], p: &Pkt, ident: u32) -> u32 {
 /// An address of a [`Pkt`] as two words (`segbpf_common::svc_stamp_addr`:
 /// its bytes read little-endian), read with two 8-byte loads.
 #[inline(always)]
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "Pkt is repr(C, align(8)) with src at 0 and dst at 16 (asserted in cgroup.rs)"
+)]
 fn words(a: &[u8; 16]) -> [u64; 2] {
     // SAFETY: `a` is `Pkt::src` or `Pkt::dst`: 16 readable bytes at an
     // 8-aligned offset of a `#[repr(C, align(8))]` struct (checked by the

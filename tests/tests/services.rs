@@ -487,7 +487,11 @@ impl Tap {
         let proto = (libc::ETH_P_IPV6 as u16).to_be();
         // SAFETY: a plain socket call.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fd is a socket this function just made and owns.
         let tap = Tap(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
         // SAFETY: zero is a valid sockaddr_ll; the fields are set below.
@@ -687,7 +691,8 @@ fn packet_replay(app_cg: &str, none_cg: &str, port: u16) {
     };
     // Drain what the tap holds (db's echo and the like).
     while tap.recv().is_some() {}
-    let other_port = tap.send(&udp6_frame(&frame, att_port, b"evil"), prio) && echo(&attacker, b"evil");
+    let other_port =
+        tap.send(&udp6_frame(&frame, att_port, b"evil"), prio) && echo(&attacker, b"evil");
     let same = tap.send(&udp6_frame(&frame, app_port, b"ping"), prio) && echo(&app, b"ping");
     println!(
         "legit={} stamp={prio:#x} other_port={} same_tuple={}",
@@ -3573,7 +3578,9 @@ fn explain_warns_of_a_peer_service_off_the_host() -> anyhow::Result<()> {
         let out = Command::new(segbpf_bin())
             .args(["explain", policy.to_str().context("path")?])
             .args(["--services", "--service", "db", "--peer-service", "app"])
-            .args(["--src", src, "--dst", dst, "--proto", "tcp", "--dport", "3306"])
+            .args([
+                "--src", src, "--dst", dst, "--proto", "tcp", "--dport", "3306",
+            ])
             .output()?;
         Ok((
             out.status.success(),
@@ -3625,12 +3632,17 @@ fn services_commands_name_the_root_in_use() -> anyhow::Result<()> {
         let out = lab.segbpf(args).output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() || !err.contains(&root) || !err.contains("--cgroup-root") {
-            wrong.push(format!("{args:?}: exit {:?}, stderr: {err}", out.status.code()));
+            wrong.push(format!(
+                "{args:?}: exit {:?}, stderr: {err}",
+                out.status.code()
+            ));
         }
     }
     let after = files(&lab)?;
     if before != after {
-        wrong.push(format!("files in the state dir changed: {before:?} -> {after:?}"));
+        wrong.push(format!(
+            "files in the state dir changed: {before:?} -> {after:?}"
+        ));
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())

@@ -147,14 +147,19 @@ impl SvcPaths {
     pub fn not_attached(&self) -> ServicesError {
         let roots = Roots {
             bpffs: self.dir.parent().map(Path::to_path_buf).unwrap_or_default(),
-            state: self.state.parent().map(Path::to_path_buf).unwrap_or_default(),
+            state: self
+                .state
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
         };
         let elsewhere: Vec<String> = list(&roots)
             .into_iter()
             .filter(|id| *id != self.root.id)
             .filter_map(|id| {
                 let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
-                let st: SvcState = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+                let st: SvcState =
+                    serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
                 let r = CgroupRoot::open(Some(&st.cgroup_root)).ok()?;
                 (r.id == id).then(|| r.dir.display().to_string())
             })
@@ -423,7 +428,10 @@ impl SvcMaps {
         // slot just before the flip still names its sender (as the other
         // slot's, so no service of the new policy) and keeps its need-peer
         // bit. The next reload that fills this slot draws a new one.
-        let stamp_key = self.cfg.get(&u32::from(lo), 0).map_or([0; 2], |g| g.stamp_key);
+        let stamp_key = self
+            .cfg
+            .get(&u32::from(lo), 0)
+            .map_or([0; 2], |g| g.stamp_key);
         let _ = self.cfg.set(
             u32::from(lo),
             SvcConfig {

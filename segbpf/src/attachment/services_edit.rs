@@ -47,9 +47,7 @@ fn current(paths: &SvcPaths) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
         return Err(paths.not_attached());
     }
-    paths
-        .read_state()
-        .ok_or_else(|| paths.not_attached())
+    paths.read_state().ok_or_else(|| paths.not_attached())
 }
 
 /// `segbpf set add|del --services`: adds or removes `members` of `set`

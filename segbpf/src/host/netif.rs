@@ -83,7 +83,9 @@ pub fn is_local_address(addr: IpAddr) -> Result<bool, NetifError> {
     }
     for ifa in nix::ifaddrs::getifaddrs().map_err(io("getifaddrs"))? {
         let Some(a) = ifa.address else { continue };
-        let found = a.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip()))
+        let found = a
+            .as_sockaddr_in()
+            .map(|v4| IpAddr::V4(v4.ip()))
             .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())));
         if found == Some(addr) {
             return Ok(true);
