@@ -46,6 +46,15 @@
 //!   cannot pass for `app` at db's ingress: not by reusing a 4-tuple app
 //!   just closed, not by sharing app's live port (SO_REUSEADDR, raw
 //!   socket); TCP and UDP, both families.
+//! * `tapped_stamp_cannot_be_replayed`: a stamp read off app's packet by
+//!   an `AF_PACKET` tap on `lo` and replayed in frames from the tap over
+//!   IPv6 loopback is refused from another source port (and counted),
+//!   and on its own tuple once reloads replaced the key.
+//! * `services_commands_name_the_root_in_use`: `set`, `rollback`,
+//!   `flows`, `monitor`, `reload --services` without the right
+//!   `--cgroup-root` name the root in use and leave no file behind.
+//! * `explain_warns_of_a_peer_service_off_the_host`: `explain
+//!   --peer-service` with an address not local to the host warns.
 //! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
 //!   is removed after SECS unless `confirm --services` runs; `--confirm`
 //!   over an existing attachment is refused and changes nothing.
@@ -3628,6 +3637,7 @@ fn services_commands_name_the_root_in_use() -> anyhow::Result<()> {
         &["flows", "--services"],
         &["monitor", "--services"],
         &["reload", "--services"],
+        &["detach", "--services"],
     ] {
         let out = lab.segbpf(args).output()?;
         let err = String::from_utf8_lossy(&out.stderr);

@@ -317,11 +317,7 @@ pub fn event_text(r: &follow::Refused) -> String {
 pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
     if !paths.dir.exists() && !paths.state.exists() {
-        anyhow::bail!(
-            "no services attachment below {} (no {})",
-            paths.root.dir.display(),
-            paths.dir.display()
-        );
+        return Err(paths.not_attached().into());
     }
     let was = engine::detach(&paths)?;
     match output {
