@@ -55,6 +55,8 @@
 //!   `--cgroup-root` name the root in use and leave no file behind.
 //! * `explain_warns_of_a_peer_service_off_the_host`: `explain
 //!   --peer-service` with an address not local to the host warns.
+//! * `set_usage_shows_the_services_form`: `set add|del --help` shows
+//!   `--services ... <SET> <MEMBER>...`.
 //! * `confirm_guards_a_first_attach`: `attach --services --confirm SECS`
 //!   is removed after SECS unless `confirm --services` runs; `--confirm`
 //!   over an existing attachment is refused and changes nothing.
@@ -3655,5 +3657,31 @@ fn services_commands_name_the_root_in_use() -> anyhow::Result<()> {
         ));
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+/// The usage of `set add|del` shows the services form (no interface: the
+/// first word is the set), which the interface form's `<IFACE>` hid.
+#[test]
+fn set_usage_shows_the_services_form() -> anyhow::Result<()> {
+    for verb in ["add", "del"] {
+        let out = Command::new(segbpf_bin())
+            .args(["set", verb, "--help"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let usage: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("Usage:"))
+            .take_while(|l| !l.is_empty())
+            .collect();
+        assert!(
+            out.status.success()
+                && usage
+                    .iter()
+                    .any(|l| l.contains(&format!("set {verb} --services"))
+                        && l.contains("<SET> <MEMBER>...")),
+            "set {verb} --help: {usage:?}"
+        );
+    }
     Ok(())
 }
