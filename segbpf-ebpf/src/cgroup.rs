@@ -58,6 +58,7 @@ use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
+use crate::svc_pkt::Pkt;
 use crate::svc_stamp::{NO_SENDER, Sender, make_stamp, read_stamp, set_stamp, stamp_sender};
 use crate::svc_trace::{dry_who, record};
 
@@ -77,24 +78,6 @@ const NO_RULE: u32 = u32::MAX;
 const ECHO_NONE: u8 = 0;
 const ECHO_REQUEST: u8 = 1;
 const ECHO_REPLY: u8 = 2;
-
-/// The fields of a packet the programs judge.
-/// The addresses first, 8-aligned: the stamp reads them as words.
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
-pub(crate) struct Pkt {
-    pub(crate) src: [u8; 16],
-    pub(crate) dst: [u8; 16],
-    pub(crate) family: u8,
-    pub(crate) proto: u8,
-    pub(crate) echo: u8,
-    /// Source / destination port; ICMP echo: the id as the requester's port.
-    pub(crate) sport: u16,
-    pub(crate) dport: u16,
-}
-const _: () = assert!(core::mem::offset_of!(Pkt, src) == 0);
-const _: () = assert!(core::mem::offset_of!(Pkt, dst) == 16);
-const _: () = assert!(core::mem::align_of::<Pkt>() == 8);
 
 /// Who a socket is.
 enum Who {

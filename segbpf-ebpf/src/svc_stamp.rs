@@ -13,7 +13,7 @@ use segbpf_common::{
     SVC_SLOT_STRIDE, SVC_STAMP_ID_MASK, SVC_STAMP_IDENT_MASK, SVC_STAMP_NEED_PEER, svc_stamp_check,
 };
 
-use crate::{cgroup::Pkt, svc_maps::SEG_SVC_CFG};
+use crate::{svc_maps::SEG_SVC_CFG, svc_pkt::Pkt};
 
 /// The sender of a packet received over loopback, from its stamp.
 #[derive(Clone, Copy)]
@@ -76,7 +76,7 @@ pub(crate) fn make_stamp(key: &[u64; 2], p: &Pkt, ident: u32) -> u32 {
 #[inline(always)]
 #[allow(
     clippy::cast_ptr_alignment,
-    reason = "Pkt is repr(C, align(8)) with src at 0 and dst at 16 (asserted in cgroup.rs)"
+    reason = "Pkt is repr(C, align(8)) with src at 0 and dst at 16 (asserted in svc_pkt.rs)"
 )]
 fn words(a: &[u8; 16]) -> [u64; 2] {
     // SAFETY: `a` is `Pkt::src` or `Pkt::dst`: 16 readable bytes at an
