@@ -136,15 +136,14 @@ pub struct SvcConfig {
     pub max_level: u8,
     /// Explicit padding.
     pub _pad: u8,
-    /// Globals only: the nonce of the sender stamps made under this slot
-    /// (random, [`SVC_STAMP_NONCE_MASK`] bits, never 0; a new one each
-    /// time a reload fills the slot, kept when the slot leaves force so a
-    /// packet stamped just before a flip still names its sender).
-    pub nonce: u32,
-    /// Explicit padding.
-    pub _pad2: u32,
+    /// Globals only: the secret key of the sender stamps made under this
+    /// slot (128 random bits, [`svc_stamp_check`]; a new one each time a
+    /// reload fills the slot, kept when the slot leaves force so a packet
+    /// stamped just before a flip still names its sender). Only programs
+    /// and `CAP_BPF`/`CAP_SYS_ADMIN` read it, never a packet.
+    pub stamp_key: [u64; 2],
 }
-const _: () = assert!(core::mem::size_of::<SvcConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<SvcConfig>() == 32);
 
 /// Value of the services' peer tries and peer table: a class (the
 /// layout of `PeerClass`; its own type so the programs' lookups are their
@@ -239,24 +238,377 @@ const _: () = assert!(core::mem::size_of::<SvcFlow>() == 40);
 
 /// The sender's identity on a loopback packet: the egress program writes
 /// `skb->priority` of every packet a socket sends towards the loopback
-/// device (of a service: the attachment's nonce | [`SVC_STAMP_NEED_PEER`]
-/// | slot << 7 | service id; of anything else: 0), after netfilter's
-/// POSTROUTING, and the ingress program on loopback reads it back: the
-/// same skb, in the same network namespace, nothing in the kernel's
-/// loopback path rewrites it. These bits carry the nonce of the slot the
-/// stamp was made under ([`SvcConfig::nonce`] of the slot's globals), a
-/// random value chosen each time a policy fills the slot, never 0: a priority a process may set for itself (`SO_PRIORITY` 0..6
-/// without `CAP_NET_ADMIN`/`CAP_NET_RAW`) is never a stamp, and the
-/// stamp of a socket's packets is overwritten anyway. The ingress
-/// program sets the priority back to 0 once it has read it, so no
-/// receiver below the cgroup root reads a stamp (`SO_RCVPRIORITY`).
-pub const SVC_STAMP_NONCE_MASK: u32 = 0xffff_fe00;
+/// device (of a service: check bits | [`SVC_STAMP_NEED_PEER`] | slot << 7
+/// | service id; of anything else: 0), after netfilter's POSTROUTING, and
+/// the ingress program on loopback reads it back: the same skb, in the
+/// same network namespace, nothing in the kernel's loopback path rewrites
+/// it. The check bits are [`svc_stamp_check`]: a keyed hash (SipHash-1-3
+/// with the slot's secret [`SvcConfig::stamp_key`]) of the packet's
+/// family, protocol, addresses and ports and the identity bits
+/// ([`SVC_STAMP_IDENT_MASK`]), never 0. A stamp read off one packet (a
+/// packet tap on `lo` sees priorities) is therefore worth nothing on
+/// another 5-tuple, nor after a reload drew a new key; guessing it
+/// succeeds with probability 2^-23 per packet. A priority a process may
+/// set for itself (`SO_PRIORITY` 0..6 without `CAP_NET_ADMIN`/
+/// `CAP_NET_RAW`) is never a stamp, and the stamp of a socket's packets
+/// is overwritten anyway. The ingress program sets the priority back to 0
+/// once it has read it, so no receiver below the cgroup root reads a
+/// stamp (`SO_RCVPRIORITY`).
+pub const SVC_STAMP_CHECK_MASK: u32 = 0xffff_fe00;
 /// Stamp bit: the sender passed its egress only through `to_services`;
 /// the receiver's ingress checks it is one of them.
 pub const SVC_STAMP_NEED_PEER: u32 = 0x100;
 /// Stamp bits naming the sender: the policy slot (bit 7) and the service
 /// id in it (bits 0..6).
 pub const SVC_STAMP_ID_MASK: u32 = 0xff;
+/// Stamp bits the check covers besides the packet: need-peer, slot, id.
+pub const SVC_STAMP_IDENT_MASK: u32 = 0x1ff;
+/// Index of the services' stats (`slot * SVC_SLOT_STRIDE +` this, in
+/// [`MAP_SVC_STATS`]'s slot bytes; no service has this id): loopback
+/// packets received with a priority that is not a valid stamp for them
+/// (forged, replayed on another 5-tuple or from before a key change),
+/// judged as from no service. Its `dir = ingress, passed = 0` counter
+/// holds them.
+pub const SVC_STATS_FORGED: u8 = 127;
+
+/// One SipHash round.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per loopback packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+/// SipHash-1-3 of a 40-byte message given as five little-endian words.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per loopback packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn siphash13_40(key: &[u64; 2], m: &[u64; 5]) -> u64 {
+    let mut v = [
+        key[0] ^ 0x736f_6d65_7073_6575,
+        key[1] ^ 0x646f_7261_6e64_6f6d,
+        key[0] ^ 0x6c79_6765_6e65_7261,
+        key[1] ^ 0x7465_6462_7974_6573,
+    ];
+    let mut i = 0;
+    while i < 5 {
+        v[3] ^= m[i];
+        sip_round(&mut v);
+        v[0] ^= m[i];
+        i += 1;
+    }
+    // The last block: the length (40) in the top byte, no tail bytes.
+    let b = 40u64 << 56;
+    v[3] ^= b;
+    sip_round(&mut v);
+    v[0] ^= b;
+    v[2] ^= 0xff;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// An address (IPv4: the first 4 bytes, the rest 0) as the two words
+/// [`svc_stamp_check`] takes: its bytes read little-endian.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per loopback packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn svc_stamp_addr(a: &[u8; 16]) -> [u64; 2] {
+    let w = |o: usize| {
+        u64::from_le_bytes([
+            a[o],
+            a[o + 1],
+            a[o + 2],
+            a[o + 3],
+            a[o + 4],
+            a[o + 5],
+            a[o + 6],
+            a[o + 7],
+        ])
+    };
+    [w(0), w(8)]
+}
+
+/// The check bits ([`SVC_STAMP_CHECK_MASK`], never all 0) of the stamp
+/// with identity `ident` ([`SVC_STAMP_IDENT_MASK`] bits) on a packet:
+/// family (4 or 6), IP protocol, source and destination address (as
+/// [`svc_stamp_addr`] gives them) and the ports as the programs read them
+/// (ICMP echo: the id as the requester's port). Both programs compute it
+/// from the same skb; the key never leaves the maps.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per loopback packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's fields as the programs hold them"
+)]
+pub fn svc_stamp_check(
+    key: &[u64; 2],
+    family: u8,
+    proto: u8,
+    src: [u64; 2],
+    dst: [u64; 2],
+    sport: u16,
+    dport: u16,
+    ident: u32,
+) -> u32 {
+    let last = (u64::from(sport) << 48)
+        | (u64::from(dport) << 32)
+        | (u64::from(proto) << 24)
+        | (u64::from(family) << 16)
+        | u64::from(ident & SVC_STAMP_IDENT_MASK);
+    let h = siphash13_40(key, &[src[0], src[1], dst[0], dst[1], last]);
+    let c = ((h >> 32) as u32) & SVC_STAMP_CHECK_MASK;
+    if c == 0 { 1 << 9 } else { c }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    /// SipHash-1-3 against an independent reading of the reference
+    /// algorithm (byte-wise message, generic rounds), for a few keys and
+    /// messages.
+    #[test]
+    fn siphash13_matches_a_bytewise_reference() {
+        fn reference(k0: u64, k1: u64, msg: &[u8]) -> u64 {
+            let mut v0 = k0 ^ 0x736f_6d65_7073_6575;
+            let mut v1 = k1 ^ 0x646f_7261_6e64_6f6d;
+            let mut v2 = k0 ^ 0x6c79_6765_6e65_7261;
+            let mut v3 = k1 ^ 0x7465_6462_7974_6573;
+            let round = |v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64| {
+                *v0 = v0.wrapping_add(*v1);
+                *v1 = v1.rotate_left(13) ^ *v0;
+                *v0 = v0.rotate_left(32);
+                *v2 = v2.wrapping_add(*v3);
+                *v3 = v3.rotate_left(16) ^ *v2;
+                *v0 = v0.wrapping_add(*v3);
+                *v3 = v3.rotate_left(21) ^ *v0;
+                *v2 = v2.wrapping_add(*v1);
+                *v1 = v1.rotate_left(17) ^ *v2;
+                *v2 = v2.rotate_left(32);
+            };
+            let full = msg.len() / 8;
+            for i in 0..full {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&msg[i * 8..i * 8 + 8]);
+                let m = u64::from_le_bytes(b);
+                v3 ^= m;
+                round(&mut v0, &mut v1, &mut v2, &mut v3);
+                v0 ^= m;
+            }
+            let mut last = (msg.len() as u64 & 0xff) << 56;
+            for (i, b) in msg[full * 8..].iter().enumerate() {
+                last |= u64::from(*b) << (8 * i);
+            }
+            v3 ^= last;
+            round(&mut v0, &mut v1, &mut v2, &mut v3);
+            v0 ^= last;
+            v2 ^= 0xff;
+            for _ in 0..3 {
+                round(&mut v0, &mut v1, &mut v2, &mut v3);
+            }
+            v0 ^ v1 ^ v2 ^ v3
+        }
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200 {
+            let key = [next(), next()];
+            let m = [next(), next(), next(), next(), next()];
+            let mut bytes = [0u8; 40];
+            for (i, w) in m.iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            assert_eq!(siphash13_40(&key, &m), reference(key[0], key[1], &bytes));
+        }
+    }
+
+    /// Every field of the packet, every identity bit and the key change
+    /// the check bits; they are never 0 and stay inside their mask.
+    #[test]
+    fn stamp_check_binds_packet_identity_and_key() {
+        let key = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
+        let mut lo6 = [0u8; 16];
+        lo6[15] = 1;
+        let base = svc_stamp_check(
+            &key,
+            6,
+            17,
+            svc_stamp_addr(&lo6),
+            svc_stamp_addr(&lo6),
+            40000,
+            3306,
+            0x81,
+        );
+        assert_ne!(base, 0);
+        assert_eq!(base & !SVC_STAMP_CHECK_MASK, 0);
+        let mut other = lo6;
+        other[0] = 0xfd;
+        let variants = [
+            svc_stamp_check(
+                &[key[0] ^ 1, key[1]],
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &[key[0], key[1] ^ (1 << 63)],
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                4,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                6,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&other),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&other),
+                40000,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40001,
+                3306,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3307,
+                0x81,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x82,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x01,
+            ),
+            svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000,
+                3306,
+                0x181,
+            ),
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(*v, base, "variant {i} left the check bits unchanged");
+        }
+        // Over many source ports the check bits spread over their mask.
+        let mut seen_bits = 0u32;
+        let mut distinct = [0u32; 64];
+        for p in 0..64u16 {
+            let c = svc_stamp_check(
+                &key,
+                6,
+                17,
+                svc_stamp_addr(&lo6),
+                svc_stamp_addr(&lo6),
+                40000 + p,
+                3306,
+                0x81,
+            );
+            assert_ne!(c, 0);
+            seen_bits |= c;
+            distinct[usize::from(p)] = c;
+        }
+        assert_eq!(seen_bits, SVC_STAMP_CHECK_MASK);
+        distinct.sort_unstable();
+        assert!(distinct.windows(2).all(|w| w[0] != w[1]));
+    }
+}
 
 /// A packet of a service that was dropped (or, `audit = 1`, would have
 /// been and was let through).

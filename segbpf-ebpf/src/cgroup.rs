@@ -15,14 +15,18 @@
 //! and the service's default. A packet that passes records the socket's
 //! view (its cgroup, its service cgroup, its loopback peer's stamp).
 //!
-//! The sender's stamp: egress writes `skb->priority` of every packet any
-//! socket sends towards the loopback device — a service's socket: the
-//! slot's nonce (new at every reload) | need-peer bit | slot | service id; anything else
-//! (no service, held): 0 — so a packet carries its own sender, set by the
-//! kernel path it took, and the loopback ingress reads it back from the
-//! same skb, then sets it to 0 so no receiver reads it. No table keyed by
-//! addresses is trusted for who sent a packet
-//! (`segbpf_common::SVC_STAMP_NONCE_MASK` says why it cannot be forged).
+//! The sender's stamp (`svc_stamp.rs`): egress writes `skb->priority` of
+//! every packet any socket sends towards the loopback device — a
+//! service's socket: check bits (a keyed hash of the packet's 5-tuple and
+//! the identity, the key new at every reload) | need-peer bit | slot |
+//! service id; anything else (no service, held): 0 — so a packet carries
+//! its own sender, set by the kernel path it took, and the loopback
+//! ingress reads it back from the same skb, checks it against the packet,
+//! then sets it to 0 so no receiver reads it. A priority that is no valid
+//! stamp for its packet names no service and is counted
+//! (`SVC_STATS_FORGED`). No table keyed by addresses is trusted for who
+//! sent a packet (`segbpf_common::SVC_STAMP_CHECK_MASK` says why it
+//! cannot be forged).
 //!
 //! The dry-run programs (`segbpf trace --services`, `DRY = true`) run the
 //! same judgement in an instance of their own: the service (and the
@@ -45,15 +49,17 @@ use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
     SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
-    SVC_SLOT_STRIDE, SVC_STAMP_ID_MASK, SVC_STAMP_NEED_PEER, SVC_STAMP_NONCE_MASK, SVC_TCP_IDLE_S,
-    SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
-    SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
+    SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S,
+    SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE, SVC_WHY_UNPARSED, SvcConfig,
+    SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
+use crate::svc_pkt::Pkt;
+use crate::svc_stamp::{NO_SENDER, Sender, make_stamp, read_stamp, set_stamp, stamp_sender};
 use crate::svc_trace::{dry_who, record};
 
 /// cgroup_skb: let the packet pass.
@@ -72,43 +78,6 @@ const NO_RULE: u32 = u32::MAX;
 const ECHO_NONE: u8 = 0;
 const ECHO_REQUEST: u8 = 1;
 const ECHO_REPLY: u8 = 2;
-
-/// The fields of a packet the programs judge.
-#[derive(Clone, Copy)]
-struct Pkt {
-    family: u8,
-    proto: u8,
-    echo: u8,
-    /// Source / destination port; ICMP echo: the id as the requester's port.
-    sport: u16,
-    dport: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-/// The sender of a packet received over loopback, from its stamp.
-#[derive(Clone, Copy)]
-struct Sender {
-    /// The stamp's identity bits (slot << 7 | service id); 0: no service,
-    /// or no valid stamp.
-    tag: u8,
-    /// The sender's service id in the slot in force (0: none or unknown:
-    /// stamped under the other slot, just before a reload's flip).
-    svc: u8,
-    /// The sender passed its egress only through `to_services`.
-    need_peer: bool,
-    /// The stamp was made under the slot not in force (the previous
-    /// policy: a reload flipped while the packet was in flight).
-    other_slot: bool,
-}
-
-/// No sender: no valid stamp, or not over loopback.
-const NO_SENDER: Sender = Sender {
-    tag: 0,
-    svc: 0,
-    need_peer: false,
-    other_slot: false,
-};
 
 /// Who a socket is.
 enum Who {
@@ -147,9 +116,9 @@ pub(crate) fn judge<const DRY: bool>(ctx: &SkBuffContext, dir: u8) -> i32 {
             need_peer: false,
             other_slot: false,
         };
-        let j = judge_service::<true>(ctx, dir, slot, base + svc, svc, 0, cfg, lo, sender);
+        let j = judge_service::<true>(ctx, dir, slot, base + svc, svc, 0, cfg, lo, sender, None);
         record(
-            j.verdict == PASS && j.refused.is_none(),
+            j.verdict == PASS && !j.refused,
             j.why,
             cfg.audit != 0,
             j.rule,
@@ -165,13 +134,25 @@ pub(crate) fn judge<const DRY: bool>(ctx: &SkBuffContext, dir: u8) -> i32 {
     // set is overwritten, so no sender chooses its own stamp.
     let stamp_out = dir == DIR_EGRESS && lo;
     // A packet received over loopback: its sender from the stamp, read
-    // once; then the stamp is wiped so no receiver ever reads it
-    // (SO_RCVPRIORITY / SCM_PRIORITY, whatever it is and whatever the
-    // verdict).
+    // once and checked against the packet; then the stamp is wiped so no
+    // receiver ever reads it (SO_RCVPRIORITY / SCM_PRIORITY, whatever it
+    // is and whatever the verdict). A priority that is no valid stamp for
+    // this packet names no one and is counted.
+    let mut parsed: Option<Pkt> = None;
     let sender = if dir == DIR_INGRESS && lo {
-        let s = stamp_sender(ctx, slot);
+        let prio = read_stamp(ctx);
         set_stamp(ctx, 0);
-        s
+        if prio == 0 {
+            NO_SENDER
+        } else {
+            parsed = parse(ctx);
+            if let Some(s) = stamp_sender(prio, parsed.as_ref(), slot) {
+                s
+            } else {
+                count(base + SVC_STATS_FORGED, DIR_INGRESS, false, len);
+                NO_SENDER
+            }
+        }
     } else {
         NO_SENDER
     };
@@ -207,59 +188,28 @@ pub(crate) fn judge<const DRY: bool>(ctx: &SkBuffContext, dir: u8) -> i32 {
         verdict,
         refused,
         need_peer,
+        pkt,
         ..
-    } = judge_service::<false>(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender);
+    } = judge_service::<false>(ctx, dir, slot, slotb, svc, svc_cg, cfg, lo, sender, parsed);
     if stamp_out {
-        let mut stamp =
-            (globals.nonce & SVC_STAMP_NONCE_MASK) | (u32::from(slot) << 7) | u32::from(svc & 0x7f);
-        if need_peer {
-            stamp |= SVC_STAMP_NEED_PEER;
-        }
+        // A packet that cannot be read names no one.
+        let stamp = match pkt {
+            Some(p) => {
+                let mut ident = (u32::from(slot) << 7) | u32::from(svc & 0x7f);
+                if need_peer {
+                    ident |= SVC_STAMP_NEED_PEER;
+                }
+                make_stamp(&globals.stamp_key, &p, ident)
+            }
+            None => 0,
+        };
         set_stamp(ctx, stamp);
     }
-    if let Some(p) = refused {
-        emit(slotb, dir, &p, cfg.audit != 0);
+    if refused && let Some(p) = pkt.as_ref() {
+        emit(slotb, dir, p, cfg.audit != 0);
     }
-    count(slotb, dir, verdict == PASS && refused.is_none(), len);
+    count(slotb, dir, verdict == PASS && !refused, len);
     verdict
-}
-
-/// Writes the sender stamp of a packet leaving towards loopback.
-#[inline(always)]
-fn set_stamp(ctx: &SkBuffContext, stamp: u32) {
-    // SAFETY: a write to a field of the kernel-provided context that
-    // cgroup_skb programs may write (the kernel's cg_skb_is_valid_access).
-    unsafe { (*ctx.skb.skb).priority = stamp };
-}
-
-/// The sender of a packet received over loopback, from its stamp: only a
-/// stamp with the nonce of the slot it names (`SvcConfig::nonce`, new at
-/// every reload) names anyone; one made under the other slot (a reload flipped while the packet was in flight) names no
-/// service in the slot in force (its need-peer bit still holds).
-#[inline(always)]
-fn stamp_sender(ctx: &SkBuffContext, slot: u8) -> Sender {
-    // SAFETY: reading a field of the kernel-provided context.
-    let prio = unsafe { (*ctx.skb.skb).priority };
-    let stamp_slot = ((prio >> 7) & 1) as u8;
-    let Some(g) = SEG_SVC_CFG.get(u32::from(stamp_slot * SVC_SLOT_STRIDE)) else {
-        return NO_SENDER;
-    };
-    let nonce = g.nonce & SVC_STAMP_NONCE_MASK;
-    if nonce == 0 || prio & SVC_STAMP_NONCE_MASK != nonce {
-        return NO_SENDER;
-    }
-    let id = (prio & 0x7f) as u8;
-    let same_slot = (prio >> 7) & 1 == u32::from(slot & 1);
-    Sender {
-        tag: if id != 0 {
-            (prio & SVC_STAMP_ID_MASK) as u8
-        } else {
-            0
-        },
-        svc: if same_slot { id } else { 0 },
-        need_peer: prio & SVC_STAMP_NEED_PEER != 0,
-        other_slot: !same_slot,
-    }
 }
 
 /// Reports a refused packet, at most `SVC_EVENTS_PER_SEC` per CPU.
@@ -300,14 +250,16 @@ fn emit(slotb: u8, dir: u8, p: &Pkt, audit: bool) {
 struct Judged {
     /// `PASS` or `DROP`.
     verdict: i32,
-    /// The packet the policy refuses (audit mode: passed all the same).
-    refused: Option<Pkt>,
+    /// The policy refuses the packet (audit mode: passed all the same).
+    refused: bool,
     /// The flow passed only through `to_services`.
     need_peer: bool,
     /// The rule that allowed it (`NO_RULE`: none).
     rule: u32,
     /// `SVC_WHY_*` (0: the flow table; never in a dry run).
     why: u8,
+    /// The packet as read (`None`: its headers could not be read).
+    pkt: Option<Pkt>,
 }
 
 #[inline(always)]
@@ -322,16 +274,22 @@ fn judge_service<const DRY: bool>(
     cfg: &SvcConfig,
     lo: bool,
     sender: Sender,
+    parsed: Option<Pkt>,
 ) -> Judged {
     let fail = if cfg.audit != 0 { PASS } else { DROP };
-    let refuse = |refused: Option<Pkt>, why: u8| Judged {
+    let refuse = |pkt: Option<Pkt>, why: u8| Judged {
         verdict: fail,
-        refused,
+        refused: pkt.is_some(),
         need_peer: false,
         rule: NO_RULE,
         why,
+        pkt,
     };
-    let Some(p) = parse(ctx) else {
+    let parsed = match parsed {
+        Some(p) => Some(p),
+        None => parse(ctx),
+    };
+    let Some(p) = parsed else {
         return refuse(None, SVC_WHY_UNPARSED);
     };
     let own = view(&p, dir == DIR_EGRESS);
@@ -363,10 +321,11 @@ fn judge_service<const DRY: bool>(
             entry.last_ns = now;
             return Judged {
                 verdict: PASS,
-                refused: None,
+                refused: false,
                 need_peer: entry.flags & SVC_FLOW_NEED_PEER != 0,
                 rule: entry.rule,
                 why: 0,
+                pkt: Some(p),
             };
         }
     }
@@ -433,10 +392,11 @@ fn judge_service<const DRY: bool>(
     }
     Judged {
         verdict: PASS,
-        refused: None,
+        refused: false,
         need_peer: flags & SVC_FLOW_NEED_PEER != 0,
         rule,
         why,
+        pkt: Some(p),
     }
 }
 

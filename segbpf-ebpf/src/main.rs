@@ -29,6 +29,8 @@ mod maps;
 mod parse;
 mod stats;
 mod svc_maps;
+mod svc_pkt;
+mod svc_stamp;
 mod svc_trace;
 mod trafficgen;
 mod verdict;

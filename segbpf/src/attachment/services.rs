@@ -51,9 +51,10 @@ pub enum ServicesError {
     /// The policy defines no service.
     #[error("{0}: the policy defines no [services.NAME]; nothing to enforce")]
     NoServices(String),
-    /// Nothing is attached.
-    #[error("no services attachment at {}", .0.display())]
-    NotAttached(PathBuf),
+    /// Nothing is attached below this cgroup root (the message names the
+    /// roots that have an attachment, [`SvcPaths::not_attached`]).
+    #[error("{0}")]
+    NotAttached(String),
     /// A kernel or aya operation failed.
     #[error("{what}: {source}")]
     Kernel {
@@ -137,6 +138,44 @@ impl SvcPaths {
     /// Whether the programs are attached (their links are pinned).
     pub fn is_attached(&self) -> bool {
         self.link_ingress().exists() && self.link_egress().exists()
+    }
+
+    /// The error for "nothing attached below this root", naming the
+    /// cgroup roots that have a services attachment (their state names
+    /// the root; the pin directory of that root's id exists), so a
+    /// missing or wrong `--cgroup-root` gets the hint `status` gives.
+    pub fn not_attached(&self) -> ServicesError {
+        let roots = Roots {
+            bpffs: self.dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+            state: self
+                .state
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
+        let elsewhere: Vec<String> = list(&roots)
+            .into_iter()
+            .filter(|id| *id != self.root.id)
+            .filter_map(|id| {
+                let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
+                let st: SvcState =
+                    serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+                let r = CgroupRoot::open(Some(&st.cgroup_root)).ok()?;
+                (r.id == id).then(|| r.dir.display().to_string())
+            })
+            .collect();
+        if elsewhere.is_empty() {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {}",
+                self.root.dir.display()
+            ))
+        } else {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {}; attached below: {} (add `--cgroup-root DIR`)",
+                self.root.dir.display(),
+                elsewhere.join(", ")
+            ))
+        }
     }
 
     /// The state, if any.
@@ -288,8 +327,8 @@ impl SvcMaps {
             let mut cfg = *cfg;
             if *i == u32::from(slot * SVC_SLOT_STRIDE) {
                 cfg.max_level = u8::try_from(cls.max_level).unwrap_or(u8::MAX);
-                // A new nonce for the stamps made under this policy.
-                cfg.nonce = stamp_nonce()?;
+                // A new secret key for the stamps made under this policy.
+                cfg.stamp_key = stamp_key()?;
             }
             self.cfg
                 .set(*i, cfg, 0)
@@ -385,15 +424,18 @@ impl SvcMaps {
         for k in keys.into_iter().filter(|k| in_old(k.slot)) {
             let _ = self.peer.remove(&k);
         }
-        // The globals keep their nonce: a packet stamped under this slot
-        // just before the flip still names its sender (as the other
+        // The globals keep their stamp key: a packet stamped under this
+        // slot just before the flip still names its sender (as the other
         // slot's, so no service of the new policy) and keeps its need-peer
         // bit. The next reload that fills this slot draws a new one.
-        let nonce = self.cfg.get(&u32::from(lo), 0).map_or(0, |g| g.nonce);
+        let stamp_key = self
+            .cfg
+            .get(&u32::from(lo), 0)
+            .map_or([0; 2], |g| g.stamp_key);
         let _ = self.cfg.set(
             u32::from(lo),
             SvcConfig {
-                nonce,
+                stamp_key,
                 ..SvcConfig::default()
             },
             0,
@@ -518,6 +560,10 @@ fn record_history(paths: &SvcPaths, state: &SvcState, text: &Path) {
 /// `paths` (reload, set edits, rollback, the follower's rescans): released
 /// when the file is dropped or the process dies.
 pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    // No lock file for an attachment that does not exist.
+    if !paths.state.exists() && !paths.dir.exists() {
+        return Err(paths.not_attached());
+    }
     let path = paths.state.with_extension("lock");
     if let Some(parent) = path.parent() {
         private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -609,17 +655,21 @@ fn load_filled(
     Ok(ebpf)
 }
 
-/// A random nonce for the sender stamps of one policy slot
-/// ([`SvcConfig::nonce`]), with its stamp bits not all 0.
-fn stamp_nonce() -> Result<u32, ServicesError> {
+/// A random secret key for the sender stamps of one policy slot
+/// ([`SvcConfig::stamp_key`], 128 bits, not all 0).
+fn stamp_key() -> Result<[u64; 2], ServicesError> {
     use std::io::Read as _;
     let mut f = std::fs::File::open("/dev/urandom").map_err(io("opening /dev/urandom"))?;
     loop {
-        let mut b = [0u8; 4];
+        let mut b = [0u8; 16];
         f.read_exact(&mut b).map_err(io("reading /dev/urandom"))?;
-        let n = u32::from_ne_bytes(b) & segbpf_common::SVC_STAMP_NONCE_MASK;
-        if n != 0 {
-            return Ok(n);
+        let (lo, hi) = b.split_at(8);
+        let k = [
+            u64::from_ne_bytes(lo.try_into().unwrap_or([0; 8])),
+            u64::from_ne_bytes(hi.try_into().unwrap_or([0; 8])),
+        ];
+        if k != [0, 0] {
+            return Ok(k);
         }
     }
 }
@@ -782,7 +832,7 @@ pub fn apply_locked(
     audit: bool,
 ) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));

@@ -45,11 +45,9 @@ pub fn sets_in_force(state: &SvcState) -> Result<Overrides, ServicesError> {
 
 fn current(paths: &SvcPaths) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
-    paths
-        .read_state()
-        .ok_or_else(|| ServicesError::NotAttached(paths.dir.clone()))
+    paths.read_state().ok_or_else(|| paths.not_attached())
 }
 
 /// `segbpf set add|del --services`: adds or removes `members` of `set`

@@ -70,7 +70,7 @@ pub fn trace(
     frame: &[u8],
 ) -> Result<SvcTraced, ServicesError> {
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     // No change interleaves with the copy: the slot in force, its maps
     // and the state that names them agree.

@@ -252,6 +252,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => host_view(&policy, &args)?,
     };
+    if let Some(peer) = &args.peer_service {
+        // A peer's service is known only over loopback: both addresses
+        // local to the host the services are on.
+        let not_local: Vec<String> = [args.packet.src, args.packet.dst]
+            .into_iter()
+            .filter(|a| !crate::host::netif::is_local_address(*a).unwrap_or(true))
+            .map(|a| a.to_string())
+            .collect();
+        if !not_local.is_empty() {
+            eprintln!(
+                "warning: --peer-service {peer}: from_services/to_services match only over loopback (both addresses local to the host); {} is not a local address here, so the programs would see no peer service for this packet",
+                not_local.join(" and ")
+            );
+        }
+    }
     let default_icmp_type = if args.packet.proto == IPPROTO_ICMP {
         8
     } else {

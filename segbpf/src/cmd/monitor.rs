@@ -128,7 +128,7 @@ async fn services(args: &Args) -> anyhow::Result<()> {
         root,
     );
     if !paths.is_attached() {
-        bail!("no services attachment below {}", paths.root.dir.display());
+        return Err(paths.not_attached().into());
     }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;

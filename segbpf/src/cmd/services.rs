@@ -317,11 +317,7 @@ pub fn event_text(r: &follow::Refused) -> String {
 pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
     if !paths.dir.exists() && !paths.state.exists() {
-        anyhow::bail!(
-            "no services attachment below {} (no {})",
-            paths.root.dir.display(),
-            paths.dir.display()
-        );
+        return Err(paths.not_attached().into());
     }
     let was = engine::detach(&paths)?;
     match output {
@@ -352,9 +348,7 @@ pub fn reload(
     output: Output,
 ) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
-    let state = paths
-        .read_state()
-        .with_context(|| format!("no services attachment below {}", paths.root.dir.display()))?;
+    let state = paths.read_state().ok_or_else(|| paths.not_attached())?;
     let path = policy.unwrap_or(state.policy.clone());
     if !insecure_policy {
         crate::attachment::trust::check_policy_file(&path)?;
@@ -476,6 +470,11 @@ pub fn print_text(
             r.unserviced.ingress_dropped,
             r.unserviced.egress_passed,
             r.unserviced.egress_dropped
+        )?;
+        writeln!(
+            o,
+            "  stamps refused   {} (loopback packets with no valid sender stamp for them: judged as from no service)",
+            r.stamps_refused
         )?;
     }
     Ok(())

@@ -36,6 +36,9 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 pub enum Op {
     /// Add addresses, CIDRs or ranges to a set.
+    #[command(
+        override_usage = "segbpf set add [OPTIONS] <IFACE> <SET> <ADDRS>...\n       segbpf set add --services [--cgroup-root DIR] [OPTIONS] <SET> <MEMBER>..."
+    )]
     Add {
         /// Interface (with --services: none, the first word is the set).
         iface: String,
@@ -67,6 +70,9 @@ pub enum Op {
         output: Output,
     },
     /// Remove members (as listed by `set list`) from a set.
+    #[command(
+        override_usage = "segbpf set del [OPTIONS] <IFACE> <SET> <ADDRS>...\n       segbpf set del --services [--cgroup-root DIR] [OPTIONS] <SET> <MEMBER>..."
+    )]
     Del {
         /// Interface (with --services: none, the first word is the set).
         iface: String,
@@ -420,7 +426,7 @@ fn list_services(
 ) -> anyhow::Result<()> {
     let paths = svc_paths(cgroup_root.as_deref())?;
     let Some(state) = paths.read_state().filter(|_| paths.is_attached()) else {
-        bail!("no services attachment below {}", paths.root.dir.display());
+        return Err(paths.not_attached().into());
     };
     let sets = crate::attachment::services_edit::sets_in_force(&state)?;
     if let Some(name) = only

@@ -75,6 +75,25 @@ pub fn addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
     Ok(out)
 }
 
+/// Whether `addr` is local to this host (in the caller's network
+/// namespace): a loopback address or one configured on any interface.
+pub fn is_local_address(addr: IpAddr) -> Result<bool, NetifError> {
+    if addr.is_loopback() {
+        return Ok(true);
+    }
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io("getifaddrs"))? {
+        let Some(a) = ifa.address else { continue };
+        let found = a
+            .as_sockaddr_in()
+            .map(|v4| IpAddr::V4(v4.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())));
+        if found == Some(addr) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The addresses of `iface` an administrator configured: flagged
 /// permanent by the kernel, so not SLAAC or temporary (privacy) IPv6
 /// addresses made from a router advertisement, nor addresses with a

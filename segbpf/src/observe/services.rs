@@ -69,6 +69,11 @@ pub struct SvcReport {
     pub services: Vec<ServiceReport>,
     /// Sockets in no service (and held sockets of unclassified cgroups, as drops).
     pub unserviced: PacketCounts,
+    /// Packets received over loopback whose priority was no valid sender
+    /// stamp for them (forged, replayed on another 5-tuple, or stamped
+    /// under a key a reload has since replaced), judged as from no
+    /// service; counted with the generation in force.
+    pub stamps_refused: u64,
     /// Live set edits in force over the file's sets (`segbpf set
     /// --services`): set name -> members; `reload --services` goes back to
     /// the file.
@@ -120,6 +125,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         audit: state.as_ref().is_some_and(|s| s.audit),
         services,
         unserviced: PacketCounts::of(row(0)),
+        stamps_refused: row(usize::from(segbpf_common::SVC_STATS_FORGED))[0],
         set_overrides: state
             .as_ref()
             .map(|s| s.set_overrides.clone())
@@ -143,7 +149,7 @@ pub fn stream_events(
         services::ServicesError,
     };
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     let lock_path = follow::monitor_lock_path(paths);
     let io = |what: String| move |source| ServicesError::Io { what, source };
@@ -289,7 +295,7 @@ pub fn flows(
     use crate::attachment::services::ServicesError;
     use segbpf_common::{SVC_FLOW_INBOUND, SvcFlow, SvcFlowKey};
     if !paths.is_attached() {
-        return Err(ServicesError::NotAttached(paths.dir.clone()));
+        return Err(paths.not_attached());
     }
     let state = paths.read_state();
     // Service cgroup id -> name, for the cgroups that exist now.
