@@ -3719,6 +3719,8 @@ fn flows_name_the_rule_of_the_generation_that_judged() -> anyhow::Result<()> {
     }
     let line = read_line(&mut held)?;
     assert!(line.ends_with("ok"), "after the reloads: {line}");
+    Ok(())
+}
 
 /// A bulk TCP stream between two services over loopback, both families:
 /// nothing of it is dropped. Large GSO packets over `::1` carry a
