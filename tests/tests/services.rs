@@ -35,6 +35,14 @@
 //! * `loopback_flows_across_a_reload`: a live app -> db connection goes on
 //!   through reloads that allow it (also with app renumbered) and is cut by
 //!   one that does not.
+//! * `reload_judges_every_flow_again`: flows a service's egress opened
+//!   (loopback, another host) and flows it received over an interface go
+//!   on through a reload that allows them and are cut by one that does
+//!   not, both families.
+//! * `to_services_replies_come_from_the_service`: a port squatter (in no
+//!   service or another one) cannot answer a `to_services` flow.
+//! * `client_closing_first_leaves_no_last_ack`: the kernel's TIME_WAIT
+//!   ACKs pass on db's flows; no server socket is left in LAST-ACK.
 //! * `renumbered_service_cannot_reuse_a_flow`: a service given app's old id
 //!   by later reloads is not taken for app on app's old flow.
 //! * `renumbering_reloads_racing_cgroup_churn`: renumbering reloads back
