@@ -328,6 +328,53 @@ fn helper_process() {
             println!("legit={} attack={}", u8::from(legit), u8::from(attack));
             0
         }
+        // Writes a byte to each connection every 50 ms until it fails
+        // (a thread each): a flow where the server speaks first.
+        "serve-tcp-tick" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    while c.write_all(b"t").is_ok() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+            }
+            0
+        }
+        // One TCP connection to a `serve-tcp-tick` that only reads: "ready"
+        // after the first byte, then for each byte on stdin "ok" if bytes
+        // kept arriving over the next 400 ms, else "fail".
+        "hold-ticks" => {
+            let mut c =
+                TcpStream::connect_timeout(&addr(1), Duration::from_millis(400)).expect("connect");
+            let mut first = [0u8; 1];
+            c.read_exact(&mut first).expect("first tick");
+            let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let g2 = got.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    g2.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            let mut go = [0u8; 1];
+            while std::io::stdin().read(&mut go).is_ok_and(|n| n == 1) {
+                let before = got.load(Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(400));
+                let more = got.load(Ordering::Relaxed) > before;
+                println!("{}", if more { "ok" } else { "fail" });
+                let _ = std::io::stdout().flush();
+            }
+            0
+        }
         // "squat-udp APP_CG SQUAT_CG ADDR PORT": app (a socket made in
         // APP_CG) sends a datagram to ADDR:PORT, where nobody listens; a
         // socket made in SQUAT_CG then binds ADDR:PORT and sends to app's
@@ -3271,19 +3318,20 @@ cgroup = "db"
 [[services.app.egress]]
 name = "app-out"
 to = ["127.0.0.1", "::1", "198.18.114.2", "fd00:114::2"]
-tcp = [3313]
+tcp = [3313, 3314]
 [[services.db.ingress]]
 name = "db-in"
 from = ["198.18.114.2", "fd00:114::2"]
-tcp = [3307]
+tcp = [3307, 3308]
 "#;
 
 /// A reload judges every established flow again at its next packet, as
 /// the interface programs' reload prunes the connections the new policy
 /// would not let open: flows app's egress opened over loopback and to
 /// another host's address, and flows db received over an interface, both
-/// families. A reload that still allows them lets them go on; one that
-/// no longer does cuts them.
+/// families; each also with a server that speaks first, so that the
+/// first packet after the reload is a reply. A reload that still allows
+/// them lets them go on; one that no longer does cuts them.
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn reload_judges_every_flow_again() -> anyhow::Result<()> {
@@ -3323,6 +3371,28 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
             &host,
             &format!("serve-tcp-stream {a} 3307"),
         )?);
+        servers.push(Helper::server(
+            &lab.cg("db"),
+            &host,
+            &format!("serve-tcp-tick {a} 3308"),
+        )?);
+    }
+    // Servers that speak first: after a reload the first packet a
+    // service's socket sees on the flow is a reply (app's ingress on
+    // what its egress opened; db's egress on what it received).
+    for a in ["127.0.0.1", "::1"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &host,
+            &format!("serve-tcp-tick {a} 3314"),
+        )?);
+    }
+    for a in ["198.18.114.2", "fd00:114::2"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &peer.name,
+            &format!("serve-tcp-tick {a} 3314"),
+        )?);
     }
     lab.attach(REVOKE)?;
     let mut held = Vec::new();
@@ -3336,6 +3406,16 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
         held.push((
             format!("peer -> db {a}:3307 (received)"),
             Helper::server(&lab.cg("none"), &peer.name, &format!("hold-tcp {a} 3307"))?,
+        ));
+        held.push((
+            format!("db's replies {a}:3308 -> peer (received)"),
+            Helper::server(&lab.cg("none"), &peer.name, &format!("hold-ticks {a} 3308"))?,
+        ));
+    }
+    for a in ["127.0.0.1", "::1", "198.18.114.2", "fd00:114::2"] {
+        held.push((
+            format!("replies {a}:3314 -> app (egress)"),
+            Helper::server(&lab.cg("app"), &host, &format!("hold-ticks {a} 3314"))?,
         ));
     }
     let root = lab.root.to_string_lossy().to_string();
@@ -3363,8 +3443,8 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
     reload(
         &lab,
         &REVOKE
-            .replace("tcp = [3313]", "tcp = [3399]")
-            .replace("tcp = [3307]", "tcp = [3398]"),
+            .replace("tcp = [3313, 3314]", "tcp = [3399]")
+            .replace("tcp = [3307, 3308]", "tcp = [3398]"),
     )?;
     for (what, h) in &mut held {
         if hold_again(h)? {
