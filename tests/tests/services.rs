@@ -412,6 +412,55 @@ fn helper_process() {
             }
             0
         }
+        // Answers one request per connection and closes at once (a
+        // thread each).
+        "serve-tcp-close-first" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = c.read(&mut buf) {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                });
+            }
+            0
+        }
+        // "close-late ADDR PORT N": N connections at once, each one
+        // exchange, then closed by this side 300 ms later (after the
+        // server closed); prints "ok=K", the exchanges that worked.
+        "close-late" => {
+            let n: usize = a[3].parse().expect("count");
+            let to = addr(1);
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(1))
+                        else {
+                            return false;
+                        };
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut buf = [0u8; 4];
+                        let ok = s.write_all(b"ping").is_ok()
+                            && s.read_exact(&mut buf).is_ok()
+                            && &buf == b"ping";
+                        std::thread::sleep(Duration::from_millis(300));
+                        ok
+                    })
+                })
+                .collect();
+            let ok = threads
+                .into_iter()
+                .filter_map(|t| t.join().ok())
+                .filter(|ok| *ok)
+                .count();
+            println!("ok={ok}");
+            0
+        }
         // "close-first ADDR PORT N": N connections one after another,
         // each one exchange and then closed by this side first; prints
         // "ok=K", the exchanges that worked.
@@ -3516,8 +3565,9 @@ udp = [5000]
     Ok(())
 }
 
-/// Sockets in LAST-ACK on `port` in the lab's namespace.
-fn last_acks(lab: &SvcLab, port: u16) -> anyhow::Result<usize> {
+/// Sockets in LAST-ACK in the lab's namespace matching the `ss` filter
+/// `filter` (`sport = :3306`).
+fn last_acks(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -3528,7 +3578,7 @@ fn last_acks(lab: &SvcLab, port: u16) -> anyhow::Result<usize> {
             "state",
             "last-ack",
         ])
-        .arg(format!("( sport = :{port} )"))
+        .arg(format!("( {filter} )"))
         .output()?;
     if !out.status.success() {
         bail!("ss: {}", String::from_utf8_lossy(&out.stderr));
@@ -3543,7 +3593,8 @@ fn last_acks(lab: &SvcLab, port: u16) -> anyhow::Result<usize> {
 /// acknowledges the server's FIN from its control socket, without app's
 /// stamp. db's ingress takes that bare ACK on the flow it received from
 /// app, so the server's socket closes: 200 connections leave no socket in
-/// LAST-ACK. Both families.
+/// LAST-ACK. Both families; and the same for app's sockets when db closes
+/// first on a `to_services` flow (whose replies must carry db's stamp).
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
@@ -3561,7 +3612,42 @@ fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
     // The server closes 300 ms after each answer; its FIN is acknowledged
     // at once if the ACK passes, and retransmitted for minutes if not.
     std::thread::sleep(Duration::from_millis(1500));
-    let left = last_acks(&lab, 3306)?;
+    let left = last_acks(&lab, "sport = :3306")?;
     assert_eq!(left, 0, "sockets left in LAST-ACK on db's port 3306");
+    drop(_db);
+    drop(lab);
+    // The other way round, on a flow app opened through `to_services`
+    // (whose replies must carry db's stamp): db closes first, app 300 ms
+    // later; the kernel's ACK for db's closed socket reaches app's.
+    let policy = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+[[services.db.ingress]]
+from_services = ["app"]
+tcp = [3306]
+[[services.app.egress]]
+to_services = ["db"]
+tcp = [3306]
+"#;
+    let mut lab = SvcLab::new("lb", &["app", "db"], 115)?;
+    let ns = lab.ns.name.clone();
+    let _db = [
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-first 127.0.0.1 3306")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-first ::1 3306")?,
+    ];
+    lab.attach(policy)?;
+    for a in ["127.0.0.1", "::1"] {
+        let (ok, out) = Helper::run(&lab.cg("app"), &ns, &format!("close-late {a} 3306 200"))?;
+        assert!(ok && out.contains("ok=200"), "app -> db {a}: {out}");
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let left = last_acks(&lab, "dport = :3306")?;
+    assert_eq!(
+        left, 0,
+        "app's sockets left in LAST-ACK towards db's port 3306"
+    );
     Ok(())
 }
