@@ -3600,7 +3600,7 @@ fn last_acks(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
 fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
     let mut lab = SvcLab::new("la", &["app", "db"], 113)?;
     let ns = lab.ns.name.clone();
-    let _db = [
+    let db = [
         Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-late 127.0.0.1 3306")?,
         Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-late ::1 3306")?,
     ];
@@ -3614,7 +3614,7 @@ fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
     let left = last_acks(&lab, "sport = :3306")?;
     assert_eq!(left, 0, "sockets left in LAST-ACK on db's port 3306");
-    drop(_db);
+    drop(db);
     drop(lab);
     // The other way round, on a flow app opened through `to_services`
     // (whose replies must carry db's stamp): db closes first, app 300 ms
@@ -3643,7 +3643,7 @@ tcp = [3306]
         let (ok, out) = Helper::run(&lab.cg("app"), &ns, &format!("close-late {a} 3306 200"))?;
         assert!(ok && out.contains("ok=200"), "app -> db {a}: {out}");
     }
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let left = last_acks(&lab, "dport = :3306")?;
     assert_eq!(
         left, 0,
