@@ -209,6 +209,12 @@ pub const SVC_FLOW_NEED_PEER: u32 = 1;
 /// (its peer's port may be reused by another local process later: over
 /// loopback a later packet must come from the same peer service).
 pub const SVC_FLOW_INBOUND: u32 = 2;
+/// [`SvcFlow::flags`], with [`SVC_FLOW_NEED_PEER`] on a flow the socket
+/// opened: a reply over loopback named the answering service, which
+/// [`SvcFlow::peer`] now holds; only its stamp makes later replies part
+/// of the flow (without the flag, every reply is checked against the
+/// `to_services` rules).
+pub const SVC_FLOW_ANSWERED: u32 = 4;
 
 /// A socket side of an allowed flow.
 #[repr(C)]
@@ -221,7 +227,9 @@ pub struct SvcFlow {
     pub svc_cg: u64,
     /// Last packet, ns (`bpf_ktime_get_coarse_ns`).
     pub last_ns: u64,
-    /// Over loopback, an entry made by a received packet: the sender's
+    /// Over loopback, an entry made by a received packet (or, on a flow
+    /// the socket opened through `to_services`, by the reply that named
+    /// the answering service, [`SVC_FLOW_ANSWERED`]): the sender's
     /// identity from that packet's stamp, `generation << 8 | stamp &`
     /// [`SVC_STAMP_ID_MASK`] (the slot bit and the service id, with the
     /// policy generation the stamp was made under; identity bits 0: no

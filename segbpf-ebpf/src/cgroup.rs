@@ -8,7 +8,9 @@
 //! no service passes (except a loopback packet whose sender allowed it
 //! only for `to_services`); (3) a service's socket: its own view of the
 //! flow in `SEG_SVC_CT` (a reply, or a later packet of an allowed flow)
-//! passes; else its rules — address rules as for roles (peer trie, port
+//! passes while it holds under the policy in force (`svc_flow`: the
+//! generation, over loopback the peer's identity; a reply that does not
+//! is judged as the packet that opened its flow); else its rules — address rules as for roles (peer trie, port
 //! trie), and over loopback the peer's service: on ingress the sender's
 //! stamp (below) names the sender's service; on egress `to_services`
 //! rules match and the receiver is checked at its ingress; then ICMP echo
@@ -48,12 +50,13 @@ use aya_ebpf::{
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_EVENTS_PER_SEC, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
+    SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
     SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S,
     SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE, SVC_WHY_UNPARSED, SvcConfig,
     SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
+use crate::svc_flow;
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
@@ -76,8 +79,8 @@ const NO_RULE: u32 = u32::MAX;
 
 /// Which echo message an ICMP packet is.
 const ECHO_NONE: u8 = 0;
-const ECHO_REQUEST: u8 = 1;
-const ECHO_REPLY: u8 = 2;
+pub(crate) const ECHO_REQUEST: u8 = 1;
+pub(crate) const ECHO_REPLY: u8 = 2;
 
 /// Who a socket is.
 enum Who {
@@ -305,49 +308,88 @@ fn judge_service<const DRY: bool>(
     // flow — also one from no service — is judged again after a reload.
     let peer =
         (cfg.generation.wrapping_sub(u64::from(sender.other_slot)) << 8) | u64::from(sender.tag);
+    // The flow's entry, when it is this socket's and live: a packet that
+    // is part of the flow as the policy in force stands passes; any other
+    // is judged by the rules below, a reply as the packet that opened its
+    // flow (`svc_flow`).
+    let mut reply = false;
     if !DRY
         && cfg.established != 0
         && let Some(e) = SEG_SVC_CT.get_ptr_mut(own)
     {
         // SAFETY: a valid pointer to the map value returned by the lookup.
         let entry = unsafe { &mut *e };
-        if entry.sock_cg == sock_cg
-            && fresh(entry, p.proto, now)
-            && (!lo
-                || dir == DIR_EGRESS
-                || entry.flags & SVC_FLOW_INBOUND == 0
-                || entry.peer == peer)
-        {
-            entry.last_ns = now;
-            return Judged {
-                verdict: PASS,
-                refused: false,
-                need_peer: entry.flags & SVC_FLOW_NEED_PEER != 0,
-                rule: entry.rule,
-                why: 0,
-                pkt: Some(p),
-            };
+        if entry.sock_cg == sock_cg && fresh(entry, p.proto, now) {
+            if svc_flow::current(entry, dir, lo, peer, cfg.generation) {
+                entry.last_ns = now;
+                return Judged {
+                    verdict: PASS,
+                    refused: false,
+                    need_peer: entry.flags & SVC_FLOW_NEED_PEER != 0,
+                    rule: entry.rule,
+                    why: 0,
+                    pkt: Some(p),
+                };
+            }
+            // The kernel's own ACK or RST for a peer's closed socket
+            // carries no stamp (`svc_flow::bare_ack_or_rst` says why only
+            // the kernel can send one here); it changes nothing in the
+            // entry.
+            if lo && dir == DIR_INGRESS && sender.tag == 0 && svc_flow::bare_ack_or_rst(ctx, &p) {
+                return Judged {
+                    verdict: PASS,
+                    refused: false,
+                    need_peer: false,
+                    rule: entry.rule,
+                    why: 0,
+                    pkt: Some(p),
+                };
+            }
+            reply = svc_flow::is_reply(entry, dir);
         }
     }
-    let mut rule = addr_rule(slotb, dir, &p);
-    let mut flags = if dir == DIR_INGRESS {
+    // `q` in direction `jdir`: what the rules judge (a reply: the packet
+    // that opened its flow, in the direction it went).
+    let (jdir, q) = if reply {
+        (svc_flow::opposite(dir), svc_flow::reversed(&p))
+    } else {
+        (dir, p)
+    };
+    let mut rule = addr_rule(slotb, jdir, &q);
+    let mut flags = if jdir == DIR_INGRESS {
         SVC_FLOW_INBOUND
     } else {
         0
     };
     if lo {
-        if dir == DIR_INGRESS {
-            if sender.svc != 0 {
-                let r = peer_rule(slotb, DIR_INGRESS, sender.svc, &p);
+        if jdir == DIR_INGRESS {
+            if !reply && sender.svc != 0 {
+                let r = peer_rule(slotb, DIR_INGRESS, sender.svc, &q);
                 if r < rule {
                     rule = r;
                 }
             }
         } else if rule == NO_RULE {
-            let r = peer_rule(slotb, DIR_EGRESS, SVC_PEER_ANY, &p);
+            let r = peer_rule(slotb, DIR_EGRESS, SVC_PEER_ANY, &q);
             if r != NO_RULE {
                 rule = r;
                 flags |= SVC_FLOW_NEED_PEER;
+                // A reply on a flow the egress allowed only towards named
+                // services: its sender (from its stamp) must be one of
+                // them; the entry then remembers it (`peer`), and only
+                // that service's packets are replies on it.
+                if reply {
+                    let named = if sender.svc != 0 {
+                        peer_rule(slotb, DIR_EGRESS, sender.svc, &q)
+                    } else {
+                        NO_RULE
+                    };
+                    if named == NO_RULE {
+                        return refuse(Some(p), SVC_WHY_NEED_PEER);
+                    }
+                    rule = named;
+                    flags |= SVC_FLOW_ANSWERED;
+                }
             }
         }
     }
@@ -359,14 +401,14 @@ fn judge_service<const DRY: bool>(
             return refuse(Some(p), SVC_WHY_NEED_PEER);
         }
     }
-    let default = if dir == DIR_INGRESS {
+    let default = if jdir == DIR_INGRESS {
         cfg.ingress_default
     } else {
         cfg.egress_default
     };
     let why = if rule != NO_RULE {
         SVC_WHY_RULE
-    } else if cfg.icmp != 0 && p.echo == ECHO_REQUEST {
+    } else if cfg.icmp != 0 && q.echo == ECHO_REQUEST {
         SVC_WHY_ICMP
     } else {
         SVC_WHY_DEFAULT
@@ -598,6 +640,8 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
         dport: 0,
         src: [0; 16],
         dst: [0; 16],
+        l4_off: 0,
+        l4_len: 0,
     };
     let l4: usize;
     if ethertype == ETH_P_IP {
@@ -619,6 +663,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
             return Some(p);
         }
         l4 = ihl;
+        p.l4_len = u16::from_be_bytes([h[2], h[3]]).saturating_sub(ihl as u16);
     } else if ethertype == ETH_P_IPV6 {
         let h: [u8; 40] = ctx.load(0).ok()?;
         if h[0] >> 4 != 6 {
@@ -636,9 +681,12 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
             return Some(p);
         }
         l4 = off;
+        // The payload length counts the extension headers too.
+        p.l4_len = u16::from_be_bytes([h[4], h[5]]).saturating_sub((off - 40) as u16);
     } else {
         return None;
     }
+    p.l4_off = l4 as u16;
     if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
         let ports: [u8; 4] = ctx.load(l4).ok()?;
         p.sport = u16::from_be_bytes([ports[0], ports[1]]);

@@ -28,6 +28,7 @@ mod lookup;
 mod maps;
 mod parse;
 mod stats;
+mod svc_flow;
 mod svc_maps;
 mod svc_pkt;
 mod svc_stamp;

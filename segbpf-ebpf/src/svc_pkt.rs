@@ -1,7 +1,7 @@
 //! The fields of a packet the services programs judge (`cgroup.rs` reads
 //! them, `svc_stamp.rs` hashes them into the sender stamp).
 
-/// The fields of a packet the programs judge; the addresses first,, 8-aligned: the stamp reads them as words.
+/// The fields of a packet the programs judge; the addresses first, 8-aligned: the stamp reads them as words.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 pub(crate) struct Pkt {
@@ -13,6 +13,12 @@ pub(crate) struct Pkt {
     /// Source / destination port; ICMP echo: the id as the requester's port.
     pub(crate) sport: u16,
     pub(crate) dport: u16,
+    /// Offset of the transport header (0: none, a later fragment).
+    pub(crate) l4_off: u16,
+    /// Length of the transport segment by the IP header (IPv4: total
+    /// length less the IP header; IPv6: the payload length less the
+    /// extension headers).
+    pub(crate) l4_len: u16,
 }
 const _: () = assert!(core::mem::offset_of!(Pkt, src) == 0);
 const _: () = assert!(core::mem::offset_of!(Pkt, dst) == 16);

@@ -35,6 +35,14 @@
 //! * `loopback_flows_across_a_reload`: a live app -> db connection goes on
 //!   through reloads that allow it (also with app renumbered) and is cut by
 //!   one that does not.
+//! * `reload_judges_every_flow_again`: flows a service's egress opened
+//!   (loopback, another host) and flows it received over an interface go
+//!   on through a reload that allows them and are cut by one that does
+//!   not, both families.
+//! * `to_services_replies_come_from_the_service`: a port squatter (in no
+//!   service or another one) cannot answer a `to_services` flow.
+//! * `client_closing_first_leaves_no_last_ack`: the kernel's TIME_WAIT
+//!   ACKs pass on db's flows; no server socket is left in LAST-ACK.
 //! * `renumbered_service_cannot_reuse_a_flow`: a service given app's old id
 //!   by later reloads is not taken for app on app's old flow.
 //! * `renumbering_reloads_racing_cgroup_churn`: renumbering reloads back
@@ -389,6 +397,150 @@ fn helper_process() {
         // loopback (`packet_replay`).
         "packet-replay" => {
             packet_replay(a[1], a[2], a[3].parse().expect("port"));
+            0
+        }
+        // Writes a byte to each connection every 50 ms until it fails
+        // (a thread each): a flow where the server speaks first.
+        "serve-tcp-tick" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    while c.write_all(b"t").is_ok() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+            }
+            0
+        }
+        // One TCP connection to a `serve-tcp-tick` that only reads: "ready"
+        // after the first byte, then for each byte on stdin "ok" if bytes
+        // kept arriving over the next 400 ms, else "fail".
+        "hold-ticks" => {
+            let mut c =
+                TcpStream::connect_timeout(&addr(1), Duration::from_millis(400)).expect("connect");
+            let mut first = [0u8; 1];
+            c.read_exact(&mut first).expect("first tick");
+            let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let g2 = got.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    g2.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            let mut go = [0u8; 1];
+            while std::io::stdin().read(&mut go).is_ok_and(|n| n == 1) {
+                let before = got.load(Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(400));
+                let more = got.load(Ordering::Relaxed) > before;
+                println!("{}", if more { "ok" } else { "fail" });
+                let _ = std::io::stdout().flush();
+            }
+            0
+        }
+        // "squat-udp APP_CG SQUAT_CG ADDR PORT": app (a socket made in
+        // APP_CG) sends a datagram to ADDR:PORT, where nobody listens; a
+        // socket made in SQUAT_CG then binds ADDR:PORT and sends to app's
+        // port. Prints "got=1" if app received it, else "got=0".
+        "squat-udp" => {
+            let to = addr(3);
+            join_cgroup(a[1]);
+            let app = UdpSocket::bind(SocketAddr::new(to.ip(), 0)).expect("bind");
+            let _ = app.set_read_timeout(Some(Duration::from_millis(400)));
+            let _ = app.send_to(b"ping", to);
+            join_cgroup(a[2]);
+            let squat = UdpSocket::bind(to).expect("bind the port");
+            let _ = squat.send_to(b"evil", app.local_addr().expect("app's address"));
+            let mut buf = [0u8; 8];
+            let got = matches!(app.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"evil";
+            println!("got={}", u8::from(got));
+            0
+        }
+        // Answers one request per connection, then closes 300 ms later,
+        // after its client has closed (a thread each).
+        "serve-tcp-close-late" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = c.read(&mut buf) {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                });
+            }
+            0
+        }
+        // Answers one request per connection and closes at once (a
+        // thread each).
+        "serve-tcp-close-first" => {
+            let l = TcpListener::bind(addr(1)).expect("bind");
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = c.read(&mut buf) {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                });
+            }
+            0
+        }
+        // "close-late ADDR PORT N": N connections at once, each one
+        // exchange, then closed by this side 300 ms later (after the
+        // server closed); prints "ok=K", the exchanges that worked.
+        "close-late" => {
+            let n: usize = a[3].parse().expect("count");
+            let to = addr(1);
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(1))
+                        else {
+                            return false;
+                        };
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut buf = [0u8; 4];
+                        let ok = s.write_all(b"ping").is_ok()
+                            && s.read_exact(&mut buf).is_ok()
+                            && &buf == b"ping";
+                        std::thread::sleep(Duration::from_millis(300));
+                        ok
+                    })
+                })
+                .collect();
+            let ok = threads
+                .into_iter()
+                .filter_map(|t| t.join().ok())
+                .filter(|ok| *ok)
+                .count();
+            println!("ok={ok}");
+            0
+        }
+        // "close-first ADDR PORT N": N connections one after another,
+        // each one exchange and then closed by this side first; prints
+        // "ok=K", the exchanges that worked.
+        "close-first" => {
+            let n: usize = a[3].parse().expect("count");
+            let ok = (0..n)
+                .filter(|_| tcp_echo_once(addr(1), Duration::from_millis(400)))
+                .count();
+            println!("ok={ok}");
             0
         }
         other => panic!("unknown op {other}"),
@@ -3882,5 +4034,317 @@ fn set_usage_shows_the_services_form() -> anyhow::Result<()> {
             "set {verb} --help: {usage:?}"
         );
     }
+    Ok(())
+}
+
+/// Sends one byte to a `hold-tcp` helper: whether its next exchange on
+/// the connection it holds worked.
+fn hold_again(h: &mut Helper) -> anyhow::Result<bool> {
+    let c = h.child.as_mut().context("child")?;
+    c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
+    let out = c.stdout.as_mut().context("stdout")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        out.read_exact(&mut byte)?;
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(line.ends_with(b"ok"))
+}
+
+const REVOKE: &str = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+[[services.app.egress]]
+name = "app-out"
+to = ["127.0.0.1", "::1", "198.18.114.2", "fd00:114::2"]
+tcp = [3313, 3314]
+[[services.db.ingress]]
+name = "db-in"
+from = ["198.18.114.2", "fd00:114::2"]
+tcp = [3307, 3308]
+"#;
+
+/// A reload judges every established flow again at its next packet, as
+/// the interface programs' reload prunes the connections the new policy
+/// would not let open: flows app's egress opened over loopback and to
+/// another host's address, and flows db received over an interface, both
+/// families; each also with a server that speaks first, so that the
+/// first packet after the reload is a reply. A reload that still allows
+/// them lets them go on; one that no longer does cuts them.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn reload_judges_every_flow_again() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rv", &["app", "db", "none"], 111)?;
+    let host = lab.ns.name.clone();
+    // Another host: its own netns, joined by a veth.
+    let peer = Netns::create(&format!("{host}-p"))?;
+    lab.ns.ip(&[
+        "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", &peer.name,
+    ])?;
+    lab.ns
+        .ip(&["addr", "add", "198.18.114.1/24", "dev", "v0"])?;
+    lab.ns
+        .ip(&["addr", "add", "fd00:114::1/64", "dev", "v0", "nodad"])?;
+    lab.ns.ip(&["link", "set", "v0", "up"])?;
+    peer.ip(&["addr", "add", "198.18.114.2/24", "dev", "v1"])?;
+    peer.ip(&["addr", "add", "fd00:114::2/64", "dev", "v1", "nodad"])?;
+    peer.ip(&["link", "set", "v1", "up"])?;
+    let mut servers = Vec::new();
+    for a in ["127.0.0.1", "::1"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &host,
+            &format!("serve-tcp-stream {a} 3313"),
+        )?);
+    }
+    for a in ["198.18.114.2", "fd00:114::2"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &peer.name,
+            &format!("serve-tcp-stream {a} 3313"),
+        )?);
+    }
+    for a in ["198.18.114.1", "fd00:114::1"] {
+        servers.push(Helper::server(
+            &lab.cg("db"),
+            &host,
+            &format!("serve-tcp-stream {a} 3307"),
+        )?);
+        servers.push(Helper::server(
+            &lab.cg("db"),
+            &host,
+            &format!("serve-tcp-tick {a} 3308"),
+        )?);
+    }
+    // Servers that speak first: after a reload the first packet a
+    // service's socket sees on the flow is a reply (app's ingress on
+    // what its egress opened; db's egress on what it received).
+    for a in ["127.0.0.1", "::1"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &host,
+            &format!("serve-tcp-tick {a} 3314"),
+        )?);
+    }
+    for a in ["198.18.114.2", "fd00:114::2"] {
+        servers.push(Helper::server(
+            &lab.cg("none"),
+            &peer.name,
+            &format!("serve-tcp-tick {a} 3314"),
+        )?);
+    }
+    lab.attach(REVOKE)?;
+    let mut held = Vec::new();
+    for a in ["127.0.0.1", "::1", "198.18.114.2", "fd00:114::2"] {
+        held.push((
+            format!("app -> {a}:3313 (egress)"),
+            Helper::server(&lab.cg("app"), &host, &format!("hold-tcp {a} 3313"))?,
+        ));
+    }
+    for a in ["198.18.114.1", "fd00:114::1"] {
+        held.push((
+            format!("peer -> db {a}:3307 (received)"),
+            Helper::server(&lab.cg("none"), &peer.name, &format!("hold-tcp {a} 3307"))?,
+        ));
+        held.push((
+            format!("db's replies {a}:3308 -> peer (received)"),
+            Helper::server(&lab.cg("none"), &peer.name, &format!("hold-ticks {a} 3308"))?,
+        ));
+    }
+    for a in ["127.0.0.1", "::1", "198.18.114.2", "fd00:114::2"] {
+        held.push((
+            format!("replies {a}:3314 -> app (egress)"),
+            Helper::server(&lab.cg("app"), &host, &format!("hold-ticks {a} 3314"))?,
+        ));
+    }
+    let root = lab.root.to_string_lossy().to_string();
+    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
+        std::fs::write(lab.state.join("roles.toml"), policy)?;
+        let out = lab
+            .segbpf(&["reload", "--services", "--cgroup-root", &root])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let mut wrong = Vec::new();
+    // The same policy again: a new generation that allows every flow.
+    reload(&lab, REVOKE)?;
+    for (what, h) in &mut held {
+        if !hold_again(h)? {
+            wrong.push(format!("{what}: cut by a reload that allows it"));
+        }
+    }
+    // Both rules now name another port: every flow is refused.
+    reload(
+        &lab,
+        &REVOKE
+            .replace("tcp = [3313, 3314]", "tcp = [3399]")
+            .replace("tcp = [3307, 3308]", "tcp = [3398]"),
+    )?;
+    for (what, h) in &mut held {
+        if hold_again(h)? {
+            wrong.push(format!("{what}: goes on after a reload that refuses it"));
+        }
+    }
+    drop(held);
+    drop(servers);
+    drop(peer);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+/// A reply on a flow app's egress allowed only `to_services = ["db"]`
+/// must come from db: a process in no service, or another service, that
+/// binds the port app sent to (db's listener is down, say restarting) and
+/// sends to app's port is refused; db's own socket there is answered.
+/// Both families.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn to_services_replies_come_from_the_service() -> anyhow::Result<()> {
+    let policy = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+[services.other]
+cgroup = "other"
+[[services.app.egress]]
+to_services = ["db"]
+udp = [5000]
+[[services.db.ingress]]
+from_services = ["app"]
+udp = [5000]
+"#;
+    let mut lab = SvcLab::new("sq", &["app", "db", "other", "none"], 112)?;
+    let ns = lab.ns.name.clone();
+    let _db = [
+        Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.2 5000")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-udp fd00:112::1 5000")?,
+    ];
+    lab.attach(policy)?;
+    let mut wrong = Vec::new();
+    // db answers app (its replies name db).
+    for a in ["127.0.0.2", "fd00:112::1"] {
+        if !lab.udp("app", &format!("{a} 5000"))? {
+            wrong.push(format!("app -> db {a}:5000: no answer"));
+        }
+    }
+    let app = lab.cg("app").to_string_lossy().to_string();
+    for a in ["127.0.0.1", "::1"] {
+        for (squatter, want) in [("none", false), ("other", false), ("db", true)] {
+            let sq = lab.cg(squatter).to_string_lossy().to_string();
+            let (ok, out) = Helper::run(
+                &lab.cg("none"),
+                &ns,
+                &format!("squat-udp {app} {sq} {a} 5000"),
+            )?;
+            let got = out.contains("got=1");
+            if !ok || got != want {
+                wrong.push(format!(
+                    "{squatter} bound to {a}:5000 answering app: got {got}, want {want} ({out})"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+/// Sockets in LAST-ACK in the lab's namespace matching the `ss` filter
+/// `filter` (`sport = :3306`).
+fn last_acks(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "last-ack",
+        ])
+        .arg(format!("( {filter} )"))
+        .output()?;
+    if !out.status.success() {
+        bail!("ss: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
+/// A client that closes first leaves its side in TIME_WAIT; the kernel
+/// acknowledges the server's FIN from its control socket, without app's
+/// stamp. db's ingress takes that bare ACK on the flow it received from
+/// app, so the server's socket closes: 200 connections leave no socket in
+/// LAST-ACK. Both families; and the same for app's sockets when db closes
+/// first on a `to_services` flow (whose replies must carry db's stamp).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("la", &["app", "db"], 113)?;
+    let ns = lab.ns.name.clone();
+    let db = [
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-late 127.0.0.1 3306")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-late ::1 3306")?,
+    ];
+    lab.attach(MATRIX)?;
+    for a in ["127.0.0.1", "::1"] {
+        let (ok, out) = Helper::run(&lab.cg("app"), &ns, &format!("close-first {a} 3306 200"))?;
+        assert!(ok && out.contains("ok=200"), "app -> db {a}: {out}");
+    }
+    // The server closes 300 ms after each answer; its FIN is acknowledged
+    // at once if the ACK passes, and retransmitted for minutes if not.
+    std::thread::sleep(Duration::from_millis(1500));
+    let left = last_acks(&lab, "sport = :3306")?;
+    assert_eq!(left, 0, "sockets left in LAST-ACK on db's port 3306");
+    drop(db);
+    drop(lab);
+    // The other way round, on a flow app opened through `to_services`
+    // (whose replies must carry db's stamp): db closes first, app 300 ms
+    // later; the kernel's ACK for db's closed socket reaches app's.
+    let policy = r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+[[services.db.ingress]]
+from_services = ["app"]
+tcp = [3306]
+[[services.app.egress]]
+to_services = ["db"]
+tcp = [3306]
+"#;
+    let mut lab = SvcLab::new("lb", &["app", "db"], 115)?;
+    let ns = lab.ns.name.clone();
+    let _db = [
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-first 127.0.0.1 3306")?,
+        Helper::server(&lab.cg("db"), &ns, "serve-tcp-close-first ::1 3306")?,
+    ];
+    lab.attach(policy)?;
+    for a in ["127.0.0.1", "::1"] {
+        let (ok, out) = Helper::run(&lab.cg("app"), &ns, &format!("close-late {a} 3306 200"))?;
+        assert!(ok && out.contains("ok=200"), "app -> db {a}: {out}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let left = last_acks(&lab, "dport = :3306")?;
+    assert_eq!(
+        left, 0,
+        "app's sockets left in LAST-ACK towards db's port 3306"
+    );
     Ok(())
 }
