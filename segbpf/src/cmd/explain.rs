@@ -371,7 +371,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         Some(p) if out.receiver_must_be.iter().any(|n| n == p) =>
                             format!(" ({p} is: it may pass there, judge its ingress)"),
                         Some(p) => format!(" ({p} is not: dropped there)"),
-                        None => " (add --peer-service NAME, or judge the receiver's ingress)".to_string(),
+                        None => " (add --peer-service NAME, or judge the receiver's ingress)"
+                            .to_string(),
                     }
                 ))?;
             }

@@ -166,14 +166,14 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
                 follow::rotate_log(p);
             }
             match ev {
-            FollowEvent::Rescanned { written, removed } => {
-                info!("cgroup tree changed: {written} entries written, {removed} removed");
-            }
-            FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
-            FollowEvent::ReloadFailed(e) => {
-                warn!("reload failed, the previous policy stays in force: {e}");
-            }
-            FollowEvent::Refused(r) => print_refused(&r, json),
+                FollowEvent::Rescanned { written, removed } => {
+                    info!("cgroup tree changed: {written} entries written, {removed} removed");
+                }
+                FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
+                FollowEvent::ReloadFailed(e) => {
+                    warn!("reload failed, the previous policy stays in force: {e}");
+                }
+                FollowEvent::Refused(r) => print_refused(&r, json),
             }
         })
     });

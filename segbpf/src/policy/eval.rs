@@ -141,14 +141,11 @@ pub fn evaluate_service(
         Direction::Egress => pkt.dst,
     };
     let own = || {
-        policy
-            .service_rules
-            .iter()
-            .filter(|r| {
-                r.direction == dir
-                    && matches!(&r.owner, super::Owner::Service(n) if *n == svc.name)
-                    && rule_allows_service(r, pkt)
-            })
+        policy.service_rules.iter().filter(|r| {
+            r.direction == dir
+                && matches!(&r.owner, super::Owner::Service(n) if *n == svc.name)
+                && rule_allows_service(r, pkt)
+        })
     };
     let by_addr = own()
         .filter(|r| r.peers.iter().any(|a| a.contains(peer)))
@@ -195,7 +192,9 @@ pub fn evaluate_service(
 fn is_loopback(a: std::net::IpAddr) -> bool {
     match a {
         std::net::IpAddr::V4(v) => v.is_loopback(),
-        std::net::IpAddr::V6(v) => v.is_loopback() || v.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
+        std::net::IpAddr::V6(v) => {
+            v.is_loopback() || v.to_ipv4_mapped().is_some_and(|m| m.is_loopback())
+        }
     }
 }
 

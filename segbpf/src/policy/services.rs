@@ -387,10 +387,13 @@ mod depth_tests {
 
     fn policy(depth: usize) -> Policy {
         let path: Vec<String> = (1..=depth).map(|i| format!("l{i}")).collect();
-        Policy::from_str(&format!(
-            "version = 1\n[services.deep]\ncgroup = \"{}\"\n",
-            path.join("/")
-        ), "deep.toml")
+        Policy::from_str(
+            &format!(
+                "version = 1\n[services.deep]\ncgroup = \"{}\"\n",
+                path.join("/")
+            ),
+            "deep.toml",
+        )
         .unwrap()
     }
 
@@ -403,7 +406,10 @@ mod depth_tests {
         let e = check_depth(&policy(16), 1, "/sys/fs/cgroup/x").unwrap_err();
         assert_eq!((e.line, e.level, e.field), (3, 17, "cgroup"));
         let msg = e.to_string();
-        assert!(msg.contains(":3:") && msg.contains("services.deep.cgroup"), "{msg}");
+        assert!(
+            msg.contains(":3:") && msg.contains("services.deep.cgroup"),
+            "{msg}"
+        );
         assert!(check_depth(&policy(17), 0, "/sys/fs/cgroup").is_err());
     }
 }
