@@ -3532,7 +3532,7 @@ fn follower_log_is_capped() -> anyhow::Result<()> {
     let size = std::fs::metadata(&log)?.len();
     let mut old = log.clone().into_os_string();
     old.push(".1");
-    let old_size = std::fs::metadata(&old).map(|m| m.len()).unwrap_or(0);
+    let old_size = std::fs::metadata(&old).map_or(0, |m| m.len());
     assert!(
         old_size > 0,
         "the log was never rotated (it holds {size} bytes)"

@@ -50,7 +50,7 @@ pub enum ServicesError {
     Compile(#[from] CompileError),
     /// A service's cgroup lies below the programs' reach.
     #[error(transparent)]
-    TooDeep(#[from] crate::policy::services::TooDeep),
+    TooDeep(#[from] Box<crate::policy::services::TooDeep>),
     /// Another live services attachment's root is an ancestor or a
     /// descendant of this one's (or the same cgroup, from other pins).
     #[error("{0}")]

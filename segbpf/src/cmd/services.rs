@@ -201,16 +201,17 @@ fn left_behind(paths: &SvcPaths, policy_path: &std::path::Path) {
         return;
     }
     let root = cgroup_root_option(paths);
-    match follow::follower_in_kernel(paths) {
-        Some(pid) => info!(
+    if let Some(pid) = follow::follower_in_kernel(paths) {
+        info!(
             "the services stay enforced below {}; process {pid} follows the cgroup tree",
             paths.root.dir.display()
-        ),
-        None => warn!(
+        );
+    } else {
+        warn!(
             "the services stay enforced below {} but no process follows the cgroup tree now: a cgroup made below a guard (a restarted service, a new container) is held, its sockets can neither send nor receive, until a follower runs (`segbpf attach --services --no-wait --policy {}{root}`) or `segbpf detach --services{root}`",
             paths.root.dir.display(),
             policy_path.display()
-        ),
+        );
     }
 }
 

@@ -355,11 +355,11 @@ pub fn cgroup_level(root_level: u32, rel: &str) -> u32 {
 /// absolute level `root_level` (named `root` in the message), lies deeper
 /// than [`MAX_CGROUP_LEVEL`]: the first such service, with its file, line
 /// and field.
-pub fn check_depth(policy: &Policy, root_level: u32, root: &str) -> Result<(), TooDeep> {
+pub fn check_depth(policy: &Policy, root_level: u32, root: &str) -> Result<(), Box<TooDeep>> {
     for s in &policy.services {
         let level = cgroup_level(root_level, &s.cgroup);
         if level > MAX_CGROUP_LEVEL {
-            return Err(TooDeep {
+            return Err(Box::new(TooDeep {
                 file: policy.source.clone(),
                 line: s.target_loc.line,
                 column: s.target_loc.column,
@@ -375,7 +375,7 @@ pub fn check_depth(policy: &Policy, root_level: u32, root: &str) -> Result<(), T
                 depth: level - root_level,
                 max: MAX_CGROUP_LEVEL,
                 room: MAX_CGROUP_LEVEL.saturating_sub(root_level),
-            });
+            }));
         }
     }
     Ok(())
