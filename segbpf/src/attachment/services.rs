@@ -53,8 +53,8 @@ pub enum ServicesError {
     TooDeep(#[from] Box<crate::policy::services::TooDeep>),
     /// Another live services attachment's root is an ancestor or a
     /// descendant of this one's (or the same cgroup, from other pins).
-    #[error("{0}")]
-    Nested(String),
+    #[error(transparent)]
+    Nested(#[from] crate::attachment::services_nest::NestError),
     /// The policy defines no service.
     #[error("{0}: the policy defines no [services.NAME]; nothing to enforce")]
     NoServices(String),

@@ -20,10 +20,24 @@ use std::{
 
 use segbpf_common::{PROG_SVC_EGRESS, PROG_SVC_INGRESS};
 
-use crate::{
-    attachment::services::ServicesError,
-    host::cgroups::{CgroupRoot, cgroup2_mount},
-};
+use crate::host::cgroups::{CgroupRoot, cgroup2_mount};
+
+/// Why a services attachment may not be made at a root.
+#[derive(Debug, thiserror::Error)]
+pub enum NestError {
+    /// Another live attachment's root is this root, an ancestor or a
+    /// descendant of it.
+    #[error("{0}")]
+    Nested(String),
+    /// The kernel could not be asked.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was asked.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
 
 /// `BPF_PROG_QUERY`.
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -97,9 +111,9 @@ fn services_programs() -> BTreeSet<u32> {
 }
 
 /// Whether segbpf's services programs are attached directly at `dir`.
-fn has_services(dir: &Path, ours: &BTreeSet<u32>) -> Result<bool, ServicesError> {
+fn has_services(dir: &Path, ours: &BTreeSet<u32>) -> Result<bool, NestError> {
     for t in ATTACH_TYPES {
-        let ids = attached(dir, t).map_err(|source| ServicesError::Io {
+        let ids = attached(dir, t).map_err(|source| NestError::Io {
             what: format!("querying the programs attached at {}", dir.display()),
             source,
         })?;
@@ -112,7 +126,7 @@ fn has_services(dir: &Path, ours: &BTreeSet<u32>) -> Result<bool, ServicesError>
 
 /// The first cgroup below `dir` (depth first) with segbpf's services
 /// programs attached.
-fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, ServicesError> {
+fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, NestError> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         // Removed meanwhile: nothing is attached below a cgroup that is gone.
         return Ok(None);
@@ -139,14 +153,14 @@ fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, ServicesEr
 /// Refuses `root` when segbpf's services programs are attached, in the
 /// kernel, at `root` itself, at one of its ancestors up to the cgroup v2
 /// mount, or at a cgroup below it; the error names that cgroup.
-pub fn refuse_nested(root: &CgroupRoot) -> Result<(), ServicesError> {
+pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
     let ours = services_programs();
     if ours.is_empty() {
         return Ok(());
     }
     let how = "services attachments must not nest: both would judge the cgroups they share and overwrite each other's sender stamp, so `to_services` would not hold";
     if has_services(&root.dir, &ours)? {
-        return Err(ServicesError::Nested(format!(
+        return Err(NestError::Nested(format!(
             "services are already enforced below {} by another services attachment (other pins, see `segbpf status --services --all`): {how}; detach it first",
             root.dir.display()
         )));
@@ -159,7 +173,7 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), ServicesError> {
             break;
         }
         if has_services(dir, &ours)? {
-            return Err(ServicesError::Nested(format!(
+            return Err(NestError::Nested(format!(
                 "another services attachment enforces below {}, which contains {}: {how}; put this policy's services into that attachment's policy, or `segbpf detach --services --cgroup-root {}` first",
                 dir.display(),
                 root.dir.display(),
@@ -168,7 +182,7 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), ServicesError> {
         }
     }
     if let Some(dir) = below(&root.dir, &ours)? {
-        return Err(ServicesError::Nested(format!(
+        return Err(NestError::Nested(format!(
             "another services attachment enforces below {}, which lies below {}: {how}; put its services into this policy, or `segbpf detach --services --cgroup-root {}` first",
             dir.display(),
             root.dir.display(),
