@@ -60,6 +60,20 @@
 //!   rule.
 //! * `monitor_shows_drops_with_their_service`, `flows_carry_their_service`:
 //!   `monitor --services` and `flows --services` records carry `service`.
+//! * `nested_attachments_are_refused`: an attach below or above a live
+//!   services attachment is refused, naming it (asked of the kernel: a
+//!   live one without its state file counts, a stale state file does not).
+//! * `services_below_the_programs_reach_are_refused`: a service deeper
+//!   than level 16 is refused by `check`, `attach` and `reload`, with
+//!   file, line and field; a refused reload leaves the policy in force.
+//! * `status_says_whether_a_follower_runs`: `status --services` shows the
+//!   follower (or that none runs and new cgroups are held), a foreground
+//!   attach that leaves says what it leaves behind, audit mode reads
+//!   "auditing".
+//! * `follower_log_is_capped`: the background follower's log is rotated
+//!   to `.1` past its cap.
+//! * `explain_egress_to_services_as_the_live_program`: `explain` lets a
+//!   `to_services` packet leave and says the receiver decides.
 //! * `under_systemd`: this machine's systemd booted by systemd-nspawn
 //!   (`--volatile=yes -D /`) with the package's segbpf-services.service
 //!   and units written for the test: `unit = "..."` resolves, the
@@ -3542,4 +3556,63 @@ fn follower_log_is_capped() -> anyhow::Result<()> {
         "{size} and {old_size} bytes"
     );
     Ok(())
+}
+
+/// `explain` judges app's egress to a `to_services` destination as the
+/// live egress program does (and `trace` says): it leaves, and the
+/// receiver decides; without `--peer-service` too.
+#[test]
+#[ignore = "needs the segbpf binary: run `cargo xtask test`"]
+fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("roles.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n[services.db]\ncgroup = \"db\"\n[services.other]\ncgroup = \"other\"\n[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n",
+    )?;
+    let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
+        let mut args = vec![
+            "explain",
+            policy.to_str().context("policy")?,
+            "--services",
+            "--service",
+            "app",
+            "--src",
+            "127.0.0.1",
+            "--dst",
+            "127.0.0.1",
+            "--proto",
+            "tcp",
+            "--dport",
+            "5000",
+            "--direction",
+            "egress",
+        ];
+        args.extend_from_slice(extra);
+        let text = Command::new(segbpf_bin()).args(&args).output()?;
+        args.extend_from_slice(&["-o", "json"]);
+        let json = Command::new(segbpf_bin()).args(&args).output()?;
+        Ok((
+            String::from_utf8_lossy(&text.stdout).into_owned(),
+            serde_json::from_slice(&json.stdout).unwrap_or_default(),
+        ))
+    };
+    let result = (|| -> anyhow::Result<()> {
+        for extra in [
+            &[][..],
+            &["--peer-service", "db"],
+            &["--peer-service", "other"],
+        ] {
+            let (t, j) = explain(extra)?;
+            assert_eq!(j["verdict"], "allow", "{extra:?}: {j}");
+            assert_eq!(j["receiver_must_be"], serde_json::json!(["db"]), "{j}");
+            assert!(t.contains("the receiver's ingress drops it unless"), "{t}");
+        }
+        let (t, _) = explain(&["--peer-service", "other"])?;
+        assert!(t.contains("other is not: dropped there"), "{t}");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
