@@ -3293,7 +3293,16 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
         err.contains(&lab.root.display().to_string()) && err.contains("nest"),
         "{err}"
     );
-    assert!(!inner.join("a").exists() || other_links(&other).is_empty());
+    assert!(other_links(&other).is_empty());
+    // Nor can a reload make one: it applies to an attachment at its root.
+    let out = other
+        .segbpf(&["reload", "--services", "--cgroup-root"])
+        .arg(&inner)
+        .arg("--policy")
+        .arg(&inner_policy)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(other_links(&other).is_empty());
     // The other way round: the inner one live (its state file removed),
     // the outer one is refused.
     let out = lab

@@ -15,7 +15,10 @@
 //! With `--service NAME` (and `--services`) the packet is judged as the
 //! services programs judge it for a socket of that service
 //! ([`eval::evaluate_service`]; `--direction` default ingress, the
-//! service receives), `--peer-service` naming a local peer's service.
+//! service receives), `--peer-service` naming a local peer's service. On
+//! egress a `to_services` rule lets a packet towards a local peer leave
+//! whoever the receiver is, as the live program does; the output says
+//! that the receiver's ingress decides (`receiver_must_be`).
 
 use std::path::PathBuf;
 
@@ -69,7 +72,9 @@ pub struct Args {
     pub service: Option<String>,
     /// With --service: the peer is a socket of this host in service NAME
     /// (over loopback or the host's own addresses), for
-    /// `from_services`/`to_services` rules.
+    /// `from_services`/`to_services` rules (on egress a `to_services` rule
+    /// lets the packet leave towards any local peer, a loopback
+    /// destination without this option too; the receiver decides).
     #[arg(long, value_name = "NAME", requires = "service")]
     pub peer_service: Option<String>,
     /// Output format.
