@@ -161,7 +161,7 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
     let how = "services attachments must not nest: both would judge the cgroups they share and overwrite each other's sender stamp, so `to_services` would not hold";
     if has_services(&root.dir, &ours)? {
         return Err(NestError::Nested(format!(
-            "services are already enforced below {} by another services attachment (other pins, see `segbpf status --services --all`): {how}; detach it first",
+            "services are already enforced below {} by another services attachment (made with other pins: another `SEGBPF_BPFFS`): {how}; detach it first",
             root.dir.display()
         )));
     }

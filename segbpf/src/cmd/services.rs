@@ -63,10 +63,15 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             arm_guard(&paths, state.generation, secs)?;
         }
         let summary = format!(
-            "services enforced below {} (generation {}{}): {}",
+            "services {} below {} (generation {}{}): {}",
+            if state.audit { "audited" } else { "enforced" },
             paths.root.dir.display(),
             state.generation,
-            if state.audit { ", audit mode" } else { "" },
+            if state.audit {
+                ", audit mode: nothing is dropped"
+            } else {
+                ""
+            },
             state
                 .services
                 .iter()
