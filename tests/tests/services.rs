@@ -82,6 +82,20 @@
 //! * `flows_name_the_rule_of_the_generation_that_judged`: after a reload
 //!   that renumbers the rules, `flows --services` names a flow's rule from
 //!   the policy that judged it, or says that policy is no longer kept.
+//! * `nested_attachments_are_refused`: an attach below or above a live
+//!   services attachment is refused, naming it (asked of the kernel: a
+//!   live one without its state file counts, a stale state file does not).
+//! * `services_below_the_programs_reach_are_refused`: a service deeper
+//!   than level 16 is refused by `check`, `attach` and `reload`, with
+//!   file, line and field; a refused reload leaves the policy in force.
+//! * `status_says_whether_a_follower_runs`: `status --services` shows the
+//!   follower (or that none runs and new cgroups are held), a foreground
+//!   attach that leaves says what it leaves behind, audit mode reads
+//!   "auditing".
+//! * `follower_log_is_capped`: the background follower's log is rotated
+//!   to `.1` past its cap.
+//! * `explain_egress_to_services_as_the_live_program`: `explain` lets a
+//!   `to_services` packet leave and says the receiver decides.
 //! * `under_systemd`: this machine's systemd booted by systemd-nspawn
 //!   (`--volatile=yes -D /`) with the package's segbpf-services.service
 //!   and units written for the test: `unit = "..."` resolves, the
@@ -3484,6 +3498,7 @@ fn monitor_shows_drops_with_their_service() -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(mon.id())?);
+    // No panic before the directory is removed: failures are errors.
     let result = (|| -> anyhow::Result<()> {
         let start = Instant::now();
         let mut found = None;
@@ -4347,4 +4362,428 @@ tcp = [3306]
         "app's sockets left in LAST-ACK towards db's port 3306"
     );
     Ok(())
+}
+
+/// A second set of pin and state roots for the same machine (another
+/// operator's, or a test's): `detach --services --cgroup-root DIR` with
+/// them when dropped, then their directories removed.
+struct OtherRoots {
+    bpffs: PathBuf,
+    state: PathBuf,
+    detach: Vec<PathBuf>,
+}
+
+impl OtherRoots {
+    fn new(lab: &SvcLab) -> anyhow::Result<Self> {
+        let o = OtherRoots {
+            bpffs: PathBuf::from(format!("{}-2", lab.bpffs.display())),
+            state: PathBuf::from(format!("{}-2", lab.state.display())),
+            detach: Vec::new(),
+        };
+        std::fs::create_dir_all(&o.state)?;
+        Ok(o)
+    }
+
+    fn segbpf(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(segbpf_bin());
+        c.args(args)
+            .env("SEGBPF_BPFFS", &self.bpffs)
+            .env("SEGBPF_STATE_DIR", &self.state);
+        c
+    }
+}
+
+impl Drop for OtherRoots {
+    fn drop(&mut self) {
+        for d in &self.detach {
+            let _ = self
+                .segbpf(&["detach", "--services", "--cgroup-root"])
+                .arg(d)
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// `attach --services --no-wait` below `root` with `cmd`'s roots: its
+/// exit status and stderr; the follower it leaves is ended by PID.
+fn attach_no_wait(
+    mut cmd: Command,
+    policy: &Path,
+    root: &Path,
+) -> anyhow::Result<(bool, String, Option<Kill>)> {
+    let out = cmd
+        .args(["attach", "--services", "--no-wait", "--policy"])
+        .arg(policy)
+        .arg("--cgroup-root")
+        .arg(root)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let kill = err
+        .split("followed by process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .map(Kill);
+    Ok((out.status.success(), err, kill))
+}
+
+/// Services attachments never nest (they would overwrite each other's
+/// sender stamps, and `to_services` would fail open): `attach --services`
+/// refuses a root below or above a live attachment's, naming it, whatever
+/// pin and state roots either uses (liveness from the kernel: a live
+/// attachment whose state file is gone still counts, a state file left
+/// by a detached one does not).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn nested_attachments_are_refused() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("nest", &["app", "inner/a", "inner/b"], 121)?;
+    let mut other = OtherRoots::new(&lab)?;
+    let inner = lab.cg("inner");
+    other.detach.push(inner.clone());
+    let inner_policy = other.state.join("inner.toml");
+    std::fs::write(
+        &inner_policy,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[[services.a.egress]]\nto_services = [\"b\"]\nudp = [4445]\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    // An outer attachment at the lab's root: an inner one is refused.
+    lab.attach(MATRIX)?;
+    let (ok, err, _k) = attach_no_wait(other.segbpf(&[]), &inner_policy, &inner)?;
+    assert!(!ok, "a nested attach below a live one was accepted: {err}");
+    assert!(
+        err.contains(&lab.root.display().to_string()) && err.contains("nest"),
+        "{err}"
+    );
+    assert!(other_links(&other).is_empty());
+    // Nor can a reload make one: it applies to an attachment at its root.
+    let out = other
+        .segbpf(&["reload", "--services", "--cgroup-root"])
+        .arg(&inner)
+        .arg("--policy")
+        .arg(&inner_policy)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(other_links(&other).is_empty());
+    // The other way round: the inner one live (its state file removed),
+    // the outer one is refused.
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&lab.root)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(mut c) = lab.attach.take() {
+        let _ = c.wait();
+    }
+    let (ok, err, _k_inner) = attach_no_wait(other.segbpf(&[]), &inner_policy, &inner)?;
+    assert!(ok, "{err}");
+    let inner_state: Vec<PathBuf> = std::fs::read_dir(&other.state)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    let saved: Vec<(PathBuf, Vec<u8>)> = inner_state
+        .iter()
+        .map(|p| Ok((p.clone(), std::fs::read(p)?)))
+        .collect::<anyhow::Result<_>>()?;
+    for p in &inner_state {
+        std::fs::remove_file(p)?;
+    }
+    let outer_policy = lab.state.join("roles.toml");
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &outer_policy, &lab.root)?;
+    assert!(!ok, "an attach above a live one was accepted: {err}");
+    assert!(
+        err.contains(&inner.display().to_string()) && err.contains("nest"),
+        "{err}"
+    );
+    // The inner one detached, its state file left behind (and a copy in
+    // the outer's state directory): nothing blocks the outer one.
+    for (p, _) in &saved {
+        let _ = std::fs::write(p, b"{}");
+    }
+    let out = other
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&inner)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (p, body) in &saved {
+        std::fs::write(p, body)?;
+        if let Some(name) = p.file_name() {
+            std::fs::write(lab.state.join(name), body)?;
+        }
+    }
+    let (ok, err, _k_outer) = attach_no_wait(lab.segbpf(&[]), &outer_policy, &lab.root)?;
+    assert!(ok, "a stale state file blocked the attach: {err}");
+    Ok(())
+}
+
+/// The pinned links under `other`'s pin root.
+fn other_links(other: &OtherRoots) -> Vec<PathBuf> {
+    std::fs::read_dir(&other.bpffs)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("link_svc_ingress"))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The services programs read a socket's cgroup ancestors down to level
+/// 16 of the hierarchy: a service deeper than that is refused by `check`
+/// (below the default root), `attach` and `reload` (below theirs), with
+/// file, line and field, and a refused reload leaves the policy in force.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn services_below_the_programs_reach_are_refused() -> anyhow::Result<()> {
+    let lab = SvcLab::new("deep", &["other"], 122)?;
+    let root_level = lab
+        .root
+        .strip_prefix(cgroup2_mount()?)?
+        .components()
+        .count();
+    assert_eq!(root_level, 1, "the lab's root is one level below the mount");
+    let policy = |depth: usize| {
+        let path: Vec<String> = (1..=depth).map(|i| format!("l{i}")).collect();
+        format!(
+            "version = 1\n[services.deep]\ncgroup = \"{}\"\n[services.other]\ncgroup = \"other\"\n",
+            path.join("/")
+        )
+    };
+    let file = |name: &str, depth: usize| -> anyhow::Result<PathBuf> {
+        let p = lab.state.join(name);
+        std::fs::write(&p, policy(depth))?;
+        Ok(p)
+    };
+    // check: below the default root (level 0), 16 levels fit, 17 do not.
+    let ok16 = file("ok16.toml", 16)?;
+    let deep17 = file("deep17.toml", 17)?;
+    let out = lab.segbpf(&["check"]).arg(&ok16).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lab.segbpf(&["check"]).arg(&deep17).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("deep17.toml:3:") && err.contains("services.deep.cgroup"),
+        "{err}"
+    );
+    // attach below the lab's root (level 1): 16 below it is level 17.
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &ok16, &lab.root)?;
+    assert!(!ok, "a service at level 17 was attached: {err}");
+    assert!(
+        err.contains("ok16.toml:3:") && err.contains("services.deep.cgroup"),
+        "{err}"
+    );
+    assert!(!lab.bpffs.exists() || std::fs::read_dir(&lab.bpffs)?.next().is_none());
+    let ok15 = file("ok15.toml", 15)?;
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &ok15, &lab.root)?;
+    assert!(ok, "{err}");
+    // reload to the deeper one: refused, generation 1 stays.
+    let root = lab.root.to_string_lossy().to_string();
+    let out = lab
+        .segbpf(&["reload", "--services", "--cgroup-root", &root, "--policy"])
+        .arg(&ok16)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("services.deep.cgroup"), "{err}");
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root, "-o", "json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["services"][0]["generation"], 1, "{v}");
+    assert_eq!(v["services"][0]["services"][0]["enforceable"], true, "{v}");
+    Ok(())
+}
+
+/// `status --services` says whether a follower runs (from the kernel's
+/// lock table) and that new cgroups are held while none does; a
+/// foreground attach that leaves says what it leaves behind; audit mode
+/// reads "auditing", not "enforcing".
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn status_says_whether_a_follower_runs() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("fol", &["app", "db", "other", "cache"], 123)?;
+    let root = lab.root.to_string_lossy().to_string();
+    let status = |lab: &SvcLab| -> anyhow::Result<(serde_json::Value, String)> {
+        let j = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root, "-o", "json"])
+            .output()?;
+        let t = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root])
+            .output()?;
+        Ok((
+            serde_json::from_slice(&j.stdout)?,
+            String::from_utf8_lossy(&t.stdout).into_owned(),
+        ))
+    };
+    lab.attach(MATRIX)?;
+    let pid = lab.attach.as_ref().context("attach")?.id();
+    // The foreground attach claims the follower lock just after it enforces.
+    let start = Instant::now();
+    let (mut j, mut t) = status(&lab)?;
+    while j["services"][0]["follower_running"] != true && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        (j, t) = status(&lab)?;
+    }
+    assert_eq!(j["services"][0]["follower_running"], true, "{j}");
+    assert_eq!(j["services"][0]["follower_pid"], pid, "{j}");
+    assert!(t.contains(&format!("follower: process {pid}")), "{t}");
+    // Ctrl-C: enforcement stays, nothing follows; both said.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let _ = lab.attach.take().map(|mut c| c.wait());
+    let log = std::fs::read_to_string(lab.state.join("attach.log"))?;
+    assert!(log.contains("no process follows the cgroup tree"), "{log}");
+    let (j, t) = status(&lab)?;
+    assert_eq!(j["services"][0]["follower_running"], false, "{j}");
+    assert!(
+        t.contains("enforcing") && t.contains("follower: NONE") && t.contains("held"),
+        "{t}"
+    );
+    // Audit mode, with a follower again (`--no-wait` leaves one).
+    let policy = lab.state.join("roles.toml");
+    let out = lab
+        .segbpf(&["attach", "--services", "--audit", "--no-wait", "--policy"])
+        .arg(&policy)
+        .args(["--cgroup-root", &root])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _k = err
+        .split("followed by process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .map(Kill);
+    assert!(out.status.success(), "{err}");
+    let start = Instant::now();
+    let (mut j, mut t) = status(&lab)?;
+    while j["services"][0]["follower_running"] != true && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        (j, t) = status(&lab)?;
+    }
+    assert_eq!(j["services"][0]["audit"], true, "{j}");
+    assert_eq!(j["services"][0]["follower_running"], true, "{j}");
+    assert!(
+        t.contains("auditing (audit mode: nothing is dropped)"),
+        "{t}"
+    );
+    assert!(!t.contains("enforcing"), "{t}");
+    Ok(())
+}
+
+/// The background follower's log is capped: past the cap
+/// (`SEGBPF_FOLLOW_LOG_MAX`, 1 MiB by default) it is rotated to `.1`,
+/// however fast the cgroup tree churns.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn follower_log_is_capped() -> anyhow::Result<()> {
+    let lab = SvcLab::new("log", &["app", "db", "other", "cache"], 124)?;
+    let policy = lab.state.join("roles.toml");
+    std::fs::write(&policy, MATRIX)?;
+    let mut cmd = lab.segbpf(&[]);
+    cmd.env("SEGBPF_FOLLOW_LOG_MAX", "2048");
+    let (ok, err, _k) = attach_no_wait(cmd, &policy, &lab.root)?;
+    assert!(ok, "{err}");
+    let log = err
+        .split("(log: ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(PathBuf::from)
+        .with_context(|| format!("no log in: {err}"))?;
+    // Cgroups made and removed below the root (a guard): a line each.
+    for i in 0..150 {
+        let d = lab.cg(&format!("churn{i}"));
+        std::fs::create_dir(&d)?;
+        std::thread::sleep(Duration::from_millis(15));
+        remove_cgroups(&d);
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let size = std::fs::metadata(&log)?.len();
+    let mut old = log.clone().into_os_string();
+    old.push(".1");
+    let old_size = std::fs::metadata(&old).map_or(0, |m| m.len());
+    assert!(
+        old_size > 0,
+        "the log was never rotated (it holds {size} bytes)"
+    );
+    assert!(
+        size < 2048 + 1024 && old_size < 2048 + 1024,
+        "{size} and {old_size} bytes"
+    );
+    Ok(())
+}
+
+/// `explain` judges app's egress to a `to_services` destination as the
+/// live egress program does (and `trace` says): it leaves, and the
+/// receiver decides; without `--peer-service` too.
+#[test]
+#[ignore = "needs the segbpf binary: run `cargo xtask test`"]
+fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("roles.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n[services.db]\ncgroup = \"db\"\n[services.other]\ncgroup = \"other\"\n[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n",
+    )?;
+    let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
+        let mut args = vec![
+            "explain",
+            policy.to_str().context("policy")?,
+            "--services",
+            "--service",
+            "app",
+            "--src",
+            "127.0.0.1",
+            "--dst",
+            "127.0.0.1",
+            "--proto",
+            "tcp",
+            "--dport",
+            "5000",
+            "--direction",
+            "egress",
+        ];
+        args.extend_from_slice(extra);
+        let text = Command::new(segbpf_bin()).args(&args).output()?;
+        args.extend_from_slice(&["-o", "json"]);
+        let json = Command::new(segbpf_bin()).args(&args).output()?;
+        Ok((
+            String::from_utf8_lossy(&text.stdout).into_owned(),
+            serde_json::from_slice(&json.stdout).unwrap_or_default(),
+        ))
+    };
+    let result = (|| -> anyhow::Result<()> {
+        for extra in [
+            &[][..],
+            &["--peer-service", "db"],
+            &["--peer-service", "other"],
+        ] {
+            let (t, j) = explain(extra)?;
+            anyhow::ensure!(j["verdict"] == "allow", "{extra:?}: {j}");
+            anyhow::ensure!(j["receiver_must_be"] == serde_json::json!(["db"]), "{j}");
+            anyhow::ensure!(t.contains("the receiver's ingress drops it unless"), "{t}");
+        }
+        let (t, _) = explain(&["--peer-service", "other"])?;
+        anyhow::ensure!(t.contains("other is not: dropped there"), "{t}");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -173,6 +173,52 @@ pub fn follower_log_file(paths: &SvcPaths) -> std::path::PathBuf {
     paths.state.with_extension("follow.log")
 }
 
+/// The size past which the follower's log is rotated (1 MiB), unless
+/// `SEGBPF_FOLLOW_LOG_MAX` (bytes, at least 1024) says otherwise.
+pub const FOLLOW_LOG_MAX: u64 = 1 << 20;
+
+fn follow_log_max() -> u64 {
+    std::env::var("SEGBPF_FOLLOW_LOG_MAX")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(FOLLOW_LOG_MAX, |n| n.max(1024))
+}
+
+/// Caps the follower's log: when this process's stderr is the log of
+/// `paths` ([`follower_log_file`]) and it has grown past
+/// [`FOLLOW_LOG_MAX`], it becomes `….follow.log.1` (replacing the one
+/// before) and stderr goes on in a new, empty log. At most about twice the
+/// cap is kept, whatever the churn of the cgroup tree. Returns whether it
+/// rotated.
+pub fn rotate_log(paths: &SvcPaths) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let log = follower_log_file(paths);
+    let (Ok(cur), Ok(err)) = (
+        std::fs::metadata(&log),
+        std::fs::metadata("/proc/self/fd/2"),
+    ) else {
+        return false;
+    };
+    if (cur.dev(), cur.ino()) != (err.dev(), err.ino()) || cur.len() < follow_log_max() {
+        return false;
+    }
+    let mut old = log.clone().into_os_string();
+    old.push(".1");
+    if std::fs::rename(&log, &old).is_err() {
+        return false;
+    }
+    let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+    else {
+        return false;
+    };
+    // SAFETY: dup2 of a descriptor we own onto stderr; both are valid.
+    let rc = unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&f), 2) };
+    rc >= 0
+}
+
 /// A process's start time (clock ticks since boot), from `/proc`.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -261,6 +307,37 @@ pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesEr
     Ok(Some(pid))
 }
 
+/// The process that follows `paths` now, from the kernel's table of
+/// file locks (`/proc/locks`): the holder of the `flock` on the follower
+/// claim. Takes no lock itself, so a probe (`status`) never makes a
+/// follower that starts at that moment think another one holds the claim.
+/// None: no live process follows the tree (new cgroups below the guards
+/// are held until one does).
+pub fn follower_in_kernel(paths: &SvcPaths) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(follower_lock_file(paths)).ok()?;
+    let dev = meta.dev();
+    // The kernel's `MAJOR:MINOR:INODE` of the file (major and minor in hex).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    held_by(&locks, &want)
+}
+
+/// The PID of the process that holds an `flock` on the file `dev_ino`
+/// (`MAJOR:MINOR:INODE` as /proc/locks writes it), from the text of
+/// /proc/locks (waiters, lines with `->`, hold nothing).
+fn held_by(locks: &str, dev_ino: &str) -> Option<u32> {
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == dev_ino)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
+}
+
 /// How often the tree is rescanned without an inotify event.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -313,5 +390,18 @@ pub fn follow(
                 on_event(FollowEvent::Rescanned { written, removed });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_by;
+
+    #[test]
+    fn the_follower_is_the_holder_of_its_flock_in_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 00:1a:99 0 EOF\n2: FLOCK  ADVISORY  WRITE 4242 00:1a:1234 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 5555 00:1a:1234 0 EOF\n";
+        assert_eq!(held_by(locks, "00:1a:1234"), Some(4242));
+        assert_eq!(held_by(locks, "00:1a:99"), None);
+        assert_eq!(held_by(locks, "00:1a:12345"), None);
     }
 }

@@ -48,6 +48,13 @@ pub enum ServicesError {
     /// The policy does not compile.
     #[error("{0}")]
     Compile(#[from] CompileError),
+    /// A service's cgroup lies below the programs' reach.
+    #[error(transparent)]
+    TooDeep(#[from] Box<crate::policy::services::TooDeep>),
+    /// Another live services attachment's root is an ancestor or a
+    /// descendant of this one's (or the same cgroup, from other pins).
+    #[error(transparent)]
+    Nested(#[from] crate::attachment::services_nest::NestError),
     /// The policy defines no service.
     #[error("{0}: the policy defines no [services.NAME]; nothing to enforce")]
     NoServices(String),
@@ -514,9 +521,15 @@ pub fn attach(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    check_depth(paths, policy)?;
     if paths.is_attached() {
         return reload(paths, policy, policy_path, audit);
     }
+    // No other attachment's root above or below this one (checked in the
+    // kernel) may come into force while this one is made: one attach at a
+    // time.
+    let _attaching = attach_lock(paths)?;
+    crate::attachment::services_nest::refuse_nested(&paths.root)?;
     // A partial attachment (a crash between pinning and attaching) is
     // started over: nothing of it is attached.
     if paths.dir.exists() {
@@ -545,6 +558,41 @@ pub fn attach(
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
     Ok(state)
+}
+
+/// Refuses `policy` when a service's cgroup below `paths.root` lies
+/// deeper than the programs read.
+fn check_depth(paths: &SvcPaths, policy: &Policy) -> Result<(), ServicesError> {
+    crate::policy::services::check_depth(
+        policy,
+        paths.root.level,
+        &paths.root.dir.display().to_string(),
+    )?;
+    Ok(())
+}
+
+/// The lock one fresh attach holds from its nesting check until its
+/// programs are attached (`STATE/services.attach.lock`): two attaches at
+/// nested roots cannot both pass the check.
+fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    let path = paths
+        .state
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("services.attach.lock");
+    if let Some(parent) = path.parent() {
+        private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    f.lock()
+        .map_err(io(format!("locking {}", path.display())))?;
+    Ok(f)
 }
 
 /// Records `state` (applied from the text of `text`) in the history
@@ -837,6 +885,7 @@ pub fn apply_locked(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    check_depth(paths, policy)?;
     // No rescan of the follower runs from here until the state names the
     // new policy: it would write the old policy's ids into the new slot.
     let _lock = paths.lock()?;

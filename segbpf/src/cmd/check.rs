@@ -260,6 +260,16 @@ fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
     }
     // The services compile too (their ids and slots fit).
     crate::policy::services::compile_services(policy, 0, 1, false)?;
+    // And every service's cgroup is within the programs' reach below the
+    // default cgroup root (the cgroup v2 mount; level 0 when none is
+    // mounted here): `attach`/`reload` check it again below their root.
+    if !policy.services.is_empty() {
+        let (level, root) = crate::host::cgroups::CgroupRoot::open(None).map_or_else(
+            |_| (0, "(the cgroup hierarchy's root)".to_string()),
+            |r| (r.level, r.dir.display().to_string()),
+        );
+        crate::policy::services::check_depth(policy, level, &root)?;
+    }
     let out = Checked {
         policy: match args.output {
             Output::Json => crate::cmd::canonical_policy(std::path::Path::new(&policy.source)),

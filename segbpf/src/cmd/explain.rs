@@ -15,7 +15,10 @@
 //! With `--service NAME` (and `--services`) the packet is judged as the
 //! services programs judge it for a socket of that service
 //! ([`eval::evaluate_service`]; `--direction` default ingress, the
-//! service receives), `--peer-service` naming a local peer's service.
+//! service receives), `--peer-service` naming a local peer's service. On
+//! egress a `to_services` rule lets a packet towards a local peer leave
+//! whoever the receiver is, as the live program does; the output says
+//! that the receiver's ingress decides (`receiver_must_be`).
 
 use std::path::PathBuf;
 
@@ -69,7 +72,9 @@ pub struct Args {
     pub service: Option<String>,
     /// With --service: the peer is a socket of this host in service NAME
     /// (over loopback or the host's own addresses), for
-    /// `from_services`/`to_services` rules.
+    /// `from_services`/`to_services` rules (on egress a `to_services` rule
+    /// lets the packet leave towards any local peer, a loopback
+    /// destination without this option too; the receiver decides).
     #[arg(long, value_name = "NAME", requires = "service")]
     pub peer_service: Option<String>,
     /// Output format.
@@ -98,6 +103,11 @@ struct Explained {
     /// Whether, once this packet passes, the flow's replies pass by
     /// connection tracking (`defaults.established` and a tracked protocol).
     replies_tracked: bool,
+    /// Egress by a `to_services` rule: the packet leaves, and the
+    /// receiver's ingress drops it unless the receiver is one of these
+    /// services.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    receiver_must_be: Vec<String>,
 }
 
 /// The packet judged, with only the fields that apply to its protocol.
@@ -302,6 +312,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             services: r.services(),
         }
     });
+    // A `to_services` egress rule: the receiver decides at its ingress.
+    let receiver_must_be: Vec<String> = match (&args.service, v.rule, dir) {
+        (Some(_), Some(id), Direction::Egress) => {
+            let r = &policy.service_rules[id as usize];
+            let by_addr = r.peers.iter().any(|a| a.contains(pkt.dst));
+            if by_addr {
+                Vec::new()
+            } else {
+                r.peer_services.clone()
+            }
+        }
+        _ => Vec::new(),
+    };
     let tracked_proto = matches!(pkt.proto, IPPROTO_TCP | IPPROTO_UDP)
         || (pkt.proto == IPPROTO_ICMP && pkt.icmp_type == 8)
         || (pkt.proto == IPPROTO_ICMPV6 && pkt.icmp_type == 128);
@@ -315,6 +338,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         roles,
         service: args.service.clone(),
         peer_service: args.peer_service.clone(),
+        receiver_must_be,
     };
     match args.output {
         Output::Json => print_json(&out)?,
@@ -358,6 +382,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     ))?,
                 },
                 None => {}
+            }
+            if !out.receiver_must_be.is_empty() {
+                let names = out.receiver_must_be.join(", ");
+                print_line(format_args!(
+                    "  to_services: the packet leaves; the receiver's ingress drops it unless the receiver is service {names}{}",
+                    match out.peer_service.as_deref() {
+                        Some(p) if out.receiver_must_be.iter().any(|n| n == p) =>
+                            format!(" ({p} is: it may pass there, judge its ingress)"),
+                        Some(p) => format!(" ({p} is not: dropped there)"),
+                        None => " (add --peer-service NAME, or judge the receiver's ingress)"
+                            .to_string(),
+                    }
+                ))?;
             }
             if out.replies_tracked {
                 print_line("  replies pass by connection tracking (defaults.established = true)")?;

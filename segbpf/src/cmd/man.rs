@@ -298,6 +298,10 @@ const ENVIRONMENT: &[(&str, &str)] = &[
         "how many generations the history keeps per attachment (default 10)",
     ),
     (
+        "SEGBPF_FOLLOW_LOG_MAX",
+        "the size in bytes past which the services follower's log is rotated to .1 (default 1 MiB)",
+    ),
+    (
         "SEGBPF_OBSERVED_MAX_BYTES",
         "the cap of the observed store (default 64M)",
     ),

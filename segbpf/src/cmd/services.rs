@@ -63,10 +63,15 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             arm_guard(&paths, state.generation, secs)?;
         }
         let summary = format!(
-            "services enforced below {} (generation {}{}): {}",
+            "services {} below {} (generation {}{}): {}",
+            if state.audit { "audited" } else { "enforced" },
             paths.root.dir.display(),
             state.generation,
-            if state.audit { ", audit mode" } else { "" },
+            if state.audit {
+                ", audit mode: nothing is dropped"
+            } else {
+                ""
+            },
             state
                 .services
                 .iter()
@@ -158,16 +163,23 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
     let json = args.log_format == crate::observe::telemetry::LogFormat::Json;
     let insecure = args.insecure_policy;
     let p2 = paths.clone();
+    // The background follower's log is a file: capped (rotated).
+    let rotate = args.follow_only.then(|| paths.clone());
     let worker = tokio::task::spawn_blocking(move || {
-        follow::follow(&p2, insecure, &s2, &h2, |ev| match ev {
-            FollowEvent::Rescanned { written, removed } => {
-                info!("cgroup tree changed: {written} entries written, {removed} removed");
+        follow::follow(&p2, insecure, &s2, &h2, |ev| {
+            if let Some(p) = &rotate {
+                follow::rotate_log(p);
             }
-            FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
-            FollowEvent::ReloadFailed(e) => {
-                warn!("reload failed, the previous policy stays in force: {e}");
+            match ev {
+                FollowEvent::Rescanned { written, removed } => {
+                    info!("cgroup tree changed: {written} entries written, {removed} removed");
+                }
+                FollowEvent::Reloaded(g) => info!("policy applied: generation {g}"),
+                FollowEvent::ReloadFailed(e) => {
+                    warn!("reload failed, the previous policy stays in force: {e}");
+                }
+                FollowEvent::Refused(r) => print_refused(&r, json),
             }
-            FollowEvent::Refused(r) => print_refused(&r, json),
         })
     });
     tokio::pin!(worker);
@@ -179,9 +191,32 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
             r = &mut worker => {
                 r.context("the cgroup follower")??;
                 drop(claim);
+                left_behind(&paths, &policy_path);
                 return Ok(());
             }
         }
+    }
+}
+
+/// Says what a follower that leaves (Ctrl-C, SIGTERM) leaves behind while
+/// the attachment stays: enforcement, and, unless another process follows
+/// the tree, new cgroups below the guards held until a follower runs.
+fn left_behind(paths: &SvcPaths, policy_path: &std::path::Path) {
+    if !paths.is_attached() {
+        return;
+    }
+    let root = cgroup_root_option(paths);
+    if let Some(pid) = follow::follower_in_kernel(paths) {
+        info!(
+            "the services stay enforced below {}; process {pid} follows the cgroup tree",
+            paths.root.dir.display()
+        );
+    } else {
+        warn!(
+            "the services stay enforced below {} but no process follows the cgroup tree now: a cgroup made below a guard (a restarted service, a new container) is held, its sockets can neither send nor receive, until a follower runs (`segbpf attach --services --no-wait --policy {}{root}`) or `segbpf detach --services{root}`",
+            paths.root.dir.display(),
+            policy_path.display()
+        );
     }
 }
 
@@ -406,17 +441,29 @@ pub fn print_text(
     for r in reports {
         writeln!(
             o,
-            "services below {}: {}, generation {}{}, policy {}",
+            "services below {}: {}, generation {}, policy {}",
             r.cgroup_root,
-            if r.attached {
-                "enforcing"
-            } else {
-                "NOT attached"
+            match (r.attached, r.audit) {
+                (false, _) => "NOT attached",
+                (true, true) => "auditing (audit mode: nothing is dropped)",
+                (true, false) => "enforcing",
             },
             r.generation,
-            if r.audit { " (audit mode)" } else { "" },
             r.policy.as_deref().unwrap_or("?")
         )?;
+        if r.attached {
+            match r.follower_pid {
+                Some(pid) => writeln!(
+                    o,
+                    "  follower: process {pid} (new cgroups below the guards are classified as they appear)"
+                )?,
+                None => writeln!(
+                    o,
+                    "  follower: NONE: new cgroups below the guards are held (their sockets can neither send nor receive) until one runs: `segbpf attach --services --no-wait --policy FILE{}`",
+                    root_option(std::path::Path::new(&r.cgroup_root))
+                )?,
+            }
+        }
         if let Some(g) = r.restored {
             writeln!(o, "  the policy of generation {g}, restored by a rollback")?;
         }
@@ -448,10 +495,10 @@ pub fn print_text(
                 "  {:<16} {:<40} {:<10} ingress {} ({} rules) egress {} ({} rules)  in {}/{} out {}/{} passed/dropped",
                 s.name,
                 s.cgroup,
-                if s.cgroup_id.is_some() {
-                    "present"
-                } else {
-                    "absent"
+                match (s.enforceable, s.cgroup_id.is_some()) {
+                    (false, _) => "TOO-DEEP",
+                    (true, true) => "present",
+                    (true, false) => "absent",
                 },
                 s.ingress_default,
                 s.ingress_rules,
@@ -462,6 +509,14 @@ pub fn print_text(
                 s.packets.egress_passed,
                 s.packets.egress_dropped
             )?;
+            if !s.enforceable {
+                writeln!(
+                    o,
+                    "    NOT ENFORCED: its cgroup is at level {} of the hierarchy; the programs read down to level {} only",
+                    s.cgroup_level,
+                    crate::policy::services::MAX_CGROUP_LEVEL
+                )?;
+            }
         }
         writeln!(
             o,

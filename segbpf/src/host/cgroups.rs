@@ -159,13 +159,32 @@ pub struct Classification {
     pub max_level: u32,
 }
 
+/// Whether the programs read the cgroup `rel` below `root` when they look
+/// for a socket's service: its absolute level is at most
+/// `segbpf_common::SVC_MAX_LEVEL` (they walk a socket's ancestors from the
+/// hierarchy's root down to that level).
+pub fn reachable(root: &CgroupRoot, rel: &str) -> bool {
+    root.level + rel.split('/').filter(|c| !c.is_empty()).count() as u32
+        <= segbpf_common::SVC_MAX_LEVEL
+}
+
 /// Whether `rel` is `prefix` or lies below it.
 fn within(rel: &str, prefix: &str) -> bool {
     rel == prefix || rel.starts_with(&format!("{prefix}/"))
 }
 
 /// Classifies the tree below `root` for `services` (id, path below the root).
+///
+/// A service whose cgroup lies deeper than the programs read
+/// ([`reachable`]) is left out: it is never classified, so nothing calls
+/// its cgroup a service's (attach and reload refuse such a policy).
 pub fn classify(root: &CgroupRoot, services: &[(u8, String)]) -> Classification {
+    let services: Vec<(u8, String)> = services
+        .iter()
+        .filter(|(_, rel)| reachable(root, rel))
+        .cloned()
+        .collect();
+    let services = services.as_slice();
     let mut guards: BTreeSet<String> = BTreeSet::new();
     guards.insert(String::new());
     let mut max_level = root.level;
@@ -361,6 +380,30 @@ mod tests {
         assert_eq!(get("user.slice/user-0.slice"), None);
         assert_eq!(c.max_level, 2);
         assert_eq!(c.guards, vec![base.clone(), base.join("system.slice")]);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_service_deeper_than_the_programs_read_is_never_classified() {
+        let base = std::env::temp_dir().join(format!("segbpf-deep-{}", std::process::id()));
+        let deep: Vec<String> = (1..=16).map(|i| format!("d{i}")).collect();
+        let deep = deep.join("/");
+        std::fs::create_dir_all(base.join(&deep)).unwrap();
+        // A root at level 1: 15 levels below it are the deepest read.
+        let root = CgroupRoot {
+            dir: base.clone(),
+            id: cgroup_id(&base).unwrap(),
+            level: 1,
+        };
+        assert!(!reachable(&root, &deep));
+        let c = classify(&root, &[(5, deep.clone())]);
+        assert!(c.entries.values().all(|e| e.svc == 0), "{c:?}");
+        assert_eq!(c.guards, vec![base.clone()]);
+        let shallower = deep.rsplit_once('/').unwrap().0.to_string();
+        assert!(reachable(&root, &shallower));
+        let c = classify(&root, &[(5, shallower.clone())]);
+        let id = cgroup_id(&base.join(&shallower)).unwrap();
+        assert_eq!(c.entries.get(&id).map(|e| e.svc), Some(5));
         std::fs::remove_dir_all(&base).unwrap();
     }
 

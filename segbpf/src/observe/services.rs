@@ -16,6 +16,12 @@ pub struct ServiceReport {
     pub cgroup: String,
     /// Its cgroup id, when the cgroup exists now.
     pub cgroup_id: Option<u64>,
+    /// Whether the programs can see its cgroup: false when it lies deeper
+    /// than they read (`cgroup_level` above 16); such a service is not
+    /// enforced (attach and reload refuse it).
+    pub enforceable: bool,
+    /// The absolute level of its cgroup in the hierarchy.
+    pub cgroup_level: u32,
     /// Ingress default.
     pub ingress_default: String,
     /// Egress default.
@@ -83,6 +89,14 @@ pub struct SvcReport {
     /// the one in force.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored: Option<u64>,
+    /// Whether a process follows the cgroup tree now (the holder of the
+    /// follower's `flock`, from the kernel's lock table). While none does,
+    /// a cgroup made below a guard is held (its sockets can neither send
+    /// nor receive) until one runs.
+    pub follower_running: bool,
+    /// The follower's process id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follower_pid: Option<u32>,
     /// A first attach made with `--confirm` waits for `segbpf confirm
     /// --services`: the Unix time it is removed at otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +112,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         .and_then(|m| m.counters())
         .unwrap_or_default();
     let row = |id: usize| counters.get(id).copied().unwrap_or_default();
+    let follower = crate::attachment::cgroup_follow::follower_in_kernel(paths);
     let services = state
         .as_ref()
         .map(|s| {
@@ -108,6 +123,11 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
                     cgroup: svc.cgroup.clone(),
                     cgroup_id: crate::host::cgroups::cgroup_id(&paths.root.dir.join(&svc.cgroup))
                         .ok(),
+                    enforceable: crate::host::cgroups::reachable(&paths.root, &svc.cgroup),
+                    cgroup_level: crate::policy::services::cgroup_level(
+                        paths.root.level,
+                        &svc.cgroup,
+                    ),
                     ingress_default: svc.ingress_default.clone(),
                     egress_default: svc.egress_default.clone(),
                     ingress_rules: svc.ingress_rules,
@@ -132,6 +152,8 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
             .unwrap_or_default(),
         restored: state.as_ref().and_then(|s| s.restored),
         confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
+        follower_running: follower.is_some(),
+        follower_pid: follower,
     }
 }
 

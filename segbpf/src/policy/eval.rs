@@ -120,9 +120,14 @@ pub fn evaluate(
 /// local peer's service `peer_service`, a socket of the same host over
 /// loopback or the host's own addresses), then ICMP echo requests
 /// (`defaults.icmp`), then the service's default. None: no such service.
-/// A `to_services` rule lets the packet leave; the receiver's ingress then
-/// checks that it is one of the services named (not modelled here: judge
-/// the receiver's ingress too). The rule id indexes `policy.service_rules`.
+///
+/// Egress as the live program judges it: an address rule first; else,
+/// towards a local peer (`peer_service` given, or a loopback destination),
+/// the first `to_services` rule whose ports match, whoever the receiver
+/// is: the packet leaves, and the receiver's ingress then drops it unless
+/// the receiver is one of the services the rule names (judge the
+/// receiver's ingress for that; `explain` says so). The rule id indexes
+/// `policy.service_rules`.
 pub fn evaluate_service(
     policy: &Policy,
     service: &str,
@@ -135,19 +140,33 @@ pub fn evaluate_service(
         Direction::Ingress => pkt.src,
         Direction::Egress => pkt.dst,
     };
-    let rule = policy
-        .service_rules
-        .iter()
-        .filter(|r| {
-            r.direction == dir && matches!(&r.owner, super::Owner::Service(n) if *n == svc.name)
+    let own = || {
+        policy.service_rules.iter().filter(|r| {
+            r.direction == dir
+                && matches!(&r.owner, super::Owner::Service(n) if *n == svc.name)
+                && rule_allows_service(r, pkt)
         })
-        .filter(|r| {
-            r.peers.iter().any(|a| a.contains(peer))
-                || peer_service.is_some_and(|p| r.peer_services.iter().any(|n| n == p))
-        })
-        .filter(|r| rule_allows_service(r, pkt))
+    };
+    let by_addr = own()
+        .filter(|r| r.peers.iter().any(|a| a.contains(peer)))
         .map(|r| r.id)
         .min();
+    let rule = match dir {
+        Direction::Ingress => {
+            let by_service = own()
+                .filter(|r| peer_service.is_some_and(|p| r.peer_services.iter().any(|n| n == p)))
+                .map(|r| r.id)
+                .min();
+            by_addr.into_iter().chain(by_service).min()
+        }
+        Direction::Egress => by_addr.or_else(|| {
+            let local = peer_service.is_some() || is_loopback(peer);
+            own()
+                .filter(|r| local && !r.peer_services.is_empty())
+                .map(|r| r.id)
+                .min()
+        }),
+    };
     if let Some(id) = rule {
         return Some(Verdict {
             reason: reason::PASS_RULE,
@@ -166,6 +185,17 @@ pub fn evaluate_service(
         Action::Drop => reason::DROP_DEFAULT,
     };
     Some(Verdict { reason, rule: None })
+}
+
+/// A loopback address (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104): a local
+/// peer whatever the host's addresses.
+fn is_loopback(a: std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(v) => v.is_loopback(),
+        std::net::IpAddr::V6(v) => {
+            v.is_loopback() || v.to_ipv4_mapped().is_some_and(|m| m.is_loopback())
+        }
+    }
 }
 
 /// ICMP echo that `defaults.icmp = true` lets through from anyone:
@@ -255,6 +285,59 @@ tcp = [3306]
             Some(p.defaults.ingress == Action::Allow)
         );
         assert!(evaluate_service(&p, "nosuch", None, Direction::Ingress, &lo).is_none());
+    }
+
+    #[test]
+    fn egress_to_services_leaves_and_the_receiver_decides() {
+        // As the live egress program: a `to_services` rule lets a packet
+        // towards a local peer leave whoever the receiver is (its ingress
+        // checks the receiver); an address rule comes first.
+        let p = Policy::from_str(
+            r#"version = 1
+[services.app]
+cgroup = "app"
+defaults = { egress = "drop" }
+[services.db]
+cgroup = "db"
+[services.other]
+cgroup = "other"
+[[services.app.egress]]
+to = ["127.0.0.9"]
+tcp = [5000]
+[[services.app.egress]]
+name = "to-db"
+to_services = ["db"]
+tcp = [5000]
+"#,
+            "t.toml",
+        )
+        .expect("parses");
+        let tcp = |dst: &str, dport| Packet {
+            src: "127.0.0.1".parse().expect("addr"),
+            dst: dst.parse().expect("addr"),
+            proto: IPPROTO_TCP,
+            dport,
+            icmp_type: 0,
+            hop_limit: 64,
+        };
+        let name = |v: Option<Verdict>| {
+            v.and_then(|v| v.rule)
+                .and_then(|r| p.service_rules[r as usize].name.clone())
+        };
+        for peer in [None, Some("db"), Some("other")] {
+            let v = evaluate_service(&p, "app", peer, Direction::Egress, &tcp("127.0.0.1", 5000));
+            assert_eq!(name(v), Some("to-db".into()), "{peer:?}");
+        }
+        let v = evaluate_service(&p, "app", None, Direction::Egress, &tcp("::1", 5000));
+        assert_eq!(name(v), Some("to-db".into()));
+        // The address rule, not the service rule, for its address.
+        let v = evaluate_service(&p, "app", None, Direction::Egress, &tcp("127.0.0.9", 5000));
+        assert_eq!(v.and_then(|v| v.rule), Some(0));
+        // Not a local peer, another port: the default.
+        for pkt in [tcp("10.0.0.9", 5000), tcp("127.0.0.1", 5001)] {
+            let v = evaluate_service(&p, "app", None, Direction::Egress, &pkt);
+            assert_eq!(v.map(|v| v.reason), Some(reason::DROP_DEFAULT));
+        }
     }
 
     fn example() -> Policy {

@@ -303,6 +303,8 @@ pub struct Service {
     pub egress_default: Option<Action>,
     /// Where `[services.NAME]` is.
     pub loc: Loc,
+    /// Where its `cgroup` or `unit` value is.
+    pub target_loc: Loc,
 }
 
 impl Service {

@@ -304,3 +304,112 @@ udp = [53]
         );
     }
 }
+
+/// The deepest absolute level of the cgroup hierarchy (0: its root) whose
+/// cgroup the services programs read when they look for a socket's
+/// service: they walk the socket's ancestors from level 0 down to this
+/// one (`segbpf_common::SVC_MAX_LEVEL`), so a service's cgroup below it
+/// would never be seen and its sockets would count as no service.
+pub const MAX_CGROUP_LEVEL: u32 = segbpf_common::SVC_MAX_LEVEL;
+
+/// A service whose cgroup lies deeper than [`MAX_CGROUP_LEVEL`] below the
+/// hierarchy's root: it could not be enforced.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{file}:{line}:{column}: services.{name}.{field}: cgroup `{cgroup}` would be at level {level} of the cgroup hierarchy ({root_level} for the cgroup root {root}, plus {depth} below it); the services programs read a socket's cgroups down to level {max} only, so this service could not be enforced: name a cgroup at most {room} levels below the cgroup root"
+)]
+pub struct TooDeep {
+    /// The policy file.
+    pub file: String,
+    /// Line of the `cgroup`/`unit` value.
+    pub line: u32,
+    /// Its column.
+    pub column: u32,
+    /// The service.
+    pub name: String,
+    /// `cgroup` or `unit`.
+    pub field: &'static str,
+    /// The cgroup path below the root.
+    pub cgroup: String,
+    /// Its absolute level.
+    pub level: u32,
+    /// The cgroup root.
+    pub root: String,
+    /// The root's absolute level.
+    pub root_level: u32,
+    /// Components below the root.
+    pub depth: u32,
+    /// [`MAX_CGROUP_LEVEL`].
+    pub max: u32,
+    /// How many levels below the root are left.
+    pub room: u32,
+}
+
+/// The absolute level of the cgroup `rel` (a path below a root at
+/// `root_level`).
+pub fn cgroup_level(root_level: u32, rel: &str) -> u32 {
+    root_level + rel.split('/').filter(|c| !c.is_empty()).count() as u32
+}
+
+/// Refuses a policy with a service whose cgroup, below a cgroup root at
+/// absolute level `root_level` (named `root` in the message), lies deeper
+/// than [`MAX_CGROUP_LEVEL`]: the first such service, with its file, line
+/// and field.
+pub fn check_depth(policy: &Policy, root_level: u32, root: &str) -> Result<(), Box<TooDeep>> {
+    for s in &policy.services {
+        let level = cgroup_level(root_level, &s.cgroup);
+        if level > MAX_CGROUP_LEVEL {
+            return Err(Box::new(TooDeep {
+                file: policy.source.clone(),
+                line: s.target_loc.line,
+                column: s.target_loc.column,
+                name: s.name.clone(),
+                field: match s.target {
+                    crate::policy::ServiceTarget::Cgroup(_) => "cgroup",
+                    crate::policy::ServiceTarget::Unit(_) => "unit",
+                },
+                cgroup: s.cgroup.clone(),
+                level,
+                root: root.to_string(),
+                root_level,
+                depth: level - root_level,
+                max: MAX_CGROUP_LEVEL,
+                room: MAX_CGROUP_LEVEL.saturating_sub(root_level),
+            }));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    fn policy(depth: usize) -> Policy {
+        let path: Vec<String> = (1..=depth).map(|i| format!("l{i}")).collect();
+        Policy::from_str(
+            &format!(
+                "version = 1\n[services.deep]\ncgroup = \"{}\"\n",
+                path.join("/")
+            ),
+            "deep.toml",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_service_below_the_programs_walk_is_refused_with_its_line() {
+        // The programs read levels 0..=16: 16 below the hierarchy's root is
+        // the deepest; a root at level 1 leaves 15.
+        assert!(check_depth(&policy(16), 0, "/sys/fs/cgroup").is_ok());
+        assert!(check_depth(&policy(15), 1, "/sys/fs/cgroup/x").is_ok());
+        let e = check_depth(&policy(16), 1, "/sys/fs/cgroup/x").unwrap_err();
+        assert_eq!((e.line, e.level, e.field), (3, 17, "cgroup"));
+        let msg = e.to_string();
+        assert!(
+            msg.contains(":3:") && msg.contains("services.deep.cgroup"),
+            "{msg}"
+        );
+        assert!(check_depth(&policy(17), 0, "/sys/fs/cgroup").is_err());
+    }
+}

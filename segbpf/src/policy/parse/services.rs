@@ -50,10 +50,11 @@ pub fn unit_cgroup(unit: &str) -> String {
     format!("system.slice/{unit}")
 }
 
-/// A `cgroup` path: relative to the cgroup root, no `.`/`..`, no empty
-/// components; leading and trailing `/` are dropped.
+/// A `cgroup` path: relative to the cgroup root (one leading `/` is
+/// allowed and dropped: `/a/b` is `a/b` below the root), no `.`/`..`, no
+/// empty components (no `//`, no trailing `/`).
 fn cgroup_path(s: &str) -> Result<String, String> {
-    let t = s.trim_matches('/');
+    let t = s.strip_prefix('/').unwrap_or(s);
     if t.is_empty() {
         return Err(
             "`cgroup` names a cgroup below the root; the root itself cannot be a service".into(),
@@ -62,7 +63,7 @@ fn cgroup_path(s: &str) -> Result<String, String> {
     for part in t.split('/') {
         if part.is_empty() || part == "." || part == ".." {
             return Err(format!(
-                "`{s}` is not a cgroup path: write the path below the cgroup root, e.g. \"system.slice/app.service\", without `.`, `..` or `//`"
+                "`{s}` is not a cgroup path: write the path below the cgroup root, e.g. \"system.slice/app.service\", without `.`, `..`, `//` or a trailing `/`"
             ));
         }
         if part.chars().any(char::is_control) {
@@ -111,6 +112,7 @@ impl Cx<'_> {
             };
             let owner = Owner::Service(name.to_string());
             let mut target = None;
+            let mut target_loc = None;
             let (mut ingress_default, mut egress_default) = (None, None);
             let errors = self.error_count();
             for (sk, sv) in sorted(st) {
@@ -127,6 +129,7 @@ impl Cx<'_> {
                             continue;
                         }
                         target = self.keep(self.service_target(key, sv, &f));
+                        target_loc = Some(self.loc(sv.span().start));
                     }
                     "defaults" => {
                         if let Some((i, e)) = self.keep(self.service_defaults(sv, &f)) {
@@ -179,6 +182,7 @@ impl Cx<'_> {
                 ingress_default,
                 egress_default,
                 loc: self.loc(val.span().start),
+                target_loc: target_loc.unwrap_or_else(|| self.loc(val.span().start)),
             });
         }
         Ok(services)
@@ -409,6 +413,14 @@ tcp = [3306]
         assert!(e[0].contains("service `a` names no cgroup"), "{e:?}");
         let e = errors("version = 1\n[services.a]\ncgroup = \"../x\"\n");
         assert!(e[0].contains("is not a cgroup path"), "{e:?}");
+        // One leading `/` is the root's; no empty part anywhere else.
+        for bad in ["/x/", "x/", "x//y", "//x", "/"] {
+            let e = errors(&format!("version = 1\n[services.a]\ncgroup = \"{bad}\"\n"));
+            assert!(
+                e[0].contains("is not a cgroup path") || e[0].contains("the root itself"),
+                "{bad}: {e:?}"
+            );
+        }
         let e = errors("version = 1\n[services.a]\nunit = \"mysql\"\n");
         assert!(e[0].contains("is not a unit name"), "{e:?}");
         let e = errors(
@@ -420,7 +432,7 @@ tcp = [3306]
         );
         assert!(e[0].contains("missing `from` or `from_services`"), "{e:?}");
         let e =
-            errors("version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"/a/\"\n");
+            errors("version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"/a\"\n");
         assert!(e[0].contains("cgroup `a` is already service `a`"), "{e:?}");
         // from_services belongs to services, not roles.
         let e = errors(
