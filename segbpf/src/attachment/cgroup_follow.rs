@@ -159,8 +159,9 @@ pub fn reload_in_force(
 /// The follower's claim on an attachment: an exclusive `flock` on
 /// `STATE/services:ID.follow.lock`, held by the kernel for as long as the
 /// follower lives (its process dies: the lock is gone, whatever file is
-/// left). The file also records the holder's PID and start time (for
-/// messages only; checked against `/proc` before it is shown).
+/// left). Who holds it is read from the kernel's lock table
+/// ([`live_follower`]); the PID and start time the file records are for
+/// people only, never read back.
 pub struct FollowerClaim(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
 
 /// The follower lock file of `paths`.
@@ -243,22 +244,76 @@ pub fn claim_follower(paths: &SvcPaths) -> Result<Option<FollowerClaim>, Service
 }
 
 /// Whether a live process follows `paths` (its claim is held), and its
-/// PID when the record matches a live process's start time.
+/// PID (None: held, but the kernel names no PID in this PID namespace).
+/// Read from the kernel's lock table (`/proc/locks`), never by taking the
+/// lock: a probe that took it, even for a moment, would make a follower
+/// claiming it at that moment leave, and two such probes at once could
+/// leave no follower at all.
 pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
-    let f = open_lock(paths)?;
-    if try_lock(&f)? {
-        // Nobody holds it (closing the file drops our lock).
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(follower_lock_file(paths)).unwrap_or_default();
-    let mut w = text.split_whitespace().map(str::parse::<u64>);
-    let pid = match (w.next(), w.next()) {
-        (Some(Ok(pid)), Some(Ok(start))) => u32::try_from(pid)
-            .ok()
-            .filter(|p| start != 0 && start_time(*p) == Some(start)),
-        _ => None,
+    use std::os::unix::fs::MetadataExt as _;
+    let file = follower_lock_file(paths);
+    let meta = match std::fs::metadata(&file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ServicesError::Io {
+                what: format!("reading {}", file.display()),
+                source,
+            });
+        }
     };
-    Ok(Some(pid))
+    let locks = std::fs::read_to_string("/proc/locks").map_err(|source| ServicesError::Io {
+        what: "reading /proc/locks".into(),
+        source,
+    })?;
+    Ok(flock_holder(&locks, meta.dev(), meta.ino()))
+}
+
+/// The holder of a `flock` on the file `dev`/`ino` in `locks` (the text
+/// of `/proc/locks`): `Some(None)` when held by a PID the kernel does not
+/// name (0 or -1).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<Option<u32>> {
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line
+    // reads "1: -> FLOCK ..." (none here: the claim never waits).
+    let file = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        (w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str())).then(|| {
+            w.get(4)
+                .and_then(|p| p.parse::<u32>().ok())
+                .filter(|p| *p != 0)
+        })
+    })
+}
+
+/// After starting the follower `child` (`attach --services --no-wait`):
+/// waits (at most `within`) until a live process holds the claim, and
+/// returns its PID, from the kernel: `child`'s, or that of a follower
+/// started at the same time by another attach (`child` then lost the
+/// claim and leaves). None: `child` exited and nobody holds the claim,
+/// or nobody did within `within`.
+pub fn await_follower(
+    paths: &SvcPaths,
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Result<Option<u32>, ServicesError> {
+    let start = Instant::now();
+    loop {
+        let exited = child.try_wait().ok().flatten().is_some();
+        match live_follower(paths)? {
+            // A holder the kernel names: the claim is exclusive, so it is
+            // the one follower (`child` or the one it lost to).
+            Some(Some(pid)) => return Ok(Some(pid)),
+            // Held by a process of another PID namespace: not `child`.
+            Some(None) if exited => return Ok(None),
+            None if exited => return Ok(None),
+            _ => {}
+        }
+        if start.elapsed() > within {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// How often the tree is rescanned without an inotify event.
@@ -313,5 +368,36 @@ pub fn follow(
                 on_event(FollowEvent::Rescanned { written, removed });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flock_holder;
+
+    const LOCKS: &str = "\
+1: POSIX  ADVISORY  WRITE 501 08:01:77 0 EOF
+2: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF
+3: FLOCK  ADVISORY  WRITE 77 00:2a:12345 0 EOF
+4: OFDLCK ADVISORY  READ  -1 00:2a:999 0 EOF
+";
+
+    #[test]
+    fn the_holder_of_the_file_is_named() {
+        let dev = libc::makedev(0, 0x2a);
+        assert_eq!(flock_holder(LOCKS, dev, 1234), Some(Some(4242)));
+        assert_eq!(flock_holder(LOCKS, dev, 12345), Some(Some(77)));
+        // Same inode on another device, a POSIX or OFD lock: not a claim.
+        assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 1234), None);
+        assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 77), None);
+        assert_eq!(flock_holder(LOCKS, dev, 999), None);
+        assert_eq!(flock_holder("", dev, 1234), None);
+    }
+
+    #[test]
+    fn a_holder_without_pid_is_still_a_holder() {
+        let dev = libc::makedev(0, 0x2a);
+        let locks = "9: FLOCK  ADVISORY  WRITE 0 00:2a:5 0 EOF\n";
+        assert_eq!(flock_holder(locks, dev, 5), Some(None));
     }
 }

@@ -514,6 +514,11 @@ pub fn attach(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    // Attaches of one root run one at a time: two first attaches at once
+    // would each start the pins over, removing the other's links (its
+    // programs leave the cgroup). The second one finds it attached and
+    // reloads.
+    let _attaching = attach_lock(paths)?;
     if paths.is_attached() {
         return reload(paths, policy, policy_path, audit);
     }
@@ -545,6 +550,27 @@ pub fn attach(
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
     Ok(state)
+}
+
+/// The lock that serialises the attaches of the root at `paths`
+/// (`STATE/services:ID.attach.lock`; an exclusive `flock`, released when
+/// the file is dropped or the process dies). Distinct from [`lock`], which
+/// the reload of an adopting attach takes inside it.
+fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    let path = paths.state.with_extension("attach.lock");
+    if let Some(parent) = path.parent() {
+        private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    f.lock()
+        .map_err(io(format!("locking {}", path.display())))?;
+    Ok(f)
 }
 
 /// Records `state` (applied from the text of `text`) in the history
@@ -923,6 +949,7 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     }
     remove_history(paths);
     let _ = std::fs::remove_file(paths.state.with_extension("lock"));
+    let _ = std::fs::remove_file(paths.state.with_extension("attach.lock"));
     if paths.state.exists() {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;
