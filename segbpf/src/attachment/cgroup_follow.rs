@@ -248,8 +248,42 @@ pub fn claim_follower(paths: &SvcPaths) -> Result<Option<FollowerClaim>, Service
 /// Read from the kernel's lock table (`/proc/locks`), never by taking the
 /// lock: a probe that took it, even for a moment, would make a follower
 /// claiming it at that moment leave, and two such probes at once could
-/// leave no follower at all.
+/// leave no follower at all. A holder that is exiting (killed: its lock
+/// goes within moments) is waited for, at most a second, so a dying
+/// follower is not named.
 pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
+    let start = Instant::now();
+    loop {
+        let holder = claim_holder(paths)?;
+        match holder {
+            Some(Some(pid)) if exiting(pid) && start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => return Ok(holder),
+        }
+    }
+}
+
+/// Whether process `pid` is exiting (`PF_EXITING` in `/proc/PID/stat`)
+/// or gone.
+fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The flags are the 9th field, the 7th after the command.
+            stat.rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(6)?
+                .parse::<u64>()
+                .ok()
+        })
+        .is_none_or(|flags| flags & PF_EXITING != 0)
+}
+
+/// The holder of the follower claim in the kernel's lock table.
+fn claim_holder(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
     use std::os::unix::fs::MetadataExt as _;
     let file = follower_lock_file(paths);
     let meta = match std::fs::metadata(&file) {
