@@ -254,7 +254,8 @@ pub fn claim_follower(paths: &SvcPaths) -> Result<Option<FollowerClaim>, Service
 pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
     let start = Instant::now();
     loop {
-        let holder = claim_holder(paths)?;
+        // A PID the kernel does not name here (0, -1): held all the same.
+        let holder = claim_holder(paths)?.map(|pid| u32::try_from(pid).ok().filter(|p| *p != 0));
         match holder {
             Some(Some(pid)) if exiting(pid) && start.elapsed() < Duration::from_secs(1) => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -282,8 +283,9 @@ fn exiting(pid: u32) -> bool {
         .is_none_or(|flags| flags & PF_EXITING != 0)
 }
 
-/// The holder of the follower claim in the kernel's lock table.
-fn claim_holder(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
+/// The holder of the follower claim in the kernel's lock table (see
+/// [`flock_holder`]).
+fn claim_holder(paths: &SvcPaths) -> Result<Option<i64>, ServicesError> {
     use std::os::unix::fs::MetadataExt as _;
     let file = follower_lock_file(paths);
     let meta = match std::fs::metadata(&file) {
@@ -304,19 +306,19 @@ fn claim_holder(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> 
 }
 
 /// The holder of a `flock` on the file `dev`/`ino` in `locks` (the text
-/// of `/proc/locks`): `Some(None)` when held by a PID the kernel does not
-/// name (0 or -1).
-fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<Option<u32>> {
+/// of `/proc/locks`): its PID as the kernel shows it (0 or -1 when it
+/// names none in this PID namespace).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<i64> {
     // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line
     // reads "1: -> FLOCK ..." (none here: the claim never waits).
     let file = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
     locks.lines().find_map(|line| {
         let w: Vec<&str> = line.split_whitespace().collect();
-        (w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str())).then(|| {
-            w.get(4)
-                .and_then(|p| p.parse::<u32>().ok())
-                .filter(|p| *p != 0)
-        })
+        if w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str()) {
+            Some(w.get(4).and_then(|p| p.parse().ok()).unwrap_or(-1))
+        } else {
+            None
+        }
     })
 }
 
@@ -338,9 +340,9 @@ pub fn await_follower(
             // A holder the kernel names: the claim is exclusive, so it is
             // the one follower (`child` or the one it lost to).
             Some(Some(pid)) => return Ok(Some(pid)),
-            // Held by a process of another PID namespace: not `child`.
-            Some(None) if exited => return Ok(None),
-            None if exited => return Ok(None),
+            // Nobody, or a process of another PID namespace (not
+            // `child`), holds it, and `child` has left.
+            Some(None) | None if exited => return Ok(None),
             _ => {}
         }
         if start.elapsed() > within {
@@ -419,8 +421,8 @@ mod tests {
     #[test]
     fn the_holder_of_the_file_is_named() {
         let dev = libc::makedev(0, 0x2a);
-        assert_eq!(flock_holder(LOCKS, dev, 1234), Some(Some(4242)));
-        assert_eq!(flock_holder(LOCKS, dev, 12345), Some(Some(77)));
+        assert_eq!(flock_holder(LOCKS, dev, 1234), Some(4242));
+        assert_eq!(flock_holder(LOCKS, dev, 12345), Some(77));
         // Same inode on another device, a POSIX or OFD lock: not a claim.
         assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 1234), None);
         assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 77), None);
@@ -432,6 +434,6 @@ mod tests {
     fn a_holder_without_pid_is_still_a_holder() {
         let dev = libc::makedev(0, 0x2a);
         let locks = "9: FLOCK  ADVISORY  WRITE 0 00:2a:5 0 EOF\n";
-        assert_eq!(flock_holder(locks, dev, 5), Some(None));
+        assert_eq!(flock_holder(locks, dev, 5), Some(0));
     }
 }
