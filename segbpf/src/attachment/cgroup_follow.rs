@@ -159,8 +159,9 @@ pub fn reload_in_force(
 /// The follower's claim on an attachment: an exclusive `flock` on
 /// `STATE/services:ID.follow.lock`, held by the kernel for as long as the
 /// follower lives (its process dies: the lock is gone, whatever file is
-/// left). The file also records the holder's PID and start time (for
-/// messages only; checked against `/proc` before it is shown).
+/// left). Who holds it is read from the kernel's lock table
+/// ([`live_follower`]); the PID and start time the file records are for
+/// people only, never read back.
 pub struct FollowerClaim(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
 
 /// The follower lock file of `paths`.
@@ -289,22 +290,112 @@ pub fn claim_follower(paths: &SvcPaths) -> Result<Option<FollowerClaim>, Service
 }
 
 /// Whether a live process follows `paths` (its claim is held), and its
-/// PID when the record matches a live process's start time.
+/// PID (None: held, but the kernel names no PID in this PID namespace).
+/// Read from the kernel's lock table (`/proc/locks`), never by taking the
+/// lock: a probe that took it, even for a moment, would make a follower
+/// claiming it at that moment leave, and two such probes at once could
+/// leave no follower at all. A holder that is exiting (killed: its lock
+/// goes within moments) is waited for, at most a second, so a dying
+/// follower is not named.
 pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesError> {
-    let f = open_lock(paths)?;
-    if try_lock(&f)? {
-        // Nobody holds it (closing the file drops our lock).
-        return Ok(None);
+    let start = Instant::now();
+    loop {
+        // A PID the kernel does not name here (0, -1): held all the same.
+        let holder = claim_holder(paths)?.map(|pid| u32::try_from(pid).ok().filter(|p| *p != 0));
+        match holder {
+            Some(Some(pid)) if exiting(pid) && start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => return Ok(holder),
+        }
     }
-    let text = std::fs::read_to_string(follower_lock_file(paths)).unwrap_or_default();
-    let mut w = text.split_whitespace().map(str::parse::<u64>);
-    let pid = match (w.next(), w.next()) {
-        (Some(Ok(pid)), Some(Ok(start))) => u32::try_from(pid)
-            .ok()
-            .filter(|p| start != 0 && start_time(*p) == Some(start)),
-        _ => None,
+}
+
+/// Whether process `pid` is exiting (`PF_EXITING` in `/proc/PID/stat`)
+/// or gone.
+fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The flags are the 9th field, the 7th after the command.
+            stat.rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(6)?
+                .parse::<u64>()
+                .ok()
+        })
+        .is_none_or(|flags| flags & PF_EXITING != 0)
+}
+
+/// The holder of the follower claim in the kernel's lock table (see
+/// [`flock_holder`]).
+fn claim_holder(paths: &SvcPaths) -> Result<Option<i64>, ServicesError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = follower_lock_file(paths);
+    let meta = match std::fs::metadata(&file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ServicesError::Io {
+                what: format!("reading {}", file.display()),
+                source,
+            });
+        }
     };
-    Ok(Some(pid))
+    let locks = std::fs::read_to_string("/proc/locks").map_err(|source| ServicesError::Io {
+        what: "reading /proc/locks".into(),
+        source,
+    })?;
+    Ok(flock_holder(&locks, meta.dev(), meta.ino()))
+}
+
+/// The holder of a `flock` on the file `dev`/`ino` in `locks` (the text
+/// of `/proc/locks`): its PID as the kernel shows it (0 or -1 when it
+/// names none in this PID namespace).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<i64> {
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line
+    // reads "1: -> FLOCK ..." (none here: the claim never waits).
+    let file = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str()) {
+            Some(w.get(4).and_then(|p| p.parse().ok()).unwrap_or(-1))
+        } else {
+            None
+        }
+    })
+}
+
+/// After starting the follower `child` (`attach --services --no-wait`):
+/// waits (at most `within`) until a live process holds the claim, and
+/// returns its PID, from the kernel: `child`'s, or that of a follower
+/// started at the same time by another attach (`child` then lost the
+/// claim and leaves). None: `child` exited and nobody holds the claim,
+/// or nobody did within `within`.
+pub fn await_follower(
+    paths: &SvcPaths,
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Result<Option<u32>, ServicesError> {
+    let start = Instant::now();
+    loop {
+        let exited = child.try_wait().ok().flatten().is_some();
+        match live_follower(paths)? {
+            // A holder the kernel names: the claim is exclusive, so it is
+            // the one follower (`child` or the one it lost to).
+            Some(Some(pid)) => return Ok(Some(pid)),
+            // Nobody, or a process of another PID namespace (not
+            // `child`), holds it, and `child` has left.
+            Some(None) | None if exited => return Ok(None),
+            _ => {}
+        }
+        if start.elapsed() > within {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The process that follows `paths` now, from the kernel's table of
@@ -314,28 +405,7 @@ pub fn live_follower(paths: &SvcPaths) -> Result<Option<Option<u32>>, ServicesEr
 /// None: no live process follows the tree (new cgroups below the guards
 /// are held until one does).
 pub fn follower_in_kernel(paths: &SvcPaths) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(follower_lock_file(paths)).ok()?;
-    let dev = meta.dev();
-    // The kernel's `MAJOR:MINOR:INODE` of the file (major and minor in hex).
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    held_by(&locks, &want)
-}
-
-/// The PID of the process that holds an `flock` on the file `dev_ino`
-/// (`MAJOR:MINOR:INODE` as /proc/locks writes it), from the text of
-/// /proc/locks (waiters, lines with `->`, hold nothing).
-fn held_by(locks: &str, dev_ino: &str) -> Option<u32> {
-    locks.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END
-        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == dev_ino)
-            .then(|| f[4].parse().ok())
-            .flatten()
-    })
+    live_follower(paths).ok().flatten().flatten()
 }
 
 /// How often the tree is rescanned without an inotify event.
@@ -395,13 +465,31 @@ pub fn follow(
 
 #[cfg(test)]
 mod tests {
-    use super::held_by;
+    use super::flock_holder;
+
+    const LOCKS: &str = "\
+1: POSIX  ADVISORY  WRITE 501 08:01:77 0 EOF
+2: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF
+3: FLOCK  ADVISORY  WRITE 77 00:2a:12345 0 EOF
+4: OFDLCK ADVISORY  READ  -1 00:2a:999 0 EOF
+";
 
     #[test]
-    fn the_follower_is_the_holder_of_its_flock_in_proc_locks() {
-        let locks = "1: POSIX  ADVISORY  WRITE 77 00:1a:99 0 EOF\n2: FLOCK  ADVISORY  WRITE 4242 00:1a:1234 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 5555 00:1a:1234 0 EOF\n";
-        assert_eq!(held_by(locks, "00:1a:1234"), Some(4242));
-        assert_eq!(held_by(locks, "00:1a:99"), None);
-        assert_eq!(held_by(locks, "00:1a:12345"), None);
+    fn the_holder_of_the_file_is_named() {
+        let dev = libc::makedev(0, 0x2a);
+        assert_eq!(flock_holder(LOCKS, dev, 1234), Some(4242));
+        assert_eq!(flock_holder(LOCKS, dev, 12345), Some(77));
+        // Same inode on another device, a POSIX or OFD lock: not a claim.
+        assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 1234), None);
+        assert_eq!(flock_holder(LOCKS, libc::makedev(8, 1), 77), None);
+        assert_eq!(flock_holder(LOCKS, dev, 999), None);
+        assert_eq!(flock_holder("", dev, 1234), None);
+    }
+
+    #[test]
+    fn a_holder_without_pid_is_still_a_holder() {
+        let dev = libc::makedev(0, 0x2a);
+        let locks = "9: FLOCK  ADVISORY  WRITE 0 00:2a:5 0 EOF\n";
+        assert_eq!(flock_holder(locks, dev, 5), Some(0));
     }
 }

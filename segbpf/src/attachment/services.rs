@@ -521,14 +521,19 @@ pub fn attach(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
+    // Attaches of one root run one at a time: two first attaches at once
+    // would each start the pins over, removing the other's links (its
+    // programs leave the cgroup). The second one finds it attached and
+    // reloads.
+    let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
     if paths.is_attached() {
         return reload(paths, policy, policy_path, audit);
     }
     // No other attachment's root above or below this one (checked in the
-    // kernel) may come into force while this one is made: one attach at a
-    // time.
-    let _attaching = attach_lock(paths)?;
+    // kernel) may come into force while this one is made: one fresh attach
+    // at a time on this machine.
+    let _nesting = nest_lock(paths)?;
     crate::attachment::services_nest::refuse_nested(&paths.root)?;
     // A partial attachment (a crash between pinning and attaching) is
     // started over: nothing of it is attached.
@@ -574,12 +579,27 @@ fn check_depth(paths: &SvcPaths, policy: &Policy) -> Result<(), ServicesError> {
 /// The lock one fresh attach holds from its nesting check until its
 /// programs are attached (`STATE/services.attach.lock`): two attaches at
 /// nested roots cannot both pass the check.
-fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+fn nest_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
     let path = paths
         .state
         .parent()
         .unwrap_or(Path::new("."))
         .join("services.attach.lock");
+    exclusive_lock(&path)
+}
+
+/// The lock that serialises the attaches of the root at `paths`
+/// (`STATE/services:ID.attach.lock`; an exclusive `flock`, released when
+/// the file is dropped or the process dies). Distinct from [`lock`], which
+/// the reload of an adopting attach takes inside it.
+fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+    let path = paths.state.with_extension("attach.lock");
+    exclusive_lock(&path)
+}
+
+/// An exclusive `flock` on `path` (made if missing, in a private
+/// directory), held until the file is dropped or the process dies.
+fn exclusive_lock(path: &Path) -> Result<std::fs::File, ServicesError> {
     if let Some(parent) = path.parent() {
         private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
     }
@@ -588,7 +608,7 @@ fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
         .truncate(false)
         .read(true)
         .write(true)
-        .open(&path)
+        .open(path)
         .map_err(io(format!("opening {}", path.display())))?;
     f.lock()
         .map_err(io(format!("locking {}", path.display())))?;
@@ -613,19 +633,7 @@ pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
         return Err(paths.not_attached());
     }
     let path = paths.state.with_extension("lock");
-    if let Some(parent) = path.parent() {
-        private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(io(format!("opening {}", path.display())))?;
-    f.lock()
-        .map_err(io(format!("locking {}", path.display())))?;
-    Ok(f)
+    exclusive_lock(&path)
 }
 
 /// `path` made absolute (canonical when it exists), so the state names
@@ -972,6 +980,7 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     }
     remove_history(paths);
     let _ = std::fs::remove_file(paths.state.with_extension("lock"));
+    let _ = std::fs::remove_file(paths.state.with_extension("attach.lock"));
     if paths.state.exists() {
         std::fs::remove_file(&paths.state)
             .map_err(io(format!("removing {}", paths.state.display())))?;

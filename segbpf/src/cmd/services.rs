@@ -125,12 +125,30 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
                         .map_err(std::io::Error::from)
                 });
             }
-            let child = cmd.spawn().context("starting the cgroup follower")?;
-            info!(
-                "the cgroup tree is followed by process {} until `segbpf detach --services` (log: {})",
-                child.id(),
-                log_file.display()
-            );
+            let mut child = cmd.spawn().context("starting the cgroup follower")?;
+            // Name the follower that holds the claim (the kernel says
+            // which): this one, or one another `--no-wait` started at the
+            // same time (this one then leaves).
+            let Some(pid) =
+                follow::await_follower(&paths, &mut child, std::time::Duration::from_secs(10))?
+            else {
+                anyhow::bail!(
+                    "the cgroup follower (process {}) does not follow the cgroup tree: new cgroups below a service stay held until one does (see its log {}; run `segbpf attach --services --no-wait` again)",
+                    child.id(),
+                    log_file.display()
+                );
+            };
+            if pid == child.id() {
+                info!(
+                    "the cgroup tree is followed by process {pid} until `segbpf detach --services` (log: {})",
+                    log_file.display()
+                );
+            } else {
+                info!(
+                    "the cgroup tree is followed by process {pid}, started at the same time by another attach, until `segbpf detach --services` (log: {}): the one started here leaves",
+                    log_file.display()
+                );
+            }
             return Ok(());
         }
         crate::host::service::ready(&summary);
