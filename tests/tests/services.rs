@@ -4301,6 +4301,20 @@ fn last_acks(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
         .count())
 }
 
+/// The sockets in LAST-ACK matching `filter` once none is left or 10 s
+/// have passed (a FIN whose ACK is dropped is retransmitted for minutes;
+/// on a loaded machine the last closes take a moment).
+fn last_acks_after(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = last_acks(lab, filter)?;
+        if n == 0 || Instant::now() > deadline {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A client that closes first leaves its side in TIME_WAIT; the kernel
 /// acknowledges the server's FIN from its control socket, without app's
 /// stamp. db's ingress takes that bare ACK on the flow it received from
@@ -4323,8 +4337,7 @@ fn client_closing_first_leaves_no_last_ack() -> anyhow::Result<()> {
     }
     // The server closes 300 ms after each answer; its FIN is acknowledged
     // at once if the ACK passes, and retransmitted for minutes if not.
-    std::thread::sleep(Duration::from_millis(1500));
-    let left = last_acks(&lab, "sport = :3306")?;
+    let left = last_acks_after(&lab, "sport = :3306")?;
     assert_eq!(left, 0, "sockets left in LAST-ACK on db's port 3306");
     drop(db);
     drop(lab);
@@ -4355,8 +4368,7 @@ tcp = [3306]
         let (ok, out) = Helper::run(&lab.cg("app"), &ns, &format!("close-late {a} 3306 200"))?;
         assert!(ok && out.contains("ok=200"), "app -> db {a}: {out}");
     }
-    std::thread::sleep(Duration::from_secs(1));
-    let left = last_acks(&lab, "dport = :3306")?;
+    let left = last_acks_after(&lab, "dport = :3306")?;
     assert_eq!(
         left, 0,
         "app's sockets left in LAST-ACK towards db's port 3306"
