@@ -41,6 +41,11 @@ pub struct FileWatch {
     dir: PathBuf,
     name: OsString,
     wd: WatchDescriptor,
+    /// A change was seen and not reported yet. Kept here, not in
+    /// [`FileWatch::changed`]'s future, so a caller that drops that future
+    /// (a `select!` whose other branch won) loses no change: the events
+    /// are already read, and the next call reports them.
+    pending: bool,
 }
 
 fn split(file: &Path) -> std::io::Result<(PathBuf, OsString)> {
@@ -79,6 +84,7 @@ impl FileWatch {
             dir,
             name,
             wd,
+            pending: false,
         })
     }
 
@@ -129,21 +135,25 @@ impl FileWatch {
     }
 
     /// Waits until the file was written (a writer closed it) or replaced,
-    /// and then for [`QUIET`] without a further change to it.
+    /// and then for [`QUIET`] without a further change to it. Cancel-safe:
+    /// a change seen by a call whose future was dropped is reported by the
+    /// next call.
     pub async fn changed(&mut self) -> std::io::Result<()> {
-        let mut pending = false;
         loop {
-            if pending {
+            if self.pending {
                 // Wait for quiet: any event for the file starts it again.
                 match tokio::time::timeout(QUIET, self.fd.readable()).await {
-                    Err(_) => return Ok(()),
+                    Err(_) => {
+                        self.pending = false;
+                        return Ok(());
+                    }
                     Ok(guard) => {
                         let mut guard = guard?;
                         let (done, writing) = self.drain()?;
                         guard.clear_ready();
                         if writing && !done {
                             // Still being written: wait for its close.
-                            pending = false;
+                            self.pending = false;
                         }
                     }
                 }
@@ -151,7 +161,7 @@ impl FileWatch {
                 let mut guard = self.fd.readable().await?;
                 let (done, _) = self.drain()?;
                 guard.clear_ready();
-                pending = done;
+                self.pending = done;
             }
         }
     }
@@ -219,6 +229,29 @@ mod tests {
             f.write_all(b"1\n").unwrap();
             drop(f);
             assert!(reports(&mut w, Duration::from_secs(2)).await);
+        });
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The running attach polls `changed` in a `select!` with a 2 s tick:
+    /// a tick during the quiet period drops the future after it read the
+    /// events. The next call must still report the change (it was lost,
+    /// and the file never applied, before the state moved into the watch).
+    #[test]
+    fn a_change_seen_by_a_dropped_call_is_reported_by_the_next() {
+        let d = dir("cancel");
+        let file = d.join("p.toml");
+        std::fs::write(&file, "a").unwrap();
+        rt().block_on(async {
+            let mut w = FileWatch::new(&file).unwrap();
+            std::fs::write(&file, "b").unwrap();
+            // Dropped within the quiet period, after the events were read.
+            assert!(!reports(&mut w, QUIET / 3).await);
+            assert!(
+                reports(&mut w, Duration::from_secs(2)).await,
+                "the change was lost with the dropped call"
+            );
+            assert!(!reports(&mut w, Duration::from_millis(200)).await);
         });
         std::fs::remove_dir_all(&d).unwrap();
     }
