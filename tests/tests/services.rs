@@ -2991,6 +2991,11 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
         .then_some(())
         .context("mounting a bpffs for the container")?;
     let mut cmd = Command::new("systemd-nspawn");
+    // Without a cgroup namespace of its own (segbpf refuses to enforce
+    // services from inside one: the levels it would see are not the
+    // kernel's); the container's systemd still runs its units in cgroups
+    // of their own below the container's.
+    cmd.env("SYSTEMD_NSPAWN_USE_CGNS", "0");
     cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
         .args(["--keep-unit", "--private-network", "-q"])
         .args(["-M", &format!("segbpf-svc-{}", std::process::id())])

@@ -525,6 +525,7 @@ pub fn attach(
     // would each start the pins over, removing the other's links (its
     // programs leave the cgroup). The second one finds it attached and
     // reloads.
+    crate::attachment::services_nest::refuse_cgroup_namespace()?;
     let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
     if paths.is_attached() {
@@ -533,7 +534,7 @@ pub fn attach(
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
     // at a time on this machine.
-    let _nesting = nest_lock(paths)?;
+    let _nesting = crate::attachment::services_nest::nest_lock()?;
     crate::attachment::services_nest::refuse_nested(&paths.root)?;
     // A partial attachment (a crash between pinning and attaching) is
     // started over: nothing of it is attached.
@@ -574,18 +575,6 @@ fn check_depth(paths: &SvcPaths, policy: &Policy) -> Result<(), ServicesError> {
         &paths.root.dir.display().to_string(),
     )?;
     Ok(())
-}
-
-/// The lock one fresh attach holds from its nesting check until its
-/// programs are attached (`STATE/services.attach.lock`): two attaches at
-/// nested roots cannot both pass the check.
-fn nest_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
-    let path = paths
-        .state
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("services.attach.lock");
-    exclusive_lock(&path)
 }
 
 /// The lock that serialises the attaches of the root at `paths`

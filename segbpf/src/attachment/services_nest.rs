@@ -150,6 +150,52 @@ fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, NestError>
     Ok(None)
 }
 
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, a
+/// constant of the kernel's).
+const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// Refuses to enforce services from inside a cgroup namespace other than
+/// the initial one (a container's, `systemd-nspawn`, `unshare -C`): there
+/// the cgroup v2 mount's root is not the hierarchy's, so every level this
+/// process can see is off from the absolute level the programs read
+/// (`bpf_skb_ancestor_cgroup_id`), no socket would be found in its
+/// service, and the nesting check could not see attachments above.
+/// Asked of the kernel: the namespace of this process.
+pub fn refuse_cgroup_namespace() -> Result<(), NestError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = std::fs::metadata("/proc/self/ns/cgroup").map_err(|source| NestError::Io {
+        what: "reading /proc/self/ns/cgroup".into(),
+        source,
+    })?;
+    if ns.ino() != INIT_CGROUP_NS_INO {
+        return Err(NestError::Nested(
+            "this process runs in a cgroup namespace other than the host's (a container, systemd-nspawn, `unshare -C`): services cannot be enforced from here (the cgroup levels seen here are not the kernel's); run `segbpf attach --services` on the host".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The lock every fresh services attach on this machine holds from its
+/// nesting check until its programs are attached: an exclusive `flock` on
+/// the cgroup v2 hierarchy's root directory, the one file every segbpf
+/// sees whatever its state or pin directories, so two attaches at nested
+/// (or equal) roots cannot both pass the check.
+pub fn nest_lock() -> Result<std::fs::File, NestError> {
+    let (mount, _) = cgroup2_mount().map_err(|e| NestError::Io {
+        what: "finding the cgroup v2 mount".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let dir = std::fs::File::open(&mount).map_err(|source| NestError::Io {
+        what: format!("opening {}", mount.display()),
+        source,
+    })?;
+    dir.lock().map_err(|source| NestError::Io {
+        what: format!("locking {}", mount.display()),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// Refuses `root` when segbpf's services programs are attached, in the
 /// kernel, at `root` itself, at one of its ancestors up to the cgroup v2
 /// mount, or at a cgroup below it; the error names that cgroup.
