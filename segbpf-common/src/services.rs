@@ -215,6 +215,13 @@ pub const SVC_FLOW_INBOUND: u32 = 2;
 /// of the flow (without the flag, every reply is checked against the
 /// `to_services` rules).
 pub const SVC_FLOW_ANSWERED: u32 = 4;
+/// [`SvcFlow::flags`]: a flow only audit mode let through (the rules
+/// refused its first packet). Every packet of it is reported as one the
+/// policy refuses, and the entry keeps the direction of that first
+/// packet, so when enforcement starts (a new generation) the flow is
+/// judged again as what it is, never as a reply to the service's own
+/// answer.
+pub const SVC_FLOW_AUDITED: u32 = 8;
 
 /// A socket side of an allowed flow.
 #[repr(C)]

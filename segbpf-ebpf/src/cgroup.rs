@@ -50,9 +50,9 @@ use aya_ebpf::{
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL,
-    SVC_PEER_ANY, SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S,
-    SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
+    SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED, SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER,
+    SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED,
+    SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
     SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
@@ -322,6 +322,11 @@ fn judge_service<const DRY: bool>(
         if entry.sock_cg == sock_cg && fresh(entry, p.proto, now) {
             if svc_flow::current(entry, dir, lo, peer, cfg.generation) {
                 entry.last_ns = now;
+                if entry.flags & SVC_FLOW_AUDITED != 0 {
+                    // A flow only audit mode lets through: each packet is
+                    // one the policy refuses (passed, and reported).
+                    return refuse(Some(p), SVC_WHY_DEFAULT);
+                }
                 return Judged {
                     verdict: PASS,
                     refused: false,
@@ -414,14 +419,27 @@ fn judge_service<const DRY: bool>(
         SVC_WHY_DEFAULT
     };
     let allowed = why != SVC_WHY_DEFAULT || default == ACTION_ALLOW;
+    let trackable = p.proto == IPPROTO_TCP
+        || p.proto == IPPROTO_UDP
+        || (p.echo != ECHO_NONE && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6));
     if !allowed {
+        // Audit mode passes it: remember the flow as refused, in the
+        // direction of this packet, so the service's answers are not taken
+        // for a flow it opened (which enforcement would then keep open).
+        if !DRY && cfg.audit != 0 && cfg.established != 0 && trackable && !reply {
+            let entry = SvcFlow {
+                sock_cg,
+                svc_cg,
+                last_ns: now,
+                peer,
+                flags: flags | SVC_FLOW_AUDITED,
+                rule: NO_RULE,
+            };
+            let _ = SEG_SVC_CT.insert(own, entry, 0);
+        }
         return refuse(Some(p), why);
     }
-    if !DRY
-        && (p.proto == IPPROTO_TCP
-            || p.proto == IPPROTO_UDP
-            || (p.echo != ECHO_NONE && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6)))
-    {
+    if !DRY && trackable {
         let entry = SvcFlow {
             sock_cg,
             svc_cg,
@@ -601,7 +619,9 @@ const IPV6_MAX_EXT: usize = 8;
 fn ipv6_transport(ctx: &SkBuffContext, next: u8) -> Option<(u8, usize, bool)> {
     let mut next = next;
     let mut off = 40usize;
-    for _ in 0..IPV6_MAX_EXT {
+    // One step per extension header, and one more to reach the transport
+    // header after the last of them.
+    for _ in 0..=IPV6_MAX_EXT {
         match next {
             0 | 43 | 60 => {
                 let e: [u8; 2] = ctx.load(off).ok()?;

@@ -167,7 +167,14 @@ pub fn refuse_cgroup_namespace() -> Result<(), NestError> {
         what: "reading /proc/self/ns/cgroup".into(),
         source,
     })?;
-    if ns.ino() != INIT_CGROUP_NS_INO {
+    // A namespace whose root is the hierarchy's own root (a container
+    // started from the root cgroup) sees the true levels: the cgroup v2
+    // mount's root is then the root cgroup, id 1.
+    let root_is_hierarchy_root = cgroup2_mount()
+        .ok()
+        .and_then(|(m, _)| std::fs::metadata(m).ok())
+        .is_some_and(|m| m.ino() == 1);
+    if ns.ino() != INIT_CGROUP_NS_INO && !root_is_hierarchy_root {
         return Err(NestError::Nested(
             "this process runs in a cgroup namespace other than the host's (a container, systemd-nspawn, `unshare -C`): services cannot be enforced from here (the cgroup levels seen here are not the kernel's); run `segbpf attach --services` on the host".into(),
         ));
