@@ -55,6 +55,16 @@ pub const PROG_SVC_DRY_EGRESS: &str = "segbpf_svc_dry_eg";
 pub const MAP_SVC_DRY: &str = "SEG_SVC_DRY";
 /// What the dry-run programs decided (index 0, a [`SvcTrace`]).
 pub const MAP_SVC_TRC: &str = "SEG_SVC_TRC";
+/// Name of the level probe (`svc_level.rs`): run once with
+/// BPF_PROG_TEST_RUN, never attached.
+pub const PROG_SVC_LEVEL: &str = "segbpf_svc_level";
+/// The level probe's output: index L holds the id of the test socket's
+/// cgroup's ancestor at absolute level L (0 below the socket's cgroup).
+/// Never pinned; [`SVC_LEVELS`] `u64`s, so every object load (interface
+/// attachments too) creates it at a few hundred bytes.
+pub const MAP_SVC_LEVEL: &str = "SEG_SVC_LVL";
+/// Levels the probe reads: 0..=32.
+pub const SVC_LEVELS: u32 = 33;
 /// [`SvcTrace::reason`]: a rule of the service allowed it.
 pub const SVC_WHY_RULE: u8 = 1;
 /// An ICMP echo request (`icmp = true`).

@@ -29,6 +29,7 @@ mod maps;
 mod parse;
 mod stats;
 mod svc_flow;
+mod svc_level;
 mod svc_maps;
 mod svc_pkt;
 mod svc_stamp;
@@ -268,6 +269,14 @@ pub(crate) fn segbpf_svc_dry_eg(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub(crate) fn segbpf_svc_empty(_ctx: SkBuffContext) -> i32 {
     cgroup::PASS
+}
+
+/// The level probe: writes the ancestors of the test socket's cgroup
+/// (`svc_level`). Run once by userspace with BPF_PROG_TEST_RUN; never
+/// attached.
+#[cgroup_skb(ingress)]
+pub(crate) fn segbpf_svc_level(ctx: SkBuffContext) -> i32 {
+    svc_level::probe(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,8 @@
 //! root) is [`services`], kept in step with the cgroup tree by
 //! [`cgroup_follow`], with its lockout guard [`services_guard`]; set edits and rollback
 //! are [`services_edit`], its dry runs (`trace --services`) [`services_trace`];
-//! [`services_nest`] refuses an attachment nested in another.
+//! [`services_nest`] refuses an attachment nested in another;
+//! [`services_level`] finds absolute cgroup levels from the kernel.
 //!
 //! May import `policy` and `host`; never `observe`, `fleet` or `cmd`.
 
@@ -28,6 +29,7 @@ pub mod pins;
 pub mod services;
 pub mod services_edit;
 pub mod services_guard;
+pub mod services_level;
 pub mod services_nest;
 pub mod services_trace;
 pub mod setindex;

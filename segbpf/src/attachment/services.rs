@@ -167,7 +167,7 @@ impl SvcPaths {
                 let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
                 let st: SvcState =
                     serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
-                let r = CgroupRoot::open(Some(&st.cgroup_root)).ok()?;
+                let r = crate::attachment::services_level::open_root(Some(&st.cgroup_root)).ok()?;
                 (r.id == id).then(|| r.dir.display().to_string())
             })
             .collect();

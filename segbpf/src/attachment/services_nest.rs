@@ -22,6 +22,7 @@ use segbpf_common::{PROG_SVC_EGRESS, PROG_SVC_INGRESS};
 
 use crate::host::cgroups::{CgroupRoot, cgroup2_mount};
 
+
 /// Why a services attachment may not be made at a root.
 #[derive(Debug, thiserror::Error)]
 pub enum NestError {
@@ -150,34 +151,138 @@ fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, NestError>
     Ok(None)
 }
 
-/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, a
-/// constant of the kernel's).
-const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
-
-/// Refuses to enforce services from inside a cgroup namespace other than
-/// the initial one (a container's, `systemd-nspawn`, `unshare -C`): there
-/// the cgroup v2 mount's root is not the hierarchy's, so every level this
-/// process can see is off from the absolute level the programs read
-/// (`bpf_skb_ancestor_cgroup_id`), no socket would be found in its
-/// service, and the nesting check could not see attachments above.
-/// Asked of the kernel: the namespace of this process.
+/// Refuses to enforce services where the absolute level of this cgroup
+/// namespace's root cannot be found from the kernel (the level probe,
+/// [`crate::attachment::services_level`]): the levels seen inside a cgroup
+/// namespace (a container, `systemd-nspawn`, `unshare -C`) are not the
+/// absolute levels the programs read (`bpf_skb_ancestor_cgroup_id`).
 pub fn refuse_cgroup_namespace() -> Result<(), NestError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let ns = std::fs::metadata("/proc/self/ns/cgroup").map_err(|source| NestError::Io {
-        what: "reading /proc/self/ns/cgroup".into(),
+    crate::attachment::services_level::ns_root()
+        .map(|_| ())
+        .map_err(|e| NestError::Nested(e.to_string()))
+}
+
+/// `BPF_LINK_GET_FD_BY_ID`, `BPF_LINK_GET_NEXT_ID`, `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_TYPE_CGROUP`.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// `union bpf_attr` for the `*_GET_NEXT_ID` / `*_GET_FD_BY_ID` commands.
+#[repr(C)]
+#[derive(Default)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The start of `struct bpf_link_info` up to its `cgroup` member.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _pad2: u32,
+}
+
+/// `bpf(cmd, attr)`.
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a #[repr(C)] prefix of bpf_attr that lives for the
+    // call and its size is passed; the kernel reads and writes within it
+    // (and within any buffer it points to, sized by the caller).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Every cgroup link of the kernel: (cgroup id, program id). A link gone
+/// between the listing and the open is skipped.
+fn cgroup_links() -> std::io::Result<Vec<(u64, u32)>> {
+    use std::os::fd::FromRawFd as _;
+    let mut out = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut next = IdAttr {
+            id,
+            ..IdAttr::default()
+        };
+        match sys_bpf(BPF_LINK_GET_NEXT_ID, &mut next) {
+            Ok(_) => id = next.next_id,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        let mut get = IdAttr {
+            id,
+            ..IdAttr::default()
+        };
+        let fd = match sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut get) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        // SAFETY: a fresh descriptor the kernel just gave us.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = LinkInfo::default();
+        let mut attr = InfoAttr {
+            bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            info_len: std::mem::size_of::<LinkInfo>() as u32,
+            info: std::ptr::from_mut(&mut info) as u64,
+        };
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        if info.link_type == BPF_LINK_TYPE_CGROUP {
+            out.push((info.cgroup_id, info.prog_id));
+        }
+    }
+}
+
+/// Refuses `root` when one of `ancestors` (cgroup ids this process cannot
+/// see by path: above its cgroup namespace's root, and that root) has
+/// segbpf's services programs linked, by the kernel's cgroup links.
+fn refuse_linked_above(
+    root: &CgroupRoot,
+    ancestors: &[u64],
+    ours: &BTreeSet<u32>,
+    how: &str,
+) -> Result<(), NestError> {
+    if ancestors.is_empty() {
+        return Ok(());
+    }
+    let links = cgroup_links().map_err(|source| NestError::Io {
+        what: "listing the kernel's BPF links".into(),
         source,
     })?;
-    // A namespace whose root is the hierarchy's own root (a container
-    // started from the root cgroup) sees the true levels: the cgroup v2
-    // mount's root is then the root cgroup, id 1.
-    let root_is_hierarchy_root = cgroup2_mount()
-        .ok()
-        .and_then(|(m, _)| std::fs::metadata(m).ok())
-        .is_some_and(|m| m.ino() == 1);
-    if ns.ino() != INIT_CGROUP_NS_INO && !root_is_hierarchy_root {
-        return Err(NestError::Nested(
-            "this process runs in a cgroup namespace other than the host's (a container, systemd-nspawn, `unshare -C`): services cannot be enforced from here (the cgroup levels seen here are not the kernel's); run `segbpf attach --services` on the host".into(),
-        ));
+    for (cg, prog) in links {
+        if ours.contains(&prog) && (ancestors.contains(&cg) || cg == root.id) {
+            return Err(NestError::Nested(format!(
+                "another services attachment enforces below cgroup id {cg}, which contains {} (outside this cgroup namespace, or its root): {how}; detach it first",
+                root.dir.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -212,6 +317,9 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
         return Ok(());
     }
     let how = "services attachments must not nest: both would judge the cgroups they share and overwrite each other's sender stamp, so `to_services` would not hold";
+    let ns = crate::attachment::services_level::ns_root()
+        .map_err(|e| NestError::Nested(e.to_string()))?;
+    refuse_linked_above(root, &ns.ancestors, &ours, how)?;
     if has_services(&root.dir, &ours)? {
         return Err(NestError::Nested(format!(
             "services are already enforced below {} by another services attachment (made with other pins: another `SEGBPF_BPFFS`): {how}; detach it first",

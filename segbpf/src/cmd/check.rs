@@ -264,7 +264,7 @@ fn checked(args: Args, policy: &Policy) -> anyhow::Result<()> {
     // default cgroup root (the cgroup v2 mount; level 0 when none is
     // mounted here): `attach`/`reload` check it again below their root.
     if !policy.services.is_empty() {
-        let (level, root) = crate::host::cgroups::CgroupRoot::open(None).map_or_else(
+        let (level, root) = crate::attachment::services_level::open_root(None).map_or_else(
             |_| (0, "(the cgroup hierarchy's root)".to_string()),
             |r| (r.level, r.dir.display().to_string()),
         );

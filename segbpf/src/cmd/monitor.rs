@@ -122,7 +122,7 @@ async fn services(args: &Args) -> anyhow::Result<()> {
         )
         .into());
     }
-    let root = crate::host::cgroups::CgroupRoot::open(args.cgroup_root.as_deref())?;
+    let root = crate::attachment::services_level::open_root(args.cgroup_root.as_deref())?;
     let paths = crate::attachment::services::SvcPaths::new(
         &crate::attachment::pins::Roots::from_env(),
         root,

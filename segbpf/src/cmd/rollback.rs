@@ -99,7 +99,7 @@ fn services(
     to: Option<u64>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let root = crate::host::cgroups::CgroupRoot::open(cgroup_root)?;
+    let root = crate::attachment::services_level::open_root(cgroup_root)?;
     let paths = crate::attachment::services::SvcPaths::new(
         &crate::attachment::pins::Roots::from_env(),
         root,

@@ -21,13 +21,12 @@ use crate::{
         services_guard as guard_engine,
     },
     cmd::{Output, UsageError, print_json},
-    host::cgroups::CgroupRoot,
     observe::services as report,
     policy::Policy,
 };
 
 fn paths(cgroup_root: Option<&std::path::Path>) -> anyhow::Result<SvcPaths> {
-    let root = CgroupRoot::open(cgroup_root)?;
+    let root = crate::attachment::services_level::open_root(cgroup_root)?;
     Ok(SvcPaths::new(&Roots::from_env(), root))
 }
 
@@ -293,7 +292,7 @@ fn cgroup_root_option(paths: &SvcPaths) -> String {
 
 /// ` --cgroup-root DIR` unless `dir` is the default cgroup root.
 fn root_option(dir: &std::path::Path) -> String {
-    match (CgroupRoot::open(None), CgroupRoot::open(Some(dir))) {
+    match (crate::attachment::services_level::open_root(None), crate::attachment::services_level::open_root(Some(dir))) {
         (Ok(d), Ok(r)) if d.id == r.id => String::new(),
         _ => format!(" --cgroup-root {}", dir.display()),
     }
@@ -442,7 +441,7 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
             .ok()
             .and_then(|t| serde_json::from_str::<engine::SvcState>(&t).ok())
             .map(|s| s.cgroup_root);
-        let root = dir.and_then(|d| CgroupRoot::open(Some(&d)).ok());
+        let root = dir.and_then(|d| crate::attachment::services_level::open_root(Some(&d)).ok());
         match root {
             Some(r) if r.id == id => out.push(report::report(&SvcPaths::new(&roots, r))),
             _ => {}
@@ -556,11 +555,11 @@ pub fn print_text(
 /// The cgroup roots of the services attachments other than the one below
 /// `cgroup_root` (default root when None).
 fn reports_elsewhere(cgroup_root: Option<&std::path::Path>) -> Vec<String> {
-    let this = CgroupRoot::open(cgroup_root).ok().map(|r| r.id);
+    let this = crate::attachment::services_level::open_root(cgroup_root).ok().map(|r| r.id);
     reports(None, true)
         .into_iter()
         .filter(|r| {
-            CgroupRoot::open(Some(std::path::Path::new(&r.cgroup_root)))
+            crate::attachment::services_level::open_root(Some(std::path::Path::new(&r.cgroup_root)))
                 .ok()
                 .map(|x| x.id)
                 != this

@@ -358,7 +358,7 @@ fn list(iface: &str, ns: &Netns, only: Option<&str>, output: Output) -> anyhow::
 fn svc_paths(
     cgroup_root: Option<&std::path::Path>,
 ) -> anyhow::Result<crate::attachment::services::SvcPaths> {
-    let root = crate::host::cgroups::CgroupRoot::open(cgroup_root)?;
+    let root = crate::attachment::services_level::open_root(cgroup_root)?;
     Ok(crate::attachment::services::SvcPaths::new(
         &crate::attachment::pins::Roots::from_env(),
         root,

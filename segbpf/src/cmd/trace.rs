@@ -240,7 +240,7 @@ fn services(args: &Args, spec: &PacketSpec) -> anyhow::Result<()> {
         || args.peer_service.is_some()
         || args.packet.src.is_loopback()
         || args.packet.dst.is_loopback();
-    let root = crate::host::cgroups::CgroupRoot::open(args.cgroup_root.as_deref())?;
+    let root = crate::attachment::services_level::open_root(args.cgroup_root.as_deref())?;
     let paths = crate::attachment::services::SvcPaths::new(
         &crate::attachment::pins::Roots::from_env(),
         root,

@@ -34,6 +34,17 @@ pub enum CgroupError {
         /// Why.
         reason: String,
     },
+    /// The absolute level of this cgroup namespace's root could not be
+    /// found (inside a cgroup namespace the paths seen start at its root,
+    /// not at the hierarchy's; the level comes from the kernel's probe,
+    /// `attachment::services_level`).
+    #[error(
+        "the absolute cgroup level of this cgroup namespace's root is unknown ({reason}): services cannot be enforced from here; run `segbpf attach --services` on the host"
+    )]
+    NsLevel {
+        /// Why.
+        reason: String,
+    },
     /// Reading the tree failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -89,6 +100,41 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, a
+/// constant of the kernel's).
+const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// Whether this process runs in the initial cgroup namespace (asked of
+/// the kernel: `/proc/self/ns/cgroup`), where every cgroup path starts at
+/// the hierarchy's root.
+pub fn in_initial_cgroup_ns() -> Result<bool, CgroupError> {
+    let ns = std::fs::metadata("/proc/self/ns/cgroup").map_err(|source| CgroupError::Io {
+        path: "/proc/self/ns/cgroup".into(),
+        source,
+    })?;
+    Ok(ns.ino() == INIT_CGROUP_NS_INO)
+}
+
+/// This process's cgroup v2 path as its cgroup namespace shows it (the
+/// `0::PATH` line of `/proc/self/cgroup`).
+pub fn own_cgroup() -> Result<String, CgroupError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").map_err(|source| CgroupError::Io {
+        path: "/proc/self/cgroup".into(),
+        source,
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+        .ok_or_else(|| CgroupError::NsLevel {
+            reason: "no `0::` line in /proc/self/cgroup".into(),
+        })
+}
+
+/// The number of components of a cgroup path (`/` has none).
+pub fn depth(path: &str) -> u32 {
+    path.split('/').filter(|c| !c.is_empty()).count() as u32
+}
+
 /// The kernel's id of the cgroup at `dir`.
 pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(dir)?.ino())
@@ -106,8 +152,22 @@ pub struct CgroupRoot {
 }
 
 impl CgroupRoot {
-    /// `dir`, or the cgroup v2 mount when `None`.
+    /// `dir`, or the cgroup v2 mount when `None`, in the initial cgroup
+    /// namespace only (elsewhere the levels seen are not absolute: see
+    /// `attachment::services_level::open_root`, which asks the kernel).
     pub fn open(dir: Option<&Path>) -> Result<Self, CgroupError> {
+        if !in_initial_cgroup_ns()? {
+            return Err(CgroupError::NsLevel {
+                reason: "this process runs in a cgroup namespace other than the host's".into(),
+            });
+        }
+        Self::open_at(dir, 0)
+    }
+
+    /// `dir`, or the cgroup v2 mount when `None`, with `ns_root_level`
+    /// the absolute level of this process's cgroup namespace's root (0 in
+    /// the initial namespace).
+    pub fn open_at(dir: Option<&Path>, ns_root_level: u32) -> Result<Self, CgroupError> {
         let (mount, mount_root) = cgroup2_mount()?;
         let dir = match dir {
             Some(d) => d.to_path_buf(),
@@ -126,8 +186,7 @@ impl CgroupRoot {
         let rel = canon
             .strip_prefix(&mount_c)
             .map_err(|_| bad(format!("not below the cgroup v2 mount {}", mount.display())))?;
-        let depth = |p: &str| p.split('/').filter(|c| !c.is_empty()).count() as u32;
-        let level = depth(&mount_root) + rel.components().count() as u32;
+        let level = ns_root_level + depth(&mount_root) + rel.components().count() as u32;
         let id = cgroup_id(&canon).map_err(|e| bad(e.to_string()))?;
         Ok(CgroupRoot {
             dir: canon,
