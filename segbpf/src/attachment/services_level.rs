@@ -33,6 +33,9 @@ pub struct NsRoot {
     /// cannot see by path. Empty when it is not known (the initial
     /// namespace: every ancestor is visible there).
     pub ancestors: Vec<u64>,
+    /// Whether `ancestors` holds every level up to the namespace's root
+    /// (false for a process whose cgroup lies outside the namespace).
+    pub complete: bool,
 }
 
 fn bad(reason: impl Into<String>) -> CgroupError {
@@ -119,6 +122,7 @@ pub fn derive(
     Ok(NsRoot {
         level,
         ancestors: ids[..=level as usize].to_vec(),
+        complete: true,
     })
 }
 
@@ -134,6 +138,7 @@ pub fn ns_root() -> Result<NsRoot, CgroupError> {
         NsRoot {
             level: 0,
             ancestors: Vec::new(),
+            complete: true,
         }
     } else {
         find()?
@@ -145,6 +150,17 @@ pub fn ns_root() -> Result<NsRoot, CgroupError> {
 pub fn find() -> Result<NsRoot, CgroupError> {
     let (mount, mount_root) = cgroup2_mount()?;
     let own_path = own_cgroup()?;
+    // A process whose cgroup lies outside its cgroup namespace's root (one
+    // that entered the namespace, `nsenter -C`) sees `/../..` paths.
+    let up = own_path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .take_while(|c| *c == "..")
+        .count();
+    if up > 0 {
+        let ids = probe()?;
+        return derive_outside(&ids, &own_path);
+    }
     let rel = Path::new(&own_path)
         .strip_prefix(&mount_root)
         .map_err(|_| {
@@ -153,16 +169,39 @@ pub fn find() -> Result<NsRoot, CgroupError> {
             ))
         })?
         .to_path_buf();
-    if rel.components().any(|c| c == std::path::Component::ParentDir) {
-        return Err(bad(format!(
-            "this process's cgroup {own_path} lies outside its cgroup namespace"
-        )));
-    }
     let own_dir = mount.join(rel);
     let own_id = cgroup_id(&own_dir).map_err(|e| bad(format!("{}: {e}", own_dir.display())))?;
     let mount_id = cgroup_id(&mount).map_err(|e| bad(format!("{}: {e}", mount.display())))?;
     let ids = probe()?;
     derive(&ids, &own_path, own_id, &mount_root, mount_id)
+}
+
+/// The namespace root's level for a process whose cgroup lies outside
+/// the namespace's root (`own_path` starts with `..`): its own cgroup is
+/// the deepest level the kernel named, its path climbs `up` levels to the
+/// common ancestor and goes down the rest. The ancestors of the namespace
+/// root below that common ancestor are not known: [`NsRoot::complete`]
+/// is false (enough for the levels, not for the nesting check).
+pub fn derive_outside(ids: &[u64], own_path: &str) -> Result<NsRoot, CgroupError> {
+    let parts: Vec<&str> = own_path.split('/').filter(|c| !c.is_empty()).collect();
+    let up = parts.iter().take_while(|c| **c == "..").count() as u32;
+    let down = parts.len() as u32 - up;
+    if parts[up as usize..].contains(&"..") {
+        return Err(bad(format!("unexpected cgroup path {own_path}")));
+    }
+    let own = ids
+        .iter()
+        .rposition(|&id| id != 0)
+        .ok_or_else(|| bad("the kernel named no cgroup of this process"))?;
+    let own = u32::try_from(own).map_err(|_| bad("level out of range"))?;
+    let common = own
+        .checked_sub(down)
+        .ok_or_else(|| bad(format!("{own_path} is deeper than the kernel's level {own}")))?;
+    Ok(NsRoot {
+        level: common + up,
+        ancestors: ids[..=common as usize].to_vec(),
+        complete: false,
+    })
 }
 
 /// `dir` (or the cgroup v2 mount) with its absolute level.
@@ -192,5 +231,17 @@ mod tests {
         assert!(derive(&ids, "/a/b/c/d/e", 40, "/", 20).is_err());
         // The initial namespace: the root cgroup is the namespace's.
         assert_eq!(derive(&ids, "/x/y/z/w", 40, "/", 1).unwrap().level, 0);
+    }
+
+    #[test]
+    fn outside_the_namespace_the_level_is_climbed_to() {
+        // Hierarchy: 1 / 10 (machine.slice) / 20 (payload, the namespace's
+        // root); this process in 1 / 11 (user.slice) / 12 / 13: its path
+        // is /../../user.slice/a/b.
+        let ids = [1, 11, 12, 13, 0, 0];
+        let r = derive_outside(&ids, "/../../user.slice/a/b").unwrap();
+        assert_eq!((r.level, r.ancestors.clone(), r.complete), (2, vec![1], false));
+        assert!(derive_outside(&ids, "/../../a/b/c/d/e").is_err());
+        assert!(derive_outside(&[0, 0], "/../a").is_err());
     }
 }

@@ -157,9 +157,14 @@ fn below(dir: &Path, ours: &BTreeSet<u32>) -> Result<Option<PathBuf>, NestError>
 /// namespace (a container, `systemd-nspawn`, `unshare -C`) are not the
 /// absolute levels the programs read (`bpf_skb_ancestor_cgroup_id`).
 pub fn refuse_cgroup_namespace() -> Result<(), NestError> {
-    crate::attachment::services_level::ns_root()
-        .map(|_| ())
-        .map_err(|e| NestError::Nested(e.to_string()))
+    let ns = crate::attachment::services_level::ns_root()
+        .map_err(|e| NestError::Nested(e.to_string()))?;
+    if !ns.complete {
+        return Err(NestError::Nested(
+            "this process's cgroup lies outside its cgroup namespace (it entered the namespace): the cgroups above the namespace's root are not known, so attachments there cannot be ruled out; run `segbpf attach --services` from a cgroup inside the namespace, or on the host".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `BPF_LINK_GET_FD_BY_ID`, `BPF_LINK_GET_NEXT_ID`, `BPF_OBJ_GET_INFO_BY_FD`.
