@@ -2864,6 +2864,9 @@ struct Booted {
     pid1: u32,
     work: PathBuf,
     bpffs_mounted: bool,
+    /// The cgroup nspawn was started in (its top directory, removed after
+    /// the container is gone).
+    cgroup: PathBuf,
 }
 
 impl Booted {
@@ -2931,6 +2934,7 @@ impl Drop for Booted {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
+        remove_cgroups(&self.cgroup);
         let bpffs = self.work.join("bpffs");
         if self.bpffs_mounted
             && !Command::new("umount")
@@ -2992,7 +2996,18 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
         .success()
         .then_some(())
         .context("mounting a bpffs for the container")?;
-    let mut cmd = Command::new("systemd-nspawn");
+    // nspawn roots the container's cgroup namespace at a `payload` cgroup
+    // below its caller's: started three levels down, that root lies at
+    // level 4, far enough from the hierarchy's root that the levels seen
+    // inside (0 for the namespace's root) would leave every unit's cgroup
+    // out of the programs' walk.
+    let cgroup = cgroup2_mount()?.join(work.file_name().context("work dir name")?);
+    let caller = cgroup.join("a/b");
+    std::fs::create_dir_all(&caller)?;
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"echo 0 > "$0" && exec "$@""#])
+        .arg(caller.join("cgroup.procs"))
+        .arg("systemd-nspawn");
     cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
         .args(["--keep-unit", "--private-network", "-q"])
         .args(["-M", &format!("segbpf-svc-{}", std::process::id())])
@@ -3046,6 +3061,7 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
         Ok(c) => c,
         Err(e) => {
             let _ = Command::new("umount").arg(&bpffs).status();
+            remove_cgroups(&cgroup);
             return Err(e).context("running systemd-nspawn");
         }
     };
@@ -3054,6 +3070,7 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
         pid1: 0,
         work: work.to_path_buf(),
         bpffs_mounted: true,
+        cgroup,
     };
     let children = format!("/proc/{0}/task/{0}/children", b.nspawn.id());
     let start = Instant::now();
@@ -3141,9 +3158,12 @@ fn under_systemd() -> anyhow::Result<()> {
     // scenario below fails if it enforced at the levels it sees.
     let host_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", b.pid1))?;
     let own_ns = std::fs::read_link(format!("/proc/{}/ns/cgroup", b.pid1))?;
+    let root_depth = host_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map_or(0, |p| p.split('/').filter(|c| !c.is_empty()).count());
     anyhow::ensure!(
-        !host_cgroup.lines().any(|l| l == "0::/")
-            && own_ns != std::fs::read_link("/proc/self/ns/cgroup")?,
+        root_depth >= 4 && own_ns != std::fs::read_link("/proc/self/ns/cgroup")?,
         "the container should run in a cgroup namespace of its own below the hierarchy's root: {} {}",
         host_cgroup.trim(),
         own_ns.display()
