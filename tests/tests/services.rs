@@ -4581,6 +4581,77 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sh -c` script: moves itself into the cgroup `$1`, enters a cgroup
+/// namespace rooted there and a mount namespace of its own, mounts
+/// cgroup2 at `$2` (showing the namespace's root as `/`, as in a
+/// container) and runs the rest of its arguments.
+const IN_CGROUP_NS: &str = r#"echo 0 > "$1/cgroup.procs" && exec unshare -Cm sh -c 'umount -l "$2" && mount -t cgroup2 cgroup2 "$2" && shift 2 && exec "$@"' sh "$@""#;
+
+/// An attach from inside a cgroup namespace (`unshare -C`, as container
+/// runtimes make one) sees the namespace's root as the cgroup v2 root:
+/// it finds that root's absolute level from the kernel and enforces at
+/// the kernel's levels (a process in no service cannot reach `b`), and it
+/// is refused while another attachment lives above the namespace's root,
+/// which it cannot see by path (found by the kernel's cgroup links).
+#[test]
+#[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
+fn attach_inside_a_cgroup_namespace() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("cgns", &["app", "inner/a", "inner/b", "inner/c"], 131)?;
+    let mut other = OtherRoots::new(&lab)?;
+    let inner = lab.cg("inner");
+    other.detach.push(inner.clone());
+    let policy = other.state.join("inner.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"b\"\ndefaults = { ingress = \"drop\" }\n[[services.b.ingress]]\nfrom_services = [\"a\"]\ntcp = [3306]\n",
+    )?;
+    let mount = cgroup2_mount()?;
+    let in_ns = || {
+        let mut c = other.segbpf(&[]);
+        let bin = c.get_program().to_owned();
+        let mut sh = Command::new("sh");
+        sh.args(["-c", IN_CGROUP_NS, "sh"])
+            .arg(&inner)
+            .arg(&mount)
+            .arg(bin)
+            .envs(c.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))));
+        let _ = &mut c;
+        sh
+    };
+    // An attachment above the namespace's root: refused from inside.
+    lab.attach(MATRIX)?;
+    let (ok, err, _k) = attach_no_wait(in_ns(), &policy, &mount)?;
+    assert!(!ok, "an attach below a live one (seen from a cgroup namespace) was accepted: {err}");
+    assert!(
+        err.contains("nest") && err.contains("outside this cgroup namespace"),
+        "{err}"
+    );
+    assert!(other_links(&other).is_empty());
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&lab.root)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(mut c) = lab.attach.take() {
+        let _ = c.wait();
+    }
+    // Nothing above: enforced from inside, at the kernel's levels.
+    let (ok, err, _k_inner) = attach_no_wait(in_ns(), &policy, &mount)?;
+    assert!(ok, "{err}");
+    let ns = lab.ns.name.clone();
+    let _b = Helper::server(&lab.cg("inner/b"), &ns, "serve-tcp 127.0.0.1 3306")?;
+    assert!(lab.connect("inner/a", "127.0.0.1 3306")?, "a reaches b");
+    assert!(
+        !lab.connect("inner/c", "127.0.0.1 3306")?,
+        "c (in no service) is refused by b"
+    );
+    Ok(())
+}
+
 /// The pinned links under `other`'s pin root.
 fn other_links(other: &OtherRoots) -> Vec<PathBuf> {
     std::fs::read_dir(&other.bpffs)
