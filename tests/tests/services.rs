@@ -4614,14 +4614,20 @@ fn attach_inside_a_cgroup_namespace() -> anyhow::Result<()> {
             .arg(&inner)
             .arg(&mount)
             .arg(bin)
-            .envs(c.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))));
+            .envs(
+                c.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            );
         let _ = &mut c;
         sh
     };
     // An attachment above the namespace's root: refused from inside.
     lab.attach(MATRIX)?;
     let (ok, err, _k) = attach_no_wait(in_ns(), &policy, &mount)?;
-    assert!(!ok, "an attach below a live one (seen from a cgroup namespace) was accepted: {err}");
+    assert!(
+        !ok,
+        "an attach below a live one (seen from a cgroup namespace) was accepted: {err}"
+    );
     assert!(
         err.contains("nest") && err.contains("outside this cgroup namespace"),
         "{err}"

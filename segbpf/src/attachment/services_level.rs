@@ -194,9 +194,11 @@ pub fn derive_outside(ids: &[u64], own_path: &str) -> Result<NsRoot, CgroupError
         .rposition(|&id| id != 0)
         .ok_or_else(|| bad("the kernel named no cgroup of this process"))?;
     let own = u32::try_from(own).map_err(|_| bad("level out of range"))?;
-    let common = own
-        .checked_sub(down)
-        .ok_or_else(|| bad(format!("{own_path} is deeper than the kernel's level {own}")))?;
+    let common = own.checked_sub(down).ok_or_else(|| {
+        bad(format!(
+            "{own_path} is deeper than the kernel's level {own}"
+        ))
+    })?;
     Ok(NsRoot {
         level: common + up,
         ancestors: ids[..=common as usize].to_vec(),
@@ -240,7 +242,10 @@ mod tests {
         // is /../../user.slice/a/b.
         let ids = [1, 11, 12, 13, 0, 0];
         let r = derive_outside(&ids, "/../../user.slice/a/b").unwrap();
-        assert_eq!((r.level, r.ancestors.clone(), r.complete), (2, vec![1], false));
+        assert_eq!(
+            (r.level, r.ancestors.clone(), r.complete),
+            (2, vec![1], false)
+        );
         assert!(derive_outside(&ids, "/../../a/b/c/d/e").is_err());
         assert!(derive_outside(&[0, 0], "/../a").is_err());
     }

@@ -22,7 +22,6 @@ use segbpf_common::{PROG_SVC_EGRESS, PROG_SVC_INGRESS};
 
 use crate::host::cgroups::{CgroupRoot, cgroup2_mount};
 
-
 /// Why a services attachment may not be made at a root.
 #[derive(Debug, thiserror::Error)]
 pub enum NestError {

@@ -292,7 +292,10 @@ fn cgroup_root_option(paths: &SvcPaths) -> String {
 
 /// ` --cgroup-root DIR` unless `dir` is the default cgroup root.
 fn root_option(dir: &std::path::Path) -> String {
-    match (crate::attachment::services_level::open_root(None), crate::attachment::services_level::open_root(Some(dir))) {
+    match (
+        crate::attachment::services_level::open_root(None),
+        crate::attachment::services_level::open_root(Some(dir)),
+    ) {
         (Ok(d), Ok(r)) if d.id == r.id => String::new(),
         _ => format!(" --cgroup-root {}", dir.display()),
     }
@@ -555,7 +558,9 @@ pub fn print_text(
 /// The cgroup roots of the services attachments other than the one below
 /// `cgroup_root` (default root when None).
 fn reports_elsewhere(cgroup_root: Option<&std::path::Path>) -> Vec<String> {
-    let this = crate::attachment::services_level::open_root(cgroup_root).ok().map(|r| r.id);
+    let this = crate::attachment::services_level::open_root(cgroup_root)
+        .ok()
+        .map(|r| r.id);
     reports(None, true)
         .into_iter()
         .filter(|r| {
