@@ -82,6 +82,14 @@
 //! * `flows_name_the_rule_of_the_generation_that_judged`: after a reload
 //!   that renumbers the rules, `flows --services` names a flow's rule from
 //!   the policy that judged it, or says that policy is no longer kept.
+//! * `nested_attaches_at_once_leave_one`: two attaches at nested roots
+//!   with their own state and pin roots, at once: exactly one enforces.
+//! * `audited_flows_are_cut_when_enforcement_starts`: a connection only
+//!   audit mode let through is cut when enforcement starts.
+//! * `bulk_stream_over_loopback_drops_nothing`: IPv6 extension headers
+//!   (the kernel's Hop-by-Hop on large GSO packets over `::1`) are walked.
+//! * `follower_stops_when_its_root_is_removed`: a root removed and made
+//!   again ends the follower with an error, not silently.
 //! * `nested_attachments_are_refused`: an attach below or above a live
 //!   services attachment is refused, naming it (asked of the kernel: a
 //!   live one without its state file counts, a stale state file does not).
@@ -5148,5 +5156,44 @@ fn nested_attaches_at_once_leave_one() -> anyhow::Result<()> {
                 .output()?;
         }
     }
+    Ok(())
+}
+
+/// The cgroup root removed and made again (a container runtime restarting
+/// a container's cgroup): the programs were attached to the cgroup that is
+/// gone, so nothing below the new one is enforced. The follower must not
+/// go on writing entries for the new tree as if it were enforced: it stops
+/// and says why (exit 1).
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn follower_stops_when_its_root_is_removed() -> anyhow::Result<()> {
+    let mut lab = SvcLab::new("rg", &["app", "db"], 117)?;
+    lab.attach(MATRIX)?;
+    remove_cgroups(&lab.root);
+    anyhow::ensure!(!lab.root.exists(), "the test could not remove its root");
+    std::fs::create_dir_all(lab.root.join("app"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = lab
+            .attach
+            .as_mut()
+            .map(Child::try_wait)
+            .transpose()?
+            .flatten()
+        {
+            break Some(st);
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(lab.state.join("attach.log"))?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the follower of a removed root goes on ({status:?}): {log}"
+    );
+    assert!(log.contains("was removed"), "{log}");
+    lab.attach = None;
     Ok(())
 }

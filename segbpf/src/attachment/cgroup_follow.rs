@@ -408,6 +408,14 @@ pub fn follower_in_kernel(paths: &SvcPaths) -> Option<u32> {
     live_follower(paths).ok().flatten().flatten()
 }
 
+/// Whether the attachment's cgroup root is gone: its directory missing,
+/// or another cgroup (another id, from the kernel: the inode) made at its
+/// path since. The programs were attached to the one that is gone.
+fn root_is_gone(paths: &SvcPaths) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&paths.root.dir).map_or(true, |m| m.ino() != paths.root.id)
+}
+
 /// How often the tree is rescanned without an inotify event.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -433,6 +441,16 @@ pub fn follow(
     loop {
         if stop.load(Ordering::Relaxed) || !paths.is_attached() {
             return Ok(());
+        }
+        if root_is_gone(paths) {
+            return Err(ServicesError::Io {
+                what: format!(
+                    "the cgroup root {} was removed (its cgroup {} is gone; a directory made there since is another cgroup, without the programs): nothing is enforced below it any more, so the follower stops; `segbpf detach --services` removes what is left, `attach --services` enforces again",
+                    paths.root.dir.display(),
+                    paths.root.id
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
         }
         if hup.swap(false, Ordering::Relaxed) {
             match reload_in_force(paths, insecure_policy) {
