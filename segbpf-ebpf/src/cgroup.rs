@@ -61,7 +61,7 @@ use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
 };
-use crate::svc_pkt::Pkt;
+use crate::svc_pkt::{ECHO_NONE, ECHO_REPLY, ECHO_REQUEST, Pkt};
 use crate::svc_stamp::{NO_SENDER, Sender, make_stamp, read_stamp, set_stamp, stamp_sender};
 use crate::svc_trace::{dry_who, record};
 
@@ -76,11 +76,6 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// No rule.
 const NO_RULE: u32 = u32::MAX;
-
-/// Which echo message an ICMP packet is.
-const ECHO_NONE: u8 = 0;
-pub(crate) const ECHO_REQUEST: u8 = 1;
-pub(crate) const ECHO_REPLY: u8 = 2;
 
 /// Who a socket is.
 enum Who {

@@ -20,8 +20,7 @@ use segbpf_common::{
     SvcFlow,
 };
 
-use crate::cgroup::{ECHO_REPLY, ECHO_REQUEST};
-use crate::svc_pkt::Pkt;
+use crate::svc_pkt::{ECHO_REPLY, ECHO_REQUEST, Pkt};
 
 /// TCP header flags (byte 13).
 const TCP_RST: u8 = 0x04;

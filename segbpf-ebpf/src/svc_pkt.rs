@@ -1,6 +1,11 @@
 //! The fields of a packet the services programs judge (`cgroup.rs` reads
 //! them, `svc_stamp.rs` hashes them into the sender stamp).
 
+/// Which echo message an ICMP packet is ([`Pkt::echo`]).
+pub(crate) const ECHO_NONE: u8 = 0;
+pub(crate) const ECHO_REQUEST: u8 = 1;
+pub(crate) const ECHO_REPLY: u8 = 2;
+
 /// The fields of a packet the programs judge; the addresses first, 8-aligned: the stamp reads them as words.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
