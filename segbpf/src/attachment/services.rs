@@ -549,6 +549,20 @@ pub fn attach(
         let _ = std::fs::remove_dir_all(&paths.dir);
         return Err(e);
     }
+    // The attach lock is a file of this cgroup namespace and mount: an
+    // attach from another one (or through a subtree mount) may have passed
+    // its check at the same moment. With both links in the kernel now, the
+    // later of two such attaches sees the other's: ours is undone (both
+    // may back off; never both enforce).
+    let raced = crate::attachment::services_nest::own_programs(&[
+        paths.link_ingress(),
+        paths.link_egress(),
+    ])
+    .and_then(|own| crate::attachment::services_nest::refuse_linked(&paths.root, &own, true));
+    if let Err(e) = raced {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(e.into());
+    }
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
@@ -1094,6 +1108,72 @@ pub fn list(roots: &Roots) -> Vec<u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether the attachment at `paths` enforces: both its pinned links are
+/// live in the kernel on the cgroup `paths.root.id`, and that cgroup
+/// exists (a link whose cgroup was removed is on no cgroup: the kernel
+/// says id 0, a moment after the cgroup is gone).
+pub fn enforces(paths: &SvcPaths) -> bool {
+    [paths.link_ingress(), paths.link_egress()].iter().all(|p| {
+        crate::attachment::services_nest::pinned_cgroup_link(p)
+            .is_ok_and(|(cg, _)| cg == paths.root.id)
+    }) && crate::attachment::services_nest::cgroup_alive(paths.root.id).unwrap_or(true)
+}
+
+/// Whether what is left of the attachment at `paths` (pins, state) is of a
+/// cgroup root that is gone, asked of the kernel: no cgroup with its id
+/// exists, or its ingress link is on no cgroup (or on another one than
+/// the attachment's id). `false` when the kernel cannot be asked (nothing
+/// is removed then).
+fn root_gone(paths: &SvcPaths) -> bool {
+    match crate::attachment::services_nest::cgroup_alive(paths.root.id) {
+        Ok(false) => return true,
+        Ok(true) => {}
+        Err(_) => return false,
+    }
+    match crate::attachment::services_nest::pinned_cgroup_link(&paths.link_ingress()) {
+        Ok((cg, _)) => cg != paths.root.id,
+        Err(_) => false,
+    }
+}
+
+/// The attachments under `roots` whose state names the cgroup root `dir`
+/// but whose cgroup is gone (removed, perhaps made again with another id,
+/// `current`): [`detach`] removes what is left of them, `status` reports
+/// them as not enforcing. Found by their pins and state, judged by the
+/// kernel ([`root_gone`]).
+pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths> {
+    let want = absolute(dir);
+    let mut ids: std::collections::BTreeSet<u64> = list(roots).into_iter().collect();
+    if let Ok(rd) = std::fs::read_dir(&roots.state) {
+        ids.extend(rd.filter_map(Result::ok).filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(PIN_PREFIX)?
+                .strip_suffix(".json")?
+                .parse::<u64>()
+                .ok()
+        }));
+    }
+    ids.into_iter()
+        .filter(|id| Some(*id) != current)
+        .filter_map(|id| {
+            let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
+            let st: SvcState = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+            (st.cgroup_root == want || st.cgroup_root == dir).then(|| {
+                SvcPaths::new(
+                    roots,
+                    CgroupRoot {
+                        dir: st.cgroup_root,
+                        id,
+                        level: 0,
+                    },
+                )
+            })
+        })
+        .filter(root_gone)
+        .collect()
 }
 
 /// Entries of `SEG_SVC_CFG` (for callers sizing things).

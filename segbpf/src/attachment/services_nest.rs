@@ -251,17 +251,61 @@ fn cgroup_links() -> std::io::Result<Vec<(u64, u32)>> {
         };
         // SAFETY: a fresh descriptor the kernel just gave us.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        let mut info = LinkInfo::default();
-        let mut attr = InfoAttr {
-            bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-            info_len: std::mem::size_of::<LinkInfo>() as u32,
-            info: std::ptr::from_mut(&mut info) as u64,
-        };
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        let info = link_info(&fd)?;
         if info.link_type == BPF_LINK_TYPE_CGROUP {
             out.push((info.cgroup_id, info.prog_id));
         }
     }
+}
+
+/// `BPF_OBJ_GET`.
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// `union bpf_attr` for `BPF_OBJ_GET`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// The info of the link behind `fd`.
+fn link_info(fd: &std::os::fd::OwnedFd) -> std::io::Result<LinkInfo> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(fd) as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// What the kernel says of a pinned cgroup link: the id of the cgroup it
+/// is attached to (0 once that cgroup is gone: the kernel detaches a
+/// link from a cgroup that dies) and its program's id.
+pub fn pinned_cgroup_link(pin: &Path) -> std::io::Result<(u64, u32)> {
+    use std::os::fd::FromRawFd as _;
+    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let info = link_info(&fd)?;
+    if info.link_type != BPF_LINK_TYPE_CGROUP {
+        return Err(std::io::Error::other(format!(
+            "{} is no cgroup link",
+            pin.display()
+        )));
+    }
+    Ok((info.cgroup_id, info.prog_id))
 }
 
 /// Refuses `root` when one of `ancestors` (cgroup ids this process cannot
@@ -289,6 +333,186 @@ fn refuse_linked_above(
         }
     }
     Ok(())
+}
+
+/// `FILEID_KERNFS`: a cgroup's file handle is its 64-bit id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// `struct file_handle` holding a kernfs id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: u64,
+}
+
+/// Opens the cgroup `id` (whether or not a path of this process's mounts
+/// leads to it: above a subtree mount, above this cgroup namespace's
+/// root) by its file handle on the cgroup2 file system of `mount`.
+/// `Ok(None)`: no such cgroup (gone).
+fn open_cgroup_by_id(mount: &std::fs::File, id: u64) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::FromRawFd as _;
+    let mut h = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `h` is a `struct file_handle` with its 8 bytes of handle,
+    // alive for the call; `mount` is an open descriptor on cgroup2.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            std::ptr::from_mut(&mut h),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESTALE | libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    Ok(Some(unsafe { std::fs::File::from_raw_fd(rc as i32) }))
+}
+
+/// Whether the cgroup `id` exists, asked of the kernel (opened by its
+/// handle on the cgroup v2 mount): a removed cgroup is gone at once, while
+/// the kernel detaches its links a moment later.
+pub fn cgroup_alive(id: u64) -> std::io::Result<bool> {
+    let (mount, _) = cgroup2_mount().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mount = std::fs::File::open(mount)?;
+    Ok(open_cgroup_by_id(&mount, id)?.is_some())
+}
+
+/// Whether a cgroup below `dir` (not `dir` itself) has an id in `ids`;
+/// the first found. Ids are the kernel's (a cgroup directory's inode).
+fn below_ids(dir: &Path, ids: &BTreeSet<u64>) -> Option<u64> {
+    use std::os::unix::fs::DirEntryExt as _;
+    let rd = std::fs::read_dir(dir).ok()?;
+    for e in rd.filter_map(Result::ok) {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if ids.contains(&e.ino()) {
+            return Some(e.ino());
+        }
+        if let Some(found) = below_ids(&e.path(), ids) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// How another attachment's cgroup stands to a root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Relation {
+    Same,
+    Ancestor,
+    Descendant,
+}
+
+/// The cgroup of another live services link (a program named as
+/// segbpf's services programs, not one of `own`) at `root`, an ancestor
+/// or a descendant of it, all from the kernel: its cgroup links
+/// (`BPF_LINK_GET_NEXT_ID`), the ancestors the level probe names, the
+/// cgroups below `root`, and for each other link's cgroup, the cgroups
+/// below it (opened by id, so a cgroup above a subtree mount or above
+/// this cgroup namespace is seen too).
+fn linked_relative(
+    root: &CgroupRoot,
+    own: &BTreeSet<u32>,
+) -> Result<Option<(u64, Relation)>, NestError> {
+    let programs: BTreeSet<u32> = services_programs().difference(own).copied().collect();
+    if programs.is_empty() {
+        return Ok(None);
+    }
+    let links = cgroup_links().map_err(|source| NestError::Io {
+        what: "listing the kernel's BPF links".into(),
+        source,
+    })?;
+    // A link whose cgroup is gone (id 0) enforces nothing.
+    let others: BTreeSet<u64> = links
+        .iter()
+        .filter(|(cg, prog)| *cg != 0 && programs.contains(prog))
+        .map(|(cg, _)| *cg)
+        .collect();
+    if others.is_empty() {
+        return Ok(None);
+    }
+    if others.contains(&root.id) {
+        return Ok(Some((root.id, Relation::Same)));
+    }
+    let ns = crate::attachment::services_level::ns_root()
+        .map_err(|e| NestError::Nested(e.to_string()))?;
+    if let Some(cg) = ns.ancestors.iter().find(|a| others.contains(a)) {
+        return Ok(Some((*cg, Relation::Ancestor)));
+    }
+    if let Some(cg) = below_ids(&root.dir, &others) {
+        return Ok(Some((cg, Relation::Descendant)));
+    }
+    let mount = std::fs::File::open(&root.dir).map_err(|source| NestError::Io {
+        what: format!("opening {}", root.dir.display()),
+        source,
+    })?;
+    let want = BTreeSet::from([root.id]);
+    for cg in others {
+        let dir = open_cgroup_by_id(&mount, cg).map_err(|source| NestError::Io {
+            what: format!(
+                "opening cgroup id {cg} (another services attachment's) to see whether it contains {}",
+                root.dir.display()
+            ),
+            source,
+        })?;
+        let Some(dir) = dir else { continue };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        if below_ids(&path, &want).is_some() {
+            return Ok(Some((cg, Relation::Ancestor)));
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses `root` when the kernel has another services attachment's link
+/// (a program other than `own`) at `root`, an ancestor (also one no path
+/// of this process shows: above a subtree mount of cgroup2 or above this
+/// cgroup namespace's root) or a descendant. `raced`: the check made
+/// after this attach's own links were created.
+pub fn refuse_linked(root: &CgroupRoot, own: &BTreeSet<u32>, raced: bool) -> Result<(), NestError> {
+    let Some((cg, rel)) = linked_relative(root, own)? else {
+        return Ok(());
+    };
+    let at = match rel {
+        Relation::Same => format!("at {} itself", root.dir.display()),
+        Relation::Ancestor => format!("at cgroup id {cg}, an ancestor of {}", root.dir.display()),
+        Relation::Descendant => format!("at cgroup id {cg}, below {}", root.dir.display()),
+    };
+    let how = "services attachments must not nest: both would judge the cgroups they share and overwrite each other's sender stamp, so `to_services` would not hold";
+    Err(NestError::Nested(if raced {
+        format!(
+            "another services attachment came into force {at} while this one was attached (from another cgroup namespace or mount, past the attach lock): {how}; this attach was undone (the previous state is untouched; if both raced, both were undone): retry, or detach the other one first"
+        )
+    } else {
+        format!(
+            "another services attachment enforces {at} (found from the kernel's links; it may be invisible by path here: above a subtree mount of cgroup2 or this cgroup namespace): {how}; detach it first"
+        )
+    }))
+}
+
+/// The program ids of the pinned cgroup links `pins` (this attachment's own).
+pub fn own_programs(pins: &[PathBuf]) -> Result<BTreeSet<u32>, NestError> {
+    pins.iter()
+        .map(|p| {
+            pinned_cgroup_link(p)
+                .map(|(_, prog)| prog)
+                .map_err(|source| NestError::Io {
+                    what: format!("reading the link {}", p.display()),
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// The lock every fresh services attach on this machine holds from its
@@ -354,7 +578,8 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
             dir.display()
         )));
     }
-    Ok(())
+    // What no path shows (above a subtree mount): the kernel's links.
+    refuse_linked(root, &BTreeSet::new(), false)
 }
 
 #[cfg(test)]

@@ -370,26 +370,67 @@ pub fn event_text(r: &follow::Refused) -> String {
 
 /// `segbpf detach --services`.
 pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
-    let paths = paths(cgroup_root.as_deref())?;
-    if !paths.dir.exists() && !paths.state.exists() {
-        return Err(paths.not_attached().into());
+    let (current, gone) = with_gone(cgroup_root.as_deref())?;
+    let current = current.filter(|p| p.dir.exists() || p.state.exists());
+    let Some(dir) = current
+        .as_ref()
+        .map(|p| p.root.dir.clone())
+        .or_else(|| gone.first().map(|g| g.root.dir.clone()))
+    else {
+        return Err(paths(cgroup_root.as_deref()).map_or_else(|e| e, |p| p.not_attached().into()));
+    };
+    let mut was = false;
+    if let Some(p) = &current {
+        was = engine::detach(p)?;
     }
-    let was = engine::detach(&paths)?;
+    for g in &gone {
+        engine::detach(g)?;
+        warn!(
+            "removed the pins and state of the services attachment below {} whose cgroup (id {}) is gone",
+            g.root.dir.display(),
+            g.root.id
+        );
+    }
     match output {
         Output::Json => print_json(&serde_json::json!({
             "services": true,
-            "cgroup_root": paths.root.dir,
+            "cgroup_root": dir,
             "detached": true,
             "was_attached": was,
+            "gone_removed": gone.iter().map(|g| g.root.id).collect::<Vec<_>>(),
         }))?,
         Output::Text => {
             crate::cmd::print_line(format_args!(
                 "detached the services below {}",
-                paths.root.dir.display()
+                dir.display()
             ))?;
         }
     }
     Ok(())
+}
+
+/// The attachment of the cgroup root `cgroup_root` (default: the cgroup
+/// v2 mount), if that cgroup exists, and the attachments whose state names
+/// that root but whose cgroup is gone ([`engine::gone_at`]). A root that
+/// does not exist (removed) has only gone ones; any other error (the level
+/// unknown) is returned.
+fn with_gone(
+    cgroup_root: Option<&std::path::Path>,
+) -> anyhow::Result<(Option<SvcPaths>, Vec<SvcPaths>)> {
+    let roots = Roots::from_env();
+    match paths(cgroup_root) {
+        Ok(p) => {
+            let gone = engine::gone_at(&roots, &p.root.dir, Some(p.root.id));
+            Ok((Some(p), gone))
+        }
+        Err(e) => match cgroup_root {
+            Some(dir) if !dir.exists() => {
+                crate::attachment::services_level::ns_root()?;
+                Ok((None, engine::gone_at(&roots, dir, None)))
+            }
+            _ => Err(e),
+        },
+    }
 }
 
 /// `segbpf reload --services`: the policy file (default: the one in
@@ -431,11 +472,15 @@ pub fn reload(
 pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::SvcReport> {
     let roots = Roots::from_env();
     if !all {
-        return paths(cgroup_root)
-            .ok()
+        let Ok((current, gone)) = with_gone(cgroup_root) else {
+            return Vec::new();
+        };
+        return current
             .filter(|p| p.dir.exists())
-            .map(|p| vec![report::report(&p)])
-            .unwrap_or_default();
+            .iter()
+            .chain(&gone)
+            .map(report::report)
+            .collect();
     }
     let mut out = Vec::new();
     for id in engine::list(&roots) {
@@ -464,6 +509,8 @@ pub fn print_text(
             "services below {}: {}, generation {}, policy {}",
             r.cgroup_root,
             match (r.attached, r.audit) {
+                (false, _) if r.cgroup_gone =>
+                    "NOT enforcing: its cgroup root was removed (`segbpf detach --services` removes what is left)",
                 (false, _) => "NOT attached",
                 (true, true) => "auditing (audit mode: nothing is dropped)",
                 (true, false) => "enforcing",
@@ -575,6 +622,9 @@ fn reports_elsewhere(cgroup_root: Option<&std::path::Path>) -> Vec<String> {
 
 /// `segbpf status --services`.
 pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    // Where the level cannot be found, say so as every other services
+    // command does (not "no services attachment").
+    with_gone(cgroup_root.as_deref())?;
     let reports = reports(cgroup_root.as_deref(), false);
     if reports.is_empty() {
         let elsewhere: Vec<String> = reports_elsewhere(cgroup_root.as_deref());

@@ -63,8 +63,13 @@ impl PacketCounts {
 pub struct SvcReport {
     /// The cgroup root.
     pub cgroup_root: String,
-    /// Both programs attached (their pinned links are live).
+    /// Both programs attached (their pinned links are live in the kernel,
+    /// on the root's cgroup).
     pub attached: bool,
+    /// The cgroup root this attachment was made on is gone (removed,
+    /// perhaps made again: another cgroup id), from the kernel: its pins
+    /// and state are left, nothing of it enforces.
+    pub cgroup_gone: bool,
     /// Policy file.
     pub policy: Option<String>,
     /// Generation in force.
@@ -105,8 +110,9 @@ pub struct SvcReport {
 
 /// The report of the attachment at `paths`.
 pub fn report(paths: &SvcPaths) -> SvcReport {
-    let live = |p: &std::path::Path| aya::programs::links::PinnedLink::from_pin(p).is_ok();
-    let attached = live(&paths.link_ingress()) && live(&paths.link_egress());
+    let attached = crate::attachment::services::enforces(paths);
+    let cgroup_gone =
+        crate::attachment::services_nest::cgroup_alive(paths.root.id).is_ok_and(|alive| !alive);
     let state = paths.read_state();
     let counters = SvcMaps::from_pins(&paths.dir)
         .and_then(|m| m.counters())
@@ -140,6 +146,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
     SvcReport {
         cgroup_root: paths.root.dir.display().to_string(),
         attached,
+        cgroup_gone,
         policy: state.as_ref().map(|s| s.policy.display().to_string()),
         generation: state.as_ref().map_or(0, |s| s.generation),
         audit: state.as_ref().is_some_and(|s| s.audit),
