@@ -5361,17 +5361,17 @@ fn detach_and_status_find_an_attachment_whose_root_is_gone() -> anyhow::Result<(
     std::fs::write(&policy, MATRIX)?;
     let root = lab.root.to_string_lossy().to_string();
     let left = |lab: &SvcLab| -> anyhow::Result<usize> {
-        Ok(std::fs::read_dir(&lab.bpffs)
-            .map(|rd| rd.flatten().count())
-            .unwrap_or(0)
-            + std::fs::read_dir(&lab.state)?
-                .flatten()
-                .filter(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    // The follower's log is kept, as by every detach.
-                    n.starts_with("services:") && !n.ends_with(".follow.log")
-                })
-                .count())
+        Ok(
+            std::fs::read_dir(&lab.bpffs).map_or(0, |rd| rd.flatten().count())
+                + std::fs::read_dir(&lab.state)?
+                    .flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        // The follower's log is kept, as by every detach.
+                        n.starts_with("services:") && !n.ends_with(".follow.log")
+                    })
+                    .count(),
+        )
     };
     for made_again in [true, false] {
         let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &policy, &lab.root)?;

@@ -60,6 +60,10 @@ impl PacketCounts {
 
 /// The services attachment of one cgroup root.
 #[derive(Debug, Serialize)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "a JSON report: each flag is a field readers script against"
+)]
 pub struct SvcReport {
     /// The cgroup root.
     pub cgroup_root: String,
