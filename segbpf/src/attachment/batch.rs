@@ -14,8 +14,7 @@ use bytemuck::Pod;
 /// Entries asked for per call.
 pub const BATCH: u32 = 4096;
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+use crate::host::bpf_sys::{BPF_MAP_LOOKUP_AND_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH, bpf};
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -97,16 +96,9 @@ pub fn read_all<K: Pod, V: Pod>(
         // buffers of `count` keys and values of this map's sizes and two
         // 8-byte tokens, all alive until the call returns; the size passed
         // is that of `attr`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                std::ptr::from_mut(&mut attr),
-                size_of::<BatchAttr>() as u32,
-            )
-        };
+        let rc = unsafe { bpf(cmd, &mut attr) };
         cost.calls += 1;
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = rc.err();
         let got = attr.count as usize;
         match &err {
             // A bucket holds more than `count` entries: ask for more.

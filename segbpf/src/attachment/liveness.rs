@@ -15,45 +15,20 @@
 //! A clsact egress filter (kernels before 6.6, no TCX) is not a link and
 //! is not checked here.
 
-use std::{
-    ffi::CString,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    os::unix::ffi::OsStrExt as _,
-    path::Path,
-};
+use std::{os::fd::AsFd as _, os::fd::AsRawFd as _, path::Path};
 
 use serde::Serialize;
 
-use crate::{attachment::pins::Attachment, attachment::state::State};
+use crate::{
+    attachment::pins::Attachment,
+    attachment::state::State,
+    host::bpf_sys::{BPF_LINK_CREATE, link_info, obj_get, obj_pin},
+};
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_XDP: u32 = 37;
 const BPF_TCX_EGRESS: u32 = 47;
 const XDP_FLAGS_SKB_MODE: u32 = 2;
 const XDP_FLAGS_DRV_MODE: u32 = 4;
-
-/// `bpf_attr` for `BPF_OBJ_GET` / `BPF_OBJ_PIN`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-/// `bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
 
 /// `bpf_attr` for `BPF_LINK_CREATE` (XDP and TCX: no extra fields set).
 #[repr(C)]
@@ -66,82 +41,10 @@ struct LinkCreateAttr {
     _rest: [u64; 4],
 }
 
-/// The head of `struct bpf_link_info`: type, id, program, then the union
-/// whose first word is the interface of XDP and TCX links (0 once
-/// detached) and, for TCX, the attach type.
-#[repr(C)]
-#[derive(Default)]
-struct LinkInfo {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    ifindex: u32,
-    attach_type: u32,
-    _rest: [u64; 2],
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a #[repr(C)] bpf_attr prefix that lives for the
-    // call; its size is passed, and the kernel reads (and for info, writes
-    // through the pointers in it) no more than that.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-fn c_path(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-}
-
-/// Opens a pinned object.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    let name = c_path(path)?;
-    let mut attr = ObjAttr {
-        pathname: name.as_ptr() as u64,
-        ..ObjAttr::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn obj_pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
-    let name = c_path(path)?;
-    let mut attr = ObjAttr {
-        pathname: name.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        ..ObjAttr::default()
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
-}
-
-fn link_info(fd: &OwnedFd) -> std::io::Result<LinkInfo> {
-    let mut info = LinkInfo::default();
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: std::ptr::from_mut(&mut info) as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info)
-}
-
 /// The interface a pinned XDP or TCX link is attached to, as the kernel
 /// says (0: detached, for instance with its interface destroyed).
 pub fn pinned_link_ifindex(pin: &Path) -> std::io::Result<u32> {
-    Ok(link_info(&obj_get(pin)?)?.ifindex)
+    Ok(link_info(obj_get(pin)?.as_fd())?.ifindex())
 }
 
 /// One hook of an attachment as the kernel has it.
@@ -183,7 +86,7 @@ fn check_link(
         Ok(fd) => fd,
         Err(e) => return Hook::dead(hook, 0, format!("no link at {}: {e}", pin.display())),
     };
-    let info = match link_info(&fd) {
+    let info = match link_info(fd.as_fd()) {
         Ok(i) => i,
         Err(e) => {
             return Hook::dead(
@@ -193,15 +96,16 @@ fn check_link(
             );
         }
     };
-    let problem = if info.ifindex == 0 {
+    let problem = if info.ifindex() == 0 {
         Some(format!(
             "link {} is detached from {iface} (by another tool: the kernel reports no interface)",
             info.id
         ))
-    } else if ifindex.is_some_and(|i| i != info.ifindex) {
+    } else if ifindex.is_some_and(|i| i != info.ifindex()) {
         Some(format!(
             "link {} is attached to interface index {}, not {iface}'s",
-            info.id, info.ifindex
+            info.id,
+            info.ifindex()
         ))
     } else if prog_id.is_some_and(|p| p != 0 && p != info.prog_id) {
         Some(format!(
@@ -286,20 +190,21 @@ fn relink_one(att: &Attachment, state: &State, hook: &str) -> std::io::Result<u3
         flags,
         ..LinkCreateAttr::default()
     };
-    let fd = bpf(BPF_LINK_CREATE, &mut attr).map_err(step(format!("creating a {hook} link")))?;
-    // SAFETY: BPF_LINK_CREATE returned a new file descriptor that nothing else owns.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `attr` is the bpf_attr of BPF_LINK_CREATE (no pointers), a
+    // command that returns a new descriptor.
+    let link = unsafe { crate::host::bpf_sys::bpf_fd(BPF_LINK_CREATE, &mut attr) }
+        .map_err(step(format!("creating a {hook} link")))?;
     // bpffs refuses dots in names.
     let mut tmp = link_pin.clone().into_os_string();
     tmp.push("_new");
     let tmp = std::path::PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    obj_pin(&link, &tmp).map_err(step(format!("pinning it at {}", tmp.display())))?;
+    obj_pin(link.as_fd(), &tmp).map_err(step(format!("pinning it at {}", tmp.display())))?;
     if let Err(e) = std::fs::rename(&tmp, &link_pin) {
         let _ = std::fs::remove_file(&tmp);
         return Err(step(format!("renaming it to {}", link_pin.display()))(e));
     }
-    Ok(link_info(&link).map_or(0, |i| i.id))
+    Ok(link_info(link.as_fd()).map_or(0, |i| i.id))
 }
 
 /// Puts back every hook of `att` that is not live (egress first, as at

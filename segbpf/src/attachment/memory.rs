@@ -153,7 +153,6 @@ fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
 /// The id of the program at index 0 of a program array: the kernel
 /// answers a lookup from userspace with the program's id.
 fn prog_array_first(map: BorrowedFd<'_>) -> Option<u32> {
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     #[repr(C)]
     struct Lookup {
         map_fd: u32,
@@ -164,24 +163,19 @@ fn prog_array_first(map: BorrowedFd<'_>) -> Option<u32> {
     }
     let key = 0u32;
     let mut id = 0u32;
-    let attr = Lookup {
+    let mut attr = Lookup {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: std::ptr::from_ref(&key) as u64,
         value: std::ptr::from_mut(&mut id) as u64,
         flags: 0,
     };
-    // SAFETY: bpf(2) with an initialised attribute block of its size; the
-    // kernel reads `key` and writes the 4-byte `id`, both alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_ELEM,
-            std::ptr::from_ref(&attr),
-            size_of::<Lookup>(),
-        )
-    };
-    (rc == 0).then_some(id)
+    // SAFETY: `attr` is the bpf_attr of BPF_MAP_LOOKUP_ELEM; the kernel
+    // reads `key` and writes the 4-byte `id`, both alive for the call. The
+    // map is the pinned one `map` names, never opened by id.
+    let rc =
+        unsafe { crate::host::bpf_sys::bpf(crate::host::bpf_sys::BPF_MAP_LOOKUP_ELEM, &mut attr) };
+    rc.is_ok().then_some(id)
 }
 
 /// Bytes as people read them: `24.3 MiB`.

@@ -14,13 +14,16 @@
 
 use std::{
     collections::BTreeSet,
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use segbpf_common::{PROG_SVC_EGRESS, PROG_SVC_INGRESS};
 
-use crate::host::cgroups::{CgroupRoot, cgroup2_mount};
+use crate::host::{
+    bpf_sys::{self, BPF_LINK_TYPE_CGROUP, BPF_PROG_QUERY, bpf},
+    cgroups::{CgroupRoot, cgroup2_mount},
+};
 
 /// Why a services attachment may not be made at a root.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +42,6 @@ pub enum NestError {
     },
 }
 
-/// `BPF_PROG_QUERY`.
-const BPF_PROG_QUERY: libc::c_long = 16;
 /// `BPF_CGROUP_INET_INGRESS`, `BPF_CGROUP_INET_EGRESS`.
 const ATTACH_TYPES: [u32; 2] = [0, 1];
 /// The kernel keeps a program's name to 15 bytes (`BPF_OBJ_NAME_LEN - 1`).
@@ -75,20 +76,9 @@ fn attached(dir: &Path, attach_type: u32) -> std::io::Result<Vec<u32>> {
         prog_cnt: ids.len() as u32,
         ..QueryAttr::default()
     };
-    // SAFETY: `attr` is a #[repr(C)] prefix of bpf_attr that lives for the
-    // call, its size is passed; the kernel writes at most `prog_cnt` ids
-    // into `ids`, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            std::ptr::from_mut(&mut attr),
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: `attr` is the bpf_attr of BPF_PROG_QUERY; the kernel writes
+    // at most `prog_cnt` ids into `ids`, which outlives the call.
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr) }?;
     ids.truncate((attr.prog_cnt as usize).min(64));
     Ok(ids)
 }
@@ -166,146 +156,36 @@ pub fn refuse_cgroup_namespace() -> Result<(), NestError> {
     Ok(())
 }
 
-/// `BPF_LINK_GET_FD_BY_ID`, `BPF_LINK_GET_NEXT_ID`, `BPF_OBJ_GET_INFO_BY_FD`.
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// `BPF_LINK_TYPE_CGROUP`.
-const BPF_LINK_TYPE_CGROUP: u32 = 3;
-
-/// `union bpf_attr` for the `*_GET_NEXT_ID` / `*_GET_FD_BY_ID` commands.
-#[repr(C)]
-#[derive(Default)]
-struct IdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The start of `struct bpf_link_info` up to its `cgroup` member.
-#[repr(C)]
-#[derive(Default)]
-struct LinkInfo {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    cgroup_id: u64,
-    attach_type: u32,
-    _pad2: u32,
-}
-
-/// `bpf(cmd, attr)`.
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a #[repr(C)] prefix of bpf_attr that lives for the
-    // call and its size is passed; the kernel reads and writes within it
-    // (and within any buffer it points to, sized by the caller).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 /// Every cgroup link of the kernel: (cgroup id, program id). A link gone
 /// between the listing and the open is skipped.
 fn cgroup_links() -> std::io::Result<Vec<(u64, u32)>> {
-    use std::os::fd::FromRawFd as _;
     let mut out = Vec::new();
     let mut id = 0u32;
-    loop {
-        let mut next = IdAttr {
-            id,
-            ..IdAttr::default()
+    while let Some(next) = bpf_sys::link_next_id(id)? {
+        id = next;
+        let Some(fd) = bpf_sys::link_by_id(id)? else {
+            continue;
         };
-        match sys_bpf(BPF_LINK_GET_NEXT_ID, &mut next) {
-            Ok(_) => id = next.next_id,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Err(e) => return Err(e),
-        }
-        let mut get = IdAttr {
-            id,
-            ..IdAttr::default()
-        };
-        let fd = match sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut get) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(e),
-        };
-        // SAFETY: a fresh descriptor the kernel just gave us.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        let info = link_info(&fd)?;
+        let info = bpf_sys::link_info(fd.as_fd())?;
         if info.link_type == BPF_LINK_TYPE_CGROUP {
-            out.push((info.cgroup_id, info.prog_id));
+            out.push((info.cgroup_id(), info.prog_id));
         }
     }
-}
-
-/// `BPF_OBJ_GET`.
-const BPF_OBJ_GET: libc::c_long = 7;
-
-/// `union bpf_attr` for `BPF_OBJ_GET`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-/// The info of the link behind `fd`.
-fn link_info(fd: &std::os::fd::OwnedFd) -> std::io::Result<LinkInfo> {
-    let mut info = LinkInfo::default();
-    let mut attr = InfoAttr {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(fd) as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: std::ptr::from_mut(&mut info) as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info)
+    Ok(out)
 }
 
 /// What the kernel says of a pinned cgroup link: the id of the cgroup it
 /// is attached to (0 once that cgroup is gone: the kernel detaches a
 /// link from a cgroup that dies) and its program's id.
 pub fn pinned_cgroup_link(pin: &Path) -> std::io::Result<(u64, u32)> {
-    use std::os::fd::FromRawFd as _;
-    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..ObjGetAttr::default()
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: a fresh descriptor the kernel just gave us.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let info = link_info(&fd)?;
+    let info = bpf_sys::link_info(bpf_sys::obj_get(pin)?.as_fd())?;
     if info.link_type != BPF_LINK_TYPE_CGROUP {
         return Err(std::io::Error::other(format!(
             "{} is no cgroup link",
             pin.display()
         )));
     }
-    Ok((info.cgroup_id, info.prog_id))
+    Ok((info.cgroup_id(), info.prog_id))
 }
 
 /// Refuses `root` when one of `ancestors` (cgroup ids this process cannot
