@@ -126,7 +126,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use segbpf_tests::{lab::segbpf_bin, netns::Netns};
+use segbpf_tests::{
+    lab::segbpf_bin,
+    netns::Netns,
+    nspawn::{self, remove_cgroup_tree as remove_cgroups},
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -1268,25 +1272,6 @@ impl Drop for SvcLab {
         // Children first (helpers are gone: every Helper is dropped before
         // the lab that made its cgroup).
         remove_cgroups(&self.root);
-    }
-}
-
-/// Removes a cgroup directory tree, deepest first (a cgroup whose last
-/// process was just reaped may refuse for a moment: retried for a second).
-fn remove_cgroups(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroups(&e.path());
-            }
-        }
-    }
-    let start = Instant::now();
-    while std::fs::remove_dir(dir).is_err()
-        && dir.exists()
-        && start.elapsed() < Duration::from_secs(1)
-    {
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -2865,39 +2850,18 @@ fn client_unit(name: &str) -> String {
     )
 }
 
-/// A booted container; powered off (SIGTERM to nspawn, SIGKILL after
-/// 20 s), its bpffs unmounted and its work directory removed on drop.
+/// A booted container (`segbpf_tests::nspawn`): powered off, its bpffs
+/// unmounted, its cgroups and work directory removed on drop.
 struct Booted {
-    nspawn: Child,
+    c: nspawn::Container,
     pid1: u32,
-    work: PathBuf,
-    bpffs_mounted: bool,
-    /// The cgroup nspawn was started in (its top directory, removed after
-    /// the container is gone).
-    cgroup: PathBuf,
 }
 
 impl Booted {
     /// Runs `script` with `sh -c` in the container's namespaces. Not in a
     /// unit's cgroup: what it runs is outside the container's cgroup tree.
     fn sh(&self, script: &str) -> anyhow::Result<String> {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.pid1.to_string(), "-a", "--"])
-            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
-            .args(["sh", "-c", script])
-            .output()?;
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() {
-            bail!(
-                "in the container, `{script}` failed ({}):\n{said}",
-                out.status
-            );
-        }
-        Ok(said)
+        self.c.sh(script)
     }
 
     /// `systemctl show -p PROP --value UNIT` as a number.
@@ -2927,44 +2891,6 @@ impl Booted {
     }
 }
 
-impl Drop for Booted {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
-        remove_cgroups(&self.cgroup);
-        let bpffs = self.work.join("bpffs");
-        if self.bpffs_mounted
-            && !Command::new("umount")
-                .arg(&bpffs)
-                .status()
-                .is_ok_and(|s| s.success())
-        {
-            eprintln!("could not unmount {}; left in place", bpffs.display());
-            return;
-        }
-        // Only the test's own, absolute, unique directory.
-        if self.work.is_absolute()
-            && self
-                .work
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("segbpf-nspawn-"))
-        {
-            let _ = std::fs::remove_dir_all(&self.work);
-        }
-    }
-}
-
 /// Boots this machine's systemd with `--volatile=yes -D /` (as
 /// `cargo xtask dist --check` does), the package's unit
 /// segbpf-services.service wanted by sysinit.target, the test's units
@@ -2973,12 +2899,10 @@ impl Drop for Booted {
 fn boot(work: &Path) -> anyhow::Result<Booted> {
     let share = work.join("share");
     std::fs::create_dir_all(&share)?;
-    let bpffs = work.join("bpffs");
-    std::fs::create_dir_all(&bpffs)?;
     let unit_src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../dist/systemd/segbpf-services.service")
         .canonicalize()?;
-    let mut files: Vec<(String, String)> = vec![
+    let files: Vec<(String, String)> = vec![
         ("roles.toml".into(), UNITS_POLICY.into()),
         ("db.service".into(), server_unit(3306)),
         ("web.service".into(), server_unit(8080)),
@@ -2993,128 +2917,39 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
             "[Unit]\nWants=db.service web.service app.service other.service\n".into(),
         ),
     ];
-    for (name, text) in &mut files {
-        std::fs::write(share.join(&*name), &*text)?;
+    for (name, text) in &files {
+        std::fs::write(share.join(name), text)?;
     }
-    let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
-    Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&bpffs)
-        .status()?
-        .success()
-        .then_some(())
-        .context("mounting a bpffs for the container")?;
     // nspawn roots the container's cgroup namespace at a `payload` cgroup
     // below its caller's: started three levels down, that root lies at
     // level 4, far enough from the hierarchy's root that the levels seen
     // inside (0 for the namespace's root) would leave every unit's cgroup
     // out of the programs' walk.
     let cgroup = cgroup2_mount()?.join(work.file_name().context("work dir name")?);
-    let caller = cgroup.join("a/b");
-    std::fs::create_dir_all(&caller)?;
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", r#"echo 0 > "$0" && exec "$@""#])
-        .arg(caller.join("cgroup.procs"))
-        .arg("systemd-nspawn");
-    cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
-        .args(["--keep-unit", "--private-network", "-q"])
-        .args(["-M", &format!("segbpf-svc-{}", std::process::id())])
-        .args([
-            "--overlay=/usr::/usr",
-            "--overlay=/etc::/etc",
-            "--overlay=/var::/var",
-        ])
-        .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
-        .arg(bind(segbpf_bin(), "/usr/sbin/segbpf"))
-        .arg(bind(
-            unit_src,
-            "/etc/systemd/system/segbpf-services.service",
-        ))
-        .arg(bind(share.join("roles.toml"), "/etc/segbpf/roles.toml"))
-        .arg(bind(
-            share.join("sysinit.conf"),
+    let mut boot = nspawn::Nspawn::new(&format!("segbpf-svc-{}", std::process::id()), work)
+        .quiet()
+        .bpffs()
+        .in_cgroup(cgroup, "a/b")
+        .remove_work()
+        .bind_ro(&segbpf_bin(), "/usr/sbin/segbpf")
+        .bind_ro(&unit_src, "/etc/systemd/system/segbpf-services.service")
+        .bind_ro(&share.join("roles.toml"), "/etc/segbpf/roles.toml")
+        .bind_ro(
+            &share.join("sysinit.conf"),
             "/etc/systemd/system/sysinit.target.d/segbpf-test.conf",
-        ))
-        .arg(bind(
-            share.join("multi-user.conf"),
+        )
+        .bind_ro(
+            &share.join("multi-user.conf"),
             "/etc/systemd/system/multi-user.target.d/segbpf-test.conf",
-        ))
-        .args([
-            "--capability=CAP_BPF,CAP_PERFMON",
-            "--system-call-filter=bpf",
-        ]);
+        );
     for u in ["db", "web", "app", "other"] {
-        cmd.arg(bind(
-            share.join(format!("{u}.service")),
+        boot = boot.bind_ro(
+            &share.join(format!("{u}.service")),
             &format!("/etc/systemd/system/{u}.service"),
-        ));
+        );
     }
-    // Units that would change the host's kernel settings, or services of
-    // this machine that have no business in the container.
-    for u in [
-        "systemd-sysctl.service",
-        "systemd-binfmt.service",
-        "systemd-udev-trigger.service",
-        "etcd.service",
-        "etcd2.service",
-        "postgresql.service",
-    ] {
-        cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{u}"));
-    }
-    cmd.arg("systemd.firstboot=off")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(work.join("console.log"))?)
-        .stderr(std::fs::File::create(work.join("nspawn.log"))?);
-    let nspawn = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = Command::new("umount").arg(&bpffs).status();
-            remove_cgroups(&cgroup);
-            return Err(e).context("running systemd-nspawn");
-        }
-    };
-    let mut b = Booted {
-        nspawn,
-        pid1: 0,
-        work: work.to_path_buf(),
-        bpffs_mounted: true,
-        cgroup,
-    };
-    let children = format!("/proc/{0}/task/{0}/children", b.nspawn.id());
-    let start = Instant::now();
-    while b.pid1 == 0 {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "systemd-nspawn started no container: {}",
-                std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
-            );
-        }
-        if let Some(pid) = std::fs::read_to_string(&children)
-            .unwrap_or_default()
-            .split_whitespace()
-            .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "systemd")
-            })
-        {
-            b.pid1 = pid.parse()?;
-        } else {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    loop {
-        let state = b
-            .sh("systemctl is-system-running || true")
-            .unwrap_or_default();
-        let state = state.trim();
-        if state == "running" || state == "degraded" {
-            return Ok(b);
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            bail!("the container's systemd did not finish booting: {state}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let c = boot.boot()?;
+    Ok(Booted { pid1: c.pid1(), c })
 }
 
 /// Waits until `name`'s log has a line after `since` for `port` with
