@@ -1279,15 +1279,13 @@ impl Drop for SvcLab {
 // The tests.
 // ---------------------------------------------------------------------------
 
-const MATRIX: &str = r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[services.cache]
+/// The services app, db and other (tests/fixtures/services_app_db_other.toml,
+/// which segbpf's own unit tests of `explain`'s evaluator start from too:
+/// no comment in it, so the text here is byte for byte what it was) and
+/// cache, with db's and app's rules.
+const MATRIX: &str = concat!(
+    include_str!("../fixtures/services_app_db_other.toml"),
+    r#"[services.cache]
 cgroup = "cache"
 
 [[services.db.ingress]]
@@ -1299,7 +1297,8 @@ udp = [3306]
 to = ["127.0.0.1", "::1", "198.18.91.1", "fd00:91::1"]
 tcp = [3306]
 udp = [3306]
-"#;
+"#
+);
 
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
@@ -4114,21 +4113,16 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn to_services_replies_come_from_the_service() -> anyhow::Result<()> {
-    let policy = r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[[services.app.egress]]
+    let policy = concat!(
+        include_str!("../fixtures/services_app_db_other.toml"),
+        r#"[[services.app.egress]]
 to_services = ["db"]
 udp = [5000]
 [[services.db.ingress]]
 from_services = ["app"]
 udp = [5000]
-"#;
+"#
+    );
     let mut lab = SvcLab::new("sq", &["app", "db", "other", "none"], 112)?;
     let ns = lab.ns.name.clone();
     let _db = [
@@ -4716,7 +4710,10 @@ fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
     let policy = dir.join("roles.toml");
     std::fs::write(
         &policy,
-        "version = 1\n[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n[services.db]\ncgroup = \"db\"\n[services.other]\ncgroup = \"other\"\n[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n",
+        concat!(
+            include_str!("../fixtures/services_app_db_other.toml"),
+            "[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n"
+        ),
     )?;
     let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
         let mut args = vec![
