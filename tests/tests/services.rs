@@ -2301,6 +2301,53 @@ impl Drop for Kill {
     }
 }
 
+/// The follower a `--no-wait` attach names in its log (`followed by
+/// process PID`).
+fn follower_named(log: &str) -> Option<i32> {
+    log.split("followed by process ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl SvcLab {
+    /// `attach --services --no-wait --policy POLICY --cgroup-root ROOT
+    /// EXTRA...` below the lab's root: it must succeed and name its
+    /// follower. Its stderr, and the follower (ended by PID when the
+    /// `Kill` is dropped, also when this fails).
+    fn attach_follower(&self, policy: &Path, extra: &[&str]) -> anyhow::Result<(String, Kill)> {
+        let out = self
+            .segbpf(&["attach", "--services", "--no-wait", "--policy"])
+            .arg(policy)
+            .arg("--cgroup-root")
+            .arg(&self.root)
+            .args(extra)
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        let kill = follower_named(&log).map(Kill);
+        anyhow::ensure!(out.status.success(), "attach --no-wait: {log}");
+        let kill = kill.with_context(|| format!("no follower in: {log}"))?;
+        Ok((log, kill))
+    }
+
+    /// `detach --services --cgroup-root ROOT` of the lab's root; fails
+    /// with its stderr unless it succeeds.
+    fn detach(&self) -> anyhow::Result<()> {
+        let out = self
+            .segbpf(&["detach", "--services", "--cgroup-root"])
+            .arg(&self.root)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
@@ -2309,28 +2356,9 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     let policy = lab.state.join("roles.toml");
     std::fs::write(&policy, MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
-    let out = lab
-        .segbpf(&[
-            "attach",
-            "--services",
-            "--no-wait",
-            "--policy",
-            policy.to_str().context("policy")?,
-            "--cgroup-root",
-            &root,
-        ])
-        .output()?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
     // The follower it left names itself; it is ended by PID if the test fails.
-    let pid: i32 = log
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {log}"))?;
-    let _kill = Kill(pid);
+    let (_, kill) = lab.attach_follower(&policy, &[])?;
+    let pid = kill.0;
     // It classifies a re-created cgroup: app reaches db again.
     remove_cgroups(&lab.cg("app"));
     std::fs::create_dir(lab.cg("app"))?;
@@ -2339,22 +2367,9 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     let (ok, _, _) = finish(prober)?;
     assert!(ok > 0, "the follower did not classify the re-created app");
     // detach --services: the follower sees it and exits.
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root", &root])
-        .output()?;
+    lab.detach()?;
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let start = Instant::now();
-    while std::fs::metadata(format!("/proc/{pid}")).is_ok()
-        && start.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        gone_within(pid, 5),
         "the follower {pid} outlived the detach"
     );
     Ok(())
@@ -2407,12 +2422,7 @@ fn no_wait_follower_is_single_and_logs() -> anyhow::Result<()> {
         Ok(log)
     };
     let first = attach(&lab)?;
-    let pid: i32 = first
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {first}"))?;
+    let pid = follower_named(&first).with_context(|| format!("no follower in: {first}"))?;
     let _kill = Kill(pid);
     // Wait until it has claimed the following.
     let start = Instant::now();
@@ -2561,26 +2571,8 @@ fn sighup_reloads_the_policy_in_force() -> anyhow::Result<()> {
         nix::sys::signal::Signal::SIGTERM,
     )?;
     c.wait()?;
-    let out = lab
-        .segbpf(&[
-            "attach",
-            "--services",
-            "--no-wait",
-            "--policy",
-            first.to_str().context("policy")?,
-            "--cgroup-root",
-            &root,
-        ])
-        .output()?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
-    let pid: i32 = log
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {log}"))?;
-    let _kill = Kill(pid);
+    let (_, kill) = lab.attach_follower(&first, &[])?;
+    let pid = kill.0;
     assert!(
         !lab.connect("other", "127.0.0.1 3306")?,
         "other -> db with the first file"
@@ -2784,10 +2776,7 @@ fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
         !lab.connect("other", "127.0.0.1 3306")?,
         "the refused --confirm changed the policy in force"
     );
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root", &root])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "detach: {out:?}");
+    lab.detach()?;
     anyhow::ensure!(gone_within(follower, 5), "the follower outlived the detach");
     Ok(())
 }
@@ -3294,6 +3283,33 @@ fn status_counts_the_generation_in_force() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `explain POLICY --services --service SVC --direction DIR` of a TCP
+/// packet from 127.0.0.1 to 127.0.0.1:PORT (more arguments may follow).
+fn explain_loopback_tcp<'a>(
+    policy: &'a str,
+    svc: &'a str,
+    dir: &'a str,
+    port: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "explain",
+        policy,
+        "--services",
+        "--service",
+        svc,
+        "--direction",
+        dir,
+        "--src",
+        "127.0.0.1",
+        "--dst",
+        "127.0.0.1",
+        "--proto",
+        "tcp",
+        "--dport",
+        port,
+    ]
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
@@ -3306,29 +3322,10 @@ fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
     let policy = policy.to_str().context("path")?;
     let explain =
         |svc: &str, peer: &str, dir: &str, port: u16| -> anyhow::Result<serde_json::Value> {
-            let out = lab
-                .segbpf(&[
-                    "explain",
-                    policy,
-                    "--services",
-                    "--service",
-                    svc,
-                    "--peer-service",
-                    peer,
-                    "--direction",
-                    dir,
-                    "--src",
-                    "127.0.0.1",
-                    "--dst",
-                    "127.0.0.1",
-                    "--proto",
-                    "tcp",
-                    "--dport",
-                    &port.to_string(),
-                    "-o",
-                    "json",
-                ])
-                .output()?;
+            let port = port.to_string();
+            let mut args = explain_loopback_tcp(policy, svc, dir, &port);
+            args.extend(["--peer-service", peer, "-o", "json"]);
+            let out = lab.segbpf(&args).output()?;
             assert!(
                 out.status.success(),
                 "{}",
@@ -4313,12 +4310,7 @@ fn attach_no_wait(
         .arg(root)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let kill = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
+    let kill = follower_named(&err).map(Kill);
     Ok((out.status.success(), err, kill))
 }
 
@@ -4360,15 +4352,7 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
     assert!(other_links(&other).is_empty());
     // The other way round: the inner one live (its state file removed),
     // the outer one is refused.
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root"])
-        .arg(&lab.root)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.detach()?;
     if let Some(mut c) = lab.attach.take() {
         let _ = c.wait();
     }
@@ -4470,15 +4454,7 @@ fn attach_inside_a_cgroup_namespace() -> anyhow::Result<()> {
         "{err}"
     );
     assert!(other_links(&other).is_empty());
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root"])
-        .arg(&lab.root)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.detach()?;
     if let Some(mut c) = lab.attach.take() {
         let _ = c.wait();
     }
@@ -4627,19 +4603,7 @@ fn status_says_whether_a_follower_runs() -> anyhow::Result<()> {
     );
     // Audit mode, with a follower again (`--no-wait` leaves one).
     let policy = lab.state.join("roles.toml");
-    let out = lab
-        .segbpf(&["attach", "--services", "--audit", "--no-wait", "--policy"])
-        .arg(&policy)
-        .args(["--cgroup-root", &root])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let _k = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
-    assert!(out.status.success(), "{err}");
+    let (_, _k) = lab.attach_follower(&policy, &["--audit"])?;
     let start = Instant::now();
     let (mut j, mut t) = status(&lab)?;
     while j["services"][0]["follower_running"] != true && start.elapsed() < Duration::from_secs(5) {
@@ -4716,23 +4680,8 @@ fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
         ),
     )?;
     let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
-        let mut args = vec![
-            "explain",
-            policy.to_str().context("policy")?,
-            "--services",
-            "--service",
-            "app",
-            "--src",
-            "127.0.0.1",
-            "--dst",
-            "127.0.0.1",
-            "--proto",
-            "tcp",
-            "--dport",
-            "5000",
-            "--direction",
-            "egress",
-        ];
+        let mut args =
+            explain_loopback_tcp(policy.to_str().context("policy")?, "app", "egress", "5000");
         args.extend_from_slice(extra);
         let text = Command::new(segbpf_bin()).args(&args).output()?;
         args.extend_from_slice(&["-o", "json"]);
@@ -4817,14 +4766,7 @@ fn concurrent_no_wait_leave_one_named_follower() -> anyhow::Result<()> {
             .stderr(Stdio::piped())
             .spawn()?)
     };
-    let named = |log: &str| -> Option<i32> {
-        log.split("followed by process ")
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
+    let named = follower_named;
     // Followers are ended by PID whatever happens.
     let mut kills: Vec<Kill> = Vec::new();
     let mut wrong = Vec::new();
@@ -4920,21 +4862,8 @@ defaults = { ingress = "drop" }
         "audit mode passes its exchanges, db answering"
     );
     // Enforcement: the same policy attached again without --audit.
-    let root = lab.root.to_string_lossy().to_string();
     let path = lab.state.join("roles.toml");
-    let out = lab
-        .segbpf(&["attach", "--services", "--no-wait", "--policy"])
-        .arg(&path)
-        .args(["--cgroup-root", &root])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let _k = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
-    assert!(out.status.success(), "{err}");
+    let (_, _k) = lab.attach_follower(&path, &[])?;
     let (_, v) = lab.json(&["status", "--services"])?;
     assert_eq!(v["services"][0]["audit"], false, "{v}");
     assert!(
