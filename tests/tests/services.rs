@@ -1651,14 +1651,7 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
             r#"from_services = ["app", "other"]"#,
         ),
     )?;
-    let out = lab
-        .segbpf(&["reload", "--services", "--cgroup-root", &root])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.reload(None)?;
     assert_eq!(generation(&lab)?, 2);
     assert!(
         lab.connect("other", "127.0.0.1 3306")?,
@@ -1892,41 +1885,14 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp-stream 127.0.0.1 3306")?;
     lab.attach(MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
     let mut held = Helper::server(&lab.cg("app"), &ns, "hold-tcp 127.0.0.1 3306")?;
-    let again = |h: &mut Helper| -> anyhow::Result<bool> {
-        let c = h.child.as_mut().context("child")?;
-        c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
-        let out = c.stdout.as_mut().context("stdout")?;
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        loop {
-            out.read_exact(&mut byte)?;
-            if byte[0] == b'\n' {
-                break;
-            }
-            line.push(byte[0]);
-        }
-        Ok(line.ends_with(b"ok"))
-    };
-    assert!(again(&mut held)?, "the connection before any reload");
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    assert!(hold_again(&mut held)?, "the connection before any reload");
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     // The same policy again (the other slot, the services renumbered the
     // same way): the connection goes on.
     reload(&lab, MATRIX)?;
     assert!(
-        again(&mut held)?,
+        hold_again(&mut held)?,
         "the connection after a reload that allows it"
     );
     // The services in another order (app gets another id): still allowed.
@@ -1951,14 +1917,17 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
         before,
         "app was not renumbered"
     );
-    assert!(again(&mut held)?, "the connection after app was renumbered");
+    assert!(
+        hold_again(&mut held)?,
+        "the connection after app was renumbered"
+    );
     // db no longer accepts app: the live connection is cut too.
     reload(
         &lab,
         &MATRIX.replace(r#"from_services = ["app"]"#, r#"from_services = ["other"]"#),
     )?;
     assert!(
-        !again(&mut held)?,
+        !hold_again(&mut held)?,
         "the connection after a reload that refuses it"
     );
     Ok(())
@@ -1974,25 +1943,13 @@ fn renumbered_service_cannot_reuse_a_flow() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     lab.attach(MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
     let from = |lab: &SvcLab, cg: &str, port: u16| -> anyhow::Result<bool> {
         Ok(Helper::run(&lab.cg(cg), &ns, &format!("udp-from {port} 127.0.0.1 3306"))?.0)
     };
     assert!(from(&lab, "app", 40123)?, "app -> db");
     assert!(!from(&lab, "other", 40124)?, "other -> db");
     let (slot, app_id) = slot_and_id(&lab, "app")?;
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     reload(&lab, MATRIX)?;
     // `other` first: it gets app's old id, in app's old slot.
     reload(
@@ -2161,7 +2118,6 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     lab.attach(RACE_A)?;
-    let root = lab.root.to_string_lossy().to_string();
     let mut seen = Vec::new();
     let mut keys = Vec::new();
     for round in 0..2 {
@@ -2185,14 +2141,7 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
             !lab.udp("nobody", "127.0.0.1 3306")?,
             "nobody -> db, round {round}"
         );
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.reload(None)?;
     }
     assert!(
         seen.iter().all(|l| l.ends_with("prio=0")),
@@ -2261,14 +2210,7 @@ fn tapped_stamp_cannot_be_replayed() -> anyhow::Result<()> {
     assert!(refused >= 1, "the refused stamp was not counted: {st}");
     // Two reloads: the slot the stamp names gets a new key.
     for _ in 0..2 {
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.reload(None)?;
     }
     assert!(read_line(&mut h)?.contains("ready"));
     h.child
@@ -2330,6 +2272,25 @@ impl SvcLab {
         anyhow::ensure!(out.status.success(), "attach --no-wait: {log}");
         let kill = kill.with_context(|| format!("no follower in: {log}"))?;
         Ok((log, kill))
+    }
+
+    /// `reload --services --cgroup-root ROOT`, with `policy` (if any)
+    /// written to the lab's roles.toml first; fails with its stderr
+    /// unless it succeeds.
+    fn reload(&self, policy: Option<&str>) -> anyhow::Result<()> {
+        if let Some(policy) = policy {
+            std::fs::write(self.state.join("roles.toml"), policy)?;
+        }
+        let out = self
+            .segbpf(&["reload", "--services", "--cgroup-root"])
+            .arg(&self.root)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// `detach --services --cgroup-root ROOT` of the lab's root; fails
@@ -4062,19 +4023,7 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
             Helper::server(&lab.cg("app"), &host, &format!("hold-ticks {a} 3314"))?,
         ));
     }
-    let root = lab.root.to_string_lossy().to_string();
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     let mut wrong = Vec::new();
     // The same policy again: a new generation that allows every flow.
     reload(&lab, REVOKE)?;
