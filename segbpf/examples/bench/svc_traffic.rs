@@ -198,6 +198,37 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A free TCP port on both loopback addresses (as of now).
+/// The result rows: per case, family and test (TCP_RR, stream) the
+/// median of `samples[case][family][test]`, its samples and its ratio
+/// (`ratio`) to the first case's median.
+fn rows(
+    cases: &[&str],
+    families: &[(&str, &str)],
+    samples: &[Vec<[Vec<f64>; 2]>],
+    ratio: &str,
+) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for (ci, case) in cases.iter().enumerate() {
+        for (fi, (fam, _)) in families.iter().enumerate() {
+            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
+                .iter()
+                .enumerate()
+            {
+                let m = median(&samples[ci][fi][ti]);
+                let none = median(&samples[0][fi][ti]);
+                let mut row = json!({
+                    "case": case, "family": fam, "test": test, "unit": unit,
+                    "median": m,
+                    "samples": samples[ci][fi][ti],
+                });
+                row[ratio] = json!(m / none);
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
 fn free_port() -> anyhow::Result<u16> {
     for _ in 0..20 {
         let l = TcpListener::bind("127.0.0.1:0")?;
@@ -334,23 +365,7 @@ pub(crate) fn loopback(rounds: usize, secs: f64) -> anyhow::Result<serde_json::V
     let load_after = load_average();
     drop(servers);
     drop(scratch);
-    let mut rows = Vec::new();
-    for (ci, case) in CASES.iter().enumerate() {
-        for (fi, (fam, _)) in families.iter().enumerate() {
-            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
-                .iter()
-                .enumerate()
-            {
-                let m = median(&samples[ci][fi][ti]);
-                let none = median(&samples[0][fi][ti]);
-                rows.push(json!({
-                    "case": case, "family": fam, "test": test, "unit": unit,
-                    "median": m, "ratio_to_none": m / none,
-                    "samples": samples[ci][fi][ti],
-                }));
-            }
-        }
-    }
+    let rows = rows(&CASES, &families, &samples, "ratio_to_none");
     Ok(json!({
         "rounds": rounds, "seconds_each": secs,
         "load_average_before": load_before, "load_average_after": load_after,
@@ -465,23 +480,8 @@ pub(crate) fn systemd_ipaddressallow(
     }
     let load_after = load_average();
     drop(c);
-    let mut rows = Vec::new();
-    for (ci, (case, _)) in cases.iter().enumerate() {
-        for (fi, (fam, _)) in families.iter().enumerate() {
-            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
-                .iter()
-                .enumerate()
-            {
-                let m = median(&samples[ci][fi][ti]);
-                let none = median(&samples[0][fi][ti]);
-                rows.push(json!({
-                    "case": case, "family": fam, "test": test, "unit": unit,
-                    "median": m, "ratio_to_plain_units": m / none,
-                    "samples": samples[ci][fi][ti],
-                }));
-            }
-        }
-    }
+    let names: Vec<&str> = cases.iter().map(|(case, _)| *case).collect();
+    let rows = rows(&names, &families, &samples, "ratio_to_plain_units");
     Ok(json!({
         "systemd": version,
         "deny_any_refused": refused,
