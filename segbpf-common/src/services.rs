@@ -488,6 +488,9 @@ mod stamp_tests {
         ident: u32,
     }
 
+    /// One change of a [`Stamp`]'s arguments.
+    type Change = fn(&mut Stamp);
+
     impl Stamp {
         fn check(&self) -> u32 {
             svc_stamp_check(
@@ -523,7 +526,7 @@ mod stamp_tests {
         assert_ne!(base_check, 0);
         assert_eq!(base_check & !SVC_STAMP_CHECK_MASK, 0);
         // (what changes, the change): each alone must change the bits.
-        let variants: [(&str, fn(&mut Stamp)); 11] = [
+        let variants: [(&str, Change); 11] = [
             ("key's low bit", |s| s.key[0] ^= 1),
             ("key's high bit", |s| s.key[1] ^= 1 << 63),
             ("family", |s| s.family = 4),

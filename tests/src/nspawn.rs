@@ -49,10 +49,11 @@ pub const WORK_PREFIX: &str = "segbpf-nspawn-";
 pub struct Nspawn {
     machine: String,
     work: PathBuf,
-    binds: Vec<String>,
+    /// nspawn's options beyond the common ones (binds, `-q`).
+    options: Vec<String>,
+    /// nspawn's own environment.
+    own_env: Vec<(&'static str, &'static str)>,
     bpffs: bool,
-    quiet: bool,
-    writable_sys: bool,
     cgroup: Option<(PathBuf, PathBuf)>,
     env: Vec<String>,
     remove_work: bool,
@@ -66,10 +67,9 @@ impl Nspawn {
         Nspawn {
             machine: machine.to_string(),
             work: work.to_path_buf(),
-            binds: Vec::new(),
+            options: Vec::new(),
+            own_env: Vec::new(),
             bpffs: false,
-            quiet: false,
-            writable_sys: false,
             cgroup: None,
             env: Vec::new(),
             remove_work: false,
@@ -79,7 +79,7 @@ impl Nspawn {
     /// Binds `src` read-only at `dst` in the container.
     #[must_use]
     pub fn bind_ro(mut self, src: &Path, dst: &str) -> Self {
-        self.binds
+        self.options
             .push(format!("--bind-ro={}:{dst}", src.display()));
         self
     }
@@ -95,7 +95,7 @@ impl Nspawn {
     /// nspawn's `-q`.
     #[must_use]
     pub fn quiet(mut self) -> Self {
-        self.quiet = true;
+        self.options.push("-q".to_string());
         self
     }
 
@@ -103,7 +103,8 @@ impl Nspawn {
     /// has device units.
     #[must_use]
     pub fn writable_sys(mut self) -> Self {
-        self.writable_sys = true;
+        self.own_env
+            .push(("SYSTEMD_NSPAWN_API_VFS_WRITABLE", "yes"));
         self
     }
 
@@ -171,19 +172,17 @@ impl Nspawn {
             Command::new("systemd-nspawn")
         };
         cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
-            .args(["--keep-unit", "--private-network"]);
-        if self.quiet {
-            cmd.arg("-q");
-        }
-        cmd.args(["-M", &self.machine]).args([
-            "--overlay=/usr::/usr",
-            "--overlay=/etc::/etc",
-            "--overlay=/var::/var",
-        ]);
+            .args(["--keep-unit", "--private-network"])
+            .args(["-M", &self.machine])
+            .args([
+                "--overlay=/usr::/usr",
+                "--overlay=/etc::/etc",
+                "--overlay=/var::/var",
+            ]);
         if let Some(bpffs) = &c.bpffs {
             cmd.arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()));
         }
-        cmd.args(&self.binds)
+        cmd.args(&self.options)
             // segbpf's capabilities, and bpf() past nspawn's own filter.
             .args([
                 "--capability=CAP_BPF,CAP_PERFMON",
@@ -192,11 +191,9 @@ impl Nspawn {
         for unit in MASKED {
             cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{unit}"));
         }
-        cmd.arg("systemd.firstboot=off");
-        if self.writable_sys {
-            cmd.env("SYSTEMD_NSPAWN_API_VFS_WRITABLE", "yes");
-        }
-        cmd.stdin(Stdio::null())
+        cmd.arg("systemd.firstboot=off")
+            .envs(self.own_env.iter().copied())
+            .stdin(Stdio::null())
             .stdout(std::fs::File::create(self.work.join("console.log"))?)
             .stderr(std::fs::File::create(self.work.join("nspawn.log"))?);
         let nspawn = c
