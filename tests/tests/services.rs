@@ -3244,17 +3244,17 @@ fn status_counts_the_generation_in_force() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `explain POLICY --services --service SVC --direction DIR` of a TCP
-/// packet from 127.0.0.1 to 127.0.0.1:PORT (more arguments may follow).
-fn explain_loopback_tcp<'a>(
-    policy: &'a str,
+/// `COMMAND... --services --service SVC --direction DIR` of a TCP packet
+/// from 127.0.0.1 to 127.0.0.1:PORT (`explain POLICY`, `trace`; more
+/// arguments may follow).
+fn svc_loopback_tcp<'a>(
+    command: &[&'a str],
     svc: &'a str,
     dir: &'a str,
     port: &'a str,
 ) -> Vec<&'a str> {
-    vec![
-        "explain",
-        policy,
+    let mut args = command.to_vec();
+    args.extend([
         "--services",
         "--service",
         svc,
@@ -3268,7 +3268,8 @@ fn explain_loopback_tcp<'a>(
         "tcp",
         "--dport",
         port,
-    ]
+    ]);
+    args
 }
 
 #[test]
@@ -3284,7 +3285,7 @@ fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
     let explain =
         |svc: &str, peer: &str, dir: &str, port: u16| -> anyhow::Result<serde_json::Value> {
             let port = port.to_string();
-            let mut args = explain_loopback_tcp(policy, svc, dir, &port);
+            let mut args = svc_loopback_tcp(&["explain", policy], svc, dir, &port);
             args.extend(["--peer-service", peer, "-o", "json"]);
             let out = lab.segbpf(&args).output()?;
             assert!(
@@ -3464,22 +3465,7 @@ fn trace_judges_as_a_service_and_changes_nothing() -> anyhow::Result<()> {
                  port: u16|
      -> anyhow::Result<serde_json::Value> {
         let port = port.to_string();
-        let mut args = vec![
-            "trace",
-            "--services",
-            "--service",
-            svc,
-            "--direction",
-            dir,
-            "--src",
-            "127.0.0.1",
-            "--dst",
-            "127.0.0.1",
-            "--proto",
-            "tcp",
-            "--dport",
-            &port,
-        ];
+        let mut args = svc_loopback_tcp(&["trace"], svc, dir, &port);
         if let Some(p) = peer {
             args.extend(["--peer-service", p]);
         }
@@ -4629,8 +4615,12 @@ fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
         ),
     )?;
     let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
-        let mut args =
-            explain_loopback_tcp(policy.to_str().context("policy")?, "app", "egress", "5000");
+        let mut args = svc_loopback_tcp(
+            &["explain", policy.to_str().context("policy")?],
+            "app",
+            "egress",
+            "5000",
+        );
         args.extend_from_slice(extra);
         let text = Command::new(segbpf_bin()).args(&args).output()?;
         args.extend_from_slice(&["-o", "json"]);
