@@ -2281,28 +2281,26 @@ impl SvcLab {
         if let Some(policy) = policy {
             std::fs::write(self.state.join("roles.toml"), policy)?;
         }
-        let out = self
-            .segbpf(&["reload", "--services", "--cgroup-root"])
-            .arg(&self.root)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "reload: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        self.run_on_root(&["reload", "--services"])
     }
 
     /// `detach --services --cgroup-root ROOT` of the lab's root; fails
     /// with its stderr unless it succeeds.
     fn detach(&self) -> anyhow::Result<()> {
+        self.run_on_root(&["detach", "--services"])
+    }
+
+    /// `segbpf ARGS --cgroup-root ROOT` of the lab's root; fails with its
+    /// stderr unless it succeeds.
+    fn run_on_root(&self, args: &[&str]) -> anyhow::Result<()> {
         let out = self
-            .segbpf(&["detach", "--services", "--cgroup-root"])
+            .segbpf(args)
+            .arg("--cgroup-root")
             .arg(&self.root)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
-            "detach: {}",
+            "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
