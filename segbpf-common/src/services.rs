@@ -475,156 +475,88 @@ mod stamp_tests {
         }
     }
 
+    /// The arguments of one [`svc_stamp_check`] call.
+    #[derive(Clone, Copy)]
+    struct Stamp {
+        key: [u64; 2],
+        family: u8,
+        proto: u8,
+        src: [u8; 16],
+        dst: [u8; 16],
+        sport: u16,
+        dport: u16,
+        ident: u32,
+    }
+
+    /// One change of a [`Stamp`]'s arguments.
+    type Change = fn(&mut Stamp);
+
+    impl Stamp {
+        fn check(&self) -> u32 {
+            svc_stamp_check(
+                &self.key,
+                self.family,
+                self.proto,
+                svc_stamp_addr(&self.src),
+                svc_stamp_addr(&self.dst),
+                self.sport,
+                self.dport,
+                self.ident,
+            )
+        }
+    }
+
     /// Every field of the packet, every identity bit and the key change
     /// the check bits; they are never 0 and stay inside their mask.
     #[test]
     fn stamp_check_binds_packet_identity_and_key() {
-        let key = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
         let mut lo6 = [0u8; 16];
         lo6[15] = 1;
-        let base = svc_stamp_check(
-            &key,
-            6,
-            17,
-            svc_stamp_addr(&lo6),
-            svc_stamp_addr(&lo6),
-            40000,
-            3306,
-            0x81,
-        );
-        assert_ne!(base, 0);
-        assert_eq!(base & !SVC_STAMP_CHECK_MASK, 0);
-        let mut other = lo6;
-        other[0] = 0xfd;
-        let variants = [
-            svc_stamp_check(
-                &[key[0] ^ 1, key[1]],
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &[key[0], key[1] ^ (1 << 63)],
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                4,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                6,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&other),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&other),
-                40000,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40001,
-                3306,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3307,
-                0x81,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x82,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x01,
-            ),
-            svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000,
-                3306,
-                0x181,
-            ),
+        let base = Stamp {
+            key: [0x1111_2222_3333_4444, 0x5555_6666_7777_8888],
+            family: 6,
+            proto: 17,
+            src: lo6,
+            dst: lo6,
+            sport: 40000,
+            dport: 3306,
+            ident: 0x81,
+        };
+        let base_check = base.check();
+        assert_ne!(base_check, 0);
+        assert_eq!(base_check & !SVC_STAMP_CHECK_MASK, 0);
+        // (what changes, the change): each alone must change the bits.
+        let variants: [(&str, Change); 11] = [
+            ("key's low bit", |s| s.key[0] ^= 1),
+            ("key's high bit", |s| s.key[1] ^= 1 << 63),
+            ("family", |s| s.family = 4),
+            ("proto", |s| s.proto = 6),
+            ("source address", |s| s.src[0] = 0xfd),
+            ("destination address", |s| s.dst[0] = 0xfd),
+            ("source port", |s| s.sport = 40001),
+            ("destination port", |s| s.dport = 3307),
+            ("identity 0x82", |s| s.ident = 0x82),
+            ("identity 0x01", |s| s.ident = 0x01),
+            ("identity 0x181", |s| s.ident = 0x181),
         ];
-        for (i, v) in variants.iter().enumerate() {
-            assert_ne!(*v, base, "variant {i} left the check bits unchanged");
+        for (what, change) in variants {
+            let mut v = base;
+            change(&mut v);
+            assert_ne!(
+                v.check(),
+                base_check,
+                "{what} left the check bits unchanged"
+            );
         }
         // Over many source ports the check bits spread over their mask.
         let mut seen_bits = 0u32;
         let mut distinct = [0u32; 64];
         for p in 0..64u16 {
-            let c = svc_stamp_check(
-                &key,
-                6,
-                17,
-                svc_stamp_addr(&lo6),
-                svc_stamp_addr(&lo6),
-                40000 + p,
-                3306,
-                0x81,
-            );
+            let c = Stamp {
+                sport: 40000 + p,
+                ..base
+            }
+            .check();
             assert_ne!(c, 0);
             seen_bits |= c;
             distinct[usize::from(p)] = c;

@@ -1,6 +1,6 @@
 //! Lab helpers for segbpf's privileged tests and `cargo xtask demo`:
 //! network namespaces joined by a bridge, TCP listeners and connection
-//! attempts inside namespaces, and running the `segbpf` binary against
+//! attempts inside namespaces, running the `segbpf` binary against
 //! private pin/state roots. Everything a lab creates is removed when the
 //! lab is dropped, also when a test fails. With the `harness` feature (on
 //! for this crate's tests), the `harness` module loads the real eBPF
@@ -22,6 +22,7 @@ pub mod harness;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod nspawn;
 pub mod tun;
 
 pub use lab::{Host, Lab};

@@ -126,7 +126,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use segbpf_tests::{lab::segbpf_bin, netns::Netns};
+use segbpf_tests::{
+    lab::segbpf_bin,
+    netns::Netns,
+    nspawn::{self, remove_cgroup_tree as remove_cgroups},
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -1271,38 +1275,17 @@ impl Drop for SvcLab {
     }
 }
 
-/// Removes a cgroup directory tree, deepest first (a cgroup whose last
-/// process was just reaped may refuse for a moment: retried for a second).
-fn remove_cgroups(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroups(&e.path());
-            }
-        }
-    }
-    let start = Instant::now();
-    while std::fs::remove_dir(dir).is_err()
-        && dir.exists()
-        && start.elapsed() < Duration::from_secs(1)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The tests.
 // ---------------------------------------------------------------------------
 
-const MATRIX: &str = r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[services.cache]
+/// The services app, db and other (tests/fixtures/services_app_db_other.toml,
+/// which segbpf's own unit tests of `explain`'s evaluator start from too:
+/// no comment in it, so the text here is byte for byte what it was) and
+/// cache, with db's and app's rules.
+const MATRIX: &str = concat!(
+    include_str!("../fixtures/services_app_db_other.toml"),
+    r#"[services.cache]
 cgroup = "cache"
 
 [[services.db.ingress]]
@@ -1314,7 +1297,8 @@ udp = [3306]
 to = ["127.0.0.1", "::1", "198.18.91.1", "fd00:91::1"]
 tcp = [3306]
 udp = [3306]
-"#;
+"#
+);
 
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
@@ -1667,14 +1651,7 @@ fn reload_replaces_or_keeps_the_policy() -> anyhow::Result<()> {
             r#"from_services = ["app", "other"]"#,
         ),
     )?;
-    let out = lab
-        .segbpf(&["reload", "--services", "--cgroup-root", &root])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.reload(None)?;
     assert_eq!(generation(&lab)?, 2);
     assert!(
         lab.connect("other", "127.0.0.1 3306")?,
@@ -1908,41 +1885,14 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-tcp-stream 127.0.0.1 3306")?;
     lab.attach(MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
     let mut held = Helper::server(&lab.cg("app"), &ns, "hold-tcp 127.0.0.1 3306")?;
-    let again = |h: &mut Helper| -> anyhow::Result<bool> {
-        let c = h.child.as_mut().context("child")?;
-        c.stdin.as_mut().context("stdin")?.write_all(b"g")?;
-        let out = c.stdout.as_mut().context("stdout")?;
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        loop {
-            out.read_exact(&mut byte)?;
-            if byte[0] == b'\n' {
-                break;
-            }
-            line.push(byte[0]);
-        }
-        Ok(line.ends_with(b"ok"))
-    };
-    assert!(again(&mut held)?, "the connection before any reload");
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    assert!(hold_again(&mut held)?, "the connection before any reload");
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     // The same policy again (the other slot, the services renumbered the
     // same way): the connection goes on.
     reload(&lab, MATRIX)?;
     assert!(
-        again(&mut held)?,
+        hold_again(&mut held)?,
         "the connection after a reload that allows it"
     );
     // The services in another order (app gets another id): still allowed.
@@ -1967,14 +1917,17 @@ fn loopback_flows_across_a_reload() -> anyhow::Result<()> {
         before,
         "app was not renumbered"
     );
-    assert!(again(&mut held)?, "the connection after app was renumbered");
+    assert!(
+        hold_again(&mut held)?,
+        "the connection after app was renumbered"
+    );
     // db no longer accepts app: the live connection is cut too.
     reload(
         &lab,
         &MATRIX.replace(r#"from_services = ["app"]"#, r#"from_services = ["other"]"#),
     )?;
     assert!(
-        !again(&mut held)?,
+        !hold_again(&mut held)?,
         "the connection after a reload that refuses it"
     );
     Ok(())
@@ -1990,25 +1943,13 @@ fn renumbered_service_cannot_reuse_a_flow() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     lab.attach(MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
     let from = |lab: &SvcLab, cg: &str, port: u16| -> anyhow::Result<bool> {
         Ok(Helper::run(&lab.cg(cg), &ns, &format!("udp-from {port} 127.0.0.1 3306"))?.0)
     };
     assert!(from(&lab, "app", 40123)?, "app -> db");
     assert!(!from(&lab, "other", 40124)?, "other -> db");
     let (slot, app_id) = slot_and_id(&lab, "app")?;
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     reload(&lab, MATRIX)?;
     // `other` first: it gets app's old id, in app's old slot.
     reload(
@@ -2177,7 +2118,6 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
     let ns = lab.ns.name.clone();
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     lab.attach(RACE_A)?;
-    let root = lab.root.to_string_lossy().to_string();
     let mut seen = Vec::new();
     let mut keys = Vec::new();
     for round in 0..2 {
@@ -2201,14 +2141,7 @@ fn no_receiver_reads_the_stamp() -> anyhow::Result<()> {
             !lab.udp("nobody", "127.0.0.1 3306")?,
             "nobody -> db, round {round}"
         );
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.reload(None)?;
     }
     assert!(
         seen.iter().all(|l| l.ends_with("prio=0")),
@@ -2277,14 +2210,7 @@ fn tapped_stamp_cannot_be_replayed() -> anyhow::Result<()> {
     assert!(refused >= 1, "the refused stamp was not counted: {st}");
     // Two reloads: the slot the stamp names gets a new key.
     for _ in 0..2 {
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.reload(None)?;
     }
     assert!(read_line(&mut h)?.contains("ready"));
     h.child
@@ -2317,6 +2243,70 @@ impl Drop for Kill {
     }
 }
 
+/// The follower a `--no-wait` attach names in its log (`followed by
+/// process PID`).
+fn follower_named(log: &str) -> Option<i32> {
+    log.split("followed by process ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl SvcLab {
+    /// `attach --services --no-wait --policy POLICY --cgroup-root ROOT
+    /// EXTRA...` below the lab's root: it must succeed and name its
+    /// follower. Its stderr, and the follower (ended by PID when the
+    /// `Kill` is dropped, also when this fails).
+    fn attach_follower(&self, policy: &Path, extra: &[&str]) -> anyhow::Result<(String, Kill)> {
+        let out = self
+            .segbpf(&["attach", "--services", "--no-wait", "--policy"])
+            .arg(policy)
+            .arg("--cgroup-root")
+            .arg(&self.root)
+            .args(extra)
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        let kill = follower_named(&log).map(Kill);
+        anyhow::ensure!(out.status.success(), "attach --no-wait: {log}");
+        let kill = kill.with_context(|| format!("no follower in: {log}"))?;
+        Ok((log, kill))
+    }
+
+    /// `reload --services --cgroup-root ROOT`, with `policy` (if any)
+    /// written to the lab's roles.toml first; fails with its stderr
+    /// unless it succeeds.
+    fn reload(&self, policy: Option<&str>) -> anyhow::Result<()> {
+        if let Some(policy) = policy {
+            std::fs::write(self.state.join("roles.toml"), policy)?;
+        }
+        self.run_on_root(&["reload", "--services"])
+    }
+
+    /// `detach --services --cgroup-root ROOT` of the lab's root; fails
+    /// with its stderr unless it succeeds.
+    fn detach(&self) -> anyhow::Result<()> {
+        self.run_on_root(&["detach", "--services"])
+    }
+
+    /// `segbpf ARGS --cgroup-root ROOT` of the lab's root; fails with its
+    /// stderr unless it succeeds.
+    fn run_on_root(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = self
+            .segbpf(args)
+            .arg("--cgroup-root")
+            .arg(&self.root)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
@@ -2325,28 +2315,9 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     let _db = Helper::server(&lab.cg("db"), &ns, "serve-udp 127.0.0.1 3306")?;
     let policy = lab.state.join("roles.toml");
     std::fs::write(&policy, MATRIX)?;
-    let root = lab.root.to_string_lossy().to_string();
-    let out = lab
-        .segbpf(&[
-            "attach",
-            "--services",
-            "--no-wait",
-            "--policy",
-            policy.to_str().context("policy")?,
-            "--cgroup-root",
-            &root,
-        ])
-        .output()?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
     // The follower it left names itself; it is ended by PID if the test fails.
-    let pid: i32 = log
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {log}"))?;
-    let _kill = Kill(pid);
+    let (_, kill) = lab.attach_follower(&policy, &[])?;
+    let pid = kill.0;
     // It classifies a re-created cgroup: app reaches db again.
     remove_cgroups(&lab.cg("app"));
     std::fs::create_dir(lab.cg("app"))?;
@@ -2355,22 +2326,9 @@ fn no_wait_leaves_a_follower_that_detach_ends() -> anyhow::Result<()> {
     let (ok, _, _) = finish(prober)?;
     assert!(ok > 0, "the follower did not classify the re-created app");
     // detach --services: the follower sees it and exits.
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root", &root])
-        .output()?;
+    lab.detach()?;
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let start = Instant::now();
-    while std::fs::metadata(format!("/proc/{pid}")).is_ok()
-        && start.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        gone_within(pid, 5),
         "the follower {pid} outlived the detach"
     );
     Ok(())
@@ -2423,12 +2381,7 @@ fn no_wait_follower_is_single_and_logs() -> anyhow::Result<()> {
         Ok(log)
     };
     let first = attach(&lab)?;
-    let pid: i32 = first
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {first}"))?;
+    let pid = follower_named(&first).with_context(|| format!("no follower in: {first}"))?;
     let _kill = Kill(pid);
     // Wait until it has claimed the following.
     let start = Instant::now();
@@ -2577,26 +2530,8 @@ fn sighup_reloads_the_policy_in_force() -> anyhow::Result<()> {
         nix::sys::signal::Signal::SIGTERM,
     )?;
     c.wait()?;
-    let out = lab
-        .segbpf(&[
-            "attach",
-            "--services",
-            "--no-wait",
-            "--policy",
-            first.to_str().context("policy")?,
-            "--cgroup-root",
-            &root,
-        ])
-        .output()?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
-    let pid: i32 = log
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no follower in: {log}"))?;
-    let _kill = Kill(pid);
+    let (_, kill) = lab.attach_follower(&first, &[])?;
+    let pid = kill.0;
     assert!(
         !lab.connect("other", "127.0.0.1 3306")?,
         "other -> db with the first file"
@@ -2800,10 +2735,7 @@ fn confirm_guards_a_first_attach() -> anyhow::Result<()> {
         !lab.connect("other", "127.0.0.1 3306")?,
         "the refused --confirm changed the policy in force"
     );
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root", &root])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "detach: {out:?}");
+    lab.detach()?;
     anyhow::ensure!(gone_within(follower, 5), "the follower outlived the detach");
     Ok(())
 }
@@ -2865,39 +2797,18 @@ fn client_unit(name: &str) -> String {
     )
 }
 
-/// A booted container; powered off (SIGTERM to nspawn, SIGKILL after
-/// 20 s), its bpffs unmounted and its work directory removed on drop.
+/// A booted container (`segbpf_tests::nspawn`): powered off, its bpffs
+/// unmounted, its cgroups and work directory removed on drop.
 struct Booted {
-    nspawn: Child,
+    c: nspawn::Container,
     pid1: u32,
-    work: PathBuf,
-    bpffs_mounted: bool,
-    /// The cgroup nspawn was started in (its top directory, removed after
-    /// the container is gone).
-    cgroup: PathBuf,
 }
 
 impl Booted {
     /// Runs `script` with `sh -c` in the container's namespaces. Not in a
     /// unit's cgroup: what it runs is outside the container's cgroup tree.
     fn sh(&self, script: &str) -> anyhow::Result<String> {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.pid1.to_string(), "-a", "--"])
-            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
-            .args(["sh", "-c", script])
-            .output()?;
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() {
-            bail!(
-                "in the container, `{script}` failed ({}):\n{said}",
-                out.status
-            );
-        }
-        Ok(said)
+        self.c.sh(script)
     }
 
     /// `systemctl show -p PROP --value UNIT` as a number.
@@ -2927,44 +2838,6 @@ impl Booted {
     }
 }
 
-impl Drop for Booted {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
-        remove_cgroups(&self.cgroup);
-        let bpffs = self.work.join("bpffs");
-        if self.bpffs_mounted
-            && !Command::new("umount")
-                .arg(&bpffs)
-                .status()
-                .is_ok_and(|s| s.success())
-        {
-            eprintln!("could not unmount {}; left in place", bpffs.display());
-            return;
-        }
-        // Only the test's own, absolute, unique directory.
-        if self.work.is_absolute()
-            && self
-                .work
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("segbpf-nspawn-"))
-        {
-            let _ = std::fs::remove_dir_all(&self.work);
-        }
-    }
-}
-
 /// Boots this machine's systemd with `--volatile=yes -D /` (as
 /// `cargo xtask dist --check` does), the package's unit
 /// segbpf-services.service wanted by sysinit.target, the test's units
@@ -2973,12 +2846,10 @@ impl Drop for Booted {
 fn boot(work: &Path) -> anyhow::Result<Booted> {
     let share = work.join("share");
     std::fs::create_dir_all(&share)?;
-    let bpffs = work.join("bpffs");
-    std::fs::create_dir_all(&bpffs)?;
     let unit_src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../dist/systemd/segbpf-services.service")
         .canonicalize()?;
-    let mut files: Vec<(String, String)> = vec![
+    let files: Vec<(String, String)> = vec![
         ("roles.toml".into(), UNITS_POLICY.into()),
         ("db.service".into(), server_unit(3306)),
         ("web.service".into(), server_unit(8080)),
@@ -2993,128 +2864,39 @@ fn boot(work: &Path) -> anyhow::Result<Booted> {
             "[Unit]\nWants=db.service web.service app.service other.service\n".into(),
         ),
     ];
-    for (name, text) in &mut files {
-        std::fs::write(share.join(&*name), &*text)?;
+    for (name, text) in &files {
+        std::fs::write(share.join(name), text)?;
     }
-    let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
-    Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&bpffs)
-        .status()?
-        .success()
-        .then_some(())
-        .context("mounting a bpffs for the container")?;
     // nspawn roots the container's cgroup namespace at a `payload` cgroup
     // below its caller's: started three levels down, that root lies at
     // level 4, far enough from the hierarchy's root that the levels seen
     // inside (0 for the namespace's root) would leave every unit's cgroup
     // out of the programs' walk.
     let cgroup = cgroup2_mount()?.join(work.file_name().context("work dir name")?);
-    let caller = cgroup.join("a/b");
-    std::fs::create_dir_all(&caller)?;
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", r#"echo 0 > "$0" && exec "$@""#])
-        .arg(caller.join("cgroup.procs"))
-        .arg("systemd-nspawn");
-    cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
-        .args(["--keep-unit", "--private-network", "-q"])
-        .args(["-M", &format!("segbpf-svc-{}", std::process::id())])
-        .args([
-            "--overlay=/usr::/usr",
-            "--overlay=/etc::/etc",
-            "--overlay=/var::/var",
-        ])
-        .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
-        .arg(bind(segbpf_bin(), "/usr/sbin/segbpf"))
-        .arg(bind(
-            unit_src,
-            "/etc/systemd/system/segbpf-services.service",
-        ))
-        .arg(bind(share.join("roles.toml"), "/etc/segbpf/roles.toml"))
-        .arg(bind(
-            share.join("sysinit.conf"),
+    let mut boot = nspawn::Nspawn::new(&format!("segbpf-svc-{}", std::process::id()), work)
+        .quiet()
+        .bpffs()
+        .in_cgroup(cgroup, "a/b")
+        .remove_work()
+        .bind_ro(&segbpf_bin(), "/usr/sbin/segbpf")
+        .bind_ro(&unit_src, "/etc/systemd/system/segbpf-services.service")
+        .bind_ro(&share.join("roles.toml"), "/etc/segbpf/roles.toml")
+        .bind_ro(
+            &share.join("sysinit.conf"),
             "/etc/systemd/system/sysinit.target.d/segbpf-test.conf",
-        ))
-        .arg(bind(
-            share.join("multi-user.conf"),
+        )
+        .bind_ro(
+            &share.join("multi-user.conf"),
             "/etc/systemd/system/multi-user.target.d/segbpf-test.conf",
-        ))
-        .args([
-            "--capability=CAP_BPF,CAP_PERFMON",
-            "--system-call-filter=bpf",
-        ]);
+        );
     for u in ["db", "web", "app", "other"] {
-        cmd.arg(bind(
-            share.join(format!("{u}.service")),
+        boot = boot.bind_ro(
+            &share.join(format!("{u}.service")),
             &format!("/etc/systemd/system/{u}.service"),
-        ));
+        );
     }
-    // Units that would change the host's kernel settings, or services of
-    // this machine that have no business in the container.
-    for u in [
-        "systemd-sysctl.service",
-        "systemd-binfmt.service",
-        "systemd-udev-trigger.service",
-        "etcd.service",
-        "etcd2.service",
-        "postgresql.service",
-    ] {
-        cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{u}"));
-    }
-    cmd.arg("systemd.firstboot=off")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(work.join("console.log"))?)
-        .stderr(std::fs::File::create(work.join("nspawn.log"))?);
-    let nspawn = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = Command::new("umount").arg(&bpffs).status();
-            remove_cgroups(&cgroup);
-            return Err(e).context("running systemd-nspawn");
-        }
-    };
-    let mut b = Booted {
-        nspawn,
-        pid1: 0,
-        work: work.to_path_buf(),
-        bpffs_mounted: true,
-        cgroup,
-    };
-    let children = format!("/proc/{0}/task/{0}/children", b.nspawn.id());
-    let start = Instant::now();
-    while b.pid1 == 0 {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "systemd-nspawn started no container: {}",
-                std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
-            );
-        }
-        if let Some(pid) = std::fs::read_to_string(&children)
-            .unwrap_or_default()
-            .split_whitespace()
-            .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "systemd")
-            })
-        {
-            b.pid1 = pid.parse()?;
-        } else {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    loop {
-        let state = b
-            .sh("systemctl is-system-running || true")
-            .unwrap_or_default();
-        let state = state.trim();
-        if state == "running" || state == "degraded" {
-            return Ok(b);
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            bail!("the container's systemd did not finish booting: {state}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let c = boot.boot()?;
+    Ok(Booted { pid1: c.pid1(), c })
 }
 
 /// Waits until `name`'s log has a line after `since` for `port` with
@@ -3460,6 +3242,34 @@ fn status_counts_the_generation_in_force() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `COMMAND... --services --service SVC --direction DIR` of a TCP packet
+/// from 127.0.0.1 to 127.0.0.1:PORT (`explain POLICY`, `trace`; more
+/// arguments may follow).
+fn svc_loopback_tcp<'a>(
+    command: &[&'a str],
+    svc: &'a str,
+    dir: &'a str,
+    port: &'a str,
+) -> Vec<&'a str> {
+    let mut args = command.to_vec();
+    args.extend([
+        "--services",
+        "--service",
+        svc,
+        "--direction",
+        dir,
+        "--src",
+        "127.0.0.1",
+        "--dst",
+        "127.0.0.1",
+        "--proto",
+        "tcp",
+        "--dport",
+        port,
+    ]);
+    args
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
@@ -3472,29 +3282,10 @@ fn explain_agrees_with_the_kernel() -> anyhow::Result<()> {
     let policy = policy.to_str().context("path")?;
     let explain =
         |svc: &str, peer: &str, dir: &str, port: u16| -> anyhow::Result<serde_json::Value> {
-            let out = lab
-                .segbpf(&[
-                    "explain",
-                    policy,
-                    "--services",
-                    "--service",
-                    svc,
-                    "--peer-service",
-                    peer,
-                    "--direction",
-                    dir,
-                    "--src",
-                    "127.0.0.1",
-                    "--dst",
-                    "127.0.0.1",
-                    "--proto",
-                    "tcp",
-                    "--dport",
-                    &port.to_string(),
-                    "-o",
-                    "json",
-                ])
-                .output()?;
+            let port = port.to_string();
+            let mut args = svc_loopback_tcp(&["explain", policy], svc, dir, &port);
+            args.extend(["--peer-service", peer, "-o", "json"]);
+            let out = lab.segbpf(&args).output()?;
             assert!(
                 out.status.success(),
                 "{}",
@@ -3672,22 +3463,7 @@ fn trace_judges_as_a_service_and_changes_nothing() -> anyhow::Result<()> {
                  port: u16|
      -> anyhow::Result<serde_json::Value> {
         let port = port.to_string();
-        let mut args = vec![
-            "trace",
-            "--services",
-            "--service",
-            svc,
-            "--direction",
-            dir,
-            "--src",
-            "127.0.0.1",
-            "--dst",
-            "127.0.0.1",
-            "--proto",
-            "tcp",
-            "--dport",
-            &port,
-        ];
+        let mut args = svc_loopback_tcp(&["trace"], svc, dir, &port);
         if let Some(p) = peer {
             args.extend(["--peer-service", p]);
         }
@@ -4231,19 +4007,7 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
             Helper::server(&lab.cg("app"), &host, &format!("hold-ticks {a} 3314"))?,
         ));
     }
-    let root = lab.root.to_string_lossy().to_string();
-    let reload = |lab: &SvcLab, policy: &str| -> anyhow::Result<()> {
-        std::fs::write(lab.state.join("roles.toml"), policy)?;
-        let out = lab
-            .segbpf(&["reload", "--services", "--cgroup-root", &root])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let reload = |lab: &SvcLab, policy: &str| lab.reload(Some(policy));
     let mut wrong = Vec::new();
     // The same policy again: a new generation that allows every flow.
     reload(&lab, REVOKE)?;
@@ -4279,21 +4043,16 @@ fn reload_judges_every_flow_again() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn to_services_replies_come_from_the_service() -> anyhow::Result<()> {
-    let policy = r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[[services.app.egress]]
+    let policy = concat!(
+        include_str!("../fixtures/services_app_db_other.toml"),
+        r#"[[services.app.egress]]
 to_services = ["db"]
 udp = [5000]
 [[services.db.ingress]]
 from_services = ["app"]
 udp = [5000]
-"#;
+"#
+    );
     let mut lab = SvcLab::new("sq", &["app", "db", "other", "none"], 112)?;
     let ns = lab.ns.name.clone();
     let _db = [
@@ -4484,12 +4243,7 @@ fn attach_no_wait(
         .arg(root)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let kill = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
+    let kill = follower_named(&err).map(Kill);
     Ok((out.status.success(), err, kill))
 }
 
@@ -4531,15 +4285,7 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
     assert!(other_links(&other).is_empty());
     // The other way round: the inner one live (its state file removed),
     // the outer one is refused.
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root"])
-        .arg(&lab.root)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.detach()?;
     if let Some(mut c) = lab.attach.take() {
         let _ = c.wait();
     }
@@ -4641,15 +4387,7 @@ fn attach_inside_a_cgroup_namespace() -> anyhow::Result<()> {
         "{err}"
     );
     assert!(other_links(&other).is_empty());
-    let out = lab
-        .segbpf(&["detach", "--services", "--cgroup-root"])
-        .arg(&lab.root)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.detach()?;
     if let Some(mut c) = lab.attach.take() {
         let _ = c.wait();
     }
@@ -4798,19 +4536,7 @@ fn status_says_whether_a_follower_runs() -> anyhow::Result<()> {
     );
     // Audit mode, with a follower again (`--no-wait` leaves one).
     let policy = lab.state.join("roles.toml");
-    let out = lab
-        .segbpf(&["attach", "--services", "--audit", "--no-wait", "--policy"])
-        .arg(&policy)
-        .args(["--cgroup-root", &root])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let _k = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
-    assert!(out.status.success(), "{err}");
+    let (_, _k) = lab.attach_follower(&policy, &["--audit"])?;
     let start = Instant::now();
     let (mut j, mut t) = status(&lab)?;
     while j["services"][0]["follower_running"] != true && start.elapsed() < Duration::from_secs(5) {
@@ -4881,26 +4607,18 @@ fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
     let policy = dir.join("roles.toml");
     std::fs::write(
         &policy,
-        "version = 1\n[services.app]\ncgroup = \"app\"\ndefaults = { egress = \"drop\" }\n[services.db]\ncgroup = \"db\"\n[services.other]\ncgroup = \"other\"\n[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n",
+        concat!(
+            include_str!("../fixtures/services_app_db_other.toml"),
+            "[[services.app.egress]]\nto_services = [\"db\"]\ntcp = [5000]\n"
+        ),
     )?;
     let explain = |extra: &[&str]| -> anyhow::Result<(String, serde_json::Value)> {
-        let mut args = vec![
-            "explain",
-            policy.to_str().context("policy")?,
-            "--services",
-            "--service",
+        let mut args = svc_loopback_tcp(
+            &["explain", policy.to_str().context("policy")?],
             "app",
-            "--src",
-            "127.0.0.1",
-            "--dst",
-            "127.0.0.1",
-            "--proto",
-            "tcp",
-            "--dport",
-            "5000",
-            "--direction",
             "egress",
-        ];
+            "5000",
+        );
         args.extend_from_slice(extra);
         let text = Command::new(segbpf_bin()).args(&args).output()?;
         args.extend_from_slice(&["-o", "json"]);
@@ -4985,14 +4703,7 @@ fn concurrent_no_wait_leave_one_named_follower() -> anyhow::Result<()> {
             .stderr(Stdio::piped())
             .spawn()?)
     };
-    let named = |log: &str| -> Option<i32> {
-        log.split("followed by process ")
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
+    let named = follower_named;
     // Followers are ended by PID whatever happens.
     let mut kills: Vec<Kill> = Vec::new();
     let mut wrong = Vec::new();
@@ -5088,21 +4799,8 @@ defaults = { ingress = "drop" }
         "audit mode passes its exchanges, db answering"
     );
     // Enforcement: the same policy attached again without --audit.
-    let root = lab.root.to_string_lossy().to_string();
     let path = lab.state.join("roles.toml");
-    let out = lab
-        .segbpf(&["attach", "--services", "--no-wait", "--policy"])
-        .arg(&path)
-        .args(["--cgroup-root", &root])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let _k = err
-        .split("followed by process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .map(Kill);
-    assert!(out.status.success(), "{err}");
+    let (_, _k) = lab.attach_follower(&path, &[])?;
     let (_, v) = lab.json(&["status", "--services"])?;
     assert_eq!(v["services"][0]["audit"], false, "{v}");
     assert!(

@@ -2,7 +2,9 @@
 //! with a real systemd as PID 1.
 //!
 //! `systemd-nspawn --volatile=yes -D / --boot` boots this machine's own
-//! systemd in a container (package systemd-container): a tmpfs root, `/usr`,
+//! systemd in a container (package systemd-container; the boot is
+//! `segbpf_tests::nspawn`, shared with the `under_systemd` test and the
+//! bench): a tmpfs root, `/usr`,
 //! `/etc` and `/var` as overlays of the host's whose changes vanish with the
 //! container, a network namespace of its own (`--private-network`), a bpffs
 //! of its own (a fresh instance mounted for it), writable `/sys` so that
@@ -35,8 +37,8 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -45,7 +47,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use segbpf_tests::{net, netns::Netns};
+use segbpf_tests::{net, netns::Netns, nspawn};
 
 /// The container's address on `eth1` (no role of the example policy)
 /// and the one that gives it the example's `db` role (`db_nodes`).
@@ -73,16 +75,6 @@ from = "any"
 tcp = [8080]
 "#;
 
-/// Units masked in the container (see the module's documentation).
-const MASKED: &[&str] = &[
-    "systemd-sysctl.service",
-    "systemd-binfmt.service",
-    "systemd-udev-trigger.service",
-    "etcd.service",
-    "etcd2.service",
-    "postgresql.service",
-];
-
 /// The README's install steps: the command lines of the first code block
 /// after "## Install and run as a service", comments removed.
 fn readme_steps(readme: &str) -> anyhow::Result<Vec<String>> {
@@ -103,134 +95,49 @@ fn readme_steps(readme: &str) -> anyhow::Result<Vec<String>> {
     Ok(steps)
 }
 
-/// A booted container; powered off on drop.
+/// A booted container (`segbpf_tests::nspawn`, which powers it off and
+/// unmounts its bpffs on drop) and its network namespace as
+/// `/run/netns/NAME` (deleted first: fields drop in order).
 struct Container {
-    nspawn: Child,
-    pid1: u32,
-    /// `/run/netns/NAME` for the container's network namespace.
     ns: Option<Netns>,
-    bpffs: PathBuf,
+    c: nspawn::Container,
+    pid1: u32,
 }
 
 impl Container {
     /// Boots one, sharing `share` (read-only, at `/root/share`) and the
     /// package at `/root/target/dist/NAME`.
     fn boot(work: &Path, share: &Path, deb: &Path) -> anyhow::Result<Container> {
-        let bpffs = work.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        crate::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;
         let name = format!("segbpf-boot-{}", std::process::id());
         let deb_name = deb.file_name().context("package name")?.to_string_lossy();
-        let mut cmd = Command::new("systemd-nspawn");
-        cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
-            .args(["--keep-unit", "--private-network", "-M", &name])
-            .args(["--overlay=/usr::/usr", "--overlay=/etc::/etc"])
-            .arg("--overlay=/var::/var")
-            .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
-            .arg(format!("--bind-ro={}:/root/share", share.display()))
-            .arg(format!(
-                "--bind-ro={}:/root/target/dist/{deb_name}",
-                deb.display()
-            ))
-            // segbpf's capabilities, and bpf() past nspawn's own filter.
-            .args(["--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf"]);
-        for unit in MASKED {
-            cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{unit}"));
-        }
-        cmd.arg("systemd.firstboot=off")
+        let c = nspawn::Nspawn::new(&name, work)
+            .bpffs()
+            .bind_ro(share, "/root/share")
+            .bind_ro(deb, &format!("/root/target/dist/{deb_name}"))
             // /sys writable: udev runs and systemd has device units.
-            .env("SYSTEMD_NSPAWN_API_VFS_WRITABLE", "yes")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(work.join("console.log"))?)
-            .stderr(std::fs::File::create(work.join("nspawn.log"))?);
-        let nspawn = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = Command::new("umount").arg(&bpffs).status();
-                return Err(e).context("running systemd-nspawn");
-            }
-        };
-        let mut container = Container {
-            nspawn,
-            pid1: 0,
-            ns: None,
-            bpffs,
-        };
-        let children = format!("/proc/{0}/task/{0}/children", container.nspawn.id());
-        let started = Instant::now();
-        while container.pid1 == 0 {
-            ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "systemd-nspawn started no container: {}",
-                std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
-            );
-            // nspawn's children: a short-lived helper, then the
-            // container's PID 1 once it runs systemd.
-            if let Some(pid) = std::fs::read_to_string(&children)
-                .unwrap_or_default()
-                .split_whitespace()
-                .find(|pid| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .is_ok_and(|c| c.trim() == "systemd")
-                })
-            {
-                container.pid1 = pid.parse()?;
-            } else {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        container.wait_running()?;
-        let ns_name = format!("segbpf-boot-{}", std::process::id());
-        segbpf_tests::netns::ip(&["netns", "attach", &ns_name, &container.pid1.to_string()])?;
-        container.ns = Some(Netns { name: ns_name });
-        Ok(container)
+            .writable_sys()
+            .env("HOME=/root")
+            .env("LANG=C.UTF-8")
+            .env("DEBIAN_FRONTEND=noninteractive")
+            .boot()?;
+        let pid1 = c.pid1();
+        segbpf_tests::netns::ip(&["netns", "attach", &name, &pid1.to_string()])?;
+        Ok(Container {
+            ns: Some(Netns { name }),
+            c,
+            pid1,
+        })
     }
 
     /// Waits until systemd has finished booting (running or degraded).
     fn wait_running(&self) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            let state = self.command("systemctl is-system-running").output()?;
-            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
-            if state == "running" || state == "degraded" {
-                return Ok(());
-            }
-            ensure!(
-                started.elapsed() < Duration::from_secs(90),
-                "the container's systemd did not finish booting: {state}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn command(&self, script: &str) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.pid1.to_string(), "-a", "--"])
-            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
-            .args([
-                "HOME=/root",
-                "LANG=C.UTF-8",
-                "DEBIAN_FRONTEND=noninteractive",
-            ])
-            .args(["sh", "-c", &format!("cd /root && {script}")]);
-        cmd
+        self.c.wait_running()
     }
 
     /// Runs `script` with `sh -c` in the container (in /root); fails with
     /// what it printed if it fails. Returns stdout and stderr together.
     fn sh(&self, script: &str) -> anyhow::Result<String> {
-        let out = self.command(script).output()?;
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            out.status.success(),
-            "in the container, `{script}` failed ({}):\n{said}",
-            out.status
-        );
-        Ok(said)
+        self.c.sh(&format!("cd /root && {script}"))
     }
 
     fn ns(&self) -> &str {
@@ -239,10 +146,7 @@ impl Container {
 
     /// `systemctl is-active UNIT`.
     fn is_active(&self, unit: &str) -> String {
-        self.command(&format!("systemctl is-active {unit}"))
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
+        self.c.is_active(unit)
     }
 
     /// Waits until `unit` is `want` (`active`, `inactive`).
@@ -276,27 +180,6 @@ fn xdp_prog_of(ns: &str) -> anyhow::Result<Option<u32>> {
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|id| id.parse().ok()))
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        self.ns = None;
-        // nspawn powers the container off on SIGTERM.
-        let pid = self.nspawn.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
-        let _ = Command::new("umount").arg(&self.bpffs).status();
-    }
 }
 
 /// Makes the veth pair: `c0` in the client namespace, `eth1` in the

@@ -131,49 +131,58 @@ fn port_data(class: u32, port: u16) -> [u8; 8] {
     [0, c[0], c[1], c[2], c[3], IPPROTO_TCP, p[0], p[1]]
 }
 
+/// An LPM trie of `key` bytes (prefix length included) and 4-byte values
+/// holding `entries` (prefix length, key data after it, value).
+fn lpm_trie(
+    key: u32,
+    entries: impl ExactSizeIterator<Item = (u32, Vec<u8>, u32)>,
+) -> anyhow::Result<OwnedFd> {
+    let m = map_create(
+        BPF_MAP_TYPE_LPM_TRIE,
+        key,
+        4,
+        entries.len() as u32 + 16,
+        BPF_F_NO_PREALLOC,
+    )?;
+    for (len, data, value) in entries {
+        map_update(&m, &lpm_key(len, &data), &value.to_ne_bytes())?;
+    }
+    Ok(m)
+}
+
 /// The peer trie of the bench policy: `n` /32s from 10.0.0.0 (every other
 /// address) and 198.18.0.0/24.
 fn peer_trie(n: u32) -> anyhow::Result<OwnedFd> {
-    let m = map_create(BPF_MAP_TYPE_LPM_TRIE, 10, 4, n + 16, BPF_F_NO_PREALLOC)?;
-    for i in 0..n {
+    let hosts = (0..n).map(|i| {
         let a = (0x0a00_0000u32 + 2 * i).to_be_bytes();
-        map_update(&m, &lpm_key(48, &peer_data(a)), &(i % 10).to_ne_bytes())?;
-    }
-    map_update(
-        &m,
-        &lpm_key(40, &peer_data([198, 18, 0, 0])),
-        &0u32.to_ne_bytes(),
-    )?;
-    Ok(m)
+        (48, peer_data(a).to_vec(), i % 10)
+    });
+    let net = (40, peer_data([198, 18, 0, 0]).to_vec(), 0);
+    lpm_trie(10, hosts.chain([net]).collect::<Vec<_>>().into_iter())
 }
 
 /// A port trie of `classes` classes, each allowing tcp/(1000 + class).
 fn port_trie(classes: u32) -> anyhow::Result<OwnedFd> {
-    let m = map_create(
-        BPF_MAP_TYPE_LPM_TRIE,
+    lpm_trie(
         12,
-        4,
-        classes + 16,
-        BPF_F_NO_PREALLOC,
-    )?;
-    for c in 0..classes {
-        map_update(
-            &m,
-            &lpm_key(64, &port_data(c, 1000 + c as u16)),
-            &c.to_ne_bytes(),
-        )?;
-    }
-    Ok(m)
+        (0..classes).map(|c| (64, port_data(c, 1000 + c as u16).to_vec(), c)),
+    )
+}
+
+/// A connection-table key of `len` bytes: `i` in its first 4, `last` as
+/// its last byte (the family's place in `CtKey`).
+fn ct_key(len: usize, i: u32, last: u8) -> Vec<u8> {
+    let mut k = vec![0u8; len];
+    k[..4].copy_from_slice(&i.to_ne_bytes());
+    k[len - 1] = last;
+    k
 }
 
 /// An LRU hash of `key` bytes and 80-byte values holding 1,000 keys.
 fn lru_hash(key: usize) -> anyhow::Result<OwnedFd> {
     let m = map_create(BPF_MAP_TYPE_LRU_HASH, key as u32, 80, 65_536, 0)?;
     for i in 0..1_000u32 {
-        let mut k = vec![0u8; key];
-        k[..4].copy_from_slice(&i.to_ne_bytes());
-        k[key - 1] = 4;
-        map_update(&m, &k, &[0u8; 80])?;
+        map_update(&m, &ct_key(key, i, 4), &[0u8; 80])?;
     }
     Ok(m)
 }
@@ -192,21 +201,12 @@ struct PolicyTries {
 }
 
 fn peer_map(entries: &[LpmEntry<PeerKeyV4, PeerClass>]) -> anyhow::Result<OwnedFd> {
-    let m = map_create(
-        BPF_MAP_TYPE_LPM_TRIE,
+    lpm_trie(
         10,
-        4,
-        entries.len() as u32 + 16,
-        BPF_F_NO_PREALLOC,
-    )?;
-    for (len, k, v) in entries {
-        map_update(
-            &m,
-            &lpm_key(*len, bytemuck::bytes_of(k)),
-            &v.class_id.to_ne_bytes(),
-        )?;
-    }
-    Ok(m)
+        entries
+            .iter()
+            .map(|(len, k, v)| (*len, bytemuck::bytes_of(k).to_vec(), v.class_id)),
+    )
 }
 
 /// The bench policy's own tries (`compile(rules, prefixes)`, slot 0).
@@ -229,20 +229,12 @@ fn policy_tries(rules: usize, prefixes: usize) -> anyhow::Result<PolicyTries> {
             })
             .map_or(u32::MAX, |e| e.2.class_id)
     };
-    let ports = map_create(
-        BPF_MAP_TYPE_LPM_TRIE,
+    let ports = lpm_trie(
         12,
-        4,
-        c.ports.len() as u32 + 16,
-        BPF_F_NO_PREALLOC,
+        c.ports
+            .iter()
+            .map(|(len, k, v)| (*len, bytemuck::bytes_of(k).to_vec(), v.rule_id)),
     )?;
-    for (len, k, v) in &c.ports {
-        map_update(
-            &ports,
-            &lpm_key(*len, bytemuck::bytes_of(k)),
-            &v.rule_id.to_ne_bytes(),
-        )?;
-    }
     eprintln!(
         "policy {rules} rules / {prefixes} prefixes: {} v4 peer entries ({} tiled), {} port entries, {} classes",
         c.peers_v4.len(),
@@ -269,135 +261,80 @@ pub(crate) fn lower_bounds(rounds: usize, repeat: u32) -> anyhow::Result<Vec<(St
     let ct48 = lru_hash(48)?;
     let ct16 = lru_hash(16)?;
     let array = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 4_096, 0)?;
-    let hit_peer = lpm_key(48, &peer_data([198, 18, 0, 7]));
-    let miss_peer = lpm_key(48, &peer_data([203, 0, 113, 9]));
-    let hit_port = lpm_key(64, &port_data(0, 1000));
-    let miss_port = lpm_key(64, &port_data(0, 22));
-    let mut miss48 = vec![0u8; 48];
-    miss48[..4].copy_from_slice(&5_000u32.to_ne_bytes());
-    let mut hit48 = vec![0u8; 48];
-    hit48[..4].copy_from_slice(&7u32.to_ne_bytes());
-    hit48[47] = 4;
-    let mut miss16 = vec![0u8; 16];
-    miss16[..4].copy_from_slice(&5_000u32.to_ne_bytes());
-    let mut hit16 = vec![0u8; 16];
-    hit16[..4].copy_from_slice(&7u32.to_ne_bytes());
-    hit16[15] = 4;
-    let idx = 17u32.to_ne_bytes().to_vec();
     let p1k = policy_tries(10, 1_000)?;
     let p10k = policy_tries(10_000, 10_000)?;
     let peer_key = |a: [u8; 4]| lpm_key(48, &peer_data(a));
-    let cases: Vec<(&str, &OwnedFd, Vec<u8>)> = vec![
+    let port_key = |class: u32, port: u16| lpm_key(64, &port_data(class, port));
+    let (known, unknown, host) = ([198, 18, 0, 7], [203, 0, 113, 9], [10, 0, 0, 2]);
+    // (name, map, key), in the order of the output.
+    let mut cases: Vec<(String, &OwnedFd, Vec<u8>)> = Vec::new();
+    for (trie, maps, keys) in [
         (
-            "peer trie (LPM, 10-byte key), 1k prefixes, miss",
-            &peer1k,
-            miss_peer.clone(),
+            "peer trie (LPM, 10-byte key)",
+            [("1k prefixes", &peer1k), ("10k prefixes", &peer10k)],
+            [("miss", peer_key(unknown)), ("hit /24", peer_key(known))],
         ),
         (
-            "peer trie (LPM, 10-byte key), 1k prefixes, hit /24",
-            &peer1k,
-            hit_peer.clone(),
+            "port trie (LPM, 12-byte key)",
+            [("10 classes", &port10), ("10k classes", &port10k)],
+            [("miss", port_key(0, 22)), ("hit", port_key(0, 1000))],
         ),
-        (
-            "peer trie (LPM, 10-byte key), 10k prefixes, miss",
-            &peer10k,
-            miss_peer,
-        ),
-        (
-            "peer trie (LPM, 10-byte key), 10k prefixes, hit /24",
-            &peer10k,
-            hit_peer,
-        ),
-        (
-            "port trie (LPM, 12-byte key), 10 classes, miss",
-            &port10,
-            miss_port.clone(),
-        ),
-        (
-            "port trie (LPM, 12-byte key), 10 classes, hit",
-            &port10,
-            hit_port.clone(),
-        ),
-        (
-            "port trie (LPM, 12-byte key), 10k classes, miss",
-            &port10k,
-            miss_port,
-        ),
-        (
-            "port trie (LPM, 12-byte key), 10k classes, hit",
-            &port10k,
-            hit_port,
-        ),
-        ("LRU hash, 48-byte key (CtKey), miss", &ct48, miss48),
-        ("LRU hash, 48-byte key (CtKey), hit", &ct48, hit48),
-        ("LRU hash, 16-byte key, miss", &ct16, miss16),
-        ("LRU hash, 16-byte key, hit", &ct16, hit16),
-        ("array (inlined by the verifier)", &array, idx),
-        (
-            "bench policy 10/1k, tiled: peer, 198.18.0.7 (known)",
-            &p1k.tiled,
-            peer_key([198, 18, 0, 7]),
-        ),
-        (
-            "bench policy 10/1k, tiled: peer, 203.0.113.9 (unknown)",
-            &p1k.tiled,
-            peer_key([203, 0, 113, 9]),
-        ),
-        (
-            "bench policy 10/1k, tiled: peer, 10.0.0.2 (a /32)",
-            &p1k.tiled,
-            peer_key([10, 0, 0, 2]),
-        ),
-        (
-            "bench policy 10/1k, default entry: peer, 198.18.0.7",
-            &p1k.peers,
-            peer_key([198, 18, 0, 7]),
-        ),
-        (
-            "bench policy 10/1k, default entry: peer, 203.0.113.9",
-            &p1k.peers,
-            peer_key([203, 0, 113, 9]),
-        ),
-        (
-            "bench policy 10/1k, default entry: peer, 10.0.0.2",
-            &p1k.peers,
-            peer_key([10, 0, 0, 2]),
-        ),
-        (
-            "bench policy 10/1k: port, known class, tcp/22 (miss)",
-            &p1k.ports,
-            lpm_key(64, &port_data(p1k.known, 22)),
-        ),
-        (
-            "bench policy 10/1k: port, known class, tcp/1000 (hit)",
-            &p1k.ports,
-            lpm_key(64, &port_data(p1k.known, 1000)),
-        ),
-        (
-            "bench policy 10/1k: port, unknown's class, tcp/22",
-            &p1k.ports,
-            lpm_key(64, &port_data(p1k.unknown, 22)),
-        ),
-        (
-            "bench policy 10k/10k, tiled: peer, 198.18.0.7",
-            &p10k.tiled,
-            peer_key([198, 18, 0, 7]),
-        ),
-        (
-            "bench policy 10k/10k, default entry: peer, 198.18.0.7",
-            &p10k.peers,
-            peer_key([198, 18, 0, 7]),
-        ),
-        (
-            "bench policy 10k/10k: port, known class, tcp/22 (miss)",
-            &p10k.ports,
-            lpm_key(64, &port_data(p10k.known, 22)),
-        ),
-    ];
+    ] {
+        for (size, map) in maps {
+            for (what, key) in &keys {
+                cases.push((format!("{trie}, {size}, {what}"), map, key.clone()));
+            }
+        }
+    }
+    for (len, size, map) in [
+        (48, "48-byte key (CtKey)", &ct48),
+        (16, "16-byte key", &ct16),
+    ] {
+        cases.push((
+            format!("LRU hash, {size}, miss"),
+            map,
+            ct_key(len, 5_000, 0),
+        ));
+        cases.push((format!("LRU hash, {size}, hit"), map, ct_key(len, 7, 4)));
+    }
+    cases.push((
+        "array (inlined by the verifier)".into(),
+        &array,
+        17u32.to_ne_bytes().to_vec(),
+    ));
+    for (encoding, map, notes) in [
+        ("tiled", &p1k.tiled, [" (known)", " (unknown)", " (a /32)"]),
+        ("default entry", &p1k.peers, [""; 3]),
+    ] {
+        for (a, note) in [known, unknown, host].into_iter().zip(notes) {
+            let name = format!(
+                "bench policy 10/1k, {encoding}: peer, {}{note}",
+                std::net::Ipv4Addr::from(a)
+            );
+            cases.push((name, map, peer_key(a)));
+        }
+    }
+    for (what, class, port) in [
+        ("known class, tcp/22 (miss)", p1k.known, 22),
+        ("known class, tcp/1000 (hit)", p1k.known, 1000),
+        ("unknown's class, tcp/22", p1k.unknown, 22),
+    ] {
+        let name = format!("bench policy 10/1k: port, {what}");
+        cases.push((name, &p1k.ports, port_key(class, port)));
+    }
+    for (encoding, map) in [("tiled", &p10k.tiled), ("default entry", &p10k.peers)] {
+        let name = format!("bench policy 10k/10k, {encoding}: peer, 198.18.0.7");
+        cases.push((name, map, peer_key(known)));
+    }
+    cases.push((
+        "bench policy 10k/10k: port, known class, tcp/22 (miss)".into(),
+        &p10k.ports,
+        port_key(p10k.known, 22),
+    ));
     let mut progs = Vec::new();
     for (name, map, key) in &cases {
         progs.push((
-            *name,
+            name.as_str(),
             program(map, key, 0)?,
             program(map, key, LOOKUPS)?,
             Vec::new(),

@@ -30,6 +30,7 @@ use segbpf::{
     host::cgroups::CgroupRoot,
     policy::Policy,
 };
+use segbpf_tests::nspawn::Nspawn;
 use serde_json::json;
 
 /// One peer: `CGROUP serve ADDR PORT` (runs until killed; prints
@@ -197,6 +198,37 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A free TCP port on both loopback addresses (as of now).
+/// The result rows: per case, family and test (TCP_RR, stream) the
+/// median of `samples[case][family][test]`, its samples and its ratio
+/// (`ratio`) to the first case's median.
+fn rows(
+    cases: &[&str],
+    families: &[(&str, &str)],
+    samples: &[Vec<[Vec<f64>; 2]>],
+    ratio: &str,
+) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for (ci, case) in cases.iter().enumerate() {
+        for (fi, (fam, _)) in families.iter().enumerate() {
+            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
+                .iter()
+                .enumerate()
+            {
+                let m = median(&samples[ci][fi][ti]);
+                let none = median(&samples[0][fi][ti]);
+                let mut row = json!({
+                    "case": case, "family": fam, "test": test, "unit": unit,
+                    "median": m,
+                    "samples": samples[ci][fi][ti],
+                });
+                row[ratio] = json!(m / none);
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
 fn free_port() -> anyhow::Result<u16> {
     for _ in 0..20 {
         let l = TcpListener::bind("127.0.0.1:0")?;
@@ -333,23 +365,7 @@ pub(crate) fn loopback(rounds: usize, secs: f64) -> anyhow::Result<serde_json::V
     let load_after = load_average();
     drop(servers);
     drop(scratch);
-    let mut rows = Vec::new();
-    for (ci, case) in CASES.iter().enumerate() {
-        for (fi, (fam, _)) in families.iter().enumerate() {
-            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
-                .iter()
-                .enumerate()
-            {
-                let m = median(&samples[ci][fi][ti]);
-                let none = median(&samples[0][fi][ti]);
-                rows.push(json!({
-                    "case": case, "family": fam, "test": test, "unit": unit,
-                    "median": m, "ratio_to_none": m / none,
-                    "samples": samples[ci][fi][ti],
-                }));
-            }
-        }
-    }
+    let rows = rows(&CASES, &families, &samples, "ratio_to_none");
     Ok(json!({
         "rounds": rounds, "seconds_each": secs,
         "load_average_before": load_before, "load_average_after": load_after,
@@ -379,141 +395,6 @@ pub(crate) fn print_loopback(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// A container booted by systemd-nspawn from this machine's `/`
-/// (`--volatile=yes`), this binary at /usr/sbin/segbpf-bench; powered
-/// off (SIGTERM, SIGKILL after 20 s) and its work directory removed when
-/// dropped.
-struct Container {
-    nspawn: Child,
-    pid1: u32,
-    work: PathBuf,
-}
-
-impl Container {
-    fn boot(work: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(work)?;
-        let exe = std::env::current_exe()?;
-        let mut cmd = Command::new("systemd-nspawn");
-        cmd.args(["--volatile=yes", "-D", "/", "--boot", "--register=no"])
-            .args(["--keep-unit", "--private-network", "-q"])
-            .args(["-M", &format!("segbpf-bench-{}", std::process::id())])
-            .args([
-                "--overlay=/usr::/usr",
-                "--overlay=/etc::/etc",
-                "--overlay=/var::/var",
-            ])
-            .arg(format!(
-                "--bind-ro={}:/usr/sbin/segbpf-bench",
-                exe.display()
-            ))
-            .args([
-                "--capability=CAP_BPF,CAP_PERFMON",
-                "--system-call-filter=bpf",
-            ]);
-        for u in [
-            "systemd-sysctl.service",
-            "systemd-binfmt.service",
-            "systemd-udev-trigger.service",
-            "etcd.service",
-            "etcd2.service",
-            "postgresql.service",
-        ] {
-            cmd.arg(format!("--bind-ro=/dev/null:/etc/systemd/system/{u}"));
-        }
-        cmd.arg("systemd.firstboot=off")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(work.join("console.log"))?)
-            .stderr(std::fs::File::create(work.join("nspawn.log"))?);
-        let nspawn = cmd.spawn().context("running systemd-nspawn")?;
-        let mut c = Container {
-            nspawn,
-            pid1: 0,
-            work: work.to_path_buf(),
-        };
-        let children = format!("/proc/{0}/task/{0}/children", c.nspawn.id());
-        let start = Instant::now();
-        while c.pid1 == 0 {
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "systemd-nspawn started no container: {}",
-                std::fs::read_to_string(work.join("nspawn.log")).unwrap_or_default()
-            );
-            if let Some(pid) = std::fs::read_to_string(&children)
-                .unwrap_or_default()
-                .split_whitespace()
-                .find(|pid| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .is_ok_and(|c| c.trim() == "systemd")
-                })
-            {
-                c.pid1 = pid.parse()?;
-            } else {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        loop {
-            let state = c
-                .sh("systemctl is-system-running || true")
-                .unwrap_or_default();
-            let state = state.trim();
-            if state == "running" || state == "degraded" {
-                return Ok(c);
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(90),
-                "the container's systemd did not finish booting: {state}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// `sh -c SCRIPT` in the container's namespaces: its stdout, or the
-    /// error with what it said.
-    fn sh(&self, script: &str) -> anyhow::Result<String> {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.pid1.to_string(), "-a", "--"])
-            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
-            .args(["sh", "-c", script])
-            .stdin(Stdio::null())
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "in the container, `{script}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
-        // Only this bench's own, absolute, unique directory.
-        if self.work.is_absolute()
-            && self
-                .work
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("segbpf-nspawn-bench-"))
-        {
-            let _ = std::fs::remove_dir_all(&self.work);
-        }
-    }
-}
-
 /// The loopback pair as two transient units of a systemd booted by
 /// systemd-nspawn, with and without `IPAddressDeny=any
 /// IPAddressAllow=localhost` on both units (systemd's own `cgroup_skb`
@@ -524,9 +405,20 @@ pub(crate) fn systemd_ipaddressallow(
     rounds: usize,
     secs: f64,
 ) -> anyhow::Result<serde_json::Value> {
+    // A container booted by systemd-nspawn from this machine's `/`
+    // (`--volatile=yes`), this binary at /usr/sbin/segbpf-bench; powered
+    // off and its work directory removed when dropped.
     let work = std::env::temp_dir().join(format!("segbpf-nspawn-bench-{}", std::process::id()));
-    let c = Container::boot(&work)?;
-    let version = c.sh("systemctl --version | head -1")?.trim().to_string();
+    let c = Nspawn::new(&format!("segbpf-bench-{}", std::process::id()), &work)
+        .quiet()
+        .remove_work()
+        .bind_ro(&std::env::current_exe()?, "/usr/sbin/segbpf-bench")
+        .boot()?;
+    // `sh -c SCRIPT` in the container's namespaces: its stdout.
+    let sh = |script: &str| -> anyhow::Result<String> {
+        Ok(String::from_utf8_lossy(&c.output(script)?.stdout).into_owned())
+    };
+    let version = sh("systemctl --version | head -1")?.trim().to_string();
     let cases = [
         ("systemd units", ""),
         (
@@ -539,14 +431,14 @@ pub(crate) fn systemd_ipaddressallow(
     for (ci, (_, props)) in cases.iter().enumerate() {
         for (fi, (_, a)) in families.iter().enumerate() {
             let port = 5001 + ci * 2 + fi;
-            c.sh(&format!(
+            sh(&format!(
                 "systemd-run -q --unit=svcb-db-{ci}-{fi} {props} \
                  /usr/sbin/segbpf-bench --svc-peer - serve {a} {port}"
             ))?;
         }
     }
     let client = |props: &str, op: &str, a: &str, port: usize, n: usize| {
-        c.sh(&format!(
+        sh(&format!(
             "systemd-run -q --wait --pipe --collect --unit=svcb-app-{n} {props} \
              /usr/sbin/segbpf-bench --svc-peer - {op} {a} {port} {secs}"
         ))
@@ -588,23 +480,8 @@ pub(crate) fn systemd_ipaddressallow(
     }
     let load_after = load_average();
     drop(c);
-    let mut rows = Vec::new();
-    for (ci, (case, _)) in cases.iter().enumerate() {
-        for (fi, (fam, _)) in families.iter().enumerate() {
-            for (ti, (test, unit)) in [("TCP_RR", "transactions/s"), ("stream", "MB/s")]
-                .iter()
-                .enumerate()
-            {
-                let m = median(&samples[ci][fi][ti]);
-                let none = median(&samples[0][fi][ti]);
-                rows.push(json!({
-                    "case": case, "family": fam, "test": test, "unit": unit,
-                    "median": m, "ratio_to_plain_units": m / none,
-                    "samples": samples[ci][fi][ti],
-                }));
-            }
-        }
-    }
+    let names: Vec<&str> = cases.iter().map(|(case, _)| *case).collect();
+    let rows = rows(&names, &families, &samples, "ratio_to_plain_units");
     Ok(json!({
         "systemd": version,
         "deny_any_refused": refused,

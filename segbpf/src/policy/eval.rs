@@ -244,14 +244,7 @@ tcp = [3306]
             "t.toml",
         )
         .expect("parses");
-        let pkt = |src: &str, dst: &str, dport| Packet {
-            src: src.parse().expect("addr"),
-            dst: dst.parse().expect("addr"),
-            proto: IPPROTO_TCP,
-            dport,
-            icmp_type: 0,
-            hop_limit: 64,
-        };
+        let pkt = tcp;
         let lo = pkt("127.0.0.1", "127.0.0.1", 3306);
         let from_app = evaluate_service(&p, "db", Some("app"), Direction::Ingress, &lo);
         let rule = from_app.and_then(|v| v.rule).expect("a rule");
@@ -293,33 +286,21 @@ tcp = [3306]
         // towards a local peer leave whoever the receiver is (its ingress
         // checks the receiver); an address rule comes first.
         let p = Policy::from_str(
-            r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[[services.app.egress]]
+            concat!(
+                include_str!("../../../tests/fixtures/services_app_db_other.toml"),
+                r#"[[services.app.egress]]
 to = ["127.0.0.9"]
 tcp = [5000]
 [[services.app.egress]]
 name = "to-db"
 to_services = ["db"]
 tcp = [5000]
-"#,
+"#
+            ),
             "t.toml",
         )
         .expect("parses");
-        let tcp = |dst: &str, dport| Packet {
-            src: "127.0.0.1".parse().expect("addr"),
-            dst: dst.parse().expect("addr"),
-            proto: IPPROTO_TCP,
-            dport,
-            icmp_type: 0,
-            hop_limit: 64,
-        };
+        let tcp = |dst: &str, dport| tcp("127.0.0.1", dst, dport);
         let name = |v: Option<Verdict>| {
             v.and_then(|v| v.rule)
                 .and_then(|r| p.service_rules[r as usize].name.clone())

@@ -245,15 +245,9 @@ mod tests {
 
     use super::*;
 
-    const P: &str = r#"version = 1
-[services.app]
-cgroup = "app"
-defaults = { egress = "drop" }
-[services.db]
-cgroup = "db"
-[services.other]
-cgroup = "other"
-[[services.db.ingress]]
+    const P: &str = concat!(
+        include_str!("../../../tests/fixtures/services_app_db_other.toml"),
+        r#"[[services.db.ingress]]
 from_services = ["app"]
 tcp = [3306]
 [[services.app.egress]]
@@ -262,7 +256,8 @@ tcp = [3306]
 [[services.app.egress]]
 to_services = ["db"]
 udp = [53]
-"#;
+"#
+    );
 
     #[test]
     fn services_get_ids_slots_and_peer_classes() {
