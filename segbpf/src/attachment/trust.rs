@@ -428,7 +428,8 @@ mod tests {
 
     #[test]
     fn sockstat_inuse_is_read_from_its_protocol_line_only() {
-        let v4 = "sockets: used 120\nTCP: inuse 3 orphan 0 tw 1 alloc 5 mem 1\nUDP: inuse 0 mem 0\n";
+        let v4 =
+            "sockets: used 120\nTCP: inuse 3 orphan 0 tw 1 alloc 5 mem 1\nUDP: inuse 0 mem 0\n";
         assert_eq!(inuse_of(v4, "TCP:"), Some(3));
         assert_eq!(inuse_of(v4, "UDP:"), Some(0));
         let v6 = "TCP6: inuse 0\nUDP6: inuse 2\n";

@@ -355,8 +355,7 @@ pub fn carry_counters(
 ) -> Result<Vec<u32>, CompileError> {
     // Identity -> the previous slots of rules with that identity, first
     // rule first (equal rules keep their slots in order).
-    let mut old: FastMap<RuleIdentity<'_>, std::collections::VecDeque<u32>> =
-        FastMap::default();
+    let mut old: FastMap<RuleIdentity<'_>, std::collections::VecDeque<u32>> = FastMap::default();
     old.reserve(previous.len());
     for r in previous {
         old.entry(r.identity_key())
@@ -828,9 +827,11 @@ pub(crate) fn sweep(
     words: usize,
 ) -> Vec<(u128, u128, RuleSet)> {
     let mut out: Vec<(u128, u128, RuleSet)> = Vec::new();
-    sweep_each(ranges, max, words, |pos, end, active| match out.last_mut() {
-        Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == active => last.1 = end,
-        _ => out.push((pos, end, active.to_vec())),
+    sweep_each(ranges, max, words, |pos, end, active| {
+        match out.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == active => last.1 = end,
+            _ => out.push((pos, end, active.to_vec())),
+        }
     });
     out
 }
