@@ -29,6 +29,9 @@
 // The package's examples use this dev-dependency; the unit tests do not.
 #[cfg(test)]
 use segbpf_tests as _;
+// The binary's global allocator (src/main.rs); the library allocates
+// through whatever allocator its user chose.
+use mimalloc as _;
 
 /// The version of segbpf's JSON dialect (docs/json.md): every JSON
 /// document and JSON Lines record carries it as `"schema"`. It goes up when

@@ -13,6 +13,13 @@ use segbpf::{
     host::netns,
 };
 
+/// mimalloc instead of glibc's malloc: a reload at 10,000 rules makes
+/// some 10^6 small allocations (the policy tree, the compiled maps, the
+/// rule table) and glibc's malloc, free and page faults were about a fifth
+/// of its CPU (BENCHMARKS.md, "Live updates").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Everything segbpf writes (state, history, locks, pins) is private:
     // files 0600, directories 0700 (see `segbpf::attachment::dirs::private_dir`).

@@ -947,6 +947,41 @@ fn swap_in_force(
     choice: Choice,
     phases: &mut Phases,
 ) -> Result<Swapped, SwapError> {
+    // The rules in force (for their counters) are read from their file on
+    // a second thread while this one parses and compiles: both are about
+    // allocation-bound CPU, and a reload's wall time is their sum on one.
+    std::thread::scope(|scope| {
+        let previous = scope.spawn(|| previous_rules(att, old));
+        compile_in_force(att, old, settings, choice, phases, move || {
+            previous
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })
+}
+
+/// The state in force with its rules read from their file, and whether
+/// they could be (see `compile_in_force`).
+fn previous_rules(att: &Attachment, old: &State) -> (State, bool) {
+    let mut previous = old.clone();
+    match previous.load_rules(&att.state) {
+        Ok(()) => (previous, true),
+        Err(e) => {
+            tracing::warn!("{e}: the rule counters start again from zero");
+            previous.rules.clear();
+            (previous, false)
+        }
+    }
+}
+
+fn compile_in_force(
+    att: &Attachment,
+    old: &State,
+    settings: &Settings,
+    choice: Choice,
+    phases: &mut Phases,
+    previous_rules: impl FnOnce() -> (State, bool),
+) -> Result<Swapped, SwapError> {
     let redetect = settings.redetect;
     let Choice {
         text: path,
@@ -1035,15 +1070,7 @@ fn swap_in_force(
     // not match its state names no rule: every rule then takes a fresh
     // slot and every slot is zeroed once the new policy is in force, so no
     // rule inherits counts it did not make.
-    let mut previous = old.clone();
-    let known = match previous.load_rules(&att.state) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!("{e}: the rule counters start again from zero");
-            previous.rules.clear();
-            false
-        }
-    };
+    let (previous, known) = previous_rules();
     let mut freed =
         compile::carry_counters(&mut c, &previous.rules, old.rule_slots).map_err(|source| {
             SwapError::Compile {

@@ -121,7 +121,9 @@ pub fn run(mut args: Args, ns: &Netns) -> anyhow::Result<()> {
         args.policy = Some(absolute(p)?);
     }
     let att = Attachment::new(&iface, ns);
-    let before = State::current(&att).ok();
+    // Without the rule table (10,000 rule descriptions at 10,000 rules):
+    // the checks below need the policy, mode, roles and set edits only.
+    let before = State::current_head(&att).ok();
     if let Some(state) = &before {
         // The lockout check: a policy that cuts the SSH session this runs
         // in is refused unless guarded (--confirm) or forced.

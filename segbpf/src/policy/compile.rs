@@ -18,7 +18,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
+    hash::{BuildHasherDefault, Hash as _, Hasher},
 };
 
 use segbpf_common::{
@@ -225,11 +225,20 @@ impl RuleInfo {
     /// name when it has one, else owner, direction, peer and services (not
     /// the position in the file).
     pub fn identity(&self) -> String {
+        match self.identity_key() {
+            RuleIdentity::Name(name) => format!("name:{name}"),
+            RuleIdentity::Rule(owner, peer, services) => format!("{owner}|{peer}|{services}"),
+        }
+    }
+
+    /// [`RuleInfo::identity`] as borrowed parts (what `carry_counters`
+    /// compares: no string is built for each of 10,000 rules).
+    pub fn identity_key(&self) -> RuleIdentity<'_> {
         if let Some(name) = &self.name {
-            return format!("name:{name}");
+            return RuleIdentity::Name(name);
         }
         let owner = self.label.rsplit_once('[').map_or(&*self.label, |(a, _)| a);
-        format!("{owner}|{}|{}", self.peer, self.services)
+        RuleIdentity::Rule(owner, &self.peer, &self.services)
     }
 
     /// The role the rule belongs to (`base` for a base rule), from its label.
@@ -243,6 +252,17 @@ impl RuleInfo {
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.label)
     }
+}
+
+/// What makes two rules of successive policies "the same rule"
+/// ([`RuleInfo::identity_key`]): the name, or owner, peer and services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RuleIdentity<'a> {
+    /// A named rule: its name.
+    Name(&'a str),
+    /// An unnamed rule: its owner (label without the index), peer as
+    /// written and services.
+    Rule(&'a str, &'a str, &'a str),
 }
 
 /// How JSON results name a rule (docs/json.md): the same object in
@@ -335,23 +355,31 @@ pub fn carry_counters(
 ) -> Result<Vec<u32>, CompileError> {
     // Identity -> the previous slots of rules with that identity, first
     // rule first (equal rules keep their slots in order).
-    let mut old: HashMap<String, std::collections::VecDeque<u32>> = HashMap::new();
+    let mut old: FastMap<RuleIdentity<'_>, std::collections::VecDeque<u32>> = FastMap::default();
+    old.reserve(previous.len());
     for r in previous {
-        old.entry(r.identity()).or_default().push_back(r.counter);
+        old.entry(r.identity_key())
+            .or_default()
+            .push_back(r.counter);
     }
     let mut used = std::collections::BTreeSet::new();
     let mut pending = Vec::new();
-    for (i, r) in c.rules.iter_mut().enumerate() {
-        let key = r.identity();
-        if let Some(slot) = old
-            .get_mut(&key)
+    let mut kept = Vec::with_capacity(c.rules.len());
+    for (i, r) in c.rules.iter().enumerate() {
+        match old
+            .get_mut(&r.identity_key())
             .and_then(std::collections::VecDeque::pop_front)
         {
-            r.counter = slot;
-            used.insert(r.counter);
-        } else {
-            pending.push(i);
+            Some(slot) => {
+                kept.push((i, slot));
+                used.insert(slot);
+            }
+            None => pending.push(i),
         }
+    }
+    drop(old);
+    for (i, slot) in kept {
+        c.rules[i].counter = slot;
     }
     // Fresh slots avoid every slot the previous policy still uses, so no
     // counter is shared while both policies are in the kernel.
@@ -376,7 +404,7 @@ pub fn carry_counters(
         c.rules[i].counter = next;
         used.insert(next);
     }
-    let by_id: HashMap<u32, u32> = c.rules.iter().map(|r| (r.id, r.counter)).collect();
+    let by_id: FastMap<u32, u32> = c.rules.iter().map(|r| (r.id, r.counter)).collect();
     for (_, _, v) in &mut c.ports {
         v.rule_id = by_id[&v.rule_id];
     }
@@ -579,16 +607,31 @@ pub(crate) fn compile_direction(
     out: &mut Compiled,
 ) {
     let words = rules.len().div_ceil(64).max(1);
-    let mut classes: FastMap<RuleSet, u32> = FastMap::default();
+    // The classes: their sets in id order, found by the hash of the set
+    // (hashed once per segment; the table holds hashes, so growing it
+    // never hashes a set again). A set is copied once, when it becomes a
+    // class: the sweep hands every segment's set by reference (10,000
+    // rules: sets of 157 words).
+    let first_class = *next_class;
     let mut class_sets: Vec<(u32, RuleSet)> = Vec::new();
-    let mut intern = |set: RuleSet| -> u32 {
-        if let Some(id) = classes.get(&set) {
-            return *id;
+    let mut by_hash: FastMap<u64, Vec<u32>> = FastMap::default();
+    let mut intern = |set: &[u64]| -> u32 {
+        let h = {
+            let mut hasher = FastHasher::default();
+            set.hash(&mut hasher);
+            hasher.finish()
+        };
+        let ids = by_hash.entry(h).or_default();
+        if let Some(&id) = ids
+            .iter()
+            .find(|&&id| class_sets[(id - first_class) as usize].1 == set)
+        {
+            return id;
         }
         let id = *next_class;
         *next_class += 1;
-        classes.insert(set.clone(), id);
-        class_sets.push((id, set));
+        ids.push(id);
+        class_sets.push((id, set.to_vec()));
         id
     };
 
@@ -609,8 +652,16 @@ pub(crate) fn compile_direction(
                 })
             })
             .collect();
-        for (start, end, set) in sweep(&ranges, max, words) {
-            let class_id = intern(set);
+        // Contiguous segments of one class merge (equal sets, equal ids).
+        let mut segments: Vec<(u128, u128, u32)> = Vec::new();
+        sweep_each(&ranges, max, words, |pos, end, set| {
+            let id = intern(set);
+            match segments.last_mut() {
+                Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == id => last.1 = end,
+                _ => segments.push((pos, end, id)),
+            }
+        });
+        for (start, end, class_id) in segments {
             for (prefix, len) in range_to_prefixes(start, end, bits) {
                 let value = PeerClass { class_id };
                 if v6 {
@@ -662,9 +713,10 @@ pub(crate) fn compile_direction(
         }
     }
 
+    drop(by_hash);
     for (class_id, set) in &class_sets {
         let members: Vec<usize> = iter_bits(set).collect();
-        compile_class_ports(rules, &members, *class_id, slot, words, &mut out.ports);
+        compile_class_ports(rules, &members, *class_id, slot, &mut out.ports);
         out.class_rules.push(ClassRules {
             id: *class_id,
             dir: dir.key_byte(),
@@ -679,7 +731,6 @@ pub(crate) fn compile_class_ports(
     members: &[usize],
     class_id: u32,
     slot: u8,
-    words: usize,
     out: &mut Vec<LpmEntry<PortKey, RuleRef>>,
 ) {
     let key = |proto: u8, port: u16| PortKey {
@@ -720,6 +771,10 @@ pub(crate) fn compile_class_ports(
             ));
         }
     }
+    let mut local = members.to_vec();
+    local.sort_unstable();
+    local.dedup();
+    let local_words = local.len().div_ceil(64).max(1);
     // TCP and UDP: the lowest rule per port, as non-overlapping port prefixes.
     for (proto, ports) in [
         (
@@ -728,20 +783,23 @@ pub(crate) fn compile_class_ports(
         ),
         (IPPROTO_UDP, |r: &Rule| &r.udp[..]),
     ] {
+        // The sweep runs over the class's members only (bit j is
+        // `local[j]`, ascending, so the lowest bit is still the lowest
+        // rule): sets of a few words, not of the direction's every rule.
         let mut ranges: Vec<(u128, u128, usize)> = Vec::new();
-        for &i in members {
+        for (j, &i) in local.iter().enumerate() {
             for p in ports(rules[i]) {
-                ranges.push((u128::from(p.lo), u128::from(p.hi), i));
+                ranges.push((u128::from(p.lo), u128::from(p.hi), j));
             }
         }
         if ranges.is_empty() {
             continue;
         }
-        if let Some(i) = any_min {
-            ranges.push((0, u128::from(u16::MAX), i));
+        if let Some(j) = any_min.and_then(|i| local.binary_search(&i).ok()) {
+            ranges.push((0, u128::from(u16::MAX), j));
         }
-        for (start, end, set) in sweep(&ranges, u128::from(u16::MAX), words) {
-            let Some(i) = iter_bits(&set).next() else {
+        for (start, end, set) in sweep(&ranges, u128::from(u16::MAX), local_words) {
+            let Some(i) = iter_bits(&set).next().map(|j| local[j]) else {
                 continue;
             };
             if Some(i) == any_min {
@@ -768,6 +826,26 @@ pub(crate) fn sweep(
     max: u128,
     words: usize,
 ) -> Vec<(u128, u128, RuleSet)> {
+    let mut out: Vec<(u128, u128, RuleSet)> = Vec::new();
+    sweep_each(ranges, max, words, |pos, end, active| {
+        match out.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == active => last.1 = end,
+            _ => out.push((pos, end, active.to_vec())),
+        }
+    });
+    out
+}
+
+/// [`sweep`] without the merging: `each(start, end, set)` for every
+/// segment between two successive range boundaries that some range
+/// covers, in address order, with the set of items covering it (borrowed:
+/// nothing is copied per segment).
+pub(crate) fn sweep_each(
+    ranges: &[(u128, u128, usize)],
+    max: u128,
+    words: usize,
+    mut each: impl FnMut(u128, u128, &[u64]),
+) {
     // Events: (position, +1/-1, item); a range ending at `max` has no end event.
     let mut events: Vec<(u128, bool, usize)> = Vec::with_capacity(ranges.len() * 2);
     for &(s, e, i) in ranges {
@@ -777,10 +855,11 @@ pub(crate) fn sweep(
         }
     }
     events.sort_unstable();
+    // How many ranges of each item cover the sweep position.
     let mut count: FastMap<usize, u32> = FastMap::default();
+    count.reserve(ranges.len());
     let mut active: RuleSet = vec![0; words];
     let mut active_n = 0usize;
-    let mut out: Vec<(u128, u128, RuleSet)> = Vec::new();
     let mut k = 0;
     while k < events.len() {
         let pos = events[k].0;
@@ -810,12 +889,8 @@ pub(crate) fn sweep(
         if active_n == 0 {
             continue;
         }
-        match out.last_mut() {
-            Some(last) if last.1.checked_add(1) == Some(pos) && last.2 == active => last.1 = end,
-            _ => out.push((pos, end, active.clone())),
-        }
+        each(pos, end, &active);
     }
-    out
 }
 
 fn iter_bits(set: &[u64]) -> impl Iterator<Item = usize> + '_ {

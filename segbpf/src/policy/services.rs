@@ -128,7 +128,6 @@ pub fn compile_services(
             compile_direction(&rules, dir, slotb, &mut next_class, &mut tmp);
             // Peer services: one class per named peer; on egress also the
             // class of every to_services rule.
-            let words = rules.len().div_ceil(64).max(1);
             let mut peers: Vec<u8> = Vec::new();
             for r in &rules {
                 for n in &r.peer_services {
@@ -163,7 +162,7 @@ pub fn compile_services(
             for (peer, members) in groups {
                 let class_id = next_class;
                 next_class += 1;
-                compile_class_ports(&rules, &members, class_id, slotb, words, &mut tmp.ports);
+                compile_class_ports(&rules, &members, class_id, slotb, &mut tmp.ports);
                 out.peer_classes.push((
                     SvcPeerKey {
                         slot: slotb,
