@@ -62,20 +62,23 @@ pub(crate) fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Op
 pub(crate) fn port_rule(slot: u8, class_id: u32, proto: u8, dport: u16) -> Option<u32> {
     if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
         && let Some(m) = SEG_PORTMISS.get(u32::from(slot & 1))
-        && !has_bit(m, portmiss_bit(class_id, proto, dport))
-        && !has_bit(m, portmiss_bit(class_id, PORTMISS_ANY, 0))
+        && !may_match(m, class_id, proto, dport)
     {
         return None;
     }
     port_trie(slot, class_id, proto, dport)
 }
 
-/// Whether bit `b` of the bitmap `m` is set (`b` masked to the bitmap).
+/// Whether the bit of (class, proto, port) or the class's whole-protocol
+/// bit is set in `m` (one branch for both: fewer verifier paths).
 #[inline(always)]
-fn has_bit(m: &PortMiss, b: u32) -> bool {
-    m.words
-        .get((b as usize >> 6) & (PORTMISS_WORDS - 1))
-        .is_none_or(|w| (w >> (b & 63)) & 1 != 0)
+fn may_match(m: &PortMiss, class_id: u32, proto: u8, dport: u16) -> bool {
+    let a = portmiss_bit(class_id, proto, dport);
+    let b = portmiss_bit(class_id, PORTMISS_ANY, 0);
+    // Masked to the bitmap: the indices are in bounds (no check emitted).
+    let wa = m.words[(a as usize >> 6) & (PORTMISS_WORDS - 1)];
+    let wb = m.words[(b as usize >> 6) & (PORTMISS_WORDS - 1)];
+    ((wa >> (a & 63)) | (wb >> (b & 63))) & 1 != 0
 }
 
 /// The port trie's rule for (class, protocol, destination port), if any.
