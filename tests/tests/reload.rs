@@ -2294,3 +2294,32 @@ fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
     assert_eq!(lab.status_json("db")?["attachments"][0]["mode"], "audit");
     Ok(())
 }
+
+/// The port fast-miss bitmap is kept with the port trie by every change.
+/// When its pin is gone while the attached programs read it (the kernel
+/// lists the map among their maps), a reload cannot keep it with the
+/// trie: it fails and changes nothing (the policy in force stays, and so
+/// do its verdicts); an attachment whose programs read no bitmap (an
+/// older build's) is changed without one.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reload_without_the_bitmap_pin_of_programs_that_read_it_changes_nothing() -> anyhow::Result<()> {
+    let s = setup("pmiss")?;
+    let g = generation(&s.lab)?;
+    let mut instance = Instance::dry_run(&s.att)?;
+    let before = verdicts(&mut instance, &probes())?;
+    std::fs::remove_file(s.att.map(segbpf_common::MAP_PORTMISS))?;
+    let out = s
+        .lab
+        .segbpf("db", &["reload", "eth0", "-p", s.b.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(segbpf_common::MAP_PORTMISS), "{err}");
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied: {err}");
+    assert_eq!(
+        verdicts(&mut instance, &probes())?,
+        before,
+        "the policy in force judges as before"
+    );
+    Ok(())
+}

@@ -94,10 +94,15 @@ impl PolicyMaps {
                 .map_err(err(MAP_PEER_V6))?,
             ports: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PORTS)?))
                 .map_err(err(MAP_PORTS))?,
-            portmiss: Some(
-                Array::try_from(Map::Array(pinned(att, MAP_PORTMISS)?))
-                    .map_err(err(MAP_PORTMISS))?,
-            ),
+            portmiss: match pinned(att, MAP_PORTMISS) {
+                Ok(m) => Some(Array::try_from(Map::Array(m)).map_err(err(MAP_PORTMISS))?),
+                // An attachment of an older build: its programs read no
+                // bitmap, so there is none to keep. Only when the kernel
+                // says so; otherwise the change fails and the policy in
+                // force stays.
+                Err(_) if programs_use(att, MAP_PORTMISS) == Some(false) => None,
+                Err(e) => return Err(e),
+            },
             config: Array::try_from(Map::Array(pinned(att, MAP_CONFIG)?))
                 .map_err(err(MAP_CONFIG))?,
             active: Array::try_from(Map::Array(pinned(att, MAP_ACTIVE)?))
@@ -271,6 +276,26 @@ impl PolicyMaps {
             .set(0, u32::from(slot), 0)
             .map_err(err(MAP_ACTIVE))
     }
+}
+
+/// Whether the attachment's programs read a map named `name`, from the
+/// kernel: the map ids of its IPv6 programs (found through its pinned
+/// tail-call tables; they judge with the same code as the IPv4 programs
+/// and make no tail call, so none of their maps is a program array, see
+/// [`crate::attachment::memory`]). `None` when the kernel does not say.
+fn programs_use(att: &Attachment, name: &str) -> Option<bool> {
+    let progs = crate::attachment::memory::tail_programs(att);
+    if progs.is_empty() {
+        return None;
+    }
+    let mut uses = false;
+    for p in progs {
+        for id in p.map_ids().ok()?? {
+            let info = aya::maps::MapInfo::from_id(id).ok()?;
+            uses |= info.name_as_str() == Some(name);
+        }
+    }
+    Some(uses)
 }
 
 impl PolicyMaps {
