@@ -154,8 +154,7 @@ impl PolicyMaps {
             return Ok(());
         };
         let bits = portmiss::bitmap(ports);
-        map.set(u32::from(slot), &*bits, 0)
-            .map_err(err(MAP_PORTMISS))
+        map.set(u32::from(slot), bits, 0).map_err(err(MAP_PORTMISS))
     }
 
     /// Applies `d` to the tries of `slot` (deletes first, so the maps never

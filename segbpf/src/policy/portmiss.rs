@@ -83,8 +83,8 @@ mod tests {
     }
 
     /// The trie's answer by longest match over `entries`.
-    fn trie_matches(entries: &[LpmEntry<PortKey, RuleRef>], k: &PortKey) -> bool {
-        let bits = |k: &PortKey| -> u64 {
+    fn trie_matches(entries: &[LpmEntry<PortKey, RuleRef>], k: PortKey) -> bool {
+        let bits = |k: PortKey| -> u64 {
             u64::from_be_bytes([
                 0,
                 0,
@@ -102,7 +102,7 @@ mod tests {
             // Key bits after the slot byte: 56 of them.
             let plen = len - 8;
             let shift = 56 - plen;
-            plen == 0 || (bits(e) >> shift) == (want >> shift)
+            plen == 0 || (bits(*e) >> shift) == (want >> shift)
         })
     }
 
@@ -127,7 +127,7 @@ mod tests {
         for class in 0..8 {
             for proto in [IPPROTO_TCP, IPPROTO_UDP] {
                 for port in (0..=u16::MAX).step_by(7).chain([22, 53, 8192, 8199, 8200]) {
-                    let matches = trie_matches(&entries, &key(class, proto, port));
+                    let matches = trie_matches(&entries, key(class, proto, port));
                     let may = may_match(&m, class, proto, port);
                     assert!(
                         may || !matches,
