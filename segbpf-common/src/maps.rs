@@ -56,10 +56,11 @@ pub const SHARED_MAPS: [&str; 2] = [MAP_CT, MAP_CT_NEW];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 19] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
+    crate::MAP_PORTMISS,
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_STATS,

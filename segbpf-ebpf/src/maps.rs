@@ -11,7 +11,7 @@ use segbpf_common::{
     Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
     DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
     DENIED_BUCKETS, DeniedBucket, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
-    RateState, RuleRef, STATS_LEN, TraceResult,
+    PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -28,6 +28,11 @@ pub(crate) static SEG_PEER_V6: LpmTrie<PeerKeyV6, PeerClass> =
 #[map]
 pub(crate) static SEG_PORTS: LpmTrie<PortKey, RuleRef> =
     LpmTrie::with_max_entries(DEFAULT_PORT_ENTRIES, 0);
+
+/// Per policy slot: the port fast-miss bitmap of `SEG_PORTS` (see
+/// `segbpf_common::portmiss`).
+#[map]
+pub(crate) static SEG_PORTMISS: Array<PortMiss> = Array::with_max_entries(2, 0);
 
 /// One configuration per policy slot: defaults, generation, limits.
 #[map]

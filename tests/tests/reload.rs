@@ -1617,6 +1617,39 @@ fn slots_in_kernel(att: &Attachment) -> anyhow::Result<[segbpf::attachment::delt
     Ok(out)
 }
 
+/// Each slot's port fast-miss bitmap in the kernel (`SEG_PORTMISS`) is
+/// the bitmap of the port entries `fresh` compiles (which the slots hold):
+/// every writer of a slot (attach, whole write, delta, mirror) wrote it.
+fn assert_portmiss_follows(
+    att: &Attachment,
+    fresh: &segbpf::attachment::delta::Snapshot,
+    what: &str,
+) -> anyhow::Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    let map: Array<MapData, segbpf_common::PortMiss> = Array::try_from(Map::Array(
+        MapData::from_pin(att.map(segbpf_common::MAP_PORTMISS))?,
+    ))?;
+    let want = segbpf::policy::portmiss::bitmap(&fresh.ports);
+    anyhow::ensure!(
+        want.words.iter().any(|w| *w != 0),
+        "{what}: the policy allows TCP or UDP ports, yet its bitmap is empty"
+    );
+    for slot in 0..2u32 {
+        let got = map.get(&slot, 0)?;
+        let differ = got
+            .words
+            .iter()
+            .zip(want.words.iter())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{what}: slot {slot}'s port fast-miss bitmap differs from its ports' in {differ} words"
+        );
+    }
+    Ok(())
+}
+
 /// A fresh compile of the policy the state says is in force (the file and
 /// its live set edits, the roles), with rule ids where the kernel keeps
 /// counter slots mapped back to ids by the state's rules.
@@ -1683,6 +1716,7 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
             "after attach: slot {i} differs from a fresh compile"
         );
     }
+    assert_portmiss_follows(&s.att, &fresh, "after attach")?;
     let mut members: Vec<(String, String)> = Vec::new();
     for step in 0..24 {
         let before = slots_in_kernel(&s.att)?;
@@ -1725,6 +1759,7 @@ fn set_edits_write_only_what_changes_and_the_slots_equal_a_fresh_compile() -> an
                 "step {step}: slot {i} differs from a fresh compile ({v})"
             );
         }
+        assert_portmiss_follows(&s.att, &fresh, &format!("step {step}"))?;
         if v["applied"] == true {
             // What the swap wrote into the slot it put in force is exactly
             // the difference between what that slot held and holds now.
@@ -1783,6 +1818,7 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
                 "{what}: slot {i} differs from a fresh compile"
             );
         }
+        assert_portmiss_follows(&s.att, &fresh, what)?;
         let list: serde_json::Value = serde_json::from_str(
             &s.lab
                 .segbpf_ok("db", &["set", "list", "eth0", "x", "-o", "json"])?,
@@ -2256,5 +2292,34 @@ fn audit_mode_is_not_a_lockout_but_audit_to_enforce_is() -> anyhow::Result<()> {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("ssh-session"), "{err}");
     assert_eq!(lab.status_json("db")?["attachments"][0]["mode"], "audit");
+    Ok(())
+}
+
+/// The port fast-miss bitmap is kept with the port trie by every change.
+/// When its pin is gone while the attached programs read it (the kernel
+/// lists the map among their maps), a reload cannot keep it with the
+/// trie: it fails and changes nothing (the policy in force stays, and so
+/// do its verdicts); an attachment whose programs read no bitmap (an
+/// older build's) is changed without one.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn reload_without_the_bitmap_pin_of_programs_that_read_it_changes_nothing() -> anyhow::Result<()> {
+    let s = setup("pmiss")?;
+    let g = generation(&s.lab)?;
+    let mut instance = Instance::dry_run(&s.att)?;
+    let before = verdicts(&mut instance, &probes())?;
+    std::fs::remove_file(s.att.map(segbpf_common::MAP_PORTMISS))?;
+    let out = s
+        .lab
+        .segbpf("db", &["reload", "eth0", "-p", s.b.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(segbpf_common::MAP_PORTMISS), "{err}");
+    assert_eq!(generation(&s.lab)?, g, "nothing was applied: {err}");
+    assert_eq!(
+        verdicts(&mut instance, &probes())?,
+        before,
+        "the policy in force judges as before"
+    );
     Ok(())
 }

@@ -448,10 +448,12 @@ fn main() -> anyhow::Result<()> {
                 .then(|| (TILED.to_string(), None)),
         )
         .collect();
+    // `SEGBPF_BENCH_ALT_ALL=1`: the other builds at every policy size.
+    let alt_all = std::env::var("SEGBPF_BENCH_ALT_ALL").as_deref() == Ok("1");
     for &(rules, prefixes) in &sizes {
         for (obj_label, obj) in &objects {
             let tiled = obj_label == TILED;
-            if (obj.is_some() || tiled) && (rules, prefixes) != sizes[0] {
+            if (obj.is_some() && !alt_all || tiled) && (rules, prefixes) != sizes[0] {
                 // Other builds: at the first policy size only.
                 continue;
             }

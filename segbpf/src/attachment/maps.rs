@@ -5,11 +5,17 @@
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
     Config, Counter, EV_EMITTED, EV_LOST, EV_SUPPRESSED, MAP_ACTIVE, MAP_CONFIG, MAP_DENY_LOST,
-    MAP_EVSTATS, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_STATS, MAP_TRACE,
-    PeerClass, PeerKeyV4, PeerKeyV6, PortKey, RuleRef, STATS_LEN, TraceResult,
+    MAP_EVSTATS, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTMISS, MAP_PORTS, MAP_RULE_STATS, MAP_STATS,
+    MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RuleRef, STATS_LEN, TraceResult,
 };
 
-use crate::{attachment::pins::Attachment, policy::compile::Compiled};
+use crate::{
+    attachment::pins::Attachment,
+    policy::{
+        compile::{Compiled, LpmEntry},
+        portmiss,
+    },
+};
 
 /// Errors while reading or writing maps.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +61,16 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 /// (`activate`): one atomic u32 write, after which every packet is judged
 /// by the new slot whole. The old slot is then made its mirror
 /// (`apply_delta`, see [`crate::attachment::delta`]), or emptied
-/// (`clear_slot`) and written whole.
+/// (`clear_slot`) and written whole. Each of these writes the slot's port
+/// fast-miss bitmap (`SEG_PORTMISS`) from the port entries the slot holds
+/// after it (`policy::portmiss`).
 pub struct PolicyMaps {
     v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
     v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,
     ports: LpmTrie<MapData, PortKey, RuleRef>,
+    /// `None` only for an object without the map (an older build's, in
+    /// the benchmark), whose programs do not read it.
+    portmiss: Option<Array<MapData, PortMiss>>,
     config: Array<MapData, Config>,
     active: Array<MapData, u32>,
     /// Kernel id of the peer trie (names these maps in a
@@ -83,6 +94,15 @@ impl PolicyMaps {
                 .map_err(err(MAP_PEER_V6))?,
             ports: LpmTrie::try_from(Map::LpmTrie(pinned(att, MAP_PORTS)?))
                 .map_err(err(MAP_PORTS))?,
+            portmiss: match pinned(att, MAP_PORTMISS) {
+                Ok(m) => Some(Array::try_from(Map::Array(m)).map_err(err(MAP_PORTMISS))?),
+                // An attachment of an older build: its programs read no
+                // bitmap, so there is none to keep. Only when the kernel
+                // says so; otherwise the change fails and the policy in
+                // force stays.
+                Err(_) if programs_use(att, MAP_PORTMISS) == Some(false) => None,
+                Err(e) => return Err(e),
+            },
             config: Array::try_from(Map::Array(pinned(att, MAP_CONFIG)?))
                 .map_err(err(MAP_CONFIG))?,
             active: Array::try_from(Map::Array(pinned(att, MAP_ACTIVE)?))
@@ -123,14 +143,31 @@ impl PolicyMaps {
         self.set_config(slot, c)
     }
 
+    /// Writes the port fast-miss bitmap of `slot` for the port entries
+    /// `ports` (their slot byte ignored); never the slot in force.
+    fn write_portmiss<V>(
+        &mut self,
+        slot: u8,
+        ports: &[LpmEntry<PortKey, V>],
+    ) -> Result<(), MapsError> {
+        let Some(map) = &mut self.portmiss else {
+            return Ok(());
+        };
+        let bits = portmiss::bitmap(ports);
+        map.set(u32::from(slot), bits, 0).map_err(err(MAP_PORTMISS))
+    }
+
     /// Applies `d` to the tries of `slot` (deletes first, so the maps never
     /// hold more than the larger of the two policies in that slot) and
     /// returns the entries written or deleted. A key to delete that is
     /// missing is an error: the slot did not hold what the delta assumed.
+    /// `ports`: the port entries the slot holds once `d` is applied (the
+    /// next policy's), for its fast-miss bitmap.
     pub fn apply_delta(
         &mut self,
         slot: u8,
         d: &crate::attachment::delta::Delta,
+        ports: &[LpmEntry<PortKey, RuleRef>],
     ) -> Result<usize, MapsError> {
         for &(len, mut k) in &d.v4.delete {
             k.slot = slot;
@@ -168,6 +205,7 @@ impl PolicyMaps {
                 .insert(&Key::new(len, k), v, 0)
                 .map_err(err(MAP_PORTS))?;
         }
+        self.write_portmiss(slot, ports)?;
         Ok(d.len())
     }
 
@@ -203,6 +241,7 @@ impl PolicyMaps {
         for k in &ports {
             self.ports.remove(k).map_err(err(MAP_PORTS))?;
         }
+        self.write_portmiss::<RuleRef>(slot, &[])?;
         Ok(n + ports.len())
     }
 
@@ -224,6 +263,7 @@ impl PolicyMaps {
                 .insert(&Key::new(*len, *k), v, 0)
                 .map_err(err(MAP_PORTS))?;
         }
+        self.write_portmiss(c.config.active_slot, &c.ports)?;
         self.config
             .set(u32::from(c.config.active_slot), c.config, 0)
             .map_err(err(MAP_CONFIG))
@@ -235,6 +275,26 @@ impl PolicyMaps {
             .set(0, u32::from(slot), 0)
             .map_err(err(MAP_ACTIVE))
     }
+}
+
+/// Whether the attachment's programs read a map named `name`, from the
+/// kernel: the map ids of its IPv6 programs (found through its pinned
+/// tail-call tables; they judge with the same code as the IPv4 programs
+/// and make no tail call, so none of their maps is a program array, see
+/// [`crate::attachment::memory`]). `None` when the kernel does not say.
+fn programs_use(att: &Attachment, name: &str) -> Option<bool> {
+    let progs = crate::attachment::memory::tail_programs(att);
+    if progs.is_empty() {
+        return None;
+    }
+    let mut uses = false;
+    for p in progs {
+        for id in p.map_ids().ok()?? {
+            let info = aya::maps::MapInfo::from_id(id).ok()?;
+            uses |= info.name_as_str() == Some(name);
+        }
+    }
+    Some(uses)
 }
 
 impl PolicyMaps {
@@ -270,6 +330,11 @@ impl PolicyMaps {
                 .map_err(err(MAP_PEER_V6))?,
             ports: LpmTrie::try_from(Map::LpmTrie(dup(ebpf, MAP_PORTS)?))
                 .map_err(err(MAP_PORTS))?,
+            portmiss: match dup(ebpf, MAP_PORTMISS) {
+                Ok(m) => Some(Array::try_from(Map::Array(m)).map_err(err(MAP_PORTMISS))?),
+                Err(MapsError::Missing(_)) => None,
+                Err(e) => return Err(e),
+            },
             config: Array::try_from(Map::Array(dup(ebpf, MAP_CONFIG)?)).map_err(err(MAP_CONFIG))?,
             active: Array::try_from(Map::Array(dup(ebpf, MAP_ACTIVE)?)).map_err(err(MAP_ACTIVE))?,
         })

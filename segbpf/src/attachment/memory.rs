@@ -135,7 +135,7 @@ pub fn of(att: &Attachment) -> Memory {
 
 /// The programs in the attachment's pinned tail-call tables (the IPv6
 /// programs the attached ones hand packets to).
-fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
+pub(crate) fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
     let ids: BTreeSet<u32> = segbpf_common::TAIL_MAPS
         .iter()
         .filter_map(|name| MapData::from_pin(att.map(name)).ok())

@@ -1225,7 +1225,7 @@ fn commit(
     phases.mark("diff");
     let written = maps.invalidate(next).and_then(|()| match &delta {
         Some(d) if mirrored => {
-            let n = maps.apply_delta(next, d)?;
+            let n = maps.apply_delta(next, d, &c.ports)?;
             maps.set_config(next, c.config)?;
             Ok(n)
         }
@@ -1329,7 +1329,7 @@ fn commit(
     // when it held the snapshot's policy, else emptied and written whole.
     let mirror = maps.invalidate(current).and_then(|()| {
         if let Some(d) = &delta {
-            maps.apply_delta(current, d)?;
+            maps.apply_delta(current, d, &c.ports)?;
             maps.set_config(
                 current,
                 segbpf_common::Config {

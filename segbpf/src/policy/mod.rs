@@ -4,7 +4,8 @@
 //! file:line:column and the field), `addr` holds address/CIDR/range math,
 //! `ports` port ranges, `roles` picks the host's roles and `eval` is the pure
 //! reference evaluator that the kernel program is tested against.
-//! `compile` turns a policy into kernel map contents, `export` into an
+//! `compile` turns a policy into kernel map contents (`portmiss`: the
+//! port fast-miss bitmap of its port trie), `export` into an
 //! nftables ruleset, and `import` an nftables ruleset into a policy.
 //!
 //! The policy layer is pure: it may import `host`, never `attachment`,
@@ -19,6 +20,7 @@ pub mod import;
 pub mod lint;
 pub mod parse;
 pub mod peerdefault;
+pub mod portmiss;
 pub mod ports;
 pub mod roles;
 pub mod services;
