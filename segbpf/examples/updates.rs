@@ -209,7 +209,9 @@ fn million_policy() -> String {
     for i in 0..MILLION {
         let _ = write!(t, "{}\"{}\"", if i == 0 { "" } else { "," }, peer(i));
     }
-    t.push_str("]\n[defaults]\ningress = \"drop\"\negress = \"allow\"\n[roles.r]\nhosts = \"any\"\n");
+    t.push_str(
+        "]\n[defaults]\ningress = \"drop\"\negress = \"allow\"\n[roles.r]\nhosts = \"any\"\n",
+    );
     t.push_str("[[roles.r.ingress]]\nfrom = \"peers\"\ntcp = [22]\n");
     t
 }
@@ -298,12 +300,16 @@ fn million(quick: bool, with_nft: bool) -> anyhow::Result<()> {
                 ("nft add element one", "add"),
                 ("nft delete element one", "delete"),
             ] {
-                let (ms, _) = timed(b.nft(&[op, "element", "inet", "segbench", "peers", &one_nft]))?;
+                let (ms, _) =
+                    timed(b.nft(&[op, "element", "inet", "segbench", "peers", &one_nft]))?;
                 samples.entry(name).or_default().push(ms);
             }
         }
         if round < batch_rounds {
-            for (name, op) in [("segbpf set add 10,000", "add"), ("segbpf set del 10,000", "del")] {
+            for (name, op) in [
+                ("segbpf set add 10,000", "add"),
+                ("segbpf set del 10,000", "del"),
+            ] {
                 let mut args = vec!["-v", "set", op, "eth0", "peers"];
                 args.extend(batch.iter().map(String::as_str));
                 let (ms, out) = timed(b.segbpf(&args))?;

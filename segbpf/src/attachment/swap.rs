@@ -1532,7 +1532,11 @@ mod tests {
 
     /// The member edit as it was written before (a hash set of copies of
     /// every member): the reference for [`edit_members`].
-    fn edit_members_reference(current: Vec<String>, members: &[AddrRange], add: bool) -> MemberEdit {
+    fn edit_members_reference(
+        current: Vec<String>,
+        members: &[AddrRange],
+        add: bool,
+    ) -> MemberEdit {
         let mut changed = 0;
         let mut next = current;
         let mut present: std::collections::HashSet<String> = next.iter().cloned().collect();
@@ -1588,7 +1592,10 @@ mod tests {
             for add in [true, false] {
                 let want = edit_outcome(edit_members_reference(current.clone(), &members, add));
                 let got = edit_outcome(edit_members(current.clone(), &members, add));
-                assert_eq!(got, want, "current {current:?} members {members:?} add {add}");
+                assert_eq!(
+                    got, want,
+                    "current {current:?} members {members:?} add {add}"
+                );
                 match want.0 {
                     0 => nexts += 1,
                     1 => misses += 1,
@@ -1596,7 +1603,10 @@ mod tests {
                 }
             }
         }
-        assert!(nexts > 100 && misses > 100 && unchanged > 100, "{nexts} {misses} {unchanged}");
+        assert!(
+            nexts > 100 && misses > 100 && unchanged > 100,
+            "{nexts} {misses} {unchanged}"
+        );
     }
 
     #[test]
