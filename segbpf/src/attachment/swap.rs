@@ -615,7 +615,10 @@ fn fast_set_edit(
     {
         return fallback("the kernel's slots are not the snapshot's generation");
     }
-    let Some(current_members) = idx.sets.get(set).cloned() else {
+    // Taken out of the index (not copied): the edit reads only the other
+    // sets' members, and the new index gets the edited list back.
+    let mut idx = idx;
+    let Some(current_members) = idx.sets.remove(set) else {
         return fallback("no such set in the index");
     };
     if old
@@ -630,9 +633,7 @@ fn fast_set_edit(
     phases.mark("members");
     let mut overrides = old.set_overrides.clone();
     overrides.insert(set.to_string(), next_text.clone());
-    let next_ranges = parse_overrides(&BTreeMap::from([(set.to_string(), next_text.clone())]))?
-        .remove(set)
-        .unwrap_or_default();
+    let next_ranges = parse_members(set, &next_text)?;
     phases.mark("parse-members");
     // The members before: an add appended to them; a removal took some out.
     let old_ranges: Vec<AddrRange> = if add {
@@ -761,18 +762,20 @@ pub fn reload_keeping_sets(att: &Attachment) -> Result<Swapped, SwapError> {
 /// parser takes them (ranges).
 pub fn parse_overrides(text: &Overrides) -> Result<BTreeMap<String, Vec<AddrRange>>, SwapError> {
     text.iter()
-        .map(|(set, members)| {
-            let ranges = members
-                .iter()
-                .map(|m| {
-                    parse_item(m).map_err(|e| SwapError::Override {
-                        set: set.clone(),
-                        member: m.clone(),
-                        reason: e.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((set.clone(), ranges))
+        .map(|(set, members)| Ok((set.clone(), parse_members(set, members)?)))
+        .collect()
+}
+
+/// The members of one set as written (live set edits), parsed.
+fn parse_members(set: &str, members: &[String]) -> Result<Vec<AddrRange>, SwapError> {
+    members
+        .iter()
+        .map(|m| {
+            parse_item(m).map_err(|e| SwapError::Override {
+                set: set.to_string(),
+                member: m.clone(),
+                reason: e.to_string(),
+            })
         })
         .collect()
 }
