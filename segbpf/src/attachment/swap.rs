@@ -631,7 +631,14 @@ fn fast_set_edit(
     let current_len = current_members.len();
     let (next_text, changed) = next_members(att, old, set, current_members, members, add)?;
     phases.mark("members");
-    let mut overrides = old.set_overrides.clone();
+    // The live set edits after this one (the edited set's old list is
+    // not copied: it is replaced).
+    let mut overrides: Overrides = old
+        .set_overrides
+        .iter()
+        .filter(|(name, _)| name.as_str() != set)
+        .map(|(name, m)| (name.clone(), m.clone()))
+        .collect();
     overrides.insert(set.to_string(), next_text.clone());
     let next_ranges = parse_members(set, &next_text)?;
     phases.mark("parse-members");
@@ -641,9 +648,12 @@ fn fast_set_edit(
     } else {
         next_ranges.iter().chain(members).copied().collect()
     };
-    let choice = Choice::file(path.clone(), overrides.clone());
-    if !add {
-        // Adding members only allows more: it cannot cut a session.
+    // Adding members only allows more: it cannot cut a session, and
+    // prunes no connection (no policy to check them against).
+    let choice = if add {
+        None
+    } else {
+        let choice = Choice::file(path.clone(), overrides.clone());
         guarded.refuse_lockout_in(
             att,
             &choice,
@@ -651,7 +661,8 @@ fn fast_set_edit(
             &edit_what(att, set, add),
             old.audit,
         )?;
-    }
+        Some(choice)
+    };
     phases.mark("choose");
     let edited = match idx.edit(&snap, set, &old_ranges, &next_ranges) {
         Ok(e) => e,
@@ -678,22 +689,21 @@ fn fast_set_edit(
         iface: att.iface.clone(),
         source,
     })?;
-    let new = State {
-        generation,
-        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
-        classes: c.classes,
-        set_overrides: overrides.clone(),
-        ..old.clone()
-    };
     let mut index = idx;
     index.generation = generation;
     index.overrides_hash = setindex::hash_overrides(&overrides);
     index.classes.clone_from(&c.class_rules);
     index.sets.insert(set.to_string(), next_text);
-    let prune = if add {
-        Prune::Skip
-    } else {
-        Prune::Region(edited.region, choice)
+    let new = State {
+        generation,
+        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
+        classes: c.classes,
+        set_overrides: overrides,
+        ..old.clone()
+    };
+    let prune = match choice {
+        None => Prune::Skip,
+        Some(choice) => Prune::Region(edited.region, choice),
     };
     let result = commit(
         att,
