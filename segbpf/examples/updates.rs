@@ -21,6 +21,18 @@
 //!   the old slot) and the entries written come from `segbpf -v` and its
 //!   JSON output.
 //!
+//! * `--million`: instead of all that, one set of 1,000,000 IPv4
+//!   addresses (every other address from 10.0.0.0, so 1,000,000 /32
+//!   prefixes) and one rule naming it, attached with `--peer-entries
+//!   2200000`; per round `set add` / `set del` of one member, and in the
+//!   first rounds (2; 1 with `--quick`) 10,000 members added and removed
+//!   in one call each, with the `-v` phase lines of every edit. The edits
+//!   follow each other without a reload, so from the second on the state
+//!   holds the edited set (as live set edits do). nftables is off in this
+//!   mode (loading the set took nft 14 s and each one-member edit about
+//!   2 minutes here); `--nft` adds `nft add element` / `delete element` of
+//!   one member into the same set. Writes `bench/updates-million.json`.
+//!
 //! Needs root, `nft` and the segbpf binary in `SEGBPF_BIN` (release).
 //! Writes `bench/updates.json` (every sample, the machine, the command).
 #![allow(
@@ -187,9 +199,187 @@ fn kernel_ms(stderr: &str) -> Option<f64> {
     )
 }
 
+/// Prefixes of the `--million` policy's one set.
+const MILLION: u32 = 1_000_000;
+
+/// The `--million` policy: one set of [`MILLION`] addresses, one rule.
+fn million_policy() -> String {
+    let mut t = String::with_capacity(16 * MILLION as usize);
+    t.push_str("version = 1\n[sets]\npeers = [");
+    for i in 0..MILLION {
+        let _ = write!(t, "{}\"{}\"", if i == 0 { "" } else { "," }, peer(i));
+    }
+    t.push_str(
+        "]\n[defaults]\ningress = \"drop\"\negress = \"allow\"\n[roles.r]\nhosts = \"any\"\n",
+    );
+    t.push_str("[[roles.r.ingress]]\nfrom = \"peers\"\ntcp = [22]\n");
+    t
+}
+
+/// The same set as an nftables interval set.
+fn million_ruleset() -> String {
+    let mut t = String::with_capacity(16 * MILLION as usize);
+    t.push_str("table inet segbench {\n  set peers {\n    type ipv4_addr; flags interval;\n    elements = { ");
+    for i in 0..MILLION {
+        let _ = write!(t, "{}{}", if i == 0 { "" } else { ", " }, peer(i));
+    }
+    t.push_str(" }\n  }\n  chain input {\n    type filter hook input priority 0; policy drop;\n    ip saddr @peers tcp dport 22 accept\n  }\n}\n");
+    t
+}
+
+/// The `swap phases:` line of a `segbpf -v` edit.
+fn swap_line(stderr: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .find(|l| l.contains("swap phases:"))
+        .map(str::to_string)
+}
+
+/// `--million`: set edits at 1,000,000 prefixes (see the module docs).
+#[allow(clippy::too_many_lines, reason = "one benchmark, in order")]
+fn million(quick: bool, with_nft: bool) -> anyhow::Result<()> {
+    let rounds = if quick { 3 } else { 7 };
+    let batch_rounds = if quick { 1 } else { 2 };
+    let mut lab = Lab::new("upm")?;
+    lab.add_host("seg", &["198.18.95.10/24"])?;
+    lab.add_host("nft", &["198.18.95.11/24"])?;
+    let b = Bench {
+        lab: &lab,
+        seg_ns: lab.host("seg").ns.name.clone(),
+        nft_ns: lab.host("nft").ns.name.clone(),
+    };
+    let file = lab.write_policy("m.toml", &million_policy())?;
+    let loadavg_start = loadavg();
+    let (attach_ms, out) = timed(b.segbpf(&[
+        "-v",
+        "attach",
+        "eth0",
+        "--role",
+        "r",
+        "--no-wait",
+        "--peer-entries",
+        "2200000",
+        "-p",
+        file.to_str().unwrap_or_default(),
+    ]))?;
+    let attach_phases = phase_lines(&out.stderr);
+    let mut nft_load_ms = None;
+    if with_nft {
+        let f = lab.write_policy("m.nft", &million_ruleset())?;
+        nft_load_ms = Some(timed(b.nft(&["-f", f.to_str().unwrap_or_default()]))?.0);
+    }
+    let batch: Vec<String> = (0..10_000).map(|i| batch_member(i).to_string()).collect();
+    let mut samples: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    let mut phases: std::collections::BTreeMap<&str, Vec<String>> =
+        std::collections::BTreeMap::new();
+    let mut written = Vec::new();
+    for round in 0..rounds {
+        let one = Ipv4Addr::from(0xc612_6000 + round as u32).to_string(); // 198.18.96.x
+        for (name, op) in [("segbpf set add one", "add"), ("segbpf set del one", "del")] {
+            let (ms, out) =
+                timed(b.segbpf(&["-v", "set", op, "eth0", "peers", &one, "-o", "json"]))?;
+            samples.entry(name).or_default().push(ms);
+            phases
+                .entry(name)
+                .or_default()
+                .extend(swap_line(&out.stderr));
+            if op == "add" {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                written.push(v["written"].as_u64().unwrap_or(0));
+                if let Some(k) = kernel_ms(&String::from_utf8_lossy(&out.stderr)) {
+                    samples
+                        .entry("segbpf set add one, kernel side")
+                        .or_default()
+                        .push(k);
+                }
+            }
+        }
+        if with_nft {
+            let one_nft = format!("{{ {one} }}");
+            for (name, op) in [
+                ("nft add element one", "add"),
+                ("nft delete element one", "delete"),
+            ] {
+                let (ms, _) =
+                    timed(b.nft(&[op, "element", "inet", "segbench", "peers", &one_nft]))?;
+                samples.entry(name).or_default().push(ms);
+            }
+        }
+        if round < batch_rounds {
+            for (name, op) in [
+                ("segbpf set add 10,000", "add"),
+                ("segbpf set del 10,000", "del"),
+            ] {
+                let mut args = vec!["-v", "set", op, "eth0", "peers"];
+                args.extend(batch.iter().map(String::as_str));
+                let (ms, out) = timed(b.segbpf(&args))?;
+                samples.entry(name).or_default().push(ms);
+                phases
+                    .entry(name)
+                    .or_default()
+                    .extend(swap_line(&out.stderr));
+            }
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    let (status_ms, _) = timed(b.segbpf(&["status", "eth0", "-o", "json"]))?;
+    let _ = timed(b.segbpf(&["detach", "eth0"]));
+
+    println!("\nSet edits at {MILLION} prefixes ({rounds} rounds, medians; whole processes):");
+    println!(
+        "{:<44} {:>10} {:>10} {:>10}",
+        "operation", "median ms", "min", "max"
+    );
+    for (name, v) in &samples {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
+    }
+    println!("attach at {MILLION} prefixes (once): {attach_ms:.0} ms");
+    println!("attach phases: {}", attach_phases.join(" | "));
+    if let Some(ms) = nft_load_ms {
+        println!("nft -f of the set (once): {ms:.0} ms");
+    }
+    println!("status after the edits (once): {status_ms:.0} ms");
+    println!("entries written by `set add` of one member: {written:?}");
+    for (name, lines) in &phases {
+        for line in lines {
+            println!("{name}: {line}");
+        }
+    }
+    let json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": {
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            "loadavg_start": loadavg_start,
+            "loadavg": loadavg(),
+            "nft": with_nft.then(|| Command::new("nft").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()),
+        },
+        "prefixes": MILLION,
+        "rounds": rounds,
+        "attach_ms": attach_ms,
+        "attach_phases": attach_phases,
+        "nft_load_ms": nft_load_ms,
+        "status_ms": status_ms,
+        "set_add_written": written,
+        "phases": phases,
+        "samples_ms": samples,
+        "medians_ms": samples.iter().map(|(k, v)| (*k, median(v))).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/updates-million.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
 #[allow(clippy::too_many_lines, reason = "one benchmark, in order")]
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--million") {
+        return million(quick, std::env::args().any(|a| a == "--nft"));
+    }
     let rounds = if quick { 3 } else { 9 };
     let batch_rounds = if quick { 1 } else { 2 };
     let ten_rounds = if quick { 1 } else { 3 };

@@ -206,6 +206,27 @@ fn main() -> anyhow::Result<()> {
                     cmd.arg("--quick");
                 }
                 run(&mut cmd)?;
+                // Set edits at 1,000,000 prefixes (`--million`; about half
+                // a minute). nftables only with SEGBPF_BENCH_MILLION_NFT=1:
+                // each of its edits takes about 2 minutes at that size.
+                let mut cmd = cargo();
+                cmd.env("SEGBPF_BIN", &bin).args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "segbpf",
+                    "--example",
+                    "updates",
+                    "--",
+                    "--million",
+                ]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                if std::env::var_os("SEGBPF_BENCH_MILLION_NFT").is_some_and(|v| v == "1") {
+                    cmd.arg("--nft");
+                }
+                run(&mut cmd)?;
                 run(cargo()
                     .env("SEGBPF_BIN", &bin)
                     .env("SEGBPF_BENCH_UPDATES", "1")
