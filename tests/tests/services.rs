@@ -5131,3 +5131,136 @@ fn detach_and_status_find_an_attachment_whose_root_is_gone() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Review 7: two segbpf runs that share the pin root (`SEGBPF_BPFFS`) but
+/// not the state directory (a container with the host's /sys/fs/bpf and
+/// its own /run; an admin's `SEGBPF_STATE_DIR=/tmp/x` beside the
+/// service). The second `attach --services` at the same cgroup root used
+/// to adopt the first's pins and start a second follower that wrote its
+/// own policy's ids (a restarted service got another's identity). It is
+/// refused, naming the other state directory, and changes nothing: not
+/// one after the other, not from a cgroup namespace, not racing (never
+/// both, never a raw pinning error); its `status` and `reload` neither
+/// claim nor change the attachment.
+#[test]
+#[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
+fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
+    let lab = SvcLab::new("dual", &["a", "b"], 126)?;
+    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
+    std::fs::create_dir_all(&state2)?;
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _c2 = Cleanup(state2.clone());
+    let s2 = || {
+        let mut c = Command::new(segbpf_bin());
+        c.env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &state2);
+        c
+    };
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    // The same services listed the other way round: other ids.
+    let p2 = state2.join("p2.toml");
+    std::fs::write(
+        &p2,
+        "version = 1\n[services.b]\ncgroup = \"b\"\n[services.a]\ncgroup = \"a\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let state_files = |dir: &Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        n.starts_with("services:") && n.ends_with(".json")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let status = |mut c: Command| -> anyhow::Result<String> {
+        let out = c
+            .args(["status", "--services", "--cgroup-root", &root])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, err, _k1) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    // One after the other.
+    let (ok, err, _k2) = attach_no_wait(s2(), &p2, &lab.root)?;
+    assert!(
+        !ok,
+        "an attach from another state dir adopted the attachment: {err}"
+    );
+    assert!(
+        err.contains("attached already") && err.contains(&lab.state.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(state_files(&state2), 0, "the refused attach left a state");
+    let mine = status(lab.segbpf(&[]))?;
+    assert!(mine.contains("enforcing, generation 1"), "{mine}");
+    let theirs = status(s2())?;
+    assert!(
+        !theirs.contains("enforcing") && !theirs.contains("--no-wait"),
+        "status from a state dir that only shares the pins: {theirs}"
+    );
+    assert!(theirs.contains("attached by"), "{theirs}");
+    // Nor does a reload from there change it.
+    let out = s2()
+        .args(["reload", "--services", "--cgroup-root", &root, "--policy"])
+        .arg(&p2)
+        .output()?;
+    assert!(!out.status.success());
+    let mine = status(lab.segbpf(&[]))?;
+    assert!(mine.contains("enforcing, generation 1"), "{mine}");
+    // From a cgroup namespace rooted at the same cgroup (cgroup2 mounted at
+    // its root, the pins shared).
+    let mount = cgroup2_mount()?;
+    let mut in_ns = Command::new("sh");
+    in_ns
+        .args(["-c", IN_CGROUP_NS, "sh"])
+        .arg(&lab.root)
+        .arg(&mount)
+        .arg(segbpf_bin())
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &state2);
+    let (ok, err, _k3) = attach_no_wait(in_ns, &p2, &mount)?;
+    assert!(!ok, "an attach from a cgroup namespace adopted it: {err}");
+    assert!(err.contains("attached already"), "{err}");
+    assert_eq!(state_files(&state2), 0);
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    // Racing: exactly one enforces, the other gets the refusal.
+    for round in 0..4 {
+        let (a, b) = (lab.segbpf(&[]), s2());
+        let (pa, pb, ra, rb) = (p1.clone(), p2.clone(), lab.root.clone(), lab.root.clone());
+        let ta = std::thread::spawn(move || attach_no_wait(a, &pa, &ra));
+        let tb = std::thread::spawn(move || attach_no_wait(b, &pb, &rb));
+        let (oka, erra, _ka) = ta.join().map_err(|_| anyhow::anyhow!("thread"))??;
+        let (okb, errb, _kb) = tb.join().map_err(|_| anyhow::anyhow!("thread"))??;
+        assert!(oka != okb, "round {round}: {oka} {okb}: {erra} / {errb}");
+        let loser = if oka { &errb } else { &erra };
+        assert!(loser.contains("attached already"), "round {round}: {loser}");
+        assert_eq!(
+            state_files(&lab.state) + state_files(&state2),
+            1,
+            "round {round}"
+        );
+        let winner = if oka { lab.segbpf(&[]) } else { s2() };
+        let mut winner = winner;
+        let out = winner
+            .args(["detach", "--services", "--cgroup-root", &root])
+            .output()?;
+        assert!(out.status.success(), "round {round}");
+    }
+    Ok(())
+}

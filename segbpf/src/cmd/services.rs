@@ -504,6 +504,20 @@ pub fn print_text(
     reports: &[report::SvcReport],
 ) -> std::io::Result<()> {
     for r in reports {
+        if r.foreign {
+            writeln!(
+                o,
+                "services below {}: attached by {}, generation {} in force; this state directory has no state for it and does not change it (status, reload and detach with that SEGBPF_STATE_DIR; a crashed attach of this one: `segbpf detach --services{}`)",
+                r.cgroup_root,
+                r.owner_state_dir.as_deref().map_or_else(
+                    || "another SEGBPF_STATE_DIR that shares these pins (or an attach that died before recording its state)".to_string(),
+                    |d| format!("the segbpf whose SEGBPF_STATE_DIR is {d}")
+                ),
+                r.generation,
+                root_option(std::path::Path::new(&r.cgroup_root))
+            )?;
+            continue;
+        }
         writeln!(
             o,
             "services below {}: {}, generation {}, policy {}",
