@@ -5338,3 +5338,79 @@ fn attach_lock_is_not_held_by_a_user() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Review 7 M2: an attachment made inside a cgroup namespace records its
+/// root as a path of that namespace. When that cgroup is removed (a
+/// container restart) the host could not find it at the real path:
+/// `status` and `detach` said "no services attachment" and its pins (about
+/// 16 MB of locked kernel memory each) stayed. Gone attachments are found
+/// from the pins and judged by the kernel: the host's `status --services`
+/// at that path lists it and `detach --services` there removes it.
+#[test]
+#[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
+fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::Result<()> {
+    let lab = SvcLab::new("gonens", &["cns/a", "cns/b"], 128)?;
+    let cns = lab.cg("cns");
+    let policy = lab.state.join("p.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[services.a]\ncgroup = \"a\"\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let mount = cgroup2_mount()?;
+    let c = lab.segbpf(&[]);
+    let mut in_ns = Command::new("sh");
+    in_ns
+        .args(["-c", IN_CGROUP_NS, "sh"])
+        .arg(&cns)
+        .arg(&mount)
+        .arg(segbpf_bin())
+        .envs(
+            c.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+    let (ok, err, k) = attach_no_wait(in_ns, &policy, &mount)?;
+    assert!(ok, "{err}");
+    let pins = || -> usize {
+        std::fs::read_dir(&lab.bpffs)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("services:"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(pins(), 1);
+    // The container stops (its follower with it) and is made again.
+    drop(k);
+    let start = Instant::now();
+    while std::fs::read_to_string(cns.join("cgroup.procs"))?.trim() != ""
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in ["cns/a", "cns/b", "cns"] {
+        std::fs::remove_dir(lab.cg(d))?;
+    }
+    std::fs::create_dir(&cns)?;
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root"])
+        .arg(&cns)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed") && text.contains("another cgroup namespace"),
+        "the host's status does not list the gone attachment: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&cns)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pins(), 0, "the gone attachment's pins stayed");
+    Ok(())
+}

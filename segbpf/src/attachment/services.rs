@@ -309,6 +309,19 @@ pub struct SvcState {
     /// the states of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<u64>,
+    /// The cgroup namespace the attach ran in (the inode of
+    /// `/proc/self/ns/cgroup`): `cgroup_root` is a path of that
+    /// namespace, meaningless in another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_ns: Option<u64>,
+}
+
+/// This process's cgroup namespace (the inode of `/proc/self/ns/cgroup`).
+fn cgroup_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/cgroup")
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// Whose the pins of a cgroup root are, seen from one state directory.
@@ -688,6 +701,7 @@ pub fn attach(
         set_overrides: crate::attachment::swap::Overrides::new(),
         restored: None,
         owner: Some(owner),
+        cgroup_ns: cgroup_ns(),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
@@ -1049,7 +1063,8 @@ pub fn apply_locked(
         rules: compiled.rules,
         set_overrides: choice.overrides.clone(),
         restored: choice.restored,
-        owner: before.and_then(|s| s.owner),
+        owner: before.as_ref().and_then(|s| s.owner),
+        cgroup_ns: before.and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, &choice.text);
@@ -1268,13 +1283,8 @@ fn root_gone(paths: &SvcPaths) -> bool {
     }
 }
 
-/// The attachments under `roots` whose state names the cgroup root `dir`
-/// but whose cgroup is gone (removed, perhaps made again with another id,
-/// `current`): [`detach`] removes what is left of them, `status` reports
-/// them as not enforcing. Found by their pins and state, judged by the
-/// kernel ([`root_gone`]).
-pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths> {
-    let want = absolute(dir);
+/// The ids of the attachments under `roots`: their pins and their states.
+fn ids(roots: &Roots) -> std::collections::BTreeSet<u64> {
     let mut ids: std::collections::BTreeSet<u64> = list(roots).into_iter().collect();
     if let Ok(rd) = std::fs::read_dir(&roots.state) {
         ids.extend(rd.filter_map(Result::ok).filter_map(|e| {
@@ -1286,22 +1296,67 @@ pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths>
                 .ok()
         }));
     }
-    ids.into_iter()
+    ids
+}
+
+/// Whether `st` was recorded in this cgroup namespace (its paths are
+/// this namespace's; an older state without the namespace: assumed).
+fn recorded_here(st: &SvcState) -> bool {
+    st.cgroup_ns.is_none_or(|n| Some(n) == cgroup_ns())
+}
+
+/// The paths of the attachment `id` under `roots`, named by its state's
+/// root when that is a path of this cgroup namespace, else by what is
+/// known of it (the namespace's path and the cgroup id; only the id when
+/// this state directory has no state for it).
+fn gone_paths(roots: &Roots, id: u64, st: Option<&SvcState>) -> SvcPaths {
+    let dir = match st {
+        Some(st) if recorded_here(st) => st.cgroup_root.clone(),
+        Some(st) => PathBuf::from(format!(
+            "{} of another cgroup namespace (cgroup id {id})",
+            st.cgroup_root.display()
+        )),
+        None => PathBuf::from(format!("cgroup id {id} (no state in this state directory)")),
+    };
+    SvcPaths::new(roots, CgroupRoot { dir, id, level: 0 })
+}
+
+fn read_state_of(roots: &Roots, id: u64) -> Option<SvcState> {
+    let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
+    serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
+}
+
+/// The attachments under `roots` whose cgroup is gone (removed, perhaps
+/// made again with another id, `current`) and that are of the cgroup root
+/// `dir`: their state names it, or they cannot be named by a path from
+/// here (made in another cgroup namespace, whose paths are not this
+/// one's, or pins without a state in this state directory: found from
+/// the pins and judged by the kernel). [`detach`] removes what is left of
+/// them, `status` reports them as not enforcing ([`root_gone`]).
+pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths> {
+    let want = absolute(dir);
+    ids(roots)
+        .into_iter()
         .filter(|id| Some(*id) != current)
         .filter_map(|id| {
-            let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
-            let st: SvcState = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
-            (st.cgroup_root == want || st.cgroup_root == dir).then(|| {
-                SvcPaths::new(
-                    roots,
-                    CgroupRoot {
-                        dir: st.cgroup_root,
-                        id,
-                        level: 0,
-                    },
-                )
-            })
+            let st = read_state_of(roots, id);
+            let named_here = st.as_ref().is_some_and(recorded_here);
+            let wanted = !named_here
+                || st
+                    .as_ref()
+                    .is_some_and(|st| st.cgroup_root == want || st.cgroup_root == dir);
+            wanted.then(|| gone_paths(roots, id, st.as_ref()))
         })
+        .filter(root_gone)
+        .collect()
+}
+
+/// Every attachment under `roots` whose cgroup is gone, wherever it was
+/// (for `status`).
+pub fn gone_all(roots: &Roots) -> Vec<SvcPaths> {
+    ids(roots)
+        .into_iter()
+        .map(|id| gone_paths(roots, id, read_state_of(roots, id).as_ref()))
         .filter(root_gone)
         .collect()
 }

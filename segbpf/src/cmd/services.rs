@@ -495,6 +495,9 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
             _ => {}
         }
     }
+    // Attachments whose cgroup is gone, wherever they were (another
+    // cgroup namespace's, one this state directory has no state for).
+    out.extend(engine::gone_all(&roots).iter().map(report::report));
     out
 }
 

@@ -125,7 +125,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
     let attached = crate::attachment::services::enforces(paths);
     let cgroup_gone =
         crate::attachment::services_nest::cgroup_alive(paths.root.id).is_ok_and(|alive| !alive);
-    let foreign = paths.owner() == crate::attachment::services::Owner::Other;
+    let foreign = !cgroup_gone && paths.owner() == crate::attachment::services::Owner::Other;
     let state = paths.read_state().filter(|_| !foreign);
     let counters = SvcMaps::from_pins(&paths.dir)
         .and_then(|m| m.counters())
