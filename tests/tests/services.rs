@@ -5204,6 +5204,13 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
         "{err}"
     );
     assert_eq!(state_files(&state2), 0, "the refused attach left a state");
+    // Nor any other file (review 7 L3: no lock or log left by a refusal).
+    let left: Vec<String> = std::fs::read_dir(&state2)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("services:"))
+        .collect();
+    assert!(left.is_empty(), "the refused attach left {left:?}");
     let mine = status(lab.segbpf(&[]))?;
     assert!(mine.contains("enforcing, generation 1"), "{mine}");
     let theirs = status(s2())?;
@@ -5218,6 +5225,8 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
         .arg(&p2)
         .output()?;
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("attached already"), "{err}");
     let mine = status(lab.segbpf(&[]))?;
     assert!(mine.contains("enforcing, generation 1"), "{mine}");
     // From a cgroup namespace rooted at the same cgroup (cgroup2 mounted at

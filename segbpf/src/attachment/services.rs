@@ -770,6 +770,10 @@ pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
     if !paths.state.exists() && !paths.dir.exists() {
         return Err(paths.not_attached());
     }
+    // Nor for another state directory's pins: nothing is changed there.
+    if paths.owner() == Owner::Other && paths.is_attached() {
+        return Err(paths.foreign());
+    }
     let path = paths.state.with_extension("lock");
     exclusive_lock(&path)
 }

@@ -444,7 +444,13 @@ pub fn reload(
     output: Output,
 ) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
-    let state = paths.read_state().ok_or_else(|| paths.not_attached())?;
+    let state = paths.read_state().ok_or_else(|| {
+        if paths.is_attached() {
+            paths.foreign()
+        } else {
+            paths.not_attached()
+        }
+    })?;
     let path = policy.unwrap_or(state.policy.clone());
     if !insecure_policy {
         crate::attachment::trust::check_policy_file(&path)?;
