@@ -5423,3 +5423,32 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
     assert_eq!(pins(), 0, "the gone attachment's pins stayed");
     Ok(())
 }
+
+/// Review 7 L4: a read-only `status --services` from inside a cgroup
+/// namespace whose root is not mounted (`unshare -C`, no remount) fails
+/// clearly (exit 1) without telling the user to run `attach` on the host.
+#[test]
+#[ignore = "needs root, cgroup v2 and unshare: run `cargo xtask test`"]
+fn status_in_an_unmounted_cgroup_namespace_says_what_to_do() -> anyhow::Result<()> {
+    let lab = SvcLab::new("l4", &["x"], 129)?;
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            r#"echo 0 > "$1/cgroup.procs" && shift && exec unshare -C "$@""#,
+            "sh",
+        ])
+        .arg(lab.cg("x"))
+        .arg(segbpf_bin())
+        .args(["status", "--services"])
+        .env("SEGBPF_BPFFS", &lab.bpffs)
+        .env("SEGBPF_STATE_DIR", &lab.state)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("level"), "{err}");
+    assert!(
+        !err.contains("segbpf attach"),
+        "a read-only status is told to attach: {err}"
+    );
+    Ok(())
+}
