@@ -5145,15 +5145,15 @@ fn detach_and_status_find_an_attachment_whose_root_is_gone() -> anyhow::Result<(
 #[test]
 #[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
 fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
-    let lab = SvcLab::new("dual", &["a", "b"], 126)?;
-    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
-    std::fs::create_dir_all(&state2)?;
     struct Cleanup(PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+    let lab = SvcLab::new("dual", &["a", "b"], 126)?;
+    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
+    std::fs::create_dir_all(&state2)?;
     let _c2 = Cleanup(state2.clone());
     let s2 = || {
         let mut c = Command::new(segbpf_bin());
@@ -5174,16 +5174,15 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
     )?;
     let root = lab.root.display().to_string();
     let state_files = |dir: &Path| -> usize {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        let n = e.file_name().to_string_lossy().to_string();
-                        n.starts_with("services:") && n.ends_with(".json")
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
+        std::fs::read_dir(dir).map_or(0, |rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let p = e.path();
+                    e.file_name().to_string_lossy().starts_with("services:")
+                        && p.extension().is_some_and(|x| x == "json")
+                })
+                .count()
+        })
     };
     let status = |mut c: Command| -> anyhow::Result<String> {
         let out = c
@@ -5308,8 +5307,10 @@ fn attach_lock_is_not_held_by_a_user() -> anyhow::Result<()> {
     let mnt = lab.state.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     // The state directory is private; the user must reach the mount.
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o711))?;
+    std::fs::set_permissions(
+        &lab.state,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+    )?;
     let policy = lab.state.join("p.toml");
     std::fs::write(
         &policy,
@@ -5380,13 +5381,11 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
     let (ok, err, k) = attach_no_wait(in_ns, &policy, &mount)?;
     assert!(ok, "{err}");
     let pins = || -> usize {
-        std::fs::read_dir(&lab.bpffs)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("services:"))
-                    .count()
-            })
-            .unwrap_or(0)
+        std::fs::read_dir(&lab.bpffs).map_or(0, |rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("services:"))
+                .count()
+        })
     };
     assert_eq!(pins(), 1);
     // The container stops (its follower with it) and is made again.

@@ -63,13 +63,13 @@ pub fn lock_noting_holder(
                     path.display(),
                     holder.as_ref().map_or_else(
                         || "a process this PID namespace does not show".to_string(),
-                        |h| h.describe()
+                        LockHolder::describe
                     )
                 );
             }
             if let Some(limit) = other_for
                 && waited >= limit
-                && !holder.as_ref().is_some_and(|h| h.uid == Some(0))
+                && holder.as_ref().is_none_or(|h| h.uid != Some(0))
             {
                 return Ok(false);
             }
