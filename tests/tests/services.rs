@@ -5247,10 +5247,23 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
         .segbpf(&["detach", "--services", "--cgroup-root", &root])
         .output()?;
     assert!(out.status.success());
-    // Racing: exactly one enforces, the other gets the refusal.
-    for round in 0..4 {
-        let (a, b) = (lab.segbpf(&[]), s2());
-        let (pa, pb, ra, rb) = (p1.clone(), p2.clone(), lab.root.clone(), lab.root.clone());
+    // Racing (the other one on the host, or in a cgroup namespace at the
+    // same cgroup): exactly one enforces, the other gets the refusal.
+    for round in 0..6 {
+        let a = lab.segbpf(&[]);
+        let (b, rb) = if round % 2 == 0 {
+            (s2(), lab.root.clone())
+        } else {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", IN_CGROUP_NS, "sh"])
+                .arg(&lab.root)
+                .arg(&mount)
+                .arg(segbpf_bin())
+                .env("SEGBPF_BPFFS", &lab.bpffs)
+                .env("SEGBPF_STATE_DIR", &state2);
+            (sh, mount.clone())
+        };
+        let (pa, pb, ra) = (p1.clone(), p2.clone(), lab.root.clone());
         let ta = std::thread::spawn(move || attach_no_wait(a, &pa, &ra));
         let tb = std::thread::spawn(move || attach_no_wait(b, &pb, &rb));
         let (oka, erra, _ka) = ta.join().map_err(|_| anyhow::anyhow!("thread"))??;
