@@ -5283,6 +5283,28 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
             .output()?;
         assert!(out.status.success(), "round {round}");
     }
+    // An attach that died between its pins and its state: the next one
+    // here is refused too (it cannot tell whose they are), says to
+    // detach, and after `detach` attaches.
+    let (ok, err, _k4) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    for e in std::fs::read_dir(&lab.state)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("services:") && e.path().extension().is_some_and(|x| x == "json") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    let (ok, err, _k5) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(
+        !ok && err.contains("died before recording its state") && err.contains("detach"),
+        "{err}"
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    let (ok, err, _k6) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
     Ok(())
 }
 

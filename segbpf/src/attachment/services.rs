@@ -224,6 +224,9 @@ impl SvcPaths {
             .and_then(|m| m.generation_in_force())
             .map_or_else(|_| "?".to_string(), |g| g.to_string());
         let who = match self.owner_state_dir() {
+            Some(dir) if dir == absolute(Path::new(&here)).display().to_string() => format!(
+                "a segbpf whose SEGBPF_STATE_DIR is {dir} in another mount namespace (a container's), or an attach here that died before recording its state"
+            ),
             Some(dir) => format!("the segbpf whose SEGBPF_STATE_DIR is {dir}"),
             None => "another segbpf that shares this pin root (SEGBPF_BPFFS) with another SEGBPF_STATE_DIR, or an attach here that died before recording its state".to_string(),
         };
