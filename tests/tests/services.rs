@@ -5486,3 +5486,52 @@ fn status_in_an_unmounted_cgroup_namespace_says_what_to_do() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// The `--confirm` guard of a first attach removes that attachment only:
+/// when it was detached from another state directory sharing the pins
+/// and that one attached anew, the guard's deadline leaves the new
+/// attachment (its owner mark is not this state's) in force.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn a_guard_never_removes_another_state_dirs_attachment() -> anyhow::Result<()> {
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let lab = SvcLab::new("grd", &["app", "db", "other", "cache"], 130)?;
+    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
+    std::fs::create_dir_all(&state2)?;
+    let _c2 = Cleanup(state2.clone());
+    let s2 = || {
+        let mut c = Command::new(segbpf_bin());
+        c.env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &state2);
+        c
+    };
+    let root = lab.root.display().to_string();
+    let (guard, follower) = attach_confirm(&lab, "3")?;
+    let (_kg, _kf) = (Kill(guard), Kill(follower));
+    let out = s2()
+        .args(["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    let p2 = state2.join("p2.toml");
+    std::fs::write(&p2, MATRIX)?;
+    let (ok, err, _k2) = attach_no_wait(s2(), &p2, &lab.root)?;
+    assert!(ok, "{err}");
+    assert!(gone_within(guard, 15), "the guard did not end");
+    let out = s2()
+        .args(["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("enforcing"),
+        "the other state dir's attachment was removed by the guard: {text}"
+    );
+    let _ = s2()
+        .args(["detach", "--services", "--cgroup-root", &root])
+        .output();
+    Ok(())
+}
