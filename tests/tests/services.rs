@@ -1513,11 +1513,16 @@ fn restart_opens_no_gap() -> anyhow::Result<()> {
         let forbidden = prober_in(&lab, "app", "127.0.0.1 9000");
         let allowed = prober_in(&lab, "app", "127.0.0.1 3306");
         let other = prober_in(&lab, "other", "127.0.0.1 3306");
-        if stopped {
+        let resumed = if stopped {
             std::thread::sleep(Duration::from_millis(300));
+            // Taken just before the SIGCONT: this thread may be preempted
+            // after it while the resumed follower covers app at once.
+            let t = mono_ns();
             nix::sys::signal::kill(follower, nix::sys::signal::Signal::SIGCONT)?;
-        }
-        let resumed = mono_ns();
+            t
+        } else {
+            mono_ns()
+        };
         std::thread::sleep(Duration::from_millis(400));
         let (bad, _, tries) = finish(forbidden?)?;
         let (_, first, _) = finish(allowed?)?;
