@@ -77,6 +77,10 @@ pub enum ServicesError {
     /// The change would change nothing (no new generation was made).
     #[error("{0}")]
     Unchanged(String),
+    /// The pins of this root belong to another state directory (or to an
+    /// attach that died before recording its state): nothing changed.
+    #[error("{0}")]
+    Foreign(String),
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -185,6 +189,53 @@ impl SvcPaths {
         }
     }
 
+    /// Whose the pins of this root are, seen from this state directory:
+    /// the state's owner token must name a mark in the pin directory (an
+    /// older state without a token: no mark there). Another
+    /// `SEGBPF_STATE_DIR` that shares the pin root never adopts, reloads
+    /// or rescans an attachment it did not make.
+    pub fn owner(&self) -> Owner {
+        if !self.dir.exists() {
+            return Owner::Nobody;
+        }
+        let marks = owner_marks(&self.dir);
+        match self.read_state().map(|s| s.owner) {
+            Some(Some(t)) if marks.iter().any(|(m, _)| *m == t) => Owner::Mine,
+            Some(None) if marks.is_empty() => Owner::Mine,
+            _ => Owner::Other,
+        }
+    }
+
+    /// The state directory that made the attachment at these pins, when
+    /// its owner mark names one.
+    pub fn owner_state_dir(&self) -> Option<String> {
+        owner_marks(&self.dir).into_iter().find_map(|(_, s)| s)
+    }
+
+    /// The refusal for pins this state directory does not own: names the
+    /// other attachment and how to remove it. Nothing is changed.
+    pub fn foreign(&self) -> ServicesError {
+        let root = self.root.dir.display();
+        let here = self
+            .state
+            .parent()
+            .map_or_else(String::new, |p| p.display().to_string());
+        let generation = SvcMaps::from_pins(&self.dir)
+            .and_then(|m| m.generation_in_force())
+            .map_or_else(|_| "?".to_string(), |g| g.to_string());
+        let who = match self.owner_state_dir() {
+            Some(dir) if dir == absolute(Path::new(&here)).display().to_string() => format!(
+                "a segbpf whose SEGBPF_STATE_DIR is {dir} in another mount namespace (a container's), or an attach here that died before recording its state"
+            ),
+            Some(dir) => format!("the segbpf whose SEGBPF_STATE_DIR is {dir}"),
+            None => "another segbpf that shares this pin root (SEGBPF_BPFFS) with another SEGBPF_STATE_DIR, or an attach here that died before recording its state".to_string(),
+        };
+        ServicesError::Foreign(format!(
+            "services below {root} are attached already (pins {}, generation {generation} in force), by {who}; this state directory ({here}) has no state for them, so it neither adopts nor changes them: nothing was changed. Use `segbpf status|reload|detach --services --cgroup-root {root}` with that SEGBPF_STATE_DIR (for a crashed attach, `segbpf detach --services --cgroup-root {root}` here removes it)",
+            self.dir.display()
+        ))
+    }
+
     /// The state, if any.
     pub fn read_state(&self) -> Option<SvcState> {
         let text = std::fs::read_to_string(&self.state).ok()?;
@@ -256,6 +307,59 @@ pub struct SvcState {
     /// this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored: Option<u64>,
+    /// The owner token of the attachment this state is for: the pin
+    /// directory holds `owner:TOKEN:…` ([`SvcPaths::owner`]). Absent in
+    /// the states of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u64>,
+    /// The cgroup namespace the attach ran in (the inode of
+    /// `/proc/self/ns/cgroup`): `cgroup_root` is a path of that
+    /// namespace, meaningless in another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_ns: Option<u64>,
+}
+
+/// This process's cgroup namespace (the inode of `/proc/self/ns/cgroup`).
+fn cgroup_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/cgroup")
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Whose the pins of a cgroup root are, seen from one state directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// No pins: nothing is attached there from this pin root.
+    Nobody,
+    /// This state directory's attachment.
+    Mine,
+    /// Another state directory's (same pin root, another
+    /// `SEGBPF_STATE_DIR`), or an attach that died before recording its
+    /// state.
+    Other,
+}
+
+/// The prefix of the owner mark, a directory in the pin directory.
+const OWNER_PREFIX: &str = "owner:";
+
+/// The owner marks in the pin directory `dir`: (token, the state
+/// directory that made it, when the name could carry it).
+fn owner_marks(dir: &Path) -> Vec<(u64, Option<String>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix(OWNER_PREFIX)?;
+            let (token, state) = rest.split_once(':').unwrap_or((rest, ""));
+            let token = u64::from_str_radix(token, 16).ok()?;
+            let state = (!state.is_empty()).then(|| state.replace("%2F", "/").replace("%25", "%"));
+            Some((token, state))
+        })
+        .collect()
 }
 
 /// The services maps, opened from their pins.
@@ -521,25 +625,50 @@ pub fn attach(
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
-    // Attaches of one root run one at a time: two first attaches at once
-    // would each start the pins over, removing the other's links (its
-    // programs leave the cgroup). The second one finds it attached and
-    // reloads.
+    // Attaches run one at a time per pin root (every state directory that
+    // shares it sees its lock): two first attaches at once would each
+    // start the pins over, removing the other's links. The check of who
+    // owns the pins and their making are under this one lock: of two
+    // racers, the second finds the first's pins and adopts them only if
+    // its own state directory made them, else it is refused.
     crate::attachment::services_nest::refuse_cgroup_namespace()?;
     let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
-    if paths.is_attached() {
-        return reload(paths, policy, policy_path, audit);
+    match paths.owner() {
+        Owner::Other => return Err(paths.foreign()),
+        Owner::Mine if paths.is_attached() => return reload(paths, policy, policy_path, audit),
+        _ => {}
     }
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
     // at a time on this machine.
     let _nesting = crate::attachment::services_nest::nest_lock()?;
     crate::attachment::services_nest::refuse_nested(&paths.root)?;
-    // A partial attachment (a crash between pinning and attaching) is
-    // started over: nothing of it is attached.
+    // A partial attachment of this state directory (a crash between
+    // pinning and attaching) is started over: nothing of it is attached.
     if paths.dir.exists() {
         let _ = std::fs::remove_dir_all(&paths.dir);
+    }
+    // The owner mark: this state directory's token, and its path for the
+    // refusal another one gets.
+    let owner = stamp_key()?[0];
+    let here = paths
+        .state
+        .parent()
+        .map(|p| absolute(p).display().to_string())
+        .unwrap_or_default()
+        .replace('%', "%25")
+        .replace('/', "%2F");
+    let mut mark = format!("{OWNER_PREFIX}{owner:016x}");
+    if mark.len() + here.len() < 250 {
+        mark = format!("{mark}:{here}");
+    }
+    let marked = private_dir(&paths.dir)
+        .and_then(|()| std::fs::create_dir(paths.dir.join(&mark)))
+        .map_err(io(format!("marking {}", paths.dir.display())));
+    if let Err(e) = marked {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(e);
     }
     let generation = 1;
     let compiled = compile_services(policy, 0, generation, audit)?;
@@ -574,6 +703,8 @@ pub fn attach(
         rules: compiled.rules,
         set_overrides: crate::attachment::swap::Overrides::new(),
         restored: None,
+        owner: Some(owner),
+        cgroup_ns: cgroup_ns(),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
@@ -591,13 +722,20 @@ fn check_depth(paths: &SvcPaths, policy: &Policy) -> Result<(), ServicesError> {
     Ok(())
 }
 
-/// The lock that serialises the attaches of the root at `paths`
-/// (`STATE/services:ID.attach.lock`; an exclusive `flock`, released when
-/// the file is dropped or the process dies). Distinct from [`lock`], which
+/// The lock that serialises the attaches at the pin root of `paths`
+/// (an exclusive `flock` on the pin root directory, released when the
+/// file is dropped or the process dies). Distinct from [`lock`], which
 /// the reload of an adopting attach takes inside it.
 fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
-    let path = paths.state.with_extension("attach.lock");
-    exclusive_lock(&path)
+    // The pin root: private to root (mode 0700), so no other local user
+    // can hold it, and seen by every segbpf that shares these pins,
+    // whatever its state directory.
+    let root = paths.dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+    private_dir(root).map_err(io(format!("creating {}", root.display())))?;
+    let f = std::fs::File::open(root).map_err(io(format!("opening {}", root.display())))?;
+    crate::attachment::dirs::lock_noting_holder(&f, root, "attach --services", None)
+        .map_err(io(format!("locking {}", root.display())))?;
+    Ok(f)
 }
 
 /// An exclusive `flock` on `path` (made if missing, in a private
@@ -634,6 +772,10 @@ pub fn lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
     // No lock file for an attachment that does not exist.
     if !paths.state.exists() && !paths.dir.exists() {
         return Err(paths.not_attached());
+    }
+    // Nor for another state directory's pins: nothing is changed there.
+    if paths.owner() == Owner::Other && paths.is_attached() {
+        return Err(paths.foreign());
     }
     let path = paths.state.with_extension("lock");
     exclusive_lock(&path)
@@ -893,6 +1035,9 @@ pub fn apply_locked(
     if !paths.is_attached() {
         return Err(paths.not_attached());
     }
+    if paths.owner() == Owner::Other {
+        return Err(paths.foreign());
+    }
     if policy.services.is_empty() {
         return Err(ServicesError::NoServices(policy.source.clone()));
     }
@@ -903,7 +1048,8 @@ pub fn apply_locked(
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
     let cur = maps.active()?;
     let next = 1 - cur;
-    let generation = paths.read_state().map_or(1, |s| s.generation) + 1;
+    let before = paths.read_state();
+    let generation = before.as_ref().map_or(1, |s| s.generation) + 1;
     let compiled = compile_services(policy, next, generation, audit)?;
     let cls = classify(&paths.root, &service_paths(&compiled));
     // The next slot may hold leftovers of a failed reload: empty it first.
@@ -924,6 +1070,8 @@ pub fn apply_locked(
         rules: compiled.rules,
         set_overrides: choice.overrides.clone(),
         restored: choice.restored,
+        owner: before.as_ref().and_then(|s| s.owner),
+        cgroup_ns: before.and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, &choice.text);
@@ -940,6 +1088,10 @@ pub fn rescan(paths: &SvcPaths, maps: &mut SvcMaps) -> Result<(usize, usize), Se
     let Some(state) = paths.read_state() else {
         return Ok((0, 0));
     };
+    // Another state directory's pins: never written from this state.
+    if paths.owner() != Owner::Mine {
+        return Ok((0, 0));
+    }
     // The state must name the policy in force (a reload that died between
     // its flip and its state leaves them apart): else nothing is written,
     // new cgroups stay held until a reload puts things right.
@@ -1138,13 +1290,8 @@ fn root_gone(paths: &SvcPaths) -> bool {
     }
 }
 
-/// The attachments under `roots` whose state names the cgroup root `dir`
-/// but whose cgroup is gone (removed, perhaps made again with another id,
-/// `current`): [`detach`] removes what is left of them, `status` reports
-/// them as not enforcing. Found by their pins and state, judged by the
-/// kernel ([`root_gone`]).
-pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths> {
-    let want = absolute(dir);
+/// The ids of the attachments under `roots`: their pins and their states.
+fn ids(roots: &Roots) -> std::collections::BTreeSet<u64> {
     let mut ids: std::collections::BTreeSet<u64> = list(roots).into_iter().collect();
     if let Ok(rd) = std::fs::read_dir(&roots.state) {
         ids.extend(rd.filter_map(Result::ok).filter_map(|e| {
@@ -1156,22 +1303,67 @@ pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths>
                 .ok()
         }));
     }
-    ids.into_iter()
+    ids
+}
+
+/// Whether `st` was recorded in this cgroup namespace (its paths are
+/// this namespace's; an older state without the namespace: assumed).
+fn recorded_here(st: &SvcState) -> bool {
+    st.cgroup_ns.is_none_or(|n| Some(n) == cgroup_ns())
+}
+
+/// The paths of the attachment `id` under `roots`, named by its state's
+/// root when that is a path of this cgroup namespace, else by what is
+/// known of it (the namespace's path and the cgroup id; only the id when
+/// this state directory has no state for it).
+fn gone_paths(roots: &Roots, id: u64, st: Option<&SvcState>) -> SvcPaths {
+    let dir = match st {
+        Some(st) if recorded_here(st) => st.cgroup_root.clone(),
+        Some(st) => PathBuf::from(format!(
+            "{} of another cgroup namespace (cgroup id {id})",
+            st.cgroup_root.display()
+        )),
+        None => PathBuf::from(format!("cgroup id {id} (no state in this state directory)")),
+    };
+    SvcPaths::new(roots, CgroupRoot { dir, id, level: 0 })
+}
+
+fn read_state_of(roots: &Roots, id: u64) -> Option<SvcState> {
+    let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
+    serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
+}
+
+/// The attachments under `roots` whose cgroup is gone (removed, perhaps
+/// made again with another id, `current`) and that are of the cgroup root
+/// `dir`: their state names it, or they cannot be named by a path from
+/// here (made in another cgroup namespace, whose paths are not this
+/// one's, or pins without a state in this state directory: found from
+/// the pins and judged by the kernel). [`detach`] removes what is left of
+/// them, `status` reports them as not enforcing ([`root_gone`]).
+pub fn gone_at(roots: &Roots, dir: &Path, current: Option<u64>) -> Vec<SvcPaths> {
+    let want = absolute(dir);
+    ids(roots)
+        .into_iter()
         .filter(|id| Some(*id) != current)
         .filter_map(|id| {
-            let file = roots.state.join(format!("{PIN_PREFIX}{id}.json"));
-            let st: SvcState = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
-            (st.cgroup_root == want || st.cgroup_root == dir).then(|| {
-                SvcPaths::new(
-                    roots,
-                    CgroupRoot {
-                        dir: st.cgroup_root,
-                        id,
-                        level: 0,
-                    },
-                )
-            })
+            let st = read_state_of(roots, id);
+            let named_here = st.as_ref().is_some_and(recorded_here);
+            let wanted = !named_here
+                || st
+                    .as_ref()
+                    .is_some_and(|st| st.cgroup_root == want || st.cgroup_root == dir);
+            wanted.then(|| gone_paths(roots, id, st.as_ref()))
         })
+        .filter(root_gone)
+        .collect()
+}
+
+/// Every attachment under `roots` whose cgroup is gone, wherever it was
+/// (for `status`).
+pub fn gone_all(roots: &Roots) -> Vec<SvcPaths> {
+    ids(roots)
+        .into_iter()
+        .map(|id| gone_paths(roots, id, read_state_of(roots, id).as_ref()))
         .filter(root_gone)
         .collect()
 }

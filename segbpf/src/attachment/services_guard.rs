@@ -103,6 +103,12 @@ pub fn run_guard(paths: &SvcPaths, generation: u64) -> GuardOutcome {
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
+        // The pins made since by another state directory (this one's
+        // attachment was detached from there): not this guard's to remove.
+        if paths.owner() == services::Owner::Other {
+            let _ = std::fs::remove_file(pending_file(paths));
+            return GuardOutcome::Superseded;
+        }
         match services::detach(paths) {
             Ok(_) => {
                 let _ = std::fs::remove_file(pending_file(paths));

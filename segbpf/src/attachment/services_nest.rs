@@ -399,8 +399,12 @@ pub fn own_programs(pins: &[PathBuf]) -> Result<BTreeSet<u32>, NestError> {
 /// nesting check until its programs are attached: an exclusive `flock` on
 /// the cgroup v2 hierarchy's root directory, the one file every segbpf
 /// sees whatever its state or pin directories, so two attaches at nested
-/// (or equal) roots cannot both pass the check.
-pub fn nest_lock() -> Result<std::fs::File, NestError> {
+/// (or equal) roots do not both pass the check. Any local user may open
+/// that directory and lock it: a holder that is not root is waited for
+/// one second only (named on stderr), then the attach goes on without
+/// it (`None`); the check of the kernel's links after the attach
+/// ([`refuse_linked`]) still undoes a nested one.
+pub fn nest_lock() -> Result<Option<std::fs::File>, NestError> {
     let (mount, _) = cgroup2_mount().map_err(|e| NestError::Io {
         what: "finding the cgroup v2 mount".into(),
         source: std::io::Error::other(e.to_string()),
@@ -409,11 +413,24 @@ pub fn nest_lock() -> Result<std::fs::File, NestError> {
         what: format!("opening {}", mount.display()),
         source,
     })?;
-    dir.lock().map_err(|source| NestError::Io {
+    let got = crate::attachment::dirs::lock_noting_holder(
+        &dir,
+        &mount,
+        "attach --services",
+        Some(std::time::Duration::from_secs(1)),
+    )
+    .map_err(|source| NestError::Io {
         what: format!("locking {}", mount.display()),
         source,
     })?;
-    Ok(dir)
+    if !got {
+        tracing::warn!(
+            "attach --services: the lock on {} is held by a process that is not root; going on without it (an attachment that comes into force above or below this one meanwhile is found in the kernel after the attach, and this one is undone)",
+            mount.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(dir))
 }
 
 /// Refuses `root` when segbpf's services programs are attached, in the

@@ -444,7 +444,13 @@ pub fn reload(
     output: Output,
 ) -> anyhow::Result<()> {
     let paths = paths(cgroup_root.as_deref())?;
-    let state = paths.read_state().ok_or_else(|| paths.not_attached())?;
+    let state = paths.read_state().ok_or_else(|| {
+        if paths.is_attached() {
+            paths.foreign()
+        } else {
+            paths.not_attached()
+        }
+    })?;
     let path = policy.unwrap_or(state.policy.clone());
     if !insecure_policy {
         crate::attachment::trust::check_policy_file(&path)?;
@@ -495,6 +501,9 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
             _ => {}
         }
     }
+    // Attachments whose cgroup is gone, wherever they were (another
+    // cgroup namespace's, one this state directory has no state for).
+    out.extend(engine::gone_all(&roots).iter().map(report::report));
     out
 }
 
@@ -504,6 +513,20 @@ pub fn print_text(
     reports: &[report::SvcReport],
 ) -> std::io::Result<()> {
     for r in reports {
+        if r.foreign {
+            writeln!(
+                o,
+                "services below {}: attached by {}, generation {} in force; this state directory has no state for it and does not change it (status, reload and detach with that SEGBPF_STATE_DIR; a crashed attach of this one: `segbpf detach --services{}`)",
+                r.cgroup_root,
+                r.owner_state_dir.as_deref().map_or_else(
+                    || "another SEGBPF_STATE_DIR that shares these pins (or an attach that died before recording its state)".to_string(),
+                    |d| format!("the segbpf whose SEGBPF_STATE_DIR is {d}")
+                ),
+                r.generation,
+                root_option(std::path::Path::new(&r.cgroup_root))
+            )?;
+            continue;
+        }
         writeln!(
             o,
             "services below {}: {}, generation {}, policy {}",

@@ -39,7 +39,7 @@ pub enum CgroupError {
     /// not at the hierarchy's; the level comes from the kernel's probe,
     /// `attachment::services_level`).
     #[error(
-        "the absolute cgroup level of this cgroup namespace's root is unknown ({reason}): services cannot be enforced from here; run `segbpf attach --services` on the host"
+        "the absolute cgroup level of this cgroup namespace's root is unknown ({reason}): the services attachments cannot be read or changed from here; run the command on the host, or where cgroup2 is mounted at this cgroup namespace's root"
     )]
     NsLevel {
         /// Why.

@@ -110,6 +110,14 @@ pub struct SvcReport {
     /// --services`: the Unix time it is removed at otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirm_deadline: Option<u64>,
+    /// The pins are not this state directory's: another
+    /// `SEGBPF_STATE_DIR` that shares the pin root made them (or an
+    /// attach here died before recording its state). Policy, services and
+    /// follower are then not reported from here.
+    pub foreign: bool,
+    /// The state directory that made them, when its owner mark names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_state_dir: Option<String>,
 }
 
 /// The report of the attachment at `paths`.
@@ -117,12 +125,15 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
     let attached = crate::attachment::services::enforces(paths);
     let cgroup_gone =
         crate::attachment::services_nest::cgroup_alive(paths.root.id).is_ok_and(|alive| !alive);
-    let state = paths.read_state();
+    let foreign = !cgroup_gone && paths.owner() == crate::attachment::services::Owner::Other;
+    let state = paths.read_state().filter(|_| !foreign);
     let counters = SvcMaps::from_pins(&paths.dir)
         .and_then(|m| m.counters())
         .unwrap_or_default();
     let row = |id: usize| counters.get(id).copied().unwrap_or_default();
-    let follower = crate::attachment::cgroup_follow::follower_in_kernel(paths);
+    let follower = (!foreign)
+        .then(|| crate::attachment::cgroup_follow::follower_in_kernel(paths))
+        .flatten();
     let services = state
         .as_ref()
         .map(|s| {
@@ -152,7 +163,14 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         attached,
         cgroup_gone,
         policy: state.as_ref().map(|s| s.policy.display().to_string()),
-        generation: state.as_ref().map_or(0, |s| s.generation),
+        generation: state.as_ref().map_or_else(
+            || {
+                SvcMaps::from_pins(&paths.dir)
+                    .and_then(|m| m.generation_in_force())
+                    .unwrap_or(0)
+            },
+            |s| s.generation,
+        ),
         audit: state.as_ref().is_some_and(|s| s.audit),
         services,
         unserviced: PacketCounts::of(row(0)),
@@ -165,6 +183,8 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
         follower_running: follower.is_some(),
         follower_pid: follower,
+        foreign,
+        owner_state_dir: foreign.then(|| paths.owner_state_dir()).flatten(),
     }
 }
 
