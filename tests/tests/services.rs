@@ -5288,28 +5288,91 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
             .output()?;
         assert!(out.status.success(), "round {round}");
     }
-    // An attach that died between its pins and its state: the next one
-    // here is refused too (it cannot tell whose they are), says to
-    // detach, and after `detach` attaches.
-    let (ok, err, _k4) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    // An attach that died (kill -9) between its pins and its state, with
+    // only its egress link attached (review 8 N1): made by hand from a
+    // whole attach (no follower, no state, the ingress link unpinned).
+    let (ok, err, k4) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
     assert!(ok, "{err}");
+    drop(k4);
+    let mut pin_dir = None;
     for e in std::fs::read_dir(&lab.state)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.starts_with("services:") && e.path().extension().is_some_and(|x| x == "json") {
             std::fs::remove_file(e.path())?;
+            pin_dir = Some(lab.bpffs.join(n.trim_end_matches(".json")));
         }
     }
-    let (ok, err, _k5) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    let pin_dir = pin_dir.context("no state file")?;
+    std::fs::remove_file(pin_dir.join("link_svc_ingress"))?;
+    let ours_at_root = || -> anyhow::Result<Vec<String>> {
+        let v = bpftool(&["cgroup", "show", &root])?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("segbpf_svc"))
+            })
+            .map(|p| p["attach_type"].as_str().unwrap_or("?").to_string())
+            .collect())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ours_at_root()?.len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ours_at_root()?, vec!["cgroup_inet_egress".to_string()]);
+    // Another state directory is still refused.
+    let (ok, err, _k5) = attach_no_wait(s2(), &p2, &lab.root)?;
+    assert!(!ok && err.contains("attached already"), "{err}");
+    // A mark naming this path but another directory (the same path in a
+    // container's mount namespace: another st_dev:st_ino) is refused.
+    let mark = std::fs::read_dir(&pin_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("owner:"))
+        .context("no owner mark")?;
+    // owner:TOKEN:@DEV-INO:PATH (a mark without the identity: make one).
+    let forged = match mark.split_once(":@") {
+        Some((head, tail)) => {
+            let (_, path) = tail.split_once(':').unwrap_or((tail, ""));
+            format!("{head}:@1-1:{path}")
+        }
+        None => {
+            let (token, path) = mark["owner:".len()..]
+                .split_once(':')
+                .unwrap_or((&mark["owner:".len()..], ""));
+            format!("owner:{token}:@1-1:{path}")
+        }
+    };
+    std::fs::rename(pin_dir.join(&mark), pin_dir.join(&forged))?;
+    let (ok, err, _k6) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
     assert!(
-        !ok && err.contains("died before recording its state") && err.contains("detach"),
+        !ok && err.contains("attached already") && err.contains("detach"),
         "{err}"
     );
+    std::fs::rename(pin_dir.join(&forged), pin_dir.join(&mark))?;
+    // The same state directory (a restarted unit) rolls the crashed attach
+    // back and attaches fresh: both directions in the kernel again.
+    let (ok, err, _k7) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(
+        ok,
+        "the same state dir could not re-attach after a crash: {err}"
+    );
+    let mut dirs = ours_at_root()?;
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        vec![
+            "cgroup_inet_egress".to_string(),
+            "cgroup_inet_ingress".to_string()
+        ]
+    );
+    assert!(status(lab.segbpf(&[]))?.contains("enforcing, generation 1"));
     let out = lab
         .segbpf(&["detach", "--services", "--cgroup-root", &root])
         .output()?;
     assert!(out.status.success());
-    let (ok, err, _k6) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
-    assert!(ok, "{err}");
     Ok(())
 }
 

@@ -200,7 +200,7 @@ impl SvcPaths {
         }
         let marks = owner_marks(&self.dir);
         match self.read_state().map(|s| s.owner) {
-            Some(Some(t)) if marks.iter().any(|(m, _)| *m == t) => Owner::Mine,
+            Some(Some(t)) if marks.iter().any(|(m, _, _)| *m == t) => Owner::Mine,
             Some(None) if marks.is_empty() => Owner::Mine,
             _ => Owner::Other,
         }
@@ -209,7 +209,33 @@ impl SvcPaths {
     /// The state directory that made the attachment at these pins, when
     /// its owner mark names one.
     pub fn owner_state_dir(&self) -> Option<String> {
-        owner_marks(&self.dir).into_iter().find_map(|(_, s)| s)
+        owner_marks(&self.dir).into_iter().find_map(|(_, s, _)| s)
+    }
+
+    /// The identity of this state directory as the kernel gives it
+    /// (`st_dev`, `st_ino`): the same path in another mount namespace (a
+    /// container's `/run/segbpf`) is another directory.
+    pub fn state_dir_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(self.state.parent()?).ok()?;
+        Some((m.dev(), m.ino()))
+    }
+
+    /// Whether the pins here are the leftovers of an attach from THIS
+    /// state directory that died before recording its state: no state
+    /// here, and every owner mark names this directory by its
+    /// `st_dev:st_ino`. Only meaningful under the pin root's attach lock
+    /// (no attach of any state directory is then under way). Marks of
+    /// older versions (no identity) never count.
+    pub fn crashed_here(&self) -> bool {
+        if !self.dir.exists() || self.state.exists() {
+            return false;
+        }
+        let Some(id) = self.state_dir_id() else {
+            return false;
+        };
+        let marks = owner_marks(&self.dir);
+        !marks.is_empty() && marks.iter().all(|(_, _, d)| *d == Some(id))
     }
 
     /// The refusal for pins this state directory does not own: names the
@@ -344,8 +370,11 @@ pub enum Owner {
 const OWNER_PREFIX: &str = "owner:";
 
 /// The owner marks in the pin directory `dir`: (token, the state
-/// directory that made it, when the name could carry it).
-fn owner_marks(dir: &Path) -> Vec<(u64, Option<String>)> {
+/// directory that made it, when the name could carry it, and that
+/// directory's `st_dev:st_ino`, in marks of this version:
+/// `owner:TOKEN:@DEV-INO[:PATH]`; bpffs allows no dot).
+#[allow(clippy::type_complexity, reason = "one private helper")]
+fn owner_marks(dir: &Path) -> Vec<(u64, Option<String>, Option<(u64, u64)>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -356,8 +385,18 @@ fn owner_marks(dir: &Path) -> Vec<(u64, Option<String>)> {
             let rest = name.strip_prefix(OWNER_PREFIX)?;
             let (token, state) = rest.split_once(':').unwrap_or((rest, ""));
             let token = u64::from_str_radix(token, 16).ok()?;
+            let (id, state) = match state.strip_prefix('@') {
+                Some(rest) => {
+                    let (id, path) = rest.split_once(':').unwrap_or((rest, ""));
+                    let id = id
+                        .split_once('-')
+                        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)));
+                    (id, path)
+                }
+                None => (None, state),
+            };
             let state = (!state.is_empty()).then(|| state.replace("%2F", "/").replace("%25", "%"));
-            Some((token, state))
+            Some((token, state, id))
         })
         .collect()
 }
@@ -634,7 +673,21 @@ pub fn attach(
     crate::attachment::services_nest::refuse_cgroup_namespace()?;
     let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
+    let mut rolled_back = false;
     match paths.owner() {
+        // An attach of this very state directory that died between its
+        // owner mark and its state (kill -9): under the attach lock no
+        // attach is live, so its pins and links are rolled back (their
+        // links leave the cgroup) and this attach starts fresh.
+        Owner::Other if paths.crashed_here() => {
+            tracing::warn!(
+                "removing the pins {} of an attach from this state directory that died before recording its state",
+                paths.dir.display()
+            );
+            std::fs::remove_dir_all(&paths.dir)
+                .map_err(io(format!("removing {}", paths.dir.display())))?;
+            rolled_back = true;
+        }
         Owner::Other => return Err(paths.foreign()),
         Owner::Mine if paths.is_attached() => return reload(paths, policy, policy_path, audit),
         _ => {}
@@ -643,7 +696,15 @@ pub fn attach(
     // kernel) may come into force while this one is made: one fresh attach
     // at a time on this machine.
     let _nesting = crate::attachment::services_nest::nest_lock()?;
-    crate::attachment::services_nest::refuse_nested(&paths.root)?;
+    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+    // The kernel frees an unpinned link a moment later (deferred work).
+    let mut tries = 0;
+    while rolled_back && nested.is_err() && tries < 40 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+        tries += 1;
+    }
+    nested?;
     // A partial attachment of this state directory (a crash between
     // pinning and attaching) is started over: nothing of it is attached.
     if paths.dir.exists() {
@@ -652,6 +713,24 @@ pub fn attach(
     // The owner mark: this state directory's token, and its path for the
     // refusal another one gets.
     let owner = stamp_key()?[0];
+    // The state directory exists from here on: its st_dev:st_ino goes in
+    // the mark. Made here, it is removed again if this attach fails.
+    let state_parent = paths.state.parent().map(Path::to_path_buf);
+    let made_parent = state_parent.as_ref().is_some_and(|p| !p.exists());
+    if let Some(parent) = &state_parent {
+        private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let unmake_parent = || {
+        if made_parent {
+            if let Some(parent) = &state_parent {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    };
+    let id = paths
+        .state_dir_id()
+        .map(|(d, i)| format!(":@{d}-{i}"))
+        .unwrap_or_default();
     let here = paths
         .state
         .parent()
@@ -659,7 +738,7 @@ pub fn attach(
         .unwrap_or_default()
         .replace('%', "%25")
         .replace('/', "%2F");
-    let mut mark = format!("{OWNER_PREFIX}{owner:016x}");
+    let mut mark = format!("{OWNER_PREFIX}{owner:016x}{id}");
     if mark.len() + here.len() < 250 {
         mark = format!("{mark}:{here}");
     }
@@ -668,14 +747,23 @@ pub fn attach(
         .map_err(io(format!("marking {}", paths.dir.display())));
     if let Err(e) = marked {
         let _ = std::fs::remove_dir_all(&paths.dir);
+        unmake_parent();
         return Err(e);
     }
     let generation = 1;
-    let compiled = compile_services(policy, 0, generation, audit)?;
+    let compiled = match compile_services(policy, 0, generation, audit) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            unmake_parent();
+            return Err(e.into());
+        }
+    };
     let cls = classify(&paths.root, &service_paths(&compiled));
     let result = load_and_attach(paths, &compiled, &cls);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&paths.dir);
+        unmake_parent();
         return Err(e);
     }
     // The attach lock is a file of this cgroup namespace and mount: an
@@ -690,6 +778,7 @@ pub fn attach(
     .and_then(|own| crate::attachment::services_nest::refuse_linked(&paths.root, &own, true));
     if let Err(e) = raced {
         let _ = std::fs::remove_dir_all(&paths.dir);
+        unmake_parent();
         return Err(e.into());
     }
     let state = SvcState {
