@@ -5603,3 +5603,81 @@ fn a_guard_never_removes_another_state_dirs_attachment() -> anyhow::Result<()> {
         .output();
     Ok(())
 }
+
+/// `detach --services` with the attachment's state directory but another
+/// pin root (`SEGBPF_BPFFS`) than the attach used (review 8 N2): the
+/// kernel's programs on the root are not those pins, so it refuses (exit
+/// 1) and changes nothing: the state, the follower, the pins and both
+/// programs stay, and `status` with the right pins still says enforcing.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn detach_from_other_pins_changes_nothing() -> anyhow::Result<()> {
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let lab = SvcLab::new("wrongpins", &["a", "b"], 127)?;
+    let bpffs2 = PathBuf::from(format!("{}-p2", lab.bpffs.display()));
+    let _c2 = Cleanup(bpffs2.clone());
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let followers = followers_of(&lab);
+    assert_eq!(followers.len(), 1, "{followers:?}");
+    let state_file = std::fs::read_dir(&lab.state)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("services:"))
+        })
+        .context("no state file")?;
+    let before = std::fs::read(&state_file)?;
+    let ours_at_root = || -> anyhow::Result<usize> {
+        let v = bpftool(&["cgroup", "show", &root])?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("segbpf_svc"))
+            })
+            .count())
+    };
+    assert_eq!(ours_at_root()?, 2);
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .env("SEGBPF_BPFFS", &bpffs2)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stdout: {text}\nstderr: {err}");
+    assert!(!text.contains("detached"), "{text}");
+    assert!(err.contains("SEGBPF_BPFFS"), "{err}");
+    assert_eq!(std::fs::read(&state_file)?, before, "the state changed");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(followers_of(&lab), followers, "the follower was stopped");
+    assert_eq!(ours_at_root()?, 2);
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(status.contains("enforcing, generation 1"), "{status}");
+    // With the right pins it detaches.
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    // (bpftool prints no JSON for a cgroup without programs.)
+    assert_eq!(ours_at_root().unwrap_or(0), 0);
+    Ok(())
+}

@@ -1212,6 +1212,26 @@ pub fn guards(paths: &SvcPaths) -> Vec<PathBuf> {
 /// Removes the attachment: links (the programs leave the cgroup), maps,
 /// state. Returns whether anything was there.
 pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
+    // A state here without its pins here, while the kernel has services
+    // programs on its cgroup root: the attachment lives at another pin
+    // root (another `SEGBPF_BPFFS`). Removing the state (and stopping its
+    // follower) would leave it enforcing unseen: refused, nothing changed.
+    if paths.state.exists()
+        && !paths.dir.exists()
+        && crate::attachment::services_nest::cgroup_alive(paths.root.id).unwrap_or(false)
+        && crate::attachment::services_nest::services_at(&paths.root.dir)?
+    {
+        return Err(ServicesError::Refused(format!(
+            "the services below {} are enforced by programs whose pins are not under this pin root ({}): the state {} is for an attachment made with another SEGBPF_BPFFS; run `segbpf detach --services --cgroup-root {}` with that SEGBPF_BPFFS. Nothing was changed",
+            paths.root.dir.display(),
+            paths
+                .dir
+                .parent()
+                .map_or_else(String::new, |p| p.display().to_string()),
+            paths.state.display(),
+            paths.root.dir.display()
+        )));
+    }
     let existed = paths.dir.exists() || paths.state.exists();
     for link in [paths.link_ingress(), paths.link_egress()] {
         if link.exists() {

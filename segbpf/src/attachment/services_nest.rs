@@ -100,6 +100,16 @@ fn services_programs() -> BTreeSet<u32> {
         .collect()
 }
 
+/// Whether segbpf's services programs (of any pins) are attached
+/// directly at `dir`, asked of the kernel.
+pub fn services_at(dir: &Path) -> Result<bool, NestError> {
+    let ours = services_programs();
+    if ours.is_empty() {
+        return Ok(false);
+    }
+    has_services(dir, &ours)
+}
+
 /// Whether segbpf's services programs are attached directly at `dir`.
 fn has_services(dir: &Path, ours: &BTreeSet<u32>) -> Result<bool, NestError> {
     for t in ATTACH_TYPES {
