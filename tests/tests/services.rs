@@ -5672,6 +5672,64 @@ fn detach_from_other_pins_changes_nothing() -> anyhow::Result<()> {
         .output()?;
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(status.contains("enforcing, generation 1"), "{status}");
+    // A detach killed half-way (review 8 N3): its ingress link unpinned,
+    // its follower gone, the egress link and the state left. Status says
+    // what the kernel enforces; an attach from here starts over.
+    let pin_dir = lab.bpffs.join(
+        state_file
+            .file_stem()
+            .context("state name")?
+            .to_string_lossy()
+            .into_owned(),
+    );
+    std::fs::remove_file(pin_dir.join("link_svc_ingress"))?;
+    for pid in followers {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ours_at_root()? != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ours_at_root()?, 1);
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        status.contains("PARTIALLY attached: only egress is enforced"),
+        "{status}"
+    );
+    let out = lab
+        .segbpf(&[
+            "status",
+            "--services",
+            "--cgroup-root",
+            &root,
+            "--output",
+            "json",
+        ])
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let linked = json
+        .pointer("/linked")
+        .or_else(|| json.pointer("/0/linked"))
+        .or_else(|| json.pointer("/services/0/linked"))
+        .cloned();
+    assert_eq!(
+        linked,
+        Some(serde_json::json!(["egress"])),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (ok, err, _k2) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(
+        ok,
+        "an attach from the same state dir after a killed detach: {err}"
+    );
+    assert_eq!(ours_at_root()?, 2);
     // With the right pins it detaches.
     let out = lab
         .segbpf(&["detach", "--services", "--cgroup-root", &root])

@@ -690,6 +690,13 @@ pub fn attach(
         }
         Owner::Other => return Err(paths.foreign()),
         Owner::Mine if paths.is_attached() => return reload(paths, policy, policy_path, audit),
+        // This state directory's partial attachment (an attach or detach
+        // killed half-way): started over, its links leave the cgroup.
+        Owner::Mine if paths.dir.exists() => {
+            std::fs::remove_dir_all(&paths.dir)
+                .map_err(io(format!("removing {}", paths.dir.display())))?;
+            rolled_back = true;
+        }
         _ => {}
     }
     // No other attachment's root above or below this one (checked in the

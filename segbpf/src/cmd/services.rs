@@ -507,12 +507,40 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
     out
 }
 
+/// The directions the kernel enforces through the pins, as text.
+fn linked_text(linked: &[&str]) -> String {
+    match linked {
+        [] => "no program attached".to_string(),
+        [one] => format!("only its {one} program is attached (it enforces {one})"),
+        _ => "both programs are attached (they enforce)".to_string(),
+    }
+}
+
+/// The status of a partial attachment (one direction linked).
+fn partial(linked: &[&str]) -> &'static str {
+    if linked.contains(&"egress") {
+        "PARTIALLY attached: only egress is enforced (an attach or detach was killed half-way: `segbpf detach --services` or attach again)"
+    } else {
+        "PARTIALLY attached: only ingress is enforced (an attach or detach was killed half-way: `segbpf detach --services` or attach again)"
+    }
+}
+
 /// Prints services reports as text.
 pub fn print_text(
     o: &mut impl std::io::Write,
     reports: &[report::SvcReport],
 ) -> std::io::Result<()> {
     for r in reports {
+        if r.crashed_attach {
+            writeln!(
+                o,
+                "services below {}: left by an attach from this state directory that died before recording its state; {}; the next `segbpf attach --services` here rolls it back (or `segbpf detach --services{}`)",
+                r.cgroup_root,
+                linked_text(&r.linked),
+                root_option(std::path::Path::new(&r.cgroup_root))
+            )?;
+            continue;
+        }
         if r.foreign {
             writeln!(
                 o,
@@ -534,6 +562,7 @@ pub fn print_text(
             match (r.attached, r.audit) {
                 (false, _) if r.cgroup_gone =>
                     "NOT enforcing: its cgroup root was removed (`segbpf detach --services` removes what is left)",
+                (false, _) if !r.linked.is_empty() => partial(&r.linked),
                 (false, _) => "NOT attached",
                 (true, true) => "auditing (audit mode: nothing is dropped)",
                 (true, false) => "enforcing",

@@ -118,6 +118,15 @@ pub struct SvcReport {
     /// The state directory that made them, when its owner mark names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_state_dir: Option<String>,
+    /// The directions whose program the kernel has on the root through
+    /// these pins (`ingress`, `egress`): one only is a partial attachment
+    /// (an attach or detach killed half-way), which enforces that
+    /// direction until `detach` or a new attach removes it.
+    pub linked: Vec<&'static str>,
+    /// The pins are the leftovers of an attach from this state directory
+    /// that died before recording its state (the next attach from here
+    /// rolls them back).
+    pub crashed_attach: bool,
 }
 
 /// The report of the attachment at `paths`.
@@ -185,6 +194,18 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         follower_pid: follower,
         foreign,
         owner_state_dir: foreign.then(|| paths.owner_state_dir()).flatten(),
+        linked: [
+            ("ingress", paths.link_ingress()),
+            ("egress", paths.link_egress()),
+        ]
+        .into_iter()
+        .filter(|(_, p)| {
+            crate::attachment::services_nest::pinned_cgroup_link(p)
+                .is_ok_and(|(cg, _)| cg == paths.root.id)
+        })
+        .map(|(d, _)| d)
+        .collect(),
+        crashed_attach: paths.crashed_here(),
     }
 }
 
