@@ -5333,17 +5333,14 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
         .find(|n| n.starts_with("owner:"))
         .context("no owner mark")?;
     // owner:TOKEN:@DEV-INO:PATH (a mark without the identity: make one).
-    let forged = match mark.split_once(":@") {
-        Some((head, tail)) => {
-            let (_, path) = tail.split_once(':').unwrap_or((tail, ""));
-            format!("{head}:@1-1:{path}")
-        }
-        None => {
-            let (token, path) = mark["owner:".len()..]
-                .split_once(':')
-                .unwrap_or((&mark["owner:".len()..], ""));
-            format!("owner:{token}:@1-1:{path}")
-        }
+    let forged = if let Some((head, tail)) = mark.split_once(":@") {
+        let (_, path) = tail.split_once(':').unwrap_or((tail, ""));
+        format!("{head}:@1-1:{path}")
+    } else {
+        let (token, path) = mark["owner:".len()..]
+            .split_once(':')
+            .unwrap_or((&mark["owner:".len()..], ""));
+        format!("owner:{token}:@1-1:{path}")
     };
     std::fs::rename(pin_dir.join(&mark), pin_dir.join(&forged))?;
     let (ok, err, _k6) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
@@ -5607,8 +5604,9 @@ fn a_guard_never_removes_another_state_dirs_attachment() -> anyhow::Result<()> {
 /// `detach --services` with the attachment's state directory but another
 /// pin root (`SEGBPF_BPFFS`) than the attach used (review 8 N2): the
 /// kernel's programs on the root are not those pins, so it refuses (exit
-/// 1) and changes nothing: the state, the follower, the pins and both
-/// programs stay, and `status` with the right pins still says enforcing.
+/// status 1) and changes nothing: the state, the follower, the pins and
+/// both programs stay, and `status` with the right pins still says
+/// enforcing.
 #[test]
 #[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
 fn detach_from_other_pins_changes_nothing() -> anyhow::Result<()> {

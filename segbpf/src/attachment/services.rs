@@ -728,10 +728,8 @@ pub fn attach(
         private_dir(parent).map_err(io(format!("creating {}", parent.display())))?;
     }
     let unmake_parent = || {
-        if made_parent {
-            if let Some(parent) = &state_parent {
-                let _ = std::fs::remove_dir(parent);
-            }
+        if made_parent && let Some(parent) = &state_parent {
+            let _ = std::fs::remove_dir(parent);
         }
     };
     let id = paths
