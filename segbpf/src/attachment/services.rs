@@ -1484,3 +1484,30 @@ pub fn gone_all(roots: &Roots) -> Vec<SvcPaths> {
 
 /// Entries of `SEG_SVC_CFG` (for callers sizing things).
 pub const CFG_ENTRIES: u32 = SVC_CFG_ENTRIES;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Owner marks of this version carry the state directory's
+    /// `st_dev-st_ino`; older ones do not (and never count as this state
+    /// directory's crashed attach).
+    #[test]
+    fn owner_marks_parse_both_formats() {
+        let dir = std::env::temp_dir().join(format!("segbpf-marks-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("owner:00000000000000ab:%2Frun%2Fsegbpf")).unwrap();
+        std::fs::create_dir_all(dir.join("owner:00000000000000cd:@12-34:%2Ftmp%2Fa%25b")).unwrap();
+        std::fs::create_dir_all(dir.join("owner:00000000000000ef:@5-6")).unwrap();
+        let mut marks = owner_marks(&dir);
+        marks.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            marks,
+            vec![
+                (0xab, Some("/run/segbpf".to_string()), None),
+                (0xcd, Some("/tmp/a%b".to_string()), Some((12, 34))),
+                (0xef, None, Some((5, 6))),
+            ]
+        );
+    }
+}
