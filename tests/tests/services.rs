@@ -5670,6 +5670,29 @@ fn detach_from_other_pins_changes_nothing() -> anyhow::Result<()> {
         .output()?;
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(status.contains("enforcing, generation 1"), "{status}");
+    // The wrong pin root holding a pin directory for this cgroup with
+    // only another state directory's mark (a crashed attach's, review 9
+    // N5): still not this state's attachment, still refused.
+    let pin_name = state_file
+        .file_stem()
+        .context("state name")?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(bpffs2.join(&pin_name).join("owner:1234:@1-1:/elsewhere"))?;
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .env("SEGBPF_BPFFS", &bpffs2)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stdout: {text}\nstderr: {err}");
+    assert!(!text.contains("detached"), "{text}");
+    assert_eq!(std::fs::read(&state_file)?, before, "the state changed");
+    assert_eq!(ours_at_root()?, 2);
+    assert!(
+        bpffs2.join(&pin_name).exists(),
+        "the other pin root's leftovers were removed"
+    );
     // A detach killed half-way (review 8 N3): its ingress link unpinned,
     // its follower gone, the egress link and the state left. Status says
     // what the kernel enforces; an attach from here starts over.

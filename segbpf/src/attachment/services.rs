@@ -1217,12 +1217,18 @@ pub fn guards(paths: &SvcPaths) -> Vec<PathBuf> {
 /// Removes the attachment: links (the programs leave the cgroup), maps,
 /// state. Returns whether anything was there.
 pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
-    // A state here without its pins here, while the kernel has services
-    // programs on its cgroup root: the attachment lives at another pin
-    // root (another `SEGBPF_BPFFS`). Removing the state (and stopping its
-    // follower) would leave it enforcing unseen: refused, nothing changed.
+    // A state here without its pins here (no pin directory, or one that
+    // holds only another state directory's mark and no link, such as a
+    // crashed attach's), while the kernel has services programs on its
+    // cgroup root: the attachment lives at another pin root (another
+    // `SEGBPF_BPFFS`). Removing the state (and stopping its follower)
+    // would leave it enforcing unseen: refused, nothing changed.
+    let pins_not_ours = !paths.dir.exists()
+        || (paths.owner() == Owner::Other
+            && !paths.link_ingress().exists()
+            && !paths.link_egress().exists());
     if paths.state.exists()
-        && !paths.dir.exists()
+        && pins_not_ours
         && crate::attachment::services_nest::cgroup_alive(paths.root.id).unwrap_or(false)
         && crate::attachment::services_nest::services_at(&paths.root.dir)?
     {
