@@ -5491,13 +5491,25 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
     // The container stops (its follower with it) and is made again.
     drop(k);
     let start = Instant::now();
-    while std::fs::read_to_string(cns.join("cgroup.procs"))?.trim() != ""
-        && start.elapsed() < Duration::from_secs(5)
+    // The whole subtree empties (cgroup.events: populated 0), not only
+    // cns itself; a dying cgroup may still refuse rmdir for a moment
+    // (EBUSY), so that is retried too.
+    while !std::fs::read_to_string(cns.join("cgroup.events"))?.contains("populated 0")
+        && start.elapsed() < Duration::from_secs(10)
     {
         std::thread::sleep(Duration::from_millis(20));
     }
     for d in ["cns/a", "cns/b", "cns"] {
-        std::fs::remove_dir(lab.cg(d))?;
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir(lab.cg(d)) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 250 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        }
     }
     std::fs::create_dir(&cns)?;
     let out = lab
