@@ -114,6 +114,20 @@ fn ruleset(bump: bool) -> String {
     t
 }
 
+/// The table of one run's samples: each operation's median, min and max.
+fn print_samples(samples: &std::collections::BTreeMap<&str, Vec<f64>>) {
+    println!(
+        "{:<44} {:>10} {:>10} {:>10}",
+        "operation", "median ms", "min", "max"
+    );
+    for (name, v) in samples {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -326,16 +340,7 @@ fn million(quick: bool, with_nft: bool) -> anyhow::Result<()> {
     let _ = timed(b.segbpf(&["detach", "eth0"]));
 
     println!("\nSet edits at {MILLION} prefixes ({rounds} rounds, medians; whole processes):");
-    println!(
-        "{:<44} {:>10} {:>10} {:>10}",
-        "operation", "median ms", "min", "max"
-    );
-    for (name, v) in &samples {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
-        println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
-    }
+    print_samples(&samples);
     println!("attach at {MILLION} prefixes (once): {attach_ms:.0} ms");
     println!("attach phases: {}", attach_phases.join(" | "));
     if let Some(ms) = nft_load_ms {
@@ -571,16 +576,7 @@ fn main() -> anyhow::Result<()> {
     let _ = timed(b.segbpf(&["detach", "eth0"]));
 
     println!("\nUpdates at {RULES} rules ({rounds} rounds, medians; whole processes):");
-    println!(
-        "{:<44} {:>10} {:>10} {:>10}",
-        "operation", "median ms", "min", "max"
-    );
-    for (name, v) in &samples {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
-        println!("{name:<44} {:>10.1} {lo:>10.1} {hi:>10.1}", median(v));
-    }
+    print_samples(&samples);
     println!("attach at {RULES} rules (once): {attach_10k_ms:.0} ms");
     for lines in &attach_phases {
         println!("attach phases: {}", lines.join(" | "));

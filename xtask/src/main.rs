@@ -192,16 +192,23 @@ fn main() -> anyhow::Result<()> {
             // time against nftables (examples/updates.rs), then the fleet
             // push latency with three agents and a real etcd.
             if only.is_none() || only.as_deref() == Some("updates") {
-                let mut cmd = cargo();
-                cmd.env("SEGBPF_BIN", &bin).args([
-                    "run",
-                    "--release",
-                    "--package",
-                    "segbpf",
-                    "--example",
-                    "updates",
-                    "--",
-                ]);
+                // The updates example, release build, with its arguments.
+                let updates = |extra: &[&str]| {
+                    let mut cmd = cargo();
+                    cmd.env("SEGBPF_BIN", &bin)
+                        .args([
+                            "run",
+                            "--release",
+                            "--package",
+                            "segbpf",
+                            "--example",
+                            "updates",
+                            "--",
+                        ])
+                        .args(extra);
+                    cmd
+                };
+                let mut cmd = updates(&[]);
                 if quick {
                     cmd.arg("--quick");
                 }
@@ -209,17 +216,7 @@ fn main() -> anyhow::Result<()> {
                 // Set edits at 1,000,000 prefixes (`--million`; about half
                 // a minute). nftables only with SEGBPF_BENCH_MILLION_NFT=1:
                 // each of its edits takes about 2 minutes at that size.
-                let mut cmd = cargo();
-                cmd.env("SEGBPF_BIN", &bin).args([
-                    "run",
-                    "--release",
-                    "--package",
-                    "segbpf",
-                    "--example",
-                    "updates",
-                    "--",
-                    "--million",
-                ]);
+                let mut cmd = updates(&["--million"]);
                 if quick {
                     cmd.arg("--quick");
                 }
