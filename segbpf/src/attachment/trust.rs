@@ -186,6 +186,21 @@ fn check(path: &Path, meta: &std::fs::Metadata, kind: Kind) -> Result<(), Untrus
     })
 }
 
+/// [`cuts_ssh_session`] of the policy in the file `path`; `None` when the
+/// file does not load (attaching reports that error itself). The live
+/// sessions are asked first: with none, the file is not parsed.
+pub fn file_cuts_ssh_session(path: &Path, roles: &[String], iface: &str) -> Option<String> {
+    let sessions = ssh_sessions();
+    if sessions.is_empty() {
+        return None;
+    }
+    let policy = crate::policy::Policy::load(path).ok()?;
+    // What the policy does to each session first (pure); only for the
+    // sessions it would cut, whether they come through `iface` at all.
+    let cut = crate::policy::lint::ssh_sessions_cut(&policy, roles, iface, sessions);
+    crate::host::netif::first_through(iface, cut)
+}
+
 /// A message when `policy`, for a host with `roles` on `iface`, would
 /// block a live SSH session: the one this process runs in
 /// (`SSH_CONNECTION`), and every session the kernel knows of in this
@@ -207,39 +222,19 @@ pub fn cuts_ssh_session(
     roles: &[String],
     iface: &str,
 ) -> Option<String> {
+    let cut = crate::policy::lint::ssh_sessions_cut(policy, roles, iface, ssh_sessions());
+    crate::host::netif::first_through(iface, cut)
+}
+
+/// The caller's `SSH_CONNECTION` and the kernel's sessions, once each.
+fn ssh_sessions() -> Vec<Session> {
     let mut sessions: Vec<Session> = crate::policy::lint::ssh_connection().into_iter().collect();
     for s in kernel_ssh_sessions() {
         if !sessions.contains(&s) {
             sessions.push(s);
         }
     }
-    // What the policy does to each session first (pure); only for the
-    // sessions it would cut, whether they come through `iface` at all (the
-    // kernel's addresses and routes, asked once).
-    let cut: Vec<(Session, String)> = sessions
-        .into_iter()
-        .filter_map(|conn| {
-            crate::policy::lint::ssh_session_of(policy, roles, Some(iface), conn).map(|m| (conn, m))
-        })
-        .collect();
-    if cut.is_empty() {
-        return None;
-    }
-    let addrs = crate::host::netif::addresses(iface).unwrap_or_default();
-    let ifindex = crate::host::netif::ifindex(iface).ok();
-    cut.into_iter().find_map(|(conn, cut)| {
-        let (client, _, server, _) = conn;
-        let on_iface = addrs.contains(&server);
-        let through = match crate::host::netif::route_oif(client) {
-            Ok(Some(oif)) => ifindex.is_some_and(|i| i == oif),
-            Ok(None) => false,
-            Err(e) => {
-                tracing::debug!("looking up the route to the SSH client {client}: {e}");
-                true
-            }
-        };
-        (on_iface || through).then_some(cut)
-    })
+    sessions
 }
 
 /// Whether any SSH session is live: the caller's `SSH_CONNECTION`, or one

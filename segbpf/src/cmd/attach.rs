@@ -232,19 +232,20 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     // Audit mode enforces nothing: it cannot cut a session (attaching
     // without --audit over an audit attachment, audit to enforce, is
     // checked).
+    let req = args.request(policy);
     if fleet.is_none()
-        && args.confirm.is_none()
+        && req.confirm.is_none()
         && !args.force
-        && !args.audit
-        && let Ok(p) = crate::policy::Policy::load(&policy)
-        && let Some(m) = crate::attachment::trust::cuts_ssh_session(&p, &args.role, args.iface())
+        && !req.audit
+        && let Some(m) =
+            crate::attachment::trust::file_cuts_ssh_session(&req.policy, &req.roles, &req.iface)
     {
         anyhow::bail!(
             "{}: refused: {m} [ssh-session]; nothing was changed (attach with --confirm SECS to apply it guarded, or --force)",
-            policy.display()
+            req.policy.display()
         );
     }
-    let applied = attach::apply(&args.request(policy), ns)?;
+    let applied = attach::apply(&req, ns)?;
     if args.no_wait {
         // Nothing streams: the summary is the result.
         crate::cmd::print_line(&applied.summary)?;

@@ -204,6 +204,32 @@ pub fn permanent_addresses(iface: &str) -> Result<Vec<IpAddr>, NetifError> {
     Ok(out)
 }
 
+/// The first item whose connection (client, server address) reaches this
+/// host through `iface`: its server address is one of the interface's, or
+/// the kernel routes its client out of `iface` ([`route_oif`]). A route
+/// that cannot be looked up counts as through `iface` (a check that runs
+/// rather than one skipped). The interface is asked only when `items` is
+/// not empty.
+pub fn first_through<T>(iface: &str, items: Vec<(IpAddr, IpAddr, T)>) -> Option<T> {
+    if items.is_empty() {
+        return None;
+    }
+    let addrs = addresses(iface).unwrap_or_default();
+    let index = ifindex(iface).ok();
+    items.into_iter().find_map(|(client, server, item)| {
+        let on_iface = addrs.contains(&server);
+        let through = match route_oif(client) {
+            Ok(Some(oif)) => index.is_some_and(|i| i == oif),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!("looking up the route to {client}: {e}");
+                true
+            }
+        };
+        (on_iface || through).then_some(item)
+    })
+}
+
 /// The interface index the kernel routes packets to `dst` out of (an
 /// `RTM_GETROUTE` lookup over rtnetlink, as `ip route get` does, in the
 /// caller's network namespace), or None when it has no route to `dst`.

@@ -331,6 +331,23 @@ pub fn ssh_session(policy: &Policy, roles: &[String], iface: Option<&str>) -> Op
     ssh_session_of(policy, roles, iface, (client, cport, server, port))
 }
 
+/// The sessions of `sessions` that the policy would cut: (client
+/// address, server address, message), each judged by [`ssh_session_of`].
+pub fn ssh_sessions_cut(
+    policy: &Policy,
+    roles: &[String],
+    iface: &str,
+    sessions: Vec<(std::net::IpAddr, u16, std::net::IpAddr, u16)>,
+) -> Vec<(std::net::IpAddr, std::net::IpAddr, String)> {
+    sessions
+        .into_iter()
+        .filter_map(|conn| {
+            let (client, _, server, _) = conn;
+            ssh_session_of(policy, roles, Some(iface), conn).map(|m| (client, server, m))
+        })
+        .collect()
+}
+
 /// [`ssh_session`] for the session `conn` (client, client port, server,
 /// server port).
 pub fn ssh_session_of(
