@@ -238,6 +238,42 @@ impl SvcPaths {
         !marks.is_empty() && marks.iter().all(|(_, _, d)| *d == Some(id))
     }
 
+    /// The side directory a re-attach over an enforcing leftover makes
+    /// its pins in before it swaps them in (`ROOT/services-next:ID`; not
+    /// an attachment of its own: [`list`] does not see it).
+    pub fn next_dir(&self) -> PathBuf {
+        let name = format!(
+            "services-next:{}",
+            self.dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(PIN_PREFIX))
+                .unwrap_or_default()
+        );
+        self.dir.with_file_name(name)
+    }
+
+    /// Whether the side directory ([`Self::next_dir`]) is this state
+    /// directory's: every owner mark in it names this directory by its
+    /// `st_dev:st_ino` (or it has none: killed before its mark).
+    fn side_is_ours(&self) -> bool {
+        let id = self.state_dir_id();
+        owner_marks(&self.next_dir())
+            .iter()
+            .all(|(_, _, d)| id.is_some() && *d == id)
+    }
+
+    /// The kernel ids of the programs whose pinned links here are
+    /// attached, in the kernel, to this cgroup root.
+    pub fn linked_programs(&self) -> std::collections::BTreeSet<u32> {
+        [self.link_ingress(), self.link_egress()]
+            .iter()
+            .filter_map(|p| crate::attachment::services_nest::pinned_cgroup_link(p).ok())
+            .filter(|(cg, _)| *cg == self.root.id)
+            .map(|(_, prog)| prog)
+            .collect()
+    }
+
     /// The refusal for pins this state directory does not own: names the
     /// other attachment and how to remove it. Nothing is changed.
     pub fn foreign(&self) -> ServicesError {
@@ -673,45 +709,76 @@ pub fn attach(
     crate::attachment::services_nest::refuse_cgroup_namespace()?;
     let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
+    // A side directory left by a re-attach killed half-way (below): the
+    // pins at `paths.dir` are what enforces by this state's name, so it
+    // goes (its links, if any, were never more than those).
+    let side = paths.next_dir();
+    if side.exists() && paths.side_is_ours() {
+        std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
+    }
     let mut rolled_back = false;
+    // The programs of a leftover of this state directory (a crashed attach
+    // or a killed detach) that enforce on this root: they stay attached
+    // until this attach's own enforce, so the cgroup never has fewer
+    // directions than the leftover had.
+    let mut leftover = std::collections::BTreeSet::new();
     match paths.owner() {
         // An attach of this very state directory that died between its
         // owner mark and its state (kill -9): under the attach lock no
-        // attach is live, so its pins and links are rolled back (their
-        // links leave the cgroup) and this attach starts fresh.
+        // attach is live, so it is replaced by this attach.
         Owner::Other if paths.crashed_here() => {
             tracing::warn!(
-                "removing the pins {} of an attach from this state directory that died before recording its state",
+                "replacing the pins {} of an attach from this state directory that died before recording its state",
                 paths.dir.display()
             );
-            std::fs::remove_dir_all(&paths.dir)
-                .map_err(io(format!("removing {}", paths.dir.display())))?;
-            rolled_back = true;
+            leftover = paths.linked_programs();
+            if leftover.is_empty() {
+                std::fs::remove_dir_all(&paths.dir)
+                    .map_err(io(format!("removing {}", paths.dir.display())))?;
+                rolled_back = true;
+            }
         }
         Owner::Other => return Err(paths.foreign()),
         Owner::Mine if paths.is_attached() => return reload(paths, policy, policy_path, audit),
         // This state directory's partial attachment (an attach or detach
-        // killed half-way): started over, its links leave the cgroup.
+        // killed half-way): replaced by this attach.
         Owner::Mine if paths.dir.exists() => {
-            std::fs::remove_dir_all(&paths.dir)
-                .map_err(io(format!("removing {}", paths.dir.display())))?;
-            rolled_back = true;
+            leftover = paths.linked_programs();
+            if leftover.is_empty() {
+                std::fs::remove_dir_all(&paths.dir)
+                    .map_err(io(format!("removing {}", paths.dir.display())))?;
+                rolled_back = true;
+            }
         }
         _ => {}
     }
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
-    // at a time on this machine.
+    // at a time on this machine. The leftover's own programs do not count.
     let _nesting = crate::attachment::services_nest::nest_lock()?;
-    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
     // The kernel frees an unpinned link a moment later (deferred work).
     let mut tries = 0;
     while rolled_back && nested.is_err() && tries < 40 {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+        nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
         tries += 1;
     }
     nested?;
+    // Over an enforcing leftover, the new attachment is made in the side
+    // directory and swapped in once its links enforce; else in place.
+    let made = if leftover.is_empty() {
+        paths.clone()
+    } else {
+        SvcPaths {
+            dir: side.clone(),
+            ..paths.clone()
+        }
+    };
+    // `paths` from here: where this attach makes its pins; `made_for`:
+    // where they end up.
+    let made_for = paths;
+    let paths = &made;
     // A partial attachment of this state directory (a crash between
     // pinning and attaching) is started over: nothing of it is attached.
     if paths.dir.exists() {
@@ -780,12 +847,29 @@ pub fn attach(
         paths.link_ingress(),
         paths.link_egress(),
     ])
-    .and_then(|own| crate::attachment::services_nest::refuse_linked(&paths.root, &own, true));
+    .and_then(|mut own| {
+        own.extend(leftover.iter().copied());
+        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true)
+    });
     if let Err(e) = raced {
         let _ = std::fs::remove_dir_all(&paths.dir);
         unmake_parent();
         return Err(e.into());
     }
+    // Both new links enforce: swapped in for the leftover (one rename),
+    // whose links then leave the cgroup with its pins.
+    let paths = if leftover.is_empty() {
+        paths
+    } else {
+        let target = &made_for.dir;
+        if let Err(e) = exchange(&paths.dir, target) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e);
+        }
+        std::fs::remove_dir_all(&paths.dir)
+            .map_err(io(format!("removing {}", paths.dir.display())))?;
+        made_for
+    };
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
@@ -803,6 +887,32 @@ pub fn attach(
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
     Ok(state)
+}
+
+/// Swaps the directories `a` and `b` (`renameat2(RENAME_EXCHANGE)`, one
+/// step: each path always names a complete set of pins).
+fn exchange(a: &Path, b: &Path) -> Result<(), ServicesError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default();
+    let (ca, cb) = (c(a), c(b));
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(ServicesError::Io {
+            what: format!("swapping {} and {}", a.display(), b.display()),
+            source: std::io::Error::last_os_error(),
+        })
+    }
 }
 
 /// Refuses `policy` when a service's cgroup below `paths.root` lies
@@ -1244,6 +1354,12 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         )));
     }
     let existed = paths.dir.exists() || paths.state.exists();
+    // What a re-attach killed half-way left beside the pins (its own, or
+    // the leftover it replaced).
+    let side = paths.next_dir();
+    if side.exists() && paths.side_is_ours() {
+        std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
+    }
     for link in [paths.link_ingress(), paths.link_egress()] {
         if link.exists() {
             std::fs::remove_file(&link).map_err(io(format!("removing {}", link.display())))?;

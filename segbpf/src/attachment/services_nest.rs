@@ -445,9 +445,10 @@ pub fn nest_lock() -> Result<Option<std::fs::File>, NestError> {
 
 /// Refuses `root` when segbpf's services programs are attached, in the
 /// kernel, at `root` itself, at one of its ancestors up to the cgroup v2
-/// mount, or at a cgroup below it; the error names that cgroup.
-pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
-    let ours = services_programs();
+/// mount, or at a cgroup below it; the error names that cgroup. The
+/// programs `own` (a leftover this attach replaces) do not count.
+pub fn refuse_nested(root: &CgroupRoot, own: &BTreeSet<u32>) -> Result<(), NestError> {
+    let ours: BTreeSet<u32> = services_programs().difference(own).copied().collect();
     if ours.is_empty() {
         return Ok(());
     }
@@ -486,7 +487,7 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
         )));
     }
     // What no path shows (above a subtree mount): the kernel's links.
-    refuse_linked(root, &BTreeSet::new(), false)
+    refuse_linked(root, own, false)
 }
 
 #[cfg(test)]
