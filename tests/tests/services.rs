@@ -5930,3 +5930,103 @@ fn reattach_over_a_leftover_never_lifts_enforcement() -> anyhow::Result<()> {
     assert_eq!(directions_at(&root), (false, false));
     Ok(())
 }
+
+/// Review 9 L3 and L2: a crash leftover that enforces (an attach killed
+/// after its links, before its state; both programs, then egress only)
+/// is listed by plain `segbpf status` from its own state directory and
+/// from another one sharing the pins, and what the other one says is in
+/// force comes from the kernel's links: "in force" with both,
+/// "PARTIALLY in force" with egress only, "nothing in force" with the
+/// owner mark alone.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn status_lists_crash_leftovers_by_the_kernels_links() -> anyhow::Result<()> {
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let lab = SvcLab::new("lostat", &["a", "b"], 133)?;
+    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
+    std::fs::create_dir_all(&state2)?;
+    let _c2 = Cleanup(state2.clone());
+    let run = |state: &Path, args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(segbpf_bin())
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", state)
+            .args(args)
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let pins = make_crash_leftover(&lab)?;
+    let line_of = |text: &str| -> String {
+        text.lines()
+            .find(|l| l.contains(&format!("services below {root}:")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Both programs.
+    let own = run(&lab.state, &["status"])?;
+    assert!(
+        line_of(&own).contains("died before recording its state")
+            && line_of(&own).contains("both programs are attached"),
+        "plain status of the state dir: {own}"
+    );
+    let other = run(&state2, &["status"])?;
+    assert!(
+        line_of(&other).contains("generation 1 in force"),
+        "plain status of another state dir: {other}"
+    );
+    // Egress only.
+    std::fs::remove_file(pins.join("link_svc_ingress"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, true) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let own = run(&lab.state, &["status"])?;
+    assert!(
+        line_of(&own).contains("only its egress program is attached"),
+        "plain status of the state dir, egress only: {own}"
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--services", "--cgroup-root", &root][..],
+    ] {
+        let other = run(&state2, args)?;
+        let line = line_of(&other);
+        assert!(
+            line.contains("PARTIALLY in force") && !line.contains("generation 1 in force"),
+            "{args:?} of another state dir, egress only: {other}"
+        );
+    }
+    // The owner mark alone: nothing enforces.
+    std::fs::remove_file(pins.join("link_svc_egress"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let other = run(&state2, &["status", "--services", "--cgroup-root", &root])?;
+    let line = line_of(&other);
+    assert!(
+        line.contains("nothing in force") && !line.contains("generation 1 in force"),
+        "another state dir, the owner mark alone: {other}"
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    Ok(())
+}

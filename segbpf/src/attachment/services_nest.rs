@@ -277,6 +277,19 @@ pub fn cgroup_alive(id: u64) -> std::io::Result<bool> {
     Ok(open_cgroup_by_id(&mount, id)?.is_some())
 }
 
+/// The path of the cgroup `id` in this process's mounts, from the kernel
+/// (the cgroup opened by its handle, its path read back): how an
+/// attachment whose state names it by another cgroup namespace's path,
+/// or that has no state here, is found. `None`: gone, or no path here.
+pub fn cgroup_path(id: u64) -> Option<PathBuf> {
+    let (mount, _) = cgroup2_mount().ok()?;
+    let mount = std::fs::File::open(mount).ok()?;
+    let cg = open_cgroup_by_id(&mount, id).ok()??;
+    std::fs::read_link(format!("/proc/self/fd/{}", cg.as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute() && p.is_dir())
+}
+
 /// Whether a cgroup below `dir` (not `dir` itself) has an id in `ids`;
 /// the first found. Ids are the kernel's (a cgroup directory's inode).
 fn below_ids(dir: &Path, ids: &BTreeSet<u64>) -> Option<u64> {

@@ -125,7 +125,7 @@ pub struct SvcReport {
     pub linked: Vec<&'static str>,
     /// The pins are the leftovers of an attach from this state directory
     /// that died before recording its state (the next attach from here
-    /// rolls them back).
+    /// replaces them; their links stay until the new ones enforce).
     pub crashed_attach: bool,
 }
 
