@@ -5488,6 +5488,27 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         })
     };
     assert_eq!(pins(), 1);
+    // Live (review 9 N4): the host's plain `status` lists it by its path
+    // here, enforcing; so does `status --services` without a root.
+    let cns_text = cns.display().to_string();
+    let out = lab.segbpf(&["status"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("services below {cns_text}: enforcing"))),
+        "the host's status does not list the live attachment: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lab.segbpf(&["status", "--services"]).output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&cns_text),
+        "the host's status --services does not name the live attachment: {text}"
+    );
     // The container stops (its follower with it) and is made again.
     drop(k);
     let start = Instant::now();
