@@ -193,7 +193,13 @@ impl SvcPaths {
     /// the state's owner token must name a mark in the pin directory (an
     /// older state without a token: no mark there). Another
     /// `SEGBPF_STATE_DIR` that shares the pin root never adopts, reloads
-    /// or rescans an attachment it did not make.
+    /// or rescans an attachment it did not make. Pins with no mark at all
+    /// while this state directory has a state for the root are this
+    /// state's half-removed attachment: every attach marks its pin
+    /// directory before it pins anything, and only a detach (killed
+    /// half-way) takes the mark away, so such pins (a link perhaps still
+    /// enforcing) are whatever the detach left, and this state directory
+    /// may finish it (detach) or replace it (attach).
     pub fn owner(&self) -> Owner {
         if !self.dir.exists() {
             return Owner::Nobody;
@@ -201,7 +207,7 @@ impl SvcPaths {
         let marks = owner_marks(&self.dir);
         match self.read_state().map(|s| s.owner) {
             Some(Some(t)) if marks.iter().any(|(m, _, _)| *m == t) => Owner::Mine,
-            Some(None) if marks.is_empty() => Owner::Mine,
+            Some(_) if marks.is_empty() => Owner::Mine,
             _ => Owner::Other,
         }
     }
@@ -379,6 +385,11 @@ pub struct SvcState {
     /// namespace, meaningless in another one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_ns: Option<u64>,
+    /// The pin directory the attachment was made at (under the
+    /// `SEGBPF_BPFFS` of its attach): where `status` points when run with
+    /// another pin root. Absent in the states of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<PathBuf>,
 }
 
 /// This process's cgroup namespace (the inode of `/proc/self/ns/cgroup`).
@@ -883,6 +894,7 @@ pub fn attach(
         restored: None,
         owner: Some(owner),
         cgroup_ns: cgroup_ns(),
+        pins: Some(absolute(&paths.dir)),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
@@ -1275,7 +1287,8 @@ pub fn apply_locked(
         set_overrides: choice.overrides.clone(),
         restored: choice.restored,
         owner: before.as_ref().and_then(|s| s.owner),
-        cgroup_ns: before.and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
+        cgroup_ns: before.as_ref().and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
+        pins: Some(absolute(&paths.dir)),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, &choice.text);
@@ -1342,8 +1355,9 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         && crate::attachment::services_nest::cgroup_alive(paths.root.id).unwrap_or(false)
         && crate::attachment::services_nest::services_at(&paths.root.dir)?
     {
+        let hint = pins_elsewhere(paths).map_or_else(String::new, |h| format!(" ({h})"));
         return Err(ServicesError::Refused(format!(
-            "the services below {} are enforced by programs whose pins are not under this pin root ({}): the state {} is for an attachment made with another SEGBPF_BPFFS; run `segbpf detach --services --cgroup-root {}` with that SEGBPF_BPFFS. Nothing was changed",
+            "the services below {} are enforced by programs whose pins are not under this pin root ({}): the state {} is for an attachment made with another SEGBPF_BPFFS; run `segbpf detach --services --cgroup-root {}` with that SEGBPF_BPFFS{hint}. Nothing was changed",
             paths.root.dir.display(),
             paths
                 .dir
@@ -1389,6 +1403,23 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
     }
     Ok(existed)
+}
+
+/// When the state at `paths` names pins under another pin root than
+/// `paths`' (an attach made with another `SEGBPF_BPFFS`) and they exist:
+/// the hint naming them and that pin root.
+pub fn pins_elsewhere(paths: &SvcPaths) -> Option<String> {
+    let pins = paths.read_state()?.pins?;
+    if pins == absolute(&paths.dir) || !pins.exists() {
+        return None;
+    }
+    let root = pins.parent()?;
+    Some(format!(
+        "the state {} names the pins {} (its attach ran with SEGBPF_BPFFS={}): run with that SEGBPF_BPFFS",
+        paths.state.display(),
+        pins.display(),
+        root.display()
+    ))
 }
 
 /// The history directory of the attachment at `paths`.

@@ -547,6 +547,9 @@ pub fn print_text(
     reports: &[report::SvcReport],
 ) -> std::io::Result<()> {
     for r in reports {
+        if let Some(hint) = &r.pins_elsewhere {
+            writeln!(o, "services below {}: {hint}", r.cgroup_root)?;
+        }
         if r.crashed_attach {
             writeln!(
                 o,
@@ -715,6 +718,15 @@ pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
         );
     }
     if reports.is_empty() {
+        // The state here was made with another pin root: say where.
+        if let Ok(p) = paths(cgroup_root.as_deref())
+            && let Some(hint) = engine::pins_elsewhere(&p)
+        {
+            anyhow::bail!(
+                "no services attachment below {} under this pin root; {hint}",
+                p.root.dir.display()
+            );
+        }
         let elsewhere: Vec<String> = reports_elsewhere(cgroup_root.as_deref());
         if elsewhere.is_empty() {
             anyhow::bail!("no services attachment");
