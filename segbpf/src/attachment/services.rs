@@ -1367,11 +1367,12 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
             paths.root.dir.display()
         )));
     }
-    let existed = paths.dir.exists() || paths.state.exists();
+    let existed = paths.dir.exists() || paths.state.exists() || paths.next_dir().exists();
     // What a re-attach killed half-way left beside the pins (its own, or
-    // the leftover it replaced).
+    // the leftover it replaced): removed with them, as the pins are,
+    // whichever state directory detaches.
     let side = paths.next_dir();
-    if side.exists() && paths.side_is_ours() {
+    if side.exists() {
         std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
     }
     for link in [paths.link_ingress(), paths.link_egress()] {
