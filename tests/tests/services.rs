@@ -5894,7 +5894,7 @@ fn reattach_over_a_leftover_never_lifts_enforcement() -> anyhow::Result<()> {
             })
         };
         std::thread::sleep(Duration::from_millis(50));
-        let (ok, err, _k2) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+        let (ok, err, k2) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
         std::thread::sleep(Duration::from_millis(100));
         stop.store(true, Ordering::Relaxed);
         let samples = sampler
@@ -5942,7 +5942,7 @@ fn reattach_over_a_leftover_never_lifts_enforcement() -> anyhow::Result<()> {
                 .any(|e| e.file_name().to_string_lossy().starts_with("services-next")),
             "round {round}: a side directory was left"
         );
-        followers.extend(_k2);
+        followers.extend(k2);
     }
     let out = lab
         .segbpf(&["detach", "--services", "--cgroup-root", &root])
