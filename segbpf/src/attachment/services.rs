@@ -194,12 +194,13 @@ impl SvcPaths {
     /// older state without a token: no mark there). Another
     /// `SEGBPF_STATE_DIR` that shares the pin root never adopts, reloads
     /// or rescans an attachment it did not make. Pins with no mark at all
-    /// while this state directory has a state for the root are this
-    /// state's half-removed attachment: every attach marks its pin
-    /// directory before it pins anything, and only a detach (killed
-    /// half-way) takes the mark away, so such pins (a link perhaps still
-    /// enforcing) are whatever the detach left, and this state directory
-    /// may finish it (detach) or replace it (attach).
+    /// but a link on the root, while this state directory has a state for
+    /// the root, are this state's half-removed attachment: every attach
+    /// marks its pin directory before it pins anything, and only a detach
+    /// (killed half-way) takes the mark away, so such pins are whatever
+    /// the detach left, and this state directory may finish it (detach)
+    /// or replace it (attach). (A markless directory without a link may
+    /// be an attach of another state directory just starting: not ours.)
     pub fn owner(&self) -> Owner {
         if !self.dir.exists() {
             return Owner::Nobody;
@@ -207,7 +208,8 @@ impl SvcPaths {
         let marks = owner_marks(&self.dir);
         match self.read_state().map(|s| s.owner) {
             Some(Some(t)) if marks.iter().any(|(m, _, _)| *m == t) => Owner::Mine,
-            Some(_) if marks.is_empty() => Owner::Mine,
+            Some(None) if marks.is_empty() => Owner::Mine,
+            Some(Some(_)) if marks.is_empty() && !self.linked_programs().is_empty() => Owner::Mine,
             _ => Owner::Other,
         }
     }
@@ -1368,6 +1370,15 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         )));
     }
     let existed = paths.dir.exists() || paths.state.exists() || paths.next_dir().exists();
+    // The programs these pins (and a side directory's) have on the root.
+    let mut linked = paths.linked_programs();
+    linked.extend(
+        SvcPaths {
+            dir: paths.next_dir(),
+            ..paths.clone()
+        }
+        .linked_programs(),
+    );
     // What a re-attach killed half-way left beside the pins (its own, or
     // the leftover it replaced): removed with them, as the pins are,
     // whichever state directory detaches.
@@ -1402,6 +1413,18 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     let pending = paths.pending_file();
     if pending.exists() {
         std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
+    }
+    // The kernel detaches an unpinned link a moment later (deferred
+    // work): wait (2 s at most) until its programs have left the root, so
+    // what `detach` reports is what the kernel has, and an attach right
+    // after finds no program of this attachment there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !linked.is_empty()
+        && std::time::Instant::now() < deadline
+        && crate::attachment::services_nest::programs_at(&paths.root.dir)
+            .is_ok_and(|at| !at.is_disjoint(&linked))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(existed)
 }

@@ -83,6 +83,16 @@ fn attached(dir: &Path, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The ids of the programs attached directly at the cgroup `dir`, both
+/// directions.
+pub fn programs_at(dir: &Path) -> std::io::Result<BTreeSet<u32>> {
+    let mut out = BTreeSet::new();
+    for t in ATTACH_TYPES {
+        out.extend(attached(dir, t)?);
+    }
+    Ok(out)
+}
+
 /// Whether `name` (a kernel program name) is one of segbpf's live
 /// services programs.
 fn is_services_program(name: &str) -> bool {
