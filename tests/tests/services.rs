@@ -5459,7 +5459,7 @@ fn attach_lock_is_not_held_by_a_user() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
 fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::Result<()> {
-    let lab = SvcLab::new("gonens", &["cns/a", "cns/b"], 128)?;
+    let lab = SvcLab::new("gonens", &["cns/a", "cns/b", "live/a", "live/b"], 128)?;
     let cns = lab.cg("cns");
     let policy = lab.state.join("p.toml");
     std::fs::write(
@@ -5480,6 +5480,20 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         );
     let (ok, err, k) = attach_no_wait(in_ns, &policy, &mount)?;
     assert!(ok, "{err}");
+    // A second container, which stays (review 9 N4: listed beside a gone one).
+    let live = lab.cg("live");
+    let mut in_ns2 = Command::new("sh");
+    in_ns2
+        .args(["-c", IN_CGROUP_NS, "sh"])
+        .arg(&live)
+        .arg(&mount)
+        .arg(segbpf_bin())
+        .envs(
+            c.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+    let (ok, err, _k_live) = attach_no_wait(in_ns2, &policy, &mount)?;
+    assert!(ok, "{err}");
     let pins = || -> usize {
         std::fs::read_dir(&lab.bpffs).map_or(0, |rd| {
             rd.flatten()
@@ -5487,7 +5501,7 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
                 .count()
         })
     };
-    assert_eq!(pins(), 1);
+    assert_eq!(pins(), 2);
     // Live (review 9 N4): the host's plain `status` lists it by its path
     // here, enforcing; so does `status --services` without a root.
     let cns_text = cns.display().to_string();
@@ -5533,6 +5547,18 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         }
     }
     std::fs::create_dir(&cns)?;
+    // Without a root: the gone one and the live one.
+    let out = lab.segbpf(&["status", "--services"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let live_text = live.display().to_string();
+    assert!(
+        text.contains("another cgroup namespace")
+            && text
+                .lines()
+                .any(|l| l.contains(&format!("services below {live_text}: enforcing"))),
+        "the host's status --services does not list the gone and the live one: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = lab
         .segbpf(&["status", "--services", "--cgroup-root"])
         .arg(&cns)
@@ -5552,7 +5578,17 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(pins(), 0, "the gone attachment's pins stayed");
+    assert_eq!(pins(), 1, "the gone attachment's pins stayed");
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&live)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pins(), 0, "the live attachment's pins stayed");
     Ok(())
 }
 
