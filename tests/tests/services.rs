@@ -5459,7 +5459,7 @@ fn attach_lock_is_not_held_by_a_user() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root, cgroup v2, unshare and a kernel with BPF: run `cargo xtask test`"]
 fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::Result<()> {
-    let lab = SvcLab::new("gonens", &["cns/a", "cns/b"], 128)?;
+    let lab = SvcLab::new("gonens", &["cns/a", "cns/b", "live/a", "live/b"], 128)?;
     let cns = lab.cg("cns");
     let policy = lab.state.join("p.toml");
     std::fs::write(
@@ -5480,6 +5480,20 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         );
     let (ok, err, k) = attach_no_wait(in_ns, &policy, &mount)?;
     assert!(ok, "{err}");
+    // A second container, which stays (review 9 N4: listed beside a gone one).
+    let live = lab.cg("live");
+    let mut in_ns2 = Command::new("sh");
+    in_ns2
+        .args(["-c", IN_CGROUP_NS, "sh"])
+        .arg(&live)
+        .arg(&mount)
+        .arg(segbpf_bin())
+        .envs(
+            c.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+    let (ok, err, _k_live) = attach_no_wait(in_ns2, &policy, &mount)?;
+    assert!(ok, "{err}");
     let pins = || -> usize {
         std::fs::read_dir(&lab.bpffs).map_or(0, |rd| {
             rd.flatten()
@@ -5487,7 +5501,28 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
                 .count()
         })
     };
-    assert_eq!(pins(), 1);
+    assert_eq!(pins(), 2);
+    // Live (review 9 N4): the host's plain `status` lists it by its path
+    // here, enforcing; so does `status --services` without a root.
+    let cns_text = cns.display().to_string();
+    let out = lab.segbpf(&["status"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("services below {cns_text}: enforcing"))),
+        "the host's status does not list the live attachment: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lab.segbpf(&["status", "--services"]).output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&cns_text),
+        "the host's status --services does not name the live attachment: {text}"
+    );
     // The container stops (its follower with it) and is made again.
     drop(k);
     let start = Instant::now();
@@ -5512,6 +5547,18 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         }
     }
     std::fs::create_dir(&cns)?;
+    // Without a root: the gone one and the live one.
+    let out = lab.segbpf(&["status", "--services"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let live_text = live.display().to_string();
+    assert!(
+        text.contains("another cgroup namespace")
+            && text
+                .lines()
+                .any(|l| l.contains(&format!("services below {live_text}: enforcing"))),
+        "the host's status --services does not list the gone and the live one: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = lab
         .segbpf(&["status", "--services", "--cgroup-root"])
         .arg(&cns)
@@ -5531,7 +5578,17 @@ fn a_gone_attachment_of_a_cgroup_namespace_is_found_from_the_host() -> anyhow::R
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(pins(), 0, "the gone attachment's pins stayed");
+    assert_eq!(pins(), 1, "the gone attachment's pins stayed");
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root"])
+        .arg(&live)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pins(), 0, "the live attachment's pins stayed");
     Ok(())
 }
 
@@ -5770,5 +5827,360 @@ fn detach_from_other_pins_changes_nothing() -> anyhow::Result<()> {
     assert!(out.status.success());
     // (bpftool prints no JSON for a cgroup without programs.)
     assert_eq!(ours_at_root().unwrap_or(0), 0);
+    Ok(())
+}
+
+/// The directions segbpf's services programs are attached for directly
+/// at `root`, from the kernel (`bpftool cgroup show`): (ingress, egress).
+fn directions_at(root: &str) -> (bool, bool) {
+    let Ok(v) = bpftool(&["cgroup", "show", root]) else {
+        // (bpftool prints no JSON for a cgroup without programs.)
+        return (false, false);
+    };
+    let ours: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("segbpf_svc"))
+        })
+        .filter_map(|p| p["attach_type"].as_str().map(str::to_string))
+        .collect();
+    (
+        ours.iter().any(|t| t.ends_with("ingress")),
+        ours.iter().any(|t| t.ends_with("_egress")),
+    )
+}
+
+/// The state file of the (one) services attachment of `lab`.
+fn state_file_of(lab: &SvcLab) -> anyhow::Result<PathBuf> {
+    std::fs::read_dir(&lab.state)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("services:"))
+        })
+        .context("no state file")
+}
+
+/// Turns `lab`'s live attachment into what an attach killed after its
+/// links and before its state leaves: the follower killed, the state
+/// file removed (the owner mark and the links stay).
+fn make_crash_leftover(lab: &SvcLab) -> anyhow::Result<PathBuf> {
+    for pid in followers_of(lab) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let state = state_file_of(lab)?;
+    let pins = lab.bpffs.join(state.file_stem().context("state name")?);
+    std::fs::remove_file(&state)?;
+    Ok(pins)
+}
+
+/// Re-attaching from the same state directory over a leftover of it that
+/// enforces (review 9 L1: a crashed attach's links, both or egress only,
+/// its owner mark, no state) never lifts enforcement: while the attach
+/// runs, the root's programs (sampled from the kernel) never lack a
+/// direction the leftover had, and a service whose egress is dropped
+/// never reaches a server with real sockets.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn reattach_over_a_leftover_never_lifts_enforcement() -> anyhow::Result<()> {
+    let lab = SvcLab::new("gap", &["a", "b", "none", "stage"], 132)?;
+    let ns = lab.ns.name.clone();
+    let _srv = Helper::server(&lab.cg("none"), &ns, "serve-udp 127.0.0.1 9000")?;
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let mut followers = Vec::new();
+    for (round, egress_only) in [(0, false), (1, true)] {
+        let pins = make_crash_leftover(&lab)?;
+        if egress_only {
+            std::fs::remove_file(pins.join("link_svc_ingress"))?;
+        }
+        let want = (!egress_only, true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while directions_at(&root) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(directions_at(&root), want, "round {round}: the leftover");
+        let forbidden = prober_in(&lab, "a", "127.0.0.1 9000")?;
+        let allowed = prober_in(&lab, "b", "127.0.0.1 9000")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (stop, root) = (stop.clone(), root.clone());
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    samples.push(directions_at(&root));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                samples
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let (ok, err, k2) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        let samples = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        let (bad, _, tries) = finish(forbidden)?;
+        let (good, _, _) = finish(allowed)?;
+        assert!(ok, "round {round}: the re-attach failed: {err}");
+        let trace: String = samples
+            .iter()
+            .map(|&(i, e)| match (i, e) {
+                (true, true) => '2',
+                (false, true) => 'e',
+                (true, false) => 'i',
+                (false, false) => '0',
+            })
+            .collect();
+        eprintln!(
+            "round {round}: {} samples during the re-attach: {trace}",
+            samples.len()
+        );
+        assert!(samples.len() > 5, "round {round}: {trace}");
+        assert!(
+            samples.iter().all(|&(i, e)| e && (i || egress_only)),
+            "round {round}: the re-attach lifted a direction the leftover enforced (2 both, e egress only, 0 none): {trace}"
+        );
+        assert_eq!(
+            bad, 0,
+            "round {round}: a's dropped egress reached the server during the re-attach"
+        );
+        assert!(
+            tries > 5 && good > 0,
+            "round {round}: the probers did not run ({tries} tries, {good} allowed)"
+        );
+        assert_eq!(directions_at(&root), (true, true), "round {round}: after");
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root])
+            .output()?;
+        let status = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(status.contains("enforcing, generation 1"), "{status}");
+        assert!(
+            !lab.bpffs
+                .read_dir()?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("services-next")),
+            "round {round}: a side directory was left"
+        );
+        followers.extend(k2);
+    }
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    assert_eq!(directions_at(&root), (false, false));
+    Ok(())
+}
+
+/// Review 9 L3 and L2: a crash leftover that enforces (an attach killed
+/// after its links, before its state; both programs, then egress only)
+/// is listed by plain `segbpf status` from its own state directory and
+/// from another one sharing the pins, and what the other one says is in
+/// force comes from the kernel's links: "in force" with both,
+/// "PARTIALLY in force" with egress only, "nothing in force" with the
+/// owner mark alone.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn status_lists_crash_leftovers_by_the_kernels_links() -> anyhow::Result<()> {
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let lab = SvcLab::new("lostat", &["a", "b"], 133)?;
+    let state2 = PathBuf::from(format!("{}-s2", lab.state.display()));
+    std::fs::create_dir_all(&state2)?;
+    let _c2 = Cleanup(state2.clone());
+    let run = |state: &Path, args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(segbpf_bin())
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", state)
+            .args(args)
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let pins = make_crash_leftover(&lab)?;
+    let line_of = |text: &str| -> String {
+        text.lines()
+            .find(|l| l.contains(&format!("services below {root}:")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Both programs.
+    let own = run(&lab.state, &["status"])?;
+    assert!(
+        line_of(&own).contains("died before recording its state")
+            && line_of(&own).contains("both programs are attached"),
+        "plain status of the state dir: {own}"
+    );
+    let other = run(&state2, &["status"])?;
+    assert!(
+        line_of(&other).contains("generation 1 in force"),
+        "plain status of another state dir: {other}"
+    );
+    // Egress only.
+    std::fs::remove_file(pins.join("link_svc_ingress"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, true) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let own = run(&lab.state, &["status"])?;
+    assert!(
+        line_of(&own).contains("only its egress program is attached"),
+        "plain status of the state dir, egress only: {own}"
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--services", "--cgroup-root", &root][..],
+    ] {
+        let other = run(&state2, args)?;
+        let line = line_of(&other);
+        assert!(
+            line.contains("PARTIALLY in force") && !line.contains("generation 1 in force"),
+            "{args:?} of another state dir, egress only: {other}"
+        );
+    }
+    // The owner mark alone: nothing enforces.
+    std::fs::remove_file(pins.join("link_svc_egress"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let other = run(&state2, &["status", "--services", "--cgroup-root", &root])?;
+    let line = line_of(&other);
+    assert!(
+        line.contains("nothing in force") && !line.contains("generation 1 in force"),
+        "another state dir, the owner mark alone: {other}"
+    );
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(out.status.success());
+    Ok(())
+}
+
+/// A detach killed after it removed the owner mark but before the last
+/// link: the pins (egress still linked) are this state directory's
+/// half-removed attachment, not another one's: `status --services` says
+/// PARTIALLY attached (not "attached by" another state directory), an
+/// attach from here replaces it and a detach removes it. And `status`
+/// run with another `SEGBPF_BPFFS` points to the pins the state names.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn a_half_detached_attachment_is_this_state_dirs() -> anyhow::Result<()> {
+    let lab = SvcLab::new("halfdet", &["a", "b"], 134)?;
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let mut followers = Vec::new();
+    let half_detach = |lab: &SvcLab| -> anyhow::Result<()> {
+        for pid in followers_of(lab) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let state = state_file_of(lab)?;
+        let pins = lab.bpffs.join(state.file_stem().context("state name")?);
+        for e in std::fs::read_dir(&pins)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("owner:") {
+                std::fs::remove_dir(e.path())?;
+            }
+        }
+        std::fs::remove_file(pins.join("link_svc_ingress"))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while directions_at(&lab.root.display().to_string()) != (false, true)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let (ok, err, k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    followers.extend(k);
+    // Another pin root: status names where the pins are.
+    let other_pins = PathBuf::from(format!("{}-p2", lab.bpffs.display()));
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .env("SEGBPF_BPFFS", &other_pins)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&other_pins);
+    assert!(
+        text.contains(&lab.bpffs.display().to_string()) && text.contains("SEGBPF_BPFFS"),
+        "status with another SEGBPF_BPFFS does not point to the pins: {text}"
+    );
+    half_detach(&lab)?;
+    assert_eq!(directions_at(&root), (false, true));
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("PARTIALLY attached: only egress") && !text.contains("attached by"),
+        "a half-detached attachment of this state dir: {text}"
+    );
+    let (ok, err, k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    followers.extend(k);
+    assert!(
+        ok,
+        "an attach over this state dir's half-detached attachment: {err}"
+    );
+    assert_eq!(directions_at(&root), (true, true));
+    half_detach(&lab)?;
+    let out = lab
+        .segbpf(&["detach", "--services", "--cgroup-root", &root])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(directions_at(&root), (false, false));
+    assert!(
+        state_file_of(&lab).is_err(),
+        "the state stayed after the detach"
+    );
     Ok(())
 }

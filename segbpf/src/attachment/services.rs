@@ -193,7 +193,14 @@ impl SvcPaths {
     /// the state's owner token must name a mark in the pin directory (an
     /// older state without a token: no mark there). Another
     /// `SEGBPF_STATE_DIR` that shares the pin root never adopts, reloads
-    /// or rescans an attachment it did not make.
+    /// or rescans an attachment it did not make. Pins with no mark at all
+    /// but a link on the root, while this state directory has a state for
+    /// the root, are this state's half-removed attachment: every attach
+    /// marks its pin directory before it pins anything, and only a detach
+    /// (killed half-way) takes the mark away, so such pins are whatever
+    /// the detach left, and this state directory may finish it (detach)
+    /// or replace it (attach). (A markless directory without a link may
+    /// be an attach of another state directory just starting: not ours.)
     pub fn owner(&self) -> Owner {
         if !self.dir.exists() {
             return Owner::Nobody;
@@ -202,6 +209,7 @@ impl SvcPaths {
         match self.read_state().map(|s| s.owner) {
             Some(Some(t)) if marks.iter().any(|(m, _, _)| *m == t) => Owner::Mine,
             Some(None) if marks.is_empty() => Owner::Mine,
+            Some(Some(_)) if marks.is_empty() && !self.linked_programs().is_empty() => Owner::Mine,
             _ => Owner::Other,
         }
     }
@@ -236,6 +244,42 @@ impl SvcPaths {
         };
         let marks = owner_marks(&self.dir);
         !marks.is_empty() && marks.iter().all(|(_, _, d)| *d == Some(id))
+    }
+
+    /// The side directory a re-attach over an enforcing leftover makes
+    /// its pins in before it swaps them in (`ROOT/services-next:ID`; not
+    /// an attachment of its own: [`list`] does not see it).
+    pub fn next_dir(&self) -> PathBuf {
+        let name = format!(
+            "services-next:{}",
+            self.dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(PIN_PREFIX))
+                .unwrap_or_default()
+        );
+        self.dir.with_file_name(name)
+    }
+
+    /// Whether the side directory ([`Self::next_dir`]) is this state
+    /// directory's: every owner mark in it names this directory by its
+    /// `st_dev:st_ino` (or it has none: killed before its mark).
+    fn side_is_ours(&self) -> bool {
+        let id = self.state_dir_id();
+        owner_marks(&self.next_dir())
+            .iter()
+            .all(|(_, _, d)| id.is_some() && *d == id)
+    }
+
+    /// The kernel ids of the programs whose pinned links here are
+    /// attached, in the kernel, to this cgroup root.
+    pub fn linked_programs(&self) -> std::collections::BTreeSet<u32> {
+        [self.link_ingress(), self.link_egress()]
+            .iter()
+            .filter_map(|p| crate::attachment::services_nest::pinned_cgroup_link(p).ok())
+            .filter(|(cg, _)| *cg == self.root.id)
+            .map(|(_, prog)| prog)
+            .collect()
     }
 
     /// The refusal for pins this state directory does not own: names the
@@ -343,6 +387,11 @@ pub struct SvcState {
     /// namespace, meaningless in another one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_ns: Option<u64>,
+    /// The pin directory the attachment was made at (under the
+    /// `SEGBPF_BPFFS` of its attach): where `status` points when run with
+    /// another pin root. Absent in the states of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<PathBuf>,
 }
 
 /// This process's cgroup namespace (the inode of `/proc/self/ns/cgroup`).
@@ -673,45 +722,76 @@ pub fn attach(
     crate::attachment::services_nest::refuse_cgroup_namespace()?;
     let _attaching = attach_lock(paths)?;
     check_depth(paths, policy)?;
+    // A side directory left by a re-attach killed half-way (below): the
+    // pins at `paths.dir` are what enforces by this state's name, so it
+    // goes (its links, if any, were never more than those).
+    let side = paths.next_dir();
+    if side.exists() && paths.side_is_ours() {
+        std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
+    }
     let mut rolled_back = false;
+    // The programs of a leftover of this state directory (a crashed attach
+    // or a killed detach) that enforce on this root: they stay attached
+    // until this attach's own enforce, so the cgroup never has fewer
+    // directions than the leftover had.
+    let mut leftover = std::collections::BTreeSet::new();
     match paths.owner() {
         // An attach of this very state directory that died between its
         // owner mark and its state (kill -9): under the attach lock no
-        // attach is live, so its pins and links are rolled back (their
-        // links leave the cgroup) and this attach starts fresh.
+        // attach is live, so it is replaced by this attach.
         Owner::Other if paths.crashed_here() => {
             tracing::warn!(
-                "removing the pins {} of an attach from this state directory that died before recording its state",
+                "replacing the pins {} of an attach from this state directory that died before recording its state",
                 paths.dir.display()
             );
-            std::fs::remove_dir_all(&paths.dir)
-                .map_err(io(format!("removing {}", paths.dir.display())))?;
-            rolled_back = true;
+            leftover = paths.linked_programs();
+            if leftover.is_empty() {
+                std::fs::remove_dir_all(&paths.dir)
+                    .map_err(io(format!("removing {}", paths.dir.display())))?;
+                rolled_back = true;
+            }
         }
         Owner::Other => return Err(paths.foreign()),
         Owner::Mine if paths.is_attached() => return reload(paths, policy, policy_path, audit),
         // This state directory's partial attachment (an attach or detach
-        // killed half-way): started over, its links leave the cgroup.
+        // killed half-way): replaced by this attach.
         Owner::Mine if paths.dir.exists() => {
-            std::fs::remove_dir_all(&paths.dir)
-                .map_err(io(format!("removing {}", paths.dir.display())))?;
-            rolled_back = true;
+            leftover = paths.linked_programs();
+            if leftover.is_empty() {
+                std::fs::remove_dir_all(&paths.dir)
+                    .map_err(io(format!("removing {}", paths.dir.display())))?;
+                rolled_back = true;
+            }
         }
         _ => {}
     }
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
-    // at a time on this machine.
+    // at a time on this machine. The leftover's own programs do not count.
     let _nesting = crate::attachment::services_nest::nest_lock()?;
-    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
     // The kernel frees an unpinned link a moment later (deferred work).
     let mut tries = 0;
     while rolled_back && nested.is_err() && tries < 40 {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        nested = crate::attachment::services_nest::refuse_nested(&paths.root);
+        nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
         tries += 1;
     }
     nested?;
+    // Over an enforcing leftover, the new attachment is made in the side
+    // directory and swapped in once its links enforce; else in place.
+    let made = if leftover.is_empty() {
+        paths.clone()
+    } else {
+        SvcPaths {
+            dir: side.clone(),
+            ..paths.clone()
+        }
+    };
+    // `paths` from here: where this attach makes its pins; `made_for`:
+    // where they end up.
+    let made_for = paths;
+    let paths = &made;
     // A partial attachment of this state directory (a crash between
     // pinning and attaching) is started over: nothing of it is attached.
     if paths.dir.exists() {
@@ -780,12 +860,29 @@ pub fn attach(
         paths.link_ingress(),
         paths.link_egress(),
     ])
-    .and_then(|own| crate::attachment::services_nest::refuse_linked(&paths.root, &own, true));
+    .and_then(|mut own| {
+        own.extend(leftover.iter().copied());
+        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true)
+    });
     if let Err(e) = raced {
         let _ = std::fs::remove_dir_all(&paths.dir);
         unmake_parent();
         return Err(e.into());
     }
+    // Both new links enforce: swapped in for the leftover (one rename),
+    // whose links then leave the cgroup with its pins.
+    let paths = if leftover.is_empty() {
+        paths
+    } else {
+        let target = &made_for.dir;
+        if let Err(e) = exchange(&paths.dir, target) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e);
+        }
+        std::fs::remove_dir_all(&paths.dir)
+            .map_err(io(format!("removing {}", paths.dir.display())))?;
+        made_for
+    };
     let state = SvcState {
         cgroup_root: paths.root.dir.clone(),
         cgroup_root_id: paths.root.id,
@@ -799,10 +896,37 @@ pub fn attach(
         restored: None,
         owner: Some(owner),
         cgroup_ns: cgroup_ns(),
+        pins: Some(absolute(&paths.dir)),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, policy_path);
     Ok(state)
+}
+
+/// Swaps the directories `a` and `b` (`renameat2(RENAME_EXCHANGE)`, one
+/// step: each path always names a complete set of pins).
+fn exchange(a: &Path, b: &Path) -> Result<(), ServicesError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default();
+    let (ca, cb) = (c(a), c(b));
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(ServicesError::Io {
+            what: format!("swapping {} and {}", a.display(), b.display()),
+            source: std::io::Error::last_os_error(),
+        })
+    }
 }
 
 /// Refuses `policy` when a service's cgroup below `paths.root` lies
@@ -1165,7 +1289,8 @@ pub fn apply_locked(
         set_overrides: choice.overrides.clone(),
         restored: choice.restored,
         owner: before.as_ref().and_then(|s| s.owner),
-        cgroup_ns: before.and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
+        cgroup_ns: before.as_ref().and_then(|s| s.cgroup_ns).or_else(cgroup_ns),
+        pins: Some(absolute(&paths.dir)),
     };
     paths.write_state(&state)?;
     record_history(paths, &state, &choice.text);
@@ -1232,8 +1357,9 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
         && crate::attachment::services_nest::cgroup_alive(paths.root.id).unwrap_or(false)
         && crate::attachment::services_nest::services_at(&paths.root.dir)?
     {
+        let hint = pins_elsewhere(paths).map_or_else(String::new, |h| format!(" ({h})"));
         return Err(ServicesError::Refused(format!(
-            "the services below {} are enforced by programs whose pins are not under this pin root ({}): the state {} is for an attachment made with another SEGBPF_BPFFS; run `segbpf detach --services --cgroup-root {}` with that SEGBPF_BPFFS. Nothing was changed",
+            "the services below {} are enforced by programs whose pins are not under this pin root ({}): the state {} is for an attachment made with another SEGBPF_BPFFS; run `segbpf detach --services --cgroup-root {}` with that SEGBPF_BPFFS{hint}. Nothing was changed",
             paths.root.dir.display(),
             paths
                 .dir
@@ -1243,7 +1369,23 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
             paths.root.dir.display()
         )));
     }
-    let existed = paths.dir.exists() || paths.state.exists();
+    let existed = paths.dir.exists() || paths.state.exists() || paths.next_dir().exists();
+    // The programs these pins (and a side directory's) have on the root.
+    let mut linked = paths.linked_programs();
+    linked.extend(
+        SvcPaths {
+            dir: paths.next_dir(),
+            ..paths.clone()
+        }
+        .linked_programs(),
+    );
+    // What a re-attach killed half-way left beside the pins (its own, or
+    // the leftover it replaced): removed with them, as the pins are,
+    // whichever state directory detaches.
+    let side = paths.next_dir();
+    if side.exists() {
+        std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
+    }
     for link in [paths.link_ingress(), paths.link_egress()] {
         if link.exists() {
             std::fs::remove_file(&link).map_err(io(format!("removing {}", link.display())))?;
@@ -1272,7 +1414,36 @@ pub fn detach(paths: &SvcPaths) -> Result<bool, ServicesError> {
     if pending.exists() {
         std::fs::remove_file(&pending).map_err(io(format!("removing {}", pending.display())))?;
     }
+    // The kernel detaches an unpinned link a moment later (deferred
+    // work): wait (2 s at most) until its programs have left the root, so
+    // what `detach` reports is what the kernel has, and an attach right
+    // after finds no program of this attachment there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !linked.is_empty()
+        && std::time::Instant::now() < deadline
+        && crate::attachment::services_nest::programs_at(&paths.root.dir)
+            .is_ok_and(|at| !at.is_disjoint(&linked))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     Ok(existed)
+}
+
+/// When the state at `paths` names pins under another pin root than
+/// `paths`' (an attach made with another `SEGBPF_BPFFS`) and they exist:
+/// the hint naming them and that pin root.
+pub fn pins_elsewhere(paths: &SvcPaths) -> Option<String> {
+    let pins = paths.read_state()?.pins?;
+    if pins == absolute(&paths.dir) || !pins.exists() {
+        return None;
+    }
+    let root = pins.parent()?;
+    Some(format!(
+        "the state {} names the pins {} (its attach ran with SEGBPF_BPFFS={}): run with that SEGBPF_BPFFS",
+        paths.state.display(),
+        pins.display(),
+        root.display()
+    ))
 }
 
 /// The history directory of the attachment at `paths`.

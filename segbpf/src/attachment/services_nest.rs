@@ -83,6 +83,16 @@ fn attached(dir: &Path, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The ids of the programs attached directly at the cgroup `dir`, both
+/// directions.
+pub fn programs_at(dir: &Path) -> std::io::Result<BTreeSet<u32>> {
+    let mut out = BTreeSet::new();
+    for t in ATTACH_TYPES {
+        out.extend(attached(dir, t)?);
+    }
+    Ok(out)
+}
+
 /// Whether `name` (a kernel program name) is one of segbpf's live
 /// services programs.
 fn is_services_program(name: &str) -> bool {
@@ -277,6 +287,19 @@ pub fn cgroup_alive(id: u64) -> std::io::Result<bool> {
     Ok(open_cgroup_by_id(&mount, id)?.is_some())
 }
 
+/// The path of the cgroup `id` in this process's mounts, from the kernel
+/// (the cgroup opened by its handle, its path read back): how an
+/// attachment whose state names it by another cgroup namespace's path,
+/// or that has no state here, is found. `None`: gone, or no path here.
+pub fn cgroup_path(id: u64) -> Option<PathBuf> {
+    let (mount, _) = cgroup2_mount().ok()?;
+    let mount = std::fs::File::open(mount).ok()?;
+    let cg = open_cgroup_by_id(&mount, id).ok()??;
+    std::fs::read_link(format!("/proc/self/fd/{}", cg.as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute() && p.is_dir())
+}
+
 /// Whether a cgroup below `dir` (not `dir` itself) has an id in `ids`;
 /// the first found. Ids are the kernel's (a cgroup directory's inode).
 fn below_ids(dir: &Path, ids: &BTreeSet<u64>) -> Option<u64> {
@@ -445,9 +468,10 @@ pub fn nest_lock() -> Result<Option<std::fs::File>, NestError> {
 
 /// Refuses `root` when segbpf's services programs are attached, in the
 /// kernel, at `root` itself, at one of its ancestors up to the cgroup v2
-/// mount, or at a cgroup below it; the error names that cgroup.
-pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
-    let ours = services_programs();
+/// mount, or at a cgroup below it; the error names that cgroup. The
+/// programs `own` (a leftover this attach replaces) do not count.
+pub fn refuse_nested(root: &CgroupRoot, own: &BTreeSet<u32>) -> Result<(), NestError> {
+    let ours: BTreeSet<u32> = services_programs().difference(own).copied().collect();
     if ours.is_empty() {
         return Ok(());
     }
@@ -486,7 +510,7 @@ pub fn refuse_nested(root: &CgroupRoot) -> Result<(), NestError> {
         )));
     }
     // What no path shows (above a subtree mount): the kernel's links.
-    refuse_linked(root, &BTreeSet::new(), false)
+    refuse_linked(root, own, false)
 }
 
 #[cfg(test)]

@@ -498,7 +498,23 @@ pub fn reports(cgroup_root: Option<&std::path::Path>, all: bool) -> Vec<report::
         let root = dir.and_then(|d| crate::attachment::services_level::open_root(Some(&d)).ok());
         match root {
             Some(r) if r.id == id => out.push(report::report(&SvcPaths::new(&roots, r))),
-            _ => {}
+            // No state here, or one naming its root by another cgroup
+            // namespace's path: the cgroup found by its id in the kernel,
+            // listed when its programs are linked (a crashed attach's
+            // leftover that enforces) or a state here is for it (an
+            // attachment made in a container).
+            _ => {
+                let found = crate::attachment::services_nest::cgroup_path(id)
+                    .and_then(|d| crate::attachment::services_level::open_root(Some(&d)).ok())
+                    .filter(|r| r.id == id);
+                if let Some(r) = found {
+                    let p = SvcPaths::new(&roots, r);
+                    let r = report::report(&p);
+                    if !r.linked.is_empty() || p.state.exists() {
+                        out.push(r);
+                    }
+                }
+            }
         }
     }
     // Attachments whose cgroup is gone, wherever they were (another
@@ -531,10 +547,13 @@ pub fn print_text(
     reports: &[report::SvcReport],
 ) -> std::io::Result<()> {
     for r in reports {
+        if let Some(hint) = &r.pins_elsewhere {
+            writeln!(o, "services below {}: {hint}", r.cgroup_root)?;
+        }
         if r.crashed_attach {
             writeln!(
                 o,
-                "services below {}: left by an attach from this state directory that died before recording its state; {}; the next `segbpf attach --services` here rolls it back (or `segbpf detach --services{}`)",
+                "services below {}: left by an attach from this state directory that died before recording its state; {}; the next `segbpf attach --services` here replaces it, its links staying until the new ones enforce (or `segbpf detach --services{}`)",
                 r.cgroup_root,
                 linked_text(&r.linked),
                 root_option(std::path::Path::new(&r.cgroup_root))
@@ -542,15 +561,24 @@ pub fn print_text(
             continue;
         }
         if r.foreign {
+            // What is in force is the kernel's links' word, not the maps'.
+            let in_force = match r.linked.as_slice() {
+                _ if r.cgroup_gone => "nothing in force (its cgroup root was removed)".to_string(),
+                [] => "nothing in force (no program of it is attached)".to_string(),
+                [one] => format!(
+                    "generation {} PARTIALLY in force (only its {one} program is attached: it enforces {one} only)",
+                    r.generation
+                ),
+                _ => format!("generation {} in force", r.generation),
+            };
             writeln!(
                 o,
-                "services below {}: attached by {}, generation {} in force; this state directory has no state for it and does not change it (status, reload and detach with that SEGBPF_STATE_DIR; a crashed attach of this one: `segbpf detach --services{}`)",
+                "services below {}: attached by {}, {in_force}; this state directory has no state for it and does not change it (status, reload and detach with that SEGBPF_STATE_DIR; a crashed attach of this one: `segbpf detach --services{}`)",
                 r.cgroup_root,
                 r.owner_state_dir.as_deref().map_or_else(
                     || "another SEGBPF_STATE_DIR that shares these pins (or an attach that died before recording its state)".to_string(),
                     |d| format!("the segbpf whose SEGBPF_STATE_DIR is {d}")
                 ),
-                r.generation,
                 root_option(std::path::Path::new(&r.cgroup_root))
             )?;
             continue;
@@ -677,8 +705,28 @@ pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
     // Where the level cannot be found, say so as every other services
     // command does (not "no services attachment").
     with_gone(cgroup_root.as_deref())?;
-    let reports = reports(cgroup_root.as_deref(), false);
+    let mut reports = reports(cgroup_root.as_deref(), false);
+    // Without `--cgroup-root`: the live attachments elsewhere too, when
+    // some are listed (gone ones; an attachment made in a cgroup
+    // namespace is named by its path here).
+    if cgroup_root.is_none() && !reports.is_empty() {
+        let listed: Vec<String> = reports.iter().map(|r| r.cgroup_root.clone()).collect();
+        reports.extend(
+            self::reports(None, true)
+                .into_iter()
+                .filter(|r| !r.cgroup_gone && !listed.contains(&r.cgroup_root)),
+        );
+    }
     if reports.is_empty() {
+        // The state here was made with another pin root: say where.
+        if let Ok(p) = paths(cgroup_root.as_deref())
+            && let Some(hint) = engine::pins_elsewhere(&p)
+        {
+            anyhow::bail!(
+                "no services attachment below {} under this pin root; {hint}",
+                p.root.dir.display()
+            );
+        }
         let elsewhere: Vec<String> = reports_elsewhere(cgroup_root.as_deref());
         if elsewhere.is_empty() {
             anyhow::bail!("no services attachment");

@@ -125,8 +125,12 @@ pub struct SvcReport {
     pub linked: Vec<&'static str>,
     /// The pins are the leftovers of an attach from this state directory
     /// that died before recording its state (the next attach from here
-    /// rolls them back).
+    /// replaces them; their links stay until the new ones enforce).
     pub crashed_attach: bool,
+    /// The state here names pins under another pin root (its attach ran
+    /// with another `SEGBPF_BPFFS`): which, and what to run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pins_elsewhere: Option<String>,
 }
 
 /// The report of the attachment at `paths`.
@@ -206,6 +210,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         .map(|(d, _)| d)
         .collect(),
         crashed_attach: paths.crashed_here(),
+        pins_elsewhere: crate::attachment::services::pins_elsewhere(paths),
     }
 }
 
