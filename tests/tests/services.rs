@@ -4117,11 +4117,14 @@ fn last_acks(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
         .count())
 }
 
-/// The sockets in LAST-ACK matching `filter` once none is left or 10 s
+/// The sockets in LAST-ACK matching `filter` once none is left or 30 s
 /// have passed (a FIN whose ACK is dropped is retransmitted for minutes;
 /// on a loaded machine the last closes take a moment).
 fn last_acks_after(lab: &SvcLab, filter: &str) -> anyhow::Result<usize> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // A FIN whose ACK was lost (a loaded machine) is sent again after
+    // 0.2, 0.4, 0.8 ... s: 30 s covers seven of them, while an ACK the
+    // program refuses leaves the socket in LAST-ACK for minutes.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n = last_acks(lab, filter)?;
         if n == 0 || Instant::now() > deadline {
