@@ -307,3 +307,46 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A state directory other users can write (`/tmp`'s mode 1777, root's)
+/// is refused as it is: not made private by a change of its mode, and
+/// nothing attached. Another user could have put files in it first (a
+/// lock segbpf would take as held, a symlink it would write through).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_state_dir_others_can_write_is_refused() -> anyhow::Result<()> {
+    let mut lab = Lab::new("sdir")?;
+    lab.add_host("db", &["198.18.72.30/24"])?;
+    std::fs::create_dir_all(&lab.state)?;
+    std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o1777))?;
+    let policy = example();
+    let out = lab.segbpf(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--role",
+            "db",
+            "--no-wait",
+        ],
+    )?;
+    let mode = std::fs::metadata(&lab.state)?.permissions().mode() & 0o7777;
+    let attached = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    // Made private again, so the lab's cleanup and later runs may use it.
+    std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o700))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
+    assert!(
+        stderr.contains("can be written by other users") && stderr.contains("1777"),
+        "the refusal names why: {stderr}"
+    );
+    assert_eq!(mode, 0o1777, "the shared directory's mode was changed");
+    let status = String::from_utf8_lossy(&attached.stdout);
+    assert!(
+        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
+        "something was attached: {status}"
+    );
+    Ok(())
+}

@@ -5,31 +5,80 @@
 use std::path::Path;
 
 /// Makes `dir` and any missing parents with mode 0700, then checks that
-/// `dir` belongs to the effective user and sets its mode to 0700 (a
-/// directory left by an older version, or made by someone else, is
-/// refused rather than trusted).
+/// `dir` belongs to the effective user and that no other user can write
+/// in it, and sets its mode to 0700 (a directory left by an older
+/// version, or made by someone else, is refused rather than trusted). A
+/// directory others can write (`/tmp`, mode 1777) is refused as it is,
+/// never made private: another user may already have put files in it
+/// (a lock segbpf would take as held, a symlink it would write through),
+/// and changing a shared directory's mode would break its other users.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let meta = std::fs::metadata(dir)?;
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{} belongs to uid {}, not to uid {me} that runs segbpf; refusing to keep state there",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
+    // The directory and, when it is below the state or pin root, every
+    // directory from that root down to it: another user's directory (or
+    // symlink) on the way could be swapped for anything.
+    let roots = crate::attachment::pins::Roots::from_env();
+    let below = [&roots.state, &roots.bpffs]
+        .into_iter()
+        .find(|r| dir.starts_with(r) && dir != r.as_path());
+    if let Some(root) = below {
+        for a in dir.ancestors().skip(1) {
+            if !a.starts_with(root) {
+                break;
+            }
+            only_mine(a, me)?;
+        }
     }
-    if meta.permissions().mode() & 0o777 != 0o700 {
+    let mode = only_mine(dir, me)?;
+    if mode & 0o777 != 0o700 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// The mode of `dir` when it is no symlink, belongs to uid `me` and no
+/// other user can write in it; an error naming why otherwise.
+fn only_mine(dir: &Path, me: u32) -> std::io::Result<u32> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} {why}; refusing to keep state there", dir.display()),
+        ))
+    };
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() != me {
+        return refuse(format!(
+            "belongs to uid {}, not to uid {me} that runs segbpf",
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        // Ours: follow it, and judge where it leads.
+        let target = std::fs::metadata(dir)?;
+        if target.uid() != me {
+            return refuse(format!("leads to a directory of uid {}", target.uid()));
+        }
+        let mode = target.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return refuse(format!(
+                "leads to a directory other users can write (mode {mode:04o}; files may have been put in it): use a directory only uid {me} can write"
+            ));
+        }
+        return Ok(mode);
+    }
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "can be written by other users (mode {mode:04o}; files may have been put in it): use a directory only uid {me} can write"
+        ));
+    }
+    Ok(mode)
 }
 
 /// Takes an exclusive `flock` on `f`, the file or directory at `path`.
