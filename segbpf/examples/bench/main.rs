@@ -221,6 +221,9 @@ fn load_object(object: Option<&[u8]>) -> anyhow::Result<aya::Ebpf> {
         .map_max_entries(segbpf_common::MAP_FRAG_NEW, c.frag)
         .map_max_entries(segbpf_common::MAP_RULE_STATS, c.rule_stats)
         .override_global(segbpf_common::GLOBAL_RUN_MODE, &RUN_LIVE, true)
+        // As `loader::load`: fresh tables, lookups may be skipped (older
+        // objects have no such global).
+        .override_global(segbpf_common::GLOBAL_CT_SEEN, &1u8, false)
         .override_global(
             segbpf_common::GLOBAL_LINK,
             &segbpf_common::LINK_ETHERNET,
