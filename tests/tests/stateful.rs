@@ -1192,7 +1192,13 @@ fn ct_seen_of(instance: &Instance, k: &segbpf_common::CtKey) -> anyhow::Result<u
 
 /// A connection key as the datapath makes it (instance attached nowhere:
 /// interface 0).
-fn ct_key(proto: u8, local: IpAddr, local_port: u16, remote: IpAddr, remote_port: u16) -> segbpf_common::CtKey {
+fn ct_key(
+    proto: u8,
+    local: IpAddr,
+    local_port: u16,
+    remote: IpAddr,
+    remote_port: u16,
+) -> segbpf_common::CtKey {
     let put = |a: IpAddr| {
         let mut b = [0u8; 16];
         match a {
@@ -1214,7 +1220,14 @@ fn ct_key(proto: u8, local: IpAddr, local_port: u16, remote: IpAddr, remote_port
 
 /// Whether `e` is in force for a packet at `now` (the datapath's
 /// `ct::live`), by `margin_ns` at least (clock edges are not judged).
-fn ct_live(cfg: &segbpf_common::Config, k: &segbpf_common::CtKey, e: &segbpf_common::CtEntry, syn: bool, now: u64, margin_ns: u64) -> bool {
+fn ct_live(
+    cfg: &segbpf_common::Config,
+    k: &segbpf_common::CtKey,
+    e: &segbpf_common::CtEntry,
+    syn: bool,
+    now: u64,
+    margin_ns: u64,
+) -> bool {
     if (e.audit != 0 && cfg.audit == 0) || (syn && e.state == segbpf_common::CT_CLOSING) {
         return false;
     }
@@ -1236,9 +1249,9 @@ fn ct_live(cfg: &segbpf_common::Config, k: &segbpf_common::CtKey, e: &segbpf_com
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
+    use Direction::{Egress as Out, Ingress as In};
     use segbpf::host::clock::monotonic_ns;
     use segbpf_common::{IPPROTO_TCP, IPPROTO_UDP, ct_seen_bucket, ct_seen_stale, ct_seen_tick};
-    use Direction::{Egress as Out, Ingress as In};
 
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
@@ -1323,7 +1336,11 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         }
         // Mostly the latest flows, so many packets find their entry.
         let n = flows.len() as u64;
-        let f = &flows[(if rnd(4) == 0 { rnd(n) } else { n - 1 - rnd(n.min(3)) }) as usize];
+        let f = &flows[(if rnd(4) == 0 {
+            rnd(n)
+        } else {
+            n - 1 - rnd(n.min(3))
+        }) as usize];
         // 0 opens (or refreshes from the opener's side), 1 answers, 2 the
         // opener's ACK, 3 a RST from either side.
         let op = rnd(4);
@@ -1333,16 +1350,66 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
             Kind::Tcp6Out => (IPPROTO_TCP, DB6, f.remote.as_str()),
         };
         let (dir, spec, key, syn) = match (f.kind, op) {
-            (Kind::UdpOut, 0 | 2) => (Out, udp(local, remote, f.port, 53), ct_key(proto, ip(local), f.port, ip(remote), 53), false),
-            (Kind::UdpOut, _) => (In, udp(remote, local, 53, f.port), ct_key(proto, ip(local), f.port, ip(remote), 53), false),
-            (Kind::TcpIn, 0) => (In, tcp(remote, local, f.port, 5432, TCP_SYN), ct_key(proto, ip(local), 5432, ip(remote), f.port), true),
-            (Kind::TcpIn, 1) => (Out, tcp(local, remote, 5432, f.port, TCP_SYN | TCP_ACK), ct_key(proto, ip(local), 5432, ip(remote), f.port), false),
-            (Kind::TcpIn, 2) => (In, tcp(remote, local, f.port, 5432, TCP_ACK), ct_key(proto, ip(local), 5432, ip(remote), f.port), false),
-            (Kind::TcpIn, _) => (In, seg(remote, local, f.port, 5432, TCP_RST, 2, 0, 0, 0), ct_key(proto, ip(local), 5432, ip(remote), f.port), false),
-            (Kind::Tcp6Out, 0) => (Out, tcp(local, remote, f.port, 443, TCP_SYN), ct_key(proto, ip(local), f.port, ip(remote), 443), true),
-            (Kind::Tcp6Out, 1) => (In, tcp(remote, local, 443, f.port, TCP_SYN | TCP_ACK), ct_key(proto, ip(local), f.port, ip(remote), 443), false),
-            (Kind::Tcp6Out, 2) => (Out, tcp(local, remote, f.port, 443, TCP_ACK), ct_key(proto, ip(local), f.port, ip(remote), 443), false),
-            (Kind::Tcp6Out, _) => (In, seg(remote, local, 443, f.port, TCP_RST, 2, 0, 0, 0), ct_key(proto, ip(local), f.port, ip(remote), 443), false),
+            (Kind::UdpOut, 0 | 2) => (
+                Out,
+                udp(local, remote, f.port, 53),
+                ct_key(proto, ip(local), f.port, ip(remote), 53),
+                false,
+            ),
+            (Kind::UdpOut, _) => (
+                In,
+                udp(remote, local, 53, f.port),
+                ct_key(proto, ip(local), f.port, ip(remote), 53),
+                false,
+            ),
+            (Kind::TcpIn, 0) => (
+                In,
+                tcp(remote, local, f.port, 5432, TCP_SYN),
+                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                true,
+            ),
+            (Kind::TcpIn, 1) => (
+                Out,
+                tcp(local, remote, 5432, f.port, TCP_SYN | TCP_ACK),
+                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                false,
+            ),
+            (Kind::TcpIn, 2) => (
+                In,
+                tcp(remote, local, f.port, 5432, TCP_ACK),
+                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                false,
+            ),
+            (Kind::TcpIn, _) => (
+                In,
+                seg(remote, local, f.port, 5432, TCP_RST, 2, 0, 0, 0),
+                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                false,
+            ),
+            (Kind::Tcp6Out, 0) => (
+                Out,
+                tcp(local, remote, f.port, 443, TCP_SYN),
+                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                true,
+            ),
+            (Kind::Tcp6Out, 1) => (
+                In,
+                tcp(remote, local, 443, f.port, TCP_SYN | TCP_ACK),
+                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                false,
+            ),
+            (Kind::Tcp6Out, 2) => (
+                Out,
+                tcp(local, remote, f.port, 443, TCP_ACK),
+                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                false,
+            ),
+            (Kind::Tcp6Out, _) => (
+                In,
+                seg(remote, local, 443, f.port, TCP_RST, 2, 0, 0, 0),
+                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                false,
+            ),
         };
         let before = ct_entries(&instance)?;
         let now = monotonic_ns();
@@ -1351,7 +1418,10 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
             .iter()
             .any(|(k, e)| *k == key && ct_live(&cfg, k, e, syn, now, 200_000_000));
         if live && stale {
-            failures.push(format!("step {step}: {} flow to {remote} has a live entry behind a stale bucket", f.port));
+            failures.push(format!(
+                "step {step}: {} flow to {remote} has a live entry behind a stale bucket",
+                f.port
+            ));
         }
         let v = instance.run(dir, spec.build().bytes)?;
         sent += 1;
@@ -1387,11 +1457,23 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
             break;
         }
     }
-    assert!(failures.is_empty(), "seed {seed}:\n  {}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "seed {seed}:\n  {}",
+        failures.join("\n  ")
+    );
     assert!(sent >= 400, "only {sent} packets");
-    assert!(checked_live >= 40, "only {checked_live} packets of live flows");
-    assert!(stale_sent >= 5, "only {stale_sent} packets behind a stale bucket: the skip was not exercised");
-    eprintln!("{sent} packets, {checked_live} on live entries, {stale_sent} behind a stale bucket, {slept:?} asleep");
+    assert!(
+        checked_live >= 40,
+        "only {checked_live} packets of live flows"
+    );
+    assert!(
+        stale_sent >= 5,
+        "only {stale_sent} packets behind a stale bucket: the skip was not exercised"
+    );
+    eprintln!(
+        "{sent} packets, {checked_live} on live entries, {stale_sent} behind a stale bucket, {slept:?} asleep"
+    );
     Ok(())
 }
 
@@ -1434,7 +1516,11 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     let stale = segbpf_common::ct_seen_stale(&c.config, 0, now);
     let v = instance.ingress(&reply)?;
     if stale {
-        assert_eq!(v.reason, reason::DROP_DEFAULT, "a live entry behind a stale bucket is skipped");
+        assert_eq!(
+            v.reason,
+            reason::DROP_DEFAULT,
+            "a live entry behind a stale bucket is skipped"
+        );
     } else {
         eprintln!("booted less than the longest timeout ago: the bucket is not stale yet");
     }

@@ -812,15 +812,21 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
         connect_from(cli, 0, srv, t).ok_or_else(|| anyhow::anyhow!("cli cannot connect to srv"))
     })?;
     // srv opens TCP to cli:9000 and UDP to cli:5300.
-    let listener = in_ns(&cli_ns, move || Ok(TcpListener::bind(SocketAddr::new(cli, 9000))?))?;
+    let listener = in_ns(&cli_ns, move || {
+        Ok(TcpListener::bind(SocketAddr::new(cli, 9000))?)
+    })?;
     let mut out = in_ns(&srv_ns, move || {
         Ok(TcpStream::connect_timeout(&SocketAddr::new(cli, 9000), t)?)
     })?;
     out.set_read_timeout(Some(t))?;
     let (mut back, _) = listener.accept()?;
     back.set_read_timeout(Some(t))?;
-    let udp_srv = in_ns(&srv_ns, move || Ok(UdpSocket::bind(SocketAddr::new(srv, 0))?))?;
-    let udp_cli = in_ns(&cli_ns, move || Ok(UdpSocket::bind(SocketAddr::new(cli, 5300))?))?;
+    let udp_srv = in_ns(&srv_ns, move || {
+        Ok(UdpSocket::bind(SocketAddr::new(srv, 0))?)
+    })?;
+    let udp_cli = in_ns(&cli_ns, move || {
+        Ok(UdpSocket::bind(SocketAddr::new(cli, 5300))?)
+    })?;
     udp_srv.set_read_timeout(Some(t))?;
     udp_cli.set_read_timeout(Some(t))?;
 
@@ -838,7 +844,9 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
         if !tcp_out {
             broken.push(format!("{label}: the TCP flow srv opened"));
         }
-        let udp_out = udp_srv.send_to(label.as_bytes(), SocketAddr::new(cli, 5300)).is_ok()
+        let udp_out = udp_srv
+            .send_to(label.as_bytes(), SocketAddr::new(cli, 5300))
+            .is_ok()
             && udp_cli
                 .recv_from(&mut buf)
                 .and_then(|(n, from)| udp_cli.send_to(&buf[..n], from))
@@ -861,7 +869,15 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
     ns.ip(&["link", "set", "vx1", "up"])?;
     lab.segbpf_ok(
         "srv",
-        &["attach", "vx0", "--policy", policy, "--role", "srv", "--no-wait"],
+        &[
+            "attach",
+            "vx0",
+            "--policy",
+            policy,
+            "--role",
+            "srv",
+            "--no-wait",
+        ],
     )?;
     lab.segbpf_ok("srv", &["detach", "eth0"])?;
     let att = Roots {

@@ -16,7 +16,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData},
 };
-use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, ct_seen_bucket, ct_seen_tick};
+use segbpf_common::{
+    CtEntry, CtKey, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, ct_seen_bucket, ct_seen_tick,
+};
 
 use crate::attachment::maps::MapsError;
 
