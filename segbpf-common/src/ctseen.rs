@@ -90,6 +90,9 @@ pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
     (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
 }
 
+// The datapath reads `CtKey::remote` as two aligned u64 words.
+const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote) == 32);
+
 /// The longest connection-tracking timeout of `cfg`, seconds: no entry
 /// lives longer since its `last_seen_ns`.
 #[allow(

@@ -171,6 +171,8 @@ pub(crate) struct Tracked {
     pub entry: *mut CtEntry,
     /// In `SEG_CT` (assured) rather than `SEG_CT_NEW` (half-open).
     pub assured: bool,
+    /// The key's last-seen bucket (`ctseen::bucket`), for `update`.
+    pub seen_bucket: u32,
 }
 
 /// The live entry of `key` for the packet `p`: the assured table first
@@ -183,7 +185,8 @@ pub(crate) struct Tracked {
 /// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<Tracked> {
-    if ctseen::stale(cfg, key, now) {
+    let seen_bucket = ctseen::bucket(key);
+    if ctseen::stale(cfg, seen_bucket, now) {
         return None;
     }
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
@@ -193,6 +196,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
         return Some(Tracked {
             entry: e,
             assured: true,
+            seen_bucket,
         });
     }
     let e = SEG_CT_NEW.get_ptr_mut(key)?;
@@ -200,6 +204,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
         Some(Tracked {
             entry: e,
             assured: false,
+            seen_bucket,
         })
     } else {
         None
@@ -388,7 +393,7 @@ pub(crate) fn update(
         return;
     }
     e.last_seen_ns = now;
-    ctseen::note(key, now);
+    ctseen::note(t.seen_bucket, now);
     if acct {
         account(t.entry, side, len, p.tcp_flags);
     }
@@ -517,6 +522,6 @@ pub(crate) fn create(
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
     // The bucket first: a packet of the flow on another CPU never finds the
     // entry behind a stale bucket.
-    ctseen::note(key, now);
+    ctseen::note(ctseen::bucket(key), now);
     let _ = SEG_CT_NEW.insert(key, &*e, 0);
 }

@@ -8,9 +8,14 @@ use segbpf_common::{Config, CtKey, ct_seen_bucket_words, ct_seen_stale, ct_seen_
 
 use crate::maps::{SEG_CT_SEEN, SEGBPF_CT_SEEN};
 
-/// The bucket of the key's remote address.
+/// The bucket of the key's remote address (computed once per packet: the
+/// lookup keeps it for the update).
 #[inline(always)]
-fn bucket(key: &CtKey) -> u32 {
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "`remote` sits at offset 32 of the 8-byte aligned CtKey: two aligned u64 loads, where an unaligned read would be sixteen byte loads"
+)]
+pub(crate) fn bucket(key: &CtKey) -> u32 {
     // SAFETY: `key.remote` is 16 bytes at offset 32 of an 8-byte aligned
     // `CtKey` (size and alignment asserted in segbpf_common), so it is two
     // aligned u64 words; any bit pattern is a valid u64.
@@ -18,27 +23,27 @@ fn bucket(key: &CtKey) -> u32 {
     ct_seen_bucket_words(key.family, words)
 }
 
-/// Whether no entry of `key` can be live at `now` under `cfg`: the
-/// instance may skip (frozen global `SEGBPF_CT_SEEN`, set by userspace
-/// only when the array covers every entry it can find) and the remote's
+/// Whether no entry of the remotes of `bucket` can be live at `now` under
+/// `cfg`: the instance may skip (frozen global `SEGBPF_CT_SEEN`, set by
+/// userspace only when the array covers every entry it can find) and the
 /// bucket is stale. When unsure (skipping off, no bucket), false: look up.
 #[inline(always)]
-pub(crate) fn stale(cfg: &Config, key: &CtKey, now: u64) -> bool {
+pub(crate) fn stale(cfg: &Config, bucket: u32, now: u64) -> bool {
     if SEGBPF_CT_SEEN.load() == 0 {
         return false;
     }
-    match SEG_CT_SEEN.get(bucket(key)) {
+    match SEG_CT_SEEN.get(bucket) {
         Some(seen) => ct_seen_stale(cfg, *seen, now),
         None => false,
     }
 }
 
-/// Records that an entry of `key` was made or refreshed at `now`: its
-/// bucket gets `now`'s tick unless it holds it already (read first: a busy
-/// remote writes its bucket at most once a tick).
+/// Records that an entry of a remote of `bucket` was made or refreshed at
+/// `now`: the bucket gets `now`'s tick unless it holds it already (read
+/// first: a busy remote writes its bucket at most once a tick).
 #[inline(always)]
-pub(crate) fn note(key: &CtKey, now: u64) {
-    let Some(p) = SEG_CT_SEEN.get_ptr_mut(bucket(key)) else {
+pub(crate) fn note(bucket: u32, now: u64) {
+    let Some(p) = SEG_CT_SEEN.get_ptr_mut(bucket) else {
         return;
     };
     let tick = ct_seen_tick(now);

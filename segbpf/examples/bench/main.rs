@@ -533,6 +533,15 @@ fn main() -> anyhow::Result<()> {
                     .build()
                     .bytes,
             ));
+            // A source of the same class with no tracked flow: its
+            // last-seen bucket was never written (`SEG_CT_SEEN`), so it
+            // skips the connection tables; 198.18.0.7 above has a flow.
+            cases.push(mk(
+                "drop, known source without flows, closed port (event suppressed)",
+                PacketSpec::tcp("198.18.0.8".parse()?, host, 40000, 22)
+                    .build()
+                    .bytes,
+            ));
             cases.push(mk(
                 "ipv6 allowed",
                 PacketSpec::tcp("fd00:18::7".parse()?, host6, 40000, 1000)
