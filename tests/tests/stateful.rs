@@ -1172,9 +1172,7 @@ fn ct_entries(
             .map(name)
             .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
         let table: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(map)?;
-        for kv in table.iter() {
-            entries.push(kv?);
-        }
+        entries.extend(table.iter().collect::<Result<Vec<_>, _>>()?);
     }
     Ok(entries)
 }
@@ -1253,18 +1251,33 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
     use segbpf::host::clock::monotonic_ns;
     use segbpf_common::{IPPROTO_TCP, IPPROTO_UDP, ct_seen_bucket, ct_seen_stale, ct_seen_tick};
 
+    #[derive(Clone, Copy)]
+    enum Kind {
+        /// The host asks a remote (UDP 53), the remote answers.
+        UdpOut,
+        /// A peer opens TCP to the db role's port 5432.
+        TcpIn,
+        /// The host opens TCP over IPv6 to a remote's port 443.
+        Tcp6Out,
+    }
+    struct Flow {
+        kind: Kind,
+        remote: String,
+        port: u16,
+    }
+
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
     let roles: Vec<String> = ["app", "db"].iter().map(|s| (*s).to_string()).collect();
-    let mut c = harness::compile(&policy, &roles, "eth0")?;
-    c.config.ct_tcp_syn_s = 1;
-    c.config.ct_tcp_est_s = 2;
-    c.config.ct_tcp_close_s = 1;
-    c.config.ct_udp_s = 1;
-    c.config.ct_udp_est_s = 2;
-    c.config.ct_icmp_s = 1;
-    let cfg = c.config;
-    let mut instance = Instance::with_compiled(&c, RUN_RECORD)?;
+    let mut compiled = harness::compile(&policy, &roles, "eth0")?;
+    compiled.config.ct_tcp_syn_s = 1;
+    compiled.config.ct_tcp_est_s = 2;
+    compiled.config.ct_tcp_close_s = 1;
+    compiled.config.ct_udp_s = 1;
+    compiled.config.ct_udp_est_s = 2;
+    compiled.config.ct_icmp_s = 1;
+    let cfg = compiled.config;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
 
     let seed = std::env::var("SEGBPF_TEST_SEED")
         .ok()
@@ -1295,20 +1308,6 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
     let tcp_peers: Vec<String> = (21..25).map(|i| format!("10.10.1.{i}")).collect();
     let v6_remotes: Vec<String> = (1..4).map(|i| format!("fd00:99::{i}")).collect();
 
-    #[derive(Clone, Copy)]
-    enum Kind {
-        /// The host asks a remote (UDP 53), the remote answers.
-        UdpOut,
-        /// A peer opens TCP to the db role's port 5432.
-        TcpIn,
-        /// The host opens TCP over IPv6 to a remote's port 443.
-        Tcp6Out,
-    }
-    struct Flow {
-        kind: Kind,
-        remote: String,
-        port: u16,
-    }
     let mut flows: Vec<Flow> = Vec::new();
     let (mut checked_live, mut stale_sent, mut sent) = (0u32, 0u32, 0u32);
     let mut slept = Duration::ZERO;
@@ -1336,7 +1335,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         }
         // Mostly the latest flows, so many packets find their entry.
         let n = flows.len() as u64;
-        let f = &flows[(if rnd(4) == 0 {
+        let flow = &flows[(if rnd(4) == 0 {
             rnd(n)
         } else {
             n - 1 - rnd(n.min(3))
@@ -1344,70 +1343,70 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         // 0 opens (or refreshes from the opener's side), 1 answers, 2 the
         // opener's ACK, 3 a RST from either side.
         let op = rnd(4);
-        let (proto, local, remote) = match f.kind {
-            Kind::UdpOut => (IPPROTO_UDP, APP, f.remote.as_str()),
-            Kind::TcpIn => (IPPROTO_TCP, DB, f.remote.as_str()),
-            Kind::Tcp6Out => (IPPROTO_TCP, DB6, f.remote.as_str()),
+        let (proto, local, remote) = match flow.kind {
+            Kind::UdpOut => (IPPROTO_UDP, APP, flow.remote.as_str()),
+            Kind::TcpIn => (IPPROTO_TCP, DB, flow.remote.as_str()),
+            Kind::Tcp6Out => (IPPROTO_TCP, DB6, flow.remote.as_str()),
         };
-        let (dir, spec, key, syn) = match (f.kind, op) {
+        let (dir, spec, key, syn) = match (flow.kind, op) {
             (Kind::UdpOut, 0 | 2) => (
                 Out,
-                udp(local, remote, f.port, 53),
-                ct_key(proto, ip(local), f.port, ip(remote), 53),
+                udp(local, remote, flow.port, 53),
+                ct_key(proto, ip(local), flow.port, ip(remote), 53),
                 false,
             ),
             (Kind::UdpOut, _) => (
                 In,
-                udp(remote, local, 53, f.port),
-                ct_key(proto, ip(local), f.port, ip(remote), 53),
+                udp(remote, local, 53, flow.port),
+                ct_key(proto, ip(local), flow.port, ip(remote), 53),
                 false,
             ),
             (Kind::TcpIn, 0) => (
                 In,
-                tcp(remote, local, f.port, 5432, TCP_SYN),
-                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                tcp(remote, local, flow.port, 5432, TCP_SYN),
+                ct_key(proto, ip(local), 5432, ip(remote), flow.port),
                 true,
             ),
             (Kind::TcpIn, 1) => (
                 Out,
-                tcp(local, remote, 5432, f.port, TCP_SYN | TCP_ACK),
-                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                tcp(local, remote, 5432, flow.port, TCP_SYN | TCP_ACK),
+                ct_key(proto, ip(local), 5432, ip(remote), flow.port),
                 false,
             ),
             (Kind::TcpIn, 2) => (
                 In,
-                tcp(remote, local, f.port, 5432, TCP_ACK),
-                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                tcp(remote, local, flow.port, 5432, TCP_ACK),
+                ct_key(proto, ip(local), 5432, ip(remote), flow.port),
                 false,
             ),
             (Kind::TcpIn, _) => (
                 In,
-                seg(remote, local, f.port, 5432, TCP_RST, 2, 0, 0, 0),
-                ct_key(proto, ip(local), 5432, ip(remote), f.port),
+                seg(remote, local, flow.port, 5432, TCP_RST, 2, 0, 0, 0),
+                ct_key(proto, ip(local), 5432, ip(remote), flow.port),
                 false,
             ),
             (Kind::Tcp6Out, 0) => (
                 Out,
-                tcp(local, remote, f.port, 443, TCP_SYN),
-                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                tcp(local, remote, flow.port, 443, TCP_SYN),
+                ct_key(proto, ip(local), flow.port, ip(remote), 443),
                 true,
             ),
             (Kind::Tcp6Out, 1) => (
                 In,
-                tcp(remote, local, 443, f.port, TCP_SYN | TCP_ACK),
-                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                tcp(remote, local, 443, flow.port, TCP_SYN | TCP_ACK),
+                ct_key(proto, ip(local), flow.port, ip(remote), 443),
                 false,
             ),
             (Kind::Tcp6Out, 2) => (
                 Out,
-                tcp(local, remote, f.port, 443, TCP_ACK),
-                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                tcp(local, remote, flow.port, 443, TCP_ACK),
+                ct_key(proto, ip(local), flow.port, ip(remote), 443),
                 false,
             ),
             (Kind::Tcp6Out, _) => (
                 In,
-                seg(remote, local, 443, f.port, TCP_RST, 2, 0, 0, 0),
-                ct_key(proto, ip(local), f.port, ip(remote), 443),
+                seg(remote, local, 443, flow.port, TCP_RST, 2, 0, 0, 0),
+                ct_key(proto, ip(local), flow.port, ip(remote), 443),
                 false,
             ),
         };
@@ -1416,14 +1415,14 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         let stale = ct_seen_stale(&cfg, ct_seen_of(&instance, &key)?, now);
         let live = before
             .iter()
-            .any(|(k, e)| *k == key && ct_live(&cfg, k, e, syn, now, 200_000_000));
+            .any(|(k2, entry)| *k2 == key && ct_live(&cfg, k2, entry, syn, now, 200_000_000));
         if live && stale {
             failures.push(format!(
                 "step {step}: {} flow to {remote} has a live entry behind a stale bucket",
-                f.port
+                flow.port
             ));
         }
-        let v = instance.run(dir, spec.build().bytes)?;
+        let got = instance.run(dir, spec.build().bytes)?;
         sent += 1;
         stale_sent += u32::from(stale);
         if live {
@@ -1434,22 +1433,22 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
                 reason::DROP_INVALID_FIN,
                 reason::DROP_INVALID_SEQ,
             ]
-            .contains(&v.reason);
+            .contains(&got.reason);
             if !on_entry {
                 failures.push(format!(
                     "step {step}: a packet of a live flow ({} {}) was judged by the policy: {}",
-                    f.remote,
-                    f.port,
-                    reason::name(v.reason)
+                    flow.remote,
+                    flow.port,
+                    reason::name(got.reason)
                 ));
             }
         }
-        for (k, e) in &ct_entries(&instance)? {
-            let seen = ct_seen_of(&instance, k)?;
-            if seen + 1 < ct_seen_tick(e.last_seen_ns) {
+        for (k2, entry) in &ct_entries(&instance)? {
+            let seen = ct_seen_of(&instance, k2)?;
+            if seen + 1 < ct_seen_tick(entry.last_seen_ns) {
                 failures.push(format!(
-                    "step {step}: entry {k:?} last seen at tick {}, its bucket says {seen}",
-                    ct_seen_tick(e.last_seen_ns)
+                    "step {step}: entry {k2:?} last seen at tick {}, its bucket says {seen}",
+                    ct_seen_tick(entry.last_seen_ns)
                 ));
             }
         }
