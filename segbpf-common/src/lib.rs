@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod conntrack;
+pub mod ctseen;
 pub mod denied;
 pub mod events;
 pub mod keys;
@@ -24,6 +25,7 @@ mod user;
 
 pub use config::*;
 pub use conntrack::*;
+pub use ctseen::*;
 pub use denied::*;
 pub use events::*;
 pub use keys::*;

@@ -50,13 +50,14 @@ pub const MAP_FRAG: &str = "SEG_FRAG";
 pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 
 /// The maps shared by every attachment of a network namespace (the
-/// connection tables), pinned once per namespace and reused by each
-/// attachment's programs; their keys carry the interface.
-pub const SHARED_MAPS: [&str; 2] = [MAP_CT, MAP_CT_NEW];
+/// connection tables and their last-seen array), pinned once per
+/// namespace and reused by each attachment's programs; the tables' keys
+/// carry the interface.
+pub const SHARED_MAPS: [&str; 3] = [MAP_CT, MAP_CT_NEW, crate::MAP_CT_SEEN];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 19] = [
+pub const PINNED_MAPS: [&str; 20] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -67,6 +68,7 @@ pub const PINNED_MAPS: [&str; 19] = [
     MAP_RULE_STATS,
     MAP_CT,
     MAP_CT_NEW,
+    crate::MAP_CT_SEEN,
     MAP_FRAG,
     MAP_FRAG_NEW,
     MAP_EVENTS,

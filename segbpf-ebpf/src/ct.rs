@@ -49,6 +49,7 @@ use segbpf_common::{
 };
 
 use crate::{
+    ctseen,
     maps::{SEG_CT, SEG_CT_NEW, SEG_CT_SCRATCH, SEGBPF_IFINDEX},
     parse::{self, Bounds, L3_IPV4, Parsed},
 };
@@ -170,6 +171,8 @@ pub(crate) struct Tracked {
     pub entry: *mut CtEntry,
     /// In `SEG_CT` (assured) rather than `SEG_CT_NEW` (half-open).
     pub assured: bool,
+    /// The key's last-seen bucket (`ctseen::bucket`), for `update`.
+    pub seen_bucket: u32,
 }
 
 /// The live entry of `key` for the packet `p`: the assured table first
@@ -178,9 +181,14 @@ pub(crate) struct Tracked {
 /// while enforcement is on, and for a TCP SYN when it is closing (the SYN
 /// opens a new connection on the tuple: judged by the policy, its entry
 /// replaces the closing one). A dead assured entry does not hide a live
-/// half-open one (a new connection on a reused tuple).
+/// half-open one (a new connection on a reused tuple). A remote whose
+/// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<Tracked> {
+    let seen_bucket = ctseen::bucket(key);
+    if ctseen::stale(cfg, seen_bucket, now) {
+        return None;
+    }
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if let Some(e) = SEG_CT.get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
@@ -188,6 +196,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
         return Some(Tracked {
             entry: e,
             assured: true,
+            seen_bucket,
         });
     }
     let e = SEG_CT_NEW.get_ptr_mut(key)?;
@@ -195,6 +204,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
         Some(Tracked {
             entry: e,
             assured: false,
+            seen_bucket,
         })
     } else {
         None
@@ -383,6 +393,7 @@ pub(crate) fn update(
         return;
     }
     e.last_seen_ns = now;
+    ctseen::note(t.seen_bucket, now);
     if acct {
         account(t.entry, side, len, p.tcp_flags);
     }
@@ -509,5 +520,8 @@ pub(crate) fn create(
     // run; nothing else uses it while this program runs on this CPU.
     let e = unsafe { &mut *e };
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
+    // The bucket first: a packet of the flow on another CPU never finds the
+    // entry behind a stale bucket.
+    ctseen::note(ctseen::bucket(key), now);
     let _ = SEG_CT_NEW.insert(key, &*e, 0);
 }

@@ -21,6 +21,7 @@
 
 mod cgroup;
 mod ct;
+mod ctseen;
 mod denied;
 mod events;
 mod frag;

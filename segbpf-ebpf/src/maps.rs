@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
+    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
     DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
     DENIED_BUCKETS, DeniedBucket, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
     PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
@@ -67,6 +67,11 @@ pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
+
+/// The last-seen tick of each bucket of remote addresses (see
+/// `segbpf_common::ctseen`), shared like `SEG_CT`.
+#[map]
+pub(crate) static SEG_CT_SEEN: Array<u32> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
 
 /// Per-CPU scratch space for a new connection-table entry: built here,
 /// then inserted (an entry is too large for the 512-byte BPF stack next to
@@ -157,6 +162,13 @@ pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);
 /// since the tables are shared by every attachment of the namespace.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_IFINDEX: Global<u32> = Global::new(0);
+
+/// 1 when the instance may skip the connection-table lookups of a packet
+/// whose remote's `SEG_CT_SEEN` bucket is stale: set at load by userspace
+/// when the array covers every entry the instance can look up (see
+/// `segbpf_common::ctseen`); 0, the default, always looks up. Frozen.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_CT_SEEN: Global<u8> = Global::new(0);
 
 /// Seed of the denied aggregates' bucket hash (`segbpf_common::bucket`),
 /// random per instance, set at load; frozen.

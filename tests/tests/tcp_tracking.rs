@@ -754,3 +754,145 @@ fn eviction(lab: &Lab, held: u16, short: u32, limit: Duration) -> anyhow::Result
         conntrack: fill["attachments"][0]["conntrack"].clone(),
     })
 }
+
+/// srv as in [`POLICY`], and it may open UDP to port 5300 and TCP to port
+/// 9000: flows opened by the host, whose replies come in on their entries.
+const LASTSEEN_POLICY: &str = r#"version = 1
+[defaults]
+ingress = "drop"
+egress = "drop"
+[roles.srv]
+hosts = "any"
+[[roles.srv.ingress]]
+from = "any"
+tcp = [8080]
+[[roles.srv.egress]]
+to = "any"
+udp = [5300]
+[[roles.srv.egress]]
+to = "any"
+tcp = [9000]
+"#;
+
+/// The last-seen array (`SEG_CT_SEEN`) with real sockets: a flow a peer
+/// opens (its replies leave srv on the entry), a TCP and a UDP flow srv
+/// opens (their replies come in on the entry) all carry traffic, also
+/// after being idle; and after the array is lost while the connection
+/// tables stay (another attachment in the namespace holds them: what a
+/// namespace whose tables were made by a build without the array looks
+/// like), a new attach of eth0 seeds it from the tables before its
+/// programs run, so the three flows go on. Each new peer's bucket is never
+/// written before its first flow (stale: its first packets skip the
+/// lookups), so a flow whose entry did not write its bucket would lose its
+/// replies.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Result<()> {
+    use std::net::UdpSocket;
+
+    use segbpf::{attachment::pins::Roots, host::netns::Netns};
+
+    let mut lab = Lab::new("lastseen")?;
+    lab.add_host("srv", &["198.18.41.1/24"])?;
+    lab.add_host("cli", &["198.18.41.2/24"])?;
+    lab.quiet_switch()?;
+    let policy = lab.write_policy("srv.toml", LASTSEEN_POLICY)?;
+    let policy = policy.to_str().expect("UTF-8 path");
+    lab.attach("srv", policy, &["--role", "srv"])?;
+    let (srv_ns, cli_ns) = (
+        lab.host("srv").ns.name.clone(),
+        lab.host("cli").ns.name.clone(),
+    );
+    let (srv, cli) = (lab.host("srv").addrs[0], lab.host("cli").addrs[0]);
+    let _echo = Echo::start(&srv_ns, srv)?;
+    let t = Duration::from_secs(2);
+
+    // A peer opens: srv's replies leave on the entry.
+    let mut peer = in_ns(&cli_ns, move || {
+        connect_from(cli, 0, srv, t).ok_or_else(|| anyhow::anyhow!("cli cannot connect to srv"))
+    })?;
+    // srv opens TCP to cli:9000 and UDP to cli:5300.
+    let listener = in_ns(&cli_ns, move || {
+        Ok(TcpListener::bind(SocketAddr::new(cli, 9000))?)
+    })?;
+    let mut out = in_ns(&srv_ns, move || {
+        Ok(TcpStream::connect_timeout(&SocketAddr::new(cli, 9000), t)?)
+    })?;
+    out.set_read_timeout(Some(t))?;
+    let (mut back, _) = listener.accept()?;
+    back.set_read_timeout(Some(t))?;
+    let udp_srv = in_ns(&srv_ns, move || {
+        Ok(UdpSocket::bind(SocketAddr::new(srv, 0))?)
+    })?;
+    let udp_cli = in_ns(&cli_ns, move || {
+        Ok(UdpSocket::bind(SocketAddr::new(cli, 5300))?)
+    })?;
+    udp_srv.set_read_timeout(Some(t))?;
+    udp_cli.set_read_timeout(Some(t))?;
+
+    // One round on each flow: what passes, by name.
+    let mut round = |label: &str| -> anyhow::Result<Vec<String>> {
+        let mut broken = Vec::new();
+        if !exchange(&mut peer, label.as_bytes()) {
+            broken.push(format!("{label}: the flow cli opened"));
+        }
+        let mut buf = [0u8; 64];
+        let tcp_out = out.write_all(label.as_bytes()).is_ok()
+            && back.read_exact(&mut buf[..label.len()]).is_ok()
+            && back.write_all(&buf[..label.len()]).is_ok()
+            && out.read_exact(&mut buf[..label.len()]).is_ok();
+        if !tcp_out {
+            broken.push(format!("{label}: the TCP flow srv opened"));
+        }
+        let udp_out = udp_srv
+            .send_to(label.as_bytes(), SocketAddr::new(cli, 5300))
+            .is_ok()
+            && udp_cli
+                .recv_from(&mut buf)
+                .and_then(|(n, from)| udp_cli.send_to(&buf[..n], from))
+                .is_ok()
+            && udp_srv.recv_from(&mut buf).is_ok();
+        if !udp_out {
+            broken.push(format!("{label}: the UDP flow srv opened"));
+        }
+        Ok(broken)
+    };
+    let mut broken = round("first")?;
+    std::thread::sleep(Duration::from_secs(3));
+    broken.extend(round("after 3 s idle")?);
+
+    // A second attachment holds the namespace's tables; eth0 goes, the
+    // array is lost, eth0 comes back.
+    let ns = &lab.host("srv").ns;
+    ns.ip(&["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"])?;
+    ns.ip(&["link", "set", "vx0", "up"])?;
+    ns.ip(&["link", "set", "vx1", "up"])?;
+    lab.segbpf_ok(
+        "srv",
+        &[
+            "attach",
+            "vx0",
+            "--policy",
+            policy,
+            "--role",
+            "srv",
+            "--no-wait",
+        ],
+    )?;
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&srv_ns)?);
+    let seen = att.map(segbpf_common::MAP_CT_SEEN);
+    anyhow::ensure!(
+        att.map(segbpf_common::MAP_CT).exists() && seen.exists(),
+        "vx0 keeps the tables and the array"
+    );
+    std::fs::remove_file(&seen)?;
+    lab.attach("srv", policy, &["--role", "srv"])?;
+    broken.extend(round("after a new attach")?);
+    assert!(broken.is_empty(), "{}", broken.join("; "));
+    Ok(())
+}

@@ -221,6 +221,9 @@ fn load_object(object: Option<&[u8]>) -> anyhow::Result<aya::Ebpf> {
         .map_max_entries(segbpf_common::MAP_FRAG_NEW, c.frag)
         .map_max_entries(segbpf_common::MAP_RULE_STATS, c.rule_stats)
         .override_global(segbpf_common::GLOBAL_RUN_MODE, &RUN_LIVE, true)
+        // As `loader::load`: fresh tables, lookups may be skipped (older
+        // objects have no such global).
+        .override_global(segbpf_common::GLOBAL_CT_SEEN, &1u8, false)
         .override_global(
             segbpf_common::GLOBAL_LINK,
             &segbpf_common::LINK_ETHERNET,
@@ -527,6 +530,15 @@ fn main() -> anyhow::Result<()> {
             cases.push(mk(
                 "drop, known source, closed port (event suppressed)",
                 PacketSpec::tcp(src_allowed.parse()?, host, 40000, 22)
+                    .build()
+                    .bytes,
+            ));
+            // A source of the same class with no tracked flow: its
+            // last-seen bucket was never written (`SEG_CT_SEEN`), so it
+            // skips the connection tables; 198.18.0.7 above has a flow.
+            cases.push(mk(
+                "drop, known source without flows, closed port (event suppressed)",
+                PacketSpec::tcp("198.18.0.8".parse()?, host, 40000, 22)
                     .build()
                     .bytes,
             ));

@@ -9,9 +9,10 @@ use aya::{
     programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_FRAG,
-    MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP,
-    PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
+    GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT,
+    MAP_CT_NEW, MAP_CT_SEEN, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS,
+    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_V6,
+    PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -63,6 +64,10 @@ pub enum LoadError {
         /// The value size this segbpf uses.
         want_value: u32,
     },
+    /// The namespace's last-seen array could not be brought up to date
+    /// with its connection tables (nothing was attached).
+    #[error("seeding the last-seen array from the connection tables: {0}")]
+    Seed(#[from] crate::attachment::maps::MapsError),
     /// The namespace's shared connection tables could not be read.
     #[error("reading {}: {source}", path.display())]
     Shared {
@@ -82,13 +87,16 @@ pub fn load(capacity: Capacity, mode: u8) -> Result<Ebpf, LoadError> {
 
 /// Like [`load`], for a device whose link layer is `link`
 /// (`segbpf_common::LINK_ETHERNET` or `LINK_RAW_IP`, see
-/// [`crate::host::netif::link_layer`]).
+/// [`crate::host::netif::link_layer`]). Its connection tables are its own
+/// and empty, so its last-seen array covers them: it may skip lookups
+/// (`segbpf_common::ctseen`).
 pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, LoadError> {
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
     let mut ebpf = loader
         .override_global(GLOBAL_RUN_MODE, &mode, true)
+        .override_global(GLOBAL_CT_SEEN, &1u8, true)
         .override_global(GLOBAL_LINK, &link, true)
         .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
@@ -100,7 +108,10 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
 /// `ifindex`: its own maps sized by `capacity`, and its namespace's shared
 /// connection tables, created (and pinned) with `capacity.ct` entries when
 /// the namespace has none yet, else reused whatever their size (see
-/// [`shared_ct_size`]). The caller holds [`Attachment::lock_shared`].
+/// [`shared_ct_size`]). The namespace's last-seen array is seeded from the
+/// tables ([`crate::attachment::ctseen::seed`]) before this returns, and
+/// so before the caller attaches the programs: they may skip lookups. The
+/// caller holds [`Attachment::lock_shared`].
 pub fn load_attachment(
     att: &Attachment,
     capacity: Capacity,
@@ -128,13 +139,20 @@ pub fn load_attachment(
         .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
         .override_global(GLOBAL_LINK, &link, true)
         .override_global(GLOBAL_IFINDEX, &ifindex, true)
-        .override_global(GLOBAL_DENY_SEED, &seed, true);
+        .override_global(GLOBAL_DENY_SEED, &seed, true)
+        .override_global(GLOBAL_CT_SEEN, &1u8, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
+    let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
+    tracing::debug!(
+        "last-seen array: {} buckets written for {} connection-table entries",
+        seeded.buckets,
+        seeded.entries
+    );
     let each = load_programs(&mut ebpf)?;
     log_verified(
         &ebpf,
@@ -207,14 +225,23 @@ pub fn shared_ct_size(att: &Attachment) -> Option<u32> {
         .map(|i| i.max_entries())
 }
 
-/// Refuses shared tables whose type, key or value differ from this
+/// Refuses shared maps whose type, key or value differ from this
 /// build's: a program would read them with the wrong layout.
 fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     use aya::maps::MapInfo;
     const LRU_HASH: u32 = 9; // BPF_MAP_TYPE_LRU_HASH
-    let want_key = size_of::<segbpf_common::CtKey>() as u32;
-    let want_value = size_of::<segbpf_common::CtEntry>() as u32;
+    const ARRAY: u32 = 2; // BPF_MAP_TYPE_ARRAY
+    let table = (
+        LRU_HASH,
+        size_of::<segbpf_common::CtKey>() as u32,
+        size_of::<segbpf_common::CtEntry>() as u32,
+    );
     for name in segbpf_common::SHARED_MAPS {
+        let (want_type, want_key, want_value) = if name == MAP_CT_SEEN {
+            (ARRAY, 4, 4)
+        } else {
+            table
+        };
         let path = att.map(name);
         if !path.exists() {
             continue;
@@ -224,14 +251,19 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
             source,
         })?;
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
-        if found_type != LRU_HASH || info.key_size() != want_key || info.value_size() != want_value
+        let buckets_ok =
+            name != MAP_CT_SEEN || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
+        if found_type != want_type
+            || info.key_size() != want_key
+            || info.value_size() != want_value
+            || !buckets_ok
         {
             return Err(LoadError::SharedLayout {
                 path,
                 found_type,
                 key: info.key_size(),
                 value: info.value_size(),
-                want_type: LRU_HASH,
+                want_type,
                 want_key,
                 want_value,
             });
@@ -253,8 +285,14 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     // Looks flows up as the live instance does: under its interface.
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
-    let paths: Vec<(&str, std::path::PathBuf)> =
-        PINNED_MAPS.iter().map(|m| (*m, att.map(m))).collect();
+    // Not the last-seen array: the instance looks every flow up (its
+    // `SEGBPF_CT_SEEN` stays 0), since the live attachment it shares may
+    // be of a build that makes entries without writing the array.
+    let paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
+        .iter()
+        .filter(|m| **m != MAP_CT_SEEN)
+        .map(|m| (*m, att.map(m)))
+        .collect();
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
     loader.override_global(GLOBAL_LINK, &link, true);

@@ -15,6 +15,7 @@
 pub mod attach;
 pub mod batch;
 pub mod cgroup_follow;
+pub mod ctseen;
 pub mod delta;
 pub mod dirs;
 pub mod gone;

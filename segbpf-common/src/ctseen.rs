@@ -1,0 +1,218 @@
+//! The last-seen array: when a tracked flow of a remote address was last
+//! created or refreshed, so that a packet of a remote with no recent flow
+//! skips both connection-table lookups (two 48-byte-key misses) and goes
+//! straight to the policy.
+//!
+//! One u32 per bucket ([`CT_SEEN_BUCKETS`], an `ARRAY` pinned with the
+//! connection tables and shared like them by every attachment of a
+//! network namespace). Bucket [`ct_seen_bucket`]`(family, remote)` holds
+//! the tick ([`ct_seen_tick`], about a second) of the latest
+//! `last_seen_ns` any entry of that remote was given: the datapath writes
+//! it whenever it makes an entry (before the insert) and whenever it
+//! refreshes one, reading first and writing only an older value (at most
+//! once a tick per bucket). So for every entry of the remote,
+//! `bucket >= tick(entry.last_seen_ns) - 1` (two CPUs racing a write can
+//! leave the older of two ticks read a moment apart). A packet whose
+//! bucket is [`ct_seen_stale`] (older than the longest timeout of the
+//! configuration in force plus the slack) cannot have a live entry, and
+//! skips the lookups. Several remotes share a bucket by hash: a shared
+//! bucket is only newer, so it costs the lookups, never a verdict. A
+//! flood of new sources never writes it (only packets that get an entry
+//! do).
+//!
+//! The array knows only the entries made by programs that write it. An
+//! instance may skip lookups only when its frozen global
+//! [`GLOBAL_CT_SEEN`] is 1: set by userspace at load when every entry
+//! the instance can find is in the array (a fresh instance with tables of
+//! its own; an attachment, after userspace wrote the buckets of every
+//! entry already in the namespace's tables, before its programs are
+//! attached). Entries carry the interface, and only the program on an
+//! interface makes entries of it, so an older build attached to another
+//! interface (which makes entries without writing the array) never makes
+//! an entry this instance looks up. Dry-run instances (`segbpf trace`)
+//! load with 0: they share an attachment that may be of an older build.
+
+use crate::Config;
+
+/// Array of [`CT_SEEN_BUCKETS`] u32: the last-seen tick of each bucket of
+/// remote addresses. Shared per network namespace (see
+/// [`crate::SHARED_MAPS`]).
+pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN";
+/// Name of the frozen global that lets an instance skip lookups on a
+/// stale bucket (1), or not (0, the default: always look up).
+pub const GLOBAL_CT_SEEN: &str = "SEGBPF_CT_SEEN";
+/// log2 of the number of buckets.
+pub const CT_SEEN_BITS_LOG2: u32 = 16;
+/// Buckets in [`MAP_CT_SEEN`] (256 KiB).
+pub const CT_SEEN_BUCKETS: u32 = 1 << CT_SEEN_BITS_LOG2;
+/// A tick is 2^30 ns (1.07 s): a shift, not a division, in the datapath.
+pub const CT_SEEN_TICK_SHIFT: u32 = 30;
+/// Ticks added to the longest timeout before a bucket is stale: one for
+/// the rounding down of both ticks, one for a racing write of an older
+/// tick, one to spare.
+pub const CT_SEEN_SLACK_TICKS: u64 = 3;
+
+/// The tick of a `bpf_ktime_get_coarse_ns` time (the connection tables'
+/// clock).
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_tick(ns: u64) -> u32 {
+    (ns >> CT_SEEN_TICK_SHIFT) as u32
+}
+
+/// The bucket of a remote address (`family` 4 or 6; `remote` as in
+/// `CtKey`: network order, an IPv4 address in the first four bytes and
+/// the rest zero), in `0..CT_SEEN_BUCKETS`.
+pub fn ct_seen_bucket(family: u8, remote: &[u8; 16]) -> u32 {
+    let mut w = [[0u8; 8]; 2];
+    w[0].copy_from_slice(&remote[..8]);
+    w[1].copy_from_slice(&remote[8..]);
+    ct_seen_bucket_words(family, [u64::from_ne_bytes(w[0]), u64::from_ne_bytes(w[1])])
+}
+
+/// [`ct_seen_bucket`] of the address read as two native-order u64 words
+/// (the datapath loads them from the 8-byte aligned `CtKey`). A
+/// multiplicative hash, unseeded: a sender who picks addresses sharing a
+/// live remote's bucket only gets its packets looked up, as every packet
+/// was before this array.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
+    let k = words[0] ^ words[1].rotate_left(17) ^ u64::from(family);
+    let h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
+}
+
+// The datapath reads `CtKey::remote` as two aligned u64 words.
+const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote) == 32);
+
+/// The longest connection-tracking timeout of `cfg`, seconds: no entry
+/// lives longer since its `last_seen_ns`.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_max_timeout_s(cfg: &Config) -> u32 {
+    cfg.ct_tcp_syn_s
+        .max(cfg.ct_tcp_est_s)
+        .max(cfg.ct_tcp_close_s)
+        .max(cfg.ct_udp_s)
+        .max(cfg.ct_udp_est_s)
+        .max(cfg.ct_icmp_s)
+}
+
+/// Whether a bucket last written at tick `seen` proves that no entry of
+/// its remotes is live at `now_ns` under `cfg` (module docs: every
+/// entry's `last_seen_ns` is at most a tick after `seen`; a tick is
+/// longer than a second, so `max_timeout + slack` ticks exceed the
+/// longest timeout past the latest possible `last_seen_ns`).
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_stale(cfg: &Config, seen: u32, now_ns: u64) -> bool {
+    u64::from(ct_seen_tick(now_ns))
+        > u64::from(seen) + u64::from(ct_max_timeout_s(cfg)) + CT_SEEN_SLACK_TICKS
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    fn v4(a: u32) -> [u8; 16] {
+        let mut r = [0u8; 16];
+        r[..4].copy_from_slice(&a.to_be_bytes());
+        r
+    }
+
+    #[test]
+    fn buckets_are_in_range_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for a in 0..65_536u32 {
+            let b = ct_seen_bucket(4, &v4(0xC612_0000 | a));
+            assert!(b < CT_SEEN_BUCKETS);
+            seen.insert(b);
+        }
+        // 65,536 consecutive addresses in 65,536 buckets: about 41,400
+        // distinct by chance.
+        assert!(seen.len() > 40_000, "{}", seen.len());
+        let mut six = std::collections::HashSet::new();
+        for a in 0..4096u32 {
+            let mut r = [0u8; 16];
+            r[0] = 0xfd;
+            r[12..].copy_from_slice(&a.to_be_bytes());
+            six.insert(ct_seen_bucket(6, &r));
+        }
+        assert!(six.len() > 3_900, "{}", six.len());
+        assert_ne!(
+            ct_seen_bucket(4, &v4(1)),
+            ct_seen_bucket(6, &v4(1)),
+            "the family is part of the hash"
+        );
+    }
+
+    /// Brute force over timeouts, write times and clock times: whenever an
+    /// entry refreshed at `last` (its bucket written at that time's tick,
+    /// or one tick earlier by a racing write) is live at `now` under the
+    /// timeout `ttl`, the bucket is not stale.
+    #[test]
+    fn a_stale_bucket_never_hides_a_live_entry() {
+        const S: u64 = 1_000_000_000;
+        let tick = 1u64 << CT_SEEN_TICK_SHIFT;
+        for ttl in [0u32, 1, 2, 3, 30, 120, 21_600] {
+            let cfg = Config {
+                ct_tcp_est_s: ttl,
+                ..Config::default()
+            };
+            for base in [0u64, 5 * S, 1_000_000 * S + 123_456_789] {
+                for step in 0..400u64 {
+                    let last = base + step * (tick / 7);
+                    for race in [0u32, 1] {
+                        let seen = ct_seen_tick(last).saturating_sub(race);
+                        // Quarter seconds: the first few, and around the
+                        // timeout, where a stale verdict could go wrong.
+                        let near = u64::from(ttl).saturating_sub(8) * 4;
+                        let ds = (0..40).chain(near..near + 80);
+                        for d in ds {
+                            let now = last + d * S / 4 + step % 3;
+                            let live = now - last <= u64::from(ttl) * S;
+                            assert!(
+                                !(live && ct_seen_stale(&cfg, seen, now)),
+                                "ttl {ttl} last {last} now {now} seen {seen}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bucket_goes_stale_after_the_longest_timeout() {
+        let cfg = Config {
+            ct_tcp_est_s: 10,
+            ct_udp_s: 30,
+            ..Config::default()
+        };
+        assert_eq!(ct_max_timeout_s(&cfg), 30);
+        let t = |s: u64| s << CT_SEEN_TICK_SHIFT;
+        assert!(!ct_seen_stale(&cfg, 100, t(100 + 33)));
+        assert!(ct_seen_stale(&cfg, 100, t(100 + 34)));
+        assert!(
+            ct_seen_stale(&cfg, 0, t(1_000)),
+            "a never-written bucket, long after boot"
+        );
+        assert!(!ct_seen_stale(&cfg, 0, t(20)), "shortly after boot");
+    }
+}
