@@ -182,7 +182,7 @@ fn apply_timed(
     // The text is read once: its hash names what was compiled (the
     // compact form for set edits, `crate::attachment::setindex`).
     let text = std::fs::read_to_string(&req.policy).map_err(|e| PolicyError::io(&req.policy, e))?;
-    let policy_hash = crate::attachment::setindex::hash_bytes(text.as_bytes());
+    let policy_hash = crate::attachment::setindex::hash_policy(text.as_bytes());
     let policy = crate::policy::parse::parse_str(&text, &req.policy.display().to_string())?;
     drop(text);
     phases.mark("parse");
