@@ -332,6 +332,7 @@ fn apply_timed(
         classes: compiled.classes,
         rules: compiled.rules.clone(),
         rules_file: None,
+        live_file: None,
     };
     let mut state = state;
     if let Err(e) = state.write(&att.state) {
@@ -340,6 +341,7 @@ fn apply_timed(
         return Err(e.into());
     }
     crate::attachment::state::prune_rules(&att.state, state.rules_file);
+    crate::attachment::state::prune_live(&att.state, state.live_file);
     phases.mark("state");
     // The policy is in force. The slot no packet looks at becomes its
     // mirror (its `SEG_CONFIG` record, carrying the generation in force,
@@ -380,6 +382,12 @@ fn apply_timed(
         &canonical,
         &canonical,
         &state.set_overrides,
+        state.live_file.map(|r| {
+            (
+                crate::attachment::pins::live_path(&att.state, r.hash),
+                r.hash,
+            )
+        }),
         history::Roles {
             roles: state.roles.clone(),
             role_args: state.role_args.clone(),

@@ -718,13 +718,14 @@ fn fast_set_edit(
                 .map_err(|e| member_refusal(att, old, set, e))?
                 .apply(current_members.to_vec(), add);
             let next_ranges = parse_members(set, &next_text)?;
-            match idx.edit(&live_others, &snap, set, &old_ranges, &next_ranges) {
+            let e = match idx.edit(&live_others, &snap, set, &old_ranges, &next_ranges) {
                 Ok(e) => e,
                 Err(why) => return fallback(&why),
-            }
+            };
+            phases.mark("edit-classes-whole");
+            e
         }
     };
-    phases.mark("edit-classes-whole");
     // Past the last fallback: the list is moved out of the state read
     // (not copied), and the rest of that state is the new one's base.
     let current_owned = match old.set_overrides.get_mut(set) {
@@ -1406,6 +1407,7 @@ fn commit(
         // The rules files of earlier generations (and of changes killed
         // before their switch) go; the state in force names its own.
         crate::attachment::state::prune_rules(&att.state, new.rules_file);
+        crate::attachment::state::prune_live(&att.state, new.live_file);
     }
     if let Err(e) = history::record(
         att,
@@ -1413,6 +1415,12 @@ fn commit(
         path,
         Path::new(&new.policy),
         &new.set_overrides,
+        new.live_file.map(|r| {
+            (
+                crate::attachment::pins::live_path(&att.state, r.hash),
+                r.hash,
+            )
+        }),
         history::Roles {
             roles: new.roles.clone(),
             role_args: new.role_args.clone(),
