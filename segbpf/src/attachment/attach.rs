@@ -705,9 +705,10 @@ fn keep_observed(att: &Attachment) {
     let Ok(mut state) = State::current(att) else {
         return;
     };
-    // The copy holds its rules inline (the rules file goes with the
-    // attachment).
+    // The copy holds its rules and live set edits inline (the rules and
+    // live files go with the attachment).
     state.rules_file = None;
+    state.live_file = None;
     let path = history::at(att, state.generation)
         .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
     let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {

@@ -646,7 +646,7 @@ fn fast_set_edit(
         return fallback("the index is not of the state in force");
     }
     match std::fs::read(&path) {
-        Ok(text) if setindex::hash_bytes(&text) == idx.policy_hash => {}
+        Ok(text) if setindex::hash_policy(&text) == idx.policy_hash => {}
         _ => return fallback("the policy file changed since it was compiled"),
     }
     phases.mark("hash-policy");
