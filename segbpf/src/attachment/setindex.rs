@@ -55,9 +55,17 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 /// wyhash does; several times SipHash's speed): detects changed bytes,
 /// not a forger. For what is hashed on every set edit (the policy file,
 /// the live set edits), where SipHash of 1,000,000 members took tens of
-/// milliseconds.
+/// milliseconds. Streaming: the bytes of several `write`s hash as their
+/// concatenation would.
 #[derive(Clone, Copy)]
-pub struct FastHash(u64);
+pub struct FastHash {
+    h: u64,
+    /// Bytes of a word not complete yet (`n` of them).
+    part: [u8; 8],
+    n: usize,
+    /// All bytes written.
+    len: u64,
+}
 
 const P0: u64 = 0xa076_1d64_78bd_642f;
 const P1: u64 = 0xe703_7ed1_a0b4_28db;
@@ -67,30 +75,56 @@ fn fold(a: u64, b: u64) -> u64 {
     (p as u64) ^ ((p >> 64) as u64)
 }
 
+fn step(h: u64, w: u64) -> u64 {
+    fold(h ^ w, P1).wrapping_add(w ^ P0)
+}
+
 impl FastHash {
     /// A hash of nothing yet.
     pub fn new() -> Self {
-        FastHash(0x7365_6762_7066_0002)
+        FastHash {
+            h: 0x7365_6762_7066_0002,
+            part: [0; 8],
+            n: 0,
+            len: 0,
+        }
     }
 
-    /// Adds `bytes` and their length (so parts cannot run into each other).
-    pub fn write(&mut self, bytes: &[u8]) {
-        let mut h = self.0;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            h = fold(h ^ w, P1).wrapping_add(w ^ P0);
+    /// Adds `bytes`.
+    pub fn write(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.n > 0 {
+            let take = (8 - self.n).min(bytes.len());
+            self.part[self.n..self.n + take].copy_from_slice(&bytes[..take]);
+            self.n += take;
+            bytes = &bytes[take..];
+            if self.n < 8 {
+                return;
+            }
+            self.h = step(self.h, u64::from_le_bytes(self.part));
+            self.n = 0;
         }
-        let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        let w = u64::from_le_bytes(tail);
-        h = fold(h ^ w, P1).wrapping_add(w ^ P0);
-        self.0 = fold(h ^ bytes.len() as u64, P0 ^ P1);
+        let mut chunks = bytes.chunks_exact(8);
+        let mut h = self.h;
+        for c in &mut chunks {
+            h = step(
+                h,
+                u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+            );
+        }
+        self.h = h;
+        let rest = chunks.remainder();
+        self.part[..rest.len()].copy_from_slice(rest);
+        self.n = rest.len();
     }
 
     /// The hash.
     pub fn finish(self) -> u64 {
-        fold(self.0, P1) ^ self.0
+        let mut tail = [0u8; 8];
+        tail[..self.n].copy_from_slice(&self.part[..self.n]);
+        let h = step(self.h, u64::from_le_bytes(tail));
+        let h = fold(h ^ self.len, P0 ^ P1);
+        fold(h, P1) ^ h
     }
 }
 
@@ -101,22 +135,26 @@ impl Default for FastHash {
 }
 
 /// [`FastHash`] of the policy file's bytes (what the index was compiled
-/// from).
+/// from), of a live set edits file, of the index.
 pub fn hash_policy(bytes: &[u8]) -> u64 {
     let mut h = FastHash::new();
     h.write(bytes);
     h.finish()
 }
 
-/// The hash of live set edits (as the state keeps them): [`FastHash`] of
-/// every set's name and members in order.
+/// The hash of live set edits (as the state keeps them): [`hash_policy`]
+/// of their bytes in the form of the state's live file (a header line,
+/// then per set `COUNT NAME` and its members, one a line; see
+/// `crate::attachment::state`), hashed as they stream: a state that keeps
+/// them in that file has this hash already (its name).
 pub fn hash_overrides(o: &BTreeMap<String, Vec<String>>) -> u64 {
     let mut h = FastHash::new();
+    h.write(b"SEGLIVE1\n");
     for (name, members) in o {
-        h.write(name.as_bytes());
-        h.write(&(members.len() as u64).to_le_bytes());
+        h.write(format!("{} {name}\n", members.len()).as_bytes());
         for m in members {
             h.write(m.as_bytes());
+            h.write(b"\n");
         }
     }
     h.finish()
@@ -1312,6 +1350,28 @@ tcp = [5432]
             local > 400 && declined > 30,
             "local {local}, whole {whole}, declined {declined}"
         );
+    }
+
+    #[test]
+    fn fast_hash_streams_and_tells_bytes_apart() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = hash_policy(&bytes);
+        for cut in [0, 1, 7, 8, 9, 500, 999, 1000] {
+            let mut h = FastHash::new();
+            h.write(&bytes[..cut]);
+            h.write(&bytes[cut..]);
+            assert_eq!(h.finish(), whole, "cut at {cut}");
+        }
+        let mut one = FastHash::new();
+        for b in &bytes {
+            one.write(std::slice::from_ref(b));
+        }
+        assert_eq!(one.finish(), whole);
+        let mut other = bytes.clone();
+        other[500] ^= 1;
+        assert_ne!(hash_policy(&other), whole);
+        assert_ne!(hash_policy(&bytes[..999]), whole);
+        assert_ne!(hash_policy(&[0u8; 8]), hash_policy(&[0u8; 16]));
     }
 
     #[test]

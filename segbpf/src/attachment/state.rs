@@ -572,6 +572,17 @@ impl State {
         State::read_head(&att.state)
     }
 
+    /// [`crate::attachment::setindex::hash_overrides`] of the live set
+    /// edits: the hash their live file is named by, when the state keeps
+    /// them in one (read back and checked against it, or just written),
+    /// else computed.
+    pub fn overrides_hash(&self) -> u64 {
+        self.live_file.map_or_else(
+            || crate::attachment::setindex::hash_overrides(&self.set_overrides),
+            |r| r.hash,
+        )
+    }
+
     /// How many rules apply to this host (also when read without them).
     pub fn rule_count(&self) -> usize {
         self.rules_file.map_or(self.rules.len(), |r| r.count)
@@ -626,6 +637,11 @@ mod tests {
         assert_eq!(s.set_overrides, big, "the members stay in memory");
         let r = s.live_file.expect("a live file");
         assert_eq!(r.count, LIVE_INLINE_MIN + 1);
+        assert_eq!(
+            r.hash,
+            crate::attachment::setindex::hash_overrides(&big),
+            "the file's name is the hash of the edits (what the index records)"
+        );
         let head: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let placeholder = format!("live:{:016x}", r.hash);
