@@ -1021,20 +1021,22 @@ impl SetIndex {
 }
 
 /// The region of a set edit, per family (IPv4 as u128, IPv6), normalized:
-/// for an add, the members added; for a removal, the addresses of the
-/// removed members that no member left (`remaining`, the set's members
-/// after the edit as text) covers. Only the remaining members that overlap
-/// the removed ones are kept after parsing (a pass, no list of them).
+/// for an add (`current` None), the members added; for a removal, the
+/// addresses of the removed members that no member left covers (`current`:
+/// the set's members before the edit as text, and which of them the edit
+/// removes). One pass: a member is parsed (a plain dotted quad without the
+/// general parser) and kept only if it overlaps a removed one; only those
+/// are looked up among the removed.
 pub fn edit_region_of<'t>(
     members: &[AddrRange],
-    remaining: Option<impl Iterator<Item = &'t str>>,
+    current: Option<(impl Iterator<Item = &'t str>, impl Fn(&str) -> bool)>,
 ) -> Result<[Vec<(u128, u128)>; 2], String> {
     let changed = [false, true].map(|v6| normalize(family(members, v6)));
-    let Some(remaining) = remaining else {
+    let Some((current, removed)) = current else {
         return Ok(changed);
     };
     let mut cover: [Vec<(u128, u128)>; 2] = [Vec::new(), Vec::new()];
-    for text in remaining {
+    for text in current {
         let range = match fast_v4(text) {
             Some(a) => AddrRange::V4 { start: a, end: a },
             None => parse_item(text).map_err(|e| format!("{text}: {e}"))?,
@@ -1045,7 +1047,7 @@ pub fn edit_region_of<'t>(
         };
         let ch = &changed[fi];
         let i = ch.partition_point(|r| r.1 < s);
-        if i < ch.len() && ch[i].0 <= e {
+        if i < ch.len() && ch[i].0 <= e && !removed(text) {
             cover[fi].push((s, e));
         }
     }
@@ -1306,7 +1308,11 @@ tcp = [5432]
                 let (p, fresh) = compiled(&sets);
                 let region = edit_region_of(
                     &parse(&changed),
-                    (!add).then(|| next_text.iter().map(String::as_str)),
+                    (!add).then(|| {
+                        (old_text.iter().map(String::as_str), |t: &str| {
+                            changed.iter().any(|c| c == t)
+                        })
+                    }),
                 )
                 .unwrap();
                 let by_whole = idx.edit(&sets, &snap, &name, &parse(&old_text), &parse(&next_text));

@@ -692,10 +692,9 @@ fn fast_set_edit(
     let region = setindex::edit_region_of(
         members,
         (!add).then(|| {
-            current_members
-                .iter()
-                .filter(|m| !plan.removes(m))
-                .map(String::as_str)
+            (current_members.iter().map(String::as_str), |m: &str| {
+                plan.removes(m)
+            })
         }),
     );
     phases.mark("region");
