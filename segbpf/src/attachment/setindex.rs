@@ -1036,6 +1036,11 @@ pub fn edit_region_of<'t>(
         return Ok(changed);
     };
     let mut cover: [Vec<(u128, u128)>; 2] = [Vec::new(), Vec::new()];
+    // The span of each family's removed addresses: most members are
+    // outside it and need no search.
+    let span = changed
+        .each_ref()
+        .map(|c| c.first().zip(c.last()).map(|(f, l)| (f.0, l.1)));
     for text in current {
         let range = match fast_v4(text) {
             Some(a) => AddrRange::V4 { start: a, end: a },
@@ -1045,6 +1050,9 @@ pub fn edit_region_of<'t>(
             AddrRange::V4 { start, end } => (0, u128::from(start), u128::from(end)),
             AddrRange::V6 { start, end } => (1, start, end),
         };
+        if !span[fi].is_some_and(|(lo, hi)| s <= hi && e >= lo) {
+            continue;
+        }
         let ch = &changed[fi];
         let i = ch.partition_point(|r| r.1 < s);
         if i < ch.len() && ch[i].0 <= e && !removed(text) {
