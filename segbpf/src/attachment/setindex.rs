@@ -573,7 +573,7 @@ impl SetIndex {
                 if a.is_empty() {
                     continue;
                 }
-                let mut next_class = self.class_step(&by_set, &rules_of, dir, &a, add);
+                let mut next_class = Self::class_step(&by_set, &rules_of, dir, &a, add);
                 let max = if v6 { u128::MAX } else { u128::from(u32::MAX) };
                 let list = &mut iv[di][usize::from(v6)];
                 *list = overlay(list, &region, max, &mut next_class)?;
@@ -678,18 +678,15 @@ fn splice_region<K: PeerKey>(
     } else {
         (1u128 << K::BITS) - 1
     };
-    let (r0, r1) = match list.iter().position(|e| e.1.dir() == dir) {
-        Some(f) => {
-            let n = list[f..].iter().take_while(|e| e.1.dir() == dir).count();
-            (f, f + n)
-        }
-        None => {
-            let p = list
-                .iter()
-                .position(|e| rank(e.1.dir()) > rank(dir))
-                .unwrap_or(list.len());
-            (p, p)
-        }
+    let (r0, r1) = if let Some(f) = list.iter().position(|e| e.1.dir() == dir) {
+        let n = list[f..].iter().take_while(|e| e.1.dir() == dir).count();
+        (f, f + n)
+    } else {
+        let p = list
+            .iter()
+            .position(|e| rank(e.1.dir()) > rank(dir))
+            .unwrap_or(list.len());
+        (p, p)
     };
     if list[r1..].iter().any(|e| e.1.dir() == dir) {
         return Ok(None);
@@ -856,7 +853,6 @@ impl SetIndex {
     /// direction `dir`) gain (`add`) or lose it; Err when the policy has
     /// no such class (the full path makes it).
     fn class_step<'s>(
-        &self,
         by_set: &'s ByRules<'_>,
         rules_of: &'s RulesOf<'_>,
         dir: u8,
@@ -961,7 +957,7 @@ impl SetIndex {
                 if a.is_empty() {
                     continue;
                 }
-                let step = self.class_step(&by_set, &rules_of, dir, &a, add);
+                let step = Self::class_step(&by_set, &rules_of, dir, &a, add);
                 if v6 {
                     let Some(l) = splice_region(&v6l, dir, rank, r, step)? else {
                         return Ok(None);
@@ -1269,25 +1265,25 @@ tcp = [5432]
     fn region_edits_equal_a_fresh_compile() {
         let (mut local, mut whole, mut declined) = (0, 0, 0);
         for seed in 1..=80u64 {
-            let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+            let mut rng = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
             let mut below = |n: u64| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % n
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
             };
             let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            let (p, c) = compiled(&sets);
-            let mut idx = SetIndex::build(&p, "t.toml", 0, &sets, &[], &c, 1);
-            let mut snap = Snapshot::of(&c, 1);
+            let (pol, comp) = compiled(&sets);
+            let mut idx = SetIndex::build(&pol, "t.toml", 0, &sets, &[], &comp, 1);
+            let mut snap = Snapshot::of(&comp, 1);
             for _ in 0..30 {
                 let name = ["a", "b", "c"][below(3) as usize].to_string();
                 let old_text = sets.get(&name).or(idx.sets.get(&name)).cloned().unwrap();
                 let mut next_text = old_text.clone();
                 let add = next_text.is_empty() || below(3) != 0;
                 let mut changed = Vec::new();
-                let n = 1 + below(3);
-                for _ in 0..n {
+                let tries = 1 + below(3);
+                for _ in 0..tries {
                     if add {
                         let m = match below(6) {
                             0 => format!("10.0.{}.{}", below(6), below(256)),

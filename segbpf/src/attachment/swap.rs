@@ -678,11 +678,10 @@ fn fast_set_edit(
     // does not keep those), else the index's.
     let mut idx = idx;
     let from_index = idx.sets.remove(set);
-    let current_members: &[String] = match (old.set_overrides.get(set), &from_index) {
-        (Some(m), _) => m,
-        (None, Some(m)) => m,
-        (None, None) => return fallback("no such set in the index"),
+    let Some(current_members) = old.set_overrides.get(set).or(from_index.as_ref()) else {
+        return fallback("no such set in the index");
     };
+    let current_members: &[String] = current_members;
     let plan = plan_members(current_members, members, add)
         .map_err(|e| member_refusal(att, old, set, e))?;
     let changed = plan.changed();
@@ -711,21 +710,20 @@ fn fast_set_edit(
         Ok(e) => e,
         Err(why) => return fallback(&why),
     };
-    let edited = match by_region {
-        Some(e) => e,
-        None => {
-            // The maps are not in the form the region edit needs: the
-            // intervals of the whole maps.
-            phases.mark("region-declined");
-            let old_ranges = parse_members(set, current_members)?;
-            let next_text = plan_members(current_members, members, add)
-                .map_err(|e| member_refusal(att, old, set, e))?
-                .apply(current_members.to_vec(), add);
-            let next_ranges = parse_members(set, &next_text)?;
-            match idx.edit(&live_others, &snap, set, &old_ranges, &next_ranges) {
-                Ok(e) => e,
-                Err(why) => return fallback(&why),
-            }
+    let edited = if let Some(e) = by_region {
+        e
+    } else {
+        // The maps are not in the form the region edit needs: the
+        // intervals of the whole maps.
+        phases.mark("region-declined");
+        let old_ranges = parse_members(set, current_members)?;
+        let next_text = plan_members(current_members, members, add)
+            .map_err(|e| member_refusal(att, old, set, e))?
+            .apply(current_members.to_vec(), add);
+        let next_ranges = parse_members(set, &next_text)?;
+        match idx.edit(&live_others, &snap, set, &old_ranges, &next_ranges) {
+            Ok(e) => e,
+            Err(why) => return fallback(&why),
         }
     };
     phases.mark("edit-classes");
