@@ -1919,26 +1919,11 @@ fn set_edits_trust_the_compact_form_only_when_it_is_of_the_policy_in_force() -> 
     Ok(())
 }
 
-/// A set of thousands of members: an edit of one member or of ten works
-/// on the changed region only (no parse, no compile, not the whole maps:
-/// its phase line), and the state file holds no members (they are in one
-/// hash-named live file beside it, `IFACE.live.HASH`). After every step
-/// both slots equal a fresh compile, `set list` shows the members in
-/// force and real TCP from a peer added or removed gets through or not. A
-/// live file that does not match fails the edit, naming the file, with
-/// the kernel untouched; a rollback restores the members of the history's
-/// linked live file; a reload back to the file leaves no live file.
-#[test]
-#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn large_set_edits_work_on_the_changed_region_and_keep_the_members_beside_the_state()
--> anyhow::Result<()> {
-    use segbpf::attachment::{pins::live_files, state::State};
+/// A policy whose set `big` has 5,120 members (every other address of
+/// 198.18.100.0-198.18.139.255; 198.18.121.5 is odd: not in it), allowed
+/// to tcp/5432 of role db; everything else dropped.
+fn big_set_policy() -> String {
     use std::fmt::Write as _;
-    let mut lab = Lab::new("bigset")?;
-    lab.add_host("db", &["198.18.140.1/16"])?;
-    lab.add_host("cli", &["198.18.121.5/16"])?;
-    // 5,120 members: every other address of 198.18.100.0-198.18.139.255
-    // (cli's 198.18.121.5 is odd: not in the set).
     let mut text = String::from("version = 1\n[sets]\nbig = [");
     for i in 0..5120u32 {
         let a = (100 << 8) + 2 * i;
@@ -1954,6 +1939,111 @@ fn large_set_edits_work_on_the_changed_region_and_keep_the_members_beside_the_st
         "]\n[defaults]\ningress = \"drop\"\negress = \"allow\"\n[roles.db]\nhosts = \"any\"\n\
          [[roles.db.ingress]]\nfrom = \"big\"\ntcp = [5432]\n",
     );
+    text
+}
+
+/// Set edits of a set kept in a live file, killed (SIGKILL) at random
+/// points: the state the next command reads is whole (its live file read
+/// back), names the generation the kernel runs, and the slot in force
+/// equals a fresh compile of it; the edits go on normally afterwards.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn killed_large_set_edits_leave_the_state_and_the_slot_in_force_whole() -> anyhow::Result<()> {
+    let mut lab = Lab::new("bigkill")?;
+    lab.add_host("db", &["198.18.140.1/16"])?;
+    let file = lab.write_policy("big.toml", &big_set_policy())?;
+    lab.attach("db", file.to_str().unwrap(), &["--role", "db"])?;
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?);
+    let member = "198.18.121.5";
+    let mut seed: u64 = 0xb16_5e7;
+    let mut outcomes = [0u32; 2];
+    for i in 0..30 {
+        let before = segbpf::attachment::state::State::current(&att)?;
+        let had = before
+            .set_overrides
+            .get("big")
+            .is_some_and(|m| m.iter().any(|x| x == member));
+        let mut child = Command::new(segbpf_bin())
+            .args([
+                "--netns",
+                &lab.host("db").ns.name,
+                "set",
+                if had { "del" } else { "add" },
+                "eth0",
+                "big",
+                member,
+            ])
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(Duration::from_micros((seed >> 33) % 250_000));
+        let _ = child.kill();
+        let _ = child.wait();
+        let state = segbpf::attachment::state::State::current(&att)?;
+        let cfg = segbpf::attachment::maps::pinned_config(&att)?;
+        assert_eq!(
+            state.generation, cfg.generation,
+            "after kill {i}: generation"
+        );
+        let (fresh, slots) = fresh_and_in_force(&att)?;
+        let active =
+            usize::from(segbpf::attachment::maps::PolicyMaps::from_pins(&att)?.active_slot()?);
+        assert_eq!(
+            slots[active].clone().sorted(),
+            fresh.sorted(),
+            "after kill {i}: the slot in force is the state's policy"
+        );
+        outcomes[usize::from(state.generation != before.generation)] += 1;
+    }
+    eprintln!("edits killed before the switch / applied: {outcomes:?}");
+    // Edits go on: both slots equal a fresh compile again.
+    for _ in 0..2 {
+        let state = segbpf::attachment::state::State::current(&att)?;
+        let had = state
+            .set_overrides
+            .get("big")
+            .is_some_and(|m| m.iter().any(|x| x == member));
+        let op = if had { "del" } else { "add" };
+        lab.segbpf_ok("db", &["set", op, "eth0", "big", member])?;
+        let (fresh, slots) = fresh_and_in_force(&att)?;
+        for (i, slot) in slots.iter().enumerate() {
+            assert_eq!(
+                slot.clone().sorted(),
+                fresh.clone().sorted(),
+                "{op}: slot {i}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A set of thousands of members: an edit of one member or of ten works
+/// on the changed region only (no parse, no compile, not the whole maps:
+/// its phase line), and the state file holds no members (they are in one
+/// hash-named live file beside it, `IFACE.live.HASH`). After every step
+/// both slots equal a fresh compile, `set list` shows the members in
+/// force and real TCP from a peer added or removed gets through or not. A
+/// live file that does not match fails the edit, naming the file, with
+/// the kernel untouched; a rollback restores the members of the history's
+/// linked live file; a reload back to the file leaves no live file.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn large_set_edits_work_on_the_changed_region_and_keep_the_members_beside_the_state()
+-> anyhow::Result<()> {
+    use segbpf::attachment::{pins::live_files, state::State};
+    let mut lab = Lab::new("bigset")?;
+    lab.add_host("db", &["198.18.140.1/16"])?;
+    lab.add_host("cli", &["198.18.121.5/16"])?;
+    let text = big_set_policy();
     let file = lab.write_policy("big.toml", &text)?;
     lab.attach("db", file.to_str().unwrap(), &["--role", "db"])?;
     let att = Roots {
