@@ -182,7 +182,7 @@ fn apply_timed(
     // The text is read once: its hash names what was compiled (the
     // compact form for set edits, `crate::attachment::setindex`).
     let text = std::fs::read_to_string(&req.policy).map_err(|e| PolicyError::io(&req.policy, e))?;
-    let policy_hash = crate::attachment::setindex::hash_bytes(text.as_bytes());
+    let policy_hash = crate::attachment::setindex::hash_policy(text.as_bytes());
     let policy = crate::policy::parse::parse_str(&text, &req.policy.display().to_string())?;
     drop(text);
     phases.mark("parse");
@@ -332,6 +332,7 @@ fn apply_timed(
         classes: compiled.classes,
         rules: compiled.rules.clone(),
         rules_file: None,
+        live_file: None,
     };
     let mut state = state;
     if let Err(e) = state.write(&att.state) {
@@ -340,6 +341,7 @@ fn apply_timed(
         return Err(e.into());
     }
     crate::attachment::state::prune_rules(&att.state, state.rules_file);
+    crate::attachment::state::prune_live(&att.state, state.live_file);
     phases.mark("state");
     // The policy is in force. The slot no packet looks at becomes its
     // mirror (its `SEG_CONFIG` record, carrying the generation in force,
@@ -380,6 +382,12 @@ fn apply_timed(
         &canonical,
         &canonical,
         &state.set_overrides,
+        state.live_file.map(|r| {
+            (
+                crate::attachment::pins::live_path(&att.state, r.hash),
+                r.hash,
+            )
+        }),
         history::Roles {
             roles: state.roles.clone(),
             role_args: state.role_args.clone(),
@@ -697,9 +705,10 @@ fn keep_observed(att: &Attachment) {
     let Ok(mut state) = State::current(att) else {
         return;
     };
-    // The copy holds its rules inline (the rules file goes with the
-    // attachment).
+    // The copy holds its rules and live set edits inline (the rules and
+    // live files go with the attachment).
     state.rules_file = None;
+    state.live_file = None;
     let path = history::at(att, state.generation)
         .map_or_else(|| std::path::PathBuf::from(&state.policy), |e| e.copy);
     let (Ok(text), Ok(json)) = (std::fs::read_to_string(&path), serde_json::to_vec(&state)) else {

@@ -224,12 +224,32 @@ struct Header {
 }
 const _: () = assert!(core::mem::size_of::<Header>() == 32);
 
-fn put_entries<K: Pod, V: Pod>(out: &mut Vec<u8>, entries: &[LpmEntry<K, V>]) {
+fn put_entries<K: Pod + Slotted, V: Pod>(out: &mut Vec<u8>, entries: &[LpmEntry<K, V>]) {
+    out.reserve(entries.len() * (4 + size_of::<K>() + size_of::<V>()));
     for (l, k, v) in entries {
         out.extend_from_slice(&l.to_le_bytes());
-        out.extend_from_slice(bytemuck::bytes_of(k));
+        out.extend_from_slice(bytemuck::bytes_of(&k.with_slot(0)));
         out.extend_from_slice(bytemuck::bytes_of(v));
     }
+}
+
+/// The snapshot file's bytes of the tries of `c` (keys written at slot 0)
+/// as written to the maps whose peer trie has kernel id `map_id`: what
+/// `Snapshot::of(c, map_id).to_bytes()` gives, without the copy.
+pub fn snapshot_bytes(c: &Compiled, map_id: u32) -> Vec<u8> {
+    let header = Header {
+        magic: *MAGIC,
+        generation: c.config.generation,
+        map_id,
+        v4: c.peers_v4.len() as u32,
+        v6: c.peers_v6.len() as u32,
+        ports: c.ports.len() as u32,
+    };
+    let mut out = bytemuck::bytes_of(&header).to_vec();
+    put_entries(&mut out, &c.peers_v4);
+    put_entries(&mut out, &c.peers_v6);
+    put_entries(&mut out, &c.ports);
+    out
 }
 
 fn take_entries<K: Pod, V: Pod>(bytes: &mut &[u8], n: u32) -> Option<Vec<LpmEntry<K, V>>> {
@@ -309,20 +329,28 @@ impl Snapshot {
 
     /// Writes the snapshot to `path` atomically (mode 0600).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let tmp = path.with_extension("maps.tmp");
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&self.to_bytes())?;
-        }
-        std::fs::rename(&tmp, path)
+        write_bytes(path, &self.to_bytes())
     }
+}
 
+/// Writes snapshot bytes ([`Snapshot::to_bytes`], [`snapshot_bytes`]) to
+/// `path` atomically (mode 0600).
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("maps.tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+impl Snapshot {
     /// Applies `d` to the snapshot (what the kernel does to a slot), for
     /// tests that check a chain of deltas against a fresh compile.
     pub fn apply(&mut self, d: &Delta) {

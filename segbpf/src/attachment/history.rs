@@ -136,8 +136,18 @@ fn keep() -> usize {
 struct SetsFile {
     /// The file's name in the history directory.
     name: String,
-    /// [`crate::attachment::setindex::hash_bytes`] of its contents.
+    /// The hash of its contents: [`crate::attachment::setindex::hash_policy`]
+    /// when `fast`, else (entries of earlier versions)
+    /// [`crate::attachment::setindex::hash_bytes`].
     hash: u64,
+    /// Which hash `hash` is (SipHash of 1,000,000 members took about 25 ms
+    /// of a set edit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fast: bool,
+    /// The file is the state's live set edits file (its text-lines form,
+    /// `crate::attachment::state::parse_live`), linked, not JSON.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    lines: bool,
 }
 
 /// An entry as the index stores it: its set edits inline (entries of
@@ -177,8 +187,16 @@ fn load_sets(d: &Path, s: &Stored) -> Option<BTreeMap<String, Vec<String>>> {
         return None;
     }
     let bytes = std::fs::read(d.join(&f.name)).ok()?;
-    if crate::attachment::setindex::hash_bytes(&bytes) != f.hash {
+    let hash = if f.fast {
+        crate::attachment::setindex::hash_policy(&bytes)
+    } else {
+        crate::attachment::setindex::hash_bytes(&bytes)
+    };
+    if hash != f.hash {
         return None;
+    }
+    if f.lines {
+        return crate::attachment::state::parse_live(&bytes);
     }
     serde_json::from_slice(&bytes).ok()
 }
@@ -222,13 +240,16 @@ pub fn at(att: &Attachment, generation: u64) -> Option<Entry> {
 /// Records that generation `generation` (with `overrides` and `roles`) is in force:
 /// the text of `text`, which stands for the policy file `source` (the same
 /// file, or a copy of an earlier version of it). Drops the oldest entries
-/// beyond the limit.
+/// beyond the limit. `live`: the state's live set edits file holding
+/// `overrides` and its hash (`crate::attachment::state::LiveRef`), linked
+/// (or copied) instead of writing the members again.
 pub fn record(
     att: &Attachment,
     generation: u64,
     text: &Path,
     source: &Path,
     overrides: &BTreeMap<String, Vec<String>>,
+    live: Option<(PathBuf, u64)>,
     roles: Roles,
 ) -> Result<(), HistoryError> {
     let d = dir(att);
@@ -237,6 +258,19 @@ pub fn record(
     std::fs::copy(text, &copy).map_err(failed("saving", &copy))?;
     let sets_file = if overrides.is_empty() {
         None
+    } else if let Some((file, hash)) = live {
+        let name = format!("{generation}.live");
+        let path = d.join(&name);
+        let _ = std::fs::remove_file(&path);
+        std::fs::hard_link(&file, &path)
+            .or_else(|_| std::fs::copy(&file, &path).map(|_| ()))
+            .map_err(failed("saving", &path))?;
+        Some(SetsFile {
+            name,
+            hash,
+            fast: true,
+            lines: true,
+        })
     } else {
         let name = format!("{generation}.sets.json");
         let path = d.join(&name);
@@ -247,7 +281,9 @@ pub fn record(
             .and_then(|b| std::fs::rename(&tmp, &path).map(|()| b))
             .map(|b| SetsFile {
                 name,
-                hash: crate::attachment::setindex::hash_bytes(&b),
+                hash: crate::attachment::setindex::hash_policy(&b),
+                fast: true,
+                lines: false,
             })
             .map(Some)
             .map_err(failed("saving", &path))?
@@ -427,7 +463,7 @@ mod tests {
             } else {
                 sets(g as usize)
             };
-            record(&att, g, &policy, &policy, &o, roles()).unwrap();
+            record(&att, g, &policy, &policy, &o, None, roles()).unwrap();
         }
         let got = list(&att);
         assert_eq!(
@@ -457,7 +493,7 @@ mod tests {
         std::fs::remove_file(d.join("3.sets.json")).unwrap();
         assert!(list(&att).is_empty());
         // A later record keeps working, and the mark of a rollback too.
-        record(&att, 4, &policy, &policy, &sets(4), roles()).unwrap();
+        record(&att, 4, &policy, &policy, &sets(4), None, roles()).unwrap();
         mark_restored(&att, 4, 1).unwrap();
         let got = list(&att);
         assert_eq!(
@@ -472,6 +508,48 @@ mod tests {
         }];
         std::fs::write(d.join("index.json"), serde_json::to_vec(&inline).unwrap()).unwrap();
         assert_eq!(list(&att), inline);
+        // The form before the fast hash: a sets file named by its SipHash
+        // (no `fast`) still reads; altered, it is withdrawn.
+        let bytes = serde_json::to_vec(&sets(6)).unwrap();
+        std::fs::write(d.join("6.sets.json"), &bytes).unwrap();
+        let sip = crate::attachment::setindex::hash_bytes(&bytes);
+        let mut e6 = serde_json::to_value(entry(6, None)).unwrap();
+        e6["sets_file"] = serde_json::json!({"name": "6.sets.json", "hash": sip});
+        std::fs::write(d.join("index.json"), serde_json::to_vec(&[&e6]).unwrap()).unwrap();
+        assert_eq!(
+            list(&att).last().map(|e| e.set_overrides.clone()),
+            Some(sets(6))
+        );
+        e6["sets_file"]["hash"] = serde_json::json!(sip ^ 1);
+        std::fs::write(d.join("index.json"), serde_json::to_vec(&[&e6]).unwrap()).unwrap();
+        assert!(list(&att).is_empty());
+        // The state's live file, linked: read back; altered, withdrawn.
+        let bytes = crate::attachment::state::live_bytes(&sets(7)).unwrap();
+        let live = root.join("eth9.live.x");
+        std::fs::write(&live, &bytes).unwrap();
+        let hash = crate::attachment::setindex::hash_policy(&bytes);
+        record(
+            &att,
+            7,
+            &policy,
+            &policy,
+            &sets(7),
+            Some((live.clone(), hash)),
+            roles(),
+        )
+        .unwrap();
+        assert_eq!(
+            list(&att).last().map(|e| e.set_overrides.clone()),
+            Some(sets(7))
+        );
+        std::fs::remove_file(&live).unwrap();
+        assert_eq!(
+            list(&att).last().map(|e| e.generation),
+            Some(7),
+            "a link, not the name"
+        );
+        std::fs::write(d.join("7.live"), b"SEGLIVE1\n").unwrap();
+        assert!(list(&att).is_empty());
         let _ = std::fs::remove_dir_all(&root);
     }
 

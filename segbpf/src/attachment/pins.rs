@@ -448,6 +448,7 @@ impl Attachment {
         ]
         .into_iter()
         .chain(rules_files(&self.state))
+        .chain(live_files(&self.state))
         {
             let _ = std::fs::remove_file(path);
         }
@@ -480,13 +481,30 @@ pub fn rules_path(state: &Path, hash: u64) -> PathBuf {
     state.with_extension(format!("rules.{hash:016x}"))
 }
 
+/// The live set edits file with hash `hash` of the attachment whose state
+/// file is `state` (`IFACE.json`): `IFACE.live.HASH` beside it.
+pub fn live_path(state: &Path, hash: u64) -> PathBuf {
+    state.with_extension(format!("live.{hash:016x}"))
+}
+
+/// The live set edits files beside the state file `state` (any
+/// generation's).
+pub fn live_files(state: &Path) -> Vec<PathBuf> {
+    hashed_files(state, "live")
+}
+
 /// The rules files beside the state file `state` (any generation's).
 pub fn rules_files(state: &Path) -> Vec<PathBuf> {
+    hashed_files(state, "rules")
+}
+
+/// The files `STEM.KIND.HASH` beside the state file `state`.
+fn hashed_files(state: &Path, kind: &str) -> Vec<PathBuf> {
     let (Some(dir), Some(stem)) = (state.parent(), state.file_stem().and_then(|s| s.to_str()))
     else {
         return Vec::new();
     };
-    let prefix = format!("{stem}.rules.");
+    let prefix = format!("{stem}.{kind}.");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -11,6 +11,18 @@
 //! bytes hash to the name and count the state records; anything else (a
 //! missing, torn or altered file) is reported and treated as no rule
 //! names known, never as another generation's.
+//!
+//! Large live set edits (at least [`LIVE_INLINE_MIN`] members in all) are
+//! kept the same way, in `IFACE.live.HASH` ([`LiveRef`]; HASH:
+//! [`crate::attachment::setindex::hash_policy`] of its bytes): a header
+//! line, then per set a line `COUNT NAME` and its members one a line. Read
+//! as text lines (no JSON string per member): at 1,000,000 members the
+//! state's JSON took about 50 ms to read and 20 ms to write. The state
+//! file then names the file and lists each such set with one placeholder
+//! member `live:HASH` (not an address: a version that does not know the
+//! file refuses the state's set edits instead of dropping them). A live
+//! file that is missing, altered or of another count is an error, never
+//! read as no edits.
 
 use std::path::Path;
 
@@ -36,6 +48,14 @@ pub enum StateError {
         path: std::path::PathBuf,
         /// Why.
         source: serde_json::Error,
+    },
+    /// A live set edits file that does not match the state naming it.
+    #[error("live set edits file {path}: {why}")]
+    Live {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What does not match.
+        why: String,
     },
     /// A rules file that does not match the state naming it.
     #[error("rules file {path}: {why}")]
@@ -185,6 +205,90 @@ pub struct State {
     /// writes [`State::rules`] to a new one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_file: Option<RulesRef>,
+    /// The file of the live set edits, when they are kept beside the state
+    /// (see the module docs). Set by [`State::write`] from
+    /// [`State::set_overrides`] every time (never trusted from memory);
+    /// [`State::read_head`] reads the members back into `set_overrides`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_file: Option<LiveRef>,
+}
+
+/// Which file holds a state's live set edits (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRef {
+    /// [`crate::attachment::setindex::hash_policy`] of the file's bytes.
+    pub hash: u64,
+    /// How many members it holds (all sets).
+    pub count: usize,
+}
+
+/// Live set edits of at least this many members in all are kept in a
+/// live file; fewer stay inline in the state file.
+pub const LIVE_INLINE_MIN: usize = 4096;
+
+const LIVE_MAGIC: &str = "SEGLIVE1\n";
+
+/// The bytes of a live file of `o`; None when a set name or member
+/// cannot be written one a line (empty, or with a newline or a leading
+/// space in a name).
+pub fn live_bytes(o: &std::collections::BTreeMap<String, Vec<String>>) -> Option<Vec<u8>> {
+    let size: usize = o
+        .iter()
+        .map(|(n, m)| n.len() + 24 + m.iter().map(|x| x.len() + 1).sum::<usize>())
+        .sum();
+    let mut out = Vec::with_capacity(LIVE_MAGIC.len() + size);
+    out.extend_from_slice(LIVE_MAGIC.as_bytes());
+    for (name, members) in o {
+        if name.is_empty() || name.contains('\n') {
+            return None;
+        }
+        out.extend_from_slice(format!("{} {name}\n", members.len()).as_bytes());
+        for m in members {
+            if m.is_empty() || m.contains('\n') {
+                return None;
+            }
+            out.extend_from_slice(m.as_bytes());
+            out.push(b'\n');
+        }
+    }
+    Some(out)
+}
+
+/// Parses a live file's bytes ([`live_bytes`]); None unless well formed.
+pub fn parse_live(bytes: &[u8]) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let rest = text.strip_prefix(LIVE_MAGIC)?;
+    if !rest.is_empty() && !rest.ends_with('\n') {
+        return None;
+    }
+    let mut lines = rest.split_terminator('\n');
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(head) = lines.next() {
+        let (n, name) = head.split_once(' ')?;
+        let n: usize = n.parse().ok()?;
+        let mut members = Vec::with_capacity(n.min(bytes.len() / 2));
+        for _ in 0..n {
+            let m = lines.next()?;
+            if m.is_empty() {
+                return None;
+            }
+            members.push(m.to_string());
+        }
+        if name.is_empty() || out.insert(name.to_string(), members).is_some() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Removes the live files beside `state` other than `keep`'s.
+pub fn prune_live(state: &Path, keep: Option<LiveRef>) {
+    let keep = keep.map(|r| crate::attachment::pins::live_path(state, r.hash));
+    for path in crate::attachment::pins::live_files(state) {
+        if Some(&path) != keep.as_ref() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Which rules file holds a state's rules (see the module docs).
@@ -238,6 +342,15 @@ impl State {
     /// Reads a state file without the rules of a rules file
     /// ([`State::rules`] stays empty; [`State::rules_file`] names them).
     pub fn read_head(path: &Path) -> Result<State, StateError> {
+        match State::read_json(path)?.with_live(path) {
+            // A change may have replaced the state and removed the live
+            // file of the one read here in between: read once more.
+            Err(StateError::Live { .. }) => State::read_json(path)?.with_live(path),
+            other => other,
+        }
+    }
+
+    fn read_json(path: &Path) -> Result<State, StateError> {
         let text = std::fs::read(path).map_err(|source| StateError::Read {
             path: path.to_path_buf(),
             source,
@@ -246,6 +359,40 @@ impl State {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// The state with the members of its live file (if it names one) in
+    /// [`State::set_overrides`]; `path`: the state file's.
+    fn with_live(mut self, path: &Path) -> Result<State, StateError> {
+        let Some(r) = self.live_file else {
+            return Ok(self);
+        };
+        let file = crate::attachment::pins::live_path(
+            &path.with_file_name(format!("{}.json", self.iface)),
+            r.hash,
+        );
+        let bad = |why: String| StateError::Live {
+            path: file.clone(),
+            why,
+        };
+        let bytes = std::fs::read(&file).map_err(|e| bad(e.to_string()))?;
+        if crate::attachment::setindex::hash_policy(&bytes) != r.hash {
+            return Err(bad(
+                "its bytes do not hash to the value the state names".into()
+            ));
+        }
+        let sets = parse_live(&bytes).ok_or_else(|| bad("not a live set edits file".into()))?;
+        let count: usize = sets.values().map(Vec::len).sum();
+        if count != r.count || !sets.keys().eq(self.set_overrides.keys()) {
+            return Err(bad(format!(
+                "{count} members of sets {:?}, the state names {} of {:?}",
+                sets.keys().collect::<Vec<_>>(),
+                r.count,
+                self.set_overrides.keys().collect::<Vec<_>>()
+            )));
+        }
+        self.set_overrides = sets;
+        Ok(self)
     }
 
     /// Reads the rules [`State::rules_file`] names into [`State::rules`],
@@ -321,11 +468,41 @@ impl State {
                 count: self.rules.len(),
             });
         }
+        // Large live set edits go to their own file (see the module docs),
+        // named from the members in memory, never from an earlier write.
+        self.live_file = None;
+        let count: usize = self.set_overrides.values().map(Vec::len).sum();
+        let live = if count >= LIVE_INLINE_MIN
+            && let Some(bytes) = live_bytes(&self.set_overrides)
+        {
+            let hash = crate::attachment::setindex::hash_policy(&bytes);
+            let file = crate::attachment::pins::live_path(
+                &path.with_file_name(format!("{}.json", self.iface)),
+                hash,
+            );
+            let same = std::fs::read(&file).is_ok_and(|b| b == bytes);
+            if !same {
+                write_private(&file, &bytes)?;
+            }
+            self.live_file = Some(LiveRef { hash, count });
+            let placeholder = vec![format!("live:{hash:016x}")];
+            let names = self
+                .set_overrides
+                .keys()
+                .map(|k| (k.clone(), placeholder.clone()))
+                .collect();
+            Some(std::mem::replace(&mut self.set_overrides, names))
+        } else {
+            None
+        };
         // The state file names the rules file and holds no rules (an
         // empty list); the rules stay in memory for the caller.
         let rules = std::mem::take(&mut self.rules);
         let text = serde_json::to_vec(&*self);
         self.rules = rules;
+        if let Some(members) = live {
+            self.set_overrides = members;
+        }
         let mut text = text
             .map_err(std::io::Error::from)
             .map_err(write_err(path))?;
@@ -395,6 +572,17 @@ impl State {
         State::read_head(&att.state)
     }
 
+    /// [`crate::attachment::setindex::hash_overrides`] of the live set
+    /// edits: the hash their live file is named by, when the state keeps
+    /// them in one (read back and checked against it, or just written),
+    /// else computed.
+    pub fn overrides_hash(&self) -> u64 {
+        self.live_file.map_or_else(
+            || crate::attachment::setindex::hash_overrides(&self.set_overrides),
+            |r| r.hash,
+        )
+    }
+
     /// How many rules apply to this host (also when read without them).
     pub fn rule_count(&self) -> usize {
         self.rules_file.map_or(self.rules.len(), |r| r.count)
@@ -403,5 +591,128 @@ impl State {
     /// The rule the kernel reports as `counter` (see `RuleInfo::counter`).
     pub fn rule(&self, counter: u32) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.counter == counter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn state(overrides: BTreeMap<String, Vec<String>>) -> State {
+        let mut s: State = serde_json::from_value(serde_json::json!({
+            "iface": "eth9", "ifindex": 9, "policy": "/p.toml", "roles": ["r"],
+            "mode": "skb", "generation": 4, "prog_id": 1, "attached_at": 0,
+            "entries": [0, 0, 0], "classes": 0,
+        }))
+        .unwrap();
+        s.set_overrides = overrides;
+        s
+    }
+
+    fn members(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+            .collect()
+    }
+
+    /// Large live set edits go to a hash-named file beside the state and
+    /// read back exactly; the state names it and holds only placeholders
+    /// (which no version parses as an address); small ones stay inline; a
+    /// missing, altered or miscounted file is an error naming it, never
+    /// "no edits"; a state of the earlier form (members inline) reads.
+    #[test]
+    fn large_live_edits_live_beside_the_state_and_read_back_exactly() {
+        let dir = std::env::temp_dir().join(format!("segbpf-live-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("eth9.json");
+        let big = BTreeMap::from([
+            ("a".to_string(), members(LIVE_INLINE_MIN)),
+            ("b".to_string(), vec!["fd00::1".to_string()]),
+            ("empty".to_string(), Vec::new()),
+        ]);
+        let mut s = state(big.clone());
+        s.write(&path).unwrap();
+        assert_eq!(s.set_overrides, big, "the members stay in memory");
+        let r = s.live_file.expect("a live file");
+        assert_eq!(r.count, LIVE_INLINE_MIN + 1);
+        assert_eq!(
+            r.hash,
+            crate::attachment::setindex::hash_overrides(&big),
+            "the file's name is the hash of the edits (what the index records)"
+        );
+        let head: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let placeholder = format!("live:{:016x}", r.hash);
+        assert_eq!(head["set_overrides"]["a"], serde_json::json!([placeholder]));
+        assert!(std::fs::metadata(&path).unwrap().len() < 4096, "{head}");
+        let file = crate::attachment::pins::live_path(&path, r.hash);
+        assert_eq!(
+            crate::attachment::pins::live_files(&path),
+            vec![file.clone()]
+        );
+        assert_eq!(State::read_head(&path).unwrap().set_overrides, big);
+
+        // Altered (one member), miscounted, missing: errors naming the file.
+        let bytes = std::fs::read(&file).unwrap();
+        let altered =
+            String::from_utf8(bytes.clone())
+                .unwrap()
+                .replacen("10.0.0.7\n", "10.0.0.8\n", 1);
+        std::fs::write(&file, altered).unwrap();
+        let e = State::read_head(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("live set edits file") && e.contains("live."),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert!(State::read_head(&path).is_err());
+        std::fs::write(&file, &bytes).unwrap();
+        let mut miscounted = head.clone();
+        miscounted["live_file"]["count"] = serde_json::json!(r.count - 1);
+        std::fs::write(&path, serde_json::to_vec(&miscounted).unwrap()).unwrap();
+        assert!(State::read_head(&path).is_err());
+        std::fs::write(&path, serde_json::to_vec(&head).unwrap()).unwrap();
+        assert_eq!(State::read_head(&path).unwrap().set_overrides, big);
+
+        // Fewer members: inline, no live file named; the old one pruned.
+        let small = BTreeMap::from([("a".to_string(), members(3))]);
+        let mut s = state(small.clone());
+        s.write(&path).unwrap();
+        assert_eq!(s.live_file, None);
+        prune_live(&path, s.live_file);
+        assert!(crate::attachment::pins::live_files(&path).is_empty());
+        assert_eq!(State::read_head(&path).unwrap().set_overrides, small);
+
+        // The earlier form: a large set inline in the state file.
+        let mut inline = serde_json::to_value(state(big.clone())).unwrap();
+        inline.as_object_mut().unwrap().remove("live_file");
+        std::fs::write(&path, serde_json::to_vec(&inline).unwrap()).unwrap();
+        assert_eq!(State::read_head(&path).unwrap().set_overrides, big);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn live_files_parse_back_or_not_at_all() {
+        let o = BTreeMap::from([
+            (
+                "x y".to_string(),
+                vec!["10.0.0.1".to_string(), "10.0.0.0/8".to_string()],
+            ),
+            ("z".to_string(), Vec::new()),
+        ]);
+        let b = live_bytes(&o).unwrap();
+        assert_eq!(parse_live(&b), Some(o));
+        assert_eq!(parse_live(&b[..b.len() - 1]), None, "torn");
+        assert_eq!(parse_live(&b[..b.len() - 9]), None, "a member short");
+        assert_eq!(
+            live_bytes(&BTreeMap::from([("a\nb".to_string(), Vec::new())])),
+            None
+        );
+        assert_eq!(
+            live_bytes(&BTreeMap::from([("a".to_string(), vec![String::new()])])),
+            None
+        );
     }
 }

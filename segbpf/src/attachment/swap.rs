@@ -408,17 +408,35 @@ pub enum MemberEdit {
     Unchanged(String),
 }
 
-/// The members after adding (`add`) or removing `members` from `current`.
-///
-/// One pass over `current` that looks each member up among the few being
-/// edited (no copy of the set's member strings: at 1,000,000 members a
-/// hash set of copies took about 250 ms of a one-member edit).
-pub fn edit_members(current: Vec<String>, members: &[AddrRange], add: bool) -> MemberEdit {
-    use std::collections::{HashMap, HashSet};
+/// A set edit worked out on the member list without changing it: the
+/// members named (as text), those an add appends, how many change.
+pub struct MemberPlan {
+    added: Vec<String>,
+    changed: usize,
+    /// The texts, for lookups (FxHash: 1,000,000 lookups with SipHash
+    /// took about 15 ms).
+    named: std::collections::HashSet<
+        String,
+        std::hash::BuildHasherDefault<crate::policy::compile::FastHasher>,
+    >,
+}
+
+/// Works out adding (`add`) or removing `members` from `current` (one
+/// pass over `current` that looks each member up among the few being
+/// edited; no copy of the set's member strings: at 1,000,000 members a
+/// hash set of copies took about 250 ms of a one-member edit). Err: the
+/// edit is refused or changes nothing ([`MemberEdit`] says which).
+pub fn plan_members(
+    current: &[String],
+    members: &[AddrRange],
+    add: bool,
+) -> Result<MemberPlan, MemberEdit> {
+    use std::collections::HashSet;
     let texts: Vec<String> = members.iter().map(ToString::to_string).collect();
     // Each text being edited: is it in `current`?
-    let mut present: HashMap<&str, bool> = texts.iter().map(|t| (t.as_str(), false)).collect();
-    for m in &current {
+    let mut present: crate::policy::compile::FastMap<&str, bool> =
+        texts.iter().map(|t| (t.as_str(), false)).collect();
+    for m in current {
         if let Some(p) = present.get_mut(m.as_str()) {
             *p = true;
         }
@@ -438,19 +456,52 @@ pub fn edit_members(current: Vec<String>, members: &[AddrRange], add: bool) -> M
             changed += 1;
         } else {
             // Not in the set, or named twice (the first took it out).
-            return MemberEdit::NotMember(text.clone());
+            return Err(MemberEdit::NotMember(text.clone()));
         }
     }
     if changed == 0 {
-        return MemberEdit::Unchanged(texts.join(", "));
+        return Err(MemberEdit::Unchanged(texts.join(", ")));
     }
-    let mut next = current;
-    if add {
-        next.extend(added);
-    } else {
-        next.retain(|m| !present.contains_key(m.as_str()));
+    let named = texts.into_iter().collect();
+    Ok(MemberPlan {
+        added,
+        changed,
+        named,
+    })
+}
+
+impl MemberPlan {
+    /// How many members change.
+    pub fn changed(&self) -> usize {
+        self.changed
     }
-    MemberEdit::Next(next, changed)
+
+    /// Whether `member` (as listed) is one this removal takes out.
+    pub fn removes(&self, member: &str) -> bool {
+        self.named.contains(member)
+    }
+
+    /// The members after the edit (`current`: the list it was planned on).
+    pub fn apply(self, mut current: Vec<String>, add: bool) -> Vec<String> {
+        if add {
+            current.extend(self.added);
+        } else {
+            current.retain(|m| !self.named.contains(m.as_str()));
+        }
+        current
+    }
+}
+
+/// The members after adding (`add`) or removing `members` from `current`
+/// ([`plan_members`], then [`MemberPlan::apply`]).
+pub fn edit_members(current: Vec<String>, members: &[AddrRange], add: bool) -> MemberEdit {
+    match plan_members(&current, members, add) {
+        Ok(plan) => {
+            let changed = plan.changed;
+            MemberEdit::Next(plan.apply(current, add), changed)
+        }
+        Err(e) => e,
+    }
 }
 
 /// The members of `set` after adding (`add`) or removing `members` from
@@ -466,15 +517,23 @@ fn next_members(
 ) -> Result<(Vec<String>, usize), SwapError> {
     match edit_members(current, members, add) {
         MemberEdit::Next(next, changed) => Ok((next, changed)),
-        MemberEdit::NotMember(text) => Err(SwapError::Refused(format!(
+        other => Err(member_refusal(att, state, set, other)),
+    }
+}
+
+/// The error of a set edit that is refused or changes nothing.
+fn member_refusal(att: &Attachment, state: &State, set: &str, e: MemberEdit) -> SwapError {
+    match e {
+        MemberEdit::NotMember(text) => SwapError::Refused(format!(
             "{text} is not a member of `{set}` (see `segbpf set list {} {set}`)",
             att.iface
-        ))),
+        )),
         // Nothing to swap: no new generation for an edit that changes nothing.
-        MemberEdit::Unchanged(listed) => Err(SwapError::Unchanged(format!(
+        MemberEdit::Unchanged(listed) => SwapError::Unchanged(format!(
             "set `{set}` already has {listed}: nothing changed, generation {} stays in force",
             state.generation
-        ))),
+        )),
+        MemberEdit::Next(..) => SwapError::Refused(format!("set `{set}`: nothing to refuse")),
     }
 }
 
@@ -504,9 +563,9 @@ pub fn edit_set(
                 source,
             })?;
         phases.mark("lock");
-        let old = State::repair_head(att)?;
+        let mut old = State::repair_head(att)?;
         phases.mark("read-state");
-        let out = match fast_set_edit(att, &old, set, members, add, guarded, &mut phases) {
+        let out = match fast_set_edit(att, &mut old, set, members, add, guarded, &mut phases) {
             Ok(Some(done)) => Ok(done),
             Ok(None) => full_set_edit(att, &old, set, members, add, guarded, &mut phases),
             Err(e) => Err(e),
@@ -564,7 +623,7 @@ fn edit_what(att: &Attachment, set: &str, add: bool) -> String {
 /// used (nothing was changed; the caller takes the full path).
 fn fast_set_edit(
     att: &Attachment,
-    old: &State,
+    old: &mut State,
     set: &str,
     members: &[AddrRange],
     add: bool,
@@ -587,12 +646,12 @@ fn fast_set_edit(
     if idx.generation != old.generation
         || idx.policy != old.policy
         || idx.roles != old.roles
-        || idx.overrides_hash != setindex::hash_overrides(&old.set_overrides)
+        || idx.overrides_hash != old.overrides_hash()
     {
         return fallback("the index is not of the state in force");
     }
     match std::fs::read(&path) {
-        Ok(text) if setindex::hash_bytes(&text) == idx.policy_hash => {}
+        Ok(text) if setindex::hash_policy(&text) == idx.policy_hash => {}
         _ => return fallback("the policy file changed since it was compiled"),
     }
     phases.mark("hash-policy");
@@ -615,45 +674,74 @@ fn fast_set_edit(
     {
         return fallback("the kernel's slots are not the snapshot's generation");
     }
-    // Taken out of the index (not copied): the edit reads only the other
-    // sets' members, and the new index gets the edited list back.
+    // The set's members in force: the state's when edited live (the index
+    // does not keep those), else the index's.
     let mut idx = idx;
-    let Some(current_members) = idx.sets.remove(set) else {
+    let from_index = idx.sets.remove(set);
+    let Some(current_members) = old.set_overrides.get(set).or(from_index.as_ref()) else {
         return fallback("no such set in the index");
     };
-    if old
-        .set_overrides
-        .get(set)
-        .is_some_and(|m| *m != current_members)
-    {
-        return fallback("the index's members are not the state's");
-    }
-    let current_len = current_members.len();
-    let (next_text, changed) = next_members(att, old, set, current_members, members, add)?;
+    let current_members: &[String] = current_members;
+    let plan = plan_members(current_members, members, add)
+        .map_err(|e| member_refusal(att, old, set, e))?;
+    let changed = plan.changed();
     phases.mark("members");
-    // The live set edits after this one (the edited set's old list is
-    // not copied: it is replaced).
-    let mut overrides: Overrides = old
+    // The addresses whose rules change: an add's members as given; a
+    // removal's less what the members left cover (one pass over them).
+    let region = setindex::edit_region_of(
+        members,
+        (!add).then(|| {
+            (current_members.iter().map(String::as_str), |m: &str| {
+                plan.removes(m)
+            })
+        }),
+    );
+    phases.mark("region");
+    // Adding members only allows more: it cannot cut a session, and
+    // prunes no connection (no policy to check them against). A removal's
+    // lockout check needs the members after the edit; it runs below.
+    let live_others: Overrides = old
         .set_overrides
         .iter()
         .filter(|(name, _)| name.as_str() != set)
         .map(|(name, m)| (name.clone(), m.clone()))
         .collect();
-    overrides.insert(set.to_string(), next_text.clone());
-    let next_ranges = parse_members(set, &next_text)?;
-    phases.mark("parse-members");
-    // The members before: an add appended to them; a removal took some out.
-    let old_ranges: Vec<AddrRange> = if add {
-        next_ranges[..current_len.min(next_ranges.len())].to_vec()
-    } else {
-        next_ranges.iter().chain(members).copied().collect()
+    let by_region = match region.and_then(|r| idx.edit_region(&live_others, &snap, set, r, add)) {
+        Ok(e) => e,
+        Err(why) => return fallback(&why),
     };
-    // Adding members only allows more: it cannot cut a session, and
-    // prunes no connection (no policy to check them against).
-    let choice = if add {
-        None
+    let edited = if let Some(e) = by_region {
+        e
     } else {
-        let choice = Choice::file(path.clone(), overrides.clone());
+        // The maps are not in the form the region edit needs: the
+        // intervals of the whole maps.
+        phases.mark("region-declined");
+        let old_ranges = parse_members(set, current_members)?;
+        let next_text = plan_members(current_members, members, add)
+            .map_err(|e| member_refusal(att, old, set, e))?
+            .apply(current_members.to_vec(), add);
+        let next_ranges = parse_members(set, &next_text)?;
+        match idx.edit(&live_others, &snap, set, &old_ranges, &next_ranges) {
+            Ok(e) => e,
+            Err(why) => return fallback(&why),
+        }
+    };
+    phases.mark("edit-classes");
+    // Past the last fallback: the list is moved out of the state read
+    // (not copied), and the rest of that state is the new one's base.
+    let current_owned = match old.set_overrides.get_mut(set) {
+        Some(m) => std::mem::take(m),
+        None => from_index.unwrap_or_default(),
+    };
+    let mut old_rest = old.clone();
+    let next_text = plan.apply(current_owned, add);
+    let mut overrides = live_others;
+    overrides.insert(set.to_string(), next_text);
+    phases.mark("members-next");
+    if !add {
+        // The check borrows the members for a moment (not a copy of
+        // 1,000,000 of them); the prune takes them from the new state.
+        let choice = Choice::file(path.clone(), overrides);
         guarded.refuse_lockout_in(
             att,
             &choice,
@@ -661,14 +749,9 @@ fn fast_set_edit(
             &edit_what(att, set, add),
             old.audit,
         )?;
-        Some(choice)
-    };
+        overrides = choice.overrides;
+    }
     phases.mark("choose");
-    let edited = match idx.edit(&snap, set, &old_ranges, &next_ranges) {
-        Ok(e) => e,
-        Err(why) => return fallback(&why),
-    };
-    phases.mark("edit-classes");
     let generation = cfg.generation.max(old.generation) + 1;
     let c = delta::into_slot(
         Compiled {
@@ -691,19 +774,20 @@ fn fast_set_edit(
     })?;
     let mut index = idx;
     index.generation = generation;
-    index.overrides_hash = setindex::hash_overrides(&overrides);
+    // (`overrides_hash`: set by the commit, from the state it writes.)
     index.classes.clone_from(&c.class_rules);
-    index.sets.insert(set.to_string(), next_text);
-    let new = State {
-        generation,
-        entries: [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()],
-        classes: c.classes,
-        set_overrides: overrides,
-        ..old.clone()
-    };
-    let prune = match choice {
-        None => Prune::Skip,
-        Some(choice) => Prune::Region(edited.region, choice),
+    old_rest.generation = generation;
+    old_rest.entries = [c.peers_v4.len(), c.peers_v6.len(), c.ports.len()];
+    old_rest.classes = c.classes;
+    old_rest.set_overrides = overrides;
+    let new = old_rest;
+    // A removal's prune judges by the file with the new state's live set
+    // edits: moved into its `Choice` by the commit once the state is
+    // written (`prune_sets_of_new`), not copied.
+    let prune = if add {
+        Prune::Skip
+    } else {
+        Prune::Region(edited.region, Choice::file(path.clone(), BTreeMap::new()))
     };
     let result = commit(
         att,
@@ -718,6 +802,7 @@ fn fast_set_edit(
             path: &path,
             policy_name: old.policy.clone(),
             prune,
+            prune_sets_of_new: true,
             freed: Vec::new(),
         },
         phases,
@@ -1023,7 +1108,7 @@ fn compile_in_force(
     }
     phases.mark("trust");
     let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::io(&path, e))?;
-    let policy_hash = setindex::hash_bytes(text.as_bytes());
+    let policy_hash = setindex::hash_policy(text.as_bytes());
     let policy = crate::policy::parse::parse_str_with_sets(
         &text,
         &path.display().to_string(),
@@ -1169,6 +1254,7 @@ fn compile_in_force(
             path: &path,
             policy_name: policy.source.clone(),
             prune: Prune::All(&policy),
+            prune_sets_of_new: false,
             freed,
         },
         phases,
@@ -1206,6 +1292,9 @@ struct Commit<'a> {
     /// The policy as errors and the result name it.
     policy_name: String,
     prune: Prune<'a>,
+    /// The prune's `Choice` takes the live set edits of `new` (see
+    /// [`fast_set_edit`]).
+    prune_sets_of_new: bool,
     /// Counter slots to zero once in force.
     freed: Vec<u32>,
 }
@@ -1229,6 +1318,7 @@ fn commit(
         path,
         policy_name,
         prune,
+        prune_sets_of_new,
         freed,
     } = k;
     let next = 1 - current;
@@ -1285,18 +1375,37 @@ fn commit(
     } else {
         "write-whole"
     });
-    new.write(&att.next_state())?;
-    phases.mark("write-pending-state");
-    // What the slot about to be in force holds. A snapshot that never comes
-    // into force (a failed switch) names a generation the kernel does not
-    // run, and is ignored.
-    if let Err(e) = Snapshot::of(&c, maps.map_id()).write(&att.snapshot()) {
-        tracing::warn!(
+    // The pending state and, on a second thread, what the slot about to
+    // be in force holds (both written whole: at 1,000,000 members about
+    // 20 ms each). A snapshot that never comes into force (a failed
+    // switch, a pending state that could not be written) names a
+    // generation the kernel does not run, and is ignored.
+    let map_id = maps.map_id();
+    let (pending, snapshot) = std::thread::scope(|s| {
+        let snapshot =
+            s.spawn(|| delta::write_bytes(&att.snapshot(), &delta::snapshot_bytes(&c, map_id)));
+        let pending = new.write(&att.next_state());
+        (pending, snapshot.join())
+    });
+    match snapshot {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
             "recording the policy slot in {}: {e} (the next change writes the policy whole)",
             att.snapshot().display()
-        );
+        ),
+        Err(_) => tracing::warn!(
+            "recording the policy slot in {} failed (the next change writes the policy whole)",
+            att.snapshot().display()
+        ),
     }
-    phases.mark("write-snapshot");
+    pending?;
+    let mut index = index;
+    if let Some(index) = &mut index {
+        // The live set edits compiled in, by the hash their file was
+        // named with (or of the inline ones): what the next edit checks.
+        index.overrides_hash = new.overrides_hash();
+    }
+    phases.mark("write-pending-state+snapshot");
     if let Some(index) = &index
         && let Err(e) = index.write(&att.set_index())
     {
@@ -1328,6 +1437,7 @@ fn commit(
         // The rules files of earlier generations (and of changes killed
         // before their switch) go; the state in force names its own.
         crate::attachment::state::prune_rules(&att.state, new.rules_file);
+        crate::attachment::state::prune_live(&att.state, new.live_file);
     }
     if let Err(e) = history::record(
         att,
@@ -1335,6 +1445,12 @@ fn commit(
         path,
         Path::new(&new.policy),
         &new.set_overrides,
+        new.live_file.map(|r| {
+            (
+                crate::attachment::pins::live_path(&att.state, r.hash),
+                r.hash,
+            )
+        }),
         history::Roles {
             roles: new.roles.clone(),
             role_args: new.role_args.clone(),
@@ -1349,6 +1465,13 @@ fn commit(
     // the state rename and the history above already took part of it.
     std::thread::sleep(GRACE.saturating_sub(flipped.elapsed()));
     phases.mark("grace");
+    let prune = match prune {
+        Prune::Region(region, mut choice) if prune_sets_of_new => {
+            choice.overrides = std::mem::take(&mut new.set_overrides);
+            Prune::Region(region, choice)
+        }
+        other => other,
+    };
     let pruned = prune_conntrack(att, old.ifindex, prune, &roles).unwrap_or_else(|e| {
         warn("pruning the connection table", &e);
         0
