@@ -550,6 +550,21 @@ pub fn print_text(
         if let Some(hint) = &r.pins_elsewhere {
             writeln!(o, "services below {}: {hint}", r.cgroup_root)?;
         }
+        if let Some(side) = &r.side_dir {
+            let extra = match r.side_linked.as_slice() {
+                [] => "no program of it is attached".to_string(),
+                [one] => format!(
+                    "its {one} program is attached too (1 extra link, stricter: a packet passes only if every program passes it)"
+                ),
+                _ => "its ingress and egress programs are attached too (2 extra links, stricter: a packet passes only if every program passes it)".to_string(),
+            };
+            writeln!(
+                o,
+                "services below {}: a re-attach killed half-way left the side directory {side}: {extra}; the next `segbpf attach --services` or `segbpf detach --services{}` from the state directory that made it removes it",
+                r.cgroup_root,
+                root_option(std::path::Path::new(&r.cgroup_root))
+            )?;
+        }
         if r.crashed_attach {
             writeln!(
                 o,
