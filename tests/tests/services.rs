@@ -4282,6 +4282,13 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
         "{err}"
     );
     assert!(other_links(&other).is_empty());
+    // Review 10 L-c: a refused attach leaves nothing behind, not even the
+    // pin root (SEGBPF_BPFFS) it made for its lock.
+    assert!(
+        !other.bpffs.exists(),
+        "a refused attach left the pin root {}",
+        other.bpffs.display()
+    );
     // Nor can a reload make one: it applies to an attachment at its root.
     let out = other
         .segbpf(&["reload", "--services", "--cgroup-root"])
@@ -4291,6 +4298,7 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
         .output()?;
     assert!(!out.status.success());
     assert!(other_links(&other).is_empty());
+    assert!(!other.bpffs.exists(), "a refused reload left the pin root");
     // The other way round: the inner one live (its state file removed),
     // the outer one is refused.
     lab.detach()?;

@@ -43,7 +43,8 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
         return Err(UsageError("--services needs --policy FILE".into()).into());
     };
     let roots = Roots::from_env();
-    roots.ensure_bpffs()?;
+    // The pin root itself is made by the attach, once it is not refused.
+    roots.ensure_bpffs_mounted()?;
     let paths = paths(args.cgroup_root.as_deref())?;
     if !args.insecure_policy {
         crate::attachment::trust::check_policy_file(&policy_path)?;
