@@ -175,7 +175,12 @@ impl SvcPaths {
                 (r.id == id).then(|| r.dir.display().to_string())
             })
             .collect();
-        if elsewhere.is_empty() {
+        if let Some(hint) = self.absent_hint() {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {} seen from here: {hint}",
+                self.root.dir.display()
+            ))
+        } else if elsewhere.is_empty() {
             ServicesError::NotAttached(format!(
                 "no services attachment below {}",
                 self.root.dir.display()
@@ -187,6 +192,47 @@ impl SvcPaths {
                 elsewhere.join(", ")
             ))
         }
+    }
+
+    /// Why no attachment is seen at these paths although one may be
+    /// there: this process cannot read the state directory or the pin
+    /// root (not root); the state here names pins under another pin root
+    /// ([`pins_elsewhere`]); or the state here remains while its pins and
+    /// programs are gone (detached from another state directory that
+    /// shares the pin root).
+    pub fn absent_hint(&self) -> Option<String> {
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            let state_dir = self.state.parent().map(Path::to_path_buf);
+            let pin_root = self.dir.parent().map(Path::to_path_buf);
+            for d in [state_dir, pin_root].into_iter().flatten() {
+                if std::fs::read_dir(&d)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+                {
+                    return Some(format!(
+                        "{} cannot be read by uid {uid} (permission denied): the services commands need root",
+                        d.display()
+                    ));
+                }
+            }
+        }
+        if let Some(hint) = pins_elsewhere(self) {
+            return Some(hint);
+        }
+        let programs = crate::attachment::services_nest::services_at(&self.root.dir);
+        if self.state.exists()
+            && !self.dir.exists()
+            && !self.next_dir().exists()
+            && programs.is_ok_and(|p| !p)
+        {
+            return Some(format!(
+                "the state {} remains, but its pins {} and its programs are gone (detached from another state directory that shares the pin root, or removed by hand): nothing of it enforces; `segbpf detach --services --cgroup-root {}` here removes the state, `segbpf attach --services` attaches again",
+                self.state.display(),
+                self.dir.display(),
+                self.root.dir.display()
+            ));
+        }
+        None
     }
 
     /// Whose the pins of this root are, seen from this state directory:
@@ -804,7 +850,7 @@ fn attach_locked(
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
     // at a time on this machine. The leftover's own programs do not count.
-    let _nesting = crate::attachment::services_nest::nest_lock()?;
+    let nesting = crate::attachment::services_nest::nest_lock()?;
     let exempt: std::collections::BTreeSet<u32> = leftover.union(&stale).copied().collect();
     let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root, &exempt);
     // The kernel frees an unpinned link a moment later (deferred work).
@@ -899,7 +945,7 @@ fn attach_locked(
     ])
     .and_then(|mut own| {
         own.extend(exempt.iter().copied());
-        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true)
+        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true, nesting.is_some())
     });
     if let Err(e) = raced {
         let _ = std::fs::remove_dir_all(&paths.dir);

@@ -392,18 +392,30 @@ pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
             g.root.id
         );
     }
+    // What the kernel still has there: another attachment's programs
+    // (this detach waited for its own to leave).
+    let still = crate::attachment::services_nest::services_programs_at(&dir);
     match output {
         Output::Json => print_json(&serde_json::json!({
             "services": true,
             "cgroup_root": dir,
             "detached": true,
             "was_attached": was,
+            "still_enforced_by_programs": still,
             "gone_removed": gone.iter().map(|g| g.root.id).collect::<Vec<_>>(),
         }))?,
-        Output::Text => {
+        Output::Text if still.is_empty() => {
             crate::cmd::print_line(format_args!(
                 "detached the services below {}",
                 dir.display()
+            ))?;
+        }
+        Output::Text => {
+            crate::cmd::print_line(format_args!(
+                "removed what this state directory had below {} ({}); services there are STILL enforced, by another attachment: {} program(s) of it are attached at that cgroup (made with another SEGBPF_STATE_DIR or SEGBPF_BPFFS: `segbpf status --services` with those shows it, `segbpf detach --services` with those removes it)",
+                dir.display(),
+                if was { "its pins and state" } else { "nothing was there" },
+                still.len()
             ))?;
         }
     }
@@ -735,11 +747,12 @@ pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
     }
     if reports.is_empty() {
         // The state here was made with another pin root: say where.
+        // (Or it cannot be read, or it remains without its pins.)
         if let Ok(p) = paths(cgroup_root.as_deref())
-            && let Some(hint) = engine::pins_elsewhere(&p)
+            && let Some(hint) = p.absent_hint()
         {
             anyhow::bail!(
-                "no services attachment below {} under this pin root; {hint}",
+                "no services attachment below {} seen from here: {hint}",
                 p.root.dir.display()
             );
         }
