@@ -6214,7 +6214,8 @@ fn obj_get(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("BPF_OBJ_GET {}", pin.display()));
+        return Err(std::io::Error::last_os_error())
+            .context(format!("BPF_OBJ_GET {}", pin.display()));
     }
     // SAFETY: a new fd the kernel just gave this process.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd)?) })
@@ -6238,7 +6239,8 @@ fn obj_pin(fd: &std::os::fd::OwnedFd, pin: &Path) -> anyhow::Result<()> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("BPF_OBJ_PIN {}", pin.display()));
+        return Err(std::io::Error::last_os_error())
+            .context(format!("BPF_OBJ_PIN {}", pin.display()));
     }
     Ok(())
 }
@@ -6286,10 +6288,18 @@ fn a_reattach_killed_mid_swap_leaves_a_leftover_the_next_attach_recovers() -> an
     let links = ["link_svc_ingress", "link_svc_egress"];
     // (kill point, side links, recovered by detach)
     let rounds: [(&str, &[&str], bool); 6] = [
-        ("after the swap, the side (old pins) not yet removed", &links, false),
+        (
+            "after the swap, the side (old pins) not yet removed",
+            &links,
+            false,
+        ),
         ("after the swap, the side half removed", &links[1..], false),
         ("before the swap, both new links made", &links, false),
-        ("before the swap, the new egress link made", &links[1..], false),
+        (
+            "before the swap, the new egress link made",
+            &links[1..],
+            false,
+        ),
         ("before the swap, the side marked only", &[], false),
         ("after the swap, removed by detach", &links, true),
     ];
@@ -6524,7 +6534,9 @@ fn messages_from_another_state_dir_pin_root_or_user_name_the_real_cause() -> any
     std::fs::create_dir_all(leftover.join("owner:0000000000000001"))?;
     let (code, text) = run(&so, &p2, &["detach", "--services"], None)?;
     assert!(
-        code == Some(0) && text.contains("STILL enforced") && !text.contains("detached the services"),
+        code == Some(0)
+            && text.contains("STILL enforced")
+            && !text.contains("detached the services"),
         "detach of a mark-only leftover while another attachment enforces: {text}"
     );
     assert_eq!(directions_at(&root), (true, true));

@@ -414,7 +414,11 @@ pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
             crate::cmd::print_line(format_args!(
                 "removed what this state directory had below {} ({}); services there are STILL enforced, by another attachment: {} program(s) of it are attached at that cgroup (made with another SEGBPF_STATE_DIR or SEGBPF_BPFFS: `segbpf status --services` with those shows it, `segbpf detach --services` with those removes it)",
                 dir.display(),
-                if was { "its pins and state" } else { "nothing was there" },
+                if was {
+                    "its pins and state"
+                } else {
+                    "nothing was there"
+                },
                 still.len()
             ))?;
         }

@@ -145,7 +145,11 @@ pub struct SvcReport {
 
 /// The directions of the links pinned at `ingress` and `egress` that the
 /// kernel has on the cgroup `root`.
-fn linked_at(root: u64, ingress: std::path::PathBuf, egress: std::path::PathBuf) -> Vec<&'static str> {
+fn linked_at(
+    root: u64,
+    ingress: std::path::PathBuf,
+    egress: std::path::PathBuf,
+) -> Vec<&'static str> {
     [("ingress", ingress), ("egress", egress)]
         .into_iter()
         .filter(|(_, p)| {
@@ -227,10 +231,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         linked: linked_at(paths.root.id, paths.link_ingress(), paths.link_egress()),
         crashed_attach: paths.crashed_here(),
         pins_elsewhere: crate::attachment::services::pins_elsewhere(paths),
-        side_dir: side
-            .dir
-            .exists()
-            .then(|| side.dir.display().to_string()),
+        side_dir: side.dir.exists().then(|| side.dir.display().to_string()),
         side_linked: linked_at(paths.root.id, side.link_ingress(), side.link_egress()),
     }
 }
