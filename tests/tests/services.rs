@@ -4282,6 +4282,13 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
         "{err}"
     );
     assert!(other_links(&other).is_empty());
+    // Review 10 L-c: a refused attach leaves nothing behind, not even the
+    // pin root (SEGBPF_BPFFS) it made for its lock.
+    assert!(
+        !other.bpffs.exists(),
+        "a refused attach left the pin root {}",
+        other.bpffs.display()
+    );
     // Nor can a reload make one: it applies to an attachment at its root.
     let out = other
         .segbpf(&["reload", "--services", "--cgroup-root"])
@@ -4291,6 +4298,7 @@ fn nested_attachments_are_refused() -> anyhow::Result<()> {
         .output()?;
     assert!(!out.status.success());
     assert!(other_links(&other).is_empty());
+    assert!(!other.bpffs.exists(), "a refused reload left the pin root");
     // The other way round: the inner one live (its state file removed),
     // the outer one is refused.
     lab.detach()?;
@@ -6185,5 +6193,370 @@ fn a_half_detached_attachment_is_this_state_dirs() -> anyhow::Result<()> {
         state_file_of(&lab).is_err(),
         "the state stayed after the detach"
     );
+    Ok(())
+}
+
+/// `bpf(BPF_OBJ_GET)`: an fd of the object pinned at `pin` (a link stays
+/// in the kernel, attached, while the fd is open, pinned or not).
+fn obj_get(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: a bpf_attr of 24 bytes (pathname, then zeros) whose path
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            7, // BPF_OBJ_GET
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context(format!("BPF_OBJ_GET {}", pin.display()));
+    }
+    // SAFETY: a new fd the kernel just gave this process.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd)?) })
+}
+
+/// `bpf(BPF_OBJ_PIN)`: pins the object of `fd` at `pin`.
+fn obj_pin(fd: &std::os::fd::OwnedFd, pin: &Path) -> anyhow::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = u64::from(u32::try_from(fd.as_raw_fd())?);
+    // SAFETY: a bpf_attr of 24 bytes (pathname, bpf_fd, zeros) whose path
+    // outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6, // BPF_OBJ_PIN
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context(format!("BPF_OBJ_PIN {}", pin.display()));
+    }
+    Ok(())
+}
+
+/// How many of segbpf's services programs the kernel has directly at
+/// `root` (`bpftool cgroup show`).
+fn svc_programs_at(root: &str) -> usize {
+    bpftool(&["cgroup", "show", root])
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("segbpf_svc"))
+        })
+        .count()
+}
+
+/// Review 10 L-a: a re-attach over a crash leftover killed half-way
+/// leaves the side directory `services-next:ID` beside the pins, with 0,
+/// 1 or 2 links of its own, before or after its swap. Each kill point is
+/// made by hand (the leftover's links kept by fd while the re-attach
+/// runs, then pinned where the killed attach had them). `status` names
+/// the side directory and its extra links; the next attach from the same
+/// state directory works at the first try (also while the kernel has not
+/// yet released the side's links: their fds are held across it), never
+/// lifts a direction meanwhile, and leaves 2 links and no side
+/// directory; a detach removes all of it.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn a_reattach_killed_mid_swap_leaves_a_leftover_the_next_attach_recovers() -> anyhow::Result<()> {
+    let lab = SvcLab::new("midswap", &["a", "b"], 135)?;
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let (ok, err, k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let mut followers = Vec::new();
+    followers.extend(k);
+    let links = ["link_svc_ingress", "link_svc_egress"];
+    // (kill point, side links, recovered by detach)
+    let rounds: [(&str, &[&str], bool); 6] = [
+        (
+            "after the swap, the side (old pins) not yet removed",
+            &links,
+            false,
+        ),
+        ("after the swap, the side half removed", &links[1..], false),
+        ("before the swap, both new links made", &links, false),
+        (
+            "before the swap, the new egress link made",
+            &links[1..],
+            false,
+        ),
+        ("before the swap, the side marked only", &[], false),
+        ("after the swap, removed by detach", &links, true),
+    ];
+    for (what, side_links, by_detach) in rounds {
+        // The crash leftover A the killed re-attach ran over, its links
+        // kept by fd.
+        let pins = make_crash_leftover(&lab)?;
+        let name = pins
+            .file_name()
+            .context("pins")?
+            .to_string_lossy()
+            .into_owned();
+        let side = lab.bpffs.join(name.replace("services:", "services-next:"));
+        let mark_a = std::fs::read_dir(&pins)?
+            .flatten()
+            .map(|e| e.file_name())
+            .find(|n| n.to_string_lossy().starts_with("owner:"))
+            .context("no owner mark")?;
+        let a_links = links
+            .iter()
+            .map(|l| obj_get(&pins.join(l)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The re-attach that gets killed: its new pins B.
+        let (ok, err, k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+        assert!(ok, "{what}: the re-attach: {err}");
+        followers.extend(k);
+        make_crash_leftover(&lab)?;
+        if what.starts_with("after") {
+            // B swapped in; the old pins A still at the side.
+            std::fs::create_dir(&side)?;
+            std::fs::create_dir(side.join(&mark_a))?;
+            for l in side_links {
+                let i = links.iter().position(|x| x == l).context("link")?;
+                obj_pin(&a_links[i], &side.join(l))?;
+            }
+        } else {
+            // B still at the side; the leftover A at the pins.
+            std::fs::rename(&pins, &side)?;
+            std::fs::create_dir(&pins)?;
+            std::fs::create_dir(pins.join(&mark_a))?;
+            for (l, fd) in links.iter().zip(&a_links) {
+                obj_pin(fd, &pins.join(l))?;
+            }
+            for l in links {
+                if !side_links.contains(&l) {
+                    std::fs::remove_file(side.join(l))?;
+                }
+            }
+        }
+        // The side's links stay in the kernel while the recovery runs (as
+        // when the kernel releases them late).
+        let held = side_links
+            .iter()
+            .map(|l| obj_get(&side.join(l)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        drop(a_links);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while svc_programs_at(&root) != 2 + side_links.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(svc_programs_at(&root), 2 + side_links.len(), "{what}");
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root])
+            .output()?;
+        let status = String::from_utf8_lossy(&out.stdout).into_owned();
+        let extra = match side_links.len() {
+            0 => "no program of it is attached",
+            1 => "1 extra link",
+            _ => "2 extra links",
+        };
+        assert!(
+            status.contains(&side.display().to_string()) && status.contains(extra),
+            "{what}: status does not name the side directory and its links ({extra}): {status}"
+        );
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root, "-o", "json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(
+            v["services"][0]["side_linked"]
+                .as_array()
+                .map_or(0, Vec::len),
+            side_links.len(),
+            "{what}: {v}"
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (stop, root) = (stop.clone(), root.clone());
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    samples.push(directions_at(&root));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                samples
+            })
+        };
+        let (ok, err) = if by_detach {
+            let out = lab
+                .segbpf(&["detach", "--services", "--cgroup-root", &root])
+                .output()?;
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        } else {
+            let (ok, err, k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+            followers.extend(k);
+            (ok, err)
+        };
+        stop.store(true, Ordering::Relaxed);
+        let samples = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        assert!(ok, "{what}: the next attach/detach failed: {err}");
+        if !by_detach {
+            assert!(
+                samples.iter().all(|&d| d == (true, true)),
+                "{what}: a direction was lifted during the recovery: {samples:?}"
+            );
+        }
+        drop(held);
+        let want = if by_detach { 0 } else { 2 };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while svc_programs_at(&root) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(svc_programs_at(&root), want, "{what}: links after");
+        assert!(!side.exists(), "{what}: the side directory stayed");
+        let out = lab
+            .segbpf(&["status", "--services", "--cgroup-root", &root])
+            .output()?;
+        let status = String::from_utf8_lossy(&out.stdout).into_owned();
+        if by_detach {
+            assert!(state_file_of(&lab).is_err(), "{what}: a state stayed");
+        } else {
+            assert!(
+                status.contains("enforcing, generation 1") && !status.contains("services-next"),
+                "{what}: {status}"
+            );
+        }
+    }
+    drop(followers);
+    Ok(())
+}
+
+/// Review 10 L-b: commands that find nothing, or not what they act on,
+/// name the real cause. A rollback without history says there is none; a
+/// reload with the wrong `SEGBPF_BPFFS` names the pin root of the
+/// attachment (as status and detach do); a user who is not root is told
+/// root is needed; a detach from another state dir of its own leftover
+/// (a mark, no link) says the services there are still enforced by the
+/// other attachment, which goes on enforcing; once another state dir
+/// detached this one's attachment, status and reload say that the state
+/// here remains without its pins.
+#[test]
+#[ignore = "needs root, cgroup v2 and a kernel with BPF: run `cargo xtask test`"]
+fn messages_from_another_state_dir_pin_root_or_user_name_the_real_cause() -> anyhow::Result<()> {
+    struct Cleanup(Vec<PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let lab = SvcLab::new("cause", &["a", "b"], 136)?;
+    let so = PathBuf::from(format!("{}-so", lab.state.display()));
+    let p2 = PathBuf::from(format!("{}-p2", lab.bpffs.display()));
+    let _c = Cleanup(vec![so.clone(), p2.clone()]);
+    let p1 = lab.state.join("p1.toml");
+    std::fs::write(
+        &p1,
+        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\n",
+    )?;
+    let root = lab.root.display().to_string();
+    let run = |state: &Path, pins: &Path, args: &[&str], uid: Option<u32>| {
+        let mut c = Command::new(segbpf_bin());
+        c.env("SEGBPF_BPFFS", pins)
+            .env("SEGBPF_STATE_DIR", state)
+            .args(args)
+            .args(["--cgroup-root", &root]);
+        if let Some(u) = uid {
+            c.uid(u).gid(u);
+        }
+        let out = c.output()?;
+        anyhow::Ok((
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let (ok, err, _k) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
+    assert!(ok, "{err}");
+    let state = state_file_of(&lab)?;
+    // No history.
+    std::fs::remove_dir_all(state.with_extension("history"))?;
+    let (code, text) = run(&lab.state, &lab.bpffs, &["rollback", "--services"], None)?;
+    assert!(
+        code == Some(1) && text.contains("there is no history") && !text.contains("kept: )"),
+        "rollback without history: {text}"
+    );
+    // The wrong pin root.
+    let (code, text) = run(&lab.state, &p2, &["reload", "--services"], None)?;
+    assert!(
+        code == Some(1)
+            && text.contains(&lab.bpffs.display().to_string())
+            && text.contains("SEGBPF_BPFFS"),
+        "reload with another SEGBPF_BPFFS does not name the pin root: {text}"
+    );
+    assert!(!p2.exists(), "a refused reload made the pin root");
+    // Not root.
+    for args in [
+        &["status", "--services"][..],
+        &["reload", "--services"][..],
+        &["detach", "--services"][..],
+    ] {
+        let (code, text) = run(&lab.state, &lab.bpffs, args, Some(65534))?;
+        assert!(
+            code == Some(1) && text.contains("need root"),
+            "{args:?} as uid 65534: {text}"
+        );
+    }
+    assert_eq!(directions_at(&root), (true, true));
+    // Another state dir's mark-only leftover under another pin root.
+    std::fs::create_dir_all(&so)?;
+    let pins = lab.bpffs.join(state.file_stem().context("state")?);
+    let leftover = p2.join(pins.file_name().context("pins")?);
+    std::fs::create_dir_all(leftover.join("owner:0000000000000001"))?;
+    let (code, text) = run(&so, &p2, &["detach", "--services"], None)?;
+    assert!(
+        code == Some(0)
+            && text.contains("STILL enforced")
+            && !text.contains("detached the services"),
+        "detach of a mark-only leftover while another attachment enforces: {text}"
+    );
+    assert_eq!(directions_at(&root), (true, true));
+    assert!(!leftover.exists());
+    // Another state dir sharing the pins detaches this one's attachment.
+    let (code, text) = run(&so, &lab.bpffs, &["detach", "--services"], None)?;
+    assert_eq!(code, Some(0), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directions_at(&root) != (false, false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for args in [&["status", "--services"][..], &["reload", "--services"][..]] {
+        let (code, text) = run(&lab.state, &lab.bpffs, args, None)?;
+        assert!(
+            code == Some(1) && text.contains("remains") && text.contains("gone"),
+            "{args:?} with a state left after another dir detached: {text}"
+        );
+    }
+    let (code, text) = run(&lab.state, &lab.bpffs, &["detach", "--services"], None)?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(state_file_of(&lab).is_err(), "the state stayed");
     Ok(())
 }

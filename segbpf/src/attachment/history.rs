@@ -338,6 +338,11 @@ pub fn rollback_target(entries: &[Entry], current: u64, to: Option<u64>) -> Resu
             .collect::<Vec<_>>()
             .join(", ")
     };
+    if entries.is_empty() {
+        return Err(format!(
+            "there is no history: no policy was kept, so there is nothing to roll back to (generation {current} stays in force)"
+        ));
+    }
     if let Some(to) = to {
         if to == current {
             return Err(format!("generation {to} is already in force"));
@@ -400,6 +405,15 @@ mod tests {
             set_overrides: BTreeMap::new(),
             restored,
             roles: None,
+        }
+    }
+
+    #[test]
+    fn a_rollback_without_history_says_there_is_none() {
+        for to in [None, Some(1)] {
+            let e = rollback_target(&[], 2, to).unwrap_err();
+            assert!(e.contains("there is no history"), "{e}");
+            assert!(!e.contains("kept: )"), "{e}");
         }
     }
 

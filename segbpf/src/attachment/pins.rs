@@ -136,6 +136,17 @@ impl Roots {
     /// not a mount: a bpffs mounted there would be released, and with it
     /// every pinned link, when that namespace goes away.
     pub fn ensure_bpffs(&self) -> Result<(), PinsError> {
+        self.ensure_bpffs_mounted()?;
+        private_dir(&self.bpffs).map_err(|source| PinsError::Io {
+            path: self.bpffs.clone(),
+            source,
+        })
+    }
+
+    /// [`Self::ensure_bpffs`] without making the pin root: for a command
+    /// that makes it only once it is sure to change something (a refused
+    /// command leaves nothing behind).
+    pub fn ensure_bpffs_mounted(&self) -> Result<(), PinsError> {
         let base = Path::new("/sys/fs/bpf");
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -155,7 +166,7 @@ impl Roots {
             .map_err(std::io::Error::from)
             .map_err(io(base))?;
         }
-        private_dir(&self.bpffs).map_err(io(&self.bpffs))
+        Ok(())
     }
 
     /// Whether this command can see the pins: false only where a missing

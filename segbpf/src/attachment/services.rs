@@ -175,7 +175,12 @@ impl SvcPaths {
                 (r.id == id).then(|| r.dir.display().to_string())
             })
             .collect();
-        if elsewhere.is_empty() {
+        if let Some(hint) = self.absent_hint() {
+            ServicesError::NotAttached(format!(
+                "no services attachment below {} seen from here: {hint}",
+                self.root.dir.display()
+            ))
+        } else if elsewhere.is_empty() {
             ServicesError::NotAttached(format!(
                 "no services attachment below {}",
                 self.root.dir.display()
@@ -187,6 +192,47 @@ impl SvcPaths {
                 elsewhere.join(", ")
             ))
         }
+    }
+
+    /// Why no attachment is seen at these paths although one may be
+    /// there: this process cannot read the state directory or the pin
+    /// root (not root); the state here names pins under another pin root
+    /// ([`pins_elsewhere`]); or the state here remains while its pins and
+    /// programs are gone (detached from another state directory that
+    /// shares the pin root).
+    pub fn absent_hint(&self) -> Option<String> {
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            let state_dir = self.state.parent().map(Path::to_path_buf);
+            let pin_root = self.dir.parent().map(Path::to_path_buf);
+            for d in [state_dir, pin_root].into_iter().flatten() {
+                if std::fs::read_dir(&d)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+                {
+                    return Some(format!(
+                        "{} cannot be read by uid {uid} (permission denied): the services commands need root",
+                        d.display()
+                    ));
+                }
+            }
+        }
+        if let Some(hint) = pins_elsewhere(self) {
+            return Some(hint);
+        }
+        let programs = crate::attachment::services_nest::services_at(&self.root.dir);
+        if self.state.exists()
+            && !self.dir.exists()
+            && !self.next_dir().exists()
+            && programs.is_ok_and(|p| !p)
+        {
+            return Some(format!(
+                "the state {} remains, but its pins {} and its programs are gone (detached from another state directory that shares the pin root, or removed by hand): nothing of it enforces; `segbpf detach --services --cgroup-root {}` here removes the state, `segbpf attach --services` attaches again",
+                self.state.display(),
+                self.dir.display(),
+                self.root.dir.display()
+            ));
+        }
+        None
     }
 
     /// Whose the pins of this root are, seen from this state directory:
@@ -720,13 +766,49 @@ pub fn attach(
     // racers, the second finds the first's pins and adopts them only if
     // its own state directory made them, else it is refused.
     crate::attachment::services_nest::refuse_cgroup_namespace()?;
-    let _attaching = attach_lock(paths)?;
+    let (attaching, made_root) = attach_lock(paths)?;
+    let result = attach_locked(paths, policy, policy_path, audit);
+    // A refused attach leaves nothing behind: not even the pin root it
+    // made for its lock (removed while still locked, and only if empty;
+    // an attach waiting on it finds it replaced and locks the new one).
+    if result.is_err()
+        && let Some(root) = made_root
+    {
+        let _ = std::fs::remove_dir(root);
+    }
+    drop(attaching);
+    result
+}
+
+fn attach_locked(
+    paths: &SvcPaths,
+    policy: &Policy,
+    policy_path: &Path,
+    audit: bool,
+) -> Result<SvcState, ServicesError> {
     check_depth(paths, policy)?;
-    // A side directory left by a re-attach killed half-way (below): the
-    // pins at `paths.dir` are what enforces by this state's name, so it
-    // goes (its links, if any, were never more than those).
+    // A side directory left by a re-attach killed half-way (below),
+    // whatever the kill point (before or after its swap, its links made
+    // or not): the pins at `paths.dir` are what enforces by this state's
+    // name (the leftover it replaced, or the new pins swapped in), so the
+    // side goes. Its links, if any, were never more than those; the
+    // kernel releases them a moment after their pins go (deferred work),
+    // so their programs do not count as another attachment's below.
     let side = paths.next_dir();
+    let mut stale = std::collections::BTreeSet::new();
     if side.exists() && paths.side_is_ours() {
+        stale = SvcPaths {
+            dir: side.clone(),
+            ..paths.clone()
+        }
+        .linked_programs();
+        if !stale.is_empty() {
+            tracing::warn!(
+                "removing the side directory {} of a re-attach from this state directory that was killed half-way ({} program(s) of it attached)",
+                side.display(),
+                stale.len()
+            );
+        }
         std::fs::remove_dir_all(&side).map_err(io(format!("removing {}", side.display())))?;
     }
     let mut rolled_back = false;
@@ -768,13 +850,14 @@ pub fn attach(
     // No other attachment's root above or below this one (checked in the
     // kernel) may come into force while this one is made: one fresh attach
     // at a time on this machine. The leftover's own programs do not count.
-    let _nesting = crate::attachment::services_nest::nest_lock()?;
-    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
+    let nesting = crate::attachment::services_nest::nest_lock()?;
+    let exempt: std::collections::BTreeSet<u32> = leftover.union(&stale).copied().collect();
+    let mut nested = crate::attachment::services_nest::refuse_nested(&paths.root, &exempt);
     // The kernel frees an unpinned link a moment later (deferred work).
     let mut tries = 0;
     while rolled_back && nested.is_err() && tries < 40 {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        nested = crate::attachment::services_nest::refuse_nested(&paths.root, &leftover);
+        nested = crate::attachment::services_nest::refuse_nested(&paths.root, &exempt);
         tries += 1;
     }
     nested?;
@@ -861,8 +944,8 @@ pub fn attach(
         paths.link_egress(),
     ])
     .and_then(|mut own| {
-        own.extend(leftover.iter().copied());
-        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true)
+        own.extend(exempt.iter().copied());
+        crate::attachment::services_nest::refuse_linked(&paths.root, &own, true, nesting.is_some())
     });
     if let Err(e) = raced {
         let _ = std::fs::remove_dir_all(&paths.dir);
@@ -944,16 +1027,28 @@ fn check_depth(paths: &SvcPaths, policy: &Policy) -> Result<(), ServicesError> {
 /// (an exclusive `flock` on the pin root directory, released when the
 /// file is dropped or the process dies). Distinct from [`lock`], which
 /// the reload of an adopting attach takes inside it.
-fn attach_lock(paths: &SvcPaths) -> Result<std::fs::File, ServicesError> {
+/// Also returns the pin root when this call made it (a refused attach
+/// removes it again).
+fn attach_lock(paths: &SvcPaths) -> Result<(std::fs::File, Option<PathBuf>), ServicesError> {
+    use std::os::unix::fs::MetadataExt as _;
     // The pin root: private to root (mode 0700), so no other local user
     // can hold it, and seen by every segbpf that shares these pins,
     // whatever its state directory.
     let root = paths.dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    private_dir(root).map_err(io(format!("creating {}", root.display())))?;
-    let f = std::fs::File::open(root).map_err(io(format!("opening {}", root.display())))?;
-    crate::attachment::dirs::lock_noting_holder(&f, root, "attach --services", None)
-        .map_err(io(format!("locking {}", root.display())))?;
-    Ok(f)
+    loop {
+        let made = !root.exists();
+        private_dir(root).map_err(io(format!("creating {}", root.display())))?;
+        let f = std::fs::File::open(root).map_err(io(format!("opening {}", root.display())))?;
+        crate::attachment::dirs::lock_noting_holder(&f, root, "attach --services", None)
+            .map_err(io(format!("locking {}", root.display())))?;
+        // The directory locked must still be the pin root (a refused
+        // attach that made it removes it, empty, before it unlocks).
+        let held = f.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let now = std::fs::metadata(root).map(|m| (m.dev(), m.ino())).ok();
+        if held.is_some() && held == now {
+            return Ok((f, made.then(|| root.to_path_buf())));
+        }
+    }
 }
 
 /// An exclusive `flock` on `path` (made if missing, in a private

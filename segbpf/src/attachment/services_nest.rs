@@ -110,6 +110,16 @@ fn services_programs() -> BTreeSet<u32> {
         .collect()
 }
 
+/// The ids of segbpf's services programs (of any pins) attached directly
+/// at `dir`, asked of the kernel (none when it cannot be asked).
+pub fn services_programs_at(dir: &Path) -> BTreeSet<u32> {
+    let at = programs_at(dir).unwrap_or_default();
+    if at.is_empty() {
+        return at;
+    }
+    services_programs().intersection(&at).copied().collect()
+}
+
 /// Whether segbpf's services programs (of any pins) are attached
 /// directly at `dir`, asked of the kernel.
 pub fn services_at(dir: &Path) -> Result<bool, NestError> {
@@ -393,7 +403,15 @@ fn linked_relative(
 /// of this process shows: above a subtree mount of cgroup2 or above this
 /// cgroup namespace's root) or a descendant. `raced`: the check made
 /// after this attach's own links were created.
-pub fn refuse_linked(root: &CgroupRoot, own: &BTreeSet<u32>, raced: bool) -> Result<(), NestError> {
+/// `nest_lock_held`: whether this attach held [`nest_lock`] (named in the
+/// error of a race: without it, a nested attach in this very namespace
+/// may have passed its check at the same moment).
+pub fn refuse_linked(
+    root: &CgroupRoot,
+    own: &BTreeSet<u32>,
+    raced: bool,
+    nest_lock_held: bool,
+) -> Result<(), NestError> {
     let Some((cg, rel)) = linked_relative(root, own)? else {
         return Ok(());
     };
@@ -405,7 +423,12 @@ pub fn refuse_linked(root: &CgroupRoot, own: &BTreeSet<u32>, raced: bool) -> Res
     let how = "services attachments must not nest: both would judge the cgroups they share and overwrite each other's sender stamp, so `to_services` would not hold";
     Err(NestError::Nested(if raced {
         format!(
-            "another services attachment came into force {at} while this one was attached (from another cgroup namespace or mount, past the attach lock): {how}; this attach was undone (the previous state is untouched; if both raced, both were undone): retry, or detach the other one first"
+            "another services attachment came into force {at} while this one was attached ({past}): {how}; this attach was undone (the previous state is untouched; if both raced, both were undone): retry, or detach the other one first",
+            past = if nest_lock_held {
+                "from another cgroup namespace or mount, past the attach lock"
+            } else {
+                "this attach went on without the machine-wide lock on the cgroup v2 root, which a process that is not root held, so another attach may have passed its check at the same moment; or it came from another cgroup namespace or mount"
+            }
         )
     } else {
         format!(
@@ -510,7 +533,7 @@ pub fn refuse_nested(root: &CgroupRoot, own: &BTreeSet<u32>) -> Result<(), NestE
         )));
     }
     // What no path shows (above a subtree mount): the kernel's links.
-    refuse_linked(root, own, false)
+    refuse_linked(root, own, false, true)
 }
 
 #[cfg(test)]

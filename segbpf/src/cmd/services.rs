@@ -43,7 +43,8 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
         return Err(UsageError("--services needs --policy FILE".into()).into());
     };
     let roots = Roots::from_env();
-    roots.ensure_bpffs()?;
+    // The pin root itself is made by the attach, once it is not refused.
+    roots.ensure_bpffs_mounted()?;
     let paths = paths(args.cgroup_root.as_deref())?;
     if !args.insecure_policy {
         crate::attachment::trust::check_policy_file(&policy_path)?;
@@ -391,18 +392,34 @@ pub fn detach(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
             g.root.id
         );
     }
+    // What the kernel still has there: another attachment's programs
+    // (this detach waited for its own to leave).
+    let still = crate::attachment::services_nest::services_programs_at(&dir);
     match output {
         Output::Json => print_json(&serde_json::json!({
             "services": true,
             "cgroup_root": dir,
             "detached": true,
             "was_attached": was,
+            "still_enforced_by_programs": still,
             "gone_removed": gone.iter().map(|g| g.root.id).collect::<Vec<_>>(),
         }))?,
-        Output::Text => {
+        Output::Text if still.is_empty() => {
             crate::cmd::print_line(format_args!(
                 "detached the services below {}",
                 dir.display()
+            ))?;
+        }
+        Output::Text => {
+            crate::cmd::print_line(format_args!(
+                "removed what this state directory had below {} ({}); services there are STILL enforced, by another attachment: {} program(s) of it are attached at that cgroup (made with another SEGBPF_STATE_DIR or SEGBPF_BPFFS: `segbpf status --services` with those shows it, `segbpf detach --services` with those removes it)",
+                dir.display(),
+                if was {
+                    "its pins and state"
+                } else {
+                    "nothing was there"
+                },
+                still.len()
             ))?;
         }
     }
@@ -549,6 +566,21 @@ pub fn print_text(
     for r in reports {
         if let Some(hint) = &r.pins_elsewhere {
             writeln!(o, "services below {}: {hint}", r.cgroup_root)?;
+        }
+        if let Some(side) = &r.side_dir {
+            let extra = match r.side_linked.as_slice() {
+                [] => "no program of it is attached".to_string(),
+                [one] => format!(
+                    "its {one} program is attached too (1 extra link, stricter: a packet passes only if every program passes it)"
+                ),
+                _ => "its ingress and egress programs are attached too (2 extra links, stricter: a packet passes only if every program passes it)".to_string(),
+            };
+            writeln!(
+                o,
+                "services below {}: a re-attach killed half-way left the side directory {side}: {extra}; the next `segbpf attach --services` or `segbpf detach --services{}` from the state directory that made it removes it",
+                r.cgroup_root,
+                root_option(std::path::Path::new(&r.cgroup_root))
+            )?;
         }
         if r.crashed_attach {
             writeln!(
@@ -719,11 +751,12 @@ pub fn status(cgroup_root: Option<PathBuf>, output: Output) -> anyhow::Result<()
     }
     if reports.is_empty() {
         // The state here was made with another pin root: say where.
+        // (Or it cannot be read, or it remains without its pins.)
         if let Ok(p) = paths(cgroup_root.as_deref())
-            && let Some(hint) = engine::pins_elsewhere(&p)
+            && let Some(hint) = p.absent_hint()
         {
             anyhow::bail!(
-                "no services attachment below {} under this pin root; {hint}",
+                "no services attachment below {} seen from here: {hint}",
                 p.root.dir.display()
             );
         }

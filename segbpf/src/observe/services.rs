@@ -131,10 +131,40 @@ pub struct SvcReport {
     /// with another `SEGBPF_BPFFS`): which, and what to run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pins_elsewhere: Option<String>,
+    /// A side directory (`ROOT/services-next:ID`) left by a re-attach
+    /// killed half-way: its path. The next attach or detach from this
+    /// state directory removes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side_dir: Option<String>,
+    /// The directions whose program the kernel has on the root through
+    /// the side directory's links: extra links beside `linked` (stricter,
+    /// never looser: a packet passes only if every program passes it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub side_linked: Vec<&'static str>,
+}
+
+/// The directions of the links pinned at `ingress` and `egress` that the
+/// kernel has on the cgroup `root`.
+fn linked_at(
+    root: u64,
+    ingress: std::path::PathBuf,
+    egress: std::path::PathBuf,
+) -> Vec<&'static str> {
+    [("ingress", ingress), ("egress", egress)]
+        .into_iter()
+        .filter(|(_, p)| {
+            crate::attachment::services_nest::pinned_cgroup_link(p).is_ok_and(|(cg, _)| cg == root)
+        })
+        .map(|(d, _)| d)
+        .collect()
 }
 
 /// The report of the attachment at `paths`.
 pub fn report(paths: &SvcPaths) -> SvcReport {
+    let side = SvcPaths {
+        dir: paths.next_dir(),
+        ..paths.clone()
+    };
     let attached = crate::attachment::services::enforces(paths);
     let cgroup_gone =
         crate::attachment::services_nest::cgroup_alive(paths.root.id).is_ok_and(|alive| !alive);
@@ -198,19 +228,11 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
         follower_pid: follower,
         foreign,
         owner_state_dir: foreign.then(|| paths.owner_state_dir()).flatten(),
-        linked: [
-            ("ingress", paths.link_ingress()),
-            ("egress", paths.link_egress()),
-        ]
-        .into_iter()
-        .filter(|(_, p)| {
-            crate::attachment::services_nest::pinned_cgroup_link(p)
-                .is_ok_and(|(cg, _)| cg == paths.root.id)
-        })
-        .map(|(d, _)| d)
-        .collect(),
+        linked: linked_at(paths.root.id, paths.link_ingress(), paths.link_egress()),
         crashed_attach: paths.crashed_here(),
         pins_elsewhere: crate::attachment::services::pins_elsewhere(paths),
+        side_dir: side.dir.exists().then(|| side.dir.display().to_string()),
+        side_linked: linked_at(paths.root.id, side.link_ingress(), side.link_egress()),
     }
 }
 
