@@ -2,7 +2,24 @@
 //! the user running segbpf (normally root), so no other local user can
 //! read its files or take its locks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Default bpffs directory for segbpf's pins.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
+/// Default directory for state files.
+pub const DEFAULT_STATE_DIR: &str = "/run/segbpf";
+
+/// The pin root (`$SEGBPF_BPFFS`) and the state root
+/// (`$SEGBPF_STATE_DIR`), or their defaults.
+pub fn roots_from_env() -> [PathBuf; 2] {
+    let var = |name: &str, default: &str| {
+        std::env::var_os(name).map_or_else(|| PathBuf::from(default), PathBuf::from)
+    };
+    [
+        var("SEGBPF_BPFFS", DEFAULT_BPFFS),
+        var("SEGBPF_STATE_DIR", DEFAULT_STATE_DIR),
+    ]
+}
 
 /// Makes `dir` and any missing parents with mode 0700, then checks that
 /// `dir` belongs to the effective user and that no other user can write
@@ -22,9 +39,9 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     // The directory and, when it is below the state or pin root, every
     // directory from that root down to it: another user's directory (or
     // symlink) on the way could be swapped for anything.
-    let roots = crate::attachment::pins::Roots::from_env();
-    let below = [&roots.state, &roots.bpffs]
-        .into_iter()
+    let roots = roots_from_env();
+    let below = roots
+        .iter()
         .find(|r| dir.starts_with(r) && dir != r.as_path());
     if let Some(root) = below {
         for a in dir.ancestors().skip(1) {

@@ -40,10 +40,7 @@ use crate::{attachment::dirs::private_dir, host::netns::Netns};
 /// Name prefix of a namespace's shared-tables directory (then its cookie).
 const SHARED_PREFIX: &str = "conntrack:";
 
-/// Default bpffs directory for segbpf's pins.
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/segbpf";
-/// Default directory for state files.
-pub const DEFAULT_STATE_DIR: &str = "/run/segbpf";
+pub use crate::attachment::dirs::{DEFAULT_BPFFS, DEFAULT_STATE_DIR};
 
 /// Errors about where pins live.
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +75,8 @@ pub struct Roots {
 impl Roots {
     /// Roots from the environment, or the defaults.
     pub fn from_env() -> Self {
-        let var = |name: &str, default: &str| {
-            std::env::var_os(name).map_or_else(|| PathBuf::from(default), PathBuf::from)
-        };
-        Roots {
-            bpffs: var("SEGBPF_BPFFS", DEFAULT_BPFFS),
-            state: var("SEGBPF_STATE_DIR", DEFAULT_STATE_DIR),
-        }
+        let [bpffs, state] = crate::attachment::dirs::roots_from_env();
+        Roots { bpffs, state }
     }
 
     /// The attachment of `iface` in `netns`.
