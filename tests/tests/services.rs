@@ -536,11 +536,15 @@ fn helper_process() {
             let threads: Vec<_> = (0..n)
                 .map(|_| {
                     std::thread::spawn(move || {
-                        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(1))
+                        // 5 s: with N at once the listener's backlog
+                        // (128) overflows and a dropped SYN is sent again
+                        // after 1 s; on a loaded machine the server's
+                        // accept loop drains it late.
+                        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(5))
                         else {
                             return false;
                         };
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                         let mut buf = [0u8; 4];
                         let ok = s.write_all(b"ping").is_ok()
                             && s.read_exact(&mut buf).is_ok()
@@ -564,7 +568,7 @@ fn helper_process() {
         "close-first" => {
             let n: usize = a[3].parse().expect("count");
             let ok = (0..n)
-                .filter(|_| tcp_echo_once(addr(1), Duration::from_millis(400)))
+                .filter(|_| tcp_echo_once(addr(1), Duration::from_secs(2)))
                 .count();
             println!("ok={ok}");
             0
