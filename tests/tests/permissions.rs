@@ -350,3 +350,41 @@ fn a_state_dir_others_can_write_is_refused() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A state directory of root's, mode 0700, inside a directory any user
+/// can write without the sticky bit: another user could rename it away
+/// and put a forged one in its place after the attach, so it is refused
+/// before anything is attached.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()> {
+    // Before the lab: dropped after it (its detach may write state there).
+    let open = std::env::temp_dir().join(format!("segbpf-open-{}", std::process::id()));
+    std::fs::create_dir_all(&open)?;
+    let _cleanup = Cleanup(open.clone());
+    let mut lab = Lab::new("sdpar")?;
+    lab.add_host("db", &["198.18.73.30/24"])?;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777))?;
+    let state = open.join("state");
+    std::fs::create_dir_all(&state)?;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
+    lab.state = state;
+    let policy = example();
+    let out = lab.segbpf(
+        "db",
+        &["attach", "eth0", "--policy", &policy, "--role", "db", "--no-wait"],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
+    assert!(
+        stderr.contains(&open.display().to_string()) && stderr.contains("0777"),
+        "the refusal names the open directory: {stderr}"
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
+        "something was attached: {status}"
+    );
+    Ok(())
+}

@@ -40,20 +40,66 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     // directory from that root down to it: another user's directory (or
     // symlink) on the way could be swapped for anything.
     let roots = roots_from_env();
-    let below = roots
-        .iter()
-        .find(|r| dir.starts_with(r) && dir != r.as_path());
-    if let Some(root) = below {
+    if let Some(root) = roots.iter().find(|r| dir.starts_with(r)) {
         for a in dir.ancestors().skip(1) {
             if !a.starts_with(root) {
                 break;
             }
             only_mine(a, me)?;
         }
+        trusted_path(root, me, 0)?;
     }
     let mode = only_mine(dir, me)?;
     if mode & 0o777 != 0o700 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Checks every directory above `root` up to `/`, and every symbolic link
+/// on the way and where it leads: each must belong to root or uid `me`,
+/// and a directory may be writable by others only with the sticky bit
+/// (`/tmp`: then only its owner may rename what is in it, and the entry
+/// below is checked in turn). Otherwise another user could rename the
+/// state or pin root away and put their own in its place.
+fn trusted_path(root: &Path, me: u32, depth: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let refuse = |a: &Path, why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a safe place for segbpf's state: {} {why}, so another user could replace it; use a directory whose every parent only root can write",
+                root.display(),
+                a.display()
+            ),
+        ))
+    };
+    if depth > 40 {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ELOOP));
+    }
+    let abs = if root.is_absolute() {
+        root.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(root)
+    };
+    for a in abs.ancestors().skip(1) {
+        let meta = std::fs::symlink_metadata(a)?;
+        if meta.uid() != 0 && meta.uid() != me {
+            return refuse(a, format!("belongs to uid {}", meta.uid()));
+        }
+        if meta.file_type().is_symlink() {
+            // Where it leads, and the directories above that.
+            let target = std::fs::canonicalize(a)?;
+            trusted_path(&target.join("x"), me, depth + 1)?;
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return refuse(
+                a,
+                format!("can be written by other users (mode {mode:04o}, no sticky bit)"),
+            );
+        }
     }
     Ok(())
 }
