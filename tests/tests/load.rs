@@ -52,9 +52,9 @@ fn fd_memlock(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no memlock in fdinfo"))
 }
 
-/// The program at index 0 of the pinned program array at `path`: a lookup
+/// The program at `index` of the pinned program array at `path`: a lookup
 /// from userspace answers with its id.
-fn prog_in_table(path: &Path) -> anyhow::Result<ProgramInfo> {
+fn prog_in_table(path: &Path, index: u32) -> anyhow::Result<ProgramInfo> {
     #[repr(C)]
     struct Lookup {
         map_fd: u32,
@@ -64,7 +64,7 @@ fn prog_in_table(path: &Path) -> anyhow::Result<ProgramInfo> {
         flags: u64,
     }
     let map = aya::maps::MapData::from_pin(path)?;
-    let key = 0u32;
+    let key = index;
     let mut id = 0u32;
     let attr = Lookup {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
@@ -123,13 +123,16 @@ fn held(root: &Path) -> anyhow::Result<Held> {
             } else if name.starts_with("SEG_") {
                 h.maps.insert(MapInfo::from_pin(&path)?.id());
                 if segbpf_common::TAIL_MAPS.contains(&name.as_str()) {
-                    // A tail-call table holds a program (the IPv6 half of
-                    // the attached one), which is not pinned.
-                    let info = prog_in_table(&path)?;
-                    if h.progs.insert(info.id()) {
-                        h.bytes += u64::from(info.memory_locked()?);
+                    // A tail-call table holds programs (the IPv6 half of
+                    // the attached one, and its ICMP error program), which
+                    // are not pinned.
+                    for index in [segbpf_common::TAIL_INDEX_V6, segbpf_common::TAIL_INDEX_ERR] {
+                        let info = prog_in_table(&path, index)?;
+                        if h.progs.insert(info.id()) {
+                            h.bytes += u64::from(info.memory_locked()?);
+                        }
+                        h.maps.extend(info.map_ids()?.unwrap_or_default());
                     }
-                    h.maps.extend(info.map_ids()?.unwrap_or_default());
                 }
             }
             h.pins.insert(path);
