@@ -3,7 +3,10 @@
 //! `segbpf_xdp_ingress` judges every packet entering the interface,
 //! `segbpf_tc_egress` every packet leaving it; each hands IPv6 packets to
 //! its IPv6 twin (`*_v6`) with a tail call, so the verifier checks each
-//! family's program alone (about half the paths each). The work
+//! family's program alone (about half the paths each). Both hand the ICMP
+//! errors that the related-flow check may judge to the hook's error
+//! program (`*_err`), the only one that carries that check, so its paths
+//! are verified once instead of on every path of the others. The work
 //! is split by concern, as in Cilium's bpf/lib: `parse` (headers, bounds,
 //! malformed-packet reasons), `lookup` (policy maps), `verdict` (combine
 //! parse result, lookups and defaults), `stats` (counters and the dry-run
@@ -43,7 +46,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
-use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, reason};
+use segbpf_common::{
+    DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, TAIL_INDEX_ERR as TAIL_ERROR,
+    TAIL_INDEX_V6 as TAIL_V6, reason,
+};
 
 use crate::maps::{SEG_TAIL_TC, SEG_TAIL_XDP, SEGBPF_LINK, SEGBPF_RUN_MODE};
 
@@ -64,8 +70,6 @@ enum Outcome {
     /// program judges it.
     HandOffError,
 }
-
-use segbpf_common::{TAIL_INDEX_ERR as TAIL_ERROR, TAIL_INDEX_V6 as TAIL_V6};
 
 /// XDP ingress: IPv4 and everything that is not IP; IPv6 packets go on to
 /// `segbpf_xdp_ingress_v6` (a tail call: each program is verified alone).
@@ -269,7 +273,8 @@ fn enforce<const V6: bool>(
 /// Judges the ICMP error handed on by a packet program (its parse in this
 /// CPU's `SEG_PARSED` slot, read back as plain numbers) in `pkt`, with the
 /// related-flow check. A slot that does not hold such an error (never: the
-/// packet programs write it before they hand on) drops. Fail closed.
+/// packet programs write it before they hand on) drops, counted as a
+/// default drop. Fail closed.
 #[inline(always)]
 fn enforce_error(pkt: &parse::Bounds, dir: u8, ifindex: u32, len: u32) -> Outcome {
     let Some(slot) = maps::SEG_PARSED.get_ptr_mut(0) else {
@@ -280,14 +285,17 @@ fn enforce_error(pkt: &parse::Bounds, dir: u8, ifindex: u32, len: u32) -> Outcom
     // run, written by the program that handed the packet on (a tail call
     // runs on the same CPU, nothing runs in between).
     let p = unsafe { &*slot };
+    if !verdict::is_error_to_relate(p) {
+        hand_off_failed(dir, u64::from(len));
+        return Outcome::Drop;
+    }
     let Some(cfg) = lookup::config() else {
         hand_off_failed(dir, u64::from(len));
         return Outcome::Drop;
     };
-    if !verdict::hands_off_error(cfg, p) {
-        hand_off_failed(dir, u64::from(len));
-        return Outcome::Drop;
-    }
+    // Judged in full (rules, defaults, the related flow) under the
+    // configuration in force now, like any packet that arrives after a
+    // reload: `decide` checks tracking and `defaults.icmp` itself.
     finish(pkt, cfg, &Ok(p), dir, ifindex, len, true)
 }
 

@@ -105,10 +105,16 @@ pub(crate) fn unconfigured() -> Decision {
 /// its connection lookup once, not on every path of every program.
 #[inline(always)]
 pub(crate) fn hands_off_error(cfg: &Config, p: &Parsed) -> bool {
-    cfg.established != 0
-        && cfg.icmp != 0
-        && p.frag != FRAG_LATER
-        && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
+    cfg.established != 0 && cfg.icmp != 0 && is_error_to_relate(p)
+}
+
+/// The packet half of `hands_off_error`: an ICMP error that is not a
+/// later fragment (the error program's check of what it was handed; it
+/// judges under the configuration in force when it runs, which a reload
+/// may have changed since the packet program read it).
+#[inline(always)]
+pub(crate) fn is_error_to_relate(p: &Parsed) -> bool {
+    p.frag != FRAG_LATER && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
 }
 
 /// The verdict of a packet the parser fully validated (`related`: whether
