@@ -91,10 +91,23 @@ pub const PROG_XDP_INGRESS_V6: &str = "segbpf_xdp_ingress_v6";
 /// Name of the TC program that judges IPv6 packets (see
 /// [`PROG_XDP_INGRESS_V6`]; through `SEG_TAIL_TC`).
 pub const PROG_TC_EGRESS_V6: &str = "segbpf_tc_egress_v6";
+/// Name of the XDP program that judges the ICMP errors checked against the
+/// connection tables (the quoted flow): both ingress programs hand them to
+/// it through `SEG_TAIL_XDP`, so the verifier walks that rare path once
+/// instead of on every path of the two programs.
+pub const PROG_XDP_INGRESS_ERR: &str = "segbpf_xdp_ingress_err";
+/// Name of the TC program for those ICMP errors (see
+/// [`PROG_XDP_INGRESS_ERR`]; through `SEG_TAIL_TC`).
+pub const PROG_TC_EGRESS_ERR: &str = "segbpf_tc_egress_err";
+/// Index of the IPv6 program in a tail-call table.
+pub const TAIL_INDEX_V6: u32 = 0;
+/// Index of the ICMP error program in a tail-call table.
+pub const TAIL_INDEX_ERR: u32 = 1;
 /// The ingress program's tail-call table: index 0 holds
-/// [`PROG_XDP_INGRESS_V6`].
+/// [`PROG_XDP_INGRESS_V6`], index 1 [`PROG_XDP_INGRESS_ERR`].
 pub const MAP_TAIL_XDP: &str = "SEG_TAIL_XDP";
-/// The egress program's tail-call table: index 0 holds [`PROG_TC_EGRESS_V6`].
+/// The egress program's tail-call table: index 0 holds [`PROG_TC_EGRESS_V6`],
+/// index 1 [`PROG_TC_EGRESS_ERR`].
 pub const MAP_TAIL_TC: &str = "SEG_TAIL_TC";
 /// The tail-call tables. Each loaded instance fills its own; an
 /// attachment pins them (the kernel empties a program array when its last

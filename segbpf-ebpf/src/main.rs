@@ -3,7 +3,10 @@
 //! `segbpf_xdp_ingress` judges every packet entering the interface,
 //! `segbpf_tc_egress` every packet leaving it; each hands IPv6 packets to
 //! its IPv6 twin (`*_v6`) with a tail call, so the verifier checks each
-//! family's program alone (about half the paths each). The work
+//! family's program alone (about half the paths each). Both hand the ICMP
+//! errors that the related-flow check may judge to the hook's error
+//! program (`*_err`), the only one that carries that check, so its paths
+//! are verified once instead of on every path of the others. The work
 //! is split by concern, as in Cilium's bpf/lib: `parse` (headers, bounds,
 //! malformed-packet reasons), `lookup` (policy maps), `verdict` (combine
 //! parse result, lookups and defaults), `stats` (counters and the dry-run
@@ -43,7 +46,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
-use segbpf_common::{DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, reason};
+use segbpf_common::{
+    DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, TAIL_INDEX_ERR as TAIL_ERROR,
+    TAIL_INDEX_V6 as TAIL_V6, reason,
+};
 
 use crate::maps::{SEG_TAIL_TC, SEG_TAIL_XDP, SEGBPF_LINK, SEGBPF_RUN_MODE};
 
@@ -59,6 +65,10 @@ enum Outcome {
     Drop,
     /// An IPv6 packet in an IPv4 program: the IPv6 program judges it.
     HandOffV6,
+    /// An ICMP error to check against the connection tables (see
+    /// `verdict::hands_off_error`), its parse in `SEG_PARSED`: the error
+    /// program judges it.
+    HandOffError,
 }
 
 /// XDP ingress: IPv4 and everything that is not IP; IPv6 packets go on to
@@ -68,20 +78,40 @@ pub(crate) fn segbpf_xdp_ingress(ctx: XdpContext) -> u32 {
     match xdp_enforce::<false>(&ctx) {
         Outcome::Pass => xdp_action::XDP_PASS,
         Outcome::Drop => xdp_action::XDP_DROP,
-        Outcome::HandOffV6 => {
-            // SAFETY: a tail call with this program's own context; it
-            // returns only if the table holds no program.
-            unsafe { SEG_TAIL_XDP.tail_call(&ctx, 0) };
-            hand_off_failed(DIR_INGRESS, (ctx.data_end() - ctx.data()) as u64);
-            xdp_action::XDP_DROP
-        }
+        Outcome::HandOffV6 => xdp_hand_off(&ctx, TAIL_V6),
+        Outcome::HandOffError => xdp_hand_off(&ctx, TAIL_ERROR),
     }
+}
+
+/// Hands the packet to the ingress program at `index` of `SEG_TAIL_XDP`.
+#[inline(always)]
+fn xdp_hand_off(ctx: &XdpContext, index: u32) -> u32 {
+    // SAFETY: a tail call with this program's own context; it returns only
+    // if the table holds no program.
+    unsafe { SEG_TAIL_XDP.tail_call(ctx, index) };
+    hand_off_failed(DIR_INGRESS, (ctx.data_end() - ctx.data()) as u64);
+    xdp_action::XDP_DROP
 }
 
 /// XDP ingress for IPv6 packets, reached only from `segbpf_xdp_ingress`.
 #[xdp]
 pub(crate) fn segbpf_xdp_ingress_v6(ctx: XdpContext) -> u32 {
     match xdp_enforce::<true>(&ctx) {
+        Outcome::Pass => xdp_action::XDP_PASS,
+        Outcome::HandOffError => xdp_hand_off(&ctx, TAIL_ERROR),
+        Outcome::Drop | Outcome::HandOffV6 => xdp_action::XDP_DROP,
+    }
+}
+
+/// XDP ingress for the ICMP errors the two programs above hand on (see
+/// `verdict::hands_off_error`): judged from their parse in `SEG_PARSED`.
+#[xdp]
+pub(crate) fn segbpf_xdp_ingress_err(ctx: XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
+    let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len);
+    // SAFETY: reading a field of the kernel-provided context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match enforce_error(&pkt, DIR_INGRESS, ifindex, len as u32) {
         Outcome::Pass => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
     }
@@ -110,19 +140,39 @@ pub(crate) fn segbpf_tc_egress(ctx: TcContext) -> i32 {
     match tc_enforce::<false>(&ctx) {
         Outcome::Pass => TC_ACT_OK,
         Outcome::Drop => TC_ACT_SHOT,
-        Outcome::HandOffV6 => {
-            // SAFETY: as in `segbpf_xdp_ingress`.
-            unsafe { SEG_TAIL_TC.tail_call(&ctx, 0) };
-            hand_off_failed(DIR_EGRESS, u64::from(ctx.len()));
-            TC_ACT_SHOT
-        }
+        Outcome::HandOffV6 => tc_hand_off(&ctx, TAIL_V6),
+        Outcome::HandOffError => tc_hand_off(&ctx, TAIL_ERROR),
     }
+}
+
+/// Hands the packet to the egress program at `index` of `SEG_TAIL_TC`.
+#[inline(always)]
+fn tc_hand_off(ctx: &TcContext, index: u32) -> i32 {
+    // SAFETY: as in `xdp_hand_off`.
+    unsafe { SEG_TAIL_TC.tail_call(ctx, index) };
+    hand_off_failed(DIR_EGRESS, u64::from(ctx.len()));
+    TC_ACT_SHOT
 }
 
 /// TC egress for IPv6 packets, reached only from `segbpf_tc_egress`.
 #[classifier]
 pub(crate) fn segbpf_tc_egress_v6(ctx: TcContext) -> i32 {
     match tc_enforce::<true>(&ctx) {
+        Outcome::Pass => TC_ACT_OK,
+        Outcome::HandOffError => tc_hand_off(&ctx, TAIL_ERROR),
+        Outcome::Drop | Outcome::HandOffV6 => TC_ACT_SHOT,
+    }
+}
+
+/// TC egress for the ICMP errors the two programs above hand on (the
+/// headers are already linear: the program that handed it on pulled them).
+#[classifier]
+pub(crate) fn segbpf_tc_egress_err(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let pkt = parse::Bounds::new(ctx.data(), ctx.data_end(), len as usize);
+    // SAFETY: reading a field of the kernel-provided context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match enforce_error(&pkt, DIR_EGRESS, ifindex, len) {
         Outcome::Pass => TC_ACT_OK,
         _ => TC_ACT_SHOT,
     }
@@ -207,12 +257,66 @@ fn enforce<const V6: bool>(
         stats::record(&d, dir, u64::from(len));
         return Outcome::Drop;
     };
+    if let Ok(p) = parsed
+        && verdict::hands_off_error(cfg, p)
+    {
+        if !V6 {
+            // SAFETY: this CPU's slot (see above); the IPv6 program's copy
+            // is already there.
+            unsafe { core::ptr::copy_nonoverlapping(p, slot, 1) };
+        }
+        return Outcome::HandOffError;
+    }
+    finish(pkt, cfg, &parsed, dir, ifindex, len, false)
+}
+
+/// Judges the ICMP error handed on by a packet program (its parse in this
+/// CPU's `SEG_PARSED` slot, read back as plain numbers) in `pkt`, with the
+/// related-flow check. A slot that does not hold such an error (never: the
+/// packet programs write it before they hand on) drops, counted as a
+/// default drop. Fail closed.
+#[inline(always)]
+fn enforce_error(pkt: &parse::Bounds, dir: u8, ifindex: u32, len: u32) -> Outcome {
+    let Some(slot) = maps::SEG_PARSED.get_ptr_mut(0) else {
+        hand_off_failed(dir, u64::from(len));
+        return Outcome::Drop;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program
+    // run, written by the program that handed the packet on (a tail call
+    // runs on the same CPU, nothing runs in between).
+    let p = unsafe { &*slot };
+    if !verdict::is_error_to_relate(p) {
+        hand_off_failed(dir, u64::from(len));
+        return Outcome::Drop;
+    }
+    let Some(cfg) = lookup::config() else {
+        hand_off_failed(dir, u64::from(len));
+        return Outcome::Drop;
+    };
+    // Judged in full (rules, defaults, the related flow) under the
+    // configuration in force now, like any packet that arrives after a
+    // reload: `decide` checks tracking and `defaults.icmp` itself.
+    finish(pkt, cfg, &Ok(p), dir, ifindex, len, true)
+}
+
+/// Decides (`related`: see `verdict::hands_off_error`), then reports a drop
+/// and counts the decision.
+#[inline(always)]
+fn finish(
+    pkt: &parse::Bounds,
+    cfg: &segbpf_common::Config,
+    parsed: &Result<&parse::Parsed, u8>,
+    dir: u8,
+    ifindex: u32,
+    len: u32,
+    related: bool,
+) -> Outcome {
     // Trace instances judge with the live state but never change it.
     let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
     let now = ct::now();
-    let d = verdict::decide(pkt, cfg, &parsed, dir, now, writes, len);
+    let d = verdict::decide(pkt, cfg, parsed, dir, now, writes, len, related);
     if writes && !reason::passes(d.reason) {
-        let p = parsed.ok();
+        let p = parsed.as_ref().ok().copied();
         events::report(cfg, dir, ifindex, len, p, &d, now);
         denied::record(cfg, dir, len, p, &d, now);
     }

@@ -79,8 +79,9 @@ pub(crate) static SEG_CT_SEEN: Array<u32> = Array::with_max_entries(CT_SEEN_BUCK
 #[map]
 pub(crate) static SEG_CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU: what the parser learned about the IPv6 packet being judged
-/// (see `main::enforce`). Not pinned: each instance has its own.
+/// Per-CPU: what the parser learned about the IPv6 packet being judged,
+/// and about an ICMP error handed to the error programs (see
+/// `main::enforce`). Not pinned: each instance has its own.
 #[map]
 pub(crate) static SEG_PARSED: PerCpuArray<crate::parse::Parsed> =
     PerCpuArray::with_max_entries(1, 0);
@@ -129,12 +130,16 @@ pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entrie
 
 /// Index 0: the IPv6 ingress program (`segbpf_xdp_ingress_v6`), filled by
 /// userspace at load. The ingress program hands IPv6 packets to it.
+/// Index 1: the ingress error program (`segbpf_xdp_ingress_err`), to which
+/// both ingress programs hand the ICMP errors they would check against the
+/// connection tables (see `verdict::hands_off_error`).
 #[map]
-pub(crate) static SEG_TAIL_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub(crate) static SEG_TAIL_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
-/// Index 0: the IPv6 egress program (`segbpf_tc_egress_v6`).
+/// Index 0: the IPv6 egress program (`segbpf_tc_egress_v6`); index 1: the
+/// egress error program (`segbpf_tc_egress_err`).
 #[map]
-pub(crate) static SEG_TAIL_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub(crate) static SEG_TAIL_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// Benchmark traffic generator state (see `trafficgen`): packet counter, first
 /// source address, varying address bits, varying port bits. Used only by

@@ -69,7 +69,8 @@ impl Decision {
 /// drop is turned into a pass marked `audit` (its reason is still the drop
 /// reason, so counters show what enforcement would do). Decides and
 /// returns only: the caller reports a drop (`events`, `denied`) and counts
-/// the decision (`stats`).
+/// the decision (`stats`). `related`: see `judge`.
+#[allow(clippy::too_many_arguments, reason = "inlined")]
 #[inline(always)]
 pub(crate) fn decide(
     pkt: &Bounds,
@@ -79,9 +80,10 @@ pub(crate) fn decide(
     now: u64,
     writes: bool,
     len: u32,
+    related: bool,
 ) -> Decision {
     let mut d = match parsed {
-        Ok(p) => judge(pkt, cfg, dir, p, now, writes, len),
+        Ok(p) => judge(pkt, cfg, dir, p, now, writes, len, related),
         Err(r) => Decision::early(*r),
     };
     if !reason::passes(d.reason) {
@@ -96,7 +98,29 @@ pub(crate) fn unconfigured() -> Decision {
     Decision::early(reason::DROP_DEFAULT)
 }
 
-/// The verdict of a packet the parser fully validated.
+/// Whether the packet `p` is an ICMP error that the related-flow check
+/// (`judge_policy`) may judge under `cfg`: the packet programs hand these
+/// (rare) packets to the error program (`main.rs`), the only one that
+/// carries that check, so the verifier walks the quoted-packet parse and
+/// its connection lookup once, not on every path of every program.
+#[inline(always)]
+pub(crate) fn hands_off_error(cfg: &Config, p: &Parsed) -> bool {
+    cfg.established != 0 && cfg.icmp != 0 && is_error_to_relate(p)
+}
+
+/// The packet half of `hands_off_error`: an ICMP error that is not a
+/// later fragment (the error program's check of what it was handed; it
+/// judges under the configuration in force when it runs, which a reload
+/// may have changed since the packet program read it).
+#[inline(always)]
+pub(crate) fn is_error_to_relate(p: &Parsed) -> bool {
+    p.frag != FRAG_LATER && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
+}
+
+/// The verdict of a packet the parser fully validated (`related`: whether
+/// the related-flow check of ICMP errors is compiled in, see
+/// `hands_off_error`).
+#[allow(clippy::too_many_arguments, reason = "inlined")]
 #[inline(always)]
 fn judge(
     pkt: &Bounds,
@@ -106,6 +130,7 @@ fn judge(
     now: u64,
     writes: bool,
     len: u32,
+    related: bool,
 ) -> Decision {
     let acct = cfg.flow_acct != 0;
     if p.l3 == L3_ARP {
@@ -152,7 +177,7 @@ fn judge(
             ct::update(&t, k, dir, p, now, len, acct);
         }
     } else {
-        judge_policy(pkt, cfg, dir, p, now, &mut d);
+        judge_policy(pkt, cfg, dir, p, now, &mut d, related);
         // Audit mode tracks the flows it lets through against the policy,
         // marked, so their replies are not reported as well.
         let audited = !reason::passes(d.reason) && cfg.audit != 0;
@@ -172,7 +197,15 @@ fn judge(
 
 /// Policy rules, then the ICMP default, then the direction's default.
 #[inline(always)]
-fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &mut Decision) {
+fn judge_policy(
+    pkt: &Bounds,
+    cfg: &Config,
+    dir: u8,
+    p: &Parsed,
+    now: u64,
+    d: &mut Decision,
+    related: bool,
+) {
     if let Some(class_id) = lookup::peer_class(cfg.active_slot, dir, p, dir == DIR_INGRESS) {
         d.class_id = class_id;
         if let Some(rule_id) = lookup::port_rule(cfg.active_slot, class_id, p.proto, p.dport) {
@@ -186,7 +219,8 @@ fn judge_policy(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64, d: &m
             d.reason = reason::PASS_ICMP;
             return;
         }
-        if cfg.established != 0
+        if related
+            && cfg.established != 0
             && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
             && let Some(k) = ct::related_key(pkt, dir, p)
             && ct::lookup(cfg, &k, p, now).is_some()

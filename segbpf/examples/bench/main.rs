@@ -870,14 +870,17 @@ fn main() -> anyhow::Result<()> {
 fn verifier_stats(loads: usize, object: Option<&[u8]>) -> anyhow::Result<serde_json::Value> {
     use segbpf_common::{
         GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, LINK_ETHERNET, PROG_TC_EGRESS,
-        PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6,
+        PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR,
+        PROG_XDP_INGRESS_V6,
     };
     let mut rows = Vec::new();
     for name in [
         PROG_XDP_INGRESS,
         PROG_XDP_INGRESS_V6,
+        PROG_XDP_INGRESS_ERR,
         PROG_TC_EGRESS,
         PROG_TC_EGRESS_V6,
+        PROG_TC_EGRESS_ERR,
     ] {
         let mut times = Vec::new();
         let mut insns = 0;

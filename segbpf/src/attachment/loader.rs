@@ -11,8 +11,9 @@ use aya::{
 use segbpf_common::{
     GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT,
     MAP_CT_NEW, MAP_CT_SEEN, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS,
-    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_V6,
-    PROG_XDP_INGRESS, PROG_XDP_INGRESS_V6, RUN_DRY,
+    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR,
+    PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY,
+    TAIL_INDEX_ERR, TAIL_INDEX_V6,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -166,7 +167,7 @@ pub fn load_attachment(
 /// Logs (debug) what loading cost: object and maps, then the programs'
 /// load with the kernel's verification (all four, in parallel: the wall
 /// time, then each program's) and their verified instructions.
-fn log_verified(ebpf: &Ebpf, maps_ms: f64, programs_ms: f64, each_ms: [f64; 4]) {
+fn log_verified(ebpf: &Ebpf, maps_ms: f64, programs_ms: f64, each_ms: [f64; 6]) {
     let each: Vec<String> = PROGRAMS
         .iter()
         .zip(each_ms)
@@ -314,11 +315,13 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
 }
 
 /// The programs of the object, in the order their load times are logged.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     PROG_XDP_INGRESS,
     PROG_XDP_INGRESS_V6,
+    PROG_XDP_INGRESS_ERR,
     PROG_TC_EGRESS,
     PROG_TC_EGRESS_V6,
+    PROG_TC_EGRESS_ERR,
 ];
 
 /// Loads the programs of an instance, each in its own thread (the kernel
@@ -327,7 +330,7 @@ const PROGRAMS: [&str; 4] = [
 /// yet, so no packet runs an IPv4 program while its table is empty (an
 /// empty table drops, see the kernel crate's `main.rs`). Returns the wall
 /// time of each program's load and verification, in [`PROGRAMS`] order.
-pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 4], LoadError> {
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 6], LoadError> {
     let mut progs: Vec<(usize, &mut Program)> = ebpf
         .programs_mut()
         .filter_map(|(name, p)| PROGRAMS.iter().position(|n| *n == name).map(|i| (i, p)))
@@ -364,13 +367,15 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 4], LoadError> {
             .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    let mut ms = [0.0; 4];
+    let mut ms = [0.0; 6];
     for (i, r) in loaded {
         ms[i] = r?;
     }
-    for (prog, table) in [
-        (PROG_XDP_INGRESS_V6, MAP_TAIL_XDP),
-        (PROG_TC_EGRESS_V6, MAP_TAIL_TC),
+    for (prog, table, index) in [
+        (PROG_XDP_INGRESS_V6, MAP_TAIL_XDP, TAIL_INDEX_V6),
+        (PROG_XDP_INGRESS_ERR, MAP_TAIL_XDP, TAIL_INDEX_ERR),
+        (PROG_TC_EGRESS_V6, MAP_TAIL_TC, TAIL_INDEX_V6),
+        (PROG_TC_EGRESS_ERR, MAP_TAIL_TC, TAIL_INDEX_ERR),
     ] {
         let fd = ebpf
             .program(prog)
@@ -380,7 +385,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<[f64; 4], LoadError> {
             .map_err(|e| LoadError::Program(aya::programs::ProgramError::IOError(e)))?;
         let map = ebpf.map_mut(table).ok_or(LoadError::MissingMap(table))?;
         let mut tail = ProgramArray::try_from(map).map_err(LoadError::Map)?;
-        tail.set(0, &fd, 0).map_err(LoadError::Map)?;
+        tail.set(index, &fd, 0).map_err(LoadError::Map)?;
     }
     Ok(ms)
 }

@@ -278,12 +278,13 @@ impl PolicyMaps {
 }
 
 /// Whether the attachment's programs read a map named `name`, from the
-/// kernel: the map ids of its IPv6 programs (found through its pinned
-/// tail-call tables; they judge with the same code as the IPv4 programs
-/// and make no tail call, so none of their maps is a program array, see
-/// [`crate::attachment::memory`]). `None` when the kernel does not say.
+/// kernel: the map ids of its ICMP error programs (found through its
+/// pinned tail-call tables; they judge with the same code as the packet
+/// programs and make no tail call, so none of their maps is a program
+/// array, see [`crate::attachment::memory`]; an older build's IPv6
+/// programs likewise). `None` when the kernel does not say.
 fn programs_use(att: &Attachment, name: &str) -> Option<bool> {
-    let progs = crate::attachment::memory::tail_programs(att);
+    let progs = crate::attachment::memory::leaf_programs(att);
     if progs.is_empty() {
         return None;
     }

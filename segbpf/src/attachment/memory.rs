@@ -1,9 +1,11 @@
 //! Kernel memory an attachment holds, as the kernel accounts it: the
 //! `memlock` of each program and map (`/proc/self/fdinfo`), found from the
 //! attachment's pinned programs, its pinned maps (the tail-call tables
-//! too), the IPv6 programs in its pinned tail-call tables, and the map ids
-//! the kernel lists for those IPv6 programs, so maps that are not pinned
-//! (scratch space, read-only globals) count too. The connection tables are
+//! too), the programs in its pinned tail-call tables (the IPv6 programs
+//! and the ICMP error programs), and the map ids the kernel lists for the
+//! programs that make no tail call (the ICMP error programs; before them,
+//! the IPv6 programs), so maps that are not pinned (scratch space,
+//! read-only globals) count too. The connection tables are
 //! shared by every attachment of the network namespace and are counted
 //! apart, once.
 //!
@@ -15,9 +17,11 @@
 //! takes a reference and queues a work item that is already queued, so
 //! only one of the two references is dropped). A `status` while a detach
 //! or a reload retires a tail-call table could otherwise leave that table
-//! in the kernel for good. The IPv6 programs make no tail call, so the ids
-//! they list hold no program array; the ids the attached IPv4 programs
-//! list are not opened.
+//! in the kernel for good. The ICMP error programs make no tail call, so
+//! the ids they list hold no program array; the ids the attached IPv4
+//! programs and the IPv6 programs (which hand ICMP errors on) list are not
+//! opened. A table of an older build (one entry) holds only an IPv6
+//! program, which then made no tail call.
 
 use std::{
     collections::BTreeSet,
@@ -104,12 +108,14 @@ pub fn of(att: &Attachment) -> Memory {
     for info in attached {
         bytes += info.memory_locked().map_or(0, u64::from);
     }
-    // The maps that are not pinned (scratch space, read-only globals), as
-    // the IPv6 programs list them: they make no tail call, so no id here
-    // is a program array.
-    let mut unpinned = BTreeSet::new();
     for info in tail_programs(att) {
         bytes += info.memory_locked().map_or(0, u64::from);
+    }
+    // The maps that are not pinned (scratch space, read-only globals), as
+    // the programs that make no tail call list them: no id here is a
+    // program array.
+    let mut unpinned = BTreeSet::new();
+    for info in leaf_programs(att) {
         if let Ok(Some(ids)) = info.map_ids() {
             unpinned.extend(
                 ids.into_iter()
@@ -134,13 +140,36 @@ pub fn of(att: &Attachment) -> Memory {
 }
 
 /// The programs in the attachment's pinned tail-call tables (the IPv6
-/// programs the attached ones hand packets to).
+/// and ICMP error programs the attached ones hand packets to).
 pub(crate) fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
-    let ids: BTreeSet<u32> = segbpf_common::TAIL_MAPS
+    programs_in_tables(att, false)
+}
+
+/// The programs in the attachment's pinned tail-call tables that make no
+/// tail call themselves, so that no map id they list is a program array
+/// (see the module's doc): the ICMP error programs (index 1), or in a
+/// table of one entry (an older build) its IPv6 program.
+pub(crate) fn leaf_programs(att: &Attachment) -> Vec<ProgramInfo> {
+    programs_in_tables(att, true)
+}
+
+fn programs_in_tables(att: &Attachment, leaves_only: bool) -> Vec<ProgramInfo> {
+    let mut ids = BTreeSet::new();
+    for map in segbpf_common::TAIL_MAPS
         .iter()
         .filter_map(|name| MapData::from_pin(att.map(name)).ok())
-        .filter_map(|map| prog_array_first(map.fd().as_fd()))
-        .collect();
+    {
+        let Ok(info) = map.info() else {
+            continue;
+        };
+        let entries = info.max_entries();
+        for index in 0..entries.min(segbpf_common::TAIL_INDEX_ERR + 1) {
+            if leaves_only && entries > 1 && index != segbpf_common::TAIL_INDEX_ERR {
+                continue;
+            }
+            ids.extend(prog_array_at(map.fd().as_fd(), index));
+        }
+    }
     if ids.is_empty() {
         return Vec::new();
     }
@@ -150,9 +179,9 @@ pub(crate) fn tail_programs(att: &Attachment) -> Vec<ProgramInfo> {
         .collect()
 }
 
-/// The id of the program at index 0 of a program array: the kernel
+/// The id of the program at `index` of a program array: the kernel
 /// answers a lookup from userspace with the program's id.
-fn prog_array_first(map: BorrowedFd<'_>) -> Option<u32> {
+fn prog_array_at(map: BorrowedFd<'_>, index: u32) -> Option<u32> {
     #[repr(C)]
     struct Lookup {
         map_fd: u32,
@@ -161,7 +190,7 @@ fn prog_array_first(map: BorrowedFd<'_>) -> Option<u32> {
         value: u64,
         flags: u64,
     }
-    let key = 0u32;
+    let key = index;
     let mut id = 0u32;
     let mut attr = Lookup {
         map_fd: map.as_raw_fd() as u32,
