@@ -266,8 +266,8 @@ pub fn relink_cgroup(pin: &Path, root: &CgroupRoot, attach_type: u32) -> std::io
     let prog = bpf_sys::prog_by_id(info.prog_id)
         .map_err(step(format!("opening program {}", info.prog_id)))?
         .ok_or_else(|| std::io::Error::other(format!("program {} is gone", info.prog_id)))?;
-    let cgroup = std::fs::File::open(&root.dir)
-        .map_err(step(format!("opening {}", root.dir.display())))?;
+    let cgroup =
+        std::fs::File::open(&root.dir).map_err(step(format!("opening {}", root.dir.display())))?;
     // The cgroup opened is the attachment's (by the kernel's id, read
     // through the descriptor, not the path).
     let id = std::os::unix::fs::MetadataExt::ino(
@@ -290,8 +290,9 @@ pub fn relink_cgroup(pin: &Path, root: &CgroupRoot, attach_type: u32) -> std::io
     };
     // SAFETY: `attr` is the bpf_attr of BPF_LINK_CREATE (no pointers), a
     // command that returns a new descriptor.
-    let link = unsafe { bpf_sys::bpf_fd(bpf_sys::BPF_LINK_CREATE, &mut attr) }
-        .map_err(step(format!("linking program {} to {}", info.prog_id, root.dir.display())))?;
+    let link = unsafe { bpf_sys::bpf_fd(bpf_sys::BPF_LINK_CREATE, &mut attr) }.map_err(step(
+        format!("linking program {} to {}", info.prog_id, root.dir.display()),
+    ))?;
     // bpffs refuses dots in names.
     let mut tmp = pin.to_path_buf().into_os_string();
     tmp.push("_new");
@@ -300,7 +301,11 @@ pub fn relink_cgroup(pin: &Path, root: &CgroupRoot, attach_type: u32) -> std::io
     bpf_sys::obj_pin(link.as_fd(), &tmp).map_err(step(format!("pinning {}", tmp.display())))?;
     if let Err(e) = std::fs::rename(&tmp, pin) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(step(format!("renaming {} to {}", tmp.display(), pin.display()))(e));
+        return Err(step(format!(
+            "renaming {} to {}",
+            tmp.display(),
+            pin.display()
+        ))(e));
     }
     Ok(bpf_sys::link_info(link.as_fd()).map_or(0, |i| i.id))
 }
