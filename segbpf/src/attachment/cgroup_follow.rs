@@ -450,8 +450,9 @@ fn relink_detached(
     match result {
         Ok(done) => {
             *failed = None;
-            done.into_iter()
-                .for_each(|l| on_event(FollowEvent::Relinked(l)));
+            for l in done {
+                on_event(FollowEvent::Relinked(l));
+            }
         }
         Err(e) => {
             let e = e.to_string();
