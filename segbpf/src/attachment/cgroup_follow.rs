@@ -1,7 +1,9 @@
 //! Following the cgroup tree while a services attachment is in force:
 //! every cgroup made or removed below a guard is classified within
 //! milliseconds (inotify), with a rescan every second as a backstop; a
-//! hangup reloads the policy file in force (recorded in the state). Until a new cgroup's entry is written
+//! hangup reloads the policy file in force (recorded in the state); a
+//! link another tool detached (`bpftool link detach`) is linked again
+//! within a second ([`relink_detached`]). Until a new cgroup's entry is written
 //! the programs hold its sockets (see [`crate::host::cgroups`]), so the delay is a delay
 //! of service, never a gap. One follower per attachment claims it
 //! ([`claim_follower`]; liveness from a kernel-held `flock`, never from a
@@ -33,6 +35,11 @@ pub enum FollowEvent {
     ReloadFailed(String),
     /// A packet of a service was dropped (or let through in audit mode).
     Refused(Refused),
+    /// A link another tool detached was linked again (what was done).
+    Relinked(String),
+    /// A link another tool detached could not be linked again: only the
+    /// other direction is enforced.
+    RelinkFailed(String),
 }
 
 /// A refused packet of a service, as the kernel reported it (its JSON
@@ -416,6 +423,47 @@ fn root_is_gone(paths: &SvcPaths) -> bool {
     std::fs::metadata(&paths.root.dir).map_or(true, |m| m.ino() != paths.root.id)
 }
 
+/// Links again a direction whose link another tool detached (read from
+/// the kernel: two link lookups, no lock, while both are linked). Under
+/// the attachment's locks, and only while it is still attached (a detach
+/// in progress is left alone).
+fn relink_detached(
+    paths: &SvcPaths,
+    failed: &mut Option<String>,
+    on_event: &mut impl FnMut(FollowEvent),
+) {
+    if engine::unlinked(paths).is_empty() {
+        *failed = None;
+        return;
+    }
+    let result = engine::lock(paths).and_then(|state_lock| {
+        let pins_lock = paths.lock()?;
+        let done = if paths.is_attached() && paths.owner() == engine::Owner::Mine {
+            engine::relink(paths)
+        } else {
+            Ok(Vec::new())
+        };
+        drop(pins_lock);
+        drop(state_lock);
+        done
+    });
+    match result {
+        Ok(done) => {
+            *failed = None;
+            for l in done {
+                on_event(FollowEvent::Relinked(l));
+            }
+        }
+        Err(e) => {
+            let e = e.to_string();
+            if failed.as_ref() != Some(&e) {
+                on_event(FollowEvent::RelinkFailed(e.clone()));
+                *failed = Some(e);
+            }
+        }
+    }
+}
+
 /// How often the tree is rescanned without an inotify event.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -438,6 +486,8 @@ pub fn follow(
     let mut ring = open_ring(paths);
     // None: rescan at the next turn.
     let mut last: Option<Instant> = None;
+    // The last relink failure reported (reported again only when it changes).
+    let mut relink_failed: Option<String> = None;
     loop {
         if stop.load(Ordering::Relaxed) || !paths.is_attached() {
             return Ok(());
@@ -463,6 +513,7 @@ pub fn follow(
         // or raises an event.
         watcher.watch(&engine::guards(paths));
         if last.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
+            relink_detached(paths, &mut relink_failed, &mut on_event);
             let (written, removed) = engine::rescan(paths, &mut maps)?;
             if written + removed > 0 {
                 on_event(FollowEvent::Rescanned { written, removed });

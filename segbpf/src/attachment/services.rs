@@ -1359,6 +1359,11 @@ pub fn apply_locked(
     // No rescan of the follower runs from here until the state names the
     // new policy: it would write the old policy's ids into the new slot.
     let _lock = paths.lock()?;
+    // A direction another tool detached is linked again first: a policy
+    // is never said to be in force where its program does not run.
+    for line in relink(paths)? {
+        tracing::warn!("{line}");
+    }
     let mut maps = SvcMaps::from_pins(&paths.dir)?;
     let cur = maps.active()?;
     let next = 1 - cur;
@@ -1391,6 +1396,57 @@ pub fn apply_locked(
     paths.write_state(&state)?;
     record_history(paths, &state, &choice.text);
     Ok(state)
+}
+
+/// The directions whose pinned link the kernel does not have on the
+/// cgroup root (detached by another tool, `bpftool link detach`): their
+/// names, and the pin of each.
+pub fn unlinked(paths: &SvcPaths) -> Vec<(&'static str, PathBuf)> {
+    [
+        ("egress", paths.link_egress()),
+        ("ingress", paths.link_ingress()),
+    ]
+    .into_iter()
+    .filter(|(_, p)| {
+        !crate::attachment::services_nest::pinned_cgroup_link(p)
+            .is_ok_and(|(cg, _)| cg == paths.root.id)
+    })
+    .collect()
+}
+
+/// Links again every direction of the attachment at `paths` whose link
+/// another tool detached (see [`unlinked`]): a new link of the same
+/// program on the cgroup root, pinned over the old one (egress first, as
+/// at attach). The maps, and with them the policy in force, stay. Returns
+/// one line per direction linked again; fails, naming what is missing, if
+/// one cannot be. The caller holds [`lock`].
+pub fn relink(paths: &SvcPaths) -> Result<Vec<String>, ServicesError> {
+    use crate::attachment::services_nest::{
+        BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, relink_cgroup,
+    };
+    let mut done = Vec::new();
+    for (dir, pin) in unlinked(paths) {
+        let attach_type = if dir == "egress" {
+            BPF_CGROUP_INET_EGRESS
+        } else {
+            BPF_CGROUP_INET_INGRESS
+        };
+        let id = relink_cgroup(&pin, &paths.root, attach_type).map_err(|source| {
+            ServicesError::Io {
+                what: format!(
+                    "the {dir} link below {} is not in the kernel (detached by another tool) and could not be linked again, so only {} is enforced; `segbpf detach --services` then `attach --services` enforces both again",
+                    paths.root.dir.display(),
+                    if dir == "egress" { "ingress" } else { "egress" }
+                ),
+                source,
+            }
+        })?;
+        done.push(format!(
+            "the {dir} link below {} was detached by another tool: linked again (link {id})",
+            paths.root.dir.display()
+        ));
+    }
+    Ok(done)
 }
 
 /// Reclassifies the cgroup tree for the services in force (a cgroup made

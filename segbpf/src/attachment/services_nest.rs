@@ -218,6 +218,98 @@ pub fn pinned_cgroup_link(pin: &Path) -> std::io::Result<(u64, u32)> {
     Ok((info.cgroup_id(), info.prog_id))
 }
 
+/// `bpf_attr` for `BPF_LINK_CREATE` on a cgroup (no extra fields set).
+#[repr(C)]
+#[derive(Default)]
+struct CgroupLinkAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// `BPF_CGROUP_INET_INGRESS`.
+pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
+/// `BPF_CGROUP_INET_EGRESS`.
+pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
+
+/// Links the program of the pinned cgroup link `pin` to the cgroup `root`
+/// again, after another tool detached that link (`bpftool link detach`:
+/// the kernel then reports its cgroup as 0, and the link keeps its
+/// program). The new link is pinned under a temporary name and renamed
+/// over `pin`, so the pin never names nothing; the old link goes with its
+/// pin. A pin whose link is attached to another cgroup, or a `root` whose
+/// cgroup is not the one of id `root.id` (re-created), is refused. Returns
+/// the new link's id.
+pub fn relink_cgroup(pin: &Path, root: &CgroupRoot, attach_type: u32) -> std::io::Result<u32> {
+    let step = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    let old = bpf_sys::obj_get(pin).map_err(step(format!("opening {}", pin.display())))?;
+    let info = bpf_sys::link_info(old.as_fd())
+        .map_err(step(format!("asking the kernel about {}", pin.display())))?;
+    if info.link_type != BPF_LINK_TYPE_CGROUP {
+        return Err(std::io::Error::other(format!(
+            "{} is no cgroup link",
+            pin.display()
+        )));
+    }
+    if info.cgroup_id() != 0 {
+        return Err(std::io::Error::other(format!(
+            "link {} of {} is attached to cgroup {}, not detached",
+            info.id,
+            pin.display(),
+            info.cgroup_id()
+        )));
+    }
+    let prog = bpf_sys::prog_by_id(info.prog_id)
+        .map_err(step(format!("opening program {}", info.prog_id)))?
+        .ok_or_else(|| std::io::Error::other(format!("program {} is gone", info.prog_id)))?;
+    let cgroup =
+        std::fs::File::open(&root.dir).map_err(step(format!("opening {}", root.dir.display())))?;
+    // The cgroup opened is the attachment's (by the kernel's id, read
+    // through the descriptor, not the path).
+    let id = std::os::unix::fs::MetadataExt::ino(
+        &cgroup
+            .metadata()
+            .map_err(step(format!("the id of {}", root.dir.display())))?,
+    );
+    if id != root.id {
+        return Err(std::io::Error::other(format!(
+            "{} is cgroup {id} now, not {} (re-created): detach and attach again",
+            root.dir.display(),
+            root.id
+        )));
+    }
+    let mut attr = CgroupLinkAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..CgroupLinkAttr::default()
+    };
+    // SAFETY: `attr` is the bpf_attr of BPF_LINK_CREATE (no pointers), a
+    // command that returns a new descriptor.
+    let link = unsafe { bpf_sys::bpf_fd(bpf_sys::BPF_LINK_CREATE, &mut attr) }.map_err(step(
+        format!("linking program {} to {}", info.prog_id, root.dir.display()),
+    ))?;
+    // bpffs refuses dots in names.
+    let mut tmp = pin.to_path_buf().into_os_string();
+    tmp.push("_new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    bpf_sys::obj_pin(link.as_fd(), &tmp).map_err(step(format!("pinning {}", tmp.display())))?;
+    if let Err(e) = std::fs::rename(&tmp, pin) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(step(format!(
+            "renaming {} to {}",
+            tmp.display(),
+            pin.display()
+        ))(e));
+    }
+    Ok(bpf_sys::link_info(link.as_fd()).map_or(0, |i| i.id))
+}
+
 /// Refuses `root` when one of `ancestors` (cgroup ids this process cannot
 /// see by path: above its cgroup namespace's root, and that root) has
 /// segbpf's services programs linked, by the kernel's cgroup links.

@@ -197,6 +197,8 @@ pub async fn attach(args: crate::cmd::attach::Args) -> anyhow::Result<()> {
                     warn!("reload failed, the previous policy stays in force: {e}");
                 }
                 FollowEvent::Refused(r) => print_refused(&r, json),
+                FollowEvent::Relinked(l) => warn!("{l}"),
+                FollowEvent::RelinkFailed(e) => warn!("{e}"),
             }
         })
     });

@@ -22,6 +22,8 @@ pub const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 pub const BPF_OBJ_PIN: libc::c_long = 6;
 /// `BPF_OBJ_GET`.
 pub const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_PROG_GET_FD_BY_ID`.
+pub const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 /// `BPF_OBJ_GET_INFO_BY_FD`.
 pub const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_PROG_QUERY`.
@@ -201,6 +203,20 @@ pub fn link_by_id(id: u32) -> std::io::Result<Option<OwnedFd>> {
     };
     // SAFETY: `attr` is the bpf_attr of BPF_LINK_GET_FD_BY_ID (no pointers).
     match unsafe { bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) } {
+        Ok(fd) => owned(fd).map(Some),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the program `id` (`None`: gone meanwhile).
+pub fn prog_by_id(id: u32) -> std::io::Result<Option<OwnedFd>> {
+    let mut attr = IdAttr {
+        id,
+        ..IdAttr::default()
+    };
+    // SAFETY: `attr` is the bpf_attr of BPF_PROG_GET_FD_BY_ID (no pointers).
+    match unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) } {
         Ok(fd) => owned(fd).map(Some),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
