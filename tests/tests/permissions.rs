@@ -372,7 +372,15 @@ fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()
     let policy = example();
     let out = lab.segbpf(
         "db",
-        &["attach", "eth0", "--policy", &policy, "--role", "db", "--no-wait"],
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--role",
+            "db",
+            "--no-wait",
+        ],
     )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;

@@ -656,6 +656,73 @@ fn the_watcher_applies_a_renamed_file_and_never_a_half_written_one() -> anyhow::
     Ok(())
 }
 
+/// Policy-file latency for `cargo xtask bench` (SEGBPF_BENCH_UPDATES=1;
+/// the suite skips it): a foreground `attach` watching its file; each
+/// round, an editor's save (a new file renamed over the policy, the two
+/// policies in turn), timed from just before the rename until the
+/// kernel's configuration has the next generation in force (polled every
+/// 2 ms from the pins). Prints one JSON line (`policy_file_ms`, every
+/// round and the median).
+#[test]
+#[ignore = "a benchmark: run by `cargo xtask bench` (SEGBPF_BENCH_ONLY=updates)"]
+fn bench_policy_file_change_in_force() -> anyhow::Result<()> {
+    if std::env::var_os("SEGBPF_BENCH_UPDATES").is_none() {
+        eprintln!("skipped: set SEGBPF_BENCH_UPDATES=1 (cargo xtask bench)");
+        return Ok(());
+    }
+    let mut lab = Lab::new("pfb")?;
+    lab.add_host("db", &["10.10.1.30/16"])?;
+    let dir = std::env::temp_dir().join(format!("segbpf-pfb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("live.toml");
+    std::fs::write(&file, POLICY_A)?;
+    let s = Setup {
+        att: Roots {
+            bpffs: lab.bpffs.clone(),
+            state: lab.state.clone(),
+        }
+        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
+        a: file.clone(),
+        b: file.clone(),
+        dir: dir.clone(),
+        lab,
+    };
+    // Dropped (killed) before the lab, also on failure.
+    let attach = segbpf_tests::lab::Running::new(foreground(&s.lab, &file, &[])?);
+    wait_in_force(&s.lab)?;
+    let policies = [policy_b(), POLICY_A.to_string()];
+    let mut ms = Vec::new();
+    for round in 0..9 {
+        let before = segbpf::attachment::maps::pinned_config(&s.att)?.generation;
+        let tmp = dir.join(".live.toml.swp");
+        std::fs::write(&tmp, &policies[round % 2])?;
+        let start = std::time::Instant::now();
+        std::fs::rename(&tmp, &file)?;
+        while segbpf::attachment::maps::pinned_config(&s.att)?.generation <= before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "round {round}: the change was not in force after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+        // Apart from the next round's write (the watcher waits for 30 ms
+        // of quiet after a change).
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "policy_file_ms": { "rounds": ms, "median": sorted[sorted.len() / 2] }
+        })
+    );
+    attach.terminate()?;
+    attach.wait()?;
+    Ok(())
+}
+
 /// A reload writes its pending state (`IFACE.next.json`) before the
 /// switch. A command that only reads (status, trace, a metrics scrape, the
 /// file watcher) must not remove it meanwhile, or the reload would switch

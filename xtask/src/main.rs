@@ -238,6 +238,22 @@ fn main() -> anyhow::Result<()> {
                         "--nocapture",
                         "bench_fleet",
                     ]))?;
+                // A change of the policy file until it is in force (the
+                // watcher's inotify path), nine editor's saves.
+                run(cargo()
+                    .env("SEGBPF_BIN", &bin)
+                    .env("SEGBPF_BENCH_UPDATES", "1")
+                    .args([
+                        "test",
+                        "--package",
+                        "segbpf-tests",
+                        "--test",
+                        "reload",
+                        "--",
+                        "--ignored",
+                        "--nocapture",
+                        "bench_policy_file",
+                    ]))?;
             }
             if (only.is_none() && !quick) || only.as_deref() == Some("load") {
                 run(cargo()
