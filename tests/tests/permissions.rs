@@ -396,3 +396,46 @@ fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// The same through a symbolic link: `SEGBPF_STATE_DIR` is root's link
+/// to a root directory inside a directory of another user (nobody), who
+/// could rename the real directory away after the attach. Refused,
+/// naming that directory, and nothing attached.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_state_dir_reached_through_a_symlink_into_another_users_directory_is_refused()
+-> anyhow::Result<()> {
+    use std::os::unix::fs::chown;
+    // Before the lab: dropped after it (its detach may write state there).
+    let base = std::env::temp_dir().join(format!("segbpf-symst-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    let _cleanup = Cleanup(base.clone());
+    let theirs = base.join("nobodys");
+    let inner = theirs.join("inner");
+    std::fs::create_dir_all(&inner)?;
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700))?;
+    chown(&theirs, Some(65534), Some(65534))?;
+    let link = base.join("state");
+    std::os::unix::fs::symlink(&inner, &link)?;
+    let mut lab = Lab::new("symst")?;
+    lab.add_host("db", &["198.18.74.30/24"])?;
+    lab.state = link;
+    let policy = example();
+    let out = lab.segbpf(
+        "db",
+        &["attach", "eth0", "--policy", &policy, "--role", "db", "--no-wait"],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
+    assert!(
+        stderr.contains(&format!("{} belongs to uid 65534", theirs.display())),
+        "the refusal names the other user's directory: {stderr}"
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
+        "something was attached: {status}"
+    );
+    Ok(())
+}

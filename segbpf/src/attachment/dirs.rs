@@ -47,7 +47,7 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
             }
             only_mine(a, me)?;
         }
-        trusted_path(root, me, 0)?;
+        trusted_path(root, me)?;
     }
     let mode = only_mine(dir, me)?;
     if mode & 0o777 != 0o700 {
@@ -62,46 +62,82 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// (`/tmp`: then only its owner may rename what is in it, and the entry
 /// below is checked in turn). Otherwise another user could rename the
 /// state or pin root away and put their own in its place.
-fn trusted_path(root: &Path, me: u32, depth: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    let refuse = |a: &Path, why: String| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{} is not a safe place for segbpf's state: {} {why}, so another user could replace it; use a directory whose every parent only root can write",
-                root.display(),
-                a.display()
-            ),
-        ))
-    };
-    if depth > 40 {
-        return Err(std::io::Error::from_raw_os_error(nix::libc::ELOOP));
-    }
+fn trusted_path(root: &Path, me: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let abs = if root.is_absolute() {
         root.to_path_buf()
     } else {
         std::env::current_dir()?.join(root)
     };
+    // The path as written: who may replace each directory or symbolic
+    // link on it, and, for a link, the real directories it leads to.
     for a in abs.ancestors().skip(1) {
         let meta = std::fs::symlink_metadata(a)?;
-        if meta.uid() != 0 && meta.uid() != me {
-            return refuse(a, format!("belongs to uid {}", meta.uid()));
-        }
         if meta.file_type().is_symlink() {
-            // Where it leads, and the directories above that.
-            let target = std::fs::canonicalize(a)?;
-            trusted_path(&target.join("x"), me, depth + 1)?;
+            if meta.uid() != 0 && meta.uid() != me {
+                return Err(unsafe_place(
+                    root,
+                    a,
+                    format!("belongs to uid {}", meta.uid()),
+                ));
+            }
+            trusted_real(root, &std::fs::canonicalize(a)?, me)?;
             continue;
         }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return refuse(
-                a,
-                format!("can be written by other users (mode {mode:04o}, no sticky bit)"),
-            );
-        }
+        safe_dir(root, a, &meta, me)?;
+    }
+    // The real directories above the root itself (a root that is a
+    // symbolic link, or below one).
+    let real = std::fs::canonicalize(&abs)?;
+    match real.parent() {
+        Some(parent) => trusted_real(root, parent, me),
+        None => Ok(()),
+    }
+}
+
+/// [`safe_dir`] for `real`, a path without symbolic links, and every
+/// directory above it.
+fn trusted_real(root: &Path, real: &Path, me: u32) -> std::io::Result<()> {
+    for a in real.ancestors() {
+        let meta = std::fs::symlink_metadata(a)?;
+        safe_dir(root, a, &meta, me)?;
     }
     Ok(())
+}
+
+/// A directory `a` above the state or pin root `root` is safe when it
+/// belongs to root or uid `me` and other users cannot write in it, or
+/// only with the sticky bit.
+fn safe_dir(root: &Path, a: &Path, meta: &std::fs::Metadata, me: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(unsafe_place(
+            root,
+            a,
+            format!("belongs to uid {}", meta.uid()),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_place(
+            root,
+            a,
+            format!("can be written by other users (mode {mode:04o}, no sticky bit)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The refusal of `root` because of the directory or link `a` above it.
+fn unsafe_place(root: &Path, a: &Path, why: String) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is not a safe place for segbpf's state: {} {why}, so another user could replace it; use a directory whose every parent only root can write",
+            root.display(),
+            a.display()
+        ),
+    )
 }
 
 /// The mode of `dir` when it is no symlink, belongs to uid `me` and no
