@@ -423,7 +423,15 @@ fn a_state_dir_reached_through_a_symlink_into_another_users_directory_is_refused
     let policy = example();
     let out = lab.segbpf(
         "db",
-        &["attach", "eth0", "--policy", &policy, "--role", "db", "--no-wait"],
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--role",
+            "db",
+            "--no-wait",
+        ],
     )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;

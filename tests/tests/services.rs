@@ -6625,7 +6625,7 @@ fn a_link_detached_by_another_tool_is_linked_again() -> anyhow::Result<()> {
     let p1 = lab.state.join("p1.toml");
     std::fs::write(
         &p1,
-        "version = 1\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\ndefaults = { ingress = \"drop\" }\n",
+        "version = 1\n[sets]\npeers = [\"198.18.137.9\"]\n[services.a]\ncgroup = \"a\"\ndefaults = { egress = \"drop\" }\n[services.b]\ncgroup = \"b\"\ndefaults = { ingress = \"drop\" }\n[[services.b.ingress]]\nfrom = \"peers\"\nudp = [9001]\n",
     )?;
     let root = lab.root.display().to_string();
     let (ok, err, k1) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
@@ -6664,9 +6664,56 @@ fn a_link_detached_by_another_tool_is_linked_again() -> anyhow::Result<()> {
     assert!(tries > 5, "{tries} probes");
     assert_eq!(bad, 0, "a's dropped egress passed after the reload");
 
+    // 1b. Both links detached: status names the cause (review 12 L4), and
+    // a `set add` that changes nothing (a member already there) still
+    // says the generation stays in force, so it links both again first
+    // (review 12 L1).
+    detach_link_behind(&lab, "link_svc_egress")?;
+    detach_link_behind(&lab, "link_svc_ingress")?;
+    assert_eq!(directions_become(&root, (false, false), 5), (false, false));
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        status.contains("NOT attached: neither link is in the kernel (detached by another tool"),
+        "{status}"
+    );
+    let out = lab
+        .segbpf(&[
+            "set",
+            "add",
+            "--services",
+            "peers",
+            "198.18.137.9",
+            "--cgroup-root",
+            &root,
+        ])
+        .output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "set add: {stdout} {stderr}");
+    assert!(stdout.contains("nothing changed"), "{stdout} {stderr}");
+    assert_eq!(
+        directions_at(&root),
+        (true, true),
+        "set add said {stdout} {stderr} but did not link again"
+    );
+    assert!(stderr.contains("linked again"), "{stderr}");
+
     // 2. The ingress link detached, then `attach --services` again.
     detach_link_behind(&lab, "link_svc_ingress")?;
     assert_eq!(directions_become(&root, (false, true), 5), (false, true));
+    let out = lab
+        .segbpf(&["status", "--services", "--cgroup-root", &root])
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        status.contains("only egress is enforced (the ingress link is not in the kernel: detached by another tool"),
+        "{status}"
+    );
     let (ok, err, k2) = attach_no_wait(lab.segbpf(&[]), &p1, &lab.root)?;
     assert!(ok, "{err}");
     // (The follower this attach started could link it again too: what

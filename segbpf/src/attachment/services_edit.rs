@@ -43,11 +43,22 @@ pub fn sets_in_force(state: &SvcState) -> Result<Overrides, ServicesError> {
         .collect())
 }
 
+/// The state in force, after linking again a direction another tool
+/// detached ([`engine::relink`]): a change that changes nothing (a member
+/// already there) still says the generation stays in force, so it must
+/// be linked. The caller holds [`engine::lock`].
 fn current(paths: &SvcPaths) -> Result<SvcState, ServicesError> {
     if !paths.is_attached() {
         return Err(paths.not_attached());
     }
-    paths.read_state().ok_or_else(|| paths.not_attached())
+    let state = paths.read_state().ok_or_else(|| paths.not_attached())?;
+    if paths.owner() != engine::Owner::Other {
+        let _pins = paths.lock()?;
+        for line in engine::relink(paths)? {
+            tracing::warn!("{line}");
+        }
+    }
+    Ok(state)
 }
 
 /// `segbpf set add|del --services`: adds or removes `members` of `set`

@@ -554,9 +554,9 @@ fn linked_text(linked: &[&str]) -> String {
 /// The status of a partial attachment (one direction linked).
 fn partial(linked: &[&str]) -> &'static str {
     if linked.contains(&"egress") {
-        "PARTIALLY attached: only egress is enforced (an attach or detach was killed half-way: `segbpf detach --services` or attach again)"
+        "PARTIALLY attached: only egress is enforced (the ingress link is not in the kernel: detached by another tool, its pin removed, or an attach or detach killed half-way; a running follower links a detached link again within about a second, `segbpf attach --services` again restores it, `segbpf detach --services` removes the rest)"
     } else {
-        "PARTIALLY attached: only ingress is enforced (an attach or detach was killed half-way: `segbpf detach --services` or attach again)"
+        "PARTIALLY attached: only ingress is enforced (the egress link is not in the kernel: detached by another tool, its pin removed, or an attach or detach killed half-way; a running follower links a detached link again within about a second, `segbpf attach --services` again restores it, `segbpf detach --services` removes the rest)"
     }
 }
 
@@ -625,7 +625,8 @@ pub fn print_text(
                 (false, _) if r.cgroup_gone =>
                     "NOT enforcing: its cgroup root was removed (`segbpf detach --services` removes what is left)",
                 (false, _) if !r.linked.is_empty() => partial(&r.linked),
-                (false, _) => "NOT attached",
+                (false, _) =>
+                    "NOT attached: neither link is in the kernel (detached by another tool, their pins removed, or an attach or detach killed half-way; a running follower links detached links again within about a second, `segbpf attach --services` again restores them, `segbpf detach --services` removes the rest)",
                 (true, true) => "auditing (audit mode: nothing is dropped)",
                 (true, false) => "enforcing",
             },
