@@ -365,10 +365,10 @@ fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()
     let mut lab = Lab::new("sdpar")?;
     lab.add_host("db", &["198.18.73.30/24"])?;
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777))?;
+    // Not made yet: the refused attach must not leave the directory it
+    // made inside the open one (review 12 L2).
     let state = open.join("state");
-    std::fs::create_dir_all(&state)?;
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
-    lab.state = state;
+    lab.state = state.clone();
     let policy = example();
     let out = lab.segbpf(
         "db",
@@ -383,6 +383,11 @@ fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()
         ],
     )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !state.exists(),
+        "the refused attach left {} behind: {stderr}",
+        state.display()
+    );
     let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
     assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
     assert!(

@@ -29,12 +29,37 @@ pub fn roots_from_env() -> [PathBuf; 2] {
 /// never made private: another user may already have put files in it
 /// (a lock segbpf would take as held, a symlink it would write through),
 /// and changing a shared directory's mode would break its other users.
+///
+/// A refused directory that this call made (and any parents it made) is
+/// removed again while still empty: a refusal leaves nothing behind.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    use std::os::unix::fs::DirBuilderExt as _;
+    // The directories this call makes, deepest first.
+    let made: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    let checked = check_private(dir);
+    if checked.is_err() {
+        for d in &made {
+            // Only an empty directory goes (`rmdir`): never what another
+            // user may have put in it meanwhile.
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+    checked
+}
+
+/// The checks of [`private_dir`] on `dir`, which exists.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     let me = nix::unistd::geteuid().as_raw();
     // The directory and, when it is below the state or pin root, every
     // directory from that root down to it: another user's directory (or
