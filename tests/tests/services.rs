@@ -5340,6 +5340,11 @@ fn a_second_state_dir_sharing_the_pins_is_refused() -> anyhow::Result<()> {
     // Another state directory is still refused.
     let (ok, err, _k5) = attach_no_wait(s2(), &p2, &lab.root)?;
     assert!(!ok && err.contains("attached already"), "{err}");
+    // Not said to be in force where it is not linked (review 12 L4).
+    assert!(
+        err.contains("generation 1 PARTIALLY in force: its ingress link is not in the kernel"),
+        "{err}"
+    );
     // A mark naming this path but another directory (the same path in a
     // container's mount namespace: another st_dev:st_ino) is refused.
     let mark = std::fs::read_dir(&pin_dir)?

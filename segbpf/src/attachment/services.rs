@@ -339,6 +339,21 @@ impl SvcPaths {
         let generation = SvcMaps::from_pins(&self.dir)
             .and_then(|m| m.generation_in_force())
             .map_or_else(|_| "?".to_string(), |g| g.to_string());
+        // In force only where the kernel has its link (review 12 L4).
+        let in_force = match unlinked(self).as_slice() {
+            [] => format!("generation {generation} in force"),
+            [(missing, _)] => format!(
+                "generation {generation} PARTIALLY in force: its {missing} link is not in the kernel, only {} is enforced",
+                if *missing == "egress" {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+            ),
+            _ => format!(
+                "generation {generation} in its maps but NOT in force: neither link is in the kernel"
+            ),
+        };
         let who = match self.owner_state_dir() {
             Some(dir) if dir == absolute(Path::new(&here)).display().to_string() => format!(
                 "a segbpf whose SEGBPF_STATE_DIR is {dir} in another mount namespace (a container's), or an attach here that died before recording its state"
@@ -347,7 +362,7 @@ impl SvcPaths {
             None => "another segbpf that shares this pin root (SEGBPF_BPFFS) with another SEGBPF_STATE_DIR, or an attach here that died before recording its state".to_string(),
         };
         ServicesError::Foreign(format!(
-            "services below {root} are attached already (pins {}, generation {generation} in force), by {who}; this state directory ({here}) has no state for them, so it neither adopts nor changes them: nothing was changed. Use `segbpf status|reload|detach --services --cgroup-root {root}` with that SEGBPF_STATE_DIR (for a crashed attach, `segbpf detach --services --cgroup-root {root}` here removes it)",
+            "services below {root} are attached already (pins {}, {in_force}), by {who}; this state directory ({here}) has no state for them, so it neither adopts nor changes them: nothing was changed. Use `segbpf status|reload|detach --services --cgroup-root {root}` with that SEGBPF_STATE_DIR (for a crashed attach, `segbpf detach --services --cgroup-root {root}` here removes it)",
             self.dir.display()
         ))
     }
