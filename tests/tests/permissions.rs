@@ -308,6 +308,38 @@ impl Drop for Cleanup {
     }
 }
 
+/// `attach eth0 --role db --no-wait` of the example policy on the lab's
+/// db host, with the lab's roots.
+fn attach_db(lab: &Lab) -> anyhow::Result<std::process::Output> {
+    let policy = example();
+    lab.segbpf(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &policy,
+            "--role",
+            "db",
+            "--no-wait",
+        ],
+    )
+}
+
+/// `status eth0 --output json` on the lab's db host.
+fn status_db(lab: &Lab) -> anyhow::Result<std::process::Output> {
+    lab.segbpf("db", &["status", "eth0", "--output", "json"])
+}
+
+/// Fails if the JSON status `out` says anything is attached.
+fn assert_nothing_attached(out: &std::process::Output) {
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
+        "something was attached: {status}"
+    );
+}
+
 /// A state directory other users can write (`/tmp`'s mode 1777, root's)
 /// is refused as it is: not made private by a change of its mode, and
 /// nothing attached. Another user could have put files in it first (a
@@ -319,21 +351,9 @@ fn a_state_dir_others_can_write_is_refused() -> anyhow::Result<()> {
     lab.add_host("db", &["198.18.72.30/24"])?;
     std::fs::create_dir_all(&lab.state)?;
     std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o1777))?;
-    let policy = example();
-    let out = lab.segbpf(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &policy,
-            "--role",
-            "db",
-            "--no-wait",
-        ],
-    )?;
+    let out = attach_db(&lab)?;
     let mode = std::fs::metadata(&lab.state)?.permissions().mode() & 0o7777;
-    let attached = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    let attached = status_db(&lab)?;
     // Made private again, so the lab's cleanup and later runs may use it.
     std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o700))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -343,11 +363,7 @@ fn a_state_dir_others_can_write_is_refused() -> anyhow::Result<()> {
         "the refusal names why: {stderr}"
     );
     assert_eq!(mode, 0o1777, "the shared directory's mode was changed");
-    let status = String::from_utf8_lossy(&attached.stdout);
-    assert!(
-        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
-        "something was attached: {status}"
-    );
+    assert_nothing_attached(&attached);
     Ok(())
 }
 
@@ -369,36 +385,20 @@ fn a_state_dir_in_a_directory_others_can_write_is_refused() -> anyhow::Result<()
     // made inside the open one (review 12 L2).
     let state = open.join("state");
     lab.state = state.clone();
-    let policy = example();
-    let out = lab.segbpf(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &policy,
-            "--role",
-            "db",
-            "--no-wait",
-        ],
-    )?;
+    let out = attach_db(&lab)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !state.exists(),
         "the refused attach left {} behind: {stderr}",
         state.display()
     );
-    let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    let status = status_db(&lab)?;
     assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
     assert!(
         stderr.contains(&open.display().to_string()) && stderr.contains("0777"),
         "the refusal names the open directory: {stderr}"
     );
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
-        "something was attached: {status}"
-    );
+    assert_nothing_attached(&status);
     Ok(())
 }
 
@@ -425,30 +425,14 @@ fn a_state_dir_reached_through_a_symlink_into_another_users_directory_is_refused
     let mut lab = Lab::new("symst")?;
     lab.add_host("db", &["198.18.74.30/24"])?;
     lab.state = link;
-    let policy = example();
-    let out = lab.segbpf(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &policy,
-            "--role",
-            "db",
-            "--no-wait",
-        ],
-    )?;
+    let out = attach_db(&lab)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    let status = status_db(&lab)?;
     assert_eq!(out.status.code(), Some(1), "attach: {stderr}");
     assert!(
         stderr.contains(&format!("{} belongs to uid 65534", theirs.display())),
         "the refusal names the other user's directory: {stderr}"
     );
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        !status.contains("\"attached\": true") && !status.contains("\"attached\":true"),
-        "something was attached: {status}"
-    );
+    assert_nothing_attached(&status);
     Ok(())
 }

@@ -594,18 +594,14 @@ fn wait_verdicts(s: &Setup, want: &[bool]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The watcher of a running attach follows its file with inotify: an
-/// editor's save (a new file renamed over the old one) is applied, and a
-/// file still being written is never applied, even when what has been
-/// written so far is a valid policy (here: the file cut before its last
-/// rule, held open longer than the old 2 s poll).
-#[test]
-#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn the_watcher_applies_a_renamed_file_and_never_a_half_written_one() -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut lab = Lab::new("inot")?;
+/// A lab whose db host runs a foreground `attach` watching `live.toml`
+/// (policy A; `Setup::a` and `Setup::b` both name it), in force. The
+/// caller binds the pair as `(setup, attach)`, so the attach is dropped
+/// (killed) before the lab.
+fn watching(tag: &str) -> anyhow::Result<(Setup, segbpf_tests::lab::Running)> {
+    let mut lab = Lab::new(tag)?;
     lab.add_host("db", &["10.10.1.30/16"])?;
-    let dir = std::env::temp_dir().join(format!("segbpf-inot-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("segbpf-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("live.toml");
     std::fs::write(&file, POLICY_A)?;
@@ -617,12 +613,26 @@ fn the_watcher_applies_a_renamed_file_and_never_a_half_written_one() -> anyhow::
         .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
         a: file.clone(),
         b: file.clone(),
-        dir: dir.clone(),
+        dir,
         lab,
     };
-    // Dropped (killed) before the lab, also on failure.
     let attach = segbpf_tests::lab::Running::new(foreground(&s.lab, &file, &[])?);
     wait_in_force(&s.lab)?;
+    Ok((s, attach))
+}
+
+/// The watcher of a running attach follows its file with inotify: an
+/// editor's save (a new file renamed over the old one) is applied, and a
+/// file still being written is never applied, even when what has been
+/// written so far is a valid policy (here: the file cut before its last
+/// rule, held open longer than the old 2 s poll).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn the_watcher_applies_a_renamed_file_and_never_a_half_written_one() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    // `attach` is dropped (killed) before the lab, also on failure.
+    let (s, attach) = watching("inot")?;
+    let (dir, file) = (s.dir.clone(), s.a.clone());
     let all_a: Vec<bool> = probes().iter().map(|p| p.a).collect();
     let all_b: Vec<bool> = probes().iter().map(|p| p.b).collect();
     assert_eq!(current_verdicts(&s)?, all_a);
@@ -670,26 +680,9 @@ fn bench_policy_file_change_in_force() -> anyhow::Result<()> {
         eprintln!("skipped: set SEGBPF_BENCH_UPDATES=1 (cargo xtask bench)");
         return Ok(());
     }
-    let mut lab = Lab::new("pfb")?;
-    lab.add_host("db", &["10.10.1.30/16"])?;
-    let dir = std::env::temp_dir().join(format!("segbpf-pfb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join("live.toml");
-    std::fs::write(&file, POLICY_A)?;
-    let s = Setup {
-        att: Roots {
-            bpffs: lab.bpffs.clone(),
-            state: lab.state.clone(),
-        }
-        .attachment("eth0", &Netns::named(&lab.host("db").ns.name)?),
-        a: file.clone(),
-        b: file.clone(),
-        dir: dir.clone(),
-        lab,
-    };
-    // Dropped (killed) before the lab, also on failure.
-    let attach = segbpf_tests::lab::Running::new(foreground(&s.lab, &file, &[])?);
-    wait_in_force(&s.lab)?;
+    // `attach` is dropped (killed) before the lab, also on failure.
+    let (s, attach) = watching("pfb")?;
+    let (dir, file) = (s.dir.clone(), s.a.clone());
     let policies = [policy_b(), POLICY_A.to_string()];
     let mut ms = Vec::new();
     for round in 0..9 {

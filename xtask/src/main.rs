@@ -224,36 +224,26 @@ fn main() -> anyhow::Result<()> {
                     cmd.arg("--nft");
                 }
                 run(&mut cmd)?;
-                run(cargo()
-                    .env("SEGBPF_BIN", &bin)
-                    .env("SEGBPF_BENCH_UPDATES", "1")
-                    .args([
-                        "test",
-                        "--package",
-                        "segbpf-tests",
-                        "--test",
-                        "fleet",
-                        "--",
-                        "--ignored",
-                        "--nocapture",
-                        "bench_fleet",
-                    ]))?;
-                // A change of the policy file until it is in force (the
-                // watcher's inotify path), nine editor's saves.
-                run(cargo()
-                    .env("SEGBPF_BIN", &bin)
-                    .env("SEGBPF_BENCH_UPDATES", "1")
-                    .args([
-                        "test",
-                        "--package",
-                        "segbpf-tests",
-                        "--test",
-                        "reload",
-                        "--",
-                        "--ignored",
-                        "--nocapture",
-                        "bench_policy_file",
-                    ]))?;
+                // The benchmarks among the kernel tests (the suite skips
+                // them): the fleet push latency, and a change of the
+                // policy file until it is in force (the watcher's inotify
+                // path, nine editor's saves).
+                for (file, filter) in [("fleet", "bench_fleet"), ("reload", "bench_policy_file")] {
+                    run(cargo()
+                        .env("SEGBPF_BIN", &bin)
+                        .env("SEGBPF_BENCH_UPDATES", "1")
+                        .args([
+                            "test",
+                            "--package",
+                            "segbpf-tests",
+                            "--test",
+                            file,
+                            "--",
+                            "--ignored",
+                            "--nocapture",
+                            filter,
+                        ]))?;
+                }
             }
             if (only.is_none() && !quick) || only.as_deref() == Some("load") {
                 run(cargo()
