@@ -97,6 +97,51 @@ pub const MAP_DENY_SEL: &str = "SEG_DENY_SEL";
 /// Per-CPU array, one u64: denied packets not attributed to an aggregate
 /// because their bucket was owned by another key.
 pub const MAP_DENY_LOST: &str = "SEG_DENY_LOST";
+/// Per-CPU array, one [`DeniedRate`]: the flood state that decides which
+/// drops go to their aggregate ([`denied_attributed`]).
+pub const MAP_DENY_RATE: &str = "SEG_DENY_RATE";
+/// A tick of the flood state: 2^27 ns (about 134 ms) of the kernel's
+/// coarse clock.
+pub const DENIED_TICK_SHIFT: u32 = 27;
+/// Drops per CPU and tick that all go to their aggregates (about 7,600 a
+/// second per CPU): below it every aggregate is exact.
+pub const DENIED_EXACT_PER_TICK: u64 = 1_024;
+/// Above [`DENIED_EXACT_PER_TICK`], one drop in this many (per CPU) goes
+/// to its aggregate; the others are counted in [`DeniedRate::unsampled`].
+pub const DENIED_SAMPLE: u64 = 16;
+const _: () = assert!(DENIED_SAMPLE.is_power_of_two());
+
+/// The flood state of one CPU (`SEG_DENY_RATE`): under a flood the denied
+/// aggregates are kept on a sample, so a drop then costs a counter, not
+/// a hash, a bucket and a key compare. The exact counts per direction and
+/// reason stay in `SEG_STATS`; every unsampled drop is counted here, so
+/// the aggregates, the shared-bucket losses and `unsampled` still add up
+/// to every denied packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DeniedRate {
+    /// `now >> DENIED_TICK_SHIFT` of the tick `count` is of.
+    pub tick: u64,
+    /// Drops on this CPU in that tick.
+    pub count: u64,
+    /// Drops not given to their aggregate because of the sample, since the
+    /// attachment was made (userspace takes differences).
+    pub unsampled: u64,
+}
+const _: () = assert!(core::mem::size_of::<DeniedRate>() == 24);
+
+/// Whether the `n`-th drop (from 1) of a tick on a CPU goes to its
+/// aggregate: all of the first [`DENIED_EXACT_PER_TICK`], then one in
+/// [`DENIED_SAMPLE`]. The kernel and the tests share it.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per dropped packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn denied_attributed(n: u64) -> bool {
+    n <= DENIED_EXACT_PER_TICK || n & (DENIED_SAMPLE - 1) == 0
+}
+
 /// Buckets per CPU in each denied table (a power of two).
 pub const DENIED_BUCKETS: u32 = 8_192;
 const _: () = assert!(DENIED_BUCKETS.is_power_of_two());
@@ -159,5 +204,13 @@ mod tests {
         };
         let moved = (1..64).filter(|s| bucket(&k, *s) != bucket(&k, 0)).count();
         assert!(moved > 50, "{moved}");
+    }
+
+    #[test]
+    fn a_flood_is_sampled_and_a_trickle_is_not() {
+        let kept = |n: u64| (1..=n).filter(|i| denied_attributed(*i)).count() as u64;
+        assert_eq!(kept(DENIED_EXACT_PER_TICK), DENIED_EXACT_PER_TICK);
+        let flood = DENIED_EXACT_PER_TICK + 16_000;
+        assert_eq!(kept(flood), DENIED_EXACT_PER_TICK + 16_000 / DENIED_SAMPLE);
     }
 }

@@ -57,7 +57,7 @@ pub const SHARED_MAPS: [&str; 3] = [MAP_CT, MAP_CT_NEW, crate::MAP_CT_SEEN];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 20] = [
+pub const PINNED_MAPS: [&str; 21] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -78,6 +78,7 @@ pub const PINNED_MAPS: [&str; 20] = [
     crate::MAP_DENIED1,
     crate::MAP_DENY_SEL,
     crate::MAP_DENY_LOST,
+    crate::MAP_DENY_RATE,
 ];
 
 /// Name of the XDP (ingress) program in the object file.

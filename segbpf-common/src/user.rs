@@ -1,7 +1,7 @@
 //! `aya::Pod` for the shared types (aya's typed maps need it).
 use super::{
-    Config, Counter, CtEntry, CtKey, DeniedBucket, DeniedKey, Event, FragEntry, FragKey, PeerClass,
-    PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, TraceResult,
+    Config, Counter, CtEntry, CtKey, DeniedBucket, DeniedKey, DeniedRate, Event, FragEntry,
+    FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, TraceResult,
 };
 
 // SAFETY: all types are #[repr(C)], have no padding holes (explicit
@@ -37,5 +37,7 @@ unsafe impl aya::Pod for FragEntry {}
 unsafe impl aya::Pod for DeniedKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DeniedBucket {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DeniedRate {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PortMiss {}

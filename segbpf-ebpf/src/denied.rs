@@ -6,6 +6,12 @@
 //! flood of new sources costs what a flood of one does. Off with flow
 //! accounting (`attach --flow-log off`).
 //!
+//! Under a flood (more than `DENIED_EXACT_PER_TICK` drops on a CPU in a
+//! tick of about 134 ms) one drop in `DENIED_SAMPLE` goes to its
+//! aggregate and the others only add to this CPU's `unsampled` count
+//! (`SEG_DENY_RATE`): a drop then costs a per-CPU counter, and userspace
+//! marks that drain's records as not exact.
+//!
 //! The first key to reach an empty bucket owns it until userspace empties
 //! the table. A packet of another key that hashes there is counted in
 //! `SEG_DENY_LOST` (not attributed) and marks the bucket shared, so its
@@ -13,11 +19,13 @@
 //! per direction and reason are `SEG_STATS` (`stats`). See
 //! `segbpf_common::denied`.
 
-use segbpf_common::{Config, DeniedKey, EVENT_AUDIT, EVENT_DROP, bucket};
+use segbpf_common::{
+    Config, DENIED_TICK_SHIFT, DeniedKey, EVENT_AUDIT, EVENT_DROP, bucket, denied_attributed,
+};
 
 use crate::{
     ct,
-    maps::{SEG_DENY_LOST, SEG_DENY_SEL, SEG_DENYB0, SEG_DENYB1, SEGBPF_DENY_SEED},
+    maps::{SEG_DENY_LOST, SEG_DENY_RATE, SEG_DENY_SEL, SEG_DENYB0, SEG_DENYB1, SEGBPF_DENY_SEED},
     parse::{L3_IPV4, L3_IPV6, Parsed},
     verdict::Decision,
 };
@@ -25,7 +33,7 @@ use crate::{
 /// Adds the packet (`p` is None when parsing failed) to its aggregate.
 #[inline(always)]
 pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &Decision, now: u64) {
-    if cfg.flow_acct == 0 {
+    if cfg.flow_acct == 0 || !sampled(now) {
         return;
     }
     let kind = if d.audit { EVENT_AUDIT } else { EVENT_DROP };
@@ -107,6 +115,30 @@ pub(crate) fn record(cfg: &Config, dir: u8, len: u32, p: Option<&Parsed>, d: &De
         (*cell).shared = 1;
     }
     lost();
+}
+
+/// Whether this drop goes to its aggregate (`denied_attributed` of this
+/// CPU's count in the tick); when not, it is counted as unsampled.
+#[inline(always)]
+fn sampled(now: u64) -> bool {
+    let Some(st) = SEG_DENY_RATE.get_ptr_mut(0) else {
+        return true;
+    };
+    let tick = now >> DENIED_TICK_SHIFT;
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this program
+    // run; the program is not preempted on this CPU.
+    unsafe {
+        if (*st).tick != tick {
+            (*st).tick = tick;
+            (*st).count = 0;
+        }
+        (*st).count += 1;
+        if denied_attributed((*st).count) {
+            return true;
+        }
+        (*st).unsampled += 1;
+    }
+    false
 }
 
 /// Counts one denied packet that was not attributed to an aggregate.

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use segbpf_common::{
     CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
     DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
-    DENIED_BUCKETS, DeniedBucket, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey,
-    PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
+    DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
+    PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -127,6 +127,11 @@ pub(crate) static SEG_DENY_SEL: Array<u32> = Array::with_max_entries(1, 0);
 /// was owned by another key).
 #[map]
 pub(crate) static SEG_DENY_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU flood state of the denied aggregates: which drops go to their
+/// aggregate, and the count of those that do not (`segbpf_common::DeniedRate`).
+#[map]
+pub(crate) static SEG_DENY_RATE: PerCpuArray<DeniedRate> = PerCpuArray::with_max_entries(1, 0);
 
 /// Index 0: the IPv6 ingress program (`segbpf_xdp_ingress_v6`), filled by
 /// userspace at load. The ingress program hands IPv6 packets to it.

@@ -4,9 +4,10 @@
 
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use segbpf_common::{
-    Config, Counter, EV_EMITTED, EV_LOST, EV_SUPPRESSED, MAP_ACTIVE, MAP_CONFIG, MAP_DENY_LOST,
-    MAP_EVSTATS, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTMISS, MAP_PORTS, MAP_RULE_STATS, MAP_STATS,
-    MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RuleRef, STATS_LEN, TraceResult,
+    Config, Counter, DeniedRate, EV_EMITTED, EV_LOST, EV_SUPPRESSED, MAP_ACTIVE, MAP_CONFIG,
+    MAP_DENY_LOST, MAP_DENY_RATE, MAP_EVSTATS, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTMISS, MAP_PORTS,
+    MAP_RULE_STATS, MAP_STATS, MAP_TRACE, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss,
+    RuleRef, STATS_LEN, TraceResult,
 };
 
 use crate::{
@@ -424,13 +425,25 @@ pub fn pinned_event_stats(att: &Attachment) -> Result<EventStats, MapsError> {
     })
 }
 
-/// Denied packets an attachment's kernel could not aggregate since
-/// attach, from its pins.
+/// Denied packets an attachment's kernel did not give to an aggregate
+/// since attach (their bucket had another owner, or a flood was kept on a
+/// sample), from its pins.
 pub fn pinned_denied_lost(att: &Attachment) -> Result<u64, MapsError> {
     let lost: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(pinned(att, MAP_DENY_LOST)?))
             .map_err(err(MAP_DENY_LOST))?;
-    Ok(lost.get(&0, 0).map_err(err(MAP_DENY_LOST))?.iter().sum())
+    let shared: u64 = lost.get(&0, 0).map_err(err(MAP_DENY_LOST))?.iter().sum();
+    // An attachment made by a segbpf without the flood sample has no pin.
+    let unsampled = match pinned(att, MAP_DENY_RATE) {
+        Ok(m) => {
+            let rate: PerCpuArray<MapData, DeniedRate> =
+                PerCpuArray::try_from(Map::PerCpuArray(m)).map_err(err(MAP_DENY_RATE))?;
+            let v = rate.get(&0, 0).map_err(err(MAP_DENY_RATE))?;
+            v.iter().map(|r| r.unsampled).sum()
+        }
+        Err(_) => 0,
+    };
+    Ok(shared + unsampled)
 }
 
 /// The configuration in force of an attachment, from its pins.

@@ -246,8 +246,8 @@ pub fn text_line(l: &Line) -> String {
     let r = match l {
         Line::Lost(lost) => {
             return format!(
-                "{} LOST {} {} {} packets not attributed (bucket shared)",
-                lost.time, lost.iface, lost.packets, lost.what
+                "{} LOST {} {} {} packets not attributed ({} bucket shared, {} flood not sampled)",
+                lost.time, lost.iface, lost.packets, lost.what, lost.shared, lost.unsampled
             );
         }
         Line::Record(r) => r,

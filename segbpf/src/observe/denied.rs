@@ -14,13 +14,18 @@
 //! shared. Every aggregate read from an index some CPU marked shared is
 //! reported with [`Denied::exact`] false: its key may have had packets
 //! among the unattributed ones, so its counts are a lower bound. The
-//! other aggregates are exact.
+//! other aggregates are exact, unless the drain saw a flood: under a
+//! flood the kernel keeps the aggregates on a sample and counts the other
+//! drops as unsampled (`SEG_DENY_RATE`, reported as
+//! [`Drained::unsampled`]); every aggregate of such a drain is reported
+//! with [`Denied::exact`] false, since any key's packets may be among them.
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use segbpf_common::{
-    DENIED_BUCKETS, DeniedBucket, DeniedKey, MAP_DENIED0, MAP_DENIED1, MAP_DENY_LOST, MAP_DENY_SEL,
+    DENIED_BUCKETS, DeniedBucket, DeniedKey, DeniedRate, MAP_DENIED0, MAP_DENIED1, MAP_DENY_LOST,
+    MAP_DENY_RATE, MAP_DENY_SEL,
 };
 
 use crate::{attachment::maps::MapsError, attachment::pins::Attachment};
@@ -45,8 +50,9 @@ pub struct Denied {
     /// The OR of the TCP flags seen.
     pub tcp_flags: u8,
     /// False when the aggregate's bucket was shared with another key on
-    /// some CPU: some of its packets may be among the unattributed ones
-    /// ([`Drained::lost`]), so the counts are a lower bound.
+    /// some CPU, or the drain saw a flood kept on a sample: some of its
+    /// packets may be among the unattributed ones ([`Drained::lost`],
+    /// [`Drained::unsampled`]), so the counts are a lower bound.
     pub exact: bool,
 }
 
@@ -108,6 +114,10 @@ pub struct Drained {
     /// exact totals per direction and reason are the attachment's
     /// counters (`segbpf status`).
     pub lost: u64,
+    /// Denied packets the kernel did not give to their aggregate since the
+    /// previous drain because it kept a flood on a sample
+    /// (`segbpf_common::denied_attributed`).
+    pub unsampled: u64,
 }
 
 /// Reads and empties an attachment's denied tables. Hold the attachment's
@@ -124,6 +134,9 @@ pub struct Drainer {
     batches: bool,
     lost: PerCpuArray<MapData, u64>,
     lost_seen: u64,
+    /// The flood state (None for an attachment made by a segbpf without it).
+    rate: Option<PerCpuArray<MapData, DeniedRate>>,
+    unsampled_seen: u64,
 }
 
 impl std::fmt::Debug for Drainer {
@@ -175,9 +188,22 @@ impl Drainer {
             lost: PerCpuArray::try_from(Map::PerCpuArray(open(att, MAP_DENY_LOST)?))
                 .map_err(err(MAP_DENY_LOST))?,
             lost_seen: 0,
+            rate: open(att, MAP_DENY_RATE)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
+            unsampled_seen: 0,
         };
         d.lost_seen = d.lost_total()?;
+        d.unsampled_seen = d.unsampled_total()?;
         Ok(d)
+    }
+
+    fn unsampled_total(&self) -> Result<u64, MapsError> {
+        let Some(rate) = &self.rate else {
+            return Ok(0);
+        };
+        let v = rate.get(&0, 0).map_err(err(MAP_DENY_RATE))?;
+        Ok(v.iter().map(|r| r.unsampled).sum())
     }
 
     fn lost_total(&self) -> Result<u64, MapsError> {
@@ -233,7 +259,7 @@ impl Drainer {
             MAP_DENIED1
         };
         let buckets = self.read(current, name)?;
-        let aggregates = merge(buckets.iter().map(|(_, v)| v.as_slice()));
+        let mut aggregates = merge(buckets.iter().map(|(_, v)| v.as_slice()));
         // Reset what the kernel wrote; the table is not current, so no
         // program writes it meanwhile.
         let table = &mut self.tables[current as usize];
@@ -247,7 +273,19 @@ impl Drainer {
         let total = self.lost_total()?;
         let lost = total.saturating_sub(self.lost_seen);
         self.lost_seen = total;
-        Ok(Drained { aggregates, lost })
+        let total = self.unsampled_total()?;
+        let unsampled = total.saturating_sub(self.unsampled_seen);
+        self.unsampled_seen = total;
+        if unsampled > 0 {
+            for a in &mut aggregates {
+                a.exact = false;
+            }
+        }
+        Ok(Drained {
+            aggregates,
+            lost,
+            unsampled,
+        })
     }
 }
 

@@ -194,7 +194,8 @@ impl Record {
 }
 
 /// Denied packets the kernel did not attribute to an aggregate (their
-/// bucket belonged to another aggregate), or
+/// bucket belonged to another aggregate, or a flood was kept on a
+/// sample), or
 /// records the flow log could not keep: a line of its own, so nothing is
 /// lost silently.
 #[derive(Clone, Debug, Serialize)]
@@ -209,8 +210,13 @@ pub struct Lost {
     pub state: &'static str,
     /// What was lost: `denied` (packets).
     pub what: &'static str,
-    /// How many.
+    /// How many (`shared` + `unsampled`).
     pub packets: u64,
+    /// Of them: their kernel bucket belonged to another aggregate.
+    pub shared: u64,
+    /// Of them: not sampled while the kernel kept a flood on a sample
+    /// (one drop in `segbpf_common::DENIED_SAMPLE` per CPU).
+    pub unsampled: u64,
 }
 
 /// One line of the flow log.
@@ -594,13 +600,27 @@ impl FlowLog {
                 drained.lost,
                 self.att.describe()
             );
+        }
+        if drained.unsampled > 0 {
+            tracing::info!(
+                "{} denied packets on {} were counted but not attributed: a flood (over {} drops per CPU in {} ms) was aggregated on a sample of 1 in {}; this drain's records are marked \"exact\": false",
+                drained.unsampled,
+                self.att.describe(),
+                segbpf_common::DENIED_EXACT_PER_TICK,
+                (1u64 << segbpf_common::DENIED_TICK_SHIFT) / 1_000_000,
+                segbpf_common::DENIED_SAMPLE
+            );
+        }
+        if drained.lost + drained.unsampled > 0 {
             out.push(Line::Lost(Lost {
                 schema: crate::JSON_SCHEMA,
                 time: clock::rfc3339(SystemTime::now()),
                 iface: self.att.iface.clone(),
                 state: "lost",
                 what: "denied",
-                packets: drained.lost,
+                packets: drained.lost + drained.unsampled,
+                shared: drained.lost,
+                unsampled: drained.unsampled,
             }));
         }
         if let Some(primary) = &mut self.primary
