@@ -20,7 +20,18 @@
 //! flood of new sources never writes it (only packets that get an entry
 //! do).
 //!
-//! The array knows only the entries made by programs that write it. An
+//! A remote with a live flow would still pay both lookups for every
+//! other packet it sends (a known client probing a closed port, a flood
+//! from a source the host also talks to). A second array of the same
+//! kind, [`MAP_CT_SEEN_F`], is indexed by a hash of the flow rather than
+//! the remote ([`ct_seen_flow_bucket`]: family, protocol, both ports and
+//! the remote address) and written with the first: a packet whose remote
+//! bucket is fresh but whose flow bucket is stale cannot have a live
+//! entry either, and skips the lookups. Both buckets are always written
+//! together, so each alone covers every entry: the rule above holds for
+//! either array. The datapath carries both in one u32 ([`ct_seen_pack`]).
+//!
+//! The arrays know only the entries made by programs that write them. An
 //! instance may skip lookups only when its frozen global
 //! [`GLOBAL_CT_SEEN`] is 1: set by userspace at load when every entry
 //! the instance can find is in the array (a fresh instance with tables of
@@ -38,6 +49,9 @@ use crate::Config;
 /// remote addresses. Shared per network namespace (see
 /// [`crate::SHARED_MAPS`]).
 pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN";
+/// Array of [`CT_SEEN_BUCKETS`] u32: the last-seen tick of each bucket of
+/// flows ([`ct_seen_flow_bucket`]). Shared like [`MAP_CT_SEEN`].
+pub const MAP_CT_SEEN_F: &str = "SEG_CT_SEEN_F";
 /// Name of the frozen global that lets an instance skip lookups on a
 /// stale bucket (1), or not (0, the default: always look up).
 pub const GLOBAL_CT_SEEN: &str = "SEGBPF_CT_SEEN";
@@ -92,6 +106,44 @@ pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
 
 // The datapath reads `CtKey::remote` as two aligned u64 words.
 const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote) == 32);
+// ... and the family, protocol and ports as the key's first u64 word.
+const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote_port) == 6);
+
+/// The flow bucket of `key` (for [`MAP_CT_SEEN_F`]): a hash of the key's
+/// family, protocol, ports and remote address, in `0..CT_SEEN_BUCKETS`.
+pub fn ct_seen_flow_bucket(key: &crate::CtKey) -> u32 {
+    let w: [u64; 6] = bytemuck::cast(*key);
+    ct_seen_flow_bucket_words(w[0], [w[4], w[5]])
+}
+
+/// [`ct_seen_flow_bucket`] of the key's first u64 word (family, protocol,
+/// padding, local and remote port: native order, the padding zero) and its
+/// remote address as two native-order words.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_flow_bucket_words(head: u64, remote: [u64; 2]) -> u32 {
+    let h = head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ remote[0].wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ remote[1].wrapping_mul(0x1656_67B1_9E37_79F9);
+    let h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
+}
+
+/// The two buckets of a key in one u32 (the remote's in the high half,
+/// the flow's in the low half: [`CT_SEEN_BITS_LOG2`] is 16), as the
+/// datapath carries them from the lookup to the update.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_pack(remote: u32, flow: u32) -> u32 {
+    (remote << 16) | (flow & 0xffff)
+}
+const _: () = assert!(CT_SEEN_BITS_LOG2 == 16);
 
 /// The longest connection-tracking timeout of `cfg`, seconds: no entry
 /// lives longer since its `last_seen_ns`.
@@ -160,6 +212,42 @@ mod tests {
             ct_seen_bucket(6, &v4(1)),
             "the family is part of the hash"
         );
+    }
+
+    #[test]
+    fn flow_buckets_are_in_range_spread_and_see_every_field() {
+        let key = |lport: u16, rport: u16, proto: u8, a: u32| crate::CtKey {
+            family: 4,
+            proto,
+            local_port: lport,
+            remote_port: rport,
+            remote: v4(a),
+            ..crate::CtKey::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        for p in 0..65_536u32 {
+            let b = ct_seen_flow_bucket(&key(80, p as u16, 6, 0xC612_0007));
+            assert!(b < CT_SEEN_BUCKETS);
+            seen.insert(b);
+        }
+        // One remote's 65,536 source ports: about 41,400 distinct buckets.
+        assert!(seen.len() > 40_000, "{}", seen.len());
+        let base = ct_seen_flow_bucket(&key(80, 40_000, 6, 0xC612_0007));
+        for other in [
+            key(81, 40_000, 6, 0xC612_0007),
+            key(80, 40_001, 6, 0xC612_0007),
+            key(80, 40_000, 17, 0xC612_0007),
+            key(80, 40_000, 6, 0xC612_0008),
+        ] {
+            assert_ne!(ct_seen_flow_bucket(&other), base, "{other:?}");
+        }
+        // The local address and the interface are not in the hash (a
+        // shared bucket is only newer: it costs lookups, never a verdict).
+        let mut k = key(80, 40_000, 6, 0xC612_0007);
+        k.local = v4(1);
+        k.ifindex = 9;
+        assert_eq!(ct_seen_flow_bucket(&k), base);
+        assert_eq!(ct_seen_pack(0xabcd, 0x1234), 0xabcd_1234);
     }
 
     /// Brute force over timeouts, write times and clock times: whenever an

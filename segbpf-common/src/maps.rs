@@ -53,11 +53,11 @@ pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 /// connection tables and their last-seen array), pinned once per
 /// namespace and reused by each attachment's programs; the tables' keys
 /// carry the interface.
-pub const SHARED_MAPS: [&str; 3] = [MAP_CT, MAP_CT_NEW, crate::MAP_CT_SEEN];
+pub const SHARED_MAPS: [&str; 4] = [MAP_CT, MAP_CT_NEW, crate::MAP_CT_SEEN, crate::MAP_CT_SEEN_F];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 21] = [
+pub const PINNED_MAPS: [&str; 22] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -69,6 +69,7 @@ pub const PINNED_MAPS: [&str; 21] = [
     MAP_CT,
     MAP_CT_NEW,
     crate::MAP_CT_SEEN,
+    crate::MAP_CT_SEEN_F,
     MAP_FRAG,
     MAP_FRAG_NEW,
     MAP_EVENTS,

@@ -1,15 +1,21 @@
-//! The last-seen array (`SEG_CT_SEEN`, see `segbpf_common::ctseen`): a
-//! packet whose remote's bucket is stale skips both connection-table
-//! lookups, since no entry of that remote can be live; every entry made or
-//! refreshed writes its remote's bucket. Shared by every attachment of the
-//! namespace, like the connection tables.
+//! The last-seen arrays (`SEG_CT_SEEN` by remote, `SEG_CT_SEEN_F` by flow;
+//! see `segbpf_common::ctseen`): a packet whose remote's bucket or whose
+//! flow's bucket is stale skips both connection-table lookups, since no
+//! entry of it can be live; every entry made or refreshed writes both of
+//! its buckets. Shared by every attachment of the namespace, like the
+//! connection tables.
 
-use segbpf_common::{Config, CtKey, ct_seen_bucket_words, ct_seen_stale, ct_seen_tick};
+use aya_ebpf::maps::Array;
+use segbpf_common::{
+    Config, CtKey, ct_seen_bucket_words, ct_seen_flow_bucket_words, ct_seen_pack, ct_seen_stale,
+    ct_seen_tick,
+};
 
-use crate::maps::{SEG_CT_SEEN, SEGBPF_CT_SEEN};
+use crate::maps::{SEG_CT_SEEN, SEG_CT_SEEN_F, SEGBPF_CT_SEEN};
 
-/// The bucket of the key's remote address (computed once per packet: the
-/// lookup keeps it for the update).
+/// The key's two buckets, its remote's and its flow's, packed
+/// (`ct_seen_pack`; computed once per packet: the lookup keeps them for
+/// the update).
 #[inline(always)]
 #[allow(
     clippy::cast_ptr_alignment,
@@ -18,9 +24,19 @@ use crate::maps::{SEG_CT_SEEN, SEGBPF_CT_SEEN};
 pub(crate) fn bucket(key: &CtKey) -> u32 {
     // SAFETY: `key.remote` is 16 bytes at offset 32 of an 8-byte aligned
     // `CtKey` (size and alignment asserted in segbpf_common), so it is two
-    // aligned u64 words; any bit pattern is a valid u64.
-    let words = unsafe { (&raw const key.remote).cast::<[u64; 2]>().read() };
-    ct_seen_bucket_words(key.family, words)
+    // aligned u64 words; the key's first 8 bytes (family, protocol,
+    // padding, ports) are its first aligned word; any bit pattern is a
+    // valid u64.
+    let (head, words) = unsafe {
+        (
+            (&raw const *key).cast::<u64>().read(),
+            (&raw const key.remote).cast::<[u64; 2]>().read(),
+        )
+    };
+    ct_seen_pack(
+        ct_seen_bucket_words(key.family, words),
+        ct_seen_flow_bucket_words(head, words),
+    )
 }
 
 /// Whether no entry of the remotes of `bucket` can be live at `now` under
@@ -32,21 +48,34 @@ pub(crate) fn stale(cfg: &Config, bucket: u32, now: u64) -> bool {
     if SEGBPF_CT_SEEN.load() == 0 {
         return false;
     }
-    match SEG_CT_SEEN.get(bucket) {
+    stale_in(&SEG_CT_SEEN, cfg, bucket >> 16, now)
+        || stale_in(&SEG_CT_SEEN_F, cfg, bucket & 0xffff, now)
+}
+
+#[inline(always)]
+fn stale_in(array: &Array<u32>, cfg: &Config, index: u32, now: u64) -> bool {
+    match array.get(index) {
         Some(seen) => ct_seen_stale(cfg, *seen, now),
         None => false,
     }
 }
 
-/// Records that an entry of a remote of `bucket` was made or refreshed at
-/// `now`: the bucket gets `now`'s tick unless it holds it already (read
-/// first: a busy remote writes its bucket at most once a tick).
+/// Records that an entry of `bucket` (both halves: its remote and its
+/// flow) was made or refreshed at `now`: each bucket gets `now`'s tick
+/// unless it holds it already (read first: a busy remote or flow writes
+/// its bucket at most once a tick).
 #[inline(always)]
 pub(crate) fn note(bucket: u32, now: u64) {
-    let Some(p) = SEG_CT_SEEN.get_ptr_mut(bucket) else {
+    let tick = ct_seen_tick(now);
+    note_in(&SEG_CT_SEEN, bucket >> 16, tick);
+    note_in(&SEG_CT_SEEN_F, bucket & 0xffff, tick);
+}
+
+#[inline(always)]
+fn note_in(array: &Array<u32>, index: u32, tick: u32) {
+    let Some(p) = array.get_ptr_mut(index) else {
         return;
     };
-    let tick = ct_seen_tick(now);
     // SAFETY: `p` points at a u32 value of the array, valid during this
     // program run; a racing CPU stores a whole u32 (its own tick, read a
     // moment apart: `segbpf_common::CT_SEEN_SLACK_TICKS` covers it).

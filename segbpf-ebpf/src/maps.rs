@@ -73,6 +73,11 @@ pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub(crate) static SEG_CT_SEEN: Array<u32> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
 
+/// The last-seen tick of each bucket of flows (family, protocol, ports,
+/// remote address; see `segbpf_common::ctseen`), shared like `SEG_CT`.
+#[map]
+pub(crate) static SEG_CT_SEEN_F: Array<u32> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
+
 /// Per-CPU scratch space for a new connection-table entry: built here,
 /// then inserted (an entry is too large for the 512-byte BPF stack next to
 /// the parser's state). Not pinned: each instance has its own.

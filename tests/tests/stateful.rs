@@ -1177,15 +1177,25 @@ fn ct_entries(
     Ok(entries)
 }
 
-/// The last-seen bucket of the remote of `k` (`SEG_CT_SEEN`).
-fn ct_seen_of(instance: &Instance, k: &segbpf_common::CtKey) -> anyhow::Result<u32> {
-    use segbpf_common::MAP_CT_SEEN;
-    let map = instance
-        .ebpf()
-        .map(MAP_CT_SEEN)
-        .ok_or_else(|| anyhow::anyhow!("no map {MAP_CT_SEEN}"))?;
-    let array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
-    Ok(array.get(&segbpf_common::ct_seen_bucket(k.family, &k.remote), 0)?)
+/// The last-seen buckets of `k`: its remote's (`SEG_CT_SEEN`) and its
+/// flow's (`SEG_CT_SEEN_F`).
+fn ct_seen_of(instance: &Instance, k: &segbpf_common::CtKey) -> anyhow::Result<[u32; 2]> {
+    use segbpf_common::{MAP_CT_SEEN, MAP_CT_SEEN_F};
+    let read = |name: &str, index: u32| -> anyhow::Result<u32> {
+        let map = instance
+            .ebpf()
+            .map(name)
+            .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
+        let array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+        Ok(array.get(&index, 0)?)
+    };
+    Ok([
+        read(
+            MAP_CT_SEEN,
+            segbpf_common::ct_seen_bucket(k.family, &k.remote),
+        )?,
+        read(MAP_CT_SEEN_F, segbpf_common::ct_seen_flow_bucket(k))?,
+    ])
 }
 
 /// A connection key as the datapath makes it (instance attached nowhere:
@@ -1238,7 +1248,8 @@ fn ct_live(
 /// left to expire, in both connection tables) through the real programs,
 /// with short timeouts so buckets go stale within the test. After every
 /// packet every entry of both tables is covered by its remote's bucket
-/// (`bucket + 1 >= tick(last_seen)`, `segbpf_common::ctseen`); before
+/// and by its flow's (`bucket + 1 >= tick(last_seen)`,
+/// `segbpf_common::ctseen`); before
 /// every packet of a flow with a live entry, the bucket is not stale and
 /// the packet is judged on the entry (a connection-table verdict, not the
 /// policy's). Remotes that share a bucket are in the mix. The run must
@@ -1412,7 +1423,10 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         };
         let before = ct_entries(&instance)?;
         let now = monotonic_ns();
-        let stale = ct_seen_stale(&cfg, ct_seen_of(&instance, &key)?, now);
+        // As the kernel: stale when either of the two buckets is.
+        let stale = ct_seen_of(&instance, &key)?
+            .iter()
+            .any(|seen| ct_seen_stale(&cfg, *seen, now));
         let live = before
             .iter()
             .any(|(k2, entry)| *k2 == key && ct_live(&cfg, k2, entry, syn, now, 200_000_000));
@@ -1444,12 +1458,13 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
             }
         }
         for (k2, entry) in &ct_entries(&instance)? {
-            let seen = ct_seen_of(&instance, k2)?;
-            if seen + 1 < ct_seen_tick(entry.last_seen_ns) {
-                failures.push(format!(
-                    "step {step}: entry {k2:?} last seen at tick {}, its bucket says {seen}",
-                    ct_seen_tick(entry.last_seen_ns)
-                ));
+            for (array, seen) in ["remote", "flow"].iter().zip(ct_seen_of(&instance, k2)?) {
+                if seen + 1 < ct_seen_tick(entry.last_seen_ns) {
+                    failures.push(format!(
+                        "step {step}: entry {k2:?} last seen at tick {}, its {array} bucket says {seen}",
+                        ct_seen_tick(entry.last_seen_ns)
+                    ));
+                }
             }
         }
         if failures.len() > 10 {

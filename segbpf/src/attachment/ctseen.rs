@@ -1,6 +1,7 @@
-//! Seeding the namespace's last-seen array (`SEG_CT_SEEN`, see
-//! `segbpf_common::ctseen`) at attach: the programs of this build write a
-//! remote's bucket whenever they make or refresh an entry, but entries
+//! Seeding the namespace's last-seen arrays (`SEG_CT_SEEN` by remote and
+//! `SEG_CT_SEEN_F` by flow, see `segbpf_common::ctseen`) at attach: the
+//! programs of this build write an entry's two buckets whenever they make
+//! or refresh it, but entries
 //! already in the shared connection tables (made by an earlier attachment
 //! of the interface, possibly of an older build that does not know the
 //! array) were never written. Before the new programs are attached, every
@@ -17,7 +18,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
 };
 use segbpf_common::{
-    CtEntry, CtKey, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, ct_seen_bucket, ct_seen_tick,
+    CtEntry, CtKey, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket,
+    ct_seen_flow_bucket, ct_seen_tick,
 };
 
 use crate::attachment::maps::MapsError;
@@ -27,8 +29,11 @@ use crate::attachment::maps::MapsError;
 pub struct Seeded {
     /// Entries found in both connection tables.
     pub entries: u64,
-    /// Buckets written (distinct buckets of those entries).
+    /// Remote buckets written (`SEG_CT_SEEN`: distinct buckets of those
+    /// entries' remotes).
     pub buckets: u64,
+    /// Flow buckets written (`SEG_CT_SEEN_F`).
+    pub flow_buckets: u64,
 }
 
 fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
@@ -68,24 +73,27 @@ fn keys(ebpf: &Ebpf, name: &'static str) -> Result<Vec<CtKey>, MapsError> {
 /// attached the instance's programs yet.
 pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
     let mut entries = 0;
-    let mut buckets = BTreeSet::new();
+    let mut remotes = BTreeSet::new();
+    let mut flows = BTreeSet::new();
     for name in [MAP_CT, MAP_CT_NEW] {
         for k in keys(ebpf, name)? {
             entries += 1;
-            buckets.insert(ct_seen_bucket(k.family, &k.remote));
+            remotes.insert(ct_seen_bucket(k.family, &k.remote));
+            flows.insert(ct_seen_flow_bucket(&k));
         }
     }
-    let map = ebpf
-        .map_mut(MAP_CT_SEEN)
-        .ok_or(MapsError::Missing(MAP_CT_SEEN))?;
-    let mut seen: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(MAP_CT_SEEN))?;
-    for b in &buckets {
-        // The clock read just before each write (see the module docs).
-        let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-        seen.set(*b, tick, 0).map_err(err(MAP_CT_SEEN))?;
+    for (name, buckets) in [(MAP_CT_SEEN, &remotes), (MAP_CT_SEEN_F, &flows)] {
+        let map = ebpf.map_mut(name).ok_or(MapsError::Missing(name))?;
+        let mut seen: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(name))?;
+        for b in buckets {
+            // The clock read just before each write (see the module docs).
+            let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
+            seen.set(*b, tick, 0).map_err(err(name))?;
+        }
     }
     Ok(Seeded {
         entries,
-        buckets: buckets.len() as u64,
+        buckets: remotes.len() as u64,
+        flow_buckets: flows.len() as u64,
     })
 }

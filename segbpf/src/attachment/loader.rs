@@ -10,10 +10,10 @@ use aya::{
 };
 use segbpf_common::{
     GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT,
-    MAP_CT_NEW, MAP_CT_SEEN, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS,
-    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR,
-    PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY,
-    TAIL_INDEX_ERR, TAIL_INDEX_V6,
+    MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6,
+    MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS,
+    PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR,
+    PROG_XDP_INGRESS_V6, RUN_DRY, TAIL_INDEX_ERR, TAIL_INDEX_V6,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -150,8 +150,9 @@ pub fn load_attachment(
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
     tracing::debug!(
-        "last-seen array: {} buckets written for {} connection-table entries",
+        "last-seen arrays: {} remote and {} flow buckets written for {} connection-table entries",
         seeded.buckets,
+        seeded.flow_buckets,
         seeded.entries
     );
     let each = load_programs(&mut ebpf)?;
@@ -238,11 +239,8 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
         size_of::<segbpf_common::CtEntry>() as u32,
     );
     for name in segbpf_common::SHARED_MAPS {
-        let (want_type, want_key, want_value) = if name == MAP_CT_SEEN {
-            (ARRAY, 4, 4)
-        } else {
-            table
-        };
+        let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
+        let (want_type, want_key, want_value) = if array { (ARRAY, 4, 4) } else { table };
         let path = att.map(name);
         if !path.exists() {
             continue;
@@ -252,8 +250,7 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
             source,
         })?;
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
-        let buckets_ok =
-            name != MAP_CT_SEEN || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
+        let buckets_ok = !array || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
         if found_type != want_type
             || info.key_size() != want_key
             || info.value_size() != want_value
@@ -286,12 +283,12 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     // Looks flows up as the live instance does: under its interface.
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
-    // Not the last-seen array: the instance looks every flow up (its
+    // Not the last-seen arrays: the instance looks every flow up (its
     // `SEGBPF_CT_SEEN` stays 0), since the live attachment it shares may
-    // be of a build that makes entries without writing the array.
+    // be of a build that makes entries without writing them.
     let paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
         .iter()
-        .filter(|m| **m != MAP_CT_SEEN)
+        .filter(|m| **m != MAP_CT_SEEN && **m != MAP_CT_SEEN_F)
         .map(|m| (*m, att.map(m)))
         .collect();
     let mut loader = EbpfLoader::new();

@@ -1146,6 +1146,7 @@ fn load_filled(
         (segbpf_common::MAP_CT, 1),
         (segbpf_common::MAP_CT_NEW, 1),
         (segbpf_common::MAP_CT_SEEN, 1),
+        (segbpf_common::MAP_CT_SEEN_F, 1),
         (segbpf_common::MAP_FRAG, 1),
         (segbpf_common::MAP_FRAG_NEW, 1),
         (segbpf_common::MAP_PEER_V4, 1),

@@ -54,6 +54,7 @@ pub fn probe() -> Result<Vec<u64>, CgroupError> {
         segbpf_common::MAP_CT,
         segbpf_common::MAP_CT_NEW,
         segbpf_common::MAP_CT_SEEN,
+        segbpf_common::MAP_CT_SEEN_F,
         segbpf_common::MAP_FRAG,
         segbpf_common::MAP_FRAG_NEW,
         segbpf_common::MAP_PEER_V4,
