@@ -90,6 +90,25 @@ pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
     (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
 }
 
+/// [`ct_seen_bucket`]`(4, remote)` of an IPv4 remote as held by
+/// [`crate::CtKey4::remote_be`] (its bytes in network order): an IPv4
+/// flow's bucket is the same whichever key form it is read in.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_bucket_v4(remote_be: u32) -> u32 {
+    // The first word of the 16-byte form: the address's 4 bytes, then
+    // zeros; the second word is zero.
+    let w0 = if cfg!(target_endian = "little") {
+        u64::from(remote_be)
+    } else {
+        u64::from(remote_be) << 32
+    };
+    ct_seen_bucket_words(4, [w0, 0])
+}
+
 // The datapath reads `CtKey::remote` as two aligned u64 words.
 const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote) == 32);
 
@@ -195,6 +214,15 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_ipv4_remote_has_one_bucket_in_both_key_forms() {
+        for a in [0u32, 1, 0xC612_0001, 0xFFFF_FFFF, 0x0A00_0002] {
+            let r = v4(a);
+            let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
+            assert_eq!(ct_seen_bucket_v4(be), ct_seen_bucket(4, &r), "{a:#x}");
         }
     }
 

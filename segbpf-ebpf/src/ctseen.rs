@@ -4,12 +4,14 @@
 //! refreshed writes its remote's bucket. Shared by every attachment of the
 //! namespace, like the connection tables.
 
-use segbpf_common::{Config, CtKey, ct_seen_bucket_words, ct_seen_stale, ct_seen_tick};
+use segbpf_common::{
+    Config, CtKey, CtKey4, ct_seen_bucket_v4, ct_seen_bucket_words, ct_seen_stale, ct_seen_tick,
+};
 
 use crate::maps::{SEG_CT_SEEN, SEGBPF_CT_SEEN};
 
-/// The bucket of the key's remote address (computed once per packet: the
-/// lookup keeps it for the update).
+/// The bucket of an IPv6 key's remote address (computed once per packet:
+/// the lookup keeps it for the update).
 #[inline(always)]
 #[allow(
     clippy::cast_ptr_alignment,
@@ -21,6 +23,13 @@ pub(crate) fn bucket(key: &CtKey) -> u32 {
     // aligned u64 words; any bit pattern is a valid u64.
     let words = unsafe { (&raw const key.remote).cast::<[u64; 2]>().read() };
     ct_seen_bucket_words(key.family, words)
+}
+
+/// The bucket of an IPv4 key's remote address: the same as for the
+/// address in a `CtKey` (userspace seeds the array from either form).
+#[inline(always)]
+pub(crate) fn bucket_v4(key: &CtKey4) -> u32 {
+    ct_seen_bucket_v4(key.remote_be)
 }
 
 /// Whether no entry of the remotes of `bucket` can be live at `now` under

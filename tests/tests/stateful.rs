@@ -965,15 +965,17 @@ fn stateful_sequences() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keys in one of the instance's connection tables.
+/// Keys in one of the instance's connection tables (`SEG_CT`: assured,
+/// `SEG_CT_NEW`: half-open), both families: the IPv4 twin of the table
+/// too, keys widened.
 fn table_keys(instance: &Instance, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
-    let map = instance
-        .ebpf()
-        .map(name)
-        .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
-    let table: aya::maps::HashMap<_, segbpf_common::CtKey, segbpf_common::CtEntry> =
-        aya::maps::HashMap::try_from(map)?;
-    Ok(table.keys().filter_map(Result::ok).collect())
+    let assured = name == segbpf_common::MAP_CT;
+    let mut keys = Vec::new();
+    for t in segbpf::attachment::cttables::tables().filter(|t| t.assured == assured) {
+        let entries = segbpf::attachment::cttables::read(instance.ebpf(), t)?;
+        keys.extend(entries.into_iter().map(|(k, _)| k));
+    }
+    Ok(keys)
 }
 
 /// A flow starts in the half-open table and moves to the assured table
@@ -1160,19 +1162,14 @@ fn audited_flows_are_tracked_then_void_when_enforcement_resumes() -> anyhow::Res
     Ok(())
 }
 
-/// Every entry of both connection tables of an instance.
+/// Every entry of the connection tables of an instance (both families).
 fn ct_entries(
     instance: &Instance,
 ) -> anyhow::Result<Vec<(segbpf_common::CtKey, segbpf_common::CtEntry)>> {
-    use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
+    // Both families' tables, IPv4 keys widened to `CtKey`.
     let mut entries = Vec::new();
-    for name in [MAP_CT, MAP_CT_NEW] {
-        let map = instance
-            .ebpf()
-            .map(name)
-            .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
-        let table: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(map)?;
-        entries.extend(table.iter().collect::<Result<Vec<_>, _>>()?);
+    for t in segbpf::attachment::cttables::tables() {
+        entries.extend(segbpf::attachment::cttables::read(instance.ebpf(), t)?);
     }
     Ok(entries)
 }
@@ -1484,7 +1481,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<()> {
-    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT};
+    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT4};
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
     let roles = vec!["app".to_string()];
@@ -1505,11 +1502,12 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     let now = segbpf::host::clock::monotonic_ns();
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip("198.18.7.7"), 53);
     {
-        let map = instance.ebpf_mut().map_mut(MAP_CT).expect("SEG_CT");
-        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey, CtEntry> =
+        // An IPv4 flow: in the IPv4 table, under its 16-byte key.
+        let map = instance.ebpf_mut().map_mut(MAP_CT4).expect("SEG_CT4");
+        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey4, CtEntry> =
             aya::maps::HashMap::try_from(map)?;
         ct.insert(
-            key,
+            key.narrow().expect("an IPv4 key"),
             CtEntry {
                 last_seen_ns: now,
                 first_seen_ns: now,
