@@ -50,7 +50,7 @@ use segbpf_common::{
 };
 
 use crate::{
-    ctkey::{FlowKey, orient},
+    ctkey::{FlowKey, addrs, orient, quoted_addrs},
     ctseen,
     maps::SEG_CT_SCRATCH,
     parse::{self, Bounds, Parsed},
@@ -94,7 +94,7 @@ pub(crate) fn key<K: FlowKey>(dir: u8, p: &Parsed) -> Option<K> {
         _ if is_echo(p.proto, p.icmp_type) => (p.echo_id, 0),
         _ => return None,
     };
-    K::make(&orient(dir, p.proto, &p.src, &p.dst, sport, dport))
+    K::make(&orient(dir, p.proto, addrs(p), sport, dport))
 }
 
 /// The key of the flow quoted by the ICMP error `p` travelling in `dir`
@@ -112,7 +112,11 @@ pub(crate) fn related_key<K: FlowKey>(pkt: &Bounds, dir: u8, p: &Parsed) -> Opti
         DIR_INGRESS
     };
     K::make(&orient(
-        quoted_dir, q.proto, &q.src, &q.dst, q.sport, q.dport,
+        quoted_dir,
+        q.proto,
+        quoted_addrs(&q),
+        q.sport,
+        q.dport,
     ))
 }
 

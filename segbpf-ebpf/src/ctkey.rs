@@ -19,37 +19,94 @@ use segbpf_common::{
 use crate::{
     ctseen,
     maps::{SEG_CT, SEG_CT_NEW, SEG_CT4, SEG_CT4_NEW, SEGBPF_IFINDEX},
-    parse::{L3_IPV4, L3_IPV6},
+    parse::{L3_IPV4, L3_IPV6, Parsed, Quoted},
 };
 
-/// A flow as the host sees it: addresses and ports oriented (local,
-/// remote) from a packet's (source, destination) and direction.
-pub(crate) struct Oriented<'a> {
+/// A flow as the host sees it: ports oriented (local, remote) from a
+/// packet's (source, destination) and direction; each key form picks the
+/// addresses (`ingress`: the host is the destination). The addresses are
+/// carried as two words each ([`addrs`], [`quoted_addrs`]): a copy of a
+/// 16-byte array through a reference compiled to a byte loop or a
+/// `memmove` call (LLVM loses the parser's 8-byte alignment on the way).
+pub(crate) struct Oriented {
     pub proto: u8,
-    pub local: &'a [u8; 16],
-    pub remote: &'a [u8; 16],
+    pub ingress: bool,
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
     pub local_port: u16,
     pub remote_port: u16,
+}
+
+// `addrs` and `quoted_addrs` read the address fields as aligned words.
+const _: () = assert!(core::mem::align_of::<Parsed>() == 8);
+const _: () = assert!(core::mem::offset_of!(Parsed, src) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Parsed, dst) % 8 == 0);
+const _: () = assert!(core::mem::align_of::<Quoted>() == 8);
+const _: () = assert!(core::mem::offset_of!(Quoted, src) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Quoted, dst) % 8 == 0);
+
+/// A packet's (source, destination) addresses as words.
+#[inline(always)]
+pub(crate) fn addrs(p: &Parsed) -> ([u64; 2], [u64; 2]) {
+    // SAFETY: `src` and `dst` are 16 bytes at 8-byte aligned offsets of
+    // the 8-byte aligned `Parsed` (asserted above): two aligned u64 words
+    // each; any bit pattern is a valid u64.
+    unsafe {
+        (
+            (&raw const p.src).cast::<[u64; 2]>().read(),
+            (&raw const p.dst).cast::<[u64; 2]>().read(),
+        )
+    }
+}
+
+/// A quoted packet's (source, destination) addresses as words.
+#[inline(always)]
+pub(crate) fn quoted_addrs(q: &Quoted) -> ([u64; 2], [u64; 2]) {
+    // SAFETY: as in `addrs`, for the 8-byte aligned `Quoted`.
+    unsafe {
+        (
+            (&raw const q.src).cast::<[u64; 2]>().read(),
+            (&raw const q.dst).cast::<[u64; 2]>().read(),
+        )
+    }
+}
+
+/// An address's bytes from its words (the inverse of the reads above).
+#[inline(always)]
+fn bytes(w: [u64; 2]) -> [u8; 16] {
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit
+    // pattern is valid for both.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(w) }
+}
+
+/// The first 4 bytes of an address (an IPv4 address), in memory order.
+#[inline(always)]
+fn first4(w: [u64; 2]) -> u32 {
+    if cfg!(target_endian = "little") {
+        w[0] as u32
+    } else {
+        (w[0] >> 32) as u32
+    }
 }
 
 /// Orients a packet's addresses and ports: ingress, the host is the
 /// destination; egress, the source. ICMP echo has no remote "port":
 /// requests and replies share the id (`sport` holds it).
 #[inline(always)]
-pub(crate) fn orient<'a>(
+pub(crate) fn orient(
     dir: u8,
     proto: u8,
-    src: &'a [u8; 16],
-    dst: &'a [u8; 16],
+    (src, dst): ([u64; 2], [u64; 2]),
     sport: u16,
     dport: u16,
-) -> Oriented<'a> {
+) -> Oriented {
     let ingress = dir == DIR_INGRESS;
     let echo = proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
     Oriented {
         proto,
-        local: if ingress { dst } else { src },
-        remote: if ingress { src } else { dst },
+        ingress,
+        src,
+        dst,
         local_port: if echo || !ingress { sport } else { dport },
         remote_port: if echo {
             0
@@ -67,7 +124,7 @@ pub(crate) trait FlowKey: Sized + 'static {
     const L3: u8;
     /// The key of the flow `o` on this instance's interface, or None when
     /// this form cannot hold it exactly (then the flow is not tracked).
-    fn make(o: &Oriented<'_>) -> Option<Self>;
+    fn make(o: &Oriented) -> Option<Self>;
     /// The IP protocol.
     fn proto(&self) -> u8;
     /// The remote's last-seen bucket (`ctseen`).
@@ -82,16 +139,16 @@ impl FlowKey for CtKey4 {
     const L3: u8 = L3_IPV4;
 
     #[inline(always)]
-    fn make(o: &Oriented<'_>) -> Option<Self> {
+    fn make(o: &Oriented) -> Option<Self> {
         let ifindex = SEGBPF_IFINDEX.load();
         // A frozen global: the verifier knows it, only one branch is kept.
         if ifindex > CT4_MAX_IFINDEX {
             return None;
         }
-        let a = |b: &[u8; 16]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let (src, dst) = (first4(o.src), first4(o.dst));
         Some(CtKey4 {
-            local_be: a(o.local),
-            remote_be: a(o.remote),
+            local_be: if o.ingress { dst } else { src },
+            remote_be: if o.ingress { src } else { dst },
             local_port: o.local_port,
             remote_port: o.remote_port,
             proto_ifindex: ifindex << 8 | u32::from(o.proto),
@@ -123,15 +180,15 @@ impl FlowKey for CtKey {
     const L3: u8 = L3_IPV6;
 
     #[inline(always)]
-    fn make(o: &Oriented<'_>) -> Option<Self> {
+    fn make(o: &Oriented) -> Option<Self> {
         Some(CtKey {
             family: 6,
             proto: o.proto,
             _pad: [0; 2],
             local_port: o.local_port,
             remote_port: o.remote_port,
-            local: *o.local,
-            remote: *o.remote,
+            local: bytes(if o.ingress { o.dst } else { o.src }),
+            remote: bytes(if o.ingress { o.src } else { o.dst }),
             ifindex: SEGBPF_IFINDEX.load(),
             _pad2: [0; 4],
         })

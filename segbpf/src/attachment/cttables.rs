@@ -141,3 +141,51 @@ pub fn remove_pinned(att: &Attachment, t: Table, keys: &[CtKey]) -> Result<usize
     }
     Ok(removed)
 }
+
+/// `BPF_NOEXIST`: insert only where the key has no entry.
+const BPF_NOEXIST: u64 = 1;
+
+/// Moves the IPv4 flows of the interface `ifindex` that a build before
+/// the IPv4 tables left in `SEG_CT` / `SEG_CT_NEW` into the IPv4 tables
+/// of a loaded instance (assured to assured, half-open to half-open), so
+/// they go on passing once its programs are attached in place of that
+/// build's (a namespace whose other attachments kept the tables). An
+/// entry the IPv4 table holds already is kept. Moved, not copied: an old
+/// copy left behind could bring back, at a later attach, a flow a reload
+/// has pruned from the IPv4 table since. Only this interface's programs
+/// make its entries, and the caller has not attached them yet. Returns
+/// how many entries were moved.
+pub fn adopt_v4(ebpf: &mut aya::Ebpf, ifindex: u32) -> Result<u64, MapsError> {
+    use segbpf_common::{MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW};
+    let mut moved = 0;
+    for (from, to) in [(MAP_CT, MAP_CT4), (MAP_CT_NEW, MAP_CT4_NEW)] {
+        let t = Table {
+            name: from,
+            assured: from == MAP_CT,
+            v4: false,
+        };
+        let old: Vec<(CtKey, CtKey4, CtEntry)> = read(ebpf, t)?
+            .into_iter()
+            .filter(|(k, _)| k.ifindex == ifindex)
+            .filter_map(|(k, e)| Some((k, k.narrow()?, e)))
+            .collect();
+        if old.is_empty() {
+            continue;
+        }
+        {
+            let map = ebpf.map_mut(to).ok_or(MapsError::Missing(to))?;
+            let mut table: HashMap<&mut MapData, CtKey4, CtEntry> =
+                HashMap::try_from(map).map_err(err(to))?;
+            for (_, k, e) in &old {
+                moved += u64::from(table.insert(k, e, BPF_NOEXIST).is_ok());
+            }
+        }
+        let map = ebpf.map_mut(from).ok_or(MapsError::Missing(from))?;
+        let mut table: HashMap<&mut MapData, CtKey, CtEntry> =
+            HashMap::try_from(map).map_err(err(from))?;
+        for (k, _, _) in &old {
+            let _ = table.remove(k); // may have been evicted meanwhile
+        }
+    }
+    Ok(moved)
+}

@@ -183,6 +183,12 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
+    // IPv4 flows of this interface that a build before the IPv4 tables
+    // left in the shared tables: moved before the seeding covers them.
+    let adopted = crate::attachment::cttables::adopt_v4(&mut ebpf, ifindex)?;
+    if adopted > 0 {
+        tracing::debug!("{adopted} IPv4 flows moved into the IPv4 connection tables");
+    }
     let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
     tracing::debug!(
         "last-seen array: {} buckets written for {} connection-table entries",
