@@ -46,6 +46,10 @@ const _: () = assert!(core::mem::offset_of!(Quoted, src) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Quoted, dst) % 8 == 0);
 
 /// A packet's (source, destination) addresses as words.
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "the address fields sit at 8-byte aligned offsets of 8-byte aligned structs (asserted above): aligned word loads, where a byte-array copy became a byte loop or a memmove call"
+)]
 #[inline(always)]
 pub(crate) fn addrs(p: &Parsed) -> ([u64; 2], [u64; 2]) {
     // SAFETY: `src` and `dst` are 16 bytes at 8-byte aligned offsets of
@@ -60,6 +64,10 @@ pub(crate) fn addrs(p: &Parsed) -> ([u64; 2], [u64; 2]) {
 }
 
 /// A quoted packet's (source, destination) addresses as words.
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "the address fields sit at 8-byte aligned offsets of 8-byte aligned structs (asserted above): aligned word loads, where a byte-array copy became a byte loop or a memmove call"
+)]
 #[inline(always)]
 pub(crate) fn quoted_addrs(q: &Quoted) -> ([u64; 2], [u64; 2]) {
     // SAFETY: as in `addrs`, for the 8-byte aligned `Quoted`.
