@@ -25,7 +25,9 @@ pub mod ct_timeout {
 }
 
 /// Connection-table key, from the host's point of view: the same key for
-/// both directions of a flow. ICMP echo uses the echo id as `local_port`
+/// both directions of a flow. The IPv6 tables (`SEG_CT`, `SEG_CT_NEW`)
+/// use it; the IPv4 tables use [`CtKey4`], and userspace reads their keys
+/// widened to this form ([`CtKey4::widen`]). ICMP echo uses the echo id as `local_port`
 /// and 0 as `remote_port`. The connection tables are shared by every
 /// attachment of a network namespace, so the key holds the interface the
 /// flow was seen on (`ifindex`, set at load from the kernel): a flow
@@ -55,6 +57,91 @@ pub struct CtKey {
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::align_of::<CtKey>() == 8);
+
+/// The largest interface index an IPv4 connection-table key
+/// ([`CtKey4`]) holds: 24 bits. `attach` refuses an interface whose index
+/// is larger, so the key's interface is always exact.
+pub const CT4_MAX_IFINDEX: u32 = 0x00FF_FFFF;
+
+/// Connection-table key of an IPv4 flow, from the host's point of view:
+/// [`CtKey`] in 16 bytes, for the IPv4 tables (`SEG_CT4`, `SEG_CT4_NEW`).
+/// A hash lookup costs about the key's length in hashing and comparing: a
+/// third of the 48-byte key's. The interface is exact: its index (at most
+/// [`CT4_MAX_IFINDEX`], which `attach` checks) shares a word with the
+/// protocol, `proto_ifindex = ifindex << 8 | proto`. 8-byte aligned so
+/// the datapath builds it with two word stores.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey4 {
+    /// Address on this host, network order (its bytes as on the wire).
+    pub local_be: u32,
+    /// Address of the peer, network order.
+    pub remote_be: u32,
+    /// Port on this host (host order).
+    pub local_port: u16,
+    /// Port of the peer (host order).
+    pub remote_port: u16,
+    /// `ifindex << 8 | proto` (native order): the IP protocol in the low
+    /// byte, the index of the interface whose attachment tracks the flow
+    /// in the high 24 bits.
+    pub proto_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+const _: () = assert!(core::mem::align_of::<CtKey4>() == 8);
+
+impl CtKey4 {
+    /// The IP protocol.
+    #[allow(
+        clippy::inline_always,
+        reason = "the datapath calls it per packet: no BPF-to-BPF call"
+    )]
+    #[inline(always)]
+    pub const fn proto(&self) -> u8 {
+        (self.proto_ifindex & 0xff) as u8
+    }
+
+    /// The interface index.
+    pub const fn ifindex(&self) -> u32 {
+        self.proto_ifindex >> 8
+    }
+
+    /// The [`CtKey`] of the same flow (family 4), the form every reader
+    /// of the tables works with.
+    pub fn widen(&self) -> CtKey {
+        let mut local = [0u8; 16];
+        local[..4].copy_from_slice(&self.local_be.to_ne_bytes());
+        let mut remote = [0u8; 16];
+        remote[..4].copy_from_slice(&self.remote_be.to_ne_bytes());
+        CtKey {
+            family: 4,
+            proto: self.proto(),
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            ifindex: self.ifindex(),
+            local,
+            remote,
+            ..CtKey::default()
+        }
+    }
+}
+
+impl CtKey {
+    /// The [`CtKey4`] of an IPv4 key, or None for an IPv6 key, or an
+    /// interface index beyond [`CT4_MAX_IFINDEX`] (no IPv4 table holds it).
+    pub fn narrow(&self) -> Option<CtKey4> {
+        if self.family != 4 || self.ifindex > CT4_MAX_IFINDEX {
+            return None;
+        }
+        let a = |b: &[u8; 16]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        Some(CtKey4 {
+            local_be: a(&self.local),
+            remote_be: a(&self.remote),
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            proto_ifindex: self.ifindex << 8 | u32::from(self.proto),
+        })
+    }
+}
 
 /// Connection state: opened, no reply seen yet.
 pub const CT_NEW: u8 = 1;
@@ -168,3 +255,43 @@ pub struct FragEntry {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_key_narrows_and_widens_back() {
+        let k = CtKey {
+            family: 4,
+            proto: 6,
+            local_port: 443,
+            remote_port: 50_000,
+            ifindex: CT4_MAX_IFINDEX,
+            local: [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: [198, 19, 255, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..CtKey::default()
+        };
+        let n = k.narrow().expect("an IPv4 key");
+        assert_eq!(n.proto(), 6);
+        assert_eq!(n.ifindex(), CT4_MAX_IFINDEX);
+        assert_eq!(n.local_be.to_ne_bytes(), [198, 18, 0, 1]);
+        assert_eq!(n.widen(), k);
+    }
+
+    #[test]
+    fn no_ipv4_key_for_ipv6_or_an_index_beyond_24_bits() {
+        let k = CtKey {
+            family: 4,
+            ifindex: CT4_MAX_IFINDEX + 1,
+            ..CtKey::default()
+        };
+        assert_eq!(k.narrow(), None);
+        let k = CtKey {
+            family: 6,
+            ifindex: 1,
+            ..CtKey::default()
+        };
+        assert_eq!(k.narrow(), None);
+    }
+}

@@ -104,6 +104,25 @@ pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
     (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
 }
 
+/// [`ct_seen_bucket`]`(4, remote)` of an IPv4 remote as held by
+/// [`crate::CtKey4::remote_be`] (its bytes in network order): an IPv4
+/// flow's bucket is the same whichever key form it is read in.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_bucket_v4(remote_be: u32) -> u32 {
+    // The first word of the 16-byte form: the address's 4 bytes, then
+    // zeros; the second word is zero.
+    let w0 = if cfg!(target_endian = "little") {
+        u64::from(remote_be)
+    } else {
+        u64::from(remote_be) << 32
+    };
+    ct_seen_bucket_words(4, [w0, 0])
+}
+
 // The datapath reads `CtKey::remote` as two aligned u64 words.
 const _: () = assert!(core::mem::offset_of!(crate::CtKey, remote) == 32);
 // ... and the family, protocol and ports as the key's first u64 word.
@@ -130,6 +149,35 @@ pub fn ct_seen_flow_bucket_words(head: u64, remote: [u64; 2]) -> u32 {
         ^ remote[1].wrapping_mul(0x1656_67B1_9E37_79F9);
     let h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
+}
+
+/// [`ct_seen_flow_bucket`] of an IPv4 key in its 16-byte form: the same
+/// bucket as for the key widened to `CtKey` (userspace seeds from that).
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_flow_bucket_v4(key: &crate::CtKey4) -> u32 {
+    // `CtKey`'s first word: family 4, protocol, two zero bytes, local and
+    // remote port (native order); its remote as for `ct_seen_bucket_v4`.
+    let (head, w0) = if cfg!(target_endian = "little") {
+        (
+            4 | u64::from(key.proto()) << 8
+                | u64::from(key.local_port) << 32
+                | u64::from(key.remote_port) << 48,
+            u64::from(key.remote_be),
+        )
+    } else {
+        (
+            4 << 56
+                | u64::from(key.proto()) << 48
+                | u64::from(key.local_port) << 16
+                | u64::from(key.remote_port),
+            u64::from(key.remote_be) << 32,
+        )
+    };
+    ct_seen_flow_bucket_words(head, [w0, 0])
 }
 
 /// The two buckets of a key in one u32 (the remote's in the high half,
@@ -283,6 +331,42 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_ipv4_flow_has_one_flow_bucket_in_both_key_forms() {
+        for (a, lp, rp, proto) in [
+            (0u32, 0u16, 0u16, 6u8),
+            (0xC612_0001, 80, 40_000, 6),
+            (0xFFFF_FFFF, 65_535, 65_535, 17),
+            (0x0A00_0002, 53, 1, 1),
+        ] {
+            let wide = crate::CtKey {
+                family: 4,
+                proto,
+                local_port: lp,
+                remote_port: rp,
+                ifindex: 7,
+                local: v4(0xC613_0001),
+                remote: v4(a),
+                ..crate::CtKey::default()
+            };
+            let narrow = wide.narrow().expect("an IPv4 key narrows");
+            assert_eq!(
+                ct_seen_flow_bucket_v4(&narrow),
+                ct_seen_flow_bucket(&wide),
+                "{wide:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv4_remote_has_one_bucket_in_both_key_forms() {
+        for a in [0u32, 1, 0xC612_0001, 0xFFFF_FFFF, 0x0A00_0002] {
+            let r = v4(a);
+            let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
+            assert_eq!(ct_seen_bucket_v4(be), ct_seen_bucket(4, &r), "{a:#x}");
         }
     }
 

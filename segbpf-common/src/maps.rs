@@ -2,8 +2,8 @@
 
 #[cfg(doc)]
 use crate::{
-    Config, Counter, CtEntry, CtKey, EV_EMITTED, Event, FragEntry, FragKey, PeerClass, RateState,
-    RuleRef, TraceResult,
+    Config, Counter, CtEntry, CtKey, CtKey4, EV_EMITTED, Event, FragEntry, FragKey, PeerClass,
+    RateState, RuleRef, TraceResult,
 };
 
 // ---------------------------------------------------------------------------
@@ -42,6 +42,21 @@ pub const MAP_CT: &str = "SEG_CT";
 /// LRU hash: [`CtKey`] -> [`CtEntry`], half-open flows (an opener seen,
 /// not yet assured). A flood of openers can only evict entries here.
 pub const MAP_CT_NEW: &str = "SEG_CT_NEW";
+/// LRU hash: [`CtKey4`] -> [`CtEntry`], the IPv4 flows of [`MAP_CT`]:
+/// IPv4 has tables of its own with a 16-byte key (a cheaper lookup).
+/// Sized like [`MAP_CT`].
+pub const MAP_CT4: &str = "SEG_CT4";
+/// LRU hash: [`CtKey4`] -> [`CtEntry`], the IPv4 flows of [`MAP_CT_NEW`].
+/// Sized like [`MAP_CT_NEW`].
+pub const MAP_CT4_NEW: &str = "SEG_CT4_NEW";
+/// Every connection table: (name, assured, IPv4 key [`CtKey4`] rather
+/// than [`CtKey`]).
+pub const CT_MAPS: [(&str, bool, bool); 4] = [
+    (MAP_CT, true, false),
+    (MAP_CT_NEW, false, false),
+    (MAP_CT4, true, true),
+    (MAP_CT4_NEW, false, true),
+];
 /// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
 /// passed on an assured flow.
 pub const MAP_FRAG: &str = "SEG_FRAG";
@@ -53,11 +68,18 @@ pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 /// connection tables and their last-seen array), pinned once per
 /// namespace and reused by each attachment's programs; the tables' keys
 /// carry the interface.
-pub const SHARED_MAPS: [&str; 4] = [MAP_CT, MAP_CT_NEW, crate::MAP_CT_SEEN, crate::MAP_CT_SEEN_F];
+pub const SHARED_MAPS: [&str; 6] = [
+    MAP_CT,
+    MAP_CT_NEW,
+    MAP_CT4,
+    MAP_CT4_NEW,
+    crate::MAP_CT_SEEN,
+    crate::MAP_CT_SEEN_F,
+];
 
 /// Every map an attachment pins or uses from its namespace
 /// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 22] = [
+pub const PINNED_MAPS: [&str; 24] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -68,6 +90,8 @@ pub const PINNED_MAPS: [&str; 22] = [
     MAP_RULE_STATS,
     MAP_CT,
     MAP_CT_NEW,
+    MAP_CT4,
+    MAP_CT4_NEW,
     crate::MAP_CT_SEEN,
     crate::MAP_CT_SEEN_F,
     MAP_FRAG,

@@ -1,6 +1,6 @@
 //! `aya::Pod` for the shared types (aya's typed maps need it).
 use super::{
-    Config, Counter, CtEntry, CtKey, DeniedBucket, DeniedKey, DeniedRate, Event, FragEntry,
+    Config, Counter, CtEntry, CtKey, CtKey4, DeniedBucket, DeniedKey, DeniedRate, Event, FragEntry,
     FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, TraceResult,
 };
 
@@ -27,6 +27,8 @@ unsafe impl aya::Pod for RateState {}
 unsafe impl aya::Pod for Event {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtKey4 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtEntry {}
 // SAFETY: as above.

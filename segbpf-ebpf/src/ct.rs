@@ -7,9 +7,10 @@
 //! `Config` and depend on the protocol and the TCP state; RST, or FIN from
 //! both sides, shortens the entry's life to the closing timeout.
 //!
-//! Two LRU tables, so a flood cannot push out the flows that matter (as
-//! netfilter's early drop spares assured entries): a new entry goes into
-//! the half-open table `SEG_CT_NEW`; it moves to the assured table `SEG_CT`
+//! Two LRU tables per family (`ctkey`: IPv4 `SEG_CT4_NEW` / `SEG_CT4`,
+//! IPv6 `SEG_CT_NEW` / `SEG_CT`), so a flood cannot push out the flows that
+//! matter (as netfilter's early drop spares assured entries): a new entry
+//! goes into the half-open table; it moves to the assured table
 //! when the originator speaks again after a reply (for TCP, an ACK that
 //! acknowledges the replier's SYN: a spoofed source never sees that SYN,
 //! so a flood of openers only evicts other half-open entries). A flow that
@@ -44,14 +45,15 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, CT_NO_WSCALE, Config, CtEntry,
-    CtKey, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    ct_timeout_s, reason,
+    DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ct_timeout_s,
+    reason,
 };
 
 use crate::{
+    ctkey::{FlowKey, addrs, orient, quoted_addrs},
     ctseen,
-    maps::{SEG_CT, SEG_CT_NEW, SEG_CT_SCRATCH, SEGBPF_IFINDEX},
-    parse::{self, Bounds, L3_IPV4, Parsed},
+    maps::SEG_CT_SCRATCH,
+    parse::{self, Bounds, Parsed},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -72,11 +74,6 @@ pub(crate) fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-#[inline(always)]
-fn family(l3: u8) -> u8 {
-    if l3 == L3_IPV4 { 4 } else { 6 }
-}
-
 /// Whether a packet of protocol `proto` / ICMP type is tracked, and its
 /// "port" when it is ICMP (the echo id).
 #[inline(always)]
@@ -86,90 +83,48 @@ fn is_echo(proto: u8, icmp_type: u8) -> bool {
 }
 
 /// The key of the packet's flow as seen from the host, or None if the
-/// packet's protocol is not tracked.
+/// packet's protocol is not tracked, or it is not of the key's family.
 #[inline(always)]
-pub(crate) fn key(dir: u8, p: &Parsed) -> Option<CtKey> {
+pub(crate) fn key<K: FlowKey>(dir: u8, p: &Parsed) -> Option<K> {
+    if p.l3 != K::L3 {
+        return None;
+    }
     let (sport, dport) = match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => (p.sport, p.dport),
         _ if is_echo(p.proto, p.icmp_type) => (p.echo_id, 0),
         _ => return None,
     };
-    Some(make_key(
-        dir,
-        family(p.l3),
-        p.proto,
-        &p.src,
-        &p.dst,
-        sport,
-        dport,
-    ))
+    K::make(&orient(dir, p.proto, addrs(p), sport, dport))
 }
 
 /// The key of the flow quoted by the ICMP error `p` travelling in `dir`
-/// (the quoted packet went the other way), if it quotes a tracked protocol.
+/// (the quoted packet went the other way), if it quotes a tracked
+/// protocol of the key's family.
 #[inline(always)]
-pub(crate) fn related_key(pkt: &Bounds, dir: u8, p: &Parsed) -> Option<CtKey> {
+pub(crate) fn related_key<K: FlowKey>(pkt: &Bounds, dir: u8, p: &Parsed) -> Option<K> {
+    if p.l3 != K::L3 {
+        return None;
+    }
     let q = parse::quoted(pkt, p)?;
     let quoted_dir = if dir == DIR_INGRESS {
         DIR_EGRESS
     } else {
         DIR_INGRESS
     };
-    Some(make_key(
+    K::make(&orient(
         quoted_dir,
-        family(p.l3),
         q.proto,
-        &q.src,
-        &q.dst,
+        quoted_addrs(&q),
         q.sport,
         q.dport,
     ))
-}
-
-#[inline(always)]
-fn make_key(
-    dir: u8,
-    family: u8,
-    proto: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    sport: u16,
-    dport: u16,
-) -> CtKey {
-    // Ingress: the host is the destination; egress: the source. ICMP echo
-    // has no remote "port": requests and replies share the id.
-    let ingress = dir == DIR_INGRESS;
-    let echo = proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
-    CtKey {
-        family,
-        proto,
-        _pad: [0; 2],
-        local_port: if echo {
-            sport
-        } else if ingress {
-            dport
-        } else {
-            sport
-        },
-        remote_port: if echo {
-            0
-        } else if ingress {
-            sport
-        } else {
-            dport
-        },
-        local: if ingress { *dst } else { *src },
-        remote: if ingress { *src } else { *dst },
-        ifindex: SEGBPF_IFINDEX.load(),
-        _pad2: [0; 4],
-    }
 }
 
 /// A live entry: where it is, and whether it is in the assured table.
 pub(crate) struct Tracked {
     /// The entry, a pointer into its map (valid during this program run).
     pub entry: *mut CtEntry,
-    /// In `SEG_CT` (assured) rather than `SEG_CT_NEW` (half-open).
+    /// In the assured table rather than the half-open one.
     pub assured: bool,
     /// The key's last-seen bucket (`ctseen::bucket`), for `update`.
     pub seen_bucket: u32,
@@ -184,13 +139,13 @@ pub(crate) struct Tracked {
 /// half-open one (a new connection on a reused tuple). A remote whose
 /// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
 #[inline(always)]
-pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<Tracked> {
-    let seen_bucket = ctseen::bucket(key);
+pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) -> Option<Tracked> {
+    let seen_bucket = key.seen_bucket();
     if ctseen::stale(cfg, seen_bucket, now) {
         return None;
     }
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-    if let Some(e) = SEG_CT.get_ptr_mut(key)
+    if let Some(e) = K::assured().get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
     {
         return Some(Tracked {
@@ -199,7 +154,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
             seen_bucket,
         });
     }
-    let e = SEG_CT_NEW.get_ptr_mut(key)?;
+    let e = K::half_open().get_ptr_mut(key)?;
     if live(cfg, key, e, now, syn) {
         Some(Tracked {
             entry: e,
@@ -214,7 +169,7 @@ pub(crate) fn lookup(cfg: &Config, key: &CtKey, p: &Parsed, now: u64) -> Option<
 /// Whether `entry` (of `key`) is in force for a packet (`syn`: a TCP SYN
 /// without ACK) at `now` (see `lookup`).
 #[inline(always)]
-fn live(cfg: &Config, key: &CtKey, entry: *mut CtEntry, now: u64, syn: bool) -> bool {
+fn live<K: FlowKey>(cfg: &Config, key: &K, entry: *mut CtEntry, now: u64, syn: bool) -> bool {
     // SAFETY: `entry` points at a value of the map, valid during this
     // program run; concurrent writers only store whole integer fields.
     let (last, state, audit) = unsafe { ((*entry).last_seen_ns, (*entry).state, (*entry).audit) };
@@ -226,7 +181,7 @@ fn live(cfg: &Config, key: &CtKey, entry: *mut CtEntry, now: u64, syn: bool) -> 
     if syn && state == CT_CLOSING {
         return false;
     }
-    let ttl = u64::from(ct_timeout_s(cfg, key.proto, state)) * NS_PER_S;
+    let ttl = u64::from(ct_timeout_s(cfg, key.proto(), state)) * NS_PER_S;
     now.saturating_sub(last) <= ttl
 }
 
@@ -367,9 +322,9 @@ fn account(e: *mut CtEntry, side: usize, len: u32, tcp_flags: u8) {
     clippy::needless_borrows_for_generic_args,
     reason = "insert from the map value itself: a by-value entry would be copied onto the BPF stack"
 )]
-pub(crate) fn update(
+pub(crate) fn update<K: FlowKey>(
     t: &Tracked,
-    key: &CtKey,
+    key: &K,
     dir: u8,
     p: &Parsed,
     now: u64,
@@ -420,8 +375,8 @@ pub(crate) fn update(
             // A closing flow leaves the assured table (copied first): under
             // pressure it goes before any established flow, and a new
             // connection on its tuple replaces it in the half-open table.
-            let _ = SEG_CT_NEW.insert(key, &*e, 0);
-            let _ = SEG_CT.remove(key);
+            let _ = K::half_open().insert(key, &*e, 0);
+            let _ = K::assured().remove(key);
             return;
         }
     }
@@ -429,8 +384,8 @@ pub(crate) fn update(
         // Both sides spoke and the originator again: assured. Insert a
         // copy (straight from the map value, not through the stack) first,
         // so the flow is never in neither table.
-        if SEG_CT.insert(key, &*e, 0).is_ok() {
-            let _ = SEG_CT_NEW.remove(key);
+        if K::assured().insert(key, &*e, 0).is_ok() {
+            let _ = K::half_open().remove(key);
         }
     }
 }
@@ -501,8 +456,8 @@ fn fill_new(
     clippy::needless_borrows_for_generic_args,
     reason = "insert from the scratch map value itself: a by-value entry would be copied onto the BPF stack"
 )]
-pub(crate) fn create(
-    key: &CtKey,
+pub(crate) fn create<K: FlowKey>(
+    key: &K,
     dir: u8,
     p: &Parsed,
     rule_id: u32,
@@ -522,6 +477,6 @@ pub(crate) fn create(
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
     // The bucket first: a packet of the flow on another CPU never finds the
     // entry behind a stale bucket.
-    ctseen::note(ctseen::bucket(key), now);
-    let _ = SEG_CT_NEW.insert(key, &*e, 0);
+    ctseen::note(key.seen_bucket(), now);
+    let _ = K::half_open().insert(key, &*e, 0);
 }

@@ -7,13 +7,13 @@
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    Config, CtKey, ct_seen_bucket_words, ct_seen_flow_bucket_words, ct_seen_pack, ct_seen_stale,
-    ct_seen_tick,
+    Config, CtKey, CtKey4, ct_seen_bucket_v4, ct_seen_bucket_words, ct_seen_flow_bucket_v4,
+    ct_seen_flow_bucket_words, ct_seen_pack, ct_seen_stale, ct_seen_tick,
 };
 
 use crate::maps::{SEG_CT_SEEN, SEG_CT_SEEN_F, SEGBPF_CT_SEEN};
 
-/// The key's two buckets, its remote's and its flow's, packed
+/// An IPv6 key's two buckets, its remote's and its flow's, packed
 /// (`ct_seen_pack`; computed once per packet: the lookup keeps them for
 /// the update).
 #[inline(always)]
@@ -36,6 +36,16 @@ pub(crate) fn bucket(key: &CtKey) -> u32 {
     ct_seen_pack(
         ct_seen_bucket_words(key.family, words),
         ct_seen_flow_bucket_words(head, words),
+    )
+}
+
+/// An IPv4 key's two buckets, packed: the same as for the key in the
+/// `CtKey` form (userspace seeds the arrays from either form).
+#[inline(always)]
+pub(crate) fn bucket_v4(key: &CtKey4) -> u32 {
+    ct_seen_pack(
+        ct_seen_bucket_v4(key.remote_be),
+        ct_seen_flow_bucket_v4(key),
     )
 }
 

@@ -24,6 +24,7 @@
 
 mod cgroup;
 mod ct;
+mod ctkey;
 mod ctseen;
 mod denied;
 mod events;
@@ -47,7 +48,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext, XdpContext},
 };
 use segbpf_common::{
-    DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, TAIL_INDEX_ERR as TAIL_ERROR,
+    CtKey, CtKey4, DIR_EGRESS, DIR_INGRESS, LINK_RAW_IP, RUN_DRY, TAIL_INDEX_ERR as TAIL_ERROR,
     TAIL_INDEX_V6 as TAIL_V6, reason,
 };
 
@@ -267,7 +268,12 @@ fn enforce<const V6: bool>(
         }
         return Outcome::HandOffError;
     }
-    finish(pkt, cfg, &parsed, dir, ifindex, len, false)
+    // Each program carries its own family's connection tables only.
+    if V6 {
+        finish::<CtKey>(pkt, cfg, &parsed, dir, ifindex, len, false)
+    } else {
+        finish::<CtKey4>(pkt, cfg, &parsed, dir, ifindex, len, false)
+    }
 }
 
 /// Judges the ICMP error handed on by a packet program (its parse in this
@@ -296,13 +302,16 @@ fn enforce_error(pkt: &parse::Bounds, dir: u8, ifindex: u32, len: u32) -> Outcom
     // Judged in full (rules, defaults, the related flow) under the
     // configuration in force now, like any packet that arrives after a
     // reload: `decide` checks tracking and `defaults.icmp` itself.
-    finish(pkt, cfg, &Ok(p), dir, ifindex, len, true)
+    // An ICMP error is never a tracked flow itself (`ct::key` gives none):
+    // the key form only types that path. The related flow is looked up in
+    // the tables of the error's family (`verdict::related_flow_lives`).
+    finish::<CtKey4>(pkt, cfg, &Ok(p), dir, ifindex, len, true)
 }
 
 /// Decides (`related`: see `verdict::hands_off_error`), then reports a drop
 /// and counts the decision.
 #[inline(always)]
-fn finish(
+fn finish<K: ctkey::FlowKey>(
     pkt: &parse::Bounds,
     cfg: &segbpf_common::Config,
     parsed: &Result<&parse::Parsed, u8>,
@@ -314,7 +323,7 @@ fn finish(
     // Trace instances judge with the live state but never change it.
     let writes = SEGBPF_RUN_MODE.load() != RUN_DRY;
     let now = ct::now();
-    let d = verdict::decide(pkt, cfg, parsed, dir, now, writes, len, related);
+    let d = verdict::decide::<K>(pkt, cfg, parsed, dir, now, writes, len, related);
     if writes && !reason::passes(d.reason) {
         let p = parsed.as_ref().ok().copied();
         events::report(cfg, dir, ifindex, len, p, &d, now);

@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES,
-    DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
-    DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
-    PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
+    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, CtKey4, DEFAULT_CT_ENTRIES,
+    DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES,
+    DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass,
+    PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -56,16 +56,28 @@ pub(crate) static SEG_RULE_STATS: PerCpuArray<Counter> =
 #[map]
 pub(crate) static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
-/// Connection table of assured flows, shared by both directions and by
-/// every attachment of the network namespace (size: `attach --ct-size`).
+/// Connection table of assured IPv6 flows, shared by both directions and
+/// by every attachment of the network namespace (size: `attach --ct-size`).
 #[map]
 pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
-/// Connection table of half-open flows (size: a quarter of `--ct-size`),
-/// shared like `SEG_CT`.
+/// Connection table of half-open IPv6 flows (size: a quarter of
+/// `--ct-size`), shared like `SEG_CT`.
 #[map]
 pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
+
+/// Connection table of assured IPv4 flows (16-byte keys: a cheaper
+/// lookup), sized and shared like `SEG_CT`.
+#[map]
+pub(crate) static SEG_CT4: LruHashMap<CtKey4, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// Connection table of half-open IPv4 flows, sized and shared like
+/// `SEG_CT_NEW`.
+#[map]
+pub(crate) static SEG_CT4_NEW: LruHashMap<CtKey4, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
 /// The last-seen tick of each bucket of remote addresses (see

@@ -13,11 +13,13 @@
 //! aggregate (`denied`) after `decide` returns.
 
 use segbpf_common::{
-    ACTION_ALLOW, Config, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason,
+    ACTION_ALLOW, Config, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULE, reason,
 };
 
 use crate::{
-    ct, frag, lookup,
+    ct,
+    ctkey::FlowKey,
+    frag, lookup,
     parse::{
         self, Bounds, FRAG_FIRST, FRAG_LATER, L2_LINK_LOCAL, L3_ARP, L3_IPV4, L3_IPV6, Parsed,
     },
@@ -69,10 +71,11 @@ impl Decision {
 /// drop is turned into a pass marked `audit` (its reason is still the drop
 /// reason, so counters show what enforcement would do). Decides and
 /// returns only: the caller reports a drop (`events`, `denied`) and counts
-/// the decision (`stats`). `related`: see `judge`.
+/// the decision (`stats`). `related`: see `judge`. `K`: the key form of
+/// the program's family (`ctkey`), whose tables track its flows.
 #[allow(clippy::too_many_arguments, reason = "inlined")]
 #[inline(always)]
-pub(crate) fn decide(
+pub(crate) fn decide<K: FlowKey>(
     pkt: &Bounds,
     cfg: &Config,
     parsed: &Result<&Parsed, u8>,
@@ -83,7 +86,7 @@ pub(crate) fn decide(
     related: bool,
 ) -> Decision {
     let mut d = match parsed {
-        Ok(p) => judge(pkt, cfg, dir, p, now, writes, len, related),
+        Ok(p) => judge::<K>(pkt, cfg, dir, p, now, writes, len, related),
         Err(r) => Decision::early(*r),
     };
     if !reason::passes(d.reason) {
@@ -122,7 +125,7 @@ pub(crate) fn is_error_to_relate(p: &Parsed) -> bool {
 /// `hands_off_error`).
 #[allow(clippy::too_many_arguments, reason = "inlined")]
 #[inline(always)]
-fn judge(
+fn judge<K: FlowKey>(
     pkt: &Bounds,
     cfg: &Config,
     dir: u8,
@@ -161,7 +164,7 @@ fn judge(
     }
 
     let ct_key = if cfg.established != 0 {
-        ct::key(dir, p)
+        ct::key::<K>(dir, p)
     } else {
         None
     };
@@ -222,8 +225,7 @@ fn judge_policy(
         if related
             && cfg.established != 0
             && parse::is_icmp_error(p.l3, p.proto, p.icmp_type)
-            && let Some(k) = ct::related_key(pkt, dir, p)
-            && ct::lookup(cfg, &k, p, now).is_some()
+            && related_flow_lives(pkt, cfg, dir, p, now)
         {
             d.reason = reason::PASS_RELATED;
             return;
@@ -239,6 +241,18 @@ fn judge_policy(
     } else {
         reason::DROP_DEFAULT
     };
+}
+
+/// Whether the ICMP error `p` quotes a live flow (of its own family: the
+/// error program judges both families).
+#[inline(always)]
+fn related_flow_lives(pkt: &Bounds, cfg: &Config, dir: u8, p: &Parsed, now: u64) -> bool {
+    if p.l3 == L3_IPV4 {
+        ct::related_key::<CtKey4>(pkt, dir, p)
+            .is_some_and(|k| ct::lookup(cfg, &k, p, now).is_some())
+    } else {
+        ct::related_key::<CtKey>(pkt, dir, p).is_some_and(|k| ct::lookup(cfg, &k, p, now).is_some())
+    }
 }
 
 /// IPv6 neighbour discovery (RS/RA/NS/NA, hop limit 255) and MLD (hop

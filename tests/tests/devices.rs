@@ -479,6 +479,84 @@ fn attach_refuses_a_device_it_cannot_parse() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The IPv4 connection-table key holds 24 bits of the interface index
+/// (`segbpf_common::CT4_MAX_IFINDEX`): attach refuses an interface whose
+/// index is larger (its flows could not be kept apart from another
+/// interface's), exit 1, naming the interface and its index, before it
+/// changes anything (no pin root, no state, no program on the link); an
+/// interface at the largest index that fits attaches.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn attach_refuses_an_interface_index_beyond_24_bits() -> anyhow::Result<()> {
+    let id = unique("devidx");
+    let ns = Netns::create(&id)?;
+    let big = segbpf_common::CT4_MAX_IFINDEX + 1;
+    let fits = segbpf_common::CT4_MAX_IFINDEX;
+    for (name, peer, index) in [("big0", "big1", big), ("fit0", "fit1", fits)] {
+        ns.ip(&[
+            "link",
+            "add",
+            name,
+            "index",
+            &index.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+        ])?;
+        ns.ip(&["link", "set", name, "up"])?;
+        ns.ip(&["link", "set", peer, "up"])?;
+    }
+    ns.ip(&["addr", "add", "198.18.50.1/24", "dev", "fit0"])?;
+    let policy = fixture("tun.toml");
+    let attach = |segbpf: &Segbpf, iface: &str| {
+        segbpf.run(&[
+            "attach",
+            iface,
+            "--policy",
+            &policy,
+            "--role",
+            "tunhost",
+            "--no-wait",
+        ])
+    };
+
+    let refused = Segbpf::new(&id, &ns.name, "big0")?;
+    let out = attach(&refused, "big0")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("attach big0: {} {}", out.status, stderr.trim());
+    assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
+    assert!(
+        stderr.contains("big0") && stderr.contains(&big.to_string()),
+        "the error names the interface and its index: {stderr}"
+    );
+    assert!(
+        !refused.bpffs.exists() && !refused.state.exists(),
+        "nothing was made: {} {}",
+        refused.bpffs.display(),
+        refused.state.display()
+    );
+    let link: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "big0"])?)?;
+    assert!(link[0].get("xdp").is_none(), "no XDP program: {link}");
+    drop(refused);
+
+    let ok = Segbpf::new(&id, &ns.name, "fit0")?;
+    ok.ok(&[
+        "attach",
+        "fit0",
+        "--policy",
+        &policy,
+        "--role",
+        "tunhost",
+        "--no-wait",
+    ])?;
+    assert_eq!(ok.status()?["attached"], true, "index {fits} attaches");
+    drop(ok);
+    Ok(())
+}
+
 /// Table size the flood test attaches with (the smallest `--ct-size`).
 const CT_SIZE: u32 = 1024;
 /// Distinct spoofed sources of the flood (198.19.0.0/16).

@@ -174,8 +174,11 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
     let web = ["--role", "web"];
     lab.attach("web", &policy, &web)?;
     let one = held(&lab.bpffs)?;
+    // 40 MiB since IPv4 flows have tables of their own (`SEG_CT4`,
+    // `SEG_CT4_NEW`, 16-byte keys: 12.5 MiB more per namespace at the
+    // default `--ct-size`, about 34 MiB here); 32 MiB before.
     assert!(
-        one.bytes <= 32 * MIB,
+        one.bytes <= 40 * MIB,
         "the example policy on one interface holds {} MiB",
         one.bytes / MIB
     );

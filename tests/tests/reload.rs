@@ -2355,7 +2355,7 @@ fn set_edits_keep_the_rules_file_and_a_rules_file_that_disagrees_names_no_rule()
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::Result<()> {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-    use segbpf_common::{CtEntry, CtKey, DIR_INGRESS, MAP_CT};
+    use segbpf_common::{CtEntry, CtKey, CtKey4, DIR_INGRESS, MAP_CT4};
     let s = setup("setprune")?;
     s.lab.segbpf_ok(
         "db",
@@ -2373,15 +2373,16 @@ fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::R
         };
         k.local[..4].copy_from_slice(&[10, 10, 1, 30]);
         k.remote[..4].copy_from_slice(&remote);
-        k
+        // IPv4 flows live in the IPv4 table, under the 16-byte key.
+        k.narrow().expect("an IPv4 key")
     };
     let keys = [
         key([198, 18, 9, 1]),
         key([198, 18, 9, 2]),
         key([198, 18, 1, 5]),
     ];
-    let open = || -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
-        let data = MapData::from_pin(s.att.map(MAP_CT))?;
+    let open = || -> anyhow::Result<BpfHashMap<MapData, CtKey4, CtEntry>> {
+        let data = MapData::from_pin(s.att.map(MAP_CT4))?;
         Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
     };
     {

@@ -965,15 +965,17 @@ fn stateful_sequences() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keys in one of the instance's connection tables.
+/// Keys in one of the instance's connection tables (`SEG_CT`: assured,
+/// `SEG_CT_NEW`: half-open), both families: the IPv4 twin of the table
+/// too, keys widened.
 fn table_keys(instance: &Instance, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
-    let map = instance
-        .ebpf()
-        .map(name)
-        .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
-    let table: aya::maps::HashMap<_, segbpf_common::CtKey, segbpf_common::CtEntry> =
-        aya::maps::HashMap::try_from(map)?;
-    Ok(table.keys().filter_map(Result::ok).collect())
+    let assured = name == segbpf_common::MAP_CT;
+    let mut keys = Vec::new();
+    for t in segbpf::attachment::cttables::tables().filter(|t| t.assured == assured) {
+        let entries = segbpf::attachment::cttables::read(instance.ebpf(), t)?;
+        keys.extend(entries.into_iter().map(|(k, _)| k));
+    }
+    Ok(keys)
 }
 
 /// A flow starts in the half-open table and moves to the assured table
@@ -1160,19 +1162,14 @@ fn audited_flows_are_tracked_then_void_when_enforcement_resumes() -> anyhow::Res
     Ok(())
 }
 
-/// Every entry of both connection tables of an instance.
+/// Every entry of the connection tables of an instance (both families).
 fn ct_entries(
     instance: &Instance,
 ) -> anyhow::Result<Vec<(segbpf_common::CtKey, segbpf_common::CtEntry)>> {
-    use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
+    // Both families' tables, IPv4 keys widened to `CtKey`.
     let mut entries = Vec::new();
-    for name in [MAP_CT, MAP_CT_NEW] {
-        let map = instance
-            .ebpf()
-            .map(name)
-            .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
-        let table: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(map)?;
-        entries.extend(table.iter().collect::<Result<Vec<_>, _>>()?);
+    for t in segbpf::attachment::cttables::tables() {
+        entries.extend(segbpf::attachment::cttables::read(instance.ebpf(), t)?);
     }
     Ok(entries)
 }
@@ -1499,7 +1496,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<()> {
-    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT};
+    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT4};
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
     let roles = vec!["app".to_string()];
@@ -1520,11 +1517,12 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     let now = segbpf::host::clock::monotonic_ns();
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip("198.18.7.7"), 53);
     {
-        let map = instance.ebpf_mut().map_mut(MAP_CT).expect("SEG_CT");
-        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey, CtEntry> =
+        // An IPv4 flow: in the IPv4 table, under its 16-byte key.
+        let map = instance.ebpf_mut().map_mut(MAP_CT4).expect("SEG_CT4");
+        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey4, CtEntry> =
             aya::maps::HashMap::try_from(map)?;
         ct.insert(
-            key,
+            key.narrow().expect("an IPv4 key"),
             CtEntry {
                 last_seen_ns: now,
                 first_seen_ns: now,
@@ -1550,5 +1548,75 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     assert_eq!((seeded.entries, seeded.buckets), (1, 1));
     let v = instance.ingress(&reply)?;
     assert_eq!(v.reason, reason::PASS_CT, "seeded: the reply is found");
+    Ok(())
+}
+
+/// An IPv4 flow that a build before the IPv4 tables left in the shared
+/// `SEG_CT` (another attachment of the namespace kept the tables while
+/// this interface's programs were replaced) is not looked up there by
+/// this build's IPv4 programs: the attach moves the interface's IPv4
+/// entries into `SEG_CT4` (`segbpf::attachment::cttables::adopt_v4`,
+/// before the seeding), so the flow goes on; another interface's entry
+/// stays where it is, and the old copy is gone (a later attach cannot
+/// bring back a flow pruned since).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> anyhow::Result<()> {
+    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT};
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    let roles = vec!["app".to_string()];
+    let compiled = harness::compile(&policy, &roles, "eth0")?;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    let now = segbpf::host::clock::monotonic_ns();
+    // This instance is attached nowhere: interface 0.
+    let mine = ct_key(IPPROTO_UDP, ip(APP), 40_778, ip("198.18.7.8"), 53);
+    let other = segbpf_common::CtKey {
+        ifindex: 5,
+        ..ct_key(IPPROTO_UDP, ip(APP), 40_779, ip("198.18.7.8"), 53)
+    };
+    let entry = CtEntry {
+        last_seen_ns: now,
+        first_seen_ns: now,
+        state: CT_ESTABLISHED,
+        origin: DIR_EGRESS,
+        wscale: [CT_NO_WSCALE; 2],
+        ..CtEntry::default()
+    };
+    {
+        let map = instance.ebpf_mut().map_mut(MAP_CT).expect("SEG_CT");
+        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey, CtEntry> =
+            aya::maps::HashMap::try_from(map)?;
+        ct.insert(mine, entry, 0)?;
+        ct.insert(other, entry, 0)?;
+    }
+    segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
+    let reply = udp("198.18.7.8", APP, 53, 40_778).build().bytes;
+    assert_eq!(
+        instance.ingress(&reply)?.reason,
+        reason::DROP_DEFAULT,
+        "an IPv4 flow is looked up in the IPv4 tables only"
+    );
+    let moved = segbpf::attachment::cttables::adopt_v4(instance.ebpf_mut(), 0)?;
+    assert_eq!(moved, 1, "this interface's entry only");
+    segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
+    assert_eq!(
+        instance.ingress(&reply)?.reason,
+        reason::PASS_CT,
+        "moved: the reply is found"
+    );
+    let left: Vec<_> = ct_entries(&instance)?;
+    assert_eq!(left.len(), 2, "{left:?}");
+    let v4 = segbpf::attachment::cttables::tables().find(|t| t.v4 && t.assured);
+    let v4 = segbpf::attachment::cttables::read(instance.ebpf(), v4.expect("SEG_CT4"))?;
+    assert_eq!(v4.len(), 1, "{v4:?}");
+    assert_eq!(v4[0].0, mine, "the moved key widens back to the old one");
+    let old = segbpf::attachment::cttables::tables().find(|t| !t.v4 && t.assured);
+    let old = segbpf::attachment::cttables::read(instance.ebpf(), old.expect("SEG_CT"))?;
+    assert_eq!(
+        old.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        vec![other],
+        "another interface's entry stays; the moved one's old copy is gone"
+    );
     Ok(())
 }

@@ -217,6 +217,12 @@ fn load_object(object: Option<&[u8]>) -> anyhow::Result<aya::Ebpf> {
             segbpf_common::MAP_CT_NEW,
             segbpf_common::ct_new_entries(c.ct),
         )
+        // Objects before the IPv4 tables have none: aya skips the name.
+        .map_max_entries(segbpf_common::MAP_CT4, c.ct)
+        .map_max_entries(
+            segbpf_common::MAP_CT4_NEW,
+            segbpf_common::ct_new_entries(c.ct),
+        )
         .map_max_entries(segbpf_common::MAP_FRAG, c.frag)
         .map_max_entries(segbpf_common::MAP_FRAG_NEW, c.frag)
         .map_max_entries(segbpf_common::MAP_RULE_STATS, c.rule_stats)

@@ -190,6 +190,9 @@ fn apply_timed(
     // The device type decides where packets start; refuse what we cannot parse.
     let id = netif::identify(&req.iface)?;
     let (ifindex, link) = (id.ifindex, id.link);
+    // The IPv4 connection tables hold 24 bits of the index: refused here,
+    // before anything changes.
+    loader::check_ifindex(&req.iface, ifindex)?;
 
     // 2. One attach (or change) of this attachment at a time. A live
     //    attachment is adopted: restarting `attach` (a crash, `kill -9`, a

@@ -11,15 +11,14 @@
 //! entry's, never makes a bucket older than a tick a program wrote a
 //! moment before (another attachment's, racing this write).
 
-use std::{collections::BTreeSet, os::fd::AsFd as _};
+use std::collections::BTreeSet;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, MapData},
 };
 use segbpf_common::{
-    CtEntry, CtKey, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket,
-    ct_seen_flow_bucket, ct_seen_tick,
+    MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket, ct_seen_flow_bucket, ct_seen_tick,
 };
 
 use crate::attachment::maps::MapsError;
@@ -27,7 +26,7 @@ use crate::attachment::maps::MapsError;
 /// What seeding did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seeded {
-    /// Entries found in both connection tables.
+    /// Entries found in the connection tables (both families).
     pub entries: u64,
     /// Remote buckets written (`SEG_CT_SEEN`: distinct buckets of those
     /// entries' remotes).
@@ -40,34 +39,6 @@ fn err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
     move |source| MapsError::Map { map, source }
 }
 
-/// The keys of one connection table: one batched read, or entry by entry
-/// where the kernel does not do batches.
-fn keys(ebpf: &Ebpf, name: &'static str) -> Result<Vec<CtKey>, MapsError> {
-    let map = ebpf.map(name).ok_or(MapsError::Missing(name))?;
-    if let Map::LruHashMap(data) | Map::HashMap(data) = map {
-        use crate::attachment::batch;
-        match batch::read_all::<CtKey, CtEntry>(data.fd().as_fd(), 1, false) {
-            Ok((entries, _)) => return Ok(entries.into_iter().map(|(k, _)| k).collect()),
-            Err(e) if batch::unsupported(&e) => {}
-            Err(io_error) => {
-                return Err(MapsError::Map {
-                    map: name,
-                    source: aya::sys::SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error,
-                    }
-                    .into(),
-                });
-            }
-        }
-    }
-    let table: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map).map_err(err(name))?;
-    table
-        .keys()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(err(name))
-}
-
 /// Writes the current tick into the bucket of every entry of the
 /// instance's connection tables (see the module docs). The caller has not
 /// attached the instance's programs yet.
@@ -75,8 +46,10 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
     let mut entries = 0;
     let mut remotes = BTreeSet::new();
     let mut flows = BTreeSet::new();
-    for name in [MAP_CT, MAP_CT_NEW] {
-        for k in keys(ebpf, name)? {
+    // Both families' tables: an IPv4 key's buckets are the same in either
+    // form (`segbpf_common::ct_seen_bucket_v4`, `ct_seen_flow_bucket_v4`).
+    for t in crate::attachment::cttables::tables() {
+        for (k, _) in crate::attachment::cttables::read(ebpf, t)? {
             entries += 1;
             remotes.insert(ct_seen_bucket(k.family, &k.remote));
             flows.insert(ct_seen_flow_bucket(&k));

@@ -9,11 +9,12 @@ use aya::{
     programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT,
-    MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6,
-    MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS,
-    PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR,
-    PROG_XDP_INGRESS_V6, RUN_DRY, TAIL_INDEX_ERR, TAIL_INDEX_V6,
+    CT4_MAX_IFINDEX, GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK,
+    GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, MAP_CT4, MAP_CT4_NEW,
+    MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC,
+    MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6,
+    PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY, TAIL_INDEX_ERR,
+    TAIL_INDEX_V6,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -65,6 +66,19 @@ pub enum LoadError {
         /// The value size this segbpf uses.
         want_value: u32,
     },
+    /// The interface's index does not fit the IPv4 connection-table key
+    /// (`segbpf_common::CtKey4`, 24 bits): its flows could not be kept
+    /// apart from another interface's.
+    #[error(
+        "interface {iface} has index {ifindex}, above {max}: segbpf's IPv4 connection tracking holds 24 bits of the interface index, so it cannot attach there (nothing was changed); re-create the interface with a smaller index (`ip link add ... index N`)",
+        max = CT4_MAX_IFINDEX
+    )]
+    IfindexTooLarge {
+        /// The interface's name.
+        iface: String,
+        /// Its index.
+        ifindex: u32,
+    },
     /// The namespace's last-seen array could not be brought up to date
     /// with its connection tables (nothing was attached).
     #[error("seeding the last-seen array from the connection tables: {0}")]
@@ -105,6 +119,20 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
     Ok(ebpf)
 }
 
+/// Refuses an interface whose index does not fit the IPv4
+/// connection-table key (more than [`CT4_MAX_IFINDEX`]): the key would
+/// not name the interface exactly. `attach` checks it before it changes
+/// anything.
+pub fn check_ifindex(iface: &str, ifindex: u32) -> Result<(), LoadError> {
+    if ifindex > CT4_MAX_IFINDEX {
+        return Err(LoadError::IfindexTooLarge {
+            iface: iface.to_string(),
+            ifindex,
+        });
+    }
+    Ok(())
+}
+
 /// Loads the live instance of the attachment `att` of the interface
 /// `ifindex`: its own maps sized by `capacity`, and its namespace's shared
 /// connection tables, created (and pinned) with `capacity.ct` entries when
@@ -119,6 +147,7 @@ pub fn load_attachment(
     link: u8,
     ifindex: u32,
 ) -> Result<Ebpf, LoadError> {
+    check_ifindex(&att.iface, ifindex)?;
     check_shared(att)?;
     let paths: Vec<(&str, std::path::PathBuf)> = segbpf_common::SHARED_MAPS
         .iter()
@@ -136,6 +165,13 @@ pub fn load_attachment(
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
+    if let Some(n) = shared_ct_size(att) {
+        // Tables of an older build (no IPv4 pair yet): the IPv4 tables
+        // made now take the size the namespace's tables have.
+        loader
+            .map_max_entries(MAP_CT4, n)
+            .map_max_entries(MAP_CT4_NEW, segbpf_common::ct_new_entries(n));
+    }
     loader
         .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
         .override_global(GLOBAL_LINK, &link, true)
@@ -148,6 +184,12 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
+    // IPv4 flows of this interface that a build before the IPv4 tables
+    // left in the shared tables: moved before the seeding covers them.
+    let adopted = crate::attachment::cttables::adopt_v4(&mut ebpf, ifindex)?;
+    if adopted > 0 {
+        tracing::debug!("{adopted} IPv4 flows moved into the IPv4 connection tables");
+    }
     let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
     tracing::debug!(
         "last-seen arrays: {} remote and {} flow buckets written for {} connection-table entries",
@@ -214,6 +256,8 @@ fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
         .map_max_entries(MAP_PORTS, capacity.ports)
         .map_max_entries(MAP_CT, capacity.ct)
         .map_max_entries(MAP_CT_NEW, segbpf_common::ct_new_entries(capacity.ct))
+        .map_max_entries(MAP_CT4, capacity.ct)
+        .map_max_entries(MAP_CT4_NEW, segbpf_common::ct_new_entries(capacity.ct))
         .map_max_entries(MAP_FRAG, capacity.frag)
         .map_max_entries(MAP_FRAG_NEW, capacity.frag)
         .map_max_entries(MAP_RULE_STATS, capacity.rule_stats);
@@ -233,14 +277,18 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     use aya::maps::MapInfo;
     const LRU_HASH: u32 = 9; // BPF_MAP_TYPE_LRU_HASH
     const ARRAY: u32 = 2; // BPF_MAP_TYPE_ARRAY
-    let table = (
-        LRU_HASH,
-        size_of::<segbpf_common::CtKey>() as u32,
-        size_of::<segbpf_common::CtEntry>() as u32,
-    );
+    let entry = size_of::<segbpf_common::CtEntry>() as u32;
+    let table = (LRU_HASH, size_of::<segbpf_common::CtKey>() as u32, entry);
+    let table4 = (LRU_HASH, size_of::<segbpf_common::CtKey4>() as u32, entry);
     for name in segbpf_common::SHARED_MAPS {
         let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
-        let (want_type, want_key, want_value) = if array { (ARRAY, 4, 4) } else { table };
+        let (want_type, want_key, want_value) = if array {
+            (ARRAY, 4, 4)
+        } else if name == MAP_CT4 || name == MAP_CT4_NEW {
+            table4
+        } else {
+            table
+        };
         let path = att.map(name);
         if !path.exists() {
             continue;

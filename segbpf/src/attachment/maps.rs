@@ -493,7 +493,7 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> 
 }
 
 /// Entries in one of an attachment's LRU tables (`SEG_CT`, `SEG_CT_NEW`,
-/// `SEG_FRAG`, `SEG_FRAG_NEW`) for which `mine` holds: live and not yet
+/// `SEG_CT4`, `SEG_CT4_NEW`, `SEG_FRAG`, `SEG_FRAG_NEW`) for which `mine` holds: live and not yet
 /// evicted; expired entries count until the LRU reuses them. Also returns
 /// the entries of every attachment (the table's fill).
 pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
@@ -514,14 +514,28 @@ pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Entries of the interface `ifindex` in its namespace's shared connection
-/// tables, and of every interface: ((assured, half-open), (assured,
-/// half-open)).
+/// tables (both families), and of every interface: ((assured, half-open),
+/// (assured, half-open)). A missing IPv4 table (made by an older build)
+/// counts none.
 pub fn pinned_ct_fill(att: &Attachment, ifindex: u32) -> Result<[(u64, u64); 2], MapsError> {
-    use segbpf_common::{CtEntry, CtKey, MAP_CT, MAP_CT_NEW};
+    use segbpf_common::{CtEntry, CtKey, CtKey4, MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW};
     let mine = |k: &CtKey| k.ifindex == ifindex;
+    let mine4 = |k: &CtKey4| k.ifindex() == ifindex;
+    let v4 = |name| {
+        if att.map(name).exists() {
+            pinned_fill::<CtKey4, CtEntry>(att, name, mine4)
+        } else {
+            Ok((0, 0))
+        }
+    };
     let assured = pinned_fill::<CtKey, CtEntry>(att, MAP_CT, mine)?;
     let half_open = pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW, mine)?;
-    Ok([(assured.0, half_open.0), (assured.1, half_open.1)])
+    let assured4 = v4(MAP_CT4)?;
+    let half_open4 = v4(MAP_CT4_NEW)?;
+    Ok([
+        (assured.0 + assured4.0, half_open.0 + half_open4.0),
+        (assured.1 + assured4.1, half_open.1 + half_open4.1),
+    ])
 }
 
 /// The fill levels of an attachment's connection and fragment tables:

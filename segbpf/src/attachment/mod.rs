@@ -16,6 +16,7 @@ pub mod attach;
 pub mod batch;
 pub mod cgroup_follow;
 pub mod ctseen;
+pub mod cttables;
 pub mod delta;
 pub mod dirs;
 pub mod gone;

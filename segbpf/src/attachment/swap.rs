@@ -29,10 +29,8 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
-use segbpf_common::{
-    Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_CT, MAP_CT_NEW, MAP_RULE_STATS,
-};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use segbpf_common::{Counter, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, MAP_RULE_STATS};
 use serde::Serialize;
 
 use crate::{
@@ -1610,23 +1608,9 @@ fn prune_conntrack(
         ranges.iter().any(|&(s, e)| s <= addr && addr <= e)
     };
     let mut pruned = 0;
-    for name in [MAP_CT, MAP_CT_NEW] {
-        let err = |source| MapsError::Map { map: name, source };
-        let data = MapData::from_pin(att.map(name)).map_err(err)?;
-        // One batched read of the table where the kernel does them.
-        let batched = {
-            use std::os::fd::AsFd as _;
-            crate::attachment::batch::read_all::<CtKey, CtEntry>(data.fd().as_fd(), 1, false)
-        };
-        let mut ct: BpfHashMap<MapData, CtKey, CtEntry> =
-            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
-        let entries: Vec<(CtKey, CtEntry)> = match batched {
-            Ok((entries, _)) => entries
-                .into_iter()
-                .filter_map(|(k, mut v)| Some((k, v.pop()?)))
-                .collect(),
-            Err(_) => ct.iter().filter_map(Result::ok).collect(),
-        };
+    // Both families' tables (`crate::attachment::cttables`).
+    for t in crate::attachment::cttables::tables() {
+        let entries = crate::attachment::cttables::read_pinned(att, t)?;
         let judged: Vec<(CtKey, CtEntry)> = entries
             .into_iter()
             .filter(|(k, _)| k.ifindex == ifindex && in_region(k))
@@ -1654,9 +1638,8 @@ fn prune_conntrack(
             })
             .map(|(k, _)| k)
             .collect();
-        for k in &gone {
-            let _ = ct.remove(k); // may have expired, moved or been evicted meanwhile
-        }
+        // An entry may have expired, moved or been evicted meanwhile.
+        crate::attachment::cttables::remove_pinned(att, t, &gone)?;
         pruned += gone.len();
     }
     Ok(pruned)

@@ -8,10 +8,9 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_NEW, CtEntry, CtKey, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    MAP_CT, MAP_CT_NEW, NO_RULE, ct_timeout_s,
+    NO_RULE, ct_timeout_s,
 };
 use serde::Serialize;
 
@@ -195,42 +194,11 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
     let state = State::current(att).ok();
     let now = clock::monotonic_ns();
     let mut out = Vec::new();
-    for (name, table) in [(MAP_CT, "assured"), (MAP_CT_NEW, "half-open")] {
-        let err = |source| MapsError::Map { map: name, source };
-        let data = MapData::from_pin(att.map(name)).map_err(err)?;
-        // One batched read per table ([`crate::attachment::batch`]); entry by entry
-        // where the kernel does not do batches.
-        let entries: Vec<(CtKey, CtEntry)> = {
-            use std::os::fd::AsFd as _;
-            match crate::attachment::batch::read_all::<CtKey, CtEntry>(data.fd().as_fd(), 1, false)
-            {
-                Ok((entries, cost)) => {
-                    tracing::debug!(
-                        "read {name}: {} entries in {} bpf calls",
-                        cost.entries,
-                        cost.calls
-                    );
-                    entries
-                        .into_iter()
-                        .filter_map(|(k, mut v)| Some((k, v.pop()?)))
-                        .collect()
-                }
-                Err(e) if crate::attachment::batch::unsupported(&e) => {
-                    let ct: BpfHashMap<MapData, CtKey, CtEntry> =
-                        BpfHashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
-                    ct.iter().flatten().collect()
-                }
-                Err(e) => {
-                    return Err(
-                        err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                            call: "bpf_map_lookup_batch",
-                            io_error: e,
-                        }))
-                        .into(),
-                    );
-                }
-            }
-        };
+    // Both families' tables (`crate::attachment::cttables`): IPv4 keys
+    // read widened to `CtKey`.
+    for t in crate::attachment::cttables::tables() {
+        let table = if t.assured { "assured" } else { "half-open" };
+        let entries = crate::attachment::cttables::read_pinned(att, t)?;
         for (k, e) in entries {
             // The tables are the namespace's: this interface's flows only
             // (none when the state, which names the interface, is unreadable).
