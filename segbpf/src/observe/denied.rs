@@ -137,6 +137,9 @@ pub struct Drainer {
     /// The flood state (None for an attachment made by a segbpf without it).
     rate: Option<PerCpuArray<MapData, DeniedRate>>,
     unsampled_seen: u64,
+    /// Drops were left unsampled between the previous drain's flip and
+    /// its last read: some may be of the table this drain reads.
+    unsampled_around_flip: bool,
 }
 
 impl std::fmt::Debug for Drainer {
@@ -192,6 +195,7 @@ impl Drainer {
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
             unsampled_seen: 0,
+            unsampled_around_flip: false,
         };
         d.lost_seen = d.lost_total()?;
         d.unsampled_seen = d.unsampled_total()?;
@@ -251,6 +255,10 @@ impl Drainer {
     /// Everything denied since the previous drain.
     pub fn drain(&mut self) -> Result<Drained, MapsError> {
         let current = self.sel.get(&0, 0).map_err(err(MAP_DENY_SEL))? & 1;
+        // The unsampled count is not swapped with the tables: read at the
+        // flip too, so drops left unsampled around it (between this read
+        // and the one below) make the next drain's records inexact as well.
+        let at_flip = self.unsampled_total()?;
         self.sel.set(0, current ^ 1, 0).map_err(err(MAP_DENY_SEL))?;
         std::thread::sleep(GRACE);
         let name = if current == 0 {
@@ -276,7 +284,9 @@ impl Drainer {
         let total = self.unsampled_total()?;
         let unsampled = total.saturating_sub(self.unsampled_seen);
         self.unsampled_seen = total;
-        if unsampled > 0 {
+        let inexact = unsampled > 0 || self.unsampled_around_flip;
+        self.unsampled_around_flip = total > at_flip;
+        if inexact {
             for a in &mut aggregates {
                 a.exact = false;
             }
