@@ -282,10 +282,14 @@ impl Drainer {
         let lost = total.saturating_sub(self.lost_seen);
         self.lost_seen = total;
         let total = self.unsampled_total()?;
-        let unsampled = total.saturating_sub(self.unsampled_seen);
+        let (unsampled, inexact, around_flip) = unsampled_marking(
+            self.unsampled_seen,
+            at_flip,
+            total,
+            self.unsampled_around_flip,
+        );
         self.unsampled_seen = total;
-        let inexact = unsampled > 0 || self.unsampled_around_flip;
-        self.unsampled_around_flip = total > at_flip;
+        self.unsampled_around_flip = around_flip;
         if inexact {
             for a in &mut aggregates {
                 a.exact = false;
@@ -297,6 +301,19 @@ impl Drainer {
             unsampled,
         })
     }
+}
+
+/// The unsampled drops of a drain and whether its records are inexact,
+/// from the count at the previous drain's last read (`seen`), at this
+/// drain's flip (`at_flip`) and at its last read (`total`), and whether
+/// drops went unsampled around the previous flip (`carried`); returns
+/// also whether drops went unsampled around this flip (the next drain's
+/// `carried`). The count is not swapped with the tables, so a drop left
+/// unsampled between a flip and the read after it may belong to either
+/// table: both drains are marked.
+fn unsampled_marking(seen: u64, at_flip: u64, total: u64, carried: bool) -> (u64, bool, bool) {
+    let unsampled = total.saturating_sub(seen);
+    (unsampled, unsampled > 0 || carried, total > at_flip)
 }
 
 #[cfg(test)]
@@ -340,6 +357,26 @@ mod tests {
         assert_eq!((a.packets, a.bytes), (5, 300));
         assert_eq!((a.first_ns, a.last_ns), (4000, 7000));
         assert!(a.exact);
+    }
+
+    #[test]
+    fn drops_unsampled_around_a_flip_make_both_drains_inexact() {
+        // A burst straddles drain 1's flip: its unsampled drops are counted
+        // after the flip (100 -> 160), its sampled records land in the next
+        // table, which drain 2 reads with no new unsampled drops.
+        let (n1, inexact1, carry) = unsampled_marking(100, 100, 160, false);
+        assert_eq!((n1, inexact1, carry), (60, true, true));
+        let (n2, inexact2, carry2) = unsampled_marking(160, 160, 160, carry);
+        assert_eq!((n2, inexact2), (0, true), "the straddling burst's records");
+        let (n3, inexact3, _) = unsampled_marking(160, 160, 160, carry2);
+        assert_eq!(
+            (n3, inexact3),
+            (0, false),
+            "a quiet drain after is exact again"
+        );
+        // Unsampled drops only before the flip: this drain alone.
+        let (n, inexact, carry) = unsampled_marking(0, 40, 40, false);
+        assert_eq!((n, inexact, carry), (40, true, false));
     }
 
     #[test]
