@@ -195,6 +195,9 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
     let (srv, client) = (lab.host("srv").addrs[0], lab.host("client").addrs[0]);
     lab.attach("srv", policy.to_str().unwrap_or_default(), &[])?;
     let follower = lab.follow_flows("srv", &["--denied-secs", "1"])?;
+    // A second `flows --follow`: one of the two drains (the primary), the
+    // other shows what the primary stored, `lost` lines included.
+    let watcher = lab.follow_flows("srv", &["--denied-secs", "1"])?;
     let ns = lab.host("client").ns.name.clone();
     let before = counters(&ns)?;
     // 100,000 datagrams to 10 closed ports, in two bursts a few drains apart.
@@ -268,6 +271,19 @@ fn a_denied_flood_is_aggregated_and_adds_up_to_what_was_sent() -> anyhow::Result
     assert!(
         unsampled > 0 && unsampled < wire,
         "a flood is aggregated on a sample: unsampled {unsampled} of {wire}"
+    );
+    let lost_of = |lines: &[serde_json::Value]| -> u64 {
+        lines
+            .iter()
+            .filter(|r| r["state"] == "lost")
+            .map(|r| r["packets"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let watched = watcher.json_lines()?;
+    assert_eq!(
+        lost_of(&watched),
+        lost_of(&all),
+        "both `flows --follow` show the same `lost` lines (the follower from the store)"
     );
     for r in &ours {
         assert_eq!(r["verdict"], "drop", "{r}");

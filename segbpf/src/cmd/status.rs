@@ -416,7 +416,7 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     }
     writeln!(
         o,
-        "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full); {} denied packets not attributed (bucket shared)",
+        "  events:    {} emitted, {} suppressed by the rate limit, {} lost (ring full); {} denied packets not attributed (bucket shared, or a flood aggregated on a sample)",
         r.events.emitted, r.events.suppressed, r.events.lost, r.denied_lost
     )?;
     writeln!(o, "  passed:    {} packets", r.passed)?;

@@ -219,6 +219,25 @@ pub struct Lost {
     pub unsampled: u64,
 }
 
+/// A `lost` line the primary wrote to the observed store, for a follower.
+fn lost_from_store(line: &str) -> Option<Lost> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["state"] != "lost" || v["what"] != "denied" {
+        return None;
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Some(Lost {
+        schema: u32::try_from(n("schema")).unwrap_or(crate::JSON_SCHEMA),
+        time: v["time"].as_str()?.to_string(),
+        iface: v["iface"].as_str()?.to_string(),
+        state: "lost",
+        what: "denied",
+        packets: n("packets"),
+        shared: n("shared"),
+        unsampled: n("unsampled"),
+    })
+}
+
 /// One line of the flow log.
 #[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
@@ -534,6 +553,8 @@ impl FlowLog {
                 for l in tail.read_new() {
                     if let Ok(r) = serde_json::from_str::<Record>(&l) {
                         out.push(Line::Record(Box::new(r)));
+                    } else if let Some(lost) = lost_from_store(&l) {
+                        out.push(Line::Lost(lost));
                     }
                 }
             }
@@ -612,7 +633,7 @@ impl FlowLog {
             );
         }
         if drained.lost + drained.unsampled > 0 {
-            out.push(Line::Lost(Lost {
+            let lost = Lost {
                 schema: crate::JSON_SCHEMA,
                 time: clock::rfc3339(SystemTime::now()),
                 iface: self.att.iface.clone(),
@@ -621,7 +642,13 @@ impl FlowLog {
                 packets: drained.lost + drained.unsampled,
                 shared: drained.lost,
                 unsampled: drained.unsampled,
-            }));
+            };
+            // In the store too, so followers (`flows --follow` beside the
+            // primary) show it; `suggest` reads only records.
+            if let Ok(l) = serde_json::to_string(&lost) {
+                stored.push(l);
+            }
+            out.push(Line::Lost(lost));
         }
         if let Some(primary) = &mut self.primary
             && let Err(e) = primary.store.append(&stored)

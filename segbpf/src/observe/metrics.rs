@@ -174,7 +174,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     counter_family(
         &mut registry,
         "denied_lost",
-        "Denied packets not attributed to an aggregate for the flow log (their bucket had another owner)",
+        "Denied packets not attributed to an aggregate for the flow log (their bucket had another owner, or a flood was aggregated on a sample)",
     )
     .get_or_create(&vec![iface()])
     .inc_by(r.denied_lost);
