@@ -8,6 +8,8 @@
 //!   attachment each time instead of failing with "already attached").
 //! * With `NOTIFY_SOCKET` set, `READY=1` arrives only once the policy is in
 //!   force, and a SIGHUP reload is framed by `RELOADING=1` and `READY=1`.
+//! * A foreground `attach` whose attachment was detached and made again by
+//!   other commands stops instead of running beside the new one.
 #![allow(
     unused_crate_dependencies,
     reason = "each test file is a crate that sees every dependency of the tests package"
@@ -174,5 +176,37 @@ fn notify_socket_hears_ready_only_when_enforcing_and_reloads() -> anyhow::Result
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     attach.wait()?;
     let _ = std::fs::remove_file(&sock_path);
+    Ok(())
+}
+
+/// A foreground `attach` whose attachment is detached and made again by
+/// other commands (`detach`, then a new `attach` within a second) stops:
+/// identity from the kernel (the pinned event ring's id), not from the
+/// pins' existence, so it never keeps running beside the new one.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn an_attach_whose_attachment_was_detached_and_made_again_stops() -> anyhow::Result<()> {
+    let (lab, policy) = lab("reatt")?;
+    let args = ["attach", "eth0", "--policy", policy.as_str()];
+    let mut old = Running::new(lab.spawn("srv", &args)?);
+    lab.wait_enforcing("srv")?;
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    lab.attach("srv", &policy, &[])?;
+    let start = Instant::now();
+    let mut exited = None;
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Some(status) = old.try_wait()? {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the old attach still runs (or failed: {exited:?}) 15 s after its attachment was replaced"
+    );
+    // The new attachment is untouched by the old process leaving.
+    lab.wait_enforcing("srv")?;
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
     Ok(())
 }

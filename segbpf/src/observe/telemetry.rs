@@ -298,6 +298,15 @@ pub async fn stream(
     use std::io::Write as _;
     let ring_path = att.map(MAP_EVENTS);
     let what = || format!("opening {}", ring_path.display());
+    // The kernel's id of the ring this stream reads: an attachment that was
+    // detached and made again has another ring (the stream would read a
+    // dead one), so the stream ends then too.
+    let ring_id = || {
+        aya::maps::MapInfo::from_pin(&ring_path)
+            .ok()
+            .map(|i| i.id())
+    };
+    let ours = ring_id();
     let data = MapData::from_pin(&ring_path).map_err(map_err(what()))?;
     let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(map_err(what()))?;
     let mut fd = register(ring)?;
@@ -316,16 +325,26 @@ pub async fn stream(
     let mut tick = tokio::time::interval(summary_every);
     tick.tick().await;
     let mut retry = tokio::time::interval(Duration::from_millis(200));
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stop);
     let stdout = std::io::stdout();
     loop {
         tokio::select! {
             () = &mut stop => break,
-            _ = tick.tick() => {
+            _ = alive.tick() => {
                 if !att.is_attached() {
                     tracing::info!("segbpf was detached from {}; stopping the event stream", att.iface);
                     break;
                 }
+                if ours.is_some() && ring_id() != ours {
+                    tracing::info!(
+                        "segbpf was detached from {} and attached again by another command; stopping the event stream of the old attachment",
+                        att.iface
+                    );
+                    break;
+                }
+            }
+            _ = tick.tick() => {
                 let now = pinned_event_stats(att).unwrap_or(last);
                 let (sup, lost) = (now.suppressed - last.suppressed, now.lost - last.lost);
                 if sup > 0 || lost > 0 {
