@@ -3784,7 +3784,9 @@ tcp = [5454]
 /// only), and not when both are; the verdict is printed either way.
 #[test]
 fn explain_warns_of_a_peer_service_off_the_host() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-{}", std::process::id()));
+    // A directory of this test's own: the tests of a file run at once in
+    // one process.
+    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-warn-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let policy = dir.join("roles.toml");
     std::fs::write(&policy, MATRIX)?;
@@ -4622,7 +4624,8 @@ fn follower_log_is_capped() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs the segbpf binary: run `cargo xtask test`"]
 fn explain_egress_to_services_as_the_live_program() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("segbpf-svc-explain-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("segbpf-svc-explain-egress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let policy = dir.join("roles.toml");
     std::fs::write(
