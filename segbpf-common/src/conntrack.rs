@@ -222,6 +222,22 @@ pub fn ct_timeout_s(cfg: &crate::Config, proto: u8, state: u8) -> u32 {
     }
 }
 
+/// Whether a connection-table `entry` of protocol `proto` is a tracked
+/// flow at `now` (`CLOCK_MONOTONIC` ns, the base of the kernel's coarse
+/// stamps) under the configuration in force `cfg`: its last packet is at
+/// most [`ct_timeout_s`] old, and it is not a flow audit mode let through
+/// while audit mode is now off. This is the datapath's rule (the entry
+/// stays in its LRU table until evicted, dead); `segbpf flows`, `status`
+/// and the metrics count by it.
+#[inline]
+pub fn ct_entry_live(cfg: &crate::Config, proto: u8, entry: &CtEntry, now: u64) -> bool {
+    if entry.audit != 0 && cfg.audit == 0 {
+        return false;
+    }
+    let ttl_ns = u64::from(ct_timeout_s(cfg, proto, entry.state)) * 1_000_000_000;
+    now.saturating_sub(entry.last_seen_ns) <= ttl_ns
+}
+
 /// Fragment-table key: one IP datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -259,6 +275,58 @@ const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_live_until_its_state_timeout_and_audit_entries_only_in_audit_mode() {
+        use crate::{Config, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+        const S: u64 = 1_000_000_000;
+        let cfg = Config {
+            ct_tcp_syn_s: 60,
+            ct_tcp_est_s: 3600,
+            ct_tcp_close_s: 10,
+            ct_udp_s: 30,
+            ct_udp_est_s: 120,
+            ct_icmp_s: 20,
+            ..Config::default()
+        };
+        let at = |state, last| CtEntry {
+            state,
+            last_seen_ns: last,
+            ..CtEntry::default()
+        };
+        let now = 10_000 * S;
+        // Exactly the timeout old is live (the kernel's `<=`), a ns more is not.
+        for (proto, state, ttl) in [
+            (IPPROTO_TCP, CT_NEW, 60),
+            (IPPROTO_TCP, CT_ESTABLISHED, 3600),
+            (IPPROTO_TCP, CT_CLOSING, 10),
+            (IPPROTO_UDP, CT_NEW, 30),
+            (IPPROTO_UDP, CT_ESTABLISHED, 120),
+            (IPPROTO_ICMP, CT_NEW, 20),
+        ] {
+            assert!(ct_entry_live(&cfg, proto, &at(state, now - ttl * S), now));
+            assert!(!ct_entry_live(
+                &cfg,
+                proto,
+                &at(state, now - ttl * S - 1),
+                now
+            ));
+        }
+        // A stamp after `now` (another CPU's coarse clock) is live.
+        assert!(ct_entry_live(
+            &cfg,
+            IPPROTO_TCP,
+            &at(CT_CLOSING, now + S),
+            now
+        ));
+        let audited = CtEntry {
+            audit: 1,
+            ..at(CT_ESTABLISHED, now)
+        };
+        assert!(!ct_entry_live(&cfg, IPPROTO_TCP, &audited, now));
+        let audit_on = Config { audit: 1, ..cfg };
+        assert!(ct_entry_live(&audit_on, IPPROTO_TCP, &audited, now));
+    }
 
     #[test]
     fn an_ipv4_key_narrows_and_widens_back() {

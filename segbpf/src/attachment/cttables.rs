@@ -189,3 +189,46 @@ pub fn adopt_v4(ebpf: &mut aya::Ebpf, ifindex: u32) -> Result<u64, MapsError> {
     }
     Ok(moved)
 }
+
+/// Entries of connection tables: live flows per table, and expired ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fill {
+    /// Live entries in the assured tables (both families).
+    pub assured: u64,
+    /// Live entries in the half-open tables (both families).
+    pub half_open: u64,
+    /// Entries of either table that are no longer flows
+    /// ([`segbpf_common::ct_entry_live`] is false): they stay in their LRU
+    /// table until a new flow reuses the slot.
+    pub expired: u64,
+}
+
+impl Fill {
+    fn add(&mut self, assured: bool, live: bool) {
+        match (live, assured) {
+            (false, _) => self.expired += 1,
+            (true, true) => self.assured += 1,
+            (true, false) => self.half_open += 1,
+        }
+    }
+}
+
+/// The namespace's connection tables pinned for `att`, counted by the
+/// datapath's rule ([`segbpf_common::ct_entry_live`] with the
+/// configuration in force and the monotonic clock now): the interface
+/// `ifindex`'s entries, and every interface's.
+pub fn pinned_fill(att: &Attachment, ifindex: u32) -> Result<[Fill; 2], MapsError> {
+    let cfg = crate::attachment::maps::pinned_config(att)?;
+    let now = crate::host::clock::monotonic_ns();
+    let (mut mine, mut all) = (Fill::default(), Fill::default());
+    for t in tables() {
+        for (k, e) in read_pinned(att, t)? {
+            let live = segbpf_common::ct_entry_live(&cfg, k.proto, &e, now);
+            all.add(t.assured, live);
+            if k.ifindex == ifindex {
+                mine.add(t.assured, live);
+            }
+        }
+    }
+    Ok([mine, all])
+}

@@ -492,10 +492,11 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> 
     Ok(())
 }
 
-/// Entries in one of an attachment's LRU tables (`SEG_CT`, `SEG_CT_NEW`,
-/// `SEG_CT4`, `SEG_CT4_NEW`, `SEG_FRAG`, `SEG_FRAG_NEW`) for which `mine` holds: live and not yet
-/// evicted; expired entries count until the LRU reuses them. Also returns
-/// the entries of every attachment (the table's fill).
+/// Entries in one of an attachment's LRU tables (`SEG_FRAG`,
+/// `SEG_FRAG_NEW`) for which `mine` holds, expired entries included until
+/// the LRU reuses them; also returns every entry (the table's fill). The
+/// connection tables are counted by flow liveness instead
+/// ([`crate::attachment::cttables::pinned_fill`]).
 pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
     att: &Attachment,
     name: &'static str,
@@ -511,43 +512,6 @@ pub fn pinned_fill<K: aya::Pod, V: aya::Pod>(
         own += u64::from(mine(&k));
     }
     Ok((own, all))
-}
-
-/// Entries of the interface `ifindex` in its namespace's shared connection
-/// tables (both families), and of every interface: ((assured, half-open),
-/// (assured, half-open)). A missing IPv4 table (made by an older build)
-/// counts none.
-pub fn pinned_ct_fill(att: &Attachment, ifindex: u32) -> Result<[(u64, u64); 2], MapsError> {
-    use segbpf_common::{CtEntry, CtKey, CtKey4, MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW};
-    let mine = |k: &CtKey| k.ifindex == ifindex;
-    let mine4 = |k: &CtKey4| k.ifindex() == ifindex;
-    let v4 = |name| {
-        if att.map(name).exists() {
-            pinned_fill::<CtKey4, CtEntry>(att, name, mine4)
-        } else {
-            Ok((0, 0))
-        }
-    };
-    let assured = pinned_fill::<CtKey, CtEntry>(att, MAP_CT, mine)?;
-    let half_open = pinned_fill::<CtKey, CtEntry>(att, MAP_CT_NEW, mine)?;
-    let assured4 = v4(MAP_CT4)?;
-    let half_open4 = v4(MAP_CT4_NEW)?;
-    Ok([
-        (assured.0 + assured4.0, half_open.0 + half_open4.0),
-        (assured.1 + assured4.1, half_open.1 + half_open4.1),
-    ])
-}
-
-/// The fill levels of an attachment's connection and fragment tables:
-/// the interface `ifindex`'s assured and half-open connections (0 when
-/// the index is not known), fragments on assured flows, other fragments.
-/// Each is a walk of the table.
-pub fn pinned_table_fill(att: &Attachment, ifindex: Option<u32>) -> (u64, u64, u64, u64) {
-    let [(ct, half_open), _] = ifindex
-        .and_then(|i| pinned_ct_fill(att, i).ok())
-        .unwrap_or_default();
-    let (frag_assured, frag_other) = pinned_frag_fill(att).unwrap_or((0, 0));
-    (ct, half_open, frag_assured, frag_other)
 }
 
 /// Entries in an attachment's fragment tables: (assured, other).

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_NEW, CtEntry, CtKey, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    NO_RULE, ct_timeout_s,
+    NO_RULE, ct_entry_live,
 };
 use serde::Serialize;
 
@@ -205,8 +205,9 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
             if state.as_ref().is_none_or(|s| s.ifindex != k.ifindex) {
                 continue;
             }
-            let ttl_ns = u64::from(ct_timeout_s(&cfg, k.proto, e.state)) * 1_000_000_000;
-            if now.saturating_sub(e.last_seen_ns) > ttl_ns {
+            // The datapath's rule: an expired entry (or an audit one
+            // once audit mode is off) is no flow, although still stored.
+            if !ct_entry_live(&cfg, k.proto, &e, now) {
                 continue;
             }
             let id = FlowId {

@@ -29,12 +29,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    attachment::maps::{self, MapsError},
-    attachment::pins::Attachment,
-    attachment::state::State,
-    observe::report,
-};
+use crate::{attachment::maps::MapsError, attachment::pins::Attachment, observe::report};
 
 /// At most this many connections at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -347,8 +342,7 @@ async fn serve(listener: std::net::TcpListener, att: Attachment) {
     let mut tick = tokio::time::interval(FILL_EVERY);
     loop {
         tick.tick().await;
-        let ifindex = State::current(&att).ok().map(|s| s.ifindex);
-        let (ct, half_open, frag_assured, frag_other) = maps::pinned_table_fill(&att, ifindex);
+        let (ct, half_open, frag_assured, frag_other) = report::table_fill(&att);
         if let Ok(mut f) = fill.lock() {
             *f = Fill {
                 ct,

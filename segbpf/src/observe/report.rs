@@ -154,21 +154,29 @@ impl Awaiting {
 /// yet, and closing flows; a flood evicts only these). The tables are
 /// shared by every attachment of the network namespace: `entries` are this
 /// interface's, the `table_*` fields count every interface's against the
-/// capacity.
+/// capacity. Entries count as the datapath judges them
+/// ([`segbpf_common::ct_entry_live`]): live flows per table, and apart
+/// the expired entries that wait in their LRU table to be reused.
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
     /// Capacity of the assured table (entries), as the kernel made it.
     pub size: u32,
-    /// Entries of this interface in the assured table.
+    /// Live flows of this interface in the assured table.
     pub entries: u64,
     /// Capacity of the half-open table.
     pub half_open_size: u32,
-    /// Entries of this interface in the half-open table.
+    /// Live flows of this interface in the half-open table.
     pub half_open_entries: u64,
-    /// Entries of every attachment of the namespace in the assured table.
+    /// Entries of this interface in either table whose timeout has passed
+    /// (or audit entries with audit mode off): not flows, counted in
+    /// neither field above, held until the LRU reuses them.
+    pub expired_entries: u64,
+    /// Live flows of every attachment of the namespace in the assured table.
     pub table_entries: u64,
-    /// Entries of every attachment of the namespace in the half-open table.
+    /// Live flows of every attachment of the namespace in the half-open table.
     pub table_half_open_entries: u64,
+    /// Expired entries of every attachment of the namespace, both tables.
+    pub table_expired_entries: u64,
     /// Live attachments of the namespace that share the tables.
     pub shared_by: usize,
 }
@@ -191,10 +199,18 @@ pub fn report(att: &Attachment) -> Result<Report, MapsError> {
     build(att, true)
 }
 
-/// The fill levels of an attachment's connection and fragment tables
-/// ([`maps::pinned_table_fill`] for the interface of its state).
+/// The fill levels of an attachment's connection and fragment tables:
+/// the live assured and half-open flows of the interface of its state
+/// (0 when the state is unreadable, see
+/// [`crate::attachment::cttables::pinned_fill`]), fragments on assured
+/// flows, other fragments. Each is a walk of the table.
 pub fn table_fill(att: &Attachment) -> (u64, u64, u64, u64) {
-    maps::pinned_table_fill(att, State::current(att).ok().map(|s| s.ifindex))
+    let [ct, _] = State::current(att)
+        .ok()
+        .and_then(|s| crate::attachment::cttables::pinned_fill(att, s.ifindex).ok())
+        .unwrap_or_default();
+    let (frag_assured, frag_other) = maps::pinned_frag_fill(att).unwrap_or((0, 0));
+    (ct.assured, ct.half_open, frag_assured, frag_other)
 }
 
 /// Builds the report; the table fill levels are left at 0 unless `fill`
@@ -254,12 +270,11 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     // --ct-size may be an older request).
     let info = |m: &str| aya::maps::MapInfo::from_pin(att.map(m)).ok();
     let size = |m: &str| info(m).map_or(0, |i| i.max_entries());
-    let [
-        (entries, half_open_entries),
-        (table_entries, table_half_open_entries),
-    ] = match &state {
+    let [mine, all] = match &state {
         // The state read above gives the interface index (read once).
-        Some(s) if fill => maps::pinned_ct_fill(att, s.ifindex).unwrap_or_default(),
+        Some(s) if fill => {
+            crate::attachment::cttables::pinned_fill(att, s.ifindex).unwrap_or_default()
+        }
         _ => Default::default(),
     };
     let (assured_entries, other_entries) = if fill {
@@ -270,11 +285,13 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     let memory = crate::attachment::memory::of(att);
     let conntrack = Conntrack {
         size: size(segbpf_common::MAP_CT),
-        entries,
+        entries: mine.assured,
         half_open_size: size(segbpf_common::MAP_CT_NEW),
-        half_open_entries,
-        table_entries,
-        table_half_open_entries,
+        half_open_entries: mine.half_open,
+        expired_entries: mine.expired,
+        table_entries: all.assured,
+        table_half_open_entries: all.half_open,
+        table_expired_entries: all.expired,
         shared_by: memory.shared_by,
     };
     let fragments = Fragments {
