@@ -425,6 +425,28 @@ pub fn pinned_event_stats(att: &Attachment) -> Result<EventStats, MapsError> {
     })
 }
 
+/// An attachment's pinned `SEG_DENY_RATE` (the per-CPU flood sample of
+/// the denied aggregates), or `None` when it has no pin (an attachment
+/// made by a segbpf without the flood sample).
+pub fn pinned_deny_rate(
+    att: &Attachment,
+) -> Result<Option<PerCpuArray<MapData, DeniedRate>>, MapsError> {
+    match pinned(att, MAP_DENY_RATE) {
+        Ok(m) => PerCpuArray::try_from(Map::PerCpuArray(m))
+            .map(Some)
+            .map_err(err(MAP_DENY_RATE)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Denied drops the kernel left unsampled since attach (a flood kept on a
+/// sample), summed over CPUs: the one reader of `SEG_DENY_RATE` (status,
+/// the metrics and the denied drain all count by it).
+pub fn deny_unsampled(rate: &PerCpuArray<MapData, DeniedRate>) -> Result<u64, MapsError> {
+    let v = rate.get(&0, 0).map_err(err(MAP_DENY_RATE))?;
+    Ok(v.iter().map(|r| r.unsampled).sum())
+}
+
 /// Denied packets an attachment's kernel did not give to an aggregate
 /// since attach (their bucket had another owner, or a flood was kept on a
 /// sample), from its pins.
@@ -433,15 +455,9 @@ pub fn pinned_denied_lost(att: &Attachment) -> Result<u64, MapsError> {
         PerCpuArray::try_from(Map::PerCpuArray(pinned(att, MAP_DENY_LOST)?))
             .map_err(err(MAP_DENY_LOST))?;
     let shared: u64 = lost.get(&0, 0).map_err(err(MAP_DENY_LOST))?.iter().sum();
-    // An attachment made by a segbpf without the flood sample has no pin.
-    let unsampled = match pinned(att, MAP_DENY_RATE) {
-        Ok(m) => {
-            let rate: PerCpuArray<MapData, DeniedRate> =
-                PerCpuArray::try_from(Map::PerCpuArray(m)).map_err(err(MAP_DENY_RATE))?;
-            let v = rate.get(&0, 0).map_err(err(MAP_DENY_RATE))?;
-            v.iter().map(|r| r.unsampled).sum()
-        }
-        Err(_) => 0,
+    let unsampled = match pinned_deny_rate(att)? {
+        Some(rate) => deny_unsampled(&rate)?,
+        None => 0,
     };
     Ok(shared + unsampled)
 }

@@ -25,10 +25,13 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use segbpf_common::{
     DENIED_BUCKETS, DeniedBucket, DeniedKey, DeniedRate, MAP_DENIED0, MAP_DENIED1, MAP_DENY_LOST,
-    MAP_DENY_RATE, MAP_DENY_SEL,
+    MAP_DENY_SEL,
 };
 
-use crate::{attachment::maps::MapsError, attachment::pins::Attachment};
+use crate::{
+    attachment::maps::{self, MapsError},
+    attachment::pins::Attachment,
+};
 
 /// How long programs that read the old selector may still be running:
 /// one BPF program run takes microseconds; this is generous.
@@ -191,9 +194,7 @@ impl Drainer {
             lost: PerCpuArray::try_from(Map::PerCpuArray(open(att, MAP_DENY_LOST)?))
                 .map_err(err(MAP_DENY_LOST))?,
             lost_seen: 0,
-            rate: open(att, MAP_DENY_RATE)
-                .ok()
-                .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
+            rate: maps::pinned_deny_rate(att).ok().flatten(),
             unsampled_seen: 0,
             unsampled_around_flip: false,
         };
@@ -203,11 +204,7 @@ impl Drainer {
     }
 
     fn unsampled_total(&self) -> Result<u64, MapsError> {
-        let Some(rate) = &self.rate else {
-            return Ok(0);
-        };
-        let v = rate.get(&0, 0).map_err(err(MAP_DENY_RATE))?;
-        Ok(v.iter().map(|r| r.unsampled).sum())
+        self.rate.as_ref().map_or(Ok(0), maps::deny_unsampled)
     }
 
     fn lost_total(&self) -> Result<u64, MapsError> {
