@@ -176,7 +176,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     let ct = Family::<Labels, Gauge>::default();
     registry.register(
         "conntrack_entries",
-        "Connection-table entries in use",
+        "Live flows in the assured connection table (expired entries not counted)",
         ct.clone(),
     );
     ct.get_or_create(&vec![iface()])
@@ -193,7 +193,7 @@ fn render_with(att: &Attachment, fill: Fill) -> Result<String, MetricsError> {
     let half_open = Family::<Labels, Gauge>::default();
     registry.register(
         "conntrack_half_open_entries",
-        "Half-open connection-table entries in use (openers without a reply; a flood evicts only these)",
+        "Live flows in the half-open connection table (openers without a reply, closing flows; a flood evicts only these; expired entries not counted)",
         half_open.clone(),
     );
     half_open
