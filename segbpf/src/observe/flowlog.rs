@@ -198,44 +198,65 @@ impl Record {
 /// sample), or
 /// records the flow log could not keep: a line of its own, so nothing is
 /// lost silently.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lost {
     /// The JSON dialect's version ([`crate::JSON_SCHEMA`], docs/json.md).
+    #[serde(default = "json_schema")]
     pub schema: u32,
     /// When, RFC 3339.
     pub time: String,
     /// The interface.
     pub iface: String,
     /// Always `lost`.
-    pub state: &'static str,
+    pub state: LostState,
     /// What was lost: `denied` (packets).
-    pub what: &'static str,
+    pub what: LostWhat,
     /// How many (`shared` + `unsampled`).
+    #[serde(default)]
     pub packets: u64,
     /// Of them: their kernel bucket belonged to another aggregate.
+    #[serde(default)]
     pub shared: u64,
     /// Of them: not sampled while the kernel kept a flood on a sample
     /// (one drop in `segbpf_common::DENIED_SAMPLE` per CPU).
+    #[serde(default)]
     pub unsampled: u64,
 }
 
-/// A `lost` line the primary wrote to the observed store, for a follower.
-fn lost_from_store(line: &str) -> Option<Lost> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["state"] != "lost" || v["what"] != "denied" {
-        return None;
+fn json_schema() -> u32 {
+    crate::JSON_SCHEMA
+}
+
+/// The `state` of a [`Lost`] line: only `lost`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LostState {
+    /// `lost`.
+    Lost,
+}
+
+/// What a [`Lost`] line counts: only `denied` (packets) so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LostWhat {
+    /// `denied`: denied packets.
+    Denied,
+}
+
+impl std::fmt::Display for LostWhat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LostWhat::Denied => "denied",
+        })
     }
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    Some(Lost {
-        schema: u32::try_from(n("schema")).unwrap_or(crate::JSON_SCHEMA),
-        time: v["time"].as_str()?.to_string(),
-        iface: v["iface"].as_str()?.to_string(),
-        state: "lost",
-        what: "denied",
-        packets: n("packets"),
-        shared: n("shared"),
-        unsampled: n("unsampled"),
-    })
+}
+
+impl Lost {
+    /// A `lost` line the primary wrote to the observed store, for a
+    /// follower; `None` for any other line (a record, another `what`).
+    pub fn parse(line: &str) -> Option<Lost> {
+        serde_json::from_str(line).ok()
+    }
 }
 
 /// One line of the flow log.
@@ -553,7 +574,7 @@ impl FlowLog {
                 for l in tail.read_new() {
                     if let Ok(r) = serde_json::from_str::<Record>(&l) {
                         out.push(Line::Record(Box::new(r)));
-                    } else if let Some(lost) = lost_from_store(&l) {
+                    } else if let Some(lost) = Lost::parse(&l) {
                         out.push(Line::Lost(lost));
                     }
                 }
@@ -637,8 +658,8 @@ impl FlowLog {
                 schema: crate::JSON_SCHEMA,
                 time: clock::rfc3339(SystemTime::now()),
                 iface: self.att.iface.clone(),
-                state: "lost",
-                what: "denied",
+                state: LostState::Lost,
+                what: LostWhat::Denied,
                 packets: drained.lost + drained.unsampled,
                 shared: drained.lost,
                 unsampled: drained.unsampled,
@@ -937,6 +958,34 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_lost_line_parses_back_and_prints_the_same() {
+        let line = r#"{"schema":1,"time":"2026-12-06T09:50:40.263Z","iface":"eth0","state":"lost","what":"denied","packets":1234,"shared":34,"unsampled":1200}"#;
+        let lost = Lost::parse(line).expect("a lost line");
+        assert_eq!(lost.packets, 1234);
+        assert_eq!(lost.shared, 34);
+        assert_eq!(lost.unsampled, 1200);
+        assert_eq!(lost.what.to_string(), "denied");
+        assert_eq!(serde_json::to_string(&lost).ok().as_deref(), Some(line));
+        assert_eq!(
+            serde_json::to_string(&Line::Lost(lost)).ok().as_deref(),
+            Some(line)
+        );
+    }
+
+    #[test]
+    fn a_record_or_another_loss_is_no_stored_lost_line() {
+        let record = r#"{"schema":1,"time":"2026-12-06T09:50:40.263Z","host":"h","iface":"eth0","state":"denied","verdict":"drop","proto":"tcp","src":"198.18.0.1","dst":"198.18.0.2","packets":3,"bytes":180}"#;
+        assert_eq!(Lost::parse(record), None);
+        let other =
+            r#"{"schema":1,"time":"t","iface":"eth0","state":"lost","what":"records","packets":1}"#;
+        assert_eq!(Lost::parse(other), None);
+        let not_lost =
+            r#"{"schema":1,"time":"t","iface":"eth0","state":"end","what":"denied","packets":1}"#;
+        assert_eq!(Lost::parse(not_lost), None);
+        assert_eq!(Lost::parse("not json"), None);
+    }
 
     #[test]
     fn pairs_are_new_once_and_bounded() {
