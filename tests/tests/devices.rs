@@ -123,6 +123,28 @@ impl Segbpf {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `attach` on its interface with tests/fixtures/tun.toml as the role
+    /// `tunhost`, `--no-wait`, run by `with` ([`Segbpf::run`] or
+    /// [`Segbpf::ok`]).
+    fn attach_tunhost<R>(
+        &self,
+        with: impl FnOnce(&Self, &[&str]) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let policy = fixture("tun.toml");
+        with(
+            self,
+            &[
+                "attach",
+                &self.iface,
+                "--policy",
+                &policy,
+                "--role",
+                "tunhost",
+                "--no-wait",
+            ],
+        )
+    }
+
     /// `status IFACE --output json`, the interface's report.
     fn status(&self) -> anyhow::Result<serde_json::Value> {
         let out = self.ok(&["status", &self.iface, "--output", "json"])?;
@@ -349,16 +371,7 @@ fn tun_device_is_enforced_with_a_userspace_peer() -> anyhow::Result<()> {
     assert!(wrong.is_empty(), "without segbpf:\n{}", wrong.join("\n"));
 
     let segbpf = Segbpf::new(&id, &ns.name, "tun0")?;
-    let policy = fixture("tun.toml");
-    let out = segbpf.ok(&[
-        "attach",
-        "tun0",
-        "--policy",
-        &policy,
-        "--role",
-        "tunhost",
-        "--no-wait",
-    ])?;
+    let out = segbpf.attach_tunhost(Segbpf::ok)?;
     println!("attach: {}", out.trim());
     let before = segbpf.status()?;
     assert_eq!(before["attached"], true, "status after attach: {before}");
@@ -442,16 +455,7 @@ fn attach_refuses_a_device_it_cannot_parse() -> anyhow::Result<()> {
     assert_eq!(link[0]["link_type"], "ieee802.11/radiotap", "{link}");
 
     let segbpf = Segbpf::new(&id, &ns.name, "wlan0")?;
-    let policy = fixture("tun.toml");
-    let out = segbpf.run(&[
-        "attach",
-        "wlan0",
-        "--policy",
-        &policy,
-        "--role",
-        "tunhost",
-        "--no-wait",
-    ])?;
+    let out = segbpf.attach_tunhost(Segbpf::run)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("attach: {} {}", out.status, stderr.trim());
     assert_eq!(
@@ -509,21 +513,9 @@ fn attach_refuses_an_interface_index_beyond_24_bits() -> anyhow::Result<()> {
         ns.ip(&["link", "set", peer, "up"])?;
     }
     ns.ip(&["addr", "add", "198.18.50.1/24", "dev", "fit0"])?;
-    let policy = fixture("tun.toml");
-    let attach = |segbpf: &Segbpf, iface: &str| {
-        segbpf.run(&[
-            "attach",
-            iface,
-            "--policy",
-            &policy,
-            "--role",
-            "tunhost",
-            "--no-wait",
-        ])
-    };
 
     let refused = Segbpf::new(&id, &ns.name, "big0")?;
-    let out = attach(&refused, "big0")?;
+    let out = refused.attach_tunhost(Segbpf::run)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("attach big0: {} {}", out.status, stderr.trim());
     assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
@@ -543,15 +535,7 @@ fn attach_refuses_an_interface_index_beyond_24_bits() -> anyhow::Result<()> {
     drop(refused);
 
     let ok = Segbpf::new(&id, &ns.name, "fit0")?;
-    ok.ok(&[
-        "attach",
-        "fit0",
-        "--policy",
-        &policy,
-        "--role",
-        "tunhost",
-        "--no-wait",
-    ])?;
+    ok.attach_tunhost(Segbpf::ok)?;
     assert_eq!(ok.status()?["attached"], true, "index {fits} attaches");
     drop(ok);
     Ok(())

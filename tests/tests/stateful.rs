@@ -1488,6 +1488,45 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// examples/roles.toml compiled for the role `app` on `eth0`.
+fn compiled_for_app() -> anyhow::Result<segbpf::policy::compile::Compiled> {
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    harness::compile(&policy, &["app".to_string()], "eth0")
+}
+
+/// An established flow this host opened (egress), last and first seen at
+/// `now`, as userspace (an older build's programs) would have left it.
+fn established_egress(now: u64) -> segbpf_common::CtEntry {
+    segbpf_common::CtEntry {
+        last_seen_ns: now,
+        first_seen_ns: now,
+        state: segbpf_common::CT_ESTABLISHED,
+        origin: segbpf_common::DIR_EGRESS,
+        wscale: [segbpf_common::CT_NO_WSCALE; 2],
+        ..segbpf_common::CtEntry::default()
+    }
+}
+
+/// Writes `entries` (keys of the table's form) into the connection table
+/// `map` of `instance`.
+fn insert_entries<K: aya::Pod>(
+    instance: &mut Instance,
+    map: &str,
+    entries: &[(K, segbpf_common::CtEntry)],
+) -> anyhow::Result<()> {
+    let map = instance
+        .ebpf_mut()
+        .map_mut(map)
+        .ok_or_else(|| anyhow::anyhow!("no map {map}"))?;
+    let mut ct: aya::maps::HashMap<_, K, segbpf_common::CtEntry> =
+        aya::maps::HashMap::try_from(map)?;
+    for (k, e) in entries {
+        ct.insert(k, e, 0)?;
+    }
+    Ok(())
+}
+
 /// Entries the array does not cover (made by a program that does not
 /// write it: an older build, here userspace) are not found once their
 /// bucket is stale: the skip is real, which is why an attachment seeds the
@@ -1496,11 +1535,8 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<()> {
-    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT4};
-    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
-    let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles = vec!["app".to_string()];
-    let mut compiled = harness::compile(&policy, &roles, "eth0")?;
+    use segbpf_common::{IPPROTO_UDP, MAP_CT4};
+    let mut compiled = compiled_for_app()?;
     // Every timeout 5 s: a never-written bucket is stale 9 ticks after
     // boot, the entry below lives 5 s.
     for t in [
@@ -1516,24 +1552,12 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let now = segbpf::host::clock::monotonic_ns();
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip("198.18.7.7"), 53);
-    {
-        // An IPv4 flow: in the IPv4 table, under its 16-byte key.
-        let map = instance.ebpf_mut().map_mut(MAP_CT4).expect("SEG_CT4");
-        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey4, CtEntry> =
-            aya::maps::HashMap::try_from(map)?;
-        ct.insert(
-            key.narrow().expect("an IPv4 key"),
-            CtEntry {
-                last_seen_ns: now,
-                first_seen_ns: now,
-                state: CT_ESTABLISHED,
-                origin: DIR_EGRESS,
-                wscale: [CT_NO_WSCALE; 2],
-                ..CtEntry::default()
-            },
-            0,
-        )?;
-    }
+    // An IPv4 flow: in the IPv4 table, under its 16-byte key.
+    insert_entries(
+        &mut instance,
+        MAP_CT4,
+        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
+    )?;
     let reply = udp("198.18.7.7", APP, 53, 40_777).build().bytes;
     // The bucket was never written: stale (the machine is up longer than
     // the timeout and the slack).
@@ -1562,11 +1586,8 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> anyhow::Result<()> {
-    use segbpf_common::{CT_ESTABLISHED, CT_NO_WSCALE, CtEntry, DIR_EGRESS, IPPROTO_UDP, MAP_CT};
-    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
-    let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles = vec!["app".to_string()];
-    let compiled = harness::compile(&policy, &roles, "eth0")?;
+    use segbpf_common::{IPPROTO_UDP, MAP_CT};
+    let compiled = compiled_for_app()?;
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let now = segbpf::host::clock::monotonic_ns();
     // This instance is attached nowhere: interface 0.
@@ -1575,21 +1596,8 @@ fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> a
         ifindex: 5,
         ..ct_key(IPPROTO_UDP, ip(APP), 40_779, ip("198.18.7.8"), 53)
     };
-    let entry = CtEntry {
-        last_seen_ns: now,
-        first_seen_ns: now,
-        state: CT_ESTABLISHED,
-        origin: DIR_EGRESS,
-        wscale: [CT_NO_WSCALE; 2],
-        ..CtEntry::default()
-    };
-    {
-        let map = instance.ebpf_mut().map_mut(MAP_CT).expect("SEG_CT");
-        let mut ct: aya::maps::HashMap<_, segbpf_common::CtKey, CtEntry> =
-            aya::maps::HashMap::try_from(map)?;
-        ct.insert(mine, entry, 0)?;
-        ct.insert(other, entry, 0)?;
-    }
+    let entry = established_egress(now);
+    insert_entries(&mut instance, MAP_CT, &[(mine, entry), (other, entry)])?;
     segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     let reply = udp("198.18.7.8", APP, 53, 40_778).build().bytes;
     assert_eq!(
