@@ -249,6 +249,44 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A foreground `attach eth0` of the example policy on the lab's `db`
+/// host serving metrics on `addr`, once it enforces (ended when dropped).
+fn attach_with_metrics(lab: &Lab, addr: &str) -> anyhow::Result<segbpf_tests::lab::Running> {
+    let attach = segbpf_tests::lab::Running::new(lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--metrics",
+            addr,
+        ],
+    )?);
+    lab.wait_enforcing("db")?;
+    Ok(attach)
+}
+
+/// `GET /metrics` from `addr` inside the namespace `ns` (curl).
+fn scrape(ns: &str, addr: &str) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sf",
+            &format!("http://{addr}/metrics"),
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// The value of the sample `name{...}` whose labels include all of `labels`.
 fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<u64> {
     metrics.lines().find_map(|l| {
@@ -269,18 +307,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
     let db: IpAddr = "10.10.1.30".parse()?;
     let (app, web): (IpAddr, IpAddr) = ("10.10.1.25".parse()?, "10.10.1.15".parse()?);
     let _pg = net::Server::tcp_echo(&db_ns, "0.0.0.0".parse()?, 5432)?;
-    let attach = segbpf_tests::lab::Running::new(lab.spawn(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-            "--metrics",
-            "127.0.0.1:9469",
-        ],
-    )?);
-    lab.wait_enforcing("db")?;
+    let attach = attach_with_metrics(&lab, "127.0.0.1:9469")?;
     for _ in 0..3 {
         assert!(net::tcp_exchange(
             &client_ns,
@@ -313,22 +340,7 @@ fn metrics_show_the_same_numbers_as_status() -> anyhow::Result<()> {
     assert_eq!(refused.status.code(), Some(1));
     // Quiesce: compare a snapshot of status with a scrape taken right after.
     let status = lab.status_json("db")?;
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &db_ns,
-            "curl",
-            "-sf",
-            "http://127.0.0.1:9469/metrics",
-        ])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let metrics = String::from_utf8(out.stdout)?;
+    let metrics = scrape(&db_ns, "127.0.0.1:9469")?;
     attach.terminate()?;
     attach.wait()?;
 
@@ -428,18 +440,7 @@ fn http(
 fn metrics_server_stays_up_under_idle_connections_and_answers_only_get_metrics()
 -> anyhow::Result<()> {
     let lab = lab()?;
-    let attach = segbpf_tests::lab::Running::new(lab.spawn(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-            "--metrics",
-            "127.0.0.1:9470",
-        ],
-    )?);
-    lab.wait_enforcing("db")?;
+    let attach = attach_with_metrics(&lab, "127.0.0.1:9470")?;
     let ns = &lab.host("db").ns;
     // 200 connections that never send a byte.
     let idle = ns.run(|| {
@@ -488,18 +489,7 @@ fn metrics_server_stays_up_under_idle_connections_and_answers_only_get_metrics()
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn status_and_metrics_count_only_live_flows() -> anyhow::Result<()> {
     let lab = lab()?;
-    let attach = segbpf_tests::lab::Running::new(lab.spawn(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-            "--metrics",
-            "127.0.0.1:9471",
-        ],
-    )?);
-    lab.wait_enforcing("db")?;
+    let attach = attach_with_metrics(&lab, "127.0.0.1:9471")?;
     // Real sockets of the kernel's stack: app (10.10.1.25) to db:5432,
     // allowed by examples/roles.toml.
     let listener = lab.host("db").ns.run(|| {
@@ -557,20 +547,7 @@ fn status_and_metrics_count_only_live_flows() -> anyhow::Result<()> {
     // The metrics sample the tables every 10 s: scrape until a sample
     // taken past the expiry shows (one is due within 10 s).
     let db_ns = lab.host("db").ns.name.clone();
-    let scrape = || -> anyhow::Result<String> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &db_ns,
-                "curl",
-                "-sf",
-                "http://127.0.0.1:9471/metrics",
-            ])
-            .output()?;
-        anyhow::ensure!(out.status.success(), "curl failed");
-        Ok(String::from_utf8(out.stdout)?)
-    };
+    let scrape = || scrape(&db_ns, "127.0.0.1:9471");
     let half_open = |m: &str| sample(m, "segbpf_conntrack_half_open_entries", &["iface=\"eth0\""]);
     let deadline = closed_at + Duration::from_secs(25);
     let mut metrics = scrape()?;
