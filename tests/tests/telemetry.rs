@@ -566,3 +566,88 @@ fn status_and_metrics_count_only_live_flows() -> anyhow::Result<()> {
     attach.wait()?;
     Ok(())
 }
+
+/// `attach --metrics ADDR` started while another process still holds ADDR
+/// for a moment (a segbpf just detached or told to stop) waits for it
+/// and comes up serving.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn metrics_address_held_for_a_moment_is_waited_for() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let db_ns = lab.host("db").ns.name.clone();
+    let held = lab
+        .host("db")
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:9472"))??;
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let attach = attach_with_metrics(&lab, "127.0.0.1:9472");
+    release
+        .join()
+        .map_err(|_| anyhow::anyhow!("release thread panicked"))?;
+    let attach = attach?;
+    let metrics = scrape(&db_ns, "127.0.0.1:9472")?;
+    assert!(
+        sample(&metrics, "segbpf_build_info", &["version="]) == Some(1),
+        "{metrics}"
+    );
+    attach.terminate()?;
+    attach.wait()?;
+    Ok(())
+}
+
+/// `attach --metrics ADDR` on an address held the whole time gives up
+/// after a short wait (said on stderr): exit 1, the address named, and
+/// nothing attached.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn metrics_address_held_throughout_fails_with_nothing_attached() -> anyhow::Result<()> {
+    let lab = lab()?;
+    let held = lab
+        .host("db")
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:9473"))??;
+    let mut attach = segbpf_tests::lab::Running::new(lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--metrics",
+            "127.0.0.1:9473",
+        ],
+    )?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while attach.try_wait()?.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "attach kept running although the address is held"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = attach.wait()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:9473") && stderr.contains("in use"),
+        "the error names the address: {stderr}"
+    );
+    assert!(
+        stderr.contains("waiting up to"),
+        "it said it waits: {stderr}"
+    );
+    let status = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    let attached = serde_json::from_slice::<serde_json::Value>(&status.stdout)
+        .ok()
+        .is_some_and(|v| v["attachments"][0]["attached"] == true);
+    assert!(
+        !attached,
+        "nothing attached: {}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    drop(held);
+    Ok(())
+}

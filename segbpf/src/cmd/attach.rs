@@ -77,7 +77,9 @@ pub struct Args {
     /// Format of the event lines printed on stdout while attach runs.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469) while attach runs.
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469) while
+    /// attach runs. An address in use is waited for up to 3 s (a segbpf
+    /// just stopped may still hold it), then attach fails, nothing changed.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
     /// Detach again after SECS seconds unless `segbpf confirm IFACE` runs
@@ -207,7 +209,13 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
         _ => None,
     };
     let metrics = match args.metrics {
-        Some(addr) if !args.no_wait => Some(crate::observe::metrics::Server::bind(addr)?),
+        // An address still held by a segbpf just stopped is waited for
+        // (a few seconds); a signal meanwhile ends attach, nothing applied.
+        Some(addr) if !args.no_wait => tokio::select! {
+            r = crate::observe::metrics::Server::bind(addr) => Some(r?),
+            _ = signals.0.recv() => return Ok(()),
+            _ = signals.1.recv() => return Ok(()),
+        },
         Some(_) => {
             return Err(UsageError(
                 "--metrics needs attach to stay in the foreground (drop --no-wait)".into(),

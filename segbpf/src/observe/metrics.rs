@@ -37,6 +37,12 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a connection may live, reads and writes included.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Server::bind`] waits for an address that is in use.
+pub const BIND_WAIT: Duration = Duration::from_secs(3);
+
+/// How often [`Server::bind`] tries an address in use again.
+pub const BIND_RETRY: Duration = Duration::from_millis(100);
+
 /// How often the connection and fragment tables' fill is sampled.
 pub const FILL_EVERY: Duration = Duration::from_secs(10);
 
@@ -291,12 +297,34 @@ pub struct Server {
 
 impl Server {
     /// Binds the metrics address (before anything is applied, so a bad
-    /// address changes nothing).
-    pub fn bind(addr: SocketAddr) -> Result<Server, MetricsError> {
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| MetricsError::Bind { addr, source })?;
-        Ok(Server { listener })
+    /// address changes nothing). An address in use is tried again every
+    /// [`BIND_RETRY`] for up to [`BIND_WAIT`] (said once on stderr): a
+    /// segbpf just detached or told to stop may hold it for a moment
+    /// longer; then the error is that of the last try.
+    pub async fn bind(addr: SocketAddr) -> Result<Server, MetricsError> {
+        let deadline = std::time::Instant::now() + BIND_WAIT;
+        let mut said = false;
+        loop {
+            match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            {
+                Ok(listener) => return Ok(Server { listener }),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    if !said {
+                        tracing::info!(
+                            "--metrics: {addr} is in use; waiting up to {} s for it (a segbpf that was just stopped may still hold it)",
+                            BIND_WAIT.as_secs()
+                        );
+                        said = true;
+                    }
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
+                Err(source) => return Err(MetricsError::Bind { addr, source }),
+            }
+        }
     }
 
     /// The bound address.
