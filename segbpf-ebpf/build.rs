@@ -6,4 +6,5 @@ fn main() {
     if let Ok(bpf_linker) = which("bpf-linker") {
         println!("cargo:rerun-if-changed={}", bpf_linker.display());
     }
+    println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
 }

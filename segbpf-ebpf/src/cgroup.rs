@@ -44,19 +44,17 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
-    maps::lpm_trie::Key,
     programs::SkBuffContext,
 };
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED, SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER,
-    SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED,
-    SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
-    SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
+    IPPROTO_UDP, PeerKeyV4, PeerKeyV6, PortKey, SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED,
+    SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
+    SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S,
+    SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE, SVC_WHY_UNPARSED, SvcConfig,
+    SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
-use crate::svc_flow;
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
@@ -64,6 +62,7 @@ use crate::svc_maps::{
 use crate::svc_pkt::{ECHO_NONE, ECHO_REPLY, ECHO_REQUEST, Pkt};
 use crate::svc_stamp::{NO_SENDER, Sender, make_stamp, read_stamp, set_stamp, stamp_sender};
 use crate::svc_trace::{dry_who, record};
+use crate::{lpmkey, svc_flow};
 
 /// cgroup_skb: let the packet pass.
 pub(crate) const PASS: i32 = 1;
@@ -514,27 +513,21 @@ fn view(p: &Pkt, src_is_local: bool) -> SvcFlowKey {
 /// The lowest rule of the service allowing the packet's peer address.
 #[inline(always)]
 fn addr_rule(slotb: u8, dir: u8, p: &Pkt) -> u32 {
-    let addr = if dir == DIR_INGRESS { &p.src } else { &p.dst };
+    // SAFETY: `src` and `dst` sit at offsets 0 and 16 of the 8-byte
+    // aligned `Pkt` (asserted in `svc_pkt`).
+    let addr = unsafe { lpmkey::words(if dir == DIR_INGRESS { &p.src } else { &p.dst }) };
     let class = if p.family == 4 {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 32,
-            PeerKeyV4 {
-                slot: slotb,
-                dir,
-                addr_be: [addr[0], addr[1], addr[2], addr[3]],
-            },
-        );
-        SEG_SVC_V4.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v4(slotb, dir, addr[0]);
+        // SAFETY: built by `peer_v4`.
+        SEG_SVC_V4
+            .get(unsafe { key.as_key::<PeerKeyV4>() })
+            .map(|c| c.class_id)
     } else {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 128,
-            PeerKeyV6 {
-                slot: slotb,
-                dir,
-                addr_be: *addr,
-            },
-        );
-        SEG_SVC_V6.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v6(slotb, dir, addr);
+        // SAFETY: built by `peer_v6`.
+        SEG_SVC_V6
+            .get(unsafe { key.as_key::<PeerKeyV6>() })
+            .map(|c| c.class_id)
     };
     match class {
         Some(c) => port_rule(slotb, c, p),
@@ -560,16 +553,11 @@ fn peer_rule(slotb: u8, dir: u8, peer: u8, p: &Pkt) -> u32 {
 
 #[inline(always)]
 fn port_rule(slotb: u8, class_id: u32, p: &Pkt) -> u32 {
-    let key = Key::new(
-        PORT_KEY_PROTO_BITS + 16,
-        PortKey {
-            slot: slotb,
-            class_be: class_id.to_be_bytes(),
-            proto: p.proto,
-            port_be: p.dport.to_be_bytes(),
-        },
-    );
-    SEG_SVC_PORTS.get(&key).map_or(NO_RULE, |r| r.rule_id)
+    let key = lpmkey::port(slotb, class_id, p.proto, p.dport);
+    // SAFETY: built by `port`.
+    SEG_SVC_PORTS
+        .get(unsafe { key.as_key::<PortKey>() })
+        .map_or(NO_RULE, |r| r.rule_id)
 }
 
 /// Whether a flow entry is still live.
@@ -600,6 +588,32 @@ fn count(slotb: u8, dir: u8, passed: bool, len: u64) {
     }
 }
 
+/// The bytes of a header read as words (`bpf_skb_load_bytes` into an
+/// aligned buffer: the object allows unaligned access, and a byte buffer
+/// would let the compiler read its fields as words at unaligned stack
+/// offsets, which the verifier refuses).
+/// Each word is read once, volatile: the compiler may not merge two of
+/// them into one 8-byte read of the 4-aligned buffer.
+#[inline(always)]
+fn bytes5(w: &[u32; 5]) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
+        // SAFETY: a reference to an element of a live array: valid and
+        // aligned.
+        let word = unsafe { core::ptr::read_volatile(&raw const w[i]) };
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    out
+}
+
+/// An IPv6 address from the two words it was read as.
+#[inline(always)]
+fn addr(a: u64, b: u64) -> [u8; 16] {
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit
+    // pattern is valid for both.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([a, b]) }
+}
+
 /// IPv6 extension headers walked before the transport header; a packet
 /// with more is not parsed (and so refused).
 const IPV6_MAX_EXT: usize = 8;
@@ -619,17 +633,17 @@ fn ipv6_transport(ctx: &SkBuffContext, next: u8) -> Option<(u8, usize, bool)> {
     for _ in 0..=IPV6_MAX_EXT {
         match next {
             0 | 43 | 60 => {
-                let e: [u8; 2] = ctx.load(off).ok()?;
+                let e = ctx.load::<u16>(off).ok()?.to_ne_bytes();
                 next = e[0];
                 off += (usize::from(e[1]) + 1) * 8;
             }
             51 => {
-                let e: [u8; 2] = ctx.load(off).ok()?;
+                let e = ctx.load::<u16>(off).ok()?.to_ne_bytes();
                 next = e[0];
                 off += (usize::from(e[1]) + 2) * 4;
             }
             44 => {
-                let f: [u8; 4] = ctx.load(off).ok()?;
+                let f = ctx.load::<u32>(off).ok()?.to_ne_bytes();
                 next = f[0];
                 off += 8;
                 if u16::from_be_bytes([f[2], f[3]]) & 0xfff8 != 0 {
@@ -660,7 +674,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     };
     let l4: usize;
     if ethertype == ETH_P_IP {
-        let h: [u8; 20] = ctx.load(0).ok()?;
+        let h = bytes5(&ctx.load::<[u32; 5]>(0).ok()?);
         if h[0] >> 4 != 4 {
             return None;
         }
@@ -680,13 +694,14 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
         l4 = ihl;
         p.l4_len = u16::from_be_bytes([h[2], h[3]]).saturating_sub(ihl as u16);
     } else if ethertype == ETH_P_IPV6 {
-        let h: [u8; 40] = ctx.load(0).ok()?;
+        let w = ctx.load::<[u64; 5]>(0).ok()?;
+        let h = w[0].to_ne_bytes();
         if h[0] >> 4 != 6 {
             return None;
         }
         p.family = 6;
-        p.src.copy_from_slice(&h[8..24]);
-        p.dst.copy_from_slice(&h[24..40]);
+        p.src = addr(w[1], w[2]);
+        p.dst = addr(w[3], w[4]);
         // The transport header follows any extension headers (a Hop-by-Hop
         // header, for one, the kernel itself puts on large GSO packets
         // over loopback); the protocol is the last header's.
@@ -703,13 +718,13 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     }
     p.l4_off = l4 as u16;
     if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
-        let ports: [u8; 4] = ctx.load(l4).ok()?;
+        let ports = ctx.load::<u32>(l4).ok()?.to_ne_bytes();
         p.sport = u16::from_be_bytes([ports[0], ports[1]]);
         p.dport = u16::from_be_bytes([ports[2], ports[3]]);
     } else if (p.proto == IPPROTO_ICMP && p.family == 4)
         || (p.proto == IPPROTO_ICMPV6 && p.family == 6)
     {
-        let icmp: [u8; 8] = ctx.load(l4).ok()?;
+        let icmp = ctx.load::<u64>(l4).ok()?.to_ne_bytes();
         let id = u16::from_be_bytes([icmp[4], icmp[5]]);
         let (request, reply) = if p.family == 4 { (8, 0) } else { (128, 129) };
         if icmp[0] == request {
