@@ -6,5 +6,4 @@ fn main() {
     if let Ok(bpf_linker) = which("bpf-linker") {
         println!("cargo:rerun-if-changed={}", bpf_linker.display());
     }
-    println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
 }

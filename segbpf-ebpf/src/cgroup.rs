@@ -588,32 +588,6 @@ fn count(slotb: u8, dir: u8, passed: bool, len: u64) {
     }
 }
 
-/// The bytes of a header read as words (`bpf_skb_load_bytes` into an
-/// aligned buffer: the object allows unaligned access, and a byte buffer
-/// would let the compiler read its fields as words at unaligned stack
-/// offsets, which the verifier refuses).
-/// Each word is read once, volatile: the compiler may not merge two of
-/// them into one 8-byte read of the 4-aligned buffer.
-#[inline(always)]
-fn bytes5(w: &[u32; 5]) -> [u8; 20] {
-    let mut out = [0u8; 20];
-    for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
-        // SAFETY: a reference to an element of a live array: valid and
-        // aligned.
-        let word = unsafe { core::ptr::read_volatile(&raw const w[i]) };
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    out
-}
-
-/// An IPv6 address from the two words it was read as.
-#[inline(always)]
-fn addr(a: u64, b: u64) -> [u8; 16] {
-    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit
-    // pattern is valid for both.
-    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([a, b]) }
-}
-
 /// IPv6 extension headers walked before the transport header; a packet
 /// with more is not parsed (and so refused).
 const IPV6_MAX_EXT: usize = 8;
@@ -633,17 +607,17 @@ fn ipv6_transport(ctx: &SkBuffContext, next: u8) -> Option<(u8, usize, bool)> {
     for _ in 0..=IPV6_MAX_EXT {
         match next {
             0 | 43 | 60 => {
-                let e = ctx.load::<u16>(off).ok()?.to_ne_bytes();
+                let e: [u8; 2] = ctx.load(off).ok()?;
                 next = e[0];
                 off += (usize::from(e[1]) + 1) * 8;
             }
             51 => {
-                let e = ctx.load::<u16>(off).ok()?.to_ne_bytes();
+                let e: [u8; 2] = ctx.load(off).ok()?;
                 next = e[0];
                 off += (usize::from(e[1]) + 2) * 4;
             }
             44 => {
-                let f = ctx.load::<u32>(off).ok()?.to_ne_bytes();
+                let f: [u8; 4] = ctx.load(off).ok()?;
                 next = f[0];
                 off += 8;
                 if u16::from_be_bytes([f[2], f[3]]) & 0xfff8 != 0 {
@@ -674,7 +648,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     };
     let l4: usize;
     if ethertype == ETH_P_IP {
-        let h = bytes5(&ctx.load::<[u32; 5]>(0).ok()?);
+        let h: [u8; 20] = ctx.load(0).ok()?;
         if h[0] >> 4 != 4 {
             return None;
         }
@@ -694,14 +668,13 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
         l4 = ihl;
         p.l4_len = u16::from_be_bytes([h[2], h[3]]).saturating_sub(ihl as u16);
     } else if ethertype == ETH_P_IPV6 {
-        let w = ctx.load::<[u64; 5]>(0).ok()?;
-        let h = w[0].to_ne_bytes();
+        let h: [u8; 40] = ctx.load(0).ok()?;
         if h[0] >> 4 != 6 {
             return None;
         }
         p.family = 6;
-        p.src = addr(w[1], w[2]);
-        p.dst = addr(w[3], w[4]);
+        p.src.copy_from_slice(&h[8..24]);
+        p.dst.copy_from_slice(&h[24..40]);
         // The transport header follows any extension headers (a Hop-by-Hop
         // header, for one, the kernel itself puts on large GSO packets
         // over loopback); the protocol is the last header's.
@@ -718,13 +691,13 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     }
     p.l4_off = l4 as u16;
     if p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP {
-        let ports = ctx.load::<u32>(l4).ok()?.to_ne_bytes();
+        let ports: [u8; 4] = ctx.load(l4).ok()?;
         p.sport = u16::from_be_bytes([ports[0], ports[1]]);
         p.dport = u16::from_be_bytes([ports[2], ports[3]]);
     } else if (p.proto == IPPROTO_ICMP && p.family == 4)
         || (p.proto == IPPROTO_ICMPV6 && p.family == 6)
     {
-        let icmp = ctx.load::<u64>(l4).ok()?.to_ne_bytes();
+        let icmp: [u8; 8] = ctx.load(l4).ok()?;
         let id = u16::from_be_bytes([icmp[4], icmp[5]]);
         let (request, reply) = if p.family == 4 { (8, 0) } else { (128, 129) };
         if icmp[0] == request {

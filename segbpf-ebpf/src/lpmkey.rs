@@ -4,12 +4,12 @@
 //!
 //! The key types are byte-packed (`PeerKeyV4`: slot and direction bytes,
 //! then the address at byte 6 of the key; `PortKey`: the class at byte
-//! 5), so a field-by-field build stores a 4- or 8-byte field at an
-//! unaligned stack offset. The object is built with unaligned access
-//! allowed (`build.rs`: packet fields read as words, not byte by byte),
-//! and the verifier refuses unaligned stack access; so the keys are
-//! composed in registers and stored as aligned words, which the helper
-//! reads back as bytes: the same key bytes, in a few stores.
+//! 5). Built field by field, the compiler writes them a byte at a time
+//! (it may not assume an unaligned word store is allowed: the verifier
+//! refuses unaligned stack access). Here they are composed in registers
+//! and stored as three aligned words, which the helper reads back as
+//! bytes: the same key bytes in fewer instructions, one builder for the
+//! policy and the services tries.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use segbpf_common::{PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey};

@@ -122,12 +122,10 @@ pub(crate) fn bare_ack_or_rst(ctx: &SkBuffContext, p: &Pkt) -> bool {
     if p.proto != IPPROTO_TCP || p.l4_off == 0 {
         return false;
     }
-    // Bytes 12 and 13 of the TCP header, read as one word (see
-    // `cgroup::bytes5`: no byte buffer on the stack).
-    let Ok(w) = ctx.load::<u16>(usize::from(p.l4_off) + 12) else {
+    let Ok(h) = ctx.load::<[u8; 14]>(usize::from(p.l4_off)) else {
         return false;
     };
-    let [off, flags] = w.to_ne_bytes();
-    let header = u16::from(off >> 4) * 4;
+    let header = u16::from(h[12] >> 4) * 4;
+    let flags = h[13];
     header >= 20 && p.l4_len == header && flags != 0 && flags & !(TCP_ACK | TCP_RST) == 0
 }
