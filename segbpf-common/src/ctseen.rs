@@ -224,6 +224,20 @@ pub fn ct_seen_stale(cfg: &Config, seen: u32, now_ns: u64) -> bool {
         > u64::from(seen) + u64::from(ct_max_timeout_s(cfg)) + CT_SEEN_SLACK_TICKS
 }
 
+/// The oldest tick a bucket may hold at `now_ns` under `cfg` and still
+/// cover a live entry: a bucket holding less is [`ct_seen_stale`]. The
+/// datapath computes it once per packet and compares each bucket with it
+/// (`seen < horizon` is `ct_seen_stale(cfg, seen, now_ns)`; unit test).
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_horizon(cfg: &Config, now_ns: u64) -> u64 {
+    u64::from(ct_seen_tick(now_ns))
+        .saturating_sub(u64::from(ct_max_timeout_s(cfg)) + CT_SEEN_SLACK_TICKS)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -234,6 +248,48 @@ mod tests {
         let mut r = [0u8; 16];
         r[..4].copy_from_slice(&a.to_be_bytes());
         r
+    }
+
+    #[test]
+    fn the_horizon_says_what_stale_says() {
+        let mut cfg = Config::default();
+        for max in [0u32, 1, 5, 30, 120, 432_000, u32::MAX] {
+            cfg.ct_tcp_est_s = max;
+            for now_tick in [
+                0u64,
+                1,
+                2,
+                3,
+                4,
+                100,
+                432_003,
+                432_004,
+                1 << 31,
+                u64::from(u32::MAX),
+            ] {
+                let now = now_tick << CT_SEEN_TICK_SHIFT | 12_345;
+                let h = ct_seen_horizon(&cfg, now);
+                for seen in [
+                    0u32,
+                    1,
+                    2,
+                    96,
+                    97,
+                    98,
+                    431_999,
+                    432_000,
+                    432_001,
+                    u32::MAX - 1,
+                    u32::MAX,
+                ] {
+                    assert_eq!(
+                        u64::from(seen) < h,
+                        ct_seen_stale(&cfg, seen, now),
+                        "max {max} now tick {now_tick} seen {seen}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -44,19 +44,17 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
-    maps::lpm_trie::Key,
     programs::SkBuffContext,
 };
 use segbpf_common::{
     ACTION_ALLOW, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PeerKeyV4, PeerKeyV6, PortKey,
-    SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED, SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER,
-    SVC_MAX_LEVEL, SVC_PEER_ANY, SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED,
-    SVC_TCP_IDLE_S, SVC_UDP_IDLE_S, SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE,
-    SVC_WHY_UNPARSED, SvcConfig, SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
+    IPPROTO_UDP, PeerKeyV4, PeerKeyV6, PortKey, SVC_EVENTS_PER_SEC, SVC_FLOW_ANSWERED,
+    SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SVC_FLOW_NEED_PEER, SVC_MAX_LEVEL, SVC_PEER_ANY,
+    SVC_SLOT_STRIDE, SVC_STAMP_NEED_PEER, SVC_STATS_FORGED, SVC_TCP_IDLE_S, SVC_UDP_IDLE_S,
+    SVC_WHY_DEFAULT, SVC_WHY_ICMP, SVC_WHY_NEED_PEER, SVC_WHY_RULE, SVC_WHY_UNPARSED, SvcConfig,
+    SvcEvent, SvcFlow, SvcFlowKey, SvcPeerKey,
 };
 
-use crate::svc_flow;
 use crate::svc_maps::{
     SEG_SVC_ACT, SEG_SVC_CFG, SEG_SVC_CG, SEG_SVC_CT, SEG_SVC_EVENTS, SEG_SVC_PEER, SEG_SVC_PORTS,
     SEG_SVC_RATE, SEG_SVC_STATS, SEG_SVC_V4, SEG_SVC_V6,
@@ -64,6 +62,7 @@ use crate::svc_maps::{
 use crate::svc_pkt::{ECHO_NONE, ECHO_REPLY, ECHO_REQUEST, Pkt};
 use crate::svc_stamp::{NO_SENDER, Sender, make_stamp, read_stamp, set_stamp, stamp_sender};
 use crate::svc_trace::{dry_who, record};
+use crate::{lpmkey, svc_flow};
 
 /// cgroup_skb: let the packet pass.
 pub(crate) const PASS: i32 = 1;
@@ -514,27 +513,21 @@ fn view(p: &Pkt, src_is_local: bool) -> SvcFlowKey {
 /// The lowest rule of the service allowing the packet's peer address.
 #[inline(always)]
 fn addr_rule(slotb: u8, dir: u8, p: &Pkt) -> u32 {
-    let addr = if dir == DIR_INGRESS { &p.src } else { &p.dst };
+    // SAFETY: `src` and `dst` sit at offsets 0 and 16 of the 8-byte
+    // aligned `Pkt` (asserted in `svc_pkt`).
+    let addr = unsafe { lpmkey::words(if dir == DIR_INGRESS { &p.src } else { &p.dst }) };
     let class = if p.family == 4 {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 32,
-            PeerKeyV4 {
-                slot: slotb,
-                dir,
-                addr_be: [addr[0], addr[1], addr[2], addr[3]],
-            },
-        );
-        SEG_SVC_V4.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v4(slotb, dir, addr[0]);
+        // SAFETY: built by `peer_v4`.
+        SEG_SVC_V4
+            .get(unsafe { key.as_key::<PeerKeyV4>() })
+            .map(|c| c.class_id)
     } else {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 128,
-            PeerKeyV6 {
-                slot: slotb,
-                dir,
-                addr_be: *addr,
-            },
-        );
-        SEG_SVC_V6.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v6(slotb, dir, addr);
+        // SAFETY: built by `peer_v6`.
+        SEG_SVC_V6
+            .get(unsafe { key.as_key::<PeerKeyV6>() })
+            .map(|c| c.class_id)
     };
     match class {
         Some(c) => port_rule(slotb, c, p),
@@ -560,16 +553,11 @@ fn peer_rule(slotb: u8, dir: u8, peer: u8, p: &Pkt) -> u32 {
 
 #[inline(always)]
 fn port_rule(slotb: u8, class_id: u32, p: &Pkt) -> u32 {
-    let key = Key::new(
-        PORT_KEY_PROTO_BITS + 16,
-        PortKey {
-            slot: slotb,
-            class_be: class_id.to_be_bytes(),
-            proto: p.proto,
-            port_be: p.dport.to_be_bytes(),
-        },
-    );
-    SEG_SVC_PORTS.get(&key).map_or(NO_RULE, |r| r.rule_id)
+    let key = lpmkey::port(slotb, class_id, p.proto, p.dport);
+    // SAFETY: built by `port`.
+    SEG_SVC_PORTS
+        .get(unsafe { key.as_key::<PortKey>() })
+        .map_or(NO_RULE, |r| r.rule_id)
 }
 
 /// Whether a flow entry is still live.

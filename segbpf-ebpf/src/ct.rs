@@ -126,7 +126,8 @@ pub(crate) struct Tracked {
     pub entry: *mut CtEntry,
     /// In the assured table rather than the half-open one.
     pub assured: bool,
-    /// The key's last-seen bucket (`ctseen::bucket`), for `update`.
+    /// The key's last-seen buckets, packed (`ctseen::live_buckets`), for
+    /// `update`.
     pub seen_bucket: u32,
 }
 
@@ -140,10 +141,7 @@ pub(crate) struct Tracked {
 /// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) -> Option<Tracked> {
-    let seen_bucket = key.seen_bucket();
-    if ctseen::stale(cfg, seen_bucket, now) {
-        return None;
-    }
+    let seen_bucket = ctseen::live_buckets(cfg, key.remote_bucket(), || key.flow_bucket(), now)?;
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if let Some(e) = K::assured().get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
@@ -477,6 +475,6 @@ pub(crate) fn create<K: FlowKey>(
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
     // The bucket first: a packet of the flow on another CPU never finds the
     // entry behind a stale bucket.
-    ctseen::note(key.seen_bucket(), now);
+    ctseen::note(key.seen_buckets(), now);
     let _ = K::half_open().insert(key, &*e, 0);
 }

@@ -14,6 +14,7 @@
 use aya_ebpf::maps::LruHashMap;
 use segbpf_common::{
     CT4_MAX_IFINDEX, CtEntry, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    ct_seen_pack,
 };
 
 use crate::{
@@ -136,7 +137,14 @@ pub(crate) trait FlowKey: Sized + 'static {
     /// The IP protocol.
     fn proto(&self) -> u8;
     /// The remote's last-seen bucket (`ctseen`).
-    fn seen_bucket(&self) -> u32;
+    fn remote_bucket(&self) -> u32;
+    /// The flow's last-seen bucket (`ctseen`).
+    fn flow_bucket(&self) -> u32;
+    /// Both, packed (`segbpf_common::ct_seen_pack`).
+    #[inline(always)]
+    fn seen_buckets(&self) -> u32 {
+        ct_seen_pack(self.remote_bucket(), self.flow_bucket())
+    }
     /// The table of assured flows.
     fn assured() -> &'static LruHashMap<Self, CtEntry>;
     /// The table of half-open flows.
@@ -169,8 +177,13 @@ impl FlowKey for CtKey4 {
     }
 
     #[inline(always)]
-    fn seen_bucket(&self) -> u32 {
-        ctseen::bucket_v4(self)
+    fn remote_bucket(&self) -> u32 {
+        ctseen::remote_bucket_v4(self)
+    }
+
+    #[inline(always)]
+    fn flow_bucket(&self) -> u32 {
+        ctseen::flow_bucket_v4(self)
     }
 
     #[inline(always)]
@@ -208,8 +221,13 @@ impl FlowKey for CtKey {
     }
 
     #[inline(always)]
-    fn seen_bucket(&self) -> u32 {
-        ctseen::bucket(self)
+    fn remote_bucket(&self) -> u32 {
+        ctseen::remote_bucket(self)
+    }
+
+    #[inline(always)]
+    fn flow_bucket(&self) -> u32 {
+        ctseen::flow_bucket(self)
     }
 
     #[inline(always)]

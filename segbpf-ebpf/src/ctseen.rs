@@ -8,64 +8,92 @@
 use aya_ebpf::maps::Array;
 use segbpf_common::{
     Config, CtKey, CtKey4, ct_seen_bucket_v4, ct_seen_bucket_words, ct_seen_flow_bucket_v4,
-    ct_seen_flow_bucket_words, ct_seen_pack, ct_seen_stale, ct_seen_tick,
+    ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_tick,
 };
 
 use crate::maps::{SEG_CT_SEEN, SEG_CT_SEEN_F, SEGBPF_CT_SEEN};
 
-/// An IPv6 key's two buckets, its remote's and its flow's, packed
-/// (`ct_seen_pack`; computed once per packet: the lookup keeps them for
-/// the update).
+/// An IPv6 key's remote bucket.
+#[inline(always)]
+pub(crate) fn remote_bucket(key: &CtKey) -> u32 {
+    ct_seen_bucket_words(key.family, remote_words(key))
+}
+
+/// An IPv6 key's flow bucket.
+#[inline(always)]
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "the key's first 8 bytes are its first aligned word of the 8-byte aligned CtKey: one aligned u64 load"
+)]
+pub(crate) fn flow_bucket(key: &CtKey) -> u32 {
+    // SAFETY: the key's first 8 bytes (family, protocol, padding, ports)
+    // are the first aligned u64 word of the 8-byte aligned `CtKey` (size
+    // and alignment asserted in segbpf_common); any bit pattern is valid.
+    let head = unsafe { (&raw const *key).cast::<u64>().read() };
+    ct_seen_flow_bucket_words(head, remote_words(key))
+}
+
+/// An IPv6 key's remote address as two aligned words.
 #[inline(always)]
 #[allow(
     clippy::cast_ptr_alignment,
     reason = "`remote` sits at offset 32 of the 8-byte aligned CtKey: two aligned u64 loads, where an unaligned read would be sixteen byte loads"
 )]
-pub(crate) fn bucket(key: &CtKey) -> u32 {
+fn remote_words(key: &CtKey) -> [u64; 2] {
     // SAFETY: `key.remote` is 16 bytes at offset 32 of an 8-byte aligned
     // `CtKey` (size and alignment asserted in segbpf_common), so it is two
-    // aligned u64 words; the key's first 8 bytes (family, protocol,
-    // padding, ports) are its first aligned word; any bit pattern is a
-    // valid u64.
-    let (head, words) = unsafe {
-        (
-            (&raw const *key).cast::<u64>().read(),
-            (&raw const key.remote).cast::<[u64; 2]>().read(),
-        )
-    };
-    ct_seen_pack(
-        ct_seen_bucket_words(key.family, words),
-        ct_seen_flow_bucket_words(head, words),
-    )
+    // aligned u64 words; any bit pattern is a valid u64.
+    unsafe { (&raw const key.remote).cast::<[u64; 2]>().read() }
 }
 
-/// An IPv4 key's two buckets, packed: the same as for the key in the
-/// `CtKey` form (userspace seeds the arrays from either form).
+/// An IPv4 key's remote bucket: the same as for the key in the `CtKey`
+/// form (userspace seeds the arrays from either form).
 #[inline(always)]
-pub(crate) fn bucket_v4(key: &CtKey4) -> u32 {
-    ct_seen_pack(
-        ct_seen_bucket_v4(key.remote_be),
-        ct_seen_flow_bucket_v4(key),
-    )
+pub(crate) fn remote_bucket_v4(key: &CtKey4) -> u32 {
+    ct_seen_bucket_v4(key.remote_be)
 }
 
-/// Whether no entry of the remotes of `bucket` can be live at `now` under
-/// `cfg`: the instance may skip (frozen global `SEGBPF_CT_SEEN`, set by
-/// userspace only when the array covers every entry it can find) and the
-/// bucket is stale. When unsure (skipping off, no bucket), false: look up.
+/// An IPv4 key's flow bucket (as above).
 #[inline(always)]
-pub(crate) fn stale(cfg: &Config, bucket: u32, now: u64) -> bool {
+pub(crate) fn flow_bucket_v4(key: &CtKey4) -> u32 {
+    ct_seen_flow_bucket_v4(key)
+}
+
+/// The key's two buckets packed (`ct_seen_pack`), when neither is stale
+/// at `now` under `cfg`; None when one is: no entry of the key can be
+/// live, skip both lookups. The remote's bucket is read first and the
+/// flow's hash (`flow`) computed only when it is fresh: a source with no
+/// recent flow (every default drop of an unknown source) pays one hash.
+/// When the instance may not skip (frozen global `SEGBPF_CT_SEEN` 0: set
+/// by userspace only when the arrays cover every entry it can find), the
+/// buckets are returned unread: look up.
+#[inline(always)]
+pub(crate) fn live_buckets(
+    cfg: &Config,
+    remote: u32,
+    flow: impl FnOnce() -> u32,
+    now: u64,
+) -> Option<u32> {
     if SEGBPF_CT_SEEN.load() == 0 {
-        return false;
+        return Some(ct_seen_pack(remote, flow()));
     }
-    stale_in(&SEG_CT_SEEN, cfg, bucket >> 16, now)
-        || stale_in(&SEG_CT_SEEN_F, cfg, bucket & 0xffff, now)
+    let horizon = ct_seen_horizon(cfg, now);
+    if older(&SEG_CT_SEEN, remote, horizon) {
+        return None;
+    }
+    let flow = flow();
+    if older(&SEG_CT_SEEN_F, flow, horizon) {
+        return None;
+    }
+    Some(ct_seen_pack(remote, flow))
 }
 
+/// Whether bucket `index` of `array` holds a tick older than `horizon`
+/// (`ct_seen_horizon`); false when unsure (no bucket): look up.
 #[inline(always)]
-fn stale_in(array: &Array<u32>, cfg: &Config, index: u32, now: u64) -> bool {
+fn older(array: &Array<u32>, index: u32, horizon: u64) -> bool {
     match array.get(index) {
-        Some(seen) => ct_seen_stale(cfg, *seen, now),
+        Some(seen) => u64::from(*seen) < horizon,
         None => false,
     }
 }

@@ -7,13 +7,13 @@
 //! Port ranges are stored as port prefixes, so a range costs a handful of
 //! trie entries and never a loop in the kernel.
 
-use aya_ebpf::maps::lpm_trie::Key;
 use segbpf_common::{
-    Config, IPPROTO_TCP, IPPROTO_UDP, PEER_KEY_HEADER_BITS, PORT_KEY_PROTO_BITS, PORTMISS_ANY,
-    PORTMISS_WORDS, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, portmiss_bit,
+    Config, IPPROTO_TCP, IPPROTO_UDP, PORTMISS_ANY, PORTMISS_WORDS, PeerKeyV4, PeerKeyV6, PortKey,
+    PortMiss, portmiss_bit,
 };
 
 use crate::{
+    lpmkey,
     maps::{SEG_ACTIVE, SEG_CONFIG, SEG_PEER_V4, SEG_PEER_V6, SEG_PORTMISS, SEG_PORTS},
     parse::{L3_IPV4, Parsed},
 };
@@ -30,27 +30,21 @@ pub(crate) fn config() -> Option<&'static Config> {
 /// Class of the packet's peer (source on ingress, destination on egress).
 #[inline(always)]
 pub(crate) fn peer_class(slot: u8, dir: u8, p: &Parsed, peer_is_src: bool) -> Option<u32> {
-    let addr = if peer_is_src { &p.src } else { &p.dst };
+    // SAFETY: `src` and `dst` sit at 8-byte aligned offsets of the 8-byte
+    // aligned `Parsed` (asserted in `ctkey`).
+    let addr = unsafe { lpmkey::words(if peer_is_src { &p.src } else { &p.dst }) };
     if p.l3 == L3_IPV4 {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 32,
-            PeerKeyV4 {
-                slot,
-                dir,
-                addr_be: [addr[0], addr[1], addr[2], addr[3]],
-            },
-        );
-        SEG_PEER_V4.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v4(slot, dir, addr[0]);
+        // SAFETY: built by `peer_v4`.
+        SEG_PEER_V4
+            .get(unsafe { key.as_key::<PeerKeyV4>() })
+            .map(|c| c.class_id)
     } else {
-        let key = Key::new(
-            PEER_KEY_HEADER_BITS + 128,
-            PeerKeyV6 {
-                slot,
-                dir,
-                addr_be: *addr,
-            },
-        );
-        SEG_PEER_V6.get(&key).map(|c| c.class_id)
+        let key = lpmkey::peer_v6(slot, dir, addr);
+        // SAFETY: built by `peer_v6`.
+        SEG_PEER_V6
+            .get(unsafe { key.as_key::<PeerKeyV6>() })
+            .map(|c| c.class_id)
     }
 }
 
@@ -84,14 +78,9 @@ fn may_match(m: &PortMiss, class_id: u32, proto: u8, dport: u16) -> bool {
 /// The port trie's rule for (class, protocol, destination port), if any.
 #[inline(always)]
 fn port_trie(slot: u8, class_id: u32, proto: u8, dport: u16) -> Option<u32> {
-    let key = Key::new(
-        PORT_KEY_PROTO_BITS + 16,
-        PortKey {
-            slot,
-            class_be: class_id.to_be_bytes(),
-            proto,
-            port_be: dport.to_be_bytes(),
-        },
-    );
-    SEG_PORTS.get(&key).map(|r| r.rule_id)
+    let key = lpmkey::port(slot, class_id, proto, dport);
+    // SAFETY: built by `port`.
+    SEG_PORTS
+        .get(unsafe { key.as_key::<PortKey>() })
+        .map(|r| r.rule_id)
 }

@@ -30,6 +30,7 @@ mod denied;
 mod events;
 mod frag;
 mod lookup;
+mod lpmkey;
 mod maps;
 mod parse;
 mod stats;

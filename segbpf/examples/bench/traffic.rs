@@ -468,7 +468,9 @@ extern "C" fn on_sigusr1(_: libc::c_int) {}
 /// Cache-cold: 262,144 flows (every address of 198.18.0.0/16, four
 /// source ports each) against a 10-rule policy whose first rule holds
 /// those sources as one /16 (plus 1,000 other prefixes), or as 65,536 /32s
-/// among 1,000,000 prefixes; segbpf and no firewall, rounds interleaved.
+/// among 1,000,000 prefixes; no firewall, segbpf, and segbpf with the same
+/// policy but `established = false` (no connection tracking), rounds
+/// interleaved.
 fn cold(
     lab: &Lab,
     rx_ns: &str,
@@ -516,14 +518,29 @@ fn cold(
             );
         }
         let path = lab.write_policy(&format!("cold-{label}.toml"), &t)?;
-        pols.push((label, path.to_str().unwrap_or_default().to_string()));
+        // The same policy without connection tracking: what the policy
+        // lookups cost a new flow, apart from the tracking (two table
+        // lookups and an insert that evicts).
+        let notrack = t.replacen("[defaults]\n", "[defaults]\nestablished = false\n", 1);
+        let notrack = lab.write_policy(&format!("cold-{label}-notrack.toml"), &notrack)?;
+        pols.push((
+            label,
+            path.to_str().unwrap_or_default().to_string(),
+            notrack.to_str().unwrap_or_default().to_string(),
+        ));
     }
     let rounds = 3;
     for round in 0..rounds {
-        for (label, pol) in &pols {
-            for enforcer in ["none", "segbpf"] {
-                if enforcer == "segbpf" {
-                    lab.attach("rx", pol, &["--role", "rx"])?;
+        for (label, pol, notrack) in &pols {
+            for enforcer in ["none", "segbpf", "segbpf-notrack"] {
+                match enforcer {
+                    "segbpf" => {
+                        lab.attach("rx", pol, &["--role", "rx"])?;
+                    }
+                    "segbpf-notrack" => {
+                        lab.attach("rx", notrack, &["--role", "rx"])?;
+                    }
+                    _ => {}
                 }
                 for (traffic, port) in [("allowed", 2000), ("denied", DENIED_PORT)] {
                     let name: &'static str = match (traffic, *label) {
@@ -539,7 +556,7 @@ fn cold(
                         .or_default()
                         .push(pps);
                 }
-                if enforcer == "segbpf" {
+                if enforcer != "none" {
                     lab.segbpf_ok("rx", &["detach", "eth0"])?;
                 }
             }
