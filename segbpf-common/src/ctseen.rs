@@ -267,7 +267,7 @@ mod tests {
                 1 << 31,
                 u64::from(u32::MAX),
             ] {
-                let now = now_tick << CT_SEEN_TICK_SHIFT | 12_345;
+                let now = (now_tick << CT_SEEN_TICK_SHIFT) + 12_345;
                 let h = ct_seen_horizon(&cfg, now);
                 for seen in [
                     0u32,
