@@ -651,3 +651,56 @@ fn metrics_address_held_throughout_fails_with_nothing_attached() -> anyhow::Resu
     drop(held);
     Ok(())
 }
+
+/// `attach --metrics ADDR` stopped by SIGTERM while it waits for a held
+/// address exits 1 saying nothing was applied, and the policy in force
+/// before stays (outside review 14: it exited 0 without a word).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn metrics_wait_ended_by_a_signal_fails_with_the_previous_policy_in_force() -> anyhow::Result<()> {
+    let lab = lab()?;
+    lab.attach("db", &example_policy(), &[])?;
+    let before = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    let generation = |out: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .map(|v| v["attachments"][0]["state"]["generation"].clone())
+    };
+    let held = lab
+        .host("db")
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:9474"))??;
+    let mut attach = segbpf_tests::lab::Running::new(lab.spawn(
+        "db",
+        &[
+            "attach",
+            "eth0",
+            "--policy",
+            &example_policy(),
+            "--metrics",
+            "127.0.0.1:9474",
+        ],
+    )?);
+    std::thread::sleep(Duration::from_millis(1200));
+    attach.terminate()?;
+    let out = attach.wait()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nothing was applied") && stderr.contains("127.0.0.1:9474"),
+        "it says why and that nothing changed: {stderr}"
+    );
+    let after = lab.segbpf("db", &["status", "eth0", "--output", "json"])?;
+    assert!(
+        generation(&before).is_some_and(|g| !g.is_null()),
+        "{before:?}"
+    );
+    assert_eq!(
+        generation(&before),
+        generation(&after),
+        "the policy in force before stays: {}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+    drop(held);
+    Ok(())
+}

@@ -79,7 +79,8 @@ pub struct Args {
     pub log_format: LogFormat,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9469) while
     /// attach runs. An address in use is waited for up to 3 s (a segbpf
-    /// just stopped may still hold it), then attach fails, nothing changed.
+    /// just stopped may still hold it), then attach fails, nothing changed;
+    /// SIGTERM or SIGINT meanwhile also ends it with exit 1, nothing changed.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
     /// Detach again after SECS seconds unless `segbpf confirm IFACE` runs
@@ -211,11 +212,19 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let metrics = match args.metrics {
         // An address still held by a segbpf just stopped is waited for
         // (a few seconds); a signal meanwhile ends attach, nothing applied.
-        Some(addr) if !args.no_wait => tokio::select! {
-            r = crate::observe::metrics::Server::bind(addr) => Some(r?),
-            _ = signals.0.recv() => return Ok(()),
-            _ = signals.1.recv() => return Ok(()),
-        },
+        // Stopped that way, attach did not do its work: exit 1, said so.
+        Some(addr) if !args.no_wait => {
+            let stopped = || {
+                anyhow::anyhow!(
+                    "stopped by a signal while waiting for --metrics {addr}; nothing was applied"
+                )
+            };
+            tokio::select! {
+                r = crate::observe::metrics::Server::bind(addr) => Some(r?),
+                _ = signals.0.recv() => return Err(stopped()),
+                _ = signals.1.recv() => return Err(stopped()),
+            }
+        }
         Some(_) => {
             return Err(UsageError(
                 "--metrics needs attach to stay in the foreground (drop --no-wait)".into(),
