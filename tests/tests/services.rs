@@ -4821,6 +4821,20 @@ defaults = { ingress = "drop" }
         hold_again(&mut held)?,
         "audit mode passes its exchanges, db answering"
     );
+    // `flows --services` lists the flow as audit mode's, not as allowed.
+    let port_3306 = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["flows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["dport"] == 3306)
+            .cloned()
+            .collect()
+    };
+    let (_, v) = lab.json(&["flows", "--services"])?;
+    let listed = port_3306(&v);
+    assert!(!listed.is_empty(), "{v}");
+    assert!(listed.iter().all(|f| f["audit"] == true), "{v}");
     // Enforcement: the same policy attached again without --audit.
     let path = lab.state.join("roles.toml");
     let (_, _k) = lab.attach_follower(&path, &[])?;
@@ -4830,6 +4844,10 @@ defaults = { ingress = "drop" }
         !hold_again(&mut held)?,
         "the audited connection is cut once the policy is enforced"
     );
+    // ... and no longer listed as a flow (outside review 14: it stayed,
+    // reading as allowed by a default).
+    let (_, v) = lab.json(&["flows", "--services"])?;
+    assert!(port_3306(&v).is_empty(), "{v}");
     assert!(
         !lab.connect("none", "127.0.0.1 3306")?,
         "and a new one is refused"

@@ -328,7 +328,7 @@ fn services(args: &Args) -> anyhow::Result<()> {
                     v4 @ std::net::IpAddr::V4(_) => format!("{v4}:{p}"),
                 };
                 print_line(format_args!(
-                    "service={}{} {} {} -> {} opened by {} last {}{}",
+                    "service={}{} {} {} -> {} opened by {} last {}{}{}",
                     r.service.as_deref().unwrap_or("-"),
                     r.peer_service
                         .as_deref()
@@ -343,6 +343,11 @@ fn services(args: &Args) -> anyhow::Result<()> {
                         Some(Some(x)) => format!(" rule {}", x.name.as_deref().unwrap_or(&x.label)),
                         Some(None) =>
                             format!(" rule of generation {} (not kept)", r.judged_by_generation),
+                    },
+                    if r.audit {
+                        " (audit: the policy refuses it)"
+                    } else {
+                        ""
                     }
                 ))?;
             }

@@ -387,6 +387,11 @@ pub struct SvcFlowRecord {
     /// The policy generation that judged the flow (its flow entry's
     /// record).
     pub judged_by_generation: u64,
+    /// A flow only audit mode lets through (its policy refuses it): listed
+    /// only while the attachment is in audit mode, then marked (left out
+    /// when false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 /// The flows of the attachment at `paths`, as its sockets see them.
@@ -394,7 +399,7 @@ pub fn flows(
     paths: &SvcPaths,
 ) -> Result<Vec<SvcFlowRecord>, crate::attachment::services::ServicesError> {
     use crate::attachment::services::ServicesError;
-    use segbpf_common::{SVC_FLOW_INBOUND, SvcFlow, SvcFlowKey};
+    use segbpf_common::{SVC_FLOW_AUDITED, SVC_FLOW_INBOUND, SvcFlow, SvcFlowKey};
     if !paths.is_attached() {
         return Err(paths.not_attached());
     }
@@ -427,7 +432,14 @@ pub fn flows(
     // Generation -> its state (None: not kept), read once each.
     let mut kept: std::collections::HashMap<u64, Option<crate::attachment::services::SvcState>> =
         std::collections::HashMap::new();
+    // A flow only audit mode let through is no flow once enforcement is
+    // on: the programs judge its packets by the policy again.
+    let audit_now = state.as_ref().is_some_and(|s| s.audit);
     for (k, v) in ct.iter().filter_map(Result::ok) {
+        let audit = v.flags & SVC_FLOW_AUDITED != 0;
+        if audit && !audit_now {
+            continue;
+        }
         let ip = |b| crate::host::proto::ip_from(k.family, b);
         let (l, r) = (
             (ip(k.laddr_be), u16::from_be_bytes(k.lport_be)),
@@ -472,6 +484,7 @@ pub fn flows(
             )),
             rule,
             judged_by_generation: judged,
+            audit,
         });
     }
     out.sort_by(|a, b| (&a.service, a.dport, a.sport).cmp(&(&b.service, b.dport, b.sport)));
