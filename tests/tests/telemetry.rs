@@ -670,7 +670,7 @@ fn metrics_wait_ended_by_a_signal_fails_with_the_previous_policy_in_force() -> a
         .host("db")
         .ns
         .run(|| std::net::TcpListener::bind("127.0.0.1:9474"))??;
-    let mut attach = segbpf_tests::lab::Running::new(lab.spawn(
+    let attach = segbpf_tests::lab::Running::new(lab.spawn(
         "db",
         &[
             "attach",
