@@ -77,9 +77,9 @@ pub const SHARED_MAPS: [&str; 6] = [
     crate::MAP_CT_SEEN_F,
 ];
 
-/// Every map an attachment pins or uses from its namespace
-/// ([`SHARED_MAPS`]); `SEG_TRACE` is private to each loaded instance.
-pub const PINNED_MAPS: [&str; 24] = [
+/// The maps each attachment pins for itself (not shared; the tail-call
+/// tables, [`TAIL_MAPS`], aside).
+pub const OWN_MAPS: [&str; 18] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -88,12 +88,6 @@ pub const PINNED_MAPS: [&str; 24] = [
     MAP_ACTIVE,
     MAP_STATS,
     MAP_RULE_STATS,
-    MAP_CT,
-    MAP_CT_NEW,
-    MAP_CT4,
-    MAP_CT4_NEW,
-    crate::MAP_CT_SEEN,
-    crate::MAP_CT_SEEN_F,
     MAP_FRAG,
     MAP_FRAG_NEW,
     MAP_EVENTS,
@@ -105,6 +99,32 @@ pub const PINNED_MAPS: [&str; 24] = [
     crate::MAP_DENY_LOST,
     crate::MAP_DENY_RATE,
 ];
+
+/// Every map an attachment pins or uses from its namespace: its own
+/// ([`OWN_MAPS`]) and the shared ones ([`SHARED_MAPS`]); `SEG_TRACE` is
+/// private to each loaded instance.
+pub const PINNED_MAPS: [&str; OWN_MAPS.len() + SHARED_MAPS.len()] =
+    concat_names(OWN_MAPS, SHARED_MAPS);
+
+/// `a` then `b` (the length is checked at compile time).
+const fn concat_names<const A: usize, const B: usize, const C: usize>(
+    a: [&'static str; A],
+    b: [&'static str; B],
+) -> [&'static str; C] {
+    assert!(A + B == C);
+    let mut out = [""; C];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < B {
+        out[A + j] = b[j];
+        j += 1;
+    }
+    out
+}
 
 /// Name of the XDP (ingress) program in the object file.
 pub const PROG_XDP_INGRESS: &str = "segbpf_xdp_ingress";

@@ -252,7 +252,15 @@ fn audit_mode_lets_denied_traffic_pass_and_reports_it() -> anyhow::Result<()> {
 /// A foreground `attach eth0` of the example policy on the lab's `db`
 /// host serving metrics on `addr`, once it enforces (ended when dropped).
 fn attach_with_metrics(lab: &Lab, addr: &str) -> anyhow::Result<segbpf_tests::lab::Running> {
-    let attach = segbpf_tests::lab::Running::new(lab.spawn(
+    let attach = spawn_with_metrics(lab, addr)?;
+    lab.wait_enforcing("db")?;
+    Ok(attach)
+}
+
+/// `attach eth0 --policy examples/roles.toml --metrics ADDR` on db, in
+/// the foreground, started (not waited for).
+fn spawn_with_metrics(lab: &Lab, addr: &str) -> anyhow::Result<segbpf_tests::lab::Running> {
+    Ok(segbpf_tests::lab::Running::new(lab.spawn(
         "db",
         &[
             "attach",
@@ -262,9 +270,7 @@ fn attach_with_metrics(lab: &Lab, addr: &str) -> anyhow::Result<segbpf_tests::la
             "--metrics",
             addr,
         ],
-    )?);
-    lab.wait_enforcing("db")?;
-    Ok(attach)
+    )?))
 }
 
 /// `GET /metrics` from `addr` inside the namespace `ns` (curl).
@@ -609,17 +615,7 @@ fn metrics_address_held_throughout_fails_with_nothing_attached() -> anyhow::Resu
         .host("db")
         .ns
         .run(|| std::net::TcpListener::bind("127.0.0.1:9473"))??;
-    let mut attach = segbpf_tests::lab::Running::new(lab.spawn(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-            "--metrics",
-            "127.0.0.1:9473",
-        ],
-    )?);
+    let mut attach = spawn_with_metrics(&lab, "127.0.0.1:9473")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while attach.try_wait()?.is_none() {
         anyhow::ensure!(
@@ -670,17 +666,7 @@ fn metrics_wait_ended_by_a_signal_fails_with_the_previous_policy_in_force() -> a
         .host("db")
         .ns
         .run(|| std::net::TcpListener::bind("127.0.0.1:9474"))??;
-    let attach = segbpf_tests::lab::Running::new(lab.spawn(
-        "db",
-        &[
-            "attach",
-            "eth0",
-            "--policy",
-            &example_policy(),
-            "--metrics",
-            "127.0.0.1:9474",
-        ],
-    )?);
+    let attach = spawn_with_metrics(&lab, "127.0.0.1:9474")?;
     std::thread::sleep(Duration::from_millis(1200));
     attach.terminate()?;
     let out = attach.wait()?;

@@ -488,13 +488,10 @@ pub fn pin_all(ebpf: &mut aya::Ebpf, att: &Attachment) -> Result<(), MapsError> 
     // The tail-call tables too: the kernel empties a program array when
     // the last pin or descriptor of it goes, which would leave the
     // attached programs without their IPv6 half once this process exits.
-    for name in segbpf_common::PINNED_MAPS
+    for name in segbpf_common::OWN_MAPS
         .into_iter()
         .chain(segbpf_common::TAIL_MAPS)
     {
-        if segbpf_common::SHARED_MAPS.contains(&name) {
-            continue;
-        }
         let path = att.map(name);
         ebpf.map_mut(name)
             .ok_or(MapsError::Missing(name))?

@@ -85,13 +85,10 @@ pub fn of(att: &Attachment) -> Memory {
     // The attachment's own pinned maps (the tail-call tables too), through
     // their pins: never a program array by id (see the module's doc).
     let mut pinned = BTreeSet::new();
-    for name in segbpf_common::PINNED_MAPS
+    for name in segbpf_common::OWN_MAPS
         .iter()
         .chain(segbpf_common::TAIL_MAPS.iter())
     {
-        if segbpf_common::SHARED_MAPS.contains(name) {
-            continue;
-        }
         let Ok(map) = MapData::from_pin(att.map(name)) else {
             continue;
         };
