@@ -57,7 +57,7 @@ pub const MAP_CT_SEEN_F: &str = "SEG_CT_SEEN_F";
 pub const GLOBAL_CT_SEEN: &str = "SEGBPF_CT_SEEN";
 /// log2 of the number of buckets.
 pub const CT_SEEN_BITS_LOG2: u32 = 16;
-/// Buckets in [`MAP_CT_SEEN`] (256 KiB).
+/// Buckets in [`MAP_CT_SEEN`] (512 KiB: the kernel pads each u32 value to 8 bytes).
 pub const CT_SEEN_BUCKETS: u32 = 1 << CT_SEEN_BITS_LOG2;
 /// A tick is 2^30 ns (1.07 s): a shift, not a division, in the datapath.
 pub const CT_SEEN_TICK_SHIFT: u32 = 30;

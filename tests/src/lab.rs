@@ -186,15 +186,26 @@ impl Lab {
 
     /// Runs `segbpf --netns HOST ARGS...` with the lab's roots.
     pub fn segbpf(&self, host: &str, args: &[&str]) -> anyhow::Result<Output> {
+        self.segbpf_from(&self.bin, host, args)
+    }
+
+    /// Like [`Lab::segbpf`], with another build of segbpf (`bin`): the
+    /// benchmark's before-and-after runs.
+    pub fn segbpf_from(
+        &self,
+        bin: &std::path::Path,
+        host: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Output> {
         let h = self.host(host);
-        Command::new(&self.bin)
+        Command::new(bin)
             .arg("--netns")
             .arg(&h.ns.name)
             .args(args)
             .env("SEGBPF_BPFFS", &self.bpffs)
             .env("SEGBPF_STATE_DIR", &self.state)
             .output()
-            .with_context(|| format!("running {}", self.bin.display()))
+            .with_context(|| format!("running {}", bin.display()))
     }
 
     /// Like [`Lab::segbpf`] but fails unless the exit status is 0; returns stdout.

@@ -348,6 +348,16 @@ struct Generator {
 }
 
 impl Generator {
+    /// The kernel's id of the generator's program.
+    fn prog_id(&self) -> anyhow::Result<u32> {
+        let p: &Xdp = self
+            .ebpf
+            .program(PROG_XDP_GEN)
+            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
+            .try_into()?;
+        Ok(p.info()?.id())
+    }
+
     fn new(tx_ns: &str, dev: &str) -> anyhow::Result<Self> {
         let mut ebpf = loader::load(
             segbpf::policy::compile::Capacity::default(),
@@ -470,7 +480,10 @@ extern "C" fn on_sigusr1(_: libc::c_int) {}
 /// those sources as one /16 (plus 1,000 other prefixes), or as 65,536 /32s
 /// among 1,000,000 prefixes; no firewall, segbpf, and segbpf with the same
 /// policy but `established = false` (no connection tracking), and (1k
-/// round) xdp-filter allowing the port, rounds interleaved.
+/// round) xdp-filter allowing the port, rounds interleaved. With
+/// `SEGBPF_BENCH_ALT_BIN=label=path[,label=path...]`, also segbpf as built at `path`
+/// (enforcer `segbpf-{label}`, same policy): before and after in the same
+/// rounds.
 fn cold(
     lab: &Lab,
     rx_ns: &str,
@@ -529,10 +542,43 @@ fn cold(
             notrack.to_str().unwrap_or_default().to_string(),
         ));
     }
-    let rounds = 3;
+    let mut alt: Vec<(&'static str, std::path::PathBuf)> = Vec::new();
+    let spec = std::env::var("SEGBPF_BENCH_ALT_BIN").unwrap_or_default();
+    for one in spec.split(',').filter(|s| !s.is_empty()) {
+        let (l, p) = one
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("SEGBPF_BENCH_ALT_BIN: {one}: expected label=path"))?;
+        // Names of results are static: one leaked string per build.
+        let name: &'static str = Box::leak(format!("segbpf-{l}").into_boxed_str());
+        alt.push((name, std::path::PathBuf::from(p)));
+    }
+    // `SEGBPF_BENCH_COLD_NS=1`: also the kernel's own account of each XDP
+    // program's run time (`kernel.bpf_stats_enabled`, held while this
+    // runs; it adds two clock reads per run to every enforcer but none),
+    // printed per measurement and as medians at the end: ns per packet of
+    // the program alone, without the generator's and the stack's noise.
+    let stats = if std::env::var("SEGBPF_BENCH_COLD_NS").as_deref() == Ok("1") {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime)?)
+    } else {
+        None
+    };
+    let mut ns: std::collections::BTreeMap<(&'static str, &'static str), Vec<f64>> =
+        std::collections::BTreeMap::new();
+    let mut enforcers = vec!["none", "segbpf", "segbpf-notrack", "xdp-filter"];
+    enforcers.extend(alt.iter().map(|a| a.0));
+    // The build behind an enforcer: an alternative's, else this run's.
+    let bin_of = |enforcer: &str| {
+        alt.iter()
+            .find(|a| a.0 == enforcer)
+            .map_or_else(segbpf_tests::lab::segbpf_bin, |a| a.1.clone())
+    };
+    let rounds = std::env::var("SEGBPF_BENCH_COLD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
     for round in 0..rounds {
         for (label, pol, notrack) in &pols {
-            for enforcer in ["none", "segbpf", "segbpf-notrack", "xdp-filter"] {
+            for &enforcer in &enforcers {
                 // xdp-filter (stateless, ports only: it cannot hold the
                 // sources) on the 1k-prefix round only: what any XDP
                 // program on this link costs a cache-cold new flow.
@@ -551,7 +597,20 @@ fn cold(
                     "segbpf-notrack" => {
                         lab.attach("rx", notrack, &["--role", "rx"])?;
                     }
-                    _ => {}
+                    "none" | "xdp-filter" => {}
+                    _ => {
+                        let args = [
+                            "attach",
+                            "eth0",
+                            "--policy",
+                            pol,
+                            "--no-wait",
+                            "--role",
+                            "rx",
+                        ];
+                        let out = lab.segbpf_from(&bin_of(enforcer), "rx", &args)?;
+                        anyhow::ensure!(out.status.success(), "{enforcer}: attach failed");
+                    }
                 }
                 for (traffic, port) in [("allowed", 2000), ("denied", DENIED_PORT)] {
                     let name: &'static str = match (traffic, *label) {
@@ -561,21 +620,55 @@ fn cold(
                         _ => "denied-cold-1m-prefixes",
                     };
                     let f = frame(macs.0, macs.1, port);
+                    let before = xdp_run_time(generator.prog_id()?);
                     let pps = generator.rate(&f, base, bits, rx_ns, secs)?;
+                    if stats.is_some() && enforcer != "none" {
+                        let after = xdp_run_time(generator.prog_id()?);
+                        let per = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+                        eprintln!("cold-ns {enforcer} {name}: {per:.1} ns per run");
+                        ns.entry((enforcer, name)).or_default().push(per);
+                    }
                     results
                         .entry((enforcer.to_string(), 10, name))
                         .or_default()
                         .push(pps);
                 }
                 if enforcer.starts_with("segbpf") {
-                    lab.segbpf_ok("rx", &["detach", "eth0"])?;
+                    // Detached by the build that attached (an alt build
+                    // may keep pins this one does not know).
+                    let out = lab.segbpf_from(&bin_of(enforcer), "rx", &["detach", "eth0"])?;
+                    anyhow::ensure!(out.status.success(), "{enforcer}: detach failed");
                 }
                 drop(filter);
             }
         }
         eprintln!("throughput, cache-cold: round {}/{rounds}", round + 1);
     }
+    for ((enforcer, name), mut v) in ns {
+        v.sort_by(f64::total_cmp);
+        let all: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
+        eprintln!(
+            "cold-ns median {enforcer} {name}: {:.1} ns ({})",
+            v[v.len() / 2],
+            all.join(" ")
+        );
+    }
     Ok(())
+}
+
+/// The run time (ns) and run count the kernel has recorded for every
+/// loaded XDP program but the generator's (`skip`), summed: the enforcer
+/// under test is the only other one while the benchmark runs alone.
+fn xdp_run_time(skip: u32) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            // BPF_PROG_TYPE_XDP
+            p.id() != skip && p.program_type() as u32 == 6
+        })
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos() as u64, n + p.run_count())
+        })
 }
 
 /// The Mpps comparison; rows of `enforcer`, `rules`, `traffic`,
