@@ -318,6 +318,16 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The pinned maps a dry-run instance shares with the attachment: every
+/// one but the last-seen arrays. It looks every flow up instead (its
+/// `SEGBPF_CT_SEEN` stays 0), since the live attachment it shares may be
+/// of a build that makes entries without writing them.
+pub fn dry_run_maps() -> impl Iterator<Item = &'static str> {
+    PINNED_MAPS
+        .into_iter()
+        .filter(|m| *m != MAP_CT_SEEN && *m != MAP_CT_SEEN_F)
+}
+
 /// Loads a dry-run instance that shares every pinned map of `att` (policy,
 /// config, counters, connection and fragment state) but changes none of
 /// them, and records its decision in its private `SEG_TRACE`. It reads
@@ -331,14 +341,7 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     // Looks flows up as the live instance does: under its interface.
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
-    // Not the last-seen arrays: the instance looks every flow up (its
-    // `SEGBPF_CT_SEEN` stays 0), since the live attachment it shares may
-    // be of a build that makes entries without writing them.
-    let paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
-        .iter()
-        .filter(|m| **m != MAP_CT_SEEN && **m != MAP_CT_SEEN_F)
-        .map(|m| (*m, att.map(m)))
-        .collect();
+    let paths: Vec<(&str, std::path::PathBuf)> = dry_run_maps().map(|m| (m, att.map(m))).collect();
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
     loader.override_global(GLOBAL_LINK, &link, true);

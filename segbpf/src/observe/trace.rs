@@ -75,12 +75,8 @@ pub fn dry_run_instance(att: &Attachment) -> Result<aya::Ebpf, TraceError> {
     if !att.is_attached() {
         return Err(TraceError::NotAttached(att.describe()));
     }
-    // The last-seen arrays are not shared by dry runs (`loader::load_dry_run`).
-    for m in segbpf_common::PINNED_MAPS {
-        if m != segbpf_common::MAP_CT_SEEN
-            && m != segbpf_common::MAP_CT_SEEN_F
-            && !att.map(m).exists()
-        {
+    for m in loader::dry_run_maps() {
+        if !att.map(m).exists() {
             return Err(TraceError::Incomplete(att.map(m).display().to_string()));
         }
     }
