@@ -3,7 +3,7 @@
 //! skips both connection-table lookups (two 48-byte-key misses) and goes
 //! straight to the policy.
 //!
-//! One u32 per bucket ([`CT_SEEN_BUCKETS`], an `ARRAY` pinned with the
+//! One tick per bucket ([`CT_SEEN_BUCKETS`], an `ARRAY` pinned with the
 //! connection tables and shared like them by every attachment of a
 //! network namespace). Bucket [`ct_seen_bucket`]`(family, remote)` holds
 //! the tick ([`ct_seen_tick`], about a second) of the latest
@@ -31,6 +31,26 @@
 //! together, so each alone covers every entry: the rule above holds for
 //! either array. The datapath carries both in one u32 ([`ct_seen_pack`]).
 //!
+//! **The remote's bucket also holds the local ports of its flows.** A
+//! remote with a live flow keeps its bucket fresh, so its packets to any
+//! other port (a client probing a closed port, a flood from a source the
+//! host also talks to) would still read the flow's bucket and, when that is
+//! fresh, pay both lookups: cache-cold, that costs what the rest of the
+//! drop costs. Each bucket of [`MAP_CT_SEEN`] is a [`CtRemote`]: the tick,
+//! and a 32-bit filter with one bit per entry's local port and protocol
+//! ([`ct_port_bit`]). The datapath sets an entry's bit whenever it writes
+//! the tick, before the insert, with an atomic OR (read first: a bit
+//! already set is never written again); no bit is ever cleared while the
+//! array lives. So every entry of the remote has its bit set, and a packet
+//! whose bit is clear cannot have a live entry: it skips the lookups at
+//! the cost of the one bucket read. Bits of shared buckets and of flows
+//! long gone only cost lookups. The value padding the kernel gives a u32
+//! array anyway (its values take 8 bytes) holds the filter: no memory is
+//! added. Seeding writes the whole bucket, tick and every bit
+//! ([`CT_PORTS_ALL`]), in one store: a bit a running program sets at the
+//! same moment is set either way, so nothing is lost; a seeded bucket
+//! skips only on its tick.
+//!
 //! The arrays know only the entries made by programs that write them. An
 //! instance may skip lookups only when its frozen global
 //! [`GLOBAL_CT_SEEN`] is 1: set by userspace at load when every entry
@@ -45,10 +65,43 @@
 
 use crate::Config;
 
-/// Array of [`CT_SEEN_BUCKETS`] u32: the last-seen tick of each bucket of
-/// remote addresses. Shared per network namespace (see
-/// [`crate::SHARED_MAPS`]).
-pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN";
+/// Array of [`CT_SEEN_BUCKETS`] [`CtRemote`]: the last-seen tick and the
+/// local-port filter of each bucket of remote addresses. Shared per
+/// network namespace (see [`crate::SHARED_MAPS`]). (Builds before the
+/// filter had `SEG_CT_SEEN`, of u32 ticks: a namespace's pin of that name
+/// is unused by this build and goes with the namespace's tables.)
+pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN_R";
+
+/// A bucket of [`MAP_CT_SEEN`]: the latest tick any entry of its remotes
+/// was given, and the bits ([`ct_port_bit`]) of those entries' local ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtRemote {
+    /// [`ct_seen_tick`] of the latest entry made or refreshed.
+    pub tick: u32,
+    /// One bit per local port and protocol of the remotes' entries, set
+    /// atomically and never cleared; [`CT_PORTS_ALL`] when seeded.
+    pub ports: u32,
+}
+const _: () = assert!(size_of::<CtRemote>() == 8);
+#[cfg(feature = "user")]
+// SAFETY: `CtRemote` is `#[repr(C)]` plain old data without padding.
+unsafe impl aya::Pod for CtRemote {}
+
+/// The filter of a seeded bucket: every bit, so only the tick can skip.
+pub const CT_PORTS_ALL: u32 = u32::MAX;
+
+/// The filter bit of an entry's (or a packet's key's) local port and
+/// protocol: one of 32, by a multiplicative hash.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_port_bit(proto: u8, local_port: u16) -> u32 {
+    let k = u32::from(local_port) | u32::from(proto) << 16;
+    1 << (k.wrapping_mul(0x9E37_79B1) >> 27)
+}
 /// Array of [`CT_SEEN_BUCKETS`] u32: the last-seen tick of each bucket of
 /// flows ([`ct_seen_flow_bucket`]). Shared like [`MAP_CT_SEEN`].
 pub const MAP_CT_SEEN_F: &str = "SEG_CT_SEEN_F";
@@ -57,7 +110,8 @@ pub const MAP_CT_SEEN_F: &str = "SEG_CT_SEEN_F";
 pub const GLOBAL_CT_SEEN: &str = "SEGBPF_CT_SEEN";
 /// log2 of the number of buckets.
 pub const CT_SEEN_BITS_LOG2: u32 = 16;
-/// Buckets in [`MAP_CT_SEEN`] (512 KiB: the kernel pads each u32 value to 8 bytes).
+/// Buckets in [`MAP_CT_SEEN`] (512 KiB) and [`MAP_CT_SEEN_F`] (512 KiB:
+/// the kernel pads each u32 value to 8 bytes).
 pub const CT_SEEN_BUCKETS: u32 = 1 << CT_SEEN_BITS_LOG2;
 /// A tick is 2^30 ns (1.07 s): a shift, not a division, in the datapath.
 pub const CT_SEEN_TICK_SHIFT: u32 = 30;
@@ -416,6 +470,32 @@ mod tests {
                 "{wide:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_port_bit_is_one_bit_and_the_ports_spread_over_all_32() {
+        let mut seen = 0u32;
+        for port in 0..=u16::MAX {
+            for proto in [1u8, 6, 17, 58] {
+                let b = ct_port_bit(proto, port);
+                assert_eq!(b.count_ones(), 1, "{proto} {port}");
+                seen |= b;
+            }
+        }
+        assert_eq!(seen, u32::MAX);
+        // The common service ports do not all share one bit, and the
+        // protocol is part of the hash.
+        let service: u32 = [22u16, 53, 80, 443, 5432, 8080]
+            .iter()
+            .fold(0, |a, p| a | ct_port_bit(6, *p));
+        assert!(service.count_ones() >= 4, "{service:#x}");
+        assert!((0..64u16).any(|p| ct_port_bit(6, p) != ct_port_bit(17, p)));
+        // 1,000 consecutive ports: each bit taken about 1000/32 times.
+        let mut n = [0u32; 32];
+        for p in 30_000..31_000u16 {
+            n[ct_port_bit(17, p).trailing_zeros() as usize] += 1;
+        }
+        assert!(n.iter().all(|c| (10..=60).contains(c)), "{n:?}");
     }
 
     #[test]

@@ -141,7 +141,13 @@ pub(crate) struct Tracked {
 /// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) -> Option<Tracked> {
-    let seen_bucket = ctseen::live_buckets(cfg, key.remote_bucket(), || key.flow_bucket(), now)?;
+    let seen_bucket = ctseen::live_buckets(
+        cfg,
+        key.remote_bucket(),
+        key.port_bit(),
+        || key.flow_bucket(),
+        now,
+    )?;
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if let Some(e) = K::assured().get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
@@ -346,7 +352,7 @@ pub(crate) fn update<K: FlowKey>(
         return;
     }
     e.last_seen_ns = now;
-    ctseen::note(t.seen_bucket, now);
+    ctseen::note(t.seen_bucket, key.port_bit(), now);
     if acct {
         account(t.entry, side, len, p.tcp_flags);
     }
@@ -475,6 +481,6 @@ pub(crate) fn create<K: FlowKey>(
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
     // The bucket first: a packet of the flow on another CPU never finds the
     // entry behind a stale bucket.
-    ctseen::note(key.seen_buckets(), now);
+    ctseen::note(key.seen_buckets(), key.port_bit(), now);
     let _ = K::half_open().insert(key, &*e, 0);
 }

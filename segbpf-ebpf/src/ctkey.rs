@@ -14,7 +14,7 @@
 use aya_ebpf::maps::LruHashMap;
 use segbpf_common::{
     CT4_MAX_IFINDEX, CtEntry, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    ct_seen_pack,
+    ct_port_bit, ct_seen_pack,
 };
 
 use crate::{
@@ -136,6 +136,14 @@ pub(crate) trait FlowKey: Sized + 'static {
     fn make(o: &Oriented) -> Option<Self>;
     /// The IP protocol.
     fn proto(&self) -> u8;
+    /// The local port (host byte order, as the key holds it).
+    fn local_port(&self) -> u16;
+    /// The local port's bit in the remote's last-seen bucket
+    /// (`segbpf_common::ct_port_bit`).
+    #[inline(always)]
+    fn port_bit(&self) -> u32 {
+        ct_port_bit(self.proto(), self.local_port())
+    }
     /// The remote's last-seen bucket (`ctseen`).
     fn remote_bucket(&self) -> u32;
     /// The flow's last-seen bucket (`ctseen`).
@@ -174,6 +182,11 @@ impl FlowKey for CtKey4 {
     #[inline(always)]
     fn proto(&self) -> u8 {
         CtKey4::proto(self)
+    }
+
+    #[inline(always)]
+    fn local_port(&self) -> u16 {
+        self.local_port
     }
 
     #[inline(always)]
@@ -218,6 +231,11 @@ impl FlowKey for CtKey {
     #[inline(always)]
     fn proto(&self) -> u8 {
         self.proto
+    }
+
+    #[inline(always)]
+    fn local_port(&self) -> u16 {
+        self.local_port
     }
 
     #[inline(always)]

@@ -1,17 +1,18 @@
-//! The last-seen arrays (`SEG_CT_SEEN` by remote, `SEG_CT_SEEN_F` by flow;
-//! see `segbpf_common::ctseen`): a packet whose remote's bucket or whose
-//! flow's bucket is stale skips both connection-table lookups, since no
-//! entry of it can be live; every entry made or refreshed writes both of
-//! its buckets. Shared by every attachment of the namespace, like the
-//! connection tables.
+//! The last-seen arrays (`SEG_CT_SEEN_R` by remote, `SEG_CT_SEEN_F` by
+//! flow; see `segbpf_common::ctseen`): a packet whose remote's bucket is
+//! stale or lacks its local port's bit, or whose flow's bucket is stale,
+//! skips both connection-table lookups, since no entry of it can be live;
+//! every entry made or refreshed writes both of its buckets and its port's
+//! bit. Shared by every attachment of the namespace, like the connection
+//! tables.
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    Config, CtKey, CtKey4, ct_seen_bucket_v4, ct_seen_bucket_words, ct_seen_flow_bucket_v4,
-    ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_tick,
+    Config, CtKey, CtKey4, CtRemote, ct_seen_bucket_v4, ct_seen_bucket_words,
+    ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_tick,
 };
 
-use crate::maps::{SEG_CT_SEEN, SEG_CT_SEEN_F, SEGBPF_CT_SEEN};
+use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_R, SEGBPF_CT_SEEN};
 
 /// An IPv6 key's remote bucket.
 #[inline(always)]
@@ -60,17 +61,20 @@ pub(crate) fn flow_bucket_v4(key: &CtKey4) -> u32 {
 }
 
 /// The key's two buckets packed (`ct_seen_pack`), when neither is stale
-/// at `now` under `cfg`; None when one is: no entry of the key can be
-/// live, skip both lookups. The remote's bucket is read first and the
-/// flow's hash (`flow`) computed only when it is fresh: a source with no
-/// recent flow (every default drop of an unknown source) pays one hash.
-/// When the instance may not skip (frozen global `SEGBPF_CT_SEEN` 0: set
-/// by userspace only when the arrays cover every entry it can find), the
-/// buckets are returned unread: look up.
+/// at `now` under `cfg` and the remote's bucket has the key's local-port
+/// bit (`port_bit`); None otherwise: no entry of the key can be live, skip
+/// both lookups. The remote's bucket is read first and the flow's hash
+/// (`flow`) computed only when it passes: a source with no recent flow
+/// (every default drop of an unknown source), and a known source's packet
+/// to a port none of its flows uses, pay one read. When the instance may
+/// not skip (frozen global `SEGBPF_CT_SEEN` 0: set by userspace only when
+/// the arrays cover every entry it can find), the buckets are returned
+/// unread: look up.
 #[inline(always)]
 pub(crate) fn live_buckets(
     cfg: &Config,
     remote: u32,
+    port_bit: u32,
     flow: impl FnOnce() -> u32,
     now: u64,
 ) -> Option<u32> {
@@ -78,7 +82,9 @@ pub(crate) fn live_buckets(
         return Some(ct_seen_pack(remote, flow()));
     }
     let horizon = ct_seen_horizon(cfg, now);
-    if older(&SEG_CT_SEEN, remote, horizon) {
+    if let Some(r) = SEG_CT_SEEN_R.get(remote)
+        && (u64::from(r.tick) < horizon || r.ports & port_bit == 0)
+    {
         return None;
     }
     let flow = flow();
@@ -99,27 +105,62 @@ fn older(array: &Array<u32>, index: u32, horizon: u64) -> bool {
 }
 
 /// Records that an entry of `bucket` (both halves: its remote and its
-/// flow) was made or refreshed at `now`: each bucket gets `now`'s tick
-/// unless it holds it already (read first: a busy remote or flow writes
-/// its bucket at most once a tick).
+/// flow) with the local-port bit `port_bit` was made or refreshed at
+/// `now`: each bucket gets `now`'s tick unless it holds it already (read
+/// first: a busy remote or flow writes its bucket at most once a tick),
+/// and the remote's bucket gets the bit, by an atomic OR unless it holds
+/// it already (bits are never cleared, so a bit read as set stays set).
 #[inline(always)]
-pub(crate) fn note(bucket: u32, now: u64) {
+pub(crate) fn note(bucket: u32, port_bit: u32, now: u64) {
     let tick = ct_seen_tick(now);
-    note_in(&SEG_CT_SEEN, bucket >> 16, tick);
-    note_in(&SEG_CT_SEEN_F, bucket & 0xffff, tick);
+    if let Some(r) = SEG_CT_SEEN_R.get_ptr_mut(bucket >> 16) {
+        note_remote(r, port_bit, tick);
+    }
+    if let Some(p) = SEG_CT_SEEN_F.get_ptr_mut(bucket & 0xffff) {
+        // SAFETY: `p` points at a u32 value of the array, valid during
+        // this program run; a racing CPU stores a whole u32 (its own tick,
+        // read a moment apart: `segbpf_common::CT_SEEN_SLACK_TICKS` covers
+        // it).
+        unsafe {
+            if core::ptr::read_volatile(p) < tick {
+                core::ptr::write_volatile(p, tick);
+            }
+        }
+    }
 }
 
+/// The tick as for the flow's bucket, then the port's bit.
 #[inline(always)]
-fn note_in(array: &Array<u32>, index: u32, tick: u32) {
-    let Some(p) = array.get_ptr_mut(index) else {
-        return;
-    };
-    // SAFETY: `p` points at a u32 value of the array, valid during this
-    // program run; a racing CPU stores a whole u32 (its own tick, read a
-    // moment apart: `segbpf_common::CT_SEEN_SLACK_TICKS` covers it).
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "a CtRemote is an 8-byte value of an array map, whose values the kernel aligns to 8 bytes"
+)]
+fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
+    // SAFETY: `r` points at a value of the array, valid during this
+    // program run and 8-byte aligned (array values are); the tick is a
+    // plain u32 store as for the flow's bucket; the filter is changed only
+    // by an atomic OR of the whole 8-byte value (the tick's half ORed with
+    // zero), so no bit another CPU or userspace's seeding sets is lost.
     unsafe {
-        if core::ptr::read_volatile(p) < tick {
-            core::ptr::write_volatile(p, tick);
+        if core::ptr::read_volatile(&raw const (*r).tick) < tick {
+            core::ptr::write_volatile(&raw mut (*r).tick, tick);
         }
+        if core::ptr::read_volatile(&raw const (*r).ports) & port_bit == 0 {
+            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                r.cast::<u64>(),
+                ports_half(port_bit),
+            );
+        }
+    }
+}
+
+/// `port_bit` placed where `CtRemote::ports` sits in the value read as one
+/// native-order u64 (after the u32 tick).
+#[inline(always)]
+fn ports_half(port_bit: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        u64::from(port_bit) << 32
+    } else {
+        u64::from(port_bit)
     }
 }

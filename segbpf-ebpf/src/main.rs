@@ -13,6 +13,14 @@
 //! trace record), `maps` (every map definition).
 #![no_std]
 #![no_main]
+// The BPF target has atomic loads and stores only (`target_has_atomic` is
+// unset for it): the one read-modify-write, the last-seen filter's OR
+// (`ctseen::note`), calls the intrinsic, which LLVM emits as BPF_ATOMIC OR.
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "core_intrinsics: the only way to an atomic OR on this target"
+)]
 #![allow(
     clippy::inline_always,
     reason = "BPF: helpers are inlined into the two programs so the verifier sees one function each, with packet bounds it can follow"

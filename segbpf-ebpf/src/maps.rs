@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, CtKey4, DEFAULT_CT_ENTRIES,
+    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, CtKey4, CtRemote, DEFAULT_CT_ENTRIES,
     DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES,
     DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass,
     PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
@@ -80,10 +80,10 @@ pub(crate) static SEG_CT4: LruHashMap<CtKey4, CtEntry> =
 pub(crate) static SEG_CT4_NEW: LruHashMap<CtKey4, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
-/// The last-seen tick of each bucket of remote addresses (see
-/// `segbpf_common::ctseen`), shared like `SEG_CT`.
+/// The last-seen tick and local-port filter of each bucket of remote
+/// addresses (see `segbpf_common::ctseen`), shared like `SEG_CT`.
 #[map]
-pub(crate) static SEG_CT_SEEN: Array<u32> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
+pub(crate) static SEG_CT_SEEN_R: Array<CtRemote> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
 
 /// The last-seen tick of each bucket of flows (family, protocol, ports,
 /// remote address; see `segbpf_common::ctseen`), shared like `SEG_CT`.
@@ -191,7 +191,7 @@ pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);
 pub(crate) static SEGBPF_IFINDEX: Global<u32> = Global::new(0);
 
 /// 1 when the instance may skip the connection-table lookups of a packet
-/// whose remote's `SEG_CT_SEEN` bucket is stale: set at load by userspace
+/// whose remote's `SEG_CT_SEEN_R` bucket is stale: set at load by userspace
 /// when the array covers every entry the instance can look up (see
 /// `segbpf_common::ctseen`); 0, the default, always looks up. Frozen.
 #[unsafe(no_mangle)]

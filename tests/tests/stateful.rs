@@ -1174,25 +1174,45 @@ fn ct_entries(
     Ok(entries)
 }
 
-/// The last-seen buckets of `k`: its remote's (`SEG_CT_SEEN`) and its
-/// flow's (`SEG_CT_SEEN_F`).
-fn ct_seen_of(instance: &Instance, k: &segbpf_common::CtKey) -> anyhow::Result<[u32; 2]> {
+/// The last-seen buckets of `k`: its remote's (`SEG_CT_SEEN_R`: tick and
+/// local-port filter) and its flow's tick (`SEG_CT_SEEN_F`).
+fn ct_seen_of(
+    instance: &Instance,
+    k: &segbpf_common::CtKey,
+) -> anyhow::Result<(segbpf_common::CtRemote, u32)> {
     use segbpf_common::{MAP_CT_SEEN, MAP_CT_SEEN_F};
-    let read = |name: &str, index: u32| -> anyhow::Result<u32> {
-        let map = instance
+    let map = |name: &str| {
+        instance
             .ebpf()
             .map(name)
-            .ok_or_else(|| anyhow::anyhow!("no map {name}"))?;
-        let array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
-        Ok(array.get(&index, 0)?)
+            .ok_or_else(|| anyhow::anyhow!("no map {name}"))
     };
-    Ok([
-        read(
-            MAP_CT_SEEN,
-            segbpf_common::ct_seen_bucket(k.family, &k.remote),
-        )?,
-        read(MAP_CT_SEEN_F, segbpf_common::ct_seen_flow_bucket(k))?,
-    ])
+    let remote: aya::maps::Array<_, segbpf_common::CtRemote> =
+        aya::maps::Array::try_from(map(MAP_CT_SEEN)?)?;
+    let flow: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map(MAP_CT_SEEN_F)?)?;
+    Ok((
+        remote.get(&segbpf_common::ct_seen_bucket(k.family, &k.remote), 0)?,
+        flow.get(&segbpf_common::ct_seen_flow_bucket(k), 0)?,
+    ))
+}
+
+/// Whether the datapath skips `k`'s lookups at `now` (`ctseen`): its
+/// remote's bucket is stale or lacks its local port's bit, or its flow's
+/// bucket is stale. The second value: skipped by the port's bit alone.
+fn ct_seen_skips(
+    instance: &Instance,
+    cfg: &segbpf_common::Config,
+    k: &segbpf_common::CtKey,
+    now: u64,
+) -> anyhow::Result<(bool, bool)> {
+    use segbpf_common::{ct_port_bit, ct_seen_stale};
+    let (r, f) = ct_seen_of(instance, k)?;
+    let by_port =
+        !ct_seen_stale(cfg, r.tick, now) && r.ports & ct_port_bit(k.proto, k.local_port) == 0;
+    Ok((
+        ct_seen_stale(cfg, r.tick, now) || by_port || ct_seen_stale(cfg, f, now),
+        by_port,
+    ))
 }
 
 /// A connection key as the datapath makes it (instance attached nowhere:
@@ -1257,7 +1277,7 @@ fn ct_live(
 fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
     use Direction::{Egress as Out, Ingress as In};
     use segbpf::host::clock::monotonic_ns;
-    use segbpf_common::{IPPROTO_TCP, IPPROTO_UDP, ct_seen_bucket, ct_seen_stale, ct_seen_tick};
+    use segbpf_common::{IPPROTO_TCP, IPPROTO_UDP, ct_port_bit, ct_seen_bucket, ct_seen_tick};
 
     #[derive(Clone, Copy)]
     enum Kind {
@@ -1318,6 +1338,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
 
     let mut flows: Vec<Flow> = Vec::new();
     let (mut checked_live, mut stale_sent, mut sent) = (0u32, 0u32, 0u32);
+    let mut port_skips = 0u32;
     let mut slept = Duration::ZERO;
     let mut failures = Vec::new();
     for step in 0..500 {
@@ -1420,10 +1441,9 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         };
         let before = ct_entries(&instance)?;
         let now = monotonic_ns();
-        // As the kernel: stale when either of the two buckets is.
-        let stale = ct_seen_of(&instance, &key)?
-            .iter()
-            .any(|seen| ct_seen_stale(&cfg, *seen, now));
+        // As the kernel: skipped when either bucket is stale or the
+        // remote's lacks the port's bit.
+        let (stale, by_port) = ct_seen_skips(&instance, &cfg, &key, now)?;
         let live = before
             .iter()
             .any(|(k2, entry)| *k2 == key && ct_live(&cfg, k2, entry, syn, now, 200_000_000));
@@ -1436,6 +1456,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         let got = instance.run(dir, spec.build().bytes)?;
         sent += 1;
         stale_sent += u32::from(stale);
+        port_skips += u32::from(by_port);
         if live {
             checked_live += 1;
             let on_entry = [
@@ -1455,7 +1476,14 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
             }
         }
         for (k2, entry) in &ct_entries(&instance)? {
-            for (array, seen) in ["remote", "flow"].iter().zip(ct_seen_of(&instance, k2)?) {
+            let (r, f) = ct_seen_of(&instance, k2)?;
+            if r.ports & ct_port_bit(k2.proto, k2.local_port) == 0 {
+                failures.push(format!(
+                    "step {step}: entry {k2:?}: its remote's bucket lacks its port's bit ({:#x})",
+                    r.ports
+                ));
+            }
+            for (array, seen) in ["remote", "flow"].iter().zip([r.tick, f]) {
                 if seen + 1 < ct_seen_tick(entry.last_seen_ns) {
                     failures.push(format!(
                         "step {step}: entry {k2:?} last seen at tick {}, its {array} bucket says {seen}",
@@ -1482,8 +1510,12 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         stale_sent >= 5,
         "only {stale_sent} packets behind a stale bucket: the skip was not exercised"
     );
+    assert!(
+        port_skips >= 3,
+        "only {port_skips} packets skipped by their port's bit: the filter was not exercised"
+    );
     eprintln!(
-        "{sent} packets, {checked_live} on live entries, {stale_sent} behind a stale bucket, {slept:?} asleep"
+        "{sent} packets, {checked_live} on live entries, {stale_sent} skipped ({port_skips} by the port's bit), {slept:?} asleep"
     );
     Ok(())
 }
@@ -1570,8 +1602,16 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     );
     let seeded = segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     assert_eq!((seeded.entries, seeded.buckets), (1, 1));
+    // Written whole: the tick and every port's bit (userspace cannot OR a
+    // bit in atomically).
+    let (r, _) = ct_seen_of(&instance, &key)?;
+    assert_eq!(r.ports, segbpf_common::CT_PORTS_ALL);
     let v = instance.ingress(&reply)?;
     assert_eq!(v.reason, reason::PASS_CT, "seeded: the reply is found");
+    // A packet of the remote to another port (none of its flows' own)
+    // still meets the policy, and a new flow of the remote is tracked.
+    let other = udp("198.18.7.7", APP, 53, 40_999).build().bytes;
+    assert_eq!(instance.ingress(&other)?.reason, reason::DROP_DEFAULT);
     Ok(())
 }
 

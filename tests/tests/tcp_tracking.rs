@@ -774,7 +774,7 @@ to = "any"
 tcp = [9000]
 "#;
 
-/// The last-seen array (`SEG_CT_SEEN`) with real sockets: a flow a peer
+/// The last-seen array (`SEG_CT_SEEN_R`) with real sockets: a flow a peer
 /// opens (its replies leave srv on the entry), a TCP and a UDP flow srv
 /// opens (their replies come in on the entry) all carry traffic, also
 /// after being idle; and after the array is lost while the connection

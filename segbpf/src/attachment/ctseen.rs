@@ -1,4 +1,4 @@
-//! Seeding the namespace's last-seen arrays (`SEG_CT_SEEN` by remote and
+//! Seeding the namespace's last-seen arrays (`SEG_CT_SEEN_R` by remote and
 //! `SEG_CT_SEEN_F` by flow, see `segbpf_common::ctseen`) at attach: the
 //! programs of this build write an entry's two buckets whenever they make
 //! or refresh it, but entries
@@ -9,7 +9,11 @@
 //! the programs can look up and they may skip the lookups of a stale
 //! bucket (`SEGBPF_CT_SEEN` = 1). Writing the current tick, not the
 //! entry's, never makes a bucket older than a tick a program wrote a
-//! moment before (another attachment's, racing this write).
+//! moment before (another attachment's, racing this write). A remote's
+//! bucket is written whole, with every local port's bit
+//! (`segbpf_common::CT_PORTS_ALL`): userspace cannot OR a bit in
+//! atomically, and a bit a program sets between a read and a write must
+//! not be lost; the seeded bucket then skips only on its tick.
 
 use std::collections::BTreeSet;
 
@@ -18,7 +22,8 @@ use aya::{
     maps::{Array, MapData},
 };
 use segbpf_common::{
-    MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket, ct_seen_flow_bucket, ct_seen_tick,
+    CT_PORTS_ALL, CtRemote, MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket, ct_seen_flow_bucket,
+    ct_seen_tick,
 };
 
 use crate::attachment::maps::MapsError;
@@ -28,7 +33,7 @@ use crate::attachment::maps::MapsError;
 pub struct Seeded {
     /// Entries found in the connection tables (both families).
     pub entries: u64,
-    /// Remote buckets written (`SEG_CT_SEEN`: distinct buckets of those
+    /// Remote buckets written (`SEG_CT_SEEN_R`: distinct buckets of those
     /// entries' remotes).
     pub buckets: u64,
     /// Flow buckets written (`SEG_CT_SEEN_F`).
@@ -55,14 +60,27 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
             flows.insert(ct_seen_flow_bucket(&k));
         }
     }
-    for (name, buckets) in [(MAP_CT_SEEN, &remotes), (MAP_CT_SEEN_F, &flows)] {
-        let map = ebpf.map_mut(name).ok_or(MapsError::Missing(name))?;
-        let mut seen: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(name))?;
-        for b in buckets {
-            // The clock read just before each write (see the module docs).
-            let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-            seen.set(*b, tick, 0).map_err(err(name))?;
-        }
+    // The clock read just before each write (see the module docs).
+    let tick = || ct_seen_tick(crate::host::clock::monotonic_ns());
+    let map = ebpf
+        .map_mut(MAP_CT_SEEN)
+        .ok_or(MapsError::Missing(MAP_CT_SEEN))?;
+    let mut seen: Array<&mut MapData, CtRemote> = Array::try_from(map).map_err(err(MAP_CT_SEEN))?;
+    for b in &remotes {
+        // The whole bucket in one store, every port's bit: a bit a running
+        // program sets meanwhile is set either way.
+        let value = CtRemote {
+            tick: tick(),
+            ports: CT_PORTS_ALL,
+        };
+        seen.set(*b, value, 0).map_err(err(MAP_CT_SEEN))?;
+    }
+    let map = ebpf
+        .map_mut(MAP_CT_SEEN_F)
+        .ok_or(MapsError::Missing(MAP_CT_SEEN_F))?;
+    let mut seen: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(MAP_CT_SEEN_F))?;
+    for b in &flows {
+        seen.set(*b, tick(), 0).map_err(err(MAP_CT_SEEN_F))?;
     }
     Ok(Seeded {
         entries,

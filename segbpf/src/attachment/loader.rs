@@ -281,8 +281,9 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     let table = (LRU_HASH, size_of::<segbpf_common::CtKey>() as u32, entry);
     let table4 = (LRU_HASH, size_of::<segbpf_common::CtKey4>() as u32, entry);
     for name in segbpf_common::SHARED_MAPS {
-        let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
-        let (want_type, want_key, want_value) = if array {
+        let (want_type, want_key, want_value) = if name == MAP_CT_SEEN {
+            (ARRAY, 4, size_of::<segbpf_common::CtRemote>() as u32)
+        } else if name == MAP_CT_SEEN_F {
             (ARRAY, 4, 4)
         } else if name == MAP_CT4 || name == MAP_CT4_NEW {
             table4
@@ -298,6 +299,7 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
             source,
         })?;
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+        let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
         let buckets_ok = !array || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
         if found_type != want_type
             || info.key_size() != want_key
