@@ -1626,8 +1626,8 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
 /// filter is exercised) and meet the policy.
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter()
--> anyhow::Result<()> {
+fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() -> anyhow::Result<()>
+{
     use segbpf::host::clock::monotonic_ns;
     use segbpf_common::{CT_PORTS_ALL, IPPROTO_UDP, ct_port_bit};
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
@@ -1639,8 +1639,14 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter()
 
     let ntp = udp(APP, OUT, 40_100, 123);
     let ping = echo(APP, OUT, 0x4242, false);
-    assert_eq!(instance.egress(ntp.build().bytes)?.reason, reason::PASS_RULE);
-    assert_eq!(instance.egress(ping.build().bytes)?.reason, reason::PASS_ICMP);
+    assert_eq!(
+        instance.egress(ntp.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
+    assert_eq!(
+        instance.egress(ping.build().bytes)?.reason,
+        reason::PASS_ICMP
+    );
     let udp_key = ct_key(IPPROTO_UDP, ip(APP), 40_100, ip(OUT), 123);
     let echo_key = ct_key(IPPROTO_ICMP, ip(APP), 0x4242, ip(OUT), 0);
     let (bucket, _) = ct_seen_of(&instance, &udp_key)?;
@@ -1667,7 +1673,11 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter()
         ),
     ];
     for (what, spec, want) in &on_entries {
-        assert_eq!(instance.ingress(spec.build().bytes)?.reason, *want, "{what}");
+        assert_eq!(
+            instance.ingress(spec.build().bytes)?.reason,
+            *want,
+            "{what}"
+        );
     }
 
     // A quoted port and an echo id without a bit: the lookups are skipped
@@ -1703,8 +1713,14 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter()
     // IPv6: the reply of a ping and an error quoting a TCP flow.
     let ping6 = echo(DB6, OUT6, 0x4343, false);
     let https6 = tcp(DB6, OUT6, 40_103, 443, TCP_SYN);
-    assert_eq!(instance.egress(ping6.build().bytes)?.reason, reason::PASS_ICMP);
-    assert_eq!(instance.egress(https6.build().bytes)?.reason, reason::PASS_RULE);
+    assert_eq!(
+        instance.egress(ping6.build().bytes)?.reason,
+        reason::PASS_ICMP
+    );
+    assert_eq!(
+        instance.egress(https6.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
     let v = instance.ingress(echo(OUT6, DB6, 0x4343, true).build().bytes)?;
     assert_eq!(v.reason, reason::PASS_CT, "echo reply (IPv6)");
     let v = instance.ingress(icmp_error(OUT6, DB6, 2, &https6).build().bytes)?;
@@ -1713,9 +1729,16 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter()
     // The host's own error about a peer's flow goes out on the entry
     // the peer's SYN made (its local port: the destination port).
     let web_syn = tcp(WEB, APP, 40_104, 8080, TCP_SYN);
-    assert_eq!(instance.ingress(web_syn.build().bytes)?.reason, reason::PASS_RULE);
+    assert_eq!(
+        instance.ingress(web_syn.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
     let v = instance.egress(icmp_error(APP, WEB, 3, &web_syn).build().bytes)?;
-    assert_eq!(v.reason, reason::PASS_RELATED, "our error about the peer's flow");
+    assert_eq!(
+        v.reason,
+        reason::PASS_RELATED,
+        "our error about the peer's flow"
+    );
 
     // Every entry's bit is in its remote's bucket.
     let entries = ct_entries(&instance)?;

@@ -955,7 +955,15 @@ fn an_older_last_seen_pin_is_left_alone_and_one_of_another_layout_refused() -> a
     ns.ip(&["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"])?;
     ns.ip(&["link", "set", "vx0", "up"])?;
     ns.ip(&["link", "set", "vx1", "up"])?;
-    let attach = ["attach", "eth0", "--policy", policy, "--role", "srv", "--no-wait"];
+    let attach = [
+        "attach",
+        "eth0",
+        "--policy",
+        policy,
+        "--role",
+        "srv",
+        "--no-wait",
+    ];
     let mut attach_vx0 = attach;
     attach_vx0[1] = "vx0";
     lab.segbpf_ok("srv", &attach_vx0)?;
