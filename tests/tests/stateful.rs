@@ -1615,6 +1615,145 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     Ok(())
 }
 
+/// ICMP through the last-seen port filter (`ct_port_bit`): an echo's id
+/// and an error's quoted flow key the remote's bit like a port. With the
+/// remote's bucket fresh (the host talks to it) and holding the bits of
+/// its entries only, the reply of the host's ping and errors quoting its
+/// live flows (a UDP flow, the ping itself; IPv4 and IPv6; and the host's
+/// own error about a peer's flow, going out) are judged on their entries,
+/// while an echo reply and an error whose id or quoted port has no bit
+/// in the bucket skip the lookups (checked against the bucket, so the
+/// filter is exercised) and meet the policy.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() -> anyhow::Result<()>
+{
+    use segbpf::host::clock::monotonic_ns;
+    use segbpf_common::{CT_PORTS_ALL, IPPROTO_UDP, ct_port_bit};
+    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
+    let policy = Policy::load(std::path::Path::new(&path))?;
+    let roles: Vec<String> = ["app", "db"].iter().map(|s| (*s).to_string()).collect();
+    let compiled = harness::compile(&policy, &roles, "eth0")?;
+    let cfg = compiled.config;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+
+    let ntp = udp(APP, OUT, 40_100, 123);
+    let ping = echo(APP, OUT, 0x4242, false);
+    assert_eq!(
+        instance.egress(ntp.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
+    assert_eq!(
+        instance.egress(ping.build().bytes)?.reason,
+        reason::PASS_ICMP
+    );
+    let udp_key = ct_key(IPPROTO_UDP, ip(APP), 40_100, ip(OUT), 123);
+    let echo_key = ct_key(IPPROTO_ICMP, ip(APP), 0x4242, ip(OUT), 0);
+    let (bucket, _) = ct_seen_of(&instance, &udp_key)?;
+    let bits = ct_port_bit(IPPROTO_UDP, 40_100) | ct_port_bit(IPPROTO_ICMP, 0x4242);
+    assert_eq!(
+        bucket.ports, bits,
+        "the remote's bucket holds its two entries' bits, no more"
+    );
+    assert_ne!(bucket.ports, CT_PORTS_ALL);
+
+    // On their entries: the ping's reply, errors quoting the UDP flow and
+    // the ping.
+    let on_entries = [
+        ("echo reply", echo(OUT, APP, 0x4242, true), reason::PASS_CT),
+        (
+            "port unreachable quoting the UDP flow",
+            icmp_error(OUT, APP, 3, &ntp),
+            reason::PASS_RELATED,
+        ),
+        (
+            "time exceeded quoting the ping",
+            icmp_error(OUT, APP, 11, &ping),
+            reason::PASS_RELATED,
+        ),
+    ];
+    for (what, spec, want) in &on_entries {
+        assert_eq!(
+            instance.ingress(spec.build().bytes)?.reason,
+            *want,
+            "{what}"
+        );
+    }
+
+    // A quoted port and an echo id without a bit: the lookups are skipped
+    // by the filter (the bucket is fresh), the policy drops.
+    let clear_port = (40_101..41_000u16)
+        .find(|p| bits & ct_port_bit(IPPROTO_UDP, *p) == 0)
+        .expect("a UDP port without a bit");
+    let clear_id = (1..1_000u16)
+        .find(|i| bits & ct_port_bit(IPPROTO_ICMP, *i) == 0)
+        .expect("an echo id without a bit");
+    let skipped = [
+        (
+            "error quoting a port without a bit",
+            ct_key(IPPROTO_UDP, ip(APP), clear_port, ip(OUT), 123),
+            icmp_error(OUT, APP, 3, &udp(APP, OUT, clear_port, 123)),
+        ),
+        (
+            "echo reply with an id without a bit",
+            ct_key(IPPROTO_ICMP, ip(APP), clear_id, ip(OUT), 0),
+            echo(OUT, APP, clear_id, true),
+        ),
+    ];
+    for (what, key, spec) in &skipped {
+        let (skip, by_port) = ct_seen_skips(&instance, &cfg, key, monotonic_ns())?;
+        assert!(skip && by_port, "{what}: not skipped by the port's bit");
+        assert_eq!(
+            instance.ingress(spec.build().bytes)?.reason,
+            reason::DROP_DEFAULT,
+            "{what}"
+        );
+    }
+
+    // IPv6: the reply of a ping and an error quoting a TCP flow.
+    let ping6 = echo(DB6, OUT6, 0x4343, false);
+    let https6 = tcp(DB6, OUT6, 40_103, 443, TCP_SYN);
+    assert_eq!(
+        instance.egress(ping6.build().bytes)?.reason,
+        reason::PASS_ICMP
+    );
+    assert_eq!(
+        instance.egress(https6.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
+    let v = instance.ingress(echo(OUT6, DB6, 0x4343, true).build().bytes)?;
+    assert_eq!(v.reason, reason::PASS_CT, "echo reply (IPv6)");
+    let v = instance.ingress(icmp_error(OUT6, DB6, 2, &https6).build().bytes)?;
+    assert_eq!(v.reason, reason::PASS_RELATED, "packet too big (IPv6)");
+
+    // The host's own error about a peer's flow goes out on the entry
+    // the peer's SYN made (its local port: the destination port).
+    let web_syn = tcp(WEB, APP, 40_104, 8080, TCP_SYN);
+    assert_eq!(
+        instance.ingress(web_syn.build().bytes)?.reason,
+        reason::PASS_RULE
+    );
+    let v = instance.egress(icmp_error(APP, WEB, 3, &web_syn).build().bytes)?;
+    assert_eq!(
+        v.reason,
+        reason::PASS_RELATED,
+        "our error about the peer's flow"
+    );
+
+    // Every entry's bit is in its remote's bucket.
+    let entries = ct_entries(&instance)?;
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    for (k, _) in &entries {
+        let (r, _) = ct_seen_of(&instance, k)?;
+        assert_ne!(r.ports & ct_port_bit(k.proto, k.local_port), 0, "{k:?}");
+    }
+    assert!(
+        entries.iter().any(|(k, _)| *k == echo_key),
+        "the ping's entry, keyed by its id: {entries:?}"
+    );
+    Ok(())
+}
+
 /// An IPv4 flow that a build before the IPv4 tables left in the shared
 /// `SEG_CT` (another attachment of the namespace kept the tables while
 /// this interface's programs were replaced) is not looked up there by

@@ -896,3 +896,111 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
     assert!(broken.is_empty(), "{}", broken.join("; "));
     Ok(())
 }
+
+/// A namespace whose tables a build before the port filter made holds that
+/// build's last-seen array (`SEG_CT_SEEN`, u32 ticks). This build leaves
+/// it alone: an attach of another interface works and the flows go on,
+/// and it goes with the namespace's tables at the last detach. A pinned
+/// `SEG_CT_SEEN_R` of another layout (u32 values: the older array under
+/// the new name) is refused at attach, naming the pin, and nothing is
+/// attached; once it is gone, an attach makes the array again and the
+/// flows pass on it.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn an_older_last_seen_pin_is_left_alone_and_one_of_another_layout_refused() -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+
+    use segbpf::{
+        attachment::pins::Roots,
+        host::{bpf_sys, netns::Netns},
+    };
+    use segbpf_common::{MAP_CT_SEEN, MAP_CT_SEEN_F};
+
+    let mut lab = Lab::new("seenpin")?;
+    lab.add_host("srv", &["198.18.42.1/24"])?;
+    lab.add_host("cli", &["198.18.42.2/24"])?;
+    lab.quiet_switch()?;
+    let policy = lab.write_policy("srv.toml", LASTSEEN_POLICY)?;
+    let policy = policy.to_str().expect("UTF-8 path");
+    lab.attach("srv", policy, &["--role", "srv"])?;
+    let (srv_ns, cli_ns) = (
+        lab.host("srv").ns.name.clone(),
+        lab.host("cli").ns.name.clone(),
+    );
+    let (srv, cli) = (lab.host("srv").addrs[0], lab.host("cli").addrs[0]);
+    let _echo = Echo::start(&srv_ns, srv)?;
+    // A connection cli opens to srv exchanges: srv's replies leave on its
+    // entry (egress drops everything else).
+    let talks = |label: &'static str| -> anyhow::Result<bool> {
+        let cli_ns = cli_ns.clone();
+        in_ns(&cli_ns, move || {
+            Ok(connect_from(cli, 0, srv, Duration::from_secs(2))
+                .is_some_and(|mut s| exchange(&mut s, label.as_bytes())))
+        })
+    };
+    let att = Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &Netns::named(&srv_ns)?);
+    let (seen, seen_f) = (att.map(MAP_CT_SEEN), att.map(MAP_CT_SEEN_F));
+    // The older build's array: an ARRAY of 65,536 u32, the layout
+    // SEG_CT_SEEN_F has (that map pinned a second time, under the old name).
+    let older = att.shared_dir().join("SEG_CT_SEEN");
+    let u32_array = bpf_sys::obj_get(&seen_f)?;
+    bpf_sys::obj_pin(u32_array.as_fd(), &older)?;
+
+    // Another interface joins the tables: the older pin is no obstacle.
+    let ns = &lab.host("srv").ns;
+    ns.ip(&["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"])?;
+    ns.ip(&["link", "set", "vx0", "up"])?;
+    ns.ip(&["link", "set", "vx1", "up"])?;
+    let attach = [
+        "attach",
+        "eth0",
+        "--policy",
+        policy,
+        "--role",
+        "srv",
+        "--no-wait",
+    ];
+    let mut attach_vx0 = attach;
+    attach_vx0[1] = "vx0";
+    lab.segbpf_ok("srv", &attach_vx0)?;
+    assert!(talks("with the older pin")?, "a flow with the older pin");
+
+    // eth0 goes (vx0 keeps the tables); its array is replaced by one of
+    // the older layout.
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    std::fs::remove_file(&seen)?;
+    bpf_sys::obj_pin(u32_array.as_fd(), &seen)?;
+    let out = lab.segbpf("srv", &attach)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&seen.display().to_string()) && stderr.contains("does not fit"),
+        "the error names the pin: {stderr}"
+    );
+    assert!(!att.is_attached(), "nothing attached on eth0");
+
+    // Gone: the next attach makes the array again; flows pass on it.
+    std::fs::remove_file(&seen)?;
+    lab.attach("srv", policy, &["--role", "srv"])?;
+    let info = aya::maps::MapInfo::from_pin(&seen)?;
+    assert_eq!(
+        info.value_size() as usize,
+        size_of::<segbpf_common::CtRemote>()
+    );
+    assert!(talks("on the new array")?, "a flow after the new attach");
+
+    // The last detach removes the tables, the older array with them.
+    drop(u32_array);
+    lab.segbpf_ok("srv", &["detach", "vx0"])?;
+    lab.segbpf_ok("srv", &["detach", "eth0"])?;
+    assert!(
+        !older.exists() && !att.shared_dir().exists(),
+        "{} is left behind",
+        att.shared_dir().display()
+    );
+    Ok(())
+}
