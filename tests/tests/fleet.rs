@@ -1110,3 +1110,40 @@ fn bench_fleet_push_enforced_by_every_agent() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An agent with no cached policy waits for etcd, enforcing nothing. A
+/// service stop (SIGTERM) meanwhile ends it as a stopped service ends,
+/// exit 0, and it says that nothing was attached (it used to end
+/// silently); nothing is attached.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn an_agent_stopped_while_waiting_for_its_first_policy_says_nothing_was_attached()
+-> anyhow::Result<()> {
+    let mut lab = Lab::new("fw")?;
+    lab.add_host("a", &["198.18.93.5/24"])?;
+    // An endpoint nobody answers on: the agent keeps waiting.
+    let agent = Running::new(
+        Command::new(segbpf_bin())
+            .args(["--netns", &lab.host("a").ns.name])
+            .args(["attach", "eth0", "--etcd", "http://198.18.93.9:2379"])
+            .args(["--etcd-retry-max", "1"])
+            .env("SEGBPF_BPFFS", &lab.bpffs)
+            .env("SEGBPF_STATE_DIR", &lab.state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.terminate()?;
+    let out = agent.wait()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("waiting for the fleet's first policy; nothing was attached"),
+        "{stderr}"
+    );
+    let status = lab.segbpf("a", &["status", "eth0", "--output", "json"])?;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    assert_ne!(v["attachments"][0]["attached"], true, "{v}");
+    Ok(())
+}

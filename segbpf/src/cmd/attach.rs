@@ -237,11 +237,25 @@ pub async fn run(args: Args, ns: &Netns) -> anyhow::Result<()> {
     let policy = match (&fleet, &args.policy) {
         (Some(cfg), _) => {
             // The cache at once, or the store's revision once it answers.
+            // Stopped meanwhile (a service stopped while etcd is away), it
+            // exits as a stopped service does, 0, and says nothing was
+            // attached.
             let att = Attachment::new(args.iface(), ns);
+            let stopped = || {
+                tracing::warn!(
+                    "stopped by a signal while waiting for the fleet's first policy; nothing was attached"
+                );
+            };
             tokio::select! {
                 r = Box::pin(crate::fleet::agent::initial_policy(&att, cfg)) => r?.0,
-                _ = signals.0.recv() => return Ok(()),
-                _ = signals.1.recv() => return Ok(()),
+                _ = signals.0.recv() => {
+                    stopped();
+                    return Ok(());
+                }
+                _ = signals.1.recv() => {
+                    stopped();
+                    return Ok(());
+                }
             }
         }
         (None, Some(p)) => p.clone(),
