@@ -137,8 +137,9 @@ pub(crate) struct Tracked {
 /// while enforcement is on, and for a TCP SYN when it is closing (the SYN
 /// opens a new connection on the tuple: judged by the policy, its entry
 /// replaces the closing one). A dead assured entry does not hide a live
-/// half-open one (a new connection on a reused tuple). A remote whose
-/// last-seen bucket is stale has no live entry: no lookup (`ctseen`).
+/// half-open one (a new connection on a reused tuple). A key whose
+/// remote's last-seen bucket is stale or lacks its local port's bit, or
+/// whose flow's bucket is stale, has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) -> Option<Tracked> {
     let seen_bucket = ctseen::live_buckets(

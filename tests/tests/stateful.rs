@@ -1207,12 +1207,9 @@ fn ct_seen_skips(
 ) -> anyhow::Result<(bool, bool)> {
     use segbpf_common::{ct_port_bit, ct_seen_stale};
     let (r, f) = ct_seen_of(instance, k)?;
-    let by_port =
-        !ct_seen_stale(cfg, r.tick, now) && r.ports & ct_port_bit(k.proto, k.local_port) == 0;
-    Ok((
-        ct_seen_stale(cfg, r.tick, now) || by_port || ct_seen_stale(cfg, f, now),
-        by_port,
-    ))
+    let stale = ct_seen_stale(cfg, r.tick, now);
+    let by_port = !stale && r.ports & ct_port_bit(k.proto, k.local_port) == 0;
+    Ok((stale || by_port || ct_seen_stale(cfg, f, now), by_port))
 }
 
 /// A connection key as the datapath makes it (instance attached nowhere:
@@ -1294,10 +1291,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         port: u16,
     }
 
-    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
-    let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles: Vec<String> = ["app", "db"].iter().map(|s| (*s).to_string()).collect();
-    let mut compiled = harness::compile(&policy, &roles, "eth0")?;
+    let mut compiled = compiled_for(&["app", "db"])?;
     compiled.config.ct_tcp_syn_s = 1;
     compiled.config.ct_tcp_est_s = 2;
     compiled.config.ct_tcp_close_s = 1;
@@ -1522,9 +1516,15 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
 
 /// examples/roles.toml compiled for the role `app` on `eth0`.
 fn compiled_for_app() -> anyhow::Result<segbpf::policy::compile::Compiled> {
+    compiled_for(&["app"])
+}
+
+/// examples/roles.toml compiled for `roles` on `eth0`.
+fn compiled_for(roles: &[&str]) -> anyhow::Result<segbpf::policy::compile::Compiled> {
     let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::load(std::path::Path::new(&path))?;
-    harness::compile(&policy, &["app".to_string()], "eth0")
+    let roles: Vec<String> = roles.iter().map(|s| (*s).to_string()).collect();
+    harness::compile(&policy, &roles, "eth0")
 }
 
 /// An established flow this host opened (egress), last and first seen at
@@ -1630,10 +1630,7 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() ->
 {
     use segbpf::host::clock::monotonic_ns;
     use segbpf_common::{CT_PORTS_ALL, IPPROTO_UDP, ct_port_bit};
-    let path = format!("{}/../examples/roles.toml", env!("CARGO_MANIFEST_DIR"));
-    let policy = Policy::load(std::path::Path::new(&path))?;
-    let roles: Vec<String> = ["app", "db"].iter().map(|s| (*s).to_string()).collect();
-    let compiled = harness::compile(&policy, &roles, "eth0")?;
+    let compiled = compiled_for(&["app", "db"])?;
     let cfg = compiled.config;
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
 

@@ -757,6 +757,20 @@ fn eviction(lab: &Lab, held: u16, short: u32, limit: Duration) -> anyhow::Result
 
 /// srv as in [`POLICY`], and it may open UDP to port 5300 and TCP to port
 /// 9000: flows opened by the host, whose replies come in on their entries.
+/// A lab of two hosts on 198.18.`net`.0/24, `srv` attached with
+/// [`LASTSEEN_POLICY`] (role `srv`), `cli` its peer; returns it and the
+/// policy file's path.
+fn lastseen_lab(tag: &str, net: u8) -> anyhow::Result<(Lab, String)> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_host("srv", &[&format!("198.18.{net}.1/24")])?;
+    lab.add_host("cli", &[&format!("198.18.{net}.2/24")])?;
+    lab.quiet_switch()?;
+    let policy = lab.write_policy("srv.toml", LASTSEEN_POLICY)?;
+    let policy = policy.to_str().expect("UTF-8 path").to_string();
+    lab.attach("srv", &policy, &["--role", "srv"])?;
+    Ok((lab, policy))
+}
+
 const LASTSEEN_POLICY: &str = r#"version = 1
 [defaults]
 ingress = "drop"
@@ -792,13 +806,8 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
 
     use segbpf::{attachment::pins::Roots, host::netns::Netns};
 
-    let mut lab = Lab::new("lastseen")?;
-    lab.add_host("srv", &["198.18.41.1/24"])?;
-    lab.add_host("cli", &["198.18.41.2/24"])?;
-    lab.quiet_switch()?;
-    let policy = lab.write_policy("srv.toml", LASTSEEN_POLICY)?;
-    let policy = policy.to_str().expect("UTF-8 path");
-    lab.attach("srv", policy, &["--role", "srv"])?;
+    let (lab, policy) = lastseen_lab("lastseen", 41)?;
+    let policy = policy.as_str();
     let (srv_ns, cli_ns) = (
         lab.host("srv").ns.name.clone(),
         lab.host("cli").ns.name.clone(),
@@ -916,13 +925,8 @@ fn an_older_last_seen_pin_is_left_alone_and_one_of_another_layout_refused() -> a
     };
     use segbpf_common::{MAP_CT_SEEN, MAP_CT_SEEN_F};
 
-    let mut lab = Lab::new("seenpin")?;
-    lab.add_host("srv", &["198.18.42.1/24"])?;
-    lab.add_host("cli", &["198.18.42.2/24"])?;
-    lab.quiet_switch()?;
-    let policy = lab.write_policy("srv.toml", LASTSEEN_POLICY)?;
-    let policy = policy.to_str().expect("UTF-8 path");
-    lab.attach("srv", policy, &["--role", "srv"])?;
+    let (lab, policy) = lastseen_lab("seenpin", 42)?;
+    let policy = policy.as_str();
     let (srv_ns, cli_ns) = (
         lab.host("srv").ns.name.clone(),
         lab.host("cli").ns.name.clone(),

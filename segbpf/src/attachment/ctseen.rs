@@ -60,31 +60,33 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
             flows.insert(ct_seen_flow_bucket(&k));
         }
     }
-    // The clock read just before each write (see the module docs).
-    let tick = || ct_seen_tick(crate::host::clock::monotonic_ns());
-    let map = ebpf
-        .map_mut(MAP_CT_SEEN)
-        .ok_or(MapsError::Missing(MAP_CT_SEEN))?;
-    let mut seen: Array<&mut MapData, CtRemote> = Array::try_from(map).map_err(err(MAP_CT_SEEN))?;
-    for b in &remotes {
-        // The whole bucket in one store, every port's bit: a bit a running
-        // program sets meanwhile is set either way.
-        let value = CtRemote {
-            tick: tick(),
-            ports: CT_PORTS_ALL,
-        };
-        seen.set(*b, value, 0).map_err(err(MAP_CT_SEEN))?;
-    }
-    let map = ebpf
-        .map_mut(MAP_CT_SEEN_F)
-        .ok_or(MapsError::Missing(MAP_CT_SEEN_F))?;
-    let mut seen: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(MAP_CT_SEEN_F))?;
-    for b in &flows {
-        seen.set(*b, tick(), 0).map_err(err(MAP_CT_SEEN_F))?;
-    }
+    // The whole remote bucket in one store, every port's bit: a bit a
+    // running program sets meanwhile is set either way.
+    write(ebpf, MAP_CT_SEEN, &remotes, |tick| CtRemote {
+        tick,
+        ports: CT_PORTS_ALL,
+    })?;
+    write(ebpf, MAP_CT_SEEN_F, &flows, |tick| tick)?;
     Ok(Seeded {
         entries,
         buckets: remotes.len() as u64,
         flow_buckets: flows.len() as u64,
     })
+}
+
+/// Writes `value(tick)` into each of `buckets` of the array `name`, the
+/// clock read just before each write (see the module docs).
+fn write<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    buckets: &BTreeSet<u32>,
+    value: impl Fn(u32) -> V,
+) -> Result<(), MapsError> {
+    let map = ebpf.map_mut(name).ok_or(MapsError::Missing(name))?;
+    let mut array: Array<&mut MapData, V> = Array::try_from(map).map_err(err(name))?;
+    for b in buckets {
+        let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
+        array.set(*b, value(tick), 0).map_err(err(name))?;
+    }
+    Ok(())
 }
