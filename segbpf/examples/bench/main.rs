@@ -832,6 +832,20 @@ fn main() -> anyhow::Result<()> {
         "\nthroughput (packets/s the receiver handled on one core, live-frames generator, median of rounds; ratio to no firewall):"
     );
     for row in &throughput {
+        if let Some(why) = row["unavailable"].as_str() {
+            let _ = writeln!(table, "  not measured here: {why}");
+            continue;
+        }
+        if let Some(ns) = row["median_program_ns"].as_f64() {
+            let _ = writeln!(
+                table,
+                "  {:<15} {:<26} program {ns:>6.1} ns per packet ({})",
+                row["enforcer"].as_str().unwrap_or(""),
+                row["traffic"].as_str().unwrap_or(""),
+                row["generator"].as_str().unwrap_or("")
+            );
+            continue;
+        }
         let _ = writeln!(
             table,
             "  {:<15} {:>6} rules {:<8} {:>10.0} pps {:>6.2}x",

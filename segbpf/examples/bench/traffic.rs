@@ -16,6 +16,13 @@
 //! the receiver handled are counted from its veth's counters, so frames
 //! the veth ring refused (the receiver was too slow) are not counted.
 //!
+//! A kernel may refuse live frames (EPERM from BPF_PROG_TEST_RUN; one
+//! repetition is tried first). Then no rate is measured: the Mpps table is
+//! skipped with its reason, and the cache-cold rows become sweeps
+//! (`sweep`): the receiver's attached program run once per packet, on the
+//! generator's sequence of flows, timed by the kernel's run-time
+//! statistics of the program.
+//!
 //! Addresses: rule i allows udp/(2000+i) from 198.18.0.0 + 8i /29; the
 //! receiver is 198.19.255.1/15; traffic comes from the **last** rule's /29
 //! (8 addresses x 1,024 source ports = 8,192 flows), to the rule's port
@@ -181,34 +188,37 @@ impl XdpFilter {
     /// A descriptor of the program attached to the device (libxdp's
     /// dispatcher, which calls the filter).
     pub(crate) fn prog_fd(&self) -> anyhow::Result<std::os::fd::OwnedFd> {
-        let out = segbpf_tests::netns::ip(&[
-            "-j", "-d", "-n", &self.ns, "link", "show", "dev", &self.dev,
-        ])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let id = v[0]["xdp"]["prog"]["id"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no XDP program on {} in {}", self.dev, self.ns))?;
-        let attr = GetFd {
-            id: id as u32,
-            next_id: 0,
-            open_flags: 0,
-            _pad: [0; 13],
-        };
-        // SAFETY: bpf(2) with an initialised attribute block of its size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_GET_FD_BY_ID,
-                std::ptr::from_ref(&attr),
-                size_of::<GetFd>(),
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: the kernel just returned this descriptor to us.
-        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+        attached_prog_fd(&self.ns, &self.dev)
     }
+}
+
+/// A descriptor of the XDP program attached to `dev` of the namespace `ns`.
+fn attached_prog_fd(ns: &str, dev: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let out = segbpf_tests::netns::ip(&["-j", "-d", "-n", ns, "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let id = v[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no XDP program on {dev} in {ns}"))?;
+    let attr = GetFd {
+        id: id as u32,
+        next_id: 0,
+        open_flags: 0,
+        _pad: [0; 13],
+    };
+    // SAFETY: bpf(2) with an initialised attribute block of its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            std::ptr::from_ref(&attr),
+            size_of::<GetFd>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 impl Drop for XdpFilter {
@@ -375,6 +385,29 @@ impl Generator {
         })
     }
 
+    /// Whether this kernel lets the generator transmit (a live-frames run
+    /// of one repetition); the error it gave if not (EPERM where the
+    /// machine withholds live frames).
+    fn live_frames(&self, frame: &[u8]) -> Result<(), String> {
+        let p: &Xdp = self
+            .ebpf
+            .program(PROG_XDP_GEN)
+            .ok_or_else(|| format!("no {PROG_XDP_GEN}"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        let fd = p.fd().map_err(|e| format!("{e}"))?.as_fd().as_raw_fd();
+        let path = format!("/run/netns/{}", self.tx_ns);
+        let ifindex = self.ifindex;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                segbpf_tests::netns::enter(&path).map_err(|e| format!("{e}"))?;
+                live_run(fd, frame, ifindex, 1).map_err(|e| format!("{e}"))
+            })
+            .join()
+            .unwrap_or_else(|_| Err("probe thread panicked".to_string()))
+        })
+    }
+
     /// Sends `frame` with sources from `base` from one pinned CPU and
     /// returns the packets per second the receiver (`rx_ns`'s eth0)
     /// handled over `secs`, after a short warm-up.
@@ -473,6 +506,53 @@ impl Generator {
     }
 }
 
+/// Packets of one sweep (`sweep`): every flow of the cache-cold traffic
+/// twice.
+const SWEEP_PACKETS: u32 = 2 << 18;
+
+/// Without live frames: `packets` BPF_PROG_TEST_RUN runs of one
+/// repetition each of the program `prog_fd` (the enforcer attached to the
+/// receiver), on the generator's sequence of flows (the same source
+/// addresses and ports, in the same order), from one thread pinned to
+/// CPU 0. Only the kernel's run-time statistics of the program mean
+/// anything here (`xdp_run_time`): a run is a system call, not a packet
+/// through a device and a stack, so no rate is returned.
+fn sweep(
+    prog_fd: i32,
+    frame: &[u8],
+    base: u32,
+    bits: (u32, u32),
+    packets: u32,
+) -> anyhow::Result<()> {
+    let mut f = frame.to_vec();
+    std::thread::scope(|s| {
+        s.spawn(move || -> anyhow::Result<()> {
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(0)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+            let (abits, pbits) = bits;
+            for n in 0..packets {
+                let src = base.wrapping_add(n & ((1u32 << abits) - 1));
+                let sport = 1024u16.wrapping_add(((n >> abits) & ((1u32 << pbits) - 1)) as u16);
+                f[26..30].copy_from_slice(&src.to_be_bytes());
+                f[34..36].copy_from_slice(&sport.to_be_bytes());
+                f[24..26].copy_from_slice(&[0, 0]);
+                let mut sum: u32 = f[14..34]
+                    .chunks(2)
+                    .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                    .sum();
+                sum = (sum & 0xffff) + (sum >> 16);
+                sum = (sum & 0xffff) + (sum >> 16);
+                f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                test_run_ns(prog_fd, &f, 1)?;
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("sweep thread panicked"))?
+    })
+}
+
 extern "C" fn on_sigusr1(_: libc::c_int) {}
 
 /// Cache-cold: 262,144 flows (every address of 198.18.0.0/16, four
@@ -490,8 +570,9 @@ fn cold(
     generator: &mut Generator,
     macs: ([u8; 6], [u8; 6]),
     secs: Duration,
+    live: bool,
     results: &mut std::collections::BTreeMap<(String, usize, &'static str), Vec<f64>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let base = BASE;
     let bits = (16, 2);
     let _sink = lab
@@ -557,7 +638,8 @@ fn cold(
     // runs; it adds two clock reads per run to every enforcer but none),
     // printed per measurement and as medians at the end: ns per packet of
     // the program alone, without the generator's and the stack's noise.
-    let stats = if std::env::var("SEGBPF_BENCH_COLD_NS").as_deref() == Ok("1") {
+    // Without live frames (`sweep`) the program's own time is all there is.
+    let stats = if !live || std::env::var("SEGBPF_BENCH_COLD_NS").as_deref() == Ok("1") {
         Some(aya::sys::enable_stats(aya::sys::Stats::RunTime)?)
     } else {
         None
@@ -583,6 +665,10 @@ fn cold(
                 // sources) on the 1k-prefix round only: what any XDP
                 // program on this link costs a cache-cold new flow.
                 if enforcer == "xdp-filter" && *label != "1k" {
+                    continue;
+                }
+                // A sweep runs the receiver's program: none has none.
+                if !live && enforcer == "none" {
                     continue;
                 }
                 let filter = if enforcer == "xdp-filter" {
@@ -621,17 +707,41 @@ fn cold(
                     };
                     let f = frame(macs.0, macs.1, port);
                     let before = xdp_run_time(generator.prog_id()?);
-                    let pps = generator.rate(&f, base, bits, rx_ns, secs)?;
+                    // `SEGBPF_BENCH_PERF_CTL=FIFO` with
+                    // `SEGBPF_BENCH_PERF_WHAT=enforcer/traffic`: that
+                    // measurement alone is bracketed by `enable` and
+                    // `disable` on FIFO, the control of a
+                    // `perf record --control fifo:FIFO -D -1` (a profile of
+                    // one case).
+                    let perf = std::env::var("SEGBPF_BENCH_PERF_CTL").ok().filter(|_| {
+                        std::env::var("SEGBPF_BENCH_PERF_WHAT").ok().as_deref()
+                            == Some(&format!("{enforcer}/{name}"))
+                    });
+                    if let Some(c) = &perf {
+                        std::fs::write(c, "enable\n")?;
+                    }
+                    let pps = if live {
+                        Some(generator.rate(&f, base, bits, rx_ns, secs)?)
+                    } else {
+                        let fd = attached_prog_fd(rx_ns, "eth0")?;
+                        sweep(fd.as_raw_fd(), &f, base, bits, SWEEP_PACKETS)?;
+                        None
+                    };
+                    if let Some(c) = &perf {
+                        std::fs::write(c, "disable\n")?;
+                    }
                     if stats.is_some() && enforcer != "none" {
                         let after = xdp_run_time(generator.prog_id()?);
                         let per = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
                         eprintln!("cold-ns {enforcer} {name}: {per:.1} ns per run");
                         ns.entry((enforcer, name)).or_default().push(per);
                     }
-                    results
-                        .entry((enforcer.to_string(), 10, name))
-                        .or_default()
-                        .push(pps);
+                    if let Some(pps) = pps {
+                        results
+                            .entry((enforcer.to_string(), 10, name))
+                            .or_default()
+                            .push(pps);
+                    }
                 }
                 if enforcer.starts_with("segbpf") {
                     // Detached by the build that attached (an alt build
@@ -644,6 +754,7 @@ fn cold(
         }
         eprintln!("throughput, cache-cold: round {}/{rounds}", round + 1);
     }
+    let mut rows = Vec::new();
     for ((enforcer, name), mut v) in ns {
         v.sort_by(f64::total_cmp);
         let all: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
@@ -652,8 +763,13 @@ fn cold(
             v[v.len() / 2],
             all.join(" ")
         );
+        rows.push(json!({
+            "enforcer": enforcer, "rules": 10, "traffic": name,
+            "generator": if live { "live-frames" } else { "sweep" },
+            "median_program_ns": v[v.len() / 2], "samples_program_ns": v,
+        }));
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// The run time (ns) and run count the kernel has recorded for every
@@ -756,7 +872,25 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
         std::collections::BTreeMap::default();
     // Debugging: SEGBPF_BENCH_ONLY=cold runs the cache-cold part alone.
     let only_cold = std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("cold");
-    for &rules in if only_cold { &[] } else { sizes } {
+    // Some machines refuse live frames (EPERM): no packets per second
+    // then; the cache-cold rows fall back to sweeps (the programs' own
+    // time), and the table says why the rest is missing.
+    let live = generator.live_frames(&frame(rx_mac, tx_mac, DENIED_PORT));
+    if let Err(e) = &live {
+        eprintln!(
+            "throughput: this kernel refuses live frames (BPF_F_TEST_XDP_LIVE_FRAMES: {e}): \
+             no packets-per-second rows; the cache-cold rows are the programs' own time over sweeps"
+        );
+    }
+    let mut rows = Vec::new();
+    if let Err(e) = &live {
+        rows.push(json!({"unavailable": format!("live frames refused: {e}")}));
+    }
+    for &rules in if only_cold || live.is_err() {
+        &[]
+    } else {
+        sizes
+    } {
         let pol = lab.write_policy(&format!("t{rules}.toml"), &policy(rules, 10))?;
         let quiet = lab.write_policy(&format!("q{rules}.toml"), &policy(rules, 0))?;
         let pol = pol.to_str().unwrap_or_default().to_string();
@@ -835,21 +969,23 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
         }
         drop(sink);
     }
-    if !quick || only_cold {
+    let cold_rows = if !quick || only_cold {
         cold(
             &lab,
             &rx_ns,
             &mut generator,
             (rx_mac, tx_mac),
             secs,
+            live.is_ok(),
             &mut results,
-        )?;
-    }
+        )?
+    } else {
+        Vec::new()
+    };
     drop(generator);
     drop(tx);
     drop(lab);
     let med = |v: &Vec<f64>| crate::median(&mut v.clone());
-    let mut rows = Vec::new();
     for ((enforcer, rules, traffic), v) in &results {
         let none = results
             .get(&("none".to_string(), *rules, *traffic))
@@ -860,5 +996,6 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
             "ratio_to_none": med(v) / none, "samples_pps": v,
         }));
     }
+    rows.extend(cold_rows);
     Ok(rows)
 }
