@@ -724,7 +724,13 @@ fn cold(
                         Some(generator.rate(&f, base, bits, rx_ns, secs)?)
                     } else {
                         let fd = attached_prog_fd(rx_ns, "eth0")?;
-                        sweep(fd.as_raw_fd(), &f, base, bits, SWEEP_PACKETS)?;
+                        // `SEGBPF_BENCH_SWEEP_PACKETS`: another length
+                        // (262,144: every flow once).
+                        let n = std::env::var("SEGBPF_BENCH_SWEEP_PACKETS")
+                            .ok()
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(SWEEP_PACKETS);
+                        sweep(fd.as_raw_fd(), &f, base, bits, n)?;
                         None
                     };
                     if let Some(c) = &perf {
