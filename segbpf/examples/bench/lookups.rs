@@ -12,7 +12,9 @@
 //! slot, dir, IPv4}`, /32s and one /24, 1,000 and 10,000 prefixes), the
 //! port trie (`{prefixlen, slot, class, proto, port}`), the connection
 //! table (LRU hash, 48-byte key, 80-byte value) against a 16-byte key,
-//! and an array.
+//! and an array. Then one insert of a new (random) key into a full LRU
+//! hash of 256, 16,384 and 262,144 entries (`insert_program`): what a
+//! tracked new flow's entry costs, apart from everything else.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
@@ -104,6 +106,46 @@ fn program(map: &OwnedFd, key: &[u8], lookups: usize) -> anyhow::Result<OwnedFd>
         p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10
         p.push(insn(0x07, 2, 0, 0, base)); // r2 += base
         p.push(insn(0x85, 0, 0, 0, 1)); // call bpf_map_lookup_elem
+    }
+    p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
+    p.push(insn(0x95, 0, 0, 0, 0)); // exit
+    let license = b"GPL\0";
+    let mut a = [0u64; 18];
+    a[0] = u64::from(BPF_PROG_TYPE_XDP) | ((p.len() as u64) << 32);
+    a[1] = p.as_ptr() as u64;
+    a[2] = license.as_ptr() as u64;
+    Ok(fd(bpf(BPF_PROG_LOAD, &mut a)?))
+}
+
+/// Inserts per program run (`insert_program`).
+const INSERTS: usize = 4;
+
+/// The insert program: an 80-byte zero value and a 16-byte key on the
+/// stack; `inserts` times, a new random key (`bpf_get_prandom_u32` in its
+/// first 8 bytes) and, when `update`, `bpf_map_update_elem(map, key,
+/// value, BPF_ANY)`; pass. Without `update` it is the baseline (the same
+/// random numbers and stores).
+fn insert_program(map: &OwnedFd, inserts: usize, update: bool) -> anyhow::Result<OwnedFd> {
+    let mut p = Vec::new();
+    // *(u64 *)(r10 - 8k) = 0 for the key (16) and value (80) bytes.
+    for k in 1..=12 {
+        p.push(insn(0x7a, 10, 0, -8 * k, 0));
+    }
+    for _ in 0..inserts {
+        for off in [-16i16, -12] {
+            p.push(insn(0x85, 0, 0, 0, 7)); // call bpf_get_prandom_u32
+            p.push(insn(0x63, 10, 0, off, 0)); // *(u32 *)(r10 + off) = r0
+        }
+        if update {
+            p.push(insn(0x18, 1, 1, 0, map.as_raw_fd())); // r1 = map
+            p.push(0);
+            p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10
+            p.push(insn(0x07, 2, 0, 0, -16)); // r2 -= 16: the key
+            p.push(insn(0xbf, 3, 10, 0, 0)); // r3 = r10
+            p.push(insn(0x07, 3, 0, 0, -96)); // r3 -= 96: the value
+            p.push(insn(0xb7, 4, 0, 0, 0)); // r4 = BPF_ANY
+            p.push(insn(0x85, 0, 0, 0, 2)); // call bpf_map_update_elem
+        }
     }
     p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
     p.push(insn(0x95, 0, 0, 0, 0)); // exit
@@ -334,21 +376,42 @@ pub(crate) fn lower_bounds(rounds: usize, repeat: u32) -> anyhow::Result<Vec<(St
     let mut progs = Vec::new();
     for (name, map, key) in &cases {
         progs.push((
-            name.as_str(),
+            name.clone(),
             program(map, key, 0)?,
             program(map, key, LOOKUPS)?,
             Vec::new(),
+            LOOKUPS,
+        ));
+    }
+    // One insert of a new key into a full LRU hash (16-byte key, 80-byte
+    // value: `CtKey4`, `CtEntry`), as a tracked new flow does: it evicts.
+    // Small enough to stay cached, the default half-open table's size,
+    // and cache-cold. The first rounds fill the tables.
+    let mut tables = Vec::new();
+    for entries in [256u32, 16_384, 262_144] {
+        tables.push((
+            entries,
+            map_create(BPF_MAP_TYPE_LRU_HASH, 16, 80, entries, 0)?,
+        ));
+    }
+    for (entries, map) in &tables {
+        progs.push((
+            format!("LRU hash insert (evicts), 16-byte key, {entries} entries"),
+            insert_program(map, INSERTS, false)?,
+            insert_program(map, INSERTS, true)?,
+            Vec::new(),
+            INSERTS,
         ));
     }
     for _ in 0..rounds {
-        for (_, base, prog, samples) in &mut progs {
+        for (_, base, prog, samples, per) in &mut progs {
             let b = crate::traffic::test_run_ns(base.as_raw_fd(), &frame, repeat)?;
             let t = crate::traffic::test_run_ns(prog.as_raw_fd(), &frame, repeat)?;
-            samples.push((t - b) / LOOKUPS as f64);
+            samples.push((t - b) / *per as f64);
         }
     }
     Ok(progs
         .into_iter()
-        .map(|(name, _, _, mut s)| (name.to_string(), crate::median(&mut s)))
+        .map(|(name, _, _, mut s, _)| (name, crate::median(&mut s)))
         .collect())
 }

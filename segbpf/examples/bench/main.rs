@@ -388,7 +388,7 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::var("SEGBPF_BENCH_ONLY").as_deref() == Ok("lookups") {
         for (name, ns) in lookups::lower_bounds(o.rounds, o.repeat)? {
-            println!("{name:<62} {ns:>8.1} ns per lookup");
+            println!("{name:<62} {ns:>8.1} ns each");
         }
         return Ok(());
     }
