@@ -50,6 +50,9 @@ const BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
 const ADDR_BITS: u32 = 3;
 /// Source-port bits that vary.
 const PORT_BITS: u32 = 10;
+/// First source of the cache-cold flood of unknown sources (a /16 in no
+/// rule of the cache-cold policies).
+const UNKNOWN_BASE: u32 = u32::from_be_bytes([198, 19, 0, 0]);
 /// Closed port for denied traffic.
 const DENIED_PORT: u16 = 9;
 
@@ -558,7 +561,8 @@ extern "C" fn on_sigusr1(_: libc::c_int) {}
 /// Cache-cold: 262,144 flows (every address of 198.18.0.0/16, four
 /// source ports each) against a 10-rule policy whose first rule holds
 /// those sources as one /16 (plus 1,000 other prefixes), or as 65,536 /32s
-/// among 1,000,000 prefixes; no firewall, segbpf, and segbpf with the same
+/// among 1,000,000 prefixes, then the same flows to a closed port, then
+/// as many from 198.19.0.0/16 (in no rule); no firewall, segbpf, and segbpf with the same
 /// policy but `established = false` (no connection tracking), and (1k
 /// round) xdp-filter allowing the port, rounds interleaved. With
 /// `SEGBPF_BENCH_ALT_BIN=label=path[,label=path...]`, also segbpf as built at `path`
@@ -698,12 +702,21 @@ fn cold(
                         anyhow::ensure!(out.status.success(), "{enforcer}: attach failed");
                     }
                 }
-                for (traffic, port) in [("allowed", 2000), ("denied", DENIED_PORT)] {
+                // Allowed (new flows), denied (their sources to a closed
+                // port) and unknown: a flood of 262,144 new sources in no
+                // peer class (198.19.0.0/16), to the allowed port.
+                for (traffic, port, base) in [
+                    ("allowed", 2000, base),
+                    ("denied", DENIED_PORT, base),
+                    ("unknown", 2000, UNKNOWN_BASE),
+                ] {
                     let name: &'static str = match (traffic, *label) {
                         ("allowed", "1k") => "allowed-cold-1k-prefixes",
                         ("allowed", _) => "allowed-cold-1m-prefixes",
-                        (_, "1k") => "denied-cold-1k-prefixes",
-                        _ => "denied-cold-1m-prefixes",
+                        ("denied", "1k") => "denied-cold-1k-prefixes",
+                        ("denied", _) => "denied-cold-1m-prefixes",
+                        (_, "1k") => "unknown-cold-1k-prefixes",
+                        _ => "unknown-cold-1m-prefixes",
                     };
                     let f = frame(macs.0, macs.1, port);
                     let before = xdp_run_time(generator.prog_id()?);
