@@ -548,6 +548,14 @@ fn main() -> anyhow::Result<()> {
                     .build()
                     .bytes,
             ));
+            // Malformed: an allowed source's SYN cut inside its TCP header
+            // (the IPv4 header still claims the whole segment): dropped by
+            // the parser.
+            let mut cut = PacketSpec::tcp(src_allowed.parse()?, host, 40000, 1000)
+                .build()
+                .bytes;
+            cut.truncate(14 + 20 + 10);
+            cases.push(mk("malformed, tcp header cut (dropped)", cut));
             cases.push(mk(
                 "ipv6 allowed",
                 PacketSpec::tcp("fd00:18::7".parse()?, host6, 40000, 1000)
