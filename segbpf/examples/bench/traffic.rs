@@ -197,13 +197,9 @@ impl XdpFilter {
 
 /// A descriptor of the XDP program attached to `dev` of the namespace `ns`.
 fn attached_prog_fd(ns: &str, dev: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
-    let out = segbpf_tests::netns::ip(&["-j", "-d", "-n", ns, "link", "show", "dev", dev])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let id = v[0]["xdp"]["prog"]["id"]
-        .as_u64()
-        .ok_or_else(|| anyhow::anyhow!("no XDP program on {dev} in {ns}"))?;
+    let id = attached_prog_id(ns, dev)?;
     let attr = GetFd {
-        id: id as u32,
+        id,
         next_id: 0,
         open_flags: 0,
         _pad: [0; 13],
@@ -361,16 +357,6 @@ struct Generator {
 }
 
 impl Generator {
-    /// The kernel's id of the generator's program.
-    fn prog_id(&self) -> anyhow::Result<u32> {
-        let p: &Xdp = self
-            .ebpf
-            .program(PROG_XDP_GEN)
-            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
-            .try_into()?;
-        Ok(p.info()?.id())
-    }
-
     fn new(tx_ns: &str, dev: &str) -> anyhow::Result<Self> {
         let mut ebpf = loader::load(
             segbpf::policy::compile::Capacity::default(),
@@ -389,26 +375,34 @@ impl Generator {
     }
 
     /// Whether this kernel lets the generator transmit (a live-frames run
-    /// of one repetition); the error it gave if not (EPERM where the
-    /// machine withholds live frames).
-    fn live_frames(&self, frame: &[u8]) -> Result<(), String> {
+    /// of one repetition): Ok(None) if it does, Ok(Some(error)) if it
+    /// refuses them (EPERM, as some machines do even for root); any other
+    /// failure is an error of the bench.
+    fn live_frames(&self, frame: &[u8]) -> anyhow::Result<Option<std::io::Error>> {
         let p: &Xdp = self
             .ebpf
             .program(PROG_XDP_GEN)
-            .ok_or_else(|| format!("no {PROG_XDP_GEN}"))?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        let fd = p.fd().map_err(|e| format!("{e}"))?.as_fd().as_raw_fd();
+            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
+            .try_into()?;
+        let fd = p.fd()?.as_fd().as_raw_fd();
         let path = format!("/run/netns/{}", self.tx_ns);
         let ifindex = self.ifindex;
-        std::thread::scope(|s| {
+        let r = std::thread::scope(|s| {
             s.spawn(|| {
-                segbpf_tests::netns::enter(&path).map_err(|e| format!("{e}"))?;
-                live_run(fd, frame, ifindex, 1).map_err(|e| format!("{e}"))
+                segbpf_tests::netns::enter(&path)?;
+                live_run(fd, frame, ifindex, 1)
             })
             .join()
-            .unwrap_or_else(|_| Err("probe thread panicked".to_string()))
-        })
+            .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+        });
+        match r {
+            Ok(()) => Ok(None),
+            Err(e) => match e.downcast::<std::io::Error>() {
+                Ok(io) if io.raw_os_error() == Some(libc::EPERM) => Ok(Some(io)),
+                Ok(io) => Err(anyhow::anyhow!("live-frames probe: {io}")),
+                Err(e) => Err(e.context("live-frames probe")),
+            },
+        }
     }
 
     /// Sends `frame` with sources from `base` from one pinned CPU and
@@ -719,7 +713,13 @@ fn cold(
                         _ => "unknown-cold-1m-prefixes",
                     };
                     let f = frame(macs.0, macs.1, port);
-                    let before = xdp_run_time(generator.prog_id()?);
+                    // The enforcer's own program, when statistics are on.
+                    let timed = if stats.is_some() && enforcer != "none" {
+                        Some(attached_prog_id(rx_ns, "eth0")?)
+                    } else {
+                        None
+                    };
+                    let before = timed.map(prog_run_time).transpose()?;
                     // `SEGBPF_BENCH_PERF_CTL=FIFO` with
                     // `SEGBPF_BENCH_PERF_WHAT=enforcer/traffic`: that
                     // measurement alone is bracketed by `enable` and
@@ -731,6 +731,11 @@ fn cold(
                             == Some(&format!("{enforcer}/{name}"))
                     });
                     if let Some(c) = &perf {
+                        use std::os::unix::fs::FileTypeExt as _;
+                        anyhow::ensure!(
+                            std::fs::metadata(c).is_ok_and(|m| m.file_type().is_fifo()),
+                            "SEGBPF_BENCH_PERF_CTL={c}: not a FIFO (make it with mkfifo and start perf record --control fifo:{c} first)"
+                        );
                         std::fs::write(c, "enable\n")?;
                     }
                     let pps = if live {
@@ -739,19 +744,32 @@ fn cold(
                         let fd = attached_prog_fd(rx_ns, "eth0")?;
                         // `SEGBPF_BENCH_SWEEP_PACKETS`: another length
                         // (262,144: every flow once).
-                        let n = std::env::var("SEGBPF_BENCH_SWEEP_PACKETS")
-                            .ok()
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(SWEEP_PACKETS);
+                        let n = match std::env::var("SEGBPF_BENCH_SWEEP_PACKETS") {
+                            Ok(n) => match n.parse::<u32>() {
+                                Ok(n) if n > 0 => n,
+                                _ => anyhow::bail!(
+                                    "SEGBPF_BENCH_SWEEP_PACKETS={n}: expected a count of packets above 0"
+                                ),
+                            },
+                            Err(_) => SWEEP_PACKETS,
+                        };
                         sweep(fd.as_raw_fd(), &f, base, bits, n)?;
                         None
                     };
                     if let Some(c) = &perf {
                         std::fs::write(c, "disable\n")?;
                     }
-                    if stats.is_some() && enforcer != "none" {
-                        let after = xdp_run_time(generator.prog_id()?);
-                        let per = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+                    if let (Some(id), Some(before)) = (timed, before) {
+                        let after = prog_run_time(id)?;
+                        let (Some(t), Some(n)) =
+                            (after.0.checked_sub(before.0), after.1.checked_sub(before.1))
+                        else {
+                            anyhow::bail!(
+                                "{enforcer}: the run statistics of program {id} went down"
+                            );
+                        };
+                        anyhow::ensure!(n > 0, "{enforcer} {name}: program {id} did not run");
+                        let per = t as f64 / n as f64;
                         eprintln!("cold-ns {enforcer} {name}: {per:.1} ns per run");
                         ns.entry((enforcer, name)).or_default().push(per);
                     }
@@ -791,23 +809,33 @@ fn cold(
     Ok(rows)
 }
 
-/// The run time (ns) and run count the kernel has recorded for every
-/// loaded XDP program but the generator's (`skip`), summed: the enforcer
-/// under test is the only other one while the benchmark runs alone.
-fn xdp_run_time(skip: u32) -> (u64, u64) {
+/// The run time (ns) and run count the kernel has recorded for the
+/// program of id `id` (the one attached to the receiver: a tail call or a
+/// libxdp dispatcher's call runs inside it, so it counts all of an
+/// enforcer's work, and nothing of any other process's programs).
+fn prog_run_time(id: u32) -> anyhow::Result<(u64, u64)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| {
-            // BPF_PROG_TYPE_XDP
-            p.id() != skip && p.program_type() as u32 == 6
-        })
-        .fold((0, 0), |(t, n), p| {
-            (t + p.run_time().as_nanos() as u64, n + p.run_count())
-        })
+        .find(|p| p.id() == id)
+        .map(|p| (p.run_time().as_nanos() as u64, p.run_count()))
+        .ok_or_else(|| anyhow::anyhow!("program {id} is gone"))
+}
+
+/// The id of the XDP program attached to `dev` of the namespace `ns`.
+fn attached_prog_id(ns: &str, dev: &str) -> anyhow::Result<u32> {
+    let out = segbpf_tests::netns::ip(&["-j", "-d", "-n", ns, "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .map(|id| id as u32)
+        .ok_or_else(|| anyhow::anyhow!("no XDP program on {dev} in {ns}"))
 }
 
 /// The Mpps comparison; rows of `enforcer`, `rules`, `traffic`,
-/// `median_pps` (packets the receiver handled per second), `ratio_to_none`.
+/// `median_pps` (packets the receiver handled per second), `ratio_to_none`;
+/// then the cache-cold rows of the programs' own time (`median_program_ns`,
+/// with `generator`: live-frames or sweep), when measured; and, on a
+/// kernel that refuses live frames, one row `unavailable` with the reason.
 pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     let rounds = if quick { 1 } else { 5 };
     let secs = Duration::from_millis(if quick { 300 } else { 1000 });
@@ -894,22 +922,17 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
     // Some machines refuse live frames (EPERM): no packets per second
     // then; the cache-cold rows fall back to sweeps (the programs' own
     // time), and the table says why the rest is missing.
-    let live = generator.live_frames(&frame(rx_mac, tx_mac, DENIED_PORT));
-    if let Err(e) = &live {
+    let refused = generator.live_frames(&frame(rx_mac, tx_mac, DENIED_PORT))?;
+    let mut rows = Vec::new();
+    if let Some(e) = &refused {
         eprintln!(
             "throughput: this kernel refuses live frames (BPF_F_TEST_XDP_LIVE_FRAMES: {e}): \
              no packets-per-second rows; the cache-cold rows are the programs' own time over sweeps"
         );
-    }
-    let mut rows = Vec::new();
-    if let Err(e) = &live {
         rows.push(json!({"unavailable": format!("live frames refused: {e}")}));
     }
-    for &rules in if only_cold || live.is_err() {
-        &[]
-    } else {
-        sizes
-    } {
+    let live = refused.is_none();
+    for &rules in if only_cold || !live { &[] } else { sizes } {
         let pol = lab.write_policy(&format!("t{rules}.toml"), &policy(rules, 10))?;
         let quiet = lab.write_policy(&format!("q{rules}.toml"), &policy(rules, 0))?;
         let pol = pol.to_str().unwrap_or_default().to_string();
@@ -995,7 +1018,7 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
             &mut generator,
             (rx_mac, tx_mac),
             secs,
-            live.is_ok(),
+            live,
             &mut results,
         )?
     } else {
