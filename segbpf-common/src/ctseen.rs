@@ -51,6 +51,24 @@
 //! same moment is set either way, so nothing is lost; a seeded bucket
 //! skips only on its tick.
 //!
+//! **The remote's bucket also holds fingerprints of its remotes.** A
+//! bucket is shared by every remote address that hashes into it: on a
+//! host with many peers most buckets are fresh, with the busy ports' bits
+//! set, and a flood of new sources to such a port would pay the flow's
+//! bucket and both lookups. Each bucket therefore also holds two 32-bit
+//! fingerprints ([`ct_seen_remote_words`]: a second part of the same hash)
+//! of the remotes whose entries wrote it, or [`CT_FP_OVER`] in the second
+//! slot once a third remote came (every remote then looks up). A slot
+//! goes from 0 to a fingerprint by an atomic compare-and-exchange of the
+//! pair, and the second slot to [`CT_FP_OVER`] by an atomic OR of all
+//! ones, which no other write can undo; nothing else writes a slot but
+//! seeding, which writes [`CT_FP_OVER`]. So every entry's remote has its
+//! fingerprint in its bucket, or the bucket is over: a packet whose
+//! fingerprint is in neither slot of a bucket that is not over cannot have
+//! a live entry and skips the lookups. Slots are never cleared, like the
+//! port bits: a bucket that saw three remotes is over for the array's
+//! life, and costs the lookups as before.
+//!
 //! The arrays know only the entries made by programs that write them. An
 //! instance may skip lookups only when its frozen global
 //! [`GLOBAL_CT_SEEN`] is 1: set by userspace at load when every entry
@@ -65,15 +83,18 @@
 
 use crate::Config;
 
-/// Array of [`CT_SEEN_BUCKETS`] [`CtRemote`]: the last-seen tick and the
-/// local-port filter of each bucket of remote addresses. Shared per
-/// network namespace (see [`crate::SHARED_MAPS`]). (Builds before the
-/// filter had `SEG_CT_SEEN`, of u32 ticks: a namespace's pin of that name
-/// is unused by this build and goes with the namespace's tables.)
-pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN_R";
+/// Array of [`CT_SEEN_BUCKETS`] [`CtRemote`]: the last-seen tick, the
+/// local-port filter and the remotes' fingerprints of each bucket of
+/// remote addresses. Shared per network namespace (see
+/// [`crate::SHARED_MAPS`]). (Earlier builds had `SEG_CT_SEEN`, of u32
+/// ticks, then `SEG_CT_SEEN_X`, without fingerprints: a namespace's pin of
+/// either name is unused by this build and goes with the namespace's
+/// tables.)
+pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN_X";
 
 /// A bucket of [`MAP_CT_SEEN`]: the latest tick any entry of its remotes
-/// was given, and the bits ([`ct_port_bit`]) of those entries' local ports.
+/// was given, the bits ([`ct_port_bit`]) of those entries' local ports,
+/// and the fingerprints of those remotes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CtRemote {
@@ -82,8 +103,30 @@ pub struct CtRemote {
     /// One bit per local port and protocol of the remotes' entries, set
     /// atomically and never cleared; [`CT_PORTS_ALL`] when seeded.
     pub ports: u32,
+    /// Fingerprints ([`ct_seen_remote_words`]) of the remotes' entries: 0
+    /// free, set by an atomic compare-and-exchange of the pair and never
+    /// cleared; the second [`CT_FP_OVER`] once a third remote came (set by
+    /// an atomic OR) or when seeded.
+    pub fp: [u32; 2],
 }
-const _: () = assert!(size_of::<CtRemote>() == 8);
+const _: () = assert!(size_of::<CtRemote>() == 16);
+
+/// The second fingerprint slot of a bucket whose remotes did not fit:
+/// every packet of the bucket looks up. No fingerprint takes this value.
+pub const CT_FP_OVER: u32 = u32::MAX;
+
+impl CtRemote {
+    /// Whether a remote of fingerprint `fp` may have an entry in this
+    /// bucket: its fingerprint is in a slot, or the bucket is over.
+    #[allow(
+        clippy::inline_always,
+        reason = "the datapath calls it per packet: no BPF-to-BPF call"
+    )]
+    #[inline(always)]
+    pub fn may_hold(&self, fp: u32) -> bool {
+        self.fp[0] == fp || self.fp[1] == fp || self.fp[1] == CT_FP_OVER
+    }
+}
 #[cfg(feature = "user")]
 // SAFETY: `CtRemote` is `#[repr(C)]` plain old data without padding.
 unsafe impl aya::Pod for CtRemote {}
@@ -110,7 +153,7 @@ pub const MAP_CT_SEEN_F: &str = "SEG_CT_SEEN_F";
 pub const GLOBAL_CT_SEEN: &str = "SEGBPF_CT_SEEN";
 /// log2 of the number of buckets.
 pub const CT_SEEN_BITS_LOG2: u32 = 16;
-/// Buckets in [`MAP_CT_SEEN`] (512 KiB) and [`MAP_CT_SEEN_F`] (512 KiB:
+/// Buckets in [`MAP_CT_SEEN`] (1 MiB) and [`MAP_CT_SEEN_F`] (512 KiB:
 /// the kernel pads each u32 value to 8 bytes).
 pub const CT_SEEN_BUCKETS: u32 = 1 << CT_SEEN_BITS_LOG2;
 /// A tick is 2^30 ns (1.07 s): a shift, not a division, in the datapath.
@@ -135,10 +178,7 @@ pub fn ct_seen_tick(ns: u64) -> u32 {
 /// `CtKey`: network order, an IPv4 address in the first four bytes and
 /// the rest zero), in `0..CT_SEEN_BUCKETS`.
 pub fn ct_seen_bucket(family: u8, remote: &[u8; 16]) -> u32 {
-    let mut w = [[0u8; 8]; 2];
-    w[0].copy_from_slice(&remote[..8]);
-    w[1].copy_from_slice(&remote[8..]);
-    ct_seen_bucket_words(family, [u64::from_ne_bytes(w[0]), u64::from_ne_bytes(w[1])])
+    ct_seen_remote(family, remote).0
 }
 
 /// [`ct_seen_bucket`] of the address read as two native-order u64 words
@@ -152,10 +192,35 @@ pub fn ct_seen_bucket(family: u8, remote: &[u8; 16]) -> u32 {
 )]
 #[inline(always)]
 pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
+    ct_seen_remote_words(family, words).0
+}
+
+/// The bucket ([`ct_seen_bucket_words`]) and the fingerprint of a remote
+/// address: the hash's top bits and its low 31 bits with the lowest set,
+/// so a fingerprint is never 0 (a free slot) nor [`CT_FP_OVER`]. Remotes
+/// of one bucket share a fingerprint with a chance of about 2^-30: such a
+/// remote only costs lookups.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_remote_words(family: u8, words: [u64; 2]) -> (u32, u32) {
     let k = words[0] ^ words[1].rotate_left(17) ^ u64::from(family);
     let h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    (h >> (64 - CT_SEEN_BITS_LOG2)) as u32
+    (
+        (h >> (64 - CT_SEEN_BITS_LOG2)) as u32,
+        (h as u32 & 0x7fff_ffff) | 1,
+    )
+}
+
+/// [`ct_seen_remote_words`] of a remote address as in `CtKey`.
+pub fn ct_seen_remote(family: u8, remote: &[u8; 16]) -> (u32, u32) {
+    let mut w = [[0u8; 8]; 2];
+    w[0].copy_from_slice(&remote[..8]);
+    w[1].copy_from_slice(&remote[8..]);
+    ct_seen_remote_words(family, [u64::from_ne_bytes(w[0]), u64::from_ne_bytes(w[1])])
 }
 
 /// [`ct_seen_bucket`]`(4, remote)` of an IPv4 remote as held by
@@ -167,6 +232,17 @@ pub fn ct_seen_bucket_words(family: u8, words: [u64; 2]) -> u32 {
 )]
 #[inline(always)]
 pub fn ct_seen_bucket_v4(remote_be: u32) -> u32 {
+    ct_seen_remote_v4(remote_be).0
+}
+
+/// [`ct_seen_remote_words`] of an IPv4 remote as held by
+/// [`crate::CtKey4::remote_be`], as [`ct_seen_bucket_v4`].
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_seen_remote_v4(remote_be: u32) -> (u32, u32) {
     // The first word of the 16-byte form: the address's 4 bytes, then
     // zeros; the second word is zero.
     let w0 = if cfg!(target_endian = "little") {
@@ -174,7 +250,7 @@ pub fn ct_seen_bucket_v4(remote_be: u32) -> u32 {
     } else {
         u64::from(remote_be) << 32
     };
-    ct_seen_bucket_words(4, [w0, 0])
+    ct_seen_remote_words(4, [w0, 0])
 }
 
 // The datapath reads `CtKey::remote` as two aligned u64 words.
@@ -505,6 +581,44 @@ mod tests {
             let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
             assert_eq!(ct_seen_bucket_v4(be), ct_seen_bucket(4, &r), "{a:#x}");
         }
+    }
+
+    #[test]
+    fn a_fingerprint_is_never_free_nor_over_and_tells_a_bucket_s_remotes_apart() {
+        let mut by_bucket: std::collections::HashMap<u32, std::vec::Vec<u32>> =
+            std::collections::HashMap::new();
+        for a in (0..200_000u32).map(|i| 0xC612_0000u32.wrapping_add(i * 7)) {
+            let r = v4(a);
+            let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
+            let (bucket, fp) = ct_seen_remote(4, &r);
+            assert_eq!(ct_seen_remote_v4(be), (bucket, fp), "{a:#x}: both key forms");
+            assert_eq!(bucket, ct_seen_bucket(4, &r));
+            assert!(fp != 0 && fp != CT_FP_OVER, "{a:#x}: {fp:#x}");
+            by_bucket.entry(bucket).or_default().push(fp);
+        }
+        // Remotes of one bucket have distinct fingerprints.
+        let shared = by_bucket
+            .values()
+            .filter(|fps| {
+                let mut f = (*fps).clone();
+                f.sort_unstable();
+                f.dedup();
+                f.len() < fps.len()
+            })
+            .count();
+        assert_eq!(shared, 0, "buckets with two remotes of one fingerprint");
+        // `may_hold`: a slot's fingerprint, or anything once over.
+        let b = CtRemote {
+            fp: [5, 7],
+            ..CtRemote::default()
+        };
+        assert!(b.may_hold(5) && b.may_hold(7) && !b.may_hold(9));
+        let over = CtRemote {
+            fp: [5, CT_FP_OVER],
+            ..CtRemote::default()
+        };
+        assert!(over.may_hold(9));
+        assert!(!CtRemote::default().may_hold(9), "an empty bucket holds none");
     }
 
     #[test]

@@ -45,8 +45,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use segbpf_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_FIN_ORIG, CT_FIN_REPLY, CT_NEW, CT_NO_WSCALE, Config, CtEntry,
-    DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ct_timeout_s,
-    reason,
+    DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ct_seen_pack,
+    ct_timeout_s, reason,
 };
 
 use crate::{
@@ -129,6 +129,8 @@ pub(crate) struct Tracked {
     /// The key's last-seen buckets, packed (`ctseen::live_buckets`), for
     /// `update`.
     pub seen_bucket: u32,
+    /// The key's remote's fingerprint (`ctseen`), for `update`.
+    pub fp: u32,
 }
 
 /// The live entry of `key` for the packet `p`: the assured table first
@@ -142,13 +144,9 @@ pub(crate) struct Tracked {
 /// whose flow's bucket is stale, has no live entry: no lookup (`ctseen`).
 #[inline(always)]
 pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) -> Option<Tracked> {
-    let seen_bucket = ctseen::live_buckets(
-        cfg,
-        key.remote_bucket(),
-        key.port_bit(),
-        || key.flow_bucket(),
-        now,
-    )?;
+    let remote = key.remote();
+    let fp = remote.1;
+    let seen_bucket = ctseen::live_buckets(cfg, remote, key.port_bit(), || key.flow_bucket(), now)?;
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if let Some(e) = K::assured().get_ptr_mut(key)
         && live(cfg, key, e, now, syn)
@@ -157,6 +155,7 @@ pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) ->
             entry: e,
             assured: true,
             seen_bucket,
+            fp,
         });
     }
     let e = K::half_open().get_ptr_mut(key)?;
@@ -165,6 +164,7 @@ pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) ->
             entry: e,
             assured: false,
             seen_bucket,
+            fp,
         })
     } else {
         None
@@ -353,7 +353,7 @@ pub(crate) fn update<K: FlowKey>(
         return;
     }
     e.last_seen_ns = now;
-    ctseen::note(t.seen_bucket, key.port_bit(), now);
+    ctseen::note(t.seen_bucket, key.port_bit(), t.fp, now);
     if acct {
         account(t.entry, side, len, p.tcp_flags);
     }
@@ -482,6 +482,12 @@ pub(crate) fn create<K: FlowKey>(
     fill_new(e, rule_id, dir, p, now, len, acct, audit);
     // The bucket first: a packet of the flow on another CPU never finds the
     // entry behind a stale bucket.
-    ctseen::note(key.seen_buckets(), key.port_bit(), now);
+    let (remote, fp) = key.remote();
+    ctseen::note(
+        ct_seen_pack(remote, key.flow_bucket()),
+        key.port_bit(),
+        fp,
+        now,
+    );
     let _ = K::half_open().insert(key, &*e, 0);
 }

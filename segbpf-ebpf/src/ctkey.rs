@@ -13,8 +13,7 @@
 
 use aya_ebpf::maps::LruHashMap;
 use segbpf_common::{
-    CT4_MAX_IFINDEX, CtEntry, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    ct_port_bit, ct_seen_pack,
+    CT4_MAX_IFINDEX, CtEntry, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, ct_port_bit,
 };
 
 use crate::{
@@ -144,15 +143,10 @@ pub(crate) trait FlowKey: Sized + 'static {
     fn port_bit(&self) -> u32 {
         ct_port_bit(self.proto(), self.local_port())
     }
-    /// The remote's last-seen bucket (`ctseen`).
-    fn remote_bucket(&self) -> u32;
+    /// The remote's last-seen bucket and fingerprint (`ctseen`).
+    fn remote(&self) -> (u32, u32);
     /// The flow's last-seen bucket (`ctseen`).
     fn flow_bucket(&self) -> u32;
-    /// Both, packed (`segbpf_common::ct_seen_pack`).
-    #[inline(always)]
-    fn seen_buckets(&self) -> u32 {
-        ct_seen_pack(self.remote_bucket(), self.flow_bucket())
-    }
     /// The table of assured flows.
     fn assured() -> &'static LruHashMap<Self, CtEntry>;
     /// The table of half-open flows.
@@ -190,8 +184,8 @@ impl FlowKey for CtKey4 {
     }
 
     #[inline(always)]
-    fn remote_bucket(&self) -> u32 {
-        ctseen::remote_bucket_v4(self)
+    fn remote(&self) -> (u32, u32) {
+        ctseen::remote_v4(self)
     }
 
     #[inline(always)]
@@ -239,8 +233,8 @@ impl FlowKey for CtKey {
     }
 
     #[inline(always)]
-    fn remote_bucket(&self) -> u32 {
-        ctseen::remote_bucket(self)
+    fn remote(&self) -> (u32, u32) {
+        ctseen::remote(self)
     }
 
     #[inline(always)]

@@ -1,23 +1,24 @@
-//! The last-seen arrays (`SEG_CT_SEEN_R` by remote, `SEG_CT_SEEN_F` by
+//! The last-seen arrays (`SEG_CT_SEEN_X` by remote, `SEG_CT_SEEN_F` by
 //! flow; see `segbpf_common::ctseen`): a packet whose remote's bucket is
-//! stale or lacks its local port's bit, or whose flow's bucket is stale,
-//! skips both connection-table lookups, since no entry of it can be live;
-//! every entry made or refreshed writes both of its buckets and its port's
-//! bit. Shared by every attachment of the namespace, like the connection
+//! stale, lacks its local port's bit or its remote's fingerprint, or
+//! whose flow's bucket is stale, skips both connection-table lookups,
+//! since no entry of it can be live; every entry made or refreshed writes
+//! both of its buckets, its port's bit and its remote's fingerprint.
+//! Shared by every attachment of the namespace, like the connection
 //! tables.
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    Config, CtKey, CtKey4, CtRemote, ct_seen_bucket_v4, ct_seen_bucket_words,
-    ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_tick,
+    CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words,
+    ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4, ct_seen_remote_words, ct_seen_tick,
 };
 
-use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_R, SEGBPF_CT_SEEN};
+use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_X, SEGBPF_CT_SEEN};
 
-/// An IPv6 key's remote bucket.
+/// An IPv6 key's remote bucket and fingerprint.
 #[inline(always)]
-pub(crate) fn remote_bucket(key: &CtKey) -> u32 {
-    ct_seen_bucket_words(key.family, remote_words(key))
+pub(crate) fn remote(key: &CtKey) -> (u32, u32) {
+    ct_seen_remote_words(key.family, remote_words(key))
 }
 
 /// An IPv6 key's flow bucket.
@@ -47,11 +48,11 @@ fn remote_words(key: &CtKey) -> [u64; 2] {
     unsafe { (&raw const key.remote).cast::<[u64; 2]>().read() }
 }
 
-/// An IPv4 key's remote bucket: the same as for the key in the `CtKey`
-/// form (userspace seeds the arrays from either form).
+/// An IPv4 key's remote bucket and fingerprint: the same as for the key
+/// in the `CtKey` form (userspace seeds the arrays from either form).
 #[inline(always)]
-pub(crate) fn remote_bucket_v4(key: &CtKey4) -> u32 {
-    ct_seen_bucket_v4(key.remote_be)
+pub(crate) fn remote_v4(key: &CtKey4) -> (u32, u32) {
+    ct_seen_remote_v4(key.remote_be)
 }
 
 /// An IPv4 key's flow bucket (as above).
@@ -61,29 +62,32 @@ pub(crate) fn flow_bucket_v4(key: &CtKey4) -> u32 {
 }
 
 /// The key's two buckets packed (`ct_seen_pack`), when neither is stale
-/// at `now` under `cfg` and the remote's bucket has the key's local-port
-/// bit (`port_bit`); None otherwise: no entry of the key can be live, skip
-/// both lookups. The remote's bucket is read first and the flow's hash
-/// (`flow`) computed only when it passes: a source with no recent flow
-/// (every default drop of an unknown source), and a known source's packet
-/// to a port none of its flows uses, pay one read. When the instance may
-/// not skip (frozen global `SEGBPF_CT_SEEN` 0: set by userspace only when
-/// the arrays cover every entry it can find), the buckets are returned
+/// at `now` under `cfg` and the remote's bucket (`remote`: its index and
+/// the remote's fingerprint) has the key's local-port bit (`port_bit`) and
+/// may hold the remote (`CtRemote::may_hold`); None otherwise: no entry of
+/// the key can be live, skip both lookups. The remote's bucket is read
+/// first and the flow's hash (`flow`) computed only when it passes: a
+/// source with no recent flow (every default drop of an unknown source), a
+/// new source sharing a busy bucket, and a known source's packet to a port
+/// none of its flows uses, pay one read. When the instance may not skip
+/// (frozen global `SEGBPF_CT_SEEN` 0: set by userspace only when the
+/// arrays cover every entry it can find), the buckets are returned
 /// unread: look up.
 #[inline(always)]
 pub(crate) fn live_buckets(
     cfg: &Config,
-    remote: u32,
+    remote: (u32, u32),
     port_bit: u32,
     flow: impl FnOnce() -> u32,
     now: u64,
 ) -> Option<u32> {
+    let (remote, fp) = remote;
     if SEGBPF_CT_SEEN.load() == 0 {
         return Some(ct_seen_pack(remote, flow()));
     }
     let horizon = ct_seen_horizon(cfg, now);
-    if let Some(r) = SEG_CT_SEEN_R.get(remote)
-        && (u64::from(r.tick) < horizon || r.ports & port_bit == 0)
+    if let Some(r) = SEG_CT_SEEN_X.get(remote)
+        && (u64::from(r.tick) < horizon || r.ports & port_bit == 0 || !r.may_hold(fp))
     {
         return None;
     }
@@ -105,16 +109,18 @@ fn older(array: &Array<u32>, index: u32, horizon: u64) -> bool {
 }
 
 /// Records that an entry of `bucket` (both halves: its remote and its
-/// flow) with the local-port bit `port_bit` was made or refreshed at
-/// `now`: each bucket gets `now`'s tick unless it holds it already (read
-/// first: a busy remote or flow writes its bucket at most once a tick),
-/// and the remote's bucket gets the bit, by an atomic OR unless it holds
-/// it already (bits are never cleared, so a bit read as set stays set).
+/// flow) with the local-port bit `port_bit`, of a remote of fingerprint
+/// `fp`, was made or refreshed at `now`: each bucket gets `now`'s tick
+/// unless it holds it already (read first: a busy remote or flow writes
+/// its bucket at most once a tick), and the remote's bucket gets the bit,
+/// by an atomic OR unless it holds it already (bits are never cleared, so
+/// a bit read as set stays set), and the fingerprint (`note_fp`).
 #[inline(always)]
-pub(crate) fn note(bucket: u32, port_bit: u32, now: u64) {
+pub(crate) fn note(bucket: u32, port_bit: u32, fp: u32, now: u64) {
     let tick = ct_seen_tick(now);
-    if let Some(r) = SEG_CT_SEEN_R.get_ptr_mut(bucket >> 16) {
+    if let Some(r) = SEG_CT_SEEN_X.get_ptr_mut(bucket >> 16) {
         note_remote(r, port_bit, tick);
+        note_fp(r, fp);
     }
     if let Some(p) = SEG_CT_SEEN_F.get_ptr_mut(bucket & 0xffff) {
         // SAFETY: `p` points at a u32 value of the array, valid during
@@ -133,7 +139,7 @@ pub(crate) fn note(bucket: u32, port_bit: u32, now: u64) {
 #[inline(always)]
 #[allow(
     clippy::cast_ptr_alignment,
-    reason = "a CtRemote is an 8-byte value of an array map, whose values the kernel aligns to 8 bytes"
+    reason = "a CtRemote is a 16-byte value of an array map, whose values the kernel aligns to 8 bytes"
 )]
 fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
     // SAFETY: `r` points at a value of the array, valid during this
@@ -151,6 +157,74 @@ fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
                 ports_half(port_bit),
             );
         }
+    }
+}
+
+/// Puts the remote's fingerprint `fp` into the bucket `r`, unless it may
+/// hold it already (read first: a slot once set is never cleared, and the
+/// second slot once over stays over). A free slot takes it by one atomic
+/// compare-and-exchange of the pair; when no slot is free, or the
+/// exchange lost a race, the second slot is made over by an atomic OR of
+/// all ones, which no write undoes. Either way the bucket may hold `fp`
+/// before the caller inserts the entry.
+#[inline(always)]
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "the fingerprint pair sits at offset 8 of a CtRemote, an 8-byte aligned array value: one aligned u64"
+)]
+fn note_fp(r: *mut CtRemote, fp: u32) {
+    // SAFETY: `r` points at a value of the array, valid during this
+    // program run and 8-byte aligned; the pair `fp` at offset 8 is one
+    // aligned u64, changed only by the atomic exchange and OR below and by
+    // userspace's seeding (which writes the second slot over).
+    unsafe {
+        let pair = (&raw mut (*r).fp).cast::<u64>();
+        let cur = core::ptr::read_volatile(pair);
+        let (lo, hi) = halves(cur);
+        if lo == fp || hi == fp || hi == CT_FP_OVER {
+            return;
+        }
+        let want = if lo == 0 {
+            join(fp, hi)
+        } else if hi == 0 {
+            join(lo, fp)
+        } else {
+            0
+        };
+        if want != 0
+            && core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::Relaxed },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(pair, cur, want)
+            .1
+        {
+            return;
+        }
+        core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            pair,
+            join(0, CT_FP_OVER),
+        );
+    }
+}
+
+/// The two slots of a fingerprint pair read as one native-order u64.
+#[inline(always)]
+fn halves(pair: u64) -> (u32, u32) {
+    if cfg!(target_endian = "little") {
+        (pair as u32, (pair >> 32) as u32)
+    } else {
+        ((pair >> 32) as u32, pair as u32)
+    }
+}
+
+/// The pair of slots `lo`, `hi` as one native-order u64.
+#[inline(always)]
+fn join(lo: u32, hi: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        u64::from(lo) | u64::from(hi) << 32
+    } else {
+        u64::from(lo) << 32 | u64::from(hi)
     }
 }
 

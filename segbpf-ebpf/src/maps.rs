@@ -83,7 +83,7 @@ pub(crate) static SEG_CT4_NEW: LruHashMap<CtKey4, CtEntry> =
 /// The last-seen tick and local-port filter of each bucket of remote
 /// addresses (see `segbpf_common::ctseen`), shared like `SEG_CT`.
 #[map]
-pub(crate) static SEG_CT_SEEN_R: Array<CtRemote> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
+pub(crate) static SEG_CT_SEEN_X: Array<CtRemote> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
 
 /// The last-seen tick of each bucket of flows (family, protocol, ports,
 /// remote address; see `segbpf_common::ctseen`), shared like `SEG_CT`.
@@ -191,7 +191,7 @@ pub(crate) static SEGBPF_LINK: Global<u8> = Global::new(0);
 pub(crate) static SEGBPF_IFINDEX: Global<u32> = Global::new(0);
 
 /// 1 when the instance may skip the connection-table lookups of a packet
-/// whose remote's `SEG_CT_SEEN_R` bucket is stale: set at load by userspace
+/// whose remote's `SEG_CT_SEEN_X` bucket is stale: set at load by userspace
 /// when the array covers every entry the instance can look up (see
 /// `segbpf_common::ctseen`); 0, the default, always looks up. Frozen.
 #[unsafe(no_mangle)]

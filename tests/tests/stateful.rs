@@ -1174,8 +1174,9 @@ fn ct_entries(
     Ok(entries)
 }
 
-/// The last-seen buckets of `k`: its remote's (`SEG_CT_SEEN_R`: tick and
-/// local-port filter) and its flow's tick (`SEG_CT_SEEN_F`).
+/// The last-seen buckets of `k`: its remote's (`SEG_CT_SEEN_X`: tick,
+/// local-port filter and fingerprints) and its flow's tick
+/// (`SEG_CT_SEEN_F`).
 fn ct_seen_of(
     instance: &Instance,
     k: &segbpf_common::CtKey,
@@ -1197,19 +1198,26 @@ fn ct_seen_of(
 }
 
 /// Whether the datapath skips `k`'s lookups at `now` (`ctseen`): its
-/// remote's bucket is stale or lacks its local port's bit, or its flow's
-/// bucket is stale. The second value: skipped by the port's bit alone.
+/// remote's bucket is stale, lacks its local port's bit or may not hold
+/// its remote (`CtRemote::may_hold`), or its flow's bucket is stale. The
+/// second value: skipped by the port's bit alone; the third: by the
+/// remote's fingerprint alone.
 fn ct_seen_skips(
     instance: &Instance,
     cfg: &segbpf_common::Config,
     k: &segbpf_common::CtKey,
     now: u64,
-) -> anyhow::Result<(bool, bool)> {
-    use segbpf_common::{ct_port_bit, ct_seen_stale};
+) -> anyhow::Result<(bool, bool, bool)> {
+    use segbpf_common::{ct_port_bit, ct_seen_remote, ct_seen_stale};
     let (r, f) = ct_seen_of(instance, k)?;
     let stale = ct_seen_stale(cfg, r.tick, now);
     let by_port = !stale && r.ports & ct_port_bit(k.proto, k.local_port) == 0;
-    Ok((stale || by_port || ct_seen_stale(cfg, f, now), by_port))
+    let by_fp = !stale && !by_port && !r.may_hold(ct_seen_remote(k.family, &k.remote).1);
+    Ok((
+        stale || by_port || by_fp || ct_seen_stale(cfg, f, now),
+        by_port,
+        by_fp,
+    ))
 }
 
 /// A connection key as the datapath makes it (instance attached nowhere:
@@ -1333,6 +1341,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
     let mut flows: Vec<Flow> = Vec::new();
     let (mut checked_live, mut stale_sent, mut sent) = (0u32, 0u32, 0u32);
     let mut port_skips = 0u32;
+    let mut fp_skips = 0u32;
     let mut slept = Duration::ZERO;
     let mut failures = Vec::new();
     for step in 0..500 {
@@ -1437,7 +1446,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         let now = monotonic_ns();
         // As the kernel: skipped when either bucket is stale or the
         // remote's lacks the port's bit.
-        let (stale, by_port) = ct_seen_skips(&instance, &cfg, &key, now)?;
+        let (stale, by_port, by_fp) = ct_seen_skips(&instance, &cfg, &key, now)?;
         let live = before
             .iter()
             .any(|(k2, entry)| *k2 == key && ct_live(&cfg, k2, entry, syn, now, 200_000_000));
@@ -1451,6 +1460,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         sent += 1;
         stale_sent += u32::from(stale);
         port_skips += u32::from(by_port);
+        fp_skips += u32::from(by_fp);
         if live {
             checked_live += 1;
             let on_entry = [
@@ -1475,6 +1485,12 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
                 failures.push(format!(
                     "step {step}: entry {k2:?}: its remote's bucket lacks its port's bit ({:#x})",
                     r.ports
+                ));
+            }
+            if !r.may_hold(segbpf_common::ct_seen_remote(k2.family, &k2.remote).1) {
+                failures.push(format!(
+                    "step {step}: entry {k2:?}: its remote's bucket lacks its fingerprint ({:#x?})",
+                    r.fp
                 ));
             }
             for (array, seen) in ["remote", "flow"].iter().zip([r.tick, f]) {
@@ -1509,7 +1525,7 @@ fn the_last_seen_array_never_hides_a_live_entry() -> anyhow::Result<()> {
         "only {port_skips} packets skipped by their port's bit: the filter was not exercised"
     );
     eprintln!(
-        "{sent} packets, {checked_live} on live entries, {stale_sent} skipped ({port_skips} by the port's bit), {slept:?} asleep"
+        "{sent} packets, {checked_live} on live entries, {stale_sent} skipped ({port_skips} by the port's bit, {fp_skips} by the remote's fingerprint), {slept:?} asleep"
     );
     Ok(())
 }
@@ -1556,6 +1572,104 @@ fn insert_entries<K: aya::Pod>(
     for (k, e) in entries {
         ct.insert(k, e, 0)?;
     }
+    Ok(())
+}
+
+/// The remotes' fingerprints in their bucket (`CtRemote::fp`): four
+/// addresses share one bucket. The first remote's flow fills a slot; an
+/// entry of the fourth that the array does not cover (written by
+/// userspace) is not found while the bucket cannot hold its fingerprint,
+/// although the tick is fresh and the port's bit set: the skip is real.
+/// The second remote fills the other slot, the third makes the bucket
+/// over (every remote of it looks up): the fourth's entry is found, and
+/// every flow passes on its entry. Seeding a bucket makes it over.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> anyhow::Result<()> {
+    use segbpf_common::{CT_FP_OVER, IPPROTO_UDP, MAP_CT4, ct_seen_bucket, ct_seen_remote};
+    let compiled = compiled_for_app()?;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    let bytes = |a: &str| {
+        let mut b = [0u8; 16];
+        if let IpAddr::V4(v) = ip(a) {
+            b[..4].copy_from_slice(&v.octets());
+        }
+        b
+    };
+    // Four addresses of 198.18.0.0/15 (from .1.1 on) in one bucket.
+    let mut by_bucket: std::collections::HashMap<u32, Vec<String>> =
+        std::collections::HashMap::new();
+    let four = (0x0100u32..0x2_0000)
+        .map(|i| std::net::Ipv4Addr::from(0xC612_0000 | i).to_string())
+        .find_map(|a| {
+            let v = by_bucket.entry(ct_seen_bucket(4, &bytes(&a))).or_default();
+            v.push(a);
+            (v.len() == 4).then(|| v.clone())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no four addresses share a bucket"))?;
+    let fp = |a: &str| ct_seen_remote(4, &bytes(a)).1;
+    let slots = |instance: &Instance| -> anyhow::Result<[u32; 2]> {
+        Ok(ct_seen_of(
+            instance,
+            &ct_key(IPPROTO_UDP, ip(APP), 40_777, ip(&four[0]), 53),
+        )?
+        .0
+        .fp)
+    };
+    let open =
+        |instance: &mut Instance, r: &str| instance.egress(udp(APP, r, 40_777, 53).build().bytes);
+    let reply =
+        |instance: &mut Instance, r: &str| instance.ingress(udp(r, APP, 53, 40_777).build().bytes);
+
+    assert!(
+        reason::passes(open(&mut instance, &four[0])?.reason),
+        "the first flow opens"
+    );
+    assert_eq!(slots(&instance)?, [fp(&four[0]), 0]);
+    // The fourth remote's entry, not covered by the array.
+    let now = segbpf::host::clock::monotonic_ns();
+    let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip(&four[3]), 53);
+    insert_entries(
+        &mut instance,
+        MAP_CT4,
+        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
+    )?;
+    assert_eq!(
+        reply(&mut instance, &four[3])?.reason,
+        reason::DROP_DEFAULT,
+        "an entry whose fingerprint its fresh bucket cannot hold is skipped"
+    );
+    assert!(
+        reason::passes(open(&mut instance, &four[1])?.reason),
+        "the second flow opens"
+    );
+    assert_eq!(slots(&instance)?, [fp(&four[0]), fp(&four[1])]);
+    assert!(
+        reason::passes(open(&mut instance, &four[2])?.reason),
+        "the third flow opens"
+    );
+    assert_eq!(
+        slots(&instance)?,
+        [fp(&four[0]), CT_FP_OVER],
+        "a third remote: over"
+    );
+    for r in &four {
+        assert_eq!(
+            reply(&mut instance, r)?.reason,
+            reason::PASS_CT,
+            "{r}: over, every remote of the bucket is looked up"
+        );
+    }
+    // Seeding writes the bucket over.
+    let mut fresh = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    insert_entries(
+        &mut fresh,
+        MAP_CT4,
+        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
+    )?;
+    segbpf::attachment::ctseen::seed(fresh.ebpf_mut())?;
+    assert_eq!(slots(&fresh)?, [0, CT_FP_OVER]);
+    assert_eq!(reply(&mut fresh, &four[3])?.reason, reason::PASS_CT);
     Ok(())
 }
 
@@ -1606,6 +1720,7 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     // bit in atomically).
     let (r, _) = ct_seen_of(&instance, &key)?;
     assert_eq!(r.ports, segbpf_common::CT_PORTS_ALL);
+    assert_eq!(r.fp, [0, segbpf_common::CT_FP_OVER], "seeded: over");
     let v = instance.ingress(&reply)?;
     assert_eq!(v.reason, reason::PASS_CT, "seeded: the reply is found");
     // A packet of the remote to another port (none of its flows' own)
@@ -1698,7 +1813,7 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() ->
         ),
     ];
     for (what, key, spec) in &skipped {
-        let (skip, by_port) = ct_seen_skips(&instance, &cfg, key, monotonic_ns())?;
+        let (skip, by_port, _) = ct_seen_skips(&instance, &cfg, key, monotonic_ns())?;
         assert!(skip && by_port, "{what}: not skipped by the port's bit");
         assert_eq!(
             instance.ingress(spec.build().bytes)?.reason,

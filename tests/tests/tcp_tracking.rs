@@ -788,7 +788,7 @@ to = "any"
 tcp = [9000]
 "#;
 
-/// The last-seen array (`SEG_CT_SEEN_R`) with real sockets: a flow a peer
+/// The last-seen array (`SEG_CT_SEEN_X`) with real sockets: a flow a peer
 /// opens (its replies leave srv on the entry), a TCP and a UDP flow srv
 /// opens (their replies come in on the entry) all carry traffic, also
 /// after being idle; and after the array is lost while the connection
@@ -910,7 +910,7 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
 /// build's last-seen array (`SEG_CT_SEEN`, u32 ticks). This build leaves
 /// it alone: an attach of another interface works and the flows go on,
 /// and it goes with the namespace's tables at the last detach. A pinned
-/// `SEG_CT_SEEN_R` of another layout (u32 values: the older array under
+/// `SEG_CT_SEEN_X` of another layout (u32 values: the older array under
 /// the new name) is refused at attach, naming the pin, and nothing is
 /// attached; once it is gone, an attach makes the array again and the
 /// flows pass on it.

@@ -540,7 +540,7 @@ fn main() -> anyhow::Result<()> {
                     .bytes,
             ));
             // A source of the same class with no tracked flow: its
-            // last-seen bucket was never written (`SEG_CT_SEEN_R`), so it
+            // last-seen bucket was never written (`SEG_CT_SEEN_X`), so it
             // skips the connection tables; 198.18.0.7 above has a flow.
             cases.push(mk(
                 "drop, known source without flows, closed port (event suppressed)",

@@ -1,4 +1,4 @@
-//! Seeding the namespace's last-seen arrays (`SEG_CT_SEEN_R` by remote and
+//! Seeding the namespace's last-seen arrays (`SEG_CT_SEEN_X` by remote and
 //! `SEG_CT_SEEN_F` by flow, see `segbpf_common::ctseen`) at attach: the
 //! programs of this build write an entry's two buckets whenever they make
 //! or refresh it, but entries
@@ -11,9 +11,13 @@
 //! entry's, never makes a bucket older than a tick a program wrote a
 //! moment before (another attachment's, racing this write). A remote's
 //! bucket is written whole, with every local port's bit
-//! (`segbpf_common::CT_PORTS_ALL`): userspace cannot OR a bit in
-//! atomically, and a bit a program sets between a read and a write must
-//! not be lost; the seeded bucket then skips only on its tick.
+//! (`segbpf_common::CT_PORTS_ALL`) and its second fingerprint slot over
+//! (`segbpf_common::CT_FP_OVER`): userspace cannot OR a bit in
+//! atomically, and a bit or fingerprint a program sets between a read and
+//! a write must not be lost; the seeded bucket then skips only on its
+//! tick. (The programs only ever set bits and fill or overflow slots, so
+//! whatever of theirs the seed's store overwrites, every bit stays set
+//! and the second slot over.)
 
 use std::collections::BTreeSet;
 
@@ -22,8 +26,8 @@ use aya::{
     maps::{Array, MapData},
 };
 use segbpf_common::{
-    CT_PORTS_ALL, CtRemote, MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket, ct_seen_flow_bucket,
-    ct_seen_tick,
+    CT_FP_OVER, CT_PORTS_ALL, CtRemote, MAP_CT_SEEN, MAP_CT_SEEN_F, ct_seen_bucket,
+    ct_seen_flow_bucket, ct_seen_tick,
 };
 
 use crate::attachment::maps::MapsError;
@@ -33,7 +37,7 @@ use crate::attachment::maps::MapsError;
 pub struct Seeded {
     /// Entries found in the connection tables (both families).
     pub entries: u64,
-    /// Remote buckets written (`SEG_CT_SEEN_R`: distinct buckets of those
+    /// Remote buckets written (`SEG_CT_SEEN_X`: distinct buckets of those
     /// entries' remotes).
     pub buckets: u64,
     /// Flow buckets written (`SEG_CT_SEEN_F`).
@@ -60,11 +64,13 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
             flows.insert(ct_seen_flow_bucket(&k));
         }
     }
-    // The whole remote bucket in one store, every port's bit: a bit a
-    // running program sets meanwhile is set either way.
+    // The whole remote bucket, every port's bit and the second
+    // fingerprint slot over: a bit or fingerprint a running program sets
+    // meanwhile is set or covered either way.
     write(ebpf, MAP_CT_SEEN, &remotes, |tick| CtRemote {
         tick,
         ports: CT_PORTS_ALL,
+        fp: [0, CT_FP_OVER],
     })?;
     write(ebpf, MAP_CT_SEEN_F, &flows, |tick| tick)?;
     Ok(Seeded {
