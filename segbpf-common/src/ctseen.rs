@@ -45,11 +45,11 @@
 //! whose bit is clear cannot have a live entry: it skips the lookups at
 //! the cost of the one bucket read. Bits of shared buckets and of flows
 //! long gone only cost lookups. The value padding the kernel gives a u32
-//! array anyway (its values take 8 bytes) holds the filter: no memory is
-//! added. Seeding writes the whole bucket, tick and every bit
-//! ([`CT_PORTS_ALL`]), in one store: a bit a running program sets at the
-//! same moment is set either way, so nothing is lost; a seeded bucket
-//! skips only on its tick.
+//! array anyway (its values take 8 bytes) held the filter at no cost in
+//! memory; the fingerprints below make the bucket 16 bytes. Seeding gives the bucket every bit ([`CT_PORTS_ALL`]) by an
+//! atomic OR and raises its tick (below): a bit a running program sets
+//! at the same moment is set either way, so nothing is lost; a seeded
+//! bucket skips only on its tick.
 //!
 //! **The remote's bucket also holds fingerprints of its remotes.** A
 //! bucket is shared by every remote address that hashes into it: on a
@@ -61,13 +61,20 @@
 //! slot once a third remote came (every remote then looks up). A slot
 //! goes from 0 to a fingerprint by an atomic compare-and-exchange of the
 //! pair, and the second slot to [`CT_FP_OVER`] by an atomic OR of all
-//! ones, which no other write can undo; nothing else writes a slot but
-//! seeding, which writes [`CT_FP_OVER`]. So every entry's remote has its
+//! ones, which no other write can undo. Userspace's seeding makes a
+//! bucket over by the same atomic OR, on the array mapped into its memory
+//! ([`CT_SEEN_MAP_FLAGS`]): a plain write of the whole value (the map
+//! update call, a byte copy) could show a slot half written to a
+//! program on another interface. So every entry's remote has its
 //! fingerprint in its bucket, or the bucket is over: a packet whose
 //! fingerprint is in neither slot of a bucket that is not over cannot have
 //! a live entry and skips the lookups. Slots are never cleared, like the
 //! port bits: a bucket that saw three remotes is over for the array's
-//! life, and costs the lookups as before.
+//! life, and costs the lookups as before. (With the hash unseeded, a
+//! sender who can open flows, say 196,608 allowed openers, or IPv6
+//! addresses chosen in its own prefix, can make every bucket over: that
+//! costs the lookups of earlier builds, never a verdict, since nothing
+//! clears a slot.)
 //!
 //! The arrays know only the entries made by programs that write them. An
 //! instance may skip lookups only when its frozen global
@@ -87,7 +94,7 @@ use crate::Config;
 /// local-port filter and the remotes' fingerprints of each bucket of
 /// remote addresses. Shared per network namespace (see
 /// [`crate::SHARED_MAPS`]). (Earlier builds had `SEG_CT_SEEN`, of u32
-/// ticks, then `SEG_CT_SEEN_X`, without fingerprints: a namespace's pin of
+/// ticks, then `SEG_CT_SEEN_R`, without fingerprints: a namespace's pin of
 /// either name is unused by this build and goes with the namespace's
 /// tables.)
 pub const MAP_CT_SEEN: &str = "SEG_CT_SEEN_X";
@@ -111,9 +118,29 @@ pub struct CtRemote {
 }
 const _: () = assert!(size_of::<CtRemote>() == 16);
 
+/// Flags of [`MAP_CT_SEEN`]: `BPF_F_MMAPABLE`, so userspace's seeding
+/// changes buckets by atomic operations on the mapped array, as the
+/// programs do (never a plain store that could briefly clear a slot).
+pub const CT_SEEN_MAP_FLAGS: u32 = 1 << 10;
+
 /// The second fingerprint slot of a bucket whose remotes did not fit:
 /// every packet of the bucket looks up. No fingerprint takes this value.
 pub const CT_FP_OVER: u32 = u32::MAX;
+
+/// A bucket's fingerprint pair (`lo` in `fp[0]`, `hi` in `fp[1]`) as one
+/// native-order u64, the unit of its atomic operations.
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_fp_pair(lo: u32, hi: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        u64::from(lo) | u64::from(hi) << 32
+    } else {
+        u64::from(lo) << 32 | u64::from(hi)
+    }
+}
 
 impl CtRemote {
     /// Whether a remote of fingerprint `fp` may have an entry in this
@@ -591,7 +618,11 @@ mod tests {
             let r = v4(a);
             let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
             let (bucket, fp) = ct_seen_remote(4, &r);
-            assert_eq!(ct_seen_remote_v4(be), (bucket, fp), "{a:#x}: both key forms");
+            assert_eq!(
+                ct_seen_remote_v4(be),
+                (bucket, fp),
+                "{a:#x}: both key forms"
+            );
             assert_eq!(bucket, ct_seen_bucket(4, &r));
             assert!(fp != 0 && fp != CT_FP_OVER, "{a:#x}: {fp:#x}");
             by_bucket.entry(bucket).or_default().push(fp);
@@ -618,7 +649,10 @@ mod tests {
             ..CtRemote::default()
         };
         assert!(over.may_hold(9));
-        assert!(!CtRemote::default().may_hold(9), "an empty bucket holds none");
+        assert!(
+            !CtRemote::default().may_hold(9),
+            "an empty bucket holds none"
+        );
     }
 
     #[test]

@@ -9,8 +9,9 @@
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words,
-    ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4, ct_seen_remote_words, ct_seen_tick,
+    CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_fp_pair, ct_seen_flow_bucket_v4,
+    ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4,
+    ct_seen_remote_words, ct_seen_tick,
 };
 
 use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_X, SEGBPF_CT_SEEN};
@@ -175,8 +176,8 @@ fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
 fn note_fp(r: *mut CtRemote, fp: u32) {
     // SAFETY: `r` points at a value of the array, valid during this
     // program run and 8-byte aligned; the pair `fp` at offset 8 is one
-    // aligned u64, changed only by the atomic exchange and OR below and by
-    // userspace's seeding (which writes the second slot over).
+    // aligned u64, changed only by atomic operations: the exchange and OR
+    // below, and userspace's seeding (an OR of the second slot over).
     unsafe {
         let pair = (&raw mut (*r).fp).cast::<u64>();
         let cur = core::ptr::read_volatile(pair);
@@ -185,9 +186,9 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
             return;
         }
         let want = if lo == 0 {
-            join(fp, hi)
+            ct_fp_pair(fp, hi)
         } else if hi == 0 {
-            join(lo, fp)
+            ct_fp_pair(lo, fp)
         } else {
             0
         };
@@ -203,7 +204,7 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
         }
         core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             pair,
-            join(0, CT_FP_OVER),
+            ct_fp_pair(0, CT_FP_OVER),
         );
     }
 }
@@ -215,16 +216,6 @@ fn halves(pair: u64) -> (u32, u32) {
         (pair as u32, (pair >> 32) as u32)
     } else {
         ((pair >> 32) as u32, pair as u32)
-    }
-}
-
-/// The pair of slots `lo`, `hi` as one native-order u64.
-#[inline(always)]
-fn join(lo: u32, hi: u32) -> u64 {
-    if cfg!(target_endian = "little") {
-        u64::from(lo) | u64::from(hi) << 32
-    } else {
-        u64::from(lo) << 32 | u64::from(hi)
     }
 }
 

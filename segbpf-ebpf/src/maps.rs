@@ -8,10 +8,11 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    CT_SEEN_BUCKETS, Config, Counter, CtEntry, CtKey, CtKey4, CtRemote, DEFAULT_CT_ENTRIES,
-    DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES,
-    DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass,
-    PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult,
+    CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS, Config, Counter, CtEntry, CtKey, CtKey4, CtRemote,
+    DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES,
+    DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry,
+    FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, STATS_LEN,
+    TraceResult,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -80,10 +81,12 @@ pub(crate) static SEG_CT4: LruHashMap<CtKey4, CtEntry> =
 pub(crate) static SEG_CT4_NEW: LruHashMap<CtKey4, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
-/// The last-seen tick and local-port filter of each bucket of remote
-/// addresses (see `segbpf_common::ctseen`), shared like `SEG_CT`.
+/// The last-seen tick, local-port filter and remotes' fingerprints of each
+/// bucket of remote addresses (see `segbpf_common::ctseen`), shared like
+/// `SEG_CT`; mappable, so userspace seeds it by atomic operations.
 #[map]
-pub(crate) static SEG_CT_SEEN_X: Array<CtRemote> = Array::with_max_entries(CT_SEEN_BUCKETS, 0);
+pub(crate) static SEG_CT_SEEN_X: Array<CtRemote> =
+    Array::with_max_entries(CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS);
 
 /// The last-seen tick of each bucket of flows (family, protocol, ports,
 /// remote address; see `segbpf_common::ctseen`), shared like `SEG_CT`.

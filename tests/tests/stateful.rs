@@ -1582,7 +1582,8 @@ fn insert_entries<K: aya::Pod>(
 /// although the tick is fresh and the port's bit set: the skip is real.
 /// The second remote fills the other slot, the third makes the bucket
 /// over (every remote of it looks up): the fourth's entry is found, and
-/// every flow passes on its entry. Seeding a bucket makes it over.
+/// every flow passes on its entry. Seeding a bucket makes it over and
+/// keeps the slot a program filled.
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> anyhow::Result<()> {
@@ -1660,15 +1661,17 @@ fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> 
             "{r}: over, every remote of the bucket is looked up"
         );
     }
-    // Seeding writes the bucket over.
+    // Seeding makes the bucket over by an atomic OR: the slot a program
+    // filled is kept, never cleared, not even for an instant.
     let mut fresh = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    assert!(reason::passes(open(&mut fresh, &four[0])?.reason));
     insert_entries(
         &mut fresh,
         MAP_CT4,
         &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
     )?;
     segbpf::attachment::ctseen::seed(fresh.ebpf_mut())?;
-    assert_eq!(slots(&fresh)?, [0, CT_FP_OVER]);
+    assert_eq!(slots(&fresh)?, [fp(&four[0]), CT_FP_OVER]);
     assert_eq!(reply(&mut fresh, &four[3])?.reason, reason::PASS_CT);
     Ok(())
 }

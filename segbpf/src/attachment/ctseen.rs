@@ -10,14 +10,12 @@
 //! bucket (`SEGBPF_CT_SEEN` = 1). Writing the current tick, not the
 //! entry's, never makes a bucket older than a tick a program wrote a
 //! moment before (another attachment's, racing this write). A remote's
-//! bucket is written whole, with every local port's bit
-//! (`segbpf_common::CT_PORTS_ALL`) and its second fingerprint slot over
-//! (`segbpf_common::CT_FP_OVER`): userspace cannot OR a bit in
-//! atomically, and a bit or fingerprint a program sets between a read and
-//! a write must not be lost; the seeded bucket then skips only on its
-//! tick. (The programs only ever set bits and fill or overflow slots, so
-//! whatever of theirs the seed's store overwrites, every bit stays set
-//! and the second slot over.)
+//! bucket gets every local port's bit (`segbpf_common::CT_PORTS_ALL`)
+//! and its second fingerprint slot over (`segbpf_common::CT_FP_OVER`),
+//! by atomic operations on the array mapped into this process, as the
+//! programs make them: nothing a program wrote is overwritten, not even
+//! for an instant (a plain write of the value could show a slot half
+//! written); the seeded bucket then skips only on its tick.
 
 use std::collections::BTreeSet;
 
@@ -64,20 +62,74 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
             flows.insert(ct_seen_flow_bucket(&k));
         }
     }
-    // The whole remote bucket, every port's bit and the second
-    // fingerprint slot over: a bit or fingerprint a running program sets
-    // meanwhile is set or covered either way.
-    write(ebpf, MAP_CT_SEEN, &remotes, |tick| CtRemote {
-        tick,
-        ports: CT_PORTS_ALL,
-        fp: [0, CT_FP_OVER],
-    })?;
+    seed_remotes(ebpf, &remotes)?;
     write(ebpf, MAP_CT_SEEN_F, &flows, |tick| tick)?;
     Ok(Seeded {
         entries,
         buckets: remotes.len() as u64,
         flow_buckets: flows.len() as u64,
     })
+}
+
+/// Marks each of `buckets` of the remote array seen now, with every
+/// port's bit and its second fingerprint slot over, by atomic operations
+/// on the array mapped into this process (`CT_SEEN_MAP_FLAGS`), as the
+/// programs change it: the tick raised (never lowered), the bits and the
+/// slot ORed in. Nothing a running program wrote is ever overwritten, not
+/// even for an instant.
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "the fingerprint pair sits at offset 8 of a 16-byte bucket at a multiple of 16 from a page-aligned mapping: an aligned u64"
+)]
+fn seed_remotes(ebpf: &mut Ebpf, buckets: &BTreeSet<u32>) -> Result<(), MapsError> {
+    use std::{
+        os::fd::{AsFd as _, AsRawFd as _},
+        sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    };
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(MAP_CT_SEEN) else {
+        return Err(MapsError::Missing(MAP_CT_SEEN));
+    };
+    let entries = data.info().map_err(err(MAP_CT_SEEN))?.max_entries();
+    let len = entries as usize * size_of::<CtRemote>();
+    let fd = data.fd().as_fd().as_raw_fd();
+    // SAFETY: a shared read-write mapping of the whole array (`len` bytes
+    // of values, which an mmapable array map lays out one after the
+    // other from offset 0); the kernel checks the map's flags and size
+    // and fails otherwise. Unmapped below on every path.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(MapsError::Mmap {
+            map: MAP_CT_SEEN,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let over = segbpf_common::ct_fp_pair(0, CT_FP_OVER);
+    for b in buckets.iter().filter(|b| **b < entries) {
+        let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
+        // SAFETY: bucket `b` lies inside the mapping (checked above); a
+        // `CtRemote` is 16 bytes at a multiple of 16 from the page-aligned
+        // base, so its tick and filter are aligned u32 and its fingerprint
+        // pair an aligned u64 at offset 8; the programs change them only
+        // by atomic operations and plain aligned stores of the tick.
+        unsafe {
+            let v = base.cast::<CtRemote>().add(*b as usize);
+            AtomicU32::from_ptr(&raw mut (*v).tick).fetch_max(tick, Ordering::Relaxed);
+            AtomicU32::from_ptr(&raw mut (*v).ports).fetch_or(CT_PORTS_ALL, Ordering::Relaxed);
+            AtomicU64::from_ptr((&raw mut (*v).fp).cast::<u64>()).fetch_or(over, Ordering::Relaxed);
+        }
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(base, len) };
+    Ok(())
 }
 
 /// Writes `value(tick)` into each of `buckets` of the array `name`, the

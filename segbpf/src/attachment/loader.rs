@@ -301,10 +301,15 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
         let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
         let buckets_ok = !array || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
+        // The remote array must be mappable: seeding changes it in place.
+        let flags_ok = name != MAP_CT_SEEN
+            || info.map_flags() & segbpf_common::CT_SEEN_MAP_FLAGS
+                == segbpf_common::CT_SEEN_MAP_FLAGS;
         if found_type != want_type
             || info.key_size() != want_key
             || info.value_size() != want_value
             || !buckets_ok
+            || !flags_ok
         {
             return Err(LoadError::SharedLayout {
                 path,

@@ -39,6 +39,15 @@ pub enum MapsError {
     /// The policy to judge connections by could not be read.
     #[error("judging connections after the edit: {0}")]
     Judge(String),
+    /// A map could not be mapped into memory.
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A map could not be pinned.
     #[error("pinning {map} at {}: {source}", path.display())]
     Pin {
