@@ -82,6 +82,18 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
         | (u64::from(imm as u32) << 32)
 }
 
+/// Loads the XDP program `p` with `return XDP_PASS` appended.
+fn load_xdp(mut p: Vec<u64>) -> anyhow::Result<OwnedFd> {
+    p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
+    p.push(insn(0x95, 0, 0, 0, 0)); // exit
+    let license = b"GPL\0";
+    let mut a = [0u64; 18];
+    a[0] = u64::from(BPF_PROG_TYPE_XDP) | ((p.len() as u64) << 32);
+    a[1] = p.as_ptr() as u64;
+    a[2] = license.as_ptr() as u64;
+    Ok(fd(bpf(BPF_PROG_LOAD, &mut a)?))
+}
+
 /// The program: `key` on the stack, `lookups` lookups of it in `map`, pass.
 fn program(map: &OwnedFd, key: &[u8], lookups: usize) -> anyhow::Result<OwnedFd> {
     let padded = key.len().div_ceil(8) * 8;
@@ -107,14 +119,7 @@ fn program(map: &OwnedFd, key: &[u8], lookups: usize) -> anyhow::Result<OwnedFd>
         p.push(insn(0x07, 2, 0, 0, base)); // r2 += base
         p.push(insn(0x85, 0, 0, 0, 1)); // call bpf_map_lookup_elem
     }
-    p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
-    p.push(insn(0x95, 0, 0, 0, 0)); // exit
-    let license = b"GPL\0";
-    let mut a = [0u64; 18];
-    a[0] = u64::from(BPF_PROG_TYPE_XDP) | ((p.len() as u64) << 32);
-    a[1] = p.as_ptr() as u64;
-    a[2] = license.as_ptr() as u64;
-    Ok(fd(bpf(BPF_PROG_LOAD, &mut a)?))
+    load_xdp(p)
 }
 
 /// Inserts per program run (`insert_program`).
@@ -147,14 +152,7 @@ fn insert_program(map: &OwnedFd, inserts: usize, update: bool) -> anyhow::Result
             p.push(insn(0x85, 0, 0, 0, 2)); // call bpf_map_update_elem
         }
     }
-    p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
-    p.push(insn(0x95, 0, 0, 0, 0)); // exit
-    let license = b"GPL\0";
-    let mut a = [0u64; 18];
-    a[0] = u64::from(BPF_PROG_TYPE_XDP) | ((p.len() as u64) << 32);
-    a[1] = p.as_ptr() as u64;
-    a[2] = license.as_ptr() as u64;
-    Ok(fd(bpf(BPF_PROG_LOAD, &mut a)?))
+    load_xdp(p)
 }
 
 fn lpm_key(prefixlen: u32, data: &[u8]) -> Vec<u8> {

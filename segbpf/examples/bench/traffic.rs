@@ -111,20 +111,23 @@ fn live_run(prog_fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Re
         flags: BPF_F_TEST_XDP_LIVE_FRAMES,
         ..TestRunAttr::default()
     };
-    // SAFETY: bpf(2) with a fully initialised attribute block of its size;
-    // the kernel only reads `frame` and `ctx`, which outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            std::ptr::from_ref(&attr),
-            size_of::<TestRunAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    // The kernel only reads `frame` and `ctx`, which outlive the call.
+    bpf_cmd(BPF_PROG_TEST_RUN, &attr)?;
     Ok(())
+}
+
+/// bpf(2) command `cmd` with the attribute block `attr` (a `union
+/// bpf_attr` prefix, fully initialised, whose pointers outlive the call):
+/// its non-negative result.
+fn bpf_cmd<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<i64> {
+    // SAFETY: bpf(2) reads `size_of::<T>()` bytes of `attr` (and what its
+    // pointers point at, which the caller keeps alive); the block is
+    // passed read-only, as these commands write only their result.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
 }
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -204,18 +207,7 @@ fn attached_prog_fd(ns: &str, dev: &str) -> anyhow::Result<std::os::fd::OwnedFd>
         open_flags: 0,
         _pad: [0; 13],
     };
-    // SAFETY: bpf(2) with an initialised attribute block of its size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            std::ptr::from_ref(&attr),
-            size_of::<GetFd>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    let fd = bpf_cmd(BPF_PROG_GET_FD_BY_ID, &attr)?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
@@ -374,17 +366,22 @@ impl Generator {
         })
     }
 
-    /// Whether this kernel lets the generator transmit (a live-frames run
-    /// of one repetition): Ok(None) if it does, Ok(Some(error)) if it
-    /// refuses them (EPERM, as some machines do even for root); any other
-    /// failure is an error of the bench.
-    fn live_frames(&self, frame: &[u8]) -> anyhow::Result<Option<std::io::Error>> {
+    /// The generator program's descriptor (owned by `self.ebpf`).
+    fn prog_fd(&self) -> anyhow::Result<i32> {
         let p: &Xdp = self
             .ebpf
             .program(PROG_XDP_GEN)
             .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
             .try_into()?;
-        let fd = p.fd()?.as_fd().as_raw_fd();
+        Ok(p.fd()?.as_fd().as_raw_fd())
+    }
+
+    /// Whether this kernel lets the generator transmit (a live-frames run
+    /// of one repetition): Ok(None) if it does, Ok(Some(error)) if it
+    /// refuses them (EPERM, as some machines do even for root); any other
+    /// failure is an error of the bench.
+    fn live_frames(&self, frame: &[u8]) -> anyhow::Result<Option<std::io::Error>> {
+        let fd = self.prog_fd()?;
         let path = format!("/run/netns/{}", self.tx_ns);
         let ifindex = self.ifindex;
         let r = std::thread::scope(|s| {
@@ -429,12 +426,7 @@ impl Generator {
         st.set(1, base, 0)?;
         st.set(2, bits.0, 0)?;
         st.set(3, bits.1, 0)?;
-        let p: &Xdp = self
-            .ebpf
-            .program(PROG_XDP_GEN)
-            .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP_GEN}"))?
-            .try_into()?;
-        let fd = p.fd()?.as_fd().as_raw_fd();
+        let fd = self.prog_fd()?;
         let path = format!("/run/netns/{}", self.tx_ns);
         let frame = frame.to_vec();
         let ifindex = self.ifindex;
