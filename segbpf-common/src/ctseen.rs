@@ -127,14 +127,15 @@ pub const CT_SEEN_MAP_FLAGS: u32 = 1 << 10;
 /// every packet of the bucket looks up. No fingerprint takes this value.
 pub const CT_FP_OVER: u32 = u32::MAX;
 
-/// A bucket's fingerprint pair (`lo` in `fp[0]`, `hi` in `fp[1]`) as one
-/// native-order u64, the unit of its atomic operations.
+/// Two adjacent u32 fields of a bucket (`lo` at the lower address: the
+/// tick and the filter, or the two fingerprint slots) as one native-order
+/// u64, the unit of the bucket's atomic operations.
 #[allow(
     clippy::inline_always,
     reason = "the datapath calls it per packet: no BPF-to-BPF call"
 )]
 #[inline(always)]
-pub fn ct_fp_pair(lo: u32, hi: u32) -> u64 {
+pub fn ct_u32_pair(lo: u32, hi: u32) -> u64 {
     if cfg!(target_endian = "little") {
         u64::from(lo) | u64::from(hi) << 32
     } else {

@@ -9,9 +9,9 @@
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_fp_pair, ct_seen_flow_bucket_v4,
-    ct_seen_flow_bucket_words, ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4,
-    ct_seen_remote_words, ct_seen_tick,
+    CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words,
+    ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4, ct_seen_remote_words, ct_seen_tick,
+    ct_u32_pair,
 };
 
 use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_X, SEGBPF_CT_SEEN};
@@ -146,8 +146,9 @@ fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
     // SAFETY: `r` points at a value of the array, valid during this
     // program run and 8-byte aligned (array values are); the tick is a
     // plain u32 store as for the flow's bucket; the filter is changed only
-    // by an atomic OR of the whole 8-byte value (the tick's half ORed with
-    // zero), so no bit another CPU or userspace's seeding sets is lost.
+    // by an atomic OR of the value's first 8 bytes, tick and filter (the
+    // tick's half ORed with zero), so no bit another CPU or userspace's
+    // seeding sets is lost.
     unsafe {
         if core::ptr::read_volatile(&raw const (*r).tick) < tick {
             core::ptr::write_volatile(&raw mut (*r).tick, tick);
@@ -155,7 +156,7 @@ fn note_remote(r: *mut CtRemote, port_bit: u32, tick: u32) {
         if core::ptr::read_volatile(&raw const (*r).ports) & port_bit == 0 {
             core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 r.cast::<u64>(),
-                ports_half(port_bit),
+                ct_u32_pair(0, port_bit),
             );
         }
     }
@@ -186,9 +187,9 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
             return;
         }
         let want = if lo == 0 {
-            ct_fp_pair(fp, hi)
+            ct_u32_pair(fp, hi)
         } else if hi == 0 {
-            ct_fp_pair(lo, fp)
+            ct_u32_pair(lo, fp)
         } else {
             0
         };
@@ -204,7 +205,7 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
         }
         core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             pair,
-            ct_fp_pair(0, CT_FP_OVER),
+            ct_u32_pair(0, CT_FP_OVER),
         );
     }
 }
@@ -216,16 +217,5 @@ fn halves(pair: u64) -> (u32, u32) {
         (pair as u32, (pair >> 32) as u32)
     } else {
         ((pair >> 32) as u32, pair as u32)
-    }
-}
-
-/// `port_bit` placed where `CtRemote::ports` sits in the value read as one
-/// native-order u64 (after the u32 tick).
-#[inline(always)]
-fn ports_half(port_bit: u32) -> u64 {
-    if cfg!(target_endian = "little") {
-        u64::from(port_bit) << 32
-    } else {
-        u64::from(port_bit)
     }
 }

@@ -14,12 +14,14 @@
 #![no_std]
 #![no_main]
 // The BPF target has atomic loads and stores only (`target_has_atomic` is
-// unset for it): the one read-modify-write, the last-seen filter's OR
-// (`ctseen::note`), calls the intrinsic, which LLVM emits as BPF_ATOMIC OR.
+// unset for it): the read-modify-writes of the last-seen buckets
+// (`ctseen::note`: the filter's OR, the fingerprints' compare-and-exchange
+// and OR) call the intrinsics, which LLVM emits as BPF_ATOMIC OR and
+// BPF_CMPXCHG.
 #![feature(core_intrinsics)]
 #![allow(
     internal_features,
-    reason = "core_intrinsics: the only way to an atomic OR on this target"
+    reason = "core_intrinsics: the only way to an atomic OR or compare-and-exchange on this target"
 )]
 #![allow(
     clippy::inline_always,

@@ -63,7 +63,7 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
         }
     }
     seed_remotes(ebpf, &remotes)?;
-    write(ebpf, MAP_CT_SEEN_F, &flows, |tick| tick)?;
+    seed_flows(ebpf, &flows)?;
     Ok(Seeded {
         entries,
         buckets: remotes.len() as u64,
@@ -112,7 +112,7 @@ fn seed_remotes(ebpf: &mut Ebpf, buckets: &BTreeSet<u32>) -> Result<(), MapsErro
             source: std::io::Error::last_os_error(),
         });
     }
-    let over = segbpf_common::ct_fp_pair(0, CT_FP_OVER);
+    let over = segbpf_common::ct_u32_pair(0, CT_FP_OVER);
     for b in buckets.iter().filter(|b| **b < entries) {
         let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
         // SAFETY: bucket `b` lies inside the mapping (checked above); a
@@ -132,19 +132,16 @@ fn seed_remotes(ebpf: &mut Ebpf, buckets: &BTreeSet<u32>) -> Result<(), MapsErro
     Ok(())
 }
 
-/// Writes `value(tick)` into each of `buckets` of the array `name`, the
+/// Writes the current tick into each of `buckets` of the flow array, the
 /// clock read just before each write (see the module docs).
-fn write<V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    buckets: &BTreeSet<u32>,
-    value: impl Fn(u32) -> V,
-) -> Result<(), MapsError> {
-    let map = ebpf.map_mut(name).ok_or(MapsError::Missing(name))?;
-    let mut array: Array<&mut MapData, V> = Array::try_from(map).map_err(err(name))?;
+fn seed_flows(ebpf: &mut Ebpf, buckets: &BTreeSet<u32>) -> Result<(), MapsError> {
+    let map = ebpf
+        .map_mut(MAP_CT_SEEN_F)
+        .ok_or(MapsError::Missing(MAP_CT_SEEN_F))?;
+    let mut array: Array<&mut MapData, u32> = Array::try_from(map).map_err(err(MAP_CT_SEEN_F))?;
     for b in buckets {
         let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-        array.set(*b, value(tick), 0).map_err(err(name))?;
+        array.set(*b, tick, 0).map_err(err(MAP_CT_SEEN_F))?;
     }
     Ok(())
 }
