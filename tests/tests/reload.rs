@@ -1120,7 +1120,13 @@ fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
     // Fixed: the next attempt (at most 30 s later) restores OLD.
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
     let after = wait_not_pending(&r, 40)?["attachments"][0]["state"].clone();
-    assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
+    // On failure, the guard's own account of its attempts.
+    let log = std::fs::read_to_string(r.att.guard_log()).unwrap_or_default();
+    assert_eq!(
+        after["roles"],
+        serde_json::json!(["web"]),
+        "{after}\nguard log:\n{log}"
+    );
     assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");
     Ok(())
 }
