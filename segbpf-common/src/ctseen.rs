@@ -143,6 +143,21 @@ pub fn ct_u32_pair(lo: u32, hi: u32) -> u64 {
     }
 }
 
+/// The two u32 fields (`lo` at the lower address, then `hi`) of a pair
+/// read as one native-order u64: the inverse of [`ct_u32_pair`].
+#[allow(
+    clippy::inline_always,
+    reason = "the datapath calls it per packet: no BPF-to-BPF call"
+)]
+#[inline(always)]
+pub fn ct_u32_halves(pair: u64) -> (u32, u32) {
+    if cfg!(target_endian = "little") {
+        (pair as u32, (pair >> 32) as u32)
+    } else {
+        ((pair >> 32) as u32, pair as u32)
+    }
+}
+
 impl CtRemote {
     /// Whether a remote of fingerprint `fp` may have an entry in this
     /// bucket: its fingerprint is in a slot, or the bucket is over.
@@ -608,6 +623,16 @@ mod tests {
             let r = v4(a);
             let be = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
             assert_eq!(ct_seen_bucket_v4(be), ct_seen_bucket(4, &r), "{a:#x}");
+        }
+    }
+
+    #[test]
+    fn halves_undo_a_pair_and_match_the_fields_in_memory() {
+        for (lo, hi) in [(0, 0), (1, 0), (0, CT_FP_OVER), (0xdead_beef, 7)] {
+            let pair = ct_u32_pair(lo, hi);
+            assert_eq!(ct_u32_halves(pair), (lo, hi));
+            let fields: [u32; 2] = bytemuck::cast(pair);
+            assert_eq!(fields, [lo, hi], "lo at the lower address");
         }
     }
 

@@ -11,7 +11,7 @@ use aya_ebpf::maps::Array;
 use segbpf_common::{
     CT_FP_OVER, Config, CtKey, CtKey4, CtRemote, ct_seen_flow_bucket_v4, ct_seen_flow_bucket_words,
     ct_seen_horizon, ct_seen_pack, ct_seen_remote_v4, ct_seen_remote_words, ct_seen_tick,
-    ct_u32_pair,
+    ct_u32_halves, ct_u32_pair,
 };
 
 use crate::maps::{SEG_CT_SEEN_F, SEG_CT_SEEN_X, SEGBPF_CT_SEEN};
@@ -182,7 +182,7 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
     unsafe {
         let pair = (&raw mut (*r).fp).cast::<u64>();
         let cur = core::ptr::read_volatile(pair);
-        let (lo, hi) = halves(cur);
+        let (lo, hi) = ct_u32_halves(cur);
         if lo == fp || hi == fp || hi == CT_FP_OVER {
             return;
         }
@@ -207,15 +207,5 @@ fn note_fp(r: *mut CtRemote, fp: u32) {
             pair,
             ct_u32_pair(0, CT_FP_OVER),
         );
-    }
-}
-
-/// The two slots of a fingerprint pair read as one native-order u64.
-#[inline(always)]
-fn halves(pair: u64) -> (u32, u32) {
-    if cfg!(target_endian = "little") {
-        (pair as u32, (pair >> 32) as u32)
-    } else {
-        ((pair >> 32) as u32, pair as u32)
     }
 }
