@@ -98,6 +98,19 @@ pub enum GuardError {
     /// Removing a first attach failed.
     #[error("removing the unconfirmed attach: {0}")]
     Detach(Box<dyn Error + Send + Sync>),
+    /// The pending record is there but cannot be read (the guard waits
+    /// and tries again: only a missing record means confirmed).
+    #[error("reading the pending confirmation {path}: {why}")]
+    Record {
+        /// The record.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// The generation in force could not be read while attached (the
+    /// guard tries again rather than take the change as superseded).
+    #[error("reading the generation in force: {0}")]
+    Live(#[from] crate::attachment::maps::MapsError),
 }
 
 /// What the guard asks for when a change is not confirmed in time. The
@@ -231,10 +244,29 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The pending confirmation of `att`, if any.
+/// The pending confirmation of `att`, if any (an unreadable record reads
+/// as none here: see [`read_pending`] for the guard's reading).
 pub fn pending(att: &Attachment) -> Option<Pending> {
-    let text = std::fs::read_to_string(att.confirm_record()).ok()?;
-    serde_json::from_str(&text).ok()
+    read_pending(att).ok().flatten()
+}
+
+/// The pending confirmation of `att`: `None` only when there is no record
+/// (confirmed or never armed); a record that cannot be read or parsed is
+/// an error, which the guard never takes for a confirmation.
+fn read_pending(att: &Attachment) -> Result<Option<Pending>, GuardError> {
+    let path = att.confirm_record();
+    let unreadable = |why: String| GuardError::Record {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| unreadable(e.to_string()))
 }
 
 /// Arms the guard for `generation`: unless confirmed within `secs`, the
@@ -432,9 +464,25 @@ pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<()
         progress.write(att);
     }
     loop {
-        let Some(p) = pending(att) else {
-            forget(att, generation);
-            return Ok(()); // confirmed
+        let p = match read_pending(att) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                forget(att, generation);
+                return Ok(()); // confirmed
+            }
+            // Unreadable: never taken for a confirmation. The guard
+            // waits for it to read again, and says why (once per reason,
+            // in its log and in `status`).
+            Err(e) => {
+                let why = e.to_string();
+                if progress.last_error.as_ref() != Some(&why) {
+                    tracing::warn!("{why}; waiting for it to read again");
+                    progress.last_error = Some(why);
+                    progress.write(att);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
         };
         if p.generation != generation {
             forget(att, generation);
@@ -482,16 +530,17 @@ fn forget(att: &Attachment, generation: u64) {
 /// pending for it any more (undone now, or confirmed, superseded or
 /// removed meanwhile).
 fn undo(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<(), GuardError> {
-    let Some(p) = pending(att) else {
+    let Some(p) = read_pending(att)? else {
         return Ok(());
     };
     if p.generation != generation {
         return Ok(());
     }
+    // While attached, a configuration that cannot be read is an error to
+    // retry: taken for "another generation", it would end the guard with
+    // the unconfirmed change in force.
     let live = if att.is_attached() {
-        crate::attachment::maps::pinned_config(att)
-            .map(|c| c.generation)
-            .ok()
+        Some(crate::attachment::maps::pinned_config(att)?.generation)
     } else {
         None
     };

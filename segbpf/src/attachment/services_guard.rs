@@ -46,10 +46,25 @@ fn pending_file(paths: &SvcPaths) -> PathBuf {
     paths.pending_file()
 }
 
-/// The pending confirmation, if any.
+/// The pending confirmation, if any (an unreadable record reads as none
+/// here; the guard reads it with [`read_pending`]).
 pub fn pending(paths: &SvcPaths) -> Option<SvcPending> {
-    let text = std::fs::read_to_string(pending_file(paths)).ok()?;
-    serde_json::from_str(&text).ok()
+    read_pending(paths).ok().flatten()
+}
+
+/// The pending confirmation: `None` only when there is no record; a
+/// record that cannot be read or parsed is an error (why), which the
+/// guard never takes for a confirmation.
+fn read_pending(paths: &SvcPaths) -> Result<Option<SvcPending>, String> {
+    let file = pending_file(paths);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", file.display())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("reading {}: {e}", file.display()))
 }
 
 /// Records that `generation` must be confirmed within `secs` (from now).
@@ -92,9 +107,20 @@ pub enum GuardOutcome {
 /// the attachment unless it was confirmed or superseded. A removal that
 /// fails is tried again every second (never leaves a change pending).
 pub fn run_guard(paths: &SvcPaths, generation: u64) -> GuardOutcome {
+    let mut last_error = None;
     loop {
-        let Some(p) = pending(paths) else {
-            return GuardOutcome::Confirmed;
+        let p = match read_pending(paths) {
+            Ok(Some(p)) => p,
+            Ok(None) => return GuardOutcome::Confirmed,
+            // Unreadable: never a confirmation; wait for it to read again.
+            Err(why) => {
+                if last_error.as_ref() != Some(&why) {
+                    tracing::warn!("{why}; waiting for it to read again");
+                    last_error = Some(why);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
         };
         if p.generation != generation {
             return GuardOutcome::Superseded;

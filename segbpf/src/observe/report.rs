@@ -238,6 +238,12 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         }
         directions.insert(dir.to_string(), by_reason);
     }
+    // The pending confirmation is read before the state: the guard
+    // writes the restored state first and removes the record last, so a
+    // report that finds no record reads the state after the restore. Read
+    // the other way round, a restore between the two reads showed the
+    // unconfirmed change in force with nothing pending.
+    let pending = crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p));
     let state = State::current(att).ok();
     let state_sets: Vec<String> = state
         .iter()
@@ -307,7 +313,6 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     };
     // The rest of what the attachment's files say, then what the
     // observers (events, denied aggregates) count.
-    let pending = crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p));
     let last_change = crate::attachment::swap::LastChange::read(att);
     Ok(Report {
         iface: att.iface.clone(),
