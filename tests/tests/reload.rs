@@ -1011,7 +1011,8 @@ fn wait_not_pending(r: &Renamed, secs: u64) -> anyhow::Result<serde_json::Value>
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let status = r.lab.status_json("srv")?;
-        if status["attachments"][0]["pending"].is_null() {
+        let a = &status["attachments"][0];
+        if a["pending"].is_null() && a["pending_unreadable"].is_null() {
             return Ok(status);
         }
         anyhow::ensure!(
@@ -1204,8 +1205,20 @@ fn an_unreadable_pending_record_is_never_a_confirmation() -> anyhow::Result<()> 
             .is_some_and(|e| e.contains("pending confirmation")),
         "{progress}"
     );
-    // Readable again: the change is undone.
-    std::fs::write(&record, &text)?;
+    // `status` says so rather than that nothing is pending.
+    let st = r.lab.status_json("srv")?["attachments"][0].clone();
+    assert!(
+        st["pending_unreadable"]
+            .as_str()
+            .is_some_and(|e| e.contains("confirm.json")),
+        "{st}"
+    );
+    let shown = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
+    assert!(shown.contains("UNREADABLE RECORD"), "{shown}");
+    // Readable again (replaced whole, as segbpf writes it): undone.
+    let tmp = record.with_extension("test.tmp");
+    std::fs::write(&tmp, &text)?;
+    std::fs::rename(&tmp, &record)?;
     let after = wait_not_pending(&r, 20)?["attachments"][0]["state"].clone();
     assert_eq!(after["roles"], serde_json::json!(["web"]), "{after}");
     assert_eq!(open_ports(&r)?, (true, false), "OLD back in force");

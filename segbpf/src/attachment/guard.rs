@@ -252,8 +252,9 @@ pub fn pending(att: &Attachment) -> Option<Pending> {
 
 /// The pending confirmation of `att`: `None` only when there is no record
 /// (confirmed or never armed); a record that cannot be read or parsed is
-/// an error, which the guard never takes for a confirmation.
-fn read_pending(att: &Attachment) -> Result<Option<Pending>, GuardError> {
+/// an error, which the guard never takes for a confirmation (and `status`
+/// reports).
+pub fn read_pending(att: &Attachment) -> Result<Option<Pending>, GuardError> {
     let path = att.confirm_record();
     let unreadable = |why: String| GuardError::Record {
         path: path.display().to_string(),

@@ -349,6 +349,12 @@ fn print_text(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
             if let Some(p) = &r.pending {
                 print_pending(o, p, &r.iface)?;
             }
+            if let Some(e) = &r.pending_unreadable {
+                writeln!(
+                    o,
+                    "  PENDING:   UNREADABLE RECORD: {e}; the change in force may be unconfirmed, and its guard waits for the record to read again"
+                )?;
+            }
             if !s.set_overrides.is_empty() {
                 writeln!(
                     o,

@@ -102,6 +102,11 @@ pub struct Report {
     pub drift: Vec<String>,
     /// A change waiting for `segbpf confirm`.
     pub pending: Option<Awaiting>,
+    /// Why the record of a pending change cannot be read, when it is
+    /// there but unreadable: a change may wait for confirmation, and its
+    /// guard waits for the record to read again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_unreadable: Option<String>,
     /// The outcome of the last policy change (for the metrics; `status`
     /// does not print it).
     #[serde(skip)]
@@ -243,7 +248,10 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     // report that finds no record reads the state after the restore. Read
     // the other way round, a restore between the two reads showed the
     // unconfirmed change in force with nothing pending.
-    let pending = crate::attachment::guard::pending(att).map(|p| Awaiting::of(att, &p));
+    let (pending, pending_unreadable) = match crate::attachment::guard::read_pending(att) {
+        Ok(p) => (p.map(|p| Awaiting::of(att, &p)), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let state = State::current(att).ok();
     let state_sets: Vec<String> = state
         .iter()
@@ -333,6 +341,7 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         denied_lost: maps::pinned_denied_lost(att).unwrap_or(0),
         drift: state_sets,
         pending,
+        pending_unreadable,
         last_change,
     })
 }
