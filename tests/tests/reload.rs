@@ -1215,6 +1215,18 @@ fn an_unreadable_pending_record_is_never_a_confirmation() -> anyhow::Result<()> 
     );
     let shown = r.lab.segbpf_ok("srv", &["status", "eth0"])?;
     assert!(shown.contains("UNREADABLE RECORD"), "{shown}");
+    // A change is refused as while a change is pending, and `confirm`
+    // does not take it for nothing pending.
+    for args in [
+        vec!["reload", "eth0", "--policy", r.old.to_str().unwrap()],
+        vec!["confirm", "eth0"],
+    ] {
+        let out = r.lab.segbpf("srv", &args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("confirm.json"), "{args:?}: {err}");
+    }
+    assert_eq!(open_ports(&r)?, (false, true), "nothing changed");
     // Readable again (replaced whole, as segbpf writes it): undone.
     let tmp = record.with_extension("test.tmp");
     std::fs::write(&tmp, &text)?;

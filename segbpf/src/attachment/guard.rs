@@ -99,8 +99,12 @@ pub enum GuardError {
     #[error("removing the unconfirmed attach: {0}")]
     Detach(Box<dyn Error + Send + Sync>),
     /// The pending record is there but cannot be read (the guard waits
-    /// and tries again: only a missing record means confirmed).
-    #[error("reading the pending confirmation {path}: {why}")]
+    /// and tries again: only a missing record means confirmed; a change
+    /// is refused unless forced; `confirm` refuses, and removing the file
+    /// by hand keeps what is in force).
+    #[error(
+        "reading the pending confirmation {path}: {why} (a change may wait for confirmation: remove the file to keep what is in force, or pass --force to a change)"
+    )]
     Record {
         /// The record.
         path: String,
@@ -391,7 +395,18 @@ pub fn start_clock(att: &Attachment, generation: u64, secs: u64) -> Result<(), G
 /// confirmation (unless `force`): the guard would otherwise give up on the
 /// unconfirmed change, superseded, and leave it in force.
 pub fn refuse_while_pending(att: &Attachment, force: bool) -> Result<(), GuardError> {
-    if let Some(p) = pending(att) {
+    // A record that cannot be read may be a change waiting: refused as
+    // one (with --force it goes, and its guard stands down).
+    let pending = match read_pending(att) {
+        Ok(p) => p,
+        Err(e) if force => {
+            tracing::warn!("{e}; --force: this change supersedes whatever it held");
+            disarm(att);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(p) = pending {
         if force {
             tracing::warn!(
                 "generation {} on {} was waiting for confirmation; --force: this change supersedes it and its guard stands down",
@@ -417,7 +432,7 @@ pub fn disarm(att: &Attachment) {
 
 /// `segbpf confirm`: keeps the pending change; returns its generation.
 pub fn confirm(att: &Attachment) -> Result<u64, GuardError> {
-    let Some(p) = pending(att) else {
+    let Some(p) = read_pending(att)? else {
         return Err(GuardError::NothingPending(att.describe()));
     };
     std::fs::remove_file(att.confirm_record()).map_err(io("removing the pending confirmation"))?;
