@@ -1197,6 +1197,23 @@ fn ct_seen_of(
     ))
 }
 
+/// Writes `now`'s tick into the last-seen bucket of `k`'s flow, as the
+/// program that made `k`'s entry at `now` would have.
+fn note_flow(instance: &mut Instance, k: &segbpf_common::CtKey, now: u64) -> anyhow::Result<()> {
+    use segbpf_common::MAP_CT_SEEN_F;
+    let map = instance
+        .ebpf_mut()
+        .map_mut(MAP_CT_SEEN_F)
+        .ok_or_else(|| anyhow::anyhow!("no map {MAP_CT_SEEN_F}"))?;
+    let mut flow: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+    flow.set(
+        segbpf_common::ct_seen_flow_bucket(k),
+        segbpf_common::ct_seen_tick(now),
+        0,
+    )?;
+    Ok(())
+}
+
 /// Whether the datapath skips `k`'s lookups at `now` (`ctseen`): its
 /// remote's bucket is stale, lacks its local port's bit or may not hold
 /// its remote (`CtRemote::may_hold`), or its flow's bucket is stale. The
@@ -1635,6 +1652,12 @@ fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> 
         MAP_CT4,
         &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
     )?;
+    // Its flow's bucket as the program that made it would have left it:
+    // only the remote's fingerprint is left to tell it apart. (Untouched,
+    // the bucket is stale once the host has been up longer than the
+    // longest timeout, 6 h, and the entry is skipped whatever the
+    // fingerprints say.)
+    note_flow(&mut instance, &key, now)?;
     assert_eq!(
         reply(&mut instance, &four[3])?.reason,
         reason::DROP_DEFAULT,
