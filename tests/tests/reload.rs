@@ -1227,6 +1227,31 @@ fn an_unreadable_pending_record_is_never_a_confirmation() -> anyhow::Result<()> 
         assert!(err.contains("confirm.json"), "{args:?}: {err}");
     }
     assert_eq!(open_ports(&r)?, (false, true), "nothing changed");
+    // A forced change that fails leaves the record (and its guard) as
+    // they were: only a forced change in force supersedes it.
+    let bad = r.dir.join("broken.toml");
+    std::fs::write(&bad, "[roles.web\n")?;
+    let out = r.lab.segbpf(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--force",
+        ],
+    )?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&record)?,
+        b"{ half written",
+        "the record stays after a failed forced change"
+    );
     // Readable again (replaced whole, as segbpf writes it): undone.
     let tmp = record.with_extension("test.tmp");
     std::fs::write(&tmp, &text)?;

@@ -459,7 +459,9 @@ fn adopt(
         );
     }
     let which = att.describe();
-    if let Some(p) = guard::pending(att) {
+    // A record that cannot be read: refused (it may hold a change whose
+    // guard must run), never adopted as if nothing were pending.
+    if let Some(p) = guard::read_pending(att).map_err(Box::new)? {
         warn!(
             "{which}: generation {} waits for `segbpf confirm {}`; the policy in force stays until it is confirmed or undone",
             p.generation, att.iface
@@ -957,7 +959,7 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             _ = tick.tick() => {
                 let now = mtime(att);
                 match deferred {
-                    Some(why) if guard::pending(att).is_none() => why,
+                    Some(why) if !guard::may_be_pending(att) => why,
                     _ if watch == Watch::Off
                         || same(&now, &seen, watcher.is_some())
                         || now.is_none() => continue,
@@ -990,12 +992,18 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             );
             watcher = None;
         }
-        if let Some(p) = guard::pending(att) {
+        if guard::may_be_pending(att) {
             if deferred.is_none() {
-                warn!(
-                    "{why}: generation {} waits for `segbpf confirm {}`; the automatic reload waits until it is confirmed or undone",
-                    p.generation, att.iface
-                );
+                match guard::read_pending(att) {
+                    Ok(Some(p)) => warn!(
+                        "{why}: generation {} waits for `segbpf confirm {}`; the automatic reload waits until it is confirmed or undone",
+                        p.generation, att.iface
+                    ),
+                    Err(e) => {
+                        warn!("{why}: {e}; the automatic reload waits until it reads or is removed")
+                    }
+                    Ok(None) => {}
+                }
             }
             deferred = Some(why);
             seen = mtime(att);

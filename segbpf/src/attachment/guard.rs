@@ -254,6 +254,13 @@ pub fn pending(att: &Attachment) -> Option<Pending> {
     read_pending(att).ok().flatten()
 }
 
+/// Whether a change may wait for confirmation on `att`: a record that
+/// reads, or one that is there but cannot be read (automatic changes
+/// wait for either).
+pub fn may_be_pending(att: &Attachment) -> bool {
+    !matches!(read_pending(att), Ok(None))
+}
+
 /// The pending confirmation of `att`: `None` only when there is no record
 /// (confirmed or never armed); a record that cannot be read or parsed is
 /// an error, which the guard never takes for a confirmation (and `status`
@@ -381,7 +388,7 @@ pub fn respawn(att: &Attachment, generation: u64) -> Result<(), GuardError> {
 /// Says that the change armed for `generation` is in force: its `secs`
 /// start now. A no-op when nothing (or another generation) is pending.
 pub fn start_clock(att: &Attachment, generation: u64, secs: u64) -> Result<(), GuardError> {
-    match pending(att) {
+    match read_pending(att)? {
         Some(mut p) if p.generation == generation => {
             p.deadline = now() + secs;
             p.started = true;
@@ -399,9 +406,10 @@ pub fn refuse_while_pending(att: &Attachment, force: bool) -> Result<(), GuardEr
     // one (with --force it goes, and its guard stands down).
     let pending = match read_pending(att) {
         Ok(p) => p,
+        // Removed only once the forced change is in force
+        // ([`after_forced`]): a forced change that fails leaves it.
         Err(e) if force => {
             tracing::warn!("{e}; --force: this change supersedes whatever it held");
-            disarm(att);
             None
         }
         Err(e) => return Err(e),
@@ -423,6 +431,16 @@ pub fn refuse_while_pending(att: &Attachment, force: bool) -> Result<(), GuardEr
         });
     }
     Ok(())
+}
+
+/// After a forced change is in force: a pending record that still cannot
+/// be read goes (what it held is superseded; its guard, finding no record,
+/// exits). A readable one stays: its guard finds another generation in
+/// force and stands down itself.
+pub fn after_forced(att: &Attachment) {
+    if read_pending(att).is_err() {
+        disarm(att);
+    }
 }
 
 /// Cancels a guard armed for a change that then failed.
@@ -481,7 +499,12 @@ pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<()
     }
     loop {
         let p = match read_pending(att) {
-            Ok(Some(p)) => p,
+            Ok(Some(p)) => {
+                if progress.attempts == 0 && progress.last_error.take().is_some() {
+                    progress.write(att); // the record reads again
+                }
+                p
+            }
             Ok(None) => {
                 forget(att, generation);
                 return Ok(()); // confirmed

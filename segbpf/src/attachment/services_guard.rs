@@ -84,8 +84,16 @@ pub fn arm(paths: &SvcPaths, generation: u64, secs: u64) -> Result<SvcPending, S
 /// Keeps the attachment: removes the pending record. Returns the
 /// generation confirmed, or None when nothing was pending.
 pub fn confirm(paths: &SvcPaths) -> Result<Option<u64>, ServicesError> {
-    let Some(p) = pending(paths) else {
-        return Ok(None);
+    // A record that cannot be read is not "nothing pending".
+    let p = match read_pending(paths) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(None),
+        Err(why) => {
+            return Err(ServicesError::Io {
+                what: format!("{why} (remove the file to keep the attachment)"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
     };
     let file = pending_file(paths);
     std::fs::remove_file(&file).map_err(io(format!("removing {}", file.display())))?;

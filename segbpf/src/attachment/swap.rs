@@ -206,6 +206,9 @@ impl Guarded {
                 guard::disarm(att);
             }
         })?;
+        if self.force && self.confirm.is_none() {
+            guard::after_forced(att);
+        }
         if let Some(secs) = self.confirm {
             let generation = State::current(att)?.generation;
             guard::start_clock(att, generation, secs).map_err(Box::new)?;

@@ -585,7 +585,7 @@ fn apply(
     let next = next_path(att);
     let cache = cache_path(att);
     let staged = write_atomic(&next, text.as_bytes());
-    if guard::pending(att).is_some() {
+    if guard::may_be_pending(att) {
         warn!(
             "revision {target}: a change of {} waits for `segbpf confirm {}`; the revision is applied after it",
             att.describe(),
@@ -684,7 +684,7 @@ async fn try_report(
     // for confirmation any more): the row says what happened.
     if let Some((revision, e)) = &mut local.failed
         && e.contains(CUT_OFF)
-        && guard::pending(att).is_none()
+        && !guard::may_be_pending(att)
     {
         *e = guard_acted(*revision);
     }
