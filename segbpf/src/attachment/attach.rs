@@ -1000,7 +1000,9 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
                         p.generation, att.iface
                     ),
                     Err(e) => {
-                        warn!("{why}: {e}; the automatic reload waits until it reads or is removed")
+                        warn!(
+                            "{why}: {e}; the automatic reload waits until it reads or is removed"
+                        );
                     }
                     Ok(None) => {}
                 }
