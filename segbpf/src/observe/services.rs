@@ -161,6 +161,10 @@ fn linked_at(
 
 /// The report of the attachment at `paths`.
 pub fn report(paths: &SvcPaths) -> SvcReport {
+    // The pending confirmation before the state: the guard removes the
+    // attachment first and its record last, so a report that finds no
+    // record reads what is left after the guard acted.
+    let confirm_deadline = crate::attachment::services_guard::pending(paths).map(|p| p.deadline);
     let side = SvcPaths {
         dir: paths.next_dir(),
         ..paths.clone()
@@ -223,7 +227,7 @@ pub fn report(paths: &SvcPaths) -> SvcReport {
             .map(|s| s.set_overrides.clone())
             .unwrap_or_default(),
         restored: state.as_ref().and_then(|s| s.restored),
-        confirm_deadline: crate::attachment::services_guard::pending(paths).map(|p| p.deadline),
+        confirm_deadline,
         follower_running: follower.is_some(),
         follower_pid: follower,
         foreign,
