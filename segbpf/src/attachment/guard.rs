@@ -26,6 +26,10 @@
 //! reads; its log lines go to the journal under systemd, else to
 //! `IFACE.guard.log` next to the state.
 //!
+//! Only a missing record means confirmed. A record that cannot be read
+//! is never a confirmation: the guard waits for it to read again, and
+//! past the deadline undoes the change from the copy it read before.
+//!
 //! The guard is a state machine over these files: armed, waiting for the
 //! clock, undoing, done. To undo it asks an [`Undo`] handed in by its
 //! caller (restore the previous policy, or remove segbpf); it never calls
@@ -152,7 +156,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuardError {
 }
 
 /// A pending confirmation.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pending {
     /// Generation applied with `--confirm`.
     pub generation: u64,
@@ -497,21 +501,27 @@ pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<()
     if pending(att).is_some_and(|p| p.generation == generation) {
         progress.write(att);
     }
+    // The record as this guard last read it: if it stops reading, the
+    // guard acts on this copy at its deadline (an unreadable record is
+    // never a confirmation, and never leaves the change in force).
+    let mut last_good: Option<Pending> = None;
     loop {
         let p = match read_pending(att) {
             Ok(Some(p)) => {
                 if progress.attempts == 0 && progress.last_error.take().is_some() {
                     progress.write(att); // the record reads again
                 }
+                last_good = Some(p.clone());
                 p
             }
             Ok(None) => {
                 forget(att, generation);
                 return Ok(()); // confirmed
             }
-            // Unreadable: never taken for a confirmation. The guard
-            // waits for it to read again, and says why (once per reason,
-            // in its log and in `status`).
+            // Unreadable: never taken for a confirmation. Until the
+            // deadline of the last good copy the guard waits for it to
+            // read again, and says why (once per reason, in its log and
+            // in `status`); then it undoes the change from that copy.
             Err(e) => {
                 let why = e.to_string();
                 if progress.last_error.as_ref() != Some(&why) {
@@ -519,8 +529,20 @@ pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<()
                     progress.last_error = Some(why);
                     progress.write(att);
                 }
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
+                match &last_good {
+                    Some(g)
+                        if g.generation == generation && now() >= g.deadline && !g.applying() =>
+                    {
+                        tracing::warn!(
+                            "the pending record of generation {generation} still cannot be read past its deadline: undoing the change from the copy read before"
+                        );
+                        break;
+                    }
+                    _ => {
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
             }
         };
         if p.generation != generation {
@@ -535,7 +557,7 @@ pub fn run_guard(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<()
     }
     let mut delay = RETRY_FIRST;
     loop {
-        match undo(att, generation, how) {
+        match undo(att, generation, how, last_good.as_ref()) {
             Ok(()) => {
                 forget(att, generation);
                 return Ok(());
@@ -567,10 +589,19 @@ fn forget(att: &Attachment, generation: u64) {
 
 /// One attempt to undo the change to `generation`: Ok once nothing is
 /// pending for it any more (undone now, or confirmed, superseded or
-/// removed meanwhile).
-fn undo(att: &Attachment, generation: u64, how: &dyn Undo) -> Result<(), GuardError> {
-    let Some(p) = read_pending(att)? else {
-        return Ok(());
+/// removed meanwhile). A record that cannot be read is undone from
+/// `fallback`, the copy the guard read before (without one: an error,
+/// tried again).
+fn undo(
+    att: &Attachment,
+    generation: u64,
+    how: &dyn Undo,
+    fallback: Option<&Pending>,
+) -> Result<(), GuardError> {
+    let p = match read_pending(att) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(()),
+        Err(e) => fallback.cloned().ok_or(e)?,
     };
     if p.generation != generation {
         return Ok(());
