@@ -995,6 +995,23 @@ fn renamed_setup(tag: &str) -> anyhow::Result<Renamed> {
     })
 }
 
+/// `reload --policy NEW --redetect-roles --confirm SECS` on `srv`: NEW
+/// in force, waiting for a confirmation that never comes.
+fn reload_new_unconfirmed(r: &Renamed, secs: u32) -> anyhow::Result<String> {
+    r.lab.segbpf_ok(
+        "srv",
+        &[
+            "reload",
+            "eth0",
+            "--policy",
+            r.new.to_str().unwrap(),
+            "--redetect-roles",
+            "--confirm",
+            &secs.to_string(),
+        ],
+    )
+}
+
 /// Which of tcp/8080 (OLD's) and tcp/9090 (NEW's) a real client reaches.
 fn open_ports(r: &Renamed) -> anyhow::Result<(bool, bool)> {
     Ok((
@@ -1036,18 +1053,7 @@ fn unconfirmed_change_that_renamed_the_role_is_undone_whole() -> anyhow::Result<
     assert_eq!(open_ports(&r)?, (true, false), "OLD in force");
     let before = r.lab.status_json("srv")?["attachments"][0]["state"].clone();
     assert_eq!(before["roles"], serde_json::json!(["web"]));
-    r.lab.segbpf_ok(
-        "srv",
-        &[
-            "reload",
-            "eth0",
-            "--policy",
-            r.new.to_str().unwrap(),
-            "--redetect-roles",
-            "--confirm",
-            "3",
-        ],
-    )?;
+    reload_new_unconfirmed(&r, 3)?;
     let during = r.lab.status_json("srv")?["attachments"][0].clone();
     assert_eq!(during["state"]["roles"], serde_json::json!(["front"]));
     assert!(!during["pending"].is_null(), "{during}");
@@ -1082,18 +1088,7 @@ fn unconfirmed_change_that_renamed_the_role_is_undone_whole() -> anyhow::Result<
 fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let r = renamed_setup("gfail")?;
-    r.lab.segbpf_ok(
-        "srv",
-        &[
-            "reload",
-            "eth0",
-            "--policy",
-            r.new.to_str().unwrap(),
-            "--redetect-roles",
-            "--confirm",
-            "2",
-        ],
-    )?;
+    reload_new_unconfirmed(&r, 2)?;
     // The guard writes its copy at the deadline; a copy others can write
     // is refused by every restore attempt.
     let copy = r.att.confirm_restore();
@@ -1175,18 +1170,7 @@ fn failing_restore_is_retried_and_status_says_why() -> anyhow::Result<()> {
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn an_unreadable_pending_record_is_never_a_confirmation() -> anyhow::Result<()> {
     let r = renamed_setup("gbad")?;
-    r.lab.segbpf_ok(
-        "srv",
-        &[
-            "reload",
-            "eth0",
-            "--policy",
-            r.new.to_str().unwrap(),
-            "--redetect-roles",
-            "--confirm",
-            "10",
-        ],
-    )?;
+    reload_new_unconfirmed(&r, 10)?;
     let record = r.att.confirm_record();
     std::fs::write(&record, b"{ half written")?;
     // The guard notices, and runs on.
@@ -1283,18 +1267,7 @@ fn an_unreadable_pending_record_is_never_a_confirmation() -> anyhow::Result<()> 
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_guard_that_cannot_read_the_generation_in_force_keeps_trying() -> anyhow::Result<()> {
     let r = renamed_setup("glive")?;
-    r.lab.segbpf_ok(
-        "srv",
-        &[
-            "reload",
-            "eth0",
-            "--policy",
-            r.new.to_str().unwrap(),
-            "--redetect-roles",
-            "--confirm",
-            "2",
-        ],
-    )?;
+    reload_new_unconfirmed(&r, 2)?;
     // The active slot's pin removed for a while (the map kept open here,
     // pinned again after): the generation in force cannot be read.
     let pin = r.att.map(segbpf_common::MAP_ACTIVE);

@@ -992,9 +992,11 @@ pub async fn watch_policy(att: &Attachment, mut hup: tokio::signal::unix::Signal
             );
             watcher = None;
         }
-        if guard::may_be_pending(att) {
+        // A change waits (or a record that cannot be read may hold one).
+        let waiting = guard::read_pending(att);
+        if !matches!(waiting, Ok(None)) {
             if deferred.is_none() {
-                match guard::read_pending(att) {
+                match waiting {
                     Ok(Some(p)) => warn!(
                         "{why}: generation {} waits for `segbpf confirm {}`; the automatic reload waits until it is confirmed or undone",
                         p.generation, att.iface

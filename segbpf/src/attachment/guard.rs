@@ -271,18 +271,26 @@ pub fn may_be_pending(att: &Attachment) -> bool {
 /// reports).
 pub fn read_pending(att: &Attachment) -> Result<Option<Pending>, GuardError> {
     let path = att.confirm_record();
-    let unreadable = |why: String| GuardError::Record {
+    read_record(&path).map_err(|why| GuardError::Record {
         path: path.display().to_string(),
         why,
-    };
-    let text = match std::fs::read_to_string(&path) {
+    })
+}
+
+/// A guard's pending record at `path`, strictly: `None` only when the
+/// file is missing; a file that cannot be read or parsed is an error
+/// (why). Shared with the services guard.
+pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<Option<T>, String> {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(unreadable(e.to_string())),
+        Err(e) => return Err(e.to_string()),
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| unreadable(e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 /// Arms the guard for `generation`: unless confirmed within `secs`, the

@@ -57,13 +57,7 @@ pub fn pending(paths: &SvcPaths) -> Option<SvcPending> {
 /// guard never takes for a confirmation.
 fn read_pending(paths: &SvcPaths) -> Result<Option<SvcPending>, String> {
     let file = pending_file(paths);
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("reading {}: {e}", file.display())),
-    };
-    serde_json::from_str(&text)
-        .map(Some)
+    crate::attachment::guard::read_record(&file)
         .map_err(|e| format!("reading {}: {e}", file.display()))
 }
 
