@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod conntrack;
+pub mod ct4table;
 pub mod ctseen;
 pub mod denied;
 pub mod events;
@@ -25,6 +26,7 @@ mod user;
 
 pub use config::*;
 pub use conntrack::*;
+pub use ct4table::*;
 pub use ctseen::*;
 pub use denied::*;
 pub use events::*;

@@ -7,15 +7,17 @@
 //! `Config` and depend on the protocol and the TCP state; RST, or FIN from
 //! both sides, shortens the entry's life to the closing timeout.
 //!
-//! Two LRU tables per family (`ctkey`: IPv4 `SEG_CT4_NEW` / `SEG_CT4`,
-//! IPv6 `SEG_CT_NEW` / `SEG_CT`), so a flood cannot push out the flows that
-//! matter (as netfilter's early drop spares assured entries): a new entry
-//! goes into the half-open table; it moves to the assured table
-//! when the originator speaks again after a reply (for TCP, an ACK that
-//! acknowledges the replier's SYN: a spoofed source never sees that SYN,
-//! so a flood of openers only evicts other half-open entries). A flow that
-//! closes (TCP RST, or FIN from both sides) moves back to the half-open
-//! table, so closing flows are evicted before established ones.
+//! Two classes of flow, so a flood cannot push out the flows that matter
+//! (as netfilter's early drop spares assured entries): a new entry is
+//! half-open; it becomes assured when the originator speaks again after a
+//! reply (for TCP, an ACK that acknowledges the replier's SYN: a spoofed
+//! source never sees that SYN, so a flood of openers only evicts other
+//! half-open entries). A flow that closes (TCP RST, or FIN from both
+//! sides) becomes half-open again, so closing flows are evicted before
+//! established ones. IPv6 keeps each class in its own LRU table
+//! (`SEG_CT_NEW`, `SEG_CT`; a flow moves by a copy); IPv4 keeps both in
+//! one table of our own (`ct4table`) whose eviction takes half-open ways
+//! before assured ones, and a flow changes class by its way's bit.
 //!
 //! Every TCP segment of a tracked flow is checked against the window seen
 //! for it before it changes anything (netfilter's `tcp_in_window`, reduced
@@ -50,6 +52,7 @@ use segbpf_common::{
 };
 
 use crate::{
+    ct4table::CtTable as _,
     ctkey::{FlowKey, addrs, orient, quoted_addrs},
     ctseen,
     maps::SEG_CT_SCRATCH,
@@ -148,7 +151,16 @@ pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) ->
     let fp = remote.1;
     let seen_bucket = ctseen::live_buckets(cfg, remote, key.port_bit(), || key.flow_bucket(), now)?;
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-    if let Some(e) = K::assured().get_ptr_mut(key)
+    if K::ONE_TABLE {
+        let (e, assured) = K::assured().find(key, now, true)?;
+        return live(cfg, key, e, now, syn).then_some(Tracked {
+            entry: e,
+            assured,
+            seen_bucket,
+            fp,
+        });
+    }
+    if let Some((e, _)) = K::assured().find(key, now, true)
         && live(cfg, key, e, now, syn)
     {
         return Some(Tracked {
@@ -158,7 +170,7 @@ pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) ->
             fp,
         });
     }
-    let e = K::half_open().get_ptr_mut(key)?;
+    let (e, _) = K::half_open().find(key, now, false)?;
     if live(cfg, key, e, now, syn) {
         Some(Tracked {
             entry: e,
@@ -376,20 +388,29 @@ pub(crate) fn update<K: FlowKey>(
                 e.state = CT_CLOSING;
             }
         }
+        if t.assured && e.state == CT_CLOSING && K::ONE_TABLE {
+            let _ = K::assured().mark(key, false);
+            return;
+        }
         if t.assured && e.state == CT_CLOSING {
             // A closing flow leaves the assured table (copied first): under
             // pressure it goes before any established flow, and a new
             // connection on its tuple replaces it in the half-open table.
-            let _ = K::half_open().insert(key, &*e, 0);
+            let _ = K::half_open().insert(key, &*e, now, 0);
             let _ = K::assured().remove(key);
             return;
         }
+    }
+    if !t.assured && assures && e.state == CT_ESTABLISHED && K::ONE_TABLE {
+        // One table: the way's bit (no copy, never in neither class).
+        let _ = K::assured().mark(key, true);
+        return;
     }
     if !t.assured && assures && e.state == CT_ESTABLISHED {
         // Both sides spoke and the originator again: assured. Insert a
         // copy (straight from the map value, not through the stack) first,
         // so the flow is never in neither table.
-        if K::assured().insert(key, &*e, 0).is_ok() {
+        if K::assured().insert(key, &*e, now, 0).is_ok() {
             let _ = K::half_open().remove(key);
         }
     }
@@ -462,6 +483,7 @@ fn fill_new(
     reason = "insert from the scratch map value itself: a by-value entry would be copied onto the BPF stack"
 )]
 pub(crate) fn create<K: FlowKey>(
+    cfg: &Config,
     key: &K,
     dir: u8,
     p: &Parsed,
@@ -471,8 +493,10 @@ pub(crate) fn create<K: FlowKey>(
     acct: bool,
     audit: bool,
 ) {
-    // A full table evicts its least recently used entry (LRU map); a
-    // failed insert only means the replies will be judged by the policy.
+    // A full table evicts: its least recently used entry (LRU map), a way
+    // of a dead or else the least recently seen half-open flow (IPv4
+    // table); a failed insert only means the replies will be judged by
+    // the policy.
     let Some(e) = SEG_CT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -489,5 +513,6 @@ pub(crate) fn create<K: FlowKey>(
         fp,
         now,
     );
-    let _ = K::half_open().insert(key, &*e, 0);
+    let horizon = segbpf_common::ct_seen_horizon(cfg, now);
+    let _ = K::half_open().insert(key, &*e, now, horizon);
 }

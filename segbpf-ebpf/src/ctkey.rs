@@ -1,8 +1,9 @@
-//! Connection-table keys, one form per IP family, each with its own pair
-//! of tables: IPv4 flows in `SEG_CT4` / `SEG_CT4_NEW` under the 16-byte
-//! `CtKey4`, IPv6 flows in `SEG_CT` / `SEG_CT_NEW` under the 48-byte
-//! `CtKey`. A hash lookup costs about its key's length, so an IPv4 packet
-//! pays a third of what the shared 48-byte key cost it. `ct` is generic
+//! Connection-table keys, one form per IP family, each with its own
+//! tables: IPv4 flows in the table of our own (`ct4table`: `SEG_CT4_SETS`
+//! / `SEG_CT4_WAYS`) under the 16-byte `CtKey4`, IPv6 flows in the LRU
+//! tables `SEG_CT` / `SEG_CT_NEW` under the 48-byte `CtKey`. A hash lookup
+//! costs about its key's length, so an IPv4 packet pays a third of what
+//! the shared 48-byte key cost it. `ct` is generic
 //! over the form: each program carries only its family's key and tables.
 //!
 //! Both forms hold the interface the flow was seen on (`SEGBPF_IFINDEX`,
@@ -17,8 +18,9 @@ use segbpf_common::{
 };
 
 use crate::{
+    ct4table::{CT4, Ct4Table, CtTable},
     ctseen,
-    maps::{SEG_CT, SEG_CT_NEW, SEG_CT4, SEG_CT4_NEW, SEGBPF_IFINDEX},
+    maps::{SEG_CT, SEG_CT_NEW, SEGBPF_IFINDEX},
     parse::{L3_IPV4, L3_IPV6, Parsed, Quoted},
 };
 
@@ -130,6 +132,9 @@ pub(crate) fn orient(
 pub(crate) trait FlowKey: Sized + 'static {
     /// The parser's family (`parse::L3_*`) of the packets it keys.
     const L3: u8;
+    /// One table for half-open and assured flows (`ct4table`: a flow's
+    /// class is its way's bit), rather than two LRU tables.
+    const ONE_TABLE: bool;
     /// The key of the flow `o` on this instance's interface, or None when
     /// this form cannot hold it exactly (then the flow is not tracked).
     fn make(o: &Oriented) -> Option<Self>;
@@ -147,14 +152,17 @@ pub(crate) trait FlowKey: Sized + 'static {
     fn remote(&self) -> (u32, u32);
     /// The flow's last-seen bucket (`ctseen`).
     fn flow_bucket(&self) -> u32;
+    /// The tables' type.
+    type Table: CtTable<Self> + 'static;
     /// The table of assured flows.
-    fn assured() -> &'static LruHashMap<Self, CtEntry>;
+    fn assured() -> &'static Self::Table;
     /// The table of half-open flows.
-    fn half_open() -> &'static LruHashMap<Self, CtEntry>;
+    fn half_open() -> &'static Self::Table;
 }
 
 impl FlowKey for CtKey4 {
     const L3: u8 = L3_IPV4;
+    const ONE_TABLE: bool = true;
 
     #[inline(always)]
     fn make(o: &Oriented) -> Option<Self> {
@@ -193,19 +201,22 @@ impl FlowKey for CtKey4 {
         ctseen::flow_bucket_v4(self)
     }
 
+    type Table = Ct4Table;
+
     #[inline(always)]
-    fn assured() -> &'static LruHashMap<Self, CtEntry> {
-        &SEG_CT4
+    fn assured() -> &'static Ct4Table {
+        &CT4
     }
 
     #[inline(always)]
-    fn half_open() -> &'static LruHashMap<Self, CtEntry> {
-        &SEG_CT4_NEW
+    fn half_open() -> &'static Ct4Table {
+        &CT4
     }
 }
 
 impl FlowKey for CtKey {
     const L3: u8 = L3_IPV6;
+    const ONE_TABLE: bool = false;
 
     #[inline(always)]
     fn make(o: &Oriented) -> Option<Self> {
@@ -241,6 +252,8 @@ impl FlowKey for CtKey {
     fn flow_bucket(&self) -> u32 {
         ctseen::flow_bucket(self)
     }
+
+    type Table = LruHashMap<Self, CtEntry>;
 
     #[inline(always)]
     fn assured() -> &'static LruHashMap<Self, CtEntry> {

@@ -34,6 +34,7 @@
 
 mod cgroup;
 mod ct;
+mod ct4table;
 mod ctkey;
 mod ctseen;
 mod denied;

@@ -8,11 +8,11 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS, Config, Counter, CtEntry, CtKey, CtKey4, CtRemote,
-    DEFAULT_CT_ENTRIES, DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES,
-    DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry,
-    FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState, RuleRef, STATS_LEN,
-    TraceResult,
+    CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS, CT4_MAP_FLAGS, Config, Counter, Ct4Set, CtEntry, CtKey,
+    CtRemote, DEFAULT_CT_ENTRIES, DEFAULT_CT4_SETS, DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES,
+    DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket,
+    DeniedRate, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState,
+    RuleRef, STATS_LEN, TraceResult, ct4_sets_entries, ct4_ways_entries,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -69,17 +69,19 @@ pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
 pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
 
-/// Connection table of assured IPv4 flows (16-byte keys: a cheaper
-/// lookup), sized and shared like `SEG_CT`.
+/// The IPv4 connection table's sets (`segbpf_common::ct4table`: half-open
+/// and assured IPv4 flows in one table of our own), shared like `SEG_CT`
+/// and sized from `--ct-size` (`ct4_sets_for`); the element after the last
+/// set holds the namespace's secret. Mappable: userspace takes a set's
+/// lock as the programs do.
 #[map]
-pub(crate) static SEG_CT4: LruHashMap<CtKey4, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub(crate) static SEG_CT4_SETS: Array<Ct4Set> =
+    Array::with_max_entries(ct4_sets_entries(DEFAULT_CT4_SETS), CT4_MAP_FLAGS);
 
-/// Connection table of half-open IPv4 flows, sized and shared like
-/// `SEG_CT_NEW`.
+/// The IPv4 connection table's entries, one per way (`set * 3 + way`).
 #[map]
-pub(crate) static SEG_CT4_NEW: LruHashMap<CtKey4, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
+pub(crate) static SEG_CT4_WAYS: Array<CtEntry> =
+    Array::with_max_entries(ct4_ways_entries(DEFAULT_CT4_SETS), CT4_MAP_FLAGS);
 
 /// The last-seen tick, local-port filter and remotes' fingerprints of each
 /// bucket of remote addresses (see `segbpf_common::ctseen`), shared like
@@ -204,3 +206,14 @@ pub(crate) static SEGBPF_CT_SEEN: Global<u8> = Global::new(0);
 /// random per instance, set at load; frozen.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_DENY_SEED: Global<u64> = Global::new(0);
+
+/// Secret of the IPv4 connection table's set hash
+/// (`segbpf_common::ct4_candidates`): the namespace's, read from its
+/// table at load (`segbpf_common::ct4_secret`); frozen.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_CT4_KEY: Global<u64> = Global::new(0);
+
+/// Mask of the IPv4 connection table's set index (sets − 1), from the
+/// namespace's table at load; frozen.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_CT4_MASK: Global<u32> = Global::new(DEFAULT_CT4_SETS - 1);

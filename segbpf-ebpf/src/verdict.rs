@@ -189,7 +189,7 @@ fn judge<K: FlowKey>(
             && let Some(k) = &ct_key
             && ct::opens_flow(p)
         {
-            ct::create(k, dir, p, d.rule_id, now, len, acct, audited);
+            ct::create(cfg, k, dir, p, d.rule_id, now, len, acct, audited);
         }
     }
     if writes && p.frag == FRAG_FIRST && reason::passes(d.reason) {

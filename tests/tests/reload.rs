@@ -2516,8 +2516,7 @@ fn set_edits_keep_the_rules_file_and_a_rules_file_that_disagrees_names_no_rule()
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::Result<()> {
-    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-    use segbpf_common::{CtEntry, CtKey, CtKey4, DIR_INGRESS, MAP_CT4};
+    use segbpf_common::{CtEntry, CtKey, DIR_INGRESS};
     let s = setup("setprune")?;
     s.lab.segbpf_ok(
         "db",
@@ -2543,21 +2542,18 @@ fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::R
         key([198, 18, 9, 2]),
         key([198, 18, 1, 5]),
     ];
-    let open = || -> anyhow::Result<BpfHashMap<MapData, CtKey4, CtEntry>> {
-        let data = MapData::from_pin(s.att.map(MAP_CT4))?;
-        Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    let open = || -> anyhow::Result<segbpf::attachment::ct4map::Ct4Map> {
+        segbpf::attachment::cttables::map_v4_pinned(&s.att)?
+            .ok_or_else(|| anyhow::anyhow!("no IPv4 connection table"))
     };
     {
-        let mut ct = open()?;
+        let ct = open()?;
         for k in &keys {
-            ct.insert(
-                k,
-                CtEntry {
-                    origin: DIR_INGRESS,
-                    ..CtEntry::default()
-                },
-                0,
-            )?;
+            let entry = CtEntry {
+                origin: DIR_INGRESS,
+                ..CtEntry::default()
+            };
+            ct.insert(k, &entry, true, 0)?;
         }
     }
     let out = s.lab.segbpf(
@@ -2571,15 +2567,15 @@ fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::R
     assert_eq!(v["pruned"], 1, "{v}");
     let ct = open()?;
     assert!(
-        ct.get(&keys[0], 0).is_err(),
+        !ct.contains(&keys[0]),
         "the removed peer's connection is pruned"
     );
     assert!(
-        ct.get(&keys[1], 0).is_ok(),
+        ct.contains(&keys[1]),
         "a member still in the set keeps its connection"
     );
     assert!(
-        ct.get(&keys[2], 0).is_ok(),
+        ct.contains(&keys[2]),
         "a peer outside the edit keeps its connection"
     );
     Ok(())

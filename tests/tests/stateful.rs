@@ -1604,7 +1604,7 @@ fn insert_entries<K: aya::Pod>(
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> anyhow::Result<()> {
-    use segbpf_common::{CT_FP_OVER, IPPROTO_UDP, MAP_CT4, ct_seen_bucket, ct_seen_remote};
+    use segbpf_common::{CT_FP_OVER, IPPROTO_UDP, ct_seen_bucket, ct_seen_remote};
     let compiled = compiled_for_app()?;
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let bytes = |a: &str| {
@@ -1647,10 +1647,11 @@ fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> 
     // The fourth remote's entry, not covered by the array.
     let now = segbpf::host::clock::monotonic_ns();
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip(&four[3]), 53);
-    insert_entries(
-        &mut instance,
-        MAP_CT4,
-        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
+    segbpf::attachment::cttables::insert(
+        instance.ebpf_mut(),
+        &key,
+        &established_egress(now),
+        true,
     )?;
     // Its flow's bucket as the program that made it would have left it:
     // only the remote's fingerprint is left to tell it apart. (Untouched,
@@ -1688,11 +1689,7 @@ fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> 
     // filled is kept, never cleared, not even for an instant.
     let mut fresh = Instance::with_compiled(&compiled, RUN_RECORD)?;
     assert!(reason::passes(open(&mut fresh, &four[0])?.reason));
-    insert_entries(
-        &mut fresh,
-        MAP_CT4,
-        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
-    )?;
+    segbpf::attachment::cttables::insert(fresh.ebpf_mut(), &key, &established_egress(now), true)?;
     segbpf::attachment::ctseen::seed(fresh.ebpf_mut())?;
     assert_eq!(slots(&fresh)?, [fp(&four[0]), CT_FP_OVER]);
     assert_eq!(reply(&mut fresh, &four[3])?.reason, reason::PASS_CT);
@@ -1707,7 +1704,7 @@ fn remotes_sharing_a_bucket_are_told_apart_by_fingerprint_until_it_is_over() -> 
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<()> {
-    use segbpf_common::{IPPROTO_UDP, MAP_CT4};
+    use segbpf_common::IPPROTO_UDP;
     let mut compiled = compiled_for_app()?;
     // Every timeout 5 s: a never-written bucket is stale 9 ticks after
     // boot, the entry below lives 5 s.
@@ -1724,11 +1721,13 @@ fn entries_the_array_does_not_cover_are_found_after_seeding() -> anyhow::Result<
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let now = segbpf::host::clock::monotonic_ns();
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_777, ip("198.18.7.7"), 53);
-    // An IPv4 flow: in the IPv4 table, under its 16-byte key.
-    insert_entries(
-        &mut instance,
-        MAP_CT4,
-        &[(key.narrow().expect("an IPv4 key"), established_egress(now))],
+    // An IPv4 flow: in the IPv4 table, under its 16-byte key (an assured
+    // way).
+    segbpf::attachment::cttables::insert(
+        instance.ebpf_mut(),
+        &key,
+        &established_egress(now),
+        true,
     )?;
     let reply = udp("198.18.7.7", APP, 53, 40_777).build().bytes;
     // The bucket was never written: stale (the machine is up longer than
@@ -1896,7 +1895,7 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() ->
 /// `SEG_CT` (another attachment of the namespace kept the tables while
 /// this interface's programs were replaced) is not looked up there by
 /// this build's IPv4 programs: the attach moves the interface's IPv4
-/// entries into `SEG_CT4` (`segbpf::attachment::cttables::adopt_v4`,
+/// entries into the IPv4 table (`segbpf::attachment::cttables::adopt`,
 /// before the seeding), so the flow goes on; another interface's entry
 /// stays where it is, and the old copy is gone (a later attach cannot
 /// bring back a flow pruned since).
@@ -1922,7 +1921,7 @@ fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> a
         reason::DROP_DEFAULT,
         "an IPv4 flow is looked up in the IPv4 tables only"
     );
-    let moved = segbpf::attachment::cttables::adopt_v4(instance.ebpf_mut(), 0)?;
+    let moved = segbpf::attachment::cttables::adopt(instance.ebpf_mut(), 0, None)?;
     assert_eq!(moved, 1, "this interface's entry only");
     segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     assert_eq!(
@@ -1943,5 +1942,109 @@ fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> a
         vec![other],
         "another interface's entry stays; the moved one's old copy is gone"
     );
+    Ok(())
+}
+
+/// The IPv4 table's eviction order (`segbpf_common::ct4table`): a new
+/// flow whose two candidate sets are full takes the half-open way of the
+/// six, never an assured one while a half-open one is there (even one
+/// seen less recently than the half-open one); with six
+/// assured ways it takes one of them (the least recently seen) and is
+/// tracked. Userspace fills the two sets as the programs would (the same
+/// hash and secret, the same lock: `segbpf::attachment::ct4map`).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::Result<()> {
+    use segbpf_common::{CT_NEW, CtKey, IPPROTO_UDP, ct4_candidates, ct4_words};
+    let compiled = compiled_for_app()?;
+    for all_assured in [false, true] {
+        let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+        let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
+        let (secret, mask) = (table.secret(), table.mask());
+        assert_ne!(secret, 0, "the load wrote the namespace's secret");
+        let sets_of = |k: &CtKey| -> (u32, u32) {
+            let w = ct4_words(&k.narrow().expect("an IPv4 key"));
+            ct4_candidates(w[0], w[1], secret, mask)
+        };
+        // A new flow with two distinct candidate sets.
+        let (new, lport) = (40_900u16..41_000)
+            .map(|p| (ct_key(IPPROTO_UDP, ip(APP), p, ip("198.18.60.1"), 53), p))
+            .find(|(k, _)| sets_of(k).0 != sets_of(k).1)
+            .expect("a key with two sets");
+        let (a, b) = sets_of(&new);
+        // Three flows whose first candidate set is `a`, three for `b`.
+        let mut fill: Vec<CtKey> = Vec::new();
+        for want in [a, b] {
+            let found: Vec<CtKey> = (0u32..)
+                .map(|i| {
+                    let remote = std::net::Ipv4Addr::from(0xC612_4000 | (i >> 16));
+                    ct_key(
+                        IPPROTO_UDP,
+                        ip(APP),
+                        41_000,
+                        IpAddr::V4(remote),
+                        (i & 0xffff) as u16,
+                    )
+                })
+                .filter(|k| sets_of(k).0 == want)
+                .take(3)
+                .collect();
+            fill.extend(found);
+        }
+        // The half-open flow (the third of `a`, unless all are assured) is
+        // written last and a tick later: the most recently seen of the
+        // six, so only its class, not its age, makes it the one to go.
+        let half_open = |i: usize| !all_assured && i == 2;
+        let mut order: Vec<usize> = (0..6).filter(|i| !half_open(*i)).collect();
+        order.extend((0..6).filter(|i| half_open(*i)));
+        for i in order {
+            if half_open(i) {
+                std::thread::sleep(std::time::Duration::from_millis(1_200));
+            }
+            let now = segbpf::host::clock::monotonic_ns();
+            let entry = segbpf_common::CtEntry {
+                state: if half_open(i) {
+                    CT_NEW
+                } else {
+                    segbpf_common::CT_ESTABLISHED
+                },
+                ..established_egress(now)
+            };
+            segbpf::attachment::cttables::insert(
+                instance.ebpf_mut(),
+                &fill[i],
+                &entry,
+                !half_open(i),
+            )?;
+        }
+        let held = |instance: &Instance| -> anyhow::Result<Vec<CtKey>> {
+            Ok(segbpf::attachment::cttables::map_v4(instance.ebpf())?
+                .entries()?
+                .into_iter()
+                .map(|(k, _, _)| k.widen())
+                .collect())
+        };
+        assert_eq!(held(&instance)?.len(), 6, "both sets are full");
+        let v = instance.egress(udp(APP, "198.18.60.1", lport, 53).build().bytes)?;
+        assert!(reason::passes(v.reason), "the new flow passes: {v:?}");
+        let after = held(&instance)?;
+        assert!(after.contains(&new), "the new flow is tracked: {after:?}");
+        let gone: Vec<usize> = (0..6).filter(|i| !after.contains(&fill[*i])).collect();
+        if all_assured {
+            assert_eq!(gone.len(), 1, "one assured flow made room: {gone:?}");
+        } else {
+            assert_eq!(
+                gone,
+                vec![2],
+                "the half-open flow made room, no assured one"
+            );
+        }
+        let reply = instance.ingress(udp("198.18.60.1", APP, 53, lport).build().bytes)?;
+        assert_eq!(
+            reply.reason,
+            reason::PASS_CT,
+            "its reply passes on the entry"
+        );
+    }
     Ok(())
 }

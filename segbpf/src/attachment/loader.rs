@@ -9,12 +9,12 @@ use aya::{
     programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    CT4_MAX_IFINDEX, GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX, GLOBAL_LINK,
-    GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F, MAP_CT4, MAP_CT4_NEW,
-    MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC,
-    MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6,
-    PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY, TAIL_INDEX_ERR,
-    TAIL_INDEX_V6,
+    CT4_MAX_IFINDEX, GLOBAL_CT_SEEN, GLOBAL_CT4_KEY, GLOBAL_CT4_MASK, GLOBAL_DENY_SEED,
+    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F,
+    MAP_CT4_SETS, MAP_CT4_WAYS, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS,
+    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR,
+    PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY,
+    TAIL_INDEX_ERR, TAIL_INDEX_V6,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -109,12 +109,15 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
+    let ct4 = Ct4Globals::new(segbpf_common::ct4_sets_for(capacity.ct));
+    ct4.apply(&mut loader);
     let mut ebpf = loader
         .override_global(GLOBAL_RUN_MODE, &mode, true)
         .override_global(GLOBAL_CT_SEEN, &1u8, true)
         .override_global(GLOBAL_LINK, &link, true)
         .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
+    ct4.record(&ebpf)?;
     load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -165,13 +168,18 @@ pub fn load_attachment(
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
-    if let Some(n) = shared_ct_size(att) {
-        // Tables of an older build (no IPv4 pair yet): the IPv4 tables
-        // made now take the size the namespace's tables have.
+    let ct4 = if let Some(g) = Ct4Globals::pinned(att)? {
+        g
+    } else {
+        // No IPv4 table yet: made now with the size the namespace's tables
+        // have (made by an earlier build), else `--ct-size`.
+        let sets = segbpf_common::ct4_sets_for(shared_ct_size(att).unwrap_or(capacity.ct));
         loader
-            .map_max_entries(MAP_CT4, n)
-            .map_max_entries(MAP_CT4_NEW, segbpf_common::ct_new_entries(n));
-    }
+            .map_max_entries(MAP_CT4_SETS, segbpf_common::ct4_sets_entries(sets))
+            .map_max_entries(MAP_CT4_WAYS, segbpf_common::ct4_ways_entries(sets));
+        Ct4Globals::new(sets)
+    };
+    ct4.apply(&mut loader);
     loader
         .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
         .override_global(GLOBAL_LINK, &link, true)
@@ -184,11 +192,12 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
-    // IPv4 flows of this interface that a build before the IPv4 tables
-    // left in the shared tables: moved before the seeding covers them.
-    let adopted = crate::attachment::cttables::adopt_v4(&mut ebpf, ifindex)?;
+    ct4.record(&ebpf)?;
+    // IPv4 flows of this interface that earlier builds left in LRU tables:
+    // moved before the seeding covers them.
+    let adopted = crate::attachment::cttables::adopt(&mut ebpf, ifindex, Some(att))?;
     if adopted > 0 {
-        tracing::debug!("{adopted} IPv4 flows moved into the IPv4 connection tables");
+        tracing::debug!("{adopted} IPv4 flows moved into the IPv4 connection table");
     }
     let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
     tracing::debug!(
@@ -256,11 +265,68 @@ fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
         .map_max_entries(MAP_PORTS, capacity.ports)
         .map_max_entries(MAP_CT, capacity.ct)
         .map_max_entries(MAP_CT_NEW, segbpf_common::ct_new_entries(capacity.ct))
-        .map_max_entries(MAP_CT4, capacity.ct)
-        .map_max_entries(MAP_CT4_NEW, segbpf_common::ct_new_entries(capacity.ct))
+        .map_max_entries(
+            MAP_CT4_SETS,
+            segbpf_common::ct4_sets_entries(segbpf_common::ct4_sets_for(capacity.ct)),
+        )
+        .map_max_entries(
+            MAP_CT4_WAYS,
+            segbpf_common::ct4_ways_entries(segbpf_common::ct4_sets_for(capacity.ct)),
+        )
         .map_max_entries(MAP_FRAG, capacity.frag)
         .map_max_entries(MAP_FRAG_NEW, capacity.frag)
         .map_max_entries(MAP_RULE_STATS, capacity.rule_stats);
+}
+
+/// The IPv4 connection table's globals of a load: the namespace's secret
+/// of the set hash and the mask of the set index
+/// (`segbpf_common::ct4table`).
+struct Ct4Globals {
+    secret: u64,
+    mask: u32,
+    /// The secret is new: written into the table after the load.
+    fresh: bool,
+}
+
+impl Ct4Globals {
+    /// A new table of `sets` sets, with a random secret.
+    fn new(sets: u32) -> Self {
+        Self {
+            secret: deny_seed() | 1,
+            mask: sets - 1,
+            fresh: true,
+        }
+    }
+
+    /// The namespace's table pinned for `att`, if it has one; one whose
+    /// secret was never written (a load that failed before it wrote it,
+    /// so no program used it) gets a new one.
+    fn pinned(att: &Attachment) -> Result<Option<Self>, LoadError> {
+        let Some(m) = crate::attachment::cttables::map_v4_pinned(att)? else {
+            return Ok(None);
+        };
+        let secret = m.secret();
+        Ok(Some(Self {
+            secret: if secret == 0 { deny_seed() | 1 } else { secret },
+            mask: m.mask(),
+            fresh: secret == 0,
+        }))
+    }
+
+    fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global(GLOBAL_CT4_KEY, &self.secret, true)
+            .override_global(GLOBAL_CT4_MASK, &self.mask, true);
+    }
+
+    /// Writes a new secret into the loaded instance's table, before any
+    /// of its programs runs.
+    fn record(&self, ebpf: &Ebpf) -> Result<(), LoadError> {
+        if self.fresh {
+            crate::attachment::cttables::map_v4(ebpf)?.set_secret(self.secret);
+        }
+        Ok(())
+    }
 }
 
 /// The capacity of the namespace's shared table of assured flows, if it
@@ -279,14 +345,15 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     const ARRAY: u32 = 2; // BPF_MAP_TYPE_ARRAY
     let entry = size_of::<segbpf_common::CtEntry>() as u32;
     let table = (LRU_HASH, size_of::<segbpf_common::CtKey>() as u32, entry);
-    let table4 = (LRU_HASH, size_of::<segbpf_common::CtKey4>() as u32, entry);
     for name in segbpf_common::SHARED_MAPS {
         let (want_type, want_key, want_value) = if name == MAP_CT_SEEN {
             (ARRAY, 4, size_of::<segbpf_common::CtRemote>() as u32)
         } else if name == MAP_CT_SEEN_F {
             (ARRAY, 4, 4)
-        } else if name == MAP_CT4 || name == MAP_CT4_NEW {
-            table4
+        } else if name == MAP_CT4_SETS {
+            (ARRAY, 4, size_of::<segbpf_common::Ct4Set>() as u32)
+        } else if name == MAP_CT4_WAYS {
+            (ARRAY, 4, entry)
         } else {
             table
         };
@@ -301,10 +368,13 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
         let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
         let buckets_ok = !array || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
-        // The remote array must be mappable: seeding changes it in place.
-        let flags_ok = name != MAP_CT_SEEN
+        // The remote array and the IPv4 table must be mappable: seeding
+        // and userspace's writes change them in place.
+        let flags_ok = (name != MAP_CT_SEEN
             || info.map_flags() & segbpf_common::CT_SEEN_MAP_FLAGS
-                == segbpf_common::CT_SEEN_MAP_FLAGS;
+                == segbpf_common::CT_SEEN_MAP_FLAGS)
+            && (name != MAP_CT4_SETS && name != MAP_CT4_WAYS
+                || info.map_flags() & segbpf_common::CT4_MAP_FLAGS == segbpf_common::CT4_MAP_FLAGS);
         if found_type != want_type
             || info.key_size() != want_key
             || info.value_size() != want_value
@@ -349,7 +419,11 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
     let paths: Vec<(&str, std::path::PathBuf)> = dry_run_maps().map(|m| (m, att.map(m))).collect();
+    let ct4 = Ct4Globals::pinned(att)?;
     let mut loader = EbpfLoader::new();
+    if let Some(ct4) = &ct4 {
+        ct4.apply(&mut loader);
+    }
     loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
     loader.override_global(GLOBAL_LINK, &link, true);
     loader.override_global(GLOBAL_IFINDEX, &ifindex, true);

@@ -48,6 +48,17 @@ pub enum MapsError {
         #[source]
         source: std::io::Error,
     },
+    /// A map's layout is not what this build makes.
+    #[error("map {map}: {reason}")]
+    Layout {
+        /// Map name.
+        map: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A set of the IPv4 connection table stayed held by a writer.
+    #[error("map {0}: a set stayed locked by a writer")]
+    Busy(&'static str),
     /// A map could not be pinned.
     #[error("pinning {map} at {}: {source}", path.display())]
     Pin {

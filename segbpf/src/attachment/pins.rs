@@ -220,7 +220,9 @@ impl Attachment {
     /// Pin path of a map: in the attachment's directory, or in its
     /// namespace's shared directory for the connection tables.
     pub fn map(&self, name: &str) -> PathBuf {
-        if segbpf_common::SHARED_MAPS.contains(&name) {
+        if segbpf_common::SHARED_MAPS.contains(&name)
+            || segbpf_common::LEGACY_SHARED_MAPS.contains(&name)
+        {
             self.shared_dir().join(name)
         } else {
             self.dir.join(name)

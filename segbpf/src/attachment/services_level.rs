@@ -53,8 +53,8 @@ pub fn probe() -> Result<Vec<u64>, CgroupError> {
     for name in [
         segbpf_common::MAP_CT,
         segbpf_common::MAP_CT_NEW,
-        segbpf_common::MAP_CT4,
-        segbpf_common::MAP_CT4_NEW,
+        segbpf_common::MAP_CT4_SETS,
+        segbpf_common::MAP_CT4_WAYS,
         segbpf_common::MAP_CT_SEEN,
         segbpf_common::MAP_CT_SEEN_F,
         segbpf_common::MAP_FRAG,

@@ -98,8 +98,8 @@ pub fn trace(
     for (name, n) in [
         (segbpf_common::MAP_CT, 1),
         (segbpf_common::MAP_CT_NEW, 1),
-        (segbpf_common::MAP_CT4, 1),
-        (segbpf_common::MAP_CT4_NEW, 1),
+        (segbpf_common::MAP_CT4_SETS, 1),
+        (segbpf_common::MAP_CT4_WAYS, 1),
         (segbpf_common::MAP_CT_SEEN, 1),
         (segbpf_common::MAP_CT_SEEN_F, 1),
         (segbpf_common::MAP_FRAG, 1),

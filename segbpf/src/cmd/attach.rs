@@ -60,10 +60,12 @@ pub struct Args {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
-    /// Connection-table capacity (entries per IP family: IPv4 and IPv6
-    /// have tables of their own; least recently used are evicted when
-    /// full). The tables are shared by every attachment of the network
-    /// namespace: the first attachment sizes them.
+    /// Connection-table capacity: established flows per IP family, and a
+    /// quarter of it for half-open ones (IPv4 and IPv6 have tables of
+    /// their own; when full, half-open and closing flows are evicted
+    /// before established ones, least recently seen first). The tables
+    /// are shared by every attachment of the network namespace: the first
+    /// attachment sizes them.
     #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_CT_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
     pub ct_size: u32,

@@ -1,0 +1,370 @@
+//! The namespace's IPv4 connection table (`SEG_CT4_SETS`, `SEG_CT4_WAYS`;
+//! layout and rules in `segbpf_common::ct4table`) mapped into this
+//! process: read by the sets' sequence, written under a set's lock taken
+//! as the programs take it (a compare-and-exchange of the set's first
+//! word), so a program racing a userspace write never sees half of it.
+
+use std::{
+    os::fd::{AsRawFd as _, BorrowedFd},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering, fence},
+};
+
+use segbpf_common::{
+    CT4_WAYS, Ct4Set, CtEntry, CtKey4, MAP_CT4_SETS, MAP_CT4_WAYS, ct_seen_tick, ct4_assured,
+    ct4_candidates, ct4_key, ct4_slot, ct4_tick, ct4_victim_score, ct4_words,
+};
+
+use crate::attachment::maps::MapsError;
+
+/// One array mapped shared and writable.
+struct Mapping {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: BorrowedFd<'_>, len: usize, map: &'static str) -> Result<Self, MapsError> {
+        // SAFETY: a shared read-write mapping of the array's values (an
+        // mmapable array lays them out one after the other from offset
+        // 0); the kernel checks the map's flags and size and fails
+        // otherwise. Unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(MapsError::Mmap {
+                map,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self { base, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The IPv4 table mapped into this process.
+pub struct Ct4Map {
+    sets: Mapping,
+    ways: Mapping,
+    /// Sets (the array holds one element more: the secret).
+    nsets: u32,
+}
+
+/// How often a held set is retried before giving up (a program holds a
+/// set for a few instructions; a crashed writer cannot hold one).
+const TAKE_TRIES: u32 = 100_000;
+
+impl Ct4Map {
+    /// Maps the table whose arrays are `sets` and `ways` (their sizes as
+    /// the kernel reports them: `sets_entries` elements of the sets'
+    /// array, `ways_entries` of the entries').
+    pub fn new(
+        sets: BorrowedFd<'_>,
+        sets_entries: u32,
+        ways: BorrowedFd<'_>,
+        ways_entries: u32,
+    ) -> Result<Self, MapsError> {
+        let nsets = sets_entries.saturating_sub(1);
+        if !nsets.is_power_of_two() || u64::from(ways_entries) != u64::from(nsets) * 3 {
+            return Err(MapsError::Layout {
+                map: MAP_CT4_SETS,
+                reason: format!(
+                    "{sets_entries} sets and {ways_entries} entries: not a power of two plus one, and three entries per set"
+                ),
+            });
+        }
+        Ok(Self {
+            sets: Mapping::new(
+                sets,
+                sets_entries as usize * size_of::<Ct4Set>(),
+                MAP_CT4_SETS,
+            )?,
+            ways: Mapping::new(
+                ways,
+                ways_entries as usize * size_of::<CtEntry>(),
+                MAP_CT4_WAYS,
+            )?,
+            nsets,
+        })
+    }
+
+    /// The mask of the set index.
+    pub const fn mask(&self) -> u32 {
+        self.nsets - 1
+    }
+
+    fn set_ptr(&self, set: u32) -> *mut Ct4Set {
+        // SAFETY: `set` <= nsets: inside the mapping (callers mask it, or
+        // pass nsets for the secret's element).
+        unsafe {
+            self.sets
+                .base
+                .cast::<Ct4Set>()
+                .add(set.min(self.nsets) as usize)
+        }
+    }
+
+    fn way_ptr(&self, set: u32, way: u32) -> *mut CtEntry {
+        let i = (set.min(self.nsets - 1) * CT4_WAYS + way.min(CT4_WAYS - 1)) as usize;
+        // SAFETY: inside the mapping of nsets * 3 entries.
+        unsafe { self.ways.base.cast::<CtEntry>().add(i) }
+    }
+
+    fn word(&self, set: u32, i: usize) -> &AtomicU64 {
+        // SAFETY: an aligned u64 of the mapped set (page-aligned base,
+        // 64-byte sets); the programs access it by aligned loads, stores
+        // and atomics.
+        unsafe { AtomicU64::from_ptr((&raw mut (*self.set_ptr(set))[i.min(7)]).cast::<u64>()) }
+    }
+
+    /// The namespace's secret of the set hash.
+    pub fn secret(&self) -> u64 {
+        self.word(self.nsets, 0).load(Ordering::Acquire)
+    }
+
+    /// Writes the namespace's secret (before any program of the
+    /// namespace runs with it).
+    pub fn set_secret(&self, secret: u64) {
+        self.word(self.nsets, 0).store(secret, Ordering::Release);
+    }
+
+    /// A copy of set `set` taken while no writer held it (retried), or
+    /// None if it stayed held.
+    fn snapshot(&self, set: u32) -> Option<(Ct4Set, [CtEntry; 3])> {
+        for _ in 0..TAKE_TRIES {
+            let w0 = self.word(set, 0).load(Ordering::Acquire);
+            if w0 & 1 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut s: Ct4Set = [0; 8];
+            for (i, w) in s.iter_mut().enumerate() {
+                *w = self.word(set, i).load(Ordering::Relaxed);
+            }
+            let mut e = [CtEntry::default(); 3];
+            for (w, slot) in e.iter_mut().enumerate() {
+                if s[ct4_slot(w as u32) + 1] != 0 {
+                    // SAFETY: an entry of the mapping; its fields change
+                    // in place (counters, timestamps) as they did in the
+                    // LRU table; a torn copy of a counter is a reader's
+                    // race the kernel tables had too.
+                    *slot = unsafe { std::ptr::read_volatile(self.way_ptr(set, w as u32)) };
+                }
+            }
+            fence(Ordering::Acquire);
+            if self.word(set, 0).load(Ordering::Relaxed) as u16 == w0 as u16 {
+                return Some((s, e));
+            }
+        }
+        None
+    }
+
+    /// Every flow of the table: key, entry, assured.
+    pub fn entries(&self) -> Result<Vec<(CtKey4, CtEntry, bool)>, MapsError> {
+        let mut out = Vec::new();
+        for set in 0..self.nsets {
+            let (s, e) = self.snapshot(set).ok_or(MapsError::Busy(MAP_CT4_SETS))?;
+            for w in 0..CT4_WAYS {
+                let k = [s[ct4_slot(w)], s[ct4_slot(w) + 1]];
+                if k[1] != 0 {
+                    out.push((ct4_key(k), e[w as usize], ct4_assured(&s, w)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The set and way holding `key`.
+    fn find(&self, key: &CtKey4) -> Option<(u32, u32)> {
+        let [k0, k1] = ct4_words(key);
+        let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
+        for set in [a, b] {
+            if let Some((s, _)) = self.snapshot(set) {
+                for w in 0..CT4_WAYS {
+                    if s[ct4_slot(w)] == k0 && s[ct4_slot(w) + 1] == k1 {
+                        return Some((set, w));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the table holds `key`.
+    pub fn contains(&self, key: &CtKey4) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// Takes set `set` (its sequence from even to odd), waiting while a
+    /// program holds it.
+    fn take(&self, set: u32) -> Result<Held<'_>, MapsError> {
+        let w = self.word(set, 0);
+        for _ in 0..TAKE_TRIES {
+            let w0 = w.load(Ordering::Relaxed);
+            if w0 & 1 == 0
+                && w.compare_exchange(w0, w0 + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Ok(Held {
+                    map: self,
+                    set,
+                    seq: (w0 as u16).wrapping_add(2),
+                });
+            }
+            std::hint::spin_loop();
+        }
+        Err(MapsError::Busy(MAP_CT4_SETS))
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove(&self, key: &CtKey4) -> Result<bool, MapsError> {
+        let [k0, k1] = ct4_words(key);
+        let Some((set, way)) = self.find(key) else {
+            return Ok(false);
+        };
+        let held = self.take(set)?;
+        let s = ct4_slot(way);
+        // Still there (a program may have replaced it before the lock).
+        if self.word(set, s).load(Ordering::Relaxed) != k0
+            || self.word(set, s + 1).load(Ordering::Relaxed) != k1
+        {
+            return Ok(false);
+        }
+        self.word(set, s + 1).store(0, Ordering::Relaxed);
+        self.word(set, s).store(0, Ordering::Relaxed);
+        drop(held);
+        Ok(true)
+    }
+
+    /// Writes `entry` for `key` (its way if it has one, else a way chosen
+    /// as the programs choose: free or dead, else the least recently seen
+    /// half-open, else the least recently seen assured; `horizon`: see
+    /// `segbpf_common::ct_seen_horizon`), assured or not. A way a program
+    /// changed between the choice and the lock is chosen again.
+    pub fn insert(
+        &self,
+        key: &CtKey4,
+        entry: &CtEntry,
+        assured: bool,
+        horizon: u64,
+    ) -> Result<(), MapsError> {
+        let [k0, k1] = ct4_words(key);
+        for _ in 0..TAKE_TRIES {
+            let (set, way, empty, may_evict_assured) = self.choose(key, horizon)?;
+            let held = self.take(set)?;
+            let s = ct4_slot(way);
+            let cur = self.word(set, s + 1).load(Ordering::Relaxed);
+            let cur_assured = self.word(set, 0).load(Ordering::Relaxed) >> (16 + way) & 1 != 0;
+            if (empty && cur != 0) || (!may_evict_assured && cur_assured) {
+                // Changed since the choice (a program wrote it): again.
+                drop(held);
+                continue;
+            }
+            self.write_held(&held, way, k0, k1, entry, assured);
+            drop(held);
+            return Ok(());
+        }
+        Err(MapsError::Busy(MAP_CT4_SETS))
+    }
+
+    /// The way `insert` writes `key` into, as the programs choose it: the
+    /// set, the way, whether it is empty, and whether it may hold an
+    /// assured flow (the key's own, a dead way, or the least recently seen
+    /// of six assured ways).
+    fn choose(&self, key: &CtKey4, horizon: u64) -> Result<(u32, u32, bool, bool), MapsError> {
+        if let Some((set, way)) = self.find(key) {
+            return Ok((set, way, false, true));
+        }
+        let [k0, k1] = ct4_words(key);
+        let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
+        let mut best = (a, 0, u64::MAX);
+        for set in [a, b] {
+            let (s, _) = self.snapshot(set).ok_or(MapsError::Busy(MAP_CT4_SETS))?;
+            for w in 0..CT4_WAYS {
+                let t = ct4_tick(&s, w);
+                let empty = s[ct4_slot(w) + 1] == 0;
+                if empty || u64::from(t) < horizon {
+                    return Ok((set, w, empty, !empty));
+                }
+                let score = ct4_victim_score(t, ct4_assured(&s, w));
+                if score < best.2 {
+                    best = (set, w, score);
+                }
+            }
+        }
+        Ok((best.0, best.1, false, best.2 >> 32 != 0))
+    }
+
+    /// Writes the key and `entry` into `way` of the set `held` holds.
+    fn write_held(
+        &self,
+        held: &Held<'_>,
+        way: u32,
+        k0: u64,
+        k1: u64,
+        entry: &CtEntry,
+        assured: bool,
+    ) {
+        let set = held.set;
+        let s = ct4_slot(way);
+        self.word(set, s).store(k0, Ordering::Relaxed);
+        self.word(set, s + 1).store(k1, Ordering::Relaxed);
+        let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
+        let (word, shift) = match way {
+            0 => (0, 32),
+            1 => (1, 0),
+            _ => (1, 32),
+        };
+        // SAFETY: the tick is an aligned u32 of the set (module docs of
+        // `segbpf_common::ct4table`); programs store it whole.
+        let t = unsafe {
+            AtomicU32::from_ptr(
+                self.set_ptr(set)
+                    .cast::<u32>()
+                    .add(word * 2 + usize::from(shift == 32)),
+            )
+        };
+        t.store(tick, Ordering::Relaxed);
+        // SAFETY: the entry of the held way.
+        unsafe { std::ptr::write_volatile(self.way_ptr(set, way), *entry) };
+        let bit = 1u64 << (16 + way);
+        let _ = self
+            .word(set, 0)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(if assured { w | bit } else { w & !bit })
+            });
+    }
+}
+
+/// A set held by this process; released on drop (the sequence stored
+/// back even, one step on).
+struct Held<'a> {
+    map: &'a Ct4Map,
+    set: u32,
+    seq: u16,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let seq = u64::from(self.seq);
+        let _ =
+            self.map
+                .word(self.set, 0)
+                .fetch_update(Ordering::Release, Ordering::Relaxed, |w| {
+                    Some((w & !0xffff) | seq)
+                });
+    }
+}
