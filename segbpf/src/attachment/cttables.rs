@@ -342,7 +342,7 @@ pub struct Fill {
     /// Live entries in the half-open tables (both families).
     pub half_open: u64,
     /// Entries of either table that are no longer flows
-    /// ([`segbpf_common::ct_entry_live`] is false): they stay in their LRU
+    /// ([`segbpf_common::ct_entry_live`] is false): they stay in their
     /// table until a new flow reuses the slot.
     pub expired: u64,
 }

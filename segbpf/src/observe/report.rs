@@ -161,7 +161,7 @@ impl Awaiting {
 /// interface's, the `table_*` fields count every interface's against the
 /// capacity. Entries count as the datapath judges them
 /// ([`segbpf_common::ct_entry_live`]): live flows per table, and apart
-/// the expired entries that wait in their LRU table to be reused.
+/// the expired entries that wait in their table to be reused.
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
     /// Capacity of the assured table (entries), as the kernel made it.
@@ -174,7 +174,7 @@ pub struct Conntrack {
     pub half_open_entries: u64,
     /// Entries of this interface in either table whose timeout has passed
     /// (or audit entries with audit mode off): not flows, counted in
-    /// neither field above, held until the LRU reuses them.
+    /// neither field above, held until a new flow reuses their slot.
     pub expired_entries: u64,
     /// Live flows of every attachment of the namespace in the assured table.
     pub table_entries: u64,
