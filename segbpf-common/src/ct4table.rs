@@ -25,12 +25,15 @@
 //! **Two candidate sets per key**, from a hash keyed by a secret of the
 //! namespace (kept in the element after the last set, [`ct4_secret`]; a
 //! sender cannot choose which flows share a set). A new flow takes, among
-//! the six ways of its two sets: a free way, or one whose tick is older
-//! than every timeout allows (no flow there is live), else the least
-//! recently seen half-open way, else the least recently seen assured way.
-//! So a flood of openers evicts other half-open flows before any assured
-//! one, as the kernel's two LRU tables did. A flow is promoted (or closes)
-//! by its assured bit, without a copy.
+//! the six ways of its two sets: a free way (empty, or one whose tick is
+//! older than every timeout allows: no flow there is live) in the set with
+//! fewer assured ways, else the least recently seen half-open way. Never a
+//! live assured way: when all six are assured the new flow is not tracked
+//! (its replies meet the policy), so a flood of openers evicts only
+//! half-open flows, as it did with the kernel's two LRU tables, and
+//! spreading new flows by assured ways keeps sets full of assured flows
+//! rare. A flow is promoted (or closes) by its assured bit, without a
+//! copy.
 //!
 //! **Writers take the set**: a compare-and-exchange of word 0 from an even
 //! sequence to the next (odd), the writes, then a store of the sequence
@@ -120,10 +123,16 @@ pub fn ct4_key(words: [u64; 2]) -> CtKey4 {
 )]
 #[inline(always)]
 pub fn ct4_candidates(k0: u64, k1: u64, secret: u64, mask: u32) -> (u32, u32) {
+    // Each word keyed and multiplied, then a full 64-bit finalizer
+    // (MurmurHash3's fmix64), so every bit of the key reaches every bit of
+    // both set indices: a sender cannot fill one set by varying bits the
+    // index ignores.
     let h = (k0 ^ secret).wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (k1 ^ secret.rotate_left(32)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    ((h >> 40) as u32 & mask, (h >> 8) as u32 & mask)
+    let h = (h ^ (h >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    let h = h ^ (h >> 33);
+    ((h >> 32) as u32 & mask, h as u32 & mask)
 }
 
 /// The index in a set of way `w`'s first key word.
@@ -154,18 +163,6 @@ pub const fn ct4_assured(s: &Ct4Set, w: u32) -> bool {
 /// (its first word).
 pub const fn ct4_secret(extra: &Ct4Set) -> u64 {
     extra[0]
-}
-
-/// The score of a way when choosing the one a new flow takes (the lowest
-/// goes): a half-open way by its tick, an assured way after every
-/// half-open one.
-#[allow(
-    clippy::inline_always,
-    reason = "the datapath calls it per new flow: no BPF-to-BPF call"
-)]
-#[inline(always)]
-pub const fn ct4_victim_score(tick: u32, assured: bool) -> u64 {
-    tick as u64 | ((assured as u64) << 32)
 }
 
 #[cfg(test)]
@@ -222,6 +219,40 @@ mod tests {
             [7, 8, 9]
         );
         assert!(ct4_assured(&s, 0) && !ct4_assured(&s, 1) && ct4_assured(&s, 2));
-        assert!(ct4_victim_score(u32::MAX, false) < ct4_victim_score(0, true));
+    }
+
+    #[test]
+    fn every_key_byte_moves_both_sets() {
+        // For each byte of the key, and a few secrets, changing the byte
+        // changes each set index for most values (an index that ignores a
+        // byte would let a sender fill a set by varying it).
+        let k = CtKey4 {
+            local_be: 0x1401_0a0a,
+            remote_be: 0x0100_12c6,
+            local_port: 80,
+            remote_port: 40_000,
+            proto_ifindex: 3 << 8 | 6,
+        };
+        let [k0, k1] = ct4_words(&k);
+        for secret in [1u64, 0x1234_5678_9abc_def1, u64::MAX] {
+            let (set_a, set_b) = ct4_candidates(k0, k1, secret, 0xffff);
+            for byte in 0..16 {
+                let (mut same_a, mut same_b) = (0, 0);
+                for v in 1..=255u64 {
+                    let (x0, x1) = if byte < 8 {
+                        (k0 ^ (v << (8 * byte)), k1)
+                    } else {
+                        (k0, k1 ^ (v << (8 * (byte - 8))))
+                    };
+                    let (other_a, other_b) = ct4_candidates(x0, x1, secret, 0xffff);
+                    same_a += u32::from(other_a == set_a);
+                    same_b += u32::from(other_b == set_b);
+                }
+                assert!(
+                    same_a <= 2 && same_b <= 2,
+                    "byte {byte}: {same_a} / {same_b} of 255 keep a set"
+                );
+            }
+        }
     }
 }

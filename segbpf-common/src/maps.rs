@@ -27,7 +27,10 @@ pub const MAP_STATS: &str = "SEG_STATS";
 pub const MAP_RULE_STATS: &str = "SEG_RULE_STATS";
 /// Array, one entry: [`TraceResult`] written only by trace/record instances.
 pub const MAP_TRACE: &str = "SEG_TRACE";
-/// Per-CPU scratch entry for building a new connection-table entry (not pinned).
+/// Per-CPU scratch entry for building a new connection-table entry.
+/// Pinned with the attachment's own maps only so that `status` counts its
+/// memory: the programs that list it (the packet programs) also list the
+/// tail-call tables, which `status` never opens by id.
 pub const MAP_CT_SCRATCH: &str = "SEG_CT_SCRATCH";
 /// Ring buffer of [`Event`]s (drops, and audit-mode would-be drops).
 pub const MAP_EVENTS: &str = "SEG_EVENTS";
@@ -79,7 +82,7 @@ pub const SHARED_MAPS: [&str; 6] = [
 
 /// The maps each attachment pins for itself (not shared; the tail-call
 /// tables, [`TAIL_MAPS`], aside).
-pub const OWN_MAPS: [&str; 18] = [
+pub const OWN_MAPS: [&str; 19] = [
     MAP_PEER_V4,
     MAP_PEER_V6,
     MAP_PORTS,
@@ -98,6 +101,7 @@ pub const OWN_MAPS: [&str; 18] = [
     crate::MAP_DENY_SEL,
     crate::MAP_DENY_LOST,
     crate::MAP_DENY_RATE,
+    MAP_CT_SCRATCH,
 ];
 
 /// Every map an attachment pins or uses from its namespace: its own

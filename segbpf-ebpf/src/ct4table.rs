@@ -7,19 +7,20 @@
 //!
 //! The lookup, the choice of a way for a new flow, the write of a new
 //! entry and the marking are global BPF functions (`segbpf_ct4_find`,
-//! `segbpf_ct4_victim`, `segbpf_ct4_write`, `segbpf_ct4_mark`), which the
+//! `segbpf_ct4_own`, `segbpf_ct4_room`, `segbpf_ct4_write`, `segbpf_ct4_mark`), which the
 //! verifier checks once per program rather than on every path that
 //! reaches them (inlined, the packet programs verified at two to four
 //! times the instructions; BENCHMARKS.md). Their arguments are scalars
 //! (the key's two words, ticks) and, for the write, a map value of the
-//! caller; each frame must fit in 32 bytes beside the error programs' 472
-//! (the kernel rounds each frame up to 32 and allows 512 for a call
-//! chain).
+//! caller. The kernel allows 512 bytes of stack for a call chain, each
+//! frame rounded up to 32: beside the error programs' 472 each function
+//! they call must fit in 32 bytes (the lookup does); the error programs
+//! never insert (ICMP errors open no flow, `verdict::judge`), so the
+//! write, the larger one, is called from the packet programs only.
 
 use aya_ebpf::maps::Array;
 use segbpf_common::{
-    CT4_WAYS, Ct4Set, CtEntry, CtKey4, RUN_DRY, ct_seen_tick, ct4_candidates, ct4_slot,
-    ct4_victim_score, ct4_words,
+    CT4_WAYS, Ct4Set, CtEntry, CtKey4, RUN_DRY, ct_seen_tick, ct4_candidates, ct4_slot, ct4_words,
 };
 
 use crate::maps::{SEG_CT4_SETS, SEG_CT4_WAYS, SEGBPF_CT4_KEY, SEGBPF_CT4_MASK, SEGBPF_RUN_MODE};
@@ -147,17 +148,16 @@ const SCAN_TRIES: u32 = 4;
 
 /// `scan`, again while a writer holds the set (at most `SCAN_TRIES`).
 #[inline(always)]
-fn scan_settled(line: *mut Ct4Set, k0: u64, k1: u64) -> Option<(u32, u16)> {
+fn scan_settled(line: *mut Ct4Set, k0: u64, k1: u64) -> Scan {
     let mut i = 0;
     while i < SCAN_TRIES {
         match scan(line, k0, k1) {
-            Scan::Found(w, f) => return Some((w, f)),
-            Scan::Absent => return None,
             Scan::Held => {}
+            seen => return seen,
         }
         i += 1;
     }
-    None
+    Scan::Held
 }
 
 /// Whether way `w` of the held set `line` holds the key (`k0`, `k1`): a
@@ -172,19 +172,18 @@ fn holds(line: *mut Ct4Set, w: u32, k0: u64, k1: u64) -> bool {
     }
 }
 
-/// `victim_words`' flag: the way held no key when chosen.
+/// `Ct4Table::insert`'s flag: the way held no key when chosen.
 const WAS_EMPTY: u32 = 1 << 30;
-/// `victim_words`' flag: the way may hold an assured flow (the key's own
-/// way, a dead one, or the least recently seen of six assured ways).
+/// `Ct4Table::insert`'s flag: the way may carry an assured bit (the key's own
+/// way, or a dead one).
 const MAY_EVICT_ASSURED: u32 = 1 << 31;
-/// The set × 4 + way part of `victim_words`' answer.
+/// The set × 4 + way part of the choice passed to `write_words`.
 const SET_WAY: u32 = (1 << 30) - 1;
 
 /// Takes the set of `line` (sequence even to odd by compare-and-exchange
-/// of word 0); returns the sequence to release with, or None if held or
-/// raced.
+/// of word 0); None if held or raced.
 #[inline(always)]
-fn take(line: *mut Ct4Set) -> Option<u16> {
+fn take(line: *mut Ct4Set) -> Option<()> {
     // SAFETY: word 0 is an aligned u64 of the value.
     let w0 = unsafe { core::ptr::read_volatile(&raw const (*line)[0]) };
     if w0 & 1 != 0 {
@@ -199,27 +198,66 @@ fn take(line: *mut Ct4Set) -> Option<u16> {
         >(&raw mut (*line)[0], w0, w0 + 1)
         .1
     };
-    taken.then_some((w0 as u16).wrapping_add(2))
+    taken.then_some(())
 }
 
-/// Releases a set taken by `take` (a store of the sequence; stores are
-/// not reordered with earlier stores on the architectures BPF runs on
-/// here, x86-64 and arm64's release semantics of the JIT's plain store
-/// are not relied on: readers check the sequence around their reads).
+/// Releases a set taken by `take`: the sequence one step on (even), by a
+/// compare-and-exchange of word 0, which orders the writes before it on
+/// every architecture (lookups store way 0's tick in the same word without
+/// the lock: retried, and after a few tries a plain store of the
+/// sequence, ordered after the writes on x86-64).
 #[inline(always)]
-fn release(line: *mut Ct4Set, seq: u16) {
+fn release(line: *mut Ct4Set) {
+    // SAFETY: the first u16 of the value; this CPU holds the set, so the
+    // sequence is the odd one it took it with.
+    let seq = unsafe { core::ptr::read_volatile(line.cast::<u16>()) }.wrapping_add(1);
+    let mut i = 0;
+    while i < 3 {
+        // SAFETY: word 0 is an aligned u64 of the value.
+        let w0 = unsafe { core::ptr::read_volatile(&raw const (*line)[0]) };
+        // SAFETY: as above.
+        let done = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::Release },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(&raw mut (*line)[0], w0, (w0 & !0xffff) | u64::from(seq))
+            .1
+        };
+        if done {
+            return;
+        }
+        i += 1;
+    }
     // SAFETY: the first u16 of the value.
     unsafe { core::ptr::write_volatile(line.cast::<u16>(), seq) }
 }
 
-/// The way of `line` a new key takes if it is free (empty, or its tick
-/// below `horizon`: no live flow) and whether it is empty, else None; and
-/// the way to evict with its score (`ct4_victim_score`).
+/// What a new key may take in one set (`choose`), packed in a u64 so
+/// the global function's frame stays small: the least recently seen
+/// half-open way's tick (bits 0..32) and way (32..34, `ROOM_HALF_OPEN`
+/// if any), a free way (35..37, `ROOM_FREE` if any; `ROOM_EMPTY` if it
+/// is empty), the set's assured ways (39..41).
+type Room = u64;
+const ROOM_HALF_OPEN: u64 = 1 << 34;
+const ROOM_FREE: u64 = 1 << 37;
+const ROOM_EMPTY: u64 = 1 << 38;
+
+/// The way of a room's field at `shift` (2 bits).
 #[inline(always)]
-fn choose(line: *mut Ct4Set, horizon: u32) -> (Option<(u32, bool)>, u32, u64) {
+const fn room_way(room: Room, shift: u32) -> u32 {
+    ((room >> shift) & 3) as u32
+}
+
+/// What a new key may take in the set of `line` (`horizon`: see
+/// `CtTable::insert`): a free way (empty, or its tick below the horizon:
+/// no live flow), the least recently seen half-open way, and how many
+/// ways are assured.
+#[inline(always)]
+fn choose(line: *mut Ct4Set, horizon: u32) -> Room {
     // SAFETY: as in `scan`.
     let flags = unsafe { core::ptr::read_volatile(flags_ptr(line)) };
-    let mut oldest = (0, u64::MAX);
+    let mut room: Room = 0;
     let mut i = 0;
     while i < CT4_WAYS {
         // SAFETY: as in `scan`.
@@ -230,15 +268,47 @@ fn choose(line: *mut Ct4Set, horizon: u32) -> (Option<(u32, bool)>, u32, u64) {
             )
         };
         if k1 == 0 || t < horizon {
-            return (Some((i, k1 == 0)), i, 0);
-        }
-        let score = ct4_victim_score(t, flags & (1 << i) != 0);
-        if score < oldest.1 {
-            oldest = (i, score);
+            if room & ROOM_FREE == 0 {
+                room |= ROOM_FREE | (u64::from(i) << 35) | if k1 == 0 { ROOM_EMPTY } else { 0 };
+            }
+        } else if flags & (1 << i) != 0 {
+            room += 1 << 39;
+        } else if room & ROOM_HALF_OPEN == 0 || t < room as u32 {
+            room = (room & !0x7_ffff_ffff) | ROOM_HALF_OPEN | (u64::from(i) << 32) | u64::from(t);
         }
         i += 1;
     }
-    (None, oldest.0, oldest.1)
+    room
+}
+
+/// The way a new key takes given the rooms of its two sets (see
+/// `Ct4Table::insert`), as set × 4 + way with `Ct4Table::insert`'s flags.
+#[inline(always)]
+fn pick(s1: u32, r1: Room, s2: u32, r2: Room) -> Option<u32> {
+    let free = |set: u32, room: Room| {
+        // A dead way may still carry its assured bit.
+        (set * 4 + room_way(room, 35))
+            | if room & ROOM_EMPTY != 0 {
+                WAS_EMPTY
+            } else {
+                MAY_EVICT_ASSURED
+            }
+    };
+    let (f1, f2) = (r1 & ROOM_FREE != 0, r2 & ROOM_FREE != 0);
+    if f1 && (!f2 || r1 >> 39 <= r2 >> 39) {
+        return Some(free(s1, r1));
+    }
+    if f2 {
+        return Some(free(s2, r2));
+    }
+    let (h1, h2) = (r1 & ROOM_HALF_OPEN != 0, r2 & ROOM_HALF_OPEN != 0);
+    if h1 && (!h2 || r1 as u32 <= r2 as u32) {
+        return Some(s1 * 4 + room_way(r1, 32));
+    }
+    if h2 {
+        return Some(s2 * 4 + room_way(r2, 32));
+    }
+    None
 }
 
 impl Ct4Table {
@@ -253,20 +323,22 @@ impl Ct4Table {
     fn find_words(&self, k0: u64, k1: u64) -> Option<(u32, *mut Ct4Set, u32, u16)> {
         let (s1, s2) = Self::candidates(k0, k1);
         let l1 = self.sets.get_ptr_mut(s1)?;
-        if let Some((w, f)) = scan_settled(l1, k0, k1) {
+        if let Scan::Found(w, f) = scan_settled(l1, k0, k1) {
             return Some((s1, l1, w, f));
         }
         let l2 = self.sets.get_ptr_mut(s2)?;
-        let (w, f) = scan_settled(l2, k0, k1)?;
-        Some((s2, l2, w, f))
+        match scan_settled(l2, k0, k1) {
+            Scan::Found(w, f) => Some((s2, l2, w, f)),
+            _ => None,
+        }
     }
 
     #[inline(always)]
     fn mark_words(&self, k0: u64, k1: u64, assured: bool) -> Result<(), i32> {
         let (_, line, way, _) = self.find_words(k0, k1).ok_or(-1)?;
-        let seq = take(line).ok_or(-1)?;
+        take(line).ok_or(-1)?;
         if !holds(line, way, k0, k1) {
-            release(line, seq);
+            release(line);
             return Err(-1);
         }
         let f = flags_ptr(line);
@@ -280,41 +352,28 @@ impl Ct4Table {
             };
             core::ptr::write_volatile(f, v);
         }
-        release(line, seq);
+        release(line);
         Ok(())
     }
 
-    /// The set and way for a new key (its own way if present), as
-    /// set × 4 + way, with `WAS_EMPTY` when the way held no key and
-    /// `MAY_EVICT_ASSURED` when it is the key's own or the least recently
-    /// seen of six assured ways (`write_words` checks both under the
-    /// lock).
+    /// The key's own way, as set × 4 + way: `Ok(Some)`, `Ok(None)` when
+    /// neither candidate set holds it, `Err` when a set stayed held (it
+    /// may be there).
     #[inline(always)]
-    fn victim_words(&self, k0: u64, k1: u64, horizon: u32) -> Result<u32, i32> {
-        if let Some((s, _, w, _)) = self.find_words(k0, k1) {
-            return Ok((s * 4 + w) | MAY_EVICT_ASSURED);
-        }
+    fn own_words(&self, k0: u64, k1: u64) -> Result<Option<u32>, i32> {
         let (s1, s2) = Self::candidates(k0, k1);
         let l1 = self.sets.get_ptr_mut(s1).ok_or(-1)?;
-        let (free1, old1, score1) = choose(l1, horizon);
-        if let Some((w, empty)) = free1 {
-            return Ok((s1 * 4 + w) | if empty { WAS_EMPTY } else { MAY_EVICT_ASSURED });
+        match scan_settled(l1, k0, k1) {
+            Scan::Found(w, _) => return Ok(Some(s1 * 4 + w)),
+            Scan::Held => return Err(-1),
+            Scan::Absent => {}
         }
         let l2 = self.sets.get_ptr_mut(s2).ok_or(-1)?;
-        let (free2, old2, score2) = choose(l2, horizon);
-        let (set, way, score) = match free2 {
-            Some((w, empty)) => {
-                return Ok((s2 * 4 + w) | if empty { WAS_EMPTY } else { MAY_EVICT_ASSURED });
-            }
-            None if score2 < score1 => (s2, old2, score2),
-            None => (s1, old1, score1),
-        };
-        Ok((set * 4 + way)
-            | if score >> 32 != 0 {
-                MAY_EVICT_ASSURED
-            } else {
-                0
-            })
+        match scan_settled(l2, k0, k1) {
+            Scan::Found(w, _) => Ok(Some(s2 * 4 + w)),
+            Scan::Held => Err(-1),
+            Scan::Absent => Ok(None),
+        }
     }
 
     /// Writes `value` and the key into set × 4 + way (`sw_tick` low
@@ -338,7 +397,7 @@ impl Ct4Table {
             .get_ptr_mut((sw >> 2) * CT4_WAYS + (sw & 3))
             .ok_or(-1)?
             .cast::<u64>();
-        let seq = take(line).ok_or(-1)?;
+        take(line).ok_or(-1)?;
         let way = sw & 3;
         let s = ct4_slot(way);
         let f = flags_ptr(line);
@@ -351,7 +410,7 @@ impl Ct4Table {
                 || (flags & MAY_EVICT_ASSURED == 0 && core::ptr::read_volatile(f) & (1 << way) != 0)
         };
         if changed {
-            release(line, seq);
+            release(line);
             return Err(-2);
         }
         // SAFETY: as in `scan`; this CPU holds the set.
@@ -370,7 +429,7 @@ impl Ct4Table {
             }
             j += 1;
         }
-        release(line, seq);
+        release(line);
         Ok(())
     }
 }
@@ -397,40 +456,55 @@ impl CtTable<CtKey4> for Ct4Table {
         }
     }
 
+    /// The way a new key takes (`segbpf_common::ct4table`): its own;
+    /// else a free way, in the candidate set with fewer assured ways (so
+    /// assured flows spread over both and a set seldom fills with them);
+    /// else the least recently seen half-open way of the two sets. Never a
+    /// live assured way: when all six are, and when a set stays held (the
+    /// key's own way unknown), the new flow is not tracked. The write
+    /// checks the choice again under the set's lock (`write_words`).
     #[inline(always)]
     fn insert(&self, key: &CtKey4, value: &CtEntry, now: u64, horizon: u64) -> Result<(), i32> {
         let [k0, k1] = ct4_words(key);
         let tick = u64::from(ct_seen_tick(now));
-        // Twice: another CPU may take the chosen way between the choice
-        // and the write (`write_words`).
-        let mut tries = 0;
-        while tries < 2 {
-            let sw = segbpf_ct4_victim(k0, k1, horizon);
-            if sw < 0 {
+        let own = segbpf_ct4_own(k0, k1);
+        let sw = if own >= 0 {
+            own as u32 | MAY_EVICT_ASSURED
+        } else if own == -1 {
+            let (s1, s2) = Self::candidates(k0, k1);
+            let r1 = segbpf_ct4_room(u64::from(s1), horizon);
+            let r2 = segbpf_ct4_room(u64::from(s2), horizon);
+            if r1 < 0 || r2 < 0 {
                 return Err(-1);
             }
-            if segbpf_ct4_write(sw as u64 | tick << 32, k0, k1, value) == 0 {
-                return Ok(());
-            }
-            tries += 1;
+            pick(s1, r1 as u64, s2, r2 as u64).ok_or(-1)?
+        } else {
+            return Err(-1);
+        };
+        if segbpf_ct4_write(u64::from(sw) | tick << 32, k0, k1, value) == 0 {
+            Ok(())
+        } else {
+            Err(-1)
         }
-        Err(-1)
     }
 
     #[inline(always)]
     fn remove(&self, key: &CtKey4) -> Result<(), i32> {
         let [k0, k1] = ct4_words(key);
         if let Some((_, line, w, _)) = self.find_words(k0, k1) {
-            let seq = take(line).ok_or(-1)?;
+            take(line).ok_or(-1)?;
             if holds(line, w, k0, k1) {
                 let s = ct4_slot(w);
-                // SAFETY: as in `scan`; this CPU holds the set.
+                let f = flags_ptr(line);
+                // SAFETY: as in `scan`; this CPU holds the set. The way's
+                // assured bit goes with its key.
                 unsafe {
                     core::ptr::write_volatile(&raw mut (*line)[s + 1], 0);
                     core::ptr::write_volatile(&raw mut (*line)[s], 0);
+                    core::ptr::write_volatile(f, core::ptr::read_volatile(f) & !(1 << w));
                 }
             }
-            release(line, seq);
+            release(line);
         }
         Ok(())
     }
@@ -478,23 +552,42 @@ pub extern "C" fn segbpf_ct4_mark(k0: u64, k1: u64, assured: u64) -> i64 {
     }
 }
 
-/// The set and way for a new key, a global BPF function (set × 4 + way
-/// with `victim_words`' flags, or -1); `horizon`: see `CtTable::insert`.
+/// The key's own way, a global BPF function: set × 4 + way, -1 when
+/// neither candidate set holds it, -2 when a set stayed held.
 #[unsafe(no_mangle)]
 #[inline(never)]
 #[allow(
     unreachable_pub,
     reason = "a global BPF function: exported, so the verifier checks it once"
 )]
-pub extern "C" fn segbpf_ct4_victim(k0: u64, k1: u64, horizon: u64) -> i64 {
-    CT4.victim_words(k0, k1, horizon.min(u64::from(u32::MAX)) as u32)
-        .map_or(-1, i64::from)
+pub extern "C" fn segbpf_ct4_own(k0: u64, k1: u64) -> i64 {
+    match CT4.own_words(k0, k1) {
+        Ok(Some(sw)) => i64::from(sw),
+        Ok(None) => -1,
+        Err(_) => -2,
+    }
 }
 
-/// `value` written to set × 4 + way with `victim_words`' flags (low half
-/// of `sw_tick`, the tick in the high half), a global BPF function: 0, or
-/// -2 when the way changed since the choice, -1 on any other failure (`value`: a map value of the
-/// caller, checked for its size by the verifier).
+/// What a new key may take in set `set` (`choose`, a `Room`), a global
+/// BPF function; -1 when there is no such set.
+#[unsafe(no_mangle)]
+#[inline(never)]
+#[allow(
+    unreachable_pub,
+    reason = "a global BPF function: exported, so the verifier checks it once"
+)]
+pub extern "C" fn segbpf_ct4_room(set: u64, horizon: u64) -> i64 {
+    let Some(line) = CT4.sets.get_ptr_mut(set as u32) else {
+        return -1;
+    };
+    choose(line, horizon.min(u64::from(u32::MAX)) as u32) as i64
+}
+
+/// `value` and the key written to set × 4 + way with `Ct4Table::insert`'s
+/// flags (low half of `sw_tick`, the tick in the high half), a global BPF
+/// function: 0, or -2 when the way changed since the choice, -1 on any
+/// other failure (`value`: a map value of the caller, checked for its
+/// size by the verifier).
 #[unsafe(no_mangle)]
 #[inline(never)]
 #[allow(

@@ -184,7 +184,11 @@ fn judge<K: FlowKey>(
         // Audit mode tracks the flows it lets through against the policy,
         // marked, so their replies are not reported as well.
         let audited = !reason::passes(d.reason) && cfg.audit != 0;
+        // The error program (`related`) judges only ICMP errors, which
+        // never open a flow: no insert is compiled into it (its frame
+        // leaves no room for the table's write, `ct4table`).
         if writes
+            && !related
             && (reason::passes(d.reason) || audited)
             && let Some(k) = &ct_key
             && ct::opens_flow(p)

@@ -1948,9 +1948,9 @@ fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> a
 /// The IPv4 table's eviction order (`segbpf_common::ct4table`): a new
 /// flow whose two candidate sets are full takes the half-open way of the
 /// six, never an assured one while a half-open one is there (even one
-/// seen less recently than the half-open one); with six
-/// assured ways it takes one of them (the least recently seen) and is
-/// tracked. Userspace fills the two sets as the programs would (the same
+/// seen less recently than the half-open one); with six live assured
+/// ways it is not tracked (its reply meets the policy) and no assured
+/// flow goes. Userspace fills the two sets as the programs would (the same
 /// hash and secret, the same lock: `segbpf::attachment::ct4map`).
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
@@ -1991,32 +1991,51 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
                 .collect();
             fill.extend(found);
         }
-        // The half-open flow (the third of `a`, unless all are assured) is
-        // written last and a tick later: the most recently seen of the
-        // six, so only its class, not its age, makes it the one to go.
+        // First all six half-open: with no assured way anywhere, each goes
+        // to its first candidate set. Then all but one (the third of `a`)
+        // assured, unless all are; the half-open one last, a tick later:
+        // the most recently seen of the six, so only its class, not its
+        // age, makes it the one to go.
         let half_open = |i: usize| !all_assured && i == 2;
-        let mut order: Vec<usize> = (0..6).filter(|i| !half_open(*i)).collect();
-        order.extend((0..6).filter(|i| half_open(*i)));
-        for i in order {
-            if half_open(i) {
-                std::thread::sleep(std::time::Duration::from_millis(1_200));
-            }
+        let write = |instance: &mut Instance, i: usize, assured: bool| -> anyhow::Result<()> {
             let now = segbpf::host::clock::monotonic_ns();
             let entry = segbpf_common::CtEntry {
-                state: if half_open(i) {
-                    CT_NEW
-                } else {
+                state: if assured {
                     segbpf_common::CT_ESTABLISHED
+                } else {
+                    CT_NEW
                 },
                 ..established_egress(now)
             };
-            segbpf::attachment::cttables::insert(
+            Ok(segbpf::attachment::cttables::insert(
                 instance.ebpf_mut(),
                 &fill[i],
                 &entry,
-                !half_open(i),
-            )?;
+                assured,
+            )?)
+        };
+        for i in 0..6 {
+            write(&mut instance, i, false)?;
         }
+        for i in (0..6).filter(|i| !half_open(*i)) {
+            write(&mut instance, i, true)?;
+        }
+        if !all_assured {
+            std::thread::sleep(std::time::Duration::from_millis(1_200));
+            write(&mut instance, 2, false)?;
+        }
+        let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
+        for (i, k) in fill.iter().enumerate() {
+            let w = ct4_words(&k.narrow().expect("an IPv4 key"));
+            let want = if i < 3 { a } else { b };
+            assert_eq!(
+                ct4_candidates(w[0], w[1], secret, mask).0,
+                want,
+                "filler {i} in its first set"
+            );
+            assert!(table.contains(&k.narrow().expect("an IPv4 key")));
+        }
+        drop(table);
         let held = |instance: &Instance| -> anyhow::Result<Vec<CtKey>> {
             Ok(segbpf::attachment::cttables::map_v4(instance.ebpf())?
                 .entries()?
@@ -2028,23 +2047,136 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
         let v = instance.egress(udp(APP, "198.18.60.1", lport, 53).build().bytes)?;
         assert!(reason::passes(v.reason), "the new flow passes: {v:?}");
         let after = held(&instance)?;
-        assert!(after.contains(&new), "the new flow is tracked: {after:?}");
         let gone: Vec<usize> = (0..6).filter(|i| !after.contains(&fill[*i])).collect();
+        let reply = instance.ingress(udp("198.18.60.1", APP, 53, lport).build().bytes)?;
         if all_assured {
-            assert_eq!(gone.len(), 1, "one assured flow made room: {gone:?}");
+            assert!(gone.is_empty(), "no assured flow is evicted: {gone:?}");
+            assert!(!after.contains(&new), "the new flow is not tracked");
+            assert_eq!(
+                reply.reason,
+                reason::DROP_DEFAULT,
+                "its reply meets the policy"
+            );
         } else {
+            assert!(after.contains(&new), "the new flow is tracked: {after:?}");
             assert_eq!(
                 gone,
                 vec![2],
                 "the half-open flow made room, no assured one"
             );
+            assert_eq!(
+                reply.reason,
+                reason::PASS_CT,
+                "its reply passes on the entry"
+            );
         }
-        let reply = instance.ingress(udp("198.18.60.1", APP, 53, lport).build().bytes)?;
-        assert_eq!(
-            reply.reason,
-            reason::PASS_CT,
-            "its reply passes on the entry"
-        );
     }
+    Ok(())
+}
+
+/// A flow removed from the IPv4 table by userspace (reload's pruning)
+/// leaves its way fully free: the way's assured bit goes with its key, so
+/// the same flow, opened again, is tracked in it, and userspace can write
+/// there too.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_pruned_assured_flow_leaves_its_way_free() -> anyhow::Result<()> {
+    use segbpf_common::IPPROTO_UDP;
+    let compiled = compiled_for_app()?;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    let out = udp(APP, "198.18.60.9", 40_901, 53).build().bytes;
+    let back = udp("198.18.60.9", APP, 53, 40_901).build().bytes;
+    let key = ct_key(IPPROTO_UDP, ip(APP), 40_901, ip("198.18.60.9"), 53);
+    let k4 = key.narrow().expect("an IPv4 key");
+    // Out, back, out again: assured.
+    for (pkt, egress) in [(&out, true), (&back, false), (&out, true)] {
+        let v = if egress {
+            instance.egress(pkt.clone())?
+        } else {
+            instance.ingress(pkt.clone())?
+        };
+        assert!(reason::passes(v.reason), "{v:?}");
+    }
+    let assured = |instance: &Instance| -> anyhow::Result<Option<bool>> {
+        Ok(segbpf::attachment::cttables::map_v4(instance.ebpf())?
+            .entries()?
+            .into_iter()
+            .find(|(k, _, _)| *k == k4)
+            .map(|(_, _, a)| a))
+    };
+    assert_eq!(assured(&instance)?, Some(true), "the flow is assured");
+    assert!(segbpf::attachment::cttables::map_v4(instance.ebpf())?.remove(&k4)?);
+    assert_eq!(assured(&instance)?, None, "removed");
+    assert_eq!(
+        instance.ingress(back.clone())?.reason,
+        reason::DROP_DEFAULT,
+        "a removed flow's reply meets the policy"
+    );
+    assert!(reason::passes(instance.egress(out.clone())?.reason));
+    assert_eq!(
+        assured(&instance)?,
+        Some(false),
+        "opened again: tracked, half-open"
+    );
+    assert_eq!(instance.ingress(back)?.reason, reason::PASS_CT);
+    let e = established_egress(segbpf::host::clock::monotonic_ns());
+    assert!(segbpf::attachment::cttables::map_v4(instance.ebpf())?.remove(&k4)?);
+    segbpf::attachment::cttables::insert(instance.ebpf_mut(), &key, &e, false)?;
+    assert_eq!(
+        assured(&instance)?,
+        Some(false),
+        "userspace writes the freed way"
+    );
+    Ok(())
+}
+
+/// A set left held (a userspace writer killed between taking and
+/// releasing it: its sequence odd for good) is released by the next
+/// userspace reader after a moment, so the set's flows are found again.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_set_left_held_is_released_by_the_next_reader() -> anyhow::Result<()> {
+    use segbpf_common::{Ct4Set, IPPROTO_UDP, MAP_CT4_SETS, ct4_candidates, ct4_words};
+    let compiled = compiled_for_app()?;
+    let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
+    let out = udp(APP, "198.18.60.10", 40_902, 53).build().bytes;
+    let back = udp("198.18.60.10", APP, 53, 40_902).build().bytes;
+    assert!(reason::passes(instance.egress(out)?.reason));
+    let key = ct_key(IPPROTO_UDP, ip(APP), 40_902, ip("198.18.60.10"), 53);
+    let [k0, k1] = ct4_words(&key.narrow().expect("an IPv4 key"));
+    let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
+    let (a, b) = ct4_candidates(k0, k1, table.secret(), table.mask());
+    drop(table);
+    // Both candidate sets held, as a writer that died would leave them.
+    {
+        let map = instance
+            .ebpf_mut()
+            .map_mut(MAP_CT4_SETS)
+            .ok_or_else(|| anyhow::anyhow!("no {MAP_CT4_SETS}"))?;
+        let mut sets: aya::maps::Array<_, Ct4Set> = aya::maps::Array::try_from(map)?;
+        for set in [a, b] {
+            let mut v = sets.get(&set, 0)?;
+            v[0] |= 1;
+            sets.set(set, v, 0)?;
+        }
+    }
+    assert_eq!(
+        instance.ingress(back.clone())?.reason,
+        reason::DROP_DEFAULT,
+        "a held set's flows are not found (fail closed)"
+    );
+    let start = std::time::Instant::now();
+    let flows = segbpf::attachment::cttables::map_v4(instance.ebpf())?.entries()?;
+    assert!(flows.iter().any(|(k, _, _)| k.widen() == key), "{flows:?}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "released after a moment: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        instance.ingress(back)?.reason,
+        reason::PASS_CT,
+        "found again"
+    );
     Ok(())
 }

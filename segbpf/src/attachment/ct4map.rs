@@ -11,7 +11,7 @@ use std::{
 
 use segbpf_common::{
     CT4_WAYS, Ct4Set, CtEntry, CtKey4, MAP_CT4_SETS, MAP_CT4_WAYS, ct_seen_tick, ct4_assured,
-    ct4_candidates, ct4_key, ct4_slot, ct4_tick, ct4_victim_score, ct4_words,
+    ct4_candidates, ct4_key, ct4_slot, ct4_tick, ct4_words,
 };
 
 use crate::attachment::maps::MapsError;
@@ -63,9 +63,12 @@ pub struct Ct4Map {
     nsets: u32,
 }
 
-/// How often a held set is retried before giving up (a program holds a
-/// set for a few instructions; a crashed writer cannot hold one).
-const TAKE_TRIES: u32 = 100_000;
+/// How long a set may stay held, unchanged, before userspace takes it as
+/// left by a writer that died holding it (a program holds a set for a few
+/// dozen instructions; only a userspace writer killed between taking and
+/// releasing a set can leave it held). It is then released, with a
+/// warning, so the set's flows are found again.
+const STUCK: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Ct4Map {
     /// Maps the table whose arrays are `sets` and `ways` (their sizes as
@@ -141,15 +144,42 @@ impl Ct4Map {
         self.word(self.nsets, 0).store(secret, Ordering::Release);
     }
 
-    /// A copy of set `set` taken while no writer held it (retried), or
-    /// None if it stayed held.
-    fn snapshot(&self, set: u32) -> Option<(Ct4Set, [CtEntry; 3])> {
-        for _ in 0..TAKE_TRIES {
-            let w0 = self.word(set, 0).load(Ordering::Acquire);
-            if w0 & 1 != 0 {
-                std::hint::spin_loop();
+    /// Waits until set `set` is not held (its word 0, even), and returns
+    /// word 0; a set held unchanged for [`STUCK`] is released first.
+    fn settled(&self, set: u32) -> u64 {
+        let w = self.word(set, 0);
+        let start = std::time::Instant::now();
+        let mut seen = w.load(Ordering::Acquire);
+        loop {
+            let w0 = w.load(Ordering::Acquire);
+            if w0 & 1 == 0 {
+                return w0;
+            }
+            if w0 as u16 != seen as u16 {
+                seen = w0;
+            } else if start.elapsed() > STUCK
+                && w.compare_exchange(
+                    w0,
+                    (w0 & !0xffff) | u64::from((w0 as u16).wrapping_add(1)),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                tracing::warn!(
+                    "{MAP_CT4_SETS}: set {set} was held for over {} ms by a writer that is gone: released",
+                    STUCK.as_millis()
+                );
                 continue;
             }
+            std::thread::yield_now();
+        }
+    }
+
+    /// A copy of set `set` taken while no writer held it.
+    fn snapshot(&self, set: u32) -> (Ct4Set, [CtEntry; 3]) {
+        loop {
+            let w0 = self.settled(set);
             let mut s: Ct4Set = [0; 8];
             for (i, w) in s.iter_mut().enumerate() {
                 *w = self.word(set, i).load(Ordering::Relaxed);
@@ -166,17 +196,16 @@ impl Ct4Map {
             }
             fence(Ordering::Acquire);
             if self.word(set, 0).load(Ordering::Relaxed) as u16 == w0 as u16 {
-                return Some((s, e));
+                return (s, e);
             }
         }
-        None
     }
 
     /// Every flow of the table: key, entry, assured.
     pub fn entries(&self) -> Result<Vec<(CtKey4, CtEntry, bool)>, MapsError> {
         let mut out = Vec::new();
         for set in 0..self.nsets {
-            let (s, e) = self.snapshot(set).ok_or(MapsError::Busy(MAP_CT4_SETS))?;
+            let (s, e) = self.snapshot(set);
             for w in 0..CT4_WAYS {
                 let k = [s[ct4_slot(w)], s[ct4_slot(w) + 1]];
                 if k[1] != 0 {
@@ -187,125 +216,156 @@ impl Ct4Map {
         Ok(out)
     }
 
-    /// The set and way holding `key`.
-    fn find(&self, key: &CtKey4) -> Option<(u32, u32)> {
+    /// The ways holding `key` (normally one; a race between two writers
+    /// can leave a copy in each candidate set).
+    fn find_all(&self, key: &CtKey4) -> Vec<(u32, u32)> {
         let [k0, k1] = ct4_words(key);
         let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
-        for set in [a, b] {
-            if let Some((s, _)) = self.snapshot(set) {
-                for w in 0..CT4_WAYS {
-                    if s[ct4_slot(w)] == k0 && s[ct4_slot(w) + 1] == k1 {
-                        return Some((set, w));
-                    }
+        let mut out = Vec::new();
+        for set in if a == b { vec![a] } else { vec![a, b] } {
+            let (s, _) = self.snapshot(set);
+            for w in 0..CT4_WAYS {
+                if s[ct4_slot(w)] == k0 && s[ct4_slot(w) + 1] == k1 {
+                    out.push((set, w));
                 }
             }
         }
-        None
+        out
     }
 
     /// Whether the table holds `key`.
     pub fn contains(&self, key: &CtKey4) -> bool {
-        self.find(key).is_some()
+        !self.find_all(key).is_empty()
     }
 
     /// Takes set `set` (its sequence from even to odd), waiting while a
     /// program holds it.
-    fn take(&self, set: u32) -> Result<Held<'_>, MapsError> {
+    fn take(&self, set: u32) -> Held<'_> {
         let w = self.word(set, 0);
-        for _ in 0..TAKE_TRIES {
-            let w0 = w.load(Ordering::Relaxed);
-            if w0 & 1 == 0
-                && w.compare_exchange(w0, w0 + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
+        loop {
+            let w0 = self.settled(set);
+            if w.compare_exchange(w0, w0 + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
             {
-                return Ok(Held {
+                return Held {
                     map: self,
                     set,
                     seq: (w0 as u16).wrapping_add(2),
-                });
+                };
             }
-            std::hint::spin_loop();
         }
-        Err(MapsError::Busy(MAP_CT4_SETS))
     }
 
-    /// Removes `key`; whether it was there.
+    /// Removes every copy of `key`, with its way's assured bit; whether
+    /// there was one.
     pub fn remove(&self, key: &CtKey4) -> Result<bool, MapsError> {
         let [k0, k1] = ct4_words(key);
-        let Some((set, way)) = self.find(key) else {
-            return Ok(false);
-        };
-        let held = self.take(set)?;
-        let s = ct4_slot(way);
-        // Still there (a program may have replaced it before the lock).
-        if self.word(set, s).load(Ordering::Relaxed) != k0
-            || self.word(set, s + 1).load(Ordering::Relaxed) != k1
-        {
-            return Ok(false);
+        let mut removed = false;
+        for (set, way) in self.find_all(key) {
+            let held = self.take(set);
+            let s = ct4_slot(way);
+            // Still there (a program may have replaced it before the lock).
+            if self.word(set, s).load(Ordering::Relaxed) == k0
+                && self.word(set, s + 1).load(Ordering::Relaxed) == k1
+            {
+                self.word(set, s + 1).store(0, Ordering::Relaxed);
+                self.word(set, s).store(0, Ordering::Relaxed);
+                let bit = 1u64 << (16 + way);
+                let _ = self
+                    .word(set, 0)
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w & !bit));
+                removed = true;
+            }
+            drop(held);
         }
-        self.word(set, s + 1).store(0, Ordering::Relaxed);
-        self.word(set, s).store(0, Ordering::Relaxed);
-        drop(held);
-        Ok(true)
+        Ok(removed)
     }
 
-    /// Writes `entry` for `key` (its way if it has one, else a way chosen
-    /// as the programs choose: free or dead, else the least recently seen
-    /// half-open, else the least recently seen assured; `horizon`: see
-    /// `segbpf_common::ct_seen_horizon`), assured or not. A way a program
-    /// changed between the choice and the lock is chosen again.
+    /// Writes `entry` for `key`, assured or not, where a program's insert
+    /// would (`segbpf-ebpf/src/ct4table.rs`): its own way; else a free way
+    /// (empty, or its tick below `horizon`, see
+    /// `segbpf_common::ct_seen_horizon`) in the candidate set with fewer
+    /// assured ways; else the least recently seen half-open way. Never a
+    /// live assured way: when all six are, nothing is written and this
+    /// returns false. A way a program changed between the choice and the
+    /// lock is chosen again.
     pub fn insert(
         &self,
         key: &CtKey4,
         entry: &CtEntry,
         assured: bool,
         horizon: u64,
-    ) -> Result<(), MapsError> {
+    ) -> Result<bool, MapsError> {
         let [k0, k1] = ct4_words(key);
-        for _ in 0..TAKE_TRIES {
-            let (set, way, empty, may_evict_assured) = self.choose(key, horizon)?;
-            let held = self.take(set)?;
+        loop {
+            let Some((set, way, empty, own)) = self.choose(key, horizon) else {
+                return Ok(false);
+            };
+            let held = self.take(set);
             let s = ct4_slot(way);
             let cur = self.word(set, s + 1).load(Ordering::Relaxed);
             let cur_assured = self.word(set, 0).load(Ordering::Relaxed) >> (16 + way) & 1 != 0;
-            if (empty && cur != 0) || (!may_evict_assured && cur_assured) {
+            let dup = (0..CT4_WAYS).any(|w| {
+                w != way
+                    && self.word(set, ct4_slot(w)).load(Ordering::Relaxed) == k0
+                    && self.word(set, ct4_slot(w) + 1).load(Ordering::Relaxed) == k1
+            });
+            if (empty && cur != 0) || (!empty && !own && cur_assured) || dup {
                 // Changed since the choice (a program wrote it): again.
                 drop(held);
                 continue;
             }
             self.write_held(&held, way, k0, k1, entry, assured);
             drop(held);
-            return Ok(());
+            return Ok(true);
         }
-        Err(MapsError::Busy(MAP_CT4_SETS))
     }
 
-    /// The way `insert` writes `key` into, as the programs choose it: the
-    /// set, the way, whether it is empty, and whether it may hold an
-    /// assured flow (the key's own, a dead way, or the least recently seen
-    /// of six assured ways).
-    fn choose(&self, key: &CtKey4, horizon: u64) -> Result<(u32, u32, bool, bool), MapsError> {
-        if let Some((set, way)) = self.find(key) {
-            return Ok((set, way, false, true));
+    /// The way `insert` writes `key` into: the set, the way, whether it
+    /// is empty, and whether it is the key's own or a dead way (which may
+    /// carry an assured bit); None when all six ways are live and assured.
+    fn choose(&self, key: &CtKey4, horizon: u64) -> Option<(u32, u32, bool, bool)> {
+        if let Some((set, way)) = self.find_all(key).first() {
+            return Some((*set, *way, false, true));
         }
         let [k0, k1] = ct4_words(key);
         let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
-        let mut best = (a, 0, u64::MAX);
-        for set in [a, b] {
-            let (s, _) = self.snapshot(set).ok_or(MapsError::Busy(MAP_CT4_SETS))?;
+        // Per set: a free way (and whether empty), assured ways, the least
+        // recently seen half-open way and its tick.
+        let room = |set: u32| {
+            let (s, _) = self.snapshot(set);
+            let mut free = None;
+            let mut assured = 0;
+            let mut half_open: Option<(u32, u32)> = None;
             for w in 0..CT4_WAYS {
                 let t = ct4_tick(&s, w);
                 let empty = s[ct4_slot(w) + 1] == 0;
                 if empty || u64::from(t) < horizon {
-                    return Ok((set, w, empty, !empty));
-                }
-                let score = ct4_victim_score(t, ct4_assured(&s, w));
-                if score < best.2 {
-                    best = (set, w, score);
+                    free = free.or(Some((w, empty)));
+                } else if ct4_assured(&s, w) {
+                    assured += 1;
+                } else if half_open.is_none_or(|(_, old)| t < old) {
+                    half_open = Some((w, t));
                 }
             }
+            (free, assured, half_open)
+        };
+        let ((f1, n1, h1), (f2, n2, h2)) = (room(a), room(b));
+        let free = match (f1, f2) {
+            (Some(_), Some(f)) if n2 < n1 => Some((b, f)),
+            (Some(f), _) => Some((a, f)),
+            (None, Some(f)) => Some((b, f)),
+            (None, None) => None,
+        };
+        if let Some((set, (way, empty))) = free {
+            return Some((set, way, empty, !empty));
         }
-        Ok((best.0, best.1, false, best.2 >> 32 != 0))
+        match (h1, h2) {
+            (Some((_, t1)), Some((w, t2))) if t2 < t1 => Some((b, w, false, false)),
+            (Some((w, _)), _) => Some((a, w, false, false)),
+            (None, Some((w, _))) => Some((b, w, false, false)),
+            (None, None) => None,
+        }
     }
 
     /// Writes the key and `entry` into `way` of the set `held` holds.
@@ -323,10 +383,10 @@ impl Ct4Map {
         self.word(set, s).store(k0, Ordering::Relaxed);
         self.word(set, s + 1).store(k1, Ordering::Relaxed);
         let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-        let (word, shift) = match way {
-            0 => (0, 32),
-            1 => (1, 0),
-            _ => (1, 32),
+        let (word, high) = match way {
+            0 => (0, true),
+            1 => (1, false),
+            _ => (1, true),
         };
         // SAFETY: the tick is an aligned u32 of the set (module docs of
         // `segbpf_common::ct4table`); programs store it whole.
@@ -334,7 +394,7 @@ impl Ct4Map {
             AtomicU32::from_ptr(
                 self.set_ptr(set)
                     .cast::<u32>()
-                    .add(word * 2 + usize::from(shift == 32)),
+                    .add(word * 2 + usize::from(high)),
             )
         };
         t.store(tick, Ordering::Relaxed);

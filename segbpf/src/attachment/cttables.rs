@@ -228,9 +228,10 @@ pub fn remove_pinned(att: &Attachment, t: Table, keys: &[CtKey]) -> Result<usize
 }
 
 /// Writes `entry` for `key` into the table of a loaded instance that
-/// holds its family, assured or half-open (tests, and [`adopt`]). An
-/// IPv4 key whose two candidate sets are full evicts a flow, as a
-/// program's insert would.
+/// holds its family, assured or half-open (tests). An IPv4 key whose two
+/// candidate sets are full evicts a half-open flow, as a program's insert
+/// would, and is refused (`MapsError::Full`) when they hold only live
+/// assured flows.
 pub fn insert(
     ebpf: &mut aya::Ebpf,
     key: &CtKey,
@@ -238,7 +239,9 @@ pub fn insert(
     assured: bool,
 ) -> Result<(), MapsError> {
     if let Some(k) = key.narrow() {
-        map_v4(ebpf)?.insert(&k, entry, assured, 0)?;
+        if !map_v4(ebpf)?.insert(&k, entry, assured, 0)? {
+            return Err(MapsError::Full(MAP_CT4_SETS));
+        }
         return Ok(());
     }
     let name = if assured { MAP_CT } else { MAP_CT_NEW };
@@ -327,8 +330,13 @@ fn move_into(
         if let Some(k4) = k.narrow()
             && !m.contains(&k4)
         {
-            m.insert(&k4, e, assured, 0)?;
-            n += 1;
+            if m.insert(&k4, e, assured, 0)? {
+                n += 1;
+            } else {
+                tracing::warn!(
+                    "an older table's IPv4 flow was not moved: its two candidate sets hold only live assured flows"
+                );
+            }
         }
     }
     Ok(n)

@@ -56,9 +56,10 @@ pub enum MapsError {
         /// What is wrong.
         reason: String,
     },
-    /// A set of the IPv4 connection table stayed held by a writer.
-    #[error("map {0}: a set stayed locked by a writer")]
-    Busy(&'static str),
+    /// A flow's two candidate sets of the IPv4 connection table hold
+    /// only live assured flows: it was not written (none is evicted).
+    #[error("map {0}: both candidate sets of the flow hold only live assured flows")]
+    Full(&'static str),
     /// A map could not be pinned.
     #[error("pinning {map} at {}: {source}", path.display())]
     Pin {

@@ -62,10 +62,11 @@ pub struct Args {
     pub mode: Mode,
     /// Connection-table capacity: established flows per IP family, and a
     /// quarter of it for half-open ones (IPv4 and IPv6 have tables of
-    /// their own; when full, half-open and closing flows are evicted
-    /// before established ones, least recently seen first). The tables
-    /// are shared by every attachment of the network namespace: the first
-    /// attachment sizes them.
+    /// their own; the IPv4 table holds both in one, with room to spare).
+    /// Under pressure half-open and closing flows are evicted before
+    /// established ones, least recently seen first. The tables are shared
+    /// by every attachment of the network namespace: the first attachment
+    /// sizes them.
     #[arg(long, value_name = "ENTRIES", default_value_t = segbpf_common::DEFAULT_CT_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
     pub ct_size: u32,
