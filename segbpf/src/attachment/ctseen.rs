@@ -55,8 +55,8 @@ pub fn seed(ebpf: &mut Ebpf) -> Result<Seeded, MapsError> {
     let mut flows = BTreeSet::new();
     // Both families' tables: an IPv4 key's buckets are the same in either
     // form (`segbpf_common::ct_seen_bucket_v4`, `ct_seen_flow_bucket_v4`).
-    for t in crate::attachment::cttables::tables() {
-        for (k, _) in crate::attachment::cttables::read(ebpf, t)? {
+    for (_, table) in crate::attachment::cttables::read_all(ebpf)? {
+        for (k, _) in table {
             entries += 1;
             remotes.insert(ct_seen_bucket(k.family, &k.remote));
             flows.insert(ct_seen_flow_bucket(&k));

@@ -148,16 +148,6 @@ pub fn map_v4_pinned(att: &Attachment) -> Result<Option<Ct4Map>, MapsError> {
     map_arrays(&sets, &ways).map(Some)
 }
 
-/// The flows of one view of the IPv4 table (assured or half-open).
-fn v4_view(map: &Ct4Map, assured: bool) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
-    Ok(map
-        .entries()?
-        .into_iter()
-        .filter(|(_, _, a)| *a == assured)
-        .map(|(k, e, _)| (k.widen(), e))
-        .collect())
-}
-
 /// The earlier builds' LRU table of IPv4 flows of the class `assured`.
 const fn legacy(assured: bool) -> &'static str {
     if assured { MAP_CT4 } else { MAP_CT4_NEW }
@@ -166,7 +156,7 @@ const fn legacy(assured: bool) -> &'static str {
 /// Every entry of the table `t` of a loaded instance, keys as `CtKey`.
 pub fn read(ebpf: &aya::Ebpf, t: Table) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
     if t.v4 {
-        return v4_view(&map_v4(ebpf)?, t.assured);
+        return Ok(view(&map_v4(ebpf)?.entries()?, t.assured));
     }
     let map = ebpf.map(t.name).ok_or(MapsError::Missing(t.name))?;
     read_form::<CtKey>(map, t.name)
@@ -181,16 +171,70 @@ pub fn read_pinned(att: &Attachment, t: Table) -> Result<Vec<(CtKey, CtEntry)>, 
         return read_form::<CtKey>(&map, t.name);
     }
     let mut out = match map_v4_pinned(att)? {
-        Some(m) => v4_view(&m, t.assured)?,
+        Some(m) => view(&m.entries()?, t.assured),
         None => Vec::new(),
     };
-    let old = legacy(t.assured);
-    let path = att.map(old);
-    if path.exists() {
-        let map = Map::LruHashMap(MapData::from_pin(&path).map_err(err(old))?);
-        out.extend(read_form::<CtKey4>(&map, old)?);
-    }
+    out.extend(read_legacy(att, t.assured)?);
     Ok(out)
+}
+
+/// A table's entries, keys as `CtKey`.
+pub type Entries = Vec<(CtKey, CtEntry)>;
+
+/// Every table of a loaded instance with its entries ([`tables`]' order),
+/// the IPv4 table read once for both of its views.
+pub fn read_all(ebpf: &aya::Ebpf) -> Result<Vec<(Table, Entries)>, MapsError> {
+    let v4 = map_v4(ebpf)?.entries()?;
+    tables()
+        .map(|t| {
+            if t.v4 {
+                Ok((t, view(&v4, t.assured)))
+            } else {
+                read(ebpf, t).map(|e| (t, e))
+            }
+        })
+        .collect()
+}
+
+/// Every table pinned for `att` with its entries ([`tables`]' order; as
+/// [`read_pinned`]), the IPv4 table read once for both of its views: a
+/// flow that changes class meanwhile is seen in one of them, not in none.
+pub fn read_all_pinned(att: &Attachment) -> Result<Vec<(Table, Entries)>, MapsError> {
+    let v4 = match map_v4_pinned(att)? {
+        Some(m) => m.entries()?,
+        None => Vec::new(),
+    };
+    tables()
+        .map(|t| {
+            if !t.v4 {
+                return read_pinned(att, t).map(|e| (t, e));
+            }
+            let mut out = view(&v4, t.assured);
+            out.extend(read_legacy(att, t.assured)?);
+            Ok((t, out))
+        })
+        .collect()
+}
+
+/// The flows of one class of the IPv4 table's entries.
+fn view(entries: &[(CtKey4, CtEntry, bool)], assured: bool) -> Vec<(CtKey, CtEntry)> {
+    entries
+        .iter()
+        .filter(|(_, _, a)| *a == assured)
+        .map(|(k, e, _)| (k.widen(), *e))
+        .collect()
+}
+
+/// An earlier build's LRU table of IPv4 flows of the class `assured`
+/// pinned for `att`, if the namespace still has it.
+fn read_legacy(att: &Attachment, assured: bool) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
+    let old = legacy(assured);
+    let path = att.map(old);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let map = Map::LruHashMap(MapData::from_pin(&path).map_err(err(old))?);
+    read_form::<CtKey4>(&map, old)
 }
 
 /// Removes `keys` from the table `t` pinned for `att` (for the IPv4
@@ -373,8 +417,8 @@ pub fn pinned_fill(att: &Attachment, ifindex: u32) -> Result<[Fill; 2], MapsErro
     let cfg = crate::attachment::maps::pinned_config(att)?;
     let now = crate::host::clock::monotonic_ns();
     let (mut mine, mut all) = (Fill::default(), Fill::default());
-    for t in tables() {
-        for (k, e) in read_pinned(att, t)? {
+    for (t, entries) in read_all_pinned(att)? {
+        for (k, e) in entries {
             let live = segbpf_common::ct_entry_live(&cfg, k.proto, &e, now);
             all.add(t.assured, live);
             if k.ifindex == ifindex {

@@ -1612,8 +1612,7 @@ fn prune_conntrack(
     };
     let mut pruned = 0;
     // Both families' tables (`crate::attachment::cttables`).
-    for t in crate::attachment::cttables::tables() {
-        let entries = crate::attachment::cttables::read_pinned(att, t)?;
+    for (t, entries) in crate::attachment::cttables::read_all_pinned(att)? {
         let judged: Vec<(CtKey, CtEntry)> = entries
             .into_iter()
             .filter(|(k, _)| k.ifindex == ifindex && in_region(k))

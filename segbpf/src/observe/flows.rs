@@ -196,9 +196,8 @@ pub fn snapshot_keyed(att: &Attachment) -> Result<Vec<(FlowId, Flow)>, FlowsErro
     let mut out = Vec::new();
     // Both families' tables (`crate::attachment::cttables`): IPv4 keys
     // read widened to `CtKey`.
-    for t in crate::attachment::cttables::tables() {
+    for (t, entries) in crate::attachment::cttables::read_all_pinned(att)? {
         let table = if t.assured { "assured" } else { "half-open" };
-        let entries = crate::attachment::cttables::read_pinned(att, t)?;
         for (k, e) in entries {
             // The tables are the namespace's: this interface's flows only
             // (none when the state, which names the interface, is unreadable).
