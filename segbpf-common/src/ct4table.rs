@@ -36,8 +36,8 @@
 //! copy.
 //!
 //! **Writers take the set**: a compare-and-exchange of word 0 from an even
-//! sequence to the next (odd), the writes, then a store of the sequence
-//! plus two. Readers compare keys without the lock and accept a match only
+//! sequence to the next (odd), the writes, then another back to even (the
+//! sequence plus two). Readers compare keys without the lock and accept a match only
 //! if the sequence was even and unchanged around the compare. The
 //! datapath's lookups store the way's tick without the lock (an aligned
 //! u32 of its own), and update a found entry's fields in place as they did

@@ -402,8 +402,8 @@ impl Ct4Table {
         let s = ct4_slot(way);
         let f = flags_ptr(line);
         // What another CPU wrote since the choice: a key into the empty
-        // way, or the way's flow made assured. Not overwritten: the
-        // caller chooses again.
+        // way, or the way's flow made assured. Not overwritten: the new
+        // flow is not tracked (its replies meet the policy).
         // SAFETY: as in `scan`; this CPU holds the set.
         let changed = unsafe {
             (flags & WAS_EMPTY != 0 && core::ptr::read_volatile(&raw const (*line)[s + 1]) != 0)
