@@ -11,8 +11,8 @@
 
 pub mod config;
 pub mod conntrack;
-pub mod ct4table;
 pub mod ctseen;
+pub mod cttable;
 pub mod denied;
 pub mod events;
 pub mod keys;
@@ -26,8 +26,8 @@ mod user;
 
 pub use config::*;
 pub use conntrack::*;
-pub use ct4table::*;
 pub use ctseen::*;
+pub use cttable::*;
 pub use denied::*;
 pub use events::*;
 pub use keys::*;

@@ -39,11 +39,14 @@ pub const MAP_RATE: &str = "SEG_RATE";
 /// Per-CPU array of u64: events emitted, suppressed by the rate limit,
 /// lost because the ring was full ([`EV_EMITTED`], ...).
 pub const MAP_EVSTATS: &str = "SEG_EVSTATS";
-/// LRU hash: [`CtKey`] -> [`CtEntry`], the connection table of assured
-/// flows (both sides spoke, and the originator spoke again after the reply).
+/// LRU hash: [`CtKey`] -> [`CtEntry`], the assured flows of the builds
+/// before the IPv6 table of our own ([`crate::MAP_CT6_SETS`]; IPv6 flows,
+/// and IPv4 flows before the IPv4 tables). No program of this build uses
+/// it; an attach moves its interface's flows out of a namespace's pin
+/// (`segbpf::attachment::cttables::adopt`).
 pub const MAP_CT: &str = "SEG_CT";
-/// LRU hash: [`CtKey`] -> [`CtEntry`], half-open flows (an opener seen,
-/// not yet assured). A flood of openers can only evict entries here.
+/// LRU hash: [`CtKey`] -> [`CtEntry`], the half-open flows of those builds
+/// (see [`MAP_CT`]).
 pub const MAP_CT_NEW: &str = "SEG_CT_NEW";
 /// LRU hash: [`CtKey4`] -> [`CtEntry`], the assured IPv4 flows of the
 /// builds before the IPv4 table of our own ([`crate::MAP_CT4_SETS`]). No
@@ -53,13 +56,10 @@ pub const MAP_CT4: &str = "SEG_CT4";
 /// LRU hash: [`CtKey4`] -> [`CtEntry`], the half-open IPv4 flows of those
 /// builds (see [`MAP_CT4`]).
 pub const MAP_CT4_NEW: &str = "SEG_CT4_NEW";
-/// The kernel connection tables: (name, assured). IPv6 flows only: IPv4
-/// flows live in the table of our own ([`crate::ct4table`]).
-pub const CT_MAPS: [(&str, bool); 2] = [(MAP_CT, true), (MAP_CT_NEW, false)];
 /// Shared tables of earlier builds that a namespace may still have pinned
 /// (another attachment of an older build): read, emptied of the
 /// interface's flows at attach, removed with the namespace's other pins.
-pub const LEGACY_SHARED_MAPS: [&str; 2] = [MAP_CT4, MAP_CT4_NEW];
+pub const LEGACY_SHARED_MAPS: [&str; 4] = [MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW];
 /// LRU hash: [`FragKey`] -> [`FragEntry`], datagrams whose first fragment
 /// passed on an assured flow.
 pub const MAP_FRAG: &str = "SEG_FRAG";
@@ -72,10 +72,10 @@ pub const MAP_FRAG_NEW: &str = "SEG_FRAG_NEW";
 /// namespace and reused by each attachment's programs; the tables' keys
 /// carry the interface.
 pub const SHARED_MAPS: [&str; 6] = [
-    MAP_CT,
-    MAP_CT_NEW,
     crate::MAP_CT4_SETS,
     crate::MAP_CT4_WAYS,
+    crate::MAP_CT6_SETS,
+    crate::MAP_CT6_WAYS,
     crate::MAP_CT_SEEN,
     crate::MAP_CT_SEEN_F,
 ];
@@ -182,12 +182,12 @@ pub const MAP_GEN: &str = "SEG_GEN";
 pub const DEFAULT_PEER_ENTRIES: u32 = 4 * 1024 * 1024;
 /// Default capacity of the port trie.
 pub const DEFAULT_PORT_ENTRIES: u32 = 1024 * 1024;
-/// Default capacity of the connection table of assured flows
-/// (`--ct-size`), shared by every attachment of a network namespace. The
-/// kernel preallocates the IPv6 LRU tables: about 190 bytes per entry,
-/// 12 MiB here plus a quarter of it for the half-open table. The IPv4
-/// table ([`crate::ct4table`]) has room for both: 65,536 sets, 4 MiB of
-/// sets and 15 MiB of entries here.
+/// Default number of assured flows the connection tables hold
+/// (`--ct-size`), with a quarter as many half-open ones
+/// ([`ct_new_entries`]), shared by every attachment of a network
+/// namespace. Each family's table ([`crate::cttable`]) has room for both:
+/// IPv4 65,536 sets, 4 MiB of sets and 15 MiB of entries here; IPv6
+/// 32,768 sets, 8 MiB of sets and 10 MiB of entries.
 pub const DEFAULT_CT_ENTRIES: u32 = 65_536;
 /// Default size of the event ring buffer in bytes (a power of two).
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 20;

@@ -14,10 +14,9 @@
 //! source never sees that SYN, so a flood of openers only evicts other
 //! half-open entries). A flow that closes (TCP RST, or FIN from both
 //! sides) becomes half-open again, so closing flows are evicted before
-//! established ones. IPv6 keeps each class in its own LRU table
-//! (`SEG_CT_NEW`, `SEG_CT`; a flow moves by a copy); IPv4 keeps both in
-//! one table of our own (`ct4table`) whose eviction takes half-open ways
-//! before assured ones, and a flow changes class by its way's bit.
+//! established ones. Each family keeps both classes in one table of our
+//! own (`cttable`) whose eviction takes half-open ways before assured
+//! ones; a flow changes class by its way's bit.
 //!
 //! Every TCP segment of a tracked flow is checked against the window seen
 //! for it before it changes anything (netfilter's `tcp_in_window`, reduced
@@ -52,9 +51,9 @@ use segbpf_common::{
 };
 
 use crate::{
-    ct4table::CtTable as _,
     ctkey::{FlowKey, addrs, orient, quoted_addrs},
     ctseen,
+    cttable::CtTable as _,
     maps::SEG_CT_SCRATCH,
     parse::{self, Bounds, Parsed},
 };
@@ -123,11 +122,11 @@ pub(crate) fn related_key<K: FlowKey>(pkt: &Bounds, dir: u8, p: &Parsed) -> Opti
     ))
 }
 
-/// A live entry: where it is, and whether it is in the assured table.
+/// A live entry: where it is, and whether it is assured.
 pub(crate) struct Tracked {
     /// The entry, a pointer into its map (valid during this program run).
     pub entry: *mut CtEntry,
-    /// In the assured table rather than the half-open one.
+    /// Assured rather than half-open (its way's bit).
     pub assured: bool,
     /// The key's last-seen buckets, packed (`ctseen::live_buckets`), for
     /// `update`.
@@ -136,13 +135,12 @@ pub(crate) struct Tracked {
     pub fp: u32,
 }
 
-/// The live entry of `key` for the packet `p`: the assured table first
-/// (most packets belong to assured flows), then the half-open table. An
-/// entry is dead when it expired, when it is a flow audit mode let through
-/// while enforcement is on, and for a TCP SYN when it is closing (the SYN
-/// opens a new connection on the tuple: judged by the policy, its entry
-/// replaces the closing one). A dead assured entry does not hide a live
-/// half-open one (a new connection on a reused tuple). A key whose
+/// The live entry of `key` for the packet `p`, from the family's table
+/// (one entry per key, its class in its way's bit). An entry is dead when
+/// it expired, when it is a flow audit mode let through while enforcement
+/// is on, and for a TCP SYN when it is closing (the SYN opens a new
+/// connection on the tuple: judged by the policy, its entry replaces the
+/// closing one in the same way). A key whose
 /// remote's last-seen bucket is stale or lacks its local port's bit, or
 /// whose flow's bucket is stale, has no live entry: no lookup (`ctseen`).
 #[inline(always)]
@@ -151,36 +149,13 @@ pub(crate) fn lookup<K: FlowKey>(cfg: &Config, key: &K, p: &Parsed, now: u64) ->
     let fp = remote.1;
     let seen_bucket = ctseen::live_buckets(cfg, remote, key.port_bit(), || key.flow_bucket(), now)?;
     let syn = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-    if K::ONE_TABLE {
-        let (e, assured) = K::assured().find(key, now, true)?;
-        return live(cfg, key, e, now, syn).then_some(Tracked {
-            entry: e,
-            assured,
-            seen_bucket,
-            fp,
-        });
-    }
-    if let Some((e, _)) = K::assured().find(key, now, true)
-        && live(cfg, key, e, now, syn)
-    {
-        return Some(Tracked {
-            entry: e,
-            assured: true,
-            seen_bucket,
-            fp,
-        });
-    }
-    let (e, _) = K::half_open().find(key, now, false)?;
-    if live(cfg, key, e, now, syn) {
-        Some(Tracked {
-            entry: e,
-            assured: false,
-            seen_bucket,
-            fp,
-        })
-    } else {
-        None
-    }
+    let (e, assured) = K::table().find(key, now)?;
+    live(cfg, key, e, now, syn).then_some(Tracked {
+        entry: e,
+        assured,
+        seen_bucket,
+        fp,
+    })
 }
 
 /// Whether `entry` (of `key`) is in force for a packet (`syn`: a TCP SYN
@@ -330,15 +305,11 @@ fn account(e: *mut CtEntry, side: usize, len: u32, tcp_flags: u8) {
 }
 
 /// Updates an entry for a packet of its flow travelling in `dir` (a packet
-/// `check` passed and let change the flow), moves a half-open entry to the
-/// assured table when the originator speaks after a reply, and a closing
-/// one out of it. With flow accounting (`acct`), the
-/// packet is counted in the entry.
+/// `check` passed and let change the flow), marks a half-open flow assured
+/// when the originator speaks after a reply, and a closing one half-open
+/// again. With flow accounting (`acct`), the packet is counted in the
+/// entry.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "insert from the map value itself: a by-value entry would be copied onto the BPF stack"
-)]
 pub(crate) fn update<K: FlowKey>(
     t: &Tracked,
     key: &K,
@@ -388,31 +359,17 @@ pub(crate) fn update<K: FlowKey>(
                 e.state = CT_CLOSING;
             }
         }
-        if t.assured && e.state == CT_CLOSING && K::ONE_TABLE {
-            let _ = K::assured().mark(key, false);
-            return;
-        }
         if t.assured && e.state == CT_CLOSING {
-            // A closing flow leaves the assured table (copied first): under
-            // pressure it goes before any established flow, and a new
-            // connection on its tuple replaces it in the half-open table.
-            let _ = K::half_open().insert(key, &*e, now, 0);
-            let _ = K::assured().remove(key);
+            // A closing flow is half-open again: under pressure it goes
+            // before any established flow.
+            let _ = K::table().mark(key, false);
             return;
         }
-    }
-    if !t.assured && assures && e.state == CT_ESTABLISHED && K::ONE_TABLE {
-        // One table: the way's bit (no copy, never in neither class).
-        let _ = K::assured().mark(key, true);
-        return;
     }
     if !t.assured && assures && e.state == CT_ESTABLISHED {
-        // Both sides spoke and the originator again: assured. Insert a
-        // copy (straight from the map value, not through the stack) first,
-        // so the flow is never in neither table.
-        if K::assured().insert(key, &*e, now, 0).is_ok() {
-            let _ = K::half_open().remove(key);
-        }
+        // Both sides spoke and the originator again: assured, by the
+        // way's bit (no copy).
+        let _ = K::table().mark(key, true);
     }
 }
 
@@ -493,10 +450,9 @@ pub(crate) fn create<K: FlowKey>(
     acct: bool,
     audit: bool,
 ) {
-    // A full table evicts: its least recently used entry (LRU map), a way
-    // of a dead or else the least recently seen half-open flow (IPv4
-    // table); a failed insert only means the replies will be judged by
-    // the policy.
+    // A full table evicts: a way of a dead or else the least recently
+    // seen half-open flow (`cttable`); a failed insert only means the
+    // replies will be judged by the policy.
     let Some(e) = SEG_CT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -514,5 +470,5 @@ pub(crate) fn create<K: FlowKey>(
         now,
     );
     let horizon = segbpf_common::ct_seen_horizon(cfg, now);
-    let _ = K::half_open().insert(key, &*e, now, horizon);
+    let _ = K::table().insert(key, &*e, now, horizon);
 }

@@ -1,10 +1,10 @@
 //! Connection-table keys, one form per IP family, each with its own
-//! tables: IPv4 flows in the table of our own (`ct4table`: `SEG_CT4_SETS`
-//! / `SEG_CT4_WAYS`) under the 16-byte `CtKey4`, IPv6 flows in the LRU
-//! tables `SEG_CT` / `SEG_CT_NEW` under the 48-byte `CtKey`. A hash lookup
-//! costs about its key's length, so an IPv4 packet pays a third of what
-//! the shared 48-byte key cost it. `ct` is generic
-//! over the form: each program carries only its family's key and tables.
+//! table of our own (`cttable`): IPv4 flows in `SEG_CT4_SETS` /
+//! `SEG_CT4_WAYS` under the 16-byte `CtKey4`, IPv6 flows in
+//! `SEG_CT6_SETS` / `SEG_CT6_WAYS` under the 48-byte `CtKey`. A lookup
+//! costs about its key's length in hashing and comparing, so an IPv4
+//! packet pays a third of what the 48-byte key costs. `ct` is generic
+//! over the form: each program carries only its family's key and table.
 //!
 //! Both forms hold the interface the flow was seen on (`SEGBPF_IFINDEX`,
 //! set at load from the kernel): a flow opened on one interface never lets
@@ -12,15 +12,15 @@
 //! refuses a larger index, and an instance loaded with one anyway tracks
 //! no IPv4 flow (its packets are judged by the policy alone): fail closed.
 
-use aya_ebpf::maps::LruHashMap;
 use segbpf_common::{
-    CT4_MAX_IFINDEX, CtEntry, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6, ct_port_bit,
+    CT4_MAX_IFINDEX, Ct4, Ct6, CtKey, CtKey4, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    ct_port_bit,
 };
 
 use crate::{
-    ct4table::{CT4, Ct4Table, CtTable},
     ctseen,
-    maps::{SEG_CT, SEG_CT_NEW, SEGBPF_IFINDEX},
+    cttable::{CT4, CT6, CtTable, SetTable},
+    maps::SEGBPF_IFINDEX,
     parse::{L3_IPV4, L3_IPV6, Parsed, Quoted},
 };
 
@@ -128,13 +128,10 @@ pub(crate) fn orient(
     }
 }
 
-/// A connection-table key form and its two tables.
+/// A connection-table key form and its table.
 pub(crate) trait FlowKey: Sized + 'static {
     /// The parser's family (`parse::L3_*`) of the packets it keys.
     const L3: u8;
-    /// One table for half-open and assured flows (`ct4table`: a flow's
-    /// class is its way's bit), rather than two LRU tables.
-    const ONE_TABLE: bool;
     /// The key of the flow `o` on this instance's interface, or None when
     /// this form cannot hold it exactly (then the flow is not tracked).
     fn make(o: &Oriented) -> Option<Self>;
@@ -152,17 +149,15 @@ pub(crate) trait FlowKey: Sized + 'static {
     fn remote(&self) -> (u32, u32);
     /// The flow's last-seen bucket (`ctseen`).
     fn flow_bucket(&self) -> u32;
-    /// The tables' type.
+    /// The table's type.
     type Table: CtTable<Self> + 'static;
-    /// The table of assured flows.
-    fn assured() -> &'static Self::Table;
-    /// The table of half-open flows.
-    fn half_open() -> &'static Self::Table;
+    /// The table of the form's flows, half-open and assured (a flow's
+    /// class is its way's bit).
+    fn table() -> &'static Self::Table;
 }
 
 impl FlowKey for CtKey4 {
     const L3: u8 = L3_IPV4;
-    const ONE_TABLE: bool = true;
 
     #[inline(always)]
     fn make(o: &Oriented) -> Option<Self> {
@@ -201,22 +196,16 @@ impl FlowKey for CtKey4 {
         ctseen::flow_bucket_v4(self)
     }
 
-    type Table = Ct4Table;
+    type Table = SetTable<Ct4>;
 
     #[inline(always)]
-    fn assured() -> &'static Ct4Table {
-        &CT4
-    }
-
-    #[inline(always)]
-    fn half_open() -> &'static Ct4Table {
+    fn table() -> &'static SetTable<Ct4> {
         &CT4
     }
 }
 
 impl FlowKey for CtKey {
     const L3: u8 = L3_IPV6;
-    const ONE_TABLE: bool = false;
 
     #[inline(always)]
     fn make(o: &Oriented) -> Option<Self> {
@@ -253,15 +242,10 @@ impl FlowKey for CtKey {
         ctseen::flow_bucket(self)
     }
 
-    type Table = LruHashMap<Self, CtEntry>;
+    type Table = SetTable<Ct6>;
 
     #[inline(always)]
-    fn assured() -> &'static LruHashMap<Self, CtEntry> {
-        &SEG_CT
-    }
-
-    #[inline(always)]
-    fn half_open() -> &'static LruHashMap<Self, CtEntry> {
-        &SEG_CT_NEW
+    fn table() -> &'static SetTable<Ct6> {
+        &CT6
     }
 }

@@ -34,9 +34,9 @@
 
 mod cgroup;
 mod ct;
-mod ct4table;
 mod ctkey;
 mod ctseen;
+mod cttable;
 mod denied;
 mod events;
 mod frag;

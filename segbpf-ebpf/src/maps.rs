@@ -8,11 +8,12 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use segbpf_common::{
-    CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS, CT4_MAP_FLAGS, Config, Counter, Ct4Set, CtEntry, CtKey,
-    CtRemote, DEFAULT_CT_ENTRIES, DEFAULT_CT4_SETS, DEFAULT_EVENT_RING_BYTES, DEFAULT_FRAG_ENTRIES,
-    DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS, DENIED_BUCKETS, DeniedBucket,
-    DeniedRate, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6, PortKey, PortMiss, RateState,
-    RuleRef, STATS_LEN, TraceResult, ct4_sets_entries, ct4_ways_entries,
+    CT_SEEN_BUCKETS, CT_SEEN_MAP_FLAGS, CT_TABLE_FLAGS, Config, Counter, Ct4, Ct4Set, Ct6, Ct6Set,
+    CtEntry, CtRemote, DEFAULT_CT4_SETS, DEFAULT_CT6_SETS, DEFAULT_EVENT_RING_BYTES,
+    DEFAULT_FRAG_ENTRIES, DEFAULT_PEER_ENTRIES, DEFAULT_PORT_ENTRIES, DEFAULT_RULE_STATS,
+    DENIED_BUCKETS, DeniedBucket, DeniedRate, FragEntry, FragKey, PeerClass, PeerKeyV4, PeerKeyV6,
+    PortKey, PortMiss, RateState, RuleRef, STATS_LEN, TraceResult, ct_sets_entries,
+    ct_ways_entries,
 };
 
 /// IPv4 peer address (with slot and direction) -> address class.
@@ -57,31 +58,31 @@ pub(crate) static SEG_RULE_STATS: PerCpuArray<Counter> =
 #[map]
 pub(crate) static SEG_TRACE: Array<TraceResult> = Array::with_max_entries(1, 0);
 
-/// Connection table of assured IPv6 flows, shared by both directions and
-/// by every attachment of the network namespace (size: `attach --ct-size`).
-#[map]
-pub(crate) static SEG_CT: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
-
-/// Connection table of half-open IPv6 flows (size: a quarter of
-/// `--ct-size`), shared like `SEG_CT`.
-#[map]
-pub(crate) static SEG_CT_NEW: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES / 4, 0);
-
-/// The IPv4 connection table's sets (`segbpf_common::ct4table`: half-open
-/// and assured IPv4 flows in one table of our own), shared like `SEG_CT`
-/// and sized from `--ct-size` (`ct4_sets_for`); the element after the last
-/// set holds the namespace's secret. Mappable: userspace takes a set's
-/// lock as the programs do.
+/// The IPv4 connection table's sets (`segbpf_common::cttable`: half-open
+/// and assured IPv4 flows in one table of our own), shared by both
+/// directions and by every attachment of the network namespace, and sized
+/// from `--ct-size` (`CtLayout::sets_for`); the element after the last set
+/// holds the namespace's secret. Mappable: userspace takes a set's lock as
+/// the programs do.
 #[map]
 pub(crate) static SEG_CT4_SETS: Array<Ct4Set> =
-    Array::with_max_entries(ct4_sets_entries(DEFAULT_CT4_SETS), CT4_MAP_FLAGS);
+    Array::with_max_entries(ct_sets_entries(DEFAULT_CT4_SETS), CT_TABLE_FLAGS);
 
 /// The IPv4 connection table's entries, one per way (`set * 3 + way`).
 #[map]
 pub(crate) static SEG_CT4_WAYS: Array<CtEntry> =
-    Array::with_max_entries(ct4_ways_entries(DEFAULT_CT4_SETS), CT4_MAP_FLAGS);
+    Array::with_max_entries(ct_ways_entries::<Ct4>(DEFAULT_CT4_SETS), CT_TABLE_FLAGS);
+
+/// The IPv6 connection table's sets, as `SEG_CT4_SETS` (256-byte sets of
+/// four ways).
+#[map]
+pub(crate) static SEG_CT6_SETS: Array<Ct6Set> =
+    Array::with_max_entries(ct_sets_entries(DEFAULT_CT6_SETS), CT_TABLE_FLAGS);
+
+/// The IPv6 connection table's entries, one per way (`set * 4 + way`).
+#[map]
+pub(crate) static SEG_CT6_WAYS: Array<CtEntry> =
+    Array::with_max_entries(ct_ways_entries::<Ct6>(DEFAULT_CT6_SETS), CT_TABLE_FLAGS);
 
 /// The last-seen tick, local-port filter and remotes' fingerprints of each
 /// bucket of remote addresses (see `segbpf_common::ctseen`), shared like
@@ -208,8 +209,8 @@ pub(crate) static SEGBPF_CT_SEEN: Global<u8> = Global::new(0);
 pub(crate) static SEGBPF_DENY_SEED: Global<u64> = Global::new(0);
 
 /// Secret of the IPv4 connection table's set hash
-/// (`segbpf_common::ct4_candidates`): the namespace's, read from its
-/// table at load (`segbpf_common::ct4_secret`); frozen.
+/// (`segbpf_common::ct_candidates`): the namespace's, read from its
+/// table at load (`segbpf_common::ct_secret`); frozen.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_CT4_KEY: Global<u64> = Global::new(0);
 
@@ -217,3 +218,11 @@ pub(crate) static SEGBPF_CT4_KEY: Global<u64> = Global::new(0);
 /// namespace's table at load; frozen.
 #[unsafe(no_mangle)]
 pub(crate) static SEGBPF_CT4_MASK: Global<u32> = Global::new(DEFAULT_CT4_SETS - 1);
+
+/// Secret of the IPv6 connection table's set hash, as `SEGBPF_CT4_KEY`.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_CT6_KEY: Global<u64> = Global::new(0);
+
+/// Mask of the IPv6 connection table's set index, as `SEGBPF_CT4_MASK`.
+#[unsafe(no_mangle)]
+pub(crate) static SEGBPF_CT6_MASK: Global<u32> = Global::new(DEFAULT_CT6_SETS - 1);

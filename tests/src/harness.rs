@@ -205,3 +205,48 @@ impl Instance {
         &mut self.ebpf
     }
 }
+
+/// A kernel LRU hash map made by hand (`BPF_MAP_CREATE`), as an earlier
+/// build's connection table was: `name`, keys and values of the given
+/// sizes. For tests of what this build does with such tables (read,
+/// prune, adopt) and of batched reads.
+pub fn lru_map(
+    name: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> anyhow::Result<aya::maps::MapData> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    // union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size,
+    // max_entries, map_flags, inner_map_fd, numa_node (u32 each), then
+    // map_name[16].
+    let mut attr = [0u8; 128];
+    for (i, v) in [BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries]
+        .into_iter()
+        .enumerate()
+    {
+        attr[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    let n = name.len().min(15);
+    attr[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: the bpf syscall with a zeroed, initialised attribute buffer
+    // of its documented layout and length; the result is a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd the kernel just returned, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(aya::maps::MapData::from_fd(fd)?)
+}

@@ -215,6 +215,14 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
 
     let mut instance = segbpf_tests::harness::Instance::load(segbpf_common::RUN_DRY)?;
     let ebpf = instance.ebpf_mut();
+    // An earlier build's table of `CtKey`s (this build's tables are
+    // arrays, mapped; the kernel's LRU tables are what batches read).
+    let mut lru = aya::maps::Map::LruHashMap(segbpf_tests::harness::lru_map(
+        MAP_CT,
+        size_of::<CtKey>() as u32,
+        size_of::<CtEntry>() as u32,
+        8_192,
+    )?);
     let key = |i: u32| CtKey {
         family: 4,
         proto: 6,
@@ -224,8 +232,7 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
         ..CtKey::default()
     };
     {
-        let mut ct: BpfHashMap<&mut MapData, CtKey, CtEntry> =
-            BpfHashMap::try_from(ebpf.map_mut(MAP_CT).unwrap())?;
+        let mut ct: BpfHashMap<&mut MapData, CtKey, CtEntry> = BpfHashMap::try_from(&mut lru)?;
         for i in 0..5_000u32 {
             let e = CtEntry {
                 first_seen_ns: u64::from(i) + 1,
@@ -234,10 +241,10 @@ fn drains_read_whole_tables_in_a_few_batched_calls() -> anyhow::Result<()> {
             ct.insert(key(i), e, 0)?;
         }
     }
-    let fd = match ebpf.map(MAP_CT).unwrap() {
-        aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d.fd().as_fd(),
-        other => anyhow::bail!("{MAP_CT} is {other:?}"),
+    let aya::maps::Map::LruHashMap(lru) = &lru else {
+        anyhow::bail!("{MAP_CT} is not an LRU hash");
     };
+    let fd = lru.fd().as_fd();
     let (got, cost) = segbpf::attachment::batch::read_all::<CtKey, CtEntry>(fd, 1, false)?;
     assert_eq!(got.len(), 5_000);
     let mut seen: Vec<u64> = got.iter().map(|(_, v)| v[0].first_seen_ns).collect();

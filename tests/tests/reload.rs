@@ -2542,8 +2542,8 @@ fn a_fast_set_del_prunes_the_connections_of_the_removed_addresses() -> anyhow::R
         key([198, 18, 9, 2]),
         key([198, 18, 1, 5]),
     ];
-    let open = || -> anyhow::Result<segbpf::attachment::ct4map::Ct4Map> {
-        segbpf::attachment::cttables::map_v4_pinned(&s.att)?
+    let open = || -> anyhow::Result<segbpf::attachment::ctmap::Ct4Map> {
+        segbpf::attachment::cttables::map_pinned::<segbpf_common::Ct4>(&s.att)?
             .ok_or_else(|| anyhow::anyhow!("no IPv4 connection table"))
     };
     {

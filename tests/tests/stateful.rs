@@ -1573,25 +1573,6 @@ fn established_egress(now: u64) -> segbpf_common::CtEntry {
     }
 }
 
-/// Writes `entries` (keys of the table's form) into the connection table
-/// `map` of `instance`.
-fn insert_entries<K: aya::Pod>(
-    instance: &mut Instance,
-    map: &str,
-    entries: &[(K, segbpf_common::CtEntry)],
-) -> anyhow::Result<()> {
-    let map = instance
-        .ebpf_mut()
-        .map_mut(map)
-        .ok_or_else(|| anyhow::anyhow!("no map {map}"))?;
-    let mut ct: aya::maps::HashMap<_, K, segbpf_common::CtEntry> =
-        aya::maps::HashMap::try_from(map)?;
-    for (k, e) in entries {
-        ct.insert(k, e, 0)?;
-    }
-    Ok(())
-}
-
 /// The remotes' fingerprints in their bucket (`CtRemote::fp`): four
 /// addresses share one bucket. The first remote's flow fills a slot; an
 /// entry of the fourth that the array does not cover (written by
@@ -1891,56 +1872,109 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() ->
     Ok(())
 }
 
-/// An IPv4 flow that a build before the IPv4 tables left in the shared
-/// `SEG_CT` (another attachment of the namespace kept the tables while
-/// this interface's programs were replaced) is not looked up there by
-/// this build's IPv4 programs: the attach moves the interface's IPv4
-/// entries into the IPv4 table (`segbpf::attachment::cttables::adopt`,
-/// before the seeding), so the flow goes on; another interface's entry
-/// stays where it is, and the old copy is gone (a later attach cannot
-/// bring back a flow pruned since).
+/// Flows that earlier builds left in the namespace's LRU tables
+/// (another attachment of the namespace kept them while this interface's
+/// programs were replaced: `SEG_CT` with IPv6 and, before the IPv4
+/// tables, IPv4 flows; `SEG_CT4` with IPv4 flows) are not looked up there
+/// by this build's programs: the attach moves the interface's entries into
+/// the tables of our own (`segbpf::attachment::cttables::adopt`, before
+/// the seeding), so the flows go on; another interface's entry stays
+/// where it is, and the old copies are gone (a later attach cannot bring
+/// back a flow pruned since).
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
-fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> anyhow::Result<()> {
-    use segbpf_common::{IPPROTO_UDP, MAP_CT};
+fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow::Result<()> {
+    use segbpf_common::{CtEntry, CtKey, CtKey4, IPPROTO_UDP, MAP_CT, MAP_CT4};
+    /// Removes the test's pin directory.
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let compiled = compiled_for_app()?;
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let now = segbpf::host::clock::monotonic_ns();
-    // This instance is attached nowhere: interface 0.
+    // This instance is attached nowhere: interface 0. Its namespace's pins
+    // in a directory of this test's own (removed when it ends).
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/segbpf-test-adopt-{}",
+        std::process::id()
+    ));
+    let _gone = Gone(dir.clone());
+    let att = segbpf::attachment::pins::Roots {
+        bpffs: dir.join("bpffs"),
+        state: dir.join("state"),
+    }
+    .attachment("eth0", &segbpf::host::netns::Netns::current()?);
+    std::fs::create_dir_all(att.shared_dir())?;
     let mine = ct_key(IPPROTO_UDP, ip(APP), 40_778, ip("198.18.7.8"), 53);
-    let other = segbpf_common::CtKey {
+    let other = CtKey {
         ifindex: 5,
         ..ct_key(IPPROTO_UDP, ip(APP), 40_779, ip("198.18.7.8"), 53)
     };
+    let mine6 = CtKey {
+        family: 6,
+        local: "fd00::a".parse::<std::net::Ipv6Addr>()?.octets(),
+        remote: "fd00::b".parse::<std::net::Ipv6Addr>()?.octets(),
+        ..mine
+    };
+    let mine4 = ct_key(IPPROTO_UDP, ip(APP), 40_780, ip("198.18.7.8"), 53);
     let entry = established_egress(now);
-    insert_entries(&mut instance, MAP_CT, &[(mine, entry), (other, entry)])?;
+    {
+        let wide = segbpf_tests::harness::lru_map(MAP_CT, 48, 80, 64)?;
+        wide.pin(att.map(MAP_CT))?;
+        let mut wide: aya::maps::HashMap<_, CtKey, CtEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(wide))?;
+        for k in [mine, other, mine6] {
+            wide.insert(k, entry, 0)?;
+        }
+        let narrow = segbpf_tests::harness::lru_map(MAP_CT4, 16, 80, 64)?;
+        narrow.pin(att.map(MAP_CT4))?;
+        let mut narrow: aya::maps::HashMap<_, CtKey4, CtEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(narrow))?;
+        narrow.insert(mine4.narrow().expect("an IPv4 key"), entry, 0)?;
+    }
     segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     let reply = udp("198.18.7.8", APP, 53, 40_778).build().bytes;
     assert_eq!(
         instance.ingress(&reply)?.reason,
         reason::DROP_DEFAULT,
-        "an IPv4 flow is looked up in the IPv4 tables only"
+        "a flow is looked up in the tables of our own only"
     );
-    let moved = segbpf::attachment::cttables::adopt(instance.ebpf_mut(), 0, None)?;
-    assert_eq!(moved, 1, "this interface's entry only");
+    let read_pins = || segbpf::attachment::cttables::read_all_pinned(&att);
+    let before: usize = read_pins()?.iter().map(|(_, e)| e.len()).sum();
+    assert_eq!(before, 4, "readers see the older tables' flows");
+    let moved = segbpf::attachment::cttables::adopt(instance.ebpf_mut(), 0, &att)?;
+    assert_eq!(moved, 3, "this interface's entries only");
     segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     assert_eq!(
         instance.ingress(&reply)?.reason,
         reason::PASS_CT,
         "moved: the reply is found"
     );
-    let left: Vec<_> = ct_entries(&instance)?;
-    assert_eq!(left.len(), 2, "{left:?}");
-    let v4 = segbpf::attachment::cttables::tables().find(|t| t.v4 && t.assured);
-    let v4 = segbpf::attachment::cttables::read(instance.ebpf(), v4.expect("SEG_CT4"))?;
-    assert_eq!(v4.len(), 1, "{v4:?}");
-    assert_eq!(v4[0].0, mine, "the moved key widens back to the old one");
-    let old = segbpf::attachment::cttables::tables().find(|t| !t.v4 && t.assured);
-    let old = segbpf::attachment::cttables::read(instance.ebpf(), old.expect("SEG_CT"))?;
+    let v4 = udp("198.18.7.8", APP, 53, 40_780).build().bytes;
     assert_eq!(
-        old.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        instance.ingress(&v4)?.reason,
+        reason::PASS_CT,
+        "from SEG_CT4"
+    );
+    let mut held: Vec<CtKey> = ct_entries(&instance)?.into_iter().map(|(k, _)| k).collect();
+    held.sort_by_key(|k| (k.family, k.local_port));
+    assert_eq!(
+        held,
+        vec![mine, mine4, mine6],
+        "the moved keys widen back to the old ones"
+    );
+    let left: Vec<CtKey> = read_pins()?
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        left,
         vec![other],
-        "another interface's entry stays; the moved one's old copy is gone"
+        "another interface's entry stays; the moved ones' old copies are gone"
     );
     Ok(())
 }
@@ -1955,7 +1989,7 @@ fn ipv4_flows_an_older_build_left_in_the_shared_table_are_moved_at_attach() -> a
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::Result<()> {
-    use segbpf_common::{CT_NEW, CtKey, IPPROTO_UDP, ct4_candidates, ct4_words};
+    use segbpf_common::{CT_NEW, Ct4, CtKey, IPPROTO_UDP, ct_candidates, ct_words};
     let compiled = compiled_for_app()?;
     for all_assured in [false, true] {
         let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
@@ -1963,8 +1997,11 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
         let (secret, mask) = (table.secret(), table.mask());
         assert_ne!(secret, 0, "the load wrote the namespace's secret");
         let sets_of = |k: &CtKey| -> (u32, u32) {
-            let w = ct4_words(&k.narrow().expect("an IPv4 key"));
-            ct4_candidates(w[0], w[1], secret, mask)
+            ct_candidates(
+                &ct_words::<Ct4>(&k.narrow().expect("an IPv4 key")),
+                secret,
+                mask,
+            )
         };
         // A new flow with two distinct candidate sets.
         let (new, lport) = (40_900u16..41_000)
@@ -2026,10 +2063,10 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
         }
         let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
         for (i, k) in fill.iter().enumerate() {
-            let w = ct4_words(&k.narrow().expect("an IPv4 key"));
+            let w = ct_words::<Ct4>(&k.narrow().expect("an IPv4 key"));
             let want = if i < 3 { a } else { b };
             assert_eq!(
-                ct4_candidates(w[0], w[1], secret, mask).0,
+                ct_candidates(&w, secret, mask).0,
                 want,
                 "filler {i} in its first set"
             );
@@ -2136,16 +2173,16 @@ fn a_pruned_assured_flow_leaves_its_way_free() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_set_left_held_is_released_by_the_next_reader() -> anyhow::Result<()> {
-    use segbpf_common::{Ct4Set, IPPROTO_UDP, MAP_CT4_SETS, ct4_candidates, ct4_words};
+    use segbpf_common::{Ct4, Ct4Set, IPPROTO_UDP, MAP_CT4_SETS, ct_candidates, ct_words};
     let compiled = compiled_for_app()?;
     let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
     let out = udp(APP, "198.18.60.10", 40_902, 53).build().bytes;
     let back = udp("198.18.60.10", APP, 53, 40_902).build().bytes;
     assert!(reason::passes(instance.egress(out)?.reason));
     let key = ct_key(IPPROTO_UDP, ip(APP), 40_902, ip("198.18.60.10"), 53);
-    let [k0, k1] = ct4_words(&key.narrow().expect("an IPv4 key"));
+    let w = ct_words::<Ct4>(&key.narrow().expect("an IPv4 key"));
     let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
-    let (a, b) = ct4_candidates(k0, k1, table.secret(), table.mask());
+    let (a, b) = ct_candidates(&w, table.secret(), table.mask());
     drop(table);
     // Both candidate sets held, as a writer that died would leave them.
     {

@@ -896,7 +896,9 @@ fn flows_pass_on_the_last_seen_array_idle_and_after_a_new_attach() -> anyhow::Re
     .attachment("eth0", &Netns::named(&srv_ns)?);
     let seen = att.map(segbpf_common::MAP_CT_SEEN);
     anyhow::ensure!(
-        att.map(segbpf_common::MAP_CT).exists() && seen.exists(),
+        att.map(segbpf_common::MAP_CT4_SETS).exists()
+            && att.map(segbpf_common::MAP_CT6_SETS).exists()
+            && seen.exists(),
         "vx0 keeps the tables and the array"
     );
     std::fs::remove_file(&seen)?;

@@ -212,12 +212,13 @@ fn load_object(object: Option<&[u8]>) -> anyhow::Result<aya::Ebpf> {
         .map_max_entries(segbpf_common::MAP_PEER_V4, c.peer_v4)
         .map_max_entries(segbpf_common::MAP_PEER_V6, c.peer_v6)
         .map_max_entries(segbpf_common::MAP_PORTS, c.ports)
+        // Objects before the tables of our own have LRU tables: sized as
+        // those builds sized them (aya skips a name an object lacks).
         .map_max_entries(segbpf_common::MAP_CT, c.ct)
         .map_max_entries(
             segbpf_common::MAP_CT_NEW,
             segbpf_common::ct_new_entries(c.ct),
         )
-        // Objects before the IPv4 tables have none: aya skips the name.
         .map_max_entries(segbpf_common::MAP_CT4, c.ct)
         .map_max_entries(
             segbpf_common::MAP_CT4_NEW,

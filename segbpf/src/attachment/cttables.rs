@@ -1,58 +1,58 @@
 //! The namespace's connection tables read and written in one key form.
-//! IPv6 flows live in the kernel LRU tables `SEG_CT` / `SEG_CT_NEW` under
-//! the 48-byte `CtKey`; IPv4 flows in the table of our own
-//! (`segbpf_common::ct4table`, mapped by [`crate::attachment::ct4map`])
-//! under the 16-byte `CtKey4`, half-open and assured alike, a way's bit
-//! telling them apart. Every reader here gets `CtKey`s, an IPv4 key widened
-//! (`CtKey4::widen`), and sees the IPv4 table as two tables (its assured
-//! and its half-open flows), so `flows`, flow logs, the state dump,
-//! `suggest`, reload's pruning and the last-seen seeding work alike on
-//! both families.
+//! Each family's flows live in its table of our own
+//! (`segbpf_common::cttable`, mapped by [`crate::attachment::ctmap`]):
+//! IPv4 under the 16-byte `CtKey4`, IPv6 under the 48-byte `CtKey`,
+//! half-open and assured alike, a way's bit telling them apart. Every
+//! reader here gets `CtKey`s, an IPv4 key widened (`CtKey4::widen`), and
+//! sees each table as two (its assured and its half-open flows), so
+//! `flows`, flow logs, the state dump, `suggest`, reload's pruning and the
+//! last-seen seeding work alike on both families.
 //!
-//! Earlier builds kept IPv4 flows in LRU tables: `SEG_CT4` / `SEG_CT4_NEW`
-//! (`segbpf_common::LEGACY_SHARED_MAPS`), and before those in `SEG_CT` /
-//! `SEG_CT_NEW` with the IPv6 flows. A namespace whose other attachments
-//! still run such a build keeps those pins: they are read and pruned here
-//! too, and an attach moves its own interface's IPv4 flows out of them
-//! into the table of our own ([`adopt`]).
+//! Earlier builds kept flows in kernel LRU tables: IPv6 (and, before the
+//! IPv4 tables, IPv4) flows in `SEG_CT` / `SEG_CT_NEW` under `CtKey`, IPv4
+//! flows in `SEG_CT4` / `SEG_CT4_NEW` under `CtKey4`
+//! (`segbpf_common::LEGACY_SHARED_MAPS`). A namespace whose other
+//! attachments still run such a build keeps those pins: they are read and
+//! pruned here too, and an attach moves its own interface's flows out of
+//! them into the tables of our own ([`adopt`]).
 
 use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, Map, MapData};
 use segbpf_common::{
-    CT_MAPS, CtEntry, CtKey, CtKey4, MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW, MAP_CT4_SETS,
-    MAP_CT4_WAYS,
+    Ct4, Ct6, CtEntry, CtKey, CtKey4, CtLayout, MAP_CT, MAP_CT_NEW, MAP_CT4, MAP_CT4_NEW,
 };
 
-use crate::attachment::{batch, ct4map::Ct4Map, maps::MapsError, pins::Attachment};
+use crate::attachment::{
+    batch,
+    ctmap::{Ct4Map, Ct6Map, CtMap},
+    maps::MapsError,
+    pins::Attachment,
+};
 
-/// One connection table of the namespace, as readers see it: the IPv4
-/// table of our own shows as two (its assured flows, its half-open ones).
+/// One connection table of the namespace, as readers see it: each
+/// family's table of our own shows as two (its assured flows, its
+/// half-open ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Table {
-    /// Its map name (the IPv4 table's sets for both of its views).
+    /// Its map name (the table's sets for both of its views).
     pub name: &'static str,
-    /// The table of assured flows (else half-open).
+    /// The assured flows (else half-open).
     pub assured: bool,
-    /// The IPv4 table (keys `CtKey4`) rather than an IPv6 LRU table.
+    /// The IPv4 table (keys `CtKey4`) rather than the IPv6 one.
     pub v4: bool,
 }
 
-/// Every connection table: IPv6 assured, IPv6 half-open, IPv4 assured,
-/// IPv4 half-open.
+/// Every connection table view: IPv6 assured, IPv6 half-open, IPv4
+/// assured, IPv4 half-open.
 pub fn tables() -> impl Iterator<Item = Table> {
-    CT_MAPS
-        .into_iter()
-        .map(|(name, assured)| Table {
-            name,
+    [false, true].into_iter().flat_map(|v4| {
+        [true, false].map(move |assured| Table {
+            name: if v4 { Ct4::SETS_MAP } else { Ct6::SETS_MAP },
             assured,
-            v4: false,
+            v4,
         })
-        .chain([true, false].map(|assured| Table {
-            name: MAP_CT4_SETS,
-            assured,
-            v4: true,
-        }))
+    })
 }
 
 /// A key form of the LRU tables.
@@ -113,11 +113,11 @@ fn read_form<K: Form>(map: &Map, name: &'static str) -> Result<Vec<(CtKey, CtEnt
         .map_err(err(name))
 }
 
-/// The IPv4 table of `sets` and `ways` (arrays) mapped.
-fn map_arrays(sets: &MapData, ways: &MapData) -> Result<Ct4Map, MapsError> {
-    let n = sets.info().map_err(err(MAP_CT4_SETS))?.max_entries();
-    let m = ways.info().map_err(err(MAP_CT4_WAYS))?.max_entries();
-    Ct4Map::new(sets.fd().as_fd(), n, ways.fd().as_fd(), m)
+/// The table of `L` whose arrays are `sets` and `ways`, mapped.
+fn map_arrays<L: CtLayout>(sets: &MapData, ways: &MapData) -> Result<CtMap<L>, MapsError> {
+    let n = sets.info().map_err(err(L::SETS_MAP))?.max_entries();
+    let m = ways.info().map_err(err(L::WAYS_MAP))?.max_entries();
+    CtMap::new(sets.fd().as_fd(), n, ways.fd().as_fd(), m)
 }
 
 fn array<'a>(ebpf: &'a aya::Ebpf, name: &'static str) -> Result<&'a MapData, MapsError> {
@@ -131,148 +131,176 @@ fn array<'a>(ebpf: &'a aya::Ebpf, name: &'static str) -> Result<&'a MapData, Map
     }
 }
 
-/// The IPv4 table of a loaded instance, mapped.
-pub fn map_v4(ebpf: &aya::Ebpf) -> Result<Ct4Map, MapsError> {
-    map_arrays(array(ebpf, MAP_CT4_SETS)?, array(ebpf, MAP_CT4_WAYS)?)
+/// The table of `L` of a loaded instance, mapped.
+pub fn map_table<L: CtLayout>(ebpf: &aya::Ebpf) -> Result<CtMap<L>, MapsError> {
+    map_arrays::<L>(array(ebpf, L::SETS_MAP)?, array(ebpf, L::WAYS_MAP)?)
 }
 
-/// The IPv4 table pinned for `att`, mapped; None when the namespace has
+/// The IPv4 table of a loaded instance, mapped.
+pub fn map_v4(ebpf: &aya::Ebpf) -> Result<Ct4Map, MapsError> {
+    map_table::<Ct4>(ebpf)
+}
+
+/// The IPv6 table of a loaded instance, mapped.
+pub fn map_v6(ebpf: &aya::Ebpf) -> Result<Ct6Map, MapsError> {
+    map_table::<Ct6>(ebpf)
+}
+
+/// The table of `L` pinned for `att`, mapped; None when the namespace has
 /// none (its tables were made by an earlier build).
-pub fn map_v4_pinned(att: &Attachment) -> Result<Option<Ct4Map>, MapsError> {
-    let (sets, ways) = (att.map(MAP_CT4_SETS), att.map(MAP_CT4_WAYS));
+pub fn map_pinned<L: CtLayout>(att: &Attachment) -> Result<Option<CtMap<L>>, MapsError> {
+    let (sets, ways) = (att.map(L::SETS_MAP), att.map(L::WAYS_MAP));
     if !sets.exists() || !ways.exists() {
         return Ok(None);
     }
-    let sets = MapData::from_pin(&sets).map_err(err(MAP_CT4_SETS))?;
-    let ways = MapData::from_pin(&ways).map_err(err(MAP_CT4_WAYS))?;
-    map_arrays(&sets, &ways).map(Some)
+    let sets = MapData::from_pin(&sets).map_err(err(L::SETS_MAP))?;
+    let ways = MapData::from_pin(&ways).map_err(err(L::WAYS_MAP))?;
+    map_arrays::<L>(&sets, &ways).map(Some)
 }
 
-/// The earlier builds' LRU table of IPv4 flows of the class `assured`.
-const fn legacy(assured: bool) -> &'static str {
-    if assured { MAP_CT4 } else { MAP_CT4_NEW }
-}
-
-/// Every entry of the table `t` of a loaded instance, keys as `CtKey`.
-pub fn read(ebpf: &aya::Ebpf, t: Table) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
+/// The earlier builds' LRU tables that may hold flows of the view `t`:
+/// (name, whether its keys are `CtKey4`).
+fn legacy(t: Table) -> Vec<(&'static str, bool)> {
+    let wide = if t.assured { MAP_CT } else { MAP_CT_NEW };
     if t.v4 {
-        return Ok(view(&map_v4(ebpf)?.entries()?, t.assured));
+        vec![
+            (if t.assured { MAP_CT4 } else { MAP_CT4_NEW }, true),
+            (wide, false),
+        ]
+    } else {
+        vec![(wide, false)]
     }
-    let map = ebpf.map(t.name).ok_or(MapsError::Missing(t.name))?;
-    read_form::<CtKey>(map, t.name)
-}
-
-/// Every entry of the table `t` pinned for `att`, keys as `CtKey`: for
-/// the IPv4 views, the table of our own and an earlier build's LRU table
-/// the namespace still has (module docs); a missing one is empty.
-pub fn read_pinned(att: &Attachment, t: Table) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
-    if !t.v4 {
-        let map = Map::LruHashMap(MapData::from_pin(att.map(t.name)).map_err(err(t.name))?);
-        return read_form::<CtKey>(&map, t.name);
-    }
-    let mut out = match map_v4_pinned(att)? {
-        Some(m) => view(&m.entries()?, t.assured),
-        None => Vec::new(),
-    };
-    out.extend(read_legacy(att, t.assured)?);
-    Ok(out)
 }
 
 /// A table's entries, keys as `CtKey`.
 pub type Entries = Vec<(CtKey, CtEntry)>;
 
-/// Every table of a loaded instance with its entries ([`tables`]' order),
-/// the IPv4 table read once for both of its views.
-pub fn read_all(ebpf: &aya::Ebpf) -> Result<Vec<(Table, Entries)>, MapsError> {
-    let v4 = map_v4(ebpf)?.entries()?;
-    tables()
-        .map(|t| {
-            if t.v4 {
-                Ok((t, view(&v4, t.assured)))
-            } else {
-                read(ebpf, t).map(|e| (t, e))
-            }
-        })
+/// Every flow of both tables: key (widened), entry, assured.
+type Flows = Vec<(CtKey, CtEntry, bool)>;
+
+fn widen4(entries: Vec<(CtKey4, CtEntry, bool)>) -> Flows {
+    entries
+        .into_iter()
+        .map(|(k, e, a)| (k.widen(), e, a))
         .collect()
 }
 
-/// Every table pinned for `att` with its entries ([`tables`]' order; as
-/// [`read_pinned`]), the IPv4 table read once for both of its views: a
-/// flow that changes class meanwhile is seen in one of them, not in none.
-pub fn read_all_pinned(att: &Attachment) -> Result<Vec<(Table, Entries)>, MapsError> {
-    let v4 = match map_v4_pinned(att)? {
-        Some(m) => m.entries()?,
+/// The flows of the view `t` among `flows` (both tables' flows).
+fn view(flows: &Flows, t: Table) -> Entries {
+    flows
+        .iter()
+        .filter(|(k, _, a)| *a == t.assured && (k.family == 4) == t.v4)
+        .map(|(k, e, _)| (*k, *e))
+        .collect()
+}
+
+/// Every flow of a loaded instance's two tables.
+fn flows(ebpf: &aya::Ebpf) -> Result<Flows, MapsError> {
+    let mut out = widen4(map_v4(ebpf)?.entries()?);
+    out.extend(map_v6(ebpf)?.entries()?);
+    Ok(out)
+}
+
+/// Every flow of the two tables pinned for `att`, and of the earlier
+/// builds' LRU tables the namespace still has.
+fn flows_pinned(att: &Attachment) -> Result<Flows, MapsError> {
+    let mut out = match map_pinned::<Ct4>(att)? {
+        Some(m) => widen4(m.entries()?),
         None => Vec::new(),
     };
-    tables()
-        .map(|t| {
-            if !t.v4 {
-                return read_pinned(att, t).map(|e| (t, e));
-            }
-            let mut out = view(&v4, t.assured);
-            out.extend(read_legacy(att, t.assured)?);
-            Ok((t, out))
-        })
-        .collect()
-}
-
-/// The flows of one class of the IPv4 table's entries.
-fn view(entries: &[(CtKey4, CtEntry, bool)], assured: bool) -> Vec<(CtKey, CtEntry)> {
-    entries
-        .iter()
-        .filter(|(_, _, a)| *a == assured)
-        .map(|(k, e, _)| (k.widen(), *e))
-        .collect()
-}
-
-/// An earlier build's LRU table of IPv4 flows of the class `assured`
-/// pinned for `att`, if the namespace still has it.
-fn read_legacy(att: &Attachment, assured: bool) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
-    let old = legacy(assured);
-    let path = att.map(old);
-    if !path.exists() {
-        return Ok(Vec::new());
+    if let Some(m) = map_pinned::<Ct6>(att)? {
+        out.extend(m.entries()?);
     }
-    let map = Map::LruHashMap(MapData::from_pin(&path).map_err(err(old))?);
-    read_form::<CtKey4>(&map, old)
+    for (name, assured) in [
+        (MAP_CT4, true),
+        (MAP_CT4_NEW, false),
+        (MAP_CT, true),
+        (MAP_CT_NEW, false),
+    ] {
+        let path = att.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let map = Map::LruHashMap(MapData::from_pin(&path).map_err(err(name))?);
+        let old = if name == MAP_CT4 || name == MAP_CT4_NEW {
+            read_form::<CtKey4>(&map, name)?
+        } else {
+            read_form::<CtKey>(&map, name)?
+        };
+        out.extend(old.into_iter().map(|(k, e)| (k, e, assured)));
+    }
+    Ok(out)
 }
 
-/// Removes `keys` from the table `t` pinned for `att` (for the IPv4
-/// views, from the table of our own and from an earlier build's LRU
-/// table); a key that is gone already (expired, moved, evicted) or that
-/// the table cannot hold is skipped. Returns how many were removed.
+/// Every entry of the view `t` of a loaded instance, keys as `CtKey`.
+pub fn read(ebpf: &aya::Ebpf, t: Table) -> Result<Entries, MapsError> {
+    let flows = if t.v4 {
+        widen4(map_v4(ebpf)?.entries()?)
+    } else {
+        map_v6(ebpf)?.entries()?
+    };
+    Ok(view(&flows, t))
+}
+
+/// Every view of a loaded instance with its entries ([`tables`]' order),
+/// each table read once for both of its views.
+pub fn read_all(ebpf: &aya::Ebpf) -> Result<Vec<(Table, Entries)>, MapsError> {
+    let flows = flows(ebpf)?;
+    Ok(tables().map(|t| (t, view(&flows, t))).collect())
+}
+
+/// Every view pinned for `att` with its entries ([`tables`]' order): the
+/// tables of our own and the earlier builds' LRU tables the namespace
+/// still has (module docs), each read once: a flow that changes class
+/// meanwhile is seen in one view, not in none.
+pub fn read_all_pinned(att: &Attachment) -> Result<Vec<(Table, Entries)>, MapsError> {
+    let flows = flows_pinned(att)?;
+    Ok(tables().map(|t| (t, view(&flows, t))).collect())
+}
+
+/// Removes `keys` from the view `t` pinned for `att` (from the family's
+/// table of our own and from the earlier builds' LRU tables); a key that
+/// is gone already (expired, moved, evicted) or that the table cannot hold
+/// is skipped. Returns how many were removed.
 pub fn remove_pinned(att: &Attachment, t: Table, keys: &[CtKey]) -> Result<usize, MapsError> {
     let mut removed = 0;
-    if !t.v4 {
-        let data = MapData::from_pin(att.map(t.name)).map_err(err(t.name))?;
-        let mut ct: HashMap<MapData, CtKey, CtEntry> =
-            HashMap::try_from(Map::LruHashMap(data)).map_err(err(t.name))?;
-        for k in keys {
-            removed += usize::from(ct.remove(k).is_ok());
+    if t.v4 {
+        let narrow: Vec<CtKey4> = keys.iter().filter_map(CtKey::narrow).collect();
+        if let Some(m) = map_pinned::<Ct4>(att)? {
+            for k in &narrow {
+                removed += usize::from(m.remove(k)?);
+            }
         }
-        return Ok(removed);
-    }
-    let narrow: Vec<CtKey4> = keys.iter().filter_map(CtKey::narrow).collect();
-    if let Some(m) = map_v4_pinned(att)? {
-        for k in &narrow {
+    } else if let Some(m) = map_pinned::<Ct6>(att)? {
+        for k in keys.iter().filter(|k| k.family == 6) {
             removed += usize::from(m.remove(k)?);
         }
     }
-    let old = legacy(t.assured);
-    let path = att.map(old);
-    if path.exists() {
-        let data = MapData::from_pin(&path).map_err(err(old))?;
-        let mut ct: HashMap<MapData, CtKey4, CtEntry> =
-            HashMap::try_from(Map::LruHashMap(data)).map_err(err(old))?;
-        for k in &narrow {
-            removed += usize::from(ct.remove(k).is_ok());
+    for (name, narrow) in legacy(t) {
+        let path = att.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path).map_err(err(name))?;
+        if narrow {
+            let mut ct: HashMap<MapData, CtKey4, CtEntry> =
+                HashMap::try_from(Map::LruHashMap(data)).map_err(err(name))?;
+            for k in keys.iter().filter_map(CtKey::narrow) {
+                removed += usize::from(ct.remove(&k).is_ok());
+            }
+        } else {
+            let mut ct: HashMap<MapData, CtKey, CtEntry> =
+                HashMap::try_from(Map::LruHashMap(data)).map_err(err(name))?;
+            for k in keys {
+                removed += usize::from(ct.remove(k).is_ok());
+            }
         }
     }
     Ok(removed)
 }
 
 /// Writes `entry` for `key` into the table of a loaded instance that
-/// holds its family, assured or half-open (tests). An IPv4 key whose two
+/// holds its family, assured or half-open (tests). A key whose two
 /// candidate sets are full evicts a half-open flow, as a program's insert
 /// would, and is refused (`MapsError::Full`) when they hold only live
 /// assured flows.
@@ -282,105 +310,101 @@ pub fn insert(
     entry: &CtEntry,
     assured: bool,
 ) -> Result<(), MapsError> {
-    if let Some(k) = key.narrow() {
-        if !map_v4(ebpf)?.insert(&k, entry, assured, 0)? {
-            return Err(MapsError::Full(MAP_CT4_SETS));
+    let written = match key.narrow() {
+        Some(k) => map_v4(ebpf)?.insert(&k, entry, assured, 0)?,
+        None if key.family == 6 => map_v6(ebpf)?.insert(key, entry, assured, 0)?,
+        None => {
+            return Err(MapsError::Layout {
+                map: Ct4::SETS_MAP,
+                reason: format!("no table holds a key of family {}", key.family),
+            });
         }
-        return Ok(());
+    };
+    if written {
+        Ok(())
+    } else {
+        Err(MapsError::Full(if key.family == 4 {
+            Ct4::SETS_MAP
+        } else {
+            Ct6::SETS_MAP
+        }))
     }
-    let name = if assured { MAP_CT } else { MAP_CT_NEW };
-    let map = ebpf.map_mut(name).ok_or(MapsError::Missing(name))?;
-    let mut table: HashMap<&mut MapData, CtKey, CtEntry> =
-        HashMap::try_from(map).map_err(err(name))?;
-    table.insert(key, entry, 0).map_err(err(name))
 }
 
-/// Moves the IPv4 flows of the interface `ifindex` that earlier builds
-/// left in LRU tables into the IPv4 table of a loaded instance (assured
+/// Moves the flows of the interface `ifindex` that earlier builds left in
+/// the LRU tables pinned for `att` (`SEG_CT` / `SEG_CT_NEW`, `SEG_CT4` /
+/// `SEG_CT4_NEW`) into the tables of our own of a loaded instance (assured
 /// stays assured, half-open half-open), so they go on passing once its
 /// programs are attached in place of that build's (a namespace whose
-/// other attachments kept the tables): from the instance's `SEG_CT` /
-/// `SEG_CT_NEW` (the builds before any IPv4 table), and from the
-/// namespace's `SEG_CT4` / `SEG_CT4_NEW` pins of `att` (the builds before
-/// the table of our own). A flow the IPv4 table holds already is kept.
-/// Moved, not copied: an old copy left behind could bring back, at a
-/// later attach, a flow a reload has pruned from the IPv4 table since.
-/// Only this interface's programs make its entries, and the caller has
-/// not attached them yet. Returns how many entries were moved.
-pub fn adopt(
-    ebpf: &mut aya::Ebpf,
-    ifindex: u32,
-    att: Option<&Attachment>,
-) -> Result<u64, MapsError> {
+/// other attachments kept the tables). A flow the table holds already is
+/// kept. Moved, not copied: an old copy left behind could bring back, at
+/// a later attach, a flow a reload has pruned from the table since. Only
+/// this interface's programs make its entries, and the caller has not
+/// attached them yet. Returns how many entries were moved.
+pub fn adopt(ebpf: &mut aya::Ebpf, ifindex: u32, att: &Attachment) -> Result<u64, MapsError> {
     let mut moved = 0;
-    let mine = |k: &CtKey| k.ifindex == ifindex;
-    for assured in [true, false] {
-        let from = if assured { MAP_CT } else { MAP_CT_NEW };
-        let old: Vec<(CtKey, CtEntry)> = read(
-            ebpf,
-            Table {
-                name: from,
-                assured,
-                v4: false,
-            },
-        )?
-        .into_iter()
-        .filter(|(k, _)| mine(k) && k.narrow().is_some())
-        .collect();
-        if !old.is_empty() {
-            moved += move_into(ebpf, &old, assured)?;
-            let map = ebpf.map_mut(from).ok_or(MapsError::Missing(from))?;
-            let mut table: HashMap<&mut MapData, CtKey, CtEntry> =
-                HashMap::try_from(map).map_err(err(from))?;
-            for (k, _) in &old {
-                let _ = table.remove(k); // may have been evicted meanwhile
-            }
-        }
-        let Some(att) = att else { continue };
-        let name = legacy(assured);
+    for (name, narrow, assured) in [
+        (MAP_CT, false, true),
+        (MAP_CT_NEW, false, false),
+        (MAP_CT4, true, true),
+        (MAP_CT4_NEW, true, false),
+    ] {
         let path = att.map(name);
         if !path.exists() {
             continue;
         }
-        let data = MapData::from_pin(&path).map_err(err(name))?;
-        let map = Map::LruHashMap(data);
-        let old: Vec<(CtKey, CtEntry)> = read_form::<CtKey4>(&map, name)?
+        let map = Map::LruHashMap(MapData::from_pin(&path).map_err(err(name))?);
+        let old: Entries = if narrow {
+            read_form::<CtKey4>(&map, name)?
+        } else {
+            read_form::<CtKey>(&map, name)?
+        };
+        let old: Entries = old
             .into_iter()
-            .filter(|(k, _)| mine(k))
+            .filter(|(k, _)| k.ifindex == ifindex)
             .collect();
         if old.is_empty() {
             continue;
         }
         moved += move_into(ebpf, &old, assured)?;
-        let mut table: HashMap<MapData, CtKey4, CtEntry> =
-            HashMap::try_from(map).map_err(err(name))?;
-        for k in old.iter().filter_map(|(k, _)| k.narrow()) {
-            let _ = table.remove(&k);
+        if narrow {
+            let mut table: HashMap<MapData, CtKey4, CtEntry> =
+                HashMap::try_from(map).map_err(err(name))?;
+            for k in old.iter().filter_map(|(k, _)| k.narrow()) {
+                let _ = table.remove(&k); // may have been evicted meanwhile
+            }
+        } else {
+            let mut table: HashMap<MapData, CtKey, CtEntry> =
+                HashMap::try_from(map).map_err(err(name))?;
+            for (k, _) in &old {
+                let _ = table.remove(k);
+            }
         }
     }
     Ok(moved)
 }
 
-/// Writes `flows` into the IPv4 table of `ebpf` where it has no entry for
+/// Writes `flows` into the tables of `ebpf` where they have no entry for
 /// them yet; returns how many were written.
 fn move_into(
     ebpf: &aya::Ebpf,
     flows: &[(CtKey, CtEntry)],
     assured: bool,
 ) -> Result<u64, MapsError> {
-    let m = map_v4(ebpf)?;
+    let (m4, m6) = (map_v4(ebpf)?, map_v6(ebpf)?);
     let mut n = 0;
     for (k, e) in flows {
-        if let Some(k4) = k.narrow()
-            && !m.contains(&k4)
-        {
-            if m.insert(&k4, e, assured, 0)? {
-                n += 1;
-            } else {
-                tracing::warn!(
-                    "an older table's IPv4 flow was not moved: its two candidate sets hold only live assured flows"
-                );
-            }
+        let written = match k.narrow() {
+            Some(k4) if !m4.contains(&k4) => m4.insert(&k4, e, assured, 0)?,
+            None if k.family == 6 && !m6.contains(k) => m6.insert(k, e, assured, 0)?,
+            _ => continue,
+        };
+        if written {
+            n += 1;
+        } else {
+            tracing::warn!(
+                "an older table's flow was not moved: its candidate sets hold only live assured flows"
+            );
         }
     }
     Ok(n)

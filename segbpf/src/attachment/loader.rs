@@ -9,12 +9,11 @@ use aya::{
     programs::{Program, SchedClassifier, Xdp},
 };
 use segbpf_common::{
-    CT4_MAX_IFINDEX, GLOBAL_CT_SEEN, GLOBAL_CT4_KEY, GLOBAL_CT4_MASK, GLOBAL_DENY_SEED,
-    GLOBAL_IFINDEX, GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_NEW, MAP_CT_SEEN, MAP_CT_SEEN_F,
-    MAP_CT4_SETS, MAP_CT4_WAYS, MAP_FRAG, MAP_FRAG_NEW, MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS,
-    MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS, PROG_TC_EGRESS, PROG_TC_EGRESS_ERR,
-    PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR, PROG_XDP_INGRESS_V6, RUN_DRY,
-    TAIL_INDEX_ERR, TAIL_INDEX_V6,
+    CT4_MAX_IFINDEX, Ct4, Ct6, CtLayout, GLOBAL_CT_SEEN, GLOBAL_DENY_SEED, GLOBAL_IFINDEX,
+    GLOBAL_LINK, GLOBAL_RUN_MODE, MAP_CT, MAP_CT_SEEN, MAP_CT_SEEN_F, MAP_FRAG, MAP_FRAG_NEW,
+    MAP_PEER_V4, MAP_PEER_V6, MAP_PORTS, MAP_RULE_STATS, MAP_TAIL_TC, MAP_TAIL_XDP, PINNED_MAPS,
+    PROG_TC_EGRESS, PROG_TC_EGRESS_ERR, PROG_TC_EGRESS_V6, PROG_XDP_INGRESS, PROG_XDP_INGRESS_ERR,
+    PROG_XDP_INGRESS_V6, RUN_DRY, TAIL_INDEX_ERR, TAIL_INDEX_V6,
 };
 
 use crate::{attachment::pins::Attachment, policy::compile::Capacity};
@@ -109,8 +108,10 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
-    let ct4 = Ct4Globals::new(segbpf_common::ct4_sets_for(capacity.ct));
+    let ct4 = TableGlobals::<Ct4>::new(Ct4::sets_for(capacity.ct));
+    let ct6 = TableGlobals::<Ct6>::new(Ct6::sets_for(capacity.ct));
     ct4.apply(&mut loader);
+    ct6.apply(&mut loader);
     let mut ebpf = loader
         .override_global(GLOBAL_RUN_MODE, &mode, true)
         .override_global(GLOBAL_CT_SEEN, &1u8, true)
@@ -118,6 +119,7 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
         .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
     ct4.record(&ebpf)?;
+    ct6.record(&ebpf)?;
     load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -168,18 +170,10 @@ pub fn load_attachment(
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
-    let ct4 = if let Some(g) = Ct4Globals::pinned(att)? {
-        g
-    } else {
-        // No IPv4 table yet: made now with the size the namespace's tables
-        // have (made by an earlier build), else `--ct-size`.
-        let sets = segbpf_common::ct4_sets_for(shared_ct_size(att).unwrap_or(capacity.ct));
-        loader
-            .map_max_entries(MAP_CT4_SETS, segbpf_common::ct4_sets_entries(sets))
-            .map_max_entries(MAP_CT4_WAYS, segbpf_common::ct4_ways_entries(sets));
-        Ct4Globals::new(sets)
-    };
+    let ct4 = TableGlobals::<Ct4>::joined(att, capacity, &mut loader)?;
+    let ct6 = TableGlobals::<Ct6>::joined(att, capacity, &mut loader)?;
     ct4.apply(&mut loader);
+    ct6.apply(&mut loader);
     loader
         .override_global(GLOBAL_RUN_MODE, &segbpf_common::RUN_LIVE, true)
         .override_global(GLOBAL_LINK, &link, true)
@@ -193,11 +187,12 @@ pub fn load_attachment(
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     ct4.record(&ebpf)?;
-    // IPv4 flows of this interface that earlier builds left in LRU tables:
+    ct6.record(&ebpf)?;
+    // Flows of this interface that earlier builds left in LRU tables:
     // moved before the seeding covers them.
-    let adopted = crate::attachment::cttables::adopt(&mut ebpf, ifindex, Some(att))?;
+    let adopted = crate::attachment::cttables::adopt(&mut ebpf, ifindex, att)?;
     if adopted > 0 {
-        tracing::debug!("{adopted} IPv4 flows moved into the IPv4 connection table");
+        tracing::debug!("{adopted} flows moved into the connection tables");
     }
     let seeded = crate::attachment::ctseen::seed(&mut ebpf)?;
     tracing::debug!(
@@ -263,38 +258,38 @@ fn sized(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
         .map_max_entries(MAP_PEER_V4, capacity.peer_v4)
         .map_max_entries(MAP_PEER_V6, capacity.peer_v6)
         .map_max_entries(MAP_PORTS, capacity.ports)
-        .map_max_entries(MAP_CT, capacity.ct)
-        .map_max_entries(MAP_CT_NEW, segbpf_common::ct_new_entries(capacity.ct))
-        .map_max_entries(
-            MAP_CT4_SETS,
-            segbpf_common::ct4_sets_entries(segbpf_common::ct4_sets_for(capacity.ct)),
-        )
-        .map_max_entries(
-            MAP_CT4_WAYS,
-            segbpf_common::ct4_ways_entries(segbpf_common::ct4_sets_for(capacity.ct)),
-        )
         .map_max_entries(MAP_FRAG, capacity.frag)
         .map_max_entries(MAP_FRAG_NEW, capacity.frag)
         .map_max_entries(MAP_RULE_STATS, capacity.rule_stats);
+    table_sized::<Ct4>(loader, Ct4::sets_for(capacity.ct));
+    table_sized::<Ct6>(loader, Ct6::sets_for(capacity.ct));
 }
 
-/// The IPv4 connection table's globals of a load: the namespace's secret
-/// of the set hash and the mask of the set index
-/// (`segbpf_common::ct4table`).
-struct Ct4Globals {
+/// Sizes the arrays of `L`'s table for `sets` sets.
+fn table_sized<L: CtLayout>(loader: &mut EbpfLoader<'_>, sets: u32) {
+    loader
+        .map_max_entries(L::SETS_MAP, segbpf_common::ct_sets_entries(sets))
+        .map_max_entries(L::WAYS_MAP, segbpf_common::ct_ways_entries::<L>(sets));
+}
+
+/// A connection table's globals of a load: the namespace's secret of the
+/// set hash and the mask of the set index (`segbpf_common::cttable`).
+struct TableGlobals<L: CtLayout> {
     secret: u64,
     mask: u32,
     /// The secret is new: written into the table after the load.
     fresh: bool,
+    layout: std::marker::PhantomData<L>,
 }
 
-impl Ct4Globals {
+impl<L: CtLayout> TableGlobals<L> {
     /// A new table of `sets` sets, with a random secret.
     fn new(sets: u32) -> Self {
         Self {
             secret: deny_seed() | 1,
             mask: sets - 1,
             fresh: true,
+            layout: std::marker::PhantomData,
         }
     }
 
@@ -302,7 +297,7 @@ impl Ct4Globals {
     /// secret was never written (a load that failed before it wrote it,
     /// so no program used it) gets a new one.
     fn pinned(att: &Attachment) -> Result<Option<Self>, LoadError> {
-        let Some(m) = crate::attachment::cttables::map_v4_pinned(att)? else {
+        let Some(m) = crate::attachment::cttables::map_pinned::<L>(att)? else {
             return Ok(None);
         };
         let secret = m.secret();
@@ -310,31 +305,65 @@ impl Ct4Globals {
             secret: if secret == 0 { deny_seed() | 1 } else { secret },
             mask: m.mask(),
             fresh: secret == 0,
+            layout: std::marker::PhantomData,
         }))
+    }
+
+    /// The namespace's table pinned for `att`, or a new one sized like
+    /// the namespace's tables (made by an earlier build), else by
+    /// `--ct-size`; the loader sized for it.
+    fn joined(
+        att: &Attachment,
+        capacity: Capacity,
+        loader: &mut EbpfLoader<'_>,
+    ) -> Result<Self, LoadError> {
+        if let Some(g) = Self::pinned(att)? {
+            return Ok(g);
+        }
+        let sets = L::sets_for(shared_ct_size(att).unwrap_or(capacity.ct));
+        table_sized::<L>(loader, sets);
+        Ok(Self::new(sets))
     }
 
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader
-            .override_global(GLOBAL_CT4_KEY, &self.secret, true)
-            .override_global(GLOBAL_CT4_MASK, &self.mask, true);
+            .override_global(L::KEY_GLOBAL, &self.secret, true)
+            .override_global(L::MASK_GLOBAL, &self.mask, true);
     }
 
     /// Writes a new secret into the loaded instance's table, before any
     /// of its programs runs.
     fn record(&self, ebpf: &Ebpf) -> Result<(), LoadError> {
         if self.fresh {
-            crate::attachment::cttables::map_v4(ebpf)?.set_secret(self.secret);
+            crate::attachment::cttables::map_table::<L>(ebpf)?.set_secret(self.secret);
         }
         Ok(())
     }
 }
 
-/// The capacity of the namespace's shared table of assured flows, if it
-/// exists (the kernel's `max_entries`).
+/// The `--ct-size` the namespace's connection tables were made with, if
+/// it has them: the `max_entries` of an earlier build's table of assured
+/// flows (`SEG_CT`), else the largest size whose IPv4 table has as many
+/// sets as the namespace's.
 pub fn shared_ct_size(att: &Attachment) -> Option<u32> {
-    aya::maps::MapInfo::from_pin(att.map(MAP_CT))
-        .ok()
-        .map(|i| i.max_entries())
+    if let Ok(i) = aya::maps::MapInfo::from_pin(att.map(MAP_CT)) {
+        return Some(i.max_entries());
+    }
+    let sets = aya::maps::MapInfo::from_pin(att.map(Ct4::SETS_MAP))
+        .ok()?
+        .max_entries()
+        .saturating_sub(1);
+    // sets_for is monotonic: the largest ct with sets_for(ct) <= sets.
+    let (mut lo, mut hi) = (1u32, u32::MAX / 2);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if Ct4::sets_for(mid) <= sets {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
 }
 
 /// Refuses shared maps whose type, key or value differ from this
@@ -345,14 +374,20 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
     const ARRAY: u32 = 2; // BPF_MAP_TYPE_ARRAY
     let entry = size_of::<segbpf_common::CtEntry>() as u32;
     let table = (LRU_HASH, size_of::<segbpf_common::CtKey>() as u32, entry);
-    for name in segbpf_common::SHARED_MAPS {
+    // The earlier builds' tables of `CtKey`s too: read at attach.
+    for name in segbpf_common::SHARED_MAPS
+        .into_iter()
+        .chain([MAP_CT, segbpf_common::MAP_CT_NEW])
+    {
         let (want_type, want_key, want_value) = if name == MAP_CT_SEEN {
             (ARRAY, 4, size_of::<segbpf_common::CtRemote>() as u32)
         } else if name == MAP_CT_SEEN_F {
             (ARRAY, 4, 4)
-        } else if name == MAP_CT4_SETS {
+        } else if name == Ct4::SETS_MAP {
             (ARRAY, 4, size_of::<segbpf_common::Ct4Set>() as u32)
-        } else if name == MAP_CT4_WAYS {
+        } else if name == Ct6::SETS_MAP {
+            (ARRAY, 4, size_of::<segbpf_common::Ct6Set>() as u32)
+        } else if name == Ct4::WAYS_MAP || name == Ct6::WAYS_MAP {
             (ARRAY, 4, entry)
         } else {
             table
@@ -368,13 +403,15 @@ fn check_shared(att: &Attachment) -> Result<(), LoadError> {
         let found_type = info.map_type().map_or(u32::MAX, |t| t as u32);
         let array = name == MAP_CT_SEEN || name == MAP_CT_SEEN_F;
         let buckets_ok = !array || info.max_entries() == segbpf_common::CT_SEEN_BUCKETS;
-        // The remote array and the IPv4 table must be mappable: seeding
-        // and userspace's writes change them in place.
+        // The remote array and the tables must be mappable: seeding and
+        // userspace's writes change them in place.
+        let ct_table = [Ct4::SETS_MAP, Ct4::WAYS_MAP, Ct6::SETS_MAP, Ct6::WAYS_MAP].contains(&name);
         let flags_ok = (name != MAP_CT_SEEN
             || info.map_flags() & segbpf_common::CT_SEEN_MAP_FLAGS
                 == segbpf_common::CT_SEEN_MAP_FLAGS)
-            && (name != MAP_CT4_SETS && name != MAP_CT4_WAYS
-                || info.map_flags() & segbpf_common::CT4_MAP_FLAGS == segbpf_common::CT4_MAP_FLAGS);
+            && (!ct_table
+                || info.map_flags() & segbpf_common::CT_TABLE_FLAGS
+                    == segbpf_common::CT_TABLE_FLAGS);
         if found_type != want_type
             || info.key_size() != want_key
             || info.value_size() != want_value
@@ -419,10 +456,14 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
     let paths: Vec<(&str, std::path::PathBuf)> = dry_run_maps().map(|m| (m, att.map(m))).collect();
-    let ct4 = Ct4Globals::pinned(att)?;
+    let ct4 = TableGlobals::<Ct4>::pinned(att)?;
+    let ct6 = TableGlobals::<Ct6>::pinned(att)?;
     let mut loader = EbpfLoader::new();
     if let Some(ct4) = &ct4 {
         ct4.apply(&mut loader);
+    }
+    if let Some(ct6) = &ct6 {
+        ct6.apply(&mut loader);
     }
     loader.override_global(GLOBAL_RUN_MODE, &RUN_DRY, true);
     loader.override_global(GLOBAL_LINK, &link, true);

@@ -15,7 +15,7 @@
 pub mod attach;
 pub mod batch;
 pub mod cgroup_follow;
-pub mod ct4map;
+pub mod ctmap;
 pub mod ctseen;
 pub mod cttables;
 pub mod delta;

@@ -1143,10 +1143,10 @@ fn load_filled(
     let mut loader = EbpfLoader::new();
     // The interface maps of the object are unused here: keep them tiny.
     for (name, n) in [
-        (segbpf_common::MAP_CT, 1),
-        (segbpf_common::MAP_CT_NEW, 1),
         (segbpf_common::MAP_CT4_SETS, 1),
         (segbpf_common::MAP_CT4_WAYS, 1),
+        (segbpf_common::MAP_CT6_SETS, 1),
+        (segbpf_common::MAP_CT6_WAYS, 1),
         (segbpf_common::MAP_CT_SEEN, 1),
         (segbpf_common::MAP_CT_SEEN_F, 1),
         (segbpf_common::MAP_FRAG, 1),

@@ -51,10 +51,10 @@ pub fn probe() -> Result<Vec<u64>, CgroupError> {
     let mut loader = EbpfLoader::new();
     // The interface and services maps are unused here: keep them tiny.
     for name in [
-        segbpf_common::MAP_CT,
-        segbpf_common::MAP_CT_NEW,
         segbpf_common::MAP_CT4_SETS,
         segbpf_common::MAP_CT4_WAYS,
+        segbpf_common::MAP_CT6_SETS,
+        segbpf_common::MAP_CT6_WAYS,
         segbpf_common::MAP_CT_SEEN,
         segbpf_common::MAP_CT_SEEN_F,
         segbpf_common::MAP_FRAG,

@@ -96,10 +96,10 @@ pub fn trace(
     let mut loader = EbpfLoader::new();
     // Room for the copies; the rest of the object's maps are unused here.
     for (name, n) in [
-        (segbpf_common::MAP_CT, 1),
-        (segbpf_common::MAP_CT_NEW, 1),
         (segbpf_common::MAP_CT4_SETS, 1),
         (segbpf_common::MAP_CT4_WAYS, 1),
+        (segbpf_common::MAP_CT6_SETS, 1),
+        (segbpf_common::MAP_CT6_WAYS, 1),
         (segbpf_common::MAP_CT_SEEN, 1),
         (segbpf_common::MAP_CT_SEEN_F, 1),
         (segbpf_common::MAP_FRAG, 1),

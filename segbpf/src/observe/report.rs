@@ -164,11 +164,14 @@ impl Awaiting {
 /// the expired entries that wait in their table to be reused.
 #[derive(Debug, Serialize)]
 pub struct Conntrack {
-    /// Capacity of the assured table (entries), as the kernel made it.
+    /// Assured flows the tables were made to hold (`--ct-size`, per IP
+    /// family: each family's table holds its assured and half-open flows
+    /// in one, with room for both sizes).
     pub size: u32,
     /// Live flows of this interface in the assured table.
     pub entries: u64,
-    /// Capacity of the half-open table.
+    /// Half-open flows the tables were made to hold (per IP family, as
+    /// `size`).
     pub half_open_size: u32,
     /// Live flows of this interface in the half-open table.
     pub half_open_entries: u64,
@@ -283,7 +286,6 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
     // The sizes the kernel made the shared tables with (the state's
     // --ct-size may be an older request).
     let info = |m: &str| aya::maps::MapInfo::from_pin(att.map(m)).ok();
-    let size = |m: &str| info(m).map_or(0, |i| i.max_entries());
     let [mine, all] = match &state {
         // The state read above gives the interface index (read once).
         Some(s) if fill => {
@@ -297,10 +299,17 @@ pub fn build(att: &Attachment, fill: bool) -> Result<Report, MapsError> {
         (0, 0)
     };
     let memory = crate::attachment::memory::of(att);
+    // The tables' room, as `--ct-size` gives it (each family's table has
+    // room for as many assured and half-open flows).
+    let ct = crate::attachment::loader::shared_ct_size(att).unwrap_or(0);
     let conntrack = Conntrack {
-        size: size(segbpf_common::MAP_CT),
+        size: ct,
         entries: mine.assured,
-        half_open_size: size(segbpf_common::MAP_CT_NEW),
+        half_open_size: if ct == 0 {
+            0
+        } else {
+            segbpf_common::ct_new_entries(ct)
+        },
         half_open_entries: mine.half_open,
         expired_entries: mine.expired,
         table_entries: all.assured,

@@ -1,8 +1,9 @@
-//! The namespace's IPv4 connection table (`SEG_CT4_SETS`, `SEG_CT4_WAYS`;
-//! layout and rules in `segbpf_common::ct4table`) mapped into this
-//! process: read by the sets' sequence, written under a set's lock taken
-//! as the programs take it (a compare-and-exchange of the set's first
-//! word), so a program racing a userspace write never sees half of it.
+//! A namespace's connection table of one family (`SEG_CT4_*`,
+//! `SEG_CT6_*`; layout and rules in `segbpf_common::cttable`) mapped into
+//! this process: read by the sets' sequence, written under a set's lock
+//! taken as the programs take it (a compare-and-exchange of the set's
+//! first word), so a program racing a userspace write never sees half of
+//! it.
 
 use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -10,8 +11,7 @@ use std::{
 };
 
 use segbpf_common::{
-    CT4_WAYS, Ct4Set, CtEntry, CtKey4, MAP_CT4_SETS, MAP_CT4_WAYS, ct_seen_tick, ct4_assured,
-    ct4_candidates, ct4_key, ct4_slot, ct4_tick, ct4_words,
+    CtEntry, CtLayout, ct_assured, ct_candidates, ct_key, ct_seen_tick, ct_slot, ct_tick, ct_words,
 };
 
 use crate::attachment::maps::MapsError;
@@ -60,13 +60,19 @@ impl Drop for Mapping {
     }
 }
 
-/// The IPv4 table mapped into this process.
-pub struct Ct4Map {
+/// A table mapped into this process.
+pub struct CtMap<L: CtLayout> {
     sets: Mapping,
     ways: Mapping,
     /// Sets (the array holds one element more: the secret).
     nsets: u32,
+    layout: std::marker::PhantomData<L>,
 }
+
+/// The IPv4 table mapped.
+pub type Ct4Map = CtMap<segbpf_common::Ct4>;
+/// The IPv6 table mapped.
+pub type Ct6Map = CtMap<segbpf_common::Ct6>;
 
 /// How long a set may stay held, unchanged, before userspace takes it as
 /// left by a writer that died holding it (a program holds a set for a few
@@ -75,7 +81,7 @@ pub struct Ct4Map {
 /// warning, so the set's flows are found again.
 const STUCK: std::time::Duration = std::time::Duration::from_millis(200);
 
-impl Ct4Map {
+impl<L: CtLayout> CtMap<L> {
     /// Maps the table whose arrays are `sets` and `ways` (their sizes as
     /// the kernel reports them: `sets_entries` elements of the sets'
     /// array, `ways_entries` of the entries').
@@ -86,11 +92,14 @@ impl Ct4Map {
         ways_entries: u32,
     ) -> Result<Self, MapsError> {
         let nsets = sets_entries.saturating_sub(1);
-        if !nsets.is_power_of_two() || u64::from(ways_entries) != u64::from(nsets) * 3 {
+        if !nsets.is_power_of_two()
+            || u64::from(ways_entries) != u64::from(nsets) * u64::from(L::WAYS)
+        {
             return Err(MapsError::Layout {
-                map: MAP_CT4_SETS,
+                map: L::SETS_MAP,
                 reason: format!(
-                    "{sets_entries} sets and {ways_entries} entries: not a power of two plus one, and three entries per set"
+                    "{sets_entries} sets and {ways_entries} entries: not a power of two plus one, and {} entries per set",
+                    L::WAYS
                 ),
             });
         }
@@ -98,17 +107,18 @@ impl Ct4Map {
             // The sets are read whole: mapped in at once, not page by page.
             sets: Mapping::new(
                 sets,
-                sets_entries as usize * size_of::<Ct4Set>(),
-                MAP_CT4_SETS,
+                sets_entries as usize * size_of::<L::Set>(),
+                L::SETS_MAP,
                 true,
             )?,
             ways: Mapping::new(
                 ways,
                 ways_entries as usize * size_of::<CtEntry>(),
-                MAP_CT4_WAYS,
+                L::WAYS_MAP,
                 false,
             )?,
             nsets,
+            layout: std::marker::PhantomData,
         })
     }
 
@@ -117,28 +127,29 @@ impl Ct4Map {
         self.nsets - 1
     }
 
-    fn set_ptr(&self, set: u32) -> *mut Ct4Set {
+    fn set_ptr(&self, set: u32) -> *mut u64 {
         // SAFETY: `set` <= nsets: inside the mapping (callers mask it, or
         // pass nsets for the secret's element).
         unsafe {
             self.sets
                 .base
-                .cast::<Ct4Set>()
+                .cast::<L::Set>()
                 .add(set.min(self.nsets) as usize)
+                .cast::<u64>()
         }
     }
 
     fn way_ptr(&self, set: u32, way: u32) -> *mut CtEntry {
-        let i = (set.min(self.nsets - 1) * CT4_WAYS + way.min(CT4_WAYS - 1)) as usize;
-        // SAFETY: inside the mapping of nsets * 3 entries.
+        let i = (set.min(self.nsets - 1) * L::WAYS + way.min(L::WAYS - 1)) as usize;
+        // SAFETY: inside the mapping of nsets * WAYS entries.
         unsafe { self.ways.base.cast::<CtEntry>().add(i) }
     }
 
     fn word(&self, set: u32, i: usize) -> &AtomicU64 {
         // SAFETY: an aligned u64 of the mapped set (page-aligned base,
-        // 64-byte sets); the programs access it by aligned loads, stores
-        // and atomics.
-        unsafe { AtomicU64::from_ptr((&raw mut (*self.set_ptr(set))[i.min(7)]).cast::<u64>()) }
+        // sets of whole words); the programs access it by aligned loads,
+        // stores and atomics.
+        unsafe { AtomicU64::from_ptr(self.set_ptr(set).add(i.min(L::SET_WORDS - 1))) }
     }
 
     /// The namespace's secret of the set hash.
@@ -175,7 +186,8 @@ impl Ct4Map {
                 .is_ok()
             {
                 tracing::warn!(
-                    "{MAP_CT4_SETS}: set {set} was held for over {} ms by a writer that is gone: released",
+                    "{}: set {set} was held for over {} ms by a writer that is gone: released",
+                    L::SETS_MAP,
                     STUCK.as_millis()
                 );
                 continue;
@@ -185,16 +197,16 @@ impl Ct4Map {
     }
 
     /// A copy of set `set` taken while no writer held it.
-    fn snapshot(&self, set: u32) -> (Ct4Set, [CtEntry; 3]) {
+    fn snapshot(&self, set: u32) -> (L::Set, [CtEntry; 4]) {
         loop {
             let w0 = self.settled(set);
-            let mut s: Ct4Set = [0; 8];
-            for (i, w) in s.iter_mut().enumerate() {
+            let mut s: L::Set = bytemuck::Zeroable::zeroed();
+            for (i, w) in s.as_mut().iter_mut().enumerate() {
                 *w = self.word(set, i).load(Ordering::Relaxed);
             }
-            let mut e = [CtEntry::default(); 3];
-            for (w, slot) in e.iter_mut().enumerate() {
-                if s[ct4_slot(w as u32) + 1] != 0 {
+            let mut e = [CtEntry::default(); 4];
+            for (w, slot) in e.iter_mut().enumerate().take(L::WAYS as usize) {
+                if s.as_ref()[ct_slot::<L>(w as u32) + L::TAG] != 0 {
                     // SAFETY: an entry of the mapping; its fields change
                     // in place (counters, timestamps) as they did in the
                     // LRU table; a torn copy of a counter is a reader's
@@ -209,36 +221,75 @@ impl Ct4Map {
         }
     }
 
+    /// The key of way `w` of the set `s`, if it holds one.
+    fn key_of(s: &[u64], w: u32) -> Option<L::Key> {
+        let slot = ct_slot::<L>(w);
+        if s[slot + L::TAG] == 0 {
+            return None;
+        }
+        let mut words: L::Words = bytemuck::Zeroable::zeroed();
+        words
+            .as_mut()
+            .copy_from_slice(&s[slot..slot + L::KEY_WORDS]);
+        Some(ct_key::<L>(words))
+    }
+
     /// Every flow of the table: key, entry, assured.
-    pub fn entries(&self) -> Result<Vec<(CtKey4, CtEntry, bool)>, MapsError> {
+    pub fn entries(&self) -> Result<Vec<(L::Key, CtEntry, bool)>, MapsError> {
         let mut out = Vec::new();
         for set in 0..self.nsets {
             // An empty set (most are) is skipped without the sequence: a
             // key written there right now is a flow made after this read.
-            if (0..CT4_WAYS).all(|w| self.word(set, ct4_slot(w) + 1).load(Ordering::Relaxed) == 0) {
+            if (0..L::WAYS).all(|w| {
+                self.word(set, ct_slot::<L>(w) + L::TAG)
+                    .load(Ordering::Relaxed)
+                    == 0
+            }) {
                 continue;
             }
             let (s, e) = self.snapshot(set);
-            for w in 0..CT4_WAYS {
-                let k = [s[ct4_slot(w)], s[ct4_slot(w) + 1]];
-                if k[1] != 0 {
-                    out.push((ct4_key(k), e[w as usize], ct4_assured(&s, w)));
+            for w in 0..L::WAYS {
+                if let Some(k) = Self::key_of(s.as_ref(), w) {
+                    out.push((k, e[w as usize], ct_assured(s.as_ref(), w)));
                 }
             }
         }
         Ok(out)
     }
 
+    /// The two candidate sets of `key`.
+    fn candidates(&self, key: &L::Key) -> (u32, u32) {
+        let words = ct_words::<L>(key);
+        let (secret, mask) = (self.secret(), self.mask());
+        match words.as_ref() {
+            [a, b] => ct_candidates(&[*a, *b], secret, mask),
+            w => {
+                let mut six = [0u64; 6];
+                six.copy_from_slice(&w[..6]);
+                ct_candidates(&six, secret, mask)
+            }
+        }
+    }
+
+    /// Whether way `w` of the set now holds `key` (word by word).
+    fn holds(&self, set: u32, w: u32, key: &L::Key) -> bool {
+        let slot = ct_slot::<L>(w);
+        ct_words::<L>(key)
+            .as_ref()
+            .iter()
+            .enumerate()
+            .all(|(i, k)| self.word(set, slot + i).load(Ordering::Relaxed) == *k)
+    }
+
     /// The ways holding `key` (normally one; a race between two writers
     /// can leave a copy in each candidate set).
-    fn find_all(&self, key: &CtKey4) -> Vec<(u32, u32)> {
-        let [k0, k1] = ct4_words(key);
-        let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
+    fn find_all(&self, key: &L::Key) -> Vec<(u32, u32)> {
+        let (a, b) = self.candidates(key);
         let mut out = Vec::new();
         for set in if a == b { vec![a] } else { vec![a, b] } {
             let (s, _) = self.snapshot(set);
-            for w in 0..CT4_WAYS {
-                if s[ct4_slot(w)] == k0 && s[ct4_slot(w) + 1] == k1 {
+            for w in 0..L::WAYS {
+                if Self::key_of(s.as_ref(), w).as_ref() == Some(key) {
                     out.push((set, w));
                 }
             }
@@ -247,13 +298,13 @@ impl Ct4Map {
     }
 
     /// Whether the table holds `key`.
-    pub fn contains(&self, key: &CtKey4) -> bool {
+    pub fn contains(&self, key: &L::Key) -> bool {
         !self.find_all(key).is_empty()
     }
 
     /// Takes set `set` (its sequence from even to odd), waiting while a
     /// program holds it.
-    fn take(&self, set: u32) -> Held<'_> {
+    fn take(&self, set: u32) -> Held<'_, L> {
         let w = self.word(set, 0);
         loop {
             let w0 = self.settled(set);
@@ -271,18 +322,16 @@ impl Ct4Map {
 
     /// Removes every copy of `key`, with its way's assured bit; whether
     /// there was one.
-    pub fn remove(&self, key: &CtKey4) -> Result<bool, MapsError> {
-        let [k0, k1] = ct4_words(key);
+    pub fn remove(&self, key: &L::Key) -> Result<bool, MapsError> {
         let mut removed = false;
         for (set, way) in self.find_all(key) {
             let held = self.take(set);
-            let s = ct4_slot(way);
+            let s = ct_slot::<L>(way);
             // Still there (a program may have replaced it before the lock).
-            if self.word(set, s).load(Ordering::Relaxed) == k0
-                && self.word(set, s + 1).load(Ordering::Relaxed) == k1
-            {
-                self.word(set, s + 1).store(0, Ordering::Relaxed);
-                self.word(set, s).store(0, Ordering::Relaxed);
+            if self.holds(set, way, key) {
+                for i in 0..L::KEY_WORDS {
+                    self.word(set, s + i).store(0, Ordering::Relaxed);
+                }
                 let bit = 1u64 << (16 + way);
                 let _ = self
                     .word(set, 0)
@@ -295,40 +344,35 @@ impl Ct4Map {
     }
 
     /// Writes `entry` for `key`, assured or not, where a program's insert
-    /// would (`segbpf-ebpf/src/ct4table.rs`): its own way; else a free way
+    /// would (`segbpf-ebpf/src/cttable.rs`): its own way; else a free way
     /// (empty, or its tick below `horizon`, see
     /// `segbpf_common::ct_seen_horizon`) in the candidate set with fewer
     /// assured ways; else the least recently seen half-open way. Never a
-    /// live assured way: when all six are, nothing is written and this
+    /// live assured way: when all are, nothing is written and this
     /// returns false. A way a program changed between the choice and the
     /// lock is chosen again.
     pub fn insert(
         &self,
-        key: &CtKey4,
+        key: &L::Key,
         entry: &CtEntry,
         assured: bool,
         horizon: u64,
     ) -> Result<bool, MapsError> {
-        let [k0, k1] = ct4_words(key);
         loop {
             let Some((set, way, empty, own)) = self.choose(key, horizon) else {
                 return Ok(false);
             };
             let held = self.take(set);
-            let s = ct4_slot(way);
-            let cur = self.word(set, s + 1).load(Ordering::Relaxed);
+            let s = ct_slot::<L>(way);
+            let cur = self.word(set, s + L::TAG).load(Ordering::Relaxed);
             let cur_assured = self.word(set, 0).load(Ordering::Relaxed) >> (16 + way) & 1 != 0;
-            let dup = (0..CT4_WAYS).any(|w| {
-                w != way
-                    && self.word(set, ct4_slot(w)).load(Ordering::Relaxed) == k0
-                    && self.word(set, ct4_slot(w) + 1).load(Ordering::Relaxed) == k1
-            });
+            let dup = (0..L::WAYS).any(|w| w != way && self.holds(set, w, key));
             if (empty && cur != 0) || (!empty && !own && cur_assured) || dup {
                 // Changed since the choice (a program wrote it): again.
                 drop(held);
                 continue;
             }
-            self.write_held(&held, way, k0, k1, entry, assured);
+            self.write_held(&held, way, key, entry, assured);
             drop(held);
             return Ok(true);
         }
@@ -336,13 +380,12 @@ impl Ct4Map {
 
     /// The way `insert` writes `key` into: the set, the way, whether it
     /// is empty, and whether it is the key's own or a dead way (which may
-    /// carry an assured bit); None when all six ways are live and assured.
-    fn choose(&self, key: &CtKey4, horizon: u64) -> Option<(u32, u32, bool, bool)> {
+    /// carry an assured bit); None when all the ways are live and assured.
+    fn choose(&self, key: &L::Key, horizon: u64) -> Option<(u32, u32, bool, bool)> {
         if let Some((set, way)) = self.find_all(key).first() {
             return Some((*set, *way, false, true));
         }
-        let [k0, k1] = ct4_words(key);
-        let (a, b) = ct4_candidates(k0, k1, self.secret(), self.mask());
+        let (a, b) = self.candidates(key);
         // Per set: a free way (and whether empty), assured ways, the least
         // recently seen half-open way and its tick.
         let room = |set: u32| {
@@ -350,12 +393,12 @@ impl Ct4Map {
             let mut free = None;
             let mut assured = 0;
             let mut half_open: Option<(u32, u32)> = None;
-            for w in 0..CT4_WAYS {
-                let t = ct4_tick(&s, w);
-                let empty = s[ct4_slot(w) + 1] == 0;
+            for w in 0..L::WAYS {
+                let t = ct_tick(s.as_ref(), w);
+                let empty = s.as_ref()[ct_slot::<L>(w) + L::TAG] == 0;
                 if empty || u64::from(t) < horizon {
                     free = free.or(Some((w, empty)));
-                } else if ct4_assured(&s, w) {
+                } else if ct_assured(s.as_ref(), w) {
                     assured += 1;
                 } else if half_open.is_none_or(|(_, old)| t < old) {
                     half_open = Some((w, t));
@@ -384,30 +427,26 @@ impl Ct4Map {
     /// Writes the key and `entry` into `way` of the set `held` holds.
     fn write_held(
         &self,
-        held: &Held<'_>,
+        held: &Held<'_, L>,
         way: u32,
-        k0: u64,
-        k1: u64,
+        key: &L::Key,
         entry: &CtEntry,
         assured: bool,
     ) {
         let set = held.set;
-        let s = ct4_slot(way);
-        self.word(set, s).store(k0, Ordering::Relaxed);
-        self.word(set, s + 1).store(k1, Ordering::Relaxed);
+        let s = ct_slot::<L>(way);
+        for (i, k) in ct_words::<L>(key).as_ref().iter().enumerate() {
+            self.word(set, s + i).store(*k, Ordering::Relaxed);
+        }
         let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-        let (word, high) = match way {
-            0 => (0, true),
-            1 => (1, false),
-            _ => (1, true),
-        };
-        // SAFETY: the tick is an aligned u32 of the set (module docs of
-        // `segbpf_common::ct4table`); programs store it whole.
+        // SAFETY: the tick is an aligned u32 of the set's header, u32
+        // index 1 + way (module docs of `segbpf_common::cttable`);
+        // programs store it whole.
         let t = unsafe {
             AtomicU32::from_ptr(
                 self.set_ptr(set)
                     .cast::<u32>()
-                    .add(word * 2 + usize::from(high)),
+                    .add(1 + way.min(L::WAYS - 1) as usize),
             )
         };
         t.store(tick, Ordering::Relaxed);
@@ -424,13 +463,13 @@ impl Ct4Map {
 
 /// A set held by this process; released on drop (the sequence stored
 /// back even, one step on).
-struct Held<'a> {
-    map: &'a Ct4Map,
+struct Held<'a, L: CtLayout> {
+    map: &'a CtMap<L>,
     set: u32,
     seq: u16,
 }
 
-impl Drop for Held<'_> {
+impl<L: CtLayout> Drop for Held<'_, L> {
     fn drop(&mut self) {
         let seq = u64::from(self.seq);
         let _ =
