@@ -224,21 +224,41 @@ const ROT: [u32; 6] = [0, 32, 16, 48, 8, 40];
 /// The two candidate sets of the key of `words`, for the namespace's
 /// `secret` and the table's `mask` (sets − 1). The same function in the
 /// datapath and in userspace.
+///
+/// Two words (an IPv4 key): each word keyed and multiplied, the products
+/// combined, then a full 64-bit finalizer (MurmurHash3's fmix64), so
+/// every bit of the key reaches every bit of both set indices (a sender
+/// cannot fill one set by varying bits the index ignores). The IPv4
+/// table's first build hashed so; a pinned table keeps its flows where it
+/// put them.
+///
+/// More words (an IPv6 key): the words are mixed in one after the other
+/// (keyed, multiplied, the high half folded down) before the finalizer.
+/// Combined products would let a sender cancel changes: a change in a
+/// word's top bits changes only its product's top bits, so two such
+/// changes in two words (a port's high byte and an address's last byte)
+/// could leave the sum as it was. Mixed in turn, each word's change has
+/// reached every bit before the next word comes.
 #[allow(
     clippy::inline_always,
     reason = "the datapath calls it per packet: no BPF-to-BPF call"
 )]
 #[inline(always)]
 pub fn ct_candidates<const N: usize>(words: &[u64; N], secret: u64, mask: u32) -> (u32, u32) {
-    // Each word keyed and multiplied, then a full 64-bit finalizer
-    // (MurmurHash3's fmix64), so every bit of the key reaches every bit of
-    // both set indices: a sender cannot fill one set by varying bits the
-    // index ignores.
     let mut h = 0u64;
     let mut i = 0;
-    while i < N && i < MULT.len() {
-        h ^= (words[i] ^ secret.rotate_left(ROT[i])).wrapping_mul(MULT[i]);
-        i += 1;
+    if N == 2 {
+        while i < N {
+            h ^= (words[i] ^ secret.rotate_left(ROT[i])).wrapping_mul(MULT[i]);
+            i += 1;
+        }
+    } else {
+        h = secret;
+        while i < N && i < MULT.len() {
+            h = (h ^ words[i] ^ secret.rotate_left(ROT[i])).wrapping_mul(MULT[i]);
+            h ^= h >> 29;
+            i += 1;
+        }
     }
     let h = (h ^ (h >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     let h = (h ^ (h >> 33)).wrapping_mul(0xC4CE_B9FE_1A85_EC53);
@@ -280,6 +300,8 @@ pub fn ct_secret(extra: &[u64]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
 
     fn check_sizing<L: CtLayout>() {
@@ -394,6 +416,26 @@ mod tests {
                     "byte {byte}: {same_a} / {same_b} of 255 keep a set"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn changes_in_two_fields_do_not_cancel() {
+        // The remote's last byte (top byte of the last word) and the
+        // remote port's high byte (top byte of the first word), varied
+        // together: 65,536 keys. Combined products would put them in 256
+        // pairs of sets whatever the secret; mixed in turn they spread.
+        for secret in [1u64, 0x1234_5678_9abc_def1, u64::MAX] {
+            let mut pairs = std::collections::BTreeSet::new();
+            for last in 0..=255u8 {
+                for port_hi in 0..=255u16 {
+                    let mut k = key6();
+                    k.remote[15] = last;
+                    k.remote_port = port_hi << 8 | 0x34;
+                    pairs.insert(ct_candidates(&ct_words::<Ct6>(&k), secret, 0xffff));
+                }
+            }
+            assert!(pairs.len() > 60_000, "{} pairs of 65,536", pairs.len());
         }
     }
 

@@ -491,7 +491,13 @@ impl<L: CtLayout + Globals> SetTable<L> {
     /// neither until the release). 0, or -2 when the way changed since
     /// the choice, -1 on any other failure.
     #[inline(always)]
-    fn write_words<W: KeyWords>(&self, sw_tick: u64, k: W, value: *const CtEntry) -> i64 {
+    fn write_words<W: KeyWords>(
+        &self,
+        sw_tick: u64,
+        k: W,
+        value: *const CtEntry,
+        horizon: u64,
+    ) -> i64 {
         let flags = sw_tick as u32;
         let sw = flags & SET_WAY;
         let way = sw & 3;
@@ -512,12 +518,25 @@ impl<L: CtLayout + Globals> SetTable<L> {
         let slot = ct_slot::<L>(way);
         let flags_at = flags_ptr(line);
         // What another CPU wrote since the choice: a key into the empty
-        // way, or the way's flow made assured. Not overwritten: the new
-        // flow is not tracked (its replies meet the policy).
-        // SAFETY: the header's flags; this CPU holds the set.
-        let changed = (flags & WAS_EMPTY != 0 && word(line, slot + L::TAG) != 0)
-            || (flags & MAY_EVICT_ASSURED == 0
-                && unsafe { core::ptr::read_volatile(flags_at) } & (1 << way) != 0);
+        // way; the way's flow made assured; or, for the key's own way or a
+        // dead one (which may carry an assured bit), another key there,
+        // assured and live. Not overwritten: the new flow is not tracked
+        // (its replies meet the policy).
+        // SAFETY: the header's flags and the way's tick; this CPU holds
+        // the set.
+        let (assured, tick) = unsafe {
+            (
+                core::ptr::read_volatile(flags_at) & (1 << way) != 0,
+                core::ptr::read_volatile(tick_ptr(line, way)),
+            )
+        };
+        let changed = if flags & WAS_EMPTY != 0 {
+            word(line, slot + L::TAG) != 0
+        } else if flags & MAY_EVICT_ASSURED != 0 {
+            assured && u64::from(tick) >= horizon && !way_holds::<L, W>(line, way, k)
+        } else {
+            assured
+        };
         if changed {
             release(line);
             return -2;
@@ -606,7 +625,7 @@ impl CtTable<CtKey4> for SetTable<Ct4> {
             segbpf_ct4_room(u64::from(s), horizon)
         })
         .ok_or(-1)?;
-        if segbpf_ct4_write(u64::from(sw) | tick << 32, k0, k1, value) == 0 {
+        if segbpf_ct4_write(u64::from(sw) | tick << 32, k0, k1, value, horizon) == 0 {
             Ok(())
         } else {
             Err(-1)
@@ -637,7 +656,7 @@ impl CtTable<CtKey> for SetTable<Ct6> {
             segbpf_ct6_room(u64::from(s), horizon)
         })
         .ok_or(-1)?;
-        if segbpf_ct6_write(u64::from(sw) | tick << 32, key, value) == 0 {
+        if segbpf_ct6_write(u64::from(sw) | tick << 32, key, value, horizon) == 0 {
             Ok(())
         } else {
             Err(-1)
@@ -705,18 +724,24 @@ pub extern "C" fn segbpf_ct4_room(set: u64, horizon: u64) -> i64 {
 /// `insert`'s flags (low half of `sw_tick`, the tick in the high half), a
 /// global BPF function: 0, or -2 when the way changed since the choice,
 /// -1 on any other failure (`value`: a map value of the caller, checked
-/// for its size by the verifier).
+/// for its size by the verifier; `horizon`: as `CtTable::insert`'s).
 #[unsafe(no_mangle)]
 #[inline(never)]
 #[allow(
     unreachable_pub,
     reason = "a global BPF function: exported, so the verifier checks it once"
 )]
-pub extern "C" fn segbpf_ct4_write(sw_tick: u64, k0: u64, k1: u64, value: *const CtEntry) -> i64 {
+pub extern "C" fn segbpf_ct4_write(
+    sw_tick: u64,
+    k0: u64,
+    k1: u64,
+    value: *const CtEntry,
+    horizon: u64,
+) -> i64 {
     if value.is_null() {
         return -1;
     }
-    CT4.write_words(sw_tick, [k0, k1], value)
+    CT4.write_words(sw_tick, [k0, k1], value, horizon)
 }
 
 /// The lookup of the IPv6 table (`segbpf_ct4_find` for a key in the
@@ -781,12 +806,17 @@ pub extern "C" fn segbpf_ct6_room(set: u64, horizon: u64) -> i64 {
     unreachable_pub,
     reason = "a global BPF function: exported, so the verifier checks it once"
 )]
-pub extern "C" fn segbpf_ct6_write(sw_tick: u64, key: *const CtKey, value: *const CtEntry) -> i64 {
+pub extern "C" fn segbpf_ct6_write(
+    sw_tick: u64,
+    key: *const CtKey,
+    value: *const CtEntry,
+    horizon: u64,
+) -> i64 {
     if value.is_null() {
         return -1;
     }
     match key_at(key) {
-        Some(k) => CT6.write_words(sw_tick, k, value),
+        Some(k) => CT6.write_words(sw_tick, k, value, horizon),
         None => -1,
     }
 }

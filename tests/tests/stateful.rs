@@ -1884,7 +1884,7 @@ fn icmp_echo_and_errors_are_judged_on_their_entries_through_the_port_filter() ->
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow::Result<()> {
-    use segbpf_common::{CtEntry, CtKey, CtKey4, IPPROTO_UDP, MAP_CT, MAP_CT4};
+    use segbpf_common::{CtEntry, CtKey, CtKey4, IPPROTO_UDP, MAP_CT, MAP_CT_NEW, MAP_CT4};
     /// Removes the test's pin directory.
     struct Gone(std::path::PathBuf);
     impl Drop for Gone {
@@ -1920,7 +1920,14 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
         ..mine
     };
     let mine4 = ct_key(IPPROTO_UDP, ip(APP), 40_780, ip("198.18.7.8"), 53);
+    // A key an older build held twice: a dead assured copy, and the live
+    // half-open flow of a new connection on its tuple.
+    let twice = ct_key(IPPROTO_UDP, ip(APP), 40_781, ip("198.18.7.8"), 53);
     let entry = established_egress(now);
+    let dead = CtEntry {
+        last_seen_ns: now.saturating_sub(3_600_000_000_000),
+        ..entry
+    };
     {
         let wide = segbpf_tests::harness::lru_map(MAP_CT, 48, 80, 64)?;
         wide.pin(att.map(MAP_CT))?;
@@ -1929,6 +1936,12 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
         for k in [mine, other, mine6] {
             wide.insert(k, entry, 0)?;
         }
+        wide.insert(twice, dead, 0)?;
+        let wide_new = segbpf_tests::harness::lru_map(MAP_CT_NEW, 48, 80, 64)?;
+        wide_new.pin(att.map(MAP_CT_NEW))?;
+        let mut wide_new: aya::maps::HashMap<_, CtKey, CtEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(wide_new))?;
+        wide_new.insert(twice, entry, 0)?;
         let narrow = segbpf_tests::harness::lru_map(MAP_CT4, 16, 80, 64)?;
         narrow.pin(att.map(MAP_CT4))?;
         let mut narrow: aya::maps::HashMap<_, CtKey4, CtEntry> =
@@ -1944,9 +1957,9 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
     );
     let read_pins = || segbpf::attachment::cttables::read_all_pinned(&att);
     let before: usize = read_pins()?.iter().map(|(_, e)| e.len()).sum();
-    assert_eq!(before, 4, "readers see the older tables' flows");
+    assert_eq!(before, 6, "readers see the older tables' flows");
     let moved = segbpf::attachment::cttables::adopt(instance.ebpf_mut(), 0, &att)?;
-    assert_eq!(moved, 3, "this interface's entries only");
+    assert_eq!(moved, 4, "this interface's entries only, each key once");
     segbpf::attachment::ctseen::seed(instance.ebpf_mut())?;
     assert_eq!(
         instance.ingress(&reply)?.reason,
@@ -1959,11 +1972,17 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
         reason::PASS_CT,
         "from SEG_CT4"
     );
+    let twice_now = udp("198.18.7.8", APP, 53, 40_781).build().bytes;
+    assert_eq!(
+        instance.ingress(&twice_now)?.reason,
+        reason::PASS_CT,
+        "a key held twice: the live copy was moved, not the dead one"
+    );
     let mut held: Vec<CtKey> = ct_entries(&instance)?.into_iter().map(|(k, _)| k).collect();
     held.sort_by_key(|k| (k.family, k.local_port));
     assert_eq!(
         held,
-        vec![mine, mine4, mine6],
+        vec![mine, mine4, twice, mine6],
         "the moved keys widen back to the old ones"
     );
     let left: Vec<CtKey> = read_pins()?
@@ -1989,51 +2008,89 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::Result<()> {
-    use segbpf_common::{CT_NEW, Ct4, CtKey, IPPROTO_UDP, ct_candidates, ct_words};
-    let compiled = compiled_for_app()?;
+    eviction_order::<segbpf_common::Ct4>(
+        &compiled_for_app()?,
+        APP,
+        |i| format!("198.18.{}.{}", 64 + ((i >> 8) & 0x3f), i & 0xff),
+        |k| k.narrow().expect("an IPv4 key"),
+        segbpf_common::CtKey4::widen,
+    )
+}
+
+/// The IPv6 table's eviction order: as the IPv4 table's, with four ways
+/// a set (eight for a new flow).
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_new_ipv6_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::Result<()> {
+    eviction_order::<segbpf_common::Ct6>(
+        &compiled_for(&["db"])?,
+        DB6,
+        |i| format!("fd00:60::{i:x}"),
+        |k| *k,
+        |k| *k,
+    )
+}
+
+/// The eviction order of `L`'s table for flows from `local` (a host of
+/// `compiled`, which may send UDP to port 53 anywhere) to the remotes
+/// `remote(i)`: see `a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one`.
+fn eviction_order<L: segbpf_common::CtLayout>(
+    compiled: &segbpf::policy::compile::Compiled,
+    local: &str,
+    remote: impl Fn(u32) -> String,
+    narrow: impl Fn(&segbpf_common::CtKey) -> L::Key,
+    widen: impl Fn(&L::Key) -> segbpf_common::CtKey,
+) -> anyhow::Result<()> {
+    use segbpf_common::{CT_NEW, CtKey, IPPROTO_UDP, ct_candidates, ct_words};
+    let ways = L::WAYS as usize;
     for all_assured in [false, true] {
-        let mut instance = Instance::with_compiled(&compiled, RUN_RECORD)?;
-        let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
+        let mut instance = Instance::with_compiled(compiled, RUN_RECORD)?;
+        let table = segbpf::attachment::cttables::map_table::<L>(instance.ebpf())?;
         let (secret, mask) = (table.secret(), table.mask());
         assert_ne!(secret, 0, "the load wrote the namespace's secret");
         let sets_of = |k: &CtKey| -> (u32, u32) {
-            ct_candidates(
-                &ct_words::<Ct4>(&k.narrow().expect("an IPv4 key")),
-                secret,
-                mask,
-            )
+            let w = ct_words::<L>(&narrow(k));
+            match w.as_ref() {
+                [a, b] => ct_candidates(&[*a, *b], secret, mask),
+                w => {
+                    let mut six = [0u64; 6];
+                    six.copy_from_slice(w);
+                    ct_candidates(&six, secret, mask)
+                }
+            }
         };
         // A new flow with two distinct candidate sets.
+        let new_remote = remote(0x3fff);
         let (new, lport) = (40_900u16..41_000)
-            .map(|p| (ct_key(IPPROTO_UDP, ip(APP), p, ip("198.18.60.1"), 53), p))
+            .map(|p| (ct_key(IPPROTO_UDP, ip(local), p, ip(&new_remote), 53), p))
             .find(|(k, _)| sets_of(k).0 != sets_of(k).1)
             .expect("a key with two sets");
         let (a, b) = sets_of(&new);
-        // Three flows whose first candidate set is `a`, three for `b`.
+        // A set's worth of flows whose first candidate set is `a`, as
+        // many for `b`.
         let mut fill: Vec<CtKey> = Vec::new();
         for want in [a, b] {
             let found: Vec<CtKey> = (0u32..)
                 .map(|i| {
-                    let remote = std::net::Ipv4Addr::from(0xC612_4000 | (i >> 16));
                     ct_key(
                         IPPROTO_UDP,
-                        ip(APP),
+                        ip(local),
                         41_000,
-                        IpAddr::V4(remote),
+                        ip(&remote(i >> 16)),
                         (i & 0xffff) as u16,
                     )
                 })
                 .filter(|k| sets_of(k).0 == want)
-                .take(3)
+                .take(ways)
                 .collect();
             fill.extend(found);
         }
-        // First all six half-open: with no assured way anywhere, each goes
-        // to its first candidate set. Then all but one (the third of `a`)
+        // First all half-open: with no assured way anywhere, each goes to
+        // its first candidate set. Then all but one (the last of `a`)
         // assured, unless all are; the half-open one last, a tick later:
-        // the most recently seen of the six, so only its class, not its
-        // age, makes it the one to go.
-        let half_open = |i: usize| !all_assured && i == 2;
+        // the most recently seen of all, so only its class, not its age,
+        // makes it the one to go.
+        let half_open = |i: usize| !all_assured && i == ways - 1;
         let write = |instance: &mut Instance, i: usize, assured: bool| -> anyhow::Result<()> {
             let now = segbpf::host::clock::monotonic_ns();
             let entry = segbpf_common::CtEntry {
@@ -2051,41 +2108,40 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
                 assured,
             )?)
         };
-        for i in 0..6 {
+        for i in 0..2 * ways {
             write(&mut instance, i, false)?;
         }
-        for i in (0..6).filter(|i| !half_open(*i)) {
+        for i in (0..2 * ways).filter(|i| !half_open(*i)) {
             write(&mut instance, i, true)?;
         }
         if !all_assured {
             std::thread::sleep(std::time::Duration::from_millis(1_200));
-            write(&mut instance, 2, false)?;
+            write(&mut instance, ways - 1, false)?;
         }
-        let table = segbpf::attachment::cttables::map_v4(instance.ebpf())?;
+        let table = segbpf::attachment::cttables::map_table::<L>(instance.ebpf())?;
         for (i, k) in fill.iter().enumerate() {
-            let w = ct_words::<Ct4>(&k.narrow().expect("an IPv4 key"));
-            let want = if i < 3 { a } else { b };
-            assert_eq!(
-                ct_candidates(&w, secret, mask).0,
-                want,
-                "filler {i} in its first set"
-            );
-            assert!(table.contains(&k.narrow().expect("an IPv4 key")));
+            let want = if i < ways { a } else { b };
+            assert_eq!(sets_of(k).0, want, "filler {i} in its first set");
+            assert!(table.contains(&narrow(k)));
         }
         drop(table);
         let held = |instance: &Instance| -> anyhow::Result<Vec<CtKey>> {
-            Ok(segbpf::attachment::cttables::map_v4(instance.ebpf())?
-                .entries()?
-                .into_iter()
-                .map(|(k, _, _)| k.widen())
-                .collect())
+            Ok(
+                segbpf::attachment::cttables::map_table::<L>(instance.ebpf())?
+                    .entries()?
+                    .iter()
+                    .map(|(k, _, _)| widen(k))
+                    .collect(),
+            )
         };
-        assert_eq!(held(&instance)?.len(), 6, "both sets are full");
-        let v = instance.egress(udp(APP, "198.18.60.1", lport, 53).build().bytes)?;
+        assert_eq!(held(&instance)?.len(), 2 * ways, "both sets are full");
+        let v = instance.egress(udp(local, &new_remote, lport, 53).build().bytes)?;
         assert!(reason::passes(v.reason), "the new flow passes: {v:?}");
         let after = held(&instance)?;
-        let gone: Vec<usize> = (0..6).filter(|i| !after.contains(&fill[*i])).collect();
-        let reply = instance.ingress(udp("198.18.60.1", APP, 53, lport).build().bytes)?;
+        let gone: Vec<usize> = (0..2 * ways)
+            .filter(|i| !after.contains(&fill[*i]))
+            .collect();
+        let reply = instance.ingress(udp(&new_remote, local, 53, lport).build().bytes)?;
         if all_assured {
             assert!(gone.is_empty(), "no assured flow is evicted: {gone:?}");
             assert!(!after.contains(&new), "the new flow is not tracked");
@@ -2098,7 +2154,7 @@ fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::R
             assert!(after.contains(&new), "the new flow is tracked: {after:?}");
             assert_eq!(
                 gone,
-                vec![2],
+                vec![ways - 1],
                 "the half-open flow made room, no assured one"
             );
             assert_eq!(

@@ -157,12 +157,6 @@ impl<L: CtLayout> CtMap<L> {
         self.word(self.nsets, 0).load(Ordering::Acquire)
     }
 
-    /// Writes the namespace's secret (before any program of the
-    /// namespace runs with it).
-    pub fn set_secret(&self, secret: u64) {
-        self.word(self.nsets, 0).store(secret, Ordering::Release);
-    }
-
     /// Waits until set `set` is not held (its word 0, even), and returns
     /// word 0; a set held unchanged for [`STUCK`] is released first.
     fn settled(&self, set: u32) -> u64 {
@@ -367,7 +361,16 @@ impl<L: CtLayout> CtMap<L> {
             let cur = self.word(set, s + L::TAG).load(Ordering::Relaxed);
             let cur_assured = self.word(set, 0).load(Ordering::Relaxed) >> (16 + way) & 1 != 0;
             let dup = (0..L::WAYS).any(|w| w != way && self.holds(set, w, key));
-            if (empty && cur != 0) || (!empty && !own && cur_assured) || dup {
+            let tick = u64::from(ct_tick(
+                &(0..L::HDR)
+                    .map(|i| self.word(set, i).load(Ordering::Relaxed))
+                    .collect::<Vec<_>>(),
+                way,
+            ));
+            // The key's own way or a dead one: another key there, assured
+            // and live since the choice, is not overwritten.
+            let taken = own && cur_assured && tick >= horizon && !self.holds(set, way, key);
+            if (empty && cur != 0) || (!empty && !own && cur_assured) || taken || dup {
                 // Changed since the choice (a program wrote it): again.
                 drop(held);
                 continue;

@@ -158,6 +158,51 @@ pub fn map_pinned<L: CtLayout>(att: &Attachment) -> Result<Option<CtMap<L>>, Map
     map_arrays::<L>(&sets, &ways).map(Some)
 }
 
+/// The element after the last set of `L`'s table pinned for `att`, read
+/// by one lookup (the table is not mapped): the number of sets and the
+/// element's first two words (the namespace's secret, and the
+/// `--ct-size` the table was made for, or 0 for a table of a build that
+/// did not record it); None when the namespace has no such table.
+pub fn pinned_extra<L: CtLayout>(att: &Attachment) -> Result<Option<(u32, [u64; 2])>, MapsError>
+where
+    L::Set: aya::Pod,
+{
+    let path = att.map(L::SETS_MAP);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).map_err(err(L::SETS_MAP))?;
+    let sets = data
+        .info()
+        .map_err(err(L::SETS_MAP))?
+        .max_entries()
+        .saturating_sub(1);
+    let array: aya::maps::Array<MapData, L::Set> =
+        aya::maps::Array::try_from(Map::Array(data)).map_err(err(L::SETS_MAP))?;
+    let extra = array.get(&sets, 0).map_err(err(L::SETS_MAP))?;
+    let w = extra.as_ref();
+    Ok(Some((sets, [w[0], w[1]])))
+}
+
+/// Writes the element after the last set of `L`'s table of a loaded
+/// instance: the namespace's `secret` and the `--ct-size` `ct` the table
+/// was made for (before any program of the instance runs).
+pub fn write_extra<L: CtLayout>(ebpf: &mut aya::Ebpf, secret: u64, ct: u32) -> Result<(), MapsError>
+where
+    L::Set: aya::Pod,
+{
+    let map = ebpf
+        .map_mut(L::SETS_MAP)
+        .ok_or(MapsError::Missing(L::SETS_MAP))?;
+    let mut array: aya::maps::Array<&mut MapData, L::Set> =
+        aya::maps::Array::try_from(map).map_err(err(L::SETS_MAP))?;
+    let sets = array.len().saturating_sub(1);
+    let mut extra: L::Set = bytemuck::Zeroable::zeroed();
+    extra.as_mut()[0] = secret;
+    extra.as_mut()[1] = u64::from(ct);
+    array.set(sets, extra, 0).map_err(err(L::SETS_MAP))
+}
+
 /// The earlier builds' LRU tables that may hold flows of the view `t`:
 /// (name, whether its keys are `CtKey4`).
 fn legacy(t: Table) -> Vec<(&'static str, bool)> {
@@ -342,7 +387,11 @@ pub fn insert(
 /// this interface's programs make its entries, and the caller has not
 /// attached them yet. Returns how many entries were moved.
 pub fn adopt(ebpf: &mut aya::Ebpf, ifindex: u32, att: &Attachment) -> Result<u64, MapsError> {
-    let mut moved = 0;
+    // Every older table's entries of this interface, then one entry per
+    // key: an older build could hold a key twice (a dead assured copy and
+    // the live half-open flow of a new connection on its tuple); the one
+    // seen last is the flow.
+    let mut found: Vec<(&'static str, bool, Entries)> = Vec::new();
     for (name, narrow, assured) in [
         (MAP_CT, false, true),
         (MAP_CT_NEW, false, false),
@@ -363,20 +412,38 @@ pub fn adopt(ebpf: &mut aya::Ebpf, ifindex: u32, att: &Attachment) -> Result<u64
             .into_iter()
             .filter(|(k, _)| k.ifindex == ifindex)
             .collect();
-        if old.is_empty() {
-            continue;
+        if !old.is_empty() {
+            found.push((name, assured, old));
         }
-        moved += move_into(ebpf, &old, assured)?;
-        if narrow {
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let mut latest: std::collections::HashMap<CtKey, (CtEntry, bool)> =
+        std::collections::HashMap::new();
+    for (_, assured, old) in &found {
+        for (k, e) in old {
+            let newer = latest
+                .get(k)
+                .is_none_or(|(seen, _)| e.last_seen_ns > seen.last_seen_ns);
+            if newer {
+                latest.insert(*k, (*e, *assured));
+            }
+        }
+    }
+    let moved = move_into(ebpf, &latest)?;
+    for (name, _, old) in &found {
+        let data = MapData::from_pin(att.map(name)).map_err(err(name))?;
+        if *name == MAP_CT4 || *name == MAP_CT4_NEW {
             let mut table: HashMap<MapData, CtKey4, CtEntry> =
-                HashMap::try_from(map).map_err(err(name))?;
+                HashMap::try_from(Map::LruHashMap(data)).map_err(err(name))?;
             for k in old.iter().filter_map(|(k, _)| k.narrow()) {
                 let _ = table.remove(&k); // may have been evicted meanwhile
             }
         } else {
             let mut table: HashMap<MapData, CtKey, CtEntry> =
-                HashMap::try_from(map).map_err(err(name))?;
-            for (k, _) in &old {
+                HashMap::try_from(Map::LruHashMap(data)).map_err(err(name))?;
+            for (k, _) in old {
                 let _ = table.remove(k);
             }
         }
@@ -384,19 +451,20 @@ pub fn adopt(ebpf: &mut aya::Ebpf, ifindex: u32, att: &Attachment) -> Result<u64
     Ok(moved)
 }
 
-/// Writes `flows` into the tables of `ebpf` where they have no entry for
-/// them yet; returns how many were written.
+/// Writes `flows` (key: entry, assured) into the tables of `ebpf` where
+/// they have no entry for them yet; returns how many were written. A flow
+/// whose candidate sets hold only live assured flows is not written (a
+/// warning): its replies meet the policy, as a new flow's would.
 fn move_into(
     ebpf: &aya::Ebpf,
-    flows: &[(CtKey, CtEntry)],
-    assured: bool,
+    flows: &std::collections::HashMap<CtKey, (CtEntry, bool)>,
 ) -> Result<u64, MapsError> {
     let (m4, m6) = (map_v4(ebpf)?, map_v6(ebpf)?);
     let mut n = 0;
-    for (k, e) in flows {
+    for (k, (e, assured)) in flows {
         let written = match k.narrow() {
-            Some(k4) if !m4.contains(&k4) => m4.insert(&k4, e, assured, 0)?,
-            None if k.family == 6 && !m6.contains(k) => m6.insert(k, e, assured, 0)?,
+            Some(k4) if !m4.contains(&k4) => m4.insert(&k4, e, *assured, 0)?,
+            None if k.family == 6 && !m6.contains(k) => m6.insert(k, e, *assured, 0)?,
             _ => continue,
         };
         if written {

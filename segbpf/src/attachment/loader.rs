@@ -108,8 +108,8 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
     let seed = deny_seed();
     let mut loader = EbpfLoader::new();
     sized(&mut loader, capacity);
-    let ct4 = TableGlobals::<Ct4>::new(Ct4::sets_for(capacity.ct));
-    let ct6 = TableGlobals::<Ct6>::new(Ct6::sets_for(capacity.ct));
+    let ct4 = TableGlobals::<Ct4>::new(Ct4::sets_for(capacity.ct), capacity.ct);
+    let ct6 = TableGlobals::<Ct6>::new(Ct6::sets_for(capacity.ct), capacity.ct);
     ct4.apply(&mut loader);
     ct6.apply(&mut loader);
     let mut ebpf = loader
@@ -118,8 +118,8 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
         .override_global(GLOBAL_LINK, &link, true)
         .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
-    ct4.record(&ebpf)?;
-    ct6.record(&ebpf)?;
+    ct4.record(&mut ebpf)?;
+    ct6.record(&mut ebpf)?;
     load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -186,8 +186,8 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
-    ct4.record(&ebpf)?;
-    ct6.record(&ebpf)?;
+    ct4.record(&mut ebpf)?;
+    ct6.record(&mut ebpf)?;
     // Flows of this interface that earlier builds left in LRU tables:
     // moved before the seeding covers them.
     let adopted = crate::attachment::cttables::adopt(&mut ebpf, ifindex, att)?;
@@ -277,17 +277,24 @@ fn table_sized<L: CtLayout>(loader: &mut EbpfLoader<'_>, sets: u32) {
 struct TableGlobals<L: CtLayout> {
     secret: u64,
     mask: u32,
+    /// The `--ct-size` the table is made for, recorded with a new secret.
+    ct: u32,
     /// The secret is new: written into the table after the load.
     fresh: bool,
     layout: std::marker::PhantomData<L>,
 }
 
-impl<L: CtLayout> TableGlobals<L> {
-    /// A new table of `sets` sets, with a random secret.
-    fn new(sets: u32) -> Self {
+impl<L: CtLayout> TableGlobals<L>
+where
+    L::Set: aya::Pod,
+{
+    /// A new table of `sets` sets for a `--ct-size` of `ct`, with a random
+    /// secret.
+    fn new(sets: u32, ct: u32) -> Self {
         Self {
             secret: deny_seed() | 1,
             mask: sets - 1,
+            ct,
             fresh: true,
             layout: std::marker::PhantomData,
         }
@@ -295,15 +302,19 @@ impl<L: CtLayout> TableGlobals<L> {
 
     /// The namespace's table pinned for `att`, if it has one; one whose
     /// secret was never written (a load that failed before it wrote it,
-    /// so no program used it) gets a new one.
-    fn pinned(att: &Attachment) -> Result<Option<Self>, LoadError> {
-        let Some(m) = crate::attachment::cttables::map_pinned::<L>(att)? else {
+    /// so no program used it) gets a new one, recorded with `ct`.
+    fn pinned(att: &Attachment, ct: u32) -> Result<Option<Self>, LoadError> {
+        let Some((sets, [secret, made_for])) = crate::attachment::cttables::pinned_extra::<L>(att)?
+        else {
             return Ok(None);
         };
-        let secret = m.secret();
         Ok(Some(Self {
             secret: if secret == 0 { deny_seed() | 1 } else { secret },
-            mask: m.mask(),
+            mask: sets.saturating_sub(1),
+            ct: u32::try_from(made_for)
+                .ok()
+                .filter(|c| *c != 0)
+                .unwrap_or(ct),
             fresh: secret == 0,
             layout: std::marker::PhantomData,
         }))
@@ -317,12 +328,13 @@ impl<L: CtLayout> TableGlobals<L> {
         capacity: Capacity,
         loader: &mut EbpfLoader<'_>,
     ) -> Result<Self, LoadError> {
-        if let Some(g) = Self::pinned(att)? {
+        let ct = shared_ct_size(att).unwrap_or(capacity.ct);
+        if let Some(g) = Self::pinned(att, ct)? {
             return Ok(g);
         }
-        let sets = L::sets_for(shared_ct_size(att).unwrap_or(capacity.ct));
+        let sets = L::sets_for(ct);
         table_sized::<L>(loader, sets);
-        Ok(Self::new(sets))
+        Ok(Self::new(sets, ct))
     }
 
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
@@ -331,39 +343,43 @@ impl<L: CtLayout> TableGlobals<L> {
             .override_global(L::MASK_GLOBAL, &self.mask, true);
     }
 
-    /// Writes a new secret into the loaded instance's table, before any
-    /// of its programs runs.
-    fn record(&self, ebpf: &Ebpf) -> Result<(), LoadError> {
+    /// Writes a new secret (with the `--ct-size` the table is made for)
+    /// into the loaded instance's table, before any of its programs runs.
+    fn record(&self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
         if self.fresh {
-            crate::attachment::cttables::map_table::<L>(ebpf)?.set_secret(self.secret);
+            crate::attachment::cttables::write_extra::<L>(ebpf, self.secret, self.ct)?;
         }
         Ok(())
     }
 }
 
 /// The `--ct-size` the namespace's connection tables were made with, if
-/// it has them: the `max_entries` of an earlier build's table of assured
-/// flows (`SEG_CT`), else the largest size whose IPv4 table has as many
-/// sets as the namespace's.
+/// it has them: as this build's tables record it (the element after the
+/// last set), else the `max_entries` of an earlier build's table of
+/// assured flows (`SEG_CT`).
 pub fn shared_ct_size(att: &Attachment) -> Option<u32> {
-    if let Ok(i) = aya::maps::MapInfo::from_pin(att.map(MAP_CT)) {
-        return Some(i.max_entries());
-    }
-    let sets = aya::maps::MapInfo::from_pin(att.map(Ct4::SETS_MAP))
-        .ok()?
-        .max_entries()
-        .saturating_sub(1);
-    // sets_for is monotonic: the largest ct with sets_for(ct) <= sets.
-    let (mut lo, mut hi) = (1u32, u32::MAX / 2);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if Ct4::sets_for(mid) <= sets {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    Some(lo)
+    let recorded = |extra: Option<(u32, [u64; 2])>| {
+        extra
+            .and_then(|(_, [_, ct])| u32::try_from(ct).ok())
+            .filter(|ct| *ct != 0)
+    };
+    recorded(
+        crate::attachment::cttables::pinned_extra::<Ct4>(att)
+            .ok()
+            .flatten(),
+    )
+    .or_else(|| {
+        recorded(
+            crate::attachment::cttables::pinned_extra::<Ct6>(att)
+                .ok()
+                .flatten(),
+        )
+    })
+    .or_else(|| {
+        aya::maps::MapInfo::from_pin(att.map(MAP_CT))
+            .ok()
+            .map(|i| i.max_entries())
+    })
 }
 
 /// Refuses shared maps whose type, key or value differ from this
@@ -456,8 +472,8 @@ pub fn load_dry_run(att: &Attachment) -> Result<Ebpf, LoadError> {
     let ifindex = state.as_ref().map_or(0, |s| s.ifindex);
     check_shared(att)?;
     let paths: Vec<(&str, std::path::PathBuf)> = dry_run_maps().map(|m| (m, att.map(m))).collect();
-    let ct4 = TableGlobals::<Ct4>::pinned(att)?;
-    let ct6 = TableGlobals::<Ct6>::pinned(att)?;
+    let ct4 = TableGlobals::<Ct4>::pinned(att, 0)?;
+    let ct6 = TableGlobals::<Ct6>::pinned(att, 0)?;
     let mut loader = EbpfLoader::new();
     if let Some(ct4) = &ct4 {
         ct4.apply(&mut loader);

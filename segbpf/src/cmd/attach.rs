@@ -62,7 +62,7 @@ pub struct Args {
     pub mode: Mode,
     /// Connection-table capacity: established flows per IP family, and a
     /// quarter of it for half-open ones (IPv4 and IPv6 have tables of
-    /// their own; the IPv4 table holds both in one, with room to spare).
+    /// their own, each holding both classes in one, with room to spare).
     /// Under pressure half-open and closing flows are evicted before
     /// established ones, least recently seen first. The tables are shared
     /// by every attachment of the network namespace: the first attachment

@@ -25,6 +25,11 @@ pub enum TraceError {
     /// A pinned map is missing.
     #[error("{0} is missing: the attachment is incomplete; detach and attach again")]
     Incomplete(String),
+    /// The attachment's connection tables are an older build's.
+    #[error(
+        "{0} was attached by an older segbpf build whose connection tables this build does not trace through: attach it again with this build (its flows are moved into the new tables)"
+    )]
+    OlderBuild(String),
     /// The dry-run instance could not be loaded.
     #[error("loading a dry-run instance: {0}")]
     Load(#[from] LoadError),
@@ -77,6 +82,13 @@ pub fn dry_run_instance(att: &Attachment) -> Result<aya::Ebpf, TraceError> {
     }
     for m in loader::dry_run_maps() {
         if !att.map(m).exists() {
+            let older = segbpf_common::SHARED_MAPS.contains(&m)
+                && segbpf_common::LEGACY_SHARED_MAPS
+                    .iter()
+                    .any(|old| att.map(old).exists());
+            if older {
+                return Err(TraceError::OlderBuild(att.describe()));
+            }
             return Err(TraceError::Incomplete(att.map(m).display().to_string()));
         }
     }
