@@ -186,6 +186,16 @@ fn memory_does_not_multiply_per_interface() -> anyhow::Result<()> {
     );
     let (reported, _) = status_memory(&lab, "web")?;
     assert_eq!(reported, one.bytes, "status reports what the kernel holds");
+    // The size the tables were made for, as the namespace's tables
+    // record it: the default `--ct-size` and its half-open quarter.
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.segbpf_ok("web", &["status", "--output", "json"])?)?;
+    let ct = &v["attachments"][0]["conntrack"];
+    assert_eq!(
+        (ct["size"].as_u64(), ct["half_open_size"].as_u64()),
+        (Some(65_536), Some(16_384)),
+        "{ct}"
+    );
 
     // Nineteen more interfaces in the same namespace.
     let ifaces: Vec<String> = (1..20).map(|i| format!("v{i}")).collect();
