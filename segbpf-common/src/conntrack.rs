@@ -25,8 +25,8 @@ pub mod ct_timeout {
 }
 
 /// Connection-table key, from the host's point of view: the same key for
-/// both directions of a flow. The IPv6 tables (`SEG_CT`, `SEG_CT_NEW`)
-/// use it; the IPv4 tables use [`CtKey4`], and userspace reads their keys
+/// both directions of a flow. The IPv6 table (`SEG_CT6_SETS`) uses it;
+/// the IPv4 table uses [`CtKey4`], and userspace reads its keys
 /// widened to this form ([`CtKey4::widen`]). ICMP echo uses the echo id as `local_port`
 /// and 0 as `remote_port`. The connection tables are shared by every
 /// attachment of a network namespace, so the key holds the interface the
@@ -147,9 +147,9 @@ impl CtKey {
 pub const CT_NEW: u8 = 1;
 /// Connection state: a reply was seen.
 pub const CT_ESTABLISHED: u8 = 2;
-/// Connection state: TCP RST, or FIN from both sides. A closing flow
-/// lives in the half-open table (it leaves the assured table), so it is
-/// evicted before any established one.
+/// Connection state: TCP RST, or FIN from both sides. A closing flow is
+/// half-open again (its way's assured bit cleared), so it is evicted
+/// before any established one.
 pub const CT_CLOSING: u8 = 3;
 /// `CtEntry::fin` bit: FIN seen from the originator.
 pub const CT_FIN_ORIG: u8 = 1;

@@ -194,11 +194,11 @@ pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 20;
 
 /// Default capacity of each fragment table (assured and other).
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
-/// Smallest capacity of the half-open connection table.
+/// Fewest half-open flows a connection table is sized for.
 pub const MIN_CT_NEW_ENTRIES: u32 = 1024;
 
-/// Capacity of the half-open connection table for an assured table of
-/// `ct` entries: a quarter of it, at least [`MIN_CT_NEW_ENTRIES`].
+/// Half-open flows a connection table is sized for beside `ct` assured
+/// ones (`--ct-size`): a quarter of it, at least [`MIN_CT_NEW_ENTRIES`].
 pub const fn ct_new_entries(ct: u32) -> u32 {
     let q = ct / 4;
     if q < MIN_CT_NEW_ENTRIES {

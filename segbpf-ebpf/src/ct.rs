@@ -428,8 +428,8 @@ fn fill_new(
     }
 }
 
-/// Records a new flow opened by a packet travelling in `dir`, in the
-/// half-open table.
+/// Records a new flow opened by a packet travelling in `dir`, half-open,
+/// in the family's table.
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,

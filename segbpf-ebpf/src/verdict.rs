@@ -186,7 +186,7 @@ fn judge<K: FlowKey>(
         let audited = !reason::passes(d.reason) && cfg.audit != 0;
         // The error program (`related`) judges only ICMP errors, which
         // never open a flow: no insert is compiled into it (its frame
-        // leaves no room for the table's write, `ct4table`).
+        // leaves no room for the table's write, `cttable`).
         if writes
             && !related
             && (reason::passes(d.reason) || audited)

@@ -5,7 +5,7 @@
 //! 5961), no RST or FIN outside the window seen for its side passes, and
 //! no TCP segment outside the window changes
 //! anything (blind ACKs); a SYN on a closing tuple is a new connection; a
-//! flow moves from the half-open to the assured table when the originator
+//! flow becomes assured (its way's bit) when the originator
 //! acknowledges the reply), ICMP echo and errors related to
 //! tracked flows (PMTU), and fragments (a leading fragment that passes lets
 //! its followers through; a follower without an allowed leader is dropped).
@@ -965,9 +965,9 @@ fn stateful_sequences() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keys in one of the instance's connection tables (`SEG_CT`: assured,
-/// `SEG_CT_NEW`: half-open), both families: the IPv4 twin of the table
-/// too, keys widened.
+/// Keys of one class of the instance's connection tables (`SEG_CT`:
+/// assured, `SEG_CT_NEW`: half-open, as the older builds' tables were
+/// named), both families, IPv4 keys widened.
 fn table_keys(instance: &Instance, name: &str) -> anyhow::Result<Vec<segbpf_common::CtKey>> {
     let assured = name == segbpf_common::MAP_CT;
     let mut keys = Vec::new();
@@ -1998,13 +1998,13 @@ fn flows_older_builds_left_in_the_shared_tables_are_moved_at_attach() -> anyhow:
     Ok(())
 }
 
-/// The IPv4 table's eviction order (`segbpf_common::ct4table`): a new
+/// The IPv4 table's eviction order (`segbpf_common::cttable`): a new
 /// flow whose two candidate sets are full takes the half-open way of the
 /// six, never an assured one while a half-open one is there (even one
 /// seen less recently than the half-open one); with six live assured
 /// ways it is not tracked (its reply meets the policy) and no assured
 /// flow goes. Userspace fills the two sets as the programs would (the same
-/// hash and secret, the same lock: `segbpf::attachment::ct4map`).
+/// hash and secret, the same lock: `segbpf::attachment::ctmap`).
 #[test]
 #[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
 fn a_new_ipv4_flow_evicts_a_half_open_flow_before_any_assured_one() -> anyhow::Result<()> {

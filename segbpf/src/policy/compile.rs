@@ -85,8 +85,9 @@ pub struct Capacity {
     pub peer_v6: u32,
     /// `SEG_PORTS` max entries.
     pub ports: u32,
-    /// `SEG_CT` max entries (connection table of assured flows); the
-    /// half-open table `SEG_CT_NEW` gets `segbpf_common::ct_new_entries(ct)`.
+    /// `--ct-size`: the assured flows each family's connection table is
+    /// sized for, with `segbpf_common::ct_new_entries(ct)` half-open ones
+    /// (`segbpf_common::CtLayout::sets_for`).
     pub ct: u32,
     /// `SEG_FRAG` and `SEG_FRAG_NEW` max entries (each).
     pub frag: u32,
