@@ -216,14 +216,34 @@ pub fn lru_map(
     value_size: u32,
     max_entries: u32,
 ) -> anyhow::Result<aya::maps::MapData> {
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    map_by_hand(
+        BPF_MAP_TYPE_LRU_HASH,
+        name,
+        key_size,
+        value_size,
+        max_entries,
+        0,
+    )
+}
+
+/// A kernel map made by hand (`BPF_MAP_CREATE`): its type, name, key and
+/// value sizes, capacity and flags.
+pub fn map_by_hand(
+    map_type: u32,
+    name: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> anyhow::Result<aya::maps::MapData> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     // union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size,
     // max_entries, map_flags, inner_map_fd, numa_node (u32 each), then
     // map_name[16].
     let mut attr = [0u8; 128];
-    for (i, v) in [BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries]
+    for (i, v) in [map_type, key_size, value_size, max_entries, flags]
         .into_iter()
         .enumerate()
     {

@@ -735,3 +735,104 @@ fn an_attachment_verifies_in_a_bounded_number_of_instructions() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Half of a connection table (one of its two arrays pinned, the other
+/// not: a load that failed between making them while another attachment
+/// kept the namespace's tables) is removed at the next attach and the
+/// table made again, instead of being joined and refused for its layout
+/// at every attach.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn half_a_connection_table_is_made_again_at_attach() -> anyhow::Result<()> {
+    use segbpf_common::{Ct6, CtLayout as _};
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut lab = Lab::new("half")?;
+    lab.add_host("web", &["10.10.1.10/16"])?;
+    let ns = lab.host("web").ns.name.clone();
+    let att = segbpf::attachment::pins::Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &segbpf::host::netns::Netns::named(&ns)?);
+    segbpf::attachment::dirs::private_dir(&att.shared_dir())?;
+    // The IPv6 table's sets, of a size the object's default entries do
+    // not match, and no entries array.
+    let half = segbpf_tests::harness::map_by_hand(
+        BPF_MAP_TYPE_ARRAY,
+        Ct6::SETS_MAP,
+        4,
+        size_of::<segbpf_common::Ct6Set>() as u32,
+        65,
+        segbpf_common::CT_TABLE_FLAGS,
+    )?;
+    half.pin(att.map(Ct6::SETS_MAP))?;
+    drop(half);
+    lab.attach("web", &example_policy(), &["--role", "web"])?;
+    let sets = MapInfo::from_pin(att.map(Ct6::SETS_MAP))?.max_entries();
+    let ways = MapInfo::from_pin(att.map(Ct6::WAYS_MAP))?.max_entries();
+    assert_eq!(
+        (sets, ways),
+        (
+            segbpf_common::ct_sets_entries(segbpf_common::DEFAULT_CT6_SETS),
+            segbpf_common::ct_ways_entries::<Ct6>(segbpf_common::DEFAULT_CT6_SETS)
+        ),
+        "made again at the default size"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.segbpf_ok("web", &["status", "--output", "json"])?)?;
+    assert_eq!(v["attachments"][0]["attached"], true, "{v}");
+    Ok(())
+}
+
+/// A whole table pinned without its secret (a load that failed after
+/// making both arrays, before writing it), of another size than this
+/// build's default: the next attach writes the secret into the element
+/// after its last set, as the kernel sized it, not where the object's
+/// default size would put it.
+#[test]
+#[ignore = "needs root and a kernel with BPF: run `cargo xtask test`"]
+fn a_table_left_without_its_secret_gets_one_after_its_last_set() -> anyhow::Result<()> {
+    use segbpf_common::{Ct6, CtLayout as _};
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut lab = Lab::new("nosecret")?;
+    lab.add_host("web", &["10.10.1.10/16"])?;
+    let ns = lab.host("web").ns.name.clone();
+    let att = segbpf::attachment::pins::Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &segbpf::host::netns::Netns::named(&ns)?);
+    segbpf::attachment::dirs::private_dir(&att.shared_dir())?;
+    for (name, value, entries) in [
+        (
+            Ct6::SETS_MAP,
+            size_of::<segbpf_common::Ct6Set>() as u32,
+            segbpf_common::ct_sets_entries(64),
+        ),
+        (
+            Ct6::WAYS_MAP,
+            size_of::<segbpf_common::CtEntry>() as u32,
+            segbpf_common::ct_ways_entries::<Ct6>(64),
+        ),
+    ] {
+        let map = segbpf_tests::harness::map_by_hand(
+            BPF_MAP_TYPE_ARRAY,
+            name,
+            4,
+            value,
+            entries,
+            segbpf_common::CT_TABLE_FLAGS,
+        )?;
+        map.pin(att.map(name))?;
+    }
+    lab.attach("web", &example_policy(), &["--role", "web"])?;
+    let extra = segbpf::attachment::cttables::pinned_extra::<Ct6>(&att)?;
+    let (sets, [secret, _]) = extra.ok_or_else(|| anyhow::anyhow!("no IPv6 table"))?;
+    assert_eq!(sets, 64, "the table was joined as it is");
+    assert_ne!(secret, 0, "its secret was written after its last set");
+    let table = segbpf::attachment::cttables::map_pinned::<Ct6>(&att)?
+        .ok_or_else(|| anyhow::anyhow!("no IPv6 table"))?;
+    assert_eq!(table.secret(), secret);
+    assert!(table.entries()?.is_empty(), "no set was written");
+    Ok(())
+}

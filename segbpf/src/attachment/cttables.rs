@@ -187,16 +187,33 @@ where
 /// Writes the element after the last set of `L`'s table of a loaded
 /// instance: the namespace's `secret` and the `--ct-size` `ct` the table
 /// was made for (before any program of the instance runs).
-pub fn write_extra<L: CtLayout>(ebpf: &mut aya::Ebpf, secret: u64, ct: u32) -> Result<(), MapsError>
+pub fn write_extra<L: CtLayout>(ebpf: &aya::Ebpf, secret: u64, ct: u32) -> Result<(), MapsError>
 where
     L::Set: aya::Pod,
 {
-    let map = ebpf
-        .map_mut(L::SETS_MAP)
-        .ok_or(MapsError::Missing(L::SETS_MAP))?;
-    let mut array: aya::maps::Array<&mut MapData, L::Set> =
-        aya::maps::Array::try_from(map).map_err(err(L::SETS_MAP))?;
-    let sets = array.len().saturating_sub(1);
+    // The map as the kernel has it (a table joined from its pin may
+    // differ in size from the object's definition, which aya's bounds
+    // check would use).
+    let fd = array(ebpf, L::SETS_MAP)?
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| MapsError::Map {
+            map: L::SETS_MAP,
+            source: aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }
+            .into(),
+        })?;
+    let data = MapData::from_fd(fd).map_err(err(L::SETS_MAP))?;
+    let sets = data
+        .info()
+        .map_err(err(L::SETS_MAP))?
+        .max_entries()
+        .saturating_sub(1);
+    let mut array: aya::maps::Array<MapData, L::Set> =
+        aya::maps::Array::try_from(Map::Array(data)).map_err(err(L::SETS_MAP))?;
     let mut extra: L::Set = bytemuck::Zeroable::zeroed();
     extra.as_mut()[0] = secret;
     extra.as_mut()[1] = u64::from(ct);

@@ -118,8 +118,8 @@ pub fn load_for_link(capacity: Capacity, mode: u8, link: u8) -> Result<Ebpf, Loa
         .override_global(GLOBAL_LINK, &link, true)
         .override_global(GLOBAL_DENY_SEED, &seed, true)
         .load(EBPF_OBJECT)?;
-    ct4.record(&mut ebpf)?;
-    ct6.record(&mut ebpf)?;
+    ct4.record(&ebpf)?;
+    ct6.record(&ebpf)?;
     load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -186,8 +186,8 @@ pub fn load_attachment(
     let t = std::time::Instant::now();
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
-    ct4.record(&mut ebpf)?;
-    ct6.record(&mut ebpf)?;
+    ct4.record(&ebpf)?;
+    ct6.record(&ebpf)?;
     // Flows of this interface that earlier builds left in LRU tables:
     // moved before the seeding covers them.
     let adopted = crate::attachment::cttables::adopt(&mut ebpf, ifindex, att)?;
@@ -328,6 +328,7 @@ where
         capacity: Capacity,
         loader: &mut EbpfLoader<'_>,
     ) -> Result<Self, LoadError> {
+        Self::remove_half(att)?;
         let ct = shared_ct_size(att).unwrap_or(capacity.ct);
         if let Some(g) = Self::pinned(att, ct)? {
             return Ok(g);
@@ -335,6 +336,33 @@ where
         let sets = L::sets_for(ct);
         table_sized::<L>(loader, sets);
         Ok(Self::new(sets, ct))
+    }
+
+    /// Removes the one array of `L`'s table pinned for `att` when the other
+    /// is not: a load that failed between making the two (the kernel
+    /// refused the second's memory, say) while another attachment kept
+    /// the namespace's tables. No program can use half a table (each
+    /// needs both), and a table is made again in its place; left, it
+    /// would be joined as it is and refused for its layout at every
+    /// attach. The caller holds the namespace's lock.
+    fn remove_half(att: &Attachment) -> Result<(), LoadError> {
+        let (sets, ways) = (att.map(L::SETS_MAP), att.map(L::WAYS_MAP));
+        let half = match (sets.exists(), ways.exists()) {
+            (true, false) => sets,
+            (false, true) => ways,
+            _ => return Ok(()),
+        };
+        tracing::warn!(
+            "{}: one array of a connection table, without the other (a load that failed between them): removed, the table is made again",
+            half.display()
+        );
+        std::fs::remove_file(&half).map_err(|e| LoadError::Shared {
+            path: half.clone(),
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "unlink",
+                io_error: e,
+            }),
+        })
     }
 
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
@@ -345,7 +373,7 @@ where
 
     /// Writes a new secret (with the `--ct-size` the table is made for)
     /// into the loaded instance's table, before any of its programs runs.
-    fn record(&self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    fn record(&self, ebpf: &Ebpf) -> Result<(), LoadError> {
         if self.fresh {
             crate::attachment::cttables::write_extra::<L>(ebpf, self.secret, self.ct)?;
         }
