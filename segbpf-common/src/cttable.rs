@@ -96,6 +96,9 @@ pub trait CtLayout: 'static {
     const HDR: usize = Self::WAYS as usize / 2 + 1;
     /// The word of a key that is never 0 (0 marks a free way).
     const TAG: usize;
+    /// The two candidate sets of `key` ([`ct_candidates`] of its words).
+    fn candidate_sets(key: &Self::Key, secret: u64, mask: u32) -> (u32, u32);
+
     /// The sets of the table for a `--ct-size` of `ct` (module docs): the
     /// `ct + ct_new_entries(ct)` flows of the two kernel tables it
     /// replaces in at most two thirds of the ways, as a power of two.
@@ -158,6 +161,10 @@ impl CtLayout for Ct4 {
     const WAYS: u32 = 3;
     const SET_WORDS: usize = 8;
     const TAG: usize = 1;
+
+    fn candidate_sets(key: &CtKey4, secret: u64, mask: u32) -> (u32, u32) {
+        ct_candidates(&ct_words::<Self>(key), secret, mask)
+    }
 }
 
 impl CtLayout for Ct6 {
@@ -172,6 +179,10 @@ impl CtLayout for Ct6 {
     const WAYS: u32 = 4;
     const SET_WORDS: usize = 32;
     const TAG: usize = 0;
+
+    fn candidate_sets(key: &CtKey, secret: u64, mask: u32) -> (u32, u32) {
+        ct_candidates(&ct_words::<Self>(key), secret, mask)
+    }
 }
 
 // The layouts fit their sets, the keys their words.

@@ -736,6 +736,22 @@ fn an_attachment_verifies_in_a_bounded_number_of_instructions() -> anyhow::Resul
     Ok(())
 }
 
+/// A lab with host `web`, the attachment its `eth0` would have, and that
+/// attachment's namespace directory of shared tables made (empty), for
+/// tests that leave tables there as an earlier load would have.
+fn lab_with_shared_dir(name: &str) -> anyhow::Result<(Lab, segbpf::attachment::pins::Attachment)> {
+    let mut lab = Lab::new(name)?;
+    lab.add_host("web", &["10.10.1.10/16"])?;
+    let ns = lab.host("web").ns.name.clone();
+    let att = segbpf::attachment::pins::Roots {
+        bpffs: lab.bpffs.clone(),
+        state: lab.state.clone(),
+    }
+    .attachment("eth0", &segbpf::host::netns::Netns::named(&ns)?);
+    segbpf::attachment::dirs::private_dir(&att.shared_dir())?;
+    Ok((lab, att))
+}
+
 /// Half of a connection table (one of its two arrays pinned, the other
 /// not: a load that failed between making them while another attachment
 /// kept the namespace's tables) is removed at the next attach and the
@@ -746,15 +762,7 @@ fn an_attachment_verifies_in_a_bounded_number_of_instructions() -> anyhow::Resul
 fn half_a_connection_table_is_made_again_at_attach() -> anyhow::Result<()> {
     use segbpf_common::{Ct6, CtLayout as _};
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let mut lab = Lab::new("half")?;
-    lab.add_host("web", &["10.10.1.10/16"])?;
-    let ns = lab.host("web").ns.name.clone();
-    let att = segbpf::attachment::pins::Roots {
-        bpffs: lab.bpffs.clone(),
-        state: lab.state.clone(),
-    }
-    .attachment("eth0", &segbpf::host::netns::Netns::named(&ns)?);
-    segbpf::attachment::dirs::private_dir(&att.shared_dir())?;
+    let (lab, att) = lab_with_shared_dir("half")?;
     // The IPv6 table's sets, of a size the object's default entries do
     // not match, and no entries array.
     let half = segbpf_tests::harness::map_by_hand(
@@ -794,15 +802,7 @@ fn half_a_connection_table_is_made_again_at_attach() -> anyhow::Result<()> {
 fn a_table_left_without_its_secret_gets_one_after_its_last_set() -> anyhow::Result<()> {
     use segbpf_common::{Ct6, CtLayout as _};
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let mut lab = Lab::new("nosecret")?;
-    lab.add_host("web", &["10.10.1.10/16"])?;
-    let ns = lab.host("web").ns.name.clone();
-    let att = segbpf::attachment::pins::Roots {
-        bpffs: lab.bpffs.clone(),
-        state: lab.state.clone(),
-    }
-    .attachment("eth0", &segbpf::host::netns::Netns::named(&ns)?);
-    segbpf::attachment::dirs::private_dir(&att.shared_dir())?;
+    let (lab, att) = lab_with_shared_dir("nosecret")?;
     for (name, value, entries) in [
         (
             Ct6::SETS_MAP,

@@ -2041,24 +2041,14 @@ fn eviction_order<L: segbpf_common::CtLayout>(
     narrow: impl Fn(&segbpf_common::CtKey) -> L::Key,
     widen: impl Fn(&L::Key) -> segbpf_common::CtKey,
 ) -> anyhow::Result<()> {
-    use segbpf_common::{CT_NEW, CtKey, IPPROTO_UDP, ct_candidates, ct_words};
+    use segbpf_common::{CT_NEW, CtKey, IPPROTO_UDP};
     let ways = L::WAYS as usize;
     for all_assured in [false, true] {
         let mut instance = Instance::with_compiled(compiled, RUN_RECORD)?;
         let table = segbpf::attachment::cttables::map_table::<L>(instance.ebpf())?;
         let (secret, mask) = (table.secret(), table.mask());
         assert_ne!(secret, 0, "the load wrote the namespace's secret");
-        let sets_of = |k: &CtKey| -> (u32, u32) {
-            let w = ct_words::<L>(&narrow(k));
-            match w.as_ref() {
-                [a, b] => ct_candidates(&[*a, *b], secret, mask),
-                w => {
-                    let mut six = [0u64; 6];
-                    six.copy_from_slice(w);
-                    ct_candidates(&six, secret, mask)
-                }
-            }
-        };
+        let sets_of = |k: &CtKey| -> (u32, u32) { L::candidate_sets(&narrow(k), secret, mask) };
         // A new flow with two distinct candidate sets.
         let new_remote = remote(0x3fff);
         let (new, lport) = (40_900u16..41_000)

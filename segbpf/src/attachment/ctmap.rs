@@ -11,7 +11,7 @@ use std::{
 };
 
 use segbpf_common::{
-    CtEntry, CtLayout, ct_assured, ct_candidates, ct_key, ct_seen_tick, ct_slot, ct_tick, ct_words,
+    CtEntry, CtLayout, ct_assured, ct_key, ct_seen_tick, ct_slot, ct_tick, ct_words,
 };
 
 use crate::attachment::maps::MapsError;
@@ -253,15 +253,20 @@ impl<L: CtLayout> CtMap<L> {
 
     /// The two candidate sets of `key`.
     fn candidates(&self, key: &L::Key) -> (u32, u32) {
-        let words = ct_words::<L>(key);
-        let (secret, mask) = (self.secret(), self.mask());
-        match words.as_ref() {
-            [a, b] => ct_candidates(&[*a, *b], secret, mask),
-            w => {
-                let mut six = [0u64; 6];
-                six.copy_from_slice(&w[..6]);
-                ct_candidates(&six, secret, mask)
-            }
+        L::candidate_sets(key, self.secret(), self.mask())
+    }
+
+    /// Way `way`'s tick in the header of set `set`: u32 index 1 + way
+    /// (module docs of `segbpf_common::cttable`).
+    fn tick(&self, set: u32, way: u32) -> &AtomicU32 {
+        // SAFETY: an aligned u32 of the mapped set's header; programs
+        // load and store it whole.
+        unsafe {
+            AtomicU32::from_ptr(
+                self.set_ptr(set)
+                    .cast::<u32>()
+                    .add(1 + way.min(L::WAYS - 1) as usize),
+            )
         }
     }
 
@@ -361,12 +366,7 @@ impl<L: CtLayout> CtMap<L> {
             let cur = self.word(set, s + L::TAG).load(Ordering::Relaxed);
             let cur_assured = self.word(set, 0).load(Ordering::Relaxed) >> (16 + way) & 1 != 0;
             let dup = (0..L::WAYS).any(|w| w != way && self.holds(set, w, key));
-            let tick = u64::from(ct_tick(
-                &(0..L::HDR)
-                    .map(|i| self.word(set, i).load(Ordering::Relaxed))
-                    .collect::<Vec<_>>(),
-                way,
-            ));
+            let tick = u64::from(self.tick(set, way).load(Ordering::Relaxed));
             // The key's own way or a dead one: another key there, assured
             // and live since the choice, is not overwritten.
             let taken = own && cur_assured && tick >= horizon && !self.holds(set, way, key);
@@ -441,18 +441,10 @@ impl<L: CtLayout> CtMap<L> {
         for (i, k) in ct_words::<L>(key).as_ref().iter().enumerate() {
             self.word(set, s + i).store(*k, Ordering::Relaxed);
         }
-        let tick = ct_seen_tick(crate::host::clock::monotonic_ns());
-        // SAFETY: the tick is an aligned u32 of the set's header, u32
-        // index 1 + way (module docs of `segbpf_common::cttable`);
-        // programs store it whole.
-        let t = unsafe {
-            AtomicU32::from_ptr(
-                self.set_ptr(set)
-                    .cast::<u32>()
-                    .add(1 + way.min(L::WAYS - 1) as usize),
-            )
-        };
-        t.store(tick, Ordering::Relaxed);
+        self.tick(set, way).store(
+            ct_seen_tick(crate::host::clock::monotonic_ns()),
+            Ordering::Relaxed,
+        );
         // SAFETY: the entry of the held way.
         unsafe { std::ptr::write_volatile(self.way_ptr(set, way), *entry) };
         let bit = 1u64 << (16 + way);
