@@ -14,7 +14,10 @@
 //! table (LRU hash, 48-byte key, 80-byte value) against a 16-byte key,
 //! and an array. Then one insert of a new (random) key into a full LRU
 //! hash of 256, 16,384 and 262,144 entries (`insert_program`): what a
-//! tracked new flow's entry costs, apart from everything else.
+//! tracked new flow's entry costs, apart from everything else. Last, one
+//! read of a random 64-byte line of an array of 4 KiB (cached), 8, 16 and
+//! 256 MiB, each read waiting for the one before (`line_program`): what
+//! one cache miss into a connection table costs on this machine.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
@@ -150,6 +153,36 @@ fn insert_program(map: &OwnedFd, inserts: usize, update: bool) -> anyhow::Result
             p.push(insn(0x07, 3, 0, 0, -96)); // r3 -= 96: the value
             p.push(insn(0xb7, 4, 0, 0, 0)); // r4 = BPF_ANY
             p.push(insn(0x85, 0, 0, 0, 2)); // call bpf_map_update_elem
+        }
+    }
+    load_xdp(p)
+}
+
+/// Reads per program run (`line_program`).
+const LINE_READS: usize = 4;
+
+/// The line program: `reads` times, a random element of the array `map`
+/// (`entries`, a power of two, of 64 bytes: one cache line each) is looked
+/// up and its first word read; each index is the next random number
+/// XORed with the word read before, so every read waits for the one
+/// before it (one miss at a time, as a flow's dependent reads do). Without
+/// `read` it is the baseline (the same random numbers, no lookup). The
+/// words are zero: the index stays random.
+fn line_program(map: &OwnedFd, entries: u32, reads: usize, read: bool) -> anyhow::Result<OwnedFd> {
+    let mut p = vec![insn(0xb7, 6, 0, 0, 0)]; // r6 = 0: the word read last
+    for _ in 0..reads {
+        p.push(insn(0x85, 0, 0, 0, 7)); // call bpf_get_prandom_u32
+        p.push(insn(0xaf, 0, 6, 0, 0)); // r0 ^= r6
+        p.push(insn(0x57, 0, 0, 0, (entries - 1) as i32)); // r0 &= entries - 1
+        p.push(insn(0x63, 10, 0, -4, 0)); // *(u32 *)(r10 - 4) = r0
+        if read {
+            p.push(insn(0x18, 1, 1, 0, map.as_raw_fd())); // r1 = map
+            p.push(0);
+            p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10
+            p.push(insn(0x07, 2, 0, 0, -4)); // r2 -= 4: the index
+            p.push(insn(0x85, 0, 0, 0, 1)); // call bpf_map_lookup_elem
+            p.push(insn(0x15, 0, 0, 1, 0)); // if r0 == 0 skip the read
+            p.push(insn(0x79, 6, 0, 0, 0)); // r6 = *(u64 *)(r0 + 0)
         }
     }
     load_xdp(p)
@@ -399,6 +432,33 @@ pub(crate) fn lower_bounds(rounds: usize, repeat: u32) -> anyhow::Result<Vec<(St
             insert_program(map, INSERTS, true)?,
             Vec::new(),
             INSERTS,
+        ));
+    }
+    // One read of a random line of an array, each read waiting for the
+    // one before: 64 lines (4 KiB, always cached), the default IPv4 and
+    // IPv6 tables' sizes (8 and 16 MiB of sets) and 256 MiB (beyond any
+    // cache): what one cache miss into a connection table costs here, the
+    // unit of a cache-cold new flow's cost (it reads several such lines).
+    let mut arrays = Vec::new();
+    for (entries, size) in [
+        (64u32, "4 KiB"),
+        (1 << 17, "8 MiB"),
+        (1 << 18, "16 MiB"),
+        (1 << 22, "256 MiB"),
+    ] {
+        arrays.push((
+            entries,
+            size,
+            map_create(BPF_MAP_TYPE_ARRAY, 4, 64, entries, 0)?,
+        ));
+    }
+    for (entries, size, map) in &arrays {
+        progs.push((
+            format!("array read of a random line, dependent, {size}"),
+            line_program(map, *entries, LINE_READS, false)?,
+            line_program(map, *entries, LINE_READS, true)?,
+            Vec::new(),
+            LINE_READS,
         ));
     }
     for _ in 0..rounds {

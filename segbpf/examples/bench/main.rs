@@ -838,11 +838,11 @@ fn main() -> anyhow::Result<()> {
     );
     let _ = writeln!(
         table,
-        "\nthroughput (packets/s the receiver handled on one core, live-frames generator, median of rounds; ratio to no firewall):"
+        "\nthroughput (packets/s the receiver handled on one core, median of rounds; ratio to no firewall):"
     );
     for row in &throughput {
         if let Some(why) = row["unavailable"].as_str() {
-            let _ = writeln!(table, "  not measured here: {why}");
+            let _ = writeln!(table, "  {why}");
             continue;
         }
         if let Some(ns) = row["median_program_ns"].as_f64() {
@@ -857,12 +857,13 @@ fn main() -> anyhow::Result<()> {
         }
         let _ = writeln!(
             table,
-            "  {:<15} {:>6} rules {:<8} {:>10.0} pps {:>6.2}x",
+            "  {:<15} {:>6} rules {:<8} {:>10.0} pps {:>6.2}x ({})",
             row["enforcer"].as_str().unwrap_or(""),
             row["rules"],
             row["traffic"].as_str().unwrap_or(""),
             row["median_pps"].as_f64().unwrap_or(0.0),
-            row["ratio_to_none"].as_f64().unwrap_or(0.0)
+            row["ratio_to_none"].as_f64().unwrap_or(0.0),
+            row["generator"].as_str().unwrap_or("")
         );
     }
     print!("{table}");
