@@ -15,8 +15,8 @@
 //! and an array. Then one insert of a new (random) key into a full LRU
 //! hash of 256, 16,384 and 262,144 entries (`insert_program`): what a
 //! tracked new flow's entry costs, apart from everything else. Last, one
-//! read of a random 64-byte line of an array of 4 KiB (cached), 8, 16 and
-//! 256 MiB, each read waiting for the one before (`line_program`): what
+//! read of a random 64-byte line of an array of 4 KiB (cached), 1, 4, 8,
+//! 16 and 256 MiB, each read waiting for the one before (`line_program`): what
 //! one cache miss into a connection table costs on this machine.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -435,13 +435,17 @@ pub(crate) fn lower_bounds(rounds: usize, repeat: u32) -> anyhow::Result<Vec<(St
         ));
     }
     // One read of a random line of an array, each read waiting for the
-    // one before: 64 lines (4 KiB, always cached), the default IPv4 and
-    // IPv6 tables' sizes (8 and 16 MiB of sets) and 256 MiB (beyond any
-    // cache): what one cache miss into a connection table costs here, the
-    // unit of a cache-cold new flow's cost (it reads several such lines).
+    // one before: 64 lines (4 KiB, always cached), the sizes of the
+    // namespace's shared arrays at the default `--ct-size` (the last-seen
+    // array by remote 1 MiB, the IPv4 sets 4 MiB, the IPv4 entries 15
+    // MiB) and 256 MiB (beyond any cache): what one cache miss into them
+    // costs here, the unit of a cache-cold new flow's cost (it reads
+    // several such lines).
     let mut arrays = Vec::new();
     for (entries, size) in [
         (64u32, "4 KiB"),
+        (1 << 14, "1 MiB"),
+        (1 << 16, "4 MiB"),
         (1 << 17, "8 MiB"),
         (1 << 18, "16 MiB"),
         (1 << 22, "256 MiB"),

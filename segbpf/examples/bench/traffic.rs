@@ -1054,9 +1054,20 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
     // Without live frames the packets-per-second rows come from the
     // socket generator (`socket_frames`); the cache-cold rows stay sweeps.
     generator.socket = !live;
+    let rate_stats = if std::env::var("SEGBPF_BENCH_RATE_NS").as_deref() == Ok("1") {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime)?)
+    } else {
+        None
+    };
     for &rules in if only_cold { &[] } else { sizes } {
         let pol = lab.write_policy(&format!("t{rules}.toml"), &policy(rules, 10))?;
         let quiet = lab.write_policy(&format!("q{rules}.toml"), &policy(rules, 0))?;
+        // Without connection tracking (`established = false`): with
+        // `rate_stats` only, what the tracking costs in this traffic.
+        let notrack =
+            policy(rules, 10).replacen("[defaults]\n", "[defaults]\nestablished = false\n", 1);
+        let notrack = lab.write_policy(&format!("n{rules}.toml"), &notrack)?;
+        let notrack = notrack.to_str().unwrap_or_default().to_string();
         let pol = pol.to_str().unwrap_or_default().to_string();
         let quiet = quiet.to_str().unwrap_or_default().to_string();
         let nft_export = lab.segbpf_ok(
@@ -1073,11 +1084,23 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
             .host("rx")
             .ns
             .run(move || std::net::UdpSocket::bind((RX_ADDR, rx_port)))??;
+        let diagnostic = ["segbpf-notrack", "segbpf-noacct"];
+        let extra: &[&str] = if rate_stats.is_some() {
+            &diagnostic
+        } else {
+            &[]
+        };
         for round in 0..rounds {
-            for enforcer in enforcers {
+            for &enforcer in enforcers.iter().chain(extra) {
                 match enforcer {
                     "segbpf" => {
                         lab.attach("rx", &pol, &["--role", "rx"])?;
+                    }
+                    "segbpf-notrack" => {
+                        lab.attach("rx", &notrack, &["--role", "rx"])?;
+                    }
+                    "segbpf-noacct" => {
+                        lab.attach("rx", &quiet, &["--role", "rx", "--flow-log", "off"])?;
                     }
                     "segbpf-noev" => {
                         lab.attach("rx", &quiet, &["--role", "rx"])?;
@@ -1101,14 +1124,37 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                 };
                 for (traffic, port) in [("allowed", port_ok), ("denied", DENIED_PORT)] {
                     let f = frame(rx_mac, tx_mac, port);
+                    // With `rate_stats` (`SEGBPF_BENCH_RATE_NS=1`), the
+                    // kernel's account of the receiver's XDP program over
+                    // the same measurement: its own time per packet in
+                    // this traffic, apart from the generator and the
+                    // stack (it adds two clock reads per packet).
+                    let timed = if rate_stats.is_some()
+                        && !matches!(enforcer, "none")
+                        && !enforcer.starts_with("nft")
+                        && !enforcer.starts_with("iptables")
+                    {
+                        Some(attached_prog_id(&rx_ns, "eth0")?)
+                    } else {
+                        None
+                    };
+                    let before = timed.map(prog_run_time).transpose()?;
                     let pps = generator.rate(&f, base, (ADDR_BITS, PORT_BITS), &rx_ns, secs)?;
+                    if let (Some(id), Some(b)) = (timed, before) {
+                        let a = prog_run_time(id)?;
+                        let n = a.1.saturating_sub(b.1).max(1);
+                        eprintln!(
+                            "rate-ns {enforcer} {rules} rules {traffic}: program {:.1} ns per packet over {n} packets",
+                            a.0.saturating_sub(b.0) as f64 / n as f64
+                        );
+                    }
                     results
                         .entry((enforcer.to_string(), rules, traffic))
                         .or_default()
                         .push(pps);
                 }
                 match enforcer {
-                    "segbpf" | "segbpf-noev" => {
+                    "segbpf" | "segbpf-noev" | "segbpf-notrack" | "segbpf-noacct" => {
                         lab.segbpf_ok("rx", &["detach", "eth0"])?;
                     }
                     "nft-export" => ns_stdin(
