@@ -11,15 +11,18 @@
 //!   policy that differs by one set element; kernel memory of the maps.
 //! * Event pipeline: the cost of a dropped packet with events off and with
 //!   events on (rate-limited, so suppressed).
-//! * Traffic at Mpps (`traffic.rs`): a live-frames XDP generator pushes
+//! * Traffic at Mpps (`traffic.rs`): a live-frames XDP generator (an
+//!   `AF_PACKET` socket where the kernel refuses live frames) pushes
 //!   UDP packets from 8,192 flows over one veth into a receiver namespace
 //!   that runs nothing, segbpf (events on and off), the `segbpf export
-//!   nft` ruleset, a best-case nftables verdict map, or iptables with an
-//!   ipset, at 10 / 1,000 / 10,000 rules, allowed and denied; packets/s
-//!   the receiver handled on one core, rounds interleaved.
+//!   nft` ruleset, a best-case nftables verdict map, iptables with an
+//!   ipset, or xdp-filter, at 10 / 1,000 / 10,000 rules, allowed and
+//!   denied; packets/s the receiver handled on one core, rounds
+//!   interleaved.
 //!
 //! * Lower bounds (`lookups.rs`, `SEGBPF_BENCH_ONLY=lookups` only): one
-//!   lookup of each map kind the datapath uses, in isolation.
+//!   lookup of each map kind the datapath uses, in isolation, and one
+//!   cache miss into arrays of the shared tables' sizes.
 //! * Services (`services.rs`): the cgroup_skb programs' per-packet cost
 //!   against an empty cgroup_skb program; (`svc_traffic.rs`) loopback
 //!   TCP_RR and stream throughput between two services' processes with
