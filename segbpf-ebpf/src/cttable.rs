@@ -63,11 +63,14 @@ pub(crate) struct KeyAt(*const u64);
 impl KeyWords for KeyAt {
     #[inline(always)]
     fn word(self, i: usize) -> u64 {
-        // SAFETY: the pointer is a `CtKey` (six words) of the caller,
-        // checked for its size by the verifier and for null by the global
-        // function that made this; `i` < 6 at every call. Plain reads: the
-        // key does not change during the call, so the compiler may keep a
-        // word it read in a register across a set's scan.
+        // SAFETY: the pointer is a `CtKey` (six words, 8-byte aligned) on
+        // the BPF stack of this program run: made from a reference by
+        // `SetTable::insert`, or from a global function's argument, checked
+        // for its size by the verifier and for null by `key_at`; `i` < 6
+        // at every call. Plain reads: nothing else can write a run's stack
+        // and the table code writes only map memory, so the key does not
+        // change during a call and the compiler may keep a word it read
+        // in a register across a set's scan.
         unsafe { self.0.add(i % 6).read() }
     }
 }

@@ -159,7 +159,7 @@ fn insert_program(map: &OwnedFd, inserts: usize, update: bool) -> anyhow::Result
 }
 
 /// Reads per program run (`line_program`).
-const LINE_READS: usize = 4;
+const LINE_READS: usize = 32;
 
 /// The line program: `reads` times, a random element of the array `map`
 /// (`entries`, a power of two, of 64 bytes: one cache line each) is looked
