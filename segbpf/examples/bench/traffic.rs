@@ -1058,6 +1058,16 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
     // Without live frames the packets-per-second rows come from the
     // socket generator (`socket_frames`); the cache-cold rows stay sweeps.
     generator.socket = !live;
+    // `SEGBPF_BENCH_PORT_BITS=N` (0–10): the Mpps traffic's flows are 8
+    // sources x 2^N source ports instead of 8 x 1,024 (a diagnostic: how
+    // the tracked path's cost follows the flows' cache footprint).
+    let port_bits = match std::env::var("SEGBPF_BENCH_PORT_BITS") {
+        Ok(b) => match b.parse::<u32>() {
+            Ok(b) if b <= PORT_BITS => b,
+            _ => anyhow::bail!("SEGBPF_BENCH_PORT_BITS={b}: expected 0 to {PORT_BITS}"),
+        },
+        Err(_) => PORT_BITS,
+    };
     let rate_stats = if std::env::var("SEGBPF_BENCH_RATE_NS").as_deref() == Ok("1") {
         Some(aya::sys::enable_stats(aya::sys::Stats::RunTime)?)
     } else {
@@ -1143,7 +1153,7 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                         None
                     };
                     let before = timed.map(prog_run_time).transpose()?;
-                    let pps = generator.rate(&f, base, (ADDR_BITS, PORT_BITS), &rx_ns, secs)?;
+                    let pps = generator.rate(&f, base, (ADDR_BITS, port_bits), &rx_ns, secs)?;
                     if let (Some(id), Some(b)) = (timed, before) {
                         let a = prog_run_time(id)?;
                         let n = a.1.saturating_sub(b.1);
