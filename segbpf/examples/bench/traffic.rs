@@ -1143,11 +1143,8 @@ pub(crate) fn throughput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> 
                     // the same measurement: its own time per packet in
                     // this traffic, apart from the generator and the
                     // stack (it adds two clock reads per packet).
-                    let timed = if rate_stats.is_some()
-                        && !matches!(enforcer, "none")
-                        && !enforcer.starts_with("nft")
-                        && !enforcer.starts_with("iptables")
-                    {
+                    let has_xdp = enforcer.starts_with("segbpf") || enforcer == "xdp-filter";
+                    let timed = if rate_stats.is_some() && has_xdp {
                         Some(attached_prog_id(&rx_ns, "eth0")?)
                     } else {
                         None

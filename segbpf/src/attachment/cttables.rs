@@ -171,14 +171,7 @@ where
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(&path).map_err(err(L::SETS_MAP))?;
-    let sets = data
-        .info()
-        .map_err(err(L::SETS_MAP))?
-        .max_entries()
-        .saturating_sub(1);
-    let array: aya::maps::Array<MapData, L::Set> =
-        aya::maps::Array::try_from(Map::Array(data)).map_err(err(L::SETS_MAP))?;
+    let (sets, array) = sets_array::<L>(MapData::from_pin(&path).map_err(err(L::SETS_MAP))?)?;
     let extra = array.get(&sets, 0).map_err(err(L::SETS_MAP))?;
     let w = extra.as_ref();
     Ok(Some((sets, [w[0], w[1]])))
@@ -206,18 +199,28 @@ where
             }
             .into(),
         })?;
-    let data = MapData::from_fd(fd).map_err(err(L::SETS_MAP))?;
+    let (sets, mut array) = sets_array::<L>(MapData::from_fd(fd).map_err(err(L::SETS_MAP))?)?;
+    let mut extra: L::Set = bytemuck::Zeroable::zeroed();
+    extra.as_mut()[0] = secret;
+    extra.as_mut()[1] = u64::from(ct);
+    array.set(sets, extra, 0).map_err(err(L::SETS_MAP))
+}
+
+/// `L`'s sets array as the kernel sized it (`data`): the index of the
+/// element after its last set (the number of sets), and the array.
+fn sets_array<L: CtLayout>(
+    data: MapData,
+) -> Result<(u32, aya::maps::Array<MapData, L::Set>), MapsError>
+where
+    L::Set: aya::Pod,
+{
     let sets = data
         .info()
         .map_err(err(L::SETS_MAP))?
         .max_entries()
         .saturating_sub(1);
-    let mut array: aya::maps::Array<MapData, L::Set> =
-        aya::maps::Array::try_from(Map::Array(data)).map_err(err(L::SETS_MAP))?;
-    let mut extra: L::Set = bytemuck::Zeroable::zeroed();
-    extra.as_mut()[0] = secret;
-    extra.as_mut()[1] = u64::from(ct);
-    array.set(sets, extra, 0).map_err(err(L::SETS_MAP))
+    let array = aya::maps::Array::try_from(Map::Array(data)).map_err(err(L::SETS_MAP))?;
+    Ok((sets, array))
 }
 
 /// The earlier builds' LRU tables that may hold flows of the view `t`:
